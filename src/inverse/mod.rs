@@ -1,0 +1,1 @@
+//! Measurement operators, blur-kernel generators and image-quality metrics.

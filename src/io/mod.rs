@@ -1,0 +1,1 @@
+//! File formats: safetensors, PyTorch `.bin`, `.npy` and images.
