@@ -13,9 +13,12 @@
 //! - [`inverse`]: measurement operators (FFT blur), blur-kernel generators, metrics;
 //! - [`rng`]: the counter-based normal generator shared by every backend.
 
+pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod inverse;
 pub mod io;
+pub mod model;
 pub mod rng;
 pub mod schedule;
 pub mod tensor;
