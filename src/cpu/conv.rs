@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_rows, Mat};
 use crate::model::graph::Pad;
 
 /// Weights of one convolution in the layouts the products want.
@@ -232,28 +232,12 @@ pub fn backward_input(p: &ConvParams, dy: &[f32], g: Geometry, dx: &mut [f32], a
     assert_eq!(dx.len(), g.n * g.h * g.w * cin);
     let wb = p.bwd();
     if p.k == 1 {
-        return gemm_rows(dy, cout, wb, cin, dx, accumulate);
+        return matmul_rows(dy, cout, Mat::rows(wb, cin), cin, dx, accumulate);
     }
     if g.stride == 1 {
         return backward_stride1(p, wb, dy, g, dx, accumulate);
     }
     backward_stride2(p, wb, dy, g, dx, accumulate)
-}
-
-/// `out (+)= a b` for row-major `a [m, k]` and `b [k, n]`, in parallel over row blocks.
-fn gemm_rows(a: &[f32], k: usize, b: &[f32], n: usize, out: &mut [f32], accumulate: bool) {
-    let m = a.len() / k;
-    let rows = 256;
-    let threads = rayon::current_num_threads();
-    if m >= 2 * threads * rows {
-        out.par_chunks_mut(rows * n)
-            .zip(a.par_chunks(rows * k))
-            .for_each(|(o, a)| {
-                matmul(o.len() / n, n, k, o, n, Mat::rows(a, k), Mat::rows(b, n), accumulate, 1)
-            });
-    } else {
-        matmul(m, n, k, out, n, Mat::rows(a, k), Mat::rows(b, n), accumulate, threads);
-    }
 }
 
 fn backward_stride1(

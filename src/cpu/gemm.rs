@@ -44,16 +44,57 @@ pub fn matmul(
     accumulate: bool,
     threads: usize,
 ) {
+    // SAFETY: `c` is an exclusive borrow of `c.len()` elements.
+    unsafe { matmul_raw(m, n, k, c.as_mut_ptr(), c.len(), ldc, a, b, accumulate, threads) }
+}
+
+/// `out (+)= a b` for row-major `a [m, k]` and `b [k, n]`, in parallel over blocks of rows (or
+/// inside the product when there are too few rows to share out).
+pub fn matmul_rows(a: &[f32], k: usize, b: Mat, n: usize, out: &mut [f32], accumulate: bool) {
+    const ROWS: usize = 256;
+    let m = a.len() / k;
+    assert_eq!(out.len(), m * n);
+    let threads = rayon::current_num_threads();
+    if m >= 2 * threads * ROWS {
+        use rayon::prelude::*;
+        out.par_chunks_mut(ROWS * n)
+            .zip(a.par_chunks(ROWS * k))
+            .for_each(|(o, a)| matmul(o.len() / n, n, k, o, n, Mat::rows(a, k), b, accumulate, 1));
+    } else {
+        matmul(m, n, k, out, n, Mat::rows(a, k), b, accumulate, threads);
+    }
+}
+
+/// [`matmul`] into `len` elements at `c`, for callers whose concurrent products write
+/// interleaved but disjoint elements of one buffer (attention heads), where no `&mut` slice
+/// can be handed out.
+///
+/// # Safety
+/// `c..c + len` must be valid for writes, and no other thread may read or write the elements
+/// this product writes while it runs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    len: usize,
+    ldc: usize,
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * ldc + n <= c.len(), "output view out of bounds");
+    assert!((m - 1) * ldc + n <= len, "output view out of bounds");
     a.check(m, k);
     b.check(k, n);
     if k == 0 {
         if !accumulate {
             for i in 0..m {
-                c[i * ldc..i * ldc + n].fill(0.0);
+                std::slice::from_raw_parts_mut(c.add(i * ldc), n).fill(0.0);
             }
         }
         return;
@@ -63,31 +104,28 @@ pub fn matmul(
     } else {
         Parallelism::None
     };
-    // SAFETY: every element each view can touch was bounds-checked above, and `c` is borrowed
-    // mutably so it cannot alias `a` or `b`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    // Every element each view can touch was bounds-checked above.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        ldc as isize,
+        accumulate,
+        a.data.as_ptr(),
+        a.cs as isize,
+        a.rs as isize,
+        b.data.as_ptr(),
+        b.cs as isize,
+        b.rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    );
 }
 
 #[cfg(test)]

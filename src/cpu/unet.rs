@@ -1,0 +1,505 @@
+//! Runs a [`Graph`] on the CPU: the forward pass, and the forward pass that records what the
+//! vector-Jacobian product needs.
+//!
+//! Memory: every activation is freed right after its last reader. A recording run keeps, in
+//! addition, only what some backward op reads (GroupNorm inputs, the fused q/k/v and the
+//! attention probabilities); the backward pass frees each of them as soon as its op is done, and
+//! frees each gradient once it has been propagated.
+
+use super::attention;
+use super::conv::{self, ConvParams, Geometry};
+use super::linear::{self, LinearParams};
+use super::norm::{self, Stats};
+use super::resample;
+use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
+use crate::model::{Model, Weights};
+use crate::{ensure, Error, Result, Tensor};
+
+/// A parameter group in the CPU's layouts.
+enum Param {
+    Conv(ConvParams),
+    Linear(LinearParams),
+    Norm { gamma: Vec<f32>, beta: Vec<f32> },
+}
+
+/// What an op's backward needs besides its saved inputs.
+enum Aux {
+    None,
+    Stats(Stats),
+    Probs(Vec<f32>),
+}
+
+/// A UNet2DModel on the CPU.
+pub struct CpuUnet {
+    graph: Graph,
+    params: Vec<Param>,
+    /// `saved[t]`: some backward op reads the value of tensor `t`.
+    saved: Vec<bool>,
+    /// `last_read[t]`: index of the last forward op that reads tensor `t`.
+    last_read: Vec<Option<usize>>,
+}
+
+impl CpuUnet {
+    /// Prepares `model`'s weights in the CPU's layouts.
+    pub fn new(model: &Model) -> Self {
+        Self::from_parts(model.graph.clone(), &model.weights)
+    }
+
+    /// Prepares `weights` (already checked against `graph`).
+    pub fn from_parts(graph: Graph, weights: &Weights) -> Self {
+        let params = graph
+            .params
+            .iter()
+            .map(|p| {
+                let t = |suffix: &str| weights.get(&format!("{}.{suffix}", p.name)).data().to_vec();
+                match p.kind {
+                    ParamKind::Conv { cout, cin, k } => Param::Conv(ConvParams::new(
+                        &t("weight"),
+                        &t("bias"),
+                        cout,
+                        cin,
+                        k,
+                    )),
+                    ParamKind::Linear { out, inp } => {
+                        Param::Linear(LinearParams::new(t("weight"), t("bias"), out, inp))
+                    }
+                    ParamKind::Norm { .. } => Param::Norm {
+                        gamma: t("weight"),
+                        beta: t("bias"),
+                    },
+                    ParamKind::Qkv { inner, c } => {
+                        let w = [t("to_q.weight"), t("to_k.weight"), t("to_v.weight")].concat();
+                        let b = [t("to_q.bias"), t("to_k.bias"), t("to_v.bias")].concat();
+                        Param::Linear(LinearParams::new(w, b, 3 * inner, c))
+                    }
+                }
+            })
+            .collect();
+        let mut saved = vec![false; graph.tensors.len()];
+        let mut last_read = vec![None; graph.tensors.len()];
+        for (i, op) in graph.ops.iter().enumerate() {
+            for t in op.inputs() {
+                last_read[t] = Some(i);
+            }
+            if graph.tensors[op.output()].on_input_path {
+                for t in op.saved_for_backward() {
+                    saved[t] = true;
+                }
+            }
+        }
+        CpuUnet {
+            graph,
+            params,
+            saved,
+            last_read,
+        }
+    }
+
+    /// The graph this network runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// Predicted noise for `sample` (`[N, C, H, W]`) at per-image `timesteps` (length N, or 1
+    /// for the whole batch).
+    pub fn forward(&self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
+        let (x, dims, t) = self.stage_input(sample, timesteps)?;
+        let (out, _) = self.run(x, dims, &t, false);
+        Ok(self.unstage_output(&out, dims))
+    }
+
+    /// Like [`forward`](Self::forward), and also returns the tape for [`Tape::vjp`].
+    pub fn forward_recording(&self, sample: &Tensor, timesteps: &[f32]) -> Result<(Tensor, Tape<'_>)> {
+        let (x, dims, t) = self.stage_input(sample, timesteps)?;
+        let (out, (values, aux)) = self.run(x, dims, &t, true);
+        let eps = self.unstage_output(&out, dims);
+        Ok((
+            eps,
+            Tape {
+                unet: self,
+                dims,
+                values,
+                aux,
+            },
+        ))
+    }
+
+    /// Validates the input and converts it to channels-last.
+    fn stage_input(&self, sample: &Tensor, timesteps: &[f32]) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
+        let cfg = &self.graph.config;
+        let [n, c, h, w] = sample.dims4("sample")?;
+        ensure!(
+            c == cfg.in_channels,
+            "sample: the model takes {} input channels, got {c} (shape {:?})",
+            cfg.in_channels,
+            sample.shape()
+        );
+        ensure!(n > 0, "sample: the batch is empty");
+        cfg.check_input_size(h, w)?;
+        ensure!(
+            sample.all_finite(),
+            "sample: holds NaN or infinite values"
+        );
+        let t = match timesteps.len() {
+            1 => vec![timesteps[0]; n],
+            len if len == n => timesteps.to_vec(),
+            len => {
+                return Err(Error::input(format!(
+                    "timestep: expected one value or one per image ({n}), got {len}"
+                )))
+            }
+        };
+        ensure!(t.iter().all(|v| v.is_finite()), "timestep: holds NaN or infinite values");
+        let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
+        if cfg.center_input_sample {
+            x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
+        }
+        Ok((x, Dims { n, h, w }, t))
+    }
+
+    fn unstage_output(&self, out: &[f32], d: Dims) -> Tensor {
+        let c = self.graph.config.out_channels;
+        let data = resample::nhwc_to_nchw(out, d.n, c, d.h, d.w);
+        Tensor::new(vec![d.n, c, d.h, d.w], data).expect("output shape")
+    }
+
+    /// The forward pass. With `record`, returns the values and aux data the backward pass needs.
+    fn run(
+        &self,
+        x: Vec<f32>,
+        d: Dims,
+        t: &[f32],
+        record: bool,
+    ) -> (Vec<f32>, (Vec<Option<Vec<f32>>>, Vec<Aux>)) {
+        let g = &self.graph;
+        let mut values: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
+        let mut aux: Vec<Aux> = Vec::with_capacity(g.ops.len());
+        values[g.input] = Some(x);
+        for (i, op) in g.ops.iter().enumerate() {
+            let keep_aux = record && g.tensors[op.output()].on_input_path;
+            let (y, a) = self.exec(op, &values, d, t, keep_aux);
+            values[op.output()] = Some(y);
+            aux.push(a);
+            for input in op.inputs() {
+                if self.last_read[input] == Some(i) && !(record && self.saved[input]) {
+                    values[input] = None;
+                }
+            }
+        }
+        let out = values[g.output].take().expect("the graph computes its output");
+        (out, (values, aux))
+    }
+
+    fn conv_geometry(&self, x: Tid, stride: usize, pad: Pad, d: Dims) -> Geometry {
+        let (h, w) = d.hw(&self.graph, x);
+        Geometry {
+            n: d.n,
+            h,
+            w,
+            stride,
+            pad,
+        }
+    }
+
+    fn exec(&self, op: &Op, values: &[Option<Vec<f32>>], d: Dims, t: &[f32], keep_aux: bool) -> (Vec<f32>, Aux) {
+        let g = &self.graph;
+        let val = |t: Tid| values[t].as_deref().expect("inputs are computed before use");
+        let len = |t: Tid| g.shape(t, d.n, d.h, d.w).iter().product::<usize>();
+        let mut y = vec![0.0f32; len(op.output())];
+        let mut aux = Aux::None;
+        match *op {
+            Op::TimeEmbedding {
+                dim,
+                flip_sin_to_cos,
+                freq_shift,
+                ..
+            } => {
+                y = resample::timestep_embedding(t, dim, flip_sin_to_cos, freq_shift);
+            }
+            Op::Linear {
+                x,
+                p,
+                silu_in,
+                residual,
+                out_div,
+                ..
+            } => {
+                linear::forward(self.linear(p), val(x), silu_in, residual.map(val), out_div, &mut y);
+            }
+            Op::Conv {
+                x,
+                p,
+                stride,
+                pad,
+                temb,
+                residual,
+                out_div,
+                ..
+            } => {
+                let geo = self.conv_geometry(x, stride, pad, d);
+                conv::forward(
+                    self.conv(p),
+                    val(x),
+                    geo,
+                    temb.map(val),
+                    residual.map(val),
+                    out_div,
+                    &mut y,
+                );
+            }
+            Op::GroupNorm {
+                x,
+                p,
+                groups,
+                eps,
+                silu,
+                ..
+            } => {
+                let (gamma, beta) = self.norm(p);
+                let dims = self.norm_dims(x, groups, d);
+                let stats = norm::forward(val(x), dims, gamma, beta, eps, silu, &mut y);
+                if keep_aux {
+                    aux = Aux::Stats(stats);
+                }
+            }
+            Op::Attention {
+                qkv,
+                heads,
+                head_dim,
+                ..
+            } => {
+                let dims = self.attention_dims(qkv, heads, head_dim, d);
+                if let Some(p) = attention::forward(val(qkv), dims, &mut y, keep_aux) {
+                    aux = Aux::Probs(p);
+                }
+            }
+            Op::Upsample { x, .. } => {
+                let (h, w) = d.hw(g, x);
+                resample::upsample2x(val(x), h, w, g.tensors[x].channels, &mut y);
+            }
+            Op::Concat { a, b, .. } => {
+                let (ca, cb) = (g.tensors[a].channels, g.tensors[b].channels);
+                resample::concat(val(a), ca, val(b), cb, &mut y);
+            }
+        }
+        (y, aux)
+    }
+
+    fn linear(&self, p: usize) -> &LinearParams {
+        match &self.params[p] {
+            Param::Linear(l) => l,
+            _ => unreachable!("parameter {p} is not a linear layer"),
+        }
+    }
+
+    fn conv(&self, p: usize) -> &ConvParams {
+        match &self.params[p] {
+            Param::Conv(c) => c,
+            _ => unreachable!("parameter {p} is not a convolution"),
+        }
+    }
+
+    fn norm(&self, p: usize) -> (&[f32], &[f32]) {
+        match &self.params[p] {
+            Param::Norm { gamma, beta } => (gamma, beta),
+            _ => unreachable!("parameter {p} is not a norm"),
+        }
+    }
+
+    fn norm_dims(&self, x: Tid, groups: usize, d: Dims) -> norm::Dims {
+        let (h, w) = d.hw(&self.graph, x);
+        norm::Dims {
+            n: d.n,
+            hw: h * w,
+            c: self.graph.tensors[x].channels,
+            groups,
+        }
+    }
+
+    fn attention_dims(&self, qkv: Tid, heads: usize, head_dim: usize, d: Dims) -> attention::Dims {
+        let (h, w) = d.hw(&self.graph, qkv);
+        attention::Dims {
+            n: d.n,
+            tokens: h * w,
+            heads,
+            head_dim,
+        }
+    }
+}
+
+/// Batch size and input resolution of one call.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Dims {
+    /// Height and width of tensor `t` (1 x 1 for per-image vectors).
+    fn hw(&self, g: &Graph, t: Tid) -> (usize, usize) {
+        match g.tensors[t].space {
+            Space::Vector => (1, 1),
+            Space::Image { level } => (self.h >> level, self.w >> level),
+        }
+    }
+}
+
+/// What a recording forward pass kept for one vector-Jacobian product.
+pub struct Tape<'a> {
+    unet: &'a CpuUnet,
+    dims: Dims,
+    values: Vec<Option<Vec<f32>>>,
+    aux: Vec<Aux>,
+}
+
+impl Tape<'_> {
+    /// `d/d sample of sum(eps * cotangent)`: the input gradient for a cotangent shaped like the
+    /// output. Consumes the tape, freeing what it kept as it goes.
+    pub fn vjp(mut self, cotangent: &Tensor) -> Result<Tensor> {
+        let u = self.unet;
+        let g = &u.graph;
+        let d = self.dims;
+        let cfg = &g.config;
+        let want = [d.n, cfg.out_channels, d.h, d.w];
+        ensure!(
+            cotangent.shape() == want,
+            "cotangent: expected shape {want:?} (the output's), got {:?}",
+            cotangent.shape()
+        );
+        ensure!(cotangent.all_finite(), "cotangent: holds NaN or infinite values");
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
+        grads[g.output] = Some(resample::nchw_to_nhwc(
+            cotangent.data(),
+            cfg.out_channels,
+            d.h,
+            d.w,
+        ));
+        for (i, op) in g.ops.iter().enumerate().rev() {
+            let y = op.output();
+            if !g.tensors[y].on_input_path {
+                continue;
+            }
+            let Some(dy) = grads[y].take() else { continue };
+            self.backward_op(i, op, dy, &mut grads);
+            for s in op.saved_for_backward() {
+                self.values[s] = None;
+            }
+        }
+        let mut gx = grads[g.input]
+            .take()
+            .expect("the output depends on the input");
+        if cfg.center_input_sample {
+            gx.iter_mut().for_each(|v| *v *= 2.0);
+        }
+        let data = resample::nhwc_to_nchw(&gx, d.n, cfg.in_channels, d.h, d.w);
+        Tensor::new(vec![d.n, cfg.in_channels, d.h, d.w], data)
+    }
+
+    fn backward_op(&mut self, i: usize, op: &Op, mut dy: Vec<f32>, grads: &mut [Option<Vec<f32>>]) {
+        let u = self.unet;
+        let g = &u.graph;
+        let d = self.dims;
+        let on_path = |t: Tid| g.tensors[t].on_input_path;
+        let len = |t: Tid| g.shape(t, d.n, d.h, d.w).iter().product::<usize>();
+        // The gradient buffer of `t` and whether it already holds contributions to add onto.
+        fn slot(grads: &mut [Option<Vec<f32>>], t: Tid, len: usize) -> (&mut Vec<f32>, bool) {
+            let acc = grads[t].is_some();
+            (grads[t].get_or_insert_with(|| vec![0.0; len]), acc)
+        }
+        // Adds `dy` into the residual's gradient, moving it when it is the first contribution.
+        let add_residual = |grads: &mut [Option<Vec<f32>>], r: Tid, dy: Vec<f32>| match &mut grads[r] {
+            Some(gr) => gr.iter_mut().zip(&dy).for_each(|(a, b)| *a += b),
+            None => grads[r] = Some(dy),
+        };
+        match *op {
+            Op::TimeEmbedding { .. } => unreachable!("the time embedding does not depend on the input"),
+            Op::Linear {
+                x,
+                p,
+                silu_in,
+                residual,
+                out_div,
+                ..
+            } => {
+                debug_assert!(!silu_in, "SiLU-input linears only act on the time embedding");
+                if out_div != 1.0 {
+                    dy.iter_mut().for_each(|v| *v /= out_div);
+                }
+                if on_path(x) {
+                    let (gx, acc) = slot(grads, x, len(x));
+                    linear::backward_input(u.linear(p), &dy, gx, acc);
+                }
+                if let Some(r) = residual.filter(|&r| on_path(r)) {
+                    add_residual(grads, r, dy);
+                }
+            }
+            Op::Conv {
+                x,
+                p,
+                stride,
+                pad,
+                residual,
+                out_div,
+                ..
+            } => {
+                if out_div != 1.0 {
+                    dy.iter_mut().for_each(|v| *v /= out_div);
+                }
+                if on_path(x) {
+                    let geo = u.conv_geometry(x, stride, pad, d);
+                    let (gx, acc) = slot(grads, x, len(x));
+                    conv::backward_input(u.conv(p), &dy, geo, gx, acc);
+                }
+                if let Some(r) = residual.filter(|&r| on_path(r)) {
+                    add_residual(grads, r, dy);
+                }
+            }
+            Op::GroupNorm {
+                x,
+                p,
+                groups,
+                silu,
+                ..
+            } => {
+                let Aux::Stats(stats) = &self.aux[i] else {
+                    unreachable!("GroupNorm on the input path records its statistics")
+                };
+                let (gamma, beta) = u.norm(p);
+                let dims = u.norm_dims(x, groups, d);
+                let xv = self.values[x].as_deref().expect("GroupNorm input was saved");
+                let (gx, acc) = slot(grads, x, len(x));
+                norm::backward(xv, dims, gamma, beta, silu, stats, &dy, gx, acc);
+            }
+            Op::Attention {
+                qkv,
+                heads,
+                head_dim,
+                ..
+            } => {
+                let Aux::Probs(probs) = &self.aux[i] else {
+                    unreachable!("attention on the input path records its probabilities")
+                };
+                let dims = u.attention_dims(qkv, heads, head_dim, d);
+                let qv = self.values[qkv].as_deref().expect("q/k/v were saved");
+                let (gq, acc) = slot(grads, qkv, len(qkv));
+                attention::backward(qv, probs, dims, &dy, gq, acc);
+            }
+            Op::Upsample { x, .. } => {
+                let (h, w) = d.hw(g, x);
+                let (gx, acc) = slot(grads, x, len(x));
+                resample::upsample2x_backward(&dy, d.n, h, w, g.tensors[x].channels, gx, acc);
+            }
+            Op::Concat { a, b, .. } => {
+                let (ca, cb) = (g.tensors[a].channels, g.tensors[b].channels);
+                for (t, off, width) in [(a, 0, ca), (b, ca, cb)] {
+                    if on_path(t) {
+                        let (gt, acc) = slot(grads, t, len(t));
+                        resample::concat_backward(&dy, ca + cb, off, width, gt, acc);
+                    }
+                }
+            }
+        }
+        self.aux[i] = Aux::None;
+    }
+}
