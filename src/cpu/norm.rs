@@ -112,6 +112,10 @@ pub fn forward(
 }
 
 /// Gradient with respect to the input: `dx (+)= d GroupNorm(+SiLU) / dx ^T dy`.
+///
+/// With `xhat` the normalised input and `g = dL/dxhat` (through SiLU and the affine scale), the
+/// input gradient is `rstd * (g - mean(g) - xhat * mean(g * xhat))` over each group. The first
+/// pass computes `g` once (keeping it) and the two group means; the second forms `dx`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
@@ -127,55 +131,75 @@ pub fn backward(
     let Dims { n, hw, c, groups } = d;
     let cg = c / groups;
     let count = (cg * hw) as f64;
+    let mut g = vec![0.0f32; hw * c];
     for img in 0..n {
-        let mean: Vec<f32> = (0..c)
-            .map(|ch| stats.mean[img * groups + ch / cg])
-            .collect();
-        let rstd: Vec<f32> = (0..c)
-            .map(|ch| stats.rstd[img * groups + ch / cg])
-            .collect();
+        let mean: Vec<f32> = (0..c).map(|ch| stats.mean[img * groups + ch / cg]).collect();
+        let rstd: Vec<f32> = (0..c).map(|ch| stats.rstd[img * groups + ch / cg]).collect();
         let xi = &x[img * hw * c..(img + 1) * hw * c];
         let dyi = &dy[img * hw * c..(img + 1) * hw * c];
-        // g = d loss / d xhat; the input gradient needs the group means of g and g * xhat.
-        let grad_xhat = |ch: usize, xv: f32, dyv: f32| -> (f32, f32) {
-            let xhat = (xv - mean[ch]) * rstd[ch];
-            let mut g = dyv;
-            if silu {
-                g *= math::silu_grad(xhat.mul_add(gamma[ch], beta[ch]));
-            }
-            (g * gamma[ch], xhat)
-        };
-        let (s1, s2) = channel_sums(xi, c, |pix, row, a, b| {
-            let drow = &dyi[pix * c..(pix + 1) * c];
-            for ch in 0..c {
-                let (g, xhat) = grad_xhat(ch, row[ch], drow[ch]);
-                a[ch] += g as f64;
-                b[ch] += (g * xhat) as f64;
-            }
-        });
+        let (s1, s2) = g
+            .par_chunks_mut(CHUNK * c)
+            .zip(xi.par_chunks(CHUNK * c).zip(dyi.par_chunks(CHUNK * c)))
+            .map(|(gc, (xc, dc))| {
+                // f32 sums over one chunk's pixels, then f64 across chunks.
+                let mut a = vec![0.0f32; c];
+                let mut b = vec![0.0f32; c];
+                for ((gr, xr), dr) in gc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c))
+                    .zip(dc.chunks_exact(c))
+                {
+                    let rows = (xr.iter().zip(dr)).zip(mean.iter().zip(&rstd));
+                    let params = gamma.iter().zip(beta);
+                    let sums = a.iter_mut().zip(b.iter_mut());
+                    for ((((&xv, &dv), (&m, &r)), (&ga, &be)), (gv, (sa, sb))) in
+                        rows.zip(params).zip(gr.iter_mut().zip(sums))
+                    {
+                        let xhat = (xv - m) * r;
+                        let mut v = dv;
+                        if silu {
+                            v *= math::silu_grad(xhat.mul_add(ga, be));
+                        }
+                        v *= ga;
+                        *gv = v;
+                        *sa += v;
+                        *sb += v * xhat;
+                    }
+                }
+                let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+                (widen(a), widen(b))
+            })
+            .reduce(
+                || (vec![0.0; c], vec![0.0; c]),
+                |(mut a, mut b), (x, y)| {
+                    a.iter_mut().zip(&x).for_each(|(p, q)| *p += q);
+                    b.iter_mut().zip(&y).for_each(|(p, q)| *p += q);
+                    (a, b)
+                },
+            );
         let mut mg = vec![0.0f32; c];
         let mut mgx = vec![0.0f32; c];
-        for g in 0..groups {
-            let a: f64 = s1[g * cg..(g + 1) * cg].iter().sum::<f64>() / count;
-            let b: f64 = s2[g * cg..(g + 1) * cg].iter().sum::<f64>() / count;
-            mg[g * cg..(g + 1) * cg].fill(a as f32);
-            mgx[g * cg..(g + 1) * cg].fill(b as f32);
+        for grp in 0..groups {
+            let a: f64 = s1[grp * cg..(grp + 1) * cg].iter().sum::<f64>() / count;
+            let b: f64 = s2[grp * cg..(grp + 1) * cg].iter().sum::<f64>() / count;
+            mg[grp * cg..(grp + 1) * cg].fill(a as f32);
+            mgx[grp * cg..(grp + 1) * cg].fill(b as f32);
         }
         let dxi = &mut dx[img * hw * c..(img + 1) * hw * c];
         dxi.par_chunks_mut(CHUNK * c)
-            .enumerate()
-            .for_each(|(chunk, dxc)| {
-                let p0 = chunk * CHUNK;
-                for (i, dr) in dxc.chunks_exact_mut(c).enumerate() {
-                    let off = (p0 + i) * c;
-                    for ch in 0..c {
-                        let (g, xhat) = grad_xhat(ch, xi[off + ch], dyi[off + ch]);
-                        let v = rstd[ch] * (g - mg[ch] - xhat * mgx[ch]);
-                        if accumulate {
-                            dr[ch] += v;
-                        } else {
-                            dr[ch] = v;
-                        }
+            .zip(xi.par_chunks(CHUNK * c).zip(g.par_chunks(CHUNK * c)))
+            .for_each(|(dxc, (xc, gc))| {
+                for ((dr, xr), gr) in dxc
+                    .chunks_exact_mut(c)
+                    .zip(xc.chunks_exact(c))
+                    .zip(gc.chunks_exact(c))
+                {
+                    let stats = (mean.iter().zip(&rstd)).zip(mg.iter().zip(&mgx));
+                    for ((o, (&xv, &gv)), ((&m, &r), (&a, &b))) in
+                        dr.iter_mut().zip(xr.iter().zip(gr)).zip(stats)
+                    {
+                        let v = r * (gv - a - (xv - m) * r * b);
+                        *o = if accumulate { *o + v } else { v };
                     }
                 }
             });

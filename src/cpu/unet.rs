@@ -37,6 +37,8 @@ pub struct CpuUnet {
     saved: Vec<bool>,
     /// `last_read[t]`: index of the last forward op that reads tensor `t`.
     last_read: Vec<Option<usize>>,
+    /// Identifies this network's tapes.
+    id: u64,
 }
 
 impl CpuUnet {
@@ -87,11 +89,13 @@ impl CpuUnet {
                 }
             }
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         CpuUnet {
             graph,
             params,
             saved,
             last_read,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -108,20 +112,31 @@ impl CpuUnet {
         Ok(self.unstage_output(&out, dims))
     }
 
-    /// Like [`forward`](Self::forward), and also returns the tape for [`Tape::vjp`].
-    pub fn forward_recording(&self, sample: &Tensor, timesteps: &[f32]) -> Result<(Tensor, Tape<'_>)> {
+    /// Like [`forward`](Self::forward), and also returns the tape for [`vjp`](Self::vjp).
+    pub fn forward_recording(&self, sample: &Tensor, timesteps: &[f32]) -> Result<(Tensor, Tape)> {
         let (x, dims, t) = self.stage_input(sample, timesteps)?;
         let (out, (values, aux)) = self.run(x, dims, &t, true);
         let eps = self.unstage_output(&out, dims);
         Ok((
             eps,
             Tape {
-                unet: self,
+                network: self.id,
                 dims,
                 values,
                 aux,
             },
         ))
+    }
+
+    /// `d/d sample of sum(eps * cotangent)` for the pass recorded in `tape`: the input gradient
+    /// for a cotangent shaped like the output. Consumes the tape, freeing what it kept as it
+    /// goes.
+    pub fn vjp(&self, tape: Tape, cotangent: &Tensor) -> Result<Tensor> {
+        ensure!(
+            tape.network == self.id,
+            "vjp: the tape was recorded by a different network"
+        );
+        tape.run_backward(self, cotangent)
     }
 
     /// Validates the input and converts it to channels-last.
@@ -174,10 +189,13 @@ impl CpuUnet {
         let g = &self.graph;
         let mut values: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
         let mut aux: Vec<Aux> = Vec::with_capacity(g.ops.len());
+        let mut profile = Profile::from_env();
         values[g.input] = Some(x);
         for (i, op) in g.ops.iter().enumerate() {
             let keep_aux = record && g.tensors[op.output()].on_input_path;
+            let start = std::time::Instant::now();
             let (y, a) = self.exec(op, &values, d, t, keep_aux);
+            profile.add(op, start);
             values[op.output()] = Some(y);
             aux.push(a);
             for input in op.inputs() {
@@ -187,6 +205,7 @@ impl CpuUnet {
             }
         }
         let out = values[g.output].take().expect("the graph computes its output");
+        profile.print("forward");
         (out, (values, aux))
     }
 
@@ -346,18 +365,15 @@ impl Dims {
 }
 
 /// What a recording forward pass kept for one vector-Jacobian product.
-pub struct Tape<'a> {
-    unet: &'a CpuUnet,
+pub struct Tape {
+    network: u64,
     dims: Dims,
     values: Vec<Option<Vec<f32>>>,
     aux: Vec<Aux>,
 }
 
-impl Tape<'_> {
-    /// `d/d sample of sum(eps * cotangent)`: the input gradient for a cotangent shaped like the
-    /// output. Consumes the tape, freeing what it kept as it goes.
-    pub fn vjp(mut self, cotangent: &Tensor) -> Result<Tensor> {
-        let u = self.unet;
+impl Tape {
+    fn run_backward(mut self, u: &CpuUnet, cotangent: &Tensor) -> Result<Tensor> {
         let g = &u.graph;
         let d = self.dims;
         let cfg = &g.config;
@@ -375,17 +391,21 @@ impl Tape<'_> {
             d.h,
             d.w,
         ));
+        let mut profile = Profile::from_env();
         for (i, op) in g.ops.iter().enumerate().rev() {
             let y = op.output();
             if !g.tensors[y].on_input_path {
                 continue;
             }
             let Some(dy) = grads[y].take() else { continue };
-            self.backward_op(i, op, dy, &mut grads);
+            let start = std::time::Instant::now();
+            self.backward_op(u, i, op, dy, &mut grads);
+            profile.add(op, start);
             for s in op.saved_for_backward() {
                 self.values[s] = None;
             }
         }
+        profile.print("backward");
         let mut gx = grads[g.input]
             .take()
             .expect("the output depends on the input");
@@ -396,8 +416,14 @@ impl Tape<'_> {
         Tensor::new(vec![d.n, cfg.in_channels, d.h, d.w], data)
     }
 
-    fn backward_op(&mut self, i: usize, op: &Op, mut dy: Vec<f32>, grads: &mut [Option<Vec<f32>>]) {
-        let u = self.unet;
+    fn backward_op(
+        &mut self,
+        u: &CpuUnet,
+        i: usize,
+        op: &Op,
+        mut dy: Vec<f32>,
+        grads: &mut [Option<Vec<f32>>],
+    ) {
         let g = &u.graph;
         let d = self.dims;
         let on_path = |t: Tid| g.tensors[t].on_input_path;
@@ -501,5 +527,44 @@ impl Tape<'_> {
             }
         }
         self.aux[i] = Aux::None;
+    }
+}
+
+/// Time per op kind, printed to stderr after each pass when `INVDIFF_PROFILE` is set: where a
+/// pass spends its time, without a profiler.
+struct Profile(Option<Vec<(&'static str, f64)>>);
+
+impl Profile {
+    fn from_env() -> Self {
+        Profile(std::env::var_os("INVDIFF_PROFILE").map(|_| Vec::new()))
+    }
+
+    fn add(&mut self, op: &Op, start: std::time::Instant) {
+        let Some(rows) = &mut self.0 else { return };
+        let kind = match op {
+            Op::Conv { kernel: 1, .. } => "conv 1x1",
+            Op::Conv { stride: 2, .. } => "conv 3x3 stride 2",
+            Op::Conv { .. } => "conv 3x3",
+            Op::GroupNorm { .. } => "group norm",
+            Op::Attention { .. } => "attention",
+            Op::Linear { .. } => "linear",
+            Op::Upsample { .. } => "upsample",
+            Op::Concat { .. } => "concat",
+            Op::TimeEmbedding { .. } => "time embedding",
+        };
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        match rows.iter_mut().find(|(k, _)| *k == kind) {
+            Some(r) => r.1 += ms,
+            None => rows.push((kind, ms)),
+        }
+    }
+
+    fn print(&self, pass: &str) {
+        let Some(rows) = &self.0 else { return };
+        let total: f64 = rows.iter().map(|r| r.1).sum();
+        eprintln!("INVDIFF_PROFILE {pass}: {total:.1} ms");
+        for (k, ms) in rows {
+            eprintln!("  {k:<18} {ms:>9.1} ms {:>5.1}%", 100.0 * ms / total);
+        }
     }
 }

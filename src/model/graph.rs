@@ -248,36 +248,55 @@ impl Graph {
     /// Floating-point operations of one forward pass (a multiply-add counts 2), matrix
     /// products only, as PyTorch's FLOP counter reports them.
     pub fn forward_flops(&self, n: usize, h: usize, w: usize) -> f64 {
+        self.ops.iter().map(|op| self.op_flops(op, n, h, w)).sum()
+    }
+
+    /// Floating-point operations of a forward pass plus the input gradient (one DPS step's
+    /// network work): every op on the input path runs its products again backwards, attention
+    /// twice over (four products against two).
+    pub fn forward_vjp_flops(&self, n: usize, h: usize, w: usize) -> f64 {
+        let backward: f64 = self
+            .ops
+            .iter()
+            .filter(|op| self.tensors[op.output()].on_input_path)
+            .map(|op| {
+                let f = self.op_flops(op, n, h, w);
+                if matches!(op, Op::Attention { .. }) {
+                    2.0 * f
+                } else {
+                    f
+                }
+            })
+            .sum();
+        self.forward_flops(n, h, w) + backward
+    }
+
+    fn op_flops(&self, op: &Op, n: usize, h: usize, w: usize) -> f64 {
         let pixels = |t: Tid| -> f64 {
             match self.tensors[t].space {
                 Space::Vector => n as f64,
                 Space::Image { level } => (n * (h >> level) * (w >> level)) as f64,
             }
         };
-        self.ops
-            .iter()
-            .map(|op| match *op {
-                Op::Conv { y, p, .. } => match self.params[p].kind {
-                    ParamKind::Conv { cout, cin, k } => {
-                        2.0 * pixels(y) * (cout * cin * k * k) as f64
-                    }
-                    _ => unreachable!("conv op with a non-conv parameter"),
-                },
-                Op::Linear { y, p, .. } => match self.params[p].kind {
-                    ParamKind::Linear { out, inp } => 2.0 * pixels(y) * (out * inp) as f64,
-                    ParamKind::Qkv { inner, c } => 2.0 * pixels(y) * (3 * inner * c) as f64,
-                    _ => unreachable!("linear op with a non-linear parameter"),
-                },
-                Op::Attention {
-                    y, heads, head_dim, ..
-                } => {
-                    let tokens = pixels(y) / n as f64;
-                    // q k^T and p v, per head.
-                    4.0 * n as f64 * tokens * tokens * (heads * head_dim) as f64
-                }
-                _ => 0.0,
-            })
-            .sum()
+        match *op {
+            Op::Conv { y, p, .. } => match self.params[p].kind {
+                ParamKind::Conv { cout, cin, k } => 2.0 * pixels(y) * (cout * cin * k * k) as f64,
+                _ => unreachable!("conv op with a non-conv parameter"),
+            },
+            Op::Linear { y, p, .. } => match self.params[p].kind {
+                ParamKind::Linear { out, inp } => 2.0 * pixels(y) * (out * inp) as f64,
+                ParamKind::Qkv { inner, c } => 2.0 * pixels(y) * (3 * inner * c) as f64,
+                _ => unreachable!("linear op with a non-linear parameter"),
+            },
+            Op::Attention {
+                y, heads, head_dim, ..
+            } => {
+                let tokens = pixels(y) / n as f64;
+                // q kᵀ and p v, per head.
+                4.0 * n as f64 * tokens * tokens * (heads * head_dim) as f64
+            }
+            _ => 0.0,
+        }
     }
 }
 
@@ -554,6 +573,10 @@ mod tests {
         // 497.0 GFLOP per image at 256x256 (PyTorch's FLOP counter, ANCHORS.md).
         let gflop = g.forward_flops(1, 256, 256) / 1e9;
         assert!((gflop - 497.0).abs() < 0.5, "{gflop}");
+        // 995.1 GFLOP for forward + input gradient: ours leaves out the weight-free products
+        // PyTorch's counter also counts in the backward of the first layers.
+        let both = g.forward_vjp_flops(1, 256, 256) / 1e9;
+        assert!((both - 995.1).abs() < 5.0, "{both}");
     }
 
     #[test]

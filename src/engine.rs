@@ -1,0 +1,129 @@
+//! One face for every backend: choose a device, run the network, take its input gradient.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::cpu::{CpuUnet, Tape};
+use crate::model::Model;
+use crate::{Error, Result, Tensor};
+
+/// The device a user asked for (`--device auto|cpu|cuda[:N]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// A GPU when one is usable, otherwise the CPU (with a notice).
+    Auto,
+    Cpu,
+    /// CUDA device `N`; an error when it is not usable.
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| {
+                    Error::input(format!(
+                        "unknown device `{s}` (expected auto, cpu, cuda or cuda:N)"
+                    ))
+                }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => write!(f, "auto"),
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+enum Backend {
+    Cpu { unet: CpuUnet, tape: Option<Tape> },
+}
+
+/// A network on a device.
+pub struct Engine {
+    backend: Backend,
+    /// Why `auto` did not pick a GPU, for a one-line notice.
+    notice: Option<String>,
+}
+
+impl Engine {
+    /// Puts `model` on the device `choice` resolves to.
+    pub fn new(model: &Model, choice: DeviceChoice) -> Result<Engine> {
+        let notice = match choice {
+            DeviceChoice::Cpu => None,
+            DeviceChoice::Auto => Some("no usable CUDA backend in this build; running on the CPU".to_string()),
+            DeviceChoice::Cuda(_) => {
+                return Err(Error::Cuda(
+                    "this build has no CUDA backend; use --device cpu".to_string(),
+                ))
+            }
+        };
+        Ok(Engine {
+            backend: Backend::Cpu {
+                unet: CpuUnet::new(model),
+                tape: None,
+            },
+            notice,
+        })
+    }
+
+    /// The device in words, e.g. `cpu (2 threads)`.
+    pub fn device_name(&self) -> String {
+        match &self.backend {
+            Backend::Cpu { .. } => format!("cpu ({} threads)", rayon::current_num_threads()),
+        }
+    }
+
+    /// Whether this engine runs on the CPU.
+    pub fn is_cpu(&self) -> bool {
+        matches!(self.backend, Backend::Cpu { .. })
+    }
+
+    /// The reason `auto` fell back to the CPU, if it did.
+    pub fn notice(&self) -> Option<&str> {
+        self.notice.as_deref()
+    }
+
+    /// The predicted noise for `sample` at per-image `timesteps`.
+    pub fn forward(&mut self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
+        match &mut self.backend {
+            Backend::Cpu { unet, .. } => unet.forward(sample, timesteps),
+        }
+    }
+
+    /// The predicted noise, keeping what [`vjp`](Self::vjp) needs.
+    pub fn forward_recording(&mut self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
+        match &mut self.backend {
+            Backend::Cpu { unet, tape } => {
+                let (eps, t) = unet.forward_recording(sample, timesteps)?;
+                *tape = Some(t);
+                Ok(eps)
+            }
+        }
+    }
+
+    /// `d/d sample of sum(eps * cotangent)` for the last recorded forward pass.
+    pub fn vjp(&mut self, cotangent: &Tensor) -> Result<Tensor> {
+        match &mut self.backend {
+            Backend::Cpu { unet, tape } => {
+                let t = tape
+                    .take()
+                    .ok_or_else(|| Error::input("vjp: no recorded forward pass to differentiate"))?;
+                unet.vjp(t, cotangent)
+            }
+        }
+    }
+}
