@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Regenerates the reference numbers of invdiff's schedule / inverse-problem tests.
+
+Run with the project's torch venv (torch 2.15, diffusers 0.42.1, numpy, scipy):
+
+    /work/venvs/torch/bin/python scripts/sched_reference.py
+
+It writes tests/data/sched/{schedule,inverse}.json. Floats are stored as the hex bits of their
+f32 (or as decimal f64 where the Rust side computes in f64), so the tests can compare bits.
+
+Schedulers: every coefficient is computed twice with a numpy-f32 transcription of diffusers'
+code, once with torch's CPU sqrt (asserted to reproduce `DDPMScheduler.step` /
+`DDIMScheduler.step` bit for bit, which validates the operation order) and once with the
+correctly rounded sqrt that the Rust code uses (stored: the Rust test compares bits). The
+script also asserts the two differ by at most MAX_ULP, the tolerance the Rust tests give
+torch's own values.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fft as fft
+from diffusers import DDIMScheduler, DDPMScheduler
+
+OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "sched"
+F = np.float32
+# Largest |exact - torch| in ulp per field, asserted here and used by the Rust tests on torch's
+# values: 1 where one torch sqrt is involved, more where a 1-ulp sqrt is multiplied or squared,
+# and much more for DDIM's sqrt(1 - a_prev - std**2), where the subtraction cancels.
+MAX_ULP = dict(sqrt_alpha_prod=1, sqrt_one_minus_alpha_prod=1, c_x0=3, c_xt=2, c_eps=128,
+               noise_std=2, dps_eta=2, pigdm_r=1, pigdm_r2=3, pigdm_sqrt_alpha=1)
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+
+
+def fnv_bytes(data: bytes, h: int = FNV_OFFSET) -> int:
+    for b in data:
+        h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def bits(x) -> int:
+    return int(np.frombuffer(np.float32(x).tobytes(), np.uint32)[0])
+
+
+def ulp_diff(a, b) -> int:
+    ia = np.frombuffer(np.float32(a).tobytes(), np.int32)[0]
+    ib = np.frombuffer(np.float32(b).tobytes(), np.int32)[0]
+    return abs(int(ia) - int(ib))
+
+
+def hex32(x) -> str:
+    return f"{bits(x):08x}"
+
+
+def sqrt_exact(x):
+    return F(np.sqrt(F(x)))
+
+
+def sqrt_torch(x):
+    return F(torch.tensor(F(x), dtype=torch.float32).sqrt().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers
+
+SCHEDULES = {
+    "linear": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    "scaled_linear": dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "squaredcos_cap_v2": dict(beta_schedule="squaredcos_cap_v2"),
+}
+
+# Order of the hashed StepCoeffs / GuidanceCoeffs fields (the Rust test hashes the same list).
+STEP_FIELDS = [
+    "alpha_prod_t", "alpha_prod_t_prev", "sqrt_alpha_prod", "sqrt_one_minus_alpha_prod",
+    "c_x0", "c_xt", "c_eps", "variance", "noise_std",
+]
+GUIDE_FIELDS = [
+    "alpha_t", "beta_t", "dps_eta", "pigdm_variance", "pigdm_r", "pigdm_r2", "pigdm_alpha",
+    "pigdm_sqrt_alpha",
+]
+
+
+def guidance(a_t, a_p, var, sq):
+    alpha = F(a_t / a_p)
+    beta = F(F(1) - alpha)
+    r = sq(F(var / F(var + F(1))))
+    pa = F(F(1) / F(var + F(1)))
+    return dict(alpha_t=alpha, beta_t=beta, dps_eta=F(beta / sq(alpha)), pigdm_variance=var,
+                pigdm_r=r, pigdm_r2=F(r * r), pigdm_alpha=pa, pigdm_sqrt_alpha=sq(pa))
+
+
+def ddpm_coeffs(s, t, sq):
+    acp = s.alphas_cumprod.numpy()
+    prev = int(s.previous_timestep(t))
+    a_t = acp[t]
+    a_p = acp[prev] if prev >= 0 else F(1)
+    b_t, b_p = F(F(1) - a_t), F(F(1) - a_p)
+    cur_a = F(a_t / a_p)
+    cur_b = F(F(1) - cur_a)
+    var = F(F(F(1) - a_p) / F(F(1) - a_t)) * cur_b
+    var = max(F(var), F(1e-20))
+    if s.config.variance_type == "fixed_large":
+        var = cur_b
+    c = dict(
+        t=t, prev_t=prev, alpha_prod_t=a_t, alpha_prod_t_prev=a_p, sqrt_alpha_prod=sq(a_t),
+        sqrt_one_minus_alpha_prod=sq(b_t), c_x0=F(F(sq(a_p) * cur_b) / b_t),
+        c_xt=F(F(sq(cur_a) * b_p) / b_t), c_eps=F(0), variance=F(var),
+        noise_std=sq(var) if t > 0 else F(0), uses_noise=t > 0,
+    )
+    c.update(guidance(a_t, a_p, F(var), sq))
+    return c
+
+
+def ddim_coeffs(s, t, eta, sq):
+    acp = s.alphas_cumprod.numpy()
+    prev = t - s.config.num_train_timesteps // s.num_inference_steps
+    a_t = acp[t]
+    a_p = acp[prev] if prev >= 0 else F(s.final_alpha_cumprod.item())
+    b_t = F(F(1) - a_t)
+    var = F(F(F(1) - a_p) / b_t) * F(F(1) - F(a_t / a_p))
+    var = F(var)
+    std = F(F(eta) * sq(var))
+    c = dict(
+        t=t, prev_t=prev, alpha_prod_t=a_t, alpha_prod_t_prev=a_p, sqrt_alpha_prod=sq(a_t),
+        sqrt_one_minus_alpha_prod=sq(b_t), c_x0=sq(a_p), c_xt=F(0),
+        c_eps=sq(F(F(F(1) - a_p) - F(std * std))), variance=var, noise_std=std,
+        uses_noise=eta > 0,
+    )
+    c.update(guidance(a_t, a_p, var, sq))
+    return c
+
+
+def np_step(c, eps, x, z, clip):
+    """The elementwise formula of invdiff's StepCoeffs, in numpy f32."""
+    x0 = (x - c["sqrt_one_minus_alpha_prod"] * eps) / c["sqrt_alpha_prod"]
+    if clip is not None:
+        x0 = np.clip(x0, F(-clip), F(clip))
+    p = c["c_x0"] * x0
+    if c["c_xt"] != 0:
+        p = p + c["c_xt"] * x
+    if c["c_eps"] != 0:
+        p = p + c["c_eps"] * eps
+    if c["uses_noise"]:
+        p = p + c["noise_std"] * z
+    return x0.astype(F), p.astype(F)
+
+
+def hash_steps(coeffs):
+    h = FNV_OFFSET
+    for c in coeffs:
+        h = fnv_bytes(np.array([c["t"], c["prev_t"]], "<i8").tobytes(), h)
+        vals = [c[k] for k in STEP_FIELDS + GUIDE_FIELDS]
+        h = fnv_bytes(np.array([bits(v) for v in vals] + [int(c["uses_noise"])], "<u4").tobytes(), h)
+    return f"{h:016x}"
+
+
+def hash_i64(vals):
+    return f"{fnv_bytes(np.array(vals, '<i8').tobytes()):016x}"
+
+
+def hash_f32(vals):
+    return f"{fnv_bytes(np.asarray(vals, '<f4').tobytes()):016x}"
+
+
+def make_scheduler(kind, sched, spacing, offset=0, variance_type="fixed_small", alpha_one=True):
+    kw = dict(SCHEDULES[sched], timestep_spacing=spacing, steps_offset=offset)
+    if kind == "ddpm":
+        return DDPMScheduler(**kw, variance_type=variance_type)
+    return DDIMScheduler(**kw, set_alpha_to_one=alpha_one)
+
+
+def check_step_vs_diffusers(kind, s, c_torch, t, eta, rng):
+    """Asserts that the transcription with torch's sqrt reproduces diffusers' step exactly."""
+    shape = (1, 1, 2, 8)
+    x = torch.from_numpy(rng.standard_normal(shape).astype(F) * F(1.5))
+    eps = torch.from_numpy(rng.standard_normal(shape).astype(F))
+    seed = int(rng.integers(1 << 31))
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if kind == "ddpm":
+        out = s.step(eps, t, x, generator=torch.Generator().manual_seed(seed))
+    else:
+        out = s.step(eps, t, x, eta=eta, variance_noise=z if eta > 0 else None)
+    clip = s.config.clip_sample_range if s.config.clip_sample else None
+    x0, prev = np_step(c_torch, eps.numpy(), x.numpy(), z.numpy(), clip)
+    assert np.array_equal(x0, out.pred_original_sample.numpy()), (kind, t, "x0")
+    assert np.array_equal(prev, out.prev_sample.numpy()), (kind, t, "prev")
+    return x, eps, z, out
+
+
+def pick_steps(n):
+    idx = sorted({0, 1, n // 2, n - 2, n - 1} & set(range(n)))
+    return idx
+
+
+def schedule_cases():
+    rng = np.random.default_rng(1234)
+    tables = {}
+    for name in SCHEDULES:
+        s = DDPMScheduler(**SCHEDULES[name])
+        betas, alphas, acp = s.betas.numpy(), s.alphas.numpy(), s.alphas_cumprod.numpy()
+        # The construction facts the Rust code relies on.
+        assert np.array_equal(acp, np.cumprod(alphas.astype(np.float64)).astype(F))
+        assert np.array_equal(alphas, F(1) - betas)
+        tables[name] = dict(
+            betas=hash_f32(betas), alphas=hash_f32(alphas), alphas_cumprod=hash_f32(acp),
+            anchors=[[i, hex32(betas[i]), hex32(acp[i])] for i in (0, 1, 99, 499, 500, 990, 999)],
+        )
+    trained = [0.0001 + 0.0123 * i / 19 for i in range(20)]
+    s = DDPMScheduler(num_train_timesteps=20, trained_betas=trained)
+    tables["trained"] = dict(values=trained, betas=hash_f32(s.betas.numpy()),
+                             alphas_cumprod=hash_f32(s.alphas_cumprod.numpy()))
+
+    # Every N for each spacing, in one hash per spacing (N whose timesteps leave 0..T are errors).
+    all_n = {}
+    for spacing in ("leading", "linspace", "trailing"):
+        s = DDPMScheduler(timestep_spacing=spacing)
+        h = FNV_OFFSET
+        errors = []
+        for n in range(1, 1001):
+            s.set_timesteps(n)
+            ts = s.timesteps.numpy()
+            if ts.min() < 0 or ts.max() >= 1000:
+                errors.append(n)
+                continue
+            h = fnv_bytes(np.array([n], "<i8").tobytes(), h)
+            h = fnv_bytes(ts.astype("<i8").tobytes(), h)
+        all_n[spacing] = dict(hash=f"{h:016x}", errors=errors)
+
+    cases = []
+    detailed = []
+    worst = {}
+
+    def add(kind, sched, spacing, n, eta=0.0, offset=0, variance_type="fixed_small", alpha_one=True,
+            details=False):
+        s = make_scheduler(kind, sched, spacing, offset, variance_type, alpha_one)
+        s.set_timesteps(n)
+        ts = [int(t) for t in s.timesteps]
+        exact, torchc = [], []
+        for i, t in enumerate(ts):
+            if kind == "ddpm":
+                ce, ct = ddpm_coeffs(s, t, sqrt_exact), ddpm_coeffs(s, t, sqrt_torch)
+                # ΠGDM's variance is diffusers' _get_variance, whatever the notebook passes.
+                assert F(s._get_variance(t, t - 10).item()) == ce["pigdm_variance"]
+            else:
+                ce, ct = ddim_coeffs(s, t, eta, sqrt_exact), ddim_coeffs(s, t, eta, sqrt_torch)
+                assert F(s._get_variance(t, ce["prev_t"]).item()) == ce["variance"]
+            if i in pick_steps(len(ts)) or n <= 7:
+                check_step_vs_diffusers(kind, s, ct, t, eta, rng)
+            for k in STEP_FIELDS + GUIDE_FIELDS:
+                d = ulp_diff(ce[k], ct[k])
+                worst[k] = max(worst.get(k, 0), d)
+                assert d <= MAX_ULP.get(k, 0), (kind, sched, spacing, n, t, k, ce[k], ct[k])
+            exact.append(ce)
+            torchc.append(ct)
+        # Compact rows: hex values in STEP_FIELDS + GUIDE_FIELDS order.
+        for i in sorted({0, len(ts) // 2, len(ts) - 1}) if details else []:
+            ce, ct = exact[i], torchc[i]
+            fields = STEP_FIELDS + GUIDE_FIELDS
+            detailed.append([len(cases), ce["t"], ce["prev_t"], bool(ce["uses_noise"]),
+                             [hex32(ce[k]) for k in fields], [hex32(ct[k]) for k in fields]])
+        cases.append([kind, sched, spacing, n, eta, offset, variance_type, alpha_one,
+                      hash_i64(ts), hash_steps(exact)])
+
+    for sched in SCHEDULES:
+        for spacing in ("leading", "linspace", "trailing"):
+            for n in (7, 50, 100, 1000):
+                # Per-step values for the notebook's setting and one case of each schedule.
+                d = spacing == "leading" and (n == 100 or (sched != "linear" and n == 7))
+                add("ddpm", sched, spacing, n, details=d)
+                for eta in (0.0, 0.5, 1.0):
+                    add("ddim", sched, spacing, n, eta=eta, details=d and eta == 1.0)
+    add("ddpm", "linear", "leading", 100, variance_type="fixed_large")
+    add("ddpm", "linear", "leading", 50, offset=1)
+    add("ddim", "linear", "leading", 50, eta=0.3, offset=1)
+    add("ddim", "linear", "leading", 20, eta=0.7, alpha_one=False)
+    print("max ulp exact-vs-torch per field:", worst)
+
+    # Elementwise fixture: diffusers step outputs with torch's coefficients (as hex), for the
+    # Rust test that feeds those coefficients through step_slice.
+    elementwise = []
+    for kind, n, t, eta in (("ddpm", 100, 990, 0.0), ("ddpm", 100, 500, 0.0), ("ddpm", 100, 0, 0.0),
+                            ("ddim", 50, 980, 0.0), ("ddim", 50, 20, 1.0), ("ddim", 50, 0, 0.5)):
+        s = make_scheduler(kind, "linear", "leading")
+        s.set_timesteps(n)
+        ct = ddpm_coeffs(s, t, sqrt_torch) if kind == "ddpm" else ddim_coeffs(s, t, eta, sqrt_torch)
+        x, eps, z, out = check_step_vs_diffusers(kind, s, ct, t, eta, rng)
+        elementwise.append(dict(
+            kind=kind, n=n, t=t, eta=eta,
+            coeffs={k: hex32(ct[k]) for k in STEP_FIELDS},
+            x=[hex32(v) for v in x.flatten().tolist()],
+            eps=[hex32(v) for v in eps.flatten().tolist()],
+            z=[hex32(v) for v in z.flatten().tolist()],
+            x0=[hex32(v) for v in out.pred_original_sample.flatten().tolist()],
+            prev=[hex32(v) for v in out.prev_sample.flatten().tolist()],
+        ))
+    return dict(max_ulp=MAX_ULP, fields=STEP_FIELDS + GUIDE_FIELDS, tables=tables, all_n=all_n,
+                cases=cases, details=detailed, elementwise=elementwise)
+
+
+def main():
+    OUT.mkdir(parents=True, exist_ok=True)
+    sched = schedule_cases()
+    with open(OUT / "schedule.json", "w") as f:
+        json.dump(sched, f, separators=(",", ":"))
+    print("wrote", OUT / "schedule.json", (OUT / "schedule.json").stat().st_size, "bytes")
+
+
+if __name__ == "__main__":
+    main()
