@@ -5,7 +5,7 @@ Run with the project's torch venv (torch 2.15, diffusers 0.42.1, numpy, scipy):
 
     /work/venvs/torch/bin/python scripts/sched_reference.py
 
-It writes tests/data/sched/{schedule,inverse}.json. Floats are stored as the hex bits of their
+It writes tests/data/sched/{schedule,rng,inverse}.json. Floats are stored as the hex bits of their
 f32 (or as decimal f64 where the Rust side computes in f64), so the tests can compare bits.
 
 Schedulers: every coefficient is computed twice with a numpy-f32 transcription of diffusers'
@@ -302,12 +302,85 @@ def schedule_cases():
                 cases=cases, details=detailed, elementwise=elementwise)
 
 
+# ---------------------------------------------------------------------------------------------
+# rng: an independent transcription of the recipe in src/rng.rs's module doc.
+
+def philox4x32_10(ctr, key):
+    c, k = list(ctr), list(key)
+    for rnd in range(10):
+        if rnd:
+            k = [(k[0] + 0x9E3779B9) & 0xFFFFFFFF, (k[1] + 0xBB67AE85) & 0xFFFFFFFF]
+        p0 = 0xD2511F53 * c[0]
+        p1 = 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k[1], p0 & 0xFFFFFFFF]
+    return c
+
+
+def f32_from_bits(b):
+    return np.frombuffer(np.uint32(b).tobytes(), np.float32)[0]
+
+
+def rng_ln(x):
+    ix = (bits(x) + (0x3F800000 - 0x3F3504F3)) & 0xFFFFFFFF
+    k = (ix >> 23) - 0x7F
+    m = f32_from_bits((ix & 0x007FFFFF) + 0x3F3504F3)
+    f = F(m - F(1))
+    s_ = F(f / F(F(2) + f))
+    z = F(s_ * s_)
+    w = F(z * z)
+    lg1, lg2, lg3, lg4 = (f32_from_bits(b) for b in (0x3F2AAAAA, 0x3ECCCE13, 0x3E91E9EE, 0x3E789E26))
+    t1 = F(w * F(lg2 + F(w * lg4)))
+    t2 = F(z * F(lg1 + F(w * lg3)))
+    r = F(t2 + t1)
+    hfsq = F(F(F(0.5) * f) * f)
+    dk = F(k)
+    out = F(s_ * F(hfsq + r))
+    out = F(out + F(dk * f32_from_bits(0x3717F7D1)))
+    out = F(out - hfsq)
+    out = F(out + f)
+    return F(out + F(dk * f32_from_bits(0x3F317180)))
+
+
+def rng_sincos(u):
+    s1, s2, s3, c1, c2, c3 = (f32_from_bits(b) for b in (
+        0xBE2AAAA3, 0x3C08839E, 0xB94CA1F9, 0x3D2AAAA5, 0xBAB6061A, 0x37CCF5CE))
+    q = F(np.rint(F(u * F(4))))
+    x = F(F(u - F(q * F(0.25))) * f32_from_bits(0x40C90FDB))
+    z = F(x * x)
+    sn = F(F(F(F(F(F(F(s3 * z) + s2) * z) + s1) * z) * x) + x)
+    cs = F(F(F(F(F(F(F(F(c3 * z) + c2) * z) + c1) * z) * z) - F(F(0.5) * z)) + F(1))
+    return {0: (sn, cs), 1: (cs, -sn), 2: (-sn, -cs), 3: (-cs, sn)}[int(q) & 3]
+
+
+def rng_normal(seed, stream, index):
+    pair = index >> 1
+    m = 0xFFFFFFFF
+    r = philox4x32_10([pair & m, pair >> 32, stream & m, stream >> 32], [seed & m, seed >> 32])
+    u1 = F(F(F(r[0] >> 9) + F(0.5)) * F(2.0 ** -23))
+    u2 = F(F(F(r[1] >> 9) + F(0.5)) * F(2.0 ** -23))
+    radius = F(np.sqrt(F(F(-2) * rng_ln(u1))))
+    sn, cs = rng_sincos(u2)
+    return F(radius * (cs if index % 2 == 0 else sn))
+
+
+def rng_cases():
+    out = []
+    for seed, stream, first, count in ((0, 0, 0, 8), (42, 7, 0, 8), (2**64 - 1, 2**63 + 5, 2**40, 4),
+                                        (1234, 0, 196606, 4)):
+        out.append([str(seed), str(stream), str(first),
+                    [hex32(rng_normal(seed, stream, first + i)) for i in range(count)]])
+    # Also a sweep, hashed: stream 3, seed 9, elements 0..20000.
+    vals = np.array([rng_normal(9, 3, i) for i in range(20000)], F)
+    return dict(values=out, sweep_seed=9, sweep_stream=3, sweep=hash_f32(vals))
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    sched = schedule_cases()
-    with open(OUT / "schedule.json", "w") as f:
-        json.dump(sched, f, separators=(",", ":"))
-    print("wrote", OUT / "schedule.json", (OUT / "schedule.json").stat().st_size, "bytes")
+    for name, make in (("schedule", schedule_cases), ("rng", rng_cases)):
+        path = OUT / f"{name}.json"
+        with open(path, "w") as f:
+            json.dump(make(), f, separators=(",", ":"))
+        print("wrote", path, path.stat().st_size, "bytes")
 
 
 if __name__ == "__main__":
