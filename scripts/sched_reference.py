@@ -374,9 +374,131 @@ def rng_cases():
     return dict(values=out, sweep_seed=9, sweep_stream=3, sweep=hash_f32(vals))
 
 
+# ---------------------------------------------------------------------------------------------
+# inverse: the notebook's FFT helpers (utils_agem.py / TP-DM, verbatim) and KAIR's metrics.
+
+def p2o(psf, shape):
+    otf = torch.zeros(psf.shape[:-2] + shape).type_as(psf)
+    otf[..., : psf.shape[2], : psf.shape[3]].copy_(psf)
+    for axis, axis_size in enumerate(psf.shape[2:]):
+        otf = torch.roll(otf, -int(axis_size / 2), dims=axis + 2)
+    return otf
+
+
+def fft_blur(img, k):
+    k = p2o(k, img.shape[-2:])
+    return fft.ifft2(fft.fft2(k).mul(fft.fft2(img))).real
+
+
+def pinv_deblurring(x, k, r=1, sigma=1e-8):  # the notebook's own version
+    k = p2o(k, x.shape[-2:])
+    Fk = fft.fft2(k)
+    FkC = Fk.conj()
+    Fk2 = Fk.mul(FkC)
+    num = FkC
+    den = r ** 2 * Fk2 + sigma ** 2
+    res = (num / den) * fft.fft2(x)
+    return fft.ifft2(res).real
+
+
+def deblurring_guidance(y, x, k, sigma=0, r=1):
+    if sigma == 0:
+        sigma += 1e-8
+    return pinv_deblurring(y, k, r=r, sigma=sigma) - pinv_deblurring(fft_blur(x, k), k, r=r, sigma=sigma)
+
+
+def tensor2uint(img):
+    img = img.data.squeeze().float().clamp_(0, 1).cpu().numpy()
+    if img.ndim == 3:
+        img = np.transpose(img, (1, 2, 0))
+    return np.uint8((img * 255.0).round())
+
+
+def calculate_psnr(img1, img2):
+    img1 = img1.astype(np.float64)
+    img2 = img2.astype(np.float64)
+    mse = np.mean((img1 - img2) ** 2)
+    return float("inf") if mse == 0 else 20 * math.log10(255.0 / math.sqrt(mse))
+
+
+def kair_ssim(img1, img2):
+    from scipy.signal import correlate2d
+    C1 = (0.01 * 255) ** 2
+    C2 = (0.03 * 255) ** 2
+    img1 = img1.astype(np.float64)
+    img2 = img2.astype(np.float64)
+    # cv2.getGaussianKernel(11, 1.5)
+    x = np.arange(11) - 5.0
+    g = np.exp(-0.5 / (1.5 * 1.5) * x * x)
+    g = g * (1.0 / g.sum())
+    window = np.outer(g, g)
+    f = lambda im: correlate2d(im, window, mode="valid")  # == cv2.filter2D(...)[5:-5, 5:-5]
+    mu1, mu2 = f(img1), f(img2)
+    mu1_sq, mu2_sq, mu1_mu2 = mu1 ** 2, mu2 ** 2, mu1 * mu2
+    sigma1_sq = f(img1 ** 2) - mu1_sq
+    sigma2_sq = f(img2 ** 2) - mu2_sq
+    sigma12 = f(img1 * img2) - mu1_mu2
+    ssim_map = ((2 * mu1_mu2 + C1) * (2 * sigma12 + C2)) / ((mu1_sq + mu2_sq + C1) * (sigma1_sq + sigma2_sq + C2))
+    return ssim_map.mean()
+
+
+def calculate_ssim(img1, img2):
+    if img1.ndim == 2:
+        return kair_ssim(img1, img2)
+    return np.array([kair_ssim(img1[:, :, i], img2[:, :, i]) for i in range(img1.shape[2])]).mean()
+
+
+def test_image(c, h, w, salt):
+    """Integer-valued 8-bit test image; tests/inverse_metrics.rs computes the same formula."""
+    img = np.zeros((c, h, w), np.uint8)
+    for ch in range(c):
+        for y in range(h):
+            for x in range(w):
+                v = (x * 7 + y * 13 + ch * 50 + ((x * y) % 17) * 3) % 256
+                noise = ((ch * 1000003 + y * 7919 + x * 104729 + salt * 15485863) * 2654435761 >> 7) % 41
+                img[ch, y, x] = min(255, max(0, v + (noise - 20) * (salt != 0)))
+    return img
+
+
+def inverse_cases():
+    rng = np.random.default_rng(99)
+    blur = []
+    r = torch.tensor(0.391191423, dtype=torch.float32)
+    sigma = 10 / 255
+    for kh, kw in ((5, 3), (4, 6), (1, 1)):
+        x = torch.from_numpy(rng.random((1, 3, 8, 6)).astype(F))
+        y = torch.from_numpy(rng.random((1, 3, 8, 6)).astype(F))
+        k = torch.from_numpy(rng.random((1, 1, kh, kw)).astype(F))
+        fwd = fft_blur(x, k)
+        xg = x.clone().requires_grad_()
+        (adj,) = torch.autograd.grad(fft_blur(xg, k), xg, grad_outputs=y)
+        pinv = pinv_deblurring(y, k, r=r, sigma=sigma)
+        guide = deblurring_guidance(y, x, k, sigma=sigma, r=r)
+        guide0 = deblurring_guidance(y, x, k, sigma=0, r=torch.tensor(0.5))
+        enc = lambda t: [hex32(v) for v in t.flatten().tolist()]
+        dec = enc
+        blur.append(dict(kernel_shape=[kh, kw], x=enc(x), y=enc(y), k=enc(k), r=hex32(r.item()),
+                         sigma=hex32(sigma), forward=dec(fwd), adjoint=dec(adj), pinv=dec(pinv),
+                         guidance=dec(guide), guidance_sigma0_r05=dec(guide0)))
+    metrics = []
+    for c, h, w in ((3, 24, 20), (1, 16, 16)):
+        a8, b8 = test_image(c, h, w, 0), test_image(c, h, w, 1)
+        a = torch.from_numpy(a8).float().div(255.0)[None]
+        b = torch.from_numpy(b8).float().div(255.0)[None]
+        ua, ub = tensor2uint(a), tensor2uint(b)
+        assert np.array_equal(ua, a8.transpose(1, 2, 0).squeeze())
+        metrics.append(dict(shape=[1, c, h, w], psnr=calculate_psnr(ua, ub),
+                            ssim=float(calculate_ssim(ua, ub))))
+    # tensor2uint on values whose x*255 is exactly a half (ties to even) and out-of-range ones.
+    ties = [float(F((k + 0.5) / 255)) for k in range(255) if F(F((k + 0.5) / 255) * F(255)) == k + 0.5]
+    vals = np.array(ties[:12] + [-0.25, 0.0, 1e-9, 0.5, 0.999, 1.0, 1.5, 0.0019607844], F)
+    u8 = tensor2uint(torch.from_numpy(vals)[None, None])
+    return dict(blur=blur, metrics=metrics, to_u8=[[hex32(v) for v in vals], u8.flatten().tolist()])
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, make in (("schedule", schedule_cases), ("rng", rng_cases)):
+    for name, make in (("schedule", schedule_cases), ("rng", rng_cases), ("inverse", inverse_cases)):
         path = OUT / f"{name}.json"
         with open(path, "w") as f:
             json.dump(make(), f, separators=(",", ":"))
