@@ -6,6 +6,8 @@
 //! an unbounded allocation. Each reader has a `from_bytes`-style entry point taking a display
 //! path, which the file-based functions call and the fuzz targets drive directly.
 
+/// PNG and JPEG images, and blur kernels from images or tensor files.
+pub mod image;
 /// `.npy` arrays (NumPy's own format), read into and written from f32 tensors.
 pub mod npy;
 /// safetensors files: the format diffusers prefers, read with every dtype converted to f32.
