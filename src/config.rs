@@ -302,24 +302,37 @@ impl Parser {
             "down_block_types",
             "DownBlock2D",
             "AttnDownBlock2D",
-            &["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+            &[
+                "DownBlock2D",
+                "AttnDownBlock2D",
+                "AttnDownBlock2D",
+                "AttnDownBlock2D",
+            ],
         )?;
         let up_blocks = self.blocks(
             "up_block_types",
             "UpBlock2D",
             "AttnUpBlock2D",
-            &["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+            &[
+                "AttnUpBlock2D",
+                "AttnUpBlock2D",
+                "AttnUpBlock2D",
+                "UpBlock2D",
+            ],
         )?;
         let sample_size = match self.take("sample_size") {
             None => (256, 256),
             Some(v) => match (&v, v.as_u64()) {
                 (_, Some(s)) => (s as usize, s as usize),
-                (Value::Array(a), _) if a.len() == 2 => {
-                    match (a[0].as_u64(), a[1].as_u64()) {
-                        (Some(h), Some(w)) => (h as usize, w as usize),
-                        _ => return Err(self.err("sample_size", format!("expected an integer or [h, w], got {v}"))),
+                (Value::Array(a), _) if a.len() == 2 => match (a[0].as_u64(), a[1].as_u64()) {
+                    (Some(h), Some(w)) => (h as usize, w as usize),
+                    _ => {
+                        return Err(self.err(
+                            "sample_size",
+                            format!("expected an integer or [h, w], got {v}"),
+                        ))
                     }
-                }
+                },
                 _ => {
                     return Err(self.err(
                         "sample_size",
@@ -367,7 +380,11 @@ impl Parser {
         )?;
         // Only read by the "learned" time embedding, which is rejected above.
         self.take("num_train_timesteps");
-        for key in ["class_embed_type", "num_class_embeds", "attn_norm_num_groups"] {
+        for key in [
+            "class_embed_type",
+            "num_class_embeds",
+            "attn_norm_num_groups",
+        ] {
             if let Some(v) = self.take(key) {
                 return Err(self.err(key, format!("value {v} is not supported (only null)")));
             }
@@ -436,7 +453,10 @@ impl Parser {
         if !(c.mid_block_scale_factor.is_finite() && c.mid_block_scale_factor != 0.0) {
             return Err(self.err(
                 "mid_block_scale_factor",
-                format!("must be a non-zero number, got {}", c.mid_block_scale_factor),
+                format!(
+                    "must be a non-zero number, got {}",
+                    c.mid_block_scale_factor
+                ),
             ));
         }
         if c.downsample_padding > 1 {

@@ -64,7 +64,9 @@ impl Engine {
     pub fn new(model: &Model, choice: DeviceChoice) -> Result<Engine> {
         let notice = match choice {
             DeviceChoice::Cpu => None,
-            DeviceChoice::Auto => Some("no usable CUDA backend in this build; running on the CPU".to_string()),
+            DeviceChoice::Auto => {
+                Some("no usable CUDA backend in this build; running on the CPU".to_string())
+            }
             DeviceChoice::Cuda(_) => {
                 return Err(Error::Cuda(
                     "this build has no CUDA backend; use --device cpu".to_string(),
@@ -119,9 +121,9 @@ impl Engine {
     pub fn vjp(&mut self, cotangent: &Tensor) -> Result<Tensor> {
         match &mut self.backend {
             Backend::Cpu { unet, tape } => {
-                let t = tape
-                    .take()
-                    .ok_or_else(|| Error::input("vjp: no recorded forward pass to differentiate"))?;
+                let t = tape.take().ok_or_else(|| {
+                    Error::input("vjp: no recorded forward pass to differentiate")
+                })?;
                 unet.vjp(t, cotangent)
             }
         }

@@ -21,6 +21,7 @@ pub mod inverse;
 pub mod io;
 pub mod model;
 pub mod rng;
+pub mod sampler;
 pub mod schedule;
 pub mod tensor;
 

@@ -49,7 +49,10 @@ pub fn run(a: Args) -> Result<()> {
     let mut engine = super::engine(&model, a.device)?;
     let mut out: Vec<(&str, Tensor)> = Vec::new();
     match cotangent {
-        None => out.push(("eps", engine.forward(&sample, timesteps.data()).map_err(ctx)?)),
+        None => out.push((
+            "eps",
+            engine.forward(&sample, timesteps.data()).map_err(ctx)?,
+        )),
         Some(v) => {
             let eps = engine
                 .forward_recording(&sample, timesteps.data())

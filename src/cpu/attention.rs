@@ -86,7 +86,18 @@ impl Shared {
         threads: usize,
     ) {
         assert!(offset <= self.len);
-        matmul_raw(m, n, k, self.ptr.add(offset), self.len - offset, ldc, a, b, accumulate, threads)
+        matmul_raw(
+            m,
+            n,
+            k,
+            self.ptr.add(offset),
+            self.len - offset,
+            ldc,
+            a,
+            b,
+            accumulate,
+            threads,
+        )
     }
 }
 
@@ -111,8 +122,16 @@ pub fn forward(qkv: &[f32], d: Dims, o: &mut [f32], keep_probs: bool) -> Option<
             hd,
             p,
             l,
-            Mat { data: q, rs: 3 * inner, cs: 1 },
-            Mat { data: k, rs: 1, cs: 3 * inner },
+            Mat {
+                data: q,
+                rs: 3 * inner,
+                cs: 1,
+            },
+            Mat {
+                data: k,
+                rs: 1,
+                cs: 3 * inner,
+            },
             false,
             threads,
         );
@@ -139,7 +158,11 @@ pub fn forward(qkv: &[f32], d: Dims, o: &mut [f32], keep_probs: bool) -> Option<
                 l,
                 inner,
                 Mat::rows(p, l),
-                Mat { data: v, rs: 3 * inner, cs: 1 },
+                Mat {
+                    data: v,
+                    rs: 3 * inner,
+                    cs: 1,
+                },
                 false,
                 threads,
             )
@@ -173,16 +196,20 @@ pub fn backward(
         // dV = Pᵀ dO.
         unsafe {
             pd.matmul(
-            base + 2 * inner + h * hd,
-            l,
-            hd,
-            l,
-            3 * inner,
-            Mat::transposed(p, l),
-            Mat { data: dov, rs: inner, cs: 1 },
-            accumulate,
-            threads,
-        )
+                base + 2 * inner + h * hd,
+                l,
+                hd,
+                l,
+                3 * inner,
+                Mat::transposed(p, l),
+                Mat {
+                    data: dov,
+                    rs: inner,
+                    cs: 1,
+                },
+                accumulate,
+                threads,
+            )
         };
         // dP = dO Vᵀ, then dS = P ∘ (dP - rowsum(dP ∘ P)) · scale.
         let mut ds = vec![0.0f32; l * l];
@@ -192,8 +219,16 @@ pub fn backward(
             hd,
             &mut ds,
             l,
-            Mat { data: dov, rs: inner, cs: 1 },
-            Mat { data: v, rs: 1, cs: 3 * inner },
+            Mat {
+                data: dov,
+                rs: inner,
+                cs: 1,
+            },
+            Mat {
+                data: v,
+                rs: 1,
+                cs: 3 * inner,
+            },
             false,
             threads,
         );
@@ -212,7 +247,11 @@ pub fn backward(
                 l,
                 3 * inner,
                 Mat::rows(&ds, l),
-                Mat { data: k, rs: 3 * inner, cs: 1 },
+                Mat {
+                    data: k,
+                    rs: 3 * inner,
+                    cs: 1,
+                },
                 accumulate,
                 threads,
             );
@@ -223,7 +262,11 @@ pub fn backward(
                 l,
                 3 * inner,
                 Mat::transposed(&ds, l),
-                Mat { data: q, rs: 3 * inner, cs: 1 },
+                Mat {
+                    data: q,
+                    rs: 3 * inner,
+                    cs: 1,
+                },
                 accumulate,
                 threads,
             );
@@ -239,7 +282,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -247,7 +292,12 @@ mod tests {
 
     #[test]
     fn forward_matches_definition_and_backward_matches_finite_differences() {
-        let d = Dims { n: 2, tokens: 5, heads: 2, head_dim: 3 };
+        let d = Dims {
+            n: 2,
+            tokens: 5,
+            heads: 2,
+            head_dim: 3,
+        };
         let inner = 6;
         let qkv = rand(2 * 5 * 3 * inner, 1);
         let mut o = vec![0.0; 2 * 5 * inner];
@@ -255,7 +305,12 @@ mod tests {
         // Definition, image 1 head 1, token 2.
         let at = |t: usize, part: usize, c: usize| qkv[(5 + t) * 3 * inner + part * inner + 3 + c];
         let s: Vec<f64> = (0..5)
-            .map(|j| (0..3).map(|c| at(2, 0, c) as f64 * at(j, 1, c) as f64).sum::<f64>() / 3f64.sqrt())
+            .map(|j| {
+                (0..3)
+                    .map(|c| at(2, 0, c) as f64 * at(j, 1, c) as f64)
+                    .sum::<f64>()
+                    / 3f64.sqrt()
+            })
             .collect();
         let z: f64 = s.iter().map(|v| v.exp()).sum();
         for c in 0..3 {

@@ -205,7 +205,17 @@ pub fn forward(
             im2col3(src, g.h, g.w, cin, oy0, rpt, ow, g.stride, pad, false, col);
             Mat::rows(col, kc)
         };
-        matmul(m, cout, kc, yt, cout, a, Mat::rows(&p.fwd, cout), true, inner_threads);
+        matmul(
+            m,
+            cout,
+            kc,
+            yt,
+            cout,
+            a,
+            Mat::rows(&p.fwd, cout),
+            true,
+            inner_threads,
+        );
         if out_div != 1.0 {
             yt.iter_mut().for_each(|v| *v /= out_div);
         }
@@ -262,7 +272,17 @@ fn backward_stride1(
         col.resize(m * kc, 0.0);
         let src = &dy[img * h * w * cout..(img + 1) * h * w * cout];
         im2col3(src, h, w, cout, y0, rpt, w, 1, 1, true, col);
-        matmul(m, cin, kc, dxt, cin, Mat::rows(col, kc), Mat::rows(wb, cin), accumulate, inner_threads);
+        matmul(
+            m,
+            cin,
+            kc,
+            dxt,
+            cin,
+            Mat::rows(col, kc),
+            Mat::rows(wb, cin),
+            accumulate,
+            inner_threads,
+        );
     };
     if inner_threads == 1 {
         dx.par_chunks_mut(tile_len)
@@ -345,7 +365,15 @@ mod tests {
     use super::*;
 
     /// Direct convolution in f64 (NHWC), PyTorch semantics, for checking.
-    fn naive(x: &[f32], wt: &[f32], b: &[f32], g: Geometry, cin: usize, cout: usize, k: usize) -> Vec<f64> {
+    fn naive(
+        x: &[f32],
+        wt: &[f32],
+        b: &[f32],
+        g: Geometry,
+        cin: usize,
+        cout: usize,
+        k: usize,
+    ) -> Vec<f64> {
         let (oh, ow) = g.out_hw();
         let pad = if k == 1 { 0 } else { g.pad_before() } as isize;
         let mut y = vec![0.0f64; g.n * oh * ow * cout];
@@ -362,8 +390,10 @@ mod tests {
                                     continue;
                                 }
                                 for ci in 0..cin {
-                                    let xv = x[((n * g.h + iy as usize) * g.w + ix as usize) * cin + ci];
-                                    acc += xv as f64 * wt[((co * cin + ci) * k + dy) * k + dx] as f64;
+                                    let xv =
+                                        x[((n * g.h + iy as usize) * g.w + ix as usize) * cin + ci];
+                                    acc +=
+                                        xv as f64 * wt[((co * cin + ci) * k + dy) * k + dx] as f64;
                                 }
                             }
                         }
@@ -379,7 +409,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -387,7 +419,13 @@ mod tests {
 
     fn check(k: usize, stride: usize, pad: Pad, h: usize, w: usize) {
         let (n, cin, cout) = (2, 5, 7);
-        let g = Geometry { n, h, w, stride, pad };
+        let g = Geometry {
+            n,
+            h,
+            w,
+            stride,
+            pad,
+        };
         let x = rand(n * h * w * cin, 1);
         let wt = rand(cout * cin * k * k, 2);
         let b = rand(cout, 3);
@@ -397,7 +435,10 @@ mod tests {
         forward(&p, &x, g, None, None, 1.0, &mut y);
         let want = naive(&x, &wt, &b, g, cin, cout, k);
         for (a, b) in y.iter().zip(&want) {
-            assert!((*a as f64 - b).abs() < 1e-5, "{k} {stride} {pad:?}: {a} vs {b}");
+            assert!(
+                (*a as f64 - b).abs() < 1e-5,
+                "{k} {stride} {pad:?}: {a} vs {b}"
+            );
         }
         // <conv(x) - b, v> = <x, conv^T(v)> checks the backward against the forward.
         let v = rand(y.len(), 4);
@@ -431,7 +472,13 @@ mod tests {
     #[test]
     fn epilogue_adds_temb_and_residual_then_divides() {
         let (n, h, w, cin, cout) = (2, 4, 4, 3, 4);
-        let g = Geometry { n, h, w, stride: 1, pad: Pad::Symmetric };
+        let g = Geometry {
+            n,
+            h,
+            w,
+            stride: 1,
+            pad: Pad::Symmetric,
+        };
         let x = rand(n * h * w * cin, 5);
         let wt = rand(cout * cin * 9, 6);
         let b = rand(cout, 7);

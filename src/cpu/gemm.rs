@@ -13,12 +13,20 @@ pub struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// Row-major matrix with leading dimension `ld`.
     pub fn rows(data: &'a [f32], ld: usize) -> Self {
-        Mat { data, rs: ld, cs: 1 }
+        Mat {
+            data,
+            rs: ld,
+            cs: 1,
+        }
     }
 
     /// The transpose of a row-major matrix with leading dimension `ld`.
     pub fn transposed(data: &'a [f32], ld: usize) -> Self {
-        Mat { data, rs: 1, cs: ld }
+        Mat {
+            data,
+            rs: 1,
+            cs: ld,
+        }
     }
 
     fn check(&self, r: usize, c: usize) {
@@ -45,7 +53,20 @@ pub fn matmul(
     threads: usize,
 ) {
     // SAFETY: `c` is an exclusive borrow of `c.len()` elements.
-    unsafe { matmul_raw(m, n, k, c.as_mut_ptr(), c.len(), ldc, a, b, accumulate, threads) }
+    unsafe {
+        matmul_raw(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c.len(),
+            ldc,
+            a,
+            b,
+            accumulate,
+            threads,
+        )
+    }
 }
 
 /// `out (+)= a b` for row-major `a [m, k]` and `b [k, n]`, in parallel over blocks of rows (or
@@ -138,7 +159,17 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 3.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 - 1.0).collect();
         let mut c = vec![1.0; m * n];
-        matmul(m, n, k, &mut c, n, Mat::rows(&a, k), Mat::rows(&b, n), true, 1);
+        matmul(
+            m,
+            n,
+            k,
+            &mut c,
+            n,
+            Mat::rows(&a, k),
+            Mat::rows(&b, n),
+            true,
+            1,
+        );
         for i in 0..m {
             for j in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum::<f32>();
@@ -148,7 +179,17 @@ mod tests {
         // A^T view of a k x m matrix.
         let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
         let mut c2 = vec![0.0; m * n];
-        matmul(m, n, k, &mut c2, n, Mat::transposed(&at, m), Mat::rows(&b, n), false, 2);
+        matmul(
+            m,
+            n,
+            k,
+            &mut c2,
+            n,
+            Mat::transposed(&at, m),
+            Mat::rows(&b, n),
+            false,
+            2,
+        );
         for (x, y) in c.iter().zip(&c2) {
             assert_eq!(*x, y + 1.0);
         }

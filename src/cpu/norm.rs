@@ -133,8 +133,12 @@ pub fn backward(
     let count = (cg * hw) as f64;
     let mut g = vec![0.0f32; hw * c];
     for img in 0..n {
-        let mean: Vec<f32> = (0..c).map(|ch| stats.mean[img * groups + ch / cg]).collect();
-        let rstd: Vec<f32> = (0..c).map(|ch| stats.rstd[img * groups + ch / cg]).collect();
+        let mean: Vec<f32> = (0..c)
+            .map(|ch| stats.mean[img * groups + ch / cg])
+            .collect();
+        let rstd: Vec<f32> = (0..c)
+            .map(|ch| stats.rstd[img * groups + ch / cg])
+            .collect();
         let xi = &x[img * hw * c..(img + 1) * hw * c];
         let dyi = &dy[img * hw * c..(img + 1) * hw * c];
         let (s1, s2) = g
@@ -214,7 +218,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -229,7 +235,12 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         for silu in [false, true] {
-            let d = Dims { n: 2, hw: 6, c: 6, groups: 3 };
+            let d = Dims {
+                n: 2,
+                hw: 6,
+                c: 6,
+                groups: 3,
+            };
             let x: Vec<f32> = rand(72, 1).iter().map(|v| v * 2.0 + 0.3).collect();
             let gamma: Vec<f32> = rand(6, 2).iter().map(|v| 1.0 + 0.5 * v).collect();
             let beta = rand(6, 3);
@@ -247,19 +258,30 @@ mod tests {
                 let fd = (loss(&xp, d, &gamma, &beta, silu, &v)
                     - loss(&xm, d, &gamma, &beta, silu, &v))
                     / (2.0 * h as f64);
-                assert!((fd - dx[i] as f64).abs() < 2e-3, "silu {silu} i {i}: {fd} vs {}", dx[i]);
+                assert!(
+                    (fd - dx[i] as f64).abs() < 2e-3,
+                    "silu {silu} i {i}: {fd} vs {}",
+                    dx[i]
+                );
             }
         }
     }
 
     #[test]
     fn normalises_each_group() {
-        let d = Dims { n: 1, hw: 5, c: 4, groups: 2 };
+        let d = Dims {
+            n: 1,
+            hw: 5,
+            c: 4,
+            groups: 2,
+        };
         let x: Vec<f32> = (0..20).map(|i| i as f32).collect();
         let mut y = vec![0.0; 20];
         forward(&x, d, &[1.0; 4], &[0.0; 4], 0.0, false, &mut y);
         for g in 0..2 {
-            let vals: Vec<f32> = (0..5).flat_map(|p| [y[p * 4 + 2 * g], y[p * 4 + 2 * g + 1]]).collect();
+            let vals: Vec<f32> = (0..5)
+                .flat_map(|p| [y[p * 4 + 2 * g], y[p * 4 + 2 * g + 1]])
+                .collect();
             let mean: f32 = vals.iter().sum::<f32>() / 10.0;
             let var: f32 = vals.iter().map(|v| v * v).sum::<f32>() / 10.0;
             assert!(mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5);

@@ -6,14 +6,16 @@ use rayon::prelude::*;
 /// NCHW (PyTorch's layout) to channels-last NHWC.
 pub fn nchw_to_nhwc(x: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
-    y.par_chunks_mut(h * w * c).enumerate().for_each(|(img, yi)| {
-        let xi = &x[img * c * h * w..(img + 1) * c * h * w];
-        for (p, yr) in yi.chunks_exact_mut(c).enumerate() {
-            for (ch, v) in yr.iter_mut().enumerate() {
-                *v = xi[ch * h * w + p];
+    y.par_chunks_mut(h * w * c)
+        .enumerate()
+        .for_each(|(img, yi)| {
+            let xi = &x[img * c * h * w..(img + 1) * c * h * w];
+            for (p, yr) in yi.chunks_exact_mut(c).enumerate() {
+                for (ch, v) in yr.iter_mut().enumerate() {
+                    *v = xi[ch * h * w + p];
+                }
             }
-        }
-    });
+        });
     y
 }
 
@@ -33,13 +35,15 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f3
 /// Nearest 2x upsampling: `y[2i + a, 2j + b] = x[i, j]`; `x` is `[n, h, w, c]`.
 pub fn upsample2x(x: &[f32], h: usize, w: usize, c: usize, y: &mut [f32]) {
     assert_eq!(y.len(), 4 * x.len());
-    y.par_chunks_mut(2 * w * c).enumerate().for_each(|(row, yr)| {
-        let (img, oy) = (row / (2 * h), row % (2 * h));
-        let src = &x[(img * h + oy / 2) * w * c..(img * h + oy / 2 + 1) * w * c];
-        for (ox, px) in yr.chunks_exact_mut(c).enumerate() {
-            px.copy_from_slice(&src[(ox / 2) * c..(ox / 2 + 1) * c]);
-        }
-    });
+    y.par_chunks_mut(2 * w * c)
+        .enumerate()
+        .for_each(|(row, yr)| {
+            let (img, oy) = (row / (2 * h), row % (2 * h));
+            let src = &x[(img * h + oy / 2) * w * c..(img * h + oy / 2 + 1) * w * c];
+            for (ox, px) in yr.chunks_exact_mut(c).enumerate() {
+                px.copy_from_slice(&src[(ox / 2) * c..(ox / 2 + 1) * c]);
+            }
+        });
 }
 
 /// Adjoint of [`upsample2x`]: each input pixel receives the sum of its 2x2 block.
@@ -70,19 +74,24 @@ pub fn upsample2x_backward(
 /// `y = [a | b]` along channels, per pixel.
 pub fn concat(a: &[f32], ca: usize, b: &[f32], cb: usize, y: &mut [f32]) {
     let c = ca + cb;
-    y.par_chunks_mut(c * 256)
-        .enumerate()
-        .for_each(|(blk, yc)| {
-            for (i, px) in yc.chunks_exact_mut(c).enumerate() {
-                let p = blk * 256 + i;
-                px[..ca].copy_from_slice(&a[p * ca..(p + 1) * ca]);
-                px[ca..].copy_from_slice(&b[p * cb..(p + 1) * cb]);
-            }
-        });
+    y.par_chunks_mut(c * 256).enumerate().for_each(|(blk, yc)| {
+        for (i, px) in yc.chunks_exact_mut(c).enumerate() {
+            let p = blk * 256 + i;
+            px[..ca].copy_from_slice(&a[p * ca..(p + 1) * ca]);
+            px[ca..].copy_from_slice(&b[p * cb..(p + 1) * cb]);
+        }
+    });
 }
 
 /// Adjoint of [`concat`] for one side: `d (+)= dy[.., offset .. offset + width]`.
-pub fn concat_backward(dy: &[f32], c: usize, offset: usize, width: usize, d: &mut [f32], accumulate: bool) {
+pub fn concat_backward(
+    dy: &[f32],
+    c: usize,
+    offset: usize,
+    width: usize,
+    d: &mut [f32],
+    accumulate: bool,
+) {
     d.par_chunks_mut(width * 256)
         .enumerate()
         .for_each(|(blk, dc)| {

@@ -55,13 +55,9 @@ impl CpuUnet {
             .map(|p| {
                 let t = |suffix: &str| weights.get(&format!("{}.{suffix}", p.name)).data().to_vec();
                 match p.kind {
-                    ParamKind::Conv { cout, cin, k } => Param::Conv(ConvParams::new(
-                        &t("weight"),
-                        &t("bias"),
-                        cout,
-                        cin,
-                        k,
-                    )),
+                    ParamKind::Conv { cout, cin, k } => {
+                        Param::Conv(ConvParams::new(&t("weight"), &t("bias"), cout, cin, k))
+                    }
                     ParamKind::Linear { out, inp } => {
                         Param::Linear(LinearParams::new(t("weight"), t("bias"), out, inp))
                     }
@@ -140,7 +136,11 @@ impl CpuUnet {
     }
 
     /// Validates the input and converts it to channels-last.
-    fn stage_input(&self, sample: &Tensor, timesteps: &[f32]) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
+    fn stage_input(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f32],
+    ) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
         let cfg = &self.graph.config;
         let [n, c, h, w] = sample.dims4("sample")?;
         ensure!(
@@ -151,10 +151,7 @@ impl CpuUnet {
         );
         ensure!(n > 0, "sample: the batch is empty");
         cfg.check_input_size(h, w)?;
-        ensure!(
-            sample.all_finite(),
-            "sample: holds NaN or infinite values"
-        );
+        ensure!(sample.all_finite(), "sample: holds NaN or infinite values");
         let t = match timesteps.len() {
             1 => vec![timesteps[0]; n],
             len if len == n => timesteps.to_vec(),
@@ -164,7 +161,10 @@ impl CpuUnet {
                 )))
             }
         };
-        ensure!(t.iter().all(|v| v.is_finite()), "timestep: holds NaN or infinite values");
+        ensure!(
+            t.iter().all(|v| v.is_finite()),
+            "timestep: holds NaN or infinite values"
+        );
         let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
         if cfg.center_input_sample {
             x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
@@ -204,7 +204,9 @@ impl CpuUnet {
                 }
             }
         }
-        let out = values[g.output].take().expect("the graph computes its output");
+        let out = values[g.output]
+            .take()
+            .expect("the graph computes its output");
         profile.print("forward");
         (out, (values, aux))
     }
@@ -220,9 +222,20 @@ impl CpuUnet {
         }
     }
 
-    fn exec(&self, op: &Op, values: &[Option<Vec<f32>>], d: Dims, t: &[f32], keep_aux: bool) -> (Vec<f32>, Aux) {
+    fn exec(
+        &self,
+        op: &Op,
+        values: &[Option<Vec<f32>>],
+        d: Dims,
+        t: &[f32],
+        keep_aux: bool,
+    ) -> (Vec<f32>, Aux) {
         let g = &self.graph;
-        let val = |t: Tid| values[t].as_deref().expect("inputs are computed before use");
+        let val = |t: Tid| {
+            values[t]
+                .as_deref()
+                .expect("inputs are computed before use")
+        };
         let len = |t: Tid| g.shape(t, d.n, d.h, d.w).iter().product::<usize>();
         let mut y = vec![0.0f32; len(op.output())];
         let mut aux = Aux::None;
@@ -243,7 +256,14 @@ impl CpuUnet {
                 out_div,
                 ..
             } => {
-                linear::forward(self.linear(p), val(x), silu_in, residual.map(val), out_div, &mut y);
+                linear::forward(
+                    self.linear(p),
+                    val(x),
+                    silu_in,
+                    residual.map(val),
+                    out_div,
+                    &mut y,
+                );
             }
             Op::Conv {
                 x,
@@ -383,7 +403,10 @@ impl Tape {
             "cotangent: expected shape {want:?} (the output's), got {:?}",
             cotangent.shape()
         );
-        ensure!(cotangent.all_finite(), "cotangent: holds NaN or infinite values");
+        ensure!(
+            cotangent.all_finite(),
+            "cotangent: holds NaN or infinite values"
+        );
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
         grads[g.output] = Some(resample::nchw_to_nhwc(
             cotangent.data(),
@@ -434,12 +457,15 @@ impl Tape {
             (grads[t].get_or_insert_with(|| vec![0.0; len]), acc)
         }
         // Adds `dy` into the residual's gradient, moving it when it is the first contribution.
-        let add_residual = |grads: &mut [Option<Vec<f32>>], r: Tid, dy: Vec<f32>| match &mut grads[r] {
-            Some(gr) => gr.iter_mut().zip(&dy).for_each(|(a, b)| *a += b),
-            None => grads[r] = Some(dy),
-        };
+        let add_residual =
+            |grads: &mut [Option<Vec<f32>>], r: Tid, dy: Vec<f32>| match &mut grads[r] {
+                Some(gr) => gr.iter_mut().zip(&dy).for_each(|(a, b)| *a += b),
+                None => grads[r] = Some(dy),
+            };
         match *op {
-            Op::TimeEmbedding { .. } => unreachable!("the time embedding does not depend on the input"),
+            Op::TimeEmbedding { .. } => {
+                unreachable!("the time embedding does not depend on the input")
+            }
             Op::Linear {
                 x,
                 p,
@@ -448,7 +474,10 @@ impl Tape {
                 out_div,
                 ..
             } => {
-                debug_assert!(!silu_in, "SiLU-input linears only act on the time embedding");
+                debug_assert!(
+                    !silu_in,
+                    "SiLU-input linears only act on the time embedding"
+                );
                 if out_div != 1.0 {
                     dy.iter_mut().for_each(|v| *v /= out_div);
                 }
@@ -482,18 +511,16 @@ impl Tape {
                 }
             }
             Op::GroupNorm {
-                x,
-                p,
-                groups,
-                silu,
-                ..
+                x, p, groups, silu, ..
             } => {
                 let Aux::Stats(stats) = &self.aux[i] else {
                     unreachable!("GroupNorm on the input path records its statistics")
                 };
                 let (gamma, beta) = u.norm(p);
                 let dims = u.norm_dims(x, groups, d);
-                let xv = self.values[x].as_deref().expect("GroupNorm input was saved");
+                let xv = self.values[x]
+                    .as_deref()
+                    .expect("GroupNorm input was saved");
                 let (gx, acc) = slot(grads, x, len(x));
                 norm::backward(xv, dims, gamma, beta, silu, stats, &dy, gx, acc);
             }

@@ -219,7 +219,12 @@ impl Graph {
             ops: Vec::new(),
             params: Vec::new(),
         };
-        let input = b.tensor("sample", config.in_channels, Space::Image { level: 0 }, true);
+        let input = b.tensor(
+            "sample",
+            config.in_channels,
+            Space::Image { level: 0 },
+            true,
+        );
         let output = b.unet(input)?;
         Ok(Graph {
             config: config.clone(),
@@ -365,7 +370,14 @@ impl Builder {
         out_div: f32,
     ) -> Tid {
         let cin = self.ch(x);
-        let p = self.param(name.to_string(), ParamKind::Conv { cout, cin, k: kernel });
+        let p = self.param(
+            name.to_string(),
+            ParamKind::Conv {
+                cout,
+                cin,
+                k: kernel,
+            },
+        );
         let Space::Image { level } = self.space(x) else {
             unreachable!("convolution of a vector")
         };
@@ -418,10 +430,28 @@ impl Builder {
         let cin = self.ch(x);
         let a = self.group_norm(&format!("{prefix}.norm1"), x, true)?;
         let t = self.linear(&format!("{prefix}.time_emb_proj"), emb, cout, true);
-        let h = self.conv(&format!("{prefix}.conv1"), a, cout, 3, 1, Some(t), None, 1.0);
+        let h = self.conv(
+            &format!("{prefix}.conv1"),
+            a,
+            cout,
+            3,
+            1,
+            Some(t),
+            None,
+            1.0,
+        );
         let b = self.group_norm(&format!("{prefix}.norm2"), h, true)?;
         let shortcut = if cin != cout {
-            self.conv(&format!("{prefix}.conv_shortcut"), x, cout, 1, 1, None, None, 1.0)
+            self.conv(
+                &format!("{prefix}.conv_shortcut"),
+                x,
+                cout,
+                1,
+                1,
+                None,
+                None,
+                1.0,
+            )
         } else {
             x
         };

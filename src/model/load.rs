@@ -40,13 +40,19 @@ impl ModelFiles {
             ));
         }
         let (unet, scheduler_config) = if dir.join("unet/config.json").is_file() {
-            (dir.join("unet"), dir.join("scheduler/scheduler_config.json"))
+            (
+                dir.join("unet"),
+                dir.join("scheduler/scheduler_config.json"),
+            )
         } else if dir.join("config.json").is_file() {
             // Google's layout keeps the scheduler config beside the UNet's; a `unet/` folder given
             // directly has it in `../scheduler/`.
             let beside = dir.join("scheduler_config.json");
             let sibling = dir.join("../scheduler/scheduler_config.json");
-            (dir.to_path_buf(), if beside.is_file() { beside } else { sibling })
+            (
+                dir.to_path_buf(),
+                if beside.is_file() { beside } else { sibling },
+            )
         } else {
             return Err(Error::format(
                 dir,
@@ -114,12 +120,15 @@ impl Model {
     /// The architecture of `google/ddpm-ema-celebahq-256` with deterministic random weights:
     /// runs anywhere, no download, same speed as the real weights.
     pub fn builtin_celebahq(seed: u64) -> Model {
-        let graph = Graph::build(&UNetConfig::celebahq_256()).expect("the built-in config is valid");
+        let graph =
+            Graph::build(&UNetConfig::celebahq_256()).expect("the built-in config is valid");
         let weights = Weights::random(&graph, seed);
         Model {
             graph,
             weights,
-            source: format!("built-in google/ddpm-ema-celebahq-256 architecture, random weights (seed {seed})"),
+            source: format!(
+                "built-in google/ddpm-ema-celebahq-256 architecture, random weights (seed {seed})"
+            ),
             scheduler_config: None,
         }
     }

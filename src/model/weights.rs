@@ -19,12 +19,13 @@ impl Weights {
     /// Takes the tensors of a checkpoint (`source` names it in messages), renames google's legacy
     /// attention names (`query/key/value/proj_attn`), and checks that the names and shapes are
     /// exactly those of `graph`: missing, unexpected and mis-shaped tensors are all reported.
-    pub fn from_tensors(graph: &Graph, tensors: Vec<(String, Tensor)>, source: &Path) -> Result<Self> {
-        let expected: BTreeMap<String, Vec<usize>> = graph
-            .params
-            .iter()
-            .flat_map(|p| p.tensors())
-            .collect();
+    pub fn from_tensors(
+        graph: &Graph,
+        tensors: Vec<(String, Tensor)>,
+        source: &Path,
+    ) -> Result<Self> {
+        let expected: BTreeMap<String, Vec<usize>> =
+            graph.params.iter().flat_map(|p| p.tensors()).collect();
         let aliases = legacy_aliases(graph);
         let mut map = HashMap::with_capacity(tensors.len());
         for (name, t) in tensors {
@@ -32,7 +33,9 @@ impl Weights {
             if map.contains_key(&name) {
                 return Err(Error::weights(
                     source,
-                    format!("tensor `{name}` appears twice (under its current and its legacy name)"),
+                    format!(
+                        "tensor `{name}` appears twice (under its current and its legacy name)"
+                    ),
                 ));
             }
             map.insert(name, t);
@@ -63,7 +66,10 @@ impl Weights {
         if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {
             for (name, t) in &map {
                 if !t.all_finite() {
-                    return Err(Error::weights(source, format!("tensor `{name}` holds NaN or infinite values")));
+                    return Err(Error::weights(
+                        source,
+                        format!("tensor `{name}` holds NaN or infinite values"),
+                    ));
                 }
             }
             return Ok(Weights { tensors: map });
@@ -77,7 +83,11 @@ impl Weights {
             if list.is_empty() {
                 continue;
             }
-            msg += &format!("\n  {} {what}: {}", list.len(), list[..list.len().min(LIST)].join(", "));
+            msg += &format!(
+                "\n  {} {what}: {}",
+                list.len(),
+                list[..list.len().min(LIST)].join(", ")
+            );
             if list.len() > LIST {
                 msg += &format!(", and {} more", list.len() - LIST);
             }
@@ -123,9 +133,9 @@ impl Weights {
 
     /// The tensor `name`; the graph guarantees every parameter it names exists.
     pub fn get(&self, name: &str) -> &Tensor {
-        self.tensors
-            .get(name)
-            .unwrap_or_else(|| panic!("weights were validated against the graph, yet `{name}` is absent"))
+        self.tensors.get(name).unwrap_or_else(|| {
+            panic!("weights were validated against the graph, yet `{name}` is absent")
+        })
     }
 
     /// All tensors, for writing a checkpoint.
@@ -147,7 +157,10 @@ fn legacy_aliases(graph: &Graph) -> HashMap<String, String> {
                 ("proj_attn", "to_out.0"),
             ] {
                 for s in ["weight", "bias"] {
-                    m.insert(format!("{}.{old}.{s}", p.name), format!("{}.{new}.{s}", p.name));
+                    m.insert(
+                        format!("{}.{old}.{s}", p.name),
+                        format!("{}.{new}.{s}", p.name),
+                    );
                 }
             }
         }
