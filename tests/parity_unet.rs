@@ -12,7 +12,9 @@ use invdiff::model::Model;
 use invdiff::tensor::{max_abs_diff, rel_l2};
 
 fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(p)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], rel_tol: f64) {
@@ -20,7 +22,10 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rel_tol: f64) {
     let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     let abs = max_abs_diff(got, want);
     println!("{what}: rel L2 {rel:.2e}, max abs {abs:.2e} (max |ref| {max_ref:.2})");
-    assert!(rel <= rel_tol, "{what}: relative L2 error {rel:e} > {rel_tol:e}");
+    assert!(
+        rel <= rel_tol,
+        "{what}: relative L2 error {rel:e} > {rel_tol:e}"
+    );
     assert!(
         abs <= 1e-4 * max_ref.max(1.0),
         "{what}: max abs error {abs:e} > 1e-4 x max(1, {max_ref})"
@@ -32,15 +37,34 @@ fn check_model(dir: &str, io: &str) {
     let model = Model::load(&fixture(dir)).unwrap();
     let io = safetensors::read(&fixture(io)).unwrap();
     let sample = io.get("sample").unwrap();
-    let t: Vec<f32> = io.get_i64("timestep").unwrap().iter().map(|&v| v as f32).collect();
+    let t: Vec<f32> = io
+        .get_i64("timestep")
+        .unwrap()
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
     let unet = CpuUnet::new(&model);
     let eps = unet.forward(&sample, &t).unwrap();
-    assert_close(&format!("{dir} eps"), eps.data(), io.get("eps").unwrap().data(), 1e-5);
+    assert_close(
+        &format!("{dir} eps"),
+        eps.data(),
+        io.get("eps").unwrap().data(),
+        1e-5,
+    );
 
     let (eps2, tape) = unet.forward_recording(&sample, &t).unwrap();
-    assert_eq!(eps.data(), eps2.data(), "recording changes nothing in the forward pass");
+    assert_eq!(
+        eps.data(),
+        eps2.data(),
+        "recording changes nothing in the forward pass"
+    );
     let grad = unet.vjp(tape, &io.get("cotangent").unwrap()).unwrap();
-    assert_close(&format!("{dir} grad"), grad.data(), io.get("grad").unwrap().data(), 1e-5);
+    assert_close(
+        &format!("{dir} grad"),
+        grad.data(),
+        io.get("grad").unwrap().data(),
+        1e-5,
+    );
 }
 
 #[test]
@@ -50,12 +74,18 @@ fn google_tiny() {
 
 #[test]
 fn google_tiny_from_legacy_bin() {
-    check_model("models/google_tiny_bin", "models/google_tiny/io.safetensors");
+    check_model(
+        "models/google_tiny_bin",
+        "models/google_tiny/io.safetensors",
+    );
 }
 
 #[test]
 fn diffusers_tiny_pipeline_folder() {
-    check_model("models/diffusers_tiny", "models/diffusers_tiny/unet/io.safetensors");
+    check_model(
+        "models/diffusers_tiny",
+        "models/diffusers_tiny/unet/io.safetensors",
+    );
 }
 
 #[test]

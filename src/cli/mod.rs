@@ -1,17 +1,25 @@
 //! Command definitions; one module per command.
 
 mod bench;
+mod degrade;
 mod doctor;
 mod eps;
 mod info;
+mod kernel;
+mod restore;
+mod sample;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use invdiff::engine::{DeviceChoice, Engine};
+use invdiff::io::{image, safetensors};
 use invdiff::model::Model;
-use invdiff::Result;
+use invdiff::sampler::{to_image, StepReport};
+use invdiff::schedule::{Ddim, Ddpm, Scheduler, SchedulerConfig};
+use invdiff::{Error, Result, Tensor};
 
 /// Diffusion models for image inverse problems: diffusers' UNet2DModel, DDPM/DDIM, DPS and
 /// ΠGDM deblurring, on the CPU and on NVIDIA GPUs.
@@ -32,6 +40,14 @@ enum Command {
     Bench(bench::Args),
     /// What this build contains and what this machine offers.
     Doctor,
+    /// Draw images from the model (unconditional DDPM or DDIM sampling).
+    Sample(sample::Args),
+    /// Deblur images with DPS or ΠGDM.
+    Restore(restore::Args),
+    /// Blur and add noise to a sharp image: y = k * x + n.
+    Degrade(degrade::Args),
+    /// Make a blur kernel (Gaussian or random camera shake).
+    Kernel(kernel::Args),
 }
 
 /// Runs the parsed command line.
@@ -41,6 +57,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Doctor => doctor::run(),
+        Command::Sample(a) => sample::run(a),
+        Command::Restore(a) => restore::run(a),
+        Command::Degrade(a) => degrade::run(a),
+        Command::Kernel(a) => kernel::run(a),
     }
     .map(|()| ExitCode::SUCCESS)
 }
@@ -70,4 +90,144 @@ fn parse_device(s: &str) -> std::result::Result<DeviceChoice, String> {
 /// A path argument's display form.
 fn show(p: &Path) -> String {
     PathBuf::from(p).display().to_string()
+}
+
+/// The reverse process to run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum SchedulerKind {
+    Ddpm,
+    Ddim,
+}
+
+/// The model's scheduler configuration (google's DDPM values when it has none), as DDPM or
+/// DDIM, with `steps` timesteps set.
+fn scheduler(
+    model: &Model,
+    kind: SchedulerKind,
+    eta: f32,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    let cfg = match &model.scheduler_config {
+        Some(p) => SchedulerConfig::from_file(p)?,
+        None => SchedulerConfig::default(),
+    };
+    let mut s: Box<dyn Scheduler> = match kind {
+        SchedulerKind::Ddpm => Box::new(Ddpm::new(cfg)?),
+        SchedulerKind::Ddim => Box::new(Ddim::new(cfg, eta)?),
+    };
+    s.set_timesteps(steps)?;
+    Ok(s)
+}
+
+/// A progress bar over sampling steps, with steps/s.
+struct Progress(ProgressBar);
+
+impl Progress {
+    fn new(steps: usize) -> Self {
+        let bar = ProgressBar::new(steps as u64).with_style(
+            ProgressStyle::with_template(
+                "{spinner} step {pos}/{len} [{bar:30}] {per_sec} eta {eta} (t = {msg})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Progress(bar)
+    }
+
+    fn step(&self, r: &StepReport) {
+        self.0.set_message(r.timestep.to_string());
+        self.0.inc(1);
+    }
+
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Writes a final sample: `.safetensors` holds `sample` (model space) and `image` (in [0, 1]);
+/// an image file shows the batch side by side.
+fn save_result(path: &Path, x: &Tensor) -> Result<()> {
+    let img = to_image(x);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => safetensors::write(path, &[("sample", x), ("image", &img)], None),
+        Some("png" | "jpg" | "jpeg") => {
+            let items: Vec<Tensor> = (0..img.shape()[0]).map(|b| img.batch_item(b)).collect();
+            if items.len() == 1 {
+                image::save_image(path, &items[0])
+            } else {
+                image::save_strip(path, &items.iter().collect::<Vec<_>>(), 4)
+            }
+        }
+        _ => Err(Error::input(format!(
+            "{}: unknown output format (use .png, .jpg or .safetensors)",
+            path.display()
+        ))),
+    }
+}
+
+/// Images from a PNG/JPEG file, or a `[B,C,H,W]` / `[C,H,W]` tensor under one of `names` in a
+/// safetensors file, as `[B, C, H, W]`.
+fn read_images(path: &Path, names: &[&str]) -> Result<Tensor> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        let f = safetensors::read(path)?;
+        let name = names.iter().find(|n| f.contains(n)).ok_or_else(|| {
+            Error::format(path, format!("no tensor named {}", names.join(" or ")))
+        })?;
+        as_batch(f.get(name)?, path, name)
+    } else {
+        image::load_image(path)
+    }
+}
+
+/// `[C,H,W]` -> `[1,C,H,W]`; `[B,C,H,W]` as is; anything else names the file and tensor.
+fn as_batch(t: Tensor, path: &Path, name: &str) -> Result<Tensor> {
+    match t.shape().len() {
+        4 => Ok(t),
+        3 => {
+            let s = [1, t.shape()[0], t.shape()[1], t.shape()[2]];
+            t.reshape(s.to_vec())
+        }
+        _ => Err(Error::format(
+            path,
+            format!(
+                "tensor `{name}`: expected [B,C,H,W] or [C,H,W], got {:?}",
+                t.shape()
+            ),
+        )),
+    }
+}
+
+/// PNG and JPEG files in a folder, sorted by name.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The image in `dir` whose stem is `stem`.
+fn find_image(dir: &Path, stem: &str) -> Result<PathBuf> {
+    image_files(dir)?
+        .into_iter()
+        .find(|p| self::stem(p) == stem)
+        .ok_or_else(|| {
+            Error::input(format!(
+                "{}: no image named {stem}.png or .jpg",
+                dir.display()
+            ))
+        })
+}
+
+/// A file's name without its extension.
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

@@ -14,7 +14,7 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 0.5);
     let e = (p * r).mul_add(r, r) + 1.0;
     // 2^n by building the exponent bits; n is in [-126, 128] after the clamp.
     let scale = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);

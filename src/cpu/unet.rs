@@ -29,6 +29,10 @@ enum Aux {
     Probs(Vec<f32>),
 }
 
+/// What a forward pass leaves for the backward pass: every tensor's value (only the saved ones
+/// are present) and each op's aux data.
+type Recorded = (Vec<Option<Vec<f32>>>, Vec<Aux>);
+
 /// A UNet2DModel on the CPU.
 pub struct CpuUnet {
     graph: Graph,
@@ -185,7 +189,7 @@ impl CpuUnet {
         d: Dims,
         t: &[f32],
         record: bool,
-    ) -> (Vec<f32>, (Vec<Option<Vec<f32>>>, Vec<Aux>)) {
+    ) -> (Vec<f32>, Recorded) {
         let g = &self.graph;
         let mut values: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
         let mut aux: Vec<Aux> = Vec::with_capacity(g.ops.len());

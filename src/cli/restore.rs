@@ -1,0 +1,394 @@
+//! `invdiff restore`: posterior sampling for deblurring (the notebook's section III).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use invdiff::engine::DeviceChoice;
+use invdiff::inverse::{psnr_u8, ssim, CircularBlur, LinearOperator};
+use invdiff::io::{image, safetensors};
+use invdiff::sampler::{self, Guidance, Measurements, Noise};
+use invdiff::{Error, Result, Tensor};
+use serde_json::json;
+
+use super::{save_result, scheduler, Progress, SchedulerKind};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Method {
+    /// Diffusion posterior sampling (Chung et al. 2023).
+    Dps,
+    /// Pseudo-inverse guided diffusion (Song et al. 2023), as in the notebook.
+    Pigdm,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum EtaSchedule {
+    /// η_t = 1.
+    Fixed,
+    /// η_t = β_t / √α_t.
+    Adaptive,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Model folder (diffusers pipeline, UNet folder, or google's hub layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Posterior sampler.
+    #[arg(long, value_enum)]
+    method: Method,
+    /// Measurement(s) in [0, 1]: an image, a folder of images, or a safetensors file with
+    /// `measurement` [B,C,H,W] or [C,H,W] (or the data set's `blurred`, whose `kernel`,
+    /// `sigma` and `sharp` then serve as defaults).
+    #[arg(long)]
+    measurement: PathBuf,
+    /// Blur kernel: PNG (normalised to sum 1), .npy or safetensors `kernel` (used as stored).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Sampling steps.
+    #[arg(long, default_value_t = 100)]
+    steps: usize,
+    /// Guidance weight (default: DPS fixed 1, DPS adaptive 100, ΠGDM 1, as in the notebook).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// DPS step weight η_t.
+    #[arg(long, value_enum, default_value_t = EtaSchedule::Fixed)]
+    eta_schedule: EtaSchedule,
+    /// Measurement noise level for ΠGDM (default: the measurement file's `sigma`, else 0.05).
+    #[arg(long)]
+    sigma: Option<f32>,
+    /// Reverse process.
+    #[arg(long, value_enum, default_value_t = SchedulerKind::Ddpm)]
+    scheduler: SchedulerKind,
+    /// DDIM's eta.
+    #[arg(long, default_value_t = 0.0)]
+    eta: f32,
+    /// Seed; image k of the input set always uses the same noise, whatever the batch or shard.
+    #[arg(long, default_value_t = 0, conflicts_with = "noise")]
+    seed: u64,
+    /// Noise file with `x_T` [B,C,H,W] and `z` [S,B,C,H,W], instead of a seed (one batch only).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Ground truth (image, folder, or safetensors `truth`/`sharp`): prints PSNR and SSIM.
+    #[arg(long)]
+    truth: Option<PathBuf>,
+    /// Output: `.png`/`.jpg`/`.safetensors` for one image, a folder for several.
+    #[arg(long)]
+    output: PathBuf,
+    /// Also write measurement | restored | truth side by side (`<output>_strip.png`).
+    #[arg(long)]
+    strip: bool,
+    /// Write settings, timings and metrics as JSON to this file.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Images per network call.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Process only part `i` of `n` of the inputs (`i/n`, 0-based), e.g. one Slurm array task.
+    #[arg(long, value_parser = parse_shard)]
+    shard: Option<(usize, usize)>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    device: DeviceChoice,
+}
+
+fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("expected i/n with 0 <= i < n, got `{s}`");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// One image to restore.
+struct Item {
+    /// Index in the whole input set (keys its noise).
+    index: usize,
+    name: String,
+    /// `[1, C, H, W]`.
+    y: Tensor,
+    truth: Option<Tensor>,
+    kernel: Tensor,
+    sigma: f32,
+}
+
+/// Reads the inputs: measurements, with their kernels, noise levels and truths.
+fn read_items(a: &Args) -> Result<Vec<Item>> {
+    let path = &a.measurement;
+    let mut ys: Vec<(String, Tensor)> = Vec::new();
+    let (mut file_kernel, mut file_sigma, mut file_truth) = (None, None, None);
+    if path.is_dir() {
+        for p in super::image_files(path)? {
+            ys.push((super::stem(&p), image::load_image(&p)?));
+        }
+        if ys.is_empty() {
+            return Err(Error::input(format!(
+                "{}: no PNG or JPEG images in this folder",
+                path.display()
+            )));
+        }
+    } else if path.extension().is_some_and(|e| e == "safetensors") {
+        let f = safetensors::read(path)?;
+        let name = if f.contains("measurement") {
+            "measurement"
+        } else {
+            "blurred"
+        };
+        let y = super::as_batch(f.get(name)?, path, name)?;
+        let stem = super::stem(path);
+        for b in 0..y.shape()[0] {
+            let n = if y.shape()[0] == 1 {
+                stem.clone()
+            } else {
+                format!("{stem}_{b}")
+            };
+            ys.push((n, y.batch_item(b)));
+        }
+        file_kernel = f.contains("kernel").then(|| f.get("kernel")).transpose()?;
+        file_sigma = f
+            .contains("sigma")
+            .then(|| f.get("sigma"))
+            .transpose()?
+            .map(|s| s.data()[0]);
+        for t in ["truth", "sharp"] {
+            if file_truth.is_none() && f.contains(t) {
+                file_truth = Some(super::as_batch(f.get(t)?, path, t)?);
+            }
+        }
+    } else {
+        ys.push((super::stem(path), image::load_image(path)?));
+    }
+
+    let kernel = match (&a.kernel, file_kernel) {
+        (Some(k), _) => image::load_kernel(k)?,
+        (None, Some(k)) => k,
+        (None, None) => {
+            return Err(Error::input(format!(
+                "{}: no blur kernel: pass --kernel (PNG, .npy or safetensors `kernel`)",
+                path.display()
+            )))
+        }
+    };
+    let sigma = a.sigma.or(file_sigma).unwrap_or(0.05);
+    let truths: Option<Vec<Tensor>> = match &a.truth {
+        Some(t) if t.is_dir() => Some(
+            ys.iter()
+                .map(|(n, _)| super::find_image(t, n).and_then(image::load_image))
+                .collect::<Result<_>>()?,
+        ),
+        Some(t) => {
+            let x = super::read_images(t, &["truth", "sharp"])?;
+            Some((0..x.shape()[0]).map(|b| x.batch_item(b)).collect())
+        }
+        None => file_truth.map(|x| (0..x.shape()[0]).map(|b| x.batch_item(b)).collect()),
+    };
+    if let Some(t) = &truths {
+        if t.len() != ys.len() {
+            return Err(Error::input(format!(
+                "{} measurements but {} ground-truth images",
+                ys.len(),
+                t.len()
+            )));
+        }
+    }
+    Ok(ys
+        .into_iter()
+        .enumerate()
+        .map(|(index, (name, y))| Item {
+            index,
+            name,
+            y,
+            truth: truths.as_ref().map(|t| t[index].clone()),
+            kernel: kernel.clone(),
+            sigma,
+        })
+        .collect())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.batch == 0 {
+        return Err(Error::input("--batch must be at least 1"));
+    }
+    let mut items = read_items(&a)?;
+    let total = items.len();
+    if let Some((i, n)) = a.shard {
+        items.retain(|it| it.index % n == i);
+    }
+    let single = total == 1;
+    if !single && a.output.extension().is_some() && !a.output.is_dir() {
+        return Err(Error::input(format!(
+            "{} inputs: --output must be a folder, got {}",
+            total,
+            a.output.display()
+        )));
+    }
+    if !single {
+        std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
+    }
+    let model = super::load_model(Some(&a.model))?;
+    let cfg = model.config().clone();
+    let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
+    let scale = a.scale.unwrap_or(match (a.method, a.eta_schedule) {
+        (Method::Dps, EtaSchedule::Adaptive) => 100.0,
+        _ => 1.0,
+    });
+    let noise_file = a.noise.as_ref().map(|p| Noise::from_file(p)).transpose()?;
+    if noise_file.is_some() && items.len() > a.batch {
+        return Err(Error::input(
+            "--noise holds one batch: use --batch with all inputs in it",
+        ));
+    }
+    let mut engine = super::engine(&model, a.device)?;
+    eprintln!(
+        "invdiff restore: {:?} ({} steps, scale {scale}) on {} image(s), {}",
+        a.method,
+        a.steps,
+        items.len(),
+        engine.device_name()
+    );
+
+    let mut reports = Vec::new();
+    let start_all = Instant::now();
+    for batch in items.chunks(a.batch) {
+        let first = &batch[0];
+        let [_, c, h, w] = first.y.dims4("measurement")?;
+        if c != cfg.in_channels {
+            return Err(Error::input(format!(
+                "{}: the model restores {}-channel images, this measurement has {c}",
+                first.name, cfg.in_channels
+            )));
+        }
+        cfg.check_input_size(h, w)
+            .map_err(|e| Error::input(format!("{}: {e}", first.name)))?;
+        let mut operators: Vec<Arc<dyn LinearOperator>> = Vec::new();
+        for it in batch {
+            if it.y.shape() != first.y.shape() {
+                return Err(Error::input(format!(
+                    "{} and {} have different sizes: restore them in separate batches (--batch 1)",
+                    first.name, it.name
+                )));
+            }
+            let op = CircularBlur::new(&it.kernel, c, h, w)
+                .map_err(|e| Error::input(format!("{}: {e}", it.name)))?;
+            operators.push(Arc::new(op));
+            if !it.y.all_finite() {
+                return Err(Error::input(format!(
+                    "{}: the measurement holds NaN or infinite values",
+                    it.name
+                )));
+            }
+        }
+        let y = Tensor::concat_batch(&batch.iter().map(|it| it.y.clone()).collect::<Vec<_>>())?;
+        let shape = [batch.len(), c, h, w];
+        let guidance = match a.method {
+            Method::Dps => Guidance::Dps {
+                scale,
+                adaptive: a.eta_schedule == EtaSchedule::Adaptive,
+            },
+            Method::Pigdm => Guidance::Pigdm {
+                scale,
+                sigma: first.sigma,
+            },
+        };
+        if batch.iter().any(|it| it.sigma != first.sigma) && a.method == Method::Pigdm {
+            return Err(Error::input(
+                "images of one batch must share sigma: use --batch 1",
+            ));
+        }
+        let noise = match &noise_file {
+            Some(n) => n.clone(),
+            None => Noise::seeded(a.seed, first.index as u64, batch.len()),
+        };
+        let noise = match noise {
+            Noise::Seeded { seed, .. } => Noise::Seeded {
+                seed,
+                image_ids: batch.iter().map(|it| it.index as u64).collect(),
+            },
+            injected => injected,
+        };
+        let m = Measurements { operators, y };
+        let bar = Progress::new(a.steps);
+        let t0 = Instant::now();
+        let x = sampler::sample(
+            &mut engine,
+            sched.as_ref(),
+            guidance,
+            Some(&m),
+            &noise,
+            shape,
+            |r| bar.step(r),
+        )?;
+        bar.finish();
+        let seconds = t0.elapsed().as_secs_f64();
+        let restored = sampler::to_image(&x);
+        for (b, it) in batch.iter().enumerate() {
+            let out = if single {
+                a.output.clone()
+            } else {
+                a.output.join(format!("{}.png", it.name))
+            };
+            let xb = x.batch_item(b);
+            let img = restored.batch_item(b);
+            save_result(&out, &xb)?;
+            let mut rep = json!({"name": it.name, "output": out.display().to_string(), "seconds": seconds / batch.len() as f64});
+            if let Some(t) = &it.truth {
+                let (p, s) = (psnr_u8(&img, t)?, ssim(&img, t)?);
+                let p0 = psnr_u8(&it.y, t)?;
+                eprintln!(
+                    "{}: PSNR {p:.2} dB, SSIM {s:.4} (measurement: PSNR {p0:.2} dB)",
+                    it.name
+                );
+                rep["psnr"] = p.into();
+                rep["ssim"] = s.into();
+                rep["psnr_measurement"] = p0.into();
+            }
+            if a.strip {
+                let strip = strip_path(&out);
+                let mut row = vec![&it.y, &img];
+                row.extend(it.truth.as_ref());
+                image::save_strip(&strip, &row, 4)?;
+            }
+            reports.push(rep);
+        }
+    }
+    let total_s = start_all.elapsed().as_secs_f64();
+    eprintln!(
+        "invdiff restore: {} image(s) in {total_s:.1} s ({:.3} s per step per batch), wrote {}",
+        reports.len(),
+        total_s / (a.steps * items.len().div_ceil(a.batch)) as f64,
+        a.output.display()
+    );
+    if let Some(path) = &a.report {
+        let report = json!({
+            "settings": {
+                "model": model.source,
+                "method": format!("{:?}", a.method).to_lowercase(),
+                "steps": a.steps,
+                "scale": scale,
+                "eta_schedule": format!("{:?}", a.eta_schedule).to_lowercase(),
+                "sigma": items.first().map(|i| i.sigma),
+                "scheduler": format!("{:?}", a.scheduler).to_lowercase(),
+                "eta": a.eta,
+                "seed": a.noise.is_none().then_some(a.seed),
+                "noise_file": a.noise.as_ref().map(|p| p.display().to_string()),
+                "batch": a.batch,
+                "shard": a.shard.map(|(i, n)| format!("{i}/{n}")),
+                "device": engine.device_name(),
+            },
+            "images": reports,
+            "seconds": total_s,
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        let text = serde_json::to_string_pretty(&report).expect("serialisable");
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// `out.png` -> `out_strip.png`.
+fn strip_path(out: &Path) -> PathBuf {
+    let stem = super::stem(out);
+    out.with_file_name(format!("{stem}_strip.png"))
+}
