@@ -26,18 +26,18 @@ impl Dims {
     }
 }
 
-/// Runs `f(image, head, job_threads)` over every (image, head) pair: in parallel across pairs
-/// when there are enough of them, otherwise one after another with parallel products.
-fn for_each_head<F: Fn(usize, usize, usize) + Sync>(d: Dims, f: F) {
-    let jobs = d.n * d.heads;
-    let threads = rayon::current_num_threads();
-    if jobs >= threads {
-        (0..jobs)
-            .into_par_iter()
-            .for_each(|j| f(j / d.heads, j % d.heads, 1));
-    } else {
-        (0..jobs).for_each(|j| f(j / d.heads, j % d.heads, threads));
-    }
+/// Runs `f(image, head, rows)` for every (image, head) pair and block of query (or key) rows,
+/// in parallel. The blocks depend on the token count only, and each product is
+/// single-threaded, so an image's result is the same whatever the batch and thread count.
+fn for_each_block<F: Fn(usize, usize, std::ops::Range<usize>) + Sync>(d: Dims, f: F) {
+    let l = d.tokens;
+    let blocks = l.div_ceil(128).max(if l >= 64 { 2 } else { 1 });
+    let rows = l.div_ceil(blocks);
+    (0..d.n * d.heads * blocks).into_par_iter().for_each(|j| {
+        let (pair, b) = (j / blocks, j % blocks);
+        let r0 = (b * rows).min(l);
+        f(pair / d.heads, pair % d.heads, r0..(r0 + rows).min(l));
+    });
 }
 
 /// An output buffer shared by the per-head jobs, which write disjoint (interleaved) elements.
@@ -109,19 +109,15 @@ pub fn forward(qkv: &[f32], d: Dims, o: &mut [f32], keep_probs: bool) -> Option<
     let scale = 1.0 / (hd as f32).sqrt();
     let mut probs = vec![0.0f32; d.n * d.heads * l * l];
     let (po, pp) = (Shared::new(o), Shared::new(&mut probs));
-    for_each_head(d, |img, h, threads| {
+    for_each_block(d, |img, h, rows| {
         let base = img * l * 3 * inner;
-        let q = &qkv[base + h * hd..];
+        let q = &qkv[base + rows.start * 3 * inner + h * hd..];
         let k = &qkv[base + inner + h * hd..];
         let v = &qkv[base + 2 * inner + h * hd..];
-        // SAFETY: each (image, head) job owns its P block, a contiguous range.
-        let p = unsafe { pp.block((img * d.heads + h) * l * l, l * l) };
-        matmul(
-            l,
-            l,
-            hd,
-            p,
-            l,
+        let m = rows.len();
+        // SAFETY: each job owns rows `rows` of its (image, head) P block.
+        let p = unsafe { pp.block(((img * d.heads + h) * l + rows.start) * l, m * l) };
+        let (qm, km) = (
             Mat {
                 data: q,
                 rs: 3 * inner,
@@ -132,9 +128,8 @@ pub fn forward(qkv: &[f32], d: Dims, o: &mut [f32], keep_probs: bool) -> Option<
                 rs: 1,
                 cs: 3 * inner,
             },
-            false,
-            threads,
         );
+        matmul(m, l, hd, p, l, qm, km, false, 1);
         for row in p.chunks_exact_mut(l) {
             let mut max = f32::NEG_INFINITY;
             for s in row.iter_mut() {
@@ -149,22 +144,23 @@ pub fn forward(qkv: &[f32], d: Dims, o: &mut [f32], keep_probs: bool) -> Option<
             let inv = 1.0 / sum;
             row.iter_mut().for_each(|s| *s *= inv);
         }
-        // SAFETY: each job writes only its own head's channels of its own image's rows.
+        // SAFETY: each job writes only its own rows of its own head's channels.
         unsafe {
+            let vm = Mat {
+                data: v,
+                rs: 3 * inner,
+                cs: 1,
+            };
             po.matmul(
-                img * l * inner + h * hd,
-                l,
+                (img * l + rows.start) * inner + h * hd,
+                m,
                 hd,
                 l,
                 inner,
                 Mat::rows(p, l),
-                Mat {
-                    data: v,
-                    rs: 3 * inner,
-                    cs: 1,
-                },
+                vm,
                 false,
-                threads,
+                1,
             )
         };
     });
@@ -172,6 +168,9 @@ pub fn forward(qkv: &[f32], d: Dims, o: &mut [f32], keep_probs: bool) -> Option<
 }
 
 /// Gradient with respect to `qkv`: `dqkv (+)= ...` given `do` and the forward's `P`.
+///
+/// Two phases: per block of query rows, `dS = P ∘ (dO vᵀ - rowsum(dO vᵀ ∘ P)) / √d` and
+/// `dq = dS k`; then per block of key rows, `dk = dSᵀ q` and `dv = Pᵀ dO`.
 pub fn backward(
     qkv: &[f32],
     probs: &[f32],
@@ -183,42 +182,19 @@ pub fn backward(
     let (l, hd, inner) = (d.tokens, d.head_dim, d.inner());
     assert_eq!(dqkv.len(), qkv.len());
     let scale = 1.0 / (hd as f32).sqrt();
-    let pd = Shared::new(dqkv);
-    for_each_head(d, |img, h, threads| {
-        let base = img * l * 3 * inner;
-        let q = &qkv[base + h * hd..];
-        let k = &qkv[base + inner + h * hd..];
-        let v = &qkv[base + 2 * inner + h * hd..];
-        let p = &probs[(img * d.heads + h) * l * l..][..l * l];
-        let dov = &dout[img * l * inner + h * hd..];
-        // SAFETY (all three products into `pd`): each job writes only its own head's q, k and v
-        // channels of its own image.
-        // dV = Pᵀ dO.
-        unsafe {
-            pd.matmul(
-                base + 2 * inner + h * hd,
-                l,
-                hd,
-                l,
-                3 * inner,
-                Mat::transposed(p, l),
-                Mat {
-                    data: dov,
-                    rs: inner,
-                    cs: 1,
-                },
-                accumulate,
-                threads,
-            )
-        };
-        // dP = dO Vᵀ, then dS = P ∘ (dP - rowsum(dP ∘ P)) · scale.
-        let mut ds = vec![0.0f32; l * l];
-        matmul(
-            l,
-            l,
-            hd,
-            &mut ds,
-            l,
+    let mut ds = vec![0.0f32; probs.len()];
+    let (pd, pds) = (Shared::new(dqkv), Shared::new(&mut ds));
+    let at = |img: usize, part: usize, h: usize| img * l * 3 * inner + part * inner + h * hd;
+    for_each_block(d, |img, h, rows| {
+        let m = rows.len();
+        let blk = (img * d.heads + h) * l * l;
+        let p = &probs[blk + rows.start * l..blk + rows.end * l];
+        let dov = &dout[(img * l + rows.start) * inner + h * hd..];
+        let v = &qkv[at(img, 2, h)..];
+        let k = &qkv[at(img, 1, h)..];
+        // SAFETY: each job owns rows `rows` of its (image, head) dS block.
+        let dsb = unsafe { pds.block(blk + rows.start * l, m * l) };
+        let (dom, vt) = (
             Mat {
                 data: dov,
                 rs: inner,
@@ -229,46 +205,83 @@ pub fn backward(
                 rs: 1,
                 cs: 3 * inner,
             },
-            false,
-            threads,
         );
-        for (drow, prow) in ds.chunks_exact_mut(l).zip(p.chunks_exact(l)) {
+        matmul(m, l, hd, dsb, l, dom, vt, false, 1);
+        for (drow, prow) in dsb.chunks_exact_mut(l).zip(p.chunks_exact(l)) {
             let dot: f32 = drow.iter().zip(prow).map(|(a, b)| a * b).sum();
             for (g, &pv) in drow.iter_mut().zip(prow) {
                 *g = pv * (*g - dot) * scale;
             }
         }
-        // dQ = dS K, dK = dSᵀ Q.
+        // SAFETY: each job writes only its own query rows of its own head's q channels.
         unsafe {
+            let km = Mat {
+                data: k,
+                rs: 3 * inner,
+                cs: 1,
+            };
+            let off = at(img, 0, h) + rows.start * 3 * inner;
             pd.matmul(
-                base + h * hd,
-                l,
+                off,
+                m,
                 hd,
                 l,
                 3 * inner,
-                Mat::rows(&ds, l),
-                Mat {
-                    data: k,
-                    rs: 3 * inner,
-                    cs: 1,
-                },
+                Mat::rows(dsb, l),
+                km,
                 accumulate,
-                threads,
+                1,
+            );
+        }
+    });
+    for_each_block(d, |img, h, rows| {
+        let m = rows.len();
+        let blk = (img * d.heads + h) * l * l;
+        // Columns `rows` of dS and P, transposed: rows of dSᵀ and Pᵀ.
+        let dst = Mat {
+            data: &ds[blk + rows.start..],
+            rs: 1,
+            cs: l,
+        };
+        let pt = Mat {
+            data: &probs[blk + rows.start..],
+            rs: 1,
+            cs: l,
+        };
+        let q = Mat {
+            data: &qkv[at(img, 0, h)..],
+            rs: 3 * inner,
+            cs: 1,
+        };
+        let dov = Mat {
+            data: &dout[img * l * inner + h * hd..],
+            rs: inner,
+            cs: 1,
+        };
+        // SAFETY: each job writes only its own key rows of its own head's k and v channels.
+        unsafe {
+            let off = rows.start * 3 * inner;
+            pd.matmul(
+                at(img, 1, h) + off,
+                m,
+                hd,
+                l,
+                3 * inner,
+                dst,
+                q,
+                accumulate,
+                1,
             );
             pd.matmul(
-                base + inner + h * hd,
-                l,
+                at(img, 2, h) + off,
+                m,
                 hd,
                 l,
                 3 * inner,
-                Mat::transposed(&ds, l),
-                Mat {
-                    data: q,
-                    rs: 3 * inner,
-                    cs: 1,
-                },
+                pt,
+                dov,
                 accumulate,
-                threads,
+                1,
             );
         }
     });

@@ -100,10 +100,14 @@ impl Geometry {
 /// for the im2col block to stay in cache.
 const TILE_PIXELS: usize = 512;
 
-/// Rows per tile: the largest divisor of `rows` that keeps a tile under [`TILE_PIXELS`] (at least
-/// one row), so that tiles never straddle two images.
+/// Rows per tile: the largest divisor of `rows` that keeps a tile under [`TILE_PIXELS`] and
+/// leaves at least two tiles per image (so a small layer at batch 1 still uses two cores).
+///
+/// The tiling depends on the image's size only, never on the batch or the thread count, and
+/// each tile is one single-threaded product: an image's result is then bit-for-bit the same
+/// whatever batch it is in and however many threads run.
 fn rows_per_tile(rows: usize, width: usize) -> usize {
-    let cap = (TILE_PIXELS / width.max(1)).max(1);
+    let cap = (TILE_PIXELS / width.max(1)).max(1).min((rows / 2).max(1));
     (1..=rows.min(cap))
         .rev()
         .find(|r| rows % r == 0)
@@ -170,10 +174,6 @@ pub fn forward(
     assert_eq!(y.len(), g.n * oh * ow * cout);
     let rpt = rows_per_tile(oh, ow);
     let tile_len = rpt * ow * cout;
-    let tiles = y.len() / tile_len;
-    let threads = rayon::current_num_threads();
-    // Too few tiles to share out: run them one after another, each product in parallel.
-    let inner_threads = if tiles >= 2 * threads { 1 } else { threads };
     let kc = p.k * p.k * cin;
 
     let run_tile = |col: &mut Vec<f32>, ti: usize, yt: &mut [f32]| {
@@ -205,32 +205,14 @@ pub fn forward(
             im2col3(src, g.h, g.w, cin, oy0, rpt, ow, g.stride, pad, false, col);
             Mat::rows(col, kc)
         };
-        matmul(
-            m,
-            cout,
-            kc,
-            yt,
-            cout,
-            a,
-            Mat::rows(&p.fwd, cout),
-            true,
-            inner_threads,
-        );
+        matmul(m, cout, kc, yt, cout, a, Mat::rows(&p.fwd, cout), true, 1);
         if out_div != 1.0 {
             yt.iter_mut().for_each(|v| *v /= out_div);
         }
     };
-
-    if inner_threads == 1 {
-        y.par_chunks_mut(tile_len)
-            .enumerate()
-            .for_each_init(Vec::new, |col, (ti, yt)| run_tile(col, ti, yt));
-    } else {
-        let mut col = Vec::new();
-        for (ti, yt) in y.chunks_mut(tile_len).enumerate() {
-            run_tile(&mut col, ti, yt);
-        }
-    }
+    y.par_chunks_mut(tile_len)
+        .enumerate()
+        .for_each_init(Vec::new, |col, (ti, yt)| run_tile(col, ti, yt));
 }
 
 /// Gradient with respect to the input: `dx (+)= conv^T(dy)`. `g` is the forward geometry
@@ -242,7 +224,7 @@ pub fn backward_input(p: &ConvParams, dy: &[f32], g: Geometry, dx: &mut [f32], a
     assert_eq!(dx.len(), g.n * g.h * g.w * cin);
     let wb = p.bwd();
     if p.k == 1 {
-        return matmul_rows(dy, cout, Mat::rows(wb, cin), cin, dx, accumulate);
+        return matmul_rows(dy, cout, Mat::rows(wb, cin), cin, dx, accumulate, g.h * g.w);
     }
     if g.stride == 1 {
         return backward_stride1(p, wb, dy, g, dx, accumulate);
@@ -261,9 +243,6 @@ fn backward_stride1(
     let (h, w, cin, cout) = (g.h, g.w, p.cin, p.cout);
     let rpt = rows_per_tile(h, w);
     let tile_len = rpt * w * cin;
-    let tiles = dx.len() / tile_len;
-    let threads = rayon::current_num_threads();
-    let inner_threads = if tiles >= 2 * threads { 1 } else { threads };
     let kc = 9 * cout;
     let run_tile = |col: &mut Vec<f32>, ti: usize, dxt: &mut [f32]| {
         let img = ti * rpt / h;
@@ -272,28 +251,12 @@ fn backward_stride1(
         col.resize(m * kc, 0.0);
         let src = &dy[img * h * w * cout..(img + 1) * h * w * cout];
         im2col3(src, h, w, cout, y0, rpt, w, 1, 1, true, col);
-        matmul(
-            m,
-            cin,
-            kc,
-            dxt,
-            cin,
-            Mat::rows(col, kc),
-            Mat::rows(wb, cin),
-            accumulate,
-            inner_threads,
-        );
+        let (a, b) = (Mat::rows(col, kc), Mat::rows(wb, cin));
+        matmul(m, cin, kc, dxt, cin, a, b, accumulate, 1);
     };
-    if inner_threads == 1 {
-        dx.par_chunks_mut(tile_len)
-            .enumerate()
-            .for_each_init(Vec::new, |col, (ti, t)| run_tile(col, ti, t));
-    } else {
-        let mut col = Vec::new();
-        for (ti, t) in dx.chunks_mut(tile_len).enumerate() {
-            run_tile(&mut col, ti, t);
-        }
-    }
+    dx.par_chunks_mut(tile_len)
+        .enumerate()
+        .for_each_init(Vec::new, |col, (ti, t)| run_tile(col, ti, t));
 }
 
 fn backward_stride2(
@@ -307,8 +270,6 @@ fn backward_stride2(
     let (h, w, cin, cout) = (g.h, g.w, p.cin, p.cout);
     let (oh, ow) = g.out_hw();
     let pad = g.pad_before();
-    let threads = rayon::current_num_threads();
-    let inner_threads = if g.n * h >= 2 * threads { 1 } else { threads };
     let run_row = |row: usize, dxr: &mut [f32]| {
         let img = row / h;
         let iy = row % h;
@@ -344,20 +305,14 @@ fn backward_stride2(
                     let a = Mat::rows(&dyrow[ox0 * cout..(ox0 + m) * cout], cout);
                     let b = Mat::rows(&wb[t * cout * cin..(t + 1) * cout * cin], cin);
                     let c = &mut dxr[(2 * j0 + px) * cin..];
-                    matmul(m, cin, cout, c, 2 * cin, a, b, true, inner_threads);
+                    matmul(m, cin, cout, c, 2 * cin, a, b, true, 1);
                 }
             }
         }
     };
-    if inner_threads == 1 {
-        dx.par_chunks_mut(w * cin)
-            .enumerate()
-            .for_each(|(row, dxr)| run_row(row, dxr));
-    } else {
-        for (row, dxr) in dx.chunks_mut(w * cin).enumerate() {
-            run_row(row, dxr);
-        }
-    }
+    dx.par_chunks_mut(w * cin)
+        .enumerate()
+        .for_each(|(row, dxr)| run_row(row, dxr));
 }
 
 #[cfg(test)]

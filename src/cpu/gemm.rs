@@ -69,21 +69,34 @@ pub fn matmul(
     }
 }
 
-/// `out (+)= a b` for row-major `a [m, k]` and `b [k, n]`, in parallel over blocks of rows (or
-/// inside the product when there are too few rows to share out).
-pub fn matmul_rows(a: &[f32], k: usize, b: Mat, n: usize, out: &mut [f32], accumulate: bool) {
-    const ROWS: usize = 256;
+/// `out (+)= a b` for row-major `a [m, k]` and `b [k, n]`, where every `rows_per_image`
+/// consecutive rows belong to one image, in parallel over blocks of rows.
+///
+/// The blocks are cut per image from the image's row count alone, so an image's rows are
+/// computed by the same products whatever the batch and the thread count: results are
+/// bit-for-bit batch invariant. (The product's blocking depends on its sizes.)
+pub fn matmul_rows(
+    a: &[f32],
+    k: usize,
+    b: Mat,
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    rows_per_image: usize,
+) {
+    use rayon::prelude::*;
     let m = a.len() / k;
     assert_eq!(out.len(), m * n);
-    let threads = rayon::current_num_threads();
-    if m >= 2 * threads * ROWS {
-        use rayon::prelude::*;
-        out.par_chunks_mut(ROWS * n)
-            .zip(a.par_chunks(ROWS * k))
-            .for_each(|(o, a)| matmul(o.len() / n, n, k, o, n, Mat::rows(a, k), b, accumulate, 1));
-    } else {
-        matmul(m, n, k, out, n, Mat::rows(a, k), b, accumulate, threads);
-    }
+    assert!(rows_per_image > 0 && m % rows_per_image == 0);
+    // At most 256 rows per block, and two blocks per image when there are 64 rows or more.
+    let blocks = rows_per_image
+        .div_ceil(256)
+        .max(if rows_per_image >= 64 { 2 } else { 1 });
+    let chunk = rows_per_image.div_ceil(blocks);
+    out.par_chunks_mut(rows_per_image * n)
+        .zip(a.par_chunks(rows_per_image * k))
+        .flat_map(|(o, a)| o.par_chunks_mut(chunk * n).zip(a.par_chunks(chunk * k)))
+        .for_each(|(o, a)| matmul(o.len() / n, n, k, o, n, Mat::rows(a, k), b, accumulate, 1));
 }
 
 /// [`matmul`] into `len` elements at `c`, for callers whose concurrent products write

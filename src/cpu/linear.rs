@@ -36,7 +36,8 @@ impl LinearParams {
     }
 }
 
-/// `y = (f(x) Wᵀ + b + residual) / out_div` for `x [rows, inp]`, `f` = SiLU when `silu_in`.
+/// `y = (f(x) Wᵀ + b + residual) / out_div` for `x [rows, inp]`, `f` = SiLU when `silu_in`;
+/// every `rows_per_image` rows belong to one image (1 for per-image vectors).
 pub fn forward(
     p: &LinearParams,
     x: &[f32],
@@ -44,6 +45,7 @@ pub fn forward(
     residual: Option<&[f32]>,
     out_div: f32,
     y: &mut [f32],
+    rows_per_image: usize,
 ) {
     let rows = x.len() / p.inp;
     assert_eq!(y.len(), rows * p.out);
@@ -62,13 +64,28 @@ pub fn forward(
     } else {
         x
     };
-    matmul_rows(a, p.inp, Mat::rows(&p.wt, p.out), p.out, y, true);
+    matmul_rows(
+        a,
+        p.inp,
+        Mat::rows(&p.wt, p.out),
+        p.out,
+        y,
+        true,
+        rows_per_image,
+    );
     if out_div != 1.0 {
         y.iter_mut().for_each(|v| *v /= out_div);
     }
 }
 
 /// `dx (+)= dy W` (the layer without its input activation, which never lies on the input path).
-pub fn backward_input(p: &LinearParams, dy: &[f32], dx: &mut [f32], accumulate: bool) {
-    matmul_rows(dy, p.out, Mat::rows(&p.w, p.inp), p.inp, dx, accumulate);
+pub fn backward_input(
+    p: &LinearParams,
+    dy: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+    rows_per_image: usize,
+) {
+    let b = Mat::rows(&p.w, p.inp);
+    matmul_rows(dy, p.out, b, p.inp, dx, accumulate, rows_per_image);
 }

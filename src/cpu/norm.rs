@@ -43,14 +43,21 @@ where
             }
             (a, b)
         })
-        .reduce(
-            || (vec![0.0; c], vec![0.0; c]),
-            |(mut a, mut b), (x, y)| {
-                a.iter_mut().zip(&x).for_each(|(p, q)| *p += q);
-                b.iter_mut().zip(&y).for_each(|(p, q)| *p += q);
-                (a, b)
-            },
-        )
+        .collect::<Vec<_>>()
+        .into_iter()
+        .reduce(add_pairs)
+        .unwrap_or_else(|| (vec![0.0; c], vec![0.0; c]))
+}
+
+/// Sums chunk partials in chunk order (not in whatever order threads finish), so the
+/// statistics, and everything after them, are the same on every run.
+fn add_pairs(
+    (mut a, mut b): (Vec<f64>, Vec<f64>),
+    (x, y): (Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>) {
+    a.iter_mut().zip(&x).for_each(|(p, q)| *p += q);
+    b.iter_mut().zip(&y).for_each(|(p, q)| *p += q);
+    (a, b)
 }
 
 /// `y = GroupNorm(x) * gamma + beta`, then SiLU if `silu`. Returns the statistics.
@@ -173,14 +180,10 @@ pub fn backward(
                 let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
                 (widen(a), widen(b))
             })
-            .reduce(
-                || (vec![0.0; c], vec![0.0; c]),
-                |(mut a, mut b), (x, y)| {
-                    a.iter_mut().zip(&x).for_each(|(p, q)| *p += q);
-                    b.iter_mut().zip(&y).for_each(|(p, q)| *p += q);
-                    (a, b)
-                },
-            );
+            .collect::<Vec<_>>()
+            .into_iter()
+            .reduce(add_pairs)
+            .unwrap_or_else(|| (vec![0.0; c], vec![0.0; c]));
         let mut mg = vec![0.0f32; c];
         let mut mgx = vec![0.0f32; c];
         for grp in 0..groups {

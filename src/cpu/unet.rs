@@ -183,13 +183,7 @@ impl CpuUnet {
     }
 
     /// The forward pass. With `record`, returns the values and aux data the backward pass needs.
-    fn run(
-        &self,
-        x: Vec<f32>,
-        d: Dims,
-        t: &[f32],
-        record: bool,
-    ) -> (Vec<f32>, Recorded) {
+    fn run(&self, x: Vec<f32>, d: Dims, t: &[f32], record: bool) -> (Vec<f32>, Recorded) {
         let g = &self.graph;
         let mut values: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
         let mut aux: Vec<Aux> = Vec::with_capacity(g.ops.len());
@@ -260,14 +254,9 @@ impl CpuUnet {
                 out_div,
                 ..
             } => {
-                linear::forward(
-                    self.linear(p),
-                    val(x),
-                    silu_in,
-                    residual.map(val),
-                    out_div,
-                    &mut y,
-                );
+                let (h, w) = d.hw(g, x);
+                let (lp, r) = (self.linear(p), residual.map(val));
+                linear::forward(lp, val(x), silu_in, r, out_div, &mut y, h * w);
             }
             Op::Conv {
                 x,
@@ -486,8 +475,9 @@ impl Tape {
                     dy.iter_mut().for_each(|v| *v /= out_div);
                 }
                 if on_path(x) {
+                    let (h, w) = d.hw(g, x);
                     let (gx, acc) = slot(grads, x, len(x));
-                    linear::backward_input(u.linear(p), &dy, gx, acc);
+                    linear::backward_input(u.linear(p), &dy, gx, acc, h * w);
                 }
                 if let Some(r) = residual.filter(|&r| on_path(r)) {
                     add_residual(grads, r, dy);

@@ -1,0 +1,360 @@
+//! Bad input gets a clear error that names the file, tensor or key and what was expected;
+//! never a panic, never a silently wrong answer.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use invdiff::config::UNetConfig;
+use invdiff::cpu::CpuUnet;
+use invdiff::io::safetensors;
+use invdiff::model::Model;
+use invdiff::Tensor;
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("invdiff-errors-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn err_text<T>(r: invdiff::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "message {msg:?} does not mention {p:?}");
+    }
+}
+
+/// Runs the CLI, expecting failure; returns stderr.
+fn cli_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "invdiff {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !err.contains("panicked"),
+        "invdiff {args:?} panicked: {err}"
+    );
+    err
+}
+
+#[test]
+fn missing_model_folder_and_missing_weights() {
+    let msg = err_text(Model::load(Path::new("/nonexistent/model")));
+    assert_mentions(&msg, &["/nonexistent/model", "not found"]);
+    let d = scratch("noweights");
+    std::fs::copy(
+        fixture("models/google_tiny/config.json"),
+        d.join("config.json"),
+    )
+    .unwrap();
+    let msg = err_text(Model::load(&d));
+    assert_mentions(
+        &msg,
+        &["no weights found", "diffusion_pytorch_model.safetensors"],
+    );
+}
+
+#[test]
+fn truncated_checkpoint() {
+    let d = scratch("truncated");
+    copy_dir(&fixture("models/google_tiny"), &d);
+    let w = d.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = err_text(Model::load(&d));
+    assert_mentions(&msg, &["diffusion_pytorch_model.safetensors"]);
+}
+
+#[test]
+fn mis_shaped_missing_and_extra_tensors_are_named() {
+    let d = scratch("misshaped");
+    copy_dir(&fixture("models/google_tiny"), &d);
+    let w = d.join("diffusion_pytorch_model.safetensors");
+    let f = safetensors::read(&w).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = f
+        .names()
+        .into_iter()
+        .filter(|n| *n != "conv_out.bias")
+        .map(|n| (n.to_string(), f.get(n).unwrap()))
+        .collect();
+    for (n, t) in tensors.iter_mut() {
+        if n == "conv_in.weight" {
+            *t = Tensor::zeros(vec![32, 3, 5, 5]);
+        }
+    }
+    tensors.push(("extra.weight".to_string(), Tensor::zeros(vec![2])));
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::write(&w, &refs, None).unwrap();
+    let msg = err_text(Model::load(&d));
+    assert_mentions(
+        &msg,
+        &[
+            "conv_in.weight",
+            "expected [32, 3, 3, 3], found [32, 3, 5, 5]",
+            "missing",
+            "conv_out.bias",
+            "unexpected",
+            "extra.weight",
+        ],
+    );
+}
+
+#[test]
+fn unsupported_config_keys_and_values_are_named() {
+    let base = std::fs::read_to_string(fixture("models/google_tiny/config.json")).unwrap();
+    for (key, value, expect) in [
+        (
+            "resnet_time_scale_shift",
+            "\"scale_shift\"",
+            "resnet_time_scale_shift",
+        ),
+        ("time_embedding_type", "\"fourier\"", "fourier"),
+        ("class_embed_type", "\"timestep\"", "class_embed_type"),
+        ("some_future_key", "1", "some_future_key"),
+        ("norm_num_groups", "7", "norm_num_groups"),
+        ("downsample_padding", "2", "downsample_padding"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+        v[key] = serde_json::from_str(value).unwrap();
+        let msg = err_text(UNetConfig::from_json(&v.to_string(), Path::new("cfg.json")));
+        assert_mentions(&msg, &["cfg.json", expect]);
+    }
+    let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+    v["down_block_types"][0] = "CrossAttnDownBlock2D".into();
+    let msg = err_text(UNetConfig::from_json(&v.to_string(), Path::new("cfg.json")));
+    assert_mentions(&msg, &["down_block_types", "CrossAttnDownBlock2D"]);
+}
+
+#[test]
+fn bad_input_sizes_shapes_and_values() {
+    let model = Model::load(&fixture("models/google_tiny")).unwrap();
+    let unet = CpuUnet::new(&model);
+    // google_tiny halves the resolution 3 times: sizes must be multiples of 8.
+    let msg = err_text(unet.forward(&Tensor::zeros(vec![1, 3, 30, 32]), &[10.0]));
+    assert_mentions(&msg, &["30x32", "multiples of 8"]);
+    let msg = err_text(unet.forward(&Tensor::zeros(vec![1, 4, 32, 32]), &[10.0]));
+    assert_mentions(&msg, &["3 input channels", "got 4"]);
+    let msg = err_text(unet.forward(&Tensor::zeros(vec![3, 32, 32]), &[10.0]));
+    assert_mentions(&msg, &["sample", "[N,C,H,W]"]);
+    let msg = err_text(unet.forward(&Tensor::zeros(vec![2, 3, 32, 32]), &[1.0, 2.0, 3.0]));
+    assert_mentions(&msg, &["timestep", "got 3"]);
+    let mut x = Tensor::zeros(vec![1, 3, 32, 32]);
+    x.data_mut()[5] = f32::NAN;
+    let msg = err_text(unet.forward(&x, &[10.0]));
+    assert_mentions(&msg, &["NaN"]);
+    let (_, tape) = unet
+        .forward_recording(&Tensor::zeros(vec![1, 3, 32, 32]), &[10.0])
+        .unwrap();
+    let msg = err_text(unet.vjp(tape, &Tensor::zeros(vec![1, 3, 16, 16])));
+    assert_mentions(&msg, &["cotangent", "[1, 3, 32, 32]"]);
+}
+
+#[test]
+fn cli_eps_reports_the_input_file() {
+    let d = scratch("cli-eps");
+    let input = d.join("in.safetensors");
+    safetensors::write(
+        &input,
+        &[("sample", &Tensor::zeros(vec![1, 3, 32, 32]))],
+        None,
+    )
+    .unwrap();
+    let model = fixture("models/google_tiny");
+    let out = d.join("out.safetensors");
+    let err = cli_fails(&[
+        "eps",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_mentions(&err, &["in.safetensors", "timestep"]);
+    let err = cli_fails(&[
+        "eps",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        "/nonexistent.safetensors",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_mentions(&err, &["/nonexistent.safetensors"]);
+    let err = cli_fails(&[
+        "eps",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "tpu",
+    ]);
+    assert_mentions(&err, &["tpu", "auto, cpu, cuda"]);
+}
+
+#[test]
+fn cli_restore_rejects_bad_measurements() {
+    let d = scratch("cli-restore");
+    let model = fixture("models/google_tiny");
+    let m = model.to_str().unwrap();
+    let inputs = fixture("trajectories/inputs.safetensors");
+    let out = d.join("out.png");
+    // A kernel larger than the 32x32 images.
+    let big = d.join("big.safetensors");
+    safetensors::write(
+        &big,
+        &[("kernel", &Tensor::full(vec![1, 1, 40, 40], 1.0 / 1600.0))],
+        None,
+    )
+    .unwrap();
+    let err = cli_fails(&[
+        "restore",
+        "--model",
+        m,
+        "--method",
+        "dps",
+        "--measurement",
+        inputs.to_str().unwrap(),
+        "--kernel",
+        big.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--output",
+        d.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_mentions(&err, &["40", "32"]);
+    // NaN in the measurement.
+    let mut y = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    y.data_mut()[7] = f32::NAN;
+    let nan = d.join("nan.safetensors");
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(&nan, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let err = cli_fails(&[
+        "restore",
+        "--model",
+        m,
+        "--method",
+        "pigdm",
+        "--measurement",
+        nan.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_mentions(&err, &["NaN"]);
+    // A size the network cannot take, and a ground truth of another size.
+    let odd = d.join("odd.safetensors");
+    safetensors::write(
+        &odd,
+        &[
+            ("measurement", &Tensor::full(vec![1, 3, 30, 32], 0.5)),
+            ("kernel", &k),
+        ],
+        None,
+    )
+    .unwrap();
+    let err = cli_fails(&[
+        "restore",
+        "--model",
+        m,
+        "--method",
+        "dps",
+        "--measurement",
+        odd.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_mentions(&err, &["30x32", "multiples of 8"]);
+    let err = cli_fails(&[
+        "restore",
+        "--model",
+        m,
+        "--method",
+        "magic",
+        "--measurement",
+        odd.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_mentions(&err, &["magic", "dps", "pigdm"]);
+    let err = cli_fails(&[
+        "restore",
+        "--model",
+        m,
+        "--method",
+        "dps",
+        "--measurement",
+        inputs.to_str().unwrap(),
+        "--truth",
+        odd.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--output",
+        d.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_mentions(&err, &["odd.safetensors", "no tensor named truth or sharp"]);
+    let one = d.join("one.safetensors");
+    safetensors::write(
+        &one,
+        &[("truth", &Tensor::full(vec![1, 3, 32, 32], 0.5))],
+        None,
+    )
+    .unwrap();
+    let err = cli_fails(&[
+        "restore",
+        "--model",
+        m,
+        "--method",
+        "dps",
+        "--measurement",
+        inputs.to_str().unwrap(),
+        "--truth",
+        one.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--output",
+        d.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_mentions(&err, &["2 measurements but 1 ground-truth"]);
+}
