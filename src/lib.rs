@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod inverse;

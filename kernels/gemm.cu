@@ -1,0 +1,93 @@
+// Strided batched matrix product C = alpha A B (+ C), for the attention products
+// (S = q kᵀ, O = P v, and dV = Pᵀ dO, dP = dO vᵀ, dQ = dS k, dK = dSᵀ q).
+//
+// Every operand is a strided view: A(i, k) = a[i * a_rs + k * a_cs], so a transpose, a head's
+// slice of the fused q/k/v rows, or one image's P block are all plain views, with no copies.
+// The batch index z = blockIdx.z splits into an outer (image) and inner (head) index, each with
+// its own stride. The products are small (L = 256 tokens, d <= 512 for celebahq: 67 MFLOP each),
+// so this kernel favours generality: 64x64 block tile, K slices of 16, 256 threads with a 4x4
+// register tile, scalar bounds-checked loads whose thread mapping follows whichever stride of
+// the operand is 1 (so that a warp reads consecutive addresses either way).
+#include "common.cuh"
+
+struct GemmArgs {
+    const float* a;
+    const float* b;
+    float* c;
+    long long a_rs, a_cs, b_rs, b_cs, c_rs;
+    long long a_bo, a_bi, b_bo, b_bi, c_bo, c_bi;
+    int m, n, k, batch_inner;
+    float alpha;
+    int accumulate;
+};
+static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels.rs");
+
+// Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 8.7 KB static shared memory.
+extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
+    constexpr int TM = 64, TN = 64, TK = 16;
+    __shared__ __align__(16) float As[TK][TM + 4];
+    __shared__ __align__(16) float Bs[TK][TN + 4];
+    const int tid = threadIdx.x;
+    const int z = blockIdx.z;
+    const int bo = z / g.batch_inner;
+    const int bi = z - bo * g.batch_inner;
+    const float* A = g.a + bo * g.a_bo + bi * g.a_bi;
+    const float* B = g.b + bo * g.b_bo + bi * g.b_bi;
+    float* C = g.c + bo * g.c_bo + bi * g.c_bi;
+    const int m0 = blockIdx.y * TM;
+    const int n0 = blockIdx.x * TN;
+    const int tx = tid & 15;
+    const int ty = tid >> 4;
+    const bool a_kfast = g.a_cs == 1;
+    const bool b_nfast = g.b_cs == 1;
+
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+    for (int k0 = 0; k0 < g.k; k0 += TK) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int e = tid + 256 * r;
+            int mm, kk;
+            if (a_kfast) { kk = e & 15; mm = e >> 4; } else { mm = e & 63; kk = e >> 6; }
+            int i = m0 + mm, k = k0 + kk;
+            As[kk][mm] = (i < g.m && k < g.k) ? A[i * g.a_rs + k * g.a_cs] : 0.f;
+            int nn;
+            if (b_nfast) { nn = e & 63; kk = e >> 6; } else { kk = e & 15; nn = e >> 4; }
+            const int j = n0 + nn;
+            k = k0 + kk;
+            Bs[kk][nn] = (j < g.n && k < g.k) ? B[k * g.b_rs + j * g.b_cs] : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TK; ++kk) {
+            const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+            const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+            const float a4[4] = {av.x, av.y, av.z, av.w};
+            const float b4[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a4[i], b4[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int row = m0 + ty * 4 + i;
+        if (row >= g.m) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = n0 + tx * 4 + j;
+            if (col >= g.n) continue;
+            float* cp = C + row * g.c_rs + col;
+            float v = g.alpha * acc[i][j];
+            if (g.accumulate) v += *cp;
+            *cp = v;
+        }
+    }
+}

@@ -1,0 +1,210 @@
+// GroupNorm (optionally fused with SiLU) on channels-last activations [n, hw, c], forward and
+// backward, with groups of c / groups consecutive channels.
+//
+// Each direction is three launches:
+// 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU: grid
+//    (chunks, ceil(c / 32), n) of 32x8 blocks; a warp reads 32 consecutive channels of a pixel
+//    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
+//    chunk count so that even 32 groups of one 256x256 image fill every multiprocessor, which a
+//    block per (image, group) could not.
+// 2. a finalize per (image, group) that adds the chunks in a fixed order (deterministic), and
+//    forms the statistics exactly as the CPU does (mean, var = E[x²] - mean², rstd with eps
+//    added in f32), then the per-channel scale and shift of the forward pass;
+// 3. an element-wise pass, y = x * scale + shift (one fma, as on the CPU) then SiLU; or the
+//    input gradient dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy silu'(z) gamma.
+// Statistics are stored as [mean for n*groups | rstd for n*groups] (the backward pass reads
+// them from the recorded forward).
+#include "common.cuh"
+
+// Forward partial sums: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] = (sum, sum sq).
+extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
+                                                           double* partial) {
+    __shared__ double s1[8][32], s2[8][32];
+    const int lane = threadIdx.x, wy = threadIdx.y;
+    const int ch = blockIdx.y * 32 + lane;
+    const int img = blockIdx.z;
+    const int chunks = gridDim.x;
+    const int p0 = blockIdx.x * chunk_px;
+    const int p1 = min(hw, p0 + chunk_px);
+    double a = 0.0, b = 0.0;
+    if (ch < c) {
+        const float* xi = x + (long long)img * hw * c + ch;
+#pragma unroll 4
+        for (int p = p0 + wy; p < p1; p += 8) {
+            const double v = (double)xi[(long long)p * c];
+            a += v;
+            b += v * v;
+        }
+    }
+    s1[wy][lane] = a;
+    s2[wy][lane] = b;
+    __syncthreads();
+    if (wy == 0 && ch < c) {
+        for (int i = 1; i < 8; ++i) {
+            a += s1[i][lane];
+            b += s2[i][lane];
+        }
+        double* out = partial + (((long long)img * chunks + blockIdx.x) * c + ch) * 2;
+        out[0] = a;
+        out[1] = b;
+    }
+}
+
+// Statistics and per-channel affine of the forward pass; one thread per (image, group).
+// scale_shift is [n][2][c]: scale then shift per image.
+extern "C" __global__ void gn_finalize(const double* partial, int n, int hw, int c, int groups, int chunks,
+                                       float eps, const float* gamma, const float* beta, float* stats,
+                                       float* scale_shift) {
+    const int id = blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= n * groups) return;
+    const int img = id / groups, g = id - img * groups;
+    const int cg = c / groups;
+    double s = 0.0, q = 0.0;
+    for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
+        double cs = 0.0, cq = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            const double* p = partial + (((long long)img * chunks + k) * c + ch) * 2;
+            cs += p[0];
+            cq += p[1];
+        }
+        s += cs;
+        q += cq;
+    }
+    const double count = (double)cg * (double)hw;
+    const double mean = s / count;
+    const double var = fmax(q / count - mean * mean, 0.0);
+    const double rstd = 1.0 / sqrt((double)((float)var + eps));
+    stats[id] = (float)mean;
+    stats[n * groups + id] = (float)rstd;
+    float* sc = scale_shift + (long long)img * 2 * c;
+    for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
+        const double a = rstd * (double)gamma[ch];
+        sc[ch] = (float)a;
+        sc[c + ch] = (float)((double)beta[ch] - mean * a);
+    }
+}
+
+// y = x * scale + shift (then SiLU), element-wise. Grid-stride over n * hw * c / vec elements;
+// vec4 = 1 needs c % 4 == 0 and 16-byte aligned x and y (checked by the host).
+extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int n, int hw, int c,
+                                    int silu, int vec4) {
+    const long long per = (long long)hw * c;
+    if (vec4) {
+        const long long total4 = (long long)n * per / 4;
+        for (long long e = grid_start(); e < total4; e += grid_stride()) {
+            const long long i = e * 4;
+            const int img = (int)(i / per);
+            const int ch = (int)(i % c);
+            const float* sc = scale_shift + (long long)img * 2 * c;
+            const float4 v = reinterpret_cast<const float4*>(x)[e];
+            float o[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float z = fmaf(o[j], sc[ch + j], sc[c + ch + j]);
+                o[j] = silu ? silu_f(z) : z;
+            }
+            reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
+        }
+    } else {
+        const long long total = (long long)n * per;
+        for (long long i = grid_start(); i < total; i += grid_stride()) {
+            const int img = (int)(i / per);
+            const int ch = (int)(i % c);
+            const float* sc = scale_shift + (long long)img * 2 * c;
+            const float z = fmaf(x[i], sc[ch], sc[c + ch]);
+            y[i] = silu ? silu_f(z) : z;
+        }
+    }
+}
+
+// g = d loss / d xhat for one element, and xhat; the CPU's formula.
+DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float bt, int silu, float& g,
+                    float& xhat) {
+    xhat = (xv - mean) * rstd;
+    g = dyv;
+    if (silu) g *= silu_grad_f(fmaf(xhat, gm, bt));
+    g *= gm;
+}
+
+// Backward partial sums of g and g * xhat, same layout and launch as gn_partial.
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x, const float* dy, const float* stats,
+                                                               const float* gamma, const float* beta, int n, int hw,
+                                                               int c, int groups, int silu, int chunk_px,
+                                                               double* partial) {
+    __shared__ double s1[8][32], s2[8][32];
+    const int lane = threadIdx.x, wy = threadIdx.y;
+    const int ch = blockIdx.y * 32 + lane;
+    const int img = blockIdx.z;
+    const int chunks = gridDim.x;
+    const int p0 = blockIdx.x * chunk_px;
+    const int p1 = min(hw, p0 + chunk_px);
+    double a = 0.0, b = 0.0;
+    if (ch < c) {
+        const int gi = img * groups + ch / (c / groups);
+        const float mean = stats[gi], rstd = stats[n * groups + gi];
+        const float gm = gamma[ch], bt = beta[ch];
+        const long long base = (long long)img * hw * c + ch;
+#pragma unroll 4
+        for (int p = p0 + wy; p < p1; p += 8) {
+            const long long i = base + (long long)p * c;
+            float g, xhat;
+            grad_xhat(x[i], dy[i], mean, rstd, gm, bt, silu, g, xhat);
+            a += (double)g;
+            b += (double)(g * xhat);
+        }
+    }
+    s1[wy][lane] = a;
+    s2[wy][lane] = b;
+    __syncthreads();
+    if (wy == 0 && ch < c) {
+        for (int i = 1; i < 8; ++i) {
+            a += s1[i][lane];
+            b += s2[i][lane];
+        }
+        double* out = partial + (((long long)img * chunks + blockIdx.x) * c + ch) * 2;
+        out[0] = a;
+        out[1] = b;
+    }
+}
+
+// Group means of g and g * xhat: means[id] and means[n * groups + id]; one thread per (image, group).
+extern "C" __global__ void gn_bwd_finalize(const double* partial, int n, int hw, int c, int groups, int chunks,
+                                           float* means) {
+    const int id = blockIdx.x * blockDim.x + threadIdx.x;
+    if (id >= n * groups) return;
+    const int img = id / groups, g = id - img * groups;
+    const int cg = c / groups;
+    double s = 0.0, q = 0.0;
+    for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
+        double cs = 0.0, cq = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            const double* p = partial + (((long long)img * chunks + k) * c + ch) * 2;
+            cs += p[0];
+            cq += p[1];
+        }
+        s += cs;
+        q += cq;
+    }
+    const double count = (double)cg * (double)hw;
+    means[id] = (float)(s / count);
+    means[n * groups + id] = (float)(q / count);
+}
+
+// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise, grid-stride.
+extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
+                                        const float* gamma, const float* beta, float* dx, int n, int hw, int c,
+                                        int groups, int silu, int accumulate) {
+    const long long per = (long long)hw * c;
+    const long long total = (long long)n * per;
+    const int cg = c / groups;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const int img = (int)(i / per);
+        const int ch = (int)(i % c);
+        const int gi = img * groups + ch / cg;
+        const float rstd = stats[n * groups + gi];
+        float g, xhat;
+        grad_xhat(x[i], dy[i], stats[gi], rstd, gamma[ch], beta[ch], silu, g, xhat);
+        const float v = rstd * (g - means[gi] - xhat * means[n * groups + gi]);
+        dx[i] = accumulate ? dx[i] + v : v;
+    }
+}

@@ -1,0 +1,130 @@
+// Data movement and small element-wise ops: layout changes at the network's boundary, nearest
+// 2x upsampling and its adjoint, channel concatenation and its adjoint, gradient accumulation,
+// division by a scale factor, and the sinusoidal timestep embedding.
+//
+// All are memory-bound one-pass kernels: blocks of 256 threads in grid-stride loops over the
+// output (the host caps the grid at a few blocks per multiprocessor), one thread per element,
+// consecutive threads on consecutive output addresses. Adjoints take an `accumulate` flag with
+// the CPU's meaning: add onto what the gradient buffer holds, or overwrite it.
+#include "common.cuh"
+
+// NCHW -> NHWC with y = x * mul + add (the input centring 2x - 1 when asked).
+extern "C" __global__ void nchw_to_nhwc(const float* x, float* y, int n, int c, int h, int w, float mul, float add) {
+    const long long hw = (long long)h * w;
+    const long long total = (long long)n * c * hw;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const int ch = (int)(i % c);
+        const long long p = i / c;  // pixel index over n * hw
+        const long long img = p / hw;
+        const long long q = p - img * hw;
+        y[i] = x[(img * c + ch) * hw + q] * mul + add;
+    }
+}
+
+// NHWC -> NCHW with y = x * mul.
+extern "C" __global__ void nhwc_to_nchw(const float* x, float* y, int n, int c, int h, int w, float mul) {
+    const long long hw = (long long)h * w;
+    const long long total = (long long)n * c * hw;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const long long q = i % hw;
+        const long long plane = i / hw;  // img * c + ch
+        const long long img = plane / c;
+        const long long ch = plane - img * c;
+        y[i] = x[(img * hw + q) * c + ch] * mul;
+    }
+}
+
+// y[img, oy, ox, :] = x[img, oy / 2, ox / 2, :]; x is [n, h, w, c].
+extern "C" __global__ void upsample2x(const float* x, float* y, int n, int h, int w, int c) {
+    const long long total = (long long)n * 4 * h * w * c;
+    const int ow = 2 * w, oh = 2 * h;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const int ch = (int)(i % c);
+        const long long p = i / c;
+        const int ox = (int)(p % ow);
+        const long long r = p / ow;
+        const int oy = (int)(r % oh);
+        const long long img = r / oh;
+        y[i] = x[((img * h + oy / 2) * w + ox / 2) * c + ch];
+    }
+}
+
+// dx[img, iy, ix, :] (+)= sum of dy over the 2x2 block it was copied to, in the CPU's order.
+extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n, int h, int w, int c,
+                                               int accumulate) {
+    const long long total = (long long)n * h * w * c;
+    const long long row = 2LL * w * c;  // one output row of dy
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const int ch = (int)(i % c);
+        const long long p = i / c;
+        const int ix = (int)(p % w);
+        const long long r = p / w;
+        const int iy = (int)(r % h);
+        const long long img = r / h;
+        const float* r0 = dy + (img * 2 * h + 2 * iy) * row;
+        const float* r1 = r0 + row;
+        const long long a = 2LL * ix * c + ch;
+        const float s = r0[a] + r0[a + c] + r1[a] + r1[a + c];
+        dx[i] = accumulate ? dx[i] + s : s;
+    }
+}
+
+// y[p, :] = [a[p, :] | b[p, :]] over `pixels` pixels.
+extern "C" __global__ void concat_channels(const float* a, const float* b, float* y, long long pixels, int ca,
+                                           int cb) {
+    const int c = ca + cb;
+    const long long total = pixels * c;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const long long p = i / c;
+        const int j = (int)(i - p * c);
+        y[i] = j < ca ? a[p * ca + j] : b[p * cb + (j - ca)];
+    }
+}
+
+// d[p, :] (+)= dy[p, offset .. offset + width], the adjoint of one side of a concatenation.
+extern "C" __global__ void concat_backward(const float* dy, float* d, long long pixels, int c, int offset, int width,
+                                           int accumulate) {
+    const long long total = pixels * width;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const long long p = i / width;
+        const int j = (int)(i - p * width);
+        const float v = dy[p * c + offset + j];
+        d[i] = accumulate ? d[i] + v : v;
+    }
+}
+
+// dst (+)= src: a residual's gradient.
+extern "C" __global__ void add_into(float* dst, const float* src, long long len, int accumulate) {
+    for (long long i = grid_start(); i < len; i += grid_stride()) dst[i] = accumulate ? dst[i] + src[i] : src[i];
+}
+
+// x /= div in place: a gradient through an output scale factor (mid_block_scale_factor).
+extern "C" __global__ void div_inplace(float* x, long long len, float div) {
+    for (long long i = grid_start(); i < len; i += grid_stride()) x[i] = x[i] / div;
+}
+
+// diffusers' get_timestep_embedding, [n] -> [n, dim], with the CPU's arithmetic: exponents and
+// the argument t * freq in f32, exp/sin/cos in f64 then rounded. log_period = -(f32)ln(10000),
+// passed by the host so that both sides use the same f32 value. One thread per (image, i < half);
+// an odd dim's last column is zero.
+extern "C" __global__ void timestep_embedding(const float* t, float* y, int n, int dim, int flip, float shift,
+                                              float log_period) {
+    const int half = dim / 2;
+    const int cols = half + (dim & 1);
+    const long long total = (long long)n * cols;
+    for (long long e = grid_start(); e < total; e += grid_stride()) {
+        const int img = (int)(e / cols);
+        const int i = (int)(e - (long long)img * cols);
+        float* row = y + (long long)img * dim;
+        if (i == half) {
+            row[dim - 1] = 0.f;
+            continue;
+        }
+        const float ex = (log_period * (float)i) / ((float)half - shift);
+        const float freq = (float)exp((double)ex);
+        const double arg = (double)(t[img] * freq);
+        const float s = (float)sin(arg), co = (float)cos(arg);
+        row[i] = flip ? co : s;
+        row[half + i] = flip ? s : co;
+    }
+}

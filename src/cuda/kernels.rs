@@ -1,0 +1,1418 @@
+//! Typed launchers for the kernels in `kernels/*.cu`: each checks its preconditions on the host,
+//! picks the variant whose fast-path conditions hold, sizes the grid, and launches on a stream.
+//!
+//! Device buffers are passed as raw device addresses ([`DPtr`]): the executor keeps every
+//! activation in one planned arena and hands out addresses inside it, which cudarc's slice types
+//! cannot express without borrowing the whole arena per argument. Callers guarantee that each
+//! address points at as many f32 as the launch reads or writes; the launchers check sizes against
+//! the kernels' index ranges (31-bit counts where the kernel uses `int`).
+//!
+//! Launch shapes (threads per block, blocks):
+//! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
+//!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
+//!   8 blocks per multiprocessor;
+//! - `conv_narrow`, `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element),
+//!   grid-stride, capped at 16 blocks per multiprocessor;
+//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
+//! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 128 threads per
+//!   block, one per (image, group).
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+
+use super::device::{cu, fatbins, DeviceInfo};
+use crate::model::graph::Pad;
+use crate::{Error, Result};
+
+/// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
+pub(crate) type DPtr = u64;
+
+/// ConvArgs of kernels/conv.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ConvArgs {
+    x: DPtr,
+    w: DPtr,
+    y: DPtr,
+    bias: DPtr,
+    temb: DPtr,
+    res: DPtr,
+    ws: DPtr,
+    n: i32,
+    mh: i32,
+    mw: i32,
+    sh: i32,
+    sw: i32,
+    sc: i32,
+    ncols: i32,
+    taps: i32,
+    in_stride: i32,
+    yh: i32,
+    yw: i32,
+    out_stride: i32,
+    out_oy: i32,
+    out_ox: i32,
+    k_per_split: i32,
+    accumulate: i32,
+    out_div: f32,
+    tap_dy: [i32; 9],
+    tap_dx: [i32; 9],
+    tap_w: [i32; 9],
+}
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 232);
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for ConvArgs {}
+
+/// GemmArgs of kernels/gemm.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemmArgs {
+    a: DPtr,
+    b: DPtr,
+    c: DPtr,
+    a_rs: i64,
+    a_cs: i64,
+    b_rs: i64,
+    b_cs: i64,
+    c_rs: i64,
+    a_bo: i64,
+    a_bi: i64,
+    b_bo: i64,
+    b_bi: i64,
+    c_bo: i64,
+    c_bi: i64,
+    m: i32,
+    n: i32,
+    k: i32,
+    batch_inner: i32,
+    alpha: f32,
+    accumulate: i32,
+}
+const _: () = assert!(std::mem::size_of::<GemmArgs>() == 136);
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for GemmArgs {}
+
+/// One tap of an implicit-GEMM convolution: source offset and weight block (see conv.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tap {
+    pub dy: i32,
+    pub dx: i32,
+    pub w: i32,
+}
+
+/// The geometry of one implicit-GEMM launch (kernels/conv.cu explains each field).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ConvShape {
+    pub n: usize,
+    pub mh: usize,
+    pub mw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub sc: usize,
+    pub ncols: usize,
+    pub in_stride: usize,
+    pub yh: usize,
+    pub yw: usize,
+    pub out_stride: usize,
+    pub out_oy: usize,
+    pub out_ox: usize,
+    pub taps: Vec<Tap>,
+}
+
+/// Zero rows above / columns left of the input of a 3x3 convolution.
+fn pad_before(pad: Pad) -> i32 {
+    match pad {
+        Pad::Symmetric => 1,
+        Pad::RightBottom => 0,
+    }
+}
+
+impl ConvShape {
+    /// GEMM rows (output pixels of this launch).
+    pub fn rows(&self) -> usize {
+        self.n * self.mh * self.mw
+    }
+
+    /// Reduction length, taps x source channels.
+    pub fn k(&self) -> usize {
+        self.taps.len() * self.sc
+    }
+
+    /// Forward convolution of an `h x w` input of `cin` channels into `cout` (k = 1 or 3); the
+    /// weights are the forward layout `[(tap, ci), co]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: Pad,
+    ) -> Self {
+        let (oh, ow) = (h / stride, w / stride);
+        let taps = if k == 1 {
+            vec![Tap { dy: 0, dx: 0, w: 0 }]
+        } else {
+            let p = pad_before(pad);
+            (0..9)
+                .map(|t| Tap {
+                    dy: t / 3 - p,
+                    dx: t % 3 - p,
+                    w: t,
+                })
+                .collect()
+        };
+        ConvShape {
+            n,
+            mh: oh,
+            mw: ow,
+            sh: h,
+            sw: w,
+            sc: cin,
+            ncols: cout,
+            in_stride: stride,
+            yh: oh,
+            yw: ow,
+            out_stride: 1,
+            out_oy: 0,
+            out_ox: 0,
+            taps,
+        }
+    }
+
+    /// The input-gradient launches of the same convolution (weights in the layout
+    /// `[(tap, co), ci]`): one for stride 1 and 1x1; one per parity class of the input pixel
+    /// for stride 2, each with only the taps that reach that class.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: Pad,
+    ) -> Vec<Self> {
+        let (oh, ow) = (h / stride, w / stride);
+        let base = ConvShape {
+            n,
+            mh: h,
+            mw: w,
+            sh: oh,
+            sw: ow,
+            sc: cout,
+            ncols: cin,
+            in_stride: 1,
+            yh: h,
+            yw: w,
+            out_stride: 1,
+            out_oy: 0,
+            out_ox: 0,
+            taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
+        };
+        if k == 1 {
+            return vec![base];
+        }
+        if stride == 1 {
+            // dx[i] = sum_t dy[i + 1 - d_t] W_t.
+            let taps = (0..9)
+                .map(|t| Tap {
+                    dy: 1 - t / 3,
+                    dx: 1 - t % 3,
+                    w: t,
+                })
+                .collect();
+            return vec![ConvShape { taps, ..base }];
+        }
+        // Input row iy = 2j + py receives tap row d when iy + p - d is even, from output row
+        // (iy + p - d) / 2 = j + (py + p - d) / 2; likewise for columns.
+        let p = pad_before(pad);
+        let mut classes = Vec::new();
+        for py in 0..2i32 {
+            for px in 0..2i32 {
+                let rows: Vec<i32> = (0..3).filter(|d| (py + p - d) % 2 == 0).collect();
+                let cols: Vec<i32> = (0..3).filter(|d| (px + p - d) % 2 == 0).collect();
+                let mut taps = Vec::new();
+                for &dy in &rows {
+                    for &dx in &cols {
+                        taps.push(Tap {
+                            dy: (py + p - dy).div_euclid(2),
+                            dx: (px + p - dx).div_euclid(2),
+                            w: dy * 3 + dx,
+                        });
+                    }
+                }
+                let mh = (h + 1 - py as usize) / 2;
+                let mw = (w + 1 - px as usize) / 2;
+                if mh == 0 || mw == 0 {
+                    continue;
+                }
+                classes.push(ConvShape {
+                    mh,
+                    mw,
+                    out_stride: 2,
+                    out_oy: py as usize,
+                    out_ox: px as usize,
+                    taps,
+                    ..base.clone()
+                });
+            }
+        }
+        classes
+    }
+
+    /// A linear layer over `rows` rows as a one-tap product; `inp` is the reduction width.
+    pub fn linear(rows: usize, inp: usize, out: usize) -> Self {
+        ConvShape {
+            n: 1,
+            mh: 1,
+            mw: rows,
+            sh: 1,
+            sw: rows,
+            sc: inp,
+            ncols: out,
+            in_stride: 1,
+            yh: 1,
+            yw: rows,
+            out_stride: 1,
+            out_oy: 0,
+            out_ox: 0,
+            taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
+        }
+    }
+}
+
+/// Which implicit-GEMM kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConvKernel {
+    /// 16-byte loads; needs sc % 8 == 0, ncols % 4 == 0 and aligned pointers.
+    Vec,
+    /// Scalar loads, any sizes.
+    Any,
+    /// A warp per output pixel, for ncols <= 8.
+    Narrow,
+}
+
+/// How one implicit-GEMM launch is split (decided when the program is built, because the
+/// split-K workspace is part of the memory plan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConvLaunch {
+    pub kernel: ConvKernel,
+    pub splits: usize,
+    pub k_per_split: usize,
+}
+
+/// Block tile of the GEMM kernels, and the K slice.
+const TILE: usize = 128;
+const BK: usize = 8;
+
+/// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
+///
+/// Two 256-thread blocks fit on a multiprocessor (128 registers per thread). When the tile grid
+/// alone leaves slots empty, K is split so as to minimise waves per unit of work (ties go to
+/// fewer splits, which cost a workspace round trip), keeping at least 8 K slices per split.
+pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
+    let k = s.k();
+    if s.ncols <= 8 {
+        return ConvLaunch {
+            kernel: ConvKernel::Narrow,
+            splits: 1,
+            k_per_split: k.div_ceil(BK) * BK,
+        };
+    }
+    let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
+        ConvKernel::Vec
+    } else {
+        ConvKernel::Any
+    };
+    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
+    let ktiles = k.div_ceil(BK).max(1);
+    let slots = 2 * sms.max(1);
+    let max_splits = (ktiles / 8).clamp(1, 64);
+    let mut best = (1usize, f64::INFINITY);
+    for splits in 1..=max_splits {
+        let waves = (tiles * splits).div_ceil(slots) as f64;
+        let cost = waves / splits as f64;
+        if cost < best.1 * 0.95 {
+            best = (splits, cost);
+        }
+    }
+    let per = ktiles.div_ceil(best.0) * BK;
+    ConvLaunch {
+        kernel,
+        splits: k.div_ceil(per).max(1),
+        k_per_split: per,
+    }
+}
+
+impl ConvLaunch {
+    /// f32 elements of split-K workspace the launch needs.
+    pub fn workspace_len(&self, s: &ConvShape) -> usize {
+        if self.splits > 1 {
+            self.splits * s.rows() * s.ncols
+        } else {
+            0
+        }
+    }
+}
+
+/// Addresses of one implicit-GEMM launch; 0 where absent.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConvPtrs {
+    pub x: DPtr,
+    pub w: DPtr,
+    pub y: DPtr,
+    pub bias: DPtr,
+    pub temb: DPtr,
+    pub res: DPtr,
+    pub ws: DPtr,
+}
+
+/// Chunking of a GroupNorm reduction: `chunks` blocks of `chunk_px` pixels per (image, 32 channels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NormSplit {
+    pub chunks: usize,
+    pub chunk_px: usize,
+}
+
+/// Enough blocks to fill every multiprocessor about four times over, at least 8 pixels a block.
+pub(crate) fn plan_norm(n: usize, hw: usize, c: usize, sms: usize) -> NormSplit {
+    let per_chunk = n * c.div_ceil(32);
+    let want = (4 * sms.max(1)).div_ceil(per_chunk.max(1));
+    let chunks = want.clamp(1, hw.div_ceil(8).max(1));
+    let chunk_px = hw.div_ceil(chunks).max(1);
+    NormSplit {
+        chunks: hw.div_ceil(chunk_px).max(1),
+        chunk_px,
+    }
+}
+
+impl NormSplit {
+    /// f32 elements of the f64 partial sums (sum and sum of squares per chunk and channel).
+    pub fn partial_len(&self, n: usize, c: usize) -> usize {
+        4 * n * self.chunks * c
+    }
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Cuda(format!(
+            "{what} = {v} is too large for the kernels' 32-bit indices"
+        ))
+    })
+}
+
+fn i64_of(v: usize) -> i64 {
+    v as i64
+}
+
+/// Handles to every kernel of the embedded fatbins.
+pub(crate) struct Kernels {
+    sms: u32,
+    conv_gemm_vec: CudaFunction,
+    conv_gemm_any: CudaFunction,
+    conv_splitk_reduce: CudaFunction,
+    conv_narrow: CudaFunction,
+    conv_weight_transpose: CudaFunction,
+    gemm_batched: CudaFunction,
+    softmax_forward: CudaFunction,
+    softmax_backward: CudaFunction,
+    linear_rows: CudaFunction,
+    gn_partial: CudaFunction,
+    gn_finalize: CudaFunction,
+    gn_apply: CudaFunction,
+    gn_bwd_partial: CudaFunction,
+    gn_bwd_finalize: CudaFunction,
+    gn_bwd_apply: CudaFunction,
+    nchw_to_nhwc: CudaFunction,
+    nhwc_to_nchw: CudaFunction,
+    upsample2x: CudaFunction,
+    upsample2x_backward: CudaFunction,
+    concat_channels: CudaFunction,
+    concat_backward: CudaFunction,
+    add_into: CudaFunction,
+    div_inplace: CudaFunction,
+    timestep_embedding: CudaFunction,
+}
+
+const BLOCK: u32 = 256;
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Non-null check for pointers a kernel dereferences unconditionally.
+fn need(p: DPtr, what: &str) -> Result<()> {
+    if p == 0 {
+        return Err(Error::Cuda(format!(
+            "internal: null device pointer for {what}"
+        )));
+    }
+    Ok(())
+}
+
+impl Kernels {
+    /// Loads every module and looks up every kernel; a fatbin without code for this device
+    /// fails here with the driver's message.
+    pub fn load(ctx: &Arc<CudaContext>, info: &DeviceInfo) -> Result<Kernels> {
+        let mut modules = Vec::new();
+        for (name, image) in fatbins() {
+            let m = cu(
+                ctx.load_module(Ptx::from_binary(image.to_vec())),
+                &format!("loading kernel module `{name}` on {}", info.name),
+            )?;
+            modules.push((*name, m));
+        }
+        let get = |module: &str, f: &str| -> Result<CudaFunction> {
+            let (_, m) = modules.iter().find(|(n, _)| *n == module).ok_or_else(|| {
+                Error::Cuda(format!(
+                    "kernel module `{module}` is missing from this build"
+                ))
+            })?;
+            cu(m.load_function(f), &format!("looking up kernel `{f}`"))
+        };
+        Ok(Kernels {
+            sms: info.multiprocessors.max(1),
+            conv_gemm_vec: get("conv", "conv_gemm_vec")?,
+            conv_gemm_any: get("conv", "conv_gemm_any")?,
+            conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
+            conv_narrow: get("conv", "conv_narrow")?,
+            conv_weight_transpose: get("conv", "conv_weight_transpose")?,
+            gemm_batched: get("gemm", "gemm_batched")?,
+            softmax_forward: get("attention", "softmax_forward")?,
+            softmax_backward: get("attention", "softmax_backward")?,
+            linear_rows: get("linear", "linear_rows")?,
+            gn_partial: get("norm", "gn_partial")?,
+            gn_finalize: get("norm", "gn_finalize")?,
+            gn_apply: get("norm", "gn_apply")?,
+            gn_bwd_partial: get("norm", "gn_bwd_partial")?,
+            gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
+            gn_bwd_apply: get("norm", "gn_bwd_apply")?,
+            nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
+            nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
+            upsample2x: get("resample", "upsample2x")?,
+            upsample2x_backward: get("resample", "upsample2x_backward")?,
+            concat_channels: get("resample", "concat_channels")?,
+            concat_backward: get("resample", "concat_backward")?,
+            add_into: get("resample", "add_into")?,
+            div_inplace: get("resample", "div_inplace")?,
+            timestep_embedding: get("resample", "timestep_embedding")?,
+        })
+    }
+
+    /// Blocks for a grid-stride loop over `items` work items of `per_block` each.
+    fn blocks(&self, items: usize, per_block: usize, per_sm: u32) -> u32 {
+        let want = items.div_ceil(per_block).max(1);
+        want.min((self.sms * per_sm) as usize) as u32
+    }
+
+    /// Element-wise launch shape over `len` elements.
+    fn flat(&self, len: usize) -> LaunchConfig {
+        cfg((self.blocks(len, BLOCK as usize, 8), 1, 1), (BLOCK, 1, 1))
+    }
+
+    /// Warp-per-row launch shape over `rows` rows.
+    fn warps(&self, rows: usize) -> LaunchConfig {
+        cfg((self.blocks(rows, 8, 16), 1, 1), (BLOCK, 1, 1))
+    }
+
+    /// `y = (conv(x) + bias + temb + res) / out_div (+ y)`, the implicit GEMM of `s`.
+    pub fn conv(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        out_div: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        if s.taps.is_empty() || s.taps.len() > 9 {
+            return Err(Error::Cuda(format!(
+                "internal: a convolution with {} taps",
+                s.taps.len()
+            )));
+        }
+        need(p.x, "convolution input")?;
+        need(p.w, "convolution weights")?;
+        need(p.y, "convolution output")?;
+        let rows = s.rows();
+        if rows == 0 || s.ncols == 0 || s.sc == 0 {
+            return Ok(());
+        }
+        i32_of(rows * s.ncols.max(s.sc), "convolution rows x channels")?;
+        i32_of(s.k(), "convolution reduction length")?;
+        if plan.splits > 1 {
+            need(p.ws, "split-K workspace")?;
+            i32_of(plan.splits * rows * s.ncols, "split-K workspace")?;
+        }
+        let mut a = ConvArgs {
+            x: p.x,
+            w: p.w,
+            y: p.y,
+            bias: p.bias,
+            temb: p.temb,
+            res: p.res,
+            ws: if plan.splits > 1 { p.ws } else { 0 },
+            n: i32_of(s.n, "batch")?,
+            mh: i32_of(s.mh, "rows")?,
+            mw: i32_of(s.mw, "columns")?,
+            sh: i32_of(s.sh, "source height")?,
+            sw: i32_of(s.sw, "source width")?,
+            sc: i32_of(s.sc, "source channels")?,
+            ncols: i32_of(s.ncols, "output channels")?,
+            taps: s.taps.len() as i32,
+            in_stride: i32_of(s.in_stride, "stride")?,
+            yh: i32_of(s.yh, "output height")?,
+            yw: i32_of(s.yw, "output width")?,
+            out_stride: i32_of(s.out_stride, "output stride")?,
+            out_oy: s.out_oy as i32,
+            out_ox: s.out_ox as i32,
+            k_per_split: i32_of(plan.k_per_split, "K per split")?,
+            accumulate: accumulate as i32,
+            out_div,
+            ..ConvArgs::default()
+        };
+        for (i, t) in s.taps.iter().enumerate() {
+            a.tap_dy[i] = t.dy;
+            a.tap_dx[i] = t.dx;
+            a.tap_w[i] = t.w;
+        }
+        if plan.kernel == ConvKernel::Narrow {
+            if s.ncols > 8 {
+                return Err(Error::Cuda(
+                    "internal: narrow convolution with more than 8 outputs".into(),
+                ));
+            }
+            let mut b = st.launch_builder(&self.conv_narrow);
+            b.arg(&a);
+            // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes were checked.
+            return cu(
+                unsafe { b.launch(self.warps(rows)) }.map(drop),
+                "launching conv_narrow",
+            );
+        }
+        // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
+        // anything else falls back to scalar loads.
+        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
+            .iter()
+            .all(|&q| q % 16 == 0);
+        let f = if plan.kernel == ConvKernel::Vec && aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 {
+            &self.conv_gemm_vec
+        } else {
+            &self.conv_gemm_any
+        };
+        let grid = (
+            i32_of(rows.div_ceil(TILE), "row tiles")? as u32,
+            u32::try_from(s.ncols.div_ceil(TILE))
+                .unwrap_or(u32::MAX)
+                .min(65535),
+            u32::try_from(plan.splits).unwrap_or(65535).min(65535),
+        );
+        let mut b = st.launch_builder(f);
+        b.arg(&a);
+        // SAFETY: as above; the grid covers exactly the tiles of the problem.
+        cu(
+            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
+            "launching conv_gemm",
+        )?;
+        if plan.splits > 1 {
+            let splits = plan.splits as i32;
+            let mut b = st.launch_builder(&self.conv_splitk_reduce);
+            b.arg(&a).arg(&splits);
+            // SAFETY: the workspace holds splits x rows x ncols partial sums written above.
+            cu(
+                unsafe { b.launch(self.flat(rows * s.ncols)) }.map(drop),
+                "launching conv_splitk_reduce",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Per-tap transpose `[taps, rows, cols] -> [taps, cols, rows]` (forward to input-gradient
+    /// convolution weights).
+    pub fn weight_transpose(
+        &self,
+        st: &CudaStream,
+        src: DPtr,
+        dst: DPtr,
+        taps: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        need(src, "weights")?;
+        need(dst, "transposed weights")?;
+        let (t, r, c) = (
+            i32_of(taps, "taps")?,
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+        );
+        let mut b = st.launch_builder(&self.conv_weight_transpose);
+        b.arg(&src).arg(&dst).arg(&t).arg(&r).arg(&c);
+        // SAFETY: src and dst hold taps * rows * cols floats.
+        cu(
+            unsafe { b.launch(self.flat(taps * rows * cols)) }.map(drop),
+            "launching conv_weight_transpose",
+        )
+    }
+
+    /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
+    pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
+        need(g.a, "matrix A")?;
+        need(g.b, "matrix B")?;
+        need(g.c, "matrix C")?;
+        if g.m == 0 || g.n == 0 || g.outer * g.inner == 0 {
+            return Ok(());
+        }
+        let args = GemmArgs {
+            a: g.a,
+            b: g.b,
+            c: g.c,
+            a_rs: i64_of(g.a_rs),
+            a_cs: i64_of(g.a_cs),
+            b_rs: i64_of(g.b_rs),
+            b_cs: i64_of(g.b_cs),
+            c_rs: i64_of(g.c_rs),
+            a_bo: i64_of(g.a_bo),
+            a_bi: i64_of(g.a_bi),
+            b_bo: i64_of(g.b_bo),
+            b_bi: i64_of(g.b_bi),
+            c_bo: i64_of(g.c_bo),
+            c_bi: i64_of(g.c_bi),
+            m: i32_of(g.m, "rows")?,
+            n: i32_of(g.n, "columns")?,
+            k: i32_of(g.k, "reduction")?,
+            batch_inner: i32_of(g.inner, "inner batch")?,
+            alpha: g.alpha,
+            accumulate: g.accumulate as i32,
+        };
+        let batch = g.outer * g.inner;
+        if batch > 65535 || g.m.div_ceil(64) > 65535 {
+            return Err(Error::Cuda(format!(
+                "batched product too large for one launch: batch {batch}, {} rows",
+                g.m
+            )));
+        }
+        let grid = (
+            i32_of(g.n.div_ceil(64), "column tiles")? as u32,
+            g.m.div_ceil(64) as u32,
+            batch as u32,
+        );
+        let mut b = st.launch_builder(&self.gemm_batched);
+        b.arg(&args);
+        // SAFETY: every view lies inside its buffer (the caller's contract).
+        cu(
+            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
+            "launching gemm_batched",
+        )
+    }
+
+    /// Row softmax of `rows x len` scores in place, after scaling by `scale`.
+    pub fn softmax(
+        &self,
+        st: &CudaStream,
+        p: DPtr,
+        rows: usize,
+        len: usize,
+        scale: f32,
+    ) -> Result<()> {
+        need(p, "scores")?;
+        let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
+        let mut b = st.launch_builder(&self.softmax_forward);
+        b.arg(&p).arg(&r).arg(&l).arg(&scale);
+        // SAFETY: p holds rows * len floats.
+        cu(
+            unsafe { b.launch(self.warps(rows)) }.map(drop),
+            "launching softmax_forward",
+        )
+    }
+
+    /// `ds = p (ds - rowsum(ds p)) scale` in place (ds holds dP on entry).
+    pub fn softmax_backward(
+        &self,
+        st: &CudaStream,
+        p: DPtr,
+        ds: DPtr,
+        rows: usize,
+        len: usize,
+        scale: f32,
+    ) -> Result<()> {
+        need(p, "probabilities")?;
+        need(ds, "score gradient")?;
+        let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
+        let mut b = st.launch_builder(&self.softmax_backward);
+        b.arg(&p).arg(&ds).arg(&r).arg(&l).arg(&scale);
+        // SAFETY: p and ds hold rows * len floats.
+        cu(
+            unsafe { b.launch(self.warps(rows)) }.map(drop),
+            "launching softmax_backward",
+        )
+    }
+
+    /// `y = (f(x) Wᵀ + b + res) / out_div` over few rows; `w` is `[out, inp]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_rows(
+        &self,
+        st: &CudaStream,
+        x: DPtr,
+        w: DPtr,
+        bias: DPtr,
+        res: DPtr,
+        y: DPtr,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        silu_in: bool,
+        out_div: f32,
+    ) -> Result<()> {
+        for (p, what) in [(x, "input"), (w, "weights"), (bias, "bias"), (y, "output")] {
+            need(p, what)?;
+        }
+        let (r, i, o) = (
+            i32_of(rows, "rows")?,
+            i32_of(inp, "inputs")?,
+            i32_of(out, "outputs")?,
+        );
+        i32_of(rows * out.max(inp), "rows x width")?;
+        let silu = silu_in as i32;
+        let mut b = st.launch_builder(&self.linear_rows);
+        b.arg(&x)
+            .arg(&w)
+            .arg(&bias)
+            .arg(&res)
+            .arg(&y)
+            .arg(&r)
+            .arg(&i)
+            .arg(&o)
+            .arg(&silu)
+            .arg(&out_div);
+        // SAFETY: x is rows x inp, w out x inp, y (and res if set) rows x out.
+        cu(
+            unsafe { b.launch(self.warps(rows * out)) }.map(drop),
+            "launching linear_rows",
+        )
+    }
+
+    fn norm_grid(&self, n: usize, c: usize, split: NormSplit) -> Result<LaunchConfig> {
+        if n > 65535 || c.div_ceil(32) > 65535 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm too large for one launch: {n} images, {c} channels"
+            )));
+        }
+        Ok(cfg(
+            (
+                i32_of(split.chunks, "chunks")? as u32,
+                c.div_ceil(32) as u32,
+                n as u32,
+            ),
+            (32, 8, 1),
+        ))
+    }
+
+    /// GroupNorm forward: statistics into `stats` (`[mean | rstd]`, n x groups each), the
+    /// per-channel affine into `affine` (`[n][2][c]`), then `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm(
+        &self,
+        st: &CudaStream,
+        d: NormDims,
+        x: DPtr,
+        gamma: DPtr,
+        beta: DPtr,
+        y: DPtr,
+        partial: DPtr,
+        stats: DPtr,
+        affine: DPtr,
+        eps: f32,
+        silu: bool,
+    ) -> Result<()> {
+        for (p, what) in [
+            (x, "input"),
+            (gamma, "scale"),
+            (beta, "shift"),
+            (y, "output"),
+            (partial, "partial sums"),
+            (stats, "statistics"),
+            (affine, "affine"),
+        ] {
+            need(p, what)?;
+        }
+        let NormDims {
+            n,
+            hw,
+            c,
+            groups,
+            split,
+        } = d;
+        if groups == 0 || c % groups != 0 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm: {groups} groups do not divide {c} channels"
+            )));
+        }
+        i32_of(n * hw * c, "GroupNorm elements")?;
+        let (ni, hwi, ci, gi, chunks, cpx) = (
+            n as i32,
+            hw as i32,
+            c as i32,
+            groups as i32,
+            split.chunks as i32,
+            i32_of(split.chunk_px, "chunk")?,
+        );
+        let mut b = st.launch_builder(&self.gn_partial);
+        b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
+        // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
+        cu(
+            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+            "launching gn_partial",
+        )?;
+        let mut b = st.launch_builder(&self.gn_finalize);
+        b.arg(&partial)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&chunks)
+            .arg(&eps)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&stats)
+            .arg(&affine);
+        let fin = cfg(((n * groups).div_ceil(128) as u32, 1, 1), (128, 1, 1));
+        // SAFETY: stats holds 2 n groups floats, affine 2 n c.
+        cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
+        let vec4 = (c % 4 == 0 && x % 16 == 0 && y % 16 == 0) as i32;
+        let silu = silu as i32;
+        let mut b = st.launch_builder(&self.gn_apply);
+        b.arg(&x)
+            .arg(&affine)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&silu)
+            .arg(&vec4);
+        let len = if vec4 == 1 {
+            n * hw * c / 4
+        } else {
+            n * hw * c
+        };
+        // SAFETY: x and y are n x hw x c.
+        cu(
+            unsafe { b.launch(self.flat(len)) }.map(drop),
+            "launching gn_apply",
+        )
+    }
+
+    /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_backward(
+        &self,
+        st: &CudaStream,
+        d: NormDims,
+        x: DPtr,
+        dy: DPtr,
+        gamma: DPtr,
+        beta: DPtr,
+        stats: DPtr,
+        partial: DPtr,
+        means: DPtr,
+        dx: DPtr,
+        silu: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        for (p, what) in [
+            (x, "input"),
+            (dy, "output gradient"),
+            (gamma, "scale"),
+            (beta, "shift"),
+            (stats, "statistics"),
+            (partial, "partial sums"),
+            (means, "group means"),
+            (dx, "input gradient"),
+        ] {
+            need(p, what)?;
+        }
+        let NormDims {
+            n,
+            hw,
+            c,
+            groups,
+            split,
+        } = d;
+        if groups == 0 || c % groups != 0 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm: {groups} groups do not divide {c} channels"
+            )));
+        }
+        i32_of(n * hw * c, "GroupNorm elements")?;
+        let (ni, hwi, ci, gi, chunks, cpx) = (
+            n as i32,
+            hw as i32,
+            c as i32,
+            groups as i32,
+            split.chunks as i32,
+            i32_of(split.chunk_px, "chunk")?,
+        );
+        let silu = silu as i32;
+        let mut b = st.launch_builder(&self.gn_bwd_partial);
+        b.arg(&x)
+            .arg(&dy)
+            .arg(&stats)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&silu)
+            .arg(&cpx)
+            .arg(&partial);
+        // SAFETY: as in the forward.
+        cu(
+            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+            "launching gn_bwd_partial",
+        )?;
+        let mut b = st.launch_builder(&self.gn_bwd_finalize);
+        b.arg(&partial)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&chunks)
+            .arg(&means);
+        let fin = cfg(((n * groups).div_ceil(128) as u32, 1, 1), (128, 1, 1));
+        // SAFETY: means holds 2 n groups floats.
+        cu(
+            unsafe { b.launch(fin) }.map(drop),
+            "launching gn_bwd_finalize",
+        )?;
+        let acc = accumulate as i32;
+        let mut b = st.launch_builder(&self.gn_bwd_apply);
+        b.arg(&x)
+            .arg(&dy)
+            .arg(&stats)
+            .arg(&means)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&dx)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&silu)
+            .arg(&acc);
+        // SAFETY: x, dy and dx are n x hw x c.
+        cu(
+            unsafe { b.launch(self.flat(n * hw * c)) }.map(drop),
+            "launching gn_bwd_apply",
+        )
+    }
+
+    /// NCHW `x` to NHWC `y`, `y = x * mul + add`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn to_nhwc(
+        &self,
+        st: &CudaStream,
+        x: DPtr,
+        y: DPtr,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        mul: f32,
+        add: f32,
+    ) -> Result<()> {
+        need(x, "NCHW input")?;
+        need(y, "NHWC output")?;
+        let len = n * c * h * w;
+        let (ni, ci, hi, wi) = (
+            i32_of(n, "n")?,
+            i32_of(c, "c")?,
+            i32_of(h, "h")?,
+            i32_of(w, "w")?,
+        );
+        let mut b = st.launch_builder(&self.nchw_to_nhwc);
+        b.arg(&x)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&ci)
+            .arg(&hi)
+            .arg(&wi)
+            .arg(&mul)
+            .arg(&add);
+        // SAFETY: x and y hold n c h w floats.
+        cu(
+            unsafe { b.launch(self.flat(len)) }.map(drop),
+            "launching nchw_to_nhwc",
+        )
+    }
+
+    /// NHWC `x` to NCHW `y`, `y = x * mul`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn to_nchw(
+        &self,
+        st: &CudaStream,
+        x: DPtr,
+        y: DPtr,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        mul: f32,
+    ) -> Result<()> {
+        need(x, "NHWC input")?;
+        need(y, "NCHW output")?;
+        let len = n * c * h * w;
+        let (ni, ci, hi, wi) = (
+            i32_of(n, "n")?,
+            i32_of(c, "c")?,
+            i32_of(h, "h")?,
+            i32_of(w, "w")?,
+        );
+        let mut b = st.launch_builder(&self.nhwc_to_nchw);
+        b.arg(&x)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&ci)
+            .arg(&hi)
+            .arg(&wi)
+            .arg(&mul);
+        // SAFETY: x and y hold n c h w floats.
+        cu(
+            unsafe { b.launch(self.flat(len)) }.map(drop),
+            "launching nhwc_to_nchw",
+        )
+    }
+
+    /// Nearest 2x upsampling of `[n, h, w, c]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upsample(
+        &self,
+        st: &CudaStream,
+        x: DPtr,
+        y: DPtr,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+    ) -> Result<()> {
+        need(x, "input")?;
+        need(y, "output")?;
+        let (ni, hi, wi, ci) = (
+            i32_of(n, "n")?,
+            i32_of(h, "h")?,
+            i32_of(w, "w")?,
+            i32_of(c, "c")?,
+        );
+        let mut b = st.launch_builder(&self.upsample2x);
+        b.arg(&x).arg(&y).arg(&ni).arg(&hi).arg(&wi).arg(&ci);
+        // SAFETY: x holds n h w c floats, y four times as many.
+        cu(
+            unsafe { b.launch(self.flat(4 * n * h * w * c)) }.map(drop),
+            "launching upsample2x",
+        )
+    }
+
+    /// Adjoint of [`upsample`](Self::upsample): `dx (+)= 2x2 block sums of dy`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn upsample_backward(
+        &self,
+        st: &CudaStream,
+        dy: DPtr,
+        dx: DPtr,
+        n: usize,
+        h: usize,
+        w: usize,
+        c: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        need(dy, "output gradient")?;
+        need(dx, "input gradient")?;
+        let (ni, hi, wi, ci) = (
+            i32_of(n, "n")?,
+            i32_of(h, "h")?,
+            i32_of(w, "w")?,
+            i32_of(c, "c")?,
+        );
+        let acc = accumulate as i32;
+        let mut b = st.launch_builder(&self.upsample2x_backward);
+        b.arg(&dy)
+            .arg(&dx)
+            .arg(&ni)
+            .arg(&hi)
+            .arg(&wi)
+            .arg(&ci)
+            .arg(&acc);
+        // SAFETY: dx holds n h w c floats, dy four times as many.
+        cu(
+            unsafe { b.launch(self.flat(n * h * w * c)) }.map(drop),
+            "launching upsample2x_backward",
+        )
+    }
+
+    /// `y = [a | b]` along channels over `pixels` pixels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn concat(
+        &self,
+        st: &CudaStream,
+        a: DPtr,
+        b_: DPtr,
+        y: DPtr,
+        pixels: usize,
+        ca: usize,
+        cb: usize,
+    ) -> Result<()> {
+        need(a, "first input")?;
+        need(b_, "second input")?;
+        need(y, "output")?;
+        let (p, cai, cbi) = (
+            i64_of(pixels),
+            i32_of(ca, "channels")?,
+            i32_of(cb, "channels")?,
+        );
+        let mut b = st.launch_builder(&self.concat_channels);
+        b.arg(&a).arg(&b_).arg(&y).arg(&p).arg(&cai).arg(&cbi);
+        // SAFETY: a is pixels x ca, b pixels x cb, y pixels x (ca + cb).
+        cu(
+            unsafe { b.launch(self.flat(pixels * (ca + cb))) }.map(drop),
+            "launching concat_channels",
+        )
+    }
+
+    /// `d (+)= dy[.., offset .. offset + width]` over `pixels` pixels of `c` channels.
+    #[allow(clippy::too_many_arguments)]
+    pub fn concat_backward(
+        &self,
+        st: &CudaStream,
+        dy: DPtr,
+        d: DPtr,
+        pixels: usize,
+        c: usize,
+        offset: usize,
+        width: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        need(dy, "output gradient")?;
+        need(d, "input gradient")?;
+        if offset + width > c {
+            return Err(Error::Cuda(format!(
+                "concat adjoint: channels {offset}..{} of {c}",
+                offset + width
+            )));
+        }
+        let (p, ci, oi, wi) = (i64_of(pixels), i32_of(c, "c")?, offset as i32, width as i32);
+        let acc = accumulate as i32;
+        let mut b = st.launch_builder(&self.concat_backward);
+        b.arg(&dy)
+            .arg(&d)
+            .arg(&p)
+            .arg(&ci)
+            .arg(&oi)
+            .arg(&wi)
+            .arg(&acc);
+        // SAFETY: dy is pixels x c, d pixels x width.
+        cu(
+            unsafe { b.launch(self.flat(pixels * width)) }.map(drop),
+            "launching concat_backward",
+        )
+    }
+
+    /// `dst (+)= src` over `len` elements.
+    pub fn add_into(
+        &self,
+        st: &CudaStream,
+        dst: DPtr,
+        src: DPtr,
+        len: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        need(dst, "destination")?;
+        need(src, "source")?;
+        let (l, acc) = (i64_of(len), accumulate as i32);
+        let mut b = st.launch_builder(&self.add_into);
+        b.arg(&dst).arg(&src).arg(&l).arg(&acc);
+        // SAFETY: both hold len floats.
+        cu(
+            unsafe { b.launch(self.flat(len)) }.map(drop),
+            "launching add_into",
+        )
+    }
+
+    /// `x /= div` over `len` elements.
+    pub fn divide(&self, st: &CudaStream, x: DPtr, len: usize, div: f32) -> Result<()> {
+        need(x, "buffer")?;
+        let l = i64_of(len);
+        let mut b = st.launch_builder(&self.div_inplace);
+        b.arg(&x).arg(&l).arg(&div);
+        // SAFETY: x holds len floats.
+        cu(
+            unsafe { b.launch(self.flat(len)) }.map(drop),
+            "launching div_inplace",
+        )
+    }
+
+    /// The sinusoidal embedding of `n` timesteps, `[n, dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn timestep_embedding(
+        &self,
+        st: &CudaStream,
+        t: DPtr,
+        y: DPtr,
+        n: usize,
+        dim: usize,
+        flip: bool,
+        shift: f32,
+    ) -> Result<()> {
+        need(t, "timesteps")?;
+        need(y, "embedding")?;
+        let (ni, di, fl) = (i32_of(n, "n")?, i32_of(dim, "dim")?, flip as i32);
+        // The CPU's constant: ln(10000) in f64, rounded to f32, negated.
+        let log_period = -(10000f64.ln() as f32);
+        let mut b = st.launch_builder(&self.timestep_embedding);
+        b.arg(&t)
+            .arg(&y)
+            .arg(&ni)
+            .arg(&di)
+            .arg(&fl)
+            .arg(&shift)
+            .arg(&log_period);
+        // SAFETY: t holds n floats, y n x dim.
+        cu(
+            unsafe { b.launch(self.flat(n * dim.div_ceil(2).max(1))) }.map(drop),
+            "launching timestep_embedding",
+        )
+    }
+}
+
+/// Shape of a GroupNorm call and its reduction split.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormDims {
+    pub n: usize,
+    pub hw: usize,
+    pub c: usize,
+    pub groups: usize,
+    pub split: NormSplit,
+}
+
+/// A strided batched product (see kernels/gemm.cu): element (i, k) of batch (o, b) of A is at
+/// `a + o * a_bo + b * a_bi + i * a_rs + k * a_cs`, and likewise for B and C (C's columns are
+/// contiguous).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Gemm {
+    pub a: DPtr,
+    pub b: DPtr,
+    pub c: DPtr,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_rs: usize,
+    pub a_cs: usize,
+    pub b_rs: usize,
+    pub b_cs: usize,
+    pub c_rs: usize,
+    pub outer: usize,
+    pub inner: usize,
+    pub a_bo: usize,
+    pub a_bi: usize,
+    pub b_bo: usize,
+    pub b_bi: usize,
+    pub c_bo: usize,
+    pub c_bi: usize,
+    pub alpha: f32,
+    pub accumulate: bool,
+}
+
+/// Byte offset of f32 element `i` (device addresses are in bytes).
+pub(crate) fn at(base: DPtr, i: usize) -> DPtr {
+    base + 4 * i as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every input pixel of a stride-2 convolution falls in exactly one parity class, and each
+    /// class's taps are exactly the forward taps that reach it.
+    #[test]
+    fn stride2_backward_classes_cover_the_adjoint() {
+        for pad in [Pad::Symmetric, Pad::RightBottom] {
+            let (h, w) = (6, 10);
+            let classes = ConvShape::backward(1, h, w, 1, 1, 3, 2, pad);
+            assert_eq!(classes.len(), 4);
+            let total: usize = classes.iter().map(|c| c.rows()).sum();
+            assert_eq!(total, h * w);
+            let p = pad_before(pad);
+            for c in &classes {
+                for j in 0..c.mh {
+                    for i in 0..c.mw {
+                        let (iy, ix) = ((j * 2 + c.out_oy) as i32, (i * 2 + c.out_ox) as i32);
+                        let mut want: Vec<(i32, i32, i32)> = Vec::new();
+                        for t in 0..9 {
+                            let (dy, dx) = (t / 3, t % 3);
+                            let (ny, nx) = (iy + p - dy, ix + p - dx);
+                            if ny % 2 == 0
+                                && nx % 2 == 0
+                                && ny >= 0
+                                && nx >= 0
+                                && ny / 2 < (h / 2) as i32
+                                && nx / 2 < (w / 2) as i32
+                            {
+                                want.push((ny / 2, nx / 2, t));
+                            }
+                        }
+                        let mut got: Vec<(i32, i32, i32)> = c
+                            .taps
+                            .iter()
+                            .map(|t| (j as i32 + t.dy, i as i32 + t.dx, t.w))
+                            .filter(|&(y, x, _)| {
+                                y >= 0 && x >= 0 && y < (h / 2) as i32 && x < (w / 2) as i32
+                            })
+                            .collect();
+                        want.sort();
+                        got.sort();
+                        assert_eq!(got, want, "{pad:?} pixel ({iy}, {ix})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_k_fills_the_machine_only_when_needed() {
+        let big = ConvShape::forward(1, 256, 256, 128, 128, 3, 1, Pad::Symmetric);
+        assert_eq!(plan_conv(&big, 132).splits, 1);
+        assert_eq!(plan_conv(&big, 132).kernel, ConvKernel::Vec);
+        let small = ConvShape::forward(1, 8, 8, 1024, 512, 3, 1, Pad::Symmetric);
+        let p = plan_conv(&small, 132);
+        assert!(p.splits > 16, "{p:?}");
+        assert!(
+            p.splits * p.k_per_split >= small.k() && (p.splits - 1) * p.k_per_split < small.k()
+        );
+        assert_eq!(p.k_per_split % BK, 0);
+        let narrow = ConvShape::forward(1, 256, 256, 128, 3, 3, 1, Pad::Symmetric);
+        assert_eq!(plan_conv(&narrow, 132).kernel, ConvKernel::Narrow);
+        let first = ConvShape::forward(1, 256, 256, 3, 128, 3, 1, Pad::Symmetric);
+        assert_eq!(plan_conv(&first, 132).kernel, ConvKernel::Any);
+    }
+
+    #[test]
+    fn norm_split_covers_every_pixel() {
+        for (n, hw, c) in [(1, 65536, 128), (8, 64, 512), (3, 35, 96), (1, 1, 32)] {
+            let s = plan_norm(n, hw, c, 132);
+            assert!(
+                s.chunks * s.chunk_px >= hw && (s.chunks - 1) * s.chunk_px < hw,
+                "{s:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The CUDA backend: the same graph as [`crate::cpu`], run by hand-written kernels
+//! (`kernels/*.cu`, compiled by `build.rs` into fatbins embedded in the binary) through cudarc.
+//!
+//! fp32 throughout; activations are channels-last like the CPU backend's. Modules:
+//! - [`device`](self::probe): driver and GPU discovery that never panics, module loading;
+//! - `kernels`: typed launchers, one per kernel family, with their launch shapes;
+//! - `program`: the graph lowered to a list of launches at one shape (forward, and the
+//!   vector-Jacobian product after it when recording);
+//! - `plan`: liveness and packing of every buffer into one arena per shape;
+//! - `weights`: the parameters in the kernels' layouts;
+//! - [`CudaUnet`]: the executor (CUDA graphs, host and device-resident entry points, timing);
+//! - [`selftest`]: every kernel against its CPU counterpart, and the whole network.
+//!
+//! On a machine without a GPU or driver everything here returns [`Error::Cuda`](crate::Error::Cuda)
+//! values (or, for [`probe`], reports it) and never panics.
+
+mod device;
+mod kernels;
+mod plan;
+mod program;
+mod selftest;
+mod unet;
+mod weights;
+
+pub use device::{compiled_targets, kernels_compiled, probe, DeviceInfo, Probe};
+pub use plan::{plan_stats, PlanStats};
+pub use selftest::{selftest, SelftestRow, TOLERANCE};
+pub use unet::CudaUnet;

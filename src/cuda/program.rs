@@ -1,0 +1,1030 @@
+//! Lowers the graph, at one (batch, height, width), into the list of launches the executor runs:
+//! the forward pass, and in recording mode the backward pass after it, over numbered virtual
+//! buffers. Kernel choices that size memory (split-K, GroupNorm chunks) are made here, so that
+//! the memory plan ([`super::plan`]) sees every workspace.
+//!
+//! The structure mirrors the CPU executor (`crate::cpu::unet`): the same ops in the same order,
+//! the same gradient accumulation in reverse (the first contribution to a gradient overwrites,
+//! later ones add), and only what a backward op reads is kept from the forward pass. Lifetimes
+//! are not tracked here: each buffer lives from the first to the last step that names it, which
+//! [`Program::lifetimes`] reads off the list.
+
+use super::kernels::{plan_conv, plan_norm, ConvLaunch, ConvShape, NormSplit};
+use crate::model::graph::{Graph, Op, ParamKind, Space, Tid};
+use crate::{Error, Result};
+
+/// A virtual buffer of the program; the plan gives it an arena offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Buf(pub usize);
+
+/// Which device array of a parameter group a launch reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WKind {
+    /// Convolution weights `[(tap, ci), co]`.
+    ConvForward,
+    /// Convolution weights `[(tap, co), ci]`, for the input gradient.
+    ConvBackward,
+    /// Linear weights `[inp, out]` (Wᵀ), for the forward product.
+    LinearT,
+    /// Linear weights `[out, inp]` (PyTorch's layout).
+    Linear,
+    /// Bias of a convolution or linear layer.
+    Bias,
+    /// GroupNorm scale.
+    Gamma,
+    /// GroupNorm shift.
+    Beta,
+}
+
+/// A parameter array: group `pid` of the graph, array `kind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct W {
+    pub pid: usize,
+    pub kind: WKind,
+}
+
+/// One launch (or a short fixed sequence, e.g. GroupNorm's three) of the program.
+#[derive(Clone, Debug)]
+pub(crate) enum Step {
+    ToNhwc {
+        src: Buf,
+        dst: Buf,
+        c: usize,
+        mul: f32,
+        add: f32,
+    },
+    ToNchw {
+        src: Buf,
+        dst: Buf,
+        c: usize,
+        mul: f32,
+    },
+    TimeEmbedding {
+        t: Buf,
+        y: Buf,
+        dim: usize,
+        flip: bool,
+        shift: f32,
+    },
+    LinearRows {
+        x: Buf,
+        y: Buf,
+        w: W,
+        b: W,
+        inp: usize,
+        out: usize,
+        silu_in: bool,
+        residual: Option<Buf>,
+        out_div: f32,
+    },
+    Conv(ConvStep),
+    GroupNorm {
+        x: Buf,
+        y: Buf,
+        gamma: W,
+        beta: W,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        split: NormSplit,
+        eps: f32,
+        silu: bool,
+        partial: Buf,
+        stats: Buf,
+        affine: Buf,
+    },
+    GroupNormBackward {
+        x: Buf,
+        dy: Buf,
+        dx: Buf,
+        gamma: W,
+        beta: W,
+        hw: usize,
+        c: usize,
+        groups: usize,
+        split: NormSplit,
+        silu: bool,
+        stats: Buf,
+        partial: Buf,
+        means: Buf,
+        accumulate: bool,
+    },
+    Attention {
+        qkv: Buf,
+        y: Buf,
+        probs: Buf,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    },
+    AttentionBackward {
+        qkv: Buf,
+        probs: Buf,
+        dy: Buf,
+        dqkv: Buf,
+        ds: Buf,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        accumulate: bool,
+    },
+    Upsample {
+        x: Buf,
+        y: Buf,
+        h: usize,
+        w: usize,
+        c: usize,
+    },
+    UpsampleBackward {
+        dy: Buf,
+        dx: Buf,
+        h: usize,
+        w: usize,
+        c: usize,
+        accumulate: bool,
+    },
+    Concat {
+        a: Buf,
+        b: Buf,
+        y: Buf,
+        pixels: usize,
+        ca: usize,
+        cb: usize,
+    },
+    ConcatBackward {
+        dy: Buf,
+        d: Buf,
+        pixels: usize,
+        c: usize,
+        offset: usize,
+        width: usize,
+        accumulate: bool,
+    },
+    AddInto {
+        dst: Buf,
+        src: Buf,
+        len: usize,
+        accumulate: bool,
+    },
+    Divide {
+        x: Buf,
+        len: usize,
+        div: f32,
+    },
+}
+
+/// One implicit-GEMM launch: convolution, its input gradient, or a token-wise linear layer.
+#[derive(Clone, Debug)]
+pub(crate) struct ConvStep {
+    pub shape: ConvShape,
+    pub launch: ConvLaunch,
+    pub x: Buf,
+    pub w: W,
+    pub y: Buf,
+    pub bias: Option<W>,
+    pub temb: Option<Buf>,
+    pub residual: Option<Buf>,
+    pub workspace: Option<Buf>,
+    pub out_div: f32,
+    pub accumulate: bool,
+}
+
+impl Step {
+    /// The buffers the step reads and those it writes (a buffer it accumulates into is both).
+    pub fn io(&self) -> (Vec<Buf>, Vec<Buf>) {
+        use Step::*;
+        let acc = |b: Buf, a: bool| a.then_some(b);
+        match self {
+            ToNhwc { src, dst, .. } | ToNchw { src, dst, .. } => (vec![*src], vec![*dst]),
+            TimeEmbedding { t, y, .. } => (vec![*t], vec![*y]),
+            LinearRows { x, y, residual, .. } => {
+                (std::iter::once(*x).chain(*residual).collect(), vec![*y])
+            }
+            Conv(c) => (
+                [c.x]
+                    .into_iter()
+                    .chain(c.temb)
+                    .chain(c.residual)
+                    .chain(acc(c.y, c.accumulate))
+                    .collect(),
+                [c.y].into_iter().chain(c.workspace).collect(),
+            ),
+            GroupNorm {
+                x,
+                y,
+                partial,
+                stats,
+                affine,
+                ..
+            } => (vec![*x], vec![*y, *partial, *stats, *affine]),
+            GroupNormBackward {
+                x,
+                dy,
+                dx,
+                stats,
+                partial,
+                means,
+                accumulate,
+                ..
+            } => (
+                [*x, *dy, *stats]
+                    .into_iter()
+                    .chain(acc(*dx, *accumulate))
+                    .collect(),
+                vec![*dx, *partial, *means],
+            ),
+            Attention { qkv, y, probs, .. } => (vec![*qkv], vec![*y, *probs]),
+            AttentionBackward {
+                qkv,
+                probs,
+                dy,
+                dqkv,
+                ds,
+                accumulate,
+                ..
+            } => (
+                [*qkv, *probs, *dy]
+                    .into_iter()
+                    .chain(acc(*dqkv, *accumulate))
+                    .collect(),
+                vec![*dqkv, *ds],
+            ),
+            Upsample { x, y, .. } => (vec![*x], vec![*y]),
+            UpsampleBackward {
+                dy, dx, accumulate, ..
+            } => (
+                std::iter::once(*dy).chain(acc(*dx, *accumulate)).collect(),
+                vec![*dx],
+            ),
+            Concat { a, b, y, .. } => (vec![*a, *b], vec![*y]),
+            ConcatBackward {
+                dy, d, accumulate, ..
+            } => (
+                std::iter::once(*dy).chain(acc(*d, *accumulate)).collect(),
+                vec![*d],
+            ),
+            AddInto {
+                dst,
+                src,
+                accumulate,
+                ..
+            } => (
+                std::iter::once(*src)
+                    .chain(acc(*dst, *accumulate))
+                    .collect(),
+                vec![*dst],
+            ),
+            Divide { x, .. } => (vec![*x], vec![*x]),
+        }
+    }
+
+    /// Every buffer the step reads or writes.
+    pub fn buffers(&self) -> Vec<Buf> {
+        let (mut r, w) = self.io();
+        r.extend(w);
+        r
+    }
+
+    /// The parameter arrays the step reads.
+    pub fn weights(&self) -> Vec<W> {
+        use Step::*;
+        match self {
+            LinearRows { w, b, .. } => vec![*w, *b],
+            Conv(c) => std::iter::once(c.w).chain(c.bias).collect(),
+            GroupNorm { gamma, beta, .. } | GroupNormBackward { gamma, beta, .. } => {
+                vec![*gamma, *beta]
+            }
+            _ => vec![],
+        }
+    }
+}
+
+/// A virtual buffer: its length in f32 elements and, for messages and tests, what it holds.
+#[derive(Clone, Debug)]
+pub(crate) struct BufDesc {
+    pub len: usize,
+    pub what: String,
+}
+
+/// The lowered graph at one shape and mode.
+#[derive(Clone, Debug)]
+pub(crate) struct Program {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub steps: Vec<Step>,
+    pub bufs: Vec<BufDesc>,
+    /// Steps `0..forward_steps` are the forward pass; the rest, the backward pass.
+    pub forward_steps: usize,
+    /// The input sample, NCHW, written by the host before the forward pass.
+    pub sample: Buf,
+    /// Per-image timesteps `[n]`, written by the host before the forward pass.
+    pub timesteps: Buf,
+    /// The predicted noise, NCHW.
+    pub output: Buf,
+    /// Recording mode: the cotangent (NCHW) written before the backward pass, and the input
+    /// gradient (NCHW) it produces.
+    pub cotangent: Option<Buf>,
+    pub grad_input: Option<Buf>,
+}
+
+/// Builds programs.
+struct Lowering<'g> {
+    g: &'g Graph,
+    n: usize,
+    h: usize,
+    w: usize,
+    sms: usize,
+    steps: Vec<Step>,
+    bufs: Vec<BufDesc>,
+    value: Vec<Option<Buf>>,
+    grad: Vec<Option<Buf>>,
+    /// Per op: its GroupNorm statistics or attention probabilities, for the backward pass.
+    aux: Vec<Option<Buf>>,
+}
+
+impl Program {
+    /// Lowers `g` for a batch of `n` images of `h x w`, the backward pass too when `record`.
+    /// `sms` (the device's multiprocessor count) steers split-K and GroupNorm chunking.
+    pub fn build(
+        g: &Graph,
+        n: usize,
+        h: usize,
+        w: usize,
+        record: bool,
+        sms: usize,
+    ) -> Result<Program> {
+        g.config.check_input_size(h, w)?;
+        if n == 0 {
+            return Err(Error::input("batch of 0 images"));
+        }
+        let mut l = Lowering {
+            g,
+            n,
+            h,
+            w,
+            sms,
+            steps: Vec::new(),
+            bufs: Vec::new(),
+            value: vec![None; g.tensors.len()],
+            grad: vec![None; g.tensors.len()],
+            aux: vec![None; g.ops.len()],
+        };
+        let cfg = &g.config;
+        let sample = l.buf(n * cfg.in_channels * h * w, "input sample (NCHW)");
+        let timesteps = l.buf(n, "timesteps");
+        let x = l.new_value(g.input);
+        let (mul, add) = if cfg.center_input_sample {
+            (2.0, -1.0)
+        } else {
+            (1.0, 0.0)
+        };
+        l.steps.push(Step::ToNhwc {
+            src: sample,
+            dst: x,
+            c: cfg.in_channels,
+            mul,
+            add,
+        });
+        for (i, op) in g.ops.iter().enumerate() {
+            l.forward_op(i, op, timesteps, record)?;
+        }
+        let output = l.buf(n * cfg.out_channels * h * w, "output (NCHW)");
+        let out_val = l.val(g.output)?;
+        l.steps.push(Step::ToNchw {
+            src: out_val,
+            dst: output,
+            c: cfg.out_channels,
+            mul: 1.0,
+        });
+        let forward_steps = l.steps.len();
+
+        let (mut cotangent, mut grad_input) = (None, None);
+        if record {
+            let cot = l.buf(n * cfg.out_channels * h * w, "cotangent (NCHW)");
+            let gy = l.new_grad(g.output);
+            l.steps.push(Step::ToNhwc {
+                src: cot,
+                dst: gy,
+                c: cfg.out_channels,
+                mul: 1.0,
+                add: 0.0,
+            });
+            for (i, op) in g.ops.iter().enumerate().rev() {
+                let y = op.output();
+                if !g.tensors[y].on_input_path {
+                    continue;
+                }
+                let Some(dy) = l.grad[y] else { continue };
+                l.backward_op(i, op, dy)?;
+            }
+            let gx = l.grad[g.input]
+                .ok_or_else(|| Error::input("the output does not depend on the input sample"))?;
+            let out = l.buf(n * cfg.in_channels * h * w, "input gradient (NCHW)");
+            let mul = if cfg.center_input_sample { 2.0 } else { 1.0 };
+            l.steps.push(Step::ToNchw {
+                src: gx,
+                dst: out,
+                c: cfg.in_channels,
+                mul,
+            });
+            cotangent = Some(cot);
+            grad_input = Some(out);
+        }
+        Ok(Program {
+            n,
+            h,
+            w,
+            steps: l.steps,
+            bufs: l.bufs,
+            forward_steps,
+            sample,
+            timesteps,
+            output,
+            cotangent,
+            grad_input,
+        })
+    }
+
+    /// Per buffer, the first and last step that name it. The host-visible slots are pinned to
+    /// the end of the program so that a graph can be replayed without rewriting its input and
+    /// the result stays readable after the pass that wrote it.
+    pub fn lifetimes(&self) -> Vec<(usize, usize)> {
+        let mut life = vec![(usize::MAX, 0usize); self.bufs.len()];
+        for (i, s) in self.steps.iter().enumerate() {
+            for b in s.buffers() {
+                let l = &mut life[b.0];
+                l.0 = l.0.min(i);
+                l.1 = l.1.max(i);
+            }
+        }
+        let end = self.steps.len().saturating_sub(1);
+        for b in [
+            Some(self.sample),
+            Some(self.timesteps),
+            Some(self.output),
+            self.cotangent,
+            self.grad_input,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            life[b.0].1 = end;
+        }
+        for l in &mut life {
+            if l.0 == usize::MAX {
+                *l = (0, 0);
+            }
+        }
+        life
+    }
+
+    /// Length of a host-visible slot, in f32 elements.
+    pub fn len(&self, b: Buf) -> usize {
+        self.bufs[b.0].len
+    }
+}
+
+impl Lowering<'_> {
+    fn buf(&mut self, len: usize, what: &str) -> Buf {
+        self.bufs.push(BufDesc {
+            len: len.max(1),
+            what: what.to_string(),
+        });
+        Buf(self.bufs.len() - 1)
+    }
+
+    fn numel(&self, t: Tid) -> usize {
+        self.g.shape(t, self.n, self.h, self.w).iter().product()
+    }
+
+    /// (height, width) of tensor `t`; (1, 1) for per-image vectors.
+    fn hw(&self, t: Tid) -> (usize, usize) {
+        match self.g.tensors[t].space {
+            Space::Vector => (1, 1),
+            Space::Image { level } => (self.h >> level, self.w >> level),
+        }
+    }
+
+    fn ch(&self, t: Tid) -> usize {
+        self.g.tensors[t].channels
+    }
+
+    fn new_value(&mut self, t: Tid) -> Buf {
+        let b = self.buf(self.numel(t), &self.g.tensors[t].name.clone());
+        self.value[t] = Some(b);
+        b
+    }
+
+    fn val(&self, t: Tid) -> Result<Buf> {
+        self.value[t].ok_or_else(|| {
+            Error::Cuda(format!(
+                "internal: `{}` read before it is computed",
+                self.g.tensors[t].name
+            ))
+        })
+    }
+
+    fn new_grad(&mut self, t: Tid) -> Buf {
+        let b = self.buf(self.numel(t), &format!("d {}", self.g.tensors[t].name));
+        self.grad[t] = Some(b);
+        b
+    }
+
+    /// The gradient buffer of `t` and whether it already holds contributions to add onto.
+    fn grad_slot(&mut self, t: Tid) -> (Buf, bool) {
+        match self.grad[t] {
+            Some(b) => (b, true),
+            None => (self.new_grad(t), false),
+        }
+    }
+
+    fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
+        let launch = plan_conv(&shape, self.sms);
+        let ws_len = launch.workspace_len(&shape);
+        let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
+        ConvStep {
+            shape,
+            launch,
+            x,
+            w,
+            y,
+            bias: None,
+            temb: None,
+            residual: None,
+            workspace,
+            out_div: 1.0,
+            accumulate: false,
+        }
+    }
+
+    fn forward_op(&mut self, i: usize, op: &Op, timesteps: Buf, record: bool) -> Result<()> {
+        let g = self.g;
+        let keep = record && g.tensors[op.output()].on_input_path;
+        match *op {
+            Op::TimeEmbedding {
+                y,
+                dim,
+                flip_sin_to_cos,
+                freq_shift,
+            } => {
+                let yb = self.new_value(y);
+                self.steps.push(Step::TimeEmbedding {
+                    t: timesteps,
+                    y: yb,
+                    dim,
+                    flip: flip_sin_to_cos,
+                    shift: freq_shift,
+                });
+            }
+            Op::Linear {
+                x,
+                y,
+                p,
+                silu_in,
+                residual,
+                out_div,
+            } => {
+                let (inp, out) = match g.params[p].kind {
+                    ParamKind::Linear { out, inp } => (inp, out),
+                    ParamKind::Qkv { inner, c } => (c, 3 * inner),
+                    _ => {
+                        return Err(Error::Cuda(format!(
+                            "internal: linear op with parameter `{}`",
+                            g.params[p].name
+                        )))
+                    }
+                };
+                let xb = self.val(x)?;
+                let res = residual.map(|r| self.val(r)).transpose()?;
+                let yb = self.new_value(y);
+                if g.tensors[y].space == Space::Vector {
+                    self.steps.push(Step::LinearRows {
+                        x: xb,
+                        y: yb,
+                        w: W {
+                            pid: p,
+                            kind: WKind::Linear,
+                        },
+                        b: W {
+                            pid: p,
+                            kind: WKind::Bias,
+                        },
+                        inp,
+                        out,
+                        silu_in,
+                        residual: res,
+                        out_div,
+                    });
+                } else {
+                    if silu_in {
+                        return Err(Error::Cuda(format!(
+                            "`{}`: SiLU-input linear layers only act on the time embedding",
+                            g.params[p].name
+                        )));
+                    }
+                    let (h, w) = self.hw(x);
+                    let shape = ConvShape::linear(self.n * h * w, inp, out);
+                    let mut s = self.conv_step(
+                        shape,
+                        xb,
+                        W {
+                            pid: p,
+                            kind: WKind::LinearT,
+                        },
+                        yb,
+                    );
+                    s.bias = Some(W {
+                        pid: p,
+                        kind: WKind::Bias,
+                    });
+                    s.residual = res;
+                    s.out_div = out_div;
+                    self.steps.push(Step::Conv(s));
+                }
+            }
+            Op::Conv {
+                x,
+                y,
+                p,
+                kernel,
+                stride,
+                pad,
+                temb,
+                residual,
+                out_div,
+            } => {
+                let (h, w) = self.hw(x);
+                let shape =
+                    ConvShape::forward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad);
+                let xb = self.val(x)?;
+                let tb = temb.map(|t| self.val(t)).transpose()?;
+                let rb = residual.map(|r| self.val(r)).transpose()?;
+                let yb = self.new_value(y);
+                let mut s = self.conv_step(
+                    shape,
+                    xb,
+                    W {
+                        pid: p,
+                        kind: WKind::ConvForward,
+                    },
+                    yb,
+                );
+                s.bias = Some(W {
+                    pid: p,
+                    kind: WKind::Bias,
+                });
+                s.temb = tb;
+                s.residual = rb;
+                s.out_div = out_div;
+                self.steps.push(Step::Conv(s));
+            }
+            Op::GroupNorm {
+                x,
+                y,
+                p,
+                groups,
+                eps,
+                silu,
+            } => {
+                let (h, w) = self.hw(x);
+                let (hw, c) = (h * w, self.ch(x));
+                let split = plan_norm(self.n, hw, c, self.sms);
+                let xb = self.val(x)?;
+                let yb = self.new_value(y);
+                let partial = self.buf(split.partial_len(self.n, c), "GroupNorm partial sums");
+                let stats = self.buf(2 * self.n * groups, "GroupNorm statistics");
+                let affine = self.buf(2 * self.n * c, "GroupNorm affine");
+                if keep {
+                    self.aux[i] = Some(stats);
+                }
+                self.steps.push(Step::GroupNorm {
+                    x: xb,
+                    y: yb,
+                    gamma: W {
+                        pid: p,
+                        kind: WKind::Gamma,
+                    },
+                    beta: W {
+                        pid: p,
+                        kind: WKind::Beta,
+                    },
+                    hw,
+                    c,
+                    groups,
+                    split,
+                    eps,
+                    silu,
+                    partial,
+                    stats,
+                    affine,
+                });
+            }
+            Op::Attention {
+                qkv,
+                y,
+                heads,
+                head_dim,
+            } => {
+                let (h, w) = self.hw(qkv);
+                let tokens = h * w;
+                let qb = self.val(qkv)?;
+                let yb = self.new_value(y);
+                let probs = self.buf(self.n * heads * tokens * tokens, "attention probabilities");
+                if keep {
+                    self.aux[i] = Some(probs);
+                }
+                self.steps.push(Step::Attention {
+                    qkv: qb,
+                    y: yb,
+                    probs,
+                    tokens,
+                    heads,
+                    head_dim,
+                });
+            }
+            Op::Upsample { x, y } => {
+                let (h, w) = self.hw(x);
+                let c = self.ch(x);
+                let xb = self.val(x)?;
+                let yb = self.new_value(y);
+                self.steps.push(Step::Upsample {
+                    x: xb,
+                    y: yb,
+                    h,
+                    w,
+                    c,
+                });
+            }
+            Op::Concat { a, b, y } => {
+                let (h, w) = self.hw(a);
+                let (ab, bb) = (self.val(a)?, self.val(b)?);
+                let yb = self.new_value(y);
+                self.steps.push(Step::Concat {
+                    a: ab,
+                    b: bb,
+                    y: yb,
+                    pixels: self.n * h * w,
+                    ca: self.ch(a),
+                    cb: self.ch(b),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn backward_op(&mut self, i: usize, op: &Op, dy: Buf) -> Result<()> {
+        let g = self.g;
+        let on_path = |t: Tid| g.tensors[t].on_input_path;
+        let aux = |what: &str| Error::Cuda(format!("internal: {what} of op {i} were not recorded"));
+        match *op {
+            Op::TimeEmbedding { .. } => {
+                return Err(Error::Cuda(
+                    "internal: the time embedding is not on the input path".into(),
+                ))
+            }
+            Op::Linear {
+                x,
+                y,
+                p,
+                residual,
+                out_div,
+                ..
+            } => {
+                if g.tensors[y].space == Space::Vector {
+                    return Err(Error::Cuda(format!(
+                        "internal: `{}` acts on a vector yet lies on the input path",
+                        g.params[p].name
+                    )));
+                }
+                let (inp, out) = match g.params[p].kind {
+                    ParamKind::Linear { out, inp } => (inp, out),
+                    ParamKind::Qkv { inner, c } => (c, 3 * inner),
+                    _ => {
+                        return Err(Error::Cuda(
+                            "internal: linear op with a non-linear parameter".into(),
+                        ))
+                    }
+                };
+                if out_div != 1.0 {
+                    self.steps.push(Step::Divide {
+                        x: dy,
+                        len: self.numel(y),
+                        div: out_div,
+                    });
+                }
+                if on_path(x) {
+                    let (h, w) = self.hw(x);
+                    let (gx, acc) = self.grad_slot(x);
+                    let shape = ConvShape::linear(self.n * h * w, out, inp);
+                    let mut s = self.conv_step(
+                        shape,
+                        dy,
+                        W {
+                            pid: p,
+                            kind: WKind::Linear,
+                        },
+                        gx,
+                    );
+                    s.accumulate = acc;
+                    self.steps.push(Step::Conv(s));
+                }
+                if let Some(r) = residual.filter(|&r| on_path(r)) {
+                    let (gr, acc) = self.grad_slot(r);
+                    self.steps.push(Step::AddInto {
+                        dst: gr,
+                        src: dy,
+                        len: self.numel(r),
+                        accumulate: acc,
+                    });
+                }
+            }
+            Op::Conv {
+                x,
+                y,
+                p,
+                kernel,
+                stride,
+                pad,
+                residual,
+                out_div,
+                ..
+            } => {
+                if out_div != 1.0 {
+                    self.steps.push(Step::Divide {
+                        x: dy,
+                        len: self.numel(y),
+                        div: out_div,
+                    });
+                }
+                if on_path(x) {
+                    let (h, w) = self.hw(x);
+                    let (gx, acc) = self.grad_slot(x);
+                    for shape in ConvShape::backward(
+                        self.n,
+                        h,
+                        w,
+                        self.ch(x),
+                        self.ch(y),
+                        kernel,
+                        stride,
+                        pad,
+                    ) {
+                        let mut s = self.conv_step(
+                            shape,
+                            dy,
+                            W {
+                                pid: p,
+                                kind: WKind::ConvBackward,
+                            },
+                            gx,
+                        );
+                        s.accumulate = acc;
+                        self.steps.push(Step::Conv(s));
+                    }
+                }
+                if let Some(r) = residual.filter(|&r| on_path(r)) {
+                    let (gr, acc) = self.grad_slot(r);
+                    self.steps.push(Step::AddInto {
+                        dst: gr,
+                        src: dy,
+                        len: self.numel(r),
+                        accumulate: acc,
+                    });
+                }
+            }
+            Op::GroupNorm {
+                x, p, groups, silu, ..
+            } => {
+                let stats = self.aux[i].ok_or_else(|| aux("GroupNorm statistics"))?;
+                let (h, w) = self.hw(x);
+                let (hw, c) = (h * w, self.ch(x));
+                let split = plan_norm(self.n, hw, c, self.sms);
+                let xb = self.val(x)?;
+                let (gx, acc) = self.grad_slot(x);
+                let partial = self.buf(
+                    split.partial_len(self.n, c),
+                    "GroupNorm backward partial sums",
+                );
+                let means = self.buf(2 * self.n * groups, "GroupNorm backward means");
+                self.steps.push(Step::GroupNormBackward {
+                    x: xb,
+                    dy,
+                    dx: gx,
+                    gamma: W {
+                        pid: p,
+                        kind: WKind::Gamma,
+                    },
+                    beta: W {
+                        pid: p,
+                        kind: WKind::Beta,
+                    },
+                    hw,
+                    c,
+                    groups,
+                    split,
+                    silu,
+                    stats,
+                    partial,
+                    means,
+                    accumulate: acc,
+                });
+            }
+            Op::Attention {
+                qkv,
+                heads,
+                head_dim,
+                ..
+            } => {
+                let probs = self.aux[i].ok_or_else(|| aux("attention probabilities"))?;
+                let (h, w) = self.hw(qkv);
+                let tokens = h * w;
+                let qb = self.val(qkv)?;
+                let (gq, acc) = self.grad_slot(qkv);
+                let ds = self.buf(self.n * heads * tokens * tokens, "attention score gradient");
+                self.steps.push(Step::AttentionBackward {
+                    qkv: qb,
+                    probs,
+                    dy,
+                    dqkv: gq,
+                    ds,
+                    tokens,
+                    heads,
+                    head_dim,
+                    accumulate: acc,
+                });
+            }
+            Op::Upsample { x, .. } => {
+                let (h, w) = self.hw(x);
+                let c = self.ch(x);
+                let (gx, acc) = self.grad_slot(x);
+                self.steps.push(Step::UpsampleBackward {
+                    dy,
+                    dx: gx,
+                    h,
+                    w,
+                    c,
+                    accumulate: acc,
+                });
+            }
+            Op::Concat { a, b, .. } => {
+                let (h, w) = self.hw(a);
+                let (ca, cb) = (self.ch(a), self.ch(b));
+                let pixels = self.n * h * w;
+                for (t, offset, width) in [(a, 0, ca), (b, ca, cb)] {
+                    if on_path(t) {
+                        let (gt, acc) = self.grad_slot(t);
+                        self.steps.push(Step::ConcatBackward {
+                            dy,
+                            d: gt,
+                            pixels,
+                            c: ca + cb,
+                            offset,
+                            width,
+                            accumulate: acc,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UNetConfig;
+
+    /// Reads only ever see values some earlier step (or the host) wrote, in both modes.
+    #[test]
+    fn every_buffer_is_written_before_it_is_read() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for record in [false, true] {
+            let p = Program::build(&g, 2, 64, 32, record, 132).unwrap();
+            let mut written = vec![false; p.bufs.len()];
+            written[p.sample.0] = true;
+            written[p.timesteps.0] = true;
+            for (i, s) in p.steps.iter().enumerate() {
+                if i == p.forward_steps {
+                    written[p.cotangent.unwrap().0] = true;
+                }
+                let (reads, writes) = s.io();
+                for r in reads {
+                    assert!(
+                        written[r.0],
+                        "step {i} reads `{}` before anything wrote it",
+                        p.bufs[r.0].what
+                    );
+                }
+                for w in writes {
+                    written[w.0] = true;
+                }
+            }
+            assert!(written[p.output.0]);
+            if record {
+                assert!(written[p.grad_input.unwrap().0]);
+            }
+        }
+    }
+}

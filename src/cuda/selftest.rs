@@ -1,0 +1,1004 @@
+//! Checks every kernel, forward and backward, against the CPU function it replaces, on random
+//! inputs of awkward shapes (odd sizes, batches of 1 and 3, both paddings, one and several
+//! heads, accumulating and overwriting), then the whole network against [`CpuUnet`] on small
+//! random-weight configurations at non-square sizes. Each row reports the relative L2 error and
+//! the GPU time of the launch(es).
+
+use cudarc::driver::sys::CUevent_flags;
+
+use super::device::{cu, Gpu};
+use super::kernels::{plan_conv, plan_norm, ConvKernel, ConvPtrs, ConvShape, NormDims};
+use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
+use super::weights::{transpose, DevBuf, DevConv};
+use crate::config::{BlockKind, UNetConfig};
+use crate::cpu::conv::{self, ConvParams, Geometry};
+use crate::cpu::linear::{self, LinearParams};
+use crate::cpu::{attention, norm, resample, CpuUnet};
+use crate::model::graph::Pad;
+use crate::model::{Graph, Model, Weights};
+use crate::tensor::rel_l2;
+use crate::{Result, Tensor};
+
+/// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
+pub const TOLERANCE: f64 = 1e-5;
+
+/// One check: an op at one shape.
+#[derive(Clone, Debug)]
+pub struct SelftestRow {
+    /// The op and the kernel path it took, e.g. "conv3x3 s2 input-grad [vec, 4 splits]".
+    pub op: String,
+    /// The shape, in words.
+    pub shape: String,
+    /// ‖gpu − cpu‖ / ‖cpu‖.
+    pub rel_l2: f64,
+    /// GPU time of the launch(es), milliseconds (one run, after a warm-up run).
+    pub gpu_ms: f64,
+}
+
+impl SelftestRow {
+    /// Whether the error is within [`TOLERANCE`] (NaN fails).
+    pub fn passed(&self) -> bool {
+        self.rel_l2 <= TOLERANCE
+    }
+}
+
+/// Runs every check on GPU `ordinal`. Errors only when the GPU cannot be used at all; numerical
+/// failures are rows with [`SelftestRow::passed`] false.
+pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
+    let gpu = Gpu::open(ordinal)?;
+    let mut t = Tester {
+        gpu: &gpu,
+        rows: Vec::new(),
+        seed: 0x5EED,
+    };
+    t.convolutions()?;
+    t.linears()?;
+    t.group_norms()?;
+    t.attentions()?;
+    t.data_movement()?;
+    t.unets(ordinal)?;
+    Ok(t.rows)
+}
+
+struct Tester<'g> {
+    gpu: &'g Gpu,
+    rows: Vec<SelftestRow>,
+    seed: u64,
+}
+
+/// A convolution check.
+struct ConvCase {
+    n: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: Pad,
+    temb: bool,
+    res: bool,
+    out_div: f32,
+    accumulate: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cc(
+    n: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: Pad,
+) -> ConvCase {
+    ConvCase {
+        n,
+        h,
+        w,
+        cin,
+        cout,
+        k,
+        stride,
+        pad,
+        temb: false,
+        res: false,
+        out_div: 1.0,
+        accumulate: false,
+    }
+}
+
+impl Tester<'_> {
+    /// Uniform values in [lo, hi), from a fresh stream of the generator.
+    fn rand(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        self.seed = self
+            .seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(1);
+        let mut s = self.seed | 1;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect()
+    }
+
+    fn up(&self, data: &[f32]) -> Result<DevBuf> {
+        DevBuf::upload(&self.gpu.stream, data)
+    }
+
+    fn zeros(&self, len: usize) -> Result<DevBuf> {
+        DevBuf::zeros(&self.gpu.stream, len)
+    }
+
+    /// Runs `run` once to warm up, resets its output with `reset`, then times one run.
+    fn timed(
+        &self,
+        mut reset: impl FnMut() -> Result<()>,
+        mut run: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        let st = &self.gpu.stream;
+        reset()?;
+        run()?;
+        reset()?;
+        let a = cu(
+            st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+            "recording an event",
+        )?;
+        run()?;
+        let b = cu(
+            st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+            "recording an event",
+        )?;
+        cu(b.synchronize(), "running the check")?;
+        Ok(cu(a.elapsed_ms(&b), "reading the timer")? as f64)
+    }
+
+    fn row(&mut self, op: String, shape: String, got: &[f32], want: &[f32], gpu_ms: f64) {
+        let rel = if got.len() == want.len() {
+            rel_l2(got, want)
+        } else {
+            f64::NAN
+        };
+        self.rows.push(SelftestRow {
+            op,
+            shape,
+            rel_l2: rel,
+            gpu_ms,
+        });
+    }
+
+    fn convolutions(&mut self) -> Result<()> {
+        use Pad::*;
+        let mut cases = vec![
+            ConvCase {
+                temb: true,
+                res: true,
+                out_div: 2.0,
+                ..cc(1, 7, 5, 16, 24, 3, 1, Symmetric)
+            },
+            ConvCase {
+                accumulate: true,
+                ..cc(3, 9, 6, 3, 20, 3, 1, Symmetric)
+            },
+            cc(2, 10, 6, 32, 12, 3, 2, Symmetric),
+            ConvCase {
+                accumulate: true,
+                ..cc(2, 10, 6, 32, 12, 3, 2, RightBottom)
+            },
+            cc(1, 6, 14, 20, 36, 3, 2, RightBottom),
+            ConvCase {
+                res: true,
+                accumulate: true,
+                ..cc(3, 5, 7, 24, 40, 1, 1, Symmetric)
+            },
+            ConvCase {
+                accumulate: true,
+                ..cc(1, 9, 7, 40, 3, 3, 1, Symmetric)
+            },
+            ConvCase {
+                temb: true,
+                ..cc(1, 64, 48, 128, 128, 3, 1, Symmetric)
+            },
+            cc(1, 8, 8, 256, 256, 3, 1, Symmetric),
+            ConvCase {
+                accumulate: true,
+                ..cc(2, 32, 32, 64, 64, 3, 2, Symmetric)
+            },
+            // Full size: celebahq's first level (19.3 GFLOP), for a realistic time.
+            ConvCase {
+                temb: true,
+                ..cc(1, 256, 256, 128, 128, 3, 1, Symmetric)
+            },
+        ];
+        for c in cases.drain(..) {
+            self.conv_case(c)?;
+        }
+        Ok(())
+    }
+
+    fn conv_case(&mut self, c: ConvCase) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let ConvCase {
+            n,
+            h,
+            w,
+            cin,
+            cout,
+            k,
+            stride,
+            pad,
+            out_div,
+            accumulate,
+            ..
+        } = c;
+        let geo = Geometry {
+            n,
+            h,
+            w,
+            stride,
+            pad,
+        };
+        let (oh, ow) = (h / stride, w / stride);
+        let bound = 1.0 / ((cin * k * k) as f32).sqrt();
+        let x = self.rand(n * h * w * cin, -1.0, 1.0);
+        let wt = self.rand(cout * cin * k * k, -bound, bound);
+        let b = self.rand(cout, -1.0, 1.0);
+        let temb = if c.temb {
+            Some(self.rand(n * cout, -1.0, 1.0))
+        } else {
+            None
+        };
+        let res = if c.res {
+            Some(self.rand(n * oh * ow * cout, -1.0, 1.0))
+        } else {
+            None
+        };
+        let cpu = ConvParams::new(&wt, &b, cout, cin, k);
+        let mut want = vec![0.0; n * oh * ow * cout];
+        conv::forward(
+            &cpu,
+            &x,
+            geo,
+            temb.as_deref(),
+            res.as_deref(),
+            out_div,
+            &mut want,
+        );
+
+        let mut dev = DevConv::upload(gpu, &wt, &b, cout, cin, k)?;
+        let xd = self.up(&x)?;
+        let td = temb.as_deref().map(|t| self.up(t)).transpose()?;
+        let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
+        let yd = self.zeros(want.len())?;
+        let shape = ConvShape::forward(n, h, w, cin, cout, k, stride, pad);
+        let plan = plan_conv(&shape, gpu.sms());
+        let ws = self.zeros(plan.workspace_len(&shape))?;
+        let ptrs = ConvPtrs {
+            x: xd.ptr,
+            w: dev.forward.ptr,
+            y: yd.ptr,
+            bias: dev.bias.ptr,
+            temb: td.as_ref().map_or(0, |d| d.ptr),
+            res: rd.as_ref().map_or(0, |d| d.ptr),
+            ws: ws.ptr,
+        };
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv(st, &shape, &plan, ptrs, out_div, false),
+        )?;
+        let got = yd.download(st)?;
+        let desc = format!("n{n} {h}x{w} {cin}->{cout}{}", pad_name(k, stride, pad));
+        let epi = [(c.temb, "+temb"), (c.res, "+res"), (out_div != 1.0, "/div")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, s)| *s)
+            .collect::<String>();
+        self.row(
+            format!(
+                "conv{k}x{k} s{stride} forward{epi} [{}]",
+                path(plan.kernel, plan.splits)
+            ),
+            desc.clone(),
+            &got,
+            &want,
+            ms,
+        );
+
+        let dy = self.rand(want.len(), -1.0, 1.0);
+        let dx0 = if accumulate {
+            self.rand(x.len(), -1.0, 1.0)
+        } else {
+            vec![0.0; x.len()]
+        };
+        let mut want_dx = dx0.clone();
+        conv::backward_input(&cpu, &dy, geo, &mut want_dx, accumulate);
+        dev.ensure_backward(gpu)?;
+        let bwd = dev.backward.as_ref().expect("built above").ptr;
+        let dyd = self.up(&dy)?;
+        let mut dxd = self.up(&dx0)?;
+        let dx_ptr = dxd.ptr;
+        let shapes = ConvShape::backward(n, h, w, cin, cout, k, stride, pad);
+        let plans: Vec<_> = shapes.iter().map(|s| plan_conv(s, gpu.sms())).collect();
+        let ws_len = shapes
+            .iter()
+            .zip(&plans)
+            .map(|(s, p)| p.workspace_len(s))
+            .max()
+            .unwrap_or(0);
+        let ws = self.zeros(ws_len)?;
+        let ms = self.timed(
+            || dxd.write(st, &dx0),
+            || {
+                for (s, p) in shapes.iter().zip(&plans) {
+                    let ptrs = ConvPtrs {
+                        x: dyd.ptr,
+                        w: bwd,
+                        y: dx_ptr,
+                        ws: ws.ptr,
+                        ..ConvPtrs::default()
+                    };
+                    gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
+                }
+                Ok(())
+            },
+        )?;
+        let got = dxd.download(st)?;
+        let paths: Vec<String> = plans.iter().map(|p| path(p.kernel, p.splits)).collect();
+        self.row(
+            format!(
+                "conv{k}x{k} s{stride} input-grad{} [{}]",
+                acc_name(accumulate),
+                paths.join(", ")
+            ),
+            desc,
+            &got,
+            &want_dx,
+            ms,
+        );
+        Ok(())
+    }
+
+    fn linears(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        // Few rows (the time-embedding MLP): the warp-per-output kernel.
+        for (rows, inp, out, silu_in, with_res, out_div) in [
+            (3, 40, 24, true, true, 1.5f32),
+            (1, 128, 512, false, false, 1.0),
+        ] {
+            let x = self.rand(rows * inp, -2.0, 2.0);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let wt = self.rand(out * inp, -bound, bound);
+            let b = self.rand(out, -1.0, 1.0);
+            let res = if with_res {
+                Some(self.rand(rows * out, -1.0, 1.0))
+            } else {
+                None
+            };
+            let p = LinearParams::new(wt.clone(), b.clone(), out, inp);
+            let mut want = vec![0.0; rows * out];
+            linear::forward(&p, &x, silu_in, res.as_deref(), out_div, &mut want);
+            let (xd, wd, bd) = (self.up(&x)?, self.up(&wt)?, self.up(&b)?);
+            let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
+            let yd = self.zeros(want.len())?;
+            let res_ptr = rd.as_ref().map_or(0, |d| d.ptr);
+            let ms = self.timed(
+                || Ok(()),
+                || {
+                    gpu.kernels.linear_rows(
+                        st, xd.ptr, wd.ptr, bd.ptr, res_ptr, yd.ptr, rows, inp, out, silu_in,
+                        out_div,
+                    )
+                },
+            )?;
+            let got = yd.download(st)?;
+            let op = format!(
+                "linear rows{}{}",
+                if silu_in { " silu-in" } else { "" },
+                if with_res { " +res /div" } else { "" }
+            );
+            self.row(op, format!("{rows} x {inp}->{out}"), &got, &want, ms);
+        }
+        // Token-wise (q/k/v, attention output): the implicit GEMM with one tap.
+        for (rows, inp, out, accumulate) in [(37, 48, 144, false), (256, 512, 1536, true)] {
+            let x = self.rand(rows * inp, -1.0, 1.0);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let wt = self.rand(out * inp, -bound, bound);
+            let b = self.rand(out, -1.0, 1.0);
+            let res = self.rand(rows * out, -1.0, 1.0);
+            let p = LinearParams::new(wt.clone(), b.clone(), out, inp);
+            let mut want = vec![0.0; rows * out];
+            linear::forward(&p, &x, false, Some(&res), 1.25, &mut want);
+            let (xd, wtd, wd, bd, rd) = (
+                self.up(&x)?,
+                self.up(&transpose(&wt, out, inp))?,
+                self.up(&wt)?,
+                self.up(&b)?,
+                self.up(&res)?,
+            );
+            let yd = self.zeros(want.len())?;
+            let shape = ConvShape::linear(rows, inp, out);
+            let plan = plan_conv(&shape, gpu.sms());
+            let ws = self.zeros(plan.workspace_len(&shape))?;
+            let ptrs = ConvPtrs {
+                x: xd.ptr,
+                w: wtd.ptr,
+                y: yd.ptr,
+                bias: bd.ptr,
+                res: rd.ptr,
+                ws: ws.ptr,
+                temb: 0,
+            };
+            let ms = self.timed(
+                || Ok(()),
+                || gpu.kernels.conv(st, &shape, &plan, ptrs, 1.25, false),
+            )?;
+            let got = yd.download(st)?;
+            let desc = format!("{rows} x {inp}->{out}");
+            self.row(
+                format!(
+                    "linear tokens +res /div [{}]",
+                    path(plan.kernel, plan.splits)
+                ),
+                desc.clone(),
+                &got,
+                &want,
+                ms,
+            );
+
+            let dy = self.rand(rows * out, -1.0, 1.0);
+            let dx0 = if accumulate {
+                self.rand(rows * inp, -1.0, 1.0)
+            } else {
+                vec![0.0; rows * inp]
+            };
+            let mut want_dx = dx0.clone();
+            linear::backward_input(&p, &dy, &mut want_dx, accumulate);
+            let dyd = self.up(&dy)?;
+            let mut dxd = self.up(&dx0)?;
+            let dx_ptr = dxd.ptr;
+            let shape = ConvShape::linear(rows, out, inp);
+            let plan = plan_conv(&shape, gpu.sms());
+            let ws = self.zeros(plan.workspace_len(&shape))?;
+            let ptrs = ConvPtrs {
+                x: dyd.ptr,
+                w: wd.ptr,
+                y: dx_ptr,
+                ws: ws.ptr,
+                ..ConvPtrs::default()
+            };
+            let ms = self.timed(
+                || dxd.write(st, &dx0),
+                || gpu.kernels.conv(st, &shape, &plan, ptrs, 1.0, accumulate),
+            )?;
+            let got = dxd.download(st)?;
+            self.row(
+                format!(
+                    "linear tokens input-grad{} [{}]",
+                    acc_name(accumulate),
+                    path(plan.kernel, plan.splits)
+                ),
+                desc,
+                &got,
+                &want_dx,
+                ms,
+            );
+        }
+        Ok(())
+    }
+
+    fn group_norms(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        for (n, h, w, c, groups, silu, accumulate) in [
+            (1, 7, 5, 64, 32, true, false),
+            (3, 6, 6, 96, 32, false, true),
+            (2, 64, 64, 128, 32, true, true),
+            (1, 5, 3, 3, 1, false, false),
+        ] {
+            let hw = h * w;
+            let d = norm::Dims { n, hw, c, groups };
+            // An offset mean, so that E[x²] - E[x]² is tested away from zero mean.
+            let x = self.rand(n * hw * c, -1.0, 3.0);
+            let gamma = self.rand(c, 0.5, 1.5);
+            let beta = self.rand(c, -0.5, 0.5);
+            let eps = 1e-6;
+            let mut want = vec![0.0; x.len()];
+            let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
+            let split = plan_norm(n, hw, c, gpu.sms());
+            let nd = NormDims {
+                n,
+                hw,
+                c,
+                groups,
+                split,
+            };
+            let (xd, gd, bd) = (self.up(&x)?, self.up(&gamma)?, self.up(&beta)?);
+            let yd = self.zeros(x.len())?;
+            let partial = self.zeros(split.partial_len(n, c))?;
+            let sd = self.zeros(2 * n * groups)?;
+            let affine = self.zeros(2 * n * c)?;
+            let ms = self.timed(
+                || Ok(()),
+                || {
+                    gpu.kernels.group_norm(
+                        st,
+                        nd,
+                        xd.ptr,
+                        gd.ptr,
+                        bd.ptr,
+                        yd.ptr,
+                        partial.ptr,
+                        sd.ptr,
+                        affine.ptr,
+                        eps,
+                        silu,
+                    )
+                },
+            )?;
+            let got = yd.download(st)?;
+            let desc = format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks);
+            let s = if silu { "+silu" } else { "" };
+            self.row(
+                format!("groupnorm{s} forward"),
+                desc.clone(),
+                &got,
+                &want,
+                ms,
+            );
+
+            let dy = self.rand(x.len(), -1.0, 1.0);
+            let dx0 = if accumulate {
+                self.rand(x.len(), -1.0, 1.0)
+            } else {
+                vec![0.0; x.len()]
+            };
+            let mut want_dx = dx0.clone();
+            norm::backward(
+                &x,
+                d,
+                &gamma,
+                &beta,
+                silu,
+                &stats,
+                &dy,
+                &mut want_dx,
+                accumulate,
+            );
+            let dyd = self.up(&dy)?;
+            let mut dxd = self.up(&dx0)?;
+            let dx_ptr = dxd.ptr;
+            let means = self.zeros(2 * n * groups)?;
+            let ms = self.timed(
+                || dxd.write(st, &dx0),
+                || {
+                    gpu.kernels.group_norm_backward(
+                        st,
+                        nd,
+                        xd.ptr,
+                        dyd.ptr,
+                        gd.ptr,
+                        bd.ptr,
+                        sd.ptr,
+                        partial.ptr,
+                        means.ptr,
+                        dx_ptr,
+                        silu,
+                        accumulate,
+                    )
+                },
+            )?;
+            let got = dxd.download(st)?;
+            self.row(
+                format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
+                desc,
+                &got,
+                &want_dx,
+                ms,
+            );
+        }
+        Ok(())
+    }
+
+    fn attentions(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        for (n, tokens, heads, head_dim, accumulate) in [
+            (1, 37, 1, 16, false),
+            (3, 64, 4, 8, true),
+            (2, 256, 1, 64, false),
+        ] {
+            let inner = heads * head_dim;
+            let d = attention::Dims {
+                n,
+                tokens,
+                heads,
+                head_dim,
+            };
+            let qkv = self.rand(n * tokens * 3 * inner, -1.5, 1.5);
+            let mut want = vec![0.0; n * tokens * inner];
+            let probs =
+                attention::forward(&qkv, d, &mut want, true).expect("asked for the probabilities");
+            let a = Attn {
+                n,
+                tokens,
+                heads,
+                head_dim,
+            };
+            let qd = self.up(&qkv)?;
+            let pd = self.zeros(n * heads * tokens * tokens)?;
+            let od = self.zeros(want.len())?;
+            let ms = self.timed(
+                || Ok(()),
+                || attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, od.ptr),
+            )?;
+            let got = od.download(st)?;
+            let desc = format!("n{n} L{tokens} {heads}x{head_dim}");
+            self.row("attention forward".into(), desc.clone(), &got, &want, ms);
+
+            let dout = self.rand(want.len(), -1.0, 1.0);
+            let g0 = if accumulate {
+                self.rand(qkv.len(), -1.0, 1.0)
+            } else {
+                vec![0.0; qkv.len()]
+            };
+            let mut want_g = g0.clone();
+            attention::backward(&qkv, &probs, d, &dout, &mut want_g, accumulate);
+            let dd = self.up(&dout)?;
+            let mut gd = self.up(&g0)?;
+            let g_ptr = gd.ptr;
+            let ds = self.zeros(n * heads * tokens * tokens)?;
+            let ms = self.timed(
+                || gd.write(st, &g0),
+                || {
+                    attention_backward(
+                        &gpu.kernels,
+                        st,
+                        a,
+                        qd.ptr,
+                        pd.ptr,
+                        dd.ptr,
+                        g_ptr,
+                        ds.ptr,
+                        accumulate,
+                    )
+                },
+            )?;
+            let got = gd.download(st)?;
+            self.row(
+                format!("attention input-grad{}", acc_name(accumulate)),
+                desc,
+                &got,
+                &want_g,
+                ms,
+            );
+        }
+        Ok(())
+    }
+
+    fn data_movement(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let k = &gpu.kernels;
+        let (n, h, w, c) = (2, 5, 3, 6);
+        let x = self.rand(n * h * w * c, -1.0, 1.0);
+        let mut want = vec![0.0; 4 * x.len()];
+        resample::upsample2x(&x, h, w, c, &mut want);
+        let (xd, yd) = (self.up(&x)?, self.zeros(want.len())?);
+        let ms = self.timed(|| Ok(()), || k.upsample(st, xd.ptr, yd.ptr, n, h, w, c))?;
+        let got = yd.download(st)?;
+        let desc = format!("n{n} {h}x{w} c{c}");
+        self.row("upsample2x forward".into(), desc.clone(), &got, &want, ms);
+        for accumulate in [false, true] {
+            let dy = self.rand(4 * x.len(), -1.0, 1.0);
+            let dx0 = if accumulate {
+                self.rand(x.len(), -1.0, 1.0)
+            } else {
+                vec![0.0; x.len()]
+            };
+            let mut want = dx0.clone();
+            resample::upsample2x_backward(&dy, n, h, w, c, &mut want, accumulate);
+            let dyd = self.up(&dy)?;
+            let mut dxd = self.up(&dx0)?;
+            let p = dxd.ptr;
+            let ms = self.timed(
+                || dxd.write(st, &dx0),
+                || k.upsample_backward(st, dyd.ptr, p, n, h, w, c, accumulate),
+            )?;
+            let got = dxd.download(st)?;
+            self.row(
+                format!("upsample2x adjoint{}", acc_name(accumulate)),
+                desc.clone(),
+                &got,
+                &want,
+                ms,
+            );
+        }
+
+        let (pixels, ca, cb) = (37, 5, 11);
+        let a = self.rand(pixels * ca, -1.0, 1.0);
+        let b = self.rand(pixels * cb, -1.0, 1.0);
+        let mut want = vec![0.0; pixels * (ca + cb)];
+        resample::concat(&a, ca, &b, cb, &mut want);
+        let (ad, bd, yd) = (self.up(&a)?, self.up(&b)?, self.zeros(want.len())?);
+        let ms = self.timed(
+            || Ok(()),
+            || k.concat(st, ad.ptr, bd.ptr, yd.ptr, pixels, ca, cb),
+        )?;
+        let got = yd.download(st)?;
+        let desc = format!("{pixels} px, {ca}+{cb}");
+        self.row("concat forward".into(), desc.clone(), &got, &want, ms);
+        let dy = self.rand(want.len(), -1.0, 1.0);
+        for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {
+            let d0 = if accumulate {
+                self.rand(pixels * width, -1.0, 1.0)
+            } else {
+                vec![0.0; pixels * width]
+            };
+            let mut want = d0.clone();
+            resample::concat_backward(&dy, ca + cb, offset, width, &mut want, accumulate);
+            let dyd = self.up(&dy)?;
+            let mut dd = self.up(&d0)?;
+            let p = dd.ptr;
+            let ms = self.timed(
+                || dd.write(st, &d0),
+                || k.concat_backward(st, dyd.ptr, p, pixels, ca + cb, offset, width, accumulate),
+            )?;
+            let got = dd.download(st)?;
+            self.row(
+                format!(
+                    "concat adjoint ch {offset}..{}{}",
+                    offset + width,
+                    acc_name(accumulate)
+                ),
+                desc.clone(),
+                &got,
+                &want,
+                ms,
+            );
+        }
+
+        let (n, c, h, w) = (3, 4, 5, 7);
+        let x = self.rand(n * c * h * w, -1.0, 1.0);
+        let want: Vec<f32> = resample::nchw_to_nhwc(&x, c, h, w)
+            .iter()
+            .map(|v| 2.0 * v - 1.0)
+            .collect();
+        let (xd, yd) = (self.up(&x)?, self.zeros(x.len())?);
+        let ms = self.timed(
+            || Ok(()),
+            || k.to_nhwc(st, xd.ptr, yd.ptr, n, c, h, w, 2.0, -1.0),
+        )?;
+        let got = yd.download(st)?;
+        self.row(
+            "nchw->nhwc (2x - 1)".into(),
+            format!("n{n} c{c} {h}x{w}"),
+            &got,
+            &want,
+            ms,
+        );
+        let want: Vec<f32> = resample::nhwc_to_nchw(&x, n, c, h, w)
+            .iter()
+            .map(|v| 2.0 * v)
+            .collect();
+        let ms = self.timed(|| Ok(()), || k.to_nchw(st, xd.ptr, yd.ptr, n, c, h, w, 2.0))?;
+        let got = yd.download(st)?;
+        self.row(
+            "nhwc->nchw (x2)".into(),
+            format!("n{n} c{c} {h}x{w}"),
+            &got,
+            &want,
+            ms,
+        );
+
+        for (dim, flip, shift) in [(128, false, 1.0f32), (33, true, 0.0)] {
+            let t = vec![0.0, 1.0, 999.0, 500.5];
+            let want = resample::timestep_embedding(&t, dim, flip, shift);
+            let (td, yd) = (self.up(&t)?, self.up(&vec![f32::NAN; want.len()])?);
+            let ms = self.timed(
+                || Ok(()),
+                || k.timestep_embedding(st, td.ptr, yd.ptr, t.len(), dim, flip, shift),
+            )?;
+            let got = yd.download(st)?;
+            self.row(
+                "timestep embedding".into(),
+                format!("{} x {dim}, flip {flip}, shift {shift}", t.len()),
+                &got,
+                &want,
+                ms,
+            );
+        }
+
+        let len = 1001;
+        let a = self.rand(len, -1.0, 1.0);
+        let b = self.rand(len, -1.0, 1.0);
+        for accumulate in [false, true] {
+            let want: Vec<f32> = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| if accumulate { x + y } else { *y })
+                .collect();
+            let mut ad = self.up(&a)?;
+            let bd = self.up(&b)?;
+            let p = ad.ptr;
+            let ms = self.timed(
+                || ad.write(st, &a),
+                || k.add_into(st, p, bd.ptr, len, accumulate),
+            )?;
+            let got = ad.download(st)?;
+            self.row(
+                format!("add into{}", acc_name(accumulate)),
+                format!("{len}"),
+                &got,
+                &want,
+                ms,
+            );
+        }
+        let want: Vec<f32> = a.iter().map(|x| x / 1.7).collect();
+        let mut ad = self.up(&a)?;
+        let p = ad.ptr;
+        let ms = self.timed(|| ad.write(st, &a), || k.divide(st, p, len, 1.7))?;
+        let got = ad.download(st)?;
+        self.row("divide".into(), format!("{len}"), &got, &want, ms);
+        Ok(())
+    }
+
+    fn unets(&mut self, ordinal: usize) -> Result<()> {
+        for (model, n, h, w, t) in [
+            (tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
+            (tiny_model(true), 3, 20, 12, vec![0.0, 500.0, 999.0]),
+        ] {
+            let cfg = model.config().clone();
+            let name = if cfg.center_input_sample {
+                "unet B"
+            } else {
+                "unet A"
+            };
+            let desc = format!("n{n} {h}x{w} {:?}", cfg.block_out_channels);
+            let sample = Tensor::new(
+                vec![n, cfg.in_channels, h, w],
+                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
+            )?;
+            let cot = Tensor::new(
+                vec![n, cfg.out_channels, h, w],
+                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
+            )?;
+            let cpu = CpuUnet::new(&model);
+            let want = cpu.forward(&sample, &t)?;
+            let (_, tape) = cpu.forward_recording(&sample, &t)?;
+            let want_grad = tape.vjp(&cot)?;
+
+            let mut gpu = CudaUnet::new(&model, ordinal)?;
+            let got = gpu.forward(&sample, &t)?;
+            let again = gpu.forward(&sample, &t)?;
+            let ms = gpu.time_forward(n, h, w, 5)?;
+            self.row(
+                format!("{name} forward"),
+                desc.clone(),
+                got.data(),
+                want.data(),
+                ms,
+            );
+            self.row(
+                format!("{name} forward replay = first"),
+                desc.clone(),
+                again.data(),
+                got.data(),
+                ms,
+            );
+
+            let eps = gpu.forward_recording(&sample, &t)?;
+            let grad = gpu.vjp(&cot)?;
+            let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+            self.row(
+                format!("{name} recording forward"),
+                desc.clone(),
+                eps.data(),
+                want.data(),
+                ms,
+            );
+            self.row(
+                format!("{name} forward + vjp"),
+                desc.clone(),
+                grad.data(),
+                want_grad.data(),
+                ms,
+            );
+
+            let st = gpu.stream().clone();
+            let xd = cu(st.clone_htod(sample.data()), "uploading")?;
+            let td = cu(st.clone_htod(&t), "uploading")?;
+            let mut od = cu(st.alloc_zeros::<f32>(want.numel()), "allocating")?;
+            gpu.forward_device(n, h, w, &xd, &td, &mut od)?;
+            let dev_out = cu(st.clone_dtoh(&od), "downloading")?;
+            gpu.forward_recording_device(n, h, w, &xd, &td, &mut od)?;
+            let cd = cu(st.clone_htod(cot.data()), "uploading")?;
+            let mut gd = cu(st.alloc_zeros::<f32>(sample.numel()), "allocating")?;
+            gpu.vjp_device(&cd, &mut gd)?;
+            let dev_grad = cu(st.clone_dtoh(&gd), "downloading")?;
+            cu(st.synchronize(), "running on the GPU")?;
+            self.row(
+                format!("{name} forward_device"),
+                desc.clone(),
+                &dev_out,
+                want.data(),
+                0.0,
+            );
+            self.row(
+                format!("{name} vjp_device"),
+                desc,
+                &dev_grad,
+                want_grad.data(),
+                0.0,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Small networks that still take every path: attention (one head, then several), both
+/// paddings, a centred input, a mid-block scale factor, 4 input channels.
+fn tiny_model(variant_b: bool) -> Model {
+    use BlockKind::*;
+    let mut c = UNetConfig::celebahq_256();
+    if variant_b {
+        c.in_channels = 4;
+        c.block_out_channels = vec![16, 32, 48];
+        c.down_blocks = vec![Plain, Attention, Attention];
+        c.up_blocks = vec![Attention, Attention, Plain];
+        c.layers_per_block = 2;
+        c.norm_num_groups = 8;
+        c.attention_head_dim = Some(8);
+        c.downsample_padding = 1;
+        c.time_embedding_dim = 64;
+        c.flip_sin_to_cos = true;
+        c.freq_shift = 0.0;
+        c.center_input_sample = true;
+        c.mid_block_scale_factor = 1.5;
+    } else {
+        c.block_out_channels = vec![32, 64, 64];
+        c.down_blocks = vec![Plain, Attention, Plain];
+        c.up_blocks = vec![Plain, Attention, Plain];
+        c.layers_per_block = 1;
+        c.norm_num_groups = 8;
+        c.time_embedding_dim = 128;
+    }
+    let graph = Graph::build(&c).expect("the selftest configurations are valid");
+    let weights = Weights::random(&graph, if variant_b { 7 } else { 3 });
+    Model {
+        graph,
+        weights,
+        source: "selftest".into(),
+        scheduler_config: None,
+    }
+}
+
+fn path(k: ConvKernel, splits: usize) -> String {
+    let name = match k {
+        ConvKernel::Vec => "vec",
+        ConvKernel::Any => "any",
+        ConvKernel::Narrow => "narrow",
+    };
+    if splits > 1 {
+        format!("{name}, {splits} splits")
+    } else {
+        name.to_string()
+    }
+}
+
+fn pad_name(k: usize, stride: usize, pad: Pad) -> &'static str {
+    match (k, stride, pad) {
+        (3, 2, Pad::Symmetric) => " pad 1",
+        (3, 2, Pad::RightBottom) => " pad right/bottom",
+        _ => "",
+    }
+}
+
+fn acc_name(accumulate: bool) -> &'static str {
+    if accumulate {
+        " (accumulate)"
+    } else {
+        ""
+    }
+}

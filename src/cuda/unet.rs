@@ -1,0 +1,1041 @@
+//! Runs the UNet graph on a GPU: weights uploaded once, one planned arena per (batch, height,
+//! width, mode), the program of each shape captured as CUDA graphs and replayed.
+//!
+//! Per shape and mode, the first call lowers the graph ([`Program`]), places its buffers
+//! ([`plan`](super::plan)), allocates the arena and captures the forward (and, when recording,
+//! the backward) launches as CUDA graphs on the backend's own stream. Every later call at that
+//! shape only copies the input in, replays, and copies the result out: no allocation and no
+//! synchronisation in between. `INVDIFF_NO_CUDA_GRAPH=1` runs the same launches uncaptured,
+//! for debugging.
+//!
+//! Recording mode keeps, like the CPU backend, only what the backward pass reads (GroupNorm
+//! inputs and statistics, the fused q/k/v and the attention probabilities); the plan's lifetimes
+//! span both passes, so the tape lives in the arena between `forward_recording` and `vjp`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream, DevicePtr, DevicePtrMut};
+
+use super::device::{cu, Gpu};
+use super::kernels::{at, ConvPtrs, DPtr, Gemm, Kernels, NormDims};
+use super::plan::{self, Placement, PlanStats};
+use super::program::{Buf, Program, Step};
+use super::weights::{DevBuf, DevWeights};
+use crate::model::{Graph, Model};
+use crate::{ensure, Error, Result, Tensor};
+
+/// One shape and mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    n: usize,
+    h: usize,
+    w: usize,
+    record: bool,
+}
+
+/// A captured CUDA graph.
+struct Captured(CudaGraph);
+// SAFETY: a CUDA graph may be used from any thread as long as calls on it are serialised, which
+// `&mut CudaUnet` guarantees; only its raw handles keep cudarc's type from being Send.
+unsafe impl Send for Captured {}
+
+/// Everything one shape needs: its program, the arena and the captured graphs.
+struct ShapePlan {
+    program: Program,
+    placement: Placement,
+    arena: DevBuf,
+    forward: Option<Captured>,
+    backward: Option<Captured>,
+}
+
+impl ShapePlan {
+    fn ptr(&self, b: Buf) -> DPtr {
+        at(self.arena.ptr, self.placement.offsets[b.0])
+    }
+
+    fn range(&self, b: Buf) -> std::ops::Range<usize> {
+        let o = self.placement.offsets[b.0];
+        o..o + self.program.len(b)
+    }
+}
+
+/// A UNet2DModel on a CUDA GPU, fp32.
+pub struct CudaUnet {
+    gpu: Gpu,
+    graph: Graph,
+    weights: DevWeights,
+    plans: HashMap<Key, ShapePlan>,
+    /// Shape of the recorded forward pass whose tape the arena holds, if any.
+    tape: Option<(usize, usize, usize)>,
+    use_graphs: bool,
+}
+
+// A sampler may build the network on one thread and run it on another.
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<CudaUnet>();
+};
+
+impl CudaUnet {
+    /// Uploads `model` to GPU `ordinal`. Fails with [`Error::Cuda`] when there is no driver or no
+    /// such device, when this build has no kernels, or when they were not built for the device.
+    pub fn new(model: &Model, ordinal: usize) -> Result<Self> {
+        let gpu = Gpu::open(ordinal)?;
+        let weights = DevWeights::upload(&gpu, &model.graph, &model.weights)?;
+        let use_graphs = std::env::var("INVDIFF_NO_CUDA_GRAPH").map_or(true, |v| v != "1");
+        Ok(CudaUnet {
+            gpu,
+            graph: model.graph.clone(),
+            weights,
+            plans: HashMap::new(),
+            tape: None,
+            use_graphs,
+        })
+    }
+
+    /// The graph this network runs.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.gpu.info.name
+    }
+
+    /// The stream every launch of this network goes to; device-side callers order their own
+    /// work against it.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.gpu.stream
+    }
+
+    /// The context of [`stream`](Self::stream).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.gpu.ctx
+    }
+
+    /// Device bytes taken by the parameters (both convolution layouts once a recording pass
+    /// has been planned).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes()
+    }
+
+    /// The memory plan at a batch of `n` images of `h x w`, forward only or with the
+    /// vector-Jacobian product (`recording`); allocates nothing.
+    pub fn plan_stats(&self, n: usize, h: usize, w: usize, recording: bool) -> Result<PlanStats> {
+        let (p, pl) = plan::plan(&self.graph, n, h, w, recording, self.gpu.sms())?;
+        Ok(plan::stats(&p, &pl))
+    }
+
+    /// Frees every planned arena and captured graph (the next call at each shape plans again).
+    pub fn release_plans(&mut self) {
+        self.plans.clear();
+        self.tape = None;
+    }
+
+    /// Predicted noise for `sample` (`[N, C, H, W]`) at per-image `timesteps` (length N, or 1
+    /// for the whole batch), as [`CpuUnet::forward`](crate::cpu::CpuUnet::forward).
+    pub fn forward(&mut self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
+        let (n, h, w, t) = self.check_input(sample, timesteps)?;
+        let key = Key {
+            n,
+            h,
+            w,
+            record: false,
+        };
+        self.ensure_plan(key)?;
+        self.write_inputs(key, sample.data(), &t)?;
+        self.run(key, false)?;
+        self.read_output(key, false)
+    }
+
+    /// Like [`forward`](Self::forward), and keeps on the device what [`vjp`](Self::vjp) needs
+    /// (replacing any earlier tape).
+    pub fn forward_recording(&mut self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
+        let (n, h, w, t) = self.check_input(sample, timesteps)?;
+        let key = Key {
+            n,
+            h,
+            w,
+            record: true,
+        };
+        self.ensure_plan(key)?;
+        self.tape = None;
+        self.write_inputs(key, sample.data(), &t)?;
+        self.run(key, false)?;
+        let eps = self.read_output(key, false)?;
+        self.tape = Some((n, h, w));
+        Ok(eps)
+    }
+
+    /// `d/d sample of sum(eps * cotangent)` for the last [`forward_recording`](Self::forward_recording);
+    /// consumes its tape.
+    pub fn vjp(&mut self, cotangent: &Tensor) -> Result<Tensor> {
+        let key = self.take_tape()?;
+        let want = [key.n, self.graph.config.out_channels, key.h, key.w];
+        ensure!(
+            cotangent.shape() == want,
+            "cotangent: expected shape {want:?} (the output's), got {:?}",
+            cotangent.shape()
+        );
+        ensure!(
+            cotangent.all_finite(),
+            "cotangent: holds NaN or infinite values"
+        );
+        let plan = self.plans.get_mut(&key).expect("a tape implies its plan");
+        let slot = plan
+            .program
+            .cotangent
+            .expect("recording plans take a cotangent");
+        let range = plan.range(slot);
+        cu(
+            self.gpu
+                .stream
+                .memcpy_htod(cotangent.data(), &mut plan.arena.slice.slice_mut(range)),
+            "copying the cotangent to the GPU",
+        )?;
+        self.run(key, true)?;
+        self.read_output(key, true)
+    }
+
+    /// Device-resident [`forward`](Self::forward): `x` is the sample in NCHW (`n x in_channels x
+    /// h x w`), `t` the `n` timesteps, `out` receives eps in NCHW. Everything stays on the GPU and
+    /// is ordered on [`stream`](Self::stream); nothing is validated that would need a
+    /// synchronisation (values are not checked for NaN).
+    pub fn forward_device<X, T, O>(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        x: &X,
+        t: &T,
+        out: &mut O,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        T: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        let key = Key {
+            n,
+            h,
+            w,
+            record: false,
+        };
+        self.device_pass(key, x, t, out)
+    }
+
+    /// Device-resident [`forward_recording`](Self::forward_recording); see
+    /// [`forward_device`](Self::forward_device) for the layouts.
+    pub fn forward_recording_device<X, T, O>(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        x: &X,
+        t: &T,
+        out: &mut O,
+    ) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        T: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        let key = Key {
+            n,
+            h,
+            w,
+            record: true,
+        };
+        self.tape = None;
+        self.device_pass(key, x, t, out)?;
+        self.tape = Some((n, h, w));
+        Ok(())
+    }
+
+    /// Device-resident [`vjp`](Self::vjp): `cotangent` and `grad` are NCHW, shaped like the
+    /// output and the input of the recorded pass.
+    pub fn vjp_device<C, G>(&mut self, cotangent: &C, grad: &mut G) -> Result<()>
+    where
+        C: DevicePtr<f32>,
+        G: DevicePtrMut<f32>,
+    {
+        let key = self.take_tape()?;
+        let cfg = &self.graph.config;
+        let (cot_len, grad_len) = (
+            key.n * cfg.out_channels * key.h * key.w,
+            key.n * cfg.in_channels * key.h * key.w,
+        );
+        ensure!(
+            cotangent.len() == cot_len,
+            "cotangent: expected {cot_len} values, got {}",
+            cotangent.len()
+        );
+        ensure!(
+            grad.len() == grad_len,
+            "gradient: expected room for {grad_len} values, got {}",
+            grad.len()
+        );
+        let st = self.gpu.stream.clone();
+        let plan = self.plans.get_mut(&key).expect("a tape implies its plan");
+        let slot = plan
+            .program
+            .cotangent
+            .expect("recording plans take a cotangent");
+        let range = plan.range(slot);
+        cu(
+            st.memcpy_dtod(cotangent, &mut plan.arena.slice.slice_mut(range)),
+            "copying the cotangent",
+        )?;
+        self.run(key, true)?;
+        let plan = &self.plans[&key];
+        let slot = plan
+            .program
+            .grad_input
+            .expect("recording plans produce a gradient");
+        cu(
+            st.memcpy_dtod(&plan.arena.slice.slice(plan.range(slot)), grad),
+            "copying the gradient out",
+        )
+    }
+
+    /// Mean milliseconds per forward pass of a batch of `n` at `h x w`, data kept on the device,
+    /// timed with CUDA events over `iters` replays after warm-up. Drops any pending tape.
+    pub fn time_forward(&mut self, n: usize, h: usize, w: usize, iters: usize) -> Result<f64> {
+        self.time(
+            Key {
+                n,
+                h,
+                w,
+                record: false,
+            },
+            iters,
+        )
+    }
+
+    /// Mean milliseconds per recording forward pass plus vector-Jacobian product, as
+    /// [`time_forward`](Self::time_forward).
+    pub fn time_forward_vjp(&mut self, n: usize, h: usize, w: usize, iters: usize) -> Result<f64> {
+        self.time(
+            Key {
+                n,
+                h,
+                w,
+                record: true,
+            },
+            iters,
+        )
+    }
+
+    fn time(&mut self, key: Key, iters: usize) -> Result<f64> {
+        self.graph.config.check_input_size(key.h, key.w)?;
+        ensure!(
+            key.n > 0 && iters > 0,
+            "timing needs a batch and at least one iteration"
+        );
+        self.tape = None;
+        self.ensure_plan(key)?;
+        let (cin, cout) = (
+            self.graph.config.in_channels,
+            self.graph.config.out_channels,
+        );
+        let sample = pseudo_random(key.n * cin * key.h * key.w, 1);
+        let t: Vec<f32> = (0..key.n).map(|i| (500 + 37 * i) as f32 % 1000.0).collect();
+        self.write_inputs(key, &sample, &t)?;
+        if key.record {
+            let cot = pseudo_random(key.n * cout * key.h * key.w, 2);
+            let plan = self.plans.get_mut(&key).expect("planned above");
+            let range = plan.range(plan.program.cotangent.expect("recording plan"));
+            cu(
+                self.gpu
+                    .stream
+                    .memcpy_htod(&cot, &mut plan.arena.slice.slice_mut(range)),
+                "copying the cotangent",
+            )?;
+        }
+        let pass = |u: &mut Self| -> Result<()> {
+            u.run(key, false)?;
+            if key.record {
+                u.run(key, true)?;
+            }
+            Ok(())
+        };
+        for _ in 0..3 {
+            pass(self)?;
+        }
+        let st = self.gpu.stream.clone();
+        let start = cu(
+            st.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
+            "recording an event",
+        )?;
+        for _ in 0..iters {
+            pass(self)?;
+        }
+        let end = cu(
+            st.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
+            "recording an event",
+        )?;
+        cu(end.synchronize(), "waiting for the GPU")?;
+        let ms = cu(start.elapsed_ms(&end), "reading the timer")?;
+        Ok(ms as f64 / iters as f64)
+    }
+
+    fn take_tape(&mut self) -> Result<Key> {
+        let (n, h, w) = self.tape.take().ok_or_else(|| {
+            Error::input(
+                "vjp: no recorded forward pass to differentiate (call forward_recording first)",
+            )
+        })?;
+        Ok(Key {
+            n,
+            h,
+            w,
+            record: true,
+        })
+    }
+
+    /// The CPU backend's input checks; returns the shape and one timestep per image.
+    fn check_input(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f32],
+    ) -> Result<(usize, usize, usize, Vec<f32>)> {
+        let cfg = &self.graph.config;
+        let [n, c, h, w] = sample.dims4("sample")?;
+        ensure!(
+            c == cfg.in_channels,
+            "sample: the model takes {} input channels, got {c} (shape {:?})",
+            cfg.in_channels,
+            sample.shape()
+        );
+        ensure!(n > 0, "sample: the batch is empty");
+        cfg.check_input_size(h, w)?;
+        ensure!(sample.all_finite(), "sample: holds NaN or infinite values");
+        let t = match timesteps.len() {
+            1 => vec![timesteps[0]; n],
+            len if len == n => timesteps.to_vec(),
+            len => {
+                return Err(Error::input(format!(
+                    "timestep: expected one value or one per image ({n}), got {len}"
+                )))
+            }
+        };
+        ensure!(
+            t.iter().all(|v| v.is_finite()),
+            "timestep: holds NaN or infinite values"
+        );
+        Ok((n, h, w, t))
+    }
+
+    /// Plans `key` if it is new: the only place that allocates activations.
+    fn ensure_plan(&mut self, key: Key) -> Result<()> {
+        if self.plans.contains_key(&key) {
+            return Ok(());
+        }
+        if key.record {
+            self.weights.ensure_backward(&self.gpu)?;
+        }
+        let (program, placement) =
+            plan::plan(&self.graph, key.n, key.h, key.w, key.record, self.gpu.sms())?;
+        for s in &program.steps {
+            for w in s.weights() {
+                self.weights.ptr(w)?;
+            }
+        }
+        let arena = DevBuf::zeros(&self.gpu.stream, placement.len)?;
+        self.plans.insert(
+            key,
+            ShapePlan {
+                program,
+                placement,
+                arena,
+                forward: None,
+                backward: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn write_inputs(&mut self, key: Key, sample: &[f32], t: &[f32]) -> Result<()> {
+        let plan = self.plans.get_mut(&key).expect("planned before use");
+        let st = &self.gpu.stream;
+        let (rs, rt) = (
+            plan.range(plan.program.sample),
+            plan.range(plan.program.timesteps),
+        );
+        cu(
+            st.memcpy_htod(sample, &mut plan.arena.slice.slice_mut(rs)),
+            "copying the sample to the GPU",
+        )?;
+        cu(
+            st.memcpy_htod(t, &mut plan.arena.slice.slice_mut(rt)),
+            "copying the timesteps to the GPU",
+        )
+    }
+
+    /// The output (or, after the backward pass, the input gradient) as an NCHW tensor.
+    fn read_output(&self, key: Key, gradient: bool) -> Result<Tensor> {
+        let plan = &self.plans[&key];
+        let cfg = &self.graph.config;
+        let (slot, c) = if gradient {
+            (
+                plan.program.grad_input.expect("recording plan"),
+                cfg.in_channels,
+            )
+        } else {
+            (plan.program.output, cfg.out_channels)
+        };
+        let st = &self.gpu.stream;
+        let data = cu(
+            st.clone_dtoh(&plan.arena.slice.slice(plan.range(slot))),
+            "copying the result from the GPU",
+        )?;
+        cu(st.synchronize(), "running on the GPU")?;
+        Tensor::new(vec![key.n, c, key.h, key.w], data)
+    }
+
+    fn device_pass<X, T, O>(&mut self, key: Key, x: &X, t: &T, out: &mut O) -> Result<()>
+    where
+        X: DevicePtr<f32>,
+        T: DevicePtr<f32>,
+        O: DevicePtrMut<f32>,
+    {
+        let cfg = &self.graph.config;
+        cfg.check_input_size(key.h, key.w)?;
+        ensure!(key.n > 0, "sample: the batch is empty");
+        let (x_len, y_len) = (
+            key.n * cfg.in_channels * key.h * key.w,
+            key.n * cfg.out_channels * key.h * key.w,
+        );
+        ensure!(
+            x.len() == x_len,
+            "sample: expected {x_len} values, got {}",
+            x.len()
+        );
+        ensure!(
+            t.len() == key.n,
+            "timesteps: expected {} values, got {}",
+            key.n,
+            t.len()
+        );
+        ensure!(
+            out.len() == y_len,
+            "output: expected room for {y_len} values, got {}",
+            out.len()
+        );
+        self.ensure_plan(key)?;
+        let st = self.gpu.stream.clone();
+        let plan = self.plans.get_mut(&key).expect("planned above");
+        let (rs, rt) = (
+            plan.range(plan.program.sample),
+            plan.range(plan.program.timesteps),
+        );
+        cu(
+            st.memcpy_dtod(x, &mut plan.arena.slice.slice_mut(rs)),
+            "copying the sample",
+        )?;
+        cu(
+            st.memcpy_dtod(t, &mut plan.arena.slice.slice_mut(rt)),
+            "copying the timesteps",
+        )?;
+        self.run(key, false)?;
+        let plan = &self.plans[&key];
+        cu(
+            st.memcpy_dtod(
+                &plan.arena.slice.slice(plan.range(plan.program.output)),
+                out,
+            ),
+            "copying the output",
+        )
+    }
+
+    /// Runs the forward or the backward steps of `key`: replays its graph (capturing it the
+    /// first time), or launches the steps directly when graphs are off.
+    fn run(&mut self, key: Key, backward: bool) -> Result<()> {
+        let Self {
+            gpu,
+            weights,
+            plans,
+            use_graphs,
+            ..
+        } = self;
+        let plan = plans.get_mut(&key).expect("planned before use");
+        let steps = if backward {
+            &plan.program.steps[plan.program.forward_steps..]
+        } else {
+            &plan.program.steps[..plan.program.forward_steps]
+        };
+        let st = &gpu.stream;
+        if !*use_graphs {
+            return launch_all(&gpu.kernels, st, weights, plan, steps);
+        }
+        let captured = if backward {
+            &plan.backward
+        } else {
+            &plan.forward
+        };
+        if captured.is_none() {
+            cu(
+                st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+                "starting a CUDA graph capture",
+            )?;
+            let launched = launch_all(&gpu.kernels, st, weights, plan, steps);
+            let graph = st.end_capture(sys::CUgraphInstantiate_flags(0));
+            launched?;
+            let graph = cu(graph, "capturing the CUDA graph")?
+                .ok_or_else(|| Error::Cuda("capturing the CUDA graph produced no graph".into()))?;
+            let slot = if backward {
+                &mut plan.backward
+            } else {
+                &mut plan.forward
+            };
+            *slot = Some(Captured(graph));
+        }
+        let captured = if backward {
+            &plan.backward
+        } else {
+            &plan.forward
+        };
+        let graph = captured.as_ref().expect("captured above");
+        cu(graph.0.launch(), "launching the CUDA graph")
+    }
+}
+
+/// Deterministic values in [-1, 1) for timing runs.
+fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Launches `steps` of `plan` in order on `st`.
+fn launch_all(
+    k: &Kernels,
+    st: &CudaStream,
+    wts: &DevWeights,
+    plan: &ShapePlan,
+    steps: &[Step],
+) -> Result<()> {
+    for s in steps {
+        launch(k, st, wts, plan, s)?;
+    }
+    Ok(())
+}
+
+fn launch(
+    k: &Kernels,
+    st: &CudaStream,
+    wts: &DevWeights,
+    plan: &ShapePlan,
+    step: &Step,
+) -> Result<()> {
+    let p = |b: Buf| plan.ptr(b);
+    let opt = |b: Option<Buf>| b.map_or(0, p);
+    let (n, h, w) = (plan.program.n, plan.program.h, plan.program.w);
+    match *step {
+        Step::ToNhwc {
+            src,
+            dst,
+            c,
+            mul,
+            add,
+        } => k.to_nhwc(st, p(src), p(dst), n, c, h, w, mul, add),
+        Step::ToNchw { src, dst, c, mul } => k.to_nchw(st, p(src), p(dst), n, c, h, w, mul),
+        Step::TimeEmbedding {
+            t,
+            y,
+            dim,
+            flip,
+            shift,
+        } => k.timestep_embedding(st, p(t), p(y), n, dim, flip, shift),
+        Step::LinearRows {
+            x,
+            y,
+            w: wt,
+            b,
+            inp,
+            out,
+            silu_in,
+            residual,
+            out_div,
+        } => k.linear_rows(
+            st,
+            p(x),
+            wts.ptr(wt)?,
+            wts.ptr(b)?,
+            opt(residual),
+            p(y),
+            n,
+            inp,
+            out,
+            silu_in,
+            out_div,
+        ),
+        Step::Conv(ref c) => {
+            let ptrs = ConvPtrs {
+                x: p(c.x),
+                w: wts.ptr(c.w)?,
+                y: p(c.y),
+                bias: c.bias.map(|b| wts.ptr(b)).transpose()?.unwrap_or(0),
+                temb: opt(c.temb),
+                res: opt(c.residual),
+                ws: opt(c.workspace),
+            };
+            k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
+        }
+        Step::GroupNorm {
+            x,
+            y,
+            gamma,
+            beta,
+            hw,
+            c,
+            groups,
+            split,
+            eps,
+            silu,
+            partial,
+            stats,
+            affine,
+        } => k.group_norm(
+            st,
+            NormDims {
+                n,
+                hw,
+                c,
+                groups,
+                split,
+            },
+            p(x),
+            wts.ptr(gamma)?,
+            wts.ptr(beta)?,
+            p(y),
+            p(partial),
+            p(stats),
+            p(affine),
+            eps,
+            silu,
+        ),
+        Step::GroupNormBackward {
+            x,
+            dy,
+            dx,
+            gamma,
+            beta,
+            hw,
+            c,
+            groups,
+            split,
+            silu,
+            stats,
+            partial,
+            means,
+            accumulate,
+        } => k.group_norm_backward(
+            st,
+            NormDims {
+                n,
+                hw,
+                c,
+                groups,
+                split,
+            },
+            p(x),
+            p(dy),
+            wts.ptr(gamma)?,
+            wts.ptr(beta)?,
+            p(stats),
+            p(partial),
+            p(means),
+            p(dx),
+            silu,
+            accumulate,
+        ),
+        Step::Attention {
+            qkv,
+            y,
+            probs,
+            tokens,
+            heads,
+            head_dim,
+        } => attention_forward(
+            k,
+            st,
+            Attn {
+                n,
+                tokens,
+                heads,
+                head_dim,
+            },
+            p(qkv),
+            p(probs),
+            p(y),
+        ),
+        Step::AttentionBackward {
+            qkv,
+            probs,
+            dy,
+            dqkv,
+            ds,
+            tokens,
+            heads,
+            head_dim,
+            accumulate,
+        } => attention_backward(
+            k,
+            st,
+            Attn {
+                n,
+                tokens,
+                heads,
+                head_dim,
+            },
+            p(qkv),
+            p(probs),
+            p(dy),
+            p(dqkv),
+            p(ds),
+            accumulate,
+        ),
+        Step::Upsample { x, y, h, w, c } => k.upsample(st, p(x), p(y), n, h, w, c),
+        Step::UpsampleBackward {
+            dy,
+            dx,
+            h,
+            w,
+            c,
+            accumulate,
+        } => k.upsample_backward(st, p(dy), p(dx), n, h, w, c, accumulate),
+        Step::Concat {
+            a,
+            b,
+            y,
+            pixels,
+            ca,
+            cb,
+        } => k.concat(st, p(a), p(b), p(y), pixels, ca, cb),
+        Step::ConcatBackward {
+            dy,
+            d,
+            pixels,
+            c,
+            offset,
+            width,
+            accumulate,
+        } => k.concat_backward(st, p(dy), p(d), pixels, c, offset, width, accumulate),
+        Step::AddInto {
+            dst,
+            src,
+            len,
+            accumulate,
+        } => k.add_into(st, p(dst), p(src), len, accumulate),
+        Step::Divide { x, len, div } => k.divide(st, p(x), len, div),
+    }
+}
+
+/// Shape of an attention call: `n` images of `tokens` tokens, `heads` heads of `head_dim`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Attn {
+    pub n: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attn {
+    /// The batched-product view of one operand, per (image, head).
+    fn view(&self) -> (usize, usize, usize) {
+        let inner = self.heads * self.head_dim;
+        (inner, self.tokens * 3 * inner, self.tokens * self.tokens)
+    }
+}
+
+/// `o = softmax(q kᵀ / √d) v` per (image, head); `qkv` is `[n, L, 3 inner]`, `probs` receives
+/// P (`[n, heads, L, L]`), `o` is `[n, L, inner]`.
+pub(crate) fn attention_forward(
+    k: &Kernels,
+    st: &CudaStream,
+    a: Attn,
+    qkv: DPtr,
+    probs: DPtr,
+    o: DPtr,
+) -> Result<()> {
+    let (inner, img, ll) = a.view();
+    let (l, d) = (a.tokens, a.head_dim);
+    let base = Gemm {
+        outer: a.n,
+        inner: a.heads,
+        alpha: 1.0,
+        ..Gemm::default()
+    };
+    // S = Q Kᵀ.
+    k.gemm(
+        st,
+        &Gemm {
+            a: qkv,
+            b: at(qkv, inner),
+            c: probs,
+            m: l,
+            n: l,
+            k: d,
+            a_rs: 3 * inner,
+            a_cs: 1,
+            b_rs: 1,
+            b_cs: 3 * inner,
+            c_rs: l,
+            a_bo: img,
+            a_bi: d,
+            b_bo: img,
+            b_bi: d,
+            c_bo: a.heads * ll,
+            c_bi: ll,
+            ..base
+        },
+    )?;
+    k.softmax(st, probs, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt())?;
+    // O = P V.
+    k.gemm(
+        st,
+        &Gemm {
+            a: probs,
+            b: at(qkv, 2 * inner),
+            c: o,
+            m: l,
+            n: d,
+            k: l,
+            a_rs: l,
+            a_cs: 1,
+            b_rs: 3 * inner,
+            b_cs: 1,
+            c_rs: inner,
+            a_bo: a.heads * ll,
+            a_bi: ll,
+            b_bo: img,
+            b_bi: d,
+            c_bo: l * inner,
+            c_bi: d,
+            ..base
+        },
+    )
+}
+
+/// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given the forward's
+/// P and `dy` = dO; `ds` is `[n, heads, L, L]` scratch.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    k: &Kernels,
+    st: &CudaStream,
+    a: Attn,
+    qkv: DPtr,
+    probs: DPtr,
+    dy: DPtr,
+    dqkv: DPtr,
+    ds: DPtr,
+    accumulate: bool,
+) -> Result<()> {
+    let (inner, img, ll) = a.view();
+    let (l, d) = (a.tokens, a.head_dim);
+    let base = Gemm {
+        outer: a.n,
+        inner: a.heads,
+        alpha: 1.0,
+        ..Gemm::default()
+    };
+    // The per-(image, head) views of P or dS, of dO, and of a q/k/v part (and its gradient).
+    let p_view = |ptr: DPtr, transposed: bool| {
+        (
+            ptr,
+            if transposed { (1, l) } else { (l, 1) },
+            a.heads * ll,
+            ll,
+        )
+    };
+    let part = |ptr: DPtr, which: usize| at(ptr, which * inner);
+    // dV = Pᵀ dO.
+    let (pp, (prs, pcs), pbo, pbi) = p_view(probs, true);
+    k.gemm(
+        st,
+        &Gemm {
+            a: pp,
+            b: dy,
+            c: part(dqkv, 2),
+            m: l,
+            n: d,
+            k: l,
+            a_rs: prs,
+            a_cs: pcs,
+            b_rs: inner,
+            b_cs: 1,
+            c_rs: 3 * inner,
+            a_bo: pbo,
+            a_bi: pbi,
+            b_bo: l * inner,
+            b_bi: d,
+            c_bo: img,
+            c_bi: d,
+            accumulate,
+            ..base
+        },
+    )?;
+    // dP = dO Vᵀ, then dS = P ∘ (dP - rowsum(dP ∘ P)) / √d.
+    k.gemm(
+        st,
+        &Gemm {
+            a: dy,
+            b: part(qkv, 2),
+            c: ds,
+            m: l,
+            n: l,
+            k: d,
+            a_rs: inner,
+            a_cs: 1,
+            b_rs: 1,
+            b_cs: 3 * inner,
+            c_rs: l,
+            a_bo: l * inner,
+            a_bi: d,
+            b_bo: img,
+            b_bi: d,
+            c_bo: a.heads * ll,
+            c_bi: ll,
+            ..base
+        },
+    )?;
+    k.softmax_backward(st, probs, ds, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt())?;
+    // dQ = dS K, dK = dSᵀ Q.
+    for (transposed, src, dst) in [(false, 1, 0), (true, 0, 1)] {
+        let (sp, (srs, scs), sbo, sbi) = p_view(ds, transposed);
+        k.gemm(
+            st,
+            &Gemm {
+                a: sp,
+                b: part(qkv, src),
+                c: part(dqkv, dst),
+                m: l,
+                n: d,
+                k: l,
+                a_rs: srs,
+                a_cs: scs,
+                b_rs: 3 * inner,
+                b_cs: 1,
+                c_rs: 3 * inner,
+                a_bo: sbo,
+                a_bi: sbi,
+                b_bo: img,
+                b_bi: d,
+                c_bo: img,
+                c_bi: d,
+                accumulate,
+                ..base
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! The network's parameters on the device, in the layouts the kernels read, uploaded once.
+//!
+//! Convolutions: `[(tap, ci), co]` for the forward product (the CPU's layout too), and
+//! `[(tap, co), ci]` for the input gradient, built on the device from the former the first time
+//! a recording pass is planned (inference never pays for it). Linear layers: PyTorch's
+//! `[out, inp]` (input gradient, and the few-row kernel) and its transpose `[inp, out]` (the
+//! forward product over tokens); q, k and v are fused into one `[3 inner, c]` matrix.
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use super::device::{cu, Gpu};
+use super::kernels::DPtr;
+use super::program::{WKind, W};
+use crate::model::graph::{Graph, ParamKind};
+use crate::model::Weights;
+use crate::{Error, Result};
+
+/// A device array with its address, which launches take raw.
+pub(crate) struct DevBuf {
+    pub slice: CudaSlice<f32>,
+    pub ptr: DPtr,
+}
+
+impl DevBuf {
+    fn wrap(slice: CudaSlice<f32>, stream: &CudaStream) -> DevBuf {
+        // Event tracking is off for the context (see Gpu::open), so the guard records nothing.
+        let ptr = {
+            let (ptr, _guard) = slice.device_ptr(stream);
+            ptr
+        };
+        DevBuf { slice, ptr }
+    }
+
+    /// A copy of `data` on the device.
+    pub fn upload(stream: &std::sync::Arc<CudaStream>, data: &[f32]) -> Result<DevBuf> {
+        let slice = cu(stream.clone_htod(data), "uploading to the GPU")?;
+        Ok(Self::wrap(slice, stream))
+    }
+
+    /// `len` zeros on the device.
+    pub fn zeros(stream: &std::sync::Arc<CudaStream>, len: usize) -> Result<DevBuf> {
+        let slice = cu(
+            stream.alloc_zeros::<f32>(len.max(1)),
+            &format!("allocating {} MiB on the GPU", (4 * len) >> 20),
+        )?;
+        Ok(Self::wrap(slice, stream))
+    }
+
+    /// Overwrites the array with `data` (same length).
+    pub fn write(&mut self, stream: &std::sync::Arc<CudaStream>, data: &[f32]) -> Result<()> {
+        let mut view = self.slice.slice_mut(..data.len());
+        cu(stream.memcpy_htod(data, &mut view), "copying to the GPU")
+    }
+
+    /// The array's contents (waits for the stream).
+    pub fn download(&self, stream: &std::sync::Arc<CudaStream>) -> Result<Vec<f32>> {
+        let v = cu(stream.clone_dtoh(&self.slice), "copying from the GPU")?;
+        cu(stream.synchronize(), "waiting for the GPU")?;
+        Ok(v)
+    }
+
+    /// Length in f32 elements.
+    pub fn len(&self) -> usize {
+        self.slice.len()
+    }
+}
+
+/// `[cout, cin, k, k]` (PyTorch) to `[(tap, ci), co]`.
+pub(crate) fn conv_forward_layout(weight: &[f32], cout: usize, cin: usize, k: usize) -> Vec<f32> {
+    let taps = k * k;
+    let mut out = vec![0.0; weight.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for t in 0..taps {
+                out[(t * cin + ci) * cout + co] = weight[(co * cin + ci) * taps + t];
+            }
+        }
+    }
+    out
+}
+
+/// Transpose of a row-major `rows x cols` matrix.
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0; m.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = m[r * cols + c];
+        }
+    }
+    t
+}
+
+/// The forward layout of a convolution and, once needed, the input-gradient layout.
+pub(crate) struct DevConv {
+    pub forward: DevBuf,
+    pub backward: Option<DevBuf>,
+    pub bias: DevBuf,
+    pub cin: usize,
+    pub cout: usize,
+    pub taps: usize,
+}
+
+impl DevConv {
+    /// Uploads a PyTorch-layout `[cout, cin, k, k]` weight and its bias.
+    pub fn upload(
+        gpu: &Gpu,
+        weight: &[f32],
+        bias: &[f32],
+        cout: usize,
+        cin: usize,
+        k: usize,
+    ) -> Result<DevConv> {
+        Ok(DevConv {
+            forward: DevBuf::upload(&gpu.stream, &conv_forward_layout(weight, cout, cin, k))?,
+            backward: None,
+            bias: DevBuf::upload(&gpu.stream, bias)?,
+            cin,
+            cout,
+            taps: k * k,
+        })
+    }
+
+    /// Builds the input-gradient layout on the device if it is not there yet.
+    pub fn ensure_backward(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.backward.is_none() {
+            let b = DevBuf::zeros(&gpu.stream, self.forward.len())?;
+            gpu.kernels.weight_transpose(
+                &gpu.stream,
+                self.forward.ptr,
+                b.ptr,
+                self.taps,
+                self.cin,
+                self.cout,
+            )?;
+            self.backward = Some(b);
+        }
+        Ok(())
+    }
+}
+
+enum DevParam {
+    Conv(DevConv),
+    Linear { w: DevBuf, wt: DevBuf, bias: DevBuf },
+    Norm { gamma: DevBuf, beta: DevBuf },
+}
+
+/// Every parameter group of a graph on the device, indexed like `Graph::params`.
+pub(crate) struct DevWeights {
+    params: Vec<DevParam>,
+}
+
+impl DevWeights {
+    /// Uploads `weights` (already checked against `graph`).
+    pub fn upload(gpu: &Gpu, graph: &Graph, weights: &Weights) -> Result<DevWeights> {
+        let mut params = Vec::with_capacity(graph.params.len());
+        for p in &graph.params {
+            let t = |suffix: &str| weights.get(&format!("{}.{suffix}", p.name)).data();
+            params.push(match p.kind {
+                ParamKind::Conv { cout, cin, k } => {
+                    DevParam::Conv(DevConv::upload(gpu, t("weight"), t("bias"), cout, cin, k)?)
+                }
+                ParamKind::Linear { out, inp } => linear(gpu, t("weight"), t("bias"), out, inp)?,
+                ParamKind::Qkv { inner, c } => {
+                    let w = [t("to_q.weight"), t("to_k.weight"), t("to_v.weight")].concat();
+                    let b = [t("to_q.bias"), t("to_k.bias"), t("to_v.bias")].concat();
+                    linear(gpu, &w, &b, 3 * inner, c)?
+                }
+                ParamKind::Norm { .. } => DevParam::Norm {
+                    gamma: DevBuf::upload(&gpu.stream, t("weight"))?,
+                    beta: DevBuf::upload(&gpu.stream, t("bias"))?,
+                },
+            });
+        }
+        Ok(DevWeights { params })
+    }
+
+    /// Builds every convolution's input-gradient layout (once).
+    pub fn ensure_backward(&mut self, gpu: &Gpu) -> Result<()> {
+        for p in &mut self.params {
+            if let DevParam::Conv(c) = p {
+                c.ensure_backward(gpu)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The device address of array `w`.
+    pub fn ptr(&self, w: W) -> Result<DPtr> {
+        let missing = || {
+            Error::Cuda(format!(
+                "internal: parameter group {} has no {:?} array",
+                w.pid, w.kind
+            ))
+        };
+        let p = self.params.get(w.pid).ok_or_else(missing)?;
+        let buf = match (p, w.kind) {
+            (DevParam::Conv(c), WKind::ConvForward) => &c.forward,
+            (DevParam::Conv(c), WKind::ConvBackward) => c.backward.as_ref().ok_or_else(missing)?,
+            (DevParam::Conv(c), WKind::Bias) => &c.bias,
+            (DevParam::Linear { w, .. }, WKind::Linear) => w,
+            (DevParam::Linear { wt, .. }, WKind::LinearT) => wt,
+            (DevParam::Linear { bias, .. }, WKind::Bias) => bias,
+            (DevParam::Norm { gamma, .. }, WKind::Gamma) => gamma,
+            (DevParam::Norm { beta, .. }, WKind::Beta) => beta,
+            _ => return Err(missing()),
+        };
+        Ok(buf.ptr)
+    }
+
+    /// Device bytes the parameters take, in every layout uploaded so far.
+    pub fn bytes(&self) -> usize {
+        let n: usize = self
+            .params
+            .iter()
+            .map(|p| match p {
+                DevParam::Conv(c) => {
+                    c.forward.len() + c.backward.as_ref().map_or(0, DevBuf::len) + c.bias.len()
+                }
+                DevParam::Linear { w, wt, bias } => w.len() + wt.len() + bias.len(),
+                DevParam::Norm { gamma, beta } => gamma.len() + beta.len(),
+            })
+            .sum();
+        4 * n
+    }
+}
+
+fn linear(gpu: &Gpu, w: &[f32], b: &[f32], out: usize, inp: usize) -> Result<DevParam> {
+    Ok(DevParam::Linear {
+        w: DevBuf::upload(&gpu.stream, w)?,
+        wt: DevBuf::upload(&gpu.stream, &transpose(w, out, inp))?,
+        bias: DevBuf::upload(&gpu.stream, b)?,
+    })
+}
