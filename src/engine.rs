@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu::{CpuUnet, Tape};
+use crate::cuda::{self, CudaUnet};
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
@@ -50,6 +51,7 @@ impl fmt::Display for DeviceChoice {
 
 enum Backend {
     Cpu { unet: CpuUnet, tape: Option<Tape> },
+    Cuda(Box<CudaUnet>),
 }
 
 /// A network on a device.
@@ -62,30 +64,49 @@ pub struct Engine {
 impl Engine {
     /// Puts `model` on the device `choice` resolves to.
     pub fn new(model: &Model, choice: DeviceChoice) -> Result<Engine> {
-        let notice = match choice {
-            DeviceChoice::Cpu => None,
-            DeviceChoice::Auto => {
-                Some("no usable CUDA backend in this build; running on the CPU".to_string())
-            }
-            DeviceChoice::Cuda(_) => {
-                return Err(Error::Cuda(
-                    "this build has no CUDA backend; use --device cpu".to_string(),
-                ))
-            }
-        };
-        Ok(Engine {
+        let cpu = |notice| Engine {
             backend: Backend::Cpu {
                 unet: CpuUnet::new(model),
                 tape: None,
             },
             notice,
-        })
+        };
+        match choice {
+            DeviceChoice::Cpu => Ok(cpu(None)),
+            DeviceChoice::Cuda(n) => Ok(Engine {
+                backend: Backend::Cuda(Box::new(CudaUnet::new(model, n)?)),
+                notice: None,
+            }),
+            DeviceChoice::Auto => {
+                let why = if !cuda::kernels_compiled() {
+                    "this build has no CUDA kernels (built without nvcc)".to_string()
+                } else {
+                    let p = cuda::probe();
+                    if p.devices.is_empty() {
+                        p.error
+                            .unwrap_or_else(|| "no CUDA device found".to_string())
+                    } else {
+                        match CudaUnet::new(model, 0) {
+                            Ok(u) => {
+                                return Ok(Engine {
+                                    backend: Backend::Cuda(Box::new(u)),
+                                    notice: None,
+                                })
+                            }
+                            Err(e) => e.to_string(),
+                        }
+                    }
+                };
+                Ok(cpu(Some(format!("{why}; running on the CPU"))))
+            }
+        }
     }
 
     /// The device in words, e.g. `cpu (2 threads)`.
     pub fn device_name(&self) -> String {
         match &self.backend {
             Backend::Cpu { .. } => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Backend::Cuda(u) => u.device_name().to_string(),
         }
     }
 
@@ -103,6 +124,7 @@ impl Engine {
     pub fn forward(&mut self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
         match &mut self.backend {
             Backend::Cpu { unet, .. } => unet.forward(sample, timesteps),
+            Backend::Cuda(u) => u.forward(sample, timesteps),
         }
     }
 
@@ -114,6 +136,7 @@ impl Engine {
                 *tape = Some(t);
                 Ok(eps)
             }
+            Backend::Cuda(u) => u.forward_recording(sample, timesteps),
         }
     }
 
@@ -126,6 +149,25 @@ impl Engine {
                 })?;
                 unet.vjp(t, cotangent)
             }
+            Backend::Cuda(u) => u.vjp(cotangent),
+        }
+    }
+
+    /// Milliseconds per forward (and, with `vjp`, per forward + input gradient) of a batch of
+    /// `n` `h x w` images kept on the device, timed with device events: only for GPU engines,
+    /// whose host-tensor calls would also time the transfers.
+    pub fn time_on_device(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        iters: usize,
+        vjp: bool,
+    ) -> Option<Result<f64>> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => None,
+            Backend::Cuda(u) if vjp => Some(u.time_forward_vjp(n, h, w, iters)),
+            Backend::Cuda(u) => Some(u.time_forward(n, h, w, iters)),
         }
     }
 }

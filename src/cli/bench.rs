@@ -1,7 +1,8 @@
 //! `invdiff bench`: how fast the network runs here.
 //!
 //! Times the forward pass and one DPS step's network work (forward + input gradient) on random
-//! inputs, median over `--steps` calls after one warm-up call, and reports ms per call,
+//! inputs (on the CPU the median over `--steps` calls after one warm-up call; on a GPU the mean
+//! of `--steps` device-event-timed calls on device-resident data after warm-up), and reports ms per call,
 //! images/s and achieved GFLOP/s (FLOPs as PyTorch counts them: matrix products only).
 
 use std::path::PathBuf;
@@ -142,7 +143,10 @@ pub fn run(a: Args) -> Result<()> {
         );
     };
     if a.what != What::Dps {
-        let ms = time("forward", a.steps, || engine.forward(&sample, &t).map(drop))?;
+        let ms = match engine.time_on_device(n, h, w, a.steps, false) {
+            Some(ms) => ms?,
+            None => time("forward", a.steps, || engine.forward(&sample, &t).map(drop))?,
+        };
         let flops = g.forward_flops(n, h, w);
         report("forward", ms, flops);
         json["ms_per_forward"] = ms.into();
@@ -153,10 +157,13 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if a.what != What::Forward {
-        let ms = time("dps step", a.steps, || {
-            engine.forward_recording(&sample, &t)?;
-            engine.vjp(&cot).map(drop)
-        })?;
+        let ms = match engine.time_on_device(n, h, w, a.steps, true) {
+            Some(ms) => ms?,
+            None => time("dps step", a.steps, || {
+                engine.forward_recording(&sample, &t)?;
+                engine.vjp(&cot).map(drop)
+            })?,
+        };
         let flops = g.forward_vjp_flops(n, h, w);
         report("dps step (fwd + vjp)", ms, flops);
         json["ms_per_dps_step"] = ms.into();

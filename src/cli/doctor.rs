@@ -1,9 +1,48 @@
 //! `invdiff doctor`: what this build contains and what this machine offers.
 
-use invdiff::Result;
+use invdiff::{cuda, Result};
 
 pub fn run() -> Result<()> {
     println!("invdiff {}", env!("CARGO_PKG_VERSION"));
     println!("CPU threads: {}", rayon::current_num_threads());
+    if cuda::kernels_compiled() {
+        println!(
+            "CUDA kernels: compiled in for {}",
+            cuda::compiled_targets().join(", ")
+        );
+    } else {
+        println!(
+            "CUDA kernels: not compiled in (built without nvcc; `export NVCC=$(scripts/install_nvcc.sh)` and rebuild)"
+        );
+    }
+    let p = cuda::probe();
+    match (p.driver_present, p.driver_version) {
+        (false, _) => println!("CUDA driver: not found"),
+        (true, Some(v)) => println!(
+            "CUDA driver: present, CUDA {}.{}",
+            v / 1000,
+            (v % 1000) / 10
+        ),
+        (true, None) => println!("CUDA driver: present"),
+    }
+    for d in &p.devices {
+        println!(
+            "GPU {}: {} (compute capability {}.{}, {} multiprocessors, {:.1} GiB)",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.multiprocessors,
+            d.total_memory as f64 / (1u64 << 30) as f64
+        );
+    }
+    if let Some(e) = &p.error {
+        println!("CUDA: {e}");
+    }
+    let usable = cuda::kernels_compiled() && !p.devices.is_empty();
+    println!(
+        "--device auto will use: {}",
+        if usable { "cuda:0" } else { "the CPU" }
+    );
     Ok(())
 }

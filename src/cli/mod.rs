@@ -1,6 +1,7 @@
 //! Command definitions; one module per command.
 
 mod bench;
+mod compare;
 mod degrade;
 mod doctor;
 mod eps;
@@ -8,6 +9,7 @@ mod info;
 mod kernel;
 mod restore;
 mod sample;
+mod selftest;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,11 +50,26 @@ enum Command {
     Degrade(degrade::Args),
     /// Make a blur kernel (Gaussian or random camera shake).
     Kernel(kernel::Args),
+    /// Check every GPU kernel and the whole network against the CPU path.
+    Selftest(selftest::Args),
+    /// Compare the tensors two safetensors files share (relative L2, max abs).
+    Compare(compare::Args),
 }
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    let ok = |r: Result<bool>| {
+        r.map(|passed| {
+            if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        })
+    };
     match cli.command {
+        Command::Selftest(a) => return ok(selftest::run(a)),
+        Command::Compare(a) => return ok(compare::run(a)),
         Command::Eps(a) => eps::run(a),
         Command::Info(a) => info::run(a),
         Command::Bench(a) => bench::run(a),

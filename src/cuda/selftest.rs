@@ -381,7 +381,7 @@ impl Tester<'_> {
             };
             let p = LinearParams::new(wt.clone(), b.clone(), out, inp);
             let mut want = vec![0.0; rows * out];
-            linear::forward(&p, &x, silu_in, res.as_deref(), out_div, &mut want);
+            linear::forward(&p, &x, silu_in, res.as_deref(), out_div, &mut want, 1);
             let (xd, wd, bd) = (self.up(&x)?, self.up(&wt)?, self.up(&b)?);
             let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
             let yd = self.zeros(want.len())?;
@@ -412,7 +412,7 @@ impl Tester<'_> {
             let res = self.rand(rows * out, -1.0, 1.0);
             let p = LinearParams::new(wt.clone(), b.clone(), out, inp);
             let mut want = vec![0.0; rows * out];
-            linear::forward(&p, &x, false, Some(&res), 1.25, &mut want);
+            linear::forward(&p, &x, false, Some(&res), 1.25, &mut want, rows);
             let (xd, wtd, wd, bd, rd) = (
                 self.up(&x)?,
                 self.up(&transpose(&wt, out, inp))?,
@@ -457,7 +457,7 @@ impl Tester<'_> {
                 vec![0.0; rows * inp]
             };
             let mut want_dx = dx0.clone();
-            linear::backward_input(&p, &dy, &mut want_dx, accumulate);
+            linear::backward_input(&p, &dy, &mut want_dx, accumulate, rows);
             let dyd = self.up(&dy)?;
             let mut dxd = self.up(&dx0)?;
             let dx_ptr = dxd.ptr;
@@ -867,7 +867,7 @@ impl Tester<'_> {
             let cpu = CpuUnet::new(&model);
             let want = cpu.forward(&sample, &t)?;
             let (_, tape) = cpu.forward_recording(&sample, &t)?;
-            let want_grad = tape.vjp(&cot)?;
+            let want_grad = cpu.vjp(tape, &cot)?;
 
             let mut gpu = CudaUnet::new(&model, ordinal)?;
             let got = gpu.forward(&sample, &t)?;

@@ -1,0 +1,46 @@
+//! `invdiff selftest`: every GPU kernel, and the whole network, against the CPU path.
+
+use invdiff::engine::DeviceChoice;
+use invdiff::{cuda, Error, Result};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The GPU to check (cuda or cuda:N).
+    #[arg(long, default_value = "cuda", value_parser = super::parse_device)]
+    device: DeviceChoice,
+}
+
+pub fn run(a: Args) -> Result<bool> {
+    let ordinal = match a.device {
+        DeviceChoice::Cuda(n) => n,
+        other => {
+            return Err(Error::input(format!(
+                "selftest checks a GPU against the CPU: use --device cuda[:N], not {other}"
+            )))
+        }
+    };
+    let rows = cuda::selftest(ordinal)?;
+    println!(
+        "{:<44} {:<40} {:>10} {:>9}  result",
+        "op", "shape", "rel L2", "ms"
+    );
+    let mut failed = 0;
+    for r in &rows {
+        let ok = r.passed();
+        failed += usize::from(!ok);
+        println!(
+            "{:<44} {:<40} {:>10.2e} {:>9.3}  {}",
+            r.op,
+            r.shape,
+            r.rel_l2,
+            r.gpu_ms,
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    println!(
+        "{} checks, {failed} failed (tolerance: relative L2 {:.0e} against the CPU)",
+        rows.len(),
+        cuda::TOLERANCE
+    );
+    Ok(failed == 0)
+}
