@@ -37,10 +37,16 @@ fn main() -> invdiff::Result<()> {
     let y = file.get("blurred")?;
     let [_, c, h, w] = y.dims4("blurred")?;
     let blur: Arc<dyn LinearOperator> = Arc::new(CircularBlur::new(&file.get("kernel")?, c, h, w)?);
-    let measurements = Measurements { operators: vec![blur], y };
+    let measurements = Measurements {
+        operators: vec![blur],
+        y,
+    };
 
     // DPS with the notebook's fixed step weight; seeded noise makes the run reproducible.
-    let guidance = Guidance::Dps { scale: 1.0, adaptive: false };
+    let guidance = Guidance::Dps {
+        scale: 1.0,
+        adaptive: false,
+    };
     let x = sampler::sample(
         &mut engine,
         &scheduler,

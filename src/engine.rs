@@ -50,7 +50,10 @@ impl fmt::Display for DeviceChoice {
 }
 
 enum Backend {
-    Cpu { unet: CpuUnet, tape: Option<Tape> },
+    Cpu {
+        unet: Box<CpuUnet>,
+        tape: Option<Tape>,
+    },
     Cuda(Box<CudaUnet>),
 }
 
@@ -66,7 +69,7 @@ impl Engine {
     pub fn new(model: &Model, choice: DeviceChoice) -> Result<Engine> {
         let cpu = |notice| Engine {
             backend: Backend::Cpu {
-                unet: CpuUnet::new(model),
+                unet: Box::new(CpuUnet::new(model)),
                 tape: None,
             },
             notice,
