@@ -13,7 +13,7 @@ use super::norm::{self, Stats};
 use super::resample;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::model::{Model, Weights};
-use crate::{ensure, Error, Result, Tensor};
+use crate::{ensure, Result, Tensor};
 
 /// A parameter group in the CPU's layouts.
 enum Param {
@@ -146,29 +146,7 @@ impl CpuUnet {
         timesteps: &[f32],
     ) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
         let cfg = &self.graph.config;
-        let [n, c, h, w] = sample.dims4("sample")?;
-        ensure!(
-            c == cfg.in_channels,
-            "sample: the model takes {} input channels, got {c} (shape {:?})",
-            cfg.in_channels,
-            sample.shape()
-        );
-        ensure!(n > 0, "sample: the batch is empty");
-        cfg.check_input_size(h, w)?;
-        ensure!(sample.all_finite(), "sample: holds NaN or infinite values");
-        let t = match timesteps.len() {
-            1 => vec![timesteps[0]; n],
-            len if len == n => timesteps.to_vec(),
-            len => {
-                return Err(Error::input(format!(
-                    "timestep: expected one value or one per image ({n}), got {len}"
-                )))
-            }
-        };
-        ensure!(
-            t.iter().all(|v| v.is_finite()),
-            "timestep: holds NaN or infinite values"
-        );
+        let ([n, c, h, w], t) = self.graph.check_input(sample, timesteps)?;
         let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
         if cfg.center_input_sample {
             x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);

@@ -395,36 +395,13 @@ impl CudaUnet {
         })
     }
 
-    /// The CPU backend's input checks; returns the shape and one timestep per image.
+    /// The input checks every backend makes; returns the shape and one timestep per image.
     fn check_input(
         &self,
         sample: &Tensor,
         timesteps: &[f32],
     ) -> Result<(usize, usize, usize, Vec<f32>)> {
-        let cfg = &self.graph.config;
-        let [n, c, h, w] = sample.dims4("sample")?;
-        ensure!(
-            c == cfg.in_channels,
-            "sample: the model takes {} input channels, got {c} (shape {:?})",
-            cfg.in_channels,
-            sample.shape()
-        );
-        ensure!(n > 0, "sample: the batch is empty");
-        cfg.check_input_size(h, w)?;
-        ensure!(sample.all_finite(), "sample: holds NaN or infinite values");
-        let t = match timesteps.len() {
-            1 => vec![timesteps[0]; n],
-            len if len == n => timesteps.to_vec(),
-            len => {
-                return Err(Error::input(format!(
-                    "timestep: expected one value or one per image ({n}), got {len}"
-                )))
-            }
-        };
-        ensure!(
-            t.iter().all(|v| v.is_finite()),
-            "timestep: holds NaN or infinite values"
-        );
+        let ([n, _, h, w], t) = self.graph.check_input(sample, timesteps)?;
         Ok((n, h, w, t))
     }
 

@@ -10,7 +10,7 @@
 //! at most its own input (GroupNorm), its saved attention probabilities, and its weights.
 
 use crate::config::{BlockKind, UNetConfig};
-use crate::{Error, Result};
+use crate::{ensure, Error, Result, Tensor};
 
 /// Index of a tensor in [`Graph::tensors`].
 pub type Tid = usize;
@@ -234,6 +234,41 @@ impl Graph {
             input,
             output,
         })
+    }
+
+    /// Checks a network input as every backend needs it (a finite `[N, C, H, W]` sample the
+    /// network can take, and one finite timestep per image or one for all) and returns its
+    /// dimensions with one timestep per image.
+    pub fn check_input(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f32],
+    ) -> Result<([usize; 4], Vec<f32>)> {
+        let cfg = &self.config;
+        let [n, c, h, w] = sample.dims4("sample")?;
+        ensure!(
+            c == cfg.in_channels,
+            "sample: the model takes {} input channels, got {c} (shape {:?})",
+            cfg.in_channels,
+            sample.shape()
+        );
+        ensure!(n > 0, "sample: the batch is empty");
+        cfg.check_input_size(h, w)?;
+        ensure!(sample.all_finite(), "sample: holds NaN or infinite values");
+        let t = match timesteps.len() {
+            1 => vec![timesteps[0]; n],
+            len if len == n => timesteps.to_vec(),
+            len => {
+                return Err(Error::input(format!(
+                    "timestep: expected one value or one per image ({n}), got {len}"
+                )))
+            }
+        };
+        ensure!(
+            t.iter().all(|v| v.is_finite()),
+            "timestep: holds NaN or infinite values"
+        );
+        Ok(([n, c, h, w], t))
     }
 
     /// Total number of scalar parameters.
