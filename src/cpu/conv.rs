@@ -11,12 +11,17 @@
 //! each input pixel receives contributions from a fixed subset of taps that depends only on the
 //! parity of its coordinates, so every (input row, tap) pair is one product over contiguous
 //! output-gradient pixels written into every other input pixel.
+//!
+//! 3x3 stride-1 convolutions, forward and backward, go to the Winograd F(2x2, 3x3) path
+//! ([`super::winograd`]) unless `INVDIFF_CONV=direct` asks for the direct path above (for
+//! comparing numerics), or they sum over too few channels for it to pay ([`Algorithm`]).
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_rows, Mat};
+use super::winograd::{self, Epilogue};
 use crate::model::graph::Pad;
 
 /// Weights of one convolution in the layouts the products want.
@@ -28,6 +33,10 @@ pub struct ConvParams {
     fwd: Vec<f32>,
     /// `[(tap, co), ci]`, built on the first backward pass (inference never needs it).
     bwd: OnceLock<Vec<f32>>,
+    /// Winograd transforms of the forward and of the backward kernel (3x3 only), each built on
+    /// first use.
+    wino_fwd: OnceLock<winograd::Weights>,
+    wino_bwd: OnceLock<winograd::Weights>,
     bias: Vec<f32>,
 }
 
@@ -51,6 +60,8 @@ impl ConvParams {
             k,
             fwd,
             bwd: OnceLock::new(),
+            wino_fwd: OnceLock::new(),
+            wino_bwd: OnceLock::new(),
             bias: bias.to_vec(),
         }
     }
@@ -69,7 +80,61 @@ impl ConvParams {
             b
         })
     }
+
+    fn wino_fwd(&self) -> &winograd::Weights {
+        self.wino_fwd.get_or_init(|| {
+            let (cin, cout) = (self.cin, self.cout);
+            winograd::Weights::new(cin, cout, |t, ci, co| self.fwd[(t * cin + ci) * cout + co])
+        })
+    }
+
+    /// The flipped, transposed kernel: `cout -> cin`, tap `t` reading forward tap `8 - t`.
+    fn wino_bwd(&self) -> &winograd::Weights {
+        self.wino_bwd.get_or_init(|| {
+            let (cin, cout) = (self.cin, self.cout);
+            winograd::Weights::new(cout, cin, |t, co, ci| {
+                self.fwd[((8 - t) * cin + ci) * cout + co]
+            })
+        })
+    }
 }
+
+/// How 3x3 stride-1 convolutions are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// im2col and a matrix product: the reference.
+    Direct,
+    /// Winograd F(2x2, 3x3) where the channels are enough for it to pay, direct otherwise.
+    Winograd,
+}
+
+impl Algorithm {
+    /// `Direct` when the environment variable `INVDIFF_CONV` is `direct` (read once), else
+    /// `Winograd`.
+    pub fn from_env() -> Algorithm {
+        static ALGO: LazyLock<Algorithm> = LazyLock::new(|| match std::env::var("INVDIFF_CONV") {
+            Ok(v) if v.eq_ignore_ascii_case("direct") => Algorithm::Direct,
+            _ => Algorithm::Winograd,
+        });
+        *ALGO
+    }
+
+    /// Whether a 3x3 convolution summing over `reduced` channels (`cin` forward, `cout`
+    /// backward) goes to Winograd.
+    fn winograd(self, p: &ConvParams, g: Geometry, reduced: usize) -> bool {
+        self == Algorithm::Winograd
+            && p.k == 3
+            && g.stride == 1
+            && matches!(g.pad, Pad::Symmetric)
+            && reduced >= WINOGRAD_MIN_REDUCED
+    }
+}
+
+/// Fewest summed channels for which Winograd pays. With 3 (the network's RGB input and the
+/// output conv's backward) its products are too short for anything but writing the 16
+/// transformed matrices, which then cost more than the direct path; a few output channels, on
+/// the other hand, are fine (1.7x faster at 128 -> 3).
+const WINOGRAD_MIN_REDUCED: usize = 16;
 
 /// Spatial geometry of one convolution call.
 #[derive(Clone, Copy, Debug)]
@@ -158,8 +223,23 @@ fn im2col3(
 /// Forward convolution: `y = (conv(x) + bias + temb[n] + residual) / out_div`.
 ///
 /// `x` is `[n, h, w, cin]`, `y` is `[n, h/s, w/s, cout]`, `temb` is `[n, cout]`, `residual` has
-/// the shape of `y`.
+/// the shape of `y`. The algorithm is [`Algorithm::from_env`].
 pub fn forward(
+    p: &ConvParams,
+    x: &[f32],
+    g: Geometry,
+    temb: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    out_div: f32,
+    y: &mut [f32],
+) {
+    forward_with(Algorithm::from_env(), p, x, g, temb, residual, out_div, y)
+}
+
+/// [`forward`] with the given algorithm.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with(
+    algo: Algorithm,
     p: &ConvParams,
     x: &[f32],
     g: Geometry,
@@ -172,6 +252,15 @@ pub fn forward(
     let (cin, cout) = (p.cin, p.cout);
     assert_eq!(x.len(), g.n * g.h * g.w * cin);
     assert_eq!(y.len(), g.n * oh * ow * cout);
+    if algo.winograd(p, g, cin) {
+        let ep = Epilogue::Store {
+            bias: Some(&p.bias),
+            temb,
+            residual,
+            out_div,
+        };
+        return winograd::conv3x3(p.wino_fwd(), x, g.n, g.h, g.w, y, ep);
+    }
     let rpt = rows_per_tile(oh, ow);
     let tile_len = rpt * ow * cout;
     let kc = p.k * p.k * cin;
@@ -216,30 +305,58 @@ pub fn forward(
 }
 
 /// Gradient with respect to the input: `dx (+)= conv^T(dy)`. `g` is the forward geometry
-/// (input sizes), `dy` is `[n, h/s, w/s, cout]`, `dx` is `[n, h, w, cin]`.
+/// (input sizes), `dy` is `[n, h/s, w/s, cout]`, `dx` is `[n, h, w, cin]`. The algorithm is
+/// [`Algorithm::from_env`].
 pub fn backward_input(p: &ConvParams, dy: &[f32], g: Geometry, dx: &mut [f32], accumulate: bool) {
-    let (oh, ow) = g.out_hw();
-    let (cin, cout) = (p.cin, p.cout);
-    assert_eq!(dy.len(), g.n * oh * ow * cout);
-    assert_eq!(dx.len(), g.n * g.h * g.w * cin);
-    let wb = p.bwd();
-    if p.k == 1 {
-        return matmul_rows(dy, cout, Mat::rows(wb, cin), cin, dx, accumulate, g.h * g.w);
-    }
-    if g.stride == 1 {
-        return backward_stride1(p, wb, dy, g, dx, accumulate);
-    }
-    backward_stride2(p, wb, dy, g, dx, accumulate)
+    backward_input_with(Algorithm::from_env(), p, dy, g, dx, accumulate)
 }
 
-fn backward_stride1(
+/// [`backward_input`] with the given algorithm.
+pub fn backward_input_with(
+    algo: Algorithm,
     p: &ConvParams,
-    wb: &[f32],
     dy: &[f32],
     g: Geometry,
     dx: &mut [f32],
     accumulate: bool,
 ) {
+    let (oh, ow) = g.out_hw();
+    let (cin, cout) = (p.cin, p.cout);
+    assert_eq!(dy.len(), g.n * oh * ow * cout);
+    assert_eq!(dx.len(), g.n * g.h * g.w * cin);
+    if p.k == 1 {
+        return matmul_rows(dy, cout, Mat::rows(p.bwd(), cin), cin, dx, accumulate, g.h * g.w);
+    }
+    if g.stride == 1 {
+        return backward_stride1(algo, p, dy, g, dx, accumulate);
+    }
+    backward_stride2(p, p.bwd(), dy, g, dx, accumulate)
+}
+
+fn backward_stride1(
+    algo: Algorithm,
+    p: &ConvParams,
+    dy: &[f32],
+    g: Geometry,
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    if algo.winograd(p, g, p.cout) {
+        let ep = if accumulate {
+            Epilogue::Accumulate
+        } else {
+            Epilogue::Store {
+                bias: None,
+                temb: None,
+                residual: None,
+                out_div: 1.0,
+            }
+        };
+        // The backward's bwd-layout copy is never built on this path: it would cost as much
+        // memory as the forward weights for nothing.
+        return winograd::conv3x3(p.wino_bwd(), dy, g.n, g.h, g.w, dx, ep);
+    }
+    let wb = p.bwd();
     let (h, w, cin, cout) = (g.h, g.w, p.cin, p.cout);
     let rpt = rows_per_tile(h, w);
     let tile_len = rpt * w * cin;

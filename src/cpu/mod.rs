@@ -11,5 +11,6 @@ pub mod math;
 pub mod norm;
 pub mod resample;
 pub mod unet;
+pub mod winograd;
 
 pub use unet::{CpuUnet, Tape};
