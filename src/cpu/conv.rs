@@ -325,7 +325,15 @@ pub fn backward_input_with(
     assert_eq!(dy.len(), g.n * oh * ow * cout);
     assert_eq!(dx.len(), g.n * g.h * g.w * cin);
     if p.k == 1 {
-        return matmul_rows(dy, cout, Mat::rows(p.bwd(), cin), cin, dx, accumulate, g.h * g.w);
+        return matmul_rows(
+            dy,
+            cout,
+            Mat::rows(p.bwd(), cin),
+            cin,
+            dx,
+            accumulate,
+            g.h * g.w,
+        );
     }
     if g.stride == 1 {
         return backward_stride1(algo, p, dy, g, dx, accumulate);
