@@ -118,6 +118,15 @@ impl Engine {
         matches!(self.backend, Backend::Cpu { .. })
     }
 
+    /// The GPU network, when this engine runs on CUDA: the device sampling loop drives it
+    /// directly.
+    pub fn cuda_mut(&mut self) -> Option<&mut CudaUnet> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => None,
+            Backend::Cuda(u) => Some(u),
+        }
+    }
+
     /// The reason `auto` fell back to the CPU, if it did.
     pub fn notice(&self) -> Option<&str> {
         self.notice.as_deref()

@@ -9,15 +9,22 @@
 //! - `plan`: liveness and packing of every buffer into one arena per shape;
 //! - `weights`: the parameters in the kernels' layouts;
 //! - [`CudaUnet`]: the executor (CUDA graphs, host and device-resident entry points, timing);
+//! - `sampler`: the whole sampling loop on the device (network, VJP, scheduler step, guidance),
+//!   one captured graph replayed per step; `sampler_kernels` launches its kernels and `blur`
+//!   runs [`CircularBlur`](crate::inverse::CircularBlur) by FFT;
 //! - [`selftest`]: every kernel against its CPU counterpart, and the whole network.
 //!
 //! On a machine without a GPU or driver everything here returns [`Error::Cuda`](crate::Error::Cuda)
 //! values (or, for [`probe`], reports it) and never panics.
 
+mod blur;
 mod device;
 mod kernels;
 mod plan;
 mod program;
+mod sampler;
+mod sampler_kernels;
+mod sampler_selftest;
 mod selftest;
 mod unet;
 mod weights;
@@ -26,3 +33,7 @@ pub use device::{compiled_targets, kernels_compiled, probe, DeviceInfo, Probe};
 pub use plan::{plan_stats, PlanStats};
 pub use selftest::{selftest, SelftestRow, TOLERANCE};
 pub use unet::CudaUnet;
+
+pub(crate) use sampler::{
+    sample as sample_on_device, supports_blur as device_blur_fits, DeviceJob,
+};

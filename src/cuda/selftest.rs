@@ -1,8 +1,9 @@
 //! Checks every kernel, forward and backward, against the CPU function it replaces, on random
 //! inputs of awkward shapes (odd sizes, batches of 1 and 3, both paddings, one and several
 //! heads, accumulating and overwriting), then the whole network against [`CpuUnet`] on small
-//! random-weight configurations at non-square sizes. Each row reports the relative L2 error and
-//! the GPU time of the launch(es).
+//! random-weight configurations at non-square sizes, then the device sampler (its kernels and
+//! whole loops, see `sampler_selftest`). Each row reports the relative L2 error and the GPU time
+//! of the launch(es).
 
 use cudarc::driver::sys::CUevent_flags;
 
@@ -33,12 +34,15 @@ pub struct SelftestRow {
     pub rel_l2: f64,
     /// GPU time of the launch(es), milliseconds (one run, after a warm-up run).
     pub gpu_ms: f64,
+    /// Largest passing `rel_l2`: [`TOLERANCE`], or looser for whole sampling loops (their
+    /// rows say so).
+    pub tolerance: f64,
 }
 
 impl SelftestRow {
-    /// Whether the error is within [`TOLERANCE`] (NaN fails).
+    /// Whether the error is within the row's tolerance (NaN fails).
     pub fn passed(&self) -> bool {
-        self.rel_l2 <= TOLERANCE
+        self.rel_l2 <= self.tolerance
     }
 }
 
@@ -57,6 +61,7 @@ pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
     t.attentions()?;
     t.data_movement()?;
     t.unets(ordinal)?;
+    t.rows.extend(super::sampler_selftest::run(&gpu, ordinal)?);
     Ok(t.rows)
 }
 
@@ -169,6 +174,7 @@ impl Tester<'_> {
             shape,
             rel_l2: rel,
             gpu_ms,
+            tolerance: TOLERANCE,
         });
     }
 
@@ -939,7 +945,7 @@ impl Tester<'_> {
 
 /// Small networks that still take every path: attention (one head, then several), both
 /// paddings, a centred input, a mid-block scale factor, 4 input channels.
-fn tiny_model(variant_b: bool) -> Model {
+pub(super) fn tiny_model(variant_b: bool) -> Model {
     use BlockKind::*;
     let mut c = UNetConfig::celebahq_256();
     if variant_b {

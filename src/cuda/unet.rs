@@ -69,6 +69,10 @@ pub struct CudaUnet {
     /// Shape of the recorded forward pass whose tape the arena holds, if any.
     tape: Option<(usize, usize, usize)>,
     use_graphs: bool,
+    /// Launch every pass's kernels one by one instead of replaying its graph, so that a capture
+    /// of the caller's (the device sampler's step) records them: a graph cannot be launched
+    /// into a stream that is capturing.
+    direct: bool,
 }
 
 // A sampler may build the network on one thread and run it on another.
@@ -91,7 +95,27 @@ impl CudaUnet {
             plans: HashMap::new(),
             tape: None,
             use_graphs,
+            direct: false,
         })
+    }
+
+    /// Whether passes are captured as CUDA graphs (not when `INVDIFF_NO_CUDA_GRAPH=1`).
+    pub(crate) fn uses_graphs(&self) -> bool {
+        self.use_graphs
+    }
+
+    /// While `on`, the device-resident passes launch their kernels directly on the stream (see
+    /// the `direct` field); the caller captures them into its own graph.
+    pub(crate) fn set_direct_launches(&mut self, on: bool) {
+        self.direct = on;
+    }
+
+    /// Plans (allocates) the `n x h x w` forward, or recording pass, ahead of a capture that
+    /// must not allocate.
+    pub(crate) fn prepare(&mut self, n: usize, h: usize, w: usize, record: bool) -> Result<()> {
+        self.graph.config.check_input_size(h, w)?;
+        ensure!(n > 0, "sample: the batch is empty");
+        self.ensure_plan(Key { n, h, w, record })
     }
 
     /// The graph this network runs.
@@ -535,6 +559,7 @@ impl CudaUnet {
             weights,
             plans,
             use_graphs,
+            direct,
             ..
         } = self;
         let plan = plans.get_mut(&key).expect("planned before use");
@@ -544,7 +569,7 @@ impl CudaUnet {
             &plan.program.steps[..plan.program.forward_steps]
         };
         let st = &gpu.stream;
-        if !*use_graphs {
+        if !*use_graphs || *direct {
             return launch_all(&gpu.kernels, st, weights, plan, steps);
         }
         let captured = if backward {

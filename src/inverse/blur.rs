@@ -246,6 +246,10 @@ impl LinearOperator for CircularBlur {
         });
         Ok(())
     }
+
+    fn as_circular_blur(&self) -> Option<&CircularBlur> {
+        Some(self)
+    }
 }
 
 /// A planned 2-D complex FFT of `H×W` planes whose spectra are kept transposed (`W×H`), which

@@ -1,5 +1,6 @@
 //! The linear-operator interface of the samplers, and the notebook's small helpers around it.
 
+use super::CircularBlur;
 use crate::{Error, Result};
 
 /// A linear measurement operator `A` acting on one image (`C×H×W` f32, row-major planes).
@@ -46,6 +47,12 @@ pub trait LinearOperator: Send + Sync {
             *a = b - *a;
         }
         self.pseudo_inverse(&ax, r, sigma, out)
+    }
+
+    /// This operator as a [`CircularBlur`], when it is one: backends with their own blur (the
+    /// CUDA sampler) recognise it by this and read its kernel.
+    fn as_circular_blur(&self) -> Option<&CircularBlur> {
+        None
     }
 }
 

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::engine::Engine;
-use crate::inverse::{clean_output, LinearOperator};
-use crate::schedule::{Scheduler, StepCoeffs};
+use crate::inverse::{clean_output, CircularBlur, LinearOperator};
+use crate::schedule::{GuidanceCoeffs, Scheduler, StepCoeffs};
 use crate::{ensure, Error, Result, Tensor};
 pub use noise::Noise;
 
@@ -51,12 +51,17 @@ pub struct StepReport {
     /// Loop step (0 = first, noisiest).
     pub index: usize,
     pub timestep: i64,
-    /// Wall time of the step in seconds.
+    /// Wall time of the step in seconds (the GPU loop reports the step's GPU time, measured
+    /// with events).
     pub seconds: f64,
 }
 
 /// Runs the whole reverse process on `engine` and returns the final sample in model space
 /// (`[-1, 1]` scale, not clamped). `scheduler` must have its timesteps set.
+///
+/// On a CUDA engine the whole loop runs on the GPU (see [`crate::cuda`]'s device sampler) when
+/// there is no guidance or every operator is a [`CircularBlur`]; otherwise, and on the CPU, the
+/// host loop runs, which is the reference.
 pub fn sample(
     engine: &mut Engine,
     scheduler: &dyn Scheduler,
@@ -64,24 +69,24 @@ pub fn sample(
     measurements: Option<&Measurements>,
     noise: &Noise,
     shape: [usize; 4],
-    progress: impl FnMut(&StepReport),
+    mut progress: impl FnMut(&StepReport),
 ) -> Result<Tensor> {
     let steps = 0..scheduler.timesteps().len();
-    let x = noise.initial(shape);
-    sample_steps(
+    run(
         engine,
         scheduler,
         guidance,
         measurements,
         noise,
-        x,
+        Start::Noise(shape),
         steps,
-        progress,
+        &mut progress,
     )
 }
 
 /// Runs loop steps `steps` (indices into the scheduler's timesteps) from the state `x`; noise
 /// draws are those of the same step indices, so a run can be resumed or checked step by step.
+/// Runs on the GPU under the same conditions as [`sample`].
 #[allow(clippy::too_many_arguments)]
 pub fn sample_steps(
     engine: &mut Engine,
@@ -89,9 +94,39 @@ pub fn sample_steps(
     guidance: Guidance,
     measurements: Option<&Measurements>,
     noise: &Noise,
-    mut x: Tensor,
+    x: Tensor,
     steps: std::ops::Range<usize>,
     mut progress: impl FnMut(&StepReport),
+) -> Result<Tensor> {
+    run(
+        engine,
+        scheduler,
+        guidance,
+        measurements,
+        noise,
+        Start::State(x),
+        steps,
+        &mut progress,
+    )
+}
+
+/// Where a run starts.
+enum Start {
+    /// x_T of the noise, for images of this shape.
+    Noise([usize; 4]),
+    State(Tensor),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    engine: &mut Engine,
+    scheduler: &dyn Scheduler,
+    guidance: Guidance,
+    measurements: Option<&Measurements>,
+    noise: &Noise,
+    start: Start,
+    steps: std::ops::Range<usize>,
+    progress: &mut dyn FnMut(&StepReport),
 ) -> Result<Tensor> {
     let timesteps = scheduler.timesteps().to_vec();
     ensure!(
@@ -103,12 +138,15 @@ pub fn sample_steps(
         .iter()
         .map(|&t| scheduler.step_coeffs(t))
         .collect::<Result<Vec<_>>>()?;
-    let shape: [usize; 4] = x.shape().try_into().map_err(|_| {
-        Error::input(format!(
-            "sampler state must be [B,C,H,W], got {:?}",
-            x.shape()
-        ))
-    })?;
+    let shape: [usize; 4] = match &start {
+        Start::Noise(shape) => *shape,
+        Start::State(x) => x.shape().try_into().map_err(|_| {
+            Error::input(format!(
+                "sampler state must be [B,C,H,W], got {:?}",
+                x.shape()
+            ))
+        })?,
+    };
     let needs_z = coeffs[steps.clone()].iter().any(|c| c.uses_noise);
     noise.check(shape, timesteps.len(), needs_z)?;
     if guidance != Guidance::None {
@@ -122,6 +160,30 @@ pub fn sample_steps(
         );
     }
 
+    if let (false, Some(unet)) = (steps.is_empty(), engine.cuda_mut()) {
+        if let Some(blur) = device_blur(guidance, measurements, shape) {
+            let graphs = unet.uses_graphs();
+            let job = crate::cuda::DeviceJob {
+                shape,
+                steps,
+                scheduler,
+                coeffs: &coeffs,
+                guidance,
+                blur,
+                noise,
+                start: match &start {
+                    Start::Noise(_) => None,
+                    Start::State(x) => Some(x),
+                },
+            };
+            return crate::cuda::sample_on_device(unet, &job, graphs, progress);
+        }
+    }
+
+    let mut x = match start {
+        Start::Noise(shape) => noise.initial(shape),
+        Start::State(x) => x,
+    };
     for i in steps {
         let (t, c) = (timesteps[i], &coeffs[i]);
         let start = std::time::Instant::now();
@@ -146,6 +208,28 @@ pub fn sample_steps(
         });
     }
     Ok(x)
+}
+
+/// What the device loop needs to guide a run, when it can: `Some(None)` for unguided sampling,
+/// `Some(Some(blurs and measurements))` when every operator is a [`CircularBlur`] the GPU
+/// takes, `None` when the host loop must run.
+#[allow(clippy::type_complexity)]
+fn device_blur(
+    guidance: Guidance,
+    measurements: Option<&Measurements>,
+    [_, _, h, w]: [usize; 4],
+) -> Option<Option<(Vec<&CircularBlur>, &Tensor)>> {
+    match (guidance, measurements) {
+        (Guidance::None, _) | (_, None) => Some(None),
+        (_, Some(m)) => {
+            let ops = m
+                .operators
+                .iter()
+                .map(|op| op.as_circular_blur())
+                .collect::<Option<Vec<_>>>()?;
+            crate::cuda::device_blur_fits(h, w).then_some(Some((ops, &m.y)))
+        }
+    }
 }
 
 fn check_measurements(m: &Measurements, shape: [usize; 4]) -> Result<()> {
@@ -178,17 +262,17 @@ fn check_measurements(m: &Measurements, shape: [usize; 4]) -> Result<()> {
 }
 
 /// The scheduler step's outputs.
-struct Stepped {
+pub(crate) struct Stepped {
     /// x0 before the clamp (its gradient mask needs it).
-    x0_raw: Vec<f32>,
+    pub x0_raw: Vec<f32>,
     /// The clamped x0 the scheduler uses (`pred_original_sample`).
-    x0: Vec<f32>,
+    pub x0: Vec<f32>,
     /// `prev_sample`.
-    prev: Tensor,
+    pub prev: Tensor,
 }
 
 /// One DDPM/DDIM step, elementwise.
-fn step(c: &StepCoeffs, x: &Tensor, eps: &Tensor, z: Option<&Tensor>) -> Stepped {
+pub(crate) fn step(c: &StepCoeffs, x: &Tensor, eps: &Tensor, z: Option<&Tensor>) -> Stepped {
     let n = x.numel();
     let (mut x0_raw, mut x0, mut prev) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
     let (xs, es) = (x.data(), eps.data());
@@ -243,9 +327,7 @@ fn guided_step(
                     let mut r = vec![0.0f32; per];
                     op.forward(&xhat, &mut r)?;
                     r.iter_mut().zip(yb).for_each(|(a, b)| *a -= b);
-                    let norm = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32;
-                    if norm > 0.0 {
-                        r.iter_mut().for_each(|v| *v /= norm);
+                    if normalize_residual(&mut r) {
                         op.adjoint(&r, d)?;
                     }
                 }
@@ -258,12 +340,31 @@ fn guided_step(
             }
             Ok(())
         })?;
-    // Through clean_output ((clamp(x0, -1, 1) + 1) / 2) and the scheduler's clamp, then
-    // x0 = (x_t - √(1-ᾱ) eps) / √ᾱ: d/dx_t directly, and d/deps through the network.
+    let (d_direct, cot) = chain_rule(c, &s, &d_xhat);
+    let cot = Tensor::new(x.shape().to_vec(), cot)?;
+    let g_eps = engine.vjp(&cot)?;
+    let out = update(&gc, guidance, s.prev.data(), &d_direct, g_eps.data());
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+/// DPS's `r / ||r||` in place, the norm summed in f64; false (and `r` untouched) when the norm
+/// is zero, where the gradient is zero as torch.norm's.
+pub(crate) fn normalize_residual(r: &mut [f32]) -> bool {
+    let norm = r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    if norm > 0.0 {
+        r.iter_mut().for_each(|v| *v /= norm);
+    }
+    norm > 0.0
+}
+
+/// From d(guidance)/d x0_hat to d/dx_t directly and the network's cotangent (d/deps), through
+/// clean_output ((clamp(x0, -1, 1) + 1) / 2), the scheduler's clamp and
+/// x0 = (x_t - √(1-ᾱ) eps) / √ᾱ.
+pub(crate) fn chain_rule(c: &StepCoeffs, s: &Stepped, d_xhat: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let clip = c.clip;
     let (s0, s1) = (c.sqrt_alpha_prod, c.sqrt_one_minus_alpha_prod);
-    let mut d_direct = vec![0.0f32; x.numel()];
-    let mut cot = vec![0.0f32; x.numel()];
+    let mut d_direct = vec![0.0f32; d_xhat.len()];
+    let mut cot = vec![0.0f32; d_xhat.len()];
     d_direct
         .par_iter_mut()
         .zip(cot.par_iter_mut())
@@ -280,27 +381,30 @@ fn guided_step(
             *dd = g_raw;
             *ce = -g_raw * s1;
         });
-    let cot = Tensor::new(x.shape().to_vec(), cot)?;
-    let g_eps = engine.vjp(&cot)?;
-    let grad: Vec<f32> = d_direct
-        .iter()
-        .zip(g_eps.data())
-        .map(|(a, b)| a + b)
-        .collect();
-    let prev = s.prev.data();
-    let out: Vec<f32> = match guidance {
+    (d_direct, cot)
+}
+
+/// The DPS or ΠGDM update of the scheduler's `prev` by the gradient `d_direct + g_eps`.
+pub(crate) fn update(
+    gc: &GuidanceCoeffs,
+    guidance: Guidance,
+    prev: &[f32],
+    d_direct: &[f32],
+    g_eps: &[f32],
+) -> Vec<f32> {
+    let grad = d_direct.iter().zip(g_eps).map(|(a, b)| a + b);
+    match guidance {
         Guidance::Dps { scale, adaptive } => {
             let w = gc.dps_weight(scale, adaptive);
-            prev.iter().zip(&grad).map(|(p, g)| p - w * g).collect()
+            prev.iter().zip(grad).map(|(p, g)| p - w * g).collect()
         }
         Guidance::Pigdm { scale, .. } => prev
             .iter()
-            .zip(&grad)
-            .map(|(&p, &g)| gc.pigdm_update(p, g, scale))
+            .zip(grad)
+            .map(|(&p, g)| gc.pigdm_update(p, g, scale))
             .collect(),
-        Guidance::None => unreachable!(),
-    };
-    Tensor::new(x.shape().to_vec(), out)
+        Guidance::None => prev.to_vec(),
+    }
 }
 
 /// The image a sample shows: `(x / 2 + 0.5)` clamped to `[0, 1]`.
