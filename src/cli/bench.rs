@@ -100,14 +100,14 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         return Err(Error::input("--batch and --steps must be at least 1"));
     }
-    let model = super::load_model(a.model.as_deref())?;
+    let mut model = super::load_model(a.model.as_deref())?;
     let cfg = model.config().clone();
     let (h, w) = match &a.size {
         Some(s) => parse_size(s)?,
         None => cfg.sample_size,
     };
     cfg.check_input_size(h, w)?;
-    let mut engine: Engine = super::engine(&model, a.device)?;
+    let mut engine: Engine = super::engine(&mut model, a.device)?;
     let n = a.batch;
     let shape = [n, cfg.in_channels, h, w];
     let count: usize = shape.iter().product();

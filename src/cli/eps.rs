@@ -24,7 +24,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = super::load_model(Some(&a.model))?;
+    let mut model = super::load_model(Some(&a.model))?;
     let file = safetensors::read(&a.input)?;
     let sample = file.get("sample")?;
     let timesteps = file.get("timestep")?;
@@ -46,7 +46,7 @@ pub fn run(a: Args) -> Result<()> {
         .contains("cotangent")
         .then(|| file.get("cotangent"))
         .transpose()?;
-    let mut engine = super::engine(&model, a.device)?;
+    let mut engine = super::engine(&mut model, a.device)?;
     let mut out: Vec<(&str, Tensor)> = Vec::new();
     match cotangent {
         None => out.push((

@@ -91,8 +91,10 @@ fn load_model(dir: Option<&Path>) -> Result<Model> {
 }
 
 /// Puts the model on the requested device, printing the one-line notice of an `auto` fallback.
-fn engine(model: &Model, device: DeviceChoice) -> Result<Engine> {
+/// The engine keeps the weights in its own layouts, so the model's host copy is freed.
+fn engine(model: &mut Model, device: DeviceChoice) -> Result<Engine> {
     let e = Engine::new(model, device)?;
+    model.weights = Default::default();
     if let Some(n) = e.notice() {
         eprintln!("invdiff: {n}");
     }

@@ -227,7 +227,7 @@ pub fn run(a: Args) -> Result<()> {
     if !single {
         std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     }
-    let model = super::load_model(Some(&a.model))?;
+    let mut model = super::load_model(Some(&a.model))?;
     let cfg = model.config().clone();
     let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
     let scale = a.scale.unwrap_or(match (a.method, a.eta_schedule) {
@@ -240,7 +240,7 @@ pub fn run(a: Args) -> Result<()> {
             "--noise holds one batch: use --batch with all inputs in it",
         ));
     }
-    let mut engine = super::engine(&model, a.device)?;
+    let mut engine = super::engine(&mut model, a.device)?;
     eprintln!(
         "invdiff restore: {:?} ({} steps, scale {scale}) on {} image(s), {}",
         a.method,

@@ -41,7 +41,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = super::load_model(Some(&a.model))?;
+    let mut model = super::load_model(Some(&a.model))?;
     let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
     let cfg = model.config();
     let (h, w) = cfg.sample_size;
@@ -56,7 +56,7 @@ pub fn run(a: Args) -> Result<()> {
     if shape[0] == 0 {
         return Err(Error::input("--batch must be at least 1"));
     }
-    let mut engine = super::engine(&model, a.device)?;
+    let mut engine = super::engine(&mut model, a.device)?;
     eprintln!(
         "invdiff sample: {} steps of {:?} on {}, batch {}",
         a.steps,

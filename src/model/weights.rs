@@ -7,7 +7,9 @@ use super::graph::{Graph, ParamKind};
 use crate::{Error, Result, Tensor};
 
 /// Every parameter tensor of a graph, in diffusers' current names, as f32.
-#[derive(Clone, Debug)]
+///
+/// `Default` is the empty set, for a model whose weights now live only in an engine.
+#[derive(Clone, Debug, Default)]
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
 }
