@@ -135,11 +135,16 @@ pub fn run(a: Args) -> Result<()> {
         "steps": a.steps,
         "version": env!("CARGO_PKG_VERSION"),
     });
+    let on_cpu = engine.is_cpu();
     let report = |label: &str, ms: f64, flops: f64| {
+        let rate = if on_cpu {
+            format!("{:>9.1} GFLOP/s", flops / ms / 1e6)
+        } else {
+            format!("{:>9.2} TFLOP/s", flops / ms / 1e9)
+        };
         println!(
-            "{label:<24} {ms:>10.2} ms/call {:>9.3} images/s {:>9.1} GFLOP/s",
-            n as f64 * 1e3 / ms,
-            flops / ms / 1e6
+            "{label:<24} {ms:>10.2} ms/call {:>9.3} images/s {rate}",
+            n as f64 * 1e3 / ms
         );
     };
     if a.what != What::Dps {
