@@ -43,6 +43,8 @@ pub struct CpuUnet {
     last_read: Vec<Option<usize>>,
     /// Identifies this network's tapes.
     id: u64,
+    /// Freed activation and gradient buffers, reused by later ops and calls.
+    pool: Pool,
 }
 
 impl CpuUnet {
@@ -96,6 +98,7 @@ impl CpuUnet {
             saved,
             last_read,
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pool: Pool::default(),
         }
     }
 
@@ -176,7 +179,7 @@ impl CpuUnet {
             aux.push(a);
             for input in op.inputs() {
                 if self.last_read[input] == Some(i) && !(record && self.saved[input]) {
-                    values[input] = None;
+                    self.pool.give(values[input].take());
                 }
             }
         }
@@ -213,7 +216,7 @@ impl CpuUnet {
                 .expect("inputs are computed before use")
         };
         let len = |t: Tid| g.shape(t, d.n, d.h, d.w).iter().product::<usize>();
-        let mut y = vec![0.0f32; len(op.output())];
+        let mut y = self.pool.take(len(op.output()));
         let mut aux = Aux::None;
         match *op {
             Op::TimeEmbedding {
@@ -393,10 +396,11 @@ impl Tape {
             }
             let Some(dy) = grads[y].take() else { continue };
             let start = std::time::Instant::now();
-            self.backward_op(u, i, op, dy, &mut grads);
+            let spent = self.backward_op(u, i, op, dy, &mut grads);
+            u.pool.give(spent);
             profile.add(op, start);
             for s in op.saved_for_backward() {
-                self.values[s] = None;
+                u.pool.give(self.values[s].take());
             }
         }
         profile.print("backward");
@@ -417,23 +421,35 @@ impl Tape {
         op: &Op,
         mut dy: Vec<f32>,
         grads: &mut [Option<Vec<f32>>],
-    ) {
+    ) -> Option<Vec<f32>> {
         let g = &u.graph;
         let d = self.dims;
         let on_path = |t: Tid| g.tensors[t].on_input_path;
         let len = |t: Tid| g.shape(t, d.n, d.h, d.w).iter().product::<usize>();
         // The gradient buffer of `t` and whether it already holds contributions to add onto.
-        fn slot(grads: &mut [Option<Vec<f32>>], t: Tid, len: usize) -> (&mut Vec<f32>, bool) {
+        fn slot<'g>(
+            grads: &'g mut [Option<Vec<f32>>],
+            t: Tid,
+            len: usize,
+            pool: &Pool,
+        ) -> (&'g mut Vec<f32>, bool) {
             let acc = grads[t].is_some();
-            (grads[t].get_or_insert_with(|| vec![0.0; len]), acc)
+            (grads[t].get_or_insert_with(|| pool.take(len)), acc)
         }
-        // Adds `dy` into the residual's gradient, moving it when it is the first contribution.
+        // Adds `dy` into the residual's gradient, moving it when it is the first contribution;
+        // returns it when it was not moved.
         let add_residual =
             |grads: &mut [Option<Vec<f32>>], r: Tid, dy: Vec<f32>| match &mut grads[r] {
-                Some(gr) => gr.iter_mut().zip(&dy).for_each(|(a, b)| *a += b),
-                None => grads[r] = Some(dy),
+                Some(gr) => {
+                    gr.iter_mut().zip(&dy).for_each(|(a, b)| *a += b);
+                    Some(dy)
+                }
+                None => {
+                    grads[r] = Some(dy);
+                    None
+                }
             };
-        match *op {
+        let leftover = match *op {
             Op::TimeEmbedding { .. } => {
                 unreachable!("the time embedding does not depend on the input")
             }
@@ -454,11 +470,12 @@ impl Tape {
                 }
                 if on_path(x) {
                     let (h, w) = d.hw(g, x);
-                    let (gx, acc) = slot(grads, x, len(x));
+                    let (gx, acc) = slot(grads, x, len(x), &u.pool);
                     linear::backward_input(u.linear(p), &dy, gx, acc, h * w);
                 }
-                if let Some(r) = residual.filter(|&r| on_path(r)) {
-                    add_residual(grads, r, dy);
+                match residual.filter(|&r| on_path(r)) {
+                    Some(r) => add_residual(grads, r, dy),
+                    None => Some(dy),
                 }
             }
             Op::Conv {
@@ -475,11 +492,12 @@ impl Tape {
                 }
                 if on_path(x) {
                     let geo = u.conv_geometry(x, stride, pad, d);
-                    let (gx, acc) = slot(grads, x, len(x));
+                    let (gx, acc) = slot(grads, x, len(x), &u.pool);
                     conv::backward_input(u.conv(p), &dy, geo, gx, acc);
                 }
-                if let Some(r) = residual.filter(|&r| on_path(r)) {
-                    add_residual(grads, r, dy);
+                match residual.filter(|&r| on_path(r)) {
+                    Some(r) => add_residual(grads, r, dy),
+                    None => Some(dy),
                 }
             }
             Op::GroupNorm {
@@ -493,8 +511,9 @@ impl Tape {
                 let xv = self.values[x]
                     .as_deref()
                     .expect("GroupNorm input was saved");
-                let (gx, acc) = slot(grads, x, len(x));
+                let (gx, acc) = slot(grads, x, len(x), &u.pool);
                 norm::backward(xv, dims, gamma, beta, silu, stats, &dy, gx, acc);
+                Some(dy)
             }
             Op::Attention {
                 qkv,
@@ -507,25 +526,29 @@ impl Tape {
                 };
                 let dims = u.attention_dims(qkv, heads, head_dim, d);
                 let qv = self.values[qkv].as_deref().expect("q/k/v were saved");
-                let (gq, acc) = slot(grads, qkv, len(qkv));
+                let (gq, acc) = slot(grads, qkv, len(qkv), &u.pool);
                 attention::backward(qv, probs, dims, &dy, gq, acc);
+                Some(dy)
             }
             Op::Upsample { x, .. } => {
                 let (h, w) = d.hw(g, x);
-                let (gx, acc) = slot(grads, x, len(x));
+                let (gx, acc) = slot(grads, x, len(x), &u.pool);
                 resample::upsample2x_backward(&dy, d.n, h, w, g.tensors[x].channels, gx, acc);
+                Some(dy)
             }
             Op::Concat { a, b, .. } => {
                 let (ca, cb) = (g.tensors[a].channels, g.tensors[b].channels);
                 for (t, off, width) in [(a, 0, ca), (b, ca, cb)] {
                     if on_path(t) {
-                        let (gt, acc) = slot(grads, t, len(t));
+                        let (gt, acc) = slot(grads, t, len(t), &u.pool);
                         resample::concat_backward(&dy, ca + cb, off, width, gt, acc);
                     }
                 }
+                Some(dy)
             }
-        }
+        };
         self.aux[i] = Aux::None;
+        leftover
     }
 }
 
@@ -564,6 +587,41 @@ impl Profile {
         eprintln!("INVDIFF_PROFILE {pass}: {total:.1} ms");
         for (k, ms) in rows {
             eprintln!("  {k:<18} {ms:>9.1} ms {:>5.1}%", 100.0 * ms / total);
+        }
+    }
+}
+
+/// Freed activation and gradient buffers, kept for the next request of the same length.
+///
+/// Activations at full resolution are tens of megabytes; allocated fresh for every op, each is
+/// mapped anew by the allocator and page-faulted in (a quarter of a 100-step restoration's CPU
+/// time went to that). Shapes repeat from op to op and from call to call, so exact-length reuse
+/// hits nearly always. Buffers come back zeroed, as fresh ones would.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<std::collections::HashMap<usize, Vec<Vec<f32>>>>);
+
+impl Pool {
+    /// Buffers of one length kept at most: the most any pass has alive at once is far below.
+    const PER_LENGTH: usize = 16;
+
+    fn take(&self, len: usize) -> Vec<f32> {
+        let reused = self.0.lock().ok().and_then(|mut m| m.get_mut(&len)?.pop());
+        match reused {
+            Some(mut v) => {
+                v.fill(0.0);
+                v
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    fn give(&self, buf: Option<Vec<f32>>) {
+        let Some(v) = buf else { return };
+        if let Ok(mut m) = self.0.lock() {
+            let list = m.entry(v.len()).or_default();
+            if list.len() < Self::PER_LENGTH {
+                list.push(v);
+            }
         }
     }
 }
