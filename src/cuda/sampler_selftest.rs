@@ -63,19 +63,7 @@ fn dims(shape: &[usize]) -> String {
 impl Check {
     /// Uniform values in [lo, hi), from a fresh stream of the generator.
     fn rand(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
-        self.seed = self
-            .seed
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(1);
-        let mut s = self.seed | 1;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-            })
-            .collect()
+        super::selftest::uniform(&mut self.seed, len, lo, hi)
     }
 
     fn up<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<Dev<T>> {
