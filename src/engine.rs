@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu::{CpuUnet, Tape};
-use crate::cuda::{self, CudaUnet};
+use crate::cuda::{self, CudaUnet, Precision};
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
@@ -65,19 +65,37 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Puts `model` on the device `choice` resolves to.
+    /// Puts `model` on the device `choice` resolves to, in fp32.
     pub fn new(model: &Model, choice: DeviceChoice) -> Result<Engine> {
-        let cpu = |notice| Engine {
-            backend: Backend::Cpu {
-                unet: Box::new(CpuUnet::new(model)),
-                tape: None,
-            },
-            notice,
+        Self::with_precision(model, choice, Precision::Fp32)
+    }
+
+    /// Like [`new`](Self::new), with the convolutions at `precision`; anything but fp32 needs
+    /// a GPU (an error on the CPU, or when `auto` finds no usable GPU).
+    pub fn with_precision(
+        model: &Model,
+        choice: DeviceChoice,
+        precision: Precision,
+    ) -> Result<Engine> {
+        let cpu = |notice: Option<String>| {
+            if precision != Precision::Fp32 {
+                let why = notice.map_or(String::new(), |n| format!(" ({n})"));
+                return Err(Error::input(format!(
+                    "precision {precision} runs only on a CUDA GPU; the CPU backend computes in fp32{why}"
+                )));
+            }
+            Ok(Engine {
+                backend: Backend::Cpu {
+                    unet: Box::new(CpuUnet::new(model)),
+                    tape: None,
+                },
+                notice,
+            })
         };
         match choice {
-            DeviceChoice::Cpu => Ok(cpu(None)),
+            DeviceChoice::Cpu => cpu(None),
             DeviceChoice::Cuda(n) => Ok(Engine {
-                backend: Backend::Cuda(Box::new(CudaUnet::new(model, n)?)),
+                backend: Backend::Cuda(Box::new(CudaUnet::with_precision(model, n, precision)?)),
                 notice: None,
             }),
             DeviceChoice::Auto => {
@@ -89,7 +107,7 @@ impl Engine {
                         p.error
                             .unwrap_or_else(|| "no CUDA device found".to_string())
                     } else {
-                        match CudaUnet::new(model, 0) {
+                        match CudaUnet::with_precision(model, 0, precision) {
                             Ok(u) => {
                                 return Ok(Engine {
                                     backend: Backend::Cuda(Box::new(u)),
@@ -100,7 +118,7 @@ impl Engine {
                         }
                     }
                 };
-                Ok(cpu(Some(format!("{why}; running on the CPU"))))
+                cpu(Some(format!("{why}; running on the CPU")))
             }
         }
     }
@@ -110,6 +128,14 @@ impl Engine {
         match &self.backend {
             Backend::Cpu { .. } => format!("cpu ({} threads)", rayon::current_num_threads()),
             Backend::Cuda(u) => u.device_name().to_string(),
+        }
+    }
+
+    /// The precision of the convolutions (always fp32 on the CPU).
+    pub fn precision(&self) -> Precision {
+        match &self.backend {
+            Backend::Cpu { .. } => Precision::Fp32,
+            Backend::Cuda(u) => u.precision(),
         }
     }
 

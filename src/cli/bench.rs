@@ -4,11 +4,13 @@
 //! inputs (on the CPU the median over `--steps` calls after one warm-up call; on a GPU the mean
 //! of `--steps` device-event-timed calls on device-resident data after warm-up), and reports ms per call,
 //! images/s and achieved GFLOP/s (FLOPs as PyTorch counts them: matrix products only).
+//! `--precision tf32|bf16|fp16` runs the convolutions on tensor cores (GPU only).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use invdiff::cuda::Precision;
 use invdiff::engine::{DeviceChoice, Engine};
 use invdiff::{Error, Result, Tensor};
 
@@ -33,9 +35,10 @@ pub struct Args {
     /// What to time.
     #[arg(long, value_enum, default_value_t = What::Both)]
     what: What,
-    /// Arithmetic precision.
-    #[arg(long, default_value = "fp32")]
-    precision: String,
+    /// Precision of the convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU only;
+    /// accumulation and everything else stay fp32).
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    precision: Precision,
     /// Also write the figures as one JSON object to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -46,6 +49,10 @@ enum What {
     Forward,
     Dps,
     Both,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
 /// Parses `HxW` or `S`.
@@ -91,12 +98,6 @@ fn peak_rss() -> Option<u64> {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    if a.precision != "fp32" {
-        return Err(Error::input(format!(
-            "--precision {}: only fp32 is implemented in this version",
-            a.precision
-        )));
-    }
     if a.batch == 0 || a.steps == 0 {
         return Err(Error::input("--batch and --steps must be at least 1"));
     }
@@ -107,7 +108,11 @@ pub fn run(a: Args) -> Result<()> {
         None => cfg.sample_size,
     };
     cfg.check_input_size(h, w)?;
-    let mut engine: Engine = super::engine(&mut model, a.device)?;
+    let mut engine = Engine::with_precision(&model, a.device, a.precision)?;
+    model.weights = Default::default();
+    if let Some(n) = engine.notice() {
+        eprintln!("invdiff: {n}");
+    }
     let n = a.batch;
     let shape = [n, cfg.in_channels, h, w];
     let count: usize = shape.iter().product();
@@ -121,14 +126,15 @@ pub fn run(a: Args) -> Result<()> {
 
     let g = &model.graph;
     println!(
-        "invdiff bench: {} | {h}x{w}, batch {n}, {}, fp32",
+        "invdiff bench: {} | {h}x{w}, batch {n}, {}, {}",
         model.source,
-        engine.device_name()
+        engine.device_name(),
+        engine.precision()
     );
     let mut json = serde_json::json!({
         "model": model.source,
         "device": engine.device_name(),
-        "precision": a.precision,
+        "precision": a.precision.name(),
         "batch": n,
         "height": h,
         "width": w,

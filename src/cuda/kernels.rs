@@ -9,6 +9,7 @@
 //!
 //! Launch shapes (threads per block, blocks):
 //! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
+//!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor;
 //! - `conv_narrow`, `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element),
@@ -25,6 +26,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins, DeviceInfo};
+use super::precision::Precision;
 use crate::model::graph::Pad;
 use crate::{Error, Result};
 
@@ -298,6 +300,10 @@ pub(crate) enum ConvKernel {
     Any,
     /// A warp per output pixel, for ncols <= 8.
     Narrow,
+    /// Tensor cores (kernels/conv_tc.cu) in tf32, bf16 or fp16 (never fp32); needs sc % 8 == 0,
+    /// ncols % 8 == 0 and aligned pointers. Reads the weights in that precision's layout (see
+    /// `DevWeights::conv_ptr`).
+    Tensor(Precision),
 }
 
 /// How one implicit-GEMM launch is split (decided when the program is built, because the
@@ -312,6 +318,15 @@ pub(crate) struct ConvLaunch {
 /// Block tile of the GEMM kernels, and the K slice.
 const TILE: usize = 128;
 const BK: usize = 8;
+
+/// K slice of the tensor-core kernel: 64 bytes of a row.
+fn tc_slice(p: Precision) -> usize {
+    if p == Precision::Tf32 {
+        16
+    } else {
+        32
+    }
+}
 
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
 ///
@@ -332,8 +347,23 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
     } else {
         ConvKernel::Any
     };
+    split_k(s, kernel, BK, sms)
+}
+
+/// [`plan_conv`] at `precision`: the tensor-core kernel wherever its preconditions hold (the
+/// same split-K rule over its longer K slices), the fp32 kernels elsewhere and for fp32.
+pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> ConvLaunch {
+    if precision == Precision::Fp32 || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
+        return plan_conv(s, sms);
+    }
+    split_k(s, ConvKernel::Tensor(precision), tc_slice(precision), sms)
+}
+
+/// The split of K for `kernel` with K slices of `bk`.
+fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
+    let k = s.k();
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
-    let ktiles = k.div_ceil(BK).max(1);
+    let ktiles = k.div_ceil(bk).max(1);
     let slots = 2 * sms.max(1);
     let max_splits = (ktiles / 8).clamp(1, 64);
     let mut best = (1usize, f64::INFINITY);
@@ -344,7 +374,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             best = (splits, cost);
         }
     }
-    let per = ktiles.div_ceil(best.0) * BK;
+    let per = ktiles.div_ceil(best.0) * bk;
     ConvLaunch {
         kernel,
         splits: k.div_ceil(per).max(1),
@@ -421,6 +451,10 @@ pub(crate) struct Kernels {
     conv_splitk_reduce: CudaFunction,
     conv_narrow: CudaFunction,
     conv_weight_transpose: CudaFunction,
+    conv_tc_tf32: CudaFunction,
+    conv_tc_bf16: CudaFunction,
+    conv_tc_fp16: CudaFunction,
+    tc_convert: CudaFunction,
     gemm_batched: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
@@ -489,6 +523,10 @@ impl Kernels {
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
             conv_narrow: get("conv", "conv_narrow")?,
             conv_weight_transpose: get("conv", "conv_weight_transpose")?,
+            conv_tc_tf32: get("conv_tc", "conv_tc_tf32")?,
+            conv_tc_bf16: get("conv_tc", "conv_tc_bf16")?,
+            conv_tc_fp16: get("conv_tc", "conv_tc_fp16")?,
+            tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
@@ -607,10 +645,34 @@ impl Kernels {
         let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
             .iter()
             .all(|&q| q % 16 == 0);
-        let f = if plan.kernel == ConvKernel::Vec && aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 {
-            &self.conv_gemm_vec
-        } else {
-            &self.conv_gemm_any
+        let f = match plan.kernel {
+            ConvKernel::Tensor(precision) => {
+                // No fallback here: the weights are already in this precision's layout.
+                if !aligned || s.sc % 8 != 0 || s.ncols % 8 != 0 {
+                    return Err(Error::Cuda(format!(
+                        "internal: tensor-core convolution {}->{} with unaligned buffers or \
+                         channels not multiples of 8",
+                        s.sc, s.ncols
+                    )));
+                }
+                if plan.k_per_split % tc_slice(precision) != 0 {
+                    return Err(Error::Cuda(
+                        "internal: split-K not a multiple of the tensor-core K slice".into(),
+                    ));
+                }
+                match precision {
+                    Precision::Tf32 => &self.conv_tc_tf32,
+                    Precision::Bf16 => &self.conv_tc_bf16,
+                    Precision::Fp16 => &self.conv_tc_fp16,
+                    Precision::Fp32 => {
+                        return Err(Error::Cuda(
+                            "internal: tensor-core launch planned in fp32".into(),
+                        ))
+                    }
+                }
+            }
+            ConvKernel::Vec if aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 => &self.conv_gemm_vec,
+            _ => &self.conv_gemm_any,
         };
         let grid = (
             i32_of(rows.div_ceil(TILE), "row tiles")? as u32,
@@ -663,6 +725,37 @@ impl Kernels {
         cu(
             unsafe { b.launch(self.flat(taps * rows * cols)) }.map(drop),
             "launching conv_weight_transpose",
+        )
+    }
+
+    /// `dst` (16-bit elements, two per f32 slot) = `src` (`len` f32) rounded to nearest even
+    /// as bf16 or fp16.
+    pub fn convert_half(
+        &self,
+        st: &CudaStream,
+        src: DPtr,
+        dst: DPtr,
+        len: usize,
+        precision: Precision,
+    ) -> Result<()> {
+        need(src, "weights")?;
+        need(dst, "16-bit weights")?;
+        let kind: i32 = match precision {
+            Precision::Bf16 => 1,
+            Precision::Fp16 => 2,
+            other => {
+                return Err(Error::Cuda(format!(
+                    "internal: no 16-bit weight copy in {other}"
+                )))
+            }
+        };
+        let l = i64_of(len);
+        let mut b = st.launch_builder(&self.tc_convert);
+        b.arg(&src).arg(&dst).arg(&l).arg(&kind);
+        // SAFETY: src holds len floats, dst room for ⌈len / 2⌉ 32-bit words.
+        cu(
+            unsafe { b.launch(self.flat(len.div_ceil(2))) }.map(drop),
+            "launching tc_convert",
         )
     }
 
@@ -1403,6 +1496,31 @@ mod tests {
         assert_eq!(plan_conv(&narrow, 132).kernel, ConvKernel::Narrow);
         let first = ConvShape::forward(1, 256, 256, 3, 128, 3, 1, Pad::Symmetric);
         assert_eq!(plan_conv(&first, 132).kernel, ConvKernel::Any);
+    }
+
+    /// Tensor cores wherever channels allow, the fp32 kernels elsewhere and for fp32, and the
+    /// split of K in whole tensor-core slices.
+    #[test]
+    fn precision_picks_the_kernel() {
+        let big = ConvShape::forward(8, 256, 256, 128, 128, 3, 1, Pad::Symmetric);
+        for p in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
+            assert_eq!(plan_conv_at(&big, 132, p).kernel, ConvKernel::Tensor(p));
+            let small = ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric);
+            let l = plan_conv_at(&small, 132, p);
+            assert!(l.splits > 1 && l.k_per_split % tc_slice(p) == 0, "{l:?}");
+            assert!(l.splits * l.k_per_split >= small.k());
+            for s in [
+                ConvShape::forward(1, 256, 256, 3, 128, 3, 1, Pad::Symmetric),
+                ConvShape::forward(1, 256, 256, 128, 3, 3, 1, Pad::Symmetric),
+                ConvShape::forward(1, 16, 16, 20, 36, 3, 1, Pad::Symmetric),
+            ] {
+                assert_eq!(plan_conv_at(&s, 132, p), plan_conv(&s, 132));
+            }
+        }
+        assert_eq!(
+            plan_conv_at(&big, 132, Precision::Fp32),
+            plan_conv(&big, 132)
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The CUDA backend: the same graph as [`crate::cpu`], run by hand-written kernels
 //! (`kernels/*.cu`, compiled by `build.rs` into fatbins embedded in the binary) through cudarc.
 //!
-//! fp32 throughout; activations are channels-last like the CPU backend's. Modules:
+//! fp32 throughout, except the convolutions' products at a lower [`Precision`] when asked
+//! (tensor cores; accumulation stays fp32); activations are channels-last like the CPU
+//! backend's. Modules:
 //! - [`device`](self::probe): driver and GPU discovery that never panics, module loading;
 //! - `kernels`: typed launchers, one per kernel family, with their launch shapes;
 //! - `program`: the graph lowered to a list of launches at one shape (forward, and the
@@ -21,6 +23,7 @@ mod blur;
 mod device;
 mod kernels;
 mod plan;
+mod precision;
 mod program;
 mod sampler;
 mod sampler_kernels;
@@ -31,6 +34,7 @@ mod weights;
 
 pub use device::{compiled_targets, kernels_compiled, probe, DeviceInfo, Probe};
 pub use plan::{plan_stats, PlanStats};
+pub use precision::Precision;
 pub use selftest::{selftest, SelftestRow, TOLERANCE};
 pub use unet::CudaUnet;
 

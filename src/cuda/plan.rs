@@ -6,6 +6,7 @@
 //! own), the usual heuristic for offline interval packing; it lands close to the lower bound,
 //! the largest total of buffers alive at any one step, which [`PlanStats`] reports beside it.
 
+use super::precision::Precision;
 use super::program::Program;
 use crate::model::Graph;
 use crate::{Error, Result};
@@ -116,8 +117,9 @@ pub(crate) fn stats(p: &Program, pl: &Placement) -> PlanStats {
 }
 
 /// The memory plan of `graph` for a batch of `n` images of `h x w`, forward only or forward +
-/// vector-Jacobian product (`recording`), as the CUDA backend would lay it out on a GPU with
-/// `multiprocessors` SMs (132 on an H100 SXM; split-K workspaces depend on it). Needs no GPU.
+/// vector-Jacobian product (`recording`), as the CUDA backend would lay it out in fp32 on a GPU
+/// with `multiprocessors` SMs (132 on an H100 SXM; split-K workspaces depend on it). Needs no
+/// GPU.
 pub fn plan_stats(
     graph: &Graph,
     n: usize,
@@ -126,7 +128,7 @@ pub fn plan_stats(
     recording: bool,
     multiprocessors: usize,
 ) -> Result<PlanStats> {
-    let p = Program::build(graph, n, h, w, recording, multiprocessors)?;
+    let p = Program::build(graph, n, h, w, recording, multiprocessors, Precision::Fp32)?;
     let pl = place(
         &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
         &p.lifetimes(),
@@ -136,6 +138,7 @@ pub fn plan_stats(
 }
 
 /// Builds and places the program of one shape.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan(
     graph: &Graph,
     n: usize,
@@ -143,8 +146,9 @@ pub(crate) fn plan(
     w: usize,
     recording: bool,
     sms: usize,
+    precision: Precision,
 ) -> Result<(Program, Placement)> {
-    let p = Program::build(graph, n, h, w, recording, sms)?;
+    let p = Program::build(graph, n, h, w, recording, sms, precision)?;
     let pl = place(
         &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
         &p.lifetimes(),

@@ -9,7 +9,8 @@
 //! are not tracked here: each buffer lives from the first to the last step that names it, which
 //! [`Program::lifetimes`] reads off the list.
 
-use super::kernels::{plan_conv, plan_norm, ConvLaunch, ConvShape, NormSplit};
+use super::kernels::{plan_conv_at, plan_norm, ConvLaunch, ConvShape, NormSplit};
+use super::precision::Precision;
 use crate::model::graph::{Graph, Op, ParamKind, Space, Tid};
 use crate::{Error, Result};
 
@@ -335,6 +336,7 @@ struct Lowering<'g> {
     h: usize,
     w: usize,
     sms: usize,
+    precision: Precision,
     steps: Vec<Step>,
     bufs: Vec<BufDesc>,
     value: Vec<Option<Buf>>,
@@ -345,7 +347,8 @@ struct Lowering<'g> {
 
 impl Program {
     /// Lowers `g` for a batch of `n` images of `h x w`, the backward pass too when `record`.
-    /// `sms` (the device's multiprocessor count) steers split-K and GroupNorm chunking.
+    /// `sms` (the device's multiprocessor count) steers split-K and GroupNorm chunking;
+    /// `precision` picks the convolution kernels.
     pub fn build(
         g: &Graph,
         n: usize,
@@ -353,6 +356,7 @@ impl Program {
         w: usize,
         record: bool,
         sms: usize,
+        precision: Precision,
     ) -> Result<Program> {
         g.config.check_input_size(h, w)?;
         if n == 0 {
@@ -364,6 +368,7 @@ impl Program {
             h,
             w,
             sms,
+            precision,
             steps: Vec::new(),
             bufs: Vec::new(),
             value: vec![None; g.tensors.len()],
@@ -540,7 +545,7 @@ impl Lowering<'_> {
     }
 
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
-        let launch = plan_conv(&shape, self.sms);
+        let launch = plan_conv_at(&shape, self.sms, self.precision);
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {
@@ -1000,8 +1005,12 @@ mod tests {
     #[test]
     fn every_buffer_is_written_before_it_is_read() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        for record in [false, true] {
-            let p = Program::build(&g, 2, 64, 32, record, 132).unwrap();
+        for (record, precision) in [
+            (false, Precision::Fp32),
+            (true, Precision::Fp32),
+            (true, Precision::Bf16),
+        ] {
+            let p = Program::build(&g, 2, 64, 32, record, 132, precision).unwrap();
             let mut written = vec![false; p.bufs.len()];
             written[p.sample.0] = true;
             written[p.timesteps.0] = true;

@@ -2,13 +2,18 @@
 //! inputs of awkward shapes (odd sizes, batches of 1 and 3, both paddings, one and several
 //! heads, accumulating and overwriting), then the whole network against [`CpuUnet`] on small
 //! random-weight configurations at non-square sizes, then the device sampler (its kernels and
-//! whole loops, see `sampler_selftest`). Each row reports the relative L2 error and the GPU time
-//! of the launch(es).
+//! whole loops, see `sampler_selftest`). Last, the tensor-core precisions: their convolutions at
+//! the shapes that matter (tolerances per precision, [`tensor_core_tolerance`]) and whole
+//! networks, the celebahq architecture included, against the same fp32 CPU results. Each row
+//! reports the relative L2 error and the GPU time of the launch(es).
 
 use cudarc::driver::sys::CUevent_flags;
 
 use super::device::{cu, Gpu};
-use super::kernels::{plan_conv, plan_norm, ConvKernel, ConvPtrs, ConvShape, NormDims};
+use super::kernels::{
+    plan_conv, plan_conv_at, plan_norm, ConvKernel, ConvPtrs, ConvShape, NormDims,
+};
+use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
 use super::weights::{transpose, DevBuf, DevConv};
 use crate::config::{BlockKind, UNetConfig};
@@ -22,6 +27,23 @@ use crate::{Result, Tensor};
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
 pub const TOLERANCE: f64 = 1e-5;
+
+/// The tensor-core precisions the selftest checks.
+const TENSOR_CORE: [Precision; 3] = [Precision::Tf32, Precision::Bf16, Precision::Fp16];
+
+/// Largest relative L2 error of one convolution at `precision` against the fp32 CPU result:
+/// a few times the operands' rounding (tf32 and fp16 keep 10 mantissa bits, bf16 7).
+pub fn tensor_core_tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::Fp32 => TOLERANCE,
+        Precision::Tf32 => 2e-3,
+        Precision::Bf16 => 1e-2,
+        Precision::Fp16 => 5e-3,
+    }
+}
+
+/// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
+const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
 
 /// One check: an op at one shape.
 #[derive(Clone, Debug)]
@@ -62,6 +84,8 @@ pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
     t.data_movement()?;
     t.unets(ordinal)?;
     t.rows.extend(super::sampler_selftest::run(&gpu, ordinal)?);
+    t.tensor_core_convolutions()?;
+    t.tensor_core_unets(ordinal)?;
     Ok(t.rows)
 }
 
@@ -69,6 +93,19 @@ struct Tester<'g> {
     gpu: &'g Gpu,
     rows: Vec<SelftestRow>,
     seed: u64,
+}
+
+/// The inputs and CPU results of one convolution check.
+struct ConvData<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    b: &'a [f32],
+    temb: Option<&'a [f32]>,
+    res: Option<&'a [f32]>,
+    want: &'a [f32],
+    dy: &'a [f32],
+    dx0: &'a [f32],
+    want_dx: &'a [f32],
 }
 
 /// A convolution check.
@@ -167,6 +204,18 @@ impl Tester<'_> {
     }
 
     fn row(&mut self, op: String, shape: String, got: &[f32], want: &[f32], gpu_ms: f64) {
+        self.row_within(op, shape, got, want, gpu_ms, TOLERANCE);
+    }
+
+    fn row_within(
+        &mut self,
+        op: String,
+        shape: String,
+        got: &[f32],
+        want: &[f32],
+        gpu_ms: f64,
+        tolerance: f64,
+    ) {
         let rel = if got.len() == want.len() {
             rel_l2(got, want)
         } else {
@@ -177,7 +226,7 @@ impl Tester<'_> {
             shape,
             rel_l2: rel,
             gpu_ms,
-            tolerance: TOLERANCE,
+            tolerance,
         });
     }
 
@@ -225,13 +274,52 @@ impl Tester<'_> {
             },
         ];
         for c in cases.drain(..) {
-            self.conv_case(c)?;
+            self.conv_case(c, &[Precision::Fp32])?;
         }
         Ok(())
     }
 
-    fn conv_case(&mut self, c: ConvCase) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
+    /// Every tensor-core precision at celebahq's shapes (the largest and the smallest level,
+    /// split-K, both stride-2 paddings, 1x1) and at odd sizes, epilogue and accumulation
+    /// included; channels not multiples of 8 take the fp32 path (the row's path says so).
+    fn tensor_core_convolutions(&mut self) -> Result<()> {
+        use Pad::*;
+        let cases = vec![
+            ConvCase {
+                temb: true,
+                ..cc(1, 256, 256, 128, 128, 3, 1, Symmetric)
+            },
+            ConvCase {
+                accumulate: true,
+                ..cc(1, 8, 8, 512, 512, 3, 1, Symmetric)
+            },
+            ConvCase {
+                accumulate: true,
+                ..cc(2, 32, 32, 64, 64, 3, 2, Symmetric)
+            },
+            cc(2, 10, 6, 32, 16, 3, 2, RightBottom),
+            ConvCase {
+                res: true,
+                accumulate: true,
+                ..cc(3, 5, 7, 24, 40, 1, 1, Symmetric)
+            },
+            ConvCase {
+                temb: true,
+                res: true,
+                out_div: 2.0,
+                ..cc(1, 7, 5, 16, 24, 3, 1, Symmetric)
+            },
+            cc(3, 9, 6, 3, 20, 3, 1, Symmetric),
+        ];
+        for c in cases {
+            self.conv_case(c, &TENSOR_CORE)?;
+        }
+        Ok(())
+    }
+
+    /// Checks one convolution, forward and input gradient, at each of `precisions` against
+    /// the same CPU results.
+    fn conv_case(&mut self, c: ConvCase, precisions: &[Precision]) -> Result<()> {
         let ConvCase {
             n,
             h,
@@ -278,18 +366,80 @@ impl Tester<'_> {
             out_div,
             &mut want,
         );
+        let dy = self.rand(want.len(), -1.0, 1.0);
+        let dx0 = if accumulate {
+            self.rand(x.len(), -1.0, 1.0)
+        } else {
+            vec![0.0; x.len()]
+        };
+        let mut want_dx = dx0.clone();
+        conv::backward_input(&cpu, &dy, geo, &mut want_dx, accumulate);
+        for &precision in precisions {
+            self.conv_on_gpu(
+                &c,
+                precision,
+                ConvData {
+                    x: &x,
+                    w: &wt,
+                    b: &b,
+                    temb: temb.as_deref(),
+                    res: res.as_deref(),
+                    want: &want,
+                    dy: &dy,
+                    dx0: &dx0,
+                    want_dx: &want_dx,
+                },
+            )?;
+        }
+        Ok(())
+    }
 
-        let mut dev = DevConv::upload(gpu, &wt, &b, cout, cin, k)?;
-        let xd = self.up(&x)?;
-        let td = temb.as_deref().map(|t| self.up(t)).transpose()?;
-        let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
+    /// The GPU half of [`conv_case`](Self::conv_case) at one precision.
+    fn conv_on_gpu(&mut self, c: &ConvCase, precision: Precision, d: ConvData) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let &ConvCase {
+            n,
+            h,
+            w,
+            cin,
+            cout,
+            k,
+            stride,
+            pad,
+            out_div,
+            accumulate,
+            ..
+        } = c;
+        let ConvData {
+            x,
+            w: wt,
+            b,
+            temb,
+            res,
+            want,
+            dy,
+            dx0,
+            want_dx,
+        } = d;
+        let tolerance = tensor_core_tolerance(precision);
+        let named = |op: String| {
+            if precision == Precision::Fp32 {
+                op
+            } else {
+                format!("{precision} {op}")
+            }
+        };
+        let mut dev = DevConv::upload(gpu, wt, b, cout, cin, k, precision)?;
+        let xd = self.up(x)?;
+        let td = temb.map(|t| self.up(t)).transpose()?;
+        let rd = res.map(|r| self.up(r)).transpose()?;
         let yd = self.zeros(want.len())?;
         let shape = ConvShape::forward(n, h, w, cin, cout, k, stride, pad);
-        let plan = plan_conv(&shape, gpu.sms());
+        let plan = plan_conv_at(&shape, gpu.sms(), precision);
         let ws = self.zeros(plan.workspace_len(&shape))?;
         let ptrs = ConvPtrs {
             x: xd.ptr,
-            w: dev.forward.ptr,
+            w: dev.weights_for(plan.kernel, false)?,
             y: yd.ptr,
             bias: dev.bias.ptr,
             temb: td.as_ref().map_or(0, |d| d.ptr),
@@ -307,32 +457,27 @@ impl Tester<'_> {
             .filter(|(on, _)| *on)
             .map(|(_, s)| *s)
             .collect::<String>();
-        self.row(
-            format!(
+        self.row_within(
+            named(format!(
                 "conv{k}x{k} s{stride} forward{epi} [{}]",
                 path(plan.kernel, plan.splits)
-            ),
+            )),
             desc.clone(),
             &got,
-            &want,
+            want,
             ms,
+            tolerance,
         );
 
-        let dy = self.rand(want.len(), -1.0, 1.0);
-        let dx0 = if accumulate {
-            self.rand(x.len(), -1.0, 1.0)
-        } else {
-            vec![0.0; x.len()]
-        };
-        let mut want_dx = dx0.clone();
-        conv::backward_input(&cpu, &dy, geo, &mut want_dx, accumulate);
         dev.ensure_backward(gpu)?;
-        let bwd = dev.backward.as_ref().expect("built above").ptr;
-        let dyd = self.up(&dy)?;
-        let mut dxd = self.up(&dx0)?;
+        let dyd = self.up(dy)?;
+        let mut dxd = self.up(dx0)?;
         let dx_ptr = dxd.ptr;
         let shapes = ConvShape::backward(n, h, w, cin, cout, k, stride, pad);
-        let plans: Vec<_> = shapes.iter().map(|s| plan_conv(s, gpu.sms())).collect();
+        let plans: Vec<_> = shapes
+            .iter()
+            .map(|s| plan_conv_at(s, gpu.sms(), precision))
+            .collect();
         let ws_len = shapes
             .iter()
             .zip(&plans)
@@ -341,12 +486,12 @@ impl Tester<'_> {
             .unwrap_or(0);
         let ws = self.zeros(ws_len)?;
         let ms = self.timed(
-            || dxd.write(st, &dx0),
+            || dxd.write(st, dx0),
             || {
                 for (s, p) in shapes.iter().zip(&plans) {
                     let ptrs = ConvPtrs {
                         x: dyd.ptr,
-                        w: bwd,
+                        w: dev.weights_for(p.kernel, true)?,
                         y: dx_ptr,
                         ws: ws.ptr,
                         ..ConvPtrs::default()
@@ -358,16 +503,17 @@ impl Tester<'_> {
         )?;
         let got = dxd.download(st)?;
         let paths: Vec<String> = plans.iter().map(|p| path(p.kernel, p.splits)).collect();
-        self.row(
-            format!(
+        self.row_within(
+            named(format!(
                 "conv{k}x{k} s{stride} input-grad{} [{}]",
                 acc_name(accumulate),
                 paths.join(", ")
-            ),
+            )),
             desc,
             &got,
-            &want_dx,
+            want_dx,
             ms,
+            tolerance,
         );
         Ok(())
     }
@@ -946,6 +1092,73 @@ impl Tester<'_> {
     }
 }
 
+impl Tester<'_> {
+    /// The small networks and the celebahq architecture (random weights, 64x64, where every
+    /// level down to 2x2 and both attention blocks run) at each tensor-core precision, eps and
+    /// input gradient against the fp32 CPU results.
+    fn tensor_core_unets(&mut self, ordinal: usize) -> Result<()> {
+        for (name, model, n, h, w, t) in [
+            ("unet A", tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
+            (
+                "unet B",
+                tiny_model(true),
+                3,
+                20,
+                12,
+                vec![0.0, 500.0, 999.0],
+            ),
+            (
+                "celebahq",
+                Model::builtin_celebahq(11),
+                2,
+                64,
+                64,
+                vec![10.0, 900.0],
+            ),
+        ] {
+            let cfg = model.config().clone();
+            let desc = format!("n{n} {h}x{w} {:?}", cfg.block_out_channels);
+            let sample = Tensor::new(
+                vec![n, cfg.in_channels, h, w],
+                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
+            )?;
+            let cot = Tensor::new(
+                vec![n, cfg.out_channels, h, w],
+                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
+            )?;
+            let cpu = CpuUnet::new(&model);
+            let (want, tape) = cpu.forward_recording(&sample, &t)?;
+            let want_grad = cpu.vjp(tape, &cot)?;
+            let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
+            for precision in TENSOR_CORE {
+                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                let got = gpu.forward(&sample, &t)?;
+                let ms = gpu.time_forward(n, h, w, 5)?;
+                self.row_within(
+                    format!("{name} {precision} forward"),
+                    desc.clone(),
+                    got.data(),
+                    want.data(),
+                    ms,
+                    eps_tol,
+                );
+                gpu.forward_recording(&sample, &t)?;
+                let grad = gpu.vjp(&cot)?;
+                let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                self.row_within(
+                    format!("{name} {precision} forward + vjp"),
+                    desc.clone(),
+                    grad.data(),
+                    want_grad.data(),
+                    ms,
+                    grad_tol,
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Small networks that still take every path: attention (one head, then several), both
 /// paddings, a centred input, a mid-block scale factor, 4 input channels.
 pub(super) fn tiny_model(variant_b: bool) -> Model {
@@ -988,6 +1201,7 @@ fn path(k: ConvKernel, splits: usize) -> String {
         ConvKernel::Vec => "vec",
         ConvKernel::Any => "any",
         ConvKernel::Narrow => "narrow",
+        ConvKernel::Tensor(_) => "tc",
     };
     if splits > 1 {
         format!("{name}, {splits} splits")

@@ -20,6 +20,7 @@ use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream, DevicePtr, DeviceP
 use super::device::{cu, Gpu};
 use super::kernels::{at, ConvPtrs, DPtr, Gemm, Kernels, NormDims};
 use super::plan::{self, Placement, PlanStats};
+use super::precision::Precision;
 use super::program::{Buf, Program, Step};
 use super::weights::{DevBuf, DevWeights};
 use crate::model::{Graph, Model};
@@ -60,10 +61,11 @@ impl ShapePlan {
     }
 }
 
-/// A UNet2DModel on a CUDA GPU, fp32.
+/// A UNet2DModel on a CUDA GPU: fp32, or the convolutions' products at a lower [`Precision`].
 pub struct CudaUnet {
     gpu: Gpu,
     graph: Graph,
+    precision: Precision,
     weights: DevWeights,
     plans: HashMap<Key, ShapePlan>,
     /// Shape of the recorded forward pass whose tape the arena holds, if any.
@@ -82,15 +84,23 @@ const _: fn() = || {
 };
 
 impl CudaUnet {
-    /// Uploads `model` to GPU `ordinal`. Fails with [`Error::Cuda`] when there is no driver or no
-    /// such device, when this build has no kernels, or when they were not built for the device.
+    /// Uploads `model` to GPU `ordinal`, fp32. Fails with [`Error::Cuda`] when there is no
+    /// driver or no such device, when this build has no kernels, or when they were not built for
+    /// the device.
     pub fn new(model: &Model, ordinal: usize) -> Result<Self> {
+        Self::with_precision(model, ordinal, Precision::Fp32)
+    }
+
+    /// Like [`new`](Self::new), with the convolutions at `precision` (bf16 and fp16 convert
+    /// the weights once, here).
+    pub fn with_precision(model: &Model, ordinal: usize, precision: Precision) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
-        let weights = DevWeights::upload(&gpu, &model.graph, &model.weights)?;
+        let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = std::env::var("INVDIFF_NO_CUDA_GRAPH").map_or(true, |v| v != "1");
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
+            precision,
             weights,
             plans: HashMap::new(),
             tape: None,
@@ -123,6 +133,11 @@ impl CudaUnet {
         &self.graph
     }
 
+    /// The precision of the convolutions.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn device_name(&self) -> &str {
         &self.gpu.info.name
@@ -148,7 +163,15 @@ impl CudaUnet {
     /// The memory plan at a batch of `n` images of `h x w`, forward only or with the
     /// vector-Jacobian product (`recording`); allocates nothing.
     pub fn plan_stats(&self, n: usize, h: usize, w: usize, recording: bool) -> Result<PlanStats> {
-        let (p, pl) = plan::plan(&self.graph, n, h, w, recording, self.gpu.sms())?;
+        let (p, pl) = plan::plan(
+            &self.graph,
+            n,
+            h,
+            w,
+            recording,
+            self.gpu.sms(),
+            self.precision,
+        )?;
         Ok(plan::stats(&p, &pl))
     }
 
@@ -437,11 +460,21 @@ impl CudaUnet {
         if key.record {
             self.weights.ensure_backward(&self.gpu)?;
         }
-        let (program, placement) =
-            plan::plan(&self.graph, key.n, key.h, key.w, key.record, self.gpu.sms())?;
+        let (program, placement) = plan::plan(
+            &self.graph,
+            key.n,
+            key.h,
+            key.w,
+            key.record,
+            self.gpu.sms(),
+            self.precision,
+        )?;
         for s in &program.steps {
             for w in s.weights() {
                 self.weights.ptr(w)?;
+            }
+            if let Step::Conv(c) = s {
+                self.weights.conv_ptr(c.w, c.launch.kernel)?;
             }
         }
         let arena = DevBuf::zeros(&self.gpu.stream, placement.len)?;
@@ -683,7 +716,7 @@ fn launch(
         Step::Conv(ref c) => {
             let ptrs = ConvPtrs {
                 x: p(c.x),
-                w: wts.ptr(c.w)?,
+                w: wts.conv_ptr(c.w, c.launch.kernel)?,
                 y: p(c.y),
                 bias: c.bias.map(|b| wts.ptr(b)).transpose()?.unwrap_or(0),
                 temb: opt(c.temb),

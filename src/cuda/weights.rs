@@ -5,11 +5,17 @@
 //! a recording pass is planned (inference never pays for it). Linear layers: PyTorch's
 //! `[out, inp]` (input gradient, and the few-row kernel) and its transpose `[inp, out]` (the
 //! forward product over tokens); q, k and v are fused into one `[3 inner, c]` matrix.
+//!
+//! In bf16 or fp16 every array a tensor-core convolution reads (both convolution layouts and
+//! both linear layouts) also gets a 16-bit copy, rounded on the device from the fp32 one when
+//! that is made; the fp32 arrays stay for the convolutions that fall back to fp32 and for the
+//! few-row linear kernel. tf32 rounds the fp32 weights as it loads them.
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::device::{cu, Gpu};
-use super::kernels::DPtr;
+use super::kernels::{ConvKernel, DPtr};
+use super::precision::Precision;
 use super::program::{WKind, W};
 use crate::model::graph::{Graph, ParamKind};
 use crate::model::Weights;
@@ -63,6 +69,22 @@ impl DevBuf {
     pub fn len(&self) -> usize {
         self.slice.len()
     }
+
+    /// A bf16 or fp16 copy of this array's first `len` values, packed two per f32 slot.
+    pub fn to_half(&self, gpu: &Gpu, len: usize, precision: Precision) -> Result<DevBuf> {
+        let h = DevBuf::zeros(&gpu.stream, len.div_ceil(2))?;
+        gpu.kernels
+            .convert_half(&gpu.stream, self.ptr, h.ptr, len, precision)?;
+        Ok(h)
+    }
+}
+
+/// The 16-bit copy of `buf` at `precision`, if it takes one.
+fn half_of(gpu: &Gpu, buf: &DevBuf, precision: Precision) -> Result<Option<DevBuf>> {
+    precision
+        .is_half()
+        .then(|| buf.to_half(gpu, buf.len(), precision))
+        .transpose()
 }
 
 /// `[cout, cin, k, k]` (PyTorch) to `[(tap, ci), co]`.
@@ -90,18 +112,23 @@ pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// The forward layout of a convolution and, once needed, the input-gradient layout.
+/// The forward layout of a convolution and, once needed, the input-gradient layout, each with
+/// its 16-bit copy in bf16 or fp16.
 pub(crate) struct DevConv {
     pub forward: DevBuf,
     pub backward: Option<DevBuf>,
+    pub forward_half: Option<DevBuf>,
+    pub backward_half: Option<DevBuf>,
     pub bias: DevBuf,
     pub cin: usize,
     pub cout: usize,
     pub taps: usize,
+    pub precision: Precision,
 }
 
 impl DevConv {
-    /// Uploads a PyTorch-layout `[cout, cin, k, k]` weight and its bias.
+    /// Uploads a PyTorch-layout `[cout, cin, k, k]` weight and its bias, for convolutions at
+    /// `precision`.
     pub fn upload(
         gpu: &Gpu,
         weight: &[f32],
@@ -109,14 +136,42 @@ impl DevConv {
         cout: usize,
         cin: usize,
         k: usize,
+        precision: Precision,
     ) -> Result<DevConv> {
+        let forward = DevBuf::upload(&gpu.stream, &conv_forward_layout(weight, cout, cin, k))?;
         Ok(DevConv {
-            forward: DevBuf::upload(&gpu.stream, &conv_forward_layout(weight, cout, cin, k))?,
+            forward_half: half_of(gpu, &forward, precision)?,
+            forward,
             backward: None,
+            backward_half: None,
             bias: DevBuf::upload(&gpu.stream, bias)?,
             cin,
             cout,
             taps: k * k,
+            precision,
+        })
+    }
+
+    /// The forward (or input-gradient, `backward`) weights as `kernel` reads them: the 16-bit
+    /// copy for a bf16 or fp16 tensor-core launch, the fp32 array otherwise.
+    pub fn weights_for(&self, kernel: ConvKernel, backward: bool) -> Result<DPtr> {
+        let (f32s, halves) = if backward {
+            (self.backward.as_ref(), self.backward_half.as_ref())
+        } else {
+            (Some(&self.forward), self.forward_half.as_ref())
+        };
+        let buf = match kernel {
+            ConvKernel::Tensor(p) if p.is_half() => halves.filter(|_| p == self.precision),
+            _ => f32s,
+        };
+        buf.map(|b| b.ptr).ok_or_else(|| {
+            Error::Cuda(format!(
+                "internal: a {}x{} convolution has no {} weights for {kernel:?}{}",
+                self.cin,
+                self.cout,
+                self.precision,
+                if backward { " (input gradient)" } else { "" }
+            ))
         })
     }
 
@@ -132,6 +187,7 @@ impl DevConv {
                 self.cin,
                 self.cout,
             )?;
+            self.backward_half = half_of(gpu, &b, self.precision)?;
             self.backward = Some(b);
         }
         Ok(())
@@ -140,30 +196,53 @@ impl DevConv {
 
 enum DevParam {
     Conv(DevConv),
-    Linear { w: DevBuf, wt: DevBuf, bias: DevBuf },
-    Norm { gamma: DevBuf, beta: DevBuf },
+    Linear {
+        w: DevBuf,
+        wt: DevBuf,
+        bias: DevBuf,
+        w_half: Option<DevBuf>,
+        wt_half: Option<DevBuf>,
+    },
+    Norm {
+        gamma: DevBuf,
+        beta: DevBuf,
+    },
 }
 
 /// Every parameter group of a graph on the device, indexed like `Graph::params`.
 pub(crate) struct DevWeights {
     params: Vec<DevParam>,
+    precision: Precision,
 }
 
 impl DevWeights {
-    /// Uploads `weights` (already checked against `graph`).
-    pub fn upload(gpu: &Gpu, graph: &Graph, weights: &Weights) -> Result<DevWeights> {
+    /// Uploads `weights` (already checked against `graph`) for convolutions at `precision`.
+    pub fn upload(
+        gpu: &Gpu,
+        graph: &Graph,
+        weights: &Weights,
+        precision: Precision,
+    ) -> Result<DevWeights> {
         let mut params = Vec::with_capacity(graph.params.len());
         for p in &graph.params {
             let t = |suffix: &str| weights.get(&format!("{}.{suffix}", p.name)).data();
             params.push(match p.kind {
-                ParamKind::Conv { cout, cin, k } => {
-                    DevParam::Conv(DevConv::upload(gpu, t("weight"), t("bias"), cout, cin, k)?)
+                ParamKind::Conv { cout, cin, k } => DevParam::Conv(DevConv::upload(
+                    gpu,
+                    t("weight"),
+                    t("bias"),
+                    cout,
+                    cin,
+                    k,
+                    precision,
+                )?),
+                ParamKind::Linear { out, inp } => {
+                    linear(gpu, t("weight"), t("bias"), out, inp, precision)?
                 }
-                ParamKind::Linear { out, inp } => linear(gpu, t("weight"), t("bias"), out, inp)?,
                 ParamKind::Qkv { inner, c } => {
                     let w = [t("to_q.weight"), t("to_k.weight"), t("to_v.weight")].concat();
                     let b = [t("to_q.bias"), t("to_k.bias"), t("to_v.bias")].concat();
-                    linear(gpu, &w, &b, 3 * inner, c)?
+                    linear(gpu, &w, &b, 3 * inner, c, precision)?
                 }
                 ParamKind::Norm { .. } => DevParam::Norm {
                     gamma: DevBuf::upload(&gpu.stream, t("weight"))?,
@@ -171,7 +250,7 @@ impl DevWeights {
                 },
             });
         }
-        Ok(DevWeights { params })
+        Ok(DevWeights { params, precision })
     }
 
     /// Builds every convolution's input-gradient layout (once).
@@ -207,16 +286,54 @@ impl DevWeights {
         Ok(buf.ptr)
     }
 
+    /// The address of array `w` as the convolution kernel `kernel` reads it: the 16-bit copy
+    /// for a bf16 or fp16 tensor-core launch, the fp32 array otherwise.
+    pub fn conv_ptr(&self, w: W, kernel: ConvKernel) -> Result<DPtr> {
+        let precision = match kernel {
+            ConvKernel::Tensor(p) if p.is_half() => p,
+            _ => return self.ptr(w),
+        };
+        let missing = || {
+            Error::Cuda(format!(
+                "internal: parameter group {} has no {precision} copy of its {:?} array",
+                w.pid, w.kind
+            ))
+        };
+        let p = self.params.get(w.pid).ok_or_else(missing)?;
+        let buf = match (p, w.kind) {
+            (DevParam::Conv(c), WKind::ConvForward) => return c.weights_for(kernel, false),
+            (DevParam::Conv(c), WKind::ConvBackward) => return c.weights_for(kernel, true),
+            (DevParam::Linear { w_half, .. }, WKind::Linear) => w_half.as_ref(),
+            (DevParam::Linear { wt_half, .. }, WKind::LinearT) => wt_half.as_ref(),
+            _ => None,
+        };
+        if precision != self.precision {
+            return Err(missing());
+        }
+        Ok(buf.ok_or_else(missing)?.ptr)
+    }
+
     /// Device bytes the parameters take, in every layout uploaded so far.
     pub fn bytes(&self) -> usize {
+        let len = |b: &Option<DevBuf>| b.as_ref().map_or(0, DevBuf::len);
         let n: usize = self
             .params
             .iter()
             .map(|p| match p {
                 DevParam::Conv(c) => {
-                    c.forward.len() + c.backward.as_ref().map_or(0, DevBuf::len) + c.bias.len()
+                    c.forward.len()
+                        + len(&c.backward)
+                        + len(&c.forward_half)
+                        + len(&c.backward_half)
+                        + c.bias.len()
                 }
-                DevParam::Linear { w, wt, bias } => w.len() + wt.len() + bias.len(),
+                DevParam::Linear {
+                    w,
+                    wt,
+                    bias,
+                    w_half,
+                    wt_half,
+                } => w.len() + wt.len() + bias.len() + len(w_half) + len(wt_half),
                 DevParam::Norm { gamma, beta } => gamma.len() + beta.len(),
             })
             .sum();
@@ -224,10 +341,21 @@ impl DevWeights {
     }
 }
 
-fn linear(gpu: &Gpu, w: &[f32], b: &[f32], out: usize, inp: usize) -> Result<DevParam> {
+fn linear(
+    gpu: &Gpu,
+    w: &[f32],
+    b: &[f32],
+    out: usize,
+    inp: usize,
+    precision: Precision,
+) -> Result<DevParam> {
+    let wt = DevBuf::upload(&gpu.stream, &transpose(w, out, inp))?;
+    let w = DevBuf::upload(&gpu.stream, w)?;
     Ok(DevParam::Linear {
-        w: DevBuf::upload(&gpu.stream, w)?,
-        wt: DevBuf::upload(&gpu.stream, &transpose(w, out, inp))?,
+        w_half: half_of(gpu, &w, precision)?,
+        wt_half: half_of(gpu, &wt, precision)?,
+        w,
+        wt,
         bias: DevBuf::upload(&gpu.stream, b)?,
     })
 }

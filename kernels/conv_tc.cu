@@ -1,0 +1,435 @@
+// Convolutions on tensor cores (mma.sync): the implicit GEMM of conv.cu, with the products in
+// tf32, bf16 or fp16 and everything else (accumulation, epilogue, split-K partials, the
+// activations in memory) in fp32.
+//
+// The problem is conv.cu's ConvArgs, field for field (same rows, taps, parity classes, epilogue
+// and split-K workspace, so conv.cu's conv_splitk_reduce finishes split launches); only `w`
+// changes type: bf16/fp16 weights converted once at upload (tc_convert), in the same
+// [(tap, channel), column] layouts, or the fp32 weights themselves for tf32.
+//
+// Tiles. A 128x128 output tile per block of 256 threads (8 warps as 2 along M x 4 along N, each
+// warp 64x32 = 4 m16 x 4 n8 mma tiles, 64 fp32 accumulators per thread). The K slice per stage
+// is 64 bytes of a row: 32 bf16/fp16 (two m16n8k16 steps) or 16 tf32 (two m16n8k8 steps).
+//
+// Pipeline: two shared-memory stages. While the warps multiply stage t, the loads of slice t+1
+// are in flight: the weights (and, for tf32, the activations, which need no conversion) by
+// cp.async straight into the other stage; for bf16/fp16 the activations by 16-byte global loads
+// into registers, converted and stored into the other stage after the multiply, because the
+// fp32 -> half conversion needs the data in registers. One barrier per slice.
+//
+// Loaders: each thread moves two 16-byte chunks of A and two of B per slice. A chunk is
+// KC = 8 (half) or 4 (tf32) consecutive channels of one pixel and tap, so sc % 8 == 0 keeps it
+// inside one tap (the host checks it, and ncols % 8 == 0, and 16-byte aligned pointers); rows
+// outside the image, k past the split and columns past ncols are zero-filled.
+//
+// Shared memory (bytes): A stage [128 rows][64 + 16 pad], B stage [32 rows][256 + 16 pad]
+// (half) or [16 rows][512 + 32 pad] (tf32), 37.9 KB for both stages. The pads make every
+// ldmatrix phase (8 rows of 16 bytes) and every tf32 B read hit 32 distinct banks: A rows are
+// 20 words apart, half B rows 68 (4 mod 32: eight 4-bank rows), tf32 B rows 136 (8 mod 32: lane
+// (g, q) reads bank 8q + g).
+//
+// Fragments (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"; g = lane / 4, q = lane % 4):
+// - A, both types: ldmatrix.x4 of the 16x32-byte block at (m-tile rows, k-step); lanes 0-15 name
+//   rows 0-15 at byte 0, lanes 16-31 rows 0-15 at byte 16. Registers: rows g / g + 8, bytes 0-15
+//   / 16-31, which is a0..a3 of m16n8k16 (two halves per register) and of m16n8k8 tf32 (one
+//   fp32 per register: an 8x8 b16 matrix is an 8x4 fp32 one, lane -> (g, q)), then rounded by
+//   cvt.rna.tf32.
+// - B, half: ldmatrix.x4.trans over [k][n] rows; matrices (k 0-7, n 0-7), (k 8-15, n 0-7),
+//   (k 0-7, n 8-15), (k 8-15, n 8-15) give b0, b1 of two n8 tiles (k = 2q, 2q+1 (+8), n = g).
+// - B, tf32: ldmatrix cannot transpose 32-bit elements, so two scalar reads, (k = q, n = g) and
+//   (k = q + 4, n = g).
+// - C: c0, c1 at (row g, cols 2q, 2q+1), c2, c3 at row g + 8; the epilogue stores them as float2.
+#include "common.cuh"
+
+// conv.cu's ConvArgs, which the host fills for both kernels (src/cuda/kernels.rs).
+struct ConvArgs {
+    const float* x;
+    const void* w;
+    float* y;
+    const float* bias;
+    const float* temb;
+    const float* res;
+    float* ws;
+    int n, mh, mw;
+    int sh, sw, sc;
+    int ncols;
+    int taps, in_stride;
+    int yh, yw, out_stride, out_oy, out_ox;
+    int k_per_split;  // multiple of the K slice
+    int accumulate;
+    float out_div;
+    int tap_dy[9];
+    int tap_dx[9];
+    int tap_w[9];
+};
+static_assert(sizeof(ConvArgs) == 232, "ConvArgs must match src/cuda/kernels.rs");
+
+enum TcType { TF32 = 0, BF16 = 1, FP16 = 2 };
+
+constexpr int TBM = 128;
+constexpr int TBN = 128;
+constexpr int THREADS = 256;
+constexpr int A_PITCH = 64 + 16;
+constexpr int A_STAGE = TBM * A_PITCH;
+constexpr int B_STAGE = 32 * (256 + 16);
+constexpr int STAGE = A_STAGE + B_STAGE;
+
+template <int T> struct Tc {
+    static constexpr int ESZ = T == TF32 ? 4 : 2;  // bytes per element in shared memory
+    static constexpr int BK = 64 / ESZ;             // K slice
+    static constexpr int KC = 16 / ESZ;             // elements per 16-byte chunk
+    static constexpr int BPITCH = T == TF32 ? 512 + 32 : 256 + 16;  // bytes per B row
+    static constexpr int B_CPR = TBN / KC;          // chunks per B row
+};
+static_assert(Tc<TF32>::BK * Tc<TF32>::BPITCH <= B_STAGE, "tf32 B stage fits");
+static_assert(Tc<BF16>::BK * Tc<BF16>::BPITCH <= B_STAGE, "half B stage fits");
+
+struct RowCoord {
+    int img, my, mx;
+};
+
+DEVI RowCoord decode_row(const ConvArgs& a, int m) {
+    const int per = a.mh * a.mw;
+    RowCoord r;
+    r.img = m / per;
+    const int rem = m - r.img * per;
+    r.my = rem / a.mw;
+    r.mx = rem - r.my * a.mw;
+    return r;
+}
+
+DEVI long long out_pixel(const ConvArgs& a, RowCoord r) {
+    return ((long long)r.img * a.yh + (long long)r.my * a.out_stride + a.out_oy) * a.yw +
+           (long long)r.mx * a.out_stride + a.out_ox;
+}
+
+// conv.cu's epilogue, in the CPU's order.
+DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
+    float v = acc;
+    if (a.bias != nullptr || a.temb != nullptr || a.res != nullptr) {
+        float e = a.bias != nullptr ? a.bias[col] : 0.0f;
+        if (a.temb != nullptr) e += a.temb[(long long)img * a.ncols + col];
+        if (a.res != nullptr) e += a.res[pix * a.ncols + col];
+        v = e + acc;
+    }
+    v = v / a.out_div;
+    if (a.accumulate) v += a.y[pix * a.ncols + col];
+    return v;
+}
+
+DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, or 16 zero bytes when !ok (src-size 0 reads nothing).
+DEVI void cp_async16(uint32_t dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Two fp32 to one register of two halves, the first in the low half (the lower address).
+template <int T> DEVI uint32_t pack2(float lo, float hi) {
+    uint32_t r;
+    if constexpr (T == BF16)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+DEVI uint32_t to_tf32(uint32_t bits) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(bits)));
+    return r;
+}
+
+DEVI void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
+}
+
+DEVI void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+DEVI void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// Not volatile: a pure function of its operands, which leaves the compiler free to interleave
+// the products with the fragment loads.
+template <int T> DEVI void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (T == TF32) {
+        asm(
+            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else if constexpr (T == BF16) {
+        asm(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+            "{%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+template <int T> DEVI void tc_body(const ConvArgs& a) {
+    using C = Tc<T>;
+    constexpr int BK = C::BK;
+    constexpr int KC = C::KC;
+    __shared__ __align__(128) unsigned char smem[2 * STAGE];
+    __shared__ int s_dy[9], s_dx[9], s_w[9];
+
+    const int tid = threadIdx.x;
+    const int lane = tid & 31;
+    const int warp = tid >> 5;
+    // Constant indices only: a run-time index into the parameter block would copy it to local
+    // memory.
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+        if (tid == t) {
+            s_dy[t] = a.tap_dy[t];
+            s_dx[t] = a.tap_dx[t];
+            s_w[t] = a.tap_w[t];
+        }
+    }
+
+    const int M = a.n * a.mh * a.mw;
+    const int sc = a.sc;
+    const int ncols = a.ncols;
+    const int K = a.taps * sc;
+    const int m0 = blockIdx.x * TBM;
+    const int n0 = blockIdx.y * TBN;
+    const int kb = blockIdx.z * a.k_per_split;
+    const int ke = min(K, kb + a.k_per_split);
+    const int ntiles = ke > kb ? (ke - kb + BK - 1) / BK : 0;
+
+    // A loader: rows a_row and a_row + 64, chunk a_kc of the 64-byte row (the same k for both,
+    // so one (tap, channel) cursor serves them).
+    const int a_row = tid >> 2;
+    const int a_kc = tid & 3;
+    bool a_ok[2];
+    int a_y[2], a_x[2];
+    const float* a_base[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = m0 + a_row + 64 * j;
+        a_ok[j] = m < M;
+        a_y[j] = a_x[j] = 0;
+        a_base[j] = a.x;
+        if (a_ok[j]) {
+            const RowCoord r = decode_row(a, m);
+            a_y[j] = r.my * a.in_stride;
+            a_x[j] = r.mx * a.in_stride;
+            a_base[j] = a.x + (long long)r.img * a.sh * a.sw * sc;
+        }
+    }
+    // B loader: rows b_row and b_row + 256 / B_CPR of the slice, chunk b_nc of the row.
+    constexpr int B_ROW_STEP = THREADS / C::B_CPR;
+    const int b_row = tid / C::B_CPR;
+    const int b_nc = tid % C::B_CPR;
+    const int b_col = n0 + b_nc * KC;
+    const bool b_col_ok = b_col < ncols;
+    const unsigned char* wbytes = reinterpret_cast<const unsigned char*>(a.w);
+
+    // (tap, channel) of the next k each loader reads, advanced by BK per slice.
+    int at, aci, bt[2], bci[2];
+    {
+        int k = kb + a_kc * KC;
+        at = k / sc;
+        aci = k - at * sc;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            k = kb + b_row + j * B_ROW_STEP;
+            bt[j] = k / sc;
+            bci[j] = k - bt[j] * sc;
+        }
+    }
+    __syncthreads();
+
+    const uint32_t s_base = smem_addr(smem);
+    float4 ra[2][2];  // bf16/fp16: the next slice's activations, converted after the multiply
+
+    auto load_a = [&](int k0, int buf) {
+        const int k = k0 + a_kc * KC;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const float* src = a.x;
+            bool ok = false;
+            if (a_ok[j] && k < ke) {
+                const int iy = a_y[j] + s_dy[at];
+                const int ix = a_x[j] + s_dx[at];
+                if ((unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw) {
+                    src = a_base[j] + ((long long)iy * a.sw + ix) * sc + aci;
+                    ok = true;
+                }
+            }
+            if constexpr (T == TF32) {
+                cp_async16(s_base + buf * STAGE + (a_row + 64 * j) * A_PITCH + a_kc * 16, src, ok);
+            } else {
+                const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+                ra[j][0] = ok ? *reinterpret_cast<const float4*>(src) : z;
+                ra[j][1] = ok ? *reinterpret_cast<const float4*>(src + 4) : z;
+            }
+        }
+        aci += BK;
+        while (aci >= sc) {
+            aci -= sc;
+            ++at;
+        }
+    };
+    auto store_a = [&](int buf) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const uint32_t p0 = pack2<T>(ra[j][0].x, ra[j][0].y);
+            const uint32_t p1 = pack2<T>(ra[j][0].z, ra[j][0].w);
+            const uint32_t p2 = pack2<T>(ra[j][1].x, ra[j][1].y);
+            const uint32_t p3 = pack2<T>(ra[j][1].z, ra[j][1].w);
+            st_shared_v4(s_base + buf * STAGE + (a_row + 64 * j) * A_PITCH + a_kc * 16, p0, p1, p2, p3);
+        }
+    };
+    auto load_b = [&](int k0, int buf) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int row = b_row + j * B_ROW_STEP;
+            const bool ok = b_col_ok && k0 + row < ke;
+            const void* src = a.w;
+            if (ok) src = wbytes + ((long long)(s_w[bt[j]] * sc + bci[j]) * ncols + b_col) * C::ESZ;
+            cp_async16(s_base + buf * STAGE + A_STAGE + row * C::BPITCH + b_nc * 16, src, ok);
+            bci[j] += BK;
+            while (bci[j] >= sc) {
+                bci[j] -= sc;
+                ++bt[j];
+            }
+        }
+    };
+
+    const int g = lane >> 2;
+    const int q = lane & 3;
+    const int wm = (warp >> 2) * 64;
+    const int wn = (warp & 3) * 32;
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    auto compute = [&](int buf) {
+        const uint32_t sa = s_base + buf * STAGE;
+        const uint32_t sb = sa + A_STAGE;
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+            uint32_t bf[4][2];
+            if constexpr (T == TF32) {
+                const float* bs = reinterpret_cast<const float*>(smem + buf * STAGE + A_STAGE);
+                constexpr int BW = C::BPITCH / 4;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int col = wn + j * 8 + g;
+                    bf[j][0] = to_tf32(__float_as_uint(bs[(ks * 8 + q) * BW + col]));
+                    bf[j][1] = to_tf32(__float_as_uint(bs[(ks * 8 + q + 4) * BW + col]));
+                }
+            } else {
+#pragma unroll
+                for (int p = 0; p < 2; ++p) {
+                    uint32_t r[4];
+                    const int krow = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int col = wn + p * 16 + (lane >> 4) * 8;
+                    ldmatrix_x4_trans(sb + krow * C::BPITCH + col * 2, r);
+                    bf[2 * p][0] = r[0];
+                    bf[2 * p][1] = r[1];
+                    bf[2 * p + 1][0] = r[2];
+                    bf[2 * p + 1][1] = r[3];
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                uint32_t af[4];
+                ldmatrix_x4(sa + (wm + i * 16 + (lane & 15)) * A_PITCH + ks * 32 + (lane >> 4) * 16, af);
+                if constexpr (T == TF32) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) af[e] = to_tf32(af[e]);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma<T>(acc[i][j], af, bf[j][0], bf[j][1]);
+            }
+        }
+    };
+
+    if (ntiles > 0) {
+        load_a(kb, 0);
+        load_b(kb, 0);
+        cp_async_commit();
+        if constexpr (T != TF32) store_a(0);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    for (int t = 0; t < ntiles; ++t) {
+        const int cur = t & 1;
+        const bool next = t + 1 < ntiles;
+        if (next) {
+            load_a(kb + (t + 1) * BK, cur ^ 1);
+            load_b(kb + (t + 1) * BK, cur ^ 1);
+            cp_async_commit();
+        }
+        compute(cur);
+        if constexpr (T != TF32) {
+            if (next) store_a(cur ^ 1);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+    }
+
+    const bool split = gridDim.z > 1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + wm + i * 16 + h * 8 + g;
+            if (m >= M) continue;
+            const RowCoord rc = decode_row(a, m);
+            const long long pix = out_pixel(a, rc);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int col = n0 + wn + j * 8 + 2 * q;
+                if (col >= ncols) continue;
+                float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+                if (split) {
+                    *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * ncols + col) = v;
+                } else {
+                    v.x = finish(a, rc.img, pix, col, v.x);
+                    v.y = finish(a, rc.img, pix, col + 1, v.y);
+                    *reinterpret_cast<float2*>(a.y + pix * ncols + col) = v;
+                }
+            }
+        }
+    }
+}
+
+// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, 37.9 KB static shared memory.
+// Needs sc % 8 == 0, ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
+extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_tc_tf32(const ConvArgs a) { tc_body<TF32>(a); }
+extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_tc_bf16(const ConvArgs a) { tc_body<BF16>(a); }
+extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_tc_fp16(const ConvArgs a) { tc_body<FP16>(a); }
+
+// The weights' half-precision copies, made once: element i of src rounded to nearest even as
+// bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).
+extern "C" __global__ void tc_convert(const float* src, uint32_t* dst, long long len, int kind) {
+    const long long pairs = (len + 1) / 2;
+    for (long long e = grid_start(); e < pairs; e += grid_stride()) {
+        const float lo = src[2 * e];
+        const float hi = 2 * e + 1 < len ? src[2 * e + 1] : 0.0f;
+        dst[e] = kind == BF16 ? pack2<BF16>(lo, hi) : pack2<FP16>(lo, hi);
+    }
+}
