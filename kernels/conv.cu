@@ -29,63 +29,10 @@
 // result does not depend on scheduling) and applies the epilogue.
 // conv_narrow: ncols <= 8 (the 3-channel image convolutions): one warp per output pixel, lanes
 // over source channels, a warp reduction per output channel; a 128-wide tile would waste 97%.
-#include "common.cuh"
+#include "conv_common.cuh"
 
-struct ConvArgs {
-    const float* x;     // gather source [n, sh, sw, sc]
-    const float* w;     // B, row-major, ncols wide
-    float* y;           // output [n, yh, yw, ncols]
-    const float* bias;  // [ncols] or null
-    const float* temb;  // [n, ncols] or null
-    const float* res;   // like y, or null
-    float* ws;          // split-K partial sums [splits, M, ncols], or null
-    int n, mh, mw;
-    int sh, sw, sc;
-    int ncols;
-    int taps, in_stride;
-    int yh, yw, out_stride, out_oy, out_ox;
-    int k_per_split;  // multiple of 8
-    int accumulate;
-    float out_div;
-    int tap_dy[9];
-    int tap_dx[9];
-    int tap_w[9];
-};
-static_assert(sizeof(ConvArgs) == 232, "ConvArgs must match src/cuda/kernels.rs");
-
-struct RowCoord {
-    int img, my, mx;
-};
-
-DEVI RowCoord decode_row(const ConvArgs& a, int m) {
-    const int per = a.mh * a.mw;
-    RowCoord r;
-    r.img = m / per;
-    const int rem = m - r.img * per;
-    r.my = rem / a.mw;
-    r.mx = rem - r.my * a.mw;
-    return r;
-}
-
-DEVI long long out_pixel(const ConvArgs& a, RowCoord r) {
-    return ((long long)r.img * a.yh + (long long)r.my * a.out_stride + a.out_oy) * a.yw +
-           (long long)r.mx * a.out_stride + a.out_ox;
-}
-
-// The epilogue for one element, in the CPU's order: (bias + temb + residual) + acc, then the
-// division, then the old value when accumulating.
-DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
-    float v = acc;
-    if (a.bias != nullptr || a.temb != nullptr || a.res != nullptr) {
-        float e = a.bias != nullptr ? a.bias[col] : 0.0f;
-        if (a.temb != nullptr) e += a.temb[(long long)img * a.ncols + col];
-        if (a.res != nullptr) e += a.res[pix * a.ncols + col];
-        v = e + acc;
-    }
-    v = v / a.out_div;
-    if (a.accumulate) v += a.y[pix * a.ncols + col];
-    return v;
-}
+// The fp32 weights of B.
+DEVI const float* weights(const ConvArgs& a) { return static_cast<const float*>(a.w); }
 
 constexpr int BM = 128;
 constexpr int BN = 128;
@@ -171,7 +118,7 @@ DEVI void gemm_body(const ConvArgs& a) {
             const int kr = k0 + b_k;
             float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
             if (kr < ke && b_col < ncols)
-                u = *reinterpret_cast<const float4*>(a.w + (long long)(s_w[bt] * sc + bci) * ncols + b_col);
+                u = *reinterpret_cast<const float4*>(weights(a) + (long long)(s_w[bt] * sc + bci) * ncols + b_col);
             rb[0] = u.x; rb[1] = u.y; rb[2] = u.z; rb[3] = u.w;
             bci += BK;
             if (bci >= sc) { bci -= sc; ++bt; }
@@ -199,7 +146,7 @@ DEVI void gemm_body(const ConvArgs& a) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int c = b_col + j;
-                rb[j] = (row >= 0 && c < ncols) ? a.w[row * ncols + c] : 0.f;
+                rb[j] = (row >= 0 && c < ncols) ? weights(a)[row * ncols + c] : 0.f;
             }
         }
     };
@@ -323,7 +270,7 @@ extern "C" __global__ void __launch_bounds__(256) conv_narrow(const ConvArgs a) 
             const int ix = rc.mx * a.in_stride + a.tap_dx[t];
             if ((unsigned)iy >= (unsigned)a.sh || (unsigned)ix >= (unsigned)a.sw) continue;
             const float* xp = a.x + (((long long)rc.img * a.sh + iy) * a.sw + ix) * sc;
-            const float* wp = a.w + (long long)a.tap_w[t] * sc * ncols;
+            const float* wp = weights(a) + (long long)a.tap_w[t] * sc * ncols;
             for (int ci = lane; ci < sc; ci += 32) {
                 const float v = xp[ci];
                 const float* wr = wp + (long long)ci * ncols;

@@ -39,30 +39,7 @@
 // - B, tf32: ldmatrix cannot transpose 32-bit elements, so two scalar reads, (k = q, n = g) and
 //   (k = q + 4, n = g).
 // - C: c0, c1 at (row g, cols 2q, 2q+1), c2, c3 at row g + 8; the epilogue stores them as float2.
-#include "common.cuh"
-
-// conv.cu's ConvArgs, which the host fills for both kernels (src/cuda/kernels.rs).
-struct ConvArgs {
-    const float* x;
-    const void* w;
-    float* y;
-    const float* bias;
-    const float* temb;
-    const float* res;
-    float* ws;
-    int n, mh, mw;
-    int sh, sw, sc;
-    int ncols;
-    int taps, in_stride;
-    int yh, yw, out_stride, out_oy, out_ox;
-    int k_per_split;  // multiple of the K slice
-    int accumulate;
-    float out_div;
-    int tap_dy[9];
-    int tap_dx[9];
-    int tap_w[9];
-};
-static_assert(sizeof(ConvArgs) == 232, "ConvArgs must match src/cuda/kernels.rs");
+#include "conv_common.cuh"
 
 enum TcType { TF32 = 0, BF16 = 1, FP16 = 2 };
 
@@ -83,39 +60,6 @@ template <int T> struct Tc {
 };
 static_assert(Tc<TF32>::BK * Tc<TF32>::BPITCH <= B_STAGE, "tf32 B stage fits");
 static_assert(Tc<BF16>::BK * Tc<BF16>::BPITCH <= B_STAGE, "half B stage fits");
-
-struct RowCoord {
-    int img, my, mx;
-};
-
-DEVI RowCoord decode_row(const ConvArgs& a, int m) {
-    const int per = a.mh * a.mw;
-    RowCoord r;
-    r.img = m / per;
-    const int rem = m - r.img * per;
-    r.my = rem / a.mw;
-    r.mx = rem - r.my * a.mw;
-    return r;
-}
-
-DEVI long long out_pixel(const ConvArgs& a, RowCoord r) {
-    return ((long long)r.img * a.yh + (long long)r.my * a.out_stride + a.out_oy) * a.yw +
-           (long long)r.mx * a.out_stride + a.out_ox;
-}
-
-// conv.cu's epilogue, in the CPU's order.
-DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
-    float v = acc;
-    if (a.bias != nullptr || a.temb != nullptr || a.res != nullptr) {
-        float e = a.bias != nullptr ? a.bias[col] : 0.0f;
-        if (a.temb != nullptr) e += a.temb[(long long)img * a.ncols + col];
-        if (a.res != nullptr) e += a.res[pix * a.ncols + col];
-        v = e + acc;
-    }
-    v = v / a.out_div;
-    if (a.accumulate) v += a.y[pix * a.ncols + col];
-    return v;
-}
 
 DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
