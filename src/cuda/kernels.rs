@@ -947,20 +947,7 @@ impl Kernels {
             groups,
             split,
         } = d;
-        if groups == 0 || c % groups != 0 {
-            return Err(Error::Cuda(format!(
-                "GroupNorm: {groups} groups do not divide {c} channels"
-            )));
-        }
-        i32_of(n * hw * c, "GroupNorm elements")?;
-        let (ni, hwi, ci, gi, chunks, cpx) = (
-            n as i32,
-            hw as i32,
-            c as i32,
-            groups as i32,
-            split.chunks as i32,
-            i32_of(split.chunk_px, "chunk")?,
-        );
+        let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
         let mut b = st.launch_builder(&self.gn_partial);
         b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
         // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
@@ -1042,20 +1029,7 @@ impl Kernels {
             groups,
             split,
         } = d;
-        if groups == 0 || c % groups != 0 {
-            return Err(Error::Cuda(format!(
-                "GroupNorm: {groups} groups do not divide {c} channels"
-            )));
-        }
-        i32_of(n * hw * c, "GroupNorm elements")?;
-        let (ni, hwi, ci, gi, chunks, cpx) = (
-            n as i32,
-            hw as i32,
-            c as i32,
-            groups as i32,
-            split.chunks as i32,
-            i32_of(split.chunk_px, "chunk")?,
-        );
+        let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
         let silu = silu as i32;
         let mut b = st.launch_builder(&self.gn_bwd_partial);
         b.arg(&x)
@@ -1395,6 +1369,34 @@ pub(crate) struct NormDims {
     pub c: usize,
     pub groups: usize,
     pub split: NormSplit,
+}
+
+impl NormDims {
+    /// `(n, hw, c, groups, chunks, chunk pixels)` as the forward and backward kernels take them,
+    /// after checking that the groups divide the channels and that every index fits an i32.
+    fn kernel_args(&self) -> Result<(i32, i32, i32, i32, i32, i32)> {
+        let NormDims {
+            n,
+            hw,
+            c,
+            groups,
+            split,
+        } = *self;
+        if groups == 0 || c % groups != 0 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm: {groups} groups do not divide {c} channels"
+            )));
+        }
+        i32_of(n * hw * c, "GroupNorm elements")?;
+        Ok((
+            n as i32,
+            hw as i32,
+            c as i32,
+            groups as i32,
+            split.chunks as i32,
+            i32_of(split.chunk_px, "chunk")?,
+        ))
+    }
 }
 
 /// A strided batched product (see kernels/gemm.cu): element (i, k) of batch (o, b) of A is at
