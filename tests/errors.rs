@@ -220,38 +220,39 @@ fn cli_eps_reports_the_input_file() {
     assert_mentions(&err, &["tpu", "auto, cpu, cuda"]);
 }
 
+/// `invdiff restore` on the google_tiny fixture model, 2 CPU steps, expected to fail; returns
+/// stderr.
+fn restore_fails(method: &str, measurement: &Path, output: &Path, extra: &[&str]) -> String {
+    let model = fixture("models/google_tiny");
+    let mut args = vec![
+        "restore",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        method,
+        "--measurement",
+        measurement.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--output",
+        output.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    cli_fails(&args)
+}
+
 #[test]
 fn cli_restore_rejects_bad_measurements() {
     let d = scratch("cli-restore");
-    let model = fixture("models/google_tiny");
-    let m = model.to_str().unwrap();
     let inputs = fixture("trajectories/inputs.safetensors");
     let out = d.join("out.png");
     // A kernel larger than the 32x32 images.
     let big = d.join("big.safetensors");
-    safetensors::write(
-        &big,
-        &[("kernel", &Tensor::full(vec![1, 1, 40, 40], 1.0 / 1600.0))],
-        None,
-    )
-    .unwrap();
-    let err = cli_fails(&[
-        "restore",
-        "--model",
-        m,
-        "--method",
-        "dps",
-        "--measurement",
-        inputs.to_str().unwrap(),
-        "--kernel",
-        big.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--output",
-        d.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let big_kernel = Tensor::full(vec![1, 1, 40, 40], 1.0 / 1600.0);
+    safetensors::write(&big, &[("kernel", &big_kernel)], None).unwrap();
+    let err = restore_fails("dps", &inputs, &d, &["--kernel", big.to_str().unwrap()]);
     assert_mentions(&err, &["40", "32"]);
     // NaN in the measurement.
     let mut y = Tensor::full(vec![1, 3, 32, 32], 0.5);
@@ -259,102 +260,20 @@ fn cli_restore_rejects_bad_measurements() {
     let nan = d.join("nan.safetensors");
     let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
     safetensors::write(&nan, &[("measurement", &y), ("kernel", &k)], None).unwrap();
-    let err = cli_fails(&[
-        "restore",
-        "--model",
-        m,
-        "--method",
-        "pigdm",
-        "--measurement",
-        nan.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    assert_mentions(&err, &["NaN"]);
-    // A size the network cannot take, and a ground truth of another size.
+    assert_mentions(&restore_fails("pigdm", &nan, &out, &[]), &["NaN"]);
+    // A size the network cannot take, an unknown method, and ground truths that do not fit.
     let odd = d.join("odd.safetensors");
-    safetensors::write(
-        &odd,
-        &[
-            ("measurement", &Tensor::full(vec![1, 3, 30, 32], 0.5)),
-            ("kernel", &k),
-        ],
-        None,
-    )
-    .unwrap();
-    let err = cli_fails(&[
-        "restore",
-        "--model",
-        m,
-        "--method",
-        "dps",
-        "--measurement",
-        odd.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let odd_y = Tensor::full(vec![1, 3, 30, 32], 0.5);
+    safetensors::write(&odd, &[("measurement", &odd_y), ("kernel", &k)], None).unwrap();
+    let err = restore_fails("dps", &odd, &out, &[]);
     assert_mentions(&err, &["30x32", "multiples of 8"]);
-    let err = cli_fails(&[
-        "restore",
-        "--model",
-        m,
-        "--method",
-        "magic",
-        "--measurement",
-        odd.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let err = restore_fails("magic", &odd, &out, &[]);
     assert_mentions(&err, &["magic", "dps", "pigdm"]);
-    let err = cli_fails(&[
-        "restore",
-        "--model",
-        m,
-        "--method",
-        "dps",
-        "--measurement",
-        inputs.to_str().unwrap(),
-        "--truth",
-        odd.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--output",
-        d.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let err = restore_fails("dps", &inputs, &d, &["--truth", odd.to_str().unwrap()]);
     assert_mentions(&err, &["odd.safetensors", "no tensor named truth or sharp"]);
     let one = d.join("one.safetensors");
-    safetensors::write(
-        &one,
-        &[("truth", &Tensor::full(vec![1, 3, 32, 32], 0.5))],
-        None,
-    )
-    .unwrap();
-    let err = cli_fails(&[
-        "restore",
-        "--model",
-        m,
-        "--method",
-        "dps",
-        "--measurement",
-        inputs.to_str().unwrap(),
-        "--truth",
-        one.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--output",
-        d.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
+    let truth = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    safetensors::write(&one, &[("truth", &truth)], None).unwrap();
+    let err = restore_fails("dps", &inputs, &d, &["--truth", one.to_str().unwrap()]);
     assert_mentions(&err, &["2 measurements but 1 ground-truth"]);
 }

@@ -29,13 +29,14 @@ fn nhwc(f: &TensorFile, name: &str) -> (Vec<f32>, [usize; 4]) {
     (resample::nchw_to_nhwc(&d, c, h, w), [n, c, h, w])
 }
 
-fn check(what: &str, got_nhwc: &[f32], f: &TensorFile, want: &str, tol: f64) {
-    let (w, s) = get(f, want);
+/// Compares `got_nhwc` with tensor `{case}.{want}`; `what` names the check in messages.
+fn check(f: &TensorFile, case: &str, what: &str, got_nhwc: &[f32], want: &str, tol: f64) {
+    let (w, s) = get(f, &format!("{case}.{want}"));
     let [n, c, h, wd] = s[..] else { panic!() };
     let got = resample::nhwc_to_nchw(got_nhwc, n, c, h, wd);
     let rel = rel_l2(&got, &w);
-    println!("{what}: rel L2 {rel:.2e}");
-    assert!(rel <= tol, "{what}: {rel:e} > {tol:e}");
+    println!("{case} {what}: rel L2 {rel:.2e}");
+    assert!(rel <= tol, "{case} {what}: {rel:e} > {tol:e}");
 }
 
 #[test]
@@ -61,23 +62,11 @@ fn convolutions() {
         };
         let mut y = vec![0.0; n * (h / stride) * (w / stride) * cout];
         conv::forward(&p, &x, g, None, None, 1.0, &mut y);
-        check(
-            &format!("{case} forward"),
-            &y,
-            &f,
-            &format!("{case}.y"),
-            1e-6,
-        );
+        check(&f, case, "forward", &y, "y", 1e-6);
         let (cot, _) = nhwc(&f, &format!("{case}.cot"));
         let mut dx = vec![0.0; x.len()];
         conv::backward_input(&p, &cot, g, &mut dx, false);
-        check(
-            &format!("{case} input gradient"),
-            &dx,
-            &f,
-            &format!("{case}.dx"),
-            1e-6,
-        );
+        check(&f, case, "input gradient", &dx, "dx", 1e-6);
     }
 }
 
@@ -96,23 +85,11 @@ fn group_norm_with_and_without_silu() {
         };
         let mut y = vec![0.0; x.len()];
         let stats = norm::forward(&x, d, &gamma, &beta, 1e-6, silu, &mut y);
-        check(
-            &format!("{case} forward"),
-            &y,
-            &f,
-            &format!("{case}.y"),
-            1e-6,
-        );
+        check(&f, case, "forward", &y, "y", 1e-6);
         let (cot, _) = nhwc(&f, &format!("{case}.cot"));
         let mut dx = vec![0.0; x.len()];
         norm::backward(&x, d, &gamma, &beta, silu, &stats, &cot, &mut dx, false);
-        check(
-            &format!("{case} input gradient"),
-            &dx,
-            &f,
-            &format!("{case}.dx"),
-            1e-6,
-        );
+        check(&f, case, "input gradient", &dx, "dx", 1e-6);
     }
 }
 
@@ -147,13 +124,7 @@ fn attention_blocks() {
         let probs = attention::forward(&qkv, ad, &mut o, true).unwrap();
         let mut y = vec![0.0; x.len()];
         linear::forward(&out_p, &o, false, Some(&x), 1.0, &mut y, hw);
-        check(
-            &format!("{case} forward"),
-            &y,
-            &f,
-            &format!("{case}.y"),
-            1e-6,
-        );
+        check(&f, case, "forward", &y, "y", 1e-6);
         // Backward, op by op in reverse.
         let (cot, _) = nhwc(&f, &format!("{case}.cot"));
         let mut d_o = vec![0.0; x.len()];
@@ -164,13 +135,7 @@ fn attention_blocks() {
         linear::backward_input(&qkv_p, &d_qkv, &mut d_hn, false, hw);
         let mut dx = cot.clone();
         norm::backward(&x, nd, &gamma, &beta, false, &stats, &d_hn, &mut dx, true);
-        check(
-            &format!("{case} input gradient"),
-            &dx,
-            &f,
-            &format!("{case}.dx"),
-            1e-6,
-        );
+        check(&f, case, "input gradient", &dx, "dx", 1e-6);
     }
 }
 
@@ -180,11 +145,11 @@ fn nearest_upsampling_and_its_adjoint() {
     let (x, [n, c, h, w]) = nhwc(&f, "upsample_nearest2x.x");
     let mut y = vec![0.0; 4 * x.len()];
     resample::upsample2x(&x, h, w, c, &mut y);
-    check("upsample forward", &y, &f, "upsample_nearest2x.y", 0.0);
+    check(&f, "upsample_nearest2x", "forward", &y, "y", 0.0);
     let (cot, _) = nhwc(&f, "upsample_nearest2x.cot");
     let mut dx = vec![0.0; x.len()];
     resample::upsample2x_backward(&cot, n, h, w, c, &mut dx, false);
-    check("upsample adjoint", &dx, &f, "upsample_nearest2x.dx", 1e-7);
+    check(&f, "upsample_nearest2x", "adjoint", &dx, "dx", 1e-7);
 }
 
 #[test]
