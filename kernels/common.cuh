@@ -35,6 +35,22 @@ DEVI float warp_max(float v) {
     return v;
 }
 
+// Two fp32 in one 32-bit word of two 16-bit floats, rounded to nearest even, the first in the
+// low half (the lower address): bf16 (kind 1) or fp16 (kind 2), the codes the host passes.
+DEVI uint32_t pack_bf16x2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+DEVI uint32_t pack_f16x2(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+DEVI uint32_t pack_half2(float lo, float hi, int kind) {
+    return kind == 1 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
+}
+
 // First global thread index and the stride of a grid-stride loop, in 64 bits.
 DEVI long long grid_start() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
 DEVI long long grid_stride() { return (long long)gridDim.x * blockDim.x; }

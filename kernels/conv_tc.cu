@@ -1,6 +1,8 @@
 // Convolutions on tensor cores (mma.sync): the implicit GEMM of conv.cu, with the products in
-// tf32, bf16 or fp16 and everything else (accumulation, epilogue, split-K partials, the
-// activations in memory) in fp32.
+// tf32, bf16 or fp16 and everything else (accumulation, epilogue, split-K partials, the output)
+// in fp32. The activations read are fp32, or (the `_hin` kernels) already bf16/fp16 in memory:
+// a GroupNorm whose output only feeds convolutions writes it in the products' precision, with
+// the same rounding these kernels apply while staging fp32, so both variants compute the same.
 //
 // The problem is conv.cu's ConvArgs, field for field (same rows, taps, parity classes, epilogue
 // and split-K workspace, so conv.cu's conv_splitk_reduce finishes split launches); only `w`
@@ -15,7 +17,9 @@
 // are in flight: the weights (and, for tf32, the activations, which need no conversion) by
 // cp.async straight into the other stage; for bf16/fp16 the activations by 16-byte global loads
 // into registers, converted and stored into the other stage after the multiply, because the
-// fp32 -> half conversion needs the data in registers. One barrier per slice.
+// fp32 -> half conversion needs the data in registers. One barrier per slice. With half
+// activations in memory every load is a cp.async, so the `_hin` kernels keep HIN_STAGES stages
+// (three slices in flight) in dynamic shared memory, still one barrier per slice.
 //
 // Loaders: each thread moves two 16-byte chunks of A and two of B per slice. A chunk is
 // KC = 8 (half) or 4 (tf32) consecutive channels of one pixel and tap, so sc % 8 == 0 keeps it
@@ -50,6 +54,11 @@ constexpr int A_PITCH = 64 + 16;
 constexpr int A_STAGE = TBM * A_PITCH;
 constexpr int B_STAGE = 32 * (256 + 16);
 constexpr int STAGE = A_STAGE + B_STAGE;
+// Stages of the half-activation variant, whose loads are all asynchronous; two 256-thread
+// blocks per multiprocessor keep 2 x 74 KB resident. src/cuda/kernels.rs passes HIN_SMEM.
+constexpr int HIN_STAGES = 4;
+constexpr int HIN_SMEM = HIN_STAGES * STAGE;
+static_assert(HIN_SMEM == 75776, "HIN_SMEM must match TC_HIN_SMEM in src/cuda/kernels.rs");
 
 template <int T> struct Tc {
     static constexpr int ESZ = T == TF32 ? 4 : 2;  // bytes per element in shared memory
@@ -69,15 +78,12 @@ DEVI void cp_async16(uint32_t dst, const void* src, bool ok) {
 }
 DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Two fp32 to one register of two halves, the first in the low half (the lower address).
+// Two fp32 to one register of two halves (common.cuh), the first in the low half.
 template <int T> DEVI uint32_t pack2(float lo, float hi) {
-    uint32_t r;
-    if constexpr (T == BF16)
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    else
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
+    return T == BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
 }
 
 DEVI uint32_t to_tf32(uint32_t bits) {
@@ -126,11 +132,19 @@ template <int T> DEVI void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b
     }
 }
 
-template <int T> DEVI void tc_body(const ConvArgs& a) {
+// The activations' element type in memory: fp32, or 16-bit floats already in the product's
+// precision (AH, half-precision products only).
+template <bool AH> struct AElem { using type = float; };
+template <> struct AElem<true> { using type = uint16_t; };
+
+// One block's tile. `smem` holds the stages: 2 for fp32 activations (static, see the kernels
+// below), HIN_STAGES for half ones (dynamic).
+template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
+    static_assert(!AH || T != TF32, "half activations only feed half products");
     using C = Tc<T>;
+    using AT = typename AElem<AH>::type;
     constexpr int BK = C::BK;
     constexpr int KC = C::KC;
-    __shared__ __align__(128) unsigned char smem[2 * STAGE];
     __shared__ int s_dy[9], s_dx[9], s_w[9];
 
     const int tid = threadIdx.x;
@@ -163,18 +177,19 @@ template <int T> DEVI void tc_body(const ConvArgs& a) {
     const int a_kc = tid & 3;
     bool a_ok[2];
     int a_y[2], a_x[2];
-    const float* a_base[2];
+    const AT* const xa = reinterpret_cast<const AT*>(a.x);
+    const AT* a_base[2];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         const int m = m0 + a_row + 64 * j;
         a_ok[j] = m < M;
         a_y[j] = a_x[j] = 0;
-        a_base[j] = a.x;
+        a_base[j] = xa;
         if (a_ok[j]) {
             const RowCoord r = decode_row(a, m);
             a_y[j] = r.my * a.in_stride;
             a_x[j] = r.mx * a.in_stride;
-            a_base[j] = a.x + (long long)r.img * a.sh * a.sw * sc;
+            a_base[j] = xa + (long long)r.img * a.sh * a.sw * sc;
         }
     }
     // B loader: rows b_row and b_row + 256 / B_CPR of the slice, chunk b_nc of the row.
@@ -207,7 +222,7 @@ template <int T> DEVI void tc_body(const ConvArgs& a) {
         const int k = k0 + a_kc * KC;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const float* src = a.x;
+            const AT* src = xa;
             bool ok = false;
             if (a_ok[j] && k < ke) {
                 const int iy = a_y[j] + s_dy[at];
@@ -217,7 +232,7 @@ template <int T> DEVI void tc_body(const ConvArgs& a) {
                     ok = true;
                 }
             }
-            if constexpr (T == TF32) {
+            if constexpr (T == TF32 || AH) {
                 cp_async16(s_base + buf * STAGE + (a_row + 64 * j) * A_PITCH + a_kc * 16, src, ok);
             } else {
                 const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -311,28 +326,56 @@ template <int T> DEVI void tc_body(const ConvArgs& a) {
         }
     };
 
-    if (ntiles > 0) {
-        load_a(kb, 0);
-        load_b(kb, 0);
-        cp_async_commit();
-        if constexpr (T != TF32) store_a(0);
-    }
-    cp_async_wait_all();
-    __syncthreads();
-    for (int t = 0; t < ntiles; ++t) {
-        const int cur = t & 1;
-        const bool next = t + 1 < ntiles;
-        if (next) {
-            load_a(kb + (t + 1) * BK, cur ^ 1);
-            load_b(kb + (t + 1) * BK, cur ^ 1);
+    if constexpr (AH) {
+        // Every load is a cp.async: HIN_STAGES - 1 slices in flight while one is multiplied.
+        // Slice t lives in stage t % HIN_STAGES; one group is committed per slice (empty past
+        // the end) so that "all but HIN_STAGES - 2 groups done" always means "slice t landed".
+        // The barrier after the wait also tells every warp that slice t - 1's stage, which
+        // this iteration refills, is no longer being read.
+#pragma unroll
+        for (int s = 0; s < HIN_STAGES - 1; ++s) {
+            if (s < ntiles) {
+                load_a(kb + s * BK, s);
+                load_b(kb + s * BK, s);
+            }
             cp_async_commit();
         }
-        compute(cur);
-        if constexpr (T != TF32) {
-            if (next) store_a(cur ^ 1);
+        for (int t = 0; t < ntiles; ++t) {
+            cp_async_wait<HIN_STAGES - 2>();
+            __syncthreads();
+            const int nt = t + HIN_STAGES - 1;
+            if (nt < ntiles) {
+                load_a(kb + nt * BK, nt % HIN_STAGES);
+                load_b(kb + nt * BK, nt % HIN_STAGES);
+            }
+            cp_async_commit();
+            compute(t % HIN_STAGES);
+        }
+        cp_async_wait_all();
+    } else {
+        if (ntiles > 0) {
+            load_a(kb, 0);
+            load_b(kb, 0);
+            cp_async_commit();
+            if constexpr (T != TF32) store_a(0);
         }
         cp_async_wait_all();
         __syncthreads();
+        for (int t = 0; t < ntiles; ++t) {
+            const int cur = t & 1;
+            const bool next = t + 1 < ntiles;
+            if (next) {
+                load_a(kb + (t + 1) * BK, cur ^ 1);
+                load_b(kb + (t + 1) * BK, cur ^ 1);
+                cp_async_commit();
+            }
+            compute(cur);
+            if constexpr (T != TF32) {
+                if (next) store_a(cur ^ 1);
+            }
+            cp_async_wait_all();
+            __syncthreads();
+        }
     }
 
     const bool split = gridDim.z > 1;
@@ -363,9 +406,25 @@ template <int T> DEVI void tc_body(const ConvArgs& a) {
 
 // Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, 37.9 KB static shared memory.
 // Needs sc % 8 == 0, ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
-extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_tc_tf32(const ConvArgs a) { tc_body<TF32>(a); }
-extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_tc_bf16(const ConvArgs a) { tc_body<BF16>(a); }
-extern "C" __global__ void __launch_bounds__(THREADS, 2) conv_tc_fp16(const ConvArgs a) { tc_body<FP16>(a); }
+#define TC_KERNEL(name, T)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        __shared__ __align__(128) unsigned char smem[2 * STAGE];                 \
+        tc_body<T, false>(a, smem);                                              \
+    }
+TC_KERNEL(conv_tc_tf32, TF32)
+TC_KERNEL(conv_tc_bf16, BF16)
+TC_KERNEL(conv_tc_fp16, FP16)
+
+// The same with the activations x already in bf16 / fp16 (`ConvArgs::x` then points to 16-bit
+// elements). Same grid; HIN_SMEM bytes of dynamic shared memory, which the host allows once per
+// kernel (above the 48 KB default).
+#define TC_HIN_KERNEL(name, T)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        extern __shared__ __align__(128) unsigned char dsmem[];                  \
+        tc_body<T, true>(a, dsmem);                                              \
+    }
+TC_HIN_KERNEL(conv_tc_bf16_hin, BF16)
+TC_HIN_KERNEL(conv_tc_fp16_hin, FP16)
 
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).

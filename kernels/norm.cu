@@ -10,8 +10,9 @@
 // 2. a finalize per (image, group) that adds the chunks in a fixed order (deterministic), and
 //    forms the statistics exactly as the CPU does (mean, var = E[x²] - mean², rstd with eps
 //    added in f32), then the per-channel scale and shift of the forward pass;
-// 3. an element-wise pass, y = x * scale + shift (one fma, as on the CPU) then SiLU; or the
-//    input gradient dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy silu'(z) gamma.
+// 3. an element-wise pass, y = x * scale + shift (one fma, as on the CPU) then SiLU, in fp32
+//    or rounded to bf16/fp16 for the tensor-core convolutions it feeds; or the input gradient
+//    dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy silu'(z) gamma.
 // Statistics are stored as [mean for n*groups | rstd for n*groups] (the backward pass reads
 // them from the recorded forward).
 #include "common.cuh"
@@ -114,6 +115,30 @@ extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, fl
             const float z = fmaf(x[i], sc[ch], sc[c + ch]);
             y[i] = silu ? silu_f(z) : z;
         }
+    }
+}
+
+// gn_apply with the output in bf16 (kind 1) or fp16 (kind 2), for a GroupNorm that only feeds
+// tensor-core convolutions of that precision (kernels/conv_tc.cu, `_hin`): the same fma and
+// SiLU, then the rounding those kernels would apply while staging an fp32 input. Four channels
+// per item; needs c % 4 == 0, 16-byte aligned x and 8-byte aligned y (checked by the host).
+extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int n, int hw, int c,
+                                         int silu, int kind) {
+    const long long per = (long long)hw * c;
+    const long long total4 = (long long)n * per / 4;
+    for (long long e = grid_start(); e < total4; e += grid_stride()) {
+        const long long i = e * 4;
+        const int img = (int)(i / per);
+        const int ch = (int)(i % c);
+        const float* sc = scale_shift + (long long)img * 2 * c;
+        const float4 v = reinterpret_cast<const float4*>(x)[e];
+        float o[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float z = fmaf(o[j], sc[ch + j], sc[c + ch + j]);
+            o[j] = silu ? silu_f(z) : z;
+        }
+        y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
     }
 }
 

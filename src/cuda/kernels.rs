@@ -21,7 +21,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -313,6 +313,10 @@ pub(crate) struct ConvLaunch {
     pub kernel: ConvKernel,
     pub splits: usize,
     pub k_per_split: usize,
+    /// The input is already in the tensor-core kernel's 16-bit precision (two elements per
+    /// f32 slot), written so by the GroupNorm before it; only with `ConvKernel::Tensor` in
+    /// bf16 or fp16. Set by the lowering, which knows where each input comes from.
+    pub half_input: bool,
 }
 
 /// Block tile of the GEMM kernels, and the K slice.
@@ -340,6 +344,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             kernel: ConvKernel::Narrow,
             splits: 1,
             k_per_split: k.div_ceil(BK) * BK,
+            half_input: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -379,6 +384,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         kernel,
         splits: k.div_ceil(per).max(1),
         k_per_split: per,
+        half_input: false,
     }
 }
 
@@ -439,6 +445,17 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
     })
 }
 
+/// The kernels' code for a 16-bit format (common.cuh, `pack_half2`).
+fn half_kind(p: Precision) -> Result<i32> {
+    match p {
+        Precision::Bf16 => Ok(1),
+        Precision::Fp16 => Ok(2),
+        other => Err(Error::Cuda(format!(
+            "internal: no 16-bit values in {other}"
+        ))),
+    }
+}
+
 fn i64_of(v: usize) -> i64 {
     v as i64
 }
@@ -454,6 +471,8 @@ pub(crate) struct Kernels {
     conv_tc_tf32: CudaFunction,
     conv_tc_bf16: CudaFunction,
     conv_tc_fp16: CudaFunction,
+    conv_tc_bf16_hin: CudaFunction,
+    conv_tc_fp16_hin: CudaFunction,
     tc_convert: CudaFunction,
     gemm_batched: CudaFunction,
     softmax_forward: CudaFunction,
@@ -462,6 +481,7 @@ pub(crate) struct Kernels {
     gn_partial: CudaFunction,
     gn_finalize: CudaFunction,
     gn_apply: CudaFunction,
+    gn_apply_half: CudaFunction,
     gn_bwd_partial: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd_apply: CudaFunction,
@@ -477,6 +497,22 @@ pub(crate) struct Kernels {
 }
 
 const BLOCK: u32 = 256;
+
+/// Dynamic shared memory of the tensor-core kernels with 16-bit inputs (`HIN_SMEM` in
+/// kernels/conv_tc.cu: four stages of 18,944 bytes).
+const TC_HIN_SMEM: u32 = 75_776;
+
+/// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default.
+fn allow_smem(f: CudaFunction, bytes: u32) -> Result<CudaFunction> {
+    cu(
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        ),
+        "allowing a kernel 74 KB of shared memory",
+    )?;
+    Ok(f)
+}
 
 fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
     LaunchConfig {
@@ -526,6 +562,8 @@ impl Kernels {
             conv_tc_tf32: get("conv_tc", "conv_tc_tf32")?,
             conv_tc_bf16: get("conv_tc", "conv_tc_bf16")?,
             conv_tc_fp16: get("conv_tc", "conv_tc_fp16")?,
+            conv_tc_bf16_hin: allow_smem(get("conv_tc", "conv_tc_bf16_hin")?, TC_HIN_SMEM)?,
+            conv_tc_fp16_hin: allow_smem(get("conv_tc", "conv_tc_fp16_hin")?, TC_HIN_SMEM)?,
             tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
             softmax_forward: get("attention", "softmax_forward")?,
@@ -534,6 +572,7 @@ impl Kernels {
             gn_partial: get("norm", "gn_partial")?,
             gn_finalize: get("norm", "gn_finalize")?,
             gn_apply: get("norm", "gn_apply")?,
+            gn_apply_half: get("norm", "gn_apply_half")?,
             gn_bwd_partial: get("norm", "gn_bwd_partial")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
@@ -645,6 +684,17 @@ impl Kernels {
         let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
             .iter()
             .all(|&q| q % 16 == 0);
+        if plan.half_input
+            && !matches!(
+                plan.kernel,
+                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+            )
+        {
+            return Err(Error::Cuda(format!(
+                "internal: 16-bit input planned for a {:?} convolution",
+                plan.kernel
+            )));
+        }
         let f = match plan.kernel {
             ConvKernel::Tensor(precision) => {
                 // No fallback here: the weights are already in this precision's layout.
@@ -662,6 +712,8 @@ impl Kernels {
                 }
                 match precision {
                     Precision::Tf32 => &self.conv_tc_tf32,
+                    Precision::Bf16 if plan.half_input => &self.conv_tc_bf16_hin,
+                    Precision::Fp16 if plan.half_input => &self.conv_tc_fp16_hin,
                     Precision::Bf16 => &self.conv_tc_bf16,
                     Precision::Fp16 => &self.conv_tc_fp16,
                     Precision::Fp32 => {
@@ -681,13 +733,14 @@ impl Kernels {
                 .min(65535),
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
+        let mut launch = cfg(grid, (BLOCK, 1, 1));
+        if plan.half_input {
+            launch.shared_mem_bytes = TC_HIN_SMEM;
+        }
         let mut b = st.launch_builder(f);
         b.arg(&a);
         // SAFETY: as above; the grid covers exactly the tiles of the problem.
-        cu(
-            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
-            "launching conv_gemm",
-        )?;
+        cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
             let mut b = st.launch_builder(&self.conv_splitk_reduce);
@@ -740,15 +793,7 @@ impl Kernels {
     ) -> Result<()> {
         need(src, "weights")?;
         need(dst, "16-bit weights")?;
-        let kind: i32 = match precision {
-            Precision::Bf16 => 1,
-            Precision::Fp16 => 2,
-            other => {
-                return Err(Error::Cuda(format!(
-                    "internal: no 16-bit weight copy in {other}"
-                )))
-            }
-        };
+        let kind = half_kind(precision)?;
         let l = i64_of(len);
         let mut b = st.launch_builder(&self.tc_convert);
         b.arg(&src).arg(&dst).arg(&l).arg(&kind);
@@ -913,7 +958,8 @@ impl Kernels {
     }
 
     /// GroupNorm forward: statistics into `stats` (`[mean | rstd]`, n x groups each), the
-    /// per-channel affine into `affine` (`[n][2][c]`), then `y`.
+    /// per-channel affine into `affine` (`[n][2][c]`), then `y`, in fp32, or with `half_out`
+    /// in bf16/fp16 (two elements per f32 slot) for the tensor-core convolutions it feeds.
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm(
         &self,
@@ -928,6 +974,7 @@ impl Kernels {
         affine: DPtr,
         eps: f32,
         silu: bool,
+        half_out: Option<Precision>,
     ) -> Result<()> {
         for (p, what) in [
             (x, "input"),
@@ -970,8 +1017,30 @@ impl Kernels {
         let fin = cfg(((n * groups).div_ceil(128) as u32, 1, 1), (128, 1, 1));
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
-        let vec4 = (c % 4 == 0 && x % 16 == 0 && y % 16 == 0) as i32;
         let silu = silu as i32;
+        if let Some(precision) = half_out {
+            if c % 4 != 0 || x % 16 != 0 || y % 8 != 0 {
+                return Err(Error::Cuda(format!(
+                    "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
+                )));
+            }
+            let kind = half_kind(precision)?;
+            let mut b = st.launch_builder(&self.gn_apply_half);
+            b.arg(&x)
+                .arg(&affine)
+                .arg(&y)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&silu)
+                .arg(&kind);
+            // SAFETY: x is n x hw x c floats, y room for n x hw x c 16-bit values.
+            return cu(
+                unsafe { b.launch(self.flat(n * hw * c / 4)) }.map(drop),
+                "launching gn_apply_half",
+            );
+        }
+        let vec4 = (c % 4 == 0 && x % 16 == 0 && y % 16 == 0) as i32;
         let mut b = st.launch_builder(&self.gn_apply);
         b.arg(&x)
             .arg(&affine)

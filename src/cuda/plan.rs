@@ -137,7 +137,7 @@ pub fn plan_stats(
     Ok(stats(&p, &pl))
 }
 
-/// Builds and places the program of one shape.
+/// Builds (see [`Program::build_with`]) and places the program of one shape.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn plan(
     graph: &Graph,
@@ -147,8 +147,9 @@ pub(crate) fn plan(
     recording: bool,
     sms: usize,
     precision: Precision,
+    half_activations: bool,
 ) -> Result<(Program, Placement)> {
-    let p = Program::build(graph, n, h, w, recording, sms, precision)?;
+    let p = Program::build_with(graph, n, h, w, recording, sms, precision, half_activations)?;
     let pl = place(
         &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
         &p.lifetimes(),

@@ -9,7 +9,7 @@
 //! are not tracked here: each buffer lives from the first to the last step that names it, which
 //! [`Program::lifetimes`] reads off the list.
 
-use super::kernels::{plan_conv_at, plan_norm, ConvLaunch, ConvShape, NormSplit};
+use super::kernels::{plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvShape, NormSplit};
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, ParamKind, Space, Tid};
 use crate::{Error, Result};
@@ -93,6 +93,8 @@ pub(crate) enum Step {
         partial: Buf,
         stats: Buf,
         affine: Buf,
+        /// `y` holds 16-bit values in this precision (it only feeds tensor-core convolutions).
+        half_out: Option<Precision>,
     },
     GroupNormBackward {
         x: Buf,
@@ -343,12 +345,15 @@ struct Lowering<'g> {
     grad: Vec<Option<Buf>>,
     /// Per op: its GroupNorm statistics or attention probabilities, for the backward pass.
     aux: Vec<Option<Buf>>,
+    /// Per tensor: stored as 16-bit values in `precision` (see [`Program::build_with`]).
+    half: Vec<bool>,
 }
 
 impl Program {
     /// Lowers `g` for a batch of `n` images of `h x w`, the backward pass too when `record`.
     /// `sms` (the device's multiprocessor count) steers split-K and GroupNorm chunking;
-    /// `precision` picks the convolution kernels.
+    /// `precision` picks the convolution kernels. In bf16 and fp16, GroupNorm outputs that only
+    /// feed tensor-core convolutions are stored in that precision ([`build_with`](Self::build_with)).
     pub fn build(
         g: &Graph,
         n: usize,
@@ -357,6 +362,25 @@ impl Program {
         record: bool,
         sms: usize,
         precision: Precision,
+    ) -> Result<Program> {
+        Self::build_with(g, n, h, w, record, sms, precision, true)
+    }
+
+    /// [`build`](Self::build), choosing whether GroupNorm outputs may be stored in 16 bits.
+    /// They may when every reader is a convolution (or token-wise linear layer) on the
+    /// bf16/fp16 tensor-core kernel taking it as its main input: those kernels round their
+    /// input to that precision anyway, so storing it rounded halves the traffic and changes no
+    /// result; the backward pass never reads these values (GroupNorm's backward reads its input).
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_with(
+        g: &Graph,
+        n: usize,
+        h: usize,
+        w: usize,
+        record: bool,
+        sms: usize,
+        precision: Precision,
+        half_activations: bool,
     ) -> Result<Program> {
         g.config.check_input_size(h, w)?;
         if n == 0 {
@@ -374,7 +398,11 @@ impl Program {
             value: vec![None; g.tensors.len()],
             grad: vec![None; g.tensors.len()],
             aux: vec![None; g.ops.len()],
+            half: vec![false; g.tensors.len()],
         };
+        if half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16) {
+            l.half = l.half_tensors()?;
+        }
         let cfg = &g.config;
         let sample = l.buf(n * cfg.in_channels * h * w, "input sample (NCHW)");
         let timesteps = l.buf(n, "timesteps");
@@ -544,6 +572,82 @@ impl Lowering<'_> {
         }
     }
 
+    /// (input, output) widths of linear parameter group `p` (q/k/v fused: three outputs).
+    fn linear_dims(&self, p: usize) -> Result<(usize, usize)> {
+        match self.g.params[p].kind {
+            ParamKind::Linear { out, inp } => Ok((inp, out)),
+            ParamKind::Qkv { inner, c } => Ok((c, 3 * inner)),
+            _ => Err(Error::Cuda(format!(
+                "internal: linear op with parameter `{}`",
+                self.g.params[p].name
+            ))),
+        }
+    }
+
+    /// The implicit-GEMM shape of a convolution or of a token-wise linear layer; None for
+    /// other ops and for linear layers on per-image vectors.
+    fn gemm_shape(&self, op: &Op) -> Result<Option<ConvShape>> {
+        let g = self.g;
+        Ok(match *op {
+            Op::Conv {
+                x,
+                y,
+                kernel,
+                stride,
+                pad,
+                ..
+            } => {
+                let (h, w) = self.hw(x);
+                Some(ConvShape::forward(
+                    self.n,
+                    h,
+                    w,
+                    self.ch(x),
+                    self.ch(y),
+                    kernel,
+                    stride,
+                    pad,
+                ))
+            }
+            Op::Linear { x, y, p, .. } if g.tensors[y].space != Space::Vector => {
+                let (inp, out) = self.linear_dims(p)?;
+                let (h, w) = self.hw(x);
+                Some(ConvShape::linear(self.n * h * w, inp, out))
+            }
+            _ => None,
+        })
+    }
+
+    /// Which GroupNorm outputs to store in 16 bits: those whose every reader takes them as the
+    /// main input of a tensor-core launch (see [`Program::build_with`]).
+    fn half_tensors(&self) -> Result<Vec<bool>> {
+        let g = self.g;
+        let mut half = vec![false; g.tensors.len()];
+        for op in &g.ops {
+            let Op::GroupNorm { y, .. } = *op else {
+                continue;
+            };
+            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
+            let mut ok = y != g.output && readers.peek().is_some();
+            for r in readers {
+                let main_only = match *r {
+                    Op::Conv {
+                        x, temb, residual, ..
+                    } => x == y && temb != Some(y) && residual != Some(y),
+                    Op::Linear { x, residual, .. } => x == y && residual != Some(y),
+                    _ => false,
+                };
+                ok &= main_only
+                    && self.gemm_shape(r)?.is_some_and(|s| {
+                        plan_conv_at(&s, self.sms, self.precision).kernel
+                            == ConvKernel::Tensor(self.precision)
+                    });
+            }
+            half[y] = ok;
+        }
+        Ok(half)
+    }
+
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
         let launch = plan_conv_at(&shape, self.sms, self.precision);
         let ws_len = launch.workspace_len(&shape);
@@ -590,16 +694,7 @@ impl Lowering<'_> {
                 residual,
                 out_div,
             } => {
-                let (inp, out) = match g.params[p].kind {
-                    ParamKind::Linear { out, inp } => (inp, out),
-                    ParamKind::Qkv { inner, c } => (c, 3 * inner),
-                    _ => {
-                        return Err(Error::Cuda(format!(
-                            "internal: linear op with parameter `{}`",
-                            g.params[p].name
-                        )))
-                    }
-                };
+                let (inp, out) = self.linear_dims(p)?;
                 let xb = self.val(x)?;
                 let res = residual.map(|r| self.val(r)).transpose()?;
                 let yb = self.new_value(y);
@@ -628,8 +723,7 @@ impl Lowering<'_> {
                             g.params[p].name
                         )));
                     }
-                    let (h, w) = self.hw(x);
-                    let shape = ConvShape::linear(self.n * h * w, inp, out);
+                    let shape = self.gemm_shape(op)?.expect("a token-wise linear layer");
                     let mut s = self.conv_step(
                         shape,
                         xb,
@@ -639,6 +733,7 @@ impl Lowering<'_> {
                         },
                         yb,
                     );
+                    s.launch.half_input = self.half[x];
                     s.bias = Some(W {
                         pid: p,
                         kind: WKind::Bias,
@@ -652,16 +747,12 @@ impl Lowering<'_> {
                 x,
                 y,
                 p,
-                kernel,
-                stride,
-                pad,
                 temb,
                 residual,
                 out_div,
+                ..
             } => {
-                let (h, w) = self.hw(x);
-                let shape =
-                    ConvShape::forward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad);
+                let shape = self.gemm_shape(op)?.expect("a convolution");
                 let xb = self.val(x)?;
                 let tb = temb.map(|t| self.val(t)).transpose()?;
                 let rb = residual.map(|r| self.val(r)).transpose()?;
@@ -675,6 +766,7 @@ impl Lowering<'_> {
                     },
                     yb,
                 );
+                s.launch.half_input = self.half[x];
                 s.bias = Some(W {
                     pid: p,
                     kind: WKind::Bias,
@@ -696,7 +788,18 @@ impl Lowering<'_> {
                 let (hw, c) = (h * w, self.ch(x));
                 let split = plan_norm(self.n, hw, c, self.sms);
                 let xb = self.val(x)?;
-                let yb = self.new_value(y);
+                let half_out = self.half[y].then_some(self.precision);
+                let yb = if half_out.is_some() {
+                    // Two 16-bit values per f32 slot.
+                    let b = self.buf(
+                        self.numel(y).div_ceil(2),
+                        &format!("{} (16-bit)", g.tensors[y].name),
+                    );
+                    self.value[y] = Some(b);
+                    b
+                } else {
+                    self.new_value(y)
+                };
                 let partial = self.buf(split.partial_len(self.n, c), "GroupNorm partial sums");
                 let stats = self.buf(2 * self.n * groups, "GroupNorm statistics");
                 let affine = self.buf(2 * self.n * c, "GroupNorm affine");
@@ -723,6 +826,7 @@ impl Lowering<'_> {
                     partial,
                     stats,
                     affine,
+                    half_out,
                 });
             }
             Op::Attention {
@@ -802,15 +906,7 @@ impl Lowering<'_> {
                         g.params[p].name
                     )));
                 }
-                let (inp, out) = match g.params[p].kind {
-                    ParamKind::Linear { out, inp } => (inp, out),
-                    ParamKind::Qkv { inner, c } => (c, 3 * inner),
-                    _ => {
-                        return Err(Error::Cuda(
-                            "internal: linear op with a non-linear parameter".into(),
-                        ))
-                    }
-                };
+                let (inp, out) = self.linear_dims(p)?;
                 if out_div != 1.0 {
                     self.steps.push(Step::Divide {
                         x: dy,
@@ -1033,6 +1129,68 @@ mod tests {
             assert!(written[p.output.0]);
             if record {
                 assert!(written[p.grad_input.unwrap().0]);
+            }
+        }
+    }
+
+    /// In bf16 and fp16, exactly the GroupNorm outputs that only feed tensor-core launches are
+    /// 16-bit, at half the length, and only those launches read 16-bit inputs.
+    #[test]
+    fn sixteen_bit_groupnorm_outputs_feed_only_tensor_core_launches() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for precision in [
+            Precision::Fp32,
+            Precision::Tf32,
+            Precision::Bf16,
+            Precision::Fp16,
+        ] {
+            for half_activations in [true, false] {
+                let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, half_activations)
+                    .unwrap();
+                let expect_half =
+                    half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16);
+                // Which buffers a GroupNorm wrote in 16 bits, and who reads them.
+                let mut half = vec![false; p.bufs.len()];
+                let mut norms = 0;
+                for s in &p.steps {
+                    if let Step::GroupNorm {
+                        y, half_out, hw, c, ..
+                    } = s
+                    {
+                        norms += 1;
+                        if let Some(hp) = half_out {
+                            assert!(expect_half && *hp == precision);
+                            assert_eq!(p.bufs[y.0].len, (p.n * hw * c).div_ceil(2));
+                            half[y.0] = true;
+                        }
+                    }
+                }
+                let mut readers = 0;
+                for s in &p.steps {
+                    let (reads, _) = s.io();
+                    for r in reads.iter().filter(|r| half[r.0]) {
+                        let Step::Conv(c) = s else {
+                            panic!("`{}` read by {s:?}", p.bufs[r.0].what)
+                        };
+                        assert_eq!(c.x, *r, "a 16-bit buffer read as a residual or embedding");
+                        assert!(c.launch.half_input);
+                        assert_eq!(c.launch.kernel, ConvKernel::Tensor(precision));
+                        readers += 1;
+                    }
+                    if let Step::Conv(c) = s {
+                        assert_eq!(c.launch.half_input, half[c.x.0]);
+                    }
+                }
+                let halves = half.iter().filter(|&&h| h).count();
+                if expect_half {
+                    // Every GroupNorm of this architecture feeds a 3x3 convolution or the
+                    // attention's q/k/v product on tensor cores, except the last, which feeds
+                    // the 3-channel output convolution (fp32 kernel).
+                    assert_eq!(halves, norms - 1, "{precision}");
+                    assert_eq!(readers, halves);
+                } else {
+                    assert_eq!(halves, 0);
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use cudarc::driver::sys::CUevent_flags;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    plan_conv, plan_conv_at, plan_norm, ConvKernel, ConvPtrs, ConvShape, NormDims,
+    plan_conv, plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -468,6 +468,42 @@ impl Tester<'_> {
             ms,
             tolerance,
         );
+        // The same input already rounded to 16 bits in memory (what a GroupNorm before a
+        // convolution writes): the kernel that reads it must give what the converting one gave.
+        if matches!(
+            plan.kernel,
+            ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+        ) {
+            let xh = self.zeros(x.len().div_ceil(2))?;
+            gpu.kernels
+                .convert_half(st, xd.ptr, xh.ptr, x.len(), precision)?;
+            let hin = ConvLaunch {
+                half_input: true,
+                ..plan
+            };
+            let yh = self.zeros(want.len())?;
+            let ms = self.timed(
+                || Ok(()),
+                || {
+                    let ptrs = ConvPtrs {
+                        x: xh.ptr,
+                        y: yh.ptr,
+                        ..ptrs
+                    };
+                    gpu.kernels.conv(st, &shape, &hin, ptrs, out_div, false)
+                },
+            )?;
+            self.row(
+                named(format!(
+                    "conv{k}x{k} s{stride} forward{epi}, {precision} input, vs fp32 input [{}]",
+                    path(hin.kernel, hin.splits)
+                )),
+                desc.clone(),
+                &yh.download(st)?,
+                &got,
+                ms,
+            );
+        }
 
         dev.ensure_backward(gpu)?;
         let dyd = self.up(dy)?;
@@ -691,6 +727,7 @@ impl Tester<'_> {
                         affine.ptr,
                         eps,
                         silu,
+                        None,
                     )
                 },
             )?;
@@ -704,6 +741,44 @@ impl Tester<'_> {
                 &want,
                 ms,
             );
+            // The 16-bit output that feeds tensor-core convolutions: within the format's unit
+            // roundoff of the CPU's fp32 result (round to nearest: |error| <= u |value|).
+            if c % 4 == 0 {
+                for (precision, u) in [
+                    (Precision::Bf16, 2f64.powi(-8)),
+                    (Precision::Fp16, 2f64.powi(-11)),
+                ] {
+                    let hd = self.zeros(x.len().div_ceil(2))?;
+                    let ms = self.timed(
+                        || Ok(()),
+                        || {
+                            gpu.kernels.group_norm(
+                                st,
+                                nd,
+                                xd.ptr,
+                                gd.ptr,
+                                bd.ptr,
+                                hd.ptr,
+                                partial.ptr,
+                                sd.ptr,
+                                affine.ptr,
+                                eps,
+                                silu,
+                                Some(precision),
+                            )
+                        },
+                    )?;
+                    let got = unpack_half(&hd.download(st)?, x.len(), precision);
+                    self.row_within(
+                        format!("groupnorm{s} forward, {precision} output"),
+                        desc.clone(),
+                        &got,
+                        &want,
+                        ms,
+                        1.02 * u,
+                    );
+                }
+            }
 
             let dy = self.rand(x.len(), -1.0, 1.0);
             let dx0 = if accumulate {
@@ -1153,10 +1228,49 @@ impl Tester<'_> {
                     ms,
                     grad_tol,
                 );
+                if precision != Precision::Tf32 {
+                    // GroupNorm outputs in 16 bits change no result (Program::build_with).
+                    gpu.set_half_activations(false);
+                    let full = gpu.forward(&sample, &t)?;
+                    let ms = gpu.time_forward(n, h, w, 5)?;
+                    self.row(
+                        format!("{name} {precision} forward, 16-bit vs fp32 GroupNorm outputs"),
+                        desc.clone(),
+                        got.data(),
+                        full.data(),
+                        ms,
+                    );
+                    gpu.forward_recording(&sample, &t)?;
+                    let full_grad = gpu.vjp(&cot)?;
+                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                    self.row(
+                        format!("{name} {precision} vjp, 16-bit vs fp32 GroupNorm outputs"),
+                        desc.clone(),
+                        grad.data(),
+                        full_grad.data(),
+                        ms,
+                    );
+                }
             }
         }
         Ok(())
     }
+}
+
+/// The first `len` 16-bit values (two per f32 word, the first in the low half) as f32.
+fn unpack_half(words: &[f32], len: usize, precision: Precision) -> Vec<f32> {
+    words
+        .iter()
+        .flat_map(|w| {
+            let b = w.to_bits();
+            [b as u16, (b >> 16) as u16]
+        })
+        .take(len)
+        .map(|h| match precision {
+            Precision::Fp16 => half::f16::from_bits(h).to_f32(),
+            _ => half::bf16::from_bits(h).to_f32(),
+        })
+        .collect()
 }
 
 /// Small networks that still take every path: attention (one head, then several), both

@@ -75,6 +75,9 @@ pub struct CudaUnet {
     /// of the caller's (the device sampler's step) records them: a graph cannot be launched
     /// into a stream that is capturing.
     direct: bool,
+    /// Whether programs may keep GroupNorm outputs in 16 bits (`Program::build_with`); off
+    /// only to check that it changes nothing.
+    half_activations: bool,
 }
 
 // A sampler may build the network on one thread and run it on another.
@@ -106,6 +109,7 @@ impl CudaUnet {
             tape: None,
             use_graphs,
             direct: false,
+            half_activations: true,
         })
     }
 
@@ -118,6 +122,14 @@ impl CudaUnet {
     /// the `direct` field); the caller captures them into its own graph.
     pub(crate) fn set_direct_launches(&mut self, on: bool) {
         self.direct = on;
+    }
+
+    /// Stores GroupNorm outputs in fp32 even at bf16/fp16 (`on` false), for comparisons;
+    /// drops every plan.
+    pub(crate) fn set_half_activations(&mut self, on: bool) {
+        self.half_activations = on;
+        self.plans.clear();
+        self.tape = None;
     }
 
     /// Plans (allocates) the `n x h x w` forward, or recording pass, ahead of a capture that
@@ -171,6 +183,7 @@ impl CudaUnet {
             recording,
             self.gpu.sms(),
             self.precision,
+            self.half_activations,
         )?;
         Ok(plan::stats(&p, &pl))
     }
@@ -468,6 +481,7 @@ impl CudaUnet {
             key.record,
             self.gpu.sms(),
             self.precision,
+            self.half_activations,
         )?;
         for s in &program.steps {
             for w in s.weights() {
@@ -739,6 +753,7 @@ fn launch(
             partial,
             stats,
             affine,
+            half_out,
         } => k.group_norm(
             st,
             NormDims {
@@ -757,6 +772,7 @@ fn launch(
             p(affine),
             eps,
             silu,
+            half_out,
         ),
         Step::GroupNormBackward {
             x,
