@@ -49,6 +49,27 @@ extern "C" __global__ void upsample2x(const float* x, float* y, int n, int h, in
     }
 }
 
+// upsample2x into bf16 (kind 1) or fp16 (kind 2), for an upsampling whose output only feeds a
+// tensor-core convolution of that precision (which would round it the same way while staging
+// it). Eight channels per item: c % 8 == 0, x 16-byte aligned, y 16-byte aligned.
+extern "C" __global__ void upsample2x_half(const float* x, uint4* y, int n, int h, int w, int c, int kind) {
+    const int c8 = c / 8;
+    const long long total = (long long)n * 4 * h * w * c8;
+    const int ow = 2 * w, oh = 2 * h;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const int ch = (int)(i % c8) * 8;
+        const long long p = i / c8;
+        const int ox = (int)(p % ow);
+        const long long r = p / ow;
+        const int oy = (int)(r % oh);
+        const long long img = r / oh;
+        const float4* src = reinterpret_cast<const float4*>(x + ((img * h + oy / 2) * w + ox / 2) * c + ch);
+        const float4 a = src[0], b = src[1];
+        y[i] = make_uint4(pack_half2(a.x, a.y, kind), pack_half2(a.z, a.w, kind), pack_half2(b.x, b.y, kind),
+                          pack_half2(b.z, b.w, kind));
+    }
+}
+
 // dx[img, iy, ix, :] (+)= sum of dy over the 2x2 block it was copied to, in the CPU's order.
 extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n, int h, int w, int c,
                                                int accumulate) {

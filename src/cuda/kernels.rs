@@ -488,6 +488,7 @@ pub(crate) struct Kernels {
     nchw_to_nhwc: CudaFunction,
     nhwc_to_nchw: CudaFunction,
     upsample2x: CudaFunction,
+    upsample2x_half: CudaFunction,
     upsample2x_backward: CudaFunction,
     concat_channels: CudaFunction,
     concat_backward: CudaFunction,
@@ -579,6 +580,7 @@ impl Kernels {
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,
+            upsample2x_half: get("resample", "upsample2x_half")?,
             upsample2x_backward: get("resample", "upsample2x_backward")?,
             concat_channels: get("resample", "concat_channels")?,
             concat_backward: get("resample", "concat_backward")?,
@@ -1230,7 +1232,9 @@ impl Kernels {
         )
     }
 
-    /// Nearest 2x upsampling of `[n, h, w, c]`.
+    /// Nearest 2x upsampling of `[n, h, w, c]`, into fp32 or (`half_out`) 16-bit values for the
+    /// tensor-core convolution it feeds.
+    #[allow(clippy::too_many_arguments)]
     #[allow(clippy::too_many_arguments)]
     pub fn upsample(
         &self,
@@ -1241,6 +1245,7 @@ impl Kernels {
         h: usize,
         w: usize,
         c: usize,
+        half_out: Option<Precision>,
     ) -> Result<()> {
         need(x, "input")?;
         need(y, "output")?;
@@ -1250,6 +1255,27 @@ impl Kernels {
             i32_of(w, "w")?,
             i32_of(c, "c")?,
         );
+        if let Some(precision) = half_out {
+            if c % 8 != 0 || x % 16 != 0 || y % 16 != 0 {
+                return Err(Error::Cuda(format!(
+                    "internal: 16-bit upsampling output with {c} channels or unaligned buffers"
+                )));
+            }
+            let kind = half_kind(precision)?;
+            let mut b = st.launch_builder(&self.upsample2x_half);
+            b.arg(&x)
+                .arg(&y)
+                .arg(&ni)
+                .arg(&hi)
+                .arg(&wi)
+                .arg(&ci)
+                .arg(&kind);
+            // SAFETY: x holds n h w c floats, y room for four times as many 16-bit values.
+            return cu(
+                unsafe { b.launch(self.flat(4 * n * h * w * c / 8)) }.map(drop),
+                "launching upsample2x_half",
+            );
+        }
         let mut b = st.launch_builder(&self.upsample2x);
         b.arg(&x).arg(&y).arg(&ni).arg(&hi).arg(&wi).arg(&ci);
         // SAFETY: x holds n h w c floats, y four times as many.

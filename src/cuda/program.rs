@@ -137,6 +137,8 @@ pub(crate) enum Step {
         h: usize,
         w: usize,
         c: usize,
+        /// As for GroupNorm: `y` holds 16-bit values for tensor-core convolutions.
+        half_out: Option<Precision>,
     },
     UpsampleBackward {
         dy: Buf,
@@ -366,11 +368,12 @@ impl Program {
         Self::build_with(g, n, h, w, record, sms, precision, true)
     }
 
-    /// [`build`](Self::build), choosing whether GroupNorm outputs may be stored in 16 bits.
-    /// They may when every reader is a convolution (or token-wise linear layer) on the
-    /// bf16/fp16 tensor-core kernel taking it as its main input: those kernels round their
+    /// [`build`](Self::build), choosing whether GroupNorm and upsampling outputs may be stored
+    /// in 16 bits. They may when every reader is a convolution (or token-wise linear layer) on
+    /// the bf16/fp16 tensor-core kernel taking it as its main input: those kernels round their
     /// input to that precision anyway, so storing it rounded halves the traffic and changes no
-    /// result; the backward pass never reads these values (GroupNorm's backward reads its input).
+    /// result; the backward pass never reads these values (GroupNorm's backward reads its
+    /// input, the convolutions' input gradients none).
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,
@@ -549,6 +552,21 @@ impl Lowering<'_> {
         b
     }
 
+    /// The buffer of a value that may be stored in 16 bits (GroupNorm and upsampling
+    /// outputs), and that precision when it is.
+    fn output_value(&mut self, t: Tid) -> (Buf, Option<Precision>) {
+        if !self.half[t] {
+            return (self.new_value(t), None);
+        }
+        // Two 16-bit values per f32 slot.
+        let b = self.buf(
+            self.numel(t).div_ceil(2),
+            &format!("{} (16-bit)", self.g.tensors[t].name),
+        );
+        self.value[t] = Some(b);
+        (b, Some(self.precision))
+    }
+
     fn val(&self, t: Tid) -> Result<Buf> {
         self.value[t].ok_or_else(|| {
             Error::Cuda(format!(
@@ -618,13 +636,13 @@ impl Lowering<'_> {
         })
     }
 
-    /// Which GroupNorm outputs to store in 16 bits: those whose every reader takes them as the
-    /// main input of a tensor-core launch (see [`Program::build_with`]).
+    /// Which GroupNorm and upsampling outputs to store in 16 bits: those whose every reader
+    /// takes them as the main input of a tensor-core launch (see [`Program::build_with`]).
     fn half_tensors(&self) -> Result<Vec<bool>> {
         let g = self.g;
         let mut half = vec![false; g.tensors.len()];
         for op in &g.ops {
-            let Op::GroupNorm { y, .. } = *op else {
+            let (Op::GroupNorm { y, .. } | Op::Upsample { y, .. }) = *op else {
                 continue;
             };
             let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
@@ -788,18 +806,7 @@ impl Lowering<'_> {
                 let (hw, c) = (h * w, self.ch(x));
                 let split = plan_norm(self.n, hw, c, self.sms);
                 let xb = self.val(x)?;
-                let half_out = self.half[y].then_some(self.precision);
-                let yb = if half_out.is_some() {
-                    // Two 16-bit values per f32 slot.
-                    let b = self.buf(
-                        self.numel(y).div_ceil(2),
-                        &format!("{} (16-bit)", g.tensors[y].name),
-                    );
-                    self.value[y] = Some(b);
-                    b
-                } else {
-                    self.new_value(y)
-                };
+                let (yb, half_out) = self.output_value(y);
                 let partial = self.buf(split.partial_len(self.n, c), "GroupNorm partial sums");
                 let stats = self.buf(2 * self.n * groups, "GroupNorm statistics");
                 let affine = self.buf(2 * self.n * c, "GroupNorm affine");
@@ -856,13 +863,14 @@ impl Lowering<'_> {
                 let (h, w) = self.hw(x);
                 let c = self.ch(x);
                 let xb = self.val(x)?;
-                let yb = self.new_value(y);
+                let (yb, half_out) = self.output_value(y);
                 self.steps.push(Step::Upsample {
                     x: xb,
                     y: yb,
                     h,
                     w,
                     c,
+                    half_out,
                 });
             }
             Op::Concat { a, b, y } => {
@@ -1133,8 +1141,9 @@ mod tests {
         }
     }
 
-    /// In bf16 and fp16, exactly the GroupNorm outputs that only feed tensor-core launches are
-    /// 16-bit, at half the length, and only those launches read 16-bit inputs.
+    /// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
+    /// tensor-core launches are 16-bit, at half the length, and only those launches read
+    /// 16-bit inputs.
     #[test]
     fn sixteen_bit_groupnorm_outputs_feed_only_tensor_core_launches() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -1151,18 +1160,32 @@ mod tests {
                     half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16);
                 // Which buffers a GroupNorm wrote in 16 bits, and who reads them.
                 let mut half = vec![false; p.bufs.len()];
-                let mut norms = 0;
+                let (mut norms, mut upsamplings) = (0, 0);
                 for s in &p.steps {
-                    if let Step::GroupNorm {
-                        y, half_out, hw, c, ..
-                    } = s
-                    {
-                        norms += 1;
-                        if let Some(hp) = half_out {
-                            assert!(expect_half && *hp == precision);
-                            assert_eq!(p.bufs[y.0].len, (p.n * hw * c).div_ceil(2));
-                            half[y.0] = true;
+                    let (y, half_out, len) = match *s {
+                        Step::GroupNorm {
+                            y, half_out, hw, c, ..
+                        } => {
+                            norms += 1;
+                            (y, half_out, p.n * hw * c)
                         }
+                        Step::Upsample {
+                            y,
+                            half_out,
+                            h,
+                            w,
+                            c,
+                            ..
+                        } => {
+                            upsamplings += 1;
+                            (y, half_out, p.n * 4 * h * w * c)
+                        }
+                        _ => continue,
+                    };
+                    if let Some(hp) = half_out {
+                        assert!(expect_half && hp == precision);
+                        assert_eq!(p.bufs[y.0].len, len.div_ceil(2));
+                        half[y.0] = true;
                     }
                 }
                 let mut readers = 0;
@@ -1185,8 +1208,10 @@ mod tests {
                 if expect_half {
                     // Every GroupNorm of this architecture feeds a 3x3 convolution or the
                     // attention's q/k/v product on tensor cores, except the last, which feeds
-                    // the 3-channel output convolution (fp32 kernel).
-                    assert_eq!(halves, norms - 1, "{precision}");
+                    // the 3-channel output convolution (fp32 kernel); every upsampling feeds
+                    // its block's convolution.
+                    assert_eq!(upsamplings, 5);
+                    assert_eq!(halves, norms - 1 + upsamplings, "{precision}");
                     assert_eq!(readers, halves);
                 } else {
                     assert_eq!(halves, 0);

@@ -916,10 +916,38 @@ impl Tester<'_> {
         let mut want = vec![0.0; 4 * x.len()];
         resample::upsample2x(&x, h, w, c, &mut want);
         let (xd, yd) = (self.up(&x)?, self.zeros(want.len())?);
-        let ms = self.timed(|| Ok(()), || k.upsample(st, xd.ptr, yd.ptr, n, h, w, c))?;
+        let ms = self.timed(
+            || Ok(()),
+            || k.upsample(st, xd.ptr, yd.ptr, n, h, w, c, None),
+        )?;
         let got = yd.download(st)?;
         let desc = format!("n{n} {h}x{w} c{c}");
         self.row("upsample2x forward".into(), desc.clone(), &got, &want, ms);
+        // Into 16 bits (for a tensor-core convolution): each value rounded once, as the
+        // host rounds it.
+        {
+            let c = 16;
+            let x = self.rand(n * h * w * c, -1.0, 1.0);
+            let mut up = vec![0.0; 4 * x.len()];
+            resample::upsample2x(&x, h, w, c, &mut up);
+            let xd = self.up(&x)?;
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let want: Vec<f32> = up.iter().map(|&v| round_half(v, precision)).collect();
+                let yd = self.zeros(up.len().div_ceil(2))?;
+                let ms = self.timed(
+                    || Ok(()),
+                    || k.upsample(st, xd.ptr, yd.ptr, n, h, w, c, Some(precision)),
+                )?;
+                let got = unpack_half(&yd.download(st)?, up.len(), precision);
+                self.row(
+                    format!("upsample2x forward, {precision} output"),
+                    format!("n{n} {h}x{w} c{c}"),
+                    &got,
+                    &want,
+                    ms,
+                );
+            }
+        }
         for accumulate in [false, true] {
             let dy = self.rand(4 * x.len(), -1.0, 1.0);
             let dx0 = if accumulate {
@@ -1254,6 +1282,14 @@ impl Tester<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// `v` rounded to the nearest `precision` (bf16 or fp16) value, as f32.
+fn round_half(v: f32, precision: Precision) -> f32 {
+    match precision {
+        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
+        _ => half::bf16::from_f32(v).to_f32(),
     }
 }
 

@@ -855,7 +855,14 @@ fn launch(
             p(ds),
             accumulate,
         ),
-        Step::Upsample { x, y, h, w, c } => k.upsample(st, p(x), p(y), n, h, w, c),
+        Step::Upsample {
+            x,
+            y,
+            h,
+            w,
+            c,
+            half_out,
+        } => k.upsample(st, p(x), p(y), n, h, w, c, half_out),
         Step::UpsampleBackward {
             dy,
             dx,
