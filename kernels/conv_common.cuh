@@ -5,7 +5,7 @@
 #include "common.cuh"
 
 struct ConvArgs {
-    const float* x;     // gather source [n, sh, sw, sc]
+    const float* x;     // gather source [n, sh, sw, sc]; 16-bit values for conv_tc.cu's _hin kernels
     const void* w;      // B, row-major, ncols wide: f32 (conv.cu), f32/bf16/f16 (conv_tc.cu)
     float* y;           // output [n, yh, yw, ncols]
     const float* bias;  // [ncols] or null

@@ -504,7 +504,9 @@ const BLOCK: u32 = 256;
 const TC_HIN_SMEM: u32 = 75_776;
 
 /// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default.
-fn allow_smem(f: CudaFunction, bytes: u32) -> Result<CudaFunction> {
+fn allow_smem(ctx: &CudaContext, f: CudaFunction, bytes: u32) -> Result<CudaFunction> {
+    // cudarc's set_attribute does not make the context current itself.
+    cu(ctx.bind_to_thread(), "binding the CUDA context")?;
     cu(
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -563,8 +565,8 @@ impl Kernels {
             conv_tc_tf32: get("conv_tc", "conv_tc_tf32")?,
             conv_tc_bf16: get("conv_tc", "conv_tc_bf16")?,
             conv_tc_fp16: get("conv_tc", "conv_tc_fp16")?,
-            conv_tc_bf16_hin: allow_smem(get("conv_tc", "conv_tc_bf16_hin")?, TC_HIN_SMEM)?,
-            conv_tc_fp16_hin: allow_smem(get("conv_tc", "conv_tc_fp16_hin")?, TC_HIN_SMEM)?,
+            conv_tc_bf16_hin: allow_smem(ctx, get("conv_tc", "conv_tc_bf16_hin")?, TC_HIN_SMEM)?,
+            conv_tc_fp16_hin: allow_smem(ctx, get("conv_tc", "conv_tc_fp16_hin")?, TC_HIN_SMEM)?,
             tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
             softmax_forward: get("attention", "softmax_forward")?,
@@ -1234,7 +1236,6 @@ impl Kernels {
 
     /// Nearest 2x upsampling of `[n, h, w, c]`, into fp32 or (`half_out`) 16-bit values for the
     /// tensor-core convolution it feeds.
-    #[allow(clippy::too_many_arguments)]
     #[allow(clippy::too_many_arguments)]
     pub fn upsample(
         &self,

@@ -495,7 +495,7 @@ impl Tester<'_> {
             )?;
             self.row(
                 named(format!(
-                    "conv{k}x{k} s{stride} forward{epi}, {precision} input, vs fp32 input [{}]",
+                    "conv{k}x{k} s{stride} forward{epi}, 16-bit vs fp32 input [{}]",
                     path(hin.kernel, hin.splits)
                 )),
                 desc.clone(),
