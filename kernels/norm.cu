@@ -215,6 +215,16 @@ extern "C" __global__ void gn_bwd_finalize(const double* partial, int n, int hw,
     means[n * groups + id] = (float)(q / count);
 }
 
+// rstd (g - mean(g) - xhat mean(g xhat)) for element i (image img, channel ch).
+DEVI float gn_bwd_value(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
+                        const float* beta, int n, int groups, int cg, int silu, long long i, int img, int ch) {
+    const int gi = img * groups + ch / cg;
+    const float rstd = stats[n * groups + gi];
+    float g, xhat;
+    grad_xhat(x[i], dy[i], stats[gi], rstd, gamma[ch], beta[ch], silu, g, xhat);
+    return rstd * (g - means[gi] - xhat * means[n * groups + gi]);
+}
+
 // dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise, grid-stride.
 extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
                                         const float* gamma, const float* beta, float* dx, int n, int hw, int c,
@@ -225,11 +235,28 @@ extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const f
     for (long long i = grid_start(); i < total; i += grid_stride()) {
         const int img = (int)(i / per);
         const int ch = (int)(i % c);
-        const int gi = img * groups + ch / cg;
-        const float rstd = stats[n * groups + gi];
-        float g, xhat;
-        grad_xhat(x[i], dy[i], stats[gi], rstd, gamma[ch], beta[ch], silu, g, xhat);
-        const float v = rstd * (g - means[gi] - xhat * means[n * groups + gi]);
+        const float v = gn_bwd_value(x, dy, stats, means, gamma, beta, n, groups, cg, silu, i, img, ch);
         dx[i] = accumulate ? dx[i] + v : v;
+    }
+}
+
+// gn_bwd_apply (overwriting) into bf16 (kind 1) or fp16 (kind 2), for an input gradient whose
+// only reader is a tensor-core convolution's input gradient (which would round it the same
+// way while staging it). Four channels per item: c % 4 == 0, 8-byte aligned dx.
+extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, const float* stats,
+                                             const float* means, const float* gamma, const float* beta, uint2* dx,
+                                             int n, int hw, int c, int groups, int silu, int kind) {
+    const long long per = (long long)hw * c;
+    const long long total4 = (long long)n * per / 4;
+    const int cg = c / groups;
+    for (long long e = grid_start(); e < total4; e += grid_stride()) {
+        const long long i = e * 4;
+        const int img = (int)(i / per);
+        const int ch = (int)(i % c);
+        float v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            v[j] = gn_bwd_value(x, dy, stats, means, gamma, beta, n, groups, cg, silu, i + j, img, ch + j);
+        dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
     }
 }

@@ -485,6 +485,7 @@ pub(crate) struct Kernels {
     gn_bwd_partial: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd_apply: CudaFunction,
+    gn_bwd_apply_half: CudaFunction,
     nchw_to_nhwc: CudaFunction,
     nhwc_to_nchw: CudaFunction,
     upsample2x: CudaFunction,
@@ -579,6 +580,7 @@ impl Kernels {
             gn_bwd_partial: get("norm", "gn_bwd_partial")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
+            gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,
@@ -1066,7 +1068,8 @@ impl Kernels {
         )
     }
 
-    /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`.
+    /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`; with `half_out`
+    /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it.
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm_backward(
         &self,
@@ -1082,7 +1085,15 @@ impl Kernels {
         dx: DPtr,
         silu: bool,
         accumulate: bool,
+        half_out: Option<Precision>,
     ) -> Result<()> {
+        if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0) {
+            return Err(Error::Cuda(format!(
+                "internal: 16-bit GroupNorm input gradient accumulating, with {} channels or \
+                 unaligned",
+                d.c
+            )));
+        }
         for (p, what) in [
             (x, "input"),
             (dy, "output gradient"),
@@ -1136,6 +1147,28 @@ impl Kernels {
             unsafe { b.launch(fin) }.map(drop),
             "launching gn_bwd_finalize",
         )?;
+        if let Some(precision) = half_out {
+            let kind = half_kind(precision)?;
+            let mut b = st.launch_builder(&self.gn_bwd_apply_half);
+            b.arg(&x)
+                .arg(&dy)
+                .arg(&stats)
+                .arg(&means)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&dx)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&silu)
+                .arg(&kind);
+            // SAFETY: x and dy are n x hw x c floats, dx room for as many 16-bit values.
+            return cu(
+                unsafe { b.launch(self.flat(n * hw * c / 4)) }.map(drop),
+                "launching gn_bwd_apply_half",
+            );
+        }
         let acc = accumulate as i32;
         let mut b = st.launch_builder(&self.gn_bwd_apply);
         b.arg(&x)

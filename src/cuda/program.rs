@@ -111,6 +111,9 @@ pub(crate) enum Step {
         partial: Buf,
         means: Buf,
         accumulate: bool,
+        /// `dx` holds 16-bit values in this precision (only a tensor-core input gradient reads
+        /// it; never accumulating).
+        half_out: Option<Precision>,
     },
     Attention {
         qkv: Buf,
@@ -349,6 +352,8 @@ struct Lowering<'g> {
     aux: Vec<Option<Buf>>,
     /// Per tensor: stored as 16-bit values in `precision` (see [`Program::build_with`]).
     half: Vec<bool>,
+    /// Per tensor: its gradient stored as 16-bit values in `precision`.
+    half_grad: Vec<bool>,
 }
 
 impl Program {
@@ -373,7 +378,9 @@ impl Program {
     /// the bf16/fp16 tensor-core kernel taking it as its main input: those kernels round their
     /// input to that precision anyway, so storing it rounded halves the traffic and changes no
     /// result; the backward pass never reads these values (GroupNorm's backward reads its
-    /// input, the convolutions' input gradients none).
+    /// input, the convolutions' input gradients none). Likewise in the backward pass for the
+    /// gradient a GroupNorm passes to the convolution before it, when that is its only
+    /// contribution and the convolution's input gradient (on tensor cores) its only reader.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,
@@ -402,9 +409,11 @@ impl Program {
             grad: vec![None; g.tensors.len()],
             aux: vec![None; g.ops.len()],
             half: vec![false; g.tensors.len()],
+            half_grad: vec![false; g.tensors.len()],
         };
         if half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
+            l.half_grad = l.half_gradients();
         }
         let cfg = &g.config;
         let sample = l.buf(n * cfg.in_channels * h * w, "input sample (NCHW)");
@@ -664,6 +673,47 @@ impl Lowering<'_> {
             half[y] = ok;
         }
         Ok(half)
+    }
+
+    /// Which gradients to store in 16 bits: that of a convolution's output whose only reader
+    /// is a GroupNorm (whose backward then writes the whole gradient at once) and whose
+    /// backward reads it only in tensor-core input-gradient launches (no residual, no division).
+    fn half_gradients(&self) -> Vec<bool> {
+        let g = self.g;
+        let mut half = vec![false; g.tensors.len()];
+        for op in &g.ops {
+            let Op::Conv {
+                x,
+                y,
+                kernel,
+                stride,
+                pad,
+                residual: None,
+                out_div,
+                ..
+            } = *op
+            else {
+                continue;
+            };
+            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y));
+            let only_norm = matches!(readers.next(), Some(Op::GroupNorm { x: nx, .. }) if *nx == y)
+                && readers.next().is_none();
+            let (h, w) = self.hw(x);
+            let tensor_cores =
+                ConvShape::backward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad)
+                    .iter()
+                    .all(|s| {
+                        plan_conv_at(s, self.sms, self.precision).kernel
+                            == ConvKernel::Tensor(self.precision)
+                    });
+            half[y] = only_norm
+                && tensor_cores
+                && out_div == 1.0
+                && y != g.output
+                && g.tensors[y].on_input_path
+                && g.tensors[x].on_input_path;
+        }
+        half
     }
 
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
@@ -988,6 +1038,7 @@ impl Lowering<'_> {
                             },
                             gx,
                         );
+                        s.launch.half_input = self.half_grad[y];
                         s.accumulate = acc;
                         self.steps.push(Step::Conv(s));
                     }
@@ -1010,7 +1061,24 @@ impl Lowering<'_> {
                 let (hw, c) = (h * w, self.ch(x));
                 let split = plan_norm(self.n, hw, c, self.sms);
                 let xb = self.val(x)?;
-                let (gx, acc) = self.grad_slot(x);
+                let half_out = self.half_grad[x].then_some(self.precision);
+                let (gx, acc) = if half_out.is_some() {
+                    if self.grad[x].is_some() {
+                        return Err(Error::Cuda(format!(
+                            "internal: 16-bit gradient of `{}` has another contribution",
+                            g.tensors[x].name
+                        )));
+                    }
+                    // Two 16-bit values per f32 slot.
+                    let b = self.buf(
+                        self.numel(x).div_ceil(2),
+                        &format!("d {} (16-bit)", g.tensors[x].name),
+                    );
+                    self.grad[x] = Some(b);
+                    (b, false)
+                } else {
+                    self.grad_slot(x)
+                };
                 let partial = self.buf(
                     split.partial_len(self.n, c),
                     "GroupNorm backward partial sums",
@@ -1037,6 +1105,7 @@ impl Lowering<'_> {
                     partial,
                     means,
                     accumulate: acc,
+                    half_out,
                 });
             }
             Op::Attention {
@@ -1142,8 +1211,8 @@ mod tests {
     }
 
     /// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
-    /// tensor-core launches are 16-bit, at half the length, and only those launches read
-    /// 16-bit inputs.
+    /// tensor-core launches, and the gradients GroupNorms pass back to such launches, are
+    /// 16-bit, at half the length, and only those launches read 16-bit inputs.
     #[test]
     fn sixteen_bit_groupnorm_outputs_feed_only_tensor_core_launches() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -1160,7 +1229,7 @@ mod tests {
                     half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16);
                 // Which buffers a GroupNorm wrote in 16 bits, and who reads them.
                 let mut half = vec![false; p.bufs.len()];
-                let (mut norms, mut upsamplings) = (0, 0);
+                let (mut norms, mut upsamplings, mut half_grads) = (0, 0, 0);
                 for s in &p.steps {
                     let (y, half_out, len) = match *s {
                         Step::GroupNorm {
@@ -1179,6 +1248,20 @@ mod tests {
                         } => {
                             upsamplings += 1;
                             (y, half_out, p.n * 4 * h * w * c)
+                        }
+                        Step::GroupNormBackward {
+                            dx,
+                            half_out,
+                            accumulate,
+                            hw,
+                            c,
+                            ..
+                        } => {
+                            if half_out.is_some() {
+                                assert!(!accumulate);
+                                half_grads += 1;
+                            }
+                            (dx, half_out, p.n * hw * c)
                         }
                         _ => continue,
                     };
@@ -1210,8 +1293,11 @@ mod tests {
                     // attention's q/k/v product on tensor cores, except the last, which feeds
                     // the 3-channel output convolution (fp32 kernel); every upsampling feeds
                     // its block's convolution.
+                    // Backward: the gradient of each residual block's first convolution (32
+                    // blocks), which only its second GroupNorm reads.
                     assert_eq!(upsamplings, 5);
-                    assert_eq!(halves, norms - 1 + upsamplings, "{precision}");
+                    assert_eq!(half_grads, 32);
+                    assert_eq!(halves, norms - 1 + upsamplings + half_grads, "{precision}");
                     assert_eq!(readers, halves);
                 } else {
                     assert_eq!(halves, 0);

@@ -818,17 +818,59 @@ impl Tester<'_> {
                         dx_ptr,
                         silu,
                         accumulate,
+                        None,
                     )
                 },
             )?;
             let got = dxd.download(st)?;
             self.row(
                 format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
-                desc,
+                desc.clone(),
                 &got,
                 &want_dx,
                 ms,
             );
+            // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient:
+            // within the format's unit roundoff, as for the forward.
+            if c % 4 == 0 {
+                let mut want = vec![0.0; x.len()];
+                norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
+                for (precision, u) in [
+                    (Precision::Bf16, 2f64.powi(-8)),
+                    (Precision::Fp16, 2f64.powi(-11)),
+                ] {
+                    let hd = self.zeros(x.len().div_ceil(2))?;
+                    let ms = self.timed(
+                        || Ok(()),
+                        || {
+                            gpu.kernels.group_norm_backward(
+                                st,
+                                nd,
+                                xd.ptr,
+                                dyd.ptr,
+                                gd.ptr,
+                                bd.ptr,
+                                sd.ptr,
+                                partial.ptr,
+                                means.ptr,
+                                hd.ptr,
+                                silu,
+                                false,
+                                Some(precision),
+                            )
+                        },
+                    )?;
+                    let got = unpack_half(&hd.download(st)?, x.len(), precision);
+                    self.row_within(
+                        format!("groupnorm{s} input-grad, {precision} output"),
+                        desc.clone(),
+                        &got,
+                        &want,
+                        ms,
+                        1.02 * u,
+                    );
+                }
+            }
         }
         Ok(())
     }

@@ -789,6 +789,7 @@ fn launch(
             partial,
             means,
             accumulate,
+            half_out,
         } => k.group_norm_backward(
             st,
             NormDims {
@@ -808,6 +809,7 @@ fn launch(
             p(dx),
             silu,
             accumulate,
+            half_out,
         ),
         Step::Attention {
             qkv,
