@@ -1,53 +1,270 @@
 #!/usr/bin/env bash
-# One run on a GPU machine (H100/H200) with the binary built elsewhere: correctness of the CUDA
-# path against the CPU path and against diffusers, and timings beside PyTorch's on the same card.
+# The one prepared script for a GPU session (H100/H200): correctness of the CUDA path, PyTorch's
+# timings and ours on the same card, and where our time goes per kernel, most important first:
+#   (a) invdiff selftest (every kernel and whole networks against the CPU path);
+#   (b) PyTorch + diffusers: dense bf16 matmul peak, fp32 b1 forward + DPS step, bf16 b1 forward +
+#       DPS step, bf16 b8 and b32 forward (also writes the weights and I/O that (e) checks against);
+#   (c) invdiff bench: fp32 b1 (forward + DPS step), fp32 b8, bf16 b1 (forward + DPS step), bf16
+#       b8 and b32 forward, with the measured peak passed as --peak-tflops;
+#   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
+#   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
+#       rows and the same two profiles, compared by kind with (d);
+#   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward;
+#   (e) full-size parity against diffusers (strict fp32) and 10-step DPS / PiGDM trajectories, GPU
+#       against CPU.
+# Expected wall time on an H100/H200 about 5-6 minutes (each phase's estimate is beside it); a
+# deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
+# so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
-# Prepare here (the GPU machine has no Rust and no network):
-#   export NVCC=$(scripts/install_nvcc.sh) && cargo build --release
+# Prepare on the development machine (the GPU machine has no Rust and no network):
+#   export NVCC=/work/venvs/nvcc/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc  # or $(scripts/install_nvcc.sh)
+#   cargo build --release --locked && cargo bench --bench kernels_cuda --no-run --locked
 #   mkdir -p out && strip -o out/invdiff target/release/invdiff
-#   cp path/to/diffusers-*.whl path/to/importlib_metadata-*.whl out/   # diffusers for the baseline
-# then run `scripts/device_check.sh` there (with `out` carried). Logs go to $OUT (or /tmp/devcheck).
+#   strip -o out/kernels_cuda "$(ls -t target/release/deps/kernels_cuda-* | grep -v '\.d$' | head -n 1)"  # optional
+#   cp /work/shared/gpu/wheels/*.whl out/     # diffusers + importlib_metadata, for torch_baseline.py
+#   strip -o out/invdiff-next OTHER_TREE/target/release/invdiff                  # optional
+# then run `scripts/device_check.sh` there with `out` carried. What travels must stay under 64 MiB:
+# the tree ~21 MB, invdiff ~10 MB, wheels 6.4 MB, kernels_cuda ~7 MB, invdiff-next ~10 MB.
+#
+# Results: $OUT (or /tmp/devcheck-out) holds at most 8 files (all the device tool brings back),
+# rewritten after every phase so that a run cut short still returns what it measured:
+#   summary.txt                  the compact summary, also printed at the end
+#   devcheck.tar.gz              every log and JSON of the run (work folder /tmp/devcheck)
+#   selftest.txt                 invdiff selftest
+#   torch.json                   PyTorch: "bf16 matmul 8192^3 tflops", "<dtype> b<N> fwd|dps ms"
+#   bench.jsonl                  our bench JSONs, one per line: {"name": ..., "result": {...}}
+#   profile_bf16_b8_fwd.json, profile_bf16_b1_dps.json
+#                                per-step profiles (invdiff bench --profile --json); read one by
+#                                shape with `cargo bench --bench kernels_cuda -- --dry-run
+#                                [--record --batch 1] --baseline FILE`
+#   kernels_bf16_b8.json         the kernel benchmark's rows (only with out/kernels_cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-out/invdiff}
-LOG=${OUT:-/tmp/devcheck}
-mkdir -p "$LOG"
+NEXT=${NEXT:-out/invdiff-next}
+KBENCH=${KBENCH:-out/kernels_cuda}
+RES=${OUT:-/tmp/devcheck-out}
+W=${WORK:-/tmp/devcheck}
+DEADLINE=${DEADLINE:-510}
+STEPS=${STEPS:-20}
+if [ ! -x "$BIN" ]; then
+    echo "device_check: no $BIN; build it and copy it there first (see the header of this script)" >&2
+    exit 2
+fi
+rm -rf "$W" && mkdir -p "$W" "$RES"
 summary=()
-note() { summary+=("$1"); echo "== $1"; }
 
-python3 -m pip install -q --no-index --no-deps --target /tmp/site out/*.whl && export PYTHONPATH=/tmp/site
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$LOG/gpu.txt"
-"$BIN" doctor | tee "$LOG/doctor.txt"
+# Files under $RES, rewritten after each phase.
+sync_out() {
+    printf '%s\n' "${summary[@]}" > "$RES/summary.txt"
+    tar -czf "$RES/devcheck.tar.gz" -C "$W" . 2>/dev/null
+}
+note() { summary+=("$1"); echo "== $1"; printf '%s\n' "${summary[@]}" > "$RES/summary.txt"; }
+# run LIMIT LOG CMD...: CMD with a timeout of LIMIT seconds or what is left before the deadline
+# (less a reserve for the summary), output appended to $W/LOG; 124 = timed out, 125 = skipped.
+run() {
+    local limit=$1 log=$2
+    shift 2
+    local t=$((DEADLINE - SECONDS - 15))
+    ((t > limit)) && t=$limit
+    if ((t < 10)); then
+        echo "skipped (deadline): $*" >> "$W/$log"
+        return 125
+    fi
+    echo "\$ $* [timeout ${t}s, at ${SECONDS}s]" >> "$W/$log"
+    timeout -k 5 "$t" "$@" >> "$W/$log" 2>&1
+}
+py() { python3 - "$@"; }
 
-# 1. Every kernel and the whole network against the CPU path.
-"$BIN" selftest --device cuda > "$LOG/selftest.txt" 2>&1
-rc=$?; tail -n 1 "$LOG/selftest.txt"; grep FAILED "$LOG/selftest.txt" | head -n 20
-note "selftest: exit $rc, $(tail -n 1 "$LOG/selftest.txt")"
+# One-line readings of the JSON files (python3 is there for PyTorch anyway).
+torch_line() {
+    py "$1" <<'PY' 2>&1
+import json, sys
+r = json.load(open(sys.argv[1]))
+print("; ".join(f"{k} {v:.1f}" for k, v in r.items()))
+PY
+}
+peak_of() {
+    py "$1" <<'PY' 2>/dev/null
+import json, sys
+print(round(json.load(open(sys.argv[1]))["bf16 matmul 8192^3 tflops"], 1))
+PY
+}
+jsonl_line() { # jsonl_line NAME FILE
+    py "$1" "$2" <<'PY'
+import json, sys
+print(json.dumps({"name": sys.argv[1], "result": json.load(open(sys.argv[2]))}))
+PY
+}
+brief() { # one line from a bench JSON
+    py "$1" <<'PY' 2>&1
+import json, sys
+r = json.load(open(sys.argv[1]))
+out = []
+for k, pre, name in (("ms_per_forward", "", "fwd"), ("ms_per_dps_step", "dps_", "dps")):
+    if k in r:
+        f = r.get(pre + "fraction_of_peak")
+        out.append(f"{name} {r[k]:.2f} ms, {r[pre + 'images_per_s']:.1f} img/s, "
+                   f"{r[pre + 'tflops_per_s']:.1f} TFLOP/s" + (f", {100 * f:.1f}% of peak" if f else ""))
+print("; ".join(out))
+PY
+}
+profile_line() {
+    py "$1" <<'PY' 2>&1
+import json, sys
+r = json.load(open(sys.argv[1]))
+for key in ("profile_forward", "profile_dps"):
+    p = r.get(key)
+    if not p:
+        continue
+    graph = p["graph_forward_ms"] + (p["graph_backward_ms"] or 0)
+    steps = sum(s["ms"] for s in p["steps"])
+    kinds = sorted(p["by_kind"], key=lambda g: -g["ms"])[:6]
+    print(f"graph {graph:.2f} ms, sum of steps {steps:.2f} ms, late chunks {p['late_chunks']}; "
+          + ", ".join(f"{g['kind']} {g['ms']:.2f} ({100 * g['ms'] / steps:.0f}%)" for g in kinds))
+PY
+}
+compare_kinds() { # compare_kinds A.json B.json: ms by kind, this build against the next
+    py "$1" "$2" <<'PY' 2>&1
+import json, sys
+def kinds(path):
+    r = json.load(open(path))
+    p = r.get("profile_forward") or r.get("profile_dps")
+    return {g["kind"]: g["ms"] for g in p["by_kind"]}
+a, b = kinds(sys.argv[1]), kinds(sys.argv[2])
+rows = sorted(a, key=lambda k: -a[k])[:8]
+print("; ".join(f"{k} {a[k]:.2f} -> {b.get(k, float('nan')):.2f}" for k in rows))
+PY
+}
 
-# 2. Full size against diffusers (strict fp32 on this GPU), and PyTorch's timings.
-python3 scripts/torch_baseline.py --save-model /tmp/m --dump-io /tmp/io --batch 1 8 \
-    --dtype fp32 tf32 bf16 --dps --json "$LOG/torch.json" > "$LOG/torch.txt" 2>&1
-note "torch: $(tr '\n' ' ' < "$LOG/torch.txt" | grep -o 'fp32 b1 fwd ms[^a-z]*' | head -c 60)"
-"$BIN" eps --model /tmp/m --input /tmp/io/in.safetensors --output /tmp/io/ours.safetensors --device cuda
-"$BIN" compare /tmp/io/ours.safetensors /tmp/io/expect.safetensors --tolerance 1e-5 | tee "$LOG/parity.txt"
-note "full-size parity vs diffusers (exit ${PIPESTATUS[0]}): $(tr '\n' ';' < "$LOG/parity.txt")"
+# Setup (~10 s).
+python3 -m pip install -q --no-index --no-deps --target /tmp/site out/*.whl > "$W/setup.txt" 2>&1 \
+    && export PYTHONPATH=/tmp/site
+nvidia-smi >> "$W/setup.txt" 2>&1
+"$BIN" doctor >> "$W/setup.txt" 2>&1
+note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"
+note "binary: $(ls -l "$BIN" | awk '{print $5}') bytes; next: $([ -x "$NEXT" ] && echo yes || echo no); kernels_cuda: $([ -x "$KBENCH" ] && echo yes || echo no)"
 
-# 3. Our timings (device-resident, CUDA events).
-for b in 1 8; do
-    "$BIN" bench --model /tmp/m --device cuda --batch $b --steps 30 --json "$LOG/bench_b$b.json" | tee -a "$LOG/bench.txt"
+# (a) Every kernel and the whole network against the CPU path (~60 s).
+selftest() { # selftest NAME BINARY
+    local t0=$SECONDS
+    run 240 "$1.txt" "$2" selftest --device cuda
+    local rc=$?
+    note "$1 (exit $rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
+    while read -r l; do note "  $l"; done < <(grep FAILED "$W/$1.txt" | head -n 8 | cut -c 1-120)
+}
+selftest selftest "$BIN"
+cp "$W/selftest.txt" "$RES/selftest.txt"
+sync_out
+
+# (b) PyTorch on the same card (~45 s): its matmul peak first, results saved after each case.
+t0=$SECONDS
+run 200 torch.txt python3 scripts/torch_baseline.py --save-model /tmp/m --dump-io /tmp/io --matmul-peak \
+    --cases fp32:1:dps bf16:1:dps bf16:8 bf16:32 --reps 20 --json "$W/torch.json"
+rc=$?
+cp "$W/torch.json" "$RES/torch.json" 2>/dev/null
+line="no result (see torch.txt)"
+[ -s "$W/torch.json" ] && line=$(torch_line "$W/torch.json")
+note "torch (exit $rc, $((SECONDS - t0)) s): $line"
+PEAK=$(peak_of "$W/torch.json")
+PEAK_ARG=()
+[ -n "$PEAK" ] && PEAK_ARG=(--peak-tflops "$PEAK")
+note "peak passed to our bench: ${PEAK:-none, so the figure built into invdiff if it knows the card}"
+sync_out
+
+# (c) Our timings, device-resident, CUDA events (~35 s).
+bench() { # bench NAME BINARY ARGS...
+    local name=$1 bin=$2 t0=$SECONDS
+    shift 2
+    run 120 bench.txt "$bin" bench --device cuda --steps "$STEPS" ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} \
+        --json "$W/bench_$name.json" "$@"
+    local rc=$?
+    if [ -s "$W/bench_$name.json" ]; then
+        jsonl_line "$name" "$W/bench_$name.json" >> "$RES/bench.jsonl"
+        local line
+        line=$(brief "$W/bench_$name.json")
+        note "ours $name (exit $rc, $((SECONDS - t0)) s): $line"
+    else
+        note "ours $name: exit $rc, no result (see bench.txt)"
+    fi
+}
+bench fp32_b1 "$BIN" --precision fp32 --batch 1 --what both
+bench fp32_b8 "$BIN" --precision fp32 --batch 8 --what forward
+bench bf16_b1 "$BIN" --precision bf16 --batch 1 --what both
+bench bf16_b8 "$BIN" --precision bf16 --batch 8 --what forward
+bench bf16_b32 "$BIN" --precision bf16 --batch 32 --what forward
+sync_out
+
+# (d) Where the time goes: every step timed (~25 s).
+profile() { # profile NAME BINARY ARGS...
+    local name=$1 bin=$2 t0=$SECONDS
+    shift 2
+    run 150 "profile_$name.txt" "$bin" bench --device cuda --precision bf16 --steps "$STEPS" --profile \
+        ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} --json "$W/profile_$name.json" "$@"
+    local rc=$?
+    local line="no result (see profile_$name.txt)"
+    [ -s "$W/profile_$name.json" ] && line=$(profile_line "$W/profile_$name.json")
+    note "profile $name (exit $rc, $((SECONDS - t0)) s): $line"
+}
+profile bf16_b8_fwd "$BIN" --batch 8 --what forward
+profile bf16_b1_dps "$BIN" --batch 1 --what dps
+for f in profile_bf16_b8_fwd.json profile_bf16_b1_dps.json; do
+    cp "$W/$f" "$RES/$f" 2>/dev/null
 done
-note "ours: $(grep -E 'forward|dps' "$LOG/bench.txt" | tr -s ' ' | tr '\n' ';')"
+sync_out
 
-# 4. Ten steps of DPS and of PiGDM on a real sample: GPU against CPU, same seed.
+# (n) A second build, when there is one (~100 s).
+if [ -x "$NEXT" ]; then
+    selftest next_selftest "$NEXT"
+    sync_out
+    bench next_bf16_b1 "$NEXT" --precision bf16 --batch 1 --what both
+    bench next_bf16_b8 "$NEXT" --precision bf16 --batch 8 --what forward
+    bench next_bf16_b32 "$NEXT" --precision bf16 --batch 32 --what forward
+    profile next_bf16_b8_fwd "$NEXT" --batch 8 --what forward
+    profile next_bf16_b1_dps "$NEXT" --batch 1 --what dps
+    for p in bf16_b8_fwd bf16_b1_dps; do
+        if [ -s "$W/profile_$p.json" ] && [ -s "$W/profile_next_$p.json" ]; then
+            line=$(compare_kinds "$W/profile_$p.json" "$W/profile_next_$p.json")
+            note "by kind, ms, this -> next, $p: $line"
+        fi
+    done
+    sync_out
+fi
+
+# (k) The kernel benchmark by shape, when its binary came along (~15 s).
+if [ -x "$KBENCH" ]; then
+    t0=$SECONDS
+    run 90 kernels.txt "$KBENCH" --batch 8 --precision bf16 --iters "$STEPS" ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} \
+        --save "$W/kernels_bf16_b8.json"
+    note "kernels_cuda bf16 b8 (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(graph replay|direct launches)' "$W/kernels.txt" | cut -c 1-160)"
+    cp "$W/kernels_bf16_b8.json" "$RES/" 2>/dev/null
+    sync_out
+fi
+
+# (e) Full size against diffusers on the same weights (strict fp32), and ten steps of DPS and of
+# PiGDM on a real sample, GPU against CPU with the same seed (~45 s).
+if [ -f /tmp/io/in.safetensors ] && [ -f /tmp/io/expect.safetensors ]; then
+    run 120 parity.txt "$BIN" eps --model /tmp/m --input /tmp/io/in.safetensors \
+        --output /tmp/io/ours.safetensors --device cuda
+    run 60 parity_compare.txt "$BIN" compare /tmp/io/ours.safetensors /tmp/io/expect.safetensors --tolerance 1e-5
+    note "full-size parity vs diffusers (exit $?): $(grep -v '^\$' "$W/parity_compare.txt" | tr '\n' ';')"
+else
+    note "full-size parity vs diffusers: skipped (the PyTorch phase wrote no reference)"
+fi
+MODEL_ARG=()
+[ -f /tmp/m/config.json ] && MODEL_ARG=(--model /tmp/m)
 for m in dps pigdm; do
     for d in cuda cpu; do
-        "$BIN" restore --model /tmp/m --method $m --measurement tests/data/ffhq-deblur/0.safetensors \
-            --steps 10 --seed 3 --output "/tmp/traj_${m}_$d.safetensors" --device $d > "$LOG/traj_${m}_$d.txt" 2>&1
+        run 150 "traj_${m}_$d.txt" "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method $m \
+            --measurement tests/data/ffhq-deblur/0.safetensors --steps 10 --seed 3 \
+            --output "/tmp/traj_${m}_$d.safetensors" --device $d
     done
-    "$BIN" compare "/tmp/traj_${m}_cuda.safetensors" "/tmp/traj_${m}_cpu.safetensors" --tolerance 1e-4 | tee "$LOG/traj_$m.txt"
-    note "trajectory $m GPU vs CPU (exit ${PIPESTATUS[0]}): $(head -n 1 "$LOG/traj_$m.txt")"
+    run 60 "traj_$m.txt" "$BIN" compare "/tmp/traj_${m}_cuda.safetensors" "/tmp/traj_${m}_cpu.safetensors" --tolerance 1e-4
+    note "trajectory $m GPU vs CPU (exit $?): $(grep -v '^\$' "$W/traj_$m.txt" | head -n 2 | tr '\n' ';')"
 done
 
-cp "$LOG"/*.txt "$LOG"/*.json /dev/null 2>/dev/null
-echo; echo "==================== summary"; printf '%s\n' "${summary[@]}"
-cat "$LOG/torch.txt" | tail -n 12
+note "done in ${SECONDS} s"
+sync_out
+echo
+echo "==================== summary"
+printf '%s\n' "${summary[@]}"

@@ -4,10 +4,15 @@
 timing on a GPU (or on the CPU).  Random weights: speed does not depend on their values.
 
   python3 torch_baseline.py [--device cuda|cpu] [--batch 1 8 32] [--dtype fp32 tf32 bf16 fp16]
-                            [--dps] [--compile] [--config CONFIG.json] [--save-model DIR] [--json OUT.json]
+                            [--dps] [--cases DTYPE:BATCH[:dps] ...] [--matmul-peak] [--compile]
+                            [--config CONFIG.json] [--save-model DIR] [--json OUT.json]
 
 Times, per (dtype, batch): one UNet forward (no grad) and, with --dps, one DPS step's network work
 (forward + gradient of a scalar w.r.t. the input only).  Median of CUDA-event timings after warm-up.
+--cases lists the exact runs instead (e.g. `fp32:1:dps bf16:8`: fp32 batch 1 forward and DPS step,
+bf16 batch 8 forward only); `--cases` with nothing after it times no network.
+--matmul-peak first times a dense bf16 8192x8192x8192 matmul on the GPU (median of CUDA events over
+groups of 10 products) and reports the card's measured bf16 rate, "bf16 matmul 8192^3 tflops".
 --save-model writes the random weights in diffusers layout (config.json + safetensors) so another
 engine can run on the very same weights; --dump-io writes an input and this model's output for them.
 Needs diffusers (see wheels/ beside this file for offline installation).
@@ -42,12 +47,47 @@ def timer(dev, fn, n, warm):
     return statistics.median(ts)
 
 
+MATMUL_N = 8192
+
+
+def matmul_peak(reps):
+    """Dense bf16 matmul rate: ms per 8192^3 product and TFLOP/s (2 n^3 FLOPs per product)."""
+    n = MATMUL_N
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    c = torch.empty(n, n, device="cuda", dtype=torch.bfloat16)
+    group = 10
+
+    def products():
+        for _ in range(group):
+            torch.mm(a, b, out=c)
+
+    ms = timer("cuda", products, reps, 3) / group
+    return ms, 2 * n ** 3 / ms / 1e9
+
+
+def parse_cases(items):
+    """`DTYPE:BATCH[:dps]` -> [(dtype, batch, dps)]."""
+    out = []
+    for it in items:
+        parts = it.split(":")
+        batch = parts[1].lstrip("b") if len(parts) > 1 else ""
+        if (len(parts) not in (2, 3) or parts[0] not in DT or not batch.isdigit() or int(batch) < 1
+                or (len(parts) == 3 and parts[2] != "dps")):
+            raise SystemExit(f"--cases: `{it}` is not DTYPE:BATCH[:dps] with DTYPE in {sorted(DT)}")
+        out.append((parts[0], int(batch), len(parts) == 3))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--dtype", nargs="+", default=["tf32", "fp32", "bf16"])
     ap.add_argument("--dps", action="store_true")
+    ap.add_argument("--cases", nargs="*", metavar="DTYPE:BATCH[:dps]")
+    ap.add_argument("--matmul-peak", action="store_true")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--config")
     ap.add_argument("--seed", type=int, default=0)
@@ -56,6 +96,10 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json")
     a = ap.parse_args()
+    if a.cases is not None:
+        cases = parse_cases(a.cases)
+    else:
+        cases = [(d, bs, a.dps) for d in a.dtype for bs in a.batch]
     cfg = CELEBAHQ
     if a.config:
         cfg = {k: v for k, v in json.load(open(a.config)).items() if not k.startswith("_")}
@@ -86,7 +130,22 @@ def main():
         save_file({"eps": eps.detach().cpu().contiguous(), "grad": grad.cpu().contiguous()},
                   os.path.join(a.dump_io, "expect.safetensors"))
     res = {}
-    for name in a.dtype:
+
+    def save():  # after every result, so that a run cut short keeps what it measured
+        if a.json:
+            json.dump(res, open(a.json, "w"), indent=1)
+
+    if a.matmul_peak:
+        if dev == "cuda":
+            ms, tflops = matmul_peak(max(5, a.reps))
+            res[f"bf16 matmul {MATMUL_N}^3 ms"] = ms
+            res[f"bf16 matmul {MATMUL_N}^3 tflops"] = tflops
+            print(f"bf16 matmul {MATMUL_N}^3: {ms:.3f} ms, {tflops:.1f} TFLOP/s "
+                  f"(median of {max(5, a.reps)} groups of 10)", flush=True)
+            save()
+        else:
+            print("--matmul-peak: GPU only, skipped", flush=True)
+    for name in dict.fromkeys(d for d, _, _ in cases):
         if dev == "cuda":
             torch.backends.cudnn.allow_tf32 = name == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
@@ -97,7 +156,7 @@ def main():
             p.requires_grad_(False)
         if a.compile:
             m = torch.compile(m)
-        for bs in a.batch:
+        for _, bs, with_dps in (c for c in cases if c[0] == name):
             x = torch.randn(bs, cfg.get("in_channels", 3), hw, hw, device=dev, dtype=DT[name])
             t = torch.full((bs,), 500, device=dev)
 
@@ -113,11 +172,11 @@ def main():
 
             key = f"{name}{'+compile' if a.compile else ''} b{bs}"
             res[key + " fwd ms"] = timer(dev, fwd, a.reps, 3)
-            if a.dps:
+            if with_dps:
                 res[key + " dps ms"] = timer(dev, dps, max(3, a.reps // 2), 2)
             print({k: round(v, 3) for k, v in res.items() if k.startswith(key)}, flush=True)
-    if a.json:
-        json.dump(res, open(a.json, "w"), indent=1)
+            save()
+    save()
     for k, v in res.items():
         print(f"{k:32s} {v:10.3f}")
 

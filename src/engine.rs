@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu::{CpuUnet, Tape};
-use crate::cuda::{self, CudaUnet, Precision};
+use crate::cuda::{self, CudaUnet, Precision, Profile};
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
@@ -206,6 +206,24 @@ impl Engine {
             Backend::Cpu { .. } => None,
             Backend::Cuda(u) if vjp => Some(u.time_forward_vjp(n, h, w, iters)),
             Backend::Cuda(u) => Some(u.time_forward(n, h, w, iters)),
+        }
+    }
+
+    /// Per-step GPU times of one forward (and, with `vjp`, forward + input gradient) call of a
+    /// batch of `n` `h x w` images kept on the device, with the graph replay of the same passes
+    /// beside them ([`CudaUnet::profile`]): only for GPU engines (`None` on the CPU, whose
+    /// per-op times `INVDIFF_PROFILE=1` prints).
+    pub fn profile_on_device(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        iters: usize,
+        vjp: bool,
+    ) -> Option<Result<Profile>> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => None,
+            Backend::Cuda(u) => Some(u.profile(n, h, w, vjp, iters)),
         }
     }
 }

@@ -277,3 +277,28 @@ fn cli_restore_rejects_bad_measurements() {
     let err = restore_fails("dps", &inputs, &d, &["--truth", one.to_str().unwrap()]);
     assert_mentions(&err, &["2 measurements but 1 ground-truth"]);
 }
+
+/// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own
+/// per-op timing instead of a silent no-op; a peak rate must be positive.
+#[test]
+fn cli_bench_profile_is_gpu_only() {
+    let model = fixture("models/google_tiny");
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "bench",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        cli_fails(&args)
+    };
+    let err = bench(&["--profile"]);
+    assert_mentions(
+        &err,
+        &["--profile", "CUDA device", "CPU", "INVDIFF_PROFILE=1"],
+    );
+    let err = bench(&["--peak-tflops=0"]);
+    assert_mentions(&err, &["--peak-tflops 0", "positive"]);
+}

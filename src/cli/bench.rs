@@ -2,15 +2,20 @@
 //!
 //! Times the forward pass and one DPS step's network work (forward + input gradient) on random
 //! inputs (on the CPU the median over `--steps` calls after one warm-up call; on a GPU the mean
-//! of `--steps` device-event-timed calls on device-resident data after warm-up), and reports ms per call,
-//! images/s and achieved GFLOP/s (FLOPs as PyTorch counts them: matrix products only).
+//! of `--steps` device-event-timed calls on device-resident data after warm-up), and reports ms
+//! per call, images/s and achieved GFLOP/s or TFLOP/s (FLOPs as PyTorch counts them: matrix
+//! products only), and on a GPU the fraction of the card's measured dense bf16 rate
+//! (`--peak-tflops`, or the measured figure this build knows for the card).
 //! `--precision tf32|bf16|fp16` runs the convolutions on tensor cores (GPU only).
+//! `--profile` (GPU only) then times every step of the same passes
+//! ([`CudaUnet::profile`](invdiff::cuda::CudaUnet::profile)) and prints them by kind and the
+//! most expensive single steps.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use invdiff::cuda::Precision;
+use invdiff::cuda::{peak_rate, PeakRate, Precision, Profile};
 use invdiff::engine::{DeviceChoice, Engine};
 use invdiff::{Error, Result, Tensor};
 
@@ -39,9 +44,19 @@ pub struct Args {
     /// accumulation and everything else stay fp32).
     #[arg(long, default_value = "fp32", value_parser = parse_precision)]
     precision: Precision,
-    /// Also write the figures as one JSON object to this file.
+    /// Also write the figures as one JSON object to this file (with `--profile`, every step).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the timings, time every step of the same passes on the GPU (CUDA events between
+    /// directly launched steps, `--steps` iterations) and print them by kind and the 15 most
+    /// expensive steps. GPU only: on the CPU, INVDIFF_PROFILE=1 prints time per op kind.
+    #[arg(long)]
+    profile: bool,
+    /// The card's dense bf16 rate in TFLOP/s (e.g. from `scripts/torch_baseline.py
+    /// --matmul-peak`), for the fraction of peak; default: the measured figure this build knows
+    /// for the card, if any.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +128,22 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(n) = engine.notice() {
         eprintln!("invdiff: {n}");
     }
+    if a.profile && engine.is_cpu() {
+        return Err(Error::input(
+            "--profile times each GPU launch and needs a CUDA device, but this bench runs on \
+             the CPU; there, INVDIFF_PROFILE=1 prints time per op kind after each pass",
+        ));
+    }
+    // The rate to report fractions of: the flag, or on a GPU a measured figure for the card.
+    let (peak, no_peak): (Option<PeakRate>, Option<String>) = match (engine.is_cpu(), a.peak_tflops)
+    {
+        (true, None) => (None, None),
+        (_, flag) => match peak_rate(flag, &engine.device_name()) {
+            Ok(p) => (Some(p), None),
+            Err(why) if flag.is_some() => return Err(Error::input(why)),
+            Err(why) => (None, Some(why)),
+        },
+    };
     let n = a.batch;
     let shape = [n, cfg.in_channels, h, w];
     let count: usize = shape.iter().product();
@@ -141,15 +172,27 @@ pub fn run(a: Args) -> Result<()> {
         "steps": a.steps,
         "version": env!("CARGO_PKG_VERSION"),
     });
+    if let Some(p) = &peak {
+        println!("peak: {:.0} TFLOP/s ({})", p.tflops, p.source);
+        json["peak_tflops"] = p.tflops.into();
+        json["peak_source"] = p.source.clone().into();
+    }
+    if let Some(why) = &no_peak {
+        println!("fraction of peak: not reported ({why})");
+        json["peak_note"] = why.clone().into();
+    }
     let on_cpu = engine.is_cpu();
+    let fraction = |flops: f64, ms: f64| peak.as_ref().map(|p| flops / ms / 1e9 / p.tflops);
     let report = |label: &str, ms: f64, flops: f64| {
         let rate = if on_cpu {
             format!("{:>9.1} GFLOP/s", flops / ms / 1e6)
         } else {
             format!("{:>9.2} TFLOP/s", flops / ms / 1e9)
         };
+        let of_peak =
+            fraction(flops, ms).map_or(String::new(), |f| format!(" {:>6.1}% of peak", 100.0 * f));
         println!(
-            "{label:<24} {ms:>10.2} ms/call {:>9.3} images/s {rate}",
+            "{label:<24} {ms:>10.2} ms/call {:>9.3} images/s {rate}{of_peak}",
             n as f64 * 1e3 / ms
         );
     };
@@ -163,6 +206,8 @@ pub fn run(a: Args) -> Result<()> {
         json["ms_per_forward"] = ms.into();
         json["images_per_s"] = (n as f64 * 1e3 / ms).into();
         json["gflops_per_s"] = (flops / ms / 1e6).into();
+        json["tflops_per_s"] = (flops / ms / 1e9).into();
+        json["fraction_of_peak"] = fraction(flops, ms).into();
         if let (true, Some(p)) = (engine.is_cpu(), peak_rss()) {
             json["peak_rss_bytes_forward"] = p.into();
         }
@@ -178,7 +223,24 @@ pub fn run(a: Args) -> Result<()> {
         let flops = g.forward_vjp_flops(n, h, w);
         report("dps step (fwd + vjp)", ms, flops);
         json["ms_per_dps_step"] = ms.into();
+        json["dps_images_per_s"] = (n as f64 * 1e3 / ms).into();
         json["dps_gflops_per_s"] = (flops / ms / 1e6).into();
+        json["dps_tflops_per_s"] = (flops / ms / 1e9).into();
+        json["dps_fraction_of_peak"] = fraction(flops, ms).into();
+    }
+    if a.profile {
+        for (vjp, name) in [(false, "forward"), (true, "dps")] {
+            if (vjp && a.what == What::Forward) || (!vjp && a.what == What::Dps) {
+                continue;
+            }
+            let p = engine
+                .profile_on_device(n, h, w, a.steps, vjp)
+                .expect("a GPU engine (checked above)")?;
+            print_profile(&p, peak.as_ref());
+            let mut v = serde_json::to_value(&p).expect("serialisable");
+            v["by_kind"] = serde_json::to_value(p.by_kind()).expect("serialisable");
+            json[format!("profile_{name}")] = v;
+        }
     }
     if let (true, Some(p)) = (engine.is_cpu(), peak_rss()) {
         println!("peak resident memory: {:.2} GB", p as f64 / 1e9);
@@ -189,4 +251,118 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
     }
     Ok(())
+}
+
+/// Steps shown individually after the table by kind.
+const TOP_STEPS: usize = 15;
+
+/// The profile by kind (ms per network call, % of the steps' total, TFLOP/s), then the most
+/// expensive single steps with their labels.
+fn print_profile(p: &Profile, peak: Option<&PeakRate>) {
+    let total = p.step_ms();
+    let pass = if p.record { "forward + vjp" } else { "forward" };
+    let replay = if p.graphs {
+        "graph replay"
+    } else {
+        "direct launches"
+    };
+    println!();
+    println!(
+        "profile: {pass}, batch {}, {}x{}, {}, {} iterations, {} steps",
+        p.n,
+        p.h,
+        p.w,
+        p.precision,
+        p.iters,
+        p.steps.len()
+    );
+    let graph = p.graph_ms();
+    let split = p.graph_backward_ms.map_or(String::new(), |b| {
+        format!(" (forward {:.3} + backward {b:.3})", p.graph_forward_ms)
+    });
+    println!(
+        "  {replay}: {graph:.3} ms/call{split}; sum of steps: {total:.3} ms ({:+.1}%: the gaps \
+         between directly launched steps)",
+        100.0 * (total / graph - 1.0)
+    );
+    println!(
+        "  holds per iteration: {:.2} ms asked, {:.2} ms measured; chunks of steps the host \
+         enqueued late (0 is good): {}",
+        p.hold_ms, p.hold_measured_ms, p.late_chunks
+    );
+    let pct_peak = |t: f64| match peak {
+        Some(pk) if t > 0.0 => format!("{:>7.1}%", 100.0 * t / pk.tflops),
+        _ => format!("{:>8}", ""),
+    };
+    println!(
+        "  {:<26} {:>6} {:>10} {:>8} {:>9} {:>8}",
+        "kind", "steps", "ms/call", "% total", "TFLOP/s", "of peak"
+    );
+    for g in p.by_kind() {
+        let t = g.tflops();
+        println!(
+            "  {:<26} {:>6} {:>10.3} {:>7.1}% {:>9} {}",
+            g.kind,
+            g.calls,
+            g.ms,
+            100.0 * g.ms / total,
+            if t > 0.0 {
+                format!("{t:.1}")
+            } else {
+                "-".into()
+            },
+            pct_peak(t)
+        );
+    }
+    println!("  the {TOP_STEPS} most expensive steps:");
+    println!(
+        "  {:>5} {:<8} {:<24} {:>8} {:>9}  label",
+        "step", "pass", "kind", "ms", "TFLOP/s"
+    );
+    for s in p.top_steps(TOP_STEPS) {
+        let t = s.tflops();
+        println!(
+            "  {:>5} {:<8} {:<24} {:>8.3} {:>9}  {}",
+            s.index,
+            if s.pass == invdiff::cuda::Pass::Forward {
+                "forward"
+            } else {
+                "backward"
+            },
+            s.kind,
+            s.ms,
+            if t > 0.0 {
+                format!("{t:.1}")
+            } else {
+                "-".into()
+            },
+            s.label
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use invdiff::cuda::planned_steps;
+    use invdiff::model::Model;
+
+    /// The profile report on a planned program with made-up times: every line formats (no GPU).
+    #[test]
+    fn profile_report_formats() {
+        let model = Model::builtin_celebahq(0);
+        let mut p = planned_steps(&model.graph, 1, 64, 64, true, 132, Precision::Bf16).unwrap();
+        for (i, s) in p.steps.iter_mut().enumerate() {
+            s.ms = 0.001 * (1 + i % 7) as f64;
+        }
+        p.graph_forward_ms = 0.2;
+        p.graph_backward_ms = Some(0.4);
+        let peak = PeakRate {
+            tflops: 790.0,
+            source: "test".into(),
+        };
+        print_profile(&p, Some(&peak));
+        print_profile(&p, None);
+        assert_eq!(p.top_steps(TOP_STEPS).len(), TOP_STEPS);
+    }
 }

@@ -21,8 +21,8 @@ pub fn run(a: Args) -> Result<bool> {
     };
     let rows = cuda::selftest(ordinal)?;
     println!(
-        "{:<44} {:<40} {:>10} {:>9}  result",
-        "op", "shape", "rel L2", "ms"
+        "{:<44} {:<40} {:>10} {:>8} {:>9}  result",
+        "op", "shape", "rel L2", "limit", "ms"
     );
     let mut failed = 0;
     for r in &rows {
@@ -39,9 +39,8 @@ pub fn run(a: Args) -> Result<bool> {
         );
     }
     println!(
-        "{} checks, {failed} failed (relative L2 against the CPU path: {:.0e} per kernel, as listed for whole loops)",
-        rows.len(),
-        cuda::TOLERANCE
+        "{} checks, {failed} failed (relative L2 against the CPU path, each within its row's limit)",
+        rows.len()
     );
     Ok(failed == 0)
 }

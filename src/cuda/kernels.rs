@@ -16,7 +16,8 @@
 //!   grid-stride, capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 128 threads per
-//!   block, one per (image, group).
+//!   block, one per (image, group);
+//! - `timing_hold` (profiling only): one block of 32 threads.
 
 use std::sync::Arc;
 
@@ -496,6 +497,7 @@ pub(crate) struct Kernels {
     add_into: CudaFunction,
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
+    timing_hold: CudaFunction,
 }
 
 const BLOCK: u32 = 256;
@@ -591,6 +593,7 @@ impl Kernels {
             add_into: get("resample", "add_into")?,
             div_inplace: get("resample", "div_inplace")?,
             timestep_embedding: get("resample", "timestep_embedding")?,
+            timing_hold: get("timing", "timing_hold")?,
         })
     }
 
@@ -1486,6 +1489,19 @@ impl Kernels {
         cu(
             unsafe { b.launch(self.flat(n * dim.div_ceil(2).max(1))) }.map(drop),
             "launching timestep_embedding",
+        )
+    }
+
+    /// Keeps the stream busy for `ns` nanoseconds of device time (kernels/timing.cu): launched
+    /// ahead of a profiled iteration, it gives the host time to enqueue the iteration's launches
+    /// before the GPU reaches them.
+    pub fn hold(&self, st: &CudaStream, ns: u64) -> Result<()> {
+        let mut b = st.launch_builder(&self.timing_hold);
+        b.arg(&ns);
+        // SAFETY: the kernel reads and writes no memory.
+        cu(
+            unsafe { b.launch(cfg((1, 1, 1), (32, 1, 1))) }.map(drop),
+            "launching timing_hold",
         )
     }
 }

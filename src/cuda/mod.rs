@@ -9,6 +9,8 @@
 //! - `program`: the graph lowered to a list of launches at one shape (forward, and the
 //!   vector-Jacobian product after it when recording);
 //! - `plan`: liveness and packing of every buffer into one arena per shape;
+//! - `profile`: what each step is (kind, shape label, FLOPs) and the per-step timings of
+//!   [`CudaUnet::profile`];
 //! - `weights`: the parameters in the kernels' layouts;
 //! - [`CudaUnet`]: the executor (CUDA graphs, host and device-resident entry points, timing);
 //! - `sampler`: the whole sampling loop on the device (network, VJP, scheduler step, guidance),
@@ -24,6 +26,7 @@ mod device;
 mod kernels;
 mod plan;
 mod precision;
+mod profile;
 mod program;
 mod sampler;
 mod sampler_kernels;
@@ -35,6 +38,9 @@ mod weights;
 pub use device::{compiled_targets, kernels_compiled, probe, DeviceInfo, Probe};
 pub use plan::{plan_stats, PlanStats};
 pub use precision::Precision;
+pub use profile::{
+    measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
+};
 pub use selftest::{selftest, SelftestRow, TOLERANCE};
 pub use unet::CudaUnet;
 

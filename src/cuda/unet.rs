@@ -6,7 +6,7 @@
 //! the backward) launches as CUDA graphs on the backend's own stream. Every later call at that
 //! shape only copies the input in, replays, and copies the result out: no allocation and no
 //! synchronisation in between. `INVDIFF_NO_CUDA_GRAPH=1` runs the same launches uncaptured,
-//! for debugging.
+//! for debugging. [`CudaUnet::profile`] times the same launches one by one.
 //!
 //! Recording mode keeps, like the CPU backend, only what the backward pass reads (GroupNorm
 //! inputs and statistics, the fused q/k/v and the attention probabilities); the plan's lifetimes
@@ -15,12 +15,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaGraph, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaGraph, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::device::{cu, Gpu};
 use super::kernels::{at, ConvPtrs, DPtr, Gemm, Kernels, NormDims};
 use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
+use super::profile::Profile;
 use super::program::{Buf, Program, Step};
 use super::weights::{DevBuf, DevWeights};
 use crate::model::{Graph, Model};
@@ -394,26 +395,7 @@ impl CudaUnet {
             key.n > 0 && iters > 0,
             "timing needs a batch and at least one iteration"
         );
-        self.tape = None;
-        self.ensure_plan(key)?;
-        let (cin, cout) = (
-            self.graph.config.in_channels,
-            self.graph.config.out_channels,
-        );
-        let sample = pseudo_random(key.n * cin * key.h * key.w, 1);
-        let t: Vec<f32> = (0..key.n).map(|i| (500 + 37 * i) as f32 % 1000.0).collect();
-        self.write_inputs(key, &sample, &t)?;
-        if key.record {
-            let cot = pseudo_random(key.n * cout * key.h * key.w, 2);
-            let plan = self.plans.get_mut(&key).expect("planned above");
-            let range = plan.range(plan.program.cotangent.expect("recording plan"));
-            cu(
-                self.gpu
-                    .stream
-                    .memcpy_htod(&cot, &mut plan.arena.slice.slice_mut(range)),
-                "copying the cotangent",
-            )?;
-        }
+        self.prepare_timing(key)?;
         let pass = |u: &mut Self| -> Result<()> {
             u.run(key, false)?;
             if key.record {
@@ -439,6 +421,191 @@ impl CudaUnet {
         cu(end.synchronize(), "waiting for the GPU")?;
         let ms = cu(start.elapsed_ms(&end), "reading the timer")?;
         Ok(ms as f64 / iters as f64)
+    }
+
+    /// Plans `key` (dropping any pending tape) and writes the timing runs' pseudo-random
+    /// sample, timesteps and, when recording, cotangent.
+    fn prepare_timing(&mut self, key: Key) -> Result<()> {
+        self.tape = None;
+        self.ensure_plan(key)?;
+        let (cin, cout) = (
+            self.graph.config.in_channels,
+            self.graph.config.out_channels,
+        );
+        let sample = pseudo_random(key.n * cin * key.h * key.w, 1);
+        let t: Vec<f32> = (0..key.n).map(|i| (500 + 37 * i) as f32 % 1000.0).collect();
+        self.write_inputs(key, &sample, &t)?;
+        if key.record {
+            let cot = pseudo_random(key.n * cout * key.h * key.w, 2);
+            let plan = self.plans.get_mut(&key).expect("planned above");
+            let range = plan.range(plan.program.cotangent.expect("recording plan"));
+            cu(
+                self.gpu
+                    .stream
+                    .memcpy_htod(&cot, &mut plan.arena.slice.slice_mut(range)),
+                "copying the cotangent",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Per-step GPU times of one network call on a batch of `n` images of `h x w`: the forward
+    /// pass, and with `record` the vector-Jacobian product after it, on device-resident
+    /// pseudo-random data (as [`time_forward`](Self::time_forward)). Drops any pending tape.
+    ///
+    /// After warm-up, the passes are first replayed as their CUDA graphs `iters` times, back to
+    /// back, between CUDA events ([`Profile::graph_forward_ms`], [`Profile::graph_backward_ms`]:
+    /// what [`time_forward`](Self::time_forward) measures). Then, `iters` times after one untimed
+    /// iteration, the same steps are launched directly (not captured), with a CUDA event
+    /// recorded between consecutive steps; each step's time is the mean over the iterations of
+    /// the interval between its two events ([`StepTime`](super::StepTime): kind, label, FLOPs,
+    /// ms). The steps go out in chunks of 128, each behind a hold kernel (kernels/timing.cu)
+    /// that keeps the stream busy for 20 µs of device time per step (2 to 200 ms) while the host
+    /// enqueues the chunk's launches and events, so that the steps then run back to back as in
+    /// a graph replay instead of each waiting for the host's launch. A chunk whose hold had
+    /// ended before the host finished enqueueing it is counted in [`Profile::late_chunks`] (its
+    /// steps' times may include host launch latency) and gets twice the hold from then on.
+    ///
+    /// Caveat: the steps are separated by event records, not replayed as one graph, so each
+    /// step's time includes the gap between consecutive launches on the device (a few µs per
+    /// launch without a graph's scheduling, more for steps of several launches); the sum of the
+    /// steps therefore exceeds the graph replay's total, by up to a few µs per step, and short
+    /// element-wise steps are inflated the most in relative terms. Compare
+    /// [`Profile::step_ms`] with [`Profile::graph_ms`] to see how much.
+    pub fn profile(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        record: bool,
+        iters: usize,
+    ) -> Result<Profile> {
+        self.graph.config.check_input_size(h, w)?;
+        ensure!(
+            n > 0 && iters > 0,
+            "profiling needs a batch and at least one iteration"
+        );
+        let key = Key { n, h, w, record };
+        self.prepare_timing(key)?;
+        let ctx = self.gpu.ctx.clone();
+        let st = self.gpu.stream.clone();
+        let event = || {
+            cu(
+                ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
+                "creating a CUDA event",
+            )
+        };
+        let elapsed = |a: &CudaEvent, b: &CudaEvent| -> Result<f64> {
+            Ok(cu(a.elapsed_ms(b), "reading a CUDA event timer")? as f64)
+        };
+
+        // The passes as replayed graphs, after the same warm-up as `time`.
+        for _ in 0..3 {
+            self.run(key, false)?;
+            if record {
+                self.run(key, true)?;
+            }
+        }
+        let marks = (0..=2 * iters)
+            .map(|_| event())
+            .collect::<Result<Vec<_>>>()?;
+        cu(marks[0].record(&st), "recording an event")?;
+        for i in 0..iters {
+            self.run(key, false)?;
+            cu(marks[2 * i + 1].record(&st), "recording an event")?;
+            if record {
+                self.run(key, true)?;
+            }
+            cu(marks[2 * i + 2].record(&st), "recording an event")?;
+        }
+        cu(marks[2 * iters].synchronize(), "waiting for the GPU")?;
+        let (mut graph_fwd, mut graph_bwd) = (0.0, 0.0);
+        for i in 0..iters {
+            graph_fwd += elapsed(&marks[2 * i], &marks[2 * i + 1])?;
+            graph_bwd += elapsed(&marks[2 * i + 1], &marks[2 * i + 2])?;
+        }
+
+        // Step by step, launched directly, in chunks each behind its own hold.
+        let Self {
+            gpu,
+            weights,
+            plans,
+            ..
+        } = self;
+        let plan = &plans[&key];
+        let steps = &plan.program.steps;
+        let chunks: Vec<std::ops::Range<usize>> = (0..steps.len())
+            .step_by(PROFILE_CHUNK)
+            .map(|a| a..(a + PROFILE_CHUNK).min(steps.len()))
+            .collect();
+        // ends[i] after step i; starts[c] after chunk c's hold, before its first step.
+        let ends = (0..steps.len())
+            .map(|_| event())
+            .collect::<Result<Vec<_>>>()?;
+        let starts = (0..chunks.len())
+            .map(|_| event())
+            .collect::<Result<Vec<_>>>()?;
+        let before_hold = (0..chunks.len())
+            .map(|_| event())
+            .collect::<Result<Vec<_>>>()?;
+        let mut hold_ns: Vec<u64> = chunks
+            .iter()
+            .map(|c| (HOLD_NS_PER_STEP * c.len() as u64).clamp(HOLD_MIN_NS, HOLD_MAX_NS))
+            .collect();
+        let mut sums = vec![0f64; steps.len()];
+        let (mut hold_asked, mut hold_took, mut late) = (0.0, 0.0, 0);
+        for it in 0..=iters {
+            let mut in_time = vec![true; chunks.len()];
+            for (c, range) in chunks.iter().enumerate() {
+                cu(before_hold[c].record(&st), "recording an event")?;
+                gpu.kernels.hold(&st, hold_ns[c])?;
+                cu(starts[c].record(&st), "recording an event")?;
+                for i in range.clone() {
+                    launch(&gpu.kernels, &st, weights, plan, &steps[i])?;
+                    cu(ends[i].record(&st), "recording an event")?;
+                }
+                // Still holding once the chunk is enqueued: its steps run back to back.
+                in_time[c] = !cu(starts[c].try_is_complete(), "querying a CUDA event")?;
+            }
+            cu(st.synchronize(), "waiting for the GPU")?;
+            for (c, range) in chunks.iter().enumerate() {
+                if it > 0 {
+                    hold_asked += hold_ns[c] as f64 * 1e-6;
+                    hold_took += elapsed(&before_hold[c], &starts[c])?;
+                    for i in range.clone() {
+                        let from = if i == range.start {
+                            &starts[c]
+                        } else {
+                            &ends[i - 1]
+                        };
+                        sums[i] += elapsed(from, &ends[i])?;
+                    }
+                    late += usize::from(!in_time[c]);
+                }
+                if !in_time[c] {
+                    hold_ns[c] = (2 * hold_ns[c]).min(HOLD_MAX_NS);
+                }
+            }
+        }
+        let per = |v: f64| v / iters as f64;
+        let means: Vec<f64> = sums.into_iter().map(per).collect();
+        let steps = plan.program.timed_steps(&means);
+        Ok(Profile {
+            device: gpu.info.name.clone(),
+            precision: self.precision.name().to_string(),
+            n,
+            h,
+            w,
+            record,
+            iters,
+            steps,
+            graph_forward_ms: per(graph_fwd),
+            graph_backward_ms: record.then(|| per(graph_bwd)),
+            graphs: self.use_graphs && !self.direct,
+            hold_ms: per(hold_asked),
+            hold_measured_ms: per(hold_took),
+            late_chunks: late,
+        })
     }
 
     fn take_tape(&mut self) -> Result<Key> {
@@ -650,6 +817,15 @@ impl CudaUnet {
         cu(graph.0.launch(), "launching the CUDA graph")
     }
 }
+
+/// Steps a profiled iteration launches behind one hold kernel: few enough that their launches
+/// and events (~3.5 commands per step) stay well inside a stream's queue of pending work, which
+/// would otherwise block the host until the GPU drains it.
+const PROFILE_CHUNK: usize = 128;
+/// Device time a hold waits per step of its chunk, and its bounds.
+const HOLD_NS_PER_STEP: u64 = 20_000;
+const HOLD_MIN_NS: u64 = 2_000_000;
+const HOLD_MAX_NS: u64 = 200_000_000;
 
 /// Deterministic values in [-1, 1) for timing runs.
 fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {

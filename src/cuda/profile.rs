@@ -1,0 +1,756 @@
+//! What each step of a lowered [`Program`] is (a kind, a label naming its shape and kernel, its
+//! FLOPs), the per-step timings [`CudaUnet::profile`](super::CudaUnet::profile) measures, and the
+//! measured bf16 rates that achieved throughput is compared with.
+//!
+//! FLOPs are counted as PyTorch's FLOP counter counts them, so that per-step figures add up to
+//! [`Graph::forward_flops`](crate::model::Graph::forward_flops) and
+//! [`Graph::forward_vjp_flops`](crate::model::Graph::forward_vjp_flops): 2 per multiply-add, matrix
+//! products only (convolutions as implicit GEMMs, linear layers, attention's two batched
+//! products forward and four backward); normalisation, softmax, element-wise work and the
+//! split-K reduction count 0.
+
+use serde::Serialize;
+
+use super::kernels::ConvKernel;
+use super::precision::Precision;
+use super::program::{ConvStep, Program, Step, WKind};
+use crate::model::Graph;
+use crate::Result;
+
+/// What one step of a program is.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StepInfo {
+    /// The kind of work, e.g. `conv 3x3 fwd`, `groupnorm bwd`.
+    pub kind: &'static str,
+    /// The shape, in the forward operation's terms, e.g. `3x3 s1 128->128 out 256x256`
+    /// (per image; the batch is the program's).
+    pub shape: String,
+    /// How it runs where there is a choice: the convolution kernel and split-K count, the
+    /// GroupNorm chunking; empty otherwise.
+    pub variant: String,
+    /// Floating-point operations as PyTorch counts them.
+    pub flops: f64,
+    /// Kernel launches the step makes.
+    pub launches: usize,
+}
+
+impl StepInfo {
+    /// `shape [variant]`.
+    pub fn label(&self) -> String {
+        if self.variant.is_empty() {
+            self.shape.clone()
+        } else {
+            format!("{} [{}]", self.shape, self.variant)
+        }
+    }
+}
+
+/// `HxW` of a per-image pixel count `hw` at some level of an `h x w` input, or `N px` when no
+/// level matches.
+fn size(hw: usize, h: usize, w: usize) -> String {
+    (0..usize::BITS)
+        .map(|l| (h >> l, w >> l))
+        .take_while(|&(a, b)| a > 0 && b > 0)
+        .find(|&(a, b)| a * b == hw)
+        .map_or_else(|| format!("{hw} px"), |(a, b)| format!("{a}x{b}"))
+}
+
+fn kernel_name(k: ConvKernel) -> String {
+    match k {
+        ConvKernel::Vec => "vec".into(),
+        ConvKernel::Any => "any".into(),
+        ConvKernel::Narrow => "narrow".into(),
+        ConvKernel::Tensor(p) => format!("tc-{}", p.name()),
+    }
+}
+
+fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
+    let s = &c.shape;
+    let flops = 2.0 * (s.rows() * s.ncols * s.k()) as f64;
+    let variant = if c.launch.splits > 1 {
+        format!(
+            "{}, split-K {}",
+            kernel_name(c.launch.kernel),
+            c.launch.splits
+        )
+    } else {
+        kernel_name(c.launch.kernel)
+    };
+    let launches = 1 + usize::from(c.launch.splits > 1);
+    let (kind, shape) = match c.w.kind {
+        // Token-wise linear layers: one-tap products over n * tokens rows.
+        WKind::LinearT | WKind::Linear => {
+            let forward = c.w.kind == WKind::LinearT;
+            // The input gradient multiplies by W: reduction over the forward's outputs.
+            let (inp, out) = if forward {
+                (s.sc, s.ncols)
+            } else {
+                (s.ncols, s.sc)
+            };
+            (
+                if forward {
+                    "linear fwd"
+                } else {
+                    "linear input-grad"
+                },
+                format!("linear {inp}->{out} x {} tokens", s.rows() / n.max(1)),
+            )
+        }
+        WKind::ConvForward => {
+            let k = if s.taps.len() == 9 { 3 } else { 1 };
+            let kind = match (k, s.in_stride) {
+                (3, 1) => "conv 3x3 fwd",
+                (3, _) => "conv 3x3 s2 fwd",
+                _ => "conv 1x1 fwd",
+            };
+            (
+                kind,
+                format!(
+                    "{k}x{k} s{} {}->{} out {}x{}",
+                    s.in_stride, s.sc, s.ncols, s.mh, s.mw
+                ),
+            )
+        }
+        // Input gradient: the launch reads dy (the forward's output, `sh x sw`, `sc` channels)
+        // and writes dx (its input, `yh x yw`, `ncols` channels); stride-2 gradients run as one
+        // launch per parity class of the input pixel.
+        _ => {
+            let stride = s.out_stride;
+            let k = if stride == 2 || s.taps.len() == 9 {
+                3
+            } else {
+                1
+            };
+            let kind = match (k, stride) {
+                (3, 1) => "conv 3x3 input-grad",
+                (3, _) => "conv 3x3 s2 input-grad",
+                _ => "conv 1x1 input-grad",
+            };
+            let mut shape = format!(
+                "{k}x{k} s{stride} {}->{} out {}x{}",
+                s.ncols, s.sc, s.sh, s.sw
+            );
+            if stride > 1 {
+                shape += &format!(" class ({},{})", s.out_oy, s.out_ox);
+            }
+            (kind, shape)
+        }
+    };
+    StepInfo {
+        kind,
+        shape,
+        variant,
+        flops,
+        launches,
+    }
+}
+
+impl Step {
+    /// The step's kind, shape label and FLOPs in a program of `n` images of `h x w`.
+    pub(crate) fn info(&self, n: usize, h: usize, w: usize) -> StepInfo {
+        use Step::*;
+        let px = |pixels: usize| size(pixels / n.max(1), h, w);
+        let plain = |kind: &'static str, shape: String, launches: usize| StepInfo {
+            kind,
+            shape,
+            variant: String::new(),
+            flops: 0.0,
+            launches,
+        };
+        match self {
+            Conv(c) => conv_info(c, n),
+            ToNhwc { c, .. } => plain("layout", format!("NCHW->NHWC {h}x{w} x {c} ch"), 1),
+            ToNchw { c, .. } => plain("layout", format!("NHWC->NCHW {h}x{w} x {c} ch"), 1),
+            TimeEmbedding { dim, .. } => plain("time embedding", format!("sinusoidal {dim}"), 1),
+            LinearRows {
+                inp, out, silu_in, ..
+            } => StepInfo {
+                flops: 2.0 * (n * inp * out) as f64,
+                ..plain(
+                    "time embedding",
+                    format!(
+                        "linear {inp}->{out}{}",
+                        if *silu_in { " (SiLU input)" } else { "" }
+                    ),
+                    1,
+                )
+            },
+            GroupNorm {
+                hw,
+                c,
+                groups,
+                split,
+                silu,
+                ..
+            }
+            | GroupNormBackward {
+                hw,
+                c,
+                groups,
+                split,
+                silu,
+                ..
+            } => {
+                let kind = if matches!(self, GroupNorm { .. }) {
+                    "groupnorm"
+                } else {
+                    "groupnorm bwd"
+                };
+                StepInfo {
+                    variant: format!("{} chunks", split.chunks),
+                    ..plain(
+                        kind,
+                        format!(
+                            "{} x {c} ch, {groups} groups{}",
+                            size(*hw, h, w),
+                            if *silu { " + SiLU" } else { "" }
+                        ),
+                        3,
+                    )
+                }
+            }
+            Attention {
+                tokens,
+                heads,
+                head_dim,
+                ..
+            }
+            | AttentionBackward {
+                tokens,
+                heads,
+                head_dim,
+                ..
+            } => {
+                let forward = matches!(self, Attention { .. });
+                // Q Kᵀ and P V forward; dV, dP, dQ and dK backward: 2 L² d each per head.
+                let products = if forward { 2.0 } else { 4.0 };
+                StepInfo {
+                    flops: products * 2.0 * (n * heads * tokens * tokens * head_dim) as f64,
+                    ..plain(
+                        if forward {
+                            "attention"
+                        } else {
+                            "attention bwd"
+                        },
+                        format!(
+                            "{} ({tokens} tokens), {heads} x {head_dim}",
+                            size(*tokens, h, w)
+                        ),
+                        if forward { 3 } else { 5 },
+                    )
+                }
+            }
+            Upsample {
+                h: uh, w: uw, c, ..
+            } => plain(
+                "upsample",
+                format!("{uh}x{uw} -> {}x{} x {c} ch", 2 * uh, 2 * uw),
+                1,
+            ),
+            UpsampleBackward {
+                h: uh, w: uw, c, ..
+            } => plain(
+                "upsample bwd",
+                format!("{}x{} -> {uh}x{uw} x {c} ch", 2 * uh, 2 * uw),
+                1,
+            ),
+            Concat { pixels, ca, cb, .. } => {
+                plain("concat", format!("{} x {ca}+{cb} ch", px(*pixels)), 1)
+            }
+            ConcatBackward {
+                pixels,
+                c,
+                offset,
+                width,
+                ..
+            } => plain(
+                "concat bwd",
+                format!("{} x ch {offset}..{} of {c}", px(*pixels), offset + width),
+                1,
+            ),
+            AddInto {
+                len, accumulate, ..
+            } => plain(
+                "elementwise",
+                format!("{} {len} floats", if *accumulate { "add" } else { "copy" }),
+                1,
+            ),
+            Divide { len, div, .. } => {
+                plain("elementwise", format!("divide {len} floats by {div}"), 1)
+            }
+        }
+    }
+}
+
+impl Program {
+    /// [`Step::info`] of every step, in order.
+    pub(crate) fn step_infos(&self) -> Vec<StepInfo> {
+        self.steps
+            .iter()
+            .map(|s| s.info(self.n, self.h, self.w))
+            .collect()
+    }
+
+    /// Every step with its mean time `ms[i]`.
+    pub(crate) fn timed_steps(&self, ms: &[f64]) -> Vec<StepTime> {
+        self.step_infos()
+            .into_iter()
+            .zip(ms)
+            .enumerate()
+            .map(|(index, (info, &ms))| StepTime {
+                index,
+                pass: if index < self.forward_steps {
+                    Pass::Forward
+                } else {
+                    Pass::Backward
+                },
+                kind: info.kind,
+                label: info.label(),
+                shape: info.shape,
+                variant: info.variant,
+                flops: info.flops,
+                launches: info.launches,
+                ms,
+            })
+            .collect()
+    }
+}
+
+/// Which pass of a network call a step belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pass {
+    /// The forward pass (of a recording call too).
+    Forward,
+    /// The vector-Jacobian product after a recording forward pass.
+    Backward,
+}
+
+/// One step of a profiled program and its measured time.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepTime {
+    /// Position in the program (forward steps first).
+    pub index: usize,
+    pub pass: Pass,
+    /// The kind of work: `conv 3x3 fwd`, `conv 3x3 s2 fwd`, `conv 1x1 fwd`, `conv 3x3
+    /// input-grad`, `conv 3x3 s2 input-grad`, `conv 1x1 input-grad`, `linear fwd`, `linear
+    /// input-grad`, `time embedding`, `groupnorm`, `groupnorm bwd`, `attention`, `attention bwd`,
+    /// `upsample`, `upsample bwd`, `concat`, `concat bwd`, `elementwise` or `layout`.
+    pub kind: &'static str,
+    /// The shape in the forward operation's terms, per image (e.g. `3x3 s1 128->256 out
+    /// 64x64`; input gradients name the convolution they differentiate).
+    pub shape: String,
+    /// The kernel and its split where there is a choice (`tc-bf16, split-K 4`, `vec`,
+    /// `8 chunks`); empty otherwise.
+    pub variant: String,
+    /// `shape [variant]`.
+    pub label: String,
+    /// FLOPs as PyTorch counts them (matrix products only).
+    pub flops: f64,
+    /// Kernel launches inside the step (e.g. 2 for a split-K convolution, 3 for GroupNorm).
+    pub launches: usize,
+    /// Mean milliseconds over the profiled iterations.
+    pub ms: f64,
+}
+
+impl StepTime {
+    /// Achieved TFLOP/s (0 for steps without matrix products).
+    pub fn tflops(&self) -> f64 {
+        tflops(self.flops, self.ms)
+    }
+}
+
+fn tflops(flops: f64, ms: f64) -> f64 {
+    if ms > 0.0 {
+        flops / ms / 1e9
+    } else {
+        0.0
+    }
+}
+
+/// The per-step profile of one network call (see [`CudaUnet::profile`](super::CudaUnet::profile)).
+#[derive(Clone, Debug, Serialize)]
+pub struct Profile {
+    pub device: String,
+    pub precision: String,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Forward + vector-Jacobian product (true) or forward only.
+    pub record: bool,
+    /// Timed iterations (after one untimed one).
+    pub iters: usize,
+    /// Every step, in program order.
+    pub steps: Vec<StepTime>,
+    /// Mean ms of the forward pass replayed as its CUDA graph (launched directly when
+    /// `INVDIFF_NO_CUDA_GRAPH=1`), back to back, same shape and data.
+    pub graph_forward_ms: f64,
+    /// Likewise for the backward pass of a recording call.
+    pub graph_backward_ms: Option<f64>,
+    /// Whether the reference passes were CUDA graph replays.
+    pub graphs: bool,
+    /// Device time the hold kernels were asked to wait per iteration (summed over its chunks),
+    /// and what they took.
+    pub hold_ms: f64,
+    pub hold_measured_ms: f64,
+    /// Chunks of steps, over all timed iterations, whose hold had ended before the host
+    /// finished enqueueing them (so that host launch latency may be in some of their steps'
+    /// times); 0 is the good case.
+    pub late_chunks: usize,
+}
+
+/// Steps summed by kind, or by kind and label.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepGroup {
+    pub kind: &'static str,
+    /// Empty for a group of a whole kind.
+    pub shape: String,
+    pub variant: String,
+    pub label: String,
+    /// Steps in the group (per network call).
+    pub calls: usize,
+    /// Milliseconds per network call, summed over the group.
+    pub ms: f64,
+    pub flops: f64,
+}
+
+impl StepGroup {
+    /// Achieved TFLOP/s (0 for groups without matrix products).
+    pub fn tflops(&self) -> f64 {
+        tflops(self.flops, self.ms)
+    }
+}
+
+impl Profile {
+    /// Sum of the steps' mean times (ms per call).
+    pub fn step_ms(&self) -> f64 {
+        self.steps.iter().map(|s| s.ms).sum()
+    }
+
+    /// The graph replays' total (forward, plus backward when recording), ms per call.
+    pub fn graph_ms(&self) -> f64 {
+        self.graph_forward_ms + self.graph_backward_ms.unwrap_or(0.0)
+    }
+
+    /// Sum of the steps' FLOPs.
+    pub fn flops(&self) -> f64 {
+        self.steps.iter().map(|s| s.flops).sum()
+    }
+
+    /// Steps summed by kind, most expensive first.
+    pub fn by_kind(&self) -> Vec<StepGroup> {
+        self.group(|_| String::new())
+    }
+
+    /// Steps summed by kind and label (identical launches together), most expensive first.
+    pub fn by_label(&self) -> Vec<StepGroup> {
+        self.group(|s| s.label.clone())
+    }
+
+    /// The `count` most expensive single steps, most expensive first.
+    pub fn top_steps(&self, count: usize) -> Vec<&StepTime> {
+        let mut v: Vec<&StepTime> = self.steps.iter().collect();
+        v.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        v.truncate(count);
+        v
+    }
+
+    fn group(&self, key: impl Fn(&StepTime) -> String) -> Vec<StepGroup> {
+        let mut groups: Vec<StepGroup> = Vec::new();
+        for s in &self.steps {
+            let label = key(s);
+            let whole_kind = label.is_empty();
+            match groups
+                .iter_mut()
+                .find(|g| g.kind == s.kind && g.label == label)
+            {
+                Some(g) => {
+                    g.calls += 1;
+                    g.ms += s.ms;
+                    g.flops += s.flops;
+                }
+                None => groups.push(StepGroup {
+                    kind: s.kind,
+                    shape: if whole_kind {
+                        String::new()
+                    } else {
+                        s.shape.clone()
+                    },
+                    variant: if whole_kind {
+                        String::new()
+                    } else {
+                        s.variant.clone()
+                    },
+                    label,
+                    calls: 1,
+                    ms: s.ms,
+                    flops: s.flops,
+                }),
+            }
+        }
+        groups.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        groups
+    }
+}
+
+/// The steps of one network call of `graph` on `n` images of `h x w` (forward, and with
+/// `record` the vector-Jacobian product after it) as the CUDA backend lowers them for a GPU of
+/// `multiprocessors` SMs at `precision`: kinds, labels, kernel choices and FLOPs, with every
+/// time 0. Needs no GPU: what [`CudaUnet::profile`](super::CudaUnet::profile) will time.
+pub fn planned_steps(
+    graph: &Graph,
+    n: usize,
+    h: usize,
+    w: usize,
+    record: bool,
+    multiprocessors: usize,
+    precision: Precision,
+) -> Result<Profile> {
+    let p = Program::build(graph, n, h, w, record, multiprocessors, precision)?;
+    Ok(Profile {
+        device: format!("(planned for {multiprocessors} multiprocessors, not run)"),
+        precision: precision.name().to_string(),
+        n,
+        h,
+        w,
+        record,
+        iters: 0,
+        steps: p.timed_steps(&vec![0.0; p.steps.len()]),
+        graph_forward_ms: 0.0,
+        graph_backward_ms: record.then_some(0.0),
+        graphs: false,
+        hold_ms: 0.0,
+        hold_measured_ms: 0.0,
+        late_chunks: 0,
+    })
+}
+
+/// A dense bf16 matrix-product rate that achieved throughput is reported against.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeakRate {
+    pub tflops: f64,
+    /// Where the figure comes from.
+    pub source: String,
+}
+
+/// Dense bf16 rates measured on these cards, by the name the driver reports. Only figures that
+/// were measured go here, each with its source.
+const MEASURED_BF16: &[(&str, f64, &str)] = &[(
+    "NVIDIA H100 80GB HBM3",
+    764.0,
+    "PyTorch bf16 8192^3 matmul on an H100 80GB HBM3, measured 2026-11-26 (shared/ANCHORS.md)",
+)];
+
+/// The measured dense bf16 rate of `device` (its driver name), if this build knows one.
+pub fn measured_bf16_peak(device: &str) -> Option<PeakRate> {
+    MEASURED_BF16
+        .iter()
+        .find(|(name, _, _)| *name == device)
+        .map(|&(_, tflops, source)| PeakRate {
+            tflops,
+            source: source.to_string(),
+        })
+}
+
+/// The peak to report against: `flag` (a figure the user measured) when given, else the
+/// measured rate of `device`; otherwise why there is none.
+pub fn peak_rate(flag: Option<f64>, device: &str) -> std::result::Result<PeakRate, String> {
+    match flag {
+        Some(t) if t.is_finite() && t > 0.0 => Ok(PeakRate {
+            tflops: t,
+            source: "--peak-tflops".into(),
+        }),
+        Some(t) => Err(format!("--peak-tflops {t} is not a positive rate")),
+        None => measured_bf16_peak(device).ok_or_else(|| {
+            format!(
+                "no measured bf16 rate for `{device}` in this build; pass --peak-tflops X (e.g. \
+                 the TFLOP/s of `scripts/torch_baseline.py --matmul-peak` on this card) for the \
+                 fraction of peak"
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UNetConfig;
+
+    /// The steps' FLOPs add up to the graph's own counts: forward, and forward + VJP (whose
+    /// backward is every input-path op's products again, attention's twice over, which is what
+    /// the backward steps launch: the stride-2 input gradients' parity classes cover each
+    /// output pixel's 9 taps exactly once, and split-K only divides the same products).
+    #[test]
+    fn step_flops_add_up_to_the_graph_counts() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for n in [1, 2] {
+            for (sms, precision) in [
+                (132, Precision::Fp32),
+                (132, Precision::Bf16),
+                (114, Precision::Tf32),
+            ] {
+                let fwd = Program::build(&g, n, 256, 256, false, sms, precision).unwrap();
+                let sum: f64 = fwd.step_infos().iter().map(|i| i.flops).sum();
+                assert_eq!(sum, g.forward_flops(n, 256, 256), "batch {n} {precision}");
+                let rec = Program::build(&g, n, 256, 256, true, sms, precision).unwrap();
+                let infos = rec.step_infos();
+                let fwd_part: f64 = infos[..rec.forward_steps].iter().map(|i| i.flops).sum();
+                assert_eq!(fwd_part, g.forward_flops(n, 256, 256));
+                let sum: f64 = infos.iter().map(|i| i.flops).sum();
+                assert_eq!(
+                    sum,
+                    g.forward_vjp_flops(n, 256, 256),
+                    "batch {n} {precision}"
+                );
+            }
+        }
+    }
+
+    /// Every step has a kind and a shape; convolutions name their kernel and input gradients
+    /// their direction; the kinds a celebahq call needs are all there.
+    #[test]
+    fn labels_name_shapes_kernels_and_directions() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let p = Program::build(&g, 2, 256, 256, true, 132, Precision::Bf16).unwrap();
+        let infos = p.step_infos();
+        for i in &infos {
+            assert!(!i.kind.is_empty() && !i.shape.is_empty(), "{i:?}");
+            if i.kind.starts_with("conv") || i.kind.starts_with("linear") {
+                assert!(!i.variant.is_empty(), "{i:?}");
+                assert!(i.flops > 0.0, "{i:?}");
+            }
+        }
+        let kinds: Vec<&str> = infos.iter().map(|i| i.kind).collect();
+        for k in [
+            "conv 3x3 fwd",
+            "conv 3x3 s2 fwd",
+            "conv 1x1 fwd",
+            "conv 3x3 input-grad",
+            "conv 3x3 s2 input-grad",
+            "conv 1x1 input-grad",
+            "linear fwd",
+            "linear input-grad",
+            "time embedding",
+            "groupnorm",
+            "groupnorm bwd",
+            "attention",
+            "attention bwd",
+            "upsample",
+            "upsample bwd",
+            "concat",
+            "concat bwd",
+            "elementwise",
+            "layout",
+        ] {
+            assert!(kinds.contains(&k), "no step of kind {k}");
+        }
+        let has =
+            |kind: &str, label: &str| infos.iter().any(|i| i.kind == kind && i.label() == label);
+        // The first level's 3x3 convolution, both directions, on tensor cores.
+        assert!(has("conv 3x3 fwd", "3x3 s1 128->128 out 256x256 [tc-bf16]"));
+        assert!(has(
+            "conv 3x3 input-grad",
+            "3x3 s1 128->128 out 256x256 [tc-bf16]"
+        ));
+        // The 3-channel image convolutions stay fp32.
+        assert!(has("conv 3x3 fwd", "3x3 s1 3->128 out 256x256 [any]"));
+        assert!(has("conv 3x3 fwd", "3x3 s1 128->3 out 256x256 [narrow]"));
+        // The first downsampling's input gradient: four parity classes.
+        let classes = infos
+            .iter()
+            .filter(|i| i.shape.starts_with("3x3 s2 128->128 out 128x128 class"))
+            .count();
+        assert_eq!(classes, 4);
+        // Small levels split K.
+        assert!(
+            infos.iter().any(|i| i.variant.contains("split-K")),
+            "no split-K launch at batch 2"
+        );
+        assert!(infos
+            .iter()
+            .any(|i| i.kind == "attention" && i.shape.starts_with("16x16 (256 tokens)")));
+    }
+
+    #[test]
+    fn planned_steps_match_the_program() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let p = planned_steps(&g, 2, 64, 64, true, 132, Precision::Fp16).unwrap();
+        let prog = Program::build(&g, 2, 64, 64, true, 132, Precision::Fp16).unwrap();
+        assert_eq!(p.steps.len(), prog.steps.len());
+        assert_eq!(p.flops(), g.forward_vjp_flops(2, 64, 64));
+        let first_backward = p.steps.iter().position(|s| s.pass == Pass::Backward);
+        assert_eq!(first_backward, Some(prog.forward_steps));
+        assert!(p.steps.iter().all(|s| s.ms == 0.0 && !s.label.is_empty()));
+        assert!(p.steps.iter().any(|s| s.variant.starts_with("tc-fp16")));
+        assert!(planned_steps(&g, 0, 64, 64, false, 132, Precision::Fp32).is_err());
+    }
+
+    #[test]
+    fn profile_groups_sum_their_steps() {
+        let step = |index: usize, kind: &'static str, shape: &str, ms: f64, flops: f64| StepTime {
+            index,
+            pass: Pass::Forward,
+            kind,
+            shape: shape.into(),
+            variant: "vec".into(),
+            label: format!("{shape} [vec]"),
+            flops,
+            launches: 1,
+            ms,
+        };
+        let p = Profile {
+            device: "test".into(),
+            precision: "fp32".into(),
+            n: 1,
+            h: 8,
+            w: 8,
+            record: false,
+            iters: 1,
+            steps: vec![
+                step(0, "conv 3x3 fwd", "a", 1.0, 2e9),
+                step(1, "groupnorm", "g", 0.5, 0.0),
+                step(2, "conv 3x3 fwd", "a", 1.0, 2e9),
+                step(3, "conv 3x3 fwd", "b", 3.0, 3e9),
+            ],
+            graph_forward_ms: 5.0,
+            graph_backward_ms: None,
+            graphs: true,
+            hold_ms: 1.0,
+            hold_measured_ms: 1.0,
+            late_chunks: 0,
+        };
+        assert_eq!(p.step_ms(), 5.5);
+        let k = p.by_kind();
+        assert_eq!(k.len(), 2);
+        assert_eq!((k[0].kind, k[0].calls, k[0].ms), ("conv 3x3 fwd", 3, 5.0));
+        assert!((k[0].tflops() - 7e9 / 5.0 / 1e9).abs() < 1e-12);
+        let l = p.by_label();
+        assert_eq!(l.len(), 3);
+        assert_eq!((l[0].shape.as_str(), l[0].calls), ("b", 1));
+        assert_eq!((l[1].shape.as_str(), l[1].calls, l[1].ms), ("a", 2, 2.0));
+        assert_eq!(p.top_steps(2)[0].index, 3);
+        assert_eq!(p.top_steps(9).len(), 4);
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["steps"][0]["pass"], "forward");
+        assert_eq!(json["steps"][3]["label"], "b [vec]");
+    }
+
+    #[test]
+    fn peak_comes_from_the_flag_or_a_measured_figure() {
+        let h100 = peak_rate(None, "NVIDIA H100 80GB HBM3").unwrap();
+        assert_eq!(h100.tflops, 764.0);
+        assert!(h100.source.contains("8192"), "{}", h100.source);
+        let why = peak_rate(None, "Some Other GPU").unwrap_err();
+        assert!(
+            why.contains("--peak-tflops") && why.contains("Some Other GPU"),
+            "{why}"
+        );
+        let flag = peak_rate(Some(790.0), "NVIDIA H100 80GB HBM3").unwrap();
+        assert_eq!(
+            (flag.tflops, flag.source.as_str()),
+            (790.0, "--peak-tflops")
+        );
+        assert!(peak_rate(Some(0.0), "x").is_err());
+        assert!(peak_rate(Some(f64::NAN), "x").is_err());
+    }
+}
