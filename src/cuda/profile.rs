@@ -67,15 +67,13 @@ fn kernel_name(k: ConvKernel) -> String {
 fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     let s = &c.shape;
     let flops = 2.0 * (s.rows() * s.ncols * s.k()) as f64;
-    let variant = if c.launch.splits > 1 {
-        format!(
-            "{}, split-K {}",
-            kernel_name(c.launch.kernel),
-            c.launch.splits
-        )
-    } else {
-        kernel_name(c.launch.kernel)
-    };
+    let mut variant = kernel_name(c.launch.kernel);
+    if c.launch.half_input {
+        variant += ", 16-bit input";
+    }
+    if c.launch.splits > 1 {
+        variant += &format!(", split-K {}", c.launch.splits);
+    }
     let launches = 1 + usize::from(c.launch.splits > 1);
     let (kind, shape) = match c.w.kind {
         // Token-wise linear layers: one-tap products over n * tokens rows.
@@ -191,13 +189,16 @@ impl Step {
                 silu,
                 ..
             } => {
-                let kind = if matches!(self, GroupNorm { .. }) {
-                    "groupnorm"
-                } else {
-                    "groupnorm bwd"
+                let (kind, half_out) = match self {
+                    GroupNorm { half_out, .. } => ("groupnorm", half_out),
+                    GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out),
+                    _ => unreachable!("matched above"),
                 };
                 StepInfo {
-                    variant: format!("{} chunks", split.chunks),
+                    variant: match half_out {
+                        Some(p) => format!("{} chunks, {p} output", split.chunks),
+                        None => format!("{} chunks", split.chunks),
+                    },
                     ..plain(
                         kind,
                         format!(
@@ -241,12 +242,19 @@ impl Step {
                 }
             }
             Upsample {
-                h: uh, w: uw, c, ..
-            } => plain(
-                "upsample",
-                format!("{uh}x{uw} -> {}x{} x {c} ch", 2 * uh, 2 * uw),
-                1,
-            ),
+                h: uh,
+                w: uw,
+                c,
+                half_out,
+                ..
+            } => StepInfo {
+                variant: half_out.map_or_else(String::new, |p| format!("{p} output")),
+                ..plain(
+                    "upsample",
+                    format!("{uh}x{uw} -> {}x{} x {c} ch", 2 * uh, 2 * uw),
+                    1,
+                )
+            },
             UpsampleBackward {
                 h: uh, w: uw, c, ..
             } => plain(
@@ -646,11 +654,20 @@ mod tests {
         }
         let has =
             |kind: &str, label: &str| infos.iter().any(|i| i.kind == kind && i.label() == label);
-        // The first level's 3x3 convolution, both directions, on tensor cores.
-        assert!(has("conv 3x3 fwd", "3x3 s1 128->128 out 256x256 [tc-bf16]"));
+        // The first level's 3x3 convolution, both directions, on tensor cores: forward from
+        // 16-bit GroupNorm outputs, backward from the fp32 block gradient (second convolution)
+        // or the 16-bit gradient of the second GroupNorm (first convolution).
+        assert!(has(
+            "conv 3x3 fwd",
+            "3x3 s1 128->128 out 256x256 [tc-bf16, 16-bit input]"
+        ));
         assert!(has(
             "conv 3x3 input-grad",
             "3x3 s1 128->128 out 256x256 [tc-bf16]"
+        ));
+        assert!(has(
+            "conv 3x3 input-grad",
+            "3x3 s1 128->128 out 256x256 [tc-bf16, 16-bit input]"
         ));
         // The 3-channel image convolutions stay fp32.
         assert!(has("conv 3x3 fwd", "3x3 s1 3->128 out 256x256 [any]"));
