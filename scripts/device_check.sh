@@ -17,12 +17,8 @@
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
 # Prepare on the development machine (the GPU machine has no Rust and no network):
-#   export NVCC=/work/venvs/nvcc/lib/python3.11/site-packages/nvidia/cu13/bin/nvcc  # or $(scripts/install_nvcc.sh)
-#   cargo build --release --locked && cargo bench --bench kernels_cuda --no-run --locked
-#   mkdir -p out && strip -o out/invdiff target/release/invdiff
-#   strip -o out/kernels_cuda "$(ls -t target/release/deps/kernels_cuda-* | grep -v '\.d$' | head -n 1)"  # optional
-#   cp /work/shared/gpu/wheels/*.whl out/     # diffusers + importlib_metadata, for torch_baseline.py
-#   strip -o out/invdiff-next OTHER_TREE/target/release/invdiff                  # optional
+#   scripts/prepare_device.sh [OTHER_TREE]   # out/: invdiff, kernels_cuda, the diffusers wheels,
+#                                            # and OTHER_TREE's binary as out/invdiff-next
 # then run `scripts/device_check.sh` there with `out` carried. What travels must stay under 64 MiB:
 # the tree ~21 MB, invdiff ~10 MB, wheels 6.4 MB, kernels_cuda ~7 MB, invdiff-next ~10 MB.
 #

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stages what scripts/device_check.sh needs into out/ (git-ignored), on the development machine:
+# the release binary of this tree, the per-kernel benchmark, the diffusers wheels for PyTorch's
+# side, and optionally the binary of a second tree (a branch checked out as a git worktree),
+# which device_check.sh then checks and times beside this one as out/invdiff-next.
+#
+#   scripts/prepare_device.sh [OTHER_TREE]
+#
+# Then run `scripts/device_check.sh` with the device tool, carrying `out` (timeout_s 600).
+# Builds with the pinned nvcc (scripts/install_nvcc.sh unless NVCC is set) and fails if any
+# kernel is missing: a GPU run of a build without kernels would only report that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=${WHEELS:-/work/shared/gpu/wheels}
+if [ -z "${NVCC:-}" ]; then
+    NVCC="$(scripts/install_nvcc.sh)"
+fi
+export NVCC INVDIFF_REQUIRE_KERNELS=1
+
+build() { # build TREE: release binary and the kernel benchmark of TREE
+    (cd "$1" && cargo build --release --locked && cargo bench --bench kernels_cuda --no-run --locked) >&2
+}
+
+rm -rf out && mkdir -p out
+build .
+strip -o out/invdiff target/release/invdiff
+bench=$(ls -t target/release/deps/kernels_cuda-* | grep -v '\.d$' | head -n 1)
+strip -o out/kernels_cuda "$bench"
+cp "$WHEELS"/*.whl out/
+if [ $# -ge 1 ]; then
+    build "$1"
+    target=$(cd "$1" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+    strip -o out/invdiff-next "$target/release/invdiff"
+    echo "out/invdiff-next: $(git -C "$1" log --oneline -1)"
+fi
+echo "out/invdiff: $(git log --oneline -1)"
+du -ch out/* | tail -n 1
