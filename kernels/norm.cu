@@ -85,6 +85,26 @@ extern "C" __global__ void gn_finalize(const double* partial, int n, int hw, int
     }
 }
 
+// The four outputs of item e (elements 4e .. 4e + 3, one image, c % 4 == 0): x * scale + shift
+// (one fma, as on the CPU), then SiLU.
+DEVI void gn_affine4(const float* x, const float* scale_shift, long long per, int c, int silu, long long e,
+                     float (&o)[4]) {
+    const long long i = e * 4;
+    const int img = (int)(i / per);
+    const int ch = (int)(i % c);
+    const float* sc = scale_shift + (long long)img * 2 * c;
+    const float4 v = reinterpret_cast<const float4*>(x)[e];
+    o[0] = v.x;
+    o[1] = v.y;
+    o[2] = v.z;
+    o[3] = v.w;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const float z = fmaf(o[j], sc[ch + j], sc[c + ch + j]);
+        o[j] = silu ? silu_f(z) : z;
+    }
+}
+
 // y = x * scale + shift (then SiLU), element-wise. Grid-stride over n * hw * c / vec elements;
 // vec4 = 1 needs c % 4 == 0 and 16-byte aligned x and y (checked by the host).
 extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int n, int hw, int c,
@@ -93,17 +113,8 @@ extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, fl
     if (vec4) {
         const long long total4 = (long long)n * per / 4;
         for (long long e = grid_start(); e < total4; e += grid_stride()) {
-            const long long i = e * 4;
-            const int img = (int)(i / per);
-            const int ch = (int)(i % c);
-            const float* sc = scale_shift + (long long)img * 2 * c;
-            const float4 v = reinterpret_cast<const float4*>(x)[e];
-            float o[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float z = fmaf(o[j], sc[ch + j], sc[c + ch + j]);
-                o[j] = silu ? silu_f(z) : z;
-            }
+            float o[4];
+            gn_affine4(x, scale_shift, per, c, silu, e, o);
             reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
         }
     } else {
@@ -127,17 +138,8 @@ extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shif
     const long long per = (long long)hw * c;
     const long long total4 = (long long)n * per / 4;
     for (long long e = grid_start(); e < total4; e += grid_stride()) {
-        const long long i = e * 4;
-        const int img = (int)(i / per);
-        const int ch = (int)(i % c);
-        const float* sc = scale_shift + (long long)img * 2 * c;
-        const float4 v = reinterpret_cast<const float4*>(x)[e];
-        float o[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float z = fmaf(o[j], sc[ch + j], sc[c + ch + j]);
-            o[j] = silu ? silu_f(z) : z;
-        }
+        float o[4];
+        gn_affine4(x, scale_shift, per, c, silu, e, o);
         y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
     }
 }

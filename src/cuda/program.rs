@@ -11,7 +11,7 @@
 
 use super::kernels::{plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvShape, NormSplit};
 use super::precision::Precision;
-use crate::model::graph::{Graph, Op, ParamKind, Space, Tid};
+use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::{Error, Result};
 
 /// A virtual buffer of the program; the plan gives it an arena offset.
@@ -359,8 +359,9 @@ struct Lowering<'g> {
 impl Program {
     /// Lowers `g` for a batch of `n` images of `h x w`, the backward pass too when `record`.
     /// `sms` (the device's multiprocessor count) steers split-K and GroupNorm chunking;
-    /// `precision` picks the convolution kernels. In bf16 and fp16, GroupNorm outputs that only
-    /// feed tensor-core convolutions are stored in that precision ([`build_with`](Self::build_with)).
+    /// `precision` picks the convolution kernels. In bf16 and fp16, values and gradients that
+    /// only feed tensor-core convolutions are stored in that precision
+    /// ([`build_with`](Self::build_with)).
     pub fn build(
         g: &Graph,
         n: usize,
@@ -675,6 +676,19 @@ impl Lowering<'_> {
         Ok(half)
     }
 
+    /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
+    fn conv_backward_shapes(
+        &self,
+        x: Tid,
+        y: Tid,
+        kernel: usize,
+        stride: usize,
+        pad: Pad,
+    ) -> Vec<ConvShape> {
+        let (h, w) = self.hw(x);
+        ConvShape::backward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad)
+    }
+
     /// Which gradients to store in 16 bits: that of a convolution's output whose only reader
     /// is a GroupNorm (whose backward then writes the whole gradient at once) and whose
     /// backward reads it only in tensor-core input-gradient launches (no residual, no division).
@@ -698,14 +712,13 @@ impl Lowering<'_> {
             let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y));
             let only_norm = matches!(readers.next(), Some(Op::GroupNorm { x: nx, .. }) if *nx == y)
                 && readers.next().is_none();
-            let (h, w) = self.hw(x);
-            let tensor_cores =
-                ConvShape::backward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad)
-                    .iter()
-                    .all(|s| {
-                        plan_conv_at(s, self.sms, self.precision).kernel
-                            == ConvKernel::Tensor(self.precision)
-                    });
+            let tensor_cores = self
+                .conv_backward_shapes(x, y, kernel, stride, pad)
+                .iter()
+                .all(|s| {
+                    plan_conv_at(s, self.sms, self.precision).kernel
+                        == ConvKernel::Tensor(self.precision)
+                });
             half[y] = only_norm
                 && tensor_cores
                 && out_div == 1.0
@@ -1017,18 +1030,8 @@ impl Lowering<'_> {
                     });
                 }
                 if on_path(x) {
-                    let (h, w) = self.hw(x);
                     let (gx, acc) = self.grad_slot(x);
-                    for shape in ConvShape::backward(
-                        self.n,
-                        h,
-                        w,
-                        self.ch(x),
-                        self.ch(y),
-                        kernel,
-                        stride,
-                        pad,
-                    ) {
+                    for shape in self.conv_backward_shapes(x, y, kernel, stride, pad) {
                         let mut s = self.conv_step(
                             shape,
                             dy,

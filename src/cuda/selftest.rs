@@ -11,7 +11,7 @@ use cudarc::driver::sys::CUevent_flags;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    plan_conv, plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims,
+    plan_conv, plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, NormDims,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -201,6 +201,35 @@ impl Tester<'_> {
         )?;
         cu(b.synchronize(), "running the check")?;
         Ok(cu(a.elapsed_ms(&b), "reading the timer")? as f64)
+    }
+
+    /// Rows for a kernel's 16-bit output in bf16 and fp16: `run(out, precision)` writes
+    /// `want.len()` values into `out`, which must be within the format's unit roundoff u of the
+    /// CPU's fp32 `want` (round to nearest: |error| <= u |value|).
+    fn half_output_rows(
+        &mut self,
+        op: &str,
+        shape: &str,
+        want: &[f32],
+        mut run: impl FnMut(DPtr, Precision) -> Result<()>,
+    ) -> Result<()> {
+        for (precision, u) in [
+            (Precision::Bf16, 2f64.powi(-8)),
+            (Precision::Fp16, 2f64.powi(-11)),
+        ] {
+            let out = self.zeros(want.len().div_ceil(2))?;
+            let ms = self.timed(|| Ok(()), || run(out.ptr, precision))?;
+            let got = unpack_half(&out.download(&self.gpu.stream)?, want.len(), precision);
+            self.row_within(
+                format!("{op}, {precision} output"),
+                shape.to_string(),
+                &got,
+                want,
+                ms,
+                1.02 * u,
+            );
+        }
+        Ok(())
     }
 
     fn row(&mut self, op: String, shape: String, got: &[f32], want: &[f32], gpu_ms: f64) {
@@ -712,25 +741,23 @@ impl Tester<'_> {
             let partial = self.zeros(split.partial_len(n, c))?;
             let sd = self.zeros(2 * n * groups)?;
             let affine = self.zeros(2 * n * c)?;
-            let ms = self.timed(
-                || Ok(()),
-                || {
-                    gpu.kernels.group_norm(
-                        st,
-                        nd,
-                        xd.ptr,
-                        gd.ptr,
-                        bd.ptr,
-                        yd.ptr,
-                        partial.ptr,
-                        sd.ptr,
-                        affine.ptr,
-                        eps,
-                        silu,
-                        None,
-                    )
-                },
-            )?;
+            let forward = |y, half_out| {
+                gpu.kernels.group_norm(
+                    st,
+                    nd,
+                    xd.ptr,
+                    gd.ptr,
+                    bd.ptr,
+                    y,
+                    partial.ptr,
+                    sd.ptr,
+                    affine.ptr,
+                    eps,
+                    silu,
+                    half_out,
+                )
+            };
+            let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
             let got = yd.download(st)?;
             let desc = format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks);
             let s = if silu { "+silu" } else { "" };
@@ -741,43 +768,14 @@ impl Tester<'_> {
                 &want,
                 ms,
             );
-            // The 16-bit output that feeds tensor-core convolutions: within the format's unit
-            // roundoff of the CPU's fp32 result (round to nearest: |error| <= u |value|).
+            // The 16-bit output that feeds tensor-core convolutions.
             if c % 4 == 0 {
-                for (precision, u) in [
-                    (Precision::Bf16, 2f64.powi(-8)),
-                    (Precision::Fp16, 2f64.powi(-11)),
-                ] {
-                    let hd = self.zeros(x.len().div_ceil(2))?;
-                    let ms = self.timed(
-                        || Ok(()),
-                        || {
-                            gpu.kernels.group_norm(
-                                st,
-                                nd,
-                                xd.ptr,
-                                gd.ptr,
-                                bd.ptr,
-                                hd.ptr,
-                                partial.ptr,
-                                sd.ptr,
-                                affine.ptr,
-                                eps,
-                                silu,
-                                Some(precision),
-                            )
-                        },
-                    )?;
-                    let got = unpack_half(&hd.download(st)?, x.len(), precision);
-                    self.row_within(
-                        format!("groupnorm{s} forward, {precision} output"),
-                        desc.clone(),
-                        &got,
-                        &want,
-                        ms,
-                        1.02 * u,
-                    );
-                }
+                self.half_output_rows(
+                    &format!("groupnorm{s} forward"),
+                    &desc,
+                    &want,
+                    |out, precision| forward(out, Some(precision)),
+                )?;
             }
 
             let dy = self.rand(x.len(), -1.0, 1.0);
@@ -802,25 +800,26 @@ impl Tester<'_> {
             let mut dxd = self.up(&dx0)?;
             let dx_ptr = dxd.ptr;
             let means = self.zeros(2 * n * groups)?;
+            let backward = |dx, accumulate, half_out| {
+                gpu.kernels.group_norm_backward(
+                    st,
+                    nd,
+                    xd.ptr,
+                    dyd.ptr,
+                    gd.ptr,
+                    bd.ptr,
+                    sd.ptr,
+                    partial.ptr,
+                    means.ptr,
+                    dx,
+                    silu,
+                    accumulate,
+                    half_out,
+                )
+            };
             let ms = self.timed(
                 || dxd.write(st, &dx0),
-                || {
-                    gpu.kernels.group_norm_backward(
-                        st,
-                        nd,
-                        xd.ptr,
-                        dyd.ptr,
-                        gd.ptr,
-                        bd.ptr,
-                        sd.ptr,
-                        partial.ptr,
-                        means.ptr,
-                        dx_ptr,
-                        silu,
-                        accumulate,
-                        None,
-                    )
-                },
+                || backward(dx_ptr, accumulate, None),
             )?;
             let got = dxd.download(st)?;
             self.row(
@@ -830,46 +829,16 @@ impl Tester<'_> {
                 &want_dx,
                 ms,
             );
-            // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient:
-            // within the format's unit roundoff, as for the forward.
+            // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient.
             if c % 4 == 0 {
                 let mut want = vec![0.0; x.len()];
                 norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
-                for (precision, u) in [
-                    (Precision::Bf16, 2f64.powi(-8)),
-                    (Precision::Fp16, 2f64.powi(-11)),
-                ] {
-                    let hd = self.zeros(x.len().div_ceil(2))?;
-                    let ms = self.timed(
-                        || Ok(()),
-                        || {
-                            gpu.kernels.group_norm_backward(
-                                st,
-                                nd,
-                                xd.ptr,
-                                dyd.ptr,
-                                gd.ptr,
-                                bd.ptr,
-                                sd.ptr,
-                                partial.ptr,
-                                means.ptr,
-                                hd.ptr,
-                                silu,
-                                false,
-                                Some(precision),
-                            )
-                        },
-                    )?;
-                    let got = unpack_half(&hd.download(st)?, x.len(), precision);
-                    self.row_within(
-                        format!("groupnorm{s} input-grad, {precision} output"),
-                        desc.clone(),
-                        &got,
-                        &want,
-                        ms,
-                        1.02 * u,
-                    );
-                }
+                self.half_output_rows(
+                    &format!("groupnorm{s} input-grad"),
+                    &desc,
+                    &want,
+                    |out, precision| backward(out, false, Some(precision)),
+                )?;
             }
         }
         Ok(())
