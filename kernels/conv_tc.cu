@@ -13,24 +13,32 @@
 // warp 64x32 = 4 m16 x 4 n8 mma tiles, 64 fp32 accumulators per thread). The K slice per stage
 // is 64 bytes of a row: 32 bf16/fp16 (two m16n8k16 steps) or 16 tf32 (two m16n8k8 steps).
 //
-// Pipeline: two shared-memory stages. While the warps multiply stage t, the loads of slice t+1
-// are in flight: the weights (and, for tf32, the activations, which need no conversion) by
-// cp.async straight into the other stage; for bf16/fp16 the activations by 16-byte global loads
-// into registers, converted and stored into the other stage after the multiply, because the
-// fp32 -> half conversion needs the data in registers. One barrier per slice. With half
-// activations in memory every load is a cp.async, so the `_hin` kernels keep HIN_STAGES stages
-// (three slices in flight) in dynamic shared memory, still one barrier per slice.
+// Pipelines (Pipe). TWO, the first version: two shared-memory stages. While the warps multiply
+// stage t, the loads of slice t+1 are in flight: the weights (and, for tf32, the activations,
+// which need no conversion) by cp.async straight into the other stage; for bf16/fp16 the
+// activations by 16-byte global loads into registers, converted and stored into the other stage
+// after the multiply, because the fp32 -> half conversion needs the data in registers. The
+// global loads' latency is then hidden only behind one slice's products. The deeper pipelines
+// keep every load asynchronous, several slices in flight, one barrier per slice:
+// - ASYNC (tf32, and the `_hin` kernels whose activations are already bf16/fp16 in memory):
+//   ASYNC_STAGES stages, cp.async straight into each;
+// - STAGED (fp32 activations into bf16/fp16 products): STAGED_STAGES stages whose A part is an
+//   fp32 staging area; once slice t has landed, each thread converts the chunks it copied
+//   itself (so no barrier is needed in between) into one of two 16-bit A tiles, which the
+//   multiply reads. All variants round and accumulate identically: only the schedule differs.
 //
-// Loaders: each thread moves two 16-byte chunks of A and two of B per slice. A chunk is
-// KC = 8 (half) or 4 (tf32) consecutive channels of one pixel and tap, so sc % 8 == 0 keeps it
-// inside one tap (the host checks it, and ncols % 8 == 0, and 16-byte aligned pointers); rows
-// outside the image, k past the split and columns past ncols are zero-filled.
+// Loaders: each thread moves two chunks of A and two 16-byte chunks of B per slice. A chunk is
+// KC = 8 (half) or 4 (tf32) consecutive channels of one pixel and tap (16 bytes, or 32 of fp32
+// on their way to bf16/fp16), so sc % 8 == 0 keeps it inside one tap (the host checks it, and
+// ncols % 8 == 0, and 16-byte aligned pointers); rows outside the image, k past the split and
+// columns past ncols are zero-filled.
 //
 // Shared memory (bytes): A stage [128 rows][64 + 16 pad], B stage [32 rows][256 + 16 pad]
-// (half) or [16 rows][512 + 32 pad] (tf32), 37.9 KB for both stages. The pads make every
-// ldmatrix phase (8 rows of 16 bytes) and every tf32 B read hit 32 distinct banks: A rows are
-// 20 words apart, half B rows 68 (4 mod 32: eight 4-bank rows), tf32 B rows 136 (8 mod 32: lane
-// (g, q) reads bank 8q + g).
+// (half) or [16 rows][512 + 32 pad] (tf32): 18,944 per stage. The pads make every ldmatrix
+// phase (8 rows of 16 bytes) and every tf32 B read hit 32 distinct banks: A rows are 20 words
+// apart, half B rows 68 (4 mod 32: eight 4-bank rows), tf32 B rows 136 (8 mod 32: lane (g, q)
+// reads bank 8q + g). STAGED's fp32 staging rows are 128 + 16 bytes (36 words: the eight rows a
+// warp reads back start 4 banks apart).
 //
 // Fragments (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"; g = lane / 4, q = lane % 4):
 // - A, both types: ldmatrix.x4 of the 16x32-byte block at (m-tile rows, k-step); lanes 0-15 name
@@ -54,11 +62,22 @@ constexpr int A_PITCH = 64 + 16;
 constexpr int A_STAGE = TBM * A_PITCH;
 constexpr int B_STAGE = 32 * (256 + 16);
 constexpr int STAGE = A_STAGE + B_STAGE;
-// Stages of the half-activation variant, whose loads are all asynchronous; two 256-thread
-// blocks per multiprocessor keep 2 x 74 KB resident. src/cuda/kernels.rs passes HIN_SMEM.
-constexpr int HIN_STAGES = 4;
-constexpr int HIN_SMEM = HIN_STAGES * STAGE;
-static_assert(HIN_SMEM == 75776, "HIN_SMEM must match TC_HIN_SMEM in src/cuda/kernels.rs");
+// The pipelines (see the header): TWO, two stages, the activations staged through registers
+// for bf16/fp16; ASYNC, every load a cp.async straight into its stage, ASYNC_STAGES stages (tf32,
+// and 16-bit activations); STAGED, fp32 activations for bf16/fp16 by cp.async into an fp32
+// staging area, STAGED_STAGES stages, each thread converting its own chunks into one of two
+// 16-bit A tiles. Two 256-thread blocks per multiprocessor fit in every case (2 x 74 / 99.5 KB).
+// src/cuda/kernels.rs passes ASYNC_SMEM and STAGED_SMEM as dynamic shared memory.
+enum Pipe { TWO = 0, ASYNC = 1, STAGED = 2 };
+constexpr int ASYNC_STAGES = 4;
+constexpr int ASYNC_SMEM = ASYNC_STAGES * STAGE;
+static_assert(ASYNC_SMEM == 75776, "ASYNC_SMEM must match TC_ASYNC_SMEM in src/cuda/kernels.rs");
+constexpr int STAGED_STAGES = 3;
+constexpr int STG_PITCH = 128 + 16;  // bytes per staged fp32 row (32 channels), padded
+constexpr int STG_A = TBM * STG_PITCH;
+constexpr int STG_STAGE = STG_A + B_STAGE;
+constexpr int STAGED_SMEM = STAGED_STAGES * STG_STAGE + 2 * A_STAGE;
+static_assert(STAGED_SMEM == 101888, "STAGED_SMEM must match TC_STAGED_SMEM in src/cuda/kernels.rs");
 
 template <int T> struct Tc {
     static constexpr int ESZ = T == TF32 ? 4 : 2;  // bytes per element in shared memory
@@ -137,10 +156,19 @@ template <int T> DEVI void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b
 template <bool AH> struct AElem { using type = float; };
 template <> struct AElem<true> { using type = uint16_t; };
 
-// One block's tile. `smem` holds the stages: 2 for fp32 activations (static, see the kernels
-// below), HIN_STAGES for half ones (dynamic).
-template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
-    static_assert(!AH || T != TF32, "half activations only feed half products");
+DEVI float4 ld_shared_f4(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr));
+    return v;
+}
+
+// One block's tile with pipeline P (see Pipe); AH: the activations are 16-bit in memory (ASYNC
+// with bf16/fp16 only). `smem` holds the stages: static for TWO, dynamic otherwise.
+template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
+    static_assert(!AH || (T != TF32 && P == ASYNC), "16-bit activations: ASYNC, half products");
+    static_assert(P != STAGED || T != TF32, "tf32 needs no conversion to stage");
     using C = Tc<T>;
     using AT = typename AElem<AH>::type;
     constexpr int BK = C::BK;
@@ -216,7 +244,16 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
     __syncthreads();
 
     const uint32_t s_base = smem_addr(smem);
-    float4 ra[2][2];  // bf16/fp16: the next slice's activations, converted after the multiply
+    // Where slice buffer `buf` keeps its A tile (fp32 staging area for STAGED) and its B tile.
+    auto a_stage = [&](int buf) -> uint32_t {
+        return P == STAGED ? s_base + buf * STG_STAGE : s_base + buf * STAGE;
+    };
+    auto b_stage = [&](int buf) -> uint32_t {
+        return P == STAGED ? s_base + buf * STG_STAGE + STG_A : s_base + buf * STAGE + A_STAGE;
+    };
+    // STAGED: the two 16-bit A tiles the multiply reads, after the staging stages.
+    auto a_tile = [&](int i) -> uint32_t { return s_base + STAGED_STAGES * STG_STAGE + i * A_STAGE; };
+    float4 ra[2][2];  // fp32 activations on their way to a 16-bit A tile (TWO, STAGED)
 
     auto load_a = [&](int k0, int buf) {
         const int k = k0 + a_kc * KC;
@@ -232,8 +269,12 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
                     ok = true;
                 }
             }
-            if constexpr (T == TF32 || AH) {
-                cp_async16(s_base + buf * STAGE + (a_row + 64 * j) * A_PITCH + a_kc * 16, src, ok);
+            if constexpr (P == STAGED) {
+                const uint32_t dst = a_stage(buf) + (a_row + 64 * j) * STG_PITCH + a_kc * 32;
+                cp_async16(dst, src, ok);
+                cp_async16(dst + 16, src + 4, ok);
+            } else if constexpr (T == TF32 || AH) {
+                cp_async16(a_stage(buf) + (a_row + 64 * j) * A_PITCH + a_kc * 16, src, ok);
             } else {
                 const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
                 ra[j][0] = ok ? *reinterpret_cast<const float4*>(src) : z;
@@ -246,14 +287,25 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
             ++at;
         }
     };
-    auto store_a = [&](int buf) {
+    // ra, converted, into the 16-bit A tile at `tile`.
+    auto store_a = [&](uint32_t tile) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const uint32_t p0 = pack2<T>(ra[j][0].x, ra[j][0].y);
             const uint32_t p1 = pack2<T>(ra[j][0].z, ra[j][0].w);
             const uint32_t p2 = pack2<T>(ra[j][1].x, ra[j][1].y);
             const uint32_t p3 = pack2<T>(ra[j][1].z, ra[j][1].w);
-            st_shared_v4(s_base + buf * STAGE + (a_row + 64 * j) * A_PITCH + a_kc * 16, p0, p1, p2, p3);
+            st_shared_v4(tile + (a_row + 64 * j) * A_PITCH + a_kc * 16, p0, p1, p2, p3);
+        }
+    };
+    // STAGED: this thread's own chunks of staging buffer `buf` back into ra (its own cp.async
+    // copies, visible to it after the wait).
+    auto unstage_a = [&](int buf) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const uint32_t src = a_stage(buf) + (a_row + 64 * j) * STG_PITCH + a_kc * 32;
+            ra[j][0] = ld_shared_f4(src);
+            ra[j][1] = ld_shared_f4(src + 16);
         }
     };
     auto load_b = [&](int k0, int buf) {
@@ -263,7 +315,7 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
             const bool ok = b_col_ok && k0 + row < ke;
             const void* src = a.w;
             if (ok) src = wbytes + ((long long)(s_w[bt[j]] * sc + bci[j]) * ncols + b_col) * C::ESZ;
-            cp_async16(s_base + buf * STAGE + A_STAGE + row * C::BPITCH + b_nc * 16, src, ok);
+            cp_async16(b_stage(buf) + row * C::BPITCH + b_nc * 16, src, ok);
             bci[j] += BK;
             while (bci[j] >= sc) {
                 bci[j] -= sc;
@@ -284,14 +336,13 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-    auto compute = [&](int buf) {
-        const uint32_t sa = s_base + buf * STAGE;
-        const uint32_t sb = sa + A_STAGE;
+    // The products of one slice: A tile at sa, B tile at sb (shared-memory addresses).
+    auto compute = [&](uint32_t sa, uint32_t sb) {
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
             uint32_t bf[4][2];
             if constexpr (T == TF32) {
-                const float* bs = reinterpret_cast<const float*>(smem + buf * STAGE + A_STAGE);
+                const float* bs = reinterpret_cast<const float*>(smem + (sb - s_base));
                 constexpr int BW = C::BPITCH / 4;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -326,14 +377,17 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
         }
     };
 
-    if constexpr (AH) {
-        // Every load is a cp.async: HIN_STAGES - 1 slices in flight while one is multiplied.
-        // Slice t lives in stage t % HIN_STAGES; one group is committed per slice (empty past
-        // the end) so that "all but HIN_STAGES - 2 groups done" always means "slice t landed".
-        // The barrier after the wait also tells every warp that slice t - 1's stage, which
-        // this iteration refills, is no longer being read.
+    if constexpr (P == ASYNC || P == STAGED) {
+        // S - 1 slices in flight while one is multiplied. Slice t lives in stage t % S; one
+        // group is committed per slice (empty past the end) so that "all but S - 2 groups
+        // done" always means "slice t landed". The barrier after the wait also tells every warp
+        // that slice t - 1's stage, which this iteration refills, is no longer being read.
+        // STAGED: before the barrier each thread converts its own staged chunks of slice t into
+        // A tile t % 2, whose last reader, the multiply of slice t - 2, every warp finished
+        // before the previous iteration's barrier.
+        constexpr int S = P == ASYNC ? ASYNC_STAGES : STAGED_STAGES;
 #pragma unroll
-        for (int s = 0; s < HIN_STAGES - 1; ++s) {
+        for (int s = 0; s < S - 1; ++s) {
             if (s < ntiles) {
                 load_a(kb + s * BK, s);
                 load_b(kb + s * BK, s);
@@ -341,15 +395,19 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
             cp_async_commit();
         }
         for (int t = 0; t < ntiles; ++t) {
-            cp_async_wait<HIN_STAGES - 2>();
+            cp_async_wait<S - 2>();
+            if constexpr (P == STAGED) {
+                unstage_a(t % S);
+                store_a(a_tile(t & 1));
+            }
             __syncthreads();
-            const int nt = t + HIN_STAGES - 1;
+            const int nt = t + S - 1;
             if (nt < ntiles) {
-                load_a(kb + nt * BK, nt % HIN_STAGES);
-                load_b(kb + nt * BK, nt % HIN_STAGES);
+                load_a(kb + nt * BK, nt % S);
+                load_b(kb + nt * BK, nt % S);
             }
             cp_async_commit();
-            compute(t % HIN_STAGES);
+            compute(P == STAGED ? a_tile(t & 1) : a_stage(t % S), b_stage(t % S));
         }
         cp_async_wait_all();
     } else {
@@ -357,7 +415,7 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
             load_a(kb, 0);
             load_b(kb, 0);
             cp_async_commit();
-            if constexpr (T != TF32) store_a(0);
+            if constexpr (T != TF32) store_a(a_stage(0));
         }
         cp_async_wait_all();
         __syncthreads();
@@ -369,9 +427,9 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
                 load_b(kb + (t + 1) * BK, cur ^ 1);
                 cp_async_commit();
             }
-            compute(cur);
+            compute(a_stage(cur), b_stage(cur));
             if constexpr (T != TF32) {
-                if (next) store_a(cur ^ 1);
+                if (next) store_a(a_stage(cur ^ 1));
             }
             cp_async_wait_all();
             __syncthreads();
@@ -404,27 +462,33 @@ template <int T, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* sm
     }
 }
 
-// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, 37.9 KB static shared memory.
-// Needs sc % 8 == 0, ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
+// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads. Needs sc % 8 == 0,
+// ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
+//
+// Two stages, 37.9 KB of static shared memory:
 #define TC_KERNEL(name, T)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
         __shared__ __align__(128) unsigned char smem[2 * STAGE];                 \
-        tc_body<T, false>(a, smem);                                              \
+        tc_body<T, TWO, false>(a, smem);                                         \
     }
 TC_KERNEL(conv_tc_tf32, TF32)
 TC_KERNEL(conv_tc_bf16, BF16)
 TC_KERNEL(conv_tc_fp16, FP16)
 
-// The same with the activations x already in bf16 / fp16 (`ConvArgs::x` then points to 16-bit
-// elements). Same grid; HIN_SMEM bytes of dynamic shared memory, which the host allows once per
-// kernel (above the 48 KB default).
-#define TC_HIN_KERNEL(name, T)                                                  \
+// Deeper pipelines in dynamic shared memory (ASYNC_SMEM or STAGED_SMEM bytes, which the host
+// allows once per kernel, above the 48 KB default): tf32 and 16-bit activations (`_hin`:
+// `ConvArgs::x` points to bf16/fp16 values) with ASYNC, fp32 activations into bf16/fp16
+// products with STAGED.
+#define TC_DEEP_KERNEL(name, T, P, AH)                                          \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
         extern __shared__ __align__(128) unsigned char dsmem[];                  \
-        tc_body<T, true>(a, dsmem);                                              \
+        tc_body<T, P, AH>(a, dsmem);                                             \
     }
-TC_HIN_KERNEL(conv_tc_bf16_hin, BF16)
-TC_HIN_KERNEL(conv_tc_fp16_hin, FP16)
+TC_DEEP_KERNEL(conv_tc_tf32_async, TF32, ASYNC, false)
+TC_DEEP_KERNEL(conv_tc_bf16_hin, BF16, ASYNC, true)
+TC_DEEP_KERNEL(conv_tc_fp16_hin, FP16, ASYNC, true)
+TC_DEEP_KERNEL(conv_tc_bf16_staged, BF16, STAGED, false)
+TC_DEEP_KERNEL(conv_tc_fp16_staged, FP16, STAGED, false)
 
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).

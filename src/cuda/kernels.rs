@@ -314,9 +314,13 @@ pub(crate) struct ConvLaunch {
     pub kernel: ConvKernel,
     pub splits: usize,
     pub k_per_split: usize,
+    /// Tensor cores only: the deeper pipeline (kernels/conv_tc.cu: ASYNC for tf32 and 16-bit
+    /// inputs, STAGED for fp32 inputs into bf16/fp16) instead of the two-stage one. Same
+    /// results either way.
+    pub deep: bool,
     /// The input is already in the tensor-core kernel's 16-bit precision (two elements per
-    /// f32 slot), written so by the GroupNorm before it; only with `ConvKernel::Tensor` in
-    /// bf16 or fp16. Set by the lowering, which knows where each input comes from.
+    /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
+    /// fp16 and `deep`. Set by the lowering, which knows where each input comes from.
     pub half_input: bool,
 }
 
@@ -345,6 +349,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             kernel: ConvKernel::Narrow,
             splits: 1,
             k_per_split: k.div_ceil(BK) * BK,
+            deep: false,
             half_input: false,
         };
     }
@@ -385,6 +390,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         kernel,
         splits: k.div_ceil(per).max(1),
         k_per_split: per,
+        deep: false,
         half_input: false,
     }
 }
@@ -472,8 +478,11 @@ pub(crate) struct Kernels {
     conv_tc_tf32: CudaFunction,
     conv_tc_bf16: CudaFunction,
     conv_tc_fp16: CudaFunction,
+    conv_tc_tf32_async: CudaFunction,
     conv_tc_bf16_hin: CudaFunction,
     conv_tc_fp16_hin: CudaFunction,
+    conv_tc_bf16_staged: CudaFunction,
+    conv_tc_fp16_staged: CudaFunction,
     tc_convert: CudaFunction,
     gemm_batched: CudaFunction,
     softmax_forward: CudaFunction,
@@ -502,9 +511,10 @@ pub(crate) struct Kernels {
 
 const BLOCK: u32 = 256;
 
-/// Dynamic shared memory of the tensor-core kernels with 16-bit inputs (`HIN_SMEM` in
-/// kernels/conv_tc.cu: four stages of 18,944 bytes).
-const TC_HIN_SMEM: u32 = 75_776;
+/// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
+/// stages of 18,944 bytes; STAGED, three stages of 27,136 bytes and two 10,240-byte A tiles.
+const TC_ASYNC_SMEM: u32 = 75_776;
+const TC_STAGED_SMEM: u32 = 101_888;
 
 /// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default.
 fn allow_smem(ctx: &CudaContext, f: CudaFunction, bytes: u32) -> Result<CudaFunction> {
@@ -515,7 +525,7 @@ fn allow_smem(ctx: &CudaContext, f: CudaFunction, bytes: u32) -> Result<CudaFunc
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
         ),
-        "allowing a kernel 74 KB of shared memory",
+        "allowing a kernel more than 48 KB of shared memory",
     )?;
     Ok(f)
 }
@@ -558,6 +568,8 @@ impl Kernels {
             })?;
             cu(m.load_function(f), &format!("looking up kernel `{f}`"))
         };
+        // A deep-pipeline convolution, allowed its dynamic shared memory.
+        let deep = |f: &str, bytes: u32| allow_smem(ctx, get("conv_tc", f)?, bytes);
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
@@ -568,8 +580,11 @@ impl Kernels {
             conv_tc_tf32: get("conv_tc", "conv_tc_tf32")?,
             conv_tc_bf16: get("conv_tc", "conv_tc_bf16")?,
             conv_tc_fp16: get("conv_tc", "conv_tc_fp16")?,
-            conv_tc_bf16_hin: allow_smem(ctx, get("conv_tc", "conv_tc_bf16_hin")?, TC_HIN_SMEM)?,
-            conv_tc_fp16_hin: allow_smem(ctx, get("conv_tc", "conv_tc_fp16_hin")?, TC_HIN_SMEM)?,
+            conv_tc_tf32_async: deep("conv_tc_tf32_async", TC_ASYNC_SMEM)?,
+            conv_tc_bf16_hin: deep("conv_tc_bf16_hin", TC_ASYNC_SMEM)?,
+            conv_tc_fp16_hin: deep("conv_tc_fp16_hin", TC_ASYNC_SMEM)?,
+            conv_tc_bf16_staged: deep("conv_tc_bf16_staged", TC_STAGED_SMEM)?,
+            conv_tc_fp16_staged: deep("conv_tc_fp16_staged", TC_STAGED_SMEM)?,
             tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
             softmax_forward: get("attention", "softmax_forward")?,
@@ -693,15 +708,15 @@ impl Kernels {
         let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
             .iter()
             .all(|&q| q % 16 == 0);
-        if plan.half_input
-            && !matches!(
-                plan.kernel,
-                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
-            )
-        {
+        let tensor = matches!(plan.kernel, ConvKernel::Tensor(_));
+        let half = matches!(
+            plan.kernel,
+            ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+        );
+        if (plan.deep && !tensor) || (plan.half_input && !(half && plan.deep)) {
             return Err(Error::Cuda(format!(
-                "internal: 16-bit input planned for a {:?} convolution",
-                plan.kernel
+                "internal: {:?} convolution planned with deep {} and 16-bit input {}",
+                plan.kernel, plan.deep, plan.half_input
             )));
         }
         let f = match plan.kernel {
@@ -719,13 +734,16 @@ impl Kernels {
                         "internal: split-K not a multiple of the tensor-core K slice".into(),
                     ));
                 }
-                match precision {
-                    Precision::Tf32 => &self.conv_tc_tf32,
-                    Precision::Bf16 if plan.half_input => &self.conv_tc_bf16_hin,
-                    Precision::Fp16 if plan.half_input => &self.conv_tc_fp16_hin,
-                    Precision::Bf16 => &self.conv_tc_bf16,
-                    Precision::Fp16 => &self.conv_tc_fp16,
-                    Precision::Fp32 => {
+                match (precision, plan.deep, plan.half_input) {
+                    (Precision::Tf32, false, _) => &self.conv_tc_tf32,
+                    (Precision::Tf32, true, _) => &self.conv_tc_tf32_async,
+                    (Precision::Bf16, true, true) => &self.conv_tc_bf16_hin,
+                    (Precision::Fp16, true, true) => &self.conv_tc_fp16_hin,
+                    (Precision::Bf16, true, false) => &self.conv_tc_bf16_staged,
+                    (Precision::Fp16, true, false) => &self.conv_tc_fp16_staged,
+                    (Precision::Bf16, false, _) => &self.conv_tc_bf16,
+                    (Precision::Fp16, false, _) => &self.conv_tc_fp16,
+                    (Precision::Fp32, ..) => {
                         return Err(Error::Cuda(
                             "internal: tensor-core launch planned in fp32".into(),
                         ))
@@ -743,8 +761,12 @@ impl Kernels {
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
         let mut launch = cfg(grid, (BLOCK, 1, 1));
-        if plan.half_input {
-            launch.shared_mem_bytes = TC_HIN_SMEM;
+        if plan.deep {
+            launch.shared_mem_bytes = match plan.kernel {
+                ConvKernel::Tensor(Precision::Tf32) => TC_ASYNC_SMEM,
+                _ if plan.half_input => TC_ASYNC_SMEM,
+                _ => TC_STAGED_SMEM,
+            };
         }
         let mut b = st.launch_builder(f);
         b.arg(&a);

@@ -147,9 +147,9 @@ pub(crate) fn plan(
     recording: bool,
     sms: usize,
     precision: Precision,
-    half_activations: bool,
+    deep: bool,
 ) -> Result<(Program, Placement)> {
-    let p = Program::build_with(graph, n, h, w, recording, sms, precision, half_activations)?;
+    let p = Program::build_with(graph, n, h, w, recording, sms, precision, deep)?;
     let pl = place(
         &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
         &p.lifetimes(),

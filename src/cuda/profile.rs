@@ -70,6 +70,11 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     let mut variant = kernel_name(c.launch.kernel);
     if c.launch.half_input {
         variant += ", 16-bit input";
+    } else if c.launch.deep {
+        variant += match c.launch.kernel {
+            ConvKernel::Tensor(Precision::Tf32) => ", async",
+            _ => ", staged",
+        };
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
@@ -663,7 +668,7 @@ mod tests {
         ));
         assert!(has(
             "conv 3x3 input-grad",
-            "3x3 s1 128->128 out 256x256 [tc-bf16]"
+            "3x3 s1 128->128 out 256x256 [tc-bf16, staged]"
         ));
         assert!(has(
             "conv 3x3 input-grad",

@@ -354,6 +354,8 @@ struct Lowering<'g> {
     half: Vec<bool>,
     /// Per tensor: its gradient stored as 16-bit values in `precision`.
     half_grad: Vec<bool>,
+    /// Tensor-core launches use the deep pipelines.
+    deep: bool,
 }
 
 impl Program {
@@ -374,14 +376,15 @@ impl Program {
         Self::build_with(g, n, h, w, record, sms, precision, true)
     }
 
-    /// [`build`](Self::build), choosing whether GroupNorm and upsampling outputs may be stored
-    /// in 16 bits. They may when every reader is a convolution (or token-wise linear layer) on
-    /// the bf16/fp16 tensor-core kernel taking it as its main input: those kernels round their
-    /// input to that precision anyway, so storing it rounded halves the traffic and changes no
-    /// result; the backward pass never reads these values (GroupNorm's backward reads its
-    /// input, the convolutions' input gradients none). Likewise in the backward pass for the
-    /// gradient a GroupNorm passes to the convolution before it, when that is its only
-    /// contribution and the convolution's input gradient (on tensor cores) its only reader.
+    /// [`build`](Self::build), choosing the tensor-core pipelines: `deep` (the default) or the
+    /// two-stage ones (kernels/conv_tc.cu), which compute the same. With deep pipelines in bf16
+    /// and fp16, GroupNorm and upsampling outputs are stored in 16 bits when every reader is a
+    /// convolution (or token-wise linear layer) on the tensor-core kernel taking it as its main
+    /// input: those kernels round their input to that precision anyway, so storing it rounded
+    /// halves the traffic and changes no result; the backward pass never reads these values
+    /// (GroupNorm's backward reads its input, the convolutions' input gradients none). Likewise
+    /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,
+    /// when that is its only contribution and the convolution's input gradient its only reader.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,
@@ -391,7 +394,7 @@ impl Program {
         record: bool,
         sms: usize,
         precision: Precision,
-        half_activations: bool,
+        deep: bool,
     ) -> Result<Program> {
         g.config.check_input_size(h, w)?;
         if n == 0 {
@@ -411,8 +414,9 @@ impl Program {
             aux: vec![None; g.ops.len()],
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
+            deep,
         };
-        if half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16) {
+        if deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
             l.half_grad = l.half_gradients();
         }
@@ -730,7 +734,8 @@ impl Lowering<'_> {
     }
 
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
-        let launch = plan_conv_at(&shape, self.sms, self.precision);
+        let mut launch = plan_conv_at(&shape, self.sms, self.precision);
+        launch.deep = self.deep && matches!(launch.kernel, ConvKernel::Tensor(_));
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {
@@ -1225,11 +1230,9 @@ mod tests {
             Precision::Bf16,
             Precision::Fp16,
         ] {
-            for half_activations in [true, false] {
-                let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, half_activations)
-                    .unwrap();
-                let expect_half =
-                    half_activations && matches!(precision, Precision::Bf16 | Precision::Fp16);
+            for deep in [true, false] {
+                let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, deep).unwrap();
+                let expect_half = deep && matches!(precision, Precision::Bf16 | Precision::Fp16);
                 // Which buffers a GroupNorm wrote in 16 bits, and who reads them.
                 let mut half = vec![false; p.bufs.len()];
                 let (mut norms, mut upsamplings, mut half_grads) = (0, 0, 0);
@@ -1288,6 +1291,8 @@ mod tests {
                     }
                     if let Step::Conv(c) = s {
                         assert_eq!(c.launch.half_input, half[c.x.0]);
+                        let tensor = matches!(c.launch.kernel, ConvKernel::Tensor(_));
+                        assert_eq!(c.launch.deep, deep && tensor);
                     }
                 }
                 let halves = half.iter().filter(|&&h| h).count();

@@ -497,38 +497,30 @@ impl Tester<'_> {
             ms,
             tolerance,
         );
-        // The same input already rounded to 16 bits in memory (what a GroupNorm before a
-        // convolution writes): the kernel that reads it must give what the converting one gave.
-        if matches!(
-            plan.kernel,
-            ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
-        ) {
-            let xh = self.zeros(x.len().div_ceil(2))?;
-            gpu.kernels
-                .convert_half(st, xd.ptr, xh.ptr, x.len(), precision)?;
-            let hin = ConvLaunch {
-                half_input: true,
-                ..plan
-            };
-            let yh = self.zeros(want.len())?;
+        // The deep pipelines, from fp32 and (bf16/fp16) from the input already rounded to 16
+        // bits in memory, as a GroupNorm before a convolution writes it: the same schedule of
+        // roundings and sums, so the same result as the two-stage kernel's.
+        for (deep, copy) in self.deep_variants(plan, xd.ptr, x.len())? {
+            let xin = copy.as_ref().map_or(xd.ptr, |c| c.ptr);
+            let yv = self.zeros(want.len())?;
             let ms = self.timed(
                 || Ok(()),
                 || {
                     let ptrs = ConvPtrs {
-                        x: xh.ptr,
-                        y: yh.ptr,
+                        x: xin,
+                        y: yv.ptr,
                         ..ptrs
                     };
-                    gpu.kernels.conv(st, &shape, &hin, ptrs, out_div, false)
+                    gpu.kernels.conv(st, &shape, &deep, ptrs, out_div, false)
                 },
             )?;
             self.row(
                 named(format!(
-                    "conv{k}x{k} s{stride} forward{epi}, 16-bit vs fp32 input [{}]",
-                    path(hin.kernel, hin.splits)
+                    "conv{k}x{k} s{stride} forward{epi} [{}] vs two-stage",
+                    deep_path(&deep)
                 )),
                 desc.clone(),
-                &yh.download(st)?,
+                &yv.download(st)?,
                 &got,
                 ms,
             );
@@ -550,22 +542,20 @@ impl Tester<'_> {
             .max()
             .unwrap_or(0);
         let ws = self.zeros(ws_len)?;
-        let ms = self.timed(
-            || dxd.write(st, dx0),
-            || {
-                for (s, p) in shapes.iter().zip(&plans) {
-                    let ptrs = ConvPtrs {
-                        x: dyd.ptr,
-                        w: dev.weights_for(p.kernel, true)?,
-                        y: dx_ptr,
-                        ws: ws.ptr,
-                        ..ConvPtrs::default()
-                    };
-                    gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
-                }
-                Ok(())
-            },
-        )?;
+        let input_grad = |plans: &[ConvLaunch], dy: DPtr| -> Result<()> {
+            for (s, p) in shapes.iter().zip(plans) {
+                let ptrs = ConvPtrs {
+                    x: dy,
+                    w: dev.weights_for(p.kernel, true)?,
+                    y: dx_ptr,
+                    ws: ws.ptr,
+                    ..ConvPtrs::default()
+                };
+                gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
+            }
+            Ok(())
+        };
+        let ms = self.timed(|| dxd.write(st, dx0), || input_grad(&plans, dyd.ptr))?;
         let got = dxd.download(st)?;
         let paths: Vec<String> = plans.iter().map(|p| path(p.kernel, p.splits)).collect();
         self.row_within(
@@ -574,13 +564,68 @@ impl Tester<'_> {
                 acc_name(accumulate),
                 paths.join(", ")
             )),
-            desc,
+            desc.clone(),
             &got,
             want_dx,
             ms,
             tolerance,
         );
+        // Deep pipelines for the input gradient (the 16-bit dy: what a GroupNorm's backward
+        // writes for the first convolution of a residual block), against the two-stage result.
+        if let Some(&first) = plans.first() {
+            for (deep, copy) in self.deep_variants(first, dyd.ptr, dy.len())? {
+                let dyin = copy.as_ref().map_or(dyd.ptr, |c| c.ptr);
+                let deep_plans: Vec<ConvLaunch> = plans
+                    .iter()
+                    .map(|p| ConvLaunch {
+                        deep: deep.deep,
+                        half_input: deep.half_input,
+                        ..*p
+                    })
+                    .collect();
+                let ms = self.timed(|| dxd.write(st, dx0), || input_grad(&deep_plans, dyin))?;
+                self.row(
+                    named(format!(
+                        "conv{k}x{k} s{stride} input-grad{} [{}] vs two-stage",
+                        acc_name(accumulate),
+                        deep_path(&deep)
+                    )),
+                    desc.clone(),
+                    &dxd.download(st)?,
+                    &got,
+                    ms,
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// For a two-stage tensor-core launch `plan` reading `len` fp32 values at `x`: the deep
+    /// launch of the same problem on the same input (None: read `x`), and in bf16/fp16 the one
+    /// reading a 16-bit copy of it, made here. Nothing for other kernels.
+    fn deep_variants(
+        &self,
+        plan: ConvLaunch,
+        x: DPtr,
+        len: usize,
+    ) -> Result<Vec<(ConvLaunch, Option<DevBuf>)>> {
+        let ConvKernel::Tensor(precision) = plan.kernel else {
+            return Ok(vec![]);
+        };
+        let deep = ConvLaunch { deep: true, ..plan };
+        let mut out = vec![(deep, None)];
+        if precision != Precision::Tf32 {
+            let copy = self.zeros(len.div_ceil(2))?;
+            self.gpu
+                .kernels
+                .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
+            let half_input = ConvLaunch {
+                half_input: true,
+                ..deep
+            };
+            out.push((half_input, Some(copy)));
+        }
+        Ok(out)
     }
 
     fn linears(&mut self) -> Result<()> {
@@ -1267,29 +1312,28 @@ impl Tester<'_> {
                     ms,
                     grad_tol,
                 );
-                if precision != Precision::Tf32 {
-                    // GroupNorm outputs in 16 bits change no result (Program::build_with).
-                    gpu.set_half_activations(false);
-                    let full = gpu.forward(&sample, &t)?;
-                    let ms = gpu.time_forward(n, h, w, 5)?;
-                    self.row(
-                        format!("{name} {precision} forward, 16-bit vs fp32 GroupNorm outputs"),
-                        desc.clone(),
-                        got.data(),
-                        full.data(),
-                        ms,
-                    );
-                    gpu.forward_recording(&sample, &t)?;
-                    let full_grad = gpu.vjp(&cot)?;
-                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                    self.row(
-                        format!("{name} {precision} vjp, 16-bit vs fp32 GroupNorm outputs"),
-                        desc.clone(),
-                        grad.data(),
-                        full_grad.data(),
-                        ms,
-                    );
-                }
+                // The deep pipelines and 16-bit intermediates change no result
+                // (Program::build_with): the two-stage kernels with fp32 intermediates.
+                gpu.set_deep_pipelines(false);
+                let full = gpu.forward(&sample, &t)?;
+                let ms = gpu.time_forward(n, h, w, 5)?;
+                self.row(
+                    format!("{name} {precision} forward, deep vs two-stage pipelines"),
+                    desc.clone(),
+                    got.data(),
+                    full.data(),
+                    ms,
+                );
+                gpu.forward_recording(&sample, &t)?;
+                let full_grad = gpu.vjp(&cot)?;
+                let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                self.row(
+                    format!("{name} {precision} vjp, deep vs two-stage pipelines"),
+                    desc.clone(),
+                    grad.data(),
+                    full_grad.data(),
+                    ms,
+                );
             }
         }
         Ok(())
@@ -1355,6 +1399,16 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
         source: "selftest".into(),
         scheduler_config: None,
     }
+}
+
+/// The deep pipeline a launch takes and its input, for row names.
+fn deep_path(p: &ConvLaunch) -> String {
+    let pipe = match (p.kernel, p.half_input) {
+        (ConvKernel::Tensor(Precision::Tf32), _) => "async",
+        (_, true) => "async, 16-bit input",
+        _ => "staged",
+    };
+    format!("{}, {pipe}", path(p.kernel, p.splits))
 }
 
 fn path(k: ConvKernel, splits: usize) -> String {

@@ -76,9 +76,10 @@ pub struct CudaUnet {
     /// of the caller's (the device sampler's step) records them: a graph cannot be launched
     /// into a stream that is capturing.
     direct: bool,
-    /// Whether programs may keep GroupNorm outputs in 16 bits (`Program::build_with`); off
-    /// only to check that it changes nothing.
-    half_activations: bool,
+    /// Tensor-core launches use the deep pipelines and, in bf16/fp16, 16-bit intermediates
+    /// (`Program::build_with`); off with `INVDIFF_TC_PIPELINE=two`, for comparisons: the
+    /// results are the same.
+    deep: bool,
 }
 
 // A sampler may build the network on one thread and run it on another.
@@ -101,6 +102,7 @@ impl CudaUnet {
         let gpu = Gpu::open(ordinal)?;
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = std::env::var("INVDIFF_NO_CUDA_GRAPH").map_or(true, |v| v != "1");
+        let deep = std::env::var("INVDIFF_TC_PIPELINE").map_or(true, |v| v != "two");
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
@@ -110,7 +112,7 @@ impl CudaUnet {
             tape: None,
             use_graphs,
             direct: false,
-            half_activations: true,
+            deep,
         })
     }
 
@@ -125,10 +127,10 @@ impl CudaUnet {
         self.direct = on;
     }
 
-    /// Stores GroupNorm outputs in fp32 even at bf16/fp16 (`on` false), for comparisons;
-    /// drops every plan.
-    pub(crate) fn set_half_activations(&mut self, on: bool) {
-        self.half_activations = on;
+    /// Chooses the deep tensor-core pipelines (`on`) or the two-stage ones with fp32
+    /// intermediates, for comparisons; drops every plan.
+    pub(crate) fn set_deep_pipelines(&mut self, on: bool) {
+        self.deep = on;
         self.plans.clear();
         self.tape = None;
     }
@@ -184,7 +186,7 @@ impl CudaUnet {
             recording,
             self.gpu.sms(),
             self.precision,
-            self.half_activations,
+            self.deep,
         )?;
         Ok(plan::stats(&p, &pl))
     }
@@ -648,7 +650,7 @@ impl CudaUnet {
             key.record,
             self.gpu.sms(),
             self.precision,
-            self.half_activations,
+            self.deep,
         )?;
         for s in &program.steps {
             for w in s.weights() {
