@@ -37,8 +37,9 @@
 // (half) or [16 rows][512 + 32 pad] (tf32): 18,944 per stage. The pads make every ldmatrix
 // phase (8 rows of 16 bytes) and every tf32 B read hit 32 distinct banks: A rows are 20 words
 // apart, half B rows 68 (4 mod 32: eight 4-bank rows), tf32 B rows 136 (8 mod 32: lane (g, q)
-// reads bank 8q + g). STAGED's fp32 staging rows are 128 + 16 bytes (36 words: the eight rows a
-// warp reads back start 4 banks apart).
+// reads bank 8q + g). STAGED's fp32 staging rows are 128 bytes unpadded: only the thread that
+// copied a chunk reads it back (two-way bank conflicts on those four reads per slice, which a
+// pad would remove at 6 KB of shared memory).
 //
 // Fragments (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"; g = lane / 4, q = lane % 4):
 // - A, both types: ldmatrix.x4 of the 16x32-byte block at (m-tile rows, k-step); lanes 0-15 name
@@ -66,18 +67,19 @@ constexpr int STAGE = A_STAGE + B_STAGE;
 // for bf16/fp16; ASYNC, every load a cp.async straight into its stage, ASYNC_STAGES stages (tf32,
 // and 16-bit activations); STAGED, fp32 activations for bf16/fp16 by cp.async into an fp32
 // staging area, STAGED_STAGES stages, each thread converting its own chunks into one of two
-// 16-bit A tiles. Two 256-thread blocks per multiprocessor fit in every case (2 x 74 / 99.5 KB).
+// 16-bit A tiles. On sm_90 two 256-thread blocks per multiprocessor fit either way (2 x 74 /
+// 93.5 KB); both fit the 99 KB a block may have on sm_86/89.
 // src/cuda/kernels.rs passes ASYNC_SMEM and STAGED_SMEM as dynamic shared memory.
 enum Pipe { TWO = 0, ASYNC = 1, STAGED = 2 };
 constexpr int ASYNC_STAGES = 4;
 constexpr int ASYNC_SMEM = ASYNC_STAGES * STAGE;
 static_assert(ASYNC_SMEM == 75776, "ASYNC_SMEM must match TC_ASYNC_SMEM in src/cuda/kernels.rs");
 constexpr int STAGED_STAGES = 3;
-constexpr int STG_PITCH = 128 + 16;  // bytes per staged fp32 row (32 channels), padded
+constexpr int STG_PITCH = 128;  // bytes per staged fp32 row (32 channels)
 constexpr int STG_A = TBM * STG_PITCH;
 constexpr int STG_STAGE = STG_A + B_STAGE;
 constexpr int STAGED_SMEM = STAGED_STAGES * STG_STAGE + 2 * A_STAGE;
-static_assert(STAGED_SMEM == 101888, "STAGED_SMEM must match TC_STAGED_SMEM in src/cuda/kernels.rs");
+static_assert(STAGED_SMEM == 95744, "STAGED_SMEM must match TC_STAGED_SMEM in src/cuda/kernels.rs");
 
 template <int T> struct Tc {
     static constexpr int ESZ = T == TF32 ? 4 : 2;  // bytes per element in shared memory

@@ -512,20 +512,27 @@ pub(crate) struct Kernels {
 const BLOCK: u32 = 256;
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
-/// stages of 18,944 bytes; STAGED, three stages of 27,136 bytes and two 10,240-byte A tiles.
+/// stages of 18,944 bytes; STAGED, three stages of 25,088 bytes and two 10,240-byte A tiles.
 const TC_ASYNC_SMEM: u32 = 75_776;
-const TC_STAGED_SMEM: u32 = 101_888;
+const TC_STAGED_SMEM: u32 = 95_744;
 
-/// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default.
+/// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default,
+/// and asks for the largest shared-memory share of the multiprocessor, so that two such blocks
+/// fit side by side.
 fn allow_smem(ctx: &CudaContext, f: CudaFunction, bytes: u32) -> Result<CudaFunction> {
+    use sys::CUfunction_attribute::*;
     // cudarc's set_attribute does not make the context current itself.
     cu(ctx.bind_to_thread(), "binding the CUDA context")?;
     cu(
         f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
         ),
         "allowing a kernel more than 48 KB of shared memory",
+    )?;
+    cu(
+        f.set_attribute(CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+        "preferring shared memory over L1 for a kernel",
     )?;
     Ok(f)
 }

@@ -514,7 +514,7 @@ impl Tester<'_> {
                     gpu.kernels.conv(st, &shape, &deep, ptrs, out_div, false)
                 },
             )?;
-            self.row(
+            self.row_within(
                 named(format!(
                     "conv{k}x{k} s{stride} forward{epi} [{}] vs two-stage",
                     deep_path(&deep)
@@ -523,6 +523,7 @@ impl Tester<'_> {
                 &yv.download(st)?,
                 &got,
                 ms,
+                0.0,
             );
         }
 
@@ -572,6 +573,10 @@ impl Tester<'_> {
         );
         // Deep pipelines for the input gradient (the 16-bit dy: what a GroupNorm's backward
         // writes for the first convolution of a residual block), against the two-stage result.
+        // The parity classes of a stride-2 gradient share their channels, hence their kernel.
+        debug_assert!(plans
+            .iter()
+            .all(|p| Some(p.kernel) == plans.first().map(|f| f.kernel)));
         if let Some(&first) = plans.first() {
             for (deep, copy) in self.deep_variants(first, dyd.ptr, dy.len())? {
                 let dyin = copy.as_ref().map_or(dyd.ptr, |c| c.ptr);
@@ -584,7 +589,7 @@ impl Tester<'_> {
                     })
                     .collect();
                 let ms = self.timed(|| dxd.write(st, dx0), || input_grad(&deep_plans, dyin))?;
-                self.row(
+                self.row_within(
                     named(format!(
                         "conv{k}x{k} s{stride} input-grad{} [{}] vs two-stage",
                         acc_name(accumulate),
@@ -594,6 +599,7 @@ impl Tester<'_> {
                     &dxd.download(st)?,
                     &got,
                     ms,
+                    0.0,
                 );
             }
         }
@@ -1291,6 +1297,8 @@ impl Tester<'_> {
             let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                // Whatever INVDIFF_TC_PIPELINE says: the rows below compare both.
+                gpu.set_deep_pipelines(true);
                 let got = gpu.forward(&sample, &t)?;
                 let ms = gpu.time_forward(n, h, w, 5)?;
                 self.row_within(
@@ -1313,7 +1321,9 @@ impl Tester<'_> {
                     grad_tol,
                 );
                 // The deep pipelines and 16-bit intermediates change no result
-                // (Program::build_with): the two-stage kernels with fp32 intermediates.
+                // (Program::build_with): the two-stage kernels with fp32 intermediates. Not
+                // held to 0 like the single convolutions: the 16-bit GroupNorm kernels share
+                // their per-element code with the fp32 ones, but are separate compilations.
                 gpu.set_deep_pipelines(false);
                 let full = gpu.forward(&sample, &t)?;
                 let ms = gpu.time_forward(n, h, w, 5)?;
