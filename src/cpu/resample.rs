@@ -83,7 +83,7 @@ pub fn concat(a: &[f32], ca: usize, b: &[f32], cb: usize, y: &mut [f32]) {
     });
 }
 
-/// Adjoint of [`concat`] for one side: `d (+)= dy[.., offset .. offset + width]`.
+/// Adjoint of [`concat()`] for one side: `d (+)= dy[.., offset .. offset + width]`.
 pub fn concat_backward(
     dy: &[f32],
     c: usize,
