@@ -7,7 +7,7 @@
 //! ```text
 //! cargo bench --bench kernels_cuda -- [--batch N] [--precision fp32|tf32|bf16|fp16] [--record]
 //!     [--iters N] [--save FILE.json] [--baseline FILE.json] [--peak-tflops X]
-//!     [--dry-run [--sms N]]
+//!     [--dry-run [--sms N]] [--sweep]
 //! ```
 //!
 //! Defaults: batch 8, bf16, forward only, 20 iterations. `--record` profiles forward + the
@@ -20,6 +20,11 @@
 //! it lists the same rows with their kernel choices and FLOPs, times 0, as planned for a GPU of
 //! `--sms` multiprocessors (default 132, an H100 SXM or H200), beside `--baseline`'s times if
 //! given (a way to read a saved profile by shape without a GPU).
+//!
+//! `--sweep` times each distinct tensor-core launch alone under every pipeline and split of K
+//! it could take ([`cuda::sweep_convolutions`]) and prints, per launch, the planner's choice
+//! beside the fastest variant, and what the whole call would save with the fastest everywhere
+//! (`--save` then writes those rows): the data for choosing pipelines and splits per shape.
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.
@@ -42,6 +47,7 @@ struct Args {
     peak_tflops: Option<f64>,
     dry_run: bool,
     sms: usize,
+    sweep: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -55,6 +61,7 @@ fn parse() -> Result<Args, String> {
         peak_tflops: None,
         dry_run: false,
         sms: 132,
+        sweep: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -86,6 +93,7 @@ fn parse() -> Result<Args, String> {
                 )
             }
             "--dry-run" => a.dry_run = true,
+            "--sweep" => a.sweep = true,
             "--sms" => {
                 a.sms = value("--sms")?
                     .parse()
@@ -409,6 +417,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if a.sweep {
+        return sweep(&a);
+    }
     let run = || -> invdiff::Result<(Profile, Option<PeakRate>)> {
         let mut model = Model::builtin_celebahq(0);
         let mut unet = CudaUnet::with_precision(&model, 0, a.precision)?;
@@ -432,6 +443,77 @@ fn main() -> ExitCode {
         }
     };
     finish(&a, &p, peak.as_ref(), base.as_ref())
+}
+
+/// `--sweep`: every tensor-core launch under each pipeline and split, planned against best.
+fn sweep(a: &Args) -> ExitCode {
+    let model = Model::builtin_celebahq(0);
+    let (h, w) = model.config().sample_size;
+    let rows = match cuda::sweep_convolutions(
+        0,
+        &model.graph,
+        a.batch,
+        h,
+        w,
+        a.record,
+        a.precision,
+        a.iters,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kernels_cuda: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "kernels_cuda --sweep: celebahq-256 {h}x{w}, batch {}, {}, {}, {} iterations per variant",
+        a.batch,
+        a.precision,
+        if a.record { "forward + vjp" } else { "forward" },
+        a.iters
+    );
+    println!(
+        "{:<24} {:<40} {:>5} {:>26} {:>26} {:>6}",
+        "kind", "shape", "count", "planned (ms)", "fastest (ms)", "gain"
+    );
+    let (mut planned, mut best) = (0.0, 0.0);
+    let variant = |v: &cuda::SweepVariant| format!("{}/{} {:.4}", v.pipeline, v.splits, v.ms);
+    for r in &rows {
+        let b = r.best();
+        planned += r.count as f64 * r.planned.ms;
+        best += r.count as f64 * b.ms;
+        println!(
+            "{:<24} {:<40} {:>5} {:>26} {:>26} {:>5.2}x",
+            r.kind,
+            r.shape,
+            r.count,
+            variant(&r.planned),
+            variant(b),
+            r.planned.ms / b.ms
+        );
+    }
+    println!(
+        "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \
+         variant of each"
+    );
+    if let Some(path) = &a.save {
+        let v = json!({
+            "precision": a.precision.name(),
+            "batch": a.batch,
+            "record": a.record,
+            "iters": a.iters,
+            "planned_ms": planned,
+            "best_ms": best,
+            "sweep": rows,
+        });
+        let text = serde_json::to_string_pretty(&v).expect("serialisable");
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("kernels_cuda: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("saved {}", path.display());
+    }
+    ExitCode::SUCCESS
 }
 
 /// Prints the report and writes `--save`.

@@ -16,7 +16,9 @@
 //! - `sampler`: the whole sampling loop on the device (network, VJP, scheduler step, guidance),
 //!   one captured graph replayed per step; `sampler_kernels` launches its kernels and `blur`
 //!   runs [`CircularBlur`](crate::inverse::CircularBlur) by FFT;
-//! - [`selftest`]: every kernel against its CPU counterpart, and the whole network.
+//! - [`selftest`]: every kernel against its CPU counterpart, and the whole network;
+//! - [`sweep_convolutions`]: every tensor-core launch of a program timed under each pipeline
+//!   and split of K.
 //!
 //! On a machine without a GPU or driver everything here returns [`Error::Cuda`](crate::Error::Cuda)
 //! values (or, for [`probe`], reports it) and never panics.
@@ -32,6 +34,7 @@ mod sampler;
 mod sampler_kernels;
 mod sampler_selftest;
 mod selftest;
+mod sweep;
 mod unet;
 mod weights;
 
@@ -42,6 +45,7 @@ pub use profile::{
     measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
 };
 pub use selftest::{selftest, SelftestRow, TOLERANCE};
+pub use sweep::{sweep_convolutions, SweepRow, SweepVariant};
 pub use unet::CudaUnet;
 
 pub(crate) use sampler::{

@@ -1,0 +1,315 @@
+//! Every tensor-core launch of a network's program, timed alone under each pipeline and split
+//! of K it could take: the data a per-shape choice of kernel and split-K needs, gathered in one
+//! GPU run (the GPU machines cannot rebuild, so the variants are all compiled in and chosen
+//! here at run time).
+//!
+//! For each distinct tensor-core convolution or token-wise linear launch of the program at one
+//! batch, size and precision (forward, and the input gradient when recording), the same problem
+//! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
+//! in bf16/fp16, the deep pipeline from a 16-bit input, each at several splits of K: 1, and
+//! those that keep the grid within four waves of the machine. Every variant computes the same
+//! sums in the same order for a given split (the selftest holds them to it), so only the time
+//! differs. Times are means of CUDA-event-timed repetitions after a warm-up.
+
+use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use serde::Serialize;
+
+use super::device::{cu, Gpu};
+use super::kernels::{ConvKernel, ConvLaunch, ConvPtrs, ConvShape};
+use super::plan;
+use super::precision::Precision;
+use super::program::Step;
+use super::selftest::uniform;
+use super::weights::{DevBuf, DevConv};
+use crate::model::Graph;
+use crate::{ensure, Error, Result};
+
+/// One variant of one launch and its time.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepVariant {
+    /// `two-stage`, `deep` (fp32 input) or `deep, 16-bit input`.
+    pub pipeline: String,
+    pub splits: usize,
+    /// Mean milliseconds per launch (with the split-K reduction when split).
+    pub ms: f64,
+}
+
+/// One distinct tensor-core launch of the program and its variants.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepRow {
+    /// The step's kind and shape (as in the profile, e.g. `conv 3x3 fwd`,
+    /// `3x3 s1 128->128 out 256x256`).
+    pub kind: String,
+    pub shape: String,
+    /// How many launches of the program have this shape.
+    pub count: usize,
+    pub flops: f64,
+    /// The pipeline and split the planner chose, and its time.
+    pub planned: SweepVariant,
+    /// Every variant timed, the planned one included.
+    pub variants: Vec<SweepVariant>,
+}
+
+impl SweepRow {
+    /// The fastest variant.
+    pub fn best(&self) -> &SweepVariant {
+        self.variants
+            .iter()
+            .min_by(|a, b| a.ms.total_cmp(&b.ms))
+            .unwrap_or(&self.planned)
+    }
+}
+
+/// Largest tile grid, in waves of two blocks per multiprocessor, that a split may make.
+const MAX_WAVES: usize = 4;
+/// The splits tried (those that fit `MAX_WAVES` and the reduction length).
+const SPLITS: [usize; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32];
+
+/// Times every variant of every distinct tensor-core launch of `graph`'s program for a batch of
+/// `n` images of `h x w` at `precision` (bf16, fp16 or tf32), the input gradient too when
+/// `record`, on GPU `ordinal`, `iters` repetitions each.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_convolutions(
+    ordinal: usize,
+    graph: &Graph,
+    n: usize,
+    h: usize,
+    w: usize,
+    record: bool,
+    precision: Precision,
+    iters: usize,
+) -> Result<Vec<SweepRow>> {
+    ensure!(
+        precision != Precision::Fp32,
+        "the sweep covers tensor-core launches: use --precision tf32, bf16 or fp16"
+    );
+    ensure!(iters > 0, "the sweep needs at least one repetition");
+    let gpu = Gpu::open(ordinal)?;
+    let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, true)?;
+    // Distinct launches, in program order, with their counts.
+    let mut launches: Vec<(ConvShape, ConvLaunch, String, String, f64, usize)> = Vec::new();
+    for s in &program.steps {
+        let Step::Conv(c) = s else { continue };
+        if !matches!(c.launch.kernel, ConvKernel::Tensor(_)) {
+            continue;
+        }
+        let info = s.info(n, h, w);
+        match launches
+            .iter_mut()
+            .find(|l| l.0 == c.shape && l.1 == c.launch && l.2 == info.kind)
+        {
+            Some(l) => l.5 += 1,
+            None => launches.push((
+                c.shape.clone(),
+                c.launch,
+                info.kind.to_string(),
+                info.shape,
+                info.flops,
+                1,
+            )),
+        }
+    }
+    let mut seed = 0x5_7EE9;
+    let mut rows = Vec::with_capacity(launches.len());
+    for (shape, planned, kind, label, flops, count) in launches {
+        rows.push(sweep_one(
+            &gpu, &shape, planned, kind, label, flops, count, iters, &mut seed,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// The variants of tensor-core launch `planned` of `shape` worth timing on a GPU of `sms`
+/// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
+/// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only),
+/// and the planned launch itself.
+fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize) -> Vec<ConvLaunch> {
+    let ConvKernel::Tensor(precision) = planned.kernel else {
+        return vec![planned];
+    };
+    let slice = if precision == Precision::Tf32 { 16 } else { 32 };
+    let k = shape.k();
+    let ktiles = k.div_ceil(slice);
+    let tiles = shape.rows().div_ceil(128) * shape.ncols.div_ceil(128);
+    let mut out: Vec<ConvLaunch> = Vec::new();
+    for &s in SPLITS
+        .iter()
+        .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
+    {
+        let per = ktiles.div_ceil(s) * slice;
+        let base = ConvLaunch {
+            splits: k.div_ceil(per),
+            k_per_split: per,
+            ..planned
+        };
+        let mut pipes = vec![(false, false), (true, false)];
+        if precision.is_half() {
+            pipes.push((true, true));
+        }
+        for (deep, half_input) in pipes {
+            let c = ConvLaunch {
+                deep,
+                half_input,
+                ..base
+            };
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    if !out.contains(&planned) {
+        out.push(planned);
+    }
+    out
+}
+
+fn pipeline_name(l: &ConvLaunch) -> &'static str {
+    match (l.deep, l.half_input) {
+        (false, _) => "two-stage",
+        (true, false) => "deep",
+        (true, true) => "deep, 16-bit input",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sweep_one(
+    gpu: &Gpu,
+    shape: &ConvShape,
+    planned: ConvLaunch,
+    kind: String,
+    label: String,
+    flops: f64,
+    count: usize,
+    iters: usize,
+    seed: &mut u64,
+) -> Result<SweepRow> {
+    let ConvKernel::Tensor(precision) = planned.kernel else {
+        return Err(Error::Cuda("internal: sweep of a non-tensor launch".into()));
+    };
+    let st = &gpu.stream;
+    let k = shape.k();
+    // Random operands of the launch's sizes; the weights as a k x k convolution whose forward
+    // layout has room for every tap index the launch names.
+    let kk = if shape.taps.len() == 1 { 1 } else { 3 };
+    let x_len = shape.n * shape.sh * shape.sw * shape.sc;
+    let x = DevBuf::upload(st, &uniform(seed, x_len, -1.0, 1.0))?;
+    let x_half = if precision.is_half() {
+        let h = DevBuf::zeros(st, x_len.div_ceil(2))?;
+        gpu.kernels
+            .convert_half(st, x.ptr, h.ptr, x_len, precision)?;
+        Some(h)
+    } else {
+        None
+    };
+    let bound = 1.0 / (k as f32).sqrt();
+    let wts = DevConv::upload(
+        gpu,
+        &uniform(seed, shape.ncols * shape.sc * kk * kk, -bound, bound),
+        &uniform(seed, shape.ncols, -0.1, 0.1),
+        shape.ncols,
+        shape.sc,
+        kk,
+        precision,
+    )?;
+    let y = DevBuf::zeros(st, shape.yh * shape.yw * shape.n * shape.ncols)?;
+
+    let candidates = candidates(shape, planned, gpu.sms());
+    let ws_len = candidates
+        .iter()
+        .map(|c| c.workspace_len(shape))
+        .max()
+        .unwrap_or(0);
+    let ws = DevBuf::zeros(st, ws_len)?;
+
+    let mut variants = Vec::with_capacity(candidates.len());
+    let mut planned_ms = f64::NAN;
+    for c in &candidates {
+        let ptrs = ConvPtrs {
+            x: match &x_half {
+                Some(h) if c.half_input => h.ptr,
+                _ => x.ptr,
+            },
+            w: wts.weights_for(c.kernel, false)?,
+            y: y.ptr,
+            bias: wts.bias.ptr,
+            ws: ws.ptr,
+            ..ConvPtrs::default()
+        };
+        let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
+        launch()?;
+        launch()?;
+        let start = cu(
+            st.record_event(Some(CU_EVENT_DEFAULT)),
+            "recording an event",
+        )?;
+        for _ in 0..iters {
+            launch()?;
+        }
+        let end = cu(
+            st.record_event(Some(CU_EVENT_DEFAULT)),
+            "recording an event",
+        )?;
+        cu(end.synchronize(), "waiting for the GPU")?;
+        let ms = cu(start.elapsed_ms(&end), "reading a CUDA event timer")? as f64 / iters as f64;
+        if c == &planned {
+            planned_ms = ms;
+        }
+        variants.push(SweepVariant {
+            pipeline: pipeline_name(c).to_string(),
+            splits: c.splits,
+            ms,
+        });
+    }
+    Ok(SweepRow {
+        kind,
+        shape: label,
+        count,
+        flops,
+        planned: SweepVariant {
+            pipeline: pipeline_name(&planned).to_string(),
+            splits: planned.splits,
+            ms: planned_ms,
+        },
+        variants,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kernels::plan_conv_at;
+    use crate::model::graph::Pad;
+
+    /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
+    /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
+    /// pipeline in bf16/fp16; the planned launch is among them.
+    #[test]
+    fn candidates_are_valid_launches() {
+        let shapes = [
+            ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric),
+            ConvShape::forward(8, 256, 256, 128, 128, 3, 1, Pad::Symmetric),
+            ConvShape::forward(2, 32, 32, 256, 256, 3, 2, Pad::RightBottom),
+            ConvShape::linear(256, 512, 1536),
+        ];
+        for precision in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
+            for shape in &shapes {
+                let mut planned = plan_conv_at(shape, 132, precision);
+                planned.deep = true;
+                let c = candidates(shape, planned, 132);
+                assert!(c.contains(&planned));
+                let slice = if precision == Precision::Tf32 { 16 } else { 32 };
+                let tiles = shape.rows().div_ceil(128) * shape.ncols.div_ceil(128);
+                for l in &c {
+                    assert_eq!(l.kernel, planned.kernel);
+                    assert_eq!(l.k_per_split % slice, 0);
+                    assert!(l.splits * l.k_per_split >= shape.k());
+                    assert!((l.splits - 1) * l.k_per_split < shape.k());
+                    assert!(l.splits == 1 || tiles * l.splits <= MAX_WAVES * 2 * 132 + tiles);
+                    assert!(!l.half_input || (l.deep && precision.is_half()));
+                }
+                let pipes = if precision.is_half() { 3 } else { 2 };
+                assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
+            }
+        }
+    }
+}
