@@ -53,7 +53,7 @@ fn main() {
 
     let mut code = String::from(
         "/// Embedded fatbins, one per `kernels/*.cu`: (module name, image).\n\
-         pub const FATBINS: &[(&str, &[u8])] = &[\n",
+         pub static FATBINS: &[(&str, &[u8])] = &[\n",
     );
     for (name, path) in &compiled {
         code += &format!(

@@ -9,7 +9,9 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
-#   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward;
+#   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
+#       that build has it, its --sweep (every tensor-core launch under each pipeline and split:
+#       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32) and 10-step DPS / PiGDM trajectories, GPU
 #       against CPU.
 # Expected wall time on an H100/H200 about 5-6 minutes (each phase's estimate is beside it); a
@@ -235,6 +237,14 @@ if [ -x "$KBENCH" ]; then
     note "kernels_cuda bf16 b8 (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(graph replay|direct launches)' "$W/kernels.txt" | cut -c 1-160)"
     cp "$W/kernels_bf16_b8.json" "$RES/" 2>/dev/null
     sync_out
+    for args in "--batch 8" "--batch 1 --record"; do
+        t0=$SECONDS
+        name="sweep_bf16_$(echo "$args" | tr -d ' -' | sed 's/batch/b/')"
+        # shellcheck disable=SC2086
+        run 120 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
+        note "kernels_cuda --sweep $args (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(tensor-core launches|kernels_cuda: )' "$W/$name.txt" | cut -c 1-160)"
+        sync_out
+    done
 fi
 
 # (e) Full size against diffusers on the same weights (strict fp32), and ten steps of DPS and of

@@ -2,7 +2,9 @@
 # Stages what scripts/device_check.sh needs into out/ (git-ignored), on the development machine:
 # the release binary of this tree, the per-kernel benchmark, the diffusers wheels for PyTorch's
 # side, and optionally the binary of a second tree (a branch checked out as a git worktree),
-# which device_check.sh then checks and times beside this one as out/invdiff-next.
+# which device_check.sh then checks and times beside this one as out/invdiff-next. With a second
+# tree, the per-kernel benchmark is that tree's (it profiles the newer kernels; what travels
+# must stay under 64 MiB).
 #
 #   scripts/prepare_device.sh [OTHER_TREE]
 #
@@ -21,18 +23,27 @@ build() { # build TREE: release binary and the kernel benchmark of TREE
     (cd "$1" && cargo build --release --locked && cargo bench --bench kernels_cuda --no-run --locked) >&2
 }
 
+target_of() { # the cargo target directory of tree $1
+    (cd "$1" && cargo metadata --format-version 1 --no-deps |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+}
+kernel_bench() { # kernel_bench TREE: strip its newest kernels_cuda into out/
+    local bench
+    bench=$(ls -t "$(target_of "$1")"/release/deps/kernels_cuda-* | grep -v '\.d$' | head -n 1)
+    strip -o out/kernels_cuda "$bench"
+}
+
 rm -rf out && mkdir -p out
 build .
 strip -o out/invdiff target/release/invdiff
-bench=$(ls -t target/release/deps/kernels_cuda-* | grep -v '\.d$' | head -n 1)
-strip -o out/kernels_cuda "$bench"
 cp "$WHEELS"/*.whl out/
 if [ $# -ge 1 ]; then
     build "$1"
-    target=$(cd "$1" && cargo metadata --format-version 1 --no-deps |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-    strip -o out/invdiff-next "$target/release/invdiff"
-    echo "out/invdiff-next: $(git -C "$1" log --oneline -1)"
+    strip -o out/invdiff-next "$(target_of "$1")/release/invdiff"
+    kernel_bench "$1"
+    echo "out/invdiff-next and out/kernels_cuda: $(git -C "$1" log --oneline -1)"
+else
+    kernel_bench .
 fi
 echo "out/invdiff: $(git log --oneline -1)"
 du -ch out/* | tail -n 1
