@@ -22,7 +22,8 @@
 #   scripts/prepare_device.sh [OTHER_TREE]   # out/: invdiff, kernels_cuda, the diffusers wheels,
 #                                            # and OTHER_TREE's binary as out/invdiff-next
 # then run `scripts/device_check.sh` there with `out` carried. What travels must stay under 64 MiB:
-# the tree ~21 MB, invdiff ~10 MB, wheels 6.4 MB, kernels_cuda ~7 MB, invdiff-next ~10 MB.
+# the tree ~21 MB, wheels 6.4 MB, invdiff ~10 MB, invdiff-next and kernels_cuda ~10-14 MB each
+# (~61 MB in all on 2026-11-26).
 #
 # Results: $OUT (or /tmp/devcheck-out) holds at most 8 files (all the device tool brings back),
 # rewritten after every phase so that a run cut short still returns what it measured:
