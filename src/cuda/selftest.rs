@@ -69,7 +69,9 @@ impl SelftestRow {
 }
 
 /// Runs every check on GPU `ordinal`. Errors only when the GPU cannot be used at all; numerical
-/// failures are rows with [`SelftestRow::passed`] false.
+/// failures are rows with [`SelftestRow::passed`] false, and so is a group of checks that stops
+/// on an error (a failed launch, say): the row names the group and the error, and the other
+/// groups still run, so that one run on a GPU reports everything it can.
 pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
     let gpu = Gpu::open(ordinal)?;
     let mut t = Tester {
@@ -77,15 +79,35 @@ pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
         rows: Vec::new(),
         seed: 0x5EED,
     };
-    t.convolutions()?;
-    t.linears()?;
-    t.group_norms()?;
-    t.attentions()?;
-    t.data_movement()?;
-    t.unets(ordinal)?;
-    t.rows.extend(super::sampler_selftest::run(&gpu, ordinal)?);
-    t.tensor_core_convolutions()?;
-    t.tensor_core_unets(ordinal)?;
+    type Group = fn(&mut Tester, usize) -> Result<()>;
+    let groups: [(&str, Group); 9] = [
+        ("convolutions", |t, _| t.convolutions()),
+        ("linear layers", |t, _| t.linears()),
+        ("group norms", |t, _| t.group_norms()),
+        ("attention", |t, _| t.attentions()),
+        ("data movement", |t, _| t.data_movement()),
+        ("whole networks", |t, o| t.unets(o)),
+        ("device sampler", |t, o| {
+            let rows = super::sampler_selftest::run(t.gpu, o)?;
+            t.rows.extend(rows);
+            Ok(())
+        }),
+        ("tensor-core convolutions", |t, _| {
+            t.tensor_core_convolutions()
+        }),
+        ("tensor-core networks", |t, o| t.tensor_core_unets(o)),
+    ];
+    for (name, group) in groups {
+        if let Err(e) = group(&mut t, ordinal) {
+            t.rows.push(SelftestRow {
+                op: format!("{name}: stopped by an error"),
+                shape: e.to_string(),
+                rel_l2: f64::NAN,
+                gpu_ms: f64::NAN,
+                tolerance: 0.0,
+            });
+        }
+    }
     Ok(t.rows)
 }
 
