@@ -544,6 +544,18 @@ impl Lowering<'_> {
         }
     }
 
+    /// (input, output) widths of linear parameter group `p` (q/k/v fused: three outputs).
+    fn linear_dims(&self, p: usize) -> Result<(usize, usize)> {
+        match self.g.params[p].kind {
+            ParamKind::Linear { out, inp } => Ok((inp, out)),
+            ParamKind::Qkv { inner, c } => Ok((c, 3 * inner)),
+            _ => Err(Error::Cuda(format!(
+                "internal: linear op with parameter `{}`",
+                self.g.params[p].name
+            ))),
+        }
+    }
+
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
         let launch = plan_conv_at(&shape, self.sms, self.precision);
         let ws_len = launch.workspace_len(&shape);
@@ -590,16 +602,7 @@ impl Lowering<'_> {
                 residual,
                 out_div,
             } => {
-                let (inp, out) = match g.params[p].kind {
-                    ParamKind::Linear { out, inp } => (inp, out),
-                    ParamKind::Qkv { inner, c } => (c, 3 * inner),
-                    _ => {
-                        return Err(Error::Cuda(format!(
-                            "internal: linear op with parameter `{}`",
-                            g.params[p].name
-                        )))
-                    }
-                };
+                let (inp, out) = self.linear_dims(p)?;
                 let xb = self.val(x)?;
                 let res = residual.map(|r| self.val(r)).transpose()?;
                 let yb = self.new_value(y);
@@ -802,15 +805,7 @@ impl Lowering<'_> {
                         g.params[p].name
                     )));
                 }
-                let (inp, out) = match g.params[p].kind {
-                    ParamKind::Linear { out, inp } => (inp, out),
-                    ParamKind::Qkv { inner, c } => (c, 3 * inner),
-                    _ => {
-                        return Err(Error::Cuda(
-                            "internal: linear op with a non-linear parameter".into(),
-                        ))
-                    }
-                };
+                let (inp, out) = self.linear_dims(p)?;
                 if out_div != 1.0 {
                     self.steps.push(Step::Divide {
                         x: dy,
