@@ -34,15 +34,7 @@ const SHAPES: [(usize, usize, usize); 12] = [
 const SAMPLES: usize = 64;
 
 fn rand(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * scale
-        })
-        .collect()
+    invdiff::rng::uniform_lcg(seed, n, -0.5 * scale, 0.5 * scale)
 }
 
 fn median(v: &mut [f64]) -> f64 {

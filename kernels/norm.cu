@@ -17,14 +17,50 @@
 // them from the recorded forward).
 #include "common.cuh"
 
+// The block's two partial sums per channel (thread (lane, wy) holds warp wy's share of channel
+// ch in a and b), added over the 8 warps in a fixed order and stored at
+// partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] (img = blockIdx.z, chunk = blockIdx.x).
+DEVI void store_partials(double a, double b, int ch, int c, double* partial) {
+    __shared__ double s1[8][32], s2[8][32];
+    const int lane = threadIdx.x, wy = threadIdx.y;
+    s1[wy][lane] = a;
+    s2[wy][lane] = b;
+    __syncthreads();
+    if (wy == 0 && ch < c) {
+        for (int i = 1; i < 8; ++i) {
+            a += s1[i][lane];
+            b += s2[i][lane];
+        }
+        double* out = partial + (((long long)blockIdx.z * gridDim.x + blockIdx.x) * c + ch) * 2;
+        out[0] = a;
+        out[1] = b;
+    }
+}
+
+// The sums over channels [ch0, ch0 + cg) of image img of both partial sums, chunks added in order
+// per channel, then channels in order (the CPU's grouping).
+DEVI void group_sums(const double* partial, int img, int ch0, int cg, int c, int chunks, double& s,
+                     double& q) {
+    s = 0.0;
+    q = 0.0;
+    for (int ch = ch0; ch < ch0 + cg; ++ch) {
+        double cs = 0.0, cq = 0.0;
+        for (int k = 0; k < chunks; ++k) {
+            const double* p = partial + (((long long)img * chunks + k) * c + ch) * 2;
+            cs += p[0];
+            cq += p[1];
+        }
+        s += cs;
+        q += cq;
+    }
+}
+
 // Forward partial sums: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] = (sum, sum sq).
 extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
                                                            double* partial) {
-    __shared__ double s1[8][32], s2[8][32];
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
-    const int chunks = gridDim.x;
     const int p0 = blockIdx.x * chunk_px;
     const int p1 = min(hw, p0 + chunk_px);
     double a = 0.0, b = 0.0;
@@ -37,18 +73,7 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
             b += v * v;
         }
     }
-    s1[wy][lane] = a;
-    s2[wy][lane] = b;
-    __syncthreads();
-    if (wy == 0 && ch < c) {
-        for (int i = 1; i < 8; ++i) {
-            a += s1[i][lane];
-            b += s2[i][lane];
-        }
-        double* out = partial + (((long long)img * chunks + blockIdx.x) * c + ch) * 2;
-        out[0] = a;
-        out[1] = b;
-    }
+    store_partials(a, b, ch, c, partial);
 }
 
 // Statistics and per-channel affine of the forward pass; one thread per (image, group).
@@ -60,17 +85,8 @@ extern "C" __global__ void gn_finalize(const double* partial, int n, int hw, int
     if (id >= n * groups) return;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
-    double s = 0.0, q = 0.0;
-    for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
-        double cs = 0.0, cq = 0.0;
-        for (int k = 0; k < chunks; ++k) {
-            const double* p = partial + (((long long)img * chunks + k) * c + ch) * 2;
-            cs += p[0];
-            cq += p[1];
-        }
-        s += cs;
-        q += cq;
-    }
+    double s, q;
+    group_sums(partial, img, g * cg, cg, c, chunks, s, q);
     const double count = (double)cg * (double)hw;
     const double mean = s / count;
     const double var = fmax(q / count - mean * mean, 0.0);
@@ -158,11 +174,9 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
                                                                const float* gamma, const float* beta, int n, int hw,
                                                                int c, int groups, int silu, int chunk_px,
                                                                double* partial) {
-    __shared__ double s1[8][32], s2[8][32];
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
-    const int chunks = gridDim.x;
     const int p0 = blockIdx.x * chunk_px;
     const int p1 = min(hw, p0 + chunk_px);
     double a = 0.0, b = 0.0;
@@ -180,18 +194,7 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
             b += (double)(g * xhat);
         }
     }
-    s1[wy][lane] = a;
-    s2[wy][lane] = b;
-    __syncthreads();
-    if (wy == 0 && ch < c) {
-        for (int i = 1; i < 8; ++i) {
-            a += s1[i][lane];
-            b += s2[i][lane];
-        }
-        double* out = partial + (((long long)img * chunks + blockIdx.x) * c + ch) * 2;
-        out[0] = a;
-        out[1] = b;
-    }
+    store_partials(a, b, ch, c, partial);
 }
 
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one thread per (image, group).
@@ -201,17 +204,8 @@ extern "C" __global__ void gn_bwd_finalize(const double* partial, int n, int hw,
     if (id >= n * groups) return;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
-    double s = 0.0, q = 0.0;
-    for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
-        double cs = 0.0, cq = 0.0;
-        for (int k = 0; k < chunks; ++k) {
-            const double* p = partial + (((long long)img * chunks + k) * c + ch) * 2;
-            cs += p[0];
-            cq += p[1];
-        }
-        s += cs;
-        q += cq;
-    }
+    double s, q;
+    group_sums(partial, img, g * cg, cg, c, chunks, s, q);
     const double count = (double)cg * (double)hw;
     means[id] = (float)(s / count);
     means[n * groups + id] = (float)(q / count);

@@ -70,6 +70,44 @@ const C3: f32 = f32::from_bits(0x37cc_f5ce);
 /// enough to balance a 3×256×256 buffer over a few cores. Even, so pairs never straddle tasks.
 const CHUNK: usize = 16 * 1024;
 
+/// SplitMix64 (Steele et al. 2014): a tiny seeded generator of independent-looking 64-bit
+/// words, for deterministic weights and blur kernels (not the samplers' noise: Philox).
+pub(crate) struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix64(seed)
+    }
+
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+/// `len` values spread uniformly over [lo, hi) by a 64-bit LCG (Knuth's MMIX constants) from
+/// state `seed`: cheap, deterministic data for tests, benchmarks and timing runs. Not for the
+/// samplers' noise, which is Philox ([`fill_normal`]).
+pub fn uniform_lcg(seed: u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect()
+}
+
 /// The Philox4x32 block function with 10 rounds (Salmon et al. 2011, Random123): counter `ctr`,
 /// key `key`, four output words.
 pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {

@@ -1,7 +1,6 @@
 //! An image's result does not depend on the batch it is run in: the network, the guidance and
 //! the seeded noise are all per image.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use invdiff::engine::{DeviceChoice, Engine};
@@ -12,11 +11,8 @@ use invdiff::sampler::{self, Guidance, Measurements, Noise};
 use invdiff::schedule::{Ddpm, Scheduler, SchedulerConfig};
 use invdiff::Tensor;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
+mod common;
+use common::fixture;
 
 #[test]
 fn an_image_restored_alone_or_in_a_batch_is_the_same() {

@@ -10,11 +10,8 @@ use invdiff::io::safetensors;
 use invdiff::model::Model;
 use invdiff::Tensor;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
+mod common;
+use common::fixture;
 
 /// A fresh scratch folder for one test.
 fn scratch(name: &str) -> PathBuf {

@@ -6,21 +6,11 @@ use invdiff::rng::fill_normal;
 use invdiff::{Result, Tensor};
 use serde_json::Value;
 
-fn reference() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/sched/inverse.json"
-    ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
+mod common;
+use common::{hexes, sched_reference, usizes};
 
-fn hexes(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|h| f32::from_bits(u32::from_str_radix(h.as_str().unwrap(), 16).unwrap()))
-        .collect()
+fn reference() -> Value {
+    sched_reference("inverse.json")
 }
 
 /// Max |a − b| relative to max |b| (torch's complex64 FFT carries ~1e-7 relative error).
@@ -42,12 +32,7 @@ fn random(n: usize, seed: u64) -> Vec<f32> {
 fn matches_the_notebook_torch_code() {
     let r = reference();
     for case in r["blur"].as_array().unwrap() {
-        let ks: Vec<usize> = case["kernel_shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let ks: Vec<usize> = usizes(&case["kernel_shape"]);
         let k = Tensor::new([1, 1, ks[0], ks[1]], hexes(&case["k"])).unwrap();
         let op = CircularBlur::new(&k, 3, 8, 6).unwrap();
         let (x, y) = (hexes(&case["x"]), hexes(&case["y"]));

@@ -4,13 +4,11 @@ use invdiff::inverse::{psnr_u8, ssim, to_u8};
 use invdiff::Tensor;
 use serde_json::Value;
 
+mod common;
+use common::{sched_reference, usizes};
+
 fn reference() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/sched/inverse.json"
-    ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
+    sched_reference("inverse.json")
 }
 
 /// The script's `test_image`: an integer-valued 8-bit image, noisy when `salt != 0`.
@@ -35,12 +33,7 @@ fn test_image(c: usize, h: usize, w: usize, salt: u64) -> Tensor {
 fn psnr_and_ssim_match_kair() {
     let r = reference();
     for m in r["metrics"].as_array().unwrap() {
-        let s: Vec<usize> = m["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let s: Vec<usize> = usizes(&m["shape"]);
         let a = test_image(s[1], s[2], s[3], 0);
         let b = test_image(s[1], s[2], s[3], 1);
         let p = psnr_u8(&a, &b).unwrap();

@@ -1,38 +1,11 @@
 //! `.npy` reader and writer: round trips, files written by NumPy, hand-built headers, and
 //! malformed files.
 
-use std::path::{Path, PathBuf};
-
 use invdiff::io::npy;
 use invdiff::Tensor;
 
-/// A directory for one test's files, removed (with them) when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("invdiff-io-npy-{}-{test}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn join(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/io")
-        .join(name)
-}
+mod common;
+use common::{io_data, TempDir};
 
 /// A version-1 `.npy` file from a header dict literal and raw data.
 fn npy_file(header: &str, data: &[u8]) -> Vec<u8> {
@@ -45,7 +18,7 @@ fn npy_file(header: &str, data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn round_trip_shapes() {
-    let dir = TempDir::new("round_trip");
+    let dir = TempDir::new("io-npy", "round_trip");
     let tensors = [
         Tensor::new([2, 3, 4], (0..24).map(|i| i as f32 * 0.5 - 3.0).collect()).unwrap(),
         Tensor::new([5], vec![1.0, f32::INFINITY, -0.0, 1e-40, f32::MAX]).unwrap(),
@@ -71,11 +44,11 @@ fn round_trip_shapes() {
 #[test]
 fn numpy_written_files() {
     // np.asfortranarray(np.arange(24, dtype=np.float64).reshape(2, 3, 4) / 3)
-    let t = npy::read(&fixture("f64_fortran.npy")).unwrap();
+    let t = npy::read(&io_data("f64_fortran.npy")).unwrap();
     assert_eq!(t.shape(), [2, 3, 4]);
     let expected: Vec<f32> = (0..24).map(|i| (i as f64 / 3.0) as f32).collect();
     assert_eq!(t.data(), expected);
-    let t = npy::read(&fixture("u8.npy")).unwrap();
+    let t = npy::read(&io_data("u8.npy")).unwrap();
     assert_eq!(t.shape(), [3, 2]);
     assert_eq!(t.data(), [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
 }
@@ -142,7 +115,7 @@ fn dtypes_versions_and_fortran_order() {
 
 #[test]
 fn malformed_files_name_the_file_and_the_problem() {
-    let dir = TempDir::new("malformed");
+    let dir = TempDir::new("io-npy", "malformed");
     let f4 =
         |shape: &str| format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
@@ -229,7 +202,7 @@ fn malformed_files_name_the_file_and_the_problem() {
 
 #[test]
 fn every_truncation_is_an_error() {
-    let dir = TempDir::new("truncation");
+    let dir = TempDir::new("io-npy", "truncation");
     let path = dir.join("t.npy");
     npy::write(&path, &Tensor::new([2], vec![1.0, 2.0]).unwrap()).unwrap();
     let bytes = std::fs::read(&path).unwrap();

@@ -2,44 +2,13 @@
 //! of malformed header.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use invdiff::io::safetensors::{self, WriteTensor};
 use invdiff::Tensor;
 
-/// A directory for one test's files, removed (with them) when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("invdiff-io-st-{}-{test}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn join(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn assert_err<T: std::fmt::Debug>(result: invdiff::Result<T>, path: &Path, needles: &[&str]) {
-    let msg = result
-        .expect_err("malformed input was accepted")
-        .to_string();
-    assert!(
-        msg.contains(&path.display().to_string()),
-        "no path in: {msg}"
-    );
-    for n in needles {
-        assert!(msg.contains(n), "`{n}` not in: {msg}");
-    }
-}
+mod common;
+use common::{assert_err, TempDir};
 
 /// A safetensors file from a raw header string and data section.
 fn raw_file(header: impl AsRef<[u8]>, data: &[u8]) -> Vec<u8> {
@@ -52,7 +21,7 @@ fn raw_file(header: impl AsRef<[u8]>, data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn round_trip_f32_i64_and_metadata() {
-    let dir = TempDir::new("round_trip");
+    let dir = TempDir::new("io-st", "round_trip");
     let path = dir.join("t.safetensors");
     let x = Tensor::new(
         [2, 3],
@@ -170,7 +139,7 @@ fn python_written_file() {
 
 #[test]
 fn missing_tensor_lists_close_names() {
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("io-st", "missing");
     let path = dir.join("w.safetensors");
     let t = Tensor::zeros([1]);
     let names = [
@@ -197,7 +166,7 @@ fn missing_tensor_lists_close_names() {
 
 #[test]
 fn malformed_files_name_the_file_and_the_problem() {
-    let dir = TempDir::new("malformed");
+    let dir = TempDir::new("io-st", "malformed");
     let f32x2 = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
         (
@@ -326,7 +295,7 @@ fn malformed_files_name_the_file_and_the_problem() {
 
 #[test]
 fn every_truncation_is_an_error() {
-    let dir = TempDir::new("truncation");
+    let dir = TempDir::new("io-st", "truncation");
     let path = dir.join("t.safetensors");
     let t = Tensor::new([3], vec![1.0, 2.0, 3.0]).unwrap();
     safetensors::write(&path, &[("t", &t), ("u", &t)], None).unwrap();
@@ -341,7 +310,7 @@ fn every_truncation_is_an_error() {
 
 #[test]
 fn writer_rejects_bad_input() {
-    let dir = TempDir::new("writer");
+    let dir = TempDir::new("io-st", "writer");
     let path = dir.join("w.safetensors");
     let t = Tensor::zeros([2]);
     assert!(safetensors::write(&path, &[("a", &t), ("a", &t)], None).is_err());

@@ -1,38 +1,13 @@
 //! PyTorch `.bin` reader: files saved by real torch (fixtures), checkpoints assembled here byte
 //! by byte (zip + pickle, so the tests need no Python), and malformed or hostile inputs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use invdiff::io::{safetensors, torch_bin};
 use invdiff::Tensor;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/io")
-        .join(name)
-}
-
-/// A directory for one test's files, removed (with them) when the test ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("invdiff-io-torch-{}-{test}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn join(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{assert_err, io_data, TempDir};
 
 /// Writes `bytes` to `dir/file` and reads it back as a state dict.
 fn read_written(
@@ -44,20 +19,6 @@ fn read_written(
     std::fs::write(&path, bytes).unwrap();
     let result = torch_bin::read_state_dict(&path);
     (path, result)
-}
-
-/// Asserts that `result` failed with a message naming `path` and containing every `needles`.
-fn assert_err<T: std::fmt::Debug>(result: invdiff::Result<T>, path: &Path, needles: &[&str]) {
-    let msg = result
-        .expect_err("malformed input was accepted")
-        .to_string();
-    assert!(
-        msg.contains(&path.display().to_string()),
-        "no path in: {msg}"
-    );
-    for n in needles {
-        assert!(msg.contains(n), "`{n}` not in: {msg}");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -326,7 +287,7 @@ fn handmade_checkpoint_with_views_and_shared_storage() {
         "little",
         ZipOptions::default(),
     );
-    let (_, result) = read_written(&TempDir::new("handmade"), "model.bin", &bytes);
+    let (_, result) = read_written(&TempDir::new("io-torch", "handmade"), "model.bin", &bytes);
     expect_handmade(&result.unwrap());
     // The in-memory entry point (used by the fuzz targets) agrees.
     expect_handmade(&torch_bin::from_bytes(&bytes, "mem.bin").unwrap());
@@ -368,7 +329,7 @@ fn every_truncation_and_byte_flip_is_an_error_not_a_panic() {
 
 #[test]
 fn forbidden_global_is_refused_without_running_anything() {
-    let dir = TempDir::new("forbidden");
+    let dir = TempDir::new("io-torch", "forbidden");
     let marker = dir.join("pwned");
     let command = format!("touch {}", marker.display());
     let mut p = Pickle::new();
@@ -394,7 +355,7 @@ fn forbidden_global_is_refused_without_running_anything() {
 
 #[test]
 fn malformed_archives_name_the_file_and_the_problem() {
-    let dir = TempDir::new("malformed");
+    let dir = TempDir::new("io-torch", "malformed");
     let good = handmade_pickle;
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
         (
@@ -514,7 +475,7 @@ fn malformed_archives_name_the_file_and_the_problem() {
 
 #[test]
 fn missing_file_is_an_io_error_naming_it() {
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("io-torch", "missing");
     let path = dir.join("absent.bin");
     assert_err(torch_bin::read_state_dict(&path), &path, &[]);
 }
@@ -526,8 +487,8 @@ fn missing_file_is_an_io_error_naming_it() {
 /// exactly, in torch's order.
 #[test]
 fn real_torch_save_matches_safetensors_export() {
-    let bin = torch_bin::read_state_dict(&fixture("tiny_state_dict.bin")).unwrap();
-    let st = safetensors::read(&fixture("tiny_state_dict.safetensors")).unwrap();
+    let bin = torch_bin::read_state_dict(&io_data("tiny_state_dict.bin")).unwrap();
+    let st = safetensors::read(&io_data("tiny_state_dict.safetensors")).unwrap();
     let names: Vec<&str> = bin.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(&names[..3], ["0.weight", "0.bias", "1.weight"]);
     let mut sorted = names.clone();
@@ -551,7 +512,7 @@ fn real_torch_save_matches_safetensors_export() {
 /// (FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL).
 #[test]
 fn real_torch_save_nested_protocol_4() {
-    let bin = torch_bin::read_state_dict(&fixture("nested.bin")).unwrap();
+    let bin = torch_bin::read_state_dict(&io_data("nested.bin")).unwrap();
     assert_eq!(bin.len(), 1);
     let (name, w) = &bin[0];
     assert_eq!(name, "w");

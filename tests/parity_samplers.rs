@@ -10,7 +10,7 @@
 //!   (adaptive DPS, ΠGDM) amplify rounding chaotically with random weights: PyTorch's own f32
 //!   and f64 runs end 1e-2 and 1e-1 apart, so for them only the step-by-step check is meaningful.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use invdiff::engine::{DeviceChoice, Engine};
@@ -22,11 +22,8 @@ use invdiff::schedule::{Ddim, Ddpm, Scheduler, SchedulerConfig};
 use invdiff::tensor::rel_l2;
 use invdiff::Tensor;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
+mod common;
+use common::fixture;
 
 fn meta<'a>(f: &'a TensorFile, key: &str) -> &'a str {
     f.metadata()

@@ -4,18 +4,13 @@
 //! Tolerances (issues 2 and 3): relative L2 at most 1e-5, and max abs error at most
 //! 1e-4 x max(1, max|ref|). diffusers' own f32 output is ~1e-6 away from its f64 output.
 
-use std::path::{Path, PathBuf};
-
 use invdiff::cpu::CpuUnet;
 use invdiff::io::safetensors;
 use invdiff::model::Model;
 use invdiff::tensor::{max_abs_diff, rel_l2};
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
+mod common;
+use common::fixture;
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], rel_tol: f64) {
     let rel = rel_l2(got, want);

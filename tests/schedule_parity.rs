@@ -12,6 +12,9 @@ use invdiff::schedule::{
 };
 use serde_json::Value;
 
+mod common;
+use common::{hex_f32, sched_reference};
+
 const FNV_OFFSET: u64 = 0xcbf29ce484222325;
 
 fn fnv(bytes: impl IntoIterator<Item = u8>, mut h: u64) -> u64 {
@@ -36,16 +39,7 @@ fn hash_i64(v: &[i64]) -> String {
 }
 
 fn reference() -> Value {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/sched/schedule.json"
-    ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn hex_f32(v: &Value) -> f32 {
-    f32::from_bits(u32::from_str_radix(v.as_str().unwrap(), 16).unwrap())
+    sched_reference("schedule.json")
 }
 
 fn ulps(a: f32, b: f32) -> u32 {

@@ -350,16 +350,7 @@ fn backward_stride1(
     accumulate: bool,
 ) {
     if algo.winograd(p, g, p.cout) {
-        let ep = if accumulate {
-            Epilogue::Accumulate
-        } else {
-            Epilogue::Store {
-                bias: None,
-                temb: None,
-                residual: None,
-                out_div: 1.0,
-            }
-        };
+        let ep = Epilogue::gradient(accumulate);
         // The backward's bwd-layout copy is never built on this path: it would cost as much
         // memory as the forward weights for nothing.
         return winograd::conv3x3(p.wino_bwd(), dy, g.n, g.h, g.w, dx, ep);
@@ -486,15 +477,7 @@ mod tests {
     }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+        crate::rng::uniform_lcg(seed, n, -0.5, 0.5)
     }
 
     fn check(k: usize, stride: usize, pad: Pad, h: usize, w: usize) {

@@ -371,16 +371,7 @@ impl Tape {
         let g = &u.graph;
         let d = self.dims;
         let cfg = &g.config;
-        let want = [d.n, cfg.out_channels, d.h, d.w];
-        ensure!(
-            cotangent.shape() == want,
-            "cotangent: expected shape {want:?} (the output's), got {:?}",
-            cotangent.shape()
-        );
-        ensure!(
-            cotangent.all_finite(),
-            "cotangent: holds NaN or infinite values"
-        );
+        g.check_cotangent(cotangent, d.n, d.h, d.w)?;
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; g.tensors.len()];
         grads[g.output] = Some(resample::nchw_to_nhwc(
             cotangent.data(),

@@ -169,6 +169,22 @@ pub enum Epilogue<'a> {
     Accumulate,
 }
 
+impl Epilogue<'_> {
+    /// The epilogue of an input gradient: add onto `out` when `accumulate`, else overwrite it.
+    pub fn gradient(accumulate: bool) -> Self {
+        if accumulate {
+            Epilogue::Accumulate
+        } else {
+            Epilogue::Store {
+                bias: None,
+                temb: None,
+                residual: None,
+                out_div: 1.0,
+            }
+        }
+    }
+}
+
 /// 3x3 convolution, stride 1, zero padding 1, of `x` (`[n, h, w, cin]`) into `out`
 /// (`[n, h, w, cout]`) through the epilogue `ep`.
 pub fn conv3x3(
@@ -672,15 +688,7 @@ mod tests {
     use crate::model::graph::Pad;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+        crate::rng::uniform_lcg(seed, n, -0.5, 0.5)
     }
 
     fn kernels() -> Vec<Kernel> {
@@ -746,16 +754,7 @@ mod tests {
                 let mut want = rand(n * h * w * cin, 7);
                 let mut got = want.clone();
                 backward_input_with(Algorithm::Direct, &p, &dy, g, &mut want, accumulate);
-                let ep = if accumulate {
-                    Epilogue::Accumulate
-                } else {
-                    Epilogue::Store {
-                        bias: None,
-                        temb: None,
-                        residual: None,
-                        out_div: 1.0,
-                    }
-                };
+                let ep = Epilogue::gradient(accumulate);
                 conv3x3(&bwd, &dy, n, h, w, &mut got, ep);
                 let e = rel_max(&got, &want);
                 assert!(

@@ -463,6 +463,15 @@ fn half_kind(p: Precision) -> Result<i32> {
     }
 }
 
+/// [`i32_of`] of each `(value, name)`.
+fn i32s<const N: usize>(vals: [(usize, &str); N]) -> Result<[i32; N]> {
+    let mut out = [0; N];
+    for (o, (v, what)) in out.iter_mut().zip(vals) {
+        *o = i32_of(v, what)?;
+    }
+    Ok(out)
+}
+
 fn i64_of(v: usize) -> i64 {
     v as i64
 }
@@ -1240,12 +1249,7 @@ impl Kernels {
         need(x, "NCHW input")?;
         need(y, "NHWC output")?;
         let len = n * c * h * w;
-        let (ni, ci, hi, wi) = (
-            i32_of(n, "n")?,
-            i32_of(c, "c")?,
-            i32_of(h, "h")?,
-            i32_of(w, "w")?,
-        );
+        let [ni, ci, hi, wi] = i32s([(n, "n"), (c, "c"), (h, "h"), (w, "w")])?;
         let mut b = st.launch_builder(&self.nchw_to_nhwc);
         b.arg(&x)
             .arg(&y)
@@ -1278,12 +1282,7 @@ impl Kernels {
         need(x, "NHWC input")?;
         need(y, "NCHW output")?;
         let len = n * c * h * w;
-        let (ni, ci, hi, wi) = (
-            i32_of(n, "n")?,
-            i32_of(c, "c")?,
-            i32_of(h, "h")?,
-            i32_of(w, "w")?,
-        );
+        let [ni, ci, hi, wi] = i32s([(n, "n"), (c, "c"), (h, "h"), (w, "w")])?;
         let mut b = st.launch_builder(&self.nhwc_to_nchw);
         b.arg(&x)
             .arg(&y)
@@ -1315,12 +1314,7 @@ impl Kernels {
     ) -> Result<()> {
         need(x, "input")?;
         need(y, "output")?;
-        let (ni, hi, wi, ci) = (
-            i32_of(n, "n")?,
-            i32_of(h, "h")?,
-            i32_of(w, "w")?,
-            i32_of(c, "c")?,
-        );
+        let [ni, hi, wi, ci] = i32s([(n, "n"), (h, "h"), (w, "w"), (c, "c")])?;
         if let Some(precision) = half_out {
             if c % 8 != 0 || x % 16 != 0 || y % 16 != 0 {
                 return Err(Error::Cuda(format!(
@@ -1366,12 +1360,7 @@ impl Kernels {
     ) -> Result<()> {
         need(dy, "output gradient")?;
         need(dx, "input gradient")?;
-        let (ni, hi, wi, ci) = (
-            i32_of(n, "n")?,
-            i32_of(h, "h")?,
-            i32_of(w, "w")?,
-            i32_of(c, "c")?,
-        );
+        let [ni, hi, wi, ci] = i32s([(n, "n"), (h, "h"), (w, "w"), (c, "c")])?;
         let acc = accumulate as i32;
         let mut b = st.launch_builder(&self.upsample2x_backward);
         b.arg(&dy)

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
 
 use super::blur::DeviceBlur;
@@ -17,7 +16,6 @@ use crate::engine::{DeviceChoice, Engine};
 use crate::inverse::{clean_output, gaussian_kernel, motion_kernel, CircularBlur, LinearOperator};
 use crate::sampler::{self, chain_rule, normalize_residual, update, Guidance, Measurements, Noise};
 use crate::schedule::{Ddim, Ddpm, Scheduler, SchedulerConfig, StepCoeffs};
-use crate::tensor::rel_l2;
 use crate::{rng, Result, Tensor};
 
 /// Relative L2 a whole sampling loop may end at: three steps of a random-weight network amplify
@@ -92,17 +90,7 @@ impl Check {
     /// Milliseconds of one run of `f` after a warm-up run.
     fn timed(&self, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         f()?;
-        let a = cu(
-            self.st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
-            "recording an event",
-        )?;
-        f()?;
-        let b = cu(
-            self.st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
-            "recording an event",
-        )?;
-        cu(b.synchronize(), "running the check")?;
-        Ok(f64::from(cu(a.elapsed_ms(&b), "reading the timer")?))
+        super::selftest::time_one_run(&self.st, f)
     }
 
     fn row(&mut self, op: String, shape: String, got: &[f32], want: &[f32], ms: f64) {
@@ -118,18 +106,8 @@ impl Check {
         ms: f64,
         tolerance: f64,
     ) {
-        let rel = if got.len() == want.len() {
-            rel_l2(got, want)
-        } else {
-            f64::NAN
-        };
-        self.rows.push(SelftestRow {
-            op,
-            shape,
-            rel_l2: rel,
-            gpu_ms: ms,
-            tolerance,
-        });
+        self.rows
+            .push(SelftestRow::compare(op, shape, got, want, ms, tolerance));
     }
 
     /// Philox normals against `rng::fill_normal`: x_T (slot 0) and a step's draw (slot from the

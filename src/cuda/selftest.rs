@@ -8,6 +8,7 @@
 //! reports the relative L2 error and the GPU time of the launch(es).
 
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
@@ -66,6 +67,44 @@ impl SelftestRow {
     pub fn passed(&self) -> bool {
         self.rel_l2 <= self.tolerance
     }
+
+    /// The row comparing `got` with `want` (NaN, a failure, when their lengths differ).
+    pub(super) fn compare(
+        op: String,
+        shape: String,
+        got: &[f32],
+        want: &[f32],
+        gpu_ms: f64,
+        tolerance: f64,
+    ) -> SelftestRow {
+        let rel_l2 = if got.len() == want.len() {
+            rel_l2(got, want)
+        } else {
+            f64::NAN
+        };
+        SelftestRow {
+            op,
+            shape,
+            rel_l2,
+            gpu_ms,
+            tolerance,
+        }
+    }
+}
+
+/// Milliseconds of one run of `run` on `st`, between two CUDA events.
+pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    let a = cu(
+        st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+        "recording an event",
+    )?;
+    run()?;
+    let b = cu(
+        st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+        "recording an event",
+    )?;
+    cu(b.synchronize(), "running the check")?;
+    Ok(f64::from(cu(a.elapsed_ms(&b), "reading the timer")?))
 }
 
 /// Runs every check on GPU `ordinal`. Errors only when the GPU cannot be used at all; numerical
@@ -177,15 +216,7 @@ fn cc(
 /// `seed` (a cheap LCG: test data, not statistics).
 pub(super) fn uniform(seed: &mut u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
     *seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    let mut s = *seed | 1;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            lo + (hi - lo) * ((s >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
+    crate::rng::uniform_lcg(*seed | 1, len, lo, hi)
 }
 
 impl Tester<'_> {
@@ -208,21 +239,10 @@ impl Tester<'_> {
         mut reset: impl FnMut() -> Result<()>,
         mut run: impl FnMut() -> Result<()>,
     ) -> Result<f64> {
-        let st = &self.gpu.stream;
         reset()?;
         run()?;
         reset()?;
-        let a = cu(
-            st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
-            "recording an event",
-        )?;
-        run()?;
-        let b = cu(
-            st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
-            "recording an event",
-        )?;
-        cu(b.synchronize(), "running the check")?;
-        Ok(cu(a.elapsed_ms(&b), "reading the timer")? as f64)
+        time_one_run(&self.gpu.stream, run)
     }
 
     /// Rows for a kernel's 16-bit output in bf16 and fp16: `run(out, precision)` writes
@@ -267,23 +287,14 @@ impl Tester<'_> {
         gpu_ms: f64,
         tolerance: f64,
     ) {
-        let rel = if got.len() == want.len() {
-            rel_l2(got, want)
-        } else {
-            f64::NAN
-        };
-        self.rows.push(SelftestRow {
-            op,
-            shape,
-            rel_l2: rel,
-            gpu_ms,
-            tolerance,
-        });
+        self.rows.push(SelftestRow::compare(
+            op, shape, got, want, gpu_ms, tolerance,
+        ));
     }
 
     fn convolutions(&mut self) -> Result<()> {
         use Pad::*;
-        let mut cases = vec![
+        let cases = vec![
             ConvCase {
                 temb: true,
                 res: true,
@@ -324,7 +335,7 @@ impl Tester<'_> {
                 ..cc(1, 256, 256, 128, 128, 3, 1, Symmetric)
             },
         ];
-        for c in cases.drain(..) {
+        for c in cases {
             self.conv_case(c, &[Precision::Fp32])?;
         }
         Ok(())

@@ -236,16 +236,7 @@ impl CudaUnet {
     /// consumes its tape.
     pub fn vjp(&mut self, cotangent: &Tensor) -> Result<Tensor> {
         let key = self.take_tape()?;
-        let want = [key.n, self.graph.config.out_channels, key.h, key.w];
-        ensure!(
-            cotangent.shape() == want,
-            "cotangent: expected shape {want:?} (the output's), got {:?}",
-            cotangent.shape()
-        );
-        ensure!(
-            cotangent.all_finite(),
-            "cotangent: holds NaN or infinite values"
-        );
+        self.graph.check_cotangent(cotangent, key.n, key.h, key.w)?;
         let plan = self.plans.get_mut(&key).expect("a tape implies its plan");
         let slot = plan
             .program
@@ -831,15 +822,7 @@ const HOLD_MAX_NS: u64 = 200_000_000;
 
 /// Deterministic values in [-1, 1) for timing runs.
 fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    crate::rng::uniform_lcg(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, len, -1.0, 1.0)
 }
 
 /// Launches `steps` of `plan` in order on `st`.

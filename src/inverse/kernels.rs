@@ -7,6 +7,7 @@
 
 use std::f64::consts::PI;
 
+use crate::rng::SplitMix64;
 use crate::{Error, Result, Tensor};
 
 /// A `size×size` Gaussian of standard deviation `std` pixels, centred at `floor(size/2)`,
@@ -62,7 +63,7 @@ pub fn motion_kernel(size: usize, intensity: f64, seed: u64) -> Result<Tensor> {
             "motion kernel intensity must be in [0, 1], got {intensity}"
         )));
     }
-    let mut rng = SplitMix64(seed);
+    let mut rng = SplitMix64::new(seed);
     let big = 2 * size;
     let diagonal = (2.0 * (big * big) as f64).sqrt();
     let path = camera_path(&mut rng, intensity, diagonal);
@@ -295,23 +296,9 @@ fn lanczos_halve(img: &[f64], big: usize, s: usize) -> Vec<f64> {
     out
 }
 
-/// SplitMix64 (Steele et al. 2014): a tiny seeded generator for the kernel's few hundred draws.
-struct SplitMix64(u64);
-
+/// The kernel generator's distributions, drawn from the seeded SplitMix64 (its few hundred
+/// draws need nothing stronger).
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
     /// Beta(1, b) by inversion: `1 − (1 − U)^(1/b)`.
     fn beta_1_b(&mut self, b: f64) -> f64 {
         1.0 - (1.0 - self.uniform()).powf(1.0 / b)

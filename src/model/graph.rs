@@ -271,6 +271,22 @@ impl Graph {
         Ok(([n, c, h, w], t))
     }
 
+    /// Checks the cotangent of a vector-Jacobian product after a forward pass of `n` images of
+    /// `h x w`, as every backend needs it: finite, and shaped like that pass's output.
+    pub fn check_cotangent(&self, cotangent: &Tensor, n: usize, h: usize, w: usize) -> Result<()> {
+        let want = [n, self.config.out_channels, h, w];
+        ensure!(
+            cotangent.shape() == want,
+            "cotangent: expected shape {want:?} (the output's), got {:?}",
+            cotangent.shape()
+        );
+        ensure!(
+            cotangent.all_finite(),
+            "cotangent: holds NaN or infinite values"
+        );
+        Ok(())
+    }
+
     /// Total number of scalar parameters.
     pub fn parameter_count(&self) -> usize {
         self.params.iter().map(ParamSpec::numel).sum()

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use super::graph::{Graph, ParamKind};
+use crate::rng::SplitMix64;
 use crate::{Error, Result, Tensor};
 
 /// Every parameter tensor of a graph, in diffusers' current names, as f32.
@@ -100,16 +101,8 @@ impl Weights {
     /// Deterministic pseudo-random weights with PyTorch's default initialisation scale
     /// (uniform in ±1/√fan_in; GroupNorm scale 1, shift 0), for benchmarks that need no download.
     pub fn random(graph: &Graph, seed: u64) -> Self {
-        let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-        let mut uniform = move || {
-            // SplitMix64: tiny, fast and good enough to fill weights.
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rng = SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15);
+        let mut uniform = move || (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
         let mut tensors = HashMap::new();
         for p in &graph.params {
             let fan_in = match p.kind {
