@@ -7,9 +7,12 @@
 //    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
 //    chunk count so that even 32 groups of one 256x256 image fill every multiprocessor, which a
 //    block per (image, group) could not.
-// 2. a finalize per (image, group) that adds the chunks in a fixed order (deterministic), and
-//    forms the statistics exactly as the CPU does (mean, var = E[x²] - mean², rstd with eps
-//    added in f32), then the per-channel scale and shift of the forward pass;
+// 2. a finalize, one block of FIN_THREADS per (image, group), that adds the group's chunk x
+//    channel partials in a fixed order (each thread a strided share, then a tree in shared
+//    memory: deterministic, and parallel, because one thread per group adding hundreds of
+//    dependent global loads took 60 us at batch 1), and forms the statistics as the CPU does
+//    (mean, var = E[x²] - mean², rstd with eps added in f32), then the per-channel scale and
+//    shift of the forward pass;
 // 3. an element-wise pass, y = x * scale + shift (one fma, as on the CPU) then SiLU, in fp32
 //    or rounded to bf16/fp16 for the tensor-core convolutions it feeds; or the input gradient
 //    dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy silu'(z) gamma.
@@ -37,22 +40,34 @@ DEVI void store_partials(double a, double b, int ch, int c, double* partial) {
     }
 }
 
-// The sums over channels [ch0, ch0 + cg) of image img of both partial sums, chunks added in order
-// per channel, then channels in order (the CPU's grouping).
+constexpr int FIN_THREADS = 256;
+
+// The sums over channels [ch0, ch0 + cg) of image img of both partial sums, returned to every
+// thread of the block (one block per (image, group), FIN_THREADS threads). Item i = chunk * cg
+// + channel offset, so neighbouring threads read neighbouring channels of one chunk.
 DEVI void group_sums(const double* partial, int img, int ch0, int cg, int c, int chunks, double& s,
                      double& q) {
-    s = 0.0;
-    q = 0.0;
-    for (int ch = ch0; ch < ch0 + cg; ++ch) {
-        double cs = 0.0, cq = 0.0;
-        for (int k = 0; k < chunks; ++k) {
-            const double* p = partial + (((long long)img * chunks + k) * c + ch) * 2;
-            cs += p[0];
-            cq += p[1];
-        }
-        s += cs;
-        q += cq;
+    __shared__ double s1[FIN_THREADS], s2[FIN_THREADS];
+    const int t = threadIdx.x;
+    double a = 0.0, b = 0.0;
+    for (int i = t; i < chunks * cg; i += FIN_THREADS) {
+        const int k = i / cg, j = i - k * cg;
+        const double* p = partial + (((long long)img * chunks + k) * c + ch0 + j) * 2;
+        a += p[0];
+        b += p[1];
     }
+    s1[t] = a;
+    s2[t] = b;
+    __syncthreads();
+    for (int half = FIN_THREADS / 2; half > 0; half /= 2) {
+        if (t < half) {
+            s1[t] += s1[t + half];
+            s2[t] += s2[t + half];
+        }
+        __syncthreads();
+    }
+    s = s1[0];
+    q = s2[0];
 }
 
 // Forward partial sums: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] = (sum, sum sq).
@@ -76,13 +91,13 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
     store_partials(a, b, ch, c, partial);
 }
 
-// Statistics and per-channel affine of the forward pass; one thread per (image, group).
-// scale_shift is [n][2][c]: scale then shift per image.
-extern "C" __global__ void gn_finalize(const double* partial, int n, int hw, int c, int groups, int chunks,
-                                       float eps, const float* gamma, const float* beta, float* stats,
-                                       float* scale_shift) {
-    const int id = blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= n * groups) return;
+// Statistics and per-channel affine of the forward pass; one block per (image, group) (blockIdx.x
+// = image * groups + group). scale_shift is [n][2][c]: scale then shift per image.
+extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const double* partial, int n, int hw, int c,
+                                                                   int groups, int chunks, float eps,
+                                                                   const float* gamma, const float* beta,
+                                                                   float* stats, float* scale_shift) {
+    const int id = blockIdx.x;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
     double s, q;
@@ -91,10 +106,12 @@ extern "C" __global__ void gn_finalize(const double* partial, int n, int hw, int
     const double mean = s / count;
     const double var = fmax(q / count - mean * mean, 0.0);
     const double rstd = 1.0 / sqrt((double)((float)var + eps));
-    stats[id] = (float)mean;
-    stats[n * groups + id] = (float)rstd;
+    if (threadIdx.x == 0) {
+        stats[id] = (float)mean;
+        stats[n * groups + id] = (float)rstd;
+    }
     float* sc = scale_shift + (long long)img * 2 * c;
-    for (int ch = g * cg; ch < (g + 1) * cg; ++ch) {
+    for (int ch = g * cg + threadIdx.x; ch < (g + 1) * cg; ch += FIN_THREADS) {
         const double a = rstd * (double)gamma[ch];
         sc[ch] = (float)a;
         sc[c + ch] = (float)((double)beta[ch] - mean * a);
@@ -197,18 +214,21 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
     store_partials(a, b, ch, c, partial);
 }
 
-// Group means of g and g * xhat: means[id] and means[n * groups + id]; one thread per (image, group).
-extern "C" __global__ void gn_bwd_finalize(const double* partial, int n, int hw, int c, int groups, int chunks,
-                                           float* means) {
-    const int id = blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= n * groups) return;
+// Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,
+// group), as gn_finalize.
+extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_bwd_finalize(const double* partial, int n, int hw,
+                                                                       int c, int groups, int chunks,
+                                                                       float* means) {
+    const int id = blockIdx.x;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
     double s, q;
     group_sums(partial, img, g * cg, cg, c, chunks, s, q);
-    const double count = (double)cg * (double)hw;
-    means[id] = (float)(s / count);
-    means[n * groups + id] = (float)(q / count);
+    if (threadIdx.x == 0) {
+        const double count = (double)cg * (double)hw;
+        means[id] = (float)(s / count);
+        means[n * groups + id] = (float)(q / count);
+    }
 }
 
 // rstd (g - mean(g) - xhat mean(g xhat)) for element i (image img, channel ch).
@@ -221,13 +241,35 @@ DEVI float gn_bwd_value(const float* x, const float* dy, const float* stats, con
     return rstd * (g - means[gi] - xhat * means[n * groups + gi]);
 }
 
-// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise, grid-stride.
+// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise, grid-stride; vec4 as gn_apply
+// (c % 4 == 0, 16-byte aligned x, dy and dx), one 64-bit index division per four elements.
 extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
                                         const float* gamma, const float* beta, float* dx, int n, int hw, int c,
-                                        int groups, int silu, int accumulate) {
+                                        int groups, int silu, int accumulate, int vec4) {
     const long long per = (long long)hw * c;
     const long long total = (long long)n * per;
     const int cg = c / groups;
+    if (vec4) {
+        float4* dx4 = reinterpret_cast<float4*>(dx);
+        for (long long e = grid_start(); e < total / 4; e += grid_stride()) {
+            const long long i = e * 4;
+            const int img = (int)(i / per);
+            const int ch = (int)(i % c);
+            float v[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                v[j] = gn_bwd_value(x, dy, stats, means, gamma, beta, n, groups, cg, silu, i + j, img, ch + j);
+            if (accumulate) {
+                const float4 o = dx4[e];
+                v[0] += o.x;
+                v[1] += o.y;
+                v[2] += o.z;
+                v[3] += o.w;
+            }
+            dx4[e] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        return;
+    }
     for (long long i = grid_start(); i < total; i += grid_stride()) {
         const int img = (int)(i / per);
         const int ch = (int)(i % c);

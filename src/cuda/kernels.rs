@@ -15,8 +15,8 @@
 //! - `conv_narrow`, `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element),
 //!   grid-stride, capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
-//! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 128 threads per
-//!   block, one per (image, group);
+//! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
+//!   (`GN_FIN_THREADS`), a block per (image, group);
 //! - `timing_hold` (profiling only): one block of 32 threads.
 
 use std::sync::Arc;
@@ -418,6 +418,9 @@ pub(crate) struct ConvPtrs {
     pub ws: DPtr,
 }
 
+/// Threads of a GroupNorm finalize block (`FIN_THREADS` in kernels/norm.cu).
+const GN_FIN_THREADS: u32 = 256;
+
 /// Chunking of a GroupNorm reduction: `chunks` blocks of `chunk_px` pixels per (image, 32 channels).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
@@ -425,10 +428,12 @@ pub(crate) struct NormSplit {
     pub chunk_px: usize,
 }
 
-/// Enough blocks to fill every multiprocessor about four times over, at least 8 pixels a block.
+/// Enough blocks to fill every multiprocessor about eight times over (eight 256-thread blocks
+/// are what one holds, and the partial sums are bound by bytes in flight), at least 8 pixels a
+/// block.
 pub(crate) fn plan_norm(n: usize, hw: usize, c: usize, sms: usize) -> NormSplit {
     let per_chunk = n * c.div_ceil(32);
-    let want = (4 * sms.max(1)).div_ceil(per_chunk.max(1));
+    let want = (8 * sms.max(1)).div_ceil(per_chunk.max(1));
     let chunks = want.clamp(1, hw.div_ceil(8).max(1));
     let chunk_px = hw.div_ceil(chunks).max(1);
     NormSplit {
@@ -1061,7 +1066,7 @@ impl Kernels {
             .arg(&beta)
             .arg(&stats)
             .arg(&affine);
-        let fin = cfg(((n * groups).div_ceil(128) as u32, 1, 1), (128, 1, 1));
+        let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
         let silu = silu as i32;
@@ -1182,7 +1187,7 @@ impl Kernels {
             .arg(&gi)
             .arg(&chunks)
             .arg(&means);
-        let fin = cfg(((n * groups).div_ceil(128) as u32, 1, 1), (128, 1, 1));
+        let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
         // SAFETY: means holds 2 n groups floats.
         cu(
             unsafe { b.launch(fin) }.map(drop),
@@ -1211,6 +1216,8 @@ impl Kernels {
             );
         }
         let acc = accumulate as i32;
+        let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
+        let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.gn_bwd_apply);
         b.arg(&x)
             .arg(&dy)
@@ -1224,10 +1231,12 @@ impl Kernels {
             .arg(&ci)
             .arg(&gi)
             .arg(&silu)
-            .arg(&acc);
+            .arg(&acc)
+            .arg(&vec4);
+        let items = n * hw * c / if vec { 4 } else { 1 };
         // SAFETY: x, dy and dx are n x hw x c.
         cu(
-            unsafe { b.launch(self.flat(n * hw * c)) }.map(drop),
+            unsafe { b.launch(self.flat(items)) }.map(drop),
             "launching gn_bwd_apply",
         )
     }
@@ -1397,11 +1406,20 @@ impl Kernels {
             i32_of(ca, "channels")?,
             i32_of(cb, "channels")?,
         );
+        let vec = ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0);
+        let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.concat_channels);
-        b.arg(&a).arg(&b_).arg(&y).arg(&p).arg(&cai).arg(&cbi);
+        b.arg(&a)
+            .arg(&b_)
+            .arg(&y)
+            .arg(&p)
+            .arg(&cai)
+            .arg(&cbi)
+            .arg(&vec4);
+        let items = pixels * (ca + cb) / if vec { 4 } else { 1 };
         // SAFETY: a is pixels x ca, b pixels x cb, y pixels x (ca + cb).
         cu(
-            unsafe { b.launch(self.flat(pixels * (ca + cb))) }.map(drop),
+            unsafe { b.launch(self.flat(items)) }.map(drop),
             "launching concat_channels",
         )
     }
@@ -1429,6 +1447,8 @@ impl Kernels {
         }
         let (p, ci, oi, wi) = (i64_of(pixels), i32_of(c, "c")?, offset as i32, width as i32);
         let acc = accumulate as i32;
+        let vec = [c, offset, width].iter().all(|v| v % 4 == 0) && dy % 16 == 0 && d % 16 == 0;
+        let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.concat_backward);
         b.arg(&dy)
             .arg(&d)
@@ -1436,10 +1456,12 @@ impl Kernels {
             .arg(&ci)
             .arg(&oi)
             .arg(&wi)
-            .arg(&acc);
+            .arg(&acc)
+            .arg(&vec4);
+        let items = pixels * width / if vec { 4 } else { 1 };
         // SAFETY: dy is pixels x c, d pixels x width.
         cu(
-            unsafe { b.launch(self.flat(pixels * width)) }.map(drop),
+            unsafe { b.launch(self.flat(items)) }.map(drop),
             "launching concat_backward",
         )
     }

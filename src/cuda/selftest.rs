@@ -1069,47 +1069,61 @@ impl Tester<'_> {
             );
         }
 
-        let (pixels, ca, cb) = (37, 5, 11);
-        let a = self.rand(pixels * ca, -1.0, 1.0);
-        let b = self.rand(pixels * cb, -1.0, 1.0);
-        let mut want = vec![0.0; pixels * (ca + cb)];
-        resample::concat(&a, ca, &b, cb, &mut want);
-        let (ad, bd, yd) = (self.up(&a)?, self.up(&b)?, self.zeros(want.len())?);
-        let ms = self.timed(
-            || Ok(()),
-            || k.concat(st, ad.ptr, bd.ptr, yd.ptr, pixels, ca, cb),
-        )?;
-        let got = yd.download(st)?;
-        let desc = format!("{pixels} px, {ca}+{cb}");
-        self.row("concat forward".into(), desc.clone(), &got, &want, ms);
-        let dy = self.rand(want.len(), -1.0, 1.0);
-        for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {
-            let d0 = if accumulate {
-                self.rand(pixels * width, -1.0, 1.0)
-            } else {
-                vec![0.0; pixels * width]
-            };
-            let mut want = d0.clone();
-            resample::concat_backward(&dy, ca + cb, offset, width, &mut want, accumulate);
-            let dyd = self.up(&dy)?;
-            let mut dd = self.up(&d0)?;
-            let p = dd.ptr;
+        // Channel counts that are, and are not, multiples of four: the kernels' float4 and
+        // scalar paths.
+        for (pixels, ca, cb) in [(37, 5, 11), (37, 8, 12)] {
+            let a = self.rand(pixels * ca, -1.0, 1.0);
+            let b = self.rand(pixels * cb, -1.0, 1.0);
+            let mut want = vec![0.0; pixels * (ca + cb)];
+            resample::concat(&a, ca, &b, cb, &mut want);
+            let (ad, bd, yd) = (self.up(&a)?, self.up(&b)?, self.zeros(want.len())?);
             let ms = self.timed(
-                || dd.write(st, &d0),
-                || k.concat_backward(st, dyd.ptr, p, pixels, ca + cb, offset, width, accumulate),
+                || Ok(()),
+                || k.concat(st, ad.ptr, bd.ptr, yd.ptr, pixels, ca, cb),
             )?;
-            let got = dd.download(st)?;
-            self.row(
-                format!(
-                    "concat adjoint ch {offset}..{}{}",
-                    offset + width,
-                    acc_name(accumulate)
-                ),
-                desc.clone(),
-                &got,
-                &want,
-                ms,
-            );
+            let got = yd.download(st)?;
+            let desc = format!("{pixels} px, {ca}+{cb}");
+            self.row("concat forward".into(), desc.clone(), &got, &want, ms);
+            let dy = self.rand(want.len(), -1.0, 1.0);
+            for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {
+                let d0 = if accumulate {
+                    self.rand(pixels * width, -1.0, 1.0)
+                } else {
+                    vec![0.0; pixels * width]
+                };
+                let mut want = d0.clone();
+                resample::concat_backward(&dy, ca + cb, offset, width, &mut want, accumulate);
+                let dyd = self.up(&dy)?;
+                let mut dd = self.up(&d0)?;
+                let p = dd.ptr;
+                let ms = self.timed(
+                    || dd.write(st, &d0),
+                    || {
+                        k.concat_backward(
+                            st,
+                            dyd.ptr,
+                            p,
+                            pixels,
+                            ca + cb,
+                            offset,
+                            width,
+                            accumulate,
+                        )
+                    },
+                )?;
+                let got = dd.download(st)?;
+                self.row(
+                    format!(
+                        "concat adjoint ch {offset}..{}{}",
+                        offset + width,
+                        acc_name(accumulate)
+                    ),
+                    desc.clone(),
+                    &got,
+                    &want,
+                    ms,
+                );
+            }
         }
 
         let (n, c, h, w) = (3, 4, 5, 7);
