@@ -376,6 +376,23 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
     let slots = 2 * sms.max(1);
+    let splits = match kernel {
+        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots),
+        _ => simt_splits(tiles, ktiles, slots),
+    };
+    let per = ktiles.div_ceil(splits) * bk;
+    ConvLaunch {
+        kernel,
+        splits: k.div_ceil(per).max(1),
+        k_per_split: per,
+        deep: false,
+        half_input: false,
+    }
+}
+
+/// The fp32 kernels: the fewest waves of blocks per split, each split at least 8 K slices, a
+/// further split only for a 5% gain.
+fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
     let max_splits = (ktiles / 8).clamp(1, 64);
     let mut best = (1usize, f64::INFINITY);
     for splits in 1..=max_splits {
@@ -385,14 +402,34 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
             best = (splits, cost);
         }
     }
-    let per = ktiles.div_ceil(best.0) * bk;
-    ConvLaunch {
-        kernel,
-        splits: k.div_ceil(per).max(1),
-        k_per_split: per,
-        deep: false,
-        half_input: false,
+    best.0
+}
+
+/// The tensor-core kernels: a cost in K slices, fitted to every launch of the celebahq network
+/// timed under every split on an H200 (`kernels_cuda --sweep`, batch 1 and 8, 2026-11-26): each
+/// wave of blocks costs its slices plus about 4 more (prologue, pipeline fill, epilogue), and
+/// splitting costs about 8 slices per block's worth of partial sums (the workspace round trip
+/// and the reduction). Against the former rule (the SIMT one) it took the tensor-core launches
+/// of a batch-1 forward + VJP from 9.89 to 9.37 ms and left batch 8 unchanged (23.90 / 23.87 ms):
+/// the small low-resolution launches were latency-bound and wanted more, shorter splits.
+fn tc_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
+    const WAVE_SLICES: f64 = 4.0;
+    const SPLIT_SLICES: f64 = 8.0;
+    let mut best = (1usize, f64::INFINITY);
+    for want in 1..=ktiles.min(64) {
+        // The split a per-split length of ceil(ktiles / want) slices really gives.
+        let per = ktiles.div_ceil(want);
+        let splits = ktiles.div_ceil(per);
+        let waves = (tiles * splits).div_ceil(slots) as f64;
+        let mut cost = waves * (per as f64 + WAVE_SLICES);
+        if splits > 1 {
+            cost += SPLIT_SLICES * (splits * tiles) as f64 / slots as f64;
+        }
+        if cost < best.1 {
+            best = (splits, cost);
+        }
     }
+    best.0
 }
 
 impl ConvLaunch {
@@ -1692,6 +1729,7 @@ mod tests {
         let big = ConvShape::forward(8, 256, 256, 128, 128, 3, 1, Pad::Symmetric);
         for p in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
             assert_eq!(plan_conv_at(&big, 132, p).kernel, ConvKernel::Tensor(p));
+            assert_eq!(plan_conv_at(&big, 132, p).splits, 1);
             let small = ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric);
             let l = plan_conv_at(&small, 132, p);
             assert!(l.splits > 1 && l.k_per_split % tc_slice(p) == 0, "{l:?}");
