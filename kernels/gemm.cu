@@ -5,9 +5,11 @@
 // slice of the fused q/k/v rows, or one image's P block are all plain views, with no copies.
 // The batch index z = blockIdx.z splits into an outer (image) and inner (head) index, each with
 // its own stride. The products are small (L = 256 tokens, d <= 512 for celebahq: 67 MFLOP each),
-// so this kernel favours generality: 64x64 block tile, K slices of 16, 256 threads with a 4x4
-// register tile, scalar bounds-checked loads whose thread mapping follows whichever stride of
-// the operand is 1 (so that a warp reads consecutive addresses either way).
+// so this kernel favours generality: 64x64 block tile, 256 threads with a 4x4 register tile,
+// scalar bounds-checked loads whose thread mapping follows whichever stride of the operand is 1
+// (so that a warp reads consecutive addresses either way). K slices are 64 deep: at batch 1
+// only 16-32 blocks run and each slice waits on its global loads, so the slice count is the
+// kernel's time (slices of 16 made one attention product at 256 tokens ~25 us).
 #include "common.cuh"
 
 struct GemmArgs {
@@ -22,9 +24,9 @@ struct GemmArgs {
 };
 static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels.rs");
 
-// Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 8.7 KB static shared memory.
+// Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
-    constexpr int TM = 64, TN = 64, TK = 16;
+    constexpr int TM = 64, TN = 64, TK = 64;
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TN + 4];
     const int tid = threadIdx.x;
@@ -49,14 +51,14 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
 
     for (int k0 = 0; k0 < g.k; k0 += TK) {
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < TK * TM / 256; ++r) {
             const int e = tid + 256 * r;
             int mm, kk;
-            if (a_kfast) { kk = e & 15; mm = e >> 4; } else { mm = e & 63; kk = e >> 6; }
+            if (a_kfast) { kk = e & 63; mm = e >> 6; } else { mm = e & 63; kk = e >> 6; }
             int i = m0 + mm, k = k0 + kk;
             As[kk][mm] = (i < g.m && k < g.k) ? A[i * g.a_rs + k * g.a_cs] : 0.f;
             int nn;
-            if (b_nfast) { nn = e & 63; kk = e >> 6; } else { kk = e & 15; nn = e >> 4; }
+            if (b_nfast) { nn = e & 63; kk = e >> 6; } else { kk = e & 63; nn = e >> 6; }
             const int j = n0 + nn;
             k = k0 + kk;
             Bs[kk][nn] = (j < g.n && k < g.k) ? B[k * g.b_rs + j * g.b_cs] : 0.f;

@@ -1515,11 +1515,14 @@ impl Kernels {
         need(dst, "destination")?;
         need(src, "source")?;
         let (l, acc) = (i64_of(len), accumulate as i32);
+        let vec = len % 4 == 0 && dst % 16 == 0 && src % 16 == 0;
+        let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.add_into);
-        b.arg(&dst).arg(&src).arg(&l).arg(&acc);
+        b.arg(&dst).arg(&src).arg(&l).arg(&acc).arg(&vec4);
+        let items = if vec { len / 4 } else { len };
         // SAFETY: both hold len floats.
         cu(
-            unsafe { b.launch(self.flat(len)) }.map(drop),
+            unsafe { b.launch(self.flat(items)) }.map(drop),
             "launching add_into",
         )
     }

@@ -1177,31 +1177,35 @@ impl Tester<'_> {
             );
         }
 
+        // A length that is, and one that is not, a multiple of four: the float4 and scalar paths.
+        for len in [1001, 1024] {
+            let a = self.rand(len, -1.0, 1.0);
+            let b = self.rand(len, -1.0, 1.0);
+            for accumulate in [false, true] {
+                let want: Vec<f32> = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| if accumulate { x + y } else { *y })
+                    .collect();
+                let mut ad = self.up(&a)?;
+                let bd = self.up(&b)?;
+                let p = ad.ptr;
+                let ms = self.timed(
+                    || ad.write(st, &a),
+                    || k.add_into(st, p, bd.ptr, len, accumulate),
+                )?;
+                let got = ad.download(st)?;
+                self.row(
+                    format!("add into{}", acc_name(accumulate)),
+                    format!("{len}"),
+                    &got,
+                    &want,
+                    ms,
+                );
+            }
+        }
         let len = 1001;
         let a = self.rand(len, -1.0, 1.0);
-        let b = self.rand(len, -1.0, 1.0);
-        for accumulate in [false, true] {
-            let want: Vec<f32> = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| if accumulate { x + y } else { *y })
-                .collect();
-            let mut ad = self.up(&a)?;
-            let bd = self.up(&b)?;
-            let p = ad.ptr;
-            let ms = self.timed(
-                || ad.write(st, &a),
-                || k.add_into(st, p, bd.ptr, len, accumulate),
-            )?;
-            let got = ad.download(st)?;
-            self.row(
-                format!("add into{}", acc_name(accumulate)),
-                format!("{len}"),
-                &got,
-                &want,
-                ms,
-            );
-        }
         let want: Vec<f32> = a.iter().map(|x| x / 1.7).collect();
         let mut ad = self.up(&a)?;
         let p = ad.ptr;
