@@ -8,6 +8,10 @@
 //! says how to get one (`scripts/install_nvcc.sh`). A kernel that fails to compile fails the
 //! build with nvcc's message.
 //!
+//! Modules in [`SM90A_ONLY`] use Hopper's arch-specific instructions (wgmma): they are compiled
+//! for `sm_90a` alone and listed apart (`SM90A_FATBINS`), for the host to load on compute
+//! capability 9.0 only.
+//!
 //! Flags: `-O3`, no `--use_fast_math` (it would swap expf, division and sqrt for approximations
 //! and flush denormals, moving results further from the CPU reference than a few ulp); nvcc's
 //! default FMA contraction stays on. `-lineinfo` costs nothing at run time and lets profilers
@@ -18,6 +22,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread;
+
+/// Kernel modules (file stems) that only exist as `sm_90a` machine code.
+const SM90A_ONLY: &[&str] = &["conv_wgmma"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -39,28 +46,49 @@ fn main() {
     sources.sort();
 
     let (gencode, targets) = targets();
-    let compiled = match find_nvcc() {
-        Some(nvcc) => compile_all(&nvcc, &sources, &gencode, &out_dir),
+    let stem = |p: &PathBuf| p.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let (sm90a, portable): (Vec<PathBuf>, Vec<PathBuf>) = sources
+        .into_iter()
+        .partition(|p| stem(p).is_some_and(|s| SM90A_ONLY.contains(&s.as_str())));
+    let (compiled, compiled_sm90a) = match find_nvcc() {
+        Some(nvcc) => (
+            compile_all(&nvcc, &portable, &gencode, &out_dir),
+            compile_all(
+                &nvcc,
+                &sm90a,
+                &["arch=compute_90a,code=sm_90a".to_string()],
+                &out_dir,
+            ),
+        ),
         None => {
             println!(
                 "cargo:warning=invdiff: nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH): \
                  building CPU-only. To build the CUDA kernels without a GPU, run scripts/install_nvcc.sh and \
                  set NVCC to the path it prints."
             );
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
 
+    let list = |items: &[(String, PathBuf)]| -> String {
+        items
+            .iter()
+            .map(|(name, path)| {
+                format!(
+                    "    ({name:?}, include_bytes!({:?})),\n",
+                    path.display().to_string()
+                )
+            })
+            .collect()
+    };
     let mut code = String::from(
         "/// Embedded fatbins, one per `kernels/*.cu`: (module name, image).\n\
          pub static FATBINS: &[(&str, &[u8])] = &[\n",
     );
-    for (name, path) in &compiled {
-        code += &format!(
-            "    ({name:?}, include_bytes!({:?})),\n",
-            path.display().to_string()
-        );
-    }
+    code += &list(&compiled);
+    code += "];\n\n/// Fatbins holding `sm_90a` machine code only (build.rs `SM90A_ONLY`).\n\
+             pub static SM90A_FATBINS: &[(&str, &[u8])] = &[\n";
+    code += &list(&compiled_sm90a);
     code +=
         "];\n\n/// GPU targets in every fatbin: `sm_XY` (machine code) and `compute_XY` (PTX).\n";
     if compiled.is_empty() {

@@ -18,6 +18,12 @@ pub(crate) fn fatbins() -> &'static [(&'static str, &'static [u8])] {
     embedded::FATBINS
 }
 
+/// The fatbins that hold `sm_90a` machine code alone (Hopper's wgmma kernels), for compute
+/// capability 9.0 only.
+pub(crate) fn sm90a_fatbins() -> &'static [(&'static str, &'static [u8])] {
+    embedded::SM90A_FATBINS
+}
+
 /// Whether this build embeds the CUDA kernels (false when nvcc was missing at build time).
 pub fn kernels_compiled() -> bool {
     !embedded::FATBINS.is_empty()

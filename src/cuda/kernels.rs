@@ -9,7 +9,9 @@
 //!
 //! Launch shapes (threads per block, blocks):
 //! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
-//!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared;
+//!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared (two-stage) or 74-94 KB of
+//!   dynamic shared memory (deep pipelines); `conv_wgmma_*` (sm_90a, 16-bit inputs): the same
+//!   grid, 97 KB dynamic;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor;
 //! - `conv_narrow`, `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element),
@@ -26,7 +28,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use super::device::{cu, fatbins, DeviceInfo};
+use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
 use super::precision::Precision;
 use crate::model::graph::Pad;
 use crate::{Error, Result};
@@ -322,6 +324,10 @@ pub(crate) struct ConvLaunch {
     /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
     /// fp16 and `deep`. Set by the lowering, which knows where each input comes from.
     pub half_input: bool,
+    /// Hopper's warpgroup products (kernels/conv_wgmma.cu) instead of mma.sync: only with
+    /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
+    /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
+    pub wgmma: bool,
 }
 
 /// Block tile of the GEMM kernels, and the K slice.
@@ -335,6 +341,22 @@ fn tc_slice(p: Precision) -> usize {
     } else {
         32
     }
+}
+
+/// K slice of the wgmma convolutions: 64 16-bit values, one 128-byte swizzled row.
+pub(crate) const WGMMA_SLICE: usize = 64;
+
+/// A wgmma launch of `s` (16-bit input, bf16 or fp16 products): the tensor-core split-K rule
+/// over its 64-deep K slices. `None` where the kernel's channel and precision conditions fail.
+pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Option<ConvLaunch> {
+    if !precision.is_half() || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
+        return None;
+    }
+    let mut l = split_k(s, ConvKernel::Tensor(precision), WGMMA_SLICE, sms);
+    l.deep = true;
+    l.half_input = true;
+    l.wgmma = true;
+    Some(l)
 }
 
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
@@ -351,6 +373,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             k_per_split: k.div_ceil(BK) * BK,
             deep: false,
             half_input: false,
+            wgmma: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -387,6 +410,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         k_per_split: per,
         deep: false,
         half_input: false,
+        wgmma: false,
     }
 }
 
@@ -558,6 +582,8 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`: on compute capability 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 2]>,
 }
 
 const BLOCK: u32 = 256;
@@ -566,6 +592,9 @@ const BLOCK: u32 = 256;
 /// stages of 18,944 bytes; STAGED, three stages of 25,088 bytes and two 10,240-byte A tiles.
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
+/// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
+/// plus 1 KB to align them.
+const TC_WGMMA_SMEM: u32 = 99_328;
 
 /// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default,
 /// and asks for the largest shared-memory share of the multiprocessor, so that two such blocks
@@ -628,6 +657,22 @@ impl Kernels {
         };
         // A deep-pipeline convolution, allowed its dynamic shared memory.
         let deep = |f: &str, bytes: u32| allow_smem(ctx, get("conv_tc", f)?, bytes);
+        // Hopper's wgmma kernels exist as sm_90a machine code only.
+        let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
+        let conv_wgmma = match wgmma_module {
+            Some((name, image)) if info.compute_capability == (9, 0) => {
+                let m = cu(
+                    ctx.load_module(Ptx::from_binary(image.to_vec())),
+                    &format!("loading kernel module `{name}` on {}", info.name),
+                )?;
+                let f = |f: &str| -> Result<CudaFunction> {
+                    let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
+                    allow_smem(ctx, f, TC_WGMMA_SMEM)
+                };
+                Some([f("conv_wgmma_bf16")?, f("conv_wgmma_fp16")?])
+            }
+            _ => None,
+        };
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
@@ -667,7 +712,13 @@ impl Kernels {
             div_inplace: get("resample", "div_inplace")?,
             timestep_embedding: get("resample", "timestep_embedding")?,
             timing_hold: get("timing", "timing_hold")?,
+            conv_wgmma,
         })
+    }
+
+    /// Whether this device runs the wgmma convolutions (compute capability 9.0).
+    pub fn has_wgmma(&self) -> bool {
+        self.conv_wgmma.is_some()
     }
 
     /// Blocks for a grid-stride loop over `items` work items of `per_block` each.
@@ -771,10 +822,13 @@ impl Kernels {
             plan.kernel,
             ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
         );
-        if (plan.deep && !tensor) || (plan.half_input && !(half && plan.deep)) {
+        if (plan.deep && !tensor)
+            || (plan.half_input && !(half && plan.deep))
+            || (plan.wgmma && !plan.half_input)
+        {
             return Err(Error::Cuda(format!(
-                "internal: {:?} convolution planned with deep {} and 16-bit input {}",
-                plan.kernel, plan.deep, plan.half_input
+                "internal: {:?} convolution planned with deep {}, 16-bit input {} and wgmma {}",
+                plan.kernel, plan.deep, plan.half_input, plan.wgmma
             )));
         }
         let f = match plan.kernel {
@@ -787,12 +841,25 @@ impl Kernels {
                         s.sc, s.ncols
                     )));
                 }
-                if plan.k_per_split % tc_slice(precision) != 0 {
+                let slice = if plan.wgmma {
+                    WGMMA_SLICE
+                } else {
+                    tc_slice(precision)
+                };
+                if plan.k_per_split % slice != 0 {
                     return Err(Error::Cuda(
                         "internal: split-K not a multiple of the tensor-core K slice".into(),
                     ));
                 }
                 match (precision, plan.deep, plan.half_input) {
+                    _ if plan.wgmma => {
+                        let wg = self.conv_wgmma.as_ref().ok_or_else(|| {
+                            Error::Cuda(
+                                "internal: wgmma convolution planned on a device without it".into(),
+                            )
+                        })?;
+                        &wg[usize::from(precision == Precision::Fp16)]
+                    }
                     (Precision::Tf32, false, _) => &self.conv_tc_tf32,
                     (Precision::Tf32, true, _) => &self.conv_tc_tf32_async,
                     (Precision::Bf16, true, true) => &self.conv_tc_bf16_hin,
@@ -821,6 +888,7 @@ impl Kernels {
         let mut launch = cfg(grid, (BLOCK, 1, 1));
         if plan.deep {
             launch.shared_mem_bytes = match plan.kernel {
+                _ if plan.wgmma => TC_WGMMA_SMEM,
                 ConvKernel::Tensor(Precision::Tf32) => TC_ASYNC_SMEM,
                 _ if plan.half_input => TC_ASYNC_SMEM,
                 _ => TC_STAGED_SMEM,

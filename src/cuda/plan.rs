@@ -148,8 +148,9 @@ pub(crate) fn plan(
     sms: usize,
     precision: Precision,
     deep: bool,
+    wgmma: bool,
 ) -> Result<(Program, Placement)> {
-    let p = Program::build_with(graph, n, h, w, recording, sms, precision, deep)?;
+    let p = Program::build_with(graph, n, h, w, recording, sms, precision, deep, wgmma)?;
     let pl = place(
         &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
         &p.lifetimes(),

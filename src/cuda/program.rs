@@ -9,7 +9,9 @@
 //! are not tracked here: each buffer lives from the first to the last step that names it, which
 //! [`Program::lifetimes`] reads off the list.
 
-use super::kernels::{plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvShape, NormSplit};
+use super::kernels::{
+    plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvShape, NormSplit,
+};
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::{Error, Result};
@@ -42,6 +44,22 @@ pub(crate) enum WKind {
 pub(crate) struct W {
     pub pid: usize,
     pub kind: WKind,
+}
+
+impl W {
+    /// The same product's weights K-major, as the wgmma kernel reads them: a convolution's
+    /// forward layout `[(tap, ci), co]` transposed per tap is its input-gradient layout and
+    /// vice versa, and a linear layer's `[inp, out]` transposed is PyTorch's `[out, inp]`.
+    pub fn k_major(self) -> W {
+        let kind = match self.kind {
+            WKind::ConvForward => WKind::ConvBackward,
+            WKind::ConvBackward => WKind::ConvForward,
+            WKind::LinearT => WKind::Linear,
+            WKind::Linear => WKind::LinearT,
+            other => other,
+        };
+        W { kind, ..self }
+    }
 }
 
 /// One launch (or a short fixed sequence, e.g. GroupNorm's three) of the program.
@@ -356,6 +374,8 @@ struct Lowering<'g> {
     half_grad: Vec<bool>,
     /// Tensor-core launches use the deep pipelines.
     deep: bool,
+    /// 16-bit-input launches use the wgmma kernel (the device has it, and it was asked for).
+    wgmma: bool,
 }
 
 impl Program {
@@ -373,7 +393,7 @@ impl Program {
         sms: usize,
         precision: Precision,
     ) -> Result<Program> {
-        Self::build_with(g, n, h, w, record, sms, precision, true)
+        Self::build_with(g, n, h, w, record, sms, precision, true, false)
     }
 
     /// [`build`](Self::build), choosing the tensor-core pipelines: `deep` (the default) or the
@@ -385,6 +405,9 @@ impl Program {
     /// (GroupNorm's backward reads its input, the convolutions' input gradients none). Likewise
     /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,
     /// when that is its only contribution and the convolution's input gradient its only reader.
+    /// `wgmma` (only where the device has it, compute capability 9.0): the launches that take
+    /// 16-bit inputs run on Hopper's warpgroup products (kernels/conv_wgmma.cu), the same
+    /// products and fp32 accumulation, summed in a different order.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,
@@ -395,6 +418,7 @@ impl Program {
         sms: usize,
         precision: Precision,
         deep: bool,
+        wgmma: bool,
     ) -> Result<Program> {
         g.config.check_input_size(h, w)?;
         if n == 0 {
@@ -415,6 +439,7 @@ impl Program {
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
             deep,
+            wgmma,
         };
         if deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
@@ -733,9 +758,18 @@ impl Lowering<'_> {
         half
     }
 
-    fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf) -> ConvStep {
-        let mut launch = plan_conv_at(&shape, self.sms, self.precision);
-        launch.deep = self.deep && matches!(launch.kernel, ConvKernel::Tensor(_));
+    /// A convolution (or token-wise linear) launch; `half_input`: `x` holds 16-bit values (see
+    /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where the device has it.
+    fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf, half_input: bool) -> ConvStep {
+        let wgmma = (half_input && self.wgmma)
+            .then(|| plan_wgmma(&shape, self.sms, self.precision))
+            .flatten();
+        let launch = wgmma.unwrap_or_else(|| {
+            let mut l = plan_conv_at(&shape, self.sms, self.precision);
+            l.deep = self.deep && matches!(l.kernel, ConvKernel::Tensor(_));
+            l.half_input = half_input;
+            l
+        });
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {
@@ -818,8 +852,8 @@ impl Lowering<'_> {
                             kind: WKind::LinearT,
                         },
                         yb,
+                        self.half[x],
                     );
-                    s.launch.half_input = self.half[x];
                     s.bias = Some(W {
                         pid: p,
                         kind: WKind::Bias,
@@ -851,8 +885,8 @@ impl Lowering<'_> {
                         kind: WKind::ConvForward,
                     },
                     yb,
+                    self.half[x],
                 );
-                s.launch.half_input = self.half[x];
                 s.bias = Some(W {
                     pid: p,
                     kind: WKind::Bias,
@@ -1002,6 +1036,7 @@ impl Lowering<'_> {
                             kind: WKind::Linear,
                         },
                         gx,
+                        false,
                     );
                     s.accumulate = acc;
                     self.steps.push(Step::Conv(s));
@@ -1045,8 +1080,8 @@ impl Lowering<'_> {
                                 kind: WKind::ConvBackward,
                             },
                             gx,
+                            self.half_grad[y],
                         );
-                        s.launch.half_input = self.half_grad[y];
                         s.accumulate = acc;
                         self.steps.push(Step::Conv(s));
                     }
@@ -1231,7 +1266,8 @@ mod tests {
             Precision::Fp16,
         ] {
             for deep in [true, false] {
-                let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, deep).unwrap();
+                let p =
+                    Program::build_with(&g, 2, 64, 32, true, 132, precision, deep, false).unwrap();
                 let expect_half = deep && matches!(precision, Precision::Bf16 | Precision::Fp16);
                 // Which buffers a GroupNorm wrote in 16 bits, and who reads them.
                 let mut half = vec![false; p.bufs.len()];

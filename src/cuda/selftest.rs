@@ -12,7 +12,8 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    plan_conv, plan_conv_at, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, NormDims,
+    plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
+    DPtr, NormDims,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -559,8 +560,36 @@ impl Tester<'_> {
                 0.0,
             );
         }
-
+        // Hopper's wgmma kernel, on the 16-bit input and the K-major weights (the
+        // input-gradient layout): the same products as mma.sync, summed in another order.
         dev.ensure_backward(gpu)?;
+        if let Some((wp, copy)) = self.wgmma_variant(&shape, precision, xd.ptr, x.len())? {
+            let ws = self.zeros(wp.workspace_len(&shape))?;
+            let yv = self.zeros(want.len())?;
+            let ptrs = ConvPtrs {
+                x: copy.ptr,
+                w: dev.weights_for(wp.kernel, true)?,
+                y: yv.ptr,
+                ws: ws.ptr,
+                ..ptrs
+            };
+            let ms = self.timed(
+                || Ok(()),
+                || gpu.kernels.conv(st, &shape, &wp, ptrs, out_div, false),
+            )?;
+            self.row_within(
+                named(format!(
+                    "conv{k}x{k} s{stride} forward{epi} [{}] vs mma.sync",
+                    wgmma_path(&wp)
+                )),
+                desc.clone(),
+                &yv.download(st)?,
+                &got,
+                ms,
+                WGMMA_VS_MMA,
+            );
+        }
+
         let dyd = self.up(dy)?;
         let mut dxd = self.up(dx0)?;
         let dx_ptr = dxd.ptr;
@@ -636,7 +665,70 @@ impl Tester<'_> {
                 );
             }
         }
+        // wgmma for the input gradient: K-major weights are the forward layout.
+        let wg_plans: Option<Vec<ConvLaunch>> = shapes
+            .iter()
+            .map(|s| plan_wgmma(s, gpu.sms(), precision))
+            .collect();
+        if let (Some(wg_plans), Some(first)) = (wg_plans, shapes.first()) {
+            if let Some((_, copy)) = self.wgmma_variant(first, precision, dyd.ptr, dy.len())? {
+                let ws_len = shapes
+                    .iter()
+                    .zip(&wg_plans)
+                    .map(|(s, p)| p.workspace_len(s))
+                    .max()
+                    .unwrap_or(0);
+                let ws = self.zeros(ws_len)?;
+                let run = || -> Result<()> {
+                    for (s, p) in shapes.iter().zip(&wg_plans) {
+                        let ptrs = ConvPtrs {
+                            x: copy.ptr,
+                            w: dev.weights_for(p.kernel, false)?,
+                            y: dx_ptr,
+                            ws: ws.ptr,
+                            ..ConvPtrs::default()
+                        };
+                        gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
+                    }
+                    Ok(())
+                };
+                let ms = self.timed(|| dxd.write(st, dx0), run)?;
+                let paths: Vec<String> = wg_plans.iter().map(wgmma_path).collect();
+                self.row_within(
+                    named(format!(
+                        "conv{k}x{k} s{stride} input-grad{} [{}] vs mma.sync",
+                        acc_name(accumulate),
+                        paths.join(", ")
+                    )),
+                    desc.clone(),
+                    &dxd.download(st)?,
+                    &got,
+                    ms,
+                    WGMMA_VS_MMA,
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Where the device has Hopper's wgmma kernel and `shape` suits it at `precision`: its
+    /// launch, and a 16-bit copy of the `len` fp32 values at `x` for it to read.
+    fn wgmma_variant(
+        &self,
+        shape: &ConvShape,
+        precision: Precision,
+        x: DPtr,
+        len: usize,
+    ) -> Result<Option<(ConvLaunch, DevBuf)>> {
+        let plan = plan_wgmma(shape, self.gpu.sms(), precision);
+        let Some(plan) = plan.filter(|_| self.gpu.kernels.has_wgmma()) else {
+            return Ok(None);
+        };
+        let copy = self.zeros(len.div_ceil(2))?;
+        self.gpu
+            .kernels
+            .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
+        Ok(Some((plan, copy)))
     }
 
     /// For a two-stage tensor-core launch `plan` reading `len` fp32 values at `x`: the deep
@@ -1348,8 +1440,10 @@ impl Tester<'_> {
             let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                // Whatever INVDIFF_TC_PIPELINE says: the rows below compare both.
+                // Whatever INVDIFF_TC_PIPELINE and INVDIFF_WGMMA say: the rows below compare
+                // each choice.
                 gpu.set_deep_pipelines(true);
+                gpu.set_wgmma(false);
                 let got = gpu.forward(&sample, &t)?;
                 let ms = gpu.time_forward(n, h, w, 5)?;
                 self.row_within(
@@ -1395,6 +1489,32 @@ impl Tester<'_> {
                     full_grad.data(),
                     ms,
                 );
+                // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0):
+                // a different summation order, so against the CPU like the rows above.
+                gpu.set_deep_pipelines(true);
+                if gpu.set_wgmma(true) {
+                    let got = gpu.forward(&sample, &t)?;
+                    let ms = gpu.time_forward(n, h, w, 5)?;
+                    self.row_within(
+                        format!("{name} {precision} forward, wgmma"),
+                        desc.clone(),
+                        got.data(),
+                        want.data(),
+                        ms,
+                        eps_tol,
+                    );
+                    gpu.forward_recording(&sample, &t)?;
+                    let grad = gpu.vjp(&cot)?;
+                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                    self.row_within(
+                        format!("{name} {precision} forward + vjp, wgmma"),
+                        desc.clone(),
+                        grad.data(),
+                        want_grad.data(),
+                        ms,
+                        grad_tol,
+                    );
+                }
             }
         }
         Ok(())
@@ -1463,6 +1583,18 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 }
 
 /// The deep pipeline a launch takes and its input, for row names.
+/// Relative L2 allowed between the wgmma and mma.sync kernels: the same bf16/fp16 products in
+/// fp32, added in a different order.
+const WGMMA_VS_MMA: f64 = 1e-5;
+
+fn wgmma_path(p: &ConvLaunch) -> String {
+    if p.splits > 1 {
+        format!("wgmma, {} splits", p.splits)
+    } else {
+        "wgmma".into()
+    }
+}
+
 fn deep_path(p: &ConvLaunch) -> String {
     let pipe = match (p.kernel, p.half_input) {
         (ConvKernel::Tensor(Precision::Tf32), _) => "async",

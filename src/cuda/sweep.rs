@@ -85,7 +85,7 @@ pub fn sweep_convolutions(
     );
     ensure!(iters > 0, "the sweep needs at least one repetition");
     let gpu = Gpu::open(ordinal)?;
-    let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, true)?;
+    let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, true, false)?;
     // Distinct launches, in program order, with their counts.
     let mut launches: Vec<(ConvShape, ConvLaunch, String, String, f64, usize)> = Vec::new();
     for s in &program.steps {

@@ -80,6 +80,10 @@ pub struct CudaUnet {
     /// (`Program::build_with`); off with `INVDIFF_TC_PIPELINE=two`, for comparisons: the
     /// results are the same.
     deep: bool,
+    /// Launches with 16-bit inputs use Hopper's wgmma kernel where the device has it (1.19x
+    /// the mma.sync kernels' speed on a bf16 forward at batch 8, H200); `INVDIFF_WGMMA=0`
+    /// turns it off, for comparisons.
+    wgmma: bool,
 }
 
 // A sampler may build the network on one thread and run it on another.
@@ -103,6 +107,8 @@ impl CudaUnet {
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = std::env::var("INVDIFF_NO_CUDA_GRAPH").map_or(true, |v| v != "1");
         let deep = std::env::var("INVDIFF_TC_PIPELINE").map_or(true, |v| v != "two");
+        let wgmma =
+            gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
@@ -113,6 +119,7 @@ impl CudaUnet {
             use_graphs,
             direct: false,
             deep,
+            wgmma,
         })
     }
 
@@ -133,6 +140,15 @@ impl CudaUnet {
         self.deep = on;
         self.plans.clear();
         self.tape = None;
+    }
+
+    /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
+    /// mma.sync, for comparisons; drops every plan. Returns whether wgmma is now in use.
+    pub(crate) fn set_wgmma(&mut self, on: bool) -> bool {
+        self.wgmma = on && self.gpu.kernels.has_wgmma();
+        self.plans.clear();
+        self.tape = None;
+        self.wgmma
     }
 
     /// Plans (allocates) the `n x h x w` forward, or recording pass, ahead of a capture that
@@ -187,6 +203,7 @@ impl CudaUnet {
             self.gpu.sms(),
             self.precision,
             self.deep,
+            self.wgmma,
         )?;
         Ok(plan::stats(&p, &pl))
     }
@@ -630,7 +647,9 @@ impl CudaUnet {
         if self.plans.contains_key(&key) {
             return Ok(());
         }
-        if key.record {
+        // The input-gradient layout: for the backward pass, and as the K-major weights of
+        // forward wgmma launches.
+        if key.record || self.wgmma {
             self.weights.ensure_backward(&self.gpu)?;
         }
         let (program, placement) = plan::plan(
@@ -642,13 +661,14 @@ impl CudaUnet {
             self.gpu.sms(),
             self.precision,
             self.deep,
+            self.wgmma,
         )?;
         for s in &program.steps {
             for w in s.weights() {
                 self.weights.ptr(w)?;
             }
             if let Step::Conv(c) = s {
-                self.weights.conv_ptr(c.w, c.launch.kernel)?;
+                self.weights.conv_ptr(c.w, &c.launch)?;
             }
         }
         let arena = DevBuf::zeros(&self.gpu.stream, placement.len)?;
@@ -891,7 +911,7 @@ fn launch(
         Step::Conv(ref c) => {
             let ptrs = ConvPtrs {
                 x: p(c.x),
-                w: wts.conv_ptr(c.w, c.launch.kernel)?,
+                w: wts.conv_ptr(c.w, &c.launch)?,
                 y: p(c.y),
                 bias: c.bias.map(|b| wts.ptr(b)).transpose()?.unwrap_or(0),
                 temb: opt(c.temb),

@@ -14,7 +14,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, DPtr};
+use super::kernels::{ConvKernel, ConvLaunch, DPtr};
 use super::precision::Precision;
 use super::program::{WKind, W};
 use crate::model::graph::{Graph, ParamKind};
@@ -286,9 +286,11 @@ impl DevWeights {
         Ok(buf.ptr)
     }
 
-    /// The address of array `w` as the convolution kernel `kernel` reads it: the 16-bit copy
-    /// for a bf16 or fp16 tensor-core launch, the fp32 array otherwise.
-    pub fn conv_ptr(&self, w: W, kernel: ConvKernel) -> Result<DPtr> {
+    /// The address of array `w` as `launch` reads it: the 16-bit copy for a bf16 or fp16
+    /// tensor-core launch, the fp32 array otherwise; K-major ([`W::k_major`]) for wgmma.
+    pub fn conv_ptr(&self, w: W, launch: &ConvLaunch) -> Result<DPtr> {
+        let kernel = launch.kernel;
+        let w = if launch.wgmma { w.k_major() } else { w };
         let precision = match kernel {
             ConvKernel::Tensor(p) if p.is_half() => p,
             _ => return self.ptr(w),

@@ -1,0 +1,247 @@
+// Convolutions on Hopper's warpgroup tensor cores (wgmma; sm_90a only, build.rs compiles this
+// file for that target alone and the host loads it on compute capability 9.0 only): the
+// implicit GEMM of conv_tc.cu for its `_hin` case, bf16/fp16 activations and weights with fp32
+// accumulation, the same ConvArgs, split-K workspace and epilogue. mma.sync (conv_tc.cu) feeds
+// the tensor cores from registers that every warp first loads from shared memory; wgmma reads
+// both operands from shared memory itself, which is what lets Hopper approach its matrix rate.
+//
+// Tile: 128 output rows (pixels) x 128 columns (output channels) per block of two warpgroups
+// (256 threads); warpgroup w multiplies rows 64w .. 64w + 63 against all 128 columns with
+// m64n128k16 (64 fp32 accumulators per thread). K slices of 64 16-bit values (128 bytes).
+//
+// Shared memory: WG_STAGES stages of [A 128 rows x 128 bytes | B 128 rows x 128 bytes], both
+// K-major (a row holds one pixel's, or one output channel's, 64 consecutive k), in the 128-byte
+// swizzle wgmma reads: the 16-byte chunk c of row r lives at r * 128 + ((c ^ (r % 8)) * 16),
+// each 8-row group a 1024-byte aligned block. Descriptors: start address, stride 1024 bytes
+// between 8-row groups, swizzle mode 1; a k16 step advances the start by 32 bytes within the
+// row (the hardware applies the swizzle to the address it forms, which is why the blocks must
+// be 1024-byte aligned). The weights are read K-major, `[tap][column][channel]`: the per-tap
+// transpose of the layout conv_tc.cu reads, i.e. the other direction's weights (the forward
+// convolution reads the input-gradient layout and vice versa; a linear layer reads PyTorch's
+// `[out, inp]`), so no extra copy exists.
+//
+// Pipeline: every thread copies 4 A and 4 B chunks per slice with cp.async (zero-filled
+// outside the image, past the split's K and past the columns), WG_STAGES - 1 slices in flight.
+// Per slice: wait for its copies, fence them into the async proxy wgmma reads through, barrier,
+// refill the stage the previous slice used, then four wgmma steps, committed and waited for
+// (the other block on the multiprocessor keeps the tensor cores busy meanwhile). The barrier of
+// slice t tells every thread that all warpgroups finished slice t - 1, whose stage it refills.
+//
+// Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
+// warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
+// (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
+#include "conv_common.cuh"
+
+constexpr int WG_TM = 128;
+constexpr int WG_TN = 128;
+constexpr int WG_BK = 64;
+constexpr int WG_THREADS = 256;
+constexpr int WG_STAGES = 3;
+constexpr int WG_TILE = 128 * 128;  // bytes of one operand's slice
+constexpr int WG_STAGE = 2 * WG_TILE;
+// Dynamic shared memory: the stages plus slack to align them to 1024 bytes.
+constexpr int WG_SMEM = WG_STAGES * WG_STAGE + 1024;
+static_assert(WG_SMEM == 99328, "WG_SMEM must match TC_WGMMA_SMEM in src/cuda/kernels.rs");
+
+DEVI uint32_t wg_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+DEVI void wg_cp_async16(uint32_t dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+DEVI void wg_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> DEVI void wg_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
+DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+// A shared-memory matrix descriptor: 128-byte swizzle, 1024 bytes between 8-row groups.
+DEVI uint64_t wg_desc(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
+}
+
+// Pins the accumulators in program order around the asynchronous products: the compiler sees
+// wgmma's register operands written when it is issued, not when wgmma.wait_group returns.
+DEVI void wg_fence_acc(float (&d)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+template <int T> DEVI void wg_mma(float (&d)[64], uint64_t da, uint64_t db);
+template <> DEVI void wg_mma<1>(float (&d)[64], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+}
+template <> DEVI void wg_mma<2>(float (&d)[64], uint64_t da, uint64_t db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+}
+
+// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType).
+template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
+    __shared__ int s_dy[9], s_dx[9], s_w[9];
+    const int tid = threadIdx.x;
+    // Constant indices only: a run-time index into the parameter block would copy it to local
+    // memory.
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+        if (tid == t) {
+            s_dy[t] = a.tap_dy[t];
+            s_dx[t] = a.tap_dx[t];
+            s_w[t] = a.tap_w[t];
+        }
+    }
+
+    const int M = a.n * a.mh * a.mw;
+    const int sc = a.sc;
+    const int ncols = a.ncols;
+    const int K = a.taps * sc;
+    const int m0 = blockIdx.x * WG_TM;
+    const int n0 = blockIdx.y * WG_TN;
+    const int kb = blockIdx.z * a.k_per_split;
+    const int ke = min(K, kb + a.k_per_split);
+    const int ntiles = ke > kb ? (ke - kb + WG_BK - 1) / WG_BK : 0;
+
+    // Loaders: chunk c of rows r0 + 32j (j < 4) of both operands; one (tap, channel) cursor,
+    // since the A and B chunks of a thread share their k.
+    const int c = tid & 7;
+    const int r0 = tid >> 3;
+    const uint16_t* const xa = reinterpret_cast<const uint16_t*>(a.x);
+    const uint16_t* const wb = static_cast<const uint16_t*>(a.w);
+    bool a_ok[4];
+    int a_y[4], a_x[4];
+    const uint16_t* a_base[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int m = m0 + r0 + 32 * j;
+        a_ok[j] = m < M;
+        a_y[j] = a_x[j] = 0;
+        a_base[j] = xa;
+        if (a_ok[j]) {
+            const RowCoord r = decode_row(a, m);
+            a_y[j] = r.my * a.in_stride;
+            a_x[j] = r.mx * a.in_stride;
+            a_base[j] = xa + (long long)r.img * a.sh * a.sw * sc;
+        }
+    }
+    int at, aci;
+    {
+        const int k = kb + c * 8;
+        at = k / sc;
+        aci = k - at * sc;
+    }
+    __syncthreads();
+
+    const uint32_t base = (wg_smem_addr(smem) + 1023) & ~1023u;
+    auto load = [&](int k0, int stage) {
+        const uint32_t sa = base + stage * WG_STAGE;
+        const uint32_t sb = sa + WG_TILE;
+        const bool kok = k0 + c * 8 < ke;
+        int dy = 0, dx = 0;
+        long long wrow = 0;
+        if (kok) {
+            dy = s_dy[at];
+            dx = s_dx[at];
+            wrow = (long long)s_w[at] * ncols;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int r = r0 + 32 * j;
+            const uint16_t* src = xa;
+            bool ok = false;
+            if (a_ok[j] && kok) {
+                const int iy = a_y[j] + dy;
+                const int ix = a_x[j] + dx;
+                if ((unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw) {
+                    src = a_base[j] + ((long long)iy * a.sw + ix) * sc + aci;
+                    ok = true;
+                }
+            }
+            wg_cp_async16(sa + swz(r, c), src, ok);
+            const int n = n0 + r;
+            const bool bok = kok && n < ncols;
+            wg_cp_async16(sb + swz(r, c), bok ? wb + (wrow + n) * sc + aci : wb, bok);
+        }
+        aci += WG_BK;
+        while (aci >= sc) {
+            aci -= sc;
+            ++at;
+        }
+    };
+
+    const int warp = tid >> 5;
+    const int wg = warp >> 2;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+    constexpr int S = WG_STAGES;
+#pragma unroll
+    for (int s = 0; s < S - 1; ++s) {
+        if (s < ntiles) load(kb + s * WG_BK, s);
+        wg_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        wg_cp_wait<S - 2>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        const int nt = t + S - 1;
+        if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
+        wg_commit();
+        const uint32_t sa = base + (t % S) * WG_STAGE + wg * 64 * 128;
+        const uint32_t sb = base + (t % S) * WG_STAGE + WG_TILE;
+        wg_fence_acc(acc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        wg_fence_acc(acc);
+    }
+    wg_cp_wait<0>();
+
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int q = lane & 3;
+    const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
+    const bool split = gridDim.z > 1;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * h;
+        if (m >= M) continue;
+        const RowCoord rc = decode_row(a, m);
+        const long long pix = out_pixel(a, rc);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + 8 * j + 2 * q;
+            if (col >= ncols) continue;
+            float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            if (split) {
+                *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * ncols + col) = v;
+            } else {
+                v.x = finish(a, rc.img, pix, col, v.x);
+                v.y = finish(a, rc.img, pix, col + 1, v.y);
+                *reinterpret_cast<float2*>(a.y + pix * ncols + col) = v;
+            }
+        }
+    }
+}
+
+// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, WG_SMEM bytes of dynamic shared
+// memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte aligned x, w, y,
+// res and ws (the host checks them); x and w hold 16-bit values of the product's type.
+#define WG_KERNEL(name, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 2) name(const ConvArgs a) {      \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                          \
+        wg_body<T>(a, wg_dsmem);                                                             \
+    }
+WG_KERNEL(conv_wgmma_bf16, 1)
+WG_KERNEL(conv_wgmma_fp16, 2)
