@@ -9,9 +9,9 @@
 //!
 //! Launch shapes (threads per block, blocks):
 //! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
-//!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared (two-stage) or 74-94 KB of
-//!   dynamic shared memory (deep pipelines); `conv_wgmma_*` (sm_90a, 16-bit inputs): the same
-//!   grid, 97 KB dynamic;
+//!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared, or 74 / 93.5 KB of dynamic
+//!   shared memory for the deep pipelines, whose `_4w` variants take 128 threads (4 warps);
+//!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor;
 //! - `conv_narrow`, `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element),
@@ -324,6 +324,11 @@ pub(crate) struct ConvLaunch {
     /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
     /// fp16 and `deep`. Set by the lowering, which knows where each input comes from.
     pub half_input: bool,
+    /// Tensor cores with `deep` only: the 4-warp kernels (`_4w`: 128 threads, 64x64 warp
+    /// tiles) instead of the 8-warp ones (256 threads, 64x32). Same tile, grid, split and
+    /// bit-identical results; a third less shared-memory traffic per product for twice the
+    /// registers per thread.
+    pub wide_warps: bool,
     /// Hopper's warpgroup products (kernels/conv_wgmma.cu) instead of mma.sync: only with
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
     /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
@@ -361,9 +366,11 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
 
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
 ///
-/// Two 256-thread blocks fit on a multiprocessor (128 registers per thread). When the tile grid
-/// alone leaves slots empty, K is split so as to minimise waves per unit of work (ties go to
-/// fewer splits, which cost a workspace round trip), keeping at least 8 K slices per split.
+/// Two blocks fit on a multiprocessor (256 threads of at most 128 registers, or for the 4-warp
+/// tensor-core kernels 128 threads of at most 255; the plan is the same for both, which keeps
+/// their results identical). When the tile grid alone leaves slots empty, K is split so as to
+/// minimise waves per unit of work (ties go to fewer splits, which cost a workspace round
+/// trip), keeping at least 8 K slices per split.
 pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
     let k = s.k();
     if s.ncols <= 8 {
@@ -373,6 +380,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             k_per_split: k.div_ceil(BK) * BK,
             deep: false,
             half_input: false,
+            wide_warps: false,
             wgmma: false,
         };
     }
@@ -410,6 +418,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         k_per_split: per,
         deep: false,
         half_input: false,
+        wide_warps: false,
         wgmma: false,
     }
 }
@@ -550,14 +559,8 @@ pub(crate) struct Kernels {
     conv_splitk_reduce: CudaFunction,
     conv_narrow: CudaFunction,
     conv_weight_transpose: CudaFunction,
-    conv_tc_tf32: CudaFunction,
-    conv_tc_bf16: CudaFunction,
-    conv_tc_fp16: CudaFunction,
-    conv_tc_tf32_async: CudaFunction,
-    conv_tc_bf16_hin: CudaFunction,
-    conv_tc_fp16_hin: CudaFunction,
-    conv_tc_bf16_staged: CudaFunction,
-    conv_tc_fp16_staged: CudaFunction,
+    /// The tensor-core convolutions, in the order of [`TC_KERNELS`].
+    conv_tc: Vec<CudaFunction>,
     tc_convert: CudaFunction,
     gemm_batched: CudaFunction,
     softmax_forward: CudaFunction,
@@ -595,6 +598,105 @@ const TC_STAGED_SMEM: u32 = 95_744;
 /// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
 /// plus 1 KB to align them.
 const TC_WGMMA_SMEM: u32 = 99_328;
+
+/// One tensor-core convolution kernel of kernels/conv_tc.cu and the launches that take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TcKernel {
+    name: &'static str,
+    precision: Precision,
+    /// [`ConvLaunch::deep`], [`ConvLaunch::half_input`], [`ConvLaunch::wide_warps`].
+    deep: bool,
+    half_input: bool,
+    wide_warps: bool,
+}
+
+impl TcKernel {
+    const fn new(
+        name: &'static str,
+        precision: Precision,
+        deep: bool,
+        half_input: bool,
+        wide_warps: bool,
+    ) -> TcKernel {
+        TcKernel {
+            name,
+            precision,
+            deep,
+            half_input,
+            wide_warps,
+        }
+    }
+
+    /// Threads per block: 8 warps, or 4 for the `_4w` kernels.
+    fn threads(&self) -> u32 {
+        if self.wide_warps {
+            128
+        } else {
+            256
+        }
+    }
+
+    /// Dynamic shared memory: none for the two-stage kernels (static), ASYNC's for tf32 and
+    /// 16-bit inputs, STAGED's for fp32 inputs into bf16/fp16.
+    fn dynamic_smem(&self) -> u32 {
+        if !self.deep {
+            0
+        } else if self.precision == Precision::Tf32 || self.half_input {
+            TC_ASYNC_SMEM
+        } else {
+            TC_STAGED_SMEM
+        }
+    }
+}
+
+/// Every tensor-core convolution kernel: the two-stage ones (8 warps, fp32 input), and the deep
+/// pipelines with 8 and 4 warps (ASYNC for tf32 and 16-bit inputs, STAGED for fp32 inputs into
+/// bf16/fp16).
+const TC_KERNELS: [TcKernel; 13] = {
+    use Precision::{Bf16, Fp16, Tf32};
+    [
+        TcKernel::new("conv_tc_tf32", Tf32, false, false, false),
+        TcKernel::new("conv_tc_bf16", Bf16, false, false, false),
+        TcKernel::new("conv_tc_fp16", Fp16, false, false, false),
+        TcKernel::new("conv_tc_tf32_async", Tf32, true, false, false),
+        TcKernel::new("conv_tc_bf16_hin", Bf16, true, true, false),
+        TcKernel::new("conv_tc_fp16_hin", Fp16, true, true, false),
+        TcKernel::new("conv_tc_bf16_staged", Bf16, true, false, false),
+        TcKernel::new("conv_tc_fp16_staged", Fp16, true, false, false),
+        TcKernel::new("conv_tc_tf32_async_4w", Tf32, true, false, true),
+        TcKernel::new("conv_tc_bf16_hin_4w", Bf16, true, true, true),
+        TcKernel::new("conv_tc_fp16_hin_4w", Fp16, true, true, true),
+        TcKernel::new("conv_tc_bf16_staged_4w", Bf16, true, false, true),
+        TcKernel::new("conv_tc_fp16_staged_4w", Fp16, true, false, true),
+    ]
+};
+
+/// The index in [`TC_KERNELS`] of the kernel tensor-core launch `plan` runs; an error for a
+/// plan no kernel implements (fp32, 16-bit input without the deep pipeline or in tf32, 4 warps
+/// without the deep pipeline).
+fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
+    let ConvKernel::Tensor(precision) = plan.kernel else {
+        return Err(Error::Cuda(format!(
+            "internal: {:?} convolution planned as a tensor-core launch",
+            plan.kernel
+        )));
+    };
+    TC_KERNELS
+        .iter()
+        .position(|k| {
+            k.precision == precision
+                && k.deep == plan.deep
+                && k.half_input == plan.half_input
+                && k.wide_warps == plan.wide_warps
+        })
+        .ok_or_else(|| {
+            Error::Cuda(format!(
+                "internal: no tensor-core kernel for {precision} with deep {}, 16-bit input {} \
+                 and 4 warps {}",
+                plan.deep, plan.half_input, plan.wide_warps
+            ))
+        })
+}
 
 /// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default,
 /// and asks for the largest shared-memory share of the multiprocessor, so that two such blocks
@@ -655,8 +757,17 @@ impl Kernels {
             })?;
             cu(m.load_function(f), &format!("looking up kernel `{f}`"))
         };
-        // A deep-pipeline convolution, allowed its dynamic shared memory.
-        let deep = |f: &str, bytes: u32| allow_smem(ctx, get("conv_tc", f)?, bytes);
+        // The tensor-core convolutions, the deep pipelines allowed their dynamic shared memory.
+        let conv_tc = TC_KERNELS
+            .iter()
+            .map(|k| {
+                let f = get("conv_tc", k.name)?;
+                match k.dynamic_smem() {
+                    0 => Ok(f),
+                    bytes => allow_smem(ctx, f, bytes),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
         let conv_wgmma = match wgmma_module {
@@ -680,14 +791,7 @@ impl Kernels {
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
             conv_narrow: get("conv", "conv_narrow")?,
             conv_weight_transpose: get("conv", "conv_weight_transpose")?,
-            conv_tc_tf32: get("conv_tc", "conv_tc_tf32")?,
-            conv_tc_bf16: get("conv_tc", "conv_tc_bf16")?,
-            conv_tc_fp16: get("conv_tc", "conv_tc_fp16")?,
-            conv_tc_tf32_async: deep("conv_tc_tf32_async", TC_ASYNC_SMEM)?,
-            conv_tc_bf16_hin: deep("conv_tc_bf16_hin", TC_ASYNC_SMEM)?,
-            conv_tc_fp16_hin: deep("conv_tc_fp16_hin", TC_ASYNC_SMEM)?,
-            conv_tc_bf16_staged: deep("conv_tc_bf16_staged", TC_STAGED_SMEM)?,
-            conv_tc_fp16_staged: deep("conv_tc_fp16_staged", TC_STAGED_SMEM)?,
+            conv_tc,
             tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
             softmax_forward: get("attention", "softmax_forward")?,
@@ -824,14 +928,17 @@ impl Kernels {
         );
         if (plan.deep && !tensor)
             || (plan.half_input && !(half && plan.deep))
+            || (plan.wide_warps && !(tensor && plan.deep))
             || (plan.wgmma && !plan.half_input)
         {
             return Err(Error::Cuda(format!(
-                "internal: {:?} convolution planned with deep {}, 16-bit input {} and wgmma {}",
-                plan.kernel, plan.deep, plan.half_input, plan.wgmma
+                "internal: {:?} convolution planned with deep {}, 16-bit input {}, 4 warps {} \
+                 and wgmma {}",
+                plan.kernel, plan.deep, plan.half_input, plan.wide_warps, plan.wgmma
             )));
         }
-        let f = match plan.kernel {
+        // The kernel, its threads per block and dynamic shared memory.
+        let (f, threads, smem) = match plan.kernel {
             ConvKernel::Tensor(precision) => {
                 // No fallback here: the weights are already in this precision's layout.
                 if !aligned || s.sc % 8 != 0 || s.ncols % 8 != 0 {
@@ -851,32 +958,27 @@ impl Kernels {
                         "internal: split-K not a multiple of the tensor-core K slice".into(),
                     ));
                 }
-                match (precision, plan.deep, plan.half_input) {
-                    _ if plan.wgmma => {
-                        let wg = self.conv_wgmma.as_ref().ok_or_else(|| {
-                            Error::Cuda(
-                                "internal: wgmma convolution planned on a device without it".into(),
-                            )
-                        })?;
-                        &wg[usize::from(precision == Precision::Fp16)]
-                    }
-                    (Precision::Tf32, false, _) => &self.conv_tc_tf32,
-                    (Precision::Tf32, true, _) => &self.conv_tc_tf32_async,
-                    (Precision::Bf16, true, true) => &self.conv_tc_bf16_hin,
-                    (Precision::Fp16, true, true) => &self.conv_tc_fp16_hin,
-                    (Precision::Bf16, true, false) => &self.conv_tc_bf16_staged,
-                    (Precision::Fp16, true, false) => &self.conv_tc_fp16_staged,
-                    (Precision::Bf16, false, _) => &self.conv_tc_bf16,
-                    (Precision::Fp16, false, _) => &self.conv_tc_fp16,
-                    (Precision::Fp32, ..) => {
-                        return Err(Error::Cuda(
-                            "internal: tensor-core launch planned in fp32".into(),
-                        ))
-                    }
+                if plan.wgmma {
+                    let wg = self.conv_wgmma.as_ref().ok_or_else(|| {
+                        Error::Cuda(
+                            "internal: wgmma convolution planned on a device without it".into(),
+                        )
+                    })?;
+                    (
+                        &wg[usize::from(precision == Precision::Fp16)],
+                        BLOCK,
+                        TC_WGMMA_SMEM,
+                    )
+                } else {
+                    let k = tc_kernel(plan)?;
+                    let tk = &TC_KERNELS[k];
+                    (&self.conv_tc[k], tk.threads(), tk.dynamic_smem())
                 }
             }
-            ConvKernel::Vec if aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 => &self.conv_gemm_vec,
-            _ => &self.conv_gemm_any,
+            ConvKernel::Vec if aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 => {
+                (&self.conv_gemm_vec, BLOCK, 0)
+            }
+            _ => (&self.conv_gemm_any, BLOCK, 0),
         };
         let grid = (
             i32_of(rows.div_ceil(TILE), "row tiles")? as u32,
@@ -885,15 +987,8 @@ impl Kernels {
                 .min(65535),
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
-        let mut launch = cfg(grid, (BLOCK, 1, 1));
-        if plan.deep {
-            launch.shared_mem_bytes = match plan.kernel {
-                _ if plan.wgmma => TC_WGMMA_SMEM,
-                ConvKernel::Tensor(Precision::Tf32) => TC_ASYNC_SMEM,
-                _ if plan.half_input => TC_ASYNC_SMEM,
-                _ => TC_STAGED_SMEM,
-            };
-        }
+        let mut launch = cfg(grid, (threads, 1, 1));
+        launch.shared_mem_bytes = smem;
         let mut b = st.launch_builder(f);
         b.arg(&a);
         // SAFETY: as above; the grid covers exactly the tiles of the problem.
@@ -1817,6 +1912,121 @@ mod tests {
             plan_conv_at(&big, 132, Precision::Fp32),
             plan_conv(&big, 132)
         );
+    }
+
+    /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its
+    /// threads and shared memory; the others (16-bit input without the deep pipeline or in
+    /// tf32, 4 warps without the deep pipeline, fp32) to none.
+    #[test]
+    fn tensor_core_plans_pick_one_kernel() {
+        let shape = ConvShape::forward(1, 16, 16, 64, 64, 3, 1, Pad::Symmetric);
+        let mut resolved = Vec::new();
+        for p in Precision::ALL {
+            for deep in [false, true] {
+                for half_input in [false, true] {
+                    for wide_warps in [false, true] {
+                        let plan = ConvLaunch {
+                            deep,
+                            half_input,
+                            wide_warps,
+                            ..plan_conv_at(&shape, 132, p)
+                        };
+                        let valid = p != Precision::Fp32
+                            && (!half_input || (deep && p.is_half()))
+                            && (!wide_warps || deep);
+                        let Ok(i) = tc_kernel(&plan) else {
+                            assert!(!valid, "{plan:?}");
+                            continue;
+                        };
+                        assert!(valid, "{plan:?}");
+                        let k = &TC_KERNELS[i];
+                        assert_eq!(k.threads(), if wide_warps { 128 } else { 256 });
+                        let smem = match (deep, p, half_input) {
+                            (false, ..) => 0,
+                            (true, Precision::Tf32, _) | (true, _, true) => TC_ASYNC_SMEM,
+                            _ => TC_STAGED_SMEM,
+                        };
+                        assert_eq!(k.dynamic_smem(), smem, "{}", k.name);
+                        assert_eq!(k.name.ends_with("_4w"), wide_warps, "{}", k.name);
+                        resolved.push(i);
+                    }
+                }
+            }
+        }
+        resolved.sort();
+        assert_eq!(resolved, (0..TC_KERNELS.len()).collect::<Vec<_>>());
+        assert!(tc_kernel(&plan_conv(&shape, 132)).is_err());
+    }
+
+    /// The table of tensor-core kernels matches what kernels/conv_tc.cu instantiates: each
+    /// name once, with its precision, pipeline, input type and warps, and nothing else.
+    #[test]
+    fn tensor_core_kernels_match_the_cuda_source() {
+        let src = include_str!("../../kernels/conv_tc.cu");
+        // `TC_KERNEL(name, T)` and `TC_DEEP_KERNEL(name, T, P, AH, NW)` lines, as
+        // (name, T, P, AH, NW) with the two-stage kernels' implicit TWO, false, 8.
+        let mut found: Vec<(String, String, String, String, String)> = src
+            .lines()
+            .filter_map(|l| {
+                let (deep, args) = if let Some(a) = l.strip_prefix("TC_DEEP_KERNEL(") {
+                    (true, a)
+                } else {
+                    (false, l.strip_prefix("TC_KERNEL(")?)
+                };
+                let args: Vec<String> = args
+                    .trim_end()
+                    .strip_suffix(')')?
+                    .split(',')
+                    .map(|a| a.trim().to_string())
+                    .collect();
+                Some(if deep {
+                    assert_eq!(args.len(), 5, "{l}");
+                    (
+                        args[0].clone(),
+                        args[1].clone(),
+                        args[2].clone(),
+                        args[3].clone(),
+                        args[4].clone(),
+                    )
+                } else {
+                    assert_eq!(args.len(), 2, "{l}");
+                    (
+                        args[0].clone(),
+                        args[1].clone(),
+                        "TWO".into(),
+                        "false".into(),
+                        "8".into(),
+                    )
+                })
+            })
+            .collect();
+        let mut want: Vec<(String, String, String, String, String)> = TC_KERNELS
+            .iter()
+            .map(|k| {
+                let t = match k.precision {
+                    Precision::Tf32 => "TF32",
+                    Precision::Bf16 => "BF16",
+                    Precision::Fp16 => "FP16",
+                    Precision::Fp32 => panic!("{}: fp32", k.name),
+                };
+                let pipe = match k.dynamic_smem() {
+                    0 => "TWO",
+                    TC_ASYNC_SMEM => "ASYNC",
+                    _ => "STAGED",
+                };
+                let warps = if k.wide_warps { "4" } else { "8" };
+                (
+                    k.name.to_string(),
+                    t.to_string(),
+                    pipe.to_string(),
+                    k.half_input.to_string(),
+                    warps.to_string(),
+                )
+            })
+            .collect();
+        found.sort();
+        want.sort();
+        assert_eq!(found, want);
     }
 
     #[test]

@@ -6,19 +6,22 @@
 //! For each distinct tensor-core convolution or token-wise linear launch of the program at one
 //! batch, size and precision (forward, and the input gradient when recording), the same problem
 //! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
-//! in bf16/fp16, the deep pipeline from a 16-bit input, each at several splits of K: 1, and
-//! those that keep the grid within four waves of the machine. Every variant computes the same
-//! sums in the same order for a given split (the selftest holds them to it), so only the time
-//! differs. Times are means of CUDA-event-timed repetitions after a warm-up.
+//! in bf16/fp16, the deep pipeline from a 16-bit input, each deep one on 8 warps and on 4
+//! (64x64 warp tiles), and on Hopper the wgmma kernel from a 16-bit input, each at several
+//! splits of K: 1, and those that keep the grid within four waves of the machine. The mma.sync
+//! variants compute the same sums in the same order for a given split (the selftest holds them
+//! to it), wgmma the same products in another order, so only the time differs. The planned
+//! launch is what `CudaUnet` runs by default (wgmma where the device has it). Times are means
+//! of CUDA-event-timed repetitions after a warm-up.
 
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use serde::Serialize;
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, ConvLaunch, ConvPtrs, ConvShape};
+use super::kernels::{ConvKernel, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE};
 use super::plan;
 use super::precision::Precision;
-use super::program::Step;
+use super::program::{Step, TcConfig};
 use super::selftest::uniform;
 use super::weights::{DevBuf, DevConv};
 use crate::model::Graph;
@@ -27,8 +30,11 @@ use crate::{ensure, Error, Result};
 /// One variant of one launch and its time.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
-    /// `two-stage`, `deep` (fp32 input) or `deep, 16-bit input`.
+    /// `two-stage`, `deep` (fp32 input) or `deep, 16-bit input`, with `, 4 warps` for the
+    /// 4-warp kernels; `wgmma` (16-bit input, two warpgroups).
     pub pipeline: String,
+    /// Warps per block: 8, or 4 (deep pipelines only).
+    pub warps: usize,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
     pub ms: f64,
@@ -58,6 +64,14 @@ impl SweepRow {
             .min_by(|a, b| a.ms.total_cmp(&b.ms))
             .unwrap_or(&self.planned)
     }
+
+    /// The fastest variant on `warps` warps per block (8 or 4), if any was timed.
+    pub fn best_on(&self, warps: usize) -> Option<&SweepVariant> {
+        self.variants
+            .iter()
+            .filter(|v| v.warps == warps)
+            .min_by(|a, b| a.ms.total_cmp(&b.ms))
+    }
 }
 
 /// Largest tile grid, in waves of two blocks per multiprocessor, that a split may make.
@@ -85,7 +99,19 @@ pub fn sweep_convolutions(
     );
     ensure!(iters > 0, "the sweep needs at least one repetition");
     let gpu = Gpu::open(ordinal)?;
-    let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, true, false)?;
+    let (program, _) = plan::plan(
+        graph,
+        n,
+        h,
+        w,
+        record,
+        gpu.sms(),
+        precision,
+        TcConfig {
+            wgmma: gpu.kernels.has_wgmma(),
+            ..TcConfig::default()
+        },
+    )?;
     // Distinct launches, in program order, with their counts.
     let mut launches: Vec<(ConvShape, ConvLaunch, String, String, f64, usize)> = Vec::new();
     for s in &program.steps {
@@ -122,8 +148,10 @@ pub fn sweep_convolutions(
 /// The variants of tensor-core launch `planned` of `shape` worth timing on a GPU of `sms`
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only),
-/// and the planned launch itself.
-fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize) -> Vec<ConvLaunch> {
+/// the deep ones on 8 and on 4 warps, the wgmma kernel (bf16/fp16, where `wgmma`: the device
+/// has it) over 64-deep slices, and the planned launch itself (on both warp layouts, if deep
+/// and not wgmma).
+fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
     let ConvKernel::Tensor(precision) = planned.kernel else {
         return vec![planned];
     };
@@ -140,16 +168,23 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize) -> Vec<ConvLau
         let base = ConvLaunch {
             splits: k.div_ceil(per),
             k_per_split: per,
+            wgmma: false,
             ..planned
         };
-        let mut pipes = vec![(false, false), (true, false)];
+        // (deep, 16-bit input, 4 warps): the two-stage kernel has 8 warps only.
+        let mut pipes = vec![
+            (false, false, false),
+            (true, false, false),
+            (true, false, true),
+        ];
         if precision.is_half() {
-            pipes.push((true, true));
+            pipes.extend([(true, true, false), (true, true, true)]);
         }
-        for (deep, half_input) in pipes {
+        for (deep, half_input, wide_warps) in pipes {
             let c = ConvLaunch {
                 deep,
                 half_input,
+                wide_warps,
                 ..base
             };
             if !out.contains(&c) {
@@ -157,17 +192,65 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize) -> Vec<ConvLau
             }
         }
     }
-    if !out.contains(&planned) {
-        out.push(planned);
+    if wgmma && precision.is_half() {
+        let ktiles = k.div_ceil(WGMMA_SLICE);
+        for &s in SPLITS
+            .iter()
+            .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
+        {
+            let per = ktiles.div_ceil(s) * WGMMA_SLICE;
+            let c = ConvLaunch {
+                splits: k.div_ceil(per),
+                k_per_split: per,
+                deep: true,
+                half_input: true,
+                wide_warps: false,
+                wgmma: true,
+                ..planned
+            };
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    // The planned launch, whose split may be none of the above, and its twin on the other
+    // warp layout.
+    let mut planned_pair = vec![planned];
+    if planned.deep && !planned.wgmma {
+        planned_pair.push(ConvLaunch {
+            wide_warps: !planned.wide_warps,
+            ..planned
+        });
+    }
+    for c in planned_pair {
+        if !out.contains(&c) {
+            out.push(c);
+        }
     }
     out
 }
 
-fn pipeline_name(l: &ConvLaunch) -> &'static str {
-    match (l.deep, l.half_input) {
+fn pipeline_name(l: &ConvLaunch) -> String {
+    if l.wgmma {
+        return "wgmma".into();
+    }
+    let pipe = match (l.deep, l.half_input) {
         (false, _) => "two-stage",
         (true, false) => "deep",
         (true, true) => "deep, 16-bit input",
+    };
+    if l.wide_warps {
+        format!("{pipe}, 4 warps")
+    } else {
+        pipe.to_string()
+    }
+}
+
+fn warps(l: &ConvLaunch) -> usize {
+    if l.wide_warps {
+        4
+    } else {
+        8
     }
 }
 
@@ -202,7 +285,7 @@ fn sweep_one(
         None
     };
     let bound = 1.0 / (k as f32).sqrt();
-    let wts = DevConv::upload(
+    let mut wts = DevConv::upload(
         gpu,
         &uniform(seed, shape.ncols * shape.sc * kk * kk, -bound, bound),
         &uniform(seed, shape.ncols, -0.1, 0.1),
@@ -213,7 +296,12 @@ fn sweep_one(
     )?;
     let y = DevBuf::zeros(st, shape.yh * shape.yw * shape.n * shape.ncols)?;
 
-    let candidates = candidates(shape, planned, gpu.sms());
+    let wgmma = gpu.kernels.has_wgmma();
+    if wgmma {
+        // The K-major weights the wgmma kernel reads.
+        wts.ensure_backward(gpu)?;
+    }
+    let candidates = candidates(shape, planned, gpu.sms(), wgmma);
     let ws_len = candidates
         .iter()
         .map(|c| c.workspace_len(shape))
@@ -229,7 +317,7 @@ fn sweep_one(
                 Some(h) if c.half_input => h.ptr,
                 _ => x.ptr,
             },
-            w: wts.weights_for(c.kernel, false)?,
+            w: wts.weights_for(c.kernel, c.wgmma)?,
             y: y.ptr,
             bias: wts.bias.ptr,
             ws: ws.ptr,
@@ -255,7 +343,8 @@ fn sweep_one(
             planned_ms = ms;
         }
         variants.push(SweepVariant {
-            pipeline: pipeline_name(c).to_string(),
+            pipeline: pipeline_name(c),
+            warps: warps(c),
             splits: c.splits,
             ms,
         });
@@ -266,7 +355,8 @@ fn sweep_one(
         count,
         flops,
         planned: SweepVariant {
-            pipeline: pipeline_name(&planned).to_string(),
+            pipeline: pipeline_name(&planned),
+            warps: warps(&planned),
             splits: planned.splits,
             ms: planned_ms,
         },
@@ -282,7 +372,8 @@ mod tests {
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
     /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
-    /// pipeline in bf16/fp16; the planned launch is among them.
+    /// pipeline in bf16/fp16, 4 warps only with the deep pipeline and beside the same launch
+    /// on 8; the planned launch is among them.
     #[test]
     fn candidates_are_valid_launches() {
         let shapes = [
@@ -295,19 +386,30 @@ mod tests {
             for shape in &shapes {
                 let mut planned = plan_conv_at(shape, 132, precision);
                 planned.deep = true;
-                let c = candidates(shape, planned, 132);
+                let c = candidates(shape, planned, 132, true);
                 assert!(c.contains(&planned));
                 let slice = if precision == Precision::Tf32 { 16 } else { 32 };
                 let tiles = shape.rows().div_ceil(128) * shape.ncols.div_ceil(128);
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
+                    if l.wgmma {
+                        assert!(precision.is_half() && l.half_input && l.deep && !l.wide_warps);
+                        assert_eq!(l.k_per_split % WGMMA_SLICE, 0);
+                        continue;
+                    }
                     assert_eq!(l.k_per_split % slice, 0);
                     assert!(l.splits * l.k_per_split >= shape.k());
                     assert!((l.splits - 1) * l.k_per_split < shape.k());
                     assert!(l.splits == 1 || tiles * l.splits <= MAX_WAVES * 2 * 132 + tiles);
                     assert!(!l.half_input || (l.deep && precision.is_half()));
+                    assert!(!l.wide_warps || l.deep);
+                    if l.deep {
+                        for wide_warps in [false, true] {
+                            assert!(c.contains(&ConvLaunch { wide_warps, ..*l }), "{l:?}");
+                        }
+                    }
                 }
-                let pipes = if precision.is_half() { 3 } else { 2 };
+                let pipes = if precision.is_half() { 5 } else { 3 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
             }
         }
