@@ -333,6 +333,8 @@ pub(crate) struct ConvLaunch {
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
     /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
     pub wgmma: bool,
+    /// wgmma only: 256-row tiles (the `_tall` kernels), one block per multiprocessor.
+    pub tall: bool,
 }
 
 /// Block tile of the GEMM kernels, and the K slice.
@@ -351,16 +353,29 @@ fn tc_slice(p: Precision) -> usize {
 /// K slice of the wgmma convolutions: 64 16-bit values, one 128-byte swizzled row.
 pub(crate) const WGMMA_SLICE: usize = 64;
 
-/// A wgmma launch of `s` (16-bit input, bf16 or fp16 products): the tensor-core split-K rule
-/// over its 64-deep K slices. `None` where the kernel's channel and precision conditions fail.
-pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Option<ConvLaunch> {
+/// A wgmma launch of `s` (16-bit input, bf16 or fp16 products), on 256-row tiles when `tall`:
+/// the tensor-core split-K rule over its 64-deep K slices and its tiles (one tall block, or two
+/// of 128 rows, per multiprocessor). `None` where the kernel's channel and precision conditions
+/// fail.
+pub(crate) fn plan_wgmma(
+    s: &ConvShape,
+    sms: usize,
+    precision: Precision,
+    tall: bool,
+) -> Option<ConvLaunch> {
     if !precision.is_half() || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
         return None;
     }
-    let mut l = split_k(s, ConvKernel::Tensor(precision), WGMMA_SLICE, sms);
+    let kernel = ConvKernel::Tensor(precision);
+    let mut l = if tall {
+        split_k_on(s, kernel, WGMMA_SLICE, 2 * TILE, sms)
+    } else {
+        split_k(s, kernel, WGMMA_SLICE, sms)
+    };
     l.deep = true;
     l.half_input = true;
     l.wgmma = true;
+    l.tall = tall;
     Some(l)
 }
 
@@ -382,6 +397,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             half_input: false,
             wide_warps: false,
             wgmma: false,
+            tall: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -401,12 +417,23 @@ pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> C
     split_k(s, ConvKernel::Tensor(precision), tc_slice(precision), sms)
 }
 
-/// The split of K for `kernel` with K slices of `bk`.
+/// The split of K for `kernel` with K slices of `bk`, on 128 x 128 tiles two per multiprocessor.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
+    split_k_on(s, kernel, bk, TILE, 2 * sms.max(1))
+}
+
+/// [`split_k`] on tiles of `tile_m` rows x 128 columns, `slots` of which run at once.
+fn split_k_on(
+    s: &ConvShape,
+    kernel: ConvKernel,
+    bk: usize,
+    tile_m: usize,
+    slots: usize,
+) -> ConvLaunch {
     let k = s.k();
-    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
+    let tiles = s.rows().div_ceil(tile_m) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
-    let slots = 2 * sms.max(1);
+    let slots = slots.max(1);
     let splits = match kernel {
         ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots),
         _ => simt_splits(tiles, ktiles, slots),
@@ -420,6 +447,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         half_input: false,
         wide_warps: false,
         wgmma: false,
+        tall: false,
     }
 }
 
@@ -585,8 +613,9 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`: on compute capability 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 2]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, then their `_tall` forms: on compute capability
+    /// 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 4]>,
 }
 
 const BLOCK: u32 = 256;
@@ -596,8 +625,9 @@ const BLOCK: u32 = 256;
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
 /// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
-/// plus 1 KB to align them.
+/// plus 1 KB to align them; the tall kernels, four stages of 32 + 16 KB.
 const TC_WGMMA_SMEM: u32 = 99_328;
+const TC_WGMMA_TALL_SMEM: u32 = 197_632;
 
 /// One tensor-core convolution kernel of kernels/conv_tc.cu and the launches that take it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -776,11 +806,16 @@ impl Kernels {
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
                     &format!("loading kernel module `{name}` on {}", info.name),
                 )?;
-                let f = |f: &str| -> Result<CudaFunction> {
+                let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
-                    allow_smem(ctx, f, TC_WGMMA_SMEM)
+                    allow_smem(ctx, f, bytes)
                 };
-                Some([f("conv_wgmma_bf16")?, f("conv_wgmma_fp16")?])
+                Some([
+                    f("conv_wgmma_bf16", TC_WGMMA_SMEM)?,
+                    f("conv_wgmma_fp16", TC_WGMMA_SMEM)?,
+                    f("conv_wgmma_bf16_tall", TC_WGMMA_TALL_SMEM)?,
+                    f("conv_wgmma_fp16_tall", TC_WGMMA_TALL_SMEM)?,
+                ])
             }
             _ => None,
         };
@@ -930,6 +965,7 @@ impl Kernels {
             || (plan.half_input && !(half && plan.deep))
             || (plan.wide_warps && !(tensor && plan.deep))
             || (plan.wgmma && !plan.half_input)
+            || (plan.tall && !plan.wgmma)
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, 4 warps {} \
@@ -964,11 +1000,13 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     })?;
-                    (
-                        &wg[usize::from(precision == Precision::Fp16)],
-                        BLOCK,
-                        TC_WGMMA_SMEM,
-                    )
+                    let i = usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.tall);
+                    let smem = if plan.tall {
+                        TC_WGMMA_TALL_SMEM
+                    } else {
+                        TC_WGMMA_SMEM
+                    };
+                    (&wg[i], BLOCK, smem)
                 } else {
                     let k = tc_kernel(plan)?;
                     let tk = &TC_KERNELS[k];
@@ -980,8 +1018,9 @@ impl Kernels {
             }
             _ => (&self.conv_gemm_any, BLOCK, 0),
         };
+        let tile_m = if plan.tall { 2 * TILE } else { TILE };
         let grid = (
-            i32_of(rows.div_ceil(TILE), "row tiles")? as u32,
+            i32_of(rows.div_ceil(tile_m), "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),

@@ -80,7 +80,11 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
         variant += ", 4 warps";
     }
     if c.launch.wgmma {
-        variant += ", wgmma";
+        variant += if c.launch.tall {
+            ", wgmma 256-row"
+        } else {
+            ", wgmma"
+        };
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);

@@ -30,6 +30,8 @@ pub(crate) struct TcConfig {
     /// With `deep`: launches with 16-bit inputs on Hopper's wgmma kernel (only where the
     /// device has it, compute capability 9.0).
     pub wgmma: bool,
+    /// With `wgmma`: its 256-row tiles ([`ConvLaunch::tall`]).
+    pub wgmma_tall: bool,
 }
 
 impl Default for TcConfig {
@@ -39,6 +41,7 @@ impl Default for TcConfig {
             deep: true,
             wide_warps: false,
             wgmma: false,
+            wgmma_tall: false,
         }
     }
 }
@@ -783,7 +786,7 @@ impl Lowering<'_> {
     /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where [`TcConfig::wgmma`].
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf, half_input: bool) -> ConvStep {
         let wgmma = (half_input && self.tc.wgmma)
-            .then(|| plan_wgmma(&shape, self.sms, self.precision))
+            .then(|| plan_wgmma(&shape, self.sms, self.precision, self.tc.wgmma_tall))
             .flatten();
         let launch = wgmma.unwrap_or_else(|| {
             let mut l = plan_conv_at(&shape, self.sms, self.precision);
@@ -1329,7 +1332,7 @@ mod tests {
                 let tc = TcConfig {
                     deep,
                     wide_warps,
-                    wgmma: false,
+                    ..TcConfig::default()
                 };
                 let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, tc).unwrap();
                 let expect_half = deep && matches!(precision, Precision::Bf16 | Precision::Fp16);

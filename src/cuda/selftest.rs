@@ -581,9 +581,14 @@ impl Tester<'_> {
             );
         }
         // Hopper's wgmma kernel, on the 16-bit input and the K-major weights (the
-        // input-gradient layout): the same products as mma.sync, summed in another order.
+        // input-gradient layout), on both tile heights: the same products as mma.sync, summed
+        // in another order.
         dev.ensure_backward(gpu)?;
-        if let Some((wp, copy)) = self.wgmma_variant(&shape, precision, xd.ptr, x.len())? {
+        for tall in [false, true] {
+            let Some((wp, copy)) = self.wgmma_variant(&shape, precision, tall, xd.ptr, x.len())?
+            else {
+                continue;
+            };
             let ws = self.zeros(wp.workspace_len(&shape))?;
             let yv = self.zeros(want.len())?;
             let ptrs = ConvPtrs {
@@ -609,7 +614,6 @@ impl Tester<'_> {
                 WGMMA_VS_MMA,
             );
         }
-
         let dyd = self.up(dy)?;
         let mut dxd = self.up(dx0)?;
         let dx_ptr = dxd.ptr;
@@ -711,61 +715,67 @@ impl Tester<'_> {
             }
         }
         // wgmma for the input gradient: K-major weights are the forward layout.
-        let wg_plans: Option<Vec<ConvLaunch>> = shapes
-            .iter()
-            .map(|s| plan_wgmma(s, gpu.sms(), precision))
-            .collect();
-        if let (Some(wg_plans), Some(first)) = (wg_plans, shapes.first()) {
-            if let Some((_, copy)) = self.wgmma_variant(first, precision, dyd.ptr, dy.len())? {
-                let ws_len = shapes
-                    .iter()
-                    .zip(&wg_plans)
-                    .map(|(s, p)| p.workspace_len(s))
-                    .max()
-                    .unwrap_or(0);
-                let ws = self.zeros(ws_len)?;
-                let run = || -> Result<()> {
-                    for (s, p) in shapes.iter().zip(&wg_plans) {
-                        let ptrs = ConvPtrs {
-                            x: copy.ptr,
-                            w: dev.weights_for(p.kernel, false)?,
-                            y: dx_ptr,
-                            ws: ws.ptr,
-                            ..ConvPtrs::default()
-                        };
-                        gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
-                    }
-                    Ok(())
-                };
-                let ms = self.timed(|| dxd.write(st, dx0), run)?;
-                let paths: Vec<String> = wg_plans.iter().map(wgmma_path).collect();
-                self.row_within(
-                    named(format!(
-                        "conv{k}x{k} s{stride} input-grad{} [{}] vs mma.sync",
-                        acc_name(accumulate),
-                        paths.join(", ")
-                    )),
-                    desc.clone(),
-                    &dxd.download(st)?,
-                    &got,
-                    ms,
-                    WGMMA_VS_MMA,
-                );
-            }
+        for tall in [false, true] {
+            let wg_plans: Option<Vec<ConvLaunch>> = shapes
+                .iter()
+                .map(|s| plan_wgmma(s, gpu.sms(), precision, tall))
+                .collect();
+            let (Some(wg_plans), Some(first)) = (wg_plans, shapes.first()) else {
+                continue;
+            };
+            let Some((_, copy)) = self.wgmma_variant(first, precision, tall, dyd.ptr, dy.len())?
+            else {
+                continue;
+            };
+            let ws_len = shapes
+                .iter()
+                .zip(&wg_plans)
+                .map(|(s, p)| p.workspace_len(s))
+                .max()
+                .unwrap_or(0);
+            let ws = self.zeros(ws_len)?;
+            let run = || -> Result<()> {
+                for (s, p) in shapes.iter().zip(&wg_plans) {
+                    let ptrs = ConvPtrs {
+                        x: copy.ptr,
+                        w: dev.weights_for(p.kernel, false)?,
+                        y: dx_ptr,
+                        ws: ws.ptr,
+                        ..ConvPtrs::default()
+                    };
+                    gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
+                }
+                Ok(())
+            };
+            let ms = self.timed(|| dxd.write(st, dx0), run)?;
+            let paths: Vec<String> = wg_plans.iter().map(wgmma_path).collect();
+            self.row_within(
+                named(format!(
+                    "conv{k}x{k} s{stride} input-grad{} [{}] vs mma.sync",
+                    acc_name(accumulate),
+                    paths.join(", ")
+                )),
+                desc.clone(),
+                &dxd.download(st)?,
+                &got,
+                ms,
+                WGMMA_VS_MMA,
+            );
         }
         Ok(())
     }
 
     /// Where the device has Hopper's wgmma kernel and `shape` suits it at `precision`: its
-    /// launch, and a 16-bit copy of the `len` fp32 values at `x` for it to read.
+    /// launch (on 256-row tiles if `tall`), and a 16-bit copy of the `len` fp32 values at `x` for it to read.
     fn wgmma_variant(
         &self,
         shape: &ConvShape,
         precision: Precision,
+        tall: bool,
         x: DPtr,
         len: usize,
     ) -> Result<Option<(ConvLaunch, DevBuf)>> {
-        let plan = plan_wgmma(shape, self.gpu.sms(), precision);
+        let plan = plan_wgmma(shape, self.gpu.sms(), precision, tall);
         let Some(plan) = plan.filter(|_| self.gpu.kernels.has_wgmma()) else {
             return Ok(None);
         };
@@ -1489,7 +1499,7 @@ impl Tester<'_> {
                 // below compare each choice.
                 gpu.set_deep_pipelines(true);
                 gpu.set_wide_warps(false);
-                gpu.set_wgmma(false);
+                gpu.set_wgmma(false, false);
                 let got = gpu.forward(&sample, &t)?;
                 let ms = gpu.time_forward(n, h, w, 5)?;
                 self.row_within(
@@ -1560,14 +1570,19 @@ impl Tester<'_> {
                     full_grad.data(),
                     ms,
                 );
-                // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0):
-                // a different summation order, so against the CPU like the rows above.
+                // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0),
+                // on both tile heights: a different summation order, so against the CPU like
+                // the rows above.
                 gpu.set_deep_pipelines(true);
-                if gpu.set_wgmma(true) {
+                for tall in [false, true] {
+                    if !gpu.set_wgmma(true, tall) {
+                        break;
+                    }
+                    let tile = if tall { "wgmma 256-row" } else { "wgmma" };
                     let got = gpu.forward(&sample, &t)?;
                     let ms = gpu.time_forward(n, h, w, 5)?;
                     self.row_within(
-                        format!("{name} {precision} forward, wgmma"),
+                        format!("{name} {precision} forward, {tile}"),
                         desc.clone(),
                         got.data(),
                         want.data(),
@@ -1578,7 +1593,7 @@ impl Tester<'_> {
                     let grad = gpu.vjp(&cot)?;
                     let ms = gpu.time_forward_vjp(n, h, w, 5)?;
                     self.row_within(
-                        format!("{name} {precision} forward + vjp, wgmma"),
+                        format!("{name} {precision} forward + vjp, {tile}"),
                         desc.clone(),
                         grad.data(),
                         want_grad.data(),
@@ -1658,10 +1673,11 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 const WGMMA_VS_MMA: f64 = 1e-5;
 
 fn wgmma_path(p: &ConvLaunch) -> String {
+    let name = if p.tall { "wgmma 256-row" } else { "wgmma" };
     if p.splits > 1 {
-        format!("wgmma, {} splits", p.splits)
+        format!("{name}, {} splits", p.splits)
     } else {
-        "wgmma".into()
+        name.into()
     }
 }
 

@@ -169,6 +169,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             splits: k.div_ceil(per),
             k_per_split: per,
             wgmma: false,
+            tall: false,
             ..planned
         };
         // (deep, 16-bit input, 4 warps): the two-stage kernel has 8 warps only.
@@ -194,22 +195,31 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
     }
     if wgmma && precision.is_half() {
         let ktiles = k.div_ceil(WGMMA_SLICE);
-        for &s in SPLITS
-            .iter()
-            .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
-        {
-            let per = ktiles.div_ceil(s) * WGMMA_SLICE;
-            let c = ConvLaunch {
-                splits: k.div_ceil(per),
-                k_per_split: per,
-                deep: true,
-                half_input: true,
-                wide_warps: false,
-                wgmma: true,
-                ..planned
+        // 128-row tiles two per multiprocessor, 256-row tiles one.
+        for tall in [false, true] {
+            let (tiles, slots) = if tall {
+                (shape.rows().div_ceil(256) * shape.ncols.div_ceil(128), sms)
+            } else {
+                (tiles, 2 * sms)
             };
-            if !out.contains(&c) {
-                out.push(c);
+            for &s in SPLITS
+                .iter()
+                .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * slots))
+            {
+                let per = ktiles.div_ceil(s) * WGMMA_SLICE;
+                let c = ConvLaunch {
+                    splits: k.div_ceil(per),
+                    k_per_split: per,
+                    deep: true,
+                    half_input: true,
+                    wide_warps: false,
+                    wgmma: true,
+                    tall,
+                    ..planned
+                };
+                if !out.contains(&c) {
+                    out.push(c);
+                }
             }
         }
     }
@@ -232,7 +242,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
 
 fn pipeline_name(l: &ConvLaunch) -> String {
     if l.wgmma {
-        return "wgmma".into();
+        return if l.tall { "wgmma 256-row" } else { "wgmma" }.into();
     }
     let pipe = match (l.deep, l.half_input) {
         (false, _) => "two-stage",

@@ -81,7 +81,7 @@ pub struct CudaUnet {
     /// pipelines run on 8 warps, or 4 with `INVDIFF_TC_WARPS=4`. The results are the same.
     /// Launches with 16-bit inputs use Hopper's wgmma kernel where the device has it (1.19x
     /// the mma.sync kernels' speed on a bf16 forward at batch 8, H200); `INVDIFF_WGMMA=0`
-    /// turns it off, for comparisons.
+    /// turns it off, for comparisons; `INVDIFF_WGMMA_TILE=256` picks its 256-row tiles.
     tc: TcConfig,
 }
 
@@ -109,6 +109,7 @@ impl CudaUnet {
         let wide_warps = tc_warps(std::env::var("INVDIFF_TC_WARPS").ok().as_deref())?;
         let wgmma =
             gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
+        let wgmma_tall = std::env::var("INVDIFF_WGMMA_TILE").is_ok_and(|v| v == "256");
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
@@ -122,6 +123,7 @@ impl CudaUnet {
                 deep,
                 wide_warps,
                 wgmma,
+                wgmma_tall,
             },
         })
     }
@@ -153,10 +155,12 @@ impl CudaUnet {
         self.tape = None;
     }
 
-    /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
-    /// mma.sync, for comparisons; drops every plan. Returns whether wgmma is now in use.
-    pub(crate) fn set_wgmma(&mut self, on: bool) -> bool {
+    /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it; on
+    /// 256-row tiles if `tall`) or mma.sync, for comparisons; drops every plan. Returns whether
+    /// wgmma is now in use.
+    pub(crate) fn set_wgmma(&mut self, on: bool, tall: bool) -> bool {
         self.tc.wgmma = on && self.gpu.kernels.has_wgmma();
+        self.tc.wgmma_tall = tall;
         self.plans.clear();
         self.tape = None;
         self.tc.wgmma
