@@ -1,6 +1,7 @@
 // What the two convolution kernel families (conv.cu: fp32 SIMT; conv_tc.cu: tensor cores)
 // share: the problem description the host fills (src/cuda/kernels.rs), the mapping of GEMM rows
-// to pixels, and the epilogue, so that both round every output the same way.
+// to pixels, and the epilogue, so that both round every output the same way; the cp.async
+// helpers; the 3x3 window of taps that conv.cu's direct kernels work on.
 #pragma once
 #include "common.cuh"
 
@@ -46,11 +47,12 @@ DEVI long long out_pixel(const ConvArgs& a, RowCoord r) {
 }
 
 // The epilogue for one element, in the CPU's order: (bias + temb + residual) + acc, then the
-// division, then the old value when accumulating.
-DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
+// division, then the old value when accumulating. `bias` is the bias of column col, or 0
+// without one: what finish() reads.
+DEVI float finish_with_bias(const ConvArgs& a, float bias, int img, long long pix, int col, float acc) {
     float v = acc;
     if (a.bias != nullptr || a.temb != nullptr || a.res != nullptr) {
-        float e = a.bias != nullptr ? a.bias[col] : 0.0f;
+        float e = bias;
         if (a.temb != nullptr) e += a.temb[(long long)img * a.ncols + col];
         if (a.res != nullptr) e += a.res[pix * a.ncols + col];
         v = e + acc;
@@ -58,4 +60,54 @@ DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc)
     v = v / a.out_div;
     if (a.accumulate) v += a.y[pix * a.ncols + col];
     return v;
+}
+
+DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
+    return finish_with_bias(a, a.bias != nullptr ? a.bias[col] : 0.0f, img, pix, col, acc);
+}
+
+// Asynchronous copies global -> shared (cp.async), for the pipelined kernels of both files.
+DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, or 16 zero bytes when !ok (src-size 0 reads nothing).
+DEVI void cp_async16(uint32_t dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+// The same for one 4-byte element (cp.async.cg moves only 16 bytes; .ca goes through L1).
+DEVI void cp_async4(uint32_t dst, const void* src, bool ok) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0));
+}
+DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// The direct kernels (conv.cu: conv_narrow_*, conv_few_in_*) see the taps as cells of one 3x3
+// window of source offsets: the host sends them only launches at in_stride 1 whose taps lie in
+// such a window, at distinct offsets; a cell without a tap has zero weights.
+struct Window {
+    int dy0, dx0;  // source offset of cell (0, 0), the smallest tap offsets
+};
+
+DEVI Window tap_window(const ConvArgs& a) {
+    Window w{a.tap_dy[0], a.tap_dx[0]};
+    // Constant indices only (see gemm_body in conv.cu).
+#pragma unroll
+    for (int t = 1; t < 9; ++t) {
+        if (t < a.taps) {
+            w.dy0 = min(w.dy0, a.tap_dy[t]);
+            w.dx0 = min(w.dx0, a.tap_dx[t]);
+        }
+    }
+    return w;
+}
+
+// The weight block (tap_w) of window cell `cell` = 3 * row + column, or -1 when no tap is there.
+DEVI int cell_weights(const ConvArgs& a, Window win, int cell) {
+    int w = -1;
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+        if (t < a.taps && (a.tap_dy[t] - win.dy0) * 3 + (a.tap_dx[t] - win.dx0) == cell) w = a.tap_w[t];
+    }
+    return w;
 }

@@ -116,17 +116,6 @@ template <int NW> struct Warps {
 static_assert(Warps<8>::THREADS == 256 && Warps<8>::NT == 4 && Warps<8>::A_CHUNKS == 2, "8 warps");
 static_assert(Warps<4>::THREADS == 128 && Warps<4>::NT == 8 && Warps<4>::A_CHUNKS == 4, "4 warps");
 
-DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared, or 16 zero bytes when !ok (src-size 0 reads nothing).
-DEVI void cp_async16(uint32_t dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
-DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N> DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 // Two fp32 to one register of two halves (common.cuh), the first in the low half.
 template <int T> DEVI uint32_t pack2(float lo, float hi) {
     return T == BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);

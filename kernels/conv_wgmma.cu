@@ -58,14 +58,6 @@ template <int R, int S, int D> struct WgCfg {
 static_assert(WgCfg<1, 3, 0>::SMEM == 99328, "must match TC_WGMMA_SMEM");
 static_assert(WgCfg<2, 4, 1>::SMEM == 197632, "must match TC_WGMMA_TALL_SMEM");
 
-DEVI uint32_t wg_smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-DEVI void wg_cp_async16(uint32_t dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
-DEVI void wg_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> DEVI void wg_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
 
@@ -157,7 +149,7 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
     }
     __syncthreads();
 
-    const uint32_t base = (wg_smem_addr(smem) + 1023) & ~1023u;
+    const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     auto load = [&](int k0, int stage) {
         const uint32_t sa = base + stage * Cfg::STAGE;
         const uint32_t sb = sa + Cfg::A_BYTES;
@@ -182,14 +174,14 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
                     ok = true;
                 }
             }
-            wg_cp_async16(sa + swz(r, c), src, ok);
+            cp_async16(sa + swz(r, c), src, ok);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int r = r0 + 32 * j;
             const int n = n0 + r;
             const bool bok = kok && n < ncols;
-            wg_cp_async16(sb + swz(r, c), bok ? wb + (wrow + n) * sc + aci : wb, bok);
+            cp_async16(sb + swz(r, c), bok ? wb + (wrow + n) * sc + aci : wb, bok);
         }
         aci += WG_BK;
         while (aci >= sc) {
@@ -215,15 +207,15 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) {
         if (s < ntiles) load(kb + s * WG_BK, s);
-        wg_commit();
+        cp_async_commit();
     }
     for (int t = 0; t < ntiles; ++t) {
-        wg_cp_wait<AHEAD - 1>();
+        cp_async_wait<AHEAD - 1>();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
         const int nt = t + AHEAD;
         if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
-        wg_commit();
+        cp_async_commit();
         const uint32_t sa = base + (t % S) * Cfg::STAGE + wg * (64 * R) * 128;
         const uint32_t sb = base + (t % S) * Cfg::STAGE + Cfg::A_BYTES;
 #pragma unroll
@@ -243,7 +235,7 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
     for (int r = 0; r < R; ++r) wg_fence_acc(acc[r]);
-    wg_cp_wait<0>();
+    cp_async_wait<0>();
 
     const int lane = tid & 31;
     const int g = lane >> 2;

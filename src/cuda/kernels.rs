@@ -14,8 +14,11 @@
 //!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor;
-//! - `conv_narrow`, `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element),
-//!   grid-stride, capped at 16 blocks per multiprocessor;
+//! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
+//!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
+//!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
+//! - `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element), grid-stride,
+//!   capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group);
@@ -301,8 +304,12 @@ pub(crate) enum ConvKernel {
     Vec,
     /// Scalar loads, any sizes.
     Any,
-    /// A warp per output pixel, for ncols <= 8.
+    /// Direct, few outputs: ncols <= 8, in_stride 1, taps in a 3x3 window
+    /// (`conv_narrow_<ncols>`: a halo tile of activations in shared memory).
     Narrow,
+    /// Direct, few inputs: sc <= 8, in_stride 1, taps in a 3x3 window (`conv_few_in_<sc>`:
+    /// the weights in shared memory, a run of pixels x 4 columns per thread).
+    FewIn,
     /// Tensor cores (kernels/conv_tc.cu) in tf32, bf16 or fp16 (never fp32); needs sc % 8 == 0,
     /// ncols % 8 == 0 and aligned pointers. Reads the weights in that precision's layout (see
     /// `DevWeights::conv_ptr`).
@@ -379,20 +386,49 @@ pub(crate) fn plan_wgmma(
     Some(l)
 }
 
+/// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
+/// kernels/conv.cu has one kernel per count.
+const DIRECT_MAX: usize = 8;
+
+/// Whether the direct kernels (kernels/conv.cu, `conv_narrow_*` and `conv_few_in_*`) can
+/// compute `s`: in_stride 1, and 1 to 9 taps at distinct offsets inside one 3x3 window (which
+/// every stride-1 or 1x1 forward and every input gradient has).
+fn direct_fits(s: &ConvShape) -> bool {
+    let (Some(dy0), Some(dx0)) = (
+        s.taps.iter().map(|t| t.dy).min(),
+        s.taps.iter().map(|t| t.dx).min(),
+    ) else {
+        return false;
+    };
+    let mut seen = [false; 9];
+    s.in_stride == 1
+        && s.taps.len() <= 9
+        && s.taps.iter().all(|t| {
+            let (ry, rx) = (t.dy - dy0, t.dx - dx0);
+            let fits = ry <= 2 && rx <= 2;
+            let cell = (3 * ry + rx) as usize;
+            fits && !std::mem::replace(&mut seen[cell], true)
+        })
+}
+
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
 ///
-/// Two blocks fit on a multiprocessor (256 threads of at most 128 registers, or for the 4-warp
-/// tensor-core kernels 128 threads of at most 255; the plan is the same for both, which keeps
-/// their results identical). When the tile grid alone leaves slots empty, K is split so as to
-/// minimise waves per unit of work (ties go to fewer splits, which cost a workspace round
-/// trip), keeping at least 8 K slices per split.
+/// Few output or few source channels (the 3-channel image convolutions) take the direct
+/// kernels where they fit. Otherwise the GEMM: two blocks fit on a multiprocessor (256 threads
+/// of at most 128 registers, or for the 4-warp tensor-core kernels 128 threads of at most 255;
+/// the plan is the same for both, which keeps their results identical). When the tile grid
+/// alone leaves slots empty, K is split so as to minimise waves per unit of work (ties go to
+/// fewer splits, which cost a workspace round trip), keeping at least 8 K slices per split.
 pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
-    let k = s.k();
-    if s.ncols <= 8 {
+    if direct_fits(s) && (s.ncols <= DIRECT_MAX || s.sc <= DIRECT_MAX) {
         return ConvLaunch {
-            kernel: ConvKernel::Narrow,
+            kernel: if s.ncols <= DIRECT_MAX {
+                ConvKernel::Narrow
+            } else {
+                ConvKernel::FewIn
+            },
             splits: 1,
-            k_per_split: k.div_ceil(BK) * BK,
+            k_per_split: s.k(),
             deep: false,
             half_input: false,
             wide_warps: false,
@@ -585,7 +621,10 @@ pub(crate) struct Kernels {
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
-    conv_narrow: CudaFunction,
+    /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
+    conv_narrow: Vec<CudaFunction>,
+    /// `conv_few_in_<sc>` at index sc - 1.
+    conv_few_in: Vec<CudaFunction>,
     conv_weight_transpose: CudaFunction,
     /// The tensor-core convolutions, in the order of [`TC_KERNELS`].
     conv_tc: Vec<CudaFunction>,
@@ -728,6 +767,17 @@ fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
         })
 }
 
+/// Dynamic shared memory of `conv_narrow_<ncols>` (kernels/conv.cu): three stages, each an 18x34
+/// halo tile of 8 channels (19,584 bytes) and their weights (9 x 8 x ncols floats).
+fn narrow_smem(ncols: usize) -> u32 {
+    (3 * (18 * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
+}
+
+/// Output tile of `conv_narrow_*` (columns, rows) and run length of `conv_few_in_*`.
+const NARROW_TILE: (usize, usize) = (32, 16);
+const FEW_IN_RUN: usize = 16;
+const FEW_IN_COLS: usize = 128;
+
 /// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default,
 /// and asks for the largest shared-memory share of the multiprocessor, so that two such blocks
 /// fit side by side.
@@ -824,7 +874,18 @@ impl Kernels {
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
-            conv_narrow: get("conv", "conv_narrow")?,
+            conv_narrow: (1..=DIRECT_MAX)
+                .map(|c| {
+                    allow_smem(
+                        ctx,
+                        get("conv", &format!("conv_narrow_{c}"))?,
+                        narrow_smem(c),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            conv_few_in: (1..=DIRECT_MAX)
+                .map(|c| get("conv", &format!("conv_few_in_{c}")))
+                .collect::<Result<_>>()?,
             conv_weight_transpose: get("conv", "conv_weight_transpose")?,
             conv_tc,
             tc_convert: get("conv_tc", "tc_convert")?,
@@ -937,19 +998,8 @@ impl Kernels {
             a.tap_dx[i] = t.dx;
             a.tap_w[i] = t.w;
         }
-        if plan.kernel == ConvKernel::Narrow {
-            if s.ncols > 8 {
-                return Err(Error::Cuda(
-                    "internal: narrow convolution with more than 8 outputs".into(),
-                ));
-            }
-            let mut b = st.launch_builder(&self.conv_narrow);
-            b.arg(&a);
-            // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes were checked.
-            return cu(
-                unsafe { b.launch(self.warps(rows)) }.map(drop),
-                "launching conv_narrow",
-            );
+        if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
+            return self.conv_direct(st, s, plan, &a);
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
@@ -1043,6 +1093,82 @@ impl Kernels {
             )?;
         }
         Ok(())
+    }
+
+    /// The launch of a direct kernel (`plan.kernel` Narrow or FewIn) on the filled `a`.
+    fn conv_direct(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        a: &ConvArgs,
+    ) -> Result<()> {
+        let narrow = plan.kernel == ConvKernel::Narrow;
+        let channels = if narrow { s.ncols } else { s.sc };
+        if !direct_fits(s)
+            || channels > DIRECT_MAX
+            || plan.splits != 1
+            || plan.deep
+            || plan.half_input
+        {
+            return Err(Error::Cuda(format!(
+                "internal: {:?} convolution {}->{} at stride {} with {} taps, {} splits, deep {}, \
+                 16-bit input {}: the direct kernels take at most {DIRECT_MAX} channels on their \
+                 narrow side, stride 1, taps in a 3x3 window, one split, fp32",
+                plan.kernel,
+                s.sc,
+                s.ncols,
+                s.in_stride,
+                s.taps.len(),
+                plan.splits,
+                plan.deep,
+                plan.half_input
+            )));
+        }
+        // Grid y and z stop at 65535 (x at 2^31 - 1, which the 32-bit checks above cover).
+        let grid_dim = |v: usize, what: &str| -> Result<u32> {
+            u32::try_from(v)
+                .ok()
+                .filter(|&g| g <= 65535)
+                .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
+        };
+        let (f, launch, name) = if narrow {
+            let (tw, th) = NARROW_TILE;
+            let grid = (
+                s.mw.div_ceil(tw) as u32,
+                grid_dim(s.mh.div_ceil(th), "row tiles")?,
+                grid_dim(s.n, "batch")?,
+            );
+            let mut launch = cfg(grid, (BLOCK, 1, 1));
+            launch.shared_mem_bytes = narrow_smem(s.ncols);
+            (
+                &self.conv_narrow[s.ncols - 1],
+                launch,
+                format!("conv_narrow_{}", s.ncols),
+            )
+        } else {
+            let runs = s.n * s.mh * s.mw.div_ceil(FEW_IN_RUN);
+            // Runs a block computes at a time: 256 / (quads of 4 columns in a column tile).
+            let per_block = BLOCK as usize / s.ncols.min(FEW_IN_COLS).div_ceil(4);
+            let grid = (
+                self.blocks(runs, per_block, 2),
+                grid_dim(s.ncols.div_ceil(FEW_IN_COLS), "column tiles")?,
+                1,
+            );
+            (
+                &self.conv_few_in[s.sc - 1],
+                cfg(grid, (BLOCK, 1, 1)),
+                format!("conv_few_in_{}", s.sc),
+            )
+        };
+        let mut b = st.launch_builder(f);
+        b.arg(a);
+        // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes were
+        // checked; the grid covers every output of the problem.
+        cu(
+            unsafe { b.launch(launch) }.map(drop),
+            &format!("launching {name}"),
+        )
     }
 
     /// Per-tap transpose `[taps, rows, cols] -> [taps, cols, rows]` (forward to input-gradient
@@ -1921,10 +2047,59 @@ mod tests {
             p.splits * p.k_per_split >= small.k() && (p.splits - 1) * p.k_per_split < small.k()
         );
         assert_eq!(p.k_per_split % BK, 0);
-        let narrow = ConvShape::forward(1, 256, 256, 128, 3, 3, 1, Pad::Symmetric);
-        assert_eq!(plan_conv(&narrow, 132).kernel, ConvKernel::Narrow);
-        let first = ConvShape::forward(1, 256, 256, 3, 128, 3, 1, Pad::Symmetric);
-        assert_eq!(plan_conv(&first, 132).kernel, ConvKernel::Any);
+    }
+
+    /// The 3-channel image convolutions, both directions, on the direct kernels; shapes they
+    /// cannot compute (stride 2, taps outside a 3x3 window, many channels both sides) on the
+    /// GEMM.
+    #[test]
+    fn few_channels_take_the_direct_kernels() {
+        use Pad::*;
+        let kernels = |cin, cout, stride, pad| {
+            let f = plan_conv(
+                &ConvShape::forward(2, 256, 256, cin, cout, 3, stride, pad),
+                132,
+            );
+            let b: Vec<_> = ConvShape::backward(2, 256, 256, cin, cout, 3, stride, pad)
+                .iter()
+                .map(|s| plan_conv(s, 132).kernel)
+                .collect();
+            assert!(b.iter().all(|&k| k == b[0]));
+            assert_eq!(f.splits, 1);
+            (f.kernel, b[0])
+        };
+        use ConvKernel::{Any, FewIn, Narrow};
+        assert_eq!(kernels(128, 3, 1, Symmetric), (Narrow, FewIn));
+        assert_eq!(kernels(3, 128, 1, Symmetric), (FewIn, Narrow));
+        assert_eq!(kernels(8, 8, 1, Symmetric), (Narrow, Narrow));
+        assert_eq!(kernels(9, 9, 1, Symmetric), (Any, Any));
+        // Stride 2: the forward on the GEMM, its parity-class gradients direct.
+        assert_eq!(kernels(3, 128, 2, Symmetric), (Any, Narrow));
+        assert_eq!(kernels(128, 4, 2, RightBottom), (ConvKernel::Vec, FewIn));
+        // 1x1 and linear layers.
+        let one = ConvShape::forward(1, 16, 16, 3, 64, 1, 1, Symmetric);
+        assert_eq!(plan_conv(&one, 132).kernel, FewIn);
+        assert_eq!(
+            plan_conv(&ConvShape::linear(100, 64, 3), 132).kernel,
+            Narrow
+        );
+        // Taps beyond one 3x3 window, or two at one offset.
+        let mut wide = ConvShape::forward(1, 16, 16, 64, 3, 3, 1, Symmetric);
+        wide.taps[0].dx = -2;
+        assert_eq!(plan_conv(&wide, 132).kernel, Any);
+        let mut twice = ConvShape::forward(1, 16, 16, 64, 3, 3, 1, Symmetric);
+        twice.taps[1] = twice.taps[0];
+        assert_eq!(plan_conv(&twice, 132).kernel, Any);
+        assert!(direct_fits(&ConvShape::forward(
+            1,
+            16,
+            16,
+            64,
+            3,
+            3,
+            1,
+            RightBottom
+        )));
     }
 
     /// Tensor cores wherever channels allow, the fp32 kernels elsewhere and for fp32, and the

@@ -60,6 +60,7 @@ fn kernel_name(k: ConvKernel) -> String {
         ConvKernel::Vec => "vec".into(),
         ConvKernel::Any => "any".into(),
         ConvKernel::Narrow => "narrow".into(),
+        ConvKernel::FewIn => "few-in".into(),
         ConvKernel::Tensor(p) => format!("tc-{}", p.name()),
     }
 }
@@ -685,9 +686,19 @@ mod tests {
             "conv 3x3 input-grad",
             "3x3 s1 128->128 out 256x256 [tc-bf16, 16-bit input]"
         ));
-        // The 3-channel image convolutions stay fp32.
-        assert!(has("conv 3x3 fwd", "3x3 s1 3->128 out 256x256 [any]"));
+        // The 3-channel image convolutions stay fp32, on the direct kernels.
+        assert!(has("conv 3x3 fwd", "3x3 s1 3->128 out 256x256 [few-in]"));
         assert!(has("conv 3x3 fwd", "3x3 s1 128->3 out 256x256 [narrow]"));
+        // Their input gradients: conv_out's reads the 3-channel dy (few inputs), conv_in's
+        // writes the 3-channel dx (few outputs).
+        assert!(has(
+            "conv 3x3 input-grad",
+            "3x3 s1 128->3 out 256x256 [few-in]"
+        ));
+        assert!(has(
+            "conv 3x3 input-grad",
+            "3x3 s1 3->128 out 256x256 [narrow]"
+        ));
         // The first downsampling's input gradient: four parity classes.
         let classes = infos
             .iter()

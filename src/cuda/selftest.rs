@@ -335,9 +335,108 @@ impl Tester<'_> {
                 temb: true,
                 ..cc(1, 256, 256, 128, 128, 3, 1, Symmetric)
             },
+            // The 3-channel image convolutions at celebahq's size, on the direct kernels:
+            // conv_out 128->3 (forward narrow, input gradient few-in) and conv_in 3->128
+            // (forward few-in, input gradient narrow), with the network's epilogues (a bias
+            // forward, a fresh input gradient) at batch 1, accumulating at batch 2.
+            cc(1, 256, 256, 128, 3, 3, 1, Symmetric),
+            ConvCase {
+                accumulate: true,
+                ..cc(2, 256, 256, 128, 3, 3, 1, Symmetric)
+            },
+            cc(1, 256, 256, 3, 128, 3, 1, Symmetric),
+            ConvCase {
+                accumulate: true,
+                ..cc(2, 256, 256, 3, 128, 3, 1, Symmetric)
+            },
+            // The direct kernels at odd sizes: partial tiles and runs, channel counts not
+            // multiples of 4 (4-byte copies, partial column quads, scalar stores), every
+            // epilogue term; the parity classes of a stride-2 gradient (taps filling part of
+            // the window, output stride 2); 1x1.
+            ConvCase {
+                temb: true,
+                res: true,
+                out_div: 2.0,
+                accumulate: true,
+                ..cc(2, 24, 20, 13, 5, 3, 1, Symmetric)
+            },
+            ConvCase {
+                temb: true,
+                res: true,
+                out_div: 2.0,
+                accumulate: true,
+                ..cc(3, 24, 20, 5, 13, 3, 1, Symmetric)
+            },
+            ConvCase {
+                accumulate: true,
+                ..cc(1, 12, 10, 6, 16, 3, 2, RightBottom)
+            },
+            ConvCase {
+                res: true,
+                ..cc(2, 7, 9, 12, 3, 1, 1, Symmetric)
+            },
         ];
         for c in cases {
             self.conv_case(c, &[Precision::Fp32])?;
+        }
+        self.direct_batch_invariance()
+    }
+
+    /// The direct kernels compute an image's outputs from that image alone: the first image's
+    /// result in a batch of 2 equals, bit for bit, its result alone (forward and input
+    /// gradient of 128->3 and 3->128).
+    fn direct_batch_invariance(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (h, w) = (40, 72);
+        for (cin, cout) in [(128, 3), (3, 128)] {
+            let bound = 1.0 / ((cin * 9) as f32).sqrt();
+            let wt = self.rand(cout * cin * 9, -bound, bound);
+            let b = self.rand(cout, -1.0, 1.0);
+            let mut dev = DevConv::upload(gpu, &wt, &b, cout, cin, 3, Precision::Fp32)?;
+            dev.ensure_backward(gpu)?;
+            for backward in [false, true] {
+                let (src_c, out_c) = if backward { (cout, cin) } else { (cin, cout) };
+                let src = self.rand(2 * h * w * src_c, -1.0, 1.0);
+                let xd = self.up(&src)?;
+                let mut outs = Vec::new();
+                let mut paths = Vec::new();
+                let mut ms = 0.0;
+                for n in [2, 1] {
+                    let shape = if backward {
+                        ConvShape::backward(n, h, w, cin, cout, 3, 1, Pad::Symmetric).remove(0)
+                    } else {
+                        ConvShape::forward(n, h, w, cin, cout, 3, 1, Pad::Symmetric)
+                    };
+                    let plan = plan_conv(&shape, gpu.sms());
+                    let yd = self.zeros(n * h * w * out_c)?;
+                    let ptrs = ConvPtrs {
+                        x: xd.ptr,
+                        w: dev.weights_for(plan.kernel, backward)?,
+                        y: yd.ptr,
+                        bias: if backward { 0 } else { dev.bias.ptr },
+                        ..ConvPtrs::default()
+                    };
+                    ms = self.timed(
+                        || Ok(()),
+                        || gpu.kernels.conv(st, &shape, &plan, ptrs, 1.0, false),
+                    )?;
+                    outs.push(yd.download(st)?);
+                    paths.push(path(plan.kernel, plan.splits));
+                }
+                let alone = &outs[1];
+                self.row_within(
+                    format!(
+                        "conv3x3 s1 {} [{}] image 1 of 2 vs alone",
+                        if backward { "input-grad" } else { "forward" },
+                        paths.join(" vs ")
+                    ),
+                    format!("{h}x{w} {cin}->{cout}"),
+                    &outs[0][..alone.len()],
+                    alone,
+                    ms,
+                    0.0,
+                );
+            }
         }
         Ok(())
     }
@@ -1697,6 +1796,7 @@ fn path(k: ConvKernel, splits: usize) -> String {
         ConvKernel::Vec => "vec",
         ConvKernel::Any => "any",
         ConvKernel::Narrow => "narrow",
+        ConvKernel::FewIn => "few-in",
         ConvKernel::Tensor(_) => "tc",
     };
     if splits > 1 {
