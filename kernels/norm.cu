@@ -118,63 +118,80 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
     }
 }
 
-// The four outputs of item e (elements 4e .. 4e + 3, one image, c % 4 == 0): x * scale + shift
-// (one fma, as on the CPU), then SiLU.
-DEVI void gn_affine4(const float* x, const float* scale_shift, long long per, int c, int silu, long long e,
-                     float (&o)[4]) {
-    const long long i = e * 4;
-    const int img = (int)(i / per);
-    const int ch = (int)(i % c);
-    const float* sc = scale_shift + (long long)img * 2 * c;
-    const float4 v = reinterpret_cast<const float4*>(x)[e];
-    o[0] = v.x;
-    o[1] = v.y;
-    o[2] = v.z;
-    o[3] = v.w;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const float z = fmaf(o[j], sc[ch + j], sc[c + ch + j]);
-        o[j] = silu ? silu_f(z) : z;
+// The element-wise passes (apply, and the backward's apply) walk one image per blockIdx.y:
+// threadIdx.x takes a unit of channels (four, or one where c % 4 != 0) and keeps the unit's
+// per-channel constants in registers, threadIdx.y and blockIdx.x stride over the pixels. The
+// element loop is then a load, the arithmetic and a store: a flat loop's per-element index
+// division (64-bit) cost more than the bytes. setup(u) makes unit u's constants, body(k, e)
+// handles unit element e (of the image-major [n][hw][lanes] array) with them.
+template <typename Setup, typename Body> DEVI void for_units(int hw, int lanes, Setup setup, Body body) {
+    const long long first = (long long)blockIdx.y * hw;
+    for (int u = threadIdx.x; u < lanes; u += blockDim.x) {
+        const auto k = setup(u);
+        for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += gridDim.x * blockDim.y)
+            body(k, (first + p) * lanes + u);
     }
 }
 
-// y = x * scale + shift (then SiLU), element-wise. Grid-stride over n * hw * c / vec elements;
-// vec4 = 1 needs c % 4 == 0 and 16-byte aligned x and y (checked by the host).
-extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int n, int hw, int c,
-                                    int silu, int vec4) {
-    const long long per = (long long)hw * c;
+DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// A unit's four scales and four shifts.
+struct Float4x2 {
+    float4 a, b;
+};
+DEVI Float4x2 make_float2x4(float4 a, float4 b) { return {a, b}; }
+
+// x * scale + shift (one fma, as on the CPU), then SiLU, for the four channels of a unit.
+DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
+    o[0] = fmaf(v.x, sc.x, sh.x);
+    o[1] = fmaf(v.y, sc.y, sh.y);
+    o[2] = fmaf(v.z, sc.z, sh.z);
+    o[3] = fmaf(v.w, sc.w, sh.w);
+    if (silu) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = silu_f(o[j]);
+    }
+}
+
+// y = x * scale + shift (then SiLU), element-wise; grid (pixel blocks, n), see for_units. vec4
+// = 1 (units of four channels) needs c % 4 == 0 and 16-byte aligned x, y and scale_shift
+// (checked by the host).
+extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int hw, int c, int silu,
+                                    int vec4) {
+    const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     if (vec4) {
-        const long long total4 = (long long)n * per / 4;
-        for (long long e = grid_start(); e < total4; e += grid_stride()) {
-            float o[4];
-            gn_affine4(x, scale_shift, per, c, silu, e, o);
-            reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
-        }
+        for_units(
+            hw, c / 4, [&](int u) { return make_float2x4(ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)); },
+            [&](const Float4x2& k, long long e) {
+                float o[4];
+                affine4(reinterpret_cast<const float4*>(x)[e], k.a, k.b, silu, o);
+                reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
+            });
     } else {
-        const long long total = (long long)n * per;
-        for (long long i = grid_start(); i < total; i += grid_stride()) {
-            const int img = (int)(i / per);
-            const int ch = (int)(i % c);
-            const float* sc = scale_shift + (long long)img * 2 * c;
-            const float z = fmaf(x[i], sc[ch], sc[c + ch]);
-            y[i] = silu ? silu_f(z) : z;
-        }
+        for_units(
+            hw, c, [&](int ch) { return make_float2(ss[ch], ss[c + ch]); },
+            [&](float2 k, long long e) {
+                const float z = fmaf(x[e], k.x, k.y);
+                y[e] = silu ? silu_f(z) : z;
+            });
     }
 }
 
 // gn_apply with the output in bf16 (kind 1) or fp16 (kind 2), for a GroupNorm that only feeds
 // tensor-core convolutions of that precision (kernels/conv_tc.cu, `_hin`): the same fma and
-// SiLU, then the rounding those kernels would apply while staging an fp32 input. Four channels
-// per item; needs c % 4 == 0, 16-byte aligned x and 8-byte aligned y (checked by the host).
-extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int n, int hw, int c,
+// SiLU, then the rounding those kernels would apply while staging an fp32 input. Units of four
+// channels; needs c % 4 == 0, 16-byte aligned x and scale_shift, 8-byte aligned y (checked by
+// the host).
+extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c,
                                          int silu, int kind) {
-    const long long per = (long long)hw * c;
-    const long long total4 = (long long)n * per / 4;
-    for (long long e = grid_start(); e < total4; e += grid_stride()) {
-        float o[4];
-        gn_affine4(x, scale_shift, per, c, silu, e, o);
-        y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
-    }
+    const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
+    for_units(
+        hw, c / 4, [&](int u) { return make_float2x4(ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)); },
+        [&](const Float4x2& k, long long e) {
+            float o[4];
+            affine4(reinterpret_cast<const float4*>(x)[e], k.a, k.b, silu, o);
+            y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
+        });
 }
 
 // g = d loss / d xhat for one element, and xhat; the CPU's formula.
@@ -231,34 +248,55 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_bwd_finalize(const 
     }
 }
 
-// rstd (g - mean(g) - xhat mean(g xhat)) for element i (image img, channel ch).
-DEVI float gn_bwd_value(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
-                        const float* beta, int n, int groups, int cg, int silu, long long i, int img, int ch) {
-    const int gi = img * groups + ch / cg;
-    const float rstd = stats[n * groups + gi];
+// One channel's constants for the input gradient of image blockIdx.y (n = gridDim.y images):
+// its group's mean and rstd, its scale and shift, and the group means of g and g * xhat.
+struct BwdChannel {
+    float mean, rstd, gm, bt, mg, mgx;
+};
+DEVI BwdChannel bwd_channel(const float* stats, const float* means, const float* gamma, const float* beta,
+                            int groups, int cg, int ch) {
+    const int n = gridDim.y;
+    const int gi = blockIdx.y * groups + ch / cg;
+    return {stats[gi], stats[n * groups + gi], gamma[ch], beta[ch], means[gi], means[n * groups + gi]};
+}
+struct BwdUnit {
+    BwdChannel ch[4];
+};
+
+// rstd (g - mean(g) - xhat mean(g xhat)) for one element; the CPU's formula.
+DEVI float bwd_value(float xv, float dyv, const BwdChannel& k, int silu) {
     float g, xhat;
-    grad_xhat(x[i], dy[i], stats[gi], rstd, gamma[ch], beta[ch], silu, g, xhat);
-    return rstd * (g - means[gi] - xhat * means[n * groups + gi]);
+    grad_xhat(xv, dyv, k.mean, k.rstd, k.gm, k.bt, silu, g, xhat);
+    return k.rstd * (g - k.mg - xhat * k.mgx);
 }
 
-// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise, grid-stride; vec4 as gn_apply
-// (c % 4 == 0, 16-byte aligned x, dy and dx), one 64-bit index division per four elements.
+// The four values of unit element e.
+DEVI void bwd_values4(const float* x, const float* dy, const BwdUnit& k, int silu, long long e, float (&v)[4]) {
+    const float4 xv = reinterpret_cast<const float4*>(x)[e];
+    const float4 dv = reinterpret_cast<const float4*>(dy)[e];
+    v[0] = bwd_value(xv.x, dv.x, k.ch[0], silu);
+    v[1] = bwd_value(xv.y, dv.y, k.ch[1], silu);
+    v[2] = bwd_value(xv.z, dv.z, k.ch[2], silu);
+    v[3] = bwd_value(xv.w, dv.w, k.ch[3], silu);
+}
+
+// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
+// for_units; vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
 extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
-                                        const float* gamma, const float* beta, float* dx, int n, int hw, int c,
-                                        int groups, int silu, int accumulate, int vec4) {
-    const long long per = (long long)hw * c;
-    const long long total = (long long)n * per;
+                                        const float* gamma, const float* beta, float* dx, int hw, int c, int groups,
+                                        int silu, int accumulate, int vec4) {
     const int cg = c / groups;
-    if (vec4) {
-        float4* dx4 = reinterpret_cast<float4*>(dx);
-        for (long long e = grid_start(); e < total / 4; e += grid_stride()) {
-            const long long i = e * 4;
-            const int img = (int)(i / per);
-            const int ch = (int)(i % c);
-            float v[4];
+    auto unit = [&](int u) {
+        BwdUnit k;
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                v[j] = gn_bwd_value(x, dy, stats, means, gamma, beta, n, groups, cg, silu, i + j, img, ch + j);
+        for (int j = 0; j < 4; ++j) k.ch[j] = bwd_channel(stats, means, gamma, beta, groups, cg, 4 * u + j);
+        return k;
+    };
+    if (vec4) {
+        for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
+            float v[4];
+            bwd_values4(x, dy, k, silu, e, v);
+            float4* dx4 = reinterpret_cast<float4*>(dx);
             if (accumulate) {
                 const float4 o = dx4[e];
                 v[0] += o.x;
@@ -267,34 +305,34 @@ extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const f
                 v[3] += o.w;
             }
             dx4[e] = make_float4(v[0], v[1], v[2], v[3]);
-        }
-        return;
-    }
-    for (long long i = grid_start(); i < total; i += grid_stride()) {
-        const int img = (int)(i / per);
-        const int ch = (int)(i % c);
-        const float v = gn_bwd_value(x, dy, stats, means, gamma, beta, n, groups, cg, silu, i, img, ch);
-        dx[i] = accumulate ? dx[i] + v : v;
+        });
+    } else {
+        for_units(
+            hw, c, [&](int ch) { return bwd_channel(stats, means, gamma, beta, groups, cg, ch); },
+            [&](const BwdChannel& k, long long e) {
+                const float v = bwd_value(x[e], dy[e], k, silu);
+                dx[e] = accumulate ? dx[e] + v : v;
+            });
     }
 }
 
 // gn_bwd_apply (overwriting) into bf16 (kind 1) or fp16 (kind 2), for an input gradient whose
 // only reader is a tensor-core convolution's input gradient (which would round it the same
-// way while staging it). Four channels per item: c % 4 == 0, 8-byte aligned dx.
+// way while staging it). Units of four channels: c % 4 == 0, 16-byte aligned x and dy, 8-byte
+// aligned dx.
 extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, const float* stats,
                                              const float* means, const float* gamma, const float* beta, uint2* dx,
-                                             int n, int hw, int c, int groups, int silu, int kind) {
-    const long long per = (long long)hw * c;
-    const long long total4 = (long long)n * per / 4;
+                                             int hw, int c, int groups, int silu, int kind) {
     const int cg = c / groups;
-    for (long long e = grid_start(); e < total4; e += grid_stride()) {
-        const long long i = e * 4;
-        const int img = (int)(i / per);
-        const int ch = (int)(i % c);
-        float v[4];
+    auto unit = [&](int u) {
+        BwdUnit k;
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-            v[j] = gn_bwd_value(x, dy, stats, means, gamma, beta, n, groups, cg, silu, i + j, img, ch + j);
+        for (int j = 0; j < 4; ++j) k.ch[j] = bwd_channel(stats, means, gamma, beta, groups, cg, 4 * u + j);
+        return k;
+    };
+    for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
+        float v[4];
+        bwd_values4(x, dy, k, silu, e, v);
         dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
-    }
+    });
 }

@@ -22,8 +22,8 @@
 #   scripts/prepare_device.sh [OTHER_TREE]   # out/: invdiff, kernels_cuda, the diffusers wheels,
 #                                            # and OTHER_TREE's binary as out/invdiff-next
 # then run `scripts/device_check.sh` there with `out` carried. What travels must stay under 64 MiB:
-# the tree ~21 MB, wheels 6.4 MB, invdiff ~10 MB, invdiff-next and kernels_cuda ~10-14 MB each
-# (~61 MB in all on 2026-11-26).
+# the tree ~21 MB, wheels 6.4 MB, and the binaries gzipped in out/bins.tar.gz (invdiff and
+# kernels_cuda ~30 MB each unpacked, 14 MB together packed; ~42 MB in all on 2026-11-26).
 #
 # Results: $OUT (or /tmp/devcheck-out) holds at most 8 files (all the device tool brings back),
 # rewritten after every phase so that a run cut short still returns what it measured:
@@ -46,6 +46,10 @@ RES=${OUT:-/tmp/devcheck-out}
 W=${WORK:-/tmp/devcheck}
 DEADLINE=${DEADLINE:-510}
 STEPS=${STEPS:-20}
+# scripts/prepare_device.sh packs the binaries (they are too large to travel as they are).
+if [ -f out/bins.tar.gz ]; then
+    tar -xzf out/bins.tar.gz -C out
+fi
 if [ ! -x "$BIN" ]; then
     echo "device_check: no $BIN; build it and copy it there first (see the header of this script)" >&2
     exit 2
@@ -242,7 +246,7 @@ if [ -x "$KBENCH" ]; then
         t0=$SECONDS
         name="sweep_bf16_$(echo "$args" | tr -d ' -' | sed 's/batch/b/')"
         # shellcheck disable=SC2086
-        run 120 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
+        run 180 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
         note "kernels_cuda --sweep $args (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(tensor-core launches|kernels_cuda: )' "$W/$name.txt" | cut -c 1-160)"
         sync_out
     done

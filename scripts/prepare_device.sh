@@ -8,7 +8,8 @@
 #
 #   scripts/prepare_device.sh [OTHER_TREE]
 #
-# Then run `scripts/device_check.sh` with the device tool, carrying `out` (timeout_s 600).
+# Then run `scripts/device_check.sh` with the device tool, carrying `out` (timeout_s 600). The
+# binaries are packed into out/bins.tar.gz, which device_check.sh unpacks.
 # Builds with the pinned nvcc (scripts/install_nvcc.sh unless NVCC is set) and fails if any
 # kernel is missing: a GPU run of a build without kernels would only report that.
 set -euo pipefail
@@ -46,4 +47,12 @@ else
     kernel_bench .
 fi
 echo "out/invdiff: $(git log --oneline -1)"
+# The binaries travel gzipped (each embeds every kernel as SASS and PTX, ~30 MB; device_check.sh
+# unpacks them): what travels must stay under 64 MiB with the tree.
+bins=()
+for b in invdiff invdiff-next kernels_cuda; do
+    if [ -e "out/$b" ]; then bins+=("$b"); fi
+done
+tar -czf out/bins.tar.gz -C out "${bins[@]}"
+(cd out && rm -f "${bins[@]}")
 du -ch out/* | tail -n 1

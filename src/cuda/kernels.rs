@@ -1358,6 +1358,22 @@ impl Kernels {
         )
     }
 
+    /// The element-wise GroupNorm passes (kernels/norm.cu `for_units`): a grid row per image,
+    /// the `lanes` units of channels of a pixel across threadIdx.x, pixels across threadIdx.y
+    /// and the row's blocks; about eight 256-thread blocks per multiprocessor in all.
+    fn norm_units(&self, n: usize, hw: usize, lanes: usize) -> Result<LaunchConfig> {
+        if n > 65535 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm too large for one launch: {n} images"
+            )));
+        }
+        let bx = lanes.clamp(1, BLOCK as usize);
+        let by = (BLOCK as usize / bx).max(1);
+        let per_image = (8 * self.sms as usize).div_ceil(n.max(1));
+        let gx = hw.div_ceil(by).clamp(1, per_image.max(1));
+        Ok(cfg((gx as u32, n as u32, 1), (bx as u32, by as u32, 1)))
+    }
+
     fn norm_grid(&self, n: usize, c: usize, split: NormSplit) -> Result<LaunchConfig> {
         if n > 65535 || c.div_ceil(32) > 65535 {
             return Err(Error::Cuda(format!(
@@ -1436,7 +1452,7 @@ impl Kernels {
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
         let silu = silu as i32;
         if let Some(precision) = half_out {
-            if c % 4 != 0 || x % 16 != 0 || y % 8 != 0 {
+            if c % 4 != 0 || x % 16 != 0 || affine % 16 != 0 || y % 8 != 0 {
                 return Err(Error::Cuda(format!(
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
@@ -1446,35 +1462,30 @@ impl Kernels {
             b.arg(&x)
                 .arg(&affine)
                 .arg(&y)
-                .arg(&ni)
                 .arg(&hwi)
                 .arg(&ci)
                 .arg(&silu)
                 .arg(&kind);
             // SAFETY: x is n x hw x c floats, y room for n x hw x c 16-bit values.
             return cu(
-                unsafe { b.launch(self.flat(n * hw * c / 4)) }.map(drop),
+                unsafe { b.launch(self.norm_units(n, hw, c / 4)?) }.map(drop),
                 "launching gn_apply_half",
             );
         }
-        let vec4 = (c % 4 == 0 && x % 16 == 0 && y % 16 == 0) as i32;
+        let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
+        let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.gn_apply);
         b.arg(&x)
             .arg(&affine)
             .arg(&y)
-            .arg(&ni)
             .arg(&hwi)
             .arg(&ci)
             .arg(&silu)
             .arg(&vec4);
-        let len = if vec4 == 1 {
-            n * hw * c / 4
-        } else {
-            n * hw * c
-        };
+        let lanes = if vec { c / 4 } else { c };
         // SAFETY: x and y are n x hw x c.
         cu(
-            unsafe { b.launch(self.flat(len)) }.map(drop),
+            unsafe { b.launch(self.norm_units(n, hw, lanes)?) }.map(drop),
             "launching gn_apply",
         )
     }
@@ -1568,7 +1579,6 @@ impl Kernels {
                 .arg(&gamma)
                 .arg(&beta)
                 .arg(&dx)
-                .arg(&ni)
                 .arg(&hwi)
                 .arg(&ci)
                 .arg(&gi)
@@ -1576,7 +1586,7 @@ impl Kernels {
                 .arg(&kind);
             // SAFETY: x and dy are n x hw x c floats, dx room for as many 16-bit values.
             return cu(
-                unsafe { b.launch(self.flat(n * hw * c / 4)) }.map(drop),
+                unsafe { b.launch(self.norm_units(n, hw, c / 4)?) }.map(drop),
                 "launching gn_bwd_apply_half",
             );
         }
@@ -1591,17 +1601,16 @@ impl Kernels {
             .arg(&gamma)
             .arg(&beta)
             .arg(&dx)
-            .arg(&ni)
             .arg(&hwi)
             .arg(&ci)
             .arg(&gi)
             .arg(&silu)
             .arg(&acc)
             .arg(&vec4);
-        let items = n * hw * c / if vec { 4 } else { 1 };
+        let lanes = if vec { c / 4 } else { c };
         // SAFETY: x, dy and dx are n x hw x c.
         cu(
-            unsafe { b.launch(self.flat(items)) }.map(drop),
+            unsafe { b.launch(self.norm_units(n, hw, lanes)?) }.map(drop),
             "launching gn_bwd_apply",
         )
     }
