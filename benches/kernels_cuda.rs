@@ -21,11 +21,10 @@
 //! `--sms` multiprocessors (default 132, an H100 SXM or H200), beside `--baseline`'s times if
 //! given (a way to read a saved profile by shape without a GPU).
 //!
-//! `--sweep` times each distinct tensor-core launch alone under every pipeline, warp layout
-//! (8 or 4 warps per block) and split of K it could take ([`cuda::sweep_convolutions`]) and
-//! prints, per launch, the planner's choice beside the fastest variant and the fastest on 8 and
-//! on 4 warps, and what the whole call would save with the fastest everywhere (`--save` then
-//! writes those rows): the data for choosing pipelines, warps and splits per shape.
+//! `--sweep` times each distinct tensor-core launch alone under every pipeline and split of K
+//! it could take ([`cuda::sweep_convolutions`]) and prints, per launch, the planner's choice
+//! beside the fastest variant, and what the whole call would save with the fastest everywhere
+//! (`--save` then writes those rows): the data for choosing pipelines and splits per shape.
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.
@@ -473,46 +472,29 @@ fn sweep(a: &Args) -> ExitCode {
         if a.record { "forward + vjp" } else { "forward" },
         a.iters
     );
-    // Beside the planned and the fastest variant, the fastest on 8 and on 4 warps (any
-    // pipeline and split), and 8 / 4: above 1, the 4-warp kernels are faster there.
     println!(
-        "{:<24} {:<40} {:>5} {:>36} {:>36} {:>6} {:>9} {:>9} {:>6}",
-        "kind",
-        "shape",
-        "count",
-        "planned (ms)",
-        "fastest (ms)",
-        "gain",
-        "8w (ms)",
-        "4w (ms)",
-        "8w/4w"
+        "{:<24} {:<40} {:>5} {:>36} {:>36} {:>6}",
+        "kind", "shape", "count", "planned (ms)", "fastest (ms)", "gain"
     );
-    let (mut planned, mut best, mut best8, mut best4) = (0.0, 0.0, 0.0, 0.0);
+    let (mut planned, mut best) = (0.0, 0.0);
     let variant = |v: &cuda::SweepVariant| format!("{}/{} {:.4}", v.pipeline, v.splits, v.ms);
     for r in &rows {
         let b = r.best();
-        let ms_on = |warps| r.best_on(warps).map_or(f64::NAN, |v| v.ms);
-        let (ms8, ms4) = (ms_on(8), ms_on(4));
         planned += r.count as f64 * r.planned.ms;
         best += r.count as f64 * b.ms;
-        best8 += r.count as f64 * ms8;
-        best4 += r.count as f64 * ms4;
         println!(
-            "{:<24} {:<40} {:>5} {:>36} {:>36} {:>5.2}x {:>9.4} {:>9.4} {:>5.2}x",
+            "{:<24} {:<40} {:>5} {:>36} {:>36} {:>5.2}x",
             r.kind,
             r.shape,
             r.count,
             variant(&r.planned),
             variant(b),
-            r.planned.ms / b.ms,
-            ms8,
-            ms4,
-            ms8 / ms4
+            r.planned.ms / b.ms
         );
     }
     println!(
         "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \
-         variant of each; {best8:.3} ms with the fastest on 8 warps, {best4:.3} ms on 4"
+         variant of each"
     );
     if let Some(path) = &a.save {
         let v = json!({
@@ -522,8 +504,6 @@ fn sweep(a: &Args) -> ExitCode {
             "iters": a.iters,
             "planned_ms": planned,
             "best_ms": best,
-            "best_8_warps_ms": best8,
-            "best_4_warps_ms": best4,
             "sweep": rows,
         });
         let text = serde_json::to_string_pretty(&v).expect("serialisable");

@@ -10,11 +10,10 @@
 // [(tap, channel), column] layouts, or the fp32 weights themselves for tf32.
 //
 // Tiles. A 128x128 output tile per block of 256 threads (8 warps as 2 along M x 4 along N, each
-// warp 64x32 = 4 m16 x 4 n8 mma tiles, 64 fp32 accumulators per thread), or, in the `_4w`
-// kernels (deep pipelines only), of 128 threads (4 warps as 2 x 2, each 64x64 = 4 m16 x 8 n8
-// tiles, 128 accumulators per thread; see Warps for why). Same tile, stages, shared memory and
-// results either way. The K slice per stage is 64 bytes of a row: 32 bf16/fp16 (two m16n8k16
-// steps) or 16 tf32 (two m16n8k8 steps).
+// warp 64x32 = 4 m16 x 4 n8 mma tiles, 64 fp32 accumulators per thread). The K slice per stage
+// is 64 bytes of a row: 32 bf16/fp16 (two m16n8k16 steps) or 16 tf32 (two m16n8k8 steps).
+// (4 warps of 64x64, 128 accumulators per thread, ran 1.4-2.6x slower on every launch of the
+// network on an H200, and were removed.)
 //
 // Pipelines (Pipe). TWO, the first version: two shared-memory stages. While the warps multiply
 // stage t, the loads of slice t+1 are in flight: the weights (and, for tf32, the activations,
@@ -30,11 +29,11 @@
 //   itself (so no barrier is needed in between) into one of two 16-bit A tiles, which the
 //   multiply reads. All variants round and accumulate identically: only the schedule differs.
 //
-// Loaders: each thread moves two chunks of A and two 16-byte chunks of B per slice (four of each
-// with 4 warps). A chunk is KC = 8 (half) or 4 (tf32) consecutive channels of one pixel and tap
-// (16 bytes, or 32 of fp32 on their way to bf16/fp16), so sc % 8 == 0 keeps it inside one tap
-// (the host checks it, and ncols % 8 == 0, and 16-byte aligned pointers); rows outside the
-// image, k past the split and columns past ncols are zero-filled.
+// Loaders: each thread moves two chunks of A and two 16-byte chunks of B per slice. A chunk is
+// KC = 8 (half) or 4 (tf32) consecutive channels of one pixel and tap (16 bytes, or 32 of fp32
+// on their way to bf16/fp16), so sc % 8 == 0 keeps it inside one tap (the host checks it, and
+// ncols % 8 == 0, and 16-byte aligned pointers); rows outside the image, k past the split and
+// columns past ncols are zero-filled.
 //
 // Shared memory (bytes): A stage [128 rows][64 + 16 pad], B stage [32 rows][256 + 16 pad]
 // (half) or [16 rows][512 + 32 pad] (tf32): 18,944 per stage. The pads make every ldmatrix
@@ -61,6 +60,7 @@ enum TcType { TF32 = 0, BF16 = 1, FP16 = 2 };
 
 constexpr int TBM = 128;
 constexpr int TBN = 128;
+constexpr int THREADS = 256;
 constexpr int A_PITCH = 64 + 16;
 constexpr int A_STAGE = TBM * A_PITCH;
 constexpr int B_STAGE = 32 * (256 + 16);
@@ -69,8 +69,8 @@ constexpr int STAGE = A_STAGE + B_STAGE;
 // for bf16/fp16; ASYNC, every load a cp.async straight into its stage, ASYNC_STAGES stages (tf32,
 // and 16-bit activations); STAGED, fp32 activations for bf16/fp16 by cp.async into an fp32
 // staging area, STAGED_STAGES stages, each thread converting its own chunks into one of two
-// 16-bit A tiles. On sm_90 two blocks per multiprocessor fit either way (2 x 74 / 93.5 KB), of
-// 256 threads or (`_4w`) 128; both fit the 99 KB a block may have on sm_86/89.
+// 16-bit A tiles. On sm_90 two 256-thread blocks per multiprocessor fit either way (2 x 74 /
+// 93.5 KB); both fit the 99 KB a block may have on sm_86/89.
 // src/cuda/kernels.rs passes ASYNC_SMEM and STAGED_SMEM as dynamic shared memory.
 enum Pipe { TWO = 0, ASYNC = 1, STAGED = 2 };
 constexpr int ASYNC_STAGES = 4;
@@ -92,29 +92,6 @@ template <int T> struct Tc {
 };
 static_assert(Tc<TF32>::BK * Tc<TF32>::BPITCH <= B_STAGE, "tf32 B stage fits");
 static_assert(Tc<BF16>::BK * Tc<BF16>::BPITCH <= B_STAGE, "half B stage fits");
-
-// The NW warps of a block, 2 along M and WN = NW / 2 along N, each owning a 64 x (128 / WN)
-// tile of the output: 8 warps of 64x32 (the first layout) or 4 warps of 64x64 (the `_4w`
-// kernels, CUTLASS's sm80 128x128 tile with 2x2 warps). A wider warp tile reuses each A
-// fragment for twice the products: per k16 step 4 A + 4 B ldmatrix.x4 feed 32 mma instead of
-// 4 A + 2 B feeding 16, a third less shared-memory traffic per product, which is what bounds
-// the 8-warp kernels (shared-memory bandwidth at parity with the tensor cores). The price:
-// 128 fp32 accumulators per thread instead of 64, and half the threads to move each slice
-// (four A and four B chunks per thread instead of two).
-template <int NW> struct Warps {
-    static_assert(NW == 8 || NW == 4, "8 or 4 warps");
-    static constexpr int WN = NW / 2;    // warps along N
-    static constexpr int WN_SHIFT = NW == 8 ? 2 : 1;  // log2(WN): warp / WN as a shift
-    static constexpr int THREADS = 32 * NW;
-    static constexpr int TN = TBN / WN;  // output columns per warp
-    static constexpr int NT = TN / 8;    // n8 mma tiles per warp along N (the 4 m16 tiles along M)
-    // A loader: 4 threads per 64-byte row (one 16-byte chunk each), so a pass of the block
-    // covers A_STEP rows and each thread takes A_CHUNKS rows, A_STEP apart.
-    static constexpr int A_STEP = THREADS / 4;
-    static constexpr int A_CHUNKS = TBM / A_STEP;
-};
-static_assert(Warps<8>::THREADS == 256 && Warps<8>::NT == 4 && Warps<8>::A_CHUNKS == 2, "8 warps");
-static_assert(Warps<4>::THREADS == 128 && Warps<4>::NT == 8 && Warps<4>::A_CHUNKS == 4, "4 warps");
 
 // Two fp32 to one register of two halves (common.cuh), the first in the low half.
 template <int T> DEVI uint32_t pack2(float lo, float hi) {
@@ -180,18 +157,12 @@ DEVI float4 ld_shared_f4(uint32_t addr) {
     return v;
 }
 
-// One block's tile with pipeline P (see Pipe) and NW warps (see Warps); AH: the
-// activations are 16-bit in memory (ASYNC with bf16/fp16 only). `smem` holds the stages: static
-// for TWO, dynamic otherwise. The warp layout changes which thread loads, multiplies and stores
-// what, never the products an output element accumulates nor their order (its k16 steps, one
-// mma each, slice after slice), so every layout gives bit-identical results.
-template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
+// One block's tile with pipeline P (see Pipe); AH: the activations are 16-bit in memory (ASYNC
+// with bf16/fp16 only). `smem` holds the stages: static for TWO, dynamic otherwise.
+template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
     static_assert(!AH || (T != TF32 && P == ASYNC), "16-bit activations: ASYNC, half products");
     static_assert(P != STAGED || T != TF32, "tf32 needs no conversion to stage");
     using C = Tc<T>;
-    using W = Warps<NW>;
-    constexpr int NT = W::NT;
-    constexpr int AC = W::A_CHUNKS;
     using AT = typename AElem<AH>::type;
     constexpr int BK = C::BK;
     constexpr int KC = C::KC;
@@ -221,17 +192,17 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
     const int ke = min(K, kb + a.k_per_split);
     const int ntiles = ke > kb ? (ke - kb + BK - 1) / BK : 0;
 
-    // A loader: rows a_row + j * A_STEP (j < AC), chunk a_kc of the 64-byte row (the same k for
-    // all, so one (tap, channel) cursor serves them).
+    // A loader: rows a_row and a_row + 64, chunk a_kc of the 64-byte row (the same k for both,
+    // so one (tap, channel) cursor serves them).
     const int a_row = tid >> 2;
     const int a_kc = tid & 3;
-    bool a_ok[AC];
-    int a_y[AC], a_x[AC];
+    bool a_ok[2];
+    int a_y[2], a_x[2];
     const AT* const xa = reinterpret_cast<const AT*>(a.x);
-    const AT* a_base[AC];
+    const AT* a_base[2];
 #pragma unroll
-    for (int j = 0; j < AC; ++j) {
-        const int m = m0 + a_row + W::A_STEP * j;
+    for (int j = 0; j < 2; ++j) {
+        const int m = m0 + a_row + 64 * j;
         a_ok[j] = m < M;
         a_y[j] = a_x[j] = 0;
         a_base[j] = xa;
@@ -242,10 +213,8 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
             a_base[j] = xa + (long long)r.img * a.sh * a.sw * sc;
         }
     }
-    // B loader: rows b_row + j * B_ROW_STEP (j < BC) of the slice, chunk b_nc of the row.
-    constexpr int B_ROW_STEP = W::THREADS / C::B_CPR;
-    constexpr int BC = BK / B_ROW_STEP;
-    static_assert(BC * B_ROW_STEP == BK, "the B loader covers the slice");
+    // B loader: rows b_row and b_row + 256 / B_CPR of the slice, chunk b_nc of the row.
+    constexpr int B_ROW_STEP = THREADS / C::B_CPR;
     const int b_row = tid / C::B_CPR;
     const int b_nc = tid % C::B_CPR;
     const int b_col = n0 + b_nc * KC;
@@ -253,13 +222,13 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
     const unsigned char* wbytes = reinterpret_cast<const unsigned char*>(a.w);
 
     // (tap, channel) of the next k each loader reads, advanced by BK per slice.
-    int at, aci, bt[BC], bci[BC];
+    int at, aci, bt[2], bci[2];
     {
         int k = kb + a_kc * KC;
         at = k / sc;
         aci = k - at * sc;
 #pragma unroll
-        for (int j = 0; j < BC; ++j) {
+        for (int j = 0; j < 2; ++j) {
             k = kb + b_row + j * B_ROW_STEP;
             bt[j] = k / sc;
             bci[j] = k - bt[j] * sc;
@@ -277,12 +246,12 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
     };
     // STAGED: the two 16-bit A tiles the multiply reads, after the staging stages.
     auto a_tile = [&](int i) -> uint32_t { return s_base + STAGED_STAGES * STG_STAGE + i * A_STAGE; };
-    float4 ra[AC][2];  // fp32 activations on their way to a 16-bit A tile (TWO, STAGED)
+    float4 ra[2][2];  // fp32 activations on their way to a 16-bit A tile (TWO, STAGED)
 
     auto load_a = [&](int k0, int buf) {
         const int k = k0 + a_kc * KC;
 #pragma unroll
-        for (int j = 0; j < AC; ++j) {
+        for (int j = 0; j < 2; ++j) {
             const AT* src = xa;
             bool ok = false;
             if (a_ok[j] && k < ke) {
@@ -294,11 +263,11 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
                 }
             }
             if constexpr (P == STAGED) {
-                const uint32_t dst = a_stage(buf) + (a_row + W::A_STEP * j) * STG_PITCH + a_kc * 32;
+                const uint32_t dst = a_stage(buf) + (a_row + 64 * j) * STG_PITCH + a_kc * 32;
                 cp_async16(dst, src, ok);
                 cp_async16(dst + 16, src + 4, ok);
             } else if constexpr (T == TF32 || AH) {
-                cp_async16(a_stage(buf) + (a_row + W::A_STEP * j) * A_PITCH + a_kc * 16, src, ok);
+                cp_async16(a_stage(buf) + (a_row + 64 * j) * A_PITCH + a_kc * 16, src, ok);
             } else {
                 const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
                 ra[j][0] = ok ? *reinterpret_cast<const float4*>(src) : z;
@@ -314,27 +283,27 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
     // ra, converted, into the 16-bit A tile at `tile`.
     auto store_a = [&](uint32_t tile) {
 #pragma unroll
-        for (int j = 0; j < AC; ++j) {
+        for (int j = 0; j < 2; ++j) {
             const uint32_t p0 = pack2<T>(ra[j][0].x, ra[j][0].y);
             const uint32_t p1 = pack2<T>(ra[j][0].z, ra[j][0].w);
             const uint32_t p2 = pack2<T>(ra[j][1].x, ra[j][1].y);
             const uint32_t p3 = pack2<T>(ra[j][1].z, ra[j][1].w);
-            st_shared_v4(tile + (a_row + W::A_STEP * j) * A_PITCH + a_kc * 16, p0, p1, p2, p3);
+            st_shared_v4(tile + (a_row + 64 * j) * A_PITCH + a_kc * 16, p0, p1, p2, p3);
         }
     };
     // STAGED: this thread's own chunks of staging buffer `buf` back into ra (its own cp.async
     // copies, visible to it after the wait).
     auto unstage_a = [&](int buf) {
 #pragma unroll
-        for (int j = 0; j < AC; ++j) {
-            const uint32_t src = a_stage(buf) + (a_row + W::A_STEP * j) * STG_PITCH + a_kc * 32;
+        for (int j = 0; j < 2; ++j) {
+            const uint32_t src = a_stage(buf) + (a_row + 64 * j) * STG_PITCH + a_kc * 32;
             ra[j][0] = ld_shared_f4(src);
             ra[j][1] = ld_shared_f4(src + 16);
         }
     };
     auto load_b = [&](int k0, int buf) {
 #pragma unroll
-        for (int j = 0; j < BC; ++j) {
+        for (int j = 0; j < 2; ++j) {
             const int row = b_row + j * B_ROW_STEP;
             const bool ok = b_col_ok && k0 + row < ke;
             const void* src = a.w;
@@ -350,13 +319,13 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
 
     const int g = lane >> 2;
     const int q = lane & 3;
-    const int wm = (warp >> W::WN_SHIFT) * 64;
-    const int wn = (warp & (W::WN - 1)) * W::TN;
-    float acc[4][NT][4];
+    const int wm = (warp >> 2) * 64;
+    const int wn = (warp & 3) * 32;
+    float acc[4][4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
@@ -364,19 +333,19 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
     auto compute = [&](uint32_t sa, uint32_t sb) {
 #pragma unroll
         for (int ks = 0; ks < 2; ++ks) {
-            uint32_t bf[NT][2];
+            uint32_t bf[4][2];
             if constexpr (T == TF32) {
                 const float* bs = reinterpret_cast<const float*>(smem + (sb - s_base));
                 constexpr int BW = C::BPITCH / 4;
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
+                for (int j = 0; j < 4; ++j) {
                     const int col = wn + j * 8 + g;
                     bf[j][0] = to_tf32(__float_as_uint(bs[(ks * 8 + q) * BW + col]));
                     bf[j][1] = to_tf32(__float_as_uint(bs[(ks * 8 + q + 4) * BW + col]));
                 }
             } else {
 #pragma unroll
-                for (int p = 0; p < NT / 2; ++p) {
+                for (int p = 0; p < 2; ++p) {
                     uint32_t r[4];
                     const int krow = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                     const int col = wn + p * 16 + (lane >> 4) * 8;
@@ -396,7 +365,7 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
                     for (int e = 0; e < 4; ++e) af[e] = to_tf32(af[e]);
                 }
 #pragma unroll
-                for (int j = 0; j < NT; ++j) mma<T>(acc[i][j], af, bf[j][0], bf[j][1]);
+                for (int j = 0; j < 4; ++j) mma<T>(acc[i][j], af, bf[j][0], bf[j][1]);
             }
         }
     };
@@ -470,7 +439,7 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
             const RowCoord rc = decode_row(a, m);
             const long long pix = out_pixel(a, rc);
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
+            for (int j = 0; j < 4; ++j) {
                 const int col = n0 + wn + j * 8 + 2 * q;
                 if (col >= ncols) continue;
                 float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
@@ -486,14 +455,14 @@ template <int T, int P, bool AH, int NW> DEVI void tc_body(const ConvArgs& a, un
     }
 }
 
-// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads (128 for the `_4w` kernels).
-// Needs sc % 8 == 0, ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
+// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads. Needs sc % 8 == 0,
+// ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
 //
-// Two stages, 37.9 KB of static shared memory, 8 warps:
-#define TC_KERNEL(name, T)                                                                   \
-    extern "C" __global__ void __launch_bounds__(Warps<8>::THREADS, 2) name(const ConvArgs a) { \
-        __shared__ __align__(128) unsigned char smem[2 * STAGE];                              \
-        tc_body<T, TWO, false, 8>(a, smem);                                                   \
+// Two stages, 37.9 KB of static shared memory:
+#define TC_KERNEL(name, T)                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        __shared__ __align__(128) unsigned char smem[2 * STAGE];                 \
+        tc_body<T, TWO, false>(a, smem);                                         \
     }
 TC_KERNEL(conv_tc_tf32, TF32)
 TC_KERNEL(conv_tc_bf16, BF16)
@@ -502,26 +471,17 @@ TC_KERNEL(conv_tc_fp16, FP16)
 // Deeper pipelines in dynamic shared memory (ASYNC_SMEM or STAGED_SMEM bytes, which the host
 // allows once per kernel, above the 48 KB default): tf32 and 16-bit activations (`_hin`:
 // `ConvArgs::x` points to bf16/fp16 values) with ASYNC, fp32 activations into bf16/fp16
-// products with STAGED. NW warps (see Warps): 8, or 4 for the `_4w` kernels, which take the
-// same shared memory and grid and give bit-identical results. Two blocks per multiprocessor
-// either way: for 8 warps that caps registers at 128 per thread; 4 warps may take up to 255,
-// which their 128 accumulators need (the shared memory of three ASYNC blocks would fit, the
-// registers of three could not without spilling).
-#define TC_DEEP_KERNEL(name, T, P, AH, NW)                                                    \
-    extern "C" __global__ void __launch_bounds__(Warps<NW>::THREADS, 2) name(const ConvArgs a) { \
-        extern __shared__ __align__(128) unsigned char dsmem[];                                \
-        tc_body<T, P, AH, NW>(a, dsmem);                                                       \
+// products with STAGED.
+#define TC_DEEP_KERNEL(name, T, P, AH)                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        extern __shared__ __align__(128) unsigned char dsmem[];                  \
+        tc_body<T, P, AH>(a, dsmem);                                             \
     }
-TC_DEEP_KERNEL(conv_tc_tf32_async, TF32, ASYNC, false, 8)
-TC_DEEP_KERNEL(conv_tc_bf16_hin, BF16, ASYNC, true, 8)
-TC_DEEP_KERNEL(conv_tc_fp16_hin, FP16, ASYNC, true, 8)
-TC_DEEP_KERNEL(conv_tc_bf16_staged, BF16, STAGED, false, 8)
-TC_DEEP_KERNEL(conv_tc_fp16_staged, FP16, STAGED, false, 8)
-TC_DEEP_KERNEL(conv_tc_tf32_async_4w, TF32, ASYNC, false, 4)
-TC_DEEP_KERNEL(conv_tc_bf16_hin_4w, BF16, ASYNC, true, 4)
-TC_DEEP_KERNEL(conv_tc_fp16_hin_4w, FP16, ASYNC, true, 4)
-TC_DEEP_KERNEL(conv_tc_bf16_staged_4w, BF16, STAGED, false, 4)
-TC_DEEP_KERNEL(conv_tc_fp16_staged_4w, FP16, STAGED, false, 4)
+TC_DEEP_KERNEL(conv_tc_tf32_async, TF32, ASYNC, false)
+TC_DEEP_KERNEL(conv_tc_bf16_hin, BF16, ASYNC, true)
+TC_DEEP_KERNEL(conv_tc_fp16_hin, FP16, ASYNC, true)
+TC_DEEP_KERNEL(conv_tc_bf16_staged, BF16, STAGED, false)
+TC_DEEP_KERNEL(conv_tc_fp16_staged, FP16, STAGED, false)
 
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).

@@ -5,14 +5,13 @@
 // the tensor cores from registers that every warp first loads from shared memory; wgmma reads
 // both operands from shared memory itself, which is what lets Hopper approach its matrix rate.
 //
-// Tiles: 128 output rows (pixels) x 128 columns (output channels) per block of two warpgroups
-// (256 threads), warpgroup w multiplying rows 64w .. 64w + 63 against all 128 columns with
-// m64n128k16 (64 fp32 accumulators per thread), three stages, two blocks per multiprocessor;
-// or (`_tall`) 256 rows, each warpgroup two m64n128k16 per k16 step sharing the B operand,
-// four stages and one batch of products left in flight, one block per multiprocessor: 87
-// instead of 64 FLOP per byte brought into shared memory. K slices of 64 16-bit values.
+// Tile: 128 output rows (pixels) x 128 columns (output channels) per block of two warpgroups
+// (256 threads); warpgroup w multiplies rows 64w .. 64w + 63 against all 128 columns with
+// m64n128k16 (64 fp32 accumulators per thread). Two blocks per multiprocessor. K slices of 64
+// 16-bit values (128 bytes). (256-row tiles, each warpgroup two m64n128k16 sharing B, four
+// stages and one block per multiprocessor, ran 1.6-1.8x slower on an H200, and were removed.)
 //
-// Shared memory: stages of [A 128 (or 256) rows x 128 bytes | B 128 rows x 128 bytes], both
+// Shared memory: WG_STAGES stages of [A 128 rows x 128 bytes | B 128 rows x 128 bytes], both
 // K-major (a row holds one pixel's, or one output channel's, 64 consecutive k), in the 128-byte
 // swizzle wgmma reads: the 16-byte chunk c of row r lives at r * 128 + ((c ^ (r % 8)) * 16),
 // each 8-row group a 1024-byte aligned block. Descriptors: start address, stride 1024 bytes
@@ -23,40 +22,28 @@
 // convolution reads the input-gradient layout and vice versa; a linear layer reads PyTorch's
 // `[out, inp]`), so no extra copy exists.
 //
-// Pipeline: every thread copies 4 (tall: 8) A and 4 B chunks per slice with cp.async (zero-filled
-// outside the image, past the split's K and past the columns), several slices in flight.
+// Pipeline: every thread copies 4 A and 4 B chunks per slice with cp.async (zero-filled
+// outside the image, past the split's K and past the columns), WG_STAGES - 1 slices in flight.
 // Per slice: wait for its copies, fence them into the async proxy wgmma reads through, barrier,
-// refill the stage whose products are known complete, then four k16 steps of products,
-// committed, and a wait that leaves D batches in flight (see WgCfg).
+// refill the stage the previous slice used, then four wgmma steps, committed and waited for
+// (the other block on the multiprocessor keeps the tensor cores busy meanwhile). The barrier of
+// slice t tells every thread that all warpgroups finished slice t - 1, whose stage it refills.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
 #include "conv_common.cuh"
 
+constexpr int WG_TM = 128;
 constexpr int WG_TN = 128;
 constexpr int WG_BK = 64;
 constexpr int WG_THREADS = 256;
-constexpr int WG_OPERAND = 128 * 128;  // bytes of 128 rows of one operand's slice
-
-// A tile shape and pipeline: R m64n128 products per warpgroup and k16 step (tile rows 128 R),
-// S stages, and D wgmma batches left in flight while the next slice is issued (0: each batch
-// is waited for before the next barrier; 1: the previous one, so the tensor cores never wait
-// on the barrier, at the cost of one stage).
-template <int R, int S, int D> struct WgCfg {
-    static constexpr int TM = 128 * R;
-    static constexpr int A_BYTES = R * WG_OPERAND;
-    static constexpr int STAGE = A_BYTES + WG_OPERAND;
-    // Dynamic shared memory: the stages plus slack to align them to 1024 bytes.
-    static constexpr int SMEM = S * STAGE + 1024;
-    // Slices whose copies are in flight ahead of the one multiplied.
-    static constexpr int AHEAD = S - 1 - D;
-    static_assert(AHEAD >= 1, "at least one slice loading ahead");
-};
-// The two shapes built (src/cuda/kernels.rs TC_WGMMA_SMEM, TC_WGMMA_TALL_SMEM): 128 x 128
-// tiles, 3 stages, two blocks per multiprocessor; 256 x 128 tiles, 4 stages, one block.
-static_assert(WgCfg<1, 3, 0>::SMEM == 99328, "must match TC_WGMMA_SMEM");
-static_assert(WgCfg<2, 4, 1>::SMEM == 197632, "must match TC_WGMMA_TALL_SMEM");
+constexpr int WG_STAGES = 3;
+constexpr int WG_TILE = 128 * 128;  // bytes of one operand's slice
+constexpr int WG_STAGE = 2 * WG_TILE;
+// Dynamic shared memory: the stages plus slack to align them to 1024 bytes.
+constexpr int WG_SMEM = WG_STAGES * WG_STAGE + 1024;
+static_assert(WG_SMEM == 99328, "WG_SMEM must match TC_WGMMA_SMEM in src/cuda/kernels.rs");
 
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
@@ -92,10 +79,8 @@ template <> DEVI void wg_mma<2>(float (&d)[64], uint64_t da, uint64_t db) {
         : "l"(da), "l"(db), "r"(1));
 }
 
-// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); R, S, D: WgCfg.
-template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
-    using Cfg = WgCfg<R, S, D>;
-    constexpr int AR = 4 * R;  // A rows each thread copies per slice
+// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType).
+template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
     __shared__ int s_dy[9], s_dx[9], s_w[9];
     const int tid = threadIdx.x;
     // Constant indices only: a run-time index into the parameter block would copy it to local
@@ -113,23 +98,23 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
     const int sc = a.sc;
     const int ncols = a.ncols;
     const int K = a.taps * sc;
-    const int m0 = blockIdx.x * Cfg::TM;
+    const int m0 = blockIdx.x * WG_TM;
     const int n0 = blockIdx.y * WG_TN;
     const int kb = blockIdx.z * a.k_per_split;
     const int ke = min(K, kb + a.k_per_split);
     const int ntiles = ke > kb ? (ke - kb + WG_BK - 1) / WG_BK : 0;
 
-    // Loaders: chunk c of A rows r0 + 32j (j < 4R) and B rows r0 + 32j (j < 4); one (tap,
-    // channel) cursor, since the A and B chunks of a thread share their k.
+    // Loaders: chunk c of rows r0 + 32j (j < 4) of both operands; one (tap, channel) cursor,
+    // since the A and B chunks of a thread share their k.
     const int c = tid & 7;
     const int r0 = tid >> 3;
     const uint16_t* const xa = reinterpret_cast<const uint16_t*>(a.x);
     const uint16_t* const wb = static_cast<const uint16_t*>(a.w);
-    bool a_ok[AR];
-    int a_y[AR], a_x[AR];
-    const uint16_t* a_base[AR];
+    bool a_ok[4];
+    int a_y[4], a_x[4];
+    const uint16_t* a_base[4];
 #pragma unroll
-    for (int j = 0; j < AR; ++j) {
+    for (int j = 0; j < 4; ++j) {
         const int m = m0 + r0 + 32 * j;
         a_ok[j] = m < M;
         a_y[j] = a_x[j] = 0;
@@ -151,8 +136,8 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     auto load = [&](int k0, int stage) {
-        const uint32_t sa = base + stage * Cfg::STAGE;
-        const uint32_t sb = sa + Cfg::A_BYTES;
+        const uint32_t sa = base + stage * WG_STAGE;
+        const uint32_t sb = sa + WG_TILE;
         const bool kok = k0 + c * 8 < ke;
         int dy = 0, dx = 0;
         long long wrow = 0;
@@ -162,7 +147,7 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
             wrow = (long long)s_w[at] * ncols;
         }
 #pragma unroll
-        for (int j = 0; j < AR; ++j) {
+        for (int j = 0; j < 4; ++j) {
             const int r = r0 + 32 * j;
             const uint16_t* src = xa;
             bool ok = false;
@@ -192,91 +177,76 @@ template <int T, int R, int S, int D> DEVI void wg_body(const ConvArgs& a, unsig
 
     const int warp = tid >> 5;
     const int wg = warp >> 2;
-    float acc[R][64];
+    float acc[64];
 #pragma unroll
-    for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[r][i] = 0.f;
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
 
-    // Slice t lives in stage t % S. Its copies were issued AHEAD iterations earlier, one group
-    // per slice (empty past the end), so "all but AHEAD - 1 groups done" means it landed. The
-    // barrier after the wait also tells every thread that each warpgroup's batch for slice
-    // t - 1 - D is complete (each waited for it before arriving), and slice t + AHEAD refills
-    // exactly that stage.
-    constexpr int AHEAD = Cfg::AHEAD;
+    // Slice t lives in stage t % S. Its copies were issued S - 1 iterations earlier, one group
+    // per slice (empty past the end), so "all but S - 2 groups done" means it landed.
+    constexpr int S = WG_STAGES;
 #pragma unroll
-    for (int s = 0; s < AHEAD; ++s) {
+    for (int s = 0; s < S - 1; ++s) {
         if (s < ntiles) load(kb + s * WG_BK, s);
         cp_async_commit();
     }
     for (int t = 0; t < ntiles; ++t) {
-        cp_async_wait<AHEAD - 1>();
+        cp_async_wait<S - 2>();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
-        const int nt = t + AHEAD;
+        const int nt = t + S - 1;
         if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
         cp_async_commit();
-        const uint32_t sa = base + (t % S) * Cfg::STAGE + wg * (64 * R) * 128;
-        const uint32_t sb = base + (t % S) * Cfg::STAGE + Cfg::A_BYTES;
-#pragma unroll
-        for (int r = 0; r < R; ++r) wg_fence_acc(acc[r]);
+        const uint32_t sa = base + (t % S) * WG_STAGE + wg * 64 * 128;
+        const uint32_t sb = base + (t % S) * WG_STAGE + WG_TILE;
+        wg_fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
-        for (int ks = 0; ks < WG_BK / 16; ++ks) {
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-                wg_mma<T>(acc[r], wg_desc(sa + r * 64 * 128 + ks * 32), wg_desc(sb + ks * 32));
-        }
+        for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(D) : "memory");
-#pragma unroll
-        for (int r = 0; r < R; ++r) wg_fence_acc(acc[r]);
+        asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+        wg_fence_acc(acc);
     }
+    // Every product is complete before the epilogue reads the accumulators: the loop already
+    // waited for each batch, so this is a no-op, but the epilogue does not rely on the loop's
+    // wait depth (and the machine code stays the one measured).
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-    for (int r = 0; r < R; ++r) wg_fence_acc(acc[r]);
+    wg_fence_acc(acc);
     cp_async_wait<0>();
 
     const int lane = tid & 31;
     const int g = lane >> 2;
     const int q = lane & 3;
     const bool split = gridDim.z > 1;
+    const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-        const int row0 = m0 + wg * 64 * R + r * 64 + (warp & 3) * 16 + g;
+    for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * h;
+        if (m >= M) continue;
+        const RowCoord rc = decode_row(a, m);
+        const long long pix = out_pixel(a, rc);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int m = row0 + 8 * h;
-            if (m >= M) continue;
-            const RowCoord rc = decode_row(a, m);
-            const long long pix = out_pixel(a, rc);
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                const int col = n0 + 8 * j + 2 * q;
-                if (col >= ncols) continue;
-                float2 v = make_float2(acc[r][4 * j + 2 * h], acc[r][4 * j + 2 * h + 1]);
-                if (split) {
-                    *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * ncols + col) = v;
-                } else {
-                    v.x = finish(a, rc.img, pix, col, v.x);
-                    v.y = finish(a, rc.img, pix, col + 1, v.y);
-                    *reinterpret_cast<float2*>(a.y + pix * ncols + col) = v;
-                }
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + 8 * j + 2 * q;
+            if (col >= ncols) continue;
+            float2 v = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+            if (split) {
+                *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * ncols + col) = v;
+            } else {
+                v.x = finish(a, rc.img, pix, col, v.x);
+                v.y = finish(a, rc.img, pix, col + 1, v.y);
+                *reinterpret_cast<float2*>(a.y + pix * ncols + col) = v;
             }
         }
     }
 }
 
-// Grid (ceil(M / (128 R)), ceil(ncols / 128), splits), 256 threads, WgCfg<R, S, D>::SMEM bytes
-// of dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and
-// 16-byte aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
-// product's type.
-#define WG_KERNEL(name, T, R, S, D, BLOCKS)                                                  \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, BLOCKS) name(const ConvArgs a) { \
+// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, WG_SMEM bytes of dynamic shared
+// memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte aligned x, w, y,
+// res and ws (the host checks them); x and w hold 16-bit values of the product's type.
+#define WG_KERNEL(name, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 2) name(const ConvArgs a) {      \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                          \
-        wg_body<T, R, S, D>(a, wg_dsmem);                                                    \
+        wg_body<T>(a, wg_dsmem);                                                             \
     }
-WG_KERNEL(conv_wgmma_bf16, 1, 1, 3, 0, 2)
-WG_KERNEL(conv_wgmma_fp16, 2, 1, 3, 0, 2)
-WG_KERNEL(conv_wgmma_bf16_tall, 1, 2, 4, 1, 1)
-WG_KERNEL(conv_wgmma_fp16_tall, 2, 2, 4, 1, 1)
+WG_KERNEL(conv_wgmma_bf16, 1)
+WG_KERNEL(conv_wgmma_fp16, 2)

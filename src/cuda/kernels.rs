@@ -10,7 +10,7 @@
 //! Launch shapes (threads per block, blocks):
 //! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
 //!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared, or 74 / 93.5 KB of dynamic
-//!   shared memory for the deep pipelines, whose `_4w` variants take 128 threads (4 warps);
+//!   shared memory for the deep pipelines;
 //!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor;
@@ -331,17 +331,10 @@ pub(crate) struct ConvLaunch {
     /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
     /// fp16 and `deep`. Set by the lowering, which knows where each input comes from.
     pub half_input: bool,
-    /// Tensor cores with `deep` only: the 4-warp kernels (`_4w`: 128 threads, 64x64 warp
-    /// tiles) instead of the 8-warp ones (256 threads, 64x32). Same tile, grid, split and
-    /// bit-identical results; a third less shared-memory traffic per product for twice the
-    /// registers per thread.
-    pub wide_warps: bool,
     /// Hopper's warpgroup products (kernels/conv_wgmma.cu) instead of mma.sync: only with
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
     /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
     pub wgmma: bool,
-    /// wgmma only: 256-row tiles (the `_tall` kernels), one block per multiprocessor.
-    pub tall: bool,
 }
 
 /// Block tile of the GEMM kernels, and the K slice.
@@ -360,29 +353,16 @@ fn tc_slice(p: Precision) -> usize {
 /// K slice of the wgmma convolutions: 64 16-bit values, one 128-byte swizzled row.
 pub(crate) const WGMMA_SLICE: usize = 64;
 
-/// A wgmma launch of `s` (16-bit input, bf16 or fp16 products), on 256-row tiles when `tall`:
-/// the tensor-core split-K rule over its 64-deep K slices and its tiles (one tall block, or two
-/// of 128 rows, per multiprocessor). `None` where the kernel's channel and precision conditions
-/// fail.
-pub(crate) fn plan_wgmma(
-    s: &ConvShape,
-    sms: usize,
-    precision: Precision,
-    tall: bool,
-) -> Option<ConvLaunch> {
+/// A wgmma launch of `s` (16-bit input, bf16 or fp16 products): the tensor-core split-K rule
+/// over its 64-deep K slices. `None` where the kernel's channel and precision conditions fail.
+pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Option<ConvLaunch> {
     if !precision.is_half() || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
         return None;
     }
-    let kernel = ConvKernel::Tensor(precision);
-    let mut l = if tall {
-        split_k_on(s, kernel, WGMMA_SLICE, 2 * TILE, sms)
-    } else {
-        split_k(s, kernel, WGMMA_SLICE, sms)
-    };
+    let mut l = split_k(s, ConvKernel::Tensor(precision), WGMMA_SLICE, sms);
     l.deep = true;
     l.half_input = true;
     l.wgmma = true;
-    l.tall = tall;
     Some(l)
 }
 
@@ -414,11 +394,10 @@ fn direct_fits(s: &ConvShape) -> bool {
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
 ///
 /// Few output or few source channels (the 3-channel image convolutions) take the direct
-/// kernels where they fit. Otherwise the GEMM: two blocks fit on a multiprocessor (256 threads
-/// of at most 128 registers, or for the 4-warp tensor-core kernels 128 threads of at most 255;
-/// the plan is the same for both, which keeps their results identical). When the tile grid
-/// alone leaves slots empty, K is split so as to minimise waves per unit of work (ties go to
-/// fewer splits, which cost a workspace round trip), keeping at least 8 K slices per split.
+/// kernels where they fit. Otherwise the GEMM: two 256-thread blocks fit on a multiprocessor
+/// (128 registers per thread). When the tile grid alone leaves slots empty, K is split so as to
+/// minimise waves per unit of work (ties go to fewer splits, which cost a workspace round
+/// trip), keeping at least 8 K slices per split.
 pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
     if direct_fits(s) && (s.ncols <= DIRECT_MAX || s.sc <= DIRECT_MAX) {
         return ConvLaunch {
@@ -431,9 +410,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             k_per_split: s.k(),
             deep: false,
             half_input: false,
-            wide_warps: false,
             wgmma: false,
-            tall: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -453,23 +430,12 @@ pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> C
     split_k(s, ConvKernel::Tensor(precision), tc_slice(precision), sms)
 }
 
-/// The split of K for `kernel` with K slices of `bk`, on 128 x 128 tiles two per multiprocessor.
+/// The split of K for `kernel` with K slices of `bk`.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
-    split_k_on(s, kernel, bk, TILE, 2 * sms.max(1))
-}
-
-/// [`split_k`] on tiles of `tile_m` rows x 128 columns, `slots` of which run at once.
-fn split_k_on(
-    s: &ConvShape,
-    kernel: ConvKernel,
-    bk: usize,
-    tile_m: usize,
-    slots: usize,
-) -> ConvLaunch {
     let k = s.k();
-    let tiles = s.rows().div_ceil(tile_m) * s.ncols.div_ceil(TILE);
+    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
-    let slots = slots.max(1);
+    let slots = 2 * sms.max(1);
     let splits = match kernel {
         ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots),
         _ => simt_splits(tiles, ktiles, slots),
@@ -481,9 +447,7 @@ fn split_k_on(
         k_per_split: per,
         deep: false,
         half_input: false,
-        wide_warps: false,
         wgmma: false,
-        tall: false,
     }
 }
 
@@ -652,9 +616,8 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, then their `_tall` forms: on compute capability
-    /// 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 4]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`: on compute capability 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 2]>,
 }
 
 const BLOCK: u32 = 256;
@@ -664,19 +627,17 @@ const BLOCK: u32 = 256;
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
 /// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
-/// plus 1 KB to align them; the tall kernels, four stages of 32 + 16 KB.
+/// plus 1 KB to align them.
 const TC_WGMMA_SMEM: u32 = 99_328;
-const TC_WGMMA_TALL_SMEM: u32 = 197_632;
 
 /// One tensor-core convolution kernel of kernels/conv_tc.cu and the launches that take it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct TcKernel {
     name: &'static str,
     precision: Precision,
-    /// [`ConvLaunch::deep`], [`ConvLaunch::half_input`], [`ConvLaunch::wide_warps`].
+    /// [`ConvLaunch::deep`], [`ConvLaunch::half_input`].
     deep: bool,
     half_input: bool,
-    wide_warps: bool,
 }
 
 impl TcKernel {
@@ -685,23 +646,12 @@ impl TcKernel {
         precision: Precision,
         deep: bool,
         half_input: bool,
-        wide_warps: bool,
     ) -> TcKernel {
         TcKernel {
             name,
             precision,
             deep,
             half_input,
-            wide_warps,
-        }
-    }
-
-    /// Threads per block: 8 warps, or 4 for the `_4w` kernels.
-    fn threads(&self) -> u32 {
-        if self.wide_warps {
-            128
-        } else {
-            256
         }
     }
 
@@ -718,31 +668,25 @@ impl TcKernel {
     }
 }
 
-/// Every tensor-core convolution kernel: the two-stage ones (8 warps, fp32 input), and the deep
-/// pipelines with 8 and 4 warps (ASYNC for tf32 and 16-bit inputs, STAGED for fp32 inputs into
+/// Every tensor-core convolution kernel (256 threads each): the two-stage ones (fp32 input),
+/// and the deep pipelines (ASYNC for tf32 and 16-bit inputs, STAGED for fp32 inputs into
 /// bf16/fp16).
-const TC_KERNELS: [TcKernel; 13] = {
+const TC_KERNELS: [TcKernel; 8] = {
     use Precision::{Bf16, Fp16, Tf32};
     [
-        TcKernel::new("conv_tc_tf32", Tf32, false, false, false),
-        TcKernel::new("conv_tc_bf16", Bf16, false, false, false),
-        TcKernel::new("conv_tc_fp16", Fp16, false, false, false),
-        TcKernel::new("conv_tc_tf32_async", Tf32, true, false, false),
-        TcKernel::new("conv_tc_bf16_hin", Bf16, true, true, false),
-        TcKernel::new("conv_tc_fp16_hin", Fp16, true, true, false),
-        TcKernel::new("conv_tc_bf16_staged", Bf16, true, false, false),
-        TcKernel::new("conv_tc_fp16_staged", Fp16, true, false, false),
-        TcKernel::new("conv_tc_tf32_async_4w", Tf32, true, false, true),
-        TcKernel::new("conv_tc_bf16_hin_4w", Bf16, true, true, true),
-        TcKernel::new("conv_tc_fp16_hin_4w", Fp16, true, true, true),
-        TcKernel::new("conv_tc_bf16_staged_4w", Bf16, true, false, true),
-        TcKernel::new("conv_tc_fp16_staged_4w", Fp16, true, false, true),
+        TcKernel::new("conv_tc_tf32", Tf32, false, false),
+        TcKernel::new("conv_tc_bf16", Bf16, false, false),
+        TcKernel::new("conv_tc_fp16", Fp16, false, false),
+        TcKernel::new("conv_tc_tf32_async", Tf32, true, false),
+        TcKernel::new("conv_tc_bf16_hin", Bf16, true, true),
+        TcKernel::new("conv_tc_fp16_hin", Fp16, true, true),
+        TcKernel::new("conv_tc_bf16_staged", Bf16, true, false),
+        TcKernel::new("conv_tc_fp16_staged", Fp16, true, false),
     ]
 };
 
 /// The index in [`TC_KERNELS`] of the kernel tensor-core launch `plan` runs; an error for a
-/// plan no kernel implements (fp32, 16-bit input without the deep pipeline or in tf32, 4 warps
-/// without the deep pipeline).
+/// plan no kernel implements (fp32, 16-bit input without the deep pipeline or in tf32).
 fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
     let ConvKernel::Tensor(precision) = plan.kernel else {
         return Err(Error::Cuda(format!(
@@ -753,16 +697,12 @@ fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
     TC_KERNELS
         .iter()
         .position(|k| {
-            k.precision == precision
-                && k.deep == plan.deep
-                && k.half_input == plan.half_input
-                && k.wide_warps == plan.wide_warps
+            k.precision == precision && k.deep == plan.deep && k.half_input == plan.half_input
         })
         .ok_or_else(|| {
             Error::Cuda(format!(
-                "internal: no tensor-core kernel for {precision} with deep {}, 16-bit input {} \
-                 and 4 warps {}",
-                plan.deep, plan.half_input, plan.wide_warps
+                "internal: no tensor-core kernel for {precision} with deep {} and 16-bit input {}",
+                plan.deep, plan.half_input
             ))
         })
 }
@@ -856,16 +796,11 @@ impl Kernels {
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
                     &format!("loading kernel module `{name}` on {}", info.name),
                 )?;
-                let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
+                let f = |f: &str| -> Result<CudaFunction> {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
-                    allow_smem(ctx, f, bytes)
+                    allow_smem(ctx, f, TC_WGMMA_SMEM)
                 };
-                Some([
-                    f("conv_wgmma_bf16", TC_WGMMA_SMEM)?,
-                    f("conv_wgmma_fp16", TC_WGMMA_SMEM)?,
-                    f("conv_wgmma_bf16_tall", TC_WGMMA_TALL_SMEM)?,
-                    f("conv_wgmma_fp16_tall", TC_WGMMA_TALL_SMEM)?,
-                ])
+                Some([f("conv_wgmma_bf16")?, f("conv_wgmma_fp16")?])
             }
             _ => None,
         };
@@ -1013,18 +948,15 @@ impl Kernels {
         );
         if (plan.deep && !tensor)
             || (plan.half_input && !(half && plan.deep))
-            || (plan.wide_warps && !(tensor && plan.deep))
             || (plan.wgmma && !plan.half_input)
-            || (plan.tall && !plan.wgmma)
         {
             return Err(Error::Cuda(format!(
-                "internal: {:?} convolution planned with deep {}, 16-bit input {}, 4 warps {} \
-                 and wgmma {}",
-                plan.kernel, plan.deep, plan.half_input, plan.wide_warps, plan.wgmma
+                "internal: {:?} convolution planned with deep {}, 16-bit input {} and wgmma {}",
+                plan.kernel, plan.deep, plan.half_input, plan.wgmma
             )));
         }
-        // The kernel, its threads per block and dynamic shared memory.
-        let (f, threads, smem) = match plan.kernel {
+        // The kernel and its dynamic shared memory.
+        let (f, smem) = match plan.kernel {
             ConvKernel::Tensor(precision) => {
                 // No fallback here: the weights are already in this precision's layout.
                 if !aligned || s.sc % 8 != 0 || s.ncols % 8 != 0 {
@@ -1050,33 +982,28 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     })?;
-                    let i = usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.tall);
-                    let smem = if plan.tall {
-                        TC_WGMMA_TALL_SMEM
-                    } else {
-                        TC_WGMMA_SMEM
-                    };
-                    (&wg[i], BLOCK, smem)
+                    (
+                        &wg[usize::from(precision == Precision::Fp16)],
+                        TC_WGMMA_SMEM,
+                    )
                 } else {
                     let k = tc_kernel(plan)?;
-                    let tk = &TC_KERNELS[k];
-                    (&self.conv_tc[k], tk.threads(), tk.dynamic_smem())
+                    (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())
                 }
             }
             ConvKernel::Vec if aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 => {
-                (&self.conv_gemm_vec, BLOCK, 0)
+                (&self.conv_gemm_vec, 0)
             }
-            _ => (&self.conv_gemm_any, BLOCK, 0),
+            _ => (&self.conv_gemm_any, 0),
         };
-        let tile_m = if plan.tall { 2 * TILE } else { TILE };
         let grid = (
-            i32_of(rows.div_ceil(tile_m), "row tiles")? as u32,
+            i32_of(rows.div_ceil(TILE), "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
-        let mut launch = cfg(grid, (threads, 1, 1));
+        let mut launch = cfg(grid, (BLOCK, 1, 1));
         launch.shared_mem_bytes = smem;
         let mut b = st.launch_builder(f);
         b.arg(&a);
@@ -2138,8 +2065,8 @@ mod tests {
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its
-    /// threads and shared memory; the others (16-bit input without the deep pipeline or in
-    /// tf32, 4 warps without the deep pipeline, fp32) to none.
+    /// shared memory; the others (16-bit input without the deep pipeline or in tf32, fp32) to
+    /// none.
     #[test]
     fn tensor_core_plans_pick_one_kernel() {
         let shape = ConvShape::forward(1, 16, 16, 64, 64, 3, 1, Pad::Symmetric);
@@ -2147,32 +2074,25 @@ mod tests {
         for p in Precision::ALL {
             for deep in [false, true] {
                 for half_input in [false, true] {
-                    for wide_warps in [false, true] {
-                        let plan = ConvLaunch {
-                            deep,
-                            half_input,
-                            wide_warps,
-                            ..plan_conv_at(&shape, 132, p)
-                        };
-                        let valid = p != Precision::Fp32
-                            && (!half_input || (deep && p.is_half()))
-                            && (!wide_warps || deep);
-                        let Ok(i) = tc_kernel(&plan) else {
-                            assert!(!valid, "{plan:?}");
-                            continue;
-                        };
-                        assert!(valid, "{plan:?}");
-                        let k = &TC_KERNELS[i];
-                        assert_eq!(k.threads(), if wide_warps { 128 } else { 256 });
-                        let smem = match (deep, p, half_input) {
-                            (false, ..) => 0,
-                            (true, Precision::Tf32, _) | (true, _, true) => TC_ASYNC_SMEM,
-                            _ => TC_STAGED_SMEM,
-                        };
-                        assert_eq!(k.dynamic_smem(), smem, "{}", k.name);
-                        assert_eq!(k.name.ends_with("_4w"), wide_warps, "{}", k.name);
-                        resolved.push(i);
-                    }
+                    let plan = ConvLaunch {
+                        deep,
+                        half_input,
+                        ..plan_conv_at(&shape, 132, p)
+                    };
+                    let valid = p != Precision::Fp32 && (!half_input || (deep && p.is_half()));
+                    let Ok(i) = tc_kernel(&plan) else {
+                        assert!(!valid, "{plan:?}");
+                        continue;
+                    };
+                    assert!(valid, "{plan:?}");
+                    let k = &TC_KERNELS[i];
+                    let smem = match (deep, p, half_input) {
+                        (false, ..) => 0,
+                        (true, Precision::Tf32, _) | (true, _, true) => TC_ASYNC_SMEM,
+                        _ => TC_STAGED_SMEM,
+                    };
+                    assert_eq!(k.dynamic_smem(), smem, "{}", k.name);
+                    resolved.push(i);
                 }
             }
         }
@@ -2182,13 +2102,13 @@ mod tests {
     }
 
     /// The table of tensor-core kernels matches what kernels/conv_tc.cu instantiates: each
-    /// name once, with its precision, pipeline, input type and warps, and nothing else.
+    /// name once, with its precision, pipeline and input type, and nothing else.
     #[test]
     fn tensor_core_kernels_match_the_cuda_source() {
         let src = include_str!("../../kernels/conv_tc.cu");
-        // `TC_KERNEL(name, T)` and `TC_DEEP_KERNEL(name, T, P, AH, NW)` lines, as
-        // (name, T, P, AH, NW) with the two-stage kernels' implicit TWO, false, 8.
-        let mut found: Vec<(String, String, String, String, String)> = src
+        // `TC_KERNEL(name, T)` and `TC_DEEP_KERNEL(name, T, P, AH)` lines, as (name, T, P, AH)
+        // with the two-stage kernels' implicit TWO, false.
+        let mut found: Vec<(String, String, String, String)> = src
             .lines()
             .filter_map(|l| {
                 let (deep, args) = if let Some(a) = l.strip_prefix("TC_DEEP_KERNEL(") {
@@ -2203,13 +2123,12 @@ mod tests {
                     .map(|a| a.trim().to_string())
                     .collect();
                 Some(if deep {
-                    assert_eq!(args.len(), 5, "{l}");
+                    assert_eq!(args.len(), 4, "{l}");
                     (
                         args[0].clone(),
                         args[1].clone(),
                         args[2].clone(),
                         args[3].clone(),
-                        args[4].clone(),
                     )
                 } else {
                     assert_eq!(args.len(), 2, "{l}");
@@ -2218,12 +2137,11 @@ mod tests {
                         args[1].clone(),
                         "TWO".into(),
                         "false".into(),
-                        "8".into(),
                     )
                 })
             })
             .collect();
-        let mut want: Vec<(String, String, String, String, String)> = TC_KERNELS
+        let mut want: Vec<(String, String, String, String)> = TC_KERNELS
             .iter()
             .map(|k| {
                 let t = match k.precision {
@@ -2237,13 +2155,11 @@ mod tests {
                     TC_ASYNC_SMEM => "ASYNC",
                     _ => "STAGED",
                 };
-                let warps = if k.wide_warps { "4" } else { "8" };
                 (
                     k.name.to_string(),
                     t.to_string(),
                     pipe.to_string(),
                     k.half_input.to_string(),
-                    warps.to_string(),
                 )
             })
             .collect();

@@ -17,8 +17,8 @@
 //!   one captured graph replayed per step; `sampler_kernels` launches its kernels and `blur`
 //!   runs [`CircularBlur`](crate::inverse::CircularBlur) by FFT;
 //! - [`selftest`]: every kernel against its CPU counterpart, and the whole network;
-//! - [`sweep_convolutions`]: every tensor-core launch of a program timed under each pipeline,
-//!   warp layout (8 or 4 warps per block) and split of K.
+//! - [`sweep_convolutions`]: every tensor-core launch of a program timed under each pipeline
+//!   and split of K.
 //!
 //! On a machine without a GPU or driver everything here returns [`Error::Cuda`](crate::Error::Cuda)
 //! values (or, for [`probe`], reports it) and never panics.

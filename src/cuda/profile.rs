@@ -77,15 +77,8 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
             _ => ", staged",
         };
     }
-    if c.launch.wide_warps {
-        variant += ", 4 warps";
-    }
     if c.launch.wgmma {
-        variant += if c.launch.tall {
-            ", wgmma 256-row"
-        } else {
-            ", wgmma"
-        };
+        variant += ", wgmma";
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
@@ -599,7 +592,6 @@ pub fn peak_rate(flag: Option<f64>, device: &str) -> std::result::Result<PeakRat
 mod tests {
     use super::*;
     use crate::config::UNetConfig;
-    use crate::cuda::program::TcConfig;
 
     /// The steps' FLOPs add up to the graph's own counts: forward, and forward + VJP (whose
     /// backward is every input-path op's products again, attention's twice over, which is what
@@ -713,33 +705,6 @@ mod tests {
         assert!(infos
             .iter()
             .any(|i| i.kind == "attention" && i.shape.starts_with("16x16 (256 tokens)")));
-    }
-
-    /// The 4-warp tensor-core kernels show in the labels, after the pipeline and before the
-    /// split; no other launch names warps.
-    #[test]
-    fn labels_name_the_4_warp_kernels() {
-        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        let tc = TcConfig {
-            wide_warps: true,
-            ..TcConfig::default()
-        };
-        let p = Program::build_with(&g, 2, 64, 64, true, 132, Precision::Bf16, tc).unwrap();
-        let infos = p.step_infos();
-        for i in &infos {
-            assert_eq!(
-                i.variant.contains(", 4 warps"),
-                i.variant.starts_with("tc-"),
-                "{i:?}"
-            );
-        }
-        let has = |variant: &str| infos.iter().any(|i| i.variant.starts_with(variant));
-        assert!(has("tc-bf16, 16-bit input, 4 warps"));
-        assert!(has("tc-bf16, staged, 4 warps"));
-        assert!(has("tc-bf16, staged, 4 warps, split-K"));
-        // The default: 8 warps, unnamed.
-        let p = Program::build(&g, 2, 64, 64, true, 132, Precision::Bf16).unwrap();
-        assert!(p.step_infos().iter().all(|i| !i.variant.contains("warps")));
     }
 
     #[test]

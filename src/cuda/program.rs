@@ -17,31 +17,24 @@ use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::{Error, Result};
 
 /// How a program's tensor-core launches run (kernels/conv_tc.cu, kernels/conv_wgmma.cu). The
-/// pipeline and warp choices compute the same results bit for bit; wgmma sums the same
-/// products in another order. The choices are there to be compared.
+/// pipeline choices compute the same results bit for bit; wgmma sums the same products in
+/// another order. The choices are there to be compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct TcConfig {
     /// The deep pipelines, and in bf16/fp16 16-bit intermediates
     /// ([`Program::build_with`]), rather than the two-stage kernels with fp32 intermediates.
     pub deep: bool,
-    /// With `deep`: the 4-warp kernels ([`ConvLaunch::wide_warps`]) rather than the 8-warp
-    /// ones. The two-stage pipeline has only the 8-warp kernels.
-    pub wide_warps: bool,
     /// With `deep`: launches with 16-bit inputs on Hopper's wgmma kernel (only where the
     /// device has it, compute capability 9.0).
     pub wgmma: bool,
-    /// With `wgmma`: its 256-row tiles ([`ConvLaunch::tall`]).
-    pub wgmma_tall: bool,
 }
 
 impl Default for TcConfig {
-    /// Deep pipelines on 8 warps, mma.sync.
+    /// Deep pipelines, mma.sync.
     fn default() -> Self {
         TcConfig {
             deep: true,
-            wide_warps: false,
             wgmma: false,
-            wgmma_tall: false,
         }
     }
 }
@@ -426,8 +419,7 @@ impl Program {
 
     /// [`build`](Self::build), choosing the tensor-core kernels ([`TcConfig`]): the deep
     /// pipelines (the default) or the two-stage ones (kernels/conv_tc.cu), which compute the
-    /// same, and for the deep ones 8 warps (the default) or 4. With deep pipelines in bf16
-    /// and fp16, GroupNorm and upsampling outputs are stored in 16 bits when every reader is a
+    /// same. With deep pipelines in bf16 and fp16, GroupNorm and upsampling outputs are stored in 16 bits when every reader is a
     /// convolution (or token-wise linear layer) on the tensor-core kernel taking it as its main
     /// input: those kernels round their input to that precision anyway, so storing it rounded
     /// halves the traffic and changes no result; the backward pass never reads these values
@@ -786,12 +778,11 @@ impl Lowering<'_> {
     /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where [`TcConfig::wgmma`].
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf, half_input: bool) -> ConvStep {
         let wgmma = (half_input && self.tc.wgmma)
-            .then(|| plan_wgmma(&shape, self.sms, self.precision, self.tc.wgmma_tall))
+            .then(|| plan_wgmma(&shape, self.sms, self.precision))
             .flatten();
         let launch = wgmma.unwrap_or_else(|| {
             let mut l = plan_conv_at(&shape, self.sms, self.precision);
             l.deep = self.tc.deep && matches!(l.kernel, ConvKernel::Tensor(_));
-            l.wide_warps = self.tc.wide_warps && l.deep;
             l.half_input = half_input;
             l
         });
@@ -1278,47 +1269,9 @@ mod tests {
         }
     }
 
-    /// The 4-warp kernels change nothing but the kernel of each deep tensor-core launch: the
-    /// same steps, splits of K (which keeps their results identical to the 8-warp kernels'),
-    /// workspaces and buffers; every deep tensor-core launch takes them.
-    #[test]
-    fn four_warps_change_only_the_kernel() {
-        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        for precision in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
-            let eight =
-                Program::build_with(&g, 2, 64, 32, true, 132, precision, TcConfig::default())
-                    .unwrap();
-            let tc = TcConfig {
-                wide_warps: true,
-                ..TcConfig::default()
-            };
-            let four = Program::build_with(&g, 2, 64, 32, true, 132, precision, tc).unwrap();
-            assert_eq!(eight.steps.len(), four.steps.len());
-            assert_eq!(eight.forward_steps, four.forward_steps);
-            let lens = |p: &Program| p.bufs.iter().map(|b| b.len).collect::<Vec<_>>();
-            assert_eq!(lens(&eight), lens(&four));
-            let mut wide = 0;
-            for (a, b) in eight.steps.iter().zip(&four.steps) {
-                if let (Step::Conv(ca), Step::Conv(cb)) = (a, b) {
-                    let tensor = matches!(ca.launch.kernel, ConvKernel::Tensor(_));
-                    assert!(!ca.launch.wide_warps);
-                    assert_eq!(cb.launch.wide_warps, tensor && ca.launch.deep, "{cb:?}");
-                    wide += usize::from(cb.launch.wide_warps);
-                    let mut cb = cb.clone();
-                    cb.launch.wide_warps = false;
-                    assert_eq!(format!("{ca:?}"), format!("{cb:?}"));
-                } else {
-                    assert_eq!(format!("{a:?}"), format!("{b:?}"));
-                }
-            }
-            assert!(wide > 50, "{precision}: {wide} launches on 4 warps");
-        }
-    }
-
     /// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
     /// tensor-core launches, and the gradients GroupNorms pass back to such launches, are
-    /// 16-bit, at half the length, and only those launches read 16-bit inputs; 4 warps only
-    /// on deep tensor-core launches, where asked.
+    /// 16-bit, at half the length, and only those launches read 16-bit inputs.
     #[test]
     fn sixteen_bit_groupnorm_outputs_feed_only_tensor_core_launches() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -1328,10 +1281,9 @@ mod tests {
             Precision::Bf16,
             Precision::Fp16,
         ] {
-            for (deep, wide_warps) in [(true, false), (false, false), (true, true), (false, true)] {
+            for deep in [true, false] {
                 let tc = TcConfig {
                     deep,
-                    wide_warps,
                     ..TcConfig::default()
                 };
                 let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, tc).unwrap();
@@ -1396,8 +1348,6 @@ mod tests {
                         assert_eq!(c.launch.half_input, half[c.x.0]);
                         let tensor = matches!(c.launch.kernel, ConvKernel::Tensor(_));
                         assert_eq!(c.launch.deep, deep && tensor);
-                        // 4 warps only where asked, on deep tensor-core launches.
-                        assert_eq!(c.launch.wide_warps, wide_warps && deep && tensor);
                     }
                 }
                 let halves = half.iter().filter(|&&h| h).count();

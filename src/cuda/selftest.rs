@@ -472,8 +472,9 @@ impl Tester<'_> {
                 ..cc(1, 7, 5, 16, 24, 3, 1, Symmetric)
             },
             cc(3, 9, 6, 3, 20, 3, 1, Symmetric),
-            // 72 outputs: between one and two 64-column warp tiles of the 4-warp kernels (and
-            // 40 back, in the input gradient); 99 rows, K not a whole number of slices.
+            // 72 outputs (40 back, in the input gradient): the columns end inside a warp's 32
+            // (mma.sync) and inside the 128 of a wgmma tile; 99 rows, K not a whole number of
+            // slices.
             ConvCase {
                 res: true,
                 ..cc(1, 9, 11, 40, 72, 3, 1, Symmetric)
@@ -638,56 +639,37 @@ impl Tester<'_> {
         );
         // The deep pipelines, from fp32 and (bf16/fp16) from the input already rounded to 16
         // bits in memory, as a GroupNorm before a convolution writes it: the same schedule of
-        // roundings and sums, so the same result as the two-stage kernel's. Then each on 4 warps
-        // (64x64 warp tiles), which accumulate the same products in the same order as the
-        // 8-warp kernel: bit-identical, held to 0 against it.
+        // roundings and sums, so the same result as the two-stage kernel's.
         for (deep, copy) in self.deep_variants(plan, xd.ptr, x.len())? {
             let xin = copy.as_ref().map_or(xd.ptr, |c| c.ptr);
-            let run = |l: &ConvLaunch, y: DPtr| {
-                let ptrs = ConvPtrs { x: xin, y, ..ptrs };
-                gpu.kernels.conv(st, &shape, l, ptrs, out_div, false)
-            };
             let yv = self.zeros(want.len())?;
-            let ms = self.timed(|| Ok(()), || run(&deep, yv.ptr))?;
-            let eight = yv.download(st)?;
+            let ms = self.timed(
+                || Ok(()),
+                || {
+                    let ptrs = ConvPtrs {
+                        x: xin,
+                        y: yv.ptr,
+                        ..ptrs
+                    };
+                    gpu.kernels.conv(st, &shape, &deep, ptrs, out_div, false)
+                },
+            )?;
             self.row_within(
                 named(format!(
                     "conv{k}x{k} s{stride} forward{epi} [{}] vs two-stage",
                     deep_path(&deep)
                 )),
                 desc.clone(),
-                &eight,
+                &yv.download(st)?,
                 &got,
-                ms,
-                0.0,
-            );
-            let wide = ConvLaunch {
-                wide_warps: true,
-                ..deep
-            };
-            let yw = self.zeros(want.len())?;
-            let ms = self.timed(|| Ok(()), || run(&wide, yw.ptr))?;
-            self.row_within(
-                named(format!(
-                    "conv{k}x{k} s{stride} forward{epi} [{}] vs 8 warps",
-                    deep_path(&wide)
-                )),
-                desc.clone(),
-                &yw.download(st)?,
-                &eight,
                 ms,
                 0.0,
             );
         }
         // Hopper's wgmma kernel, on the 16-bit input and the K-major weights (the
-        // input-gradient layout), on both tile heights: the same products as mma.sync, summed
-        // in another order.
+        // input-gradient layout): the same products as mma.sync, summed in another order.
         dev.ensure_backward(gpu)?;
-        for tall in [false, true] {
-            let Some((wp, copy)) = self.wgmma_variant(&shape, precision, tall, xd.ptr, x.len())?
-            else {
-                continue;
-            };
+        if let Some((wp, copy)) = self.wgmma_variant(&shape, precision, xd.ptr, x.len())? {
             let ws = self.zeros(wp.workspace_len(&shape))?;
             let yv = self.zeros(want.len())?;
             let ptrs = ConvPtrs {
@@ -757,8 +739,7 @@ impl Tester<'_> {
             tolerance,
         );
         // Deep pipelines for the input gradient (the 16-bit dy: what a GroupNorm's backward
-        // writes for the first convolution of a residual block), against the two-stage result,
-        // then each on 4 warps against the 8-warp result (both held to 0, as forward).
+        // writes for the first convolution of a residual block), against the two-stage result.
         // The parity classes of a stride-2 gradient share their channels, hence their kernel.
         debug_assert!(plans
             .iter()
@@ -766,21 +747,15 @@ impl Tester<'_> {
         if let Some(&first) = plans.first() {
             for (deep, copy) in self.deep_variants(first, dyd.ptr, dy.len())? {
                 let dyin = copy.as_ref().map_or(dyd.ptr, |c| c.ptr);
-                // Every parity class's launch, with the pipeline and warps of `v`.
-                let like = |v: &ConvLaunch| -> Vec<ConvLaunch> {
-                    plans
-                        .iter()
-                        .map(|p| ConvLaunch {
-                            deep: v.deep,
-                            half_input: v.half_input,
-                            wide_warps: v.wide_warps,
-                            ..*p
-                        })
-                        .collect()
-                };
-                let deep_plans = like(&deep);
+                let deep_plans: Vec<ConvLaunch> = plans
+                    .iter()
+                    .map(|p| ConvLaunch {
+                        deep: deep.deep,
+                        half_input: deep.half_input,
+                        ..*p
+                    })
+                    .collect();
                 let ms = self.timed(|| dxd.write(st, dx0), || input_grad(&deep_plans, dyin))?;
-                let eight = dxd.download(st)?;
                 self.row_within(
                     named(format!(
                         "conv{k}x{k} s{stride} input-grad{} [{}] vs two-stage",
@@ -788,93 +763,69 @@ impl Tester<'_> {
                         deep_path(&deep)
                     )),
                     desc.clone(),
-                    &eight,
-                    &got,
-                    ms,
-                    0.0,
-                );
-                let wide = ConvLaunch {
-                    wide_warps: true,
-                    ..deep
-                };
-                let wide_plans = like(&wide);
-                let ms = self.timed(|| dxd.write(st, dx0), || input_grad(&wide_plans, dyin))?;
-                self.row_within(
-                    named(format!(
-                        "conv{k}x{k} s{stride} input-grad{} [{}] vs 8 warps",
-                        acc_name(accumulate),
-                        deep_path(&wide)
-                    )),
-                    desc.clone(),
                     &dxd.download(st)?,
-                    &eight,
+                    &got,
                     ms,
                     0.0,
                 );
             }
         }
         // wgmma for the input gradient: K-major weights are the forward layout.
-        for tall in [false, true] {
-            let wg_plans: Option<Vec<ConvLaunch>> = shapes
-                .iter()
-                .map(|s| plan_wgmma(s, gpu.sms(), precision, tall))
-                .collect();
-            let (Some(wg_plans), Some(first)) = (wg_plans, shapes.first()) else {
-                continue;
-            };
-            let Some((_, copy)) = self.wgmma_variant(first, precision, tall, dyd.ptr, dy.len())?
-            else {
-                continue;
-            };
-            let ws_len = shapes
-                .iter()
-                .zip(&wg_plans)
-                .map(|(s, p)| p.workspace_len(s))
-                .max()
-                .unwrap_or(0);
-            let ws = self.zeros(ws_len)?;
-            let run = || -> Result<()> {
-                for (s, p) in shapes.iter().zip(&wg_plans) {
-                    let ptrs = ConvPtrs {
-                        x: copy.ptr,
-                        w: dev.weights_for(p.kernel, false)?,
-                        y: dx_ptr,
-                        ws: ws.ptr,
-                        ..ConvPtrs::default()
-                    };
-                    gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
-                }
-                Ok(())
-            };
-            let ms = self.timed(|| dxd.write(st, dx0), run)?;
-            let paths: Vec<String> = wg_plans.iter().map(wgmma_path).collect();
-            self.row_within(
-                named(format!(
-                    "conv{k}x{k} s{stride} input-grad{} [{}] vs mma.sync",
-                    acc_name(accumulate),
-                    paths.join(", ")
-                )),
-                desc.clone(),
-                &dxd.download(st)?,
-                &got,
-                ms,
-                WGMMA_VS_MMA,
-            );
+        let wg_plans: Option<Vec<ConvLaunch>> = shapes
+            .iter()
+            .map(|s| plan_wgmma(s, gpu.sms(), precision))
+            .collect();
+        if let (Some(wg_plans), Some(first)) = (wg_plans, shapes.first()) {
+            if let Some((_, copy)) = self.wgmma_variant(first, precision, dyd.ptr, dy.len())? {
+                let ws_len = shapes
+                    .iter()
+                    .zip(&wg_plans)
+                    .map(|(s, p)| p.workspace_len(s))
+                    .max()
+                    .unwrap_or(0);
+                let ws = self.zeros(ws_len)?;
+                let run = || -> Result<()> {
+                    for (s, p) in shapes.iter().zip(&wg_plans) {
+                        let ptrs = ConvPtrs {
+                            x: copy.ptr,
+                            w: dev.weights_for(p.kernel, false)?,
+                            y: dx_ptr,
+                            ws: ws.ptr,
+                            ..ConvPtrs::default()
+                        };
+                        gpu.kernels.conv(st, s, p, ptrs, 1.0, accumulate)?;
+                    }
+                    Ok(())
+                };
+                let ms = self.timed(|| dxd.write(st, dx0), run)?;
+                let paths: Vec<String> = wg_plans.iter().map(wgmma_path).collect();
+                self.row_within(
+                    named(format!(
+                        "conv{k}x{k} s{stride} input-grad{} [{}] vs mma.sync",
+                        acc_name(accumulate),
+                        paths.join(", ")
+                    )),
+                    desc.clone(),
+                    &dxd.download(st)?,
+                    &got,
+                    ms,
+                    WGMMA_VS_MMA,
+                );
+            }
         }
         Ok(())
     }
 
     /// Where the device has Hopper's wgmma kernel and `shape` suits it at `precision`: its
-    /// launch (on 256-row tiles if `tall`), and a 16-bit copy of the `len` fp32 values at `x` for it to read.
+    /// launch, and a 16-bit copy of the `len` fp32 values at `x` for it to read.
     fn wgmma_variant(
         &self,
         shape: &ConvShape,
         precision: Precision,
-        tall: bool,
         x: DPtr,
         len: usize,
     ) -> Result<Option<(ConvLaunch, DevBuf)>> {
-        let plan = plan_wgmma(shape, self.gpu.sms(), precision, tall);
+        let plan = plan_wgmma(shape, self.gpu.sms(), precision);
         let Some(plan) = plan.filter(|_| self.gpu.kernels.has_wgmma()) else {
             return Ok(None);
         };
@@ -887,7 +838,7 @@ impl Tester<'_> {
 
     /// For a two-stage tensor-core launch `plan` reading `len` fp32 values at `x`: the deep
     /// launch of the same problem on the same input (None: read `x`), and in bf16/fp16 the one
-    /// reading a 16-bit copy of it, made here, both on 8 warps. Nothing for other kernels.
+    /// reading a 16-bit copy of it, made here. Nothing for other kernels.
     fn deep_variants(
         &self,
         plan: ConvLaunch,
@@ -1594,11 +1545,10 @@ impl Tester<'_> {
             let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_TC_WARPS and INVDIFF_WGMMA say: the rows
-                // below compare each choice.
+                // Whatever INVDIFF_TC_PIPELINE and INVDIFF_WGMMA say: the rows below compare
+                // each choice.
                 gpu.set_deep_pipelines(true);
-                gpu.set_wide_warps(false);
-                gpu.set_wgmma(false, false);
+                gpu.set_wgmma(false);
                 let got = gpu.forward(&sample, &t)?;
                 let ms = gpu.time_forward(n, h, w, 5)?;
                 self.row_within(
@@ -1620,31 +1570,6 @@ impl Tester<'_> {
                     ms,
                     grad_tol,
                 );
-                // The 4-warp kernels change nothing but the convolutions' kernels, which compute
-                // bit for bit what the 8-warp ones do: the whole network too, held to 0.
-                gpu.set_wide_warps(true);
-                let four = gpu.forward(&sample, &t)?;
-                let ms = gpu.time_forward(n, h, w, 5)?;
-                self.row_within(
-                    format!("{name} {precision} forward, 4 vs 8 warps"),
-                    desc.clone(),
-                    four.data(),
-                    got.data(),
-                    ms,
-                    0.0,
-                );
-                gpu.forward_recording(&sample, &t)?;
-                let four_grad = gpu.vjp(&cot)?;
-                let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                self.row_within(
-                    format!("{name} {precision} vjp, 4 vs 8 warps"),
-                    desc.clone(),
-                    four_grad.data(),
-                    grad.data(),
-                    ms,
-                    0.0,
-                );
-                gpu.set_wide_warps(false);
                 // The deep pipelines and 16-bit intermediates change no result
                 // (Program::build_with): the two-stage kernels with fp32 intermediates. Not
                 // held to 0 like the single convolutions: the 16-bit GroupNorm kernels share
@@ -1669,19 +1594,14 @@ impl Tester<'_> {
                     full_grad.data(),
                     ms,
                 );
-                // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0),
-                // on both tile heights: a different summation order, so against the CPU like
-                // the rows above.
+                // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0):
+                // a different summation order, so against the CPU like the rows above.
                 gpu.set_deep_pipelines(true);
-                for tall in [false, true] {
-                    if !gpu.set_wgmma(true, tall) {
-                        break;
-                    }
-                    let tile = if tall { "wgmma 256-row" } else { "wgmma" };
+                if gpu.set_wgmma(true) {
                     let got = gpu.forward(&sample, &t)?;
                     let ms = gpu.time_forward(n, h, w, 5)?;
                     self.row_within(
-                        format!("{name} {precision} forward, {tile}"),
+                        format!("{name} {precision} forward, wgmma"),
                         desc.clone(),
                         got.data(),
                         want.data(),
@@ -1692,7 +1612,7 @@ impl Tester<'_> {
                     let grad = gpu.vjp(&cot)?;
                     let ms = gpu.time_forward_vjp(n, h, w, 5)?;
                     self.row_within(
-                        format!("{name} {precision} forward + vjp, {tile}"),
+                        format!("{name} {precision} forward + vjp, wgmma"),
                         desc.clone(),
                         grad.data(),
                         want_grad.data(),
@@ -1772,23 +1692,21 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 const WGMMA_VS_MMA: f64 = 1e-5;
 
 fn wgmma_path(p: &ConvLaunch) -> String {
-    let name = if p.tall { "wgmma 256-row" } else { "wgmma" };
     if p.splits > 1 {
-        format!("{name}, {} splits", p.splits)
+        format!("wgmma, {} splits", p.splits)
     } else {
-        name.into()
+        "wgmma".into()
     }
 }
 
-/// The deep pipeline a launch takes, its input and (when 4) its warps, for row names.
+/// The deep pipeline a launch takes and its input, for row names.
 fn deep_path(p: &ConvLaunch) -> String {
     let pipe = match (p.kernel, p.half_input) {
         (ConvKernel::Tensor(Precision::Tf32), _) => "async",
         (_, true) => "async, 16-bit input",
         _ => "staged",
     };
-    let warps = if p.wide_warps { ", 4 warps" } else { "" };
-    format!("{}, {pipe}{warps}", path(p.kernel, p.splits))
+    format!("{}, {pipe}", path(p.kernel, p.splits))
 }
 
 fn path(k: ConvKernel, splits: usize) -> String {

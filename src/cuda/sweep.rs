@@ -6,13 +6,12 @@
 //! For each distinct tensor-core convolution or token-wise linear launch of the program at one
 //! batch, size and precision (forward, and the input gradient when recording), the same problem
 //! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
-//! in bf16/fp16, the deep pipeline from a 16-bit input, each deep one on 8 warps and on 4
-//! (64x64 warp tiles), and on Hopper the wgmma kernel from a 16-bit input, each at several
-//! splits of K: 1, and those that keep the grid within four waves of the machine. The mma.sync
-//! variants compute the same sums in the same order for a given split (the selftest holds them
-//! to it), wgmma the same products in another order, so only the time differs. The planned
-//! launch is what `CudaUnet` runs by default (wgmma where the device has it). Times are means
-//! of CUDA-event-timed repetitions after a warm-up.
+//! in bf16/fp16, the deep pipeline from a 16-bit input, and on Hopper the wgmma kernel from a
+//! 16-bit input, each at several splits of K: 1, and those that keep the grid within four
+//! waves of the machine. The mma.sync variants compute the same sums in the same order for a
+//! given split (the selftest holds them to it), wgmma the same products in another order, so
+//! only the time differs. The planned launch is what `CudaUnet` runs by default (wgmma where
+//! the device has it). Times are means of CUDA-event-timed repetitions after a warm-up.
 
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use serde::Serialize;
@@ -30,11 +29,9 @@ use crate::{ensure, Error, Result};
 /// One variant of one launch and its time.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
-    /// `two-stage`, `deep` (fp32 input) or `deep, 16-bit input`, with `, 4 warps` for the
-    /// 4-warp kernels; `wgmma` (16-bit input, two warpgroups).
+    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input` or `wgmma` (16-bit input, two
+    /// warpgroups).
     pub pipeline: String,
-    /// Warps per block: 8, or 4 (deep pipelines only).
-    pub warps: usize,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
     pub ms: f64,
@@ -63,14 +60,6 @@ impl SweepRow {
             .iter()
             .min_by(|a, b| a.ms.total_cmp(&b.ms))
             .unwrap_or(&self.planned)
-    }
-
-    /// The fastest variant on `warps` warps per block (8 or 4), if any was timed.
-    pub fn best_on(&self, warps: usize) -> Option<&SweepVariant> {
-        self.variants
-            .iter()
-            .filter(|v| v.warps == warps)
-            .min_by(|a, b| a.ms.total_cmp(&b.ms))
     }
 }
 
@@ -148,9 +137,8 @@ pub fn sweep_convolutions(
 /// The variants of tensor-core launch `planned` of `shape` worth timing on a GPU of `sms`
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only),
-/// the deep ones on 8 and on 4 warps, the wgmma kernel (bf16/fp16, where `wgmma`: the device
-/// has it) over 64-deep slices, and the planned launch itself (on both warp layouts, if deep
-/// and not wgmma).
+/// the wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, and the
+/// planned launch itself.
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
     let ConvKernel::Tensor(precision) = planned.kernel else {
         return vec![planned];
@@ -169,23 +157,16 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             splits: k.div_ceil(per),
             k_per_split: per,
             wgmma: false,
-            tall: false,
             ..planned
         };
-        // (deep, 16-bit input, 4 warps): the two-stage kernel has 8 warps only.
-        let mut pipes = vec![
-            (false, false, false),
-            (true, false, false),
-            (true, false, true),
-        ];
+        let mut pipes = vec![(false, false), (true, false)];
         if precision.is_half() {
-            pipes.extend([(true, true, false), (true, true, true)]);
+            pipes.push((true, true));
         }
-        for (deep, half_input, wide_warps) in pipes {
+        for (deep, half_input) in pipes {
             let c = ConvLaunch {
                 deep,
                 half_input,
-                wide_warps,
                 ..base
             };
             if !out.contains(&c) {
@@ -195,72 +176,37 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
     }
     if wgmma && precision.is_half() {
         let ktiles = k.div_ceil(WGMMA_SLICE);
-        // 128-row tiles two per multiprocessor, 256-row tiles one.
-        for tall in [false, true] {
-            let (tiles, slots) = if tall {
-                (shape.rows().div_ceil(256) * shape.ncols.div_ceil(128), sms)
-            } else {
-                (tiles, 2 * sms)
+        for &s in SPLITS
+            .iter()
+            .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
+        {
+            let per = ktiles.div_ceil(s) * WGMMA_SLICE;
+            let c = ConvLaunch {
+                splits: k.div_ceil(per),
+                k_per_split: per,
+                deep: true,
+                half_input: true,
+                wgmma: true,
+                ..planned
             };
-            for &s in SPLITS
-                .iter()
-                .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * slots))
-            {
-                let per = ktiles.div_ceil(s) * WGMMA_SLICE;
-                let c = ConvLaunch {
-                    splits: k.div_ceil(per),
-                    k_per_split: per,
-                    deep: true,
-                    half_input: true,
-                    wide_warps: false,
-                    wgmma: true,
-                    tall,
-                    ..planned
-                };
-                if !out.contains(&c) {
-                    out.push(c);
-                }
+            if !out.contains(&c) {
+                out.push(c);
             }
         }
     }
-    // The planned launch, whose split may be none of the above, and its twin on the other
-    // warp layout.
-    let mut planned_pair = vec![planned];
-    if planned.deep && !planned.wgmma {
-        planned_pair.push(ConvLaunch {
-            wide_warps: !planned.wide_warps,
-            ..planned
-        });
-    }
-    for c in planned_pair {
-        if !out.contains(&c) {
-            out.push(c);
-        }
+    // The planned launch, whose split may be none of the above.
+    if !out.contains(&planned) {
+        out.push(planned);
     }
     out
 }
 
-fn pipeline_name(l: &ConvLaunch) -> String {
-    if l.wgmma {
-        return if l.tall { "wgmma 256-row" } else { "wgmma" }.into();
-    }
-    let pipe = match (l.deep, l.half_input) {
-        (false, _) => "two-stage",
-        (true, false) => "deep",
-        (true, true) => "deep, 16-bit input",
-    };
-    if l.wide_warps {
-        format!("{pipe}, 4 warps")
-    } else {
-        pipe.to_string()
-    }
-}
-
-fn warps(l: &ConvLaunch) -> usize {
-    if l.wide_warps {
-        4
-    } else {
-        8
+fn pipeline_name(l: &ConvLaunch) -> &'static str {
+    match (l.wgmma, l.deep, l.half_input) {
+        (true, ..) => "wgmma",
+        (false, false, _) => "two-stage",
+        (false, true, false) => "deep",
+        (false, true, true) => "deep, 16-bit input",
     }
 }
 
@@ -353,8 +299,7 @@ fn sweep_one(
             planned_ms = ms;
         }
         variants.push(SweepVariant {
-            pipeline: pipeline_name(c),
-            warps: warps(c),
+            pipeline: pipeline_name(c).to_string(),
             splits: c.splits,
             ms,
         });
@@ -365,8 +310,7 @@ fn sweep_one(
         count,
         flops,
         planned: SweepVariant {
-            pipeline: pipeline_name(&planned),
-            warps: warps(&planned),
+            pipeline: pipeline_name(&planned).to_string(),
             splits: planned.splits,
             ms: planned_ms,
         },
@@ -382,8 +326,7 @@ mod tests {
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
     /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
-    /// pipeline in bf16/fp16, 4 warps only with the deep pipeline and beside the same launch
-    /// on 8; the planned launch is among them.
+    /// pipeline in bf16/fp16; the planned launch is among them.
     #[test]
     fn candidates_are_valid_launches() {
         let shapes = [
@@ -403,7 +346,7 @@ mod tests {
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
                     if l.wgmma {
-                        assert!(precision.is_half() && l.half_input && l.deep && !l.wide_warps);
+                        assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % WGMMA_SLICE, 0);
                         continue;
                     }
@@ -412,14 +355,8 @@ mod tests {
                     assert!((l.splits - 1) * l.k_per_split < shape.k());
                     assert!(l.splits == 1 || tiles * l.splits <= MAX_WAVES * 2 * 132 + tiles);
                     assert!(!l.half_input || (l.deep && precision.is_half()));
-                    assert!(!l.wide_warps || l.deep);
-                    if l.deep {
-                        for wide_warps in [false, true] {
-                            assert!(c.contains(&ConvLaunch { wide_warps, ..*l }), "{l:?}");
-                        }
-                    }
                 }
-                let pipes = if precision.is_half() { 5 } else { 3 };
+                let pipes = if precision.is_half() { 3 } else { 2 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
             }
         }

@@ -77,11 +77,10 @@ pub struct CudaUnet {
     /// into a stream that is capturing.
     direct: bool,
     /// Tensor-core launches use the deep pipelines and, in bf16/fp16, 16-bit intermediates
-    /// (`Program::build_with`); off with `INVDIFF_TC_PIPELINE=two`, for comparisons. The deep
-    /// pipelines run on 8 warps, or 4 with `INVDIFF_TC_WARPS=4`. The results are the same.
-    /// Launches with 16-bit inputs use Hopper's wgmma kernel where the device has it (1.19x
-    /// the mma.sync kernels' speed on a bf16 forward at batch 8, H200); `INVDIFF_WGMMA=0`
-    /// turns it off, for comparisons; `INVDIFF_WGMMA_TILE=256` picks its 256-row tiles.
+    /// (`Program::build_with`); off with `INVDIFF_TC_PIPELINE=two`, for comparisons: the
+    /// results are the same. Launches with 16-bit inputs use Hopper's wgmma kernel where the
+    /// device has it (1.19x the mma.sync kernels' speed on a bf16 forward at batch 8, H200);
+    /// `INVDIFF_WGMMA=0` turns it off, for comparisons.
     tc: TcConfig,
 }
 
@@ -106,10 +105,8 @@ impl CudaUnet {
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = std::env::var("INVDIFF_NO_CUDA_GRAPH").map_or(true, |v| v != "1");
         let deep = std::env::var("INVDIFF_TC_PIPELINE").map_or(true, |v| v != "two");
-        let wide_warps = tc_warps(std::env::var("INVDIFF_TC_WARPS").ok().as_deref())?;
         let wgmma =
             gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
-        let wgmma_tall = std::env::var("INVDIFF_WGMMA_TILE").is_ok_and(|v| v == "256");
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
@@ -119,12 +116,7 @@ impl CudaUnet {
             tape: None,
             use_graphs,
             direct: false,
-            tc: TcConfig {
-                deep,
-                wide_warps,
-                wgmma,
-                wgmma_tall,
-            },
+            tc: TcConfig { deep, wgmma },
         })
     }
 
@@ -147,20 +139,10 @@ impl CudaUnet {
         self.tape = None;
     }
 
-    /// Chooses the 4-warp (`on`) or the 8-warp kernels for the deep tensor-core pipelines, for
-    /// comparisons (the results are the same); drops every plan.
-    pub(crate) fn set_wide_warps(&mut self, on: bool) {
-        self.tc.wide_warps = on;
-        self.plans.clear();
-        self.tape = None;
-    }
-
-    /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it; on
-    /// 256-row tiles if `tall`) or mma.sync, for comparisons; drops every plan. Returns whether
-    /// wgmma is now in use.
-    pub(crate) fn set_wgmma(&mut self, on: bool, tall: bool) -> bool {
+    /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
+    /// mma.sync, for comparisons; drops every plan. Returns whether wgmma is now in use.
+    pub(crate) fn set_wgmma(&mut self, on: bool) -> bool {
         self.tc.wgmma = on && self.gpu.kernels.has_wgmma();
-        self.tc.wgmma_tall = tall;
         self.plans.clear();
         self.tape = None;
         self.tc.wgmma
@@ -853,19 +835,6 @@ const HOLD_NS_PER_STEP: u64 = 20_000;
 const HOLD_MIN_NS: u64 = 2_000_000;
 const HOLD_MAX_NS: u64 = 200_000_000;
 
-/// Whether `INVDIFF_TC_WARPS` (its value, if set) selects the 4-warp tensor-core kernels: `4`
-/// does, `8` or unset does not. Anything else is an error rather than a silent default, so that
-/// a comparison of the two never times the wrong one.
-fn tc_warps(var: Option<&str>) -> Result<bool> {
-    match var.map(str::trim) {
-        None | Some("8") => Ok(false),
-        Some("4") => Ok(true),
-        Some(other) => Err(Error::input(format!(
-            "INVDIFF_TC_WARPS={other}: expected 4 or 8 (warps per tensor-core block)"
-        ))),
-    }
-}
-
 /// Deterministic values in [-1, 1) for timing runs.
 fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
     crate::rng::uniform_lcg(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, len, -1.0, 1.0)
@@ -1305,21 +1274,4 @@ pub(crate) fn attention_backward(
         )?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tc_warps_reads_4_or_8() {
-        assert!(!tc_warps(None).unwrap());
-        assert!(!tc_warps(Some("8")).unwrap());
-        assert!(tc_warps(Some("4")).unwrap());
-        assert!(tc_warps(Some(" 4\n")).unwrap());
-        for bad in ["", "2", "four", "16"] {
-            let e = tc_warps(Some(bad)).unwrap_err().to_string();
-            assert!(e.contains("INVDIFF_TC_WARPS"), "{e}");
-        }
-    }
 }
