@@ -60,29 +60,18 @@ template <bool VEC>
 DEVI void gemm_body(const ConvArgs& a) {
     __shared__ __align__(16) float As[2][BK][BM + APAD];
     __shared__ __align__(16) float Bs[2][BK][BN];
-    __shared__ int s_dy[9], s_dx[9], s_w[9];
+    __shared__ Taps taps;
 
     const int tid = threadIdx.x;
-    // Constant indices only: a run-time index into the parameter block would copy it to local
-    // memory.
-#pragma unroll
-    for (int t = 0; t < 9; ++t) {
-        if (tid == t) {
-            s_dy[t] = a.tap_dy[t];
-            s_dx[t] = a.tap_dx[t];
-            s_w[t] = a.tap_w[t];
-        }
-    }
+    stage_taps(a, taps);
 
     const int M = a.n * a.mh * a.mw;
     const int sc = a.sc;
     const int ncols = a.ncols;
-    const int K = a.taps * sc;
     const int m0 = blockIdx.x * BM;
     const int n0 = blockIdx.y * BN;
-    const int kb = blockIdx.z * a.k_per_split;
-    const int ke = min(K, kb + a.k_per_split);
-    const int ntiles = ke > kb ? (ke - kb + BK - 1) / BK : 0;
+    const KSplit ks = k_split(a, BK);
+    const int kb = ks.kb, ke = ks.ke, ntiles = ks.slices;
 
     // Loader roles: A row a_row, k offsets a_kq..a_kq+3; B row b_k, columns b_col..b_col+3.
     const int a_row = tid >> 1;
@@ -121,8 +110,8 @@ DEVI void gemm_body(const ConvArgs& a) {
             const int k = k0 + a_kq;
             float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
             if (a_ok && k < ke) {
-                const int iy = a_y + s_dy[at];
-                const int ix = a_x + s_dx[at];
+                const int iy = a_y + taps.dy[at];
+                const int ix = a_x + taps.dx[at];
                 if ((unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw)
                     v = *reinterpret_cast<const float4*>(a_base + ((long long)iy * a.sw + ix) * sc + aci);
             }
@@ -133,7 +122,7 @@ DEVI void gemm_body(const ConvArgs& a) {
             const int kr = k0 + b_k;
             float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
             if (kr < ke && b_col < ncols)
-                u = *reinterpret_cast<const float4*>(weights(a) + (long long)(s_w[bt] * sc + bci) * ncols + b_col);
+                u = *reinterpret_cast<const float4*>(weights(a) + (long long)(taps.w[bt] * sc + bci) * ncols + b_col);
             rb[0] = u.x; rb[1] = u.y; rb[2] = u.z; rb[3] = u.w;
             bci += BK;
             if (bci >= sc) { bci -= sc; ++bt; }
@@ -145,8 +134,8 @@ DEVI void gemm_body(const ConvArgs& a) {
                 if (a_ok && k < ke) {
                     const int t = k / sc;
                     const int ci = k - t * sc;
-                    const int iy = a_y + s_dy[t];
-                    const int ix = a_x + s_dx[t];
+                    const int iy = a_y + taps.dy[t];
+                    const int ix = a_x + taps.dx[t];
                     if ((unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw)
                         v = a_base[((long long)iy * a.sw + ix) * sc + ci];
                 }
@@ -156,7 +145,7 @@ DEVI void gemm_body(const ConvArgs& a) {
             long long row = -1;
             if (kr < ke) {
                 const int t = kr / sc;
-                row = (long long)s_w[t] * sc + (kr - t * sc);
+                row = (long long)taps.w[t] * sc + (kr - t * sc);
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {

@@ -62,6 +62,34 @@ DEVI float finish_with_bias(const ConvArgs& a, float bias, int img, long long pi
     return v;
 }
 
+// The launch's taps in shared memory, written by its first nine threads (the caller
+// synchronises before reading them). The GEMM kernels index them by a run-time tap number, and
+// a run-time index into the parameter block would copy the whole block to local memory.
+struct Taps {
+    int dy[9], dx[9], w[9];
+};
+DEVI void stage_taps(const ConvArgs& a, Taps& s) {
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+        if (threadIdx.x == t) {
+            s.dy[t] = a.tap_dy[t];
+            s.dx[t] = a.tap_dx[t];
+            s.w[t] = a.tap_w[t];
+        }
+    }
+}
+
+// The K range [kb, ke) of split blockIdx.z, in `slices` slices of bk.
+struct KSplit {
+    int kb, ke, slices;
+};
+DEVI KSplit k_split(const ConvArgs& a, int bk) {
+    const int K = a.taps * a.sc;
+    const int kb = blockIdx.z * a.k_per_split;
+    const int ke = min(K, kb + a.k_per_split);
+    return {kb, ke, ke > kb ? (ke - kb + bk - 1) / bk : 0};
+}
+
 DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
     return finish_with_bias(a, a.bias != nullptr ? a.bias[col] : 0.0f, img, pix, col, acc);
 }

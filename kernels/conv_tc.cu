@@ -166,31 +166,20 @@ template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned c
     using AT = typename AElem<AH>::type;
     constexpr int BK = C::BK;
     constexpr int KC = C::KC;
-    __shared__ int s_dy[9], s_dx[9], s_w[9];
+    __shared__ Taps taps;
 
     const int tid = threadIdx.x;
     const int lane = tid & 31;
     const int warp = tid >> 5;
-    // Constant indices only: a run-time index into the parameter block would copy it to local
-    // memory.
-#pragma unroll
-    for (int t = 0; t < 9; ++t) {
-        if (tid == t) {
-            s_dy[t] = a.tap_dy[t];
-            s_dx[t] = a.tap_dx[t];
-            s_w[t] = a.tap_w[t];
-        }
-    }
+    stage_taps(a, taps);
 
     const int M = a.n * a.mh * a.mw;
     const int sc = a.sc;
     const int ncols = a.ncols;
-    const int K = a.taps * sc;
     const int m0 = blockIdx.x * TBM;
     const int n0 = blockIdx.y * TBN;
-    const int kb = blockIdx.z * a.k_per_split;
-    const int ke = min(K, kb + a.k_per_split);
-    const int ntiles = ke > kb ? (ke - kb + BK - 1) / BK : 0;
+    const KSplit ks = k_split(a, BK);
+    const int kb = ks.kb, ke = ks.ke, ntiles = ks.slices;
 
     // A loader: rows a_row and a_row + 64, chunk a_kc of the 64-byte row (the same k for both,
     // so one (tap, channel) cursor serves them).
@@ -255,8 +244,8 @@ template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned c
             const AT* src = xa;
             bool ok = false;
             if (a_ok[j] && k < ke) {
-                const int iy = a_y[j] + s_dy[at];
-                const int ix = a_x[j] + s_dx[at];
+                const int iy = a_y[j] + taps.dy[at];
+                const int ix = a_x[j] + taps.dx[at];
                 if ((unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw) {
                     src = a_base[j] + ((long long)iy * a.sw + ix) * sc + aci;
                     ok = true;
@@ -307,7 +296,7 @@ template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned c
             const int row = b_row + j * B_ROW_STEP;
             const bool ok = b_col_ok && k0 + row < ke;
             const void* src = a.w;
-            if (ok) src = wbytes + ((long long)(s_w[bt[j]] * sc + bci[j]) * ncols + b_col) * C::ESZ;
+            if (ok) src = wbytes + ((long long)(taps.w[bt[j]] * sc + bci[j]) * ncols + b_col) * C::ESZ;
             cp_async16(b_stage(buf) + row * C::BPITCH + b_nc * 16, src, ok);
             bci[j] += BK;
             while (bci[j] >= sc) {

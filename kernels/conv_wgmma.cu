@@ -84,28 +84,17 @@ template <> DEVI void wg_mma<2>(float (&d)[64], uint64_t da, uint64_t db) {
 
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType).
 template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
-    __shared__ int s_dy[9], s_dx[9], s_w[9];
+    __shared__ Taps taps;
     const int tid = threadIdx.x;
-    // Constant indices only: a run-time index into the parameter block would copy it to local
-    // memory.
-#pragma unroll
-    for (int t = 0; t < 9; ++t) {
-        if (tid == t) {
-            s_dy[t] = a.tap_dy[t];
-            s_dx[t] = a.tap_dx[t];
-            s_w[t] = a.tap_w[t];
-        }
-    }
+    stage_taps(a, taps);
 
     const int M = a.n * a.mh * a.mw;
     const int sc = a.sc;
     const int ncols = a.ncols;
-    const int K = a.taps * sc;
     const int m0 = blockIdx.x * WG_TM;
     const int n0 = blockIdx.y * WG_TN;
-    const int kb = blockIdx.z * a.k_per_split;
-    const int ke = min(K, kb + a.k_per_split);
-    const int ntiles = ke > kb ? (ke - kb + WG_BK - 1) / WG_BK : 0;
+    const KSplit ks = k_split(a, WG_BK);
+    const int kb = ks.kb, ke = ks.ke, ntiles = ks.slices;
 
     // Loaders: chunk c of rows r0 + 32j (j < 4) of both operands; one (tap, channel) cursor,
     // since the A and B chunks of a thread share their k.
@@ -145,9 +134,9 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
         int dy = 0, dx = 0;
         long long wrow = 0;
         if (kok) {
-            dy = s_dy[at];
-            dx = s_dx[at];
-            wrow = (long long)s_w[at] * ncols;
+            dy = taps.dy[at];
+            dx = taps.dx[at];
+            wrow = (long long)taps.w[at] * ncols;
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {

@@ -262,6 +262,13 @@ DEVI BwdChannel bwd_channel(const float* stats, const float* means, const float*
 struct BwdUnit {
     BwdChannel ch[4];
 };
+DEVI BwdUnit bwd_unit(const float* stats, const float* means, const float* gamma, const float* beta, int groups,
+                      int cg, int u) {
+    BwdUnit k;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) k.ch[j] = bwd_channel(stats, means, gamma, beta, groups, cg, 4 * u + j);
+    return k;
+}
 
 // rstd (g - mean(g) - xhat mean(g xhat)) for one element; the CPU's formula.
 DEVI float bwd_value(float xv, float dyv, const BwdChannel& k, int silu) {
@@ -286,12 +293,7 @@ extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const f
                                         const float* gamma, const float* beta, float* dx, int hw, int c, int groups,
                                         int silu, int accumulate, int vec4) {
     const int cg = c / groups;
-    auto unit = [&](int u) {
-        BwdUnit k;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) k.ch[j] = bwd_channel(stats, means, gamma, beta, groups, cg, 4 * u + j);
-        return k;
-    };
+    auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     if (vec4) {
         for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
             float v[4];
@@ -324,12 +326,7 @@ extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, co
                                              const float* means, const float* gamma, const float* beta, uint2* dx,
                                              int hw, int c, int groups, int silu, int kind) {
     const int cg = c / groups;
-    auto unit = [&](int u) {
-        BwdUnit k;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) k.ch[j] = bwd_channel(stats, means, gamma, beta, groups, cg, 4 * u + j);
-        return k;
-    };
+    auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
         float v[4];
         bwd_values4(x, dy, k, silu, e, v);

@@ -419,9 +419,10 @@ impl Program {
 
     /// [`build`](Self::build), choosing the tensor-core kernels ([`TcConfig`]): the deep
     /// pipelines (the default) or the two-stage ones (kernels/conv_tc.cu), which compute the
-    /// same. With deep pipelines in bf16 and fp16, GroupNorm and upsampling outputs are stored in 16 bits when every reader is a
-    /// convolution (or token-wise linear layer) on the tensor-core kernel taking it as its main
-    /// input: those kernels round their input to that precision anyway, so storing it rounded
+    /// same, and wgmma where asked. With deep pipelines in bf16 and fp16, GroupNorm and
+    /// upsampling outputs are stored in 16 bits when every reader is a convolution (or
+    /// token-wise linear layer) on the tensor-core kernel taking it as its main input: those
+    /// kernels round their input to that precision anyway, so storing it rounded
     /// halves the traffic and changes no result; the backward pass never reads these values
     /// (GroupNorm's backward reads its input, the convolutions' input gradients none). Likewise
     /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,

@@ -25,7 +25,7 @@ use crate::cpu::{attention, norm, resample, CpuUnet};
 use crate::model::graph::Pad;
 use crate::model::{Graph, Model, Weights};
 use crate::tensor::rel_l2;
-use crate::{Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
 pub const TOLERANCE: f64 = 1e-5;
@@ -1543,86 +1543,94 @@ impl Tester<'_> {
             let (want, tape) = cpu.forward_recording(&sample, &t)?;
             let want_grad = cpu.vjp(tape, &cot)?;
             let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
+            let io = NetworkIo {
+                desc: &desc,
+                sample: &sample,
+                t: &t,
+                cot: &cot,
+            };
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                let label = format!("{name} {precision}");
                 // Whatever INVDIFF_TC_PIPELINE and INVDIFF_WGMMA say: the rows below compare
                 // each choice.
                 gpu.set_deep_pipelines(true);
                 gpu.set_wgmma(false);
-                let got = gpu.forward(&sample, &t)?;
-                let ms = gpu.time_forward(n, h, w, 5)?;
-                self.row_within(
-                    format!("{name} {precision} forward"),
-                    desc.clone(),
-                    got.data(),
-                    want.data(),
-                    ms,
-                    eps_tol,
-                );
-                gpu.forward_recording(&sample, &t)?;
-                let grad = gpu.vjp(&cot)?;
-                let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                self.row_within(
-                    format!("{name} {precision} forward + vjp"),
-                    desc.clone(),
-                    grad.data(),
-                    want_grad.data(),
-                    ms,
-                    grad_tol,
-                );
+                let (got, grad) = self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [format!("{label} forward"), format!("{label} forward + vjp")],
+                    (want.data(), want_grad.data()),
+                    (eps_tol, grad_tol),
+                )?;
                 // The deep pipelines and 16-bit intermediates change no result
                 // (Program::build_with): the two-stage kernels with fp32 intermediates. Not
                 // held to 0 like the single convolutions: the 16-bit GroupNorm kernels share
                 // their per-element code with the fp32 ones, but are separate compilations.
                 gpu.set_deep_pipelines(false);
-                let full = gpu.forward(&sample, &t)?;
-                let ms = gpu.time_forward(n, h, w, 5)?;
-                self.row(
-                    format!("{name} {precision} forward, deep vs two-stage pipelines"),
-                    desc.clone(),
-                    got.data(),
-                    full.data(),
-                    ms,
-                );
-                gpu.forward_recording(&sample, &t)?;
-                let full_grad = gpu.vjp(&cot)?;
-                let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                self.row(
-                    format!("{name} {precision} vjp, deep vs two-stage pipelines"),
-                    desc.clone(),
-                    grad.data(),
-                    full_grad.data(),
-                    ms,
-                );
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, deep vs two-stage pipelines"),
+                        format!("{label} vjp, deep vs two-stage pipelines"),
+                    ],
+                    (got.data(), grad.data()),
+                    (TOLERANCE, TOLERANCE),
+                )?;
                 // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0):
-                // a different summation order, so against the CPU like the rows above.
+                // a different summation order, so against the CPU like the first rows.
                 gpu.set_deep_pipelines(true);
                 if gpu.set_wgmma(true) {
-                    let got = gpu.forward(&sample, &t)?;
-                    let ms = gpu.time_forward(n, h, w, 5)?;
-                    self.row_within(
-                        format!("{name} {precision} forward, wgmma"),
-                        desc.clone(),
-                        got.data(),
-                        want.data(),
-                        ms,
-                        eps_tol,
-                    );
-                    gpu.forward_recording(&sample, &t)?;
-                    let grad = gpu.vjp(&cot)?;
-                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                    self.row_within(
-                        format!("{name} {precision} forward + vjp, wgmma"),
-                        desc.clone(),
-                        grad.data(),
-                        want_grad.data(),
-                        ms,
-                        grad_tol,
-                    );
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma"),
+                            format!("{label} forward + vjp, wgmma"),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// One network check's input: its description, sample, timesteps and cotangent.
+struct NetworkIo<'a> {
+    desc: &'a str,
+    sample: &'a Tensor,
+    t: &'a [f32],
+    cot: &'a Tensor,
+}
+
+impl Tester<'_> {
+    /// `gpu`'s forward and forward + VJP on `io` as it is configured, each timed and checked
+    /// against `want` within `limits` (rows named by `names`); the results, for the next
+    /// configuration's comparison.
+    fn network_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        io: &NetworkIo,
+        names: [String; 2],
+        want: (&[f32], &[f32]),
+        limits: (f64, f64),
+    ) -> Result<(Tensor, Tensor)> {
+        let [n, _, h, w] = io.sample.shape()[..] else {
+            return Err(Error::Cuda("internal: a network sample is not NCHW".into()));
+        };
+        let [fwd_name, vjp_name] = names;
+        let got = gpu.forward(io.sample, io.t)?;
+        let ms = gpu.time_forward(n, h, w, 5)?;
+        self.row_within(fwd_name, io.desc.into(), got.data(), want.0, ms, limits.0);
+        gpu.forward_recording(io.sample, io.t)?;
+        let grad = gpu.vjp(io.cot)?;
+        let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+        self.row_within(vjp_name, io.desc.into(), grad.data(), want.1, ms, limits.1);
+        Ok((got, grad))
     }
 }
 
