@@ -94,6 +94,18 @@ DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc)
     return finish_with_bias(a, a.bias != nullptr ? a.bias[col] : 0.0f, img, pix, col, acc);
 }
 
+// Two adjacent outputs (row m, columns col and col + 1) of a tensor-core tile: raw partial sums
+// into split blockIdx.z's workspace when K is split (`split`), else finished into y.
+DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, long long pix, int col, float2 v) {
+    if (split) {
+        *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * a.ncols + col) = v;
+    } else {
+        v.x = finish(a, rc.img, pix, col, v.x);
+        v.y = finish(a, rc.img, pix, col + 1, v.y);
+        *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = v;
+    }
+}
+
 // Asynchronous copies global -> shared (cp.async), for the pipelined kernels of both files.
 DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 

@@ -431,14 +431,7 @@ template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned c
             for (int j = 0; j < 4; ++j) {
                 const int col = n0 + wn + j * 8 + 2 * q;
                 if (col >= ncols) continue;
-                float2 v = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-                if (split) {
-                    *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * ncols + col) = v;
-                } else {
-                    v.x = finish(a, rc.img, pix, col, v.x);
-                    v.y = finish(a, rc.img, pix, col + 1, v.y);
-                    *reinterpret_cast<float2*>(a.y + pix * ncols + col) = v;
-                }
+                store_pair(a, split, M, m, rc, pix, col, make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]));
             }
         }
     }
