@@ -12,8 +12,8 @@
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split:
 #       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
-#   (e) full-size parity against diffusers (strict fp32) and 10-step DPS / PiGDM trajectories, GPU
-#       against CPU.
+#   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
+#       real sample, and 10-step DPS / PiGDM trajectories, GPU against CPU.
 # Expected wall time on an H100/H200 about 5-6 minutes (each phase's estimate is beside it); a
 # deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
@@ -264,6 +264,11 @@ else
 fi
 MODEL_ARG=()
 [ -f /tmp/m/config.json ] && MODEL_ARG=(--model /tmp/m)
+# A whole 1000-step DPS restoration in bf16 on the real sample (issue 6 asks <= 6 s; ~15 s).
+run 90 restore1000.txt "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
+    --measurement tests/data/ffhq-deblur/0.safetensors --steps 1000 --seed 3 --precision bf16 \
+    --output /tmp/restore1000.png --report "$W/restore1000.json" --device cuda
+note "restore: 1000 DPS steps, bf16 (exit $?): $(grep -m 1 -E 'invdiff restore:|rror' "$W/restore1000.txt")"
 for m in dps pigdm; do
     for d in cuda cpu; do
         run 150 "traj_${m}_$d.txt" "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method $m \

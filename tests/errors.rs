@@ -273,6 +273,11 @@ fn cli_restore_rejects_bad_measurements() {
     safetensors::write(&one, &[("truth", &truth)], None).unwrap();
     let err = restore_fails("dps", &inputs, &d, &["--truth", one.to_str().unwrap()]);
     assert_mentions(&err, &["2 measurements but 1 ground-truth"]);
+    // Half precision is a GPU feature, and an unknown precision is named.
+    let err = restore_fails("dps", &inputs, &d, &["--precision", "bf16"]);
+    assert_mentions(&err, &["bf16", "CUDA GPU", "fp32"]);
+    let err = restore_fails("dps", &inputs, &d, &["--precision", "fp8"]);
+    assert_mentions(&err, &["fp8", "bf16"]);
 }
 
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own

@@ -42,7 +42,7 @@ pub struct Args {
     what: What,
     /// Precision of the convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU only;
     /// accumulation and everything else stay fp32).
-    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    #[arg(long, default_value = "fp32", value_parser = super::parse_precision)]
     precision: Precision,
     /// Also write the figures as one JSON object to this file (with `--profile`, every step).
     #[arg(long)]
@@ -64,10 +64,6 @@ enum What {
     Forward,
     Dps,
     Both,
-}
-
-fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
-    s.parse().map_err(|e: Error| e.to_string())
 }
 
 /// Parses `HxW` or `S`.

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use invdiff::cuda::Precision;
 use invdiff::engine::{DeviceChoice, Engine};
 use invdiff::io::{image, safetensors};
 use invdiff::model::Model;
@@ -92,13 +93,18 @@ fn load_model(dir: Option<&Path>) -> Result<Model> {
 
 /// Puts the model on the requested device, printing the one-line notice of an `auto` fallback.
 /// The engine keeps the weights in its own layouts, so the model's host copy is freed.
-fn engine(model: &mut Model, device: DeviceChoice) -> Result<Engine> {
-    let e = Engine::new(model, device)?;
+fn engine(model: &mut Model, device: DeviceChoice, precision: Precision) -> Result<Engine> {
+    let e = Engine::with_precision(model, device, precision)?;
     model.weights = Default::default();
     if let Some(n) = e.notice() {
         eprintln!("invdiff: {n}");
     }
     Ok(e)
+}
+
+/// `--precision` parser for clap.
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse().map_err(|e: invdiff::Error| e.to_string())
 }
 
 /// `--device` parser for clap.

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use invdiff::cuda::Precision;
 use invdiff::engine::DeviceChoice;
 use invdiff::inverse::{psnr_u8, ssim, CircularBlur, LinearOperator};
 use invdiff::io::{image, safetensors};
@@ -90,6 +91,10 @@ pub struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = super::parse_device)]
     device: DeviceChoice,
+    /// Precision of the network's convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU
+    /// only; accumulation, normalisation statistics and the sampler state stay fp32).
+    #[arg(long, default_value = "fp32", value_parser = super::parse_precision)]
+    precision: Precision,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -240,7 +245,7 @@ pub fn run(a: Args) -> Result<()> {
             "--noise holds one batch: use --batch with all inputs in it",
         ));
     }
-    let mut engine = super::engine(&mut model, a.device)?;
+    let mut engine = super::engine(&mut model, a.device, a.precision)?;
     eprintln!(
         "invdiff restore: {:?} ({} steps, scale {scale}) on {} image(s), {}",
         a.method,
@@ -376,6 +381,7 @@ pub fn run(a: Args) -> Result<()> {
                 "batch": a.batch,
                 "shard": a.shard.map(|(i, n)| format!("{i}/{n}")),
                 "device": engine.device_name(),
+                "precision": engine.precision().name(),
             },
             "images": reports,
             "seconds": total_s,
