@@ -6,6 +6,12 @@
 // PyTorch's [out, inp] layout with consecutive lanes on consecutive addresses, and the input row
 // (which every warp of the row shares, from L1). Token-wise linears (q/k/v and the attention
 // output projection) have thousands of rows and go through conv_gemm instead.
+//
+// linear_rows is one layer; linear_batch is several layers that read the same input (every
+// resnet's projection of the time embedding, 32 in celebahq-256) in one launch: each of those
+// launches is a few hundred warps, so their cost was the launch itself (~12.5 us each on an H200).
+// Its warps compute exactly what linear_rows computes for the same output (same loads, same fma
+// order, same reduction), so the two are bit-identical.
 #include "common.cuh"
 
 // Blocks of 256 threads, grid-stride over rows * out warps.
@@ -31,6 +37,62 @@ extern "C" __global__ void linear_rows(const float* x, const float* w, const flo
             float b = bias[o];
             if (res != nullptr) b += res[e];
             y[e] = (b + acc) / out_div;
+        }
+    }
+}
+
+// One layer of linear_batch: its weights [out, inp], bias and output [rows, out], its width and
+// the sum of the widths of the layers before it. kernels.rs `LinearItem` writes it field for
+// field (32 bytes).
+struct LinearItem {
+    const float* w;
+    const float* bias;
+    float* y;
+    int out;
+    int start;
+};
+
+// Layers per launch: the table is cached in shared memory (2 KB). Rust: LINEAR_BATCH_MAX.
+#define LINEAR_BATCH_MAX 64
+
+// Blocks of 256 threads, grid-stride over rows * total_out warps, total_out the sum of the
+// layers' widths: warp e computes output j = e % total_out of row e / total_out, which belongs
+// to the last layer whose start is <= j.
+extern "C" __global__ void linear_batch(const float* x, const LinearItem* items, int n_items, int rows, int inp,
+                                        int total_out, int silu_in, float out_div) {
+    __shared__ LinearItem its[LINEAR_BATCH_MAX];
+    const int n = min(n_items, LINEAR_BATCH_MAX);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) its[i] = items[i];
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const long long total = (long long)rows * total_out;
+    for (long long e = grid_start() >> 5; e < total; e += grid_stride() >> 5) {
+        const int r = (int)(e / total_out);
+        const int j = (int)(e - (long long)r * total_out);
+        // Binary search over the starts, which increase: the same answer for the whole warp.
+        int lo = 0, hi = n - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (its[mid].start <= j) lo = mid;
+            else hi = mid - 1;
+        }
+        const LinearItem it = its[lo];
+        const int o = j - it.start;
+        // Only a table that disagrees with total_out gets here; skip rather than write outside.
+        if (o < 0 || o >= it.out) continue;
+        const float* xr = x + (long long)r * inp;
+        const float* wr = it.w + (long long)o * inp;
+        float acc = 0.f;
+        // As in linear_rows, loop and reduction included.
+#pragma unroll 8
+        for (int i = lane; i < inp; i += 32) {
+            const float v = silu_in ? silu_f(xr[i]) : xr[i];
+            acc = fmaf(v, wr[i], acc);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            const float b = it.bias[o];
+            it.y[(long long)r * it.out + o] = (b + acc) / out_div;
         }
     }
 }

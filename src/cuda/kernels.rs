@@ -17,7 +17,7 @@
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
 //!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
-//! - `linear_rows`, `softmax_*`: 256 (8 warps, a warp per output row or element), grid-stride,
+//! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or element), grid-stride,
 //!   capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
@@ -74,6 +74,52 @@ struct ConvArgs {
 const _: () = assert!(std::mem::size_of::<ConvArgs>() == 232);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
+
+/// Layers one `linear_batch` launch computes at most (kernels/linear.cu caches their table in
+/// shared memory).
+pub(crate) const LINEAR_BATCH_MAX: usize = 64;
+
+/// LinearItem of kernels/linear.cu, field for field: one layer of a `linear_batch` launch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct LinearItem {
+    w: DPtr,
+    bias: DPtr,
+    y: DPtr,
+    out: i32,
+    start: i32,
+}
+const _: () = assert!(std::mem::size_of::<LinearItem>() == 32);
+
+/// f32 slots one layer takes in a `linear_batch` table.
+pub(crate) const LINEAR_ITEM_WORDS: usize = std::mem::size_of::<LinearItem>() / 4;
+
+/// The table a `linear_batch` launch reads, as the f32 words of the buffer that holds it: per
+/// layer `(w, bias, y, out)`, its weights `[out, inp]`, bias `[out]` and output `[rows, out]`.
+pub(crate) fn linear_batch_table(layers: &[(DPtr, DPtr, DPtr, usize)]) -> Result<Vec<f32>> {
+    if layers.is_empty() || layers.len() > LINEAR_BATCH_MAX {
+        return Err(Error::Cuda(format!(
+            "internal: a batched linear launch of {} layers (1 to {LINEAR_BATCH_MAX})",
+            layers.len()
+        )));
+    }
+    let mut start = 0;
+    let mut items = Vec::with_capacity(layers.len());
+    for &(w, bias, y, out) in layers {
+        for (p, what) in [(w, "weights"), (bias, "bias"), (y, "output")] {
+            need(p, what)?;
+        }
+        items.push(LinearItem {
+            w,
+            bias,
+            y,
+            out: i32_of(out, "outputs")?,
+            start: i32_of(start, "batched outputs")?,
+        });
+        start += out;
+    }
+    Ok(bytemuck::cast_slice(&items).to_vec())
+}
 
 /// GemmArgs of kernels/gemm.cu, field for field.
 #[repr(C)]
@@ -597,6 +643,7 @@ pub(crate) struct Kernels {
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
     linear_rows: CudaFunction,
+    linear_batch: CudaFunction,
     gn_partial: CudaFunction,
     gn_finalize: CudaFunction,
     gn_apply: CudaFunction,
@@ -828,6 +875,7 @@ impl Kernels {
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             linear_rows: get("linear", "linear_rows")?,
+            linear_batch: get("linear", "linear_batch")?,
             gn_partial: get("norm", "gn_partial")?,
             gn_finalize: get("norm", "gn_finalize")?,
             gn_apply: get("norm", "gn_apply")?,
@@ -1282,6 +1330,55 @@ impl Kernels {
         cu(
             unsafe { b.launch(self.warps(rows * out)) }.map(drop),
             "launching linear_rows",
+        )
+    }
+
+    /// [`linear_rows`](Self::linear_rows) (no residual) of several layers reading the same
+    /// `x` in one launch: `table` ([`linear_batch_table`]) lists `layers` layers whose widths
+    /// add up to `total_out`, each writing its own output.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_batch(
+        &self,
+        st: &CudaStream,
+        x: DPtr,
+        table: DPtr,
+        layers: usize,
+        total_out: usize,
+        rows: usize,
+        inp: usize,
+        silu_in: bool,
+        out_div: f32,
+    ) -> Result<()> {
+        need(x, "input")?;
+        need(table, "layer table")?;
+        if layers == 0 || layers > LINEAR_BATCH_MAX {
+            return Err(Error::Cuda(format!(
+                "internal: a batched linear launch of {layers} layers (1 to {LINEAR_BATCH_MAX})"
+            )));
+        }
+        let (l, r, i, o) = (
+            i32_of(layers, "layers")?,
+            i32_of(rows, "rows")?,
+            i32_of(inp, "inputs")?,
+            i32_of(total_out, "batched outputs")?,
+        );
+        i32_of(rows * total_out.max(inp), "rows x width")?;
+        let silu = silu_in as i32;
+        let mut b = st.launch_builder(&self.linear_batch);
+        b.arg(&x)
+            .arg(&table)
+            .arg(&l)
+            .arg(&r)
+            .arg(&i)
+            .arg(&o)
+            .arg(&silu)
+            .arg(&out_div);
+        // SAFETY: x is rows x inp; the table holds `layers` items whose widths add up to
+        // total_out, each with weights out x inp, a bias of out and an output of rows x out
+        // (the kernel skips outputs past an item's width).
+        cu(
+            unsafe { b.launch(self.warps(rows * total_out)) }.map(drop),
+            "launching linear_batch",
         )
     }
 

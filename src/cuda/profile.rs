@@ -182,6 +182,31 @@ impl Step {
                     1,
                 )
             },
+            LinearBatch {
+                inp,
+                silu_in,
+                layers,
+                ..
+            } => {
+                let outs = layers.iter().map(|l| l.out);
+                let (lo, hi) = (outs.clone().min(), outs.clone().max());
+                let widths = match (lo, hi) {
+                    (Some(lo), Some(hi)) if lo < hi => format!("{lo}..{hi}"),
+                    _ => hi.unwrap_or(0).to_string(),
+                };
+                StepInfo {
+                    flops: outs.map(|out| 2.0 * (n * inp * out) as f64).sum(),
+                    ..plain(
+                        "time embedding",
+                        format!(
+                            "{} linear {inp}->{widths}{}",
+                            layers.len(),
+                            if *silu_in { " (SiLU input)" } else { "" }
+                        ),
+                        1,
+                    )
+                }
+            }
             GroupNorm {
                 hw,
                 c,

@@ -12,8 +12,8 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    DPtr, NormDims,
+    at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
+    ConvPtrs, ConvShape, DPtr, NormDims,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -903,6 +903,71 @@ impl Tester<'_> {
                 if with_res { " +res /div" } else { "" }
             );
             self.row(op, format!("{rows} x {inp}->{out}"), &got, &want, ms);
+        }
+        // Several few-row layers on the same input in one launch (every resnet's projection of
+        // the time embedding): bit for bit what linear_rows computes for each, and the CPU's.
+        for (rows, inp) in [(1, 512), (3, 72)] {
+            let outs = [128, 256, 512, 24];
+            let x = self.rand(rows * inp, -2.0, 2.0);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let total: usize = outs.iter().sum();
+            let xd = self.up(&x)?;
+            let (single, batched) = (self.zeros(rows * total)?, self.zeros(rows * total)?);
+            let (mut layers, mut devs, mut want) = (Vec::new(), Vec::new(), Vec::new());
+            let mut at_out = 0;
+            for &out in &outs {
+                let wt = self.rand(out * inp, -bound, bound);
+                let b = self.rand(out, -1.0, 1.0);
+                let p = LinearParams::new(wt.clone(), b.clone(), out, inp);
+                let mut y = vec![0.0; rows * out];
+                linear::forward(&p, &x, true, None, 1.0, &mut y, 1);
+                want.extend(y);
+                let (wd, bd) = (self.up(&wt)?, self.up(&b)?);
+                layers.push((wd.ptr, bd.ptr, at(batched.ptr, at_out), out));
+                gpu.kernels.linear_rows(
+                    st,
+                    xd.ptr,
+                    wd.ptr,
+                    bd.ptr,
+                    0,
+                    at(single.ptr, at_out),
+                    rows,
+                    inp,
+                    out,
+                    true,
+                    1.0,
+                )?;
+                devs.push((wd, bd));
+                at_out += rows * out;
+            }
+            let table = self.up(&linear_batch_table(&layers)?)?;
+            let ms = self.timed(
+                || Ok(()),
+                || {
+                    gpu.kernels.linear_batch(
+                        st,
+                        xd.ptr,
+                        table.ptr,
+                        outs.len(),
+                        total,
+                        rows,
+                        inp,
+                        true,
+                        1.0,
+                    )
+                },
+            )?;
+            let got = batched.download(st)?;
+            let shape = format!("{rows} x {inp}->{outs:?}");
+            self.row_within(
+                "linear batch silu-in, bits of linear_rows".into(),
+                shape.clone(),
+                &got,
+                &single.download(st)?,
+                ms,
+                0.0,
+            );
+            self.row("linear batch silu-in".into(), shape, &got, &want, ms);
         }
         // Token-wise (q/k/v, attention output): the implicit GEMM with one tap.
         for (rows, inp, out, accumulate) in [(37, 48, 144, false), (256, 512, 1536, true)] {

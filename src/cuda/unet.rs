@@ -18,7 +18,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaGraph, CudaStream, DevicePtr, DevicePtrMut};
 
 use super::device::{cu, Gpu};
-use super::kernels::{at, ConvPtrs, DPtr, Gemm, Kernels, NormDims};
+use super::kernels::{at, linear_batch_table, ConvPtrs, DPtr, Gemm, Kernels, NormDims};
 use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
@@ -59,6 +59,31 @@ impl ShapePlan {
     fn range(&self, b: Buf) -> std::ops::Range<usize> {
         let o = self.placement.offsets[b.0];
         o..o + self.program.len(b)
+    }
+
+    /// Writes the batched linear layers' tables (their weights' and outputs' addresses) into
+    /// the arena, once: the plan pins them for the whole program, so every pass and graph
+    /// replay reads them without any copy of its own.
+    fn write_tables(&mut self, st: &Arc<CudaStream>, wts: &DevWeights) -> Result<()> {
+        for s in &self.program.steps {
+            let Step::LinearBatch {
+                ref layers, table, ..
+            } = *s
+            else {
+                continue;
+            };
+            let layers = layers
+                .iter()
+                .map(|l| Ok((wts.ptr(l.w)?, wts.ptr(l.b)?, self.ptr(l.y), l.out)))
+                .collect::<Result<Vec<_>>>()?;
+            let words = linear_batch_table(&layers)?;
+            let range = self.range(table);
+            cu(
+                st.memcpy_htod(&words, &mut self.arena.slice.slice_mut(range)),
+                "copying a batched linear table to the GPU",
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -667,16 +692,15 @@ impl CudaUnet {
             }
         }
         let arena = DevBuf::zeros(&self.gpu.stream, placement.len)?;
-        self.plans.insert(
-            key,
-            ShapePlan {
-                program,
-                placement,
-                arena,
-                forward: None,
-                backward: None,
-            },
-        );
+        let mut plan = ShapePlan {
+            program,
+            placement,
+            arena,
+            forward: None,
+            backward: None,
+        };
+        plan.write_tables(&self.gpu.stream, &self.weights)?;
+        self.plans.insert(key, plan);
         Ok(())
     }
 
@@ -900,6 +924,24 @@ fn launch(
             n,
             inp,
             out,
+            silu_in,
+            out_div,
+        ),
+        Step::LinearBatch {
+            x,
+            inp,
+            silu_in,
+            out_div,
+            ref layers,
+            table,
+        } => k.linear_batch(
+            st,
+            p(x),
+            p(table),
+            layers.len(),
+            layers.iter().map(|l| l.out).sum(),
+            n,
+            inp,
             silu_in,
             out_div,
         ),
