@@ -14,6 +14,19 @@
 // order, same reduction), so the two are bit-identical.
 #include "common.cuh"
 
+// One output's dot product f(x row) . (W row), f = SiLU or identity, summed across the warp
+// (every lane gets the sum). Unrolled so that eight loads per lane are in flight at once: with
+// a few hundred warps on the whole card, a dependent chain of loads made a 12 us launch.
+DEVI float row_dot(const float* xr, const float* wr, int inp, int silu_in, int lane) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int i = lane; i < inp; i += 32) {
+        const float v = silu_in ? silu_f(xr[i]) : xr[i];
+        acc = fmaf(v, wr[i], acc);
+    }
+    return warp_sum(acc);
+}
+
 // Blocks of 256 threads, grid-stride over rows * out warps.
 extern "C" __global__ void linear_rows(const float* x, const float* w, const float* bias, const float* res,
                                        float* y, int rows, int inp, int out, int silu_in, float out_div) {
@@ -22,17 +35,7 @@ extern "C" __global__ void linear_rows(const float* x, const float* w, const flo
     for (long long e = grid_start() >> 5; e < total; e += grid_stride() >> 5) {
         const int r = (int)(e / out);
         const int o = (int)(e - (long long)r * out);
-        const float* xr = x + (long long)r * inp;
-        const float* wr = w + (long long)o * inp;
-        float acc = 0.f;
-        // Unrolled so that eight loads per lane are in flight at once: with a few hundred warps
-        // on the whole card, a dependent chain of loads made this a 12 us launch (batch 1).
-#pragma unroll 8
-        for (int i = lane; i < inp; i += 32) {
-            const float v = silu_in ? silu_f(xr[i]) : xr[i];
-            acc = fmaf(v, wr[i], acc);
-        }
-        acc = warp_sum(acc);
+        const float acc = row_dot(x + (long long)r * inp, w + (long long)o * inp, inp, silu_in, lane);
         if (lane == 0) {
             float b = bias[o];
             if (res != nullptr) b += res[e];
@@ -80,16 +83,7 @@ extern "C" __global__ void linear_batch(const float* x, const LinearItem* items,
         const int o = j - it.start;
         // Only a table that disagrees with total_out gets here; skip rather than write outside.
         if (o < 0 || o >= it.out) continue;
-        const float* xr = x + (long long)r * inp;
-        const float* wr = it.w + (long long)o * inp;
-        float acc = 0.f;
-        // As in linear_rows, loop and reduction included.
-#pragma unroll 8
-        for (int i = lane; i < inp; i += 32) {
-            const float v = silu_in ? silu_f(xr[i]) : xr[i];
-            acc = fmaf(v, wr[i], acc);
-        }
-        acc = warp_sum(acc);
+        const float acc = row_dot(x + (long long)r * inp, it.w + (long long)o * inp, inp, silu_in, lane);
         if (lane == 0) {
             const float b = it.bias[o];
             it.y[(long long)r * it.out + o] = (b + acc) / out_div;
