@@ -11,14 +11,16 @@
 //! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
 //!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared, or 74 / 93.5 KB of dynamic
 //!   shared memory for the deep pipelines;
-//!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic;
+//!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic, 2 per multiprocessor;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
-//!   8 blocks per multiprocessor;
+//!   8 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
+//!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
+//!   per multiprocessor;
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
 //!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
-//! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or element), grid-stride,
-//!   capped at 16 blocks per multiprocessor;
+//! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
+//!   element), grid-stride, capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group);
