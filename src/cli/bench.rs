@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use invdiff::cuda::{peak_rate, PeakRate, Precision, Profile};
-use invdiff::engine::{DeviceChoice, Engine};
+use invdiff::cuda::{peak_rate, PeakRate, Profile};
+use invdiff::engine::Engine;
 use invdiff::{Error, Result, Tensor};
 
 #[derive(clap::Args, Debug)]
@@ -25,9 +25,8 @@ pub struct Args {
     /// deterministic random weights (same speed as the real ones, no download).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
-    device: DeviceChoice,
+    #[command(flatten)]
+    backend: super::Backend,
     /// Images per call.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -40,10 +39,6 @@ pub struct Args {
     /// What to time.
     #[arg(long, value_enum, default_value_t = What::Both)]
     what: What,
-    /// Precision of the convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU only;
-    /// accumulation and everything else stay fp32).
-    #[arg(long, default_value = "fp32", value_parser = super::parse_precision)]
-    precision: Precision,
     /// Also write the figures as one JSON object to this file (with `--profile`, every step).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -119,7 +114,7 @@ pub fn run(a: Args) -> Result<()> {
         None => cfg.sample_size,
     };
     cfg.check_input_size(h, w)?;
-    let mut engine = Engine::with_precision(&model, a.device, a.precision)?;
+    let mut engine = Engine::with_precision(&model, a.backend.device, a.backend.precision)?;
     model.weights = Default::default();
     if let Some(n) = engine.notice() {
         eprintln!("invdiff: {n}");
@@ -161,7 +156,7 @@ pub fn run(a: Args) -> Result<()> {
     let mut json = serde_json::json!({
         "model": model.source,
         "device": engine.device_name(),
-        "precision": a.precision.name(),
+        "precision": a.backend.precision.name(),
         "batch": n,
         "height": h,
         "width": w,
@@ -340,7 +335,7 @@ fn print_profile(p: &Profile, peak: Option<&PeakRate>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use invdiff::cuda::planned_steps;
+    use invdiff::cuda::{planned_steps, Precision};
     use invdiff::model::Model;
 
     /// The profile report on a planned program with made-up times: every line formats (no GPU).

@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use invdiff::cuda::Precision;
-use invdiff::engine::DeviceChoice;
 use invdiff::io::safetensors;
 use invdiff::{Error, Result, Tensor};
 
@@ -19,13 +17,8 @@ pub struct Args {
     /// Output: `eps` f32 [N,C,H,W]; with a cotangent also `grad` = d/d sample of sum(eps * cotangent).
     #[arg(long)]
     output: PathBuf,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
-    device: DeviceChoice,
-    /// Precision of the network's convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU
-    /// only; accumulation, normalisation statistics and the sampler state stay fp32).
-    #[arg(long, default_value = "fp32", value_parser = super::parse_precision)]
-    precision: Precision,
+    #[command(flatten)]
+    backend: super::Backend,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -51,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
         .contains("cotangent")
         .then(|| file.get("cotangent"))
         .transpose()?;
-    let mut engine = super::engine(&mut model, a.device, a.precision)?;
+    let mut engine = super::engine(&mut model, a.backend)?;
     let mut out: Vec<(&str, Tensor)> = Vec::new();
     match cotangent {
         None => out.push((

@@ -93,8 +93,20 @@ fn load_model(dir: Option<&Path>) -> Result<Model> {
 
 /// Puts the model on the requested device, printing the one-line notice of an `auto` fallback.
 /// The engine keeps the weights in its own layouts, so the model's host copy is freed.
-fn engine(model: &mut Model, device: DeviceChoice, precision: Precision) -> Result<Engine> {
-    let e = Engine::with_precision(model, device, precision)?;
+/// Where a command runs the network: `--device` and `--precision`.
+#[derive(clap::Args, Clone, Copy, Debug)]
+struct Backend {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: DeviceChoice,
+    /// Precision of the network's convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU
+    /// only; accumulation, normalisation statistics and the sampler state stay fp32).
+    #[arg(long, default_value = "fp32", value_parser = parse_precision)]
+    precision: Precision,
+}
+
+fn engine(model: &mut Model, backend: Backend) -> Result<Engine> {
+    let e = Engine::with_precision(model, backend.device, backend.precision)?;
     model.weights = Default::default();
     if let Some(n) = e.notice() {
         eprintln!("invdiff: {n}");

@@ -4,8 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use invdiff::cuda::Precision;
-use invdiff::engine::DeviceChoice;
 use invdiff::inverse::{psnr_u8, ssim, CircularBlur, LinearOperator};
 use invdiff::io::{image, safetensors};
 use invdiff::sampler::{self, Guidance, Measurements, Noise};
@@ -88,13 +86,8 @@ pub struct Args {
     /// Process only part `i` of `n` of the inputs (`i/n`, 0-based), e.g. one Slurm array task.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
-    device: DeviceChoice,
-    /// Precision of the network's convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU
-    /// only; accumulation, normalisation statistics and the sampler state stay fp32).
-    #[arg(long, default_value = "fp32", value_parser = super::parse_precision)]
-    precision: Precision,
+    #[command(flatten)]
+    backend: super::Backend,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -245,7 +238,7 @@ pub fn run(a: Args) -> Result<()> {
             "--noise holds one batch: use --batch with all inputs in it",
         ));
     }
-    let mut engine = super::engine(&mut model, a.device, a.precision)?;
+    let mut engine = super::engine(&mut model, a.backend)?;
     eprintln!(
         "invdiff restore: {:?} ({} steps, scale {scale}) on {} image(s), {}",
         a.method,

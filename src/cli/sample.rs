@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use invdiff::cuda::Precision;
-use invdiff::engine::DeviceChoice;
 use invdiff::sampler::{self, Guidance, Noise};
 use invdiff::{Error, Result};
 
@@ -36,13 +34,8 @@ pub struct Args {
     /// Output: `.png`/`.jpg` (a row of images) or `.safetensors` (`sample`, `image`).
     #[arg(long)]
     output: PathBuf,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
-    device: DeviceChoice,
-    /// Precision of the network's convolutions: fp32, or tf32, bf16, fp16 (tensor cores, GPU
-    /// only; accumulation, normalisation statistics and the sampler state stay fp32).
-    #[arg(long, default_value = "fp32", value_parser = super::parse_precision)]
-    precision: Precision,
+    #[command(flatten)]
+    backend: super::Backend,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -61,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
     if shape[0] == 0 {
         return Err(Error::input("--batch must be at least 1"));
     }
-    let mut engine = super::engine(&mut model, a.device, a.precision)?;
+    let mut engine = super::engine(&mut model, a.backend)?;
     eprintln!(
         "invdiff sample: {} steps of {:?} on {}, batch {}",
         a.steps,
