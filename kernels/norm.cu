@@ -136,10 +136,9 @@ template <typename Setup, typename Body> DEVI void for_units(int hw, int lanes, 
 DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // A unit's four scales and four shifts.
-struct Float4x2 {
-    float4 a, b;
+struct Affine4 {
+    float4 scale, shift;
 };
-DEVI Float4x2 make_float2x4(float4 a, float4 b) { return {a, b}; }
 
 // x * scale + shift (one fma, as on the CPU), then SiLU, for the four channels of a unit.
 DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
@@ -161,10 +160,10 @@ extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, fl
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     if (vec4) {
         for_units(
-            hw, c / 4, [&](int u) { return make_float2x4(ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)); },
-            [&](const Float4x2& k, long long e) {
+            hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
+            [&](const Affine4& k, long long e) {
                 float o[4];
-                affine4(reinterpret_cast<const float4*>(x)[e], k.a, k.b, silu, o);
+                affine4(reinterpret_cast<const float4*>(x)[e], k.scale, k.shift, silu, o);
                 reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
             });
     } else {
@@ -186,10 +185,10 @@ extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shif
                                          int silu, int kind) {
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     for_units(
-        hw, c / 4, [&](int u) { return make_float2x4(ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)); },
-        [&](const Float4x2& k, long long e) {
+        hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
+        [&](const Affine4& k, long long e) {
             float o[4];
-            affine4(reinterpret_cast<const float4*>(x)[e], k.a, k.b, silu, o);
+            affine4(reinterpret_cast<const float4*>(x)[e], k.scale, k.shift, silu, o);
             y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
         });
 }
