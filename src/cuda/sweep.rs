@@ -255,7 +255,7 @@ fn sweep_one(
     let wgmma = gpu.kernels.has_wgmma();
     if wgmma {
         // The K-major weights the wgmma kernel reads.
-        wts.ensure_backward(gpu)?;
+        wts.ensure_backward_half(gpu)?;
     }
     let candidates = candidates(shape, planned, gpu.sms(), wgmma);
     let ws_len = candidates

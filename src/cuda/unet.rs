@@ -668,10 +668,10 @@ impl CudaUnet {
         if self.plans.contains_key(&key) {
             return Ok(());
         }
-        // The input-gradient layout: for the backward pass, and as the K-major weights of
-        // forward wgmma launches.
-        if key.record || self.tc.wgmma {
-            self.weights.ensure_backward(&self.gpu)?;
+        // The input-gradient layout: for the backward pass, and (its 16-bit copy alone) as
+        // the K-major weights of forward wgmma launches.
+        if key.record || (self.tc.wgmma && self.precision.is_half()) {
+            self.weights.ensure_backward(&self.gpu, !key.record)?;
         }
         let (program, placement) = plan::plan(
             &self.graph,

@@ -175,22 +175,44 @@ impl DevConv {
         })
     }
 
-    /// Builds the input-gradient layout on the device if it is not there yet.
+    /// Builds the input-gradient layout on the device, and its 16-bit copy, if they are not
+    /// there yet.
     pub fn ensure_backward(&mut self, gpu: &Gpu) -> Result<()> {
         if self.backward.is_none() {
-            let b = DevBuf::zeros(&gpu.stream, self.forward.len())?;
-            gpu.kernels.weight_transpose(
-                &gpu.stream,
-                self.forward.ptr,
-                b.ptr,
-                self.taps,
-                self.cin,
-                self.cout,
-            )?;
-            self.backward_half = half_of(gpu, &b, self.precision)?;
+            let b = self.transposed(gpu)?;
+            if self.backward_half.is_none() {
+                self.backward_half = half_of(gpu, &b, self.precision)?;
+            }
             self.backward = Some(b);
         }
         Ok(())
+    }
+
+    /// Builds only the 16-bit copy of the input-gradient layout, which forward wgmma launches
+    /// read as their K-major weights: a forward-only program needs no fp32 copy of it, so the
+    /// transpose it is made from is dropped.
+    pub fn ensure_backward_half(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.backward_half.is_none() {
+            self.backward_half = match &self.backward {
+                Some(b) => half_of(gpu, b, self.precision)?,
+                None => half_of(gpu, &self.transposed(gpu)?, self.precision)?,
+            };
+        }
+        Ok(())
+    }
+
+    /// The forward weights transposed per tap: the input-gradient layout, in fp32.
+    fn transposed(&self, gpu: &Gpu) -> Result<DevBuf> {
+        let b = DevBuf::zeros(&gpu.stream, self.forward.len())?;
+        gpu.kernels.weight_transpose(
+            &gpu.stream,
+            self.forward.ptr,
+            b.ptr,
+            self.taps,
+            self.cin,
+            self.cout,
+        )?;
+        Ok(b)
     }
 }
 
@@ -253,11 +275,16 @@ impl DevWeights {
         Ok(DevWeights { params, precision })
     }
 
-    /// Builds every convolution's input-gradient layout (once).
-    pub fn ensure_backward(&mut self, gpu: &Gpu) -> Result<()> {
+    /// Builds every convolution's input-gradient layout (once): both copies for a backward
+    /// pass, or (`half_only`) just the 16-bit one forward wgmma launches read.
+    pub fn ensure_backward(&mut self, gpu: &Gpu, half_only: bool) -> Result<()> {
         for p in &mut self.params {
             if let DevParam::Conv(c) = p {
-                c.ensure_backward(gpu)?;
+                if half_only {
+                    c.ensure_backward_half(gpu)?;
+                } else {
+                    c.ensure_backward(gpu)?;
+                }
             }
         }
         Ok(())
