@@ -18,6 +18,12 @@
 //    dx = rstd (g - mean(g) - xhat mean(g xhat)), g = dy silu'(z) gamma.
 // Statistics are stored as [mean for n*groups | rstd for n*groups] (the backward pass reads
 // them from the recorded forward).
+//
+// Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
+// thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
+// per (image, group) loads its group into registers, sums, forms the same statistics and writes
+// the output, where the three launches spent most of their time waiting on each other. Only
+// the order in which the f64 sums are added differs from the three-launch form.
 #include "common.cuh"
 
 // The block's two partial sums per channel (thread (lane, wy) holds warp wy's share of channel
@@ -331,4 +337,134 @@ extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, co
         bwd_values4(x, dy, k, silu, e, v);
         dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
     });
+}
+
+// ---- One pass for small groups ----
+
+constexpr int ONE_PASS_PIXELS = 8;
+
+// a and b summed over the block (blockDim.x a multiple of 32, at most 1024), returned to every
+// thread: within each warp, then over the warps' sums, every warp adding them in the same order.
+DEVI void block_sum2(double& a, double& b) {
+    __shared__ double sa[32], sb[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) {
+        sa[warp] = a;
+        sb[warp] = b;
+    }
+    __syncthreads();
+    const bool have = lane < (int)(blockDim.x / 32);
+    a = have ? sa[lane] : 0.0;
+    b = have ? sb[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+}
+
+// Where a one-pass block's thread works: group g of image img (blockIdx.x = img * groups + g),
+// channel ch (the thread's place within its pixel row of cg threads), pixel rows row, row +
+// rows, ... (rows = blockDim.x / cg; threads past the last whole row only join the sums).
+struct OnePass {
+    int id, ch, row, rows;
+    long long base; // element (img, pixel 0, ch)
+    DEVI OnePass(int hw, int c, int groups) {
+        id = blockIdx.x;
+        const int img = id / groups, g = id - img * groups, cg = c / groups;
+        const int j = threadIdx.x % cg;
+        ch = g * cg + j;
+        row = threadIdx.x / cg;
+        rows = blockDim.x / cg;
+        base = (long long)img * hw * c + ch;
+    }
+    // The element of the thread's k-th pixel, or -1 past the group's pixels.
+    DEVI long long at(int k, int hw, int c) const {
+        const int p = row + k * rows;
+        return row < rows && p < hw ? base + (long long)p * c : -1;
+    }
+};
+
+// One value of an output that is fp32 (kind 0) or bf16/fp16 (kind 1/2, rounded as pack_half2).
+DEVI void store_kind(void* y, long long e, float v, int kind) {
+    if (kind == 0)
+        static_cast<float*>(y)[e] = v;
+    else
+        static_cast<uint16_t*>(y)[e] = (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu);
+}
+
+// The whole forward GroupNorm of one small group: gn_partial + gn_finalize + gn_apply(_half),
+// with the same statistics, affine and element formula; y in fp32 or 16 bits (kind as
+// store_kind). Block size from the host (one_pass_threads): each thread at most
+// ONE_PASS_PIXELS pixels.
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
+                int groups, float eps, int silu, int kind) {
+    const OnePass t(hw, c, groups);
+    float v[ONE_PASS_PIXELS];
+    double a = 0.0, b = 0.0;
+#pragma unroll
+    for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
+        const long long e = t.at(k, hw, c);
+        v[k] = e >= 0 ? x[e] : 0.0f;
+        a += (double)v[k];
+        b += (double)v[k] * (double)v[k];
+    }
+    block_sum2(a, b);
+    const double count = (double)(c / groups) * (double)hw;
+    const double mean = a / count;
+    const double var = fmax(b / count - mean * mean, 0.0);
+    const double rstd = 1.0 / sqrt((double)((float)var + eps));
+    if (threadIdx.x == 0) {
+        stats[t.id] = (float)mean;
+        stats[n * groups + t.id] = (float)rstd;
+    }
+    const double sd = rstd * (double)gamma[t.ch];
+    const float scale = (float)sd, shift = (float)((double)beta[t.ch] - mean * sd);
+#pragma unroll
+    for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
+        const long long e = t.at(k, hw, c);
+        if (e < 0) continue;
+        const float z = fmaf(v[k], scale, shift);
+        store_kind(y, e, silu ? silu_f(z) : z, kind);
+    }
+}
+
+// The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +
+// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2).
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
+                    void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
+    const OnePass t(hw, c, groups);
+    const float mean = stats[t.id], rstd = stats[n * groups + t.id];
+    const float gm = gamma[t.ch], bt = beta[t.ch];
+    float g[ONE_PASS_PIXELS], xhat[ONE_PASS_PIXELS];
+    double a = 0.0, b = 0.0;
+#pragma unroll
+    for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
+        const long long e = t.at(k, hw, c);
+        g[k] = xhat[k] = 0.0f;
+        if (e < 0) continue;
+        grad_xhat(x[e], dy[e], mean, rstd, gm, bt, silu, g[k], xhat[k]);
+        a += (double)g[k];
+        b += (double)(g[k] * xhat[k]);
+    }
+    block_sum2(a, b);
+    const double count = (double)(c / groups) * (double)hw;
+    const float mg = (float)(a / count), mgx = (float)(b / count);
+#pragma unroll
+    for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
+        const long long e = t.at(k, hw, c);
+        if (e < 0) continue;
+        const float v = rstd * (g[k] - mg - xhat[k] * mgx);
+        if (kind == 0 && accumulate)
+            static_cast<float*>(dx)[e] += v;
+        else
+            store_kind(dx, e, v, kind);
+    }
 }

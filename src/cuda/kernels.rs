@@ -23,7 +23,8 @@
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
-//!   (`GN_FIN_THREADS`), a block per (image, group);
+//!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
+//!   1024 threads ([`one_pass_threads`]), a block per (image, group);
 //! - `timing_hold` (profiling only): one block of 32 threads.
 
 use std::sync::Arc;
@@ -567,17 +568,41 @@ pub(crate) struct ConvPtrs {
 /// Threads of a GroupNorm finalize block (`FIN_THREADS` in kernels/norm.cu).
 const GN_FIN_THREADS: u32 = 256;
 
-/// Chunking of a GroupNorm reduction: `chunks` blocks of `chunk_px` pixels per (image, 32 channels).
+/// How a GroupNorm runs: in three launches with `chunks` blocks of `chunk_px` pixels per
+/// (image, 32 channels) for the partial sums, or, where `one_pass` gives a block size, in one
+/// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
     pub chunk_px: usize,
+    pub one_pass: Option<u32>,
+}
+
+/// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
+const GN_ONE_PASS_PIXELS: usize = 8;
+
+/// Threads of a one-pass GroupNorm block for groups of `cg` channels over `hw` pixels: `cg`
+/// threads per pixel row, enough rows that each thread holds at most `GN_ONE_PASS_PIXELS`
+/// pixels, rounded up to whole warps; `None` where that takes more than 1024 threads (a group
+/// of more than 8192 elements when `cg` divides 1024), where three launches fill the
+/// device better anyway.
+pub(crate) fn one_pass_threads(hw: usize, cg: usize) -> Option<u32> {
+    let rows = hw.div_ceil(GN_ONE_PASS_PIXELS);
+    let threads = (cg.max(1) * rows).next_multiple_of(32);
+    (threads <= 1024).then_some(threads as u32)
 }
 
 /// Enough blocks to fill every multiprocessor about eight times over (eight 256-thread blocks
 /// are what one holds, and the partial sums are bound by bytes in flight), at least 8 pixels a
-/// block.
-pub(crate) fn plan_norm(n: usize, hw: usize, c: usize, sms: usize) -> NormSplit {
+/// block; one pass instead where `one_pass` allows it and the groups are small enough.
+pub(crate) fn plan_norm(
+    n: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    sms: usize,
+    one_pass: bool,
+) -> NormSplit {
     let per_chunk = n * c.div_ceil(32);
     let want = (8 * sms.max(1)).div_ceil(per_chunk.max(1));
     let chunks = want.clamp(1, hw.div_ceil(8).max(1));
@@ -585,6 +610,9 @@ pub(crate) fn plan_norm(n: usize, hw: usize, c: usize, sms: usize) -> NormSplit 
     NormSplit {
         chunks: hw.div_ceil(chunk_px).max(1),
         chunk_px,
+        one_pass: one_pass
+            .then(|| one_pass_threads(hw, c / groups.max(1)))
+            .flatten(),
     }
 }
 
@@ -654,6 +682,8 @@ pub(crate) struct Kernels {
     gn_bwd_finalize: CudaFunction,
     gn_bwd_apply: CudaFunction,
     gn_bwd_apply_half: CudaFunction,
+    gn_one_pass: CudaFunction,
+    gn_bwd_one_pass: CudaFunction,
     nchw_to_nhwc: CudaFunction,
     nhwc_to_nchw: CudaFunction,
     upsample2x: CudaFunction,
@@ -886,6 +916,8 @@ impl Kernels {
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
             gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
+            gn_one_pass: get("norm", "gn_one_pass")?,
+            gn_bwd_one_pass: get("norm", "gn_bwd_one_pass")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,
@@ -1454,6 +1486,27 @@ impl Kernels {
             split,
         } = d;
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
+        let silu = silu as i32;
+        let kind = half_out.map_or(Ok(0), half_kind)?;
+        if let Some(threads) = split.one_pass {
+            let mut b = st.launch_builder(&self.gn_one_pass);
+            b.arg(&x)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&y)
+                .arg(&stats)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&eps)
+                .arg(&silu)
+                .arg(&kind);
+            let one = cfg(((n * groups) as u32, 1, 1), (threads, 1, 1));
+            // SAFETY: x is n x hw x c floats, y room for as many values of `kind`, stats for
+            // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
+            return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
+        }
         let mut b = st.launch_builder(&self.gn_partial);
         b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
         // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
@@ -1476,14 +1529,12 @@ impl Kernels {
         let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
-        let silu = silu as i32;
-        if let Some(precision) = half_out {
+        if half_out.is_some() {
             if c % 4 != 0 || x % 16 != 0 || affine % 16 != 0 || y % 8 != 0 {
                 return Err(Error::Cuda(format!(
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let kind = half_kind(precision)?;
             let mut b = st.launch_builder(&self.gn_apply_half);
             b.arg(&x)
                 .arg(&affine)
@@ -1563,6 +1614,30 @@ impl Kernels {
         } = d;
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
         let silu = silu as i32;
+        let kind = half_out.map_or(Ok(0), half_kind)?;
+        let acc = accumulate as i32;
+        if let Some(threads) = split.one_pass {
+            let mut b = st.launch_builder(&self.gn_bwd_one_pass);
+            b.arg(&x)
+                .arg(&dy)
+                .arg(&stats)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&dx)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&silu)
+                .arg(&acc)
+                .arg(&kind);
+            let one = cfg(((n * groups) as u32, 1, 1), (threads, 1, 1));
+            // SAFETY: as in the forward; dx holds n x hw x c values of `kind`.
+            return cu(
+                unsafe { b.launch(one) }.map(drop),
+                "launching gn_bwd_one_pass",
+            );
+        }
         let mut b = st.launch_builder(&self.gn_bwd_partial);
         b.arg(&x)
             .arg(&dy)
@@ -1595,8 +1670,7 @@ impl Kernels {
             unsafe { b.launch(fin) }.map(drop),
             "launching gn_bwd_finalize",
         )?;
-        if let Some(precision) = half_out {
-            let kind = half_kind(precision)?;
+        if half_out.is_some() {
             let mut b = st.launch_builder(&self.gn_bwd_apply_half);
             b.arg(&x)
                 .arg(&dy)
@@ -1616,7 +1690,6 @@ impl Kernels {
                 "launching gn_bwd_apply_half",
             );
         }
-        let acc = accumulate as i32;
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.gn_bwd_apply);
@@ -2270,11 +2343,40 @@ mod tests {
     #[test]
     fn norm_split_covers_every_pixel() {
         for (n, hw, c) in [(1, 65536, 128), (8, 64, 512), (3, 35, 96), (1, 1, 32)] {
-            let s = plan_norm(n, hw, c, 132);
+            let s = plan_norm(n, hw, c, 32, 132, false);
             assert!(
                 s.chunks * s.chunk_px >= hw && (s.chunks - 1) * s.chunk_px < hw,
                 "{s:?}"
             );
+            assert_eq!(s.one_pass, None);
         }
+    }
+
+    #[test]
+    fn one_pass_groupnorm_takes_the_small_levels_only() {
+        // celebahq-256 (32 groups): the 8x8 to 32x32 levels in one pass, not 64x64 and up.
+        for (hw, c, want) in [
+            (8 * 8, 512, Some(128)),
+            (16 * 16, 512, Some(512)),
+            (32 * 32, 256, Some(1024)),
+            (64 * 64, 256, None),
+            (256 * 256, 128, None),
+        ] {
+            assert_eq!(
+                plan_norm(1, hw, c, 32, 132, true).one_pass,
+                want,
+                "{hw} {c}"
+            );
+            assert_eq!(plan_norm(8, hw, c, 32, 132, false).one_pass, None);
+        }
+        // Odd group widths: whole warps, every pixel row within the block.
+        for (hw, cg) in [(35, 3), (1, 1), (15, 3), (100, 7)] {
+            let t = one_pass_threads(hw, cg).unwrap() as usize;
+            assert!(
+                t % 32 == 0 && t / cg * GN_ONE_PASS_PIXELS >= hw,
+                "{hw} {cg} {t}"
+            );
+        }
+        assert_eq!(one_pass_threads(1, 2048), None);
     }
 }

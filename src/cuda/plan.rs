@@ -7,7 +7,7 @@
 //! the largest total of buffers alive at any one step, which [`PlanStats`] reports beside it.
 
 use super::precision::Precision;
-use super::program::{Program, TcConfig};
+use super::program::{KernelConfig, Program};
 use crate::model::Graph;
 use crate::{Error, Result};
 
@@ -147,9 +147,9 @@ pub(crate) fn plan(
     recording: bool,
     sms: usize,
     precision: Precision,
-    tc: TcConfig,
+    choice: KernelConfig,
 ) -> Result<(Program, Placement)> {
-    let p = Program::build_with(graph, n, h, w, recording, sms, precision, tc)?;
+    let p = Program::build_with(graph, n, h, w, recording, sms, precision, choice)?;
     let pl = place(
         &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
         &p.lifetimes(),

@@ -22,25 +22,29 @@ use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::{Error, Result};
 
-/// How a program's tensor-core launches run (kernels/conv_tc.cu, kernels/conv_wgmma.cu). The
-/// pipeline choices compute the same results bit for bit; wgmma sums the same products in
-/// another order. The choices are there to be compared.
+/// Which kernels a program's steps run. The tensor-core pipeline choices compute the same
+/// results bit for bit; wgmma sums the same products in another order, and the one-pass
+/// GroupNorm adds its f64 sums in another order. The choices are there to be compared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct TcConfig {
+pub(crate) struct KernelConfig {
     /// The deep pipelines, and in bf16/fp16 16-bit intermediates
     /// ([`Program::build_with`]), rather than the two-stage kernels with fp32 intermediates.
     pub deep: bool,
     /// With `deep`: launches with 16-bit inputs on Hopper's wgmma kernel (only where the
     /// device has it, compute capability 9.0).
     pub wgmma: bool,
+    /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
+    /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
+    pub gn_one_pass: bool,
 }
 
-impl Default for TcConfig {
-    /// Deep pipelines, mma.sync.
+impl Default for KernelConfig {
+    /// Deep pipelines, mma.sync, three-launch GroupNorms.
     fn default() -> Self {
-        TcConfig {
+        KernelConfig {
             deep: true,
             wgmma: false,
+            gn_one_pass: false,
         }
     }
 }
@@ -426,8 +430,8 @@ struct Lowering<'g> {
     half: Vec<bool>,
     /// Per tensor: its gradient stored as 16-bit values in `precision`.
     half_grad: Vec<bool>,
-    /// How tensor-core launches run.
-    tc: TcConfig,
+    /// Which kernels the steps run.
+    choice: KernelConfig,
 }
 
 impl Program {
@@ -445,10 +449,10 @@ impl Program {
         sms: usize,
         precision: Precision,
     ) -> Result<Program> {
-        Self::build_with(g, n, h, w, record, sms, precision, TcConfig::default())
+        Self::build_with(g, n, h, w, record, sms, precision, KernelConfig::default())
     }
 
-    /// [`build`](Self::build), choosing the tensor-core kernels ([`TcConfig`]): the deep
+    /// [`build`](Self::build), choosing the tensor-core kernels ([`KernelConfig`]): the deep
     /// pipelines (the default) or the two-stage ones (kernels/conv_tc.cu), which compute the
     /// same, and wgmma where asked. With deep pipelines in bf16 and fp16, GroupNorm and
     /// upsampling outputs are stored in 16 bits when every reader is a convolution (or
@@ -467,7 +471,7 @@ impl Program {
         record: bool,
         sms: usize,
         precision: Precision,
-        tc: TcConfig,
+        choice: KernelConfig,
     ) -> Result<Program> {
         g.config.check_input_size(h, w)?;
         if n == 0 {
@@ -487,9 +491,9 @@ impl Program {
             aux: vec![None; g.ops.len()],
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
-            tc,
+            choice,
         };
-        if tc.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
+        if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
             l.half_grad = l.half_gradients();
         }
@@ -898,14 +902,14 @@ impl Lowering<'_> {
     }
 
     /// A convolution (or token-wise linear) launch; `half_input`: `x` holds 16-bit values (see
-    /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where [`TcConfig::wgmma`].
+    /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where [`KernelConfig::wgmma`].
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf, half_input: bool) -> ConvStep {
-        let wgmma = (half_input && self.tc.wgmma)
+        let wgmma = (half_input && self.choice.wgmma)
             .then(|| plan_wgmma(&shape, self.sms, self.precision))
             .flatten();
         let launch = wgmma.unwrap_or_else(|| {
             let mut l = plan_conv_at(&shape, self.sms, self.precision);
-            l.deep = self.tc.deep && matches!(l.kernel, ConvKernel::Tensor(_));
+            l.deep = self.choice.deep && matches!(l.kernel, ConvKernel::Tensor(_));
             l.half_input = half_input;
             l
         });
@@ -1045,7 +1049,7 @@ impl Lowering<'_> {
             } => {
                 let (h, w) = self.hw(x);
                 let (hw, c) = (h * w, self.ch(x));
-                let split = plan_norm(self.n, hw, c, self.sms);
+                let split = plan_norm(self.n, hw, c, groups, self.sms, self.choice.gn_one_pass);
                 let xb = self.val(x)?;
                 let (yb, half_out) = self.output_value(y);
                 let partial = self.buf(split.partial_len(self.n, c), "GroupNorm partial sums");
@@ -1241,7 +1245,7 @@ impl Lowering<'_> {
                 let stats = self.aux[i].ok_or_else(|| aux("GroupNorm statistics"))?;
                 let (h, w) = self.hw(x);
                 let (hw, c) = (h * w, self.ch(x));
-                let split = plan_norm(self.n, hw, c, self.sms);
+                let split = plan_norm(self.n, hw, c, groups, self.sms, self.choice.gn_one_pass);
                 let xb = self.val(x)?;
                 let half_out = self.half_grad[x].then_some(self.precision);
                 let (gx, acc) = if half_out.is_some() {
@@ -1466,9 +1470,9 @@ mod tests {
             Precision::Fp16,
         ] {
             for deep in [true, false] {
-                let tc = TcConfig {
+                let tc = KernelConfig {
                     deep,
-                    ..TcConfig::default()
+                    ..KernelConfig::default()
                 };
                 let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, tc).unwrap();
                 let expect_half = deep && matches!(precision, Precision::Bf16 | Precision::Fp16);

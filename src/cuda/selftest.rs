@@ -1064,6 +1064,7 @@ impl Tester<'_> {
             (3, 6, 6, 96, 32, false, true),
             (2, 64, 64, 128, 32, true, true),
             (1, 5, 3, 3, 1, false, false),
+            (1, 32, 32, 256, 32, true, true),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };
@@ -1074,117 +1075,126 @@ impl Tester<'_> {
             let eps = 1e-6;
             let mut want = vec![0.0; x.len()];
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
-            let split = plan_norm(n, hw, c, gpu.sms());
-            let nd = NormDims {
-                n,
-                hw,
-                c,
-                groups,
-                split,
-            };
-            let (xd, gd, bd) = (self.up(&x)?, self.up(&gamma)?, self.up(&beta)?);
-            let yd = self.zeros(x.len())?;
-            let partial = self.zeros(split.partial_len(n, c))?;
-            let sd = self.zeros(2 * n * groups)?;
-            let affine = self.zeros(2 * n * c)?;
-            let forward = |y, half_out| {
-                gpu.kernels.group_norm(
-                    st,
-                    nd,
-                    xd.ptr,
-                    gd.ptr,
-                    bd.ptr,
-                    y,
-                    partial.ptr,
-                    sd.ptr,
-                    affine.ptr,
-                    eps,
-                    silu,
-                    half_out,
-                )
-            };
-            let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
-            let got = yd.download(st)?;
-            let desc = format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks);
-            let s = if silu { "+silu" } else { "" };
-            self.row(
-                format!("groupnorm{s} forward"),
-                desc.clone(),
-                &got,
-                &want,
-                ms,
-            );
-            // The 16-bit output that feeds tensor-core convolutions.
-            if c % 4 == 0 {
-                self.half_output_rows(
-                    &format!("groupnorm{s} forward"),
-                    &desc,
+            // Both forms where the groups are small enough for one pass.
+            for one_pass in [false, true] {
+                let split = plan_norm(n, hw, c, groups, gpu.sms(), one_pass);
+                if one_pass && split.one_pass.is_none() {
+                    continue;
+                }
+                let nd = NormDims {
+                    n,
+                    hw,
+                    c,
+                    groups,
+                    split,
+                };
+                let (xd, gd, bd) = (self.up(&x)?, self.up(&gamma)?, self.up(&beta)?);
+                let yd = self.zeros(x.len())?;
+                let partial = self.zeros(split.partial_len(n, c))?;
+                let sd = self.zeros(2 * n * groups)?;
+                let affine = self.zeros(2 * n * c)?;
+                let forward = |y, half_out| {
+                    gpu.kernels.group_norm(
+                        st,
+                        nd,
+                        xd.ptr,
+                        gd.ptr,
+                        bd.ptr,
+                        y,
+                        partial.ptr,
+                        sd.ptr,
+                        affine.ptr,
+                        eps,
+                        silu,
+                        half_out,
+                    )
+                };
+                let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
+                let got = yd.download(st)?;
+                let desc = match split.one_pass {
+                    Some(t) => format!("n{n} {h}x{w} c{c} g{groups} (one pass, {t} threads)"),
+                    None => format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks),
+                };
+                let s = if silu { "+silu" } else { "" };
+                self.row(
+                    format!("groupnorm{s} forward"),
+                    desc.clone(),
+                    &got,
                     &want,
-                    |out, precision| forward(out, Some(precision)),
-                )?;
-            }
+                    ms,
+                );
+                // The 16-bit output that feeds tensor-core convolutions.
+                if c % 4 == 0 {
+                    self.half_output_rows(
+                        &format!("groupnorm{s} forward"),
+                        &desc,
+                        &want,
+                        |out, precision| forward(out, Some(precision)),
+                    )?;
+                }
 
-            let dy = self.rand(x.len(), -1.0, 1.0);
-            let dx0 = if accumulate {
-                self.rand(x.len(), -1.0, 1.0)
-            } else {
-                vec![0.0; x.len()]
-            };
-            let mut want_dx = dx0.clone();
-            norm::backward(
-                &x,
-                d,
-                &gamma,
-                &beta,
-                silu,
-                &stats,
-                &dy,
-                &mut want_dx,
-                accumulate,
-            );
-            let dyd = self.up(&dy)?;
-            let mut dxd = self.up(&dx0)?;
-            let dx_ptr = dxd.ptr;
-            let means = self.zeros(2 * n * groups)?;
-            let backward = |dx, accumulate, half_out| {
-                gpu.kernels.group_norm_backward(
-                    st,
-                    nd,
-                    xd.ptr,
-                    dyd.ptr,
-                    gd.ptr,
-                    bd.ptr,
-                    sd.ptr,
-                    partial.ptr,
-                    means.ptr,
-                    dx,
+                let dy = self.rand(x.len(), -1.0, 1.0);
+                let dx0 = if accumulate {
+                    self.rand(x.len(), -1.0, 1.0)
+                } else {
+                    vec![0.0; x.len()]
+                };
+                let mut want_dx = dx0.clone();
+                norm::backward(
+                    &x,
+                    d,
+                    &gamma,
+                    &beta,
                     silu,
+                    &stats,
+                    &dy,
+                    &mut want_dx,
                     accumulate,
-                    half_out,
-                )
-            };
-            let ms = self.timed(
-                || dxd.write(st, &dx0),
-                || backward(dx_ptr, accumulate, None),
-            )?;
-            let got = dxd.download(st)?;
-            self.row(
-                format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
-                desc.clone(),
-                &got,
-                &want_dx,
-                ms,
-            );
-            // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient.
-            if c % 4 == 0 {
-                let mut want = vec![0.0; x.len()];
-                norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
-                self.half_output_rows(
-                    &format!("groupnorm{s} input-grad"),
-                    &desc,
-                    &want,
-                    |out, precision| backward(out, false, Some(precision)),
+                );
+                let dyd = self.up(&dy)?;
+                let mut dxd = self.up(&dx0)?;
+                let dx_ptr = dxd.ptr;
+                let means = self.zeros(2 * n * groups)?;
+                let backward = |dx, accumulate, half_out| {
+                    gpu.kernels.group_norm_backward(
+                        st,
+                        nd,
+                        xd.ptr,
+                        dyd.ptr,
+                        gd.ptr,
+                        bd.ptr,
+                        sd.ptr,
+                        partial.ptr,
+                        means.ptr,
+                        dx,
+                        silu,
+                        accumulate,
+                        half_out,
+                    )
+                };
+                let ms = self.timed(
+                    || dxd.write(st, &dx0),
+                    || backward(dx_ptr, accumulate, None),
                 )?;
+                let got = dxd.download(st)?;
+                self.row(
+                    format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
+                    desc.clone(),
+                    &got,
+                    &want_dx,
+                    ms,
+                );
+                // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient.
+                if c % 4 == 0 {
+                    let mut want = vec![0.0; x.len()];
+                    norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
+                    self.half_output_rows(
+                        &format!("groupnorm{s} input-grad"),
+                        &desc,
+                        &want,
+                        |out, precision| backward(out, false, Some(precision)),
+                    )?;
+                }
             }
         }
         Ok(())

@@ -20,7 +20,7 @@ use super::device::{cu, Gpu};
 use super::kernels::{ConvKernel, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE};
 use super::plan;
 use super::precision::Precision;
-use super::program::{Step, TcConfig};
+use super::program::{KernelConfig, Step};
 use super::selftest::uniform;
 use super::weights::{DevBuf, DevConv};
 use crate::model::Graph;
@@ -96,9 +96,9 @@ pub fn sweep_convolutions(
         record,
         gpu.sms(),
         precision,
-        TcConfig {
+        KernelConfig {
             wgmma: gpu.kernels.has_wgmma(),
-            ..TcConfig::default()
+            ..KernelConfig::default()
         },
     )?;
     // Distinct launches, in program order, with their counts.

@@ -22,7 +22,7 @@ use super::kernels::{at, linear_batch_table, ConvPtrs, DPtr, Gemm, Kernels, Norm
 use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
-use super::program::{Buf, Program, Step, TcConfig};
+use super::program::{Buf, KernelConfig, Program, Step};
 use super::weights::{DevBuf, DevWeights};
 use crate::model::{Graph, Model};
 use crate::{ensure, Error, Result, Tensor};
@@ -105,8 +105,9 @@ pub struct CudaUnet {
     /// (`Program::build_with`); off with `INVDIFF_TC_PIPELINE=two`, for comparisons: the
     /// results are the same. Launches with 16-bit inputs use Hopper's wgmma kernel where the
     /// device has it (1.19x the mma.sync kernels' speed on a bf16 forward at batch 8, H200);
-    /// `INVDIFF_WGMMA=0` turns it off, for comparisons.
-    tc: TcConfig,
+    /// `INVDIFF_WGMMA=0` turns it off, for comparisons. `INVDIFF_GN_ONE_PASS=1` runs small
+    /// GroupNorms in one launch (not yet timed on a GPU, hence off by default).
+    choice: KernelConfig,
 }
 
 // A sampler may build the network on one thread and run it on another.
@@ -132,6 +133,7 @@ impl CudaUnet {
         let deep = std::env::var("INVDIFF_TC_PIPELINE").map_or(true, |v| v != "two");
         let wgmma =
             gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
+        let gn_one_pass = std::env::var("INVDIFF_GN_ONE_PASS").is_ok_and(|v| v == "1");
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
@@ -141,7 +143,11 @@ impl CudaUnet {
             tape: None,
             use_graphs,
             direct: false,
-            tc: TcConfig { deep, wgmma },
+            choice: KernelConfig {
+                deep,
+                wgmma,
+                gn_one_pass,
+            },
         })
     }
 
@@ -159,7 +165,7 @@ impl CudaUnet {
     /// Chooses the deep tensor-core pipelines (`on`) or the two-stage ones with fp32
     /// intermediates, for comparisons; drops every plan.
     pub(crate) fn set_deep_pipelines(&mut self, on: bool) {
-        self.tc.deep = on;
+        self.choice.deep = on;
         self.plans.clear();
         self.tape = None;
     }
@@ -167,10 +173,10 @@ impl CudaUnet {
     /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
     /// mma.sync, for comparisons; drops every plan. Returns whether wgmma is now in use.
     pub(crate) fn set_wgmma(&mut self, on: bool) -> bool {
-        self.tc.wgmma = on && self.gpu.kernels.has_wgmma();
+        self.choice.wgmma = on && self.gpu.kernels.has_wgmma();
         self.plans.clear();
         self.tape = None;
-        self.tc.wgmma
+        self.choice.wgmma
     }
 
     /// Plans (allocates) the `n x h x w` forward, or recording pass, ahead of a capture that
@@ -224,7 +230,7 @@ impl CudaUnet {
             recording,
             self.gpu.sms(),
             self.precision,
-            self.tc,
+            self.choice,
         )?;
         Ok(plan::stats(&p, &pl))
     }
@@ -670,7 +676,7 @@ impl CudaUnet {
         }
         // The input-gradient layout: for the backward pass, and (its 16-bit copy alone) as
         // the K-major weights of forward wgmma launches.
-        if key.record || (self.tc.wgmma && self.precision.is_half()) {
+        if key.record || (self.choice.wgmma && self.precision.is_half()) {
             self.weights.ensure_backward(&self.gpu, !key.record)?;
         }
         let (program, placement) = plan::plan(
@@ -681,7 +687,7 @@ impl CudaUnet {
             key.record,
             self.gpu.sms(),
             self.precision,
-            self.tc,
+            self.choice,
         )?;
         for s in &program.steps {
             for w in s.weights() {
