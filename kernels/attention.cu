@@ -10,6 +10,7 @@
 
 // P = softmax(scale * S) per row of `len`, in place. Blocks of 256 threads, grid-stride over rows.
 extern "C" __global__ void softmax_forward(float* p, long long rows, int len, float scale) {
+    pdl_entry();
     const int lane = threadIdx.x & 31;
     for (long long r = grid_start() >> 5; r < rows; r += grid_stride() >> 5) {
         float* row = p + r * len;
@@ -34,6 +35,7 @@ extern "C" __global__ void softmax_forward(float* p, long long rows, int len, fl
 
 // dS = P ∘ (dP - rowsum(dP ∘ P)) · scale, with dP in `ds` on entry. Same launch as the forward.
 extern "C" __global__ void softmax_backward(const float* p, float* ds, long long rows, int len, float scale) {
+    pdl_entry();
     const int lane = threadIdx.x & 31;
     for (long long r = grid_start() >> 5; r < rows; r += grid_stride() >> 5) {
         const float* prow = p + r * len;

@@ -233,13 +233,20 @@ DEVI void gemm_body(const ConvArgs& a) {
 }
 
 // Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, 16.6 KB static shared memory.
-extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_vec(const ConvArgs a) { gemm_body<true>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_vec(const ConvArgs a) {
+    pdl_entry();
+    gemm_body<true>(a);
+}
 
 // Same launch shape as conv_gemm_vec; any sizes and alignments.
-extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_any(const ConvArgs a) { gemm_body<false>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_any(const ConvArgs a) {
+    pdl_entry();
+    gemm_body<false>(a);
+}
 
 // Sums the split-K partials in split order and applies the epilogue. Grid-stride over M * ncols.
 extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
+    pdl_entry();
     const int M = a.n * a.mh * a.mw;
     const long long total = (long long)M * a.ncols;
     for (long long e = grid_start(); e < total; e += grid_stride()) {
@@ -427,8 +434,11 @@ DEVI void narrow_body(const ConvArgs& a) {
     }
 }
 
-#define NARROW(NC) \
-    extern "C" __global__ void __launch_bounds__(256, 2) conv_narrow_##NC(const ConvArgs a) { narrow_body<NC>(a); }
+#define NARROW(NC)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 2) conv_narrow_##NC(const ConvArgs a) { \
+        pdl_entry();                                                                      \
+        narrow_body<NC>(a);                                                               \
+    }
 NARROW(1)
 NARROW(2)
 NARROW(3)
@@ -570,8 +580,11 @@ DEVI void few_in_body(const ConvArgs& a) {
     }
 }
 
-#define FEW_IN(SC) \
-    extern "C" __global__ void __launch_bounds__(256, 2) conv_few_in_##SC(const ConvArgs a) { few_in_body<SC>(a); }
+#define FEW_IN(SC)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 2) conv_few_in_##SC(const ConvArgs a) { \
+        pdl_entry();                                                                      \
+        few_in_body<SC>(a);                                                               \
+    }
 FEW_IN(1)
 FEW_IN(2)
 FEW_IN(3)
@@ -585,6 +598,7 @@ FEW_IN(8)
 // Per-tap transpose of a [taps, rows, cols] weight into [taps, cols, rows]: the forward layout
 // [(tap, ci), co] becomes the input-gradient layout [(tap, co), ci]. Run once per network.
 extern "C" __global__ void conv_weight_transpose(const float* src, float* dst, int taps, int rows, int cols) {
+    pdl_entry();
     const long long per = (long long)rows * cols;
     const long long total = per * taps;
     for (long long e = grid_start(); e < total; e += grid_stride()) {

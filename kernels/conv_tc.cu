@@ -443,6 +443,7 @@ template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned c
 // Two stages, 37.9 KB of static shared memory:
 #define TC_KERNEL(name, T)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        pdl_entry();                                                                  \
         __shared__ __align__(128) unsigned char smem[2 * STAGE];                 \
         tc_body<T, TWO, false>(a, smem);                                         \
     }
@@ -456,6 +457,7 @@ TC_KERNEL(conv_tc_fp16, FP16)
 // products with STAGED.
 #define TC_DEEP_KERNEL(name, T, P, AH)                                          \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        pdl_entry();                                                                  \
         extern __shared__ __align__(128) unsigned char dsmem[];                  \
         tc_body<T, P, AH>(a, dsmem);                                             \
     }
@@ -468,6 +470,7 @@ TC_DEEP_KERNEL(conv_tc_fp16_staged, FP16, STAGED, false)
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).
 extern "C" __global__ void tc_convert(const float* src, uint32_t* dst, long long len, int kind) {
+    pdl_entry();
     const long long pairs = (len + 1) / 2;
     for (long long e = grid_start(); e < pairs; e += grid_stride()) {
         const float lo = src[2 * e];

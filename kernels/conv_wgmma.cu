@@ -231,6 +231,7 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
 // res and ws (the host checks them); x and w hold 16-bit values of the product's type.
 #define WG_KERNEL(name, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 2) name(const ConvArgs a) {      \
+        pdl_entry();                                                                          \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                          \
         wg_body<T>(a, wg_dsmem);                                                             \
     }

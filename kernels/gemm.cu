@@ -26,6 +26,7 @@ static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels.rs"
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
+    pdl_entry();
     constexpr int TM = 64, TN = 64, TK = 64;
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TN + 4];

@@ -79,6 +79,7 @@ DEVI void group_sums(const double* partial, int img, int ch0, int cg, int c, int
 // Forward partial sums: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] = (sum, sum sq).
 extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
                                                            double* partial) {
+    pdl_entry();
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -103,6 +104,7 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
                                                                    int groups, int chunks, float eps,
                                                                    const float* gamma, const float* beta,
                                                                    float* stats, float* scale_shift) {
+    pdl_entry();
     const int id = blockIdx.x;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
@@ -163,6 +165,7 @@ DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
 // (checked by the host).
 extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int hw, int c, int silu,
                                     int vec4) {
+    pdl_entry();
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     if (vec4) {
         for_units(
@@ -189,6 +192,7 @@ extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, fl
 // the host).
 extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c,
                                          int silu, int kind) {
+    pdl_entry();
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     for_units(
         hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
@@ -213,6 +217,7 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
                                                                const float* gamma, const float* beta, int n, int hw,
                                                                int c, int groups, int silu, int chunk_px,
                                                                double* partial) {
+    pdl_entry();
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -241,6 +246,7 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
 extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_bwd_finalize(const double* partial, int n, int hw,
                                                                        int c, int groups, int chunks,
                                                                        float* means) {
+    pdl_entry();
     const int id = blockIdx.x;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
@@ -297,6 +303,7 @@ DEVI void bwd_values4(const float* x, const float* dy, const BwdUnit& k, int sil
 extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
                                         const float* gamma, const float* beta, float* dx, int hw, int c, int groups,
                                         int silu, int accumulate, int vec4) {
+    pdl_entry();
     const int cg = c / groups;
     auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     if (vec4) {
@@ -330,6 +337,7 @@ extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const f
 extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, const float* stats,
                                              const float* means, const float* gamma, const float* beta, uint2* dx,
                                              int hw, int c, int groups, int silu, int kind) {
+    pdl_entry();
     const int cg = c / groups;
     auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
@@ -405,6 +413,7 @@ DEVI void store_kind(void* y, long long e, float v, int kind) {
 extern "C" __global__ void __launch_bounds__(1024)
     gn_one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
                 int groups, float eps, int silu, int kind) {
+    pdl_entry();
     const OnePass t(hw, c, groups);
     float v[ONE_PASS_PIXELS];
     double a = 0.0, b = 0.0;
@@ -440,6 +449,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void __launch_bounds__(1024)
     gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
                     void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
+    pdl_entry();
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];

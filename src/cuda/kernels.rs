@@ -29,12 +29,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
+use super::launch::{pdl_wanted, Launch};
 use super::precision::Precision;
 use crate::model::graph::Pad;
 use crate::{Error, Result};
@@ -658,6 +657,8 @@ fn i64_of(v: usize) -> i64 {
 /// Handles to every kernel of the embedded fatbins.
 pub(crate) struct Kernels {
     sms: u32,
+    /// Launches use programmatic dependent launch (src/cuda/launch.rs).
+    pdl: bool,
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
@@ -885,6 +886,7 @@ impl Kernels {
         };
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
+            pdl: pdl_wanted(info.compute_capability),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
@@ -931,6 +933,15 @@ impl Kernels {
             timing_hold: get("timing", "timing_hold")?,
             conv_wgmma,
         })
+    }
+
+    /// Whether launches use programmatic dependent launch (`INVDIFF_PDL=1` on Hopper).
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+
+    fn launch<'a>(&self, st: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
+        Launch::new(st, f, self.pdl)
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).
@@ -1087,13 +1098,13 @@ impl Kernels {
         );
         let mut launch = cfg(grid, (BLOCK, 1, 1));
         launch.shared_mem_bytes = smem;
-        let mut b = st.launch_builder(f);
+        let mut b = self.launch(st, f);
         b.arg(&a);
         // SAFETY: as above; the grid covers exactly the tiles of the problem.
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            let mut b = st.launch_builder(&self.conv_splitk_reduce);
+            let mut b = self.launch(st, &self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);
             // SAFETY: the workspace holds splits x rows x ncols partial sums written above.
             cu(
@@ -1170,7 +1181,7 @@ impl Kernels {
                 format!("conv_few_in_{}", s.sc),
             )
         };
-        let mut b = st.launch_builder(f);
+        let mut b = self.launch(st, f);
         b.arg(a);
         // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes were
         // checked; the grid covers every output of the problem.
@@ -1198,7 +1209,7 @@ impl Kernels {
             i32_of(rows, "rows")?,
             i32_of(cols, "cols")?,
         );
-        let mut b = st.launch_builder(&self.conv_weight_transpose);
+        let mut b = self.launch(st, &self.conv_weight_transpose);
         b.arg(&src).arg(&dst).arg(&t).arg(&r).arg(&c);
         // SAFETY: src and dst hold taps * rows * cols floats.
         cu(
@@ -1221,7 +1232,7 @@ impl Kernels {
         need(dst, "16-bit weights")?;
         let kind = half_kind(precision)?;
         let l = i64_of(len);
-        let mut b = st.launch_builder(&self.tc_convert);
+        let mut b = self.launch(st, &self.tc_convert);
         b.arg(&src).arg(&dst).arg(&l).arg(&kind);
         // SAFETY: src holds len floats, dst room for ⌈len / 2⌉ 32-bit words.
         cu(
@@ -1272,7 +1283,7 @@ impl Kernels {
             g.m.div_ceil(64) as u32,
             batch as u32,
         );
-        let mut b = st.launch_builder(&self.gemm_batched);
+        let mut b = self.launch(st, &self.gemm_batched);
         b.arg(&args);
         // SAFETY: every view lies inside its buffer (the caller's contract).
         cu(
@@ -1292,7 +1303,7 @@ impl Kernels {
     ) -> Result<()> {
         need(p, "scores")?;
         let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
-        let mut b = st.launch_builder(&self.softmax_forward);
+        let mut b = self.launch(st, &self.softmax_forward);
         b.arg(&p).arg(&r).arg(&l).arg(&scale);
         // SAFETY: p holds rows * len floats.
         cu(
@@ -1314,7 +1325,7 @@ impl Kernels {
         need(p, "probabilities")?;
         need(ds, "score gradient")?;
         let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
-        let mut b = st.launch_builder(&self.softmax_backward);
+        let mut b = self.launch(st, &self.softmax_backward);
         b.arg(&p).arg(&ds).arg(&r).arg(&l).arg(&scale);
         // SAFETY: p and ds hold rows * len floats.
         cu(
@@ -1349,7 +1360,7 @@ impl Kernels {
         );
         i32_of(rows * out.max(inp), "rows x width")?;
         let silu = silu_in as i32;
-        let mut b = st.launch_builder(&self.linear_rows);
+        let mut b = self.launch(st, &self.linear_rows);
         b.arg(&x)
             .arg(&w)
             .arg(&bias)
@@ -1398,7 +1409,7 @@ impl Kernels {
         );
         i32_of(rows * total_out.max(inp), "rows x width")?;
         let silu = silu_in as i32;
-        let mut b = st.launch_builder(&self.linear_batch);
+        let mut b = self.launch(st, &self.linear_batch);
         b.arg(&x)
             .arg(&table)
             .arg(&l)
@@ -1489,7 +1500,7 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(&self.gn_one_pass);
+            let mut b = self.launch(st, &self.gn_one_pass);
             b.arg(&x)
                 .arg(&gamma)
                 .arg(&beta)
@@ -1507,14 +1518,14 @@ impl Kernels {
             // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
             return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
         }
-        let mut b = st.launch_builder(&self.gn_partial);
+        let mut b = self.launch(st, &self.gn_partial);
         b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
         // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
         cu(
             unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
             "launching gn_partial",
         )?;
-        let mut b = st.launch_builder(&self.gn_finalize);
+        let mut b = self.launch(st, &self.gn_finalize);
         b.arg(&partial)
             .arg(&ni)
             .arg(&hwi)
@@ -1535,7 +1546,7 @@ impl Kernels {
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let mut b = st.launch_builder(&self.gn_apply_half);
+            let mut b = self.launch(st, &self.gn_apply_half);
             b.arg(&x)
                 .arg(&affine)
                 .arg(&y)
@@ -1551,7 +1562,7 @@ impl Kernels {
         }
         let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.gn_apply);
+        let mut b = self.launch(st, &self.gn_apply);
         b.arg(&x)
             .arg(&affine)
             .arg(&y)
@@ -1617,7 +1628,7 @@ impl Kernels {
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
         if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(&self.gn_bwd_one_pass);
+            let mut b = self.launch(st, &self.gn_bwd_one_pass);
             b.arg(&x)
                 .arg(&dy)
                 .arg(&stats)
@@ -1638,7 +1649,7 @@ impl Kernels {
                 "launching gn_bwd_one_pass",
             );
         }
-        let mut b = st.launch_builder(&self.gn_bwd_partial);
+        let mut b = self.launch(st, &self.gn_bwd_partial);
         b.arg(&x)
             .arg(&dy)
             .arg(&stats)
@@ -1656,7 +1667,7 @@ impl Kernels {
             unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
             "launching gn_bwd_partial",
         )?;
-        let mut b = st.launch_builder(&self.gn_bwd_finalize);
+        let mut b = self.launch(st, &self.gn_bwd_finalize);
         b.arg(&partial)
             .arg(&ni)
             .arg(&hwi)
@@ -1671,7 +1682,7 @@ impl Kernels {
             "launching gn_bwd_finalize",
         )?;
         if half_out.is_some() {
-            let mut b = st.launch_builder(&self.gn_bwd_apply_half);
+            let mut b = self.launch(st, &self.gn_bwd_apply_half);
             b.arg(&x)
                 .arg(&dy)
                 .arg(&stats)
@@ -1692,7 +1703,7 @@ impl Kernels {
         }
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.gn_bwd_apply);
+        let mut b = self.launch(st, &self.gn_bwd_apply);
         b.arg(&x)
             .arg(&dy)
             .arg(&stats)
@@ -1732,7 +1743,7 @@ impl Kernels {
         need(y, "NHWC output")?;
         let len = n * c * h * w;
         let [ni, ci, hi, wi] = i32s([(n, "n"), (c, "c"), (h, "h"), (w, "w")])?;
-        let mut b = st.launch_builder(&self.nchw_to_nhwc);
+        let mut b = self.launch(st, &self.nchw_to_nhwc);
         b.arg(&x)
             .arg(&y)
             .arg(&ni)
@@ -1765,7 +1776,7 @@ impl Kernels {
         need(y, "NCHW output")?;
         let len = n * c * h * w;
         let [ni, ci, hi, wi] = i32s([(n, "n"), (c, "c"), (h, "h"), (w, "w")])?;
-        let mut b = st.launch_builder(&self.nhwc_to_nchw);
+        let mut b = self.launch(st, &self.nhwc_to_nchw);
         b.arg(&x)
             .arg(&y)
             .arg(&ni)
@@ -1804,7 +1815,7 @@ impl Kernels {
                 )));
             }
             let kind = half_kind(precision)?;
-            let mut b = st.launch_builder(&self.upsample2x_half);
+            let mut b = self.launch(st, &self.upsample2x_half);
             b.arg(&x)
                 .arg(&y)
                 .arg(&ni)
@@ -1818,7 +1829,7 @@ impl Kernels {
                 "launching upsample2x_half",
             );
         }
-        let mut b = st.launch_builder(&self.upsample2x);
+        let mut b = self.launch(st, &self.upsample2x);
         b.arg(&x).arg(&y).arg(&ni).arg(&hi).arg(&wi).arg(&ci);
         // SAFETY: x holds n h w c floats, y four times as many.
         cu(
@@ -1844,7 +1855,7 @@ impl Kernels {
         need(dx, "input gradient")?;
         let [ni, hi, wi, ci] = i32s([(n, "n"), (h, "h"), (w, "w"), (c, "c")])?;
         let acc = accumulate as i32;
-        let mut b = st.launch_builder(&self.upsample2x_backward);
+        let mut b = self.launch(st, &self.upsample2x_backward);
         b.arg(&dy)
             .arg(&dx)
             .arg(&ni)
@@ -1881,7 +1892,7 @@ impl Kernels {
         );
         let vec = ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.concat_channels);
+        let mut b = self.launch(st, &self.concat_channels);
         b.arg(&a)
             .arg(&b_)
             .arg(&y)
@@ -1922,7 +1933,7 @@ impl Kernels {
         let acc = accumulate as i32;
         let vec = [c, offset, width].iter().all(|v| v % 4 == 0) && dy % 16 == 0 && d % 16 == 0;
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.concat_backward);
+        let mut b = self.launch(st, &self.concat_backward);
         b.arg(&dy)
             .arg(&d)
             .arg(&p)
@@ -1953,7 +1964,7 @@ impl Kernels {
         let (l, acc) = (i64_of(len), accumulate as i32);
         let vec = len % 4 == 0 && dst % 16 == 0 && src % 16 == 0;
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.add_into);
+        let mut b = self.launch(st, &self.add_into);
         b.arg(&dst).arg(&src).arg(&l).arg(&acc).arg(&vec4);
         let items = if vec { len / 4 } else { len };
         // SAFETY: both hold len floats.
@@ -1967,7 +1978,7 @@ impl Kernels {
     pub fn divide(&self, st: &CudaStream, x: DPtr, len: usize, div: f32) -> Result<()> {
         need(x, "buffer")?;
         let l = i64_of(len);
-        let mut b = st.launch_builder(&self.div_inplace);
+        let mut b = self.launch(st, &self.div_inplace);
         b.arg(&x).arg(&l).arg(&div);
         // SAFETY: x holds len floats.
         cu(
@@ -1993,7 +2004,7 @@ impl Kernels {
         let (ni, di, fl) = (i32_of(n, "n")?, i32_of(dim, "dim")?, flip as i32);
         // The CPU's constant: ln(10000) in f64, rounded to f32, negated.
         let log_period = -(10000f64.ln() as f32);
-        let mut b = st.launch_builder(&self.timestep_embedding);
+        let mut b = self.launch(st, &self.timestep_embedding);
         b.arg(&t)
             .arg(&y)
             .arg(&ni)
@@ -2012,7 +2023,7 @@ impl Kernels {
     /// ahead of a profiled iteration, it gives the host time to enqueue the iteration's launches
     /// before the GPU reaches them.
     pub fn hold(&self, st: &CudaStream, ns: u64) -> Result<()> {
-        let mut b = st.launch_builder(&self.timing_hold);
+        let mut b = self.launch(st, &self.timing_hold);
         b.arg(&ns);
         // SAFETY: the kernel reads and writes no memory.
         cu(

@@ -202,6 +202,11 @@ impl CudaUnet {
         &self.gpu.info.name
     }
 
+    /// Whether this network's launches use programmatic dependent launch (src/cuda/launch.rs).
+    pub(crate) fn pdl(&self) -> bool {
+        self.gpu.kernels.pdl()
+    }
+
     /// The stream every launch of this network goes to; device-side callers order their own
     /// work against it.
     pub fn stream(&self) -> &Arc<CudaStream> {
