@@ -9,7 +9,8 @@
 //!   enqueues them (with programmatic dependent launch on Hopper when asked);
 //! - `program`: the graph lowered to a list of launches at one shape (forward, and the
 //!   vector-Jacobian product after it when recording);
-//! - `plan`: liveness and packing of every buffer into one arena per shape;
+//! - `plan`: liveness and packing of every buffer into one arena per shape; `streams`: which
+//!   steps may run side by side, on several streams inside the captured graph (when asked);
 //! - `profile`: what each step is (kind, shape label, FLOPs) and the per-step timings of
 //!   [`CudaUnet::profile`];
 //! - `weights`: the parameters in the kernels' layouts;
@@ -36,6 +37,7 @@ mod sampler;
 mod sampler_kernels;
 mod sampler_selftest;
 mod selftest;
+mod streams;
 mod sweep;
 mod unet;
 mod weights;

@@ -137,7 +137,10 @@ pub fn plan_stats(
     Ok(stats(&p, &pl))
 }
 
-/// Builds (see [`Program::build_with`]) and places the program of one shape.
+/// Builds (see [`Program::build_with`]) and places the program of one shape. With `keep` > 0
+/// every buffer stays placed `keep` steps past its last use, so that a step launched beside
+/// its neighbours on another stream (src/cuda/streams.rs) does not find its memory taken by
+/// the next buffer: reuse that close would order the steps again.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn plan(
     graph: &Graph,
@@ -148,12 +151,16 @@ pub(crate) fn plan(
     sms: usize,
     precision: Precision,
     choice: KernelConfig,
+    keep: usize,
 ) -> Result<(Program, Placement)> {
     let p = Program::build_with(graph, n, h, w, recording, sms, precision, choice)?;
-    let pl = place(
-        &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
-        &p.lifetimes(),
-    );
+    let last = p.steps.len().saturating_sub(1);
+    let life: Vec<(usize, usize)> = p
+        .lifetimes()
+        .into_iter()
+        .map(|(a, b)| (a, (b + keep).min(last)))
+        .collect();
+    let pl = place(&p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(), &life);
     check(&p, &pl)?;
     Ok((p, pl))
 }

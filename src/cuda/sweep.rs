@@ -100,6 +100,7 @@ pub fn sweep_convolutions(
             wgmma: gpu.kernels.has_wgmma(),
             ..KernelConfig::default()
         },
+        0,
     )?;
     // Distinct launches, in program order, with their counts.
     let mut launches: Vec<(ConvShape, ConvLaunch, String, String, f64, usize)> = Vec::new();

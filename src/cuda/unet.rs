@@ -23,6 +23,7 @@ use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
 use super::program::{Buf, KernelConfig, Program, Step};
+use super::streams::{streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::weights::{DevBuf, DevWeights};
 use crate::model::{Graph, Model};
 use crate::{ensure, Error, Result, Tensor};
@@ -49,6 +50,8 @@ struct ShapePlan {
     arena: DevBuf,
     forward: Option<Captured>,
     backward: Option<Captured>,
+    /// With side streams: the forward and the backward pass spread over them.
+    lanes: Option<(PassSchedule, PassSchedule)>,
 }
 
 impl ShapePlan {
@@ -108,6 +111,9 @@ pub struct CudaUnet {
     /// `INVDIFF_WGMMA=0` turns it off, for comparisons. `INVDIFF_GN_ONE_PASS=1` runs small
     /// GroupNorms in one launch (not yet timed on a GPU, hence off by default).
     choice: KernelConfig,
+    /// Streams beside the main one that independent steps run on (`INVDIFF_STREAMS`, see
+    /// src/cuda/streams.rs); none by default.
+    side: Option<SideStreams>,
 }
 
 // A sampler may build the network on one thread and run it on another.
@@ -134,6 +140,10 @@ impl CudaUnet {
         let wgmma =
             gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
         let gn_one_pass = std::env::var("INVDIFF_GN_ONE_PASS").is_ok_and(|v| v == "1");
+        let side = match streams_wanted() {
+            1 => None,
+            n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
+        };
         Ok(CudaUnet {
             gpu,
             graph: model.graph.clone(),
@@ -148,6 +158,7 @@ impl CudaUnet {
                 wgmma,
                 gn_one_pass,
             },
+            side,
         })
     }
 
@@ -202,6 +213,16 @@ impl CudaUnet {
         &self.gpu.info.name
     }
 
+    /// Steps every buffer stays placed past its last use: with side streams, enough that
+    /// neighbouring steps do not reuse each other's memory (see [`plan::plan`]).
+    fn keep_alive(&self) -> usize {
+        if self.side.is_some() {
+            KEEP_ALIVE
+        } else {
+            0
+        }
+    }
+
     /// Whether this network's launches use programmatic dependent launch (src/cuda/launch.rs).
     pub(crate) fn pdl(&self) -> bool {
         self.gpu.kernels.pdl()
@@ -236,6 +257,7 @@ impl CudaUnet {
             self.gpu.sms(),
             self.precision,
             self.choice,
+            self.keep_alive(),
         )?;
         Ok(plan::stats(&p, &pl))
     }
@@ -693,6 +715,7 @@ impl CudaUnet {
             self.gpu.sms(),
             self.precision,
             self.choice,
+            self.keep_alive(),
         )?;
         for s in &program.steps {
             for w in s.weights() {
@@ -703,12 +726,25 @@ impl CudaUnet {
             }
         }
         let arena = DevBuf::zeros(&self.gpu.stream, placement.len)?;
+        let lanes = match &self.side {
+            Some(side) => {
+                let range = |b: Buf| {
+                    let o = placement.offsets[b.0];
+                    o..o + program.len(b)
+                };
+                let (fwd, bwd) = program.steps.split_at(program.forward_steps);
+                let pass = |steps| PassSchedule::new(&self.gpu.ctx, steps, range, side.total());
+                Some((pass(fwd)?, pass(bwd)?))
+            }
+            None => None,
+        };
         let mut plan = ShapePlan {
             program,
             placement,
             arena,
             forward: None,
             backward: None,
+            lanes,
         };
         plan.write_tables(&self.gpu.stream, &self.weights)?;
         self.plans.insert(key, plan);
@@ -817,6 +853,7 @@ impl CudaUnet {
             plans,
             use_graphs,
             direct,
+            side,
             ..
         } = self;
         let plan = plans.get_mut(&key).expect("planned before use");
@@ -826,8 +863,12 @@ impl CudaUnet {
             &plan.program.steps[..plan.program.forward_steps]
         };
         let st = &gpu.stream;
+        let lanes = side
+            .as_ref()
+            .zip(plan.lanes.as_ref())
+            .map(|(side, (f, b))| (side, if backward { b } else { f }));
         if !*use_graphs || *direct {
-            return launch_all(&gpu.kernels, st, weights, plan, steps);
+            return launch_all(&gpu.kernels, st, weights, plan, steps, lanes);
         }
         let captured = if backward {
             &plan.backward
@@ -839,7 +880,7 @@ impl CudaUnet {
                 st.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
                 "starting a CUDA graph capture",
             )?;
-            let launched = launch_all(&gpu.kernels, st, weights, plan, steps);
+            let launched = launch_all(&gpu.kernels, st, weights, plan, steps, lanes);
             let graph = st.end_capture(sys::CUgraphInstantiate_flags(0));
             launched?;
             let graph = cu(graph, "capturing the CUDA graph")?
@@ -875,18 +916,22 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
     crate::rng::uniform_lcg(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1, len, -1.0, 1.0)
 }
 
-/// Launches `steps` of `plan` in order on `st`.
+/// Launches `steps` of `plan` in order on `st`, or, with `lanes`, spread over the side
+/// streams as their schedule says.
 fn launch_all(
     k: &Kernels,
     st: &CudaStream,
     wts: &DevWeights,
     plan: &ShapePlan,
     steps: &[Step],
+    lanes: Option<(&SideStreams, &PassSchedule)>,
 ) -> Result<()> {
-    for s in steps {
-        launch(k, st, wts, plan, s)?;
+    match lanes {
+        Some((side, schedule)) => {
+            schedule.run(st, side, |i, on| launch(k, on, wts, plan, &steps[i]))
+        }
+        None => steps.iter().try_for_each(|s| launch(k, st, wts, plan, s)),
     }
-    Ok(())
 }
 
 fn launch(
