@@ -9,12 +9,17 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each opt-in of
+#       the build alone, then all together) of out/invdiff-next if it exists, else out/invdiff:
+#       for each its selftest and its bf16 b1 (forward + DPS step), b8 and b32 rows; for the
+#       last one also the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split:
 #       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
 #       real sample, and 10-step DPS / PiGDM trajectories, GPU against CPU.
-# Expected wall time on an H100/H200 about 5-6 minutes (each phase's estimate is beside it); a
+# Expected wall time on an H100/H200 about 4-5 minutes (141 s without (n) and (v) on an H200 on
+# 2026-11-26; each phase's estimate is beside it); a
 # deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -234,6 +239,42 @@ if [ -x "$NEXT" ]; then
     sync_out
 fi
 
+# The weights PyTorch saved in (b), for the restorations (random weights either way).
+MODEL_ARG=()
+[ -f /tmp/m/config.json ] && MODEL_ARG=(--model /tmp/m)
+
+# (v) Run-time variants of the newest build (~25 s each, ~40 s for the last).
+VBIN=$BIN
+[ -x "$NEXT" ] && VBIN=$NEXT
+VARIANTS=${VARIANTS-gn_one_pass:INVDIFF_GN_ONE_PASS=1;pdl:INVDIFF_PDL=1;streams2:INVDIFF_STREAMS=2;all:INVDIFF_GN_ONE_PASS=1,INVDIFF_PDL=1,INVDIFF_STREAMS=2}
+last=""
+IFS=';' read -r -a variants <<< "$VARIANTS"
+for v in ${variants[@]+"${variants[@]}"}; do
+    name=${v%%:*}
+    vars=${v#*:}
+    wrapper="$W/variant_$name"
+    printf '#!/bin/sh\nexec env %s "%s" "$@"\n' "${vars//,/ }" "$(realpath "$VBIN")" > "$wrapper"
+    chmod +x "$wrapper"
+    note "variant $name: ${vars//,/ } on $VBIN"
+    selftest "selftest_$name" "$wrapper"
+    bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
+    bench "${name}_bf16_b8" "$wrapper" --precision bf16 --batch 8 --what forward
+    bench "${name}_bf16_b32" "$wrapper" --precision bf16 --batch 32 --what forward
+    sync_out
+    last=$name
+done
+if [ -n "$last" ]; then
+    profile "${last}_bf16_b1_dps" "$W/variant_$last" --batch 1 --what dps
+    if [ -s "$W/profile_bf16_b1_dps.json" ] && [ -s "$W/profile_${last}_bf16_b1_dps.json" ]; then
+        note "by kind, ms, default -> $last, bf16_b1_dps: $(compare_kinds "$W/profile_bf16_b1_dps.json" "$W/profile_${last}_bf16_b1_dps.json")"
+    fi
+    run 90 "restore1000_$last.txt" "$W/variant_$last" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
+        --measurement tests/data/ffhq-deblur/0.safetensors --steps 1000 --seed 3 --precision bf16 \
+        --output /tmp/restore1000_$last.png --report "$W/restore1000_$last.json" --device cuda
+    note "restore: 1000 DPS steps, bf16, $last (exit $?): $(grep -E 'image\(s\) in|rror' "$W/restore1000_$last.txt" | tail -n 1)"
+    sync_out
+fi
+
 # (k) The kernel benchmark by shape, when its binary came along (~15 s).
 if [ -x "$KBENCH" ]; then
     t0=$SECONDS
@@ -262,13 +303,11 @@ if [ -f /tmp/io/in.safetensors ] && [ -f /tmp/io/expect.safetensors ]; then
 else
     note "full-size parity vs diffusers: skipped (the PyTorch phase wrote no reference)"
 fi
-MODEL_ARG=()
-[ -f /tmp/m/config.json ] && MODEL_ARG=(--model /tmp/m)
 # A whole 1000-step DPS restoration in bf16 on the real sample (issue 6 asks <= 6 s; ~15 s).
 run 90 restore1000.txt "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
     --measurement tests/data/ffhq-deblur/0.safetensors --steps 1000 --seed 3 --precision bf16 \
     --output /tmp/restore1000.png --report "$W/restore1000.json" --device cuda
-note "restore: 1000 DPS steps, bf16 (exit $?): $(grep -m 1 -E 'invdiff restore:|rror' "$W/restore1000.txt")"
+note "restore: 1000 DPS steps, bf16 (exit $?): $(grep -E 'image\(s\) in|rror' "$W/restore1000.txt" | tail -n 1)"
 for m in dps pigdm; do
     for d in cuda cpu; do
         run 150 "traj_${m}_$d.txt" "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method $m \
