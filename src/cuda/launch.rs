@@ -114,7 +114,10 @@ mod tests {
                 let body = at + src[at..].find('{').unwrap() + 1;
                 let first =
                     src[body..].trim_start_matches(|c: char| c.is_whitespace() || c == '\\');
-                let name = src[at..body].split('(').next().unwrap();
+                // The identifier before the parameter list (which holds no parentheses).
+                let head = &src[at..body];
+                let params = head.rfind('(').unwrap();
+                let name = head[..params].split_whitespace().last().unwrap();
                 assert!(
                     first.starts_with("pdl_entry();"),
                     "{}: `{name}` does not start with pdl_entry();",
