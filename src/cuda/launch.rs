@@ -16,9 +16,8 @@
 use std::ffi::c_void;
 use std::marker::PhantomData;
 
-use cudarc::driver::{
-    result::DriverError, sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig,
-};
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig};
 
 /// Whether launches on a device of compute capability `cc` use PDL: Hopper and later, when
 /// `INVDIFF_PDL=1`.
@@ -54,13 +53,27 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// Enqueues the kernel.
+    /// Enqueues the kernel: `cuLaunchKernel` as cudarc does, or `cuLaunchKernelEx` with the
+    /// programmatic-serialisation attribute under PDL.
     ///
     /// # Safety
     /// The arguments must match the kernel's parameters in number, order and type, and every
     /// device address among them must be valid for what the kernel reads and writes.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
+        if !self.pdl {
+            // SAFETY: as above.
+            return unsafe {
+                result::launch_kernel(
+                    self.func.cu_function(),
+                    cfg.grid_dim,
+                    cfg.block_dim,
+                    cfg.shared_mem_bytes,
+                    self.stream.cu_stream(),
+                    &mut self.args,
+                )
+            };
+        }
         let mut attr = sys::CUlaunchAttribute {
             id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
             pad: [0; 4],
@@ -78,7 +91,7 @@ impl<'a> Launch<'a> {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: self.pdl as u32,
+            numAttrs: 1,
         };
         // SAFETY: the caller vouches for the arguments; `config` and `attr` live through the
         // call, which copies them.
