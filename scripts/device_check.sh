@@ -5,7 +5,8 @@
 #   (b) PyTorch + diffusers: dense bf16 matmul peak, fp32 b1 forward + DPS step, bf16 b1 forward +
 #       DPS step, bf16 b8 and b32 forward (also writes the weights and I/O that (e) checks against);
 #   (c) invdiff bench: fp32 b1 (forward + DPS step), fp32 b8, bf16 b1 (forward + DPS step), bf16
-#       b8 and b32 forward, with the measured peak passed as --peak-tflops;
+#       b8 and b32 forward, bf16 b8 with --batch-invariant, with the measured peak passed as
+#       --peak-tflops;
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
@@ -201,6 +202,7 @@ bench fp32_b8 "$BIN" --precision fp32 --batch 8 --what forward
 bench bf16_b1 "$BIN" --precision bf16 --batch 1 --what both
 bench bf16_b8 "$BIN" --precision bf16 --batch 8 --what forward
 bench bf16_b32 "$BIN" --precision bf16 --batch 32 --what forward
+bench bf16_b8_batch_invariant "$BIN" --precision bf16 --batch 8 --what forward --batch-invariant
 sync_out
 
 # (d) Where the time goes: every step timed (~25 s).

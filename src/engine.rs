@@ -139,6 +139,23 @@ impl Engine {
         }
     }
 
+    /// Makes every image's results independent of the batch it is in, bit for bit (`on`):
+    /// the CPU always is; on a GPU this plans each launch from one image's shape, at some cost
+    /// in throughput at large batches (see `--batch-invariant`).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        if let Backend::Cuda(u) = &mut self.backend {
+            u.set_batch_invariant(on);
+        }
+    }
+
+    /// Whether every image's results are independent of its batch, bit for bit.
+    pub fn batch_invariant(&self) -> bool {
+        match &self.backend {
+            Backend::Cpu { .. } => true,
+            Backend::Cuda(u) => u.batch_invariant(),
+        }
+    }
+
     /// Whether this engine runs on the CPU.
     pub fn is_cpu(&self) -> bool {
         matches!(self.backend, Backend::Cpu { .. })

@@ -92,3 +92,39 @@ fn the_network_is_batch_invariant_bit_for_bit() {
     assert_eq!(eps.batch_item(1).data(), eps1.data());
     assert_eq!(g.batch_item(1).data(), g1.data());
 }
+
+/// The CPU is batch-invariant whatever is asked (`--batch-invariant` matters on a GPU only),
+/// and `bench` records which way it ran.
+#[test]
+fn the_cpu_engine_is_always_batch_invariant() {
+    let model = Model::load(&fixture("models/google_tiny")).unwrap();
+    let mut engine = Engine::new(&model, DeviceChoice::Cpu).unwrap();
+    assert!(engine.batch_invariant());
+    engine.set_batch_invariant(false);
+    assert!(engine.batch_invariant());
+
+    let dir = common::TempDir::new("batch_invariance", "bench_flag");
+    let json = dir.join("bench.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .args(["bench", "--model"])
+        .arg(fixture("models/google_tiny"))
+        .args([
+            "--device",
+            "cpu",
+            "--batch-invariant",
+            "--steps",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["batch_invariant"], serde_json::Value::Bool(true));
+}

@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use invdiff::cuda::{peak_rate, PeakRate, Profile};
-use invdiff::engine::Engine;
 use invdiff::{Error, Result, Tensor};
 
 #[derive(clap::Args, Debug)]
@@ -114,7 +113,7 @@ pub fn run(a: Args) -> Result<()> {
         None => cfg.sample_size,
     };
     cfg.check_input_size(h, w)?;
-    let mut engine = Engine::with_precision(&model, a.backend.device, a.backend.precision)?;
+    let mut engine = a.backend.open(&model)?;
     model.weights = Default::default();
     if let Some(n) = engine.notice() {
         eprintln!("invdiff: {n}");
@@ -157,6 +156,7 @@ pub fn run(a: Args) -> Result<()> {
         "model": model.source,
         "device": engine.device_name(),
         "precision": a.backend.precision.name(),
+        "batch_invariant": engine.batch_invariant(),
         "batch": n,
         "height": h,
         "width": w,

@@ -103,10 +103,24 @@ struct Backend {
     /// only; accumulation, normalisation statistics and the sampler state stay fp32).
     #[arg(long, default_value = "fp32", value_parser = parse_precision)]
     precision: Precision,
+    /// On a GPU, plan every launch from one image's shape, so that each image's result is bit
+    /// for bit the same in any batch or shard (the CPU always is). Costs throughput at large
+    /// batches, where fewer splits of the convolutions' sums would fill the device.
+    #[arg(long)]
+    batch_invariant: bool,
+}
+
+impl Backend {
+    /// The engine this asks for, on `model`.
+    fn open(&self, model: &Model) -> Result<Engine> {
+        let mut e = Engine::with_precision(model, self.device, self.precision)?;
+        e.set_batch_invariant(self.batch_invariant);
+        Ok(e)
+    }
 }
 
 fn engine(model: &mut Model, backend: Backend) -> Result<Engine> {
-    let e = Engine::with_precision(model, backend.device, backend.precision)?;
+    let e = backend.open(model)?;
     model.weights = Default::default();
     if let Some(n) = e.notice() {
         eprintln!("invdiff: {n}");

@@ -375,6 +375,7 @@ pub fn run(a: Args) -> Result<()> {
                 "shard": a.shard.map(|(i, n)| format!("{i}/{n}")),
                 "device": engine.device_name(),
                 "precision": engine.precision().name(),
+                "batch_invariant": engine.batch_invariant(),
             },
             "images": reports,
             "seconds": total_s,

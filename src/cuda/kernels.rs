@@ -324,19 +324,20 @@ impl ConvShape {
         classes
     }
 
-    /// A linear layer over `rows` rows as a one-tap product; `inp` is the reduction width.
-    pub fn linear(rows: usize, inp: usize, out: usize) -> Self {
+    /// A linear layer over `tokens` rows of each of `n` images as a one-tap product; `inp` is
+    /// the reduction width.
+    pub fn linear(n: usize, tokens: usize, inp: usize, out: usize) -> Self {
         ConvShape {
-            n: 1,
+            n,
             mh: 1,
-            mw: rows,
+            mw: tokens,
             sh: 1,
-            sw: rows,
+            sw: tokens,
             sc: inp,
             ncols: out,
             in_stride: 1,
             yh: 1,
-            yw: rows,
+            yw: tokens,
             out_stride: 1,
             out_oy: 0,
             out_ox: 0,
@@ -2199,7 +2200,7 @@ mod tests {
         let one = ConvShape::forward(1, 16, 16, 3, 64, 1, 1, Symmetric);
         assert_eq!(plan_conv(&one, 132).kernel, FewIn);
         assert_eq!(
-            plan_conv(&ConvShape::linear(100, 64, 3), 132).kernel,
+            plan_conv(&ConvShape::linear(1, 100, 64, 3), 132).kernel,
             Narrow
         );
         // Taps beyond one 3x3 window, or two at one offset.

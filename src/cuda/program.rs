@@ -36,6 +36,10 @@ pub(crate) struct KernelConfig {
     /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
+    /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
+    /// from one image's shape, so that an image's results are bit for bit the same in any
+    /// batch; otherwise they are made for the whole batch, which fills the device better.
+    pub batch_invariant: bool,
 }
 
 impl Default for KernelConfig {
@@ -45,6 +49,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
+            batch_invariant: false,
         }
     }
 }
@@ -620,6 +625,16 @@ impl Program {
 }
 
 impl Lowering<'_> {
+    /// How a GroupNorm over `hw` pixels of `c` channels runs (see [`KernelConfig`]).
+    fn norm_split(&self, hw: usize, c: usize, groups: usize) -> NormSplit {
+        let n = if self.choice.batch_invariant {
+            1
+        } else {
+            self.n
+        };
+        plan_norm(n, hw, c, groups, self.sms, self.choice.gn_one_pass)
+    }
+
     fn buf(&mut self, len: usize, what: &str) -> Buf {
         self.bufs.push(BufDesc {
             len: len.max(1),
@@ -812,7 +827,7 @@ impl Lowering<'_> {
             Op::Linear { x, y, p, .. } if g.tensors[y].space != Space::Vector => {
                 let (inp, out) = self.linear_dims(p)?;
                 let (h, w) = self.hw(x);
-                Some(ConvShape::linear(self.n * h * w, inp, out))
+                Some(ConvShape::linear(self.n, h * w, inp, out))
             }
             _ => None,
         })
@@ -904,11 +919,21 @@ impl Lowering<'_> {
     /// A convolution (or token-wise linear) launch; `half_input`: `x` holds 16-bit values (see
     /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where [`KernelConfig::wgmma`].
     fn conv_step(&mut self, shape: ConvShape, x: Buf, w: W, y: Buf, half_input: bool) -> ConvStep {
+        // With batch_invariant, one image's launch: the kernel choice never depends on the
+        // batch, the split of K does.
+        let planned = if self.choice.batch_invariant {
+            ConvShape {
+                n: 1,
+                ..shape.clone()
+            }
+        } else {
+            shape.clone()
+        };
         let wgmma = (half_input && self.choice.wgmma)
-            .then(|| plan_wgmma(&shape, self.sms, self.precision))
+            .then(|| plan_wgmma(&planned, self.sms, self.precision))
             .flatten();
         let launch = wgmma.unwrap_or_else(|| {
-            let mut l = plan_conv_at(&shape, self.sms, self.precision);
+            let mut l = plan_conv_at(&planned, self.sms, self.precision);
             l.deep = self.choice.deep && matches!(l.kernel, ConvKernel::Tensor(_));
             l.half_input = half_input;
             l
@@ -1049,7 +1074,7 @@ impl Lowering<'_> {
             } => {
                 let (h, w) = self.hw(x);
                 let (hw, c) = (h * w, self.ch(x));
-                let split = plan_norm(self.n, hw, c, groups, self.sms, self.choice.gn_one_pass);
+                let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
                 let (yb, half_out) = self.output_value(y);
                 let partial = self.buf(split.partial_len(self.n, c), "GroupNorm partial sums");
@@ -1170,7 +1195,7 @@ impl Lowering<'_> {
                 if on_path(x) {
                     let (h, w) = self.hw(x);
                     let (gx, acc) = self.grad_slot(x);
-                    let shape = ConvShape::linear(self.n * h * w, out, inp);
+                    let shape = ConvShape::linear(self.n, h * w, out, inp);
                     let mut s = self.conv_step(
                         shape,
                         dy,
@@ -1245,7 +1270,7 @@ impl Lowering<'_> {
                 let stats = self.aux[i].ok_or_else(|| aux("GroupNorm statistics"))?;
                 let (h, w) = self.hw(x);
                 let (hw, c) = (h * w, self.ch(x));
-                let split = plan_norm(self.n, hw, c, groups, self.sms, self.choice.gn_one_pass);
+                let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
                 let half_out = self.half_grad[x].then_some(self.precision);
                 let (gx, acc) = if half_out.is_some() {
@@ -1460,6 +1485,47 @@ mod tests {
     /// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
     /// tensor-core launches, and the gradients GroupNorms pass back to such launches, are
     /// 16-bit, at half the length, and only those launches read 16-bit inputs.
+    #[test]
+    fn batch_invariant_programs_plan_every_image_alike() {
+        // What a step sums in which order: its launch's split of K, or its GroupNorm's split.
+        fn orders(p: &Program) -> Vec<String> {
+            p.steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Conv(c) => Some(format!("{:?}", c.launch)),
+                    Step::GroupNorm { split, .. } | Step::GroupNormBackward { split, .. } => {
+                        Some(format!("{split:?}"))
+                    }
+                    _ => None,
+                })
+                .collect()
+        }
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            for gn_one_pass in [false, true] {
+                let choice = |batch_invariant| KernelConfig {
+                    wgmma: true,
+                    gn_one_pass,
+                    batch_invariant,
+                    ..KernelConfig::default()
+                };
+                let build = |n, inv| {
+                    Program::build_with(&g, n, 128, 128, true, 132, precision, choice(inv)).unwrap()
+                };
+                let one = orders(&build(1, true));
+                for n in [2, 3, 8] {
+                    let other = orders(&build(n, true));
+                    assert_eq!(other.len(), one.len());
+                    for (i, (a, b)) in other.iter().zip(&one).enumerate() {
+                        assert_eq!(a, b, "{precision}, batch {n}, step {i} of those that sum");
+                    }
+                }
+                // Planned for the batch, the splits do change with it.
+                assert_ne!(orders(&build(8, false)), orders(&build(1, false)));
+            }
+        }
+    }
+
     #[test]
     fn sixteen_bit_groupnorm_outputs_feed_only_tensor_core_launches() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();

@@ -987,7 +987,7 @@ impl Tester<'_> {
                 self.up(&res)?,
             );
             let yd = self.zeros(want.len())?;
-            let shape = ConvShape::linear(rows, inp, out);
+            let shape = ConvShape::linear(1, rows, inp, out);
             let plan = plan_conv(&shape, gpu.sms());
             let ws = self.zeros(plan.workspace_len(&shape))?;
             let ptrs = ConvPtrs {
@@ -1027,7 +1027,7 @@ impl Tester<'_> {
             let dyd = self.up(&dy)?;
             let mut dxd = self.up(&dx0)?;
             let dx_ptr = dxd.ptr;
-            let shape = ConvShape::linear(rows, out, inp);
+            let shape = ConvShape::linear(1, rows, out, inp);
             let plan = plan_conv(&shape, gpu.sms());
             let ws = self.zeros(plan.workspace_len(&shape))?;
             let ptrs = ConvPtrs {
@@ -1668,7 +1668,40 @@ impl Tester<'_> {
                         (eps_tol, grad_tol),
                     )?;
                 }
+                if n > 1 {
+                    self.batch_invariance_rows(&mut gpu, &io, &label)?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Planned per image (`set_batch_invariant`), image 0's noise prediction and input
+    /// gradient in `io`'s batch equal, bit for bit, its own alone.
+    fn batch_invariance_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        io: &NetworkIo,
+        label: &str,
+    ) -> Result<()> {
+        gpu.set_batch_invariant(true);
+        let got = gpu.forward(io.sample, io.t)?;
+        gpu.forward_recording(io.sample, io.t)?;
+        let grad = gpu.vjp(io.cot)?;
+        let (sample, cot) = (io.sample.batch_item(0), io.cot.batch_item(0));
+        let alone = gpu.forward(&sample, &io.t[..1])?;
+        gpu.forward_recording(&sample, &io.t[..1])?;
+        let alone_grad = gpu.vjp(&cot)?;
+        gpu.set_batch_invariant(false);
+        for (what, batch, one) in [("forward", got, alone), ("vjp", grad, alone_grad)] {
+            self.row_within(
+                format!("{label} {what}, per-image plans: image 0 of the batch vs alone"),
+                io.desc.into(),
+                &batch.data()[..one.data().len()],
+                one.data(),
+                0.0,
+                0.0,
+            );
         }
         Ok(())
     }

@@ -334,7 +334,7 @@ mod tests {
             ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric),
             ConvShape::forward(8, 256, 256, 128, 128, 3, 1, Pad::Symmetric),
             ConvShape::forward(2, 32, 32, 256, 256, 3, 2, Pad::RightBottom),
-            ConvShape::linear(256, 512, 1536),
+            ConvShape::linear(1, 256, 512, 1536),
         ];
         for precision in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
             for shape in &shapes {

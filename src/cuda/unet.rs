@@ -157,6 +157,7 @@ impl CudaUnet {
                 deep,
                 wgmma,
                 gn_one_pass,
+                batch_invariant: false,
             },
             side,
         })
@@ -179,6 +180,20 @@ impl CudaUnet {
         self.choice.deep = on;
         self.plans.clear();
         self.tape = None;
+    }
+
+    /// Plans every launch from one image's shape (`on`), so that an image's results are bit
+    /// for bit the same in any batch, or for the whole batch (the default: fewer K splits at
+    /// large batches); drops every plan.
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.choice.batch_invariant = on;
+        self.plans.clear();
+        self.tape = None;
+    }
+
+    /// Whether launches are planned per image ([`set_batch_invariant`](Self::set_batch_invariant)).
+    pub fn batch_invariant(&self) -> bool {
+        self.choice.batch_invariant
     }
 
     /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
