@@ -95,12 +95,14 @@ extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n
     }
 }
 
-// y[p, :] = [a[p, :] | b[p, :]] over `pixels` pixels.
-// vec4: four channels per item, which needs ca % 4 == 0, cb % 4 == 0 and 16-byte aligned
-// pointers (checked by the host); it divides a 64-bit index once per four values, the
-// arithmetic that bounded the scalar loop rather than its bytes.
-extern "C" __global__ void concat_channels(const float* a, const float* b, float* y, long long pixels, int ca,
-                                           int cb, int vec4) {
+// y[p, :] = [a[p, :] | b[p, :]] over `pixels` pixels; where y16 is not null, also a copy of y
+// in bf16 (kind 1) or fp16 (kind 2), rounded as the tensor-core convolutions that read it
+// would round y while staging it (pack_half2), so that they can take the 16-bit input path.
+// vec4: four channels per item, which needs ca % 4 == 0, cb % 4 == 0, 16-byte aligned a, b and
+// y and 8-byte aligned y16 (checked by the host); it divides a 64-bit index once per four
+// values, the arithmetic that bounded the scalar loop rather than its bytes.
+extern "C" __global__ void concat_channels(const float* a, const float* b, float* y, uint16_t* y16, int kind,
+                                           long long pixels, int ca, int cb, int vec4) {
     pdl_entry();
     const int c = ca + cb;
     if (vec4) {
@@ -112,7 +114,10 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
         for (long long i = grid_start(); i < total4; i += grid_stride()) {
             const long long p = i / c4;
             const int j = (int)(i - p * c4);
-            y4[i] = j < ca4 ? a4[p * ca4 + j] : b4[p * cb4 + (j - ca4)];
+            const float4 v = j < ca4 ? a4[p * ca4 + j] : b4[p * cb4 + (j - ca4)];
+            y4[i] = v;
+            if (y16)
+                reinterpret_cast<uint2*>(y16)[i] = make_uint2(pack_half2(v.x, v.y, kind), pack_half2(v.z, v.w, kind));
         }
         return;
     }
@@ -120,7 +125,9 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
     for (long long i = grid_start(); i < total; i += grid_stride()) {
         const long long p = i / c;
         const int j = (int)(i - p * c);
-        y[i] = j < ca ? a[p * ca + j] : b[p * cb + (j - ca)];
+        const float v = j < ca ? a[p * ca + j] : b[p * cb + (j - ca)];
+        y[i] = v;
+        if (y16) y16[i] = (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu);
     }
 }
 

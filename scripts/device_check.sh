@@ -248,7 +248,8 @@ MODEL_ARG=()
 # (v) Run-time variants of the newest build (~25 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
-VARIANTS=${VARIANTS-gn_one_pass:INVDIFF_GN_ONE_PASS=1;pdl:INVDIFF_PDL=1;streams2:INVDIFF_STREAMS=2;all:INVDIFF_GN_ONE_PASS=1,INVDIFF_PDL=1,INVDIFF_STREAMS=2}
+ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_PDL=1,INVDIFF_STREAMS=2
+VARIANTS=${VARIANTS-gn_one_pass:INVDIFF_GN_ONE_PASS=1;half_concat:INVDIFF_HALF_CONCAT=1;pdl:INVDIFF_PDL=1;streams2:INVDIFF_STREAMS=2;all:$ALL}
 last=""
 IFS=';' read -r -a variants <<< "$VARIANTS"
 for v in ${variants[@]+"${variants[@]}"}; do

@@ -1871,7 +1871,8 @@ impl Kernels {
         )
     }
 
-    /// `y = [a | b]` along channels over `pixels` pixels.
+    /// `y = [a | b]` along channels over `pixels` pixels; with `half`, also a 16-bit copy of
+    /// `y` in that precision at the given address, for tensor-core convolutions to read.
     #[allow(clippy::too_many_arguments)]
     pub fn concat(
         &self,
@@ -1879,6 +1880,7 @@ impl Kernels {
         a: DPtr,
         b_: DPtr,
         y: DPtr,
+        half: Option<(DPtr, Precision)>,
         pixels: usize,
         ca: usize,
         cb: usize,
@@ -1886,23 +1888,31 @@ impl Kernels {
         need(a, "first input")?;
         need(b_, "second input")?;
         need(y, "output")?;
+        let (y16, kind) = match half {
+            Some((p, precision)) => (need(p, "16-bit output").map(|_| p)?, half_kind(precision)?),
+            None => (0, 0),
+        };
         let (p, cai, cbi) = (
             i64_of(pixels),
             i32_of(ca, "channels")?,
             i32_of(cb, "channels")?,
         );
-        let vec = ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0);
+        let vec =
+            ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0) && y16 % 8 == 0;
         let vec4 = vec as i32;
         let mut b = self.launch(st, &self.concat_channels);
         b.arg(&a)
             .arg(&b_)
             .arg(&y)
+            .arg(&y16)
+            .arg(&kind)
             .arg(&p)
             .arg(&cai)
             .arg(&cbi)
             .arg(&vec4);
         let items = pixels * (ca + cb) / if vec { 4 } else { 1 };
-        // SAFETY: a is pixels x ca, b pixels x cb, y pixels x (ca + cb).
+        // SAFETY: a is pixels x ca, b pixels x cb, y pixels x (ca + cb), y16 (when set) room
+        // for as many 16-bit values.
         cu(
             unsafe { b.launch(self.flat(items)) }.map(drop),
             "launching concat_channels",

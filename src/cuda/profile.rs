@@ -296,9 +296,16 @@ impl Step {
                 format!("{}x{} -> {uh}x{uw} x {c} ch", 2 * uh, 2 * uw),
                 1,
             ),
-            Concat { pixels, ca, cb, .. } => {
-                plain("concat", format!("{} x {ca}+{cb} ch", px(*pixels)), 1)
-            }
+            Concat {
+                pixels,
+                ca,
+                cb,
+                y16,
+                ..
+            } => StepInfo {
+                variant: y16.map_or_else(String::new, |(_, p)| format!("{p} copy")),
+                ..plain("concat", format!("{} x {ca}+{cb} ch", px(*pixels)), 1)
+            },
             ConcatBackward {
                 pixels,
                 c,

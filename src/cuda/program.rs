@@ -36,6 +36,11 @@ pub(crate) struct KernelConfig {
     /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
+    /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
+    /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the
+    /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values; the copy is
+    /// rounded as staging would round, so only wgmma's order of summation changes.
+    pub half_concat: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -49,6 +54,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
+            half_concat: false,
             batch_invariant: false,
         }
     }
@@ -223,6 +229,9 @@ pub(crate) enum Step {
         a: Buf,
         b: Buf,
         y: Buf,
+        /// A 16-bit copy of `y` in this precision, for the tensor-core convolutions that read
+        /// `y` ([`KernelConfig::half_concat`]).
+        y16: Option<(Buf, Precision)>,
         pixels: usize,
         ca: usize,
         cb: usize,
@@ -344,7 +353,10 @@ impl Step {
                 std::iter::once(*dy).chain(acc(*dx, *accumulate)).collect(),
                 vec![*dx],
             ),
-            Concat { a, b, y, .. } => (vec![*a, *b], vec![*y]),
+            Concat { a, b, y, y16, .. } => (
+                vec![*a, *b],
+                std::iter::once(*y).chain(y16.map(|(b, _)| b)).collect(),
+            ),
             ConcatBackward {
                 dy, d, accumulate, ..
             } => (
@@ -435,6 +447,9 @@ struct Lowering<'g> {
     half: Vec<bool>,
     /// Per tensor: its gradient stored as 16-bit values in `precision`.
     half_grad: Vec<bool>,
+    /// Per tensor: a 16-bit copy of its value (a concatenation's, see
+    /// [`KernelConfig::half_concat`]), once computed.
+    copy16: Vec<Option<Buf>>,
     /// Which kernels the steps run.
     choice: KernelConfig,
 }
@@ -496,6 +511,7 @@ impl Program {
             aux: vec![None; g.ops.len()],
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
+            copy16: vec![None; g.tensors.len()],
             choice,
         };
         if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
@@ -863,6 +879,33 @@ impl Lowering<'_> {
         Ok(half)
     }
 
+    /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in
+    /// bf16/fp16 with the deep pipelines, when a convolution on the tensor-core kernel reads it
+    /// as its main input.
+    fn wants_copy16(&self, y: Tid) -> Result<bool> {
+        if !(self.choice.half_concat && self.choice.deep && self.precision.is_half()) {
+            return Ok(false);
+        }
+        for r in self.g.ops.iter() {
+            if let Op::Conv {
+                x, temb, residual, ..
+            } = *r
+            {
+                if x == y
+                    && temb != Some(y)
+                    && residual != Some(y)
+                    && self.gemm_shape(r)?.is_some_and(|s| {
+                        plan_conv_at(&s, self.sms, self.precision).kernel
+                            == ConvKernel::Tensor(self.precision)
+                    })
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
     fn conv_backward_shapes(
         &self,
@@ -1041,7 +1084,10 @@ impl Lowering<'_> {
                 ..
             } => {
                 let shape = self.gemm_shape(op)?.expect("a convolution");
-                let xb = self.val(x)?;
+                let (xb, half_input) = match self.copy16[x] {
+                    Some(c) => (c, true),
+                    None => (self.val(x)?, self.half[x]),
+                };
                 let tb = temb.map(|t| self.val(t)).transpose()?;
                 let rb = residual.map(|r| self.val(r)).transpose()?;
                 let yb = self.new_value(y);
@@ -1053,7 +1099,7 @@ impl Lowering<'_> {
                         kind: WKind::ConvForward,
                     },
                     yb,
-                    self.half[x],
+                    half_input,
                 );
                 s.bias = Some(W {
                     pid: p,
@@ -1147,10 +1193,21 @@ impl Lowering<'_> {
                 let (h, w) = self.hw(a);
                 let (ab, bb) = (self.val(a)?, self.val(b)?);
                 let yb = self.new_value(y);
+                let y16 = if self.wants_copy16(y)? {
+                    let b = self.buf(
+                        self.numel(y).div_ceil(2),
+                        &format!("{} (16-bit copy)", g.tensors[y].name),
+                    );
+                    self.copy16[y] = Some(b);
+                    Some((b, self.precision))
+                } else {
+                    None
+                };
                 self.steps.push(Step::Concat {
                     a: ab,
                     b: bb,
                     y: yb,
+                    y16,
                     pixels: self.n * h * w,
                     ca: self.ch(a),
                     cb: self.ch(b),
@@ -1527,7 +1584,7 @@ mod tests {
     }
 
     #[test]
-    fn sixteen_bit_groupnorm_outputs_feed_only_tensor_core_launches() {
+    fn sixteen_bit_values_feed_only_tensor_core_launches() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         for precision in [
             Precision::Fp32,
@@ -1535,18 +1592,31 @@ mod tests {
             Precision::Bf16,
             Precision::Fp16,
         ] {
-            for deep in [true, false] {
+            for (deep, half_concat) in [(true, false), (false, false), (true, true), (false, true)]
+            {
                 let tc = KernelConfig {
                     deep,
+                    half_concat,
                     ..KernelConfig::default()
                 };
                 let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, tc).unwrap();
                 let expect_half = deep && matches!(precision, Precision::Bf16 | Precision::Fp16);
-                // Which buffers a GroupNorm wrote in 16 bits, and who reads them.
+                // Which buffers a GroupNorm (or a concatenation's copy) wrote in 16 bits, and
+                // who reads them.
                 let mut half = vec![false; p.bufs.len()];
-                let (mut norms, mut upsamplings, mut half_grads) = (0, 0, 0);
+                let (mut norms, mut upsamplings, mut half_grads, mut copies) = (0, 0, 0, 0);
                 for s in &p.steps {
                     let (y, half_out, len) = match *s {
+                        Step::Concat {
+                            y16: Some((y, hp)),
+                            pixels,
+                            ca,
+                            cb,
+                            ..
+                        } => {
+                            copies += 1;
+                            (y, Some(hp), pixels * (ca + cb))
+                        }
                         Step::GroupNorm {
                             y, half_out, hw, c, ..
                         } => {
@@ -1611,10 +1681,16 @@ mod tests {
                     // the 3-channel output convolution (fp32 kernel); every upsampling feeds
                     // its block's convolution.
                     // Backward: the gradient of each residual block's first convolution (32
-                    // blocks), which only its second GroupNorm reads.
+                    // blocks), which only its second GroupNorm reads. With half_concat, the
+                    // 18 concatenations of the up blocks, each read by its block's shortcut.
                     assert_eq!(upsamplings, 5);
                     assert_eq!(half_grads, 32);
-                    assert_eq!(halves, norms - 1 + upsamplings + half_grads, "{precision}");
+                    assert_eq!(copies, if half_concat { 18 } else { 0 });
+                    assert_eq!(
+                        halves,
+                        norms - 1 + upsamplings + half_grads + copies,
+                        "{precision}"
+                    );
                     assert_eq!(readers, halves);
                 } else {
                     assert_eq!(halves, 0);

@@ -1348,14 +1348,41 @@ impl Tester<'_> {
             let b = self.rand(pixels * cb, -1.0, 1.0);
             let mut want = vec![0.0; pixels * (ca + cb)];
             resample::concat(&a, ca, &b, cb, &mut want);
-            let (ad, bd, yd) = (self.up(&a)?, self.up(&b)?, self.zeros(want.len())?);
+            let (ad, bd, mut yd) = (self.up(&a)?, self.up(&b)?, self.zeros(want.len())?);
             let ms = self.timed(
                 || Ok(()),
-                || k.concat(st, ad.ptr, bd.ptr, yd.ptr, pixels, ca, cb),
+                || k.concat(st, ad.ptr, bd.ptr, yd.ptr, None, pixels, ca, cb),
             )?;
             let got = yd.download(st)?;
             let desc = format!("{pixels} px, {ca}+{cb}");
             self.row("concat forward".into(), desc.clone(), &got, &want, ms);
+            // With the 16-bit copy for tensor-core readers: the copy, then y again.
+            yd.write(st, &vec![0.0; want.len()])?;
+            self.half_output_rows(
+                "concat forward, 16-bit copy",
+                &desc,
+                &want,
+                |out, precision| {
+                    k.concat(
+                        st,
+                        ad.ptr,
+                        bd.ptr,
+                        yd.ptr,
+                        Some((out, precision)),
+                        pixels,
+                        ca,
+                        cb,
+                    )
+                },
+            )?;
+            let got = yd.download(st)?;
+            self.row(
+                "concat forward beside its 16-bit copy".into(),
+                desc.clone(),
+                &got,
+                &want,
+                ms,
+            );
             let dy = self.rand(want.len(), -1.0, 1.0);
             for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {
                 let d0 = if accumulate {

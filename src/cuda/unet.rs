@@ -140,6 +140,7 @@ impl CudaUnet {
         let wgmma =
             gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
         let gn_one_pass = std::env::var("INVDIFF_GN_ONE_PASS").is_ok_and(|v| v == "1");
+        let half_concat = std::env::var("INVDIFF_HALF_CONCAT").is_ok_and(|v| v == "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -157,6 +158,7 @@ impl CudaUnet {
                 deep,
                 wgmma,
                 gn_one_pass,
+                half_concat,
                 batch_invariant: false,
             },
             side,
@@ -1166,10 +1168,20 @@ fn launch(
             a,
             b,
             y,
+            y16,
             pixels,
             ca,
             cb,
-        } => k.concat(st, p(a), p(b), p(y), pixels, ca, cb),
+        } => k.concat(
+            st,
+            p(a),
+            p(b),
+            p(y),
+            y16.map(|(b, precision)| (p(b), precision)),
+            pixels,
+            ca,
+            cb,
+        ),
         Step::ConcatBackward {
             dy,
             d,
