@@ -5,7 +5,8 @@
 // slice of the fused q/k/v rows, or one image's P block are all plain views, with no copies.
 // The batch index z = blockIdx.z splits into an outer (image) and inner (head) index, each with
 // its own stride. The products are small (L = 256 tokens, d <= 512 for celebahq: 67 MFLOP each),
-// so this kernel favours generality: 64x64 block tile, 256 threads with a 4x4 register tile,
+// so this kernel favours generality: 64x64 block tile (32x32 where 64-wide tiles would leave
+// most multiprocessors idle), 256 threads with a 4x4 (2x2) register tile,
 // scalar bounds-checked loads whose thread mapping follows whichever stride of the operand is 1
 // (so that a warp reads consecutive addresses either way). K slices are 64 deep: at batch 1
 // only 16-32 blocks run and each slice waits on its global loads, so the slice count is the
@@ -24,10 +25,13 @@ struct GemmArgs {
 };
 static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels.rs");
 
-// Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
-extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
-    pdl_entry();
-    constexpr int TM = 64, TN = 64, TK = 64;
+// One block's tile of TM x TM outputs, 256 threads in a 16 x 16 grid with an R x R register
+// tile each (R = TM / 16). Every output sums its k products in order whatever TM is, so both
+// tile sizes give the same bits.
+template <int TM> DEVI void gemm_tile(const GemmArgs& g) {
+    constexpr int TN = TM, TK = 64, R = TM / 16;
+    constexpr int LOG_TK = 6, LOG_TM = TM == 64 ? 6 : 5;
+    static_assert(TM == 64 || TM == 32, "tile sizes are powers of two the shifts know");
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TN + 4];
     const int tid = threadIdx.x;
@@ -44,22 +48,22 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
     const bool a_kfast = g.a_cs == 1;
     const bool b_nfast = g.b_cs == 1;
 
-    float acc[4][4];
+    float acc[R][R];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < R; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+        for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
 
     for (int k0 = 0; k0 < g.k; k0 += TK) {
 #pragma unroll
         for (int r = 0; r < TK * TM / 256; ++r) {
             const int e = tid + 256 * r;
             int mm, kk;
-            if (a_kfast) { kk = e & 63; mm = e >> 6; } else { mm = e & 63; kk = e >> 6; }
+            if (a_kfast) { kk = e & (TK - 1); mm = e >> LOG_TK; } else { mm = e & (TM - 1); kk = e >> LOG_TM; }
             int i = m0 + mm, k = k0 + kk;
             As[kk][mm] = (i < g.m && k < g.k) ? A[i * g.a_rs + k * g.a_cs] : 0.f;
             int nn;
-            if (b_nfast) { nn = e & 63; kk = e >> 6; } else { kk = e & 63; nn = e >> 6; }
+            if (b_nfast) { nn = e & (TN - 1); kk = e >> LOG_TM; } else { kk = e & (TK - 1); nn = e >> LOG_TK; }
             const int j = n0 + nn;
             k = k0 + kk;
             Bs[kk][nn] = (j < g.n && k < g.k) ? B[k * g.b_rs + j * g.b_cs] : 0.f;
@@ -67,25 +71,33 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < TK; ++kk) {
-            const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-            const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
-            const float a4[4] = {av.x, av.y, av.z, av.w};
-            const float b4[4] = {bv.x, bv.y, bv.z, bv.w};
+            float a4[R], b4[R];
+            if constexpr (R == 4) {
+                const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+                const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+                a4[0] = av.x, a4[1] = av.y, a4[2] = av.z, a4[3] = av.w;
+                b4[0] = bv.x, b4[1] = bv.y, b4[2] = bv.z, b4[3] = bv.w;
+            } else {
+                const float2 av = *reinterpret_cast<const float2*>(&As[kk][ty * 2]);
+                const float2 bv = *reinterpret_cast<const float2*>(&Bs[kk][tx * 2]);
+                a4[0] = av.x, a4[1] = av.y;
+                b4[0] = bv.x, b4[1] = bv.y;
+            }
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < R; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a4[i], b4[j], acc[i][j]);
+                for (int j = 0; j < R; ++j) acc[i][j] = fmaf(a4[i], b4[j], acc[i][j]);
         }
         __syncthreads();
     }
 
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int row = m0 + ty * 4 + i;
+    for (int i = 0; i < R; ++i) {
+        const int row = m0 + ty * R + i;
         if (row >= g.m) continue;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int col = n0 + tx * 4 + j;
+        for (int j = 0; j < R; ++j) {
+            const int col = n0 + tx * R + j;
             if (col >= g.n) continue;
             float* cp = C + row * g.c_rs + col;
             float v = g.alpha * acc[i][j];
@@ -93,4 +105,18 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
             *cp = v;
         }
     }
+}
+
+// Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
+extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
+    pdl_entry();
+    gemm_tile<64>(g);
+}
+
+// Grid (ceil(n / 32), ceil(m / 32), batch), 256 threads, 18.4 KB static shared memory: four
+// times the blocks, for products whose 64-wide tiles would leave most multiprocessors idle
+// (the attention products at batch 1: 16-32 blocks).
+extern "C" __global__ void __launch_bounds__(256) gemm_batched_32(const GemmArgs g) {
+    pdl_entry();
+    gemm_tile<32>(g);
 }

@@ -21,7 +21,8 @@
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
-//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch);
+//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (where that grid has fewer
+//!   blocks than multiprocessors): (⌈n/32⌉, ⌈m/32⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
 //!   1024 threads ([`one_pass_threads`]), a block per (image, group);
@@ -672,6 +673,7 @@ pub(crate) struct Kernels {
     conv_tc: Vec<CudaFunction>,
     tc_convert: CudaFunction,
     gemm_batched: CudaFunction,
+    gemm_batched_32: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
     linear_rows: CudaFunction,
@@ -907,6 +909,7 @@ impl Kernels {
             conv_tc,
             tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
+            gemm_batched_32: get("gemm", "gemm_batched_32")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             linear_rows: get("linear", "linear_rows")?,
@@ -1244,6 +1247,19 @@ impl Kernels {
 
     /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
     pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
+        // 32-wide tiles where 64-wide ones would not give every multiprocessor a block (the
+        // same sums in the same order either way).
+        let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
+        self.gemm_tiled(st, g, if blocks64 < self.sms as usize { 32 } else { 64 })
+    }
+
+    /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs.
+    pub(crate) fn gemm_tiled(&self, st: &CudaStream, g: &Gemm, tile: usize) -> Result<()> {
+        if tile != 32 && tile != 64 {
+            return Err(Error::Cuda(format!(
+                "internal: no {tile}-wide tiles for batched products"
+            )));
+        }
         need(g.a, "matrix A")?;
         need(g.b, "matrix B")?;
         need(g.c, "matrix C")?;
@@ -1273,18 +1289,23 @@ impl Kernels {
             accumulate: g.accumulate as i32,
         };
         let batch = g.outer * g.inner;
-        if batch > 65535 || g.m.div_ceil(64) > 65535 {
+        if batch > 65535 || g.m.div_ceil(tile) > 65535 {
             return Err(Error::Cuda(format!(
                 "batched product too large for one launch: batch {batch}, {} rows",
                 g.m
             )));
         }
         let grid = (
-            i32_of(g.n.div_ceil(64), "column tiles")? as u32,
-            g.m.div_ceil(64) as u32,
+            i32_of(g.n.div_ceil(tile), "column tiles")? as u32,
+            g.m.div_ceil(tile) as u32,
             batch as u32,
         );
-        let mut b = self.launch(st, &self.gemm_batched);
+        let f = if tile == 32 {
+            &self.gemm_batched_32
+        } else {
+            &self.gemm_batched
+        };
+        let mut b = self.launch(st, f);
         b.arg(&args);
         // SAFETY: every view lies inside its buffer (the caller's contract).
         cu(

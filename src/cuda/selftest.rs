@@ -13,7 +13,7 @@ use cudarc::driver::CudaStream;
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, NormDims,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -1200,7 +1200,86 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// The attention products' kernel in both tile sizes: a strided batch (A read with its
+    /// rows strided, B with its columns), scaled and accumulated, against the CPU, and the
+    /// 32-wide tiles against the 64-wide ones, held to 0 (each output sums its products in
+    /// the same order).
+    fn batched_products(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (m, n, k, outer, inner, alpha) = (100, 70, 130, 2, 3, 0.5f32);
+        let batch = outer * inner;
+        let a = self.rand(batch * m * k, -1.0, 1.0);
+        let b = self.rand(batch * k * n, -1.0, 1.0);
+        let c0 = self.rand(batch * m * n, -1.0, 1.0);
+        // A(i, kk) of batch z at a[z m k + kk m + i] (column-major), B(kk, j) at b[z k n + kk n + j].
+        let mut want = c0.clone();
+        for z in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|kk| {
+                            f64::from(a[z * m * k + kk * m + i])
+                                * f64::from(b[z * k * n + kk * n + j])
+                        })
+                        .sum();
+                    want[z * m * n + i * n + j] += (f64::from(alpha) * dot) as f32;
+                }
+            }
+        }
+        let (ad, bd) = (self.up(&a)?, self.up(&b)?);
+        let mut cd = self.up(&c0)?;
+        let g = Gemm {
+            a: ad.ptr,
+            b: bd.ptr,
+            c: cd.ptr,
+            m,
+            n,
+            k,
+            a_rs: 1,
+            a_cs: m,
+            b_rs: n,
+            b_cs: 1,
+            c_rs: n,
+            outer,
+            inner,
+            a_bo: inner * m * k,
+            a_bi: m * k,
+            b_bo: inner * k * n,
+            b_bi: k * n,
+            c_bo: inner * m * n,
+            c_bi: m * n,
+            alpha,
+            accumulate: true,
+        };
+        let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating");
+        let mut got = Vec::new();
+        for tile in [64, 32] {
+            let ms = self.timed(
+                || cd.write(st, &c0),
+                || gpu.kernels.gemm_tiled(st, &g, tile),
+            )?;
+            got.push(cd.download(st)?);
+            self.row(
+                format!("batched product, {tile}-wide tiles"),
+                desc.clone(),
+                &got[got.len() - 1],
+                &want,
+                ms,
+            );
+        }
+        self.row_within(
+            "batched product, 32- vs 64-wide tiles".into(),
+            desc,
+            &got[1],
+            &got[0],
+            0.0,
+            0.0,
+        );
+        Ok(())
+    }
+
     fn attentions(&mut self) -> Result<()> {
+        self.batched_products()?;
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         for (n, tokens, heads, head_dim, accumulate) in [
             (1, 37, 1, 16, false),
