@@ -5,8 +5,8 @@
 // slice of the fused q/k/v rows, or one image's P block are all plain views, with no copies.
 // The batch index z = blockIdx.z splits into an outer (image) and inner (head) index, each with
 // its own stride. The products are small (L = 256 tokens, d <= 512 for celebahq: 67 MFLOP each),
-// so this kernel favours generality: 64x64 block tile (32x32 where 64-wide tiles would leave
-// most multiprocessors idle), 256 threads with a 4x4 (2x2) register tile,
+// so this kernel favours generality: 64x64 block tile (32x32, when asked, where 64-wide tiles
+// would leave most multiprocessors idle), 256 threads with a 4x4 (2x2) register tile,
 // scalar bounds-checked loads whose thread mapping follows whichever stride of the operand is 1
 // (so that a warp reads consecutive addresses either way). K slices are 64 deep: at batch 1
 // only 16-32 blocks run and each slice waits on its global loads, so the slice count is the

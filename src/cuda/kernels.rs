@@ -21,8 +21,9 @@
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
-//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (where that grid has fewer
-//!   blocks than multiprocessors): (⌈n/32⌉, ⌈m/32⌉, batch);
+//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (with
+//!   `INVDIFF_GEMM_SMALL_TILES=1`, where that grid has fewer blocks than multiprocessors):
+//!   (⌈n/32⌉, ⌈m/32⌉, batch);
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
 //!   1024 threads ([`one_pass_threads`]), a block per (image, group);
@@ -661,6 +662,9 @@ pub(crate) struct Kernels {
     sms: u32,
     /// Launches use programmatic dependent launch (src/cuda/launch.rs).
     pdl: bool,
+    /// Batched products that would leave multiprocessors idle take 32-wide tiles
+    /// (`INVDIFF_GEMM_SMALL_TILES=1`; off until timed on a GPU).
+    small_tiles: bool,
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
@@ -890,6 +894,7 @@ impl Kernels {
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             pdl: pdl_wanted(info.compute_capability),
+            small_tiles: std::env::var("INVDIFF_GEMM_SMALL_TILES").is_ok_and(|v| v == "1"),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
@@ -1247,10 +1252,11 @@ impl Kernels {
 
     /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
     pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
-        // 32-wide tiles where 64-wide ones would not give every multiprocessor a block (the
-        // same sums in the same order either way).
+        // With small_tiles, 32-wide tiles where 64-wide ones would not give every
+        // multiprocessor a block (the same sums in the same order either way).
         let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
-        self.gemm_tiled(st, g, if blocks64 < self.sms as usize { 32 } else { 64 })
+        let small = self.small_tiles && blocks64 < self.sms as usize;
+        self.gemm_tiled(st, g, if small { 32 } else { 64 })
     }
 
     /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs.
