@@ -35,6 +35,8 @@
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
+#include <cooperative_groups.h>
+
 #include "conv_common.cuh"
 
 constexpr int WG_TM = 128;
@@ -80,6 +82,49 @@ template <> DEVI void wg_mma<2>(float (&d)[64], uint64_t da, uint64_t db) {
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db), "r"(1));
+}
+
+// Split K without a workspace (the host launches the splits of a tile as one cluster, at most
+// 8): each block parks its accumulators in its own shared memory (the pipeline's, now idle),
+// the cluster synchronises, and block r sums rows r * 128 / S .. of the tile over the S blocks'
+// shared memory (distributed shared memory) in split order from 0, as conv_splitk_reduce sums
+// the workspace, then finishes them into y: the same bits, without the workspace round trip or
+// the second launch. A second cluster barrier keeps every block's shared memory alive until
+// the others have read it.
+constexpr int WG_PARK = WG_TN + 4;  // floats per parked row: +4 spreads a warp's rows over banks
+static_assert(WG_TM * WG_PARK * 4 <= WG_STAGES * WG_STAGE, "the parked tile fits the stages");
+DEVI void cluster_reduce(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0,
+                         int n0) {
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    float* park = reinterpret_cast<float*>(stages);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int row0 = (warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2);
+    // Every warpgroup's products are complete (wait_group 0) and no copy is in flight; wait
+    // for the other warpgroup too before overwriting the stages.
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            *reinterpret_cast<float2*>(park + (row0 + 8 * h) * WG_PARK + 8 * j + 2 * (lane & 3)) =
+                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    cluster.sync();
+    const int splits = (int)cluster.num_blocks();
+    const int rank = (int)cluster.block_rank();
+    const int per = (WG_TM + splits - 1) / splits;
+    const int r_begin = rank * per, r_end = min(WG_TM, r_begin + per);
+    for (int i = r_begin * WG_TN + tid; i < r_end * WG_TN; i += WG_THREADS) {
+        const int r = i / WG_TN, col = i - r * WG_TN;
+        const int m = m0 + r, n = n0 + col;
+        if (m >= M || n >= a.ncols) continue;
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += cluster.map_shared_rank(park, z)[r * WG_PARK + col];
+        const RowCoord rc = decode_row(a, m);
+        const long long pix = out_pixel(a, rc);
+        a.y[pix * a.ncols + n] = finish(a, rc.img, pix, n, s);
+    }
+    cluster.sync();
 }
 
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType).
@@ -210,6 +255,10 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
     const int g = lane >> 2;
     const int q = lane & 3;
     const bool split = gridDim.z > 1;
+    if (split && a.ws == nullptr) {
+        cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
+        return;
+    }
     const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

@@ -386,7 +386,15 @@ pub(crate) struct ConvLaunch {
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
     /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
     pub wgmma: bool,
+    /// With `wgmma` and 2 to [`MAX_CLUSTER_SPLITS`] splits: the splits of each tile run as one
+    /// thread-block cluster and sum their partial products through distributed shared memory
+    /// (kernels/conv_wgmma.cu `cluster_reduce`) instead of the workspace and
+    /// `conv_splitk_reduce`: the same sums in the same order, one launch, no workspace.
+    pub cluster: bool,
 }
+
+/// Most splits of K one cluster reduces (the portable cluster size).
+pub(crate) const MAX_CLUSTER_SPLITS: usize = 8;
 
 /// Block tile of the GEMM kernels, and the K slice.
 const TILE: usize = 128;
@@ -462,6 +470,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             deep: false,
             half_input: false,
             wgmma: false,
+            cluster: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -499,6 +508,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         deep: false,
         half_input: false,
         wgmma: false,
+        cluster: false,
     }
 }
 
@@ -545,9 +555,9 @@ fn tc_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
 }
 
 impl ConvLaunch {
-    /// f32 elements of split-K workspace the launch needs.
+    /// f32 elements of split-K workspace the launch needs (none when a cluster reduces).
     pub fn workspace_len(&self, s: &ConvShape) -> usize {
-        if self.splits > 1 {
+        if self.splits > 1 && !self.cluster {
             self.splits * s.rows() * s.ncols
         } else {
             0
@@ -999,9 +1009,16 @@ impl Kernels {
         }
         i32_of(rows * s.ncols.max(s.sc), "convolution rows x channels")?;
         i32_of(s.k(), "convolution reduction length")?;
-        if plan.splits > 1 {
+        let workspace = plan.splits > 1 && !plan.cluster;
+        if workspace {
             need(p.ws, "split-K workspace")?;
             i32_of(plan.splits * rows * s.ncols, "split-K workspace")?;
+        }
+        if plan.cluster && !(plan.wgmma && (2..=MAX_CLUSTER_SPLITS).contains(&plan.splits)) {
+            return Err(Error::Cuda(format!(
+                "internal: a cluster reduction planned for {} splits (wgmma {})",
+                plan.splits, plan.wgmma
+            )));
         }
         let mut a = ConvArgs {
             x: p.x,
@@ -1010,7 +1027,8 @@ impl Kernels {
             bias: p.bias,
             temb: p.temb,
             res: p.res,
-            ws: if plan.splits > 1 { p.ws } else { 0 },
+            // No workspace with splits: the kernel reduces within the cluster.
+            ws: if workspace { p.ws } else { 0 },
             n: i32_of(s.n, "batch")?,
             mh: i32_of(s.mh, "rows")?,
             mw: i32_of(s.mw, "columns")?,
@@ -1109,9 +1127,12 @@ impl Kernels {
         launch.shared_mem_bytes = smem;
         let mut b = self.launch(st, f);
         b.arg(&a);
+        if plan.cluster {
+            b.cluster_z(grid.2);
+        }
         // SAFETY: as above; the grid covers exactly the tiles of the problem.
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
-        if plan.splits > 1 {
+        if workspace {
             let splits = plan.splits as i32;
             let mut b = self.launch(st, &self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);

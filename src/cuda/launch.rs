@@ -31,6 +31,8 @@ pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     func: &'a CudaFunction,
     pdl: bool,
+    /// Blocks per thread-block cluster along z, when launched as clusters.
+    cluster_z: Option<u32>,
     args: Vec<*mut c_void>,
     _borrows: PhantomData<&'a ()>,
 }
@@ -42,6 +44,7 @@ impl<'a> Launch<'a> {
             stream,
             func,
             pdl,
+            cluster_z: None,
             args: Vec::new(),
             _borrows: PhantomData,
         }
@@ -53,15 +56,22 @@ impl<'a> Launch<'a> {
         self
     }
 
+    /// Launches the grid as clusters of `z` blocks along z (Hopper thread-block clusters; the
+    /// grid's z must be a multiple, at most 8).
+    pub fn cluster_z(&mut self, z: u32) -> &mut Self {
+        self.cluster_z = Some(z);
+        self
+    }
+
     /// Enqueues the kernel: `cuLaunchKernel` as cudarc does, or `cuLaunchKernelEx` with the
-    /// programmatic-serialisation attribute under PDL.
+    /// programmatic-serialisation attribute under PDL and the cluster shape for clusters.
     ///
     /// # Safety
     /// The arguments must match the kernel's parameters in number, order and type, and every
     /// device address among them must be valid for what the kernel reads and writes.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
-        if !self.pdl {
+        if !self.pdl && self.cluster_z.is_none() {
             // SAFETY: as above.
             return unsafe {
                 result::launch_kernel(
@@ -74,13 +84,25 @@ impl<'a> Launch<'a> {
                 )
             };
         }
-        let mut attr = sys::CUlaunchAttribute {
-            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value: sys::CUlaunchAttributeValue {
-                programmaticStreamSerializationAllowed: 1,
-            },
-        };
+        let mut attrs = Vec::with_capacity(2);
+        if self.pdl {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    programmaticStreamSerializationAllowed: 1,
+                },
+            });
+        }
+        if let Some(z) = self.cluster_z {
+            attrs.push(sys::CUlaunchAttribute {
+                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+                pad: [0; 4],
+                value: sys::CUlaunchAttributeValue {
+                    clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 1, y: 1, z },
+                },
+            });
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -90,10 +112,10 @@ impl<'a> Launch<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: attrs.len() as u32,
         };
-        // SAFETY: the caller vouches for the arguments; `config` and `attr` live through the
+        // SAFETY: the caller vouches for the arguments; `config` and `attrs` live through the
         // call, which copies them.
         unsafe {
             sys::cuLaunchKernelEx(

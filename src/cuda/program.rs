@@ -16,7 +16,7 @@
 
 use super::kernels::{
     plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvShape, NormSplit,
-    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
@@ -41,6 +41,9 @@ pub(crate) struct KernelConfig {
     /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values; the copy is
     /// rounded as staging would round, so only wgmma's order of summation changes.
     pub half_concat: bool,
+    /// wgmma launches split 2 to 8 ways reduce within a thread-block cluster
+    /// ([`ConvLaunch::cluster`]): one launch and no workspace, the same sums.
+    pub cluster_split_k: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -55,6 +58,7 @@ impl Default for KernelConfig {
             wgmma: false,
             gn_one_pass: false,
             half_concat: false,
+            cluster_split_k: false,
             batch_invariant: false,
         }
     }
@@ -975,12 +979,15 @@ impl Lowering<'_> {
         let wgmma = (half_input && self.choice.wgmma)
             .then(|| plan_wgmma(&planned, self.sms, self.precision))
             .flatten();
-        let launch = wgmma.unwrap_or_else(|| {
+        let mut launch = wgmma.unwrap_or_else(|| {
             let mut l = plan_conv_at(&planned, self.sms, self.precision);
             l.deep = self.choice.deep && matches!(l.kernel, ConvKernel::Tensor(_));
             l.half_input = half_input;
             l
         });
+        launch.cluster = self.choice.cluster_split_k
+            && launch.wgmma
+            && (2..=MAX_CLUSTER_SPLITS).contains(&launch.splits);
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

@@ -13,7 +13,7 @@ use cudarc::driver::CudaStream;
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, Gemm, NormDims,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -694,6 +694,8 @@ impl Tester<'_> {
                 ms,
                 WGMMA_VS_MMA,
             );
+            let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
+            self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
         }
         let dyd = self.up(dy)?;
         let mut dxd = self.up(dx0)?;
@@ -812,6 +814,69 @@ impl Tester<'_> {
                     WGMMA_VS_MMA,
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// wgmma launches `wp` of `shape` split 2, 3 and 8 ways (as far as K allows), each reduced
+    /// through the workspace and within a thread-block cluster: held to 0 against each other
+    /// (the same sums in the same order). `ptrs` hold the 16-bit input and K-major weights;
+    /// the output has `len` values.
+    #[allow(clippy::too_many_arguments)]
+    fn cluster_rows(
+        &mut self,
+        shape: &ConvShape,
+        wp: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        len: usize,
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let k = shape.k();
+        let slices = k.div_ceil(WGMMA_SLICE);
+        let mut tried = Vec::new();
+        for want in [2, 3, 8] {
+            let per = slices.div_ceil(want) * WGMMA_SLICE;
+            let splits = k.div_ceil(per);
+            if splits < 2 || tried.contains(&splits) {
+                continue;
+            }
+            tried.push(splits);
+            let via_workspace = ConvLaunch {
+                splits,
+                k_per_split: per,
+                cluster: false,
+                ..wp
+            };
+            let in_cluster = ConvLaunch {
+                cluster: true,
+                ..via_workspace
+            };
+            let ws = self.zeros(via_workspace.workspace_len(shape))?;
+            let (mut outs, mut ms) = (Vec::new(), 0.0);
+            for plan in [via_workspace, in_cluster] {
+                let y = self.zeros(len)?;
+                let p = ConvPtrs {
+                    y: y.ptr,
+                    ws: ws.ptr,
+                    ..ptrs
+                };
+                ms = self.timed(
+                    || Ok(()),
+                    || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
+                )?;
+                outs.push(y.download(st)?);
+            }
+            self.row_within(
+                format!("{label} [wgmma, {splits} splits] cluster vs workspace"),
+                desc.into(),
+                &outs[1],
+                &outs[0],
+                ms,
+                0.0,
+            );
         }
         Ok(())
     }

@@ -141,6 +141,7 @@ impl CudaUnet {
             gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
         let gn_one_pass = std::env::var("INVDIFF_GN_ONE_PASS").is_ok_and(|v| v == "1");
         let half_concat = std::env::var("INVDIFF_HALF_CONCAT").is_ok_and(|v| v == "1");
+        let cluster_split_k = std::env::var("INVDIFF_CLUSTER_SPLITK").is_ok_and(|v| v == "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -159,6 +160,7 @@ impl CudaUnet {
                 wgmma,
                 gn_one_pass,
                 half_concat,
+                cluster_split_k,
                 batch_invariant: false,
             },
             side,
