@@ -12,8 +12,9 @@
 #       rows and the same two profiles, compared by kind with (d);
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each opt-in of
 #       the build alone, then all together) of out/invdiff-next if it exists, else out/invdiff:
-#       for each its selftest and its bf16 b1 (forward + DPS step), b8 and b32 rows; for the
-#       last one also the b1 DPS profile and the 1000-step restoration;
+#       for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for the last one also its
+#       selftest (each one's with VARIANT_SELFTEST=each), the b1 DPS profile and the 1000-step
+#       restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split:
 #       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
@@ -259,7 +260,11 @@ for v in ${variants[@]+"${variants[@]}"}; do
     printf '#!/bin/sh\nexec env %s "%s" "$@"\n' "${vars//,/ }" "$(realpath "$VBIN")" > "$wrapper"
     chmod +x "$wrapper"
     note "variant $name: ${vars//,/ } on $VBIN"
-    selftest "selftest_$name" "$wrapper"
+    # The kernel rows are the same in every run; what a variant changes is the whole-network
+    # rows, which the last variant (all together) covers unless VARIANT_SELFTEST=each.
+    if [ "${VARIANT_SELFTEST:-last}" = each ] || [ "$v" = "${variants[-1]}" ]; then
+        selftest "selftest_$name" "$wrapper"
+    fi
     bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
     bench "${name}_bf16_b8" "$wrapper" --precision bf16 --batch 8 --what forward
     bench "${name}_bf16_b32" "$wrapper" --precision bf16 --batch 32 --what forward
