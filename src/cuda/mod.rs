@@ -18,7 +18,7 @@
 //! - `sampler`: the whole sampling loop on the device (network, VJP, scheduler step, guidance),
 //!   one captured graph replayed per step; `sampler_kernels` launches its kernels and `blur`
 //!   runs [`CircularBlur`](crate::inverse::CircularBlur) by FFT;
-//! - [`selftest`]: every kernel against its CPU counterpart, and the whole network;
+//! - [`selftest()`]: every kernel against its CPU counterpart, and the whole network;
 //! - [`sweep_convolutions`]: every tensor-core launch of a program timed under each pipeline
 //!   and split of K.
 //!

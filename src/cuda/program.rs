@@ -33,8 +33,9 @@ pub(crate) struct KernelConfig {
     /// With `deep`: launches with 16-bit inputs on Hopper's wgmma kernel (only where the
     /// device has it, compute capability 9.0).
     pub wgmma: bool,
-    /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
-    /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
+    /// GroupNorms whose groups are small enough
+    /// ([`one_pass_threads`](super::kernels::one_pass_threads)) in one launch (`gn_one_pass`,
+    /// `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
     /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
     /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the

@@ -3,8 +3,9 @@
 //!
 //! What runs where:
 //! - Once, before the loop (host): the per-step scalars of every step ([`StepRow`]: the
-//!   scheduler's [`StepCoeffs`], the guidance's [`GuidanceCoeffs`], the timestep) are uploaded as
-//!   one table next to a device step counter; every buffer of the run is allocated; each image's
+//!   scheduler's [`StepCoeffs`], the guidance's
+//!   [`GuidanceCoeffs`](crate::schedule::GuidanceCoeffs), the timestep) are uploaded as one
+//!   table next to a device step counter; every buffer of the run is allocated; each image's
 //!   blur transfer function and, for ΠGDM, each measurement's spectrum are computed; x_T is drawn
 //!   on the device (Philox, `Noise::Seeded`) or uploaded (`Noise::Injected`, whose `z` for the
 //!   steps run is uploaded too); the network's memory plan is made.

@@ -1,4 +1,4 @@
-//! The device sampler's checks, run by [`selftest`](super::selftest): each kernel of
+//! The device sampler's checks, run by [`selftest`](super::selftest()): each kernel of
 //! kernels/sampler.cu and kernels/fft.cu on random data against the host code it mirrors, then
 //! whole sampling loops (GPU loop against the host loop on the CPU engine) and a graph replay
 //! against direct launches.

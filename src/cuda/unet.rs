@@ -2,7 +2,7 @@
 //! width, mode), the program of each shape captured as CUDA graphs and replayed.
 //!
 //! Per shape and mode, the first call lowers the graph ([`Program`]), places its buffers
-//! ([`plan`](super::plan)), allocates the arena and captures the forward (and, when recording,
+//! ([`plan`]), allocates the arena and captures the forward (and, when recording,
 //! the backward) launches as CUDA graphs on the backend's own stream. Every later call at that
 //! shape only copies the input in, replays, and copies the result out: no allocation and no
 //! synchronisation in between. `INVDIFF_NO_CUDA_GRAPH=1` runs the same launches uncaptured,
