@@ -148,6 +148,15 @@ impl Engine {
         }
     }
 
+    /// The GPU's kernel and launch choices in words (see `CudaUnet::choices`); empty on the
+    /// CPU.
+    pub fn choices(&self) -> String {
+        match &self.backend {
+            Backend::Cpu { .. } => String::new(),
+            Backend::Cuda(u) => u.choices(),
+        }
+    }
+
     /// Whether every image's results are independent of its batch, bit for bit.
     pub fn batch_invariant(&self) -> bool {
         match &self.backend {

@@ -146,16 +146,23 @@ pub fn run(a: Args) -> Result<()> {
     let t = vec![500.0f32; n];
 
     let g = &model.graph;
+    let choices = engine.choices();
     println!(
-        "invdiff bench: {} | {h}x{w}, batch {n}, {}, {}",
+        "invdiff bench: {} | {h}x{w}, batch {n}, {}, {}{}",
         model.source,
         engine.device_name(),
-        engine.precision()
+        engine.precision(),
+        if choices.is_empty() {
+            String::new()
+        } else {
+            format!(" ({choices})")
+        }
     );
     let mut json = serde_json::json!({
         "model": model.source,
         "device": engine.device_name(),
         "precision": a.backend.precision.name(),
+        "choices": choices,
         "batch_invariant": engine.batch_invariant(),
         "batch": n,
         "height": h,

@@ -376,6 +376,7 @@ pub fn run(a: Args) -> Result<()> {
                 "device": engine.device_name(),
                 "precision": engine.precision().name(),
                 "batch_invariant": engine.batch_invariant(),
+                "choices": engine.choices(),
             },
             "images": reports,
             "seconds": total_s,

@@ -959,6 +959,11 @@ impl Kernels {
         self.pdl
     }
 
+    /// Whether small batched products take 32-wide tiles (`INVDIFF_GEMM_SMALL_TILES=1`).
+    pub fn small_tiles(&self) -> bool {
+        self.small_tiles
+    }
+
     fn launch<'a>(&self, st: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
         Launch::new(st, f, self.pdl)
     }

@@ -167,6 +167,32 @@ impl CudaUnet {
         })
     }
 
+    /// The kernel and launch choices in force, in words (`wgmma, one-pass GroupNorm, ...`),
+    /// for reports: the switches of the README change the speed, and some the summation order.
+    pub fn choices(&self) -> String {
+        let c = &self.choice;
+        let side = self.side.as_ref().map(|s| format!("{} streams", s.total()));
+        [
+            (!c.deep, "two-stage pipelines".to_string()),
+            (c.wgmma, "wgmma".to_string()),
+            (c.gn_one_pass, "one-pass GroupNorm".to_string()),
+            (c.half_concat, "16-bit concatenation copies".to_string()),
+            (c.cluster_split_k, "cluster split-K".to_string()),
+            (c.batch_invariant, "per-image plans".to_string()),
+            (
+                self.gpu.kernels.small_tiles(),
+                "small product tiles".to_string(),
+            ),
+            (self.pdl(), "PDL".to_string()),
+            (!self.use_graphs, "no CUDA graphs".to_string()),
+            (side.is_some(), side.unwrap_or_default()),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect::<Vec<_>>()
+        .join(", ")
+    }
+
     /// Whether passes are captured as CUDA graphs (not when `INVDIFF_NO_CUDA_GRAPH=1`).
     pub(crate) fn uses_graphs(&self) -> bool {
         self.use_graphs
