@@ -272,6 +272,30 @@ for v in ${variants[@]+"${variants[@]}"}; do
     last=$name
 done
 if [ -n "$last" ]; then
+    # One table: each variant's bf16 figures against the same binary's defaults (this run).
+    base=bf16
+    [ "$VBIN" = "$NEXT" ] && base=next_bf16
+    py "$W" "$base" "${variants[@]}" <<'PY' > "$W/variants.txt" 2>&1
+import json, os, sys
+w, base_name, names = sys.argv[1], sys.argv[2], [v.split(":", 1)[0] for v in sys.argv[3:]]
+def fig(name, key):
+    try:
+        return json.load(open(os.path.join(w, f"bench_{name}.json")))[key]
+    except (OSError, KeyError, ValueError):
+        return None
+cols = [("b1", "ms_per_forward", "fwd b1"), ("b1", "ms_per_dps_step", "dps b1"),
+        ("b8", "ms_per_forward", "fwd b8"), ("b32", "ms_per_forward", "fwd b32")]
+for v in names:
+    cells = []
+    for b, key, label in cols:
+        base, new = fig(f"{base_name}_{b}", key), fig(f"{v}_bf16_{b}", key)
+        if base and new:
+            cells.append(f"{label} {base:.2f} -> {new:.2f} ms ({100 * (new / base - 1):+.1f}%)")
+    print(f"{v}: " + ("; ".join(cells) or "no figures"))
+PY
+    while read -r l; do note "  $l"; done < "$W/variants.txt"
+fi
+if [ -n "$last" ]; then
     profile "${last}_bf16_b1_dps" "$W/variant_$last" --batch 1 --what dps
     if [ -s "$W/profile_bf16_b1_dps.json" ] && [ -s "$W/profile_${last}_bf16_b1_dps.json" ]; then
         note "by kind, ms, default -> $last, bf16_b1_dps: $(compare_kinds "$W/profile_bf16_b1_dps.json" "$W/profile_${last}_bf16_b1_dps.json")"
