@@ -11,7 +11,8 @@
 //! - [`io`]: safetensors, PyTorch `.bin` (read without executing pickle code), `.npy`, images;
 //! - [`schedule`]: DDPM and DDIM with diffusers' arithmetic;
 //! - [`inverse`]: measurement operators (FFT blur), blur-kernel generators, metrics;
-//! - [`rng`]: the counter-based normal generator shared by every backend.
+//! - [`rng`]: the counter-based normal generator shared by every backend;
+//! - [`switches`]: the `INVDIFF_*` environment variables, in one list.
 
 pub mod config;
 pub mod cpu;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod switches;
 pub mod tensor;
 
 pub use error::{Error, Result};

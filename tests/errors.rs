@@ -304,3 +304,25 @@ fn cli_bench_profile_is_gpu_only() {
     let err = bench(&["--peak-tflops=0"]);
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }
+
+/// A misspelt `INVDIFF_*` variable would be ignored in silence; `doctor` names it, and lists
+/// the ones it does read.
+#[test]
+fn doctor_points_out_unknown_invdiff_variables() {
+    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .arg("doctor")
+        .env("INVDIFF_PDl", "1")
+        .env("INVDIFF_STREAMS", "2")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_mentions(
+        &text,
+        &[
+            "warning: INVDIFF_PDl is set but invdiff reads no such variable",
+            "INVDIFF_PDL",
+            "INVDIFF_STREAMS=2: GPU candidate",
+        ],
+    );
+}

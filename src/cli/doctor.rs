@@ -1,6 +1,6 @@
 //! `invdiff doctor`: what this build contains and what this machine offers.
 
-use invdiff::{cuda, Result};
+use invdiff::{cuda, switches, Result};
 
 pub fn run() -> Result<()> {
     println!("invdiff {}", env!("CARGO_PKG_VERSION"));
@@ -38,6 +38,20 @@ pub fn run() -> Result<()> {
     }
     if let Some(e) = &p.error {
         println!("CUDA: {e}");
+    }
+    let (set, unknown) = switches::from_env();
+    if set.is_empty() {
+        println!("INVDIFF_* switches: none set (defaults)");
+    }
+    for (s, value) in &set {
+        println!("{}={value}: {}", s.name, s.what);
+    }
+    for name in &unknown {
+        let known: Vec<&str> = switches::SWITCHES.iter().map(|s| s.name).collect();
+        println!(
+            "warning: {name} is set but invdiff reads no such variable (known: {})",
+            known.join(", ")
+        );
     }
     let usable = cuda::kernels_compiled() && !p.devices.is_empty();
     println!(

@@ -1,0 +1,121 @@
+//! The `INVDIFF_*` environment variables invdiff reads, in one list, so that `invdiff doctor`
+//! can show which are set and point out a misspelt one (which would otherwise be ignored in
+//! silence). A test keeps the list complete against the sources.
+
+/// One environment variable: its name and what it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Switch {
+    pub name: &'static str,
+    pub what: &'static str,
+}
+
+const fn switch(name: &'static str, what: &'static str) -> Switch {
+    Switch { name, what }
+}
+
+/// Every `INVDIFF_*` variable, build time and run time.
+pub const SWITCHES: &[Switch] = &[
+    switch("INVDIFF_CUDA_ARCHS", "build: extra GPU targets, e.g. 80,89"),
+    switch(
+        "INVDIFF_REQUIRE_KERNELS",
+        "tests: fail if the build has no CUDA kernels",
+    ),
+    switch(
+        "INVDIFF_CONV",
+        "CPU: `direct` instead of Winograd 3x3 convolutions",
+    ),
+    switch(
+        "INVDIFF_PROFILE",
+        "CPU: print the time per kind of op after each pass",
+    ),
+    switch(
+        "INVDIFF_NO_CUDA_GRAPH",
+        "GPU: `1` launches every step directly",
+    ),
+    switch(
+        "INVDIFF_TC_PIPELINE",
+        "GPU: `two` selects the two-stage tensor-core kernels",
+    ),
+    switch("INVDIFF_WGMMA", "GPU: `0` turns Hopper's wgmma kernels off"),
+    switch(
+        "INVDIFF_GN_ONE_PASS",
+        "GPU candidate: `1` runs small GroupNorms in one launch",
+    ),
+    switch(
+        "INVDIFF_HALF_CONCAT",
+        "GPU candidate: `1` gives concatenations a 16-bit copy",
+    ),
+    switch(
+        "INVDIFF_GEMM_SMALL_TILES",
+        "GPU candidate: `1` uses 32-wide attention-product tiles",
+    ),
+    switch(
+        "INVDIFF_CLUSTER_SPLITK",
+        "GPU candidate: `1` reduces split K in a cluster",
+    ),
+    switch(
+        "INVDIFF_PDL",
+        "GPU candidate: `1` uses programmatic dependent launch",
+    ),
+    switch(
+        "INVDIFF_STREAMS",
+        "GPU candidate: 2-4 runs independent steps on that many streams",
+    ),
+];
+
+/// The `INVDIFF_*` variables set in this process's environment: the known ones with their
+/// values, and the names of unknown ones.
+pub fn from_env() -> (Vec<(Switch, String)>, Vec<String>) {
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str().filter(|n| n.starts_with("INVDIFF_")) else {
+            continue;
+        };
+        match SWITCHES.iter().find(|s| s.name == name) {
+            Some(s) => known.push((*s, value.to_string_lossy().into_owned())),
+            None => unknown.push(name.to_string()),
+        }
+    }
+    known.sort_by_key(|(s, _)| s.name);
+    unknown.sort();
+    (known, unknown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Every `"INVDIFF_..."` literal in the sources, build script and tests is in [`SWITCHES`],
+    /// and every entry is read somewhere.
+    #[test]
+    fn the_list_matches_the_sources() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut found = std::collections::BTreeSet::new();
+        let mut stack = vec![root.join("src"), root.join("tests"), root.join("build.rs")];
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if p.extension().is_none_or(|e| e != "rs") || p.ends_with("switches.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            for (at, _) in text.match_indices("\"INVDIFF_") {
+                let name: String = text[at + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                // A bare prefix is a search for the variables, not one of them.
+                if name != "INVDIFF_" {
+                    found.insert(name);
+                }
+            }
+        }
+        let listed: std::collections::BTreeSet<String> =
+            SWITCHES.iter().map(|s| s.name.to_string()).collect();
+        assert_eq!(found, listed);
+    }
+}
