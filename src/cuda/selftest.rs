@@ -854,29 +854,36 @@ impl Tester<'_> {
                 cluster: true,
                 ..via_workspace
             };
-            let ws = self.zeros(via_workspace.workspace_len(shape))?;
-            let (mut outs, mut ms) = (Vec::new(), 0.0);
-            for plan in [via_workspace, in_cluster] {
-                let y = self.zeros(len)?;
-                let p = ConvPtrs {
-                    y: y.ptr,
-                    ws: ws.ptr,
-                    ..ptrs
-                };
-                ms = self.timed(
-                    || Ok(()),
-                    || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
-                )?;
-                outs.push(y.download(st)?);
+            let op = format!("{label} [wgmma, {splits} splits] cluster vs workspace");
+            let run = |t: &Self| -> Result<(Vec<Vec<f32>>, f64)> {
+                let ws = t.zeros(via_workspace.workspace_len(shape))?;
+                let (mut outs, mut ms) = (Vec::new(), 0.0);
+                for plan in [via_workspace, in_cluster] {
+                    let y = t.zeros(len)?;
+                    let p = ConvPtrs {
+                        y: y.ptr,
+                        ws: ws.ptr,
+                        ..ptrs
+                    };
+                    ms = t.timed(
+                        || Ok(()),
+                        || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
+                    )?;
+                    outs.push(y.download(st)?);
+                }
+                Ok((outs, ms))
+            };
+            // A cluster launch the device refuses is this row's failure, not the group's end.
+            match run(self) {
+                Ok((outs, ms)) => self.row_within(op, desc.into(), &outs[1], &outs[0], ms, 0.0),
+                Err(e) => self.rows.push(SelftestRow {
+                    op,
+                    shape: format!("{desc}: {e}"),
+                    rel_l2: f64::NAN,
+                    gpu_ms: f64::NAN,
+                    tolerance: 0.0,
+                }),
             }
-            self.row_within(
-                format!("{label} [wgmma, {splits} splits] cluster vs workspace"),
-                desc.into(),
-                &outs[1],
-                &outs[0],
-                ms,
-                0.0,
-            );
         }
         Ok(())
     }
