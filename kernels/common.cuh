@@ -62,6 +62,8 @@ DEVI uint32_t pack_f16x2(float lo, float hi) {
 DEVI uint32_t pack_half2(float lo, float hi, int kind) {
     return kind == 1 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
 }
+// One fp32 as the 16 bits pack_half2 gives it.
+DEVI uint16_t pack_half1(float v, int kind) { return (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu); }
 
 // First global thread index and the stride of a grid-stride loop, in 64 bits.
 DEVI long long grid_start() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }

@@ -434,11 +434,13 @@ DEVI void narrow_body(const ConvArgs& a) {
     }
 }
 
-#define NARROW(NC)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 2) conv_narrow_##NC(const ConvArgs a) { \
+// One direct kernel per channel count N: `prefix` N, 256 threads, running body<N>.
+#define DIRECT_KERNEL(prefix, body, N)                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2) prefix##N(const ConvArgs a) {     \
         pdl_entry();                                                                      \
-        narrow_body<NC>(a);                                                               \
+        body<N>(a);                                                                       \
     }
+#define NARROW(NC) DIRECT_KERNEL(conv_narrow_, narrow_body, NC)
 NARROW(1)
 NARROW(2)
 NARROW(3)
@@ -580,11 +582,7 @@ DEVI void few_in_body(const ConvArgs& a) {
     }
 }
 
-#define FEW_IN(SC)                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, 2) conv_few_in_##SC(const ConvArgs a) { \
-        pdl_entry();                                                                      \
-        few_in_body<SC>(a);                                                               \
-    }
+#define FEW_IN(SC) DIRECT_KERNEL(conv_few_in_, few_in_body, SC)
 FEW_IN(1)
 FEW_IN(2)
 FEW_IN(3)

@@ -399,12 +399,12 @@ struct OnePass {
     }
 };
 
-// One value of an output that is fp32 (kind 0) or bf16/fp16 (kind 1/2, rounded as pack_half2).
+// One value of an output that is fp32 (kind 0) or bf16/fp16 (kind 1/2, pack_half1).
 DEVI void store_kind(void* y, long long e, float v, int kind) {
     if (kind == 0)
         static_cast<float*>(y)[e] = v;
     else
-        static_cast<uint16_t*>(y)[e] = (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu);
+        static_cast<uint16_t*>(y)[e] = pack_half1(v, kind);
 }
 
 // The whole forward GroupNorm of one small group: gn_partial + gn_finalize + gn_apply(_half),

@@ -127,7 +127,7 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
         const int j = (int)(i - p * c);
         const float v = j < ca ? a[p * ca + j] : b[p * cb + (j - ca)];
         y[i] = v;
-        if (y16) y16[i] = (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu);
+        if (y16) y16[i] = pack_half1(v, kind);
     }
 }
 

@@ -63,6 +63,20 @@ pub const SWITCHES: &[Switch] = &[
     ),
 ];
 
+/// The value of switch `name` (one of [`SWITCHES`]), if set.
+pub fn value(name: &str) -> Option<String> {
+    debug_assert!(
+        SWITCHES.iter().any(|s| s.name == name),
+        "{name} is not in SWITCHES"
+    );
+    std::env::var(name).ok()
+}
+
+/// Whether switch `name` is set to `v`.
+pub fn is(name: &str, v: &str) -> bool {
+    value(name).is_some_and(|x| x == v)
+}
+
 /// The `INVDIFF_*` variables set in this process's environment: the known ones with their
 /// values, and the names of unknown ones.
 pub fn from_env() -> (Vec<(Switch, String)>, Vec<String>) {

@@ -112,10 +112,11 @@ impl Algorithm {
     /// `Direct` when the environment variable `INVDIFF_CONV` is `direct` (read once), else
     /// `Winograd`.
     pub fn from_env() -> Algorithm {
-        static ALGO: LazyLock<Algorithm> = LazyLock::new(|| match std::env::var("INVDIFF_CONV") {
-            Ok(v) if v.eq_ignore_ascii_case("direct") => Algorithm::Direct,
-            _ => Algorithm::Winograd,
-        });
+        static ALGO: LazyLock<Algorithm> =
+            LazyLock::new(|| match crate::switches::value("INVDIFF_CONV") {
+                Some(v) if v.eq_ignore_ascii_case("direct") => Algorithm::Direct,
+                _ => Algorithm::Winograd,
+            });
         *ALGO
     }
 

@@ -549,7 +549,7 @@ struct Profile(Option<Vec<(&'static str, f64)>>);
 
 impl Profile {
     fn from_env() -> Self {
-        Profile(std::env::var_os("INVDIFF_PROFILE").map(|_| Vec::new()))
+        Profile(crate::switches::value("INVDIFF_PROFILE").map(|_| Vec::new()))
     }
 
     fn add(&mut self, op: &Op, start: std::time::Instant) {

@@ -38,7 +38,7 @@ use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
 use super::launch::{pdl_wanted, Launch};
 use super::precision::Precision;
 use crate::model::graph::Pad;
-use crate::{Error, Result};
+use crate::{switches, Error, Result};
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
 pub(crate) type DPtr = u64;
@@ -904,7 +904,7 @@ impl Kernels {
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             pdl: pdl_wanted(info.compute_capability),
-            small_tiles: std::env::var("INVDIFF_GEMM_SMALL_TILES").is_ok_and(|v| v == "1"),
+            small_tiles: switches::is("INVDIFF_GEMM_SMALL_TILES", "1"),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
@@ -1942,7 +1942,10 @@ impl Kernels {
         need(b_, "second input")?;
         need(y, "output")?;
         let (y16, kind) = match half {
-            Some((p, precision)) => (need(p, "16-bit output").map(|_| p)?, half_kind(precision)?),
+            Some((p, precision)) => {
+                need(p, "16-bit output")?;
+                (p, half_kind(precision)?)
+            }
             None => (0, 0),
         };
         let (p, cai, cbi) = (

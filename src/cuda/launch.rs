@@ -22,7 +22,7 @@ use cudarc::driver::{sys, CudaFunction, CudaStream, DeviceRepr, LaunchConfig};
 /// Whether launches on a device of compute capability `cc` use PDL: Hopper and later, when
 /// `INVDIFF_PDL=1`.
 pub(crate) fn pdl_wanted(cc: (u32, u32)) -> bool {
-    cc.0 >= 9 && std::env::var("INVDIFF_PDL").is_ok_and(|v| v == "1")
+    cc.0 >= 9 && crate::switches::is("INVDIFF_PDL", "1")
 }
 
 /// One kernel launch being built: the arguments by reference, as the driver reads them at

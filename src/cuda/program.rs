@@ -477,9 +477,9 @@ impl Program {
         Self::build_with(g, n, h, w, record, sms, precision, KernelConfig::default())
     }
 
-    /// [`build`](Self::build), choosing the tensor-core kernels ([`KernelConfig`]): the deep
-    /// pipelines (the default) or the two-stage ones (kernels/conv_tc.cu), which compute the
-    /// same, and wgmma where asked. With deep pipelines in bf16 and fp16, GroupNorm and
+    /// [`build`](Self::build), choosing the kernels ([`KernelConfig`]): among them the deep
+    /// tensor-core pipelines (the default) or the two-stage ones (kernels/conv_tc.cu), which
+    /// compute the same, and wgmma where asked. With deep pipelines in bf16 and fp16, GroupNorm and
     /// upsampling outputs are stored in 16 bits when every reader is a convolution (or
     /// token-wise linear layer) on the tensor-core kernel taking it as its main input: those
     /// kernels round their input to that precision anyway, so storing it rounded
@@ -866,49 +866,52 @@ impl Lowering<'_> {
             let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
             let mut ok = y != g.output && readers.peek().is_some();
             for r in readers {
-                let main_only = match *r {
-                    Op::Conv {
-                        x, temb, residual, ..
-                    } => x == y && temb != Some(y) && residual != Some(y),
-                    Op::Linear { x, residual, .. } => x == y && residual != Some(y),
-                    _ => false,
-                };
-                ok &= main_only
-                    && self.gemm_shape(r)?.is_some_and(|s| {
-                        plan_conv_at(&s, self.sms, self.precision).kernel
-                            == ConvKernel::Tensor(self.precision)
-                    });
+                ok &= self.tensor_core_main_input(r, y)?;
             }
             half[y] = ok;
         }
         Ok(half)
     }
 
+    /// Whether op `r` reads `t` only as the main input of a launch on the tensor-core kernel
+    /// (which rounds that input to 16 bits anyway, so a 16-bit `t` serves it as well).
+    fn tensor_core_main_input(&self, r: &Op, t: Tid) -> Result<bool> {
+        let main_only = match *r {
+            Op::Conv {
+                x, temb, residual, ..
+            } => x == t && temb != Some(t) && residual != Some(t),
+            Op::Linear { x, residual, .. } => x == t && residual != Some(t),
+            _ => false,
+        };
+        Ok(main_only
+            && self.gemm_shape(r)?.is_some_and(|s| {
+                plan_conv_at(&s, self.sms, self.precision).kernel
+                    == ConvKernel::Tensor(self.precision)
+            }))
+    }
+
     /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in
-    /// bf16/fp16 with the deep pipelines, when a convolution on the tensor-core kernel reads it
-    /// as its main input.
+    /// bf16/fp16 with the deep pipelines, when some op reads it as the main input of a
+    /// tensor-core launch.
     fn wants_copy16(&self, y: Tid) -> Result<bool> {
         if !(self.choice.half_concat && self.choice.deep && self.precision.is_half()) {
             return Ok(false);
         }
-        for r in self.g.ops.iter() {
-            if let Op::Conv {
-                x, temb, residual, ..
-            } = *r
-            {
-                if x == y
-                    && temb != Some(y)
-                    && residual != Some(y)
-                    && self.gemm_shape(r)?.is_some_and(|s| {
-                        plan_conv_at(&s, self.sms, self.precision).kernel
-                            == ConvKernel::Tensor(self.precision)
-                    })
-                {
-                    return Ok(true);
-                }
+        for r in &self.g.ops {
+            if self.tensor_core_main_input(r, y)? {
+                return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// Where op `r`'s tensor-core launch reads its main input `x` from, and whether in 16 bits:
+    /// a concatenation's 16-bit copy when there is one and `r` may take it, else `x` as stored.
+    fn main_input(&self, r: &Op, x: Tid) -> Result<(Buf, bool)> {
+        match self.copy16[x] {
+            Some(c) if self.tensor_core_main_input(r, x)? => Ok((c, true)),
+            _ => Ok((self.val(x)?, self.half[x])),
+        }
     }
 
     /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
@@ -1063,6 +1066,7 @@ impl Lowering<'_> {
                         )));
                     }
                     let shape = self.gemm_shape(op)?.expect("a token-wise linear layer");
+                    let (xb, half_input) = self.main_input(op, x)?;
                     let mut s = self.conv_step(
                         shape,
                         xb,
@@ -1071,7 +1075,7 @@ impl Lowering<'_> {
                             kind: WKind::LinearT,
                         },
                         yb,
-                        self.half[x],
+                        half_input,
                     );
                     s.bias = Some(W {
                         pid: p,
@@ -1092,10 +1096,7 @@ impl Lowering<'_> {
                 ..
             } => {
                 let shape = self.gemm_shape(op)?.expect("a convolution");
-                let (xb, half_input) = match self.copy16[x] {
-                    Some(c) => (c, true),
-                    None => (self.val(x)?, self.half[x]),
-                };
+                let (xb, half_input) = self.main_input(op, x)?;
                 let tb = temb.map(|t| self.val(t)).transpose()?;
                 let rb = residual.map(|r| self.val(r)).transpose()?;
                 let yb = self.new_value(y);

@@ -22,8 +22,7 @@ use crate::Result;
 
 /// How many streams a pass uses: `INVDIFF_STREAMS` (1 to 4), else 1.
 pub(crate) fn streams_wanted() -> usize {
-    std::env::var("INVDIFF_STREAMS")
-        .ok()
+    crate::switches::value("INVDIFF_STREAMS")
         .and_then(|v| v.parse::<usize>().ok())
         .map_or(1, |n| n.clamp(1, MAX_STREAMS))
 }

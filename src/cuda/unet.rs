@@ -26,7 +26,7 @@ use super::program::{Buf, KernelConfig, Program, Step};
 use super::streams::{streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::weights::{DevBuf, DevWeights};
 use crate::model::{Graph, Model};
-use crate::{ensure, Error, Result, Tensor};
+use crate::{ensure, switches, Error, Result, Tensor};
 
 /// One shape and mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -135,13 +135,12 @@ impl CudaUnet {
     pub fn with_precision(model: &Model, ordinal: usize, precision: Precision) -> Result<Self> {
         let gpu = Gpu::open(ordinal)?;
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
-        let use_graphs = std::env::var("INVDIFF_NO_CUDA_GRAPH").map_or(true, |v| v != "1");
-        let deep = std::env::var("INVDIFF_TC_PIPELINE").map_or(true, |v| v != "two");
-        let wgmma =
-            gpu.kernels.has_wgmma() && std::env::var("INVDIFF_WGMMA").map_or(true, |v| v != "0");
-        let gn_one_pass = std::env::var("INVDIFF_GN_ONE_PASS").is_ok_and(|v| v == "1");
-        let half_concat = std::env::var("INVDIFF_HALF_CONCAT").is_ok_and(|v| v == "1");
-        let cluster_split_k = std::env::var("INVDIFF_CLUSTER_SPLITK").is_ok_and(|v| v == "1");
+        let use_graphs = !switches::is("INVDIFF_NO_CUDA_GRAPH", "1");
+        let deep = !switches::is("INVDIFF_TC_PIPELINE", "two");
+        let wgmma = gpu.kernels.has_wgmma() && !switches::is("INVDIFF_WGMMA", "0");
+        let gn_one_pass = switches::is("INVDIFF_GN_ONE_PASS", "1");
+        let half_concat = switches::is("INVDIFF_HALF_CONCAT", "1");
+        let cluster_split_k = switches::is("INVDIFF_CLUSTER_SPLITK", "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
