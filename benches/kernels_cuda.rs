@@ -25,6 +25,9 @@
 //! it could take ([`cuda::sweep_convolutions`]) and prints, per launch, the planner's choice
 //! beside the fastest variant, and what the whole call would save with the fastest everywhere
 //! (`--save` then writes those rows): the data for choosing pipelines and splits per shape.
+//! Under each row, where the cycles of the planned and of the fastest wgmma launch go (set-up,
+//! waiting for copies, issuing them, the products, drain, epilogue), from the kernel's own
+//! cycle counters.
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.
@@ -491,6 +494,23 @@ fn sweep(a: &Args) -> ExitCode {
             variant(b),
             r.planned.ms / b.ms
         );
+        // Where the cycles of the planned launch, and of the fastest wgmma one, go.
+        let fastest_wgmma = r
+            .variants
+            .iter()
+            .filter(|v| v.cycles.is_some())
+            .min_by(|a, b| a.ms.total_cmp(&b.ms));
+        let mut shown = vec![&r.planned];
+        if let Some(f) = fastest_wgmma {
+            if (f.pipeline.as_str(), f.splits) != (r.planned.pipeline.as_str(), r.planned.splits) {
+                shown.push(f);
+            }
+        }
+        for v in shown {
+            if let Some(c) = &v.cycles {
+                println!("    cycles of {}: {}", variant(v), c.summary());
+            }
+        }
     }
     println!(
         "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \

@@ -124,8 +124,51 @@ DEVI void cluster_reduce(const ConvArgs& a, unsigned char* stages, const float (
     cluster.sync();
 }
 
-// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType).
-template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
+// Where a block's cycles go (the `_probe` kernels, for `kernels_cuda --sweep`; the GPU
+// machines have no profiler): each thread reads the multiprocessor's cycle counter at the
+// borders of wg_body's phases and adds the time since the last border to that phase; the first
+// thread of each warpgroup adds its sums to the launch's counters at the end. The phases:
+// set-up (taps, row decoding, the first copies), waiting for a slice's copies and the barrier,
+// issuing the next slice's copies, issuing the products and waiting for the batch before, the
+// drain after the last slice, the epilogue. Compiled out of the ordinary kernels.
+enum { PROBE_SETUP, PROBE_COPY_WAIT, PROBE_ISSUE, PROBE_MMA, PROBE_DRAIN, PROBE_EPILOGUE, PROBE_PHASES };
+// Counters of one launch: PROBE_PHASES sums of cycles, then the number of warpgroups, then
+// the number of K slices they multiplied.
+constexpr int PROBE_COUNTERS = PROBE_PHASES + 2;
+static_assert(PROBE_COUNTERS == 8, "PROBE_COUNTERS must match WGMMA_PROBE_COUNTERS in src/cuda/kernels.rs");
+
+template <bool ON> struct Probe {
+    DEVI void start() {}
+    DEVI void mark(int) {}
+    DEVI void flush(unsigned long long*, int) {}
+};
+template <> struct Probe<true> {
+    long long last;
+    long long sum[PROBE_PHASES];
+    DEVI void start() {
+#pragma unroll
+        for (int i = 0; i < PROBE_PHASES; ++i) sum[i] = 0;
+        last = clock64();
+    }
+    DEVI void mark(int phase) {
+        const long long now = clock64();
+        sum[phase] += now - last;
+        last = now;
+    }
+    DEVI void flush(unsigned long long* out, int slices) {
+        if (out == nullptr || threadIdx.x % 128 != 0) return;
+#pragma unroll
+        for (int i = 0; i < PROBE_PHASES; ++i) atomicAdd(out + i, (unsigned long long)sum[i]);
+        atomicAdd(out + PROBE_PHASES, 1ull);
+        atomicAdd(out + PROBE_PHASES + 1, (unsigned long long)slices);
+    }
+};
+
+// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe).
+template <int T, bool PROBE>
+DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
+    Probe<PROBE> cycles;
+    cycles.start();
     __shared__ Taps taps;
     const int tid = threadIdx.x;
     stage_taps(a, taps);
@@ -226,13 +269,16 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
         if (s < ntiles) load(kb + s * WG_BK, s);
         cp_async_commit();
     }
+    cycles.mark(PROBE_SETUP);
     for (int t = 0; t < ntiles; ++t) {
         cp_async_wait<AHEAD - 1>();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         __syncthreads();
+        cycles.mark(PROBE_COPY_WAIT);
         const int nt = t + AHEAD;
         if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
         cp_async_commit();
+        cycles.mark(PROBE_ISSUE);
         const uint32_t sa = base + (t % S) * WG_STAGE + wg * 64 * 128;
         const uint32_t sb = base + (t % S) * WG_STAGE + WG_TILE;
         wg_fence_acc(acc);
@@ -242,11 +288,13 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
         wg_fence_acc(acc);
+        cycles.mark(PROBE_MMA);
     }
     // The last batch, before the epilogue reads the accumulators.
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     wg_fence_acc(acc);
     cp_async_wait<0>();
+    cycles.mark(PROBE_DRAIN);
 
     const int lane = tid & 31;
     const int g = lane >> 2;
@@ -254,6 +302,8 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
     const bool split = gridDim.z > 1;
     if (split && a.ws == nullptr) {
         cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
+        cycles.mark(PROBE_EPILOGUE);
+        cycles.flush(probe, ntiles);
         return;
     }
     const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
@@ -270,6 +320,8 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
             store_pair(a, split, M, m, rc, pix, col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
         }
     }
+    cycles.mark(PROBE_EPILOGUE);
+    cycles.flush(probe, ntiles);
 }
 
 // Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, WG_SMEM bytes of dynamic shared
@@ -279,7 +331,18 @@ template <int T> DEVI void wg_body(const ConvArgs& a, unsigned char* smem) {
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 2) name(const ConvArgs a) {      \
         pdl_entry();                                                                          \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                          \
-        wg_body<T>(a, wg_dsmem);                                                             \
+        wg_body<T, false>(a, wg_dsmem, nullptr);                                             \
     }
 WG_KERNEL(conv_wgmma_bf16, 1)
 WG_KERNEL(conv_wgmma_fp16, 2)
+
+// The same kernels counting their cycles into probe[PROBE_COUNTERS] (zeroed by the host).
+#define WG_PROBE_KERNEL(name, T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 2)                                  \
+        name(const ConvArgs a, unsigned long long* probe) {                                      \
+        pdl_entry();                                                                              \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                              \
+        wg_body<T, true>(a, wg_dsmem, probe);                                                    \
+    }
+WG_PROBE_KERNEL(conv_wgmma_bf16_probe, 1)
+WG_PROBE_KERNEL(conv_wgmma_fp16_probe, 2)

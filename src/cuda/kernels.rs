@@ -715,6 +715,8 @@ pub(crate) struct Kernels {
     timing_hold: CudaFunction,
     /// `conv_wgmma_bf16`, `conv_wgmma_fp16`: on compute capability 9.0 only.
     conv_wgmma: Option<[CudaFunction; 2]>,
+    /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
+    conv_wgmma_probe: Option<[CudaFunction; 2]>,
 }
 
 const BLOCK: u32 = 256;
@@ -726,6 +728,19 @@ const TC_STAGED_SMEM: u32 = 95_744;
 /// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
 /// plus 1 KB to align them.
 const TC_WGMMA_SMEM: u32 = 99_328;
+/// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
+/// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
+/// warpgroups, the number of K slices they multiplied.
+pub(crate) const WGMMA_PROBE_COUNTERS: usize = 8;
+/// The phases a probe launch counts cycles in, in the kernel's order.
+pub(crate) const WGMMA_PROBE_PHASES: [&str; 6] = [
+    "set-up",
+    "copy wait + barrier",
+    "copy issue",
+    "products + batch wait",
+    "drain",
+    "epilogue",
+];
 
 /// One tensor-core convolution kernel of kernels/conv_tc.cu and the launches that take it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -887,7 +902,7 @@ impl Kernels {
             .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
-        let conv_wgmma = match wgmma_module {
+        let (conv_wgmma, conv_wgmma_probe) = match wgmma_module {
             Some((name, image)) if info.compute_capability == (9, 0) => {
                 let m = cu(
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
@@ -897,9 +912,12 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, TC_WGMMA_SMEM)
                 };
-                Some([f("conv_wgmma_bf16")?, f("conv_wgmma_fp16")?])
+                (
+                    Some([f("conv_wgmma_bf16")?, f("conv_wgmma_fp16")?]),
+                    Some([f("conv_wgmma_bf16_probe")?, f("conv_wgmma_fp16_probe")?]),
+                )
             }
-            _ => None,
+            _ => (None, None),
         };
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
@@ -951,6 +969,7 @@ impl Kernels {
             timestep_embedding: get("resample", "timestep_embedding")?,
             timing_hold: get("timing", "timing_hold")?,
             conv_wgmma,
+            conv_wgmma_probe,
         })
     }
 
@@ -998,6 +1017,40 @@ impl Kernels {
         p: ConvPtrs,
         out_div: f32,
         accumulate: bool,
+    ) -> Result<()> {
+        self.conv_with(st, s, plan, p, out_div, accumulate, None)
+    }
+
+    /// [`Kernels::conv`] of a wgmma launch through its `_probe` kernel, which adds where its
+    /// cycles went to the [`WGMMA_PROBE_COUNTERS`] u64 counters at device address `probe`
+    /// (the same outputs, a little slower).
+    pub(crate) fn conv_probe(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        probe: u64,
+    ) -> Result<()> {
+        need(probe, "probe counters")?;
+        if !plan.wgmma {
+            return Err(Error::Cuda(
+                "internal: a cycle probe of a launch without wgmma".into(),
+            ));
+        }
+        self.conv_with(st, s, plan, p, 1.0, false, Some(probe))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_with(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        out_div: f32,
+        accumulate: bool,
+        probe: Option<u64>,
     ) -> Result<()> {
         if s.taps.is_empty() || s.taps.len() > 9 {
             return Err(Error::Cuda(format!(
@@ -1102,7 +1155,12 @@ impl Kernels {
                     ));
                 }
                 if plan.wgmma {
-                    let wg = self.conv_wgmma.as_ref().ok_or_else(|| {
+                    let kernels = if probe.is_some() {
+                        &self.conv_wgmma_probe
+                    } else {
+                        &self.conv_wgmma
+                    };
+                    let wg = kernels.as_ref().ok_or_else(|| {
                         Error::Cuda(
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
@@ -1132,6 +1190,9 @@ impl Kernels {
         launch.shared_mem_bytes = smem;
         let mut b = self.launch(st, f);
         b.arg(&a);
+        if let Some(probe) = &probe {
+            b.arg(probe);
+        }
         if plan.cluster {
             b.cluster_z(grid.2);
         }

@@ -8,12 +8,13 @@
 //! reports the relative L2 error and the GPU time of the launch(es).
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaStream, DevicePtr};
 
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, WGMMA_SLICE,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -683,18 +684,22 @@ impl Tester<'_> {
                 || Ok(()),
                 || gpu.kernels.conv(st, &shape, &wp, ptrs, out_div, false),
             )?;
+            let wg_out = yv.download(st)?;
             self.row_within(
                 named(format!(
                     "conv{k}x{k} s{stride} forward{epi} [{}] vs mma.sync",
                     wgmma_path(&wp)
                 )),
                 desc.clone(),
-                &yv.download(st)?,
+                &wg_out,
                 &got,
                 ms,
                 WGMMA_VS_MMA,
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
+            if out_div == 1.0 {
+                self.probe_row(&shape, wp, ptrs, &wg_out, &label, &desc)?;
+            }
             self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
         }
         let dyd = self.up(dy)?;
@@ -814,6 +819,64 @@ impl Tester<'_> {
                     WGMMA_VS_MMA,
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// wgmma launch `wp` of `shape` through its cycle-counting kernel (`ptrs` as for `want`,
+    /// the plain kernel's output): the same outputs to the bit, and counters that add up (two
+    /// warpgroups per block, each with its split's K slices).
+    fn probe_row(
+        &mut self,
+        shape: &ConvShape,
+        wp: ConvLaunch,
+        ptrs: ConvPtrs,
+        want: &[f32],
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let y = self.zeros(want.len())?;
+        let ws = self.zeros(wp.workspace_len(shape))?;
+        let p = ConvPtrs {
+            y: y.ptr,
+            ws: ws.ptr,
+            ..ptrs
+        };
+        let counters = cu(
+            st.alloc_zeros::<u64>(WGMMA_PROBE_COUNTERS),
+            "allocating probe counters",
+        )?;
+        let at = {
+            let (ptr, _guard) = counters.device_ptr(st);
+            ptr
+        };
+        let ms = self.timed(|| Ok(()), || gpu.kernels.conv_probe(st, shape, &wp, p, at))?;
+        let c = cu(st.clone_dtoh(&counters), "copying from the GPU")?;
+        let tiles = (shape.rows().div_ceil(128) * shape.ncols.div_ceil(128)) as u64;
+        let slices = shape.k().div_ceil(WGMMA_SLICE) as u64;
+        let warpgroups = 2 * tiles * wp.splits as u64;
+        let phases = WGMMA_PROBE_PHASES.len();
+        // `timed` runs the launch twice (warm-up, then timed): whole multiples of one launch's
+        // counts. The splits of a tile share its slices.
+        let runs = c[phases] / warpgroups.max(1);
+        let counted = runs > 0
+            && c[phases] == runs * warpgroups
+            && c[phases + 1] == runs * 2 * tiles * slices
+            && c[..phases].iter().all(|&v| v > 0);
+        let op = format!("{label} [{}] cycle probe vs plain", wgmma_path(&wp));
+        if counted {
+            self.row_within(op, desc.into(), &y.download(st)?, want, ms, 0.0);
+        } else {
+            self.rows.push(SelftestRow {
+                op,
+                shape: format!(
+                    "{desc}: counters {c:?} for {warpgroups} warpgroups, {slices} slices"
+                ),
+                rel_l2: f64::NAN,
+                gpu_ms: ms,
+                tolerance: 0.0,
+            });
         }
         Ok(())
     }

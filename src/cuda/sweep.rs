@@ -12,12 +12,20 @@
 //! given split (the selftest holds them to it), wgmma the same products in another order, so
 //! only the time differs. The planned launch is what `CudaUnet` runs by default (wgmma where
 //! the device has it). Times are means of CUDA-event-timed repetitions after a warm-up.
+//!
+//! Each wgmma variant is also launched once through its cycle-counting kernel
+//! ([`CycleProbe`]): where a warpgroup's cycles go, which the GPU machines have no profiler
+//! to show.
 
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use cudarc::driver::DevicePtr;
 use serde::Serialize;
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE};
+use super::kernels::{
+    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
+};
 use super::plan;
 use super::precision::Precision;
 use super::program::{KernelConfig, Step};
@@ -35,6 +43,69 @@ pub struct SweepVariant {
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
     pub ms: f64,
+    /// Where the cycles of a wgmma launch go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cycles: Option<CycleProbe>,
+}
+
+/// Where the warpgroups of one wgmma launch spent their cycles (kernels/conv_wgmma.cu `Probe`):
+/// the multiprocessor's cycle counter read at the borders of the kernel's phases.
+#[derive(Clone, Debug, Serialize)]
+pub struct CycleProbe {
+    pub warpgroups: u64,
+    /// K slices (64 deep) each warpgroup multiplied, on average.
+    pub slices: f64,
+    /// Cycles from a warpgroup's start to its end, on average.
+    pub cycles: f64,
+    /// Each phase's share of those cycles, in the kernel's order.
+    pub phases: Vec<PhaseShare>,
+}
+
+/// One phase of a [`CycleProbe`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseShare {
+    pub phase: &'static str,
+    pub share: f64,
+}
+
+impl CycleProbe {
+    fn from_counters(c: &[u64; WGMMA_PROBE_COUNTERS]) -> Option<CycleProbe> {
+        let phases = WGMMA_PROBE_PHASES.len();
+        let warpgroups = c[phases];
+        let total: u64 = c[..phases].iter().sum();
+        if warpgroups == 0 || total == 0 {
+            return None;
+        }
+        Some(CycleProbe {
+            warpgroups,
+            slices: c[phases + 1] as f64 / warpgroups as f64,
+            cycles: total as f64 / warpgroups as f64,
+            phases: WGMMA_PROBE_PHASES
+                .iter()
+                .zip(c)
+                .map(|(&phase, &v)| PhaseShare {
+                    phase,
+                    share: v as f64 / total as f64,
+                })
+                .collect(),
+        })
+    }
+
+    /// One line: cycles per slice and each phase's share.
+    pub fn summary(&self) -> String {
+        let shares: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.0}%", p.phase, 100.0 * p.share))
+            .collect();
+        format!(
+            "{:.0} cycles per warpgroup over {:.1} slices ({:.0} per slice): {}",
+            self.cycles,
+            self.slices,
+            self.cycles / self.slices.max(1.0),
+            shares.join(", ")
+        )
+    }
 }
 
 /// One distinct tensor-core launch of the program and its variants.
@@ -267,7 +338,7 @@ fn sweep_one(
     let ws = DevBuf::zeros(st, ws_len)?;
 
     let mut variants = Vec::with_capacity(candidates.len());
-    let mut planned_ms = f64::NAN;
+    let mut planned_v = None;
     for c in &candidates {
         let ptrs = ConvPtrs {
             x: match &x_half {
@@ -296,27 +367,57 @@ fn sweep_one(
         )?;
         cu(end.synchronize(), "waiting for the GPU")?;
         let ms = cu(start.elapsed_ms(&end), "reading a CUDA event timer")? as f64 / iters as f64;
-        if c == &planned {
-            planned_ms = ms;
-        }
-        variants.push(SweepVariant {
+        let cycles = if c.wgmma {
+            probe(gpu, shape, c, ptrs)?
+        } else {
+            None
+        };
+        let v = SweepVariant {
             pipeline: pipeline_name(c).to_string(),
             splits: c.splits,
             ms,
-        });
+            cycles,
+        };
+        if c == &planned {
+            planned_v = Some(v.clone());
+        }
+        variants.push(v);
     }
+    let planned = planned_v
+        .ok_or_else(|| Error::Cuda("internal: the planned launch was not timed".into()))?;
     Ok(SweepRow {
         kind,
         shape: label,
         count,
         flops,
-        planned: SweepVariant {
-            pipeline: pipeline_name(&planned).to_string(),
-            splits: planned.splits,
-            ms: planned_ms,
-        },
+        planned,
         variants,
     })
+}
+
+/// One launch of wgmma variant `c` through its cycle-counting kernel.
+fn probe(
+    gpu: &Gpu,
+    shape: &ConvShape,
+    c: &ConvLaunch,
+    ptrs: ConvPtrs,
+) -> Result<Option<CycleProbe>> {
+    let st = &gpu.stream;
+    let counters = cu(
+        st.alloc_zeros::<u64>(WGMMA_PROBE_COUNTERS),
+        "allocating probe counters",
+    )?;
+    let ptr = {
+        let (ptr, _guard) = counters.device_ptr(st);
+        ptr
+    };
+    gpu.kernels.conv_probe(st, shape, c, ptrs, ptr)?;
+    let v = cu(st.clone_dtoh(&counters), "copying from the GPU")?;
+    cu(st.synchronize(), "waiting for the GPU")?;
+    let c: [u64; WGMMA_PROBE_COUNTERS] = v
+        .try_into()
+        .map_err(|_| Error::Cuda("internal: probe counters of the wrong length".into()))?;
+    Ok(CycleProbe::from_counters(&c))
 }
 
 #[cfg(test)]
@@ -324,6 +425,24 @@ mod tests {
     use super::*;
     use crate::cuda::kernels::plan_conv_at;
     use crate::model::graph::Pad;
+
+    /// The probe's counters become per-warpgroup means and shares that add up to one; a launch
+    /// that counted nothing gives none.
+    #[test]
+    fn cycle_probe_reads_its_counters() {
+        let p = CycleProbe::from_counters(&[100, 200, 300, 400, 50, 150, 4, 72]).unwrap();
+        assert_eq!(p.warpgroups, 4);
+        assert_eq!(p.slices, 18.0);
+        assert_eq!(p.cycles, 300.0);
+        assert_eq!(p.phases.len(), WGMMA_PROBE_PHASES.len());
+        assert!((p.phases.iter().map(|s| s.share).sum::<f64>() - 1.0).abs() < 1e-12);
+        assert_eq!(p.phases[3].phase, "products + batch wait");
+        assert!((p.phases[3].share - 400.0 / 1200.0).abs() < 1e-12);
+        assert!(p
+            .summary()
+            .starts_with("300 cycles per warpgroup over 18.0 slices (17 per slice)"));
+        assert!(CycleProbe::from_counters(&[0; WGMMA_PROBE_COUNTERS]).is_none());
+    }
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
     /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
