@@ -46,6 +46,14 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` gives concatenations a 16-bit copy",
     ),
     switch(
+        "INVDIFF_HALF_COPY",
+        "GPU candidate: `1` converts large fp32 inputs of tensor-core launches to 16 bits",
+    ),
+    switch(
+        "INVDIFF_ALIAS_GRADS",
+        "GPU candidate: `1` shares a block's output gradient with its residual's",
+    ),
+    switch(
         "INVDIFF_GEMM_SMALL_TILES",
         "GPU candidate: `1` uses 32-wide attention-product tiles",
     ),

@@ -1324,8 +1324,8 @@ impl Kernels {
         len: usize,
         precision: Precision,
     ) -> Result<()> {
-        need(src, "weights")?;
-        need(dst, "16-bit weights")?;
+        need(src, "fp32 values to convert")?;
+        need(dst, "16-bit copy")?;
         let kind = half_kind(precision)?;
         let l = i64_of(len);
         let mut b = self.launch(st, &self.tc_convert);

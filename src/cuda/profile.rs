@@ -327,6 +327,9 @@ impl Step {
             Divide { len, div, .. } => {
                 plain("elementwise", format!("divide {len} floats by {div}"), 1)
             }
+            ToHalf { len, precision, .. } => {
+                plain("16-bit copy", format!("{len} floats to {precision}"), 1)
+            }
         }
     }
 }

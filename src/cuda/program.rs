@@ -45,6 +45,17 @@ pub(crate) struct KernelConfig {
     /// wgmma launches split 2 to 8 ways reduce within a thread-block cluster
     /// ([`ConvLaunch::cluster`]): one launch and no workspace, the same sums.
     pub cluster_split_k: bool,
+    /// In bf16/fp16 with `deep`: a tensor-core launch whose main input is stored in fp32 and
+    /// holds at least [`HALF_COPY_MIN`] values (the stride-2 downsampling convolutions, the
+    /// input gradients of the convolutions that end a residual block) first converts it to
+    /// 16 bits in a launch of its own, shared by every such reader, and then takes the
+    /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values. The copy
+    /// rounds as staging would, so only wgmma's order of summation changes.
+    pub half_copy: bool,
+    /// In the backward pass, a residual's gradient that would start as a copy of the block
+    /// output's gradient (its first contribution) is that buffer itself, which later
+    /// contributions then add onto: no copy launch, the same sums.
+    pub alias_residual_grads: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -60,10 +71,18 @@ impl Default for KernelConfig {
             gn_one_pass: false,
             half_concat: false,
             cluster_split_k: false,
+            half_copy: false,
+            alias_residual_grads: false,
             batch_invariant: false,
         }
     }
 }
+
+/// Fewest values of an fp32 input that [`KernelConfig::half_copy`] converts: at batch 1, the
+/// 64x64 x 256 level and above. In the v0.4 profile (H200, bf16, batch 1) the 16-bit path
+/// saved 12-60 us per launch there against 2-14 us of conversion, and less than the
+/// conversion below.
+pub(crate) const HALF_COPY_MIN: usize = 1 << 20;
 
 /// A virtual buffer of the program; the plan gives it an arena offset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -261,6 +280,14 @@ pub(crate) enum Step {
         len: usize,
         div: f32,
     },
+    /// `y` = the `len` fp32 values of `x` as 16-bit values in `precision`, two per f32 slot
+    /// ([`KernelConfig::half_copy`]).
+    ToHalf {
+        x: Buf,
+        y: Buf,
+        len: usize,
+        precision: Precision,
+    },
 }
 
 /// One layer of a [`Step::LinearBatch`]: `y = (f(x) Wᵀ + b) / out_div`, `out` wide.
@@ -380,6 +407,7 @@ impl Step {
                 vec![*dst],
             ),
             Divide { x, .. } => (vec![*x], vec![*x]),
+            ToHalf { x, y, .. } => (vec![*x], vec![*y]),
         }
     }
 
@@ -455,6 +483,9 @@ struct Lowering<'g> {
     /// Per tensor: a 16-bit copy of its value (a concatenation's, see
     /// [`KernelConfig::half_concat`]), once computed.
     copy16: Vec<Option<Buf>>,
+    /// 16-bit copies of gradient buffers ([`KernelConfig::half_copy`]): source, copy, and the
+    /// step that made it (valid while no later step writes the source).
+    grad_copies: Vec<(Buf, Buf, usize)>,
     /// Which kernels the steps run.
     choice: KernelConfig,
 }
@@ -517,6 +548,7 @@ impl Program {
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
             copy16: vec![None; g.tensors.len()],
+            grad_copies: Vec::new(),
             choice,
         };
         if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
@@ -906,12 +938,88 @@ impl Lowering<'_> {
     }
 
     /// Where op `r`'s tensor-core launch reads its main input `x` from, and whether in 16 bits:
-    /// a concatenation's 16-bit copy when there is one and `r` may take it, else `x` as stored.
-    fn main_input(&self, r: &Op, x: Tid) -> Result<(Buf, bool)> {
-        match self.copy16[x] {
-            Some(c) if self.tensor_core_main_input(r, x)? => Ok((c, true)),
-            _ => Ok((self.val(x)?, self.half[x])),
+    /// a 16-bit copy of `x` when there is one (or [`KernelConfig::half_copy`] makes one now)
+    /// and `r` may take it, else `x` as stored.
+    fn main_input(&mut self, r: &Op, x: Tid) -> Result<(Buf, bool)> {
+        if !self.tensor_core_main_input(r, x)? {
+            return Ok((self.val(x)?, self.half[x]));
         }
+        if let Some(c) = self.copy16[x] {
+            return Ok((c, true));
+        }
+        if !self.half[x] && self.wants_half_copy(self.numel(x)) {
+            let src = self.val(x)?;
+            let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
+            let c = self.half_copy(src, self.numel(x), &name);
+            self.copy16[x] = Some(c);
+            return Ok((c, true));
+        }
+        Ok((self.val(x)?, self.half[x]))
+    }
+
+    /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values.
+    fn wants_half_copy(&self, len: usize) -> bool {
+        self.choice.half_copy
+            && self.choice.deep
+            && self.precision.is_half()
+            && len >= HALF_COPY_MIN
+    }
+
+    /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer.
+    fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
+        let y = self.buf(len.div_ceil(2), name);
+        self.steps.push(Step::ToHalf {
+            x: src,
+            y,
+            len,
+            precision: self.precision,
+        });
+        y
+    }
+
+    /// The input gradient's source for the launches of `shapes`, which read `dy`, the fp32
+    /// gradient of tensor `y`: a 16-bit copy when [`KernelConfig::half_copy`] asks for one and
+    /// every launch runs on the tensor-core kernel, else `dy` itself.
+    fn grad_input(&mut self, y: Tid, dy: Buf, shapes: &[ConvShape]) -> (Buf, bool) {
+        if self.half_grad[y] {
+            return (dy, true);
+        }
+        let tensor_cores = shapes.iter().all(|s| {
+            plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
+        });
+        if !(tensor_cores && self.wants_half_copy(self.numel(y))) {
+            return (dy, false);
+        }
+        // A copy of the same buffer made earlier serves while nothing has written it since
+        // (with alias_residual_grads, a residual's gradient is its block output's).
+        let fresh = self.grad_copies.iter().rev().find(|&&(src, _, at)| {
+            src == dy && self.steps[at + 1..].iter().all(|s| !s.io().1.contains(&dy))
+        });
+        if let Some(&(_, copy, _)) = fresh {
+            return (copy, true);
+        }
+        let name = format!("d {} (16-bit copy)", self.g.tensors[y].name);
+        let copy = self.half_copy(dy, self.numel(y), &name);
+        self.grad_copies.push((dy, copy, self.steps.len() - 1));
+        (copy, true)
+    }
+
+    /// The residual `r`'s share of the gradient `dy` of a block's output: added onto its
+    /// gradient, or, as its first contribution, copied there; with
+    /// [`KernelConfig::alias_residual_grads`] that first contribution is `dy`'s buffer itself
+    /// (`dy` is final here and nothing reads it after this op's own launches).
+    fn residual_grad(&mut self, r: Tid, dy: Buf) {
+        if self.choice.alias_residual_grads && self.grad[r].is_none() {
+            self.grad[r] = Some(dy);
+            return;
+        }
+        let (gr, acc) = self.grad_slot(r);
+        self.steps.push(Step::AddInto {
+            dst: gr,
+            src: dy,
+            len: self.numel(r),
+            accumulate: acc,
+        });
     }
 
     /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
@@ -1262,27 +1370,22 @@ impl Lowering<'_> {
                     let (h, w) = self.hw(x);
                     let (gx, acc) = self.grad_slot(x);
                     let shape = ConvShape::linear(self.n, h * w, out, inp);
+                    let (src, half_input) = self.grad_input(y, dy, std::slice::from_ref(&shape));
                     let mut s = self.conv_step(
                         shape,
-                        dy,
+                        src,
                         W {
                             pid: p,
                             kind: WKind::Linear,
                         },
                         gx,
-                        false,
+                        half_input,
                     );
                     s.accumulate = acc;
                     self.steps.push(Step::Conv(s));
                 }
                 if let Some(r) = residual.filter(|&r| on_path(r)) {
-                    let (gr, acc) = self.grad_slot(r);
-                    self.steps.push(Step::AddInto {
-                        dst: gr,
-                        src: dy,
-                        len: self.numel(r),
-                        accumulate: acc,
-                    });
+                    self.residual_grad(r, dy);
                 }
             }
             Op::Conv {
@@ -1305,29 +1408,25 @@ impl Lowering<'_> {
                 }
                 if on_path(x) {
                     let (gx, acc) = self.grad_slot(x);
-                    for shape in self.conv_backward_shapes(x, y, kernel, stride, pad) {
+                    let shapes = self.conv_backward_shapes(x, y, kernel, stride, pad);
+                    let (src, half_input) = self.grad_input(y, dy, &shapes);
+                    for shape in shapes {
                         let mut s = self.conv_step(
                             shape,
-                            dy,
+                            src,
                             W {
                                 pid: p,
                                 kind: WKind::ConvBackward,
                             },
                             gx,
-                            self.half_grad[y],
+                            half_input,
                         );
                         s.accumulate = acc;
                         self.steps.push(Step::Conv(s));
                     }
                 }
                 if let Some(r) = residual.filter(|&r| on_path(r)) {
-                    let (gr, acc) = self.grad_slot(r);
-                    self.steps.push(Step::AddInto {
-                        dst: gr,
-                        src: dy,
-                        len: self.numel(r),
-                        accumulate: acc,
-                    });
+                    self.residual_grad(r, dy);
                 }
             }
             Op::GroupNorm {
@@ -1450,17 +1549,137 @@ impl Lowering<'_> {
 mod tests {
     use super::*;
     use crate::config::UNetConfig;
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+
+    /// What the program computes, symbolically: each buffer holds a hash of the expression
+    /// that wrote it (operation, weights and the hashes it read), a copy holds its source's
+    /// hash, and a 16-bit value `half(v)` whoever rounded it (a 16-bit copy, a GroupNorm's
+    /// 16-bit output, or the tensor-core kernel staging an fp32 input). Two programs that
+    /// compute the same sums from the same values give the output and input gradient the same
+    /// hashes, whatever buffers, copies and kernels they use.
+    fn symbolic(p: &Program) -> (u64, Option<u64>) {
+        fn h(parts: &[&dyn Fn(&mut DefaultHasher)]) -> u64 {
+            let mut s = DefaultHasher::new();
+            for f in parts {
+                f(&mut s);
+            }
+            s.finish()
+        }
+        let half = |v: u64| h(&[&|s| "half".hash(s), &|s| v.hash(s)]);
+        let mut val = vec![0u64; p.bufs.len()];
+        val[p.sample.0] = h(&[&|s| "sample".hash(s)]);
+        val[p.timesteps.0] = h(&[&|s| "timesteps".hash(s)]);
+        for (i, step) in p.steps.iter().enumerate() {
+            if i == p.forward_steps {
+                if let Some(c) = p.cotangent {
+                    val[c.0] = h(&[&|s| "cotangent".hash(s)]);
+                }
+            }
+            let info = step.info(p.n, p.h, p.w);
+            let weights: Vec<(usize, String)> = step
+                .weights()
+                .iter()
+                .map(|w| (w.pid, format!("{:?}", w.kind)))
+                .collect();
+            let op = |s: &mut DefaultHasher| {
+                info.kind.hash(s);
+                info.shape.hash(s);
+                weights.hash(s);
+            };
+            let (reads, writes) = step.io();
+            match step {
+                Step::AddInto {
+                    dst,
+                    src,
+                    accumulate: false,
+                    ..
+                } => val[dst.0] = val[src.0],
+                Step::ToHalf { x, y, .. } => val[y.0] = half(val[x.0]),
+                Step::Conv(c) => {
+                    let staged = !c.launch.half_input
+                        && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half());
+                    let main = if staged { half(val[c.x.0]) } else { val[c.x.0] };
+                    let extra: Vec<u64> = c
+                        .temb
+                        .into_iter()
+                        .chain(c.residual)
+                        .map(|b| val[b.0])
+                        .collect();
+                    let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
+                    let bits = c.out_div.to_bits();
+                    val[c.y.0] = h(&[
+                        &op,
+                        &|s| main.hash(s),
+                        &|s| extra.hash(s),
+                        &|s| old.hash(s),
+                        &|s| bits.hash(s),
+                    ]);
+                }
+                _ => {
+                    let r: Vec<u64> = reads.iter().map(|b| val[b.0]).collect();
+                    let halves: Vec<Buf> = match *step {
+                        Step::GroupNorm {
+                            y,
+                            half_out: Some(_),
+                            ..
+                        }
+                        | Step::Upsample {
+                            y,
+                            half_out: Some(_),
+                            ..
+                        } => vec![y],
+                        Step::GroupNormBackward {
+                            dx,
+                            half_out: Some(_),
+                            ..
+                        } => vec![dx],
+                        _ => vec![],
+                    };
+                    for (j, w) in writes.iter().enumerate() {
+                        val[w.0] = h(&[&op, &|s| r.hash(s), &|s| j.hash(s)]);
+                    }
+                    if let Step::Concat {
+                        y,
+                        y16: Some((c, _)),
+                        ..
+                    } = *step
+                    {
+                        val[c.0] = half(val[y.0]);
+                    }
+                    for b in halves {
+                        val[b.0] = half(val[b.0]);
+                    }
+                }
+            }
+        }
+        (val[p.output.0], p.grad_input.map(|g| val[g.0]))
+    }
 
     /// Reads only ever see values some earlier step (or the host) wrote, in both modes.
     #[test]
     fn every_buffer_is_written_before_it_is_read() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        for (record, precision) in [
+        let mut programs: Vec<(bool, Program)> = [
             (false, Precision::Fp32),
             (true, Precision::Fp32),
             (true, Precision::Bf16),
-        ] {
+        ]
+        .into_iter()
+        .map(|(record, precision)| {
             let p = Program::build(&g, 2, 64, 32, record, 132, precision).unwrap();
+            (record, p)
+        })
+        .collect();
+        // With 16-bit input copies, which need full-size inputs to appear.
+        let copies = KernelConfig {
+            half_copy: true,
+            ..KernelConfig::default()
+        };
+        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, copies).unwrap();
+        assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
+        programs.push((true, p));
+        for (record, p) in programs {
             let mut written = vec![false; p.bufs.len()];
             written[p.sample.0] = true;
             written[p.timesteps.0] = true;
@@ -1706,5 +1925,155 @@ mod tests {
                 }
             }
         }
+    }
+    /// With half_copy, every large fp32 main input of a tensor-core launch is converted once
+    /// to 16 bits, and the copies feed only 16-bit-input tensor-core launches.
+    #[test]
+    fn half_copies_feed_only_tensor_core_launches() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for precision in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
+            for half_concat in [false, true] {
+                let tc = KernelConfig {
+                    half_copy: true,
+                    half_concat,
+                    ..KernelConfig::default()
+                };
+                let p = Program::build_with(&g, 1, 256, 256, true, 132, precision, tc).unwrap();
+                let mut copy = vec![false; p.bufs.len()];
+                let mut readers = vec![0; p.bufs.len()];
+                let (mut forward, mut backward) = (0, 0);
+                for (i, s) in p.steps.iter().enumerate() {
+                    if let Step::ToHalf {
+                        y,
+                        len,
+                        precision: hp,
+                        ..
+                    } = *s
+                    {
+                        assert!(precision.is_half() && hp == precision);
+                        assert!(len >= HALF_COPY_MIN);
+                        assert_eq!(p.bufs[y.0].len, len.div_ceil(2));
+                        copy[y.0] = true;
+                        if i < p.forward_steps {
+                            forward += 1;
+                        } else {
+                            backward += 1;
+                        }
+                    }
+                }
+                for s in &p.steps {
+                    let (reads, _) = s.io();
+                    for r in reads.iter().filter(|r| copy[r.0]) {
+                        let Step::Conv(c) = s else {
+                            panic!("`{}` read by {s:?}", p.bufs[r.0].what)
+                        };
+                        assert_eq!(c.x, *r, "a 16-bit copy read as a residual or embedding");
+                        assert!(c.launch.half_input);
+                        assert_eq!(c.launch.kernel, ConvKernel::Tensor(precision));
+                        readers[r.0] += 1;
+                    }
+                    // What is left staged from fp32 is small.
+                    if let Step::Conv(c) = s {
+                        if precision.is_half()
+                            && c.launch.kernel == ConvKernel::Tensor(precision)
+                            && !c.launch.half_input
+                        {
+                            let sh = &c.shape;
+                            assert!(sh.n * sh.sh * sh.sw * sh.sc < HALF_COPY_MIN, "{s:?}");
+                        }
+                    }
+                }
+                assert!(copy.iter().zip(&readers).all(|(&c, &r)| !c || r > 0));
+                if precision.is_half() {
+                    // Forward: the stride-2 downsampling convolutions of the three largest
+                    // levels and the 1x1 shortcut of the first resnet at 64x64 (which reads
+                    // the downsampled fp32 values), plus, without the concatenations' own
+                    // copies, the up blocks' concatenations at 64x64 and above.
+                    // Backward: the gradients of the resnet outputs at those levels, read by
+                    // their second convolution's input gradient.
+                    eprintln!("{precision} half_concat {half_concat}: {forward} forward, {backward} backward");
+                } else {
+                    assert_eq!(forward + backward, 0);
+                }
+            }
+        }
+    }
+    /// Copies, aliases and 16-bit inputs change where values live and which kernel reads
+    /// them, never what is computed: every combination of the switches computes the default
+    /// program's output and input gradient (symbolically, [`symbolic`]), and so does the
+    /// two-stage pipeline, which stages every input from fp32; a program missing one
+    /// accumulation does not.
+    #[test]
+    fn switches_compute_what_the_default_program_computes() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        // At batch 32 the middle block's 8x8 gradients are large enough to be copied, and
+        // its attention's residual gradient, aliased, is then added onto after a copy of it
+        // was made: the copy must not be reused.
+        for (n, h, w) in [(1, 256, 256), (2, 64, 32), (32, 256, 256)] {
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let build = |tc: KernelConfig| {
+                    Program::build_with(&g, n, h, w, true, 132, precision, tc).unwrap()
+                };
+                let base = build(KernelConfig::default());
+                let want = symbolic(&base);
+                assert!(want.1.is_some());
+                for bits in 0..8 {
+                    let tc = KernelConfig {
+                        half_copy: bits & 1 != 0,
+                        alias_residual_grads: bits & 2 != 0,
+                        half_concat: bits & 4 != 0,
+                        ..KernelConfig::default()
+                    };
+                    assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
+                }
+                let two_stage = KernelConfig {
+                    deep: false,
+                    ..KernelConfig::default()
+                };
+                assert_eq!(symbolic(&build(two_stage)), want);
+                let mut broken = base;
+                let last_add = broken
+                    .steps
+                    .iter()
+                    .rposition(|s| {
+                        matches!(
+                            s,
+                            Step::AddInto {
+                                accumulate: true,
+                                ..
+                            }
+                        )
+                    })
+                    .unwrap();
+                broken.steps.remove(last_add);
+                assert_ne!(symbolic(&broken).1, want.1);
+            }
+        }
+    }
+
+    /// With alias_residual_grads no gradient starts as a copy: every residual's first
+    /// contribution is its block output's gradient buffer.
+    #[test]
+    fn aliased_residual_gradients_leave_no_copies() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let copies = |alias: bool| {
+            let tc = KernelConfig {
+                alias_residual_grads: alias,
+                ..KernelConfig::default()
+            };
+            let p = Program::build_with(&g, 1, 64, 64, true, 132, Precision::Bf16, tc).unwrap();
+            let adds = |acc: bool| {
+                p.steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::AddInto { accumulate, .. } if *accumulate == acc))
+                    .count()
+            };
+            (adds(false), adds(true))
+        };
+        let (plain, accumulating) = copies(false);
+        // One per residual block and attention block of the architecture whose residual's
+        // gradient starts there.
+        assert!(plain > 20, "{plain}");
+        assert_eq!(copies(true), (0, accumulating));
     }
 }

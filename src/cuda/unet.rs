@@ -141,6 +141,8 @@ impl CudaUnet {
         let gn_one_pass = switches::is("INVDIFF_GN_ONE_PASS", "1");
         let half_concat = switches::is("INVDIFF_HALF_CONCAT", "1");
         let cluster_split_k = switches::is("INVDIFF_CLUSTER_SPLITK", "1");
+        let half_copy = switches::is("INVDIFF_HALF_COPY", "1");
+        let alias_residual_grads = switches::is("INVDIFF_ALIAS_GRADS", "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -160,6 +162,8 @@ impl CudaUnet {
                 gn_one_pass,
                 half_concat,
                 cluster_split_k,
+                half_copy,
+                alias_residual_grads,
                 batch_invariant: false,
             },
             side,
@@ -177,6 +181,11 @@ impl CudaUnet {
             (c.gn_one_pass, "one-pass GroupNorm".to_string()),
             (c.half_concat, "16-bit concatenation copies".to_string()),
             (c.cluster_split_k, "cluster split-K".to_string()),
+            (c.half_copy, "16-bit input copies".to_string()),
+            (
+                c.alias_residual_grads,
+                "aliased residual gradients".to_string(),
+            ),
             (c.batch_invariant, "per-image plans".to_string()),
             (
                 self.gpu.kernels.small_tiles(),
@@ -1225,6 +1234,12 @@ fn launch(
             accumulate,
         } => k.add_into(st, p(dst), p(src), len, accumulate),
         Step::Divide { x, len, div } => k.divide(st, p(x), len, div),
+        Step::ToHalf {
+            x,
+            y,
+            len,
+            precision,
+        } => k.convert_half(st, p(x), p(y), len, precision),
     }
 }
 
