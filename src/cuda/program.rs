@@ -1985,13 +1985,21 @@ mod tests {
                 }
                 assert!(copy.iter().zip(&readers).all(|(&c, &r)| !c || r > 0));
                 if precision.is_half() {
-                    // Forward: the stride-2 downsampling convolutions of the three largest
-                    // levels and the 1x1 shortcut of the first resnet at 64x64 (which reads
-                    // the downsampled fp32 values), plus, without the concatenations' own
-                    // copies, the up blocks' concatenations at 64x64 and above.
-                    // Backward: the gradients of the resnet outputs at those levels, read by
-                    // their second convolution's input gradient.
-                    eprintln!("{precision} half_concat {half_concat}: {forward} forward, {backward} backward");
+                    // The selftest's celebahq rows (2 x 64 x 64) copy too, at their top level.
+                    let small =
+                        Program::build_with(&g, 2, 64, 64, true, 132, precision, tc).unwrap();
+                    assert!(small.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
+                }
+                if precision.is_half() {
+                    // Forward: the inputs of the stride-2 downsampling convolutions at the
+                    // 256x256 to 64x64 levels, plus, without the concatenations' own copies,
+                    // the 9 concatenations of the up blocks at those levels. Backward: the
+                    // gradients read by the input gradients of the residual blocks' second
+                    // convolutions and 1x1 shortcuts (each its own copy without aliasing),
+                    // the upsamplers' and the first downsampler's convolutions at those
+                    // levels.
+                    assert_eq!(forward, if half_concat { 3 } else { 12 });
+                    assert_eq!(backward, 29);
                 } else {
                     assert_eq!(forward + backward, 0);
                 }

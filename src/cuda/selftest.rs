@@ -1868,10 +1868,11 @@ impl Tester<'_> {
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("{name} {precision}");
-                // Whatever INVDIFF_TC_PIPELINE and INVDIFF_WGMMA say: the rows below compare
-                // each choice.
+                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY and
+                // INVDIFF_ALIAS_GRADS say: the rows below compare each choice.
                 gpu.set_deep_pipelines(true);
                 gpu.set_wgmma(false);
+                gpu.set_moved_values(false);
                 let (got, grad) = self.network_rows(
                     &mut gpu,
                     &io,
@@ -1909,6 +1910,37 @@ impl Tester<'_> {
                         (eps_tol, grad_tol),
                     )?;
                 }
+                // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
+                // level's 2^20-value gradients are copied): on mma.sync the same sums in the
+                // same order as the first rows, since a copy rounds as staging does; on wgmma
+                // the copied launches change summation order, so against the CPU.
+                gpu.set_moved_values(true);
+                gpu.set_wgmma(false);
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, 16-bit copies + aliased gradients"),
+                        format!("{label} vjp, 16-bit copies + aliased gradients"),
+                    ],
+                    (got.data(), grad.data()),
+                    (0.0, 0.0),
+                )?;
+                if gpu.set_wgmma(true) {
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma, 16-bit copies + aliased gradients"),
+                            format!(
+                                "{label} forward + vjp, wgmma, 16-bit copies + aliased gradients"
+                            ),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
+                }
+                gpu.set_moved_values(false);
                 if n > 1 {
                     self.batch_invariance_rows(&mut gpu, &io, &label)?;
                 }

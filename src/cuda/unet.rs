@@ -234,6 +234,16 @@ impl CudaUnet {
         self.choice.batch_invariant
     }
 
+    /// Turns the candidates that only move values on or off together
+    /// ([`KernelConfig::half_copy`], [`KernelConfig::alias_residual_grads`]), for comparisons;
+    /// drops every plan.
+    pub(crate) fn set_moved_values(&mut self, on: bool) {
+        self.choice.half_copy = on;
+        self.choice.alias_residual_grads = on;
+        self.plans.clear();
+        self.tape = None;
+    }
+
     /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
     /// mma.sync, for comparisons; drops every plan. Returns whether wgmma is now in use.
     pub(crate) fn set_wgmma(&mut self, on: bool) -> bool {
