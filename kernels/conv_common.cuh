@@ -106,6 +106,53 @@ DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, l
     }
 }
 
+// The epilogue of NP column pairs of one output row (row m of image img at output pixel pix):
+// pair i holds v[i] for columns col0 + 8i and col0 + 8i + 1, those at or past ncols skipped.
+// finish()'s arithmetic in its order, but every load (bias, time embedding, residual, the old
+// output when accumulating) is issued before the first store: the compiler cannot tell that
+// y aliases none of them (an element is only ever read and written by the thread that owns
+// it), so store_pair's loop waits a memory round trip per pair after each store.
+template <int NP>
+DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const float2 (&v)[NP]) {
+    const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
+    float2 e[NP], old[NP];
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+        const int col = col0 + 8 * i;
+        e[i] = old[i] = make_float2(0.f, 0.f);
+        if (col >= a.ncols) continue;
+        if (a.bias != nullptr) e[i] = *reinterpret_cast<const float2*>(a.bias + col);
+        if (a.temb != nullptr) {
+            const float2 t = *reinterpret_cast<const float2*>(a.temb + (long long)img * a.ncols + col);
+            e[i].x += t.x;
+            e[i].y += t.y;
+        }
+        if (a.res != nullptr) {
+            const float2 r = *reinterpret_cast<const float2*>(a.res + pix * a.ncols + col);
+            e[i].x += r.x;
+            e[i].y += r.y;
+        }
+        if (a.accumulate) old[i] = *reinterpret_cast<const float2*>(a.y + pix * a.ncols + col);
+    }
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+        const int col = col0 + 8 * i;
+        if (col >= a.ncols) continue;
+        float2 r = v[i];
+        if (epi) {
+            r.x = e[i].x + r.x;
+            r.y = e[i].y + r.y;
+        }
+        r.x = r.x / a.out_div;
+        r.y = r.y / a.out_div;
+        if (a.accumulate) {
+            r.x += old[i].x;
+            r.y += old[i].y;
+        }
+        *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = r;
+    }
+}
+
 // Asynchronous copies global -> shared (cp.async), for the pipelined kernels of both files.
 DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 

@@ -164,8 +164,14 @@ template <> struct Probe<true> {
     }
 };
 
-// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe).
-template <int T, bool PROBE>
+// Pairs of a row finish_row takes at once in the ROWS epilogue (8 at once spilled 40 bytes at
+// the 128 registers that two blocks per multiprocessor leave each thread).
+constexpr int ROW_PAIRS = 4;
+
+// T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
+// ROWS: finish each row's pairs ROW_PAIRS at a time (finish_row: loads before stores, 8 round
+// trips to memory per thread instead of 32) rather than pair by pair (store_pair).
+template <int T, bool PROBE, bool ROWS>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
     Probe<PROBE> cycles;
     cycles.start();
@@ -313,6 +319,19 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         if (m >= M) continue;
         const RowCoord rc = decode_row(a, m);
         const long long pix = out_pixel(a, rc);
+        if (ROWS && !split) {
+#pragma unroll
+            for (int part = 0; part < 16 / ROW_PAIRS; ++part) {
+                float2 v[ROW_PAIRS];
+#pragma unroll
+                for (int j = 0; j < ROW_PAIRS; ++j) {
+                    const int jj = ROW_PAIRS * part + j;
+                    v[j] = make_float2(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+                }
+                finish_row<ROW_PAIRS>(a, rc.img, pix, n0 + 8 * ROW_PAIRS * part + 2 * q, v);
+            }
+            continue;
+        }
 #pragma unroll
         for (int j = 0; j < 16; ++j) {
             const int col = n0 + 8 * j + 2 * q;
@@ -327,22 +346,27 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 // Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, WG_SMEM bytes of dynamic shared
 // memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte aligned x, w, y,
 // res and ws (the host checks them); x and w hold 16-bit values of the product's type.
-#define WG_KERNEL(name, T)                                                                   \
+#define WG_KERNEL(name, T, ROWS)                                                             \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 2) name(const ConvArgs a) {      \
         pdl_entry();                                                                          \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                          \
-        wg_body<T, false>(a, wg_dsmem, nullptr);                                             \
+        wg_body<T, false, ROWS>(a, wg_dsmem, nullptr);                                       \
     }
-WG_KERNEL(conv_wgmma_bf16, 1)
-WG_KERNEL(conv_wgmma_fp16, 2)
+WG_KERNEL(conv_wgmma_bf16, 1, false)
+WG_KERNEL(conv_wgmma_fp16, 2, false)
+// The row-batched epilogue (ROWS), a candidate until timed on a GPU.
+WG_KERNEL(conv_wgmma_bf16_rows, 1, true)
+WG_KERNEL(conv_wgmma_fp16_rows, 2, true)
 
 // The same kernels counting their cycles into probe[PROBE_COUNTERS] (zeroed by the host).
-#define WG_PROBE_KERNEL(name, T)                                                                 \
+#define WG_PROBE_KERNEL(name, T, ROWS)                                                           \
     extern "C" __global__ void __launch_bounds__(WG_THREADS, 2)                                  \
         name(const ConvArgs a, unsigned long long* probe) {                                      \
         pdl_entry();                                                                              \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                              \
-        wg_body<T, true>(a, wg_dsmem, probe);                                                    \
+        wg_body<T, true, ROWS>(a, wg_dsmem, probe);                                              \
     }
-WG_PROBE_KERNEL(conv_wgmma_bf16_probe, 1)
-WG_PROBE_KERNEL(conv_wgmma_fp16_probe, 2)
+WG_PROBE_KERNEL(conv_wgmma_bf16_probe, 1, false)
+WG_PROBE_KERNEL(conv_wgmma_fp16_probe, 2, false)
+WG_PROBE_KERNEL(conv_wgmma_bf16_rows_probe, 1, true)
+WG_PROBE_KERNEL(conv_wgmma_fp16_rows_probe, 2, true)

@@ -54,6 +54,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` shares a block's output gradient with its residual's",
     ),
     switch(
+        "INVDIFF_ROW_EPILOGUE",
+        "GPU candidate: `1` finishes wgmma tiles with loads batched before stores",
+    ),
+    switch(
         "INVDIFF_GEMM_SMALL_TILES",
         "GPU candidate: `1` uses 32-wide attention-product tiles",
     ),

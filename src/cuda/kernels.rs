@@ -391,6 +391,10 @@ pub(crate) struct ConvLaunch {
     /// (kernels/conv_wgmma.cu `cluster_reduce`) instead of the workspace and
     /// `conv_splitk_reduce`: the same sums in the same order, one launch, no workspace.
     pub cluster: bool,
+    /// With `wgmma`: the epilogue that issues each row's loads (bias, time embedding,
+    /// residual) a few pairs at a time before storing them (kernels/conv_wgmma.cu `ROWS`,
+    /// the `_rows` kernels) instead of pair by pair; the same arithmetic.
+    pub row_epilogue: bool,
 }
 
 /// Most splits of K one cluster reduces (the portable cluster size).
@@ -471,6 +475,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             half_input: false,
             wgmma: false,
             cluster: false,
+            row_epilogue: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -509,6 +514,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         half_input: false,
         wgmma: false,
         cluster: false,
+        row_epilogue: false,
     }
 }
 
@@ -713,10 +719,11 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`: on compute capability 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 2]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, then their `_rows` forms: on compute capability
+    /// 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 4]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; 2]>,
+    conv_wgmma_probe: Option<[CudaFunction; 4]>,
 }
 
 const BLOCK: u32 = 256;
@@ -912,10 +919,15 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, TC_WGMMA_SMEM)
                 };
-                (
-                    Some([f("conv_wgmma_bf16")?, f("conv_wgmma_fp16")?]),
-                    Some([f("conv_wgmma_bf16_probe")?, f("conv_wgmma_fp16_probe")?]),
-                )
+                let four = |suffix: &str| -> Result<[CudaFunction; 4]> {
+                    Ok([
+                        f(&format!("conv_wgmma_bf16{suffix}"))?,
+                        f(&format!("conv_wgmma_fp16{suffix}"))?,
+                        f(&format!("conv_wgmma_bf16_rows{suffix}"))?,
+                        f(&format!("conv_wgmma_fp16_rows{suffix}"))?,
+                    ])
+                };
+                (Some(four("")?), Some(four("_probe")?))
             }
             _ => (None, None),
         };
@@ -1127,10 +1139,12 @@ impl Kernels {
         if (plan.deep && !tensor)
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
+            || (plan.row_epilogue && !plan.wgmma)
         {
             return Err(Error::Cuda(format!(
-                "internal: {:?} convolution planned with deep {}, 16-bit input {} and wgmma {}",
-                plan.kernel, plan.deep, plan.half_input, plan.wgmma
+                "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {} and \
+                 row epilogue {}",
+                plan.kernel, plan.deep, plan.half_input, plan.wgmma, plan.row_epilogue
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -1165,10 +1179,9 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     })?;
-                    (
-                        &wg[usize::from(precision == Precision::Fp16)],
-                        TC_WGMMA_SMEM,
-                    )
+                    let i = usize::from(precision == Precision::Fp16)
+                        + 2 * usize::from(plan.row_epilogue);
+                    (&wg[i], TC_WGMMA_SMEM)
                 } else {
                     let k = tc_kernel(plan)?;
                     (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())

@@ -56,6 +56,9 @@ pub(crate) struct KernelConfig {
     /// output's gradient (its first contribution) is that buffer itself, which later
     /// contributions then add onto: no copy launch, the same sums.
     pub alias_residual_grads: bool,
+    /// wgmma launches finish their rows with the loads of several output pairs issued before
+    /// their stores ([`ConvLaunch::row_epilogue`]): the same arithmetic.
+    pub row_epilogue: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -73,6 +76,7 @@ impl Default for KernelConfig {
             cluster_split_k: false,
             half_copy: false,
             alias_residual_grads: false,
+            row_epilogue: false,
             batch_invariant: false,
         }
     }
@@ -1100,6 +1104,7 @@ impl Lowering<'_> {
         launch.cluster = self.choice.cluster_split_k
             && launch.wgmma
             && (2..=MAX_CLUSTER_SPLITS).contains(&launch.splits);
+        launch.row_epilogue = self.choice.row_epilogue && launch.wgmma;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

@@ -697,8 +697,28 @@ impl Tester<'_> {
                 WGMMA_VS_MMA,
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
+            // The row epilogue: the same arithmetic, so the same bits.
+            let rows = ConvLaunch {
+                row_epilogue: true,
+                ..wp
+            };
+            let yr = self.zeros(want.len())?;
+            let pr = ConvPtrs { y: yr.ptr, ..ptrs };
+            let ms = self.timed(
+                || Ok(()),
+                || gpu.kernels.conv(st, &shape, &rows, pr, out_div, false),
+            )?;
+            self.row_within(
+                format!("{label} [{}] vs pairwise epilogue", wgmma_path(&rows)),
+                desc.clone(),
+                &yr.download(st)?,
+                &wg_out,
+                ms,
+                0.0,
+            );
             if out_div == 1.0 {
                 self.probe_row(&shape, wp, ptrs, &wg_out, &label, &desc)?;
+                self.probe_row(&shape, rows, ptrs, &wg_out, &label, &desc)?;
             }
             self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
         }
@@ -791,8 +811,8 @@ impl Tester<'_> {
                     .max()
                     .unwrap_or(0);
                 let ws = self.zeros(ws_len)?;
-                let run = || -> Result<()> {
-                    for (s, p) in shapes.iter().zip(&wg_plans) {
+                let run = |plans: &[ConvLaunch]| -> Result<()> {
+                    for (s, p) in shapes.iter().zip(plans) {
                         let ptrs = ConvPtrs {
                             x: copy.ptr,
                             w: dev.weights_for(p.kernel, false)?,
@@ -804,8 +824,9 @@ impl Tester<'_> {
                     }
                     Ok(())
                 };
-                let ms = self.timed(|| dxd.write(st, dx0), run)?;
+                let ms = self.timed(|| dxd.write(st, dx0), || run(&wg_plans))?;
                 let paths: Vec<String> = wg_plans.iter().map(wgmma_path).collect();
+                let wg_got = dxd.download(st)?;
                 self.row_within(
                     named(format!(
                         "conv{k}x{k} s{stride} input-grad{} [{}] vs mma.sync",
@@ -813,10 +834,31 @@ impl Tester<'_> {
                         paths.join(", ")
                     )),
                     desc.clone(),
-                    &dxd.download(st)?,
+                    &wg_got,
                     &got,
                     ms,
                     WGMMA_VS_MMA,
+                );
+                // The row epilogue, accumulating too: the same bits as pair by pair.
+                let rows: Vec<ConvLaunch> = wg_plans
+                    .iter()
+                    .map(|p| ConvLaunch {
+                        row_epilogue: true,
+                        ..*p
+                    })
+                    .collect();
+                let ms = self.timed(|| dxd.write(st, dx0), || run(&rows))?;
+                self.row_within(
+                    named(format!(
+                        "conv{k}x{k} s{stride} input-grad{} [wgmma, row epilogue] vs pairwise \
+                         epilogue",
+                        acc_name(accumulate),
+                    )),
+                    desc.clone(),
+                    &dxd.download(st)?,
+                    &wg_got,
+                    ms,
+                    0.0,
                 );
             }
         }
@@ -2081,11 +2123,14 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 const WGMMA_VS_MMA: f64 = 1e-5;
 
 fn wgmma_path(p: &ConvLaunch) -> String {
+    let mut s = String::from("wgmma");
     if p.splits > 1 {
-        format!("wgmma, {} splits", p.splits)
-    } else {
-        "wgmma".into()
+        s += &format!(", {} splits", p.splits);
     }
+    if p.row_epilogue {
+        s += ", row epilogue";
+    }
+    s
 }
 
 /// The deep pipeline a launch takes and its input, for row names.

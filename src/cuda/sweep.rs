@@ -7,8 +7,8 @@
 //! batch, size and precision (forward, and the input gradient when recording), the same problem
 //! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
 //! in bf16/fp16, the deep pipeline from a 16-bit input, and on Hopper the wgmma kernel from a
-//! 16-bit input, each at several splits of K: 1, and those that keep the grid within four
-//! waves of the machine. The mma.sync variants compute the same sums in the same order for a
+//! 16-bit input (with either epilogue), each at several splits of K: 1, and those that keep
+//! the grid within four waves of the machine. The mma.sync variants compute the same sums in the same order for a
 //! given split (the selftest holds them to it), wgmma the same products in another order, so
 //! only the time differs. The planned launch is what `CudaUnet` runs by default (wgmma where
 //! the device has it). Times are means of CUDA-event-timed repetitions after a warm-up.
@@ -37,8 +37,8 @@ use crate::{ensure, Error, Result};
 /// One variant of one launch and its time.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
-    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input` or `wgmma` (16-bit input, two
-    /// warpgroups).
+    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, `wgmma` (16-bit input, two
+    /// warpgroups) or `wgmma, row epilogue`.
     pub pipeline: String,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
@@ -261,8 +261,11 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 ..planned
             };
-            if !out.contains(&c) {
-                out.push(c);
+            for row_epilogue in [false, true] {
+                let c = ConvLaunch { row_epilogue, ..c };
+                if !out.contains(&c) {
+                    out.push(c);
+                }
             }
         }
     }
@@ -275,6 +278,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
 
 fn pipeline_name(l: &ConvLaunch) -> &'static str {
     match (l.wgmma, l.deep, l.half_input) {
+        (true, ..) if l.row_epilogue => "wgmma, row epilogue",
         (true, ..) => "wgmma",
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
@@ -465,6 +469,7 @@ mod tests {
                 let tiles = shape.rows().div_ceil(128) * shape.ncols.div_ceil(128);
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
+                    assert!(!l.row_epilogue || l.wgmma);
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % WGMMA_SLICE, 0);

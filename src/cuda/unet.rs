@@ -143,6 +143,7 @@ impl CudaUnet {
         let cluster_split_k = switches::is("INVDIFF_CLUSTER_SPLITK", "1");
         let half_copy = switches::is("INVDIFF_HALF_COPY", "1");
         let alias_residual_grads = switches::is("INVDIFF_ALIAS_GRADS", "1");
+        let row_epilogue = switches::is("INVDIFF_ROW_EPILOGUE", "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -164,6 +165,7 @@ impl CudaUnet {
                 cluster_split_k,
                 half_copy,
                 alias_residual_grads,
+                row_epilogue,
                 batch_invariant: false,
             },
             side,
