@@ -26,8 +26,8 @@
 //! beside the fastest variant, and what the whole call would save with the fastest everywhere
 //! (`--save` then writes those rows): the data for choosing pipelines and splits per shape.
 //! Under each row, where the cycles of the planned and of the fastest wgmma launch go (set-up,
-//! waiting for copies, issuing them, the products, drain, epilogue), from the kernel's own
-//! cycle counters.
+//! waiting for copies, the barrier, issuing copies, the products, drain, epilogue), from the
+//! kernel's own cycle counters.
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.

@@ -128,14 +128,24 @@ DEVI void cluster_reduce(const ConvArgs& a, unsigned char* stages, const float (
 // machines have no profiler): each thread reads the multiprocessor's cycle counter at the
 // borders of wg_body's phases and adds the time since the last border to that phase; the first
 // thread of each warpgroup adds its sums to the launch's counters at the end. The phases:
-// set-up (taps, row decoding, the first copies), waiting for a slice's copies and the barrier,
+// set-up (taps, row decoding, the first copies), waiting for this thread's copies of a slice
+// (their latency), the block's barrier after it (the other threads' copies and products),
 // issuing the next slice's copies, issuing the products and waiting for the batch before, the
 // drain after the last slice, the epilogue. Compiled out of the ordinary kernels.
-enum { PROBE_SETUP, PROBE_COPY_WAIT, PROBE_ISSUE, PROBE_MMA, PROBE_DRAIN, PROBE_EPILOGUE, PROBE_PHASES };
+enum {
+    PROBE_SETUP,
+    PROBE_COPY_WAIT,
+    PROBE_BARRIER,
+    PROBE_ISSUE,
+    PROBE_MMA,
+    PROBE_DRAIN,
+    PROBE_EPILOGUE,
+    PROBE_PHASES
+};
 // Counters of one launch: PROBE_PHASES sums of cycles, then the number of warpgroups, then
 // the number of K slices they multiplied.
 constexpr int PROBE_COUNTERS = PROBE_PHASES + 2;
-static_assert(PROBE_COUNTERS == 8, "PROBE_COUNTERS must match WGMMA_PROBE_COUNTERS in src/cuda/kernels.rs");
+static_assert(PROBE_COUNTERS == 9, "PROBE_COUNTERS must match WGMMA_PROBE_COUNTERS in src/cuda/kernels.rs");
 
 template <bool ON> struct Probe {
     DEVI void start() {}
@@ -279,8 +289,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     for (int t = 0; t < ntiles; ++t) {
         cp_async_wait<AHEAD - 1>();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        __syncthreads();
         cycles.mark(PROBE_COPY_WAIT);
+        __syncthreads();
+        cycles.mark(PROBE_BARRIER);
         const int nt = t + AHEAD;
         if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
         cp_async_commit();

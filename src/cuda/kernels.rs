@@ -738,11 +738,12 @@ const TC_WGMMA_SMEM: u32 = 99_328;
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
 /// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
 /// warpgroups, the number of K slices they multiplied.
-pub(crate) const WGMMA_PROBE_COUNTERS: usize = 8;
+pub(crate) const WGMMA_PROBE_COUNTERS: usize = 9;
 /// The phases a probe launch counts cycles in, in the kernel's order.
-pub(crate) const WGMMA_PROBE_PHASES: [&str; 6] = [
+pub(crate) const WGMMA_PROBE_PHASES: [&str; 7] = [
     "set-up",
-    "copy wait + barrier",
+    "copy wait",
+    "barrier",
     "copy issue",
     "products + batch wait",
     "drain",
