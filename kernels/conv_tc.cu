@@ -158,8 +158,11 @@ DEVI float4 ld_shared_f4(uint32_t addr) {
 }
 
 // One block's tile with pipeline P (see Pipe); AH: the activations are 16-bit in memory (ASYNC
-// with bf16/fp16 only). `smem` holds the stages: static for TWO, dynamic otherwise.
-template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
+// with bf16/fp16 only); ROWS: each row's four column pairs finished at once (finish_row, as
+// conv_wgmma.cu's ROWS) rather than pair by pair. `smem` holds the stages: static for TWO,
+// dynamic otherwise.
+template <int T, int P, bool AH, bool ROWS = false>
+DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
     static_assert(!AH || (T != TF32 && P == ASYNC), "16-bit activations: ASYNC, half products");
     static_assert(P != STAGED || T != TF32, "tf32 needs no conversion to stage");
     using C = Tc<T>;
@@ -427,6 +430,13 @@ template <int T, int P, bool AH> DEVI void tc_body(const ConvArgs& a, unsigned c
             if (m >= M) continue;
             const RowCoord rc = decode_row(a, m);
             const long long pix = out_pixel(a, rc);
+            if (ROWS && !split) {
+                float2 v[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[j] = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+                finish_row<4>(a, rc.img, pix, n0 + wn + 2 * q, v);
+                continue;
+            }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const int col = n0 + wn + j * 8 + 2 * q;
@@ -455,17 +465,23 @@ TC_KERNEL(conv_tc_fp16, FP16)
 // allows once per kernel, above the 48 KB default): tf32 and 16-bit activations (`_hin`:
 // `ConvArgs::x` points to bf16/fp16 values) with ASYNC, fp32 activations into bf16/fp16
 // products with STAGED.
-#define TC_DEEP_KERNEL(name, T, P, AH)                                          \
+#define TC_DEEP_KERNEL(name, T, P, AH, ROWS)                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
         pdl_entry();                                                                  \
         extern __shared__ __align__(128) unsigned char dsmem[];                  \
-        tc_body<T, P, AH>(a, dsmem);                                             \
+        tc_body<T, P, AH, ROWS>(a, dsmem);                                       \
     }
-TC_DEEP_KERNEL(conv_tc_tf32_async, TF32, ASYNC, false)
-TC_DEEP_KERNEL(conv_tc_bf16_hin, BF16, ASYNC, true)
-TC_DEEP_KERNEL(conv_tc_fp16_hin, FP16, ASYNC, true)
-TC_DEEP_KERNEL(conv_tc_bf16_staged, BF16, STAGED, false)
-TC_DEEP_KERNEL(conv_tc_fp16_staged, FP16, STAGED, false)
+TC_DEEP_KERNEL(conv_tc_tf32_async, TF32, ASYNC, false, false)
+TC_DEEP_KERNEL(conv_tc_bf16_hin, BF16, ASYNC, true, false)
+TC_DEEP_KERNEL(conv_tc_fp16_hin, FP16, ASYNC, true, false)
+TC_DEEP_KERNEL(conv_tc_bf16_staged, BF16, STAGED, false, false)
+TC_DEEP_KERNEL(conv_tc_fp16_staged, FP16, STAGED, false, false)
+// The same with the row epilogue (ROWS), a candidate until timed on a GPU.
+TC_DEEP_KERNEL(conv_tc_tf32_async_rows, TF32, ASYNC, false, true)
+TC_DEEP_KERNEL(conv_tc_bf16_hin_rows, BF16, ASYNC, true, true)
+TC_DEEP_KERNEL(conv_tc_fp16_hin_rows, FP16, ASYNC, true, true)
+TC_DEEP_KERNEL(conv_tc_bf16_staged_rows, BF16, STAGED, false, true)
+TC_DEEP_KERNEL(conv_tc_fp16_staged_rows, FP16, STAGED, false, true)
 
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).

@@ -391,9 +391,10 @@ pub(crate) struct ConvLaunch {
     /// (kernels/conv_wgmma.cu `cluster_reduce`) instead of the workspace and
     /// `conv_splitk_reduce`: the same sums in the same order, one launch, no workspace.
     pub cluster: bool,
-    /// With `wgmma`: the epilogue that issues each row's loads (bias, time embedding,
-    /// residual) a few pairs at a time before storing them (kernels/conv_wgmma.cu `ROWS`,
-    /// the `_rows` kernels) instead of pair by pair; the same arithmetic.
+    /// Tensor cores with `deep` (mma.sync or wgmma): the epilogue that issues each row's
+    /// loads (bias, time embedding, residual) four pairs at a time before storing them
+    /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
+    /// by pair; the same arithmetic.
     pub row_epilogue: bool,
 }
 
@@ -758,6 +759,8 @@ struct TcKernel {
     /// [`ConvLaunch::deep`], [`ConvLaunch::half_input`].
     deep: bool,
     half_input: bool,
+    /// [`ConvLaunch::row_epilogue`].
+    rows: bool,
 }
 
 impl TcKernel {
@@ -766,12 +769,14 @@ impl TcKernel {
         precision: Precision,
         deep: bool,
         half_input: bool,
+        rows: bool,
     ) -> TcKernel {
         TcKernel {
             name,
             precision,
             deep,
             half_input,
+            rows,
         }
     }
 
@@ -791,17 +796,22 @@ impl TcKernel {
 /// Every tensor-core convolution kernel (256 threads each): the two-stage ones (fp32 input),
 /// and the deep pipelines (ASYNC for tf32 and 16-bit inputs, STAGED for fp32 inputs into
 /// bf16/fp16).
-const TC_KERNELS: [TcKernel; 8] = {
+const TC_KERNELS: [TcKernel; 13] = {
     use Precision::{Bf16, Fp16, Tf32};
     [
-        TcKernel::new("conv_tc_tf32", Tf32, false, false),
-        TcKernel::new("conv_tc_bf16", Bf16, false, false),
-        TcKernel::new("conv_tc_fp16", Fp16, false, false),
-        TcKernel::new("conv_tc_tf32_async", Tf32, true, false),
-        TcKernel::new("conv_tc_bf16_hin", Bf16, true, true),
-        TcKernel::new("conv_tc_fp16_hin", Fp16, true, true),
-        TcKernel::new("conv_tc_bf16_staged", Bf16, true, false),
-        TcKernel::new("conv_tc_fp16_staged", Fp16, true, false),
+        TcKernel::new("conv_tc_tf32", Tf32, false, false, false),
+        TcKernel::new("conv_tc_bf16", Bf16, false, false, false),
+        TcKernel::new("conv_tc_fp16", Fp16, false, false, false),
+        TcKernel::new("conv_tc_tf32_async", Tf32, true, false, false),
+        TcKernel::new("conv_tc_bf16_hin", Bf16, true, true, false),
+        TcKernel::new("conv_tc_fp16_hin", Fp16, true, true, false),
+        TcKernel::new("conv_tc_bf16_staged", Bf16, true, false, false),
+        TcKernel::new("conv_tc_fp16_staged", Fp16, true, false, false),
+        TcKernel::new("conv_tc_tf32_async_rows", Tf32, true, false, true),
+        TcKernel::new("conv_tc_bf16_hin_rows", Bf16, true, true, true),
+        TcKernel::new("conv_tc_fp16_hin_rows", Fp16, true, true, true),
+        TcKernel::new("conv_tc_bf16_staged_rows", Bf16, true, false, true),
+        TcKernel::new("conv_tc_fp16_staged_rows", Fp16, true, false, true),
     ]
 };
 
@@ -817,12 +827,16 @@ fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
     TC_KERNELS
         .iter()
         .position(|k| {
-            k.precision == precision && k.deep == plan.deep && k.half_input == plan.half_input
+            k.precision == precision
+                && k.deep == plan.deep
+                && k.half_input == plan.half_input
+                && k.rows == plan.row_epilogue
         })
         .ok_or_else(|| {
             Error::Cuda(format!(
-                "internal: no tensor-core kernel for {precision} with deep {} and 16-bit input {}",
-                plan.deep, plan.half_input
+                "internal: no tensor-core kernel for {precision} with deep {}, 16-bit input {} \
+                 and row epilogue {}",
+                plan.deep, plan.half_input, plan.row_epilogue
             ))
         })
 }
@@ -1140,7 +1154,7 @@ impl Kernels {
         if (plan.deep && !tensor)
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
-            || (plan.row_epilogue && !plan.wgmma)
+            || (plan.row_epilogue && !(tensor && plan.deep))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {} and \
@@ -2390,8 +2404,8 @@ mod tests {
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its
-    /// shared memory; the others (16-bit input without the deep pipeline or in tf32, fp32) to
-    /// none.
+    /// shared memory; the others (16-bit input without the deep pipeline or in tf32, the row
+    /// epilogue without it, fp32) to none.
     #[test]
     fn tensor_core_plans_pick_one_kernel() {
         let shape = ConvShape::forward(1, 16, 16, 64, 64, 3, 1, Pad::Symmetric);
@@ -2399,25 +2413,31 @@ mod tests {
         for p in Precision::ALL {
             for deep in [false, true] {
                 for half_input in [false, true] {
-                    let plan = ConvLaunch {
-                        deep,
-                        half_input,
-                        ..plan_conv_at(&shape, 132, p)
-                    };
-                    let valid = p != Precision::Fp32 && (!half_input || (deep && p.is_half()));
-                    let Ok(i) = tc_kernel(&plan) else {
-                        assert!(!valid, "{plan:?}");
-                        continue;
-                    };
-                    assert!(valid, "{plan:?}");
-                    let k = &TC_KERNELS[i];
-                    let smem = match (deep, p, half_input) {
-                        (false, ..) => 0,
-                        (true, Precision::Tf32, _) | (true, _, true) => TC_ASYNC_SMEM,
-                        _ => TC_STAGED_SMEM,
-                    };
-                    assert_eq!(k.dynamic_smem(), smem, "{}", k.name);
-                    resolved.push(i);
+                    for row_epilogue in [false, true] {
+                        let plan = ConvLaunch {
+                            deep,
+                            half_input,
+                            row_epilogue,
+                            ..plan_conv_at(&shape, 132, p)
+                        };
+                        let valid = p != Precision::Fp32
+                            && (!half_input || (deep && p.is_half()))
+                            && (!row_epilogue || deep);
+                        let Ok(i) = tc_kernel(&plan) else {
+                            assert!(!valid, "{plan:?}");
+                            continue;
+                        };
+                        assert!(valid, "{plan:?}");
+                        let k = &TC_KERNELS[i];
+                        let smem = match (deep, p, half_input) {
+                            (false, ..) => 0,
+                            (true, Precision::Tf32, _) | (true, _, true) => TC_ASYNC_SMEM,
+                            _ => TC_STAGED_SMEM,
+                        };
+                        assert_eq!(k.dynamic_smem(), smem, "{}", k.name);
+                        assert_eq!(k.rows, row_epilogue, "{}", k.name);
+                        resolved.push(i);
+                    }
                 }
             }
         }
@@ -2431,9 +2451,9 @@ mod tests {
     #[test]
     fn tensor_core_kernels_match_the_cuda_source() {
         let src = include_str!("../../kernels/conv_tc.cu");
-        // `TC_KERNEL(name, T)` and `TC_DEEP_KERNEL(name, T, P, AH)` lines, as (name, T, P, AH)
-        // with the two-stage kernels' implicit TWO, false.
-        let mut found: Vec<(String, String, String, String)> = src
+        // `TC_KERNEL(name, T)` and `TC_DEEP_KERNEL(name, T, P, AH, ROWS)` lines, as
+        // (name, T, P, AH, ROWS) with the two-stage kernels' implicit TWO, false, false.
+        let mut found: Vec<(String, String, String, String, String)> = src
             .lines()
             .filter_map(|l| {
                 let (deep, args) = if let Some(a) = l.strip_prefix("TC_DEEP_KERNEL(") {
@@ -2448,12 +2468,13 @@ mod tests {
                     .map(|a| a.trim().to_string())
                     .collect();
                 Some(if deep {
-                    assert_eq!(args.len(), 4, "{l}");
+                    assert_eq!(args.len(), 5, "{l}");
                     (
                         args[0].clone(),
                         args[1].clone(),
                         args[2].clone(),
                         args[3].clone(),
+                        args[4].clone(),
                     )
                 } else {
                     assert_eq!(args.len(), 2, "{l}");
@@ -2462,11 +2483,12 @@ mod tests {
                         args[1].clone(),
                         "TWO".into(),
                         "false".into(),
+                        "false".into(),
                     )
                 })
             })
             .collect();
-        let mut want: Vec<(String, String, String, String)> = TC_KERNELS
+        let mut want: Vec<(String, String, String, String, String)> = TC_KERNELS
             .iter()
             .map(|k| {
                 let t = match k.precision {
@@ -2485,6 +2507,7 @@ mod tests {
                     t.to_string(),
                     pipe.to_string(),
                     k.half_input.to_string(),
+                    k.rows.to_string(),
                 )
             })
             .collect();

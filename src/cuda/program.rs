@@ -56,8 +56,9 @@ pub(crate) struct KernelConfig {
     /// output's gradient (its first contribution) is that buffer itself, which later
     /// contributions then add onto: no copy launch, the same sums.
     pub alias_residual_grads: bool,
-    /// wgmma launches finish their rows with the loads of several output pairs issued before
-    /// their stores ([`ConvLaunch::row_epilogue`]): the same arithmetic.
+    /// Deep tensor-core launches (mma.sync and wgmma) finish their rows with the loads of
+    /// four output pairs issued before their stores ([`ConvLaunch::row_epilogue`]): the same
+    /// arithmetic.
     pub row_epilogue: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
@@ -1104,7 +1105,9 @@ impl Lowering<'_> {
         launch.cluster = self.choice.cluster_split_k
             && launch.wgmma
             && (2..=MAX_CLUSTER_SPLITS).contains(&launch.splits);
-        launch.row_epilogue = self.choice.row_epilogue && launch.wgmma;
+        launch.row_epilogue = self.choice.row_epilogue
+            && launch.deep
+            && matches!(launch.kernel, ConvKernel::Tensor(_));
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

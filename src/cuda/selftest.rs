@@ -779,6 +779,7 @@ impl Tester<'_> {
                     .map(|p| ConvLaunch {
                         deep: deep.deep,
                         half_input: deep.half_input,
+                        row_epilogue: deep.row_epilogue,
                         ..*p
                     })
                     .collect();
@@ -1015,7 +1016,8 @@ impl Tester<'_> {
 
     /// For a two-stage tensor-core launch `plan` reading `len` fp32 values at `x`: the deep
     /// launch of the same problem on the same input (None: read `x`), and in bf16/fp16 the one
-    /// reading a 16-bit copy of it, made here. Nothing for other kernels.
+    /// reading a 16-bit copy of it, made here; each with either epilogue. Nothing for other
+    /// kernels.
     fn deep_variants(
         &self,
         plan: ConvLaunch,
@@ -1025,18 +1027,27 @@ impl Tester<'_> {
         let ConvKernel::Tensor(precision) = plan.kernel else {
             return Ok(vec![]);
         };
-        let deep = ConvLaunch { deep: true, ..plan };
-        let mut out = vec![(deep, None)];
-        if precision != Precision::Tf32 {
-            let copy = self.zeros(len.div_ceil(2))?;
-            self.gpu
-                .kernels
-                .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
-            let half_input = ConvLaunch {
-                half_input: true,
-                ..deep
+        let mut out = Vec::new();
+        // Each pipeline with both epilogues (the row epilogue computes the same, in the same
+        // order).
+        for row_epilogue in [false, true] {
+            let deep = ConvLaunch {
+                deep: true,
+                row_epilogue,
+                ..plan
             };
-            out.push((half_input, Some(copy)));
+            out.push((deep, None));
+            if precision != Precision::Tf32 {
+                let copy = self.zeros(len.div_ceil(2))?;
+                self.gpu
+                    .kernels
+                    .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
+                let half_input = ConvLaunch {
+                    half_input: true,
+                    ..deep
+                };
+                out.push((half_input, Some(copy)));
+            }
         }
         Ok(out)
     }
@@ -2140,7 +2151,8 @@ fn deep_path(p: &ConvLaunch) -> String {
         (_, true) => "async, 16-bit input",
         _ => "staged",
     };
-    format!("{}, {pipe}", path(p.kernel, p.splits))
+    let rows = if p.row_epilogue { ", row epilogue" } else { "" };
+    format!("{}, {pipe}{rows}", path(p.kernel, p.splits))
 }
 
 fn path(k: ConvKernel, splits: usize) -> String {
