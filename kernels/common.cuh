@@ -65,6 +65,26 @@ DEVI uint32_t pack_half2(float lo, float hi, int kind) {
 // One fp32 as the 16 bits pack_half2 gives it.
 DEVI uint16_t pack_half1(float v, int kind) { return (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu); }
 
+// An fp32 value rounded to tf32 (nearest, ties away: cvt.rna), the bits mma.sync's tf32
+// operands take.
+DEVI uint32_t tf32_of(float v) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+    return r;
+}
+
+// D += A B for one m16n8k8 tf32 tile, fp32 accumulators (PTX ISA fragments, g = lane / 4,
+// q = lane % 4: a0..a3 = A(g, q), A(g + 8, q), A(g, q + 4), A(g + 8, q + 4); b0, b1 =
+// B(q, g), B(q + 4, g); d0, d1 = D(g, 2q), D(g, 2q + 1), d2, d3 the same at row g + 8). Not
+// volatile: a pure function of its operands, which leaves the compiler free to interleave the
+// products with the fragment loads.
+DEVI void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // First global thread index and the stride of a grid-stride loop, in 64 bits.
 DEVI long long grid_start() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
 DEVI long long grid_stride() { return (long long)gridDim.x * blockDim.x; }

@@ -98,11 +98,7 @@ template <int T> DEVI uint32_t pack2(float lo, float hi) {
     return T == BF16 ? pack_bf16x2(lo, hi) : pack_f16x2(lo, hi);
 }
 
-DEVI uint32_t to_tf32(uint32_t bits) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(__uint_as_float(bits)));
-    return r;
-}
+DEVI uint32_t to_tf32(uint32_t bits) { return tf32_of(__uint_as_float(bits)); }
 
 DEVI void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
@@ -124,11 +120,7 @@ DEVI void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
 // the products with the fragment loads.
 template <int T> DEVI void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     if constexpr (T == TF32) {
-        asm(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-            "{%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_tf32(d, a, b0, b1);
     } else if constexpr (T == BF16) {
         asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "

@@ -25,28 +25,69 @@ struct GemmArgs {
 };
 static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels.rs");
 
+// K slice of every tile: 64 deep.
+constexpr int TK = 64;
+
+// The (image, head) views of block z's operands.
+struct Views {
+    const float* A;
+    const float* B;
+    float* C;
+};
+DEVI Views views(const GemmArgs& g) {
+    const int z = blockIdx.z;
+    const int bo = z / g.batch_inner;
+    const int bi = z - bo * g.batch_inner;
+    return {g.a + bo * g.a_bo + bi * g.a_bi, g.b + bo * g.b_bo + bi * g.b_bi, g.c + bo * g.c_bo + bi * g.c_bi};
+}
+
+// Slice k0 of a TM x TM tile at (m0, n0) into shared memory, k-major rows of TM + PAD floats,
+// zero outside the matrices; each thread's elements follow whichever stride is 1.
+template <int TM, int PAD>
+DEVI void load_slice(const GemmArgs& g, const Views& v, int m0, int n0, int k0, float (&As)[TK][TM + PAD],
+                     float (&Bs)[TK][TM + PAD]) {
+    constexpr int TN = TM, LOG_TK = 6, LOG_TM = TM == 64 ? 6 : 5;
+    static_assert(TM == 64 || TM == 32, "tile sizes are powers of two the shifts know");
+    const int tid = threadIdx.x;
+    const bool a_kfast = g.a_cs == 1;
+    const bool b_nfast = g.b_cs == 1;
+#pragma unroll
+    for (int r = 0; r < TK * TM / 256; ++r) {
+        const int e = tid + 256 * r;
+        int mm, kk;
+        if (a_kfast) { kk = e & (TK - 1); mm = e >> LOG_TK; } else { mm = e & (TM - 1); kk = e >> LOG_TM; }
+        int i = m0 + mm, k = k0 + kk;
+        As[kk][mm] = (i < g.m && k < g.k) ? v.A[i * g.a_rs + k * g.a_cs] : 0.f;
+        int nn;
+        if (b_nfast) { nn = e & (TN - 1); kk = e >> LOG_TM; } else { kk = e & (TK - 1); nn = e >> LOG_TK; }
+        const int j = n0 + nn;
+        k = k0 + kk;
+        Bs[kk][nn] = (j < g.n && k < g.k) ? v.B[k * g.b_rs + j * g.b_cs] : 0.f;
+    }
+}
+
+// C(row, col) = alpha acc (+ C(row, col)), inside the matrix.
+DEVI void store_c(const GemmArgs& g, float* C, int row, int col, float acc) {
+    if (row >= g.m || col >= g.n) return;
+    float* cp = C + row * g.c_rs + col;
+    float v = g.alpha * acc;
+    if (g.accumulate) v += *cp;
+    *cp = v;
+}
+
 // One block's tile of TM x TM outputs, 256 threads in a 16 x 16 grid with an R x R register
 // tile each (R = TM / 16). Every output sums its k products in order whatever TM is, so both
 // tile sizes give the same bits.
 template <int TM> DEVI void gemm_tile(const GemmArgs& g) {
-    constexpr int TN = TM, TK = 64, R = TM / 16;
-    constexpr int LOG_TK = 6, LOG_TM = TM == 64 ? 6 : 5;
-    static_assert(TM == 64 || TM == 32, "tile sizes are powers of two the shifts know");
+    constexpr int R = TM / 16;
     __shared__ __align__(16) float As[TK][TM + 4];
-    __shared__ __align__(16) float Bs[TK][TN + 4];
+    __shared__ __align__(16) float Bs[TK][TM + 4];
     const int tid = threadIdx.x;
-    const int z = blockIdx.z;
-    const int bo = z / g.batch_inner;
-    const int bi = z - bo * g.batch_inner;
-    const float* A = g.a + bo * g.a_bo + bi * g.a_bi;
-    const float* B = g.b + bo * g.b_bo + bi * g.b_bi;
-    float* C = g.c + bo * g.c_bo + bi * g.c_bi;
+    const Views v = views(g);
     const int m0 = blockIdx.y * TM;
-    const int n0 = blockIdx.x * TN;
+    const int n0 = blockIdx.x * TM;
     const int tx = tid & 15;
     const int ty = tid >> 4;
-    const bool a_kfast = g.a_cs == 1;
-    const bool b_nfast = g.b_cs == 1;
 
     float acc[R][R];
 #pragma unroll
@@ -55,19 +96,7 @@ template <int TM> DEVI void gemm_tile(const GemmArgs& g) {
         for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
 
     for (int k0 = 0; k0 < g.k; k0 += TK) {
-#pragma unroll
-        for (int r = 0; r < TK * TM / 256; ++r) {
-            const int e = tid + 256 * r;
-            int mm, kk;
-            if (a_kfast) { kk = e & (TK - 1); mm = e >> LOG_TK; } else { mm = e & (TM - 1); kk = e >> LOG_TM; }
-            int i = m0 + mm, k = k0 + kk;
-            As[kk][mm] = (i < g.m && k < g.k) ? A[i * g.a_rs + k * g.a_cs] : 0.f;
-            int nn;
-            if (b_nfast) { nn = e & (TN - 1); kk = e >> LOG_TM; } else { kk = e & (TK - 1); nn = e >> LOG_TK; }
-            const int j = n0 + nn;
-            k = k0 + kk;
-            Bs[kk][nn] = (j < g.n && k < g.k) ? B[k * g.b_rs + j * g.b_cs] : 0.f;
-        }
+        load_slice<TM, 4>(g, v, m0, n0, k0, As, Bs);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < TK; ++kk) {
@@ -92,18 +121,55 @@ template <int TM> DEVI void gemm_tile(const GemmArgs& g) {
     }
 
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-        const int row = m0 + ty * R + i;
-        if (row >= g.m) continue;
+    for (int i = 0; i < R; ++i)
 #pragma unroll
-        for (int j = 0; j < R; ++j) {
-            const int col = n0 + tx * R + j;
-            if (col >= g.n) continue;
-            float* cp = C + row * g.c_rs + col;
-            float v = g.alpha * acc[i][j];
-            if (g.accumulate) v += *cp;
-            *cp = v;
+        for (int j = 0; j < R; ++j) store_c(g, v.C, m0 + ty * R + i, n0 + tx * R + j, acc[i][j]);
+}
+
+// The same product on the tensor cores (tf32 mma.sync m16n8k8, fp32 accumulation), for the
+// attention of the networks whose convolutions already run in bf16, fp16 or tf32: a 64 x 64
+// tile, the same loads, then 8 warps as 4 (rows) x 2 (columns) of 16 x 32 outputs, four
+// m16n8 tiles each, every operand rounded to tf32 as it leaves shared memory. Rows of 72
+// floats: a fragment read (k = q, m or n = g) then hits bank 8q + g, 32 distinct banks.
+DEVI void gemm_tile_tf32(const GemmArgs& g) {
+    constexpr int TM = 64;
+    __shared__ __align__(16) float As[TK][TM + 8];
+    __shared__ __align__(16) float Bs[TK][TM + 8];
+    const int tid = threadIdx.x;
+    const Views v = views(g);
+    const int m0 = blockIdx.y * TM;
+    const int n0 = blockIdx.x * TM;
+    const int warp = tid >> 5, lane = tid & 31;
+    const int gr = lane >> 2, q = lane & 3;
+    const int wm = (warp & 3) * 16, wn = (warp >> 2) * 32;
+
+    float acc[4][4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+
+    for (int k0 = 0; k0 < g.k; k0 += TK) {
+        load_slice<TM, 8>(g, v, m0, n0, k0, As, Bs);
+        __syncthreads();
+#pragma unroll
+        for (int k8 = 0; k8 < TK; k8 += 8) {
+            const uint32_t a[4] = {tf32_of(As[k8 + q][wm + gr]), tf32_of(As[k8 + q][wm + gr + 8]),
+                                   tf32_of(As[k8 + q + 4][wm + gr]), tf32_of(As[k8 + q + 4][wm + gr + 8])};
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const int n = wn + 8 * t + gr;
+                mma_tf32(acc[t], a, tf32_of(Bs[k8 + q][n]), tf32_of(Bs[k8 + q + 4][n]));
+            }
         }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const int col = n0 + wn + 8 * t + 2 * q;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) store_c(g, v.C, m0 + wm + gr + 8 * (e >> 1), col + (e & 1), acc[t][e]);
     }
 }
 
@@ -119,4 +185,11 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_32(const GemmArgs g) {
     pdl_entry();
     gemm_tile<32>(g);
+}
+
+// Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 36.9 KB static shared memory; tf32
+// tensor cores (sm_80 and later).
+extern "C" __global__ void __launch_bounds__(256) gemm_batched_tf32(const GemmArgs g) {
+    pdl_entry();
+    gemm_tile_tf32(g);
 }

@@ -58,6 +58,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` finishes wgmma tiles with loads batched before stores",
     ),
     switch(
+        "INVDIFF_ATTN_TF32",
+        "GPU candidate: `1` runs attention products on tf32 tensor cores below fp32",
+    ),
+    switch(
         "INVDIFF_GEMM_SMALL_TILES",
         "GPU candidate: `1` uses 32-wide attention-product tiles",
     ),

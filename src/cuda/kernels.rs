@@ -23,7 +23,8 @@
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (with
 //!   `INVDIFF_GEMM_SMALL_TILES=1`, where that grid has fewer blocks than multiprocessors):
-//!   (⌈n/32⌉, ⌈m/32⌉, batch);
+//!   (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
+//!   `gemm_batched`;
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
 //!   1024 threads ([`one_pass_threads`]), a block per (image, group);
@@ -695,6 +696,7 @@ pub(crate) struct Kernels {
     tc_convert: CudaFunction,
     gemm_batched: CudaFunction,
     gemm_batched_32: CudaFunction,
+    gemm_batched_tf32: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
     linear_rows: CudaFunction,
@@ -970,6 +972,7 @@ impl Kernels {
             tc_convert: get("conv_tc", "tc_convert")?,
             gemm_batched: get("gemm", "gemm_batched")?,
             gemm_batched_32: get("gemm", "gemm_batched_32")?,
+            gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             linear_rows: get("linear", "linear_rows")?,
@@ -1368,17 +1371,19 @@ impl Kernels {
     /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
     pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
         // With small_tiles, 32-wide tiles where 64-wide ones would not give every
-        // multiprocessor a block (the same sums in the same order either way).
+        // multiprocessor a block (the same sums in the same order either way); the tf32
+        // kernel has 64-wide tiles only.
         let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
-        let small = self.small_tiles && blocks64 < self.sms as usize;
+        let small = self.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
         self.gemm_tiled(st, g, if small { 32 } else { 64 })
     }
 
     /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs.
     pub(crate) fn gemm_tiled(&self, st: &CudaStream, g: &Gemm, tile: usize) -> Result<()> {
-        if tile != 32 && tile != 64 {
+        if !(tile == 64 || (tile == 32 && !g.tf32)) {
             return Err(Error::Cuda(format!(
-                "internal: no {tile}-wide tiles for batched products"
+                "internal: no {tile}-wide tiles for batched products (tf32 {})",
+                g.tf32
             )));
         }
         need(g.a, "matrix A")?;
@@ -1421,7 +1426,9 @@ impl Kernels {
             g.m.div_ceil(tile) as u32,
             batch as u32,
         );
-        let f = if tile == 32 {
+        let f = if g.tf32 {
+            &self.gemm_batched_tf32
+        } else if tile == 32 {
             &self.gemm_batched_32
         } else {
             &self.gemm_batched
@@ -2253,6 +2260,9 @@ pub(crate) struct Gemm {
     pub c_bi: usize,
     pub alpha: f32,
     pub accumulate: bool,
+    /// On the tf32 tensor cores (`gemm_batched_tf32`: operands rounded to tf32, fp32 sums)
+    /// instead of fp32 FMAs.
+    pub tf32: bool,
 }
 
 /// Byte offset of f32 element `i` (device addresses are in bytes).

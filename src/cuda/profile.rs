@@ -248,12 +248,14 @@ impl Step {
                 tokens,
                 heads,
                 head_dim,
+                tf32,
                 ..
             }
             | AttentionBackward {
                 tokens,
                 heads,
                 head_dim,
+                tf32,
                 ..
             } => {
                 let forward = matches!(self, Attention { .. });
@@ -261,6 +263,11 @@ impl Step {
                 let products = if forward { 2.0 } else { 4.0 };
                 StepInfo {
                     flops: products * 2.0 * (n * heads * tokens * tokens * head_dim) as f64,
+                    variant: if *tf32 {
+                        "tf32 products".into()
+                    } else {
+                        String::new()
+                    },
                     ..plain(
                         if forward {
                             "attention"

@@ -60,6 +60,10 @@ pub(crate) struct KernelConfig {
     /// four output pairs issued before their stores ([`ConvLaunch::row_epilogue`]): the same
     /// arithmetic.
     pub row_epilogue: bool,
+    /// Below fp32 (the convolutions in bf16, fp16 or tf32): the attention products on the
+    /// tf32 tensor cores ([`Gemm::tf32`](super::kernels::Gemm)) instead of fp32 FMAs; the
+    /// softmax stays fp32.
+    pub attention_tf32: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -78,6 +82,7 @@ impl Default for KernelConfig {
             half_copy: false,
             alias_residual_grads: false,
             row_epilogue: false,
+            attention_tf32: false,
             batch_invariant: false,
         }
     }
@@ -225,6 +230,8 @@ pub(crate) enum Step {
         tokens: usize,
         heads: usize,
         head_dim: usize,
+        /// The products on tf32 tensor cores ([`KernelConfig::attention_tf32`]).
+        tf32: bool,
     },
     AttentionBackward {
         qkv: Buf,
@@ -236,6 +243,7 @@ pub(crate) enum Step {
         heads: usize,
         head_dim: usize,
         accumulate: bool,
+        tf32: bool,
     },
     Upsample {
         x: Buf,
@@ -962,6 +970,12 @@ impl Lowering<'_> {
         Ok((self.val(x)?, self.half[x]))
     }
 
+    /// Whether the attention products run on tf32 tensor cores
+    /// ([`KernelConfig::attention_tf32`]): never in fp32.
+    fn attention_tf32(&self) -> bool {
+        self.choice.attention_tf32 && self.precision != Precision::Fp32
+    }
+
     /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values.
     fn wants_half_copy(&self, len: usize) -> bool {
         self.choice.half_copy
@@ -1291,6 +1305,7 @@ impl Lowering<'_> {
                 if keep {
                     self.aux[i] = Some(probs);
                 }
+                let tf32 = self.attention_tf32();
                 self.steps.push(Step::Attention {
                     qkv: qb,
                     y: yb,
@@ -1298,6 +1313,7 @@ impl Lowering<'_> {
                     tokens,
                     heads,
                     head_dim,
+                    tf32,
                 });
             }
             Op::Upsample { x, y } => {
@@ -1514,6 +1530,7 @@ impl Lowering<'_> {
                     heads,
                     head_dim,
                     accumulate: acc,
+                    tf32: self.attention_tf32(),
                 });
             }
             Op::Upsample { x, .. } => {
@@ -2091,5 +2108,33 @@ mod tests {
         // gradient starts there.
         assert!(plain > 20, "{plain}");
         assert_eq!(copies(true), (0, accumulating));
+    }
+    /// attention_tf32 puts the attention products on tf32 tensor cores below fp32, forward and
+    /// backward, and never in fp32.
+    #[test]
+    fn tf32_attention_only_below_fp32() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for precision in Precision::ALL {
+            for on in [false, true] {
+                let tc = KernelConfig {
+                    attention_tf32: on,
+                    ..KernelConfig::default()
+                };
+                let p = Program::build_with(&g, 1, 64, 64, true, 132, precision, tc).unwrap();
+                let flags: Vec<bool> = p
+                    .steps
+                    .iter()
+                    .filter_map(|s| match *s {
+                        Step::Attention { tf32, .. } | Step::AttentionBackward { tf32, .. } => {
+                            Some(tf32)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(flags.len(), 12, "six attentions, both directions");
+                let want = on && precision != Precision::Fp32;
+                assert!(flags.iter().all(|&f| f == want), "{precision} {on}");
+            }
+        }
     }
 }

@@ -45,6 +45,10 @@ pub fn tensor_core_tolerance(precision: Precision) -> f64 {
     }
 }
 
+/// The attention input gradient with its four products on tf32 tensor cores, against the
+/// fp32 CPU result.
+const ATTENTION_TF32_GRAD: f64 = 5e-3;
+
 /// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
 const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
 
@@ -1438,6 +1442,7 @@ impl Tester<'_> {
             c_bi: m * n,
             alpha,
             accumulate: true,
+            tf32: false,
         };
         let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating");
         let mut got = Vec::new();
@@ -1457,11 +1462,22 @@ impl Tester<'_> {
         }
         self.row_within(
             "batched product, 32- vs 64-wide tiles".into(),
-            desc,
+            desc.clone(),
             &got[1],
             &got[0],
             0.0,
             0.0,
+        );
+        // On the tf32 tensor cores: operands rounded to tf32.
+        let tf32 = Gemm { tf32: true, ..g };
+        let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm(st, &tf32))?;
+        self.row_within(
+            "batched product, tf32 tensor cores".into(),
+            desc,
+            &cd.download(st)?,
+            &want,
+            ms,
+            tensor_core_tolerance(Precision::Tf32),
         );
         Ok(())
     }
@@ -1490,6 +1506,7 @@ impl Tester<'_> {
                 tokens,
                 heads,
                 head_dim,
+                tf32: false,
             };
             let qd = self.up(&qkv)?;
             let pd = self.zeros(n * heads * tokens * tokens)?;
@@ -1533,10 +1550,54 @@ impl Tester<'_> {
             let got = gd.download(st)?;
             self.row(
                 format!("attention input-grad{}", acc_name(accumulate)),
-                desc,
+                desc.clone(),
                 &got,
                 &want_g,
                 ms,
+            );
+            // The products on the tf32 tensor cores (INVDIFF_ATTN_TF32), against the same
+            // fp32 CPU results: each product within tf32's rounding, the gradient's four
+            // (through the softmax's subtraction) within a few times that.
+            let t = Attn { tf32: true, ..a };
+            let od = self.zeros(want.len())?;
+            let ms = self.timed(
+                || Ok(()),
+                || attention_forward(&gpu.kernels, st, t, qd.ptr, pd.ptr, od.ptr),
+            )?;
+            self.row_within(
+                "attention forward, tf32 products".into(),
+                desc.clone(),
+                &od.download(st)?,
+                &want,
+                ms,
+                tensor_core_tolerance(Precision::Tf32),
+            );
+            let ms = self.timed(
+                || gd.write(st, &g0),
+                || {
+                    attention_backward(
+                        &gpu.kernels,
+                        st,
+                        t,
+                        qd.ptr,
+                        pd.ptr,
+                        dd.ptr,
+                        g_ptr,
+                        ds.ptr,
+                        accumulate,
+                    )
+                },
+            )?;
+            self.row_within(
+                format!(
+                    "attention input-grad{}, tf32 products",
+                    acc_name(accumulate)
+                ),
+                desc,
+                &gd.download(st)?,
+                &want_g,
+                ms,
+                ATTENTION_TF32_GRAD,
             );
         }
         Ok(())

@@ -144,6 +144,7 @@ impl CudaUnet {
         let half_copy = switches::is("INVDIFF_HALF_COPY", "1");
         let alias_residual_grads = switches::is("INVDIFF_ALIAS_GRADS", "1");
         let row_epilogue = switches::is("INVDIFF_ROW_EPILOGUE", "1");
+        let attention_tf32 = switches::is("INVDIFF_ATTN_TF32", "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -166,6 +167,7 @@ impl CudaUnet {
                 half_copy,
                 alias_residual_grads,
                 row_epilogue,
+                attention_tf32,
                 batch_invariant: false,
             },
             side,
@@ -1157,6 +1159,7 @@ fn launch(
             tokens,
             heads,
             head_dim,
+            tf32,
         } => attention_forward(
             k,
             st,
@@ -1165,6 +1168,7 @@ fn launch(
                 tokens,
                 heads,
                 head_dim,
+                tf32,
             },
             p(qkv),
             p(probs),
@@ -1180,6 +1184,7 @@ fn launch(
             heads,
             head_dim,
             accumulate,
+            tf32,
         } => attention_backward(
             k,
             st,
@@ -1188,6 +1193,7 @@ fn launch(
                 tokens,
                 heads,
                 head_dim,
+                tf32,
             },
             p(qkv),
             p(probs),
@@ -1262,6 +1268,8 @@ pub(crate) struct Attn {
     pub tokens: usize,
     pub heads: usize,
     pub head_dim: usize,
+    /// The products on the tf32 tensor cores ([`Gemm::tf32`]).
+    pub tf32: bool,
 }
 
 impl Attn {
@@ -1288,6 +1296,7 @@ pub(crate) fn attention_forward(
         outer: a.n,
         inner: a.heads,
         alpha: 1.0,
+        tf32: a.tf32,
         ..Gemm::default()
     };
     // S = Q Kᵀ.
@@ -1361,6 +1370,7 @@ pub(crate) fn attention_backward(
         outer: a.n,
         inner: a.heads,
         alpha: 1.0,
+        tf32: a.tf32,
         ..Gemm::default()
     };
     // The per-(image, head) views of P or dS, of dO, and of a q/k/v part (and its gradient).
