@@ -32,7 +32,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
@@ -742,6 +744,34 @@ const TC_WGMMA_SMEM: u32 = 99_328;
 /// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
 /// warpgroups, the number of K slices they multiplied.
 pub(crate) const WGMMA_PROBE_COUNTERS: usize = 9;
+/// Zeroed counters on the device for one [`Kernels::conv_probe`] launch to add to.
+pub(crate) struct ProbeCounters {
+    slice: CudaSlice<u64>,
+    ptr: DPtr,
+}
+
+impl ProbeCounters {
+    pub fn new(st: &Arc<CudaStream>) -> Result<ProbeCounters> {
+        let slice = cu(
+            st.alloc_zeros::<u64>(WGMMA_PROBE_COUNTERS),
+            "allocating probe counters",
+        )?;
+        let ptr = {
+            let (ptr, _guard) = slice.device_ptr(st);
+            ptr
+        };
+        Ok(ProbeCounters { slice, ptr })
+    }
+
+    /// Their values, once the stream's work is done.
+    pub fn read(&self, st: &Arc<CudaStream>) -> Result<[u64; WGMMA_PROBE_COUNTERS]> {
+        let v = cu(st.clone_dtoh(&self.slice), "copying from the GPU")?;
+        cu(st.synchronize(), "waiting for the GPU")?;
+        v.try_into()
+            .map_err(|_| Error::Cuda("internal: probe counters of the wrong length".into()))
+    }
+}
+
 /// The phases a probe launch counts cycles in, in the kernel's order.
 pub(crate) const WGMMA_PROBE_PHASES: [&str; 7] = [
     "set-up",
@@ -1052,23 +1082,21 @@ impl Kernels {
     }
 
     /// [`Kernels::conv`] of a wgmma launch through its `_probe` kernel, which adds where its
-    /// cycles went to the [`WGMMA_PROBE_COUNTERS`] u64 counters at device address `probe`
-    /// (the same outputs, a little slower).
+    /// cycles went to `probe` (the same outputs, a little slower).
     pub(crate) fn conv_probe(
         &self,
         st: &CudaStream,
         s: &ConvShape,
         plan: &ConvLaunch,
         p: ConvPtrs,
-        probe: u64,
+        probe: &ProbeCounters,
     ) -> Result<()> {
-        need(probe, "probe counters")?;
         if !plan.wgmma {
             return Err(Error::Cuda(
                 "internal: a cycle probe of a launch without wgmma".into(),
             ));
         }
-        self.conv_with(st, s, plan, p, 1.0, false, Some(probe))
+        self.conv_with(st, s, plan, p, 1.0, false, Some(probe.ptr))
     }
 
     #[allow(clippy::too_many_arguments)]

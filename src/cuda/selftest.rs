@@ -8,13 +8,12 @@
 //! reports the relative L2 error and the GPU time of the launch(es).
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaStream, DevicePtr};
+use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -890,16 +889,12 @@ impl Tester<'_> {
             ws: ws.ptr,
             ..ptrs
         };
-        let counters = cu(
-            st.alloc_zeros::<u64>(WGMMA_PROBE_COUNTERS),
-            "allocating probe counters",
+        let counters = ProbeCounters::new(st)?;
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv_probe(st, shape, &wp, p, &counters),
         )?;
-        let at = {
-            let (ptr, _guard) = counters.device_ptr(st);
-            ptr
-        };
-        let ms = self.timed(|| Ok(()), || gpu.kernels.conv_probe(st, shape, &wp, p, at))?;
-        let c = cu(st.clone_dtoh(&counters), "copying from the GPU")?;
+        let c = counters.read(st)?;
         let tiles = (shape.rows().div_ceil(128) * shape.ncols.div_ceil(128)) as u64;
         let slices = shape.k().div_ceil(WGMMA_SLICE) as u64;
         let warpgroups = 2 * tiles * wp.splits as u64;
@@ -1501,24 +1496,6 @@ impl Tester<'_> {
             let mut want = vec![0.0; n * tokens * inner];
             let probs =
                 attention::forward(&qkv, d, &mut want, true).expect("asked for the probabilities");
-            let a = Attn {
-                n,
-                tokens,
-                heads,
-                head_dim,
-                tf32: false,
-            };
-            let qd = self.up(&qkv)?;
-            let pd = self.zeros(n * heads * tokens * tokens)?;
-            let od = self.zeros(want.len())?;
-            let ms = self.timed(
-                || Ok(()),
-                || attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, od.ptr),
-            )?;
-            let got = od.download(st)?;
-            let desc = format!("n{n} L{tokens} {heads}x{head_dim}");
-            self.row("attention forward".into(), desc.clone(), &got, &want, ms);
-
             let dout = self.rand(want.len(), -1.0, 1.0);
             let g0 = if accumulate {
                 self.rand(qkv.len(), -1.0, 1.0)
@@ -1527,78 +1504,69 @@ impl Tester<'_> {
             };
             let mut want_g = g0.clone();
             attention::backward(&qkv, &probs, d, &dout, &mut want_g, accumulate);
+            let desc = format!("n{n} L{tokens} {heads}x{head_dim}");
+            let qd = self.up(&qkv)?;
             let dd = self.up(&dout)?;
-            let mut gd = self.up(&g0)?;
-            let g_ptr = gd.ptr;
-            let ds = self.zeros(n * heads * tokens * tokens)?;
-            let ms = self.timed(
-                || gd.write(st, &g0),
-                || {
-                    attention_backward(
-                        &gpu.kernels,
-                        st,
-                        a,
-                        qd.ptr,
-                        pd.ptr,
-                        dd.ptr,
-                        g_ptr,
-                        ds.ptr,
-                        accumulate,
-                    )
-                },
-            )?;
-            let got = gd.download(st)?;
-            self.row(
-                format!("attention input-grad{}", acc_name(accumulate)),
-                desc.clone(),
-                &got,
-                &want_g,
-                ms,
-            );
-            // The products on the tf32 tensor cores (INVDIFF_ATTN_TF32), against the same
-            // fp32 CPU results: each product within tf32's rounding, the gradient's four
-            // (through the softmax's subtraction) within a few times that.
-            let t = Attn { tf32: true, ..a };
-            let od = self.zeros(want.len())?;
-            let ms = self.timed(
-                || Ok(()),
-                || attention_forward(&gpu.kernels, st, t, qd.ptr, pd.ptr, od.ptr),
-            )?;
-            self.row_within(
-                "attention forward, tf32 products".into(),
-                desc.clone(),
-                &od.download(st)?,
-                &want,
-                ms,
-                tensor_core_tolerance(Precision::Tf32),
-            );
-            let ms = self.timed(
-                || gd.write(st, &g0),
-                || {
-                    attention_backward(
-                        &gpu.kernels,
-                        st,
-                        t,
-                        qd.ptr,
-                        pd.ptr,
-                        dd.ptr,
-                        g_ptr,
-                        ds.ptr,
-                        accumulate,
-                    )
-                },
-            )?;
-            self.row_within(
-                format!(
-                    "attention input-grad{}, tf32 products",
-                    acc_name(accumulate)
+            // The products in fp32, then on the tf32 tensor cores (INVDIFF_ATTN_TF32) against
+            // the same fp32 CPU results: each product within tf32's rounding, the gradient's
+            // four (through the softmax's subtraction) within a few times that.
+            for (tf32, mode, limits) in [
+                (false, "", (TOLERANCE, TOLERANCE)),
+                (
+                    true,
+                    ", tf32 products",
+                    (tensor_core_tolerance(Precision::Tf32), ATTENTION_TF32_GRAD),
                 ),
-                desc,
-                &gd.download(st)?,
-                &want_g,
-                ms,
-                ATTENTION_TF32_GRAD,
-            );
+            ] {
+                let a = Attn {
+                    n,
+                    tokens,
+                    heads,
+                    head_dim,
+                    tf32,
+                };
+                let pd = self.zeros(n * heads * tokens * tokens)?;
+                let od = self.zeros(want.len())?;
+                let ms = self.timed(
+                    || Ok(()),
+                    || attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, od.ptr),
+                )?;
+                self.row_within(
+                    format!("attention forward{mode}"),
+                    desc.clone(),
+                    &od.download(st)?,
+                    &want,
+                    ms,
+                    limits.0,
+                );
+                let mut gd = self.up(&g0)?;
+                let g_ptr = gd.ptr;
+                let ds = self.zeros(n * heads * tokens * tokens)?;
+                let ms = self.timed(
+                    || gd.write(st, &g0),
+                    || {
+                        attention_backward(
+                            &gpu.kernels,
+                            st,
+                            a,
+                            qd.ptr,
+                            pd.ptr,
+                            dd.ptr,
+                            g_ptr,
+                            ds.ptr,
+                            accumulate,
+                        )
+                    },
+                )?;
+                self.row_within(
+                    format!("attention input-grad{}{mode}", acc_name(accumulate)),
+                    desc.clone(),
+                    &gd.download(st)?,
+                    &want_g,
+                    ms,
+                    limits.1,
+                );
+            }
         }
         Ok(())
     }

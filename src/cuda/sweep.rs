@@ -19,13 +19,12 @@
 //! to show.
 
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-use cudarc::driver::DevicePtr;
 use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WGMMA_PROBE_COUNTERS,
+    WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -415,21 +414,9 @@ fn probe(
     ptrs: ConvPtrs,
 ) -> Result<Option<CycleProbe>> {
     let st = &gpu.stream;
-    let counters = cu(
-        st.alloc_zeros::<u64>(WGMMA_PROBE_COUNTERS),
-        "allocating probe counters",
-    )?;
-    let ptr = {
-        let (ptr, _guard) = counters.device_ptr(st);
-        ptr
-    };
-    gpu.kernels.conv_probe(st, shape, c, ptrs, ptr)?;
-    let v = cu(st.clone_dtoh(&counters), "copying from the GPU")?;
-    cu(st.synchronize(), "waiting for the GPU")?;
-    let c: [u64; WGMMA_PROBE_COUNTERS] = v
-        .try_into()
-        .map_err(|_| Error::Cuda("internal: probe counters of the wrong length".into()))?;
-    Ok(CycleProbe::from_counters(&c))
+    let counters = ProbeCounters::new(st)?;
+    gpu.kernels.conv_probe(st, shape, c, ptrs, &counters)?;
+    Ok(CycleProbe::from_counters(&counters.read(st)?))
 }
 
 #[cfg(test)]
