@@ -9,7 +9,8 @@
 // (256 threads); warpgroup w multiplies rows 64w .. 64w + 63 against all 128 columns with
 // m64n128k16 (64 fp32 accumulators per thread). Two blocks per multiprocessor. K slices of 64
 // 16-bit values (128 bytes). (256-row tiles, each warpgroup two m64n128k16 sharing B, four
-// stages and one block per multiprocessor, ran 1.6-1.8x slower on an H200, and were removed.)
+// stages and one block per multiprocessor, ran 1.6-1.8x slower on an H200, and were removed;
+// the tall tile, WgTile<256>, brings 256 rows back as four warpgroups of this kind.)
 //
 // Shared memory: WG_STAGES stages of [A 128 rows x 128 bytes | B 128 rows x 128 bytes], both
 // K-major (a row holds one pixel's, or one output channel's, 64 consecutive k), in the 128-byte
@@ -49,6 +50,25 @@ constexpr int WG_STAGE = 2 * WG_TILE;
 // Dynamic shared memory: the stages plus slack to align them to 1024 bytes.
 constexpr int WG_SMEM = WG_STAGES * WG_STAGE + 1024;
 static_assert(WG_SMEM == 99328, "WG_SMEM must match TC_WGMMA_SMEM in src/cuda/kernels.rs");
+
+// The tall tile (`_tall` kernels, a candidate until timed on a GPU): 256 rows x 128 columns per
+// block of four warpgroups (512 threads, one block per multiprocessor), four stages of 48 KB,
+// two slices of copies ahead. The v0.4 b8 profile moves 4.4-4.8 TB/s of operands from L2 in the
+// long-K convolutions (each block's slice: 16 KB of A and 16 KB of B for 2 MFLOP), about what
+// the L2 delivers: 256 rows share each B slice over twice the products, 85 instead of 64 FLOP
+// per byte. (The 256-row attempt of v0.3, two warpgroups of 128 accumulators, lost 1.6-1.8x;
+// with one block per multiprocessor nothing hid its pair-by-pair epilogue, which the row
+// epilogue now shortens.)
+template <int TM> struct WgTile {
+    static_assert(TM == 128 || TM == 256, "128- or 256-row tiles");
+    static constexpr int THREADS = 2 * TM;
+    static constexpr int STAGES = TM == 128 ? WG_STAGES : 4;
+    static constexpr int STAGE = TM * 128 + WG_TILE;  // A rows, then B's 128
+    static constexpr int SMEM = STAGES * STAGE + 1024;
+    static constexpr int BLOCKS_PER_SM = TM == 128 ? 2 : 1;
+};
+static_assert(WgTile<128>::SMEM == WG_SMEM, "the 128-row tile is the plain kernels'");
+static_assert(WgTile<256>::SMEM == 197632, "WgTile<256>::SMEM must match TC_WGMMA_TALL_SMEM in src/cuda/kernels.rs");
 
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
@@ -181,8 +201,14 @@ constexpr int ROW_PAIRS = 4;
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
 // ROWS: finish each row's pairs ROW_PAIRS at a time (finish_row: loads before stores, 8 round
 // trips to memory per thread instead of 32) rather than pair by pair (store_pair).
-template <int T, bool PROBE, bool ROWS>
+// TM: the tile's rows (WgTile).
+template <int T, bool PROBE, bool ROWS, int TM>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
+    using Tile = WgTile<TM>;
+    // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
+    // 2 at 512.
+    constexpr int ROW_STEP = Tile::THREADS / 8;
+    constexpr int B_CHUNKS = 128 / ROW_STEP;
     Probe<PROBE> cycles;
     cycles.start();
     __shared__ Taps taps;
@@ -192,13 +218,14 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     const int M = a.n * a.mh * a.mw;
     const int sc = a.sc;
     const int ncols = a.ncols;
-    const int m0 = blockIdx.x * WG_TM;
+    const int m0 = blockIdx.x * TM;
     const int n0 = blockIdx.y * WG_TN;
     const KSplit ks = k_split(a, WG_BK);
     const int kb = ks.kb, ke = ks.ke, ntiles = ks.slices;
 
-    // Loaders: chunk c of rows r0 + 32j (j < 4) of both operands; one (tap, channel) cursor,
-    // since the A and B chunks of a thread share their k.
+    // Loaders: chunk c of A rows r0 + ROW_STEP j (j < 4) and of B rows r0 + ROW_STEP j
+    // (j < B_CHUNKS); one (tap, channel) cursor, since the A and B chunks of a thread share
+    // their k.
     const int c = tid & 7;
     const int r0 = tid >> 3;
     const uint16_t* const xa = reinterpret_cast<const uint16_t*>(a.x);
@@ -208,7 +235,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     const uint16_t* a_base[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        const int m = m0 + r0 + 32 * j;
+        const int m = m0 + r0 + ROW_STEP * j;
         a_ok[j] = m < M;
         a_y[j] = a_x[j] = 0;
         a_base[j] = xa;
@@ -229,8 +256,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     auto load = [&](int k0, int stage) {
-        const uint32_t sa = base + stage * WG_STAGE;
-        const uint32_t sb = sa + WG_TILE;
+        const uint32_t sa = base + stage * Tile::STAGE;
+        const uint32_t sb = sa + TM * 128;
         const bool kok = k0 + c * 8 < ke;
         int dy = 0, dx = 0;
         long long wrow = 0;
@@ -241,7 +268,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const int r = r0 + 32 * j;
+            const int r = r0 + ROW_STEP * j;
             const uint16_t* src = xa;
             bool ok = false;
             if (a_ok[j] && kok) {
@@ -255,8 +282,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             cp_async16(sa + swz(r, c), src, ok);
         }
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int r = r0 + 32 * j;
+        for (int j = 0; j < B_CHUNKS; ++j) {
+            const int r = r0 + ROW_STEP * j;
             const int n = n0 + r;
             const bool bok = kok && n < ncols;
             cp_async16(sb + swz(r, c), bok ? wb + (wrow + n) * sc + aci : wb, bok);
@@ -278,7 +305,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     // per slice (empty past the end), so "all but AHEAD - 1 groups done" means it landed. The
     // barrier of slice t tells every thread that each warpgroup's batch for slice t - 2 is
     // complete (each waited for it before arriving), and slice t + AHEAD refills that stage.
-    constexpr int S = WG_STAGES;
+    constexpr int S = Tile::STAGES;
     constexpr int AHEAD = S - 2;
 #pragma unroll
     for (int s = 0; s < AHEAD; ++s) {
@@ -296,8 +323,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
         cp_async_commit();
         cycles.mark(PROBE_ISSUE);
-        const uint32_t sa = base + (t % S) * WG_STAGE + wg * 64 * 128;
-        const uint32_t sb = base + (t % S) * WG_STAGE + WG_TILE;
+        const uint32_t sa = base + (t % S) * Tile::STAGE + wg * 64 * 128;
+        const uint32_t sb = base + (t % S) * Tile::STAGE + TM * 128;
         wg_fence_acc(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
@@ -317,11 +344,14 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     const int g = lane >> 2;
     const int q = lane & 3;
     const bool split = gridDim.z > 1;
-    if (split && a.ws == nullptr) {
-        cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
-        cycles.mark(PROBE_EPILOGUE);
-        cycles.flush(probe, ntiles);
-        return;
+    if constexpr (TM == 128) {
+        // (The host launches clusters of 128-row tiles only.)
+        if (split && a.ws == nullptr) {
+            cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
+            cycles.mark(PROBE_EPILOGUE);
+            cycles.flush(probe, ntiles);
+            return;
+        }
     }
     const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
 #pragma unroll
@@ -354,30 +384,40 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
-// Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, WG_SMEM bytes of dynamic shared
-// memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte aligned x, w, y,
-// res and ws (the host checks them); x and w hold 16-bit values of the product's type.
-#define WG_KERNEL(name, T, ROWS)                                                             \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 2) name(const ConvArgs a) {      \
-        pdl_entry();                                                                          \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                          \
-        wg_body<T, false, ROWS>(a, wg_dsmem, nullptr);                                       \
+// Grid (ceil(M / TM), ceil(ncols / 128), splits), WgTile<TM>::THREADS threads, WgTile<TM>::SMEM
+// bytes of dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and
+// 16-byte aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
+// product's type.
+#define WG_KERNEL(name, T, ROWS, TM)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WgTile<TM>::THREADS, WgTile<TM>::BLOCKS_PER_SM)      \
+        name(const ConvArgs a) {                                                                      \
+        pdl_entry();                                                                                  \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, ROWS, TM>(a, wg_dsmem, nullptr);                                           \
     }
-WG_KERNEL(conv_wgmma_bf16, 1, false)
-WG_KERNEL(conv_wgmma_fp16, 2, false)
-// The row-batched epilogue (ROWS), a candidate until timed on a GPU.
-WG_KERNEL(conv_wgmma_bf16_rows, 1, true)
-WG_KERNEL(conv_wgmma_fp16_rows, 2, true)
+WG_KERNEL(conv_wgmma_bf16, 1, false, 128)
+WG_KERNEL(conv_wgmma_fp16, 2, false, 128)
+// The row-batched epilogue (ROWS) and the tall tile, candidates until timed on a GPU.
+WG_KERNEL(conv_wgmma_bf16_rows, 1, true, 128)
+WG_KERNEL(conv_wgmma_fp16_rows, 2, true, 128)
+WG_KERNEL(conv_wgmma_bf16_tall, 1, false, 256)
+WG_KERNEL(conv_wgmma_fp16_tall, 2, false, 256)
+WG_KERNEL(conv_wgmma_bf16_rows_tall, 1, true, 256)
+WG_KERNEL(conv_wgmma_fp16_rows_tall, 2, true, 256)
 
 // The same kernels counting their cycles into probe[PROBE_COUNTERS] (zeroed by the host).
-#define WG_PROBE_KERNEL(name, T, ROWS)                                                           \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 2)                                  \
-        name(const ConvArgs a, unsigned long long* probe) {                                      \
-        pdl_entry();                                                                              \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                              \
-        wg_body<T, true, ROWS>(a, wg_dsmem, probe);                                              \
+#define WG_PROBE_KERNEL(name, T, ROWS, TM)                                                           \
+    extern "C" __global__ void __launch_bounds__(WgTile<TM>::THREADS, WgTile<TM>::BLOCKS_PER_SM)      \
+        name(const ConvArgs a, unsigned long long* probe) {                                           \
+        pdl_entry();                                                                                  \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, true, ROWS, TM>(a, wg_dsmem, probe);                                              \
     }
-WG_PROBE_KERNEL(conv_wgmma_bf16_probe, 1, false)
-WG_PROBE_KERNEL(conv_wgmma_fp16_probe, 2, false)
-WG_PROBE_KERNEL(conv_wgmma_bf16_rows_probe, 1, true)
-WG_PROBE_KERNEL(conv_wgmma_fp16_rows_probe, 2, true)
+WG_PROBE_KERNEL(conv_wgmma_bf16_probe, 1, false, 128)
+WG_PROBE_KERNEL(conv_wgmma_fp16_probe, 2, false, 128)
+WG_PROBE_KERNEL(conv_wgmma_bf16_rows_probe, 1, true, 128)
+WG_PROBE_KERNEL(conv_wgmma_fp16_rows_probe, 2, true, 128)
+WG_PROBE_KERNEL(conv_wgmma_bf16_tall_probe, 1, false, 256)
+WG_PROBE_KERNEL(conv_wgmma_fp16_tall_probe, 2, false, 256)
+WG_PROBE_KERNEL(conv_wgmma_bf16_rows_tall_probe, 1, true, 256)
+WG_PROBE_KERNEL(conv_wgmma_fp16_rows_tall_probe, 2, true, 256)

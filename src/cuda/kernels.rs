@@ -399,6 +399,10 @@ pub(crate) struct ConvLaunch {
     /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
+    /// With `wgmma`, not `cluster`: 256-row tiles of four warpgroups, one block per
+    /// multiprocessor (kernels/conv_wgmma.cu `WgTile<256>`, the `_tall` kernels): half the
+    /// weight traffic per product; the same sums in the same order.
+    pub tall: bool,
 }
 
 /// Most splits of K one cluster reduces (the portable cluster size).
@@ -480,6 +484,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             wgmma: false,
             cluster: false,
             row_epilogue: false,
+            tall: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -519,6 +524,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         wgmma: false,
         cluster: false,
         row_epilogue: false,
+        tall: false,
     }
 }
 
@@ -724,11 +730,11 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, then their `_rows` forms: on compute capability
-    /// 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 4]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` forms of all
+    /// four (index: fp16 + 2 rows + 4 tall): on compute capability 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 8]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; 4]>,
+    conv_wgmma_probe: Option<[CudaFunction; 8]>,
 }
 
 const BLOCK: u32 = 256;
@@ -740,6 +746,12 @@ const TC_STAGED_SMEM: u32 = 95_744;
 /// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
 /// plus 1 KB to align them.
 const TC_WGMMA_SMEM: u32 = 99_328;
+/// The tall wgmma tiles' ([`ConvLaunch::tall`]): four stages of a 32 KB A and a 16 KB B tile,
+/// plus 1 KB to align them; and their threads.
+const TC_WGMMA_TALL_SMEM: u32 = 197_632;
+const TALL_THREADS: u32 = 512;
+/// Rows of a tall wgmma tile.
+pub(crate) const TALL_ROWS: usize = 256;
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
 /// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
 /// warpgroups, the number of K slices they multiplied.
@@ -962,19 +974,24 @@ impl Kernels {
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
                     &format!("loading kernel module `{name}` on {}", info.name),
                 )?;
-                let f = |f: &str| -> Result<CudaFunction> {
+                let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
-                    allow_smem(ctx, f, TC_WGMMA_SMEM)
+                    allow_smem(ctx, f, bytes)
                 };
-                let four = |suffix: &str| -> Result<[CudaFunction; 4]> {
+                let eight = |suffix: &str| -> Result<[CudaFunction; 8]> {
+                    let (s, t) = (TC_WGMMA_SMEM, TC_WGMMA_TALL_SMEM);
                     Ok([
-                        f(&format!("conv_wgmma_bf16{suffix}"))?,
-                        f(&format!("conv_wgmma_fp16{suffix}"))?,
-                        f(&format!("conv_wgmma_bf16_rows{suffix}"))?,
-                        f(&format!("conv_wgmma_fp16_rows{suffix}"))?,
+                        f(&format!("conv_wgmma_bf16{suffix}"), s)?,
+                        f(&format!("conv_wgmma_fp16{suffix}"), s)?,
+                        f(&format!("conv_wgmma_bf16_rows{suffix}"), s)?,
+                        f(&format!("conv_wgmma_fp16_rows{suffix}"), s)?,
+                        f(&format!("conv_wgmma_bf16_tall{suffix}"), t)?,
+                        f(&format!("conv_wgmma_fp16_tall{suffix}"), t)?,
+                        f(&format!("conv_wgmma_bf16_rows_tall{suffix}"), t)?,
+                        f(&format!("conv_wgmma_fp16_rows_tall{suffix}"), t)?,
                     ])
                 };
-                (Some(four("")?), Some(four("_probe")?))
+                (Some(eight("")?), Some(eight("_probe")?))
             }
             _ => (None, None),
         };
@@ -1186,11 +1203,18 @@ impl Kernels {
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
+            || (plan.tall && (plan.cluster || !plan.wgmma))
         {
             return Err(Error::Cuda(format!(
-                "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {} and \
-                 row epilogue {}",
-                plan.kernel, plan.deep, plan.half_input, plan.wgmma, plan.row_epilogue
+                "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
+                 row epilogue {}, tall {} and cluster {}",
+                plan.kernel,
+                plan.deep,
+                plan.half_input,
+                plan.wgmma,
+                plan.row_epilogue,
+                plan.tall,
+                plan.cluster
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -1226,8 +1250,14 @@ impl Kernels {
                         )
                     })?;
                     let i = usize::from(precision == Precision::Fp16)
-                        + 2 * usize::from(plan.row_epilogue);
-                    (&wg[i], TC_WGMMA_SMEM)
+                        + 2 * usize::from(plan.row_epilogue)
+                        + 4 * usize::from(plan.tall);
+                    let smem = if plan.tall {
+                        TC_WGMMA_TALL_SMEM
+                    } else {
+                        TC_WGMMA_SMEM
+                    };
+                    (&wg[i], smem)
                 } else {
                     let k = tc_kernel(plan)?;
                     (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())
@@ -1238,14 +1268,19 @@ impl Kernels {
             }
             _ => (&self.conv_gemm_any, 0),
         };
+        let (tile_rows, threads) = if plan.tall {
+            (TALL_ROWS, TALL_THREADS)
+        } else {
+            (TILE, BLOCK)
+        };
         let grid = (
-            i32_of(rows.div_ceil(TILE), "row tiles")? as u32,
+            i32_of(rows.div_ceil(tile_rows), "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
-        let mut launch = cfg(grid, (BLOCK, 1, 1));
+        let mut launch = cfg(grid, (threads, 1, 1));
         launch.shared_mem_bytes = smem;
         let mut b = self.launch(st, f);
         b.arg(&a);

@@ -16,7 +16,7 @@
 
 use super::kernels::{
     plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvShape, NormSplit,
-    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS, TALL_ROWS,
 };
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
@@ -64,6 +64,9 @@ pub(crate) struct KernelConfig {
     /// tf32 tensor cores ([`Gemm::tf32`](super::kernels::Gemm)) instead of fp32 FMAs; the
     /// softmax stays fp32.
     pub attention_tf32: bool,
+    /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
+    /// ([`ConvLaunch::tall`]): the same sums in the same order.
+    pub tall_tiles: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -83,6 +86,7 @@ impl Default for KernelConfig {
             alias_residual_grads: false,
             row_epilogue: false,
             attention_tf32: false,
+            tall_tiles: false,
             batch_invariant: false,
         }
     }
@@ -1122,6 +1126,13 @@ impl Lowering<'_> {
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
+        // One tall block per multiprocessor: only where they fill the machine at least once.
+        let tall_blocks = planned.rows().div_ceil(TALL_ROWS) * planned.ncols.div_ceil(128);
+        launch.tall = self.choice.tall_tiles
+            && launch.wgmma
+            && !launch.cluster
+            && launch.splits == 1
+            && tall_blocks >= self.sms;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {
@@ -2136,5 +2147,40 @@ mod tests {
                 assert!(flags.iter().all(|&f| f == want), "{precision} {on}");
             }
         }
+    }
+    /// tall_tiles gives 256-row tiles to the unsplit wgmma launches that fill the machine with
+    /// them: the 256x256 level at batch 1, most launches at batch 8; never without wgmma.
+    #[test]
+    fn tall_tiles_where_they_fill_the_machine() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let tall = |n: usize, wgmma: bool| -> (usize, usize) {
+            let tc = KernelConfig {
+                wgmma,
+                tall_tiles: true,
+                ..KernelConfig::default()
+            };
+            let p = Program::build_with(&g, n, 256, 256, false, 132, Precision::Bf16, tc).unwrap();
+            let (mut tall, mut wg) = (0, 0);
+            for s in &p.steps {
+                if let Step::Conv(c) = s {
+                    if c.launch.wgmma {
+                        wg += 1;
+                    }
+                    if c.launch.tall {
+                        assert!(c.launch.wgmma && c.launch.splits == 1 && !c.launch.cluster);
+                        assert!(
+                            c.shape.rows().div_ceil(TALL_ROWS) * c.shape.ncols.div_ceil(128) >= 132
+                        );
+                        tall += 1;
+                    }
+                }
+            }
+            (tall, wg)
+        };
+        let (b1, wg1) = tall(1, true);
+        let (b8, wg8) = tall(8, true);
+        assert!(b1 > 0 && b1 < wg1, "{b1} of {wg1}");
+        assert!(b8 > b1 && b8 <= wg8, "{b8} of {wg8}");
+        assert_eq!(tall(8, false).0, 0);
     }
 }

@@ -13,7 +13,8 @@ use cudarc::driver::CudaStream;
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, TALL_ROWS, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -700,28 +701,34 @@ impl Tester<'_> {
                 WGMMA_VS_MMA,
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
-            // The row epilogue: the same arithmetic, so the same bits.
-            let rows = ConvLaunch {
-                row_epilogue: true,
-                ..wp
-            };
-            let yr = self.zeros(want.len())?;
-            let pr = ConvPtrs { y: yr.ptr, ..ptrs };
-            let ms = self.timed(
-                || Ok(()),
-                || gpu.kernels.conv(st, &shape, &rows, pr, out_div, false),
-            )?;
-            self.row_within(
-                format!("{label} [{}] vs pairwise epilogue", wgmma_path(&rows)),
-                desc.clone(),
-                &yr.download(st)?,
-                &wg_out,
-                ms,
-                0.0,
-            );
-            if out_div == 1.0 {
-                self.probe_row(&shape, wp, ptrs, &wg_out, &label, &desc)?;
-                self.probe_row(&shape, rows, ptrs, &wg_out, &label, &desc)?;
+            // The row epilogue and the tall tile: the same products summed in the same order
+            // and the same epilogue arithmetic, so the same bits.
+            for (row_epilogue, tall) in [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let v = ConvLaunch {
+                    row_epilogue,
+                    tall,
+                    ..wp
+                };
+                if v != wp {
+                    let yr = self.zeros(want.len())?;
+                    let pr = ConvPtrs { y: yr.ptr, ..ptrs };
+                    let ms = self.timed(
+                        || Ok(()),
+                        || gpu.kernels.conv(st, &shape, &v, pr, out_div, false),
+                    )?;
+                    self.row_within(
+                        format!("{label} [{}] vs plain wgmma", wgmma_path(&v)),
+                        desc.clone(),
+                        &yr.download(st)?,
+                        &wg_out,
+                        ms,
+                        0.0,
+                    );
+                }
+                if out_div == 1.0 {
+                    self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
+                }
             }
             self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
         }
@@ -843,27 +850,31 @@ impl Tester<'_> {
                     ms,
                     WGMMA_VS_MMA,
                 );
-                // The row epilogue, accumulating too: the same bits as pair by pair.
-                let rows: Vec<ConvLaunch> = wg_plans
-                    .iter()
-                    .map(|p| ConvLaunch {
-                        row_epilogue: true,
-                        ..*p
-                    })
-                    .collect();
-                let ms = self.timed(|| dxd.write(st, dx0), || run(&rows))?;
-                self.row_within(
-                    named(format!(
-                        "conv{k}x{k} s{stride} input-grad{} [wgmma, row epilogue] vs pairwise \
-                         epilogue",
-                        acc_name(accumulate),
-                    )),
-                    desc.clone(),
-                    &dxd.download(st)?,
-                    &wg_got,
-                    ms,
-                    0.0,
-                );
+                // The row epilogue (accumulating too) and the tall tile: the same bits.
+                for (row_epilogue, tall) in [(true, false), (false, true), (true, true)] {
+                    let v: Vec<ConvLaunch> = wg_plans
+                        .iter()
+                        .map(|p| ConvLaunch {
+                            row_epilogue,
+                            tall,
+                            ..*p
+                        })
+                        .collect();
+                    let ms = self.timed(|| dxd.write(st, dx0), || run(&v))?;
+                    let paths: Vec<String> = v.iter().map(wgmma_path).collect();
+                    self.row_within(
+                        named(format!(
+                            "conv{k}x{k} s{stride} input-grad{} [{}] vs plain wgmma",
+                            acc_name(accumulate),
+                            paths.join(", ")
+                        )),
+                        desc.clone(),
+                        &dxd.download(st)?,
+                        &wg_got,
+                        ms,
+                        0.0,
+                    );
+                }
             }
         }
         Ok(())
@@ -871,7 +882,7 @@ impl Tester<'_> {
 
     /// wgmma launch `wp` of `shape` through its cycle-counting kernel (`ptrs` as for `want`,
     /// the plain kernel's output): the same outputs to the bit, and counters that add up (two
-    /// warpgroups per block, each with its split's K slices).
+    /// warpgroups per block, four in a tall one, each with its split's K slices).
     fn probe_row(
         &mut self,
         shape: &ConvShape,
@@ -895,16 +906,17 @@ impl Tester<'_> {
             || gpu.kernels.conv_probe(st, shape, &wp, p, &counters),
         )?;
         let c = counters.read(st)?;
-        let tiles = (shape.rows().div_ceil(128) * shape.ncols.div_ceil(128)) as u64;
+        let (tile_rows, per_block) = if wp.tall { (TALL_ROWS, 4) } else { (128, 2) };
+        let tiles = (shape.rows().div_ceil(tile_rows) * shape.ncols.div_ceil(128)) as u64;
         let slices = shape.k().div_ceil(WGMMA_SLICE) as u64;
-        let warpgroups = 2 * tiles * wp.splits as u64;
+        let warpgroups = per_block * tiles * wp.splits as u64;
         let phases = WGMMA_PROBE_PHASES.len();
         // `timed` runs the launch twice (warm-up, then timed): whole multiples of one launch's
         // counts. The splits of a tile share its slices.
         let runs = c[phases] / warpgroups.max(1);
         let counted = runs > 0
             && c[phases] == runs * warpgroups
-            && c[phases + 1] == runs * 2 * tiles * slices
+            && c[phases + 1] == runs * per_block * tiles * slices
             && c[..phases].iter().all(|&v| v > 0);
         let op = format!("{label} [{}] cycle probe vs plain", wgmma_path(&wp));
         if counted {
@@ -2164,6 +2176,9 @@ const WGMMA_VS_MMA: f64 = 1e-5;
 
 fn wgmma_path(p: &ConvLaunch) -> String {
     let mut s = String::from("wgmma");
+    if p.tall {
+        s += ", tall";
+    }
     if p.splits > 1 {
         s += &format!(", {} splits", p.splits);
     }

@@ -7,12 +7,12 @@
 //! batch, size and precision (forward, and the input gradient when recording), the same problem
 //! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
 //! in bf16/fp16, the deep pipeline from a 16-bit input, and on Hopper the wgmma kernel from a
-//! 16-bit input (the deep ones and wgmma with either epilogue), each at several splits of K: 1,
-//! and those that keep the grid within four waves of the machine. The mma.sync variants compute
-//! the same sums in the same order for a given split (the selftest holds them to it), wgmma the
-//! same products in another order, so only the time differs. The planned launch is what
-//! `CudaUnet` runs by default (wgmma where the device has it). Times are means of
-//! CUDA-event-timed repetitions after a warm-up.
+//! 16-bit input (in 128- and 256-row tiles; the deep ones and wgmma with either epilogue),
+//! each at several splits of K: 1, and those that keep the grid within four waves of the
+//! machine. The mma.sync variants compute the same sums in the same order for a given split
+//! (the selftest holds them to it), wgmma the same products in another order, so only the time
+//! differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
+//! it). Times are means of CUDA-event-timed repetitions after a warm-up.
 //!
 //! Each wgmma variant is also launched once through its cycle-counting kernel
 //! ([`CycleProbe`]): where a warpgroup's cycles go, which the GPU machines have no profiler
@@ -37,8 +37,9 @@ use crate::{ensure, Error, Result};
 /// One variant of one launch and its time.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
-    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input` or `wgmma` (16-bit input, two
-    /// warpgroups), with `, row epilogue` for [`ConvLaunch::row_epilogue`].
+    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, `wgmma` (16-bit input, two
+    /// warpgroups) or `wgmma, tall` ([`ConvLaunch::tall`]), with `, row epilogue` for
+    /// [`ConvLaunch::row_epilogue`].
     pub pipeline: String,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
@@ -264,8 +265,13 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 ..planned
             };
-            for row_epilogue in [false, true] {
-                let c = ConvLaunch { row_epilogue, ..c };
+            for (row_epilogue, tall) in [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let c = ConvLaunch {
+                    row_epilogue,
+                    tall,
+                    ..c
+                };
                 if !out.contains(&c) {
                     out.push(c);
                 }
@@ -281,6 +287,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
 
 fn pipeline_name(l: &ConvLaunch) -> String {
     let kernel = match (l.wgmma, l.deep, l.half_input) {
+        (true, ..) if l.tall => "wgmma, tall",
         (true, ..) => "wgmma",
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
@@ -465,6 +472,7 @@ mod tests {
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
                     assert!(!l.row_epilogue || l.deep);
+                    assert!(!l.tall || (l.wgmma && !l.cluster));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % WGMMA_SLICE, 0);

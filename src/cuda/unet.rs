@@ -145,6 +145,7 @@ impl CudaUnet {
         let alias_residual_grads = switches::is("INVDIFF_ALIAS_GRADS", "1");
         let row_epilogue = switches::is("INVDIFF_ROW_EPILOGUE", "1");
         let attention_tf32 = switches::is("INVDIFF_ATTN_TF32", "1");
+        let tall_tiles = switches::is("INVDIFF_WGMMA_TALL", "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -168,6 +169,7 @@ impl CudaUnet {
                 alias_residual_grads,
                 row_epilogue,
                 attention_tf32,
+                tall_tiles,
                 batch_invariant: false,
             },
             side,
