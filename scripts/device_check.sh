@@ -286,12 +286,20 @@ def fig(name, key):
 cols = [("b1", "ms_per_forward", "fwd b1"), ("b1", "ms_per_dps_step", "dps b1"),
         ("b8", "ms_per_forward", "fwd b8"), ("b32", "ms_per_forward", "fwd b32")]
 for v in names:
-    cells = []
+    cells, changes = [], []
     for b, key, label in cols:
         base, new = fig(f"{base_name}_{b}", key), fig(f"{v}_bf16_{b}", key)
         if base and new:
-            cells.append(f"{label} {base:.2f} -> {new:.2f} ms ({100 * (new / base - 1):+.1f}%)")
-    print(f"{v}: " + ("; ".join(cells) or "no figures"))
+            changes.append(new / base - 1)
+            cells.append(f"{label} {base:.2f} -> {new:.2f} ms ({100 * changes[-1]:+.1f}%)")
+    # A first reading for the defaults (1% is about the run-to-run spread of these rows);
+    # the selftest rows decide whether a switch may be flipped at all.
+    verdict = ""
+    if changes:
+        faster, slower = min(changes) < -0.01, max(changes) > 0.01
+        verdict = {(True, False): "faster", (False, True): "slower", (True, True): "mixed",
+                   (False, False): "within 1%"}[(faster, slower)]
+    print(f"{v}: " + ("; ".join(cells) or "no figures") + (f" [{verdict}]" if verdict else ""))
 PY
     while read -r l; do note "  $l"; done < "$W/variants.txt"
 fi
