@@ -155,4 +155,37 @@ mod tests {
             SWITCHES.iter().map(|s| s.name.to_string()).collect();
         assert_eq!(found, listed);
     }
+
+    /// Every GPU candidate is timed by the next device session: scripts/device_check.sh turns
+    /// each on in its all-together variant (`ALL=`) and alone or in a pair in `VARIANTS`.
+    #[test]
+    fn device_check_times_every_candidate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = std::fs::read_to_string(root.join("scripts/device_check.sh")).unwrap();
+        let line = |prefix: &str| {
+            script
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} line in device_check.sh"))
+                .to_string()
+        };
+        let all = line("ALL=");
+        // VARIANTS=${VARIANTS-name:VAR=1,VAR=1;...;all:$ALL}
+        let variants = line("VARIANTS=");
+        let variants = variants
+            .trim_start_matches("VARIANTS=${VARIANTS-")
+            .trim_end_matches('}');
+        for s in SWITCHES
+            .iter()
+            .filter(|s| s.what.starts_with("GPU candidate"))
+        {
+            let on = format!("{}=", s.name);
+            assert!(all.contains(&on), "{} is not in ALL", s.name);
+            let alone = variants
+                .split(';')
+                .filter(|v| v.contains(&on))
+                .any(|v| v.matches('=').count() == 1);
+            assert!(alone, "{} is not a variant of its own", s.name);
+        }
+    }
 }
