@@ -59,16 +59,26 @@ static_assert(WG_SMEM == 99328, "WG_SMEM must match TC_WGMMA_SMEM in src/cuda/ke
 // per byte. (The 256-row attempt of v0.3, two warpgroups of 128 accumulators, lost 1.6-1.8x;
 // with one block per multiprocessor nothing hid its pair-by-pair epilogue, which the row
 // epilogue now shortens.)
-template <int TM> struct WgTile {
+//
+// The six-stage tile (`_6stage` kernels, a candidate until timed on a GPU): the plain 128-row
+// tile alone on its multiprocessor with six stages, four slices of copies ahead, for launches
+// of at most one block per multiprocessor (batch 1 below 256x256). There no second block
+// hides the copies: in the v0.4 b1 sweep the 128->128 convolutions at 128x128, 128 blocks,
+// took 34 us for 18 slices, ~3,300 cycles a slice against 512 of products.
+template <int TM, int STAGES_> struct WgTile {
     static_assert(TM == 128 || TM == 256, "128- or 256-row tiles");
     static constexpr int THREADS = 2 * TM;
-    static constexpr int STAGES = TM == 128 ? WG_STAGES : 4;
+    static constexpr int STAGES = STAGES_;
     static constexpr int STAGE = TM * 128 + WG_TILE;  // A rows, then B's 128
     static constexpr int SMEM = STAGES * STAGE + 1024;
-    static constexpr int BLOCKS_PER_SM = TM == 128 ? 2 : 1;
+    static constexpr int BLOCKS_PER_SM = 2 * SMEM <= 227 * 1024 ? 2 : 1;
 };
-static_assert(WgTile<128>::SMEM == WG_SMEM, "the 128-row tile is the plain kernels'");
-static_assert(WgTile<256>::SMEM == 197632, "WgTile<256>::SMEM must match TC_WGMMA_TALL_SMEM in src/cuda/kernels.rs");
+using PlainTile = WgTile<128, WG_STAGES>;
+using TallTile = WgTile<256, 4>;
+using SixStageTile = WgTile<128, 6>;
+static_assert(PlainTile::SMEM == WG_SMEM && PlainTile::BLOCKS_PER_SM == 2, "the plain kernels' tile");
+static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match TC_WGMMA_TALL_SMEM in src/cuda/kernels.rs");
+static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match TC_WGMMA_TALL_SMEM too");
 
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
@@ -201,10 +211,10 @@ constexpr int ROW_PAIRS = 4;
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
 // ROWS: finish each row's pairs ROW_PAIRS at a time (finish_row: loads before stores, 8 round
 // trips to memory per thread instead of 32) rather than pair by pair (store_pair).
-// TM: the tile's rows (WgTile).
-template <int T, bool PROBE, bool ROWS, int TM>
+// Tile: a WgTile (rows, stages).
+template <int T, bool PROBE, bool ROWS, class Tile>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
-    using Tile = WgTile<TM>;
+    constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
     constexpr int ROW_STEP = Tile::THREADS / 8;
@@ -384,40 +394,36 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
-// Grid (ceil(M / TM), ceil(ncols / 128), splits), WgTile<TM>::THREADS threads, WgTile<TM>::SMEM
-// bytes of dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and
-// 16-byte aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
+// Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
+// dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
+// aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
 // product's type.
-#define WG_KERNEL(name, T, ROWS, TM)                                                                 \
-    extern "C" __global__ void __launch_bounds__(WgTile<TM>::THREADS, WgTile<TM>::BLOCKS_PER_SM)      \
+#define WG_KERNEL(name, T, ROWS, TILE)                                                               \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a) {                                                                      \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, ROWS, TM>(a, wg_dsmem, nullptr);                                           \
+        wg_body<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                         \
     }
-WG_KERNEL(conv_wgmma_bf16, 1, false, 128)
-WG_KERNEL(conv_wgmma_fp16, 2, false, 128)
-// The row-batched epilogue (ROWS) and the tall tile, candidates until timed on a GPU.
-WG_KERNEL(conv_wgmma_bf16_rows, 1, true, 128)
-WG_KERNEL(conv_wgmma_fp16_rows, 2, true, 128)
-WG_KERNEL(conv_wgmma_bf16_tall, 1, false, 256)
-WG_KERNEL(conv_wgmma_fp16_tall, 2, false, 256)
-WG_KERNEL(conv_wgmma_bf16_rows_tall, 1, true, 256)
-WG_KERNEL(conv_wgmma_fp16_rows_tall, 2, true, 256)
-
-// The same kernels counting their cycles into probe[PROBE_COUNTERS] (zeroed by the host).
-#define WG_PROBE_KERNEL(name, T, ROWS, TM)                                                           \
-    extern "C" __global__ void __launch_bounds__(WgTile<TM>::THREADS, WgTile<TM>::BLOCKS_PER_SM)      \
+// The same kernel counting its cycles into probe[PROBE_COUNTERS] (zeroed by the host).
+#define WG_PROBE_KERNEL(name, T, ROWS, TILE)                                                         \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, unsigned long long* probe) {                                           \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, true, ROWS, TM>(a, wg_dsmem, probe);                                              \
+        wg_body<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                            \
     }
-WG_PROBE_KERNEL(conv_wgmma_bf16_probe, 1, false, 128)
-WG_PROBE_KERNEL(conv_wgmma_fp16_probe, 2, false, 128)
-WG_PROBE_KERNEL(conv_wgmma_bf16_rows_probe, 1, true, 128)
-WG_PROBE_KERNEL(conv_wgmma_fp16_rows_probe, 2, true, 128)
-WG_PROBE_KERNEL(conv_wgmma_bf16_tall_probe, 1, false, 256)
-WG_PROBE_KERNEL(conv_wgmma_fp16_tall_probe, 2, false, 256)
-WG_PROBE_KERNEL(conv_wgmma_bf16_rows_tall_probe, 1, true, 256)
-WG_PROBE_KERNEL(conv_wgmma_fp16_rows_tall_probe, 2, true, 256)
+// Both precisions, both epilogues, plain and counting, of one tile: the row-batched epilogue
+// (ROWS), the tall and six-stage tiles are candidates until timed on a GPU.
+#define WG_KERNELS(prefix, TILE)                                                                     \
+    WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE)                                              \
+    WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE)                                              \
+    WG_KERNEL(conv_wgmma_bf16_rows##prefix, 1, true, TILE)                                          \
+    WG_KERNEL(conv_wgmma_fp16_rows##prefix, 2, true, TILE)                                          \
+    WG_PROBE_KERNEL(conv_wgmma_bf16##prefix##_probe, 1, false, TILE)                                \
+    WG_PROBE_KERNEL(conv_wgmma_fp16##prefix##_probe, 2, false, TILE)                                \
+    WG_PROBE_KERNEL(conv_wgmma_bf16_rows##prefix##_probe, 1, true, TILE)                            \
+    WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE)
+WG_KERNELS(, PlainTile)
+WG_KERNELS(_tall, TallTile)
+WG_KERNELS(_6stage, SixStageTile)

@@ -66,6 +66,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` gives large wgmma launches 256-row tiles",
     ),
     switch(
+        "INVDIFF_WGMMA_SIX_STAGES",
+        "GPU candidate: `1` gives one-block-per-SM wgmma launches six stages",
+    ),
+    switch(
         "INVDIFF_GEMM_SMALL_TILES",
         "GPU candidate: `1` uses 32-wide attention-product tiles",
     ),

@@ -400,9 +400,13 @@ pub(crate) struct ConvLaunch {
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
     /// With `wgmma`, not `cluster`: 256-row tiles of four warpgroups, one block per
-    /// multiprocessor (kernels/conv_wgmma.cu `WgTile<256>`, the `_tall` kernels): half the
+    /// multiprocessor (kernels/conv_wgmma.cu `TallTile`, the `_tall` kernels): half the
     /// weight traffic per product; the same sums in the same order.
     pub tall: bool,
+    /// With `wgmma`, not `cluster` or `tall`: the 128-row tile alone on its multiprocessor
+    /// with six stages, four slices of copies ahead (`SixStageTile`, the `_6stage` kernels),
+    /// for launches of at most one block per multiprocessor; the same sums in the same order.
+    pub six_stages: bool,
 }
 
 /// Most splits of K one cluster reduces (the portable cluster size).
@@ -485,6 +489,7 @@ pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
             cluster: false,
             row_epilogue: false,
             tall: false,
+            six_stages: false,
         };
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
@@ -525,6 +530,7 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
         cluster: false,
         row_epilogue: false,
         tall: false,
+        six_stages: false,
     }
 }
 
@@ -730,11 +736,11 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` forms of all
-    /// four (index: fp16 + 2 rows + 4 tall): on compute capability 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 8]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` and the
+    /// `_6stage` forms of all four ([`wgmma_index`]): on compute capability 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 12]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; 8]>,
+    conv_wgmma_probe: Option<[CudaFunction; 12]>,
 }
 
 const BLOCK: u32 = 256;
@@ -747,11 +753,25 @@ const TC_STAGED_SMEM: u32 = 95_744;
 /// plus 1 KB to align them.
 const TC_WGMMA_SMEM: u32 = 99_328;
 /// The tall wgmma tiles' ([`ConvLaunch::tall`]): four stages of a 32 KB A and a 16 KB B tile,
-/// plus 1 KB to align them; and their threads.
+/// plus 1 KB to align them; and their threads. The six-stage tiles
+/// ([`ConvLaunch::six_stages`]) take the same: six stages of 32 KB, plus 1 KB.
 const TC_WGMMA_TALL_SMEM: u32 = 197_632;
 const TALL_THREADS: u32 = 512;
 /// Rows of a tall wgmma tile.
 pub(crate) const TALL_ROWS: usize = 256;
+
+/// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the
+/// pairwise or row epilogue, then the plain, tall or six-stage tile.
+fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
+    let tile = if plan.tall {
+        1
+    } else if plan.six_stages {
+        2
+    } else {
+        0
+    };
+    usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.row_epilogue) + 4 * tile
+}
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
 /// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
 /// warpgroups, the number of K slices they multiplied.
@@ -978,20 +998,24 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, bytes)
                 };
-                let eight = |suffix: &str| -> Result<[CudaFunction; 8]> {
-                    let (s, t) = (TC_WGMMA_SMEM, TC_WGMMA_TALL_SMEM);
-                    Ok([
-                        f(&format!("conv_wgmma_bf16{suffix}"), s)?,
-                        f(&format!("conv_wgmma_fp16{suffix}"), s)?,
-                        f(&format!("conv_wgmma_bf16_rows{suffix}"), s)?,
-                        f(&format!("conv_wgmma_fp16_rows{suffix}"), s)?,
-                        f(&format!("conv_wgmma_bf16_tall{suffix}"), t)?,
-                        f(&format!("conv_wgmma_fp16_tall{suffix}"), t)?,
-                        f(&format!("conv_wgmma_bf16_rows_tall{suffix}"), t)?,
-                        f(&format!("conv_wgmma_fp16_rows_tall{suffix}"), t)?,
-                    ])
+                // In wgmma_index order: precision, then epilogue, then tile.
+                let all = |suffix: &str| -> Result<[CudaFunction; 12]> {
+                    let mut out = Vec::with_capacity(12);
+                    for (tile, bytes) in [
+                        ("", TC_WGMMA_SMEM),
+                        ("_tall", TC_WGMMA_TALL_SMEM),
+                        ("_6stage", TC_WGMMA_TALL_SMEM),
+                    ] {
+                        for rows in ["", "_rows"] {
+                            for t in ["bf16", "fp16"] {
+                                out.push(f(&format!("conv_wgmma_{t}{rows}{tile}{suffix}"), bytes)?);
+                            }
+                        }
+                    }
+                    out.try_into()
+                        .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
                 };
-                (Some(eight("")?), Some(eight("_probe")?))
+                (Some(all("")?), Some(all("_probe")?))
             }
             _ => (None, None),
         };
@@ -1204,16 +1228,18 @@ impl Kernels {
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tall && (plan.cluster || !plan.wgmma))
+            || (plan.six_stages && (plan.cluster || plan.tall || !plan.wgmma))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, tall {} and cluster {}",
+                 row epilogue {}, tall {}, six stages {} and cluster {}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
                 plan.wgmma,
                 plan.row_epilogue,
                 plan.tall,
+                plan.six_stages,
                 plan.cluster
             )));
         }
@@ -1249,15 +1275,12 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     })?;
-                    let i = usize::from(precision == Precision::Fp16)
-                        + 2 * usize::from(plan.row_epilogue)
-                        + 4 * usize::from(plan.tall);
-                    let smem = if plan.tall {
+                    let smem = if plan.tall || plan.six_stages {
                         TC_WGMMA_TALL_SMEM
                     } else {
                         TC_WGMMA_SMEM
                     };
-                    (&wg[i], smem)
+                    (&wg[wgmma_index(precision, plan)], smem)
                 } else {
                     let k = tc_kernel(plan)?;
                     (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())

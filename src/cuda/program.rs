@@ -67,6 +67,9 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`ConvLaunch::tall`]): the same sums in the same order.
     pub tall_tiles: bool,
+    /// wgmma launches of at most one block per multiprocessor take the six-stage tile
+    /// ([`ConvLaunch::six_stages`]): the same sums in the same order.
+    pub six_stages: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -87,6 +90,7 @@ impl Default for KernelConfig {
             row_epilogue: false,
             attention_tf32: false,
             tall_tiles: false,
+            six_stages: false,
             batch_invariant: false,
         }
     }
@@ -1133,6 +1137,13 @@ impl Lowering<'_> {
             && !launch.cluster
             && launch.splits == 1
             && tall_blocks >= self.sms;
+        // Alone on a multiprocessor anyway: deeper copies instead of a second block.
+        let blocks = planned.rows().div_ceil(128) * planned.ncols.div_ceil(128) * launch.splits;
+        launch.six_stages = self.choice.six_stages
+            && launch.wgmma
+            && !launch.cluster
+            && !launch.tall
+            && blocks <= self.sms;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {
@@ -2182,5 +2193,31 @@ mod tests {
         assert!(b1 > 0 && b1 < wg1, "{b1} of {wg1}");
         assert!(b8 > b1 && b8 <= wg8, "{b8} of {wg8}");
         assert_eq!(tall(8, false).0, 0);
+    }
+    /// six_stages gives the six-stage tile to the wgmma launches of at most one block per
+    /// multiprocessor: at batch 1, the levels below 256x256; none of the tall ones.
+    #[test]
+    fn six_stages_where_blocks_are_alone() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let tc = KernelConfig {
+            wgmma: true,
+            tall_tiles: true,
+            six_stages: true,
+            ..KernelConfig::default()
+        };
+        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+        let mut six = 0;
+        for s in &p.steps {
+            if let Step::Conv(c) = s {
+                let blocks =
+                    c.shape.rows().div_ceil(128) * c.shape.ncols.div_ceil(128) * c.launch.splits;
+                assert_eq!(
+                    c.launch.six_stages,
+                    c.launch.wgmma && !c.launch.tall && blocks <= 132
+                );
+                six += usize::from(c.launch.six_stages);
+            }
+        }
+        assert!(six > 10, "{six}");
     }
 }

@@ -701,13 +701,20 @@ impl Tester<'_> {
                 WGMMA_VS_MMA,
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
-            // The row epilogue and the tall tile: the same products summed in the same order
-            // and the same epilogue arithmetic, so the same bits.
-            for (row_epilogue, tall) in [(false, false), (true, false), (false, true), (true, true)]
-            {
+            // The row epilogue, the tall and six-stage tiles: the same products summed in the
+            // same order and the same epilogue arithmetic, so the same bits.
+            for (row_epilogue, tall, six_stages) in [
+                (false, false, false),
+                (true, false, false),
+                (false, true, false),
+                (true, true, false),
+                (false, false, true),
+                (true, false, true),
+            ] {
                 let v = ConvLaunch {
                     row_epilogue,
                     tall,
+                    six_stages,
                     ..wp
                 };
                 if v != wp {
@@ -850,13 +857,20 @@ impl Tester<'_> {
                     ms,
                     WGMMA_VS_MMA,
                 );
-                // The row epilogue (accumulating too) and the tall tile: the same bits.
-                for (row_epilogue, tall) in [(true, false), (false, true), (true, true)] {
+                // The row epilogue (accumulating too), the tall and six-stage tiles: the same bits.
+                for (row_epilogue, tall, six_stages) in [
+                    (true, false, false),
+                    (false, true, false),
+                    (true, true, false),
+                    (false, false, true),
+                    (true, false, true),
+                ] {
                     let v: Vec<ConvLaunch> = wg_plans
                         .iter()
                         .map(|p| ConvLaunch {
                             row_epilogue,
                             tall,
+                            six_stages,
                             ..*p
                         })
                         .collect();
@@ -2178,6 +2192,9 @@ fn wgmma_path(p: &ConvLaunch) -> String {
     let mut s = String::from("wgmma");
     if p.tall {
         s += ", tall";
+    }
+    if p.six_stages {
+        s += ", six stages";
     }
     if p.splits > 1 {
         s += &format!(", {} splits", p.splits);

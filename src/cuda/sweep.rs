@@ -7,7 +7,7 @@
 //! batch, size and precision (forward, and the input gradient when recording), the same problem
 //! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
 //! in bf16/fp16, the deep pipeline from a 16-bit input, and on Hopper the wgmma kernel from a
-//! 16-bit input (in 128- and 256-row tiles; the deep ones and wgmma with either epilogue),
+//! 16-bit input (plain, tall and six-stage tiles; the deep ones and wgmma with either epilogue),
 //! each at several splits of K: 1, and those that keep the grid within four waves of the
 //! machine. The mma.sync variants compute the same sums in the same order for a given split
 //! (the selftest holds them to it), wgmma the same products in another order, so only the time
@@ -38,8 +38,8 @@ use crate::{ensure, Error, Result};
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
     /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, `wgmma` (16-bit input, two
-    /// warpgroups) or `wgmma, tall` ([`ConvLaunch::tall`]), with `, row epilogue` for
-    /// [`ConvLaunch::row_epilogue`].
+    /// warpgroups), `wgmma, tall` ([`ConvLaunch::tall`]) or `wgmma, six stages`
+    /// ([`ConvLaunch::six_stages`]), with `, row epilogue` for [`ConvLaunch::row_epilogue`].
     pub pipeline: String,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
@@ -265,15 +265,17 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 ..planned
             };
-            for (row_epilogue, tall) in [(false, false), (true, false), (false, true), (true, true)]
-            {
-                let c = ConvLaunch {
-                    row_epilogue,
-                    tall,
-                    ..c
-                };
-                if !out.contains(&c) {
-                    out.push(c);
+            for row_epilogue in [false, true] {
+                for (tall, six_stages) in [(false, false), (true, false), (false, true)] {
+                    let c = ConvLaunch {
+                        row_epilogue,
+                        tall,
+                        six_stages,
+                        ..c
+                    };
+                    if !out.contains(&c) {
+                        out.push(c);
+                    }
                 }
             }
         }
@@ -288,6 +290,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
 fn pipeline_name(l: &ConvLaunch) -> String {
     let kernel = match (l.wgmma, l.deep, l.half_input) {
         (true, ..) if l.tall => "wgmma, tall",
+        (true, ..) if l.six_stages => "wgmma, six stages",
         (true, ..) => "wgmma",
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
@@ -473,6 +476,7 @@ mod tests {
                     assert_eq!(l.kernel, planned.kernel);
                     assert!(!l.row_epilogue || l.deep);
                     assert!(!l.tall || (l.wgmma && !l.cluster));
+                    assert!(!l.six_stages || (l.wgmma && !l.cluster && !l.tall));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % WGMMA_SLICE, 0);

@@ -146,6 +146,7 @@ impl CudaUnet {
         let row_epilogue = switches::is("INVDIFF_ROW_EPILOGUE", "1");
         let attention_tf32 = switches::is("INVDIFF_ATTN_TF32", "1");
         let tall_tiles = switches::is("INVDIFF_WGMMA_TALL", "1");
+        let six_stages = switches::is("INVDIFF_WGMMA_SIX_STAGES", "1");
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -170,6 +171,7 @@ impl CudaUnet {
                 row_epilogue,
                 attention_tf32,
                 tall_tiles,
+                six_stages,
                 batch_invariant: false,
             },
             side,
