@@ -441,6 +441,26 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
     Some(l)
 }
 
+/// The six-stage wgmma launch of `s` ([`ConvLaunch::six_stages`]): K split for one block per
+/// multiprocessor. `None` where the wgmma kernel does not take `s`, or where even so split the
+/// launch would have more blocks than multiprocessors.
+pub(crate) fn plan_wgmma_six(
+    s: &ConvShape,
+    sms: usize,
+    precision: Precision,
+) -> Option<ConvLaunch> {
+    let mut l = plan_wgmma(s, sms, precision)?;
+    let alone = split_k_on(s, l.kernel, WGMMA_SLICE, sms.max(1));
+    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
+    if tiles * alone.splits > sms {
+        return None;
+    }
+    l.splits = alone.splits;
+    l.k_per_split = alone.k_per_split;
+    l.six_stages = true;
+    Some(l)
+}
+
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
 /// kernels/conv.cu has one kernel per count.
 const DIRECT_MAX: usize = 8;
@@ -511,10 +531,14 @@ pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> C
 
 /// The split of K for `kernel` with K slices of `bk`.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
+    split_k_on(s, kernel, bk, 2 * sms.max(1))
+}
+
+/// [`split_k`] for `slots` blocks running at once.
+fn split_k_on(s: &ConvShape, kernel: ConvKernel, bk: usize, slots: usize) -> ConvLaunch {
     let k = s.k();
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
-    let slots = 2 * sms.max(1);
     let splits = match kernel {
         ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots),
         _ => simt_splits(tiles, ktiles, slots),
