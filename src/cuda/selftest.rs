@@ -703,20 +703,7 @@ impl Tester<'_> {
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
             // The row epilogue, the tall and six-stage tiles: the same products summed in the
             // same order and the same epilogue arithmetic, so the same bits.
-            for (row_epilogue, tall, six_stages) in [
-                (false, false, false),
-                (true, false, false),
-                (false, true, false),
-                (true, true, false),
-                (false, false, true),
-                (true, false, true),
-            ] {
-                let v = ConvLaunch {
-                    row_epilogue,
-                    tall,
-                    six_stages,
-                    ..wp
-                };
+            for v in std::iter::once(wp).chain(wgmma_forms(wp)) {
                 if v != wp {
                     let yr = self.zeros(want.len())?;
                     let pr = ConvPtrs { y: yr.ptr, ..ptrs };
@@ -858,22 +845,9 @@ impl Tester<'_> {
                     WGMMA_VS_MMA,
                 );
                 // The row epilogue (accumulating too), the tall and six-stage tiles: the same bits.
-                for (row_epilogue, tall, six_stages) in [
-                    (true, false, false),
-                    (false, true, false),
-                    (true, true, false),
-                    (false, false, true),
-                    (true, false, true),
-                ] {
-                    let v: Vec<ConvLaunch> = wg_plans
-                        .iter()
-                        .map(|p| ConvLaunch {
-                            row_epilogue,
-                            tall,
-                            six_stages,
-                            ..*p
-                        })
-                        .collect();
+                for form in 0..WGMMA_FORMS.len() {
+                    let v: Vec<ConvLaunch> =
+                        wg_plans.iter().map(|&p| wgmma_form(p, form)).collect();
                     let ms = self.timed(|| dxd.write(st, dx0), || run(&v))?;
                     let paths: Vec<String> = v.iter().map(wgmma_path).collect();
                     self.row_within(
@@ -2187,6 +2161,32 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 /// Relative L2 allowed between the wgmma and mma.sync kernels: the same bf16/fp16 products in
 /// fp32, added in a different order.
 const WGMMA_VS_MMA: f64 = 1e-5;
+
+/// The other forms of a wgmma launch, which compute the same bits: (row epilogue, tall tile,
+/// six-stage tile).
+const WGMMA_FORMS: [(bool, bool, bool); 5] = [
+    (true, false, false),
+    (false, true, false),
+    (true, true, false),
+    (false, false, true),
+    (true, false, true),
+];
+
+/// Form `i` of [`WGMMA_FORMS`] of wgmma launch `p`.
+fn wgmma_form(p: ConvLaunch, i: usize) -> ConvLaunch {
+    let (row_epilogue, tall, six_stages) = WGMMA_FORMS[i];
+    ConvLaunch {
+        row_epilogue,
+        tall,
+        six_stages,
+        ..p
+    }
+}
+
+/// Every form of [`WGMMA_FORMS`] of wgmma launch `p`.
+fn wgmma_forms(p: ConvLaunch) -> impl Iterator<Item = ConvLaunch> {
+    (0..WGMMA_FORMS.len()).map(move |i| wgmma_form(p, i))
+}
 
 fn wgmma_path(p: &ConvLaunch) -> String {
     let mut s = String::from("wgmma");
