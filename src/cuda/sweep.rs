@@ -38,8 +38,9 @@ use crate::{ensure, Error, Result};
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
     /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, `wgmma` (16-bit input, two
-    /// warpgroups), `wgmma, tall` ([`ConvLaunch::tall`]) or `wgmma, six stages`
-    /// ([`ConvLaunch::six_stages`]), with `, row epilogue` for [`ConvLaunch::row_epilogue`].
+    /// warpgroups), `wgmma, tall` (256-row tiles) or `wgmma, six stages` (one block per
+    /// multiprocessor, six stages), with `, row epilogue` when the epilogue loads four output
+    /// pairs before storing them.
     pub pipeline: String,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
