@@ -37,6 +37,7 @@
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
 #include <cooperative_groups.h>
+#include <type_traits>
 
 #include "conv_common.cuh"
 
@@ -354,8 +355,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     const int g = lane >> 2;
     const int q = lane & 3;
     const bool split = gridDim.z > 1;
-    if constexpr (TM == 128) {
-        // (The host launches clusters of 128-row tiles only.)
+    if constexpr (std::is_same_v<Tile, PlainTile>) {
+        // (The host launches clusters of plain tiles only.)
         if (split && a.ws == nullptr) {
             cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
             cycles.mark(PROBE_EPILOGUE);
