@@ -67,8 +67,9 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`ConvLaunch::tall`]): the same sums in the same order.
     pub tall_tiles: bool,
-    /// wgmma launches of at most one block per multiprocessor take the six-stage tile
-    /// ([`ConvLaunch::six_stages`]): the same sums in the same order.
+    /// wgmma launches that can run one block per multiprocessor are split for it and take the
+    /// six-stage tile ([`ConvLaunch::six_stages`]): the same sums as that split on the plain
+    /// tile.
     pub six_stages: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
@@ -98,8 +99,8 @@ impl Default for KernelConfig {
 
 /// Fewest values of an fp32 input that [`KernelConfig::half_copy`] converts: at batch 1, the
 /// 64x64 x 256 level and above. In the v0.4 profile (H200, bf16, batch 1) the 16-bit path
-/// saved 12-60 us per launch there against 2-14 us of conversion, and less than the
-/// conversion below.
+/// ran 12-60 us faster per launch there, against a conversion estimated at 3-16 us (its bytes
+/// at the card's bandwidth, plus a launch); below, the gain was under the estimate.
 pub(crate) const HALF_COPY_MIN: usize = 1 << 20;
 
 /// A virtual buffer of the program; the plan gives it an arena offset.
