@@ -20,7 +20,7 @@ use super::kernels::{
 };
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
-use crate::{Error, Result};
+use crate::{switches, Error, Result};
 
 /// Which kernels a program's steps run. The tensor-core pipeline choices compute the same
 /// results bit for bit; wgmma sums the same products in another order, and the one-pass
@@ -94,6 +94,50 @@ impl Default for KernelConfig {
             six_stages: false,
             batch_invariant: false,
         }
+    }
+}
+
+impl KernelConfig {
+    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), wgmma only where the
+    /// device has it (`wgmma_here`).
+    pub fn from_switches(wgmma_here: bool) -> Self {
+        let on = |name| switches::is(name, "1");
+        KernelConfig {
+            deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
+            wgmma: wgmma_here && !switches::is("INVDIFF_WGMMA", "0"),
+            gn_one_pass: on("INVDIFF_GN_ONE_PASS"),
+            half_concat: on("INVDIFF_HALF_CONCAT"),
+            cluster_split_k: on("INVDIFF_CLUSTER_SPLITK"),
+            half_copy: on("INVDIFF_HALF_COPY"),
+            alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
+            row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
+            attention_tf32: on("INVDIFF_ATTN_TF32"),
+            tall_tiles: on("INVDIFF_WGMMA_TALL"),
+            six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
+            batch_invariant: false,
+        }
+    }
+
+    /// The choices that differ from the plain mma.sync program, in words, for reports (the
+    /// switches change the speed, and some the order of sums).
+    pub fn describe(&self) -> Vec<&'static str> {
+        [
+            (!self.deep, "two-stage pipelines"),
+            (self.wgmma, "wgmma"),
+            (self.gn_one_pass, "one-pass GroupNorm"),
+            (self.half_concat, "16-bit concatenation copies"),
+            (self.cluster_split_k, "cluster split-K"),
+            (self.half_copy, "16-bit input copies"),
+            (self.alias_residual_grads, "aliased residual gradients"),
+            (self.row_epilogue, "row epilogue"),
+            (self.attention_tf32, "tf32 attention"),
+            (self.tall_tiles, "tall wgmma tiles"),
+            (self.six_stages, "six-stage wgmma tiles"),
+            (self.batch_invariant, "per-image plans"),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect()
     }
 }
 
@@ -2225,5 +2269,32 @@ mod tests {
             }
         }
         assert!(six > 10, "{six}");
+    }
+    /// Reports name every choice that is on, and none that is off.
+    #[test]
+    fn every_choice_has_a_name() {
+        assert!(KernelConfig::default().describe().is_empty());
+        let flags: [fn(&mut KernelConfig); 12] = [
+            |c| c.deep = false,
+            |c| c.wgmma = true,
+            |c| c.gn_one_pass = true,
+            |c| c.half_concat = true,
+            |c| c.cluster_split_k = true,
+            |c| c.half_copy = true,
+            |c| c.alias_residual_grads = true,
+            |c| c.row_epilogue = true,
+            |c| c.attention_tf32 = true,
+            |c| c.tall_tiles = true,
+            |c| c.six_stages = true,
+            |c| c.batch_invariant = true,
+        ];
+        let mut all = KernelConfig::default();
+        for set in flags {
+            let mut one = KernelConfig::default();
+            set(&mut one);
+            assert_eq!(one.describe().len(), 1, "{one:?}");
+            set(&mut all);
+        }
+        assert_eq!(all.describe().len(), flags.len());
     }
 }

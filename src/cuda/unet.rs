@@ -136,17 +136,7 @@ impl CudaUnet {
         let gpu = Gpu::open(ordinal)?;
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = !switches::is("INVDIFF_NO_CUDA_GRAPH", "1");
-        let deep = !switches::is("INVDIFF_TC_PIPELINE", "two");
-        let wgmma = gpu.kernels.has_wgmma() && !switches::is("INVDIFF_WGMMA", "0");
-        let gn_one_pass = switches::is("INVDIFF_GN_ONE_PASS", "1");
-        let half_concat = switches::is("INVDIFF_HALF_CONCAT", "1");
-        let cluster_split_k = switches::is("INVDIFF_CLUSTER_SPLITK", "1");
-        let half_copy = switches::is("INVDIFF_HALF_COPY", "1");
-        let alias_residual_grads = switches::is("INVDIFF_ALIAS_GRADS", "1");
-        let row_epilogue = switches::is("INVDIFF_ROW_EPILOGUE", "1");
-        let attention_tf32 = switches::is("INVDIFF_ATTN_TF32", "1");
-        let tall_tiles = switches::is("INVDIFF_WGMMA_TALL", "1");
-        let six_stages = switches::is("INVDIFF_WGMMA_SIX_STAGES", "1");
+        let choice = KernelConfig::from_switches(gpu.kernels.has_wgmma());
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -160,20 +150,7 @@ impl CudaUnet {
             tape: None,
             use_graphs,
             direct: false,
-            choice: KernelConfig {
-                deep,
-                wgmma,
-                gn_one_pass,
-                half_concat,
-                cluster_split_k,
-                half_copy,
-                alias_residual_grads,
-                row_epilogue,
-                attention_tf32,
-                tall_tiles,
-                six_stages,
-                batch_invariant: false,
-            },
+            choice,
             side,
         })
     }
@@ -181,20 +158,8 @@ impl CudaUnet {
     /// The kernel and launch choices in force, in words (`wgmma, one-pass GroupNorm, ...`),
     /// for reports: the switches of the README change the speed, and some the summation order.
     pub fn choices(&self) -> String {
-        let c = &self.choice;
         let side = self.side.as_ref().map(|s| format!("{} streams", s.total()));
-        [
-            (!c.deep, "two-stage pipelines".to_string()),
-            (c.wgmma, "wgmma".to_string()),
-            (c.gn_one_pass, "one-pass GroupNorm".to_string()),
-            (c.half_concat, "16-bit concatenation copies".to_string()),
-            (c.cluster_split_k, "cluster split-K".to_string()),
-            (c.half_copy, "16-bit input copies".to_string()),
-            (
-                c.alias_residual_grads,
-                "aliased residual gradients".to_string(),
-            ),
-            (c.batch_invariant, "per-image plans".to_string()),
+        let launches = [
             (
                 self.gpu.kernels.small_tiles(),
                 "small product tiles".to_string(),
@@ -202,11 +167,18 @@ impl CudaUnet {
             (self.pdl(), "PDL".to_string()),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
-        ]
-        .into_iter()
-        .filter_map(|(on, what)| on.then_some(what))
-        .collect::<Vec<_>>()
-        .join(", ")
+        ];
+        self.choice
+            .describe()
+            .into_iter()
+            .map(String::from)
+            .chain(
+                launches
+                    .into_iter()
+                    .filter_map(|(on, what)| on.then_some(what)),
+            )
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Whether passes are captured as CUDA graphs (not when `INVDIFF_NO_CUDA_GRAPH=1`).
