@@ -546,12 +546,10 @@ struct Lowering<'g> {
     half: Vec<bool>,
     /// Per tensor: its gradient stored as 16-bit values in `precision`.
     half_grad: Vec<bool>,
-    /// Per tensor: a 16-bit copy of its value (a concatenation's, see
-    /// [`KernelConfig::half_concat`]), once computed.
-    copy16: Vec<Option<Buf>>,
-    /// 16-bit copies of gradient buffers ([`KernelConfig::half_copy`]): source, copy, and the
-    /// step that made it (valid while no later step writes the source).
-    grad_copies: Vec<(Buf, Buf, usize)>,
+    /// 16-bit copies of buffers (a concatenation's own, [`KernelConfig::half_concat`], or a
+    /// conversion, [`KernelConfig::half_copy`]): source, copy, and the step that wrote the
+    /// copy. A copy serves while no later step has written its source.
+    half_copies: Vec<(Buf, Buf, usize)>,
     /// Which kernels the steps run.
     choice: KernelConfig,
 }
@@ -613,8 +611,7 @@ impl Program {
             aux: vec![None; g.ops.len()],
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
-            copy16: vec![None; g.tensors.len()],
-            grad_copies: Vec::new(),
+            half_copies: Vec::new(),
             choice,
         };
         if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
@@ -982,10 +979,28 @@ impl Lowering<'_> {
             _ => false,
         };
         Ok(main_only
-            && self.gemm_shape(r)?.is_some_and(|s| {
-                plan_conv_at(&s, self.sms, self.precision).kernel
-                    == ConvKernel::Tensor(self.precision)
-            }))
+            && self
+                .gemm_shape(r)?
+                .is_some_and(|s| self.on_tensor_cores(&s)))
+    }
+
+    /// Whether launch shape `s` runs on the tensor-core kernel of the program's precision.
+    fn on_tensor_cores(&self, s: &ConvShape) -> bool {
+        plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
+    }
+
+    /// The 16-bit copy of buffer `src` made earlier, if nothing has written `src` since.
+    fn fresh_half_copy(&self, src: Buf) -> Option<Buf> {
+        self.half_copies
+            .iter()
+            .rev()
+            .find(|&&(from, _, at)| {
+                from == src
+                    && self.steps[at + 1..]
+                        .iter()
+                        .all(|s| !s.io().1.contains(&src))
+            })
+            .map(|&(_, copy, _)| copy)
     }
 
     /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in
@@ -1010,17 +1025,15 @@ impl Lowering<'_> {
         if !self.tensor_core_main_input(r, x)? {
             return Ok((self.val(x)?, self.half[x]));
         }
-        if let Some(c) = self.copy16[x] {
+        let src = self.val(x)?;
+        if let Some(c) = self.fresh_half_copy(src) {
             return Ok((c, true));
         }
         if !self.half[x] && self.wants_half_copy(self.numel(x)) {
-            let src = self.val(x)?;
             let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
-            let c = self.half_copy(src, self.numel(x), &name);
-            self.copy16[x] = Some(c);
-            return Ok((c, true));
+            return Ok((self.half_copy(src, self.numel(x), &name), true));
         }
-        Ok((self.val(x)?, self.half[x]))
+        Ok((src, self.half[x]))
     }
 
     /// Whether the attention products run on tf32 tensor cores
@@ -1046,6 +1059,7 @@ impl Lowering<'_> {
             len,
             precision: self.precision,
         });
+        self.half_copies.push((src, y, self.steps.len() - 1));
         y
     }
 
@@ -1056,24 +1070,17 @@ impl Lowering<'_> {
         if self.half_grad[y] {
             return (dy, true);
         }
-        let tensor_cores = shapes.iter().all(|s| {
-            plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
-        });
+        let tensor_cores = shapes.iter().all(|s| self.on_tensor_cores(s));
         if !(tensor_cores && self.wants_half_copy(self.numel(y))) {
             return (dy, false);
         }
-        // A copy of the same buffer made earlier serves while nothing has written it since
-        // (with alias_residual_grads, a residual's gradient is its block output's).
-        let fresh = self.grad_copies.iter().rev().find(|&&(src, _, at)| {
-            src == dy && self.steps[at + 1..].iter().all(|s| !s.io().1.contains(&dy))
-        });
-        if let Some(&(_, copy, _)) = fresh {
-            return (copy, true);
+        // With alias_residual_grads a residual's gradient is its block output's buffer, which
+        // may already have a copy.
+        if let Some(c) = self.fresh_half_copy(dy) {
+            return (c, true);
         }
         let name = format!("d {} (16-bit copy)", self.g.tensors[y].name);
-        let copy = self.half_copy(dy, self.numel(y), &name);
-        self.grad_copies.push((dy, copy, self.steps.len() - 1));
-        (copy, true)
+        (self.half_copy(dy, self.numel(y), &name), true)
     }
 
     /// The residual `r`'s share of the gradient `dy` of a block's output: added onto its
@@ -1133,10 +1140,7 @@ impl Lowering<'_> {
             let tensor_cores = self
                 .conv_backward_shapes(x, y, kernel, stride, pad)
                 .iter()
-                .all(|s| {
-                    plan_conv_at(s, self.sms, self.precision).kernel
-                        == ConvKernel::Tensor(self.precision)
-                });
+                .all(|s| self.on_tensor_cores(s));
             half[y] = only_norm
                 && tensor_cores
                 && out_div == 1.0
@@ -1409,7 +1413,8 @@ impl Lowering<'_> {
                         self.numel(y).div_ceil(2),
                         &format!("{} (16-bit copy)", g.tensors[y].name),
                     );
-                    self.copy16[y] = Some(b);
+                    // The copy is written by the concatenation about to be pushed.
+                    self.half_copies.push((yb, b, self.steps.len()));
                     Some((b, self.precision))
                 } else {
                     None
