@@ -50,7 +50,7 @@ constexpr int WG_TILE = 128 * 128;  // bytes of one operand's slice
 constexpr int WG_STAGE = 2 * WG_TILE;
 // Dynamic shared memory: the stages plus slack to align them to 1024 bytes.
 constexpr int WG_SMEM = WG_STAGES * WG_STAGE + 1024;
-static_assert(WG_SMEM == 99328, "WG_SMEM must match TC_WGMMA_SMEM in src/cuda/kernels.rs");
+static_assert(WG_SMEM == 99328, "WG_SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
 
 // The tall tile (`_tall` kernels, a candidate until timed on a GPU): 256 rows x 128 columns per
 // block of four warpgroups (512 threads, one block per multiprocessor), four stages of 48 KB,
@@ -78,8 +78,8 @@ using PlainTile = WgTile<128, WG_STAGES>;
 using TallTile = WgTile<256, 4>;
 using SixStageTile = WgTile<128, 6>;
 static_assert(PlainTile::SMEM == WG_SMEM && PlainTile::BLOCKS_PER_SM == 2, "the plain kernels' tile");
-static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match TC_WGMMA_TALL_SMEM in src/cuda/kernels.rs");
-static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match TC_WGMMA_TALL_SMEM too");
+static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
 
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }

@@ -399,14 +399,57 @@ pub(crate) struct ConvLaunch {
     /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
-    /// With `wgmma`, not `cluster`: 256-row tiles of four warpgroups, one block per
-    /// multiprocessor (kernels/conv_wgmma.cu `TallTile`, the `_tall` kernels): half the
-    /// weight traffic per product; the same sums in the same order.
-    pub tall: bool,
-    /// With `wgmma`, not `cluster` or `tall`: the 128-row tile alone on its multiprocessor
-    /// with six stages, four slices of copies ahead (`SixStageTile`, the `_6stage` kernels),
-    /// for launches of at most one block per multiprocessor; the same sums in the same order.
-    pub six_stages: bool,
+    /// With `wgmma`: its tile; other than [`WgmmaTile::Plain`] only without `cluster`.
+    pub tile: WgmmaTile,
+}
+
+/// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile`); each computes the same sums
+/// in the same order for a given split of K.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum WgmmaTile {
+    /// 128 rows, three stages, two blocks per multiprocessor (`PlainTile`).
+    #[default]
+    Plain,
+    /// 256 rows of four warpgroups, one block per multiprocessor (`TallTile`, the `_tall`
+    /// kernels): half the weight traffic per product.
+    Tall,
+    /// 128 rows alone on the multiprocessor with six stages, four slices of copies ahead
+    /// (`SixStageTile`, the `_6stage` kernels), for launches of at most one block per
+    /// multiprocessor.
+    SixStages,
+}
+
+impl WgmmaTile {
+    /// In the order of [`Kernels`]' wgmma tables, with each one's kernel name suffix.
+    pub(crate) const ALL: [(WgmmaTile, &'static str); 3] = [
+        (WgmmaTile::Plain, ""),
+        (WgmmaTile::Tall, "_tall"),
+        (WgmmaTile::SixStages, "_6stage"),
+    ];
+
+    /// Output rows of one block.
+    pub fn rows(self) -> usize {
+        match self {
+            WgmmaTile::Tall => 256,
+            _ => TILE,
+        }
+    }
+
+    fn threads(self) -> u32 {
+        match self {
+            WgmmaTile::Tall => 512,
+            _ => BLOCK,
+        }
+    }
+
+    /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
+    /// 16 KB tile, or six of two 16 KB tiles; plus 1 KB to align them.
+    fn smem(self) -> u32 {
+        match self {
+            WgmmaTile::Plain => 99_328,
+            WgmmaTile::Tall | WgmmaTile::SixStages => 197_632,
+        }
+    }
 }
 
 /// Most splits of K one cluster reduces (the portable cluster size).
@@ -441,7 +484,7 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
     Some(l)
 }
 
-/// The six-stage wgmma launch of `s` ([`ConvLaunch::six_stages`]): K split for one block per
+/// The six-stage wgmma launch of `s` ([`WgmmaTile::SixStages`]): K split for one block per
 /// multiprocessor. `None` where the wgmma kernel does not take `s`, or where even so split the
 /// launch would have more blocks than multiprocessors.
 pub(crate) fn plan_wgmma_six(
@@ -457,7 +500,7 @@ pub(crate) fn plan_wgmma_six(
     }
     l.splits = alone.splits;
     l.k_per_split = alone.k_per_split;
-    l.six_stages = true;
+    l.tile = WgmmaTile::SixStages;
     Some(l)
 }
 
@@ -495,22 +538,12 @@ fn direct_fits(s: &ConvShape) -> bool {
 /// trip), keeping at least 8 K slices per split.
 pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
     if direct_fits(s) && (s.ncols <= DIRECT_MAX || s.sc <= DIRECT_MAX) {
-        return ConvLaunch {
-            kernel: if s.ncols <= DIRECT_MAX {
-                ConvKernel::Narrow
-            } else {
-                ConvKernel::FewIn
-            },
-            splits: 1,
-            k_per_split: s.k(),
-            deep: false,
-            half_input: false,
-            wgmma: false,
-            cluster: false,
-            row_epilogue: false,
-            tall: false,
-            six_stages: false,
+        let kernel = if s.ncols <= DIRECT_MAX {
+            ConvKernel::Narrow
+        } else {
+            ConvKernel::FewIn
         };
+        return ConvLaunch::new(kernel, 1, s.k());
     }
     let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
         ConvKernel::Vec
@@ -544,18 +577,7 @@ fn split_k_on(s: &ConvShape, kernel: ConvKernel, bk: usize, slots: usize) -> Con
         _ => simt_splits(tiles, ktiles, slots),
     };
     let per = ktiles.div_ceil(splits) * bk;
-    ConvLaunch {
-        kernel,
-        splits: k.div_ceil(per).max(1),
-        k_per_split: per,
-        deep: false,
-        half_input: false,
-        wgmma: false,
-        cluster: false,
-        row_epilogue: false,
-        tall: false,
-        six_stages: false,
-    }
+    ConvLaunch::new(kernel, k.div_ceil(per).max(1), per)
 }
 
 /// The fp32 kernels: the fewest waves of blocks per split, each split at least 8 K slices, a
@@ -601,6 +623,21 @@ fn tc_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
 }
 
 impl ConvLaunch {
+    /// `kernel` over `splits` splits of `k_per_split`, with every pipeline choice off.
+    fn new(kernel: ConvKernel, splits: usize, k_per_split: usize) -> Self {
+        ConvLaunch {
+            kernel,
+            splits,
+            k_per_split,
+            deep: false,
+            half_input: false,
+            wgmma: false,
+            cluster: false,
+            row_epilogue: false,
+            tile: WgmmaTile::Plain,
+        }
+    }
+
     /// f32 elements of split-K workspace the launch needs (none when a cluster reduces).
     pub fn workspace_len(&self, s: &ConvShape) -> usize {
         if self.splits > 1 && !self.cluster {
@@ -773,27 +810,13 @@ const BLOCK: u32 = 256;
 /// stages of 18,944 bytes; STAGED, three stages of 25,088 bytes and two 10,240-byte A tiles.
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
-/// Dynamic shared memory of kernels/conv_wgmma.cu: three stages of two 16 KB operand tiles,
-/// plus 1 KB to align them.
-const TC_WGMMA_SMEM: u32 = 99_328;
-/// The tall wgmma tiles' ([`ConvLaunch::tall`]): four stages of a 32 KB A and a 16 KB B tile,
-/// plus 1 KB to align them; and their threads. The six-stage tiles
-/// ([`ConvLaunch::six_stages`]) take the same: six stages of 32 KB, plus 1 KB.
-const TC_WGMMA_TALL_SMEM: u32 = 197_632;
-const TALL_THREADS: u32 = 512;
-/// Rows of a tall wgmma tile.
-pub(crate) const TALL_ROWS: usize = 256;
-
 /// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the
-/// pairwise or row epilogue, then the plain, tall or six-stage tile.
+/// pairwise or row epilogue, then the tile ([`WgmmaTile::ALL`]'s order).
 fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
-    let tile = if plan.tall {
-        1
-    } else if plan.six_stages {
-        2
-    } else {
-        0
-    };
+    let tile = WgmmaTile::ALL
+        .iter()
+        .position(|&(t, _)| t == plan.tile)
+        .unwrap_or(0);
     usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.row_epilogue) + 4 * tile
 }
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -1025,14 +1048,11 @@ impl Kernels {
                 // In wgmma_index order: precision, then epilogue, then tile.
                 let all = |suffix: &str| -> Result<[CudaFunction; 12]> {
                     let mut out = Vec::with_capacity(12);
-                    for (tile, bytes) in [
-                        ("", TC_WGMMA_SMEM),
-                        ("_tall", TC_WGMMA_TALL_SMEM),
-                        ("_6stage", TC_WGMMA_TALL_SMEM),
-                    ] {
+                    for (tile, name) in WgmmaTile::ALL {
                         for rows in ["", "_rows"] {
                             for t in ["bf16", "fp16"] {
-                                out.push(f(&format!("conv_wgmma_{t}{rows}{tile}{suffix}"), bytes)?);
+                                let kernel = format!("conv_wgmma_{t}{rows}{name}{suffix}");
+                                out.push(f(&kernel, tile.smem())?);
                             }
                         }
                     }
@@ -1251,19 +1271,17 @@ impl Kernels {
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
-            || (plan.tall && (plan.cluster || !plan.wgmma))
-            || (plan.six_stages && (plan.cluster || plan.tall || !plan.wgmma))
+            || (plan.tile != WgmmaTile::Plain && (plan.cluster || !plan.wgmma))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, tall {}, six stages {} and cluster {}",
+                 row epilogue {}, tile {:?} and cluster {}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
                 plan.wgmma,
                 plan.row_epilogue,
-                plan.tall,
-                plan.six_stages,
+                plan.tile,
                 plan.cluster
             )));
         }
@@ -1299,12 +1317,7 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     })?;
-                    let smem = if plan.tall || plan.six_stages {
-                        TC_WGMMA_TALL_SMEM
-                    } else {
-                        TC_WGMMA_SMEM
-                    };
-                    (&wg[wgmma_index(precision, plan)], smem)
+                    (&wg[wgmma_index(precision, plan)], plan.tile.smem())
                 } else {
                     let k = tc_kernel(plan)?;
                     (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())
@@ -1315,8 +1328,8 @@ impl Kernels {
             }
             _ => (&self.conv_gemm_any, 0),
         };
-        let (tile_rows, threads) = if plan.tall {
-            (TALL_ROWS, TALL_THREADS)
+        let (tile_rows, threads) = if plan.wgmma {
+            (plan.tile.rows(), plan.tile.threads())
         } else {
             (TILE, BLOCK)
         };

@@ -16,7 +16,7 @@
 
 use super::kernels::{
     plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape,
-    NormSplit, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS, TALL_ROWS,
+    NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
@@ -65,10 +65,10 @@ pub(crate) struct KernelConfig {
     /// softmax stays fp32.
     pub attention_tf32: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
-    /// ([`ConvLaunch::tall`]): the same sums in the same order.
+    /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
     /// wgmma launches that can run one block per multiprocessor are split for it and take the
-    /// six-stage tile ([`ConvLaunch::six_stages`]): the same sums as that split on the plain
+    /// six-stage tile ([`WgmmaTile::SixStages`]): the same sums as that split on the plain
     /// tile.
     pub six_stages: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
@@ -1183,19 +1183,23 @@ impl Lowering<'_> {
         });
         launch.cluster = self.choice.cluster_split_k
             && launch.wgmma
-            && !launch.six_stages
+            && launch.tile == WgmmaTile::Plain
             && (2..=MAX_CLUSTER_SPLITS).contains(&launch.splits);
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
         // One tall block per multiprocessor: only where they fill the machine at least once.
-        let tall_blocks = planned.rows().div_ceil(TALL_ROWS) * planned.ncols.div_ceil(128);
-        launch.tall = self.choice.tall_tiles
+        let tall = WgmmaTile::Tall;
+        let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
+        if self.choice.tall_tiles
             && launch.wgmma
             && !launch.cluster
-            && !launch.six_stages
+            && launch.tile == WgmmaTile::Plain
             && launch.splits == 1
-            && tall_blocks >= self.sms;
+            && tall_blocks >= self.sms
+        {
+            launch.tile = tall;
+        }
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {
@@ -2230,11 +2234,9 @@ mod tests {
                     if c.launch.wgmma {
                         wg += 1;
                     }
-                    if c.launch.tall {
+                    if c.launch.tile == WgmmaTile::Tall {
                         assert!(c.launch.wgmma && c.launch.splits == 1 && !c.launch.cluster);
-                        assert!(
-                            c.shape.rows().div_ceil(TALL_ROWS) * c.shape.ncols.div_ceil(128) >= 132
-                        );
+                        assert!(c.shape.rows().div_ceil(256) * c.shape.ncols.div_ceil(128) >= 132);
                         tall += 1;
                     }
                 }
@@ -2266,8 +2268,8 @@ mod tests {
             if let Step::Conv(c) = s {
                 let blocks =
                     c.shape.rows().div_ceil(128) * c.shape.ncols.div_ceil(128) * c.launch.splits;
-                if c.launch.six_stages {
-                    assert!(c.launch.wgmma && !c.launch.tall && !c.launch.cluster);
+                if c.launch.tile == WgmmaTile::SixStages {
+                    assert!(c.launch.wgmma && !c.launch.cluster);
                     assert!(blocks <= 132, "{blocks}");
                     six += 1;
                 }

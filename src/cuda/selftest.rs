@@ -13,7 +13,7 @@ use cudarc::driver::CudaStream;
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, TALL_ROWS, WGMMA_PROBE_PHASES,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES,
     WGMMA_SLICE,
 };
 use super::precision::Precision;
@@ -894,8 +894,9 @@ impl Tester<'_> {
             || gpu.kernels.conv_probe(st, shape, &wp, p, &counters),
         )?;
         let c = counters.read(st)?;
-        let (tile_rows, per_block) = if wp.tall { (TALL_ROWS, 4) } else { (128, 2) };
-        let tiles = (shape.rows().div_ceil(tile_rows) * shape.ncols.div_ceil(128)) as u64;
+        // Two warpgroups per block, four in a tall one.
+        let per_block = wp.tile.rows() as u64 / 64;
+        let tiles = (shape.rows().div_ceil(wp.tile.rows()) * shape.ncols.div_ceil(128)) as u64;
         let slices = shape.k().div_ceil(WGMMA_SLICE) as u64;
         let warpgroups = per_block * tiles * wp.splits as u64;
         let phases = WGMMA_PROBE_PHASES.len();
@@ -2162,23 +2163,21 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 /// fp32, added in a different order.
 const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// The other forms of a wgmma launch, which compute the same bits: (row epilogue, tall tile,
-/// six-stage tile).
-const WGMMA_FORMS: [(bool, bool, bool); 5] = [
-    (true, false, false),
-    (false, true, false),
-    (true, true, false),
-    (false, false, true),
-    (true, false, true),
+/// The other forms of a wgmma launch, which compute the same bits: (row epilogue, tile).
+const WGMMA_FORMS: [(bool, WgmmaTile); 5] = [
+    (true, WgmmaTile::Plain),
+    (false, WgmmaTile::Tall),
+    (true, WgmmaTile::Tall),
+    (false, WgmmaTile::SixStages),
+    (true, WgmmaTile::SixStages),
 ];
 
 /// Form `i` of [`WGMMA_FORMS`] of wgmma launch `p`.
 fn wgmma_form(p: ConvLaunch, i: usize) -> ConvLaunch {
-    let (row_epilogue, tall, six_stages) = WGMMA_FORMS[i];
+    let (row_epilogue, tile) = WGMMA_FORMS[i];
     ConvLaunch {
         row_epilogue,
-        tall,
-        six_stages,
+        tile,
         ..p
     }
 }
@@ -2190,11 +2189,10 @@ fn wgmma_forms(p: ConvLaunch) -> impl Iterator<Item = ConvLaunch> {
 
 fn wgmma_path(p: &ConvLaunch) -> String {
     let mut s = String::from("wgmma");
-    if p.tall {
-        s += ", tall";
-    }
-    if p.six_stages {
-        s += ", six stages";
+    match p.tile {
+        WgmmaTile::Plain => {}
+        WgmmaTile::Tall => s += ", tall",
+        WgmmaTile::SixStages => s += ", six stages",
     }
     if p.splits > 1 {
         s += &format!(", {} splits", p.splits);

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WGMMA_PROBE_COUNTERS,
+    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS,
     WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
@@ -267,11 +267,10 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 ..planned
             };
             for row_epilogue in [false, true] {
-                for (tall, six_stages) in [(false, false), (true, false), (false, true)] {
+                for (tile, _) in WgmmaTile::ALL {
                     let c = ConvLaunch {
                         row_epilogue,
-                        tall,
-                        six_stages,
+                        tile,
                         ..c
                     };
                     if !out.contains(&c) {
@@ -290,8 +289,8 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
 
 fn pipeline_name(l: &ConvLaunch) -> String {
     let kernel = match (l.wgmma, l.deep, l.half_input) {
-        (true, ..) if l.tall => "wgmma, tall",
-        (true, ..) if l.six_stages => "wgmma, six stages",
+        (true, ..) if l.tile == WgmmaTile::Tall => "wgmma, tall",
+        (true, ..) if l.tile == WgmmaTile::SixStages => "wgmma, six stages",
         (true, ..) => "wgmma",
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
@@ -476,8 +475,7 @@ mod tests {
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
                     assert!(!l.row_epilogue || l.deep);
-                    assert!(!l.tall || (l.wgmma && !l.cluster));
-                    assert!(!l.six_stages || (l.wgmma && !l.cluster && !l.tall));
+                    assert!(l.tile == WgmmaTile::Plain || (l.wgmma && !l.cluster));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % WGMMA_SLICE, 0);
