@@ -99,6 +99,30 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
     store_partials(a, b, ch, c, partial);
 }
 
+// A group's mean and 1 / std from its sums over `count` elements, as the CPU forms them
+// (var = E[x²] - mean², eps added in f32), written to stats[id] and stats[n * groups + id] by
+// thread 0.
+struct GroupStats {
+    double mean, rstd;
+};
+DEVI GroupStats group_stats(double s, double q, double count, float eps, float* stats, int n, int groups, int id) {
+    const double mean = s / count;
+    const double var = fmax(q / count - mean * mean, 0.0);
+    const double rstd = 1.0 / sqrt((double)((float)var + eps));
+    if (threadIdx.x == 0) {
+        stats[id] = (float)mean;
+        stats[n * groups + id] = (float)rstd;
+    }
+    return {mean, rstd};
+}
+
+// Channel ch's scale and shift: y = x * scale + shift is (x - mean) rstd gamma + beta.
+DEVI void channel_affine(GroupStats st, const float* gamma, const float* beta, int ch, float& scale, float& shift) {
+    const double a = st.rstd * (double)gamma[ch];
+    scale = (float)a;
+    shift = (float)((double)beta[ch] - st.mean * a);
+}
+
 // Statistics and per-channel affine of the forward pass; one block per (image, group) (blockIdx.x
 // = image * groups + group). scale_shift is [n][2][c]: scale then shift per image.
 extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const double* partial, int n, int hw, int c,
@@ -111,20 +135,10 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
     const int cg = c / groups;
     double s, q;
     group_sums(partial, img, g * cg, cg, c, chunks, s, q);
-    const double count = (double)cg * (double)hw;
-    const double mean = s / count;
-    const double var = fmax(q / count - mean * mean, 0.0);
-    const double rstd = 1.0 / sqrt((double)((float)var + eps));
-    if (threadIdx.x == 0) {
-        stats[id] = (float)mean;
-        stats[n * groups + id] = (float)rstd;
-    }
+    const GroupStats st = group_stats(s, q, (double)cg * (double)hw, eps, stats, n, groups, id);
     float* sc = scale_shift + (long long)img * 2 * c;
-    for (int ch = g * cg + threadIdx.x; ch < (g + 1) * cg; ch += FIN_THREADS) {
-        const double a = rstd * (double)gamma[ch];
-        sc[ch] = (float)a;
-        sc[c + ch] = (float)((double)beta[ch] - mean * a);
-    }
+    for (int ch = g * cg + threadIdx.x; ch < (g + 1) * cg; ch += FIN_THREADS)
+        channel_affine(st, gamma, beta, ch, sc[ch], sc[c + ch]);
 }
 
 // The element-wise passes (apply, and the backward's apply) walk one image per blockIdx.y:
@@ -283,10 +297,11 @@ DEVI BwdUnit bwd_unit(const float* stats, const float* means, const float* gamma
 }
 
 // rstd (g - mean(g) - xhat mean(g xhat)) for one element; the CPU's formula.
+DEVI float bwd_from(float g, float xhat, float rstd, float mg, float mgx) { return rstd * (g - mg - xhat * mgx); }
 DEVI float bwd_value(float xv, float dyv, const BwdChannel& k, int silu) {
     float g, xhat;
     grad_xhat(xv, dyv, k.mean, k.rstd, k.gm, k.bt, silu, g, xhat);
-    return k.rstd * (g - k.mg - xhat * k.mgx);
+    return bwd_from(g, xhat, k.rstd, k.mg, k.mgx);
 }
 
 // The four values of unit element e.
@@ -426,16 +441,9 @@ extern "C" __global__ void __launch_bounds__(1024)
         b += (double)v[k] * (double)v[k];
     }
     block_sum2(a, b);
-    const double count = (double)(c / groups) * (double)hw;
-    const double mean = a / count;
-    const double var = fmax(b / count - mean * mean, 0.0);
-    const double rstd = 1.0 / sqrt((double)((float)var + eps));
-    if (threadIdx.x == 0) {
-        stats[t.id] = (float)mean;
-        stats[n * groups + t.id] = (float)rstd;
-    }
-    const double sd = rstd * (double)gamma[t.ch];
-    const float scale = (float)sd, shift = (float)((double)beta[t.ch] - mean * sd);
+    const GroupStats st = group_stats(a, b, (double)(c / groups) * (double)hw, eps, stats, n, groups, t.id);
+    float scale, shift;
+    channel_affine(st, gamma, beta, t.ch, scale, shift);
 #pragma unroll
     for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
         const long long e = t.at(k, hw, c);
@@ -472,7 +480,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
         const long long e = t.at(k, hw, c);
         if (e < 0) continue;
-        const float v = rstd * (g[k] - mg - xhat[k] * mgx);
+        const float v = bwd_from(g[k], xhat[k], rstd, mg, mgx);
         if (kind == 0 && accumulate)
             static_cast<float*>(dx)[e] += v;
         else

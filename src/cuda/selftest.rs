@@ -845,9 +845,15 @@ impl Tester<'_> {
                     WGMMA_VS_MMA,
                 );
                 // The row epilogue (accumulating too), the tall and six-stage tiles: the same bits.
-                for form in 0..WGMMA_FORMS.len() {
-                    let v: Vec<ConvLaunch> =
-                        wg_plans.iter().map(|&p| wgmma_form(p, form)).collect();
+                for form in wgmma_forms(wg_plans[0]) {
+                    let v: Vec<ConvLaunch> = wg_plans
+                        .iter()
+                        .map(|p| ConvLaunch {
+                            row_epilogue: form.row_epilogue,
+                            tile: form.tile,
+                            ..*p
+                        })
+                        .collect();
                     let ms = self.timed(|| dxd.write(st, dx0), || run(&v))?;
                     let paths: Vec<String> = v.iter().map(wgmma_path).collect();
                     self.row_within(
@@ -2163,28 +2169,19 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 /// fp32, added in a different order.
 const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// The other forms of a wgmma launch, which compute the same bits: (row epilogue, tile).
-const WGMMA_FORMS: [(bool, WgmmaTile); 5] = [
-    (true, WgmmaTile::Plain),
-    (false, WgmmaTile::Tall),
-    (true, WgmmaTile::Tall),
-    (false, WgmmaTile::SixStages),
-    (true, WgmmaTile::SixStages),
-];
-
-/// Form `i` of [`WGMMA_FORMS`] of wgmma launch `p`.
-fn wgmma_form(p: ConvLaunch, i: usize) -> ConvLaunch {
-    let (row_epilogue, tile) = WGMMA_FORMS[i];
-    ConvLaunch {
-        row_epilogue,
-        tile,
-        ..p
-    }
-}
-
-/// Every form of [`WGMMA_FORMS`] of wgmma launch `p`.
+/// Every other form of wgmma launch `p`, which computes the same bits: each tile with each
+/// epilogue.
 fn wgmma_forms(p: ConvLaunch) -> impl Iterator<Item = ConvLaunch> {
-    (0..WGMMA_FORMS.len()).map(move |i| wgmma_form(p, i))
+    WgmmaTile::ALL
+        .into_iter()
+        .flat_map(move |(tile, _)| {
+            [false, true].map(|row_epilogue| ConvLaunch {
+                row_epilogue,
+                tile,
+                ..p
+            })
+        })
+        .filter(move |v| (v.row_epilogue, v.tile) != (p.row_epilogue, p.tile))
 }
 
 fn wgmma_path(p: &ConvLaunch) -> String {
