@@ -1626,12 +1626,7 @@ impl Kernels {
         for (p, what) in [(x, "input"), (w, "weights"), (bias, "bias"), (y, "output")] {
             need(p, what)?;
         }
-        let (r, i, o) = (
-            i32_of(rows, "rows")?,
-            i32_of(inp, "inputs")?,
-            i32_of(out, "outputs")?,
-        );
-        i32_of(rows * out.max(inp), "rows x width")?;
+        let (r, i, o) = linear_sizes(rows, inp, out)?;
         let silu = silu_in as i32;
         let mut b = self.launch(st, &self.linear_rows);
         b.arg(&x)
@@ -1674,13 +1669,8 @@ impl Kernels {
                 "internal: a batched linear launch of {layers} layers (1 to {LINEAR_BATCH_MAX})"
             )));
         }
-        let (l, r, i, o) = (
-            i32_of(layers, "layers")?,
-            i32_of(rows, "rows")?,
-            i32_of(inp, "inputs")?,
-            i32_of(total_out, "batched outputs")?,
-        );
-        i32_of(rows * total_out.max(inp), "rows x width")?;
+        let l = i32_of(layers, "layers")?;
+        let (r, i, o) = linear_sizes(rows, inp, total_out)?;
         let silu = silu_in as i32;
         let mut b = self.launch(st, &self.linear_batch);
         b.arg(&x)
@@ -2386,6 +2376,17 @@ pub(crate) struct Gemm {
     /// On the tf32 tensor cores (`gemm_batched_tf32`: operands rounded to tf32, fp32 sums)
     /// instead of fp32 FMAs.
     pub tf32: bool,
+}
+
+/// `rows`, `inp` and `out` of a few-row linear launch as the kernels' 32-bit sizes, checked
+/// together with every index they form.
+fn linear_sizes(rows: usize, inp: usize, out: usize) -> Result<(i32, i32, i32)> {
+    i32_of(rows * out.max(inp), "rows x width")?;
+    Ok((
+        i32_of(rows, "rows")?,
+        i32_of(inp, "inputs")?,
+        i32_of(out, "outputs")?,
+    ))
 }
 
 /// Byte offset of f32 element `i` (device addresses are in bytes).
