@@ -81,8 +81,45 @@ static_assert(PlainTile::SMEM == WG_SMEM && PlainTile::BLOCKS_PER_SM == 2, "the 
 static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
 static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
 
+// The halo tile (`_halo` kernels, a candidate until timed on a GPU), for 3x3 stride-1
+// convolutions (and their input gradients) whose 128-row tiles are 128 pixels of one image row
+// or two whole rows of 64: the plain tile gathers A once per tap from L2, nine reads of each
+// input pixel; this one copies the tile's pixels and their one-pixel border once per 32
+// channels (a 3 x 130 or 4 x 66 pixel halo) and multiplies all nine taps out of it, each tap's
+// A a shifted view of the halo. In wgmma's no-swizzle K-major layout an operand is "core
+// matrices" of 8 rows x 16 bytes, each 128 contiguous bytes, 8-row groups SBO bytes apart and
+// the two 8-channel halves of a k16 step LBO apart: the halo is stored as one plane per 8
+// channels, [pixel][16 bytes], so any run of 64 consecutive halo pixels is a valid A (SBO 128,
+// LBO the plane), which a swizzled layout, tied to 1024-byte-aligned 8-row groups, is not.
+// Weights come per (tap, 32 channels) in the same layout, [chunk][column][16 bytes], in a ring
+// of six 8 KB stages, four steps of copies ahead; two halo buffers alternate between channel
+// slices. Per 9 steps a block reads 25 KB of halo and 72 KB of weights instead of 9 x 16 KB of
+// gathered A and the same weights (the v0.4 b8 profile reads the long-K launches' operands at
+// 4.4-4.8 TB/s, about what L2 gives). Two blocks per multiprocessor, as the plain tile. It sums
+// K in another order than the plain tile (channel slices outer, taps inner).
+constexpr int HALO_BK = 32;                    // channels per step: 64 bytes of a pixel
+constexpr int HALO_TAPS = 9;                   // steps per channel slice
+constexpr int HALO_PIXELS = 3 * (WG_TM + 2);   // the larger halo: a row of 128; two of 64 take 4 x 66
+constexpr int HALO_BYTES = HALO_PIXELS * 2 * HALO_BK;
+constexpr int HALO_B_STAGES = 6;
+constexpr int HALO_B_STAGE = WG_TN * 2 * HALO_BK;
+struct HaloTile {
+    static constexpr int THREADS = WG_THREADS;
+    static constexpr int SMEM = 2 * HALO_BYTES + HALO_B_STAGES * HALO_B_STAGE + 128;
+    static constexpr int BLOCKS_PER_SM = 2;
+};
+static_assert(HaloTile::SMEM == 99200 && 2 * HaloTile::SMEM <= 227 * 1024,
+              "HaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
+
+// A no-swizzle K-major descriptor: core matrices (8 rows x 16 bytes, contiguous) `sbo` bytes
+// apart along the rows, the two 16-byte halves of a k16 step `lbo` bytes apart.
+DEVI uint64_t wg_desc_plain(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
+           ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
+}
 
 // A shared-memory matrix descriptor: 128-byte swizzle, 1024 bytes between 8-row groups.
 DEVI uint64_t wg_desc(uint32_t addr) {
@@ -208,6 +245,44 @@ template <> struct Probe<true> {
 // Pairs of a row finish_row takes at once in the ROWS epilogue (8 at once spilled 40 bytes at
 // the 128 registers that two blocks per multiprocessor leave each thread).
 constexpr int ROW_PAIRS = 4;
+
+// The epilogue of a block's accumulators, warpgroup w holding rows m0 + 64w .. m0 + 64w + 63
+// against columns n0 .. n0 + 127: raw partial sums into the workspace when K is split
+// (`split`), else finished into y, pair by pair (store_pair) or ROW_PAIRS pairs of a row at a
+// time (ROWS: finish_row).
+template <bool ROWS>
+DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, bool split) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2;
+    const int q = lane & 3;
+    const int row0 = m0 + (warp >> 2) * 64 + (warp & 3) * 16 + g;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int m = row0 + 8 * h;
+        if (m >= M) continue;
+        const RowCoord rc = decode_row(a, m);
+        const long long pix = out_pixel(a, rc);
+        if (ROWS && !split) {
+#pragma unroll
+            for (int part = 0; part < 16 / ROW_PAIRS; ++part) {
+                float2 v[ROW_PAIRS];
+#pragma unroll
+                for (int j = 0; j < ROW_PAIRS; ++j) {
+                    const int jj = ROW_PAIRS * part + j;
+                    v[j] = make_float2(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
+                }
+                finish_row<ROW_PAIRS>(a, rc.img, pix, n0 + 8 * ROW_PAIRS * part + 2 * q, v);
+            }
+            continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            const int col = n0 + 8 * j + 2 * q;
+            if (col >= a.ncols) continue;
+            store_pair(a, split, M, m, rc, pix, col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
+        }
+    }
+}
 
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
 // ROWS: finish each row's pairs ROW_PAIRS at a time (finish_row: loads before stores, 8 round
@@ -351,9 +426,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cp_async_wait<0>();
     cycles.mark(PROBE_DRAIN);
 
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int q = lane & 3;
     const bool split = gridDim.z > 1;
     if constexpr (std::is_same_v<Tile, PlainTile>) {
         // (The host launches clusters of plain tiles only.)
@@ -364,35 +436,143 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             return;
         }
     }
-    const int row0 = m0 + wg * 64 + (warp & 3) * 16 + g;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int m = row0 + 8 * h;
-        if (m >= M) continue;
-        const RowCoord rc = decode_row(a, m);
-        const long long pix = out_pixel(a, rc);
-        if (ROWS && !split) {
-#pragma unroll
-            for (int part = 0; part < 16 / ROW_PAIRS; ++part) {
-                float2 v[ROW_PAIRS];
-#pragma unroll
-                for (int j = 0; j < ROW_PAIRS; ++j) {
-                    const int jj = ROW_PAIRS * part + j;
-                    v[j] = make_float2(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
-                }
-                finish_row<ROW_PAIRS>(a, rc.img, pix, n0 + 8 * ROW_PAIRS * part + 2 * q, v);
-            }
-            continue;
-        }
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            const int col = n0 + 8 * j + 2 * q;
-            if (col >= ncols) continue;
-            store_pair(a, split, M, m, rc, pix, col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
-        }
-    }
+    wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
+}
+
+// The halo tile's body (HaloTile above). The host sends it unsplit launches of nine taps at
+// distinct offsets of one 3x3 window, in_stride 1, sc % 32 == 0, and a row grid (mh, mw) with
+// mw == 64 or mw % 128 == 0 and mh * mw % 128 == 0, so that a tile never leaves its image and
+// each warpgroup's 64 rows are consecutive pixels of one row.
+template <int T, bool PROBE, bool ROWS>
+DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
+    Probe<PROBE> cycles;
+    cycles.start();
+    __shared__ Taps taps;
+    const int tid = threadIdx.x;
+    stage_taps(a, taps);
+    const Window win = tap_window(a);
+
+    const int M = a.n * a.mh * a.mw;
+    const int sc = a.sc;
+    const int ncols = a.ncols;
+    const int m0 = blockIdx.x * WG_TM;
+    const int n0 = blockIdx.y * WG_TN;
+    const int steps = sc / HALO_BK * HALO_TAPS;
+
+    // The halo: hr rows of hc pixels around the tile, from source pixel (sy0, sx0) of image
+    // `first.img`; one plane of 16 bytes per pixel for each 8 channels.
+    const int tw = min(a.mw, WG_TM);
+    const int hc = tw + 2;
+    const int hr = WG_TM / tw + 2;
+    const int plane = hr * hc * 16;
+    const RowCoord first = decode_row(a, m0);
+    const int sy0 = first.my + win.dy0;
+    const int sx0 = first.mx + win.dx0;
+    const uint16_t* const xa = reinterpret_cast<const uint16_t*>(a.x);
+    const uint16_t* const ximg = xa + (long long)first.img * a.sh * a.sw * sc;
+    const uint16_t* const wb = static_cast<const uint16_t*>(a.w);
+    __syncthreads();
+
+    const uint32_t base = (smem_addr(smem) + 127) & ~127u;
+    const uint32_t ring = base + 2 * HALO_BYTES;
+    constexpr int B_CHUNK = WG_TN * 16;  // bytes of one 8-channel chunk of a weight stage
+    // Step s multiplies tap s % 9 of channel slice s / 9; its copies are that tap's weights and,
+    // at a slice's first tap, the slice's halo.
+    auto load = [&](int step) {
+        const int cs = step / HALO_TAPS;
+        const int t = step - cs * HALO_TAPS;
+        const int c0 = cs * HALO_BK;
+        if (t == 0) {
+            // Four threads copy one pixel's 64 bytes (two full sectors); each plane receives
+            // runs of 8 pixels, 128 contiguous bytes.
+            const uint32_t h = base + (cs & 1) * HALO_BYTES;
+            for (int i = tid; i < hr * hc * 4; i += WG_THREADS) {
+                const int p = i >> 2, cc = i & 3;
+                const int hy = p / hc;
+                const int iy = sy0 + hy, ix = sx0 + p - hy * hc;
+                const bool ok = (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
+                const uint16_t* src = ok ? ximg + ((long long)iy * a.sw + ix) * sc + c0 + cc * 8 : xa;
+                cp_async16(h + cc * plane + p * 16, src, ok);
+            }
+        }
+        const uint32_t sb = ring + (step % HALO_B_STAGES) * HALO_B_STAGE;
+        const long long wrow = (long long)taps.w[t] * ncols;
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int i = tid + WG_THREADS * j;
+            const int r = i >> 2, cc = i & 3;
+            const int n = n0 + r;
+            const bool ok = n < ncols;
+            cp_async16(sb + cc * B_CHUNK + r * 16, ok ? wb + (wrow + n) * sc + c0 + cc * 8 : wb, ok);
+        }
+    };
+
+    const int wg = tid >> 7;
+    // This warpgroup's first pixel in the halo, before the tap's offset.
+    const int wg_pix = (wg * 64 / tw) * hc + wg * 64 % tw;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+    // The plain tile's schedule over steps: step s's copies were issued AHEAD iterations
+    // earlier, one group per step; the barrier of step s tells every thread that each
+    // warpgroup's products of step s - 2 are complete, so the weight stage of step s + AHEAD
+    // (= s - 2 modulo the ring) is free. The halo buffer of slice cs + 2, refilled at step
+    // 9 (cs + 2) - AHEAD, was last read at step 9 cs + 8, at least two steps before.
+    constexpr int AHEAD = HALO_B_STAGES - 2;
+    static_assert(AHEAD <= HALO_TAPS - 1, "a halo buffer is refilled only after its last reader");
+#pragma unroll
+    for (int s = 0; s < AHEAD; ++s) {
+        if (s < steps) load(s);
+        cp_async_commit();
+    }
+    cycles.mark(PROBE_SETUP);
+    // At least one step (sc >= 32): a loop that may run zero times gives the accumulators a
+    // second, zero-filled path to the epilogue, and ptxas then serialises every wgmma (C7515).
+    int st = 0;
+    do {
+        cp_async_wait<AHEAD - 1>();
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        cycles.mark(PROBE_COPY_WAIT);
+        __syncthreads();
+        cycles.mark(PROBE_BARRIER);
+        if (st + AHEAD < steps) load(st + AHEAD);
+        cp_async_commit();
+        cycles.mark(PROBE_ISSUE);
+        const int cs = st / HALO_TAPS;
+        const int t = st - cs * HALO_TAPS;
+        const int pix = wg_pix + (taps.dy[t] - win.dy0) * hc + (taps.dx[t] - win.dx0);
+        const uint32_t sa = base + (cs & 1) * HALO_BYTES + pix * 16;
+        const uint32_t sb = ring + (st % HALO_B_STAGES) * HALO_B_STAGE;
+        wg_fence_acc(acc);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ks = 0; ks < HALO_BK / 16; ++ks)
+            wg_mma<T>(acc, wg_desc_plain(sa + 2 * ks * plane, plane, 128),
+                      wg_desc_plain(sb + 2 * ks * B_CHUNK, B_CHUNK, 128));
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+        wg_fence_acc(acc);
+        cycles.mark(PROBE_MMA);
+    } while (++st < steps);
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wg_fence_acc(acc);
+    cp_async_wait<0>();
+    cycles.mark(PROBE_DRAIN);
+    wg_epilogue<ROWS>(a, acc, M, m0, n0, false);
+    cycles.mark(PROBE_EPILOGUE);
+    cycles.flush(probe, steps);
+}
+
+// A kernel's body by its tile.
+template <int T, bool PROBE, bool ROWS, class Tile>
+DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
+    if constexpr (std::is_same_v<Tile, HaloTile>)
+        wg_halo_body<T, PROBE, ROWS>(a, smem, probe);
+    else
+        wg_body<T, PROBE, ROWS, Tile>(a, smem, probe);
 }
 
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
@@ -404,7 +584,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         name(const ConvArgs a) {                                                                      \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                         \
+        wg_run<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                          \
     }
 // The same kernel counting its cycles into probe[PROBE_COUNTERS] (zeroed by the host).
 #define WG_PROBE_KERNEL(name, T, ROWS, TILE)                                                         \
@@ -412,10 +592,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         name(const ConvArgs a, unsigned long long* probe) {                                           \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                            \
+        wg_run<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \
     }
 // Both precisions, both epilogues, plain and counting, of one tile: the row-batched epilogue
-// (ROWS), the tall and six-stage tiles are candidates until timed on a GPU.
+// (ROWS), the tall, six-stage and halo tiles are candidates until timed on a GPU.
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE)                                              \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE)                                              \
@@ -428,3 +608,4 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
 WG_KERNELS(_6stage, SixStageTile)
+WG_KERNELS(_halo, HaloTile)

@@ -66,6 +66,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` gives large wgmma launches 256-row tiles",
     ),
     switch(
+        "INVDIFF_WGMMA_HALO",
+        "GPU candidate: `1` gives 3x3 wgmma launches a shared-memory halo of their input",
+    ),
+    switch(
         "INVDIFF_WGMMA_SIX_STAGES",
         "GPU candidate: `1` gives one-block-per-SM wgmma launches six stages",
     ),

@@ -417,14 +417,19 @@ pub(crate) enum WgmmaTile {
     /// (`SixStageTile`, the `_6stage` kernels), for launches of at most one block per
     /// multiprocessor.
     SixStages,
+    /// 128 rows whose A operand is a shared-memory halo of the tile's pixels, copied once per
+    /// 32 channels for all nine taps (`HaloTile`, the `_halo` kernels): only unsplit launches
+    /// of shapes [`halo_fits`] takes. It sums K in another order (channel slices outer).
+    Halo,
 }
 
 impl WgmmaTile {
     /// In the order of [`Kernels`]' wgmma tables, with each one's kernel name suffix.
-    pub(crate) const ALL: [(WgmmaTile, &'static str); 3] = [
+    pub(crate) const ALL: [(WgmmaTile, &'static str); 4] = [
         (WgmmaTile::Plain, ""),
         (WgmmaTile::Tall, "_tall"),
         (WgmmaTile::SixStages, "_6stage"),
+        (WgmmaTile::Halo, "_halo"),
     ];
 
     /// Output rows of one block.
@@ -432,6 +437,15 @@ impl WgmmaTile {
         match self {
             WgmmaTile::Tall => 256,
             _ => TILE,
+        }
+    }
+
+    /// The K slice one step of its mainloop multiplies (what the cycle probe counts): 32
+    /// channels of one tap in the halo tile, [`WGMMA_SLICE`] otherwise.
+    pub fn k_slice(self) -> usize {
+        match self {
+            WgmmaTile::Halo => 32,
+            _ => WGMMA_SLICE,
         }
     }
 
@@ -443,11 +457,13 @@ impl WgmmaTile {
     }
 
     /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
-    /// 16 KB tile, or six of two 16 KB tiles; plus 1 KB to align them.
+    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them; or two 24,960-byte
+    /// halos and six 8 KB weight stages, plus 128 bytes.
     fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
             WgmmaTile::Tall | WgmmaTile::SixStages => 197_632,
+            WgmmaTile::Halo => 99_200,
         }
     }
 }
@@ -502,6 +518,18 @@ pub(crate) fn plan_wgmma_six(
     l.k_per_split = alone.k_per_split;
     l.tile = WgmmaTile::SixStages;
     Some(l)
+}
+
+/// Whether the halo tile ([`WgmmaTile::Halo`]) computes `s`: nine taps at distinct offsets of
+/// one 3x3 window at in_stride 1 (a 3x3 stride-1 convolution or its input gradient), channels
+/// in slices of 32, and rows that tile by 128 without leaving an image, each warpgroup's 64 on
+/// one row: `mw` 64 or a multiple of 128.
+pub(crate) fn halo_fits(s: &ConvShape) -> bool {
+    s.taps.len() == 9
+        && direct_fits(s)
+        && s.sc % 32 == 0
+        && (s.mw == 64 || s.mw % 128 == 0)
+        && (s.mh * s.mw) % TILE == 0
 }
 
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
@@ -797,11 +825,11 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` and the
-    /// `_6stage` forms of all four ([`wgmma_index`]): on compute capability 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 12]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall`, `_6stage`
+    /// and `_halo` forms of all four ([`wgmma_index`]): on compute capability 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 16]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; 12]>,
+    conv_wgmma_probe: Option<[CudaFunction; 16]>,
 }
 
 const BLOCK: u32 = 256;
@@ -1046,8 +1074,8 @@ impl Kernels {
                     allow_smem(ctx, f, bytes)
                 };
                 // In wgmma_index order: precision, then epilogue, then tile.
-                let all = |suffix: &str| -> Result<[CudaFunction; 12]> {
-                    let mut out = Vec::with_capacity(12);
+                let all = |suffix: &str| -> Result<[CudaFunction; 16]> {
+                    let mut out = Vec::with_capacity(16);
                     for (tile, name) in WgmmaTile::ALL {
                         for rows in ["", "_rows"] {
                             for t in ["bf16", "fp16"] {
@@ -1272,6 +1300,7 @@ impl Kernels {
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tile != WgmmaTile::Plain && (plan.cluster || !plan.wgmma))
+            || (plan.tile == WgmmaTile::Halo && (plan.splits != 1 || !halo_fits(s)))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \

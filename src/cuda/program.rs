@@ -15,8 +15,8 @@
 //! [`Program::lifetimes`] reads off the list.
 
 use super::kernels::{
-    plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape,
-    NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    halo_fits, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel, ConvLaunch,
+    ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
@@ -71,6 +71,11 @@ pub(crate) struct KernelConfig {
     /// six-stage tile ([`WgmmaTile::SixStages`]): the same sums as that split on the plain
     /// tile.
     pub six_stages: bool,
+    /// Unsplit wgmma launches of 3x3 stride-1 convolutions and their input gradients whose
+    /// rows tile without leaving an image row ([`halo_fits`]) take the halo tile
+    /// ([`WgmmaTile::Halo`]), ahead of the tall one: the same products, summed channel slices
+    /// outer.
+    pub halo_tiles: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -92,6 +97,7 @@ impl Default for KernelConfig {
             attention_tf32: false,
             tall_tiles: false,
             six_stages: false,
+            halo_tiles: false,
             batch_invariant: false,
         }
     }
@@ -114,6 +120,7 @@ impl KernelConfig {
             attention_tf32: on("INVDIFF_ATTN_TF32"),
             tall_tiles: on("INVDIFF_WGMMA_TALL"),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
+            halo_tiles: on("INVDIFF_WGMMA_HALO"),
             batch_invariant: false,
         }
     }
@@ -133,6 +140,7 @@ impl KernelConfig {
             (self.attention_tf32, "tf32 attention"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.six_stages, "six-stage wgmma tiles"),
+            (self.halo_tiles, "halo wgmma tiles"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()
@@ -1188,16 +1196,16 @@ impl Lowering<'_> {
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
+        let unsplit_plain = launch.wgmma
+            && !launch.cluster
+            && launch.tile == WgmmaTile::Plain
+            && launch.splits == 1;
         // One tall block per multiprocessor: only where they fill the machine at least once.
         let tall = WgmmaTile::Tall;
         let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
-        if self.choice.tall_tiles
-            && launch.wgmma
-            && !launch.cluster
-            && launch.tile == WgmmaTile::Plain
-            && launch.splits == 1
-            && tall_blocks >= self.sms
-        {
+        if self.choice.halo_tiles && unsplit_plain && halo_fits(&planned) {
+            launch.tile = WgmmaTile::Halo;
+        } else if self.choice.tall_tiles && unsplit_plain && tall_blocks >= self.sms {
             launch.tile = tall;
         }
         let ws_len = launch.workspace_len(&shape);
@@ -2277,11 +2285,42 @@ mod tests {
         }
         assert!(six > 10, "{six}");
     }
+    /// halo_tiles gives the halo tile to unsplit wgmma launches of the shapes it takes, ahead
+    /// of the tall tile: at batch 8, the 3x3 convolutions and their input gradients of the
+    /// 256x256 to 64x64 levels (rows of at least 64) whose channels come in 32s.
+    #[test]
+    fn halo_tiles_where_they_fit() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let tc = KernelConfig {
+            wgmma: true,
+            tall_tiles: true,
+            halo_tiles: true,
+            ..KernelConfig::default()
+        };
+        let p = Program::build_with(&g, 8, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+        let (mut halo, mut widths) = (0, std::collections::BTreeSet::new());
+        for s in &p.steps {
+            if let Step::Conv(c) = s {
+                let fits = c.launch.wgmma
+                    && c.launch.splits == 1
+                    && !c.launch.cluster
+                    && halo_fits(&c.shape);
+                assert_eq!(c.launch.tile == WgmmaTile::Halo, fits, "{:?}", c.shape);
+                if fits {
+                    assert_eq!((c.shape.taps.len(), c.shape.in_stride), (9, 1));
+                    widths.insert(c.shape.mw);
+                    halo += 1;
+                }
+            }
+        }
+        assert!(halo > 20, "{halo}");
+        assert_eq!(widths.into_iter().collect::<Vec<_>>(), [64, 128, 256]);
+    }
     /// Reports name every choice that is on, and none that is off.
     #[test]
     fn every_choice_has_a_name() {
         assert!(KernelConfig::default().describe().is_empty());
-        let flags: [fn(&mut KernelConfig); 12] = [
+        let flags: [fn(&mut KernelConfig); 13] = [
             |c| c.deep = false,
             |c| c.wgmma = true,
             |c| c.gn_one_pass = true,
@@ -2293,6 +2332,7 @@ mod tests {
             |c| c.attention_tf32 = true,
             |c| c.tall_tiles = true,
             |c| c.six_stages = true,
+            |c| c.halo_tiles = true,
             |c| c.batch_invariant = true,
         ];
         let mut all = KernelConfig::default();

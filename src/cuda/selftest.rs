@@ -12,9 +12,9 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    at, halo_fits, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel,
+    ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WgmmaTile,
+    WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -460,6 +460,13 @@ impl Tester<'_> {
                 accumulate: true,
                 ..cc(1, 8, 8, 512, 512, 3, 1, Symmetric)
             },
+            // Rows of 64 (the halo tile's two-row tiles), a partial column tile both ways.
+            ConvCase {
+                temb: true,
+                res: true,
+                accumulate: true,
+                ..cc(2, 64, 64, 96, 160, 3, 1, Symmetric)
+            },
             ConvCase {
                 accumulate: true,
                 ..cc(2, 32, 32, 64, 64, 3, 2, Symmetric)
@@ -702,8 +709,9 @@ impl Tester<'_> {
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
             // The row epilogue, the tall and six-stage tiles: the same products summed in the
-            // same order and the same epilogue arithmetic, so the same bits.
-            for v in std::iter::once(wp).chain(wgmma_forms(wp)) {
+            // same order and the same epilogue arithmetic, so the same bits; the halo tile sums
+            // them in another order.
+            for (v, tolerance) in std::iter::once((wp, 0.0)).chain(wgmma_forms(wp, &shape)) {
                 if v != wp {
                     let yr = self.zeros(want.len())?;
                     let pr = ConvPtrs { y: yr.ptr, ..ptrs };
@@ -717,7 +725,7 @@ impl Tester<'_> {
                         &yr.download(st)?,
                         &wg_out,
                         ms,
-                        0.0,
+                        tolerance,
                     );
                 }
                 if out_div == 1.0 {
@@ -844,14 +852,23 @@ impl Tester<'_> {
                     ms,
                     WGMMA_VS_MMA,
                 );
-                // The row epilogue (accumulating too), the tall and six-stage tiles: the same bits.
-                for form in wgmma_forms(wg_plans[0]) {
+                // The row epilogue (accumulating too), the tall and six-stage tiles: the same
+                // bits; the halo tile where it takes the launch (the plain one elsewhere).
+                for (form, tolerance) in wgmma_forms(wg_plans[0], &shapes[0]) {
                     let v: Vec<ConvLaunch> = wg_plans
                         .iter()
-                        .map(|p| ConvLaunch {
-                            row_epilogue: form.row_epilogue,
-                            tile: form.tile,
-                            ..*p
+                        .zip(&shapes)
+                        .map(|(p, s)| {
+                            let halo = p.splits == 1 && halo_fits(s);
+                            ConvLaunch {
+                                row_epilogue: form.row_epilogue,
+                                tile: if form.tile != WgmmaTile::Halo || halo {
+                                    form.tile
+                                } else {
+                                    p.tile
+                                },
+                                ..*p
+                            }
                         })
                         .collect();
                     let ms = self.timed(|| dxd.write(st, dx0), || run(&v))?;
@@ -866,7 +883,7 @@ impl Tester<'_> {
                         &dxd.download(st)?,
                         &wg_got,
                         ms,
-                        0.0,
+                        tolerance,
                     );
                 }
             }
@@ -903,7 +920,7 @@ impl Tester<'_> {
         // Two warpgroups per block, four in a tall one.
         let per_block = wp.tile.rows() as u64 / 64;
         let tiles = (shape.rows().div_ceil(wp.tile.rows()) * shape.ncols.div_ceil(128)) as u64;
-        let slices = shape.k().div_ceil(WGMMA_SLICE) as u64;
+        let slices = shape.k().div_ceil(wp.tile.k_slice()) as u64;
         let warpgroups = per_block * tiles * wp.splits as u64;
         let phases = WGMMA_PROBE_PHASES.len();
         // `timed` runs the launch twice (warm-up, then timed): whole multiples of one launch's
@@ -2169,19 +2186,30 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 /// fp32, added in a different order.
 const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// Every other form of wgmma launch `p`, which computes the same bits: each tile with each
-/// epilogue.
-fn wgmma_forms(p: ConvLaunch) -> impl Iterator<Item = ConvLaunch> {
+/// Every other form of wgmma launch `p` of `shape`, each tile with each epilogue, and how far
+/// it may be from `p`'s result: 0 (the same sums in the same order), or [`WGMMA_VS_MMA`] for
+/// the halo tile (channel slices outer), where it takes the launch.
+fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> impl Iterator<Item = (ConvLaunch, f64)> {
+    let halo = p.splits == 1 && halo_fits(shape);
     WgmmaTile::ALL
         .into_iter()
+        .filter(move |&(tile, _)| tile != WgmmaTile::Halo || halo)
         .flat_map(move |(tile, _)| {
-            [false, true].map(|row_epilogue| ConvLaunch {
-                row_epilogue,
-                tile,
-                ..p
+            let tolerance = if (tile == WgmmaTile::Halo) != (p.tile == WgmmaTile::Halo) {
+                WGMMA_VS_MMA
+            } else {
+                0.0
+            };
+            [false, true].map(|row_epilogue| {
+                let v = ConvLaunch {
+                    row_epilogue,
+                    tile,
+                    ..p
+                };
+                (v, tolerance)
             })
         })
-        .filter(move |v| (v.row_epilogue, v.tile) != (p.row_epilogue, p.tile))
+        .filter(move |(v, _)| (v.row_epilogue, v.tile) != (p.row_epilogue, p.tile))
 }
 
 fn wgmma_path(p: &ConvLaunch) -> String {
@@ -2190,6 +2218,7 @@ fn wgmma_path(p: &ConvLaunch) -> String {
         WgmmaTile::Plain => {}
         WgmmaTile::Tall => s += ", tall",
         WgmmaTile::SixStages => s += ", six stages",
+        WgmmaTile::Halo => s += ", halo",
     }
     if p.splits > 1 {
         s += &format!(", {} splits", p.splits);

@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS,
-    WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    halo_fits, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile,
+    WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -55,7 +55,8 @@ pub struct SweepVariant {
 #[derive(Clone, Debug, Serialize)]
 pub struct CycleProbe {
     pub warpgroups: u64,
-    /// K slices (64 deep) each warpgroup multiplied, on average.
+    /// K slices each warpgroup multiplied, on average: 64 deep, or 32 in the halo tile
+    /// ([`WgmmaTile::k_slice`]).
     pub slices: f64,
     /// Cycles from a warpgroup's start to its end, on average.
     pub cycles: f64,
@@ -268,6 +269,9 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             };
             for row_epilogue in [false, true] {
                 for (tile, _) in WgmmaTile::ALL {
+                    if tile == WgmmaTile::Halo && (c.splits != 1 || !halo_fits(shape)) {
+                        continue;
+                    }
                     let c = ConvLaunch {
                         row_epilogue,
                         tile,
@@ -291,6 +295,7 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     let kernel = match (l.wgmma, l.deep, l.half_input) {
         (true, ..) if l.tile == WgmmaTile::Tall => "wgmma, tall",
         (true, ..) if l.tile == WgmmaTile::SixStages => "wgmma, six stages",
+        (true, ..) if l.tile == WgmmaTile::Halo => "wgmma, halo",
         (true, ..) => "wgmma",
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
