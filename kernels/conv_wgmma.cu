@@ -97,19 +97,29 @@ static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match Wgmma
 // gathered A and the same weights (the v0.4 b8 profile reads the long-K launches' operands at
 // 4.4-4.8 TB/s, about what L2 gives). Two blocks per multiprocessor, as the plain tile. It sums
 // K in another order than the plain tile (channel slices outer, taps inner).
-constexpr int HALO_BK = 32;                    // channels per step: 64 bytes of a pixel
-constexpr int HALO_TAPS = 9;                   // steps per channel slice
-constexpr int HALO_PIXELS = 3 * (WG_TM + 2);   // the larger halo: a row of 128; two of 64 take 4 x 66
-constexpr int HALO_BYTES = HALO_PIXELS * 2 * HALO_BK;
-constexpr int HALO_B_STAGES = 6;
+//
+// The tall halo tile (`_tall_halo`): 256 rows (a row of 256, two of 128 or four of 64) of four
+// warpgroups share each weight stage, 155 FLOP per byte; one block per multiprocessor, so eight
+// weight stages, six steps of copies ahead.
+constexpr int HALO_BK = 32;    // channels per step: 64 bytes of a pixel
+constexpr int HALO_TAPS = 9;   // steps per channel slice
 constexpr int HALO_B_STAGE = WG_TN * 2 * HALO_BK;
-struct HaloTile {
-    static constexpr int THREADS = WG_THREADS;
-    static constexpr int SMEM = 2 * HALO_BYTES + HALO_B_STAGES * HALO_B_STAGE + 128;
-    static constexpr int BLOCKS_PER_SM = 2;
+template <int TM_, int B_STAGES_> struct HaloTile {
+    static constexpr int TM = TM_;
+    static constexpr int THREADS = 2 * TM;
+    static constexpr int B_STAGES = B_STAGES_;
+    // The largest halo, of a tile one row wide (two rows of TM / 2 take 4 x (TM / 2 + 2)).
+    static constexpr int BYTES = 3 * (TM + 2) * 2 * HALO_BK;
+    static constexpr int SMEM = 2 * BYTES + B_STAGES * HALO_B_STAGE + 128;
+    static constexpr int BLOCKS_PER_SM = 2 * SMEM <= 227 * 1024 ? 2 : 1;
 };
-static_assert(HaloTile::SMEM == 99200 && 2 * HaloTile::SMEM <= 227 * 1024,
-              "HaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+using PlainHaloTile = HaloTile<128, 6>;
+using TallHaloTile = HaloTile<256, 8>;
+static_assert(PlainHaloTile::SMEM == 99200 && PlainHaloTile::BLOCKS_PER_SM == 2,
+              "PlainHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+static_assert(TallHaloTile::SMEM == 164736, "TallHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+template <class T> constexpr bool IS_HALO = false;
+template <int TM, int S> constexpr bool IS_HALO<HaloTile<TM, S>> = true;
 
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
@@ -441,12 +451,16 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
-// The halo tile's body (HaloTile above). The host sends it unsplit launches of nine taps at
+// The halo tiles' body (HaloTile above). The host sends it unsplit launches of nine taps at
 // distinct offsets of one 3x3 window, in_stride 1, sc % 32 == 0, and a row grid (mh, mw) with
-// mw == 64 or mw % 128 == 0 and mh * mw % 128 == 0, so that a tile never leaves its image and
-// each warpgroup's 64 rows are consecutive pixels of one row.
-template <int T, bool PROBE, bool ROWS>
+// mw % 64 == 0, TM % mw == 0 or mw % TM == 0, and mh * mw % TM == 0, so that a tile never
+// leaves its image and each warpgroup's 64 rows are consecutive pixels of one row.
+template <int T, bool PROBE, bool ROWS, class Tile>
 DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
+    constexpr int TM = Tile::TM;
+    constexpr int THREADS = Tile::THREADS;
+    constexpr int HALO_BYTES = Tile::BYTES;
+    constexpr int HALO_B_STAGES = Tile::B_STAGES;
     Probe<PROBE> cycles;
     cycles.start();
     __shared__ Taps taps;
@@ -457,15 +471,15 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     const int M = a.n * a.mh * a.mw;
     const int sc = a.sc;
     const int ncols = a.ncols;
-    const int m0 = blockIdx.x * WG_TM;
+    const int m0 = blockIdx.x * TM;
     const int n0 = blockIdx.y * WG_TN;
     const int steps = sc / HALO_BK * HALO_TAPS;
 
     // The halo: hr rows of hc pixels around the tile, from source pixel (sy0, sx0) of image
     // `first.img`; one plane of 16 bytes per pixel for each 8 channels.
-    const int tw = min(a.mw, WG_TM);
+    const int tw = min(a.mw, TM);
     const int hc = tw + 2;
-    const int hr = WG_TM / tw + 2;
+    const int hr = TM / tw + 2;
     const int plane = hr * hc * 16;
     const RowCoord first = decode_row(a, m0);
     const int sy0 = first.my + win.dy0;
@@ -488,7 +502,7 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
             // Four threads copy one pixel's 64 bytes (two full sectors); each plane receives
             // runs of 8 pixels, 128 contiguous bytes.
             const uint32_t h = base + (cs & 1) * HALO_BYTES;
-            for (int i = tid; i < hr * hc * 4; i += WG_THREADS) {
+            for (int i = tid; i < hr * hc * 4; i += THREADS) {
                 const int p = i >> 2, cc = i & 3;
                 const int hy = p / hc;
                 const int iy = sy0 + hy, ix = sx0 + p - hy * hc;
@@ -500,8 +514,8 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
         const uint32_t sb = ring + (step % HALO_B_STAGES) * HALO_B_STAGE;
         const long long wrow = (long long)taps.w[t] * ncols;
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int i = tid + WG_THREADS * j;
+        for (int j = 0; j < WG_TN * 4 / THREADS; ++j) {
+            const int i = tid + THREADS * j;
             const int r = i >> 2, cc = i & 3;
             const int n = n0 + r;
             const bool ok = n < ncols;
@@ -569,8 +583,8 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
 // A kernel's body by its tile.
 template <int T, bool PROBE, bool ROWS, class Tile>
 DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
-    if constexpr (std::is_same_v<Tile, HaloTile>)
-        wg_halo_body<T, PROBE, ROWS>(a, smem, probe);
+    if constexpr (IS_HALO<Tile>)
+        wg_halo_body<T, PROBE, ROWS, Tile>(a, smem, probe);
     else
         wg_body<T, PROBE, ROWS, Tile>(a, smem, probe);
 }
@@ -608,4 +622,5 @@ DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* pro
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
 WG_KERNELS(_6stage, SixStageTile)
-WG_KERNELS(_halo, HaloTile)
+WG_KERNELS(_halo, PlainHaloTile)
+WG_KERNELS(_tall_halo, TallHaloTile)

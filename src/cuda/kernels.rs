@@ -418,24 +418,29 @@ pub(crate) enum WgmmaTile {
     /// multiprocessor.
     SixStages,
     /// 128 rows whose A operand is a shared-memory halo of the tile's pixels, copied once per
-    /// 32 channels for all nine taps (`HaloTile`, the `_halo` kernels): only unsplit launches
-    /// of shapes [`halo_fits`] takes. It sums K in another order (channel slices outer).
+    /// 32 channels for all nine taps (`PlainHaloTile`, the `_halo` kernels): only unsplit
+    /// launches of shapes [`halo_fits`] takes. It sums K in another order (channel slices
+    /// outer).
     Halo,
+    /// The halo tile with 256 rows of four warpgroups, one block per multiprocessor
+    /// (`TallHaloTile`, the `_tall_halo` kernels): the same sums as [`WgmmaTile::Halo`].
+    TallHalo,
 }
 
 impl WgmmaTile {
     /// In the order of [`Kernels`]' wgmma tables, with each one's kernel name suffix.
-    pub(crate) const ALL: [(WgmmaTile, &'static str); 4] = [
+    pub(crate) const ALL: [(WgmmaTile, &'static str); 5] = [
         (WgmmaTile::Plain, ""),
         (WgmmaTile::Tall, "_tall"),
         (WgmmaTile::SixStages, "_6stage"),
         (WgmmaTile::Halo, "_halo"),
+        (WgmmaTile::TallHalo, "_tall_halo"),
     ];
 
     /// Output rows of one block.
     pub fn rows(self) -> usize {
         match self {
-            WgmmaTile::Tall => 256,
+            WgmmaTile::Tall | WgmmaTile::TallHalo => 256,
             _ => TILE,
         }
     }
@@ -444,27 +449,41 @@ impl WgmmaTile {
     /// channels of one tap in the halo tile, [`WGMMA_SLICE`] otherwise.
     pub fn k_slice(self) -> usize {
         match self {
-            WgmmaTile::Halo => 32,
+            WgmmaTile::Halo | WgmmaTile::TallHalo => 32,
             _ => WGMMA_SLICE,
         }
     }
 
     fn threads(self) -> u32 {
         match self {
-            WgmmaTile::Tall => 512,
+            WgmmaTile::Tall | WgmmaTile::TallHalo => 512,
             _ => BLOCK,
         }
     }
 
     /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
-    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them; or two 24,960-byte
-    /// halos and six 8 KB weight stages, plus 128 bytes.
+    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them; or two halos of
+    /// 3 x (rows + 2) pixels x 64 bytes and six (eight when tall) 8 KB weight stages, plus
+    /// 128 bytes.
     fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
             WgmmaTile::Tall | WgmmaTile::SixStages => 197_632,
             WgmmaTile::Halo => 99_200,
+            WgmmaTile::TallHalo => 164_736,
         }
+    }
+
+    /// Whether this is one of the halo tiles, which sum K in their own order.
+    pub fn is_halo(self) -> bool {
+        matches!(self, WgmmaTile::Halo | WgmmaTile::TallHalo)
+    }
+
+    /// Whether this tile's kernels compute `s` with K split `splits` ways: any split of any
+    /// wgmma shape, except that the halo tiles take only unsplit launches of the shapes
+    /// [`halo_fits`] takes at their row count.
+    pub fn takes(self, s: &ConvShape, splits: usize) -> bool {
+        !self.is_halo() || (splits == 1 && halo_fits(s, self.rows()))
     }
 }
 
@@ -520,16 +539,18 @@ pub(crate) fn plan_wgmma_six(
     Some(l)
 }
 
-/// Whether the halo tile ([`WgmmaTile::Halo`]) computes `s`: nine taps at distinct offsets of
-/// one 3x3 window at in_stride 1 (a 3x3 stride-1 convolution or its input gradient), channels
-/// in slices of 32, and rows that tile by 128 without leaving an image, each warpgroup's 64 on
-/// one row: `mw` 64 or a multiple of 128.
-pub(crate) fn halo_fits(s: &ConvShape) -> bool {
+/// Whether a halo tile of `rows` rows (128: [`WgmmaTile::Halo`], 256:
+/// [`WgmmaTile::TallHalo`]) computes `s`: nine taps at distinct offsets of one 3x3 window at
+/// in_stride 1 (a 3x3 stride-1 convolution or its input gradient), channels in slices of 32,
+/// and rows that tile by `rows` without leaving an image, each warpgroup's 64 on one row:
+/// `mw` a multiple of 64 that divides `rows` or that `rows` divides.
+pub(crate) fn halo_fits(s: &ConvShape, rows: usize) -> bool {
     s.taps.len() == 9
         && direct_fits(s)
         && s.sc % 32 == 0
-        && (s.mw == 64 || s.mw % 128 == 0)
-        && (s.mh * s.mw) % TILE == 0
+        && s.mw % 64 == 0
+        && (rows % s.mw == 0 || s.mw % rows == 0)
+        && (s.mh * s.mw) % rows == 0
 }
 
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
@@ -825,11 +846,12 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall`, `_6stage`
-    /// and `_halo` forms of all four ([`wgmma_index`]): on compute capability 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 16]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall`, `_6stage`,
+    /// `_halo` and `_tall_halo` forms of all four ([`wgmma_index`]): on compute capability 9.0
+    /// only.
+    conv_wgmma: Option<[CudaFunction; 20]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; 16]>,
+    conv_wgmma_probe: Option<[CudaFunction; 20]>,
 }
 
 const BLOCK: u32 = 256;
@@ -1074,8 +1096,8 @@ impl Kernels {
                     allow_smem(ctx, f, bytes)
                 };
                 // In wgmma_index order: precision, then epilogue, then tile.
-                let all = |suffix: &str| -> Result<[CudaFunction; 16]> {
-                    let mut out = Vec::with_capacity(16);
+                let all = |suffix: &str| -> Result<[CudaFunction; 20]> {
+                    let mut out = Vec::with_capacity(20);
                     for (tile, name) in WgmmaTile::ALL {
                         for rows in ["", "_rows"] {
                             for t in ["bf16", "fp16"] {
@@ -1300,7 +1322,7 @@ impl Kernels {
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tile != WgmmaTile::Plain && (plan.cluster || !plan.wgmma))
-            || (plan.tile == WgmmaTile::Halo && (plan.splits != 1 || !halo_fits(s)))
+            || !plan.tile.takes(s, plan.splits)
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \

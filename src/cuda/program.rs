@@ -73,8 +73,9 @@ pub(crate) struct KernelConfig {
     pub six_stages: bool,
     /// Unsplit wgmma launches of 3x3 stride-1 convolutions and their input gradients whose
     /// rows tile without leaving an image row ([`halo_fits`]) take the halo tile
-    /// ([`WgmmaTile::Halo`]), ahead of the tall one: the same products, summed channel slices
-    /// outer.
+    /// ([`WgmmaTile::Halo`]), ahead of the tall one; with `tall_tiles` too, those that fill
+    /// the machine with 256-row tiles take [`WgmmaTile::TallHalo`]. The same products,
+    /// summed channel slices outer.
     pub halo_tiles: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
@@ -1203,9 +1204,14 @@ impl Lowering<'_> {
         // One tall block per multiprocessor: only where they fill the machine at least once.
         let tall = WgmmaTile::Tall;
         let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
-        if self.choice.halo_tiles && unsplit_plain && halo_fits(&planned) {
-            launch.tile = WgmmaTile::Halo;
-        } else if self.choice.tall_tiles && unsplit_plain && tall_blocks >= self.sms {
+        let tall_here = self.choice.tall_tiles && unsplit_plain && tall_blocks >= self.sms;
+        if self.choice.halo_tiles && unsplit_plain && halo_fits(&planned, WgmmaTile::Halo.rows()) {
+            launch.tile = if tall_here && halo_fits(&planned, tall.rows()) {
+                WgmmaTile::TallHalo
+            } else {
+                WgmmaTile::Halo
+            };
+        } else if tall_here {
             launch.tile = tall;
         }
         let ws_len = launch.workspace_len(&shape);
@@ -2285,36 +2291,50 @@ mod tests {
         }
         assert!(six > 10, "{six}");
     }
-    /// halo_tiles gives the halo tile to unsplit wgmma launches of the shapes it takes, ahead
-    /// of the tall tile: at batch 8, the 3x3 convolutions and their input gradients of the
-    /// 256x256 to 64x64 levels (rows of at least 64) whose channels come in 32s.
+    /// halo_tiles gives the halo tiles to unsplit wgmma launches of the shapes they take,
+    /// ahead of the tall tile: at batch 8, the 3x3 convolutions and their input gradients of
+    /// the 256x256 to 64x64 levels (rows of at least 64) whose channels come in 32s; with
+    /// tall_tiles too, the 256-row halo tile where those fill the machine.
     #[test]
     fn halo_tiles_where_they_fit() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        let tc = KernelConfig {
-            wgmma: true,
-            tall_tiles: true,
-            halo_tiles: true,
-            ..KernelConfig::default()
-        };
-        let p = Program::build_with(&g, 8, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
-        let (mut halo, mut widths) = (0, std::collections::BTreeSet::new());
-        for s in &p.steps {
-            if let Step::Conv(c) = s {
-                let fits = c.launch.wgmma
-                    && c.launch.splits == 1
-                    && !c.launch.cluster
-                    && halo_fits(&c.shape);
-                assert_eq!(c.launch.tile == WgmmaTile::Halo, fits, "{:?}", c.shape);
-                if fits {
-                    assert_eq!((c.shape.taps.len(), c.shape.in_stride), (9, 1));
-                    widths.insert(c.shape.mw);
-                    halo += 1;
+        for tall_tiles in [false, true] {
+            let tc = KernelConfig {
+                wgmma: true,
+                tall_tiles,
+                halo_tiles: true,
+                ..KernelConfig::default()
+            };
+            let p = Program::build_with(&g, 8, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+            let (mut halo, mut tall_halo, mut widths) = (0, 0, std::collections::BTreeSet::new());
+            for s in &p.steps {
+                if let Step::Conv(c) = s {
+                    let fits = c.launch.wgmma
+                        && c.launch.splits == 1
+                        && !c.launch.cluster
+                        && halo_fits(&c.shape, 128);
+                    assert_eq!(c.launch.tile.is_halo(), fits, "{:?}", c.shape);
+                    assert!(c.launch.tile.takes(&c.shape, c.launch.splits));
+                    if fits {
+                        assert_eq!((c.shape.taps.len(), c.shape.in_stride), (9, 1));
+                        widths.insert(c.shape.mw);
+                        halo += 1;
+                    }
+                    if c.launch.tile == WgmmaTile::TallHalo {
+                        let blocks = c.shape.rows().div_ceil(256) * c.shape.ncols.div_ceil(128);
+                        assert!(blocks >= 132, "{blocks}");
+                        tall_halo += 1;
+                    }
                 }
             }
+            assert!(halo > 20, "{halo}");
+            assert_eq!(widths.into_iter().collect::<Vec<_>>(), [64, 128, 256]);
+            if tall_tiles {
+                assert!(tall_halo > 20, "{tall_halo} of {halo}");
+            } else {
+                assert_eq!(tall_halo, 0);
+            }
         }
-        assert!(halo > 20, "{halo}");
-        assert_eq!(widths.into_iter().collect::<Vec<_>>(), [64, 128, 256]);
     }
     /// Reports name every choice that is on, and none that is off.
     #[test]

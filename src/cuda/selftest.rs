@@ -12,9 +12,9 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    at, halo_fits, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel,
-    ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WgmmaTile,
-    WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    at, linear_batch_table, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch,
+    ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -858,17 +858,14 @@ impl Tester<'_> {
                     let v: Vec<ConvLaunch> = wg_plans
                         .iter()
                         .zip(&shapes)
-                        .map(|(p, s)| {
-                            let halo = p.splits == 1 && halo_fits(s);
-                            ConvLaunch {
-                                row_epilogue: form.row_epilogue,
-                                tile: if form.tile != WgmmaTile::Halo || halo {
-                                    form.tile
-                                } else {
-                                    p.tile
-                                },
-                                ..*p
-                            }
+                        .map(|(p, s)| ConvLaunch {
+                            row_epilogue: form.row_epilogue,
+                            tile: if form.tile.takes(s, p.splits) {
+                                form.tile
+                            } else {
+                                p.tile
+                            },
+                            ..*p
                         })
                         .collect();
                     let ms = self.timed(|| dxd.write(st, dx0), || run(&v))?;
@@ -2190,12 +2187,12 @@ const WGMMA_VS_MMA: f64 = 1e-5;
 /// it may be from `p`'s result: 0 (the same sums in the same order), or [`WGMMA_VS_MMA`] for
 /// the halo tile (channel slices outer), where it takes the launch.
 fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> impl Iterator<Item = (ConvLaunch, f64)> {
-    let halo = p.splits == 1 && halo_fits(shape);
+    let shape = shape.clone();
     WgmmaTile::ALL
         .into_iter()
-        .filter(move |&(tile, _)| tile != WgmmaTile::Halo || halo)
+        .filter(move |&(tile, _)| tile.takes(&shape, p.splits))
         .flat_map(move |(tile, _)| {
-            let tolerance = if (tile == WgmmaTile::Halo) != (p.tile == WgmmaTile::Halo) {
+            let tolerance = if tile.is_halo() != p.tile.is_halo() {
                 WGMMA_VS_MMA
             } else {
                 0.0
@@ -2219,6 +2216,7 @@ fn wgmma_path(p: &ConvLaunch) -> String {
         WgmmaTile::Tall => s += ", tall",
         WgmmaTile::SixStages => s += ", six stages",
         WgmmaTile::Halo => s += ", halo",
+        WgmmaTile::TallHalo => s += ", tall halo",
     }
     if p.splits > 1 {
         s += &format!(", {} splits", p.splits);

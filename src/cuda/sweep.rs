@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    halo_fits, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile,
-    WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS,
+    WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -269,7 +269,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             };
             for row_epilogue in [false, true] {
                 for (tile, _) in WgmmaTile::ALL {
-                    if tile == WgmmaTile::Halo && (c.splits != 1 || !halo_fits(shape)) {
+                    if !tile.takes(shape, c.splits) {
                         continue;
                     }
                     let c = ConvLaunch {
@@ -296,6 +296,7 @@ fn pipeline_name(l: &ConvLaunch) -> String {
         (true, ..) if l.tile == WgmmaTile::Tall => "wgmma, tall",
         (true, ..) if l.tile == WgmmaTile::SixStages => "wgmma, six stages",
         (true, ..) if l.tile == WgmmaTile::Halo => "wgmma, halo",
+        (true, ..) if l.tile == WgmmaTile::TallHalo => "wgmma, tall halo",
         (true, ..) => "wgmma",
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
