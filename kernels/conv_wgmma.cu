@@ -96,7 +96,8 @@ static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match Wgmma
 // slices. Per 9 steps a block reads 25 KB of halo and 72 KB of weights instead of 9 x 16 KB of
 // gathered A and the same weights (the v0.4 b8 profile reads the long-K launches' operands at
 // 4.4-4.8 TB/s, about what L2 gives). Two blocks per multiprocessor, as the plain tile. It sums
-// K in another order than the plain tile (channel slices outer, taps inner).
+// K in another order than the plain tile (channel slices outer, taps inner); a split of K takes
+// whole channel slices, so that batch 1's split launches at 128x128 and 64x64 can use it too.
 //
 // The tall halo tile (`_tall_halo`): 256 rows (a row of 256, two of 128 or four of 64) of four
 // warpgroups share each weight stage, 155 FLOP per byte; one block per multiprocessor, so eight
@@ -451,8 +452,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
-// The halo tiles' body (HaloTile above). The host sends it unsplit launches of nine taps at
-// distinct offsets of one 3x3 window, in_stride 1, sc % 32 == 0, and a row grid (mh, mw) with
+// The halo tiles' body (HaloTile above). The host sends it launches of nine taps at distinct
+// offsets of one 3x3 window, in_stride 1, sc % 32 == 0, K split by whole channel slices
+// (k_per_split a multiple of 9 x 32, no split empty, no cluster), and a row grid (mh, mw) with
 // mw % 64 == 0, TM % mw == 0 or mw % TM == 0, and mh * mw % TM == 0, so that a tile never
 // leaves its image and each warpgroup's 64 rows are consecutive pixels of one row.
 template <int T, bool PROBE, bool ROWS, class Tile>
@@ -473,7 +475,10 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     const int ncols = a.ncols;
     const int m0 = blockIdx.x * TM;
     const int n0 = blockIdx.y * WG_TN;
-    const int steps = sc / HALO_BK * HALO_TAPS;
+    // Split blockIdx.z takes channel slices cs0 .. cs0 + per - 1 (all nine taps of each).
+    const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
+    const int cs0 = blockIdx.z * per;
+    const int steps = (min(sc / HALO_BK, cs0 + per) - cs0) * HALO_TAPS;
 
     // The halo: hr rows of hc pixels around the tile, from source pixel (sy0, sx0) of image
     // `first.img`; one plane of 16 bytes per pixel for each 8 channels.
@@ -497,7 +502,7 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     auto load = [&](int step) {
         const int cs = step / HALO_TAPS;
         const int t = step - cs * HALO_TAPS;
-        const int c0 = cs * HALO_BK;
+        const int c0 = (cs0 + cs) * HALO_BK;
         if (t == 0) {
             // Four threads copy one pixel's 64 bytes (two full sectors); each plane receives
             // runs of 8 pixels, 128 contiguous bytes.
@@ -575,7 +580,7 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     wg_fence_acc(acc);
     cp_async_wait<0>();
     cycles.mark(PROBE_DRAIN);
-    wg_epilogue<ROWS>(a, acc, M, m0, n0, false);
+    wg_epilogue<ROWS>(a, acc, M, m0, n0, gridDim.z > 1);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, steps);
 }

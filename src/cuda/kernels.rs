@@ -418,9 +418,9 @@ pub(crate) enum WgmmaTile {
     /// multiprocessor.
     SixStages,
     /// 128 rows whose A operand is a shared-memory halo of the tile's pixels, copied once per
-    /// 32 channels for all nine taps (`PlainHaloTile`, the `_halo` kernels): only unsplit
-    /// launches of shapes [`halo_fits`] takes. It sums K in another order (channel slices
-    /// outer).
+    /// 32 channels for all nine taps (`PlainHaloTile`, the `_halo` kernels): only the shapes
+    /// [`halo_fits`] takes, K split by channel slices ([`on_tile`]). It sums K in another
+    /// order (channel slices outer).
     Halo,
     /// The halo tile with 256 rows of four warpgroups, one block per multiprocessor
     /// (`TallHaloTile`, the `_tall_halo` kernels): the same sums as [`WgmmaTile::Halo`].
@@ -445,12 +445,23 @@ impl WgmmaTile {
         }
     }
 
-    /// The K slice one step of its mainloop multiplies (what the cycle probe counts): 32
-    /// channels of one tap in the halo tile, [`WGMMA_SLICE`] otherwise.
-    pub fn k_slice(self) -> usize {
-        match self {
-            WgmmaTile::Halo | WgmmaTile::TallHalo => 32,
-            _ => WGMMA_SLICE,
+    /// The K one step of its mainloop multiplies (what the cycle probe counts): one tap of
+    /// [`HALO_CHANNELS`] channels in the halo tiles, [`WGMMA_SLICE`] otherwise.
+    pub fn k_step(self) -> usize {
+        if self.is_halo() {
+            HALO_CHANNELS
+        } else {
+            WGMMA_SLICE
+        }
+    }
+
+    /// What K is split in multiples of: all nine taps of [`HALO_CHANNELS`] channels in the
+    /// halo tiles, [`WGMMA_SLICE`] otherwise.
+    pub fn split_unit(self) -> usize {
+        if self.is_halo() {
+            9 * HALO_CHANNELS
+        } else {
+            WGMMA_SLICE
         }
     }
 
@@ -479,12 +490,48 @@ impl WgmmaTile {
         matches!(self, WgmmaTile::Halo | WgmmaTile::TallHalo)
     }
 
-    /// Whether this tile's kernels compute `s` with K split `splits` ways: any split of any
-    /// wgmma shape, except that the halo tiles take only unsplit launches of the shapes
-    /// [`halo_fits`] takes at their row count.
-    pub fn takes(self, s: &ConvShape, splits: usize) -> bool {
-        !self.is_halo() || (splits == 1 && halo_fits(s, self.rows()))
+    /// Whether this tile's kernels compute launch `l` of `s`: any wgmma launch, except that
+    /// the halo tiles take only the shapes [`halo_fits`] takes at their row count, K split by
+    /// whole [`WgmmaTile::split_unit`]s into splits none of which is empty, no cluster.
+    pub fn takes(self, s: &ConvShape, l: &ConvLaunch) -> bool {
+        if !self.is_halo() {
+            return true;
+        }
+        let slices = s.sc / HALO_CHANNELS;
+        let per = l.k_per_split / self.split_unit();
+        halo_fits(s, self.rows())
+            && !l.cluster
+            && l.k_per_split % self.split_unit() == 0
+            && per > 0
+            && l.splits == slices.div_ceil(per)
     }
+}
+
+/// Channels of one step of the halo tiles' mainloop (kernels/conv_wgmma.cu `HALO_BK`).
+const HALO_CHANNELS: usize = 32;
+
+/// Wgmma launch `l` of `s` (on a tile other than the halo ones) moved to `tile`: the same
+/// split, or for a halo tile K re-split into about as many splits by whole channel slices
+/// (each split takes all nine taps of its channels). `None` where the tile does not take `s`
+/// or `l` reduces in a cluster.
+pub(crate) fn on_tile(l: ConvLaunch, s: &ConvShape, tile: WgmmaTile) -> Option<ConvLaunch> {
+    if !l.wgmma || l.tile.is_halo() {
+        return None;
+    }
+    if !tile.is_halo() {
+        return Some(ConvLaunch { tile, ..l });
+    }
+    if l.cluster || !halo_fits(s, tile.rows()) {
+        return None;
+    }
+    let slices = s.sc / HALO_CHANNELS;
+    let per = slices.div_ceil(l.splits.max(1));
+    Some(ConvLaunch {
+        tile,
+        splits: slices.div_ceil(per),
+        k_per_split: per * tile.split_unit(),
+        ..l
+    })
 }
 
 /// Most splits of K one cluster reduces (the portable cluster size).
@@ -1322,7 +1369,7 @@ impl Kernels {
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tile != WgmmaTile::Plain && (plan.cluster || !plan.wgmma))
-            || !plan.tile.takes(s, plan.splits)
+            || (plan.wgmma && !plan.tile.takes(s, plan))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
@@ -1348,7 +1395,7 @@ impl Kernels {
                     )));
                 }
                 let slice = if plan.wgmma {
-                    WGMMA_SLICE
+                    plan.tile.split_unit()
                 } else {
                     tc_slice(precision)
                 };

@@ -15,7 +15,7 @@
 //! [`Program::lifetimes`] reads off the list.
 
 use super::kernels::{
-    halo_fits, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel, ConvLaunch,
+    on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel, ConvLaunch,
     ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
@@ -72,7 +72,7 @@ pub(crate) struct KernelConfig {
     /// tile.
     pub six_stages: bool,
     /// Unsplit wgmma launches of 3x3 stride-1 convolutions and their input gradients whose
-    /// rows tile without leaving an image row ([`halo_fits`]) take the halo tile
+    /// rows tile without leaving an image row ([`halo_fits`](super::kernels::halo_fits)) take the halo tile
     /// ([`WgmmaTile::Halo`]), ahead of the tall one; with `tall_tiles` too, those that fill
     /// the machine with 256-row tiles take [`WgmmaTile::TallHalo`]. The same products,
     /// summed channel slices outer.
@@ -1197,20 +1197,23 @@ impl Lowering<'_> {
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
-        let unsplit_plain = launch.wgmma
-            && !launch.cluster
-            && launch.tile == WgmmaTile::Plain
-            && launch.splits == 1;
-        // One tall block per multiprocessor: only where they fill the machine at least once.
+        let plain = launch.wgmma && !launch.cluster && launch.tile == WgmmaTile::Plain;
+        // One tall block per multiprocessor: only unsplit, where they fill the machine at least
+        // once.
         let tall = WgmmaTile::Tall;
         let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
-        let tall_here = self.choice.tall_tiles && unsplit_plain && tall_blocks >= self.sms;
-        if self.choice.halo_tiles && unsplit_plain && halo_fits(&planned, WgmmaTile::Halo.rows()) {
-            launch.tile = if tall_here && halo_fits(&planned, tall.rows()) {
-                WgmmaTile::TallHalo
-            } else {
-                WgmmaTile::Halo
-            };
+        let tall_here =
+            self.choice.tall_tiles && plain && launch.splits == 1 && tall_blocks >= self.sms;
+        let halo = (self.choice.halo_tiles && plain)
+            .then(|| {
+                let tall_halo = on_tile(launch, &planned, WgmmaTile::TallHalo);
+                tall_halo
+                    .filter(|_| tall_here)
+                    .or_else(|| on_tile(launch, &planned, WgmmaTile::Halo))
+            })
+            .flatten();
+        if let Some(h) = halo {
+            launch = h;
         } else if tall_here {
             launch.tile = tall;
         }
@@ -2291,12 +2294,13 @@ mod tests {
         }
         assert!(six > 10, "{six}");
     }
-    /// halo_tiles gives the halo tiles to unsplit wgmma launches of the shapes they take,
+    /// halo_tiles gives the halo tiles to the wgmma launches of the shapes they take,
     /// ahead of the tall tile: at batch 8, the 3x3 convolutions and their input gradients of
     /// the 256x256 to 64x64 levels (rows of at least 64) whose channels come in 32s; with
-    /// tall_tiles too, the 256-row halo tile where those fill the machine.
+    /// tall_tiles too, the 256-row halo tile where those fill the machine; split ones too.
     #[test]
     fn halo_tiles_where_they_fit() {
+        use crate::cuda::kernels::halo_fits;
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         for tall_tiles in [false, true] {
             let tc = KernelConfig {
@@ -2309,12 +2313,9 @@ mod tests {
             let (mut halo, mut tall_halo, mut widths) = (0, 0, std::collections::BTreeSet::new());
             for s in &p.steps {
                 if let Step::Conv(c) = s {
-                    let fits = c.launch.wgmma
-                        && c.launch.splits == 1
-                        && !c.launch.cluster
-                        && halo_fits(&c.shape, 128);
+                    let fits = c.launch.wgmma && !c.launch.cluster && halo_fits(&c.shape, 128);
                     assert_eq!(c.launch.tile.is_halo(), fits, "{:?}", c.shape);
-                    assert!(c.launch.tile.takes(&c.shape, c.launch.splits));
+                    assert!(c.launch.tile.takes(&c.shape, &c.launch));
                     if fits {
                         assert_eq!((c.shape.taps.len(), c.shape.in_stride), (9, 1));
                         widths.insert(c.shape.mw);
@@ -2335,6 +2336,21 @@ mod tests {
                 assert_eq!(tall_halo, 0);
             }
         }
+        // At batch 1 the 128x128 and 64x64 levels split K: by whole channel slices.
+        let tc = KernelConfig {
+            wgmma: true,
+            halo_tiles: true,
+            ..KernelConfig::default()
+        };
+        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+        let split = p
+            .steps
+            .iter()
+            .filter(
+                |s| matches!(s, Step::Conv(c) if c.launch.tile.is_halo() && c.launch.splits > 1),
+            )
+            .count();
+        assert!(split > 10, "{split}");
     }
     /// Reports name every choice that is on, and none that is off.
     #[test]

@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS,
-    WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    on_tile, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile,
+    WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -56,7 +56,7 @@ pub struct SweepVariant {
 pub struct CycleProbe {
     pub warpgroups: u64,
     /// K slices each warpgroup multiplied, on average: 64 deep, or 32 in the halo tile
-    /// ([`WgmmaTile::k_slice`]).
+    /// ([`WgmmaTile::k_step`]).
     pub slices: f64,
     /// Cycles from a warpgroup's start to its end, on average.
     pub cycles: f64,
@@ -269,13 +269,8 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             };
             for row_epilogue in [false, true] {
                 for (tile, _) in WgmmaTile::ALL {
-                    if !tile.takes(shape, c.splits) {
+                    let Some(c) = on_tile(ConvLaunch { row_epilogue, ..c }, shape, tile) else {
                         continue;
-                    }
-                    let c = ConvLaunch {
-                        row_epilogue,
-                        tile,
-                        ..c
                     };
                     if !out.contains(&c) {
                         out.push(c);
@@ -438,7 +433,7 @@ fn probe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::plan_conv_at;
+    use crate::cuda::kernels::{halo_fits, plan_conv_at};
     use crate::model::graph::Pad;
 
     /// The probe's counters become per-warpgroup means and shares that add up to one; a launch
@@ -461,12 +456,14 @@ mod tests {
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
     /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
-    /// pipeline in bf16/fp16; the planned launch is among them.
+    /// pipeline in bf16/fp16, wgmma tiles that take the launch (the halo tiles among them where
+    /// the shape allows, split too); the planned launch is among them.
     #[test]
     fn candidates_are_valid_launches() {
         let shapes = [
             ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric),
             ConvShape::forward(8, 256, 256, 128, 128, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 128, 128, 128, 128, 3, 1, Pad::Symmetric),
             ConvShape::forward(2, 32, 32, 256, 256, 3, 2, Pad::RightBottom),
             ConvShape::linear(1, 256, 512, 1536),
         ];
@@ -484,7 +481,8 @@ mod tests {
                     assert!(l.tile == WgmmaTile::Plain || (l.wgmma && !l.cluster));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
-                        assert_eq!(l.k_per_split % WGMMA_SLICE, 0);
+                        assert_eq!(l.k_per_split % l.tile.split_unit(), 0);
+                        assert!(l.tile.takes(shape, l));
                         continue;
                     }
                     assert_eq!(l.k_per_split % slice, 0);
@@ -495,6 +493,13 @@ mod tests {
                 }
                 let pipes = if precision.is_half() { 3 } else { 2 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
+                if precision.is_half() && halo_fits(shape, 128) {
+                    let halo = |split: bool| {
+                        c.iter()
+                            .any(|l| l.tile == WgmmaTile::Halo && (l.splits > 1) == split)
+                    };
+                    assert!(halo(false) && (shape.n > 1 || halo(true)), "{shape:?}");
+                }
             }
         }
     }
