@@ -169,6 +169,7 @@ WG_MMA(2, "f16")
 // the others have read it.
 constexpr int WG_PARK = WG_TN + 4;  // floats per parked row: +4 spreads a warp's rows over banks
 static_assert(WG_TM * WG_PARK * 4 <= WG_STAGES * WG_STAGE, "the parked tile fits the stages");
+static_assert(WG_TM * WG_PARK * 4 <= PlainHaloTile::SMEM - 128, "the parked tile fits the halo tile's");
 DEVI void cluster_reduce(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0,
                          int n0) {
     namespace cg = cooperative_groups;
@@ -580,7 +581,18 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     wg_fence_acc(acc);
     cp_async_wait<0>();
     cycles.mark(PROBE_DRAIN);
-    wg_epilogue<ROWS>(a, acc, M, m0, n0, gridDim.z > 1);
+    const bool split = gridDim.z > 1;
+    if constexpr (TM == WG_TM) {
+        // (The host launches clusters of 128-row halo tiles only; their halos and weight
+        // stages, idle now, hold the parked tile.)
+        if (split && a.ws == nullptr) {
+            cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
+            cycles.mark(PROBE_EPILOGUE);
+            cycles.flush(probe, steps);
+            return;
+        }
+    }
+    wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, steps);
 }

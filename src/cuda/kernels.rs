@@ -399,7 +399,7 @@ pub(crate) struct ConvLaunch {
     /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
-    /// With `wgmma`: its tile; other than [`WgmmaTile::Plain`] only without `cluster`.
+    /// With `wgmma`: its tile; with `cluster` only one that [`WgmmaTile::clusters`].
     pub tile: WgmmaTile,
 }
 
@@ -490,17 +490,26 @@ impl WgmmaTile {
         matches!(self, WgmmaTile::Halo | WgmmaTile::TallHalo)
     }
 
-    /// Whether this tile's kernels compute launch `l` of `s`: any wgmma launch, except that
-    /// the halo tiles take only the shapes [`halo_fits`] takes at their row count, K split by
-    /// whole [`WgmmaTile::split_unit`]s into splits none of which is empty, no cluster.
+    /// Whether this tile's kernels reduce split K within a cluster (`cluster_reduce`): the
+    /// 128-row ones.
+    pub fn clusters(self) -> bool {
+        matches!(self, WgmmaTile::Plain | WgmmaTile::Halo)
+    }
+
+    /// Whether this tile's kernels compute launch `l` of `s`: any wgmma launch, clusters only
+    /// where [`WgmmaTile::clusters`], and the halo tiles only the shapes [`halo_fits`] takes
+    /// at their row count, K split by whole [`WgmmaTile::split_unit`]s into splits none of
+    /// which is empty.
     pub fn takes(self, s: &ConvShape, l: &ConvLaunch) -> bool {
+        if l.cluster && !self.clusters() {
+            return false;
+        }
         if !self.is_halo() {
             return true;
         }
         let slices = s.sc / HALO_CHANNELS;
         let per = l.k_per_split / self.split_unit();
         halo_fits(s, self.rows())
-            && !l.cluster
             && l.k_per_split % self.split_unit() == 0
             && per > 0
             && l.splits == slices.div_ceil(per)
@@ -511,25 +520,28 @@ impl WgmmaTile {
 const HALO_CHANNELS: usize = 32;
 
 /// Wgmma launch `l` of `s` (on a tile other than the halo ones) moved to `tile`: the same
-/// split, or for a halo tile K re-split into about as many splits by whole channel slices
-/// (each split takes all nine taps of its channels). `None` where the tile does not take `s`
-/// or `l` reduces in a cluster.
+/// split, or for a halo tile K re-split into at most as many splits by whole channel slices
+/// (each split takes all nine taps of its channels; a cluster stays one while there are
+/// splits to reduce). `None` where the tile does not take `s`, or `l` reduces in a cluster
+/// and the tile cannot.
 pub(crate) fn on_tile(l: ConvLaunch, s: &ConvShape, tile: WgmmaTile) -> Option<ConvLaunch> {
-    if !l.wgmma || l.tile.is_halo() {
+    if !l.wgmma || l.tile.is_halo() || (l.cluster && !tile.clusters()) {
         return None;
     }
     if !tile.is_halo() {
         return Some(ConvLaunch { tile, ..l });
     }
-    if l.cluster || !halo_fits(s, tile.rows()) {
+    if !halo_fits(s, tile.rows()) {
         return None;
     }
     let slices = s.sc / HALO_CHANNELS;
     let per = slices.div_ceil(l.splits.max(1));
+    let splits = slices.div_ceil(per);
     Some(ConvLaunch {
         tile,
-        splits: slices.div_ceil(per),
+        splits,
         k_per_split: per * tile.split_unit(),
+        cluster: l.cluster && splits > 1,
         ..l
     })
 }
@@ -1368,7 +1380,7 @@ impl Kernels {
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
-            || (plan.tile != WgmmaTile::Plain && (plan.cluster || !plan.wgmma))
+            || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
             || (plan.wgmma && !plan.tile.takes(s, plan))
         {
             return Err(Error::Cuda(format!(

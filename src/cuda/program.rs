@@ -1197,7 +1197,7 @@ impl Lowering<'_> {
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
-        let plain = launch.wgmma && !launch.cluster && launch.tile == WgmmaTile::Plain;
+        let plain = launch.wgmma && launch.tile == WgmmaTile::Plain;
         // One tall block per multiprocessor: only unsplit, where they fill the machine at least
         // once.
         let tall = WgmmaTile::Tall;
@@ -2336,21 +2336,29 @@ mod tests {
                 assert_eq!(tall_halo, 0);
             }
         }
-        // At batch 1 the 128x128 and 64x64 levels split K: by whole channel slices.
-        let tc = KernelConfig {
-            wgmma: true,
-            halo_tiles: true,
-            ..KernelConfig::default()
-        };
-        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
-        let split = p
-            .steps
-            .iter()
-            .filter(
-                |s| matches!(s, Step::Conv(c) if c.launch.tile.is_halo() && c.launch.splits > 1),
-            )
-            .count();
-        assert!(split > 10, "{split}");
+        // At batch 1 the 128x128 and 64x64 levels split K: by whole channel slices, reduced
+        // in a cluster with cluster_split_k.
+        for cluster_split_k in [false, true] {
+            let tc = KernelConfig {
+                wgmma: true,
+                halo_tiles: true,
+                cluster_split_k,
+                ..KernelConfig::default()
+            };
+            let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+            let (mut split, mut clustered) = (0, 0);
+            for s in &p.steps {
+                if let Step::Conv(c) = s {
+                    assert!(!c.launch.wgmma || c.launch.tile.takes(&c.shape, &c.launch));
+                    if c.launch.tile.is_halo() && c.launch.splits > 1 {
+                        split += 1;
+                        clustered += usize::from(c.launch.cluster);
+                    }
+                }
+            }
+            assert!(split > 10, "{split}");
+            assert_eq!(clustered > 0, cluster_split_k, "{clustered} of {split}");
+        }
     }
     /// Reports name every choice that is on, and none that is off.
     #[test]

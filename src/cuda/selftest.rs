@@ -944,8 +944,9 @@ impl Tester<'_> {
 
     /// wgmma launches `wp` of `shape` split 2, 3 and 8 ways (as far as K allows), each reduced
     /// through the workspace and within a thread-block cluster: held to 0 against each other
-    /// (the same sums in the same order). `ptrs` hold the 16-bit input and K-major weights;
-    /// the output has `len` values.
+    /// (the same sums in the same order); the same for the halo tile where it takes `shape`
+    /// (split by channel slices). `ptrs` hold the 16-bit input and K-major weights; the output
+    /// has `len` values.
     #[allow(clippy::too_many_arguments)]
     fn cluster_rows(
         &mut self,
@@ -963,50 +964,59 @@ impl Tester<'_> {
         let mut tried = Vec::new();
         for want in [2, 3, 8] {
             let per = slices.div_ceil(want) * WGMMA_SLICE;
-            let splits = k.div_ceil(per);
-            if splits < 2 || tried.contains(&splits) {
-                continue;
-            }
-            tried.push(splits);
-            let via_workspace = ConvLaunch {
-                splits,
+            let plain = ConvLaunch {
+                splits: k.div_ceil(per),
                 k_per_split: per,
                 cluster: false,
                 ..wp
             };
-            let in_cluster = ConvLaunch {
-                cluster: true,
-                ..via_workspace
-            };
-            let op = format!("{label} [wgmma, {splits} splits] cluster vs workspace");
-            let run = |t: &Self| -> Result<(Vec<Vec<f32>>, f64)> {
-                let ws = t.zeros(via_workspace.workspace_len(shape))?;
-                let (mut outs, mut ms) = (Vec::new(), 0.0);
-                for plan in [via_workspace, in_cluster] {
-                    let y = t.zeros(len)?;
-                    let p = ConvPtrs {
-                        y: y.ptr,
-                        ws: ws.ptr,
-                        ..ptrs
-                    };
-                    ms = t.timed(
-                        || Ok(()),
-                        || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
-                    )?;
-                    outs.push(y.download(st)?);
+            for tile in [WgmmaTile::Plain, WgmmaTile::Halo] {
+                let Some(via_workspace) = on_tile(plain, shape, tile) else {
+                    continue;
+                };
+                let splits = via_workspace.splits;
+                if splits < 2 || tried.contains(&(tile, splits)) {
+                    continue;
                 }
-                Ok((outs, ms))
-            };
-            // A cluster launch the device refuses is this row's failure, not the group's end.
-            match run(self) {
-                Ok((outs, ms)) => self.row_within(op, desc.into(), &outs[1], &outs[0], ms, 0.0),
-                Err(e) => self.rows.push(SelftestRow {
-                    op,
-                    shape: format!("{desc}: {e}"),
-                    rel_l2: f64::NAN,
-                    gpu_ms: f64::NAN,
-                    tolerance: 0.0,
-                }),
+                tried.push((tile, splits));
+                let in_cluster = ConvLaunch {
+                    cluster: true,
+                    ..via_workspace
+                };
+                let op = format!(
+                    "{label} [{}] cluster vs workspace",
+                    wgmma_path(&via_workspace)
+                );
+                let run = |t: &Self| -> Result<(Vec<Vec<f32>>, f64)> {
+                    let ws = t.zeros(via_workspace.workspace_len(shape))?;
+                    let (mut outs, mut ms) = (Vec::new(), 0.0);
+                    for plan in [via_workspace, in_cluster] {
+                        let y = t.zeros(len)?;
+                        let p = ConvPtrs {
+                            y: y.ptr,
+                            ws: ws.ptr,
+                            ..ptrs
+                        };
+                        ms = t.timed(
+                            || Ok(()),
+                            || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
+                        )?;
+                        outs.push(y.download(st)?);
+                    }
+                    Ok((outs, ms))
+                };
+                // A cluster launch the device refuses is this row's failure, not the group's
+                // end.
+                match run(self) {
+                    Ok((outs, ms)) => self.row_within(op, desc.into(), &outs[1], &outs[0], ms, 0.0),
+                    Err(e) => self.rows.push(SelftestRow {
+                        op,
+                        shape: format!("{desc}: {e}"),
+                        rel_l2: f64::NAN,
+                        gpu_ms: f64::NAN,
+                        tolerance: 0.0,
+                    }),
+                }
             }
         }
         Ok(())
