@@ -29,6 +29,21 @@ DEVI void pdl_entry() {
 // SiLU as PyTorch writes it, x / (1 + e^-x).
 DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 
+DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// GroupNorm's element-wise step for four channels: x * scale + shift (one fma, as on the CPU),
+// then SiLU (norm.cu's apply pass, and the halo convolutions that apply it as they load).
+DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
+    o[0] = fmaf(v.x, sc.x, sh.x);
+    o[1] = fmaf(v.y, sc.y, sh.y);
+    o[2] = fmaf(v.z, sc.z, sh.z);
+    o[3] = fmaf(v.w, sc.w, sh.w);
+    if (silu) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = silu_f(o[j]);
+    }
+}
+
 // d SiLU / dx = s (1 + x (1 - s)), s = sigmoid(x).
 DEVI float silu_grad_f(float x) {
     float s = 1.0f / (1.0f + expf(-x));

@@ -24,8 +24,12 @@ struct ConvArgs {
     int tap_dy[9];
     int tap_dx[9];
     int tap_w[9];
+    // The halo convolutions only: x is the fp32 input of a GroupNorm whose per-image scale
+    // and shift ([n][2 * sc], norm.cu's) they apply, then SiLU if norm_silu, as they load it.
+    const float* norm;
+    int norm_silu;
 };
-static_assert(sizeof(ConvArgs) == 232, "ConvArgs must match src/cuda/kernels.rs");
+static_assert(sizeof(ConvArgs) == 248, "ConvArgs must match src/cuda/kernels.rs");
 
 struct RowCoord {
     int img, my, mx;

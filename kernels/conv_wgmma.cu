@@ -453,11 +453,67 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
+// 16 bytes into shared memory from registers (the halo copies that normalise on the way).
+DEVI void st_shared16(uint32_t dst, uint4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// The halo of channels c0 .. c0 + 31 (hr x hc pixels from source pixel (sy0, sx0) of image
+// img, planes `plane` bytes apart at h) from the fp32 input of a GroupNorm (a.norm): x * scale
+// + shift, then SiLU if a.norm_silu, rounded to the product type T, exactly as norm.cu's
+// gn_apply_half writes the 16-bit input it replaces; zero outside the image, where the
+// convolution pads the normalised tensor. Synchronous loads, two pixels in flight per thread,
+// stored before the fence and barrier that precede the step that reads them.
+template <int T, int THREADS>
+DEVI void norm_halo(const ConvArgs& a, uint32_t h, int plane, int hr, int hc, int sy0, int sx0, int img, int c0) {
+    static_assert(THREADS % 4 == 0, "a thread copies chunk tid % 4 of each of its pixels");
+    const int cc = threadIdx.x & 3;
+    const float* const xf =
+        reinterpret_cast<const float*>(a.x) + (long long)img * a.sh * a.sw * a.sc + c0 + cc * 8;
+    const float* const ss = a.norm + (long long)img * 2 * a.sc + c0 + cc * 8;
+    const float4 s0 = ld_f4(ss), s1 = ld_f4(ss + 4), t0 = ld_f4(ss + a.sc), t1 = ld_f4(ss + a.sc + 4);
+    const int chunks = hr * hc * 4;
+    for (int i = threadIdx.x; i < chunks; i += 2 * THREADS) {
+        float4 v[2][2];
+        bool ok[2];
+        int p[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const int k = i + u * THREADS;
+            p[u] = k >> 2;
+            const int hy = p[u] / hc;
+            const int iy = sy0 + hy, ix = sx0 + p[u] - hy * hc;
+            ok[u] = k < chunks && (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
+            v[u][0] = v[u][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (ok[u]) {
+                const float* src = xf + ((long long)iy * a.sw + ix) * a.sc;
+                v[u][0] = ld_f4(src);
+                v[u][1] = ld_f4(src + 4);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            if (i + u * THREADS >= chunks) continue;
+            uint4 q = make_uint4(0u, 0u, 0u, 0u);
+            if (ok[u]) {
+                float o0[4], o1[4];
+                affine4(v[u][0], s0, t0, a.norm_silu, o0);
+                affine4(v[u][1], s1, t1, a.norm_silu, o1);
+                q = make_uint4(pack_half2(o0[0], o0[1], T), pack_half2(o0[2], o0[3], T), pack_half2(o1[0], o1[1], T),
+                               pack_half2(o1[2], o1[3], T));
+            }
+            st_shared16(h + cc * plane + p[u] * 16, q);
+        }
+    }
+}
+
 // The halo tiles' body (HaloTile above). The host sends it launches of nine taps at distinct
 // offsets of one 3x3 window, in_stride 1, sc % 32 == 0, K split by whole channel slices
-// (k_per_split a multiple of 9 x 32, no split empty, no cluster), and a row grid (mh, mw) with
-// mw % 64 == 0, TM % mw == 0 or mw % TM == 0, and mh * mw % TM == 0, so that a tile never
-// leaves its image and each warpgroup's 64 rows are consecutive pixels of one row.
+// (k_per_split a multiple of 9 x 32, no split empty; clusters of 128-row tiles only), and a
+// row grid (mh, mw) with mw % 64 == 0, TM % mw == 0 or mw % TM == 0, and mh * mw % TM == 0,
+// so that a tile never leaves its image and each warpgroup's 64 rows are consecutive pixels of
+// one row.
 template <int T, bool PROBE, bool ROWS, class Tile>
 DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
     constexpr int TM = Tile::TM;
@@ -504,10 +560,12 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
         const int cs = step / HALO_TAPS;
         const int t = step - cs * HALO_TAPS;
         const int c0 = (cs0 + cs) * HALO_BK;
-        if (t == 0) {
+        const uint32_t h = base + (cs & 1) * HALO_BYTES;
+        if (t == 0 && a.norm != nullptr) {
+            norm_halo<T, THREADS>(a, h, plane, hr, hc, sy0, sx0, first.img, c0);
+        } else if (t == 0) {
             // Four threads copy one pixel's 64 bytes (two full sectors); each plane receives
             // runs of 8 pixels, 128 contiguous bytes.
-            const uint32_t h = base + (cs & 1) * HALO_BYTES;
             for (int i = tid; i < hr * hc * 4; i += THREADS) {
                 const int p = i >> 2, cc = i & 3;
                 const int hy = p / hc;

@@ -156,24 +156,10 @@ template <typename Setup, typename Body> DEVI void for_units(int hw, int lanes, 
     }
 }
 
-DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-
 // A unit's four scales and four shifts.
 struct Affine4 {
     float4 scale, shift;
 };
-
-// x * scale + shift (one fma, as on the CPU), then SiLU, for the four channels of a unit.
-DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
-    o[0] = fmaf(v.x, sc.x, sh.x);
-    o[1] = fmaf(v.y, sc.y, sh.y);
-    o[2] = fmaf(v.z, sc.z, sh.z);
-    o[3] = fmaf(v.w, sc.w, sh.w);
-    if (silu) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) o[j] = silu_f(o[j]);
-    }
-}
 
 // y = x * scale + shift (then SiLU), element-wise; grid (pixel blocks, n), see for_units. vec4
 // = 1 (units of four channels) needs c % 4 == 0 and 16-byte aligned x, y and scale_shift

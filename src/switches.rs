@@ -70,6 +70,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` gives 3x3 wgmma launches a shared-memory halo of their input",
     ),
     switch(
+        "INVDIFF_HALO_NORM",
+        "GPU candidate: `1` gives halo tiles their GroupNorm to apply as they load",
+    ),
+    switch(
         "INVDIFF_WGMMA_SIX_STAGES",
         "GPU candidate: `1` gives one-block-per-SM wgmma launches six stages",
     ),

@@ -77,8 +77,11 @@ struct ConvArgs {
     tap_dy: [i32; 9],
     tap_dx: [i32; 9],
     tap_w: [i32; 9],
+    norm: DPtr,
+    norm_silu: i32,
+    _pad: i32,
 }
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 232);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
 
@@ -401,6 +404,20 @@ pub(crate) struct ConvLaunch {
     pub row_epilogue: bool,
     /// With `wgmma`: its tile; with `cluster` only one that [`WgmmaTile::clusters`].
     pub tile: WgmmaTile,
+    /// With a halo tile: what it does to the input as it loads it ([`ConvPtrs::norm`]).
+    pub norm_input: NormInput,
+}
+
+/// The input of a halo-tile convolution: its 16-bit operand, or the fp32 input of the
+/// GroupNorm that would have written it, normalised with that GroupNorm's per-channel scale
+/// and shift ([`ConvPtrs::norm`]), then SiLU, as the tile loads it: the same 16-bit values,
+/// without the GroupNorm's own pass over them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum NormInput {
+    #[default]
+    None,
+    Affine,
+    AffineSilu,
 }
 
 /// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile`); each computes the same sums
@@ -436,6 +453,17 @@ impl WgmmaTile {
         (WgmmaTile::Halo, "_halo"),
         (WgmmaTile::TallHalo, "_tall_halo"),
     ];
+
+    /// "wgmma" and the tile in words, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            WgmmaTile::Plain => "wgmma",
+            WgmmaTile::Tall => "wgmma, tall",
+            WgmmaTile::SixStages => "wgmma, six stages",
+            WgmmaTile::Halo => "wgmma, halo",
+            WgmmaTile::TallHalo => "wgmma, tall halo",
+        }
+    }
 
     /// Output rows of one block.
     pub fn rows(self) -> usize {
@@ -743,6 +771,7 @@ impl ConvLaunch {
             cluster: false,
             row_epilogue: false,
             tile: WgmmaTile::Plain,
+            norm_input: NormInput::None,
         }
     }
 
@@ -766,6 +795,9 @@ pub(crate) struct ConvPtrs {
     pub temb: DPtr,
     pub res: DPtr,
     pub ws: DPtr,
+    /// With [`ConvLaunch::norm_input`]: the GroupNorm's scale and shift, `[n][2][sc]`
+    /// (`x` then holds its fp32 input).
+    pub norm: DPtr,
 }
 
 /// Threads of a GroupNorm finalize block (`FIN_THREADS` in kernels/norm.cu).
@@ -1356,6 +1388,8 @@ impl Kernels {
             k_per_split: i32_of(plan.k_per_split, "K per split")?,
             accumulate: accumulate as i32,
             out_div,
+            norm: p.norm,
+            norm_silu: i32::from(plan.norm_input == NormInput::AffineSilu),
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -1368,7 +1402,7 @@ impl Kernels {
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
-        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
+        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb, p.norm]
             .iter()
             .all(|&q| q % 16 == 0);
         let tensor = matches!(plan.kernel, ConvKernel::Tensor(_));
@@ -1382,17 +1416,21 @@ impl Kernels {
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
             || (plan.wgmma && !plan.tile.takes(s, plan))
+            || ((plan.norm_input != NormInput::None) != (p.norm != 0))
+            || (plan.norm_input != NormInput::None && !plan.tile.is_halo())
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, tile {:?} and cluster {}",
+                 row epilogue {}, tile {:?}, cluster {} and input {:?} (scale and shift {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
                 plan.wgmma,
                 plan.row_epilogue,
                 plan.tile,
-                plan.cluster
+                plan.cluster,
+                plan.norm_input,
+                if p.norm != 0 { "given" } else { "absent" }
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -1835,6 +1873,8 @@ impl Kernels {
     /// GroupNorm forward: statistics into `stats` (`[mean | rstd]`, n x groups each), the
     /// per-channel affine into `affine` (`[n][2][c]`), then `y`, in fp32, or with `half_out`
     /// in bf16/fp16 (two elements per f32 slot) for the tensor-core convolutions it feeds.
+    /// Without `y` (0), the statistics and the affine only, for a halo convolution that
+    /// applies them as it loads `x` ([`NormInput`]); three launches only.
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm(
         &self,
@@ -1855,12 +1895,16 @@ impl Kernels {
             (x, "input"),
             (gamma, "scale"),
             (beta, "shift"),
-            (y, "output"),
             (partial, "partial sums"),
             (stats, "statistics"),
             (affine, "affine"),
         ] {
             need(p, what)?;
+        }
+        if y == 0 && d.split.one_pass.is_some() {
+            return Err(Error::Cuda(
+                "internal: a GroupNorm without an output planned in one pass".into(),
+            ));
         }
         let NormDims {
             n,
@@ -1913,6 +1957,9 @@ impl Kernels {
         let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
+        if y == 0 {
+            return Ok(());
+        }
         if half_out.is_some() {
             if c % 4 != 0 || x % 16 != 0 || affine % 16 != 0 || y % 8 != 0 {
                 return Err(Error::Cuda(format!(

@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use super::kernels::ConvKernel;
+use super::kernels::{ConvKernel, NormInput};
 use super::precision::Precision;
 use super::program::{ConvStep, Program, Step, WKind};
 use crate::model::Graph;
@@ -78,7 +78,11 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
         };
     }
     if c.launch.wgmma {
-        variant += ", wgmma";
+        variant += ", ";
+        variant += c.launch.tile.describe();
+    }
+    if c.launch.norm_input != NormInput::None {
+        variant += ", GroupNorm in its loads";
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
@@ -223,15 +227,22 @@ impl Step {
                 silu,
                 ..
             } => {
-                let (kind, half_out) = match self {
-                    GroupNorm { half_out, .. } => ("groupnorm", half_out),
-                    GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out),
+                // No output: a halo convolution applies it (statistics and affine only).
+                let (kind, half_out, output) = match self {
+                    GroupNorm { half_out, y, .. } => ("groupnorm", half_out, y.is_some()),
+                    GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out, true),
                     _ => unreachable!("matched above"),
                 };
+                let launches = match (split.one_pass, output) {
+                    (Some(_), _) => 1,
+                    (None, true) => 3,
+                    (None, false) => 2,
+                };
                 StepInfo {
-                    variant: match half_out {
-                        Some(p) => format!("{} chunks, {p} output", split.chunks),
-                        None => format!("{} chunks", split.chunks),
+                    variant: match (half_out, output) {
+                        (_, false) => format!("{} chunks, no output", split.chunks),
+                        (Some(p), true) => format!("{} chunks, {p} output", split.chunks),
+                        (None, true) => format!("{} chunks", split.chunks),
                     },
                     ..plain(
                         kind,
@@ -240,7 +251,7 @@ impl Step {
                             size(*hw, h, w),
                             if *silu { " + SiLU" } else { "" }
                         ),
-                        3,
+                        launches,
                     )
                 }
             }

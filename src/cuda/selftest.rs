@@ -13,7 +13,7 @@ use cudarc::driver::CudaStream;
 use super::device::{cu, Gpu};
 use super::kernels::{
     at, linear_batch_table, on_tile, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel,
-    ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, ProbeCounters, WgmmaTile,
+    ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, NormInput, ProbeCounters, WgmmaTile,
     WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
@@ -629,6 +629,7 @@ impl Tester<'_> {
             temb: td.as_ref().map_or(0, |d| d.ptr),
             res: rd.as_ref().map_or(0, |d| d.ptr),
             ws: ws.ptr,
+            norm: 0,
         };
         let ms = self.timed(
             || Ok(()),
@@ -736,6 +737,10 @@ impl Tester<'_> {
                 }
             }
             self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
+            if let Some(halo) = on_tile(wp, &shape, WgmmaTile::Halo) {
+                let (img, len) = (x.len(), want.len());
+                self.halo_norm_row(&shape, halo, ptrs, xd.ptr, img, out_div, len, &label, &desc)?;
+            }
         }
         let dyd = self.up(dy)?;
         let mut dxd = self.up(dx0)?;
@@ -939,6 +944,96 @@ impl Tester<'_> {
                 tolerance: 0.0,
             });
         }
+        Ok(())
+    }
+
+    /// Halo launch `halo` of `shape` applying a GroupNorm (+SiLU) to the fp32 input at `x`
+    /// (`len` values) as it loads it, against the same launch reading that GroupNorm's 16-bit
+    /// output: the same bits (the same fma, SiLU and rounding). `ptrs` as for the plain
+    /// launch; the output has `out_len` values.
+    #[allow(clippy::too_many_arguments)]
+    fn halo_norm_row(
+        &mut self,
+        shape: &ConvShape,
+        halo: ConvLaunch,
+        ptrs: ConvPtrs,
+        x: DPtr,
+        len: usize,
+        out_div: f32,
+        out_len: usize,
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let ConvKernel::Tensor(precision) = halo.kernel else {
+            return Ok(());
+        };
+        let (c, groups) = (shape.sc, 32);
+        let hw = shape.sh * shape.sw;
+        let split = plan_norm(shape.n, hw, c, groups, gpu.sms(), false);
+        let nd = NormDims {
+            n: shape.n,
+            hw,
+            c,
+            groups,
+            split,
+        };
+        let (gamma, beta) = (self.rand(c, 0.5, 1.5), self.rand(c, -0.5, 0.5));
+        let (gamma, beta) = (self.up(&gamma)?, self.up(&beta)?);
+        let y16 = self.zeros(len.div_ceil(2))?;
+        let partial = self.zeros(split.partial_len(shape.n, c))?;
+        let stats = self.zeros(2 * shape.n * groups)?;
+        let affine = self.zeros(2 * shape.n * c)?;
+        gpu.kernels.group_norm(
+            st,
+            nd,
+            x,
+            gamma.ptr,
+            beta.ptr,
+            y16.ptr,
+            partial.ptr,
+            stats.ptr,
+            affine.ptr,
+            1e-6,
+            true,
+            Some(precision),
+        )?;
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        let fused = ConvLaunch {
+            norm_input: NormInput::AffineSilu,
+            ..halo
+        };
+        for (plan, p) in [
+            (halo, ConvPtrs { x: y16.ptr, ..ptrs }),
+            (
+                fused,
+                ConvPtrs {
+                    x,
+                    norm: affine.ptr,
+                    ..ptrs
+                },
+            ),
+        ] {
+            let y = self.zeros(out_len)?;
+            let p = ConvPtrs { y: y.ptr, ..p };
+            ms = self.timed(
+                || Ok(()),
+                || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
+            )?;
+            outs.push(y.download(st)?);
+        }
+        self.row_within(
+            format!(
+                "{label} [{}, GroupNorm+SiLU in the loads] vs on its output",
+                wgmma_path(&halo)
+            ),
+            desc.into(),
+            &outs[1],
+            &outs[0],
+            ms,
+            0.0,
+        );
         Ok(())
     }
 
@@ -1214,6 +1309,7 @@ impl Tester<'_> {
                 res: rd.ptr,
                 ws: ws.ptr,
                 temb: 0,
+                norm: 0,
             };
             let ms = self.timed(
                 || Ok(()),
@@ -2212,14 +2308,7 @@ fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<(ConvLaunch, f64)> {
 }
 
 fn wgmma_path(p: &ConvLaunch) -> String {
-    let mut s = String::from("wgmma");
-    match p.tile {
-        WgmmaTile::Plain => {}
-        WgmmaTile::Tall => s += ", tall",
-        WgmmaTile::SixStages => s += ", six stages",
-        WgmmaTile::Halo => s += ", halo",
-        WgmmaTile::TallHalo => s += ", tall halo",
-    }
+    let mut s = String::from(p.tile.describe());
     if p.splits > 1 {
         s += &format!(", {} splits", p.splits);
     }

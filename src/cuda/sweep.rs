@@ -288,11 +288,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
 
 fn pipeline_name(l: &ConvLaunch) -> String {
     let kernel = match (l.wgmma, l.deep, l.half_input) {
-        (true, ..) if l.tile == WgmmaTile::Tall => "wgmma, tall",
-        (true, ..) if l.tile == WgmmaTile::SixStages => "wgmma, six stages",
-        (true, ..) if l.tile == WgmmaTile::Halo => "wgmma, halo",
-        (true, ..) if l.tile == WgmmaTile::TallHalo => "wgmma, tall halo",
-        (true, ..) => "wgmma",
+        (true, ..) => l.tile.describe(),
         (false, false, _) => "two-stage",
         (false, true, false) => "deep",
         (false, true, true) => "deep, 16-bit input",

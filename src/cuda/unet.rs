@@ -1053,6 +1053,7 @@ fn launch(
                 temb: opt(c.temb),
                 res: opt(c.residual),
                 ws: opt(c.workspace),
+                norm: opt(c.norm),
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
@@ -1083,7 +1084,7 @@ fn launch(
             p(x),
             wts.ptr(gamma)?,
             wts.ptr(beta)?,
-            p(y),
+            opt(y),
             p(partial),
             p(stats),
             p(affine),
