@@ -20,9 +20,9 @@
 #       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
 #       real sample, and 10-step DPS / PiGDM trajectories, GPU against CPU.
-# Expected wall time on an H100/H200 about 4-5 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26; each phase's estimate is beside it); a
-# deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
+# Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 19 variants of three bench calls each);
+# each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
 # Prepare on the development machine (the GPU machine has no Rust and no network):
@@ -246,7 +246,7 @@ fi
 MODEL_ARG=()
 [ -f /tmp/m/config.json ] && MODEL_ARG=(--model /tmp/m)
 
-# (v) Run-time variants of the newest build (~25 s each, ~40 s for the last).
+# (v) Run-time variants of the newest build (~10 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
 ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_SIX_STAGES=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_STREAMS=2
