@@ -70,13 +70,14 @@ fn main() {
         }
     };
 
-    let list = |items: &[(String, PathBuf)]| -> String {
+    let list = |items: &[Module]| -> String {
         items
             .iter()
-            .map(|(name, path)| {
+            .map(|m| {
                 format!(
-                    "    ({name:?}, include_bytes!({:?})),\n",
-                    path.display().to_string()
+                    "    ({:?}, include_bytes!({:?})),\n",
+                    m.name,
+                    m.fatbin.display().to_string()
                 )
             })
             .collect()
@@ -96,6 +97,13 @@ fn main() {
     } else {
         code += &format!("pub const TARGETS: &[&str] = &{targets:?};\n");
     }
+    code += "\n/// Every module's kernel entry points, as its PTX declares them: (module name, names).\n\
+             #[cfg(test)]\n\
+             pub static ENTRIES: &[(&str, &[&str])] = &[\n";
+    for m in compiled.iter().chain(&compiled_sm90a) {
+        code += &format!("    ({:?}, &{:?}),\n", m.name, m.entries);
+    }
+    code += "];\n";
     fs::write(out_dir.join("cuda_kernels.rs"), code).expect("write cuda_kernels.rs");
 }
 
@@ -161,13 +169,23 @@ fn find_nvcc() -> Option<PathBuf> {
     })
 }
 
+/// One compiled module: its name, its fatbin, and its kernels' entry points.
+struct Module {
+    name: String,
+    fatbin: PathBuf,
+    entries: Vec<String>,
+}
+
 /// Compiles the sources, a few at a time; panics (failing the build) with nvcc's output on error.
+/// nvcc keeps its intermediate files for each module in a folder of its own, from whose PTX the
+/// module's entry points are read (the fatbins are compressed, so the names cannot be read
+/// there), then the folder is removed.
 fn compile_all(
     nvcc: &Path,
     sources: &[PathBuf],
     gencode: &[String],
     out_dir: &Path,
-) -> Vec<(String, PathBuf)> {
+) -> Vec<Module> {
     let parallel = thread::available_parallelism().map_or(1, |n| n.get());
     let mut compiled = Vec::new();
     for group in sources.chunks(parallel) {
@@ -180,18 +198,37 @@ fn compile_all(
                     .to_string_lossy()
                     .into_owned();
                 let out = out_dir.join(format!("{name}.fatbin"));
+                let keep = out_dir.join(format!("keep-{name}"));
+                let _ = fs::remove_dir_all(&keep);
+                fs::create_dir_all(&keep).expect("create nvcc's keep folder");
                 let mut cmd = Command::new(nvcc);
-                cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo"]);
+                cmd.args([
+                    "-fatbin",
+                    "-O3",
+                    "-std=c++17",
+                    "-lineinfo",
+                    "--keep",
+                    "--keep-dir",
+                ]);
+                cmd.arg(&keep);
                 for g in gencode {
                     cmd.arg("-gencode").arg(g);
                 }
                 cmd.arg("-o").arg(&out).arg(src);
-                (name, out, src, thread::spawn(move || cmd.output()))
+                (name, out, keep, src, thread::spawn(move || cmd.output()))
             })
             .collect();
-        for (name, out, src, handle) in jobs {
+        for (name, fatbin, keep, src, handle) in jobs {
             match handle.join().expect("nvcc thread") {
-                Ok(o) if o.status.success() => compiled.push((name, out)),
+                Ok(o) if o.status.success() => {
+                    let entries = ptx_entries(&keep);
+                    let _ = fs::remove_dir_all(&keep);
+                    compiled.push(Module {
+                        name,
+                        fatbin,
+                        entries,
+                    })
+                }
                 Ok(o) => panic!(
                     "nvcc failed on {}:\n{}{}",
                     src.display(),
@@ -203,4 +240,29 @@ fn compile_all(
         }
     }
     compiled
+}
+
+/// The entry points declared in the PTX files of `dir` (`.entry name(`), sorted, each once.
+fn ptx_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "ptx"))
+        .flat_map(|p| {
+            let text = fs::read_to_string(&p).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| {
+                    let rest = &l[l.find(".entry ")? + ".entry ".len()..];
+                    Some(rest[..rest.find('(')?].trim().to_string())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

@@ -24,6 +24,13 @@ pub(crate) fn sm90a_fatbins() -> &'static [(&'static str, &'static [u8])] {
     embedded::SM90A_FATBINS
 }
 
+/// Every embedded module's kernel entry points, read from its PTX at build time: (module,
+/// names). Empty without kernels.
+#[cfg(test)]
+pub(crate) fn kernel_entries() -> &'static [(&'static str, &'static [&'static str])] {
+    embedded::ENTRIES
+}
+
 /// Whether this build embeds the CUDA kernels (false when nvcc was missing at build time).
 pub fn kernels_compiled() -> bool {
     !embedded::FATBINS.is_empty()

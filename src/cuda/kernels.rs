@@ -960,6 +960,20 @@ fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
         .unwrap_or(0);
     usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.row_epilogue) + 4 * tile
 }
+/// The wgmma kernels of one of [`Kernels`]' tables in [`wgmma_index`] order (precision, then
+/// epilogue, then tile), each with its tile: the plain ones (`suffix` "") or the cycle-counting
+/// ones ("_probe").
+fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
+    let mut out = Vec::new();
+    for (tile, name) in WgmmaTile::ALL {
+        for rows in ["", "_rows"] {
+            for t in ["bf16", "fp16"] {
+                out.push((format!("conv_wgmma_{t}{rows}{name}{suffix}"), tile));
+            }
+        }
+    }
+    out
+}
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
 /// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
 /// warpgroups, the number of K slices they multiplied.
@@ -1186,17 +1200,11 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, bytes)
                 };
-                // In wgmma_index order: precision, then epilogue, then tile.
                 let all = |suffix: &str| -> Result<[CudaFunction; 20]> {
-                    let mut out = Vec::with_capacity(20);
-                    for (tile, name) in WgmmaTile::ALL {
-                        for rows in ["", "_rows"] {
-                            for t in ["bf16", "fp16"] {
-                                let kernel = format!("conv_wgmma_{t}{rows}{name}{suffix}");
-                                out.push(f(&kernel, tile.smem())?);
-                            }
-                        }
-                    }
+                    let out = wgmma_kernel_names(suffix)
+                        .iter()
+                        .map(|(kernel, tile)| f(kernel, tile.smem()))
+                        .collect::<Result<Vec<_>>>()?;
                     out.try_into()
                         .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
                 };
@@ -2554,6 +2562,68 @@ pub(crate) fn at(base: DPtr, i: usize) -> DPtr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel the loaders look up ([`Kernels::load`], `SamplerKernels::load`) is an
+    /// entry point of the module they look in, as build.rs read them from the PTX: a misspelt
+    /// or missing kernel fails here, not when the first GPU loads the modules. The names come
+    /// from the loaders' source (each `get("module", "name")`, the numbered direct kernels),
+    /// the tensor-core table and the wgmma tables.
+    #[test]
+    fn every_kernel_the_loaders_ask_for_exists() {
+        let entries = crate::cuda::device::kernel_entries();
+        if entries.is_empty() {
+            // Built without nvcc: there is nothing to load.
+            return;
+        }
+        let exists = |module: &str, name: &str| {
+            entries
+                .iter()
+                .any(|(m, names)| *m == module && names.contains(&name))
+        };
+        let mut asked: Vec<(String, String)> = Vec::new();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
+        for file in ["kernels.rs", "sampler_kernels.rs"] {
+            let src = std::fs::read_to_string(root.join(file)).unwrap();
+            // The loaders, not these tests.
+            let src = src.split("#[cfg(test)]").next().unwrap();
+            for line in src
+                .lines()
+                .filter(|l| l.contains("get(") && !l.contains("fn "))
+            {
+                let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+                // `get(&sampler, "name")`: the module is the variable's name.
+                let var = line
+                    .split("get(&")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .filter(|v| v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                let (module, name) = match (var, quoted.as_slice()) {
+                    (Some(m), [n]) => (m, *n),
+                    (None, [m, n]) => (*m, *n),
+                    _ => continue,
+                };
+                if !entries.iter().any(|(m, _)| *m == module) {
+                    continue;
+                }
+                if name.contains("{c}") {
+                    for c in 1..=DIRECT_MAX {
+                        asked.push((module.into(), name.replace("{c}", &c.to_string())));
+                    }
+                } else {
+                    asked.push((module.into(), name.into()));
+                }
+            }
+        }
+        assert!(asked.len() > 40, "{asked:?}");
+        asked.extend(TC_KERNELS.iter().map(|k| ("conv_tc".into(), k.name.into())));
+        for suffix in ["", "_probe"] {
+            let names = wgmma_kernel_names(suffix);
+            assert_eq!(names.len(), 4 * WgmmaTile::ALL.len());
+            asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        }
+        let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
+        assert!(missing.is_empty(), "not in the built modules: {missing:?}");
+    }
 
     /// Every input pixel of a stride-2 convolution falls in exactly one parity class, and each
     /// class's taps are exactly the forward taps that reach it.
