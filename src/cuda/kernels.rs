@@ -386,7 +386,8 @@ pub(crate) struct ConvLaunch {
     pub deep: bool,
     /// The input is already in the tensor-core kernel's 16-bit precision (two elements per
     /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
-    /// fp16 and `deep`. Set by the lowering, which knows where each input comes from.
+    /// fp16 and `deep`. Set by the lowering, which knows where each input comes from. (With
+    /// a [`NormInput`], the halo tile makes those 16-bit values from a GroupNorm's input.)
     pub half_input: bool,
     /// Hopper's warpgroup products (kernels/conv_wgmma.cu) instead of mma.sync: only with
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
@@ -414,14 +415,18 @@ pub(crate) struct ConvLaunch {
 /// without the GroupNorm's own pass over them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum NormInput {
+    /// `x` is the 16-bit operand.
     #[default]
     None,
+    /// `x` is a GroupNorm's fp32 input: scale and shift it.
     Affine,
+    /// The same, then SiLU.
     AffineSilu,
 }
 
-/// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile`); each computes the same sums
-/// in the same order for a given split of K.
+/// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile` and `HaloTile`): for a given
+/// split of K the others compute the same sums in the same order, and the two halo tiles the
+/// same sums in an order of their own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum WgmmaTile {
     /// 128 rows, three stages, two blocks per multiprocessor (`PlainTile`).
@@ -634,7 +639,7 @@ pub(crate) fn plan_wgmma_six(
 pub(crate) fn halo_fits(s: &ConvShape, rows: usize) -> bool {
     s.taps.len() == 9
         && direct_fits(s)
-        && s.sc % 32 == 0
+        && s.sc % HALO_CHANNELS == 0
         && s.mw % 64 == 0
         && (rows % s.mw == 0 || s.mw % rows == 0)
         && (s.mh * s.mw) % rows == 0

@@ -72,11 +72,11 @@ pub(crate) struct KernelConfig {
     /// six-stage tile ([`WgmmaTile::SixStages`]): the same sums as that split on the plain
     /// tile.
     pub six_stages: bool,
-    /// Unsplit wgmma launches of 3x3 stride-1 convolutions and their input gradients whose
-    /// rows tile without leaving an image row ([`halo_fits`](super::kernels::halo_fits)) take the halo tile
-    /// ([`WgmmaTile::Halo`]), ahead of the tall one; with `tall_tiles` too, those that fill
-    /// the machine with 256-row tiles take [`WgmmaTile::TallHalo`]. The same products,
-    /// summed channel slices outer.
+    /// The wgmma launches of 3x3 stride-1 convolutions and their input gradients whose rows
+    /// tile without leaving an image row ([`halo_fits`](super::kernels::halo_fits)) take the
+    /// halo tile ([`WgmmaTile::Halo`]; K split by channel slices), ahead of the tall one; with
+    /// `tall_tiles` too, the unsplit ones that fill the machine with 256-row tiles take
+    /// [`WgmmaTile::TallHalo`]. The same products, summed channel slices outer.
     pub halo_tiles: bool,
     /// With `halo_tiles`: a GroupNorm whose 16-bit output only a halo-tile convolution reads
     /// writes no output; the convolution applies its scale and shift (and SiLU) to the fp32
