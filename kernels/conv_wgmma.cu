@@ -296,6 +296,21 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
+// The end of a wgmma body: split K reduced within the cluster (CLUSTERS: a tile the host
+// launches as clusters, here without a workspace) or the epilogue, then the probe's last
+// phase and its counters (`slices` K steps).
+template <bool ROWS, bool CLUSTERS, bool PROBE>
+DEVI void wg_finish(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0, int n0,
+                    Probe<PROBE>& cycles, unsigned long long* probe, int slices) {
+    const bool split = gridDim.z > 1;
+    if (CLUSTERS && split && a.ws == nullptr)
+        cluster_reduce(a, stages, acc, M, m0, n0);
+    else
+        wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
+    cycles.mark(PROBE_EPILOGUE);
+    cycles.flush(probe, slices);
+}
+
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
 // ROWS: finish each row's pairs ROW_PAIRS at a time (finish_row: loads before stores, 8 round
 // trips to memory per thread instead of 32) rather than pair by pair (store_pair).
@@ -438,19 +453,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cp_async_wait<0>();
     cycles.mark(PROBE_DRAIN);
 
-    const bool split = gridDim.z > 1;
-    if constexpr (std::is_same_v<Tile, PlainTile>) {
-        // (The host launches clusters of plain tiles only.)
-        if (split && a.ws == nullptr) {
-            cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
-            cycles.mark(PROBE_EPILOGUE);
-            cycles.flush(probe, ntiles);
-            return;
-        }
-    }
-    wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
-    cycles.mark(PROBE_EPILOGUE);
-    cycles.flush(probe, ntiles);
+    // (The host launches clusters of plain tiles only.)
+    wg_finish<ROWS, std::is_same_v<Tile, PlainTile>>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles,
+                                                    probe, ntiles);
 }
 
 // 16 bytes into shared memory from registers (the halo copies that normalise on the way).
@@ -639,20 +644,9 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     wg_fence_acc(acc);
     cp_async_wait<0>();
     cycles.mark(PROBE_DRAIN);
-    const bool split = gridDim.z > 1;
-    if constexpr (TM == WG_TM) {
-        // (The host launches clusters of 128-row halo tiles only; their halos and weight
-        // stages, idle now, hold the parked tile.)
-        if (split && a.ws == nullptr) {
-            cluster_reduce(a, smem + (base - smem_addr(smem)), acc, M, m0, n0);
-            cycles.mark(PROBE_EPILOGUE);
-            cycles.flush(probe, steps);
-            return;
-        }
-    }
-    wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
-    cycles.mark(PROBE_EPILOGUE);
-    cycles.flush(probe, steps);
+    // (The host launches clusters of 128-row halo tiles only; their halos and weight stages,
+    // idle now, hold the parked tile.)
+    wg_finish<ROWS, TM == WG_TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles, probe, steps);
 }
 
 // A kernel's body by its tile.
