@@ -28,8 +28,11 @@ struct ConvArgs {
     // and shift ([n][2 * sc], norm.cu's) they apply, then SiLU if norm_silu, as they load it.
     const float* norm;
     int norm_silu;
+    // The halo convolutions only, unsplit: the GroupNorm partial sums of the output, in
+    // norm.cu's layout with one chunk per tile (gn_partial's pass then does not run).
+    double* gn_partial;
 };
-static_assert(sizeof(ConvArgs) == 248, "ConvArgs must match src/cuda/kernels.rs");
+static_assert(sizeof(ConvArgs) == 256, "ConvArgs must match src/cuda/kernels.rs");
 
 struct RowCoord {
     int img, my, mx;

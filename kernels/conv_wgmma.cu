@@ -296,15 +296,89 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
+// The pairwise epilogue of an unsplit TM-row tile that also writes the GroupNorm partial
+// sums of its output (a.gn_partial, the halo tiles only): for each column the f64 sum and sum
+// of squares over the tile's rows, in norm.cu's layout with one chunk per tile, so that the
+// GroupNorm reading this output skips its own pass over it. The same values as store_pair,
+// columns outer so that a thread holds two columns' sums at a time; the 8 lanes of a column
+// pair add theirs by shuffles, then one thread per column adds the warps' in row order
+// (shared memory, the idle stages).
+template <int TM>
+DEVI void wg_epilogue_stats(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int m0, int n0) {
+    constexpr int WARPS = TM / 16;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2;
+    const int q = lane & 3;
+    const int row0 = m0 + (warp >> 2) * 64 + (warp & 3) * 16 + g;
+    RowCoord rc[2];
+    long long pix[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        rc[h] = decode_row(a, row0 + 8 * h);
+        pix[h] = out_pixel(a, rc[h]);
+    }
+    double2* part = reinterpret_cast<double2*>(stages);  // [WARPS][WG_TN]
+    // Every warpgroup is done with the stages (its products and copies waited for).
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+        const int c = 8 * j + 2 * q;
+        const int col = n0 + c;
+        double s0 = 0.0, q0 = 0.0, s1 = 0.0, q1 = 0.0;
+        if (col < a.ncols) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const float2 v = make_float2(finish(a, rc[h].img, pix[h], col, acc[4 * j + 2 * h]),
+                                             finish(a, rc[h].img, pix[h], col + 1, acc[4 * j + 2 * h + 1]));
+                *reinterpret_cast<float2*>(a.y + pix[h] * a.ncols + col) = v;
+                s0 += (double)v.x;
+                q0 += (double)v.x * (double)v.x;
+                s1 += (double)v.y;
+                q1 += (double)v.y * (double)v.y;
+            }
+        }
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+            q0 += __shfl_xor_sync(0xffffffffu, q0, o);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+            q1 += __shfl_xor_sync(0xffffffffu, q1, o);
+        }
+        if (g == 0) {
+            part[warp * WG_TN + c] = make_double2(s0, q0);
+            part[warp * WG_TN + c + 1] = make_double2(s1, q1);
+        }
+    }
+    __syncthreads();
+    const int col = n0 + tid;
+    if (tid < WG_TN && col < a.ncols) {
+        double s = 0.0, sq = 0.0;
+        for (int w = 0; w < WARPS; ++w) {
+            const double2 p = part[w * WG_TN + tid];
+            s += p.x;
+            sq += p.y;
+        }
+        const int per = a.mh * a.mw;
+        const int img = m0 / per;
+        const int chunks = per / TM, chunk = (m0 - img * per) / TM;
+        double* out = a.gn_partial + (((long long)img * chunks + chunk) * a.ncols + col) * 2;
+        out[0] = s;
+        out[1] = sq;
+    }
+}
+
 // The end of a wgmma body: split K reduced within the cluster (CLUSTERS: a tile the host
-// launches as clusters, here without a workspace) or the epilogue, then the probe's last
-// phase and its counters (`slices` K steps).
-template <bool ROWS, bool CLUSTERS, bool PROBE>
+// launches as clusters, here without a workspace), the epilogue with GroupNorm's partial sums
+// (STATS: the halo tiles, when asked), or the epilogue; then the probe's last phase and its
+// counters (`slices` K steps).
+template <bool ROWS, bool CLUSTERS, bool STATS, int TM, bool PROBE>
 DEVI void wg_finish(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0, int n0,
                     Probe<PROBE>& cycles, unsigned long long* probe, int slices) {
     const bool split = gridDim.z > 1;
     if (CLUSTERS && split && a.ws == nullptr)
         cluster_reduce(a, stages, acc, M, m0, n0);
+    else if (STATS && a.gn_partial != nullptr)
+        wg_epilogue_stats<TM>(a, stages, acc, m0, n0);
     else
         wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
     cycles.mark(PROBE_EPILOGUE);
@@ -454,8 +528,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.mark(PROBE_DRAIN);
 
     // (The host launches clusters of plain tiles only.)
-    wg_finish<ROWS, std::is_same_v<Tile, PlainTile>>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles,
-                                                    probe, ntiles);
+    wg_finish<ROWS, std::is_same_v<Tile, PlainTile>, false, TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0,
+                                                                cycles, probe, ntiles);
 }
 
 // 16 bytes into shared memory from registers (the halo copies that normalise on the way).
@@ -646,7 +720,8 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     cycles.mark(PROBE_DRAIN);
     // (The host launches clusters of 128-row halo tiles only; their halos and weight stages,
     // idle now, hold the parked tile.)
-    wg_finish<ROWS, TM == WG_TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles, probe, steps);
+    wg_finish<ROWS, TM == WG_TM, true, TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles, probe,
+                                           steps);
 }
 
 // A kernel's body by its tile.

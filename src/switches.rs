@@ -74,6 +74,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` gives halo tiles their GroupNorm to apply as they load",
     ),
     switch(
+        "INVDIFF_HALO_STATS",
+        "GPU candidate: `1` has halo tiles write their GroupNorm's partial sums",
+    ),
+    switch(
         "INVDIFF_WGMMA_SIX_STAGES",
         "GPU candidate: `1` gives one-block-per-SM wgmma launches six stages",
     ),

@@ -80,8 +80,9 @@ struct ConvArgs {
     norm: DPtr,
     norm_silu: i32,
     _pad: i32,
+    gn_partial: DPtr,
 }
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 256);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
 
@@ -645,6 +646,18 @@ pub(crate) fn halo_fits(s: &ConvShape, rows: usize) -> bool {
         && (s.mh * s.mw) % rows == 0
 }
 
+/// Whether launch `plan` of `s` can write the GroupNorm partial sums of its output
+/// ([`ConvPtrs::gn_partial`]): a halo tile, unsplit, each output row the pixel of the same
+/// index, so that a tile's rows are one chunk of one image.
+pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> bool {
+    plan.tile.is_halo()
+        && plan.splits == 1
+        && !plan.cluster
+        && s.out_stride == 1
+        && (s.out_oy, s.out_ox) == (0, 0)
+        && (s.yh, s.yw) == (s.mh, s.mw)
+}
+
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
 /// kernels/conv.cu has one kernel per count.
 const DIRECT_MAX: usize = 8;
@@ -803,6 +816,10 @@ pub(crate) struct ConvPtrs {
     /// With [`ConvLaunch::norm_input`]: the GroupNorm's scale and shift, `[n][2][sc]`
     /// (`x` then holds its fp32 input).
     pub norm: DPtr,
+    /// Halo tiles, unsplit, output rows in pixel order: where the epilogue also writes the
+    /// GroupNorm partial sums of the output, in kernels/norm.cu's layout with one chunk per
+    /// tile ([`NormSplit::from_producer`]).
+    pub gn_partial: DPtr,
 }
 
 /// Threads of a GroupNorm finalize block (`FIN_THREADS` in kernels/norm.cu).
@@ -816,6 +833,9 @@ pub(crate) struct NormSplit {
     pub chunks: usize,
     pub chunk_px: usize,
     pub one_pass: Option<u32>,
+    /// The partial sums come from the convolution that wrote the input (its epilogue,
+    /// [`ConvPtrs::gn_partial`]: chunks of one tile's rows), so `gn_partial` does not run.
+    pub from_producer: bool,
 }
 
 /// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
@@ -853,6 +873,7 @@ pub(crate) fn plan_norm(
         one_pass: one_pass
             .then(|| one_pass_threads(hw, c / groups.max(1)))
             .flatten(),
+        from_producer: false,
     }
 }
 
@@ -1403,6 +1424,7 @@ impl Kernels {
             out_div,
             norm: p.norm,
             norm_silu: i32::from(plan.norm_input == NormInput::AffineSilu),
+            gn_partial: p.gn_partial,
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -1431,6 +1453,7 @@ impl Kernels {
             || (plan.wgmma && !plan.tile.takes(s, plan))
             || ((plan.norm_input != NormInput::None) != (p.norm != 0))
             || (plan.norm_input != NormInput::None && !plan.tile.is_halo())
+            || (p.gn_partial != 0 && !gn_partial_fits(s, plan))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
@@ -1914,6 +1937,11 @@ impl Kernels {
         ] {
             need(p, what)?;
         }
+        if d.split.from_producer && d.split.one_pass.is_some() {
+            return Err(Error::Cuda(
+                "internal: a GroupNorm given its partial sums planned in one pass".into(),
+            ));
+        }
         if y == 0 && d.split.one_pass.is_some() {
             return Err(Error::Cuda(
                 "internal: a GroupNorm without an output planned in one pass".into(),
@@ -1948,13 +1976,15 @@ impl Kernels {
             // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
             return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
         }
-        let mut b = self.launch(st, &self.gn_partial);
-        b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
-        // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
-        cu(
-            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-            "launching gn_partial",
-        )?;
+        if !split.from_producer {
+            let mut b = self.launch(st, &self.gn_partial);
+            b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
+            // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
+            cu(
+                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+                "launching gn_partial",
+            )?;
+        }
         let mut b = self.launch(st, &self.gn_finalize);
         b.arg(&partial)
             .arg(&ni)

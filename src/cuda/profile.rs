@@ -227,23 +227,32 @@ impl Step {
                 silu,
                 ..
             } => {
-                // No output: a halo convolution applies it (statistics and affine only).
+                // No output: a halo convolution applies it; partial sums from the producer:
+                // a halo convolution's epilogue wrote them.
                 let (kind, half_out, output) = match self {
                     GroupNorm { half_out, y, .. } => ("groupnorm", half_out, y.is_some()),
                     GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out, true),
                     _ => unreachable!("matched above"),
                 };
-                let launches = match (split.one_pass, output) {
-                    (Some(_), _) => 1,
-                    (None, true) => 3,
-                    (None, false) => 2,
+                let launches = match split.one_pass {
+                    Some(_) => 1,
+                    None => 1 + usize::from(output) + usize::from(!split.from_producer),
                 };
                 StepInfo {
-                    variant: match (half_out, output) {
-                        (_, false) => format!("{} chunks, no output", split.chunks),
-                        (Some(p), true) => format!("{} chunks, {p} output", split.chunks),
-                        (None, true) => format!("{} chunks", split.chunks),
-                    },
+                    variant: format!(
+                        "{} chunks{}{}",
+                        split.chunks,
+                        if split.from_producer {
+                            " from the producer"
+                        } else {
+                            ""
+                        },
+                        match (half_out, output) {
+                            (_, false) => ", no output".to_string(),
+                            (Some(p), true) => format!(", {p} output"),
+                            (None, true) => String::new(),
+                        }
+                    ),
                     ..plain(
                         kind,
                         format!(

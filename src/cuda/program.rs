@@ -15,8 +15,8 @@
 //! [`Program::lifetimes`] reads off the list.
 
 use super::kernels::{
-    on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel, ConvLaunch,
-    ConvShape, NormInput, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel,
+    ConvLaunch, ConvShape, NormInput, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
     MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
@@ -83,6 +83,11 @@ pub(crate) struct KernelConfig {
     /// input as it loads it ([`NormInput`]): the same 16-bit values, one pass over the
     /// activations fewer.
     pub halo_norm: bool,
+    /// With `halo_tiles`: an unsplit halo-tile convolution whose output a GroupNorm reads
+    /// writes that GroupNorm's partial sums in its epilogue
+    /// ([`ConvPtrs::gn_partial`](super::kernels::ConvPtrs)), and the GroupNorm skips its own
+    /// pass over the output. The same sums in another order.
+    pub halo_stats: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -106,6 +111,7 @@ impl Default for KernelConfig {
             six_stages: false,
             halo_tiles: false,
             halo_norm: false,
+            halo_stats: false,
             batch_invariant: false,
         }
     }
@@ -128,9 +134,12 @@ impl KernelConfig {
             attention_tf32: on("INVDIFF_ATTN_TF32"),
             tall_tiles: on("INVDIFF_WGMMA_TALL"),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
-            // The GroupNorms go into the halo tiles' loads, so they bring the tiles along.
-            halo_tiles: on("INVDIFF_WGMMA_HALO") || on("INVDIFF_HALO_NORM"),
+            // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.
+            halo_tiles: on("INVDIFF_WGMMA_HALO")
+                || on("INVDIFF_HALO_NORM")
+                || on("INVDIFF_HALO_STATS"),
             halo_norm: on("INVDIFF_HALO_NORM"),
+            halo_stats: on("INVDIFF_HALO_STATS"),
             batch_invariant: false,
         }
     }
@@ -152,6 +161,7 @@ impl KernelConfig {
             (self.six_stages, "six-stage wgmma tiles"),
             (self.halo_tiles, "halo wgmma tiles"),
             (self.halo_norm, "GroupNorm in halo loads"),
+            (self.halo_stats, "GroupNorm sums in halo epilogues"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()
@@ -403,6 +413,9 @@ pub(crate) struct ConvStep {
     /// With [`ConvLaunch::norm_input`]: the scale and shift of the GroupNorm whose fp32 input
     /// `x` is (the GroupNorm then writes no output).
     pub norm: Option<Buf>,
+    /// Where the epilogue also writes the partial sums of the GroupNorm that reads `y`
+    /// ([`KernelConfig::halo_stats`]).
+    pub gn_partial: Option<Buf>,
 }
 
 impl Step {
@@ -427,7 +440,24 @@ impl Step {
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
                     .collect(),
-                [c.y].into_iter().chain(c.workspace).collect(),
+                [c.y]
+                    .into_iter()
+                    .chain(c.workspace)
+                    .chain(c.gn_partial)
+                    .collect(),
+            ),
+            // Partial sums from the producing convolution are read, not written.
+            GroupNorm {
+                x,
+                y,
+                split,
+                partial,
+                stats,
+                affine,
+                ..
+            } if split.from_producer => (
+                vec![*x, *partial],
+                y.iter().copied().chain([*stats, *affine]).collect(),
             ),
             GroupNorm {
                 x,
@@ -711,6 +741,9 @@ impl Program {
             cotangent = Some(cot);
             grad_input = Some(out);
         }
+        if choice.halo_stats {
+            l.norm_sums_from_halo_epilogues();
+        }
         if choice.halo_norm {
             l.norms_into_halo_loads();
         }
@@ -817,6 +850,54 @@ impl Lowering<'_> {
                 *y = None;
             }
             self.bufs[y.0].len = 1;
+        }
+    }
+
+    /// [`KernelConfig::halo_stats`], on the finished step list: each GroupNorm (in three
+    /// launches) whose input was last written by an unsplit halo-tile convolution that can
+    /// write its partial sums ([`gn_partial_fits`]) takes them from that convolution's
+    /// epilogue, one chunk per tile, in a partial buffer of that size.
+    fn norm_sums_from_halo_epilogues(&mut self) {
+        for i in 0..self.steps.len() {
+            let Step::GroupNorm {
+                x, hw, c, split, ..
+            } = self.steps[i]
+            else {
+                continue;
+            };
+            let producer = self.steps[..i].iter().rposition(|s| s.io().1.contains(&x));
+            let Some(j) = producer.filter(|_| split.one_pass.is_none()) else {
+                continue;
+            };
+            let Step::Conv(conv) = &self.steps[j] else {
+                continue;
+            };
+            let rows = conv.launch.tile.rows();
+            if conv.y != x
+                || conv.gn_partial.is_some()
+                || !gn_partial_fits(&conv.shape, &conv.launch)
+                || conv.shape.ncols != c
+                || conv.shape.mh * conv.shape.mw != hw
+            {
+                continue;
+            }
+            let from_conv = NormSplit {
+                chunks: hw / rows,
+                chunk_px: rows,
+                one_pass: None,
+                from_producer: true,
+            };
+            let partial = self.buf(from_conv.partial_len(self.n, c), "GroupNorm partial sums");
+            if let Step::Conv(conv) = &mut self.steps[j] {
+                conv.gn_partial = Some(partial);
+            }
+            if let Step::GroupNorm {
+                split, partial: p, ..
+            } = &mut self.steps[i]
+            {
+                *split = from_conv;
+                *p = partial;
+            }
         }
     }
 
@@ -1302,6 +1383,7 @@ impl Lowering<'_> {
             out_div: 1.0,
             accumulate: false,
             norm: None,
+            gn_partial: None,
         }
     }
 
@@ -1799,8 +1881,9 @@ mod tests {
                     affine,
                     ..
                 } => {
-                    // The generic rule below, with the output's slot kept when there is none.
-                    let r: Vec<u64> = reads.iter().map(|b| val[b.0]).collect();
+                    // The generic rule below, with the output's slot kept when there is none,
+                    // and the value of `x` alone whoever added its partial sums.
+                    let r: Vec<u64> = reads[..1].iter().map(|b| val[b.0]).collect();
                     let out = |j: usize| h(&[&op, &|s| r.hash(s), &|s| j.hash(s)]);
                     let yv = if half_out.is_some() {
                         half(out(0))
@@ -2508,11 +2591,59 @@ mod tests {
             assert!(moved > 10, "{moved}");
         }
     }
+    /// halo_stats hands GroupNorms their partial sums from the halo convolution that wrote
+    /// their input: each such GroupNorm reads the partial buffer that convolution's epilogue
+    /// writes, one chunk per tile, and the program computes what the one without does
+    /// ([`symbolic`]), alone and with halo_norm (a GroupNorm then runs its finalize only).
+    #[test]
+    fn halo_stats_take_groupnorm_sums_from_the_producer() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for (n, record, halo_norm) in [(8, false, false), (1, true, false), (8, false, true)] {
+            let build = |halo_stats: bool| {
+                let tc = KernelConfig {
+                    wgmma: true,
+                    halo_tiles: true,
+                    halo_stats,
+                    halo_norm,
+                    ..KernelConfig::default()
+                };
+                Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap()
+            };
+            let (plain, fused) = (build(false), build(true));
+            assert_eq!(symbolic(&fused), symbolic(&plain));
+            let mut given = 0;
+            for (i, s) in fused.steps.iter().enumerate() {
+                let Step::GroupNorm {
+                    x,
+                    split,
+                    partial,
+                    hw,
+                    ..
+                } = s
+                else {
+                    continue;
+                };
+                if !split.from_producer {
+                    continue;
+                }
+                let producer = fused.steps[..i].iter().rev().find(|s| s.io().1.contains(x));
+                let Some(Step::Conv(c)) = producer else {
+                    panic!("GroupNorm {i}: its input was not written by a convolution");
+                };
+                assert_eq!(c.gn_partial, Some(*partial));
+                assert!(c.launch.tile.is_halo() && c.launch.splits == 1);
+                assert_eq!(split.chunks * c.launch.tile.rows(), *hw);
+                given += 1;
+            }
+            // 19 at batch 8; at batch 1 the 128x128 and 64x64 levels split K, which leaves 7.
+            assert!(given >= if n == 1 { 7 } else { 19 }, "{given}");
+        }
+    }
     /// Reports name every choice that is on, and none that is off.
     #[test]
     fn every_choice_has_a_name() {
         assert!(KernelConfig::default().describe().is_empty());
-        let flags: [fn(&mut KernelConfig); 14] = [
+        let flags: [fn(&mut KernelConfig); 15] = [
             |c| c.deep = false,
             |c| c.wgmma = true,
             |c| c.gn_one_pass = true,
@@ -2526,6 +2657,7 @@ mod tests {
             |c| c.six_stages = true,
             |c| c.halo_tiles = true,
             |c| c.halo_norm = true,
+            |c| c.halo_stats = true,
             |c| c.batch_invariant = true,
         ];
         let mut all = KernelConfig::default();

@@ -12,9 +12,9 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    at, linear_batch_table, on_tile, plan_conv, plan_conv_at, plan_norm, plan_wgmma, ConvKernel,
-    ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, NormInput, ProbeCounters, WgmmaTile,
-    WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    at, gn_partial_fits, linear_batch_table, on_tile, plan_conv, plan_conv_at, plan_norm,
+    plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, NormInput,
+    ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
@@ -630,6 +630,7 @@ impl Tester<'_> {
             res: rd.as_ref().map_or(0, |d| d.ptr),
             ws: ws.ptr,
             norm: 0,
+            gn_partial: 0,
         };
         let ms = self.timed(
             || Ok(()),
@@ -740,6 +741,7 @@ impl Tester<'_> {
             if let Some(halo) = on_tile(wp, &shape, WgmmaTile::Halo) {
                 let (img, len) = (x.len(), want.len());
                 self.halo_norm_row(&shape, halo, ptrs, xd.ptr, img, out_div, len, &label, &desc)?;
+                self.halo_stats_row(&shape, halo, ptrs, out_div, len, &label, &desc)?;
             }
         }
         let dyd = self.up(dy)?;
@@ -1037,6 +1039,89 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// Halo launch `halo` of `shape` writing the GroupNorm partial sums of its output
+    /// (ConvPtrs::gn_partial): its output held to 0 against the launch without them, and the
+    /// sums (f64, one chunk per tile) against the host's over that output. `ptrs` as for the
+    /// plain launch; the output has `out_len` values.
+    #[allow(clippy::too_many_arguments)]
+    fn halo_stats_row(
+        &mut self,
+        shape: &ConvShape,
+        halo: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        out_len: usize,
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        if !gn_partial_fits(shape, &halo) {
+            return Ok(());
+        }
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (rows, c) = (halo.tile.rows(), shape.ncols);
+        let per = shape.mh * shape.mw;
+        let chunks = per / rows;
+        let partial = self.zeros(4 * shape.n * chunks * c)?;
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        for gn_partial in [0, partial.ptr] {
+            let y = self.zeros(out_len)?;
+            let p = ConvPtrs {
+                y: y.ptr,
+                gn_partial,
+                ..ptrs
+            };
+            ms = self.timed(
+                || Ok(()),
+                || gpu.kernels.conv(st, shape, &halo, p, out_div, false),
+            )?;
+            outs.push(y.download(st)?);
+        }
+        let path = format!("{}, GroupNorm sums in the epilogue", wgmma_path(&halo));
+        self.row_within(
+            format!("{label} [{path}] output vs without"),
+            desc.into(),
+            &outs[1],
+            &outs[0],
+            ms,
+            0.0,
+        );
+        // The device's f64 pairs, and the host's sums over the same rows, both as f32.
+        let words = partial.download(st)?;
+        let got: Vec<f32> = words
+            .chunks_exact(2)
+            .map(|w| {
+                f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32) as f32
+            })
+            .collect();
+        let y = &outs[1];
+        let mut want = vec![0f32; got.len()];
+        for img in 0..shape.n {
+            for chunk in 0..chunks {
+                for ch in 0..c {
+                    let (mut s, mut q) = (0f64, 0f64);
+                    for r in 0..rows {
+                        let v = f64::from(y[(img * per + chunk * rows + r) * c + ch]);
+                        s += v;
+                        q += v * v;
+                    }
+                    let at = ((img * chunks + chunk) * c + ch) * 2;
+                    want[at] = s as f32;
+                    want[at + 1] = q as f32;
+                }
+            }
+        }
+        self.row_within(
+            format!("{label} [{path}] sums vs the host's"),
+            desc.into(),
+            &got,
+            &want,
+            ms,
+            1e-6,
+        );
+        Ok(())
+    }
+
     /// wgmma launches `wp` of `shape` split 2, 3 and 8 ways (as far as K allows), each reduced
     /// through the workspace and within a thread-block cluster: held to 0 against each other
     /// (the same sums in the same order); the same for the halo tile where it takes `shape`
@@ -1310,6 +1395,7 @@ impl Tester<'_> {
                 ws: ws.ptr,
                 temb: 0,
                 norm: 0,
+                gn_partial: 0,
             };
             let ms = self.timed(
                 || Ok(()),

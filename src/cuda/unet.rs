@@ -1054,6 +1054,7 @@ fn launch(
                 res: opt(c.residual),
                 ws: opt(c.workspace),
                 norm: opt(c.norm),
+                gn_partial: opt(c.gn_partial),
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
