@@ -102,6 +102,11 @@ static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match Wgmma
 // The tall halo tile (`_tall_halo`): 256 rows (a row of 256, two of 128 or four of 64) of four
 // warpgroups share each weight stage, 155 FLOP per byte; one block per multiprocessor, so eight
 // weight stages, six steps of copies ahead.
+//
+// Two GroupNorm options ride on the halo tiles (both candidates too): the halo copy can apply
+// the GroupNorm (+SiLU) of the convolution's input as it loads the fp32 values (norm_halo, so
+// the GroupNorm writes no output), and the epilogue can write the partial sums of the
+// GroupNorm that reads the output (wg_epilogue_stats, so that GroupNorm skips its first pass).
 constexpr int HALO_BK = 32;    // channels per step: 64 bytes of a pixel
 constexpr int HALO_TAPS = 9;   // steps per channel slice
 constexpr int HALO_B_STAGE = WG_TN * 2 * HALO_BK;
@@ -109,7 +114,8 @@ template <int TM_, int B_STAGES_> struct HaloTile {
     static constexpr int TM = TM_;
     static constexpr int THREADS = 2 * TM;
     static constexpr int B_STAGES = B_STAGES_;
-    // The largest halo, of a tile one row wide (two rows of TM / 2 take 4 x (TM / 2 + 2)).
+    // The largest halo, of a tile one row wide: 3 x (TM + 2) pixels (two rows of TM / 2 take
+    // 4 x (TM / 2 + 2), and so on, fewer).
     static constexpr int BYTES = 3 * (TM + 2) * 2 * HALO_BK;
     static constexpr int SMEM = 2 * BYTES + B_STAGES * HALO_B_STAGE + 128;
     static constexpr int BLOCKS_PER_SM = 2 * SMEM <= 227 * 1024 ? 2 : 1;
