@@ -55,9 +55,11 @@ pub struct SweepVariant {
 #[derive(Clone, Debug, Serialize)]
 pub struct CycleProbe {
     pub warpgroups: u64,
-    /// K slices each warpgroup multiplied, on average: 64 deep, or 32 in the halo tile
-    /// ([`WgmmaTile::k_step`]).
+    /// K slices each warpgroup multiplied, on average.
     pub slices: f64,
+    /// How deep a slice is: 64, or one tap of 32 channels in the halo tiles
+    /// ([`WgmmaTile::k_step`]).
+    pub k_step: usize,
     /// Cycles from a warpgroup's start to its end, on average.
     pub cycles: f64,
     /// Each phase's share of those cycles, in the kernel's order.
@@ -72,7 +74,7 @@ pub struct PhaseShare {
 }
 
 impl CycleProbe {
-    fn from_counters(c: &[u64; WGMMA_PROBE_COUNTERS]) -> Option<CycleProbe> {
+    fn from_counters(c: &[u64; WGMMA_PROBE_COUNTERS], k_step: usize) -> Option<CycleProbe> {
         let phases = WGMMA_PROBE_PHASES.len();
         let warpgroups = c[phases];
         let total: u64 = c[..phases].iter().sum();
@@ -82,6 +84,7 @@ impl CycleProbe {
         Some(CycleProbe {
             warpgroups,
             slices: c[phases + 1] as f64 / warpgroups as f64,
+            k_step,
             cycles: total as f64 / warpgroups as f64,
             phases: WGMMA_PROBE_PHASES
                 .iter()
@@ -94,18 +97,23 @@ impl CycleProbe {
         })
     }
 
-    /// One line: cycles per slice and each phase's share.
+    /// One line: cycles per slice, per 64 of K (to compare tiles with different slices) and
+    /// each phase's share.
     pub fn summary(&self) -> String {
         let shares: Vec<String> = self
             .phases
             .iter()
             .map(|p| format!("{} {:.0}%", p.phase, 100.0 * p.share))
             .collect();
+        let per_slice = self.cycles / self.slices.max(1.0);
         format!(
-            "{:.0} cycles per warpgroup over {:.1} slices ({:.0} per slice): {}",
+            "{:.0} cycles per warpgroup over {:.1} slices of {} ({:.0} per slice, {:.0} per 64 \
+             of K): {}",
             self.cycles,
             self.slices,
-            self.cycles / self.slices.max(1.0),
+            self.k_step,
+            per_slice,
+            per_slice * 64.0 / self.k_step.max(1) as f64,
             shares.join(", ")
         )
     }
@@ -423,7 +431,10 @@ fn probe(
     let st = &gpu.stream;
     let counters = ProbeCounters::new(st)?;
     gpu.kernels.conv_probe(st, shape, c, ptrs, &counters)?;
-    Ok(CycleProbe::from_counters(&counters.read(st)?))
+    Ok(CycleProbe::from_counters(
+        &counters.read(st)?,
+        c.tile.k_step(),
+    ))
 }
 
 #[cfg(test)]
@@ -436,7 +447,7 @@ mod tests {
     /// that counted nothing gives none.
     #[test]
     fn cycle_probe_reads_its_counters() {
-        let p = CycleProbe::from_counters(&[100, 150, 50, 300, 400, 50, 150, 4, 72]).unwrap();
+        let p = CycleProbe::from_counters(&[100, 150, 50, 300, 400, 50, 150, 4, 72], 32).unwrap();
         assert_eq!(p.warpgroups, 4);
         assert_eq!(p.slices, 18.0);
         assert_eq!(p.cycles, 300.0);
@@ -444,10 +455,10 @@ mod tests {
         assert!((p.phases.iter().map(|s| s.share).sum::<f64>() - 1.0).abs() < 1e-12);
         assert_eq!(p.phases[4].phase, "products + batch wait");
         assert!((p.phases[4].share - 400.0 / 1200.0).abs() < 1e-12);
-        assert!(p
-            .summary()
-            .starts_with("300 cycles per warpgroup over 18.0 slices (17 per slice)"));
-        assert!(CycleProbe::from_counters(&[0; WGMMA_PROBE_COUNTERS]).is_none());
+        assert!(p.summary().starts_with(
+            "300 cycles per warpgroup over 18.0 slices of 32 (17 per slice, 33 per 64 of K)"
+        ));
+        assert!(CycleProbe::from_counters(&[0; WGMMA_PROBE_COUNTERS], 64).is_none());
     }
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
