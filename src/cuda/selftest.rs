@@ -2115,9 +2115,10 @@ impl Tester<'_> {
 }
 
 impl Tester<'_> {
-    /// The small networks and the celebahq architecture (random weights, 64x64, where every
-    /// level down to 2x2 and both attention blocks run) at each tensor-core precision, eps and
-    /// input gradient against the fp32 CPU results.
+    /// The small networks and the celebahq architecture (random weights; 64x64 at batch 2,
+    /// where every level down to 2x2 and both attention blocks run, and the full 256x256 at
+    /// batch 1) at each tensor-core precision, eps and input gradient against the fp32 CPU
+    /// results.
     fn tensor_core_unets(&mut self, ordinal: usize) -> Result<()> {
         for (name, model, n, h, w, t) in [
             ("unet A", tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
@@ -2136,6 +2137,16 @@ impl Tester<'_> {
                 64,
                 64,
                 vec![10.0, 900.0],
+            ),
+            // Full size at batch 1: the 256x256 level's launches are unsplit, which the halo
+            // tiles' GroupNorm sums need (INVDIFF_HALO_STATS in device_check's last variant).
+            (
+                "celebahq",
+                Model::builtin_celebahq(11),
+                1,
+                256,
+                256,
+                vec![500.0],
             ),
         ] {
             let cfg = model.config().clone();
