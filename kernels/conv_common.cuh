@@ -101,16 +101,22 @@ DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc)
     return finish_with_bias(a, a.bias != nullptr ? a.bias[col] : 0.0f, img, pix, col, acc);
 }
 
+// Two adjacent outputs (columns col and col + 1 of image img at output pixel pix) finished
+// into y; the values stored.
+DEVI float2 finish_pair(const ConvArgs& a, int img, long long pix, int col, float2 v) {
+    v.x = finish(a, img, pix, col, v.x);
+    v.y = finish(a, img, pix, col + 1, v.y);
+    *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = v;
+    return v;
+}
+
 // Two adjacent outputs (row m, columns col and col + 1) of a tensor-core tile: raw partial sums
 // into split blockIdx.z's workspace when K is split (`split`), else finished into y.
 DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, long long pix, int col, float2 v) {
-    if (split) {
+    if (split)
         *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * a.ncols + col) = v;
-    } else {
-        v.x = finish(a, rc.img, pix, col, v.x);
-        v.y = finish(a, rc.img, pix, col + 1, v.y);
-        *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = v;
-    }
+    else
+        finish_pair(a, rc.img, pix, col, v);
 }
 
 // The epilogue of NP column pairs of one output row (row m of image img at output pixel pix):
@@ -162,6 +168,11 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
 
 // Asynchronous copies global -> shared (cp.async), for the pipelined kernels of both files.
 DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes from registers into shared memory, for tiles a kernel converts on the way.
+DEVI void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
+}
 
 // 16 bytes global -> shared, or 16 zero bytes when !ok (src-size 0 reads nothing).
 DEVI void cp_async16(uint32_t dst, const void* src, bool ok) {

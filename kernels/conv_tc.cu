@@ -100,9 +100,6 @@ template <int T> DEVI uint32_t pack2(float lo, float hi) {
 
 DEVI uint32_t to_tf32(uint32_t bits) { return tf32_of(__uint_as_float(bits)); }
 
-DEVI void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
-}
 
 DEVI void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

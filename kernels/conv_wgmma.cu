@@ -260,6 +260,36 @@ template <> struct Probe<true> {
     }
 };
 
+// The mainloop's pieces both bodies share. The top of an iteration: this thread's copies of
+// the step issued AHEAD iterations earlier have landed and are visible to wgmma (the async
+// proxy), and after the barrier so are every other thread's.
+template <int AHEAD, bool PROBE> DEVI void wg_step_ready(Probe<PROBE>& cycles) {
+    cp_async_wait<AHEAD - 1>();
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    cycles.mark(PROBE_COPY_WAIT);
+    __syncthreads();
+    cycles.mark(PROBE_BARRIER);
+}
+
+// One batch of products (`issue` calls wg_mma for the step), committed as a group and left in
+// flight while the next step is set up; the batch before it is complete on return.
+template <class Issue> DEVI void wg_batch(float (&acc)[64], Issue issue) {
+    wg_fence_acc(acc);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+    issue();
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+    wg_fence_acc(acc);
+}
+
+// After the last step: every product and copy complete before the epilogue reads the
+// accumulators or reuses the stages.
+DEVI void wg_drain(float (&acc)[64]) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wg_fence_acc(acc);
+    cp_async_wait<0>();
+}
+
 // Pairs of a row finish_row takes at once in the ROWS epilogue (8 at once spilled 40 bytes at
 // the 128 registers that two blocks per multiprocessor leave each thread).
 constexpr int ROW_PAIRS = 4;
@@ -334,9 +364,8 @@ DEVI void wg_epilogue_stats(const ConvArgs& a, unsigned char* stages, const floa
         if (col < a.ncols) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const float2 v = make_float2(finish(a, rc[h].img, pix[h], col, acc[4 * j + 2 * h]),
-                                             finish(a, rc[h].img, pix[h], col + 1, acc[4 * j + 2 * h + 1]));
-                *reinterpret_cast<float2*>(a.y + pix[h] * a.ncols + col) = v;
+                const float2 v =
+                    finish_pair(a, rc[h].img, pix[h], col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
                 s0 += (double)v.x;
                 q0 += (double)v.x * (double)v.x;
                 s1 += (double)v.y;
@@ -507,41 +536,25 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     }
     cycles.mark(PROBE_SETUP);
     for (int t = 0; t < ntiles; ++t) {
-        cp_async_wait<AHEAD - 1>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        cycles.mark(PROBE_COPY_WAIT);
-        __syncthreads();
-        cycles.mark(PROBE_BARRIER);
+        wg_step_ready<AHEAD>(cycles);
         const int nt = t + AHEAD;
         if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
         cp_async_commit();
         cycles.mark(PROBE_ISSUE);
         const uint32_t sa = base + (t % S) * Tile::STAGE + wg * 64 * 128;
         const uint32_t sb = base + (t % S) * Tile::STAGE + TM * 128;
-        wg_fence_acc(acc);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        wg_batch(acc, [&] {
 #pragma unroll
-        for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        wg_fence_acc(acc);
+            for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
+        });
         cycles.mark(PROBE_MMA);
     }
-    // The last batch, before the epilogue reads the accumulators.
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    wg_fence_acc(acc);
-    cp_async_wait<0>();
+    wg_drain(acc);
     cycles.mark(PROBE_DRAIN);
 
     // (The host launches clusters of plain tiles only.)
     wg_finish<ROWS, std::is_same_v<Tile, PlainTile>, false, TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0,
                                                                 cycles, probe, ntiles);
-}
-
-// 16 bytes into shared memory from registers (the halo copies that normalise on the way).
-DEVI void st_shared16(uint32_t dst, uint4 v) {
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-                 : "memory");
 }
 
 // The halo of channels c0 .. c0 + 31 (hr x hc pixels from source pixel (sy0, sx0) of image
@@ -580,15 +593,18 @@ DEVI void norm_halo(const ConvArgs& a, uint32_t h, int plane, int hr, int hc, in
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
             if (i + u * THREADS >= chunks) continue;
-            uint4 q = make_uint4(0u, 0u, 0u, 0u);
+            // Zero outside the image (the affine of zero is not zero).
+            uint32_t w[4] = {0u, 0u, 0u, 0u};
             if (ok[u]) {
                 float o0[4], o1[4];
                 affine4(v[u][0], s0, t0, a.norm_silu, o0);
                 affine4(v[u][1], s1, t1, a.norm_silu, o1);
-                q = make_uint4(pack_half2(o0[0], o0[1], T), pack_half2(o0[2], o0[3], T), pack_half2(o1[0], o1[1], T),
-                               pack_half2(o1[2], o1[3], T));
+                w[0] = pack_half2(o0[0], o0[1], T);
+                w[1] = pack_half2(o0[2], o0[3], T);
+                w[2] = pack_half2(o1[0], o1[1], T);
+                w[3] = pack_half2(o1[2], o1[3], T);
             }
-            st_shared16(h + cc * plane + p[u] * 16, q);
+            st_shared_v4(h + cc * plane + p[u] * 16, w[0], w[1], w[2], w[3]);
         }
     }
 }
@@ -696,11 +712,7 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     // second, zero-filled path to the epilogue, and ptxas then serialises every wgmma (C7515).
     int st = 0;
     do {
-        cp_async_wait<AHEAD - 1>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        cycles.mark(PROBE_COPY_WAIT);
-        __syncthreads();
-        cycles.mark(PROBE_BARRIER);
+        wg_step_ready<AHEAD>(cycles);
         if (st + AHEAD < steps) load(st + AHEAD);
         cp_async_commit();
         cycles.mark(PROBE_ISSUE);
@@ -709,20 +721,15 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
         const int pix = wg_pix + (taps.dy[t] - win.dy0) * hc + (taps.dx[t] - win.dx0);
         const uint32_t sa = base + (cs & 1) * HALO_BYTES + pix * 16;
         const uint32_t sb = ring + (st % HALO_B_STAGES) * HALO_B_STAGE;
-        wg_fence_acc(acc);
-        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+        wg_batch(acc, [&] {
 #pragma unroll
-        for (int ks = 0; ks < HALO_BK / 16; ++ks)
-            wg_mma<T>(acc, wg_desc_plain(sa + 2 * ks * plane, plane, 128),
-                      wg_desc_plain(sb + 2 * ks * B_CHUNK, B_CHUNK, 128));
-        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-        wg_fence_acc(acc);
+            for (int ks = 0; ks < HALO_BK / 16; ++ks)
+                wg_mma<T>(acc, wg_desc_plain(sa + 2 * ks * plane, plane, 128),
+                          wg_desc_plain(sb + 2 * ks * B_CHUNK, B_CHUNK, 128));
+        });
         cycles.mark(PROBE_MMA);
     } while (++st < steps);
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    wg_fence_acc(acc);
-    cp_async_wait<0>();
+    wg_drain(acc);
     cycles.mark(PROBE_DRAIN);
     // (The host launches clusters of 128-row halo tiles only; their halos and weight stages,
     // idle now, hold the parked tile.)

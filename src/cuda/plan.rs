@@ -68,7 +68,8 @@ pub(crate) fn place(lens: &[usize], life: &[(usize, usize)]) -> Placement {
 /// Checks that no two buffers alive at the same step overlap; the message names the pair.
 pub(crate) fn check(p: &Program, pl: &Placement) -> Result<()> {
     let life = p.lifetimes();
-    let span = |i: usize| (pl.offsets[i], pl.offsets[i] + p.bufs[i].len);
+    let lens = p.arena_lens();
+    let span = |i: usize| (pl.offsets[i], pl.offsets[i] + lens[i]);
     let mut by_start: Vec<usize> = (0..p.bufs.len()).collect();
     by_start.sort_by_key(|&i| life[i].0);
     for (k, &i) in by_start.iter().enumerate() {
@@ -98,8 +99,8 @@ pub(crate) fn check(p: &Program, pl: &Placement) -> Result<()> {
 pub(crate) fn stats(p: &Program, pl: &Placement) -> PlanStats {
     let life = p.lifetimes();
     let mut delta = vec![0isize; p.steps.len() + 1];
-    for (i, b) in p.bufs.iter().enumerate() {
-        let sz = (b.len.div_ceil(ALIGN) * ALIGN) as isize;
+    for (i, len) in p.arena_lens().into_iter().enumerate() {
+        let sz = (len.div_ceil(ALIGN) * ALIGN) as isize;
         delta[life[i].0] += sz;
         delta[life[i].1 + 1] -= sz;
     }
@@ -129,10 +130,7 @@ pub fn plan_stats(
     multiprocessors: usize,
 ) -> Result<PlanStats> {
     let p = Program::build(graph, n, h, w, recording, multiprocessors, Precision::Fp32)?;
-    let pl = place(
-        &p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(),
-        &p.lifetimes(),
-    );
+    let pl = place(&p.arena_lens(), &p.lifetimes());
     check(&p, &pl)?;
     Ok(stats(&p, &pl))
 }
@@ -160,7 +158,7 @@ pub(crate) fn plan(
         .into_iter()
         .map(|(a, b)| (a, (b + keep).min(last)))
         .collect();
-    let pl = place(&p.bufs.iter().map(|b| b.len).collect::<Vec<_>>(), &life);
+    let pl = place(&p.arena_lens(), &life);
     check(&p, &pl)?;
     Ok((p, pl))
 }

@@ -801,6 +801,23 @@ impl Program {
         life
     }
 
+    /// f32 elements each buffer takes in the arena: its length, or none for a buffer no step
+    /// names (a pass over the finished steps can leave one behind: the output of a GroupNorm
+    /// that a halo convolution applies as it loads, [`KernelConfig::halo_norm`]).
+    pub fn arena_lens(&self) -> Vec<usize> {
+        let mut named = vec![false; self.bufs.len()];
+        for s in &self.steps {
+            for b in s.buffers() {
+                named[b.0] = true;
+            }
+        }
+        self.bufs
+            .iter()
+            .zip(named)
+            .map(|(b, named)| if named { b.len } else { 0 })
+            .collect()
+    }
+
     /// Length of a host-visible slot, in f32 elements.
     pub fn len(&self, b: Buf) -> usize {
         self.bufs[b.0].len
@@ -811,7 +828,7 @@ impl Lowering<'_> {
     /// [`KernelConfig::halo_norm`], on the finished step list: each GroupNorm (in three
     /// launches) whose 16-bit output only a halo-tile convolution reads hands that
     /// convolution its fp32 input and its scale and shift, and writes no output. The output's
-    /// buffer, named by no step any more, shrinks to one slot.
+    /// buffer, named by no step any more, takes no memory ([`Program::arena_lens`]).
     fn norms_into_halo_loads(&mut self) {
         let mut readers = vec![Vec::new(); self.bufs.len()];
         for (i, s) in self.steps.iter().enumerate() {
@@ -849,7 +866,6 @@ impl Lowering<'_> {
             if let Step::GroupNorm { y, .. } = &mut self.steps[i] {
                 *y = None;
             }
-            self.bufs[y.0].len = 1;
         }
     }
 
@@ -858,45 +874,47 @@ impl Lowering<'_> {
     /// write its partial sums ([`gn_partial_fits`]) takes them from that convolution's
     /// epilogue, one chunk per tile, in a partial buffer of that size.
     fn norm_sums_from_halo_epilogues(&mut self) {
+        // The step that last wrote each buffer, as the steps go by.
+        let mut writer: Vec<Option<usize>> = vec![None; self.bufs.len()];
         for i in 0..self.steps.len() {
-            let Step::GroupNorm {
+            if let Step::GroupNorm {
                 x, hw, c, split, ..
             } = self.steps[i]
-            else {
-                continue;
-            };
-            let producer = self.steps[..i].iter().rposition(|s| s.io().1.contains(&x));
-            let Some(j) = producer.filter(|_| split.one_pass.is_none()) else {
-                continue;
-            };
-            let Step::Conv(conv) = &self.steps[j] else {
-                continue;
-            };
-            let rows = conv.launch.tile.rows();
-            if conv.y != x
-                || conv.gn_partial.is_some()
-                || !gn_partial_fits(&conv.shape, &conv.launch)
-                || conv.shape.ncols != c
-                || conv.shape.mh * conv.shape.mw != hw
             {
-                continue;
+                let producer = writer[x.0].filter(|_| split.one_pass.is_none());
+                if let Some(Step::Conv(conv)) = producer.map(|j| &self.steps[j]) {
+                    let rows = conv.launch.tile.rows();
+                    if conv.y == x
+                        && conv.gn_partial.is_none()
+                        && gn_partial_fits(&conv.shape, &conv.launch)
+                        && conv.shape.ncols == c
+                        && conv.shape.mh * conv.shape.mw == hw
+                    {
+                        let from_conv = NormSplit {
+                            chunks: hw / rows,
+                            chunk_px: rows,
+                            one_pass: None,
+                            from_producer: true,
+                        };
+                        let len = from_conv.partial_len(self.n, c);
+                        let partial = self.buf(len, "GroupNorm partial sums");
+                        if let Some(Step::Conv(conv)) = producer.map(|j| &mut self.steps[j]) {
+                            conv.gn_partial = Some(partial);
+                        }
+                        if let Step::GroupNorm {
+                            split, partial: p, ..
+                        } = &mut self.steps[i]
+                        {
+                            *split = from_conv;
+                            *p = partial;
+                        }
+                    }
+                }
             }
-            let from_conv = NormSplit {
-                chunks: hw / rows,
-                chunk_px: rows,
-                one_pass: None,
-                from_producer: true,
-            };
-            let partial = self.buf(from_conv.partial_len(self.n, c), "GroupNorm partial sums");
-            if let Step::Conv(conv) = &mut self.steps[j] {
-                conv.gn_partial = Some(partial);
-            }
-            if let Step::GroupNorm {
-                split, partial: p, ..
-            } = &mut self.steps[i]
-            {
-                *split = from_conv;
-                *p = partial;
+            // (The partial buffers made above are new.)
+            writer.resize(self.bufs.len(), None);
+            for b in self.steps[i].io().1 {
+                writer[b.0] = Some(i);
             }
         }
     }

@@ -243,6 +243,26 @@ impl Tester<'_> {
     }
 
     /// Runs `run` once to warm up, resets its output with `reset`, then times one run.
+    /// Launch `plan` of `shape` with `ptrs` into a fresh zeroed output of `len` values, not
+    /// accumulating: the output and the launch's time.
+    fn conv_output(
+        &self,
+        shape: &ConvShape,
+        plan: &ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        len: usize,
+    ) -> Result<(Vec<f32>, f64)> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let y = self.zeros(len)?;
+        let p = ConvPtrs { y: y.ptr, ..ptrs };
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv(st, shape, plan, p, out_div, false),
+        )?;
+        Ok((y.download(st)?, ms))
+    }
+
     fn timed(
         &self,
         mut reset: impl FnMut() -> Result<()>,
@@ -659,25 +679,15 @@ impl Tester<'_> {
         // roundings and sums, so the same result as the two-stage kernel's.
         for (deep, copy) in self.deep_variants(plan, xd.ptr, x.len())? {
             let xin = copy.as_ref().map_or(xd.ptr, |c| c.ptr);
-            let yv = self.zeros(want.len())?;
-            let ms = self.timed(
-                || Ok(()),
-                || {
-                    let ptrs = ConvPtrs {
-                        x: xin,
-                        y: yv.ptr,
-                        ..ptrs
-                    };
-                    gpu.kernels.conv(st, &shape, &deep, ptrs, out_div, false)
-                },
-            )?;
+            let p = ConvPtrs { x: xin, ..ptrs };
+            let (out, ms) = self.conv_output(&shape, &deep, p, out_div, want.len())?;
             self.row_within(
                 named(format!(
                     "conv{k}x{k} s{stride} forward{epi} [{}] vs two-stage",
                     deep_path(&deep)
                 )),
                 desc.clone(),
-                &yv.download(st)?,
+                &out,
                 &got,
                 ms,
                 0.0,
@@ -688,19 +698,13 @@ impl Tester<'_> {
         dev.ensure_backward(gpu)?;
         if let Some((wp, copy)) = self.wgmma_variant(&shape, precision, xd.ptr, x.len())? {
             let ws = self.zeros(wp.workspace_len(&shape))?;
-            let yv = self.zeros(want.len())?;
             let ptrs = ConvPtrs {
                 x: copy.ptr,
                 w: dev.weights_for(wp.kernel, true)?,
-                y: yv.ptr,
                 ws: ws.ptr,
                 ..ptrs
             };
-            let ms = self.timed(
-                || Ok(()),
-                || gpu.kernels.conv(st, &shape, &wp, ptrs, out_div, false),
-            )?;
-            let wg_out = yv.download(st)?;
+            let (wg_out, ms) = self.conv_output(&shape, &wp, ptrs, out_div, want.len())?;
             self.row_within(
                 named(format!(
                     "conv{k}x{k} s{stride} forward{epi} [{}] vs mma.sync",
@@ -718,16 +722,11 @@ impl Tester<'_> {
             // them in another order.
             for (v, tolerance) in std::iter::once((wp, 0.0)).chain(wgmma_forms(wp, &shape)) {
                 if v != wp {
-                    let yr = self.zeros(want.len())?;
-                    let pr = ConvPtrs { y: yr.ptr, ..ptrs };
-                    let ms = self.timed(
-                        || Ok(()),
-                        || gpu.kernels.conv(st, &shape, &v, pr, out_div, false),
-                    )?;
+                    let (out, ms) = self.conv_output(&shape, &v, ptrs, out_div, want.len())?;
                     self.row_within(
                         format!("{label} [{}] vs plain wgmma", wgmma_path(&v)),
                         desc.clone(),
-                        &yr.download(st)?,
+                        &out,
                         &wg_out,
                         ms,
                         tolerance,
@@ -1017,13 +1016,9 @@ impl Tester<'_> {
                 },
             ),
         ] {
-            let y = self.zeros(out_len)?;
-            let p = ConvPtrs { y: y.ptr, ..p };
-            ms = self.timed(
-                || Ok(()),
-                || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
-            )?;
-            outs.push(y.download(st)?);
+            let (out, t) = self.conv_output(shape, &plan, p, out_div, out_len)?;
+            outs.push(out);
+            ms = t;
         }
         self.row_within(
             format!(
@@ -1057,7 +1052,7 @@ impl Tester<'_> {
         if !gn_partial_fits(shape, &halo) {
             return Ok(());
         }
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let st = &self.gpu.stream;
         let (rows, c) = (halo.tile.rows(), shape.ncols);
         let per = shape.mh * shape.mw;
         let chunks = per / rows;
@@ -1065,17 +1060,10 @@ impl Tester<'_> {
         let mut outs = Vec::new();
         let mut ms = 0.0;
         for gn_partial in [0, partial.ptr] {
-            let y = self.zeros(out_len)?;
-            let p = ConvPtrs {
-                y: y.ptr,
-                gn_partial,
-                ..ptrs
-            };
-            ms = self.timed(
-                || Ok(()),
-                || gpu.kernels.conv(st, shape, &halo, p, out_div, false),
-            )?;
-            outs.push(y.download(st)?);
+            let p = ConvPtrs { gn_partial, ..ptrs };
+            let (out, t) = self.conv_output(shape, &halo, p, out_div, out_len)?;
+            outs.push(out);
+            ms = t;
         }
         let path = format!("{}, GroupNorm sums in the epilogue", wgmma_path(&halo));
         self.row_within(
@@ -1138,7 +1126,6 @@ impl Tester<'_> {
         label: &str,
         desc: &str,
     ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let k = shape.k();
         let slices = k.div_ceil(WGMMA_SLICE);
         let mut tried = Vec::new();
@@ -1169,21 +1156,11 @@ impl Tester<'_> {
                 );
                 let run = |t: &Self| -> Result<(Vec<Vec<f32>>, f64)> {
                     let ws = t.zeros(via_workspace.workspace_len(shape))?;
-                    let (mut outs, mut ms) = (Vec::new(), 0.0);
-                    for plan in [via_workspace, in_cluster] {
-                        let y = t.zeros(len)?;
-                        let p = ConvPtrs {
-                            y: y.ptr,
-                            ws: ws.ptr,
-                            ..ptrs
-                        };
-                        ms = t.timed(
-                            || Ok(()),
-                            || gpu.kernels.conv(st, shape, &plan, p, out_div, false),
-                        )?;
-                        outs.push(y.download(st)?);
-                    }
-                    Ok((outs, ms))
+                    let p = ConvPtrs { ws: ws.ptr, ..ptrs };
+                    let (by_workspace, _) =
+                        t.conv_output(shape, &via_workspace, p, out_div, len)?;
+                    let (by_cluster, ms) = t.conv_output(shape, &in_cluster, p, out_div, len)?;
+                    Ok((vec![by_workspace, by_cluster], ms))
                 };
                 // A cluster launch the device refuses is this row's failure, not the group's
                 // end.

@@ -7,11 +7,11 @@
 //! batch, size and precision (forward, and the input gradient when recording), the same problem
 //! on random data is launched with the two-stage kernel, the deep pipeline from fp32 input and,
 //! in bf16/fp16, the deep pipeline from a 16-bit input, and on Hopper the wgmma kernel from a
-//! 16-bit input (plain, tall and six-stage tiles; the deep ones and wgmma with either epilogue),
+//! 16-bit input (every tile that takes the launch; the deep ones and wgmma with either epilogue),
 //! each at several splits of K: 1, and those that keep the grid within four waves of the
 //! machine. The mma.sync variants compute the same sums in the same order for a given split
-//! (the selftest holds them to it), wgmma the same products in another order, so only the time
-//! differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
+//! (the selftest holds them to it), wgmma the same products in another order (and the halo
+//! tiles in yet another), so only the time differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
 //! it). Times are means of CUDA-event-timed repetitions after a warm-up.
 //!
 //! Each wgmma variant is also launched once through its cycle-counting kernel
@@ -37,10 +37,9 @@ use crate::{ensure, Error, Result};
 /// One variant of one launch and its time.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
-    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, `wgmma` (16-bit input, two
-    /// warpgroups), `wgmma, tall` (256-row tiles) or `wgmma, six stages` (one block per
-    /// multiprocessor, six stages), with `, row epilogue` when the epilogue loads four output
-    /// pairs before storing them.
+    /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, or `wgmma` (16-bit input) with
+    /// its tile (`wgmma, tall`, `wgmma, halo`, ...), with `, row epilogue` when the epilogue loads four
+    /// output pairs before storing them.
     pub pipeline: String,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
@@ -57,8 +56,7 @@ pub struct CycleProbe {
     pub warpgroups: u64,
     /// K slices each warpgroup multiplied, on average.
     pub slices: f64,
-    /// How deep a slice is: 64, or one tap of 32 channels in the halo tiles
-    /// ([`WgmmaTile::k_step`]).
+    /// How deep a slice is: 64, or one tap of 32 channels in the halo tiles.
     pub k_step: usize,
     /// Cycles from a warpgroup's start to its end, on average.
     pub cycles: f64,
