@@ -46,3 +46,425 @@ extern "C" __global__ void softmax_backward(const float* p, float* ds, long long
         for (int j = lane; j < len; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused attention (INVDIFF_ATTN_FLASH=1, below fp32): FlashAttention-2's algorithm, with no
+// L x L matrix in global memory and three launches per attention pair instead of eight.
+//
+// The networks' attention is one head of d = 512 at L = 256 or 64 tokens. FlashAttention's
+// usual block, a query tile that keeps whole output rows (64 x d) in registers, does not fit at
+// d = 512, and at batch 1 it would give 4 blocks to a 132-multiprocessor chip. So a block owns
+// a 64-row tile *and one 64-column chunk of what it outputs*: it recomputes the scores over the
+// full d for each chunk (d / 64 times in all; these products are small) and keeps only 64 x 64
+// accumulators. Grid (row tiles, d / 64, images x heads): 32 blocks at batch 1.
+//   forward: per chunk of 64 keys, S = Q Kᵀ over slices of 32 of d, the online softmax
+//     (running maximum and sum per row, the accumulators rescaled), O += P V[:, chunk]; then
+//     O / sum, and each row's log-sum-exp for the backward pass.
+//   backward, dQ (query tiles): D = rowsum(dO ∘ O) first; per key chunk S and dP = dO Vᵀ,
+//     P = exp(S scale - lse), dS = P ∘ (dP - D) scale, dQ += dS K[:, chunk]. Writes D.
+//   backward, dK and dV (key tiles): per query chunk Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, the same Pᵀ
+//     and dSᵀ, dV += Pᵀ dO[:, chunk], dK += dSᵀ Q[:, chunk].
+// Products on tf32 mma.sync (m16n8k8; operands rounded as they leave shared memory, fp32 sums),
+// 4 warps of 16 rows. A warp's 16 x 64 score fragment, in mma's C layout, is the A operand of
+// the next product as it stands: the k index of a tf32 A fragment is relabelled per n8 tile j
+// (k = q is column 8j + 2q, k = q + 4 is column 8j + 2q + 1) and the B operand is read with the
+// same relabelling, so probabilities never pass through shared memory. Operand slices come by
+// cp.async, double-buffered, one commit group per step; the chunk-wide operand of the second
+// product (V, K, or Q and dO) is issued with the second slice of the chunk before the one that
+// reads it, into one of two buffers, after the barrier that ends that buffer's last reader.
+// Requires d % 64 == 0 (the host falls back to the products above otherwise); L is any size:
+// rows past it are read as zeros, their scores masked to -inf.
+namespace fa {
+constexpr int ROWS = 64;     // a block's tile: queries (forward, dQ) or keys (dK, dV)
+constexpr int CHUNK = 64;    // the other side, per step of the outer loop
+constexpr int DK = 32;       // depth of one slice of the full-d products
+constexpr int DC = 64;       // output columns per block
+constexpr int THREADS = 128; // 4 warps x 16 rows
+// Shared-memory row pitches of 4 (mod 32) floats: a fragment read (row g, column q) hits bank
+// 4g + q, and a relabelled B read (row 2q, column g) bank 8q + g: 32 distinct banks either way.
+constexpr int SP = DK + 4;
+constexpr int CP = DC + 4;
+constexpr int SLICE = ROWS * SP; // floats of one slice buffer (ROWS == CHUNK)
+constexpr int PANEL = CHUNK * CP; // floats of one chunk-wide panel buffer
+}  // namespace fa
+
+// Dynamic shared memory, bytes (src/cuda/kernels.rs FLASH_SMEM has the same three). Each
+// kernel traps if its launch gave it less: a loud failure, never a write past the allocation.
+constexpr unsigned FLASH_FWD_SMEM = (2 * 2 * fa::SLICE + 2 * fa::PANEL) * 4;                       // 71,680
+constexpr unsigned FLASH_DQ_SMEM = (4 * 2 * fa::SLICE + 2 * fa::PANEL + fa::ROWS) * 4;              // 108,800
+constexpr unsigned FLASH_DKV_SMEM = (4 * 2 * fa::SLICE + 2 * 2 * fa::PANEL + 2 * 2 * fa::CHUNK) * 4; // 144,384
+DEVI void fa_require_smem(unsigned bytes) {
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
+    if (have < bytes) __trap();
+}
+
+struct FlashArgs {
+    const float* qkv;  // [n, L, 3 inner]: q, k, v side by side; head h at columns h d
+    const float* o;    // [n, L, inner]: the forward's output (backward)
+    const float* dout; // [n, L, inner]: its gradient (backward)
+    float* y;          // forward: O, [n, L, inner]; backward: dqkv, [n, L, 3 inner]
+    float* lse;        // [n, heads, L]: each query's log-sum-exp of its scaled scores
+    float* dsum;       // [n, heads, L]: each query's dO · O (backward)
+    int tokens, heads, head_dim;
+    float scale;
+    int accumulate;    // backward: dqkv += instead of =
+    int pad_;
+};
+static_assert(sizeof(FlashArgs) == 72, "FlashArgs must match src/cuda/kernels.rs");
+
+// Rows [r0, r0 + 64) x columns [c0, c0 + W) of a row-major matrix (pitch ld floats) into shared
+// memory of pitch W + 4, zeros for rows at or past `rows`.
+template <int W>
+DEVI void fa_load(float* s, const float* g, long long ld, int r0, int rows, int c0) {
+    constexpr int V4 = W / 4;
+    for (int e = threadIdx.x; e < fa::ROWS * V4; e += fa::THREADS) {
+        const int r = e / V4, c = (e % V4) * 4;
+        const bool ok = r0 + r < rows;
+        cp_async16(smem_addr(s + r * (W + 4) + c), g + (ok ? r0 + r : 0) * ld + c0 + c, ok);
+    }
+}
+
+// 64 floats of a per-query vector from element r0 on into shared memory, zeros past `rows`.
+DEVI void fa_load_vec(float* s, const float* g, int r0, int rows) {
+    for (int e = threadIdx.x; e < fa::CHUNK; e += fa::THREADS) {
+        const bool ok = r0 + e < rows;
+        cp_async4(smem_addr(s + e), g + (ok ? r0 + e : 0), ok);
+    }
+}
+
+// acc[t] (n8 tile t of a warp's 16 x 64) += A Bᵀ over one slice of depth DK: A the warp's 16
+// rows from row wr, B 64 rows, both row-major in shared memory of pitch SP.
+DEVI void fa_slice(float (&acc)[8][4], const float* a, const float* b, int wr, int g, int q) {
+    using namespace fa;
+#pragma unroll
+    for (int k8 = 0; k8 < DK; k8 += 8) {
+        const float* a0 = a + (wr + g) * SP + k8 + q;
+        const uint32_t af[4] = {tf32_of(a0[0]), tf32_of(a0[8 * SP]), tf32_of(a0[4]), tf32_of(a0[8 * SP + 4])};
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            const float* b0 = b + (8 * t + g) * SP + k8 + q;
+            mma_tf32(acc[t], af, tf32_of(b0[0]), tf32_of(b0[4]));
+        }
+    }
+}
+
+// acc[t] (n8 tile t of a warp's 16 x 64 outputs) += P B: P the warp's 16 x 64 fragment in mma's
+// C layout (p[j] the n8 tile j), B 64 rows of 64 in shared memory of pitch CP, k relabelled as
+// the header says.
+DEVI void fa_c_product(float (&acc)[8][4], const float (&p)[8][4], const float* b, int g, int q) {
+    using namespace fa;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const uint32_t af[4] = {tf32_of(p[j][0]), tf32_of(p[j][2]), tf32_of(p[j][1]), tf32_of(p[j][3])};
+        const float* b0 = b + (8 * j + 2 * q) * CP + g;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) mma_tf32(acc[t], af, tf32_of(b0[8 * t]), tf32_of(b0[CP + 8 * t]));
+    }
+}
+
+DEVI void fa_zero(float (&acc)[8][4]) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
+}
+
+// The sum over the four threads of a quad (the threads that hold one fragment row).
+DEVI float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+DEVI float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+// Stores (or adds onto) a warp's 16 x 64 fragment at rows row0 + (g, g + 8), columns col0 +
+// 8t + 2q of a row-major matrix of pitch ld, rows at or past `rows` skipped, times `mul[r]`.
+DEVI void fa_store(const float (&acc)[8][4], float* out, long long ld, int row0, int rows, int col0,
+                   const float (&mul)[2], bool accumulate, int g, int q) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        if (row >= rows) continue;
+        float* o = out + row * ld + col0 + 2 * q;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+            float2 v = make_float2(acc[t][2 * r] * mul[r], acc[t][2 * r + 1] * mul[r]);
+            float2* p = reinterpret_cast<float2*>(o + 8 * t);
+            if (accumulate) {
+                const float2 old = *p;
+                v.x += old.x;
+                v.y += old.y;
+            }
+            *p = v;
+        }
+    }
+}
+
+// The block's view: image and head, and the rows of q, k and v (pitch 3 inner) of that head.
+struct FaView {
+    int img, head, inner;
+    long long ld;
+    const float *q, *k, *v;
+};
+DEVI FaView fa_view(const FlashArgs& a) {
+    FaView w;
+    w.img = blockIdx.z / a.heads;
+    w.head = blockIdx.z - w.img * a.heads;
+    w.inner = a.heads * a.head_dim;
+    w.ld = 3LL * w.inner;
+    w.q = a.qkv + (long long)w.img * a.tokens * w.ld + w.head * a.head_dim;
+    w.k = w.q + w.inner;
+    w.v = w.q + 2 * w.inner;
+    return w;
+}
+
+// Grid (⌈L/64⌉, d/64, n heads), 128 threads, FLASH_FWD_SMEM dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forward(const FlashArgs a) {
+    pdl_entry();
+    fa_require_smem(FLASH_FWD_SMEM);
+    using namespace fa;
+    extern __shared__ __align__(16) float sm[];
+    float* qs = sm;                 // [2][ROWS][SP]: a slice of the query tile
+    float* ks = qs + 2 * SLICE;     // [2][CHUNK][SP]: the same slice of a key chunk
+    float* vs = ks + 2 * SLICE;     // [2][CHUNK][CP]: a key chunk's values, the block's columns
+    const FaView w = fa_view(a);
+    const int L = a.tokens, r0 = blockIdx.x * ROWS, c0 = blockIdx.y * DC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, wr = warp * 16;
+    const int slices = a.head_dim / DK, chunks = (L + CHUNK - 1) / CHUNK, steps = chunks * slices;
+
+    // Step s multiplies slice s % slices of key chunk s / slices; its copies also bring the
+    // next chunk's values when it is a chunk's second step.
+    auto issue = [&](int s) {
+        const int kc = s / slices, sl = s - kc * slices;
+        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, r0, L, sl * DK);
+        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, kc * CHUNK, L, sl * DK);
+        if (sl == 1 && kc + 1 < chunks) fa_load<DC>(vs + ((kc + 1) & 1) * PANEL, w.v, w.ld, (kc + 1) * CHUNK, L, c0);
+        cp_async_commit();
+    };
+    fa_load<DC>(vs, w.v, w.ld, 0, L, c0);
+    issue(0);
+
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}; // rows g, g + 8
+    float o[8][4], s_acc[8][4];
+    fa_zero(o);
+    for (int s = 0; s < steps; ++s) {
+        const int kc = s / slices, sl = s - kc * slices;
+        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (sl == 0) fa_zero(s_acc);
+        fa_slice(s_acc, qs + (s & 1) * SLICE, ks + (s & 1) * SLICE, wr, g, q);
+        if (sl == slices - 1) {
+            // The online softmax over this chunk's keys (scaled, as the CPU scales, before the
+            // maximum), then O += P V.
+            float mx[2] = {m_run[0], m_run[1]};
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1);
+                    const float v = key < L ? s_acc[t][e] * a.scale : -INFINITY;
+                    s_acc[t][e] = v;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
+                }
+            float corr[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = quad_max(mx[r]); // finite: every chunk holds at least one key
+                corr[r] = expf(m_run[r] - mx[r]);
+                m_run[r] = mx[r];
+                l_run[r] *= corr[r];
+            }
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float p = expf(s_acc[t][e] - mx[e >> 1]);
+                    s_acc[t][e] = p;
+                    l_run[e >> 1] += p;
+                    o[t][e] *= corr[e >> 1];
+                }
+            fa_c_product(o, s_acc, vs + (kc & 1) * PANEL, g, q);
+        }
+        __syncthreads();
+    }
+
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float l = quad_sum(l_run[r]);
+        inv[r] = 1.0f / l;
+        const int row = r0 + wr + g + 8 * r;
+        if (blockIdx.y == 0 && q == 0 && row < L) a.lse[(long long)blockIdx.z * L + row] = m_run[r] + logf(l);
+    }
+    fa_store(o, a.y + ((long long)w.img * L) * w.inner + w.head * a.head_dim, w.inner, r0 + wr, L, c0, inv, false,
+             g, q);
+}
+
+// Grid (⌈L/64⌉, d/64, n heads), 128 threads, FLASH_DQ_SMEM dynamic shared memory. Writes
+// dsum for attention_flash_backward_dkv, which runs after it.
+extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backward_dq(const FlashArgs a) {
+    pdl_entry();
+    fa_require_smem(FLASH_DQ_SMEM);
+    using namespace fa;
+    extern __shared__ __align__(16) float sm[];
+    float* qs = sm;                   // [2][ROWS][SP] slices of the block's queries,
+    float* dos = qs + 2 * SLICE;      // of their output gradients,
+    float* ks = dos + 2 * SLICE;      // of a key chunk's keys
+    float* vs = ks + 2 * SLICE;       // and values
+    float* kp = vs + 2 * SLICE;       // [2][CHUNK][CP]: a key chunk's keys, the block's columns
+    float* dsum_s = kp + 2 * PANEL;   // [ROWS]
+    const FaView w = fa_view(a);
+    const int L = a.tokens, r0 = blockIdx.x * ROWS, c0 = blockIdx.y * DC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, wr = warp * 16;
+    const int slices = a.head_dim / DK, chunks = (L + CHUNK - 1) / CHUNK, steps = chunks * slices;
+    const long long vec0 = (long long)blockIdx.z * L; // this (image, head)'s per-query vectors
+    const float* o_g = a.o + (long long)w.img * L * w.inner + w.head * a.head_dim;
+    const float* do_g = a.dout + (long long)w.img * L * w.inner + w.head * a.head_dim;
+
+    auto issue = [&](int s) {
+        const int kc = s / slices, sl = s - kc * slices;
+        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, r0, L, sl * DK);
+        fa_load<DK>(dos + (s & 1) * SLICE, do_g, w.inner, r0, L, sl * DK);
+        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, kc * CHUNK, L, sl * DK);
+        fa_load<DK>(vs + (s & 1) * SLICE, w.v, w.ld, kc * CHUNK, L, sl * DK);
+        if (sl == 1 && kc + 1 < chunks) fa_load<DC>(kp + ((kc + 1) & 1) * PANEL, w.k, w.ld, (kc + 1) * CHUNK, L, c0);
+        cp_async_commit();
+    };
+    fa_load<DC>(kp, w.k, w.ld, 0, L, c0);
+    issue(0);
+
+    // D = rowsum(dO ∘ O) over the whole head, a warp per row, while the first copies fly.
+    for (int r = warp; r < ROWS; r += THREADS / 32) {
+        const int row = r0 + r;
+        float acc = 0.f;
+        if (row < L)
+            for (int c = 4 * lane; c < a.head_dim; c += 128) {
+                const float4 x = ld_f4(o_g + row * w.inner + c), y = ld_f4(do_g + row * w.inner + c);
+                acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+            }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            dsum_s[r] = acc;
+            if (blockIdx.y == 0 && row < L) a.dsum[vec0 + row] = acc;
+        }
+    }
+    __syncthreads();
+    float lse[2], dsum[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r0 + wr + g + 8 * r;
+        lse[r] = row < L ? a.lse[vec0 + row] : 0.f;
+        dsum[r] = dsum_s[wr + g + 8 * r];
+    }
+
+    float dq[8][4], s_acc[8][4], dp[8][4];
+    fa_zero(dq);
+    for (int s = 0; s < steps; ++s) {
+        const int kc = s / slices, sl = s - kc * slices;
+        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (sl == 0) {
+            fa_zero(s_acc);
+            fa_zero(dp);
+        }
+        fa_slice(s_acc, qs + (s & 1) * SLICE, ks + (s & 1) * SLICE, wr, g, q);
+        fa_slice(dp, dos + (s & 1) * SLICE, vs + (s & 1) * SLICE, wr, g, q);
+        if (sl == slices - 1) {
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1), r = e >> 1;
+                    const float p = key < L ? expf(s_acc[t][e] * a.scale - lse[r]) : 0.f;
+                    s_acc[t][e] = p * (dp[t][e] - dsum[r]) * a.scale; // dS
+                }
+            fa_c_product(dq, s_acc, kp + (kc & 1) * PANEL, g, q);
+        }
+        __syncthreads();
+    }
+    const float one[2] = {1.f, 1.f};
+    fa_store(dq, a.y + ((long long)w.img * L) * w.ld + w.head * a.head_dim, w.ld, r0 + wr, L, c0, one,
+             a.accumulate != 0, g, q);
+}
+
+// Grid (⌈L/64⌉, d/64, n heads) over key tiles, 128 threads, FLASH_DKV_SMEM dynamic shared
+// memory; reads the lse of the forward and the dsum of attention_flash_backward_dq.
+extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backward_dkv(const FlashArgs a) {
+    pdl_entry();
+    fa_require_smem(FLASH_DKV_SMEM);
+    using namespace fa;
+    extern __shared__ __align__(16) float sm[];
+    float* ks = sm;                   // [2][ROWS][SP] slices of the block's keys,
+    float* vs = ks + 2 * SLICE;       // of their values,
+    float* qs = vs + 2 * SLICE;       // of a query chunk's queries
+    float* dos = qs + 2 * SLICE;      // and output gradients
+    float* qp = dos + 2 * SLICE;      // [2][CHUNK][CP]: a query chunk's queries, the block's columns,
+    float* dop = qp + 2 * PANEL;      // [2][CHUNK][CP]: and output gradients
+    float* lse_s = dop + 2 * PANEL;   // [2][CHUNK]: a query chunk's lse
+    float* dsum_s = lse_s + 2 * CHUNK; // [2][CHUNK]: and dsum
+    const FaView w = fa_view(a);
+    const int L = a.tokens, r0 = blockIdx.x * ROWS, c0 = blockIdx.y * DC;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, wr = warp * 16;
+    const int slices = a.head_dim / DK, chunks = (L + CHUNK - 1) / CHUNK, steps = chunks * slices;
+    const long long vec0 = (long long)blockIdx.z * L;
+    const float* do_g = a.dout + (long long)w.img * L * w.inner + w.head * a.head_dim;
+
+    auto panels = [&](int qc) {
+        const int b = qc & 1;
+        fa_load<DC>(qp + b * PANEL, w.q, w.ld, qc * CHUNK, L, c0);
+        fa_load<DC>(dop + b * PANEL, do_g, w.inner, qc * CHUNK, L, c0);
+        fa_load_vec(lse_s + b * CHUNK, a.lse + vec0, qc * CHUNK, L);
+        fa_load_vec(dsum_s + b * CHUNK, a.dsum + vec0, qc * CHUNK, L);
+    };
+    auto issue = [&](int s) {
+        const int qc = s / slices, sl = s - qc * slices;
+        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, r0, L, sl * DK);
+        fa_load<DK>(vs + (s & 1) * SLICE, w.v, w.ld, r0, L, sl * DK);
+        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, qc * CHUNK, L, sl * DK);
+        fa_load<DK>(dos + (s & 1) * SLICE, do_g, w.inner, qc * CHUNK, L, sl * DK);
+        if (sl == 1 && qc + 1 < chunks) panels(qc + 1);
+        cp_async_commit();
+    };
+    panels(0);
+    issue(0);
+
+    float dk[8][4], dv[8][4], st[8][4], dpt[8][4];
+    fa_zero(dk);
+    fa_zero(dv);
+    for (int s = 0; s < steps; ++s) {
+        const int qc = s / slices, sl = s - qc * slices;
+        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        if (sl == 0) {
+            fa_zero(st);
+            fa_zero(dpt);
+        }
+        fa_slice(st, ks + (s & 1) * SLICE, qs + (s & 1) * SLICE, wr, g, q);
+        fa_slice(dpt, vs + (s & 1) * SLICE, dos + (s & 1) * SLICE, wr, g, q);
+        if (sl == slices - 1) {
+            const int b = qc & 1;
+#pragma unroll
+            for (int t = 0; t < 8; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int c = 8 * t + 2 * q + (e & 1);
+                    const float p = qc * CHUNK + c < L ? expf(st[t][e] * a.scale - lse_s[b * CHUNK + c]) : 0.f;
+                    st[t][e] = p;                                                 // Pᵀ
+                    dpt[t][e] = p * (dpt[t][e] - dsum_s[b * CHUNK + c]) * a.scale; // dSᵀ
+                }
+            fa_c_product(dv, st, dop + b * PANEL, g, q);
+            fa_c_product(dk, dpt, qp + b * PANEL, g, q);
+        }
+        __syncthreads();
+    }
+    const float one[2] = {1.f, 1.f};
+    float* base = a.y + ((long long)w.img * L) * w.ld + w.head * a.head_dim;
+    fa_store(dk, base + w.inner, w.ld, r0 + wr, L, c0, one, a.accumulate != 0, g, q);
+    fa_store(dv, base + 2 * w.inner, w.ld, r0 + wr, L, c0, one, a.accumulate != 0, g, q);
+}

@@ -1,7 +1,7 @@
 // What the two convolution kernel families (conv.cu: fp32 SIMT; conv_tc.cu: tensor cores)
 // share: the problem description the host fills (src/cuda/kernels.rs), the mapping of GEMM rows
-// to pixels, and the epilogue, so that both round every output the same way; the cp.async
-// helpers; the 3x3 window of taps that conv.cu's direct kernels work on.
+// to pixels, and the epilogue, so that both round every output the same way; the 3x3 window
+// of taps that conv.cu's direct kernels work on.
 #pragma once
 #include "common.cuh"
 
@@ -165,27 +165,6 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
         *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = r;
     }
 }
-
-// Asynchronous copies global -> shared (cp.async), for the pipelined kernels of both files.
-DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// 16 bytes from registers into shared memory, for tiles a kernel converts on the way.
-DEVI void st_shared_v4(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d));
-}
-
-// 16 bytes global -> shared, or 16 zero bytes when !ok (src-size 0 reads nothing).
-DEVI void cp_async16(uint32_t dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
-// The same for one 4-byte element (cp.async.cg moves only 16 bytes; .ca goes through L1).
-DEVI void cp_async4(uint32_t dst, const void* src, bool ok) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0));
-}
-DEVI void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-DEVI void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N> DEVI void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // The direct kernels (conv.cu: conv_narrow_*, conv_few_in_*) see the taps as cells of one 3x3
 // window of source offsets: the host sends them only launches at in_stride 1 whose taps lie in

@@ -62,6 +62,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs attention products on tf32 tensor cores below fp32",
     ),
     switch(
+        "INVDIFF_ATTN_FLASH",
+        "GPU candidate: `1` runs attention fused (no probabilities in memory) below fp32",
+    ),
+    switch(
         "INVDIFF_WGMMA_TALL",
         "GPU candidate: `1` gives large wgmma launches 256-row tiles",
     ),

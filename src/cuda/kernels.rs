@@ -21,6 +21,8 @@
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
+//! - `attention_flash_*` (fused attention, [`Kernels::attention_flash`]): 128; (⌈L/64⌉,
+//!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (with
 //!   `INVDIFF_GEMM_SMALL_TILES=1`, where that grid has fewer blocks than multiprocessors):
 //!   (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
@@ -160,6 +162,38 @@ struct GemmArgs {
 const _: () = assert!(std::mem::size_of::<GemmArgs>() == 136);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for GemmArgs {}
+
+/// FlashArgs of kernels/attention.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FlashArgs {
+    qkv: DPtr,
+    o: DPtr,
+    dout: DPtr,
+    y: DPtr,
+    lse: DPtr,
+    dsum: DPtr,
+    tokens: i32,
+    heads: i32,
+    head_dim: i32,
+    scale: f32,
+    accumulate: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<FlashArgs>() == 72);
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for FlashArgs {}
+
+/// Dynamic shared memory of the fused attention kernels (kernels/attention.cu
+/// `FLASH_*_SMEM`, which trap when given less): forward, dQ, dK and dV.
+const FLASH_SMEM: [u32; 3] = [71_680, 108_800, 144_384];
+/// Rows of a fused attention block's tile and columns of its output chunk.
+const FLASH_TILE: usize = 64;
+
+/// Whether the fused attention kernels take heads of `head_dim` (whole 64-column chunks).
+pub(crate) fn flash_fits(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim % FLASH_TILE == 0
+}
 
 /// One tap of an implicit-GEMM convolution: source offset and weight block (see conv.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -940,6 +974,8 @@ pub(crate) struct Kernels {
     gemm_batched_tf32: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
+    /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed.
+    attention_flash: [CudaFunction; 3],
     linear_rows: CudaFunction,
     linear_batch: CudaFunction,
     gn_partial: CudaFunction,
@@ -1265,6 +1301,19 @@ impl Kernels {
             gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
+            attention_flash: {
+                let names = [
+                    "attention_flash_forward",
+                    "attention_flash_backward_dq",
+                    "attention_flash_backward_dkv",
+                ];
+                let mut fs = Vec::new();
+                for (name, bytes) in names.into_iter().zip(FLASH_SMEM) {
+                    fs.push(allow_smem(ctx, get("attention", name)?, bytes)?);
+                }
+                fs.try_into()
+                    .map_err(|_| Error::Cuda("internal: fused attention kernels".into()))?
+            },
             linear_rows: get("linear", "linear_rows")?,
             linear_batch: get("linear", "linear_batch")?,
             gn_partial: get("norm", "gn_partial")?,
@@ -1747,6 +1796,89 @@ impl Kernels {
             unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
             "launching gemm_batched",
         )
+    }
+
+    /// Fused attention (kernels/attention.cu, `attention_flash_*`): with `backward` None,
+    /// `y = softmax(q kᵀ / √d) v` and each query's log-sum-exp into `lse`; with
+    /// `backward = Some((o, dout, dsum, accumulate))`, `y (+)= dqkv` from the forward's
+    /// output `o`, its gradient `dout` and `lse`, with `dsum` as `[n, heads, L]` scratch.
+    /// `qkv` and `y`'s layouts are [`attention_forward`](super::unet::attention_forward)'s;
+    /// `head_dim` must satisfy [`flash_fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_flash(
+        &self,
+        st: &CudaStream,
+        n: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv: DPtr,
+        lse: DPtr,
+        y: DPtr,
+        backward: Option<(DPtr, DPtr, DPtr, bool)>,
+    ) -> Result<()> {
+        if !flash_fits(head_dim) {
+            return Err(Error::Cuda(format!(
+                "internal: fused attention needs heads of a multiple of {FLASH_TILE} channels, \
+                 not {head_dim}"
+            )));
+        }
+        need(qkv, "q/k/v")?;
+        need(lse, "attention log-sum-exp")?;
+        need(y, "attention output")?;
+        if n * heads * tokens == 0 {
+            return Ok(());
+        }
+        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        let batch = n * heads;
+        if batch > 65535 {
+            return Err(Error::Cuda(format!(
+                "fused attention over {batch} (image, head) pairs: at most 65535 per launch"
+            )));
+        }
+        let mut args = FlashArgs {
+            qkv,
+            y,
+            lse,
+            tokens: i32_of(tokens, "tokens")?,
+            heads: i32_of(heads, "heads")?,
+            head_dim: i32_of(head_dim, "head width")?,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            ..FlashArgs::default()
+        };
+        let grid = (
+            i32_of(tokens.div_ceil(FLASH_TILE), "row tiles")? as u32,
+            (head_dim / FLASH_TILE) as u32,
+            batch as u32,
+        );
+        let kernels: &[usize] = match backward {
+            None => &[0],
+            Some((o, dout, dsum, accumulate)) => {
+                need(o, "attention output")?;
+                need(dout, "attention output gradient")?;
+                need(dsum, "attention dO . O sums")?;
+                args.o = o;
+                args.dout = dout;
+                args.dsum = dsum;
+                args.accumulate = accumulate as i32;
+                // dQ first: it writes the sums dK and dV read.
+                &[1, 2]
+            }
+        };
+        for &i in kernels {
+            let mut b = self.launch(st, &self.attention_flash[i]);
+            b.arg(&args);
+            let mut launch = cfg(grid, (128, 1, 1));
+            launch.shared_mem_bytes = FLASH_SMEM[i];
+            // SAFETY: qkv, y, o and dout hold n * tokens rows of their widths, lse and dsum
+            // n * heads * tokens floats (the caller's contract); the grid covers exactly the
+            // row tiles and column chunks the kernels index.
+            cu(
+                unsafe { b.launch(launch) }.map(drop),
+                "launching fused attention",
+            )?;
+        }
+        Ok(())
     }
 
     /// Row softmax of `rows x len` scores in place, after scaling by `scale`.

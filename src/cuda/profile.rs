@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::kernels::{ConvKernel, NormInput};
 use super::precision::Precision;
 use super::program::{ConvStep, Program, Step, WKind};
+use super::unet::AttnKernel;
 use crate::model::Graph;
 use crate::Result;
 
@@ -268,26 +269,28 @@ impl Step {
                 tokens,
                 heads,
                 head_dim,
-                tf32,
+                kernel,
                 ..
             }
             | AttentionBackward {
                 tokens,
                 heads,
                 head_dim,
-                tf32,
+                kernel,
                 ..
             } => {
                 let forward = matches!(self, Attention { .. });
-                // Q Kᵀ and P V forward; dV, dP, dQ and dK backward: 2 L² d each per head.
+                // Q Kᵀ and P V forward; dV, dP, dQ and dK backward: 2 L² d each per head (the
+                // fused kernels' recomputed scores are not counted).
                 let products = if forward { 2.0 } else { 4.0 };
+                let (variant, launches) = match kernel {
+                    AttnKernel::Products => ("", if forward { 3 } else { 5 }),
+                    AttnKernel::Tf32Products => ("tf32 products", if forward { 3 } else { 5 }),
+                    AttnKernel::Flash => ("fused", if forward { 1 } else { 2 }),
+                };
                 StepInfo {
                     flops: products * 2.0 * (n * heads * tokens * tokens * head_dim) as f64,
-                    variant: if *tf32 {
-                        "tf32 products".into()
-                    } else {
-                        String::new()
-                    },
+                    variant: variant.into(),
                     ..plain(
                         if forward {
                             "attention"
@@ -298,7 +301,7 @@ impl Step {
                             "{} ({tokens} tokens), {heads} x {head_dim}",
                             size(*tokens, h, w)
                         ),
-                        if forward { 3 } else { 5 },
+                        launches,
                     )
                 }
             }

@@ -15,11 +15,12 @@
 //! [`Program::lifetimes`] reads off the list.
 
 use super::kernels::{
-    gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six, ConvKernel,
-    ConvLaunch, ConvShape, NormInput, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
-    MAX_CLUSTER_SPLITS,
+    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six,
+    ConvKernel, ConvLaunch, ConvShape, NormInput, NormSplit, WgmmaTile, LINEAR_BATCH_MAX,
+    LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
+use super::unet::AttnKernel;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::{switches, Error, Result};
 
@@ -65,6 +66,11 @@ pub(crate) struct KernelConfig {
     /// tf32 tensor cores ([`Gemm::tf32`](super::kernels::Gemm)) instead of fp32 FMAs; the
     /// softmax stays fp32.
     pub attention_tf32: bool,
+    /// Below fp32: attentions whose heads are whole 64-column chunks
+    /// ([`flash_fits`](super::kernels::flash_fits)) run fused ([`AttnKernel::Flash`], tf32
+    /// tensor cores, no P in memory; three launches per forward and backward pair instead of
+    /// eight). Ahead of `attention_tf32` where both apply.
+    pub attention_flash: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
@@ -107,6 +113,7 @@ impl Default for KernelConfig {
             alias_residual_grads: false,
             row_epilogue: false,
             attention_tf32: false,
+            attention_flash: false,
             tall_tiles: false,
             six_stages: false,
             halo_tiles: false,
@@ -132,6 +139,7 @@ impl KernelConfig {
             alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
             row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
             attention_tf32: on("INVDIFF_ATTN_TF32"),
+            attention_flash: on("INVDIFF_ATTN_FLASH"),
             tall_tiles: on("INVDIFF_WGMMA_TALL"),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
             // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.
@@ -157,6 +165,7 @@ impl KernelConfig {
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),
             (self.attention_tf32, "tf32 attention"),
+            (self.attention_flash, "fused attention"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.six_stages, "six-stage wgmma tiles"),
             (self.halo_tiles, "halo wgmma tiles"),
@@ -310,24 +319,26 @@ pub(crate) enum Step {
     Attention {
         qkv: Buf,
         y: Buf,
-        probs: Buf,
+        /// What the backward pass reads ([`AttnKernel::saved_len`]).
+        saved: Buf,
         tokens: usize,
         heads: usize,
         head_dim: usize,
-        /// The products on tf32 tensor cores ([`KernelConfig::attention_tf32`]).
-        tf32: bool,
+        kernel: AttnKernel,
     },
     AttentionBackward {
         qkv: Buf,
-        probs: Buf,
+        saved: Buf,
+        /// The forward's output, which the fused kernels read.
+        y: Option<Buf>,
         dy: Buf,
         dqkv: Buf,
-        ds: Buf,
+        scratch: Buf,
         tokens: usize,
         heads: usize,
         head_dim: usize,
         accumulate: bool,
-        tf32: bool,
+        kernel: AttnKernel,
     },
     Upsample {
         x: Buf,
@@ -489,21 +500,23 @@ impl Step {
                     .collect(),
                 vec![*dx, *partial, *means],
             ),
-            Attention { qkv, y, probs, .. } => (vec![*qkv], vec![*y, *probs]),
+            Attention { qkv, y, saved, .. } => (vec![*qkv], vec![*y, *saved]),
             AttentionBackward {
                 qkv,
-                probs,
+                saved,
+                y,
                 dy,
                 dqkv,
-                ds,
+                scratch,
                 accumulate,
                 ..
             } => (
-                [*qkv, *probs, *dy]
+                [*qkv, *saved, *dy]
                     .into_iter()
+                    .chain(*y)
                     .chain(acc(*dqkv, *accumulate))
                     .collect(),
-                vec![*dqkv, *ds],
+                vec![*dqkv, *scratch],
             ),
             Upsample { x, y, .. } => (vec![*x], vec![*y]),
             UpsampleBackward {
@@ -1214,10 +1227,17 @@ impl Lowering<'_> {
         Ok((src, self.half[x]))
     }
 
-    /// Whether the attention products run on tf32 tensor cores
-    /// ([`KernelConfig::attention_tf32`]): never in fp32.
-    fn attention_tf32(&self) -> bool {
-        self.choice.attention_tf32 && self.precision != Precision::Fp32
+    /// How an attention with heads of `head_dim` runs ([`KernelConfig::attention_flash`],
+    /// [`KernelConfig::attention_tf32`]): on the tensor cores never in fp32.
+    fn attention_kernel(&self, head_dim: usize) -> AttnKernel {
+        let below_fp32 = self.precision != Precision::Fp32;
+        if below_fp32 && self.choice.attention_flash && flash_fits(head_dim) {
+            AttnKernel::Flash
+        } else if below_fp32 && self.choice.attention_tf32 {
+            AttnKernel::Tf32Products
+        } else {
+            AttnKernel::Products
+        }
     }
 
     /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values.
@@ -1567,19 +1587,22 @@ impl Lowering<'_> {
                 let tokens = h * w;
                 let qb = self.val(qkv)?;
                 let yb = self.new_value(y);
-                let probs = self.buf(self.n * heads * tokens * tokens, "attention probabilities");
+                let kernel = self.attention_kernel(head_dim);
+                let saved = self.buf(
+                    self.n * heads * kernel.saved_len(tokens),
+                    "attention probabilities or log-sum-exps",
+                );
                 if keep {
-                    self.aux[i] = Some(probs);
+                    self.aux[i] = Some(saved);
                 }
-                let tf32 = self.attention_tf32();
                 self.steps.push(Step::Attention {
                     qkv: qb,
                     y: yb,
-                    probs,
+                    saved,
                     tokens,
                     heads,
                     head_dim,
-                    tf32,
+                    kernel,
                 });
             }
             Op::Upsample { x, y } => {
@@ -1777,27 +1800,36 @@ impl Lowering<'_> {
             }
             Op::Attention {
                 qkv,
+                y,
                 heads,
                 head_dim,
-                ..
             } => {
-                let probs = self.aux[i].ok_or_else(|| aux("attention probabilities"))?;
+                let saved = self.aux[i].ok_or_else(|| aux("attention probabilities"))?;
                 let (h, w) = self.hw(qkv);
                 let tokens = h * w;
                 let qb = self.val(qkv)?;
+                let kernel = self.attention_kernel(head_dim);
+                let yb = match kernel {
+                    AttnKernel::Flash => Some(self.val(y)?),
+                    _ => None,
+                };
                 let (gq, acc) = self.grad_slot(qkv);
-                let ds = self.buf(self.n * heads * tokens * tokens, "attention score gradient");
+                let scratch = self.buf(
+                    self.n * heads * kernel.saved_len(tokens),
+                    "attention score gradients or dO . O sums",
+                );
                 self.steps.push(Step::AttentionBackward {
                     qkv: qb,
-                    probs,
+                    saved,
+                    y: yb,
                     dy,
                     dqkv: gq,
-                    ds,
+                    scratch,
                     tokens,
                     heads,
                     head_dim,
                     accumulate: acc,
-                    tf32: self.attention_tf32(),
+                    kernel,
                 });
             }
             Op::Upsample { x, .. } => {
@@ -1943,7 +1975,17 @@ mod tests {
                     ]);
                 }
                 _ => {
-                    let r: Vec<u64> = reads.iter().map(|b| val[b.0]).collect();
+                    // The fused attention backward also reads the forward's output, a function
+                    // of q/k/v, which it already reads.
+                    let derived = match *step {
+                        Step::AttentionBackward { y, .. } => y,
+                        _ => None,
+                    };
+                    let r: Vec<u64> = reads
+                        .iter()
+                        .filter(|&&b| Some(b) != derived)
+                        .map(|b| val[b.0])
+                        .collect();
                     let halves: Vec<Buf> = match *step {
                         Step::Upsample {
                             y,
@@ -2331,8 +2373,8 @@ mod tests {
             }
         }
     }
-    /// Copies, aliases and 16-bit inputs change where values live and which kernel reads
-    /// them, never what is computed: every combination of the switches computes the default
+    /// Copies, aliases, 16-bit inputs and fused attention change where values live and which
+    /// kernel reads them, never what is computed: every combination of the switches computes the default
     /// program's output and input gradient (symbolically, [`symbolic`]), and so does the
     /// two-stage pipeline, which stages every input from fp32; a program missing one
     /// accumulation does not.
@@ -2350,11 +2392,12 @@ mod tests {
                 let base = build(KernelConfig::default());
                 let want = symbolic(&base);
                 assert!(want.1.is_some());
-                for bits in 0..8 {
+                for bits in 0..16 {
                     let tc = KernelConfig {
                         half_copy: bits & 1 != 0,
                         alias_residual_grads: bits & 2 != 0,
                         half_concat: bits & 4 != 0,
+                        attention_flash: bits & 8 != 0,
                         ..KernelConfig::default()
                     };
                     assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
@@ -2409,31 +2452,59 @@ mod tests {
         assert!(plain > 20, "{plain}");
         assert_eq!(copies(true), (0, accumulating));
     }
-    /// attention_tf32 puts the attention products on tf32 tensor cores below fp32, forward and
-    /// backward, and never in fp32.
+    /// attention_tf32 and attention_flash put the attention on tf32 tensor cores below fp32,
+    /// forward and backward alike, and never in fp32; fused attention, where both are asked,
+    /// saves each query's log-sum-exp instead of P, and its backward reads the forward's
+    /// output; heads the fused kernels cannot take keep the products.
     #[test]
-    fn tf32_attention_only_below_fp32() {
+    fn tensor_core_attention_only_below_fp32() {
+        use AttnKernel::*;
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let mut narrow = UNetConfig::celebahq_256();
+        narrow.attention_head_dim = Some(32);
+        let g_narrow = Graph::build(&narrow).unwrap();
         for precision in Precision::ALL {
-            for on in [false, true] {
+            for (tf32, flash) in [(false, false), (true, false), (false, true), (true, true)] {
                 let tc = KernelConfig {
-                    attention_tf32: on,
+                    attention_tf32: tf32,
+                    attention_flash: flash,
                     ..KernelConfig::default()
                 };
-                let p = Program::build_with(&g, 1, 64, 64, true, 132, precision, tc).unwrap();
-                let flags: Vec<bool> = p
-                    .steps
-                    .iter()
-                    .filter_map(|s| match *s {
-                        Step::Attention { tf32, .. } | Step::AttentionBackward { tf32, .. } => {
-                            Some(tf32)
+                for (graph, fits) in [(&g, true), (&g_narrow, false)] {
+                    let p =
+                        Program::build_with(graph, 1, 64, 64, true, 132, precision, tc).unwrap();
+                    let mut kernels = Vec::new();
+                    for s in &p.steps {
+                        match *s {
+                            Step::Attention {
+                                kernel,
+                                saved,
+                                tokens,
+                                heads,
+                                ..
+                            } => {
+                                assert_eq!(p.bufs[saved.0].len, heads * kernel.saved_len(tokens));
+                                kernels.push(kernel);
+                            }
+                            Step::AttentionBackward { kernel, y, .. } => {
+                                assert_eq!(y.is_some(), kernel == Flash);
+                                kernels.push(kernel);
+                            }
+                            _ => {}
                         }
-                        _ => None,
-                    })
-                    .collect();
-                assert_eq!(flags.len(), 12, "six attentions, both directions");
-                let want = on && precision != Precision::Fp32;
-                assert!(flags.iter().all(|&f| f == want), "{precision} {on}");
+                    }
+                    assert_eq!(kernels.len(), 12, "six attentions, both directions");
+                    let want = match (precision, flash && fits, tf32) {
+                        (Precision::Fp32, ..) => Products,
+                        (_, true, _) => Flash,
+                        (_, false, true) => Tf32Products,
+                        (_, false, false) => Products,
+                    };
+                    assert!(
+                        kernels.iter().all(|&k| k == want),
+                        "{precision} tf32 {tf32} flash {flash} fits {fits}: {kernels:?}"
+                    );
+                }
             }
         }
     }
@@ -2661,7 +2732,7 @@ mod tests {
     #[test]
     fn every_choice_has_a_name() {
         assert!(KernelConfig::default().describe().is_empty());
-        let flags: [fn(&mut KernelConfig); 15] = [
+        let flags: [fn(&mut KernelConfig); 16] = [
             |c| c.deep = false,
             |c| c.wgmma = true,
             |c| c.gn_one_pass = true,
@@ -2671,6 +2742,7 @@ mod tests {
             |c| c.alias_residual_grads = true,
             |c| c.row_epilogue = true,
             |c| c.attention_tf32 = true,
+            |c| c.attention_flash = true,
             |c| c.tall_tiles = true,
             |c| c.six_stages = true,
             |c| c.halo_tiles = true,

@@ -12,12 +12,12 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    at, gn_partial_fits, linear_batch_table, on_tile, plan_conv, plan_conv_at, plan_norm,
-    plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims, NormInput,
-    ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    at, flash_fits, gn_partial_fits, linear_batch_table, on_tile, plan_conv, plan_conv_at,
+    plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims,
+    NormInput, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
-use super::unet::{attention_backward, attention_forward, Attn, CudaUnet};
+use super::unet::{attention_backward, attention_forward, Attn, AttnKernel, CudaUnet};
 use super::weights::{transpose, DevBuf, DevConv};
 use crate::config::{BlockKind, UNetConfig};
 use crate::cpu::conv::{self, ConvParams, Geometry};
@@ -1668,10 +1668,15 @@ impl Tester<'_> {
     fn attentions(&mut self) -> Result<()> {
         self.batched_products()?;
         let (gpu, st) = (self.gpu, &self.gpu.stream);
+        // The last two: the fused kernels' shapes (heads of 64-column chunks), with a partial
+        // row tile and two chunks of head width; the celebahq attention itself (1 x 512 at 256
+        // tokens).
         for (n, tokens, heads, head_dim, accumulate) in [
             (1, 37, 1, 16, false),
             (3, 64, 4, 8, true),
             (2, 256, 1, 64, false),
+            (2, 100, 2, 128, true),
+            (1, 256, 1, 512, false),
         ] {
             let inner = heads * head_dim;
             let d = attention::Dims {
@@ -1695,25 +1700,27 @@ impl Tester<'_> {
             let desc = format!("n{n} L{tokens} {heads}x{head_dim}");
             let qd = self.up(&qkv)?;
             let dd = self.up(&dout)?;
-            // The products in fp32, then on the tf32 tensor cores (INVDIFF_ATTN_TF32) against
-            // the same fp32 CPU results: each product within tf32's rounding, the gradient's
-            // four (through the softmax's subtraction) within a few times that.
-            for (tf32, mode, limits) in [
-                (false, "", (TOLERANCE, TOLERANCE)),
-                (
-                    true,
-                    ", tf32 products",
-                    (tensor_core_tolerance(Precision::Tf32), ATTENTION_TF32_GRAD),
-                ),
-            ] {
+            // The products in fp32, then on the tf32 tensor cores (INVDIFF_ATTN_TF32), then
+            // fused (INVDIFF_ATTN_FLASH, tf32, where the head width allows) against the same
+            // fp32 CPU results: each product within tf32's rounding, the gradient's four
+            // (through the softmax's subtraction) within a few times that.
+            let tf32_limits = (tensor_core_tolerance(Precision::Tf32), ATTENTION_TF32_GRAD);
+            let mut kernels = vec![
+                (AttnKernel::Products, "", (TOLERANCE, TOLERANCE)),
+                (AttnKernel::Tf32Products, ", tf32 products", tf32_limits),
+            ];
+            if flash_fits(head_dim) {
+                kernels.push((AttnKernel::Flash, ", fused", tf32_limits));
+            }
+            for (kernel, mode, limits) in kernels {
                 let a = Attn {
                     n,
                     tokens,
                     heads,
                     head_dim,
-                    tf32,
+                    kernel,
                 };
-                let pd = self.zeros(n * heads * tokens * tokens)?;
+                let pd = self.zeros(n * heads * kernel.saved_len(tokens))?;
                 let od = self.zeros(want.len())?;
                 let ms = self.timed(
                     || Ok(()),
@@ -1729,7 +1736,7 @@ impl Tester<'_> {
                 );
                 let mut gd = self.up(&g0)?;
                 let g_ptr = gd.ptr;
-                let ds = self.zeros(n * heads * tokens * tokens)?;
+                let scratch = self.zeros(n * heads * kernel.saved_len(tokens))?;
                 let ms = self.timed(
                     || gd.write(st, &g0),
                     || {
@@ -1739,9 +1746,10 @@ impl Tester<'_> {
                             a,
                             qd.ptr,
                             pd.ptr,
+                            od.ptr,
                             dd.ptr,
                             g_ptr,
-                            ds.ptr,
+                            scratch.ptr,
                             accumulate,
                         )
                     },

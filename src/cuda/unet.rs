@@ -1133,11 +1133,11 @@ fn launch(
         Step::Attention {
             qkv,
             y,
-            probs,
+            saved,
             tokens,
             heads,
             head_dim,
-            tf32,
+            kernel,
         } => attention_forward(
             k,
             st,
@@ -1146,23 +1146,24 @@ fn launch(
                 tokens,
                 heads,
                 head_dim,
-                tf32,
+                kernel,
             },
             p(qkv),
-            p(probs),
+            p(saved),
             p(y),
         ),
         Step::AttentionBackward {
             qkv,
-            probs,
+            saved,
+            y,
             dy,
             dqkv,
-            ds,
+            scratch,
             tokens,
             heads,
             head_dim,
             accumulate,
-            tf32,
+            kernel,
         } => attention_backward(
             k,
             st,
@@ -1171,13 +1172,14 @@ fn launch(
                 tokens,
                 heads,
                 head_dim,
-                tf32,
+                kernel,
             },
             p(qkv),
-            p(probs),
+            p(saved),
+            y.map_or(0, p),
             p(dy),
             p(dqkv),
-            p(ds),
+            p(scratch),
             accumulate,
         ),
         Step::Upsample {
@@ -1246,8 +1248,31 @@ pub(crate) struct Attn {
     pub tokens: usize,
     pub heads: usize,
     pub head_dim: usize,
-    /// The products on the tf32 tensor cores ([`Gemm::tf32`]).
-    pub tf32: bool,
+    pub kernel: AttnKernel,
+}
+
+/// How an attention runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttnKernel {
+    /// Batched products in fp32 FMAs and a softmax, P materialised (`[n, heads, L, L]`).
+    Products,
+    /// The same with the products on the tf32 tensor cores ([`Gemm::tf32`]).
+    Tf32Products,
+    /// Fused (`attention_flash_*`, tf32 tensor cores): P never leaves the multiprocessor; the
+    /// forward saves each query's log-sum-exp (`[n, heads, L]`) instead, and the backward
+    /// reads the forward's output.
+    Flash,
+}
+
+impl AttnKernel {
+    /// Floats of what the forward saves for the backward, per (image, head): P, or the
+    /// log-sum-exp of each query.
+    pub fn saved_len(self, tokens: usize) -> usize {
+        match self {
+            AttnKernel::Flash => tokens,
+            _ => tokens * tokens,
+        }
+    }
 }
 
 impl Attn {
@@ -1258,23 +1283,28 @@ impl Attn {
     }
 }
 
-/// `o = softmax(q kᵀ / √d) v` per (image, head); `qkv` is `[n, L, 3 inner]`, `probs` receives
-/// P (`[n, heads, L, L]`), `o` is `[n, L, inner]`.
+/// `o = softmax(q kᵀ / √d) v` per (image, head); `qkv` is `[n, L, 3 inner]`, `o` is
+/// `[n, L, inner]`, and `saved` receives what the backward pass reads
+/// ([`AttnKernel::saved_len`] floats per (image, head)).
 pub(crate) fn attention_forward(
     k: &Kernels,
     st: &CudaStream,
     a: Attn,
     qkv: DPtr,
-    probs: DPtr,
+    saved: DPtr,
     o: DPtr,
 ) -> Result<()> {
+    if a.kernel == AttnKernel::Flash {
+        return k.attention_flash(st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, o, None);
+    }
+    let probs = saved;
     let (inner, img, ll) = a.view();
     let (l, d) = (a.tokens, a.head_dim);
     let base = Gemm {
         outer: a.n,
         inner: a.heads,
         alpha: 1.0,
-        tf32: a.tf32,
+        tf32: a.kernel == AttnKernel::Tf32Products,
         ..Gemm::default()
     };
     // S = Q Kᵀ.
@@ -1328,27 +1358,36 @@ pub(crate) fn attention_forward(
     )
 }
 
-/// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given the forward's
-/// P and `dy` = dO; `ds` is `[n, heads, L, L]` scratch.
+/// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given what the
+/// forward saved, its output `o` (read by [`AttnKernel::Flash`] only) and `dy` = dO; `scratch`
+/// holds [`AttnKernel::saved_len`] floats per (image, head).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     k: &Kernels,
     st: &CudaStream,
     a: Attn,
     qkv: DPtr,
-    probs: DPtr,
+    saved: DPtr,
+    o: DPtr,
     dy: DPtr,
     dqkv: DPtr,
-    ds: DPtr,
+    scratch: DPtr,
     accumulate: bool,
 ) -> Result<()> {
+    if a.kernel == AttnKernel::Flash {
+        let backward = Some((o, dy, scratch, accumulate));
+        return k.attention_flash(
+            st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, dqkv, backward,
+        );
+    }
+    let (probs, ds) = (saved, scratch);
     let (inner, img, ll) = a.view();
     let (l, d) = (a.tokens, a.head_dim);
     let base = Gemm {
         outer: a.n,
         inner: a.heads,
         alpha: 1.0,
-        tf32: a.tf32,
+        tf32: a.kernel == AttnKernel::Tf32Products,
         ..Gemm::default()
     };
     // The per-(image, head) views of P or dS, of dO, and of a q/k/v part (and its gradient).
