@@ -412,7 +412,7 @@ DEVI void wg_finish(const ConvArgs& a, unsigned char* stages, const float (&acc)
     const bool split = gridDim.z > 1;
     if (CLUSTERS && split && a.ws == nullptr)
         cluster_reduce(a, stages, acc, M, m0, n0);
-    else if (STATS && a.gn_partial != nullptr)
+    else if (STATS && !split && a.gn_partial != nullptr)  // the host plans sums unsplit only
         wg_epilogue_stats<TM>(a, stages, acc, m0, n0);
     else
         wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
@@ -637,6 +637,9 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
     const int cs0 = blockIdx.z * per;
     const int steps = (min(sc / HALO_BK, cs0 + per) - cs0) * HALO_TAPS;
+    // The mainloop below runs at least one slice: a split the host left empty would multiply
+    // shared memory nothing wrote.
+    if (steps < HALO_TAPS) __trap();
 
     // The halo: hr rows of hc pixels around the tile, from source pixel (sy0, sx0) of image
     // `first.img`; one plane of 16 bytes per pixel for each 8 channels.

@@ -685,6 +685,7 @@ pub(crate) fn halo_fits(s: &ConvShape, rows: usize) -> bool {
 /// index, so that a tile's rows are one chunk of one image.
 pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> bool {
     plan.tile.is_halo()
+        && halo_fits(s, plan.tile.rows())
         && plan.splits == 1
         && !plan.cluster
         && s.out_stride == 1

@@ -457,7 +457,8 @@ impl Step {
                     .chain(c.gn_partial)
                     .collect(),
             ),
-            // Partial sums from the producing convolution are read, not written.
+            // Partial sums from the producing convolution are read, not written, and `x` only
+            // where the GroupNorm writes an output.
             GroupNorm {
                 x,
                 y,
@@ -467,9 +468,16 @@ impl Step {
                 affine,
                 ..
             } if split.from_producer => (
-                vec![*x, *partial],
+                y.map(|_| *x).into_iter().chain([*partial]).collect(),
                 y.iter().copied().chain([*stats, *affine]).collect(),
             ),
+            // In one launch (`gn_one_pass`): no partial sums, and no affine for a convolution to
+            // apply (norms_into_halo_loads leaves these GroupNorms alone).
+            GroupNorm {
+                x, y, split, stats, ..
+            } if split.one_pass.is_some() => {
+                (vec![*x], y.iter().copied().chain([*stats]).collect())
+            }
             GroupNorm {
                 x,
                 y,
@@ -863,10 +871,16 @@ impl Lowering<'_> {
                 continue;
             };
             let [j] = readers[y.0][..] else { continue };
+            // The convolution reads x and the affine where the GroupNorm ran: nothing between
+            // may write them (none does in a forward pass, whose values are written once).
+            let overwritten = self.steps[i + 1..j].iter().any(|s| {
+                let writes = s.io().1;
+                writes.contains(&x) || writes.contains(&affine)
+            });
             let Step::Conv(c) = &mut self.steps[j] else {
                 continue;
             };
-            if split.one_pass.is_some() || c.x != y || !c.launch.tile.is_halo() {
+            if split.one_pass.is_some() || c.x != y || !c.launch.tile.is_halo() || overwritten {
                 continue;
             }
             c.x = x;
@@ -1924,6 +1938,7 @@ mod tests {
                 } => val[dst.0] = val[src.0],
                 Step::ToHalf { x, y, .. } => val[y.0] = half(val[x.0]),
                 Step::GroupNorm {
+                    x,
                     y,
                     half_out,
                     partial,
@@ -1933,7 +1948,7 @@ mod tests {
                 } => {
                     // The generic rule below, with the output's slot kept when there is none,
                     // and the value of `x` alone whoever added its partial sums.
-                    let r: Vec<u64> = reads[..1].iter().map(|b| val[b.0]).collect();
+                    let r = [val[x.0]];
                     let out = |j: usize| h(&[&op, &|s| r.hash(s), &|s| j.hash(s)]);
                     let yv = if half_out.is_some() {
                         half(out(0))

@@ -291,13 +291,47 @@ mod tests {
 
     /// The real network: every conflict of the celebahq-256 program (forward and backward,
     /// batch 1 and 2, memory placed as with side streams) is ordered by the schedule, at 2 to
-    /// 4 streams, and the passes get shorter than their step counts.
+    /// 4 streams, and the passes get shorter than their step counts; with the default kernels
+    /// at 64x64, and with every candidate on at 128x128 (halo tiles and the GroupNorms fused
+    /// into them, fused attention, 16-bit copies, aliased gradients).
     #[test]
     fn every_conflict_of_the_unet_is_ordered() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        for n in [1, 2] {
-            let kc = KernelConfig::default();
-            let (p, pl) = plan(&g, n, 64, 64, true, 132, Precision::Bf16, kc, KEEP_ALIVE).unwrap();
+        let every = KernelConfig {
+            wgmma: true,
+            gn_one_pass: true,
+            half_concat: true,
+            cluster_split_k: true,
+            half_copy: true,
+            alias_residual_grads: true,
+            row_epilogue: true,
+            attention_tf32: true,
+            attention_flash: true,
+            tall_tiles: true,
+            six_stages: true,
+            halo_tiles: true,
+            halo_norm: true,
+            halo_stats: true,
+            ..KernelConfig::default()
+        };
+        for (n, kc, size) in [
+            (1, KernelConfig::default(), 64),
+            (2, KernelConfig::default(), 64),
+            (1, every, 128),
+            (2, every, 128),
+        ] {
+            let (p, pl) = plan(
+                &g,
+                n,
+                size,
+                size,
+                true,
+                132,
+                Precision::Bf16,
+                kc,
+                KEEP_ALIVE,
+            )
+            .unwrap();
             for pass in [&p.steps[..p.forward_steps], &p.steps[p.forward_steps..]] {
                 let deps = dependencies(pass, |b| {
                     let o = pl.offsets[b.0];
