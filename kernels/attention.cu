@@ -170,6 +170,30 @@ DEVI void fa_zero(float (&acc)[8][4]) {
         for (int e = 0; e < 4; ++e) acc[t][e] = 0.f;
 }
 
+// The mainloop of the three kernels. Step s multiplies slice s % slices of chunk s / slices:
+// acc[i] += A_i B_iᵀ over it for each of the N products (A_i, B_i the slice buffers a[i], b[i]
+// of the step's parity; acc[i] zeroed at a chunk's first slice), then, at the chunk's last
+// slice, end_of_chunk(chunk). The caller has issued step 0's copies; before each step come the
+// next one's (issue, one commit group each): one group lands while a step multiplies, and the
+// barrier after each step ends the reads of its buffers.
+template <int N, class Issue, class EndOfChunk>
+DEVI void fa_mainloop(int steps, int slices, Issue issue, const float* const (&a)[N], const float* const (&b)[N],
+                      float (&acc)[N][8][4], int wr, int g, int q, EndOfChunk end_of_chunk) {
+    for (int s = 0; s < steps; ++s) {
+        const int chunk = s / slices, sl = s - chunk * slices;
+        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            if (sl == 0) fa_zero(acc[i]);
+            fa_slice(acc[i], a[i] + (s & 1) * fa::SLICE, b[i] + (s & 1) * fa::SLICE, wr, g, q);
+        }
+        if (sl == slices - 1) end_of_chunk(chunk);
+        __syncthreads();
+    }
+}
+
 // The sum over the four threads of a quad (the threads that hold one fragment row).
 DEVI float quad_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
@@ -248,49 +272,43 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
     issue(0);
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}; // rows g, g + 8
-    float o[8][4], s_acc[8][4];
+    float o[8][4], sc[1][8][4];
+    float(&s_acc)[8][4] = sc[0];
     fa_zero(o);
-    for (int s = 0; s < steps; ++s) {
-        const int kc = s / slices, sl = s - kc * slices;
-        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (sl == 0) fa_zero(s_acc);
-        fa_slice(s_acc, qs + (s & 1) * SLICE, ks + (s & 1) * SLICE, wr, g, q);
-        if (sl == slices - 1) {
-            // The online softmax over this chunk's keys (scaled, as the CPU scales, before the
-            // maximum), then O += P V.
-            float mx[2] = {m_run[0], m_run[1]};
+    const float* const a_slices[1] = {qs};
+    const float* const b_slices[1] = {ks};
+    fa_mainloop<1>(steps, slices, issue, a_slices, b_slices, sc, wr, g, q, [&](int kc) {
+        // The online softmax over this chunk's keys (scaled, as the CPU scales, before the
+        // maximum), then O += P V.
+        float mx[2] = {m_run[0], m_run[1]};
 #pragma unroll
-            for (int t = 0; t < 8; ++t)
+        for (int t = 0; t < 8; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1);
-                    const float v = key < L ? s_acc[t][e] * a.scale : -INFINITY;
-                    s_acc[t][e] = v;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], v);
-                }
-            float corr[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                mx[r] = quad_max(mx[r]); // finite: every chunk holds at least one key
-                corr[r] = expf(m_run[r] - mx[r]);
-                m_run[r] = mx[r];
-                l_run[r] *= corr[r];
+            for (int e = 0; e < 4; ++e) {
+                const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1);
+                const float v = key < L ? s_acc[t][e] * a.scale : -INFINITY;
+                s_acc[t][e] = v;
+                mx[e >> 1] = fmaxf(mx[e >> 1], v);
             }
+        float corr[2];
 #pragma unroll
-            for (int t = 0; t < 8; ++t)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = expf(s_acc[t][e] - mx[e >> 1]);
-                    s_acc[t][e] = p;
-                    l_run[e >> 1] += p;
-                    o[t][e] *= corr[e >> 1];
-                }
-            fa_c_product(o, s_acc, vs + (kc & 1) * PANEL, g, q);
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = quad_max(mx[r]); // finite: every chunk holds at least one key
+            corr[r] = expf(m_run[r] - mx[r]);
+            m_run[r] = mx[r];
+            l_run[r] *= corr[r];
         }
-        __syncthreads();
-    }
+#pragma unroll
+        for (int t = 0; t < 8; ++t)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = expf(s_acc[t][e] - mx[e >> 1]);
+                s_acc[t][e] = p;
+                l_run[e >> 1] += p;
+                o[t][e] *= corr[e >> 1];
+            }
+        fa_c_product(o, s_acc, vs + (kc & 1) * PANEL, g, q);
+    });
 
     float inv[2];
 #pragma unroll
@@ -361,32 +379,22 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
         dsum[r] = dsum_s[wr + g + 8 * r];
     }
 
-    float dq[8][4], s_acc[8][4], dp[8][4];
+    // S = Q Kᵀ and dP = dO Vᵀ per key chunk.
+    float dq[8][4], sp[2][8][4];
     fa_zero(dq);
-    for (int s = 0; s < steps; ++s) {
-        const int kc = s / slices, sl = s - kc * slices;
-        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (sl == 0) {
-            fa_zero(s_acc);
-            fa_zero(dp);
-        }
-        fa_slice(s_acc, qs + (s & 1) * SLICE, ks + (s & 1) * SLICE, wr, g, q);
-        fa_slice(dp, dos + (s & 1) * SLICE, vs + (s & 1) * SLICE, wr, g, q);
-        if (sl == slices - 1) {
+    const float* const a_slices[2] = {qs, dos};
+    const float* const b_slices[2] = {ks, vs};
+    fa_mainloop<2>(steps, slices, issue, a_slices, b_slices, sp, wr, g, q, [&](int kc) {
 #pragma unroll
-            for (int t = 0; t < 8; ++t)
+        for (int t = 0; t < 8; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1), r = e >> 1;
-                    const float p = key < L ? expf(s_acc[t][e] * a.scale - lse[r]) : 0.f;
-                    s_acc[t][e] = p * (dp[t][e] - dsum[r]) * a.scale; // dS
-                }
-            fa_c_product(dq, s_acc, kp + (kc & 1) * PANEL, g, q);
-        }
-        __syncthreads();
-    }
+            for (int e = 0; e < 4; ++e) {
+                const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1), r = e >> 1;
+                const float p = key < L ? expf(sp[0][t][e] * a.scale - lse[r]) : 0.f;
+                sp[0][t][e] = p * (sp[1][t][e] - dsum[r]) * a.scale; // dS
+            }
+        fa_c_product(dq, sp[0], kp + (kc & 1) * PANEL, g, q);
+    });
     const float one[2] = {1.f, 1.f};
     fa_store(dq, a.y + ((long long)w.img * L) * w.ld + w.head * a.head_dim, w.ld, r0 + wr, L, c0, one,
              a.accumulate != 0, g, q);
@@ -433,36 +441,26 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
     panels(0);
     issue(0);
 
-    float dk[8][4], dv[8][4], st[8][4], dpt[8][4];
+    // Sᵀ = K Qᵀ and dPᵀ = V dOᵀ per query chunk.
+    float dk[8][4], dv[8][4], sp[2][8][4];
     fa_zero(dk);
     fa_zero(dv);
-    for (int s = 0; s < steps; ++s) {
-        const int qc = s / slices, sl = s - qc * slices;
-        if (s + 1 < steps) issue(s + 1); else cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
-        if (sl == 0) {
-            fa_zero(st);
-            fa_zero(dpt);
-        }
-        fa_slice(st, ks + (s & 1) * SLICE, qs + (s & 1) * SLICE, wr, g, q);
-        fa_slice(dpt, vs + (s & 1) * SLICE, dos + (s & 1) * SLICE, wr, g, q);
-        if (sl == slices - 1) {
-            const int b = qc & 1;
+    const float* const a_slices[2] = {ks, vs};
+    const float* const b_slices[2] = {qs, dos};
+    fa_mainloop<2>(steps, slices, issue, a_slices, b_slices, sp, wr, g, q, [&](int qc) {
+        const int b = qc & 1;
 #pragma unroll
-            for (int t = 0; t < 8; ++t)
+        for (int t = 0; t < 8; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = 8 * t + 2 * q + (e & 1);
-                    const float p = qc * CHUNK + c < L ? expf(st[t][e] * a.scale - lse_s[b * CHUNK + c]) : 0.f;
-                    st[t][e] = p;                                                 // Pᵀ
-                    dpt[t][e] = p * (dpt[t][e] - dsum_s[b * CHUNK + c]) * a.scale; // dSᵀ
-                }
-            fa_c_product(dv, st, dop + b * PANEL, g, q);
-            fa_c_product(dk, dpt, qp + b * PANEL, g, q);
-        }
-        __syncthreads();
-    }
+            for (int e = 0; e < 4; ++e) {
+                const int c = 8 * t + 2 * q + (e & 1);
+                const float p = qc * CHUNK + c < L ? expf(sp[0][t][e] * a.scale - lse_s[b * CHUNK + c]) : 0.f;
+                sp[0][t][e] = p;                                                    // Pᵀ
+                sp[1][t][e] = p * (sp[1][t][e] - dsum_s[b * CHUNK + c]) * a.scale; // dSᵀ
+            }
+        fa_c_product(dv, sp[0], dop + b * PANEL, g, q);
+        fa_c_product(dk, sp[1], qp + b * PANEL, g, q);
+    });
     const float one[2] = {1.f, 1.f};
     float* base = a.y + ((long long)w.img * L) * w.ld + w.head * a.head_dim;
     fa_store(dk, base + w.inner, w.ld, r0 + wr, L, c0, one, a.accumulate != 0, g, q);
