@@ -20,8 +20,10 @@
 #       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
 #       real sample, and 10-step DPS / PiGDM trajectories, GPU against CPU.
+# PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
+# `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 21 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 23 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -85,6 +87,8 @@ run() {
     timeout -k 5 "$t" "$@" >> "$W/$log" 2>&1
 }
 py() { python3 - "$@"; }
+# want PHASE: whether PHASES (default every phase, "a,b,c,d,n,v,k,e") names it.
+want() { [[ ",${PHASES:-a,b,c,d,n,v,k,e}," == *",$1,"* ]]; }
 
 # One-line readings of the JSON files (python3 is there for PyTorch anyway).
 torch_line() {
@@ -163,24 +167,28 @@ selftest() { # selftest NAME BINARY
     note "$1 (exit $rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
     while read -r l; do note "  $l"; done < <(grep FAILED "$W/$1.txt" | head -n 8 | cut -c 1-120)
 }
-selftest selftest "$BIN"
-cp "$W/selftest.txt" "$RES/selftest.txt"
-sync_out
+if want a; then
+    selftest selftest "$BIN"
+    cp "$W/selftest.txt" "$RES/selftest.txt"
+    sync_out
+fi
 
 # (b) PyTorch on the same card (~45 s): its matmul peak first, results saved after each case.
-t0=$SECONDS
-run 200 torch.txt python3 scripts/torch_baseline.py --save-model /tmp/m --dump-io /tmp/io --matmul-peak \
-    --cases fp32:1:dps bf16:1:dps bf16:8 bf16:32 --reps 20 --json "$W/torch.json"
-rc=$?
-cp "$W/torch.json" "$RES/torch.json" 2>/dev/null
-line="no result (see torch.txt)"
-[ -s "$W/torch.json" ] && line=$(torch_line "$W/torch.json")
-note "torch (exit $rc, $((SECONDS - t0)) s): $line"
-PEAK=$(peak_of "$W/torch.json")
 PEAK_ARG=()
-[ -n "$PEAK" ] && PEAK_ARG=(--peak-tflops "$PEAK")
-note "peak passed to our bench: ${PEAK:-none, so the figure built into invdiff if it knows the card}"
-sync_out
+if want b; then
+    t0=$SECONDS
+    run 200 torch.txt python3 scripts/torch_baseline.py --save-model /tmp/m --dump-io /tmp/io --matmul-peak \
+        --cases fp32:1:dps bf16:1:dps bf16:8 bf16:32 --reps 20 --json "$W/torch.json"
+    rc=$?
+    cp "$W/torch.json" "$RES/torch.json" 2>/dev/null
+    line="no result (see torch.txt)"
+    [ -s "$W/torch.json" ] && line=$(torch_line "$W/torch.json")
+    note "torch (exit $rc, $((SECONDS - t0)) s): $line"
+    PEAK=$(peak_of "$W/torch.json")
+    [ -n "$PEAK" ] && PEAK_ARG=(--peak-tflops "$PEAK")
+    note "peak passed to our bench: ${PEAK:-none, so the figure built into invdiff if it knows the card}"
+    sync_out
+fi
 
 # (c) Our timings, device-resident, CUDA events (~35 s).
 bench() { # bench NAME BINARY ARGS...
@@ -198,13 +206,15 @@ bench() { # bench NAME BINARY ARGS...
         note "ours $name: exit $rc, no result (see bench.txt)"
     fi
 }
-bench fp32_b1 "$BIN" --precision fp32 --batch 1 --what both
-bench fp32_b8 "$BIN" --precision fp32 --batch 8 --what forward
-bench bf16_b1 "$BIN" --precision bf16 --batch 1 --what both
-bench bf16_b8 "$BIN" --precision bf16 --batch 8 --what forward
-bench bf16_b32 "$BIN" --precision bf16 --batch 32 --what forward
-bench bf16_b8_batch_invariant "$BIN" --precision bf16 --batch 8 --what forward --batch-invariant
-sync_out
+if want c; then
+    bench fp32_b1 "$BIN" --precision fp32 --batch 1 --what both
+    bench fp32_b8 "$BIN" --precision fp32 --batch 8 --what forward
+    bench bf16_b1 "$BIN" --precision bf16 --batch 1 --what both
+    bench bf16_b8 "$BIN" --precision bf16 --batch 8 --what forward
+    bench bf16_b32 "$BIN" --precision bf16 --batch 32 --what forward
+    bench bf16_b8_batch_invariant "$BIN" --precision bf16 --batch 8 --what forward --batch-invariant
+    sync_out
+fi
 
 # (d) Where the time goes: every step timed (~25 s).
 profile() { # profile NAME BINARY ARGS...
@@ -217,15 +227,17 @@ profile() { # profile NAME BINARY ARGS...
     [ -s "$W/profile_$name.json" ] && line=$(profile_line "$W/profile_$name.json")
     note "profile $name (exit $rc, $((SECONDS - t0)) s): $line"
 }
-profile bf16_b8_fwd "$BIN" --batch 8 --what forward
-profile bf16_b1_dps "$BIN" --batch 1 --what dps
-for f in profile_bf16_b8_fwd.json profile_bf16_b1_dps.json; do
-    cp "$W/$f" "$RES/$f" 2>/dev/null
-done
-sync_out
+if want d; then
+    profile bf16_b8_fwd "$BIN" --batch 8 --what forward
+    profile bf16_b1_dps "$BIN" --batch 1 --what dps
+    for f in profile_bf16_b8_fwd.json profile_bf16_b1_dps.json; do
+        cp "$W/$f" "$RES/$f" 2>/dev/null
+    done
+    sync_out
+fi
 
 # (n) A second build, when there is one (~100 s).
-if [ -x "$NEXT" ]; then
+if want n && [ -x "$NEXT" ]; then
     selftest next_selftest "$NEXT"
     sync_out
     bench next_bf16_b1 "$NEXT" --precision bf16 --batch 1 --what both
@@ -250,9 +262,15 @@ MODEL_ARG=()
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
 ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_ATTN_FLASH=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_SIX_STAGES=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_HALO_STATS=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_STREAMS=2
-VARIANTS=${VARIANTS-gn_one_pass:INVDIFF_GN_ONE_PASS=1;half_concat:INVDIFF_HALF_CONCAT=1;half_copy:INVDIFF_HALF_COPY=1;alias_grads:INVDIFF_ALIAS_GRADS=1;row_epilogue:INVDIFF_ROW_EPILOGUE=1;attn_tf32:INVDIFF_ATTN_TF32=1;attn_flash:INVDIFF_ATTN_FLASH=1;tall:INVDIFF_WGMMA_TALL=1;rows_tall:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1;six_stages:INVDIFF_WGMMA_SIX_STAGES=1;halo:INVDIFF_WGMMA_HALO=1;rows_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1;tall_halo:INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1;rows_tall_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1;halo_norm:INVDIFF_HALO_NORM=1;halo_stats:INVDIFF_HALO_STATS=1;small_tiles:INVDIFF_GEMM_SMALL_TILES=1;cluster:INVDIFF_CLUSTER_SPLITK=1;pdl:INVDIFF_PDL=1;streams2:INVDIFF_STREAMS=2;all:$ALL}
+# Two likely default sets besides "all", timed in this run so that flipping several switches
+# needs no second device session: the candidates that change no tile (SAFE), and those with
+# the halo tiles and the GroupNorm work they take (HALO).
+SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1
+HALO=INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_HALO_STATS=1
+VARIANTS=${VARIANTS-gn_one_pass:INVDIFF_GN_ONE_PASS=1;half_concat:INVDIFF_HALF_CONCAT=1;half_copy:INVDIFF_HALF_COPY=1;alias_grads:INVDIFF_ALIAS_GRADS=1;row_epilogue:INVDIFF_ROW_EPILOGUE=1;attn_tf32:INVDIFF_ATTN_TF32=1;attn_flash:INVDIFF_ATTN_FLASH=1;tall:INVDIFF_WGMMA_TALL=1;rows_tall:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1;six_stages:INVDIFF_WGMMA_SIX_STAGES=1;halo:INVDIFF_WGMMA_HALO=1;rows_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1;tall_halo:INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1;rows_tall_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1;halo_norm:INVDIFF_HALO_NORM=1;halo_stats:INVDIFF_HALO_STATS=1;small_tiles:INVDIFF_GEMM_SMALL_TILES=1;cluster:INVDIFF_CLUSTER_SPLITK=1;pdl:INVDIFF_PDL=1;streams2:INVDIFF_STREAMS=2;combo_safe:$SAFE;combo_halo:$SAFE,$HALO;all:$ALL}
 last=""
-IFS=';' read -r -a variants <<< "$VARIANTS"
+variants=()
+want v && IFS=';' read -r -a variants <<< "$VARIANTS"
 for v in ${variants[@]+"${variants[@]}"}; do
     name=${v%%:*}
     vars=${v#*:}
@@ -316,7 +334,7 @@ if [ -n "$last" ]; then
 fi
 
 # (k) The kernel benchmark by shape, when its binary came along (~15 s).
-if [ -x "$KBENCH" ]; then
+if want k && [ -x "$KBENCH" ]; then
     t0=$SECONDS
     run 90 kernels.txt "$KBENCH" --batch 8 --precision bf16 --iters "$STEPS" ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} \
         --save "$W/kernels_bf16_b8.json"
@@ -335,28 +353,30 @@ fi
 
 # (e) Full size against diffusers on the same weights (strict fp32), and ten steps of DPS and of
 # PiGDM on a real sample, GPU against CPU with the same seed (~45 s).
-if [ -f /tmp/io/in.safetensors ] && [ -f /tmp/io/expect.safetensors ]; then
-    run 120 parity.txt "$BIN" eps --model /tmp/m --input /tmp/io/in.safetensors \
-        --output /tmp/io/ours.safetensors --device cuda
-    run 60 parity_compare.txt "$BIN" compare /tmp/io/ours.safetensors /tmp/io/expect.safetensors --tolerance 1e-5
-    note "full-size parity vs diffusers (exit $?): $(grep -v '^\$' "$W/parity_compare.txt" | tr '\n' ';')"
-else
-    note "full-size parity vs diffusers: skipped (the PyTorch phase wrote no reference)"
-fi
-# A whole 1000-step DPS restoration in bf16 on the real sample (issue 6 asks <= 6 s; ~15 s).
-run 90 restore1000.txt "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
-    --measurement tests/data/ffhq-deblur/0.safetensors --steps 1000 --seed 3 --precision bf16 \
-    --output /tmp/restore1000.png --report "$W/restore1000.json" --device cuda
-note "restore: 1000 DPS steps, bf16 (exit $?): $(grep -E 'image\(s\) in|rror' "$W/restore1000.txt" | tail -n 1)"
-for m in dps pigdm; do
-    for d in cuda cpu; do
-        run 150 "traj_${m}_$d.txt" "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method $m \
-            --measurement tests/data/ffhq-deblur/0.safetensors --steps 10 --seed 3 \
-            --output "/tmp/traj_${m}_$d.safetensors" --device $d
+if want e; then
+    if [ -f /tmp/io/in.safetensors ] && [ -f /tmp/io/expect.safetensors ]; then
+        run 120 parity.txt "$BIN" eps --model /tmp/m --input /tmp/io/in.safetensors \
+            --output /tmp/io/ours.safetensors --device cuda
+        run 60 parity_compare.txt "$BIN" compare /tmp/io/ours.safetensors /tmp/io/expect.safetensors --tolerance 1e-5
+        note "full-size parity vs diffusers (exit $?): $(grep -v '^\$' "$W/parity_compare.txt" | tr '\n' ';')"
+    else
+        note "full-size parity vs diffusers: skipped (the PyTorch phase wrote no reference)"
+    fi
+    # A whole 1000-step DPS restoration in bf16 on the real sample (issue 6 asks <= 6 s; ~15 s).
+    run 90 restore1000.txt "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
+        --measurement tests/data/ffhq-deblur/0.safetensors --steps 1000 --seed 3 --precision bf16 \
+        --output /tmp/restore1000.png --report "$W/restore1000.json" --device cuda
+    note "restore: 1000 DPS steps, bf16 (exit $?): $(grep -E 'image\(s\) in|rror' "$W/restore1000.txt" | tail -n 1)"
+    for m in dps pigdm; do
+        for d in cuda cpu; do
+            run 150 "traj_${m}_$d.txt" "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method $m \
+                --measurement tests/data/ffhq-deblur/0.safetensors --steps 10 --seed 3 \
+                --output "/tmp/traj_${m}_$d.safetensors" --device $d
+        done
+        run 60 "traj_$m.txt" "$BIN" compare "/tmp/traj_${m}_cuda.safetensors" "/tmp/traj_${m}_cpu.safetensors" --tolerance 1e-4
+        note "trajectory $m GPU vs CPU (exit $?): $(grep -v '^\$' "$W/traj_$m.txt" | head -n 2 | tr '\n' ';')"
     done
-    run 60 "traj_$m.txt" "$BIN" compare "/tmp/traj_${m}_cuda.safetensors" "/tmp/traj_${m}_cpu.safetensors" --tolerance 1e-4
-    note "trajectory $m GPU vs CPU (exit $?): $(grep -v '^\$' "$W/traj_$m.txt" | head -n 2 | tr '\n' ';')"
-done
+fi
 
 note "done in ${SECONDS} s"
 sync_out
