@@ -55,6 +55,9 @@ pub struct DeviceInfo {
     pub total_memory: usize,
     /// Number of streaming multiprocessors.
     pub multiprocessors: u32,
+    /// Most shared memory one block may ask for, in bytes (227 KB on Hopper, 99 KB on
+    /// sm_86/89): kernels that need more are not loaded.
+    pub max_block_smem: u32,
 }
 
 /// What the machine offers the CUDA backend.
@@ -155,6 +158,7 @@ fn device_info(ordinal: usize) -> std::result::Result<DeviceInfo, result::Driver
         // SAFETY: as above.
         total_memory: unsafe { result::device::total_mem(dev)? },
         multiprocessors: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+        max_block_smem: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32,
     })
 }
 

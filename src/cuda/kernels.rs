@@ -975,8 +975,9 @@ pub(crate) struct Kernels {
     gemm_batched_tf32: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
-    /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed.
-    attention_flash: [CudaFunction; 3],
+    /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
+    /// on devices that give a block that much ([`FLASH_SMEM`]) only.
+    attention_flash: Option<[CudaFunction; 3]>,
     linear_rows: CudaFunction,
     linear_batch: CudaFunction,
     gn_partial: CudaFunction,
@@ -1302,18 +1303,23 @@ impl Kernels {
             gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
-            attention_flash: {
-                let names = [
-                    "attention_flash_forward",
-                    "attention_flash_backward_dq",
-                    "attention_flash_backward_dkv",
-                ];
-                let mut fs = Vec::new();
-                for (name, bytes) in names.into_iter().zip(FLASH_SMEM) {
-                    fs.push(allow_smem(ctx, get("attention", name)?, bytes)?);
+            attention_flash: match FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
+                true => {
+                    let names = [
+                        "attention_flash_forward",
+                        "attention_flash_backward_dq",
+                        "attention_flash_backward_dkv",
+                    ];
+                    let mut fs = Vec::new();
+                    for (name, bytes) in names.into_iter().zip(FLASH_SMEM) {
+                        fs.push(allow_smem(ctx, get("attention", name)?, bytes)?);
+                    }
+                    Some(
+                        fs.try_into()
+                            .map_err(|_| Error::Cuda("internal: fused attention kernels".into()))?,
+                    )
                 }
-                fs.try_into()
-                    .map_err(|_| Error::Cuda("internal: fused attention kernels".into()))?
+                false => None,
             },
             linear_rows: get("linear", "linear_rows")?,
             linear_batch: get("linear", "linear_batch")?,
@@ -1360,6 +1366,11 @@ impl Kernels {
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).
     pub fn has_wgmma(&self) -> bool {
         self.conv_wgmma.is_some()
+    }
+
+    /// Whether this device runs the fused attention kernels (enough shared memory a block).
+    pub fn has_flash(&self) -> bool {
+        self.attention_flash.is_some()
     }
 
     /// Blocks for a grid-stride loop over `items` work items of `per_block` each.
@@ -1824,6 +1835,13 @@ impl Kernels {
                  not {head_dim}"
             )));
         }
+        let Some(flash) = &self.attention_flash else {
+            return Err(Error::Cuda(format!(
+                "internal: fused attention planned on a device that gives a block less than \
+                 {} bytes of shared memory",
+                FLASH_SMEM[2]
+            )));
+        };
         need(qkv, "q/k/v")?;
         need(lse, "attention log-sum-exp")?;
         need(y, "attention output")?;
@@ -1867,7 +1885,7 @@ impl Kernels {
             }
         };
         for &i in kernels {
-            let mut b = self.launch(st, &self.attention_flash[i]);
+            let mut b = self.launch(st, &flash[i]);
             b.arg(&args);
             let mut launch = cfg(grid, (128, 1, 1));
             launch.shared_mem_bytes = FLASH_SMEM[i];

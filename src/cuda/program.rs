@@ -125,9 +125,9 @@ impl Default for KernelConfig {
 }
 
 impl KernelConfig {
-    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), wgmma only where the
-    /// device has it (`wgmma_here`).
-    pub fn from_switches(wgmma_here: bool) -> Self {
+    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), wgmma and fused
+    /// attention only where the device runs them (`wgmma_here`, `flash_here`).
+    pub fn from_switches(wgmma_here: bool, flash_here: bool) -> Self {
         let on = |name| switches::is(name, "1");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
@@ -139,7 +139,7 @@ impl KernelConfig {
             alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
             row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
             attention_tf32: on("INVDIFF_ATTN_TF32"),
-            attention_flash: on("INVDIFF_ATTN_FLASH"),
+            attention_flash: flash_here && on("INVDIFF_ATTN_FLASH"),
             tall_tiles: on("INVDIFF_WGMMA_TALL"),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
             // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.

@@ -1709,7 +1709,7 @@ impl Tester<'_> {
                 (AttnKernel::Products, "", (TOLERANCE, TOLERANCE)),
                 (AttnKernel::Tf32Products, ", tf32 products", tf32_limits),
             ];
-            if flash_fits(head_dim) {
+            if flash_fits(head_dim) && gpu.kernels.has_flash() {
                 kernels.push((AttnKernel::Flash, ", fused", tf32_limits));
             }
             for (kernel, mode, limits) in kernels {
