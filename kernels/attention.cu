@@ -1,5 +1,7 @@
-// Row softmax of the attention scores and its backward, in place, one warp per row.
+// Attention, two ways: the row softmax that the batched products of gemm.cu surround (the
+// default, with P materialised), and below it the fused kernels (INVDIFF_ATTN_FLASH=1).
 //
+// Row softmax of the attention scores and its backward, in place, one warp per row.
 // The scores S = q kᵀ come from gemm_batched; these kernels apply the 1/√d scale exactly where
 // the CPU does (inside the softmax, before the maximum), then P = exp(s - max) / sum. The
 // probabilities stay materialised, [n, heads, L, L], as on the CPU: at the UNet's attention
