@@ -4,7 +4,9 @@
 # barriers. It also checks the cp.async protocol: a copy is pending from its issue until the
 # wait that retires its group; reading a pending element, reading an element nothing wrote, or
 # copying onto an element read since the last barrier fails an assertion.
-# Run: python3 scripts/emulate_flash.py (numpy; ~10 s). Keep it in step with the kernels.
+# Run: python3 scripts/emulate_flash.py (numpy; ~15 s). Keep it in step with the kernels. It has
+# caught what it is for: a wrong relabelling of the A fragment (an error of order 1) and the next
+# chunk's panel issued one step early (a read of a pending copy, at L = 200: four chunks).
 import numpy as np, itertools
 ROWS=CHUNK=64; DK=32; DC=64; THREADS=128; SP=DK+4; CP=DC+4; SLICE=ROWS*SP; PANEL=CHUNK*CP
 
@@ -71,6 +73,23 @@ def fa_c_product(sm, acc, p, b):
             mma(tmp, af, b0, b1)
 def zeros(): return [[[0.0]*4 for _ in range(8)] for _ in range(32)]
 
+def mainloop(sm, steps, slices, issue, pairs, end_of_chunk):
+    """fa_mainloop: pairs = [(a, b)] slice buffers; per warp w, acc[w][i] += A_i B_iᵀ; at a
+    chunk's last slice end_of_chunk(chunk, w, acc[w]). The caller has issued step 0."""
+    acc=[[None]*len(pairs) for _ in range(4)]
+    for s in range(steps):
+        chunk,sl=divmod(s,slices)
+        sm.begin()
+        if s+1<steps: issue(s+1)
+        else: sm.commit()
+        sm.wait(1); sm.sync()
+        for w in range(4):
+            for i,(a,b) in enumerate(pairs):
+                if sl==0: acc[w][i]=zeros()
+                fa_slice(sm, acc[w][i], a+(s&1)*SLICE, b+(s&1)*SLICE, w*16)
+            if sl==slices-1: end_of_chunk(chunk, w, acc[w])
+        sm.sync()
+
 def forward(qkv, n, L, H, d, scale):
     inner=H*d; y=np.full((n,L,inner),np.nan); lse=np.full((n*H,L),np.nan)
     for bx,by,bz in itertools.product(range((L+63)//64), range(d//DC), range(n*H)):
@@ -84,41 +103,31 @@ def forward(qkv, n, L, H, d, scale):
             if sl==1 and kc+1<chunks: fa_load(sm, vs+((kc+1)&1)*PANEL, V, (kc+1)*CHUNK, L, c0, DC)
             sm.commit()
         sm.begin(); fa_load(sm, vs, V, 0, L, c0, DC); issue(0)
-        W=[{} for _ in range(4)]  # per warp: per lane [m_run[2], l_run[2]]
-        o=[zeros() for _ in range(4)]; sacc=[None]*4
-        for s in range(steps):
-            kc,sl=divmod(s,slices)
-            sm.begin()
-            if s+1<steps: issue(s+1)
-            else: sm.commit()
-            sm.wait(1); sm.sync()
-            for w in range(4):
-                if sl==0: sacc[w]=zeros()
-                fa_slice(sm, sacc[w], qs+(s&1)*SLICE, ks+(s&1)*SLICE, w*16)
-                if sl==slices-1:
-                    if 'ml' not in W[w]: W[w]['ml']=[[[-np.inf]*2,[0.0]*2] for _ in range(32)]
-                    ml=W[w]['ml']; sa=sacc[w]
-                    mx=[[ml[l][0][0],ml[l][0][1]] for l in range(32)]
-                    for l in range(32):
-                        g,q=l>>2,l&3
-                        for t in range(8):
-                            for e in range(4):
-                                key=kc*CHUNK+8*t+2*q+(e&1)
-                                v=sa[l][t][e]*scale if key<L else -np.inf
-                                sa[l][t][e]=v; mx[l][e>>1]=max(mx[l][e>>1],v)
-                    qm=[[max(mx[(l&~3)+i][r] for i in range(4)) for r in range(2)] for l in range(32)]
-                    for l in range(32):
-                        for r in range(2):
-                            corr=np.exp(ml[l][0][r]-qm[l][r]); ml[l][0][r]=qm[l][r]; ml[l][1][r]*=corr
-                            for t in range(8):
-                                o[w][l][t][2*r]*=corr; o[w][l][t][2*r+1]*=corr
-                        for t in range(8):
-                            for e in range(4):
-                                p=np.exp(sa[l][t][e]-qm[l][e>>1]); sa[l][t][e]=p; ml[l][1][e>>1]+=p
-                    fa_c_product(sm, o[w], sa, vs+(kc&1)*PANEL)
-            sm.sync()
+        W=[[[[-np.inf]*2,[0.0]*2] for _ in range(32)] for _ in range(4)]  # per warp, lane: m_run, l_run
+        o=[zeros() for _ in range(4)]
+        def end_of_chunk(kc, w, acc):
+            ml=W[w]; sa=acc[0]
+            mx=[[ml[l][0][0],ml[l][0][1]] for l in range(32)]
+            for l in range(32):
+                g,q=l>>2,l&3
+                for t in range(8):
+                    for e in range(4):
+                        key=kc*CHUNK+8*t+2*q+(e&1)
+                        v=sa[l][t][e]*scale if key<L else -np.inf
+                        sa[l][t][e]=v; mx[l][e>>1]=max(mx[l][e>>1],v)
+            qm=[[max(mx[(l&~3)+i][r] for i in range(4)) for r in range(2)] for l in range(32)]
+            for l in range(32):
+                for r in range(2):
+                    corr=np.exp(ml[l][0][r]-qm[l][r]); ml[l][0][r]=qm[l][r]; ml[l][1][r]*=corr
+                    for t in range(8):
+                        o[w][l][t][2*r]*=corr; o[w][l][t][2*r+1]*=corr
+                for t in range(8):
+                    for e in range(4):
+                        p=np.exp(sa[l][t][e]-qm[l][e>>1]); sa[l][t][e]=p; ml[l][1][e>>1]+=p
+            fa_c_product(sm, o[w], sa, vs+(kc&1)*PANEL)
+        mainloop(sm, steps, slices, issue, [(qs, ks)], end_of_chunk)
         for w in range(4):
-            ml=W[w]['ml']
+            ml=W[w]
             for l in range(32):
                 g,q=l>>2,l&3
                 for r in range(2):
@@ -154,29 +163,20 @@ def backward(qkv, y, dout, lse, n, L, H, d, scale, g0, accumulate):
             sm.m[ds_s+r]=acc
             if by==0 and row<L: dsum[bz,row]=acc
         sm.sync()
-        dq=[zeros() for _ in range(4)]; S=[None]*4; DP=[None]*4
-        for s in range(steps):
-            kc,sl=divmod(s,slices)
-            sm.begin()
-            if s+1<steps: issue(s+1)
-            else: sm.commit()
-            sm.wait(1); sm.sync()
-            for w in range(4):
-                if sl==0: S[w]=zeros(); DP[w]=zeros()
-                fa_slice(sm, S[w], qs+(s&1)*SLICE, ks+(s&1)*SLICE, w*16)
-                fa_slice(sm, DP[w], dos+(s&1)*SLICE, vs+(s&1)*SLICE, w*16)
-                if sl==slices-1:
-                    for l in range(32):
-                        g,q=l>>2,l&3
-                        for t in range(8):
-                            for e in range(4):
-                                r=e>>1; row=r0+w*16+g+8*r
-                                ls=lse[bz,row] if row<L else 0.0; D=sm.rd(ds_s+w*16+g+8*r)
-                                key=kc*CHUNK+8*t+2*q+(e&1)
-                                p=np.exp(S[w][l][t][e]*scale-ls) if key<L else 0.0
-                                S[w][l][t][e]=p*(DP[w][l][t][e]-D)*scale
-                    fa_c_product(sm, dq[w], S[w], kp+(kc&1)*PANEL)
-            sm.sync()
+        dq=[zeros() for _ in range(4)]
+        def end_of_chunk(kc, w, acc):
+            S,DP=acc
+            for l in range(32):
+                g,q=l>>2,l&3
+                for t in range(8):
+                    for e in range(4):
+                        r=e>>1; row=r0+w*16+g+8*r
+                        ls=lse[bz,row] if row<L else 0.0; D=sm.rd(ds_s+w*16+g+8*r)
+                        key=kc*CHUNK+8*t+2*q+(e&1)
+                        p=np.exp(S[l][t][e]*scale-ls) if key<L else 0.0
+                        S[l][t][e]=p*(DP[l][t][e]-D)*scale
+            fa_c_product(sm, dq[w], S, kp+(kc&1)*PANEL)
+        mainloop(sm, steps, slices, issue, [(qs, ks), (dos, vs)], end_of_chunk)
         for w in range(4):
             for l in range(32):
                 g,q=l>>2,l&3
@@ -208,30 +208,20 @@ def backward(qkv, y, dout, lse, n, L, H, d, scale, g0, accumulate):
             if sl==1 and qc+1<chunks: panels(qc+1)
             sm.commit()
         sm.begin(); panels(0); issue(0)
-        dk=[zeros() for _ in range(4)]; dv=[zeros() for _ in range(4)]; ST=[None]*4; DPT=[None]*4
-        for s in range(steps):
-            qc,sl=divmod(s,slices)
-            sm.begin()
-            if s+1<steps: issue(s+1)
-            else: sm.commit()
-            sm.wait(1); sm.sync()
-            for w in range(4):
-                if sl==0: ST[w]=zeros(); DPT[w]=zeros()
-                fa_slice(sm, ST[w], ks+(s&1)*SLICE, qs+(s&1)*SLICE, w*16)
-                fa_slice(sm, DPT[w], vs+(s&1)*SLICE, dos+(s&1)*SLICE, w*16)
-                if sl==slices-1:
-                    b=qc&1
-                    for l in range(32):
-                        g,q=l>>2,l&3
-                        for t in range(8):
-                            for e in range(4):
-                                c=8*t+2*q+(e&1)
-                                p=np.exp(ST[w][l][t][e]*scale-sm.rd(lse_s+b*CHUNK+c)) if qc*CHUNK+c<L else 0.0
-                                ST[w][l][t][e]=p
-                                DPT[w][l][t][e]=p*(DPT[w][l][t][e]-sm.rd(dsum_s+b*CHUNK+c))*scale
-                    fa_c_product(sm, dv[w], ST[w], dop+b*PANEL)
-                    fa_c_product(sm, dk[w], DPT[w], qp+b*PANEL)
-            sm.sync()
+        dk=[zeros() for _ in range(4)]; dv=[zeros() for _ in range(4)]
+        def end_of_chunk(qc, w, acc):
+            ST,DPT=acc; b=qc&1
+            for l in range(32):
+                g,q=l>>2,l&3
+                for t in range(8):
+                    for e in range(4):
+                        c=8*t+2*q+(e&1)
+                        p=np.exp(ST[l][t][e]*scale-sm.rd(lse_s+b*CHUNK+c)) if qc*CHUNK+c<L else 0.0
+                        ST[l][t][e]=p
+                        DPT[l][t][e]=p*(DPT[l][t][e]-sm.rd(dsum_s+b*CHUNK+c))*scale
+            fa_c_product(sm, dv[w], ST, dop+b*PANEL)
+            fa_c_product(sm, dk[w], DPT, qp+b*PANEL)
+        mainloop(sm, steps, slices, issue, [(ks, qs), (vs, dos)], end_of_chunk)
         for w in range(4):
             for l in range(32):
                 g,q=l>>2,l&3
@@ -258,7 +248,7 @@ def reference(qkv, dout, n, L, H, d, scale, g0, accumulate):
     return y, (g0+dq if accumulate else dq)
 
 rng=np.random.default_rng(0)
-for n,L,H,d,acc in [(1,100,1,64,False),(1,64,2,64,True),(2,70,1,128,False)]:
+for n,L,H,d,acc in [(1,100,1,64,False),(1,64,2,64,True),(2,70,1,128,False),(1,200,1,64,True)]:
     inner=H*d; qkv=rng.uniform(-1.5,1.5,(n,L,3*inner)); dout=rng.uniform(-1,1,(n,L,inner)); g0=rng.uniform(-1,1,qkv.shape)
     scale=1/np.sqrt(d)
     y_ref, g_ref = reference(qkv, dout, n, L, H, d, scale, g0, acc)
