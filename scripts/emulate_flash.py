@@ -4,9 +4,10 @@
 # barriers. It also checks the cp.async protocol: a copy is pending from its issue until the
 # wait that retires its group; reading a pending element, reading an element nothing wrote, or
 # copying onto an element read since the last barrier fails an assertion.
-# Run: python3 scripts/emulate_flash.py (numpy; ~15 s). Keep it in step with the kernels. It has
-# caught what it is for: a wrong relabelling of the A fragment (an error of order 1) and the next
-# chunk's panel issued one step early (a read of a pending copy, at L = 200: four chunks).
+# Run: python3 scripts/emulate_flash.py (numpy; ~15 s). Keep it in step with the kernels.
+# Deliberate mutations fail it as they should: a wrong relabelling of the A fragment (an error of
+# order 1), and the next chunk's panel issued one step early (a read of a pending copy; it needs
+# the four chunks of L = 200).
 import numpy as np, itertools
 ROWS=CHUNK=64; DK=32; DC=64; THREADS=128; SP=DK+4; CP=DC+4; SLICE=ROWS*SP; PANEL=CHUNK*CP
 
