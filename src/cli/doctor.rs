@@ -27,13 +27,15 @@ pub fn run() -> Result<()> {
     }
     for d in &p.devices {
         println!(
-            "GPU {}: {} (compute capability {}.{}, {} multiprocessors, {:.1} GiB)",
+            "GPU {}: {} (compute capability {}.{}, {} multiprocessors, {:.1} GiB, {} KB of \
+             shared memory a block)",
             d.ordinal,
             d.name,
             d.compute_capability.0,
             d.compute_capability.1,
             d.multiprocessors,
-            d.total_memory as f64 / (1u64 << 30) as f64
+            d.total_memory as f64 / (1u64 << 30) as f64,
+            d.max_block_smem / 1024
         );
     }
     if let Some(e) = &p.error {
