@@ -42,6 +42,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs small GroupNorms in one launch",
     ),
     switch(
+        "INVDIFF_GN_CLUSTER",
+        "GPU candidate: `1` runs mid-size GroupNorms in one launch of block clusters (Hopper)",
+    ),
+    switch(
         "INVDIFF_HALF_CONCAT",
         "GPU candidate: `1` gives concatenations a 16-bit copy",
     ),

@@ -239,10 +239,16 @@ impl Step {
                     Some(_) => 1,
                     None => 1 + usize::from(output) + usize::from(!split.from_producer),
                 };
+                let layout = match split.one_pass {
+                    Some(shape) if shape.blocks > 1 => {
+                        format!("one pass, clusters of {}", shape.blocks)
+                    }
+                    Some(_) => "one pass".to_string(),
+                    None => format!("{} chunks", split.chunks),
+                };
                 StepInfo {
                     variant: format!(
-                        "{} chunks{}{}",
-                        split.chunks,
+                        "{layout}{}{}",
                         if split.from_producer {
                             " from the producer"
                         } else {

@@ -16,8 +16,8 @@
 
 use super::kernels::{
     flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six,
-    ConvKernel, ConvLaunch, ConvShape, NormInput, NormSplit, WgmmaTile, LINEAR_BATCH_MAX,
-    LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    ConvKernel, ConvLaunch, ConvShape, NormInput, NormSplit, WgmmaTile, GN_CLUSTER_MAX,
+    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
 use super::unet::AttnKernel;
@@ -36,9 +36,13 @@ pub(crate) struct KernelConfig {
     /// device has it, compute capability 9.0).
     pub wgmma: bool,
     /// GroupNorms whose groups are small enough
-    /// ([`one_pass_threads`](super::kernels::one_pass_threads)) in one launch (`gn_one_pass`,
+    /// ([`one_pass_shape`](super::kernels::one_pass_shape)) in one launch (`gn_one_pass`,
     /// `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
+    /// With `gn_one_pass`: groups up to eight times larger (the 64x64 and 128x128 levels) in one
+    /// launch too, as clusters of 2-8 blocks a group ([`GN_CLUSTER_MAX`]; compute capability
+    /// 9.0 only).
+    pub gn_clusters: bool,
     /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
     /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the
     /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values; the copy is
@@ -107,6 +111,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
+            gn_clusters: false,
             half_concat: false,
             cluster_split_k: false,
             half_copy: false,
@@ -126,13 +131,16 @@ impl Default for KernelConfig {
 
 impl KernelConfig {
     /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), wgmma and fused
-    /// attention only where the device runs them (`wgmma_here`, `flash_here`).
+    /// attention only where the device runs them (`wgmma_here`, `flash_here`), clusters only
+    /// where wgmma runs (compute capability 9.0).
     pub fn from_switches(wgmma_here: bool, flash_here: bool) -> Self {
         let on = |name| switches::is(name, "1");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
             wgmma: wgmma_here && !switches::is("INVDIFF_WGMMA", "0"),
-            gn_one_pass: on("INVDIFF_GN_ONE_PASS"),
+            // Clustered GroupNorms extend the one-pass ones, so they bring them along.
+            gn_one_pass: on("INVDIFF_GN_ONE_PASS") || (wgmma_here && on("INVDIFF_GN_CLUSTER")),
+            gn_clusters: wgmma_here && on("INVDIFF_GN_CLUSTER"),
             half_concat: on("INVDIFF_HALF_CONCAT"),
             cluster_split_k: on("INVDIFF_CLUSTER_SPLITK"),
             half_copy: on("INVDIFF_HALF_COPY"),
@@ -159,6 +167,7 @@ impl KernelConfig {
             (!self.deep, "two-stage pipelines"),
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
+            (self.gn_clusters, "clustered one-pass GroupNorm"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.cluster_split_k, "cluster split-K"),
             (self.half_copy, "16-bit input copies"),
@@ -953,7 +962,12 @@ impl Lowering<'_> {
         } else {
             self.n
         };
-        plan_norm(n, hw, c, groups, self.sms, self.choice.gn_one_pass)
+        let one_pass_blocks = match (self.choice.gn_one_pass, self.choice.gn_clusters) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => GN_CLUSTER_MAX,
+        };
+        plan_norm(n, hw, c, groups, self.sms, one_pass_blocks)
     }
 
     fn buf(&mut self, len: usize, what: &str) -> Buf {
@@ -2165,10 +2179,11 @@ mod tests {
         }
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         for precision in [Precision::Fp32, Precision::Bf16] {
-            for gn_one_pass in [false, true] {
+            for (gn_one_pass, gn_clusters) in [(false, false), (true, false), (true, true)] {
                 let choice = |batch_invariant| KernelConfig {
                     wgmma: true,
                     gn_one_pass,
+                    gn_clusters,
                     batch_invariant,
                     ..KernelConfig::default()
                 };
@@ -2747,10 +2762,11 @@ mod tests {
     #[test]
     fn every_choice_has_a_name() {
         assert!(KernelConfig::default().describe().is_empty());
-        let flags: [fn(&mut KernelConfig); 16] = [
+        let flags: [fn(&mut KernelConfig); 17] = [
             |c| c.deep = false,
             |c| c.wgmma = true,
             |c| c.gn_one_pass = true,
+            |c| c.gn_clusters = true,
             |c| c.half_concat = true,
             |c| c.cluster_split_k = true,
             |c| c.half_copy = true,

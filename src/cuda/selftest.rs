@@ -14,7 +14,7 @@ use super::device::{cu, Gpu};
 use super::kernels::{
     at, flash_fits, gn_partial_fits, linear_batch_table, on_tile, plan_conv, plan_conv_at,
     plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims,
-    NormInput, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    NormInput, OnePass, ProbeCounters, WgmmaTile, GN_CLUSTER_MAX, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, AttnKernel, CudaUnet};
@@ -971,7 +971,7 @@ impl Tester<'_> {
         };
         let (c, groups) = (shape.sc, 32);
         let hw = shape.sh * shape.sw;
-        let split = plan_norm(shape.n, hw, c, groups, gpu.sms(), false);
+        let split = plan_norm(shape.n, hw, c, groups, gpu.sms(), 0);
         let nd = NormDims {
             n: shape.n,
             hw,
@@ -1440,6 +1440,9 @@ impl Tester<'_> {
             (2, 64, 64, 128, 32, true, true),
             (1, 5, 3, 3, 1, false, false),
             (1, 32, 32, 256, 32, true, true),
+            // Clusters of 4 (an odd group width, rows that do not fill the last block) and 8.
+            (1, 100, 100, 96, 32, false, true),
+            (1, 128, 128, 128, 32, true, false),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };
@@ -1450,10 +1453,21 @@ impl Tester<'_> {
             let eps = 1e-6;
             let mut want = vec![0.0; x.len()];
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
-            // Both forms where the groups are small enough for one pass.
-            for one_pass in [false, true] {
-                let split = plan_norm(n, hw, c, groups, gpu.sms(), one_pass);
-                if one_pass && split.one_pass.is_none() {
+            // Three launches; one pass where the groups are small enough, in one block a
+            // group, then in a cluster of several (Hopper) where one block is not enough.
+            let clusters = if gpu.kernels.has_wgmma() {
+                GN_CLUSTER_MAX
+            } else {
+                1
+            };
+            for one_pass_blocks in [0, 1, clusters] {
+                let split = plan_norm(n, hw, c, groups, gpu.sms(), one_pass_blocks);
+                let same_as_before = match (one_pass_blocks, split.one_pass) {
+                    (0, _) => false,
+                    (_, None) => true,
+                    (b, Some(shape)) => b > 1 && shape.blocks == 1,
+                };
+                if same_as_before {
                     continue;
                 }
                 let nd = NormDims {
@@ -1487,7 +1501,9 @@ impl Tester<'_> {
                 let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
                 let got = yd.download(st)?;
                 let desc = match split.one_pass {
-                    Some(t) => format!("n{n} {h}x{w} c{c} g{groups} (one pass, {t} threads)"),
+                    Some(OnePass { threads, blocks }) => format!(
+                        "n{n} {h}x{w} c{c} g{groups} (one pass, {blocks} x {threads} threads)"
+                    ),
                     None => format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks),
                 };
                 let s = if silu { "+silu" } else { "" };

@@ -300,6 +300,7 @@ mod tests {
         let every = KernelConfig {
             wgmma: true,
             gn_one_pass: true,
+            gn_clusters: true,
             half_concat: true,
             cluster_split_k: true,
             half_copy: true,
