@@ -2048,6 +2048,91 @@ mod tests {
         (val[p.output.0], p.grad_input.map(|g| val[g.0]))
     }
 
+    /// Over every combination of the passes that move work between steps (one-pass GroupNorms,
+    /// 16-bit copies, aliased gradients, GroupNorms applied in halo loads or summed in halo
+    /// epilogues, tall tiles), with wgmma, halo tiles, 16-bit concatenations and fused
+    /// attention on: a step reads and writes one buffer only where it adds onto it element by
+    /// element; a convolution that applies a GroupNorm reads that GroupNorm's input and affine
+    /// with nothing written to either in between; a convolution that writes a GroupNorm's
+    /// partial sums is the last writer of that GroupNorm's input, unsplit, on a halo tile.
+    #[test]
+    fn fused_steps_keep_their_contracts() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let (mut applied, mut summed) = (0, 0);
+        for (n, size) in [(1, 256), (2, 64)] {
+            for bits in 0..64u32 {
+                let tc = KernelConfig {
+                    wgmma: true,
+                    halo_tiles: true,
+                    half_concat: true,
+                    attention_flash: true,
+                    gn_one_pass: bits & 1 != 0,
+                    half_copy: bits & 2 != 0,
+                    alias_residual_grads: bits & 4 != 0,
+                    halo_norm: bits & 8 != 0,
+                    halo_stats: bits & 16 != 0,
+                    tall_tiles: bits & 32 != 0,
+                    ..KernelConfig::default()
+                };
+                let p =
+                    Program::build_with(&g, n, size, size, true, 132, Precision::Bf16, tc).unwrap();
+                let written_between = |from: usize, to: usize, b: Buf| {
+                    p.steps[from + 1..to].iter().any(|s| s.io().1.contains(&b))
+                };
+                for (i, s) in p.steps.iter().enumerate() {
+                    let (reads, writes) = s.io();
+                    for b in writes.iter().filter(|b| reads.contains(b)) {
+                        let adds_onto = match *s {
+                            Step::Conv(ref c) => c.accumulate && c.y == *b && c.x != *b,
+                            Step::GroupNormBackward { dx, accumulate, .. }
+                            | Step::UpsampleBackward { dx, accumulate, .. } => {
+                                accumulate && dx == *b
+                            }
+                            Step::AddInto {
+                                dst, accumulate, ..
+                            } => accumulate && dst == *b,
+                            Step::ConcatBackward { d, accumulate, .. } => accumulate && d == *b,
+                            Step::AttentionBackward {
+                                dqkv, accumulate, ..
+                            } => accumulate && dqkv == *b,
+                            Step::Divide { .. } => true,
+                            _ => false,
+                        };
+                        assert!(adds_onto, "step {i} reads and writes {b:?}: {s:?} ({tc:?})");
+                    }
+                    let Step::Conv(c) = s else { continue };
+                    if let Some(affine) = c.norm {
+                        applied += 1;
+                        let j = p.steps[..i]
+                            .iter()
+                            .rposition(
+                                |t| matches!(t, Step::GroupNorm { affine: a, .. } if *a == affine),
+                            )
+                            .expect("the GroupNorm a convolution applies runs before it");
+                        let Step::GroupNorm { x, .. } = p.steps[j] else {
+                            unreachable!()
+                        };
+                        assert_eq!(x, c.x);
+                        assert!(!written_between(j, i, x) && !written_between(j, i, affine));
+                    }
+                    if let Some(partial) = c.gn_partial {
+                        summed += 1;
+                        let j = i + p.steps[i..]
+                            .iter()
+                            .position(|t| matches!(t, Step::GroupNorm { partial: q, .. } if *q == partial))
+                            .expect("a GroupNorm reads the sums a convolution writes");
+                        let Step::GroupNorm { x, split, .. } = p.steps[j] else {
+                            unreachable!()
+                        };
+                        assert!(x == c.y && split.from_producer && !written_between(i, j, x));
+                        assert!(c.launch.splits == 1 && c.launch.tile.is_halo());
+                    }
+                }
+            }
+        }
+        assert!(applied > 0 && summed > 0, "{applied} {summed}");
+    }
+
     /// Reads only ever see values some earlier step (or the host) wrote, in both modes.
     #[test]
     fn every_buffer_is_written_before_it_is_read() {
