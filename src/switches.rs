@@ -95,7 +95,7 @@ pub const SWITCHES: &[Switch] = &[
     ),
     switch(
         "INVDIFF_CLUSTER_SPLITK",
-        "GPU candidate: `1` reduces split K in a cluster",
+        "GPU candidate: `1` reduces split K in a cluster; `plan` also splits for clusters",
     ),
     switch(
         "INVDIFF_PDL",

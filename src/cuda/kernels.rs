@@ -646,6 +646,30 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
     Some(l)
 }
 
+/// The wgmma launch of `s` with K split for a cluster's reduction: at most
+/// [`MAX_CLUSTER_SPLITS`] splits, chosen by the tensor-core cost with [`CLUSTER_SPLIT_SLICES`]
+/// for the partial sums. `None` where the wgmma kernel does not take `s`.
+pub(crate) fn plan_wgmma_clustered(
+    s: &ConvShape,
+    sms: usize,
+    precision: Precision,
+) -> Option<ConvLaunch> {
+    let mut l = plan_wgmma(s, sms, precision)?;
+    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
+    let ktiles = s.k().div_ceil(WGMMA_SLICE).max(1);
+    let splits = tc_splits(
+        tiles,
+        ktiles,
+        2 * sms.max(1),
+        MAX_CLUSTER_SPLITS,
+        CLUSTER_SPLIT_SLICES,
+    );
+    let per = ktiles.div_ceil(splits) * WGMMA_SLICE;
+    l.splits = s.k().div_ceil(per).max(1);
+    l.k_per_split = per;
+    Some(l)
+}
+
 /// The six-stage wgmma launch of `s` ([`WgmmaTile::SixStages`]): K split for one block per
 /// multiprocessor. `None` where the wgmma kernel does not take `s`, or where even so split the
 /// launch would have more blocks than multiprocessors.
@@ -762,7 +786,7 @@ fn split_k_on(s: &ConvShape, kernel: ConvKernel, bk: usize, slots: usize) -> Con
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
     let splits = match kernel {
-        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots),
+        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
         _ => simt_splits(tiles, ktiles, slots),
     };
     let per = ktiles.div_ceil(splits) * bk;
@@ -784,6 +808,14 @@ fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
     best.0
 }
 
+/// What a block's partial sums cost when K is split, in K slices (fitted, below): the workspace
+/// round trip and the reduction launch.
+const SPLIT_SLICES: f64 = 8.0;
+/// The same for splits that reduce in a thread-block cluster (distributed shared memory, no
+/// workspace, no reduction launch). A guess, not a fit: `INVDIFF_CLUSTER_SPLITK=plan` is timed
+/// on a GPU beside `=1` to tell.
+const CLUSTER_SPLIT_SLICES: f64 = 2.0;
+
 /// The tensor-core kernels: a cost in K slices, fitted to every launch of the celebahq network
 /// timed under every split on an H200 (`kernels_cuda --sweep`, batch 1 and 8, 2026-11-26): each
 /// wave of blocks costs its slices plus about 4 more (prologue, pipeline fill, epilogue), and
@@ -791,18 +823,26 @@ fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
 /// and the reduction). Against the former rule (the SIMT one) it took the tensor-core launches
 /// of a batch-1 forward + VJP from 9.89 to 9.37 ms and left batch 8 unchanged (23.90 / 23.87 ms):
 /// the small low-resolution launches were latency-bound and wanted more, shorter splits.
-fn tc_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
+///
+/// `max_splits` and `split_slices` (the cost of a block's partial sums, [`SPLIT_SLICES`] through
+/// a workspace) are parameters for [`plan_wgmma_clustered`].
+fn tc_splits(
+    tiles: usize,
+    ktiles: usize,
+    slots: usize,
+    max_splits: usize,
+    split_slices: f64,
+) -> usize {
     const WAVE_SLICES: f64 = 4.0;
-    const SPLIT_SLICES: f64 = 8.0;
     let mut best = (1usize, f64::INFINITY);
-    for want in 1..=ktiles.min(64) {
+    for want in 1..=ktiles.min(max_splits) {
         // The split a per-split length of ceil(ktiles / want) slices really gives.
         let per = ktiles.div_ceil(want);
         let splits = ktiles.div_ceil(per);
         let waves = (tiles * splits).div_ceil(slots) as f64;
         let mut cost = waves * (per as f64 + WAVE_SLICES);
         if splits > 1 {
-            cost += SPLIT_SLICES * (splits * tiles) as f64 / slots as f64;
+            cost += split_slices * (splits * tiles) as f64 / slots as f64;
         }
         if cost < best.1 {
             best = (splits, cost);

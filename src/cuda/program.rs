@@ -15,9 +15,9 @@
 //! [`Program::lifetimes`] reads off the list.
 
 use super::kernels::{
-    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma, plan_wgmma_six,
-    ConvKernel, ConvLaunch, ConvShape, NormInput, NormSplit, WgmmaTile, GN_CLUSTER_MAX,
-    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma,
+    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, NormInput, NormSplit,
+    WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
 use super::unet::AttnKernel;
@@ -51,6 +51,10 @@ pub(crate) struct KernelConfig {
     /// wgmma launches split 2 to 8 ways reduce within a thread-block cluster
     /// ([`ConvLaunch::cluster`]): one launch and no workspace, the same sums.
     pub cluster_split_k: bool,
+    /// With `cluster_split_k`: plain-tile wgmma launches are split for clusters
+    /// ([`plan_wgmma_clustered`]: at most 8 ways, a cheaper reduction in the cost), so that
+    /// the ones planned more than 8 ways (batch 1's 32x32 to 8x8 levels) reduce in clusters too.
+    pub cluster_plan: bool,
     /// In bf16/fp16 with `deep`: a tensor-core launch whose main input is stored in fp32 and
     /// holds at least [`HALF_COPY_MIN`] values (the stride-2 downsampling convolutions, the
     /// input gradients of the convolutions that end a residual block) first converts it to
@@ -114,6 +118,7 @@ impl Default for KernelConfig {
             gn_clusters: false,
             half_concat: false,
             cluster_split_k: false,
+            cluster_plan: false,
             half_copy: false,
             alias_residual_grads: false,
             row_epilogue: false,
@@ -142,7 +147,9 @@ impl KernelConfig {
             gn_one_pass: on("INVDIFF_GN_ONE_PASS") || (wgmma_here && on("INVDIFF_GN_CLUSTER")),
             gn_clusters: wgmma_here && on("INVDIFF_GN_CLUSTER"),
             half_concat: on("INVDIFF_HALF_CONCAT"),
-            cluster_split_k: on("INVDIFF_CLUSTER_SPLITK"),
+            cluster_split_k: on("INVDIFF_CLUSTER_SPLITK")
+                || switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
+            cluster_plan: switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
             half_copy: on("INVDIFF_HALF_COPY"),
             alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
             row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
@@ -170,6 +177,7 @@ impl KernelConfig {
             (self.gn_clusters, "clustered one-pass GroupNorm"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.cluster_split_k, "cluster split-K"),
+            (self.cluster_plan, "splits planned for clusters"),
             (self.half_copy, "16-bit input copies"),
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),
@@ -1407,6 +1415,18 @@ impl Lowering<'_> {
             l.half_input = half_input;
             l
         });
+        if self.choice.cluster_split_k
+            && self.choice.cluster_plan
+            && launch.tile == WgmmaTile::Plain
+        {
+            if let Some(l) = launch
+                .wgmma
+                .then(|| plan_wgmma_clustered(&planned, self.sms, self.precision))
+                .flatten()
+            {
+                (launch.splits, launch.k_per_split) = (l.splits, l.k_per_split);
+            }
+        }
         launch.cluster = self.choice.cluster_split_k
             && launch.wgmma
             && launch.tile == WgmmaTile::Plain
@@ -2046,6 +2066,51 @@ mod tests {
             }
         }
         (val[p.output.0], p.grad_input.map(|g| val[g.0]))
+    }
+
+    /// cluster_plan splits plain-tile wgmma launches at most 8 ways, every split one reducing
+    /// in a cluster without a workspace; at batch 1 that moves the launches planned 9-36 ways
+    /// (the 32x32 to 8x8 levels) into clusters, and it leaves the other launches' kernels alone.
+    #[test]
+    fn cluster_plan_splits_for_clusters() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let build = |cluster_plan| {
+            let tc = KernelConfig {
+                wgmma: true,
+                cluster_split_k: true,
+                cluster_plan,
+                ..KernelConfig::default()
+            };
+            Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap()
+        };
+        let convs = |p: &Program| -> Vec<ConvStep> {
+            p.steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Conv(c) => Some(c.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (before, after) = (convs(&build(false)), convs(&build(true)));
+        assert_eq!(before.len(), after.len());
+        let mut moved = 0;
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(
+                (b.launch.wgmma, b.launch.tile),
+                (a.launch.wgmma, a.launch.tile)
+            );
+            if !(a.launch.wgmma && a.launch.tile == WgmmaTile::Plain) {
+                assert_eq!(a.launch, b.launch);
+                continue;
+            }
+            assert!(a.launch.splits <= MAX_CLUSTER_SPLITS, "{:?}", a.launch);
+            assert_eq!(a.launch.cluster, a.launch.splits > 1);
+            assert!(a.workspace.is_none());
+            assert!(a.launch.splits * a.launch.k_per_split >= a.shape.k());
+            moved += usize::from(b.launch.splits > MAX_CLUSTER_SPLITS);
+        }
+        assert!(moved > 20, "{moved}");
     }
 
     /// Over every combination of the passes that move work between steps (one-pass GroupNorms,
@@ -2847,13 +2912,14 @@ mod tests {
     #[test]
     fn every_choice_has_a_name() {
         assert!(KernelConfig::default().describe().is_empty());
-        let flags: [fn(&mut KernelConfig); 17] = [
+        let flags: [fn(&mut KernelConfig); 18] = [
             |c| c.deep = false,
             |c| c.wgmma = true,
             |c| c.gn_one_pass = true,
             |c| c.gn_clusters = true,
             |c| c.half_concat = true,
             |c| c.cluster_split_k = true,
+            |c| c.cluster_plan = true,
             |c| c.half_copy = true,
             |c| c.alias_residual_grads = true,
             |c| c.row_epilogue = true,
