@@ -425,6 +425,7 @@ DEVI void cluster_sum2(double& a, double& b) {
         mine[1] = b;
     }
     coop::cluster_group cluster = coop::this_cluster();
+    if (cluster.num_blocks() != gridDim.z) __trap();  // a group's blocks must be one cluster
     cluster.sync();
     a = b = 0.0;
     for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
