@@ -16,9 +16,9 @@
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each opt-in of
 #       the build alone, two likely default sets, then all together) of out/invdiff-next if it
 #       exists, else out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows;
-#       for the last one also its
-#       selftest (each one's with VARIANT_SELFTEST=each), the b1 DPS profile and the 1000-step
-#       restoration;
+#       for the likely default sets (combo_*) also their whole-network selftest rows, and for
+#       the last one also its whole selftest (each one's with VARIANT_SELFTEST=each), the b1
+#       DPS profile and the 1000-step restoration;
 #   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
 #       real sample, and 10-step DPS / 2-step PiGDM trajectories, GPU against CPU.
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
@@ -161,9 +161,9 @@ note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.
 note "binary: $(ls -l "$BIN" | awk '{print $5}') bytes; next: $([ -x "$NEXT" ] && echo yes || echo no); kernels_cuda: $([ -x "$KBENCH" ] && echo yes || echo no)"
 
 # (a) Every kernel and the whole network against the CPU path (~60 s).
-selftest() { # selftest NAME BINARY
+selftest() { # selftest NAME BINARY [ARGS...]
     local t0=$SECONDS
-    run 240 "$1.txt" "$2" selftest --device cuda
+    run 240 "$1.txt" "$2" selftest --device cuda "${@:3}"
     local rc=$?
     note "$1 (exit $rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
     while read -r l; do note "  $l"; done < <(grep FAILED "$W/$1.txt" | head -n 8 | cut -c 1-120)
@@ -298,9 +298,12 @@ for v in ${variants[@]+"${variants[@]}"}; do
     chmod +x "$wrapper"
     note "variant $name: ${vars//,/ } on $VBIN"
     # The kernel rows are the same in every run; what a variant changes is the whole-network
-    # rows, which the last variant (all together) covers unless VARIANT_SELFTEST=each.
+    # rows: all of them for the last variant (all together) unless VARIANT_SELFTEST=each, the
+    # network groups alone for the likely default sets (combo_*), which a session may flip.
     if [ "${VARIANT_SELFTEST:-last}" = each ] || [ "$v" = "${variants[-1]}" ]; then
         selftest "selftest_$name" "$wrapper"
+    elif [[ $name == combo_* ]]; then
+        selftest "selftest_$name" "$wrapper" --only networks
     fi
     bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
     bench "${name}_bf16_b8" "$wrapper" --precision bf16 --batch 8 --what forward

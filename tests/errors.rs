@@ -305,6 +305,16 @@ fn cli_bench_profile_is_gpu_only() {
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }
 
+/// `selftest --only` with a name no group has fails before looking for a GPU, and lists the
+/// groups; the CPU is refused by name.
+#[test]
+fn cli_selftest_names_its_groups() {
+    let err = cli_fails(&["selftest", "--only", "bogus"]);
+    assert_mentions(&err, &["`bogus`", "tensor-core networks", "group norms"]);
+    let err = cli_fails(&["selftest", "--device", "cpu"]);
+    assert_mentions(&err, &["--device cuda", "cpu"]);
+}
+
 /// A misspelt `INVDIFF_*` variable would be ignored in silence; `doctor` names it, and lists
 /// the ones it does read.
 #[test]

@@ -8,6 +8,11 @@ pub struct Args {
     /// The GPU to check (cuda or cuda:N).
     #[arg(long, default_value = "cuda", value_parser = super::parse_device)]
     device: DeviceChoice,
+    /// Only the groups of checks whose name contains TEXT: convolutions, linear layers, group
+    /// norms, attention, data movement, whole networks, device sampler, tensor-core networks,
+    /// tensor-core convolutions (e.g. `--only networks` for the two network groups).
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
 }
 
 pub fn run(a: Args) -> Result<bool> {
@@ -19,7 +24,7 @@ pub fn run(a: Args) -> Result<bool> {
             )))
         }
     };
-    let rows = cuda::selftest(ordinal)?;
+    let rows = cuda::selftest(ordinal, a.only.as_deref())?;
     println!(
         "{:<44} {:<40} {:>10} {:>8} {:>9}  result",
         "op", "shape", "rel L2", "limit", "ms"

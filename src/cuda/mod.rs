@@ -48,7 +48,7 @@ pub use precision::Precision;
 pub use profile::{
     measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
 };
-pub use selftest::{selftest, SelftestRow, TOLERANCE};
+pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
 pub use sweep::{sweep_convolutions, SweepRow, SweepVariant};
 pub use unet::CudaUnet;
 

@@ -113,11 +113,34 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
     Ok(f64::from(cu(a.elapsed_ms(&b), "reading the timer")?))
 }
 
-/// Runs every check on GPU `ordinal`. Errors only when the GPU cannot be used at all; numerical
-/// failures are rows with [`SelftestRow::passed`] false, and so is a group of checks that stops
-/// on an error (a failed launch, say): the row names the group and the error, and the other
-/// groups still run, so that one run on a GPU reports everything it can.
-pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
+/// The groups of checks [`selftest`] runs, in its order.
+pub const SELFTEST_GROUPS: [&str; 9] = [
+    "convolutions",
+    "linear layers",
+    "group norms",
+    "attention",
+    "data movement",
+    "whole networks",
+    "device sampler",
+    "tensor-core networks",
+    "tensor-core convolutions",
+];
+
+/// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
+/// ([`SELFTEST_GROUPS`]) contains it. Errors when `only` matches no group, or when the GPU
+/// cannot be used at all; numerical failures are rows with [`SelftestRow::passed`] false, and
+/// so is a group of checks that stops on an error (a failed launch, say): the row names the
+/// group and the error, and the other groups still run, so that one run on a GPU reports
+/// everything it can.
+pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> {
+    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
+    if !SELFTEST_GROUPS.iter().any(|g| wanted(g)) {
+        return Err(Error::input(format!(
+            "no selftest group matches `{}`; the groups: {}",
+            only.unwrap_or_default(),
+            SELFTEST_GROUPS.join(", ")
+        )));
+    }
     let gpu = Gpu::open(ordinal)?;
     let mut t = Tester {
         gpu: &gpu,
@@ -145,7 +168,8 @@ pub fn selftest(ordinal: usize) -> Result<Vec<SelftestRow>> {
             t.tensor_core_convolutions()
         }),
     ];
-    for (name, group) in groups {
+    debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
+    for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {
         if let Err(e) = group(&mut t, ordinal) {
             t.rows.push(SelftestRow {
                 op: format!("{name}: stopped by an error"),
