@@ -14,6 +14,9 @@
 //! tiles in yet another), so only the time differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
 //! it). Times are means of CUDA-event-timed repetitions after a warm-up.
 //!
+//! wgmma variants split 2 to 8 ways on a tile that clusters are timed both ways: reduced through
+//! a workspace and a second launch, and in a thread-block cluster (`INVDIFF_CLUSTER_SPLITK`).
+//!
 //! Each wgmma variant is also launched once through its cycle-counting kernel
 //! ([`CycleProbe`]): where a warpgroup's cycles go, which the GPU machines have no profiler
 //! to show.
@@ -24,7 +27,7 @@ use serde::Serialize;
 use super::device::{cu, Gpu};
 use super::kernels::{
     on_tile, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile,
-    WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    MAX_CLUSTER_SPLITS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -278,8 +281,15 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(ConvLaunch { row_epilogue, ..c }, shape, tile) else {
                         continue;
                     };
-                    if !out.contains(&c) {
-                        out.push(c);
+                    // Split 2 to 8 ways on a tile that clusters: also reduced in a cluster
+                    // (INVDIFF_CLUSTER_SPLITK), the same sums without the workspace.
+                    let clustered = (tile.clusters()
+                        && (2..=MAX_CLUSTER_SPLITS).contains(&c.splits))
+                    .then_some(ConvLaunch { cluster: true, ..c });
+                    for c in std::iter::once(c).chain(clustered) {
+                        if !out.contains(&c) {
+                            out.push(c);
+                        }
                     }
                 }
             }
@@ -299,11 +309,14 @@ fn pipeline_name(l: &ConvLaunch) -> String {
         (false, true, false) => "deep",
         (false, true, true) => "deep, 16-bit input",
     };
+    let mut name = kernel.to_string();
     if l.row_epilogue {
-        format!("{kernel}, row epilogue")
-    } else {
-        kernel.to_string()
+        name += ", row epilogue";
     }
+    if l.cluster {
+        name += ", cluster";
+    }
+    name
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -483,7 +496,8 @@ mod tests {
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
                     assert!(!l.row_epilogue || l.deep);
-                    assert!(l.tile == WgmmaTile::Plain || (l.wgmma && !l.cluster));
+                    assert!(!l.cluster || (l.wgmma && l.tile.clusters()));
+                    assert!(!l.cluster || (2..=MAX_CLUSTER_SPLITS).contains(&l.splits));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % l.tile.split_unit(), 0);
@@ -504,6 +518,16 @@ mod tests {
                             .any(|l| l.tile == WgmmaTile::Halo && (l.splits > 1) == split)
                     };
                     assert!(halo(false) && (shape.n > 1 || halo(true)), "{shape:?}");
+                }
+                // Every wgmma launch split 2 to 8 ways on a plain tile is also timed clustered.
+                for l in c.iter().filter(|l| {
+                    l.wgmma && l.tile == WgmmaTile::Plain && (2..=8).contains(&l.splits)
+                }) {
+                    let clustered = ConvLaunch {
+                        cluster: !l.cluster,
+                        ..*l
+                    };
+                    assert!(c.contains(&clustered), "{l:?}");
                 }
             }
         }
