@@ -27,7 +27,8 @@
 //! (`--save` then writes those rows): the data for choosing pipelines and splits per shape.
 //! Under each row, where the cycles of the planned and of the fastest wgmma launch go (set-up,
 //! waiting for copies, the barrier, issuing copies, the products, drain, epilogue), from the
-//! kernel's own cycle counters.
+//! kernel's own cycle counters. Then each distinct GroupNorm under each form it can take
+//! ([`cuda::sweep_group_norms`]: three launches, one pass, clusters).
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.
@@ -452,21 +453,14 @@ fn main() -> ExitCode {
 fn sweep(a: &Args) -> ExitCode {
     let model = Model::builtin_celebahq(0);
     let (h, w) = model.config().sample_size;
-    let rows = match cuda::sweep_convolutions(
-        0,
-        &model.graph,
-        a.batch,
-        h,
-        w,
-        a.record,
-        a.precision,
-        a.iters,
-    ) {
+    let fail = |e: invdiff::Error| {
+        eprintln!("kernels_cuda: {e}");
+        ExitCode::FAILURE
+    };
+    let (n, rec, p, it) = (a.batch, a.record, a.precision, a.iters);
+    let rows = match cuda::sweep_convolutions(0, &model.graph, n, h, w, rec, p, it) {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("kernels_cuda: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(e),
     };
     println!(
         "kernels_cuda --sweep: celebahq-256 {h}x{w}, batch {}, {}, {}, {} iterations per variant",
@@ -516,6 +510,33 @@ fn sweep(a: &Args) -> ExitCode {
         "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \
          variant of each"
     );
+    // The GroupNorms: each form (three launches, one pass, clusters) per distinct shape.
+    let norms = match cuda::sweep_group_norms(0, &model.graph, n, h, w, rec, p, it) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    println!("{:<24} {:<40} {:>5}  forms (ms)", "kind", "shape", "count");
+    let (mut three, mut fastest) = (0.0, 0.0);
+    for r in &norms {
+        let forms: Vec<String> = r
+            .forms
+            .iter()
+            .map(|f| format!("{} {:.4}", f.form, f.ms))
+            .collect();
+        three += r.count as f64 * r.forms[0].ms;
+        fastest += r.count as f64 * r.forms.iter().map(|f| f.ms).fold(f64::INFINITY, f64::min);
+        println!(
+            "{:<24} {:<40} {:>5}  {}",
+            r.kind,
+            r.shape,
+            r.count,
+            forms.join("; ")
+        );
+    }
+    println!(
+        "GroupNorms per call: {three:.3} ms in three launches, {fastest:.3} ms with the fastest \
+         form of each"
+    );
     if let Some(path) = &a.save {
         let v = json!({
             "precision": a.precision.name(),
@@ -525,6 +546,7 @@ fn sweep(a: &Args) -> ExitCode {
             "planned_ms": planned,
             "best_ms": best,
             "sweep": rows,
+            "norms": norms,
         });
         let text = serde_json::to_string_pretty(&v).expect("serialisable");
         if let Err(e) = std::fs::write(path, text + "\n") {

@@ -11,8 +11,9 @@
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
-#       that build has it, its --sweep (every tensor-core launch under each pipeline and split:
-#       bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
+#       that build has it, its --sweep (every tensor-core launch under each pipeline and split,
+#       clustered where it can be, and every GroupNorm in each form: three launches, one pass,
+#       clusters; bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each opt-in of
 #       the build alone, two likely default sets, then all together) of out/invdiff-next if it
 #       exists, else out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows;

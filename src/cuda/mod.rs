@@ -49,7 +49,9 @@ pub use profile::{
     measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
 };
 pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
-pub use sweep::{sweep_convolutions, SweepRow, SweepVariant};
+pub use sweep::{
+    sweep_convolutions, sweep_group_norms, NormForm, NormSweepRow, SweepRow, SweepVariant,
+};
 pub use unet::CudaUnet;
 
 pub(crate) use sampler::{

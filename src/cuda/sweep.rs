@@ -22,16 +22,18 @@
 //! to show.
 
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use cudarc::driver::CudaStream;
 use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    on_tile, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, ProbeCounters, WgmmaTile,
-    MAX_CLUSTER_SPLITS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    on_tile, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims, NormSplit,
+    ProbeCounters, WgmmaTile, GN_CLUSTER_MAX, MAX_CLUSTER_SPLITS, WGMMA_PROBE_COUNTERS,
+    WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
-use super::program::{KernelConfig, Step};
+use super::program::{KernelConfig, Program, Step};
 use super::selftest::uniform;
 use super::weights::{DevBuf, DevConv};
 use crate::model::Graph;
@@ -169,22 +171,7 @@ pub fn sweep_convolutions(
         precision != Precision::Fp32,
         "the sweep covers tensor-core launches: use --precision tf32, bf16 or fp16"
     );
-    ensure!(iters > 0, "the sweep needs at least one repetition");
-    let gpu = Gpu::open(ordinal)?;
-    let (program, _) = plan::plan(
-        graph,
-        n,
-        h,
-        w,
-        record,
-        gpu.sms(),
-        precision,
-        KernelConfig {
-            wgmma: gpu.kernels.has_wgmma(),
-            ..KernelConfig::default()
-        },
-        0,
-    )?;
+    let (gpu, program) = open_and_plan(ordinal, graph, n, h, w, record, precision, iters)?;
     // Distinct launches, in program order, with their counts.
     let mut launches: Vec<(ConvShape, ConvLaunch, String, String, f64, usize)> = Vec::new();
     for s in &program.steps {
@@ -390,20 +377,7 @@ fn sweep_one(
         };
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
-        launch()?;
-        let start = cu(
-            st.record_event(Some(CU_EVENT_DEFAULT)),
-            "recording an event",
-        )?;
-        for _ in 0..iters {
-            launch()?;
-        }
-        let end = cu(
-            st.record_event(Some(CU_EVENT_DEFAULT)),
-            "recording an event",
-        )?;
-        cu(end.synchronize(), "waiting for the GPU")?;
-        let ms = cu(start.elapsed_ms(&end), "reading a CUDA event timer")? as f64 / iters as f64;
+        let ms = mean_ms(st, iters, launch)?;
         let cycles = if c.wgmma {
             probe(gpu, shape, c, ptrs)?
         } else {
@@ -448,11 +422,251 @@ fn probe(
     ))
 }
 
+/// One distinct GroupNorm of a program (direction, shape, SiLU, output format) and the time of
+/// each form it can take.
+#[derive(Clone, Debug, Serialize)]
+pub struct NormSweepRow {
+    /// `groupnorm` or `groupnorm bwd`, and the shape in the profile's words.
+    pub kind: String,
+    pub shape: String,
+    /// How many GroupNorms of the program have this shape.
+    pub count: usize,
+    /// `three launches`, `one pass`, `one pass, clusters of N` (where the groups allow it and,
+    /// for clusters, the device has them), each with its mean milliseconds.
+    pub forms: Vec<NormForm>,
+}
+
+/// One form of a [`NormSweepRow`].
+#[derive(Clone, Debug, Serialize)]
+pub struct NormForm {
+    pub form: String,
+    pub ms: f64,
+}
+
+/// Times each form of every distinct GroupNorm of `graph`'s program (as
+/// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
+/// form, one pass in one block a group where the groups are small enough, and one pass in
+/// clusters of 2-8 blocks (`INVDIFF_GN_CLUSTER`) where they are not and the device has
+/// clusters. The forms compute the same statistics up to the order of the f64 sums.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_group_norms(
+    ordinal: usize,
+    graph: &Graph,
+    n: usize,
+    h: usize,
+    w: usize,
+    record: bool,
+    precision: Precision,
+    iters: usize,
+) -> Result<Vec<NormSweepRow>> {
+    let (gpu, program) = open_and_plan(ordinal, graph, n, h, w, record, precision, iters)?;
+    let norms = distinct_norms(&program.steps, n, h, w);
+    let clusters = if gpu.kernels.has_wgmma() {
+        GN_CLUSTER_MAX
+    } else {
+        1
+    };
+    let st = &gpu.stream;
+    let mut seed = 0x6_7EE9;
+    let mut rows = Vec::new();
+    for ((backward, hw, c, groups, silu, half_out, accumulate), kind, shape, count) in norms {
+        let len = n * hw * c;
+        let x = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 3.0))?;
+        let dy = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 1.0))?;
+        let gamma = DevBuf::upload(st, &uniform(&mut seed, c, 0.5, 1.5))?;
+        let beta = DevBuf::upload(st, &uniform(&mut seed, c, -0.5, 0.5))?;
+        let out = DevBuf::zeros(st, len)?;
+        let stats = DevBuf::zeros(st, 2 * n * groups)?;
+        let affine = DevBuf::zeros(st, 2 * n * c)?;
+        let three = plan_norm(n, hw, c, groups, gpu.sms(), 0);
+        let partial = DevBuf::zeros(st, three.partial_len(n, c))?;
+        let mut forms = Vec::new();
+        let mut seen: Vec<NormSplit> = Vec::new();
+        for blocks in [0, 1, clusters] {
+            let split = plan_norm(n, hw, c, groups, gpu.sms(), blocks);
+            if (blocks > 0 && split.one_pass.is_none()) || seen.contains(&split) {
+                continue;
+            }
+            seen.push(split);
+            let d = NormDims {
+                n,
+                hw,
+                c,
+                groups,
+                split,
+            };
+            // The forward once first: the backward reads its statistics (a backward row's
+            // 16-bit format is its gradient's; its forward writes fp32).
+            let forward_out = if backward { None } else { half_out };
+            let forward = || {
+                gpu.kernels.group_norm(
+                    st,
+                    d,
+                    x.ptr,
+                    gamma.ptr,
+                    beta.ptr,
+                    out.ptr,
+                    partial.ptr,
+                    stats.ptr,
+                    affine.ptr,
+                    1e-6,
+                    silu,
+                    forward_out,
+                )
+            };
+            let run = || {
+                if backward {
+                    gpu.kernels.group_norm_backward(
+                        st,
+                        d,
+                        x.ptr,
+                        dy.ptr,
+                        gamma.ptr,
+                        beta.ptr,
+                        stats.ptr,
+                        partial.ptr,
+                        affine.ptr,
+                        out.ptr,
+                        silu,
+                        accumulate,
+                        half_out,
+                    )
+                } else {
+                    forward()
+                }
+            };
+            forward()?;
+            let ms = mean_ms(st, iters, run)?;
+            let form = match split.one_pass {
+                None => "three launches".to_string(),
+                Some(s) if s.blocks > 1 => format!("one pass, clusters of {}", s.blocks),
+                Some(_) => "one pass".to_string(),
+            };
+            forms.push(NormForm { form, ms });
+        }
+        rows.push(NormSweepRow {
+            kind,
+            shape,
+            count,
+            forms,
+        });
+    }
+    Ok(rows)
+}
+
+/// GPU `ordinal` and the program a sweep reads its launches from: what `CudaUnet` runs by
+/// default there (wgmma where the device has it).
+#[allow(clippy::too_many_arguments)]
+fn open_and_plan(
+    ordinal: usize,
+    graph: &Graph,
+    n: usize,
+    h: usize,
+    w: usize,
+    record: bool,
+    precision: Precision,
+    iters: usize,
+) -> Result<(Gpu, Program)> {
+    ensure!(iters > 0, "the sweep needs at least one repetition");
+    let gpu = Gpu::open(ordinal)?;
+    let choice = KernelConfig {
+        wgmma: gpu.kernels.has_wgmma(),
+        ..KernelConfig::default()
+    };
+    let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, choice, 0)?;
+    Ok((gpu, program))
+}
+
+/// Mean milliseconds of `run` over `iters` runs on `st` after one more to warm up, between two
+/// CUDA events.
+fn mean_ms(st: &CudaStream, iters: usize, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    run()?;
+    let start = cu(
+        st.record_event(Some(CU_EVENT_DEFAULT)),
+        "recording an event",
+    )?;
+    for _ in 0..iters {
+        run()?;
+    }
+    let end = cu(
+        st.record_event(Some(CU_EVENT_DEFAULT)),
+        "recording an event",
+    )?;
+    cu(end.synchronize(), "waiting for the GPU")?;
+    Ok(f64::from(cu(start.elapsed_ms(&end), "reading a CUDA event timer")?) / iters as f64)
+}
+
+/// What tells two GroupNorms apart for the sweep: (backward, hw, c, groups, silu, 16-bit
+/// output, accumulating).
+type NormKey = (bool, usize, usize, usize, bool, Option<Precision>, bool);
+
+/// The distinct GroupNorms of `steps` in program order: key, kind, shape label, count.
+fn distinct_norms(
+    steps: &[Step],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<(NormKey, String, String, usize)> {
+    let mut norms: Vec<(NormKey, String, String, usize)> = Vec::new();
+    for s in steps {
+        let key = match *s {
+            Step::GroupNorm {
+                hw,
+                c,
+                groups,
+                silu,
+                half_out,
+                ..
+            } => (false, hw, c, groups, silu, half_out, false),
+            Step::GroupNormBackward {
+                hw,
+                c,
+                groups,
+                silu,
+                half_out,
+                accumulate,
+                ..
+            } => (true, hw, c, groups, silu, half_out, accumulate),
+            _ => continue,
+        };
+        match norms.iter_mut().find(|r| r.0 == key) {
+            Some(r) => r.3 += 1,
+            None => {
+                let info = s.info(n, h, w);
+                norms.push((key, info.kind.to_string(), info.shape, 1));
+            }
+        }
+    }
+    norms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cuda::kernels::{halo_fits, plan_conv_at};
     use crate::model::graph::Pad;
+
+    /// The GroupNorm sweep's rows cover every GroupNorm of the program once: celebahq's 71 in
+    /// each direction, in fewer distinct shapes.
+    #[test]
+    fn distinct_norms_cover_the_program() {
+        use crate::config::UNetConfig;
+        use crate::cuda::program::Program;
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let p = Program::build(&g, 1, 256, 256, true, 132, Precision::Bf16).unwrap();
+        let rows = distinct_norms(&p.steps, 1, 256, 256);
+        for backward in [false, true] {
+            let mine: Vec<_> = rows.iter().filter(|r| r.0 .0 == backward).collect();
+            assert_eq!(mine.iter().map(|r| r.3).sum::<usize>(), 71);
+            assert!(mine.len() < 40, "{}", mine.len());
+            let kind = if backward {
+                "groupnorm bwd"
+            } else {
+                "groupnorm"
+            };
+            assert!(mine.iter().all(|r| r.1 == kind));
+        }
+    }
 
     /// The probe's counters become per-warpgroup means and shares that add up to one; a launch
     /// that counted nothing gives none.
