@@ -90,17 +90,6 @@ constexpr int SLICE = ROWS * SP; // floats of one slice buffer (ROWS == CHUNK)
 constexpr int PANEL = CHUNK * CP; // floats of one chunk-wide panel buffer
 }  // namespace fa
 
-// Dynamic shared memory, bytes (src/cuda/kernels.rs FLASH_SMEM has the same three). Each
-// kernel traps if its launch gave it less: a loud failure, never a write past the allocation.
-constexpr unsigned FLASH_FWD_SMEM = (2 * 2 * fa::SLICE + 2 * fa::PANEL) * 4;                       // 71,680
-constexpr unsigned FLASH_DQ_SMEM = (4 * 2 * fa::SLICE + 2 * fa::PANEL + fa::ROWS) * 4;              // 108,800
-constexpr unsigned FLASH_DKV_SMEM = (4 * 2 * fa::SLICE + 2 * 2 * fa::PANEL + 2 * 2 * fa::CHUNK) * 4; // 144,384
-DEVI void fa_require_smem(unsigned bytes) {
-    unsigned have;
-    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
-    if (have < bytes) __trap();
-}
-
 struct FlashArgs {
     const float* qkv;  // [n, L, 3 inner]: q, k, v side by side; head h at columns h d
     const float* o;    // [n, L, inner]: the forward's output (backward)
@@ -114,6 +103,21 @@ struct FlashArgs {
     int pad_;
 };
 static_assert(sizeof(FlashArgs) == 72, "FlashArgs must match src/cuda/kernels.rs");
+
+// Dynamic shared memory, bytes (src/cuda/kernels.rs FLASH_SMEM has the same three).
+constexpr unsigned FLASH_FWD_SMEM = (2 * 2 * fa::SLICE + 2 * fa::PANEL) * 4;                       // 71,680
+constexpr unsigned FLASH_DQ_SMEM = (4 * 2 * fa::SLICE + 2 * fa::PANEL + fa::ROWS) * 4;              // 108,800
+constexpr unsigned FLASH_DKV_SMEM = (4 * 2 * fa::SLICE + 2 * 2 * fa::PANEL + 2 * 2 * fa::CHUNK) * 4; // 144,384
+
+// Each kernel traps on a launch it cannot serve, a loud failure rather than a write past the
+// allocation or columns left unwritten: less dynamic shared memory than it lays out, or heads
+// that are not whole 64-column chunks (the host's flash_fits; the grid covers d / 64 chunks,
+// and a chunk's panel is issued at its second slice, so d >= 64).
+DEVI void fa_require(const FlashArgs& a, unsigned smem_bytes) {
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
+    if (have < smem_bytes || a.head_dim % fa::DC != 0 || a.head_dim < fa::DC) __trap();
+}
 
 // Rows [r0, r0 + 64) x columns [c0, c0 + W) of a row-major matrix (pitch ld floats) into shared
 // memory of pitch W + 4, zeros for rows at or past `rows`.
@@ -250,7 +254,7 @@ DEVI FaView fa_view(const FlashArgs& a) {
 // Grid (⌈L/64⌉, d/64, n heads), 128 threads, FLASH_FWD_SMEM dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forward(const FlashArgs a) {
     pdl_entry();
-    fa_require_smem(FLASH_FWD_SMEM);
+    fa_require(a, FLASH_FWD_SMEM);
     using namespace fa;
     extern __shared__ __align__(16) float sm[];
     float* qs = sm;                 // [2][ROWS][SP]: a slice of the query tile
@@ -328,7 +332,7 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
 // dsum for attention_flash_backward_dkv, which runs after it.
 extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backward_dq(const FlashArgs a) {
     pdl_entry();
-    fa_require_smem(FLASH_DQ_SMEM);
+    fa_require(a, FLASH_DQ_SMEM);
     using namespace fa;
     extern __shared__ __align__(16) float sm[];
     float* qs = sm;                   // [2][ROWS][SP] slices of the block's queries,
@@ -406,7 +410,7 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
 // memory; reads the lse of the forward and the dsum of attention_flash_backward_dq.
 extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backward_dkv(const FlashArgs a) {
     pdl_entry();
-    fa_require_smem(FLASH_DKV_SMEM);
+    fa_require(a, FLASH_DKV_SMEM);
     using namespace fa;
     extern __shared__ __align__(16) float sm[];
     float* ks = sm;                   // [2][ROWS][SP] slices of the block's keys,

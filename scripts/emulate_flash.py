@@ -3,16 +3,17 @@
 # index, mask and buffer offset as the CUDA code has them, warps run one after another between
 # barriers. It also checks the cp.async protocol: a copy is pending from its issue until the
 # wait that retires its group; reading a pending element, reading an element nothing wrote, or
-# copying onto an element read since the last barrier fails an assertion.
+# copying onto an element read since the last barrier, or reading a copy that landed (a wait)
+# before a barrier published it to every thread, fails an assertion.
 # Run: python3 scripts/emulate_flash.py (numpy; ~15 s). Keep it in step with the kernels.
 # Deliberate mutations fail it as they should: a wrong relabelling of the A fragment (an error of
-# order 1), and the next chunk's panel issued one step early (a read of a pending copy; it needs
-# the four chunks of L = 200).
+# order 1), the next chunk's panel issued one step early (a read of a pending copy; it needs
+# the four chunks of L = 200), and the barrier after a step's wait left out.
 import numpy as np, itertools
 ROWS=CHUNK=64; DK=32; DC=64; THREADS=128; SP=DK+4; CP=DC+4; SLICE=ROWS*SP; PANEL=CHUNK*CP
 
 class Smem:
-    def __init__(s, n): s.m=np.full(n, np.nan); s.pending=[]; s.read_since_sync=set(); s.open={}
+    def __init__(s, n): s.m=np.full(n, np.nan); s.pending=[]; s.read_since_sync=set(); s.open={}; s.landed=set()
     def copy(s, dst, val):  # into the newest open group
         assert dst not in s.read_since_sync, f"copy onto {dst} read since the last barrier"
         s.open[dst]=val
@@ -20,9 +21,11 @@ class Smem:
     def commit(s): s.pending.append(s.open); s.open={}
     def wait(s, n):
         while len(s.pending) > n:
-            for dst, val in s.pending.pop(0).items(): s.m[dst]=val
-    def sync(s): s.read_since_sync=set()
+            for dst, val in s.pending.pop(0).items(): s.m[dst]=val; s.landed.add(dst)
+    # A wait retires only the waiting thread's copies; the others' become visible at the barrier.
+    def sync(s): s.read_since_sync=set(); s.landed=set()
     def rd(s, i):
+        assert i not in s.landed, f"read of {i}: landed, but no barrier since"
         for grp in s.pending: assert i not in grp, f"read of pending {i}"
         s.read_since_sync.add(i)
         v=s.m[i]; assert not np.isnan(v), f"read of unwritten {i}"; return v

@@ -1917,6 +1917,15 @@ impl Kernels {
         need(qkv, "q/k/v")?;
         need(lse, "attention log-sum-exp")?;
         need(y, "attention output")?;
+        // 16-byte copies of q/k/v, O and dO rows; float2 stores of y.
+        let rows = [qkv, y]
+            .into_iter()
+            .chain(backward.iter().flat_map(|b| [b.0, b.1]));
+        if rows.into_iter().any(|p| p % 16 != 0) {
+            return Err(Error::Cuda(
+                "internal: fused attention on buffers not 16-byte aligned".into(),
+            ));
+        }
         if n * heads * tokens == 0 {
             return Ok(());
         }
