@@ -75,7 +75,9 @@ extern "C" __global__ void softmax_backward(const float* p, float* ds, long long
 // product (V, K, or Q and dO) is issued with the second slice of the chunk before the one that
 // reads it, into one of two buffers, after the barrier that ends that buffer's last reader.
 // Requires d % 64 == 0 (the host falls back to the products above otherwise); L is any size:
-// rows past it are read as zeros, their scores masked to -inf.
+// rows past it are read as zeros, their scores masked to -inf. scripts/emulate_flash.py runs
+// these three kernels lane by lane in numpy (fragments, masks, the cp.async protocol): keep it
+// in step with them.
 namespace fa {
 constexpr int ROWS = 64;     // a block's tile: queries (forward, dQ) or keys (dK, dV)
 constexpr int CHUNK = 64;    // the other side, per step of the outer loop
