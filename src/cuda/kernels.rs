@@ -40,7 +40,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
-use super::launch::{pdl_wanted, Launch};
+use super::launch::{max_active_clusters, pdl_wanted, Launch};
 use super::precision::Precision;
 use crate::model::graph::Pad;
 use crate::{switches, Error, Result};
@@ -189,6 +189,17 @@ unsafe impl DeviceRepr for FlashArgs {}
 const FLASH_SMEM: [u32; 3] = [71_680, 108_800, 144_384];
 /// Rows of a fused attention block's tile and columns of its output chunk.
 const FLASH_TILE: usize = 64;
+
+/// The kernels a device runs beyond the ones every device does ([`Kernels::capabilities`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// Hopper's wgmma convolutions (compute capability 9.0).
+    pub wgmma: bool,
+    /// The fused attention kernels (141 KB of shared memory a block).
+    pub flash: bool,
+    /// Clusters of one-pass GroupNorm blocks.
+    pub gn_clusters: bool,
+}
 
 /// Whether the fused attention kernels take heads of `head_dim` (whole 64-column chunks).
 pub(crate) fn flash_fits(head_dim: usize) -> bool {
@@ -1050,6 +1061,9 @@ pub(crate) struct Kernels {
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
     /// on devices that give a block that much ([`FLASH_SMEM`]) only.
     attention_flash: Option<[CudaFunction; 3]>,
+    /// The one-pass GroupNorms can run as clusters of [`GN_CLUSTER_MAX`] blocks of 1024
+    /// threads here (compute capability 9.0, and the driver says such a cluster fits).
+    gn_clusters: bool,
     linear_rows: CudaFunction,
     linear_batch: CudaFunction,
     gn_partial: CudaFunction,
@@ -1403,6 +1417,12 @@ impl Kernels {
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
             gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
+            gn_clusters: info.compute_capability.0 >= 9 && {
+                let fits = |f: &CudaFunction| {
+                    max_active_clusters(f, 1024, GN_CLUSTER_MAX).is_ok_and(|n| n > 0)
+                };
+                fits(&get("norm", "gn_one_pass")?) && fits(&get("norm", "gn_bwd_one_pass")?)
+            },
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_bwd_one_pass: get("norm", "gn_bwd_one_pass")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
@@ -1440,9 +1460,14 @@ impl Kernels {
         self.conv_wgmma.is_some()
     }
 
-    /// Whether this device runs the fused attention kernels (enough shared memory a block).
-    pub fn has_flash(&self) -> bool {
-        self.attention_flash.is_some()
+    /// What this device runs of the kernels that not every device does, for
+    /// [`KernelConfig::from_switches`](super::program::KernelConfig::from_switches).
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            wgmma: self.has_wgmma(),
+            flash: self.attention_flash.is_some(),
+            gn_clusters: self.gn_clusters,
+        }
     }
 
     /// Blocks for a grid-stride loop over `items` work items of `per_block` each.

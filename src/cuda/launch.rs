@@ -129,6 +129,40 @@ impl<'a> Launch<'a> {
     }
 }
 
+/// How many clusters of `z` blocks (along z) of `threads` threads `func` can keep resident at
+/// once (`cuOccupancyMaxActiveClusters`); 0 where such a cluster cannot be scheduled at all (a
+/// slice of a GPU with too few multiprocessors in a GPC, say).
+pub(crate) fn max_active_clusters(
+    func: &CudaFunction,
+    threads: u32,
+    z: u32,
+) -> Result<u32, DriverError> {
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 1, y: 1, z },
+        },
+    };
+    let config = sys::CUlaunchConfig {
+        gridDimX: 1,
+        gridDimY: 1,
+        gridDimZ: z,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: std::ptr::null_mut(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    let mut clusters: std::ffi::c_int = 0;
+    // SAFETY: `config` and `attr` live through the call, which only reads them.
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }
+        .result()?;
+    Ok(clusters.max(0) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

@@ -16,8 +16,9 @@
 
 use super::kernels::{
     flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma,
-    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, NormInput, NormSplit,
-    WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    plan_wgmma_clustered, plan_wgmma_six, Capabilities, ConvKernel, ConvLaunch, ConvShape,
+    NormInput, NormSplit, WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    MAX_CLUSTER_SPLITS,
 };
 use super::precision::Precision;
 use super::unet::AttnKernel;
@@ -135,17 +136,18 @@ impl Default for KernelConfig {
 }
 
 impl KernelConfig {
-    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), wgmma and fused
-    /// attention only where the device runs them (`wgmma_here`, `flash_here`), clusters only
-    /// where wgmma runs (compute capability 9.0).
-    pub fn from_switches(wgmma_here: bool, flash_here: bool) -> Self {
+    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), each kernel that not
+    /// every device runs only where this one does (`here`).
+    pub fn from_switches(here: Capabilities) -> Self {
+        let (wgmma_here, flash_here) = (here.wgmma, here.flash);
         let on = |name| switches::is(name, "1");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
             wgmma: wgmma_here && !switches::is("INVDIFF_WGMMA", "0"),
             // Clustered GroupNorms extend the one-pass ones, so they bring them along.
-            gn_one_pass: on("INVDIFF_GN_ONE_PASS") || (wgmma_here && on("INVDIFF_GN_CLUSTER")),
-            gn_clusters: wgmma_here && on("INVDIFF_GN_CLUSTER"),
+            gn_one_pass: on("INVDIFF_GN_ONE_PASS")
+                || (here.gn_clusters && on("INVDIFF_GN_CLUSTER")),
+            gn_clusters: here.gn_clusters && on("INVDIFF_GN_CLUSTER"),
             half_concat: on("INVDIFF_HALF_CONCAT"),
             cluster_split_k: on("INVDIFF_CLUSTER_SPLITK")
                 || switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),

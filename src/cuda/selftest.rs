@@ -1479,7 +1479,7 @@ impl Tester<'_> {
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
             // Three launches; one pass where the groups are small enough, in one block a
             // group, then in a cluster of several (Hopper) where one block is not enough.
-            let clusters = if gpu.kernels.has_wgmma() {
+            let clusters = if gpu.kernels.capabilities().gn_clusters {
                 GN_CLUSTER_MAX
             } else {
                 1
@@ -1749,7 +1749,7 @@ impl Tester<'_> {
                 (AttnKernel::Products, "", (TOLERANCE, TOLERANCE)),
                 (AttnKernel::Tf32Products, ", tf32 products", tf32_limits),
             ];
-            if flash_fits(head_dim) && gpu.kernels.has_flash() {
+            if flash_fits(head_dim) && gpu.kernels.capabilities().flash {
                 kernels.push((AttnKernel::Flash, ", fused", tf32_limits));
             }
             for (kernel, mode, limits) in kernels {

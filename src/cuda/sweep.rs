@@ -461,7 +461,7 @@ pub fn sweep_group_norms(
 ) -> Result<Vec<NormSweepRow>> {
     let (gpu, program) = open_and_plan(ordinal, graph, n, h, w, record, precision, iters)?;
     let norms = distinct_norms(&program.steps, n, h, w);
-    let clusters = if gpu.kernels.has_wgmma() {
+    let clusters = if gpu.kernels.capabilities().gn_clusters {
         GN_CLUSTER_MAX
     } else {
         1
