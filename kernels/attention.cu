@@ -235,21 +235,34 @@ DEVI void fa_store(const float (&acc)[8][4], float* out, long long ld, int row0,
     }
 }
 
-// The block's view: image and head, and the rows of q, k and v (pitch 3 inner) of that head.
-struct FaView {
-    int img, head, inner;
-    long long ld;
-    const float *q, *k, *v;
+// What a block works on, the same in the three kernels: its image and head, that head's columns
+// of the q/k/v rows (pitch ld) and of the O and dO rows (pitch inner), its tile's first row r0
+// and output chunk's first column c0 (of the head), the steps of its mainloop (slices of d per
+// chunk of the other side), and where its (image, head)'s per-query vectors (lse, dsum) start.
+struct FaBlock {
+    int img, head, inner, L, r0, c0, slices, chunks, steps;
+    long long ld, vec0;
+    const float *q, *k, *v, *o, *dout;
 };
-DEVI FaView fa_view(const FlashArgs& a) {
-    FaView w;
+DEVI FaBlock fa_block(const FlashArgs& a) {
+    FaBlock w;
     w.img = blockIdx.z / a.heads;
     w.head = blockIdx.z - w.img * a.heads;
     w.inner = a.heads * a.head_dim;
+    w.L = a.tokens;
+    w.r0 = blockIdx.x * fa::ROWS;
+    w.c0 = blockIdx.y * fa::DC;
+    w.slices = a.head_dim / fa::DK;
+    w.chunks = (w.L + fa::CHUNK - 1) / fa::CHUNK;
+    w.steps = w.chunks * w.slices;
     w.ld = 3LL * w.inner;
-    w.q = a.qkv + (long long)w.img * a.tokens * w.ld + w.head * a.head_dim;
+    w.vec0 = (long long)blockIdx.z * w.L;
+    w.q = a.qkv + (long long)w.img * w.L * w.ld + w.head * a.head_dim;
     w.k = w.q + w.inner;
     w.v = w.q + 2 * w.inner;
+    const long long rows = (long long)w.img * w.L * w.inner + w.head * a.head_dim;
+    w.o = a.o + rows;
+    w.dout = a.dout + rows;
     return w;
 }
 
@@ -262,21 +275,19 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
     float* qs = sm;                 // [2][ROWS][SP]: a slice of the query tile
     float* ks = qs + 2 * SLICE;     // [2][CHUNK][SP]: the same slice of a key chunk
     float* vs = ks + 2 * SLICE;     // [2][CHUNK][CP]: a key chunk's values, the block's columns
-    const FaView w = fa_view(a);
-    const int L = a.tokens, r0 = blockIdx.x * ROWS, c0 = blockIdx.y * DC;
+    const FaBlock w = fa_block(a);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, wr = warp * 16;
-    const int slices = a.head_dim / DK, chunks = (L + CHUNK - 1) / CHUNK, steps = chunks * slices;
 
     // Step s multiplies slice s % slices of key chunk s / slices; its copies also bring the
     // next chunk's values when it is a chunk's second step.
     auto issue = [&](int s) {
-        const int kc = s / slices, sl = s - kc * slices;
-        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, r0, L, sl * DK);
-        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, kc * CHUNK, L, sl * DK);
-        if (sl == 1 && kc + 1 < chunks) fa_load<DC>(vs + ((kc + 1) & 1) * PANEL, w.v, w.ld, (kc + 1) * CHUNK, L, c0);
+        const int kc = s / w.slices, sl = s - kc * w.slices;
+        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, w.r0, w.L, sl * DK);
+        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, kc * CHUNK, w.L, sl * DK);
+        if (sl == 1 && kc + 1 < w.chunks) fa_load<DC>(vs + ((kc + 1) & 1) * PANEL, w.v, w.ld, (kc + 1) * CHUNK, w.L, w.c0);
         cp_async_commit();
     };
-    fa_load<DC>(vs, w.v, w.ld, 0, L, c0);
+    fa_load<DC>(vs, w.v, w.ld, 0, w.L, w.c0);
     issue(0);
 
     float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}; // rows g, g + 8
@@ -285,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
     fa_zero(o);
     const float* const a_slices[1] = {qs};
     const float* const b_slices[1] = {ks};
-    fa_mainloop<1>(steps, slices, issue, a_slices, b_slices, sc, wr, g, q, [&](int kc) {
+    fa_mainloop<1>(w.steps, w.slices, issue, a_slices, b_slices, sc, wr, g, q, [&](int kc) {
         // The online softmax over this chunk's keys (scaled, as the CPU scales, before the
         // maximum), then O += P V.
         float mx[2] = {m_run[0], m_run[1]};
@@ -294,7 +305,7 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1);
-                const float v = key < L ? s_acc[t][e] * a.scale : -INFINITY;
+                const float v = key < w.L ? s_acc[t][e] * a.scale : -INFINITY;
                 s_acc[t][e] = v;
                 mx[e >> 1] = fmaxf(mx[e >> 1], v);
             }
@@ -323,10 +334,10 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
     for (int r = 0; r < 2; ++r) {
         const float l = quad_sum(l_run[r]);
         inv[r] = 1.0f / l;
-        const int row = r0 + wr + g + 8 * r;
-        if (blockIdx.y == 0 && q == 0 && row < L) a.lse[(long long)blockIdx.z * L + row] = m_run[r] + logf(l);
+        const int row = w.r0 + wr + g + 8 * r;
+        if (blockIdx.y == 0 && q == 0 && row < w.L) a.lse[w.vec0 + row] = m_run[r] + logf(l);
     }
-    fa_store(o, a.y + ((long long)w.img * L) * w.inner + w.head * a.head_dim, w.inner, r0 + wr, L, c0, inv, false,
+    fa_store(o, a.y + ((long long)w.img * w.L) * w.inner + w.head * a.head_dim, w.inner, w.r0 + wr, w.L, w.c0, inv, false,
              g, q);
 }
 
@@ -343,47 +354,42 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
     float* vs = ks + 2 * SLICE;       // and values
     float* kp = vs + 2 * SLICE;       // [2][CHUNK][CP]: a key chunk's keys, the block's columns
     float* dsum_s = kp + 2 * PANEL;   // [ROWS]
-    const FaView w = fa_view(a);
-    const int L = a.tokens, r0 = blockIdx.x * ROWS, c0 = blockIdx.y * DC;
+    const FaBlock w = fa_block(a);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, wr = warp * 16;
-    const int slices = a.head_dim / DK, chunks = (L + CHUNK - 1) / CHUNK, steps = chunks * slices;
-    const long long vec0 = (long long)blockIdx.z * L; // this (image, head)'s per-query vectors
-    const float* o_g = a.o + (long long)w.img * L * w.inner + w.head * a.head_dim;
-    const float* do_g = a.dout + (long long)w.img * L * w.inner + w.head * a.head_dim;
 
     auto issue = [&](int s) {
-        const int kc = s / slices, sl = s - kc * slices;
-        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, r0, L, sl * DK);
-        fa_load<DK>(dos + (s & 1) * SLICE, do_g, w.inner, r0, L, sl * DK);
-        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, kc * CHUNK, L, sl * DK);
-        fa_load<DK>(vs + (s & 1) * SLICE, w.v, w.ld, kc * CHUNK, L, sl * DK);
-        if (sl == 1 && kc + 1 < chunks) fa_load<DC>(kp + ((kc + 1) & 1) * PANEL, w.k, w.ld, (kc + 1) * CHUNK, L, c0);
+        const int kc = s / w.slices, sl = s - kc * w.slices;
+        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, w.r0, w.L, sl * DK);
+        fa_load<DK>(dos + (s & 1) * SLICE, w.dout, w.inner, w.r0, w.L, sl * DK);
+        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, kc * CHUNK, w.L, sl * DK);
+        fa_load<DK>(vs + (s & 1) * SLICE, w.v, w.ld, kc * CHUNK, w.L, sl * DK);
+        if (sl == 1 && kc + 1 < w.chunks) fa_load<DC>(kp + ((kc + 1) & 1) * PANEL, w.k, w.ld, (kc + 1) * CHUNK, w.L, w.c0);
         cp_async_commit();
     };
-    fa_load<DC>(kp, w.k, w.ld, 0, L, c0);
+    fa_load<DC>(kp, w.k, w.ld, 0, w.L, w.c0);
     issue(0);
 
     // D = rowsum(dO ∘ O) over the whole head, a warp per row, while the first copies fly.
     for (int r = warp; r < ROWS; r += THREADS / 32) {
-        const int row = r0 + r;
+        const int row = w.r0 + r;
         float acc = 0.f;
-        if (row < L)
+        if (row < w.L)
             for (int c = 4 * lane; c < a.head_dim; c += 128) {
-                const float4 x = ld_f4(o_g + row * w.inner + c), y = ld_f4(do_g + row * w.inner + c);
+                const float4 x = ld_f4(w.o + row * w.inner + c), y = ld_f4(w.dout + row * w.inner + c);
                 acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
             }
         acc = warp_sum(acc);
         if (lane == 0) {
             dsum_s[r] = acc;
-            if (blockIdx.y == 0 && row < L) a.dsum[vec0 + row] = acc;
+            if (blockIdx.y == 0 && row < w.L) a.dsum[w.vec0 + row] = acc;
         }
     }
     __syncthreads();
     float lse[2], dsum[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int row = r0 + wr + g + 8 * r;
-        lse[r] = row < L ? a.lse[vec0 + row] : 0.f;
+        const int row = w.r0 + wr + g + 8 * r;
+        lse[r] = row < w.L ? a.lse[w.vec0 + row] : 0.f;
         dsum[r] = dsum_s[wr + g + 8 * r];
     }
 
@@ -392,19 +398,19 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
     fa_zero(dq);
     const float* const a_slices[2] = {qs, dos};
     const float* const b_slices[2] = {ks, vs};
-    fa_mainloop<2>(steps, slices, issue, a_slices, b_slices, sp, wr, g, q, [&](int kc) {
+    fa_mainloop<2>(w.steps, w.slices, issue, a_slices, b_slices, sp, wr, g, q, [&](int kc) {
 #pragma unroll
         for (int t = 0; t < 8; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = kc * CHUNK + 8 * t + 2 * q + (e & 1), r = e >> 1;
-                const float p = key < L ? expf(sp[0][t][e] * a.scale - lse[r]) : 0.f;
+                const float p = key < w.L ? expf(sp[0][t][e] * a.scale - lse[r]) : 0.f;
                 sp[0][t][e] = p * (sp[1][t][e] - dsum[r]) * a.scale; // dS
             }
         fa_c_product(dq, sp[0], kp + (kc & 1) * PANEL, g, q);
     });
     const float one[2] = {1.f, 1.f};
-    fa_store(dq, a.y + ((long long)w.img * L) * w.ld + w.head * a.head_dim, w.ld, r0 + wr, L, c0, one,
+    fa_store(dq, a.y + ((long long)w.img * w.L) * w.ld + w.head * a.head_dim, w.ld, w.r0 + wr, w.L, w.c0, one,
              a.accumulate != 0, g, q);
 }
 
@@ -423,27 +429,23 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
     float* dop = qp + 2 * PANEL;      // [2][CHUNK][CP]: and output gradients
     float* lse_s = dop + 2 * PANEL;   // [2][CHUNK]: a query chunk's lse
     float* dsum_s = lse_s + 2 * CHUNK; // [2][CHUNK]: and dsum
-    const FaView w = fa_view(a);
-    const int L = a.tokens, r0 = blockIdx.x * ROWS, c0 = blockIdx.y * DC;
+    const FaBlock w = fa_block(a);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3, wr = warp * 16;
-    const int slices = a.head_dim / DK, chunks = (L + CHUNK - 1) / CHUNK, steps = chunks * slices;
-    const long long vec0 = (long long)blockIdx.z * L;
-    const float* do_g = a.dout + (long long)w.img * L * w.inner + w.head * a.head_dim;
 
     auto panels = [&](int qc) {
         const int b = qc & 1;
-        fa_load<DC>(qp + b * PANEL, w.q, w.ld, qc * CHUNK, L, c0);
-        fa_load<DC>(dop + b * PANEL, do_g, w.inner, qc * CHUNK, L, c0);
-        fa_load_vec(lse_s + b * CHUNK, a.lse + vec0, qc * CHUNK, L);
-        fa_load_vec(dsum_s + b * CHUNK, a.dsum + vec0, qc * CHUNK, L);
+        fa_load<DC>(qp + b * PANEL, w.q, w.ld, qc * CHUNK, w.L, w.c0);
+        fa_load<DC>(dop + b * PANEL, w.dout, w.inner, qc * CHUNK, w.L, w.c0);
+        fa_load_vec(lse_s + b * CHUNK, a.lse + w.vec0, qc * CHUNK, w.L);
+        fa_load_vec(dsum_s + b * CHUNK, a.dsum + w.vec0, qc * CHUNK, w.L);
     };
     auto issue = [&](int s) {
-        const int qc = s / slices, sl = s - qc * slices;
-        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, r0, L, sl * DK);
-        fa_load<DK>(vs + (s & 1) * SLICE, w.v, w.ld, r0, L, sl * DK);
-        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, qc * CHUNK, L, sl * DK);
-        fa_load<DK>(dos + (s & 1) * SLICE, do_g, w.inner, qc * CHUNK, L, sl * DK);
-        if (sl == 1 && qc + 1 < chunks) panels(qc + 1);
+        const int qc = s / w.slices, sl = s - qc * w.slices;
+        fa_load<DK>(ks + (s & 1) * SLICE, w.k, w.ld, w.r0, w.L, sl * DK);
+        fa_load<DK>(vs + (s & 1) * SLICE, w.v, w.ld, w.r0, w.L, sl * DK);
+        fa_load<DK>(qs + (s & 1) * SLICE, w.q, w.ld, qc * CHUNK, w.L, sl * DK);
+        fa_load<DK>(dos + (s & 1) * SLICE, w.dout, w.inner, qc * CHUNK, w.L, sl * DK);
+        if (sl == 1 && qc + 1 < w.chunks) panels(qc + 1);
         cp_async_commit();
     };
     panels(0);
@@ -455,14 +457,14 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
     fa_zero(dv);
     const float* const a_slices[2] = {ks, vs};
     const float* const b_slices[2] = {qs, dos};
-    fa_mainloop<2>(steps, slices, issue, a_slices, b_slices, sp, wr, g, q, [&](int qc) {
+    fa_mainloop<2>(w.steps, w.slices, issue, a_slices, b_slices, sp, wr, g, q, [&](int qc) {
         const int b = qc & 1;
 #pragma unroll
         for (int t = 0; t < 8; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = 8 * t + 2 * q + (e & 1);
-                const float p = qc * CHUNK + c < L ? expf(sp[0][t][e] * a.scale - lse_s[b * CHUNK + c]) : 0.f;
+                const float p = qc * CHUNK + c < w.L ? expf(sp[0][t][e] * a.scale - lse_s[b * CHUNK + c]) : 0.f;
                 sp[0][t][e] = p;                                                    // Pᵀ
                 sp[1][t][e] = p * (sp[1][t][e] - dsum_s[b * CHUNK + c]) * a.scale; // dSᵀ
             }
@@ -470,7 +472,7 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
         fa_c_product(dk, sp[1], qp + b * PANEL, g, q);
     });
     const float one[2] = {1.f, 1.f};
-    float* base = a.y + ((long long)w.img * L) * w.ld + w.head * a.head_dim;
-    fa_store(dk, base + w.inner, w.ld, r0 + wr, L, c0, one, a.accumulate != 0, g, q);
-    fa_store(dv, base + 2 * w.inner, w.ld, r0 + wr, L, c0, one, a.accumulate != 0, g, q);
+    float* base = a.y + ((long long)w.img * w.L) * w.ld + w.head * a.head_dim;
+    fa_store(dk, base + w.inner, w.ld, w.r0 + wr, w.L, w.c0, one, a.accumulate != 0, g, q);
+    fa_store(dv, base + 2 * w.inner, w.ld, w.r0 + wr, w.L, w.c0, one, a.accumulate != 0, g, q);
 }

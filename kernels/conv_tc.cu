@@ -100,7 +100,6 @@ template <int T> DEVI uint32_t pack2(float lo, float hi) {
 
 DEVI uint32_t to_tf32(uint32_t bits) { return tf32_of(__uint_as_float(bits)); }
 
-
 DEVI void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -94,11 +94,36 @@ def mainloop(sm, steps, slices, issue, pairs, end_of_chunk):
             if sl==slices-1: end_of_chunk(chunk, w, acc[w])
         sm.sync()
 
+def blocks(qkv, y, dout, L, H, d):
+    """fa_block for every block of the grid: its head's Q, K, V, O, dO (rows x d), tile row r0,
+    chunk column c0, and the grid indices."""
+    inner=H*d
+    for bx,by,bz in itertools.product(range((L+63)//64), range(d//DC), range(qkv.shape[0]*H)):
+        img,h=divmod(bz,H)
+        cols=lambda m, part: m[img][:, part*inner+h*d:part*inner+(h+1)*d] if m is not None else None
+        yield dict(bx=bx, by=by, bz=bz, img=img, h=h, Q=cols(qkv,0), K=cols(qkv,1), V=cols(qkv,2),
+                   O=cols(y,0), dO=cols(dout,0), r0=bx*ROWS, c0=by*DC)
+
+def fa_store(frags, out, r0, L, c0, mul, accumulate):
+    """fa_store for the 4 warps: frags[w][lane][t][4] times mul(w, lane, r) into out (rows x
+    cols, the head's columns), rows at or past L skipped."""
+    for w in range(4):
+        for l in range(32):
+            g,q=l>>2,l&3
+            for r in range(2):
+                row=r0+w*16+g+8*r
+                if row>=L: continue
+                for t in range(8):
+                    for j in range(2):
+                        c=c0+8*t+2*q+j
+                        v=frags[w][l][t][2*r+j]*mul(w,l,r)
+                        out[row,c]=v+(out[row,c] if accumulate else 0)
+
 def forward(qkv, n, L, H, d, scale):
     inner=H*d; y=np.full((n,L,inner),np.nan); lse=np.full((n*H,L),np.nan)
-    for bx,by,bz in itertools.product(range((L+63)//64), range(d//DC), range(n*H)):
-        img,h=divmod(bz,H); Q=qkv[img][:, h*d:(h+1)*d]; K=qkv[img][:, inner+h*d:inner+(h+1)*d]; V=qkv[img][:, 2*inner+h*d:2*inner+(h+1)*d]
-        r0=bx*ROWS; c0=by*DC; slices=d//DK; chunks=(L+63)//64; steps=chunks*slices
+    slices=d//DK; chunks=(L+63)//64; steps=chunks*slices
+    for blk in blocks(qkv, None, None, L, H, d):
+        Q,K,V,r0,c0,by,bz=(blk[k] for k in ('Q','K','V','r0','c0','by','bz'))
         sm=Smem(2*SLICE+2*SLICE+2*PANEL); qs=0; ks=2*SLICE; vs=4*SLICE
         def issue(s):
             kc,sl=divmod(s,slices)
@@ -130,28 +155,23 @@ def forward(qkv, n, L, H, d, scale):
                         p=np.exp(sa[l][t][e]-qm[l][e>>1]); sa[l][t][e]=p; ml[l][1][e>>1]+=p
             fa_c_product(sm, o[w], sa, vs+(kc&1)*PANEL)
         mainloop(sm, steps, slices, issue, [(qs, ks)], end_of_chunk)
+        lsum=lambda w,l,r: sum(W[w][(l&~3)+i][1][r] for i in range(4))
         for w in range(4):
-            ml=W[w]
             for l in range(32):
-                g,q=l>>2,l&3
                 for r in range(2):
-                    lq=sum(ml[(l&~3)+i][1][r] for i in range(4))
-                    row=r0+w*16+g+8*r
-                    if by==0 and q==0 and row<L: lse[bz,row]=ml[l][0][r]+np.log(lq)
-                    if row>=L: continue
-                    for t in range(8):
-                        for j in range(2):
-                            y[img,row,h*d+c0+8*t+2*q+j]=o[w][l][t][2*r+j]/lq
+                    row=r0+w*16+(l>>2)+8*r
+                    if by==0 and l&3==0 and row<L: lse[bz,row]=W[w][l][0][r]+np.log(lsum(w,l,r))
+        fa_store(o, y[blk['img']][:, blk['h']*d:(blk['h']+1)*d], r0, L, c0, lambda w,l,r: 1/lsum(w,l,r), False)
     return y, lse
 
 def backward(qkv, y, dout, lse, n, L, H, d, scale, g0, accumulate):
     inner=H*d; dqkv=g0.copy(); dsum=np.full((n*H,L),np.nan)
     slices=d//DK; chunks=(L+63)//64; steps=chunks*slices
     # dq
-    for bx,by,bz in itertools.product(range(chunks), range(d//DC), range(n*H)):
-        img,h=divmod(bz,H); Q=qkv[img][:, h*d:(h+1)*d]; K=qkv[img][:, inner+h*d:inner+(h+1)*d]; V=qkv[img][:, 2*inner+h*d:2*inner+(h+1)*d]
-        O=y[img][:, h*d:(h+1)*d]; dO=dout[img][:, h*d:(h+1)*d]
-        r0=bx*ROWS; c0=by*DC
+    one=lambda w,l,r: 1.0
+    head=lambda b, part: dqkv[b['img']][:, part*inner+b['h']*d:part*inner+(b['h']+1)*d]
+    for blk in blocks(qkv, y, dout, L, H, d):
+        Q,K,V,O,dO,r0,c0,by,bz=(blk[k] for k in ('Q','K','V','O','dO','r0','c0','by','bz'))
         sm=Smem(8*SLICE+2*PANEL+ROWS); qs=0; dos=2*SLICE; ks=4*SLICE; vs=6*SLICE; kp=8*SLICE; ds_s=kp+2*PANEL
         def issue(s):
             kc,sl=divmod(s,slices)
@@ -181,21 +201,10 @@ def backward(qkv, y, dout, lse, n, L, H, d, scale, g0, accumulate):
                         S[l][t][e]=p*(DP[l][t][e]-D)*scale
             fa_c_product(sm, dq[w], S, kp+(kc&1)*PANEL)
         mainloop(sm, steps, slices, issue, [(qs, ks), (dos, vs)], end_of_chunk)
-        for w in range(4):
-            for l in range(32):
-                g,q=l>>2,l&3
-                for r in range(2):
-                    row=r0+w*16+g+8*r
-                    if row>=L: continue
-                    for t in range(8):
-                        for j in range(2):
-                            c=h*d+c0+8*t+2*q+j
-                            dqkv[img,row,c]=dq[w][l][t][2*r+j]+(dqkv[img,row,c] if accumulate else 0)
+        fa_store(dq, head(blk, 0), r0, L, c0, one, accumulate)
     # dkv
-    for bx,by,bz in itertools.product(range(chunks), range(d//DC), range(n*H)):
-        img,h=divmod(bz,H); Q=qkv[img][:, h*d:(h+1)*d]; K=qkv[img][:, inner+h*d:inner+(h+1)*d]; V=qkv[img][:, 2*inner+h*d:2*inner+(h+1)*d]
-        dO=dout[img][:, h*d:(h+1)*d]
-        r0=bx*ROWS; c0=by*DC
+    for blk in blocks(qkv, y, dout, L, H, d):
+        Q,K,V,dO,r0,c0,bz=(blk[k] for k in ('Q','K','V','dO','r0','c0','bz'))
         sm=Smem(8*SLICE+4*PANEL+4*CHUNK); ks=0; vs=2*SLICE; qs=4*SLICE; dos=6*SLICE; qp=8*SLICE; dop=qp+2*PANEL; lse_s=dop+2*PANEL; dsum_s=lse_s+2*CHUNK
         def panels(qc):
             b=qc&1
@@ -226,17 +235,8 @@ def backward(qkv, y, dout, lse, n, L, H, d, scale, g0, accumulate):
             fa_c_product(sm, dv[w], ST, dop+b*PANEL)
             fa_c_product(sm, dk[w], DPT, qp+b*PANEL)
         mainloop(sm, steps, slices, issue, [(ks, qs), (vs, dos)], end_of_chunk)
-        for w in range(4):
-            for l in range(32):
-                g,q=l>>2,l&3
-                for r in range(2):
-                    row=r0+w*16+g+8*r
-                    if row>=L: continue
-                    for t in range(8):
-                        for j in range(2):
-                            for part,acc in ((1,dk),(2,dv)):
-                                c=part*inner+h*d+c0+8*t+2*q+j
-                                dqkv[img,row,c]=acc[w][l][t][2*r+j]+(dqkv[img,row,c] if accumulate else 0)
+        fa_store(dk, head(blk, 1), r0, L, c0, one, accumulate)
+        fa_store(dv, head(blk, 2), r0, L, c0, one, accumulate)
     return dqkv
 
 def reference(qkv, dout, n, L, H, d, scale, g0, accumulate):

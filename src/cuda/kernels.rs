@@ -201,6 +201,18 @@ pub(crate) struct Capabilities {
     pub gn_clusters: bool,
 }
 
+impl Capabilities {
+    /// The most blocks a one-pass GroupNorm may give a group here ([`plan_norm`]'s
+    /// `one_pass_blocks`).
+    pub fn one_pass_blocks(&self) -> u32 {
+        if self.gn_clusters {
+            GN_CLUSTER_MAX
+        } else {
+            1
+        }
+    }
+}
+
 /// Whether the fused attention kernels take heads of `head_dim` (whole 64-column chunks).
 pub(crate) fn flash_fits(head_dim: usize) -> bool {
     head_dim > 0 && head_dim % FLASH_TILE == 0
@@ -666,18 +678,11 @@ pub(crate) fn plan_wgmma_clustered(
     precision: Precision,
 ) -> Option<ConvLaunch> {
     let mut l = plan_wgmma(s, sms, precision)?;
-    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
-    let ktiles = s.k().div_ceil(WGMMA_SLICE).max(1);
-    let splits = tc_splits(
-        tiles,
-        ktiles,
-        2 * sms.max(1),
-        MAX_CLUSTER_SPLITS,
-        CLUSTER_SPLIT_SLICES,
-    );
-    let per = ktiles.div_ceil(splits) * WGMMA_SLICE;
-    l.splits = s.k().div_ceil(per).max(1);
-    l.k_per_split = per;
+    let clustered = split_k_by(s, l.kernel, WGMMA_SLICE, 2 * sms.max(1), |t, k, slots| {
+        tc_splits(t, k, slots, MAX_CLUSTER_SPLITS, CLUSTER_SPLIT_SLICES)
+    });
+    l.splits = clustered.splits;
+    l.k_per_split = clustered.k_per_split;
     Some(l)
 }
 
@@ -793,14 +798,25 @@ fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaun
 
 /// [`split_k`] for `slots` blocks running at once.
 fn split_k_on(s: &ConvShape, kernel: ConvKernel, bk: usize, slots: usize) -> ConvLaunch {
+    split_k_by(s, kernel, bk, slots, |tiles, ktiles, slots| match kernel {
+        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
+        _ => simt_splits(tiles, ktiles, slots),
+    })
+}
+
+/// The launch of `kernel` with K in whole slices of `bk` split as `choose(tiles, K slices,
+/// slots)` asks (a rule below), rounded to equal whole slices per split.
+fn split_k_by(
+    s: &ConvShape,
+    kernel: ConvKernel,
+    bk: usize,
+    slots: usize,
+    choose: impl Fn(usize, usize, usize) -> usize,
+) -> ConvLaunch {
     let k = s.k();
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
-    let splits = match kernel {
-        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
-        _ => simt_splits(tiles, ktiles, slots),
-    };
-    let per = ktiles.div_ceil(splits) * bk;
+    let per = ktiles.div_ceil(choose(tiles, ktiles, slots)) * bk;
     ConvLaunch::new(kernel, k.div_ceil(per).max(1), per)
 }
 
@@ -993,6 +1009,27 @@ pub(crate) fn plan_norm(
         one_pass: one_pass_shape(hw, c / groups.max(1), one_pass_blocks),
         from_producer: false,
     }
+}
+
+/// The distinct ways a GroupNorm of these sizes can run, for the selftest and the sweep: three
+/// launches, then one pass in one block a group and in clusters of up to `max_blocks` where the
+/// groups allow them.
+pub(crate) fn norm_forms(
+    n: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    sms: usize,
+    max_blocks: u32,
+) -> Vec<NormSplit> {
+    let mut out: Vec<NormSplit> = Vec::new();
+    for blocks in [0, 1, max_blocks] {
+        let split = plan_norm(n, hw, c, groups, sms, blocks);
+        if (blocks == 0 || split.one_pass.is_some()) && !out.contains(&split) {
+            out.push(split);
+        }
+    }
+    out
 }
 
 impl NormSplit {
@@ -1362,6 +1399,31 @@ impl Kernels {
             }
             _ => (None, None),
         };
+        // The fused attention where a block may have its shared memory.
+        let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
+            let names = [
+                "attention_flash_forward",
+                "attention_flash_backward_dq",
+                "attention_flash_backward_dkv",
+            ];
+            let mut fs = Vec::new();
+            for (name, bytes) in names.into_iter().zip(FLASH_SMEM) {
+                fs.push(allow_smem(ctx, get("attention", name)?, bytes)?);
+            }
+            Some(
+                fs.try_into()
+                    .map_err(|_| Error::Cuda("internal: fused attention kernels".into()))?,
+            )
+        } else {
+            None
+        };
+        // One-pass GroupNorms in clusters where the driver says a cluster of the largest fits.
+        let gn_one_pass = get("norm", "gn_one_pass")?;
+        let gn_bwd_one_pass = get("norm", "gn_bwd_one_pass")?;
+        let fits =
+            |f: &CudaFunction| max_active_clusters(f, 1024, GN_CLUSTER_MAX).is_ok_and(|n| n > 0);
+        let gn_clusters =
+            info.compute_capability.0 >= 9 && fits(&gn_one_pass) && fits(&gn_bwd_one_pass);
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             pdl: pdl_wanted(info.compute_capability),
@@ -1389,24 +1451,7 @@ impl Kernels {
             gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
-            attention_flash: match FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
-                true => {
-                    let names = [
-                        "attention_flash_forward",
-                        "attention_flash_backward_dq",
-                        "attention_flash_backward_dkv",
-                    ];
-                    let mut fs = Vec::new();
-                    for (name, bytes) in names.into_iter().zip(FLASH_SMEM) {
-                        fs.push(allow_smem(ctx, get("attention", name)?, bytes)?);
-                    }
-                    Some(
-                        fs.try_into()
-                            .map_err(|_| Error::Cuda("internal: fused attention kernels".into()))?,
-                    )
-                }
-                false => None,
-            },
+            attention_flash,
             linear_rows: get("linear", "linear_rows")?,
             linear_batch: get("linear", "linear_batch")?,
             gn_partial: get("norm", "gn_partial")?,
@@ -1417,14 +1462,9 @@ impl Kernels {
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
             gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
-            gn_clusters: info.compute_capability.0 >= 9 && {
-                let fits = |f: &CudaFunction| {
-                    max_active_clusters(f, 1024, GN_CLUSTER_MAX).is_ok_and(|n| n > 0)
-                };
-                fits(&get("norm", "gn_one_pass")?) && fits(&get("norm", "gn_bwd_one_pass")?)
-            },
-            gn_one_pass: get("norm", "gn_one_pass")?,
-            gn_bwd_one_pass: get("norm", "gn_bwd_one_pass")?,
+            gn_clusters,
+            gn_one_pass,
+            gn_bwd_one_pass,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,

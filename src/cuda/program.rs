@@ -139,15 +139,14 @@ impl KernelConfig {
     /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), each kernel that not
     /// every device runs only where this one does (`here`).
     pub fn from_switches(here: Capabilities) -> Self {
-        let (wgmma_here, flash_here) = (here.wgmma, here.flash);
         let on = |name| switches::is(name, "1");
+        let gn_clusters = here.gn_clusters && on("INVDIFF_GN_CLUSTER");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
-            wgmma: wgmma_here && !switches::is("INVDIFF_WGMMA", "0"),
+            wgmma: here.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
             // Clustered GroupNorms extend the one-pass ones, so they bring them along.
-            gn_one_pass: on("INVDIFF_GN_ONE_PASS")
-                || (here.gn_clusters && on("INVDIFF_GN_CLUSTER")),
-            gn_clusters: here.gn_clusters && on("INVDIFF_GN_CLUSTER"),
+            gn_one_pass: on("INVDIFF_GN_ONE_PASS") || gn_clusters,
+            gn_clusters,
             half_concat: on("INVDIFF_HALF_CONCAT"),
             cluster_split_k: on("INVDIFF_CLUSTER_SPLITK")
                 || switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
@@ -156,7 +155,7 @@ impl KernelConfig {
             alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
             row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
             attention_tf32: on("INVDIFF_ATTN_TF32"),
-            attention_flash: flash_here && on("INVDIFF_ATTN_FLASH"),
+            attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             tall_tiles: on("INVDIFF_WGMMA_TALL"),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
             // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.

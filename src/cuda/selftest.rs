@@ -12,9 +12,9 @@ use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    at, flash_fits, gn_partial_fits, linear_batch_table, on_tile, plan_conv, plan_conv_at,
-    plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm, NormDims,
-    NormInput, OnePass, ProbeCounters, WgmmaTile, GN_CLUSTER_MAX, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    at, flash_fits, gn_partial_fits, linear_batch_table, norm_forms, on_tile, plan_conv,
+    plan_conv_at, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, Gemm,
+    NormDims, NormInput, OnePass, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::precision::Precision;
 use super::unet::{attention_backward, attention_forward, Attn, AttnKernel, CudaUnet};
@@ -1479,21 +1479,8 @@ impl Tester<'_> {
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
             // Three launches; one pass where the groups are small enough, in one block a
             // group, then in a cluster of several (Hopper) where one block is not enough.
-            let clusters = if gpu.kernels.capabilities().gn_clusters {
-                GN_CLUSTER_MAX
-            } else {
-                1
-            };
-            for one_pass_blocks in [0, 1, clusters] {
-                let split = plan_norm(n, hw, c, groups, gpu.sms(), one_pass_blocks);
-                let same_as_before = match (one_pass_blocks, split.one_pass) {
-                    (0, _) => false,
-                    (_, None) => true,
-                    (b, Some(shape)) => b > 1 && shape.blocks == 1,
-                };
-                if same_as_before {
-                    continue;
-                }
+            let most = gpu.kernels.capabilities().one_pass_blocks();
+            for split in norm_forms(n, hw, c, groups, gpu.sms(), most) {
                 let nd = NormDims {
                     n,
                     hw,

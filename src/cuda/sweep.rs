@@ -27,9 +27,9 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    on_tile, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims, NormSplit,
-    ProbeCounters, WgmmaTile, GN_CLUSTER_MAX, MAX_CLUSTER_SPLITS, WGMMA_PROBE_COUNTERS,
-    WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    norm_forms, on_tile, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims,
+    ProbeCounters, WgmmaTile, MAX_CLUSTER_SPLITS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -461,11 +461,7 @@ pub fn sweep_group_norms(
 ) -> Result<Vec<NormSweepRow>> {
     let (gpu, program) = open_and_plan(ordinal, graph, n, h, w, record, precision, iters)?;
     let norms = distinct_norms(&program.steps, n, h, w);
-    let clusters = if gpu.kernels.capabilities().gn_clusters {
-        GN_CLUSTER_MAX
-    } else {
-        1
-    };
+    let clusters = gpu.kernels.capabilities().one_pass_blocks();
     let st = &gpu.stream;
     let mut seed = 0x6_7EE9;
     let mut rows = Vec::new();
@@ -481,13 +477,7 @@ pub fn sweep_group_norms(
         let three = plan_norm(n, hw, c, groups, gpu.sms(), 0);
         let partial = DevBuf::zeros(st, three.partial_len(n, c))?;
         let mut forms = Vec::new();
-        let mut seen: Vec<NormSplit> = Vec::new();
-        for blocks in [0, 1, clusters] {
-            let split = plan_norm(n, hw, c, groups, gpu.sms(), blocks);
-            if (blocks > 0 && split.one_pass.is_none()) || seen.contains(&split) {
-                continue;
-            }
-            seen.push(split);
+        for split in norm_forms(n, hw, c, groups, gpu.sms(), clusters) {
             let d = NormDims {
                 n,
                 hw,

@@ -1176,7 +1176,7 @@ fn launch(
             },
             p(qkv),
             p(saved),
-            y.map_or(0, p),
+            opt(y),
             p(dy),
             p(dqkv),
             p(scratch),
