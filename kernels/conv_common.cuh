@@ -28,6 +28,8 @@ struct ConvArgs {
     // and shift ([n][2 * sc], norm.cu's) they apply, then SiLU if norm_silu, as they load it.
     const float* norm;
     int norm_silu;
+    // Tensor-core kernels: ask L2 for the block's weights before pdl_entry() (prefetch_tap).
+    int prefetch_w;
     // The halo convolutions only, unsplit: the GroupNorm partial sums of the output, in
     // norm.cu's layout with one chunk per tile (gn_partial's pass then does not run).
     double* gn_partial;
@@ -95,6 +97,56 @@ DEVI KSplit k_split(const ConvArgs& a, int bk) {
     const int kb = blockIdx.z * a.k_per_split;
     const int ke = min(K, kb + a.k_per_split);
     return {kb, ke, ke > kb ? (ke - kb + bk - 1) / bk : 0};
+}
+
+// Weight prefetch (ConvArgs::prefetch_w; a candidate until timed on a GPU). A convolution's
+// weights are the one operand no launch of a program writes, so a block may ask L2 for its
+// whole share of them before pdl_entry(): under PDL while the grid before it still runs, and
+// in any case all at once rather than one pipeline slice ahead. (In the v0.4 b1 sweep the
+// splits of the low-resolution launches took ~0.8 us a K slice, each slice waiting for its
+// weights from HBM.) prefetch.global.L2 is a hint: no value changes. The blocks that read the
+// same weights (the same column tile and split, any blockIdx.x) share the lines between them.
+//
+// The weights of tap slot t (weight tap tw) and channels [lo, hi) for columns [n0, n0 + 128):
+// `kmajor` (wgmma's layout) rows (tap, column) of sc values, otherwise (conv_tc.cu's) rows
+// (tap, channel) of ncols values; esz bytes a value.
+DEVI void prefetch_tap(const ConvArgs& a, int tw, int lo, int hi, int n0, bool kmajor, int esz) {
+    const int cols = min(128, a.ncols - n0);
+    if (lo >= hi || cols <= 0) return;
+    const char* const w = static_cast<const char*>(a.w);
+    const char* first;
+    long long pitch;
+    int rows, bytes;
+    if (kmajor) {
+        first = w + (((long long)tw * a.ncols + n0) * a.sc + lo) * esz;
+        pitch = (long long)a.sc * esz;
+        rows = cols;
+        bytes = (hi - lo) * esz;
+    } else {
+        first = w + (((long long)tw * a.sc + lo) * a.ncols + n0) * esz;
+        pitch = (long long)a.ncols * esz;
+        rows = hi - lo;
+        bytes = cols * esz;
+    }
+    // The 128-byte lines a row may touch, counted from the line holding its first byte.
+    const int lines = (bytes + 254) >> 7;
+    const int total = rows * lines;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const int r = i / lines;
+        const uintptr_t row = reinterpret_cast<uintptr_t>(first + r * pitch);
+        const uintptr_t line = (row & ~uintptr_t(127)) + (uintptr_t(i - r * lines) << 7);
+        if (line < row + bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    }
+}
+
+// prefetch_tap over the K range [kb, ke) of the taps-major order (k = tap slot x sc + channel).
+// The taps unrolled: a run-time index into the parameter block would copy it to local memory.
+DEVI void prefetch_k_range(const ConvArgs& a, int kb, int ke, int n0, bool kmajor, int esz) {
+#pragma unroll
+    for (int t = 0; t < 9; ++t) {
+        if (t < a.taps)
+            prefetch_tap(a, a.tap_w[t], max(kb - t * a.sc, 0), min(ke - t * a.sc, a.sc), n0, kmajor, esz);
+    }
 }
 
 DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {

@@ -749,6 +749,23 @@ DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* pro
         wg_body<T, PROBE, ROWS, Tile>(a, smem, probe);
 }
 
+// The weights a block of `Tile` reads, asked of L2 (prefetch_tap) where the host says so.
+template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
+    if (!a.prefetch_w) return;
+    const int n0 = blockIdx.y * WG_TN;
+    if constexpr (IS_HALO<Tile>) {
+        // Split blockIdx.z: channel slices [cs0, cs0 + per) of all nine taps (wg_halo_body).
+        const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
+        const int lo = blockIdx.z * per * HALO_BK;
+#pragma unroll
+        for (int t = 0; t < HALO_TAPS; ++t)
+            prefetch_tap(a, a.tap_w[t], lo, min(a.sc, lo + per * HALO_BK), n0, true, 2);
+    } else {
+        const KSplit ks = k_split(a, WG_BK);
+        prefetch_k_range(a, ks.kb, ks.ke, n0, true, 2);
+    }
+}
+
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
 // dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
 // aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
@@ -756,6 +773,7 @@ DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* pro
 #define WG_KERNEL(name, T, ROWS, TILE)                                                               \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a) {                                                                      \
+        wg_prefetch_weights<TILE>(a);                                                                 \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_run<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                          \
@@ -764,6 +782,7 @@ DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* pro
 #define WG_PROBE_KERNEL(name, T, ROWS, TILE)                                                         \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, unsigned long long* probe) {                                           \
+        wg_prefetch_weights<TILE>(a);                                                                 \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_run<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \

@@ -102,6 +102,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` uses programmatic dependent launch",
     ),
     switch(
+        "INVDIFF_PREFETCH_WEIGHTS",
+        "GPU candidate: `1` has tensor-core convolutions ask L2 for their weights first",
+    ),
+    switch(
         "INVDIFF_STREAMS",
         "GPU candidate: 2-4 runs independent steps on that many streams",
     ),

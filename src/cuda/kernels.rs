@@ -81,7 +81,7 @@ struct ConvArgs {
     tap_w: [i32; 9],
     norm: DPtr,
     norm_silu: i32,
-    _pad: i32,
+    prefetch_w: i32,
     gn_partial: DPtr,
 }
 const _: () = assert!(std::mem::size_of::<ConvArgs>() == 256);
@@ -463,6 +463,10 @@ pub(crate) struct ConvLaunch {
     pub row_epilogue: bool,
     /// With `wgmma`: its tile; with `cluster` only one that [`WgmmaTile::clusters`].
     pub tile: WgmmaTile,
+    /// Tensor cores: every block first asks L2 for the weights it will read, before waiting
+    /// for the grid it depends on (`prefetch_tap` in kernels/conv_common.cuh): a hint, the
+    /// same results.
+    pub prefetch_weights: bool,
     /// With a halo tile: what it does to the input as it loads it ([`ConvPtrs::norm`]).
     pub norm_input: NormInput,
 }
@@ -892,6 +896,7 @@ impl ConvLaunch {
             row_epilogue: false,
             tile: WgmmaTile::Plain,
             norm_input: NormInput::None,
+            prefetch_weights: false,
         }
     }
 
@@ -1622,6 +1627,7 @@ impl Kernels {
             out_div,
             norm: p.norm,
             norm_silu: i32::from(plan.norm_input == NormInput::AffineSilu),
+            prefetch_w: i32::from(plan.prefetch_weights),
             gn_partial: p.gn_partial,
             ..ConvArgs::default()
         };
@@ -1647,6 +1653,7 @@ impl Kernels {
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
+            || (plan.prefetch_weights && !tensor)
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
             || (plan.wgmma && !plan.tile.takes(s, plan))
             || ((plan.norm_input != NormInput::None) != (p.norm != 0))
@@ -1655,12 +1662,14 @@ impl Kernels {
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, tile {:?}, cluster {} and input {:?} (scale and shift {})",
+                 row epilogue {}, weight prefetch {}, tile {:?}, cluster {} and input {:?} \
+                 (scale and shift {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
                 plan.wgmma,
                 plan.row_epilogue,
+                plan.prefetch_weights,
                 plan.tile,
                 plan.cluster,
                 plan.norm_input,

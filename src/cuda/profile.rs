@@ -88,7 +88,8 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
     }
-    let launches = 1 + usize::from(c.launch.splits > 1);
+    // A split reduced in a cluster needs no reduction launch.
+    let launches = 1 + usize::from(c.launch.splits > 1 && !c.launch.cluster);
     let (kind, shape) = match c.w.kind {
         // Token-wise linear layers: one-tap products over n * tokens rows.
         WKind::LinearT | WKind::Linear => {
@@ -840,6 +841,41 @@ mod tests {
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json["steps"][0]["pass"], "forward");
         assert_eq!(json["steps"][3]["label"], "b [vec]");
+    }
+
+    /// Launches per batch-1 program (bf16, wgmma, 132 multiprocessors): the default's are what
+    /// the v0.4 H200 profile counted (455 per forward, 996 per DPS step), the candidates'
+    /// together PERF.md's census. A split reduced in a cluster is one launch.
+    #[test]
+    fn launch_census_of_the_batch_1_programs() {
+        use crate::cuda::program::KernelConfig;
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let count = |tc: KernelConfig| {
+            [false, true].map(|record| {
+                let p =
+                    Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, tc).unwrap();
+                p.step_infos().iter().map(|i| i.launches).sum::<usize>()
+            })
+        };
+        let base = KernelConfig {
+            wgmma: true,
+            ..KernelConfig::default()
+        };
+        assert_eq!(count(base), [455, 996]);
+        let fewer = KernelConfig {
+            gn_one_pass: true,
+            gn_clusters: true,
+            cluster_split_k: true,
+            cluster_plan: true,
+            attention_flash: true,
+            alias_residual_grads: true,
+            half_copy: true,
+            halo_tiles: true,
+            halo_norm: true,
+            halo_stats: true,
+            ..base
+        };
+        assert_eq!(count(fewer), [252, 616]);
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub(crate) struct KernelConfig {
     /// four output pairs issued before their stores ([`ConvLaunch::row_epilogue`]): the same
     /// arithmetic.
     pub row_epilogue: bool,
+    /// Tensor-core convolutions ask L2 for each block's weights before waiting for the launch
+    /// before them ([`ConvLaunch::prefetch_weights`]): under `INVDIFF_PDL` while that launch
+    /// still runs, and otherwise all at once rather than a pipeline slice ahead.
+    pub prefetch_weights: bool,
     /// Below fp32 (the convolutions in bf16, fp16 or tf32): the attention products on the
     /// tf32 tensor cores ([`Gemm::tf32`](super::kernels::Gemm)) instead of fp32 FMAs; the
     /// softmax stays fp32.
@@ -123,6 +127,7 @@ impl Default for KernelConfig {
             half_copy: false,
             alias_residual_grads: false,
             row_epilogue: false,
+            prefetch_weights: false,
             attention_tf32: false,
             attention_flash: false,
             tall_tiles: false,
@@ -154,6 +159,7 @@ impl KernelConfig {
             half_copy: on("INVDIFF_HALF_COPY"),
             alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
             row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
+            prefetch_weights: on("INVDIFF_PREFETCH_WEIGHTS"),
             attention_tf32: on("INVDIFF_ATTN_TF32"),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             tall_tiles: on("INVDIFF_WGMMA_TALL"),
@@ -182,6 +188,7 @@ impl KernelConfig {
             (self.half_copy, "16-bit input copies"),
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),
+            (self.prefetch_weights, "weight prefetch"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
             (self.tall_tiles, "tall wgmma tiles"),
@@ -1435,6 +1442,8 @@ impl Lowering<'_> {
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
+        launch.prefetch_weights =
+            self.choice.prefetch_weights && matches!(launch.kernel, ConvKernel::Tensor(_));
         let plain = launch.wgmma && launch.tile == WgmmaTile::Plain;
         // One tall block per multiprocessor: only unsplit, where they fill the machine at least
         // once.
@@ -2608,6 +2617,41 @@ mod tests {
         }
     }
 
+    /// prefetch_weights marks every tensor-core convolution launch and changes nothing else.
+    #[test]
+    fn weight_prefetch_on_every_tensor_core_convolution() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        for precision in [Precision::Bf16, Precision::Fp32] {
+            let build = |prefetch_weights| {
+                let tc = KernelConfig {
+                    wgmma: true,
+                    prefetch_weights,
+                    ..KernelConfig::default()
+                };
+                Program::build_with(&g, 1, 64, 64, true, 132, precision, tc).unwrap()
+            };
+            let (plain, marked) = (build(false), build(true));
+            assert_eq!(plain.steps.len(), marked.steps.len());
+            let mut tensor = 0;
+            for (a, b) in plain.steps.iter().zip(&marked.steps) {
+                match (a, b) {
+                    (Step::Conv(a), Step::Conv(b)) => {
+                        let tc = matches!(a.launch.kernel, ConvKernel::Tensor(_));
+                        assert_eq!(b.launch.prefetch_weights, tc);
+                        let unmarked = ConvLaunch {
+                            prefetch_weights: false,
+                            ..b.launch
+                        };
+                        assert_eq!(unmarked, a.launch);
+                        tensor += usize::from(tc);
+                    }
+                    (a, b) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
+                }
+            }
+            assert_eq!(tensor > 0, precision == Precision::Bf16);
+        }
+    }
+
     /// With alias_residual_grads no gradient starts as a copy: every residual's first
     /// contribution is its block output's gradient buffer.
     #[test]
@@ -2913,7 +2957,7 @@ mod tests {
     #[test]
     fn every_choice_has_a_name() {
         assert!(KernelConfig::default().describe().is_empty());
-        let flags: [fn(&mut KernelConfig); 18] = [
+        let flags: [fn(&mut KernelConfig); 19] = [
             |c| c.deep = false,
             |c| c.wgmma = true,
             |c| c.gn_one_pass = true,
@@ -2924,6 +2968,7 @@ mod tests {
             |c| c.half_copy = true,
             |c| c.alias_residual_grads = true,
             |c| c.row_epilogue = true,
+            |c| c.prefetch_weights = true,
             |c| c.attention_tf32 = true,
             |c| c.attention_flash = true,
             |c| c.tall_tiles = true,

@@ -756,7 +756,8 @@ impl Tester<'_> {
                         tolerance,
                     );
                 }
-                if out_div == 1.0 {
+                // (The prefetch happens before the counted phases: no probe of its own.)
+                if out_div == 1.0 && !v.prefetch_weights {
                     self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
                 }
             }
@@ -825,6 +826,7 @@ impl Tester<'_> {
                         deep: deep.deep,
                         half_input: deep.half_input,
                         row_epilogue: deep.row_epilogue,
+                        prefetch_weights: deep.prefetch_weights,
                         ..*p
                     })
                     .collect();
@@ -893,6 +895,7 @@ impl Tester<'_> {
                         .zip(&shapes)
                         .map(|(p, s)| ConvLaunch {
                             row_epilogue: form.row_epilogue,
+                            prefetch_weights: form.prefetch_weights,
                             ..on_tile(*p, s, form.tile).unwrap_or(*p)
                         })
                         .collect();
@@ -1238,11 +1241,12 @@ impl Tester<'_> {
         };
         let mut out = Vec::new();
         // Each pipeline with both epilogues (the row epilogue computes the same, in the same
-        // order).
-        for row_epilogue in [false, true] {
+        // order), and with the weight prefetch (a hint: the same bits).
+        for (row_epilogue, prefetch_weights) in [(false, false), (true, false), (false, true)] {
             let deep = ConvLaunch {
                 deep: true,
                 row_epilogue,
+                prefetch_weights,
                 ..plan
             };
             out.push((deep, None));
@@ -2397,8 +2401,9 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
 const WGMMA_VS_MMA: f64 = 1e-5;
 
 /// Every other form of wgmma launch `p` of `shape` ([`on_tile`]), each tile with each
-/// epilogue, and how far it may be from `p`'s result: 0 (the same sums in the same order), or
-/// [`WGMMA_VS_MMA`] for the halo tiles (channel slices outer), where they take the launch.
+/// epilogue and with the weight prefetch, and how far it may be from `p`'s result: 0 (the same
+/// sums in the same order), or [`WGMMA_VS_MMA`] for the halo tiles (channel slices outer),
+/// where they take the launch.
 fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<(ConvLaunch, f64)> {
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
@@ -2406,8 +2411,12 @@ fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<(ConvLaunch, f64)> {
             continue;
         };
         let tolerance = if tile.is_halo() { WGMMA_VS_MMA } else { 0.0 };
-        for row_epilogue in [false, true] {
-            let v = ConvLaunch { row_epilogue, ..v };
+        for (row_epilogue, prefetch_weights) in [(false, false), (true, false), (false, true)] {
+            let v = ConvLaunch {
+                row_epilogue,
+                prefetch_weights,
+                ..v
+            };
             if v != p {
                 out.push((v, tolerance));
             }
@@ -2424,6 +2433,9 @@ fn wgmma_path(p: &ConvLaunch) -> String {
     if p.row_epilogue {
         s += ", row epilogue";
     }
+    if p.prefetch_weights {
+        s += ", weight prefetch";
+    }
     s
 }
 
@@ -2435,7 +2447,12 @@ fn deep_path(p: &ConvLaunch) -> String {
         _ => "staged",
     };
     let rows = if p.row_epilogue { ", row epilogue" } else { "" };
-    format!("{}, {pipe}{rows}", path(p.kernel, p.splits))
+    let prefetch = if p.prefetch_weights {
+        ", weight prefetch"
+    } else {
+        ""
+    };
+    format!("{}, {pipe}{rows}{prefetch}", path(p.kernel, p.splits))
 }
 
 fn path(k: ConvKernel, splits: usize) -> String {
