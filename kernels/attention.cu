@@ -104,9 +104,9 @@ struct FlashArgs {
     int accumulate;    // backward: dqkv += instead of =
     int pad_;
 };
-static_assert(sizeof(FlashArgs) == 72, "FlashArgs must match src/cuda/kernels.rs");
+static_assert(sizeof(FlashArgs) == 72, "FlashArgs must match src/cuda/kernels/attention.rs");
 
-// Dynamic shared memory, bytes (src/cuda/kernels.rs FLASH_SMEM has the same three).
+// Dynamic shared memory, bytes (src/cuda/kernels/attention.rs FLASH_SMEM has the same three).
 constexpr unsigned FLASH_FWD_SMEM = (2 * 2 * fa::SLICE + 2 * fa::PANEL) * 4;                       // 71,680
 constexpr unsigned FLASH_DQ_SMEM = (4 * 2 * fa::SLICE + 2 * fa::PANEL + fa::ROWS) * 4;              // 108,800
 constexpr unsigned FLASH_DKV_SMEM = (4 * 2 * fa::SLICE + 2 * 2 * fa::PANEL + 2 * 2 * fa::CHUNK) * 4; // 144,384

@@ -1,5 +1,5 @@
 // What the two convolution kernel families (conv.cu: fp32 SIMT; conv_tc.cu: tensor cores)
-// share: the problem description the host fills (src/cuda/kernels.rs), the mapping of GEMM rows
+// share: the problem description the host fills (src/cuda/kernels/conv.rs), the mapping of GEMM rows
 // to pixels, and the epilogue, so that both round every output the same way; the 3x3 window
 // of taps that conv.cu's direct kernels work on.
 #pragma once
@@ -34,7 +34,7 @@ struct ConvArgs {
     // norm.cu's layout with one chunk per tile (gn_partial's pass then does not run).
     double* gn_partial;
 };
-static_assert(sizeof(ConvArgs) == 256, "ConvArgs must match src/cuda/kernels.rs");
+static_assert(sizeof(ConvArgs) == 256, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;

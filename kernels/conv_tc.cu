@@ -71,17 +71,17 @@ constexpr int STAGE = A_STAGE + B_STAGE;
 // staging area, STAGED_STAGES stages, each thread converting its own chunks into one of two
 // 16-bit A tiles. On sm_90 two 256-thread blocks per multiprocessor fit either way (2 x 74 /
 // 93.5 KB); both fit the 99 KB a block may have on sm_86/89.
-// src/cuda/kernels.rs passes ASYNC_SMEM and STAGED_SMEM as dynamic shared memory.
+// src/cuda/kernels/conv.rs passes ASYNC_SMEM and STAGED_SMEM as dynamic shared memory.
 enum Pipe { TWO = 0, ASYNC = 1, STAGED = 2 };
 constexpr int ASYNC_STAGES = 4;
 constexpr int ASYNC_SMEM = ASYNC_STAGES * STAGE;
-static_assert(ASYNC_SMEM == 75776, "ASYNC_SMEM must match TC_ASYNC_SMEM in src/cuda/kernels.rs");
+static_assert(ASYNC_SMEM == 75776, "ASYNC_SMEM must match TC_ASYNC_SMEM in src/cuda/kernels/conv.rs");
 constexpr int STAGED_STAGES = 3;
 constexpr int STG_PITCH = 128;  // bytes per staged fp32 row (32 channels)
 constexpr int STG_A = TBM * STG_PITCH;
 constexpr int STG_STAGE = STG_A + B_STAGE;
 constexpr int STAGED_SMEM = STAGED_STAGES * STG_STAGE + 2 * A_STAGE;
-static_assert(STAGED_SMEM == 95744, "STAGED_SMEM must match TC_STAGED_SMEM in src/cuda/kernels.rs");
+static_assert(STAGED_SMEM == 95744, "STAGED_SMEM must match TC_STAGED_SMEM in src/cuda/kernels/conv.rs");
 
 template <int T> struct Tc {
     static constexpr int ESZ = T == TF32 ? 4 : 2;  // bytes per element in shared memory

@@ -50,7 +50,7 @@ constexpr int WG_TILE = 128 * 128;  // bytes of one operand's slice
 constexpr int WG_STAGE = 2 * WG_TILE;
 // Dynamic shared memory: the stages plus slack to align them to 1024 bytes.
 constexpr int WG_SMEM = WG_STAGES * WG_STAGE + 1024;
-static_assert(WG_SMEM == 99328, "WG_SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+static_assert(WG_SMEM == 99328, "WG_SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 
 // The tall tile (`_tall` kernels, a candidate until timed on a GPU): 256 rows x 128 columns per
 // block of four warpgroups (512 threads, one block per multiprocessor), four stages of 48 KB,
@@ -78,8 +78,8 @@ using PlainTile = WgTile<128, WG_STAGES>;
 using TallTile = WgTile<256, 4>;
 using SixStageTile = WgTile<128, 6>;
 static_assert(PlainTile::SMEM == WG_SMEM && PlainTile::BLOCKS_PER_SM == 2, "the plain kernels' tile");
-static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
-static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
+static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 
 // The halo tile (`_halo` kernels, a candidate until timed on a GPU), for 3x3 stride-1
 // convolutions (and their input gradients) whose 128-row tiles are 128 pixels of one image row
@@ -123,8 +123,8 @@ template <int TM_, int B_STAGES_> struct HaloTile {
 using PlainHaloTile = HaloTile<128, 6>;
 using TallHaloTile = HaloTile<256, 8>;
 static_assert(PlainHaloTile::SMEM == 99200 && PlainHaloTile::BLOCKS_PER_SM == 2,
-              "PlainHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
-static_assert(TallHaloTile::SMEM == 164736, "TallHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels.rs");
+              "PlainHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
+static_assert(TallHaloTile::SMEM == 164736, "TallHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 template <class T> constexpr bool IS_HALO = false;
 template <int TM, int S> constexpr bool IS_HALO<HaloTile<TM, S>> = true;
 
@@ -231,7 +231,7 @@ enum {
 // Counters of one launch: PROBE_PHASES sums of cycles, then the number of warpgroups, then
 // the number of K slices they multiplied.
 constexpr int PROBE_COUNTERS = PROBE_PHASES + 2;
-static_assert(PROBE_COUNTERS == 9, "PROBE_COUNTERS must match WGMMA_PROBE_COUNTERS in src/cuda/kernels.rs");
+static_assert(PROBE_COUNTERS == 9, "PROBE_COUNTERS must match WGMMA_PROBE_COUNTERS in src/cuda/kernels/conv.rs");
 
 template <bool ON> struct Probe {
     DEVI void start() {}

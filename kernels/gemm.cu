@@ -23,7 +23,7 @@ struct GemmArgs {
     float alpha;
     int accumulate;
 };
-static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels.rs");
+static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels/attention.rs");
 
 // K slice of every tile: 64 deep.
 constexpr int TK = 64;

@@ -46,8 +46,8 @@ extern "C" __global__ void linear_rows(const float* x, const float* w, const flo
 }
 
 // One layer of linear_batch: its weights [out, inp], bias and output [rows, out], its width and
-// the sum of the widths of the layers before it. kernels.rs `LinearItem` writes it field for
-// field (32 bytes).
+// the sum of the widths of the layers before it. `LinearItem` (src/cuda/kernels/linear.rs)
+// writes it field for field (32 bytes).
 struct LinearItem {
     const float* w;
     const float* bias;

@@ -80,7 +80,7 @@ pub(crate) struct KernelConfig {
     /// softmax stays fp32.
     pub attention_tf32: bool,
     /// Below fp32: attentions whose heads are whole 64-column chunks
-    /// ([`flash_fits`](super::kernels::flash_fits)) run fused ([`AttnKernel::Flash`], tf32
+    /// ([`flash_fits`]) run fused ([`AttnKernel::Flash`], tf32
     /// tensor cores, no P in memory; three launches per forward and backward pair instead of
     /// eight). Ahead of `attention_tf32` where both apply.
     pub attention_flash: bool,

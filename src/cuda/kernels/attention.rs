@@ -1,0 +1,322 @@
+//! Attention (kernels/attention.cu, gemm.cu): the batched products and softmax of the unfused
+//! attention, and the fused FlashAttention-style kernels.
+
+use cudarc::driver::{CudaStream, DeviceRepr};
+
+use super::{cfg, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
+use crate::cuda::device::cu;
+use crate::{Error, Result};
+
+/// GemmArgs of kernels/gemm.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GemmArgs {
+    a: DPtr,
+    b: DPtr,
+    c: DPtr,
+    a_rs: i64,
+    a_cs: i64,
+    b_rs: i64,
+    b_cs: i64,
+    c_rs: i64,
+    a_bo: i64,
+    a_bi: i64,
+    b_bo: i64,
+    b_bi: i64,
+    c_bo: i64,
+    c_bi: i64,
+    m: i32,
+    n: i32,
+    k: i32,
+    batch_inner: i32,
+    alpha: f32,
+    accumulate: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<GemmArgs>() == 136);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for GemmArgs {}
+
+/// FlashArgs of kernels/attention.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FlashArgs {
+    qkv: DPtr,
+    o: DPtr,
+    dout: DPtr,
+    y: DPtr,
+    lse: DPtr,
+    dsum: DPtr,
+    tokens: i32,
+    heads: i32,
+    head_dim: i32,
+    scale: f32,
+    accumulate: i32,
+    pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<FlashArgs>() == 72);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for FlashArgs {}
+
+/// Dynamic shared memory of the fused attention kernels (kernels/attention.cu
+/// `FLASH_*_SMEM`, which trap when given less): forward, dQ, dK and dV.
+pub(super) const FLASH_SMEM: [u32; 3] = [71_680, 108_800, 144_384];
+
+/// Rows of a fused attention block's tile and columns of its output chunk.
+const FLASH_TILE: usize = 64;
+
+/// Whether the fused attention kernels take heads of `head_dim` (whole 64-column chunks).
+pub(crate) fn flash_fits(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim % FLASH_TILE == 0
+}
+
+/// A strided batched product (see kernels/gemm.cu): element (i, k) of batch (o, b) of A is at
+/// `a + o * a_bo + b * a_bi + i * a_rs + k * a_cs`, and likewise for B and C (C's columns are
+/// contiguous).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Gemm {
+    pub a: DPtr,
+    pub b: DPtr,
+    pub c: DPtr,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a_rs: usize,
+    pub a_cs: usize,
+    pub b_rs: usize,
+    pub b_cs: usize,
+    pub c_rs: usize,
+    pub outer: usize,
+    pub inner: usize,
+    pub a_bo: usize,
+    pub a_bi: usize,
+    pub b_bo: usize,
+    pub b_bi: usize,
+    pub c_bo: usize,
+    pub c_bi: usize,
+    pub alpha: f32,
+    pub accumulate: bool,
+    /// On the tf32 tensor cores (`gemm_batched_tf32`: operands rounded to tf32, fp32 sums)
+    /// instead of fp32 FMAs.
+    pub tf32: bool,
+}
+
+impl Kernels {
+    /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
+    pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
+        // With small_tiles, 32-wide tiles where 64-wide ones would not give every
+        // multiprocessor a block (the same sums in the same order either way); the tf32
+        // kernel has 64-wide tiles only.
+        let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
+        let small = self.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
+        self.gemm_tiled(st, g, if small { 32 } else { 64 })
+    }
+
+    /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs.
+    pub(crate) fn gemm_tiled(&self, st: &CudaStream, g: &Gemm, tile: usize) -> Result<()> {
+        if !(tile == 64 || (tile == 32 && !g.tf32)) {
+            return Err(Error::Cuda(format!(
+                "internal: no {tile}-wide tiles for batched products (tf32 {})",
+                g.tf32
+            )));
+        }
+        need(g.a, "matrix A")?;
+        need(g.b, "matrix B")?;
+        need(g.c, "matrix C")?;
+        if g.m == 0 || g.n == 0 || g.outer * g.inner == 0 {
+            return Ok(());
+        }
+        let args = GemmArgs {
+            a: g.a,
+            b: g.b,
+            c: g.c,
+            a_rs: i64_of(g.a_rs),
+            a_cs: i64_of(g.a_cs),
+            b_rs: i64_of(g.b_rs),
+            b_cs: i64_of(g.b_cs),
+            c_rs: i64_of(g.c_rs),
+            a_bo: i64_of(g.a_bo),
+            a_bi: i64_of(g.a_bi),
+            b_bo: i64_of(g.b_bo),
+            b_bi: i64_of(g.b_bi),
+            c_bo: i64_of(g.c_bo),
+            c_bi: i64_of(g.c_bi),
+            m: i32_of(g.m, "rows")?,
+            n: i32_of(g.n, "columns")?,
+            k: i32_of(g.k, "reduction")?,
+            batch_inner: i32_of(g.inner, "inner batch")?,
+            alpha: g.alpha,
+            accumulate: g.accumulate as i32,
+        };
+        let batch = g.outer * g.inner;
+        if batch > 65535 || g.m.div_ceil(tile) > 65535 {
+            return Err(Error::Cuda(format!(
+                "batched product too large for one launch: batch {batch}, {} rows",
+                g.m
+            )));
+        }
+        let grid = (
+            i32_of(g.n.div_ceil(tile), "column tiles")? as u32,
+            g.m.div_ceil(tile) as u32,
+            batch as u32,
+        );
+        let f = if g.tf32 {
+            &self.gemm_batched_tf32
+        } else if tile == 32 {
+            &self.gemm_batched_32
+        } else {
+            &self.gemm_batched
+        };
+        let mut b = self.launch(st, f);
+        b.arg(&args);
+        // SAFETY: every view lies inside its buffer (the caller's contract).
+        cu(
+            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
+            "launching gemm_batched",
+        )
+    }
+
+    /// Fused attention (kernels/attention.cu, `attention_flash_*`): with `backward` None,
+    /// `y = softmax(q kᵀ / √d) v` and each query's log-sum-exp into `lse`; with
+    /// `backward = Some((o, dout, dsum, accumulate))`, `y (+)= dqkv` from the forward's
+    /// output `o`, its gradient `dout` and `lse`, with `dsum` as `[n, heads, L]` scratch.
+    /// `qkv` and `y`'s layouts are [`attention_forward`](crate::cuda::unet::attention_forward)'s;
+    /// `head_dim` must satisfy [`flash_fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_flash(
+        &self,
+        st: &CudaStream,
+        n: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv: DPtr,
+        lse: DPtr,
+        y: DPtr,
+        backward: Option<(DPtr, DPtr, DPtr, bool)>,
+    ) -> Result<()> {
+        if !flash_fits(head_dim) {
+            return Err(Error::Cuda(format!(
+                "internal: fused attention needs heads of a multiple of {FLASH_TILE} channels, \
+                 not {head_dim}"
+            )));
+        }
+        let Some(flash) = &self.attention_flash else {
+            return Err(Error::Cuda(format!(
+                "internal: fused attention planned on a device that gives a block less than \
+                 {} bytes of shared memory",
+                FLASH_SMEM[2]
+            )));
+        };
+        need(qkv, "q/k/v")?;
+        need(lse, "attention log-sum-exp")?;
+        need(y, "attention output")?;
+        // 16-byte copies of q/k/v, O and dO rows; float2 stores of y.
+        let rows = [qkv, y]
+            .into_iter()
+            .chain(backward.iter().flat_map(|b| [b.0, b.1]));
+        if rows.into_iter().any(|p| p % 16 != 0) {
+            return Err(Error::Cuda(
+                "internal: fused attention on buffers not 16-byte aligned".into(),
+            ));
+        }
+        if n * heads * tokens == 0 {
+            return Ok(());
+        }
+        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        let batch = n * heads;
+        if batch > 65535 {
+            return Err(Error::Cuda(format!(
+                "fused attention over {batch} (image, head) pairs: at most 65535 per launch"
+            )));
+        }
+        let mut args = FlashArgs {
+            qkv,
+            y,
+            lse,
+            tokens: i32_of(tokens, "tokens")?,
+            heads: i32_of(heads, "heads")?,
+            head_dim: i32_of(head_dim, "head width")?,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            ..FlashArgs::default()
+        };
+        let grid = (
+            i32_of(tokens.div_ceil(FLASH_TILE), "row tiles")? as u32,
+            (head_dim / FLASH_TILE) as u32,
+            batch as u32,
+        );
+        let kernels: &[usize] = match backward {
+            None => &[0],
+            Some((o, dout, dsum, accumulate)) => {
+                need(o, "attention output")?;
+                need(dout, "attention output gradient")?;
+                need(dsum, "attention dO . O sums")?;
+                args.o = o;
+                args.dout = dout;
+                args.dsum = dsum;
+                args.accumulate = accumulate as i32;
+                // dQ first: it writes the sums dK and dV read.
+                &[1, 2]
+            }
+        };
+        for &i in kernels {
+            let mut b = self.launch(st, &flash[i]);
+            b.arg(&args);
+            let mut launch = cfg(grid, (128, 1, 1));
+            launch.shared_mem_bytes = FLASH_SMEM[i];
+            // SAFETY: qkv, y, o and dout hold n * tokens rows of their widths, lse and dsum
+            // n * heads * tokens floats (the caller's contract); the grid covers exactly the
+            // row tiles and column chunks the kernels index.
+            cu(
+                unsafe { b.launch(launch) }.map(drop),
+                "launching fused attention",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Row softmax of `rows x len` scores in place, after scaling by `scale`.
+    pub fn softmax(
+        &self,
+        st: &CudaStream,
+        p: DPtr,
+        rows: usize,
+        len: usize,
+        scale: f32,
+    ) -> Result<()> {
+        need(p, "scores")?;
+        let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
+        let mut b = self.launch(st, &self.softmax_forward);
+        b.arg(&p).arg(&r).arg(&l).arg(&scale);
+        // SAFETY: p holds rows * len floats.
+        cu(
+            unsafe { b.launch(self.warps(rows)) }.map(drop),
+            "launching softmax_forward",
+        )
+    }
+
+    /// `ds = p (ds - rowsum(ds p)) scale` in place (ds holds dP on entry).
+    pub fn softmax_backward(
+        &self,
+        st: &CudaStream,
+        p: DPtr,
+        ds: DPtr,
+        rows: usize,
+        len: usize,
+        scale: f32,
+    ) -> Result<()> {
+        need(p, "probabilities")?;
+        need(ds, "score gradient")?;
+        let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
+        let mut b = self.launch(st, &self.softmax_backward);
+        b.arg(&p).arg(&ds).arg(&r).arg(&l).arg(&scale);
+        // SAFETY: p and ds hold rows * len floats.
+        cu(
+            unsafe { b.launch(self.warps(rows)) }.map(drop),
+            "launching softmax_backward",
+        )
+    }
+}

@@ -1,0 +1,708 @@
+//! Launchers of the convolution kernels (kernels/conv.cu, conv_tc.cu, conv_wgmma.cu): the
+//! argument block they share, the tensor-core kernel tables, and the checks before each launch.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+
+use super::{
+    cfg, direct_fits, gn_partial_fits, half_kind, i32_of, i64_of, need, tc_slice, ConvKernel,
+    ConvLaunch, ConvPtrs, ConvShape, DPtr, Kernels, NormInput, WgmmaTile, BLOCK, DIRECT_MAX,
+    MAX_CLUSTER_SPLITS, TILE,
+};
+use crate::cuda::device::cu;
+use crate::cuda::precision::Precision;
+use crate::{Error, Result};
+
+/// ConvArgs of kernels/conv.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ConvArgs {
+    x: DPtr,
+    w: DPtr,
+    y: DPtr,
+    bias: DPtr,
+    temb: DPtr,
+    res: DPtr,
+    ws: DPtr,
+    n: i32,
+    mh: i32,
+    mw: i32,
+    sh: i32,
+    sw: i32,
+    sc: i32,
+    ncols: i32,
+    taps: i32,
+    in_stride: i32,
+    yh: i32,
+    yw: i32,
+    out_stride: i32,
+    out_oy: i32,
+    out_ox: i32,
+    k_per_split: i32,
+    accumulate: i32,
+    out_div: f32,
+    tap_dy: [i32; 9],
+    tap_dx: [i32; 9],
+    tap_w: [i32; 9],
+    norm: DPtr,
+    norm_silu: i32,
+    prefetch_w: i32,
+    gn_partial: DPtr,
+}
+
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 256);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for ConvArgs {}
+
+/// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
+/// stages of 18,944 bytes; STAGED, three stages of 25,088 bytes and two 10,240-byte A tiles.
+const TC_ASYNC_SMEM: u32 = 75_776;
+
+const TC_STAGED_SMEM: u32 = 95_744;
+
+/// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the
+/// pairwise or row epilogue, then the tile ([`WgmmaTile::ALL`]'s order).
+fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
+    let tile = WgmmaTile::ALL
+        .iter()
+        .position(|&(t, _)| t == plan.tile)
+        .unwrap_or(0);
+    usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.row_epilogue) + 4 * tile
+}
+
+/// The wgmma kernels of one of [`Kernels`]' tables in [`wgmma_index`] order (precision, then
+/// epilogue, then tile), each with its tile: the plain ones (`suffix` "") or the cycle-counting
+/// ones ("_probe").
+pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
+    let mut out = Vec::new();
+    for (tile, name) in WgmmaTile::ALL {
+        for rows in ["", "_rows"] {
+            for t in ["bf16", "fp16"] {
+                out.push((format!("conv_wgmma_{t}{rows}{name}{suffix}"), tile));
+            }
+        }
+    }
+    out
+}
+
+/// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
+/// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
+/// warpgroups, the number of K slices they multiplied.
+pub(crate) const WGMMA_PROBE_COUNTERS: usize = 9;
+
+/// Zeroed counters on the device for one [`Kernels::conv_probe`] launch to add to.
+pub(crate) struct ProbeCounters {
+    slice: CudaSlice<u64>,
+    ptr: DPtr,
+}
+
+impl ProbeCounters {
+    pub fn new(st: &Arc<CudaStream>) -> Result<ProbeCounters> {
+        let slice = cu(
+            st.alloc_zeros::<u64>(WGMMA_PROBE_COUNTERS),
+            "allocating probe counters",
+        )?;
+        let ptr = {
+            let (ptr, _guard) = slice.device_ptr(st);
+            ptr
+        };
+        Ok(ProbeCounters { slice, ptr })
+    }
+
+    /// Their values, once the stream's work is done.
+    pub fn read(&self, st: &Arc<CudaStream>) -> Result<[u64; WGMMA_PROBE_COUNTERS]> {
+        let v = cu(st.clone_dtoh(&self.slice), "copying from the GPU")?;
+        cu(st.synchronize(), "waiting for the GPU")?;
+        v.try_into()
+            .map_err(|_| Error::Cuda("internal: probe counters of the wrong length".into()))
+    }
+}
+
+/// The phases a probe launch counts cycles in, in the kernel's order.
+pub(crate) const WGMMA_PROBE_PHASES: [&str; 7] = [
+    "set-up",
+    "copy wait",
+    "barrier",
+    "copy issue",
+    "products + batch wait",
+    "drain",
+    "epilogue",
+];
+
+/// One tensor-core convolution kernel of kernels/conv_tc.cu and the launches that take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TcKernel {
+    pub(super) name: &'static str,
+    precision: Precision,
+    /// [`ConvLaunch::deep`], [`ConvLaunch::half_input`].
+    deep: bool,
+    half_input: bool,
+    /// [`ConvLaunch::row_epilogue`].
+    rows: bool,
+}
+
+impl TcKernel {
+    const fn new(
+        name: &'static str,
+        precision: Precision,
+        deep: bool,
+        half_input: bool,
+        rows: bool,
+    ) -> TcKernel {
+        TcKernel {
+            name,
+            precision,
+            deep,
+            half_input,
+            rows,
+        }
+    }
+
+    /// Dynamic shared memory: none for the two-stage kernels (static), ASYNC's for tf32 and
+    /// 16-bit inputs, STAGED's for fp32 inputs into bf16/fp16.
+    pub(super) fn dynamic_smem(&self) -> u32 {
+        if !self.deep {
+            0
+        } else if self.precision == Precision::Tf32 || self.half_input {
+            TC_ASYNC_SMEM
+        } else {
+            TC_STAGED_SMEM
+        }
+    }
+}
+
+/// Every tensor-core convolution kernel (256 threads each): the two-stage ones (fp32 input),
+/// and the deep pipelines (ASYNC for tf32 and 16-bit inputs, STAGED for fp32 inputs into
+/// bf16/fp16).
+pub(super) const TC_KERNELS: [TcKernel; 13] = {
+    use Precision::{Bf16, Fp16, Tf32};
+    [
+        TcKernel::new("conv_tc_tf32", Tf32, false, false, false),
+        TcKernel::new("conv_tc_bf16", Bf16, false, false, false),
+        TcKernel::new("conv_tc_fp16", Fp16, false, false, false),
+        TcKernel::new("conv_tc_tf32_async", Tf32, true, false, false),
+        TcKernel::new("conv_tc_bf16_hin", Bf16, true, true, false),
+        TcKernel::new("conv_tc_fp16_hin", Fp16, true, true, false),
+        TcKernel::new("conv_tc_bf16_staged", Bf16, true, false, false),
+        TcKernel::new("conv_tc_fp16_staged", Fp16, true, false, false),
+        TcKernel::new("conv_tc_tf32_async_rows", Tf32, true, false, true),
+        TcKernel::new("conv_tc_bf16_hin_rows", Bf16, true, true, true),
+        TcKernel::new("conv_tc_fp16_hin_rows", Fp16, true, true, true),
+        TcKernel::new("conv_tc_bf16_staged_rows", Bf16, true, false, true),
+        TcKernel::new("conv_tc_fp16_staged_rows", Fp16, true, false, true),
+    ]
+};
+
+/// The index in [`TC_KERNELS`] of the kernel tensor-core launch `plan` runs; an error for a
+/// plan no kernel implements (fp32, 16-bit input without the deep pipeline or in tf32).
+fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
+    let ConvKernel::Tensor(precision) = plan.kernel else {
+        return Err(Error::Cuda(format!(
+            "internal: {:?} convolution planned as a tensor-core launch",
+            plan.kernel
+        )));
+    };
+    TC_KERNELS
+        .iter()
+        .position(|k| {
+            k.precision == precision
+                && k.deep == plan.deep
+                && k.half_input == plan.half_input
+                && k.rows == plan.row_epilogue
+        })
+        .ok_or_else(|| {
+            Error::Cuda(format!(
+                "internal: no tensor-core kernel for {precision} with deep {}, 16-bit input {} \
+                 and row epilogue {}",
+                plan.deep, plan.half_input, plan.row_epilogue
+            ))
+        })
+}
+
+/// Dynamic shared memory of `conv_narrow_<ncols>` (kernels/conv.cu): three stages, each an 18x34
+/// halo tile of 8 channels (19,584 bytes) and their weights (9 x 8 x ncols floats).
+pub(super) fn narrow_smem(ncols: usize) -> u32 {
+    (3 * (18 * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
+}
+
+/// Output tile of `conv_narrow_*` (columns, rows) and run length of `conv_few_in_*`.
+const NARROW_TILE: (usize, usize) = (32, 16);
+
+const FEW_IN_RUN: usize = 16;
+
+const FEW_IN_COLS: usize = 128;
+
+impl Kernels {
+    /// `y = (conv(x) + bias + temb + res) / out_div (+ y)`, the implicit GEMM of `s`.
+    pub fn conv(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        out_div: f32,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.conv_with(st, s, plan, p, out_div, accumulate, None)
+    }
+
+    /// [`Kernels::conv`] of a wgmma launch through its `_probe` kernel, which adds where its
+    /// cycles went to `probe` (the same outputs, a little slower).
+    pub(crate) fn conv_probe(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        probe: &ProbeCounters,
+    ) -> Result<()> {
+        if !plan.wgmma {
+            return Err(Error::Cuda(
+                "internal: a cycle probe of a launch without wgmma".into(),
+            ));
+        }
+        self.conv_with(st, s, plan, p, 1.0, false, Some(probe.ptr))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_with(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        out_div: f32,
+        accumulate: bool,
+        probe: Option<u64>,
+    ) -> Result<()> {
+        if s.taps.is_empty() || s.taps.len() > 9 {
+            return Err(Error::Cuda(format!(
+                "internal: a convolution with {} taps",
+                s.taps.len()
+            )));
+        }
+        need(p.x, "convolution input")?;
+        need(p.w, "convolution weights")?;
+        need(p.y, "convolution output")?;
+        let rows = s.rows();
+        if rows == 0 || s.ncols == 0 || s.sc == 0 {
+            return Ok(());
+        }
+        i32_of(rows * s.ncols.max(s.sc), "convolution rows x channels")?;
+        i32_of(s.k(), "convolution reduction length")?;
+        let workspace = plan.splits > 1 && !plan.cluster;
+        if workspace {
+            need(p.ws, "split-K workspace")?;
+            i32_of(plan.splits * rows * s.ncols, "split-K workspace")?;
+        }
+        if plan.cluster && !(plan.wgmma && (2..=MAX_CLUSTER_SPLITS).contains(&plan.splits)) {
+            return Err(Error::Cuda(format!(
+                "internal: a cluster reduction planned for {} splits (wgmma {})",
+                plan.splits, plan.wgmma
+            )));
+        }
+        let mut a = ConvArgs {
+            x: p.x,
+            w: p.w,
+            y: p.y,
+            bias: p.bias,
+            temb: p.temb,
+            res: p.res,
+            // No workspace with splits: the kernel reduces within the cluster.
+            ws: if workspace { p.ws } else { 0 },
+            n: i32_of(s.n, "batch")?,
+            mh: i32_of(s.mh, "rows")?,
+            mw: i32_of(s.mw, "columns")?,
+            sh: i32_of(s.sh, "source height")?,
+            sw: i32_of(s.sw, "source width")?,
+            sc: i32_of(s.sc, "source channels")?,
+            ncols: i32_of(s.ncols, "output channels")?,
+            taps: s.taps.len() as i32,
+            in_stride: i32_of(s.in_stride, "stride")?,
+            yh: i32_of(s.yh, "output height")?,
+            yw: i32_of(s.yw, "output width")?,
+            out_stride: i32_of(s.out_stride, "output stride")?,
+            out_oy: s.out_oy as i32,
+            out_ox: s.out_ox as i32,
+            k_per_split: i32_of(plan.k_per_split, "K per split")?,
+            accumulate: accumulate as i32,
+            out_div,
+            norm: p.norm,
+            norm_silu: i32::from(plan.norm_input == NormInput::AffineSilu),
+            prefetch_w: i32::from(plan.prefetch_weights),
+            gn_partial: p.gn_partial,
+            ..ConvArgs::default()
+        };
+        for (i, t) in s.taps.iter().enumerate() {
+            a.tap_dy[i] = t.dy;
+            a.tap_dx[i] = t.dx;
+            a.tap_w[i] = t.w;
+        }
+        if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
+            return self.conv_direct(st, s, plan, &a);
+        }
+        // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
+        // anything else falls back to scalar loads.
+        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb, p.norm]
+            .iter()
+            .all(|&q| q % 16 == 0);
+        let tensor = matches!(plan.kernel, ConvKernel::Tensor(_));
+        let half = matches!(
+            plan.kernel,
+            ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+        );
+        if (plan.deep && !tensor)
+            || (plan.half_input && !(half && plan.deep))
+            || (plan.wgmma && !plan.half_input)
+            || (plan.row_epilogue && !(tensor && plan.deep))
+            || (plan.prefetch_weights && !tensor)
+            || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
+            || (plan.wgmma && !plan.tile.takes(s, plan))
+            || ((plan.norm_input != NormInput::None) != (p.norm != 0))
+            || (plan.norm_input != NormInput::None && !plan.tile.is_halo())
+            || (p.gn_partial != 0 && !gn_partial_fits(s, plan))
+        {
+            return Err(Error::Cuda(format!(
+                "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
+                 row epilogue {}, weight prefetch {}, tile {:?}, cluster {} and input {:?} \
+                 (scale and shift {})",
+                plan.kernel,
+                plan.deep,
+                plan.half_input,
+                plan.wgmma,
+                plan.row_epilogue,
+                plan.prefetch_weights,
+                plan.tile,
+                plan.cluster,
+                plan.norm_input,
+                if p.norm != 0 { "given" } else { "absent" }
+            )));
+        }
+        // The kernel and its dynamic shared memory.
+        let (f, smem) = match plan.kernel {
+            ConvKernel::Tensor(precision) => {
+                // No fallback here: the weights are already in this precision's layout.
+                if !aligned || s.sc % 8 != 0 || s.ncols % 8 != 0 {
+                    return Err(Error::Cuda(format!(
+                        "internal: tensor-core convolution {}->{} with unaligned buffers or \
+                         channels not multiples of 8",
+                        s.sc, s.ncols
+                    )));
+                }
+                let slice = if plan.wgmma {
+                    plan.tile.split_unit()
+                } else {
+                    tc_slice(precision)
+                };
+                if plan.k_per_split % slice != 0 {
+                    return Err(Error::Cuda(
+                        "internal: split-K not a multiple of the tensor-core K slice".into(),
+                    ));
+                }
+                if plan.wgmma {
+                    let kernels = if probe.is_some() {
+                        &self.conv_wgmma_probe
+                    } else {
+                        &self.conv_wgmma
+                    };
+                    let wg = kernels.as_ref().ok_or_else(|| {
+                        Error::Cuda(
+                            "internal: wgmma convolution planned on a device without it".into(),
+                        )
+                    })?;
+                    (&wg[wgmma_index(precision, plan)], plan.tile.smem())
+                } else {
+                    let k = tc_kernel(plan)?;
+                    (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())
+                }
+            }
+            ConvKernel::Vec if aligned && s.sc % 8 == 0 && s.ncols % 4 == 0 => {
+                (&self.conv_gemm_vec, 0)
+            }
+            _ => (&self.conv_gemm_any, 0),
+        };
+        let (tile_rows, threads) = if plan.wgmma {
+            (plan.tile.rows(), plan.tile.threads())
+        } else {
+            (TILE, BLOCK)
+        };
+        let grid = (
+            i32_of(rows.div_ceil(tile_rows), "row tiles")? as u32,
+            u32::try_from(s.ncols.div_ceil(TILE))
+                .unwrap_or(u32::MAX)
+                .min(65535),
+            u32::try_from(plan.splits).unwrap_or(65535).min(65535),
+        );
+        let mut launch = cfg(grid, (threads, 1, 1));
+        launch.shared_mem_bytes = smem;
+        let mut b = self.launch(st, f);
+        b.arg(&a);
+        if let Some(probe) = &probe {
+            b.arg(probe);
+        }
+        if plan.cluster {
+            b.cluster_z(grid.2);
+        }
+        // SAFETY: as above; the grid covers exactly the tiles of the problem.
+        cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
+        if workspace {
+            let splits = plan.splits as i32;
+            let mut b = self.launch(st, &self.conv_splitk_reduce);
+            b.arg(&a).arg(&splits);
+            // SAFETY: the workspace holds splits x rows x ncols partial sums written above.
+            cu(
+                unsafe { b.launch(self.flat(rows * s.ncols)) }.map(drop),
+                "launching conv_splitk_reduce",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The launch of a direct kernel (`plan.kernel` Narrow or FewIn) on the filled `a`.
+    fn conv_direct(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        a: &ConvArgs,
+    ) -> Result<()> {
+        let narrow = plan.kernel == ConvKernel::Narrow;
+        let channels = if narrow { s.ncols } else { s.sc };
+        if !direct_fits(s)
+            || channels > DIRECT_MAX
+            || plan.splits != 1
+            || plan.deep
+            || plan.half_input
+        {
+            return Err(Error::Cuda(format!(
+                "internal: {:?} convolution {}->{} at stride {} with {} taps, {} splits, deep {}, \
+                 16-bit input {}: the direct kernels take at most {DIRECT_MAX} channels on their \
+                 narrow side, stride 1, taps in a 3x3 window, one split, fp32",
+                plan.kernel,
+                s.sc,
+                s.ncols,
+                s.in_stride,
+                s.taps.len(),
+                plan.splits,
+                plan.deep,
+                plan.half_input
+            )));
+        }
+        // Grid y and z stop at 65535 (x at 2^31 - 1, which the 32-bit checks above cover).
+        let grid_dim = |v: usize, what: &str| -> Result<u32> {
+            u32::try_from(v)
+                .ok()
+                .filter(|&g| g <= 65535)
+                .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
+        };
+        let (f, launch, name) = if narrow {
+            let (tw, th) = NARROW_TILE;
+            let grid = (
+                s.mw.div_ceil(tw) as u32,
+                grid_dim(s.mh.div_ceil(th), "row tiles")?,
+                grid_dim(s.n, "batch")?,
+            );
+            let mut launch = cfg(grid, (BLOCK, 1, 1));
+            launch.shared_mem_bytes = narrow_smem(s.ncols);
+            (
+                &self.conv_narrow[s.ncols - 1],
+                launch,
+                format!("conv_narrow_{}", s.ncols),
+            )
+        } else {
+            let runs = s.n * s.mh * s.mw.div_ceil(FEW_IN_RUN);
+            // Runs a block computes at a time: 256 / (quads of 4 columns in a column tile).
+            let per_block = BLOCK as usize / s.ncols.min(FEW_IN_COLS).div_ceil(4);
+            let grid = (
+                self.blocks(runs, per_block, 2),
+                grid_dim(s.ncols.div_ceil(FEW_IN_COLS), "column tiles")?,
+                1,
+            );
+            (
+                &self.conv_few_in[s.sc - 1],
+                cfg(grid, (BLOCK, 1, 1)),
+                format!("conv_few_in_{}", s.sc),
+            )
+        };
+        let mut b = self.launch(st, f);
+        b.arg(a);
+        // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes were
+        // checked; the grid covers every output of the problem.
+        cu(
+            unsafe { b.launch(launch) }.map(drop),
+            &format!("launching {name}"),
+        )
+    }
+
+    /// Per-tap transpose `[taps, rows, cols] -> [taps, cols, rows]` (forward to input-gradient
+    /// convolution weights).
+    pub fn weight_transpose(
+        &self,
+        st: &CudaStream,
+        src: DPtr,
+        dst: DPtr,
+        taps: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        need(src, "weights")?;
+        need(dst, "transposed weights")?;
+        let (t, r, c) = (
+            i32_of(taps, "taps")?,
+            i32_of(rows, "rows")?,
+            i32_of(cols, "cols")?,
+        );
+        let mut b = self.launch(st, &self.conv_weight_transpose);
+        b.arg(&src).arg(&dst).arg(&t).arg(&r).arg(&c);
+        // SAFETY: src and dst hold taps * rows * cols floats.
+        cu(
+            unsafe { b.launch(self.flat(taps * rows * cols)) }.map(drop),
+            "launching conv_weight_transpose",
+        )
+    }
+
+    /// `dst` (16-bit elements, two per f32 slot) = `src` (`len` f32) rounded to nearest even
+    /// as bf16 or fp16.
+    pub fn convert_half(
+        &self,
+        st: &CudaStream,
+        src: DPtr,
+        dst: DPtr,
+        len: usize,
+        precision: Precision,
+    ) -> Result<()> {
+        need(src, "fp32 values to convert")?;
+        need(dst, "16-bit copy")?;
+        let kind = half_kind(precision)?;
+        let l = i64_of(len);
+        let mut b = self.launch(st, &self.tc_convert);
+        b.arg(&src).arg(&dst).arg(&l).arg(&kind);
+        // SAFETY: src holds len floats, dst room for ⌈len / 2⌉ 32-bit words.
+        cu(
+            unsafe { b.launch(self.flat(len.div_ceil(2))) }.map(drop),
+            "launching tc_convert",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kernels::{plan_conv, plan_conv_at};
+    use crate::model::graph::Pad;
+
+    /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its
+    /// shared memory; the others (16-bit input without the deep pipeline or in tf32, the row
+    /// epilogue without it, fp32) to none.
+    #[test]
+    fn tensor_core_plans_pick_one_kernel() {
+        let shape = ConvShape::forward(1, 16, 16, 64, 64, 3, 1, Pad::Symmetric);
+        let mut resolved = Vec::new();
+        for p in Precision::ALL {
+            for deep in [false, true] {
+                for half_input in [false, true] {
+                    for row_epilogue in [false, true] {
+                        let plan = ConvLaunch {
+                            deep,
+                            half_input,
+                            row_epilogue,
+                            ..plan_conv_at(&shape, 132, p)
+                        };
+                        let valid = p != Precision::Fp32
+                            && (!half_input || (deep && p.is_half()))
+                            && (!row_epilogue || deep);
+                        let Ok(i) = tc_kernel(&plan) else {
+                            assert!(!valid, "{plan:?}");
+                            continue;
+                        };
+                        assert!(valid, "{plan:?}");
+                        let k = &TC_KERNELS[i];
+                        let smem = match (deep, p, half_input) {
+                            (false, ..) => 0,
+                            (true, Precision::Tf32, _) | (true, _, true) => TC_ASYNC_SMEM,
+                            _ => TC_STAGED_SMEM,
+                        };
+                        assert_eq!(k.dynamic_smem(), smem, "{}", k.name);
+                        assert_eq!(k.rows, row_epilogue, "{}", k.name);
+                        resolved.push(i);
+                    }
+                }
+            }
+        }
+        resolved.sort();
+        assert_eq!(resolved, (0..TC_KERNELS.len()).collect::<Vec<_>>());
+        assert!(tc_kernel(&plan_conv(&shape, 132)).is_err());
+    }
+
+    /// The table of tensor-core kernels matches what kernels/conv_tc.cu instantiates: each
+    /// name once, with its precision, pipeline and input type, and nothing else.
+    #[test]
+    fn tensor_core_kernels_match_the_cuda_source() {
+        let src = include_str!("../../../kernels/conv_tc.cu");
+        // `TC_KERNEL(name, T)` and `TC_DEEP_KERNEL(name, T, P, AH, ROWS)` lines, as
+        // (name, T, P, AH, ROWS) with the two-stage kernels' implicit TWO, false, false.
+        let mut found: Vec<(String, String, String, String, String)> = src
+            .lines()
+            .filter_map(|l| {
+                let (deep, args) = if let Some(a) = l.strip_prefix("TC_DEEP_KERNEL(") {
+                    (true, a)
+                } else {
+                    (false, l.strip_prefix("TC_KERNEL(")?)
+                };
+                let args: Vec<String> = args
+                    .trim_end()
+                    .strip_suffix(')')?
+                    .split(',')
+                    .map(|a| a.trim().to_string())
+                    .collect();
+                Some(if deep {
+                    assert_eq!(args.len(), 5, "{l}");
+                    (
+                        args[0].clone(),
+                        args[1].clone(),
+                        args[2].clone(),
+                        args[3].clone(),
+                        args[4].clone(),
+                    )
+                } else {
+                    assert_eq!(args.len(), 2, "{l}");
+                    (
+                        args[0].clone(),
+                        args[1].clone(),
+                        "TWO".into(),
+                        "false".into(),
+                        "false".into(),
+                    )
+                })
+            })
+            .collect();
+        let mut want: Vec<(String, String, String, String, String)> = TC_KERNELS
+            .iter()
+            .map(|k| {
+                let t = match k.precision {
+                    Precision::Tf32 => "TF32",
+                    Precision::Bf16 => "BF16",
+                    Precision::Fp16 => "FP16",
+                    Precision::Fp32 => panic!("{}: fp32", k.name),
+                };
+                let pipe = match k.dynamic_smem() {
+                    0 => "TWO",
+                    TC_ASYNC_SMEM => "ASYNC",
+                    _ => "STAGED",
+                };
+                (
+                    k.name.to_string(),
+                    t.to_string(),
+                    pipe.to_string(),
+                    k.half_input.to_string(),
+                    k.rows.to_string(),
+                )
+            })
+            .collect();
+        found.sort();
+        want.sort();
+        assert_eq!(found, want);
+    }
+}

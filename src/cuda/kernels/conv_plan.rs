@@ -1,0 +1,863 @@
+//! Convolution planning: the implicit-GEMM problem of each convolution launch ([`ConvShape`]),
+//! which kernel, tile and split of K runs it ([`ConvLaunch`]), and the rules that choose them.
+
+use super::{DPtr, BLOCK};
+use crate::cuda::precision::Precision;
+use crate::model::graph::Pad;
+
+/// One tap of an implicit-GEMM convolution: source offset and weight block (see conv.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tap {
+    pub dy: i32,
+    pub dx: i32,
+    pub w: i32,
+}
+
+/// The geometry of one implicit-GEMM launch (kernels/conv.cu explains each field).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct ConvShape {
+    pub n: usize,
+    pub mh: usize,
+    pub mw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub sc: usize,
+    pub ncols: usize,
+    pub in_stride: usize,
+    pub yh: usize,
+    pub yw: usize,
+    pub out_stride: usize,
+    pub out_oy: usize,
+    pub out_ox: usize,
+    pub taps: Vec<Tap>,
+}
+
+/// Zero rows above / columns left of the input of a 3x3 convolution.
+fn pad_before(pad: Pad) -> i32 {
+    match pad {
+        Pad::Symmetric => 1,
+        Pad::RightBottom => 0,
+    }
+}
+
+impl ConvShape {
+    /// GEMM rows (output pixels of this launch).
+    pub fn rows(&self) -> usize {
+        self.n * self.mh * self.mw
+    }
+
+    /// Reduction length, taps x source channels.
+    pub fn k(&self) -> usize {
+        self.taps.len() * self.sc
+    }
+
+    /// Forward convolution of an `h x w` input of `cin` channels into `cout` (k = 1 or 3); the
+    /// weights are the forward layout `[(tap, ci), co]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: Pad,
+    ) -> Self {
+        let (oh, ow) = (h / stride, w / stride);
+        let taps = if k == 1 {
+            vec![Tap { dy: 0, dx: 0, w: 0 }]
+        } else {
+            let p = pad_before(pad);
+            (0..9)
+                .map(|t| Tap {
+                    dy: t / 3 - p,
+                    dx: t % 3 - p,
+                    w: t,
+                })
+                .collect()
+        };
+        ConvShape {
+            n,
+            mh: oh,
+            mw: ow,
+            sh: h,
+            sw: w,
+            sc: cin,
+            ncols: cout,
+            in_stride: stride,
+            yh: oh,
+            yw: ow,
+            out_stride: 1,
+            out_oy: 0,
+            out_ox: 0,
+            taps,
+        }
+    }
+
+    /// The input-gradient launches of the same convolution (weights in the layout
+    /// `[(tap, co), ci]`): one for stride 1 and 1x1; one per parity class of the input pixel
+    /// for stride 2, each with only the taps that reach that class.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: Pad,
+    ) -> Vec<Self> {
+        let (oh, ow) = (h / stride, w / stride);
+        let base = ConvShape {
+            n,
+            mh: h,
+            mw: w,
+            sh: oh,
+            sw: ow,
+            sc: cout,
+            ncols: cin,
+            in_stride: 1,
+            yh: h,
+            yw: w,
+            out_stride: 1,
+            out_oy: 0,
+            out_ox: 0,
+            taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
+        };
+        if k == 1 {
+            return vec![base];
+        }
+        if stride == 1 {
+            // dx[i] = sum_t dy[i + 1 - d_t] W_t.
+            let taps = (0..9)
+                .map(|t| Tap {
+                    dy: 1 - t / 3,
+                    dx: 1 - t % 3,
+                    w: t,
+                })
+                .collect();
+            return vec![ConvShape { taps, ..base }];
+        }
+        // Input row iy = 2j + py receives tap row d when iy + p - d is even, from output row
+        // (iy + p - d) / 2 = j + (py + p - d) / 2; likewise for columns.
+        let p = pad_before(pad);
+        let mut classes = Vec::new();
+        for py in 0..2i32 {
+            for px in 0..2i32 {
+                let rows: Vec<i32> = (0..3).filter(|d| (py + p - d) % 2 == 0).collect();
+                let cols: Vec<i32> = (0..3).filter(|d| (px + p - d) % 2 == 0).collect();
+                let mut taps = Vec::new();
+                for &dy in &rows {
+                    for &dx in &cols {
+                        taps.push(Tap {
+                            dy: (py + p - dy).div_euclid(2),
+                            dx: (px + p - dx).div_euclid(2),
+                            w: dy * 3 + dx,
+                        });
+                    }
+                }
+                let mh = (h + 1 - py as usize) / 2;
+                let mw = (w + 1 - px as usize) / 2;
+                if mh == 0 || mw == 0 {
+                    continue;
+                }
+                classes.push(ConvShape {
+                    mh,
+                    mw,
+                    out_stride: 2,
+                    out_oy: py as usize,
+                    out_ox: px as usize,
+                    taps,
+                    ..base.clone()
+                });
+            }
+        }
+        classes
+    }
+
+    /// A linear layer over `tokens` rows of each of `n` images as a one-tap product; `inp` is
+    /// the reduction width.
+    pub fn linear(n: usize, tokens: usize, inp: usize, out: usize) -> Self {
+        ConvShape {
+            n,
+            mh: 1,
+            mw: tokens,
+            sh: 1,
+            sw: tokens,
+            sc: inp,
+            ncols: out,
+            in_stride: 1,
+            yh: 1,
+            yw: tokens,
+            out_stride: 1,
+            out_oy: 0,
+            out_ox: 0,
+            taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
+        }
+    }
+}
+
+/// Which implicit-GEMM kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ConvKernel {
+    /// 16-byte loads; needs sc % 8 == 0, ncols % 4 == 0 and aligned pointers.
+    Vec,
+    /// Scalar loads, any sizes.
+    Any,
+    /// Direct, few outputs: ncols <= 8, in_stride 1, taps in a 3x3 window
+    /// (`conv_narrow_<ncols>`: a halo tile of activations in shared memory).
+    Narrow,
+    /// Direct, few inputs: sc <= 8, in_stride 1, taps in a 3x3 window (`conv_few_in_<sc>`:
+    /// the weights in shared memory, a run of pixels x 4 columns per thread).
+    FewIn,
+    /// Tensor cores (kernels/conv_tc.cu) in tf32, bf16 or fp16 (never fp32); needs sc % 8 == 0,
+    /// ncols % 8 == 0 and aligned pointers. Reads the weights in that precision's layout (see
+    /// `DevWeights::conv_ptr`).
+    Tensor(Precision),
+}
+
+/// How one implicit-GEMM launch is split (decided when the program is built, because the
+/// split-K workspace is part of the memory plan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConvLaunch {
+    pub kernel: ConvKernel,
+    pub splits: usize,
+    pub k_per_split: usize,
+    /// Tensor cores only: the deeper pipeline (kernels/conv_tc.cu: ASYNC for tf32 and 16-bit
+    /// inputs, STAGED for fp32 inputs into bf16/fp16) instead of the two-stage one. Same
+    /// results either way.
+    pub deep: bool,
+    /// The input is already in the tensor-core kernel's 16-bit precision (two elements per
+    /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
+    /// fp16 and `deep`. Set by the lowering, which knows where each input comes from. (With
+    /// a [`NormInput`], the halo tile makes those 16-bit values from a GroupNorm's input.)
+    pub half_input: bool,
+    /// Hopper's warpgroup products (kernels/conv_wgmma.cu) instead of mma.sync: only with
+    /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
+    /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
+    pub wgmma: bool,
+    /// With `wgmma` and 2 to [`MAX_CLUSTER_SPLITS`] splits: the splits of each tile run as one
+    /// thread-block cluster and sum their partial products through distributed shared memory
+    /// (kernels/conv_wgmma.cu `cluster_reduce`) instead of the workspace and
+    /// `conv_splitk_reduce`: the same sums in the same order, one launch, no workspace.
+    pub cluster: bool,
+    /// Tensor cores with `deep` (mma.sync or wgmma): the epilogue that issues each row's
+    /// loads (bias, time embedding, residual) four pairs at a time before storing them
+    /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
+    /// by pair; the same arithmetic.
+    pub row_epilogue: bool,
+    /// With `wgmma`: its tile; with `cluster` only one that [`WgmmaTile::clusters`].
+    pub tile: WgmmaTile,
+    /// Tensor cores: every block first asks L2 for the weights it will read, before waiting
+    /// for the grid it depends on (`prefetch_tap` in kernels/conv_common.cuh): a hint, the
+    /// same results.
+    pub prefetch_weights: bool,
+    /// With a halo tile: what it does to the input as it loads it ([`ConvPtrs::norm`]).
+    pub norm_input: NormInput,
+}
+
+/// The input of a halo-tile convolution: its 16-bit operand, or the fp32 input of the
+/// GroupNorm that would have written it, normalised with that GroupNorm's per-channel scale
+/// and shift ([`ConvPtrs::norm`]), then SiLU, as the tile loads it: the same 16-bit values,
+/// without the GroupNorm's own pass over them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum NormInput {
+    /// `x` is the 16-bit operand.
+    #[default]
+    None,
+    /// `x` is a GroupNorm's fp32 input: scale and shift it.
+    Affine,
+    /// The same, then SiLU.
+    AffineSilu,
+}
+
+/// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile` and `HaloTile`): for a given
+/// split of K the others compute the same sums in the same order, and the two halo tiles the
+/// same sums in an order of their own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum WgmmaTile {
+    /// 128 rows, three stages, two blocks per multiprocessor (`PlainTile`).
+    #[default]
+    Plain,
+    /// 256 rows of four warpgroups, one block per multiprocessor (`TallTile`, the `_tall`
+    /// kernels): half the weight traffic per product.
+    Tall,
+    /// 128 rows alone on the multiprocessor with six stages, four slices of copies ahead
+    /// (`SixStageTile`, the `_6stage` kernels), for launches of at most one block per
+    /// multiprocessor.
+    SixStages,
+    /// 128 rows whose A operand is a shared-memory halo of the tile's pixels, copied once per
+    /// 32 channels for all nine taps (`PlainHaloTile`, the `_halo` kernels): only the shapes
+    /// [`halo_fits`] takes, K split by channel slices ([`on_tile`]). It sums K in another
+    /// order (channel slices outer).
+    Halo,
+    /// The halo tile with 256 rows of four warpgroups, one block per multiprocessor
+    /// (`TallHaloTile`, the `_tall_halo` kernels): the same sums as [`WgmmaTile::Halo`].
+    TallHalo,
+}
+
+impl WgmmaTile {
+    /// In the order of [`Kernels`](super::Kernels)' wgmma tables, with each one's kernel name suffix.
+    pub(crate) const ALL: [(WgmmaTile, &'static str); 5] = [
+        (WgmmaTile::Plain, ""),
+        (WgmmaTile::Tall, "_tall"),
+        (WgmmaTile::SixStages, "_6stage"),
+        (WgmmaTile::Halo, "_halo"),
+        (WgmmaTile::TallHalo, "_tall_halo"),
+    ];
+
+    /// "wgmma" and the tile in words, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            WgmmaTile::Plain => "wgmma",
+            WgmmaTile::Tall => "wgmma, tall",
+            WgmmaTile::SixStages => "wgmma, six stages",
+            WgmmaTile::Halo => "wgmma, halo",
+            WgmmaTile::TallHalo => "wgmma, tall halo",
+        }
+    }
+
+    /// Output rows of one block.
+    pub fn rows(self) -> usize {
+        match self {
+            WgmmaTile::Tall | WgmmaTile::TallHalo => 256,
+            _ => TILE,
+        }
+    }
+
+    /// The K one step of its mainloop multiplies (what the cycle probe counts): one tap of
+    /// [`HALO_CHANNELS`] channels in the halo tiles, [`WGMMA_SLICE`] otherwise.
+    pub fn k_step(self) -> usize {
+        if self.is_halo() {
+            HALO_CHANNELS
+        } else {
+            WGMMA_SLICE
+        }
+    }
+
+    /// What K is split in multiples of: all nine taps of [`HALO_CHANNELS`] channels in the
+    /// halo tiles, [`WGMMA_SLICE`] otherwise.
+    pub fn split_unit(self) -> usize {
+        if self.is_halo() {
+            9 * HALO_CHANNELS
+        } else {
+            WGMMA_SLICE
+        }
+    }
+
+    pub(super) fn threads(self) -> u32 {
+        match self {
+            WgmmaTile::Tall | WgmmaTile::TallHalo => 512,
+            _ => BLOCK,
+        }
+    }
+
+    /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
+    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them; or two halos of
+    /// 3 x (rows + 2) pixels x 64 bytes and six (eight when tall) 8 KB weight stages, plus
+    /// 128 bytes.
+    pub(super) fn smem(self) -> u32 {
+        match self {
+            WgmmaTile::Plain => 99_328,
+            WgmmaTile::Tall | WgmmaTile::SixStages => 197_632,
+            WgmmaTile::Halo => 99_200,
+            WgmmaTile::TallHalo => 164_736,
+        }
+    }
+
+    /// Whether this is one of the halo tiles, which sum K in their own order.
+    pub fn is_halo(self) -> bool {
+        matches!(self, WgmmaTile::Halo | WgmmaTile::TallHalo)
+    }
+
+    /// Whether this tile's kernels reduce split K within a cluster (`cluster_reduce`): the
+    /// 128-row ones.
+    pub fn clusters(self) -> bool {
+        matches!(self, WgmmaTile::Plain | WgmmaTile::Halo)
+    }
+
+    /// Whether this tile's kernels compute launch `l` of `s`: any wgmma launch, clusters only
+    /// where [`WgmmaTile::clusters`], and the halo tiles only the shapes [`halo_fits`] takes
+    /// at their row count, K split by whole [`WgmmaTile::split_unit`]s into splits none of
+    /// which is empty.
+    pub fn takes(self, s: &ConvShape, l: &ConvLaunch) -> bool {
+        if l.cluster && !self.clusters() {
+            return false;
+        }
+        if !self.is_halo() {
+            return true;
+        }
+        let slices = s.sc / HALO_CHANNELS;
+        let per = l.k_per_split / self.split_unit();
+        halo_fits(s, self.rows())
+            && l.k_per_split % self.split_unit() == 0
+            && per > 0
+            && l.splits == slices.div_ceil(per)
+    }
+}
+
+/// Channels of one step of the halo tiles' mainloop (kernels/conv_wgmma.cu `HALO_BK`).
+const HALO_CHANNELS: usize = 32;
+
+/// Wgmma launch `l` of `s` (on a tile other than the halo ones) moved to `tile`: the same
+/// split, or for a halo tile K re-split into at most as many splits by whole channel slices
+/// (each split takes all nine taps of its channels; a cluster stays one while there are
+/// splits to reduce). `None` where the tile does not take `s`, or `l` reduces in a cluster
+/// and the tile cannot.
+pub(crate) fn on_tile(l: ConvLaunch, s: &ConvShape, tile: WgmmaTile) -> Option<ConvLaunch> {
+    if !l.wgmma || l.tile.is_halo() || (l.cluster && !tile.clusters()) {
+        return None;
+    }
+    if !tile.is_halo() {
+        return Some(ConvLaunch { tile, ..l });
+    }
+    if !halo_fits(s, tile.rows()) {
+        return None;
+    }
+    let slices = s.sc / HALO_CHANNELS;
+    let per = slices.div_ceil(l.splits.max(1));
+    let splits = slices.div_ceil(per);
+    Some(ConvLaunch {
+        tile,
+        splits,
+        k_per_split: per * tile.split_unit(),
+        cluster: l.cluster && splits > 1,
+        ..l
+    })
+}
+
+/// Most splits of K one cluster reduces (the portable cluster size).
+pub(crate) const MAX_CLUSTER_SPLITS: usize = 8;
+
+/// Block tile of the GEMM kernels, and the K slice.
+pub(super) const TILE: usize = 128;
+
+const BK: usize = 8;
+
+/// K slice of the tensor-core kernel: 64 bytes of a row.
+pub(super) fn tc_slice(p: Precision) -> usize {
+    if p == Precision::Tf32 {
+        16
+    } else {
+        32
+    }
+}
+
+/// K slice of the wgmma convolutions: 64 16-bit values, one 128-byte swizzled row.
+pub(crate) const WGMMA_SLICE: usize = 64;
+
+/// A wgmma launch of `s` (16-bit input, bf16 or fp16 products): the tensor-core split-K rule
+/// over its 64-deep K slices. `None` where the kernel's channel and precision conditions fail.
+pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Option<ConvLaunch> {
+    if !precision.is_half() || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
+        return None;
+    }
+    let mut l = split_k(s, ConvKernel::Tensor(precision), WGMMA_SLICE, sms);
+    l.deep = true;
+    l.half_input = true;
+    l.wgmma = true;
+    Some(l)
+}
+
+/// The wgmma launch of `s` with K split for a cluster's reduction: at most
+/// [`MAX_CLUSTER_SPLITS`] splits, chosen by the tensor-core cost with [`CLUSTER_SPLIT_SLICES`]
+/// for the partial sums. `None` where the wgmma kernel does not take `s`.
+pub(crate) fn plan_wgmma_clustered(
+    s: &ConvShape,
+    sms: usize,
+    precision: Precision,
+) -> Option<ConvLaunch> {
+    let mut l = plan_wgmma(s, sms, precision)?;
+    let clustered = split_k_by(s, l.kernel, WGMMA_SLICE, 2 * sms.max(1), |t, k, slots| {
+        tc_splits(t, k, slots, MAX_CLUSTER_SPLITS, CLUSTER_SPLIT_SLICES)
+    });
+    l.splits = clustered.splits;
+    l.k_per_split = clustered.k_per_split;
+    Some(l)
+}
+
+/// The six-stage wgmma launch of `s` ([`WgmmaTile::SixStages`]): K split for one block per
+/// multiprocessor. `None` where the wgmma kernel does not take `s`, or where even so split the
+/// launch would have more blocks than multiprocessors.
+pub(crate) fn plan_wgmma_six(
+    s: &ConvShape,
+    sms: usize,
+    precision: Precision,
+) -> Option<ConvLaunch> {
+    let mut l = plan_wgmma(s, sms, precision)?;
+    let alone = split_k_on(s, l.kernel, WGMMA_SLICE, sms.max(1));
+    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
+    if tiles * alone.splits > sms {
+        return None;
+    }
+    l.splits = alone.splits;
+    l.k_per_split = alone.k_per_split;
+    l.tile = WgmmaTile::SixStages;
+    Some(l)
+}
+
+/// Whether a halo tile of `rows` rows (128: [`WgmmaTile::Halo`], 256:
+/// [`WgmmaTile::TallHalo`]) computes `s`: nine taps at distinct offsets of one 3x3 window at
+/// in_stride 1 (a 3x3 stride-1 convolution or its input gradient), channels in slices of 32,
+/// and rows that tile by `rows` without leaving an image, each warpgroup's 64 on one row:
+/// `mw` a multiple of 64 that divides `rows` or that `rows` divides.
+pub(crate) fn halo_fits(s: &ConvShape, rows: usize) -> bool {
+    s.taps.len() == 9
+        && direct_fits(s)
+        && s.sc % HALO_CHANNELS == 0
+        && s.mw % 64 == 0
+        && (rows % s.mw == 0 || s.mw % rows == 0)
+        && (s.mh * s.mw) % rows == 0
+}
+
+/// Whether launch `plan` of `s` can write the GroupNorm partial sums of its output
+/// ([`ConvPtrs::gn_partial`]): a halo tile, unsplit, each output row the pixel of the same
+/// index, so that a tile's rows are one chunk of one image.
+pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> bool {
+    plan.tile.is_halo()
+        && halo_fits(s, plan.tile.rows())
+        && plan.splits == 1
+        && !plan.cluster
+        && s.out_stride == 1
+        && (s.out_oy, s.out_ox) == (0, 0)
+        && (s.yh, s.yw) == (s.mh, s.mw)
+}
+
+/// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
+/// kernels/conv.cu has one kernel per count.
+pub(super) const DIRECT_MAX: usize = 8;
+
+/// Whether the direct kernels (kernels/conv.cu, `conv_narrow_*` and `conv_few_in_*`) can
+/// compute `s`: in_stride 1, and 1 to 9 taps at distinct offsets inside one 3x3 window (which
+/// every stride-1 or 1x1 forward and every input gradient has).
+pub(super) fn direct_fits(s: &ConvShape) -> bool {
+    let (Some(dy0), Some(dx0)) = (
+        s.taps.iter().map(|t| t.dy).min(),
+        s.taps.iter().map(|t| t.dx).min(),
+    ) else {
+        return false;
+    };
+    let mut seen = [false; 9];
+    s.in_stride == 1
+        && s.taps.len() <= 9
+        && s.taps.iter().all(|t| {
+            let (ry, rx) = (t.dy - dy0, t.dx - dx0);
+            let fits = ry <= 2 && rx <= 2;
+            let cell = (3 * ry + rx) as usize;
+            fits && !std::mem::replace(&mut seen[cell], true)
+        })
+}
+
+/// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
+///
+/// Few output or few source channels (the 3-channel image convolutions) take the direct
+/// kernels where they fit. Otherwise the GEMM: two 256-thread blocks fit on a multiprocessor
+/// (128 registers per thread). When the tile grid alone leaves slots empty, K is split so as to
+/// minimise waves per unit of work (ties go to fewer splits, which cost a workspace round
+/// trip), keeping at least 8 K slices per split.
+pub(crate) fn plan_conv(s: &ConvShape, sms: usize) -> ConvLaunch {
+    if direct_fits(s) && (s.ncols <= DIRECT_MAX || s.sc <= DIRECT_MAX) {
+        let kernel = if s.ncols <= DIRECT_MAX {
+            ConvKernel::Narrow
+        } else {
+            ConvKernel::FewIn
+        };
+        return ConvLaunch::new(kernel, 1, s.k());
+    }
+    let kernel = if s.sc % 8 == 0 && s.ncols % 4 == 0 {
+        ConvKernel::Vec
+    } else {
+        ConvKernel::Any
+    };
+    split_k(s, kernel, BK, sms)
+}
+
+/// [`plan_conv`] at `precision`: the tensor-core kernel wherever its preconditions hold (the
+/// same split-K rule over its longer K slices), the fp32 kernels elsewhere and for fp32.
+pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> ConvLaunch {
+    if precision == Precision::Fp32 || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
+        return plan_conv(s, sms);
+    }
+    split_k(s, ConvKernel::Tensor(precision), tc_slice(precision), sms)
+}
+
+/// The split of K for `kernel` with K slices of `bk`.
+fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
+    split_k_on(s, kernel, bk, 2 * sms.max(1))
+}
+
+/// [`split_k`] for `slots` blocks running at once.
+fn split_k_on(s: &ConvShape, kernel: ConvKernel, bk: usize, slots: usize) -> ConvLaunch {
+    split_k_by(s, kernel, bk, slots, |tiles, ktiles, slots| match kernel {
+        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
+        _ => simt_splits(tiles, ktiles, slots),
+    })
+}
+
+/// The launch of `kernel` with K in whole slices of `bk` split as `choose(tiles, K slices,
+/// slots)` asks (a rule below), rounded to equal whole slices per split.
+fn split_k_by(
+    s: &ConvShape,
+    kernel: ConvKernel,
+    bk: usize,
+    slots: usize,
+    choose: impl Fn(usize, usize, usize) -> usize,
+) -> ConvLaunch {
+    let k = s.k();
+    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
+    let ktiles = k.div_ceil(bk).max(1);
+    let per = ktiles.div_ceil(choose(tiles, ktiles, slots)) * bk;
+    ConvLaunch::new(kernel, k.div_ceil(per).max(1), per)
+}
+
+/// The fp32 kernels: the fewest waves of blocks per split, each split at least 8 K slices, a
+/// further split only for a 5% gain.
+fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
+    let max_splits = (ktiles / 8).clamp(1, 64);
+    let mut best = (1usize, f64::INFINITY);
+    for splits in 1..=max_splits {
+        let waves = (tiles * splits).div_ceil(slots) as f64;
+        let cost = waves / splits as f64;
+        if cost < best.1 * 0.95 {
+            best = (splits, cost);
+        }
+    }
+    best.0
+}
+
+/// What a block's partial sums cost when K is split, in K slices (fitted, below): the workspace
+/// round trip and the reduction launch.
+const SPLIT_SLICES: f64 = 8.0;
+
+/// The same for splits that reduce in a thread-block cluster (distributed shared memory, no
+/// workspace, no reduction launch). A guess, not a fit: `INVDIFF_CLUSTER_SPLITK=plan` is timed
+/// on a GPU beside `=1` to tell.
+const CLUSTER_SPLIT_SLICES: f64 = 2.0;
+
+/// The tensor-core kernels: a cost in K slices, fitted to every launch of the celebahq network
+/// timed under every split on an H200 (`kernels_cuda --sweep`, batch 1 and 8, 2026-11-26): each
+/// wave of blocks costs its slices plus about 4 more (prologue, pipeline fill, epilogue), and
+/// splitting costs about 8 slices per block's worth of partial sums (the workspace round trip
+/// and the reduction). Against the former rule (the SIMT one) it took the tensor-core launches
+/// of a batch-1 forward + VJP from 9.89 to 9.37 ms and left batch 8 unchanged (23.90 / 23.87 ms):
+/// the small low-resolution launches were latency-bound and wanted more, shorter splits.
+///
+/// `max_splits` and `split_slices` (the cost of a block's partial sums, [`SPLIT_SLICES`] through
+/// a workspace) are parameters for [`plan_wgmma_clustered`].
+fn tc_splits(
+    tiles: usize,
+    ktiles: usize,
+    slots: usize,
+    max_splits: usize,
+    split_slices: f64,
+) -> usize {
+    const WAVE_SLICES: f64 = 4.0;
+    let mut best = (1usize, f64::INFINITY);
+    for want in 1..=ktiles.min(max_splits) {
+        // The split a per-split length of ceil(ktiles / want) slices really gives.
+        let per = ktiles.div_ceil(want);
+        let splits = ktiles.div_ceil(per);
+        let waves = (tiles * splits).div_ceil(slots) as f64;
+        let mut cost = waves * (per as f64 + WAVE_SLICES);
+        if splits > 1 {
+            cost += split_slices * (splits * tiles) as f64 / slots as f64;
+        }
+        if cost < best.1 {
+            best = (splits, cost);
+        }
+    }
+    best.0
+}
+
+impl ConvLaunch {
+    /// `kernel` over `splits` splits of `k_per_split`, with every pipeline choice off.
+    fn new(kernel: ConvKernel, splits: usize, k_per_split: usize) -> Self {
+        ConvLaunch {
+            kernel,
+            splits,
+            k_per_split,
+            deep: false,
+            half_input: false,
+            wgmma: false,
+            cluster: false,
+            row_epilogue: false,
+            tile: WgmmaTile::Plain,
+            norm_input: NormInput::None,
+            prefetch_weights: false,
+        }
+    }
+
+    /// f32 elements of split-K workspace the launch needs (none when a cluster reduces).
+    pub fn workspace_len(&self, s: &ConvShape) -> usize {
+        if self.splits > 1 && !self.cluster {
+            self.splits * s.rows() * s.ncols
+        } else {
+            0
+        }
+    }
+}
+
+/// Addresses of one implicit-GEMM launch; 0 where absent.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConvPtrs {
+    pub x: DPtr,
+    pub w: DPtr,
+    pub y: DPtr,
+    pub bias: DPtr,
+    pub temb: DPtr,
+    pub res: DPtr,
+    pub ws: DPtr,
+    /// With [`ConvLaunch::norm_input`]: the GroupNorm's scale and shift, `[n][2][sc]`
+    /// (`x` then holds its fp32 input).
+    pub norm: DPtr,
+    /// Halo tiles, unsplit, output rows in pixel order: where the epilogue also writes the
+    /// GroupNorm partial sums of the output, in kernels/norm.cu's layout with one chunk per
+    /// tile ([`NormSplit::from_producer`](super::NormSplit::from_producer)).
+    pub gn_partial: DPtr,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every input pixel of a stride-2 convolution falls in exactly one parity class, and each
+    /// class's taps are exactly the forward taps that reach it.
+    #[test]
+    fn stride2_backward_classes_cover_the_adjoint() {
+        for pad in [Pad::Symmetric, Pad::RightBottom] {
+            let (h, w) = (6, 10);
+            let classes = ConvShape::backward(1, h, w, 1, 1, 3, 2, pad);
+            assert_eq!(classes.len(), 4);
+            let total: usize = classes.iter().map(|c| c.rows()).sum();
+            assert_eq!(total, h * w);
+            let p = pad_before(pad);
+            for c in &classes {
+                for j in 0..c.mh {
+                    for i in 0..c.mw {
+                        let (iy, ix) = ((j * 2 + c.out_oy) as i32, (i * 2 + c.out_ox) as i32);
+                        let mut want: Vec<(i32, i32, i32)> = Vec::new();
+                        for t in 0..9 {
+                            let (dy, dx) = (t / 3, t % 3);
+                            let (ny, nx) = (iy + p - dy, ix + p - dx);
+                            if ny % 2 == 0
+                                && nx % 2 == 0
+                                && ny >= 0
+                                && nx >= 0
+                                && ny / 2 < (h / 2) as i32
+                                && nx / 2 < (w / 2) as i32
+                            {
+                                want.push((ny / 2, nx / 2, t));
+                            }
+                        }
+                        let mut got: Vec<(i32, i32, i32)> = c
+                            .taps
+                            .iter()
+                            .map(|t| (j as i32 + t.dy, i as i32 + t.dx, t.w))
+                            .filter(|&(y, x, _)| {
+                                y >= 0 && x >= 0 && y < (h / 2) as i32 && x < (w / 2) as i32
+                            })
+                            .collect();
+                        want.sort();
+                        got.sort();
+                        assert_eq!(got, want, "{pad:?} pixel ({iy}, {ix})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_k_fills_the_machine_only_when_needed() {
+        let big = ConvShape::forward(1, 256, 256, 128, 128, 3, 1, Pad::Symmetric);
+        assert_eq!(plan_conv(&big, 132).splits, 1);
+        assert_eq!(plan_conv(&big, 132).kernel, ConvKernel::Vec);
+        let small = ConvShape::forward(1, 8, 8, 1024, 512, 3, 1, Pad::Symmetric);
+        let p = plan_conv(&small, 132);
+        assert!(p.splits > 16, "{p:?}");
+        assert!(
+            p.splits * p.k_per_split >= small.k() && (p.splits - 1) * p.k_per_split < small.k()
+        );
+        assert_eq!(p.k_per_split % BK, 0);
+    }
+
+    /// The 3-channel image convolutions, both directions, on the direct kernels; shapes they
+    /// cannot compute (stride 2, taps outside a 3x3 window, many channels both sides) on the
+    /// GEMM.
+    #[test]
+    fn few_channels_take_the_direct_kernels() {
+        use Pad::*;
+        let kernels = |cin, cout, stride, pad| {
+            let f = plan_conv(
+                &ConvShape::forward(2, 256, 256, cin, cout, 3, stride, pad),
+                132,
+            );
+            let b: Vec<_> = ConvShape::backward(2, 256, 256, cin, cout, 3, stride, pad)
+                .iter()
+                .map(|s| plan_conv(s, 132).kernel)
+                .collect();
+            assert!(b.iter().all(|&k| k == b[0]));
+            assert_eq!(f.splits, 1);
+            (f.kernel, b[0])
+        };
+        use ConvKernel::{Any, FewIn, Narrow};
+        assert_eq!(kernels(128, 3, 1, Symmetric), (Narrow, FewIn));
+        assert_eq!(kernels(3, 128, 1, Symmetric), (FewIn, Narrow));
+        assert_eq!(kernels(8, 8, 1, Symmetric), (Narrow, Narrow));
+        assert_eq!(kernels(9, 9, 1, Symmetric), (Any, Any));
+        // Stride 2: the forward on the GEMM, its parity-class gradients direct.
+        assert_eq!(kernels(3, 128, 2, Symmetric), (Any, Narrow));
+        assert_eq!(kernels(128, 4, 2, RightBottom), (ConvKernel::Vec, FewIn));
+        // 1x1 and linear layers.
+        let one = ConvShape::forward(1, 16, 16, 3, 64, 1, 1, Symmetric);
+        assert_eq!(plan_conv(&one, 132).kernel, FewIn);
+        assert_eq!(
+            plan_conv(&ConvShape::linear(1, 100, 64, 3), 132).kernel,
+            Narrow
+        );
+        // Taps beyond one 3x3 window, or two at one offset.
+        let mut wide = ConvShape::forward(1, 16, 16, 64, 3, 3, 1, Symmetric);
+        wide.taps[0].dx = -2;
+        assert_eq!(plan_conv(&wide, 132).kernel, Any);
+        let mut twice = ConvShape::forward(1, 16, 16, 64, 3, 3, 1, Symmetric);
+        twice.taps[1] = twice.taps[0];
+        assert_eq!(plan_conv(&twice, 132).kernel, Any);
+        assert!(direct_fits(&ConvShape::forward(
+            1,
+            16,
+            16,
+            64,
+            3,
+            3,
+            1,
+            RightBottom
+        )));
+    }
+
+    /// Tensor cores wherever channels allow, the fp32 kernels elsewhere and for fp32, and the
+    /// split of K in whole tensor-core slices.
+    #[test]
+    fn precision_picks_the_kernel() {
+        let big = ConvShape::forward(8, 256, 256, 128, 128, 3, 1, Pad::Symmetric);
+        for p in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
+            assert_eq!(plan_conv_at(&big, 132, p).kernel, ConvKernel::Tensor(p));
+            assert_eq!(plan_conv_at(&big, 132, p).splits, 1);
+            let small = ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric);
+            let l = plan_conv_at(&small, 132, p);
+            assert!(l.splits > 1 && l.k_per_split % tc_slice(p) == 0, "{l:?}");
+            assert!(l.splits * l.k_per_split >= small.k());
+            for s in [
+                ConvShape::forward(1, 256, 256, 3, 128, 3, 1, Pad::Symmetric),
+                ConvShape::forward(1, 256, 256, 128, 3, 3, 1, Pad::Symmetric),
+                ConvShape::forward(1, 16, 16, 20, 36, 3, 1, Pad::Symmetric),
+            ] {
+                assert_eq!(plan_conv_at(&s, 132, p), plan_conv(&s, 132));
+            }
+        }
+        assert_eq!(
+            plan_conv_at(&big, 132, Precision::Fp32),
+            plan_conv(&big, 132)
+        );
+    }
+}

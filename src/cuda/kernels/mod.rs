@@ -1,0 +1,489 @@
+//! Typed launchers for the kernels in `kernels/*.cu`: each checks its preconditions on the host,
+//! picks the variant whose fast-path conditions hold, sizes the grid, and launches on a stream.
+//!
+//! Device buffers are passed as raw device addresses ([`DPtr`]): the executor keeps every
+//! activation in one planned arena and hands out addresses inside it, which cudarc's slice types
+//! cannot express without borrowing the whole arena per argument. Callers guarantee that each
+//! address points at as many f32 as the launch reads or writes; the launchers check sizes against
+//! the kernels' index ranges (31-bit counts where the kernel uses `int`).
+//!
+//! Launch shapes (threads per block, blocks):
+//! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
+//!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared, or 74 / 93.5 KB of dynamic
+//!   shared memory for the deep pipelines;
+//!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic, 2 per multiprocessor;
+//!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
+//!   8 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
+//!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
+//!   per multiprocessor;
+//! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
+//!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
+//!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
+//! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
+//!   element), grid-stride, capped at 16 blocks per multiprocessor;
+//! - `attention_flash_*` (fused attention, [`Kernels::attention_flash`]): 128; (⌈L/64⌉,
+//!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
+//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (with
+//!   `INVDIFF_GEMM_SMALL_TILES=1`, where that grid has fewer blocks than multiprocessors):
+//!   (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
+//!   `gemm_batched`;
+//! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
+//!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
+//!   1024 threads ([`one_pass_shape`]), a block per (image, group), or a cluster of 2-8 along z;
+//! - `timing_hold` (profiling only): one block of 32 threads.
+//!
+//! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares; the
+//! launchers live beside the planning of their op family, one file each, as in `kernels/`:
+//! `conv_plan` (which kernel, tile and split of K a convolution takes), `conv`, `norm`,
+//! `attention` (with the batched products of gemm.cu), `linear` and `resample`.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+
+use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
+use super::launch::{max_active_clusters, pdl_wanted, Launch};
+use super::precision::Precision;
+use crate::{switches, Error, Result};
+
+mod attention;
+mod conv;
+mod conv_plan;
+mod linear;
+mod norm;
+mod resample;
+
+pub(crate) use attention::*;
+pub(crate) use conv::*;
+pub(crate) use conv_plan::*;
+pub(crate) use linear::*;
+pub(crate) use norm::*;
+
+/// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
+pub(crate) type DPtr = u64;
+
+/// The kernels a device runs beyond the ones every device does ([`Kernels::capabilities`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Capabilities {
+    /// Hopper's wgmma convolutions (compute capability 9.0).
+    pub wgmma: bool,
+    /// The fused attention kernels (141 KB of shared memory a block).
+    pub flash: bool,
+    /// Clusters of one-pass GroupNorm blocks.
+    pub gn_clusters: bool,
+}
+
+impl Capabilities {
+    /// The most blocks a one-pass GroupNorm may give a group here ([`plan_norm`]'s
+    /// `one_pass_blocks`).
+    pub fn one_pass_blocks(&self) -> u32 {
+        if self.gn_clusters {
+            GN_CLUSTER_MAX
+        } else {
+            1
+        }
+    }
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Cuda(format!(
+            "{what} = {v} is too large for the kernels' 32-bit indices"
+        ))
+    })
+}
+
+/// The kernels' code for a 16-bit format (common.cuh, `pack_half2`).
+fn half_kind(p: Precision) -> Result<i32> {
+    match p {
+        Precision::Bf16 => Ok(1),
+        Precision::Fp16 => Ok(2),
+        other => Err(Error::Cuda(format!(
+            "internal: no 16-bit values in {other}"
+        ))),
+    }
+}
+
+/// [`i32_of`] of each `(value, name)`.
+fn i32s<const N: usize>(vals: [(usize, &str); N]) -> Result<[i32; N]> {
+    let mut out = [0; N];
+    for (o, (v, what)) in out.iter_mut().zip(vals) {
+        *o = i32_of(v, what)?;
+    }
+    Ok(out)
+}
+
+fn i64_of(v: usize) -> i64 {
+    v as i64
+}
+
+/// Handles to every kernel of the embedded fatbins.
+pub(crate) struct Kernels {
+    sms: u32,
+    /// Launches use programmatic dependent launch (src/cuda/launch.rs).
+    pdl: bool,
+    /// Batched products that would leave multiprocessors idle take 32-wide tiles
+    /// (`INVDIFF_GEMM_SMALL_TILES=1`; off until timed on a GPU).
+    small_tiles: bool,
+    conv_gemm_vec: CudaFunction,
+    conv_gemm_any: CudaFunction,
+    conv_splitk_reduce: CudaFunction,
+    /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
+    conv_narrow: Vec<CudaFunction>,
+    /// `conv_few_in_<sc>` at index sc - 1.
+    conv_few_in: Vec<CudaFunction>,
+    conv_weight_transpose: CudaFunction,
+    /// The tensor-core convolutions, in the order of [`TC_KERNELS`].
+    conv_tc: Vec<CudaFunction>,
+    tc_convert: CudaFunction,
+    gemm_batched: CudaFunction,
+    gemm_batched_32: CudaFunction,
+    gemm_batched_tf32: CudaFunction,
+    softmax_forward: CudaFunction,
+    softmax_backward: CudaFunction,
+    /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
+    /// on devices that give a block that much ([`FLASH_SMEM`]) only.
+    attention_flash: Option<[CudaFunction; 3]>,
+    /// The one-pass GroupNorms can run as clusters of [`GN_CLUSTER_MAX`] blocks of 1024
+    /// threads here (compute capability 9.0, and the driver says such a cluster fits).
+    gn_clusters: bool,
+    linear_rows: CudaFunction,
+    linear_batch: CudaFunction,
+    gn_partial: CudaFunction,
+    gn_finalize: CudaFunction,
+    gn_apply: CudaFunction,
+    gn_apply_half: CudaFunction,
+    gn_bwd_partial: CudaFunction,
+    gn_bwd_finalize: CudaFunction,
+    gn_bwd_apply: CudaFunction,
+    gn_bwd_apply_half: CudaFunction,
+    gn_one_pass: CudaFunction,
+    gn_bwd_one_pass: CudaFunction,
+    nchw_to_nhwc: CudaFunction,
+    nhwc_to_nchw: CudaFunction,
+    upsample2x: CudaFunction,
+    upsample2x_half: CudaFunction,
+    upsample2x_backward: CudaFunction,
+    concat_channels: CudaFunction,
+    concat_backward: CudaFunction,
+    add_into: CudaFunction,
+    div_inplace: CudaFunction,
+    timestep_embedding: CudaFunction,
+    timing_hold: CudaFunction,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall`, `_6stage`,
+    /// `_halo` and `_tall_halo` forms of all four (`conv::wgmma_index`): on compute capability
+    /// 9.0 only.
+    conv_wgmma: Option<[CudaFunction; 20]>,
+    /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
+    conv_wgmma_probe: Option<[CudaFunction; 20]>,
+}
+
+const BLOCK: u32 = 256;
+
+/// Lets `f` use `bytes` of dynamic shared memory, beyond the 48 KB a launch gets by default,
+/// and asks for the largest shared-memory share of the multiprocessor, so that two such blocks
+/// fit side by side.
+fn allow_smem(ctx: &CudaContext, f: CudaFunction, bytes: u32) -> Result<CudaFunction> {
+    use sys::CUfunction_attribute::*;
+    // cudarc's set_attribute does not make the context current itself.
+    cu(ctx.bind_to_thread(), "binding the CUDA context")?;
+    cu(
+        f.set_attribute(
+            CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        ),
+        "allowing a kernel more than 48 KB of shared memory",
+    )?;
+    cu(
+        f.set_attribute(CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+        "preferring shared memory over L1 for a kernel",
+    )?;
+    Ok(f)
+}
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Non-null check for pointers a kernel dereferences unconditionally.
+fn need(p: DPtr, what: &str) -> Result<()> {
+    if p == 0 {
+        return Err(Error::Cuda(format!(
+            "internal: null device pointer for {what}"
+        )));
+    }
+    Ok(())
+}
+
+/// Byte offset of f32 element `i` (device addresses are in bytes).
+pub(crate) fn at(base: DPtr, i: usize) -> DPtr {
+    base + 4 * i as u64
+}
+
+impl Kernels {
+    /// Loads every module and looks up every kernel; a fatbin without code for this device
+    /// fails here with the driver's message.
+    pub fn load(ctx: &Arc<CudaContext>, info: &DeviceInfo) -> Result<Kernels> {
+        let mut modules = Vec::new();
+        for (name, image) in fatbins() {
+            let m = cu(
+                ctx.load_module(Ptx::from_binary(image.to_vec())),
+                &format!("loading kernel module `{name}` on {}", info.name),
+            )?;
+            modules.push((*name, m));
+        }
+        let get = |module: &str, f: &str| -> Result<CudaFunction> {
+            let (_, m) = modules.iter().find(|(n, _)| *n == module).ok_or_else(|| {
+                Error::Cuda(format!(
+                    "kernel module `{module}` is missing from this build"
+                ))
+            })?;
+            cu(m.load_function(f), &format!("looking up kernel `{f}`"))
+        };
+        // The tensor-core convolutions, the deep pipelines allowed their dynamic shared memory.
+        let conv_tc = TC_KERNELS
+            .iter()
+            .map(|k| {
+                let f = get("conv_tc", k.name)?;
+                match k.dynamic_smem() {
+                    0 => Ok(f),
+                    bytes => allow_smem(ctx, f, bytes),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Hopper's wgmma kernels exist as sm_90a machine code only.
+        let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
+        let (conv_wgmma, conv_wgmma_probe) = match wgmma_module {
+            Some((name, image)) if info.compute_capability == (9, 0) => {
+                let m = cu(
+                    ctx.load_module(Ptx::from_binary(image.to_vec())),
+                    &format!("loading kernel module `{name}` on {}", info.name),
+                )?;
+                let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
+                    let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
+                    allow_smem(ctx, f, bytes)
+                };
+                let all = |suffix: &str| -> Result<[CudaFunction; 20]> {
+                    let out = wgmma_kernel_names(suffix)
+                        .iter()
+                        .map(|(kernel, tile)| f(kernel, tile.smem()))
+                        .collect::<Result<Vec<_>>>()?;
+                    out.try_into()
+                        .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
+                };
+                (Some(all("")?), Some(all("_probe")?))
+            }
+            _ => (None, None),
+        };
+        // The fused attention where a block may have its shared memory.
+        let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
+            let names = [
+                "attention_flash_forward",
+                "attention_flash_backward_dq",
+                "attention_flash_backward_dkv",
+            ];
+            let mut fs = Vec::new();
+            for (name, bytes) in names.into_iter().zip(FLASH_SMEM) {
+                fs.push(allow_smem(ctx, get("attention", name)?, bytes)?);
+            }
+            Some(
+                fs.try_into()
+                    .map_err(|_| Error::Cuda("internal: fused attention kernels".into()))?,
+            )
+        } else {
+            None
+        };
+        // One-pass GroupNorms in clusters where the driver says a cluster of the largest fits.
+        let gn_one_pass = get("norm", "gn_one_pass")?;
+        let gn_bwd_one_pass = get("norm", "gn_bwd_one_pass")?;
+        let fits =
+            |f: &CudaFunction| max_active_clusters(f, 1024, GN_CLUSTER_MAX).is_ok_and(|n| n > 0);
+        let gn_clusters =
+            info.compute_capability.0 >= 9 && fits(&gn_one_pass) && fits(&gn_bwd_one_pass);
+        Ok(Kernels {
+            sms: info.multiprocessors.max(1),
+            pdl: pdl_wanted(info.compute_capability),
+            small_tiles: switches::is("INVDIFF_GEMM_SMALL_TILES", "1"),
+            conv_gemm_vec: get("conv", "conv_gemm_vec")?,
+            conv_gemm_any: get("conv", "conv_gemm_any")?,
+            conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
+            conv_narrow: (1..=DIRECT_MAX)
+                .map(|c| {
+                    allow_smem(
+                        ctx,
+                        get("conv", &format!("conv_narrow_{c}"))?,
+                        narrow_smem(c),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            conv_few_in: (1..=DIRECT_MAX)
+                .map(|c| get("conv", &format!("conv_few_in_{c}")))
+                .collect::<Result<_>>()?,
+            conv_weight_transpose: get("conv", "conv_weight_transpose")?,
+            conv_tc,
+            tc_convert: get("conv_tc", "tc_convert")?,
+            gemm_batched: get("gemm", "gemm_batched")?,
+            gemm_batched_32: get("gemm", "gemm_batched_32")?,
+            gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
+            softmax_forward: get("attention", "softmax_forward")?,
+            softmax_backward: get("attention", "softmax_backward")?,
+            attention_flash,
+            linear_rows: get("linear", "linear_rows")?,
+            linear_batch: get("linear", "linear_batch")?,
+            gn_partial: get("norm", "gn_partial")?,
+            gn_finalize: get("norm", "gn_finalize")?,
+            gn_apply: get("norm", "gn_apply")?,
+            gn_apply_half: get("norm", "gn_apply_half")?,
+            gn_bwd_partial: get("norm", "gn_bwd_partial")?,
+            gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
+            gn_bwd_apply: get("norm", "gn_bwd_apply")?,
+            gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
+            gn_clusters,
+            gn_one_pass,
+            gn_bwd_one_pass,
+            nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
+            nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
+            upsample2x: get("resample", "upsample2x")?,
+            upsample2x_half: get("resample", "upsample2x_half")?,
+            upsample2x_backward: get("resample", "upsample2x_backward")?,
+            concat_channels: get("resample", "concat_channels")?,
+            concat_backward: get("resample", "concat_backward")?,
+            add_into: get("resample", "add_into")?,
+            div_inplace: get("resample", "div_inplace")?,
+            timestep_embedding: get("resample", "timestep_embedding")?,
+            timing_hold: get("timing", "timing_hold")?,
+            conv_wgmma,
+            conv_wgmma_probe,
+        })
+    }
+
+    /// Whether launches use programmatic dependent launch (`INVDIFF_PDL=1` on Hopper).
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+
+    /// Whether small batched products take 32-wide tiles (`INVDIFF_GEMM_SMALL_TILES=1`).
+    pub fn small_tiles(&self) -> bool {
+        self.small_tiles
+    }
+
+    fn launch<'a>(&self, st: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
+        Launch::new(st, f, self.pdl)
+    }
+
+    /// Whether this device runs the wgmma convolutions (compute capability 9.0).
+    pub fn has_wgmma(&self) -> bool {
+        self.conv_wgmma.is_some()
+    }
+
+    /// What this device runs of the kernels that not every device does, for
+    /// [`KernelConfig::from_switches`](super::program::KernelConfig::from_switches).
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            wgmma: self.has_wgmma(),
+            flash: self.attention_flash.is_some(),
+            gn_clusters: self.gn_clusters,
+        }
+    }
+
+    /// Blocks for a grid-stride loop over `items` work items of `per_block` each.
+    fn blocks(&self, items: usize, per_block: usize, per_sm: u32) -> u32 {
+        let want = items.div_ceil(per_block).max(1);
+        want.min((self.sms * per_sm) as usize) as u32
+    }
+
+    /// Element-wise launch shape over `len` elements.
+    fn flat(&self, len: usize) -> LaunchConfig {
+        cfg((self.blocks(len, BLOCK as usize, 8), 1, 1), (BLOCK, 1, 1))
+    }
+
+    /// Warp-per-row launch shape over `rows` rows.
+    fn warps(&self, rows: usize) -> LaunchConfig {
+        cfg((self.blocks(rows, 8, 16), 1, 1), (BLOCK, 1, 1))
+    }
+
+    /// Keeps the stream busy for `ns` nanoseconds of device time (kernels/timing.cu): launched
+    /// ahead of a profiled iteration, it gives the host time to enqueue the iteration's launches
+    /// before the GPU reaches them.
+    pub fn hold(&self, st: &CudaStream, ns: u64) -> Result<()> {
+        let mut b = self.launch(st, &self.timing_hold);
+        b.arg(&ns);
+        // SAFETY: the kernel reads and writes no memory.
+        cu(
+            unsafe { b.launch(cfg((1, 1, 1), (32, 1, 1))) }.map(drop),
+            "launching timing_hold",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kernel the loaders look up ([`Kernels::load`], `SamplerKernels::load`) is an
+    /// entry point of the module they look in, as build.rs read them from the PTX: a misspelt
+    /// or missing kernel fails here, not when the first GPU loads the modules. The names come
+    /// from the loaders' source (each `get("module", "name")`, the numbered direct kernels),
+    /// the tensor-core table and the wgmma tables.
+    #[test]
+    fn every_kernel_the_loaders_ask_for_exists() {
+        let entries = crate::cuda::device::kernel_entries();
+        if entries.is_empty() {
+            // Built without nvcc: there is nothing to load.
+            return;
+        }
+        let exists = |module: &str, name: &str| {
+            entries
+                .iter()
+                .any(|(m, names)| *m == module && names.contains(&name))
+        };
+        let mut asked: Vec<(String, String)> = Vec::new();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
+        for file in ["kernels/mod.rs", "sampler_kernels.rs"] {
+            let src = std::fs::read_to_string(root.join(file)).unwrap();
+            // The loaders, not these tests.
+            let src = src.split("#[cfg(test)]").next().unwrap();
+            for line in src
+                .lines()
+                .filter(|l| l.contains("get(") && !l.contains("fn "))
+            {
+                let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+                // `get(&sampler, "name")`: the module is the variable's name.
+                let var = line
+                    .split("get(&")
+                    .nth(1)
+                    .and_then(|r| r.split(',').next())
+                    .filter(|v| v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                let (module, name) = match (var, quoted.as_slice()) {
+                    (Some(m), [n]) => (m, *n),
+                    (None, [m, n]) => (*m, *n),
+                    _ => continue,
+                };
+                if !entries.iter().any(|(m, _)| *m == module) {
+                    continue;
+                }
+                if name.contains("{c}") {
+                    for c in 1..=DIRECT_MAX {
+                        asked.push((module.into(), name.replace("{c}", &c.to_string())));
+                    }
+                } else {
+                    asked.push((module.into(), name.into()));
+                }
+            }
+        }
+        assert!(asked.len() > 40, "{asked:?}");
+        asked.extend(TC_KERNELS.iter().map(|k| ("conv_tc".into(), k.name.into())));
+        for suffix in ["", "_probe"] {
+            let names = wgmma_kernel_names(suffix);
+            assert_eq!(names.len(), 4 * WgmmaTile::ALL.len());
+            asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        }
+        let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
+        assert!(missing.is_empty(), "not in the built modules: {missing:?}");
+    }
+}

@@ -1,0 +1,533 @@
+//! GroupNorm (kernels/norm.cu): how each GroupNorm is cut into launches ([`NormSplit`]: three
+//! passes over chunks of pixels, or one pass per group), and their launchers.
+
+use cudarc::driver::{CudaStream, LaunchConfig};
+
+use super::{cfg, half_kind, i32_of, need, DPtr, Kernels, BLOCK};
+use crate::cuda::device::cu;
+use crate::cuda::launch::Launch;
+use crate::cuda::precision::Precision;
+use crate::{Error, Result};
+
+/// Threads of a GroupNorm finalize block (`FIN_THREADS` in kernels/norm.cu).
+const GN_FIN_THREADS: u32 = 256;
+
+/// How a GroupNorm runs: in three launches with `chunks` blocks of `chunk_px` pixels per
+/// (image, 32 channels) for the partial sums, or, where `one_pass` gives a launch shape, in one
+/// launch (kernels/norm.cu `gn_one_pass`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NormSplit {
+    pub chunks: usize,
+    pub chunk_px: usize,
+    pub one_pass: Option<OnePass>,
+    /// The partial sums come from the convolution that wrote the input (its epilogue,
+    /// [`ConvPtrs::gn_partial`](super::ConvPtrs::gn_partial): chunks of one tile's rows), so `gn_partial` does not run.
+    pub from_producer: bool,
+}
+
+/// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
+const GN_ONE_PASS_PIXELS: usize = 8;
+
+/// The launch of a one-pass GroupNorm: `threads` a block, `blocks` per (image, group) (a
+/// thread-block cluster along z when more than one, whose blocks add their sums through
+/// distributed shared memory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OnePass {
+    pub threads: u32,
+    pub blocks: u32,
+}
+
+/// Most blocks of a one-pass GroupNorm's cluster (the portable cluster size).
+pub(crate) const GN_CLUSTER_MAX: u32 = 8;
+
+/// The one-pass launch for groups of `cg` channels over `hw` pixels with at most `max_blocks`
+/// blocks a group: the fewest blocks (1, 2, 4 or 8) whose blocks need at most 1024 threads,
+/// each `cg` threads per pixel row, enough rows that each thread holds at most
+/// `GN_ONE_PASS_PIXELS` pixels, rounded up to whole warps; `None` where even `max_blocks`
+/// blocks are not enough (one block takes groups of up to 8192 elements when `cg` divides
+/// 1024), where three launches fill the device better anyway.
+pub(crate) fn one_pass_shape(hw: usize, cg: usize, max_blocks: u32) -> Option<OnePass> {
+    [1, 2, 4, 8]
+        .into_iter()
+        .take_while(|&blocks| blocks <= max_blocks)
+        .find_map(|blocks| {
+            let rows = hw.div_ceil(GN_ONE_PASS_PIXELS * blocks as usize);
+            let threads = (cg.max(1) * rows).next_multiple_of(32);
+            (threads <= 1024).then_some(OnePass {
+                threads: threads as u32,
+                blocks,
+            })
+        })
+}
+
+/// Enough blocks to fill every multiprocessor about eight times over (eight 256-thread blocks
+/// are what one holds, and the partial sums are bound by bytes in flight), at least 8 pixels a
+/// block; one pass instead where `one_pass_blocks` (the most blocks a group may take, 0 for
+/// never) allows it and the groups are small enough.
+pub(crate) fn plan_norm(
+    n: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    sms: usize,
+    one_pass_blocks: u32,
+) -> NormSplit {
+    let per_chunk = n * c.div_ceil(32);
+    let want = (8 * sms.max(1)).div_ceil(per_chunk.max(1));
+    let chunks = want.clamp(1, hw.div_ceil(8).max(1));
+    let chunk_px = hw.div_ceil(chunks).max(1);
+    NormSplit {
+        chunks: hw.div_ceil(chunk_px).max(1),
+        chunk_px,
+        one_pass: one_pass_shape(hw, c / groups.max(1), one_pass_blocks),
+        from_producer: false,
+    }
+}
+
+/// The distinct ways a GroupNorm of these sizes can run, for the selftest and the sweep: three
+/// launches, then one pass in one block a group and in clusters of up to `max_blocks` where the
+/// groups allow them.
+pub(crate) fn norm_forms(
+    n: usize,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    sms: usize,
+    max_blocks: u32,
+) -> Vec<NormSplit> {
+    let mut out: Vec<NormSplit> = Vec::new();
+    for blocks in [0, 1, max_blocks] {
+        let split = plan_norm(n, hw, c, groups, sms, blocks);
+        if (blocks == 0 || split.one_pass.is_some()) && !out.contains(&split) {
+            out.push(split);
+        }
+    }
+    out
+}
+
+impl NormSplit {
+    /// f32 elements of the f64 partial sums (sum and sum of squares per chunk and channel).
+    pub fn partial_len(&self, n: usize, c: usize) -> usize {
+        4 * n * self.chunks * c
+    }
+}
+
+/// Shape of a GroupNorm call and its reduction split.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormDims {
+    pub n: usize,
+    pub hw: usize,
+    pub c: usize,
+    pub groups: usize,
+    pub split: NormSplit,
+}
+
+impl NormDims {
+    /// `(n, hw, c, groups, chunks, chunk pixels)` as the forward and backward kernels take them,
+    /// after checking that the groups divide the channels and that every index fits an i32.
+    fn kernel_args(&self) -> Result<(i32, i32, i32, i32, i32, i32)> {
+        let NormDims {
+            n,
+            hw,
+            c,
+            groups,
+            split,
+        } = *self;
+        if groups == 0 || c % groups != 0 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm: {groups} groups do not divide {c} channels"
+            )));
+        }
+        i32_of(n * hw * c, "GroupNorm elements")?;
+        Ok((
+            n as i32,
+            hw as i32,
+            c as i32,
+            groups as i32,
+            split.chunks as i32,
+            i32_of(split.chunk_px, "chunk")?,
+        ))
+    }
+}
+
+/// The grid of a one-pass GroupNorm over `groups` (image, group) pairs: `shape.blocks` along z.
+fn one_pass_grid(groups: usize, shape: OnePass) -> LaunchConfig {
+    cfg((groups as u32, 1, shape.blocks), (shape.threads, 1, 1))
+}
+
+/// A one-pass GroupNorm of several blocks a group launches them as one cluster.
+fn one_pass_clusters(b: &mut Launch<'_>, shape: OnePass) {
+    if shape.blocks > 1 {
+        b.cluster_z(shape.blocks);
+    }
+}
+
+impl Kernels {
+    /// The element-wise GroupNorm passes (kernels/norm.cu `for_units`): a grid row per image,
+    /// the `lanes` units of channels of a pixel across threadIdx.x, pixels across threadIdx.y
+    /// and the row's blocks; about eight 256-thread blocks per multiprocessor in all.
+    fn norm_units(&self, n: usize, hw: usize, lanes: usize) -> Result<LaunchConfig> {
+        if n > 65535 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm too large for one launch: {n} images"
+            )));
+        }
+        let bx = lanes.clamp(1, BLOCK as usize);
+        let by = (BLOCK as usize / bx).max(1);
+        let per_image = (8 * self.sms as usize).div_ceil(n.max(1));
+        let gx = hw.div_ceil(by).clamp(1, per_image.max(1));
+        Ok(cfg((gx as u32, n as u32, 1), (bx as u32, by as u32, 1)))
+    }
+
+    fn norm_grid(&self, n: usize, c: usize, split: NormSplit) -> Result<LaunchConfig> {
+        if n > 65535 || c.div_ceil(32) > 65535 {
+            return Err(Error::Cuda(format!(
+                "GroupNorm too large for one launch: {n} images, {c} channels"
+            )));
+        }
+        Ok(cfg(
+            (
+                i32_of(split.chunks, "chunks")? as u32,
+                c.div_ceil(32) as u32,
+                n as u32,
+            ),
+            (32, 8, 1),
+        ))
+    }
+
+    /// GroupNorm forward: statistics into `stats` (`[mean | rstd]`, n x groups each), the
+    /// per-channel affine into `affine` (`[n][2][c]`), then `y`, in fp32, or with `half_out`
+    /// in bf16/fp16 (two elements per f32 slot) for the tensor-core convolutions it feeds.
+    /// Without `y` (0), the statistics and the affine only, for a halo convolution that
+    /// applies them as it loads `x` ([`NormInput`](super::NormInput)); three launches only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm(
+        &self,
+        st: &CudaStream,
+        d: NormDims,
+        x: DPtr,
+        gamma: DPtr,
+        beta: DPtr,
+        y: DPtr,
+        partial: DPtr,
+        stats: DPtr,
+        affine: DPtr,
+        eps: f32,
+        silu: bool,
+        half_out: Option<Precision>,
+    ) -> Result<()> {
+        for (p, what) in [
+            (x, "input"),
+            (gamma, "scale"),
+            (beta, "shift"),
+            (partial, "partial sums"),
+            (stats, "statistics"),
+            (affine, "affine"),
+        ] {
+            need(p, what)?;
+        }
+        if d.split.from_producer && d.split.one_pass.is_some() {
+            return Err(Error::Cuda(
+                "internal: a GroupNorm given its partial sums planned in one pass".into(),
+            ));
+        }
+        if y == 0 && d.split.one_pass.is_some() {
+            return Err(Error::Cuda(
+                "internal: a GroupNorm without an output planned in one pass".into(),
+            ));
+        }
+        let NormDims {
+            n,
+            hw,
+            c,
+            groups,
+            split,
+        } = d;
+        let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
+        let silu = silu as i32;
+        let kind = half_out.map_or(Ok(0), half_kind)?;
+        if let Some(shape) = split.one_pass {
+            let mut b = self.launch(st, &self.gn_one_pass);
+            b.arg(&x)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&y)
+                .arg(&stats)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&eps)
+                .arg(&silu)
+                .arg(&kind);
+            one_pass_clusters(&mut b, shape);
+            // SAFETY: x is n x hw x c floats, y room for as many values of `kind`, stats for
+            // 2 n groups floats; a group's blocks hold all its pixels (one_pass_shape).
+            return cu(
+                unsafe { b.launch(one_pass_grid(n * groups, shape)) }.map(drop),
+                "launching gn_one_pass",
+            );
+        }
+        if !split.from_producer {
+            let mut b = self.launch(st, &self.gn_partial);
+            b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
+            // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
+            cu(
+                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+                "launching gn_partial",
+            )?;
+        }
+        let mut b = self.launch(st, &self.gn_finalize);
+        b.arg(&partial)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&chunks)
+            .arg(&eps)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&stats)
+            .arg(&affine);
+        let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
+        // SAFETY: stats holds 2 n groups floats, affine 2 n c.
+        cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
+        if y == 0 {
+            return Ok(());
+        }
+        if half_out.is_some() {
+            if c % 4 != 0 || x % 16 != 0 || affine % 16 != 0 || y % 8 != 0 {
+                return Err(Error::Cuda(format!(
+                    "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
+                )));
+            }
+            let mut b = self.launch(st, &self.gn_apply_half);
+            b.arg(&x)
+                .arg(&affine)
+                .arg(&y)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&silu)
+                .arg(&kind);
+            // SAFETY: x is n x hw x c floats, y room for n x hw x c 16-bit values.
+            return cu(
+                unsafe { b.launch(self.norm_units(n, hw, c / 4)?) }.map(drop),
+                "launching gn_apply_half",
+            );
+        }
+        let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
+        let vec4 = vec as i32;
+        let mut b = self.launch(st, &self.gn_apply);
+        b.arg(&x)
+            .arg(&affine)
+            .arg(&y)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&silu)
+            .arg(&vec4);
+        let lanes = if vec { c / 4 } else { c };
+        // SAFETY: x and y are n x hw x c.
+        cu(
+            unsafe { b.launch(self.norm_units(n, hw, lanes)?) }.map(drop),
+            "launching gn_apply",
+        )
+    }
+
+    /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`; with `half_out`
+    /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_backward(
+        &self,
+        st: &CudaStream,
+        d: NormDims,
+        x: DPtr,
+        dy: DPtr,
+        gamma: DPtr,
+        beta: DPtr,
+        stats: DPtr,
+        partial: DPtr,
+        means: DPtr,
+        dx: DPtr,
+        silu: bool,
+        accumulate: bool,
+        half_out: Option<Precision>,
+    ) -> Result<()> {
+        if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0) {
+            return Err(Error::Cuda(format!(
+                "internal: 16-bit GroupNorm input gradient accumulating, with {} channels or \
+                 unaligned",
+                d.c
+            )));
+        }
+        for (p, what) in [
+            (x, "input"),
+            (dy, "output gradient"),
+            (gamma, "scale"),
+            (beta, "shift"),
+            (stats, "statistics"),
+            (partial, "partial sums"),
+            (means, "group means"),
+            (dx, "input gradient"),
+        ] {
+            need(p, what)?;
+        }
+        let NormDims {
+            n,
+            hw,
+            c,
+            groups,
+            split,
+        } = d;
+        let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
+        let silu = silu as i32;
+        let kind = half_out.map_or(Ok(0), half_kind)?;
+        let acc = accumulate as i32;
+        if let Some(shape) = split.one_pass {
+            let mut b = self.launch(st, &self.gn_bwd_one_pass);
+            b.arg(&x)
+                .arg(&dy)
+                .arg(&stats)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&dx)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&silu)
+                .arg(&acc)
+                .arg(&kind);
+            one_pass_clusters(&mut b, shape);
+            // SAFETY: as in the forward; dx holds n x hw x c values of `kind`.
+            return cu(
+                unsafe { b.launch(one_pass_grid(n * groups, shape)) }.map(drop),
+                "launching gn_bwd_one_pass",
+            );
+        }
+        let mut b = self.launch(st, &self.gn_bwd_partial);
+        b.arg(&x)
+            .arg(&dy)
+            .arg(&stats)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&silu)
+            .arg(&cpx)
+            .arg(&partial);
+        // SAFETY: as in the forward.
+        cu(
+            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+            "launching gn_bwd_partial",
+        )?;
+        let mut b = self.launch(st, &self.gn_bwd_finalize);
+        b.arg(&partial)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&chunks)
+            .arg(&means);
+        let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
+        // SAFETY: means holds 2 n groups floats.
+        cu(
+            unsafe { b.launch(fin) }.map(drop),
+            "launching gn_bwd_finalize",
+        )?;
+        if half_out.is_some() {
+            let mut b = self.launch(st, &self.gn_bwd_apply_half);
+            b.arg(&x)
+                .arg(&dy)
+                .arg(&stats)
+                .arg(&means)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&dx)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&silu)
+                .arg(&kind);
+            // SAFETY: x and dy are n x hw x c floats, dx room for as many 16-bit values.
+            return cu(
+                unsafe { b.launch(self.norm_units(n, hw, c / 4)?) }.map(drop),
+                "launching gn_bwd_apply_half",
+            );
+        }
+        let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
+        let vec4 = vec as i32;
+        let mut b = self.launch(st, &self.gn_bwd_apply);
+        b.arg(&x)
+            .arg(&dy)
+            .arg(&stats)
+            .arg(&means)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&dx)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&silu)
+            .arg(&acc)
+            .arg(&vec4);
+        let lanes = if vec { c / 4 } else { c };
+        // SAFETY: x, dy and dx are n x hw x c.
+        cu(
+            unsafe { b.launch(self.norm_units(n, hw, lanes)?) }.map(drop),
+            "launching gn_bwd_apply",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norm_split_covers_every_pixel() {
+        for (n, hw, c) in [(1, 65536, 128), (8, 64, 512), (3, 35, 96), (1, 1, 32)] {
+            let s = plan_norm(n, hw, c, 32, 132, 0);
+            assert!(
+                s.chunks * s.chunk_px >= hw && (s.chunks - 1) * s.chunk_px < hw,
+                "{s:?}"
+            );
+            assert_eq!(s.one_pass, None);
+        }
+    }
+
+    #[test]
+    fn one_pass_groupnorm_takes_the_small_levels_only() {
+        // celebahq-256 (32 groups): the 8x8 to 32x32 levels in one block a group; with
+        // clusters also 64x64 (4 blocks) and 128x128 at 128 channels (8), never 256x256.
+        let one = |threads, blocks| Some(OnePass { threads, blocks });
+        for (hw, c, want, clustered) in [
+            (8 * 8, 512, one(128, 1), one(128, 1)),
+            (16 * 16, 512, one(512, 1), one(512, 1)),
+            (32 * 32, 256, one(1024, 1), one(1024, 1)),
+            (64 * 64, 256, None, one(1024, 4)),
+            (64 * 64, 512, None, one(1024, 8)),
+            (128 * 128, 128, None, one(1024, 8)),
+            (128 * 128, 256, None, None),
+            (256 * 256, 128, None, None),
+        ] {
+            assert_eq!(plan_norm(1, hw, c, 32, 132, 1).one_pass, want, "{hw} {c}");
+            let got = plan_norm(1, hw, c, 32, 132, GN_CLUSTER_MAX).one_pass;
+            assert_eq!(got, clustered, "{hw} {c}");
+            assert_eq!(plan_norm(8, hw, c, 32, 132, 0).one_pass, None);
+        }
+        // Odd group widths: whole warps, and a group's blocks hold all its pixels (the kernel's
+        // rows = threads / cg pixel rows a block, ONE_PASS_PIXELS apiece).
+        for (hw, cg) in [(35, 3), (1, 1), (15, 3), (100, 7), (10_000, 3), (4096, 7)] {
+            let s = one_pass_shape(hw, cg, GN_CLUSTER_MAX).unwrap();
+            let (t, b) = (s.threads as usize, s.blocks as usize);
+            assert!(
+                t % 32 == 0 && t <= 1024 && t / cg * b * GN_ONE_PASS_PIXELS >= hw,
+                "{hw} {cg} {s:?}"
+            );
+        }
+        assert_eq!(one_pass_shape(1, 2048, GN_CLUSTER_MAX), None);
+        assert_eq!(one_pass_shape(1, 32, 0), None);
+    }
+}
