@@ -167,9 +167,17 @@ pub(crate) fn max_active_clusters(
 mod tests {
     use std::path::Path;
 
+    /// The statements that may come before `pdl_entry();`: the convolutions' L2 prefetches of
+    /// their weights (kernels/conv_common.cuh `prefetch_tap`), which load nothing and touch
+    /// only weights, written by no launch.
+    const PREFETCHES: [&str; 2] = [
+        "wg_prefetch_weights<TILE>(a);",
+        "tc_prefetch_weights<T>(a);",
+    ];
+
     /// The kernels' half of PDL: every kernel's first statement is `pdl_entry();`, so none
     /// touches memory before the grid it depends on is complete; only a weight prefetch
-    /// (`*_prefetch_weights(a);`, which reads the weights, written by no launch) may come first.
+    /// ([`PREFETCHES`]) may come first.
     #[test]
     fn every_kernel_waits_for_its_predecessor_first() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
@@ -184,10 +192,9 @@ mod tests {
                 let body = at + src[at..].find('{').unwrap() + 1;
                 let blank = |c: char| c.is_whitespace() || c == '\\';
                 let mut first = src[body..].trim_start_matches(blank);
-                if let Some(at) = first.find("_prefetch_weights<") {
-                    let call = &first[..first.find(';').unwrap()];
-                    if at < call.len() && call.ends_with("(a)") {
-                        first = first[call.len() + 1..].trim_start_matches(blank);
+                for prefetch in PREFETCHES {
+                    if let Some(rest) = first.strip_prefix(prefetch) {
+                        first = rest.trim_start_matches(blank);
                     }
                 }
                 // The identifier before the parameter list (which holds no parentheses).

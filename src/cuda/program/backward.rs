@@ -1,0 +1,230 @@
+//! The backward pass (recording mode): the graph's ops in reverse into input-gradient steps,
+//! the first contribution to a gradient overwriting it and later ones adding.
+
+use super::{Buf, Lowering, Step, WKind, W};
+use crate::cuda::kernels::ConvShape;
+use crate::cuda::unet::AttnKernel;
+use crate::model::graph::{Op, Space, Tid};
+use crate::{Error, Result};
+
+impl Lowering<'_> {
+    pub(super) fn backward_op(&mut self, i: usize, op: &Op, dy: Buf) -> Result<()> {
+        let g = self.g;
+        let on_path = |t: Tid| g.tensors[t].on_input_path;
+        let aux = |what: &str| Error::Cuda(format!("internal: {what} of op {i} were not recorded"));
+        match *op {
+            Op::TimeEmbedding { .. } => {
+                return Err(Error::Cuda(
+                    "internal: the time embedding is not on the input path".into(),
+                ))
+            }
+            Op::Linear {
+                x,
+                y,
+                p,
+                residual,
+                out_div,
+                ..
+            } => {
+                if g.tensors[y].space == Space::Vector {
+                    return Err(Error::Cuda(format!(
+                        "internal: `{}` acts on a vector yet lies on the input path",
+                        g.params[p].name
+                    )));
+                }
+                let (inp, out) = self.linear_dims(p)?;
+                if out_div != 1.0 {
+                    self.steps.push(Step::Divide {
+                        x: dy,
+                        len: self.numel(y),
+                        div: out_div,
+                    });
+                }
+                if on_path(x) {
+                    let (h, w) = self.hw(x);
+                    let (gx, acc) = self.grad_slot(x);
+                    let shape = ConvShape::linear(self.n, h * w, out, inp);
+                    let (src, half_input) = self.grad_input(y, dy, std::slice::from_ref(&shape));
+                    let mut s = self.conv_step(
+                        shape,
+                        src,
+                        W {
+                            pid: p,
+                            kind: WKind::Linear,
+                        },
+                        gx,
+                        half_input,
+                    );
+                    s.accumulate = acc;
+                    self.steps.push(Step::Conv(s));
+                }
+                if let Some(r) = residual.filter(|&r| on_path(r)) {
+                    self.residual_grad(r, dy);
+                }
+            }
+            Op::Conv {
+                x,
+                y,
+                p,
+                kernel,
+                stride,
+                pad,
+                residual,
+                out_div,
+                ..
+            } => {
+                if out_div != 1.0 {
+                    self.steps.push(Step::Divide {
+                        x: dy,
+                        len: self.numel(y),
+                        div: out_div,
+                    });
+                }
+                if on_path(x) {
+                    let (gx, acc) = self.grad_slot(x);
+                    let shapes = self.conv_backward_shapes(x, y, kernel, stride, pad);
+                    let (src, half_input) = self.grad_input(y, dy, &shapes);
+                    for shape in shapes {
+                        let mut s = self.conv_step(
+                            shape,
+                            src,
+                            W {
+                                pid: p,
+                                kind: WKind::ConvBackward,
+                            },
+                            gx,
+                            half_input,
+                        );
+                        s.accumulate = acc;
+                        self.steps.push(Step::Conv(s));
+                    }
+                }
+                if let Some(r) = residual.filter(|&r| on_path(r)) {
+                    self.residual_grad(r, dy);
+                }
+            }
+            Op::GroupNorm {
+                x, p, groups, silu, ..
+            } => {
+                let stats = self.aux[i].ok_or_else(|| aux("GroupNorm statistics"))?;
+                let (h, w) = self.hw(x);
+                let (hw, c) = (h * w, self.ch(x));
+                let split = self.norm_split(hw, c, groups);
+                let xb = self.val(x)?;
+                let half_out = self.half_grad[x].then_some(self.precision);
+                let (gx, acc) = if half_out.is_some() {
+                    if self.grad[x].is_some() {
+                        return Err(Error::Cuda(format!(
+                            "internal: 16-bit gradient of `{}` has another contribution",
+                            g.tensors[x].name
+                        )));
+                    }
+                    // Two 16-bit values per f32 slot.
+                    let b = self.buf(
+                        self.numel(x).div_ceil(2),
+                        &format!("d {} (16-bit)", g.tensors[x].name),
+                    );
+                    self.grad[x] = Some(b);
+                    (b, false)
+                } else {
+                    self.grad_slot(x)
+                };
+                let partial = self.buf(
+                    split.partial_len(self.n, c),
+                    "GroupNorm backward partial sums",
+                );
+                let means = self.buf(2 * self.n * groups, "GroupNorm backward means");
+                self.steps.push(Step::GroupNormBackward {
+                    x: xb,
+                    dy,
+                    dx: gx,
+                    gamma: W {
+                        pid: p,
+                        kind: WKind::Gamma,
+                    },
+                    beta: W {
+                        pid: p,
+                        kind: WKind::Beta,
+                    },
+                    hw,
+                    c,
+                    groups,
+                    split,
+                    silu,
+                    stats,
+                    partial,
+                    means,
+                    accumulate: acc,
+                    half_out,
+                });
+            }
+            Op::Attention {
+                qkv,
+                y,
+                heads,
+                head_dim,
+            } => {
+                let saved = self.aux[i].ok_or_else(|| aux("attention probabilities"))?;
+                let (h, w) = self.hw(qkv);
+                let tokens = h * w;
+                let qb = self.val(qkv)?;
+                let kernel = self.attention_kernel(head_dim);
+                let yb = match kernel {
+                    AttnKernel::Flash => Some(self.val(y)?),
+                    _ => None,
+                };
+                let (gq, acc) = self.grad_slot(qkv);
+                let scratch = self.buf(
+                    self.n * heads * kernel.saved_len(tokens),
+                    "attention score gradients or dO . O sums",
+                );
+                self.steps.push(Step::AttentionBackward {
+                    qkv: qb,
+                    saved,
+                    y: yb,
+                    dy,
+                    dqkv: gq,
+                    scratch,
+                    tokens,
+                    heads,
+                    head_dim,
+                    accumulate: acc,
+                    kernel,
+                });
+            }
+            Op::Upsample { x, .. } => {
+                let (h, w) = self.hw(x);
+                let c = self.ch(x);
+                let (gx, acc) = self.grad_slot(x);
+                self.steps.push(Step::UpsampleBackward {
+                    dy,
+                    dx: gx,
+                    h,
+                    w,
+                    c,
+                    accumulate: acc,
+                });
+            }
+            Op::Concat { a, b, .. } => {
+                let (h, w) = self.hw(a);
+                let (ca, cb) = (self.ch(a), self.ch(b));
+                let pixels = self.n * h * w;
+                for (t, offset, width) in [(a, 0, ca), (b, ca, cb)] {
+                    if on_path(t) {
+                        let (gt, acc) = self.grad_slot(t);
+                        self.steps.push(Step::ConcatBackward {
+                            dy,
+                            d: gt,
+                            pixels,
+                            c: ca + cb,
+                            offset,
+                            width,
+                            accumulate: acc,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,196 @@
+//! Which kernels a program's steps run ([`KernelConfig`]): the defaults, and the choices the
+//! `INVDIFF_*` switches ask for.
+
+use crate::cuda::kernels::Capabilities;
+use crate::switches;
+// What the documentation of the choices links to.
+#[cfg(doc)]
+use {
+    super::Program,
+    crate::cuda::kernels::{
+        flash_fits, halo_fits, one_pass_shape, plan_wgmma_clustered, ConvLaunch, ConvPtrs, Gemm,
+        NormInput, WgmmaTile, GN_CLUSTER_MAX,
+    },
+    crate::cuda::unet::AttnKernel,
+};
+
+/// Which kernels a program's steps run. The tensor-core pipeline choices compute the same
+/// results bit for bit; wgmma sums the same products in another order, and the one-pass
+/// GroupNorm adds its f64 sums in another order. The choices are there to be compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KernelConfig {
+    /// The deep pipelines, and in bf16/fp16 16-bit intermediates
+    /// ([`Program::build_with`]), rather than the two-stage kernels with fp32 intermediates.
+    pub deep: bool,
+    /// With `deep`: launches with 16-bit inputs on Hopper's wgmma kernel (only where the
+    /// device has it, compute capability 9.0).
+    pub wgmma: bool,
+    /// GroupNorms whose groups are small enough ([`one_pass_shape`]) in one launch
+    /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
+    pub gn_one_pass: bool,
+    /// With `gn_one_pass`: groups up to eight times larger (the 64x64 and 128x128 levels) in one
+    /// launch too, as clusters of 2-8 blocks a group ([`GN_CLUSTER_MAX`]; compute capability
+    /// 9.0 only).
+    pub gn_clusters: bool,
+    /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
+    /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the
+    /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values; the copy is
+    /// rounded as staging would round, so only wgmma's order of summation changes.
+    pub half_concat: bool,
+    /// wgmma launches split 2 to 8 ways reduce within a thread-block cluster
+    /// ([`ConvLaunch::cluster`]): one launch and no workspace, the same sums.
+    pub cluster_split_k: bool,
+    /// With `cluster_split_k`: plain-tile wgmma launches are split for clusters
+    /// ([`plan_wgmma_clustered`]: at most 8 ways, a cheaper reduction in the cost), so that
+    /// the ones planned more than 8 ways (batch 1's 32x32 to 8x8 levels) reduce in clusters too.
+    pub cluster_plan: bool,
+    /// In bf16/fp16 with `deep`: a tensor-core launch whose main input is stored in fp32 and
+    /// holds at least [`HALF_COPY_MIN`] values (the stride-2 downsampling convolutions, the
+    /// input gradients of the convolutions that end a residual block) first converts it to
+    /// 16 bits in a launch of its own, shared by every such reader, and then takes the
+    /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values. The copy
+    /// rounds as staging would, so only wgmma's order of summation changes.
+    pub half_copy: bool,
+    /// In the backward pass, a residual's gradient that would start as a copy of the block
+    /// output's gradient (its first contribution) is that buffer itself, which later
+    /// contributions then add onto: no copy launch, the same sums.
+    pub alias_residual_grads: bool,
+    /// Deep tensor-core launches (mma.sync and wgmma) finish their rows with the loads of
+    /// four output pairs issued before their stores ([`ConvLaunch::row_epilogue`]): the same
+    /// arithmetic.
+    pub row_epilogue: bool,
+    /// Tensor-core convolutions ask L2 for each block's weights before waiting for the launch
+    /// before them ([`ConvLaunch::prefetch_weights`]): under `INVDIFF_PDL` while that launch
+    /// still runs, and otherwise all at once rather than a pipeline slice ahead.
+    pub prefetch_weights: bool,
+    /// Below fp32 (the convolutions in bf16, fp16 or tf32): the attention products on the
+    /// tf32 tensor cores ([`Gemm::tf32`]) instead of fp32 FMAs; the softmax stays fp32.
+    pub attention_tf32: bool,
+    /// Below fp32: attentions whose heads are whole 64-column chunks ([`flash_fits`]) run fused
+    /// ([`AttnKernel::Flash`], tf32 tensor cores, no P in memory; three launches per forward
+    /// and backward pair instead of eight). Ahead of `attention_tf32` where both apply.
+    pub attention_flash: bool,
+    /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
+    /// ([`WgmmaTile::Tall`]): the same sums in the same order.
+    pub tall_tiles: bool,
+    /// wgmma launches that can run one block per multiprocessor are split for it and take the
+    /// six-stage tile ([`WgmmaTile::SixStages`]): the same sums as that split on the plain
+    /// tile.
+    pub six_stages: bool,
+    /// The wgmma launches of 3x3 stride-1 convolutions and their input gradients whose rows
+    /// tile without leaving an image row ([`halo_fits`]) take the halo tile
+    /// ([`WgmmaTile::Halo`]; K split by channel slices), ahead of the tall one; with
+    /// `tall_tiles` too, the unsplit ones that fill the machine with 256-row tiles take
+    /// [`WgmmaTile::TallHalo`]. The same products, summed channel slices outer.
+    pub halo_tiles: bool,
+    /// With `halo_tiles`: a GroupNorm whose 16-bit output only a halo-tile convolution reads
+    /// writes no output; the convolution applies its scale and shift (and SiLU) to the fp32
+    /// input as it loads it ([`NormInput`]): the same 16-bit values, one pass over the
+    /// activations fewer.
+    pub halo_norm: bool,
+    /// With `halo_tiles`: an unsplit halo-tile convolution whose output a GroupNorm reads
+    /// writes that GroupNorm's partial sums in its epilogue ([`ConvPtrs::gn_partial`]), and the
+    /// GroupNorm skips its own pass over the output. The same sums in another order.
+    pub halo_stats: bool,
+    /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
+    /// from one image's shape, so that an image's results are bit for bit the same in any
+    /// batch; otherwise they are made for the whole batch, which fills the device better.
+    pub batch_invariant: bool,
+}
+
+impl Default for KernelConfig {
+    /// Deep pipelines, mma.sync, three-launch GroupNorms.
+    fn default() -> Self {
+        KernelConfig {
+            deep: true,
+            wgmma: false,
+            gn_one_pass: false,
+            gn_clusters: false,
+            half_concat: false,
+            cluster_split_k: false,
+            cluster_plan: false,
+            half_copy: false,
+            alias_residual_grads: false,
+            row_epilogue: false,
+            prefetch_weights: false,
+            attention_tf32: false,
+            attention_flash: false,
+            tall_tiles: false,
+            six_stages: false,
+            halo_tiles: false,
+            halo_norm: false,
+            halo_stats: false,
+            batch_invariant: false,
+        }
+    }
+}
+
+impl KernelConfig {
+    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), each kernel that not
+    /// every device runs only where this one does (`here`).
+    pub fn from_switches(here: Capabilities) -> Self {
+        let on = |name| switches::is(name, "1");
+        let gn_clusters = here.gn_clusters && on("INVDIFF_GN_CLUSTER");
+        KernelConfig {
+            deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
+            wgmma: here.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
+            // Clustered GroupNorms extend the one-pass ones, so they bring them along.
+            gn_one_pass: on("INVDIFF_GN_ONE_PASS") || gn_clusters,
+            gn_clusters,
+            half_concat: on("INVDIFF_HALF_CONCAT"),
+            cluster_split_k: on("INVDIFF_CLUSTER_SPLITK")
+                || switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
+            cluster_plan: switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
+            half_copy: on("INVDIFF_HALF_COPY"),
+            alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
+            row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
+            prefetch_weights: on("INVDIFF_PREFETCH_WEIGHTS"),
+            attention_tf32: on("INVDIFF_ATTN_TF32"),
+            attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
+            tall_tiles: on("INVDIFF_WGMMA_TALL"),
+            six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
+            // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.
+            halo_tiles: on("INVDIFF_WGMMA_HALO")
+                || on("INVDIFF_HALO_NORM")
+                || on("INVDIFF_HALO_STATS"),
+            halo_norm: on("INVDIFF_HALO_NORM"),
+            halo_stats: on("INVDIFF_HALO_STATS"),
+            batch_invariant: false,
+        }
+    }
+
+    /// The choices that differ from the plain mma.sync program, in words, for reports (the
+    /// switches change the speed, and some the order of sums).
+    pub fn describe(&self) -> Vec<&'static str> {
+        [
+            (!self.deep, "two-stage pipelines"),
+            (self.wgmma, "wgmma"),
+            (self.gn_one_pass, "one-pass GroupNorm"),
+            (self.gn_clusters, "clustered one-pass GroupNorm"),
+            (self.half_concat, "16-bit concatenation copies"),
+            (self.cluster_split_k, "cluster split-K"),
+            (self.cluster_plan, "splits planned for clusters"),
+            (self.half_copy, "16-bit input copies"),
+            (self.alias_residual_grads, "aliased residual gradients"),
+            (self.row_epilogue, "row epilogue"),
+            (self.prefetch_weights, "weight prefetch"),
+            (self.attention_tf32, "tf32 attention"),
+            (self.attention_flash, "fused attention"),
+            (self.tall_tiles, "tall wgmma tiles"),
+            (self.six_stages, "six-stage wgmma tiles"),
+            (self.halo_tiles, "halo wgmma tiles"),
+            (self.halo_norm, "GroupNorm in halo loads"),
+            (self.halo_stats, "GroupNorm sums in halo epilogues"),
+            (self.batch_invariant, "per-image plans"),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect()
+    }
+}
+
+/// Fewest values of an fp32 input that [`KernelConfig::half_copy`] converts: at batch 1, the
+/// 64x64 x 256 level and above. In the v0.4 profile (H200, bf16, batch 1) the 16-bit path
+/// ran 12-60 us faster per launch there, against a conversion estimated at 3-16 us (its bytes
+/// at the card's bandwidth, plus a launch); below, the gain was under the estimate.
+pub(crate) const HALF_COPY_MIN: usize = 1 << 20;

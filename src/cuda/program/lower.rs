@@ -1,0 +1,663 @@
+//! The lowering's state ([`Lowering`]) and what the forward and backward passes share: buffers,
+//! 16-bit values and copies, the planning of each convolution launch, and the fusions applied
+//! after the forward pass is lowered.
+
+use super::{BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, HALF_COPY_MIN, W};
+use crate::cuda::kernels::{
+    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma,
+    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvShape, NormInput, NormSplit, WgmmaTile,
+    GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+};
+use crate::cuda::precision::Precision;
+use crate::cuda::unet::AttnKernel;
+use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
+use crate::{Error, Result};
+#[cfg(doc)]
+use {super::Program, crate::cuda::kernels::ConvLaunch};
+
+/// Builds programs.
+pub(super) struct Lowering<'g> {
+    pub(super) g: &'g Graph,
+    pub(super) n: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) sms: usize,
+    pub(super) precision: Precision,
+    pub(super) steps: Vec<Step>,
+    pub(super) bufs: Vec<BufDesc>,
+    pub(super) value: Vec<Option<Buf>>,
+    pub(super) grad: Vec<Option<Buf>>,
+    /// Per op: its GroupNorm statistics or attention probabilities, for the backward pass.
+    pub(super) aux: Vec<Option<Buf>>,
+    /// Per tensor: stored as 16-bit values in `precision` (see [`Program::build_with`]).
+    pub(super) half: Vec<bool>,
+    /// Per tensor: its gradient stored as 16-bit values in `precision`.
+    pub(super) half_grad: Vec<bool>,
+    /// 16-bit copies of buffers (a concatenation's own, [`KernelConfig::half_concat`], or a
+    /// conversion, [`KernelConfig::half_copy`]): source, copy, and the step that wrote the
+    /// copy. A copy serves while no later step has written its source.
+    pub(super) half_copies: Vec<(Buf, Buf, usize)>,
+    /// Which kernels the steps run.
+    pub(super) choice: KernelConfig,
+}
+
+impl Lowering<'_> {
+    /// [`KernelConfig::halo_norm`], on the finished step list: each GroupNorm (in three
+    /// launches) whose 16-bit output only a halo-tile convolution reads hands that
+    /// convolution its fp32 input and its scale and shift, and writes no output. The output's
+    /// buffer, named by no step any more, takes no memory ([`Program::arena_lens`]).
+    pub(super) fn norms_into_halo_loads(&mut self) {
+        let mut readers = vec![Vec::new(); self.bufs.len()];
+        for (i, s) in self.steps.iter().enumerate() {
+            for b in s.io().0 {
+                readers[b.0].push(i);
+            }
+        }
+        for i in 0..self.steps.len() {
+            let Step::GroupNorm {
+                x,
+                y: Some(y),
+                half_out: Some(_),
+                split,
+                silu,
+                affine,
+                ..
+            } = self.steps[i]
+            else {
+                continue;
+            };
+            let [j] = readers[y.0][..] else { continue };
+            // The convolution reads x and the affine where the GroupNorm ran: nothing between
+            // may write them (none does in a forward pass, whose values are written once).
+            let overwritten = self.steps[i + 1..j].iter().any(|s| {
+                let writes = s.io().1;
+                writes.contains(&x) || writes.contains(&affine)
+            });
+            let Step::Conv(c) = &mut self.steps[j] else {
+                continue;
+            };
+            if split.one_pass.is_some() || c.x != y || !c.launch.tile.is_halo() || overwritten {
+                continue;
+            }
+            c.x = x;
+            c.norm = Some(affine);
+            c.launch.norm_input = if silu {
+                NormInput::AffineSilu
+            } else {
+                NormInput::Affine
+            };
+            if let Step::GroupNorm { y, .. } = &mut self.steps[i] {
+                *y = None;
+            }
+        }
+    }
+
+    /// [`KernelConfig::halo_stats`], on the finished step list: each GroupNorm (in three
+    /// launches) whose input was last written by an unsplit halo-tile convolution that can
+    /// write its partial sums ([`gn_partial_fits`]) takes them from that convolution's
+    /// epilogue, one chunk per tile, in a partial buffer of that size.
+    pub(super) fn norm_sums_from_halo_epilogues(&mut self) {
+        // The step that last wrote each buffer, as the steps go by.
+        let mut writer: Vec<Option<usize>> = vec![None; self.bufs.len()];
+        for i in 0..self.steps.len() {
+            if let Step::GroupNorm {
+                x, hw, c, split, ..
+            } = self.steps[i]
+            {
+                let producer = writer[x.0].filter(|_| split.one_pass.is_none());
+                if let Some(Step::Conv(conv)) = producer.map(|j| &self.steps[j]) {
+                    let rows = conv.launch.tile.rows();
+                    if conv.y == x
+                        && conv.gn_partial.is_none()
+                        && gn_partial_fits(&conv.shape, &conv.launch)
+                        && conv.shape.ncols == c
+                        && conv.shape.mh * conv.shape.mw == hw
+                    {
+                        let from_conv = NormSplit {
+                            chunks: hw / rows,
+                            chunk_px: rows,
+                            one_pass: None,
+                            from_producer: true,
+                        };
+                        let len = from_conv.partial_len(self.n, c);
+                        let partial = self.buf(len, "GroupNorm partial sums");
+                        if let Some(Step::Conv(conv)) = producer.map(|j| &mut self.steps[j]) {
+                            conv.gn_partial = Some(partial);
+                        }
+                        if let Step::GroupNorm {
+                            split, partial: p, ..
+                        } = &mut self.steps[i]
+                        {
+                            *split = from_conv;
+                            *p = partial;
+                        }
+                    }
+                }
+            }
+            // (The partial buffers made above are new.)
+            writer.resize(self.bufs.len(), None);
+            for b in self.steps[i].io().1 {
+                writer[b.0] = Some(i);
+            }
+        }
+    }
+
+    /// How a GroupNorm over `hw` pixels of `c` channels runs (see [`KernelConfig`]).
+    pub(super) fn norm_split(&self, hw: usize, c: usize, groups: usize) -> NormSplit {
+        let n = if self.choice.batch_invariant {
+            1
+        } else {
+            self.n
+        };
+        let one_pass_blocks = match (self.choice.gn_one_pass, self.choice.gn_clusters) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => GN_CLUSTER_MAX,
+        };
+        plan_norm(n, hw, c, groups, self.sms, one_pass_blocks)
+    }
+
+    pub(super) fn buf(&mut self, len: usize, what: &str) -> Buf {
+        self.bufs.push(BufDesc {
+            len: len.max(1),
+            what: what.to_string(),
+        });
+        Buf(self.bufs.len() - 1)
+    }
+
+    pub(super) fn numel(&self, t: Tid) -> usize {
+        self.g.shape(t, self.n, self.h, self.w).iter().product()
+    }
+
+    /// (height, width) of tensor `t`; (1, 1) for per-image vectors.
+    pub(super) fn hw(&self, t: Tid) -> (usize, usize) {
+        match self.g.tensors[t].space {
+            Space::Vector => (1, 1),
+            Space::Image { level } => (self.h >> level, self.w >> level),
+        }
+    }
+
+    pub(super) fn ch(&self, t: Tid) -> usize {
+        self.g.tensors[t].channels
+    }
+
+    pub(super) fn new_value(&mut self, t: Tid) -> Buf {
+        let b = self.buf(self.numel(t), &self.g.tensors[t].name.clone());
+        self.value[t] = Some(b);
+        b
+    }
+
+    /// Merges the forward steps' few-row linear layers without residual that read the same `x`
+    /// (with the same width, SiLU and divisor) into [`Step::LinearBatch`] launches of at most
+    /// [`LINEAR_BATCH_MAX`] layers, each where the first of its layers was: in celebahq, the 32
+    /// resnets' projections of the time embedding, ~12.5 us each as separate launches on an
+    /// H200 (0.4 ms of a 5.5 ms batch-1 bf16 forward). A group closes at any step that writes its `x` (none does
+    /// in the forward pass, whose values are written once; the check keeps the merge sound
+    /// regardless). Their outputs are then written earlier than before, which only lengthens
+    /// their lifetimes.
+    pub(super) fn batch_linears(&mut self) {
+        type Key = (Buf, usize, bool, u32);
+        let mut open: Vec<(Key, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, s) in self.steps.iter().enumerate() {
+            if let Step::LinearRows {
+                x,
+                inp,
+                silu_in,
+                residual: None,
+                out_div,
+                ..
+            } = *s
+            {
+                let key = (x, inp, silu_in, out_div.to_bits());
+                match open
+                    .iter_mut()
+                    .find(|(k, g)| *k == key && g.len() < LINEAR_BATCH_MAX)
+                {
+                    Some((_, g)) => g.push(i),
+                    None => open.push((key, vec![i])),
+                }
+            }
+            let (_, writes) = s.io();
+            let (closed, still): (Vec<_>, Vec<_>) = open
+                .into_iter()
+                .partition(|((x, ..), _)| writes.contains(x));
+            groups.extend(closed.into_iter().map(|(_, g)| g));
+            open = still;
+        }
+        groups.extend(open.into_iter().map(|(_, g)| g));
+        // Per step of a group: the merged step that replaces it (the group's first), or None
+        // to drop it (the others).
+        let mut replace: Vec<Option<Option<Step>>> = vec![None; self.steps.len()];
+        for g in groups.into_iter().filter(|g| g.len() > 1) {
+            let layers: Vec<BatchedLinear> = g
+                .iter()
+                .map(|&i| match self.steps[i] {
+                    Step::LinearRows { y, w, b, out, .. } => BatchedLinear { y, w, b, out },
+                    _ => unreachable!("groups hold LinearRows steps"),
+                })
+                .collect();
+            let Step::LinearRows {
+                x,
+                inp,
+                silu_in,
+                out_div,
+                ..
+            } = self.steps[g[0]]
+            else {
+                unreachable!("groups hold LinearRows steps")
+            };
+            let table = self.buf(
+                layers.len() * LINEAR_ITEM_WORDS,
+                &format!("table of {} batched linear layers", layers.len()),
+            );
+            replace[g[0]] = Some(Some(Step::LinearBatch {
+                x,
+                inp,
+                silu_in,
+                out_div,
+                layers,
+                table,
+            }));
+            for &i in &g[1..] {
+                replace[i] = Some(None);
+            }
+        }
+        let steps = std::mem::take(&mut self.steps);
+        self.steps = steps
+            .into_iter()
+            .zip(replace)
+            .filter_map(|(s, r)| r.unwrap_or(Some(s)))
+            .collect();
+    }
+
+    /// The buffer of a value that may be stored in 16 bits (GroupNorm and upsampling
+    /// outputs), and that precision when it is.
+    pub(super) fn output_value(&mut self, t: Tid) -> (Buf, Option<Precision>) {
+        if !self.half[t] {
+            return (self.new_value(t), None);
+        }
+        // Two 16-bit values per f32 slot.
+        let b = self.buf(
+            self.numel(t).div_ceil(2),
+            &format!("{} (16-bit)", self.g.tensors[t].name),
+        );
+        self.value[t] = Some(b);
+        (b, Some(self.precision))
+    }
+
+    pub(super) fn val(&self, t: Tid) -> Result<Buf> {
+        self.value[t].ok_or_else(|| {
+            Error::Cuda(format!(
+                "internal: `{}` read before it is computed",
+                self.g.tensors[t].name
+            ))
+        })
+    }
+
+    pub(super) fn new_grad(&mut self, t: Tid) -> Buf {
+        let b = self.buf(self.numel(t), &format!("d {}", self.g.tensors[t].name));
+        self.grad[t] = Some(b);
+        b
+    }
+
+    /// The gradient buffer of `t` and whether it already holds contributions to add onto.
+    pub(super) fn grad_slot(&mut self, t: Tid) -> (Buf, bool) {
+        match self.grad[t] {
+            Some(b) => (b, true),
+            None => (self.new_grad(t), false),
+        }
+    }
+
+    /// (input, output) widths of linear parameter group `p` (q/k/v fused: three outputs).
+    pub(super) fn linear_dims(&self, p: usize) -> Result<(usize, usize)> {
+        match self.g.params[p].kind {
+            ParamKind::Linear { out, inp } => Ok((inp, out)),
+            ParamKind::Qkv { inner, c } => Ok((c, 3 * inner)),
+            _ => Err(Error::Cuda(format!(
+                "internal: linear op with parameter `{}`",
+                self.g.params[p].name
+            ))),
+        }
+    }
+
+    /// The implicit-GEMM shape of a convolution or of a token-wise linear layer; None for
+    /// other ops and for linear layers on per-image vectors.
+    pub(super) fn gemm_shape(&self, op: &Op) -> Result<Option<ConvShape>> {
+        let g = self.g;
+        Ok(match *op {
+            Op::Conv {
+                x,
+                y,
+                kernel,
+                stride,
+                pad,
+                ..
+            } => {
+                let (h, w) = self.hw(x);
+                Some(ConvShape::forward(
+                    self.n,
+                    h,
+                    w,
+                    self.ch(x),
+                    self.ch(y),
+                    kernel,
+                    stride,
+                    pad,
+                ))
+            }
+            Op::Linear { x, y, p, .. } if g.tensors[y].space != Space::Vector => {
+                let (inp, out) = self.linear_dims(p)?;
+                let (h, w) = self.hw(x);
+                Some(ConvShape::linear(self.n, h * w, inp, out))
+            }
+            _ => None,
+        })
+    }
+
+    /// Which GroupNorm and upsampling outputs to store in 16 bits: those whose every reader
+    /// takes them as the main input of a tensor-core launch (see [`Program::build_with`]).
+    pub(super) fn half_tensors(&self) -> Result<Vec<bool>> {
+        let g = self.g;
+        let mut half = vec![false; g.tensors.len()];
+        for op in &g.ops {
+            let (Op::GroupNorm { y, .. } | Op::Upsample { y, .. }) = *op else {
+                continue;
+            };
+            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
+            let mut ok = y != g.output && readers.peek().is_some();
+            for r in readers {
+                ok &= self.tensor_core_main_input(r, y)?;
+            }
+            half[y] = ok;
+        }
+        Ok(half)
+    }
+
+    /// Whether op `r` reads `t` only as the main input of a launch on the tensor-core kernel
+    /// (which rounds that input to 16 bits anyway, so a 16-bit `t` serves it as well).
+    fn tensor_core_main_input(&self, r: &Op, t: Tid) -> Result<bool> {
+        let main_only = match *r {
+            Op::Conv {
+                x, temb, residual, ..
+            } => x == t && temb != Some(t) && residual != Some(t),
+            Op::Linear { x, residual, .. } => x == t && residual != Some(t),
+            _ => false,
+        };
+        Ok(main_only
+            && self
+                .gemm_shape(r)?
+                .is_some_and(|s| self.on_tensor_cores(&s)))
+    }
+
+    /// Whether launch shape `s` runs on the tensor-core kernel of the program's precision.
+    fn on_tensor_cores(&self, s: &ConvShape) -> bool {
+        plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
+    }
+
+    /// The 16-bit copy of buffer `src` made earlier, if nothing has written `src` since.
+    fn fresh_half_copy(&self, src: Buf) -> Option<Buf> {
+        self.half_copies
+            .iter()
+            .rev()
+            .find(|&&(from, _, at)| {
+                from == src
+                    && self.steps[at + 1..]
+                        .iter()
+                        .all(|s| !s.io().1.contains(&src))
+            })
+            .map(|&(_, copy, _)| copy)
+    }
+
+    /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in
+    /// bf16/fp16 with the deep pipelines, when some op reads it as the main input of a
+    /// tensor-core launch.
+    pub(super) fn wants_copy16(&self, y: Tid) -> Result<bool> {
+        if !(self.choice.half_concat && self.choice.deep && self.precision.is_half()) {
+            return Ok(false);
+        }
+        for r in &self.g.ops {
+            if self.tensor_core_main_input(r, y)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Where op `r`'s tensor-core launch reads its main input `x` from, and whether in 16 bits:
+    /// a 16-bit copy of `x` when there is one (or [`KernelConfig::half_copy`] makes one now)
+    /// and `r` may take it, else `x` as stored.
+    pub(super) fn main_input(&mut self, r: &Op, x: Tid) -> Result<(Buf, bool)> {
+        if !self.tensor_core_main_input(r, x)? {
+            return Ok((self.val(x)?, self.half[x]));
+        }
+        let src = self.val(x)?;
+        if let Some(c) = self.fresh_half_copy(src) {
+            return Ok((c, true));
+        }
+        if !self.half[x] && self.wants_half_copy(self.numel(x)) {
+            let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
+            return Ok((self.half_copy(src, self.numel(x), &name), true));
+        }
+        Ok((src, self.half[x]))
+    }
+
+    /// How an attention with heads of `head_dim` runs ([`KernelConfig::attention_flash`],
+    /// [`KernelConfig::attention_tf32`]): on the tensor cores never in fp32.
+    pub(super) fn attention_kernel(&self, head_dim: usize) -> AttnKernel {
+        let below_fp32 = self.precision != Precision::Fp32;
+        if below_fp32 && self.choice.attention_flash && flash_fits(head_dim) {
+            AttnKernel::Flash
+        } else if below_fp32 && self.choice.attention_tf32 {
+            AttnKernel::Tf32Products
+        } else {
+            AttnKernel::Products
+        }
+    }
+
+    /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values.
+    fn wants_half_copy(&self, len: usize) -> bool {
+        self.choice.half_copy
+            && self.choice.deep
+            && self.precision.is_half()
+            && len >= HALF_COPY_MIN
+    }
+
+    /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer.
+    fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
+        let y = self.buf(len.div_ceil(2), name);
+        self.steps.push(Step::ToHalf {
+            x: src,
+            y,
+            len,
+            precision: self.precision,
+        });
+        self.half_copies.push((src, y, self.steps.len() - 1));
+        y
+    }
+
+    /// The input gradient's source for the launches of `shapes`, which read `dy`, the fp32
+    /// gradient of tensor `y`: a 16-bit copy when [`KernelConfig::half_copy`] asks for one and
+    /// every launch runs on the tensor-core kernel, else `dy` itself.
+    pub(super) fn grad_input(&mut self, y: Tid, dy: Buf, shapes: &[ConvShape]) -> (Buf, bool) {
+        if self.half_grad[y] {
+            return (dy, true);
+        }
+        let tensor_cores = shapes.iter().all(|s| self.on_tensor_cores(s));
+        if !(tensor_cores && self.wants_half_copy(self.numel(y))) {
+            return (dy, false);
+        }
+        // With alias_residual_grads a residual's gradient is its block output's buffer, which
+        // may already have a copy.
+        if let Some(c) = self.fresh_half_copy(dy) {
+            return (c, true);
+        }
+        let name = format!("d {} (16-bit copy)", self.g.tensors[y].name);
+        (self.half_copy(dy, self.numel(y), &name), true)
+    }
+
+    /// The residual `r`'s share of the gradient `dy` of a block's output: added onto its
+    /// gradient, or, as its first contribution, copied there; with
+    /// [`KernelConfig::alias_residual_grads`] that first contribution is `dy`'s buffer itself
+    /// (`dy` is final here and nothing reads it after this op's own launches).
+    pub(super) fn residual_grad(&mut self, r: Tid, dy: Buf) {
+        if self.choice.alias_residual_grads && self.grad[r].is_none() {
+            self.grad[r] = Some(dy);
+            return;
+        }
+        let (gr, acc) = self.grad_slot(r);
+        self.steps.push(Step::AddInto {
+            dst: gr,
+            src: dy,
+            len: self.numel(r),
+            accumulate: acc,
+        });
+    }
+
+    /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
+    pub(super) fn conv_backward_shapes(
+        &self,
+        x: Tid,
+        y: Tid,
+        kernel: usize,
+        stride: usize,
+        pad: Pad,
+    ) -> Vec<ConvShape> {
+        let (h, w) = self.hw(x);
+        ConvShape::backward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad)
+    }
+
+    /// Which gradients to store in 16 bits: that of a convolution's output whose only reader
+    /// is a GroupNorm (whose backward then writes the whole gradient at once) and whose
+    /// backward reads it only in tensor-core input-gradient launches (no residual, no division).
+    pub(super) fn half_gradients(&self) -> Vec<bool> {
+        let g = self.g;
+        let mut half = vec![false; g.tensors.len()];
+        for op in &g.ops {
+            let Op::Conv {
+                x,
+                y,
+                kernel,
+                stride,
+                pad,
+                residual: None,
+                out_div,
+                ..
+            } = *op
+            else {
+                continue;
+            };
+            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y));
+            let only_norm = matches!(readers.next(), Some(Op::GroupNorm { x: nx, .. }) if *nx == y)
+                && readers.next().is_none();
+            let tensor_cores = self
+                .conv_backward_shapes(x, y, kernel, stride, pad)
+                .iter()
+                .all(|s| self.on_tensor_cores(s));
+            half[y] = only_norm
+                && tensor_cores
+                && out_div == 1.0
+                && y != g.output
+                && g.tensors[y].on_input_path
+                && g.tensors[x].on_input_path;
+        }
+        half
+    }
+
+    /// A convolution (or token-wise linear) launch; `half_input`: `x` holds 16-bit values (see
+    /// [`ConvLaunch::half_input`]), which the wgmma kernel takes where [`KernelConfig::wgmma`].
+    pub(super) fn conv_step(
+        &mut self,
+        shape: ConvShape,
+        x: Buf,
+        w: W,
+        y: Buf,
+        half_input: bool,
+    ) -> ConvStep {
+        // With batch_invariant, one image's launch: the kernel choice never depends on the
+        // batch, the split of K does.
+        let planned = if self.choice.batch_invariant {
+            ConvShape {
+                n: 1,
+                ..shape.clone()
+            }
+        } else {
+            shape.clone()
+        };
+        // With six_stages, a launch that can run one block per multiprocessor is split so
+        // and takes the six-stage tile.
+        let wgmma = (half_input && self.choice.wgmma)
+            .then(|| {
+                self.choice
+                    .six_stages
+                    .then(|| plan_wgmma_six(&planned, self.sms, self.precision))
+                    .flatten()
+                    .or_else(|| plan_wgmma(&planned, self.sms, self.precision))
+            })
+            .flatten();
+        let mut launch = wgmma.unwrap_or_else(|| {
+            let mut l = plan_conv_at(&planned, self.sms, self.precision);
+            l.deep = self.choice.deep && matches!(l.kernel, ConvKernel::Tensor(_));
+            l.half_input = half_input;
+            l
+        });
+        if self.choice.cluster_split_k
+            && self.choice.cluster_plan
+            && launch.tile == WgmmaTile::Plain
+        {
+            if let Some(l) = launch
+                .wgmma
+                .then(|| plan_wgmma_clustered(&planned, self.sms, self.precision))
+                .flatten()
+            {
+                (launch.splits, launch.k_per_split) = (l.splits, l.k_per_split);
+            }
+        }
+        launch.cluster = self.choice.cluster_split_k
+            && launch.wgmma
+            && launch.tile == WgmmaTile::Plain
+            && (2..=MAX_CLUSTER_SPLITS).contains(&launch.splits);
+        launch.row_epilogue = self.choice.row_epilogue
+            && launch.deep
+            && matches!(launch.kernel, ConvKernel::Tensor(_));
+        launch.prefetch_weights =
+            self.choice.prefetch_weights && matches!(launch.kernel, ConvKernel::Tensor(_));
+        let plain = launch.wgmma && launch.tile == WgmmaTile::Plain;
+        // One tall block per multiprocessor: only unsplit, where they fill the machine at least
+        // once.
+        let tall = WgmmaTile::Tall;
+        let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
+        let tall_here =
+            self.choice.tall_tiles && plain && launch.splits == 1 && tall_blocks >= self.sms;
+        let halo = (self.choice.halo_tiles && plain)
+            .then(|| {
+                let tall_halo = on_tile(launch, &planned, WgmmaTile::TallHalo);
+                tall_halo
+                    .filter(|_| tall_here)
+                    .or_else(|| on_tile(launch, &planned, WgmmaTile::Halo))
+            })
+            .flatten();
+        if let Some(h) = halo {
+            launch = h;
+        } else if tall_here {
+            launch.tile = tall;
+        }
+        let ws_len = launch.workspace_len(&shape);
+        let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
+        ConvStep {
+            shape,
+            launch,
+            x,
+            w,
+            y,
+            bias: None,
+            temb: None,
+            residual: None,
+            workspace,
+            out_div: 1.0,
+            accumulate: false,
+            norm: None,
+            gn_partial: None,
+        }
+    }
+}
