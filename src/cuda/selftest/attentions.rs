@@ -1,0 +1,206 @@
+//! The batched products, softmax and attention, unfused and fused.
+
+use super::{acc_name, tensor_core_tolerance, Tester, TOLERANCE};
+use crate::cpu::attention;
+use crate::cuda::kernels::{flash_fits, Gemm};
+use crate::cuda::precision::Precision;
+use crate::cuda::unet::{attention_backward, attention_forward, Attn, AttnKernel};
+use crate::Result;
+
+/// The attention input gradient with its four products on tf32 tensor cores, against the
+/// fp32 CPU result.
+pub(super) const ATTENTION_TF32_GRAD: f64 = 5e-3;
+
+impl Tester<'_> {
+    /// The attention products' kernel in both tile sizes: a strided batch (A read with its
+    /// rows strided, B with its columns), scaled and accumulated, against the CPU, and the
+    /// 32-wide tiles against the 64-wide ones, held to 0 (each output sums its products in
+    /// the same order).
+    fn batched_products(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (m, n, k, outer, inner, alpha) = (100, 70, 130, 2, 3, 0.5f32);
+        let batch = outer * inner;
+        let a = self.rand(batch * m * k, -1.0, 1.0);
+        let b = self.rand(batch * k * n, -1.0, 1.0);
+        let c0 = self.rand(batch * m * n, -1.0, 1.0);
+        // A(i, kk) of batch z at a[z m k + kk m + i] (column-major), B(kk, j) at b[z k n + kk n + j].
+        let mut want = c0.clone();
+        for z in 0..batch {
+            for i in 0..m {
+                for j in 0..n {
+                    let dot: f64 = (0..k)
+                        .map(|kk| {
+                            f64::from(a[z * m * k + kk * m + i])
+                                * f64::from(b[z * k * n + kk * n + j])
+                        })
+                        .sum();
+                    want[z * m * n + i * n + j] += (f64::from(alpha) * dot) as f32;
+                }
+            }
+        }
+        let (ad, bd) = (self.up(&a)?, self.up(&b)?);
+        let mut cd = self.up(&c0)?;
+        let g = Gemm {
+            a: ad.ptr,
+            b: bd.ptr,
+            c: cd.ptr,
+            m,
+            n,
+            k,
+            a_rs: 1,
+            a_cs: m,
+            b_rs: n,
+            b_cs: 1,
+            c_rs: n,
+            outer,
+            inner,
+            a_bo: inner * m * k,
+            a_bi: m * k,
+            b_bo: inner * k * n,
+            b_bi: k * n,
+            c_bo: inner * m * n,
+            c_bi: m * n,
+            alpha,
+            accumulate: true,
+            tf32: false,
+        };
+        let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating");
+        let mut got = Vec::new();
+        for tile in [64, 32] {
+            let ms = self.timed(
+                || cd.write(st, &c0),
+                || gpu.kernels.gemm_tiled(st, &g, tile),
+            )?;
+            got.push(cd.download(st)?);
+            self.row(
+                format!("batched product, {tile}-wide tiles"),
+                desc.clone(),
+                &got[got.len() - 1],
+                &want,
+                ms,
+            );
+        }
+        self.row_within(
+            "batched product, 32- vs 64-wide tiles".into(),
+            desc.clone(),
+            &got[1],
+            &got[0],
+            0.0,
+            0.0,
+        );
+        // On the tf32 tensor cores: operands rounded to tf32.
+        let tf32 = Gemm { tf32: true, ..g };
+        let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm(st, &tf32))?;
+        self.row_within(
+            "batched product, tf32 tensor cores".into(),
+            desc,
+            &cd.download(st)?,
+            &want,
+            ms,
+            tensor_core_tolerance(Precision::Tf32),
+        );
+        Ok(())
+    }
+
+    pub(super) fn attentions(&mut self) -> Result<()> {
+        self.batched_products()?;
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        // The last two: the fused kernels' shapes (heads of 64-column chunks), with a partial
+        // row tile and two chunks of head width; the celebahq attention itself (1 x 512 at 256
+        // tokens).
+        for (n, tokens, heads, head_dim, accumulate) in [
+            (1, 37, 1, 16, false),
+            (3, 64, 4, 8, true),
+            (2, 256, 1, 64, false),
+            (2, 100, 2, 128, true),
+            (1, 256, 1, 512, false),
+        ] {
+            let inner = heads * head_dim;
+            let d = attention::Dims {
+                n,
+                tokens,
+                heads,
+                head_dim,
+            };
+            let qkv = self.rand(n * tokens * 3 * inner, -1.5, 1.5);
+            let mut want = vec![0.0; n * tokens * inner];
+            let probs =
+                attention::forward(&qkv, d, &mut want, true).expect("asked for the probabilities");
+            let dout = self.rand(want.len(), -1.0, 1.0);
+            let g0 = if accumulate {
+                self.rand(qkv.len(), -1.0, 1.0)
+            } else {
+                vec![0.0; qkv.len()]
+            };
+            let mut want_g = g0.clone();
+            attention::backward(&qkv, &probs, d, &dout, &mut want_g, accumulate);
+            let desc = format!("n{n} L{tokens} {heads}x{head_dim}");
+            let qd = self.up(&qkv)?;
+            let dd = self.up(&dout)?;
+            // The products in fp32, then on the tf32 tensor cores (INVDIFF_ATTN_TF32), then
+            // fused (INVDIFF_ATTN_FLASH, tf32, where the head width allows) against the same
+            // fp32 CPU results: each product within tf32's rounding, the gradient's four
+            // (through the softmax's subtraction) within a few times that.
+            let tf32_limits = (tensor_core_tolerance(Precision::Tf32), ATTENTION_TF32_GRAD);
+            let mut kernels = vec![
+                (AttnKernel::Products, "", (TOLERANCE, TOLERANCE)),
+                (AttnKernel::Tf32Products, ", tf32 products", tf32_limits),
+            ];
+            if flash_fits(head_dim) && gpu.kernels.capabilities().flash {
+                kernels.push((AttnKernel::Flash, ", fused", tf32_limits));
+            }
+            for (kernel, mode, limits) in kernels {
+                let a = Attn {
+                    n,
+                    tokens,
+                    heads,
+                    head_dim,
+                    kernel,
+                };
+                let pd = self.zeros(n * heads * kernel.saved_len(tokens))?;
+                let od = self.zeros(want.len())?;
+                let ms = self.timed(
+                    || Ok(()),
+                    || attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, od.ptr),
+                )?;
+                self.row_within(
+                    format!("attention forward{mode}"),
+                    desc.clone(),
+                    &od.download(st)?,
+                    &want,
+                    ms,
+                    limits.0,
+                );
+                let mut gd = self.up(&g0)?;
+                let g_ptr = gd.ptr;
+                let scratch = self.zeros(n * heads * kernel.saved_len(tokens))?;
+                let ms = self.timed(
+                    || gd.write(st, &g0),
+                    || {
+                        attention_backward(
+                            &gpu.kernels,
+                            st,
+                            a,
+                            qd.ptr,
+                            pd.ptr,
+                            od.ptr,
+                            dd.ptr,
+                            g_ptr,
+                            scratch.ptr,
+                            accumulate,
+                        )
+                    },
+                )?;
+                self.row_within(
+                    format!("attention input-grad{}{mode}", acc_name(accumulate)),
+                    desc.clone(),
+                    &gd.download(st)?,
+                    &want_g,
+                    ms,
+                    limits.1,
+                );
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
+
+use super::{acc_name, Tester};
+use crate::cpu::norm;
+use crate::cuda::kernels::{norm_forms, NormDims, OnePass};
+use crate::Result;
+
+impl Tester<'_> {
+    pub(super) fn group_norms(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        for (n, h, w, c, groups, silu, accumulate) in [
+            (1, 7, 5, 64, 32, true, false),
+            (3, 6, 6, 96, 32, false, true),
+            (2, 64, 64, 128, 32, true, true),
+            (1, 5, 3, 3, 1, false, false),
+            (1, 32, 32, 256, 32, true, true),
+            // Clusters of 4 (an odd group width, rows that do not fill the last block) and 8.
+            (1, 100, 100, 96, 32, false, true),
+            (1, 128, 128, 128, 32, true, false),
+        ] {
+            let hw = h * w;
+            let d = norm::Dims { n, hw, c, groups };
+            // An offset mean, so that E[x²] - E[x]² is tested away from zero mean.
+            let x = self.rand(n * hw * c, -1.0, 3.0);
+            let gamma = self.rand(c, 0.5, 1.5);
+            let beta = self.rand(c, -0.5, 0.5);
+            let eps = 1e-6;
+            let mut want = vec![0.0; x.len()];
+            let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
+            // Three launches; one pass where the groups are small enough, in one block a
+            // group, then in a cluster of several (Hopper) where one block is not enough.
+            let most = gpu.kernels.capabilities().one_pass_blocks();
+            for split in norm_forms(n, hw, c, groups, gpu.sms(), most) {
+                let nd = NormDims {
+                    n,
+                    hw,
+                    c,
+                    groups,
+                    split,
+                };
+                let (xd, gd, bd) = (self.up(&x)?, self.up(&gamma)?, self.up(&beta)?);
+                let yd = self.zeros(x.len())?;
+                let partial = self.zeros(split.partial_len(n, c))?;
+                let sd = self.zeros(2 * n * groups)?;
+                let affine = self.zeros(2 * n * c)?;
+                let forward = |y, half_out| {
+                    gpu.kernels.group_norm(
+                        st,
+                        nd,
+                        xd.ptr,
+                        gd.ptr,
+                        bd.ptr,
+                        y,
+                        partial.ptr,
+                        sd.ptr,
+                        affine.ptr,
+                        eps,
+                        silu,
+                        half_out,
+                    )
+                };
+                let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
+                let got = yd.download(st)?;
+                let desc = match split.one_pass {
+                    Some(OnePass { threads, blocks }) => format!(
+                        "n{n} {h}x{w} c{c} g{groups} (one pass, {blocks} x {threads} threads)"
+                    ),
+                    None => format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks),
+                };
+                let s = if silu { "+silu" } else { "" };
+                self.row(
+                    format!("groupnorm{s} forward"),
+                    desc.clone(),
+                    &got,
+                    &want,
+                    ms,
+                );
+                // The 16-bit output that feeds tensor-core convolutions.
+                if c % 4 == 0 {
+                    self.half_output_rows(
+                        &format!("groupnorm{s} forward"),
+                        &desc,
+                        &want,
+                        |out, precision| forward(out, Some(precision)),
+                    )?;
+                }
+
+                let dy = self.rand(x.len(), -1.0, 1.0);
+                let dx0 = if accumulate {
+                    self.rand(x.len(), -1.0, 1.0)
+                } else {
+                    vec![0.0; x.len()]
+                };
+                let mut want_dx = dx0.clone();
+                norm::backward(
+                    &x,
+                    d,
+                    &gamma,
+                    &beta,
+                    silu,
+                    &stats,
+                    &dy,
+                    &mut want_dx,
+                    accumulate,
+                );
+                let dyd = self.up(&dy)?;
+                let mut dxd = self.up(&dx0)?;
+                let dx_ptr = dxd.ptr;
+                let means = self.zeros(2 * n * groups)?;
+                let backward = |dx, accumulate, half_out| {
+                    gpu.kernels.group_norm_backward(
+                        st,
+                        nd,
+                        xd.ptr,
+                        dyd.ptr,
+                        gd.ptr,
+                        bd.ptr,
+                        sd.ptr,
+                        partial.ptr,
+                        means.ptr,
+                        dx,
+                        silu,
+                        accumulate,
+                        half_out,
+                    )
+                };
+                let ms = self.timed(
+                    || dxd.write(st, &dx0),
+                    || backward(dx_ptr, accumulate, None),
+                )?;
+                let got = dxd.download(st)?;
+                self.row(
+                    format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
+                    desc.clone(),
+                    &got,
+                    &want_dx,
+                    ms,
+                );
+                // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient.
+                if c % 4 == 0 {
+                    let mut want = vec![0.0; x.len()];
+                    norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
+                    self.half_output_rows(
+                        &format!("groupnorm{s} input-grad"),
+                        &desc,
+                        &want,
+                        |out, precision| backward(out, false, Some(precision)),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}

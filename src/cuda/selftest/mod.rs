@@ -1,0 +1,336 @@
+//! Checks every kernel, forward and backward, against the CPU function it replaces, on random
+//! inputs of awkward shapes (odd sizes, batches of 1 and 3, both paddings, one and several
+//! heads, accumulating and overwriting), then the whole network against
+//! [`CpuUnet`](crate::cpu::CpuUnet) on small random-weight configurations at non-square sizes,
+//! then the device sampler (its kernels and whole loops, see `sampler_selftest`). Last, the
+//! tensor-core precisions: their convolutions at the shapes that matter (tolerances per
+//! precision, [`tensor_core_tolerance`]) and whole networks, the celebahq architecture
+//! included, against the same fp32 CPU results. Each row reports the relative L2 error and the
+//! GPU time of the launch(es).
+//!
+//! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
+//! tensor-core launch can take), `linears`, `group_norms`, `attentions`, `data_movement` and
+//! `networks`; this module holds the rows, the tolerances and the [`Tester`] they share.
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaStream;
+
+use super::device::{cu, Gpu};
+use super::kernels::DPtr;
+use super::precision::Precision;
+use super::weights::DevBuf;
+use crate::config::{BlockKind, UNetConfig};
+use crate::model::{Graph, Model, Weights};
+use crate::tensor::rel_l2;
+use crate::{Error, Result};
+
+mod attentions;
+mod conv_variants;
+mod convolutions;
+mod data_movement;
+mod group_norms;
+mod linears;
+mod networks;
+
+/// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
+pub const TOLERANCE: f64 = 1e-5;
+
+/// The tensor-core precisions the selftest checks.
+const TENSOR_CORE: [Precision; 3] = [Precision::Tf32, Precision::Bf16, Precision::Fp16];
+
+/// Largest relative L2 error of one convolution at `precision` against the fp32 CPU result:
+/// a few times the operands' rounding (tf32 and fp16 keep 10 mantissa bits, bf16 7).
+pub fn tensor_core_tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::Fp32 => TOLERANCE,
+        Precision::Tf32 => 2e-3,
+        Precision::Bf16 => 1e-2,
+        Precision::Fp16 => 5e-3,
+    }
+}
+
+/// One check: an op at one shape.
+#[derive(Clone, Debug)]
+pub struct SelftestRow {
+    /// The op and the kernel path it took, e.g. "conv3x3 s2 input-grad [vec, 4 splits]".
+    pub op: String,
+    /// The shape, in words.
+    pub shape: String,
+    /// ‖gpu − cpu‖ / ‖cpu‖.
+    pub rel_l2: f64,
+    /// GPU time of the launch(es), milliseconds (one run, after a warm-up run).
+    pub gpu_ms: f64,
+    /// Largest passing `rel_l2`: [`TOLERANCE`], or looser for whole sampling loops (their
+    /// rows say so).
+    pub tolerance: f64,
+}
+
+impl SelftestRow {
+    /// Whether the error is within the row's tolerance (NaN fails).
+    pub fn passed(&self) -> bool {
+        self.rel_l2 <= self.tolerance
+    }
+
+    /// The row comparing `got` with `want` (NaN, a failure, when their lengths differ).
+    pub(super) fn compare(
+        op: String,
+        shape: String,
+        got: &[f32],
+        want: &[f32],
+        gpu_ms: f64,
+        tolerance: f64,
+    ) -> SelftestRow {
+        let rel_l2 = if got.len() == want.len() {
+            rel_l2(got, want)
+        } else {
+            f64::NAN
+        };
+        SelftestRow {
+            op,
+            shape,
+            rel_l2,
+            gpu_ms,
+            tolerance,
+        }
+    }
+}
+
+/// Milliseconds of one run of `run` on `st`, between two CUDA events.
+pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    let a = cu(
+        st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+        "recording an event",
+    )?;
+    run()?;
+    let b = cu(
+        st.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
+        "recording an event",
+    )?;
+    cu(b.synchronize(), "running the check")?;
+    Ok(f64::from(cu(a.elapsed_ms(&b), "reading the timer")?))
+}
+
+/// The groups of checks [`selftest`] runs, in its order.
+pub const SELFTEST_GROUPS: [&str; 9] = [
+    "convolutions",
+    "linear layers",
+    "group norms",
+    "attention",
+    "data movement",
+    "whole networks",
+    "device sampler",
+    "tensor-core networks",
+    "tensor-core convolutions",
+];
+
+/// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
+/// ([`SELFTEST_GROUPS`]) contains it. Errors when `only` matches no group, or when the GPU
+/// cannot be used at all; numerical failures are rows with [`SelftestRow::passed`] false, and
+/// so is a group of checks that stops on an error (a failed launch, say): the row names the
+/// group and the error, and the other groups still run, so that one run on a GPU reports
+/// everything it can.
+pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> {
+    let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
+    if !SELFTEST_GROUPS.iter().any(|g| wanted(g)) {
+        return Err(Error::input(format!(
+            "no selftest group matches `{}`; the groups: {}",
+            only.unwrap_or_default(),
+            SELFTEST_GROUPS.join(", ")
+        )));
+    }
+    let gpu = Gpu::open(ordinal)?;
+    let mut t = Tester {
+        gpu: &gpu,
+        rows: Vec::new(),
+        seed: 0x5EED,
+    };
+    type Group = fn(&mut Tester, usize) -> Result<()>;
+    let groups: [(&str, Group); 9] = [
+        ("convolutions", |t, _| t.convolutions()),
+        ("linear layers", |t, _| t.linears()),
+        ("group norms", |t, _| t.group_norms()),
+        ("attention", |t, _| t.attentions()),
+        ("data movement", |t, _| t.data_movement()),
+        ("whole networks", |t, o| t.unets(o)),
+        ("device sampler", |t, o| {
+            let rows = super::sampler_selftest::run(t.gpu, o)?;
+            t.rows.extend(rows);
+            Ok(())
+        }),
+        // The networks before the kernels: the kernel group also runs the candidate forms
+        // (tiles not yet timed, PERF.md), and a faulting kernel leaves the context unusable
+        // for every check after it.
+        ("tensor-core networks", |t, o| t.tensor_core_unets(o)),
+        ("tensor-core convolutions", |t, _| {
+            t.tensor_core_convolutions()
+        }),
+    ];
+    debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
+    for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {
+        if let Err(e) = group(&mut t, ordinal) {
+            t.rows.push(SelftestRow {
+                op: format!("{name}: stopped by an error"),
+                shape: e.to_string(),
+                rel_l2: f64::NAN,
+                gpu_ms: f64::NAN,
+                tolerance: 0.0,
+            });
+        }
+    }
+    Ok(t.rows)
+}
+
+struct Tester<'g> {
+    gpu: &'g Gpu,
+    rows: Vec<SelftestRow>,
+    seed: u64,
+}
+
+/// `len` uniform values in [lo, hi) from a fresh stream of the generator whose state is
+/// `seed` (a cheap LCG: test data, not statistics).
+pub(super) fn uniform(seed: &mut u64, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+    *seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    crate::rng::uniform_lcg(*seed | 1, len, lo, hi)
+}
+
+/// `v` rounded to the nearest `precision` (bf16 or fp16) value, as f32.
+fn round_half(v: f32, precision: Precision) -> f32 {
+    match precision {
+        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
+        _ => half::bf16::from_f32(v).to_f32(),
+    }
+}
+
+/// The first `len` 16-bit values (two per f32 word, the first in the low half) as f32.
+fn unpack_half(words: &[f32], len: usize, precision: Precision) -> Vec<f32> {
+    words
+        .iter()
+        .flat_map(|w| {
+            let b = w.to_bits();
+            [b as u16, (b >> 16) as u16]
+        })
+        .take(len)
+        .map(|h| match precision {
+            Precision::Fp16 => half::f16::from_bits(h).to_f32(),
+            _ => half::bf16::from_bits(h).to_f32(),
+        })
+        .collect()
+}
+
+/// Small networks that still take every path: attention (one head, then several), both
+/// paddings, a centred input, a mid-block scale factor, 4 input channels.
+pub(super) fn tiny_model(variant_b: bool) -> Model {
+    use BlockKind::*;
+    let mut c = UNetConfig::celebahq_256();
+    if variant_b {
+        c.in_channels = 4;
+        c.block_out_channels = vec![16, 32, 48];
+        c.down_blocks = vec![Plain, Attention, Attention];
+        c.up_blocks = vec![Attention, Attention, Plain];
+        c.layers_per_block = 2;
+        c.norm_num_groups = 8;
+        c.attention_head_dim = Some(8);
+        c.downsample_padding = 1;
+        c.time_embedding_dim = 64;
+        c.flip_sin_to_cos = true;
+        c.freq_shift = 0.0;
+        c.center_input_sample = true;
+        c.mid_block_scale_factor = 1.5;
+    } else {
+        c.block_out_channels = vec![32, 64, 64];
+        c.down_blocks = vec![Plain, Attention, Plain];
+        c.up_blocks = vec![Plain, Attention, Plain];
+        c.layers_per_block = 1;
+        c.norm_num_groups = 8;
+        c.time_embedding_dim = 128;
+    }
+    let graph = Graph::build(&c).expect("the selftest configurations are valid");
+    let weights = Weights::random(&graph, if variant_b { 7 } else { 3 });
+    Model {
+        graph,
+        weights,
+        source: "selftest".into(),
+        scheduler_config: None,
+    }
+}
+
+impl Tester<'_> {
+    /// Uniform values in [lo, hi), from a fresh stream of the generator.
+    fn rand(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        uniform(&mut self.seed, len, lo, hi)
+    }
+
+    fn up(&self, data: &[f32]) -> Result<DevBuf> {
+        DevBuf::upload(&self.gpu.stream, data)
+    }
+
+    fn zeros(&self, len: usize) -> Result<DevBuf> {
+        DevBuf::zeros(&self.gpu.stream, len)
+    }
+
+    fn timed(
+        &self,
+        mut reset: impl FnMut() -> Result<()>,
+        mut run: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        reset()?;
+        run()?;
+        reset()?;
+        time_one_run(&self.gpu.stream, run)
+    }
+
+    /// Rows for a kernel's 16-bit output in bf16 and fp16: `run(out, precision)` writes
+    /// `want.len()` values into `out`, which must be within the format's unit roundoff u of the
+    /// CPU's fp32 `want` (round to nearest: |error| <= u |value|).
+    fn half_output_rows(
+        &mut self,
+        op: &str,
+        shape: &str,
+        want: &[f32],
+        mut run: impl FnMut(DPtr, Precision) -> Result<()>,
+    ) -> Result<()> {
+        for (precision, u) in [
+            (Precision::Bf16, 2f64.powi(-8)),
+            (Precision::Fp16, 2f64.powi(-11)),
+        ] {
+            let out = self.zeros(want.len().div_ceil(2))?;
+            let ms = self.timed(|| Ok(()), || run(out.ptr, precision))?;
+            let got = unpack_half(&out.download(&self.gpu.stream)?, want.len(), precision);
+            self.row_within(
+                format!("{op}, {precision} output"),
+                shape.to_string(),
+                &got,
+                want,
+                ms,
+                1.02 * u,
+            );
+        }
+        Ok(())
+    }
+
+    fn row(&mut self, op: String, shape: String, got: &[f32], want: &[f32], gpu_ms: f64) {
+        self.row_within(op, shape, got, want, gpu_ms, TOLERANCE);
+    }
+
+    fn row_within(
+        &mut self,
+        op: String,
+        shape: String,
+        got: &[f32],
+        want: &[f32],
+        gpu_ms: f64,
+        tolerance: f64,
+    ) {
+        self.rows.push(SelftestRow::compare(
+            op, shape, got, want, gpu_ms, tolerance,
+        ));
+    }
+}
+
+pub(super) fn acc_name(accumulate: bool) -> &'static str {
+    if accumulate {
+        " (accumulate)"
+    } else {
+        ""
+    }
+}

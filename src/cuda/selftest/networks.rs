@@ -1,0 +1,305 @@
+//! Whole networks against the CPU executor: small random-weight models and the celebahq
+//! architecture, in fp32 and each tensor-core precision, and batch invariance.
+
+use super::{tiny_model, Tester, TENSOR_CORE, TOLERANCE};
+use crate::cpu::CpuUnet;
+use crate::cuda::device::cu;
+use crate::cuda::unet::CudaUnet;
+use crate::model::Model;
+use crate::{Error, Result, Tensor};
+
+/// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
+pub(super) const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
+
+/// One network check's input: its description, sample, timesteps and cotangent.
+pub(super) struct NetworkIo<'a> {
+    desc: &'a str,
+    sample: &'a Tensor,
+    t: &'a [f32],
+    cot: &'a Tensor,
+}
+
+impl Tester<'_> {
+    pub(super) fn unets(&mut self, ordinal: usize) -> Result<()> {
+        for (model, n, h, w, t) in [
+            (tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
+            (tiny_model(true), 3, 20, 12, vec![0.0, 500.0, 999.0]),
+        ] {
+            let cfg = model.config().clone();
+            let name = if cfg.center_input_sample {
+                "unet B"
+            } else {
+                "unet A"
+            };
+            let desc = format!("n{n} {h}x{w} {:?}", cfg.block_out_channels);
+            let sample = Tensor::new(
+                vec![n, cfg.in_channels, h, w],
+                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
+            )?;
+            let cot = Tensor::new(
+                vec![n, cfg.out_channels, h, w],
+                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
+            )?;
+            let cpu = CpuUnet::new(&model);
+            let want = cpu.forward(&sample, &t)?;
+            let (_, tape) = cpu.forward_recording(&sample, &t)?;
+            let want_grad = cpu.vjp(tape, &cot)?;
+
+            let mut gpu = CudaUnet::new(&model, ordinal)?;
+            let got = gpu.forward(&sample, &t)?;
+            let again = gpu.forward(&sample, &t)?;
+            let ms = gpu.time_forward(n, h, w, 5)?;
+            self.row(
+                format!("{name} forward"),
+                desc.clone(),
+                got.data(),
+                want.data(),
+                ms,
+            );
+            self.row(
+                format!("{name} forward replay = first"),
+                desc.clone(),
+                again.data(),
+                got.data(),
+                ms,
+            );
+
+            let eps = gpu.forward_recording(&sample, &t)?;
+            let grad = gpu.vjp(&cot)?;
+            let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+            self.row(
+                format!("{name} recording forward"),
+                desc.clone(),
+                eps.data(),
+                want.data(),
+                ms,
+            );
+            self.row(
+                format!("{name} forward + vjp"),
+                desc.clone(),
+                grad.data(),
+                want_grad.data(),
+                ms,
+            );
+
+            let st = gpu.stream().clone();
+            let xd = cu(st.clone_htod(sample.data()), "uploading")?;
+            let td = cu(st.clone_htod(&t), "uploading")?;
+            let mut od = cu(st.alloc_zeros::<f32>(want.numel()), "allocating")?;
+            gpu.forward_device(n, h, w, &xd, &td, &mut od)?;
+            let dev_out = cu(st.clone_dtoh(&od), "downloading")?;
+            gpu.forward_recording_device(n, h, w, &xd, &td, &mut od)?;
+            let cd = cu(st.clone_htod(cot.data()), "uploading")?;
+            let mut gd = cu(st.alloc_zeros::<f32>(sample.numel()), "allocating")?;
+            gpu.vjp_device(&cd, &mut gd)?;
+            let dev_grad = cu(st.clone_dtoh(&gd), "downloading")?;
+            cu(st.synchronize(), "running on the GPU")?;
+            self.row(
+                format!("{name} forward_device"),
+                desc.clone(),
+                &dev_out,
+                want.data(),
+                0.0,
+            );
+            self.row(
+                format!("{name} vjp_device"),
+                desc,
+                &dev_grad,
+                want_grad.data(),
+                0.0,
+            );
+        }
+        Ok(())
+    }
+    /// The small networks and the celebahq architecture (random weights; 64x64 at batch 2,
+    /// where every level down to 2x2 and both attention blocks run, and the full 256x256 at
+    /// batch 1) at each tensor-core precision, eps and input gradient against the fp32 CPU
+    /// results.
+    pub(super) fn tensor_core_unets(&mut self, ordinal: usize) -> Result<()> {
+        for (name, model, n, h, w, t) in [
+            ("unet A", tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
+            (
+                "unet B",
+                tiny_model(true),
+                3,
+                20,
+                12,
+                vec![0.0, 500.0, 999.0],
+            ),
+            (
+                "celebahq",
+                Model::builtin_celebahq(11),
+                2,
+                64,
+                64,
+                vec![10.0, 900.0],
+            ),
+            // Full size at batch 1: the 256x256 level's launches are unsplit, which the halo
+            // tiles' GroupNorm sums need (INVDIFF_HALO_STATS in device_check's last variant).
+            (
+                "celebahq",
+                Model::builtin_celebahq(11),
+                1,
+                256,
+                256,
+                vec![500.0],
+            ),
+        ] {
+            let cfg = model.config().clone();
+            let desc = format!("n{n} {h}x{w} {:?}", cfg.block_out_channels);
+            let sample = Tensor::new(
+                vec![n, cfg.in_channels, h, w],
+                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
+            )?;
+            let cot = Tensor::new(
+                vec![n, cfg.out_channels, h, w],
+                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
+            )?;
+            let cpu = CpuUnet::new(&model);
+            let (want, tape) = cpu.forward_recording(&sample, &t)?;
+            let want_grad = cpu.vjp(tape, &cot)?;
+            let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
+            let io = NetworkIo {
+                desc: &desc,
+                sample: &sample,
+                t: &t,
+                cot: &cot,
+            };
+            for precision in TENSOR_CORE {
+                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                let label = format!("{name} {precision}");
+                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY and
+                // INVDIFF_ALIAS_GRADS say: the rows below compare each choice.
+                gpu.set_deep_pipelines(true);
+                gpu.set_wgmma(false);
+                gpu.set_moved_values(false);
+                let (got, grad) = self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [format!("{label} forward"), format!("{label} forward + vjp")],
+                    (want.data(), want_grad.data()),
+                    (eps_tol, grad_tol),
+                )?;
+                // The deep pipelines and 16-bit intermediates change no result
+                // (Program::build_with): the two-stage kernels with fp32 intermediates. Not
+                // held to 0 like the single convolutions: the 16-bit GroupNorm kernels share
+                // their per-element code with the fp32 ones, but are separate compilations.
+                gpu.set_deep_pipelines(false);
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, deep vs two-stage pipelines"),
+                        format!("{label} vjp, deep vs two-stage pipelines"),
+                    ],
+                    (got.data(), grad.data()),
+                    (TOLERANCE, TOLERANCE),
+                )?;
+                // Hopper's wgmma kernel for the 16-bit-input launches (compute capability 9.0):
+                // a different summation order, so against the CPU like the first rows.
+                gpu.set_deep_pipelines(true);
+                if gpu.set_wgmma(true) {
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma"),
+                            format!("{label} forward + vjp, wgmma"),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
+                }
+                // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
+                // level's 2^20-value gradients are copied): on mma.sync the same sums in the
+                // same order as the first rows, since a copy rounds as staging does; on wgmma
+                // the copied launches change summation order, so against the CPU.
+                gpu.set_moved_values(true);
+                gpu.set_wgmma(false);
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, 16-bit copies + aliased gradients"),
+                        format!("{label} vjp, 16-bit copies + aliased gradients"),
+                    ],
+                    (got.data(), grad.data()),
+                    (0.0, 0.0),
+                )?;
+                if gpu.set_wgmma(true) {
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma, 16-bit copies + aliased gradients"),
+                            format!(
+                                "{label} forward + vjp, wgmma, 16-bit copies + aliased gradients"
+                            ),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
+                }
+                gpu.set_moved_values(false);
+                if n > 1 {
+                    self.batch_invariance_rows(&mut gpu, &io, &label)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Planned per image (`set_batch_invariant`), image 0's noise prediction and input
+    /// gradient in `io`'s batch equal, bit for bit, its own alone.
+    fn batch_invariance_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        io: &NetworkIo,
+        label: &str,
+    ) -> Result<()> {
+        gpu.set_batch_invariant(true);
+        let got = gpu.forward(io.sample, io.t)?;
+        gpu.forward_recording(io.sample, io.t)?;
+        let grad = gpu.vjp(io.cot)?;
+        let (sample, cot) = (io.sample.batch_item(0), io.cot.batch_item(0));
+        let alone = gpu.forward(&sample, &io.t[..1])?;
+        gpu.forward_recording(&sample, &io.t[..1])?;
+        let alone_grad = gpu.vjp(&cot)?;
+        gpu.set_batch_invariant(false);
+        for (what, batch, one) in [("forward", got, alone), ("vjp", grad, alone_grad)] {
+            self.row_within(
+                format!("{label} {what}, per-image plans: image 0 of the batch vs alone"),
+                io.desc.into(),
+                &batch.data()[..one.data().len()],
+                one.data(),
+                0.0,
+                0.0,
+            );
+        }
+        Ok(())
+    }
+    /// `gpu`'s forward and forward + VJP on `io` as it is configured, each timed and checked
+    /// against `want` within `limits` (rows named by `names`); the results, for the next
+    /// configuration's comparison.
+    fn network_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        io: &NetworkIo,
+        names: [String; 2],
+        want: (&[f32], &[f32]),
+        limits: (f64, f64),
+    ) -> Result<(Tensor, Tensor)> {
+        let [n, _, h, w] = io.sample.shape()[..] else {
+            return Err(Error::Cuda("internal: a network sample is not NCHW".into()));
+        };
+        let [fwd_name, vjp_name] = names;
+        let got = gpu.forward(io.sample, io.t)?;
+        let ms = gpu.time_forward(n, h, w, 5)?;
+        self.row_within(fwd_name, io.desc.into(), got.data(), want.0, ms, limits.0);
+        gpu.forward_recording(io.sample, io.t)?;
+        let grad = gpu.vjp(io.cot)?;
+        let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+        self.row_within(vjp_name, io.desc.into(), grad.data(), want.1, ms, limits.1);
+        Ok((got, grad))
+    }
+}
