@@ -1,15 +1,16 @@
 //! Launchers of the convolution kernels (kernels/conv.cu, conv_tc.cu, conv_wgmma.cu): the
-//! argument block they share, the tensor-core kernel tables, and the checks before each launch.
+//! addresses a launch is given ([`ConvPtrs`]) and the argument block they share, the
+//! tensor-core kernel tables, and the checks before each launch.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
-use super::{
-    cfg, direct_fits, gn_partial_fits, half_kind, i32_of, i64_of, need, tc_slice, ConvKernel,
-    ConvLaunch, ConvPtrs, ConvShape, DPtr, Kernels, NormInput, WgmmaTile, BLOCK, DIRECT_MAX,
-    MAX_CLUSTER_SPLITS, TILE,
+use super::conv_plan::{
+    direct_fits, gn_partial_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, NormInput,
+    WgmmaTile, DIRECT_MAX, MAX_CLUSTER_SPLITS, TILE,
 };
+use super::{cfg, half_kind, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -56,10 +57,28 @@ const _: () = assert!(std::mem::size_of::<ConvArgs>() == 256);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
 
+/// Addresses of one implicit-GEMM launch; 0 where absent.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConvPtrs {
+    pub x: DPtr,
+    pub w: DPtr,
+    pub y: DPtr,
+    pub bias: DPtr,
+    pub temb: DPtr,
+    pub res: DPtr,
+    pub ws: DPtr,
+    /// With [`ConvLaunch::norm_input`]: the GroupNorm's scale and shift, `[n][2][sc]`
+    /// (`x` then holds its fp32 input).
+    pub norm: DPtr,
+    /// Halo tiles, unsplit, output rows in pixel order: where the epilogue also writes the
+    /// GroupNorm partial sums of the output, in kernels/norm.cu's layout with one chunk per
+    /// tile ([`NormSplit::from_producer`](super::NormSplit::from_producer)).
+    pub gn_partial: DPtr,
+}
+
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
 /// stages of 18,944 bytes; STAGED, three stages of 25,088 bytes and two 10,240-byte A tiles.
 const TC_ASYNC_SMEM: u32 = 75_776;
-
 const TC_STAGED_SMEM: u32 = 95_744;
 
 /// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the
@@ -229,9 +248,7 @@ pub(super) fn narrow_smem(ncols: usize) -> u32 {
 
 /// Output tile of `conv_narrow_*` (columns, rows) and run length of `conv_few_in_*`.
 const NARROW_TILE: (usize, usize) = (32, 16);
-
 const FEW_IN_RUN: usize = 16;
-
 const FEW_IN_COLS: usize = 128;
 
 impl Kernels {

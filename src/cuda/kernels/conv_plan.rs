@@ -1,7 +1,9 @@
 //! Convolution planning: the implicit-GEMM problem of each convolution launch ([`ConvShape`]),
 //! which kernel, tile and split of K runs it ([`ConvLaunch`]), and the rules that choose them.
 
-use super::{DPtr, BLOCK};
+#[cfg(doc)]
+use super::ConvPtrs;
+use super::BLOCK;
 use crate::cuda::precision::Precision;
 use crate::model::graph::Pad;
 
@@ -433,7 +435,6 @@ pub(crate) const MAX_CLUSTER_SPLITS: usize = 8;
 
 /// Block tile of the GEMM kernels, and the K slice.
 pub(super) const TILE: usize = 128;
-
 const BK: usize = 8;
 
 /// K slice of the tensor-core kernel: 64 bytes of a row.
@@ -697,25 +698,6 @@ impl ConvLaunch {
             0
         }
     }
-}
-
-/// Addresses of one implicit-GEMM launch; 0 where absent.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct ConvPtrs {
-    pub x: DPtr,
-    pub w: DPtr,
-    pub y: DPtr,
-    pub bias: DPtr,
-    pub temb: DPtr,
-    pub res: DPtr,
-    pub ws: DPtr,
-    /// With [`ConvLaunch::norm_input`]: the GroupNorm's scale and shift, `[n][2][sc]`
-    /// (`x` then holds its fp32 input).
-    pub norm: DPtr,
-    /// Halo tiles, unsplit, output rows in pixel order: where the epilogue also writes the
-    /// GroupNorm partial sums of the output, in kernels/norm.cu's layout with one chunk per
-    /// tile ([`NormSplit::from_producer`](super::NormSplit::from_producer)).
-    pub gn_partial: DPtr,
 }
 
 #[cfg(test)]

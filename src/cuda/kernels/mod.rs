@@ -32,10 +32,12 @@
 //!   1024 threads ([`one_pass_shape`]), a block per (image, group), or a cluster of 2-8 along z;
 //! - `timing_hold` (profiling only): one block of 32 threads.
 //!
-//! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares; the
-//! launchers live beside the planning of their op family, one file each, as in `kernels/`:
-//! `conv_plan` (which kernel, tile and split of K a convolution takes), `conv`, `norm`,
-//! `attention` (with the batched products of gemm.cu), `linear` and `resample`.
+//! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares (the
+//! argument checks, launch shapes, [`Capabilities`], the profiling `hold`). The launchers of
+//! each op family have a file of their own, as the kernels do in `kernels/`, next to that
+//! family's planning: `conv` (with `conv_plan`, which kernel, tile and split of K a
+//! convolution takes), `norm`, `attention` (with gemm.cu's batched products), `linear` and
+//! `resample`.
 
 use std::sync::Arc;
 
@@ -54,11 +56,24 @@ mod linear;
 mod norm;
 mod resample;
 
-pub(crate) use attention::*;
-pub(crate) use conv::*;
-pub(crate) use conv_plan::*;
-pub(crate) use linear::*;
-pub(crate) use norm::*;
+pub(crate) use attention::{flash_fits, Gemm};
+pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
+pub(crate) use conv_plan::{
+    gn_partial_fits, on_tile, plan_conv, plan_conv_at, plan_wgmma, plan_wgmma_clustered,
+    plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, NormInput, WgmmaTile, MAX_CLUSTER_SPLITS,
+    WGMMA_SLICE,
+};
+pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
+pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit, OnePass, GN_CLUSTER_MAX};
+// Used only by tests elsewhere, and by documentation links.
+#[cfg(any(test, doc))]
+pub(crate) use conv_plan::halo_fits;
+#[cfg(doc)]
+pub(crate) use norm::one_pass_shape;
+
+use attention::FLASH_SMEM;
+use conv::{narrow_smem, wgmma_kernel_names, TC_KERNELS};
+use conv_plan::DIRECT_MAX;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
 pub(crate) type DPtr = u64;
@@ -103,15 +118,6 @@ fn half_kind(p: Precision) -> Result<i32> {
             "internal: no 16-bit values in {other}"
         ))),
     }
-}
-
-/// [`i32_of`] of each `(value, name)`.
-fn i32s<const N: usize>(vals: [(usize, &str); N]) -> Result<[i32; N]> {
-    let mut out = [0; N];
-    for (o, (v, what)) in out.iter_mut().zip(vals) {
-        *o = i32_of(v, what)?;
-    }
-    Ok(out)
 }
 
 fn i64_of(v: usize) -> i64 {
@@ -444,8 +450,15 @@ mod tests {
         };
         let mut asked: Vec<(String, String)> = Vec::new();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cuda");
-        for file in ["kernels/mod.rs", "sampler_kernels.rs"] {
-            let src = std::fs::read_to_string(root.join(file)).unwrap();
+        // Every launcher module (a loader line may sit in any of them) and the sampler's.
+        let mut files: Vec<_> = std::fs::read_dir(root.join("kernels"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files.push(root.join("sampler_kernels.rs"));
+        for file in files {
+            let src = std::fs::read_to_string(file).unwrap();
             // The loaders, not these tests.
             let src = src.split("#[cfg(test)]").next().unwrap();
             for line in src

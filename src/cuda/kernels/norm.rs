@@ -21,7 +21,8 @@ pub(crate) struct NormSplit {
     pub chunk_px: usize,
     pub one_pass: Option<OnePass>,
     /// The partial sums come from the convolution that wrote the input (its epilogue,
-    /// [`ConvPtrs::gn_partial`](super::ConvPtrs::gn_partial): chunks of one tile's rows), so `gn_partial` does not run.
+    /// [`ConvPtrs::gn_partial`](super::ConvPtrs::gn_partial): chunks of one tile's rows), so
+    /// `gn_partial` does not run.
     pub from_producer: bool,
 }
 

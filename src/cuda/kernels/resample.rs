@@ -1,12 +1,22 @@
-//! Data movement (kernels/resample.cu): layout changes, nearest upsampling, channel
-//! concatenation, and the element-wise adds and divisions between ops.
+//! Data movement and small element-wise steps (kernels/resample.cu): layout changes, nearest
+//! upsampling, channel concatenation, the adds and divisions between ops, and the sinusoidal
+//! timestep embedding.
 
 use cudarc::driver::CudaStream;
 
-use super::{half_kind, i32_of, i32s, i64_of, need, DPtr, Kernels};
+use super::{half_kind, i32_of, i64_of, need, DPtr, Kernels};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
+
+/// [`i32_of`] of each `(value, name)`.
+fn i32s<const N: usize>(vals: [(usize, &str); N]) -> Result<[i32; N]> {
+    let mut out = [0; N];
+    for (o, (v, what)) in out.iter_mut().zip(vals) {
+        *o = i32_of(v, what)?;
+    }
+    Ok(out)
+}
 
 impl Kernels {
     /// NCHW `x` to NHWC `y`, `y = x * mul + add`.

@@ -1,6 +1,8 @@
 //! The backward pass (recording mode): the graph's ops in reverse into input-gradient steps,
 //! the first contribution to a gradient overwriting it and later ones adding.
 
+#[cfg(doc)]
+use super::KernelConfig;
 use super::{Buf, Lowering, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::unet::AttnKernel;
@@ -226,5 +228,46 @@ impl Lowering<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// What only the backward pass asks of the lowering.
+impl Lowering<'_> {
+    /// The input gradient's source for the launches of `shapes`, which read `dy`, the fp32
+    /// gradient of tensor `y`: a 16-bit copy when [`KernelConfig::half_copy`] asks for one and
+    /// every launch runs on the tensor-core kernel, else `dy` itself.
+    fn grad_input(&mut self, y: Tid, dy: Buf, shapes: &[ConvShape]) -> (Buf, bool) {
+        if self.half_grad[y] {
+            return (dy, true);
+        }
+        let tensor_cores = shapes.iter().all(|s| self.on_tensor_cores(s));
+        if !(tensor_cores && self.wants_half_copy(self.numel(y))) {
+            return (dy, false);
+        }
+        // With alias_residual_grads a residual's gradient is its block output's buffer, which
+        // may already have a copy.
+        if let Some(c) = self.fresh_half_copy(dy) {
+            return (c, true);
+        }
+        let name = format!("d {} (16-bit copy)", self.g.tensors[y].name);
+        (self.half_copy(dy, self.numel(y), &name), true)
+    }
+
+    /// The residual `r`'s share of the gradient `dy` of a block's output: added onto its
+    /// gradient, or, as its first contribution, copied there; with
+    /// [`KernelConfig::alias_residual_grads`] that first contribution is `dy`'s buffer itself
+    /// (`dy` is final here and nothing reads it after this op's own launches).
+    fn residual_grad(&mut self, r: Tid, dy: Buf) {
+        if self.choice.alias_residual_grads && self.grad[r].is_none() {
+            self.grad[r] = Some(dy);
+            return;
+        }
+        let (gr, acc) = self.grad_slot(r);
+        self.steps.push(Step::AddInto {
+            dst: gr,
+            src: dy,
+            len: self.numel(r),
+            accumulate: acc,
+        });
     }
 }

@@ -1,7 +1,10 @@
 //! The forward pass: one graph op at a time into steps.
 
+#[cfg(doc)]
+use super::KernelConfig;
 use super::{Buf, Lowering, Step, WKind, W};
-use crate::model::graph::{Op, Space};
+use crate::cuda::precision::Precision;
+use crate::model::graph::{Op, Space, Tid};
 use crate::{Error, Result};
 
 impl Lowering<'_> {
@@ -232,5 +235,56 @@ impl Lowering<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// What only the forward pass asks of the lowering.
+impl Lowering<'_> {
+    /// The buffer of a value that may be stored in 16 bits (GroupNorm and upsampling
+    /// outputs), and that precision when it is.
+    fn output_value(&mut self, t: Tid) -> (Buf, Option<Precision>) {
+        if !self.half[t] {
+            return (self.new_value(t), None);
+        }
+        // Two 16-bit values per f32 slot.
+        let b = self.buf(
+            self.numel(t).div_ceil(2),
+            &format!("{} (16-bit)", self.g.tensors[t].name),
+        );
+        self.value[t] = Some(b);
+        (b, Some(self.precision))
+    }
+
+    /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in
+    /// bf16/fp16 with the deep pipelines, when some op reads it as the main input of a
+    /// tensor-core launch.
+    fn wants_copy16(&self, y: Tid) -> Result<bool> {
+        if !(self.choice.half_concat && self.choice.deep && self.precision.is_half()) {
+            return Ok(false);
+        }
+        for r in &self.g.ops {
+            if self.tensor_core_main_input(r, y)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Where op `r`'s tensor-core launch reads its main input `x` from, and whether in 16 bits:
+    /// a 16-bit copy of `x` when there is one (or [`KernelConfig::half_copy`] makes one now)
+    /// and `r` may take it, else `x` as stored.
+    fn main_input(&mut self, r: &Op, x: Tid) -> Result<(Buf, bool)> {
+        if !self.tensor_core_main_input(r, x)? {
+            return Ok((self.val(x)?, self.half[x]));
+        }
+        let src = self.val(x)?;
+        if let Some(c) = self.fresh_half_copy(src) {
+            return Ok((c, true));
+        }
+        if !self.half[x] && self.wants_half_copy(self.numel(x)) {
+            let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
+            return Ok((self.half_copy(src, self.numel(x), &name), true));
+        }
+        Ok((src, self.half[x]))
     }
 }

@@ -1,6 +1,7 @@
 //! The lowering's state ([`Lowering`]) and what the forward and backward passes share: buffers,
-//! 16-bit values and copies, the planning of each convolution launch, and the fusions applied
-//! after the forward pass is lowered.
+//! 16-bit values and copies, the planning of each convolution launch; and the fusions applied
+//! to the finished list (the time-embedding projections batched after the forward pass, the
+//! GroupNorm work moved into halo tiles after both).
 
 use super::{BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, HALF_COPY_MIN, W};
 use crate::cuda::kernels::{
@@ -39,6 +40,43 @@ pub(super) struct Lowering<'g> {
     pub(super) half_copies: Vec<(Buf, Buf, usize)>,
     /// Which kernels the steps run.
     pub(super) choice: KernelConfig,
+}
+
+impl<'g> Lowering<'g> {
+    /// An empty lowering of `g` for `n` images of `h x w`; in bf16 and fp16 with the deep
+    /// pipelines, with the tensors and gradients to store in 16 bits already chosen.
+    pub(super) fn new(
+        g: &'g Graph,
+        n: usize,
+        h: usize,
+        w: usize,
+        sms: usize,
+        precision: Precision,
+        choice: KernelConfig,
+    ) -> Result<Self> {
+        let mut l = Lowering {
+            g,
+            n,
+            h,
+            w,
+            sms,
+            precision,
+            steps: Vec::new(),
+            bufs: Vec::new(),
+            value: vec![None; g.tensors.len()],
+            grad: vec![None; g.tensors.len()],
+            aux: vec![None; g.ops.len()],
+            half: vec![false; g.tensors.len()],
+            half_grad: vec![false; g.tensors.len()],
+            half_copies: Vec::new(),
+            choice,
+        };
+        if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
+            l.half = l.half_tensors()?;
+            l.half_grad = l.half_gradients();
+        }
+        Ok(l)
+    }
 }
 
 impl Lowering<'_> {
@@ -271,21 +309,6 @@ impl Lowering<'_> {
             .collect();
     }
 
-    /// The buffer of a value that may be stored in 16 bits (GroupNorm and upsampling
-    /// outputs), and that precision when it is.
-    pub(super) fn output_value(&mut self, t: Tid) -> (Buf, Option<Precision>) {
-        if !self.half[t] {
-            return (self.new_value(t), None);
-        }
-        // Two 16-bit values per f32 slot.
-        let b = self.buf(
-            self.numel(t).div_ceil(2),
-            &format!("{} (16-bit)", self.g.tensors[t].name),
-        );
-        self.value[t] = Some(b);
-        (b, Some(self.precision))
-    }
-
     pub(super) fn val(&self, t: Tid) -> Result<Buf> {
         self.value[t].ok_or_else(|| {
             Error::Cuda(format!(
@@ -357,7 +380,7 @@ impl Lowering<'_> {
 
     /// Which GroupNorm and upsampling outputs to store in 16 bits: those whose every reader
     /// takes them as the main input of a tensor-core launch (see [`Program::build_with`]).
-    pub(super) fn half_tensors(&self) -> Result<Vec<bool>> {
+    fn half_tensors(&self) -> Result<Vec<bool>> {
         let g = self.g;
         let mut half = vec![false; g.tensors.len()];
         for op in &g.ops {
@@ -376,7 +399,7 @@ impl Lowering<'_> {
 
     /// Whether op `r` reads `t` only as the main input of a launch on the tensor-core kernel
     /// (which rounds that input to 16 bits anyway, so a 16-bit `t` serves it as well).
-    fn tensor_core_main_input(&self, r: &Op, t: Tid) -> Result<bool> {
+    pub(super) fn tensor_core_main_input(&self, r: &Op, t: Tid) -> Result<bool> {
         let main_only = match *r {
             Op::Conv {
                 x, temb, residual, ..
@@ -391,12 +414,12 @@ impl Lowering<'_> {
     }
 
     /// Whether launch shape `s` runs on the tensor-core kernel of the program's precision.
-    fn on_tensor_cores(&self, s: &ConvShape) -> bool {
+    pub(super) fn on_tensor_cores(&self, s: &ConvShape) -> bool {
         plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
     }
 
     /// The 16-bit copy of buffer `src` made earlier, if nothing has written `src` since.
-    fn fresh_half_copy(&self, src: Buf) -> Option<Buf> {
+    pub(super) fn fresh_half_copy(&self, src: Buf) -> Option<Buf> {
         self.half_copies
             .iter()
             .rev()
@@ -407,39 +430,6 @@ impl Lowering<'_> {
                         .all(|s| !s.io().1.contains(&src))
             })
             .map(|&(_, copy, _)| copy)
-    }
-
-    /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in
-    /// bf16/fp16 with the deep pipelines, when some op reads it as the main input of a
-    /// tensor-core launch.
-    pub(super) fn wants_copy16(&self, y: Tid) -> Result<bool> {
-        if !(self.choice.half_concat && self.choice.deep && self.precision.is_half()) {
-            return Ok(false);
-        }
-        for r in &self.g.ops {
-            if self.tensor_core_main_input(r, y)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// Where op `r`'s tensor-core launch reads its main input `x` from, and whether in 16 bits:
-    /// a 16-bit copy of `x` when there is one (or [`KernelConfig::half_copy`] makes one now)
-    /// and `r` may take it, else `x` as stored.
-    pub(super) fn main_input(&mut self, r: &Op, x: Tid) -> Result<(Buf, bool)> {
-        if !self.tensor_core_main_input(r, x)? {
-            return Ok((self.val(x)?, self.half[x]));
-        }
-        let src = self.val(x)?;
-        if let Some(c) = self.fresh_half_copy(src) {
-            return Ok((c, true));
-        }
-        if !self.half[x] && self.wants_half_copy(self.numel(x)) {
-            let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
-            return Ok((self.half_copy(src, self.numel(x), &name), true));
-        }
-        Ok((src, self.half[x]))
     }
 
     /// How an attention with heads of `head_dim` runs ([`KernelConfig::attention_flash`],
@@ -456,7 +446,7 @@ impl Lowering<'_> {
     }
 
     /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values.
-    fn wants_half_copy(&self, len: usize) -> bool {
+    pub(super) fn wants_half_copy(&self, len: usize) -> bool {
         self.choice.half_copy
             && self.choice.deep
             && self.precision.is_half()
@@ -464,7 +454,7 @@ impl Lowering<'_> {
     }
 
     /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer.
-    fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
+    pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
         self.steps.push(Step::ToHalf {
             x: src,
@@ -474,44 +464,6 @@ impl Lowering<'_> {
         });
         self.half_copies.push((src, y, self.steps.len() - 1));
         y
-    }
-
-    /// The input gradient's source for the launches of `shapes`, which read `dy`, the fp32
-    /// gradient of tensor `y`: a 16-bit copy when [`KernelConfig::half_copy`] asks for one and
-    /// every launch runs on the tensor-core kernel, else `dy` itself.
-    pub(super) fn grad_input(&mut self, y: Tid, dy: Buf, shapes: &[ConvShape]) -> (Buf, bool) {
-        if self.half_grad[y] {
-            return (dy, true);
-        }
-        let tensor_cores = shapes.iter().all(|s| self.on_tensor_cores(s));
-        if !(tensor_cores && self.wants_half_copy(self.numel(y))) {
-            return (dy, false);
-        }
-        // With alias_residual_grads a residual's gradient is its block output's buffer, which
-        // may already have a copy.
-        if let Some(c) = self.fresh_half_copy(dy) {
-            return (c, true);
-        }
-        let name = format!("d {} (16-bit copy)", self.g.tensors[y].name);
-        (self.half_copy(dy, self.numel(y), &name), true)
-    }
-
-    /// The residual `r`'s share of the gradient `dy` of a block's output: added onto its
-    /// gradient, or, as its first contribution, copied there; with
-    /// [`KernelConfig::alias_residual_grads`] that first contribution is `dy`'s buffer itself
-    /// (`dy` is final here and nothing reads it after this op's own launches).
-    pub(super) fn residual_grad(&mut self, r: Tid, dy: Buf) {
-        if self.choice.alias_residual_grads && self.grad[r].is_none() {
-            self.grad[r] = Some(dy);
-            return;
-        }
-        let (gr, acc) = self.grad_slot(r);
-        self.steps.push(Step::AddInto {
-            dst: gr,
-            src: dy,
-            len: self.numel(r),
-            accumulate: acc,
-        });
     }
 
     /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
@@ -530,7 +482,7 @@ impl Lowering<'_> {
     /// Which gradients to store in 16 bits: that of a convolution's output whose only reader
     /// is a GroupNorm (whose backward then writes the whole gradient at once) and whose
     /// backward reads it only in tensor-core input-gradient launches (no residual, no division).
-    pub(super) fn half_gradients(&self) -> Vec<bool> {
+    fn half_gradients(&self) -> Vec<bool> {
         let g = self.g;
         let mut half = vec![false; g.tensors.len()];
         for op in &g.ops {

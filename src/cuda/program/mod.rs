@@ -502,27 +502,7 @@ impl Program {
         if n == 0 {
             return Err(Error::input("batch of 0 images"));
         }
-        let mut l = Lowering {
-            g,
-            n,
-            h,
-            w,
-            sms,
-            precision,
-            steps: Vec::new(),
-            bufs: Vec::new(),
-            value: vec![None; g.tensors.len()],
-            grad: vec![None; g.tensors.len()],
-            aux: vec![None; g.ops.len()],
-            half: vec![false; g.tensors.len()],
-            half_grad: vec![false; g.tensors.len()],
-            half_copies: Vec::new(),
-            choice,
-        };
-        if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
-            l.half = l.half_tensors()?;
-            l.half_grad = l.half_gradients();
-        }
+        let mut l = Lowering::new(g, n, h, w, sms, precision, choice)?;
         let cfg = &g.config;
         let sample = l.buf(n * cfg.in_channels * h * w, "input sample (NCHW)");
         let timesteps = l.buf(n, "timesteps");

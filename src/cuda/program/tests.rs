@@ -1,3 +1,7 @@
+//! The lowering's contracts, checked on the programs themselves (no GPU): what every choice
+//! computes, symbolically, against the default program; where each fused or alternative
+//! step may appear; and that every buffer is written before it is read.
+
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{

@@ -9,7 +9,7 @@ use crate::Result;
 
 /// The attention input gradient with its four products on tf32 tensor cores, against the
 /// fp32 CPU result.
-pub(super) const ATTENTION_TF32_GRAD: f64 = 5e-3;
+const ATTENTION_TF32_GRAD: f64 = 5e-3;
 
 impl Tester<'_> {
     /// The attention products' kernel in both tile sizes: a strided batch (A read with its

@@ -2,7 +2,7 @@
 //! gradient, at awkward shapes and at the network's own, in each precision.
 
 use super::conv_variants::{wgmma_forms, wgmma_path, WGMMA_VS_MMA};
-use super::{acc_name, tensor_core_tolerance, Tester, TENSOR_CORE};
+use super::{acc_name, path, tensor_core_tolerance, Tester, TENSOR_CORE};
 use crate::cpu::conv::{self, ConvParams, Geometry};
 use crate::cuda::kernels::{
     on_tile, plan_conv, plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
@@ -14,7 +14,7 @@ use crate::model::graph::Pad;
 use crate::Result;
 
 /// The inputs and CPU results of one convolution check.
-pub(super) struct ConvData<'a> {
+struct ConvData<'a> {
     x: &'a [f32],
     w: &'a [f32],
     b: &'a [f32],
@@ -27,7 +27,7 @@ pub(super) struct ConvData<'a> {
 }
 
 /// A convolution check.
-pub(super) struct ConvCase {
+struct ConvCase {
     n: usize,
     h: usize,
     w: usize,
@@ -43,7 +43,7 @@ pub(super) struct ConvCase {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn cc(
+fn cc(
     n: usize,
     h: usize,
     w: usize,
@@ -70,7 +70,7 @@ pub(super) fn cc(
 }
 
 /// The deep pipeline a launch takes and its input, for row names.
-pub(super) fn deep_path(p: &ConvLaunch) -> String {
+fn deep_path(p: &ConvLaunch) -> String {
     let pipe = match (p.kernel, p.half_input) {
         (ConvKernel::Tensor(Precision::Tf32), _) => "async",
         (_, true) => "async, 16-bit input",
@@ -84,23 +84,7 @@ pub(super) fn deep_path(p: &ConvLaunch) -> String {
     };
     format!("{}, {pipe}{rows}{prefetch}", path(p.kernel, p.splits))
 }
-
-pub(super) fn path(k: ConvKernel, splits: usize) -> String {
-    let name = match k {
-        ConvKernel::Vec => "vec",
-        ConvKernel::Any => "any",
-        ConvKernel::Narrow => "narrow",
-        ConvKernel::FewIn => "few-in",
-        ConvKernel::Tensor(_) => "tc",
-    };
-    if splits > 1 {
-        format!("{name}, {splits} splits")
-    } else {
-        name.to_string()
-    }
-}
-
-pub(super) fn pad_name(k: usize, stride: usize, pad: Pad) -> &'static str {
+fn pad_name(k: usize, stride: usize, pad: Pad) -> &'static str {
     match (k, stride, pad) {
         (3, 2, Pad::Symmetric) => " pad 1",
         (3, 2, Pad::RightBottom) => " pad right/bottom",

@@ -1,9 +1,17 @@
 //! Data movement: layout changes, upsampling, concatenation and the element-wise steps.
 
-use super::{acc_name, round_half, unpack_half, Tester};
+use super::{acc_name, unpack_half, Tester};
 use crate::cpu::resample;
 use crate::cuda::precision::Precision;
 use crate::Result;
+
+/// `v` rounded to the nearest `precision` (bf16 or fp16) value, as f32.
+fn round_half(v: f32, precision: Precision) -> f32 {
+    match precision {
+        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
+        _ => half::bf16::from_f32(v).to_f32(),
+    }
+}
 
 impl Tester<'_> {
     pub(super) fn data_movement(&mut self) -> Result<()> {

@@ -1,8 +1,6 @@
 //! Linear layers: the few-row kernels of the time embedding, alone and batched.
 
-use super::acc_name;
-use super::convolutions::path;
-use super::Tester;
+use super::{acc_name, path, Tester};
 use crate::cpu::linear::{self, LinearParams};
 use crate::cuda::kernels::{at, linear_batch_table, plan_conv, ConvPtrs, ConvShape};
 use crate::cuda::weights::transpose;

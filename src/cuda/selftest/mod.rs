@@ -10,13 +10,14 @@
 //!
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
 //! tensor-core launch can take), `linears`, `group_norms`, `attentions`, `data_movement` and
-//! `networks`; this module holds the rows, the tolerances and the [`Tester`] they share.
+//! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
+//! helpers more than one family uses (the others sit with their checks).
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
-use super::kernels::DPtr;
+use super::kernels::{ConvKernel, DPtr};
 use super::precision::Precision;
 use super::weights::DevBuf;
 use crate::config::{BlockKind, UNetConfig};
@@ -193,14 +194,6 @@ pub(super) fn uniform(seed: &mut u64, len: usize, lo: f32, hi: f32) -> Vec<f32> 
     crate::rng::uniform_lcg(*seed | 1, len, lo, hi)
 }
 
-/// `v` rounded to the nearest `precision` (bf16 or fp16) value, as f32.
-fn round_half(v: f32, precision: Precision) -> f32 {
-    match precision {
-        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
-        _ => half::bf16::from_f32(v).to_f32(),
-    }
-}
-
 /// The first `len` 16-bit values (two per f32 word, the first in the low half) as f32.
 fn unpack_half(words: &[f32], len: usize, precision: Precision) -> Vec<f32> {
     words
@@ -327,10 +320,25 @@ impl Tester<'_> {
     }
 }
 
-pub(super) fn acc_name(accumulate: bool) -> &'static str {
+fn acc_name(accumulate: bool) -> &'static str {
     if accumulate {
         " (accumulate)"
     } else {
         ""
+    }
+}
+
+fn path(k: ConvKernel, splits: usize) -> String {
+    let name = match k {
+        ConvKernel::Vec => "vec",
+        ConvKernel::Any => "any",
+        ConvKernel::Narrow => "narrow",
+        ConvKernel::FewIn => "few-in",
+        ConvKernel::Tensor(_) => "tc",
+    };
+    if splits > 1 {
+        format!("{name}, {splits} splits")
+    } else {
+        name.to_string()
     }
 }

@@ -9,10 +9,10 @@ use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
 /// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
-pub(super) const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
+const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
 
 /// One network check's input: its description, sample, timesteps and cotangent.
-pub(super) struct NetworkIo<'a> {
+struct NetworkIo<'a> {
     desc: &'a str,
     sample: &'a Tensor,
     t: &'a [f32],
