@@ -14,8 +14,8 @@
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split,
 #       clustered where it can be, and every GroupNorm in each form: three launches, one pass,
 #       clusters; bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each opt-in of
-#       the build alone, two likely default sets, then all together) of out/invdiff-next if it
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each candidate of
+#       scripts/candidates.sh alone, two likely default sets, then all together) of out/invdiff-next if it
 #       exists, else out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows;
 #       for the likely default sets (combo_*) also their whole-network selftest rows, and for
 #       the last one also its whole selftest (each one's with VARIANT_SELFTEST=each), the b1
@@ -287,7 +287,10 @@ ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_GN_CLUSTER=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HAL
 # the halo tiles and the GroupNorm work they take (HALO).
 SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1
 HALO=INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_HALO_STATS=1
-VARIANTS=${VARIANTS-gn_one_pass:INVDIFF_GN_ONE_PASS=1;gn_cluster:INVDIFF_GN_CLUSTER=1;half_concat:INVDIFF_HALF_CONCAT=1;half_copy:INVDIFF_HALF_COPY=1;alias_grads:INVDIFF_ALIAS_GRADS=1;row_epilogue:INVDIFF_ROW_EPILOGUE=1;attn_tf32:INVDIFF_ATTN_TF32=1;attn_flash:INVDIFF_ATTN_FLASH=1;tall:INVDIFF_WGMMA_TALL=1;rows_tall:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1;six_stages:INVDIFF_WGMMA_SIX_STAGES=1;halo:INVDIFF_WGMMA_HALO=1;rows_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1;tall_halo:INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1;rows_tall_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1;halo_norm:INVDIFF_HALO_NORM=1;halo_stats:INVDIFF_HALO_STATS=1;small_tiles:INVDIFF_GEMM_SMALL_TILES=1;cluster:INVDIFF_CLUSTER_SPLITK=1;cluster_plan:INVDIFF_CLUSTER_SPLITK=plan;pdl:INVDIFF_PDL=1;prefetch:INVDIFF_PREFETCH_WEIGHTS=1;pdl_prefetch:INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1;streams2:INVDIFF_STREAMS=2;combo_safe:$SAFE;combo_halo:$SAFE,$HALO;all:$ALL}
+# Each candidate alone (scripts/candidates.sh, the list tune.sh reads too), then the sets.
+# shellcheck source=scripts/candidates.sh
+. scripts/candidates.sh
+VARIANTS=${VARIANTS-$(IFS=';'; echo "${CANDIDATES[*]}");combo_safe:$SAFE;combo_halo:$SAFE,$HALO;all:$ALL}
 last=""
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"

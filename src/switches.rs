@@ -21,6 +21,10 @@ pub const SWITCHES: &[Switch] = &[
         "tests: fail if the build has no CUDA kernels",
     ),
     switch(
+        "INVDIFF_BIN",
+        "scripts/tune.sh: the binary to tune (default target/release/invdiff)",
+    ),
+    switch(
         "INVDIFF_CONV",
         "CPU: `direct` instead of Winograd 3x3 convolutions",
     ),
@@ -184,36 +188,38 @@ mod tests {
         assert_eq!(found, listed);
     }
 
-    /// Every GPU candidate is timed by the next device session: scripts/device_check.sh turns
-    /// each on in its all-together variant (`ALL=`) and alone or in a pair in `VARIANTS`.
+    /// Every GPU candidate is timed by the next device session and can be chosen by
+    /// scripts/tune.sh: scripts/candidates.sh, which both read, has it alone, and
+    /// scripts/device_check.sh turns it on in its all-together variant (`ALL=`).
     #[test]
     fn device_check_times_every_candidate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let script = std::fs::read_to_string(root.join("scripts/device_check.sh")).unwrap();
-        let line = |prefix: &str| {
-            script
-                .lines()
-                .find(|l| l.starts_with(prefix))
-                .unwrap_or_else(|| panic!("no {prefix} line in device_check.sh"))
-                .to_string()
-        };
-        let all = line("ALL=");
-        // VARIANTS=${VARIANTS-name:VAR=1,VAR=1;...;all:$ALL}
-        let variants = line("VARIANTS=");
-        let variants = variants
-            .trim_start_matches("VARIANTS=${VARIANTS-")
-            .trim_end_matches('}');
+        let all = script
+            .lines()
+            .find(|l| l.starts_with("ALL="))
+            .expect("no ALL= line in device_check.sh");
+        // CANDIDATES=( name:VAR=1,VAR=1 ... ), one entry a line.
+        let list = std::fs::read_to_string(root.join("scripts/candidates.sh")).unwrap();
+        let entries: Vec<&str> = list
+            .lines()
+            .map(str::trim)
+            .skip_while(|l| !l.starts_with("CANDIDATES=("))
+            .skip(1)
+            .take_while(|l| *l != ")")
+            .collect();
+        assert!(entries.len() > 20, "{entries:?}");
         for s in SWITCHES
             .iter()
             .filter(|s| s.what.starts_with("GPU candidate"))
         {
             let on = format!("{}=", s.name);
             assert!(all.contains(&on), "{} is not in ALL", s.name);
-            let alone = variants
-                .split(';')
+            let alone = entries
+                .iter()
                 .filter(|v| v.contains(&on))
                 .any(|v| v.matches('=').count() == 1);
-            assert!(alone, "{} is not a variant of its own", s.name);
+            assert!(alone, "{} is not a candidate of its own", s.name);
         }
     }
 }

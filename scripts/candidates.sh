@@ -1,0 +1,29 @@
+# The GPU candidate switches (PERF.md, "v0.5 candidates"), one place for the scripts that time
+# them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value";
+# the forms that only make sense together (a tile with the row epilogue) are entries of their own.
+CANDIDATES=(
+    gn_one_pass:INVDIFF_GN_ONE_PASS=1
+    gn_cluster:INVDIFF_GN_CLUSTER=1
+    half_concat:INVDIFF_HALF_CONCAT=1
+    half_copy:INVDIFF_HALF_COPY=1
+    alias_grads:INVDIFF_ALIAS_GRADS=1
+    row_epilogue:INVDIFF_ROW_EPILOGUE=1
+    attn_tf32:INVDIFF_ATTN_TF32=1
+    attn_flash:INVDIFF_ATTN_FLASH=1
+    tall:INVDIFF_WGMMA_TALL=1
+    rows_tall:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1
+    six_stages:INVDIFF_WGMMA_SIX_STAGES=1
+    halo:INVDIFF_WGMMA_HALO=1
+    rows_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1
+    tall_halo:INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1
+    rows_tall_halo:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_HALO=1
+    halo_norm:INVDIFF_HALO_NORM=1
+    halo_stats:INVDIFF_HALO_STATS=1
+    small_tiles:INVDIFF_GEMM_SMALL_TILES=1
+    cluster:INVDIFF_CLUSTER_SPLITK=1
+    cluster_plan:INVDIFF_CLUSTER_SPLITK=plan
+    pdl:INVDIFF_PDL=1
+    prefetch:INVDIFF_PREFETCH_WEIGHTS=1
+    pdl_prefetch:INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1
+    streams2:INVDIFF_STREAMS=2
+)
