@@ -28,7 +28,8 @@ bench)
         if (gn == "1") t -= 0.5
         if (tall == "1") t -= 3
         if (st == "2") t += 1
-        printf "{\"ms_per_forward\": 4.0, \"ms_per_dps_step\": %.3f}\n", t
+        if (ENVIRON["FAKE_NO_FIELD"] == "1") printf "{\"ms_per_forward\": 4.0}\n"
+        else printf "{\"device\": \"Fake GPU\", \"ms_per_forward\": 4.0, \"ms_per_dps_step\": %.3f}\n", t
     }' > "$json" ;;
 *) exit 3 ;;
 esac
@@ -41,36 +42,56 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// Runs the script with the stand-in; returns its output file and its stdout.
-fn tune(dir: &Path, base_ms: &str) -> (String, String) {
+/// The script run from `dir` with the stand-in, `--out tuning.env` relative to `dir`, the
+/// given extra environment, and none of the caller's switches or tuning settings.
+fn run_tune(dir: &Path, extra: &[(&str, &str)]) -> std::process::Output {
     let fake = dir.join("invdiff");
     std::fs::write(&fake, FAKE).unwrap();
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = dir.join("tuning.env");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/tune.sh");
-    let run = Command::new("bash")
-        .arg(&script)
-        .args(["--batch", "1", "--what", "dps", "--out"])
-        .arg(&out)
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script)
+        .args(["--batch", "1", "--what", "dps", "--out", "tuning.env"])
+        .current_dir(dir)
         .env("INVDIFF_BIN", &fake)
         .env("REPEATS", "1")
-        .env("FAKE_BASE", base_ms)
-        .output()
-        .unwrap();
+        .env_remove("MARGIN");
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("INVDIFF_")) {
+        if k != "INVDIFF_BIN" {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// Runs the search; returns its output file and its stdout.
+fn tune(dir: &Path, base_ms: &str) -> (String, String) {
+    let run = run_tune(dir, &[("FAKE_BASE", base_ms)]);
     let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    (std::fs::read_to_string(out).unwrap(), stdout)
+    let env = std::fs::read_to_string(dir.join("tuning.env")).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    (env, stdout)
 }
 
 #[test]
 fn tune_keeps_what_passes_and_helps() {
     let dir = scratch("keeps");
     let (env, log) = tune(&dir, "10");
-    let exports: Vec<&str> = env.lines().filter(|l| !l.starts_with('#')).collect();
+    let exports: Vec<&str> = env.lines().filter(|l| l.starts_with("export ")).collect();
+    // Every candidate variable is cleared first, so sourcing a new file undoes an old one.
+    let unset = env.lines().find(|l| l.starts_with("unset ")).unwrap_or("");
+    assert!(
+        unset.contains("INVDIFF_STREAMS") && unset.contains("INVDIFF_PDL"),
+        "{env}"
+    );
     // PDL with the prefetch wins alone (7 ms), one-pass GroupNorms add to it (6.5 ms); PDL
     // alone then brings nothing new; tall tiles are faster but fail the selftest; two streams
     // are slower.
@@ -83,13 +104,21 @@ fn tune_keeps_what_passes_and_helps() {
         ],
         "{log}"
     );
-    assert!(env.starts_with("# scripts/tune.sh"), "{env}");
+    assert!(
+        env.starts_with("# scripts/tune.sh") && env.contains("Fake GPU"),
+        "{env}"
+    );
     assert!(
         env.contains("default 10") && env.contains("these 6.5"),
         "{env}"
     );
     assert!(log.contains("tall: selftest failed, left out"), "{log}");
-    assert!(!env.contains("STREAMS") && !env.contains("TALL"), "{env}");
+    assert!(
+        !exports
+            .iter()
+            .any(|e| e.contains("STREAMS") || e.contains("TALL")),
+        "{env}"
+    );
 }
 
 #[test]
@@ -98,10 +127,34 @@ fn tune_sets_nothing_when_nothing_wins() {
     let dir = scratch("none");
     let (env, _) = tune(&dir, "1000");
     assert_eq!(
-        env.lines().filter(|l| !l.starts_with('#')).count(),
+        env.lines().filter(|l| l.starts_with("export ")).count(),
         0,
         "{env}"
     );
+}
+
+#[test]
+fn tune_stops_when_the_bench_reports_no_time() {
+    let dir = scratch("nofield");
+    let run = run_tune(&dir, &[("FAKE_NO_FIELD", "1")]);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("wrote no \"ms_per_dps_step\""), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Switches left exported in the shell (say, from an earlier tuning.env) do not leak into the
+/// default's timing.
+#[test]
+fn tune_times_the_default_without_exported_switches() {
+    let dir = scratch("exported");
+    let run = run_tune(&dir, &[("INVDIFF_PDL", "1")]);
+    let log = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && log.contains("default: 10.000 ms"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -114,4 +167,11 @@ fn tune_rejects_bad_arguments() {
         .unwrap();
     assert_eq!(run.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&run.stderr).contains("--what must be dps or forward"));
+    let run = Command::new("bash")
+        .arg(&script)
+        .arg("--batch")
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("--batch needs a value"));
 }
