@@ -65,14 +65,17 @@ fn celebahq_memory_plan() {
     for (n, recording) in [(1, false), (1, true), (8, false), (8, true)] {
         let s = plan_stats(&g, n, 256, 256, recording, 132).unwrap();
         println!(
-            "batch {n} {}: arena {:.1} MiB (at least {:.1} MiB live at once), {} buffers, {} steps",
+            "batch {n} {}: arena {:.1} MiB (at least {:.1} MiB live at once), {} buffers, {} steps, \
+             {} launches",
             if recording { "forward+vjp" } else { "forward" },
             mib(s.arena_bytes),
             mib(s.live_peak_bytes),
             s.buffers,
-            s.steps
+            s.steps,
+            s.launches
         );
         assert!(s.arena_bytes >= s.live_peak_bytes);
+        assert!(s.launches > s.steps, "{s:?}");
         if n == 1 {
             let limit = if recording { 1536 } else { 256 };
             assert!(mib(s.arena_bytes) < limit as f64, "{s:?}");

@@ -202,6 +202,11 @@ pub fn run(a: Args) -> Result<()> {
         let flops = g.forward_flops(n, h, w);
         report("forward", ms, flops);
         json["ms_per_forward"] = ms.into();
+        if let Some(u) = engine.cuda_mut() {
+            let launches = u.plan_stats(n, h, w, false)?.launches;
+            println!("{:<24} {launches:>10} kernel launches per call", "");
+            json["launches_per_forward"] = launches.into();
+        }
         json["images_per_s"] = (n as f64 * 1e3 / ms).into();
         json["gflops_per_s"] = (flops / ms / 1e6).into();
         json["tflops_per_s"] = (flops / ms / 1e9).into();
@@ -221,6 +226,11 @@ pub fn run(a: Args) -> Result<()> {
         let flops = g.forward_vjp_flops(n, h, w);
         report("dps step (fwd + vjp)", ms, flops);
         json["ms_per_dps_step"] = ms.into();
+        if let Some(u) = engine.cuda_mut() {
+            let launches = u.plan_stats(n, h, w, true)?.launches;
+            println!("{:<24} {launches:>10} kernel launches per call", "");
+            json["launches_per_dps_step"] = launches.into();
+        }
         json["dps_images_per_s"] = (n as f64 * 1e3 / ms).into();
         json["dps_gflops_per_s"] = (flops / ms / 1e6).into();
         json["dps_tflops_per_s"] = (flops / ms / 1e9).into();

@@ -34,6 +34,9 @@ pub struct PlanStats {
     pub buffers: usize,
     /// Number of steps (launch groups) of the program.
     pub steps: usize,
+    /// Kernel launches the steps make (a split-K convolution's reduction, a GroupNorm's three
+    /// passes each count).
+    pub launches: usize,
 }
 
 /// Places `lens[i]` (f32 elements, alive over steps `life[i].0 ..= life[i].1`) in one arena.
@@ -114,6 +117,7 @@ pub(crate) fn stats(p: &Program, pl: &Placement) -> PlanStats {
         live_peak_bytes: 4 * peak as usize,
         buffers: p.bufs.len(),
         steps: p.steps.len(),
+        launches: p.step_infos().iter().map(|i| i.launches).sum(),
     }
 }
 
