@@ -343,7 +343,9 @@ for v in names:
         faster, slower = min(changes) < -0.01, max(changes) > 0.01
         verdict = {(True, False): "faster", (False, True): "slower", (True, True): "mixed",
                    (False, False): "within 1%"}[(faster, slower)]
-    print(f"{v}: " + ("; ".join(cells) or "no figures") + (f" [{verdict}]" if verdict else ""))
+    launches = [fig(f"{v}_bf16_b1", k) for k in ("launches_per_forward", "launches_per_dps_step")]
+    count = f"; b1 launches {launches[0]} / {launches[1]}" if None not in launches else ""
+    print(f"{v}: " + ("; ".join(cells) or "no figures") + count + (f" [{verdict}]" if verdict else ""))
 PY
     while read -r l; do note "  $l"; done < "$W/variants.txt"
 fi
