@@ -1,0 +1,293 @@
+//! One step of a program to its kernel launches: the dispatcher both the captured graphs and
+//! the profiler run.
+
+use cudarc::driver::CudaStream;
+
+use super::{attention_backward, attention_forward, Attn, ShapePlan};
+use crate::cuda::kernels::{ConvPtrs, Kernels, NormDims};
+use crate::cuda::program::{Buf, Step};
+use crate::cuda::streams::{PassSchedule, SideStreams};
+use crate::cuda::weights::DevWeights;
+use crate::Result;
+
+/// Launches `steps` of `plan` in order on `st`, or, with `lanes`, spread over the side
+/// streams as their schedule says.
+pub(super) fn launch_all(
+    k: &Kernels,
+    st: &CudaStream,
+    wts: &DevWeights,
+    plan: &ShapePlan,
+    steps: &[Step],
+    lanes: Option<(&SideStreams, &PassSchedule)>,
+) -> Result<()> {
+    match lanes {
+        Some((side, schedule)) => {
+            schedule.run(st, side, |i, on| launch(k, on, wts, plan, &steps[i]))
+        }
+        None => steps.iter().try_for_each(|s| launch(k, st, wts, plan, s)),
+    }
+}
+
+pub(super) fn launch(
+    k: &Kernels,
+    st: &CudaStream,
+    wts: &DevWeights,
+    plan: &ShapePlan,
+    step: &Step,
+) -> Result<()> {
+    let p = |b: Buf| plan.ptr(b);
+    let opt = |b: Option<Buf>| b.map_or(0, p);
+    let (n, h, w) = (plan.program.n, plan.program.h, plan.program.w);
+    match *step {
+        Step::ToNhwc {
+            src,
+            dst,
+            c,
+            mul,
+            add,
+        } => k.to_nhwc(st, p(src), p(dst), n, c, h, w, mul, add),
+        Step::ToNchw { src, dst, c, mul } => k.to_nchw(st, p(src), p(dst), n, c, h, w, mul),
+        Step::TimeEmbedding {
+            t,
+            y,
+            dim,
+            flip,
+            shift,
+        } => k.timestep_embedding(st, p(t), p(y), n, dim, flip, shift),
+        Step::LinearRows {
+            x,
+            y,
+            w: wt,
+            b,
+            inp,
+            out,
+            silu_in,
+            residual,
+            out_div,
+        } => k.linear_rows(
+            st,
+            p(x),
+            wts.ptr(wt)?,
+            wts.ptr(b)?,
+            opt(residual),
+            p(y),
+            n,
+            inp,
+            out,
+            silu_in,
+            out_div,
+        ),
+        Step::LinearBatch {
+            x,
+            inp,
+            silu_in,
+            out_div,
+            ref layers,
+            table,
+        } => k.linear_batch(
+            st,
+            p(x),
+            p(table),
+            layers.len(),
+            layers.iter().map(|l| l.out).sum(),
+            n,
+            inp,
+            silu_in,
+            out_div,
+        ),
+        Step::Conv(ref c) => {
+            let ptrs = ConvPtrs {
+                x: p(c.x),
+                w: wts.conv_ptr(c.w, &c.launch)?,
+                y: p(c.y),
+                bias: c.bias.map(|b| wts.ptr(b)).transpose()?.unwrap_or(0),
+                temb: opt(c.temb),
+                res: opt(c.residual),
+                ws: opt(c.workspace),
+                norm: opt(c.norm),
+                gn_partial: opt(c.gn_partial),
+            };
+            k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
+        }
+        Step::GroupNorm {
+            x,
+            y,
+            gamma,
+            beta,
+            hw,
+            c,
+            groups,
+            split,
+            eps,
+            silu,
+            partial,
+            stats,
+            affine,
+            half_out,
+        } => k.group_norm(
+            st,
+            NormDims {
+                n,
+                hw,
+                c,
+                groups,
+                split,
+            },
+            p(x),
+            wts.ptr(gamma)?,
+            wts.ptr(beta)?,
+            opt(y),
+            p(partial),
+            p(stats),
+            p(affine),
+            eps,
+            silu,
+            half_out,
+        ),
+        Step::GroupNormBackward {
+            x,
+            dy,
+            dx,
+            gamma,
+            beta,
+            hw,
+            c,
+            groups,
+            split,
+            silu,
+            stats,
+            partial,
+            means,
+            accumulate,
+            half_out,
+        } => k.group_norm_backward(
+            st,
+            NormDims {
+                n,
+                hw,
+                c,
+                groups,
+                split,
+            },
+            p(x),
+            p(dy),
+            wts.ptr(gamma)?,
+            wts.ptr(beta)?,
+            p(stats),
+            p(partial),
+            p(means),
+            p(dx),
+            silu,
+            accumulate,
+            half_out,
+        ),
+        Step::Attention {
+            qkv,
+            y,
+            saved,
+            tokens,
+            heads,
+            head_dim,
+            kernel,
+        } => attention_forward(
+            k,
+            st,
+            Attn {
+                n,
+                tokens,
+                heads,
+                head_dim,
+                kernel,
+            },
+            p(qkv),
+            p(saved),
+            p(y),
+        ),
+        Step::AttentionBackward {
+            qkv,
+            saved,
+            y,
+            dy,
+            dqkv,
+            scratch,
+            tokens,
+            heads,
+            head_dim,
+            accumulate,
+            kernel,
+        } => attention_backward(
+            k,
+            st,
+            Attn {
+                n,
+                tokens,
+                heads,
+                head_dim,
+                kernel,
+            },
+            p(qkv),
+            p(saved),
+            opt(y),
+            p(dy),
+            p(dqkv),
+            p(scratch),
+            accumulate,
+        ),
+        Step::Upsample {
+            x,
+            y,
+            h,
+            w,
+            c,
+            half_out,
+        } => k.upsample(st, p(x), p(y), n, h, w, c, half_out),
+        Step::UpsampleBackward {
+            dy,
+            dx,
+            h,
+            w,
+            c,
+            accumulate,
+        } => k.upsample_backward(st, p(dy), p(dx), n, h, w, c, accumulate),
+        Step::Concat {
+            a,
+            b,
+            y,
+            y16,
+            pixels,
+            ca,
+            cb,
+        } => k.concat(
+            st,
+            p(a),
+            p(b),
+            p(y),
+            y16.map(|(b, precision)| (p(b), precision)),
+            pixels,
+            ca,
+            cb,
+        ),
+        Step::ConcatBackward {
+            dy,
+            d,
+            pixels,
+            c,
+            offset,
+            width,
+            accumulate,
+        } => k.concat_backward(st, p(dy), p(d), pixels, c, offset, width, accumulate),
+        Step::AddInto {
+            dst,
+            src,
+            len,
+            accumulate,
+        } => k.add_into(st, p(dst), p(src), len, accumulate),
+        Step::Divide { x, len, div } => k.divide(st, p(x), len, div),
+        Step::ToHalf {
+            x,
+            y,
+            len,
+            precision,
+        } => k.convert_half(st, p(x), p(y), len, precision),
+    }
+}
