@@ -1,4 +1,4 @@
-// Timing support for the per-step profile (`CudaUnet::profile`, src/cuda/unet.rs).
+// Timing support for the per-step profile (`CudaUnet::profile`, src/cuda/unet/mod.rs).
 //
 // The profile launches a pass's steps one by one with a CUDA event recorded between consecutive
 // steps. Launched that way, each step would start only when the host got round to launching it,
