@@ -128,6 +128,17 @@ static_assert(TallHaloTile::SMEM == 164736, "TallHaloTile::SMEM must match Wgmma
 template <class T> constexpr bool IS_HALO = false;
 template <int TM, int S> constexpr bool IS_HALO<HaloTile<TM, S>> = true;
 
+// The channel slices [cs0, cs_end) of HALO_BK channels that split blockIdx.z of a halo launch
+// takes, all nine taps of each (the host splits K by whole slices, sc % HALO_BK == 0).
+struct HaloSplit {
+    int cs0, cs_end;
+};
+DEVI HaloSplit halo_split(const ConvArgs& a) {
+    const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
+    const int cs0 = blockIdx.z * per;
+    return {cs0, min(a.sc / HALO_BK, cs0 + per)};
+}
+
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
 
@@ -633,10 +644,9 @@ DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long lon
     const int ncols = a.ncols;
     const int m0 = blockIdx.x * TM;
     const int n0 = blockIdx.y * WG_TN;
-    // Split blockIdx.z takes channel slices cs0 .. cs0 + per - 1 (all nine taps of each).
-    const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
-    const int cs0 = blockIdx.z * per;
-    const int steps = (min(sc / HALO_BK, cs0 + per) - cs0) * HALO_TAPS;
+    const HaloSplit split = halo_split(a);
+    const int cs0 = split.cs0;
+    const int steps = (split.cs_end - cs0) * HALO_TAPS;
     // The mainloop below runs at least one slice: a split the host left empty would multiply
     // shared memory nothing wrote.
     if (steps < HALO_TAPS) __trap();
@@ -754,12 +764,10 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
     if (!a.prefetch_w) return;
     const int n0 = blockIdx.y * WG_TN;
     if constexpr (IS_HALO<Tile>) {
-        // Split blockIdx.z: channel slices [cs0, cs0 + per) of all nine taps (wg_halo_body).
-        const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
-        const int lo = blockIdx.z * per * HALO_BK;
+        const HaloSplit split = halo_split(a);
 #pragma unroll
         for (int t = 0; t < HALO_TAPS; ++t)
-            prefetch_tap(a, a.tap_w[t], lo, min(a.sc, lo + per * HALO_BK), n0, true, 2);
+            prefetch_tap(a, a.tap_w[t], split.cs0 * HALO_BK, split.cs_end * HALO_BK, n0, true, 2);
     } else {
         const KSplit ks = k_split(a, WG_BK);
         prefetch_k_range(a, ks.kb, ks.ke, n0, true, 2);

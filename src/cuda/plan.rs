@@ -117,7 +117,7 @@ pub(crate) fn stats(p: &Program, pl: &Placement) -> PlanStats {
         live_peak_bytes: 4 * peak as usize,
         buffers: p.bufs.len(),
         steps: p.steps.len(),
-        launches: p.step_infos().iter().map(|i| i.launches).sum(),
+        launches: p.launches(),
     }
 }
 

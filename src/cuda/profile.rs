@@ -380,6 +380,11 @@ impl Program {
             .collect()
     }
 
+    /// Kernel launches the program makes per call.
+    pub(crate) fn launches(&self) -> usize {
+        self.step_infos().iter().map(|i| i.launches).sum()
+    }
+
     /// Every step with its mean time `ms[i]`.
     pub(crate) fn timed_steps(&self, ms: &[f64]) -> Vec<StepTime> {
         self.step_infos()
@@ -852,9 +857,9 @@ mod tests {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         let count = |tc: KernelConfig| {
             [false, true].map(|record| {
-                let p =
-                    Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, tc).unwrap();
-                p.step_infos().iter().map(|i| i.launches).sum::<usize>()
+                Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, tc)
+                    .unwrap()
+                    .launches()
             })
         };
         let base = KernelConfig {
