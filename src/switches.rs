@@ -110,6 +110,10 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has tensor-core convolutions ask L2 for their weights first",
     ),
     switch(
+        "INVDIFF_UPSAMPLE_FOLD",
+        "GPU candidate: `1` folds large upsamplings into the convolution after them",
+    ),
+    switch(
         "INVDIFF_STREAMS",
         "GPU candidate: 2-4 runs independent steps on that many streams",
     ),

@@ -124,6 +124,26 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
                 ),
             )
         }
+        // An upsampling folded into the convolution after it: per parity class of the output
+        // pixel forward, per row class backward (reading dy at the output's resolution).
+        WKind::FoldForward => (
+            "conv 3x3 fwd",
+            format!(
+                "3x3 s1 upsampled {}->{} out {}x{} class ({},{})",
+                s.sc, s.ncols, s.yh, s.yw, s.out_oy, s.out_ox
+            ),
+        ),
+        WKind::FoldBackward => (
+            "conv 3x3 input-grad",
+            format!(
+                "3x3 s1 upsampled {}->{} out {}x{} row class {}",
+                s.ncols,
+                s.sc,
+                s.sh,
+                s.sw,
+                2 - s.taps[0].dy
+            ),
+        ),
         // Input gradient: the launch reads dy (the forward's output, `sh x sw`, `sc` channels)
         // and writes dx (its input, `yh x yw`, `ncols` channels); stride-2 gradients run as one
         // launch per parity class of the input pixel.
@@ -881,6 +901,13 @@ mod tests {
             ..base
         };
         assert_eq!(count(fewer), [252, 616]);
+        // Folding the two large upsamplings adds launches: per fold a conversion and four class
+        // launches for an upsampling and one, and two for two backward (with their splits).
+        let fold = KernelConfig {
+            upsample_fold: true,
+            ..base
+        };
+        assert_eq!(count(fold), [465, 1010]);
     }
 
     #[test]

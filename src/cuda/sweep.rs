@@ -324,8 +324,11 @@ fn sweep_one(
     let st = &gpu.stream;
     let k = shape.k();
     // Random operands of the launch's sizes; the weights as a k x k convolution whose forward
-    // layout has room for every tap index the launch names.
-    let kk = if shape.taps.len() == 1 { 1 } else { 3 };
+    // layout has room for every tap index the launch names (16 for a folded upsampling's).
+    let last_tap = shape.taps.iter().map(|t| t.w as usize).max().unwrap_or(0);
+    let kk = (1..)
+        .find(|k| k * k > last_tap)
+        .expect("a square above any tap index");
     let x_len = shape.n * shape.sh * shape.sw * shape.sc;
     let x = DevBuf::upload(st, &uniform(seed, x_len, -1.0, 1.0))?;
     let x_half = if precision.is_half() {

@@ -2,9 +2,12 @@
 //!
 //! Convolutions: `[(tap, ci), co]` for the forward product (the CPU's layout too), and
 //! `[(tap, co), ci]` for the input gradient, built on the device from the former the first time
-//! a recording pass is planned (inference never pays for it). Linear layers: PyTorch's
-//! `[out, inp]` (input gradient, and the few-row kernel) and its transpose `[inp, out]` (the
-//! forward product over tokens); q, k and v are fused into one `[3 inner, c]` matrix.
+//! a recording pass is planned (inference never pays for it); for a 3x3 convolution whose
+//! upsampled input a program folds into it (`KernelConfig::upsample_fold`), the same layouts of
+//! its 16 folded taps, summed on the host the first time such a program is planned. Linear
+//! layers: PyTorch's `[out, inp]` (input gradient, and the few-row kernel) and its transpose
+//! `[inp, out]` (the forward product over tokens); q, k and v are fused into one `[3 inner, c]`
+//! matrix.
 //!
 //! In bf16 or fp16 every array a tensor-core convolution reads (both convolution layouts and
 //! both linear layouts) also gets a 16-bit copy, rounded on the device from the fp32 one when
@@ -14,7 +17,7 @@
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, ConvLaunch, DPtr};
+use super::kernels::{fold_upsampled_weights, ConvKernel, ConvLaunch, DPtr};
 use super::precision::Precision;
 use super::program::{WKind, W};
 use crate::model::graph::{Graph, ParamKind};
@@ -113,7 +116,8 @@ pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// The forward layout of a convolution and, once needed, the input-gradient layout, each with
-/// its 16-bit copy in bf16 or fp16.
+/// its 16-bit copy in bf16 or fp16; for a 3x3 convolution after an upsampling, once needed,
+/// the same of its folded form.
 pub(crate) struct DevConv {
     pub forward: DevBuf,
     pub backward: Option<DevBuf>,
@@ -124,6 +128,9 @@ pub(crate) struct DevConv {
     pub cout: usize,
     pub taps: usize,
     pub precision: Precision,
+    /// The 16-tap convolution of the low-resolution input that computes this one on its
+    /// nearest 2x upsampling ([`fold_upsampled_weights`]), with the same bias.
+    pub folded: Option<Box<DevConv>>,
 }
 
 impl DevConv {
@@ -138,7 +145,21 @@ impl DevConv {
         k: usize,
         precision: Precision,
     ) -> Result<DevConv> {
-        let forward = DevBuf::upload(&gpu.stream, &conv_forward_layout(weight, cout, cin, k))?;
+        let forward = conv_forward_layout(weight, cout, cin, k);
+        Self::from_forward_layout(gpu, &forward, bias, cout, cin, k * k, precision)
+    }
+
+    /// A convolution of `taps` taps from its forward layout `[(tap, ci), co]`.
+    fn from_forward_layout(
+        gpu: &Gpu,
+        forward: &[f32],
+        bias: &[f32],
+        cout: usize,
+        cin: usize,
+        taps: usize,
+        precision: Precision,
+    ) -> Result<DevConv> {
+        let forward = DevBuf::upload(&gpu.stream, forward)?;
         Ok(DevConv {
             forward_half: half_of(gpu, &forward, precision)?,
             forward,
@@ -147,9 +168,36 @@ impl DevConv {
             bias: DevBuf::upload(&gpu.stream, bias)?,
             cin,
             cout,
-            taps: k * k,
+            taps,
             precision,
+            folded: None,
         })
+    }
+
+    /// Builds the folded form of this 3x3 convolution ([`DevConv::folded`]) if it is not there
+    /// yet, from the forward weights on the device (a copy to the host and back, once).
+    pub fn ensure_folded(&mut self, gpu: &Gpu) -> Result<&mut DevConv> {
+        if self.folded.is_none() {
+            if self.taps != 9 {
+                return Err(Error::Cuda(format!(
+                    "internal: an upsampling folded into a {}-tap convolution ({}->{})",
+                    self.taps, self.cin, self.cout
+                )));
+            }
+            let forward = self.forward.download(&gpu.stream)?;
+            let bias = self.bias.download(&gpu.stream)?;
+            let folded = fold_upsampled_weights(&forward, self.cin, self.cout);
+            self.folded = Some(Box::new(Self::from_forward_layout(
+                gpu,
+                &folded,
+                &bias,
+                self.cout,
+                self.cin,
+                16,
+                self.precision,
+            )?));
+        }
+        Ok(self.folded.as_deref_mut().expect("built above"))
     }
 
     /// The forward (or input-gradient, `backward`) weights as `kernel` reads them: the 16-bit
@@ -199,6 +247,17 @@ impl DevConv {
             };
         }
         Ok(())
+    }
+
+    /// f32 slots the arrays take, the folded form's included.
+    fn slots(&self) -> usize {
+        let len = |b: &Option<DevBuf>| b.as_ref().map_or(0, DevBuf::len);
+        self.forward.len()
+            + len(&self.backward)
+            + len(&self.forward_half)
+            + len(&self.backward_half)
+            + self.bias.len()
+            + self.folded.as_ref().map_or(0, |f| f.slots())
     }
 
     /// The forward weights transposed per tap: the input-gradient layout, in fp32.
@@ -290,6 +349,31 @@ impl DevWeights {
         Ok(())
     }
 
+    /// Builds the folded form of convolution `pid` ([`DevConv::folded`]) and, like
+    /// [`ensure_backward`](Self::ensure_backward) for every convolution, its input-gradient
+    /// layout: both copies when `record`, else the 16-bit one alone when `k_major_half`.
+    pub fn ensure_folded(
+        &mut self,
+        gpu: &Gpu,
+        pid: usize,
+        record: bool,
+        k_major_half: bool,
+    ) -> Result<()> {
+        let Some(DevParam::Conv(c)) = self.params.get_mut(pid) else {
+            return Err(Error::Cuda(format!(
+                "internal: parameter group {pid} is not a convolution to fold"
+            )));
+        };
+        let f = c.ensure_folded(gpu)?;
+        if record {
+            f.ensure_backward(gpu)
+        } else if k_major_half {
+            f.ensure_backward_half(gpu)
+        } else {
+            Ok(())
+        }
+    }
+
     /// The device address of array `w`.
     pub fn ptr(&self, w: W) -> Result<DPtr> {
         let missing = || {
@@ -302,6 +386,14 @@ impl DevWeights {
         let buf = match (p, w.kind) {
             (DevParam::Conv(c), WKind::ConvForward) => &c.forward,
             (DevParam::Conv(c), WKind::ConvBackward) => c.backward.as_ref().ok_or_else(missing)?,
+            (DevParam::Conv(c), WKind::FoldForward) => {
+                &c.folded.as_ref().ok_or_else(missing)?.forward
+            }
+            (DevParam::Conv(c), WKind::FoldBackward) => c
+                .folded
+                .as_ref()
+                .and_then(|f| f.backward.as_ref())
+                .ok_or_else(missing)?,
             (DevParam::Conv(c), WKind::Bias) => &c.bias,
             (DevParam::Linear { w, .. }, WKind::Linear) => w,
             (DevParam::Linear { wt, .. }, WKind::LinearT) => wt,
@@ -332,6 +424,10 @@ impl DevWeights {
         let buf = match (p, w.kind) {
             (DevParam::Conv(c), WKind::ConvForward) => return c.weights_for(kernel, false),
             (DevParam::Conv(c), WKind::ConvBackward) => return c.weights_for(kernel, true),
+            (DevParam::Conv(c), WKind::FoldForward | WKind::FoldBackward) => {
+                let folded = c.folded.as_ref().ok_or_else(missing)?;
+                return folded.weights_for(kernel, w.kind == WKind::FoldBackward);
+            }
             (DevParam::Linear { w_half, .. }, WKind::Linear) => w_half.as_ref(),
             (DevParam::Linear { wt_half, .. }, WKind::LinearT) => wt_half.as_ref(),
             _ => None,
@@ -349,13 +445,7 @@ impl DevWeights {
             .params
             .iter()
             .map(|p| match p {
-                DevParam::Conv(c) => {
-                    c.forward.len()
-                        + len(&c.backward)
-                        + len(&c.forward_half)
-                        + len(&c.backward_half)
-                        + c.bias.len()
-                }
+                DevParam::Conv(c) => c.slots(),
                 DevParam::Linear {
                     w,
                     wt,

@@ -179,6 +179,87 @@ impl ConvShape {
         classes
     }
 
+    /// The launches of a 3x3 convolution (padding 1) of the nearest 2x upsampling of an
+    /// `h x w` input, folded: one per parity class (a, b) of the output pixel (2i + a, 2j + b),
+    /// each a 2x2 convolution of the input itself at source offsets (a - 1 + r, b - 1 + s),
+    /// r, s in {0, 1}, with the folded weights of tap (2a + r) * 4 + 2b + s
+    /// ([`fold_upsampled_weights`]). 4 products per output pixel instead of 9, and no
+    /// upsampled tensor.
+    pub fn upsampled_forward(n: usize, h: usize, w: usize, cin: usize, cout: usize) -> Vec<Self> {
+        let mut classes = Vec::new();
+        for a in 0..2i32 {
+            for b in 0..2i32 {
+                let mut taps = Vec::new();
+                for r in 0..2i32 {
+                    for s in 0..2i32 {
+                        taps.push(Tap {
+                            dy: a - 1 + r,
+                            dx: b - 1 + s,
+                            w: (2 * a + r) * 4 + 2 * b + s,
+                        });
+                    }
+                }
+                classes.push(ConvShape {
+                    n,
+                    mh: h,
+                    mw: w,
+                    sh: h,
+                    sw: w,
+                    sc: cin,
+                    ncols: cout,
+                    in_stride: 1,
+                    yh: 2 * h,
+                    yw: 2 * w,
+                    out_stride: 2,
+                    out_oy: a as usize,
+                    out_ox: b as usize,
+                    taps,
+                });
+            }
+        }
+        classes
+    }
+
+    /// The input-gradient launches of [`upsampled_forward`](Self::upsampled_forward) (weights
+    /// in the layout `[(tap, co), ci]`): input pixel i receives class a's offset r from output
+    /// row 2(i - (a - 1 + r)) + a = 2i + 2 - a - 2r, a stride-2 gather of sixteen taps over the
+    /// output gradient. A launch takes at most nine taps, so there are two, one per row class
+    /// a; the second adds onto the first.
+    pub fn upsampled_backward(n: usize, h: usize, w: usize, cin: usize, cout: usize) -> Vec<Self> {
+        (0..2i32)
+            .map(|a| {
+                let mut taps = Vec::new();
+                for r in 0..2i32 {
+                    for b in 0..2i32 {
+                        for s in 0..2i32 {
+                            taps.push(Tap {
+                                dy: 2 - a - 2 * r,
+                                dx: 2 - b - 2 * s,
+                                w: (2 * a + r) * 4 + 2 * b + s,
+                            });
+                        }
+                    }
+                }
+                ConvShape {
+                    n,
+                    mh: h,
+                    mw: w,
+                    sh: 2 * h,
+                    sw: 2 * w,
+                    sc: cout,
+                    ncols: cin,
+                    in_stride: 2,
+                    yh: h,
+                    yw: w,
+                    out_stride: 1,
+                    out_oy: 0,
+                    out_ox: 0,
+                    taps,
+                }
+            })
+            .collect()
+    }
+
     /// A linear layer over `tokens` rows of each of `n` images as a one-tap product; `inp` is
     /// the reduction width.
     pub fn linear(n: usize, tokens: usize, inp: usize, out: usize) -> Self {
@@ -199,6 +280,37 @@ impl ConvShape {
             taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
         }
     }
+}
+
+/// Kernel rows of a 3x3 convolution that fold onto source row offset a - 1 + r of an
+/// upsampled input's parity class a, as `FOLD_ROWS[a][r]` (columns likewise): output row 2i + a
+/// reads upsampled row 2i + a + u - 1, which is source row i + (a + u - 1) div 2.
+const FOLD_ROWS: [[&[usize]; 2]; 2] = [[&[0], &[1, 2]], [&[0, 1], &[2]]];
+
+/// The weights of [`ConvShape::upsampled_forward`] in the forward layout `[(tap, ci), co]`, 16
+/// taps, from a 3x3 convolution's `[(tap, ci), co]`: each folded tap the sum of the kernel taps
+/// that read the same source pixel, summed in f32 and rounded once to the launch's precision.
+pub(crate) fn fold_upsampled_weights(forward: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    let plane = cin * cout;
+    assert_eq!(forward.len(), 9 * plane, "3x3 weights");
+    let mut folded = vec![0.0; 16 * plane];
+    for (a, row_class) in FOLD_ROWS.iter().enumerate() {
+        for (r, rows) in row_class.iter().enumerate() {
+            for (b, col_class) in FOLD_ROWS.iter().enumerate() {
+                for (s, cols) in col_class.iter().enumerate() {
+                    let t = (2 * a + r) * 4 + 2 * b + s;
+                    let dst = &mut folded[t * plane..(t + 1) * plane];
+                    for &u in *rows {
+                        for &v in *cols {
+                            let src = &forward[(u * 3 + v) * plane..(u * 3 + v + 1) * plane];
+                            dst.iter_mut().zip(src).for_each(|(d, &x)| *d += x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    folded
 }
 
 /// Which implicit-GEMM kernel runs.
@@ -748,6 +860,111 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What a launch of shape `s` computes (kernels/conv.cu's definition), in f64: `x` is
+    /// `[n, sh, sw, sc]`, `wt` `[(tap, sc), ncols]`, `y` `[n, yh, yw, ncols]`.
+    fn run_launch(s: &ConvShape, x: &[f32], wt: &[f32], y: &mut [f64]) {
+        for img in 0..s.n {
+            for my in 0..s.mh {
+                for mx in 0..s.mw {
+                    let oy = my * s.out_stride + s.out_oy;
+                    let ox = mx * s.out_stride + s.out_ox;
+                    let out = ((img * s.yh + oy) * s.yw + ox) * s.ncols;
+                    for t in &s.taps {
+                        let iy = (my * s.in_stride) as i32 + t.dy;
+                        let ix = (mx * s.in_stride) as i32 + t.dx;
+                        if iy < 0 || ix < 0 || iy >= s.sh as i32 || ix >= s.sw as i32 {
+                            continue;
+                        }
+                        let src = ((img * s.sh + iy as usize) * s.sw + ix as usize) * s.sc;
+                        for k in 0..s.sc {
+                            let row = (t.w as usize * s.sc + k) * s.ncols;
+                            for c in 0..s.ncols {
+                                y[out + c] += x[src + k] as f64 * wt[row + c] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relative L2 distance between a result and a reference.
+    fn rel(got: &[f64], want: &[f64]) -> f64 {
+        let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b) * (a - b)).sum();
+        let den: f64 = want.iter().map(|b| b * b).sum();
+        (num / den).sqrt()
+    }
+
+    /// The folded launches compute nearest upsampling followed by the 3x3 convolution, and
+    /// their input-gradient launches that pair's adjoint (both checked against direct loops,
+    /// odd sizes included, so that every border of every class is exercised).
+    #[test]
+    fn upsampled_convolutions_fold_into_four_classes() {
+        use crate::cuda::weights::{conv_forward_layout, transpose};
+        let (n, h, w, cin, cout) = (2, 3, 5, 3, 4);
+        let x = crate::rng::uniform_lcg(1, n * h * w * cin, -1.0, 1.0);
+        let wt = crate::rng::uniform_lcg(2, cout * cin * 9, -1.0, 1.0);
+        let dy = crate::rng::uniform_lcg(3, n * 4 * h * w * cout, -1.0, 1.0);
+        let (uh, uw) = (2 * h, 2 * w);
+        let up = |img: usize, p: i32, q: i32, ci: usize| -> f64 {
+            if p < 0 || q < 0 || p >= uh as i32 || q >= uw as i32 {
+                return 0.0;
+            }
+            x[((img * h + p as usize / 2) * w + q as usize / 2) * cin + ci] as f64
+        };
+        let kernel =
+            |co: usize, ci: usize, u: usize, v: usize| wt[((co * cin + ci) * 3 + u) * 3 + v] as f64;
+        // Forward: y[p, q] = sum_{u, v} W[u, v] up[p + u - 1, q + v - 1].
+        let mut want = vec![0.0f64; n * uh * uw * cout];
+        let mut dx_want = vec![0.0f64; n * h * w * cin];
+        for img in 0..n {
+            for p in 0..uh {
+                for q in 0..uw {
+                    for co in 0..cout {
+                        let o = ((img * uh + p) * uw + q) * cout + co;
+                        for u in 0..3 {
+                            for v in 0..3 {
+                                let (sp, sq) = (p as i32 + u as i32 - 1, q as i32 + v as i32 - 1);
+                                for ci in 0..cin {
+                                    want[o] += kernel(co, ci, u, v) * up(img, sp, sq, ci);
+                                    // The adjoint, through the same index map.
+                                    if sp >= 0 && sq >= 0 && sp < uh as i32 && sq < uw as i32 {
+                                        let s = ((img * h + sp as usize / 2) * w + sq as usize / 2)
+                                            * cin
+                                            + ci;
+                                        dx_want[s] += kernel(co, ci, u, v) * dy[o] as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let folded = fold_upsampled_weights(&conv_forward_layout(&wt, cout, cin, 3), cin, cout);
+        let mut got = vec![0.0f64; want.len()];
+        let classes = ConvShape::upsampled_forward(n, h, w, cin, cout);
+        assert_eq!(
+            classes.iter().map(ConvShape::rows).sum::<usize>(),
+            n * uh * uw
+        );
+        for s in &classes {
+            assert_eq!(s.k(), 4 * cin);
+            run_launch(s, &x, &folded, &mut got);
+        }
+        assert!(rel(&got, &want) < 1e-6, "forward {}", rel(&got, &want));
+        let back: Vec<f32> = folded
+            .chunks(cin * cout)
+            .flat_map(|tap| transpose(tap, cin, cout))
+            .collect();
+        let mut dx = vec![0.0f64; dx_want.len()];
+        for s in &ConvShape::upsampled_backward(n, h, w, cin, cout) {
+            assert_eq!(s.taps.len(), 8);
+            run_launch(s, &dy, &back, &mut dx);
+        }
+        assert!(rel(&dx, &dx_want) < 1e-6, "backward {}", rel(&dx, &dx_want));
     }
 
     #[test]

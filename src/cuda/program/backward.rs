@@ -82,22 +82,28 @@ impl Lowering<'_> {
                         div: out_div,
                     });
                 }
+                // Folded after an upsampling: the gradient of the upsampling's input directly,
+                // in two launches that add up.
+                let (x, shapes, kind) = match self.folded[x] {
+                    Some(src) => {
+                        let (h, w) = self.hw(src);
+                        let (cin, cout) = (self.ch(src), self.ch(y));
+                        let shapes = ConvShape::upsampled_backward(self.n, h, w, cin, cout);
+                        (src, shapes, WKind::FoldBackward)
+                    }
+                    None => {
+                        let shapes = self.conv_backward_shapes(x, y, kernel, stride, pad);
+                        (x, shapes, WKind::ConvBackward)
+                    }
+                };
                 if on_path(x) {
                     let (gx, acc) = self.grad_slot(x);
-                    let shapes = self.conv_backward_shapes(x, y, kernel, stride, pad);
                     let (src, half_input) = self.grad_input(y, dy, &shapes);
-                    for shape in shapes {
-                        let mut s = self.conv_step(
-                            shape,
-                            src,
-                            W {
-                                pid: p,
-                                kind: WKind::ConvBackward,
-                            },
-                            gx,
-                            half_input,
-                        );
-                        s.accumulate = acc;
+                    // Stride-2 classes write disjoint pixels; the folded launches the same ones.
+                    let adds = kind == WKind::FoldBackward;
+                    for (j, shape) in shapes.into_iter().enumerate() {
+                        let mut s = self.conv_step(shape, src, W { pid: p, kind }, gx, half_input);
+                        s.accumulate = acc || (adds && j > 0);
                         self.steps.push(Step::Conv(s));
                     }
                 }

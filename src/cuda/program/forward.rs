@@ -3,6 +3,7 @@
 #[cfg(doc)]
 use super::KernelConfig;
 use super::{Buf, Lowering, Step, WKind, W};
+use crate::cuda::kernels::ConvShape;
 use crate::cuda::precision::Precision;
 use crate::model::graph::{Op, Space, Tid};
 use crate::{Error, Result};
@@ -100,29 +101,36 @@ impl Lowering<'_> {
                 out_div,
                 ..
             } => {
-                let shape = self.gemm_shape(op)?.expect("a convolution");
-                let (xb, half_input) = self.main_input(op, x)?;
+                // Folded after an upsampling: one launch per parity class of the output
+                // pixel, from the upsampling's input in 16 bits.
+                let (shapes, xb, half_input, kind) = match self.folded[x] {
+                    Some(src) => {
+                        let (h, w) = self.hw(src);
+                        let shapes =
+                            ConvShape::upsampled_forward(self.n, h, w, self.ch(src), self.ch(y));
+                        let xb = self.sixteen_bit(src)?;
+                        (shapes, xb, true, WKind::FoldForward)
+                    }
+                    None => {
+                        let shape = self.gemm_shape(op)?.expect("a convolution");
+                        let (xb, half_input) = self.main_input(op, x)?;
+                        (vec![shape], xb, half_input, WKind::ConvForward)
+                    }
+                };
                 let tb = temb.map(|t| self.val(t)).transpose()?;
                 let rb = residual.map(|r| self.val(r)).transpose()?;
                 let yb = self.new_value(y);
-                let mut s = self.conv_step(
-                    shape,
-                    xb,
-                    W {
+                for shape in shapes {
+                    let mut s = self.conv_step(shape, xb, W { pid: p, kind }, yb, half_input);
+                    s.bias = Some(W {
                         pid: p,
-                        kind: WKind::ConvForward,
-                    },
-                    yb,
-                    half_input,
-                );
-                s.bias = Some(W {
-                    pid: p,
-                    kind: WKind::Bias,
-                });
-                s.temb = tb;
-                s.residual = rb;
-                s.out_div = out_div;
-                self.steps.push(Step::Conv(s));
+                        kind: WKind::Bias,
+                    });
+                    s.temb = tb;
+                    s.residual = rb;
+                    s.out_div = out_div;
+                    self.steps.push(Step::Conv(s));
+                }
             }
             Op::GroupNorm {
                 x,
@@ -194,6 +202,8 @@ impl Lowering<'_> {
                     kernel,
                 });
             }
+            // Folded into the convolution that reads it: no step.
+            Op::Upsample { y, .. } if self.folded[y].is_some() => {}
             Op::Upsample { x, y } => {
                 let (h, w) = self.hw(x);
                 let c = self.ch(x);
@@ -286,5 +296,15 @@ impl Lowering<'_> {
             return Ok((self.half_copy(src, self.numel(x), &name), true));
         }
         Ok((src, self.half[x]))
+    }
+
+    /// A 16-bit copy of fp32 value `x`: one made earlier, or a conversion now.
+    fn sixteen_bit(&mut self, x: Tid) -> Result<Buf> {
+        let src = self.val(x)?;
+        if let Some(c) = self.fresh_half_copy(src) {
+            return Ok(c);
+        }
+        let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
+        Ok(self.half_copy(src, self.numel(x), &name))
     }
 }

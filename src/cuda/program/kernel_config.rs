@@ -8,8 +8,8 @@ use crate::switches;
 use {
     super::Program,
     crate::cuda::kernels::{
-        flash_fits, halo_fits, one_pass_shape, plan_wgmma_clustered, ConvLaunch, ConvPtrs, Gemm,
-        NormInput, WgmmaTile, GN_CLUSTER_MAX,
+        flash_fits, halo_fits, one_pass_shape, plan_wgmma_clustered, ConvLaunch, ConvPtrs,
+        ConvShape, Gemm, NormInput, WgmmaTile, GN_CLUSTER_MAX,
     },
     crate::cuda::unet::AttnKernel,
 };
@@ -92,6 +92,15 @@ pub(crate) struct KernelConfig {
     /// writes that GroupNorm's partial sums in its epilogue ([`ConvPtrs::gn_partial`]), and the
     /// GroupNorm skips its own pass over the output. The same sums in another order.
     pub halo_stats: bool,
+    /// In bf16/fp16 with `deep`: a nearest 2x upsampling whose only reader is a 3x3
+    /// convolution is folded into it ([`ConvShape::upsampled_forward`]): four launches, one
+    /// per parity class of the output pixel, of a 2x2 convolution of the low-resolution input
+    /// with summed weights, and two for its input gradient; 4 instead of 9 products per
+    /// output pixel and no upsampled tensor. Only where the input has at least
+    /// [`FOLD_MIN_ROWS`] pixels over the batch, and every launch runs on the tensor cores. The
+    /// folded weights are summed in f32 and rounded once, so the results differ from the
+    /// unfolded ones by rounding.
+    pub upsample_fold: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -120,6 +129,7 @@ impl Default for KernelConfig {
             halo_tiles: false,
             halo_norm: false,
             halo_stats: false,
+            upsample_fold: false,
             batch_invariant: false,
         }
     }
@@ -155,6 +165,7 @@ impl KernelConfig {
                 || on("INVDIFF_HALO_STATS"),
             halo_norm: on("INVDIFF_HALO_NORM"),
             halo_stats: on("INVDIFF_HALO_STATS"),
+            upsample_fold: on("INVDIFF_UPSAMPLE_FOLD"),
             batch_invariant: false,
         }
     }
@@ -181,6 +192,7 @@ impl KernelConfig {
             (self.halo_tiles, "halo wgmma tiles"),
             (self.halo_norm, "GroupNorm in halo loads"),
             (self.halo_stats, "GroupNorm sums in halo epilogues"),
+            (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()
@@ -194,3 +206,10 @@ impl KernelConfig {
 /// ran 12-60 us faster per launch there, against a conversion estimated at 3-16 us (its bytes
 /// at the card's bandwidth, plus a launch); below, the gain was under the estimate.
 pub(crate) const HALF_COPY_MIN: usize = 1 << 20;
+
+/// Fewest input pixels (over the batch) of an upsampling that [`KernelConfig::upsample_fold`]
+/// folds: at batch 1, the 64x64 and 128x128 levels. A guess, to be fitted on a GPU: the fold
+/// replaces an upsampling and one launch by a conversion and four launches (two and two in
+/// the backward pass), which the v0.4 b1 profile's 7-16 us fixed cost of a launch makes a loss
+/// at the 8x8 and 16x16 levels, where 5/9 of the products are a few microseconds.
+pub(crate) const FOLD_MIN_ROWS: usize = 4096;

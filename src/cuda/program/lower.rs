@@ -3,7 +3,9 @@
 //! to the finished list (the time-embedding projections batched after the forward pass, the
 //! GroupNorm work moved into halo tiles after both).
 
-use super::{BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, HALF_COPY_MIN, W};
+use super::{
+    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
+};
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma,
     plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvShape, NormInput, NormSplit, WgmmaTile,
@@ -38,6 +40,10 @@ pub(super) struct Lowering<'g> {
     /// conversion, [`KernelConfig::half_copy`]): source, copy, and the step that wrote the
     /// copy. A copy serves while no later step has written its source.
     pub(super) half_copies: Vec<(Buf, Buf, usize)>,
+    /// Per tensor: for an upsampling's output folded into the convolution that reads it
+    /// ([`KernelConfig::upsample_fold`]), the upsampling's input, which that convolution
+    /// reads instead.
+    pub(super) folded: Vec<Option<Tid>>,
     /// Which kernels the steps run.
     pub(super) choice: KernelConfig,
 }
@@ -69,11 +75,15 @@ impl<'g> Lowering<'g> {
             half: vec![false; g.tensors.len()],
             half_grad: vec![false; g.tensors.len()],
             half_copies: Vec::new(),
+            folded: vec![None; g.tensors.len()],
             choice,
         };
         if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
             l.half_grad = l.half_gradients();
+            if choice.upsample_fold {
+                l.folded = l.upsample_folds();
+            }
         }
         Ok(l)
     }
@@ -477,6 +487,58 @@ impl Lowering<'_> {
     ) -> Vec<ConvShape> {
         let (h, w) = self.hw(x);
         ConvShape::backward(self.n, h, w, self.ch(x), self.ch(y), kernel, stride, pad)
+    }
+
+    /// Which upsamplings to fold into the convolution after them
+    /// ([`KernelConfig::upsample_fold`]): those whose output only a 3x3 stride-1 convolution
+    /// reads, as its main input, where the input has at least [`FOLD_MIN_ROWS`] pixels over
+    /// the batch (one image's with `batch_invariant`, so that no image's sums depend on its
+    /// batch) and every folded launch, both ways, runs on the tensor cores.
+    fn upsample_folds(&self) -> Vec<Option<Tid>> {
+        let g = self.g;
+        let n = if self.choice.batch_invariant {
+            1
+        } else {
+            self.n
+        };
+        let mut folded = vec![None; g.tensors.len()];
+        for op in &g.ops {
+            let Op::Upsample { x, y } = *op else {
+                continue;
+            };
+            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y));
+            let (
+                Some(&Op::Conv {
+                    x: cx,
+                    y: cy,
+                    kernel: 3,
+                    stride: 1,
+                    pad: Pad::Symmetric,
+                    temb,
+                    residual,
+                    ..
+                }),
+                None,
+            ) = (readers.next(), readers.next())
+            else {
+                continue;
+            };
+            let (h, w) = self.hw(x);
+            let (cin, cout) = (self.ch(x), self.ch(cy));
+            let launches = ConvShape::upsampled_forward(self.n, h, w, cin, cout)
+                .into_iter()
+                .chain(ConvShape::upsampled_backward(self.n, h, w, cin, cout));
+            if cx == y
+                && temb != Some(y)
+                && residual != Some(y)
+                && y != g.output
+                && n * h * w >= FOLD_MIN_ROWS
+                && launches.into_iter().all(|s| self.on_tensor_cores(&s))
+            {
+                folded[y] = Some(x);
+            }
+        }
+        folded
     }
 
     /// Which gradients to store in 16 bits: that of a convolution's output whose only reader

@@ -31,7 +31,7 @@ mod lower;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use kernel_config::{KernelConfig, HALF_COPY_MIN};
+pub(crate) use kernel_config::{KernelConfig, FOLD_MIN_ROWS, HALF_COPY_MIN};
 use lower::Lowering;
 
 /// A virtual buffer of the program; the plan gives it an arena offset.
@@ -45,6 +45,11 @@ pub(crate) enum WKind {
     ConvForward,
     /// Convolution weights `[(tap, co), ci]`, for the input gradient.
     ConvBackward,
+    /// The 16 folded taps of a 3x3 convolution after an upsampling, `[(tap, ci), co]`
+    /// ([`KernelConfig::upsample_fold`]).
+    FoldForward,
+    /// The same, `[(tap, co), ci]`, for the input gradient.
+    FoldBackward,
     /// Linear weights `[inp, out]` (Wᵀ), for the forward product.
     LinearT,
     /// Linear weights `[out, inp]` (PyTorch's layout).
@@ -72,6 +77,8 @@ impl W {
         let kind = match self.kind {
             WKind::ConvForward => WKind::ConvBackward,
             WKind::ConvBackward => WKind::ConvForward,
+            WKind::FoldForward => WKind::FoldBackward,
+            WKind::FoldBackward => WKind::FoldForward,
             WKind::LinearT => WKind::Linear,
             WKind::Linear => WKind::LinearT,
             other => other,

@@ -307,6 +307,13 @@ fn every_buffer_is_written_before_it_is_read() {
     let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, copies).unwrap();
     assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
     programs.push((true, p));
+    // With upsamplings folded, whose class launches each write a quarter of their output.
+    let fold = KernelConfig {
+        upsample_fold: true,
+        ..KernelConfig::default()
+    };
+    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, fold).unwrap();
+    programs.push((true, p));
     for (record, p) in programs {
         let mut written = vec![false; p.bufs.len()];
         written[p.sample.0] = true;
@@ -1026,11 +1033,95 @@ fn halo_stats_take_groupnorm_sums_from_the_producer() {
         assert!(given >= if n == 1 { 7 } else { 19 }, "{given}");
     }
 }
+
+/// upsample_fold replaces the upsamplings of at least FOLD_MIN_ROWS input pixels (at batch 1
+/// the 64x64 and 128x128 levels, at batch 8 the 32x32 one too, and with batch_invariant
+/// batch 1's at any batch), and their convolutions' launches: four class launches from a
+/// 16-bit copy of the upsampling's input with 4/9 of the products, and two input-gradient
+/// launches into that input's gradient, the second adding; nothing in fp32.
+#[test]
+fn upsamplings_fold_where_large() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let build = |n, precision, fold, batch_invariant| {
+        let tc = KernelConfig {
+            wgmma: true,
+            upsample_fold: fold,
+            batch_invariant,
+            ..KernelConfig::default()
+        };
+        Program::build_with(&g, n, 256, 256, true, 132, precision, tc).unwrap()
+    };
+    let count = |p: &Program, f: &dyn Fn(&Step) -> bool| p.steps.iter().filter(|s| f(s)).count();
+    let upsamplings = |p: &Program| {
+        count(p, &|s| matches!(s, Step::Upsample { .. }))
+            + count(p, &|s| matches!(s, Step::UpsampleBackward { .. }))
+    };
+    let fold_kind = |s: &Step, kind: WKind| matches!(s, Step::Conv(c) if c.w.kind == kind);
+    for (n, batch_invariant, folds) in [(1, false, 2), (8, false, 3), (8, true, 2)] {
+        let base = build(n, Precision::Bf16, false, batch_invariant);
+        let p = build(n, Precision::Bf16, true, batch_invariant);
+        assert_eq!(upsamplings(&base), 10);
+        assert_eq!(upsamplings(&p), 10 - 2 * folds, "batch {n}");
+        assert_eq!(count(&p, &|s| fold_kind(s, WKind::FoldForward)), 4 * folds);
+        assert_eq!(count(&p, &|s| fold_kind(s, WKind::FoldBackward)), 2 * folds);
+        let flops = |p: &Program| p.step_infos().iter().map(|i| i.flops).sum::<f64>();
+        // The folded convolutions' products, forward and input gradient: 4/9 of theirs.
+        let folded: f64 = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Conv(c) if matches!(c.w.kind, WKind::FoldForward | WKind::FoldBackward) => {
+                    Some(2.0 * (c.shape.rows() * c.shape.ncols * c.shape.k()) as f64)
+                }
+                _ => None,
+            })
+            .sum();
+        assert!((flops(&base) - flops(&p) - 1.25 * folded).abs() < 1.0);
+        let (mut converted, mut classes) = (Vec::new(), Vec::new());
+        for (i, s) in p.steps.iter().enumerate() {
+            match s {
+                Step::ToHalf { y, .. } => converted.push(*y),
+                Step::Conv(c) if c.w.kind == WKind::FoldForward => {
+                    assert!(c.launch.half_input && c.launch.wgmma, "{:?}", c.launch);
+                    assert!(converted.contains(&c.x), "step {i} reads no 16-bit copy");
+                    assert_eq!((c.shape.out_stride, c.shape.taps.len()), (2, 4));
+                    classes.push((c.y, (c.shape.out_oy, c.shape.out_ox)));
+                }
+                Step::Conv(c) if c.w.kind == WKind::FoldBackward => {
+                    assert_eq!((c.shape.in_stride, c.shape.taps.len()), (2, 8));
+                }
+                _ => {}
+            }
+        }
+        for four in classes.chunks(4) {
+            assert!(four.iter().all(|c| c.0 == four[0].0));
+            let mut seen: Vec<_> = four.iter().map(|c| c.1).collect();
+            seen.sort();
+            assert_eq!(seen, [(0, 0), (0, 1), (1, 0), (1, 1)]);
+        }
+        let backward: Vec<&ConvStep> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Conv(c) if c.w.kind == WKind::FoldBackward => Some(c),
+                _ => None,
+            })
+            .collect();
+        for pair in backward.chunks(2) {
+            assert_eq!(pair[0].y, pair[1].y);
+            assert!(pair[1].accumulate);
+        }
+    }
+    for precision in [Precision::Fp32, Precision::Tf32] {
+        assert_eq!(upsamplings(&build(1, precision, true, false)), 10);
+    }
+}
+
 /// Reports name every choice that is on, and none that is off.
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 19] = [
+    let flags: [fn(&mut KernelConfig); 20] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1049,6 +1140,7 @@ fn every_choice_has_a_name() {
         |c| c.halo_tiles = true,
         |c| c.halo_norm = true,
         |c| c.halo_stats = true,
+        |c| c.upsample_fold = true,
         |c| c.batch_invariant = true,
     ];
     let mut all = KernelConfig::default();

@@ -9,7 +9,8 @@
 //! GPU time of the launch(es).
 //!
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
-//! tensor-core launch can take), `linears`, `group_norms`, `attentions`, `data_movement` and
+//! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
+//! convolution), `linears`, `group_norms`, `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
@@ -29,6 +30,7 @@ mod attentions;
 mod conv_variants;
 mod convolutions;
 mod data_movement;
+mod folded_upsampling;
 mod group_norms;
 mod linears;
 mod networks;
@@ -163,7 +165,8 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         // for every check after it.
         ("tensor-core networks", |t, o| t.tensor_core_unets(o)),
         ("tensor-core convolutions", |t, _| {
-            t.tensor_core_convolutions()
+            t.tensor_core_convolutions()?;
+            t.folded_upsamplings()
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

@@ -25,7 +25,7 @@ use super::kernels::{at, linear_batch_table, DPtr};
 use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
-use super::program::{Buf, KernelConfig, Program, Step};
+use super::program::{Buf, KernelConfig, Program, Step, WKind};
 use super::streams::{streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::weights::{DevBuf, DevWeights};
 use crate::model::{Graph, Model};
@@ -756,7 +756,8 @@ impl CudaUnet {
         }
         // The input-gradient layout: for the backward pass, and (its 16-bit copy alone) as
         // the K-major weights of forward wgmma launches.
-        if key.record || (self.choice.wgmma && self.precision.is_half()) {
+        let k_major_half = self.choice.wgmma && self.precision.is_half();
+        if key.record || k_major_half {
             self.weights.ensure_backward(&self.gpu, !key.record)?;
         }
         let (program, placement) = plan::plan(
@@ -772,6 +773,10 @@ impl CudaUnet {
         )?;
         for s in &program.steps {
             for w in s.weights() {
+                if matches!(w.kind, WKind::FoldForward | WKind::FoldBackward) {
+                    self.weights
+                        .ensure_folded(&self.gpu, w.pid, key.record, k_major_half)?;
+                }
                 self.weights.ptr(w)?;
             }
             if let Step::Conv(c) = s {
