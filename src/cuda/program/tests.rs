@@ -5,9 +5,9 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    ConvKernel, NormInput, WgmmaTile, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    ConvKernel, ConvShape, NormInput, WgmmaTile, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
-use crate::model::graph::Op;
+use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
@@ -17,6 +17,12 @@ use std::hash::{Hash, Hasher};
 /// 16-bit output, or the tensor-core kernel staging an fp32 input). Two programs that
 /// compute the same sums from the same values give the output and input gradient the same
 /// hashes, whatever buffers, copies and kernels they use.
+///
+/// An upsampling folded into its convolution ([`KernelConfig::upsample_fold`]) computes
+/// the same sums as the upsampling and convolution it replaces, in another form: its launches
+/// are given the value of those two steps of the default program (forward, and the
+/// convolution's input gradient followed by the upsampling's adjoint), from the values they
+/// read, so that the rest of the program is checked as for any other switch.
 fn symbolic(p: &Program) -> (u64, Option<u64>) {
     fn h(parts: &[&dyn Fn(&mut DefaultHasher)]) -> u64 {
         let mut s = DefaultHasher::new();
@@ -25,11 +31,27 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
         s.finish()
     }
+    // A step's operation: its kind and shape (not its kernel) and the weights it reads.
+    let op_of = |step: &Step| {
+        let info = step.info(p.n, p.h, p.w);
+        let weights: Vec<(usize, String)> = step
+            .weights()
+            .iter()
+            .map(|w| (w.pid, format!("{:?}", w.kind)))
+            .collect();
+        move |s: &mut DefaultHasher| {
+            info.kind.hash(s);
+            info.shape.hash(s);
+            weights.hash(s);
+        }
+    };
     let half = |v: u64| h(&[&|s| "half".hash(s), &|s| v.hash(s)]);
     let mut val = vec![0u64; p.bufs.len()];
     // What a GroupNorm without an output would have written, by its affine buffer: the
     // halo convolution that applies it reads that.
     let mut normalised = std::collections::HashMap::new();
+    // The value each 16-bit conversion was made from.
+    let mut converted = std::collections::HashMap::new();
     val[p.sample.0] = h(&[&|s| "sample".hash(s)]);
     val[p.timesteps.0] = h(&[&|s| "timesteps".hash(s)]);
     for (i, step) in p.steps.iter().enumerate() {
@@ -38,17 +60,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 val[c.0] = h(&[&|s| "cotangent".hash(s)]);
             }
         }
-        let info = step.info(p.n, p.h, p.w);
-        let weights: Vec<(usize, String)> = step
-            .weights()
-            .iter()
-            .map(|w| (w.pid, format!("{:?}", w.kind)))
-            .collect();
-        let op = |s: &mut DefaultHasher| {
-            info.kind.hash(s);
-            info.shape.hash(s);
-            weights.hash(s);
-        };
+        let op = op_of(step);
         let (reads, writes) = step.io();
         match step {
             Step::AddInto {
@@ -57,7 +69,88 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 accumulate: false,
                 ..
             } => val[dst.0] = val[src.0],
-            Step::ToHalf { x, y, .. } => val[y.0] = half(val[x.0]),
+            Step::ToHalf { x, y, .. } => {
+                converted.insert(*y, val[x.0]);
+                val[y.0] = half(val[x.0]);
+            }
+            Step::Conv(c) if c.w.kind == WKind::FoldForward => {
+                // Upsampling (to 16 bits) then the 3x3 convolution, as the default lowers them.
+                let (n, h2, w2, cin, cout) =
+                    (c.shape.n, c.shape.yh, c.shape.yw, c.shape.sc, c.shape.ncols);
+                let src = converted[&c.x];
+                let up = Step::Upsample {
+                    x: c.x,
+                    y: c.x,
+                    h: h2 / 2,
+                    w: w2 / 2,
+                    c: cin,
+                    half_out: None,
+                };
+                let up16 = half(h(&[&op_of(&up), &|s| [src].hash(s), &|s| 0usize.hash(s)]));
+                let conv = Step::Conv(ConvStep {
+                    shape: ConvShape::forward(n, h2, w2, cin, cout, 3, 1, Pad::Symmetric),
+                    w: W {
+                        kind: WKind::ConvForward,
+                        ..c.w
+                    },
+                    ..c.clone()
+                });
+                let extra: Vec<u64> = c
+                    .temb
+                    .into_iter()
+                    .chain(c.residual)
+                    .map(|b| val[b.0])
+                    .collect();
+                let bits = c.out_div.to_bits();
+                val[c.y.0] = h(&[
+                    &op_of(&conv),
+                    &|s| up16.hash(s),
+                    &|s| extra.hash(s),
+                    &|s| None::<u64>.hash(s),
+                    &|s| bits.hash(s),
+                ]);
+            }
+            // The first of the two launches stands for both: the convolution's input gradient
+            // into a fresh gradient of the upsampled tensor, then the upsampling's adjoint.
+            Step::Conv(c) if c.w.kind == WKind::FoldBackward && c.shape.taps[0].dy == 2 => {
+                let (n, lh, lw, cin, cout) =
+                    (c.shape.n, c.shape.mh, c.shape.mw, c.shape.ncols, c.shape.sc);
+                let staged = !c.launch.half_input
+                    && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half());
+                let main = if staged { half(val[c.x.0]) } else { val[c.x.0] };
+                let mut shapes =
+                    ConvShape::backward(n, 2 * lh, 2 * lw, cin, cout, 3, 1, Pad::Symmetric);
+                let dgrad = Step::Conv(ConvStep {
+                    shape: shapes.remove(0),
+                    w: W {
+                        kind: WKind::ConvBackward,
+                        ..c.w
+                    },
+                    bias: None,
+                    ..c.clone()
+                });
+                let bits = 1f32.to_bits();
+                let dup = h(&[
+                    &op_of(&dgrad),
+                    &|s| main.hash(s),
+                    &|s| Vec::<u64>::new().hash(s),
+                    &|s| None::<u64>.hash(s),
+                    &|s| bits.hash(s),
+                ]);
+                let adjoint = Step::UpsampleBackward {
+                    dy: c.x,
+                    dx: c.y,
+                    h: lh,
+                    w: lw,
+                    c: cin,
+                    accumulate: c.accumulate,
+                };
+                let r: Vec<u64> = std::iter::once(dup)
+                    .chain(c.accumulate.then(|| val[c.y.0]))
+                    .collect();
+                val[c.y.0] = h(&[&op_of(&adjoint), &|s| r.hash(s), &|s| 0usize.hash(s)]);
+            }
+            Step::Conv(c) if c.w.kind == WKind::FoldBackward => {}
             Step::GroupNorm {
                 x,
                 y,
@@ -644,9 +737,10 @@ fn half_copies_feed_only_tensor_core_launches() {
         }
     }
 }
-/// Copies, aliases, 16-bit inputs and fused attention change where values live and which
-/// kernel reads them, never what is computed: every combination of the switches computes the default
-/// program's output and input gradient (symbolically, [`symbolic`]), and so does the
+/// Copies, aliases, 16-bit inputs, fused attention and folded upsamplings change where values
+/// live and which kernel reads them, never what is computed: every combination of the switches
+/// computes the default program's output and input gradient (symbolically, [`symbolic`]), and
+/// so does the
 /// two-stage pipeline, which stages every input from fp32; a program missing one
 /// accumulation does not.
 #[test]
@@ -663,12 +757,13 @@ fn switches_compute_what_the_default_program_computes() {
             let base = build(KernelConfig::default());
             let want = symbolic(&base);
             assert!(want.1.is_some());
-            for bits in 0..16 {
+            for bits in 0..32 {
                 let tc = KernelConfig {
                     half_copy: bits & 1 != 0,
                     alias_residual_grads: bits & 2 != 0,
                     half_concat: bits & 4 != 0,
                     attention_flash: bits & 8 != 0,
+                    upsample_fold: bits & 16 != 0,
                     ..KernelConfig::default()
                 };
                 assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
