@@ -25,7 +25,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 27 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 28 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -312,6 +312,10 @@ for v in ${variants[@]+"${variants[@]}"}; do
     bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
     bench "${name}_bf16_b8" "$wrapper" --precision bf16 --batch 8 --what forward
     bench "${name}_bf16_b32" "$wrapper" --precision bf16 --batch 32 --what forward
+    # The fold acts in fp32 too (the default precision), beside fp32_b1 of phase (a).
+    if [ "$name" = upsample_fold ]; then
+        bench "${name}_fp32_b1" "$wrapper" --precision fp32 --batch 1 --what both
+    fi
     sync_out
     last=$name
 done

@@ -102,14 +102,19 @@ impl Lowering<'_> {
                 ..
             } => {
                 // Folded after an upsampling: one launch per parity class of the output
-                // pixel, from the upsampling's input in 16 bits.
+                // pixel, from the upsampling's input (in 16 bits below fp32 and tf32).
                 let (shapes, xb, half_input, kind) = match self.folded[x] {
                     Some(src) => {
                         let (h, w) = self.hw(src);
                         let shapes =
                             ConvShape::upsampled_forward(self.n, h, w, self.ch(src), self.ch(y));
-                        let xb = self.sixteen_bit(src)?;
-                        (shapes, xb, true, WKind::FoldForward)
+                        let half = self.precision.is_half();
+                        let xb = if half {
+                            self.sixteen_bit(src)?
+                        } else {
+                            self.val(src)?
+                        };
+                        (shapes, xb, half, WKind::FoldForward)
                     }
                     None => {
                         let shape = self.gemm_shape(op)?.expect("a convolution");

@@ -92,14 +92,14 @@ pub(crate) struct KernelConfig {
     /// writes that GroupNorm's partial sums in its epilogue ([`ConvPtrs::gn_partial`]), and the
     /// GroupNorm skips its own pass over the output. The same sums in another order.
     pub halo_stats: bool,
-    /// In bf16/fp16 with `deep`: a nearest 2x upsampling whose only reader is a 3x3
-    /// convolution is folded into it ([`ConvShape::upsampled_forward`]): four launches, one
-    /// per parity class of the output pixel, of a 2x2 convolution of the low-resolution input
-    /// with summed weights, and two for its input gradient; 4 instead of 9 products per
-    /// output pixel and no upsampled tensor. Only where the input has at least
-    /// [`FOLD_MIN_ROWS`] pixels over the batch, and every launch runs on the tensor cores. The
-    /// folded weights are summed in f32 and rounded once, so the results differ from the
-    /// unfolded ones by rounding.
+    /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
+    /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
+    /// pixel, of a 2x2 convolution of the low-resolution input (a 16-bit copy of it in
+    /// bf16/fp16) with summed weights, and two for its input gradient; 4 instead of 9
+    /// products per output pixel and no upsampled tensor. Only where the input has at least
+    /// [`FOLD_MIN_ROWS`] pixels over the batch, and in bf16/fp16 where every launch runs on
+    /// the tensor cores with `deep`. The folded weights are summed in f32 (and rounded once
+    /// below it), so the results differ from the unfolded ones by rounding.
     pub upsample_fold: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any

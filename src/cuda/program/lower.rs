@@ -81,9 +81,9 @@ impl<'g> Lowering<'g> {
         if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
             l.half_grad = l.half_gradients();
-            if choice.upsample_fold {
-                l.folded = l.upsample_folds();
-            }
+        }
+        if choice.upsample_fold {
+            l.folded = l.upsample_folds();
         }
         Ok(l)
     }
@@ -493,7 +493,9 @@ impl Lowering<'_> {
     /// ([`KernelConfig::upsample_fold`]): those whose output only a 3x3 stride-1 convolution
     /// reads, as its main input, where the input has at least [`FOLD_MIN_ROWS`] pixels over
     /// the batch (one image's with `batch_invariant`, so that no image's sums depend on its
-    /// batch) and every folded launch, both ways, runs on the tensor cores.
+    /// batch); in bf16/fp16, only with the deep pipelines and where every folded launch, both
+    /// ways, runs on the tensor cores (which take the 16-bit copy of the input the folded
+    /// launches read).
     fn upsample_folds(&self) -> Vec<Option<Tid>> {
         let g = self.g;
         let n = if self.choice.batch_invariant {
@@ -533,7 +535,8 @@ impl Lowering<'_> {
                 && residual != Some(y)
                 && y != g.output
                 && n * h * w >= FOLD_MIN_ROWS
-                && launches.into_iter().all(|s| self.on_tensor_cores(&s))
+                && (!self.precision.is_half()
+                    || (self.choice.deep && launches.into_iter().all(|s| self.on_tensor_cores(&s))))
             {
                 folded[y] = Some(x);
             }

@@ -74,10 +74,12 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 val[y.0] = half(val[x.0]);
             }
             Step::Conv(c) if c.w.kind == WKind::FoldForward => {
-                // Upsampling (to 16 bits) then the 3x3 convolution, as the default lowers them.
+                // Upsampling (to 16 bits below fp32 and tf32) then the 3x3 convolution, as
+                // the default lowers them; the folded launch reads the upsampling's input, or
+                // a 16-bit copy of it.
                 let (n, h2, w2, cin, cout) =
                     (c.shape.n, c.shape.yh, c.shape.yw, c.shape.sc, c.shape.ncols);
-                let src = converted[&c.x];
+                let src = converted.get(&c.x).copied().unwrap_or(val[c.x.0]);
                 let up = Step::Upsample {
                     x: c.x,
                     y: c.x,
@@ -86,7 +88,8 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     c: cin,
                     half_out: None,
                 };
-                let up16 = half(h(&[&op_of(&up), &|s| [src].hash(s), &|s| 0usize.hash(s)]));
+                let up = h(&[&op_of(&up), &|s| [src].hash(s), &|s| 0usize.hash(s)]);
+                let main = if c.launch.half_input { half(up) } else { up };
                 let conv = Step::Conv(ConvStep {
                     shape: ConvShape::forward(n, h2, w2, cin, cout, 3, 1, Pad::Symmetric),
                     w: W {
@@ -104,7 +107,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 let bits = c.out_div.to_bits();
                 val[c.y.0] = h(&[
                     &op_of(&conv),
-                    &|s| up16.hash(s),
+                    &|s| main.hash(s),
                     &|s| extra.hash(s),
                     &|s| None::<u64>.hash(s),
                     &|s| bits.hash(s),
@@ -1132,8 +1135,9 @@ fn halo_stats_take_groupnorm_sums_from_the_producer() {
 /// upsample_fold replaces the upsamplings of at least FOLD_MIN_ROWS input pixels (at batch 1
 /// the 64x64 and 128x128 levels, at batch 8 the 32x32 one too, and with batch_invariant
 /// batch 1's at any batch), and their convolutions' launches: four class launches from a
-/// 16-bit copy of the upsampling's input with 4/9 of the products, and two input-gradient
-/// launches into that input's gradient, the second adding; nothing in fp32.
+/// 16-bit copy of the upsampling's input (in bf16; in fp32 and tf32 the input itself) with
+/// 4/9 of the products, and two input-gradient launches into that input's gradient, the
+/// second adding.
 #[test]
 fn upsamplings_fold_where_large() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -1207,8 +1211,12 @@ fn upsamplings_fold_where_large() {
             assert!(pair[1].accumulate);
         }
     }
+    // Below bf16 the same levels fold, the launches reading the fp32 input itself.
     for precision in [Precision::Fp32, Precision::Tf32] {
-        assert_eq!(upsamplings(&build(1, precision, true, false)), 10);
+        let p = build(1, precision, true, false);
+        assert_eq!(upsamplings(&p), 6);
+        assert!(!p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
+        assert_eq!(symbolic(&p), symbolic(&build(1, precision, false, false)));
     }
 }
 

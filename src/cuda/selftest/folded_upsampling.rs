@@ -1,13 +1,14 @@
 //! The folded upsampling ([`ConvShape::upsampled_forward`], `INVDIFF_UPSAMPLE_FOLD`): the four
 //! class launches against the CPU's nearest upsampling followed by its 3x3 convolution, and the
 //! two input-gradient launches against the CPU's input gradient followed by the upsampling's
-//! adjoint, on the launches the program would plan (wgmma where the device has it, else the
-//! deep mma.sync pipeline; the input gradient from the fp32 gradient and from a 16-bit copy).
+//! adjoint, in every precision, on the launches the program would plan (in bf16/fp16 from a
+//! 16-bit copy of the input, on wgmma where the device has it, else the deep mma.sync
+//! pipeline; the input gradient from the fp32 gradient and from a 16-bit copy).
 
 use super::{tensor_core_tolerance, Tester};
 use crate::cpu::conv::{self, ConvParams, Geometry};
 use crate::cpu::resample::{upsample2x, upsample2x_backward};
-use crate::cuda::kernels::{plan_conv_at, plan_wgmma, ConvLaunch, ConvPtrs, ConvShape};
+use crate::cuda::kernels::{plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape};
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::{DevBuf, DevConv};
 use crate::model::graph::Pad;
@@ -19,7 +20,12 @@ impl Tester<'_> {
         // epilogue with everything; then the celebahq 64x64 -> 128x128 level.
         for (n, h, w, cin, cout, extras) in [(2, 7, 9, 32, 72, true), (1, 64, 64, 256, 256, false)]
         {
-            for precision in [Precision::Bf16, Precision::Fp16] {
+            for precision in [
+                Precision::Fp32,
+                Precision::Tf32,
+                Precision::Bf16,
+                Precision::Fp16,
+            ] {
                 self.folded_upsampling(n, h, w, cin, cout, extras, precision)?;
             }
         }
@@ -90,15 +96,21 @@ impl Tester<'_> {
             )
         };
 
-        // Forward: four class launches from the 16-bit input, each writing its pixels.
-        let x16 = self.half_copy_of(&self.up(&x)?, x.len(), precision)?;
+        // Forward: four class launches, each writing its pixels.
+        let half = precision.is_half();
+        let xd = self.up(&x)?;
+        let input = if half {
+            self.half_copy_of(&xd, x.len(), precision)?
+        } else {
+            xd
+        };
         let td = temb.as_deref().map(|t| self.up(t)).transpose()?;
         let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
         let y = self.zeros(want.len())?;
         let shapes = ConvShape::upsampled_forward(n, h, w, cin, cout);
         let plans: Vec<ConvLaunch> = shapes
             .iter()
-            .map(|s| self.planned(s, precision, true))
+            .map(|s| self.planned(s, precision, half))
             .collect();
         let spaces = self.workspaces(&shapes, &plans)?;
         let ms = self.timed(
@@ -106,7 +118,7 @@ impl Tester<'_> {
             || {
                 for ((s, p), ws) in shapes.iter().zip(&plans).zip(&spaces) {
                     let ptrs = ConvPtrs {
-                        x: x16.ptr,
+                        x: input.ptr,
                         w: folded.weights_for(p.kernel, p.wgmma)?,
                         y: y.ptr,
                         bias: folded.bias.ptr,
@@ -132,11 +144,14 @@ impl Tester<'_> {
         );
 
         // Input gradient: two launches into the low-resolution gradient, the second adding
-        // onto the first; from the fp32 gradient (staged), then from a 16-bit copy.
+        // onto the first; from the fp32 gradient, then (bf16/fp16) from a 16-bit copy.
         let dyd = self.up(&dy)?;
-        let dy16 = self.half_copy_of(&dyd, dy.len(), precision)?;
+        let dy16 = half
+            .then(|| self.half_copy_of(&dyd, dy.len(), precision))
+            .transpose()?;
         let shapes = ConvShape::upsampled_backward(n, h, w, cin, cout);
-        for (input, half_input) in [(&dyd, false), (&dy16, true)] {
+        let inputs = std::iter::once((&dyd, false)).chain(dy16.as_ref().map(|d| (d, true)));
+        for (input, half_input) in inputs {
             let plans: Vec<ConvLaunch> = shapes
                 .iter()
                 .map(|s| self.planned(s, precision, half_input))
@@ -174,15 +189,19 @@ impl Tester<'_> {
     }
 
     /// The launch a program plans for `s` (`Lowering::conv_step`'s defaults): wgmma on a
-    /// 16-bit input where the device has it, else the deep tensor-core pipeline.
+    /// 16-bit input where the device has it, else the kernel for the precision, the tensor
+    /// cores' on the deep pipeline.
     fn planned(&self, s: &ConvShape, precision: Precision, half_input: bool) -> ConvLaunch {
         let sms = self.gpu.sms();
         let wgmma =
             plan_wgmma(s, sms, precision).filter(|_| half_input && self.gpu.kernels.has_wgmma());
-        wgmma.unwrap_or_else(|| ConvLaunch {
-            deep: true,
-            half_input,
-            ..plan_conv_at(s, sms, precision)
+        wgmma.unwrap_or_else(|| {
+            let plan = plan_conv_at(s, sms, precision);
+            ConvLaunch {
+                deep: matches!(plan.kernel, ConvKernel::Tensor(_)),
+                half_input,
+                ..plan
+            }
         })
     }
 
