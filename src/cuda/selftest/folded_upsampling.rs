@@ -3,9 +3,12 @@
 //! two input-gradient launches against the CPU's input gradient followed by the upsampling's
 //! adjoint, in every precision, on the launches the program would plan (in bf16/fp16 from a
 //! 16-bit copy of the input, on wgmma where the device has it, else the deep mma.sync
-//! pipeline; the input gradient from the fp32 gradient and from a 16-bit copy).
+//! pipeline; the input gradient from the fp32 gradient and from a 16-bit copy). Where they
+//! run on wgmma, the first launch each way also takes every other form a launch can take
+//! (tiles, epilogues, weight prefetch, split K reduced in a cluster), held to the planned one.
 
-use super::{tensor_core_tolerance, Tester};
+use super::conv_variants::{wgmma_forms, wgmma_path};
+use super::{path, tensor_core_tolerance, Tester};
 use crate::cpu::conv::{self, ConvParams, Geometry};
 use crate::cpu::resample::{upsample2x, upsample2x_backward};
 use crate::cuda::kernels::{plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape};
@@ -13,6 +16,13 @@ use crate::cuda::precision::Precision;
 use crate::cuda::weights::{DevBuf, DevConv};
 use crate::model::graph::Pad;
 use crate::Result;
+
+/// The folded launches of one direction and the weights they read.
+struct Launches<'a> {
+    shapes: &'a [ConvShape],
+    folded: &'a DevConv,
+    backward: bool,
+}
 
 impl Tester<'_> {
     pub(super) fn folded_upsamplings(&mut self) -> Result<()> {
@@ -43,7 +53,7 @@ impl Tester<'_> {
         extras: bool,
         precision: Precision,
     ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let gpu = self.gpu;
         let (uh, uw) = (2 * h, 2 * w);
         let bound = 1.0 / ((cin * 9) as f32).sqrt();
         let x = self.rand(n * h * w * cin, -1.0, 1.0);
@@ -86,9 +96,9 @@ impl Tester<'_> {
         let desc = format!("n{n} {h}x{w} -> {uh}x{uw} {cin}->{cout}");
         let label = |what: &str, plans: &[ConvLaunch]| {
             let kernel = if plans.iter().all(|p| p.wgmma) {
-                "wgmma"
+                "wgmma".to_string()
             } else {
-                "mma.sync"
+                path(plans[0].kernel, 1)
             };
             let split = plans.iter().map(|p| p.splits).max().unwrap_or(1);
             format!(
@@ -106,42 +116,41 @@ impl Tester<'_> {
         };
         let td = temb.as_deref().map(|t| self.up(t)).transpose()?;
         let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
-        let y = self.zeros(want.len())?;
+        let base = ConvPtrs {
+            x: input.ptr,
+            bias: folded.bias.ptr,
+            temb: td.as_ref().map_or(0, |d| d.ptr),
+            res: rd.as_ref().map_or(0, |d| d.ptr),
+            ..ConvPtrs::default()
+        };
         let shapes = ConvShape::upsampled_forward(n, h, w, cin, cout);
         let plans: Vec<ConvLaunch> = shapes
             .iter()
             .map(|s| self.planned(s, precision, half))
             .collect();
-        let spaces = self.workspaces(&shapes, &plans)?;
-        let ms = self.timed(
-            || Ok(()),
-            || {
-                for ((s, p), ws) in shapes.iter().zip(&plans).zip(&spaces) {
-                    let ptrs = ConvPtrs {
-                        x: input.ptr,
-                        w: folded.weights_for(p.kernel, p.wgmma)?,
-                        y: y.ptr,
-                        bias: folded.bias.ptr,
-                        temb: td.as_ref().map_or(0, |d| d.ptr),
-                        res: rd.as_ref().map_or(0, |d| d.ptr),
-                        ws: ws.ptr,
-                        ..ConvPtrs::default()
-                    };
-                    gpu.kernels.conv(st, s, p, ptrs, out_div, false)?;
-                }
-                Ok(())
-            },
-        )?;
-        let got = y.download(st)?;
+        let run = Launches {
+            shapes: &shapes,
+            folded,
+            backward: false,
+        };
+        let (got, ms) = self.run_launches(&run, &plans, base, out_div, want.len())?;
         let tolerance = tensor_core_tolerance(precision);
+        let what = "forward, 4 classes";
         self.row_within(
-            label("forward, 4 classes", &plans),
+            label(what, &plans),
             desc.clone(),
             &got,
             &want,
             ms,
             tolerance,
         );
+        if plans[0].wgmma {
+            let p = ConvPtrs {
+                w: folded.weights_for(plans[0].kernel, true)?,
+                ..base
+            };
+            self.other_forms(&shapes[0], plans[0], p, out_div, want.len(), what, &desc)?;
+        }
 
         // Input gradient: two launches into the low-resolution gradient, the second adding
         // onto the first; from the fp32 gradient, then (bf16/fp16) from a 16-bit copy.
@@ -150,42 +159,113 @@ impl Tester<'_> {
             .then(|| self.half_copy_of(&dyd, dy.len(), precision))
             .transpose()?;
         let shapes = ConvShape::upsampled_backward(n, h, w, cin, cout);
+        let run = Launches {
+            shapes: &shapes,
+            folded,
+            backward: true,
+        };
         let inputs = std::iter::once((&dyd, false)).chain(dy16.as_ref().map(|d| (d, true)));
         for (input, half_input) in inputs {
             let plans: Vec<ConvLaunch> = shapes
                 .iter()
                 .map(|s| self.planned(s, precision, half_input))
                 .collect();
-            let spaces = self.workspaces(&shapes, &plans)?;
-            let dx = self.zeros(x.len())?;
-            let ms = self.timed(
-                || Ok(()),
-                || {
-                    for (j, ((s, p), ws)) in shapes.iter().zip(&plans).zip(&spaces).enumerate() {
-                        let ptrs = ConvPtrs {
-                            x: input.ptr,
-                            w: folded.weights_for(p.kernel, !p.wgmma)?,
-                            y: dx.ptr,
-                            ws: ws.ptr,
-                            ..ConvPtrs::default()
-                        };
-                        gpu.kernels.conv(st, s, p, ptrs, 1.0, j > 0)?;
-                    }
-                    Ok(())
-                },
-            )?;
-            let got = dx.download(st)?;
+            let base = ConvPtrs {
+                x: input.ptr,
+                ..ConvPtrs::default()
+            };
+            let (got, ms) = self.run_launches(&run, &plans, base, 1.0, x.len())?;
             let from = if half_input { "16-bit dy" } else { "fp32 dy" };
+            let what = format!("input gradient, 2 launches, {from}");
             self.row_within(
-                label(&format!("input gradient, 2 launches, {from}"), &plans),
+                label(&what, &plans),
                 desc.clone(),
                 &got,
                 &want_dx,
                 ms,
                 tolerance,
             );
+            if plans[0].wgmma {
+                let p = ConvPtrs {
+                    w: folded.weights_for(plans[0].kernel, false)?,
+                    ..base
+                };
+                self.other_forms(&shapes[0], plans[0], p, 1.0, x.len(), &what, &desc)?;
+            }
         }
         Ok(())
+    }
+
+    /// Runs `plans` of `run`'s launches into a fresh output of `len` values (the input
+    /// gradient's second launch adding onto the first): the output and the launches' time.
+    fn run_launches(
+        &self,
+        run: &Launches,
+        plans: &[ConvLaunch],
+        base: ConvPtrs,
+        out_div: f32,
+        len: usize,
+    ) -> Result<(Vec<f32>, f64)> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let y = self.zeros(len)?;
+        let spaces: Vec<DevBuf> = run
+            .shapes
+            .iter()
+            .zip(plans)
+            .map(|(s, p)| self.zeros(p.workspace_len(s)))
+            .collect::<Result<_>>()?;
+        let ms = self.timed(
+            || Ok(()),
+            || {
+                for (j, ((s, p), ws)) in run.shapes.iter().zip(plans).zip(&spaces).enumerate() {
+                    // wgmma reads the other layout (K-major).
+                    let ptrs = ConvPtrs {
+                        w: run.folded.weights_for(p.kernel, p.wgmma != run.backward)?,
+                        y: y.ptr,
+                        ws: ws.ptr,
+                        ..base
+                    };
+                    gpu.kernels
+                        .conv(st, s, p, ptrs, out_div, run.backward && j > 0)?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok((y.download(st)?, ms))
+    }
+
+    /// The other wgmma forms of the first launch `p` of `shape` (tiles, epilogues, weight
+    /// prefetch; split K reduced in a cluster) against `p` itself, alone in a fresh output:
+    /// the same sums, as `conv_variants` holds them for the unfolded shapes.
+    #[allow(clippy::too_many_arguments)]
+    fn other_forms(
+        &mut self,
+        shape: &ConvShape,
+        p: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        len: usize,
+        what: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let ws = self.zeros(p.workspace_len(shape))?;
+        let ptrs = ConvPtrs { ws: ws.ptr, ..ptrs };
+        let (want, _) = self.conv_output(shape, &p, ptrs, out_div, len)?;
+        let label = format!("conv3x3 after upsampling, folded {what}, first launch");
+        for (v, tolerance) in wgmma_forms(p, shape) {
+            let ws = self.zeros(v.workspace_len(shape))?;
+            let vp = ConvPtrs { ws: ws.ptr, ..ptrs };
+            let (got, ms) = self.conv_output(shape, &v, vp, out_div, len)?;
+            self.row_within(
+                format!("{label} [{}] vs plain wgmma", wgmma_path(&v)),
+                desc.to_string(),
+                &got,
+                &want,
+                ms,
+                tolerance,
+            );
+        }
+        self.cluster_rows(shape, p, ptrs, out_div, len, &label, desc)
     }
 
     /// The launch a program plans for `s` (`Lowering::conv_step`'s defaults): wgmma on a
@@ -203,15 +283,6 @@ impl Tester<'_> {
                 ..plan
             }
         })
-    }
-
-    /// A split-K workspace per launch (an empty one where it needs none).
-    fn workspaces(&self, shapes: &[ConvShape], plans: &[ConvLaunch]) -> Result<Vec<DevBuf>> {
-        shapes
-            .iter()
-            .zip(plans)
-            .map(|(s, p)| self.zeros(p.workspace_len(s)))
-            .collect()
     }
 
     /// The `len` values of `src` rounded to 16 bits (two per f32 slot), in a new buffer.
