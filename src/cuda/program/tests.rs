@@ -46,6 +46,30 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
     };
     let half = |v: u64| h(&[&|s| "half".hash(s), &|s| v.hash(s)]);
+    // A convolution launch's value: its operation, the value of its main input (as the
+    // kernel reads it), those its epilogue adds, the output it adds onto or fills in part of,
+    // and its divisor.
+    let conv_value = |conv: &Step, main: u64, extra: &[u64], old: Option<u64>, div: f32| {
+        h(&[
+            &op_of(conv),
+            &|s| main.hash(s),
+            &|s| extra.hash(s),
+            &|s| old.hash(s),
+            &|s| div.to_bits().hash(s),
+        ])
+    };
+    let epilogue_inputs = |c: &ConvStep, val: &[u64]| -> Vec<u64> {
+        c.temb
+            .into_iter()
+            .chain(c.residual)
+            .map(|b| val[b.0])
+            .collect()
+    };
+    // How a launch reads its main input: the tensor-core kernels round an fp32 input they
+    // stage to 16 bits.
+    let staged = |c: &ConvStep| {
+        !c.launch.half_input && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half())
+    };
     let mut val = vec![0u64; p.bufs.len()];
     // What a GroupNorm without an output would have written, by its affine buffer: the
     // halo convolution that applies it reads that.
@@ -98,29 +122,19 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     },
                     ..c.clone()
                 });
-                let extra: Vec<u64> = c
-                    .temb
-                    .into_iter()
-                    .chain(c.residual)
-                    .map(|b| val[b.0])
-                    .collect();
-                let bits = c.out_div.to_bits();
-                val[c.y.0] = h(&[
-                    &op_of(&conv),
-                    &|s| main.hash(s),
-                    &|s| extra.hash(s),
-                    &|s| None::<u64>.hash(s),
-                    &|s| bits.hash(s),
-                ]);
+                let extra = epilogue_inputs(c, &val);
+                val[c.y.0] = conv_value(&conv, main, &extra, None, c.out_div);
             }
             // The first of the two launches stands for both: the convolution's input gradient
             // into a fresh gradient of the upsampled tensor, then the upsampling's adjoint.
             Step::Conv(c) if c.w.kind == WKind::FoldBackward && c.shape.taps[0].dy == 2 => {
                 let (n, lh, lw, cin, cout) =
                     (c.shape.n, c.shape.mh, c.shape.mw, c.shape.ncols, c.shape.sc);
-                let staged = !c.launch.half_input
-                    && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half());
-                let main = if staged { half(val[c.x.0]) } else { val[c.x.0] };
+                let main = if staged(c) {
+                    half(val[c.x.0])
+                } else {
+                    val[c.x.0]
+                };
                 let mut shapes =
                     ConvShape::backward(n, 2 * lh, 2 * lw, cin, cout, 3, 1, Pad::Symmetric);
                 let dgrad = Step::Conv(ConvStep {
@@ -132,14 +146,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     bias: None,
                     ..c.clone()
                 });
-                let bits = 1f32.to_bits();
-                let dup = h(&[
-                    &op_of(&dgrad),
-                    &|s| main.hash(s),
-                    &|s| Vec::<u64>::new().hash(s),
-                    &|s| None::<u64>.hash(s),
-                    &|s| bits.hash(s),
-                ]);
+                let dup = conv_value(&dgrad, main, &[], None, 1.0);
                 let adjoint = Step::UpsampleBackward {
                     dy: c.x,
                     dx: c.y,
@@ -183,28 +190,14 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 }
             }
             Step::Conv(c) => {
-                let staged = !c.launch.half_input
-                    && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half());
                 let main = match c.norm {
                     Some(affine) => normalised[&affine.0],
-                    None if staged => half(val[c.x.0]),
+                    None if staged(c) => half(val[c.x.0]),
                     None => val[c.x.0],
                 };
-                let extra: Vec<u64> = c
-                    .temb
-                    .into_iter()
-                    .chain(c.residual)
-                    .map(|b| val[b.0])
-                    .collect();
+                let extra = epilogue_inputs(c, &val);
                 let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
-                let bits = c.out_div.to_bits();
-                val[c.y.0] = h(&[
-                    &op,
-                    &|s| main.hash(s),
-                    &|s| extra.hash(s),
-                    &|s| old.hash(s),
-                    &|s| bits.hash(s),
-                ]);
+                val[c.y.0] = conv_value(step, main, &extra, old, c.out_div);
             }
             _ => {
                 // The fused attention backward also reads the forward's output, a function
