@@ -10,16 +10,16 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: two likely
+#       default sets, all together, then each candidate of scripts/candidates.sh alone) of
+#       out/invdiff-next if it exists, else out/invdiff: for each its bf16 b1 (forward + DPS
+#       step), b8 and b32 rows; for the likely default sets (combo_*) also their whole-network
+#       selftest rows, and for `all` (else the last one) also its whole selftest (each one's
+#       with VARIANT_SELFTEST=each), the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split,
 #       clustered where it can be, and every GroupNorm in each form: three launches, one pass,
 #       clusters; bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: each candidate of
-#       scripts/candidates.sh alone, two likely default sets, then all together) of out/invdiff-next if it
-#       exists, else out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows;
-#       for the likely default sets (combo_*) also their whole-network selftest rows, and for
-#       the last one also its whole selftest (each one's with VARIANT_SELFTEST=each), the b1
-#       DPS profile and the 1000-step restoration;
 #   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
 #       real sample, and 10-step DPS / 2-step PiGDM trajectories, GPU against CPU.
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
@@ -260,24 +260,6 @@ fi
 MODEL_ARG=()
 [ -f /tmp/m/config.json ] && MODEL_ARG=(--model /tmp/m)
 
-# (k) The kernel benchmark by shape, when its binary came along (~15 s).
-if want k && [ -x "$KBENCH" ]; then
-    t0=$SECONDS
-    run 90 kernels.txt "$KBENCH" --batch 8 --precision bf16 --iters "$STEPS" ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} \
-        --save "$W/kernels_bf16_b8.json"
-    note "kernels_cuda bf16 b8 (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(graph replay|direct launches)' "$W/kernels.txt" | cut -c 1-160)"
-    cp "$W/kernels_bf16_b8.json" "$RES/" 2>/dev/null
-    sync_out
-    for args in "--batch 8" "--batch 1 --record"; do
-        t0=$SECONDS
-        name="sweep_bf16_$(echo "$args" | tr -d ' -' | sed 's/batch/b/')"
-        # shellcheck disable=SC2086
-        run 180 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
-        note "kernels_cuda --sweep $args (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(tensor-core launches|kernels_cuda: )' "$W/$name.txt" | cut -c 1-160)"
-        sync_out
-    done
-fi
-
 # (v) Run-time variants of the newest build (~10 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
@@ -287,13 +269,21 @@ ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_GN_CLUSTER=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HAL
 # the halo tiles and the GroupNorm work they take (HALO).
 SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1
 HALO=INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_HALO_STATS=1
-# Each candidate alone (scripts/candidates.sh, the list tune.sh reads too), then the sets.
+# The sets first (should the deadline come, they decide the defaults), then each candidate alone
+# (scripts/candidates.sh, the list tune.sh reads too).
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
-VARIANTS=${VARIANTS-$(IFS=';'; echo "${CANDIDATES[*]}");combo_safe:$SAFE;combo_halo:$SAFE,$HALO;all:$ALL}
-last=""
+VARIANTS=${VARIANTS-combo_safe:$SAFE;combo_halo:$SAFE,$HALO;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"
+# The variant that also gets the whole selftest, the b1 DPS profile and the 1000-step
+# restoration: `all` where there is one, else the last.
+full=""
+for v in ${variants[@]+"${variants[@]}"}; do
+    full=${v%%:*}
+    [ "$full" = all ] && break
+done
+ran_full=""
 for v in ${variants[@]+"${variants[@]}"}; do
     name=${v%%:*}
     vars=${v#*:}
@@ -302,9 +292,9 @@ for v in ${variants[@]+"${variants[@]}"}; do
     chmod +x "$wrapper"
     note "variant $name: ${vars//,/ } on $VBIN"
     # The kernel rows are the same in every run; what a variant changes is the whole-network
-    # rows: all of them for the last variant (all together) unless VARIANT_SELFTEST=each, the
-    # network groups alone for the likely default sets (combo_*), which a session may flip.
-    if [ "${VARIANT_SELFTEST:-last}" = each ] || [ "$v" = "${variants[-1]}" ]; then
+    # rows: all of them for $full (all together) unless VARIANT_SELFTEST=each, the network
+    # groups alone for the likely default sets (combo_*), which a session may flip.
+    if [ "${VARIANT_SELFTEST:-full}" = each ] || [ "$name" = "$full" ]; then
         selftest "selftest_$name" "$wrapper"
     elif [[ $name == combo_* ]]; then
         selftest "selftest_$name" "$wrapper" --only networks
@@ -312,14 +302,14 @@ for v in ${variants[@]+"${variants[@]}"}; do
     bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
     bench "${name}_bf16_b8" "$wrapper" --precision bf16 --batch 8 --what forward
     bench "${name}_bf16_b32" "$wrapper" --precision bf16 --batch 32 --what forward
-    # The fold acts in fp32 too (the default precision), beside fp32_b1 of phase (a).
+    # The fold acts in fp32 too (the default precision), beside fp32_b1 of phase (c).
     if [ "$name" = upsample_fold ]; then
         bench "${name}_fp32_b1" "$wrapper" --precision fp32 --batch 1 --what both
     fi
     sync_out
-    last=$name
+    [ "$name" = "$full" ] && ran_full=$name
 done
-if [ -n "$last" ]; then
+if [ ${#variants[@]} -gt 0 ]; then
     # One table: each variant's bf16 figures against the same binary's defaults (this run).
     base=bf16
     [ "$VBIN" = "$NEXT" ] && base=next_bf16
@@ -349,20 +339,43 @@ for v in names:
                    (False, False): "within 1%"}[(faster, slower)]
     launches = [fig(f"{v}_bf16_b1", k) for k in ("launches_per_forward", "launches_per_dps_step")]
     count = f"; b1 launches {launches[0]} / {launches[1]}" if None not in launches else ""
+    # A variant timed in fp32 too (the fold), against fp32_b1 of phase (c).
+    for key, label in (("ms_per_forward", "fp32 fwd b1"), ("ms_per_dps_step", "fp32 dps b1")):
+        base, new = fig("fp32_b1", key), fig(f"{v}_fp32_b1", key)
+        if base and new:
+            cells.append(f"{label} {base:.2f} -> {new:.2f} ms ({100 * (new / base - 1):+.1f}%)")
     print(f"{v}: " + ("; ".join(cells) or "no figures") + count + (f" [{verdict}]" if verdict else ""))
 PY
     while read -r l; do note "  $l"; done < "$W/variants.txt"
 fi
-if [ -n "$last" ]; then
-    profile "${last}_bf16_b1_dps" "$W/variant_$last" --batch 1 --what dps
-    if [ -s "$W/profile_bf16_b1_dps.json" ] && [ -s "$W/profile_${last}_bf16_b1_dps.json" ]; then
-        note "by kind, ms, default -> $last, bf16_b1_dps: $(compare_kinds "$W/profile_bf16_b1_dps.json" "$W/profile_${last}_bf16_b1_dps.json")"
+if [ -n "$ran_full" ]; then
+    profile "${ran_full}_bf16_b1_dps" "$W/variant_$ran_full" --batch 1 --what dps
+    if [ -s "$W/profile_bf16_b1_dps.json" ] && [ -s "$W/profile_${ran_full}_bf16_b1_dps.json" ]; then
+        note "by kind, ms, default -> $ran_full, bf16_b1_dps: $(compare_kinds "$W/profile_bf16_b1_dps.json" "$W/profile_${ran_full}_bf16_b1_dps.json")"
     fi
-    run 90 "restore1000_$last.txt" "$W/variant_$last" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
+    run 90 "restore1000_$ran_full.txt" "$W/variant_$ran_full" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method dps \
         --measurement tests/data/ffhq-deblur/0.safetensors --steps 1000 --seed 3 --precision bf16 \
-        --output /tmp/restore1000_$last.png --report "$W/restore1000_$last.json" --device cuda
-    note "restore: 1000 DPS steps, bf16, $last (exit $?): $(grep -E 'image\(s\) in|rror' "$W/restore1000_$last.txt" | tail -n 1)"
+        --output /tmp/restore1000_$ran_full.png --report "$W/restore1000_$ran_full.json" --device cuda
+    note "restore: 1000 DPS steps, bf16, $ran_full (exit $?): $(grep -E 'image\(s\) in|rror' "$W/restore1000_$ran_full.txt" | tail -n 1)"
     sync_out
+fi
+
+# (k) The kernel benchmark by shape, when its binary came along (~15 s).
+if want k && [ -x "$KBENCH" ]; then
+    t0=$SECONDS
+    run 90 kernels.txt "$KBENCH" --batch 8 --precision bf16 --iters "$STEPS" ${PEAK_ARG[@]+"${PEAK_ARG[@]}"} \
+        --save "$W/kernels_bf16_b8.json"
+    note "kernels_cuda bf16 b8 (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(graph replay|direct launches)' "$W/kernels.txt" | cut -c 1-160)"
+    cp "$W/kernels_bf16_b8.json" "$RES/" 2>/dev/null
+    sync_out
+    for args in "--batch 8" "--batch 1 --record"; do
+        t0=$SECONDS
+        name="sweep_bf16_$(echo "$args" | tr -d ' -' | sed 's/batch/b/')"
+        # shellcheck disable=SC2086
+        run 180 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
+        note "kernels_cuda --sweep $args (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(tensor-core launches|kernels_cuda: )' "$W/$name.txt" | cut -c 1-160)"
+        sync_out
+    done
 fi
 
 # (e) Full size against diffusers on the same weights (strict fp32), ten steps of DPS and two of
