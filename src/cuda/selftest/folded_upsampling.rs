@@ -17,6 +17,18 @@ use crate::cuda::weights::{DevBuf, DevConv};
 use crate::model::graph::Pad;
 use crate::Result;
 
+/// A check: `n` inputs of `h x w`, `cin -> cout` channels, with temb, residual and a divisor
+/// (`extras`), in each of `precisions`.
+struct FoldCase {
+    n: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    cout: usize,
+    extras: bool,
+    precisions: &'static [Precision],
+}
+
 /// The folded launches of one direction and the weights they read.
 struct Launches<'a> {
     shapes: &'a [ConvShape],
@@ -26,33 +38,44 @@ struct Launches<'a> {
 
 impl Tester<'_> {
     pub(super) fn folded_upsamplings(&mut self) -> Result<()> {
-        // Odd low-resolution sizes (every border of every class), a partial column tile, an
-        // epilogue with everything; then the celebahq 64x64 -> 128x128 level.
-        for (n, h, w, cin, cout, extras) in [(2, 7, 9, 32, 72, true), (1, 64, 64, 256, 256, false)]
-        {
-            for precision in [
-                Precision::Fp32,
-                Precision::Tf32,
-                Precision::Bf16,
-                Precision::Fp16,
-            ] {
-                self.folded_upsampling(n, h, w, cin, cout, extras, precision)?;
+        use Precision::*;
+        const EVERY: &[Precision] = &[Fp32, Tf32, Bf16, Fp16];
+        let case = |n, h, w, cin, cout, extras, precisions: &'static [Precision]| FoldCase {
+            n,
+            h,
+            w,
+            cin,
+            cout,
+            extras,
+            precisions,
+        };
+        // Odd low-resolution sizes (every border of every class), a partial column tile of the
+        // tensor-core kernels, an epilogue with everything; the celebahq 64x64 -> 128x128
+        // level; and, below bf16 (the program folds these only where the tensor cores take
+        // them), 8 channels on the direct kernels and 12 on the scalar GEMM.
+        for c in [
+            case(2, 7, 9, 32, 72, true, EVERY),
+            case(1, 64, 64, 256, 256, false, EVERY),
+            case(1, 9, 11, 8, 8, true, &[Fp32, Tf32]),
+            case(2, 5, 7, 12, 12, false, &[Fp32, Tf32]),
+        ] {
+            for &precision in c.precisions {
+                self.folded_upsampling(&c, precision)?;
             }
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn folded_upsampling(
-        &mut self,
-        n: usize,
-        h: usize,
-        w: usize,
-        cin: usize,
-        cout: usize,
-        extras: bool,
-        precision: Precision,
-    ) -> Result<()> {
+    fn folded_upsampling(&mut self, c: &FoldCase, precision: Precision) -> Result<()> {
+        let &FoldCase {
+            n,
+            h,
+            w,
+            cin,
+            cout,
+            extras,
+            ..
+        } = c;
         let gpu = self.gpu;
         let (uh, uw) = (2 * h, 2 * w);
         let bound = 1.0 / ((cin * 9) as f32).sqrt();
