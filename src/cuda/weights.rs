@@ -115,6 +115,27 @@ pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// Which input-gradient layouts of its convolutions a program reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GradLayouts {
+    None,
+    /// Only the 16-bit copy, which forward wgmma launches read as their K-major weights.
+    HalfOnly,
+    /// Both copies, for a backward pass.
+    Both,
+}
+
+impl GradLayouts {
+    /// A recording program's, or (`k_major_half`: wgmma in bf16/fp16) a forward one's.
+    pub fn of(record: bool, k_major_half: bool) -> Self {
+        match (record, k_major_half) {
+            (true, _) => GradLayouts::Both,
+            (false, true) => GradLayouts::HalfOnly,
+            (false, false) => GradLayouts::None,
+        }
+    }
+}
+
 /// The forward layout of a convolution and, once needed, the input-gradient layout, each with
 /// its 16-bit copy in bf16 or fp16; for a 3x3 convolution after an upsampling, once needed,
 /// the same of its folded form.
@@ -236,6 +257,15 @@ impl DevConv {
         Ok(())
     }
 
+    /// Builds the input-gradient layouts `which` asks for, if they are not there yet.
+    pub fn ensure_grad_layouts(&mut self, gpu: &Gpu, which: GradLayouts) -> Result<()> {
+        match which {
+            GradLayouts::None => Ok(()),
+            GradLayouts::HalfOnly => self.ensure_backward_half(gpu),
+            GradLayouts::Both => self.ensure_backward(gpu),
+        }
+    }
+
     /// Builds only the 16-bit copy of the input-gradient layout, which forward wgmma launches
     /// read as their K-major weights: a forward-only program needs no fp32 copy of it, so the
     /// transpose it is made from is dropped.
@@ -334,44 +364,26 @@ impl DevWeights {
         Ok(DevWeights { params, precision })
     }
 
-    /// Builds every convolution's input-gradient layout (once): both copies for a backward
-    /// pass, or (`half_only`) just the 16-bit one forward wgmma launches read.
-    pub fn ensure_backward(&mut self, gpu: &Gpu, half_only: bool) -> Result<()> {
+    /// Builds every convolution's input-gradient layouts `which` asks for (once).
+    pub fn ensure_backward(&mut self, gpu: &Gpu, which: GradLayouts) -> Result<()> {
         for p in &mut self.params {
             if let DevParam::Conv(c) = p {
-                if half_only {
-                    c.ensure_backward_half(gpu)?;
-                } else {
-                    c.ensure_backward(gpu)?;
-                }
+                c.ensure_grad_layouts(gpu, which)?;
             }
         }
         Ok(())
     }
 
-    /// Builds the folded form of convolution `pid` ([`DevConv::folded`]) and, like
-    /// [`ensure_backward`](Self::ensure_backward) for every convolution, its input-gradient
-    /// layout: both copies when `record`, else the 16-bit one alone when `k_major_half`.
-    pub fn ensure_folded(
-        &mut self,
-        gpu: &Gpu,
-        pid: usize,
-        record: bool,
-        k_major_half: bool,
-    ) -> Result<()> {
+    /// Builds the folded form of convolution `pid` ([`DevConv::folded`]) with the
+    /// input-gradient layouts `which` asks for, as [`ensure_backward`](Self::ensure_backward)
+    /// does for every convolution.
+    pub fn ensure_folded(&mut self, gpu: &Gpu, pid: usize, which: GradLayouts) -> Result<()> {
         let Some(DevParam::Conv(c)) = self.params.get_mut(pid) else {
             return Err(Error::Cuda(format!(
                 "internal: parameter group {pid} is not a convolution to fold"
             )));
         };
-        let f = c.ensure_folded(gpu)?;
-        if record {
-            f.ensure_backward(gpu)
-        } else if k_major_half {
-            f.ensure_backward_half(gpu)
-        } else {
-            Ok(())
-        }
+        c.ensure_folded(gpu)?.ensure_grad_layouts(gpu, which)
     }
 
     /// The device address of array `w`.

@@ -696,6 +696,29 @@ pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> C
     split_k(s, ConvKernel::Tensor(precision), tc_slice(precision), sms)
 }
 
+/// The launch a program plans for `s` before any candidate tile or split: on wgmma where
+/// `wgmma` asks and the input holds 16-bit values (`half_input`), else [`plan_conv_at`]'s
+/// kernel, a tensor-core one on its deep pipeline where `deep`.
+pub(crate) fn plan_launch(
+    s: &ConvShape,
+    sms: usize,
+    precision: Precision,
+    half_input: bool,
+    wgmma: bool,
+    deep: bool,
+) -> ConvLaunch {
+    plan_wgmma(s, sms, precision)
+        .filter(|_| half_input && wgmma)
+        .unwrap_or_else(|| {
+            let l = plan_conv_at(s, sms, precision);
+            ConvLaunch {
+                deep: deep && matches!(l.kernel, ConvKernel::Tensor(_)),
+                half_input,
+                ..l
+            }
+        })
+}
+
 /// The split of K for `kernel` with K slices of `bk`.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
     split_k_on(s, kernel, bk, 2 * sms.max(1))

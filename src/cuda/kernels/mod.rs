@@ -59,9 +59,9 @@ mod resample;
 pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
-    fold_upsampled_weights, gn_partial_fits, on_tile, plan_conv, plan_conv_at, plan_wgmma,
-    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, NormInput, WgmmaTile,
-    MAX_CLUSTER_SPLITS, WGMMA_SLICE,
+    fold_upsampled_weights, gn_partial_fits, on_tile, plan_conv, plan_conv_at, plan_launch,
+    plan_wgmma, plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, NormInput,
+    WgmmaTile, MAX_CLUSTER_SPLITS, WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit, OnePass, GN_CLUSTER_MAX};

@@ -293,14 +293,13 @@ impl Lowering<'_> {
             return Ok((self.val(x)?, self.half[x]));
         }
         let src = self.val(x)?;
-        if let Some(c) = self.fresh_half_copy(src) {
-            return Ok((c, true));
+        if self.half[x] {
+            return Ok((src, true));
         }
-        if !self.half[x] && self.wants_half_copy(self.numel(x)) {
-            let name = format!("{} (16-bit copy)", self.g.tensors[x].name);
-            return Ok((self.half_copy(src, self.numel(x), &name), true));
+        if self.fresh_half_copy(src).is_some() || self.wants_half_copy(self.numel(x)) {
+            return Ok((self.sixteen_bit(x)?, true));
         }
-        Ok((src, self.half[x]))
+        Ok((src, false))
     }
 
     /// A 16-bit copy of fp32 value `x`: one made earlier, or a conversion now.

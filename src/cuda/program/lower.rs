@@ -7,7 +7,7 @@ use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_norm, plan_wgmma,
+    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_launch, plan_norm,
     plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvShape, NormInput, NormSplit, WgmmaTile,
     GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
@@ -603,21 +603,21 @@ impl Lowering<'_> {
         };
         // With six_stages, a launch that can run one block per multiprocessor is split so
         // and takes the six-stage tile.
-        let wgmma = (half_input && self.choice.wgmma)
-            .then(|| {
-                self.choice
-                    .six_stages
-                    .then(|| plan_wgmma_six(&planned, self.sms, self.precision))
-                    .flatten()
-                    .or_else(|| plan_wgmma(&planned, self.sms, self.precision))
-            })
-            .flatten();
-        let mut launch = wgmma.unwrap_or_else(|| {
-            let mut l = plan_conv_at(&planned, self.sms, self.precision);
-            l.deep = self.choice.deep && matches!(l.kernel, ConvKernel::Tensor(_));
-            l.half_input = half_input;
-            l
-        });
+        let (sms, precision) = (self.sms, self.precision);
+        let wgmma = half_input && self.choice.wgmma;
+        let mut launch = (wgmma && self.choice.six_stages)
+            .then(|| plan_wgmma_six(&planned, sms, precision))
+            .flatten()
+            .unwrap_or_else(|| {
+                plan_launch(
+                    &planned,
+                    sms,
+                    precision,
+                    half_input,
+                    wgmma,
+                    self.choice.deep,
+                )
+            });
         if self.choice.cluster_split_k
             && self.choice.cluster_plan
             && launch.tile == WgmmaTile::Plain

@@ -355,11 +355,7 @@ impl Tester<'_> {
         let Some(plan) = plan.filter(|_| self.gpu.kernels.has_wgmma()) else {
             return Ok(None);
         };
-        let copy = self.zeros(len.div_ceil(2))?;
-        self.gpu
-            .kernels
-            .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
-        Ok(Some((plan, copy)))
+        Ok(Some((plan, self.half_copy(x, len, precision)?)))
     }
 
     /// For a two-stage tensor-core launch `plan` reading `len` fp32 values at `x`: the deep
@@ -387,10 +383,7 @@ impl Tester<'_> {
             };
             out.push((deep, None));
             if precision != Precision::Tf32 {
-                let copy = self.zeros(len.div_ceil(2))?;
-                self.gpu
-                    .kernels
-                    .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
+                let copy = self.half_copy(x, len, precision)?;
                 let half_input = ConvLaunch {
                     half_input: true,
                     ..deep

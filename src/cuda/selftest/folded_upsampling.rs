@@ -11,7 +11,7 @@ use super::conv_variants::{wgmma_forms, wgmma_path};
 use super::{path, tensor_core_tolerance, Tester};
 use crate::cpu::conv::{self, ConvParams, Geometry};
 use crate::cpu::resample::{upsample2x, upsample2x_backward};
-use crate::cuda::kernels::{plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape};
+use crate::cuda::kernels::{plan_launch, ConvLaunch, ConvPtrs, ConvShape};
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::{DevBuf, DevConv};
 use crate::model::graph::Pad;
@@ -133,7 +133,7 @@ impl Tester<'_> {
         let half = precision.is_half();
         let xd = self.up(&x)?;
         let input = if half {
-            self.half_copy_of(&xd, x.len(), precision)?
+            self.half_copy(xd.ptr, x.len(), precision)?
         } else {
             xd
         };
@@ -179,7 +179,7 @@ impl Tester<'_> {
         // onto the first; from the fp32 gradient, then (bf16/fp16) from a 16-bit copy.
         let dyd = self.up(&dy)?;
         let dy16 = half
-            .then(|| self.half_copy_of(&dyd, dy.len(), precision))
+            .then(|| self.half_copy(dyd.ptr, dy.len(), precision))
             .transpose()?;
         let shapes = ConvShape::upsampled_backward(n, h, w, cin, cout);
         let run = Launches {
@@ -291,29 +291,9 @@ impl Tester<'_> {
         self.cluster_rows(shape, p, ptrs, out_div, len, &label, desc)
     }
 
-    /// The launch a program plans for `s` (`Lowering::conv_step`'s defaults): wgmma on a
-    /// 16-bit input where the device has it, else the kernel for the precision, the tensor
-    /// cores' on the deep pipeline.
+    /// The launch a program plans for `s`: wgmma on a 16-bit input where the device has it.
     fn planned(&self, s: &ConvShape, precision: Precision, half_input: bool) -> ConvLaunch {
-        let sms = self.gpu.sms();
-        let wgmma =
-            plan_wgmma(s, sms, precision).filter(|_| half_input && self.gpu.kernels.has_wgmma());
-        wgmma.unwrap_or_else(|| {
-            let plan = plan_conv_at(s, sms, precision);
-            ConvLaunch {
-                deep: matches!(plan.kernel, ConvKernel::Tensor(_)),
-                half_input,
-                ..plan
-            }
-        })
-    }
-
-    /// The `len` values of `src` rounded to 16 bits (two per f32 slot), in a new buffer.
-    fn half_copy_of(&self, src: &DevBuf, len: usize, precision: Precision) -> Result<DevBuf> {
-        let copy = self.zeros(len.div_ceil(2))?;
-        self.gpu
-            .kernels
-            .convert_half(&self.gpu.stream, src.ptr, copy.ptr, len, precision)?;
-        Ok(copy)
+        let wgmma = self.gpu.kernels.has_wgmma();
+        plan_launch(s, self.gpu.sms(), precision, half_input, wgmma, true)
     }
 }

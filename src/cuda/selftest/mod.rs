@@ -264,6 +264,15 @@ impl Tester<'_> {
         DevBuf::zeros(&self.gpu.stream, len)
     }
 
+    /// The `len` fp32 values at `x` rounded to 16 bits (two per f32 slot), in a new buffer.
+    fn half_copy(&self, x: DPtr, len: usize, precision: Precision) -> Result<DevBuf> {
+        let copy = self.zeros(len.div_ceil(2))?;
+        self.gpu
+            .kernels
+            .convert_half(&self.gpu.stream, x, copy.ptr, len, precision)?;
+        Ok(copy)
+    }
+
     fn timed(
         &self,
         mut reset: impl FnMut() -> Result<()>,

@@ -27,7 +27,7 @@ use super::precision::Precision;
 use super::profile::Profile;
 use super::program::{Buf, KernelConfig, Program, Step, WKind};
 use super::streams::{streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
-use super::weights::{DevBuf, DevWeights};
+use super::weights::{DevBuf, DevWeights, GradLayouts};
 use crate::model::{Graph, Model};
 use crate::{ensure, switches, Error, Result, Tensor};
 
@@ -756,10 +756,8 @@ impl CudaUnet {
         }
         // The input-gradient layout: for the backward pass, and (its 16-bit copy alone) as
         // the K-major weights of forward wgmma launches.
-        let k_major_half = self.choice.wgmma && self.precision.is_half();
-        if key.record || k_major_half {
-            self.weights.ensure_backward(&self.gpu, !key.record)?;
-        }
+        let layouts = GradLayouts::of(key.record, self.choice.wgmma && self.precision.is_half());
+        self.weights.ensure_backward(&self.gpu, layouts)?;
         let (program, placement) = plan::plan(
             &self.graph,
             key.n,
@@ -774,8 +772,7 @@ impl CudaUnet {
         for s in &program.steps {
             for w in s.weights() {
                 if matches!(w.kind, WKind::FoldForward | WKind::FoldBackward) {
-                    self.weights
-                        .ensure_folded(&self.gpu, w.pid, key.record, k_major_half)?;
+                    self.weights.ensure_folded(&self.gpu, w.pid, layouts)?;
                 }
                 self.weights.ptr(w)?;
             }
