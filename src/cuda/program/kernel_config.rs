@@ -2,6 +2,7 @@
 //! `INVDIFF_*` switches ask for.
 
 use crate::cuda::kernels::Capabilities;
+use crate::cuda::Precision;
 use crate::switches;
 // What the documentation of the choices links to.
 #[cfg(doc)]
@@ -136,28 +137,69 @@ impl Default for KernelConfig {
 }
 
 impl KernelConfig {
-    /// The choices the `INVDIFF_*` switches ask for (src/switches.rs), each kernel that not
-    /// every device runs only where this one does (`here`).
-    pub fn from_switches(here: Capabilities) -> Self {
+    /// The defaults at `precision`, each kernel that not every device runs only where this one
+    /// does (`here`): the choices an H200 timed faster on 2026-11-26 (PERF.md, v0.5). Alone
+    /// against v0.4's defaults, bf16 at batch 1 / 8 / 32: row epilogue with tall tiles
+    /// -14% / -14% / -12%; one-pass GroupNorms, 16-bit concatenation copies, aliased gradients
+    /// and tf32 attention 0.5-2% each, 16-bit input copies 3.9% off the DPS step; together,
+    /// with the launch choices outside this struct (small product tiles, two streams), -20% /
+    /// -17% / -14%, and -22% off the DPS step at batch 1. The upsampling fold took 2% more
+    /// off at batch 32 in bf16; in fp32 it took 3% off, but it moves fp32 results by rounding
+    /// and strict parity against diffusers was not rerun with it, so it stays off there.
+    pub fn tuned(here: Capabilities, precision: Precision) -> Self {
+        KernelConfig {
+            deep: true,
+            wgmma: here.wgmma,
+            gn_one_pass: true,
+            gn_clusters: false,
+            half_concat: true,
+            cluster_split_k: false,
+            cluster_plan: false,
+            half_copy: true,
+            alias_residual_grads: true,
+            row_epilogue: true,
+            prefetch_weights: false,
+            attention_tf32: true,
+            attention_flash: false,
+            tall_tiles: true,
+            six_stages: false,
+            halo_tiles: false,
+            halo_norm: false,
+            halo_stats: false,
+            upsample_fold: precision.is_half(),
+            batch_invariant: false,
+        }
+    }
+
+    /// [`tuned`](Self::tuned) with what the `INVDIFF_*` switches ask for (src/switches.rs):
+    /// `0` turns a default off, `1` a candidate (or the fold in every precision) on.
+    pub fn from_switches(here: Capabilities, precision: Precision) -> Self {
+        let tuned = Self::tuned(here, precision);
         let on = |name| switches::is(name, "1");
+        // A default stays on unless its switch says 0.
+        let kept = |name, default: bool| match switches::value(name).as_deref() {
+            Some("0") => false,
+            Some("1") => true,
+            _ => default,
+        };
         let gn_clusters = here.gn_clusters && on("INVDIFF_GN_CLUSTER");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
-            wgmma: here.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
+            wgmma: tuned.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
             // Clustered GroupNorms extend the one-pass ones, so they bring them along.
-            gn_one_pass: on("INVDIFF_GN_ONE_PASS") || gn_clusters,
+            gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass) || gn_clusters,
             gn_clusters,
-            half_concat: on("INVDIFF_HALF_CONCAT"),
+            half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             cluster_split_k: on("INVDIFF_CLUSTER_SPLITK")
                 || switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
             cluster_plan: switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
-            half_copy: on("INVDIFF_HALF_COPY"),
-            alias_residual_grads: on("INVDIFF_ALIAS_GRADS"),
-            row_epilogue: on("INVDIFF_ROW_EPILOGUE"),
+            half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
+            alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
+            row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             prefetch_weights: on("INVDIFF_PREFETCH_WEIGHTS"),
-            attention_tf32: on("INVDIFF_ATTN_TF32"),
+            attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
-            tall_tiles: on("INVDIFF_WGMMA_TALL"),
+            tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
             // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.
             halo_tiles: on("INVDIFF_WGMMA_HALO")
@@ -165,7 +207,7 @@ impl KernelConfig {
                 || on("INVDIFF_HALO_STATS"),
             halo_norm: on("INVDIFF_HALO_NORM"),
             halo_stats: on("INVDIFF_HALO_STATS"),
-            upsample_fold: on("INVDIFF_UPSAMPLE_FOLD"),
+            upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
         }
     }

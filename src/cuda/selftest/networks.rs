@@ -168,11 +168,14 @@ impl Tester<'_> {
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("{name} {precision}");
-                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY and
-                // INVDIFF_ALIAS_GRADS say: the rows below compare each choice.
+                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY,
+                // INVDIFF_ALIAS_GRADS and INVDIFF_UPSAMPLE_FOLD say: the rows below compare
+                // each choice. (The fold takes the deep pipelines, so the two-stage rows could
+                // not match a folded program.)
                 gpu.set_deep_pipelines(true);
                 gpu.set_wgmma(false);
                 gpu.set_moved_values(false);
+                gpu.set_upsample_fold(false);
                 let (got, grad) = self.network_rows(
                     &mut gpu,
                     &io,
@@ -241,6 +244,19 @@ impl Tester<'_> {
                     )?;
                 }
                 gpu.set_moved_values(false);
+                // Upsamplings folded into their convolutions (at 256x256 the 64x64 and 128x128
+                // levels' two): summed weights round differently, so against the CPU.
+                gpu.set_upsample_fold(true);
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, folded upsamplings"),
+                        format!("{label} forward + vjp, folded upsamplings"),
+                    ],
+                    (want.data(), want_grad.data()),
+                    (eps_tol, grad_tol),
+                )?;
                 if n > 1 {
                     self.batch_invariance_rows(&mut gpu, &io, &label)?;
                 }

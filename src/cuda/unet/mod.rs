@@ -114,15 +114,12 @@ pub struct CudaUnet {
     /// of the caller's (the device sampler's step) records them: a graph cannot be launched
     /// into a stream that is capturing.
     direct: bool,
-    /// Tensor-core launches use the deep pipelines and, in bf16/fp16, 16-bit intermediates
-    /// (`Program::build_with`); off with `INVDIFF_TC_PIPELINE=two`, for comparisons: the
-    /// results are the same. Launches with 16-bit inputs use Hopper's wgmma kernel where the
-    /// device has it (1.19x the mma.sync kernels' speed on a bf16 forward at batch 8, H200);
-    /// `INVDIFF_WGMMA=0` turns it off, for comparisons. `INVDIFF_GN_ONE_PASS=1` runs small
-    /// GroupNorms in one launch (not yet timed on a GPU, hence off by default).
+    /// The kernels and launch forms the steps take: [`KernelConfig::tuned`], the choices an
+    /// H200 timed fastest, unless a switch of src/switches.rs says otherwise (for
+    /// comparisons, e.g. `INVDIFF_TC_PIPELINE=two`, `INVDIFF_WGMMA=0`).
     choice: KernelConfig,
     /// Streams beside the main one that independent steps run on (`INVDIFF_STREAMS`, see
-    /// src/cuda/streams.rs); none by default.
+    /// src/cuda/streams.rs); one by default.
     side: Option<SideStreams>,
 }
 
@@ -146,7 +143,7 @@ impl CudaUnet {
         let gpu = Gpu::open(ordinal)?;
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = !switches::is("INVDIFF_NO_CUDA_GRAPH", "1");
-        let choice = KernelConfig::from_switches(gpu.kernels.capabilities());
+        let choice = KernelConfig::from_switches(gpu.kernels.capabilities(), precision);
         let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -230,6 +227,14 @@ impl CudaUnet {
     pub(crate) fn set_moved_values(&mut self, on: bool) {
         self.choice.half_copy = on;
         self.choice.alias_residual_grads = on;
+        self.plans.clear();
+        self.tape = None;
+    }
+
+    /// Folds upsamplings into the convolutions after them where the program can (`on`,
+    /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
+    pub(crate) fn set_upsample_fold(&mut self, on: bool) {
+        self.choice.upsample_fold = on;
         self.plans.clear();
         self.tape = None;
     }
