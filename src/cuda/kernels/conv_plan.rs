@@ -562,12 +562,20 @@ pub(super) fn tc_slice(p: Precision) -> usize {
 pub(crate) const WGMMA_SLICE: usize = 64;
 
 /// A wgmma launch of `s` (16-bit input, bf16 or fp16 products): the tensor-core split-K rule
-/// over its 64-deep K slices. `None` where the kernel's channel and precision conditions fail.
+/// over its 64-deep K slices, with a wave of one block per multiprocessor and
+/// [`WGMMA_SPLIT_SLICES`]. `None` where the kernel's channel and precision conditions fail.
 pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Option<ConvLaunch> {
     if !precision.is_half() || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
         return None;
     }
-    let mut l = split_k(s, ConvKernel::Tensor(precision), WGMMA_SLICE, sms);
+    let kernel = ConvKernel::Tensor(precision);
+    let mut l = split_k_by(
+        s,
+        kernel,
+        WGMMA_SLICE,
+        sms.max(1),
+        |tiles, ktiles, slots| tc_splits(tiles, ktiles, slots, 64, WGMMA_SPLIT_SLICES),
+    );
     l.deep = true;
     l.half_input = true;
     l.wgmma = true;
@@ -766,6 +774,17 @@ fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
 /// What a block's partial sums cost when K is split, in K slices (fitted, below): the workspace
 /// round trip and the reduction launch.
 const SPLIT_SLICES: f64 = 8.0;
+
+/// The same for the wgmma launches, whose rule counts a wave as one block per multiprocessor
+/// ([`plan_wgmma`]). Both fitted to the sweep of 2026-11-26 (H200, bf16, the row-epilogue
+/// launches every wgmma launch now takes; batch 1 forward + VJP and batch 8 forward): counting
+/// two blocks a multiprocessor as the wave, the rule split launches that run faster unsplit
+/// with one block per multiprocessor (the 128x128 level at batch 1: 128 blocks, 0.030 ms
+/// unsplit against 0.042 ms in two splits). Over the sweep's per-launch times, the launches
+/// this rule plans take 6.14 ms at batch 1 (6.34 under the former one; 6.07 with the fastest
+/// split of each) and 14.67 ms at batch 8 (14.68; 14.45). Any wave cost of 1 to 8 slices
+/// fits as well.
+const WGMMA_SPLIT_SLICES: f64 = 4.0;
 
 /// The same for splits that reduce in a thread-block cluster (distributed shared memory, no
 /// workspace, no reduction launch). A guess, not a fit: `INVDIFF_CLUSTER_SPLITK=plan` is timed
