@@ -34,7 +34,7 @@ DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // GroupNorm's element-wise step for four channels: x * scale + shift (one fma, as on the CPU),
-// then SiLU (norm.cu's apply pass, and the halo convolutions that apply it as they load).
+// then SiLU.
 DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
     o[0] = fmaf(v.x, sc.x, sh.x);
     o[1] = fmaf(v.y, sc.y, sh.y);

@@ -24,17 +24,10 @@ struct ConvArgs {
     int tap_dy[9];
     int tap_dx[9];
     int tap_w[9];
-    // The halo convolutions only: x is the fp32 input of a GroupNorm whose per-image scale
-    // and shift ([n][2 * sc], norm.cu's) they apply, then SiLU if norm_silu, as they load it.
-    const float* norm;
-    int norm_silu;
     // Tensor-core kernels: ask L2 for the block's weights before pdl_entry() (prefetch_tap).
     int prefetch_w;
-    // The halo convolutions only, unsplit: the GroupNorm partial sums of the output, in
-    // norm.cu's layout with one chunk per tile (gn_partial's pass then does not run).
-    double* gn_partial;
 };
-static_assert(sizeof(ConvArgs) == 256, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 240, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;

@@ -81,73 +81,8 @@ static_assert(PlainTile::SMEM == WG_SMEM && PlainTile::BLOCKS_PER_SM == 2, "the 
 static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 
-// The halo tile (`_halo` kernels, a candidate until timed on a GPU), for 3x3 stride-1
-// convolutions (and their input gradients) whose 128-row tiles are 128 pixels of one image row
-// or two whole rows of 64: the plain tile gathers A once per tap from L2, nine reads of each
-// input pixel; this one copies the tile's pixels and their one-pixel border once per 32
-// channels (a 3 x 130 or 4 x 66 pixel halo) and multiplies all nine taps out of it, each tap's
-// A a shifted view of the halo. In wgmma's no-swizzle K-major layout an operand is "core
-// matrices" of 8 rows x 16 bytes, each 128 contiguous bytes, 8-row groups SBO bytes apart and
-// the two 8-channel halves of a k16 step LBO apart: the halo is stored as one plane per 8
-// channels, [pixel][16 bytes], so any run of 64 consecutive halo pixels is a valid A (SBO 128,
-// LBO the plane), which a swizzled layout, tied to 1024-byte-aligned 8-row groups, is not.
-// Weights come per (tap, 32 channels) in the same layout, [chunk][column][16 bytes], in a ring
-// of six 8 KB stages, four steps of copies ahead; two halo buffers alternate between channel
-// slices. Per 9 steps a block reads 25 KB of halo and 72 KB of weights instead of 9 x 16 KB of
-// gathered A and the same weights (the v0.4 b8 profile reads the long-K launches' operands at
-// 4.4-4.8 TB/s, about what L2 gives). Two blocks per multiprocessor, as the plain tile. It sums
-// K in another order than the plain tile (channel slices outer, taps inner); a split of K takes
-// whole channel slices, so that batch 1's split launches at 128x128 and 64x64 can use it too.
-//
-// The tall halo tile (`_tall_halo`): 256 rows (a row of 256, two of 128 or four of 64) of four
-// warpgroups share each weight stage, 155 FLOP per byte; one block per multiprocessor, so eight
-// weight stages, six steps of copies ahead.
-//
-// Two GroupNorm options ride on the halo tiles (both candidates too): the halo copy can apply
-// the GroupNorm (+SiLU) of the convolution's input as it loads the fp32 values (norm_halo, so
-// the GroupNorm writes no output), and the epilogue can write the partial sums of the
-// GroupNorm that reads the output (wg_epilogue_stats, so that GroupNorm skips its first pass).
-constexpr int HALO_BK = 32;    // channels per step: 64 bytes of a pixel
-constexpr int HALO_TAPS = 9;   // steps per channel slice
-constexpr int HALO_B_STAGE = WG_TN * 2 * HALO_BK;
-template <int TM_, int B_STAGES_> struct HaloTile {
-    static constexpr int TM = TM_;
-    static constexpr int THREADS = 2 * TM;
-    static constexpr int B_STAGES = B_STAGES_;
-    // The largest halo, of a tile one row wide: 3 x (TM + 2) pixels (two rows of TM / 2 take
-    // 4 x (TM / 2 + 2), and so on, fewer).
-    static constexpr int BYTES = 3 * (TM + 2) * 2 * HALO_BK;
-    static constexpr int SMEM = 2 * BYTES + B_STAGES * HALO_B_STAGE + 128;
-    static constexpr int BLOCKS_PER_SM = 2 * SMEM <= 227 * 1024 ? 2 : 1;
-};
-using PlainHaloTile = HaloTile<128, 6>;
-using TallHaloTile = HaloTile<256, 8>;
-static_assert(PlainHaloTile::SMEM == 99200 && PlainHaloTile::BLOCKS_PER_SM == 2,
-              "PlainHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
-static_assert(TallHaloTile::SMEM == 164736, "TallHaloTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
-template <class T> constexpr bool IS_HALO = false;
-template <int TM, int S> constexpr bool IS_HALO<HaloTile<TM, S>> = true;
-
-// The channel slices [cs0, cs_end) of HALO_BK channels that split blockIdx.z of a halo launch
-// takes, all nine taps of each (the host splits K by whole slices, sc % HALO_BK == 0).
-struct HaloSplit {
-    int cs0, cs_end;
-};
-DEVI HaloSplit halo_split(const ConvArgs& a) {
-    const int per = a.k_per_split / (HALO_BK * HALO_TAPS);
-    const int cs0 = blockIdx.z * per;
-    return {cs0, min(a.sc / HALO_BK, cs0 + per)};
-}
-
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
-
-// A no-swizzle K-major descriptor: core matrices (8 rows x 16 bytes, contiguous) `sbo` bytes
-// apart along the rows, the two 16-byte halves of a k16 step `lbo` bytes apart.
-DEVI uint64_t wg_desc_plain(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
-           ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32);
-}
 
 // A shared-memory matrix descriptor: 128-byte swizzle, 1024 bytes between 8-row groups.
 DEVI uint64_t wg_desc(uint32_t addr) {
@@ -186,7 +121,6 @@ WG_MMA(2, "f16")
 // the others have read it.
 constexpr int WG_PARK = WG_TN + 4;  // floats per parked row: +4 spreads a warp's rows over banks
 static_assert(WG_TM * WG_PARK * 4 <= WG_STAGES * WG_STAGE, "the parked tile fits the stages");
-static_assert(WG_TM * WG_PARK * 4 <= PlainHaloTile::SMEM - 128, "the parked tile fits the halo tile's");
 DEVI void cluster_reduce(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0,
                          int n0) {
     namespace cg = cooperative_groups;
@@ -271,7 +205,7 @@ template <> struct Probe<true> {
     }
 };
 
-// The mainloop's pieces both bodies share. The top of an iteration: this thread's copies of
+// The mainloop's pieces. The top of an iteration: this thread's copies of
 // the step issued AHEAD iterations earlier have landed and are visible to wgmma (the async
 // proxy), and after the barrier so are every other thread's.
 template <int AHEAD, bool PROBE> DEVI void wg_step_ready(Probe<PROBE>& cycles) {
@@ -343,88 +277,15 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
-// The pairwise epilogue of an unsplit TM-row tile that also writes the GroupNorm partial
-// sums of its output (a.gn_partial, the halo tiles only): for each column the f64 sum and sum
-// of squares over the tile's rows, in norm.cu's layout with one chunk per tile, so that the
-// GroupNorm reading this output skips its own pass over it. The same values as store_pair,
-// columns outer so that a thread holds two columns' sums at a time; the 8 lanes of a column
-// pair add theirs by shuffles, then one thread per column adds the warps' in row order
-// (shared memory, the idle stages).
-template <int TM>
-DEVI void wg_epilogue_stats(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int m0, int n0) {
-    constexpr int WARPS = TM / 16;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int g = lane >> 2;
-    const int q = lane & 3;
-    const int row0 = m0 + (warp >> 2) * 64 + (warp & 3) * 16 + g;
-    RowCoord rc[2];
-    long long pix[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        rc[h] = decode_row(a, row0 + 8 * h);
-        pix[h] = out_pixel(a, rc[h]);
-    }
-    double2* part = reinterpret_cast<double2*>(stages);  // [WARPS][WG_TN]
-    // Every warpgroup is done with the stages (its products and copies waited for).
-    __syncthreads();
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        const int c = 8 * j + 2 * q;
-        const int col = n0 + c;
-        double s0 = 0.0, q0 = 0.0, s1 = 0.0, q1 = 0.0;
-        if (col < a.ncols) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const float2 v =
-                    finish_pair(a, rc[h].img, pix[h], col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
-                s0 += (double)v.x;
-                q0 += (double)v.x * (double)v.x;
-                s1 += (double)v.y;
-                q1 += (double)v.y * (double)v.y;
-            }
-        }
-#pragma unroll
-        for (int o = 4; o < 32; o <<= 1) {
-            s0 += __shfl_xor_sync(0xffffffffu, s0, o);
-            q0 += __shfl_xor_sync(0xffffffffu, q0, o);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, o);
-            q1 += __shfl_xor_sync(0xffffffffu, q1, o);
-        }
-        if (g == 0) {
-            part[warp * WG_TN + c] = make_double2(s0, q0);
-            part[warp * WG_TN + c + 1] = make_double2(s1, q1);
-        }
-    }
-    __syncthreads();
-    const int col = n0 + tid;
-    if (tid < WG_TN && col < a.ncols) {
-        double s = 0.0, sq = 0.0;
-        for (int w = 0; w < WARPS; ++w) {
-            const double2 p = part[w * WG_TN + tid];
-            s += p.x;
-            sq += p.y;
-        }
-        const int per = a.mh * a.mw;
-        const int img = m0 / per;
-        const int chunks = per / TM, chunk = (m0 - img * per) / TM;
-        double* out = a.gn_partial + (((long long)img * chunks + chunk) * a.ncols + col) * 2;
-        out[0] = s;
-        out[1] = sq;
-    }
-}
-
 // The end of a wgmma body: split K reduced within the cluster (CLUSTERS: a tile the host
-// launches as clusters, here without a workspace), the epilogue with GroupNorm's partial sums
-// (STATS: the halo tiles, when asked), or the epilogue; then the probe's last phase and its
-// counters (`slices` K steps).
-template <bool ROWS, bool CLUSTERS, bool STATS, int TM, bool PROBE>
+// launches as clusters, here without a workspace) or the epilogue; then the probe's last phase
+// and its counters (`slices` K steps).
+template <bool ROWS, bool CLUSTERS, bool PROBE>
 DEVI void wg_finish(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0, int n0,
                     Probe<PROBE>& cycles, unsigned long long* probe, int slices) {
     const bool split = gridDim.z > 1;
     if (CLUSTERS && split && a.ws == nullptr)
         cluster_reduce(a, stages, acc, M, m0, n0);
-    else if (STATS && !split && a.gn_partial != nullptr)  // the host plans sums unsplit only
-        wg_epilogue_stats<TM>(a, stages, acc, m0, n0);
     else
         wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
     cycles.mark(PROBE_EPILOGUE);
@@ -564,214 +425,15 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.mark(PROBE_DRAIN);
 
     // (The host launches clusters of plain tiles only.)
-    wg_finish<ROWS, std::is_same_v<Tile, PlainTile>, false, TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0,
-                                                                cycles, probe, ntiles);
-}
-
-// The halo of channels c0 .. c0 + 31 (hr x hc pixels from source pixel (sy0, sx0) of image
-// img, planes `plane` bytes apart at h) from the fp32 input of a GroupNorm (a.norm): x * scale
-// + shift, then SiLU if a.norm_silu, rounded to the product type T, exactly as norm.cu's
-// gn_apply_half writes the 16-bit input it replaces; zero outside the image, where the
-// convolution pads the normalised tensor. Synchronous loads, two pixels in flight per thread,
-// stored before the fence and barrier that precede the step that reads them.
-template <int T, int THREADS>
-DEVI void norm_halo(const ConvArgs& a, uint32_t h, int plane, int hr, int hc, int sy0, int sx0, int img, int c0) {
-    static_assert(THREADS % 4 == 0, "a thread copies chunk tid % 4 of each of its pixels");
-    const int cc = threadIdx.x & 3;
-    const float* const xf =
-        reinterpret_cast<const float*>(a.x) + (long long)img * a.sh * a.sw * a.sc + c0 + cc * 8;
-    const float* const ss = a.norm + (long long)img * 2 * a.sc + c0 + cc * 8;
-    const float4 s0 = ld_f4(ss), s1 = ld_f4(ss + 4), t0 = ld_f4(ss + a.sc), t1 = ld_f4(ss + a.sc + 4);
-    const int chunks = hr * hc * 4;
-    for (int i = threadIdx.x; i < chunks; i += 2 * THREADS) {
-        float4 v[2][2];
-        bool ok[2];
-        int p[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-            const int k = i + u * THREADS;
-            p[u] = k >> 2;
-            const int hy = p[u] / hc;
-            const int iy = sy0 + hy, ix = sx0 + p[u] - hy * hc;
-            ok[u] = k < chunks && (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
-            v[u][0] = v[u][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (ok[u]) {
-                const float* src = xf + ((long long)iy * a.sw + ix) * a.sc;
-                v[u][0] = ld_f4(src);
-                v[u][1] = ld_f4(src + 4);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-            if (i + u * THREADS >= chunks) continue;
-            // Zero outside the image (the affine of zero is not zero).
-            uint32_t w[4] = {0u, 0u, 0u, 0u};
-            if (ok[u]) {
-                float o0[4], o1[4];
-                affine4(v[u][0], s0, t0, a.norm_silu, o0);
-                affine4(v[u][1], s1, t1, a.norm_silu, o1);
-                w[0] = pack_half2(o0[0], o0[1], T);
-                w[1] = pack_half2(o0[2], o0[3], T);
-                w[2] = pack_half2(o1[0], o1[1], T);
-                w[3] = pack_half2(o1[2], o1[3], T);
-            }
-            st_shared_v4(h + cc * plane + p[u] * 16, w[0], w[1], w[2], w[3]);
-        }
-    }
-}
-
-// The halo tiles' body (HaloTile above). The host sends it launches of nine taps at distinct
-// offsets of one 3x3 window, in_stride 1, sc % 32 == 0, K split by whole channel slices
-// (k_per_split a multiple of 9 x 32, no split empty; clusters of 128-row tiles only), and a
-// row grid (mh, mw) with mw % 64 == 0, TM % mw == 0 or mw % TM == 0, and mh * mw % TM == 0,
-// so that a tile never leaves its image and each warpgroup's 64 rows are consecutive pixels of
-// one row.
-template <int T, bool PROBE, bool ROWS, class Tile>
-DEVI void wg_halo_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
-    constexpr int TM = Tile::TM;
-    constexpr int THREADS = Tile::THREADS;
-    constexpr int HALO_BYTES = Tile::BYTES;
-    constexpr int HALO_B_STAGES = Tile::B_STAGES;
-    Probe<PROBE> cycles;
-    cycles.start();
-    __shared__ Taps taps;
-    const int tid = threadIdx.x;
-    stage_taps(a, taps);
-    const Window win = tap_window(a);
-
-    const int M = a.n * a.mh * a.mw;
-    const int sc = a.sc;
-    const int ncols = a.ncols;
-    const int m0 = blockIdx.x * TM;
-    const int n0 = blockIdx.y * WG_TN;
-    const HaloSplit split = halo_split(a);
-    const int cs0 = split.cs0;
-    const int steps = (split.cs_end - cs0) * HALO_TAPS;
-    // The mainloop below runs at least one slice: a split the host left empty would multiply
-    // shared memory nothing wrote.
-    if (steps < HALO_TAPS) __trap();
-
-    // The halo: hr rows of hc pixels around the tile, from source pixel (sy0, sx0) of image
-    // `first.img`; one plane of 16 bytes per pixel for each 8 channels.
-    const int tw = min(a.mw, TM);
-    const int hc = tw + 2;
-    const int hr = TM / tw + 2;
-    const int plane = hr * hc * 16;
-    const RowCoord first = decode_row(a, m0);
-    const int sy0 = first.my + win.dy0;
-    const int sx0 = first.mx + win.dx0;
-    const uint16_t* const xa = reinterpret_cast<const uint16_t*>(a.x);
-    const uint16_t* const ximg = xa + (long long)first.img * a.sh * a.sw * sc;
-    const uint16_t* const wb = static_cast<const uint16_t*>(a.w);
-    __syncthreads();
-
-    const uint32_t base = (smem_addr(smem) + 127) & ~127u;
-    const uint32_t ring = base + 2 * HALO_BYTES;
-    constexpr int B_CHUNK = WG_TN * 16;  // bytes of one 8-channel chunk of a weight stage
-    // Step s multiplies tap s % 9 of channel slice s / 9; its copies are that tap's weights and,
-    // at a slice's first tap, the slice's halo.
-    auto load = [&](int step) {
-        const int cs = step / HALO_TAPS;
-        const int t = step - cs * HALO_TAPS;
-        const int c0 = (cs0 + cs) * HALO_BK;
-        const uint32_t h = base + (cs & 1) * HALO_BYTES;
-        if (t == 0 && a.norm != nullptr) {
-            norm_halo<T, THREADS>(a, h, plane, hr, hc, sy0, sx0, first.img, c0);
-        } else if (t == 0) {
-            // Four threads copy one pixel's 64 bytes (two full sectors); each plane receives
-            // runs of 8 pixels, 128 contiguous bytes.
-            for (int i = tid; i < hr * hc * 4; i += THREADS) {
-                const int p = i >> 2, cc = i & 3;
-                const int hy = p / hc;
-                const int iy = sy0 + hy, ix = sx0 + p - hy * hc;
-                const bool ok = (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
-                const uint16_t* src = ok ? ximg + ((long long)iy * a.sw + ix) * sc + c0 + cc * 8 : xa;
-                cp_async16(h + cc * plane + p * 16, src, ok);
-            }
-        }
-        const uint32_t sb = ring + (step % HALO_B_STAGES) * HALO_B_STAGE;
-        const long long wrow = (long long)taps.w[t] * ncols;
-#pragma unroll
-        for (int j = 0; j < WG_TN * 4 / THREADS; ++j) {
-            const int i = tid + THREADS * j;
-            const int r = i >> 2, cc = i & 3;
-            const int n = n0 + r;
-            const bool ok = n < ncols;
-            cp_async16(sb + cc * B_CHUNK + r * 16, ok ? wb + (wrow + n) * sc + c0 + cc * 8 : wb, ok);
-        }
-    };
-
-    const int wg = tid >> 7;
-    // This warpgroup's first pixel in the halo, before the tap's offset.
-    const int wg_pix = (wg * 64 / tw) * hc + wg * 64 % tw;
-    float acc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-
-    // The plain tile's schedule over steps: step s's copies were issued AHEAD iterations
-    // earlier, one group per step; the barrier of step s tells every thread that each
-    // warpgroup's products of step s - 2 are complete, so the weight stage of step s + AHEAD
-    // (= s - 2 modulo the ring) is free. The halo buffer of slice cs + 2, refilled at step
-    // 9 (cs + 2) - AHEAD, was last read at step 9 cs + 8, at least two steps before.
-    constexpr int AHEAD = HALO_B_STAGES - 2;
-    static_assert(AHEAD <= HALO_TAPS - 1, "a halo buffer is refilled only after its last reader");
-#pragma unroll
-    for (int s = 0; s < AHEAD; ++s) {
-        if (s < steps) load(s);
-        cp_async_commit();
-    }
-    cycles.mark(PROBE_SETUP);
-    // At least one step (sc >= 32): a loop that may run zero times gives the accumulators a
-    // second, zero-filled path to the epilogue, and ptxas then serialises every wgmma (C7515).
-    int st = 0;
-    do {
-        wg_step_ready<AHEAD>(cycles);
-        if (st + AHEAD < steps) load(st + AHEAD);
-        cp_async_commit();
-        cycles.mark(PROBE_ISSUE);
-        const int cs = st / HALO_TAPS;
-        const int t = st - cs * HALO_TAPS;
-        const int pix = wg_pix + (taps.dy[t] - win.dy0) * hc + (taps.dx[t] - win.dx0);
-        const uint32_t sa = base + (cs & 1) * HALO_BYTES + pix * 16;
-        const uint32_t sb = ring + (st % HALO_B_STAGES) * HALO_B_STAGE;
-        wg_batch(acc, [&] {
-#pragma unroll
-            for (int ks = 0; ks < HALO_BK / 16; ++ks)
-                wg_mma<T>(acc, wg_desc_plain(sa + 2 * ks * plane, plane, 128),
-                          wg_desc_plain(sb + 2 * ks * B_CHUNK, B_CHUNK, 128));
-        });
-        cycles.mark(PROBE_MMA);
-    } while (++st < steps);
-    wg_drain(acc);
-    cycles.mark(PROBE_DRAIN);
-    // (The host launches clusters of 128-row halo tiles only; their halos and weight stages,
-    // idle now, hold the parked tile.)
-    wg_finish<ROWS, TM == WG_TM, true, TM>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles, probe,
-                                           steps);
-}
-
-// A kernel's body by its tile.
-template <int T, bool PROBE, bool ROWS, class Tile>
-DEVI void wg_run(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
-    if constexpr (IS_HALO<Tile>)
-        wg_halo_body<T, PROBE, ROWS, Tile>(a, smem, probe);
-    else
-        wg_body<T, PROBE, ROWS, Tile>(a, smem, probe);
+    wg_finish<ROWS, std::is_same_v<Tile, PlainTile>>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles,
+                                                    probe, ntiles);
 }
 
 // The weights a block of `Tile` reads, asked of L2 (prefetch_tap) where the host says so.
 template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
     if (!a.prefetch_w) return;
-    const int n0 = blockIdx.y * WG_TN;
-    if constexpr (IS_HALO<Tile>) {
-        const HaloSplit split = halo_split(a);
-#pragma unroll
-        for (int t = 0; t < HALO_TAPS; ++t)
-            prefetch_tap(a, a.tap_w[t], split.cs0 * HALO_BK, split.cs_end * HALO_BK, n0, true, 2);
-    } else {
-        const KSplit ks = k_split(a, WG_BK);
-        prefetch_k_range(a, ks.kb, ks.ke, n0, true, 2);
-    }
+    const KSplit ks = k_split(a, WG_BK);
+    prefetch_k_range(a, ks.kb, ks.ke, blockIdx.y * WG_TN, true, 2);
 }
 
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
@@ -784,7 +446,7 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
         wg_prefetch_weights<TILE>(a);                                                                 \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_run<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                          \
+        wg_body<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                          \
     }
 // The same kernel counting its cycles into probe[PROBE_COUNTERS] (zeroed by the host).
 #define WG_PROBE_KERNEL(name, T, ROWS, TILE)                                                         \
@@ -793,10 +455,10 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
         wg_prefetch_weights<TILE>(a);                                                                 \
         pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_run<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \
+        wg_body<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \
     }
 // Both precisions, both epilogues, plain and counting, of one tile: the row-batched epilogue
-// (ROWS), the tall, six-stage and halo tiles are candidates until timed on a GPU.
+// (ROWS), the tall and six-stage tiles are candidates until timed on a GPU.
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE)                                              \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE)                                              \
@@ -809,5 +471,3 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
 WG_KERNELS(_6stage, SixStageTile)
-WG_KERNELS(_halo, PlainHaloTile)
-WG_KERNELS(_tall_halo, TallHaloTile)

@@ -10,10 +10,10 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: two likely
-#       default sets, all together, then each candidate of scripts/candidates.sh alone) of
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: a likely
+#       default set, all together, then each candidate of scripts/candidates.sh alone) of
 #       out/invdiff-next if it exists, else out/invdiff: for each its bf16 b1 (forward + DPS
-#       step), b8 and b32 rows; for the likely default sets (combo_*) also their whole-network
+#       step), b8 and b32 rows; for the likely default set (combo_*) also its whole-network
 #       selftest rows, and for `all` (else the last one) also its whole selftest (each one's
 #       with VARIANT_SELFTEST=each), the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
@@ -25,7 +25,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 28 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 21 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -263,17 +263,15 @@ MODEL_ARG=()
 # (v) Run-time variants of the newest build (~10 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
-ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_GN_CLUSTER=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_ATTN_FLASH=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_SIX_STAGES=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_HALO_STATS=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1,INVDIFF_STREAMS=2
-# Two likely default sets besides "all", timed in this run so that flipping several switches
-# needs no second device session: the candidates that change no tile (SAFE), and those with
-# the halo tiles and the GroupNorm work they take (HALO).
+ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_GN_CLUSTER=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_ATTN_FLASH=1,INVDIFF_WGMMA_TALL=1,INVDIFF_WGMMA_SIX_STAGES=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1,INVDIFF_STREAMS=2
+# A likely default set besides "all", timed in this run so that flipping several switches
+# needs no second device session: the candidates that change no tile (SAFE).
 SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1
-HALO=INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_HALO=1,INVDIFF_HALO_NORM=1,INVDIFF_HALO_STATS=1
-# The sets first (should the deadline come, they decide the defaults), then each candidate alone
+# The set first (should the deadline come, it decides the defaults), then each candidate alone
 # (scripts/candidates.sh, the list tune.sh reads too).
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
-VARIANTS=${VARIANTS-combo_safe:$SAFE;combo_halo:$SAFE,$HALO;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
+VARIANTS=${VARIANTS-combo_safe:$SAFE;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"
 # The variant that also gets the whole selftest, the b1 DPS profile and the 1000-step

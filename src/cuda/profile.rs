@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use super::kernels::{ConvKernel, NormInput};
+use super::kernels::ConvKernel;
 use super::precision::Precision;
 use super::program::{ConvStep, Program, Step, WKind};
 use super::unet::AttnKernel;
@@ -81,9 +81,6 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.wgmma {
         variant += ", ";
         variant += c.launch.tile.describe();
-    }
-    if c.launch.norm_input != NormInput::None {
-        variant += ", GroupNorm in its loads";
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
@@ -249,17 +246,12 @@ impl Step {
                 silu,
                 ..
             } => {
-                // No output: a halo convolution applies it; partial sums from the producer:
-                // a halo convolution's epilogue wrote them.
-                let (kind, half_out, output) = match self {
-                    GroupNorm { half_out, y, .. } => ("groupnorm", half_out, y.is_some()),
-                    GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out, true),
+                let (kind, half_out) = match self {
+                    GroupNorm { half_out, .. } => ("groupnorm", half_out),
+                    GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out),
                     _ => unreachable!("matched above"),
                 };
-                let launches = match split.one_pass {
-                    Some(_) => 1,
-                    None => 1 + usize::from(output) + usize::from(!split.from_producer),
-                };
+                let launches = if split.one_pass.is_some() { 1 } else { 3 };
                 let layout = match split.one_pass {
                     Some(shape) if shape.blocks > 1 => {
                         format!("one pass, clusters of {}", shape.blocks)
@@ -268,19 +260,10 @@ impl Step {
                     None => format!("{} chunks", split.chunks),
                 };
                 StepInfo {
-                    variant: format!(
-                        "{layout}{}{}",
-                        if split.from_producer {
-                            " from the producer"
-                        } else {
-                            ""
-                        },
-                        match (half_out, output) {
-                            (_, false) => ", no output".to_string(),
-                            (Some(p), true) => format!(", {p} output"),
-                            (None, true) => String::new(),
-                        }
-                    ),
+                    variant: match half_out {
+                        Some(p) => format!("{layout}, {p} output"),
+                        None => layout,
+                    },
                     ..plain(
                         kind,
                         format!(
@@ -898,12 +881,9 @@ mod tests {
             attention_flash: true,
             alias_residual_grads: true,
             half_copy: true,
-            halo_tiles: true,
-            halo_norm: true,
-            halo_stats: true,
             ..base
         };
-        assert_eq!(count(fewer), [252, 616]);
+        assert_eq!(count(fewer), [272, 636]);
         // Folding the two large upsamplings adds launches: per fold a conversion and four class
         // launches for an upsampling and one, and two for two backward (with their splits).
         let fold = KernelConfig {

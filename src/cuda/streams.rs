@@ -297,8 +297,8 @@ mod tests {
     /// The real network: every conflict of the celebahq-256 program (forward and backward,
     /// batch 1 and 2, memory placed as with side streams) is ordered by the schedule, at 2 to
     /// 4 streams, and the passes get shorter than their step counts; with the default kernels
-    /// at 64x64, and with every candidate on at 128x128 (halo tiles and the GroupNorms fused
-    /// into them, fused attention, 16-bit copies, aliased gradients).
+    /// at 64x64, and with every candidate on at 128x128 (fused attention, 16-bit copies,
+    /// aliased gradients).
     #[test]
     fn every_conflict_of_the_unet_is_ordered() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -315,9 +315,6 @@ mod tests {
             attention_flash: true,
             tall_tiles: true,
             six_stages: true,
-            halo_tiles: true,
-            halo_norm: true,
-            halo_stats: true,
             ..KernelConfig::default()
         };
         for (n, kc, size) in [

@@ -10,8 +10,8 @@
 //! 16-bit input (every tile that takes the launch; the deep ones and wgmma with either epilogue),
 //! each at several splits of K: 1, and those that keep the grid within four waves of the
 //! machine. The mma.sync variants compute the same sums in the same order for a given split
-//! (the selftest holds them to it), wgmma the same products in another order (and the halo
-//! tiles in yet another), so only the time differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
+//! (the selftest holds them to it), wgmma the same products in another order, so only the time
+//! differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
 //! it). Times are means of CUDA-event-timed repetitions after a warm-up.
 //!
 //! wgmma variants split 2 to 8 ways on a tile that clusters are timed both ways: reduced through
@@ -43,8 +43,8 @@ use crate::{ensure, Error, Result};
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepVariant {
     /// `two-stage`, `deep` (fp32 input), `deep, 16-bit input`, or `wgmma` (16-bit input) with
-    /// its tile (`wgmma, tall`, `wgmma, halo`, ...), with `, row epilogue` when the epilogue loads four
-    /// output pairs before storing them.
+    /// its tile (`wgmma, tall`, ...), with `, row epilogue` when the epilogue loads four output
+    /// pairs before storing them.
     pub pipeline: String,
     pub splits: usize,
     /// Mean milliseconds per launch (with the split-K reduction when split).
@@ -61,8 +61,6 @@ pub struct CycleProbe {
     pub warpgroups: u64,
     /// K slices each warpgroup multiplied, on average.
     pub slices: f64,
-    /// How deep a slice is: 64, or one tap of 32 channels in the halo tiles.
-    pub k_step: usize,
     /// Cycles from a warpgroup's start to its end, on average.
     pub cycles: f64,
     /// Each phase's share of those cycles, in the kernel's order.
@@ -77,7 +75,7 @@ pub struct PhaseShare {
 }
 
 impl CycleProbe {
-    fn from_counters(c: &[u64; WGMMA_PROBE_COUNTERS], k_step: usize) -> Option<CycleProbe> {
+    fn from_counters(c: &[u64; WGMMA_PROBE_COUNTERS]) -> Option<CycleProbe> {
         let phases = WGMMA_PROBE_PHASES.len();
         let warpgroups = c[phases];
         let total: u64 = c[..phases].iter().sum();
@@ -87,7 +85,6 @@ impl CycleProbe {
         Some(CycleProbe {
             warpgroups,
             slices: c[phases + 1] as f64 / warpgroups as f64,
-            k_step,
             cycles: total as f64 / warpgroups as f64,
             phases: WGMMA_PROBE_PHASES
                 .iter()
@@ -100,23 +97,18 @@ impl CycleProbe {
         })
     }
 
-    /// One line: cycles per slice, per 64 of K (to compare tiles with different slices) and
-    /// each phase's share.
+    /// One line: cycles per slice and each phase's share.
     pub fn summary(&self) -> String {
         let shares: Vec<String> = self
             .phases
             .iter()
             .map(|p| format!("{} {:.0}%", p.phase, 100.0 * p.share))
             .collect();
-        let per_slice = self.cycles / self.slices.max(1.0);
         format!(
-            "{:.0} cycles per warpgroup over {:.1} slices of {} ({:.0} per slice, {:.0} per 64 \
-             of K): {}",
+            "{:.0} cycles per warpgroup over {:.1} slices ({:.0} per slice): {}",
             self.cycles,
             self.slices,
-            self.k_step,
-            per_slice,
-            per_slice * 64.0 / self.k_step.max(1) as f64,
+            self.cycles / self.slices.max(1.0),
             shares.join(", ")
         )
     }
@@ -265,7 +257,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             };
             for row_epilogue in [false, true] {
                 for (tile, _) in WgmmaTile::ALL {
-                    let Some(c) = on_tile(ConvLaunch { row_epilogue, ..c }, shape, tile) else {
+                    let Some(c) = on_tile(ConvLaunch { row_epilogue, ..c }, tile) else {
                         continue;
                     };
                     // Split 2 to 8 ways on a tile that clusters: also reduced in a cluster
@@ -419,10 +411,7 @@ fn probe(
     let st = &gpu.stream;
     let counters = ProbeCounters::new(st)?;
     gpu.kernels.conv_probe(st, shape, c, ptrs, &counters)?;
-    Ok(CycleProbe::from_counters(
-        &counters.read(st)?,
-        c.tile.k_step(),
-    ))
+    Ok(CycleProbe::from_counters(&counters.read(st)?))
 }
 
 /// One distinct GroupNorm of a program (direction, shape, SiLU, output format) and the time of
@@ -636,7 +625,7 @@ fn distinct_norms(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::{halo_fits, plan_conv_at};
+    use crate::cuda::kernels::plan_conv_at;
     use crate::model::graph::Pad;
 
     /// The GroupNorm sweep's rows cover every GroupNorm of the program once: celebahq's 71 in
@@ -665,7 +654,7 @@ mod tests {
     /// that counted nothing gives none.
     #[test]
     fn cycle_probe_reads_its_counters() {
-        let p = CycleProbe::from_counters(&[100, 150, 50, 300, 400, 50, 150, 4, 72], 32).unwrap();
+        let p = CycleProbe::from_counters(&[100, 150, 50, 300, 400, 50, 150, 4, 72]).unwrap();
         assert_eq!(p.warpgroups, 4);
         assert_eq!(p.slices, 18.0);
         assert_eq!(p.cycles, 300.0);
@@ -673,16 +662,16 @@ mod tests {
         assert!((p.phases.iter().map(|s| s.share).sum::<f64>() - 1.0).abs() < 1e-12);
         assert_eq!(p.phases[4].phase, "products + batch wait");
         assert!((p.phases[4].share - 400.0 / 1200.0).abs() < 1e-12);
-        assert!(p.summary().starts_with(
-            "300 cycles per warpgroup over 18.0 slices of 32 (17 per slice, 33 per 64 of K)"
-        ));
-        assert!(CycleProbe::from_counters(&[0; WGMMA_PROBE_COUNTERS], 64).is_none());
+        assert!(p
+            .summary()
+            .starts_with("300 cycles per warpgroup over 18.0 slices (17 per slice)"));
+        assert!(CycleProbe::from_counters(&[0; WGMMA_PROBE_COUNTERS]).is_none());
     }
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
     /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
-    /// pipeline in bf16/fp16, wgmma tiles that take the launch (the halo tiles among them where
-    /// the shape allows, split too); the planned launch is among them.
+    /// pipeline in bf16/fp16, clusters only on the tiles that take them; the planned launch is
+    /// among them.
     #[test]
     fn candidates_are_valid_launches() {
         let shapes = [
@@ -707,8 +696,7 @@ mod tests {
                     assert!(!l.cluster || (2..=MAX_CLUSTER_SPLITS).contains(&l.splits));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
-                        assert_eq!(l.k_per_split % l.tile.split_unit(), 0);
-                        assert!(l.tile.takes(shape, l));
+                        assert_eq!(l.k_per_split % WGMMA_SLICE, 0);
                         continue;
                     }
                     assert_eq!(l.k_per_split % slice, 0);
@@ -719,13 +707,6 @@ mod tests {
                 }
                 let pipes = if precision.is_half() { 3 } else { 2 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
-                if precision.is_half() && halo_fits(shape, 128) {
-                    let halo = |split: bool| {
-                        c.iter()
-                            .any(|l| l.tile == WgmmaTile::Halo && (l.splits > 1) == split)
-                    };
-                    assert!(halo(false) && (shape.n > 1 || halo(true)), "{shape:?}");
-                }
                 // Every wgmma launch split 2 to 8 ways on a plain tile is also timed clustered.
                 for l in c.iter().filter(|l| {
                     l.wgmma && l.tile == WgmmaTile::Plain && (2..=8).contains(&l.splits)

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use super::conv_plan::{
-    direct_fits, gn_partial_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, NormInput,
-    WgmmaTile, DIRECT_MAX, MAX_CLUSTER_SPLITS, TILE,
+    direct_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX,
+    MAX_CLUSTER_SPLITS, TILE, WGMMA_SLICE,
 };
 use super::{cfg, half_kind, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -46,13 +46,10 @@ struct ConvArgs {
     tap_dy: [i32; 9],
     tap_dx: [i32; 9],
     tap_w: [i32; 9],
-    norm: DPtr,
-    norm_silu: i32,
     prefetch_w: i32,
-    gn_partial: DPtr,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 256);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 240);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -67,13 +64,6 @@ pub(crate) struct ConvPtrs {
     pub temb: DPtr,
     pub res: DPtr,
     pub ws: DPtr,
-    /// With [`ConvLaunch::norm_input`]: the GroupNorm's scale and shift, `[n][2][sc]`
-    /// (`x` then holds its fp32 input).
-    pub norm: DPtr,
-    /// Halo tiles, unsplit, output rows in pixel order: where the epilogue also writes the
-    /// GroupNorm partial sums of the output, in kernels/norm.cu's layout with one chunk per
-    /// tile ([`NormSplit::from_producer`](super::NormSplit::from_producer)).
-    pub gn_partial: DPtr,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -346,10 +336,7 @@ impl Kernels {
             k_per_split: i32_of(plan.k_per_split, "K per split")?,
             accumulate: accumulate as i32,
             out_div,
-            norm: p.norm,
-            norm_silu: i32::from(plan.norm_input == NormInput::AffineSilu),
             prefetch_w: i32::from(plan.prefetch_weights),
-            gn_partial: p.gn_partial,
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -362,7 +349,7 @@ impl Kernels {
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
-        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb, p.norm]
+        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
             .iter()
             .all(|&q| q % 16 == 0);
         let tensor = matches!(plan.kernel, ConvKernel::Tensor(_));
@@ -376,15 +363,11 @@ impl Kernels {
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.prefetch_weights && !tensor)
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
-            || (plan.wgmma && !plan.tile.takes(s, plan))
-            || ((plan.norm_input != NormInput::None) != (p.norm != 0))
-            || (plan.norm_input != NormInput::None && !plan.tile.is_halo())
-            || (p.gn_partial != 0 && !gn_partial_fits(s, plan))
+            || (plan.cluster && !plan.tile.clusters())
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, weight prefetch {}, tile {:?}, cluster {} and input {:?} \
-                 (scale and shift {})",
+                 row epilogue {}, weight prefetch {}, tile {:?} and cluster {}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -392,9 +375,7 @@ impl Kernels {
                 plan.row_epilogue,
                 plan.prefetch_weights,
                 plan.tile,
-                plan.cluster,
-                plan.norm_input,
-                if p.norm != 0 { "given" } else { "absent" }
+                plan.cluster
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -409,7 +390,7 @@ impl Kernels {
                     )));
                 }
                 let slice = if plan.wgmma {
-                    plan.tile.split_unit()
+                    WGMMA_SLICE
                 } else {
                     tc_slice(precision)
                 };

@@ -1,8 +1,6 @@
 //! Convolution planning: the implicit-GEMM problem of each convolution launch ([`ConvShape`]),
 //! which kernel, tile and split of K runs it ([`ConvLaunch`]), and the rules that choose them.
 
-#[cfg(doc)]
-use super::ConvPtrs;
 use super::BLOCK;
 use crate::cuda::precision::Precision;
 use crate::model::graph::Pad;
@@ -345,8 +343,7 @@ pub(crate) struct ConvLaunch {
     pub deep: bool,
     /// The input is already in the tensor-core kernel's 16-bit precision (two elements per
     /// f32 slot), written so by the op before it; only with `ConvKernel::Tensor` in bf16 or
-    /// fp16 and `deep`. Set by the lowering, which knows where each input comes from. (With
-    /// a [`NormInput`], the halo tile makes those 16-bit values from a GroupNorm's input.)
+    /// fp16 and `deep`. Set by the lowering, which knows where each input comes from.
     pub half_input: bool,
     /// Hopper's warpgroup products (kernels/conv_wgmma.cu) instead of mma.sync: only with
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
@@ -368,28 +365,10 @@ pub(crate) struct ConvLaunch {
     /// for the grid it depends on (`prefetch_tap` in kernels/conv_common.cuh): a hint, the
     /// same results.
     pub prefetch_weights: bool,
-    /// With a halo tile: what it does to the input as it loads it ([`ConvPtrs::norm`]).
-    pub norm_input: NormInput,
 }
 
-/// The input of a halo-tile convolution: its 16-bit operand, or the fp32 input of the
-/// GroupNorm that would have written it, normalised with that GroupNorm's per-channel scale
-/// and shift ([`ConvPtrs::norm`]), then SiLU, as the tile loads it: the same 16-bit values,
-/// without the GroupNorm's own pass over them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) enum NormInput {
-    /// `x` is the 16-bit operand.
-    #[default]
-    None,
-    /// `x` is a GroupNorm's fp32 input: scale and shift it.
-    Affine,
-    /// The same, then SiLU.
-    AffineSilu,
-}
-
-/// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile` and `HaloTile`): for a given
-/// split of K the others compute the same sums in the same order, and the two halo tiles the
-/// same sums in an order of their own.
+/// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile`): for a given split of K each
+/// computes the same sums in the same order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum WgmmaTile {
     /// 128 rows, three stages, two blocks per multiprocessor (`PlainTile`).
@@ -402,24 +381,14 @@ pub(crate) enum WgmmaTile {
     /// (`SixStageTile`, the `_6stage` kernels), for launches of at most one block per
     /// multiprocessor.
     SixStages,
-    /// 128 rows whose A operand is a shared-memory halo of the tile's pixels, copied once per
-    /// 32 channels for all nine taps (`PlainHaloTile`, the `_halo` kernels): only the shapes
-    /// [`halo_fits`] takes, K split by channel slices ([`on_tile`]). It sums K in another
-    /// order (channel slices outer).
-    Halo,
-    /// The halo tile with 256 rows of four warpgroups, one block per multiprocessor
-    /// (`TallHaloTile`, the `_tall_halo` kernels): the same sums as [`WgmmaTile::Halo`].
-    TallHalo,
 }
 
 impl WgmmaTile {
     /// In the order of [`Kernels`](super::Kernels)' wgmma tables, with each one's kernel name suffix.
-    pub(crate) const ALL: [(WgmmaTile, &'static str); 5] = [
+    pub(crate) const ALL: [(WgmmaTile, &'static str); 3] = [
         (WgmmaTile::Plain, ""),
         (WgmmaTile::Tall, "_tall"),
         (WgmmaTile::SixStages, "_6stage"),
-        (WgmmaTile::Halo, "_halo"),
-        (WgmmaTile::TallHalo, "_tall_halo"),
     ];
 
     /// "wgmma" and the tile in words, for reports.
@@ -428,118 +397,44 @@ impl WgmmaTile {
             WgmmaTile::Plain => "wgmma",
             WgmmaTile::Tall => "wgmma, tall",
             WgmmaTile::SixStages => "wgmma, six stages",
-            WgmmaTile::Halo => "wgmma, halo",
-            WgmmaTile::TallHalo => "wgmma, tall halo",
         }
     }
 
     /// Output rows of one block.
     pub fn rows(self) -> usize {
         match self {
-            WgmmaTile::Tall | WgmmaTile::TallHalo => 256,
+            WgmmaTile::Tall => 256,
             _ => TILE,
-        }
-    }
-
-    /// The K one step of its mainloop multiplies (what the cycle probe counts): one tap of
-    /// [`HALO_CHANNELS`] channels in the halo tiles, [`WGMMA_SLICE`] otherwise.
-    pub fn k_step(self) -> usize {
-        if self.is_halo() {
-            HALO_CHANNELS
-        } else {
-            WGMMA_SLICE
-        }
-    }
-
-    /// What K is split in multiples of: all nine taps of [`HALO_CHANNELS`] channels in the
-    /// halo tiles, [`WGMMA_SLICE`] otherwise.
-    pub fn split_unit(self) -> usize {
-        if self.is_halo() {
-            9 * HALO_CHANNELS
-        } else {
-            WGMMA_SLICE
         }
     }
 
     pub(super) fn threads(self) -> u32 {
         match self {
-            WgmmaTile::Tall | WgmmaTile::TallHalo => 512,
+            WgmmaTile::Tall => 512,
             _ => BLOCK,
         }
     }
 
     /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
-    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them; or two halos of
-    /// 3 x (rows + 2) pixels x 64 bytes and six (eight when tall) 8 KB weight stages, plus
-    /// 128 bytes.
+    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them.
     pub(super) fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
             WgmmaTile::Tall | WgmmaTile::SixStages => 197_632,
-            WgmmaTile::Halo => 99_200,
-            WgmmaTile::TallHalo => 164_736,
         }
-    }
-
-    /// Whether this is one of the halo tiles, which sum K in their own order.
-    pub fn is_halo(self) -> bool {
-        matches!(self, WgmmaTile::Halo | WgmmaTile::TallHalo)
     }
 
     /// Whether this tile's kernels reduce split K within a cluster (`cluster_reduce`): the
-    /// 128-row ones.
+    /// plain one.
     pub fn clusters(self) -> bool {
-        matches!(self, WgmmaTile::Plain | WgmmaTile::Halo)
-    }
-
-    /// Whether this tile's kernels compute launch `l` of `s`: any wgmma launch, clusters only
-    /// where [`WgmmaTile::clusters`], and the halo tiles only the shapes [`halo_fits`] takes
-    /// at their row count, K split by whole [`WgmmaTile::split_unit`]s into splits none of
-    /// which is empty.
-    pub fn takes(self, s: &ConvShape, l: &ConvLaunch) -> bool {
-        if l.cluster && !self.clusters() {
-            return false;
-        }
-        if !self.is_halo() {
-            return true;
-        }
-        let slices = s.sc / HALO_CHANNELS;
-        let per = l.k_per_split / self.split_unit();
-        halo_fits(s, self.rows())
-            && l.k_per_split % self.split_unit() == 0
-            && per > 0
-            && l.splits == slices.div_ceil(per)
+        self == WgmmaTile::Plain
     }
 }
 
-/// Channels of one step of the halo tiles' mainloop (kernels/conv_wgmma.cu `HALO_BK`).
-const HALO_CHANNELS: usize = 32;
-
-/// Wgmma launch `l` of `s` (on a tile other than the halo ones) moved to `tile`: the same
-/// split, or for a halo tile K re-split into at most as many splits by whole channel slices
-/// (each split takes all nine taps of its channels; a cluster stays one while there are
-/// splits to reduce). `None` where the tile does not take `s`, or `l` reduces in a cluster
-/// and the tile cannot.
-pub(crate) fn on_tile(l: ConvLaunch, s: &ConvShape, tile: WgmmaTile) -> Option<ConvLaunch> {
-    if !l.wgmma || l.tile.is_halo() || (l.cluster && !tile.clusters()) {
-        return None;
-    }
-    if !tile.is_halo() {
-        return Some(ConvLaunch { tile, ..l });
-    }
-    if !halo_fits(s, tile.rows()) {
-        return None;
-    }
-    let slices = s.sc / HALO_CHANNELS;
-    let per = slices.div_ceil(l.splits.max(1));
-    let splits = slices.div_ceil(per);
-    Some(ConvLaunch {
-        tile,
-        splits,
-        k_per_split: per * tile.split_unit(),
-        cluster: l.cluster && splits > 1,
-        ..l
-    })
+/// Wgmma launch `l` moved to `tile`, with the same split. `None` where `l` reduces in a
+/// cluster and the tile cannot.
+pub(crate) fn on_tile(l: ConvLaunch, tile: WgmmaTile) -> Option<ConvLaunch> {
+    (l.wgmma && (!l.cluster || tile.clusters())).then_some(ConvLaunch { tile, ..l })
 }
 
 /// Most splits of K one cluster reduces (the portable cluster size).
@@ -617,33 +512,6 @@ pub(crate) fn plan_wgmma_six(
     l.k_per_split = alone.k_per_split;
     l.tile = WgmmaTile::SixStages;
     Some(l)
-}
-
-/// Whether a halo tile of `rows` rows (128: [`WgmmaTile::Halo`], 256:
-/// [`WgmmaTile::TallHalo`]) computes `s`: nine taps at distinct offsets of one 3x3 window at
-/// in_stride 1 (a 3x3 stride-1 convolution or its input gradient), channels in slices of 32,
-/// and rows that tile by `rows` without leaving an image, each warpgroup's 64 on one row:
-/// `mw` a multiple of 64 that divides `rows` or that `rows` divides.
-pub(crate) fn halo_fits(s: &ConvShape, rows: usize) -> bool {
-    s.taps.len() == 9
-        && direct_fits(s)
-        && s.sc % HALO_CHANNELS == 0
-        && s.mw % 64 == 0
-        && (rows % s.mw == 0 || s.mw % rows == 0)
-        && (s.mh * s.mw) % rows == 0
-}
-
-/// Whether launch `plan` of `s` can write the GroupNorm partial sums of its output
-/// ([`ConvPtrs::gn_partial`]): a halo tile, unsplit, each output row the pixel of the same
-/// index, so that a tile's rows are one chunk of one image.
-pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> bool {
-    plan.tile.is_halo()
-        && halo_fits(s, plan.tile.rows())
-        && plan.splits == 1
-        && !plan.cluster
-        && s.out_stride == 1
-        && (s.out_oy, s.out_ox) == (0, 0)
-        && (s.yh, s.yw) == (s.mh, s.mw)
 }
 
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
@@ -839,7 +707,6 @@ impl ConvLaunch {
             cluster: false,
             row_epilogue: false,
             tile: WgmmaTile::Plain,
-            norm_input: NormInput::None,
             prefetch_weights: false,
         }
     }

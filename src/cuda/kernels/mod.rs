@@ -59,15 +59,13 @@ mod resample;
 pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
-    fold_upsampled_weights, gn_partial_fits, on_tile, plan_conv, plan_conv_at, plan_launch,
-    plan_wgmma, plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, NormInput,
-    WgmmaTile, MAX_CLUSTER_SPLITS, WGMMA_SLICE,
+    fold_upsampled_weights, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma,
+    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, WgmmaTile,
+    MAX_CLUSTER_SPLITS, WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit, OnePass, GN_CLUSTER_MAX};
-// Used only by tests elsewhere, and by documentation links.
-#[cfg(any(test, doc))]
-pub(crate) use conv_plan::halo_fits;
+// Used only by documentation links.
 #[cfg(doc)]
 pub(crate) use norm::one_pass_shape;
 
@@ -177,13 +175,15 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall`, `_6stage`,
-    /// `_halo` and `_tall_halo` forms of all four (`conv::wgmma_index`): on compute capability
-    /// 9.0 only.
-    conv_wgmma: Option<[CudaFunction; 20]>,
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` and
+    /// `_6stage` forms of all four (`conv::wgmma_index`): on compute capability 9.0 only.
+    conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; 20]>,
+    conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
 }
+
+/// Both precisions and both epilogues of every wgmma tile.
+const WGMMA_KERNELS: usize = 4 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 
@@ -274,7 +274,7 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, bytes)
                 };
-                let all = |suffix: &str| -> Result<[CudaFunction; 20]> {
+                let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
                     let out = wgmma_kernel_names(suffix)
                         .iter()
                         .map(|(kernel, tile)| f(kernel, tile.smem()))
@@ -494,7 +494,7 @@ mod tests {
         asked.extend(TC_KERNELS.iter().map(|k| ("conv_tc".into(), k.name.into())));
         for suffix in ["", "_probe"] {
             let names = wgmma_kernel_names(suffix);
-            assert_eq!(names.len(), 4 * WgmmaTile::ALL.len());
+            assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();

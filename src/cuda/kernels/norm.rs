@@ -20,10 +20,6 @@ pub(crate) struct NormSplit {
     pub chunks: usize,
     pub chunk_px: usize,
     pub one_pass: Option<OnePass>,
-    /// The partial sums come from the convolution that wrote the input (its epilogue,
-    /// [`ConvPtrs::gn_partial`](super::ConvPtrs::gn_partial): chunks of one tile's rows), so
-    /// `gn_partial` does not run.
-    pub from_producer: bool,
 }
 
 /// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
@@ -81,7 +77,6 @@ pub(crate) fn plan_norm(
         chunks: hw.div_ceil(chunk_px).max(1),
         chunk_px,
         one_pass: one_pass_shape(hw, c / groups.max(1), one_pass_blocks),
-        from_producer: false,
     }
 }
 
@@ -199,8 +194,6 @@ impl Kernels {
     /// GroupNorm forward: statistics into `stats` (`[mean | rstd]`, n x groups each), the
     /// per-channel affine into `affine` (`[n][2][c]`), then `y`, in fp32, or with `half_out`
     /// in bf16/fp16 (two elements per f32 slot) for the tensor-core convolutions it feeds.
-    /// Without `y` (0), the statistics and the affine only, for a halo convolution that
-    /// applies them as it loads `x` ([`NormInput`](super::NormInput)); three launches only.
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm(
         &self,
@@ -221,21 +214,12 @@ impl Kernels {
             (x, "input"),
             (gamma, "scale"),
             (beta, "shift"),
+            (y, "output"),
             (partial, "partial sums"),
             (stats, "statistics"),
             (affine, "affine"),
         ] {
             need(p, what)?;
-        }
-        if d.split.from_producer && d.split.one_pass.is_some() {
-            return Err(Error::Cuda(
-                "internal: a GroupNorm given its partial sums planned in one pass".into(),
-            ));
-        }
-        if y == 0 && d.split.one_pass.is_some() {
-            return Err(Error::Cuda(
-                "internal: a GroupNorm without an output planned in one pass".into(),
-            ));
         }
         let NormDims {
             n,
@@ -269,15 +253,13 @@ impl Kernels {
                 "launching gn_one_pass",
             );
         }
-        if !split.from_producer {
-            let mut b = self.launch(st, &self.gn_partial);
-            b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
-            // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
-            cu(
-                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-                "launching gn_partial",
-            )?;
-        }
+        let mut b = self.launch(st, &self.gn_partial);
+        b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
+        // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
+        cu(
+            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+            "launching gn_partial",
+        )?;
         let mut b = self.launch(st, &self.gn_finalize);
         b.arg(&partial)
             .arg(&ni)
@@ -293,9 +275,6 @@ impl Kernels {
         let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
-        if y == 0 {
-            return Ok(());
-        }
         if half_out.is_some() {
             if c % 4 != 0 || x % 16 != 0 || affine % 16 != 0 || y % 8 != 0 {
                 return Err(Error::Cuda(format!(

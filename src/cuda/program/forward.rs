@@ -158,7 +158,7 @@ impl Lowering<'_> {
                 }
                 self.steps.push(Step::GroupNorm {
                     x: xb,
-                    y: Some(yb),
+                    y: yb,
                     gamma: W {
                         pid: p,
                         kind: WKind::Gamma,

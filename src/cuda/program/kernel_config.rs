@@ -9,8 +9,8 @@ use crate::switches;
 use {
     super::Program,
     crate::cuda::kernels::{
-        flash_fits, halo_fits, one_pass_shape, plan_wgmma_clustered, ConvLaunch, ConvPtrs,
-        ConvShape, Gemm, NormInput, WgmmaTile, GN_CLUSTER_MAX,
+        flash_fits, one_pass_shape, plan_wgmma_clustered, ConvLaunch, ConvShape, Gemm, WgmmaTile,
+        GN_CLUSTER_MAX,
     },
     crate::cuda::unet::AttnKernel,
 };
@@ -78,21 +78,6 @@ pub(crate) struct KernelConfig {
     /// six-stage tile ([`WgmmaTile::SixStages`]): the same sums as that split on the plain
     /// tile.
     pub six_stages: bool,
-    /// The wgmma launches of 3x3 stride-1 convolutions and their input gradients whose rows
-    /// tile without leaving an image row ([`halo_fits`]) take the halo tile
-    /// ([`WgmmaTile::Halo`]; K split by channel slices), ahead of the tall one; with
-    /// `tall_tiles` too, the unsplit ones that fill the machine with 256-row tiles take
-    /// [`WgmmaTile::TallHalo`]. The same products, summed channel slices outer.
-    pub halo_tiles: bool,
-    /// With `halo_tiles`: a GroupNorm whose 16-bit output only a halo-tile convolution reads
-    /// writes no output; the convolution applies its scale and shift (and SiLU) to the fp32
-    /// input as it loads it ([`NormInput`]): the same 16-bit values, one pass over the
-    /// activations fewer.
-    pub halo_norm: bool,
-    /// With `halo_tiles`: an unsplit halo-tile convolution whose output a GroupNorm reads
-    /// writes that GroupNorm's partial sums in its epilogue ([`ConvPtrs::gn_partial`]), and the
-    /// GroupNorm skips its own pass over the output. The same sums in another order.
-    pub halo_stats: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
     /// pixel, of a 2x2 convolution of the low-resolution input (a 16-bit copy of it in
@@ -127,9 +112,6 @@ impl Default for KernelConfig {
             attention_flash: false,
             tall_tiles: false,
             six_stages: false,
-            halo_tiles: false,
-            halo_norm: false,
-            halo_stats: false,
             upsample_fold: false,
             batch_invariant: false,
         }
@@ -163,9 +145,6 @@ impl KernelConfig {
             attention_flash: false,
             tall_tiles: true,
             six_stages: false,
-            halo_tiles: false,
-            halo_norm: false,
-            halo_stats: false,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
         }
@@ -201,12 +180,6 @@ impl KernelConfig {
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
-            // The GroupNorms' work goes into the halo tiles, so they bring the tiles along.
-            halo_tiles: on("INVDIFF_WGMMA_HALO")
-                || on("INVDIFF_HALO_NORM")
-                || on("INVDIFF_HALO_STATS"),
-            halo_norm: on("INVDIFF_HALO_NORM"),
-            halo_stats: on("INVDIFF_HALO_STATS"),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
         }
@@ -231,9 +204,6 @@ impl KernelConfig {
             (self.attention_flash, "fused attention"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.six_stages, "six-stage wgmma tiles"),
-            (self.halo_tiles, "halo wgmma tiles"),
-            (self.halo_norm, "GroupNorm in halo loads"),
-            (self.halo_stats, "GroupNorm sums in halo epilogues"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),
         ]

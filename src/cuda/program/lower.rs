@@ -1,15 +1,14 @@
 //! The lowering's state ([`Lowering`]) and what the forward and backward passes share: buffers,
 //! 16-bit values and copies, the planning of each convolution launch; and the fusions applied
-//! to the finished list (the time-embedding projections batched after the forward pass, the
-//! GroupNorm work moved into halo tiles after both).
+//! to the finished list (the time-embedding projections batched after the forward pass).
 
 use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, gn_partial_fits, on_tile, plan_conv_at, plan_launch, plan_norm,
-    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvShape, NormInput, NormSplit, WgmmaTile,
-    GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    flash_fits, plan_conv_at, plan_launch, plan_norm, plan_wgmma_clustered, plan_wgmma_six,
+    ConvKernel, ConvShape, NormSplit, WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX,
+    LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -90,106 +89,6 @@ impl<'g> Lowering<'g> {
 }
 
 impl Lowering<'_> {
-    /// [`KernelConfig::halo_norm`], on the finished step list: each GroupNorm (in three
-    /// launches) whose 16-bit output only a halo-tile convolution reads hands that
-    /// convolution its fp32 input and its scale and shift, and writes no output. The output's
-    /// buffer, named by no step any more, takes no memory ([`Program::arena_lens`]).
-    pub(super) fn norms_into_halo_loads(&mut self) {
-        let mut readers = vec![Vec::new(); self.bufs.len()];
-        for (i, s) in self.steps.iter().enumerate() {
-            for b in s.io().0 {
-                readers[b.0].push(i);
-            }
-        }
-        for i in 0..self.steps.len() {
-            let Step::GroupNorm {
-                x,
-                y: Some(y),
-                half_out: Some(_),
-                split,
-                silu,
-                affine,
-                ..
-            } = self.steps[i]
-            else {
-                continue;
-            };
-            let [j] = readers[y.0][..] else { continue };
-            // The convolution reads x and the affine where the GroupNorm ran: nothing between
-            // may write them (none does in a forward pass, whose values are written once).
-            let overwritten = self.steps[i + 1..j].iter().any(|s| {
-                let writes = s.io().1;
-                writes.contains(&x) || writes.contains(&affine)
-            });
-            let Step::Conv(c) = &mut self.steps[j] else {
-                continue;
-            };
-            if split.one_pass.is_some() || c.x != y || !c.launch.tile.is_halo() || overwritten {
-                continue;
-            }
-            c.x = x;
-            c.norm = Some(affine);
-            c.launch.norm_input = if silu {
-                NormInput::AffineSilu
-            } else {
-                NormInput::Affine
-            };
-            if let Step::GroupNorm { y, .. } = &mut self.steps[i] {
-                *y = None;
-            }
-        }
-    }
-
-    /// [`KernelConfig::halo_stats`], on the finished step list: each GroupNorm (in three
-    /// launches) whose input was last written by an unsplit halo-tile convolution that can
-    /// write its partial sums ([`gn_partial_fits`]) takes them from that convolution's
-    /// epilogue, one chunk per tile, in a partial buffer of that size.
-    pub(super) fn norm_sums_from_halo_epilogues(&mut self) {
-        // The step that last wrote each buffer, as the steps go by.
-        let mut writer: Vec<Option<usize>> = vec![None; self.bufs.len()];
-        for i in 0..self.steps.len() {
-            if let Step::GroupNorm {
-                x, hw, c, split, ..
-            } = self.steps[i]
-            {
-                let producer = writer[x.0].filter(|_| split.one_pass.is_none());
-                if let Some(Step::Conv(conv)) = producer.map(|j| &self.steps[j]) {
-                    let rows = conv.launch.tile.rows();
-                    if conv.y == x
-                        && conv.gn_partial.is_none()
-                        && gn_partial_fits(&conv.shape, &conv.launch)
-                        && conv.shape.ncols == c
-                        && conv.shape.mh * conv.shape.mw == hw
-                    {
-                        let from_conv = NormSplit {
-                            chunks: hw / rows,
-                            chunk_px: rows,
-                            one_pass: None,
-                            from_producer: true,
-                        };
-                        let len = from_conv.partial_len(self.n, c);
-                        let partial = self.buf(len, "GroupNorm partial sums");
-                        if let Some(Step::Conv(conv)) = producer.map(|j| &mut self.steps[j]) {
-                            conv.gn_partial = Some(partial);
-                        }
-                        if let Step::GroupNorm {
-                            split, partial: p, ..
-                        } = &mut self.steps[i]
-                        {
-                            *split = from_conv;
-                            *p = partial;
-                        }
-                    }
-                }
-            }
-            // (The partial buffers made above are new.)
-            writer.resize(self.bufs.len(), None);
-            for b in self.steps[i].io().1 {
-                writer[b.0] = Some(i);
-            }
-        }
-    }
-
     /// How a GroupNorm over `hw` pixels of `c` channels runs (see [`KernelConfig`]).
     pub(super) fn norm_split(&self, hw: usize, c: usize, groups: usize) -> NormSplit {
         let n = if self.choice.batch_invariant {
@@ -646,17 +545,7 @@ impl Lowering<'_> {
         let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
         let tall_here =
             self.choice.tall_tiles && plain && launch.splits == 1 && tall_blocks >= self.sms;
-        let halo = (self.choice.halo_tiles && plain)
-            .then(|| {
-                let tall_halo = on_tile(launch, &planned, WgmmaTile::TallHalo);
-                tall_halo
-                    .filter(|_| tall_here)
-                    .or_else(|| on_tile(launch, &planned, WgmmaTile::Halo))
-            })
-            .flatten();
-        if let Some(h) = halo {
-            launch = h;
-        } else if tall_here {
+        if tall_here {
             launch.tile = tall;
         }
         let ws_len = launch.workspace_len(&shape);
@@ -673,8 +562,6 @@ impl Lowering<'_> {
             workspace,
             out_div: 1.0,
             accumulate: false,
-            norm: None,
-            gn_partial: None,
         }
     }
 }

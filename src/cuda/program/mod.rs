@@ -136,9 +136,7 @@ pub(crate) enum Step {
     Conv(ConvStep),
     GroupNorm {
         x: Buf,
-        /// None where a halo convolution applies the GroupNorm as it loads `x`
-        /// ([`ConvLaunch::norm_input`]): statistics and affine only.
-        y: Option<Buf>,
+        y: Buf,
         gamma: W,
         beta: W,
         hw: usize,
@@ -277,12 +275,6 @@ pub(crate) struct ConvStep {
     pub workspace: Option<Buf>,
     pub out_div: f32,
     pub accumulate: bool,
-    /// With [`ConvLaunch::norm_input`]: the scale and shift of the GroupNorm whose fp32 input
-    /// `x` is (the GroupNorm then writes no output).
-    pub norm: Option<Buf>,
-    /// Where the epilogue also writes the partial sums of the GroupNorm that reads `y`
-    /// ([`KernelConfig::halo_stats`]).
-    pub gn_partial: Option<Buf>,
 }
 
 impl Step {
@@ -302,38 +294,16 @@ impl Step {
             Conv(c) => (
                 [c.x]
                     .into_iter()
-                    .chain(c.norm)
                     .chain(c.temb)
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
                     .collect(),
-                [c.y]
-                    .into_iter()
-                    .chain(c.workspace)
-                    .chain(c.gn_partial)
-                    .collect(),
+                std::iter::once(c.y).chain(c.workspace).collect(),
             ),
-            // Partial sums from the producing convolution are read, not written, and `x` only
-            // where the GroupNorm writes an output.
-            GroupNorm {
-                x,
-                y,
-                split,
-                partial,
-                stats,
-                affine,
-                ..
-            } if split.from_producer => (
-                y.map(|_| *x).into_iter().chain([*partial]).collect(),
-                y.iter().copied().chain([*stats, *affine]).collect(),
-            ),
-            // In one launch (`gn_one_pass`): no partial sums, and no affine for a convolution to
-            // apply (norms_into_halo_loads leaves these GroupNorms alone).
+            // In one launch (`gn_one_pass`): no partial sums and no affine.
             GroupNorm {
                 x, y, split, stats, ..
-            } if split.one_pass.is_some() => {
-                (vec![*x], y.iter().copied().chain([*stats]).collect())
-            }
+            } if split.one_pass.is_some() => (vec![*x], vec![*y, *stats]),
             GroupNorm {
                 x,
                 y,
@@ -341,13 +311,7 @@ impl Step {
                 stats,
                 affine,
                 ..
-            } => (
-                vec![*x],
-                y.iter()
-                    .copied()
-                    .chain([*partial, *stats, *affine])
-                    .collect(),
-            ),
+            } => (vec![*x], vec![*y, *partial, *stats, *affine]),
             GroupNormBackward {
                 x,
                 dy,
@@ -572,12 +536,6 @@ impl Program {
             cotangent = Some(cot);
             grad_input = Some(out);
         }
-        if choice.halo_stats {
-            l.norm_sums_from_halo_epilogues();
-        }
-        if choice.halo_norm {
-            l.norms_into_halo_loads();
-        }
         Ok(Program {
             n,
             h,
@@ -633,8 +591,7 @@ impl Program {
     }
 
     /// f32 elements each buffer takes in the arena: its length, or none for a buffer no step
-    /// names (a pass over the finished steps can leave one behind: the output of a GroupNorm
-    /// that a halo convolution applies as it loads, [`KernelConfig::halo_norm`]).
+    /// names.
     pub fn arena_lens(&self) -> Vec<usize> {
         let mut named = vec![false; self.bufs.len()];
         for s in &self.steps {

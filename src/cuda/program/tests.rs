@@ -5,7 +5,7 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    ConvKernel, ConvShape, NormInput, WgmmaTile, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -71,9 +71,6 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         !c.launch.half_input && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half())
     };
     let mut val = vec![0u64; p.bufs.len()];
-    // What a GroupNorm without an output would have written, by its affine buffer: the
-    // halo convolution that applies it reads that.
-    let mut normalised = std::collections::HashMap::new();
     // The value each 16-bit conversion was made from.
     let mut converted = std::collections::HashMap::new();
     // Per folded convolution's output: the value its class launches compute (each must
@@ -189,30 +186,24 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 affine,
                 ..
             } => {
-                // The generic rule below, with the output's slot kept when there is none,
-                // and the value of `x` alone whoever added its partial sums.
+                // The generic rule below, with the same slot for each buffer whether or not
+                // the one-launch form writes it (it writes no partial sums or affine).
                 let r = [val[x.0]];
                 let out = |j: usize| h(&[&op, &|s| r.hash(s), &|s| j.hash(s)]);
-                let yv = if half_out.is_some() {
+                val[y.0] = if half_out.is_some() {
                     half(out(0))
                 } else {
                     out(0)
                 };
-                match y {
-                    Some(y) => val[y.0] = yv,
-                    None => {
-                        normalised.insert(affine.0, yv);
-                    }
-                }
                 for (j, b) in [partial, stats, affine].into_iter().enumerate() {
                     val[b.0] = out(j + 1);
                 }
             }
             Step::Conv(c) => {
-                let main = match c.norm {
-                    Some(affine) => normalised[&affine.0],
-                    None if staged(c) => half(val[c.x.0]),
-                    None => val[c.x.0],
+                let main = if staged(c) {
+                    half(val[c.x.0])
+                } else {
+                    val[c.x.0]
                 };
                 let extra = epilogue_inputs(c, &val);
                 let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
@@ -317,35 +308,25 @@ fn cluster_plan_splits_for_clusters() {
 }
 
 /// Over every combination of the passes that move work between steps (one-pass GroupNorms,
-/// 16-bit copies, aliased gradients, GroupNorms applied in halo loads or summed in halo
-/// epilogues, tall tiles), with wgmma, halo tiles, 16-bit concatenations and fused
+/// 16-bit copies, aliased gradients, tall tiles), with wgmma, 16-bit concatenations and fused
 /// attention on: a step reads and writes one buffer only where it adds onto it element by
-/// element; a convolution that applies a GroupNorm reads that GroupNorm's input and affine
-/// with nothing written to either in between; a convolution that writes a GroupNorm's
-/// partial sums is the last writer of that GroupNorm's input, unsplit, on a halo tile.
+/// element.
 #[test]
 fn fused_steps_keep_their_contracts() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let (mut applied, mut summed) = (0, 0);
     for (n, size) in [(1, 256), (2, 64)] {
-        for bits in 0..64u32 {
+        for bits in 0..16u32 {
             let tc = KernelConfig {
                 wgmma: true,
-                halo_tiles: true,
                 half_concat: true,
                 attention_flash: true,
                 gn_one_pass: bits & 1 != 0,
                 half_copy: bits & 2 != 0,
                 alias_residual_grads: bits & 4 != 0,
-                halo_norm: bits & 8 != 0,
-                halo_stats: bits & 16 != 0,
-                tall_tiles: bits & 32 != 0,
+                tall_tiles: bits & 8 != 0,
                 ..KernelConfig::default()
             };
             let p = Program::build_with(&g, n, size, size, true, 132, Precision::Bf16, tc).unwrap();
-            let written_between = |from: usize, to: usize, b: Buf| {
-                p.steps[from + 1..to].iter().any(|s| s.io().1.contains(&b))
-            };
             for (i, s) in p.steps.iter().enumerate() {
                 let (reads, writes) = s.io();
                 for b in writes.iter().filter(|b| reads.contains(b)) {
@@ -365,39 +346,9 @@ fn fused_steps_keep_their_contracts() {
                     };
                     assert!(adds_onto, "step {i} reads and writes {b:?}: {s:?} ({tc:?})");
                 }
-                let Step::Conv(c) = s else { continue };
-                if let Some(affine) = c.norm {
-                    applied += 1;
-                    let j = p.steps[..i]
-                        .iter()
-                        .rposition(
-                            |t| matches!(t, Step::GroupNorm { affine: a, .. } if *a == affine),
-                        )
-                        .expect("the GroupNorm a convolution applies runs before it");
-                    let Step::GroupNorm { x, .. } = p.steps[j] else {
-                        unreachable!()
-                    };
-                    assert_eq!(x, c.x);
-                    assert!(!written_between(j, i, x) && !written_between(j, i, affine));
-                }
-                if let Some(partial) = c.gn_partial {
-                    summed += 1;
-                    let j = i + p.steps[i..]
-                        .iter()
-                        .position(
-                            |t| matches!(t, Step::GroupNorm { partial: q, .. } if *q == partial),
-                        )
-                        .expect("a GroupNorm reads the sums a convolution writes");
-                    let Step::GroupNorm { x, split, .. } = p.steps[j] else {
-                        unreachable!()
-                    };
-                    assert!(x == c.y && split.from_producer && !written_between(i, j, x));
-                    assert!(c.launch.splits == 1 && c.launch.tile.is_halo());
-                }
             }
         }
     }
-    assert!(applied > 0 && summed > 0, "{applied} {summed}");
 }
 
 /// Reads only ever see values some earlier step (or the host) wrote, in both modes.
@@ -597,11 +548,7 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
                         (y, Some(hp), pixels * (ca + cb))
                     }
                     Step::GroupNorm {
-                        y: Some(y),
-                        half_out,
-                        hw,
-                        c,
-                        ..
+                        y, half_out, hw, c, ..
                     } => {
                         norms += 1;
                         (y, half_out, p.n * hw * c)
@@ -992,165 +939,6 @@ fn six_stages_where_blocks_are_alone() {
     }
     assert!(six > 10, "{six}");
 }
-/// halo_tiles gives the halo tiles to the wgmma launches of the shapes they take,
-/// ahead of the tall tile: at batch 8, the 3x3 convolutions and their input gradients of
-/// the 256x256 to 64x64 levels (rows of at least 64) whose channels come in 32s; with
-/// tall_tiles too, the 256-row halo tile where those fill the machine; split ones too.
-#[test]
-fn halo_tiles_where_they_fit() {
-    use crate::cuda::kernels::halo_fits;
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for tall_tiles in [false, true] {
-        let tc = KernelConfig {
-            wgmma: true,
-            tall_tiles,
-            halo_tiles: true,
-            ..KernelConfig::default()
-        };
-        let p = Program::build_with(&g, 8, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
-        let (mut halo, mut tall_halo, mut widths) = (0, 0, std::collections::BTreeSet::new());
-        for s in &p.steps {
-            if let Step::Conv(c) = s {
-                let fits = c.launch.wgmma && !c.launch.cluster && halo_fits(&c.shape, 128);
-                assert_eq!(c.launch.tile.is_halo(), fits, "{:?}", c.shape);
-                assert!(c.launch.tile.takes(&c.shape, &c.launch));
-                if fits {
-                    assert_eq!((c.shape.taps.len(), c.shape.in_stride), (9, 1));
-                    widths.insert(c.shape.mw);
-                    halo += 1;
-                }
-                if c.launch.tile == WgmmaTile::TallHalo {
-                    let blocks = c.shape.rows().div_ceil(256) * c.shape.ncols.div_ceil(128);
-                    assert!(blocks >= 132, "{blocks}");
-                    tall_halo += 1;
-                }
-            }
-        }
-        assert!(halo > 20, "{halo}");
-        assert_eq!(widths.into_iter().collect::<Vec<_>>(), [64, 128, 256]);
-        if tall_tiles {
-            assert!(tall_halo > 20, "{tall_halo} of {halo}");
-        } else {
-            assert_eq!(tall_halo, 0);
-        }
-    }
-    // At batch 1 the 128x128 and 64x64 levels split K: by whole channel slices, reduced
-    // in a cluster with cluster_split_k.
-    for cluster_split_k in [false, true] {
-        let tc = KernelConfig {
-            wgmma: true,
-            halo_tiles: true,
-            cluster_split_k,
-            ..KernelConfig::default()
-        };
-        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
-        let (mut split, mut clustered) = (0, 0);
-        for s in &p.steps {
-            if let Step::Conv(c) = s {
-                assert!(!c.launch.wgmma || c.launch.tile.takes(&c.shape, &c.launch));
-                if c.launch.tile.is_halo() && c.launch.splits > 1 {
-                    split += 1;
-                    clustered += usize::from(c.launch.cluster);
-                }
-            }
-        }
-        assert!(split > 10, "{split}");
-        assert_eq!(clustered > 0, cluster_split_k, "{clustered} of {split}");
-    }
-}
-/// halo_norm hands the halo convolutions the GroupNorms they read: each fused
-/// convolution reads the fp32 input and the scale and shift of a GroupNorm that writes
-/// nothing else any step reads, and the program computes what the unfused one does
-/// ([`symbolic`]); at the levels of one-pass GroupNorms nothing changes. (The fp32 input
-/// now lives until the convolution instead of its 16-bit image: the b8 forward's arena
-/// grows from 1.75 to 1.89 GB.)
-#[test]
-fn halo_norm_moves_groupnorms_into_halo_loads() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for (n, record) in [(8, false), (1, true)] {
-        let build = |halo_norm: bool| {
-            let tc = KernelConfig {
-                wgmma: true,
-                halo_tiles: true,
-                halo_norm,
-                gn_one_pass: true,
-                ..KernelConfig::default()
-            };
-            Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap()
-        };
-        let (plain, fused) = (build(false), build(true));
-        assert_eq!(plain.steps.len(), fused.steps.len());
-        assert_eq!(symbolic(&fused), symbolic(&plain));
-        let mut moved = 0;
-        for (a, b) in plain.steps.iter().zip(&fused.steps) {
-            match (a, b) {
-                (Step::Conv(a), Step::Conv(b)) if b.norm.is_some() => {
-                    assert!(b.launch.tile.is_halo() && a.launch.tile.is_halo());
-                    assert_ne!(b.launch.norm_input, NormInput::None);
-                    let gn = fused.steps.iter().find(|s| {
-                        matches!(s, Step::GroupNorm { x, y: None, affine, .. }
-                            if *x == b.x && Some(*affine) == b.norm)
-                    });
-                    assert!(gn.is_some(), "{:?}", b.shape);
-                    moved += 1;
-                }
-                (Step::GroupNorm { split, .. }, Step::GroupNorm { y: None, .. }) => {
-                    assert!(split.one_pass.is_none());
-                }
-                _ => {}
-            }
-        }
-        assert!(moved > 10, "{moved}");
-    }
-}
-/// halo_stats hands GroupNorms their partial sums from the halo convolution that wrote
-/// their input: each such GroupNorm reads the partial buffer that convolution's epilogue
-/// writes, one chunk per tile, and the program computes what the one without does
-/// ([`symbolic`]), alone and with halo_norm (a GroupNorm then runs its finalize only).
-#[test]
-fn halo_stats_take_groupnorm_sums_from_the_producer() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for (n, record, halo_norm) in [(8, false, false), (1, true, false), (8, false, true)] {
-        let build = |halo_stats: bool| {
-            let tc = KernelConfig {
-                wgmma: true,
-                halo_tiles: true,
-                halo_stats,
-                halo_norm,
-                ..KernelConfig::default()
-            };
-            Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap()
-        };
-        let (plain, fused) = (build(false), build(true));
-        assert_eq!(symbolic(&fused), symbolic(&plain));
-        let mut given = 0;
-        for (i, s) in fused.steps.iter().enumerate() {
-            let Step::GroupNorm {
-                x,
-                split,
-                partial,
-                hw,
-                ..
-            } = s
-            else {
-                continue;
-            };
-            if !split.from_producer {
-                continue;
-            }
-            let producer = fused.steps[..i].iter().rev().find(|s| s.io().1.contains(x));
-            let Some(Step::Conv(c)) = producer else {
-                panic!("GroupNorm {i}: its input was not written by a convolution");
-            };
-            assert_eq!(c.gn_partial, Some(*partial));
-            assert!(c.launch.tile.is_halo() && c.launch.splits == 1);
-            assert_eq!(split.chunks * c.launch.tile.rows(), *hw);
-            given += 1;
-        }
-        // 19 at batch 8; at batch 1 the 128x128 and 64x64 levels split K, which leaves 7.
-        assert!(given >= if n == 1 { 7 } else { 19 }, "{given}");
-    }
-}
 
 /// upsample_fold replaces the upsamplings of at least FOLD_MIN_ROWS input pixels (at batch 1
 /// the 64x64 and 128x128 levels, at batch 8 the 32x32 one too, and with batch_invariant
@@ -1244,7 +1032,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 20] = [
+    let flags: [fn(&mut KernelConfig); 17] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1260,9 +1048,6 @@ fn every_choice_has_a_name() {
         |c| c.attention_flash = true,
         |c| c.tall_tiles = true,
         |c| c.six_stages = true,
-        |c| c.halo_tiles = true,
-        |c| c.halo_norm = true,
-        |c| c.halo_stats = true,
         |c| c.upsample_fold = true,
         |c| c.batch_invariant = true,
     ];

@@ -1,11 +1,10 @@
 //! The other forms a tensor-core convolution launch can take (pipelines, epilogues, tiles,
-//! clusters, the fused GroupNorm work, the weight prefetch, the cycle probe), each against
-//! the plain launch's result.
+//! clusters, the weight prefetch, the cycle probe), each against the plain launch's result.
 
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
-    gn_partial_fits, on_tile, plan_norm, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    DPtr, NormDims, NormInput, ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    on_tile, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, ProbeCounters,
+    WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -15,17 +14,14 @@ use crate::Result;
 /// fp32, added in a different order.
 pub(super) const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// Every other form of wgmma launch `p` of `shape` ([`on_tile`]), each tile with each
-/// epilogue and with the weight prefetch, and how far it may be from `p`'s result: 0 (the same
-/// sums in the same order), or [`WGMMA_VS_MMA`] for the halo tiles (channel slices outer),
-/// where they take the launch.
-pub(super) fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<(ConvLaunch, f64)> {
+/// Every other form of wgmma launch `p` ([`on_tile`]), each tile with each epilogue and with
+/// the weight prefetch: the same sums in the same order as `p`.
+pub(super) fn wgmma_forms(p: ConvLaunch) -> Vec<ConvLaunch> {
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
-        let Some(v) = on_tile(p, shape, tile) else {
+        let Some(v) = on_tile(p, tile) else {
             continue;
         };
-        let tolerance = if tile.is_halo() { WGMMA_VS_MMA } else { 0.0 };
         for (row_epilogue, prefetch_weights) in [(false, false), (true, false), (false, true)] {
             let v = ConvLaunch {
                 row_epilogue,
@@ -33,7 +29,7 @@ pub(super) fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<(ConvLaunch, 
                 ..v
             };
             if v != p {
-                out.push((v, tolerance));
+                out.push(v);
             }
         }
     }
@@ -84,7 +80,7 @@ impl Tester<'_> {
         // Two warpgroups per block, four in a tall one.
         let per_block = wp.tile.rows() as u64 / 64;
         let tiles = (shape.rows().div_ceil(wp.tile.rows()) * shape.ncols.div_ceil(128)) as u64;
-        let slices = shape.k().div_ceil(wp.tile.k_step()) as u64;
+        let slices = shape.k().div_ceil(WGMMA_SLICE) as u64;
         let warpgroups = per_block * tiles * wp.splits as u64;
         let phases = WGMMA_PROBE_PHASES.len();
         // `timed` runs the launch twice (warm-up, then timed): whole multiples of one launch's
@@ -111,173 +107,10 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// Halo launch `halo` of `shape` applying a GroupNorm (+SiLU) to the fp32 input at `x`
-    /// (`len` values) as it loads it, against the same launch reading that GroupNorm's 16-bit
-    /// output: the same bits (the same fma, SiLU and rounding). `ptrs` as for the plain
-    /// launch; the output has `out_len` values.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn halo_norm_row(
-        &mut self,
-        shape: &ConvShape,
-        halo: ConvLaunch,
-        ptrs: ConvPtrs,
-        x: DPtr,
-        len: usize,
-        out_div: f32,
-        out_len: usize,
-        label: &str,
-        desc: &str,
-    ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
-        let ConvKernel::Tensor(precision) = halo.kernel else {
-            return Ok(());
-        };
-        let (c, groups) = (shape.sc, 32);
-        let hw = shape.sh * shape.sw;
-        let split = plan_norm(shape.n, hw, c, groups, gpu.sms(), 0);
-        let nd = NormDims {
-            n: shape.n,
-            hw,
-            c,
-            groups,
-            split,
-        };
-        let (gamma, beta) = (self.rand(c, 0.5, 1.5), self.rand(c, -0.5, 0.5));
-        let (gamma, beta) = (self.up(&gamma)?, self.up(&beta)?);
-        let y16 = self.zeros(len.div_ceil(2))?;
-        let partial = self.zeros(split.partial_len(shape.n, c))?;
-        let stats = self.zeros(2 * shape.n * groups)?;
-        let affine = self.zeros(2 * shape.n * c)?;
-        gpu.kernels.group_norm(
-            st,
-            nd,
-            x,
-            gamma.ptr,
-            beta.ptr,
-            y16.ptr,
-            partial.ptr,
-            stats.ptr,
-            affine.ptr,
-            1e-6,
-            true,
-            Some(precision),
-        )?;
-        let mut outs = Vec::new();
-        let mut ms = 0.0;
-        let fused = ConvLaunch {
-            norm_input: NormInput::AffineSilu,
-            ..halo
-        };
-        for (plan, p) in [
-            (halo, ConvPtrs { x: y16.ptr, ..ptrs }),
-            (
-                fused,
-                ConvPtrs {
-                    x,
-                    norm: affine.ptr,
-                    ..ptrs
-                },
-            ),
-        ] {
-            let (out, t) = self.conv_output(shape, &plan, p, out_div, out_len)?;
-            outs.push(out);
-            ms = t;
-        }
-        self.row_within(
-            format!(
-                "{label} [{}, GroupNorm+SiLU in the loads] vs on its output",
-                wgmma_path(&halo)
-            ),
-            desc.into(),
-            &outs[1],
-            &outs[0],
-            ms,
-            0.0,
-        );
-        Ok(())
-    }
-
-    /// Halo launch `halo` of `shape` writing the GroupNorm partial sums of its output
-    /// (ConvPtrs::gn_partial): its output held to 0 against the launch without them, and the
-    /// sums (f64, one chunk per tile) against the host's over that output. `ptrs` as for the
-    /// plain launch; the output has `out_len` values.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn halo_stats_row(
-        &mut self,
-        shape: &ConvShape,
-        halo: ConvLaunch,
-        ptrs: ConvPtrs,
-        out_div: f32,
-        out_len: usize,
-        label: &str,
-        desc: &str,
-    ) -> Result<()> {
-        if !gn_partial_fits(shape, &halo) {
-            return Ok(());
-        }
-        let st = &self.gpu.stream;
-        let (rows, c) = (halo.tile.rows(), shape.ncols);
-        let per = shape.mh * shape.mw;
-        let chunks = per / rows;
-        let partial = self.zeros(4 * shape.n * chunks * c)?;
-        let mut outs = Vec::new();
-        let mut ms = 0.0;
-        for gn_partial in [0, partial.ptr] {
-            let p = ConvPtrs { gn_partial, ..ptrs };
-            let (out, t) = self.conv_output(shape, &halo, p, out_div, out_len)?;
-            outs.push(out);
-            ms = t;
-        }
-        let path = format!("{}, GroupNorm sums in the epilogue", wgmma_path(&halo));
-        self.row_within(
-            format!("{label} [{path}] output vs without"),
-            desc.into(),
-            &outs[1],
-            &outs[0],
-            ms,
-            0.0,
-        );
-        // The device's f64 pairs, and the host's sums over the same rows, both as f32.
-        let words = partial.download(st)?;
-        let got: Vec<f32> = words
-            .chunks_exact(2)
-            .map(|w| {
-                f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32) as f32
-            })
-            .collect();
-        let y = &outs[1];
-        let mut want = vec![0f32; got.len()];
-        for img in 0..shape.n {
-            for chunk in 0..chunks {
-                for ch in 0..c {
-                    let (mut s, mut q) = (0f64, 0f64);
-                    for r in 0..rows {
-                        let v = f64::from(y[(img * per + chunk * rows + r) * c + ch]);
-                        s += v;
-                        q += v * v;
-                    }
-                    let at = ((img * chunks + chunk) * c + ch) * 2;
-                    want[at] = s as f32;
-                    want[at + 1] = q as f32;
-                }
-            }
-        }
-        self.row_within(
-            format!("{label} [{path}] sums vs the host's"),
-            desc.into(),
-            &got,
-            &want,
-            ms,
-            1e-6,
-        );
-        Ok(())
-    }
-
     /// wgmma launches `wp` of `shape` split 2, 3 and 8 ways (as far as K allows), each reduced
     /// through the workspace and within a thread-block cluster: held to 0 against each other
-    /// (the same sums in the same order); the same for the halo tile where it takes `shape`
-    /// (split by channel slices). `ptrs` hold the 16-bit input and K-major weights; the output
-    /// has `len` values.
+    /// (the same sums in the same order). `ptrs` hold the 16-bit input and K-major weights; the
+    /// output has `len` values.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn cluster_rows(
         &mut self,
@@ -300,8 +133,8 @@ impl Tester<'_> {
                 cluster: false,
                 ..wp
             };
-            for tile in [WgmmaTile::Plain, WgmmaTile::Halo] {
-                let Some(via_workspace) = on_tile(plain, shape, tile) else {
+            for tile in [WgmmaTile::Plain] {
+                let Some(via_workspace) = on_tile(plain, tile) else {
                     continue;
                 };
                 let splits = via_workspace.splits;

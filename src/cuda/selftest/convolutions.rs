@@ -5,8 +5,7 @@ use super::conv_variants::{wgmma_forms, wgmma_path, WGMMA_VS_MMA};
 use super::{acc_name, path, tensor_core_tolerance, Tester, TENSOR_CORE};
 use crate::cpu::conv::{self, ConvParams, Geometry};
 use crate::cuda::kernels::{
-    on_tile, plan_conv, plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    DPtr, WgmmaTile,
+    on_tile, plan_conv, plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevConv;
@@ -276,7 +275,7 @@ impl Tester<'_> {
                 accumulate: true,
                 ..cc(1, 8, 8, 512, 512, 3, 1, Symmetric)
             },
-            // Rows of 64 (the halo tile's two-row tiles), a partial column tile both ways.
+            // Rows of 64, a partial column tile both ways.
             ConvCase {
                 temb: true,
                 res: true,
@@ -442,8 +441,6 @@ impl Tester<'_> {
             temb: td.as_ref().map_or(0, |d| d.ptr),
             res: rd.as_ref().map_or(0, |d| d.ptr),
             ws: ws.ptr,
-            norm: 0,
-            gn_partial: 0,
         };
         let ms = self.timed(
             || Ok(()),
@@ -511,9 +508,8 @@ impl Tester<'_> {
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
             // The row epilogue, the tall and six-stage tiles: the same products summed in the
-            // same order and the same epilogue arithmetic, so the same bits; the halo tile sums
-            // them in another order.
-            for (v, tolerance) in std::iter::once((wp, 0.0)).chain(wgmma_forms(wp, &shape)) {
+            // same order and the same epilogue arithmetic, so the same bits.
+            for v in std::iter::once(wp).chain(wgmma_forms(wp)) {
                 if v != wp {
                     let (out, ms) = self.conv_output(&shape, &v, ptrs, out_div, want.len())?;
                     self.row_within(
@@ -522,7 +518,7 @@ impl Tester<'_> {
                         &out,
                         &wg_out,
                         ms,
-                        tolerance,
+                        0.0,
                     );
                 }
                 // (The prefetch happens before the counted phases: no probe of its own.)
@@ -531,11 +527,6 @@ impl Tester<'_> {
                 }
             }
             self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
-            if let Some(halo) = on_tile(wp, &shape, WgmmaTile::Halo) {
-                let (img, len) = (x.len(), want.len());
-                self.halo_norm_row(&shape, halo, ptrs, xd.ptr, img, out_div, len, &label, &desc)?;
-                self.halo_stats_row(&shape, halo, ptrs, out_div, len, &label, &desc)?;
-            }
         }
         let dyd = self.up(dy)?;
         let mut dxd = self.up(dx0)?;
@@ -657,15 +648,14 @@ impl Tester<'_> {
                     WGMMA_VS_MMA,
                 );
                 // The row epilogue (accumulating too), the tall and six-stage tiles: the same
-                // bits; the halo tile where it takes the launch (the plain one elsewhere).
-                for (form, tolerance) in wgmma_forms(wg_plans[0], &shapes[0]) {
+                // bits.
+                for form in wgmma_forms(wg_plans[0]) {
                     let v: Vec<ConvLaunch> = wg_plans
                         .iter()
-                        .zip(&shapes)
-                        .map(|(p, s)| ConvLaunch {
+                        .map(|p| ConvLaunch {
                             row_epilogue: form.row_epilogue,
                             prefetch_weights: form.prefetch_weights,
-                            ..on_tile(*p, s, form.tile).unwrap_or(*p)
+                            ..on_tile(*p, form.tile).unwrap_or(*p)
                         })
                         .collect();
                     let ms = self.timed(|| dxd.write(st, dx0), || run(&v))?;
@@ -680,7 +670,7 @@ impl Tester<'_> {
                         &dxd.download(st)?,
                         &wg_got,
                         ms,
-                        tolerance,
+                        0.0,
                     );
                 }
             }

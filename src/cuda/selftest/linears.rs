@@ -141,8 +141,6 @@ impl Tester<'_> {
                 res: rd.ptr,
                 ws: ws.ptr,
                 temb: 0,
-                norm: 0,
-                gn_partial: 0,
             };
             let ms = self.timed(
                 || Ok(()),

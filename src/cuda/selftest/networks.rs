@@ -134,8 +134,8 @@ impl Tester<'_> {
                 64,
                 vec![10.0, 900.0],
             ),
-            // Full size at batch 1: the 256x256 level's launches are unsplit, which the halo
-            // tiles' GroupNorm sums need (INVDIFF_HALO_STATS in device_check's last variant).
+            // Full size at batch 1: the accuracy targets (bf16 eps within 1e-2, VJP within 2e-2
+            // of fp32) are for full-size images, which the 64x64 rows cannot show.
             (
                 "celebahq",
                 Model::builtin_celebahq(11),

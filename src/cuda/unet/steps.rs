@@ -104,8 +104,6 @@ pub(super) fn launch(
                 temb: opt(c.temb),
                 res: opt(c.residual),
                 ws: opt(c.workspace),
-                norm: opt(c.norm),
-                gn_partial: opt(c.gn_partial),
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
@@ -136,7 +134,7 @@ pub(super) fn launch(
             p(x),
             wts.ptr(gamma)?,
             wts.ptr(beta)?,
-            opt(y),
+            p(y),
             p(partial),
             p(stats),
             p(affine),
