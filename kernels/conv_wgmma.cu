@@ -60,26 +60,18 @@ static_assert(WG_SMEM == 99328, "WG_SMEM must match WgmmaTile::smem in src/cuda/
 // per byte. (The 256-row attempt of v0.3, two warpgroups of 128 accumulators, lost 1.6-1.8x;
 // with one block per multiprocessor nothing hid its pair-by-pair epilogue, which the row
 // epilogue now shortens.)
-//
-// The six-stage tile (`_6stage` kernels, a candidate until timed on a GPU): the plain 128-row
-// tile alone on its multiprocessor with six stages, four slices of copies ahead, for launches
-// of at most one block per multiprocessor (batch 1 below 256x256). There no second block
-// hides the copies: in the v0.4 b1 sweep the 128->128 convolutions at 128x128, 128 blocks,
-// took 34 us for 18 slices, ~3,300 cycles a slice against 512 of products.
-template <int TM, int STAGES_> struct WgTile {
+template <int TM> struct WgTile {
     static_assert(TM == 128 || TM == 256, "128- or 256-row tiles");
     static constexpr int THREADS = 2 * TM;
-    static constexpr int STAGES = STAGES_;
+    static constexpr int STAGES = TM == 128 ? WG_STAGES : 4;
     static constexpr int STAGE = TM * 128 + WG_TILE;  // A rows, then B's 128
     static constexpr int SMEM = STAGES * STAGE + 1024;
     static constexpr int BLOCKS_PER_SM = 2 * SMEM <= 227 * 1024 ? 2 : 1;
 };
-using PlainTile = WgTile<128, WG_STAGES>;
-using TallTile = WgTile<256, 4>;
-using SixStageTile = WgTile<128, 6>;
+using PlainTile = WgTile<128>;
+using TallTile = WgTile<256>;
 static_assert(PlainTile::SMEM == WG_SMEM && PlainTile::BLOCKS_PER_SM == 2, "the plain kernels' tile");
 static_assert(TallTile::SMEM == 197632, "TallTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
-static_assert(SixStageTile::SMEM == 197632, "SixStageTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 
 // Where chunk c (16 bytes) of row r of a swizzled operand tile lives, from the tile's start.
 DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
@@ -458,7 +450,7 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
         wg_body<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \
     }
 // Both precisions, both epilogues, plain and counting, of one tile: the row-batched epilogue
-// (ROWS), the tall and six-stage tiles are candidates until timed on a GPU.
+// (ROWS) and the tall tile are candidates until timed on a GPU.
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE)                                              \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE)                                              \
@@ -470,4 +462,3 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
-WG_KERNELS(_6stage, SixStageTile)

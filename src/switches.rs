@@ -78,10 +78,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU: `0` gives large wgmma launches no 256-row tiles",
     ),
     switch(
-        "INVDIFF_WGMMA_SIX_STAGES",
-        "GPU candidate: `1` gives one-block-per-SM wgmma launches six stages",
-    ),
-    switch(
         "INVDIFF_GEMM_SMALL_TILES",
         "GPU: `0` uses no 32-wide attention-product tiles",
     ),

@@ -314,7 +314,6 @@ mod tests {
             attention_tf32: true,
             attention_flash: true,
             tall_tiles: true,
-            six_stages: true,
             ..KernelConfig::default()
         };
         for (n, kc, size) in [

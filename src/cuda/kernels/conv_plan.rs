@@ -377,26 +377,18 @@ pub(crate) enum WgmmaTile {
     /// 256 rows of four warpgroups, one block per multiprocessor (`TallTile`, the `_tall`
     /// kernels): half the weight traffic per product.
     Tall,
-    /// 128 rows alone on the multiprocessor with six stages, four slices of copies ahead
-    /// (`SixStageTile`, the `_6stage` kernels), for launches of at most one block per
-    /// multiprocessor.
-    SixStages,
 }
 
 impl WgmmaTile {
     /// In the order of [`Kernels`](super::Kernels)' wgmma tables, with each one's kernel name suffix.
-    pub(crate) const ALL: [(WgmmaTile, &'static str); 3] = [
-        (WgmmaTile::Plain, ""),
-        (WgmmaTile::Tall, "_tall"),
-        (WgmmaTile::SixStages, "_6stage"),
-    ];
+    pub(crate) const ALL: [(WgmmaTile, &'static str); 2] =
+        [(WgmmaTile::Plain, ""), (WgmmaTile::Tall, "_tall")];
 
     /// "wgmma" and the tile in words, for reports.
     pub fn describe(self) -> &'static str {
         match self {
             WgmmaTile::Plain => "wgmma",
             WgmmaTile::Tall => "wgmma, tall",
-            WgmmaTile::SixStages => "wgmma, six stages",
         }
     }
 
@@ -415,12 +407,12 @@ impl WgmmaTile {
         }
     }
 
-    /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
-    /// 16 KB tile, or six of two 16 KB tiles, plus 1 KB to align them.
+    /// Dynamic shared memory: three stages of two 16 KB operand tiles, or four of a 32 KB and
+    /// a 16 KB tile, plus 1 KB to align them.
     pub(super) fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
-            WgmmaTile::Tall | WgmmaTile::SixStages => 197_632,
+            WgmmaTile::Tall => 197_632,
         }
     }
 
@@ -491,26 +483,6 @@ pub(crate) fn plan_wgmma_clustered(
     });
     l.splits = clustered.splits;
     l.k_per_split = clustered.k_per_split;
-    Some(l)
-}
-
-/// The six-stage wgmma launch of `s` ([`WgmmaTile::SixStages`]): K split for one block per
-/// multiprocessor. `None` where the wgmma kernel does not take `s`, or where even so split the
-/// launch would have more blocks than multiprocessors.
-pub(crate) fn plan_wgmma_six(
-    s: &ConvShape,
-    sms: usize,
-    precision: Precision,
-) -> Option<ConvLaunch> {
-    let mut l = plan_wgmma(s, sms, precision)?;
-    let alone = split_k_on(s, l.kernel, WGMMA_SLICE, sms.max(1));
-    let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
-    if tiles * alone.splits > sms {
-        return None;
-    }
-    l.splits = alone.splits;
-    l.k_per_split = alone.k_per_split;
-    l.tile = WgmmaTile::SixStages;
     Some(l)
 }
 
@@ -597,15 +569,16 @@ pub(crate) fn plan_launch(
 
 /// The split of K for `kernel` with K slices of `bk`.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
-    split_k_on(s, kernel, bk, 2 * sms.max(1))
-}
-
-/// [`split_k`] for `slots` blocks running at once.
-fn split_k_on(s: &ConvShape, kernel: ConvKernel, bk: usize, slots: usize) -> ConvLaunch {
-    split_k_by(s, kernel, bk, slots, |tiles, ktiles, slots| match kernel {
-        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
-        _ => simt_splits(tiles, ktiles, slots),
-    })
+    split_k_by(
+        s,
+        kernel,
+        bk,
+        2 * sms.max(1),
+        |tiles, ktiles, slots| match kernel {
+            ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
+            _ => simt_splits(tiles, ktiles, slots),
+        },
+    )
 }
 
 /// The launch of `kernel` with K in whole slices of `bk` split as `choose(tiles, K slices,

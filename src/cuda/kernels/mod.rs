@@ -60,8 +60,8 @@ pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma,
-    plan_wgmma_clustered, plan_wgmma_six, ConvKernel, ConvLaunch, ConvShape, WgmmaTile,
-    MAX_CLUSTER_SPLITS, WGMMA_SLICE,
+    plan_wgmma_clustered, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, MAX_CLUSTER_SPLITS,
+    WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit, OnePass, GN_CLUSTER_MAX};
@@ -175,8 +175,8 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` and
-    /// `_6stage` forms of all four (`conv::wgmma_index`): on compute capability 9.0 only.
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` forms of
+    /// all four (`conv::wgmma_index`): on compute capability 9.0 only.
     conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,

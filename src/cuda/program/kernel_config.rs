@@ -74,10 +74,6 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
-    /// wgmma launches that can run one block per multiprocessor are split for it and take the
-    /// six-stage tile ([`WgmmaTile::SixStages`]): the same sums as that split on the plain
-    /// tile.
-    pub six_stages: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
     /// pixel, of a 2x2 convolution of the low-resolution input (a 16-bit copy of it in
@@ -111,7 +107,6 @@ impl Default for KernelConfig {
             attention_tf32: false,
             attention_flash: false,
             tall_tiles: false,
-            six_stages: false,
             upsample_fold: false,
             batch_invariant: false,
         }
@@ -144,7 +139,6 @@ impl KernelConfig {
             attention_tf32: true,
             attention_flash: false,
             tall_tiles: true,
-            six_stages: false,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
         }
@@ -179,7 +173,6 @@ impl KernelConfig {
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
-            six_stages: on("INVDIFF_WGMMA_SIX_STAGES"),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
         }
@@ -203,7 +196,6 @@ impl KernelConfig {
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
             (self.tall_tiles, "tall wgmma tiles"),
-            (self.six_stages, "six-stage wgmma tiles"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),
         ]

@@ -6,9 +6,8 @@ use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, plan_conv_at, plan_launch, plan_norm, plan_wgmma_clustered, plan_wgmma_six,
-    ConvKernel, ConvShape, NormSplit, WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX,
-    LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    flash_fits, plan_conv_at, plan_launch, plan_norm, plan_wgmma_clustered, ConvKernel, ConvShape,
+    NormSplit, WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -500,23 +499,14 @@ impl Lowering<'_> {
         } else {
             shape.clone()
         };
-        // With six_stages, a launch that can run one block per multiprocessor is split so
-        // and takes the six-stage tile.
-        let (sms, precision) = (self.sms, self.precision);
-        let wgmma = half_input && self.choice.wgmma;
-        let mut launch = (wgmma && self.choice.six_stages)
-            .then(|| plan_wgmma_six(&planned, sms, precision))
-            .flatten()
-            .unwrap_or_else(|| {
-                plan_launch(
-                    &planned,
-                    sms,
-                    precision,
-                    half_input,
-                    wgmma,
-                    self.choice.deep,
-                )
-            });
+        let mut launch = plan_launch(
+            &planned,
+            self.sms,
+            self.precision,
+            half_input,
+            half_input && self.choice.wgmma,
+            self.choice.deep,
+        );
         if self.choice.cluster_split_k
             && self.choice.cluster_plan
             && launch.tile == WgmmaTile::Plain

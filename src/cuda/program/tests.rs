@@ -911,34 +911,6 @@ fn tall_tiles_where_they_fill_the_machine() {
     assert!(b8 > b1 && b8 <= wg8, "{b8} of {wg8}");
     assert_eq!(tall(8, false).0, 0);
 }
-/// six_stages splits the wgmma launches that can run one block per multiprocessor so, and
-/// gives them the six-stage tile: at batch 1, the levels below 256x256; none of the tall
-/// or cluster ones.
-#[test]
-fn six_stages_where_blocks_are_alone() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let tc = KernelConfig {
-        wgmma: true,
-        tall_tiles: true,
-        six_stages: true,
-        cluster_split_k: true,
-        ..KernelConfig::default()
-    };
-    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
-    let mut six = 0;
-    for s in &p.steps {
-        if let Step::Conv(c) = s {
-            let blocks =
-                c.shape.rows().div_ceil(128) * c.shape.ncols.div_ceil(128) * c.launch.splits;
-            if c.launch.tile == WgmmaTile::SixStages {
-                assert!(c.launch.wgmma && !c.launch.cluster);
-                assert!(blocks <= 132, "{blocks}");
-                six += 1;
-            }
-        }
-    }
-    assert!(six > 10, "{six}");
-}
 
 /// upsample_fold replaces the upsamplings of at least FOLD_MIN_ROWS input pixels (at batch 1
 /// the 64x64 and 128x128 levels, at batch 8 the 32x32 one too, and with batch_invariant
@@ -1032,7 +1004,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 17] = [
+    let flags: [fn(&mut KernelConfig); 16] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1047,7 +1019,6 @@ fn every_choice_has_a_name() {
         |c| c.attention_tf32 = true,
         |c| c.attention_flash = true,
         |c| c.tall_tiles = true,
-        |c| c.six_stages = true,
         |c| c.upsample_fold = true,
         |c| c.batch_invariant = true,
     ];

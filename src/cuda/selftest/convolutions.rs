@@ -507,8 +507,8 @@ impl Tester<'_> {
                 WGMMA_VS_MMA,
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
-            // The row epilogue, the tall and six-stage tiles: the same products summed in the
-            // same order and the same epilogue arithmetic, so the same bits.
+            // The row epilogue and the tall tile: the same products summed in the same order and
+            // the same epilogue arithmetic, so the same bits.
             for v in std::iter::once(wp).chain(wgmma_forms(wp)) {
                 if v != wp {
                     let (out, ms) = self.conv_output(&shape, &v, ptrs, out_div, want.len())?;
@@ -647,8 +647,7 @@ impl Tester<'_> {
                     ms,
                     WGMMA_VS_MMA,
                 );
-                // The row epilogue (accumulating too), the tall and six-stage tiles: the same
-                // bits.
+                // The row epilogue (accumulating too) and the tall tile: the same bits.
                 for form in wgmma_forms(wg_plans[0]) {
                     let v: Vec<ConvLaunch> = wg_plans
                         .iter()
