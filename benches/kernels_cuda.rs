@@ -28,7 +28,7 @@
 //! Under each row, where the cycles of the planned and of the fastest wgmma launch go (set-up,
 //! waiting for copies, the barrier, issuing copies, the products, drain, epilogue), from the
 //! kernel's own cycle counters. Then each distinct GroupNorm under each form it can take
-//! ([`cuda::sweep_group_norms`]: three launches, one pass, clusters).
+//! ([`cuda::sweep_group_norms`]: three launches, one pass).
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.
@@ -510,7 +510,7 @@ fn sweep(a: &Args) -> ExitCode {
         "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \
          variant of each"
     );
-    // The GroupNorms: each form (three launches, one pass, clusters) per distinct shape.
+    // The GroupNorms: each form (three launches, one pass) per distinct shape.
     let norms = match cuda::sweep_group_norms(0, &model.graph, n, h, w, rec, p, it) {
         Ok(r) => r,
         Err(e) => return fail(e),

@@ -36,9 +36,6 @@
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
-#include <cooperative_groups.h>
-#include <type_traits>
-
 #include "conv_common.cuh"
 
 constexpr int WG_TM = 128;
@@ -103,49 +100,6 @@ template <int T> DEVI void wg_mma(float (&d)[64], uint64_t da, uint64_t db);
 WG_MMA(1, "bf16")
 WG_MMA(2, "f16")
 #undef WG_MMA
-
-// Split K without a workspace (the host launches the splits of a tile as one cluster, at most
-// 8): each block parks its accumulators in its own shared memory (the pipeline's, now idle),
-// the cluster synchronises, and block r sums rows r * 128 / S .. of the tile over the S blocks'
-// shared memory (distributed shared memory) in split order from 0, as conv_splitk_reduce sums
-// the workspace, then finishes them into y: the same bits, without the workspace round trip or
-// the second launch. A second cluster barrier keeps every block's shared memory alive until
-// the others have read it.
-constexpr int WG_PARK = WG_TN + 4;  // floats per parked row: +4 spreads a warp's rows over banks
-static_assert(WG_TM * WG_PARK * 4 <= WG_STAGES * WG_STAGE, "the parked tile fits the stages");
-DEVI void cluster_reduce(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0,
-                         int n0) {
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    float* park = reinterpret_cast<float*>(stages);
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int row0 = (warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2);
-    // Every warpgroup's products are complete (wait_group 0) and no copy is in flight; wait
-    // for the other warpgroup too before overwriting the stages.
-    __syncthreads();
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-            *reinterpret_cast<float2*>(park + (row0 + 8 * h) * WG_PARK + 8 * j + 2 * (lane & 3)) =
-                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-    cluster.sync();
-    const int splits = (int)cluster.num_blocks();
-    const int rank = (int)cluster.block_rank();
-    const int per = (WG_TM + splits - 1) / splits;
-    const int r_begin = rank * per, r_end = min(WG_TM, r_begin + per);
-    for (int i = r_begin * WG_TN + tid; i < r_end * WG_TN; i += WG_THREADS) {
-        const int r = i / WG_TN, col = i - r * WG_TN;
-        const int m = m0 + r, n = n0 + col;
-        if (m >= M || n >= a.ncols) continue;
-        float s = 0.f;
-        for (int z = 0; z < splits; ++z) s += cluster.map_shared_rank(park, z)[r * WG_PARK + col];
-        const RowCoord rc = decode_row(a, m);
-        const long long pix = out_pixel(a, rc);
-        a.y[pix * a.ncols + n] = finish(a, rc.img, pix, n, s);
-    }
-    cluster.sync();
-}
 
 // Where a block's cycles go (the `_probe` kernels, for `kernels_cuda --sweep`; the GPU
 // machines have no profiler): each thread reads the multiprocessor's cycle counter at the
@@ -267,21 +221,6 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
             store_pair(a, split, M, m, rc, pix, col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
         }
     }
-}
-
-// The end of a wgmma body: split K reduced within the cluster (CLUSTERS: a tile the host
-// launches as clusters, here without a workspace) or the epilogue; then the probe's last phase
-// and its counters (`slices` K steps).
-template <bool ROWS, bool CLUSTERS, bool PROBE>
-DEVI void wg_finish(const ConvArgs& a, unsigned char* stages, const float (&acc)[64], int M, int m0, int n0,
-                    Probe<PROBE>& cycles, unsigned long long* probe, int slices) {
-    const bool split = gridDim.z > 1;
-    if (CLUSTERS && split && a.ws == nullptr)
-        cluster_reduce(a, stages, acc, M, m0, n0);
-    else
-        wg_epilogue<ROWS>(a, acc, M, m0, n0, split);
-    cycles.mark(PROBE_EPILOGUE);
-    cycles.flush(probe, slices);
 }
 
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
@@ -416,9 +355,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     wg_drain(acc);
     cycles.mark(PROBE_DRAIN);
 
-    // (The host launches clusters of plain tiles only.)
-    wg_finish<ROWS, std::is_same_v<Tile, PlainTile>>(a, smem + (base - smem_addr(smem)), acc, M, m0, n0, cycles,
-                                                    probe, ntiles);
+    wg_epilogue<ROWS>(a, acc, M, m0, n0, gridDim.z > 1);
+    cycles.mark(PROBE_EPILOGUE);
+    cycles.flush(probe, ntiles);
 }
 
 // The weights a block of `Tile` reads, asked of L2 (prefetch_tap) where the host says so.

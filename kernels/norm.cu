@@ -23,16 +23,9 @@
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
 // per (image, group) loads its group into registers, sums, forms the same statistics and writes
 // the output (the three dependent launches took 11-15 us per GroupNorm of these levels at
-// batch 1 on an H200, for 1-8K elements a group). Groups of up to 8 times that (the 64x64 and
-// 128x128 levels) take a thread-block cluster of 2-8 blocks per group instead (gridDim.z, the
-// cluster's extent): each block sums its share, and every block adds the blocks' sums through
-// distributed shared memory in rank order. Only the order in which the f64 sums are added
-// differs from the three-launch form.
-#include <cooperative_groups.h>
-
+// batch 1 on an H200, for 1-8K elements a group). Only the order in which the f64 sums are
+// added differs from the three-launch form.
 #include "common.cuh"
-
-namespace coop = cooperative_groups;
 
 // The block's two partial sums per channel (thread (lane, wy) holds warp wy's share of channel
 // ch in a and b), added over the 8 warps in a fixed order and stored at
@@ -108,16 +101,15 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
 
 // A group's mean and 1 / std from its sums over `count` elements, as the CPU forms them
 // (var = E[x²] - mean², eps added in f32), written to stats[id] and stats[n * groups + id] by
-// the threads that `write`.
+// thread 0.
 struct GroupStats {
     double mean, rstd;
 };
-DEVI GroupStats group_stats(double s, double q, double count, float eps, float* stats, int n, int groups, int id,
-                            bool write) {
+DEVI GroupStats group_stats(double s, double q, double count, float eps, float* stats, int n, int groups, int id) {
     const double mean = s / count;
     const double var = fmax(q / count - mean * mean, 0.0);
     const double rstd = 1.0 / sqrt((double)((float)var + eps));
-    if (write) {
+    if (threadIdx.x == 0) {
         stats[id] = (float)mean;
         stats[n * groups + id] = (float)rstd;
     }
@@ -143,7 +135,7 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
     const int cg = c / groups;
     double s, q;
     group_sums(partial, img, g * cg, cg, c, chunks, s, q);
-    const GroupStats st = group_stats(s, q, (double)cg * (double)hw, eps, stats, n, groups, id, threadIdx.x == 0);
+    const GroupStats st = group_stats(s, q, (double)cg * (double)hw, eps, stats, n, groups, id);
     float* sc = scale_shift + (long long)img * 2 * c;
     for (int ch = g * cg + threadIdx.x; ch < (g + 1) * cg; ch += FIN_THREADS)
         channel_affine(st, gamma, beta, ch, sc[ch], sc[c + ch]);
@@ -387,11 +379,10 @@ DEVI void block_sum2(double& a, double& b) {
 }
 
 // Where a one-pass block's thread works: group g of image img (blockIdx.x = img * groups + g),
-// channel ch (the thread's place within its pixel row of cg threads), and, for block rank r =
-// blockIdx.z of the group's gridDim.z blocks, pixel rows row + rows (r + gridDim.z k), k = 0,
-// 1, ... (rows = blockDim.x / cg; threads past the last whole row only join the sums).
+// channel ch (the thread's place within its pixel row of cg threads), pixel rows row, row +
+// rows, ... (rows = blockDim.x / cg; threads past the last whole row only join the sums).
 struct OnePass {
-    int id, ch, row, rows, first, stride;
+    int id, ch, row, rows;
     long long base; // element (img, pixel 0, ch)
     DEVI OnePass(int hw, int c, int groups) {
         id = blockIdx.x;
@@ -400,42 +391,14 @@ struct OnePass {
         ch = g * cg + j;
         row = threadIdx.x / cg;
         rows = blockDim.x / cg;
-        first = row + rows * (int)blockIdx.z;
-        stride = rows * (int)gridDim.z;
         base = (long long)img * hw * c + ch;
     }
     // The element of the thread's k-th pixel, or -1 past the group's pixels.
     DEVI long long at(int k, int hw, int c) const {
-        const int p = first + k * stride;
+        const int p = row + k * rows;
         return row < rows && p < hw ? base + (long long)p * c : -1;
     }
 };
-
-// With a cluster of gridDim.z > 1 blocks per group: a and b (the block's sums, the same in
-// every thread) replaced by the sums over the cluster's blocks, added in rank order, so that
-// every block forms the same statistics. The second barrier keeps each block's shared memory
-// alive until every block has read it.
-// Clusters exist from sm_90 on; the host launches clusters only there.
-DEVI void cluster_sum2(double& a, double& b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (gridDim.z == 1) return;
-    __shared__ double mine[2];
-    if (threadIdx.x == 0) {
-        mine[0] = a;
-        mine[1] = b;
-    }
-    coop::cluster_group cluster = coop::this_cluster();
-    if (cluster.num_blocks() != gridDim.z) __trap();  // a group's blocks must be one cluster
-    cluster.sync();
-    a = b = 0.0;
-    for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-        const double* theirs = cluster.map_shared_rank(mine, r);
-        a += theirs[0];
-        b += theirs[1];
-    }
-    cluster.sync();
-#endif
-}
 
 // One value of an output that is fp32 (kind 0) or bf16/fp16 (kind 1/2, pack_half1).
 DEVI void store_kind(void* y, long long e, float v, int kind) {
@@ -464,9 +427,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         b += (double)v[k] * (double)v[k];
     }
     block_sum2(a, b);
-    cluster_sum2(a, b);
-    const GroupStats st = group_stats(a, b, (double)(c / groups) * (double)hw, eps, stats, n, groups, t.id,
-                                      threadIdx.x == 0 && blockIdx.z == 0);
+    const GroupStats st = group_stats(a, b, (double)(c / groups) * (double)hw, eps, stats, n, groups, t.id);
     float scale, shift;
     channel_affine(st, gamma, beta, t.ch, scale, shift);
 #pragma unroll
@@ -499,7 +460,6 @@ extern "C" __global__ void __launch_bounds__(1024)
         b += (double)(g[k] * xhat[k]);
     }
     block_sum2(a, b);
-    cluster_sum2(a, b);
     const double count = (double)(c / groups) * (double)hw;
     const float mg = (float)(a / count), mgx = (float)(b / count);
 #pragma unroll

@@ -3,7 +3,6 @@
 # the forms that only make sense together (a tile with the row epilogue) are entries of their own.
 CANDIDATES=(
     gn_one_pass:INVDIFF_GN_ONE_PASS=1
-    gn_cluster:INVDIFF_GN_CLUSTER=1
     half_concat:INVDIFF_HALF_CONCAT=1
     half_copy:INVDIFF_HALF_COPY=1
     alias_grads:INVDIFF_ALIAS_GRADS=1
@@ -13,8 +12,6 @@ CANDIDATES=(
     tall:INVDIFF_WGMMA_TALL=1
     rows_tall:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1
     small_tiles:INVDIFF_GEMM_SMALL_TILES=1
-    cluster:INVDIFF_CLUSTER_SPLITK=1
-    cluster_plan:INVDIFF_CLUSTER_SPLITK=plan
     pdl:INVDIFF_PDL=1
     prefetch:INVDIFF_PREFETCH_WEIGHTS=1
     pdl_prefetch:INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1

@@ -18,14 +18,14 @@
 #       with VARIANT_SELFTEST=each), the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split,
-#       clustered where it can be, and every GroupNorm in each form: three launches, one pass,
-#       clusters; bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
+#       and every GroupNorm in each form: three launches, one pass; bf16 b8 forward, bf16 b1
+#       forward + VJP; JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
 #       real sample, and 10-step DPS / 2-step PiGDM trajectories, GPU against CPU.
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 20 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 17 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -263,10 +263,10 @@ MODEL_ARG=()
 # (v) Run-time variants of the newest build (~10 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
-ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_GN_CLUSTER=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_ATTN_FLASH=1,INVDIFF_WGMMA_TALL=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1,INVDIFF_STREAMS=2
+ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_ATTN_FLASH=1,INVDIFF_WGMMA_TALL=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1,INVDIFF_STREAMS=2
 # A likely default set besides "all", timed in this run so that flipping several switches
 # needs no second device session: the candidates that change no tile (SAFE).
-SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_CLUSTER_SPLITK=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1
+SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_PDL=1,INVDIFF_PREFETCH_WEIGHTS=1,INVDIFF_UPSAMPLE_FOLD=1
 # The set first (should the deadline come, it decides the defaults), then each candidate alone
 # (scripts/candidates.sh, the list tune.sh reads too).
 # shellcheck source=scripts/candidates.sh

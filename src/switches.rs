@@ -46,10 +46,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU: `0` runs every GroupNorm in three launches",
     ),
     switch(
-        "INVDIFF_GN_CLUSTER",
-        "GPU candidate: `1` runs mid-size GroupNorms in one launch of block clusters (Hopper)",
-    ),
-    switch(
         "INVDIFF_HALF_CONCAT",
         "GPU: `0` gives concatenations no 16-bit copy",
     ),
@@ -80,10 +76,6 @@ pub const SWITCHES: &[Switch] = &[
     switch(
         "INVDIFF_GEMM_SMALL_TILES",
         "GPU: `0` uses no 32-wide attention-product tiles",
-    ),
-    switch(
-        "INVDIFF_CLUSTER_SPLITK",
-        "GPU candidate: `1` reduces split K in a cluster; `plan` also splits for clusters",
     ),
     switch(
         "INVDIFF_PDL",

@@ -31,8 +31,6 @@ pub(crate) struct Launch<'a> {
     stream: &'a CudaStream,
     func: &'a CudaFunction,
     pdl: bool,
-    /// Blocks per thread-block cluster along z, when launched as clusters.
-    cluster_z: Option<u32>,
     args: Vec<*mut c_void>,
     _borrows: PhantomData<&'a ()>,
 }
@@ -44,7 +42,6 @@ impl<'a> Launch<'a> {
             stream,
             func,
             pdl,
-            cluster_z: None,
             args: Vec::new(),
             _borrows: PhantomData,
         }
@@ -56,22 +53,15 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// Launches the grid as clusters of `z` blocks along z (Hopper thread-block clusters; the
-    /// grid's z must be a multiple, at most 8).
-    pub fn cluster_z(&mut self, z: u32) -> &mut Self {
-        self.cluster_z = Some(z);
-        self
-    }
-
     /// Enqueues the kernel: `cuLaunchKernel` as cudarc does, or `cuLaunchKernelEx` with the
-    /// programmatic-serialisation attribute under PDL and the cluster shape for clusters.
+    /// programmatic-serialisation attribute under PDL.
     ///
     /// # Safety
     /// The arguments must match the kernel's parameters in number, order and type, and every
     /// device address among them must be valid for what the kernel reads and writes.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
         self.stream.context().bind_to_thread()?;
-        if !self.pdl && self.cluster_z.is_none() {
+        if !self.pdl {
             // SAFETY: as above.
             return unsafe {
                 result::launch_kernel(
@@ -84,25 +74,13 @@ impl<'a> Launch<'a> {
                 )
             };
         }
-        let mut attrs = Vec::with_capacity(2);
-        if self.pdl {
-            attrs.push(sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue {
-                    programmaticStreamSerializationAllowed: 1,
-                },
-            });
-        }
-        if let Some(z) = self.cluster_z {
-            attrs.push(sys::CUlaunchAttribute {
-                id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-                pad: [0; 4],
-                value: sys::CUlaunchAttributeValue {
-                    clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 1, y: 1, z },
-                },
-            });
-        }
+        let mut attrs = [sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                programmaticStreamSerializationAllowed: 1,
+            },
+        }];
         let config = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -127,40 +105,6 @@ impl<'a> Launch<'a> {
         }
         .result()
     }
-}
-
-/// How many clusters of `z` blocks (along z) of `threads` threads `func` can keep resident at
-/// once (`cuOccupancyMaxActiveClusters`); 0 where such a cluster cannot be scheduled at all (a
-/// slice of a GPU with too few multiprocessors in a GPC, say).
-pub(crate) fn max_active_clusters(
-    func: &CudaFunction,
-    threads: u32,
-    z: u32,
-) -> Result<u32, DriverError> {
-    let mut attr = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue {
-            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 1, y: 1, z },
-        },
-    };
-    let config = sys::CUlaunchConfig {
-        gridDimX: 1,
-        gridDimY: 1,
-        gridDimZ: z,
-        blockDimX: threads,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: 0,
-        hStream: std::ptr::null_mut(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    let mut clusters: std::ffi::c_int = 0;
-    // SAFETY: `config` and `attr` live through the call, which only reads them.
-    unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }
-        .result()?;
-    Ok(clusters.max(0) as u32)
 }
 
 #[cfg(test)]

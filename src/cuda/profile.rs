@@ -85,8 +85,7 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
     }
-    // A split reduced in a cluster needs no reduction launch.
-    let launches = 1 + usize::from(c.launch.splits > 1 && !c.launch.cluster);
+    let launches = 1 + usize::from(c.launch.splits > 1);
     let (kind, shape) = match c.w.kind {
         // Token-wise linear layers: one-tap products over n * tokens rows.
         WKind::LinearT | WKind::Linear => {
@@ -253,9 +252,6 @@ impl Step {
                 };
                 let launches = if split.one_pass.is_some() { 1 } else { 3 };
                 let layout = match split.one_pass {
-                    Some(shape) if shape.blocks > 1 => {
-                        format!("one pass, clusters of {}", shape.blocks)
-                    }
                     Some(_) => "one pass".to_string(),
                     None => format!("{} chunks", split.chunks),
                 };
@@ -855,7 +851,7 @@ mod tests {
     /// H200 runs counted v0.4's defaults at 455 per forward and 996 per DPS step, and the
     /// defaults of [`KernelConfig::tuned`] at 393 and 855, both before the wgmma split rule of
     /// `WGMMA_SPLIT_SLICES` (src/cuda/kernels/conv_plan.rs), whose fewer splits take 10-23
-    /// reductions off. A split reduced in a cluster is one launch.
+    /// reductions off.
     #[test]
     fn launch_census_of_the_batch_1_programs() {
         use crate::cuda::kernels::Capabilities;
@@ -875,15 +871,12 @@ mod tests {
         assert_eq!(count(base), [445, 981]);
         let fewer = KernelConfig {
             gn_one_pass: true,
-            gn_clusters: true,
-            cluster_split_k: true,
-            cluster_plan: true,
             attention_flash: true,
             alias_residual_grads: true,
             half_copy: true,
             ..base
         };
-        assert_eq!(count(fewer), [272, 636]);
+        assert_eq!(count(fewer), [369, 799]);
         // Folding the two large upsamplings adds launches: per fold a conversion and four class
         // launches for an upsampling and one, and two for two backward (with their splits).
         let fold = KernelConfig {
@@ -895,7 +888,6 @@ mod tests {
         let here = Capabilities {
             wgmma: true,
             flash: true,
-            gn_clusters: true,
         };
         assert_eq!(
             count(KernelConfig::tuned(here, Precision::Bf16)),

@@ -305,9 +305,7 @@ mod tests {
         let every = KernelConfig {
             wgmma: true,
             gn_one_pass: true,
-            gn_clusters: true,
             half_concat: true,
-            cluster_split_k: true,
             half_copy: true,
             alias_residual_grads: true,
             row_epilogue: true,

@@ -14,9 +14,6 @@
 //! differs. The planned launch is what `CudaUnet` runs by default (wgmma where the device has
 //! it). Times are means of CUDA-event-timed repetitions after a warm-up.
 //!
-//! wgmma variants split 2 to 8 ways on a tile that clusters are timed both ways: reduced through
-//! a workspace and a second launch, and in a thread-block cluster (`INVDIFF_CLUSTER_SPLITK`).
-//!
 //! Each wgmma variant is also launched once through its cycle-counting kernel
 //! ([`CycleProbe`]): where a warpgroup's cycles go, which the GPU machines have no profiler
 //! to show.
@@ -28,8 +25,7 @@ use serde::Serialize;
 use super::device::{cu, Gpu};
 use super::kernels::{
     norm_forms, on_tile, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims,
-    ProbeCounters, WgmmaTile, MAX_CLUSTER_SPLITS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -260,15 +256,8 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(ConvLaunch { row_epilogue, ..c }, tile) else {
                         continue;
                     };
-                    // Split 2 to 8 ways on a tile that clusters: also reduced in a cluster
-                    // (INVDIFF_CLUSTER_SPLITK), the same sums without the workspace.
-                    let clustered = (tile.clusters()
-                        && (2..=MAX_CLUSTER_SPLITS).contains(&c.splits))
-                    .then_some(ConvLaunch { cluster: true, ..c });
-                    for c in std::iter::once(c).chain(clustered) {
-                        if !out.contains(&c) {
-                            out.push(c);
-                        }
+                    if !out.contains(&c) {
+                        out.push(c);
                     }
                 }
             }
@@ -291,9 +280,6 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     let mut name = kernel.to_string();
     if l.row_epilogue {
         name += ", row epilogue";
-    }
-    if l.cluster {
-        name += ", cluster";
     }
     name
 }
@@ -423,8 +409,8 @@ pub struct NormSweepRow {
     pub shape: String,
     /// How many GroupNorms of the program have this shape.
     pub count: usize,
-    /// `three launches`, `one pass`, `one pass, clusters of N` (where the groups allow it and,
-    /// for clusters, the device has them), each with its mean milliseconds.
+    /// `three launches` and `one pass` (where the groups allow it), each with its mean
+    /// milliseconds.
     pub forms: Vec<NormForm>,
 }
 
@@ -437,9 +423,8 @@ pub struct NormForm {
 
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
-/// form, one pass in one block a group where the groups are small enough, and one pass in
-/// clusters of 2-8 blocks (`INVDIFF_GN_CLUSTER`) where they are not and the device has
-/// clusters. The forms compute the same statistics up to the order of the f64 sums.
+/// form, and one pass in one block a group where the groups are small enough. The forms compute
+/// the same statistics up to the order of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
     ordinal: usize,
@@ -453,7 +438,6 @@ pub fn sweep_group_norms(
 ) -> Result<Vec<NormSweepRow>> {
     let (gpu, program) = open_and_plan(ordinal, graph, n, h, w, record, precision, iters)?;
     let norms = distinct_norms(&program.steps, n, h, w);
-    let clusters = gpu.kernels.capabilities().one_pass_blocks();
     let st = &gpu.stream;
     let mut seed = 0x6_7EE9;
     let mut rows = Vec::new();
@@ -466,10 +450,10 @@ pub fn sweep_group_norms(
         let out = DevBuf::zeros(st, len)?;
         let stats = DevBuf::zeros(st, 2 * n * groups)?;
         let affine = DevBuf::zeros(st, 2 * n * c)?;
-        let three = plan_norm(n, hw, c, groups, gpu.sms(), 0);
+        let three = plan_norm(n, hw, c, groups, gpu.sms(), false);
         let partial = DevBuf::zeros(st, three.partial_len(n, c))?;
         let mut forms = Vec::new();
-        for split in norm_forms(n, hw, c, groups, gpu.sms(), clusters) {
+        for split in norm_forms(n, hw, c, groups, gpu.sms()) {
             let d = NormDims {
                 n,
                 hw,
@@ -521,7 +505,6 @@ pub fn sweep_group_norms(
             let ms = mean_ms(st, iters, run)?;
             let form = match split.one_pass {
                 None => "three launches".to_string(),
-                Some(s) if s.blocks > 1 => format!("one pass, clusters of {}", s.blocks),
                 Some(_) => "one pass".to_string(),
             };
             forms.push(NormForm { form, ms });
@@ -670,8 +653,7 @@ mod tests {
 
     /// Every candidate is a launch the kernels accept: whole K slices per split, splits that
     /// cover K, a workspace of at most four waves of tiles, 16-bit inputs only with the deep
-    /// pipeline in bf16/fp16, clusters only on the tiles that take them; the planned launch is
-    /// among them.
+    /// pipeline in bf16/fp16; the planned launch is among them.
     #[test]
     fn candidates_are_valid_launches() {
         let shapes = [
@@ -692,8 +674,6 @@ mod tests {
                 for l in &c {
                     assert_eq!(l.kernel, planned.kernel);
                     assert!(!l.row_epilogue || l.deep);
-                    assert!(!l.cluster || (l.wgmma && l.tile.clusters()));
-                    assert!(!l.cluster || (2..=MAX_CLUSTER_SPLITS).contains(&l.splits));
                     if l.wgmma {
                         assert!(precision.is_half() && l.half_input && l.deep);
                         assert_eq!(l.k_per_split % WGMMA_SLICE, 0);
@@ -707,16 +687,6 @@ mod tests {
                 }
                 let pipes = if precision.is_half() { 3 } else { 2 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
-                // Every wgmma launch split 2 to 8 ways on a plain tile is also timed clustered.
-                for l in c.iter().filter(|l| {
-                    l.wgmma && l.tile == WgmmaTile::Plain && (2..=8).contains(&l.splits)
-                }) {
-                    let clustered = ConvLaunch {
-                        cluster: !l.cluster,
-                        ..*l
-                    };
-                    assert!(c.contains(&clustered), "{l:?}");
-                }
             }
         }
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 
 use super::conv_plan::{
-    direct_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX,
-    MAX_CLUSTER_SPLITS, TILE, WGMMA_SLICE,
+    direct_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX, TILE,
+    WGMMA_SLICE,
 };
 use super::{cfg, half_kind, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -299,16 +299,9 @@ impl Kernels {
         }
         i32_of(rows * s.ncols.max(s.sc), "convolution rows x channels")?;
         i32_of(s.k(), "convolution reduction length")?;
-        let workspace = plan.splits > 1 && !plan.cluster;
-        if workspace {
+        if plan.splits > 1 {
             need(p.ws, "split-K workspace")?;
             i32_of(plan.splits * rows * s.ncols, "split-K workspace")?;
-        }
-        if plan.cluster && !(plan.wgmma && (2..=MAX_CLUSTER_SPLITS).contains(&plan.splits)) {
-            return Err(Error::Cuda(format!(
-                "internal: a cluster reduction planned for {} splits (wgmma {})",
-                plan.splits, plan.wgmma
-            )));
         }
         let mut a = ConvArgs {
             x: p.x,
@@ -317,8 +310,7 @@ impl Kernels {
             bias: p.bias,
             temb: p.temb,
             res: p.res,
-            // No workspace with splits: the kernel reduces within the cluster.
-            ws: if workspace { p.ws } else { 0 },
+            ws: p.ws,
             n: i32_of(s.n, "batch")?,
             mh: i32_of(s.mh, "rows")?,
             mw: i32_of(s.mw, "columns")?,
@@ -363,19 +355,17 @@ impl Kernels {
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.prefetch_weights && !tensor)
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
-            || (plan.cluster && !plan.tile.clusters())
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, weight prefetch {}, tile {:?} and cluster {}",
+                 row epilogue {}, weight prefetch {} and tile {:?}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
                 plan.wgmma,
                 plan.row_epilogue,
                 plan.prefetch_weights,
-                plan.tile,
-                plan.cluster
+                plan.tile
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -440,12 +430,9 @@ impl Kernels {
         if let Some(probe) = &probe {
             b.arg(probe);
         }
-        if plan.cluster {
-            b.cluster_z(grid.2);
-        }
         // SAFETY: as above; the grid covers exactly the tiles of the problem.
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
-        if workspace {
+        if plan.splits > 1 {
             let splits = plan.splits as i32;
             let mut b = self.launch(st, &self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);

@@ -349,17 +349,12 @@ pub(crate) struct ConvLaunch {
     /// `half_input`, K split in multiples of [`WGMMA_SLICE`], and the weights read K-major
     /// (the other direction's layout, [`crate::cuda::program::W::k_major`]).
     pub wgmma: bool,
-    /// With `wgmma` and 2 to [`MAX_CLUSTER_SPLITS`] splits: the splits of each tile run as one
-    /// thread-block cluster and sum their partial products through distributed shared memory
-    /// (kernels/conv_wgmma.cu `cluster_reduce`) instead of the workspace and
-    /// `conv_splitk_reduce`: the same sums in the same order, one launch, no workspace.
-    pub cluster: bool,
     /// Tensor cores with `deep` (mma.sync or wgmma): the epilogue that issues each row's
     /// loads (bias, time embedding, residual) four pairs at a time before storing them
     /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
-    /// With `wgmma`: its tile; with `cluster` only one that [`WgmmaTile::clusters`].
+    /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
     /// Tensor cores: every block first asks L2 for the weights it will read, before waiting
     /// for the grid it depends on (`prefetch_tap` in kernels/conv_common.cuh): a hint, the
@@ -415,22 +410,12 @@ impl WgmmaTile {
             WgmmaTile::Tall => 197_632,
         }
     }
-
-    /// Whether this tile's kernels reduce split K within a cluster (`cluster_reduce`): the
-    /// plain one.
-    pub fn clusters(self) -> bool {
-        self == WgmmaTile::Plain
-    }
 }
 
-/// Wgmma launch `l` moved to `tile`, with the same split. `None` where `l` reduces in a
-/// cluster and the tile cannot.
+/// Wgmma launch `l` moved to `tile`, with the same split; `None` for a launch without wgmma.
 pub(crate) fn on_tile(l: ConvLaunch, tile: WgmmaTile) -> Option<ConvLaunch> {
-    (l.wgmma && (!l.cluster || tile.clusters())).then_some(ConvLaunch { tile, ..l })
+    l.wgmma.then_some(ConvLaunch { tile, ..l })
 }
-
-/// Most splits of K one cluster reduces (the portable cluster size).
-pub(crate) const MAX_CLUSTER_SPLITS: usize = 8;
 
 /// Block tile of the GEMM kernels, and the K slice.
 pub(super) const TILE: usize = 128;
@@ -456,33 +441,10 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
         return None;
     }
     let kernel = ConvKernel::Tensor(precision);
-    let mut l = split_k_by(
-        s,
-        kernel,
-        WGMMA_SLICE,
-        sms.max(1),
-        |tiles, ktiles, slots| tc_splits(tiles, ktiles, slots, 64, WGMMA_SPLIT_SLICES),
-    );
+    let mut l = split_k_on(s, kernel, WGMMA_SLICE, sms.max(1), WGMMA_SPLIT_SLICES);
     l.deep = true;
     l.half_input = true;
     l.wgmma = true;
-    Some(l)
-}
-
-/// The wgmma launch of `s` with K split for a cluster's reduction: at most
-/// [`MAX_CLUSTER_SPLITS`] splits, chosen by the tensor-core cost with [`CLUSTER_SPLIT_SLICES`]
-/// for the partial sums. `None` where the wgmma kernel does not take `s`.
-pub(crate) fn plan_wgmma_clustered(
-    s: &ConvShape,
-    sms: usize,
-    precision: Precision,
-) -> Option<ConvLaunch> {
-    let mut l = plan_wgmma(s, sms, precision)?;
-    let clustered = split_k_by(s, l.kernel, WGMMA_SLICE, 2 * sms.max(1), |t, k, slots| {
-        tc_splits(t, k, slots, MAX_CLUSTER_SPLITS, CLUSTER_SPLIT_SLICES)
-    });
-    l.splits = clustered.splits;
-    l.k_per_split = clustered.k_per_split;
     Some(l)
 }
 
@@ -567,33 +529,28 @@ pub(crate) fn plan_launch(
         })
 }
 
-/// The split of K for `kernel` with K slices of `bk`.
+/// The split of K for `kernel` with K slices of `bk`, two blocks a multiprocessor a wave.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
-    split_k_by(
-        s,
-        kernel,
-        bk,
-        2 * sms.max(1),
-        |tiles, ktiles, slots| match kernel {
-            ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, 64, SPLIT_SLICES),
-            _ => simt_splits(tiles, ktiles, slots),
-        },
-    )
+    split_k_on(s, kernel, bk, 2 * sms.max(1), SPLIT_SLICES)
 }
 
-/// The launch of `kernel` with K in whole slices of `bk` split as `choose(tiles, K slices,
-/// slots)` asks (a rule below), rounded to equal whole slices per split.
-fn split_k_by(
+/// [`split_k`] for `slots` blocks a wave, a tensor-core kernel's partial sums costing
+/// `split_slices` K slices a block.
+fn split_k_on(
     s: &ConvShape,
     kernel: ConvKernel,
     bk: usize,
     slots: usize,
-    choose: impl Fn(usize, usize, usize) -> usize,
+    split_slices: f64,
 ) -> ConvLaunch {
     let k = s.k();
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
-    let per = ktiles.div_ceil(choose(tiles, ktiles, slots)) * bk;
+    let splits = match kernel {
+        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, split_slices),
+        _ => simt_splits(tiles, ktiles, slots),
+    };
+    let per = ktiles.div_ceil(splits) * bk;
     ConvLaunch::new(kernel, k.div_ceil(per).max(1), per)
 }
 
@@ -617,20 +574,16 @@ fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
 const SPLIT_SLICES: f64 = 8.0;
 
 /// The same for the wgmma launches, whose rule counts a wave as one block per multiprocessor
-/// ([`plan_wgmma`]). Both fitted to the sweep of 2026-11-26 (H200, bf16, the row-epilogue
-/// launches every wgmma launch now takes; batch 1 forward + VJP and batch 8 forward): counting
-/// two blocks a multiprocessor as the wave, the rule split launches that run faster unsplit
-/// with one block per multiprocessor (the 128x128 level at batch 1: 128 blocks, 0.030 ms
-/// unsplit against 0.042 ms in two splits). Over the sweep's per-launch times, the launches
-/// this rule plans take 6.14 ms at batch 1 (6.34 under the former one; 6.07 with the fastest
-/// split of each) and 14.67 ms at batch 8 (14.68; 14.45). Any wave cost of 1 to 8 slices
-/// fits as well.
+/// ([`plan_wgmma`]): the same cost per split block as [`SPLIT_SLICES`] over two blocks a
+/// multiprocessor; what changed is the wave. Fitted to the sweep of 2026-11-26 (H200, bf16,
+/// the row-epilogue launches every wgmma launch now takes; batch 1 forward + VJP and batch 8
+/// forward): counting two blocks a multiprocessor as the wave, the rule split launches that
+/// run faster unsplit with one block per multiprocessor (the 128x128 level at batch 1: 128
+/// blocks, 0.030 ms unsplit against 0.042 ms in two splits). Over the sweep's per-launch
+/// times, the launches this rule plans take 6.14 ms at batch 1 (6.34 under the former one;
+/// 6.07 with the fastest split of each) and 14.67 ms at batch 8 (14.68; 14.45). Any wave cost
+/// of 1 to 8 slices fits as well.
 const WGMMA_SPLIT_SLICES: f64 = 4.0;
-
-/// The same for splits that reduce in a thread-block cluster (distributed shared memory, no
-/// workspace, no reduction launch). A guess, not a fit: `INVDIFF_CLUSTER_SPLITK=plan` is timed
-/// on a GPU beside `=1` to tell.
-const CLUSTER_SPLIT_SLICES: f64 = 2.0;
 
 /// The tensor-core kernels: a cost in K slices, fitted to every launch of the celebahq network
 /// timed under every split on an H200 (`kernels_cuda --sweep`, batch 1 and 8, 2026-11-26): each
@@ -639,19 +592,12 @@ const CLUSTER_SPLIT_SLICES: f64 = 2.0;
 /// and the reduction). Against the former rule (the SIMT one) it took the tensor-core launches
 /// of a batch-1 forward + VJP from 9.89 to 9.37 ms and left batch 8 unchanged (23.90 / 23.87 ms):
 /// the small low-resolution launches were latency-bound and wanted more, shorter splits.
-///
-/// `max_splits` and `split_slices` (the cost of a block's partial sums, [`SPLIT_SLICES`] through
-/// a workspace) are parameters for [`plan_wgmma_clustered`].
-fn tc_splits(
-    tiles: usize,
-    ktiles: usize,
-    slots: usize,
-    max_splits: usize,
-    split_slices: f64,
-) -> usize {
+/// `split_slices` is that cost of a block's partial sums ([`SPLIT_SLICES`], or
+/// [`WGMMA_SPLIT_SLICES`] where a wave is one block per multiprocessor).
+fn tc_splits(tiles: usize, ktiles: usize, slots: usize, split_slices: f64) -> usize {
     const WAVE_SLICES: f64 = 4.0;
     let mut best = (1usize, f64::INFINITY);
-    for want in 1..=ktiles.min(max_splits) {
+    for want in 1..=ktiles.min(64) {
         // The split a per-split length of ceil(ktiles / want) slices really gives.
         let per = ktiles.div_ceil(want);
         let splits = ktiles.div_ceil(per);
@@ -677,16 +623,15 @@ impl ConvLaunch {
             deep: false,
             half_input: false,
             wgmma: false,
-            cluster: false,
             row_epilogue: false,
             tile: WgmmaTile::Plain,
             prefetch_weights: false,
         }
     }
 
-    /// f32 elements of split-K workspace the launch needs (none when a cluster reduces).
+    /// f32 elements of split-K workspace the launch needs.
     pub fn workspace_len(&self, s: &ConvShape) -> usize {
-        if self.splits > 1 && !self.cluster {
+        if self.splits > 1 {
             self.splits * s.rows() * s.ncols
         } else {
             0

@@ -29,7 +29,7 @@
 //!   `gemm_batched`;
 //! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
-//!   1024 threads ([`one_pass_shape`]), a block per (image, group), or a cluster of 2-8 along z;
+//!   1024 threads ([`one_pass_threads`]), a block per (image, group);
 //! - `timing_hold` (profiling only): one block of 32 threads.
 //!
 //! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares (the
@@ -45,7 +45,7 @@ use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
-use super::launch::{max_active_clusters, pdl_wanted, Launch};
+use super::launch::{pdl_wanted, Launch};
 use super::precision::Precision;
 use crate::{switches, Error, Result};
 
@@ -59,15 +59,14 @@ mod resample;
 pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
-    fold_upsampled_weights, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma,
-    plan_wgmma_clustered, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, MAX_CLUSTER_SPLITS,
-    WGMMA_SLICE,
+    fold_upsampled_weights, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma, ConvKernel,
+    ConvLaunch, ConvShape, WgmmaTile, WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
-pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit, OnePass, GN_CLUSTER_MAX};
+pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
 // Used only by documentation links.
 #[cfg(doc)]
-pub(crate) use norm::one_pass_shape;
+pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
 use conv::{narrow_smem, wgmma_kernel_names, TC_KERNELS};
@@ -83,20 +82,6 @@ pub(crate) struct Capabilities {
     pub wgmma: bool,
     /// The fused attention kernels (141 KB of shared memory a block).
     pub flash: bool,
-    /// Clusters of one-pass GroupNorm blocks.
-    pub gn_clusters: bool,
-}
-
-impl Capabilities {
-    /// The most blocks a one-pass GroupNorm may give a group here ([`plan_norm`]'s
-    /// `one_pass_blocks`).
-    pub fn one_pass_blocks(&self) -> u32 {
-        if self.gn_clusters {
-            GN_CLUSTER_MAX
-        } else {
-            1
-        }
-    }
 }
 
 fn i32_of(v: usize, what: &str) -> Result<i32> {
@@ -149,9 +134,6 @@ pub(crate) struct Kernels {
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
     /// on devices that give a block that much ([`FLASH_SMEM`]) only.
     attention_flash: Option<[CudaFunction; 3]>,
-    /// The one-pass GroupNorms can run as clusters of [`GN_CLUSTER_MAX`] blocks of 1024
-    /// threads here (compute capability 9.0, and the driver says such a cluster fits).
-    gn_clusters: bool,
     linear_rows: CudaFunction,
     linear_batch: CudaFunction,
     gn_partial: CudaFunction,
@@ -304,13 +286,6 @@ impl Kernels {
         } else {
             None
         };
-        // One-pass GroupNorms in clusters where the driver says a cluster of the largest fits.
-        let gn_one_pass = get("norm", "gn_one_pass")?;
-        let gn_bwd_one_pass = get("norm", "gn_bwd_one_pass")?;
-        let fits =
-            |f: &CudaFunction| max_active_clusters(f, 1024, GN_CLUSTER_MAX).is_ok_and(|n| n > 0);
-        let gn_clusters =
-            info.compute_capability.0 >= 9 && fits(&gn_one_pass) && fits(&gn_bwd_one_pass);
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             pdl: pdl_wanted(info.compute_capability),
@@ -349,9 +324,8 @@ impl Kernels {
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
             gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
-            gn_clusters,
-            gn_one_pass,
-            gn_bwd_one_pass,
+            gn_one_pass: get("norm", "gn_one_pass")?,
+            gn_bwd_one_pass: get("norm", "gn_bwd_one_pass")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,
@@ -394,7 +368,6 @@ impl Kernels {
         Capabilities {
             wgmma: self.has_wgmma(),
             flash: self.attention_flash.is_some(),
-            gn_clusters: self.gn_clusters,
         }
     }
 

@@ -5,7 +5,6 @@ use cudarc::driver::{CudaStream, LaunchConfig};
 
 use super::{cfg, half_kind, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
-use crate::cuda::launch::Launch;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
 
@@ -13,61 +12,39 @@ use crate::{Error, Result};
 const GN_FIN_THREADS: u32 = 256;
 
 /// How a GroupNorm runs: in three launches with `chunks` blocks of `chunk_px` pixels per
-/// (image, 32 channels) for the partial sums, or, where `one_pass` gives a launch shape, in one
-/// launch (kernels/norm.cu `gn_one_pass`).
+/// (image, 32 channels) for the partial sums, or, where `one_pass` gives a block size, in one
+/// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
     pub chunk_px: usize,
-    pub one_pass: Option<OnePass>,
+    pub one_pass: Option<u32>,
 }
 
 /// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
 const GN_ONE_PASS_PIXELS: usize = 8;
 
-/// The launch of a one-pass GroupNorm: `threads` a block, `blocks` per (image, group) (a
-/// thread-block cluster along z when more than one, whose blocks add their sums through
-/// distributed shared memory).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct OnePass {
-    pub threads: u32,
-    pub blocks: u32,
-}
-
-/// Most blocks of a one-pass GroupNorm's cluster (the portable cluster size).
-pub(crate) const GN_CLUSTER_MAX: u32 = 8;
-
-/// The one-pass launch for groups of `cg` channels over `hw` pixels with at most `max_blocks`
-/// blocks a group: the fewest blocks (1, 2, 4 or 8) whose blocks need at most 1024 threads,
-/// each `cg` threads per pixel row, enough rows that each thread holds at most
-/// `GN_ONE_PASS_PIXELS` pixels, rounded up to whole warps; `None` where even `max_blocks`
-/// blocks are not enough (one block takes groups of up to 8192 elements when `cg` divides
-/// 1024), where three launches fill the device better anyway.
-pub(crate) fn one_pass_shape(hw: usize, cg: usize, max_blocks: u32) -> Option<OnePass> {
-    [1, 2, 4, 8]
-        .into_iter()
-        .take_while(|&blocks| blocks <= max_blocks)
-        .find_map(|blocks| {
-            let rows = hw.div_ceil(GN_ONE_PASS_PIXELS * blocks as usize);
-            let threads = (cg.max(1) * rows).next_multiple_of(32);
-            (threads <= 1024).then_some(OnePass {
-                threads: threads as u32,
-                blocks,
-            })
-        })
+/// Threads of a one-pass GroupNorm block for groups of `cg` channels over `hw` pixels: `cg`
+/// threads per pixel row, enough rows that each thread holds at most `GN_ONE_PASS_PIXELS`
+/// pixels, rounded up to whole warps; `None` where that takes more than 1024 threads (a group
+/// of more than 8192 elements when `cg` divides 1024), where three launches fill the device
+/// better anyway.
+pub(crate) fn one_pass_threads(hw: usize, cg: usize) -> Option<u32> {
+    let rows = hw.div_ceil(GN_ONE_PASS_PIXELS);
+    let threads = (cg.max(1) * rows).next_multiple_of(32);
+    (threads <= 1024).then_some(threads as u32)
 }
 
 /// Enough blocks to fill every multiprocessor about eight times over (eight 256-thread blocks
 /// are what one holds, and the partial sums are bound by bytes in flight), at least 8 pixels a
-/// block; one pass instead where `one_pass_blocks` (the most blocks a group may take, 0 for
-/// never) allows it and the groups are small enough.
+/// block; one pass instead where `one_pass` allows it and the groups are small enough.
 pub(crate) fn plan_norm(
     n: usize,
     hw: usize,
     c: usize,
     groups: usize,
     sms: usize,
-    one_pass_blocks: u32,
+    one_pass: bool,
 ) -> NormSplit {
     let per_chunk = n * c.div_ceil(32);
     let want = (8 * sms.max(1)).div_ceil(per_chunk.max(1));
@@ -76,25 +53,25 @@ pub(crate) fn plan_norm(
     NormSplit {
         chunks: hw.div_ceil(chunk_px).max(1),
         chunk_px,
-        one_pass: one_pass_shape(hw, c / groups.max(1), one_pass_blocks),
+        one_pass: one_pass
+            .then(|| one_pass_threads(hw, c / groups.max(1)))
+            .flatten(),
     }
 }
 
 /// The distinct ways a GroupNorm of these sizes can run, for the selftest and the sweep: three
-/// launches, then one pass in one block a group and in clusters of up to `max_blocks` where the
-/// groups allow them.
+/// launches, then one pass where the groups allow it.
 pub(crate) fn norm_forms(
     n: usize,
     hw: usize,
     c: usize,
     groups: usize,
     sms: usize,
-    max_blocks: u32,
 ) -> Vec<NormSplit> {
     let mut out: Vec<NormSplit> = Vec::new();
-    for blocks in [0, 1, max_blocks] {
-        let split = plan_norm(n, hw, c, groups, sms, blocks);
-        if (blocks == 0 || split.one_pass.is_some()) && !out.contains(&split) {
+    for one_pass in [false, true] {
+        let split = plan_norm(n, hw, c, groups, sms, one_pass);
+        if (!one_pass || split.one_pass.is_some()) && !out.contains(&split) {
             out.push(split);
         }
     }
@@ -143,18 +120,6 @@ impl NormDims {
             split.chunks as i32,
             i32_of(split.chunk_px, "chunk")?,
         ))
-    }
-}
-
-/// The grid of a one-pass GroupNorm over `groups` (image, group) pairs: `shape.blocks` along z.
-fn one_pass_grid(groups: usize, shape: OnePass) -> LaunchConfig {
-    cfg((groups as u32, 1, shape.blocks), (shape.threads, 1, 1))
-}
-
-/// A one-pass GroupNorm of several blocks a group launches them as one cluster.
-fn one_pass_clusters(b: &mut Launch<'_>, shape: OnePass) {
-    if shape.blocks > 1 {
-        b.cluster_z(shape.blocks);
     }
 }
 
@@ -231,7 +196,7 @@ impl Kernels {
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
-        if let Some(shape) = split.one_pass {
+        if let Some(threads) = split.one_pass {
             let mut b = self.launch(st, &self.gn_one_pass);
             b.arg(&x)
                 .arg(&gamma)
@@ -245,13 +210,10 @@ impl Kernels {
                 .arg(&eps)
                 .arg(&silu)
                 .arg(&kind);
-            one_pass_clusters(&mut b, shape);
+            let one = cfg(((n * groups) as u32, 1, 1), (threads, 1, 1));
             // SAFETY: x is n x hw x c floats, y room for as many values of `kind`, stats for
-            // 2 n groups floats; a group's blocks hold all its pixels (one_pass_shape).
-            return cu(
-                unsafe { b.launch(one_pass_grid(n * groups, shape)) }.map(drop),
-                "launching gn_one_pass",
-            );
+            // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
+            return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
         }
         let mut b = self.launch(st, &self.gn_partial);
         b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
@@ -362,7 +324,7 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
-        if let Some(shape) = split.one_pass {
+        if let Some(threads) = split.one_pass {
             let mut b = self.launch(st, &self.gn_bwd_one_pass);
             b.arg(&x)
                 .arg(&dy)
@@ -377,10 +339,10 @@ impl Kernels {
                 .arg(&silu)
                 .arg(&acc)
                 .arg(&kind);
-            one_pass_clusters(&mut b, shape);
+            let one = cfg(((n * groups) as u32, 1, 1), (threads, 1, 1));
             // SAFETY: as in the forward; dx holds n x hw x c values of `kind`.
             return cu(
-                unsafe { b.launch(one_pass_grid(n * groups, shape)) }.map(drop),
+                unsafe { b.launch(one) }.map(drop),
                 "launching gn_bwd_one_pass",
             );
         }
@@ -468,7 +430,7 @@ mod tests {
     #[test]
     fn norm_split_covers_every_pixel() {
         for (n, hw, c) in [(1, 65536, 128), (8, 64, 512), (3, 35, 96), (1, 1, 32)] {
-            let s = plan_norm(n, hw, c, 32, 132, 0);
+            let s = plan_norm(n, hw, c, 32, 132, false);
             assert!(
                 s.chunks * s.chunk_px >= hw && (s.chunks - 1) * s.chunk_px < hw,
                 "{s:?}"
@@ -479,35 +441,29 @@ mod tests {
 
     #[test]
     fn one_pass_groupnorm_takes_the_small_levels_only() {
-        // celebahq-256 (32 groups): the 8x8 to 32x32 levels in one block a group; with
-        // clusters also 64x64 (4 blocks) and 128x128 at 128 channels (8), never 256x256.
-        let one = |threads, blocks| Some(OnePass { threads, blocks });
-        for (hw, c, want, clustered) in [
-            (8 * 8, 512, one(128, 1), one(128, 1)),
-            (16 * 16, 512, one(512, 1), one(512, 1)),
-            (32 * 32, 256, one(1024, 1), one(1024, 1)),
-            (64 * 64, 256, None, one(1024, 4)),
-            (64 * 64, 512, None, one(1024, 8)),
-            (128 * 128, 128, None, one(1024, 8)),
-            (128 * 128, 256, None, None),
-            (256 * 256, 128, None, None),
+        // celebahq-256 (32 groups): the 8x8 to 32x32 levels in one pass, not 64x64 and up.
+        for (hw, c, want) in [
+            (8 * 8, 512, Some(128)),
+            (16 * 16, 512, Some(512)),
+            (32 * 32, 256, Some(1024)),
+            (64 * 64, 256, None),
+            (256 * 256, 128, None),
         ] {
-            assert_eq!(plan_norm(1, hw, c, 32, 132, 1).one_pass, want, "{hw} {c}");
-            let got = plan_norm(1, hw, c, 32, 132, GN_CLUSTER_MAX).one_pass;
-            assert_eq!(got, clustered, "{hw} {c}");
-            assert_eq!(plan_norm(8, hw, c, 32, 132, 0).one_pass, None);
+            assert_eq!(
+                plan_norm(1, hw, c, 32, 132, true).one_pass,
+                want,
+                "{hw} {c}"
+            );
+            assert_eq!(plan_norm(8, hw, c, 32, 132, false).one_pass, None);
         }
-        // Odd group widths: whole warps, and a group's blocks hold all its pixels (the kernel's
-        // rows = threads / cg pixel rows a block, ONE_PASS_PIXELS apiece).
-        for (hw, cg) in [(35, 3), (1, 1), (15, 3), (100, 7), (10_000, 3), (4096, 7)] {
-            let s = one_pass_shape(hw, cg, GN_CLUSTER_MAX).unwrap();
-            let (t, b) = (s.threads as usize, s.blocks as usize);
+        // Odd group widths: whole warps, every pixel row within the block.
+        for (hw, cg) in [(35, 3), (1, 1), (15, 3), (100, 7)] {
+            let t = one_pass_threads(hw, cg).unwrap() as usize;
             assert!(
-                t % 32 == 0 && t <= 1024 && t / cg * b * GN_ONE_PASS_PIXELS >= hw,
-                "{hw} {cg} {s:?}"
+                t % 32 == 0 && t / cg * GN_ONE_PASS_PIXELS >= hw,
+                "{hw} {cg} {t}"
             );
         }
-        assert_eq!(one_pass_shape(1, 2048, GN_CLUSTER_MAX), None);
-        assert_eq!(one_pass_shape(1, 32, 0), None);
+        assert_eq!(one_pass_threads(1, 2048), None);
     }
 }

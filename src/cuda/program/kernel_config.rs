@@ -8,10 +8,7 @@ use crate::switches;
 #[cfg(doc)]
 use {
     super::Program,
-    crate::cuda::kernels::{
-        flash_fits, one_pass_shape, plan_wgmma_clustered, ConvLaunch, ConvShape, Gemm, WgmmaTile,
-        GN_CLUSTER_MAX,
-    },
+    crate::cuda::kernels::{flash_fits, one_pass_threads, ConvLaunch, ConvShape, Gemm, WgmmaTile},
     crate::cuda::unet::AttnKernel,
 };
 
@@ -26,25 +23,14 @@ pub(crate) struct KernelConfig {
     /// With `deep`: launches with 16-bit inputs on Hopper's wgmma kernel (only where the
     /// device has it, compute capability 9.0).
     pub wgmma: bool,
-    /// GroupNorms whose groups are small enough ([`one_pass_shape`]) in one launch
+    /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
-    /// With `gn_one_pass`: groups up to eight times larger (the 64x64 and 128x128 levels) in one
-    /// launch too, as clusters of 2-8 blocks a group ([`GN_CLUSTER_MAX`]; compute capability
-    /// 9.0 only).
-    pub gn_clusters: bool,
     /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
     /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the
     /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values; the copy is
     /// rounded as staging would round, so only wgmma's order of summation changes.
     pub half_concat: bool,
-    /// wgmma launches split 2 to 8 ways reduce within a thread-block cluster
-    /// ([`ConvLaunch::cluster`]): one launch and no workspace, the same sums.
-    pub cluster_split_k: bool,
-    /// With `cluster_split_k`: plain-tile wgmma launches are split for clusters
-    /// ([`plan_wgmma_clustered`]: at most 8 ways, a cheaper reduction in the cost), so that
-    /// the ones planned more than 8 ways (batch 1's 32x32 to 8x8 levels) reduce in clusters too.
-    pub cluster_plan: bool,
     /// In bf16/fp16 with `deep`: a tensor-core launch whose main input is stored in fp32 and
     /// holds at least [`HALF_COPY_MIN`] values (the stride-2 downsampling convolutions, the
     /// input gradients of the convolutions that end a residual block) first converts it to
@@ -96,10 +82,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
-            gn_clusters: false,
             half_concat: false,
-            cluster_split_k: false,
-            cluster_plan: false,
             half_copy: false,
             alias_residual_grads: false,
             row_epilogue: false,
@@ -128,10 +111,7 @@ impl KernelConfig {
             deep: true,
             wgmma: here.wgmma,
             gn_one_pass: true,
-            gn_clusters: false,
             half_concat: true,
-            cluster_split_k: false,
-            cluster_plan: false,
             half_copy: true,
             alias_residual_grads: true,
             row_epilogue: true,
@@ -155,17 +135,11 @@ impl KernelConfig {
             Some("1") => true,
             _ => default,
         };
-        let gn_clusters = here.gn_clusters && on("INVDIFF_GN_CLUSTER");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
             wgmma: tuned.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
-            // Clustered GroupNorms extend the one-pass ones, so they bring them along.
-            gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass) || gn_clusters,
-            gn_clusters,
+            gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
-            cluster_split_k: on("INVDIFF_CLUSTER_SPLITK")
-                || switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
-            cluster_plan: switches::is("INVDIFF_CLUSTER_SPLITK", "plan"),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
             alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
@@ -185,10 +159,7 @@ impl KernelConfig {
             (!self.deep, "two-stage pipelines"),
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
-            (self.gn_clusters, "clustered one-pass GroupNorm"),
             (self.half_concat, "16-bit concatenation copies"),
-            (self.cluster_split_k, "cluster split-K"),
-            (self.cluster_plan, "splits planned for clusters"),
             (self.half_copy, "16-bit input copies"),
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),

@@ -6,8 +6,8 @@ use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, plan_conv_at, plan_launch, plan_norm, plan_wgmma_clustered, ConvKernel, ConvShape,
-    NormSplit, WgmmaTile, GN_CLUSTER_MAX, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
+    flash_fits, plan_conv_at, plan_launch, plan_norm, ConvKernel, ConvShape, NormSplit, WgmmaTile,
+    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -95,12 +95,7 @@ impl Lowering<'_> {
         } else {
             self.n
         };
-        let one_pass_blocks = match (self.choice.gn_one_pass, self.choice.gn_clusters) {
-            (false, _) => 0,
-            (true, false) => 1,
-            (true, true) => GN_CLUSTER_MAX,
-        };
-        plan_norm(n, hw, c, groups, self.sms, one_pass_blocks)
+        plan_norm(n, hw, c, groups, self.sms, self.choice.gn_one_pass)
     }
 
     pub(super) fn buf(&mut self, len: usize, what: &str) -> Buf {
@@ -507,22 +502,6 @@ impl Lowering<'_> {
             half_input && self.choice.wgmma,
             self.choice.deep,
         );
-        if self.choice.cluster_split_k
-            && self.choice.cluster_plan
-            && launch.tile == WgmmaTile::Plain
-        {
-            if let Some(l) = launch
-                .wgmma
-                .then(|| plan_wgmma_clustered(&planned, self.sms, self.precision))
-                .flatten()
-            {
-                (launch.splits, launch.k_per_split) = (l.splits, l.k_per_split);
-            }
-        }
-        launch.cluster = self.choice.cluster_split_k
-            && launch.wgmma
-            && launch.tile == WgmmaTile::Plain
-            && (2..=MAX_CLUSTER_SPLITS).contains(&launch.splits);
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));

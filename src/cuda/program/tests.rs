@@ -4,9 +4,7 @@
 
 use super::*;
 use crate::config::UNetConfig;
-use crate::cuda::kernels::{
-    ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS, MAX_CLUSTER_SPLITS,
-};
+use crate::cuda::kernels::{ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS};
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -262,51 +260,6 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
     (val[p.output.0], p.grad_input.map(|g| val[g.0]))
 }
 
-/// cluster_plan splits plain-tile wgmma launches at most 8 ways, every split one reducing
-/// in a cluster without a workspace; at batch 1 that moves the launches planned 9-36 ways
-/// (the 32x32 to 8x8 levels) into clusters, and it leaves the other launches' kernels alone.
-#[test]
-fn cluster_plan_splits_for_clusters() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let build = |cluster_plan| {
-        let tc = KernelConfig {
-            wgmma: true,
-            cluster_split_k: true,
-            cluster_plan,
-            ..KernelConfig::default()
-        };
-        Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap()
-    };
-    let convs = |p: &Program| -> Vec<ConvStep> {
-        p.steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::Conv(c) => Some(c.clone()),
-                _ => None,
-            })
-            .collect()
-    };
-    let (before, after) = (convs(&build(false)), convs(&build(true)));
-    assert_eq!(before.len(), after.len());
-    let mut moved = 0;
-    for (b, a) in before.iter().zip(&after) {
-        assert_eq!(
-            (b.launch.wgmma, b.launch.tile),
-            (a.launch.wgmma, a.launch.tile)
-        );
-        if !(a.launch.wgmma && a.launch.tile == WgmmaTile::Plain) {
-            assert_eq!(a.launch, b.launch);
-            continue;
-        }
-        assert!(a.launch.splits <= MAX_CLUSTER_SPLITS, "{:?}", a.launch);
-        assert_eq!(a.launch.cluster, a.launch.splits > 1);
-        assert!(a.workspace.is_none());
-        assert!(a.launch.splits * a.launch.k_per_split >= a.shape.k());
-        moved += usize::from(b.launch.splits > MAX_CLUSTER_SPLITS);
-    }
-    assert!(moved > 20, "{moved}");
-}
-
 /// Over every combination of the passes that move work between steps (one-pass GroupNorms,
 /// 16-bit copies, aliased gradients, tall tiles), with wgmma, 16-bit concatenations and fused
 /// attention on: a step reads and writes one buffer only where it adds onto it element by
@@ -489,11 +442,10 @@ fn batch_invariant_programs_plan_every_image_alike() {
     }
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for precision in [Precision::Fp32, Precision::Bf16] {
-        for (gn_one_pass, gn_clusters) in [(false, false), (true, false), (true, true)] {
+        for gn_one_pass in [false, true] {
             let choice = |batch_invariant| KernelConfig {
                 wgmma: true,
                 gn_one_pass,
-                gn_clusters,
                 batch_invariant,
                 ..KernelConfig::default()
             };
@@ -897,7 +849,7 @@ fn tall_tiles_where_they_fill_the_machine() {
                     wg += 1;
                 }
                 if c.launch.tile == WgmmaTile::Tall {
-                    assert!(c.launch.wgmma && c.launch.splits == 1 && !c.launch.cluster);
+                    assert!(c.launch.wgmma && c.launch.splits == 1);
                     assert!(c.shape.rows().div_ceil(256) * c.shape.ncols.div_ceil(128) >= 132);
                     tall += 1;
                 }
@@ -1004,14 +956,11 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 16] = [
+    let flags: [fn(&mut KernelConfig); 13] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
-        |c| c.gn_clusters = true,
         |c| c.half_concat = true,
-        |c| c.cluster_split_k = true,
-        |c| c.cluster_plan = true,
         |c| c.half_copy = true,
         |c| c.alias_residual_grads = true,
         |c| c.row_epilogue = true,

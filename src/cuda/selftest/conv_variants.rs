@@ -1,5 +1,5 @@
-//! The other forms a tensor-core convolution launch can take (pipelines, epilogues, tiles,
-//! clusters, the weight prefetch, the cycle probe), each against the plain launch's result.
+//! The other forms a tensor-core convolution launch can take (pipelines, epilogues, tiles, the
+//! weight prefetch, the cycle probe), each against the plain launch's result.
 
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
@@ -103,74 +103,6 @@ impl Tester<'_> {
                 gpu_ms: ms,
                 tolerance: 0.0,
             });
-        }
-        Ok(())
-    }
-
-    /// wgmma launches `wp` of `shape` split 2, 3 and 8 ways (as far as K allows), each reduced
-    /// through the workspace and within a thread-block cluster: held to 0 against each other
-    /// (the same sums in the same order). `ptrs` hold the 16-bit input and K-major weights; the
-    /// output has `len` values.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn cluster_rows(
-        &mut self,
-        shape: &ConvShape,
-        wp: ConvLaunch,
-        ptrs: ConvPtrs,
-        out_div: f32,
-        len: usize,
-        label: &str,
-        desc: &str,
-    ) -> Result<()> {
-        let k = shape.k();
-        let slices = k.div_ceil(WGMMA_SLICE);
-        let mut tried = Vec::new();
-        for want in [2, 3, 8] {
-            let per = slices.div_ceil(want) * WGMMA_SLICE;
-            let plain = ConvLaunch {
-                splits: k.div_ceil(per),
-                k_per_split: per,
-                cluster: false,
-                ..wp
-            };
-            for tile in [WgmmaTile::Plain] {
-                let Some(via_workspace) = on_tile(plain, tile) else {
-                    continue;
-                };
-                let splits = via_workspace.splits;
-                if splits < 2 || tried.contains(&(tile, splits)) {
-                    continue;
-                }
-                tried.push((tile, splits));
-                let in_cluster = ConvLaunch {
-                    cluster: true,
-                    ..via_workspace
-                };
-                let op = format!(
-                    "{label} [{}] cluster vs workspace",
-                    wgmma_path(&via_workspace)
-                );
-                let run = |t: &Self| -> Result<(Vec<Vec<f32>>, f64)> {
-                    let ws = t.zeros(via_workspace.workspace_len(shape))?;
-                    let p = ConvPtrs { ws: ws.ptr, ..ptrs };
-                    let (by_workspace, _) =
-                        t.conv_output(shape, &via_workspace, p, out_div, len)?;
-                    let (by_cluster, ms) = t.conv_output(shape, &in_cluster, p, out_div, len)?;
-                    Ok((vec![by_workspace, by_cluster], ms))
-                };
-                // A cluster launch the device refuses is this row's failure, not the group's
-                // end.
-                match run(self) {
-                    Ok((outs, ms)) => self.row_within(op, desc.into(), &outs[1], &outs[0], ms, 0.0),
-                    Err(e) => self.rows.push(SelftestRow {
-                        op,
-                        shape: format!("{desc}: {e}"),
-                        rel_l2: f64::NAN,
-                        gpu_ms: f64::NAN,
-                        tolerance: 0.0,
-                    }),
-                }
-            }
         }
         Ok(())
     }

@@ -526,7 +526,6 @@ impl Tester<'_> {
                     self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
                 }
             }
-            self.cluster_rows(&shape, wp, ptrs, out_div, want.len(), &label, &desc)?;
         }
         let dyd = self.up(dy)?;
         let mut dxd = self.up(dx0)?;
