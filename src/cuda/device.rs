@@ -241,9 +241,11 @@ impl Gpu {
         }
         let opened = catch_unwind(AssertUnwindSafe(|| -> Result<Gpu> {
             let ctx = cu(CudaContext::new(ordinal), "creating a context")?;
-            // Everything runs on one stream, and CUDA graphs cannot capture the per-buffer events
-            // cudarc records by default; this must precede every allocation.
-            // SAFETY: no buffer exists yet, and all work goes to the single stream below.
+            // CUDA graphs cannot capture the per-buffer events cudarc records by default; this
+            // must precede every allocation.
+            // SAFETY: no buffer exists yet; work goes to the stream below, and the side streams
+            // of a pass (src/cuda/streams.rs) fork from it, wait on explicit events for every
+            // step whose memory they share, and join it again before the pass ends.
             unsafe { ctx.disable_event_tracking() };
             let stream = cu(ctx.new_stream(), "creating a stream")?;
             let kernels = Kernels::load(&ctx, &info)?;

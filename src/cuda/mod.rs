@@ -6,11 +6,11 @@
 //! backend's. Modules:
 //! - [`device`](self::probe): driver and GPU discovery that never panics, module loading;
 //! - `kernels`: typed launchers, one per kernel family, with their launch shapes; `launch`
-//!   enqueues them (with programmatic dependent launch on Hopper when asked);
+//!   enqueues them;
 //! - `program`: the graph lowered to a list of launches at one shape (forward, and the
 //!   vector-Jacobian product after it when recording);
 //! - `plan`: liveness and packing of every buffer into one arena per shape; `streams`: which
-//!   steps may run side by side, on several streams inside the captured graph (when asked);
+//!   steps may run side by side, on several streams inside the captured graph (two by default);
 //! - `profile`: what each step is (kind, shape label, FLOPs) and the per-step timings of
 //!   [`CudaUnet::profile`];
 //! - `weights`: the parameters in the kernels' layouts;

@@ -11,9 +11,9 @@
 
 use serde::Serialize;
 
-use super::kernels::ConvKernel;
+use super::kernels::{Capabilities, ConvKernel};
 use super::precision::Precision;
-use super::program::{ConvStep, Program, Step, WKind};
+use super::program::{ConvStep, KernelConfig, Program, Step, WKind};
 use super::unet::AttnKernel;
 use crate::model::Graph;
 use crate::Result;
@@ -588,8 +588,9 @@ impl Profile {
 
 /// The steps of one network call of `graph` on `n` images of `h x w` (forward, and with
 /// `record` the vector-Jacobian product after it) as the CUDA backend lowers them for a GPU of
-/// `multiprocessors` SMs at `precision`: kinds, labels, kernel choices and FLOPs, with every
-/// time 0. Needs no GPU: what [`CudaUnet::profile`](super::CudaUnet::profile) will time.
+/// `multiprocessors` SMs at `precision` with the defaults of a Hopper card
+/// ([`KernelConfig::tuned`]): kinds, labels, kernel choices and FLOPs, with every time 0.
+/// Needs no GPU: what [`CudaUnet::profile`](super::CudaUnet::profile) will time there.
 pub fn planned_steps(
     graph: &Graph,
     n: usize,
@@ -599,7 +600,8 @@ pub fn planned_steps(
     multiprocessors: usize,
     precision: Precision,
 ) -> Result<Profile> {
-    let p = Program::build(graph, n, h, w, record, multiprocessors, precision)?;
+    let choice = KernelConfig::tuned(Capabilities::HOPPER, precision);
+    let p = Program::build_with(graph, n, h, w, record, multiprocessors, precision, choice)?;
     Ok(Profile {
         device: format!("(planned for {multiprocessors} multiprocessors, not run)"),
         precision: precision.name().to_string(),
@@ -787,7 +789,8 @@ mod tests {
     fn planned_steps_match_the_program() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         let p = planned_steps(&g, 2, 64, 64, true, 132, Precision::Fp16).unwrap();
-        let prog = Program::build(&g, 2, 64, 64, true, 132, Precision::Fp16).unwrap();
+        let choice = KernelConfig::tuned(Capabilities::HOPPER, Precision::Fp16);
+        let prog = Program::build_with(&g, 2, 64, 64, true, 132, Precision::Fp16, choice).unwrap();
         assert_eq!(p.steps.len(), prog.steps.len());
         assert_eq!(p.flops(), g.forward_vjp_flops(2, 64, 64));
         let first_backward = p.steps.iter().position(|s| s.pass == Pass::Backward);
@@ -885,12 +888,8 @@ mod tests {
         };
         assert_eq!(count(fold), [455, 995]);
         // The defaults.
-        let here = Capabilities {
-            wgmma: true,
-            flash: true,
-        };
         assert_eq!(
-            count(KernelConfig::tuned(here, Precision::Bf16)),
+            count(KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)),
             [382, 832]
         );
     }

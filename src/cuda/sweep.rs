@@ -520,7 +520,7 @@ pub fn sweep_group_norms(
 }
 
 /// GPU `ordinal` and the program a sweep reads its launches from: what `CudaUnet` runs by
-/// default there (wgmma where the device has it).
+/// default there ([`KernelConfig::tuned`]).
 #[allow(clippy::too_many_arguments)]
 fn open_and_plan(
     ordinal: usize,
@@ -534,10 +534,7 @@ fn open_and_plan(
 ) -> Result<(Gpu, Program)> {
     ensure!(iters > 0, "the sweep needs at least one repetition");
     let gpu = Gpu::open(ordinal)?;
-    let choice = KernelConfig {
-        wgmma: gpu.kernels.has_wgmma(),
-        ..KernelConfig::default()
-    };
+    let choice = KernelConfig::tuned(gpu.kernels.capabilities(), precision);
     let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, choice, 0)?;
     Ok((gpu, program))
 }

@@ -84,6 +84,14 @@ pub(crate) struct Capabilities {
     pub flash: bool,
 }
 
+impl Capabilities {
+    /// An H100's or H200's: what the plans made without a GPU assume.
+    pub(crate) const HOPPER: Capabilities = Capabilities {
+        wgmma: true,
+        flash: true,
+    };
+}
+
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| {
         Error::Cuda(format!(

@@ -14,7 +14,8 @@ use {
 
 /// Which kernels a program's steps run. The tensor-core pipeline choices compute the same
 /// results bit for bit; wgmma sums the same products in another order, and the one-pass
-/// GroupNorm adds its f64 sums in another order. The choices are there to be compared.
+/// GroupNorm adds its f64 sums in another order. [`KernelConfig::tuned`] holds the defaults;
+/// the switches turn each on or off, for comparisons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct KernelConfig {
     /// The deep pipelines, and in bf16/fp16 16-bit intermediates
@@ -76,7 +77,9 @@ pub(crate) struct KernelConfig {
 }
 
 impl Default for KernelConfig {
-    /// Deep pipelines, mma.sync, three-launch GroupNorms.
+    /// The plain program: deep pipelines, mma.sync, three-launch GroupNorms, every other choice
+    /// off. Not what a [`CudaUnet`](crate::cuda::CudaUnet) runs by default
+    /// ([`KernelConfig::tuned`]); the base that tests and comparisons turn single choices on in.
     fn default() -> Self {
         KernelConfig {
             deep: true,

@@ -348,8 +348,15 @@ impl Lowering<'_> {
         }
     }
 
-    /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values.
+    /// Whether [`KernelConfig::half_copy`] converts an fp32 input of `len` values over the
+    /// batch (one image's share with `batch_invariant`: the copy moves its readers to wgmma,
+    /// which sums in another order, so the choice must not depend on the batch).
     pub(super) fn wants_half_copy(&self, len: usize) -> bool {
+        let len = if self.choice.batch_invariant {
+            len / self.n
+        } else {
+            len
+        };
         self.choice.half_copy
             && self.choice.deep
             && self.precision.is_half()

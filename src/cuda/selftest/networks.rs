@@ -257,8 +257,12 @@ impl Tester<'_> {
                     (want.data(), want_grad.data()),
                     (eps_tol, grad_tol),
                 )?;
+                // Per-image plans with every choice that could depend on the batch on (the
+                // 16-bit copies' threshold and the fold's count the batch's values).
                 if n > 1 {
+                    gpu.set_moved_values(true);
                     self.batch_invariance_rows(&mut gpu, &io, &label)?;
+                    gpu.set_moved_values(false);
                 }
             }
         }

@@ -221,7 +221,7 @@ impl CudaUnet {
         self.choice.batch_invariant
     }
 
-    /// Turns the candidates that only move values on or off together
+    /// Turns the choices that only move values (defaults) on or off together
     /// ([`KernelConfig::half_copy`], [`KernelConfig::alias_residual_grads`]), for comparisons;
     /// drops every plan.
     pub(crate) fn set_moved_values(&mut self, on: bool) {
