@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::config::UNetConfig;
-use crate::cuda::kernels::{ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS};
+use crate::cuda::kernels::{Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS};
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -422,9 +422,8 @@ fn time_embedding_projections_are_one_launch() {
     }
 }
 
-/// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
-/// tensor-core launches, and the gradients GroupNorms pass back to such launches, are
-/// 16-bit, at half the length, and only those launches read 16-bit inputs.
+/// With per-image plans, every launch and GroupNorm that sums sums in the same order in any
+/// batch as for one image alone, in the plain program and with the defaults.
 #[test]
 fn batch_invariant_programs_plan_every_image_alike() {
     // What a step sums in which order: its launch's split of K, or its GroupNorm's split.
@@ -442,12 +441,22 @@ fn batch_invariant_programs_plan_every_image_alike() {
     }
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for precision in [Precision::Fp32, Precision::Bf16] {
-        for gn_one_pass in [false, true] {
+        let plain = KernelConfig {
+            wgmma: true,
+            ..KernelConfig::default()
+        };
+        let one_pass = KernelConfig {
+            gn_one_pass: true,
+            ..plain
+        };
+        for base in [
+            plain,
+            one_pass,
+            KernelConfig::tuned(Capabilities::HOPPER, precision),
+        ] {
             let choice = |batch_invariant| KernelConfig {
-                wgmma: true,
-                gn_one_pass,
                 batch_invariant,
-                ..KernelConfig::default()
+                ..base
             };
             let build = |n, inv| {
                 Program::build_with(&g, n, 128, 128, true, 132, precision, choice(inv)).unwrap()
@@ -466,6 +475,9 @@ fn batch_invariant_programs_plan_every_image_alike() {
     }
 }
 
+/// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
+/// tensor-core launches, and the gradients GroupNorms pass back to such launches, are
+/// 16-bit, at half the length, and only those launches read 16-bit inputs.
 #[test]
 fn sixteen_bit_values_feed_only_tensor_core_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
