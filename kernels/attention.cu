@@ -12,7 +12,6 @@
 
 // P = softmax(scale * S) per row of `len`, in place. Blocks of 256 threads, grid-stride over rows.
 extern "C" __global__ void softmax_forward(float* p, long long rows, int len, float scale) {
-    pdl_entry();
     const int lane = threadIdx.x & 31;
     for (long long r = grid_start() >> 5; r < rows; r += grid_stride() >> 5) {
         float* row = p + r * len;
@@ -37,7 +36,6 @@ extern "C" __global__ void softmax_forward(float* p, long long rows, int len, fl
 
 // dS = P ∘ (dP - rowsum(dP ∘ P)) · scale, with dP in `ds` on entry. Same launch as the forward.
 extern "C" __global__ void softmax_backward(const float* p, float* ds, long long rows, int len, float scale) {
-    pdl_entry();
     const int lane = threadIdx.x & 31;
     for (long long r = grid_start() >> 5; r < rows; r += grid_stride() >> 5) {
         const float* prow = p + r * len;
@@ -268,7 +266,6 @@ DEVI FaBlock fa_block(const FlashArgs& a) {
 
 // Grid (⌈L/64⌉, d/64, n heads), 128 threads, FLASH_FWD_SMEM dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forward(const FlashArgs a) {
-    pdl_entry();
     fa_require(a, FLASH_FWD_SMEM);
     using namespace fa;
     extern __shared__ __align__(16) float sm[];
@@ -344,7 +341,6 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_forwar
 // Grid (⌈L/64⌉, d/64, n heads), 128 threads, FLASH_DQ_SMEM dynamic shared memory. Writes
 // dsum for attention_flash_backward_dkv, which runs after it.
 extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backward_dq(const FlashArgs a) {
-    pdl_entry();
     fa_require(a, FLASH_DQ_SMEM);
     using namespace fa;
     extern __shared__ __align__(16) float sm[];
@@ -417,7 +413,6 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
 // Grid (⌈L/64⌉, d/64, n heads) over key tiles, 128 threads, FLASH_DKV_SMEM dynamic shared
 // memory; reads the lse of the forward and the dsum of attention_flash_backward_dq.
 extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backward_dkv(const FlashArgs a) {
-    pdl_entry();
     fa_require(a, FLASH_DKV_SMEM);
     using namespace fa;
     extern __shared__ __align__(16) float sm[];

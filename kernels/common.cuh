@@ -14,20 +14,6 @@
 
 #define DEVI __device__ __forceinline__
 
-// The first statement of every kernel (src/cuda/launch.rs; a test checks): with Hopper's
-// programmatic dependent launch this grid may start before the one it depends on has
-// finished, so it waits here until that grid is complete and its writes are visible (before
-// it reads or overwrites anything), then lets the grid after it launch early in turn. Both
-// instructions are no-ops for a launch without the attribute and are not compiled before
-// sm_90. Only the tensor-core convolutions do something first: ask L2 for their weights,
-// which no launch writes (`*_prefetch_weights`, conv_common.cuh's prefetch_tap).
-DEVI void pdl_entry() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 // SiLU as PyTorch writes it, x / (1 + e^-x).
 DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 

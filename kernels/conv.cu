@@ -234,19 +234,16 @@ DEVI void gemm_body(const ConvArgs& a) {
 
 // Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads, 16.6 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_vec(const ConvArgs a) {
-    pdl_entry();
     gemm_body<true>(a);
 }
 
 // Same launch shape as conv_gemm_vec; any sizes and alignments.
 extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_any(const ConvArgs a) {
-    pdl_entry();
     gemm_body<false>(a);
 }
 
 // Sums the split-K partials in split order and applies the epilogue. Grid-stride over M * ncols.
 extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
-    pdl_entry();
     const int M = a.n * a.mh * a.mw;
     const long long total = (long long)M * a.ncols;
     for (long long e = grid_start(); e < total; e += grid_stride()) {
@@ -437,7 +434,6 @@ DEVI void narrow_body(const ConvArgs& a) {
 // One direct kernel per channel count N: `prefix` N, 256 threads, running body<N>.
 #define DIRECT_KERNEL(prefix, body, N)                                                    \
     extern "C" __global__ void __launch_bounds__(256, 2) prefix##N(const ConvArgs a) {     \
-        pdl_entry();                                                                      \
         body<N>(a);                                                                       \
     }
 #define NARROW(NC) DIRECT_KERNEL(conv_narrow_, narrow_body, NC)
@@ -596,7 +592,6 @@ FEW_IN(8)
 // Per-tap transpose of a [taps, rows, cols] weight into [taps, cols, rows]: the forward layout
 // [(tap, ci), co] becomes the input-gradient layout [(tap, co), ci]. Run once per network.
 extern "C" __global__ void conv_weight_transpose(const float* src, float* dst, int taps, int rows, int cols) {
-    pdl_entry();
     const long long per = (long long)rows * cols;
     const long long total = per * taps;
     for (long long e = grid_start(); e < total; e += grid_stride()) {

@@ -24,10 +24,8 @@ struct ConvArgs {
     int tap_dy[9];
     int tap_dx[9];
     int tap_w[9];
-    // Tensor-core kernels: ask L2 for the block's weights before pdl_entry() (prefetch_tap).
-    int prefetch_w;
 };
-static_assert(sizeof(ConvArgs) == 240, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 232, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;
@@ -92,76 +90,20 @@ DEVI KSplit k_split(const ConvArgs& a, int bk) {
     return {kb, ke, ke > kb ? (ke - kb + bk - 1) / bk : 0};
 }
 
-// Weight prefetch (ConvArgs::prefetch_w; a candidate until timed on a GPU). A convolution's
-// weights are the one operand no launch of a program writes, so a block may ask L2 for its
-// whole share of them before pdl_entry(): under PDL while the grid before it still runs, and
-// in any case all at once rather than one pipeline slice ahead. (In the v0.4 b1 sweep the
-// splits of the low-resolution launches took ~0.8 us a K slice, each slice waiting for its
-// weights from HBM.) prefetch.global.L2 is a hint: no value changes. The blocks that read the
-// same weights (the same column tile and split, any blockIdx.x) share the lines between them.
-//
-// The weights of tap slot t (weight tap tw) and channels [lo, hi) for columns [n0, n0 + 128):
-// `kmajor` (wgmma's layout) rows (tap, column) of sc values, otherwise (conv_tc.cu's) rows
-// (tap, channel) of ncols values; esz bytes a value.
-DEVI void prefetch_tap(const ConvArgs& a, int tw, int lo, int hi, int n0, bool kmajor, int esz) {
-    const int cols = min(128, a.ncols - n0);
-    if (lo >= hi || cols <= 0) return;
-    const char* const w = static_cast<const char*>(a.w);
-    const char* first;
-    long long pitch;
-    int rows, bytes;
-    if (kmajor) {
-        first = w + (((long long)tw * a.ncols + n0) * a.sc + lo) * esz;
-        pitch = (long long)a.sc * esz;
-        rows = cols;
-        bytes = (hi - lo) * esz;
-    } else {
-        first = w + (((long long)tw * a.sc + lo) * a.ncols + n0) * esz;
-        pitch = (long long)a.ncols * esz;
-        rows = hi - lo;
-        bytes = cols * esz;
-    }
-    // The 128-byte lines a row may touch, counted from the line holding its first byte.
-    const int lines = (bytes + 254) >> 7;
-    const int total = rows * lines;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-        const int r = i / lines;
-        const uintptr_t row = reinterpret_cast<uintptr_t>(first + r * pitch);
-        const uintptr_t line = (row & ~uintptr_t(127)) + (uintptr_t(i - r * lines) << 7);
-        if (line < row + bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-    }
-}
-
-// prefetch_tap over the K range [kb, ke) of the taps-major order (k = tap slot x sc + channel).
-// The taps unrolled: a run-time index into the parameter block would copy it to local memory.
-DEVI void prefetch_k_range(const ConvArgs& a, int kb, int ke, int n0, bool kmajor, int esz) {
-#pragma unroll
-    for (int t = 0; t < 9; ++t) {
-        if (t < a.taps)
-            prefetch_tap(a, a.tap_w[t], max(kb - t * a.sc, 0), min(ke - t * a.sc, a.sc), n0, kmajor, esz);
-    }
-}
-
 DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
     return finish_with_bias(a, a.bias != nullptr ? a.bias[col] : 0.0f, img, pix, col, acc);
-}
-
-// Two adjacent outputs (columns col and col + 1 of image img at output pixel pix) finished
-// into y; the values stored.
-DEVI float2 finish_pair(const ConvArgs& a, int img, long long pix, int col, float2 v) {
-    v.x = finish(a, img, pix, col, v.x);
-    v.y = finish(a, img, pix, col + 1, v.y);
-    *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = v;
-    return v;
 }
 
 // Two adjacent outputs (row m, columns col and col + 1) of a tensor-core tile: raw partial sums
 // into split blockIdx.z's workspace when K is split (`split`), else finished into y.
 DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, long long pix, int col, float2 v) {
-    if (split)
+    if (split) {
         *reinterpret_cast<float2*>(a.ws + ((long long)blockIdx.z * M + m) * a.ncols + col) = v;
-    else
-        finish_pair(a, rc.img, pix, col, v);
+        return;
+    }
+    v.x = finish(a, rc.img, pix, col, v.x);
+    v.y = finish(a, rc.img, pix, col + 1, v.y);
+    *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = v;
 }
 
 // The epilogue of NP column pairs of one output row (row m of image img at output pixel pix):

@@ -435,21 +435,12 @@ DEVI void tc_body(const ConvArgs& a, unsigned char* smem) {
     }
 }
 
-// The weights a block reads, asked of L2 (prefetch_tap) where the host says so.
-template <int T> DEVI void tc_prefetch_weights(const ConvArgs& a) {
-    if (!a.prefetch_w) return;
-    const KSplit ks = k_split(a, Tc<T>::BK);
-    prefetch_k_range(a, ks.kb, ks.ke, blockIdx.y * 128, false, Tc<T>::ESZ);
-}
-
 // Grid (ceil(M / 128), ceil(ncols / 128), splits), 256 threads. Needs sc % 8 == 0,
 // ncols % 8 == 0 and 16-byte aligned x, w, y, res and ws.
 //
 // Two stages, 37.9 KB of static shared memory:
 #define TC_KERNEL(name, T)                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
-        tc_prefetch_weights<T>(a);                                                    \
-        pdl_entry();                                                                  \
         __shared__ __align__(128) unsigned char smem[2 * STAGE];                 \
         tc_body<T, TWO, false>(a, smem);                                         \
     }
@@ -463,8 +454,6 @@ TC_KERNEL(conv_tc_fp16, FP16)
 // products with STAGED.
 #define TC_DEEP_KERNEL(name, T, P, AH, ROWS)                                    \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
-        tc_prefetch_weights<T>(a);                                                    \
-        pdl_entry();                                                                  \
         extern __shared__ __align__(128) unsigned char dsmem[];                  \
         tc_body<T, P, AH, ROWS>(a, dsmem);                                       \
     }
@@ -483,7 +472,6 @@ TC_DEEP_KERNEL(conv_tc_fp16_staged_rows, FP16, STAGED, false, true)
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).
 extern "C" __global__ void tc_convert(const float* src, uint32_t* dst, long long len, int kind) {
-    pdl_entry();
     const long long pairs = (len + 1) / 2;
     for (long long e = grid_start(); e < pairs; e += grid_stride()) {
         const float lo = src[2 * e];

@@ -360,13 +360,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
-// The weights a block of `Tile` reads, asked of L2 (prefetch_tap) where the host says so.
-template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
-    if (!a.prefetch_w) return;
-    const KSplit ks = k_split(a, WG_BK);
-    prefetch_k_range(a, ks.kb, ks.ke, blockIdx.y * WG_TN, true, 2);
-}
-
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
 // dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
 // aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
@@ -374,8 +367,6 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
 #define WG_KERNEL(name, T, ROWS, TILE)                                                               \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a) {                                                                      \
-        wg_prefetch_weights<TILE>(a);                                                                 \
-        pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                          \
     }
@@ -383,8 +374,6 @@ template <class Tile> DEVI void wg_prefetch_weights(const ConvArgs& a) {
 #define WG_PROBE_KERNEL(name, T, ROWS, TILE)                                                         \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, unsigned long long* probe) {                                           \
-        wg_prefetch_weights<TILE>(a);                                                                 \
-        pdl_entry();                                                                                  \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \
     }

@@ -83,7 +83,6 @@ DEVI double2* fft_line(double2* src, double2* dst, const double2* __restrict__ t
 // row to `planes` ([B, P, H, W] complex).
 extern "C" __global__ void fft_rows_forward(const float* x, int C, int H, int W, double2* planes,
                                             const double2* __restrict__ tw, FftPlan plan) {
-    pdl_entry();
     extern __shared__ double2 line[];
     const int row = blockIdx.x, pair = blockIdx.y, b = blockIdx.z, P = gridDim.y;
     const int c0 = 2 * pair;
@@ -103,7 +102,6 @@ extern "C" __global__ void fft_rows_forward(const float* x, int C, int H, int W,
 extern "C" __global__ void fft_cols(double2* planes, int H, int W, int mode, const double2* otf,
                                     const double2* yspec, const StepRow* rows, const int* counter, double s2,
                                     double scale, const double2* __restrict__ tw, FftPlan plan) {
-    pdl_entry();
     extern __shared__ double2 line[];
     const int col = blockIdx.x, pair = blockIdx.y, b = blockIdx.z, P = gridDim.y;
     const long long plane_off = ((long long)b * P + pair) * H * W;
@@ -143,7 +141,6 @@ extern "C" __global__ void fft_cols(double2* planes, int H, int W, int mode, con
 // each rounded to f32 and minus `sub` (same layout) when given: A x − y in one pass.
 extern "C" __global__ void fft_rows_inverse(const double2* planes, int C, int H, int W, float* out,
                                             const float* sub, const double2* __restrict__ tw, FftPlan plan) {
-    pdl_entry();
     extern __shared__ double2 line[];
     const int row = blockIdx.x, pair = blockIdx.y, b = blockIdx.z, P = gridDim.y;
     const double2* src = planes + (((long long)b * P + pair) * H + row) * W;

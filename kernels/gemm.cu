@@ -175,7 +175,6 @@ DEVI void gemm_tile_tf32(const GemmArgs& g) {
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
-    pdl_entry();
     gemm_tile<64>(g);
 }
 
@@ -183,13 +182,11 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
 // times the blocks, for products whose 64-wide tiles would leave most multiprocessors idle
 // (the attention products at batch 1: 16-32 blocks).
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_32(const GemmArgs g) {
-    pdl_entry();
     gemm_tile<32>(g);
 }
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 36.9 KB static shared memory; tf32
 // tensor cores (sm_80 and later).
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_tf32(const GemmArgs g) {
-    pdl_entry();
     gemm_tile_tf32(g);
 }

@@ -30,7 +30,6 @@ DEVI float row_dot(const float* xr, const float* wr, int inp, int silu_in, int l
 // Blocks of 256 threads, grid-stride over rows * out warps.
 extern "C" __global__ void linear_rows(const float* x, const float* w, const float* bias, const float* res,
                                        float* y, int rows, int inp, int out, int silu_in, float out_div) {
-    pdl_entry();
     const int lane = threadIdx.x & 31;
     const long long total = (long long)rows * out;
     for (long long e = grid_start() >> 5; e < total; e += grid_stride() >> 5) {
@@ -64,7 +63,6 @@ struct LinearItem {
 // to the last layer whose start is <= j.
 extern "C" __global__ void linear_batch(const float* x, const LinearItem* items, int n_items, int rows, int inp,
                                         int total_out, int silu_in, float out_div) {
-    pdl_entry();
     __shared__ LinearItem its[LINEAR_BATCH_MAX];
     const int n = min(n_items, LINEAR_BATCH_MAX);
     for (int i = threadIdx.x; i < n; i += blockDim.x) its[i] = items[i];

@@ -80,7 +80,6 @@ DEVI void group_sums(const double* partial, int img, int ch0, int cg, int c, int
 // Forward partial sums: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] = (sum, sum sq).
 extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
                                                            double* partial) {
-    pdl_entry();
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -129,7 +128,6 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
                                                                    int groups, int chunks, float eps,
                                                                    const float* gamma, const float* beta,
                                                                    float* stats, float* scale_shift) {
-    pdl_entry();
     const int id = blockIdx.x;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
@@ -166,7 +164,6 @@ struct Affine4 {
 // (checked by the host).
 extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int hw, int c, int silu,
                                     int vec4) {
-    pdl_entry();
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     if (vec4) {
         for_units(
@@ -193,7 +190,6 @@ extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, fl
 // the host).
 extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c,
                                          int silu, int kind) {
-    pdl_entry();
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     for_units(
         hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
@@ -218,7 +214,6 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
                                                                const float* gamma, const float* beta, int n, int hw,
                                                                int c, int groups, int silu, int chunk_px,
                                                                double* partial) {
-    pdl_entry();
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -247,7 +242,6 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
 extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_bwd_finalize(const double* partial, int n, int hw,
                                                                        int c, int groups, int chunks,
                                                                        float* means) {
-    pdl_entry();
     const int id = blockIdx.x;
     const int img = id / groups, g = id - img * groups;
     const int cg = c / groups;
@@ -305,7 +299,6 @@ DEVI void bwd_values4(const float* x, const float* dy, const BwdUnit& k, int sil
 extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
                                         const float* gamma, const float* beta, float* dx, int hw, int c, int groups,
                                         int silu, int accumulate, int vec4) {
-    pdl_entry();
     const int cg = c / groups;
     auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     if (vec4) {
@@ -339,7 +332,6 @@ extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const f
 extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, const float* stats,
                                              const float* means, const float* gamma, const float* beta, uint2* dx,
                                              int hw, int c, int groups, int silu, int kind) {
-    pdl_entry();
     const int cg = c / groups;
     auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
@@ -415,7 +407,6 @@ DEVI void store_kind(void* y, long long e, float v, int kind) {
 extern "C" __global__ void __launch_bounds__(1024)
     gn_one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
                 int groups, float eps, int silu, int kind) {
-    pdl_entry();
     const OnePass t(hw, c, groups);
     float v[ONE_PASS_PIXELS];
     double a = 0.0, b = 0.0;
@@ -444,7 +435,6 @@ extern "C" __global__ void __launch_bounds__(1024)
 extern "C" __global__ void __launch_bounds__(1024)
     gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
                     void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
-    pdl_entry();
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];

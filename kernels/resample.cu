@@ -10,7 +10,6 @@
 
 // NCHW -> NHWC with y = x * mul + add (the input centring 2x - 1 when asked).
 extern "C" __global__ void nchw_to_nhwc(const float* x, float* y, int n, int c, int h, int w, float mul, float add) {
-    pdl_entry();
     const long long hw = (long long)h * w;
     const long long total = (long long)n * c * hw;
     for (long long i = grid_start(); i < total; i += grid_stride()) {
@@ -24,7 +23,6 @@ extern "C" __global__ void nchw_to_nhwc(const float* x, float* y, int n, int c, 
 
 // NHWC -> NCHW with y = x * mul.
 extern "C" __global__ void nhwc_to_nchw(const float* x, float* y, int n, int c, int h, int w, float mul) {
-    pdl_entry();
     const long long hw = (long long)h * w;
     const long long total = (long long)n * c * hw;
     for (long long i = grid_start(); i < total; i += grid_stride()) {
@@ -38,7 +36,6 @@ extern "C" __global__ void nhwc_to_nchw(const float* x, float* y, int n, int c, 
 
 // y[img, oy, ox, :] = x[img, oy / 2, ox / 2, :]; x is [n, h, w, c].
 extern "C" __global__ void upsample2x(const float* x, float* y, int n, int h, int w, int c) {
-    pdl_entry();
     const long long total = (long long)n * 4 * h * w * c;
     const int ow = 2 * w, oh = 2 * h;
     for (long long i = grid_start(); i < total; i += grid_stride()) {
@@ -56,7 +53,6 @@ extern "C" __global__ void upsample2x(const float* x, float* y, int n, int h, in
 // tensor-core convolution of that precision (which would round it the same way while staging
 // it). Eight channels per item: c % 8 == 0, x 16-byte aligned, y 16-byte aligned.
 extern "C" __global__ void upsample2x_half(const float* x, uint4* y, int n, int h, int w, int c, int kind) {
-    pdl_entry();
     const int c8 = c / 8;
     const long long total = (long long)n * 4 * h * w * c8;
     const int ow = 2 * w, oh = 2 * h;
@@ -77,7 +73,6 @@ extern "C" __global__ void upsample2x_half(const float* x, uint4* y, int n, int 
 // dx[img, iy, ix, :] (+)= sum of dy over the 2x2 block it was copied to, in the CPU's order.
 extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n, int h, int w, int c,
                                                int accumulate) {
-    pdl_entry();
     const long long total = (long long)n * h * w * c;
     const long long row = 2LL * w * c;  // one output row of dy
     for (long long i = grid_start(); i < total; i += grid_stride()) {
@@ -103,7 +98,6 @@ extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n
 // values, the arithmetic that bounded the scalar loop rather than its bytes.
 extern "C" __global__ void concat_channels(const float* a, const float* b, float* y, uint16_t* y16, int kind,
                                            long long pixels, int ca, int cb, int vec4) {
-    pdl_entry();
     const int c = ca + cb;
     if (vec4) {
         const int c4 = c / 4, ca4 = ca / 4, cb4 = cb / 4;
@@ -135,7 +129,6 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
 // vec4 as in concat_channels: c, offset and width multiples of 4, aligned pointers.
 extern "C" __global__ void concat_backward(const float* dy, float* d, long long pixels, int c, int offset, int width,
                                            int accumulate, int vec4) {
-    pdl_entry();
     if (vec4) {
         const int c4 = c / 4, o4 = offset / 4, w4 = width / 4;
         const float4* dy4 = reinterpret_cast<const float4*>(dy);
@@ -165,7 +158,6 @@ extern "C" __global__ void concat_backward(const float* dy, float* d, long long 
 // dst (+)= src: a residual's gradient. vec4: len % 4 == 0 and 16-byte aligned pointers (checked
 // by the host), four floats per item.
 extern "C" __global__ void add_into(float* dst, const float* src, long long len, int accumulate, int vec4) {
-    pdl_entry();
     if (vec4) {
         float4* d4 = reinterpret_cast<float4*>(dst);
         const float4* s4 = reinterpret_cast<const float4*>(src);
@@ -184,7 +176,6 @@ extern "C" __global__ void add_into(float* dst, const float* src, long long len,
 
 // x /= div in place: a gradient through an output scale factor (mid_block_scale_factor).
 extern "C" __global__ void div_inplace(float* x, long long len, float div) {
-    pdl_entry();
     for (long long i = grid_start(); i < len; i += grid_stride()) x[i] = x[i] / div;
 }
 
@@ -194,7 +185,6 @@ extern "C" __global__ void div_inplace(float* x, long long len, float div) {
 // an odd dim's last column is zero.
 extern "C" __global__ void timestep_embedding(const float* t, float* y, int n, int dim, int flip, float shift,
                                               float log_period) {
-    pdl_entry();
     const int half = dim / 2;
     const int cols = half + (dim & 1);
     const long long total = (long long)n * cols;

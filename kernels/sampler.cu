@@ -104,7 +104,6 @@ DEVI float2 normal_pair(unsigned long long seed, unsigned long long stream, unsi
 extern "C" __global__ void sampler_normals(unsigned long long seed, const unsigned long long* ids,
                                            unsigned long long slot, const StepRow* rows, const int* counter,
                                            float* out, long long per, int batch) {
-    pdl_entry();
     if (rows != nullptr) {
         const StepRow& row = rows[*counter];
         if (!(row.flags & ROW_NOISE)) return;
@@ -149,7 +148,6 @@ DEVI void note_divergence(int* diverged, float v, int step) {
 extern "C" __global__ void sampler_step(const StepRow* rows, const int* counter, const float* x,
                                         const float* eps, const float* z, long long z_stride, float* prev,
                                         float* xhat, long long len, int* diverged) {
-    pdl_entry();
     const StepRow& r = rows[*counter];
     const float* zs = z + (long long)r.z_slot * z_stride;
     for (long long i = grid_start(); i < len; i += grid_stride()) {
@@ -174,7 +172,6 @@ extern "C" __global__ void sampler_step(const StepRow* rows, const int* counter,
 extern "C" __global__ void sampler_chain(const StepRow* rows, const int* counter, const float* x,
                                          const float* eps, const float* d_xhat, float* direct, float* cot,
                                          long long len) {
-    pdl_entry();
     const StepRow& r = rows[*counter];
     for (long long i = grid_start(); i < len; i += grid_stride()) {
         const float raw = x0_raw(r, x[i], eps[i]);
@@ -194,7 +191,6 @@ extern "C" __global__ void sampler_chain(const StepRow* rows, const int* counter
 extern "C" __global__ void sampler_update(const StepRow* rows, const int* counter, int mode, float scale,
                                           const float* prev, const float* direct, const float* g_eps, float* x,
                                           long long len, int* diverged) {
-    pdl_entry();
     const StepRow& r = rows[*counter];
     for (long long i = grid_start(); i < len; i += grid_stride()) {
         const float g = __fadd_rn(direct[i], g_eps[i]);
@@ -215,7 +211,6 @@ extern "C" __global__ void sampler_update(const StepRow* rows, const int* counte
 // sequential f64 sum except within an f64 rounding of an f32 tie.
 #define NORM_THREADS 512
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) sampler_residual_normalize(float* r, long long per) {
-    pdl_entry();
     __shared__ double part[NORM_THREADS];
     float* img = r + (long long)blockIdx.x * per;
     double acc = 0.0;
@@ -235,13 +230,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) sampler_residual_norm
 
 // The UNet's timestep input for the current step, one per image.
 extern "C" __global__ void sampler_set_timestep(const StepRow* rows, const int* counter, float* t, int n) {
-    pdl_entry();
     const float v = rows[*counter].t;
     for (int i = threadIdx.x; i < n; i += blockDim.x) t[i] = v;
 }
 
 // The last launch of a step: makes the next row current.
 extern "C" __global__ void sampler_advance(int* counter) {
-    pdl_entry();
     if (threadIdx.x == 0) *counter += 1;
 }

@@ -127,7 +127,7 @@ chosen="" best=$base
 while read -r _ vars; do
     [ -n "$vars" ] || continue
     trial=$(merge "$chosen" "$vars")
-    # Nothing new (PDL alone after PDL with the prefetch was kept): no call to spend.
+    # Nothing new (the row epilogue alone after it was kept with tall tiles): no call to spend.
     [ "$(tr ',' '\n' <<< "$trial" | sort)" != "$(tr ',' '\n' <<< "$chosen" | sort)" ] || continue
     if passes "$trial"; then
         t=$(ms "$trial")

@@ -78,14 +78,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU: `0` uses no 32-wide attention-product tiles",
     ),
     switch(
-        "INVDIFF_PDL",
-        "GPU candidate: `1` uses programmatic dependent launch",
-    ),
-    switch(
-        "INVDIFF_PREFETCH_WEIGHTS",
-        "GPU candidate: `1` has tensor-core convolutions ask L2 for their weights first",
-    ),
-    switch(
         "INVDIFF_UPSAMPLE_FOLD",
         "GPU: `0` never folds upsamplings into convolutions, `1` also in fp32/tf32",
     ),

@@ -321,7 +321,7 @@ fn cli_selftest_names_its_groups() {
 fn doctor_points_out_unknown_invdiff_variables() {
     let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
         .arg("doctor")
-        .env("INVDIFF_PDl", "1")
+        .env("INVDIFF_HALF_COPy", "1")
         .env("INVDIFF_STREAMS", "2")
         .output()
         .unwrap();
@@ -330,8 +330,8 @@ fn doctor_points_out_unknown_invdiff_variables() {
     assert_mentions(
         &text,
         &[
-            "warning: INVDIFF_PDl is set but invdiff reads no such variable",
-            "INVDIFF_PDL",
+            "warning: INVDIFF_HALF_COPy is set but invdiff reads no such variable",
+            "INVDIFF_HALF_COPY",
             "INVDIFF_STREAMS=2: GPU candidate",
         ],
     );

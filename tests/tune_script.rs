@@ -7,26 +7,26 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// A stand-in `invdiff`: `selftest` fails when `INVDIFF_WGMMA_TALL=1`; `bench` reports a DPS
-/// step of `$FAKE_BASE` ms (default 10), 2 ms less with PDL, 1 ms less again with PDL and the
-/// weight prefetch together, 0.5 ms less with one-pass GroupNorms, 3 ms less with tall tiles,
-/// and 1 ms more with two streams.
+/// A stand-in `invdiff`: `selftest` fails when `INVDIFF_ATTN_TF32=1`; `bench` reports a DPS
+/// step of `$FAKE_BASE` ms (default 10), 2 ms less with the row epilogue, 1 ms less again with
+/// the row epilogue and tall tiles together, 0.5 ms less with one-pass GroupNorms, 3 ms less
+/// with tf32 attention, and 1 ms more with two streams.
 const FAKE: &str = r#"#!/usr/bin/env bash
 cmd=$1; shift
 case $cmd in
 selftest)
-    if [ "${INVDIFF_WGMMA_TALL:-}" = 1 ]; then echo "9 checks, 1 failed"; exit 1; fi
+    if [ "${INVDIFF_ATTN_TF32:-}" = 1 ]; then echo "9 checks, 1 failed"; exit 1; fi
     echo "9 checks, 0 failed" ;;
 bench)
     json=""
     while [ $# -gt 0 ]; do [ "$1" = --json ] && json=$2; shift; done
-    awk -v pdl="${INVDIFF_PDL:-}" -v pf="${INVDIFF_PREFETCH_WEIGHTS:-}" \
-        -v gn="${INVDIFF_GN_ONE_PASS:-}" -v tall="${INVDIFF_WGMMA_TALL:-}" \
+    awk -v rows="${INVDIFF_ROW_EPILOGUE:-}" -v tall="${INVDIFF_WGMMA_TALL:-}" \
+        -v gn="${INVDIFF_GN_ONE_PASS:-}" -v tf32="${INVDIFF_ATTN_TF32:-}" \
         -v st="${INVDIFF_STREAMS:-}" -v base="${FAKE_BASE:-10}" 'BEGIN {
         t = base
-        if (pdl == "1") { t -= 2; if (pf == "1") t -= 1 }
+        if (rows == "1") { t -= 2; if (tall == "1") t -= 1 }
         if (gn == "1") t -= 0.5
-        if (tall == "1") t -= 3
+        if (tf32 == "1") t -= 3
         if (st == "2") t += 1
         if (ENVIRON["FAKE_NO_FIELD"] == "1") printf "{\"ms_per_forward\": 4.0}\n"
         else printf "{\"device\": \"Fake GPU\", \"ms_per_forward\": 4.0, \"ms_per_dps_step\": %.3f}\n", t
@@ -89,17 +89,17 @@ fn tune_keeps_what_passes_and_helps() {
     // Every candidate variable is cleared first, so sourcing a new file undoes an old one.
     let unset = env.lines().find(|l| l.starts_with("unset ")).unwrap_or("");
     assert!(
-        unset.contains("INVDIFF_STREAMS") && unset.contains("INVDIFF_PDL"),
+        unset.contains("INVDIFF_STREAMS") && unset.contains("INVDIFF_ATTN_TF32"),
         "{env}"
     );
-    // PDL with the prefetch wins alone (7 ms), one-pass GroupNorms add to it (6.5 ms); PDL
-    // alone then brings nothing new; tall tiles are faster but fail the selftest; two streams
-    // are slower.
+    // The row epilogue with tall tiles wins alone (7 ms), one-pass GroupNorms add to it
+    // (6.5 ms); the row epilogue alone then brings nothing new; tf32 attention is faster but
+    // fails the selftest; two streams are slower.
     assert_eq!(
         exports,
         [
-            "export INVDIFF_PDL=1",
-            "export INVDIFF_PREFETCH_WEIGHTS=1",
+            "export INVDIFF_ROW_EPILOGUE=1",
+            "export INVDIFF_WGMMA_TALL=1",
             "export INVDIFF_GN_ONE_PASS=1"
         ],
         "{log}"
@@ -112,11 +112,14 @@ fn tune_keeps_what_passes_and_helps() {
         env.contains("default 10") && env.contains("these 6.5"),
         "{env}"
     );
-    assert!(log.contains("tall: selftest failed, left out"), "{log}");
+    assert!(
+        log.contains("attn_tf32: selftest failed, left out"),
+        "{log}"
+    );
     assert!(
         !exports
             .iter()
-            .any(|e| e.contains("STREAMS") || e.contains("TALL")),
+            .any(|e| e.contains("STREAMS") || e.contains("TF32")),
         "{env}"
     );
 }
@@ -148,7 +151,7 @@ fn tune_stops_when_the_bench_reports_no_time() {
 #[test]
 fn tune_times_the_default_without_exported_switches() {
     let dir = scratch("exported");
-    let run = run_tune(&dir, &[("INVDIFF_PDL", "1")]);
+    let run = run_tune(&dir, &[("INVDIFF_ROW_EPILOGUE", "1")]);
     let log = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success() && log.contains("default: 10.000 ms"),

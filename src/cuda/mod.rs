@@ -5,8 +5,7 @@
 //! (tensor cores; accumulation stays fp32); activations are channels-last like the CPU
 //! backend's. Modules:
 //! - [`device`](self::probe): driver and GPU discovery that never panics, module loading;
-//! - `kernels`: typed launchers, one per kernel family, with their launch shapes; `launch`
-//!   enqueues them;
+//! - `kernels`: typed launchers, one per kernel family, with their launch shapes;
 //! - `program`: the graph lowered to a list of launches at one shape (forward, and the
 //!   vector-Jacobian product after it when recording);
 //! - `plan`: liveness and packing of every buffer into one arena per shape; `streams`: which
@@ -28,7 +27,6 @@
 mod blur;
 mod device;
 mod kernels;
-mod launch;
 mod plan;
 mod precision;
 mod profile;

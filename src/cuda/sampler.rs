@@ -238,12 +238,7 @@ impl Loop {
                 .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
             "querying the device",
         )?;
-        let k = SamplerKernels::load(
-            unet.context(),
-            unet.device_name(),
-            sms.max(1) as usize,
-            unet.pdl(),
-        )?;
+        let k = SamplerKernels::load(unet.context(), unet.device_name(), sms.max(1) as usize)?;
         let guided = job.blur.is_some();
 
         let coeffs = &job.coeffs[job.steps.clone()];

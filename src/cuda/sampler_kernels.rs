@@ -17,13 +17,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
+    PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins};
 use super::kernels::DPtr;
-use super::launch::Launch;
 use crate::sampler::Guidance;
 use crate::schedule::{GuidanceCoeffs, StepCoeffs};
 use crate::{Error, Result};
@@ -260,8 +259,6 @@ impl<T: DeviceRepr + ValidAsZeroBits> Dev<T> {
 /// Handles to the kernels of sampler.cu and fft.cu.
 pub(crate) struct SamplerKernels {
     sms: u32,
-    /// Launches use programmatic dependent launch (src/cuda/launch.rs).
-    pdl: bool,
     normals: CudaFunction,
     step: CudaFunction,
     chain: CudaFunction,
@@ -304,12 +301,7 @@ fn need(p: DPtr, what: &str) -> Result<()> {
 
 impl SamplerKernels {
     /// Loads the two modules on `ctx` (`device` names the GPU in messages).
-    pub fn load(
-        ctx: &Arc<CudaContext>,
-        device: &str,
-        sms: usize,
-        pdl: bool,
-    ) -> Result<SamplerKernels> {
+    pub fn load(ctx: &Arc<CudaContext>, device: &str, sms: usize) -> Result<SamplerKernels> {
         let module = |name: &str| -> Result<_> {
             let (_, image) = fatbins().iter().find(|(n, _)| *n == name).ok_or_else(|| {
                 Error::Cuda(format!("kernel module `{name}` is missing from this build"))
@@ -325,7 +317,6 @@ impl SamplerKernels {
         };
         Ok(SamplerKernels {
             sms: (sms as u32).max(1),
-            pdl,
             normals: get(&sampler, "sampler_normals")?,
             step: get(&sampler, "sampler_step")?,
             chain: get(&sampler, "sampler_chain")?,
@@ -337,10 +328,6 @@ impl SamplerKernels {
             cols: get(&fft, "fft_cols")?,
             rows_inverse: get(&fft, "fft_rows_inverse")?,
         })
-    }
-
-    fn launch<'a>(&self, st: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
-        Launch::new(st, f, self.pdl)
     }
 
     /// Grid-stride launch over `items`.
@@ -394,7 +381,7 @@ impl SamplerKernels {
         need(out, "output")?;
         let (rows, counter) = at.map_or((0, 0), |c| (c.rows, c.counter));
         let (per_i, batch_i) = (per as i64, i32_of(batch, "batch")?);
-        let mut b = self.launch(st, &self.normals);
+        let mut b = st.launch_builder(&self.normals);
         b.arg(&seed)
             .arg(&ids)
             .arg(&slot)
@@ -432,7 +419,7 @@ impl SamplerKernels {
         need(z, "noise")?;
         need(prev, "prev")?;
         let (zs, l) = (z_stride as i64, len as i64);
-        let mut b = self.launch(st, &self.step);
+        let mut b = st.launch_builder(&self.step);
         b.arg(&at.rows)
             .arg(&at.counter)
             .arg(&x)
@@ -473,7 +460,7 @@ impl SamplerKernels {
             need(p, what)?;
         }
         let l = len as i64;
-        let mut b = self.launch(st, &self.chain);
+        let mut b = st.launch_builder(&self.chain);
         b.arg(&at.rows)
             .arg(&at.counter)
             .arg(&x)
@@ -513,7 +500,7 @@ impl SamplerKernels {
             need(p, what)?;
         }
         let (m, l) = (mode as i32, len as i64);
-        let mut b = self.launch(st, &self.update);
+        let mut b = st.launch_builder(&self.update);
         b.arg(&at.rows)
             .arg(&at.counter)
             .arg(&m)
@@ -541,7 +528,7 @@ impl SamplerKernels {
     ) -> Result<()> {
         need(r, "residual")?;
         let p = per as i64;
-        let mut b = self.launch(st, &self.residual_normalize);
+        let mut b = st.launch_builder(&self.residual_normalize);
         b.arg(&r).arg(&p);
         let cfg = LaunchConfig {
             grid_dim: (
@@ -563,7 +550,7 @@ impl SamplerKernels {
     pub fn set_timestep(&self, st: &CudaStream, at: Cursor, t: DPtr, n: usize) -> Result<()> {
         need(t, "timesteps")?;
         let ni = i32_of(n, "batch")?;
-        let mut b = self.launch(st, &self.set_timestep);
+        let mut b = st.launch_builder(&self.set_timestep);
         b.arg(&at.rows).arg(&at.counter).arg(&t).arg(&ni);
         // SAFETY: t holds n floats.
         cu(
@@ -575,7 +562,7 @@ impl SamplerKernels {
     /// Makes the next row current.
     pub fn advance(&self, st: &CudaStream, counter: DPtr) -> Result<()> {
         need(counter, "counter")?;
-        let mut b = self.launch(st, &self.advance);
+        let mut b = st.launch_builder(&self.advance);
         b.arg(&counter);
         // SAFETY: counter is one int.
         cu(
@@ -601,7 +588,7 @@ impl SamplerKernels {
             i32_of(img.h, "height")?,
             i32_of(img.w, "width")?,
         );
-        let mut b = self.launch(st, &self.rows_forward);
+        let mut b = st.launch_builder(&self.rows_forward);
         b.arg(&x)
             .arg(&c)
             .arg(&h)
@@ -648,7 +635,7 @@ impl SamplerKernels {
         );
         let (rows, counter) = at.map_or((0, 0), |c| (c.rows, c.counter));
         let scale = 1.0 / (img.h * img.w) as f64;
-        let mut b = self.launch(st, &self.cols);
+        let mut b = st.launch_builder(&self.cols);
         b.arg(&planes)
             .arg(&h)
             .arg(&w)
@@ -687,7 +674,7 @@ impl SamplerKernels {
             i32_of(img.h, "height")?,
             i32_of(img.w, "width")?,
         );
-        let mut b = self.launch(st, &self.rows_inverse);
+        let mut b = st.launch_builder(&self.rows_inverse);
         b.arg(&planes)
             .arg(&c)
             .arg(&h)

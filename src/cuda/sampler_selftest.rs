@@ -24,7 +24,7 @@ const LOOP_TOLERANCE: f64 = 1e-4;
 
 /// Runs every sampler check on `gpu` (whose device is `ordinal`).
 pub(crate) fn run(gpu: &Gpu, ordinal: usize) -> Result<Vec<SelftestRow>> {
-    let k = SamplerKernels::load(&gpu.ctx, &gpu.info.name, gpu.sms(), gpu.kernels.pdl())?;
+    let k = SamplerKernels::load(&gpu.ctx, &gpu.info.name, gpu.sms())?;
     let mut c = Check {
         st: gpu.stream.clone(),
         k,

@@ -1,7 +1,7 @@
 //! Attention (kernels/attention.cu, gemm.cu): the batched products and softmax of the unfused
 //! attention, and the fused FlashAttention-style kernels.
 
-use cudarc::driver::{CudaStream, DeviceRepr};
+use cudarc::driver::{CudaStream, DeviceRepr, PushKernelArg};
 
 use super::{cfg, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -170,7 +170,7 @@ impl Kernels {
         } else {
             &self.gemm_batched
         };
-        let mut b = self.launch(st, f);
+        let mut b = st.launch_builder(f);
         b.arg(&args);
         // SAFETY: every view lies inside its buffer (the caller's contract).
         cu(
@@ -263,7 +263,7 @@ impl Kernels {
             }
         };
         for &i in kernels {
-            let mut b = self.launch(st, &flash[i]);
+            let mut b = st.launch_builder(&flash[i]);
             b.arg(&args);
             let mut launch = cfg(grid, (128, 1, 1));
             launch.shared_mem_bytes = FLASH_SMEM[i];
@@ -289,7 +289,7 @@ impl Kernels {
     ) -> Result<()> {
         need(p, "scores")?;
         let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
-        let mut b = self.launch(st, &self.softmax_forward);
+        let mut b = st.launch_builder(&self.softmax_forward);
         b.arg(&p).arg(&r).arg(&l).arg(&scale);
         // SAFETY: p holds rows * len floats.
         cu(
@@ -311,7 +311,7 @@ impl Kernels {
         need(p, "probabilities")?;
         need(ds, "score gradient")?;
         let (r, l) = (i64_of(rows), i32_of(len, "row length")?);
-        let mut b = self.launch(st, &self.softmax_backward);
+        let mut b = st.launch_builder(&self.softmax_backward);
         b.arg(&p).arg(&ds).arg(&r).arg(&l).arg(&scale);
         // SAFETY: p and ds hold rows * len floats.
         cu(

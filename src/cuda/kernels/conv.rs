@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
     direct_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX, TILE,
@@ -46,10 +46,9 @@ struct ConvArgs {
     tap_dy: [i32; 9],
     tap_dx: [i32; 9],
     tap_w: [i32; 9],
-    prefetch_w: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 240);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 232);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -328,7 +327,6 @@ impl Kernels {
             k_per_split: i32_of(plan.k_per_split, "K per split")?,
             accumulate: accumulate as i32,
             out_div,
-            prefetch_w: i32::from(plan.prefetch_weights),
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -353,19 +351,12 @@ impl Kernels {
             || (plan.half_input && !(half && plan.deep))
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
-            || (plan.prefetch_weights && !tensor)
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, weight prefetch {} and tile {:?}",
-                plan.kernel,
-                plan.deep,
-                plan.half_input,
-                plan.wgmma,
-                plan.row_epilogue,
-                plan.prefetch_weights,
-                plan.tile
+                 row epilogue {} and tile {:?}",
+                plan.kernel, plan.deep, plan.half_input, plan.wgmma, plan.row_epilogue, plan.tile
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -425,7 +416,7 @@ impl Kernels {
         );
         let mut launch = cfg(grid, (threads, 1, 1));
         launch.shared_mem_bytes = smem;
-        let mut b = self.launch(st, f);
+        let mut b = st.launch_builder(f);
         b.arg(&a);
         if let Some(probe) = &probe {
             b.arg(probe);
@@ -434,7 +425,7 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            let mut b = self.launch(st, &self.conv_splitk_reduce);
+            let mut b = st.launch_builder(&self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);
             // SAFETY: the workspace holds splits x rows x ncols partial sums written above.
             cu(
@@ -511,7 +502,7 @@ impl Kernels {
                 format!("conv_few_in_{}", s.sc),
             )
         };
-        let mut b = self.launch(st, f);
+        let mut b = st.launch_builder(f);
         b.arg(a);
         // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes were
         // checked; the grid covers every output of the problem.
@@ -539,7 +530,7 @@ impl Kernels {
             i32_of(rows, "rows")?,
             i32_of(cols, "cols")?,
         );
-        let mut b = self.launch(st, &self.conv_weight_transpose);
+        let mut b = st.launch_builder(&self.conv_weight_transpose);
         b.arg(&src).arg(&dst).arg(&t).arg(&r).arg(&c);
         // SAFETY: src and dst hold taps * rows * cols floats.
         cu(
@@ -562,7 +553,7 @@ impl Kernels {
         need(dst, "16-bit copy")?;
         let kind = half_kind(precision)?;
         let l = i64_of(len);
-        let mut b = self.launch(st, &self.tc_convert);
+        let mut b = st.launch_builder(&self.tc_convert);
         b.arg(&src).arg(&dst).arg(&l).arg(&kind);
         // SAFETY: src holds len floats, dst room for ⌈len / 2⌉ 32-bit words.
         cu(

@@ -356,10 +356,6 @@ pub(crate) struct ConvLaunch {
     pub row_epilogue: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
-    /// Tensor cores: every block first asks L2 for the weights it will read, before waiting
-    /// for the grid it depends on (`prefetch_tap` in kernels/conv_common.cuh): a hint, the
-    /// same results.
-    pub prefetch_weights: bool,
 }
 
 /// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile`): for a given split of K each
@@ -625,7 +621,6 @@ impl ConvLaunch {
             wgmma: false,
             row_epilogue: false,
             tile: WgmmaTile::Plain,
-            prefetch_weights: false,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Linear layers on few rows (kernels/linear.cu): the time-embedding MLP, one launch per layer
 //! or one for a table of them.
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaStream, PushKernelArg};
 
 use super::{i32_of, need, DPtr, Kernels};
 use crate::cuda::device::cu;
@@ -87,7 +87,7 @@ impl Kernels {
         }
         let (r, i, o) = linear_sizes(rows, inp, out)?;
         let silu = silu_in as i32;
-        let mut b = self.launch(st, &self.linear_rows);
+        let mut b = st.launch_builder(&self.linear_rows);
         b.arg(&x)
             .arg(&w)
             .arg(&bias)
@@ -131,7 +131,7 @@ impl Kernels {
         let l = i32_of(layers, "layers")?;
         let (r, i, o) = linear_sizes(rows, inp, total_out)?;
         let silu = silu_in as i32;
-        let mut b = self.launch(st, &self.linear_batch);
+        let mut b = st.launch_builder(&self.linear_batch);
         b.arg(&x)
             .arg(&table)
             .arg(&l)

@@ -41,11 +41,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
 
 use super::device::{cu, fatbins, sm90a_fatbins, DeviceInfo};
-use super::launch::{pdl_wanted, Launch};
 use super::precision::Precision;
 use crate::{switches, Error, Result};
 
@@ -118,8 +117,6 @@ fn i64_of(v: usize) -> i64 {
 /// Handles to every kernel of the embedded fatbins.
 pub(crate) struct Kernels {
     sms: u32,
-    /// Launches use programmatic dependent launch (src/cuda/launch.rs).
-    pdl: bool,
     /// Batched products that would leave multiprocessors idle take 32-wide tiles (unless
     /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
     small_tiles: bool,
@@ -296,7 +293,6 @@ impl Kernels {
         };
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
-            pdl: pdl_wanted(info.compute_capability),
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
@@ -350,19 +346,10 @@ impl Kernels {
         })
     }
 
-    /// Whether launches use programmatic dependent launch (`INVDIFF_PDL=1` on Hopper).
-    pub fn pdl(&self) -> bool {
-        self.pdl
-    }
-
     /// Whether small batched products take 32-wide tiles (not with
     /// `INVDIFF_GEMM_SMALL_TILES=0`).
     pub fn small_tiles(&self) -> bool {
         self.small_tiles
-    }
-
-    fn launch<'a>(&self, st: &'a CudaStream, f: &'a CudaFunction) -> Launch<'a> {
-        Launch::new(st, f, self.pdl)
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).
@@ -399,7 +386,7 @@ impl Kernels {
     /// ahead of a profiled iteration, it gives the host time to enqueue the iteration's launches
     /// before the GPU reaches them.
     pub fn hold(&self, st: &CudaStream, ns: u64) -> Result<()> {
-        let mut b = self.launch(st, &self.timing_hold);
+        let mut b = st.launch_builder(&self.timing_hold);
         b.arg(&ns);
         // SAFETY: the kernel reads and writes no memory.
         cu(

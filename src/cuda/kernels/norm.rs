@@ -1,7 +1,7 @@
 //! GroupNorm (kernels/norm.cu): how each GroupNorm is cut into launches ([`NormSplit`]: three
 //! passes over chunks of pixels, or one pass per group), and their launchers.
 
-use cudarc::driver::{CudaStream, LaunchConfig};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{cfg, half_kind, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -197,7 +197,7 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         if let Some(threads) = split.one_pass {
-            let mut b = self.launch(st, &self.gn_one_pass);
+            let mut b = st.launch_builder(&self.gn_one_pass);
             b.arg(&x)
                 .arg(&gamma)
                 .arg(&beta)
@@ -215,14 +215,14 @@ impl Kernels {
             // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
             return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
         }
-        let mut b = self.launch(st, &self.gn_partial);
+        let mut b = st.launch_builder(&self.gn_partial);
         b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
         // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
         cu(
             unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
             "launching gn_partial",
         )?;
-        let mut b = self.launch(st, &self.gn_finalize);
+        let mut b = st.launch_builder(&self.gn_finalize);
         b.arg(&partial)
             .arg(&ni)
             .arg(&hwi)
@@ -243,7 +243,7 @@ impl Kernels {
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let mut b = self.launch(st, &self.gn_apply_half);
+            let mut b = st.launch_builder(&self.gn_apply_half);
             b.arg(&x)
                 .arg(&affine)
                 .arg(&y)
@@ -259,7 +259,7 @@ impl Kernels {
         }
         let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = self.launch(st, &self.gn_apply);
+        let mut b = st.launch_builder(&self.gn_apply);
         b.arg(&x)
             .arg(&affine)
             .arg(&y)
@@ -325,7 +325,7 @@ impl Kernels {
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
         if let Some(threads) = split.one_pass {
-            let mut b = self.launch(st, &self.gn_bwd_one_pass);
+            let mut b = st.launch_builder(&self.gn_bwd_one_pass);
             b.arg(&x)
                 .arg(&dy)
                 .arg(&stats)
@@ -346,7 +346,7 @@ impl Kernels {
                 "launching gn_bwd_one_pass",
             );
         }
-        let mut b = self.launch(st, &self.gn_bwd_partial);
+        let mut b = st.launch_builder(&self.gn_bwd_partial);
         b.arg(&x)
             .arg(&dy)
             .arg(&stats)
@@ -364,7 +364,7 @@ impl Kernels {
             unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
             "launching gn_bwd_partial",
         )?;
-        let mut b = self.launch(st, &self.gn_bwd_finalize);
+        let mut b = st.launch_builder(&self.gn_bwd_finalize);
         b.arg(&partial)
             .arg(&ni)
             .arg(&hwi)
@@ -379,7 +379,7 @@ impl Kernels {
             "launching gn_bwd_finalize",
         )?;
         if half_out.is_some() {
-            let mut b = self.launch(st, &self.gn_bwd_apply_half);
+            let mut b = st.launch_builder(&self.gn_bwd_apply_half);
             b.arg(&x)
                 .arg(&dy)
                 .arg(&stats)
@@ -400,7 +400,7 @@ impl Kernels {
         }
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = self.launch(st, &self.gn_bwd_apply);
+        let mut b = st.launch_builder(&self.gn_bwd_apply);
         b.arg(&x)
             .arg(&dy)
             .arg(&stats)

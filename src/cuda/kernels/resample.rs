@@ -2,7 +2,7 @@
 //! upsampling, channel concatenation, the adds and divisions between ops, and the sinusoidal
 //! timestep embedding.
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaStream, PushKernelArg};
 
 use super::{half_kind, i32_of, i64_of, need, DPtr, Kernels};
 use crate::cuda::device::cu;
@@ -37,7 +37,7 @@ impl Kernels {
         need(y, "NHWC output")?;
         let len = n * c * h * w;
         let [ni, ci, hi, wi] = i32s([(n, "n"), (c, "c"), (h, "h"), (w, "w")])?;
-        let mut b = self.launch(st, &self.nchw_to_nhwc);
+        let mut b = st.launch_builder(&self.nchw_to_nhwc);
         b.arg(&x)
             .arg(&y)
             .arg(&ni)
@@ -70,7 +70,7 @@ impl Kernels {
         need(y, "NCHW output")?;
         let len = n * c * h * w;
         let [ni, ci, hi, wi] = i32s([(n, "n"), (c, "c"), (h, "h"), (w, "w")])?;
-        let mut b = self.launch(st, &self.nhwc_to_nchw);
+        let mut b = st.launch_builder(&self.nhwc_to_nchw);
         b.arg(&x)
             .arg(&y)
             .arg(&ni)
@@ -109,7 +109,7 @@ impl Kernels {
                 )));
             }
             let kind = half_kind(precision)?;
-            let mut b = self.launch(st, &self.upsample2x_half);
+            let mut b = st.launch_builder(&self.upsample2x_half);
             b.arg(&x)
                 .arg(&y)
                 .arg(&ni)
@@ -123,7 +123,7 @@ impl Kernels {
                 "launching upsample2x_half",
             );
         }
-        let mut b = self.launch(st, &self.upsample2x);
+        let mut b = st.launch_builder(&self.upsample2x);
         b.arg(&x).arg(&y).arg(&ni).arg(&hi).arg(&wi).arg(&ci);
         // SAFETY: x holds n h w c floats, y four times as many.
         cu(
@@ -149,7 +149,7 @@ impl Kernels {
         need(dx, "input gradient")?;
         let [ni, hi, wi, ci] = i32s([(n, "n"), (h, "h"), (w, "w"), (c, "c")])?;
         let acc = accumulate as i32;
-        let mut b = self.launch(st, &self.upsample2x_backward);
+        let mut b = st.launch_builder(&self.upsample2x_backward);
         b.arg(&dy)
             .arg(&dx)
             .arg(&ni)
@@ -196,7 +196,7 @@ impl Kernels {
         let vec =
             ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0) && y16 % 8 == 0;
         let vec4 = vec as i32;
-        let mut b = self.launch(st, &self.concat_channels);
+        let mut b = st.launch_builder(&self.concat_channels);
         b.arg(&a)
             .arg(&b_)
             .arg(&y)
@@ -240,7 +240,7 @@ impl Kernels {
         let acc = accumulate as i32;
         let vec = [c, offset, width].iter().all(|v| v % 4 == 0) && dy % 16 == 0 && d % 16 == 0;
         let vec4 = vec as i32;
-        let mut b = self.launch(st, &self.concat_backward);
+        let mut b = st.launch_builder(&self.concat_backward);
         b.arg(&dy)
             .arg(&d)
             .arg(&p)
@@ -271,7 +271,7 @@ impl Kernels {
         let (l, acc) = (i64_of(len), accumulate as i32);
         let vec = len % 4 == 0 && dst % 16 == 0 && src % 16 == 0;
         let vec4 = vec as i32;
-        let mut b = self.launch(st, &self.add_into);
+        let mut b = st.launch_builder(&self.add_into);
         b.arg(&dst).arg(&src).arg(&l).arg(&acc).arg(&vec4);
         let items = if vec { len / 4 } else { len };
         // SAFETY: both hold len floats.
@@ -285,7 +285,7 @@ impl Kernels {
     pub fn divide(&self, st: &CudaStream, x: DPtr, len: usize, div: f32) -> Result<()> {
         need(x, "buffer")?;
         let l = i64_of(len);
-        let mut b = self.launch(st, &self.div_inplace);
+        let mut b = st.launch_builder(&self.div_inplace);
         b.arg(&x).arg(&l).arg(&div);
         // SAFETY: x holds len floats.
         cu(
@@ -311,7 +311,7 @@ impl Kernels {
         let (ni, di, fl) = (i32_of(n, "n")?, i32_of(dim, "dim")?, flip as i32);
         // The CPU's constant: ln(10000) in f64, rounded to f32, negated.
         let log_period = -(10000f64.ln() as f32);
-        let mut b = self.launch(st, &self.timestep_embedding);
+        let mut b = st.launch_builder(&self.timestep_embedding);
         b.arg(&t)
             .arg(&y)
             .arg(&ni)

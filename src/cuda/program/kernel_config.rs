@@ -47,10 +47,6 @@ pub(crate) struct KernelConfig {
     /// four output pairs issued before their stores ([`ConvLaunch::row_epilogue`]): the same
     /// arithmetic.
     pub row_epilogue: bool,
-    /// Tensor-core convolutions ask L2 for each block's weights before waiting for the launch
-    /// before them ([`ConvLaunch::prefetch_weights`]): under `INVDIFF_PDL` while that launch
-    /// still runs, and otherwise all at once rather than a pipeline slice ahead.
-    pub prefetch_weights: bool,
     /// Below fp32 (the convolutions in bf16, fp16 or tf32): the attention products on the
     /// tf32 tensor cores ([`Gemm::tf32`]) instead of fp32 FMAs; the softmax stays fp32.
     pub attention_tf32: bool,
@@ -89,7 +85,6 @@ impl Default for KernelConfig {
             half_copy: false,
             alias_residual_grads: false,
             row_epilogue: false,
-            prefetch_weights: false,
             attention_tf32: false,
             attention_flash: false,
             tall_tiles: false,
@@ -118,7 +113,6 @@ impl KernelConfig {
             half_copy: true,
             alias_residual_grads: true,
             row_epilogue: true,
-            prefetch_weights: false,
             attention_tf32: true,
             attention_flash: false,
             tall_tiles: true,
@@ -146,7 +140,6 @@ impl KernelConfig {
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
             alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
-            prefetch_weights: on("INVDIFF_PREFETCH_WEIGHTS"),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
@@ -166,7 +159,6 @@ impl KernelConfig {
             (self.half_copy, "16-bit input copies"),
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),
-            (self.prefetch_weights, "weight prefetch"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
             (self.tall_tiles, "tall wgmma tiles"),

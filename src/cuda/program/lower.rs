@@ -512,8 +512,6 @@ impl Lowering<'_> {
         launch.row_epilogue = self.choice.row_epilogue
             && launch.deep
             && matches!(launch.kernel, ConvKernel::Tensor(_));
-        launch.prefetch_weights =
-            self.choice.prefetch_weights && matches!(launch.kernel, ConvKernel::Tensor(_));
         let plain = launch.wgmma && launch.tile == WgmmaTile::Plain;
         // One tall block per multiprocessor: only unsplit, where they fill the machine at least
         // once.

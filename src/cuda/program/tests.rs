@@ -727,41 +727,6 @@ fn switches_compute_what_the_default_program_computes() {
     }
 }
 
-/// prefetch_weights marks every tensor-core convolution launch and changes nothing else.
-#[test]
-fn weight_prefetch_on_every_tensor_core_convolution() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for precision in [Precision::Bf16, Precision::Fp32] {
-        let build = |prefetch_weights| {
-            let tc = KernelConfig {
-                wgmma: true,
-                prefetch_weights,
-                ..KernelConfig::default()
-            };
-            Program::build_with(&g, 1, 64, 64, true, 132, precision, tc).unwrap()
-        };
-        let (plain, marked) = (build(false), build(true));
-        assert_eq!(plain.steps.len(), marked.steps.len());
-        let mut tensor = 0;
-        for (a, b) in plain.steps.iter().zip(&marked.steps) {
-            match (a, b) {
-                (Step::Conv(a), Step::Conv(b)) => {
-                    let tc = matches!(a.launch.kernel, ConvKernel::Tensor(_));
-                    assert_eq!(b.launch.prefetch_weights, tc);
-                    let unmarked = ConvLaunch {
-                        prefetch_weights: false,
-                        ..b.launch
-                    };
-                    assert_eq!(unmarked, a.launch);
-                    tensor += usize::from(tc);
-                }
-                (a, b) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
-            }
-        }
-        assert_eq!(tensor > 0, precision == Precision::Bf16);
-    }
-}
-
 /// With alias_residual_grads no gradient starts as a copy: every residual's first
 /// contribution is its block output's gradient buffer.
 #[test]
@@ -968,7 +933,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 13] = [
+    let flags: [fn(&mut KernelConfig); 12] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -976,7 +941,6 @@ fn every_choice_has_a_name() {
         |c| c.half_copy = true,
         |c| c.alias_residual_grads = true,
         |c| c.row_epilogue = true,
-        |c| c.prefetch_weights = true,
         |c| c.attention_tf32 = true,
         |c| c.attention_flash = true,
         |c| c.tall_tiles = true,

@@ -1,5 +1,5 @@
 //! The other forms a tensor-core convolution launch can take (pipelines, epilogues, tiles, the
-//! weight prefetch, the cycle probe), each against the plain launch's result.
+//! cycle probe), each against the plain launch's result.
 
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
@@ -14,20 +14,16 @@ use crate::Result;
 /// fp32, added in a different order.
 pub(super) const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// Every other form of wgmma launch `p` ([`on_tile`]), each tile with each epilogue and with
-/// the weight prefetch: the same sums in the same order as `p`.
+/// Every other form of wgmma launch `p` ([`on_tile`]), each tile with each epilogue: the same
+/// sums in the same order as `p`.
 pub(super) fn wgmma_forms(p: ConvLaunch) -> Vec<ConvLaunch> {
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
         let Some(v) = on_tile(p, tile) else {
             continue;
         };
-        for (row_epilogue, prefetch_weights) in [(false, false), (true, false), (false, true)] {
-            let v = ConvLaunch {
-                row_epilogue,
-                prefetch_weights,
-                ..v
-            };
+        for row_epilogue in [false, true] {
+            let v = ConvLaunch { row_epilogue, ..v };
             if v != p {
                 out.push(v);
             }
@@ -43,9 +39,6 @@ pub(super) fn wgmma_path(p: &ConvLaunch) -> String {
     }
     if p.row_epilogue {
         s += ", row epilogue";
-    }
-    if p.prefetch_weights {
-        s += ", weight prefetch";
     }
     s
 }
@@ -138,12 +131,11 @@ impl Tester<'_> {
         };
         let mut out = Vec::new();
         // Each pipeline with both epilogues (the row epilogue computes the same, in the same
-        // order), and with the weight prefetch (a hint: the same bits).
-        for (row_epilogue, prefetch_weights) in [(false, false), (true, false), (false, true)] {
+        // order).
+        for row_epilogue in [false, true] {
             let deep = ConvLaunch {
                 deep: true,
                 row_epilogue,
-                prefetch_weights,
                 ..plan
             };
             out.push((deep, None));

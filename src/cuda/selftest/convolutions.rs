@@ -76,12 +76,7 @@ fn deep_path(p: &ConvLaunch) -> String {
         _ => "staged",
     };
     let rows = if p.row_epilogue { ", row epilogue" } else { "" };
-    let prefetch = if p.prefetch_weights {
-        ", weight prefetch"
-    } else {
-        ""
-    };
-    format!("{}, {pipe}{rows}{prefetch}", path(p.kernel, p.splits))
+    format!("{}, {pipe}{rows}", path(p.kernel, p.splits))
 }
 fn pad_name(k: usize, stride: usize, pad: Pad) -> &'static str {
     match (k, stride, pad) {
@@ -521,8 +516,7 @@ impl Tester<'_> {
                         0.0,
                     );
                 }
-                // (The prefetch happens before the counted phases: no probe of its own.)
-                if out_div == 1.0 && !v.prefetch_weights {
+                if out_div == 1.0 {
                     self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
                 }
             }
@@ -585,7 +579,6 @@ impl Tester<'_> {
                         deep: deep.deep,
                         half_input: deep.half_input,
                         row_epilogue: deep.row_epilogue,
-                        prefetch_weights: deep.prefetch_weights,
                         ..*p
                     })
                     .collect();
@@ -652,7 +645,6 @@ impl Tester<'_> {
                         .iter()
                         .map(|p| ConvLaunch {
                             row_epilogue: form.row_epilogue,
-                            prefetch_weights: form.prefetch_weights,
                             ..on_tile(*p, form.tile).unwrap_or(*p)
                         })
                         .collect();

@@ -5,7 +5,7 @@
 //! 16-bit copy of the input, on wgmma where the device has it, else the deep mma.sync
 //! pipeline; the input gradient from the fp32 gradient and from a 16-bit copy). Where they
 //! run on wgmma, the first launch each way also takes every other form a launch can take
-//! (tiles, epilogues, weight prefetch), held to the planned one.
+//! (tiles, epilogues), held to the planned one.
 
 use super::conv_variants::{wgmma_forms, wgmma_path};
 use super::{path, tensor_core_tolerance, Tester};
@@ -257,8 +257,8 @@ impl Tester<'_> {
         Ok((y.download(st)?, ms))
     }
 
-    /// The other wgmma forms of the first launch `p` of `shape` (tiles, epilogues, weight
-    /// prefetch) against `p` itself, alone in a fresh output:
+    /// The other wgmma forms of the first launch `p` of `shape` (tiles, epilogues) against `p`
+    /// itself, alone in a fresh output:
     /// the same sums, as `conv_variants` holds them for the unfolded shapes.
     #[allow(clippy::too_many_arguments)]
     fn other_forms(

@@ -171,7 +171,6 @@ impl CudaUnet {
                 self.gpu.kernels.small_tiles(),
                 "small product tiles".to_string(),
             ),
-            (self.pdl(), "PDL".to_string()),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
         ];
@@ -279,11 +278,6 @@ impl CudaUnet {
         } else {
             0
         }
-    }
-
-    /// Whether this network's launches use programmatic dependent launch (src/cuda/launch.rs).
-    pub(crate) fn pdl(&self) -> bool {
-        self.gpu.kernels.pdl()
     }
 
     /// The stream every launch of this network goes to; device-side callers order their own
