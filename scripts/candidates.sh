@@ -1,17 +1,19 @@
-# The GPU candidate switches (PERF.md, "v0.5 candidates"), one place for the scripts that time
-# them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value";
-# the forms that only make sense together (a tile with the row epilogue) are entries of their own.
+# The GPU switches worth timing on a card (PERF.md, v0.5), one place for the scripts that time
+# them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value":
+# each default turned off (does it still pay on this card and workload?), the stream count
+# either way, and the candidates that are off by default.
 CANDIDATES=(
-    gn_one_pass:INVDIFF_GN_ONE_PASS=1
-    half_concat:INVDIFF_HALF_CONCAT=1
-    half_copy:INVDIFF_HALF_COPY=1
-    alias_grads:INVDIFF_ALIAS_GRADS=1
-    row_epilogue:INVDIFF_ROW_EPILOGUE=1
-    attn_tf32:INVDIFF_ATTN_TF32=1
+    no_gn_one_pass:INVDIFF_GN_ONE_PASS=0
+    no_half_concat:INVDIFF_HALF_CONCAT=0
+    no_half_copy:INVDIFF_HALF_COPY=0
+    no_alias_grads:INVDIFF_ALIAS_GRADS=0
+    no_row_epilogue:INVDIFF_ROW_EPILOGUE=0
+    no_attn_tf32:INVDIFF_ATTN_TF32=0
+    no_tall:INVDIFF_WGMMA_TALL=0
+    no_small_tiles:INVDIFF_GEMM_SMALL_TILES=0
+    no_fold:INVDIFF_UPSAMPLE_FOLD=0
+    fold_all:INVDIFF_UPSAMPLE_FOLD=1
+    streams1:INVDIFF_STREAMS=1
+    streams3:INVDIFF_STREAMS=3
     attn_flash:INVDIFF_ATTN_FLASH=1
-    tall:INVDIFF_WGMMA_TALL=1
-    rows_tall:INVDIFF_ROW_EPILOGUE=1,INVDIFF_WGMMA_TALL=1
-    small_tiles:INVDIFF_GEMM_SMALL_TILES=1
-    upsample_fold:INVDIFF_UPSAMPLE_FOLD=1
-    streams2:INVDIFF_STREAMS=2
 )

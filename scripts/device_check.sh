@@ -10,22 +10,24 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: a likely
-#       default set, all together, then each candidate of scripts/candidates.sh alone) of
-#       out/invdiff-next if it exists, else out/invdiff: for each its bf16 b1 (forward + DPS
-#       step), b8 and b32 rows; for the likely default set (combo_*) also its whole-network
-#       selftest rows, and for `all` (else the last one) also its whole selftest (each one's
-#       with VARIANT_SELFTEST=each), the b1 DPS profile and the 1000-step restoration;
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4
+#       program, every candidate on, then each entry of scripts/candidates.sh alone: each
+#       default off, the stream count, each candidate) of out/invdiff-next if it exists, else
+#       out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for `v04`
+#       also its whole-network selftest rows, for `fold_all` its fp32 b1 rows, and for `all`
+#       (else the last one) also its whole selftest (each one's with VARIANT_SELFTEST=each),
+#       the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline and split,
 #       and every GroupNorm in each form: three launches, one pass; bf16 b8 forward, bf16 b1
 #       forward + VJP; JSON in devcheck.tar.gz);
-#   (e) full-size parity against diffusers (strict fp32), a 1000-step bf16 DPS restoration of the
-#       real sample, and 10-step DPS / 2-step PiGDM trajectories, GPU against CPU.
+#   (e) full-size parity against diffusers (strict fp32; again with the fold on in fp32), a
+#       1000-step bf16 DPS restoration of the real sample, and 10-step DPS / 2-step PiGDM
+#       trajectories, GPU against CPU.
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 17 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 15 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -263,15 +265,14 @@ MODEL_ARG=()
 # (v) Run-time variants of the newest build (~10 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
-ALL=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ROW_EPILOGUE=1,INVDIFF_ATTN_TF32=1,INVDIFF_ATTN_FLASH=1,INVDIFF_WGMMA_TALL=1,INVDIFF_GEMM_SMALL_TILES=1,INVDIFF_UPSAMPLE_FOLD=1,INVDIFF_STREAMS=2
-# A likely default set besides "all", timed in this run so that flipping several switches
-# needs no second device session: the candidates that change no tile (SAFE).
-SAFE=INVDIFF_GN_ONE_PASS=1,INVDIFF_HALF_CONCAT=1,INVDIFF_HALF_COPY=1,INVDIFF_ALIAS_GRADS=1,INVDIFF_ATTN_FLASH=1,INVDIFF_UPSAMPLE_FOLD=1
-# The set first (should the deadline come, it decides the defaults), then each candidate alone
-# (scripts/candidates.sh, the list tune.sh reads too).
+# The v0.4 program (every v0.5 default off: what the defaults gain, in this run), every
+# candidate on (ALL), then each entry of scripts/candidates.sh alone (the list tune.sh reads
+# too: each default turned off, the stream count, the candidates).
+V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1
+ALL=INVDIFF_ATTN_FLASH=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
-VARIANTS=${VARIANTS-combo_safe:$SAFE;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
+VARIANTS=${VARIANTS-v04:$V04;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"
 # The variant that also gets the whole selftest, the b1 DPS profile and the 1000-step
@@ -291,17 +292,18 @@ for v in ${variants[@]+"${variants[@]}"}; do
     note "variant $name: ${vars//,/ } on $VBIN"
     # The kernel rows are the same in every run; what a variant changes is the whole-network
     # rows: all of them for $full (all together) unless VARIANT_SELFTEST=each, the network
-    # groups alone for the likely default sets (combo_*), which a session may flip.
+    # groups alone for the v0.4 program.
     if [ "${VARIANT_SELFTEST:-full}" = each ] || [ "$name" = "$full" ]; then
         selftest "selftest_$name" "$wrapper"
-    elif [[ $name == combo_* ]]; then
+    elif [ "$name" = v04 ]; then
         selftest "selftest_$name" "$wrapper" --only networks
     fi
     bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
     bench "${name}_bf16_b8" "$wrapper" --precision bf16 --batch 8 --what forward
     bench "${name}_bf16_b32" "$wrapper" --precision bf16 --batch 32 --what forward
-    # The fold acts in fp32 too (the default precision), beside fp32_b1 of phase (c).
-    if [ "$name" = upsample_fold ]; then
+    # The fold in fp32 too (the default precision; off there by default), beside fp32_b1 of
+    # phase (c).
+    if [ "$name" = fold_all ]; then
         bench "${name}_fp32_b1" "$wrapper" --precision fp32 --batch 1 --what both
     fi
     sync_out
@@ -384,6 +386,11 @@ if want e; then
             --output /tmp/io/ours.safetensors --device cuda
         run 60 parity_compare.txt "$BIN" compare /tmp/io/ours.safetensors /tmp/io/expect.safetensors --tolerance 1e-5
         note "full-size parity vs diffusers (exit $?): $(grep -v '^\$' "$W/parity_compare.txt" | tr '\n' ';')"
+        # The fold moves fp32 results by rounding; this row decides whether it may be on there.
+        INVDIFF_UPSAMPLE_FOLD=1 run 120 parity_fold.txt "$BIN" eps --model /tmp/m \
+            --input /tmp/io/in.safetensors --output /tmp/io/ours_fold.safetensors --device cuda
+        run 60 parity_fold_compare.txt "$BIN" compare /tmp/io/ours_fold.safetensors /tmp/io/expect.safetensors --tolerance 1e-5
+        note "full-size parity vs diffusers, fold on in fp32 (exit $?): $(grep -v '^\$' "$W/parity_fold_compare.txt" | tr '\n' ';')"
     else
         note "full-size parity vs diffusers: skipped (the PyTorch phase wrote no reference)"
     fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Picks, on this GPU, the candidate switches (PERF.md, "v0.5 candidates"; scripts/candidates.sh)
-# that make invdiff faster for one workload, and writes them as `export` lines:
+# Picks, on this GPU, the switches of scripts/candidates.sh (defaults turned off, the stream
+# count, the candidates off by default; PERF.md, v0.5) that make invdiff faster for one
+# workload, and writes them as `export` lines:
 #
 #   scripts/tune.sh [--batch N] [--precision bf16] [--what dps|forward] [--out tuning.env]
 #   source tuning.env        # then bench, sample and restore run with them
@@ -13,7 +14,7 @@
 # (default 2%) are added one at a time, largest gain first, each kept only if the set with it
 # passes the selftest and is faster again by MARGIN. With no winner the file sets nothing.
 # INVDIFF_BIN names the binary (default target/release/invdiff of this checkout). About 20 s a
-# candidate on a Hopper card (a selftest and three bench calls): ~8 minutes in all.
+# candidate on a Hopper card (a selftest and three bench calls): ~5 minutes for the 12.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -127,7 +128,7 @@ chosen="" best=$base
 while read -r _ vars; do
     [ -n "$vars" ] || continue
     trial=$(merge "$chosen" "$vars")
-    # Nothing new (the row epilogue alone after it was kept with tall tiles): no call to spend.
+    # Nothing new (an entry whose every switch the set already has): no call to spend.
     [ "$(tr ',' '\n' <<< "$trial" | sort)" != "$(tr ',' '\n' <<< "$chosen" | sort)" ] || continue
     if passes "$trial"; then
         t=$(ms "$trial")

@@ -43,27 +43,27 @@ pub const SWITCHES: &[Switch] = &[
     switch("INVDIFF_WGMMA", "GPU: `0` turns Hopper's wgmma kernels off"),
     switch(
         "INVDIFF_GN_ONE_PASS",
-        "GPU: `0` runs every GroupNorm in three launches",
+        "GPU default: `0` runs every GroupNorm in three launches",
     ),
     switch(
         "INVDIFF_HALF_CONCAT",
-        "GPU: `0` gives concatenations no 16-bit copy",
+        "GPU default: `0` gives concatenations no 16-bit copy",
     ),
     switch(
         "INVDIFF_HALF_COPY",
-        "GPU: `0` stages large fp32 inputs of tensor-core launches instead of converting them",
+        "GPU default: `0` stages large fp32 inputs of tensor-core launches instead of converting them",
     ),
     switch(
         "INVDIFF_ALIAS_GRADS",
-        "GPU: `0` copies a block's output gradient for its residual",
+        "GPU default: `0` copies a block's output gradient for its residual",
     ),
     switch(
         "INVDIFF_ROW_EPILOGUE",
-        "GPU: `0` finishes tensor-core tiles without batching loads before stores",
+        "GPU default: `0` finishes tensor-core tiles without batching loads before stores",
     ),
     switch(
         "INVDIFF_ATTN_TF32",
-        "GPU: `0` runs attention products on fp32 FMAs below fp32",
+        "GPU default: `0` runs attention products on fp32 FMAs below fp32",
     ),
     switch(
         "INVDIFF_ATTN_FLASH",
@@ -71,19 +71,19 @@ pub const SWITCHES: &[Switch] = &[
     ),
     switch(
         "INVDIFF_WGMMA_TALL",
-        "GPU: `0` gives large wgmma launches no 256-row tiles",
+        "GPU default: `0` gives large wgmma launches no 256-row tiles",
     ),
     switch(
         "INVDIFF_GEMM_SMALL_TILES",
-        "GPU: `0` uses no 32-wide attention-product tiles",
+        "GPU default: `0` uses no 32-wide attention-product tiles",
     ),
     switch(
         "INVDIFF_UPSAMPLE_FOLD",
-        "GPU: `0` never folds upsamplings into convolutions, `1` also in fp32/tf32",
+        "GPU default: `0` never folds upsamplings into convolutions, `1` also in fp32/tf32",
     ),
     switch(
         "INVDIFF_STREAMS",
-        "GPU: independent steps on 1-4 streams (default 2)",
+        "GPU default: independent steps on 2 streams; `1` to `4` sets the count",
     ),
 ];
 
@@ -160,17 +160,21 @@ mod tests {
         assert_eq!(found, listed);
     }
 
-    /// Every GPU candidate is timed by the next device session and can be chosen by
-    /// scripts/tune.sh: scripts/candidates.sh, which both read, has it alone, and
-    /// scripts/device_check.sh turns it on in its all-together variant (`ALL=`).
+    /// Every GPU candidate and every default is timed by the next device session and can be
+    /// chosen by scripts/tune.sh: scripts/candidates.sh, which both read, has each alone (a
+    /// default turned off), and scripts/device_check.sh turns every candidate on in its
+    /// all-together variant (`ALL=`) and every default off in its v0.4 one (`V04=`).
     #[test]
     fn device_check_times_every_candidate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let script = std::fs::read_to_string(root.join("scripts/device_check.sh")).unwrap();
-        let all = script
-            .lines()
-            .find(|l| l.starts_with("ALL="))
-            .expect("no ALL= line in device_check.sh");
+        let line = |start: &str| {
+            script
+                .lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no {start} line in device_check.sh"))
+        };
+        let (all, v04) = (line("ALL="), line("V04="));
         // CANDIDATES=( name:VAR=1,VAR=1 ... ), one entry a line.
         let list = std::fs::read_to_string(root.join("scripts/candidates.sh")).unwrap();
         let entries: Vec<&str> = list
@@ -184,17 +188,19 @@ mod tests {
             !entries.is_empty() && entries.iter().all(|e| e.contains(':') && e.contains('=')),
             "{entries:?}"
         );
-        for s in SWITCHES
-            .iter()
-            .filter(|s| s.what.starts_with("GPU candidate"))
-        {
-            let on = format!("{}=", s.name);
-            assert!(all.contains(&on), "{} is not in ALL", s.name);
+        for s in SWITCHES.iter().filter(|s| s.what.starts_with("GPU ")) {
+            let set = format!("{}=", s.name);
             let alone = entries
                 .iter()
-                .filter(|v| v.contains(&on))
+                .filter(|v| v.contains(&set))
                 .any(|v| v.matches('=').count() == 1);
-            assert!(alone, "{} is not a candidate of its own", s.name);
+            if s.what.starts_with("GPU candidate") {
+                assert!(all.contains(&set), "{} is not in ALL", s.name);
+                assert!(alone, "{} is not a candidate of its own", s.name);
+            } else if s.what.starts_with("GPU default") {
+                assert!(v04.contains(&set), "{} is not in V04", s.name);
+                assert!(alone, "{} is not an entry of its own", s.name);
+            }
         }
     }
 }

@@ -332,7 +332,7 @@ fn doctor_points_out_unknown_invdiff_variables() {
         &[
             "warning: INVDIFF_HALF_COPy is set but invdiff reads no such variable",
             "INVDIFF_HALF_COPY",
-            "INVDIFF_STREAMS=2: GPU candidate",
+            "INVDIFF_STREAMS=2: GPU default",
         ],
     );
 }

@@ -193,7 +193,8 @@ pub(crate) fn cu<T>(r: std::result::Result<T, result::DriverError>, what: &str) 
     r.map_err(|e| Error::Cuda(format!("{what}: {e}")))
 }
 
-/// An open GPU: context, the one stream every launch goes to, and the kernels.
+/// An open GPU: context, the stream passes are launched on (their side streams fork from it),
+/// and the kernels.
 pub(crate) struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,

@@ -123,11 +123,10 @@ pub(crate) fn stats(p: &Program, pl: &Placement) -> PlanStats {
 
 /// The memory plan of `graph` for a batch of `n` images of `h x w`, forward only or forward +
 /// vector-Jacobian product (`recording`), as the CUDA backend would lay out the plain program
-/// ([`KernelConfig::default`], one stream) in fp32 on a GPU with `multiprocessors` SMs (132 on
+/// (every kernel choice off, one stream) in fp32 on a GPU with `multiprocessors` SMs (132 on
 /// an H100 SXM; split-K workspaces depend on it). Needs no GPU. With the defaults' second
-/// stream buffers stay placed [`KEEP_ALIVE`](super::streams::KEEP_ALIVE) steps past their
-/// last use, which enlarges the arena; [`CudaUnet::plan_stats`](super::CudaUnet::plan_stats)
-/// gives a network's own plan.
+/// stream buffers stay placed two steps past their last use, which enlarges the arena;
+/// [`CudaUnet::plan_stats`](super::CudaUnet::plan_stats) gives a network's own plan.
 pub fn plan_stats(
     graph: &Graph,
     n: usize,

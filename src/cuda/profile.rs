@@ -588,8 +588,8 @@ impl Profile {
 
 /// The steps of one network call of `graph` on `n` images of `h x w` (forward, and with
 /// `record` the vector-Jacobian product after it) as the CUDA backend lowers them for a GPU of
-/// `multiprocessors` SMs at `precision` with the defaults of a Hopper card
-/// ([`KernelConfig::tuned`]): kinds, labels, kernel choices and FLOPs, with every time 0.
+/// `multiprocessors` SMs at `precision` with the defaults of a Hopper card (wgmma): kinds,
+/// labels, kernel choices and FLOPs, with every time 0.
 /// Needs no GPU: what [`CudaUnet::profile`](super::CudaUnet::profile) will time there.
 pub fn planned_steps(
     graph: &Graph,
