@@ -220,6 +220,7 @@ impl PassSchedule {
 mod tests {
     use super::*;
     use crate::config::UNetConfig;
+    use crate::cuda::kernels::Capabilities;
     use crate::cuda::plan::plan;
     use crate::cuda::precision::Precision;
     use crate::cuda::program::KernelConfig;
@@ -296,23 +297,15 @@ mod tests {
 
     /// The real network: every conflict of the celebahq-256 program (forward and backward,
     /// batch 1 and 2, memory placed as with side streams) is ordered by the schedule, at 2 to
-    /// 4 streams, and the passes get shorter than their step counts; with the default kernels
-    /// at 64x64, and with every candidate on at 128x128 (fused attention, 16-bit copies,
+    /// 4 streams, and the passes get shorter than their step counts; with the plain program
+    /// at 64x64, and at 128x128 with the defaults and the fused attention (16-bit copies,
     /// aliased gradients).
     #[test]
     fn every_conflict_of_the_unet_is_ordered() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         let every = KernelConfig {
-            wgmma: true,
-            gn_one_pass: true,
-            half_concat: true,
-            half_copy: true,
-            alias_residual_grads: true,
-            row_epilogue: true,
-            attention_tf32: true,
             attention_flash: true,
-            tall_tiles: true,
-            ..KernelConfig::default()
+            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
         };
         for (n, kc, size) in [
             (1, KernelConfig::default(), 64),
