@@ -38,10 +38,8 @@
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
 #include "conv_common.cuh"
 
-constexpr int WG_TM = 128;
 constexpr int WG_TN = 128;
 constexpr int WG_BK = 64;
-constexpr int WG_THREADS = 256;
 constexpr int WG_STAGES = 3;
 constexpr int WG_TILE = 128 * 128;  // bytes of one operand's slice
 constexpr int WG_STAGE = 2 * WG_TILE;

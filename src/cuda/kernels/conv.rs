@@ -309,7 +309,8 @@ impl Kernels {
             bias: p.bias,
             temb: p.temb,
             res: p.res,
-            ws: p.ws,
+            // Unsplit launches get none, so that no kernel can mistake a workspace for a split.
+            ws: if plan.splits > 1 { p.ws } else { 0 },
             n: i32_of(s.n, "batch")?,
             mh: i32_of(s.mh, "rows")?,
             mw: i32_of(s.mw, "columns")?,
