@@ -2,16 +2,30 @@
 //! can show which are set and point out a misspelt one (which would otherwise be ignored in
 //! silence). A test keeps the list complete against the sources.
 
-/// One environment variable: its name and what it does.
+/// One environment variable: its name, what it does, and the values it reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Switch {
     pub name: &'static str,
     pub what: &'static str,
+    /// The values that mean something; any other leaves the default in place (`doctor`
+    /// warns). Empty: any value (a path, a list, a flag whose presence counts).
+    pub values: &'static [&'static str],
 }
 
 const fn switch(name: &'static str, what: &'static str) -> Switch {
-    Switch { name, what }
+    Switch {
+        name,
+        what,
+        values: &[],
+    }
 }
+
+/// A switch that reads only `values`.
+const fn choice(name: &'static str, values: &'static [&'static str], what: &'static str) -> Switch {
+    Switch { name, what, values }
+}
+
+const ON_OFF: &[&str] = &["0", "1"];
 
 /// Every `INVDIFF_*` variable, build time and run time.
 pub const SWITCHES: &[Switch] = &[
@@ -24,68 +38,89 @@ pub const SWITCHES: &[Switch] = &[
         "INVDIFF_BIN",
         "scripts/tune.sh: the binary to tune (default target/release/invdiff)",
     ),
-    switch(
+    choice(
         "INVDIFF_CONV",
+        &["direct"],
         "CPU: `direct` instead of Winograd 3x3 convolutions",
     ),
     switch(
         "INVDIFF_PROFILE",
         "CPU: print the time per kind of op after each pass",
     ),
-    switch(
+    choice(
         "INVDIFF_NO_CUDA_GRAPH",
+        &["1"],
         "GPU: `1` launches every step directly",
     ),
-    switch(
+    choice(
         "INVDIFF_TC_PIPELINE",
+        &["two"],
         "GPU: `two` selects the two-stage tensor-core kernels",
     ),
-    switch("INVDIFF_WGMMA", "GPU: `0` turns Hopper's wgmma kernels off"),
-    switch(
+    choice("INVDIFF_WGMMA", &["0"], "GPU: `0` turns Hopper's wgmma kernels off"),
+    choice(
         "INVDIFF_GN_ONE_PASS",
+        ON_OFF,
         "GPU default: `0` runs every GroupNorm in three launches",
     ),
-    switch(
+    choice(
         "INVDIFF_HALF_CONCAT",
+        ON_OFF,
         "GPU default: `0` gives concatenations no 16-bit copy",
     ),
-    switch(
+    choice(
         "INVDIFF_HALF_COPY",
+        ON_OFF,
         "GPU default: `0` stages large fp32 inputs of tensor-core launches instead of converting them",
     ),
-    switch(
+    choice(
         "INVDIFF_ALIAS_GRADS",
+        ON_OFF,
         "GPU default: `0` copies a block's output gradient for its residual",
     ),
-    switch(
+    choice(
         "INVDIFF_ROW_EPILOGUE",
+        ON_OFF,
         "GPU default: `0` finishes tensor-core tiles without batching loads before stores",
     ),
-    switch(
+    choice(
         "INVDIFF_ATTN_TF32",
+        ON_OFF,
         "GPU default: `0` runs attention products on fp32 FMAs below fp32",
     ),
-    switch(
+    choice(
         "INVDIFF_ATTN_FLASH",
+        ON_OFF,
         "GPU candidate: `1` runs attention fused (no probabilities in memory) below fp32",
     ),
-    switch(
+    choice(
         "INVDIFF_WGMMA_TALL",
+        ON_OFF,
         "GPU default: `0` gives large wgmma launches no 256-row tiles",
     ),
-    switch(
+    choice(
         "INVDIFF_GEMM_SMALL_TILES",
+        ON_OFF,
         "GPU default: `0` uses no 32-wide attention-product tiles",
     ),
-    switch(
+    choice(
         "INVDIFF_UPSAMPLE_FOLD",
+        ON_OFF,
         "GPU default: `0` never folds upsamplings into convolutions, `1` also in fp32/tf32",
     ),
-    switch(
+    choice(
         "INVDIFF_STREAMS",
+        &["1", "2", "3", "4"],
         "GPU default: independent steps on 2 streams; `1` to `4` sets the count",
     ),
 ];
+
+impl Switch {
+    /// Whether `value` means something to this switch (else the default stays in place).
+    pub fn reads(&self, value: &str) -> bool {
+        self.values.is_empty() || self.values.contains(&value)
+    }
+}
 
 /// The value of switch `name` (one of [`SWITCHES`]), if set.
 pub fn value(name: &str) -> Option<String> {
@@ -158,6 +193,27 @@ mod tests {
         let listed: std::collections::BTreeSet<String> =
             SWITCHES.iter().map(|s| s.name.to_string()).collect();
         assert_eq!(found, listed);
+    }
+
+    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4), as
+    /// `KernelConfig::from_switches` and the launch choices do.
+    #[test]
+    fn defaults_and_candidates_read_zero_and_one() {
+        for s in SWITCHES
+            .iter()
+            .filter(|s| s.what.starts_with("GPU default") || s.what.starts_with("GPU candidate"))
+        {
+            if s.name == "INVDIFF_STREAMS" {
+                assert!(s.reads("1") && s.reads("4") && !s.reads("0") && !s.reads("5"));
+            } else {
+                assert_eq!(s.values, ON_OFF, "{}", s.name);
+            }
+        }
+        let profile = SWITCHES
+            .iter()
+            .find(|s| s.name == "INVDIFF_PROFILE")
+            .unwrap();
+        assert!(profile.reads("anything"));
     }
 
     /// Every GPU candidate and every default is timed by the next device session and can be

@@ -315,14 +315,15 @@ fn cli_selftest_names_its_groups() {
     assert_mentions(&err, &["--device cuda", "cpu"]);
 }
 
-/// A misspelt `INVDIFF_*` variable would be ignored in silence; `doctor` names it, and lists
-/// the ones it does read.
+/// A misspelt `INVDIFF_*` variable, or a value a switch does not read, would be ignored in
+/// silence; `doctor` names them, and lists the variables and values invdiff does read.
 #[test]
 fn doctor_points_out_unknown_invdiff_variables() {
     let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
         .arg("doctor")
         .env("INVDIFF_HALF_COPy", "1")
         .env("INVDIFF_STREAMS", "2")
+        .env("INVDIFF_ROW_EPILOGUE", "off")
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -333,6 +334,9 @@ fn doctor_points_out_unknown_invdiff_variables() {
             "warning: INVDIFF_HALF_COPy is set but invdiff reads no such variable",
             "INVDIFF_HALF_COPY",
             "INVDIFF_STREAMS=2: GPU default",
+            "warning: INVDIFF_ROW_EPILOGUE=off means nothing to invdiff, so the default applies \
+             (it reads 0, 1)",
         ],
     );
+    assert!(!text.contains("INVDIFF_STREAMS=2 means nothing"), "{text}");
 }

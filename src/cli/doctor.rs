@@ -47,6 +47,13 @@ pub fn run() -> Result<()> {
     }
     for (s, value) in &set {
         println!("{}={value}: {}", s.name, s.what);
+        if !s.reads(value) {
+            println!(
+                "warning: {}={value} means nothing to invdiff, so the default applies (it reads {})",
+                s.name,
+                s.values.join(", ")
+            );
+        }
     }
     for name in &unknown {
         let known: Vec<&str> = switches::SWITCHES.iter().map(|s| s.name).collect();

@@ -114,7 +114,7 @@ impl Algorithm {
     pub fn from_env() -> Algorithm {
         static ALGO: LazyLock<Algorithm> =
             LazyLock::new(|| match crate::switches::value("INVDIFF_CONV") {
-                Some(v) if v.eq_ignore_ascii_case("direct") => Algorithm::Direct,
+                Some(v) if v == "direct" => Algorithm::Direct,
                 _ => Algorithm::Winograd,
             });
         *ALGO

@@ -22,11 +22,13 @@ use super::device::cu;
 use super::program::{Buf, Step};
 use crate::Result;
 
-/// How many streams a pass uses: `INVDIFF_STREAMS` (1 to 4), else [`DEFAULT_STREAMS`].
+/// How many streams a pass uses: `INVDIFF_STREAMS` (1 to 4), else [`DEFAULT_STREAMS`] (also
+/// for any other value, which `invdiff doctor` points out).
 pub(crate) fn streams_wanted() -> usize {
     crate::switches::value("INVDIFF_STREAMS")
         .and_then(|v| v.parse::<usize>().ok())
-        .map_or(DEFAULT_STREAMS, |n| n.clamp(1, MAX_STREAMS))
+        .filter(|n| (1..=MAX_STREAMS).contains(n))
+        .unwrap_or(DEFAULT_STREAMS)
 }
 
 /// Streams a pass uses unless `INVDIFF_STREAMS` says otherwise.
