@@ -430,14 +430,20 @@ pub(super) fn tc_slice(p: Precision) -> usize {
 pub(crate) const WGMMA_SLICE: usize = 64;
 
 /// A wgmma launch of `s` (16-bit input, bf16 or fp16 products): the tensor-core split-K rule
-/// over its 64-deep K slices, with a wave of one block per multiprocessor and
-/// [`WGMMA_SPLIT_SLICES`]. `None` where the kernel's channel and precision conditions fail.
+/// over its 64-deep K slices, with a wave of one block per multiprocessor. Counting two, the
+/// rule split launches that run faster whole with one block per multiprocessor: in the H200
+/// sweep of 2026-11-26 (bf16, the row-epilogue launches every wgmma launch now takes), the
+/// 128x128 level at batch 1 (128 blocks) took 0.030 ms unsplit against 0.042 ms in two
+/// splits. Over that sweep's per-launch times (batch 1 forward + VJP, batch 8 forward), the
+/// launches this rule plans take 6.14 ms at batch 1 (6.34 counting two; 6.07 with the fastest
+/// split of each) and 14.67 ms at batch 8 (14.68; 14.45). `None` where the kernel's channel
+/// and precision conditions fail.
 pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Option<ConvLaunch> {
     if !precision.is_half() || s.ncols <= 8 || s.sc % 8 != 0 || s.ncols % 8 != 0 {
         return None;
     }
     let kernel = ConvKernel::Tensor(precision);
-    let mut l = split_k_on(s, kernel, WGMMA_SLICE, sms.max(1), WGMMA_SPLIT_SLICES);
+    let mut l = split_k_on(s, kernel, WGMMA_SLICE, sms, 1);
     l.deep = true;
     l.half_input = true;
     l.wgmma = true;
@@ -502,7 +508,7 @@ pub(crate) fn plan_conv_at(s: &ConvShape, sms: usize, precision: Precision) -> C
     split_k(s, ConvKernel::Tensor(precision), tc_slice(precision), sms)
 }
 
-/// The launch a program plans for `s` before any candidate tile or split: on wgmma where
+/// The launch a program plans for `s` before its tile and epilogue are chosen: on wgmma where
 /// `wgmma` asks and the input holds 16-bit values (`half_input`), else [`plan_conv_at`]'s
 /// kernel, a tensor-core one on its deep pipeline where `deep`.
 pub(crate) fn plan_launch(
@@ -527,24 +533,24 @@ pub(crate) fn plan_launch(
 
 /// The split of K for `kernel` with K slices of `bk`, two blocks a multiprocessor a wave.
 fn split_k(s: &ConvShape, kernel: ConvKernel, bk: usize, sms: usize) -> ConvLaunch {
-    split_k_on(s, kernel, bk, 2 * sms.max(1), SPLIT_SLICES)
+    split_k_on(s, kernel, bk, sms, 2)
 }
 
-/// [`split_k`] for `slots` blocks a wave, a tensor-core kernel's partial sums costing
-/// `split_slices` K slices a block.
+/// [`split_k`] counting `per_sm` blocks a multiprocessor as a wave.
 fn split_k_on(
     s: &ConvShape,
     kernel: ConvKernel,
     bk: usize,
-    slots: usize,
-    split_slices: f64,
+    sms: usize,
+    per_sm: usize,
 ) -> ConvLaunch {
+    let sms = sms.max(1);
     let k = s.k();
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
     let ktiles = k.div_ceil(bk).max(1);
     let splits = match kernel {
-        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, slots, split_slices),
-        _ => simt_splits(tiles, ktiles, slots),
+        ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, per_sm * sms, sms),
+        _ => simt_splits(tiles, ktiles, per_sm * sms),
     };
     let per = ktiles.div_ceil(splits) * bk;
     ConvLaunch::new(kernel, k.div_ceil(per).max(1), per)
@@ -565,21 +571,9 @@ fn simt_splits(tiles: usize, ktiles: usize, slots: usize) -> usize {
     best.0
 }
 
-/// What a block's partial sums cost when K is split, in K slices (fitted, below): the workspace
-/// round trip and the reduction launch.
+/// What a block's partial sums cost when K is split, in K slices per two blocks a
+/// multiprocessor (fitted, below): the workspace round trip and the reduction launch.
 const SPLIT_SLICES: f64 = 8.0;
-
-/// The same for the wgmma launches, whose rule counts a wave as one block per multiprocessor
-/// ([`plan_wgmma`]): the same cost per split block as [`SPLIT_SLICES`] over two blocks a
-/// multiprocessor; what changed is the wave. Fitted to the sweep of 2026-11-26 (H200, bf16,
-/// the row-epilogue launches every wgmma launch now takes; batch 1 forward + VJP and batch 8
-/// forward): counting two blocks a multiprocessor as the wave, the rule split launches that
-/// run faster unsplit with one block per multiprocessor (the 128x128 level at batch 1: 128
-/// blocks, 0.030 ms unsplit against 0.042 ms in two splits). Over the sweep's per-launch
-/// times, the launches this rule plans take 6.14 ms at batch 1 (6.34 under the former one;
-/// 6.07 with the fastest split of each) and 14.67 ms at batch 8 (14.68; 14.45). Any wave cost
-/// of 1 to 8 slices fits as well.
-const WGMMA_SPLIT_SLICES: f64 = 4.0;
 
 /// The tensor-core kernels: a cost in K slices, fitted to every launch of the celebahq network
 /// timed under every split on an H200 (`kernels_cuda --sweep`, batch 1 and 8, 2026-11-26): each
@@ -588,9 +582,9 @@ const WGMMA_SPLIT_SLICES: f64 = 4.0;
 /// and the reduction). Against the former rule (the SIMT one) it took the tensor-core launches
 /// of a batch-1 forward + VJP from 9.89 to 9.37 ms and left batch 8 unchanged (23.90 / 23.87 ms):
 /// the small low-resolution launches were latency-bound and wanted more, shorter splits.
-/// `split_slices` is that cost of a block's partial sums ([`SPLIT_SLICES`], or
-/// [`WGMMA_SPLIT_SLICES`] where a wave is one block per multiprocessor).
-fn tc_splits(tiles: usize, ktiles: usize, slots: usize, split_slices: f64) -> usize {
+/// A wave is `slots` blocks; the partial sums cost the same whatever the wave ([`SPLIT_SLICES`]
+/// per two blocks of each of the `sms` multiprocessors).
+fn tc_splits(tiles: usize, ktiles: usize, slots: usize, sms: usize) -> usize {
     const WAVE_SLICES: f64 = 4.0;
     let mut best = (1usize, f64::INFINITY);
     for want in 1..=ktiles.min(64) {
@@ -600,7 +594,7 @@ fn tc_splits(tiles: usize, ktiles: usize, slots: usize, split_slices: f64) -> us
         let waves = (tiles * splits).div_ceil(slots) as f64;
         let mut cost = waves * (per as f64 + WAVE_SLICES);
         if splits > 1 {
-            cost += split_slices * (splits * tiles) as f64 / slots as f64;
+            cost += SPLIT_SLICES * (splits * tiles) as f64 / (2 * sms) as f64;
         }
         if cost < best.1 {
             best = (splits, cost);

@@ -83,6 +83,16 @@ impl NormSplit {
     pub fn partial_len(&self, n: usize, c: usize) -> usize {
         4 * n * self.chunks * c
     }
+
+    /// What a scratch buffer of the three-launch form (partial sums, affine, backward means)
+    /// of `len` f32 elements takes: nothing in one pass, which keeps its group in registers.
+    pub fn scratch_len(&self, len: usize) -> usize {
+        if self.one_pass.is_some() {
+            0
+        } else {
+            len
+        }
+    }
 }
 
 /// Shape of a GroupNorm call and its reduction split.

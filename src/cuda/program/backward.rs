@@ -138,10 +138,13 @@ impl Lowering<'_> {
                     self.grad_slot(x)
                 };
                 let partial = self.buf(
-                    split.partial_len(self.n, c),
+                    split.scratch_len(split.partial_len(self.n, c)),
                     "GroupNorm backward partial sums",
                 );
-                let means = self.buf(2 * self.n * groups, "GroupNorm backward means");
+                let means = self.buf(
+                    split.scratch_len(2 * self.n * groups),
+                    "GroupNorm backward means",
+                );
                 self.steps.push(Step::GroupNormBackward {
                     x: xb,
                     dy,

@@ -150,9 +150,12 @@ impl Lowering<'_> {
                 let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
                 let (yb, half_out) = self.output_value(y);
-                let partial = self.buf(split.partial_len(self.n, c), "GroupNorm partial sums");
+                let partial = self.buf(
+                    split.scratch_len(split.partial_len(self.n, c)),
+                    "GroupNorm partial sums",
+                );
                 let stats = self.buf(2 * self.n * groups, "GroupNorm statistics");
-                let affine = self.buf(2 * self.n * c, "GroupNorm affine");
+                let affine = self.buf(split.scratch_len(2 * self.n * c), "GroupNorm affine");
                 if keep {
                     self.aux[i] = Some(stats);
                 }

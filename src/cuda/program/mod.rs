@@ -317,6 +317,21 @@ impl Step {
                 dy,
                 dx,
                 stats,
+                split,
+                accumulate,
+                ..
+            } if split.one_pass.is_some() => (
+                [*x, *dy, *stats]
+                    .into_iter()
+                    .chain(acc(*dx, *accumulate))
+                    .collect(),
+                vec![*dx],
+            ),
+            GroupNormBackward {
+                x,
+                dy,
+                dx,
+                stats,
                 partial,
                 means,
                 accumulate,
@@ -590,20 +605,10 @@ impl Program {
         life
     }
 
-    /// f32 elements each buffer takes in the arena: its length, or none for a buffer no step
-    /// names.
+    /// f32 elements each buffer takes in the arena (every buffer of more than one element is
+    /// named by a step: `every_buffer_with_room_is_used`).
     pub fn arena_lens(&self) -> Vec<usize> {
-        let mut named = vec![false; self.bufs.len()];
-        for s in &self.steps {
-            for b in s.buffers() {
-                named[b.0] = true;
-            }
-        }
-        self.bufs
-            .iter()
-            .zip(named)
-            .map(|(b, named)| if named { b.len } else { 0 })
-            .collect()
+        self.bufs.iter().map(|b| b.len).collect()
     }
 
     /// Length of a host-visible slot, in f32 elements.

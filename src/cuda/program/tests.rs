@@ -956,3 +956,31 @@ fn every_choice_has_a_name() {
     }
     assert_eq!(all.describe().len(), flags.len());
 }
+
+/// Every buffer a program gives room in the arena is read or written by some step: the
+/// lowering allocates nothing it does not use (a one-pass GroupNorm, say, no scratch of the
+/// three-launch form, beyond the one element every buffer has).
+#[test]
+fn every_buffer_with_room_is_used() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [Precision::Fp32, Precision::Bf16] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        let flash = KernelConfig {
+            attention_flash: true,
+            ..tuned
+        };
+        for choice in [KernelConfig::default(), tuned, flash] {
+            for (n, record) in [(1, false), (1, true), (2, true)] {
+                let p =
+                    Program::build_with(&g, n, 256, 256, record, 132, precision, choice).unwrap();
+                let mut used = vec![false; p.bufs.len()];
+                for b in p.steps.iter().flat_map(|s| s.buffers()) {
+                    used[b.0] = true;
+                }
+                for (b, used) in p.bufs.iter().zip(used) {
+                    assert!(used || b.len == 1, "{precision} {choice:?}: {}", b.what);
+                }
+            }
+        }
+    }
+}

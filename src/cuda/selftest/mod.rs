@@ -160,9 +160,9 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.rows.extend(rows);
             Ok(())
         }),
-        // The networks before the kernels: the kernel group also runs the candidate forms
-        // (tiles not yet timed, PERF.md), and a faulting kernel leaves the context unusable
-        // for every check after it.
+        // The networks before the kernels: the kernel group also runs every other form of each
+        // launch (tiles, epilogues), and a faulting kernel leaves the context unusable for
+        // every check after it.
         ("tensor-core networks", |t, o| t.tensor_core_unets(o)),
         ("tensor-core convolutions", |t, _| {
             t.tensor_core_convolutions()?;
