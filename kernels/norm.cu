@@ -19,6 +19,10 @@
 // Statistics are stored as [mean for n*groups | rstd for n*groups] (the backward pass reads
 // them from the recorded forward).
 //
+// The `_ilp` kernels (INVDIFF_GN_ILP) are the partial sums of the backward pass and the
+// element-wise passes with the loads of several pixels issued before their arithmetic
+// (for_units); the same results, bit for bit.
+//
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
 // per (image, group) loads its group into registers, sums, forms the same statistics and writes
@@ -142,17 +146,36 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
 // The element-wise passes (apply, and the backward's apply) walk one image per blockIdx.y:
 // threadIdx.x takes a unit of channels (four, or one where c % 4 != 0) and keeps the unit's
 // per-channel constants in registers, threadIdx.y and blockIdx.x stride over the pixels. The
-// element loop is then a load, the arithmetic and a store: a flat loop's per-element index
-// division (64-bit) cost more than the bytes. setup(u) makes unit u's constants, body(k, e)
-// handles unit element e (of the image-major [n][hw][lanes] array) with them.
-template <typename Setup, typename Body> DEVI void for_units(int hw, int lanes, Setup setup, Body body) {
+// element loop is then loads, the arithmetic and a store: a flat loop's per-element index
+// division (64-bit) cost more than the bytes. setup(u) makes unit u's constants; load(e) reads
+// unit element e (of the image-major [n][hw][lanes] array) and finish(k, in, e) computes and
+// stores it with constants k.
+//
+// P > 1 (the `_ilp` kernels) issues the loads of P of a thread's pixels before the first of
+// their arithmetic. SiLU and its gradient divide, and the IEEE division has a slow path, a
+// branch nvcc does not move the next pixel's loads across: with P = 1 a thread waits out a
+// whole memory latency per pixel (in SASS, one pixel's loads per round). The results are the
+// same bits.
+template <int P, typename Setup, typename Load, typename Finish>
+DEVI void for_units(int hw, int lanes, Setup setup, Load load, Finish finish) {
     const long long first = (long long)blockIdx.y * hw;
+    const int stride = gridDim.x * blockDim.y;
     for (int u = threadIdx.x; u < lanes; u += blockDim.x) {
         const auto k = setup(u);
-        for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += gridDim.x * blockDim.y)
-            body(k, (first + p) * lanes + u);
+        for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += P * stride) {
+            decltype(load(0LL)) in[P];
+#pragma unroll
+            for (int j = 0; j < P; ++j)
+                if (p + j * stride < hw) in[j] = load((first + p + j * stride) * lanes + u);
+#pragma unroll
+            for (int j = 0; j < P; ++j)
+                if (p + j * stride < hw) finish(k, in[j], (first + p + j * stride) * lanes + u);
+        }
     }
 }
+
+// Unit element e of a float4 array.
+DEVI float4 ld_unit4(const float* a, long long e) { return reinterpret_cast<const float4*>(a)[e]; }
 
 // A unit's four scales and four shifts.
 struct Affine4 {
@@ -162,42 +185,64 @@ struct Affine4 {
 // y = x * scale + shift (then SiLU), element-wise; grid (pixel blocks, n), see for_units. vec4
 // = 1 (units of four channels) needs c % 4 == 0 and 16-byte aligned x, y and scale_shift
 // (checked by the host).
-extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int hw, int c, int silu,
-                                    int vec4) {
+template <int P>
+DEVI void apply(const float* x, const float* scale_shift, float* y, int hw, int c, int silu, int vec4) {
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     if (vec4) {
-        for_units(
+        for_units<P>(
             hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
-            [&](const Affine4& k, long long e) {
+            [&](long long e) { return ld_unit4(x, e); },
+            [&](const Affine4& k, float4 v, long long e) {
                 float o[4];
-                affine4(reinterpret_cast<const float4*>(x)[e], k.scale, k.shift, silu, o);
+                affine4(v, k.scale, k.shift, silu, o);
                 reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
             });
     } else {
-        for_units(
-            hw, c, [&](int ch) { return make_float2(ss[ch], ss[c + ch]); },
-            [&](float2 k, long long e) {
-                const float z = fmaf(x[e], k.x, k.y);
+        for_units<P>(
+            hw, c, [&](int ch) { return make_float2(ss[ch], ss[c + ch]); }, [&](long long e) { return x[e]; },
+            [&](float2 k, float v, long long e) {
+                const float z = fmaf(v, k.x, k.y);
                 y[e] = silu ? silu_f(z) : z;
             });
     }
 }
 
-// gn_apply with the output in bf16 (kind 1) or fp16 (kind 2), for a GroupNorm that only feeds
+// apply with the output in bf16 (kind 1) or fp16 (kind 2), for a GroupNorm that only feeds
 // tensor-core convolutions of that precision (kernels/conv_tc.cu, `_hin`): the same fma and
 // SiLU, then the rounding those kernels would apply while staging an fp32 input. Units of four
 // channels; needs c % 4 == 0, 16-byte aligned x and scale_shift, 8-byte aligned y (checked by
 // the host).
-extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c,
-                                         int silu, int kind) {
+template <int P>
+DEVI void apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c, int silu, int kind) {
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
-    for_units(
+    for_units<P>(
         hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
-        [&](const Affine4& k, long long e) {
+        [&](long long e) { return ld_unit4(x, e); },
+        [&](const Affine4& k, float4 v, long long e) {
             float o[4];
-            affine4(reinterpret_cast<const float4*>(x)[e], k.scale, k.shift, silu, o);
+            affine4(v, k.scale, k.shift, silu, o);
             y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
         });
+}
+
+// Pixels per thread whose loads the `_ilp` element passes issue together.
+constexpr int APPLY_ILP = 2;
+
+extern "C" __global__ void gn_apply(const float* x, const float* scale_shift, float* y, int hw, int c, int silu,
+                                    int vec4) {
+    apply<1>(x, scale_shift, y, hw, c, silu, vec4);
+}
+extern "C" __global__ void gn_apply_ilp(const float* x, const float* scale_shift, float* y, int hw, int c,
+                                        int silu, int vec4) {
+    apply<APPLY_ILP>(x, scale_shift, y, hw, c, silu, vec4);
+}
+extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c,
+                                         int silu, int kind) {
+    apply_half<1>(x, scale_shift, y, hw, c, silu, kind);
+}
+extern "C" __global__ void gn_apply_half_ilp(const float* x, const float* scale_shift, uint2* y, int hw, int c,
+                                             int silu, int kind) {
+    apply_half<APPLY_ILP>(x, scale_shift, y, hw, c, silu, kind);
 }
 
 // g = d loss / d xhat for one element, and xhat; the CPU's formula.
@@ -209,11 +254,12 @@ DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float
     g *= gm;
 }
 
-// Backward partial sums of g and g * xhat, same layout and launch as gn_partial.
-extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x, const float* dy, const float* stats,
-                                                               const float* gamma, const float* beta, int n, int hw,
-                                                               int c, int groups, int silu, int chunk_px,
-                                                               double* partial) {
+// Backward partial sums of g and g * xhat, same layout and launch as gn_partial. U > 1 (the
+// `_ilp` kernel) loads U of a warp's pixels before their arithmetic (see for_units); the sums
+// are added in the same order, so the bits are the same.
+template <int U>
+DEVI void bwd_partial(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
+                      int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -225,16 +271,44 @@ extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x,
         const float mean = stats[gi], rstd = stats[n * groups + gi];
         const float gm = gamma[ch], bt = beta[ch];
         const long long base = (long long)img * hw * c + ch;
-#pragma unroll 4
-        for (int p = p0 + wy; p < p1; p += 8) {
-            const long long i = base + (long long)p * c;
-            float g, xhat;
-            grad_xhat(x[i], dy[i], mean, rstd, gm, bt, silu, g, xhat);
-            a += (double)g;
-            b += (double)(g * xhat);
+#pragma unroll(U == 1 ? 4 : 1)
+        for (int p = p0 + wy; p < p1; p += 8 * U) {
+            float xv[U], dv[U];
+#pragma unroll
+            for (int k = 0; k < U; ++k) {
+                const long long i = base + (long long)(p + 8 * k) * c;
+                if (p + 8 * k < p1) {
+                    xv[k] = x[i];
+                    dv[k] = dy[i];
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < U; ++k) {
+                if (p + 8 * k >= p1) break;
+                float g, xhat;
+                grad_xhat(xv[k], dv[k], mean, rstd, gm, bt, silu, g, xhat);
+                a += (double)g;
+                b += (double)(g * xhat);
+            }
         }
     }
     store_partials(a, b, ch, c, partial);
+}
+
+// Pixels per warp whose loads gn_bwd_partial_ilp issues together: three fit the 32 registers
+// of eight blocks a multiprocessor, the wave plan_norm sizes the grid for (four spill, and
+// gn_bwd_partial's 40 registers fit six, a third of the grid in a second wave).
+constexpr int PARTIAL_ILP = 3;
+
+extern "C" __global__ void __launch_bounds__(256)
+    gn_bwd_partial(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta, int n,
+                   int hw, int c, int groups, int silu, int chunk_px, double* partial) {
+    bwd_partial<1>(x, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+}
+extern "C" __global__ void __launch_bounds__(256, 8)
+    gn_bwd_partial_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
+                       int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
+    bwd_partial<PARTIAL_ILP>(x, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
 }
 
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,
@@ -284,61 +358,89 @@ DEVI float bwd_value(float xv, float dyv, const BwdChannel& k, int silu) {
     return bwd_from(g, xhat, k.rstd, k.mg, k.mgx);
 }
 
-// The four values of unit element e.
-DEVI void bwd_values4(const float* x, const float* dy, const BwdUnit& k, int silu, long long e, float (&v)[4]) {
-    const float4 xv = reinterpret_cast<const float4*>(x)[e];
-    const float4 dv = reinterpret_cast<const float4*>(dy)[e];
+// The four values of a unit element from its x and dy.
+DEVI void bwd_values4(float4 xv, float4 dv, const BwdUnit& k, int silu, float (&v)[4]) {
     v[0] = bwd_value(xv.x, dv.x, k.ch[0], silu);
     v[1] = bwd_value(xv.y, dv.y, k.ch[1], silu);
     v[2] = bwd_value(xv.z, dv.z, k.ch[2], silu);
     v[3] = bwd_value(xv.w, dv.w, k.ch[3], silu);
 }
 
+// What the backward's element pass reads of a unit element: x, dy and, when it accumulates,
+// the old dx.
+template <typename T> struct BwdIn {
+    T x, dy, old;
+};
+
 // dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
-// for_units; vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
-extern "C" __global__ void gn_bwd_apply(const float* x, const float* dy, const float* stats, const float* means,
-                                        const float* gamma, const float* beta, float* dx, int hw, int c, int groups,
-                                        int silu, int accumulate, int vec4) {
+// for_units (P pixels a round); vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
+template <int P>
+DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
+                    const float* beta, float* dx, int hw, int c, int groups, int silu, int accumulate, int vec4) {
     const int cg = c / groups;
-    auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
     if (vec4) {
-        for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
-            float v[4];
-            bwd_values4(x, dy, k, silu, e, v);
-            float4* dx4 = reinterpret_cast<float4*>(dx);
-            if (accumulate) {
-                const float4 o = dx4[e];
-                v[0] += o.x;
-                v[1] += o.y;
-                v[2] += o.z;
-                v[3] += o.w;
-            }
-            dx4[e] = make_float4(v[0], v[1], v[2], v[3]);
-        });
+        for_units<P>(
+            hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
+            [&](long long e) {
+                return BwdIn<float4>{ld_unit4(x, e), ld_unit4(dy, e), accumulate ? ld_unit4(dx, e) : float4{}};
+            },
+            [&](const BwdUnit& k, const BwdIn<float4>& in, long long e) {
+                float v[4];
+                bwd_values4(in.x, in.dy, k, silu, v);
+                if (accumulate) {
+                    v[0] += in.old.x;
+                    v[1] += in.old.y;
+                    v[2] += in.old.z;
+                    v[3] += in.old.w;
+                }
+                reinterpret_cast<float4*>(dx)[e] = make_float4(v[0], v[1], v[2], v[3]);
+            });
     } else {
-        for_units(
+        for_units<P>(
             hw, c, [&](int ch) { return bwd_channel(stats, means, gamma, beta, groups, cg, ch); },
-            [&](const BwdChannel& k, long long e) {
-                const float v = bwd_value(x[e], dy[e], k, silu);
-                dx[e] = accumulate ? dx[e] + v : v;
+            [&](long long e) { return BwdIn<float>{x[e], dy[e], accumulate ? dx[e] : 0.0f}; },
+            [&](const BwdChannel& k, const BwdIn<float>& in, long long e) {
+                const float v = bwd_value(in.x, in.dy, k, silu);
+                dx[e] = accumulate ? in.old + v : v;
             });
     }
 }
 
-// gn_bwd_apply (overwriting) into bf16 (kind 1) or fp16 (kind 2), for an input gradient whose
+// bwd_apply (overwriting) into bf16 (kind 1) or fp16 (kind 2), for an input gradient whose
 // only reader is a tensor-core convolution's input gradient (which would round it the same
 // way while staging it). Units of four channels: c % 4 == 0, 16-byte aligned x and dy, 8-byte
 // aligned dx.
-extern "C" __global__ void gn_bwd_apply_half(const float* x, const float* dy, const float* stats,
-                                             const float* means, const float* gamma, const float* beta, uint2* dx,
-                                             int hw, int c, int groups, int silu, int kind) {
+template <int P>
+DEVI void bwd_apply_half(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
+                         const float* beta, uint2* dx, int hw, int c, int groups, int silu, int kind) {
     const int cg = c / groups;
-    auto unit = [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); };
-    for_units(hw, c / 4, unit, [&](const BwdUnit& k, long long e) {
-        float v[4];
-        bwd_values4(x, dy, k, silu, e, v);
-        dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
-    });
+    for_units<P>(
+        hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
+        [&](long long e) { return BwdIn<float4>{ld_unit4(x, e), ld_unit4(dy, e), float4{}}; },
+        [&](const BwdUnit& k, const BwdIn<float4>& in, long long e) {
+            float v[4];
+            bwd_values4(in.x, in.dy, k, silu, v);
+            dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
+        });
+}
+
+#define BWD_APPLY_ARGS                                                                                              \
+    const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
+        float *dx, int hw, int c, int groups, int silu, int accumulate, int vec4
+#define BWD_APPLY_HALF_ARGS                                                                                         \
+    const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
+        uint2 *dx, int hw, int c, int groups, int silu, int kind
+extern "C" __global__ void gn_bwd_apply(BWD_APPLY_ARGS) {
+    bwd_apply<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, accumulate, vec4);
+}
+extern "C" __global__ void gn_bwd_apply_ilp(BWD_APPLY_ARGS) {
+    bwd_apply<APPLY_ILP>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, accumulate, vec4);
+}
+extern "C" __global__ void gn_bwd_apply_half(BWD_APPLY_HALF_ARGS) {
+    bwd_apply_half<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);
+}
+extern "C" __global__ void gn_bwd_apply_half_ilp(BWD_APPLY_HALF_ARGS) {
+    bwd_apply_half<APPLY_ILP>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);
 }
 
 // ---- One pass for small groups ----

@@ -16,4 +16,5 @@ CANDIDATES=(
     streams1:INVDIFF_STREAMS=1
     streams3:INVDIFF_STREAMS=3
     attn_flash:INVDIFF_ATTN_FLASH=1
+    gn_ilp:INVDIFF_GN_ILP=1
 )

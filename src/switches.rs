@@ -64,6 +64,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` runs every GroupNorm in three launches",
     ),
     choice(
+        "INVDIFF_GN_ILP",
+        ON_OFF,
+        "GPU candidate: `1` runs three-launch GroupNorms with loads issued ahead",
+    ),
+    choice(
         "INVDIFF_HALF_CONCAT",
         ON_OFF,
         "GPU default: `0` gives concatenations no 16-bit copy",

@@ -253,7 +253,7 @@ impl Step {
                 let launches = if split.one_pass.is_some() { 1 } else { 3 };
                 let layout = match split.one_pass {
                     Some(_) => "one pass".to_string(),
-                    None => format!("{} chunks", split.chunks),
+                    None => split.form(),
                 };
                 StepInfo {
                     variant: match half_out {

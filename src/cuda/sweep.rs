@@ -409,8 +409,8 @@ pub struct NormSweepRow {
     pub shape: String,
     /// How many GroupNorms of the program have this shape.
     pub count: usize,
-    /// `three launches` and `one pass` (where the groups allow it), each with its mean
-    /// milliseconds.
+    /// `three launches`, `three launches, loads ahead` and `one pass` (where the groups allow
+    /// it), each with its mean milliseconds.
     pub forms: Vec<NormForm>,
 }
 
@@ -423,8 +423,9 @@ pub struct NormForm {
 
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
-/// form, and one pass in one block a group where the groups are small enough. The forms compute
-/// the same statistics up to the order of the f64 sums.
+/// form, also with its `_ilp` kernels, and one pass in one block a group where the groups are
+/// small enough. The forms compute the same statistics up to the order
+/// of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
     ordinal: usize,
@@ -450,7 +451,7 @@ pub fn sweep_group_norms(
         let out = DevBuf::zeros(st, len)?;
         let stats = DevBuf::zeros(st, 2 * n * groups)?;
         let affine = DevBuf::zeros(st, 2 * n * c)?;
-        let three = plan_norm(n, hw, c, groups, gpu.sms(), false);
+        let three = plan_norm(n, hw, c, groups, gpu.sms(), false, false);
         let partial = DevBuf::zeros(st, three.partial_len(n, c))?;
         let mut forms = Vec::new();
         for split in norm_forms(n, hw, c, groups, gpu.sms()) {
@@ -503,10 +504,12 @@ pub fn sweep_group_norms(
             };
             forward()?;
             let ms = mean_ms(st, iters, run)?;
-            let form = match split.one_pass {
-                None => "three launches".to_string(),
-                Some(_) => "one pass".to_string(),
-            };
+            let form = match (split.one_pass, split.ilp) {
+                (Some(_), _) => "one pass",
+                (None, false) => "three launches",
+                (None, true) => "three launches, loads ahead",
+            }
+            .to_string();
             forms.push(NormForm { form, ms });
         }
         rows.push(NormSweepRow {

@@ -27,7 +27,7 @@
 //!   `INVDIFF_GEMM_SMALL_TILES=0`, where that grid has fewer blocks than multiprocessors):
 //!   (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
 //!   `gemm_batched`;
-//! - `gn_partial` / `gn_bwd_partial`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
+//! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
 //!   1024 threads ([`one_pass_threads`]), a block per (image, group);
 //! - `timing_hold` (profiling only): one block of 32 threads.
@@ -144,11 +144,16 @@ pub(crate) struct Kernels {
     gn_partial: CudaFunction,
     gn_finalize: CudaFunction,
     gn_apply: CudaFunction,
+    gn_apply_ilp: CudaFunction,
     gn_apply_half: CudaFunction,
+    gn_apply_half_ilp: CudaFunction,
     gn_bwd_partial: CudaFunction,
+    gn_bwd_partial_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd_apply: CudaFunction,
+    gn_bwd_apply_ilp: CudaFunction,
     gn_bwd_apply_half: CudaFunction,
+    gn_bwd_apply_half_ilp: CudaFunction,
     gn_one_pass: CudaFunction,
     gn_bwd_one_pass: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -323,11 +328,16 @@ impl Kernels {
             gn_partial: get("norm", "gn_partial")?,
             gn_finalize: get("norm", "gn_finalize")?,
             gn_apply: get("norm", "gn_apply")?,
+            gn_apply_ilp: get("norm", "gn_apply_ilp")?,
             gn_apply_half: get("norm", "gn_apply_half")?,
+            gn_apply_half_ilp: get("norm", "gn_apply_half_ilp")?,
             gn_bwd_partial: get("norm", "gn_bwd_partial")?,
+            gn_bwd_partial_ilp: get("norm", "gn_bwd_partial_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd_apply: get("norm", "gn_bwd_apply")?,
+            gn_bwd_apply_ilp: get("norm", "gn_bwd_apply_ilp")?,
             gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
+            gn_bwd_apply_half_ilp: get("norm", "gn_bwd_apply_half_ilp")?,
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_bwd_one_pass: get("norm", "gn_bwd_one_pass")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,

@@ -1,7 +1,7 @@
 //! GroupNorm (kernels/norm.cu): how each GroupNorm is cut into launches ([`NormSplit`]: three
 //! passes over chunks of pixels, or one pass per group), and their launchers.
 
-use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::{cfg, half_kind, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -13,12 +13,16 @@ const GN_FIN_THREADS: u32 = 256;
 
 /// How a GroupNorm runs: in three launches with `chunks` blocks of `chunk_px` pixels per
 /// (image, 32 channels) for the partial sums, or, where `one_pass` gives a block size, in one
-/// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`).
+/// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`). With `ilp`, the
+/// three launches take the `_ilp` kernels where there are some (the element-wise passes and
+/// the backward's partial sums), which issue the loads of several pixels before their
+/// arithmetic: the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
     pub chunk_px: usize,
     pub one_pass: Option<u32>,
+    pub ilp: bool,
 }
 
 /// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
@@ -37,7 +41,8 @@ pub(crate) fn one_pass_threads(hw: usize, cg: usize) -> Option<u32> {
 
 /// Enough blocks to fill every multiprocessor about eight times over (eight 256-thread blocks
 /// are what one holds, and the partial sums are bound by bytes in flight), at least 8 pixels a
-/// block; one pass instead where `one_pass` allows it and the groups are small enough.
+/// block; one pass instead where `one_pass` allows it and the groups are small enough; the
+/// `_ilp` kernels with `ilp` where it takes three launches.
 pub(crate) fn plan_norm(
     n: usize,
     hw: usize,
@@ -45,22 +50,25 @@ pub(crate) fn plan_norm(
     groups: usize,
     sms: usize,
     one_pass: bool,
+    ilp: bool,
 ) -> NormSplit {
     let per_chunk = n * c.div_ceil(32);
     let want = (8 * sms.max(1)).div_ceil(per_chunk.max(1));
     let chunks = want.clamp(1, hw.div_ceil(8).max(1));
     let chunk_px = hw.div_ceil(chunks).max(1);
+    let one_pass = one_pass
+        .then(|| one_pass_threads(hw, c / groups.max(1)))
+        .flatten();
     NormSplit {
         chunks: hw.div_ceil(chunk_px).max(1),
         chunk_px,
-        one_pass: one_pass
-            .then(|| one_pass_threads(hw, c / groups.max(1)))
-            .flatten(),
+        one_pass,
+        ilp: ilp && one_pass.is_none(),
     }
 }
 
 /// The distinct ways a GroupNorm of these sizes can run, for the selftest and the sweep: three
-/// launches, then one pass where the groups allow it.
+/// launches, with the `_ilp` kernels, then one pass where the groups allow it.
 pub(crate) fn norm_forms(
     n: usize,
     hw: usize,
@@ -69,8 +77,8 @@ pub(crate) fn norm_forms(
     sms: usize,
 ) -> Vec<NormSplit> {
     let mut out: Vec<NormSplit> = Vec::new();
-    for one_pass in [false, true] {
-        let split = plan_norm(n, hw, c, groups, sms, one_pass);
+    for (one_pass, ilp) in [(false, false), (false, true), (true, false)] {
+        let split = plan_norm(n, hw, c, groups, sms, one_pass, ilp);
         if (!one_pass || split.one_pass.is_some()) && !out.contains(&split) {
             out.push(split);
         }
@@ -79,6 +87,15 @@ pub(crate) fn norm_forms(
 }
 
 impl NormSplit {
+    /// The form in words, for the selftest, the sweep and the profile.
+    pub fn form(&self) -> String {
+        match (self.one_pass, self.ilp) {
+            (Some(threads), _) => format!("one pass, {threads} threads"),
+            (None, false) => format!("{} chunks", self.chunks),
+            (None, true) => format!("{} chunks, loads ahead", self.chunks),
+        }
+    }
+
     /// f32 elements of the f64 partial sums (sum and sum of squares per chunk and channel).
     pub fn partial_len(&self, n: usize, c: usize) -> usize {
         4 * n * self.chunks * c
@@ -134,10 +151,20 @@ impl NormDims {
 }
 
 impl Kernels {
-    /// The element-wise GroupNorm passes (kernels/norm.cu `for_units`): a grid row per image,
-    /// the `lanes` units of channels of a pixel across threadIdx.x, pixels across threadIdx.y
-    /// and the row's blocks; about eight 256-thread blocks per multiprocessor in all.
-    fn norm_units(&self, n: usize, hw: usize, lanes: usize) -> Result<LaunchConfig> {
+    /// The element-wise GroupNorm passes (kernels/norm.cu `for_units`) of kernel `f`: a grid
+    /// row per image, the `lanes` units of channels of a pixel across threadIdx.x, pixels
+    /// across threadIdx.y and the row's blocks; about eight 256-thread blocks per
+    /// multiprocessor in all, or, for the `_ilp` kernels (`whole_waves`), two waves of the
+    /// blocks `f` keeps resident on one: their registers allow three to six, and a grid of
+    /// eight a multiprocessor would leave its last wave part-full.
+    fn norm_units(
+        &self,
+        f: &CudaFunction,
+        n: usize,
+        hw: usize,
+        lanes: usize,
+        whole_waves: bool,
+    ) -> Result<LaunchConfig> {
         if n > 65535 {
             return Err(Error::Cuda(format!(
                 "GroupNorm too large for one launch: {n} images"
@@ -145,7 +172,16 @@ impl Kernels {
         }
         let bx = lanes.clamp(1, BLOCK as usize);
         let by = (BLOCK as usize / bx).max(1);
-        let per_image = (8 * self.sms as usize).div_ceil(n.max(1));
+        let per_sm = if whole_waves {
+            let resident = cu(
+                f.occupancy_max_active_blocks_per_multiprocessor((bx * by) as u32, 0, None),
+                "asking a GroupNorm kernel's occupancy",
+            )?;
+            2 * resident.max(1) as usize
+        } else {
+            8
+        };
+        let per_image = (per_sm * self.sms as usize).div_ceil(n.max(1));
         let gx = hw.div_ceil(by).clamp(1, per_image.max(1));
         Ok(cfg((gx as u32, n as u32, 1), (bx as u32, by as u32, 1)))
     }
@@ -253,7 +289,13 @@ impl Kernels {
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let mut b = st.launch_builder(&self.gn_apply_half);
+            let f = if split.ilp {
+                &self.gn_apply_half_ilp
+            } else {
+                &self.gn_apply_half
+            };
+            let grid = self.norm_units(f, n, hw, c / 4, split.ilp)?;
+            let mut b = st.launch_builder(f);
             b.arg(&x)
                 .arg(&affine)
                 .arg(&y)
@@ -263,13 +305,20 @@ impl Kernels {
                 .arg(&kind);
             // SAFETY: x is n x hw x c floats, y room for n x hw x c 16-bit values.
             return cu(
-                unsafe { b.launch(self.norm_units(n, hw, c / 4)?) }.map(drop),
+                unsafe { b.launch(grid) }.map(drop),
                 "launching gn_apply_half",
             );
         }
         let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.gn_apply);
+        let f = if split.ilp {
+            &self.gn_apply_ilp
+        } else {
+            &self.gn_apply
+        };
+        let lanes = if vec { c / 4 } else { c };
+        let grid = self.norm_units(f, n, hw, lanes, split.ilp)?;
+        let mut b = st.launch_builder(f);
         b.arg(&x)
             .arg(&affine)
             .arg(&y)
@@ -277,12 +326,8 @@ impl Kernels {
             .arg(&ci)
             .arg(&silu)
             .arg(&vec4);
-        let lanes = if vec { c / 4 } else { c };
         // SAFETY: x and y are n x hw x c.
-        cu(
-            unsafe { b.launch(self.norm_units(n, hw, lanes)?) }.map(drop),
-            "launching gn_apply",
-        )
+        cu(unsafe { b.launch(grid) }.map(drop), "launching gn_apply")
     }
 
     /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`; with `half_out`
@@ -356,7 +401,20 @@ impl Kernels {
                 "launching gn_bwd_one_pass",
             );
         }
-        let mut b = st.launch_builder(&self.gn_bwd_partial);
+        let (partial_fn, apply_fn, apply_half_fn) = if split.ilp {
+            (
+                &self.gn_bwd_partial_ilp,
+                &self.gn_bwd_apply_ilp,
+                &self.gn_bwd_apply_half_ilp,
+            )
+        } else {
+            (
+                &self.gn_bwd_partial,
+                &self.gn_bwd_apply,
+                &self.gn_bwd_apply_half,
+            )
+        };
+        let mut b = st.launch_builder(partial_fn);
         b.arg(&x)
             .arg(&dy)
             .arg(&stats)
@@ -389,7 +447,8 @@ impl Kernels {
             "launching gn_bwd_finalize",
         )?;
         if half_out.is_some() {
-            let mut b = st.launch_builder(&self.gn_bwd_apply_half);
+            let grid = self.norm_units(apply_half_fn, n, hw, c / 4, split.ilp)?;
+            let mut b = st.launch_builder(apply_half_fn);
             b.arg(&x)
                 .arg(&dy)
                 .arg(&stats)
@@ -404,13 +463,15 @@ impl Kernels {
                 .arg(&kind);
             // SAFETY: x and dy are n x hw x c floats, dx room for as many 16-bit values.
             return cu(
-                unsafe { b.launch(self.norm_units(n, hw, c / 4)?) }.map(drop),
+                unsafe { b.launch(grid) }.map(drop),
                 "launching gn_bwd_apply_half",
             );
         }
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.gn_bwd_apply);
+        let lanes = if vec { c / 4 } else { c };
+        let grid = self.norm_units(apply_fn, n, hw, lanes, split.ilp)?;
+        let mut b = st.launch_builder(apply_fn);
         b.arg(&x)
             .arg(&dy)
             .arg(&stats)
@@ -424,10 +485,9 @@ impl Kernels {
             .arg(&silu)
             .arg(&acc)
             .arg(&vec4);
-        let lanes = if vec { c / 4 } else { c };
         // SAFETY: x, dy and dx are n x hw x c.
         cu(
-            unsafe { b.launch(self.norm_units(n, hw, lanes)?) }.map(drop),
+            unsafe { b.launch(grid) }.map(drop),
             "launching gn_bwd_apply",
         )
     }
@@ -440,7 +500,7 @@ mod tests {
     #[test]
     fn norm_split_covers_every_pixel() {
         for (n, hw, c) in [(1, 65536, 128), (8, 64, 512), (3, 35, 96), (1, 1, 32)] {
-            let s = plan_norm(n, hw, c, 32, 132, false);
+            let s = plan_norm(n, hw, c, 32, 132, false, false);
             assert!(
                 s.chunks * s.chunk_px >= hw && (s.chunks - 1) * s.chunk_px < hw,
                 "{s:?}"
@@ -460,11 +520,11 @@ mod tests {
             (256 * 256, 128, None),
         ] {
             assert_eq!(
-                plan_norm(1, hw, c, 32, 132, true).one_pass,
+                plan_norm(1, hw, c, 32, 132, true, false).one_pass,
                 want,
                 "{hw} {c}"
             );
-            assert_eq!(plan_norm(8, hw, c, 32, 132, false).one_pass, None);
+            assert_eq!(plan_norm(8, hw, c, 32, 132, false, false).one_pass, None);
         }
         // Odd group widths: whole warps, every pixel row within the block.
         for (hw, cg) in [(35, 3), (1, 1), (15, 3), (100, 7)] {

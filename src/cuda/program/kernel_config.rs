@@ -8,7 +8,9 @@ use crate::switches;
 #[cfg(doc)]
 use {
     super::Program,
-    crate::cuda::kernels::{flash_fits, one_pass_threads, ConvLaunch, ConvShape, Gemm, WgmmaTile},
+    crate::cuda::kernels::{
+        flash_fits, one_pass_threads, ConvLaunch, ConvShape, Gemm, NormSplit, WgmmaTile,
+    },
     crate::cuda::unet::AttnKernel,
 };
 
@@ -27,6 +29,9 @@ pub(crate) struct KernelConfig {
     /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
+    /// GroupNorms in three launches take the `_ilp` kernels, which issue the loads of several
+    /// pixels before their arithmetic ([`NormSplit`]'s `ilp`): the same bits.
+    pub gn_ilp: bool,
     /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
     /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the
     /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values; the copy is
@@ -81,6 +86,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
+            gn_ilp: false,
             half_concat: false,
             half_copy: false,
             alias_residual_grads: false,
@@ -109,6 +115,7 @@ impl KernelConfig {
             deep: true,
             wgmma: here.wgmma,
             gn_one_pass: true,
+            gn_ilp: false,
             half_concat: true,
             half_copy: true,
             alias_residual_grads: true,
@@ -136,6 +143,7 @@ impl KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
             wgmma: tuned.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
+            gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
             alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
@@ -155,6 +163,7 @@ impl KernelConfig {
             (!self.deep, "two-stage pipelines"),
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
+            (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),
             (self.alias_residual_grads, "aliased residual gradients"),

@@ -95,7 +95,15 @@ impl Lowering<'_> {
         } else {
             self.n
         };
-        plan_norm(n, hw, c, groups, self.sms, self.choice.gn_one_pass)
+        plan_norm(
+            n,
+            hw,
+            c,
+            groups,
+            self.sms,
+            self.choice.gn_one_pass,
+            self.choice.gn_ilp,
+        )
     }
 
     pub(super) fn buf(&mut self, len: usize, what: &str) -> Buf {

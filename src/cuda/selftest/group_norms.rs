@@ -14,6 +14,9 @@ impl Tester<'_> {
             (2, 64, 64, 128, 32, true, true),
             (1, 5, 3, 3, 1, false, false),
             (1, 32, 32, 256, 32, true, true),
+            // Several pixels a thread in the element passes (more than a grid's stride) and
+            // per warp in the partial sums, with a remainder: the `_ilp` kernels' rounds.
+            (1, 96, 96, 256, 32, true, true),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };
@@ -24,7 +27,8 @@ impl Tester<'_> {
             let eps = 1e-6;
             let mut want = vec![0.0; x.len()];
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
-            // Three launches; one pass where the groups are small enough.
+            // Three launches, with and without the `_ilp` kernels; one pass where the groups
+            // are small enough.
             for split in norm_forms(n, hw, c, groups, gpu.sms()) {
                 let nd = NormDims {
                     n,
@@ -56,12 +60,7 @@ impl Tester<'_> {
                 };
                 let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
                 let got = yd.download(st)?;
-                let desc = match split.one_pass {
-                    Some(threads) => {
-                        format!("n{n} {h}x{w} c{c} g{groups} (one pass, {threads} threads)")
-                    }
-                    None => format!("n{n} {h}x{w} c{c} g{groups} ({} chunks)", split.chunks),
-                };
+                let desc = format!("n{n} {h}x{w} c{c} g{groups} ({})", split.form());
                 let s = if silu { "+silu" } else { "" };
                 self.row(
                     format!("groupnorm{s} forward"),
