@@ -19,8 +19,8 @@
 // Statistics are stored as [mean for n*groups | rstd for n*groups] (the backward pass reads
 // them from the recorded forward).
 //
-// The `_ilp` kernels (INVDIFF_GN_ILP) are the partial sums of the backward pass and the
-// element-wise passes with the loads of several pixels issued before their arithmetic
+// The `_ilp` kernels (INVDIFF_GN_ILP) are the backward's partial sums, the element-wise passes
+// and the one-pass backward with the loads of several pixels issued before their arithmetic
 // (for_units); the same results, bit for bit.
 //
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
@@ -533,13 +533,26 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +
-// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2).
-extern "C" __global__ void __launch_bounds__(1024)
-    gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                    void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
+// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2). AHEAD
+// (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto, before
+// the first of their arithmetic (see for_units): the same bits.
+template <bool AHEAD>
+DEVI void bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
+                       void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];
+    float xv[ONE_PASS_PIXELS], dv[ONE_PASS_PIXELS], old[ONE_PASS_PIXELS];
+    if (AHEAD) {
+#pragma unroll
+        for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
+            const long long e = t.at(k, hw, c);
+            if (e < 0) continue;
+            xv[k] = x[e];
+            dv[k] = dy[e];
+            old[k] = kind == 0 && accumulate ? static_cast<float*>(dx)[e] : 0.0f;
+        }
+    }
     float g[ONE_PASS_PIXELS], xhat[ONE_PASS_PIXELS];
     double a = 0.0, b = 0.0;
 #pragma unroll
@@ -547,7 +560,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         const long long e = t.at(k, hw, c);
         g[k] = xhat[k] = 0.0f;
         if (e < 0) continue;
-        grad_xhat(x[e], dy[e], mean, rstd, gm, bt, silu, g[k], xhat[k]);
+        grad_xhat(AHEAD ? xv[k] : x[e], AHEAD ? dv[k] : dy[e], mean, rstd, gm, bt, silu, g[k], xhat[k]);
         a += (double)g[k];
         b += (double)(g[k] * xhat[k]);
     }
@@ -560,8 +573,19 @@ extern "C" __global__ void __launch_bounds__(1024)
         if (e < 0) continue;
         const float v = bwd_from(g[k], xhat[k], rstd, mg, mgx);
         if (kind == 0 && accumulate)
-            static_cast<float*>(dx)[e] += v;
+            static_cast<float*>(dx)[e] = (AHEAD ? old[k] : static_cast<float*>(dx)[e]) + v;
         else
             store_kind(dx, e, v, kind);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
+                    void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
+    bwd_one_pass<false>(x, dy, stats, gamma, beta, dx, n, hw, c, groups, silu, accumulate, kind);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_bwd_one_pass_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
+                        void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
+    bwd_one_pass<true>(x, dy, stats, gamma, beta, dx, n, hw, c, groups, silu, accumulate, kind);
 }

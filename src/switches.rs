@@ -66,7 +66,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_ILP",
         ON_OFF,
-        "GPU candidate: `1` runs three-launch GroupNorms with loads issued ahead",
+        "GPU candidate: `1` runs GroupNorms with loads issued ahead",
     ),
     choice(
         "INVDIFF_HALF_CONCAT",

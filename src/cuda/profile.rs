@@ -251,10 +251,7 @@ impl Step {
                     _ => unreachable!("matched above"),
                 };
                 let launches = if split.one_pass.is_some() { 1 } else { 3 };
-                let layout = match split.one_pass {
-                    Some(_) => "one pass".to_string(),
-                    None => split.form(),
-                };
+                let layout = split.form();
                 StepInfo {
                     variant: match half_out {
                         Some(p) => format!("{layout}, {p} output"),

@@ -409,8 +409,8 @@ pub struct NormSweepRow {
     pub shape: String,
     /// How many GroupNorms of the program have this shape.
     pub count: usize,
-    /// `three launches`, `three launches, loads ahead` and `one pass` (where the groups allow
-    /// it), each with its mean milliseconds.
+    /// `three launches` and `one pass` (where the groups allow it), each also `, loads ahead`
+    /// (the `_ilp` kernels), with its mean milliseconds.
     pub forms: Vec<NormForm>,
 }
 
@@ -423,8 +423,8 @@ pub struct NormForm {
 
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
-/// form, also with its `_ilp` kernels, and one pass in one block a group where the groups are
-/// small enough. The forms compute the same statistics up to the order
+/// form, and one pass in one block a group where the groups are small enough, each also with
+/// the `_ilp` kernels. The forms compute the same statistics up to the order
 /// of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
@@ -505,9 +505,10 @@ pub fn sweep_group_norms(
             forward()?;
             let ms = mean_ms(st, iters, run)?;
             let form = match (split.one_pass, split.ilp) {
-                (Some(_), _) => "one pass",
                 (None, false) => "three launches",
                 (None, true) => "three launches, loads ahead",
+                (Some(_), false) => "one pass",
+                (Some(_), true) => "one pass, loads ahead",
             }
             .to_string();
             forms.push(NormForm { form, ms });

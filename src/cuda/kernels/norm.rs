@@ -14,9 +14,9 @@ const GN_FIN_THREADS: u32 = 256;
 /// How a GroupNorm runs: in three launches with `chunks` blocks of `chunk_px` pixels per
 /// (image, 32 channels) for the partial sums, or, where `one_pass` gives a block size, in one
 /// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`). With `ilp`, the
-/// three launches take the `_ilp` kernels where there are some (the element-wise passes and
-/// the backward's partial sums), which issue the loads of several pixels before their
-/// arithmetic: the same bits.
+/// launches take the `_ilp` kernels where there are some (the element-wise passes, the
+/// backward's partial sums, the one-pass backward), which issue the loads of several pixels
+/// before their arithmetic: the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
@@ -42,7 +42,7 @@ pub(crate) fn one_pass_threads(hw: usize, cg: usize) -> Option<u32> {
 /// Enough blocks to fill every multiprocessor about eight times over (eight 256-thread blocks
 /// are what one holds, and the partial sums are bound by bytes in flight), at least 8 pixels a
 /// block; one pass instead where `one_pass` allows it and the groups are small enough; the
-/// `_ilp` kernels with `ilp` where it takes three launches.
+/// `_ilp` kernels with `ilp`.
 pub(crate) fn plan_norm(
     n: usize,
     hw: usize,
@@ -63,12 +63,13 @@ pub(crate) fn plan_norm(
         chunks: hw.div_ceil(chunk_px).max(1),
         chunk_px,
         one_pass,
-        ilp: ilp && one_pass.is_none(),
+        ilp,
     }
 }
 
 /// The distinct ways a GroupNorm of these sizes can run, for the selftest and the sweep: three
-/// launches, with the `_ilp` kernels, then one pass where the groups allow it.
+/// launches, then one pass where the groups allow it, each without and with the `_ilp`
+/// kernels.
 pub(crate) fn norm_forms(
     n: usize,
     hw: usize,
@@ -77,7 +78,7 @@ pub(crate) fn norm_forms(
     sms: usize,
 ) -> Vec<NormSplit> {
     let mut out: Vec<NormSplit> = Vec::new();
-    for (one_pass, ilp) in [(false, false), (false, true), (true, false)] {
+    for (one_pass, ilp) in [(false, false), (false, true), (true, false), (true, true)] {
         let split = plan_norm(n, hw, c, groups, sms, one_pass, ilp);
         if (!one_pass || split.one_pass.is_some()) && !out.contains(&split) {
             out.push(split);
@@ -89,10 +90,14 @@ pub(crate) fn norm_forms(
 impl NormSplit {
     /// The form in words, for the selftest, the sweep and the profile.
     pub fn form(&self) -> String {
-        match (self.one_pass, self.ilp) {
-            (Some(threads), _) => format!("one pass, {threads} threads"),
-            (None, false) => format!("{} chunks", self.chunks),
-            (None, true) => format!("{} chunks, loads ahead", self.chunks),
+        let form = match self.one_pass {
+            Some(threads) => format!("one pass, {threads} threads"),
+            None => format!("{} chunks", self.chunks),
+        };
+        if self.ilp {
+            form + ", loads ahead"
+        } else {
+            form
         }
     }
 
@@ -380,7 +385,11 @@ impl Kernels {
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
         if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(&self.gn_bwd_one_pass);
+            let mut b = st.launch_builder(if split.ilp {
+                &self.gn_bwd_one_pass_ilp
+            } else {
+                &self.gn_bwd_one_pass
+            });
             b.arg(&x)
                 .arg(&dy)
                 .arg(&stats)

@@ -29,8 +29,8 @@ pub(crate) struct KernelConfig {
     /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
-    /// GroupNorms in three launches take the `_ilp` kernels, which issue the loads of several
-    /// pixels before their arithmetic ([`NormSplit`]'s `ilp`): the same bits.
+    /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
+    /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.
     pub gn_ilp: bool,
     /// In bf16/fp16 with `deep`: concatenations also write a 16-bit copy for the tensor-core
     /// convolutions that read them (the residual blocks' 1x1 shortcuts), which then take the

@@ -27,8 +27,8 @@ impl Tester<'_> {
             let eps = 1e-6;
             let mut want = vec![0.0; x.len()];
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
-            // Three launches, with and without the `_ilp` kernels; one pass where the groups
-            // are small enough.
+            // Three launches; one pass where the groups are small enough; each with and
+            // without the `_ilp` kernels.
             for split in norm_forms(n, hw, c, groups, gpu.sms()) {
                 let nd = NormDims {
                     n,
