@@ -159,17 +159,25 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
 template <int P, typename Setup, typename Load, typename Finish>
 DEVI void for_units(int hw, int lanes, Setup setup, Load load, Finish finish) {
     const long long first = (long long)blockIdx.y * hw;
-    const int stride = gridDim.x * blockDim.y;
     for (int u = threadIdx.x; u < lanes; u += blockDim.x) {
         const auto k = setup(u);
-        for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += P * stride) {
-            decltype(load(0LL)) in[P];
+        if constexpr (P == 1) {
+            // The plain kernels' loop as it was timed (the same SASS).
+            for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += gridDim.x * blockDim.y) {
+                const long long e = (first + p) * lanes + u;
+                finish(k, load(e), e);
+            }
+        } else {
+            const int stride = gridDim.x * blockDim.y;
+            for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += P * stride) {
+                decltype(load(0LL)) in[P];
 #pragma unroll
-            for (int j = 0; j < P; ++j)
-                if (p + j * stride < hw) in[j] = load((first + p + j * stride) * lanes + u);
+                for (int j = 0; j < P; ++j)
+                    if (p + j * stride < hw) in[j] = load((first + p + j * stride) * lanes + u);
 #pragma unroll
-            for (int j = 0; j < P; ++j)
-                if (p + j * stride < hw) finish(k, in[j], (first + p + j * stride) * lanes + u);
+                for (int j = 0; j < P; ++j)
+                    if (p + j * stride < hw) finish(k, in[j], (first + p + j * stride) * lanes + u);
+            }
         }
     }
 }
@@ -297,7 +305,7 @@ DEVI void bwd_partial(const float* x, const float* dy, const float* stats, const
 
 // Pixels per warp whose loads gn_bwd_partial_ilp issues together: three fit the 32 registers
 // of eight blocks a multiprocessor, the wave plan_norm sizes the grid for (four spill, and
-// gn_bwd_partial's 40 registers fit six, a third of the grid in a second wave).
+// gn_bwd_partial's 40 registers fit six, a quarter of the grid in a second wave).
 constexpr int PARTIAL_ILP = 3;
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -366,8 +374,8 @@ DEVI void bwd_values4(float4 xv, float4 dv, const BwdUnit& k, int silu, float (&
     v[3] = bwd_value(xv.w, dv.w, k.ch[3], silu);
 }
 
-// What the backward's element pass reads of a unit element: x, dy and, when it accumulates,
-// the old dx.
+// What the backward's element pass reads of a unit element: x, dy and, when it accumulates
+// with P > 1, the old dx (P = 1 reads it after the arithmetic, as the timed kernel did).
 template <typename T> struct BwdIn {
     T x, dy, old;
 };
@@ -382,26 +390,27 @@ DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const f
         for_units<P>(
             hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
             [&](long long e) {
-                return BwdIn<float4>{ld_unit4(x, e), ld_unit4(dy, e), accumulate ? ld_unit4(dx, e) : float4{}};
+                return BwdIn<float4>{ld_unit4(x, e), ld_unit4(dy, e), P > 1 && accumulate ? ld_unit4(dx, e) : float4{}};
             },
             [&](const BwdUnit& k, const BwdIn<float4>& in, long long e) {
                 float v[4];
                 bwd_values4(in.x, in.dy, k, silu, v);
                 if (accumulate) {
-                    v[0] += in.old.x;
-                    v[1] += in.old.y;
-                    v[2] += in.old.z;
-                    v[3] += in.old.w;
+                    const float4 o = P > 1 ? in.old : ld_unit4(dx, e);
+                    v[0] += o.x;
+                    v[1] += o.y;
+                    v[2] += o.z;
+                    v[3] += o.w;
                 }
                 reinterpret_cast<float4*>(dx)[e] = make_float4(v[0], v[1], v[2], v[3]);
             });
     } else {
         for_units<P>(
             hw, c, [&](int ch) { return bwd_channel(stats, means, gamma, beta, groups, cg, ch); },
-            [&](long long e) { return BwdIn<float>{x[e], dy[e], accumulate ? dx[e] : 0.0f}; },
+            [&](long long e) { return BwdIn<float>{x[e], dy[e], P > 1 && accumulate ? dx[e] : 0.0f}; },
             [&](const BwdChannel& k, const BwdIn<float>& in, long long e) {
                 const float v = bwd_value(in.x, in.dy, k, silu);
-                dx[e] = accumulate ? in.old + v : v;
+                dx[e] = accumulate ? (P > 1 ? in.old : dx[e]) + v : v;
             });
     }
 }

@@ -164,6 +164,7 @@ impl Kernels {
     /// eight a multiprocessor would leave its last wave part-full.
     fn norm_units(
         &self,
+        st: &CudaStream,
         f: &CudaFunction,
         n: usize,
         hw: usize,
@@ -178,6 +179,8 @@ impl Kernels {
         let bx = lanes.clamp(1, BLOCK as usize);
         let by = (BLOCK as usize / bx).max(1);
         let per_sm = if whole_waves {
+            // cudarc's occupancy query does not make the context current itself.
+            cu(st.context().bind_to_thread(), "binding the CUDA context")?;
             let resident = cu(
                 f.occupancy_max_active_blocks_per_multiprocessor((bx * by) as u32, 0, None),
                 "asking a GroupNorm kernel's occupancy",
@@ -299,7 +302,7 @@ impl Kernels {
             } else {
                 &self.gn_apply_half
             };
-            let grid = self.norm_units(f, n, hw, c / 4, split.ilp)?;
+            let grid = self.norm_units(st, f, n, hw, c / 4, split.ilp)?;
             let mut b = st.launch_builder(f);
             b.arg(&x)
                 .arg(&affine)
@@ -322,7 +325,7 @@ impl Kernels {
             &self.gn_apply
         };
         let lanes = if vec { c / 4 } else { c };
-        let grid = self.norm_units(f, n, hw, lanes, split.ilp)?;
+        let grid = self.norm_units(st, f, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(f);
         b.arg(&x)
             .arg(&affine)
@@ -456,7 +459,7 @@ impl Kernels {
             "launching gn_bwd_finalize",
         )?;
         if half_out.is_some() {
-            let grid = self.norm_units(apply_half_fn, n, hw, c / 4, split.ilp)?;
+            let grid = self.norm_units(st, apply_half_fn, n, hw, c / 4, split.ilp)?;
             let mut b = st.launch_builder(apply_half_fn);
             b.arg(&x)
                 .arg(&dy)
@@ -479,7 +482,7 @@ impl Kernels {
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
-        let grid = self.norm_units(apply_fn, n, hw, lanes, split.ilp)?;
+        let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);
         b.arg(&x)
             .arg(&dy)

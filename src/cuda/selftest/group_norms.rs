@@ -15,8 +15,10 @@ impl Tester<'_> {
             (1, 5, 3, 3, 1, false, false),
             (1, 32, 32, 256, 32, true, true),
             // Several pixels a thread in the element passes (more than a grid's stride) and
-            // per warp in the partial sums, with a remainder: the `_ilp` kernels' rounds.
+            // per warp in the partial sums, with a remainder: the `_ilp` kernels' rounds, in
+            // units of four channels and (c % 4 != 0) of one.
             (1, 96, 96, 256, 32, true, true),
+            (1, 256, 256, 6, 3, true, true),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };
@@ -27,6 +29,27 @@ impl Tester<'_> {
             let eps = 1e-6;
             let mut want = vec![0.0; x.len()];
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
+            let dy = self.rand(x.len(), -1.0, 1.0);
+            let dx0 = if accumulate {
+                self.rand(x.len(), -1.0, 1.0)
+            } else {
+                vec![0.0; x.len()]
+            };
+            let mut want_dx = dx0.clone();
+            norm::backward(
+                &x,
+                d,
+                &gamma,
+                &beta,
+                silu,
+                &stats,
+                &dy,
+                &mut want_dx,
+                accumulate,
+            );
+            // Each form's fp32 outputs without the `_ilp` kernels (three launches, one pass),
+            // which those kernels must reproduce bit for bit.
+            let mut plain: [Option<(Vec<f32>, Vec<f32>)>; 2] = [None, None];
             // Three launches; one pass where the groups are small enough; each with and
             // without the `_ilp` kernels.
             for split in norm_forms(n, hw, c, groups, gpu.sms()) {
@@ -59,13 +82,13 @@ impl Tester<'_> {
                     )
                 };
                 let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
-                let got = yd.download(st)?;
+                let got_y = yd.download(st)?;
                 let desc = format!("n{n} {h}x{w} c{c} g{groups} ({})", split.form());
                 let s = if silu { "+silu" } else { "" };
                 self.row(
                     format!("groupnorm{s} forward"),
                     desc.clone(),
-                    &got,
+                    &got_y,
                     &want,
                     ms,
                 );
@@ -79,24 +102,6 @@ impl Tester<'_> {
                     )?;
                 }
 
-                let dy = self.rand(x.len(), -1.0, 1.0);
-                let dx0 = if accumulate {
-                    self.rand(x.len(), -1.0, 1.0)
-                } else {
-                    vec![0.0; x.len()]
-                };
-                let mut want_dx = dx0.clone();
-                norm::backward(
-                    &x,
-                    d,
-                    &gamma,
-                    &beta,
-                    silu,
-                    &stats,
-                    &dy,
-                    &mut want_dx,
-                    accumulate,
-                );
                 let dyd = self.up(&dy)?;
                 let mut dxd = self.up(&dx0)?;
                 let dx_ptr = dxd.ptr;
@@ -122,14 +127,37 @@ impl Tester<'_> {
                     || dxd.write(st, &dx0),
                     || backward(dx_ptr, accumulate, None),
                 )?;
-                let got = dxd.download(st)?;
+                let got_dx = dxd.download(st)?;
                 self.row(
                     format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
                     desc.clone(),
-                    &got,
+                    &got_dx,
                     &want_dx,
                     ms,
                 );
+                let form = &mut plain[split.one_pass.is_some() as usize];
+                match form {
+                    Some((y, dx)) if split.ilp => {
+                        let same = format!("{desc} against the same form's plain kernels, bits");
+                        self.row_within(
+                            format!("groupnorm{s} forward"),
+                            same.clone(),
+                            &got_y,
+                            y,
+                            0.0,
+                            0.0,
+                        );
+                        self.row_within(
+                            format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
+                            same,
+                            &got_dx,
+                            dx,
+                            0.0,
+                            0.0,
+                        );
+                    }
+                    _ => *form = Some((got_y, got_dx)),
+                }
                 // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient.
                 if c % 4 == 0 {
                     let mut want = vec![0.0; x.len()];
