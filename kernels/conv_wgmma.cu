@@ -221,11 +221,21 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
+// Rows of A a lean loader gives no pixel (past the GEMM's M): far outside every image, so that
+// the bounds test of every tap fails for them.
+constexpr int WG_NO_ROW = -(1 << 28);
+
 // T: 1 bf16, 2 fp16 (conv_tc.cu's TcType); PROBE: count cycles into `probe` (see Probe);
 // ROWS: finish each row's pairs ROW_PAIRS at a time (finish_row: loads before stores, 8 round
 // trips to memory per thread instead of 32) rather than pair by pair (store_pair).
 // Tile: a WgTile (rows, stages).
-template <int T, bool PROBE, bool ROWS, class Tile>
+// LEAN (the `_lean` kernels, INVDIFF_WGMMA_LEAN): the loaders keep a pointer to each of their
+// rows' pixels and form a slice's addresses from one offset per slice (the tap's pixel shift
+// and channel, and the tap's weight block), with branch-free bounds tests; the plain loaders
+// recompute every chunk's address from the row's image, and the sweep's cycle probe puts 36-42%
+// of a block's cycles in issuing those copies (about 270 instructions a thread per slice in
+// SASS, against four products). The same copies, so the same bits.
+template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
@@ -260,15 +270,24 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     for (int j = 0; j < 4; ++j) {
         const int m = m0 + r0 + ROW_STEP * j;
         a_ok[j] = m < M;
-        a_y[j] = a_x[j] = 0;
+        a_y[j] = LEAN ? WG_NO_ROW : 0;
+        a_x[j] = 0;
         a_base[j] = xa;
         if (a_ok[j]) {
             const RowCoord r = decode_row(a, m);
             a_y[j] = r.my * a.in_stride;
             a_x[j] = r.mx * a.in_stride;
             a_base[j] = xa + (long long)r.img * a.sh * a.sw * sc;
+            // LEAN: the row's pixel itself.
+            if (LEAN) a_base[j] += ((long long)a_y[j] * a.sw + a_x[j]) * sc;
         }
     }
+    // LEAN: this thread's first B row, the step to its next, and which are product columns.
+    const uint16_t* const b_row = wb + (long long)(n0 + r0) * sc;
+    const long long b_step = (long long)ROW_STEP * sc;
+    unsigned b_cols = 0;
+#pragma unroll
+    for (int j = 0; j < B_CHUNKS; ++j) b_cols |= (unsigned)(n0 + r0 + ROW_STEP * j < ncols) << j;
     int at, aci;
     {
         const int k = kb + c * 8;
@@ -278,7 +297,35 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     __syncthreads();
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
-    auto load = [&](int k0, int stage) {
+    // Rows r0 + ROW_STEP j share r0 % 8, so chunk c of each sits at one swizzled column.
+    const uint32_t chunk = swz(r0, c);
+    auto load_lean = [&](int k0, int stage) {
+        const uint32_t sa = base + stage * Tile::STAGE + chunk;
+        const uint32_t sb = sa + TM * 128;
+        const bool kok = k0 + c * 8 < ke;
+        // Past the last tap (the end of K) any tap does: kok turns every copy off.
+        const int tap = kok ? at : 0;
+        const int dy = taps.dy[tap], dx = taps.dx[tap];
+        const long long a_off = ((long long)dy * a.sw + dx) * sc + aci;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const bool ok =
+                kok && (unsigned)(a_y[j] + dy) < (unsigned)a.sh && (unsigned)(a_x[j] + dx) < (unsigned)a.sw;
+            cp_async16(sa + ROW_STEP * 128 * j, ok ? a_base[j] + a_off : xa, ok);
+        }
+        const uint16_t* b = b_row + (long long)taps.w[tap] * ncols * sc + aci;
+#pragma unroll
+        for (int j = 0; j < B_CHUNKS; ++j, b += b_step) {
+            const bool ok = kok && (b_cols >> j & 1);
+            cp_async16(sb + ROW_STEP * 128 * j, ok ? b : wb, ok);
+        }
+        aci += WG_BK;
+        while (aci >= sc) {
+            aci -= sc;
+            ++at;
+        }
+    };
+    auto load_plain = [&](int k0, int stage) {
         const uint32_t sa = base + stage * Tile::STAGE;
         const uint32_t sb = sa + TM * 128;
         const bool kok = k0 + c * 8 < ke;
@@ -317,6 +364,12 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             ++at;
         }
     };
+    auto load = [&](int k0, int stage) {
+        if constexpr (LEAN)
+            load_lean(k0, stage);
+        else
+            load_plain(k0, stage);
+    };
 
     const int warp = tid >> 5;
     const int wg = warp >> 2;
@@ -345,8 +398,17 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         const uint32_t sa = base + (t % S) * Tile::STAGE + wg * 64 * 128;
         const uint32_t sb = base + (t % S) * Tile::STAGE + TM * 128;
         wg_batch(acc, [&] {
+            if constexpr (LEAN) {
+                // A k16 step is 32 bytes further into the rows: 2 in the descriptors' address
+                // field, which holds address / 16 (stages lie below 256 KB, so it never carries).
+                const uint64_t da = wg_desc(sa), db = wg_desc(sb);
 #pragma unroll
-            for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
+                for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, da + 2 * ks, db + 2 * ks);
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < WG_BK / 16; ++ks)
+                    wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
+            }
         });
         cycles.mark(PROBE_MMA);
     }
@@ -362,29 +424,33 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 // dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
 // aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
 // product's type.
-#define WG_KERNEL(name, T, ROWS, TILE)                                                               \
+#define WG_KERNEL(name, T, ROWS, TILE, LEAN)                                                         \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a) {                                                                      \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, ROWS, TILE>(a, wg_dsmem, nullptr);                                          \
+        wg_body<T, false, ROWS, TILE, LEAN>(a, wg_dsmem, nullptr);                                    \
     }
 // The same kernel counting its cycles into probe[PROBE_COUNTERS] (zeroed by the host).
-#define WG_PROBE_KERNEL(name, T, ROWS, TILE)                                                         \
+#define WG_PROBE_KERNEL(name, T, ROWS, TILE, LEAN)                                                   \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, unsigned long long* probe) {                                           \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, true, ROWS, TILE>(a, wg_dsmem, probe);                                             \
+        wg_body<T, true, ROWS, TILE, LEAN>(a, wg_dsmem, probe);                                       \
     }
-// Both precisions, both epilogues, plain and counting, of one tile: the row-batched epilogue
-// (ROWS) and the tall tile are candidates until timed on a GPU.
+// Both precisions, the three forms (pairwise epilogue, row epilogue, row epilogue with lean
+// loaders), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \
-    WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE)                                              \
-    WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE)                                              \
-    WG_KERNEL(conv_wgmma_bf16_rows##prefix, 1, true, TILE)                                          \
-    WG_KERNEL(conv_wgmma_fp16_rows##prefix, 2, true, TILE)                                          \
-    WG_PROBE_KERNEL(conv_wgmma_bf16##prefix##_probe, 1, false, TILE)                                \
-    WG_PROBE_KERNEL(conv_wgmma_fp16##prefix##_probe, 2, false, TILE)                                \
-    WG_PROBE_KERNEL(conv_wgmma_bf16_rows##prefix##_probe, 1, true, TILE)                            \
-    WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE)
+    WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE, false)                                       \
+    WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE, false)                                       \
+    WG_KERNEL(conv_wgmma_bf16_rows##prefix, 1, true, TILE, false)                                   \
+    WG_KERNEL(conv_wgmma_fp16_rows##prefix, 2, true, TILE, false)                                   \
+    WG_KERNEL(conv_wgmma_bf16_rows_lean##prefix, 1, true, TILE, true)                               \
+    WG_KERNEL(conv_wgmma_fp16_rows_lean##prefix, 2, true, TILE, true)                               \
+    WG_PROBE_KERNEL(conv_wgmma_bf16##prefix##_probe, 1, false, TILE, false)                         \
+    WG_PROBE_KERNEL(conv_wgmma_fp16##prefix##_probe, 2, false, TILE, false)                         \
+    WG_PROBE_KERNEL(conv_wgmma_bf16_rows##prefix##_probe, 1, true, TILE, false)                     \
+    WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE, false)                     \
+    WG_PROBE_KERNEL(conv_wgmma_bf16_rows_lean##prefix##_probe, 1, true, TILE, true)                 \
+    WG_PROBE_KERNEL(conv_wgmma_fp16_rows_lean##prefix##_probe, 2, true, TILE, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -17,4 +17,5 @@ CANDIDATES=(
     streams3:INVDIFF_STREAMS=3
     attn_flash:INVDIFF_ATTN_FLASH=1
     gn_ilp:INVDIFF_GN_ILP=1
+    wgmma_lean:INVDIFF_WGMMA_LEAN=1
 )

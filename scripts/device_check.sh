@@ -27,7 +27,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 16 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 17 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -269,7 +269,7 @@ VBIN=$BIN
 # candidate on (ALL), then each entry of scripts/candidates.sh alone (the list tune.sh reads
 # too: each default turned off, the stream count, the candidates).
 V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1
-ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_GN_ILP=1
+ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
 VARIANTS=${VARIANTS-v04:$V04;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}

@@ -99,6 +99,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs attention fused (no probabilities in memory) below fp32",
     ),
     choice(
+        "INVDIFF_WGMMA_LEAN",
+        ON_OFF,
+        "GPU candidate: `1` gives wgmma launches loaders of half the instructions",
+    ),
+    choice(
         "INVDIFF_WGMMA_TALL",
         ON_OFF,
         "GPU default: `0` gives large wgmma launches no 256-row tiles",

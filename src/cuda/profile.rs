@@ -81,6 +81,9 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.wgmma {
         variant += ", ";
         variant += c.launch.tile.describe();
+        if c.launch.lean_loads {
+            variant += ", lean loads";
+        }
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);

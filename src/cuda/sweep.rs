@@ -251,9 +251,14 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 ..planned
             };
-            for row_epilogue in [false, true] {
+            for (row_epilogue, lean_loads) in [(false, false), (true, false), (true, true)] {
                 for (tile, _) in WgmmaTile::ALL {
-                    let Some(c) = on_tile(ConvLaunch { row_epilogue, ..c }, tile) else {
+                    let form = ConvLaunch {
+                        row_epilogue,
+                        lean_loads,
+                        ..c
+                    };
+                    let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
                     if !out.contains(&c) {
@@ -280,6 +285,9 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     let mut name = kernel.to_string();
     if l.row_epilogue {
         name += ", row epilogue";
+    }
+    if l.lean_loads {
+        name += ", lean loads";
     }
     name
 }

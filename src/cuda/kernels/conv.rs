@@ -70,25 +70,30 @@ pub(crate) struct ConvPtrs {
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
 
-/// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the
-/// pairwise or row epilogue, then the tile ([`WgmmaTile::ALL`]'s order).
+/// The forms of a wgmma kernel of one tile and precision, in [`wgmma_index`] order, by kernel
+/// name infix: the pairwise epilogue, the row epilogue, the row epilogue with lean loaders.
+const WGMMA_FORMS: [&str; 3] = ["", "_rows", "_rows_lean"];
+
+/// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the form
+/// ([`WGMMA_FORMS`]), then the tile ([`WgmmaTile::ALL`]'s order).
 fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
     let tile = WgmmaTile::ALL
         .iter()
         .position(|&(t, _)| t == plan.tile)
         .unwrap_or(0);
-    usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.row_epilogue) + 4 * tile
+    let form = usize::from(plan.row_epilogue) + usize::from(plan.lean_loads);
+    usize::from(precision == Precision::Fp16) + 2 * form + 2 * WGMMA_FORMS.len() * tile
 }
 
 /// The wgmma kernels of one of [`Kernels`]' tables in [`wgmma_index`] order (precision, then
-/// epilogue, then tile), each with its tile: the plain ones (`suffix` "") or the cycle-counting
+/// form, then tile), each with its tile: the plain ones (`suffix` "") or the cycle-counting
 /// ones ("_probe").
 pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
     let mut out = Vec::new();
     for (tile, name) in WgmmaTile::ALL {
-        for rows in ["", "_rows"] {
+        for form in WGMMA_FORMS {
             for t in ["bf16", "fp16"] {
-                out.push((format!("conv_wgmma_{t}{rows}{name}{suffix}"), tile));
+                out.push((format!("conv_wgmma_{t}{form}{name}{suffix}"), tile));
             }
         }
     }
@@ -353,11 +358,18 @@ impl Kernels {
             || (plan.wgmma && !plan.half_input)
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
+            || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {} and tile {:?}",
-                plan.kernel, plan.deep, plan.half_input, plan.wgmma, plan.row_epilogue, plan.tile
+                 row epilogue {}, lean loads {} and tile {:?}",
+                plan.kernel,
+                plan.deep,
+                plan.half_input,
+                plan.wgmma,
+                plan.row_epilogue,
+                plan.lean_loads,
+                plan.tile
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -567,8 +579,47 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::{plan_conv, plan_conv_at};
+    use crate::cuda::kernels::{on_tile, plan_conv, plan_conv_at, plan_wgmma};
     use crate::model::graph::Pad;
+
+    /// Every wgmma form a launch can ask for finds the kernel of its precision, epilogue,
+    /// loaders and tile.
+    #[test]
+    fn wgmma_plans_find_their_kernels() {
+        let names = wgmma_kernel_names("");
+        let shape = ConvShape::forward(1, 16, 16, 64, 64, 3, 1, Pad::Symmetric);
+        let mut seen = Vec::new();
+        for precision in [Precision::Bf16, Precision::Fp16] {
+            let wp = plan_wgmma(&shape, 132, precision).unwrap();
+            for (tile, suffix) in WgmmaTile::ALL {
+                for (row_epilogue, lean_loads) in [(false, false), (true, false), (true, true)] {
+                    let plan = ConvLaunch {
+                        row_epilogue,
+                        lean_loads,
+                        ..on_tile(wp, tile).unwrap()
+                    };
+                    let i = wgmma_index(precision, &plan);
+                    let (name, t) = &names[i];
+                    let rows = if lean_loads {
+                        "_rows_lean"
+                    } else if row_epilogue {
+                        "_rows"
+                    } else {
+                        ""
+                    };
+                    assert_eq!(
+                        *name,
+                        format!("conv_wgmma_{}{rows}{suffix}", precision.name())
+                    );
+                    assert_eq!(*t, tile);
+                    seen.push(i);
+                }
+            }
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), names.len());
+    }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its
     /// shared memory; the others (16-bit input without the deep pipeline or in tf32, the row

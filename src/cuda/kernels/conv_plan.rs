@@ -354,6 +354,10 @@ pub(crate) struct ConvLaunch {
     /// (`ROWS` in kernels/conv_tc.cu and conv_wgmma.cu, the `_rows` kernels) instead of pair
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
+    /// With `wgmma` and `row_epilogue`: loaders that form a K slice's addresses from one
+    /// offset per slice and test bounds without branches (`LEAN` in kernels/conv_wgmma.cu,
+    /// the `_lean` kernels), about half the instructions a slice; the same copies.
+    pub lean_loads: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
 }
@@ -614,6 +618,7 @@ impl ConvLaunch {
             half_input: false,
             wgmma: false,
             row_epilogue: false,
+            lean_loads: false,
             tile: WgmmaTile::Plain,
         }
     }

@@ -168,15 +168,15 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` forms, then the `_tall` forms of
-    /// all four (`conv::wgmma_index`): on compute capability 9.0 only.
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` and `_rows_lean` forms, then the
+    /// `_tall` forms of all six (`conv::wgmma_index`): on compute capability 9.0 only.
     conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
 }
 
-/// Both precisions and both epilogues of every wgmma tile.
-const WGMMA_KERNELS: usize = 4 * WgmmaTile::ALL.len();
+/// Both precisions and the three forms (conv.rs `WGMMA_FORMS`) of every wgmma tile.
+const WGMMA_KERNELS: usize = 6 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 

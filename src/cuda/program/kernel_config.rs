@@ -59,6 +59,9 @@ pub(crate) struct KernelConfig {
     /// ([`AttnKernel::Flash`], tf32 tensor cores, no P in memory; three launches per forward
     /// and backward pair instead of eight). Ahead of `attention_tf32` where both apply.
     pub attention_flash: bool,
+    /// wgmma launches with the row epilogue take the lean loaders
+    /// ([`ConvLaunch::lean_loads`]): the same copies, half the instructions a K slice.
+    pub wgmma_lean: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
@@ -93,6 +96,7 @@ impl Default for KernelConfig {
             row_epilogue: false,
             attention_tf32: false,
             attention_flash: false,
+            wgmma_lean: false,
             tall_tiles: false,
             upsample_fold: false,
             batch_invariant: false,
@@ -122,6 +126,7 @@ impl KernelConfig {
             row_epilogue: true,
             attention_tf32: true,
             attention_flash: false,
+            wgmma_lean: false,
             tall_tiles: true,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
@@ -150,6 +155,7 @@ impl KernelConfig {
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
+            wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
@@ -170,6 +176,7 @@ impl KernelConfig {
             (self.row_epilogue, "row epilogue"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
+            (self.wgmma_lean, "lean wgmma loaders"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),

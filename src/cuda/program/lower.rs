@@ -530,6 +530,7 @@ impl Lowering<'_> {
         if tall_here {
             launch.tile = tall;
         }
+        launch.lean_loads = self.choice.wgmma_lean && launch.wgmma && launch.row_epilogue;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

@@ -14,16 +14,20 @@ use crate::Result;
 /// fp32, added in a different order.
 pub(super) const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// Every other form of wgmma launch `p` ([`on_tile`]), each tile with each epilogue: the same
-/// sums in the same order as `p`.
+/// Every other form of wgmma launch `p` ([`on_tile`]), each tile with each epilogue, and the
+/// row epilogue also with the lean loaders: the same sums in the same order as `p`.
 pub(super) fn wgmma_forms(p: ConvLaunch) -> Vec<ConvLaunch> {
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
         let Some(v) = on_tile(p, tile) else {
             continue;
         };
-        for row_epilogue in [false, true] {
-            let v = ConvLaunch { row_epilogue, ..v };
+        for (row_epilogue, lean_loads) in [(false, false), (true, false), (true, true)] {
+            let v = ConvLaunch {
+                row_epilogue,
+                lean_loads,
+                ..v
+            };
             if v != p {
                 out.push(v);
             }
@@ -39,6 +43,9 @@ pub(super) fn wgmma_path(p: &ConvLaunch) -> String {
     }
     if p.row_epilogue {
         s += ", row epilogue";
+    }
+    if p.lean_loads {
+        s += ", lean loads";
     }
     s
 }

@@ -502,8 +502,8 @@ impl Tester<'_> {
                 WGMMA_VS_MMA,
             );
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
-            // The row epilogue and the tall tile: the same products summed in the same order and
-            // the same epilogue arithmetic, so the same bits.
+            // The row epilogue, the lean loaders and the tall tile: the same products summed in
+            // the same order and the same epilogue arithmetic, so the same bits.
             for v in std::iter::once(wp).chain(wgmma_forms(wp)) {
                 if v != wp {
                     let (out, ms) = self.conv_output(&shape, &v, ptrs, out_div, want.len())?;
@@ -639,12 +639,14 @@ impl Tester<'_> {
                     ms,
                     WGMMA_VS_MMA,
                 );
-                // The row epilogue (accumulating too) and the tall tile: the same bits.
+                // The row epilogue (accumulating too), the lean loaders and the tall tile: the
+                // same bits.
                 for form in wgmma_forms(wg_plans[0]) {
                     let v: Vec<ConvLaunch> = wg_plans
                         .iter()
                         .map(|p| ConvLaunch {
                             row_epilogue: form.row_epilogue,
+                            lean_loads: form.lean_loads,
                             ..on_tile(*p, form.tile).unwrap_or(*p)
                         })
                         .collect();
