@@ -233,8 +233,8 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // rows' pixels and form a slice's addresses from one offset per slice (the tap's pixel shift
 // and channel, and the tap's weight block), with branch-free bounds tests; the plain loaders
 // recompute every chunk's address from the row's image, and the sweep's cycle probe puts 36-42%
-// of a block's cycles in issuing those copies (about 270 instructions a thread per slice in
-// SASS, against four products). The same copies, so the same bits.
+// of a block's cycles in issuing those copies (346 instructions a thread per slice in SASS,
+// against four products; 186 lean). The same copies, so the same bits.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
     constexpr int TM = Tile::THREADS / 2;
@@ -400,7 +400,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         wg_batch(acc, [&] {
             if constexpr (LEAN) {
                 // A k16 step is 32 bytes further into the rows: 2 in the descriptors' address
-                // field, which holds address / 16 (stages lie below 256 KB, so it never carries).
+                // field, which holds address / 16. sa and sb are 1024-byte aligned, so ks * 32
+                // only sets address bits 5-6 (field bits 1-2): the add never carries.
                 const uint64_t da = wg_desc(sa), db = wg_desc(sb);
 #pragma unroll
                 for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, da + 2 * ks, db + 2 * ks);

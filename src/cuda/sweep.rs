@@ -212,10 +212,14 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
         .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
     {
         let per = ktiles.div_ceil(s) * slice;
+        // Not wgmma: the plain tile and loaders whatever the planned launch's (Kernels::conv
+        // rejects a tall tile or lean loaders without wgmma).
         let base = ConvLaunch {
             splits: k.div_ceil(per),
             k_per_split: per,
             wgmma: false,
+            lean_loads: false,
+            tile: WgmmaTile::Plain,
             ..planned
         };
         let mut pipes = vec![(false, false), (true, false)];
@@ -617,7 +621,7 @@ fn distinct_norms(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::plan_conv_at;
+    use crate::cuda::kernels::{plan_conv_at, plan_wgmma};
     use crate::model::graph::Pad;
 
     /// The GroupNorm sweep's rows cover every GroupNorm of the program once: celebahq's 71 in
@@ -693,6 +697,24 @@ mod tests {
                     assert!((l.splits - 1) * l.k_per_split < shape.k());
                     assert!(l.splits == 1 || tiles * l.splits <= MAX_WAVES * 2 * 132 + tiles);
                     assert!(!l.half_input || (l.deep && precision.is_half()));
+                }
+                // A planned tall launch with lean loaders: the non-wgmma variants take neither.
+                if precision.is_half() {
+                    if let Some(tall) = on_tile(
+                        ConvLaunch {
+                            row_epilogue: true,
+                            lean_loads: true,
+                            ..plan_wgmma(shape, 132, precision).unwrap()
+                        },
+                        WgmmaTile::Tall,
+                    ) {
+                        for l in candidates(shape, tall, 132, true) {
+                            assert!(
+                                l.wgmma || (l.tile == WgmmaTile::Plain && !l.lean_loads),
+                                "{l:?}"
+                            );
+                        }
+                    }
                 }
                 let pipes = if precision.is_half() { 3 } else { 2 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
