@@ -111,8 +111,10 @@ DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, l
 // finish()'s arithmetic in its order, but every load (bias, time embedding, residual, the old
 // output when accumulating) is issued before the first store: the compiler cannot tell that
 // y aliases none of them (an element is only ever read and written by the thread that owns
-// it), so store_pair's loop waits a memory round trip per pair after each store.
-template <int NP>
+// it), so store_pair's loop waits a memory round trip per pair after each store. SKIP_DIV1
+// (the lean wgmma kernels): no division where out_div is 1, whose quotient is the dividend to
+// the bit; the IEEE division is a reciprocal, two corrections and a slow-path test per value.
+template <int NP, bool SKIP_DIV1 = false>
 DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const float2 (&v)[NP]) {
     const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
     float2 e[NP], old[NP];
@@ -143,8 +145,10 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
             r.x = e[i].x + r.x;
             r.y = e[i].y + r.y;
         }
-        r.x = r.x / a.out_div;
-        r.y = r.y / a.out_div;
+        if (!SKIP_DIV1 || a.out_div != 1.0f) {
+            r.x = r.x / a.out_div;
+            r.y = r.y / a.out_div;
+        }
         if (a.accumulate) {
             r.x += old[i].x;
             r.y += old[i].y;

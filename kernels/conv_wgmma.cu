@@ -186,8 +186,8 @@ constexpr int ROW_PAIRS = 4;
 // The epilogue of a block's accumulators, warpgroup w holding rows m0 + 64w .. m0 + 64w + 63
 // against columns n0 .. n0 + 127: raw partial sums into the workspace when K is split
 // (`split`), else finished into y, pair by pair (store_pair) or ROW_PAIRS pairs of a row at a
-// time (ROWS: finish_row).
-template <bool ROWS>
+// time (ROWS: finish_row; with LEAN, no division by an out_div of 1).
+template <bool ROWS, bool LEAN>
 DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, bool split) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2;
@@ -208,7 +208,7 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
                     const int jj = ROW_PAIRS * part + j;
                     v[j] = make_float2(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
                 }
-                finish_row<ROW_PAIRS>(a, rc.img, pix, n0 + 8 * ROW_PAIRS * part + 2 * q, v);
+                finish_row<ROW_PAIRS, LEAN>(a, rc.img, pix, n0 + 8 * ROW_PAIRS * part + 2 * q, v);
             }
             continue;
         }
@@ -234,7 +234,9 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // and channel, and the tap's weight block), with branch-free bounds tests; the plain loaders
 // recompute every chunk's address from the row's image, and the sweep's cycle probe puts 36-42%
 // of a block's cycles in issuing those copies (346 instructions a thread per slice in SASS,
-// against four products; 186 lean). The same copies, so the same bits.
+// against four products; 186 lean). The epilogue, 32-44% of the cycles at short K, skips the
+// division by an out_div of 1 (about two thirds of its instructions a value). The same copies
+// and the same values, so the same bits.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
     constexpr int TM = Tile::THREADS / 2;
@@ -416,7 +418,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     wg_drain(acc);
     cycles.mark(PROBE_DRAIN);
 
-    wg_epilogue<ROWS>(a, acc, M, m0, n0, gridDim.z > 1);
+    wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }

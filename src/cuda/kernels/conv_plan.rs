@@ -355,8 +355,9 @@ pub(crate) struct ConvLaunch {
     /// by pair; the same arithmetic.
     pub row_epilogue: bool,
     /// With `wgmma` and `row_epilogue`: loaders that form a K slice's addresses from one
-    /// offset per slice and test bounds without branches (`LEAN` in kernels/conv_wgmma.cu,
-    /// the `_lean` kernels), about half the instructions a slice; the same copies.
+    /// offset per slice and test bounds without branches, and an epilogue that skips the
+    /// division by an `out_div` of 1 (`LEAN` in kernels/conv_wgmma.cu, the `_lean` kernels):
+    /// about half the instructions a slice, the same bits.
     pub lean_loads: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
