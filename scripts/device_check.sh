@@ -18,9 +18,9 @@
 #       (else the last one) also its whole selftest (each one's with VARIANT_SELFTEST=each),
 #       the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
-#       that build has it, its --sweep (every tensor-core launch under each pipeline and split,
-#       and every GroupNorm in each form: three launches, backward loads ahead, one pass; bf16 b8 forward, bf16 b1
-#       forward + VJP; JSON in devcheck.tar.gz);
+#       that build has it, its --sweep (every tensor-core launch under each pipeline, split and
+#       wgmma form, and every GroupNorm in each form: three launches, one pass, each also with
+#       loads ahead; bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32; again with the fold on in fp32), a
 #       1000-step bf16 DPS restoration of the real sample, and 10-step DPS / 2-step PiGDM
 #       trajectories, GPU against CPU.
