@@ -179,9 +179,9 @@ impl Kernels {
         let bx = lanes.clamp(1, BLOCK as usize);
         let by = (BLOCK as usize / bx).max(1);
         let per_sm = if whole_waves {
-            // cudarc's occupancy query does not make the context current itself. It is a pure
-            // calculation (CUB makes it while graphs are captured); should it fail all the same,
-            // only the grid's size is at stake, so the plain rule stands in.
+            // cudarc's occupancy query does not make the context current itself. It is a
+            // calculation with no stream work, so graph capture should not refuse it; should it
+            // fail all the same, only the grid's size is at stake, so the plain rule stands in.
             cu(st.context().bind_to_thread(), "binding the CUDA context")?;
             f.occupancy_max_active_blocks_per_multiprocessor((bx * by) as u32, 0, None)
                 .map_or(8, |resident| 2 * resident.max(1) as usize)
