@@ -1,7 +1,8 @@
 # The GPU switches worth timing on a card (PERF.md, v0.5), one place for the scripts that time
 # them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value":
 # each default turned off (does it still pay on this card and workload?), the stream count
-# either way, and the candidates that are off by default.
+# either way, the candidates that are off by default, and the two staged after v0.5 together
+# (both compute the defaults' bits; the set the next defaults would be if both win).
 CANDIDATES=(
     no_gn_one_pass:INVDIFF_GN_ONE_PASS=0
     no_half_concat:INVDIFF_HALF_CONCAT=0
@@ -18,4 +19,5 @@ CANDIDATES=(
     attn_flash:INVDIFF_ATTN_FLASH=1
     gn_ilp:INVDIFF_GN_ILP=1
     wgmma_lean:INVDIFF_WGMMA_LEAN=1
+    ilp_lean:INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1
 )
