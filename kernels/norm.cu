@@ -21,7 +21,8 @@
 //
 // The `_ilp` kernels (INVDIFF_GN_ILP) are the backward's partial sums, the element-wise passes
 // and the one-pass backward with the loads of several pixels issued before their arithmetic
-// (for_units); the same results, bit for bit.
+// (for_units), and the one-pass forward with its channel's scale and shift loaded with its
+// pixels; the same results, bit for bit.
 //
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
@@ -515,10 +516,17 @@ DEVI void store_kind(void* y, long long e, float v, int kind) {
 // with the same statistics, affine and element formula; y in fp32 or 16 bits (kind as
 // store_kind). Block size from the host (one_pass_threads): each thread at most
 // ONE_PASS_PIXELS pixels.
-extern "C" __global__ void __launch_bounds__(1024)
-    gn_one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
-                int groups, float eps, int silu, int kind) {
+template <bool AHEAD>
+DEVI void one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
+                   int groups, float eps, int silu, int kind) {
     const OnePass t(hw, c, groups);
+    // AHEAD (gn_one_pass_ilp): the channel's scale and shift loaded with the pixels, not after
+    // the block's sums, where they cost a memory round trip of their own.
+    float gm = 0.0f, bt = 0.0f;
+    if (AHEAD) {
+        gm = gamma[t.ch];
+        bt = beta[t.ch];
+    }
     float v[ONE_PASS_PIXELS];
     double a = 0.0, b = 0.0;
 #pragma unroll
@@ -531,7 +539,10 @@ extern "C" __global__ void __launch_bounds__(1024)
     block_sum2(a, b);
     const GroupStats st = group_stats(a, b, (double)(c / groups) * (double)hw, eps, stats, n, groups, t.id);
     float scale, shift;
-    channel_affine(st, gamma, beta, t.ch, scale, shift);
+    if (AHEAD)
+        channel_affine(st, &gm, &bt, 0, scale, shift);
+    else
+        channel_affine(st, gamma, beta, t.ch, scale, shift);
 #pragma unroll
     for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
         const long long e = t.at(k, hw, c);
@@ -539,6 +550,17 @@ extern "C" __global__ void __launch_bounds__(1024)
         const float z = fmaf(v[k], scale, shift);
         store_kind(y, e, silu ? silu_f(z) : z, kind);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
+                int groups, float eps, int silu, int kind) {
+    one_pass<false>(x, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_one_pass_ilp(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw,
+                    int c, int groups, float eps, int silu, int kind) {
+    one_pass<true>(x, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
 }
 
 // The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +

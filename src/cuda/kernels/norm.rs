@@ -15,8 +15,8 @@ const GN_FIN_THREADS: u32 = 256;
 /// (image, 32 channels) for the partial sums, or, where `one_pass` gives a block size, in one
 /// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`). With `ilp`, the
 /// launches take the `_ilp` kernels where there are some (the element-wise passes, the
-/// backward's partial sums, the one-pass backward), which issue the loads of several pixels
-/// before their arithmetic: the same bits.
+/// backward's partial sums, both one-pass kernels), which issue their loads ahead of the
+/// arithmetic that would hold them back: the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
@@ -250,7 +250,11 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(&self.gn_one_pass);
+            let mut b = st.launch_builder(if split.ilp {
+                &self.gn_one_pass_ilp
+            } else {
+                &self.gn_one_pass
+            });
             b.arg(&x)
                 .arg(&gamma)
                 .arg(&beta)
