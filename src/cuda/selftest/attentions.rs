@@ -127,11 +127,7 @@ impl Tester<'_> {
             let probs =
                 attention::forward(&qkv, d, &mut want, true).expect("asked for the probabilities");
             let dout = self.rand(want.len(), -1.0, 1.0);
-            let g0 = if accumulate {
-                self.rand(qkv.len(), -1.0, 1.0)
-            } else {
-                vec![0.0; qkv.len()]
-            };
+            let g0 = self.grad_start(qkv.len(), accumulate);
             let mut want_g = g0.clone();
             attention::backward(&qkv, &probs, d, &dout, &mut want_g, accumulate);
             let desc = format!("n{n} L{tokens} {heads}x{head_dim}");

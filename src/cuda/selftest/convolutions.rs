@@ -358,11 +358,7 @@ impl Tester<'_> {
             &mut want,
         );
         let dy = self.rand(want.len(), -1.0, 1.0);
-        let dx0 = if accumulate {
-            self.rand(x.len(), -1.0, 1.0)
-        } else {
-            vec![0.0; x.len()]
-        };
+        let dx0 = self.grad_start(x.len(), accumulate);
         let mut want_dx = dx0.clone();
         conv::backward_input(&cpu, &dy, geo, &mut want_dx, accumulate);
         for &precision in precisions {

@@ -56,11 +56,7 @@ impl Tester<'_> {
         }
         for accumulate in [false, true] {
             let dy = self.rand(4 * x.len(), -1.0, 1.0);
-            let dx0 = if accumulate {
-                self.rand(x.len(), -1.0, 1.0)
-            } else {
-                vec![0.0; x.len()]
-            };
+            let dx0 = self.grad_start(x.len(), accumulate);
             let mut want = dx0.clone();
             resample::upsample2x_backward(&dy, n, h, w, c, &mut want, accumulate);
             let dyd = self.up(&dy)?;
@@ -124,11 +120,7 @@ impl Tester<'_> {
             );
             let dy = self.rand(want.len(), -1.0, 1.0);
             for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {
-                let d0 = if accumulate {
-                    self.rand(pixels * width, -1.0, 1.0)
-                } else {
-                    vec![0.0; pixels * width]
-                };
+                let d0 = self.grad_start(pixels * width, accumulate);
                 let mut want = d0.clone();
                 resample::concat_backward(&dy, ca + cb, offset, width, &mut want, accumulate);
                 let dyd = self.up(&dy)?;

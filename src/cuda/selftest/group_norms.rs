@@ -30,11 +30,7 @@ impl Tester<'_> {
             let mut want = vec![0.0; x.len()];
             let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
             let dy = self.rand(x.len(), -1.0, 1.0);
-            let dx0 = if accumulate {
-                self.rand(x.len(), -1.0, 1.0)
-            } else {
-                vec![0.0; x.len()]
-            };
+            let dx0 = self.grad_start(x.len(), accumulate);
             let mut want_dx = dx0.clone();
             norm::backward(
                 &x,

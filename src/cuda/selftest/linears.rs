@@ -160,11 +160,7 @@ impl Tester<'_> {
             );
 
             let dy = self.rand(rows * out, -1.0, 1.0);
-            let dx0 = if accumulate {
-                self.rand(rows * inp, -1.0, 1.0)
-            } else {
-                vec![0.0; rows * inp]
-            };
+            let dx0 = self.grad_start(rows * inp, accumulate);
             let mut want_dx = dx0.clone();
             linear::backward_input(&p, &dy, &mut want_dx, accumulate, rows);
             let dyd = self.up(&dy)?;

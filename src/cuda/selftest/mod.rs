@@ -256,6 +256,16 @@ impl Tester<'_> {
         uniform(&mut self.seed, len, lo, hi)
     }
 
+    /// What an input gradient of `len` values holds before a backward launch: values it adds
+    /// onto when it accumulates, else zeros.
+    fn grad_start(&mut self, len: usize, accumulate: bool) -> Vec<f32> {
+        if accumulate {
+            self.rand(len, -1.0, 1.0)
+        } else {
+            vec![0.0; len]
+        }
+    }
+
     fn up(&self, data: &[f32]) -> Result<DevBuf> {
         DevBuf::upload(&self.gpu.stream, data)
     }
