@@ -47,7 +47,7 @@ constexpr int WG_STAGE = 2 * WG_TILE;
 constexpr int WG_SMEM = WG_STAGES * WG_STAGE + 1024;
 static_assert(WG_SMEM == 99328, "WG_SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 
-// The tall tile (`_tall` kernels, a candidate until timed on a GPU): 256 rows x 128 columns per
+// The tall tile (`_tall` kernels, a default since the H200 run of v0.5): 256 rows x 128 columns per
 // block of four warpgroups (512 threads, one block per multiprocessor), four stages of 48 KB,
 // two slices of copies ahead. The v0.4 b8 profile moves 4.4-4.8 TB/s of operands from L2 in the
 // long-K convolutions (each block's slice: 16 KB of A and 16 KB of B for 2 MFLOP), about what
