@@ -33,6 +33,13 @@
 // slices of copies ahead, measured 1-1.5% slower on an H200: bf16 forward b8 26.15 vs 25.88
 // ms, b32 96.09 vs 94.64 ms.)
 //
+// TMA (the `_tma` kernels, INVDIFF_WGMMA_TMA): one thread issues each slice as two bulk tensor
+// copies (the tensor memory accelerator), an im2col copy of the A rows and a tiled copy of the
+// B rows, whose bytes complete the stage's mbarrier; the other threads issue no copies at all.
+// The barrier protocol and the products are the cp.async kernels', so the bits are theirs.
+// Why: with cp.async every thread spends 186-346 instructions a slice forming addresses, and
+// the stop-16 cycle probe put 36-57% of a block's cycles there, against 7-17% in the products.
+//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -75,6 +82,75 @@ DEVI uint32_t swz(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 
 DEVI uint64_t wg_desc(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
            ((uint64_t)1 << 62);
+}
+
+// A tensor map (cuda.h's CUtensorMap: 128 opaque bytes, 64-byte aligned) that the host encodes
+// (src/cuda/kernels/tma.rs); kernels take it as a __grid_constant__ parameter and give the
+// copies its address.
+struct alignas(64) TmaMap {
+    unsigned long long opaque[16];
+};
+static_assert(sizeof(TmaMap) == 128, "TmaMap must match TensorMap in src/cuda/kernels/tma.rs");
+
+// What the `_tma` kernels' copies need besides the stage: the two maps, and the im2col
+// coordinates of the tile's first row. The A map's pixel box has its lower corner at the
+// smallest tap offsets (dy0, dx0), so row m's filter base is its output pixel shifted by them
+// and a tap's im2col offsets (dx - dx0, dy - dy0) are never negative; the box is as wide and
+// as high as the launch's output grid (mw x mh), so the copy's walk over the box's bases, row by
+// row and image by image, visits the GEMM's rows in their order (PTX ISA, "Tensor im2col mode").
+struct TmaLoads {
+    const TmaMap* a;  // im2col map of x [n, sh, sw, sc], 64 channels x TM pixels a copy
+    const TmaMap* b;  // tiled map of w [blocks, ncols, sc], a box of 64 x 128 x 1
+};
+
+DEVI void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// One arrival that also expects `bytes` of copies before the phase completes.
+DEVI void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Cycles a copy may keep a stage's barrier waiting (about 2 s) before mbar_wait traps.
+constexpr long long MBAR_TIMEOUT_CYCLES = 4LL << 30;
+// Waits until phase `parity` of the barrier has completed. Copies whose bytes never arrive (a
+// tensor map that does not describe what the kernel expects) would otherwise hang the device
+// until the host gives up; a trap fails the launch with an error instead, in seconds.
+DEVI void mbar_wait(uint32_t bar, uint32_t parity) {
+    long long since = 0;
+    for (;;) {
+        uint32_t done;
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+        if (done) return;
+        const long long now = clock64();
+        if (since == 0)
+            since = now;
+        else if (now - since > MBAR_TIMEOUT_CYCLES)
+            __trap();
+    }
+}
+// The im2col copy of 64 channels from c0 of the pixels the map's walk visits from filter base
+// (w, h) of image n, shifted by the tap's offsets (ow, oh); zeros outside the image and past the
+// batch.
+DEVI void tma_im2col(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int w, int h, int n, uint16_t ow,
+                     uint16_t oh) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.im2col.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%3, %4, %5, %6}], [%2], {%7, %8};\n" ::"r"(dst),
+        "l"(map), "r"(bar), "r"(c0), "r"(w), "r"(h), "r"(n), "h"(ow), "h"(oh)
+        : "memory");
+}
+// The tiled copy of the box at (c0, row, block) of a three-dimensional map; zeros outside it.
+DEVI void tma_tile3(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int row, int block) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+        "l"(map), "r"(bar), "r"(c0), "r"(row), "r"(block)
+        : "memory");
 }
 
 // Pins the accumulators in program order around the asynchronous products: the compiler sees
@@ -237,8 +313,13 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // against four products; 186 lean). The epilogue, 32-44% of the cycles at short K, skips the
 // division by an out_div of 1 (about two thirds of its instructions a value). The same copies
 // and the same values, so the same bits.
-template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false>
-DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe) {
+// TMA (the `_tma` kernels, with LEAN's epilogue): thread 0 copies each slice with the tensor
+// memory accelerator through the maps in `tma` (TmaLoads), and every thread waits on the
+// stage's mbarrier instead of its own copies. Only for launches whose slices are whole taps
+// (sc % 64 == 0) at input stride 1, which the host checks (`tma_fits` in conv_plan.rs).
+template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false>
+DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {}) {
+    static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
@@ -295,6 +376,25 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         const int k = kb + c * 8;
         at = k / sc;
         aci = k - at * sc;
+    }
+    // TMA: one mbarrier per stage, which its copies' bytes complete; slice t waits for phase
+    // (t / S) & 1 of stage t % S. The tile's first row's filter base in the A map's box.
+    __shared__ __align__(8) unsigned long long full[TMA ? Tile::STAGES : 1];
+    const Window win = TMA ? tap_window(a) : Window{0, 0};
+    int base_w = 0, base_h = 0, base_img = 0;
+    if constexpr (TMA) {
+        const RowCoord r = decode_row(a, m0);
+        base_w = r.mx + win.dx0;
+        base_h = r.my + win.dy0;
+        base_img = r.img;
+        if (tid == 0) {
+#pragma unroll
+            for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&full[s]), 1);
+            // The initialised barriers visible to the copies (the async proxy) that complete them.
+            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
+        }
     }
     __syncthreads();
 
@@ -372,6 +472,22 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         else
             load_plain(k0, stage);
     };
+    // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels.
+    auto load_tma = [&](int stage) {
+        if (tid != 0) return;
+        const uint32_t sa = base + stage * Tile::STAGE;
+        const uint32_t bar = smem_addr(&full[stage]);
+        // Out-of-bounds pixels and columns arrive as zeros, so every copy writes its whole box.
+        mbar_expect_tx(bar, Tile::STAGE);
+        tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
+                   (uint16_t)(taps.dy[at] - win.dy0));
+        tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+        aci += WG_BK;
+        if (aci >= sc) {
+            aci = 0;
+            ++at;
+        }
+    };
 
     const int warp = tid >> 5;
     const int wg = warp >> 2;
@@ -385,20 +501,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     // complete (each waited for it before arriving), and slice t + AHEAD refills that stage.
     constexpr int S = Tile::STAGES;
     constexpr int AHEAD = S - 2;
-#pragma unroll
-    for (int s = 0; s < AHEAD; ++s) {
-        if (s < ntiles) load(kb + s * WG_BK, s);
-        cp_async_commit();
-    }
-    cycles.mark(PROBE_SETUP);
-    for (int t = 0; t < ntiles; ++t) {
-        wg_step_ready<AHEAD>(cycles);
-        const int nt = t + AHEAD;
-        if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
-        cp_async_commit();
-        cycles.mark(PROBE_ISSUE);
-        const uint32_t sa = base + (t % S) * Tile::STAGE + wg * 64 * 128;
-        const uint32_t sb = base + (t % S) * Tile::STAGE + TM * 128;
+    // The products of the slice in `stage`, committed and left in flight (wg_batch).
+    auto products = [&](int stage) {
+        const uint32_t sa = base + stage * Tile::STAGE + wg * 64 * 128;
+        const uint32_t sb = base + stage * Tile::STAGE + TM * 128;
         wg_batch(acc, [&] {
             if constexpr (LEAN) {
                 // A k16 step is 32 bytes further into the rows: 2 in the descriptors' address
@@ -413,7 +519,46 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
                     wg_mma<T>(acc, wg_desc(sa + ks * 32), wg_desc(sb + ks * 32));
             }
         });
-        cycles.mark(PROBE_MMA);
+    };
+    if constexpr (TMA) {
+        // The cp.async loop's order with the copies' wait after the barrier: the barrier of
+        // slice t (every warpgroup's batch t - 2 complete) frees the stage slice t + AHEAD fills.
+#pragma unroll
+        for (int s = 0; s < AHEAD; ++s)
+            if (s < ntiles) load_tma(s);
+        cycles.mark(PROBE_SETUP);
+        int stage = 0, phase = 0, next = AHEAD;
+        for (int t = 0; t < ntiles; ++t) {
+            __syncthreads();
+            cycles.mark(PROBE_BARRIER);
+            if (t + AHEAD < ntiles) load_tma(next);
+            next = next + 1 == S ? 0 : next + 1;
+            cycles.mark(PROBE_ISSUE);
+            mbar_wait(smem_addr(&full[stage]), phase);
+            cycles.mark(PROBE_COPY_WAIT);
+            products(stage);
+            cycles.mark(PROBE_MMA);
+            if (++stage == S) {
+                stage = 0;
+                phase ^= 1;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int s = 0; s < AHEAD; ++s) {
+            if (s < ntiles) load(kb + s * WG_BK, s);
+            cp_async_commit();
+        }
+        cycles.mark(PROBE_SETUP);
+        for (int t = 0; t < ntiles; ++t) {
+            wg_step_ready<AHEAD>(cycles);
+            const int nt = t + AHEAD;
+            if (nt < ntiles) load(kb + nt * WG_BK, nt % S);
+            cp_async_commit();
+            cycles.mark(PROBE_ISSUE);
+            products(t % S);
+            cycles.mark(PROBE_MMA);
+        }
     }
     wg_drain(acc);
     cycles.mark(PROBE_DRAIN);
@@ -440,8 +585,22 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, ROWS, TILE, LEAN>(a, wg_dsmem, probe);                                       \
     }
-// Both precisions, the three forms (pairwise epilogue, row epilogue, row epilogue with lean
-// loaders), plain and counting, of one tile.
+// The TMA forms: the maps follow the argument block.
+#define WG_TMA_KERNEL(name, T, TILE)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, TILE, true, true>(a, wg_dsmem, nullptr, TmaLoads{&ta, &tb});          \
+    }
+#define WG_TMA_PROBE_KERNEL(name, T, TILE)                                                           \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
+             unsigned long long* probe) {                                                             \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, true, true, TILE, true, true>(a, wg_dsmem, probe, TmaLoads{&ta, &tb});             \
+    }
+// Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
+// loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE, false)                                       \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE, false)                                       \
@@ -454,6 +613,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     WG_PROBE_KERNEL(conv_wgmma_bf16_rows##prefix##_probe, 1, true, TILE, false)                     \
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE, false)                     \
     WG_PROBE_KERNEL(conv_wgmma_bf16_rows_lean##prefix##_probe, 1, true, TILE, true)                 \
-    WG_PROBE_KERNEL(conv_wgmma_fp16_rows_lean##prefix##_probe, 2, true, TILE, true)
+    WG_PROBE_KERNEL(conv_wgmma_fp16_rows_lean##prefix##_probe, 2, true, TILE, true)                 \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE)                                        \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE)                                        \
+    WG_TMA_PROBE_KERNEL(conv_wgmma_bf16_rows_tma##prefix##_probe, 1, TILE)                          \
+    WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -104,6 +104,12 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` gives wgmma launches loaders of half the instructions",
     ),
     choice(
+        "INVDIFF_WGMMA_TMA",
+        ON_OFF,
+        "GPU candidate: `1` copies wgmma slices with the tensor memory accelerator; \
+         `0` also leaves the TMA kernels out of the selftest and the sweep",
+    ),
+    choice(
         "INVDIFF_WGMMA_TALL",
         ON_OFF,
         "GPU default: `0` gives large wgmma launches no 256-row tiles",

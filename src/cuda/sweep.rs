@@ -24,8 +24,8 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    norm_forms, on_tile, plan_norm, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, NormDims,
-    ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
+    NormDims, ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -219,6 +219,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             k_per_split: per,
             wgmma: false,
             lean_loads: false,
+            tma_loads: false,
             tile: WgmmaTile::Plain,
             ..planned
         };
@@ -255,11 +256,21 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 ..planned
             };
-            for (row_epilogue, lean_loads) in [(false, false), (true, false), (true, true)] {
+            let tma = tma_tried(shape);
+            for (row_epilogue, lean_loads, tma_loads) in [
+                (false, false, false),
+                (true, false, false),
+                (true, true, false),
+                (true, true, true),
+            ] {
+                if tma_loads && !tma {
+                    continue;
+                }
                 for (tile, _) in WgmmaTile::ALL {
                     let form = ConvLaunch {
                         row_epilogue,
                         lean_loads,
+                        tma_loads,
                         ..c
                     };
                     let Some(c) = on_tile(form, tile) else {
@@ -290,7 +301,9 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     if l.row_epilogue {
         name += ", row epilogue";
     }
-    if l.lean_loads {
+    if l.tma_loads {
+        name += ", TMA loads";
+    } else if l.lean_loads {
         name += ", lean loads";
     }
     name
@@ -621,7 +634,7 @@ fn distinct_norms(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::{plan_conv_at, plan_wgmma};
+    use crate::cuda::kernels::{im2col_box, plan_conv_at, plan_wgmma};
     use crate::model::graph::Pad;
 
     /// The GroupNorm sweep's rows cover every GroupNorm of the program once: celebahq's 71 in
@@ -698,21 +711,27 @@ mod tests {
                     assert!(l.splits == 1 || tiles * l.splits <= MAX_WAVES * 2 * 132 + tiles);
                     assert!(!l.half_input || (l.deep && precision.is_half()));
                 }
-                // A planned tall launch with lean loaders: the non-wgmma variants take neither.
+                // A planned tall launch with TMA loads: the non-wgmma variants take neither,
+                // and only shapes the TMA kernels take get TMA variants.
                 if precision.is_half() {
                     if let Some(tall) = on_tile(
                         ConvLaunch {
                             row_epilogue: true,
                             lean_loads: true,
+                            tma_loads: im2col_box(shape).is_some(),
                             ..plan_wgmma(shape, 132, precision).unwrap()
                         },
                         WgmmaTile::Tall,
                     ) {
                         for l in candidates(shape, tall, 132, true) {
                             assert!(
-                                l.wgmma || (l.tile == WgmmaTile::Plain && !l.lean_loads),
+                                l.wgmma
+                                    || (l.tile == WgmmaTile::Plain
+                                        && !l.lean_loads
+                                        && !l.tma_loads),
                                 "{l:?}"
                             );
+                            assert!(!l.tma_loads || im2col_box(shape).is_some(), "{l:?}");
                         }
                     }
                 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
-    direct_fits, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX, TILE,
-    WGMMA_SLICE,
+    direct_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX,
+    TILE, WGMMA_SLICE,
 };
-use super::{cfg, half_kind, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
+use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -71,8 +71,9 @@ const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
 
 /// The forms of a wgmma kernel of one tile and precision, in [`wgmma_index`] order, by kernel
-/// name infix: the pairwise epilogue, the row epilogue, the row epilogue with lean loaders.
-const WGMMA_FORMS: [&str; 3] = ["", "_rows", "_rows_lean"];
+/// name infix: the pairwise epilogue, the row epilogue, the row epilogue with lean loaders, the
+/// row epilogue with TMA loads.
+const WGMMA_FORMS: [&str; 4] = ["", "_rows", "_rows_lean", "_rows_tma"];
 
 /// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the form
 /// ([`WGMMA_FORMS`]), then the tile ([`WgmmaTile::ALL`]'s order).
@@ -81,7 +82,8 @@ fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
         .iter()
         .position(|&(t, _)| t == plan.tile)
         .unwrap_or(0);
-    let form = usize::from(plan.row_epilogue) + usize::from(plan.lean_loads);
+    let form =
+        usize::from(plan.row_epilogue) + usize::from(plan.lean_loads) + usize::from(plan.tma_loads);
     usize::from(precision == Precision::Fp16) + 2 * form + 2 * WGMMA_FORMS.len() * tile
 }
 
@@ -359,16 +361,18 @@ impl Kernels {
             || (plan.row_epilogue && !(tensor && plan.deep))
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
+            || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {} and tile {:?}",
+                 row epilogue {}, lean loads {}, TMA loads {} and tile {:?}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
                 plan.wgmma,
                 plan.row_epilogue,
                 plan.lean_loads,
+                plan.tma_loads,
                 plan.tile
             )));
         }
@@ -429,8 +433,19 @@ impl Kernels {
         );
         let mut launch = cfg(grid, (threads, 1, 1));
         launch.shared_mem_bytes = smem;
+        // The TMA kernels take their tensor maps after the argument block.
+        let maps = match plan.kernel {
+            ConvKernel::Tensor(precision) if plan.tma_loads => Some((
+                tma::im2col_map(precision, p.x, s, tile_rows)?,
+                tma::weight_map(precision, p.w, s)?,
+            )),
+            _ => None,
+        };
         let mut b = st.launch_builder(f);
         b.arg(&a);
+        if let Some((ta, tb)) = &maps {
+            b.arg(ta).arg(tb);
+        }
         if let Some(probe) = &probe {
             b.arg(probe);
         }
@@ -592,15 +607,23 @@ mod tests {
         for precision in [Precision::Bf16, Precision::Fp16] {
             let wp = plan_wgmma(&shape, 132, precision).unwrap();
             for (tile, suffix) in WgmmaTile::ALL {
-                for (row_epilogue, lean_loads) in [(false, false), (true, false), (true, true)] {
+                for (row_epilogue, lean_loads, tma_loads) in [
+                    (false, false, false),
+                    (true, false, false),
+                    (true, true, false),
+                    (true, true, true),
+                ] {
                     let plan = ConvLaunch {
                         row_epilogue,
                         lean_loads,
+                        tma_loads,
                         ..on_tile(wp, tile).unwrap()
                     };
                     let i = wgmma_index(precision, &plan);
                     let (name, t) = &names[i];
-                    let rows = if lean_loads {
+                    let rows = if tma_loads {
+                        "_rows_tma"
+                    } else if lean_loads {
                         "_rows_lean"
                     } else if row_epilogue {
                         "_rows"

@@ -4,6 +4,7 @@
 use super::BLOCK;
 use crate::cuda::precision::Precision;
 use crate::model::graph::Pad;
+use crate::switches;
 
 /// One tap of an implicit-GEMM convolution: source offset and weight block (see conv.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -359,6 +360,11 @@ pub(crate) struct ConvLaunch {
     /// division by an `out_div` of 1 (`LEAN` in kernels/conv_wgmma.cu, the `_lean` kernels):
     /// about half the instructions a slice, the same bits.
     pub lean_loads: bool,
+    /// With `lean_loads`: the A and B slices copied by the tensor memory accelerator, one
+    /// thread issuing an im2col and a tiled bulk copy per slice (`TMA` in
+    /// kernels/conv_wgmma.cu, the `_tma` kernels): no copy instructions in the other threads,
+    /// the same bits. Only where [`im2col_box`] takes the shape.
+    pub tma_loads: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
 }
@@ -453,6 +459,41 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
     l.half_input = true;
     l.wgmma = true;
     Some(l)
+}
+
+/// The pixel box of the im2col tensor map that [`ConvLaunch::tma_loads`] copies `s`'s A rows
+/// through: its lower and upper corners, width first, or `None` where the TMA kernels cannot
+/// take `s`. The box's lower corner is the smallest tap offsets, so a tap's im2col offsets (its
+/// offsets less the corner) are never negative; its upper corner makes it as wide and high as
+/// the output grid (`mw` x `mh`), so the copy's walk over its filter bases, row by row and image
+/// by image, visits the GEMM rows in order (PTX ISA, "Tensor im2col mode"). Needs input stride
+/// 1 (the walk does not stride here), K slices that are whole taps (`sc` a multiple of
+/// [`WGMMA_SLICE`]), a full 128-row box of weights, and the four-dimensional map's limits:
+/// corners in [-128, 127], offsets in [0, 255].
+pub(crate) fn im2col_box(s: &ConvShape) -> Option<([i32; 2], [i32; 2])> {
+    if s.in_stride != 1 || s.sc % WGMMA_SLICE != 0 || s.ncols < 128 || s.mh == 0 || s.mw == 0 {
+        return None;
+    }
+    let dy = s.taps.iter().map(|t| t.dy);
+    let dx = s.taps.iter().map(|t| t.dx);
+    let (dy0, dy1) = (dy.clone().min()?, dy.max()?);
+    let (dx0, dx1) = (dx.clone().min()?, dx.max()?);
+    let extent = |m: usize, src: usize, d0: i32| -> Option<i32> {
+        let upper = i64::try_from(m).ok()? - i64::try_from(src).ok()? + i64::from(d0);
+        i32::try_from(upper).ok()
+    };
+    let lower = [dx0, dy0];
+    let upper = [extent(s.mw, s.sw, dx0)?, extent(s.mh, s.sh, dy0)?];
+    let corner_ok = |c: i32| (-128..=127).contains(&c);
+    let offsets_ok = dy1 - dy0 <= 255 && dx1 - dx0 <= 255;
+    (lower.iter().chain(&upper).all(|&c| corner_ok(c)) && offsets_ok).then_some((lower, upper))
+}
+
+/// Whether the selftest and the sweep try the TMA kernels on `s`: where [`im2col_box`] takes
+/// it, unless `INVDIFF_WGMMA_TMA=0` keeps them out (a faulting kernel ends the checks after it,
+/// so scripts/device_check.sh runs the TMA kernels' checks on their own first).
+pub(crate) fn tma_tried(s: &ConvShape) -> bool {
+    im2col_box(s).is_some() && !switches::is("INVDIFF_WGMMA_TMA", "0")
 }
 
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
@@ -620,6 +661,7 @@ impl ConvLaunch {
             wgmma: false,
             row_epilogue: false,
             lean_loads: false,
+            tma_loads: false,
             tile: WgmmaTile::Plain,
         }
     }
@@ -880,5 +922,106 @@ mod tests {
             plan_conv_at(&big, 132, Precision::Fp32),
             plan_conv(&big, 132)
         );
+    }
+
+    /// The source pixel (image, y, x) of GEMM row `m` at tap `t` as the cp.async loaders gather
+    /// it (kernels/conv_wgmma.cu `load_plain`); None for a zero row.
+    fn gathered(s: &ConvShape, m: usize, t: &Tap) -> Option<(usize, i32, i32)> {
+        if m >= s.rows() {
+            return None;
+        }
+        let (img, rem) = (m / (s.mh * s.mw), m % (s.mh * s.mw));
+        let y = (rem / s.mw * s.in_stride) as i32 + t.dy;
+        let x = (rem % s.mw * s.in_stride) as i32 + t.dx;
+        let inside = (0..s.sh as i32).contains(&y) && (0..s.sw as i32).contains(&x);
+        inside.then_some((img, y, x))
+    }
+
+    /// The rows an im2col copy of `rows` pixels loads, by the PTX ISA's description of the
+    /// walk ("Tensor im2col mode"): filter bases from (w, h) of image n across the box
+    /// [lower, dim - 1 + upper], row by row and image by image, each shifted by the offsets;
+    /// zeros outside the image and past the batch.
+    fn walked(
+        s: &ConvShape,
+        (lower, upper): ([i32; 2], [i32; 2]),
+        (mut w, mut h, mut n): (i32, i32, usize),
+        (ow, oh): (i32, i32),
+        rows: usize,
+    ) -> Vec<Option<(usize, i32, i32)>> {
+        let (w_hi, h_hi) = (s.sw as i32 - 1 + upper[0], s.sh as i32 - 1 + upper[1]);
+        let mut out = Vec::with_capacity(rows);
+        for _ in 0..rows {
+            let (y, x) = (h + oh, w + ow);
+            let inside = n < s.n && (0..s.sh as i32).contains(&y) && (0..s.sw as i32).contains(&x);
+            out.push(inside.then_some((n, y, x)));
+            w += 1;
+            if w > w_hi {
+                w = lower[0];
+                h += 1;
+                if h > h_hi {
+                    h = lower[1];
+                    n += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Every launch the TMA kernels take at celebahq's levels (forward, input gradients with
+    /// their stride-2 parity classes, folded upsamplings, linear layers), at both tiles: the
+    /// rows each tile's im2col copy loads for each tap, with the kernel's start and offsets
+    /// (`load_tma`), are the rows the cp.async loaders gather. Stride-2 forwards and slices that
+    /// are not whole taps stay off TMA.
+    #[test]
+    fn tma_im2col_walk_gathers_the_loaders_rows() {
+        let mut shapes = Vec::new();
+        for n in [1, 2] {
+            for (h, c) in [(256, 128), (64, 256), (16, 512), (8, 512)] {
+                shapes.push(ConvShape::forward(n, h, h, c, c, 3, 1, Pad::Symmetric));
+                shapes.push(ConvShape::forward(n, h, h, 2 * c, c, 1, 1, Pad::Symmetric));
+                shapes.extend(ConvShape::backward(n, h, h, c, c, 3, 1, Pad::Symmetric));
+                shapes.extend(ConvShape::backward(n, h, h, c, c, 3, 2, Pad::RightBottom));
+                shapes.extend(ConvShape::upsampled_forward(n, h / 2, h / 2, c, c));
+                shapes.extend(ConvShape::upsampled_backward(n, h / 2, h / 2, c, c));
+            }
+            shapes.push(ConvShape::linear(n, 256, 512, 1536));
+        }
+        let mut taken = 0;
+        for s in &shapes {
+            let Some(bx) = im2col_box(s) else {
+                assert!(
+                    s.in_stride != 1 || s.sc % WGMMA_SLICE != 0 || s.ncols < 128,
+                    "{s:?}"
+                );
+                continue;
+            };
+            taken += 1;
+            let (dy0, dx0) = (bx.0[1], bx.0[0]);
+            for tile in [128, 256] {
+                let tiles = s.rows().div_ceil(tile);
+                for m0 in (0..tiles)
+                    .filter(|&i| i < 3 || i + 2 >= tiles)
+                    .map(|i| i * tile)
+                {
+                    let (img, rem) = (m0 / (s.mh * s.mw), m0 % (s.mh * s.mw));
+                    let start = ((rem % s.mw) as i32 + dx0, (rem / s.mw) as i32 + dy0, img);
+                    for t in &s.taps {
+                        let offsets = (t.dx - dx0, t.dy - dy0);
+                        assert!((0..=255).contains(&offsets.0) && (0..=255).contains(&offsets.1));
+                        let want: Vec<_> = (m0..m0 + tile).map(|m| gathered(s, m, t)).collect();
+                        assert_eq!(
+                            walked(s, bx, start, offsets, tile),
+                            want,
+                            "{s:?} at row {m0}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(taken >= 30, "only {taken} shapes on TMA");
+        let stride2 = ConvShape::forward(1, 64, 64, 256, 256, 3, 2, Pad::Symmetric);
+        assert_eq!(im2col_box(&stride2), None);
+        let same = ConvShape::forward(1, 64, 64, 256, 256, 3, 1, Pad::Symmetric);
+        assert_eq!(im2col_box(&same), Some(([-1, -1], [-1, -1])));
     }
 }

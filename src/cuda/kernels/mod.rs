@@ -54,12 +54,13 @@ mod conv_plan;
 mod linear;
 mod norm;
 mod resample;
+mod tma;
 
 pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
-    fold_upsampled_weights, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma, ConvKernel,
-    ConvLaunch, ConvShape, WgmmaTile, WGMMA_SLICE,
+    fold_upsampled_weights, im2col_box, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma,
+    tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
@@ -169,15 +170,15 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
-    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows` and `_rows_lean` forms, then the
-    /// `_tall` forms of all six (`conv::wgmma_index`): on compute capability 9.0 only.
+    /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows`, `_rows_lean` and `_rows_tma` forms,
+    /// then the `_tall` forms of all eight (`conv::wgmma_index`): on compute capability 9.0 only.
     conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
 }
 
-/// Both precisions and the three forms (conv.rs `WGMMA_FORMS`) of every wgmma tile.
-const WGMMA_KERNELS: usize = 6 * WgmmaTile::ALL.len();
+/// Both precisions and the four forms (conv.rs `WGMMA_FORMS`) of every wgmma tile.
+const WGMMA_KERNELS: usize = 8 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 

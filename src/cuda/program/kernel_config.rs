@@ -9,7 +9,7 @@ use crate::switches;
 use {
     super::Program,
     crate::cuda::kernels::{
-        flash_fits, one_pass_threads, ConvLaunch, ConvShape, Gemm, NormSplit, WgmmaTile,
+        flash_fits, im2col_box, one_pass_threads, ConvLaunch, ConvShape, Gemm, NormSplit, WgmmaTile,
     },
     crate::cuda::unet::AttnKernel,
 };
@@ -62,6 +62,10 @@ pub(crate) struct KernelConfig {
     /// wgmma launches with the row epilogue take the lean loaders
     /// ([`ConvLaunch::lean_loads`]): the same copies, half the instructions a K slice.
     pub wgmma_lean: bool,
+    /// wgmma launches with the row epilogue whose shape the TMA kernels take ([`im2col_box`])
+    /// copy their slices with the tensor memory accelerator ([`ConvLaunch::tma_loads`], with
+    /// the lean loaders' epilogue): no copy instructions in 255 of 256 threads, the same bits.
+    pub wgmma_tma: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
@@ -97,6 +101,7 @@ impl Default for KernelConfig {
             attention_tf32: false,
             attention_flash: false,
             wgmma_lean: false,
+            wgmma_tma: false,
             tall_tiles: false,
             upsample_fold: false,
             batch_invariant: false,
@@ -127,6 +132,7 @@ impl KernelConfig {
             attention_tf32: true,
             attention_flash: false,
             wgmma_lean: false,
+            wgmma_tma: false,
             tall_tiles: true,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
@@ -156,6 +162,7 @@ impl KernelConfig {
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean),
+            wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
@@ -177,6 +184,7 @@ impl KernelConfig {
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
             (self.wgmma_lean, "lean wgmma loaders"),
+            (self.wgmma_tma, "TMA wgmma loads"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),

@@ -6,8 +6,8 @@ use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, plan_conv_at, plan_launch, plan_norm, ConvKernel, ConvShape, NormSplit, WgmmaTile,
-    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    flash_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel, ConvShape, NormSplit,
+    WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -530,7 +530,9 @@ impl Lowering<'_> {
         if tall_here {
             launch.tile = tall;
         }
-        launch.lean_loads = self.choice.wgmma_lean && launch.wgmma && launch.row_epilogue;
+        let lean_here = launch.wgmma && launch.row_epilogue;
+        launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
+        launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

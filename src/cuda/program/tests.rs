@@ -4,7 +4,9 @@
 
 use super::*;
 use crate::config::UNetConfig;
-use crate::cuda::kernels::{Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS};
+use crate::cuda::kernels::{
+    im2col_box, Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS,
+};
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -983,4 +985,31 @@ fn every_buffer_with_room_is_used() {
             }
         }
     }
+}
+
+/// With wgmma_tma, every wgmma launch with the row epilogue whose shape the TMA kernels take
+/// copies through the tensor memory accelerator, with the lean epilogue, and no other launch
+/// does; at batch 1 that is 161 of the DPS step's 168 (not the stride-2 forwards).
+#[test]
+fn tma_loads_take_every_launch_they_fit() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tc = KernelConfig {
+        wgmma_tma: true,
+        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+    };
+    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+    let (mut wgmma, mut tma) = (0, 0);
+    for s in &p.steps {
+        let Step::Conv(c) = s else { continue };
+        let l = c.launch;
+        let fits = l.wgmma && l.row_epilogue && im2col_box(&c.shape).is_some();
+        assert_eq!(l.tma_loads, fits, "{s:?}");
+        assert!(!l.tma_loads || l.lean_loads, "{s:?}");
+        wgmma += usize::from(l.wgmma);
+        tma += usize::from(l.tma_loads);
+    }
+    assert!(
+        tma * 10 >= wgmma * 9,
+        "{tma} of {wgmma} wgmma launches on TMA"
+    );
 }

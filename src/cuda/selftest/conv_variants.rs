@@ -3,8 +3,8 @@
 
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
-    on_tile, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr, ProbeCounters,
-    WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    on_tile, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr,
+    ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -14,18 +14,29 @@ use crate::Result;
 /// fp32, added in a different order.
 pub(super) const WGMMA_VS_MMA: f64 = 1e-5;
 
-/// Every other form of wgmma launch `p` ([`on_tile`]), each tile with each epilogue, and the
-/// row epilogue also with the lean loaders: the same sums in the same order as `p`.
-pub(super) fn wgmma_forms(p: ConvLaunch) -> Vec<ConvLaunch> {
+/// Every other form of wgmma launch `p` of `shape` ([`on_tile`]), each tile with each
+/// epilogue, and the row epilogue also with the lean loaders and, where [`tma_tried`], the TMA
+/// loads: the same sums in the same order as `p`.
+pub(super) fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<ConvLaunch> {
+    let tma = tma_tried(shape);
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
         let Some(v) = on_tile(p, tile) else {
             continue;
         };
-        for (row_epilogue, lean_loads) in [(false, false), (true, false), (true, true)] {
+        for (row_epilogue, lean_loads, tma_loads) in [
+            (false, false, false),
+            (true, false, false),
+            (true, true, false),
+            (true, true, true),
+        ] {
+            if tma_loads && !tma {
+                continue;
+            }
             let v = ConvLaunch {
                 row_epilogue,
                 lean_loads,
+                tma_loads,
                 ..v
             };
             if v != p {
@@ -44,7 +55,9 @@ pub(super) fn wgmma_path(p: &ConvLaunch) -> String {
     if p.row_epilogue {
         s += ", row epilogue";
     }
-    if p.lean_loads {
+    if p.tma_loads {
+        s += ", TMA loads";
+    } else if p.lean_loads {
         s += ", lean loads";
     }
     s

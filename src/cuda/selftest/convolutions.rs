@@ -5,7 +5,8 @@ use super::conv_variants::{wgmma_forms, wgmma_path, WGMMA_VS_MMA};
 use super::{acc_name, path, tensor_core_tolerance, Tester, TENSOR_CORE};
 use crate::cpu::conv::{self, ConvParams, Geometry};
 use crate::cuda::kernels::{
-    on_tile, plan_conv, plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr,
+    im2col_box, on_tile, plan_conv, plan_conv_at, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs,
+    ConvShape, DPtr,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevConv;
@@ -301,6 +302,20 @@ impl Tester<'_> {
                 res: true,
                 ..cc(1, 9, 11, 40, 72, 3, 1, Symmetric)
             },
+            // For the TMA loads (whole-tap slices): 351 rows whose tiles straddle images and
+            // end inside the batch, 192 columns (a partial column tile), every epilogue term.
+            ConvCase {
+                temb: true,
+                res: true,
+                out_div: 2.0,
+                accumulate: true,
+                ..cc(3, 9, 13, 64, 192, 3, 1, Symmetric)
+            },
+            // The stride-2 input gradient's parity classes on TMA (192 -> 128 at input stride 1).
+            ConvCase {
+                accumulate: true,
+                ..cc(2, 12, 20, 128, 192, 3, 2, Symmetric)
+            },
         ];
         for c in cases {
             self.conv_case(c, &TENSOR_CORE)?;
@@ -500,7 +515,7 @@ impl Tester<'_> {
             let label = named(format!("conv{k}x{k} s{stride} forward{epi}"));
             // The row epilogue, the lean loaders and the tall tile: the same products summed in
             // the same order and the same epilogue arithmetic, so the same bits.
-            for v in std::iter::once(wp).chain(wgmma_forms(wp)) {
+            for v in std::iter::once(wp).chain(wgmma_forms(wp, &shape)) {
                 if v != wp {
                     let (out, ms) = self.conv_output(&shape, &v, ptrs, out_div, want.len())?;
                     self.row_within(
@@ -635,14 +650,16 @@ impl Tester<'_> {
                     ms,
                     WGMMA_VS_MMA,
                 );
-                // The row epilogue (accumulating too), the lean loaders and the tall tile: the
-                // same bits.
-                for form in wgmma_forms(wg_plans[0]) {
-                    let v: Vec<ConvLaunch> = wg_plans
+                // The row epilogue (accumulating too), the lean loaders, the TMA loads and the
+                // tall tile: the same bits.
+                for form in wgmma_forms(wg_plans[0], first) {
+                    let v: Vec<ConvLaunch> = shapes
                         .iter()
-                        .map(|p| ConvLaunch {
+                        .zip(&wg_plans)
+                        .map(|(s, p)| ConvLaunch {
                             row_epilogue: form.row_epilogue,
                             lean_loads: form.lean_loads,
+                            tma_loads: form.tma_loads && im2col_box(s).is_some(),
                             ..on_tile(*p, form.tile).unwrap_or(*p)
                         })
                         .collect();

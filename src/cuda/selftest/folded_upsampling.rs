@@ -275,7 +275,7 @@ impl Tester<'_> {
         let ptrs = ConvPtrs { ws: ws.ptr, ..ptrs };
         let (want, _) = self.conv_output(shape, &p, ptrs, out_div, len)?;
         let label = format!("conv3x3 after upsampling, folded {what}, first launch");
-        for v in wgmma_forms(p) {
+        for v in wgmma_forms(p, shape) {
             let ws = self.zeros(v.workspace_len(shape))?;
             let vp = ConvPtrs { ws: ws.ptr, ..ptrs };
             let (got, ms) = self.conv_output(shape, &v, vp, out_div, len)?;
