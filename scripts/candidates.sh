@@ -1,9 +1,17 @@
 # The GPU switches worth timing on a card (PERF.md, v0.5), one place for the scripts that time
-# them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value":
-# each default turned off (does it still pay on this card and workload?), the stream count
-# either way, the candidates that are off by default, and the two staged after v0.5 together
-# (both compute the defaults' bits; the set the next defaults would be if both win).
+# them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value".
+# First the candidates staged after v0.5 and not yet timed (each computes the defaults' bits),
+# alone and together (`next`: the set the next defaults would be if all three win), then the
+# fused attention (slower at v0.5), the stream count either way, and each default turned off
+# (does it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
+    wgmma_tma:INVDIFF_WGMMA_TMA=1
+    gn_ilp:INVDIFF_GN_ILP=1
+    wgmma_lean:INVDIFF_WGMMA_LEAN=1
+    next:INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1,INVDIFF_WGMMA_TMA=1
+    attn_flash:INVDIFF_ATTN_FLASH=1
+    streams1:INVDIFF_STREAMS=1
+    streams3:INVDIFF_STREAMS=3
     no_gn_one_pass:INVDIFF_GN_ONE_PASS=0
     no_half_concat:INVDIFF_HALF_CONCAT=0
     no_half_copy:INVDIFF_HALF_COPY=0
@@ -14,10 +22,4 @@ CANDIDATES=(
     no_small_tiles:INVDIFF_GEMM_SMALL_TILES=0
     no_fold:INVDIFF_UPSAMPLE_FOLD=0
     fold_all:INVDIFF_UPSAMPLE_FOLD=1
-    streams1:INVDIFF_STREAMS=1
-    streams3:INVDIFF_STREAMS=3
-    attn_flash:INVDIFF_ATTN_FLASH=1
-    gn_ilp:INVDIFF_GN_ILP=1
-    wgmma_lean:INVDIFF_WGMMA_LEAN=1
-    ilp_lean:INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1
 )

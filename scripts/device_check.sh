@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared script for a GPU session (H100/H200): correctness of the CUDA path, PyTorch's
 # timings and ours on the same card, and where our time goes per kernel, most important first:
-#   (a) invdiff selftest (every kernel and whole networks against the CPU path);
+#   (a) invdiff selftest (every kernel and whole networks against the CPU path), the TMA
+#       kernels' checks in a run of their own first (TMA_BROKEN below);
 #   (b) PyTorch + diffusers: dense bf16 matmul peak, fp32 b1 forward + DPS step, bf16 b1 forward +
 #       DPS step, bf16 b8 and b32 forward (also writes the weights and I/O that (e) checks against);
 #   (c) invdiff bench: fp32 b1 (forward + DPS step), fp32 b8, bf16 b1 (forward + DPS step), bf16
@@ -27,7 +28,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 18 variants of three bench calls each);
+# 2026-11-26, where a bench call took 2-5 s; (v) runs 19 variants of three bench calls each);
 # each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
 # so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
 #
@@ -164,17 +165,30 @@ note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.
 note "binary: $(ls -l "$BIN" | awk '{print $5}') bytes; next: $([ -x "$NEXT" ] && echo yes || echo no); kernels_cuda: $([ -x "$KBENCH" ] && echo yes || echo no)"
 
 # (a) Every kernel and the whole network against the CPU path (~60 s).
-selftest() { # selftest NAME BINARY [ARGS...]
+selftest() { # selftest NAME BINARY [ARGS...]; sets selftest_rc
     local t0=$SECONDS
     run 240 "$1.txt" "$2" selftest --device cuda "${@:3}"
-    local rc=$?
-    note "$1 (exit $rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
+    selftest_rc=$?
+    note "$1 (exit $selftest_rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
     while read -r l; do note "  $l"; done < <(grep FAILED "$W/$1.txt" | head -n 8 | cut -c 1-120)
 }
+# The TMA kernels (INVDIFF_WGMMA_TMA, first timed by this script) in a run of their own first:
+# a kernel that faults ends every check after it in its process, so the main run leaves them
+# out. If they fail, every later phase leaves them out too (TMA_BROKEN).
+TMA_BROKEN=0
 if want a; then
-    selftest selftest "$BIN"
+    selftest selftest_tma "$BIN" --only "tensor-core convolutions"
+    if { [ "$selftest_rc" -ne 0 ] && [ "$selftest_rc" -ne 1 ]; } \
+        || grep FAILED "$W/selftest_tma.txt" | grep -qE "TMA loads|stopped by an error"; then
+        TMA_BROKEN=1
+        note "TMA kernels failed their checks: left out of every later phase"
+    fi
+    INVDIFF_WGMMA_TMA=0 selftest selftest "$BIN"
     cp "$W/selftest.txt" "$RES/selftest.txt"
     sync_out
+fi
+if [ "$TMA_BROKEN" = 1 ]; then
+    export INVDIFF_WGMMA_TMA=0
 fi
 
 # (b) PyTorch on the same card (~45 s): its matmul peak first, results saved after each case.
@@ -269,10 +283,15 @@ VBIN=$BIN
 # candidate on (ALL), then each entry of scripts/candidates.sh alone (the list tune.sh reads
 # too: each default turned off, the stream count, the candidates).
 V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1
-ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1
+ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1,INVDIFF_WGMMA_TMA=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
 VARIANTS=${VARIANTS-v04:$V04;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
+if [ "$TMA_BROKEN" = 1 ]; then
+    # Without the TMA kernels: their switch out of every set, and a set left with none dropped.
+    VARIANTS=$(tr ';' '\n' <<< "$VARIANTS" | sed -E 's/,?INVDIFF_WGMMA_TMA=1//; s/:,/:/' \
+        | grep -vE ':$' | paste -sd ';')
+fi
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"
 # The variant that also gets the whole selftest, the b1 DPS profile and the 1000-step
