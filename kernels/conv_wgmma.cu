@@ -39,6 +39,12 @@
 // The barrier protocol and the products are the cp.async kernels', so the bits are theirs.
 // Why: with cp.async every thread spends 186-346 instructions a slice forming addresses, and
 // the stop-16 cycle probe put 36-57% of a block's cycles there, against 7-17% in the products.
+// Why not the usual producer warp and per-stage `empty` barriers, which would keep every stage
+// in flight: a producer that waits in a loop inside a consumer warpgroup, while products are
+// in flight, makes ptxas serialise every wgmma (C7518); an extra producer warp leaves the
+// consumers 96 registers, whose spills serialise them too (C7515); a producer warpgroup that
+// hands its registers over (setmaxnreg) is the way, but not with two blocks a multiprocessor.
+// With two blocks the other block's products cover the one slice of copies ahead.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -316,7 +322,7 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // TMA (the `_tma` kernels, with LEAN's epilogue): thread 0 copies each slice with the tensor
 // memory accelerator through the maps in `tma` (TmaLoads), and every thread waits on the
 // stage's mbarrier instead of its own copies. Only for launches whose slices are whole taps
-// (sc % 64 == 0) at input stride 1, which the host checks (`tma_fits` in conv_plan.rs).
+// (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
@@ -392,6 +398,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&full[s]), 1);
             // The initialised barriers visible to the copies (the async proxy) that complete them.
             asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
         }

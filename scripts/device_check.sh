@@ -179,7 +179,7 @@ TMA_BROKEN=0
 if want a; then
     selftest selftest_tma "$BIN" --only "tensor-core convolutions"
     if { [ "$selftest_rc" -ne 0 ] && [ "$selftest_rc" -ne 1 ]; } \
-        || grep FAILED "$W/selftest_tma.txt" | grep -qE "TMA loads|stopped by an error"; then
+        || grep -qE '(TMA loads|stopped by an error).*FAILED' "$W/selftest_tma.txt"; then
         TMA_BROKEN=1
         note "TMA kernels failed their checks: left out of every later phase"
     fi
@@ -289,7 +289,8 @@ ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1,INVDIFF_WGMMA_TMA
 VARIANTS=${VARIANTS-v04:$V04;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
 if [ "$TMA_BROKEN" = 1 ]; then
     # Without the TMA kernels: their switch out of every set, and a set left with none dropped.
-    VARIANTS=$(tr ';' '\n' <<< "$VARIANTS" | sed -E 's/,?INVDIFF_WGMMA_TMA=1//; s/:,/:/' \
+    VARIANTS=$(tr ';' '\n' <<< "$VARIANTS" \
+        | sed -E 's/([:,])INVDIFF_WGMMA_TMA=1(,|$)/\1/; s/,$//; s/:,/:/' \
         | grep -vE ':$' | paste -sd ';')
 fi
 variants=()

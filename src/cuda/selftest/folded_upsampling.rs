@@ -167,12 +167,17 @@ impl Tester<'_> {
             ms,
             tolerance,
         );
-        if plans[0].wgmma {
-            let p = ConvPtrs {
-                w: folded.weights_for(plans[0].kernel, true)?,
-                ..base
-            };
-            self.other_forms(&shapes[0], plans[0], p, out_div, want.len(), what, &desc)?;
+        // Every class: their taps sit differently about the pixel, so each has its own
+        // im2col box for the TMA loads (the classes (0, 1) and (1, 0) tell width from height).
+        for (class, (s, &p)) in shapes.iter().zip(&plans).enumerate() {
+            if p.wgmma {
+                let ptrs = ConvPtrs {
+                    w: folded.weights_for(p.kernel, true)?,
+                    ..base
+                };
+                let what = format!("forward, class {class}");
+                self.other_forms(s, p, ptrs, out_div, want.len(), &what, &desc)?;
+            }
         }
 
         // Input gradient: two launches into the low-resolution gradient, the second adding
@@ -257,9 +262,9 @@ impl Tester<'_> {
         Ok((y.download(st)?, ms))
     }
 
-    /// The other wgmma forms of the first launch `p` of `shape` (tiles, epilogues) against `p`
-    /// itself, alone in a fresh output:
-    /// the same sums, as `conv_variants` holds them for the unfolded shapes.
+    /// The other wgmma forms of launch `p` of `shape` (tiles, epilogues, loaders) against `p`
+    /// itself, alone in a fresh output: the same sums, as `conv_variants` holds them for the
+    /// unfolded shapes.
     #[allow(clippy::too_many_arguments)]
     fn other_forms(
         &mut self,
@@ -274,7 +279,7 @@ impl Tester<'_> {
         let ws = self.zeros(p.workspace_len(shape))?;
         let ptrs = ConvPtrs { ws: ws.ptr, ..ptrs };
         let (want, _) = self.conv_output(shape, &p, ptrs, out_div, len)?;
-        let label = format!("conv3x3 after upsampling, folded {what}, first launch");
+        let label = format!("conv3x3 after upsampling, folded {what}");
         for v in wgmma_forms(p, shape) {
             let ws = self.zeros(v.workspace_len(shape))?;
             let vp = ConvPtrs { ws: ws.ptr, ..ptrs };
