@@ -25,7 +25,8 @@ use serde::Serialize;
 use super::device::{cu, Gpu};
 use super::kernels::{
     norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    NormDims, ProbeCounters, WgmmaTile, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -257,12 +258,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 ..planned
             };
             let tma = tma_tried(shape);
-            for (row_epilogue, lean_loads, tma_loads) in [
-                (false, false, false),
-                (true, false, false),
-                (true, true, false),
-                (true, true, true),
-            ] {
+            for (row_epilogue, lean_loads, tma_loads) in WGMMA_FORMS {
                 if tma_loads && !tma {
                     continue;
                 }

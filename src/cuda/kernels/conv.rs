@@ -70,13 +70,13 @@ pub(crate) struct ConvPtrs {
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
 
-/// The forms of a wgmma kernel of one tile and precision, in [`wgmma_index`] order, by kernel
-/// name infix: the pairwise epilogue, the row epilogue, the row epilogue with lean loaders, the
-/// row epilogue with TMA loads.
-const WGMMA_FORMS: [&str; 4] = ["", "_rows", "_rows_lean", "_rows_tma"];
+/// The kernel name infixes of [`WGMMA_FORMS`](super::WGMMA_FORMS), in [`wgmma_index`] order: the pairwise
+/// epilogue, the row epilogue, the row epilogue with lean loaders, the row epilogue with TMA
+/// loads.
+const WGMMA_FORM_NAMES: [&str; 4] = ["", "_rows", "_rows_lean", "_rows_tma"];
 
 /// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the form
-/// ([`WGMMA_FORMS`]), then the tile ([`WgmmaTile::ALL`]'s order).
+/// ([`WGMMA_FORM_NAMES`]), then the tile ([`WgmmaTile::ALL`]'s order).
 fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
     let tile = WgmmaTile::ALL
         .iter()
@@ -84,7 +84,7 @@ fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
         .unwrap_or(0);
     let form =
         usize::from(plan.row_epilogue) + usize::from(plan.lean_loads) + usize::from(plan.tma_loads);
-    usize::from(precision == Precision::Fp16) + 2 * form + 2 * WGMMA_FORMS.len() * tile
+    usize::from(precision == Precision::Fp16) + 2 * form + 2 * WGMMA_FORM_NAMES.len() * tile
 }
 
 /// The wgmma kernels of one of [`Kernels`]' tables in [`wgmma_index`] order (precision, then
@@ -93,7 +93,7 @@ fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
 pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
     let mut out = Vec::new();
     for (tile, name) in WgmmaTile::ALL {
-        for form in WGMMA_FORMS {
+        for form in WGMMA_FORM_NAMES {
             for t in ["bf16", "fp16"] {
                 out.push((format!("conv_wgmma_{t}{form}{name}{suffix}"), tile));
             }
@@ -594,7 +594,7 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::{on_tile, plan_conv, plan_conv_at, plan_wgmma};
+    use crate::cuda::kernels::{on_tile, plan_conv, plan_conv_at, plan_wgmma, WGMMA_FORMS};
     use crate::model::graph::Pad;
 
     /// Every wgmma form a launch can ask for finds the kernel of its precision, epilogue,
@@ -607,12 +607,7 @@ mod tests {
         for precision in [Precision::Bf16, Precision::Fp16] {
             let wp = plan_wgmma(&shape, 132, precision).unwrap();
             for (tile, suffix) in WgmmaTile::ALL {
-                for (row_epilogue, lean_loads, tma_loads) in [
-                    (false, false, false),
-                    (true, false, false),
-                    (true, true, false),
-                    (true, true, true),
-                ] {
+                for (row_epilogue, lean_loads, tma_loads) in WGMMA_FORMS {
                     let plan = ConvLaunch {
                         row_epilogue,
                         lean_loads,

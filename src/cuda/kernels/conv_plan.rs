@@ -369,6 +369,16 @@ pub(crate) struct ConvLaunch {
     pub tile: WgmmaTile,
 }
 
+/// The forms of a wgmma kernel of one tile and precision as `(row_epilogue, lean_loads,
+/// tma_loads)`, in the order of [`Kernels`](super::Kernels)' tables (conv.rs `WGMMA_FORM_NAMES`
+/// names them): each form adds one choice to the one before.
+pub(crate) const WGMMA_FORMS: [(bool, bool, bool); 4] = [
+    (false, false, false),
+    (true, false, false),
+    (true, true, false),
+    (true, true, true),
+];
+
 /// The tile of a wgmma launch (kernels/conv_wgmma.cu `WgTile`): for a given split of K each
 /// computes the same sums in the same order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

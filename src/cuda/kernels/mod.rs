@@ -60,7 +60,7 @@ pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, im2col_box, on_tile, plan_conv, plan_conv_at, plan_launch, plan_wgmma,
-    tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_SLICE,
+    tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS, WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
@@ -177,7 +177,7 @@ pub(crate) struct Kernels {
     conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
 }
 
-/// Both precisions and the four forms (conv.rs `WGMMA_FORMS`) of every wgmma tile.
+/// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 8 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;

@@ -37,11 +37,14 @@ fn data_type(precision: Precision) -> Result<sys::CUtensorMapDataType> {
     }
 }
 
+/// Encodes a map with `encode` (a driver call that fills the map it is given), naming the
+/// map by `what` if the driver refuses it.
 fn encoded(
-    r: sys::CUresult,
-    map: sys::CUtensorMap,
     what: impl FnOnce() -> String,
+    encode: impl FnOnce(*mut sys::CUtensorMap) -> sys::CUresult,
 ) -> Result<TensorMap> {
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let r = encode(&mut map);
     if r == sys::CUresult::CUDA_SUCCESS {
         Ok(TensorMap(map.opaque))
     } else {
@@ -49,9 +52,18 @@ fn encoded(
     }
 }
 
+// What both maps share: no interleave, the 128-byte swizzle the wgmma descriptors read,
+// 128-byte L2 promotion, and zeros (not NaNs) outside the tensor.
+const INTERLEAVE: sys::CUtensorMapInterleave =
+    sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE;
+const SWIZZLE: sys::CUtensorMapSwizzle = sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B;
+const L2: sys::CUtensorMapL2promotion =
+    sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
+const ZEROS: sys::CUtensorMapFloatOOBfill =
+    sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE;
+
 /// The im2col map of `s`'s 16-bit input at `x` (`[n, sh, sw, sc]`): 64 channels of `rows` pixels
-/// a copy, in the 128-byte swizzle the wgmma descriptors read, zeros outside the image and past
-/// the batch; its pixel box from [`im2col_box`].
+/// a copy, zeros outside the image and past the batch; its pixel box from [`im2col_box`].
 pub(super) fn im2col_map(
     precision: Precision,
     x: DPtr,
@@ -66,33 +78,34 @@ pub(super) fn im2col_map(
     };
     let (lower, upper) = im2col_box(s)
         .ok_or_else(|| Error::Cuda(format!("internal: no TMA copies for {}", shape())))?;
+    let dtype = data_type(precision)?;
     let dims = [s.sc, s.sw, s.sh, s.n].map(|d| d as u64);
     // Bytes between consecutive pixels, rows and images; the channel stride is the element's.
     let strides = [s.sc * 2, s.sc * 2 * s.sw, s.sc * 2 * s.sw * s.sh].map(|d| d as u64);
     let element_strides = [1u32; 4];
-    let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: every array has the length the rank (4) asks for and outlives the call, which
-    // only writes `map`.
-    let r = unsafe {
-        sys::cuTensorMapEncodeIm2col(
-            &mut map,
-            data_type(precision)?,
-            4,
-            x as *mut c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            lower.as_ptr(),
-            upper.as_ptr(),
-            WGMMA_SLICE as u32,
-            rows as u32,
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    encoded(r, map, shape)
+    encoded(shape, |map| {
+        // SAFETY: every array has the length the rank (4) asks for and outlives the call,
+        // which only writes `map`.
+        unsafe {
+            sys::cuTensorMapEncodeIm2col(
+                map,
+                dtype,
+                4,
+                x as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                lower.as_ptr(),
+                upper.as_ptr(),
+                WGMMA_SLICE as u32,
+                rows as u32,
+                element_strides.as_ptr(),
+                INTERLEAVE,
+                SWIZZLE,
+                L2,
+                ZEROS,
+            )
+        }
+    })
 }
 
 /// The tiled map of `s`'s K-major weights at `w` (`[blocks, ncols, sc]`, a block per distinct
@@ -105,27 +118,28 @@ pub(super) fn weight_map(precision: Precision, w: DPtr, s: &ConvShape) -> Result
             s.sc, s.ncols
         )
     };
+    let dtype = data_type(precision)?;
     let dims = [s.sc, s.ncols, blocks].map(|d| d as u64);
     let strides = [s.sc * 2, s.sc * 2 * s.ncols].map(|d| d as u64);
     let boxes = [WGMMA_SLICE as u32, BOX_COLS, 1];
     let element_strides = [1u32; 3];
-    let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: as in im2col_map, for rank 3.
-    let r = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            &mut map,
-            data_type(precision)?,
-            3,
-            w as *mut c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            boxes.as_ptr(),
-            element_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    encoded(r, map, shape)
+    encoded(shape, |map| {
+        // SAFETY: as in im2col_map, for rank 3.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map,
+                dtype,
+                3,
+                w as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                INTERLEAVE,
+                SWIZZLE,
+                L2,
+                ZEROS,
+            )
+        }
+    })
 }

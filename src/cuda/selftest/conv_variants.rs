@@ -4,7 +4,7 @@
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
     on_tile, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr,
-    ProbeCounters, WgmmaTile, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -24,12 +24,7 @@ pub(super) fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<ConvLaunch> {
         let Some(v) = on_tile(p, tile) else {
             continue;
         };
-        for (row_epilogue, lean_loads, tma_loads) in [
-            (false, false, false),
-            (true, false, false),
-            (true, true, false),
-            (true, true, true),
-        ] {
+        for (row_epilogue, lean_loads, tma_loads) in WGMMA_FORMS {
             if tma_loads && !tma {
                 continue;
             }
