@@ -36,15 +36,15 @@
 // TMA (the `_tma` kernels, INVDIFF_WGMMA_TMA): one thread issues each slice as two bulk tensor
 // copies (the tensor memory accelerator), an im2col copy of the A rows and a tiled copy of the
 // B rows, whose bytes complete the stage's mbarrier; the other threads issue no copies at all.
-// The barrier protocol and the products are the cp.async kernels', so the bits are theirs.
+// The products are the cp.async kernels', so the bits are theirs; the barrier protocol is
+// theirs with one slice more in flight (wg_body).
 // Why: with cp.async every thread spends 186-346 instructions a slice forming addresses, and
 // the stop-16 cycle probe put 36-57% of a block's cycles there, against 7-17% in the products.
-// Why not the usual producer warp and per-stage `empty` barriers, which would keep every stage
-// in flight: a producer that waits in a loop inside a consumer warpgroup, while products are
-// in flight, makes ptxas serialise every wgmma (C7518); an extra producer warp leaves the
-// consumers 96 registers, whose spills serialise them too (C7515); a producer warpgroup that
-// hands its registers over (setmaxnreg) is the way, but not with two blocks a multiprocessor.
-// With two blocks the other block's products cover the one slice of copies ahead.
+// Why not the usual producer and per-stage `empty` barriers, which would keep every stage in
+// flight: with the producer waiting in a loop inside a consumer warpgroup while products are
+// in flight, ptxas serialises every wgmma (C7518); with an extra producer warp the consumers
+// get 96 registers, whose spills serialise them too (C7515). A producer warpgroup that hands
+// its registers over (setmaxnreg) is untried: it needs a fifth warpgroup's worth of threads.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -253,11 +253,16 @@ template <class Issue> DEVI void wg_batch(float (&acc)[64], Issue issue) {
     wg_fence_acc(acc);
 }
 
+// Every batch of this warpgroup's products complete.
+DEVI void wg_wait_all(float (&acc)[64]) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    wg_fence_acc(acc);
+}
+
 // After the last step: every product and copy complete before the epilogue reads the
 // accumulators or reuses the stages.
 DEVI void wg_drain(float (&acc)[64]) {
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-    wg_fence_acc(acc);
+    wg_wait_all(acc);
     cp_async_wait<0>();
 }
 
@@ -528,17 +533,24 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         });
     };
     if constexpr (TMA) {
-        // The cp.async loop's order with the copies' wait after the barrier: the barrier of
-        // slice t (every warpgroup's batch t - 2 complete) frees the stage slice t + AHEAD fills.
+        // One slice of copies more in flight than the cp.async loop (S - 1 ahead): each
+        // warpgroup waits for its products of slice t - 1 before the barrier of slice t, which
+        // then frees their stage for slice t - 1 + S. A warpgroup's own batches no longer
+        // overlap, but the block's other warpgroups and the other block keep the tensor cores
+        // fed. (With one fewer in flight, the copies' latency, about a microsecond, would
+        // exceed the time the plain tile's two blocks take to multiply the slice before it.)
+        constexpr int TMA_AHEAD = S - 1;
 #pragma unroll
-        for (int s = 0; s < AHEAD; ++s)
+        for (int s = 0; s < TMA_AHEAD; ++s)
             if (s < ntiles) load_tma(s);
         cycles.mark(PROBE_SETUP);
-        int stage = 0, phase = 0, next = AHEAD;
+        int stage = 0, phase = 0, next = TMA_AHEAD;
         for (int t = 0; t < ntiles; ++t) {
+            wg_wait_all(acc);
+            cycles.mark(PROBE_MMA);
             __syncthreads();
             cycles.mark(PROBE_BARRIER);
-            if (t + AHEAD < ntiles) load_tma(next);
+            if (t + TMA_AHEAD < ntiles) load_tma(next);
             next = next + 1 == S ? 0 : next + 1;
             cycles.mark(PROBE_ISSUE);
             mbar_wait(smem_addr(&full[stage]), phase);
