@@ -1,7 +1,9 @@
 //! Tensor maps for the `_tma` wgmma kernels (kernels/conv_wgmma.cu, `TMA`): the descriptors the
 //! tensor memory accelerator copies a launch's A rows (im2col) and B rows (tiled) through,
 //! encoded on the host by the driver for each launch and passed by value as kernel parameters
-//! (a captured graph keeps its copy).
+//! (a captured graph keeps its copy). cudarc looks the encoders up in the driver on first use
+//! and panics if they are missing, but they are there from CUDA 12.0 on, and a driver that old
+//! cannot load these kernels (built by CUDA 13) in the first place.
 
 use std::ffi::c_void;
 
