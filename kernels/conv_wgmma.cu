@@ -36,8 +36,8 @@
 // TMA (the `_tma` kernels, INVDIFF_WGMMA_TMA): one thread issues each slice as two bulk tensor
 // copies (the tensor memory accelerator), an im2col copy of the A rows and a tiled copy of the
 // B rows, whose bytes complete the stage's mbarrier; the other threads issue no copies at all.
-// The products are the cp.async kernels', so the bits are theirs; the barrier protocol is
-// theirs with one slice more in flight (wg_body).
+// The products are the cp.async kernels', so the bits are theirs; so is the barrier protocol,
+// with one slice more of copies in flight in the plain tile (wg_body).
 // Why: with cp.async every thread spends 186-346 instructions a slice forming addresses, and
 // the stop-16 cycle probe put 36-57% of a block's cycles there, against 7-17% in the products.
 // Why not the usual producer and per-stage `empty` barriers, which would keep every stage in
@@ -533,27 +533,35 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         });
     };
     if constexpr (TMA) {
-        // One slice of copies more in flight than the cp.async loop (S - 1 ahead): each
-        // warpgroup waits for its products of slice t - 1 before the barrier of slice t, which
-        // then frees their stage for slice t - 1 + S. A warpgroup's own batches no longer
-        // overlap, but the block's other warpgroups and the other block keep the tensor cores
-        // fed. (With one fewer in flight, the copies' latency, about a microsecond, would
-        // exceed the time the plain tile's two blocks take to multiply the slice before it.)
-        constexpr int TMA_AHEAD = S - 1;
+        // The plain tile keeps one slice of copies more in flight than the cp.async loop
+        // (S - 1 ahead): each warpgroup waits for its products of slice t - 1 before the
+        // barrier of slice t, which then frees their stage for slice t - 1 + S. With one fewer,
+        // the copies' latency (about a microsecond, assumed) would exceed the time its two
+        // blocks take to multiply a slice; the tensor cores idle across a block's barrier, but
+        // the other block can fill the gap. The tall tile has no other block, and already two
+        // slices ahead: it keeps the cp.async loop's order (S - 2 ahead, the barrier of slice t
+        // certifying the products of slice t - 2), whose products overlap the barrier.
+        constexpr bool WAIT_OWN = Tile::BLOCKS_PER_SM > 1;
+        constexpr int TMA_AHEAD = WAIT_OWN ? S - 1 : S - 2;
 #pragma unroll
         for (int s = 0; s < TMA_AHEAD; ++s)
             if (s < ntiles) load_tma(s);
         cycles.mark(PROBE_SETUP);
         int stage = 0, phase = 0, next = TMA_AHEAD;
         for (int t = 0; t < ntiles; ++t) {
-            wg_wait_all(acc);
-            cycles.mark(PROBE_MMA);
+            if constexpr (WAIT_OWN) {
+                wg_wait_all(acc);
+                cycles.mark(PROBE_MMA);
+            }
             __syncthreads();
             cycles.mark(PROBE_BARRIER);
             if (t + TMA_AHEAD < ntiles) load_tma(next);
             next = next + 1 == S ? 0 : next + 1;
             cycles.mark(PROBE_ISSUE);
             mbar_wait(smem_addr(&full[stage]), phase);
+            // The products are warp-aligned instructions; the wait's lanes may leave its loop
+            // apart.
+            __syncwarp();
             cycles.mark(PROBE_COPY_WAIT);
             products(stage);
             cycles.mark(PROBE_MMA);
