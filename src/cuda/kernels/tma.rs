@@ -145,3 +145,30 @@ pub(super) fn weight_map(precision: Precision, w: DPtr, s: &ConvShape) -> Result
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::graph::Pad;
+
+    /// A launch the TMA kernels cannot take, or a precision without 16-bit operands, is an error
+    /// that names the map and the shape, found before the driver is asked.
+    #[test]
+    fn unsuitable_launches_are_named_errors() {
+        let stride2 = ConvShape::forward(1, 64, 64, 256, 256, 3, 2, Pad::Symmetric);
+        let e = im2col_map(Precision::Bf16, 0x1000, &stride2, 128)
+            .err()
+            .expect("a stride-2 input has no im2col box here")
+            .to_string();
+        assert!(
+            e.contains("no TMA copies") && e.contains("64x64x256"),
+            "{e}"
+        );
+        let same = ConvShape::forward(1, 64, 64, 256, 256, 3, 1, Pad::Symmetric);
+        let e = weight_map(Precision::Fp32, 0x1000, &same)
+            .err()
+            .expect("fp32 has no 16-bit operands")
+            .to_string();
+        assert!(e.contains("fp32") && e.contains("16-bit"), "{e}");
+    }
+}
