@@ -430,8 +430,9 @@ pub struct NormSweepRow {
     pub shape: String,
     /// How many GroupNorms of the program have this shape.
     pub count: usize,
-    /// `three launches` and `one pass` (where the groups allow it), each also `, loads ahead`
-    /// (the `_ilp` kernels), with its mean milliseconds.
+    /// The three-launch form (`N chunks`, first) and one pass (`one pass, T threads`, where
+    /// the groups allow it), each also `, loads ahead` (the `_ilp` kernels), with its mean
+    /// milliseconds.
     pub forms: Vec<NormForm>,
 }
 
@@ -525,14 +526,10 @@ pub fn sweep_group_norms(
             };
             forward()?;
             let ms = mean_ms(st, iters, run)?;
-            let form = match (split.one_pass, split.ilp) {
-                (None, false) => "three launches",
-                (None, true) => "three launches, loads ahead",
-                (Some(_), false) => "one pass",
-                (Some(_), true) => "one pass, loads ahead",
-            }
-            .to_string();
-            forms.push(NormForm { form, ms });
+            forms.push(NormForm {
+                form: split.form(),
+                ms,
+            });
         }
         rows.push(NormSweepRow {
             kind,

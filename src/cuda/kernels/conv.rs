@@ -70,9 +70,9 @@ pub(crate) struct ConvPtrs {
 const TC_ASYNC_SMEM: u32 = 75_776;
 const TC_STAGED_SMEM: u32 = 95_744;
 
-/// The kernel name infixes of [`WGMMA_FORMS`](super::WGMMA_FORMS), in [`wgmma_index`] order: the pairwise
-/// epilogue, the row epilogue, the row epilogue with lean loaders, the row epilogue with TMA
-/// loads.
+/// The kernel name infixes of [`WGMMA_FORMS`](super::WGMMA_FORMS), in [`wgmma_index`]
+/// order: the pairwise epilogue, the row epilogue, the row epilogue with lean loaders, the row
+/// epilogue with TMA loads.
 const WGMMA_FORM_NAMES: [&str; 4] = ["", "_rows", "_rows_lean", "_rows_tma"];
 
 /// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the form

@@ -64,7 +64,7 @@ pub(crate) struct KernelConfig {
     pub wgmma_lean: bool,
     /// wgmma launches with the row epilogue whose shape the TMA kernels take ([`im2col_box`])
     /// copy their slices with the tensor memory accelerator ([`ConvLaunch::tma_loads`], with
-    /// the lean loaders' epilogue): no copy instructions in 255 of 256 threads, the same bits.
+    /// the lean loaders' epilogue): no copy instructions in any thread but one, the same bits.
     pub wgmma_tma: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
