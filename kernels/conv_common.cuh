@@ -24,8 +24,9 @@ struct ConvArgs {
     int tap_dy[9];
     int tap_dx[9];
     int tap_w[9];
+    int prefetch;  // the lean wgmma kernels, unsplit: ask L2 for the epilogue's reads first
 };
-static_assert(sizeof(ConvArgs) == 232, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 240, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;

@@ -408,6 +408,19 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
         }
     }
+    // The epilogue's reads of this block's rows (a.prefetch, lean kernels, unsplit): into L2
+    // now, four 128-byte lines of each row, so that they overlap the products instead of
+    // following them; blocks finish their products together, and their epilogues then share
+    // the memory's bandwidth.
+    if (LEAN && a.prefetch && (a.res != nullptr || a.accumulate)) {
+        for (int i = tid; i < TM * 4; i += Tile::THREADS) {
+            const int m = m0 + i / 4, col = n0 + 32 * (i & 3);
+            if (m >= M || col >= ncols) continue;
+            const long long off = out_pixel(a, decode_row(a, m)) * ncols + col;
+            if (a.res != nullptr) prefetch_l2(a.res + off);
+            if (a.accumulate) prefetch_l2(a.y + off);
+        }
+    }
     __syncthreads();
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;

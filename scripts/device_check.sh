@@ -11,8 +11,8 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4
-#       program, every candidate on, then each entry of scripts/candidates.sh alone: each
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 and
+#       v0.5 programs, every candidate on, then each entry of scripts/candidates.sh alone: each
 #       default off, the stream count, each candidate) of out/invdiff-next if it exists, else
 #       out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for `v04`
 #       also its whole-network selftest rows, for `fold_all` its fp32 b1 rows, and for `all`
@@ -27,10 +27,11 @@
 #       trajectories, GPU against CPU.
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
-# Expected wall time on an H100/H200 about 6-7 minutes (141 s without (n) and (v) on an H200 on
-# 2026-11-26, where a bench call took 2-5 s; (v) runs 19 variants of three bench calls each);
-# each phase's estimate is beside it; a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a timeout,
-# so one hang cannot eat the session. Run it with the device tool's timeout_s at 600.
+# Expected wall time on an H100/H200 about 6 minutes (355 s on an H200 on 2026-11-27 with 19
+# variants of three bench calls each, a bench call 2-5 s); each phase's estimate is beside it;
+# a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a
+# timeout, so one hang cannot eat the session. Run it with the device tool's timeout_s at 600,
+# or, with less device time left, a shorter VARIANTS list and DEADLINE.
 #
 # Prepare on the development machine (the GPU machine has no Rust and no network):
 #   scripts/prepare_device.sh [OTHER_TREE]   # out/: invdiff, kernels_cuda, the diffusers wheels,
@@ -172,9 +173,9 @@ selftest() { # selftest NAME BINARY [ARGS...]; sets selftest_rc
     note "$1 (exit $selftest_rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
     while read -r l; do note "  $l"; done < <(grep FAILED "$W/$1.txt" | head -n 8 | cut -c 1-120)
 }
-# The TMA kernels (INVDIFF_WGMMA_TMA, first timed by this script) in a run of their own first:
-# a kernel that faults ends every check after it in its process, so the main run leaves them
-# out. If they fail, every later phase leaves them out too (TMA_BROKEN).
+# The TMA kernels (INVDIFF_WGMMA_TMA, a default since v0.6) in a run of their own first:
+# a kernel that faults ends every check after it in its process. If they fail, the main run
+# and every later phase leave them out (TMA_BROKEN).
 TMA_BROKEN=0
 if want a; then
     selftest selftest_tma "$BIN" --only "tensor-core convolutions"
@@ -183,7 +184,11 @@ if want a; then
         TMA_BROKEN=1
         note "TMA kernels failed their checks: left out of every later phase"
     fi
-    INVDIFF_WGMMA_TMA=0 selftest selftest "$BIN"
+    if [ "$TMA_BROKEN" = 1 ]; then
+        INVDIFF_WGMMA_TMA=0 selftest selftest "$BIN"
+    else
+        selftest selftest "$BIN"
+    fi
     cp "$W/selftest.txt" "$RES/selftest.txt"
     sync_out
 fi
@@ -279,20 +284,16 @@ MODEL_ARG=()
 # (v) Run-time variants of the newest build (~10 s each, ~40 s for the last).
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
-# The v0.4 program (every v0.5 default off: what the defaults gain, in this run), every
-# candidate on (ALL), then each entry of scripts/candidates.sh alone (the list tune.sh reads
-# too: each default turned off, the stream count, the candidates).
-V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1
-ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_GN_ILP=1,INVDIFF_WGMMA_LEAN=1,INVDIFF_WGMMA_TMA=1
+# The v0.4 program (every later default off: what the defaults gain, in this run), the v0.5
+# one (v0.6's three defaults off), every candidate on (ALL), then each entry of
+# scripts/candidates.sh alone (the list tune.sh reads too: each default turned off, the stream
+# count, the candidates).
+V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1,INVDIFF_GN_ILP=0,INVDIFF_WGMMA_LEAN=0,INVDIFF_WGMMA_TMA=0
+V05=INVDIFF_GN_ILP=0,INVDIFF_WGMMA_LEAN=0,INVDIFF_WGMMA_TMA=0
+ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_HALF_COPY_SMALL=1,INVDIFF_EPI_PREFETCH=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
-VARIANTS=${VARIANTS-v04:$V04;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
-if [ "$TMA_BROKEN" = 1 ]; then
-    # Without the TMA kernels: their switch out of every set, and a set left with none dropped.
-    VARIANTS=$(tr ';' '\n' <<< "$VARIANTS" \
-        | sed -E 's/([:,])INVDIFF_WGMMA_TMA=1(,|$)/\1/; s/,$//; s/:,/:/' \
-        | grep -vE ':$' | paste -sd ';')
-fi
+VARIANTS=${VARIANTS-v04:$V04;v05:$V05;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"
 # The variant that also gets the whole selftest, the b1 DPS profile and the 1000-step

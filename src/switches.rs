@@ -66,7 +66,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_ILP",
         ON_OFF,
-        "GPU candidate: `1` runs GroupNorms with loads issued ahead",
+        "GPU default: `0` runs GroupNorms without loads issued ahead",
     ),
     choice(
         "INVDIFF_HALF_CONCAT",
@@ -77,6 +77,11 @@ pub const SWITCHES: &[Switch] = &[
         "INVDIFF_HALF_COPY",
         ON_OFF,
         "GPU default: `0` stages large fp32 inputs of tensor-core launches instead of converting them",
+    ),
+    choice(
+        "INVDIFF_HALF_COPY_SMALL",
+        ON_OFF,
+        "GPU candidate: `1` converts fp32 inputs of tensor-core launches at every size",
     ),
     choice(
         "INVDIFF_ALIAS_GRADS",
@@ -101,13 +106,18 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_WGMMA_LEAN",
         ON_OFF,
-        "GPU candidate: `1` gives wgmma launches loaders of half the instructions",
+        "GPU default: `0` gives wgmma launches the loaders of twice the instructions",
     ),
     choice(
         "INVDIFF_WGMMA_TMA",
         ON_OFF,
-        "GPU candidate: `1` copies wgmma slices with the tensor memory accelerator; \
-         `0` also leaves the TMA kernels out of the selftest and the sweep",
+        "GPU default: `0` copies wgmma slices with the threads' own copies instead of the \
+         tensor memory accelerator, and leaves the TMA kernels out of the selftest and the sweep",
+    ),
+    choice(
+        "INVDIFF_EPI_PREFETCH",
+        ON_OFF,
+        "GPU candidate: `1` has wgmma launches ask L2 for their epilogue's reads first",
     ),
     choice(
         "INVDIFF_WGMMA_TALL",

@@ -221,6 +221,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             wgmma: false,
             lean_loads: false,
             tma_loads: false,
+            prefetch: false,
             tile: WgmmaTile::Plain,
             ..planned
         };
@@ -255,6 +256,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 deep: true,
                 half_input: true,
                 wgmma: true,
+                prefetch: false,
                 ..planned
             };
             let tma = tma_tried(shape);
@@ -272,8 +274,16 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    if !out.contains(&c) {
-                        out.push(c);
+                    // Unsplit lean forms also with the epilogue's reads prefetched.
+                    let prefetched = ConvLaunch {
+                        prefetch: true,
+                        ..c
+                    };
+                    let also = (lean_loads && c.splits == 1).then_some(prefetched);
+                    for c in std::iter::once(c).chain(also) {
+                        if !out.contains(&c) {
+                            out.push(c);
+                        }
                     }
                 }
             }
@@ -301,6 +311,9 @@ fn pipeline_name(l: &ConvLaunch) -> String {
         name += ", TMA loads";
     } else if l.lean_loads {
         name += ", lean loads";
+    }
+    if l.prefetch {
+        name += ", prefetch";
     }
     name
 }
@@ -704,14 +717,16 @@ mod tests {
                     assert!(l.splits == 1 || tiles * l.splits <= MAX_WAVES * 2 * 132 + tiles);
                     assert!(!l.half_input || (l.deep && precision.is_half()));
                 }
-                // A planned tall launch with TMA loads: the non-wgmma variants take neither,
-                // and only shapes the TMA kernels take get TMA variants.
+                // A planned tall launch with TMA loads (and, unsplit, the prefetch): the
+                // non-wgmma variants take none of them, only shapes the TMA kernels take get TMA
+                // variants, and only unsplit lean ones the prefetch.
                 if precision.is_half() {
                     if let Some(tall) = on_tile(
                         ConvLaunch {
                             row_epilogue: true,
                             lean_loads: true,
                             tma_loads: im2col_box(shape).is_some(),
+                            prefetch: plan_wgmma(shape, 132, precision).unwrap().splits == 1,
                             ..plan_wgmma(shape, 132, precision).unwrap()
                         },
                         WgmmaTile::Tall,
@@ -725,6 +740,7 @@ mod tests {
                                 "{l:?}"
                             );
                             assert!(!l.tma_loads || im2col_box(shape).is_some(), "{l:?}");
+                            assert!(!l.prefetch || (l.lean_loads && l.splits == 1), "{l:?}");
                         }
                     }
                 }

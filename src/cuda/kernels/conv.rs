@@ -46,9 +46,10 @@ struct ConvArgs {
     tap_dy: [i32; 9],
     tap_dx: [i32; 9],
     tap_w: [i32; 9],
+    prefetch: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 232);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 240);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -335,6 +336,7 @@ impl Kernels {
             k_per_split: i32_of(plan.k_per_split, "K per split")?,
             accumulate: accumulate as i32,
             out_div,
+            prefetch: i32::from(plan.prefetch),
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -362,10 +364,11 @@ impl Kernels {
             || (plan.tile != WgmmaTile::Plain && !plan.wgmma)
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
+            || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {}, TMA loads {} and tile {:?}",
+                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -373,6 +376,8 @@ impl Kernels {
                 plan.row_epilogue,
                 plan.lean_loads,
                 plan.tma_loads,
+                plan.prefetch,
+                plan.splits,
                 plan.tile
             )));
         }

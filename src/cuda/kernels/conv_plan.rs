@@ -365,6 +365,11 @@ pub(crate) struct ConvLaunch {
     /// kernels/conv_wgmma.cu, the `_tma` kernels): no copy instructions in the other threads,
     /// the same bits. Only where [`im2col_box`] takes the shape.
     pub tma_loads: bool,
+    /// With `lean_loads`: each block first asks L2 for the rows of the residual and of the
+    /// output it adds onto (when accumulating) that its epilogue will read
+    /// (`ConvArgs::prefetch`), so that those reads overlap its products; unsplit launches
+    /// only. The same bits.
+    pub prefetch: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
 }
@@ -672,6 +677,7 @@ impl ConvLaunch {
             row_epilogue: false,
             lean_loads: false,
             tma_loads: false,
+            prefetch: false,
             tile: WgmmaTile::Plain,
         }
     }

@@ -44,6 +44,9 @@ pub(crate) struct KernelConfig {
     /// 16-bit input path (wgmma on Hopper) instead of staging the fp32 values. The copy
     /// rounds as staging would, so only wgmma's order of summation changes.
     pub half_copy: bool,
+    /// With `half_copy`: fp32 inputs of every size are converted, not only from
+    /// [`HALF_COPY_MIN`] values; the launches that read them then take wgmma (and TMA) too.
+    pub half_copy_small: bool,
     /// In the backward pass, a residual's gradient that would start as a copy of the block
     /// output's gradient (its first contribution) is that buffer itself, which later
     /// contributions then add onto: no copy launch, the same sums.
@@ -66,6 +69,9 @@ pub(crate) struct KernelConfig {
     /// copy their slices with the tensor memory accelerator ([`ConvLaunch::tma_loads`], with
     /// the lean loaders' epilogue): no copy instructions in any thread but one, the same bits.
     pub wgmma_tma: bool,
+    /// Unsplit launches with `wgmma_lean` ask L2 for their epilogue's residual and
+    /// accumulated rows before their products ([`ConvLaunch::prefetch`]): the same bits.
+    pub epilogue_prefetch: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
@@ -96,12 +102,14 @@ impl Default for KernelConfig {
             gn_ilp: false,
             half_concat: false,
             half_copy: false,
+            half_copy_small: false,
             alias_residual_grads: false,
             row_epilogue: false,
             attention_tf32: false,
             attention_flash: false,
             wgmma_lean: false,
             wgmma_tma: false,
+            epilogue_prefetch: false,
             tall_tiles: false,
             upsample_fold: false,
             batch_invariant: false,
@@ -111,7 +119,7 @@ impl Default for KernelConfig {
 
 impl KernelConfig {
     /// The defaults at `precision`, each kernel that not every device runs only where this one
-    /// does (`here`): the choices an H200 timed faster on 2026-11-26 (PERF.md, v0.5). Alone
+    /// does (`here`): the choices an H200 timed faster (PERF.md). v0.5 (2026-11-26), alone
     /// against v0.4's defaults, bf16 at batch 1 / 8 / 32: row epilogue with tall tiles
     /// -14% / -14% / -12%; one-pass GroupNorms, 16-bit concatenation copies, aliased gradients
     /// and tf32 attention 0.5-2% each, 16-bit input copies 3.9% off the DPS step; together,
@@ -119,20 +127,26 @@ impl KernelConfig {
     /// -17% / -14%, and -22% off the DPS step at batch 1. The upsampling fold took 2% more
     /// off at batch 32 in bf16; in fp32 it took 3% off, but it moves fp32 results by rounding
     /// and strict parity against diffusers was not rerun with it, so it stays off there.
+    /// v0.6 (2026-11-27), against v0.5's defaults in the same run, batch 1 forward / DPS step /
+    /// batch 8 / batch 32: TMA copies -19% / -16% / -23% / -20%, lean loaders (which TMA's
+    /// epilogue builds on) -11% / -9% / -13% / -12%, GroupNorm loads ahead 5% off the DPS
+    /// step; the three together -20% / -22% / -23% / -20%.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
             wgmma: here.wgmma,
             gn_one_pass: true,
-            gn_ilp: false,
+            gn_ilp: true,
             half_concat: true,
             half_copy: true,
+            half_copy_small: false,
             alias_residual_grads: true,
             row_epilogue: true,
             attention_tf32: true,
             attention_flash: false,
-            wgmma_lean: false,
-            wgmma_tma: false,
+            wgmma_lean: here.wgmma,
+            wgmma_tma: here.wgmma,
+            epilogue_prefetch: false,
             tall_tiles: true,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
@@ -157,12 +171,14 @@ impl KernelConfig {
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
+            half_copy_small: kept("INVDIFF_HALF_COPY_SMALL", tuned.half_copy_small),
             alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
             wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean),
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma),
+            epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
@@ -179,12 +195,17 @@ impl KernelConfig {
             (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),
+            (
+                self.half_copy && self.half_copy_small,
+                "small 16-bit input copies",
+            ),
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
             (self.wgmma_lean, "lean wgmma loaders"),
             (self.wgmma_tma, "TMA wgmma loads"),
+            (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),

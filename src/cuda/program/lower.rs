@@ -368,7 +368,7 @@ impl Lowering<'_> {
         self.choice.half_copy
             && self.choice.deep
             && self.precision.is_half()
-            && len >= HALF_COPY_MIN
+            && (len >= HALF_COPY_MIN || self.choice.half_copy_small)
     }
 
     /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer.
@@ -533,6 +533,7 @@ impl Lowering<'_> {
         let lean_here = launch.wgmma && launch.row_epilogue;
         launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
+        launch.prefetch = self.choice.epilogue_prefetch && launch.lean_loads && launch.splits == 1;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

@@ -989,12 +989,14 @@ fn every_buffer_with_room_is_used() {
 
 /// With wgmma_tma, every wgmma launch with the row epilogue whose shape the TMA kernels take
 /// copies through the tensor memory accelerator, with the lean epilogue, and no other launch
-/// does; at batch 1 that is 161 of the DPS step's 168 (not the stride-2 forwards).
+/// does; at batch 1 that is 161 of the DPS step's 168 (not the stride-2 forwards). With
+/// epilogue_prefetch, exactly the unsplit lean launches prefetch.
 #[test]
 fn tma_loads_take_every_launch_they_fit() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tc = KernelConfig {
         wgmma_tma: true,
+        epilogue_prefetch: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
     };
     let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
@@ -1005,6 +1007,7 @@ fn tma_loads_take_every_launch_they_fit() {
         let fits = l.wgmma && l.row_epilogue && im2col_box(&c.shape).is_some();
         assert_eq!(l.tma_loads, fits, "{s:?}");
         assert!(!l.tma_loads || l.lean_loads, "{s:?}");
+        assert_eq!(l.prefetch, l.lean_loads && l.splits == 1, "{s:?}");
         wgmma += usize::from(l.wgmma);
         tma += usize::from(l.tma_loads);
     }

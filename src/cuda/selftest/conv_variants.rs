@@ -38,6 +38,13 @@ pub(super) fn wgmma_forms(p: ConvLaunch, shape: &ConvShape) -> Vec<ConvLaunch> {
                 out.push(v);
             }
         }
+        // The epilogue's reads prefetched, on the last (leanest) form, where unsplit.
+        if let Some(&last) = out.last().filter(|l| l.lean_loads && l.splits == 1) {
+            out.push(ConvLaunch {
+                prefetch: true,
+                ..last
+            });
+        }
     }
     out
 }
@@ -54,6 +61,9 @@ pub(super) fn wgmma_path(p: &ConvLaunch) -> String {
         s += ", TMA loads";
     } else if p.lean_loads {
         s += ", lean loads";
+    }
+    if p.prefetch {
+        s += ", prefetch";
     }
     s
 }

@@ -662,6 +662,7 @@ impl Tester<'_> {
                             row_epilogue: form.row_epilogue,
                             lean_loads: form.lean_loads,
                             tma_loads: form.tma_loads && im2col_box(s).is_some(),
+                            prefetch: form.prefetch && p.splits == 1,
                             ..on_tile(*p, form.tile).unwrap_or(*p)
                         })
                         .collect();
