@@ -81,7 +81,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_HALF_COPY_SMALL",
         ON_OFF,
-        "GPU candidate: `1` converts fp32 inputs of tensor-core launches at every size",
+        "GPU default: `0` converts only large fp32 inputs of tensor-core launches",
     ),
     choice(
         "INVDIFF_ALIAS_GRADS",
@@ -96,7 +96,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_ATTN_TF32",
         ON_OFF,
-        "GPU default: `0` runs attention products on fp32 FMAs below fp32",
+        "GPU candidate: `1` runs attention products on tf32 tensor cores below fp32",
     ),
     choice(
         "INVDIFF_ATTN_FLASH",
@@ -117,7 +117,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_EPI_PREFETCH",
         ON_OFF,
-        "GPU candidate: `1` has wgmma launches ask L2 for their epilogue's reads first",
+        "GPU default: `0` has wgmma launches not ask L2 for their epilogue's reads first",
     ),
     choice(
         "INVDIFF_WGMMA_TALL",

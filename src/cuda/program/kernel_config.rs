@@ -46,6 +46,9 @@ pub(crate) struct KernelConfig {
     pub half_copy: bool,
     /// With `half_copy`: fp32 inputs of every size are converted, not only from
     /// [`HALF_COPY_MIN`] values; the launches that read them then take wgmma (and TMA) too.
+    /// A default where the device has wgmma, whose TMA kernels run the small input gradients
+    /// of the low-resolution levels 1.2-1.9x faster than mma.sync (the H200 sweep of
+    /// 2026-11-27), more than a conversion costs.
     pub half_copy_small: bool,
     /// In the backward pass, a residual's gradient that would start as a copy of the block
     /// output's gradient (its first contribution) is that buffer itself, which later
@@ -130,7 +133,11 @@ impl KernelConfig {
     /// v0.6 (2026-11-27), against v0.5's defaults in the same run, batch 1 forward / DPS step /
     /// batch 8 / batch 32: TMA copies -19% / -16% / -23% / -20%, lean loaders (which TMA's
     /// epilogue builds on) -11% / -9% / -13% / -12%, GroupNorm loads ahead 5% off the DPS
-    /// step; the three together -20% / -22% / -23% / -20%.
+    /// step; the three together -20% / -22% / -23% / -20%. A second run against those three:
+    /// small 16-bit copies with the epilogue prefetch -1.7% off the DPS step and -1.0% / -0.5%
+    /// at batch 8 / 32 (the copies alone -1.9% off the DPS step); fp32 attention products
+    /// -2.2% / -2.4% at batch 1, +0.5% / +0.6% at batch 8 / 32, and exact to fp32, so tf32
+    /// attention is off. The last two were timed each against the same defaults, not together.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -139,14 +146,14 @@ impl KernelConfig {
             gn_ilp: true,
             half_concat: true,
             half_copy: true,
-            half_copy_small: false,
+            half_copy_small: here.wgmma,
             alias_residual_grads: true,
             row_epilogue: true,
-            attention_tf32: true,
+            attention_tf32: false,
             attention_flash: false,
             wgmma_lean: here.wgmma,
             wgmma_tma: here.wgmma,
-            epilogue_prefetch: false,
+            epilogue_prefetch: here.wgmma,
             tall_tiles: true,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
@@ -216,8 +223,9 @@ impl KernelConfig {
     }
 }
 
-/// Fewest values of an fp32 input that [`KernelConfig::half_copy`] converts: at batch 1, the
-/// 64x64 x 256 level and above. In the v0.4 profile (H200, bf16, batch 1) the 16-bit path
+/// Fewest values of an fp32 input that [`KernelConfig::half_copy`] converts without
+/// [`KernelConfig::half_copy_small`] (devices without wgmma): at batch 1, the 64x64 x 256
+/// level and above. In the v0.4 profile (H200, bf16, batch 1) the 16-bit path
 /// ran 12-60 us faster per launch there, against a conversion estimated at 3-16 us (its bytes
 /// at the card's bandwidth, plus a launch); below, the gain was under the estimate.
 pub(crate) const HALF_COPY_MIN: usize = 1 << 20;
