@@ -125,10 +125,13 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
     }
 }
 
-// d[p, :] (+)= dy[p, offset .. offset + width], the adjoint of one side of a concatenation.
-// vec4 as in concat_channels: c, offset and width multiples of 4, aligned pointers.
-extern "C" __global__ void concat_backward(const float* dy, float* d, long long pixels, int c, int offset, int width,
-                                           int accumulate, int vec4) {
+// d[p, :] (+)= dy[p, offset .. offset + width], the adjoint of one side of a concatenation;
+// where d16 is not null, also a copy of the new d in bf16 (kind 1) or fp16 (kind 2), rounded as
+// a conversion launch would round it (the last contribution to a gradient that tensor-core
+// convolutions read). vec4 as in concat_channels: c, offset and width multiples of 4, aligned
+// pointers (d16 to 8 bytes).
+extern "C" __global__ void concat_backward(const float* dy, float* d, uint16_t* d16, int kind, long long pixels, int c,
+                                           int offset, int width, int accumulate, int vec4) {
     if (vec4) {
         const int c4 = c / 4, o4 = offset / 4, w4 = width / 4;
         const float4* dy4 = reinterpret_cast<const float4*>(dy);
@@ -143,6 +146,8 @@ extern "C" __global__ void concat_backward(const float* dy, float* d, long long 
                 v = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
             }
             d4[i] = v;
+            if (d16)
+                reinterpret_cast<uint2*>(d16)[i] = make_uint2(pack_half2(v.x, v.y, kind), pack_half2(v.z, v.w, kind));
         }
         return;
     }
@@ -151,7 +156,9 @@ extern "C" __global__ void concat_backward(const float* dy, float* d, long long 
         const long long p = i / width;
         const int j = (int)(i - p * width);
         const float v = dy[p * c + offset + j];
-        d[i] = accumulate ? d[i] + v : v;
+        const float out = accumulate ? d[i] + v : v;
+        d[i] = out;
+        if (d16) d16[i] = pack_half1(out, kind);
     }
 }
 

@@ -84,6 +84,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` converts only large fp32 inputs of tensor-core launches",
     ),
     choice(
+        "INVDIFF_HALF_COPY_FUSED",
+        ON_OFF,
+        "GPU candidate: `1` has a concatenation's adjoint write the 16-bit copy of its output",
+    ),
+    choice(
         "INVDIFF_ALIAS_GRADS",
         ON_OFF,
         "GPU default: `0` copies a block's output gradient for its residual",

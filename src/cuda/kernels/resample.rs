@@ -215,13 +215,16 @@ impl Kernels {
         )
     }
 
-    /// `d (+)= dy[.., offset .. offset + width]` over `pixels` pixels of `c` channels.
+    /// `d (+)= dy[.., offset .. offset + width]` over `pixels` pixels of `c` channels; with
+    /// `half`, also a 16-bit copy of the new `d` in that precision at the given address (what
+    /// a conversion launch would write), for tensor-core convolutions to read.
     #[allow(clippy::too_many_arguments)]
     pub fn concat_backward(
         &self,
         st: &CudaStream,
         dy: DPtr,
         d: DPtr,
+        half: Option<(DPtr, Precision)>,
         pixels: usize,
         c: usize,
         offset: usize,
@@ -236,13 +239,25 @@ impl Kernels {
                 offset + width
             )));
         }
+        let (d16, kind) = match half {
+            Some((p, precision)) => {
+                need(p, "16-bit input gradient")?;
+                (p, half_kind(precision)?)
+            }
+            None => (0, 0),
+        };
         let (p, ci, oi, wi) = (i64_of(pixels), i32_of(c, "c")?, offset as i32, width as i32);
         let acc = accumulate as i32;
-        let vec = [c, offset, width].iter().all(|v| v % 4 == 0) && dy % 16 == 0 && d % 16 == 0;
+        let vec = [c, offset, width].iter().all(|v| v % 4 == 0)
+            && dy % 16 == 0
+            && d % 16 == 0
+            && d16 % 8 == 0;
         let vec4 = vec as i32;
         let mut b = st.launch_builder(&self.concat_backward);
         b.arg(&dy)
             .arg(&d)
+            .arg(&d16)
+            .arg(&kind)
             .arg(&p)
             .arg(&ci)
             .arg(&oi)
@@ -250,7 +265,8 @@ impl Kernels {
             .arg(&acc)
             .arg(&vec4);
         let items = pixels * width / if vec { 4 } else { 1 };
-        // SAFETY: dy is pixels x c, d pixels x width.
+        // SAFETY: dy is pixels x c, d pixels x width, d16 (when set) room for as many 16-bit
+        // values.
         cu(
             unsafe { b.launch(self.flat(items)) }.map(drop),
             "launching concat_backward",

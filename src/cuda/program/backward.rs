@@ -226,6 +226,7 @@ impl Lowering<'_> {
                         self.steps.push(Step::ConcatBackward {
                             dy,
                             d: gt,
+                            d16: None,
                             pixels,
                             c: ca + cb,
                             offset,

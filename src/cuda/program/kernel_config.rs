@@ -50,6 +50,10 @@ pub(crate) struct KernelConfig {
     /// of the low-resolution levels 1.2-1.9x faster than mma.sync (the H200 sweep of
     /// 2026-11-27), more than a conversion costs.
     pub half_copy_small: bool,
+    /// A 16-bit copy of a buffer that a concatenation's adjoint wrote last is written by that
+    /// step itself, beside its fp32 values, instead of by a conversion launch after it: the
+    /// same bits, one launch and one read of the buffer less.
+    pub fused_half_copies: bool,
     /// In the backward pass, a residual's gradient that would start as a copy of the block
     /// output's gradient (its first contribution) is that buffer itself, which later
     /// contributions then add onto: no copy launch, the same sums.
@@ -106,6 +110,7 @@ impl Default for KernelConfig {
             half_concat: false,
             half_copy: false,
             half_copy_small: false,
+            fused_half_copies: false,
             alias_residual_grads: false,
             row_epilogue: false,
             attention_tf32: false,
@@ -147,6 +152,7 @@ impl KernelConfig {
             half_concat: true,
             half_copy: true,
             half_copy_small: here.wgmma,
+            fused_half_copies: false,
             alias_residual_grads: true,
             row_epilogue: true,
             attention_tf32: false,
@@ -179,6 +185,7 @@ impl KernelConfig {
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
             half_copy_small: kept("INVDIFF_HALF_COPY_SMALL", tuned.half_copy_small),
+            fused_half_copies: kept("INVDIFF_HALF_COPY_FUSED", tuned.fused_half_copies),
             alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
@@ -205,6 +212,10 @@ impl KernelConfig {
             (
                 self.half_copy && self.half_copy_small,
                 "small 16-bit input copies",
+            ),
+            (
+                self.half_copy && self.fused_half_copies,
+                "16-bit copies by their writers",
             ),
             (self.alias_residual_grads, "aliased residual gradients"),
             (self.row_epilogue, "row epilogue"),

@@ -371,9 +371,31 @@ impl Lowering<'_> {
             && (len >= HALF_COPY_MIN || self.choice.half_copy_small)
     }
 
-    /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer.
+    /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer. With
+    /// [`KernelConfig::fused_half_copies`], where the step that last wrote `src` is a
+    /// concatenation's adjoint that wrote all of it, that step writes the copy too instead.
     pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
+        if self.choice.fused_half_copies {
+            let precision = self.precision;
+            let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
+            if let Some(at) = last {
+                if let Step::ConcatBackward {
+                    d,
+                    d16: d16 @ None,
+                    pixels,
+                    width,
+                    ..
+                } = &mut self.steps[at]
+                {
+                    if *d == src && *pixels * *width == len {
+                        *d16 = Some((y, precision));
+                        self.half_copies.push((src, y, at));
+                        return y;
+                    }
+                }
+            }
+        }
         self.steps.push(Step::ToHalf {
             x: src,
             y,

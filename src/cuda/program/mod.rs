@@ -225,6 +225,9 @@ pub(crate) enum Step {
     ConcatBackward {
         dy: Buf,
         d: Buf,
+        /// A 16-bit copy of the new `d` in this precision, for the tensor-core convolutions
+        /// that read `d` once this step has written it ([`KernelConfig::fused_half_copies`]).
+        d16: Option<(Buf, Precision)>,
         pixels: usize,
         c: usize,
         offset: usize,
@@ -373,10 +376,14 @@ impl Step {
                 std::iter::once(*y).chain(y16.map(|(b, _)| b)).collect(),
             ),
             ConcatBackward {
-                dy, d, accumulate, ..
+                dy,
+                d,
+                d16,
+                accumulate,
+                ..
             } => (
                 std::iter::once(*dy).chain(acc(*d, *accumulate)).collect(),
-                vec![*d],
+                std::iter::once(*d).chain(d16.map(|(b, _)| b)).collect(),
             ),
             AddInto {
                 dst,

@@ -241,9 +241,15 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     y,
                     y16: Some((c, _)),
                     ..
+                }
+                | Step::ConcatBackward {
+                    d: y,
+                    d16: Some((c, _)),
+                    ..
                 } = *step
                 {
                     val[c.0] = half(val[y.0]);
+                    converted.insert(c, val[y.0]);
                 }
                 for b in halves {
                     val[b.0] = half(val[b.0]);
@@ -595,29 +601,44 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
     }
 }
 /// With half_copy, every large fp32 main input of a tensor-core launch is converted once
-/// to 16 bits, and the copies feed only 16-bit-input tensor-core launches.
+/// to 16 bits, and the copies feed only 16-bit-input tensor-core launches; with
+/// fused_half_copies, the concatenations' adjoints write those of the buffers they wrote
+/// last, and the same buffers are copied.
 #[test]
 fn half_copies_feed_only_tensor_core_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for precision in [Precision::Tf32, Precision::Bf16, Precision::Fp16] {
-        for half_concat in [false, true] {
+        for (half_concat, fused) in [(false, false), (true, false), (true, true)] {
             let tc = KernelConfig {
                 half_copy: true,
                 half_concat,
+                fused_half_copies: fused,
                 ..KernelConfig::default()
             };
             let p = Program::build_with(&g, 1, 256, 256, true, 132, precision, tc).unwrap();
             let mut copy = vec![false; p.bufs.len()];
             let mut readers = vec![0; p.bufs.len()];
-            let (mut forward, mut backward) = (0, 0);
+            let (mut forward, mut backward, mut by_writers) = (0, 0, 0);
             for (i, s) in p.steps.iter().enumerate() {
-                if let Step::ToHalf {
-                    y,
-                    len,
-                    precision: hp,
-                    ..
-                } = *s
-                {
+                let copied = match *s {
+                    Step::ToHalf {
+                        y,
+                        len,
+                        precision: hp,
+                        ..
+                    } => Some((y, len, hp)),
+                    Step::ConcatBackward {
+                        d16: Some((y, hp)),
+                        pixels,
+                        width,
+                        ..
+                    } => {
+                        by_writers += 1;
+                        Some((y, pixels * width, hp))
+                    }
+                    _ => None,
+                };
+                if let Some((y, len, hp)) = copied {
                     assert!(precision.is_half() && hp == precision);
                     assert!(len >= HALF_COPY_MIN);
                     assert_eq!(p.bufs[y.0].len, len.div_ceil(2));
@@ -667,6 +688,9 @@ fn half_copies_feed_only_tensor_core_launches() {
                 // levels.
                 assert_eq!(forward, if half_concat { 3 } else { 12 });
                 assert_eq!(backward, 29);
+                // Of those, the gradients whose last contribution is a concatenation's
+                // adjoint (at batch 1, 18 with the small copies: census in profile.rs).
+                assert_eq!(by_writers, if fused { 9 } else { 0 });
             } else {
                 assert_eq!(forward + backward, 0);
             }
@@ -693,17 +717,24 @@ fn switches_compute_what_the_default_program_computes() {
             let base = build(KernelConfig::default());
             let want = symbolic(&base);
             assert!(want.1.is_some());
-            for bits in 0..32 {
+            for bits in 0..128 {
                 let tc = KernelConfig {
                     half_copy: bits & 1 != 0,
                     alias_residual_grads: bits & 2 != 0,
                     half_concat: bits & 4 != 0,
                     attention_flash: bits & 8 != 0,
                     upsample_fold: bits & 16 != 0,
+                    half_copy_small: bits & 32 != 0,
+                    fused_half_copies: bits & 64 != 0,
                     ..KernelConfig::default()
                 };
                 assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
             }
+            let tuned = KernelConfig {
+                fused_half_copies: true,
+                ..KernelConfig::tuned(Capabilities::HOPPER, precision)
+            };
+            assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");
             let two_stage = KernelConfig {
                 deep: false,
                 ..KernelConfig::default()

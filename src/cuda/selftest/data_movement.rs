@@ -133,6 +133,35 @@ impl Tester<'_> {
                             st,
                             dyd.ptr,
                             p,
+                            None,
+                            pixels,
+                            ca + cb,
+                            offset,
+                            width,
+                            accumulate,
+                        )
+                    },
+                )?;
+                let got = dd.download(st)?;
+                let name = format!(
+                    "concat adjoint ch {offset}..{}{}",
+                    offset + width,
+                    acc_name(accumulate)
+                );
+                self.row(name.clone(), desc.clone(), &got, &want, ms);
+                // With the 16-bit copy of the new gradient (INVDIFF_HALF_COPY_FUSED): the
+                // copy, then the gradient again.
+                self.half_output_rows(
+                    &format!("{name}, 16-bit copy"),
+                    &desc,
+                    &want,
+                    |out, precision| {
+                        dd.write(st, &d0)?;
+                        k.concat_backward(
+                            st,
+                            dyd.ptr,
+                            p,
+                            Some((out, precision)),
                             pixels,
                             ca + cb,
                             offset,
@@ -143,11 +172,7 @@ impl Tester<'_> {
                 )?;
                 let got = dd.download(st)?;
                 self.row(
-                    format!(
-                        "concat adjoint ch {offset}..{}{}",
-                        offset + width,
-                        acc_name(accumulate)
-                    ),
+                    format!("{name} beside its 16-bit copy"),
                     desc.clone(),
                     &got,
                     &want,
