@@ -383,9 +383,13 @@ template <typename T> struct BwdIn {
 
 // dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
 // for_units (P pixels a round); vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
+// Where dx16 is not null (vec4 only, 8-byte aligned), also the new dx in bf16 (kind16 1) or
+// fp16 (2), rounded as a conversion launch would round it: the last contribution to a gradient
+// that tensor-core convolutions read.
 template <int P>
 DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
-                    const float* beta, float* dx, int hw, int c, int groups, int silu, int accumulate, int vec4) {
+                    const float* beta, float* dx, uint2* dx16, int kind16, int hw, int c, int groups, int silu,
+                    int accumulate, int vec4) {
     const int cg = c / groups;
     if (vec4) {
         for_units<P>(
@@ -404,6 +408,7 @@ DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const f
                     v[3] += o.w;
                 }
                 reinterpret_cast<float4*>(dx)[e] = make_float4(v[0], v[1], v[2], v[3]);
+                if (dx16) dx16[e] = make_uint2(pack_half2(v[0], v[1], kind16), pack_half2(v[2], v[3], kind16));
             });
     } else {
         for_units<P>(
@@ -436,15 +441,15 @@ DEVI void bwd_apply_half(const float* x, const float* dy, const float* stats, co
 
 #define BWD_APPLY_ARGS                                                                                              \
     const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
-        float *dx, int hw, int c, int groups, int silu, int accumulate, int vec4
+        float *dx, uint2 *dx16, int kind16, int hw, int c, int groups, int silu, int accumulate, int vec4
 #define BWD_APPLY_HALF_ARGS                                                                                         \
     const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
         uint2 *dx, int hw, int c, int groups, int silu, int kind
 extern "C" __global__ void gn_bwd_apply(BWD_APPLY_ARGS) {
-    bwd_apply<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, accumulate, vec4);
+    bwd_apply<1>(x, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate, vec4);
 }
 extern "C" __global__ void gn_bwd_apply_ilp(BWD_APPLY_ARGS) {
-    bwd_apply<APPLY_ILP>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, accumulate, vec4);
+    bwd_apply<APPLY_ILP>(x, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate, vec4);
 }
 extern "C" __global__ void gn_bwd_apply_half(BWD_APPLY_HALF_ARGS) {
     bwd_apply_half<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);
@@ -564,12 +569,14 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +
-// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2). AHEAD
-// (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto, before
-// the first of their arithmetic (see for_units): the same bits.
+// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2); with
+// an fp32 dx and dx16 not null, also the new dx in 16 bits (kind16), as bwd_apply's dx16.
+// AHEAD (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto,
+// before the first of their arithmetic (see for_units): the same bits.
 template <bool AHEAD>
 DEVI void bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                       void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
+                       void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu,
+                       int accumulate, int kind) {
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];
@@ -603,20 +610,25 @@ DEVI void bwd_one_pass(const float* x, const float* dy, const float* stats, cons
         const long long e = t.at(k, hw, c);
         if (e < 0) continue;
         const float v = bwd_from(g[k], xhat[k], rstd, mg, mgx);
-        if (kind == 0 && accumulate)
-            static_cast<float*>(dx)[e] = (AHEAD ? old[k] : static_cast<float*>(dx)[e]) + v;
-        else
+        if (kind == 0) {
+            const float out = accumulate ? (AHEAD ? old[k] : static_cast<float*>(dx)[e]) + v : v;
+            static_cast<float*>(dx)[e] = out;
+            if (dx16) dx16[e] = pack_half1(out, kind16);
+        } else {
             store_kind(dx, e, v, kind);
+        }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
     gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                    void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
-    bwd_one_pass<false>(x, dy, stats, gamma, beta, dx, n, hw, c, groups, silu, accumulate, kind);
+                    void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu, int accumulate,
+                    int kind) {
+    bwd_one_pass<false>(x, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate, kind);
 }
 extern "C" __global__ void __launch_bounds__(1024)
     gn_bwd_one_pass_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                        void* dx, int n, int hw, int c, int groups, int silu, int accumulate, int kind) {
-    bwd_one_pass<true>(x, dy, stats, gamma, beta, dx, n, hw, c, groups, silu, accumulate, kind);
+                        void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu,
+                        int accumulate, int kind) {
+    bwd_one_pass<true>(x, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate, kind);
 }

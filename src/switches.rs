@@ -86,7 +86,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_HALF_COPY_FUSED",
         ON_OFF,
-        "GPU candidate: `1` has a concatenation's adjoint write the 16-bit copy of its output",
+        "GPU candidate: `1` has concatenation and GroupNorm adjoints write 16-bit copies of their outputs",
     ),
     choice(
         "INVDIFF_ALIAS_GRADS",

@@ -250,17 +250,18 @@ impl Step {
                 silu,
                 ..
             } => {
-                let (kind, half_out) = match self {
-                    GroupNorm { half_out, .. } => ("groupnorm", half_out),
-                    GroupNormBackward { half_out, .. } => ("groupnorm bwd", half_out),
+                let (kind, half_out, copy) = match self {
+                    GroupNorm { half_out, .. } => ("groupnorm", half_out, &None),
+                    GroupNormBackward { half_out, dx16, .. } => ("groupnorm bwd", half_out, dx16),
                     _ => unreachable!("matched above"),
                 };
                 let launches = if split.one_pass.is_some() { 1 } else { 3 };
                 let layout = split.form();
                 StepInfo {
-                    variant: match half_out {
-                        Some(p) => format!("{layout}, {p} output"),
-                        None => layout,
+                    variant: match (half_out, copy) {
+                        (Some(p), _) => format!("{layout}, {p} output"),
+                        (None, Some((_, p))) => format!("{layout}, {p} copy"),
+                        (None, None) => layout,
                     },
                     ..plain(
                         kind,
@@ -898,12 +899,13 @@ mod tests {
         // INVDIFF_HALF_COPY_SMALL=1).
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
         assert_eq!(count(tuned), [392, 875]);
-        // The concatenations' adjoints write 18 of those copies themselves.
+        // The concatenations' adjoints write 18 of those copies themselves, the GroupNorms'
+        // backward passes 20.
         let fused = KernelConfig {
             fused_half_copies: true,
             ..tuned
         };
-        assert_eq!(count(fused), [392, 857]);
+        assert_eq!(count(fused), [392, 837]);
     }
 
     #[test]

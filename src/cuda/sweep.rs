@@ -532,6 +532,7 @@ pub fn sweep_group_norms(
                         silu,
                         accumulate,
                         half_out,
+                        None,
                     )
                 } else {
                     forward()

@@ -342,7 +342,9 @@ impl Kernels {
     }
 
     /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`; with `half_out`
-    /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it.
+    /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it; with
+    /// `copy` (fp32 `dx` only), also the new `dx` in 16 bits at the given address, what a
+    /// conversion launch would write.
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm_backward(
         &self,
@@ -359,11 +361,28 @@ impl Kernels {
         silu: bool,
         accumulate: bool,
         half_out: Option<Precision>,
+        copy: Option<(DPtr, Precision)>,
     ) -> Result<()> {
         if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0) {
             return Err(Error::Cuda(format!(
                 "internal: 16-bit GroupNorm input gradient accumulating, with {} channels or \
                  unaligned",
+                d.c
+            )));
+        }
+        let (dx16, kind16) = match copy {
+            Some((p, precision)) => {
+                need(p, "16-bit copy of the input gradient")?;
+                (p, half_kind(precision)?)
+            }
+            None => (0, 0),
+        };
+        // The three-launch form writes the copy four channels at a time.
+        let copy_vec = d.c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
+        if copy.is_some() && (half_out.is_some() || (d.split.one_pass.is_none() && !copy_vec)) {
+            return Err(Error::Cuda(format!(
+                "internal: a 16-bit copy of a GroupNorm input gradient that is 16-bit itself, \
+                 or with {} channels or unaligned",
                 d.c
             )));
         }
@@ -402,6 +421,8 @@ impl Kernels {
                 .arg(&gamma)
                 .arg(&beta)
                 .arg(&dx)
+                .arg(&dx16)
+                .arg(&kind16)
                 .arg(&ni)
                 .arg(&hwi)
                 .arg(&ci)
@@ -410,7 +431,8 @@ impl Kernels {
                 .arg(&acc)
                 .arg(&kind);
             let one = cfg(((n * groups) as u32, 1, 1), (threads, 1, 1));
-            // SAFETY: as in the forward; dx holds n x hw x c values of `kind`.
+            // SAFETY: as in the forward; dx holds n x hw x c values of `kind`, dx16 (when set)
+            // room for as many 16-bit values.
             return cu(
                 unsafe { b.launch(one) }.map(drop),
                 "launching gn_bwd_one_pass",
@@ -494,13 +516,15 @@ impl Kernels {
             .arg(&gamma)
             .arg(&beta)
             .arg(&dx)
+            .arg(&dx16)
+            .arg(&kind16)
             .arg(&hwi)
             .arg(&ci)
             .arg(&gi)
             .arg(&silu)
             .arg(&acc)
             .arg(&vec4);
-        // SAFETY: x, dy and dx are n x hw x c.
+        // SAFETY: x, dy and dx are n x hw x c, dx16 (when set) room for as many 16-bit values.
         cu(
             unsafe { b.launch(grid) }.map(drop),
             "launching gn_bwd_apply",

@@ -167,6 +167,7 @@ impl Lowering<'_> {
                     means,
                     accumulate: acc,
                     half_out,
+                    dx16: None,
                 });
             }
             Op::Attention {

@@ -50,9 +50,9 @@ pub(crate) struct KernelConfig {
     /// of the low-resolution levels 1.2-1.9x faster than mma.sync (the H200 sweep of
     /// 2026-11-27), more than a conversion costs.
     pub half_copy_small: bool,
-    /// A 16-bit copy of a buffer that a concatenation's adjoint wrote last is written by that
-    /// step itself, beside its fp32 values, instead of by a conversion launch after it: the
-    /// same bits, one launch and one read of the buffer less.
+    /// A 16-bit copy of a buffer that a concatenation's adjoint or a GroupNorm's backward pass
+    /// wrote last is written by that step itself, beside its fp32 values, instead of by a
+    /// conversion launch after it: the same bits, one launch and one read of the buffer less.
     pub fused_half_copies: bool,
     /// In the backward pass, a residual's gradient that would start as a copy of the block
     /// output's gradient (its first contribution) is that buffer itself, which later

@@ -372,28 +372,43 @@ impl Lowering<'_> {
     }
 
     /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer. With
-    /// [`KernelConfig::fused_half_copies`], where the step that last wrote `src` is a
-    /// concatenation's adjoint that wrote all of it, that step writes the copy too instead.
+    /// [`KernelConfig::fused_half_copies`], where the step that last wrote `src` wrote all of
+    /// it and can write a 16-bit copy beside (a concatenation's adjoint, or a GroupNorm's
+    /// backward with an fp32 gradient, in units of four channels unless in one pass), that
+    /// step writes the copy instead.
     pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
-        if self.choice.fused_half_copies {
-            let precision = self.precision;
-            let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
-            if let Some(at) = last {
-                if let Step::ConcatBackward {
+        let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
+        if let Some(at) = last.filter(|_| self.choice.fused_half_copies) {
+            let whole = |l: usize| l == len;
+            let slot = match &mut self.steps[at] {
+                Step::ConcatBackward {
                     d,
-                    d16: d16 @ None,
+                    d16,
                     pixels,
                     width,
                     ..
-                } = &mut self.steps[at]
+                } if *d == src && whole(*pixels * *width) => Some(d16),
+                Step::GroupNormBackward {
+                    dx,
+                    dx16,
+                    half_out: None,
+                    hw,
+                    c,
+                    split,
+                    ..
+                } if *dx == src
+                    && whole(self.n * *hw * *c)
+                    && (split.one_pass.is_some() || *c % 4 == 0) =>
                 {
-                    if *d == src && *pixels * *width == len {
-                        *d16 = Some((y, precision));
-                        self.half_copies.push((src, y, at));
-                        return y;
-                    }
+                    Some(dx16)
                 }
+                _ => None,
+            };
+            if let Some(slot @ None) = slot {
+                *slot = Some((y, self.precision));
+                self.half_copies.push((src, y, at));
+                return y;
             }
         }
         self.steps.push(Step::ToHalf {

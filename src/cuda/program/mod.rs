@@ -169,6 +169,10 @@ pub(crate) enum Step {
         /// `dx` holds 16-bit values in this precision (only a tensor-core input gradient reads
         /// it; never accumulating).
         half_out: Option<Precision>,
+        /// With an fp32 `dx`: a 16-bit copy of the new `dx` in this precision, for the
+        /// tensor-core convolutions that read `dx` once this step has written it
+        /// ([`KernelConfig::fused_half_copies`]).
+        dx16: Option<(Buf, Precision)>,
     },
     Attention {
         qkv: Buf,
@@ -322,13 +326,14 @@ impl Step {
                 stats,
                 split,
                 accumulate,
+                dx16,
                 ..
             } if split.one_pass.is_some() => (
                 [*x, *dy, *stats]
                     .into_iter()
                     .chain(acc(*dx, *accumulate))
                     .collect(),
-                vec![*dx],
+                std::iter::once(*dx).chain(dx16.map(|(b, _)| b)).collect(),
             ),
             GroupNormBackward {
                 x,
@@ -338,13 +343,17 @@ impl Step {
                 partial,
                 means,
                 accumulate,
+                dx16,
                 ..
             } => (
                 [*x, *dy, *stats]
                     .into_iter()
                     .chain(acc(*dx, *accumulate))
                     .collect(),
-                vec![*dx, *partial, *means],
+                [*dx, *partial, *means]
+                    .into_iter()
+                    .chain(dx16.map(|(b, _)| b))
+                    .collect(),
             ),
             Attention { qkv, y, saved, .. } => (vec![*qkv], vec![*y, *saved]),
             AttentionBackward {

@@ -246,6 +246,11 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     d: y,
                     d16: Some((c, _)),
                     ..
+                }
+                | Step::GroupNormBackward {
+                    dx: y,
+                    dx16: Some((c, _)),
+                    ..
                 } = *step
                 {
                     val[c.0] = half(val[y.0]);
@@ -602,8 +607,8 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
 }
 /// With half_copy, every large fp32 main input of a tensor-core launch is converted once
 /// to 16 bits, and the copies feed only 16-bit-input tensor-core launches; with
-/// fused_half_copies, the concatenations' adjoints write those of the buffers they wrote
-/// last, and the same buffers are copied.
+/// fused_half_copies, the concatenations' adjoints and the GroupNorms' backward passes write
+/// those of the buffers they wrote last, and the same buffers are copied.
 #[test]
 fn half_copies_feed_only_tensor_core_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -635,6 +640,15 @@ fn half_copies_feed_only_tensor_core_launches() {
                     } => {
                         by_writers += 1;
                         Some((y, pixels * width, hp))
+                    }
+                    Step::GroupNormBackward {
+                        dx16: Some((y, hp)),
+                        hw,
+                        c,
+                        ..
+                    } => {
+                        by_writers += 1;
+                        Some((y, p.n * hw * c, hp))
                     }
                     _ => None,
                 };
@@ -689,8 +703,9 @@ fn half_copies_feed_only_tensor_core_launches() {
                 assert_eq!(forward, if half_concat { 3 } else { 12 });
                 assert_eq!(backward, 29);
                 // Of those, the gradients whose last contribution is a concatenation's
-                // adjoint (at batch 1, 18 with the small copies: census in profile.rs).
-                assert_eq!(by_writers, if fused { 9 } else { 0 });
+                // adjoint or a GroupNorm's backward (at batch 1, 38 with the small copies:
+                // census in profile.rs).
+                assert_eq!(by_writers, if fused { 14 } else { 0 });
             } else {
                 assert_eq!(forward + backward, 0);
             }

@@ -102,7 +102,7 @@ impl Tester<'_> {
                 let mut dxd = self.up(&dx0)?;
                 let dx_ptr = dxd.ptr;
                 let means = self.zeros(2 * n * groups)?;
-                let backward = |dx, accumulate, half_out| {
+                let backward = |dx, accumulate, half_out, copy| {
                     gpu.kernels.group_norm_backward(
                         st,
                         nd,
@@ -117,11 +117,12 @@ impl Tester<'_> {
                         silu,
                         accumulate,
                         half_out,
+                        copy,
                     )
                 };
                 let ms = self.timed(
                     || dxd.write(st, &dx0),
-                    || backward(dx_ptr, accumulate, None),
+                    || backward(dx_ptr, accumulate, None, None),
                 )?;
                 let got_dx = dxd.download(st)?;
                 self.row(
@@ -162,8 +163,32 @@ impl Tester<'_> {
                         &format!("groupnorm{s} input-grad"),
                         &desc,
                         &want,
-                        |out, precision| backward(out, false, Some(precision)),
+                        |out, precision| backward(out, false, Some(precision), None),
                     )?;
+                    // The fp32 input gradient with its 16-bit copy (INVDIFF_HALF_COPY_FUSED):
+                    // the copy, then the gradient again.
+                    self.half_output_rows(
+                        &format!(
+                            "groupnorm{s} input-grad{}, 16-bit copy",
+                            acc_name(accumulate)
+                        ),
+                        &desc,
+                        &want_dx,
+                        |out, precision| {
+                            dxd.write(st, &dx0)?;
+                            backward(dx_ptr, accumulate, None, Some((out, precision)))
+                        },
+                    )?;
+                    self.row(
+                        format!(
+                            "groupnorm{s} input-grad{} beside its 16-bit copy",
+                            acc_name(accumulate)
+                        ),
+                        desc.clone(),
+                        &dxd.download(st)?,
+                        &want_dx,
+                        ms,
+                    );
                 }
             }
         }

@@ -158,6 +158,7 @@ pub(super) fn launch(
             means,
             accumulate,
             half_out,
+            dx16,
         } => k.group_norm_backward(
             st,
             NormDims {
@@ -178,6 +179,7 @@ pub(super) fn launch(
             silu,
             accumulate,
             half_out,
+            dx16.map(|(b, precision)| (p(b), precision)),
         ),
         Step::Attention {
             qkv,
