@@ -409,9 +409,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
     }
     // The epilogue's reads of this block's rows (a.prefetch, lean kernels, unsplit): into L2
-    // now, four 128-byte lines of each row, so that they overlap the products instead of
-    // following them; blocks finish their products together, and their epilogues then share
-    // the memory's bandwidth.
+    // now, a line at each 32 of the row's 128 columns (four lines where ncols is a multiple of
+    // 32; a hint, so a line left out costs only its miss), so that they overlap the products
+    // instead of following them; blocks finish their products together, and their epilogues
+    // then share the memory's bandwidth.
     if (LEAN && a.prefetch && (a.res != nullptr || a.accumulate)) {
         for (int i = tid; i < TM * 4; i += Tile::THREADS) {
             const int m = m0 + i / 4, col = n0 + 32 * (i & 3);

@@ -27,8 +27,9 @@
 #       trajectories, GPU against CPU.
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
-# Expected wall time on an H100/H200 about 6 minutes (355 s on an H200 on 2026-11-27 with 19
-# variants of three bench calls each, a bench call 2-5 s); each phase's estimate is beside it;
+# Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
+# variants of three bench calls each, a bench call 2-5 s; the default list now has 21); each
+# phase's estimate is beside it;
 # a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a
 # timeout, so one hang cannot eat the session. Run it with the device tool's timeout_s at 600,
 # or, with less device time left, a shorter VARIANTS list and DEADLINE.
@@ -175,7 +176,8 @@ selftest() { # selftest NAME BINARY [ARGS...]; sets selftest_rc
 }
 # The TMA kernels (INVDIFF_WGMMA_TMA, a default since v0.6) in a run of their own first:
 # a kernel that faults ends every check after it in its process. If they fail, the main run
-# and every later phase leave them out (TMA_BROKEN).
+# and every later phase leave them out (TMA_BROKEN). Without phase (a) nothing checks them
+# first.
 TMA_BROKEN=0
 if want a; then
     selftest selftest_tma "$BIN" --only "tensor-core convolutions"

@@ -111,7 +111,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_WGMMA_LEAN",
         ON_OFF,
-        "GPU default: `0` gives wgmma launches the loaders of twice the instructions",
+        "GPU default: `0` gives the wgmma launches TMA does not take loaders of twice the instructions",
     ),
     choice(
         "INVDIFF_WGMMA_TMA",

@@ -86,6 +86,9 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
         } else if c.launch.lean_loads {
             variant += ", lean loads";
         }
+        if c.launch.prefetch {
+            variant += ", prefetch";
+        }
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);

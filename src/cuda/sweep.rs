@@ -198,7 +198,9 @@ pub fn sweep_convolutions(
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only),
 /// the wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, and the
-/// planned launch itself.
+/// planned launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]):
+/// the sweep's launches read no residual and do not accumulate, so it would time nothing (a
+/// planned launch keeps its own, which reads nothing here either).
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
     let ConvKernel::Tensor(precision) = planned.kernel else {
         return vec![planned];
@@ -274,16 +276,8 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // Unsplit lean forms also with the epilogue's reads prefetched.
-                    let prefetched = ConvLaunch {
-                        prefetch: true,
-                        ..c
-                    };
-                    let also = (lean_loads && c.splits == 1).then_some(prefetched);
-                    for c in std::iter::once(c).chain(also) {
-                        if !out.contains(&c) {
-                            out.push(c);
-                        }
+                    if !out.contains(&c) {
+                        out.push(c);
                     }
                 }
             }
@@ -570,7 +564,9 @@ fn open_and_plan(
 ) -> Result<(Gpu, Program)> {
     ensure!(iters > 0, "the sweep needs at least one repetition");
     let gpu = Gpu::open(ordinal)?;
-    let choice = KernelConfig::tuned(gpu.kernels.capabilities(), precision);
+    // What the switches ask for, as `bench` plans: INVDIFF_WGMMA_TMA=0 must keep the TMA
+    // kernels out of the planned launches too.
+    let choice = KernelConfig::from_switches(gpu.kernels.capabilities(), precision);
     let (program, _) = plan::plan(graph, n, h, w, record, gpu.sms(), precision, choice, 0)?;
     Ok((gpu, program))
 }
@@ -720,7 +716,7 @@ mod tests {
                 }
                 // A planned tall launch with TMA loads (and, unsplit, the prefetch): the
                 // non-wgmma variants take none of them, only shapes the TMA kernels take get TMA
-                // variants, and only unsplit lean ones the prefetch.
+                // variants, and only the planned launch itself prefetches.
                 if precision.is_half() {
                     if let Some(tall) = on_tile(
                         ConvLaunch {
@@ -741,7 +737,7 @@ mod tests {
                                 "{l:?}"
                             );
                             assert!(!l.tma_loads || im2col_box(shape).is_some(), "{l:?}");
-                            assert!(!l.prefetch || (l.lean_loads && l.splits == 1), "{l:?}");
+                            assert!(!l.prefetch || l == tall, "{l:?}");
                         }
                     }
                 }

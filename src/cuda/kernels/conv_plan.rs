@@ -368,7 +368,7 @@ pub(crate) struct ConvLaunch {
     /// With `lean_loads`: each block first asks L2 for the rows of the residual and of the
     /// output it adds onto (when accumulating) that its epilogue will read
     /// (`ConvArgs::prefetch`), so that those reads overlap its products; unsplit launches
-    /// only. The same bits.
+    /// that read either only (the program sets it). The same bits.
     pub prefetch: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,

@@ -76,8 +76,9 @@ pub(crate) struct KernelConfig {
     /// copy their slices with the tensor memory accelerator ([`ConvLaunch::tma_loads`], with
     /// the lean loaders' epilogue): no copy instructions in any thread but one, the same bits.
     pub wgmma_tma: bool,
-    /// Unsplit launches with `wgmma_lean` ask L2 for their epilogue's residual and
-    /// accumulated rows before their products ([`ConvLaunch::prefetch`]): the same bits.
+    /// Unsplit lean and TMA launches whose epilogue reads a residual or the output it adds
+    /// onto ask L2 for those rows before their products ([`ConvLaunch::prefetch`]): the same
+    /// bits.
     pub epilogue_prefetch: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
@@ -177,22 +178,24 @@ impl KernelConfig {
             Some("1") => true,
             _ => default,
         };
+        // The defaults that only serve the wgmma kernels go with them.
+        let wgmma = tuned.wgmma && !switches::is("INVDIFF_WGMMA", "0");
         KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
-            wgmma: tuned.wgmma && !switches::is("INVDIFF_WGMMA", "0"),
+            wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
-            half_copy_small: kept("INVDIFF_HALF_COPY_SMALL", tuned.half_copy_small),
+            half_copy_small: kept("INVDIFF_HALF_COPY_SMALL", tuned.half_copy_small && wgmma),
             fused_half_copies: kept("INVDIFF_HALF_COPY_FUSED", tuned.fused_half_copies),
             alias_residual_grads: kept("INVDIFF_ALIAS_GRADS", tuned.alias_residual_grads),
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
-            wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean),
-            wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma),
-            epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch),
+            wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean && wgmma),
+            wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
+            epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,

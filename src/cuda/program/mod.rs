@@ -567,6 +567,13 @@ impl Program {
             cotangent = Some(cot);
             grad_input = Some(out);
         }
+        // The epilogue prefetch only where the epilogue reads something besides the bias and
+        // time embedding (the lowering attaches residuals and accumulation after planning).
+        for s in &mut l.steps {
+            if let Step::Conv(c) = s {
+                c.launch.prefetch &= c.residual.is_some() || c.accumulate;
+            }
+        }
         Ok(Program {
             n,
             h,
