@@ -383,9 +383,9 @@ template <typename T> struct BwdIn {
 
 // dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
 // for_units (P pixels a round); vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
-// Where dx16 is not null (vec4 only, 8-byte aligned), also the new dx in bf16 (kind16 1) or
-// fp16 (2), rounded as a conversion launch would round it: the last contribution to a gradient
-// that tensor-core convolutions read.
+// Where dx16 is not null (8-byte aligned for vec4), also the new dx in bf16 (kind16 1) or fp16
+// (2), rounded as a conversion launch would round it: the last contribution to a gradient that
+// tensor-core convolutions read.
 template <int P>
 DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
                     const float* beta, float* dx, uint2* dx16, int kind16, int hw, int c, int groups, int silu,
@@ -416,7 +416,9 @@ DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const f
             [&](long long e) { return BwdIn<float>{x[e], dy[e], P > 1 && accumulate ? dx[e] : 0.0f}; },
             [&](const BwdChannel& k, const BwdIn<float>& in, long long e) {
                 const float v = bwd_value(in.x, in.dy, k, silu);
-                dx[e] = accumulate ? (P > 1 ? in.old : dx[e]) + v : v;
+                const float out = accumulate ? (P > 1 ? in.old : dx[e]) + v : v;
+                dx[e] = out;
+                if (dx16) reinterpret_cast<uint16_t*>(dx16)[e] = pack_half1(out, kind16);
             });
     }
 }

@@ -374,8 +374,7 @@ impl Lowering<'_> {
     /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer. With
     /// [`KernelConfig::fused_half_copies`], where the step that last wrote `src` wrote all of
     /// it and can write a 16-bit copy beside (a concatenation's adjoint, or a GroupNorm's
-    /// backward with an fp32 gradient, in units of four channels unless in one pass), that
-    /// step writes the copy instead.
+    /// backward with an fp32 gradient), that step writes the copy instead.
     pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
         let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
@@ -395,14 +394,8 @@ impl Lowering<'_> {
                     half_out: None,
                     hw,
                     c,
-                    split,
                     ..
-                } if *dx == src
-                    && whole(self.n * *hw * *c)
-                    && (split.one_pass.is_some() || *c % 4 == 0) =>
-                {
-                    Some(dx16)
-                }
+                } if *dx == src && whole(self.n * *hw * *c) => Some(dx16),
                 _ => None,
             };
             if let Some(slot @ None) = slot {

@@ -274,14 +274,14 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
 }
 
 /// Over every combination of the passes that move work between steps (one-pass GroupNorms,
-/// 16-bit copies, aliased gradients, tall tiles), with wgmma, 16-bit concatenations and fused
-/// attention on: a step reads and writes one buffer only where it adds onto it element by
-/// element.
+/// 16-bit copies, aliased gradients, tall tiles, copies written by their writers), with wgmma,
+/// 16-bit concatenations and fused attention on: a step reads and writes one buffer only
+/// where it adds onto it element by element.
 #[test]
 fn fused_steps_keep_their_contracts() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for (n, size) in [(1, 256), (2, 64)] {
-        for bits in 0..16u32 {
+        for bits in 0..32u32 {
             let tc = KernelConfig {
                 wgmma: true,
                 half_concat: true,
@@ -290,6 +290,7 @@ fn fused_steps_keep_their_contracts() {
                 half_copy: bits & 2 != 0,
                 alias_residual_grads: bits & 4 != 0,
                 tall_tiles: bits & 8 != 0,
+                fused_half_copies: bits & 16 != 0,
                 ..KernelConfig::default()
             };
             let p = Program::build_with(&g, n, size, size, true, 132, Precision::Bf16, tc).unwrap();
@@ -332,14 +333,18 @@ fn every_buffer_is_written_before_it_is_read() {
         (record, p)
     })
     .collect();
-    // With 16-bit input copies, which need full-size inputs to appear.
-    let copies = KernelConfig {
-        half_copy: true,
-        ..KernelConfig::default()
-    };
-    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, copies).unwrap();
-    assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
-    programs.push((true, p));
+    // With 16-bit input copies, which need full-size inputs to appear, and with those that
+    // their writers can write written by them.
+    for fused_half_copies in [false, true] {
+        let copies = KernelConfig {
+            half_copy: true,
+            fused_half_copies,
+            ..KernelConfig::default()
+        };
+        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, copies).unwrap();
+        assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
+        programs.push((true, p));
+    }
     // With upsamplings folded, whose class launches each write a quarter of their output.
     let fold = KernelConfig {
         upsample_fold: true,
@@ -608,7 +613,8 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
 /// With half_copy, every large fp32 main input of a tensor-core launch is converted once
 /// to 16 bits, and the copies feed only 16-bit-input tensor-core launches; with
 /// fused_half_copies, the concatenations' adjoints and the GroupNorms' backward passes write
-/// those of the buffers they wrote last, and the same buffers are copied.
+/// those of the buffers they wrote last, and as many buffers are copied (the symbolic test
+/// holds their values).
 #[test]
 fn half_copies_feed_only_tensor_core_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -1040,7 +1046,11 @@ fn every_buffer_with_room_is_used() {
             attention_flash: true,
             ..tuned
         };
-        for choice in [KernelConfig::default(), tuned, flash] {
+        let fused = KernelConfig {
+            fused_half_copies: true,
+            ..tuned
+        };
+        for choice in [KernelConfig::default(), tuned, flash, fused] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
                     Program::build_with(&g, n, 256, 256, record, 132, precision, choice).unwrap();

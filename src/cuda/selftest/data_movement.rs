@@ -1,17 +1,9 @@
 //! Data movement: layout changes, upsampling, concatenation and the element-wise steps.
 
-use super::{acc_name, unpack_half, Tester};
+use super::{acc_name, round_half, unpack_half, Tester};
 use crate::cpu::resample;
 use crate::cuda::precision::Precision;
 use crate::Result;
-
-/// `v` rounded to the nearest `precision` (bf16 or fp16) value, as f32.
-fn round_half(v: f32, precision: Precision) -> f32 {
-    match precision {
-        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
-        _ => half::bf16::from_f32(v).to_f32(),
-    }
-}
 
 impl Tester<'_> {
     pub(super) fn data_movement(&mut self) -> Result<()> {
@@ -149,35 +141,22 @@ impl Tester<'_> {
                     acc_name(accumulate)
                 );
                 self.row(name.clone(), desc.clone(), &got, &want, ms);
-                // With the 16-bit copy of the new gradient (INVDIFF_HALF_COPY_FUSED): the
-                // copy, then the gradient again.
-                self.half_output_rows(
-                    &format!("{name}, 16-bit copy"),
-                    &desc,
-                    &want,
-                    |out, precision| {
-                        dd.write(st, &d0)?;
-                        k.concat_backward(
-                            st,
-                            dyd.ptr,
-                            p,
-                            Some((out, precision)),
-                            pixels,
-                            ca + cb,
-                            offset,
-                            width,
-                            accumulate,
-                        )
-                    },
-                )?;
-                let got = dd.download(st)?;
-                self.row(
-                    format!("{name} beside its 16-bit copy"),
-                    desc.clone(),
-                    &got,
-                    &want,
-                    ms,
-                );
+                // With the 16-bit copy of the new gradient (INVDIFF_HALF_COPY_FUSED).
+                self.half_copy_rows(&name, &desc, &got, |out, precision| {
+                    dd.write(st, &d0)?;
+                    k.concat_backward(
+                        st,
+                        dyd.ptr,
+                        p,
+                        Some((out, precision)),
+                        pixels,
+                        ca + cb,
+                        offset,
+                        width,
+                        accumulate,
+                    )?;
+                    dd.download(st)
+                })?;
             }
         }
 

@@ -132,6 +132,17 @@ impl Tester<'_> {
                     &want_dx,
                     ms,
                 );
+                // The fp32 input gradient with its 16-bit copy (INVDIFF_HALF_COPY_FUSED).
+                self.half_copy_rows(
+                    &format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
+                    &desc,
+                    &got_dx,
+                    |out, precision| {
+                        dxd.write(st, &dx0)?;
+                        backward(dx_ptr, accumulate, None, Some((out, precision)))?;
+                        dxd.download(st)
+                    },
+                )?;
                 let form = &mut plain[split.one_pass.is_some() as usize];
                 match form {
                     Some((y, dx)) if split.ilp => {
@@ -165,30 +176,6 @@ impl Tester<'_> {
                         &want,
                         |out, precision| backward(out, false, Some(precision), None),
                     )?;
-                    // The fp32 input gradient with its 16-bit copy (INVDIFF_HALF_COPY_FUSED):
-                    // the copy, then the gradient again.
-                    self.half_output_rows(
-                        &format!(
-                            "groupnorm{s} input-grad{}, 16-bit copy",
-                            acc_name(accumulate)
-                        ),
-                        &desc,
-                        &want_dx,
-                        |out, precision| {
-                            dxd.write(st, &dx0)?;
-                            backward(dx_ptr, accumulate, None, Some((out, precision)))
-                        },
-                    )?;
-                    self.row(
-                        format!(
-                            "groupnorm{s} input-grad{} beside its 16-bit copy",
-                            acc_name(accumulate)
-                        ),
-                        desc.clone(),
-                        &dxd.download(st)?,
-                        &want_dx,
-                        ms,
-                    );
                 }
             }
         }

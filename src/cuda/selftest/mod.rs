@@ -197,6 +197,14 @@ pub(super) fn uniform(seed: &mut u64, len: usize, lo: f32, hi: f32) -> Vec<f32> 
     crate::rng::uniform_lcg(*seed | 1, len, lo, hi)
 }
 
+/// `v` rounded to the nearest `precision` (bf16 or fp16) value, ties to even, as f32.
+fn round_half(v: f32, precision: Precision) -> f32 {
+    match precision {
+        Precision::Fp16 => half::f16::from_f32(v).to_f32(),
+        _ => half::bf16::from_f32(v).to_f32(),
+    }
+}
+
 /// The first `len` 16-bit values (two per f32 word, the first in the low half) as f32.
 fn unpack_half(words: &[f32], len: usize, precision: Precision) -> Vec<f32> {
     words
@@ -318,6 +326,43 @@ impl Tester<'_> {
                 want,
                 ms,
                 1.02 * u,
+            );
+        }
+        Ok(())
+    }
+
+    /// Rows for a kernel's 16-bit copy of its fp32 output, in bf16 and fp16:
+    /// `run(out, precision)` writes both and returns the fp32 output. That output must be
+    /// `same` (the kernel's output without the copy) to the bit, and the copy must be it
+    /// rounded to nearest even, as a conversion launch rounds it, to the bit.
+    fn half_copy_rows(
+        &mut self,
+        op: &str,
+        shape: &str,
+        same: &[f32],
+        mut run: impl FnMut(DPtr, Precision) -> Result<Vec<f32>>,
+    ) -> Result<()> {
+        for precision in [Precision::Bf16, Precision::Fp16] {
+            let out = self.zeros(same.len().div_ceil(2))?;
+            let fp32 = run(out.ptr, precision)?;
+            let copy = unpack_half(&out.download(&self.gpu.stream)?, same.len(), precision);
+            let rounded: Vec<f32> = fp32.iter().map(|&v| round_half(v, precision)).collect();
+            let bits = format!("{shape}, bits");
+            self.row_within(
+                format!("{op}, its {precision} copy"),
+                bits.clone(),
+                &copy,
+                &rounded,
+                0.0,
+                0.0,
+            );
+            self.row_within(
+                format!("{op} beside its {precision} copy"),
+                bits,
+                &fp32,
+                same,
+                0.0,
+                0.0,
             );
         }
         Ok(())
