@@ -118,22 +118,20 @@ impl Tester<'_> {
                 let dyd = self.up(&dy)?;
                 let mut dd = self.up(&d0)?;
                 let p = dd.ptr;
-                let ms = self.timed(
-                    || dd.write(st, &d0),
-                    || {
-                        k.concat_backward(
-                            st,
-                            dyd.ptr,
-                            p,
-                            None,
-                            pixels,
-                            ca + cb,
-                            offset,
-                            width,
-                            accumulate,
-                        )
-                    },
-                )?;
+                let adjoint = |half| {
+                    k.concat_backward(
+                        st,
+                        dyd.ptr,
+                        p,
+                        half,
+                        pixels,
+                        ca + cb,
+                        offset,
+                        width,
+                        accumulate,
+                    )
+                };
+                let ms = self.timed(|| dd.write(st, &d0), || adjoint(None))?;
                 let got = dd.download(st)?;
                 let name = format!(
                     "concat adjoint ch {offset}..{}{}",
@@ -144,17 +142,7 @@ impl Tester<'_> {
                 // With the 16-bit copy of the new gradient (INVDIFF_HALF_COPY_FUSED).
                 self.half_copy_rows(&name, &desc, &got, |out, precision| {
                     dd.write(st, &d0)?;
-                    k.concat_backward(
-                        st,
-                        dyd.ptr,
-                        p,
-                        Some((out, precision)),
-                        pixels,
-                        ca + cb,
-                        offset,
-                        width,
-                        accumulate,
-                    )?;
+                    adjoint(Some((out, precision)))?;
                     dd.download(st)
                 })?;
             }
