@@ -413,7 +413,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     // 32; a hint, so a line left out costs only its miss), so that they overlap the products
     // instead of following them; blocks finish their products together, and their epilogues
     // then share the memory's bandwidth.
-    if (LEAN && a.prefetch && (a.res != nullptr || a.accumulate)) {
+    if (LEAN && a.prefetch) {
         for (int i = tid; i < TM * 4; i += Tile::THREADS) {
             const int m = m0 + i / 4, col = n0 + 32 * (i & 3);
             if (m >= M || col >= ncols) continue;

@@ -111,6 +111,18 @@ fn half_kind(p: Precision) -> Result<i32> {
     }
 }
 
+/// A kernel's optional 16-bit output as its two arguments: the address (0 for none, which the
+/// kernels test) and the format code of [`half_kind`]; `what` names it if it is null.
+fn half_output(half: Option<(DPtr, Precision)>, what: &str) -> Result<(DPtr, i32)> {
+    match half {
+        Some((p, precision)) => {
+            need(p, what)?;
+            Ok((p, half_kind(precision)?))
+        }
+        None => Ok((0, 0)),
+    }
+}
+
 fn i64_of(v: usize) -> i64 {
     v as i64
 }
@@ -178,7 +190,7 @@ pub(crate) struct Kernels {
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
-const WGMMA_KERNELS: usize = 8 * WgmmaTile::ALL.len();
+const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 

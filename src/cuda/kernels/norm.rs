@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{cfg, half_kind, i32_of, need, DPtr, Kernels, BLOCK};
+use super::{cfg, half_kind, half_output, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -370,19 +370,13 @@ impl Kernels {
                 d.c
             )));
         }
-        let (dx16, kind16) = match copy {
-            Some((p, precision)) => {
-                need(p, "16-bit copy of the input gradient")?;
-                (p, half_kind(precision)?)
-            }
-            None => (0, 0),
-        };
         if copy.is_some() && half_out.is_some() {
             return Err(Error::Cuda(
                 "internal: a 16-bit copy of a GroupNorm input gradient that is 16-bit itself"
                     .into(),
             ));
         }
+        let (dx16, kind16) = half_output(copy, "16-bit copy of the input gradient")?;
         for (p, what) in [
             (x, "input"),
             (dy, "output gradient"),

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaStream, PushKernelArg};
 
-use super::{half_kind, i32_of, i64_of, need, DPtr, Kernels};
+use super::{half_kind, half_output, i32_of, i64_of, need, DPtr, Kernels};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -181,13 +181,7 @@ impl Kernels {
         need(a, "first input")?;
         need(b_, "second input")?;
         need(y, "output")?;
-        let (y16, kind) = match half {
-            Some((p, precision)) => {
-                need(p, "16-bit output")?;
-                (p, half_kind(precision)?)
-            }
-            None => (0, 0),
-        };
+        let (y16, kind) = half_output(half, "16-bit output")?;
         let (p, cai, cbi) = (
             i64_of(pixels),
             i32_of(ca, "channels")?,
@@ -239,13 +233,7 @@ impl Kernels {
                 offset + width
             )));
         }
-        let (d16, kind) = match half {
-            Some((p, precision)) => {
-                need(p, "16-bit input gradient")?;
-                (p, half_kind(precision)?)
-            }
-            None => (0, 0),
-        };
+        let (d16, kind) = half_output(half, "16-bit input gradient")?;
         let (p, ci, oi, wi) = (i64_of(pixels), i32_of(c, "c")?, offset as i32, width as i32);
         let acc = accumulate as i32;
         let vec = [c, offset, width].iter().all(|v| v % 4 == 0)

@@ -563,7 +563,6 @@ impl Lowering<'_> {
         let lean_here = launch.wgmma && launch.row_epilogue;
         launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
-        launch.prefetch = self.choice.epilogue_prefetch && launch.lean_loads && launch.splits == 1;
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         ConvStep {

@@ -567,11 +567,16 @@ impl Program {
             cotangent = Some(cot);
             grad_input = Some(out);
         }
-        // The epilogue prefetch only where the epilogue reads something besides the bias and
-        // time embedding (the lowering attaches residuals and accumulation after planning).
+        // The epilogue prefetch ([`KernelConfig::epilogue_prefetch`]) where the epilogue reads
+        // something besides the bias and time embedding, which the lowering attaches after
+        // planning the launch.
         for s in &mut l.steps {
             if let Step::Conv(c) = s {
-                c.launch.prefetch &= c.residual.is_some() || c.accumulate;
+                let reads = c.residual.is_some() || c.accumulate;
+                c.launch.prefetch = choice.epilogue_prefetch
+                    && c.launch.lean_loads
+                    && c.launch.splits == 1
+                    && reads;
             }
         }
         Ok(Program {
