@@ -25,8 +25,9 @@ struct ConvArgs {
     int tap_dx[9];
     int tap_w[9];
     int prefetch;  // the lean wgmma kernels, unsplit: ask L2 for the epilogue's reads first
+    double* gn_partial;  // the lean wgmma kernels, unsplit: the output's GroupNorm partial sums, or null
 };
-static_assert(sizeof(ConvArgs) == 240, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 248, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;
@@ -115,8 +116,11 @@ DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, l
 // it), so store_pair's loop waits a memory round trip per pair after each store. SKIP_DIV1
 // (the lean wgmma kernels): no division where out_div is 1, whose quotient is the dividend to
 // the bit; the IEEE division is a reciprocal, two corrections and a slow-path test per value.
-template <int NP, bool SKIP_DIV1 = false>
-DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const float2 (&v)[NP]) {
+// KEEP (the lean wgmma kernels): where `keep` is not null, each pair is also stored at
+// keep + 8i, for the GroupNorm partial sums (wg_stats in conv_wgmma.cu).
+template <int NP, bool SKIP_DIV1 = false, bool KEEP = false>
+DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const float2 (&v)[NP],
+                     float* keep = nullptr) {
     const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
     float2 e[NP], old[NP];
 #pragma unroll
@@ -155,6 +159,7 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
             r.y += old[i].y;
         }
         *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = r;
+        if (KEEP && keep != nullptr) *reinterpret_cast<float2*>(keep + 8 * i) = r;
     }
 }
 

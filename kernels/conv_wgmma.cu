@@ -46,6 +46,13 @@
 // get 96 registers, whose spills serialise them too (C7515). A producer warpgroup that hands
 // its registers over (setmaxnreg) is untried: it needs a fifth warpgroup's worth of threads.
 //
+// GroupNorm sums (a.gn_partial, the lean and TMA kernels, unsplit; INVDIFF_GN_EPILOGUE_SUMS):
+// the epilogue also stages its finished values in the drained stages and sums each column over
+// the tile's rows (wg_stats), in norm.cu's partial-sum layout, so that the GroupNorm that reads
+// the output skips its own pass over it. A run-time choice: the kernels without it take one
+// test of the pointer, and 126-128 registers instead of 118 (no spills, the same blocks a
+// multiprocessor).
+//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -270,12 +277,18 @@ DEVI void wg_drain(float (&acc)[64]) {
 // the 128 registers that two blocks per multiprocessor leave each thread).
 constexpr int ROW_PAIRS = 4;
 
+// Floats between the rows of a tile's finished values staged for wg_stats: 8 more than the
+// 128 columns, so that the 8 rows a warp's store covers fall in different banks.
+constexpr int STATS_PITCH = WG_TN + 8;
+
 // The epilogue of a block's accumulators, warpgroup w holding rows m0 + 64w .. m0 + 64w + 63
 // against columns n0 .. n0 + 127: raw partial sums into the workspace when K is split
 // (`split`), else finished into y, pair by pair (store_pair) or ROW_PAIRS pairs of a row at a
-// time (ROWS: finish_row; with LEAN, no division by an out_div of 1).
+// time (ROWS: finish_row; with LEAN, no division by an out_div of 1, and where `keep` is not
+// null the finished values also staged there, row r - m0 at keep + (r - m0) * STATS_PITCH).
 template <bool ROWS, bool LEAN>
-DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, bool split) {
+DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, bool split,
+                      float* keep = nullptr) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2;
     const int q = lane & 3;
@@ -295,7 +308,9 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
                     const int jj = ROW_PAIRS * part + j;
                     v[j] = make_float2(acc[4 * jj + 2 * h], acc[4 * jj + 2 * h + 1]);
                 }
-                finish_row<ROW_PAIRS, LEAN>(a, rc.img, pix, n0 + 8 * ROW_PAIRS * part + 2 * q, v);
+                const int col0 = 8 * ROW_PAIRS * part + 2 * q;
+                float* kept = LEAN && keep != nullptr ? keep + (m - m0) * STATS_PITCH + col0 : nullptr;
+                finish_row<ROW_PAIRS, LEAN, LEAN>(a, rc.img, pix, n0 + col0, v, kept);
             }
             continue;
         }
@@ -306,6 +321,46 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
             store_pair(a, split, M, m, rc, pix, col, make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]));
         }
     }
+}
+
+// The GroupNorm partial sums of a block's finished output (a.gn_partial; the lean kernels,
+// unsplit, for a launch whose output a GroupNorm reads next): per column, the f64 sum and sum
+// of squares over the tile's TM rows, in kernels/norm.cu's layout with one chunk per tile
+// (chunk = the tile's place in its image; the host sends only launches whose images are whole
+// tiles, output rows in pixel order), so that the GroupNorm skips its own pass over the
+// output (gn_partial). The values come staged in `keep` (wg_epilogue); PARTS threads per
+// column each add a run of rows in order, then the first adds the runs in order.
+template <int TM>
+DEVI void wg_stats(const ConvArgs& a, const float* keep, int M, int m0, int n0) {
+    constexpr int PARTS = 2 * TM / WG_TN;
+    constexpr int RUN = TM / PARTS;
+    static_assert(TM * STATS_PITCH * 4 + PARTS * WG_TN * 16 <= WgTile<TM>::STAGES * WgTile<TM>::STAGE,
+                  "the staged values and the runs' sums fit in the stages");
+    double2* runs = reinterpret_cast<double2*>(const_cast<float*>(keep) + TM * STATS_PITCH);
+    const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
+    const int rows = min(TM, M - m0);
+    // Every thread's values staged.
+    __syncthreads();
+    double s = 0.0, q = 0.0;
+    for (int r = part * RUN; r < min(rows, (part + 1) * RUN); ++r) {
+        const double v = (double)keep[r * STATS_PITCH + col];
+        s += v;
+        q += v * v;
+    }
+    runs[part * WG_TN + col] = make_double2(s, q);
+    __syncthreads();
+    if (part != 0 || n0 + col >= a.ncols) return;
+#pragma unroll
+    for (int p = 1; p < PARTS; ++p) {
+        const double2 r = runs[p * WG_TN + col];
+        s += r.x;
+        q += r.y;
+    }
+    const int per = a.mh * a.mw;
+    const int img = m0 / per, chunks = per / TM, chunk = (m0 - img * per) / TM;
+    double* out = a.gn_partial + (((long long)img * chunks + chunk) * a.ncols + n0 + col) * 2;
+    out[0] = s;
+    out[1] = q;
 }
 
 // Rows of A a lean loader gives no pixel (past the GEMM's M): far outside every image, so that
@@ -604,7 +659,17 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     wg_drain(acc);
     cycles.mark(PROBE_DRAIN);
 
-    wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1);
+    // GroupNorm partial sums (a.gn_partial): the finished values staged in the stages, once
+    // every warpgroup's products are done reading them.
+    float* keep = nullptr;
+    if constexpr (LEAN) {
+        if (a.gn_partial != nullptr && gridDim.z == 1) {
+            __syncthreads();
+            keep = reinterpret_cast<float*>(smem + (base - smem_addr(smem)));
+        }
+    }
+    wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, keep);
+    if (LEAN && keep != nullptr) wg_stats<TM>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }

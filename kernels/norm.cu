@@ -2,7 +2,9 @@
 // backward, with groups of c / groups consecutive channels.
 //
 // Each direction is three launches:
-// 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU: grid
+// 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU (or, forward, from
+//    the epilogue of the convolution that wrote x, a chunk per tile, and no launch here:
+//    wg_stats in conv_wgmma.cu, INVDIFF_GN_EPILOGUE_SUMS): grid
 //    (chunks, ceil(c / 32), n) of 32x8 blocks; a warp reads 32 consecutive channels of a pixel
 //    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
 //    chunk count so that even 32 groups of one 256x256 image fill every multiprocessor, which a

@@ -64,6 +64,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` runs every GroupNorm in three launches",
     ),
     choice(
+        "INVDIFF_GN_EPILOGUE_SUMS",
+        ON_OFF,
+        "GPU candidate: `1` has convolution epilogues write the partial sums of the GroupNorms that read them",
+    ),
+    choice(
         "INVDIFF_GN_ILP",
         ON_OFF,
         "GPU default: `0` runs GroupNorms without loads issued ahead",

@@ -258,7 +258,10 @@ impl Step {
                     GroupNormBackward { half_out, dx16, .. } => ("groupnorm bwd", half_out, dx16),
                     _ => unreachable!("matched above"),
                 };
-                let launches = if split.one_pass.is_some() { 1 } else { 3 };
+                let launches = match split.one_pass {
+                    Some(_) => 1,
+                    None => 3 - usize::from(split.from_producer),
+                };
                 let layout = split.form();
                 StepInfo {
                     variant: match (half_out, copy) {
@@ -909,6 +912,13 @@ mod tests {
             ..tuned
         };
         assert_eq!(count(fused), [392, 837]);
+        // Partial sums from the convolution epilogues: 14 GroupNorms of the forward skip
+        // their partial-sum launch.
+        let sums = KernelConfig {
+            gn_epilogue_sums: true,
+            ..tuned
+        };
+        assert_eq!(count(sums), [378, 861]);
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
-    direct_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX,
-    TILE, WGMMA_SLICE,
+    direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
+    WgmmaTile, DIRECT_MAX, TILE, WGMMA_SLICE,
 };
 use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -47,9 +47,10 @@ struct ConvArgs {
     tap_dx: [i32; 9],
     tap_w: [i32; 9],
     prefetch: i32,
+    gn_partial: DPtr,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 240);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -64,6 +65,9 @@ pub(crate) struct ConvPtrs {
     pub temb: DPtr,
     pub res: DPtr,
     pub ws: DPtr,
+    /// Where the epilogue also writes the GroupNorm partial sums of the output, one chunk per
+    /// tile in kernels/norm.cu's layout; only where [`gn_partial_fits`] holds.
+    pub gn_partial: DPtr,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -337,6 +341,7 @@ impl Kernels {
             accumulate: accumulate as i32,
             out_div,
             prefetch: i32::from(plan.prefetch),
+            gn_partial: p.gn_partial,
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -365,10 +370,12 @@ impl Kernels {
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
+            || (p.gn_partial != 0 && gn_partial_fits(s, plan).is_none())
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?}",
+                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, GroupNorm sums {}, \
+                 {} splits and tile {:?}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -377,6 +384,7 @@ impl Kernels {
                 plan.lean_loads,
                 plan.tma_loads,
                 plan.prefetch,
+                p.gn_partial != 0,
                 plan.splits,
                 plan.tile
             )));

@@ -504,6 +504,23 @@ pub(crate) fn im2col_box(s: &ConvShape) -> Option<([i32; 2], [i32; 2])> {
     (lower.iter().chain(&upper).all(|&c| corner_ok(c)) && offsets_ok).then_some((lower, upper))
 }
 
+/// Where launch `plan` of `s` can also write the GroupNorm partial sums of its output
+/// ([`ConvPtrs::gn_partial`](super::ConvPtrs)): the chunks per image, one per tile, or `None`.
+/// The lean and TMA kernels' row epilogue, unsplit, with every output row the pixel of the same
+/// index and each image whole tiles, so that a tile's rows are one chunk of one image.
+pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> Option<usize> {
+    let per = s.mh * s.mw;
+    let rows = plan.tile.rows();
+    let fits = plan.lean_loads
+        && plan.splits == 1
+        && s.out_stride == 1
+        && (s.out_oy, s.out_ox) == (0, 0)
+        && (s.yh, s.yw) == (s.mh, s.mw)
+        && per > 0
+        && per % rows == 0;
+    fits.then_some(per / rows)
+}
+
 /// Whether the selftest and the sweep try the TMA kernels on `s`: where [`im2col_box`] takes
 /// it, unless `INVDIFF_WGMMA_TMA=0` keeps them out (a faulting kernel ends the checks after it,
 /// so scripts/device_check.sh runs the TMA kernels' checks on their own first).

@@ -16,13 +16,17 @@ const GN_FIN_THREADS: u32 = 256;
 /// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`). With `ilp`, the
 /// launches take the `_ilp` kernels where there are some (the element-wise passes, the
 /// backward's partial sums, both one-pass kernels), which issue their loads ahead of the
-/// arithmetic that would hold them back: the same bits.
+/// arithmetic that would hold them back: the same bits. With `from_producer` (forward, three
+/// launches), the convolution that wrote the input already wrote the partial sums, a chunk of
+/// `chunk_px` pixels per tile ([`ConvPtrs::gn_partial`](super::ConvPtrs)), and `gn_partial`
+/// does not run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
     pub chunk_px: usize,
     pub one_pass: Option<u32>,
     pub ilp: bool,
+    pub from_producer: bool,
 }
 
 /// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
@@ -64,6 +68,7 @@ pub(crate) fn plan_norm(
         chunk_px,
         one_pass,
         ilp,
+        from_producer: false,
     }
 }
 
@@ -92,6 +97,7 @@ impl NormSplit {
     pub fn form(&self) -> String {
         let form = match self.one_pass {
             Some(threads) => format!("one pass, {threads} threads"),
+            None if self.from_producer => format!("{} chunks summed by the producer", self.chunks),
             None => format!("{} chunks", self.chunks),
         };
         if self.ilp {
@@ -249,6 +255,11 @@ impl Kernels {
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
+        if split.from_producer && split.one_pass.is_some() {
+            return Err(Error::Cuda(
+                "internal: a one-pass GroupNorm given its partial sums".into(),
+            ));
+        }
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(if split.ilp {
                 &self.gn_one_pass_ilp
@@ -272,13 +283,15 @@ impl Kernels {
             // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
             return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
         }
-        let mut b = st.launch_builder(&self.gn_partial);
-        b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
-        // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
-        cu(
-            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-            "launching gn_partial",
-        )?;
+        if !split.from_producer {
+            let mut b = st.launch_builder(&self.gn_partial);
+            b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
+            // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
+            cu(
+                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+                "launching gn_partial",
+            )?;
+        }
         let mut b = st.launch_builder(&self.gn_finalize);
         b.arg(&partial)
             .arg(&ni)

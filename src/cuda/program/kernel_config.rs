@@ -29,6 +29,13 @@ pub(crate) struct KernelConfig {
     /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
+    /// A three-launch forward GroupNorm whose input a lean or TMA wgmma launch wrote (unsplit,
+    /// images of whole tiles) takes its partial sums from that launch's epilogue, which
+    /// stages the tile's finished values in its idle stages and sums each column over the
+    /// tile's rows (`wg_stats` in kernels/conv_wgmma.cu), and skips its own pass over the
+    /// input (`gn_partial`): one launch and one read of the activation less. Only the order of
+    /// the f64 sums changes.
+    pub gn_epilogue_sums: bool,
     /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
     /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.
     pub gn_ilp: bool,
@@ -107,6 +114,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
+            gn_epilogue_sums: false,
             gn_ilp: false,
             half_concat: false,
             half_copy: false,
@@ -149,6 +157,7 @@ impl KernelConfig {
             deep: true,
             wgmma: here.wgmma,
             gn_one_pass: true,
+            gn_epilogue_sums: false,
             gn_ilp: true,
             half_concat: true,
             half_copy: true,
@@ -184,6 +193,7 @@ impl KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
             wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
+            gn_epilogue_sums: wgmma && kept("INVDIFF_GN_EPILOGUE_SUMS", tuned.gn_epilogue_sums),
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
@@ -209,6 +219,10 @@ impl KernelConfig {
             (!self.deep, "two-stage pipelines"),
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
+            (
+                self.gn_epilogue_sums,
+                "GroupNorm sums from convolution epilogues",
+            ),
             (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),

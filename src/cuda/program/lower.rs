@@ -6,8 +6,8 @@ use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel, ConvShape, NormSplit,
-    WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
+    ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -134,6 +134,63 @@ impl Lowering<'_> {
         let b = self.buf(self.numel(t), &self.g.tensors[t].name.clone());
         self.value[t] = Some(b);
         b
+    }
+
+    /// With [`KernelConfig::gn_epilogue_sums`]: each three-launch forward GroupNorm whose input
+    /// was last written, whole, by a convolution whose launch can write the partial sums
+    /// ([`gn_partial_fits`]: the lean and TMA wgmma kernels, unsplit, images of whole tiles)
+    /// takes them from that convolution's epilogue, a chunk per tile, and skips its own pass
+    /// over the input: one launch and one read of the activation less. The GroupNorm's partial
+    /// buffer is resized to the tiles' chunks. Returns how many GroupNorms it changed.
+    pub(super) fn norm_sums_from_epilogues(&mut self) -> usize {
+        let mut changed = 0;
+        for i in 0..self.steps.len() {
+            let Step::GroupNorm {
+                x,
+                hw,
+                c,
+                split,
+                partial,
+                ..
+            } = self.steps[i]
+            else {
+                continue;
+            };
+            if split.one_pass.is_some() || split.from_producer {
+                continue;
+            }
+            let Some(j) = (0..i).rev().find(|&j| self.steps[j].io().1.contains(&x)) else {
+                continue;
+            };
+            let Step::Conv(conv) = &mut self.steps[j] else {
+                continue;
+            };
+            let Some(chunks) = gn_partial_fits(&conv.shape, &conv.launch) else {
+                continue;
+            };
+            let whole = conv.y == x
+                && !conv.accumulate
+                && conv.gn_partial.is_none()
+                && conv.shape.ncols == c
+                && conv.shape.mh * conv.shape.mw == hw
+                && conv.shape.n == self.n;
+            if !whole {
+                continue;
+            }
+            conv.gn_partial = Some(partial);
+            let split = NormSplit {
+                chunks,
+                chunk_px: hw / chunks,
+                from_producer: true,
+                ..split
+            };
+            self.bufs[partial.0].len = split.partial_len(self.n, c);
+            if let Step::GroupNorm { split: s, .. } = &mut self.steps[i] {
+                *s = split;
+            }
+            changed += 1;
+        }
+        changed
     }
 
     /// Merges the forward steps' few-row linear layers without residual that read the same `x`
@@ -577,6 +634,7 @@ impl Lowering<'_> {
             workspace,
             out_div: 1.0,
             accumulate: false,
+            gn_partial: None,
         }
     }
 }

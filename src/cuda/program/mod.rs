@@ -282,6 +282,9 @@ pub(crate) struct ConvStep {
     pub workspace: Option<Buf>,
     pub out_div: f32,
     pub accumulate: bool,
+    /// Where the epilogue also writes the partial sums of the GroupNorm that reads `y`
+    /// ([`KernelConfig::gn_epilogue_sums`]).
+    pub gn_partial: Option<Buf>,
 }
 
 impl Step {
@@ -305,12 +308,25 @@ impl Step {
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
                     .collect(),
-                std::iter::once(c.y).chain(c.workspace).collect(),
+                std::iter::once(c.y)
+                    .chain(c.workspace)
+                    .chain(c.gn_partial)
+                    .collect(),
             ),
             // In one launch (`gn_one_pass`): no partial sums and no affine.
             GroupNorm {
                 x, y, split, stats, ..
             } if split.one_pass.is_some() => (vec![*x], vec![*y, *stats]),
+            // With its partial sums from the convolution that wrote `x`: those read.
+            GroupNorm {
+                x,
+                y,
+                partial,
+                stats,
+                affine,
+                split,
+                ..
+            } if split.from_producer => (vec![*x, *partial], vec![*y, *stats, *affine]),
             GroupNorm {
                 x,
                 y,
@@ -533,6 +549,9 @@ impl Program {
             mul: 1.0,
         });
         l.batch_linears();
+        if choice.gn_epilogue_sums {
+            l.norm_sums_from_epilogues();
+        }
         let forward_steps = l.steps.len();
 
         let (mut cotangent, mut grad_input) = (None, None);

@@ -5,7 +5,7 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    im2col_box, Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS,
+    gn_partial_fits, im2col_box, Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -345,6 +345,13 @@ fn every_buffer_is_written_before_it_is_read() {
         assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
         programs.push((true, p));
     }
+    // With GroupNorm partial sums written by the convolutions before them.
+    let sums = KernelConfig {
+        gn_epilogue_sums: true,
+        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+    };
+    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, sums).unwrap();
+    programs.push((true, p));
     // With upsamplings folded, whose class launches each write a quarter of their output.
     let fold = KernelConfig {
         upsample_fold: true,
@@ -718,6 +725,71 @@ fn half_copies_feed_only_tensor_core_launches() {
         }
     }
 }
+/// With gn_epilogue_sums, a forward GroupNorm takes its partial sums from the convolution
+/// before it exactly where that launch wrote all of its input last and can write them (lean
+/// or TMA wgmma, unsplit, images of whole tiles), with one chunk per tile in a buffer sized
+/// for them; the program is otherwise the tuned one.
+#[test]
+fn groupnorm_sums_come_from_the_convolutions_that_can_write_them() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for (n, record) in [(1, true), (8, false)] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        let sums = KernelConfig {
+            gn_epilogue_sums: true,
+            ..tuned
+        };
+        let build = |tc| Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc);
+        let (base, p) = (build(tuned).unwrap(), build(sums).unwrap());
+        assert_eq!(base.steps.len(), p.steps.len());
+        let mut taken = 0;
+        for (i, s) in p.steps.iter().enumerate() {
+            let Step::GroupNorm {
+                x,
+                hw,
+                c,
+                split,
+                partial,
+                ..
+            } = *s
+            else {
+                continue;
+            };
+            let writer = (0..i).rev().find(|&j| p.steps[j].io().1.contains(&x));
+            let conv = match writer.map(|j| &p.steps[j]) {
+                Some(Step::Conv(conv)) => Some(conv),
+                _ => None,
+            };
+            let fits = conv.and_then(|c| gn_partial_fits(&c.shape, &c.launch));
+            let can = split.one_pass.is_none() && fits.is_some() && conv.unwrap().y == x;
+            assert_eq!(split.from_producer, can, "step {i}: {s:?}");
+            if !can {
+                continue;
+            }
+            taken += 1;
+            let conv = conv.unwrap();
+            assert_eq!(conv.gn_partial, Some(partial));
+            assert_eq!(
+                (split.chunks, split.chunks * split.chunk_px),
+                (fits.unwrap(), hw)
+            );
+            assert_eq!(split.chunk_px, conv.launch.tile.rows());
+            assert_eq!(p.bufs[partial.0].len, 4 * n * split.chunks * c);
+        }
+        // Every Conv outside those pairs as in the tuned program.
+        for (a, b) in base.steps.iter().zip(&p.steps) {
+            if let (Step::Conv(a), Step::Conv(b)) = (a, b) {
+                assert_eq!(a.launch, b.launch);
+                assert_eq!(a.gn_partial, None);
+            }
+        }
+        let fewer = base.launches() - p.launches();
+        assert_eq!(fewer, taken);
+        // At batch 1 the 256x256 and 128x128 levels' GroupNorms after a convolution (7 each;
+        // the 64x64 level's convolutions split K); at batch 8 the 64x64 level's too.
+        assert_eq!((n, taken), if n == 1 { (1, 14) } else { (8, 21) });
+    }
+}
+
 /// With half_copy_small (a default on Hopper), no tensor-core launch of the bf16/fp16 program
 /// stages an fp32 input, at any size, and every one runs on wgmma.
 #[test]
@@ -776,6 +848,7 @@ fn switches_compute_what_the_default_program_computes() {
             }
             let tuned = KernelConfig {
                 fused_half_copies: true,
+                gn_epilogue_sums: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)
             };
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");

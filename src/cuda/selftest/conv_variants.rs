@@ -3,8 +3,8 @@
 
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
-    on_tile, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, DPtr,
-    ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    gn_partial_fits, on_tile, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
+    DPtr, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -122,6 +122,78 @@ impl Tester<'_> {
                 tolerance: 0.0,
             });
         }
+        Ok(())
+    }
+
+    /// Unsplit lean or TMA wgmma launch `wp` of `shape` writing the GroupNorm partial sums of
+    /// its output as well ([`ConvPtrs::gn_partial`]), where it can ([`gn_partial_fits`]):
+    /// the output the same to the bit as `want` (the same launch without them), and the sums
+    /// those of `want` per tile and column, in f64 (another order of the same additions).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gn_partial_row(
+        &mut self,
+        shape: &ConvShape,
+        wp: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        want: &[f32],
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let Some(chunks) = gn_partial_fits(shape, &wp) else {
+            return Ok(());
+        };
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (n, c) = (shape.n, shape.ncols);
+        let y = self.zeros(want.len())?;
+        // Two f32 slots per f64.
+        let partial = self.zeros(4 * n * chunks * c)?;
+        let p = ConvPtrs {
+            y: y.ptr,
+            gn_partial: partial.ptr,
+            ..ptrs
+        };
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv(st, shape, &wp, p, out_div, false),
+        )?;
+        let op = format!("{label} [{}] GroupNorm sums", wgmma_path(&wp));
+        self.row_within(
+            format!("{op}: output vs without"),
+            desc.into(),
+            &y.download(st)?,
+            want,
+            ms,
+            0.0,
+        );
+        let got: Vec<f64> = partial
+            .download(st)?
+            .chunks_exact(2)
+            .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
+            .collect();
+        let rows = shape.mh * shape.mw / chunks;
+        let mut expect = vec![0.0f64; got.len()];
+        for (m, row) in want.chunks_exact(c).enumerate() {
+            // Image m / (chunks * rows), chunk (m / rows) % chunks: pair m / rows * c + col.
+            let first = m / rows * c;
+            for (col, &v) in row.iter().enumerate() {
+                expect[2 * (first + col)] += f64::from(v);
+                expect[2 * (first + col) + 1] += f64::from(v) * f64::from(v);
+            }
+        }
+        let diff: f64 = got
+            .iter()
+            .zip(&expect)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum();
+        let norm: f64 = expect.iter().map(|b| b * b).sum();
+        self.rows.push(SelftestRow {
+            op: format!("{op} vs the host's over the output"),
+            shape: format!("{desc}, {chunks} chunks of {rows} rows an image"),
+            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+            gpu_ms: ms,
+            tolerance: 1e-12,
+        });
         Ok(())
     }
 

@@ -453,6 +453,7 @@ impl Tester<'_> {
             temb: td.as_ref().map_or(0, |d| d.ptr),
             res: rd.as_ref().map_or(0, |d| d.ptr),
             ws: ws.ptr,
+            gn_partial: 0,
         };
         let ms = self.timed(
             || Ok(()),
@@ -536,6 +537,7 @@ impl Tester<'_> {
                 if out_div == 1.0 {
                     self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
                 }
+                self.gn_partial_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
             }
         }
         let dyd = self.up(dy)?;

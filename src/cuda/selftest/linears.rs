@@ -141,6 +141,7 @@ impl Tester<'_> {
                 res: rd.ptr,
                 ws: ws.ptr,
                 temb: 0,
+                gn_partial: 0,
             };
             let ms = self.timed(
                 || Ok(()),

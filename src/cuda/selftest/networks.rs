@@ -212,6 +212,21 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
+                    // GroupNorm partial sums from the convolutions' epilogues (with the lean or
+                    // TMA loaders the switches leave on): the f64 sums in another order, so
+                    // against the CPU.
+                    let before = gpu.set_gn_epilogue_sums(true);
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma, GroupNorm sums from epilogues"),
+                            format!("{label} forward + vjp, wgmma, GroupNorm sums from epilogues"),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
+                    gpu.set_gn_epilogue_sums(before);
                 }
                 // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
                 // level's 2^20-value gradients are copied): on mma.sync the same sums in the

@@ -230,6 +230,17 @@ impl CudaUnet {
         self.tape = None;
     }
 
+    /// Has convolution epilogues write the partial sums of the GroupNorms that read their
+    /// outputs where the program can (`on`, [`KernelConfig::gn_epilogue_sums`]) or never, for
+    /// comparisons; drops every plan. Returns the choice it replaced.
+    pub(crate) fn set_gn_epilogue_sums(&mut self, on: bool) -> bool {
+        let before = self.choice.gn_epilogue_sums;
+        self.choice.gn_epilogue_sums = on;
+        self.plans.clear();
+        self.tape = None;
+        before
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {

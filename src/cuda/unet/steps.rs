@@ -104,6 +104,7 @@ pub(super) fn launch(
                 temb: opt(c.temb),
                 res: opt(c.residual),
                 ws: opt(c.workspace),
+                gn_partial: opt(c.gn_partial),
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
