@@ -2,9 +2,9 @@
 // backward, with groups of c / groups consecutive channels.
 //
 // Each direction is three launches:
-// 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU (or, forward, from
-//    the epilogue of the convolution that wrote x, a chunk per tile, and no launch here:
-//    wg_stats in conv_wgmma.cu, INVDIFF_GN_EPILOGUE_SUMS): grid
+// 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU (or, forward, by the
+//    step that wrote x, INVDIFF_GN_EPILOGUE_SUMS: a convolution's epilogue, a chunk per tile,
+//    wg_stats in conv_wgmma.cu; a concatenation, as gn_concat_partial below): grid
 //    (chunks, ceil(c / 32), n) of 32x8 blocks; a warp reads 32 consecutive channels of a pixel
 //    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
 //    chunk count so that even 32 groups of one 256x256 image fill every multiprocessor, which a
@@ -103,6 +103,39 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
         }
     }
     store_partials(a, b, ch, c, partial);
+}
+
+// gn_partial over the concatenation y = [a | b] of two arrays' channels (ca and cb of them),
+// which it also writes, with its 16-bit copy where y16 is not null (kind as pack_half1): the
+// concatenation (concat_channels in resample.cu) and its GroupNorm's partial sums in one pass
+// over the values, with gn_partial's grid, order of sums and layout, so the same bits
+// (INVDIFF_GN_EPILOGUE_SUMS).
+extern "C" __global__ void __launch_bounds__(256)
+    gn_concat_partial(const float* a, const float* b, float* y, uint16_t* y16, int kind, int hw, int ca, int cb,
+                      int chunk_px, double* partial) {
+    const int lane = threadIdx.x, wy = threadIdx.y;
+    const int c = ca + cb;
+    const int ch = blockIdx.y * 32 + lane;
+    const int img = blockIdx.z;
+    const int p0 = blockIdx.x * chunk_px;
+    const int p1 = min(hw, p0 + chunk_px);
+    double s = 0.0, q = 0.0;
+    if (ch < c) {
+        const bool first = ch < ca;
+        const int width = first ? ca : cb;
+        const float* src = first ? a + (long long)img * hw * ca + ch : b + (long long)img * hw * cb + (ch - ca);
+        const long long out = (long long)img * hw * c + ch;
+#pragma unroll 4
+        for (int p = p0 + wy; p < p1; p += 8) {
+            const float v = src[(long long)p * width];
+            y[out + (long long)p * c] = v;
+            if (y16) y16[out + (long long)p * c] = pack_half1(v, kind);
+            const double d = (double)v;
+            s += d;
+            q += d * d;
+        }
+    }
+    store_partials(s, q, ch, c, partial);
 }
 
 // A group's mean and 1 / std from its sums over `count` elements, as the CPU forms them

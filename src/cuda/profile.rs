@@ -346,9 +346,17 @@ impl Step {
                 ca,
                 cb,
                 y16,
+                sums,
                 ..
             } => StepInfo {
-                variant: y16.map_or_else(String::new, |(_, p)| format!("{p} copy")),
+                variant: [
+                    y16.map(|(_, p)| format!("{p} copy")),
+                    sums.map(|_| "GroupNorm sums".to_string()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", "),
                 ..plain("concat", format!("{} x {ca}+{cb} ch", px(*pixels)), 1)
             },
             ConcatBackward {
@@ -912,13 +920,13 @@ mod tests {
             ..tuned
         };
         assert_eq!(count(fused), [392, 837]);
-        // Partial sums from the convolution epilogues: 14 GroupNorms of the forward skip
-        // their partial-sum launch.
+        // Partial sums from the convolution epilogues and concatenations: 26 GroupNorms of
+        // the forward skip their partial-sum launch.
         let sums = KernelConfig {
             gn_epilogue_sums: true,
             ..tuned
         };
-        assert_eq!(count(sums), [378, 861]);
+        assert_eq!(count(sums), [366, 849]);
     }
 
     #[test]

@@ -354,6 +354,61 @@ impl Kernels {
         cu(unsafe { b.launch(grid) }.map(drop), "launching gn_apply")
     }
 
+    /// The concatenation `y = [a | b]` of `n` images of `hw` pixels, `ca` and `cb` channels
+    /// (with its 16-bit copy where `half` gives one, as [`Kernels::concat`] writes them), and
+    /// the partial sums of the GroupNorm (three launches, `split`) that reads `y`, into
+    /// `partial`: that GroupNorm's first launch, the same bits, without its read of `y`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn concat_with_norm_sums(
+        &self,
+        st: &CudaStream,
+        a: DPtr,
+        b_: DPtr,
+        y: DPtr,
+        half: Option<(DPtr, Precision)>,
+        n: usize,
+        hw: usize,
+        (ca, cb): (usize, usize),
+        split: NormSplit,
+        partial: DPtr,
+    ) -> Result<()> {
+        for (p, what) in [
+            (a, "first input"),
+            (b_, "second input"),
+            (y, "output"),
+            (partial, "partial sums"),
+        ] {
+            need(p, what)?;
+        }
+        if split.one_pass.is_some() {
+            return Err(Error::Cuda(
+                "internal: GroupNorm sums from a concatenation for a one-launch GroupNorm".into(),
+            ));
+        }
+        let (y16, kind) = half_output(half, "16-bit output")?;
+        let c = ca + cb;
+        i32_of(n * hw * c, "concatenated elements")?;
+        let (hwi, cai, cbi) = (hw as i32, ca as i32, cb as i32);
+        let cpx = i32_of(split.chunk_px, "chunk")?;
+        let mut b = st.launch_builder(&self.gn_concat_partial);
+        b.arg(&a)
+            .arg(&b_)
+            .arg(&y)
+            .arg(&y16)
+            .arg(&kind)
+            .arg(&hwi)
+            .arg(&cai)
+            .arg(&cbi)
+            .arg(&cpx)
+            .arg(&partial);
+        // SAFETY: a is n x hw x ca, b n x hw x cb, y n x hw x (ca + cb), y16 (when set) room for
+        // as many 16-bit values; partial holds n x chunks x c pairs of doubles.
+        cu(
+            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+            "launching gn_concat_partial",
+        )
+    }
+
     /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`; with `half_out`
     /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it; with
     /// `copy` (fp32 `dx` only), also the new `dx` in 16 bits at the given address, what a

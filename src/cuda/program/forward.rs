@@ -249,6 +249,7 @@ impl Lowering<'_> {
                     pixels: self.n * h * w,
                     ca: self.ch(a),
                     cb: self.ch(b),
+                    sums: None,
                 });
             }
         }

@@ -29,12 +29,13 @@ pub(crate) struct KernelConfig {
     /// GroupNorms whose groups are small enough ([`one_pass_threads`]) in one launch
     /// (`gn_one_pass`, `gn_bwd_one_pass` in kernels/norm.cu) instead of three.
     pub gn_one_pass: bool,
-    /// A three-launch forward GroupNorm whose input a lean or TMA wgmma launch wrote (unsplit,
-    /// images of whole tiles) takes its partial sums from that launch's epilogue, which
-    /// stages the tile's finished values in its idle stages and sums each column over the
-    /// tile's rows (`wg_stats` in kernels/conv_wgmma.cu), and skips its own pass over the
-    /// input (`gn_partial`): one launch and one read of the activation less. Only the order of
-    /// the f64 sums changes.
+    /// A three-launch forward GroupNorm takes its partial sums from the step that wrote its
+    /// input and skips its own pass over it (`gn_partial`): one launch and one read of the
+    /// activation less. From a lean or TMA wgmma launch (unsplit, images of whole tiles), whose
+    /// epilogue stages the tile's finished values in its idle stages and sums each column over
+    /// the tile's rows (`wg_stats` in kernels/conv_wgmma.cu; the f64 sums in another order), or
+    /// from a concatenation, which then runs as the GroupNorm's first launch
+    /// (`gn_concat_partial` in kernels/norm.cu; the same bits).
     pub gn_epilogue_sums: bool,
     /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
     /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.

@@ -139,9 +139,12 @@ impl Lowering<'_> {
     /// With [`KernelConfig::gn_epilogue_sums`]: each three-launch forward GroupNorm whose input
     /// was last written, whole, by a convolution whose launch can write the partial sums
     /// ([`gn_partial_fits`]: the lean and TMA wgmma kernels, unsplit, images of whole tiles)
-    /// takes them from that convolution's epilogue, a chunk per tile, and skips its own pass
-    /// over the input: one launch and one read of the activation less. The GroupNorm's partial
-    /// buffer is resized to the tiles' chunks. Returns how many GroupNorms it changed.
+    /// takes them from that convolution's epilogue, a chunk per tile, and its partial buffer
+    /// is resized to those chunks; one whose input a concatenation wrote takes them from the
+    /// concatenation, which then runs as the GroupNorm's own first launch
+    /// (`gn_concat_partial`, its chunks). Either way the GroupNorm skips its own pass over the
+    /// input: one launch and one read of the activation less. Returns how many GroupNorms it
+    /// changed.
     pub(super) fn norm_sums_from_epilogues(&mut self) -> usize {
         let mut changed = 0;
         for i in 0..self.steps.len() {
@@ -162,6 +165,27 @@ impl Lowering<'_> {
             let Some(j) = (0..i).rev().find(|&j| self.steps[j].io().1.contains(&x)) else {
                 continue;
             };
+            if let Step::Concat {
+                y,
+                ca,
+                cb,
+                sums: sums @ None,
+                ..
+            } = &mut self.steps[j]
+            {
+                if *y == x && *ca + *cb == c {
+                    let split = NormSplit {
+                        from_producer: true,
+                        ..split
+                    };
+                    *sums = Some((partial, split));
+                    if let Step::GroupNorm { split: s, .. } = &mut self.steps[i] {
+                        *s = split;
+                    }
+                    changed += 1;
+                }
+                continue;
+            }
             let Step::Conv(conv) = &mut self.steps[j] else {
                 continue;
             };

@@ -225,6 +225,9 @@ pub(crate) enum Step {
         pixels: usize,
         ca: usize,
         cb: usize,
+        /// The partial sums of the GroupNorm that reads `y`, and that GroupNorm's split, which
+        /// this step then writes too ([`KernelConfig::gn_epilogue_sums`]).
+        sums: Option<(Buf, NormSplit)>,
     },
     ConcatBackward {
         dy: Buf,
@@ -396,9 +399,14 @@ impl Step {
                 std::iter::once(*dy).chain(acc(*dx, *accumulate)).collect(),
                 vec![*dx],
             ),
-            Concat { a, b, y, y16, .. } => (
+            Concat {
+                a, b, y, y16, sums, ..
+            } => (
                 vec![*a, *b],
-                std::iter::once(*y).chain(y16.map(|(b, _)| b)).collect(),
+                std::iter::once(*y)
+                    .chain(y16.map(|(b, _)| b))
+                    .chain(sums.map(|(b, _)| b))
+                    .collect(),
             ),
             ConcatBackward {
                 dy,

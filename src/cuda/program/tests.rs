@@ -725,10 +725,11 @@ fn half_copies_feed_only_tensor_core_launches() {
         }
     }
 }
-/// With gn_epilogue_sums, a forward GroupNorm takes its partial sums from the convolution
-/// before it exactly where that launch wrote all of its input last and can write them (lean
-/// or TMA wgmma, unsplit, images of whole tiles), with one chunk per tile in a buffer sized
-/// for them; the program is otherwise the tuned one.
+/// With gn_epilogue_sums, a three-launch forward GroupNorm takes its partial sums from the
+/// step that wrote all of its input last exactly where that step can write them: a
+/// concatenation (the GroupNorm's own chunks), or a convolution launch that can (lean or TMA
+/// wgmma, unsplit, images of whole tiles: one chunk per tile, in a buffer sized for them); the
+/// program is otherwise the tuned one.
 #[test]
 fn groupnorm_sums_come_from_the_convolutions_that_can_write_them() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -755,6 +756,31 @@ fn groupnorm_sums_come_from_the_convolutions_that_can_write_them() {
                 continue;
             };
             let writer = (0..i).rev().find(|&j| p.steps[j].io().1.contains(&x));
+            if let Some(Step::Concat { y, sums, .. }) = writer.map(|j| &p.steps[j]) {
+                assert_eq!(*y, x);
+                let can = split.one_pass.is_none();
+                assert_eq!(split.from_producer, can, "step {i}: {s:?}");
+                if can {
+                    // The GroupNorm's own chunks, and its own partial buffer.
+                    assert_eq!(*sums, Some((partial, split)));
+                    let own = match base.steps[i] {
+                        Step::GroupNorm { split, .. } => split,
+                        _ => unreachable!("the same steps"),
+                    };
+                    assert_eq!(
+                        split,
+                        NormSplit {
+                            from_producer: true,
+                            ..own
+                        }
+                    );
+                    assert_eq!(p.bufs[partial.0].len, 4 * n * split.chunks * c);
+                    taken += 1;
+                } else {
+                    assert_eq!(*sums, None);
+                }
+                continue;
+            }
             let conv = match writer.map(|j| &p.steps[j]) {
                 Some(Step::Conv(conv)) => Some(conv),
                 _ => None,
@@ -784,9 +810,10 @@ fn groupnorm_sums_come_from_the_convolutions_that_can_write_them() {
         }
         let fewer = base.launches() - p.launches();
         assert_eq!(fewer, taken);
-        // At batch 1 the 256x256 and 128x128 levels' GroupNorms after a convolution (7 each;
-        // the 64x64 level's convolutions split K); at batch 8 the 64x64 level's too.
-        assert_eq!((n, taken), if n == 1 { (1, 14) } else { (8, 21) });
+        // After a convolution: at batch 1 the 256x256 and 128x128 levels' GroupNorms (7 each;
+        // the 64x64 level's convolutions split K), at batch 8 the 64x64 level's too (21); after
+        // a concatenation, the three-launch ones (12 at batch 1).
+        assert_eq!((n, taken), if n == 1 { (1, 26) } else { (8, 33) });
     }
 }
 

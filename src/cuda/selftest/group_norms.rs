@@ -2,7 +2,8 @@
 
 use super::{acc_name, Tester};
 use crate::cpu::norm;
-use crate::cuda::kernels::{norm_forms, NormDims};
+use crate::cuda::kernels::{norm_forms, plan_norm, NormDims, NormSplit};
+use crate::cuda::precision::Precision;
 use crate::Result;
 
 impl Tester<'_> {
@@ -177,6 +178,106 @@ impl Tester<'_> {
                         |out, precision| backward(out, false, Some(precision), None),
                     )?;
                 }
+            }
+        }
+        self.concat_norm_sums()
+    }
+
+    /// A concatenation that also writes its GroupNorm's partial sums (`gn_concat_partial`,
+    /// INVDIFF_GN_EPILOGUE_SUMS), then that GroupNorm without its own first launch: the
+    /// concatenation, its 16-bit copy and the GroupNorm's output the same bits as the plain
+    /// concatenation and three-launch GroupNorm (the same sums in the same order).
+    fn concat_norm_sums(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let k = &gpu.kernels;
+        for (n, hw, ca, cb, groups) in [
+            (2, 63, 40, 24, 8),
+            (1, 37, 5, 11, 4),
+            (1, 1024, 128, 128, 32),
+        ] {
+            let c = ca + cb;
+            let host = [
+                self.rand(n * hw * ca, -1.0, 3.0),
+                self.rand(n * hw * cb, -1.0, 3.0),
+                self.rand(c, 0.5, 1.5),
+                self.rand(c, -0.5, 0.5),
+            ];
+            let [a, b, gamma, beta] = [0, 1, 2, 3].map(|i| self.up(&host[i]));
+            let (a, b, gamma, beta) = (a?, b?, gamma?, beta?);
+            let three = plan_norm(n, hw, c, groups, gpu.sms(), false, true);
+            let given = NormSplit {
+                from_producer: true,
+                ..three
+            };
+            let desc = format!("n{n} {hw} px {ca}+{cb} ch g{groups} ({})", given.form());
+            let mut outs = Vec::new();
+            for fused in [false, true] {
+                let (y, y16, gn) = (
+                    self.zeros(n * hw * c)?,
+                    self.zeros((n * hw * c).div_ceil(2))?,
+                    self.zeros(n * hw * c)?,
+                );
+                let partial = self.zeros(three.partial_len(n, c))?;
+                let (stats, affine) = (self.zeros(2 * n * groups)?, self.zeros(2 * n * c)?);
+                let half = Some((y16.ptr, Precision::Bf16));
+                let run = || {
+                    if fused {
+                        k.concat_with_norm_sums(
+                            st,
+                            a.ptr,
+                            b.ptr,
+                            y.ptr,
+                            half,
+                            n,
+                            hw,
+                            (ca, cb),
+                            given,
+                            partial.ptr,
+                        )?;
+                    } else {
+                        k.concat(st, a.ptr, b.ptr, y.ptr, half, n * hw, ca, cb)?;
+                    }
+                    let split = if fused { given } else { three };
+                    let d = NormDims {
+                        n,
+                        hw,
+                        c,
+                        groups,
+                        split,
+                    };
+                    k.group_norm(
+                        st,
+                        d,
+                        y.ptr,
+                        gamma.ptr,
+                        beta.ptr,
+                        gn.ptr,
+                        partial.ptr,
+                        stats.ptr,
+                        affine.ptr,
+                        1e-6,
+                        true,
+                        None,
+                    )
+                };
+                let ms = self.timed(|| Ok(()), run)?;
+                outs.push(([y.download(st)?, y16.download(st)?, gn.download(st)?], ms));
+            }
+            let ([y, y16, gn], _) = &outs[0];
+            let ([fy, fy16, fgn], ms) = &outs[1];
+            for (what, got, want) in [
+                ("concatenation", fy, y),
+                ("its bf16 copy", fy16, y16),
+                ("GroupNorm+silu output", fgn, gn),
+            ] {
+                self.row_within(
+                    format!("concat with GroupNorm sums: {what} vs plain, bits"),
+                    desc.clone(),
+                    got,
+                    want,
+                    *ms,
+                    0.0,
+                );
             }
         }
         Ok(())

@@ -258,16 +258,25 @@ pub(super) fn launch(
             pixels,
             ca,
             cb,
-        } => k.concat(
-            st,
-            p(a),
-            p(b),
-            p(y),
-            y16.map(|(b, precision)| (p(b), precision)),
-            pixels,
-            ca,
-            cb,
-        ),
+            sums,
+        } => {
+            let half = y16.map(|(b, precision)| (p(b), precision));
+            match sums {
+                Some((partial, split)) => k.concat_with_norm_sums(
+                    st,
+                    p(a),
+                    p(b),
+                    p(y),
+                    half,
+                    n,
+                    pixels / n,
+                    (ca, cb),
+                    split,
+                    p(partial),
+                ),
+                None => k.concat(st, p(a), p(b), p(y), half, pixels, ca, cb),
+            }
+        }
         Step::ConcatBackward {
             dy,
             d,
