@@ -49,9 +49,9 @@
 // GroupNorm sums (a.gn_partial, the lean and TMA kernels, unsplit; INVDIFF_GN_EPILOGUE_SUMS):
 // the epilogue also stages its finished values in the drained stages and sums each column over
 // the tile's rows (wg_stats), in norm.cu's partial-sum layout, so that the GroupNorm that reads
-// the output skips its own pass over it. A run-time choice: the kernels without it take one
-// test of the pointer, and 126-128 registers instead of 118 (no spills, the same blocks a
-// multiprocessor).
+// the output skips its own pass over it. A run-time choice: launches without it still test
+// the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
+// instead of 118 (no spills, the same blocks a multiprocessor).
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -386,6 +386,7 @@ constexpr int WG_NO_ROW = -(1 << 28);
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
+    static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.

@@ -349,6 +349,13 @@ impl Kernels {
             a.tap_dx[i] = t.dx;
             a.tap_w[i] = t.w;
         }
+        if p.gn_partial != 0 && gn_partial_fits(s, plan).is_none() {
+            return Err(Error::Cuda(format!(
+                "internal: GroupNorm sums asked of a {:?} convolution launch that cannot write \
+                 them ({} splits, lean loads {}, tile {:?})",
+                plan.kernel, plan.splits, plan.lean_loads, plan.tile
+            )));
+        }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
             return self.conv_direct(st, s, plan, &a);
         }
@@ -370,12 +377,10 @@ impl Kernels {
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
-            || (p.gn_partial != 0 && gn_partial_fits(s, plan).is_none())
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, GroupNorm sums {}, \
-                 {} splits and tile {:?}",
+                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -384,7 +389,6 @@ impl Kernels {
                 plan.lean_loads,
                 plan.tma_loads,
                 plan.prefetch,
-                p.gn_partial != 0,
                 plan.splits,
                 plan.tile
             )));

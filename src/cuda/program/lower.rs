@@ -143,10 +143,8 @@ impl Lowering<'_> {
     /// is resized to those chunks; one whose input a concatenation wrote takes them from the
     /// concatenation, which then runs as the GroupNorm's own first launch
     /// (`gn_concat_partial`, its chunks). Either way the GroupNorm skips its own pass over the
-    /// input: one launch and one read of the activation less. Returns how many GroupNorms it
-    /// changed.
-    pub(super) fn norm_sums_from_epilogues(&mut self) -> usize {
-        let mut changed = 0;
+    /// input: one launch and one read of the activation less.
+    pub(super) fn norm_sums_from_epilogues(&mut self) {
         for i in 0..self.steps.len() {
             let Step::GroupNorm {
                 x,
@@ -182,7 +180,6 @@ impl Lowering<'_> {
                     if let Step::GroupNorm { split: s, .. } = &mut self.steps[i] {
                         *s = split;
                     }
-                    changed += 1;
                 }
                 continue;
             }
@@ -212,9 +209,7 @@ impl Lowering<'_> {
             if let Step::GroupNorm { split: s, .. } = &mut self.steps[i] {
                 *s = split;
             }
-            changed += 1;
         }
-        changed
     }
 
     /// Merges the forward steps' few-row linear layers without residual that read the same `x`
