@@ -1,7 +1,7 @@
 # The GPU switches worth timing on a card (PERF.md, v0.6), one place for the scripts that time
 # them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value".
-# First the candidates (GroupNorm partial sums from the convolution epilogues, staged at stop
-# 20; 16-bit copies written by the concatenations' and GroupNorms' adjoints, staged after v0.6;
+# First the candidates (GroupNorm partial sums from the convolutions and concatenations that
+# write their inputs, staged at stop 20; 16-bit copies written by the concatenations' and GroupNorms' adjoints, staged after v0.6;
 # neither yet timed; tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6;
 # the fused attention, slower at v0.5 and v0.6), then each v0.6 default turned off (with TMA
 # on, no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the

@@ -66,7 +66,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_EPILOGUE_SUMS",
         ON_OFF,
-        "GPU candidate: `1` has convolution epilogues write the partial sums of the GroupNorms that read them",
+        "GPU candidate: `1` has convolutions and concatenations write the partial sums of the GroupNorms that read them",
     ),
     choice(
         "INVDIFF_GN_ILP",

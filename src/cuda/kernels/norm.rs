@@ -17,9 +17,10 @@ const GN_FIN_THREADS: u32 = 256;
 /// launches take the `_ilp` kernels where there are some (the element-wise passes, the
 /// backward's partial sums, both one-pass kernels), which issue their loads ahead of the
 /// arithmetic that would hold them back: the same bits. With `from_producer` (forward, three
-/// launches), the convolution that wrote the input already wrote the partial sums, a chunk of
-/// `chunk_px` pixels per tile ([`ConvPtrs::gn_partial`](super::ConvPtrs)), and `gn_partial`
-/// does not run.
+/// launches), the step that wrote the input already wrote the partial sums, and `gn_partial`
+/// does not run: a convolution's epilogue, a chunk of `chunk_px` pixels per tile
+/// ([`ConvPtrs::gn_partial`](super::ConvPtrs)), or a concatenation
+/// ([`Kernels::concat_with_norm_sums`], this split's chunks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,

@@ -220,10 +220,7 @@ impl KernelConfig {
             (!self.deep, "two-stage pipelines"),
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
-            (
-                self.gn_epilogue_sums,
-                "GroupNorm sums from convolution epilogues",
-            ),
+            (self.gn_epilogue_sums, "GroupNorm sums from their producers"),
             (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),

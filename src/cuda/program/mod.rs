@@ -320,7 +320,7 @@ impl Step {
             GroupNorm {
                 x, y, split, stats, ..
             } if split.one_pass.is_some() => (vec![*x], vec![*y, *stats]),
-            // With its partial sums from the convolution that wrote `x`: those read.
+            // With its partial sums from the step that wrote `x`: those read.
             GroupNorm {
                 x,
                 y,

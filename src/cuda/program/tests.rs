@@ -345,7 +345,7 @@ fn every_buffer_is_written_before_it_is_read() {
         assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
         programs.push((true, p));
     }
-    // With GroupNorm partial sums written by the convolutions before them.
+    // With GroupNorm partial sums written by the steps before them.
     let sums = KernelConfig {
         gn_epilogue_sums: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
@@ -725,13 +725,14 @@ fn half_copies_feed_only_tensor_core_launches() {
         }
     }
 }
+
 /// With gn_epilogue_sums, a three-launch forward GroupNorm takes its partial sums from the
 /// step that wrote all of its input last exactly where that step can write them: a
 /// concatenation (the GroupNorm's own chunks), or a convolution launch that can (lean or TMA
 /// wgmma, unsplit, images of whole tiles: one chunk per tile, in a buffer sized for them); the
 /// program is otherwise the tuned one.
 #[test]
-fn groupnorm_sums_come_from_the_convolutions_that_can_write_them() {
+fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for (n, record) in [(1, true), (8, false)] {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);

@@ -1,6 +1,6 @@
 //! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
 
-use super::{acc_name, Tester};
+use super::{acc_name, unpack_half, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{norm_forms, plan_norm, NormDims, NormSplit};
 use crate::cuda::precision::Precision;
@@ -261,7 +261,8 @@ impl Tester<'_> {
                     )
                 };
                 let ms = self.timed(|| Ok(()), run)?;
-                outs.push(([y.download(st)?, y16.download(st)?, gn.download(st)?], ms));
+                let copy = unpack_half(&y16.download(st)?, n * hw * c, Precision::Bf16);
+                outs.push(([y.download(st)?, copy, gn.download(st)?], ms));
             }
             let ([y, y16, gn], _) = &outs[0];
             let ([fy, fy16, fgn], ms) = &outs[1];

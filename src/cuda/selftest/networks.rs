@@ -212,16 +212,16 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
-                    // GroupNorm partial sums from the convolutions' epilogues (with the lean or
-                    // TMA loaders the switches leave on): the f64 sums in another order, so
-                    // against the CPU.
+                    // GroupNorm partial sums from the steps that write their inputs (the
+                    // convolutions' only with the lean or TMA loaders, which the switches leave
+                    // on): the f64 sums in another order, so against the CPU.
                     let before = gpu.set_gn_epilogue_sums(true);
                     self.network_rows(
                         &mut gpu,
                         &io,
                         [
-                            format!("{label} forward, wgmma, GroupNorm sums from epilogues"),
-                            format!("{label} forward + vjp, wgmma, GroupNorm sums from epilogues"),
+                            format!("{label} forward, wgmma, GroupNorm sums from producers"),
+                            format!("{label} forward + vjp, wgmma, GroupNorm sums from producers"),
                         ],
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),

@@ -230,8 +230,8 @@ impl CudaUnet {
         self.tape = None;
     }
 
-    /// Has convolution epilogues write the partial sums of the GroupNorms that read their
-    /// outputs where the program can (`on`, [`KernelConfig::gn_epilogue_sums`]) or never, for
+    /// Has convolutions and concatenations write the partial sums of the GroupNorms that read
+    /// their outputs where the program can (`on`, [`KernelConfig::gn_epilogue_sums`]) or never, for
     /// comparisons; drops every plan. Returns the choice it replaced.
     pub(crate) fn set_gn_epilogue_sums(&mut self, on: bool) -> bool {
         let before = self.choice.gn_epilogue_sums;
