@@ -46,7 +46,7 @@
 // get 96 registers, whose spills serialise them too (C7515). A producer warpgroup that hands
 // its registers over (setmaxnreg) is untried: it needs a fifth warpgroup's worth of threads.
 //
-// GroupNorm sums (a.gn_partial, the lean and TMA kernels, unsplit; INVDIFF_GN_EPILOGUE_SUMS):
+// GroupNorm sums (a.gn_partial, the lean and TMA kernels, unsplit; INVDIFF_GN_PRODUCER_SUMS):
 // the epilogue also stages its finished values in the drained stages and sums each column over
 // the tile's rows (wg_stats), in norm.cu's partial-sum layout, so that the GroupNorm that reads
 // the output skips its own pass over it. A run-time choice: launches without it still test

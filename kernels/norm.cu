@@ -3,7 +3,7 @@
 //
 // Each direction is three launches:
 // 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU (or, forward, by the
-//    step that wrote x, INVDIFF_GN_EPILOGUE_SUMS: a convolution's epilogue, a chunk per tile,
+//    step that wrote x, INVDIFF_GN_PRODUCER_SUMS: a convolution's epilogue, a chunk per tile,
 //    wg_stats in conv_wgmma.cu; a concatenation, as gn_concat_partial below): grid
 //    (chunks, ceil(c / 32), n) of 32x8 blocks; a warp reads 32 consecutive channels of a pixel
 //    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
@@ -109,10 +109,13 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
 // which it also writes, with its 16-bit copy where y16 is not null (kind as pack_half1): the
 // concatenation (concat_channels in resample.cu) and its GroupNorm's partial sums in one pass
 // over the values, with gn_partial's grid, order of sums and layout, so the same bits
-// (INVDIFF_GN_EPILOGUE_SUMS).
+// (INVDIFF_GN_PRODUCER_SUMS).
+// The pointers are __restrict__ (the arrays never overlap): without it each pixel's load waits
+// for the stores before it, one 4-byte load in flight a thread.
 extern "C" __global__ void __launch_bounds__(256)
-    gn_concat_partial(const float* a, const float* b, float* y, uint16_t* y16, int kind, int hw, int ca, int cb,
-                      int chunk_px, double* partial) {
+    gn_concat_partial(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
+                      uint16_t* __restrict__ y16, int kind, int hw, int ca, int cb, int chunk_px,
+                      double* __restrict__ partial) {
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int c = ca + cb;
     const int ch = blockIdx.y * 32 + lane;

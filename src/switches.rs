@@ -64,7 +64,7 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` runs every GroupNorm in three launches",
     ),
     choice(
-        "INVDIFF_GN_EPILOGUE_SUMS",
+        "INVDIFF_GN_PRODUCER_SUMS",
         ON_OFF,
         "GPU candidate: `1` has convolutions and concatenations write the partial sums of the GroupNorms that read them",
     ),

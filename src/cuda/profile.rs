@@ -923,7 +923,7 @@ mod tests {
         // Partial sums from the convolution epilogues and concatenations: 26 GroupNorms of
         // the forward skip their partial-sum launch.
         let sums = KernelConfig {
-            gn_epilogue_sums: true,
+            gn_producer_sums: true,
             ..tuned
         };
         assert_eq!(count(sums), [366, 849]);

@@ -381,9 +381,11 @@ impl Kernels {
         ] {
             need(p, what)?;
         }
-        if split.one_pass.is_some() {
+        if split.one_pass.is_some() || !split.from_producer {
             return Err(Error::Cuda(
-                "internal: GroupNorm sums from a concatenation for a one-launch GroupNorm".into(),
+                "internal: GroupNorm sums from a concatenation for a GroupNorm that does not \
+                 take them (one launch, or its own partial sums)"
+                    .into(),
             ));
         }
         let (y16, kind) = half_output(half, "16-bit output")?;

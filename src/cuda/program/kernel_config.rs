@@ -35,8 +35,9 @@ pub(crate) struct KernelConfig {
     /// epilogue stages the tile's finished values in its idle stages and sums each column over
     /// the tile's rows (`wg_stats` in kernels/conv_wgmma.cu; the f64 sums in another order), or
     /// from a concatenation, which then runs as the GroupNorm's first launch
-    /// (`gn_concat_partial` in kernels/norm.cu; the same bits).
-    pub gn_epilogue_sums: bool,
+    /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
+    /// wgmma's lean or TMA launches; the concatenations' runs on any device.
+    pub gn_producer_sums: bool,
     /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
     /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.
     pub gn_ilp: bool,
@@ -115,7 +116,7 @@ impl Default for KernelConfig {
             deep: true,
             wgmma: false,
             gn_one_pass: false,
-            gn_epilogue_sums: false,
+            gn_producer_sums: false,
             gn_ilp: false,
             half_concat: false,
             half_copy: false,
@@ -158,7 +159,7 @@ impl KernelConfig {
             deep: true,
             wgmma: here.wgmma,
             gn_one_pass: true,
-            gn_epilogue_sums: false,
+            gn_producer_sums: false,
             gn_ilp: true,
             half_concat: true,
             half_copy: true,
@@ -194,7 +195,7 @@ impl KernelConfig {
             deep: !switches::is("INVDIFF_TC_PIPELINE", "two"),
             wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
-            gn_epilogue_sums: wgmma && kept("INVDIFF_GN_EPILOGUE_SUMS", tuned.gn_epilogue_sums),
+            gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
@@ -220,7 +221,7 @@ impl KernelConfig {
             (!self.deep, "two-stage pipelines"),
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
-            (self.gn_epilogue_sums, "GroupNorm sums from their producers"),
+            (self.gn_producer_sums, "GroupNorm sums from their producers"),
             (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),

@@ -136,7 +136,7 @@ impl Lowering<'_> {
         b
     }
 
-    /// With [`KernelConfig::gn_epilogue_sums`]: each three-launch forward GroupNorm whose input
+    /// With [`KernelConfig::gn_producer_sums`]: each three-launch forward GroupNorm whose input
     /// was last written, whole, by a convolution whose launch can write the partial sums
     /// ([`gn_partial_fits`]: the lean and TMA wgmma kernels, unsplit, images of whole tiles)
     /// takes them from that convolution's epilogue, a chunk per tile, and its partial buffer
@@ -144,7 +144,7 @@ impl Lowering<'_> {
     /// concatenation, which then runs as the GroupNorm's own first launch
     /// (`gn_concat_partial`, its chunks). Either way the GroupNorm skips its own pass over the
     /// input: one launch and one read of the activation less.
-    pub(super) fn norm_sums_from_epilogues(&mut self) {
+    pub(super) fn norm_sums_from_producers(&mut self) {
         for i in 0..self.steps.len() {
             let Step::GroupNorm {
                 x,

@@ -226,7 +226,7 @@ pub(crate) enum Step {
         ca: usize,
         cb: usize,
         /// The partial sums of the GroupNorm that reads `y`, and that GroupNorm's split, which
-        /// this step then writes too ([`KernelConfig::gn_epilogue_sums`]).
+        /// this step then writes too ([`KernelConfig::gn_producer_sums`]).
         sums: Option<(Buf, NormSplit)>,
     },
     ConcatBackward {
@@ -286,7 +286,7 @@ pub(crate) struct ConvStep {
     pub out_div: f32,
     pub accumulate: bool,
     /// Where the epilogue also writes the partial sums of the GroupNorm that reads `y`
-    /// ([`KernelConfig::gn_epilogue_sums`]).
+    /// ([`KernelConfig::gn_producer_sums`]).
     pub gn_partial: Option<Buf>,
 }
 
@@ -557,8 +557,8 @@ impl Program {
             mul: 1.0,
         });
         l.batch_linears();
-        if choice.gn_epilogue_sums {
-            l.norm_sums_from_epilogues();
+        if choice.gn_producer_sums {
+            l.norm_sums_from_producers();
         }
         let forward_steps = l.steps.len();
 

@@ -347,7 +347,7 @@ fn every_buffer_is_written_before_it_is_read() {
     }
     // With GroupNorm partial sums written by the steps before them.
     let sums = KernelConfig {
-        gn_epilogue_sums: true,
+        gn_producer_sums: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
     };
     let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, sums).unwrap();
@@ -726,7 +726,7 @@ fn half_copies_feed_only_tensor_core_launches() {
     }
 }
 
-/// With gn_epilogue_sums, a three-launch forward GroupNorm takes its partial sums from the
+/// With gn_producer_sums, a three-launch forward GroupNorm takes its partial sums from the
 /// step that wrote all of its input last exactly where that step can write them: a
 /// concatenation (the GroupNorm's own chunks), or a convolution launch that can (lean or TMA
 /// wgmma, unsplit, images of whole tiles: one chunk per tile, in a buffer sized for them); the
@@ -737,7 +737,7 @@ fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
     for (n, record) in [(1, true), (8, false)] {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
         let sums = KernelConfig {
-            gn_epilogue_sums: true,
+            gn_producer_sums: true,
             ..tuned
         };
         let build = |tc| Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc);
@@ -876,7 +876,7 @@ fn switches_compute_what_the_default_program_computes() {
             }
             let tuned = KernelConfig {
                 fused_half_copies: true,
-                gn_epilogue_sums: true,
+                gn_producer_sums: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)
             };
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");

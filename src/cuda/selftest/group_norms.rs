@@ -1,6 +1,6 @@
 //! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
 
-use super::{acc_name, unpack_half, Tester};
+use super::{acc_name, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{norm_forms, plan_norm, NormDims, NormSplit};
 use crate::cuda::precision::Precision;
@@ -184,16 +184,19 @@ impl Tester<'_> {
     }
 
     /// A concatenation that also writes its GroupNorm's partial sums (`gn_concat_partial`,
-    /// INVDIFF_GN_EPILOGUE_SUMS), then that GroupNorm without its own first launch: the
-    /// concatenation, its 16-bit copy and the GroupNorm's output the same bits as the plain
-    /// concatenation and three-launch GroupNorm (the same sums in the same order).
+    /// INVDIFF_GN_PRODUCER_SUMS), then that GroupNorm without its own first launch: the
+    /// concatenation, its 16-bit copy, the partial sums and the GroupNorm's output the same
+    /// bits as the plain concatenation and three-launch GroupNorm's (the same sums in the same
+    /// order). Both the float4 and the scalar concatenation, one pixel a chunk's thread and
+    /// many (the last shape's chunks are 125 pixels on 132 multiprocessors).
     fn concat_norm_sums(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let k = &gpu.kernels;
-        for (n, hw, ca, cb, groups) in [
-            (2, 63, 40, 24, 8),
-            (1, 37, 5, 11, 4),
-            (1, 1024, 128, 128, 32),
+        for (n, hw, ca, cb, groups, precision) in [
+            (2, 63, 40, 24, 8, Precision::Bf16),
+            (1, 37, 5, 11, 4, Precision::Fp16),
+            (1, 1024, 128, 128, 32, Precision::Bf16),
+            (1, 16384, 128, 128, 32, Precision::Fp16),
         ] {
             let c = ca + cb;
             let host = [
@@ -209,7 +212,10 @@ impl Tester<'_> {
                 from_producer: true,
                 ..three
             };
-            let desc = format!("n{n} {hw} px {ca}+{cb} ch g{groups} ({})", given.form());
+            let desc = format!(
+                "n{n} {hw} px {ca}+{cb} ch g{groups} ({}, {precision} copy)",
+                given.form()
+            );
             let mut outs = Vec::new();
             for fused in [false, true] {
                 let (y, y16, gn) = (
@@ -219,7 +225,7 @@ impl Tester<'_> {
                 );
                 let partial = self.zeros(three.partial_len(n, c))?;
                 let (stats, affine) = (self.zeros(2 * n * groups)?, self.zeros(2 * n * c)?);
-                let half = Some((y16.ptr, Precision::Bf16));
+                let half = Some((y16.ptr, precision));
                 let run = || {
                     if fused {
                         k.concat_with_norm_sums(
@@ -261,14 +267,32 @@ impl Tester<'_> {
                     )
                 };
                 let ms = self.timed(|| Ok(()), run)?;
-                let copy = unpack_half(&y16.download(st)?, n * hw * c, Precision::Bf16);
-                outs.push(([y.download(st)?, copy, gn.download(st)?], ms));
+                let copy = unpack_half(&y16.download(st)?, n * hw * c, precision);
+                outs.push((
+                    [y.download(st)?, copy, gn.download(st)?],
+                    partial.download(st)?,
+                    ms,
+                ));
             }
-            let ([y, y16, gn], _) = &outs[0];
-            let ([fy, fy16, fgn], ms) = &outs[1];
+            let ([y, y16, gn], sums, _) = &outs[0];
+            let ([fy, fy16, fgn], fsums, ms) = &outs[1];
+            // The f64 partial sums (two f32 slots each), compared as bits: any difference
+            // fails the row.
+            let differ = sums
+                .iter()
+                .zip(fsums)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            self.rows.push(SelftestRow {
+                op: "concat with GroupNorm sums: partial sums vs gn_partial's, bits".into(),
+                shape: format!("{desc}: {differ} of {} words differ", sums.len()),
+                rel_l2: differ as f64,
+                gpu_ms: *ms,
+                tolerance: 0.0,
+            });
             for (what, got, want) in [
                 ("concatenation", fy, y),
-                ("its bf16 copy", fy16, y16),
+                ("its 16-bit copy", fy16, y16),
                 ("GroupNorm+silu output", fgn, gn),
             ] {
                 self.row_within(

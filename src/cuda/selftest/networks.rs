@@ -215,7 +215,7 @@ impl Tester<'_> {
                     // GroupNorm partial sums from the steps that write their inputs (the
                     // convolutions' only with the lean or TMA loaders, which the switches leave
                     // on): the f64 sums in another order, so against the CPU.
-                    let before = gpu.set_gn_epilogue_sums(true);
+                    let before = gpu.set_gn_producer_sums(true);
                     self.network_rows(
                         &mut gpu,
                         &io,
@@ -226,7 +226,7 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
-                    gpu.set_gn_epilogue_sums(before);
+                    gpu.set_gn_producer_sums(before);
                 }
                 // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
                 // level's 2^20-value gradients are copied): on mma.sync the same sums in the

@@ -231,11 +231,11 @@ impl CudaUnet {
     }
 
     /// Has convolutions and concatenations write the partial sums of the GroupNorms that read
-    /// their outputs where the program can (`on`, [`KernelConfig::gn_epilogue_sums`]) or never, for
+    /// their outputs where the program can (`on`, [`KernelConfig::gn_producer_sums`]) or never, for
     /// comparisons; drops every plan. Returns the choice it replaced.
-    pub(crate) fn set_gn_epilogue_sums(&mut self, on: bool) -> bool {
-        let before = self.choice.gn_epilogue_sums;
-        self.choice.gn_epilogue_sums = on;
+    pub(crate) fn set_gn_producer_sums(&mut self, on: bool) -> bool {
+        let before = self.choice.gn_producer_sums;
+        self.choice.gn_producer_sums = on;
         self.plans.clear();
         self.tape = None;
         before
