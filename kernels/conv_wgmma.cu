@@ -331,12 +331,12 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
 // output (gn_partial). The values come staged in `keep` (wg_epilogue); PARTS threads per
 // column each add a run of rows in order, then the first adds the runs in order.
 template <int TM>
-DEVI void wg_stats(const ConvArgs& a, const float* keep, int M, int m0, int n0) {
+DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
     constexpr int RUN = TM / PARTS;
     static_assert(TM * STATS_PITCH * 4 + PARTS * WG_TN * 16 <= WgTile<TM>::STAGES * WgTile<TM>::STAGE,
                   "the staged values and the runs' sums fit in the stages");
-    double2* runs = reinterpret_cast<double2*>(const_cast<float*>(keep) + TM * STATS_PITCH);
+    double2* runs = reinterpret_cast<double2*>(keep + TM * STATS_PITCH);
     const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
     const int rows = min(TM, M - m0);
     // Every thread's values staged.

@@ -84,9 +84,11 @@ DEVI void group_sums(const double* partial, int img, int ch0, int cg, int c, int
     q = s2[0];
 }
 
-// Forward partial sums: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}] = (sum, sum sq).
-extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
-                                                           double* partial) {
+// Forward partial sums over c channels: partial[((img * chunks + chunk) * c + ch) * 2 + {0, 1}]
+// = (sum, sum sq), grid (chunks, ceil(c / 32), n) of 32x8 blocks. column(img, ch) gives the
+// thread's channel as a function of the pixel p, which returns the value (and may store it
+// elsewhere); each warp adds every 8th pixel of the chunk, in order.
+template <typename Column> DEVI void chunk_sums(int hw, int c, int chunk_px, double* partial, Column column) {
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -94,10 +96,10 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
     const int p1 = min(hw, p0 + chunk_px);
     double a = 0.0, b = 0.0;
     if (ch < c) {
-        const float* xi = x + (long long)img * hw * c + ch;
+        auto value = column(img, ch);
 #pragma unroll 4
         for (int p = p0 + wy; p < p1; p += 8) {
-            const double v = (double)xi[(long long)p * c];
+            const double v = (double)value(p);
             a += v;
             b += v * v;
         }
@@ -105,10 +107,18 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
     store_partials(a, b, ch, c, partial);
 }
 
+extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
+                                                           double* partial) {
+    chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
+        const float* xi = x + (long long)img * hw * c + ch;
+        return [=](int p) { return xi[(long long)p * c]; };
+    });
+}
+
 // gn_partial over the concatenation y = [a | b] of two arrays' channels (ca and cb of them),
 // which it also writes, with its 16-bit copy where y16 is not null (kind as pack_half1): the
 // concatenation (concat_channels in resample.cu) and its GroupNorm's partial sums in one pass
-// over the values, with gn_partial's grid, order of sums and layout, so the same bits
+// over the values, the same sums as gn_partial's over y (chunk_sums), so the same bits
 // (INVDIFF_GN_PRODUCER_SUMS).
 // The pointers are __restrict__ (the arrays never overlap): without it each pixel's load waits
 // for the stores before it, one 4-byte load in flight a thread.
@@ -116,29 +126,20 @@ extern "C" __global__ void __launch_bounds__(256)
     gn_concat_partial(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
                       uint16_t* __restrict__ y16, int kind, int hw, int ca, int cb, int chunk_px,
                       double* __restrict__ partial) {
-    const int lane = threadIdx.x, wy = threadIdx.y;
     const int c = ca + cb;
-    const int ch = blockIdx.y * 32 + lane;
-    const int img = blockIdx.z;
-    const int p0 = blockIdx.x * chunk_px;
-    const int p1 = min(hw, p0 + chunk_px);
-    double s = 0.0, q = 0.0;
-    if (ch < c) {
+    chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
         const bool first = ch < ca;
         const int width = first ? ca : cb;
         const float* src = first ? a + (long long)img * hw * ca + ch : b + (long long)img * hw * cb + (ch - ca);
-        const long long out = (long long)img * hw * c + ch;
-#pragma unroll 4
-        for (int p = p0 + wy; p < p1; p += 8) {
+        float* out = y + (long long)img * hw * c + ch;
+        uint16_t* out16 = y16 ? y16 + (long long)img * hw * c + ch : nullptr;
+        return [=](int p) {
             const float v = src[(long long)p * width];
-            y[out + (long long)p * c] = v;
-            if (y16) y16[out + (long long)p * c] = pack_half1(v, kind);
-            const double d = (double)v;
-            s += d;
-            q += d * d;
-        }
-    }
-    store_partials(s, q, ch, c, partial);
+            out[(long long)p * c] = v;
+            if (out16) out16[(long long)p * c] = pack_half1(v, kind);
+            return v;
+        };
+    });
 }
 
 // A group's mean and 1 / std from its sums over `count` elements, as the CPU forms them

@@ -163,51 +163,46 @@ impl Lowering<'_> {
             let Some(j) = (0..i).rev().find(|&j| self.steps[j].io().1.contains(&x)) else {
                 continue;
             };
-            if let Step::Concat {
-                y,
-                ca,
-                cb,
-                sums: sums @ None,
-                ..
-            } = &mut self.steps[j]
-            {
-                if *y == x && *ca + *cb == c {
-                    let split = NormSplit {
-                        from_producer: true,
-                        ..split
-                    };
-                    *sums = Some((partial, split));
-                    if let Step::GroupNorm { split: s, .. } = &mut self.steps[i] {
-                        *s = split;
-                    }
-                }
-                continue;
-            }
-            let Step::Conv(conv) = &mut self.steps[j] else {
-                continue;
-            };
-            let Some(chunks) = gn_partial_fits(&conv.shape, &conv.launch) else {
-                continue;
-            };
-            let whole = conv.y == x
-                && !conv.accumulate
-                && conv.gn_partial.is_none()
-                && conv.shape.ncols == c
-                && conv.shape.mh * conv.shape.mw == hw
-                && conv.shape.n == self.n;
-            if !whole {
-                continue;
-            }
-            conv.gn_partial = Some(partial);
-            let split = NormSplit {
-                chunks,
-                chunk_px: hw / chunks,
+            let given = NormSplit {
                 from_producer: true,
                 ..split
             };
-            self.bufs[partial.0].len = split.partial_len(self.n, c);
-            if let Step::GroupNorm { split: s, .. } = &mut self.steps[i] {
-                *s = split;
+            // The split the GroupNorm takes its sums in, where its input's writer can write them.
+            let taken = match &mut self.steps[j] {
+                Step::Concat {
+                    y,
+                    ca,
+                    cb,
+                    sums: sums @ None,
+                    ..
+                } if *y == x && *ca + *cb == c => {
+                    *sums = Some((partial, given));
+                    Some(given)
+                }
+                Step::Conv(conv)
+                    if conv.y == x
+                        && !conv.accumulate
+                        && conv.gn_partial.is_none()
+                        && conv.shape.ncols == c
+                        && conv.shape.mh * conv.shape.mw == hw
+                        && conv.shape.n == self.n =>
+                {
+                    gn_partial_fits(&conv.shape, &conv.launch).map(|chunks| {
+                        conv.gn_partial = Some(partial);
+                        NormSplit {
+                            chunks,
+                            chunk_px: hw / chunks,
+                            ..given
+                        }
+                    })
+                }
+                _ => None,
+            };
+            if let Some(taken) = taken {
+                self.bufs[partial.0].len = taken.partial_len(self.n, c);
+                if let Step::GroupNorm { split, .. } = &mut self.steps[i] {
+                    *split = taken;
+                }
             }
         }
     }
