@@ -24,9 +24,9 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    norm_forms, on_tile, plan_norm, self_reduce_fits, tma_tried, ConvKernel, ConvLaunch, ConvPtrs,
+    ConvShape, NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_COUNTERS,
+    WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -197,8 +197,9 @@ pub fn sweep_convolutions(
 /// The variants of tensor-core launch `planned` of `shape` worth timing on a GPU of `sms`
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only),
-/// the wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, and the
-/// planned launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]):
+/// the wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, each
+/// split lean or TMA form also reducing its own splits where it can ([`self_reduce_fits`]),
+/// and the planned launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]):
 /// the sweep's launches read no residual and do not accumulate, so it would time nothing (a
 /// planned launch keeps its own, which reads nothing here either).
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
@@ -224,6 +225,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             lean_loads: false,
             tma_loads: false,
             prefetch: false,
+            self_reduce: false,
             tile: WgmmaTile::Plain,
             ..planned
         };
@@ -259,6 +261,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 half_input: true,
                 wgmma: true,
                 prefetch: false,
+                self_reduce: false,
                 ..planned
             };
             let tma = tma_tried(shape);
@@ -278,6 +281,13 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     };
                     if !out.contains(&c) {
                         out.push(c);
+                    }
+                    // The same launch without its reduction launch, where it can.
+                    if self_reduce_fits(shape, &c, sms) {
+                        out.push(ConvLaunch {
+                            self_reduce: true,
+                            ..c
+                        });
                     }
                 }
             }
@@ -308,6 +318,9 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     }
     if l.prefetch {
         name += ", prefetch";
+    }
+    if l.self_reduce {
+        name += ", reduced in the launch";
     }
     name
 }
@@ -369,6 +382,12 @@ fn sweep_one(
         .max()
         .unwrap_or(0);
     let ws = DevBuf::zeros(st, ws_len)?;
+    let counters_len = candidates
+        .iter()
+        .map(|c| c.tile_counters_len(shape))
+        .max()
+        .unwrap_or(0);
+    let counters = DevBuf::zeros(st, counters_len)?;
 
     let mut variants = Vec::with_capacity(candidates.len());
     let mut planned_v = None;
@@ -382,6 +401,7 @@ fn sweep_one(
             y: y.ptr,
             bias: wts.bias.ptr,
             ws: ws.ptr,
+            tile_counters: counters.ptr,
             ..ConvPtrs::default()
         };
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
@@ -728,7 +748,18 @@ mod tests {
                         },
                         WgmmaTile::Tall,
                     ) {
-                        for l in candidates(shape, tall, 132, true) {
+                        let c = candidates(shape, tall, 132, true);
+                        // Each split lean form that can also reduces its own splits.
+                        for l in &c {
+                            let twin = ConvLaunch {
+                                self_reduce: true,
+                                ..*l
+                            };
+                            let fits = !l.self_reduce && self_reduce_fits(shape, l, 132);
+                            assert!(!fits || c.contains(&twin), "{l:?}");
+                        }
+                        for l in c {
+                            assert!(!l.self_reduce || self_reduce_fits(shape, &l, 132), "{l:?}");
                             assert!(
                                 l.wgmma
                                     || (l.tile == WgmmaTile::Plain

@@ -5,7 +5,8 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    gn_partial_fits, im2col_box, Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS,
+    gn_partial_fits, im2col_box, Capabilities, ConvKernel, ConvLaunch, ConvShape, WgmmaTile,
+    LINEAR_ITEM_WORDS,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -345,9 +346,11 @@ fn every_buffer_is_written_before_it_is_read() {
         assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
         programs.push((true, p));
     }
-    // With GroupNorm partial sums written by the steps before them.
+    // With GroupNorm partial sums written by the steps before them, and split launches that
+    // reduce their own splits.
     let sums = KernelConfig {
         gn_producer_sums: true,
+        splitk_self_reduce: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
     };
     let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, sums).unwrap();
@@ -818,6 +821,86 @@ fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
     }
 }
 
+/// With splitk_self_reduce, exactly the split lean and TMA launches of at most half the
+/// blocks the device holds reduce their own splits, each with two counters per tile that stay
+/// placed over the whole program; nothing else changes, and each takes its reduction launch
+/// away. The split rule plans at most about a wave of one block a multiprocessor, so every
+/// split launch fits, on any device; per-image plans at batch 8 split launches of eight times
+/// the tiles as one image's, and only some fit. On more than two streams none reduces its own.
+#[test]
+fn split_launches_reduce_their_own_splits_where_all_their_blocks_fit() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let cases = [
+        (1, true, 132, false),
+        (8, false, 132, false),
+        (1, true, 16, false),
+        (8, true, 132, true),
+    ];
+    for (n, record, sms, batch_invariant) in cases {
+        let tuned = KernelConfig {
+            batch_invariant,
+            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+        };
+        let on = KernelConfig {
+            splitk_self_reduce: true,
+            ..tuned
+        };
+        let build = |tc| Program::build_with(&g, n, 256, 256, record, sms, Precision::Bf16, tc);
+        let (base, p) = (build(tuned).unwrap(), build(on).unwrap());
+        assert_eq!(base.steps.len(), p.steps.len());
+        let life = p.lifetimes();
+        let (mut taken, mut split) = (0, 0);
+        for (a, b) in base.steps.iter().zip(&p.steps) {
+            let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
+                assert_eq!(a.info(n, 256, 256).label(), b.info(n, 256, 256).label());
+                continue;
+            };
+            assert_eq!(
+                ConvLaunch {
+                    self_reduce: false,
+                    ..b.launch
+                },
+                a.launch
+            );
+            assert!(!a.launch.self_reduce && a.tile_counters.is_none());
+            split += usize::from(a.launch.splits > 1);
+            let fits = a.launch.lean_loads
+                && a.launch.splits > 1
+                && a.launch.blocks(&a.shape) * 2 <= a.launch.tile.blocks_per_sm() * sms;
+            assert_eq!(b.launch.self_reduce, fits, "{b:?}");
+            match b.tile_counters {
+                Some(c) => {
+                    assert!(fits);
+                    let tiles = a.launch.blocks(&a.shape) / a.launch.splits;
+                    assert_eq!(p.bufs[c.0].len, 2 * tiles);
+                    assert_eq!(life[c.0], (0, p.steps.len() - 1));
+                    taken += 1;
+                }
+                None => assert!(!fits),
+            }
+        }
+        assert_eq!(base.launches() - p.launches(), taken);
+        if batch_invariant {
+            assert!(0 < taken && taken < split, "{taken} of {split}");
+        } else {
+            assert_eq!(taken, split);
+        }
+    }
+    let on = KernelConfig {
+        splitk_self_reduce: true,
+        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+    };
+    assert!(on.on_streams(2).splitk_self_reduce);
+    assert!(!on.on_streams(3).splitk_self_reduce);
+    assert_eq!(
+        on.on_streams(3),
+        KernelConfig {
+            splitk_self_reduce: false,
+            ..on
+        }
+    );
+}
+
 /// With half_copy_small (a default on Hopper), no tensor-core launch of the bf16/fp16 program
 /// stages an fp32 input, at any size, and every one runs on wgmma.
 #[test]
@@ -877,6 +960,7 @@ fn switches_compute_what_the_default_program_computes() {
             let tuned = KernelConfig {
                 fused_half_copies: true,
                 gn_producer_sums: true,
+                splitk_self_reduce: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)
             };
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");

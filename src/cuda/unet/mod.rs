@@ -241,6 +241,17 @@ impl CudaUnet {
         before
     }
 
+    /// Has split wgmma launches reduce their own splits where the program can (`on`,
+    /// [`KernelConfig::splitk_self_reduce`]) or never, for comparisons; drops every plan.
+    /// Returns the choice it replaced.
+    pub(crate) fn set_splitk_self_reduce(&mut self, on: bool) -> bool {
+        let before = self.choice.splitk_self_reduce;
+        self.choice.splitk_self_reduce = on;
+        self.plans.clear();
+        self.tape = None;
+        before
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {
@@ -768,6 +779,9 @@ impl CudaUnet {
         // the K-major weights of forward wgmma launches.
         let layouts = GradLayouts::of(key.record, self.choice.wgmma && self.precision.is_half());
         self.weights.ensure_backward(&self.gpu, layouts)?;
+        let choice = self
+            .choice
+            .on_streams(self.side.as_ref().map_or(1, SideStreams::total));
         let (program, placement) = plan::plan(
             &self.graph,
             key.n,
@@ -776,7 +790,7 @@ impl CudaUnet {
             key.record,
             self.gpu.sms(),
             self.precision,
-            self.choice,
+            choice,
             self.keep_alive(),
         )?;
         for s in &program.steps {
