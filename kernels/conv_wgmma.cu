@@ -53,10 +53,10 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
-// Split K reduced in the launch (a.tile_counters, the lean and TMA kernels, split;
-// INVDIFF_SPLITK_SELF_REDUCE): the blocks of a tile wait for each other's partial sums and each
-// finishes a share of the tile (wg_self_reduce), instead of conv_splitk_reduce's launch after
-// them; at batch 1 about 160 of a DPS step's launches are such reductions.
+// Split K reduced in the launch (a.tile_counters, the plain tile's lean and TMA kernels, split;
+// INVDIFF_SPLITK_SELF_REDUCE): the blocks of a tile wait for each other's partial sums and
+// each finishes a share of the tile (wg_self_reduce), instead of conv_splitk_reduce's launch
+// after them; at batch 1 about 160 of a DPS step's launches are such reductions.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -368,15 +368,15 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     out[1] = q;
 }
 
-// The splits of K reduced in the launch (a.tile_counters: the lean and TMA kernels, split;
-// INVDIFF_SPLITK_SELF_REDUCE): once every split of its tile has stored its partial sums, each
-// block forms its 1/splits share of the tile's outputs from them (reduce_element, as
-// conv_splitk_reduce does: the same bits), so that no reduction launch follows. counters[0]
-// counts the tile's blocks that have stored, counters[1] those that have seen all of them; the
-// last of those sets both back to zero for the next launch. A block waits on the other blocks
-// of its tile, so every block of the launch must be able to be resident at once: the host
-// takes only launches of at most half the device's blocks, on at most two streams, so that two
-// such launches side by side still fit.
+// The splits of K reduced in the launch (a.tile_counters: the plain tile's lean and TMA
+// kernels, split; INVDIFF_SPLITK_SELF_REDUCE): once every split of its tile has stored its
+// partial sums, each block forms its 1/splits share of the tile's outputs from them
+// (reduce_element, as conv_splitk_reduce does: the same bits), so that no reduction launch
+// follows. counters[0] counts the tile's blocks that have stored, counters[1] those that have
+// seen all of them; the last of those sets both back to zero for the next launch. A block waits
+// on the other blocks of its tile, so every block of the launch must be able to be resident at
+// once: the host takes only launches of at most half the device's blocks, on at most two
+// streams, so that two such launches side by side still fit.
 template <int TM>
 DEVI void wg_self_reduce(const ConvArgs& a, int M, int m0, int n0) {
     const int splits = gridDim.z;
@@ -386,10 +386,15 @@ DEVI void wg_self_reduce(const ConvArgs& a, int M, int m0, int n0) {
     if (threadIdx.x == 0) {
         __threadfence();
         atomicAdd(counters, 1);
-        int stored;
-        do {
+        // A block that could never be resident would hang the launch: trap instead, as
+        // mbar_wait does.
+        const long long since = clock64();
+        for (;;) {
+            int stored;
             asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(stored) : "l"(counters) : "memory");
-        } while (stored < splits);
+            if (stored >= splits) break;
+            if (clock64() - since > MBAR_TIMEOUT_CYCLES) __trap();
+        }
         if (atomicAdd(counters + 1, 1) == splits - 1) {
             atomicExch(counters, 0);
             atomicExch(counters + 1, 0);
@@ -714,7 +719,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     }
     wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, keep);
     if (LEAN && keep != nullptr) wg_stats<TM>(a, keep, M, m0, n0);
-    if (LEAN && a.tile_counters != nullptr && gridDim.z > 1) wg_self_reduce<TM>(a, M, m0, n0);
+    // Tall launches are never split (their one block a multiprocessor only pays unsplit).
+    if constexpr (LEAN && TM == 128) {
+        if (a.tile_counters != nullptr && gridDim.z > 1) wg_self_reduce<TM>(a, M, m0, n0);
+    }
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }

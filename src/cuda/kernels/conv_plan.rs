@@ -540,13 +540,14 @@ pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> Option<usize>
 pub(crate) const SELF_REDUCE_STREAMS: usize = 2;
 
 /// Whether wgmma launch `plan` of `s` can reduce its own splits ([`ConvLaunch::self_reduce`]) on
-/// a device of `sms` multiprocessors: lean or TMA loads, K split, and at most
-/// 1 / [`SELF_REDUCE_STREAMS`] of the blocks the device holds at once. A block of such a launch
-/// waits for the other splits of its tile, so all of them must be able to be resident together,
-/// even beside such a launch on each other stream; any other kernel beside them ends without
-/// waiting, and frees its room.
+/// a device of `sms` multiprocessors: the plain tile (the program never splits a tall one) with
+/// lean or TMA loads, K split, and at most 1 / [`SELF_REDUCE_STREAMS`] of the blocks the device
+/// holds at once. A block of such a launch waits for the other splits of its tile, so all of
+/// them must be able to be resident together, even beside such a launch on each other stream;
+/// any other kernel beside them ends without waiting, and frees its room.
 pub(crate) fn self_reduce_fits(s: &ConvShape, plan: &ConvLaunch, sms: usize) -> bool {
-    plan.lean_loads
+    plan.tile == WgmmaTile::Plain
+        && plan.lean_loads
         && plan.splits > 1
         && plan.blocks(s) * SELF_REDUCE_STREAMS <= plan.tile.blocks_per_sm() * sms
 }
@@ -929,9 +930,9 @@ mod tests {
         assert_eq!(p.k_per_split % BK, 0);
     }
 
-    /// A launch reduces its own splits only with the lean or TMA loaders, K split, and at most
-    /// half the blocks the device holds at once (two a multiprocessor of the plain tile, one
-    /// of the tall): counted over its tiles and splits.
+    /// A launch reduces its own splits only on the plain tile with the lean or TMA loaders, K
+    /// split, and at most half the blocks the device holds at once (two a multiprocessor),
+    /// counted over its tiles and splits.
     #[test]
     fn self_reduce_needs_a_lean_split_launch_of_half_the_device() {
         let small = ConvShape::forward(1, 8, 8, 1024, 512, 3, 1, Pad::Symmetric);
@@ -949,8 +950,7 @@ mod tests {
         };
         assert!(self_reduce_fits(&small, &at(33, WgmmaTile::Plain), 132));
         assert!(!self_reduce_fits(&small, &at(34, WgmmaTile::Plain), 132));
-        assert!(self_reduce_fits(&small, &at(16, WgmmaTile::Tall), 132));
-        assert!(!self_reduce_fits(&small, &at(17, WgmmaTile::Tall), 132));
+        assert!(!self_reduce_fits(&small, &at(2, WgmmaTile::Tall), 132));
         assert!(!self_reduce_fits(&small, &at(1, WgmmaTile::Plain), 132));
         let plain_loads = ConvLaunch {
             lean_loads: false,

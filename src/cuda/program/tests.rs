@@ -821,8 +821,8 @@ fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
     }
 }
 
-/// With splitk_self_reduce, exactly the split lean and TMA launches of at most half the
-/// blocks the device holds reduce their own splits, each with two counters per tile that stay
+/// With splitk_self_reduce, exactly the split plain-tile lean and TMA launches of at most half
+/// the blocks the device holds reduce their own splits, each with two counters per tile that stay
 /// placed over the whole program; nothing else changes, and each takes its reduction launch
 /// away. The split rule plans at most about a wave of one block a multiprocessor, so every
 /// split launch fits, on any device; per-image plans at batch 8 split launches of eight times
@@ -864,9 +864,10 @@ fn split_launches_reduce_their_own_splits_where_all_their_blocks_fit() {
             );
             assert!(!a.launch.self_reduce && a.tile_counters.is_none());
             split += usize::from(a.launch.splits > 1);
-            let fits = a.launch.lean_loads
+            let fits = a.launch.tile == WgmmaTile::Plain
+                && a.launch.lean_loads
                 && a.launch.splits > 1
-                && a.launch.blocks(&a.shape) * 2 <= a.launch.tile.blocks_per_sm() * sms;
+                && a.launch.blocks(&a.shape) * 2 <= 2 * sms;
             assert_eq!(b.launch.self_reduce, fits, "{b:?}");
             match b.tile_counters {
                 Some(c) => {
