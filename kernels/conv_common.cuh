@@ -100,7 +100,8 @@ DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc)
 // Output element e (of M * ncols) of a split launch: its partial sums in the workspace added in
 // split order, then finished. conv_splitk_reduce (conv.cu) and the wgmma kernels that reduce
 // their own splits (wg_self_reduce, conv_wgmma.cu) both form it here, so their bits are the
-// same. FROM_L2: load the partial sums past L1, for a reader in the launch that wrote them.
+// same. FROM_L2: load the partial sums past L1 (ld.global.cg), for a caller in the launch
+// whose other blocks wrote them: its acquire made them visible, and each is read once.
 template <bool FROM_L2>
 DEVI void reduce_element(const ConvArgs& a, int splits, long long total, long long e) {
     const int m = (int)(e / a.ncols);

@@ -376,7 +376,10 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
 // seen all of them; the last of those sets both back to zero for the next launch. A block waits
 // on the other blocks of its tile, so every block of the launch must be able to be resident at
 // once: the host takes only launches of at most half the device's blocks, on at most two
-// streams, so that two such launches side by side still fit.
+// streams, so that two such launches side by side still fit. (The acquire and the barrier
+// after it make the other blocks' partial sums visible; SELF_REDUCE_TIMEOUT_NS of waiting,
+// which no resident launch comes near, traps.)
+constexpr unsigned long long SELF_REDUCE_TIMEOUT_NS = 2'000'000'000ull;
 template <int TM>
 DEVI void wg_self_reduce(const ConvArgs& a, int M, int m0, int n0) {
     const int splits = gridDim.z;
@@ -387,19 +390,19 @@ DEVI void wg_self_reduce(const ConvArgs& a, int M, int m0, int n0) {
         __threadfence();
         atomicAdd(counters, 1);
         // A block that could never be resident would hang the launch: trap instead, as
-        // mbar_wait does.
-        const long long since = clock64();
+        // mbar_wait does. The sleep keeps the polls from crowding L2 while the others finish.
+        const unsigned long long since = global_ns();
         for (;;) {
             int stored;
             asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(stored) : "l"(counters) : "memory");
             if (stored >= splits) break;
-            if (clock64() - since > MBAR_TIMEOUT_CYCLES) __trap();
+            if (global_ns() - since > SELF_REDUCE_TIMEOUT_NS) __trap();
+            __nanosleep(64);
         }
         if (atomicAdd(counters + 1, 1) == splits - 1) {
             atomicExch(counters, 0);
             atomicExch(counters + 1, 0);
         }
-        __threadfence();
     }
     __syncthreads();
     const int rows = min(TM, M - m0), cols = min(WG_TN, a.ncols - n0);

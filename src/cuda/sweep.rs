@@ -279,15 +279,17 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    if !out.contains(&c) {
-                        out.push(c);
-                    }
-                    // The same launch without its reduction launch, where it can.
-                    if self_reduce_fits(shape, &c, sms) {
-                        out.push(ConvLaunch {
-                            self_reduce: true,
-                            ..c
-                        });
+                    // Each also without its reduction launch, where it can (alone on the
+                    // device, as the sweep runs it).
+                    let twin = ConvLaunch {
+                        self_reduce: true,
+                        ..c
+                    };
+                    let fits = self_reduce_fits(shape, &c, sms, 1);
+                    for l in [Some(c), fits.then_some(twin)].into_iter().flatten() {
+                        if !out.contains(&l) {
+                            out.push(l);
+                        }
                     }
                 }
             }
@@ -749,17 +751,22 @@ mod tests {
                         WgmmaTile::Tall,
                     ) {
                         let c = candidates(shape, tall, 132, true);
-                        // Each split lean form that can also reduces its own splits.
-                        for l in &c {
+                        // Each split lean form that can also reduces its own splits; no
+                        // launch is timed twice.
+                        for (i, l) in c.iter().enumerate() {
                             let twin = ConvLaunch {
                                 self_reduce: true,
                                 ..*l
                             };
-                            let fits = !l.self_reduce && self_reduce_fits(shape, l, 132);
+                            let fits = !l.self_reduce && self_reduce_fits(shape, l, 132, 1);
                             assert!(!fits || c.contains(&twin), "{l:?}");
+                            assert!(!c[..i].contains(l), "{l:?} twice");
                         }
                         for l in c {
-                            assert!(!l.self_reduce || self_reduce_fits(shape, &l, 132), "{l:?}");
+                            assert!(
+                                !l.self_reduce || self_reduce_fits(shape, &l, 132, 1),
+                                "{l:?}"
+                            );
                             assert!(
                                 l.wgmma
                                     || (l.tile == WgmmaTile::Plain

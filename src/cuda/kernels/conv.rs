@@ -361,9 +361,10 @@ impl Kernels {
                 plan.kernel, plan.splits, plan.lean_loads, plan.tile
             )));
         }
-        // A launch whose blocks wait for each other must fit the device (a hang otherwise).
+        // A launch whose blocks wait for each other must fit the device alone (else its wait
+        // would trap); the program keeps room for two side by side.
         if plan.self_reduce
-            && (p.tile_counters == 0 || !self_reduce_fits(s, plan, self.sms as usize))
+            && (p.tile_counters == 0 || !self_reduce_fits(s, plan, self.sms as usize, 1))
         {
             return Err(Error::Cuda(format!(
                 "internal: a {:?} convolution launch asked to reduce its own {} splits that \

@@ -430,7 +430,8 @@ impl WgmmaTile {
         }
     }
 
-    /// Blocks a multiprocessor holds at once (`WgTile::BLOCKS_PER_SM`).
+    /// Blocks a multiprocessor holds at once (`WgTile::BLOCKS_PER_SM`, which kernels/conv_wgmma.cu
+    /// asserts is 2 for the plain tile: two blocks' registers and shared memory fit).
     pub fn blocks_per_sm(self) -> usize {
         match self {
             WgmmaTile::Plain => 2,
@@ -536,20 +537,28 @@ pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> Option<usize>
 }
 
 /// Streams whose split launches may reduce their own splits side by side
-/// ([`self_reduce_fits`]); the program takes none on more.
+/// ([`self_reduce_fits`]); the program takes none on more (`KernelConfig::on_streams`).
 pub(crate) const SELF_REDUCE_STREAMS: usize = 2;
 
 /// Whether wgmma launch `plan` of `s` can reduce its own splits ([`ConvLaunch::self_reduce`]) on
-/// a device of `sms` multiprocessors: the plain tile (the program never splits a tall one) with
-/// lean or TMA loads, K split, and at most 1 / [`SELF_REDUCE_STREAMS`] of the blocks the device
-/// holds at once. A block of such a launch waits for the other splits of its tile, so all of
-/// them must be able to be resident together, even beside such a launch on each other stream;
-/// any other kernel beside them ends without waiting, and frees its room.
-pub(crate) fn self_reduce_fits(s: &ConvShape, plan: &ConvLaunch, sms: usize) -> bool {
+/// a device of `sms` multiprocessors beside such a launch on each of `streams` - 1 other
+/// streams: the plain tile (the program never splits a tall one) with lean or TMA loads, K
+/// split, and at most 1 / `streams` of the blocks the device holds at once. A block of such a
+/// launch waits for the other splits of its tile, so all of them must be able to be resident
+/// together, even beside those other launches; any other kernel beside them ends without
+/// waiting (no other kernel waits on other blocks, and nothing launches programmatically
+/// early), and frees its room. The program asks for [`SELF_REDUCE_STREAMS`]; a launch alone
+/// (the launcher's own check, the selftest, the sweep) for 1.
+pub(crate) fn self_reduce_fits(
+    s: &ConvShape,
+    plan: &ConvLaunch,
+    sms: usize,
+    streams: usize,
+) -> bool {
     plan.tile == WgmmaTile::Plain
         && plan.lean_loads
         && plan.splits > 1
-        && plan.blocks(s) * SELF_REDUCE_STREAMS <= plan.tile.blocks_per_sm() * sms
+        && plan.blocks(s) * streams.max(1) <= plan.tile.blocks_per_sm() * sms
 }
 
 /// Whether the selftest and the sweep try the TMA kernels on `s`: where [`im2col_box`] takes
@@ -931,8 +940,8 @@ mod tests {
     }
 
     /// A launch reduces its own splits only on the plain tile with the lean or TMA loaders, K
-    /// split, and at most half the blocks the device holds at once (two a multiprocessor),
-    /// counted over its tiles and splits.
+    /// split, and at most 1 / streams of the blocks the device holds at once (two a
+    /// multiprocessor), counted over its tiles and splits.
     #[test]
     fn self_reduce_needs_a_lean_split_launch_of_half_the_device() {
         let small = ConvShape::forward(1, 8, 8, 1024, 512, 3, 1, Pad::Symmetric);
@@ -942,21 +951,23 @@ mod tests {
         };
         // One row tile, four column tiles.
         assert!(lean.splits > 1 && lean.blocks(&small) == 4 * lean.splits);
-        assert!(self_reduce_fits(&small, &lean, 132));
+        assert!(self_reduce_fits(&small, &lean, 132, 2));
         let at = |splits, tile| ConvLaunch {
             splits,
             tile,
             ..lean
         };
-        assert!(self_reduce_fits(&small, &at(33, WgmmaTile::Plain), 132));
-        assert!(!self_reduce_fits(&small, &at(34, WgmmaTile::Plain), 132));
-        assert!(!self_reduce_fits(&small, &at(2, WgmmaTile::Tall), 132));
-        assert!(!self_reduce_fits(&small, &at(1, WgmmaTile::Plain), 132));
+        assert!(self_reduce_fits(&small, &at(33, WgmmaTile::Plain), 132, 2));
+        assert!(self_reduce_fits(&small, &at(66, WgmmaTile::Plain), 132, 1));
+        assert!(!self_reduce_fits(&small, &at(34, WgmmaTile::Plain), 132, 2));
+        assert!(!self_reduce_fits(&small, &at(67, WgmmaTile::Plain), 132, 1));
+        assert!(!self_reduce_fits(&small, &at(2, WgmmaTile::Tall), 132, 1));
+        assert!(!self_reduce_fits(&small, &at(1, WgmmaTile::Plain), 132, 1));
         let plain_loads = ConvLaunch {
             lean_loads: false,
             ..lean
         };
-        assert!(!self_reduce_fits(&small, &plain_loads, 132));
+        assert!(!self_reduce_fits(&small, &plain_loads, 132, 1));
         let sr = ConvLaunch {
             self_reduce: true,
             ..at(8, WgmmaTile::Plain)

@@ -8,7 +8,7 @@ use super::{
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm,
     self_reduce_fits, ConvKernel, ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX,
-    LINEAR_ITEM_WORDS,
+    LINEAR_ITEM_WORDS, SELF_REDUCE_STREAMS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -637,8 +637,8 @@ impl Lowering<'_> {
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
         // The blocks of the launch as it runs (at the whole batch, even where it was planned
         // for one image).
-        launch.self_reduce =
-            self.choice.splitk_self_reduce && self_reduce_fits(&shape, &launch, self.sms);
+        launch.self_reduce = self.choice.splitk_self_reduce
+            && self_reduce_fits(&shape, &launch, self.sms, SELF_REDUCE_STREAMS);
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
         let counters_len = launch.tile_counters_len(&shape);

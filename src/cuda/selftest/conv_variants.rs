@@ -216,7 +216,7 @@ impl Tester<'_> {
         desc: &str,
     ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
-        if !self_reduce_fits(shape, &wp, gpu.sms()) {
+        if !self_reduce_fits(shape, &wp, gpu.sms(), 1) {
             return Ok(());
         }
         let sr = ConvLaunch {

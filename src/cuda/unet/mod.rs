@@ -143,8 +143,10 @@ impl CudaUnet {
         let gpu = Gpu::open(ordinal)?;
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = !switches::is("INVDIFF_NO_CUDA_GRAPH", "1");
-        let choice = KernelConfig::from_switches(gpu.kernels.capabilities(), precision);
-        let side = match streams_wanted() {
+        let streams = streams_wanted();
+        let choice =
+            KernelConfig::from_switches(gpu.kernels.capabilities(), precision).on_streams(streams);
+        let side = match streams {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
         };
@@ -242,11 +244,16 @@ impl CudaUnet {
     }
 
     /// Has split wgmma launches reduce their own splits where the program can (`on`,
-    /// [`KernelConfig::splitk_self_reduce`]) or never, for comparisons; drops every plan.
-    /// Returns the choice it replaced.
+    /// [`KernelConfig::splitk_self_reduce`], never on more than two streams) or never, for
+    /// comparisons; drops every plan. Returns the choice it replaced.
     pub(crate) fn set_splitk_self_reduce(&mut self, on: bool) -> bool {
         let before = self.choice.splitk_self_reduce;
-        self.choice.splitk_self_reduce = on;
+        let streams = self.side.as_ref().map_or(1, SideStreams::total);
+        self.choice = KernelConfig {
+            splitk_self_reduce: on,
+            ..self.choice
+        }
+        .on_streams(streams);
         self.plans.clear();
         self.tape = None;
         before
@@ -779,9 +786,6 @@ impl CudaUnet {
         // the K-major weights of forward wgmma launches.
         let layouts = GradLayouts::of(key.record, self.choice.wgmma && self.precision.is_half());
         self.weights.ensure_backward(&self.gpu, layouts)?;
-        let choice = self
-            .choice
-            .on_streams(self.side.as_ref().map_or(1, SideStreams::total));
         let (program, placement) = plan::plan(
             &self.graph,
             key.n,
@@ -790,7 +794,7 @@ impl CudaUnet {
             key.record,
             self.gpu.sms(),
             self.precision,
-            choice,
+            self.choice,
             self.keep_alive(),
         )?;
         for s in &program.steps {
