@@ -75,6 +75,13 @@ DEVI uint32_t pack_half2(float lo, float hi, int kind) {
 }
 // One fp32 as the 16 bits pack_half2 gives it.
 DEVI uint16_t pack_half1(float v, int kind) { return (uint16_t)(pack_half2(v, 0.0f, kind) & 0xffffu); }
+// The fp32 value of 16 bits of that kind (exact: every bf16 and fp16 value is an fp32 value).
+DEVI float unpack_half1(uint16_t h, int kind) {
+    if (kind == 1) return __uint_as_float((uint32_t)h << 16);
+    float r;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
+    return r;
+}
 
 // An fp32 value rounded to tf32 (nearest, ties away: cvt.rna), the bits mma.sync's tf32
 // operands take.

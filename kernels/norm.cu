@@ -26,6 +26,11 @@
 // (for_units), and the one-pass forward with its channel's scale and shift loaded with its
 // pixels; the same results, bit for bit.
 //
+// The `_x16` kernels (INVDIFF_GN_HALF_INPUT) are the forward's partial sums, 16-bit apply and
+// one pass over an x stored in 16 bits (a concatenation written only as the 16-bit copy the
+// convolutions read, in a forward that records nothing): each value widened exactly, so the
+// fp32 kernels' results over the rounded values, for half the bytes of x.
+//
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
 // per (image, group) loads its group into registers, sums, forms the same statistics and writes
@@ -114,12 +119,22 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int
         return [=](int p) { return xi[(long long)p * c]; };
     });
 }
+// gn_partial over an x of 16-bit values (xkind as pack_half1; INVDIFF_GN_HALF_INPUT), each
+// widened exactly: the sums gn_partial forms over those values in fp32.
+extern "C" __global__ void __launch_bounds__(256) gn_partial_x16(const uint16_t* x, int xkind, int hw, int c,
+                                                               int chunk_px, double* partial) {
+    chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
+        const uint16_t* xi = x + (long long)img * hw * c + ch;
+        return [=](int p) { return unpack_half1(xi[(long long)p * c], xkind); };
+    });
+}
 
 // gn_partial over the concatenation y = [a | b] of two arrays' channels (ca and cb of them),
 // which it also writes, with its 16-bit copy where y16 is not null (kind as pack_half1): the
 // concatenation (concat_channels in resample.cu) and its GroupNorm's partial sums in one pass
 // over the values, the same sums as gn_partial's over y (chunk_sums), so the same bits
-// (INVDIFF_GN_PRODUCER_SUMS).
+// (INVDIFF_GN_PRODUCER_SUMS). With y null, only the 16-bit values, and the sums over them
+// widened: gn_partial_x16's over y16 (INVDIFF_GN_HALF_INPUT).
 // The pointers are __restrict__ (the arrays never overlap): without it each pixel's load waits
 // for the stores before it, one 4-byte load in flight a thread.
 extern "C" __global__ void __launch_bounds__(256)
@@ -131,10 +146,15 @@ extern "C" __global__ void __launch_bounds__(256)
         const bool first = ch < ca;
         const int width = first ? ca : cb;
         const float* src = first ? a + (long long)img * hw * ca + ch : b + (long long)img * hw * cb + (ch - ca);
-        float* out = y + (long long)img * hw * c + ch;
+        float* out = y ? y + (long long)img * hw * c + ch : nullptr;
         uint16_t* out16 = y16 ? y16 + (long long)img * hw * c + ch : nullptr;
         return [=](int p) {
             const float v = src[(long long)p * width];
+            if (!out) {
+                const uint16_t h = pack_half1(v, kind);
+                out16[(long long)p * c] = h;
+                return unpack_half1(h, kind);
+            }
             out[(long long)p * c] = v;
             if (out16) out16[(long long)p * c] = pack_half1(v, kind);
             return v;
@@ -224,6 +244,26 @@ DEVI void for_units(int hw, int lanes, Setup setup, Load load, Finish finish) {
 
 // Unit element e of a float4 array.
 DEVI float4 ld_unit4(const float* a, long long e) { return reinterpret_cast<const float4*>(a)[e]; }
+// Unit element e of an array of four 16-bit values a unit (kind as pack_half2), widened.
+DEVI float4 ld_unit4_x16(const uint16_t* a, long long e, int kind) {
+    const uint2 u = reinterpret_cast<const uint2*>(a)[e];
+    return make_float4(unpack_half1(u.x & 0xffffu, kind), unpack_half1(u.x >> 16, kind),
+                       unpack_half1(u.y & 0xffffu, kind), unpack_half1(u.y >> 16, kind));
+}
+// x's unit element e: fp32 (xkind 0) or 16-bit values (1 bf16, 2 fp16; X16).
+template <bool X16> DEVI float4 ld_x4(const void* x, long long e, int xkind) {
+    if constexpr (X16)
+        return ld_unit4_x16(static_cast<const uint16_t*>(x), e, xkind);
+    else
+        return ld_unit4(static_cast<const float*>(x), e);
+}
+// x's element e, as ld_x4.
+template <bool X16> DEVI float ld_x1(const void* x, long long e, int xkind) {
+    if constexpr (X16)
+        return unpack_half1(static_cast<const uint16_t*>(x)[e], xkind);
+    else
+        return static_cast<const float*>(x)[e];
+}
 
 // A unit's four scales and four shifts.
 struct Affine4 {
@@ -258,14 +298,15 @@ DEVI void apply(const float* x, const float* scale_shift, float* y, int hw, int 
 // apply with the output in bf16 (kind 1) or fp16 (kind 2), for a GroupNorm that only feeds
 // tensor-core convolutions of that precision (kernels/conv_tc.cu, `_hin`): the same fma and
 // SiLU, then the rounding those kernels would apply while staging an fp32 input. Units of four
-// channels; needs c % 4 == 0, 16-byte aligned x and scale_shift, 8-byte aligned y (checked by
-// the host).
-template <int P>
-DEVI void apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c, int silu, int kind) {
+// channels; needs c % 4 == 0, 16-byte aligned x (8-byte with X16) and scale_shift, 8-byte
+// aligned y (checked by the host). X16: x holds 16-bit values of xkind (ld_x4).
+template <int P, bool X16>
+DEVI void apply_half(const void* x, int xkind, const float* scale_shift, uint2* y, int hw, int c, int silu,
+                     int kind) {
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     for_units<P>(
         hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
-        [&](long long e) { return ld_unit4(x, e); },
+        [&](long long e) { return ld_x4<X16>(x, e, xkind); },
         [&](const Affine4& k, float4 v, long long e) {
             float o[4];
             affine4(v, k.scale, k.shift, silu, o);
@@ -286,11 +327,20 @@ extern "C" __global__ void gn_apply_ilp(const float* x, const float* scale_shift
 }
 extern "C" __global__ void gn_apply_half(const float* x, const float* scale_shift, uint2* y, int hw, int c,
                                          int silu, int kind) {
-    apply_half<1>(x, scale_shift, y, hw, c, silu, kind);
+    apply_half<1, false>(x, 0, scale_shift, y, hw, c, silu, kind);
 }
 extern "C" __global__ void gn_apply_half_ilp(const float* x, const float* scale_shift, uint2* y, int hw, int c,
                                              int silu, int kind) {
-    apply_half<APPLY_ILP>(x, scale_shift, y, hw, c, silu, kind);
+    apply_half<APPLY_ILP, false>(x, 0, scale_shift, y, hw, c, silu, kind);
+}
+// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT).
+extern "C" __global__ void gn_apply_half_x16(const uint16_t* x, int xkind, const float* scale_shift, uint2* y,
+                                             int hw, int c, int silu, int kind) {
+    apply_half<1, true>(x, xkind, scale_shift, y, hw, c, silu, kind);
+}
+extern "C" __global__ void gn_apply_half_x16_ilp(const uint16_t* x, int xkind, const float* scale_shift, uint2* y,
+                                                 int hw, int c, int silu, int kind) {
+    apply_half<APPLY_ILP, true>(x, xkind, scale_shift, y, hw, c, silu, kind);
 }
 
 // g = d loss / d xhat for one element, and xhat; the CPU's formula.
@@ -561,10 +611,10 @@ DEVI void store_kind(void* y, long long e, float v, int kind) {
 // The whole forward GroupNorm of one small group: gn_partial + gn_finalize + gn_apply(_half),
 // with the same statistics, affine and element formula; y in fp32 or 16 bits (kind as
 // store_kind). Block size from the host (one_pass_threads): each thread at most
-// ONE_PASS_PIXELS pixels.
-template <bool AHEAD>
-DEVI void one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
-                   int groups, float eps, int silu, int kind) {
+// ONE_PASS_PIXELS pixels. X16: x holds 16-bit values of xkind (ld_x1).
+template <bool AHEAD, bool X16>
+DEVI void one_pass(const void* x, int xkind, const float* gamma, const float* beta, void* y, float* stats, int n,
+                   int hw, int c, int groups, float eps, int silu, int kind) {
     const OnePass t(hw, c, groups);
     // AHEAD (gn_one_pass_ilp): the channel's scale and shift loaded with the pixels, not after
     // the block's sums, where they cost a memory round trip of their own.
@@ -578,7 +628,7 @@ DEVI void one_pass(const float* x, const float* gamma, const float* beta, void* 
 #pragma unroll
     for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
         const long long e = t.at(k, hw, c);
-        v[k] = e >= 0 ? x[e] : 0.0f;
+        v[k] = e >= 0 ? ld_x1<X16>(x, e, xkind) : 0.0f;
         a += (double)v[k];
         b += (double)v[k] * (double)v[k];
     }
@@ -601,12 +651,23 @@ DEVI void one_pass(const float* x, const float* gamma, const float* beta, void* 
 extern "C" __global__ void __launch_bounds__(1024)
     gn_one_pass(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw, int c,
                 int groups, float eps, int silu, int kind) {
-    one_pass<false>(x, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
+    one_pass<false, false>(x, 0, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
 }
 extern "C" __global__ void __launch_bounds__(1024)
     gn_one_pass_ilp(const float* x, const float* gamma, const float* beta, void* y, float* stats, int n, int hw,
                     int c, int groups, float eps, int silu, int kind) {
-    one_pass<true>(x, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
+    one_pass<true, false>(x, 0, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
+}
+// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT).
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_one_pass_x16(const uint16_t* x, int xkind, const float* gamma, const float* beta, void* y, float* stats, int n,
+                    int hw, int c, int groups, float eps, int silu, int kind) {
+    one_pass<false, true>(x, xkind, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_one_pass_x16_ilp(const uint16_t* x, int xkind, const float* gamma, const float* beta, void* y, float* stats,
+                        int n, int hw, int c, int groups, float eps, int silu, int kind) {
+    one_pass<true, true>(x, xkind, gamma, beta, y, stats, n, hw, c, groups, eps, silu, kind);
 }
 
 // The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +

@@ -125,6 +125,33 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
     }
 }
 
+// concat_channels writing only the 16-bit copy y16 (INVDIFF_GN_HALF_INPUT: a concatenation
+// whose readers all read that copy); the same values, the same rounding. vec4 as there (y16
+// 8-byte aligned).
+extern "C" __global__ void concat_channels_half(const float* a, const float* b, uint16_t* y16, int kind,
+                                                long long pixels, int ca, int cb, int vec4) {
+    const int c = ca + cb;
+    if (vec4) {
+        const int c4 = c / 4, ca4 = ca / 4, cb4 = cb / 4;
+        const float4* a4 = reinterpret_cast<const float4*>(a);
+        const float4* b4 = reinterpret_cast<const float4*>(b);
+        const long long total4 = pixels * c4;
+        for (long long i = grid_start(); i < total4; i += grid_stride()) {
+            const long long p = i / c4;
+            const int j = (int)(i - p * c4);
+            const float4 v = j < ca4 ? a4[p * ca4 + j] : b4[p * cb4 + (j - ca4)];
+            reinterpret_cast<uint2*>(y16)[i] = make_uint2(pack_half2(v.x, v.y, kind), pack_half2(v.z, v.w, kind));
+        }
+        return;
+    }
+    const long long total = pixels * c;
+    for (long long i = grid_start(); i < total; i += grid_stride()) {
+        const long long p = i / c;
+        const int j = (int)(i - p * c);
+        y16[i] = pack_half1(j < ca ? a[p * ca + j] : b[p * cb + (j - ca)], kind);
+    }
+}
+
 // d[p, :] (+)= dy[p, offset .. offset + width], the adjoint of one side of a concatenation;
 // where d16 is not null, also a copy of the new d in bf16 (kind 1) or fp16 (kind 2), rounded as
 // a conversion launch would round it (the last contribution to a gradient that tensor-core

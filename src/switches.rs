@@ -69,6 +69,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has convolutions and concatenations write the partial sums of the GroupNorms that read them",
     ),
     choice(
+        "INVDIFF_GN_HALF_INPUT",
+        ON_OFF,
+        "GPU candidate: `1` stores concatenations read only in 16 bits in 16 bits, their GroupNorms reading them so (forward without recording)",
+    ),
+    choice(
         "INVDIFF_GN_ILP",
         ON_OFF,
         "GPU default: `0` runs GroupNorms without loads issued ahead",

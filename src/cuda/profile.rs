@@ -256,16 +256,23 @@ impl Step {
                 silu,
                 ..
             } => {
-                let (kind, half_out, copy) = match self {
-                    GroupNorm { half_out, .. } => ("groupnorm", half_out, &None),
-                    GroupNormBackward { half_out, dx16, .. } => ("groupnorm bwd", half_out, dx16),
+                let (kind, half_out, copy, x_half) = match self {
+                    GroupNorm {
+                        half_out, x_half, ..
+                    } => ("groupnorm", half_out, &None, *x_half),
+                    GroupNormBackward { half_out, dx16, .. } => {
+                        ("groupnorm bwd", half_out, dx16, None)
+                    }
                     _ => unreachable!("matched above"),
                 };
                 let launches = match split.one_pass {
                     Some(_) => 1,
                     None => 3 - usize::from(split.from_producer),
                 };
-                let layout = split.form();
+                let mut layout = split.form();
+                if let Some(p) = x_half {
+                    layout += &format!(", {p} input");
+                }
                 StepInfo {
                     variant: match (half_out, copy) {
                         (Some(p), _) => format!("{layout}, {p} output"),
@@ -350,10 +357,12 @@ impl Step {
                 cb,
                 y16,
                 sums,
+                half_out,
                 ..
             } => StepInfo {
                 variant: [
                     y16.map(|(_, p)| format!("{p} copy")),
+                    half_out.map(|p| format!("{p} only")),
                     sums.map(|_| "GroupNorm sums".to_string()),
                 ]
                 .into_iter()

@@ -521,6 +521,7 @@ pub fn sweep_group_norms(
                     st,
                     d,
                     x.ptr,
+                    None,
                     gamma.ptr,
                     beta.ptr,
                     out.ptr,

@@ -29,7 +29,8 @@
 //!   `gemm_batched`;
 //! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
-//!   1024 threads ([`one_pass_threads`]), a block per (image, group);
+//!   1024 threads ([`one_pass_threads`]), a block per (image, group); the forward's `_x16`
+//!   kernels (16-bit input) as their fp32 forms;
 //! - `timing_hold` (profiling only): one block of 32 threads.
 //!
 //! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares (the
@@ -162,6 +163,11 @@ pub(crate) struct Kernels {
     gn_apply_ilp: CudaFunction,
     gn_apply_half: CudaFunction,
     gn_apply_half_ilp: CudaFunction,
+    gn_partial_x16: CudaFunction,
+    gn_apply_half_x16: CudaFunction,
+    gn_apply_half_x16_ilp: CudaFunction,
+    gn_one_pass_x16: CudaFunction,
+    gn_one_pass_x16_ilp: CudaFunction,
     gn_bwd_partial: CudaFunction,
     gn_bwd_partial_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
@@ -179,6 +185,7 @@ pub(crate) struct Kernels {
     upsample2x_half: CudaFunction,
     upsample2x_backward: CudaFunction,
     concat_channels: CudaFunction,
+    concat_channels_half: CudaFunction,
     concat_backward: CudaFunction,
     add_into: CudaFunction,
     div_inplace: CudaFunction,
@@ -349,6 +356,11 @@ impl Kernels {
             gn_apply_ilp: get("norm", "gn_apply_ilp")?,
             gn_apply_half: get("norm", "gn_apply_half")?,
             gn_apply_half_ilp: get("norm", "gn_apply_half_ilp")?,
+            gn_partial_x16: get("norm", "gn_partial_x16")?,
+            gn_apply_half_x16: get("norm", "gn_apply_half_x16")?,
+            gn_apply_half_x16_ilp: get("norm", "gn_apply_half_x16_ilp")?,
+            gn_one_pass_x16: get("norm", "gn_one_pass_x16")?,
+            gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
             gn_bwd_partial: get("norm", "gn_bwd_partial")?,
             gn_bwd_partial_ilp: get("norm", "gn_bwd_partial_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
@@ -366,6 +378,7 @@ impl Kernels {
             upsample2x_half: get("resample", "upsample2x_half")?,
             upsample2x_backward: get("resample", "upsample2x_backward")?,
             concat_channels: get("resample", "concat_channels")?,
+            concat_channels_half: get("resample", "concat_channels_half")?,
             concat_backward: get("resample", "concat_backward")?,
             add_into: get("resample", "add_into")?,
             div_inplace: get("resample", "div_inplace")?,

@@ -219,12 +219,15 @@ impl Kernels {
     /// GroupNorm forward: statistics into `stats` (`[mean | rstd]`, n x groups each), the
     /// per-channel affine into `affine` (`[n][2][c]`), then `y`, in fp32, or with `half_out`
     /// in bf16/fp16 (two elements per f32 slot) for the tensor-core convolutions it feeds.
+    /// With `x_half`, `x` holds 16-bit values of that precision (the `_x16` kernels; a 16-bit
+    /// output only).
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm(
         &self,
         st: &CudaStream,
         d: NormDims,
         x: DPtr,
+        x_half: Option<Precision>,
         gamma: DPtr,
         beta: DPtr,
         y: DPtr,
@@ -256,19 +259,31 @@ impl Kernels {
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
+        let xkind = x_half.map_or(Ok(0), half_kind)?;
         if split.from_producer && split.one_pass.is_some() {
             return Err(Error::Cuda(
                 "internal: a one-pass GroupNorm given its partial sums".into(),
             ));
         }
+        if x_half.is_some() && (half_out.is_none() || c % 4 != 0 || x % 8 != 0) {
+            return Err(Error::Cuda(format!(
+                "internal: a GroupNorm of 16-bit input with {c} channels, 16-bit output {}, \
+                 or an unaligned input",
+                half_out.is_some()
+            )));
+        }
         if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(if split.ilp {
-                &self.gn_one_pass_ilp
-            } else {
-                &self.gn_one_pass
+            let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
+                (false, false) => &self.gn_one_pass,
+                (false, true) => &self.gn_one_pass_ilp,
+                (true, false) => &self.gn_one_pass_x16,
+                (true, true) => &self.gn_one_pass_x16_ilp,
             });
-            b.arg(&x)
-                .arg(&gamma)
+            b.arg(&x);
+            if x_half.is_some() {
+                b.arg(&xkind);
+            }
+            b.arg(&gamma)
                 .arg(&beta)
                 .arg(&y)
                 .arg(&stats)
@@ -280,13 +295,22 @@ impl Kernels {
                 .arg(&silu)
                 .arg(&kind);
             let one = cfg(((n * groups) as u32, 1, 1), (threads, 1, 1));
-            // SAFETY: x is n x hw x c floats, y room for as many values of `kind`, stats for
-            // 2 n groups floats; the block holds every pixel of its group (one_pass_threads).
+            // SAFETY: x is n x hw x c values (fp32, or of `xkind`), y room for as many values of
+            // `kind`, stats for 2 n groups floats; the block holds every pixel of its group
+            // (one_pass_threads).
             return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
         }
         if !split.from_producer {
-            let mut b = st.launch_builder(&self.gn_partial);
-            b.arg(&x).arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
+            let mut b = st.launch_builder(if x_half.is_some() {
+                &self.gn_partial_x16
+            } else {
+                &self.gn_partial
+            });
+            b.arg(&x);
+            if x_half.is_some() {
+                b.arg(&xkind);
+            }
+            b.arg(&hwi).arg(&ci).arg(&cpx).arg(&partial);
             // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
             cu(
                 unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
@@ -309,26 +333,32 @@ impl Kernels {
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
         if half_out.is_some() {
-            if c % 4 != 0 || x % 16 != 0 || affine % 16 != 0 || y % 8 != 0 {
+            let x_align = if x_half.is_some() { 8 } else { 16 };
+            if c % 4 != 0 || x % x_align != 0 || affine % 16 != 0 || y % 8 != 0 {
                 return Err(Error::Cuda(format!(
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let f = if split.ilp {
-                &self.gn_apply_half_ilp
-            } else {
-                &self.gn_apply_half
+            let f = match (x_half.is_some(), split.ilp) {
+                (false, false) => &self.gn_apply_half,
+                (false, true) => &self.gn_apply_half_ilp,
+                (true, false) => &self.gn_apply_half_x16,
+                (true, true) => &self.gn_apply_half_x16_ilp,
             };
             let grid = self.norm_units(st, f, n, hw, c / 4, split.ilp)?;
             let mut b = st.launch_builder(f);
-            b.arg(&x)
-                .arg(&affine)
+            b.arg(&x);
+            if x_half.is_some() {
+                b.arg(&xkind);
+            }
+            b.arg(&affine)
                 .arg(&y)
                 .arg(&hwi)
                 .arg(&ci)
                 .arg(&silu)
                 .arg(&kind);
-            // SAFETY: x is n x hw x c floats, y room for n x hw x c 16-bit values.
+            // SAFETY: x is n x hw x c values (fp32, or of `xkind`), y room for n x hw x c 16-bit
+            // values.
             return cu(
                 unsafe { b.launch(grid) }.map(drop),
                 "launching gn_apply_half",
@@ -356,9 +386,10 @@ impl Kernels {
     }
 
     /// The concatenation `y = [a | b]` of `n` images of `hw` pixels, `ca` and `cb` channels
-    /// (with its 16-bit copy where `half` gives one, as [`Kernels::concat`] writes them), and
-    /// the partial sums of the GroupNorm (three launches, `split`) that reads `y`, into
-    /// `partial`: that GroupNorm's first launch, the same bits, without its read of `y`.
+    /// (with its 16-bit copy where `half` gives one, or, with a `y` of 0, only that copy, as
+    /// [`Kernels::concat`] writes them), and the partial sums of the GroupNorm (three
+    /// launches, `split`) that reads `y` (or the copy alone), into `partial`: that GroupNorm's
+    /// first launch, the same bits, without its read of `y`.
     #[allow(clippy::too_many_arguments)]
     pub fn concat_with_norm_sums(
         &self,
@@ -376,7 +407,6 @@ impl Kernels {
         for (p, what) in [
             (a, "first input"),
             (b_, "second input"),
-            (y, "output"),
             (partial, "partial sums"),
         ] {
             need(p, what)?;
@@ -389,6 +419,9 @@ impl Kernels {
             ));
         }
         let (y16, kind) = half_output(half, "16-bit output")?;
+        if y16 == 0 {
+            need(y, "output")?;
+        }
         let c = ca + cb;
         i32_of(n * hw * c, "concatenated elements")?;
         let (hwi, cai, cbi) = (hw as i32, ca as i32, cb as i32);

@@ -165,7 +165,8 @@ impl Kernels {
     }
 
     /// `y = [a | b]` along channels over `pixels` pixels; with `half`, also a 16-bit copy of
-    /// `y` in that precision at the given address, for tensor-core convolutions to read.
+    /// `y` in that precision at the given address, for tensor-core convolutions to read, or,
+    /// with a `y` of 0, only that copy.
     #[allow(clippy::too_many_arguments)]
     pub fn concat(
         &self,
@@ -180,13 +181,37 @@ impl Kernels {
     ) -> Result<()> {
         need(a, "first input")?;
         need(b_, "second input")?;
-        need(y, "output")?;
         let (y16, kind) = half_output(half, "16-bit output")?;
+        if y16 == 0 {
+            need(y, "output")?;
+        }
         let (p, cai, cbi) = (
             i64_of(pixels),
             i32_of(ca, "channels")?,
             i32_of(cb, "channels")?,
         );
+        if y == 0 {
+            // Only the 16-bit copy (KernelConfig::half_gn_inputs).
+            let vec =
+                ca % 4 == 0 && cb % 4 == 0 && [a, b_].iter().all(|p| p % 16 == 0) && y16 % 8 == 0;
+            let vec4 = vec as i32;
+            let mut b = st.launch_builder(&self.concat_channels_half);
+            b.arg(&a)
+                .arg(&b_)
+                .arg(&y16)
+                .arg(&kind)
+                .arg(&p)
+                .arg(&cai)
+                .arg(&cbi)
+                .arg(&vec4);
+            let items = pixels * (ca + cb) / if vec { 4 } else { 1 };
+            // SAFETY: a is pixels x ca, b pixels x cb, y16 room for pixels x (ca + cb) 16-bit
+            // values.
+            return cu(
+                unsafe { b.launch(self.flat(items)) }.map(drop),
+                "launching concat_channels_half",
+            );
+        }
         let vec =
             ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0) && y16 % 8 == 0;
         let vec4 = vec as i32;

@@ -149,6 +149,7 @@ impl Lowering<'_> {
                 let (hw, c) = (h * w, self.ch(x));
                 let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
+                let x_half = self.half[x].then_some(self.precision);
                 let (yb, half_out) = self.output_value(y);
                 let partial = self.buf(
                     split.scratch_len(split.partial_len(self.n, c)),
@@ -161,6 +162,7 @@ impl Lowering<'_> {
                 }
                 self.steps.push(Step::GroupNorm {
                     x: xb,
+                    x_half,
                     y: yb,
                     gamma: W {
                         pid: p,
@@ -226,6 +228,23 @@ impl Lowering<'_> {
                     half_out,
                 });
             }
+            Op::Concat { a, b, y } if self.half[y] => {
+                // Read only as 16-bit values (KernelConfig::half_gn_inputs).
+                let (h, w) = self.hw(a);
+                let (ab, bb) = (self.val(a)?, self.val(b)?);
+                let (yb, half_out) = self.output_value(y);
+                self.steps.push(Step::Concat {
+                    a: ab,
+                    b: bb,
+                    y: yb,
+                    y16: None,
+                    pixels: self.n * h * w,
+                    ca: self.ch(a),
+                    cb: self.ch(b),
+                    sums: None,
+                    half_out,
+                });
+            }
             Op::Concat { a, b, y } => {
                 let (h, w) = self.hw(a);
                 let (ab, bb) = (self.val(a)?, self.val(b)?);
@@ -250,6 +269,7 @@ impl Lowering<'_> {
                     ca: self.ch(a),
                     cb: self.ch(b),
                     sums: None,
+                    half_out: None,
                 });
             }
         }
@@ -259,8 +279,8 @@ impl Lowering<'_> {
 
 /// What only the forward pass asks of the lowering.
 impl Lowering<'_> {
-    /// The buffer of a value that may be stored in 16 bits (GroupNorm and upsampling
-    /// outputs), and that precision when it is.
+    /// The buffer of a value that may be stored in 16 bits (GroupNorm, upsampling and, with
+    /// [`KernelConfig::half_gn_inputs`], concatenation outputs), and that precision when it is.
     fn output_value(&mut self, t: Tid) -> (Buf, Option<Precision>) {
         if !self.half[t] {
             return (self.new_value(t), None);

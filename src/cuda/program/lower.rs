@@ -149,6 +149,7 @@ impl Lowering<'_> {
         for i in 0..self.steps.len() {
             let Step::GroupNorm {
                 x,
+                x_half,
                 hw,
                 c,
                 split,
@@ -170,18 +171,21 @@ impl Lowering<'_> {
             };
             // The split the GroupNorm takes its sums in, where its input's writer can write them.
             let taken = match &mut self.steps[j] {
+                // A concatenation in 16 bits only sums the values it rounds (x_half).
                 Step::Concat {
                     y,
                     ca,
                     cb,
                     sums: sums @ None,
+                    half_out,
                     ..
-                } if *y == x && *ca + *cb == c => {
+                } if *y == x && *ca + *cb == c && *half_out == x_half => {
                     *sums = Some((partial, given));
                     Some(given)
                 }
                 Step::Conv(conv)
                     if conv.y == x
+                        && x_half.is_none()
                         && !conv.accumulate
                         && conv.gn_partial.is_none()
                         && conv.shape.ncols == c
@@ -378,6 +382,38 @@ impl Lowering<'_> {
             half[y] = ok;
         }
         Ok(half)
+    }
+
+    /// With [`KernelConfig::half_gn_inputs`], in a program that records nothing: the
+    /// concatenations whose every reader is a GroupNorm with a 16-bit output (`half`, from
+    /// [`half_tensors`](Self::half_tensors)) over channels in units of four, or the main input
+    /// of a tensor-core launch (which reads a 16-bit copy of it anyway,
+    /// [`KernelConfig::half_concat`]): those are written in 16 bits only, and their GroupNorms
+    /// read them so (the `_x16` kernels). The GroupNorm's statistics and output then come from
+    /// the rounded values: half the bytes of the concatenation and of the GroupNorm's reads,
+    /// no fp32 copy written. A recording forward keeps the fp32 values, which its GroupNorm's
+    /// backward pass reads.
+    pub(super) fn mark_half_concats(&mut self) -> Result<()> {
+        let c = self.choice;
+        if !(c.half_gn_inputs && c.half_concat && c.deep && self.precision.is_half()) {
+            return Ok(());
+        }
+        let g = self.g;
+        for op in &g.ops {
+            let Op::Concat { y, .. } = *op else {
+                continue;
+            };
+            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
+            let mut ok = y != g.output && readers.peek().is_some() && self.ch(y) % 4 == 0;
+            for r in readers {
+                ok &= match *r {
+                    Op::GroupNorm { x, y: gy, .. } => x == y && self.half[gy],
+                    _ => self.tensor_core_main_input(r, y)?,
+                };
+            }
+            self.half[y] = ok;
+        }
+        Ok(())
     }
 
     /// Whether op `r` reads `t` only as the main input of a launch on the tensor-core kernel

@@ -136,6 +136,9 @@ pub(crate) enum Step {
     Conv(ConvStep),
     GroupNorm {
         x: Buf,
+        /// `x` holds 16-bit values in this precision: a concatenation written in 16 bits only
+        /// ([`KernelConfig::half_gn_inputs`]).
+        x_half: Option<Precision>,
         y: Buf,
         gamma: W,
         beta: W,
@@ -228,6 +231,10 @@ pub(crate) enum Step {
         /// The partial sums of the GroupNorm that reads `y`, and that GroupNorm's split, which
         /// this step then writes too ([`KernelConfig::gn_producer_sums`]).
         sums: Option<(Buf, NormSplit)>,
+        /// `y` holds 16-bit values in this precision, and no fp32 ones: every reader takes
+        /// them ([`KernelConfig::half_gn_inputs`]; then no `y16`, and `sums` are over the
+        /// rounded values).
+        half_out: Option<Precision>,
     },
     ConcatBackward {
         dy: Buf,
@@ -518,6 +525,9 @@ impl Program {
     /// (GroupNorm's backward reads its input, the convolutions' input gradients none). Likewise
     /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,
     /// when that is its only contribution and the convolution's input gradient its only reader.
+    /// With [`KernelConfig::half_gn_inputs`], in a forward that records nothing, concatenations
+    /// whose readers are their GroupNorm and such launches are stored in 16 bits too; the
+    /// GroupNorm then works from the rounded values, which does change its result.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,
@@ -534,6 +544,9 @@ impl Program {
             return Err(Error::input("batch of 0 images"));
         }
         let mut l = Lowering::new(g, n, h, w, sms, precision, choice)?;
+        if !record {
+            l.mark_half_concats()?;
+        }
         let cfg = &g.config;
         let sample = l.buf(n * cfg.in_channels * h * w, "input sample (NCHW)");
         let timesteps = l.buf(n, "timesteps");

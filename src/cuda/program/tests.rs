@@ -180,6 +180,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
             }
             Step::GroupNorm {
                 x,
+                x_half,
                 y,
                 half_out,
                 partial,
@@ -188,8 +189,14 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 ..
             } => {
                 // The generic rule below, with the same slot for each buffer whether or not
-                // the one-launch form writes it (it writes no partial sums or affine).
-                let r = [val[x.0]];
+                // the one-launch form writes it (it writes no partial sums or affine). A
+                // GroupNorm of a 16-bit input (half_gn_inputs) stands for the same GroupNorm
+                // of the values before their rounding: the check follows the wiring; the
+                // rounding is the choice's own, which the GPU selftest holds to the CPU path.
+                let r = [match x_half {
+                    Some(_) => converted[x],
+                    None => val[x.0],
+                }];
                 let out = |j: usize| h(&[&op, &|s| r.hash(s), &|s| j.hash(s)]);
                 val[y.0] = if half_out.is_some() {
                     half(out(0))
@@ -227,6 +234,11 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                         y,
                         half_out: Some(_),
                         ..
+                    }
+                    | Step::Concat {
+                        y,
+                        half_out: Some(_),
+                        ..
                     } => vec![y],
                     Step::GroupNormBackward {
                         dx,
@@ -258,6 +270,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     converted.insert(c, val[y.0]);
                 }
                 for b in halves {
+                    converted.insert(b, val[b.0]);
                     val[b.0] = half(val[b.0]);
                 }
             }
@@ -355,6 +368,13 @@ fn every_buffer_is_written_before_it_is_read() {
     };
     let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, sums).unwrap();
     programs.push((true, p));
+    // A forward with concatenations in 16 bits only.
+    let half_inputs = KernelConfig {
+        half_gn_inputs: true,
+        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+    };
+    let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, half_inputs).unwrap();
+    programs.push((false, p));
     // With upsamplings folded, whose class launches each write a quarter of their output.
     let fold = KernelConfig {
         upsample_fold: true,
@@ -905,6 +925,112 @@ fn split_launches_reduce_their_own_splits_where_all_their_blocks_fit() {
     );
 }
 
+/// With half_gn_inputs, in a forward that records nothing, a concatenation is written in 16
+/// bits only exactly where every reader takes it so: its GroupNorm (16-bit output, reading it
+/// through the `_x16` kernels, its partial sums from the concatenation where producer sums
+/// gave them before) and its 1x1 shortcut's launch (16-bit input); every other step as in the
+/// tuned program, and the same launches. A recording forward keeps every
+/// concatenation in fp32, and so does fp32.
+#[test]
+fn concatenations_read_only_in_16_bits_are_written_so() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for (n, precision) in [
+        (1, Precision::Bf16),
+        (8, Precision::Fp16),
+        (1, Precision::Fp32),
+    ] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        let on = KernelConfig {
+            half_gn_inputs: true,
+            gn_producer_sums: true,
+            ..tuned
+        };
+        let build = |record, tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc);
+        let recording = build(true, on).unwrap();
+        assert!(!recording.steps.iter().any(|s| matches!(
+            s,
+            Step::Concat {
+                half_out: Some(_),
+                ..
+            } | Step::GroupNorm {
+                x_half: Some(_),
+                ..
+            }
+        )));
+        let base = build(
+            false,
+            KernelConfig {
+                half_gn_inputs: false,
+                ..on
+            },
+        )
+        .unwrap();
+        let p = build(false, on).unwrap();
+        assert_eq!(base.launches(), p.launches());
+        let mut taken = 0;
+        for (i, (a, s)) in base.steps.iter().zip(&p.steps).enumerate() {
+            let Step::Concat {
+                y,
+                y16,
+                half_out: Some(q),
+                sums,
+                pixels,
+                ca,
+                cb,
+                ..
+            } = *s
+            else {
+                // Their GroupNorms' forms say "16-bit input" (checked below).
+                if !matches!(
+                    s,
+                    Step::GroupNorm {
+                        x_half: Some(_),
+                        ..
+                    }
+                ) {
+                    assert_eq!(
+                        a.info(n, 256, 256).label(),
+                        s.info(n, 256, 256).label(),
+                        "step {i}"
+                    );
+                }
+                continue;
+            };
+            taken += 1;
+            assert_eq!((q, y16), (precision, None));
+            // With producer sums, the three-launch GroupNorms' (the concatenation sums the
+            // values it rounds).
+            let own = match a {
+                Step::Concat { sums, .. } => sums,
+                _ => panic!("step {i}: the same steps"),
+            };
+            assert_eq!(sums.is_some(), own.is_some(), "step {i}");
+            assert_eq!(p.bufs[y.0].len, (pixels * (ca + cb)).div_ceil(2));
+            let readers: Vec<&Step> = p.steps.iter().filter(|r| r.io().0.contains(&y)).collect();
+            assert_eq!(readers.len(), 2, "step {i}");
+            for r in readers {
+                match r {
+                    Step::GroupNorm {
+                        x_half,
+                        half_out,
+                        split,
+                        ..
+                    } => {
+                        assert_eq!((*x_half, *half_out), (Some(precision), Some(precision)));
+                        assert_eq!(split.from_producer, sums.is_some());
+                    }
+                    Step::Conv(c) => assert!(c.launch.half_input && c.shape.taps.len() == 1),
+                    other => panic!("step {i} read by {other:?}"),
+                }
+            }
+        }
+        // The up path's 18 concatenations, each read by a residual block's first GroupNorm
+        // and 1x1 shortcut; none in fp32.
+        let want = if precision.is_half() { 18 } else { 0 };
+        assert_eq!(taken, want, "{precision} b{n}");
+    }
+}
+
 /// With half_copy_small (a default on Hopper), no tensor-core launch of the bf16/fp16 program
 /// stages an fp32 input, at any size, and every one runs on wgmma.
 #[test]
@@ -965,9 +1091,19 @@ fn switches_compute_what_the_default_program_computes() {
                 fused_half_copies: true,
                 gn_producer_sums: true,
                 splitk_self_reduce: true,
+                half_gn_inputs: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)
             };
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");
+            // A forward that records nothing, where 16-bit GroupNorm inputs apply.
+            let forward = |tc| {
+                symbolic(&Program::build_with(&g, n, h, w, false, 132, precision, tc).unwrap())
+            };
+            assert_eq!(
+                forward(tuned),
+                forward(KernelConfig::default()),
+                "{precision} {n}x{h}x{w}"
+            );
             let two_stage = KernelConfig {
                 deep: false,
                 ..KernelConfig::default()

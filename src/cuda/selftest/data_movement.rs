@@ -110,6 +110,39 @@ impl Tester<'_> {
                 &want,
                 ms,
             );
+            // The 16-bit values alone (INVDIFF_GN_HALF_INPUT): the copy's bits.
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let (beside, alone) = (
+                    self.zeros(want.len().div_ceil(2))?,
+                    self.zeros(want.len().div_ceil(2))?,
+                );
+                let run = |y, out| {
+                    k.concat(
+                        st,
+                        ad.ptr,
+                        bd.ptr,
+                        y,
+                        Some((out, precision)),
+                        pixels,
+                        ca,
+                        cb,
+                    )
+                };
+                run(yd.ptr, beside.ptr)?;
+                let ms = self.timed(|| Ok(()), || run(0, alone.ptr))?;
+                let [beside, alone] = [&beside, &alone].map(|b| {
+                    b.download(st)
+                        .map(|w| unpack_half(&w, want.len(), precision))
+                });
+                self.row_within(
+                    format!("concat forward, {precision} only vs its copy"),
+                    desc.clone(),
+                    &alone?,
+                    &beside?,
+                    ms,
+                    0.0,
+                );
+            }
             let dy = self.rand(want.len(), -1.0, 1.0);
             for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {
                 let d0 = self.grad_start(pixels * width, accumulate);

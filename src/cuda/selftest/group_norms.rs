@@ -4,9 +4,72 @@ use super::{acc_name, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{norm_forms, plan_norm, NormDims, NormSplit};
 use crate::cuda::precision::Precision;
+use crate::cuda::weights::DevBuf;
 use crate::Result;
 
 impl Tester<'_> {
+    /// GroupNorm `d` (16-bit output) of `x` stored in 16 bits of `precision`
+    /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)): its output and
+    /// statistics the same bits as the fp32-input kernels' over the same values widened.
+    #[allow(clippy::too_many_arguments)]
+    fn half_input_rows(
+        &mut self,
+        d: NormDims,
+        x: &[f32],
+        (gamma, beta): (&DevBuf, &DevBuf),
+        eps: f32,
+        silu: bool,
+        precision: Precision,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let fp32 = self.up(x)?;
+        let x16 = self.half_copy(fp32.ptr, x.len(), precision)?;
+        let widened = self.up(&unpack_half(&x16.download(st)?, x.len(), precision))?;
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
+            let y = self.zeros(x.len().div_ceil(2))?;
+            let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+            let stats = self.zeros(2 * d.n * d.groups)?;
+            let affine = self.zeros(2 * d.n * d.c)?;
+            ms = self.timed(
+                || Ok(()),
+                || {
+                    gpu.kernels.group_norm(
+                        st,
+                        d,
+                        input,
+                        x_half,
+                        gamma.ptr,
+                        beta.ptr,
+                        y.ptr,
+                        partial.ptr,
+                        stats.ptr,
+                        affine.ptr,
+                        eps,
+                        silu,
+                        Some(precision),
+                    )
+                },
+            )?;
+            let y = unpack_half(&y.download(st)?, x.len(), precision);
+            outs.push((y, stats.download(st)?));
+        }
+        let s = if silu { "+silu" } else { "" };
+        let op = format!("groupnorm{s} forward, {precision} input and output vs fp32 input");
+        self.row_within(op.clone(), desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
+        self.row_within(
+            format!("{op}: statistics"),
+            desc.into(),
+            &outs[1].1,
+            &outs[0].1,
+            ms,
+            0.0,
+        );
+        Ok(())
+    }
+
     pub(super) fn group_norms(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         for (n, h, w, c, groups, silu, accumulate) in [
@@ -67,6 +130,7 @@ impl Tester<'_> {
                         st,
                         nd,
                         xd.ptr,
+                        None,
                         gd.ptr,
                         bd.ptr,
                         y,
@@ -89,7 +153,7 @@ impl Tester<'_> {
                     &want,
                     ms,
                 );
-                // The 16-bit output that feeds tensor-core convolutions.
+                // The 16-bit output that feeds tensor-core convolutions, and a 16-bit input.
                 if c % 4 == 0 {
                     self.half_output_rows(
                         &format!("groupnorm{s} forward"),
@@ -97,6 +161,9 @@ impl Tester<'_> {
                         &want,
                         |out, precision| forward(out, Some(precision)),
                     )?;
+                    for precision in [Precision::Bf16, Precision::Fp16] {
+                        self.half_input_rows(nd, &x, (&gd, &bd), eps, silu, precision, &desc)?;
+                    }
                 }
 
                 let dyd = self.up(&dy)?;
@@ -255,6 +322,7 @@ impl Tester<'_> {
                         st,
                         d,
                         y.ptr,
+                        None,
                         gamma.ptr,
                         beta.ptr,
                         gn.ptr,

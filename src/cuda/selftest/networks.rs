@@ -242,6 +242,21 @@ impl Tester<'_> {
                         (eps_tol, grad_tol),
                     )?;
                     gpu.set_gn_producer_sums(before);
+                    // Concatenations stored in 16 bits only, their GroupNorms reading them so:
+                    // the forward's GroupNorms of rounded values, so against the CPU (the
+                    // recording forward of the second row keeps fp32 concatenations).
+                    let before = gpu.set_half_gn_inputs(true);
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma, 16-bit GroupNorm inputs"),
+                            format!("{label} forward + vjp, wgmma, 16-bit GroupNorm inputs"),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
+                    gpu.set_half_gn_inputs(before);
                 }
                 // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
                 // level's 2^20-value gradients are copied): on mma.sync the same sums in the

@@ -243,6 +243,17 @@ impl CudaUnet {
         before
     }
 
+    /// Stores the concatenations that only 16-bit readers read in 16 bits, in forwards that
+    /// record nothing, where the program can (`on`, [`KernelConfig::half_gn_inputs`]) or never,
+    /// for comparisons; drops every plan. Returns the choice it replaced.
+    pub(crate) fn set_half_gn_inputs(&mut self, on: bool) -> bool {
+        let before = self.choice.half_gn_inputs;
+        self.choice.half_gn_inputs = on;
+        self.plans.clear();
+        self.tape = None;
+        before
+    }
+
     /// Has split wgmma launches reduce their own splits where the program can (`on`,
     /// [`KernelConfig::splitk_self_reduce`], never on more than two streams) or never, for
     /// comparisons; drops every plan. Returns the choice it replaced.

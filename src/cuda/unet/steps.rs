@@ -111,6 +111,7 @@ pub(super) fn launch(
         }
         Step::GroupNorm {
             x,
+            x_half,
             y,
             gamma,
             beta,
@@ -134,6 +135,7 @@ pub(super) fn launch(
                 split,
             },
             p(x),
+            x_half,
             wts.ptr(gamma)?,
             wts.ptr(beta)?,
             p(y),
@@ -260,14 +262,19 @@ pub(super) fn launch(
             ca,
             cb,
             sums,
+            half_out,
         } => {
-            let half = y16.map(|(b, precision)| (p(b), precision));
+            // In 16 bits only, `y` is the 16-bit buffer and the fp32 output is none.
+            let (y, half) = match half_out {
+                Some(precision) => (0, Some((p(y), precision))),
+                None => (p(y), y16.map(|(b, precision)| (p(b), precision))),
+            };
             match sums {
                 Some((partial, split)) => k.concat_with_norm_sums(
                     st,
                     p(a),
                     p(b),
-                    p(y),
+                    y,
                     half,
                     n,
                     pixels / n,
@@ -275,7 +282,7 @@ pub(super) fn launch(
                     split,
                     p(partial),
                 ),
-                None => k.concat(st, p(a), p(b), p(y), half, pixels, ca, cb),
+                None => k.concat(st, p(a), p(b), y, half, pixels, ca, cb),
             }
         }
         Step::ConcatBackward {
