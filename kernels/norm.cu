@@ -136,25 +136,39 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial_x16(const uint16_t*
 // (INVDIFF_GN_PRODUCER_SUMS). With y null, only the 16-bit values, and the sums over them
 // widened: gn_partial_x16's over y16 (INVDIFF_GN_HALF_INPUT).
 // The pointers are __restrict__ (the arrays never overlap): without it each pixel's load waits
-// for the stores before it, one 4-byte load in flight a thread.
+// for the stores before it, one 4-byte load in flight a thread. For the same reason the two
+// outputs are two loops, not a test per pixel, which nvcc would leave between the loads.
 extern "C" __global__ void __launch_bounds__(256)
     gn_concat_partial(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y,
                       uint16_t* __restrict__ y16, int kind, int hw, int ca, int cb, int chunk_px,
                       double* __restrict__ partial) {
     const int c = ca + cb;
-    chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
-        const bool first = ch < ca;
-        const int width = first ? ca : cb;
-        const float* src = first ? a + (long long)img * hw * ca + ch : b + (long long)img * hw * cb + (ch - ca);
-        float* out = y ? y + (long long)img * hw * c + ch : nullptr;
-        uint16_t* out16 = y16 ? y16 + (long long)img * hw * c + ch : nullptr;
-        return [=](int p) {
-            const float v = src[(long long)p * width];
-            if (!out) {
-                const uint16_t h = pack_half1(v, kind);
+    // Channel ch's source column of image img, and its place in y (element (img, pixel 0, ch)).
+    auto source = [&](int img, int ch) {
+        return ch < ca ? a + (long long)img * hw * ca + ch : b + (long long)img * hw * cb + (ch - ca);
+    };
+    auto width = [&](int ch) { return ch < ca ? ca : cb; };
+    auto at = [&](int img, int ch) { return (long long)img * hw * c + ch; };
+    if (y == nullptr) {
+        chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
+            const float* src = source(img, ch);
+            const int w = width(ch);
+            uint16_t* out16 = y16 + at(img, ch);
+            return [=](int p) {
+                const uint16_t h = pack_half1(src[(long long)p * w], kind);
                 out16[(long long)p * c] = h;
                 return unpack_half1(h, kind);
-            }
+            };
+        });
+        return;
+    }
+    chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
+        const float* src = source(img, ch);
+        const int w = width(ch);
+        float* out = y + at(img, ch);
+        uint16_t* out16 = y16 ? y16 + at(img, ch) : nullptr;
+        return [=](int p) {
+            const float v = src[(long long)p * w];
             out[(long long)p * c] = v;
             if (out16) out16[(long long)p * c] = pack_half1(v, kind);
             return v;
@@ -244,20 +258,21 @@ DEVI void for_units(int hw, int lanes, Setup setup, Load load, Finish finish) {
 
 // Unit element e of a float4 array.
 DEVI float4 ld_unit4(const float* a, long long e) { return reinterpret_cast<const float4*>(a)[e]; }
-// Unit element e of an array of four 16-bit values a unit (kind as pack_half2), widened.
-DEVI float4 ld_unit4_x16(const uint16_t* a, long long e, int kind) {
-    const uint2 u = reinterpret_cast<const uint2*>(a)[e];
-    return make_float4(unpack_half1(u.x & 0xffffu, kind), unpack_half1(u.x >> 16, kind),
-                       unpack_half1(u.y & 0xffffu, kind), unpack_half1(u.y >> 16, kind));
-}
-// x's unit element e: fp32 (xkind 0) or 16-bit values (1 bf16, 2 fp16; X16).
-template <bool X16> DEVI float4 ld_x4(const void* x, long long e, int xkind) {
+// x's unit element e as loaded: a float4, or (X16) four 16-bit values in a uint2, which
+// widen4 widens. Apart, so that the `_ilp` loops issue every load before the first widening
+// (fp16's conversion would otherwise wait on its load before the next load issues).
+template <bool X16> DEVI auto ld_x4(const void* x, long long e) {
     if constexpr (X16)
-        return ld_unit4_x16(static_cast<const uint16_t*>(x), e, xkind);
+        return reinterpret_cast<const uint2*>(x)[e];
     else
         return ld_unit4(static_cast<const float*>(x), e);
 }
-// x's element e, as ld_x4.
+DEVI float4 widen4(float4 v, int) { return v; }
+DEVI float4 widen4(uint2 u, int kind) {
+    return make_float4(unpack_half1(u.x & 0xffffu, kind), unpack_half1(u.x >> 16, kind),
+                       unpack_half1(u.y & 0xffffu, kind), unpack_half1(u.y >> 16, kind));
+}
+// x's element e, fp32 or (X16) 16-bit values of xkind, widened.
 template <bool X16> DEVI float ld_x1(const void* x, long long e, int xkind) {
     if constexpr (X16)
         return unpack_half1(static_cast<const uint16_t*>(x)[e], xkind);
@@ -306,10 +321,10 @@ DEVI void apply_half(const void* x, int xkind, const float* scale_shift, uint2* 
     const float* ss = scale_shift + (long long)blockIdx.y * 2 * c;
     for_units<P>(
         hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
-        [&](long long e) { return ld_x4<X16>(x, e, xkind); },
-        [&](const Affine4& k, float4 v, long long e) {
+        [&](long long e) { return ld_x4<X16>(x, e); },
+        [&](const Affine4& k, auto in, long long e) {
             float o[4];
-            affine4(v, k.scale, k.shift, silu, o);
+            affine4(widen4(in, xkind), k.scale, k.shift, silu, o);
             y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
         });
 }

@@ -1,13 +1,13 @@
-# The GPU switches worth timing on a card (PERF.md, v0.6), one place for the scripts that time
-# them (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value".
-# First the candidates (split launches reducing their own splits and 16-bit GroupNorm inputs,
-# staged at stop 21; GroupNorm partial sums from the convolutions and concatenations that write
-# their inputs, staged at stop 20; 16-bit copies written by the concatenations' and GroupNorms'
-# adjoints, staged after v0.6; none yet timed; tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6;
-# the fused attention, slower at v0.5 and v0.6), then each v0.6 default turned off (with TMA
-# on, no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the
-# stream count either way and each older default turned off (does it still pay on this card
-# and workload?); device_check.sh's deadline cuts from the end.
+# The GPU switches worth timing on a card (PERF.md, v0.6), one place for the scripts that time them
+# (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
+# candidates (split launches reducing their own splits and 16-bit GroupNorm inputs, staged at stop
+# 21; GroupNorm partial sums from the convolutions and concatenations that write their inputs,
+# staged at stop 20; 16-bit copies written by the concatenations' and GroupNorms' adjoints, staged
+# after v0.6; none yet timed; tf32 attention products, a default at v0.5 and slower at batch 1 at
+# v0.6; the fused attention, slower at v0.5 and v0.6), then each v0.6 default turned off (with TMA
+# on, no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream
+# count either way and each older default turned off (does it still pay on this card and workload?);
+# device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     splitk_self_reduce:INVDIFF_SPLITK_SELF_REDUCE=1
     gn_half_input:INVDIFF_GN_HALF_INPUT=1

@@ -71,7 +71,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_HALF_INPUT",
         ON_OFF,
-        "GPU candidate: `1` stores concatenations read only in 16 bits in 16 bits, their GroupNorms reading them so (forward without recording)",
+        "GPU candidate: `1` writes concatenations that only 16-bit readers read in 16 bits alone, their GroupNorms reading them so (forwards that record nothing)",
     ),
     choice(
         "INVDIFF_GN_ILP",

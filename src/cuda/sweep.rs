@@ -196,12 +196,12 @@ pub fn sweep_convolutions(
 
 /// The variants of tensor-core launch `planned` of `shape` worth timing on a GPU of `sms`
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
-/// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only),
-/// the wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, each
-/// split lean or TMA form also reducing its own splits where it can ([`self_reduce_fits`]),
-/// and the planned launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]):
-/// the sweep's launches read no residual and do not accumulate, so it would time nothing (a
-/// planned launch keeps its own, which reads nothing here either).
+/// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only), the
+/// wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, each split lean
+/// or TMA form also reducing its own splits where it can ([`self_reduce_fits`]), and the planned
+/// launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the
+/// sweep's launches read no residual and do not accumulate, so it would time nothing (a planned
+/// launch keeps its own, which reads nothing here either).
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
     let ConvKernel::Tensor(precision) = planned.kernel else {
         return vec![planned];

@@ -265,13 +265,23 @@ impl Kernels {
                 "internal: a one-pass GroupNorm given its partial sums".into(),
             ));
         }
-        if x_half.is_some() && (half_out.is_none() || c % 4 != 0 || x % 8 != 0) {
-            return Err(Error::Cuda(format!(
-                "internal: a GroupNorm of 16-bit input with {c} channels, 16-bit output {}, \
-                 or an unaligned input",
-                half_out.is_some()
-            )));
+        if x_half.is_some() {
+            let why = if half_out.is_none() {
+                Some("an fp32 output (the `_x16` kernels write 16 bits)".to_string())
+            } else if c % 4 != 0 {
+                Some(format!("{c} channels, not a multiple of 4"))
+            } else if x % 8 != 0 {
+                Some("an input not 8-byte aligned".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::Cuda(format!(
+                    "internal: a GroupNorm of 16-bit input with {why}"
+                )));
+            }
         }
+        let x16 = if x_half.is_some() { "_x16" } else { "" };
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
                 (false, false) => &self.gn_one_pass,
@@ -298,7 +308,10 @@ impl Kernels {
             // SAFETY: x is n x hw x c values (fp32, or of `xkind`), y room for as many values of
             // `kind`, stats for 2 n groups floats; the block holds every pixel of its group
             // (one_pass_threads).
-            return cu(unsafe { b.launch(one) }.map(drop), "launching gn_one_pass");
+            return cu(
+                unsafe { b.launch(one) }.map(drop),
+                &format!("launching gn_one_pass{x16}"),
+            );
         }
         if !split.from_producer {
             let mut b = st.launch_builder(if x_half.is_some() {
@@ -314,7 +327,7 @@ impl Kernels {
             // SAFETY: x is n x hw x c; partial holds n x chunks x c pairs of doubles.
             cu(
                 unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-                "launching gn_partial",
+                &format!("launching gn_partial{x16}"),
             )?;
         }
         let mut b = st.launch_builder(&self.gn_finalize);
@@ -333,8 +346,8 @@ impl Kernels {
         // SAFETY: stats holds 2 n groups floats, affine 2 n c.
         cu(unsafe { b.launch(fin) }.map(drop), "launching gn_finalize")?;
         if half_out.is_some() {
-            let x_align = if x_half.is_some() { 8 } else { 16 };
-            if c % 4 != 0 || x % x_align != 0 || affine % 16 != 0 || y % 8 != 0 {
+            // A 16-bit x was checked above (its unit of four values is 8 bytes).
+            if c % 4 != 0 || (x_half.is_none() && x % 16 != 0) || affine % 16 != 0 || y % 8 != 0 {
                 return Err(Error::Cuda(format!(
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
@@ -361,7 +374,7 @@ impl Kernels {
             // values.
             return cu(
                 unsafe { b.launch(grid) }.map(drop),
-                "launching gn_apply_half",
+                &format!("launching gn_apply_half{x16}"),
             );
         }
         let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);

@@ -228,28 +228,13 @@ impl Lowering<'_> {
                     half_out,
                 });
             }
-            Op::Concat { a, b, y } if self.half[y] => {
-                // Read only as 16-bit values (KernelConfig::half_gn_inputs).
-                let (h, w) = self.hw(a);
-                let (ab, bb) = (self.val(a)?, self.val(b)?);
-                let (yb, half_out) = self.output_value(y);
-                self.steps.push(Step::Concat {
-                    a: ab,
-                    b: bb,
-                    y: yb,
-                    y16: None,
-                    pixels: self.n * h * w,
-                    ca: self.ch(a),
-                    cb: self.ch(b),
-                    sums: None,
-                    half_out,
-                });
-            }
             Op::Concat { a, b, y } => {
                 let (h, w) = self.hw(a);
                 let (ab, bb) = (self.val(a)?, self.val(b)?);
-                let yb = self.new_value(y);
-                let y16 = if self.wants_copy16(y)? {
+                // Stored in 16 bits only where every reader takes it so
+                // (KernelConfig::half_gn_inputs): then no copy beside.
+                let (yb, half_out) = self.output_value(y);
+                let y16 = if half_out.is_none() && self.wants_copy16(y)? {
                     let b = self.buf(
                         self.numel(y).div_ceil(2),
                         &format!("{} (16-bit copy)", g.tensors[y].name),
@@ -269,7 +254,7 @@ impl Lowering<'_> {
                     ca: self.ch(a),
                     cb: self.ch(b),
                     sums: None,
-                    half_out: None,
+                    half_out,
                 });
             }
         }

@@ -38,13 +38,13 @@ pub(crate) struct KernelConfig {
     /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
-    /// In a forward that records nothing (bf16/fp16, with `half_concat`): a concatenation whose
-    /// readers are a GroupNorm with a 16-bit output and tensor-core launches is written in 16
+    /// In a forward that records nothing (bf16/fp16, `deep` and `half_concat`): a concatenation
+    /// whose readers are a GroupNorm with a 16-bit output and tensor-core launches is written in 16
     /// bits only, and the GroupNorm reads it so (the `_x16` kernels in kernels/norm.cu,
-    /// `concat_channels_half` in kernels/resample.cu): the GroupNorm's statistics and output
-    /// come from the rounded values, as the launches' products already did; 4 bytes of the
-    /// concatenation's writes and 2 of each GroupNorm read an element less. With
-    /// `gn_producer_sums` the concatenation sums the values it rounds.
+    /// `concat_channels_half` in kernels/resample.cu): the GroupNorm's statistics and output come
+    /// from the rounded values, as the launches' products already did; 4 bytes of the
+    /// concatenation's writes and 2 of each GroupNorm read an element less. With `gn_producer_sums`
+    /// the concatenation sums the values it rounds.
     pub half_gn_inputs: bool,
     /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
     /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.

@@ -934,15 +934,24 @@ fn split_launches_reduce_their_own_splits_where_all_their_blocks_fit() {
 #[test]
 fn concatenations_read_only_in_16_bits_are_written_so() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for (n, precision) in [
-        (1, Precision::Bf16),
-        (8, Precision::Fp16),
-        (1, Precision::Fp32),
-    ] {
+    // (batch, precision, producer sums, per-image plans, deep pipelines, 16-bit concat copies)
+    let cases = [
+        (1, Precision::Bf16, true, false, true, true),
+        (8, Precision::Fp16, true, false, true, true),
+        (2, Precision::Bf16, false, true, true, true),
+        (1, Precision::Fp32, true, false, true, true),
+        (1, Precision::Tf32, false, false, true, true),
+        (1, Precision::Bf16, false, false, false, true),
+        (1, Precision::Bf16, false, false, true, false),
+    ];
+    for (n, precision, sums, batch_invariant, deep, half_concat) in cases {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
         let on = KernelConfig {
             half_gn_inputs: true,
-            gn_producer_sums: true,
+            gn_producer_sums: sums,
+            batch_invariant,
+            deep,
+            half_concat,
             ..tuned
         };
         let build = |record, tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc);
@@ -966,6 +975,7 @@ fn concatenations_read_only_in_16_bits_are_written_so() {
         )
         .unwrap();
         let p = build(false, on).unwrap();
+        assert_eq!(base.steps.len(), p.steps.len());
         assert_eq!(base.launches(), p.launches());
         let mut taken = 0;
         for (i, (a, s)) in base.steps.iter().zip(&p.steps).enumerate() {
@@ -1025,9 +1035,17 @@ fn concatenations_read_only_in_16_bits_are_written_so() {
             }
         }
         // The up path's 18 concatenations, each read by a residual block's first GroupNorm
-        // and 1x1 shortcut; none in fp32.
-        let want = if precision.is_half() { 18 } else { 0 };
-        assert_eq!(taken, want, "{precision} b{n}");
+        // and 1x1 shortcut; none in fp32 or tf32, nor without the deep pipelines or the
+        // 16-bit copies.
+        let want = if precision.is_half() && deep && half_concat {
+            18
+        } else {
+            0
+        };
+        assert_eq!(
+            taken, want,
+            "{precision} b{n}, deep {deep}, copies {half_concat}"
+        );
     }
 }
 

@@ -255,16 +255,21 @@ impl Tester<'_> {
     /// concatenation, its 16-bit copy, the partial sums and the GroupNorm's output the same
     /// bits as the plain concatenation and three-launch GroupNorm's (the same sums in the same
     /// order). Both the float4 and the scalar concatenation, one pixel a chunk's thread and
-    /// many (the last shape's chunks are 125 pixels on 132 multiprocessors).
+    /// many (the last shape's chunks are 125 pixels on 132 multiprocessors). Again with the
+    /// concatenation in 16 bits only and the GroupNorm reading it so (INVDIFF_GN_HALF_INPUT):
+    /// against `concat_channels_half` and the `_x16` GroupNorm.
     fn concat_norm_sums(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let k = &gpu.kernels;
-        for (n, hw, ca, cb, groups, precision) in [
+        let shapes = [
             (2, 63, 40, 24, 8, Precision::Bf16),
             (1, 37, 5, 11, 4, Precision::Fp16),
             (1, 1024, 128, 128, 32, Precision::Bf16),
             (1, 16384, 128, 128, 32, Precision::Fp16),
-        ] {
+        ];
+        for ((n, hw, ca, cb, groups, precision), only16) in
+            shapes.into_iter().flat_map(|s| [(s, false), (s, true)])
+        {
             let c = ca + cb;
             let host = [
                 self.rand(n * hw * ca, -1.0, 3.0),
@@ -280,9 +285,12 @@ impl Tester<'_> {
                 ..three
             };
             let desc = format!(
-                "n{n} {hw} px {ca}+{cb} ch g{groups} ({}, {precision} copy)",
-                given.form()
+                "n{n} {hw} px {ca}+{cb} ch g{groups} ({}, {precision} {})",
+                given.form(),
+                if only16 { "only" } else { "copy" }
             );
+            // In 16 bits only: no fp32 concatenation, a GroupNorm of 16-bit input and output.
+            let half_gn = only16.then_some(precision);
             let mut outs = Vec::new();
             for fused in [false, true] {
                 let (y, y16, gn) = (
@@ -293,13 +301,14 @@ impl Tester<'_> {
                 let partial = self.zeros(three.partial_len(n, c))?;
                 let (stats, affine) = (self.zeros(2 * n * groups)?, self.zeros(2 * n * c)?);
                 let half = Some((y16.ptr, precision));
+                let (y_ptr, x) = if only16 { (0, y16.ptr) } else { (y.ptr, y.ptr) };
                 let run = || {
                     if fused {
                         k.concat_with_norm_sums(
                             st,
                             a.ptr,
                             b.ptr,
-                            y.ptr,
+                            y_ptr,
                             half,
                             n,
                             hw,
@@ -308,7 +317,7 @@ impl Tester<'_> {
                             partial.ptr,
                         )?;
                     } else {
-                        k.concat(st, a.ptr, b.ptr, y.ptr, half, n * hw, ca, cb)?;
+                        k.concat(st, a.ptr, b.ptr, y_ptr, half, n * hw, ca, cb)?;
                     }
                     let split = if fused { given } else { three };
                     let d = NormDims {
@@ -321,8 +330,8 @@ impl Tester<'_> {
                     k.group_norm(
                         st,
                         d,
-                        y.ptr,
-                        None,
+                        x,
+                        half_gn,
                         gamma.ptr,
                         beta.ptr,
                         gn.ptr,
@@ -331,16 +340,16 @@ impl Tester<'_> {
                         affine.ptr,
                         1e-6,
                         true,
-                        None,
+                        half_gn,
                     )
                 };
                 let ms = self.timed(|| Ok(()), run)?;
                 let copy = unpack_half(&y16.download(st)?, n * hw * c, precision);
-                outs.push((
-                    [y.download(st)?, copy, gn.download(st)?],
-                    partial.download(st)?,
-                    ms,
-                ));
+                let gn = match half_gn {
+                    Some(p) => unpack_half(&gn.download(st)?, n * hw * c, p),
+                    None => gn.download(st)?,
+                };
+                outs.push(([y.download(st)?, copy, gn], partial.download(st)?, ms));
             }
             let ([y, y16, gn], sums, _) = &outs[0];
             let ([fy, fy16, fgn], fsums, ms) = &outs[1];
@@ -351,8 +360,13 @@ impl Tester<'_> {
                 .zip(fsums)
                 .filter(|(a, b)| a.to_bits() != b.to_bits())
                 .count();
+            let plain = if only16 {
+                "gn_partial_x16's"
+            } else {
+                "gn_partial's"
+            };
             self.rows.push(SelftestRow {
-                op: "concat with GroupNorm sums: partial sums vs gn_partial's, bits".into(),
+                op: format!("concat with GroupNorm sums: partial sums vs {plain}, bits"),
                 shape: format!("{desc}: {differ} of {} words differ", sums.len()),
                 rel_l2: differ as f64,
                 gpu_ms: *ms,

@@ -264,7 +264,9 @@ pub(super) fn launch(
             sums,
             half_out,
         } => {
-            // In 16 bits only, `y` is the 16-bit buffer and the fp32 output is none.
+            // The launchers take a concatenation in 16 bits only as a 16-bit copy with no fp32
+            // output (the lowering gives such a step no copy of its own).
+            debug_assert!(half_out.is_none() || y16.is_none());
             let (y, half) = match half_out {
                 Some(precision) => (0, Some((p(y), precision))),
                 None => (p(y), y16.map(|(b, precision)| (p(b), precision))),
