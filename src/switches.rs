@@ -70,8 +70,8 @@ pub const SWITCHES: &[Switch] = &[
     ),
     choice(
         "INVDIFF_GN_HALF_INPUT",
-        ON_OFF,
-        "GPU candidate: `1` writes concatenations that only 16-bit readers read in 16 bits alone, their GroupNorms reading them so (forwards that record nothing)",
+        &["0", "1", "concat"],
+        "GPU candidate: `1` writes concatenations and convolution outputs that only 16-bit readers read in 16 bits alone, their GroupNorms reading them so (forwards that record nothing); `concat` the concatenations only",
     ),
     choice(
         "INVDIFF_GN_ILP",
@@ -241,7 +241,8 @@ mod tests {
         assert_eq!(found, listed);
     }
 
-    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4), as
+    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4, the 16-bit
+    /// GroupNorm inputs `concat` too), as
     /// `KernelConfig::from_switches` and the launch choices do.
     #[test]
     fn defaults_and_candidates_read_zero_and_one() {
@@ -251,6 +252,9 @@ mod tests {
         {
             if s.name == "INVDIFF_STREAMS" {
                 assert!(s.reads("1") && s.reads("4") && !s.reads("0") && !s.reads("5"));
+            } else if s.name == "INVDIFF_GN_HALF_INPUT" {
+                // `concat`: half of the candidate, to time (and check) its parts apart.
+                assert_eq!(s.values, ["0", "1", "concat"]);
             } else {
                 assert_eq!(s.values, ON_OFF, "{}", s.name);
             }

@@ -376,6 +376,10 @@ pub(crate) struct ConvLaunch {
     /// counting through [`ConvPtrs::tile_counters`](super::ConvPtrs)): the same sums in the
     /// same order. Only where [`self_reduce_fits`] holds.
     pub self_reduce: bool,
+    /// With `tma_loads`, unsplit, not accumulating: `y` holds 16-bit values of the product
+    /// precision (the `_rows_tma_out16` kernels), for an output only a GroupNorm reads
+    /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)).
+    pub half_output: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
 }
@@ -736,6 +740,7 @@ impl ConvLaunch {
             tma_loads: false,
             prefetch: false,
             self_reduce: false,
+            half_output: false,
             tile: WgmmaTile::Plain,
         }
     }

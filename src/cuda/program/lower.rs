@@ -183,9 +183,10 @@ impl Lowering<'_> {
                     *sums = Some((partial, given));
                     Some(given)
                 }
+                // A 16-bit output's epilogue sums the values it rounds (x_half).
                 Step::Conv(conv)
                     if conv.y == x
-                        && x_half.is_none()
+                        && conv.launch.half_output == x_half.is_some()
                         && !conv.accumulate
                         && conv.gn_partial.is_none()
                         && conv.shape.ncols == c
@@ -398,22 +399,30 @@ impl Lowering<'_> {
         if !(c.half_gn_inputs && c.half_concat && c.deep && self.precision.is_half()) {
             return Ok(());
         }
-        let g = self.g;
-        for op in &g.ops {
-            let Op::Concat { y, .. } = *op else {
-                continue;
-            };
-            let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
-            let mut ok = y != g.output && readers.peek().is_some() && self.ch(y) % 4 == 0;
-            for r in readers {
-                ok &= match *r {
-                    Op::GroupNorm { x, y: gy, .. } => x == y && self.half[gy],
-                    _ => self.tensor_core_main_input(r, y)?,
-                };
+        for op in &self.g.ops {
+            if let Op::Concat { y, .. } = *op {
+                self.half[y] = self.read_in_16_bits(y)?;
             }
-            self.half[y] = ok;
         }
         Ok(())
+    }
+
+    /// Whether every reader of `y` (one at least; not the network's output; channels in units
+    /// of four) reads it as 16-bit values at no loss of its own: a GroupNorm with a 16-bit
+    /// output (its `_x16` kernels), or the main input of a tensor-core launch (which rounds it
+    /// anyway). [`KernelConfig::half_gn_inputs`] stores such concatenations and convolution
+    /// outputs in 16 bits.
+    pub(super) fn read_in_16_bits(&self, y: Tid) -> Result<bool> {
+        let g = self.g;
+        let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();
+        let mut ok = y != g.output && readers.peek().is_some() && self.ch(y) % 4 == 0;
+        for r in readers {
+            ok &= match *r {
+                Op::GroupNorm { x, y: gy, .. } => x == y && self.half[gy],
+                _ => self.tensor_core_main_input(r, y)?,
+            };
+        }
+        Ok(ok)
     }
 
     /// Whether op `r` reads `t` only as the main input of a launch on the tensor-core kernel

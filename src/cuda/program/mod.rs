@@ -526,8 +526,9 @@ impl Program {
     /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,
     /// when that is its only contribution and the convolution's input gradient its only reader.
     /// With [`KernelConfig::half_gn_inputs`], in a forward that records nothing, concatenations
-    /// whose readers are their GroupNorm and such launches are stored in 16 bits too; the
-    /// GroupNorm then works from the rounded values, which does change its result.
+    /// and convolution outputs whose readers are GroupNorms (16-bit output) and such launches
+    /// are stored in 16 bits too; the GroupNorm then works from the rounded values, which does
+    /// change its result.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,

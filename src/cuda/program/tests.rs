@@ -216,6 +216,12 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 let extra = epilogue_inputs(c, &val);
                 let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
                 val[c.y.0] = conv_value(step, main, &extra, old, c.out_div);
+                // A 16-bit output (half_gn_inputs), which only a GroupNorm of 16-bit input
+                // reads: as for a concatenation in 16 bits only.
+                if c.launch.half_output {
+                    converted.insert(c.y, val[c.y.0]);
+                    val[c.y.0] = half(val[c.y.0]);
+                }
             }
             _ => {
                 // The fused attention backward also reads the forward's output, a function
@@ -371,6 +377,7 @@ fn every_buffer_is_written_before_it_is_read() {
     // A forward with concatenations in 16 bits only.
     let half_inputs = KernelConfig {
         half_gn_inputs: true,
+        half_conv_outputs: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
     };
     let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, half_inputs).unwrap();
@@ -925,29 +932,33 @@ fn split_launches_reduce_their_own_splits_where_all_their_blocks_fit() {
     );
 }
 
-/// With half_gn_inputs, in a forward that records nothing, a concatenation is written in 16
-/// bits only exactly where every reader takes it so: its GroupNorm (16-bit output, reading it
-/// through the `_x16` kernels, its partial sums from the concatenation where producer sums
-/// gave them before) and its 1x1 shortcut's launch (16-bit input); every other step as in the
-/// tuned program, and the same launches. A recording forward keeps every
+/// With half_gn_inputs, in a forward that records nothing, a concatenation or convolution
+/// output is written in 16 bits only exactly where every reader takes it so: a GroupNorm (16-bit
+/// output, reading it through the `_x16` kernels, its partial sums from the producer where
+/// producer sums gave them before) and a 1x1 shortcut's launch (16-bit input); for a
+/// convolution, only where its launch can write 16 bits (TMA, unsplit). Every other step as in
+/// the tuned program, and the same launches. A recording forward keeps every
 /// concatenation in fp32, and so does fp32.
 #[test]
-fn concatenations_read_only_in_16_bits_are_written_so() {
+fn values_read_only_in_16_bits_are_written_so() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    // (batch, precision, producer sums, per-image plans, deep pipelines, 16-bit concat copies)
+    // (batch, precision, producer sums, per-image plans, deep pipelines, 16-bit concat copies,
+    // convolution outputs too)
     let cases = [
-        (1, Precision::Bf16, true, false, true, true),
-        (8, Precision::Fp16, true, false, true, true),
-        (2, Precision::Bf16, false, true, true, true),
-        (1, Precision::Fp32, true, false, true, true),
-        (1, Precision::Tf32, false, false, true, true),
-        (1, Precision::Bf16, false, false, false, true),
-        (1, Precision::Bf16, false, false, true, false),
+        (1, Precision::Bf16, true, false, true, true, true),
+        (8, Precision::Fp16, true, false, true, true, true),
+        (2, Precision::Bf16, false, true, true, true, true),
+        (1, Precision::Fp32, true, false, true, true, true),
+        (1, Precision::Tf32, false, false, true, true, true),
+        (1, Precision::Bf16, false, false, false, true, true),
+        (1, Precision::Bf16, false, false, true, false, true),
+        (8, Precision::Bf16, true, false, true, true, false),
     ];
-    for (n, precision, sums, batch_invariant, deep, half_concat) in cases {
+    for (n, precision, sums, batch_invariant, deep, half_concat, convs_too) in cases {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
         let on = KernelConfig {
             half_gn_inputs: true,
+            half_conv_outputs: convs_too,
             gn_producer_sums: sums,
             batch_invariant,
             deep,
@@ -977,75 +988,102 @@ fn concatenations_read_only_in_16_bits_are_written_so() {
         let p = build(false, on).unwrap();
         assert_eq!(base.steps.len(), p.steps.len());
         assert_eq!(base.launches(), p.launches());
-        let mut taken = 0;
+        let (mut concats, mut convs) = (0, 0);
         for (i, (a, s)) in base.steps.iter().zip(&p.steps).enumerate() {
-            let Step::Concat {
-                y,
-                y16,
-                half_out: Some(q),
-                sums,
-                pixels,
-                ca,
-                cb,
-                ..
-            } = *s
-            else {
-                // Their GroupNorms' forms say "16-bit input" (checked below).
-                if !matches!(
-                    s,
-                    Step::GroupNorm {
-                        x_half: Some(_),
+            // The GroupNorm that reads a 16-bit value, and the convolution launches that read a
+            // concatenation's (its 1x1 shortcut's).
+            let gn_of_16_bits = |r: &Step, sums: bool| match r {
+                Step::GroupNorm {
+                    x_half,
+                    half_out,
+                    split,
+                    ..
+                } => {
+                    assert_eq!((*x_half, *half_out), (Some(precision), Some(precision)));
+                    assert_eq!(split.from_producer, sums, "step {i}");
+                    true
+                }
+                _ => false,
+            };
+            let readers = |y: Buf| -> Vec<&Step> {
+                p.steps.iter().filter(|r| r.io().0.contains(&y)).collect()
+            };
+            match (a, s) {
+                (
+                    Step::Concat { sums: own, .. },
+                    &Step::Concat {
+                        y,
+                        y16,
+                        half_out: Some(q),
+                        sums,
+                        pixels,
+                        ca,
+                        cb,
                         ..
+                    },
+                ) => {
+                    concats += 1;
+                    assert_eq!((q, y16), (precision, None));
+                    // With producer sums, the concatenation sums the values it rounds.
+                    assert_eq!(sums.is_some(), own.is_some(), "step {i}");
+                    assert_eq!(p.bufs[y.0].len, (pixels * (ca + cb)).div_ceil(2));
+                    let r = readers(y);
+                    assert_eq!(r.len(), 2, "step {i}");
+                    for r in r {
+                        let shortcut = matches!(r, Step::Conv(c)
+                            if c.launch.half_input && c.shape.taps.len() == 1);
+                        assert!(shortcut || gn_of_16_bits(r, sums.is_some()), "step {i}");
                     }
-                ) {
+                }
+                (Step::Conv(b), Step::Conv(c)) if c.launch.half_output => {
+                    convs += 1;
+                    // The same launch, unsplit with TMA loads, its output half the size and
+                    // read by one GroupNorm only, with its sums where the fp32 one took them.
                     assert_eq!(
-                        a.info(n, 256, 256).label(),
-                        s.info(n, 256, 256).label(),
-                        "step {i}"
+                        ConvLaunch {
+                            half_output: false,
+                            ..c.launch
+                        },
+                        b.launch
                     );
+                    assert!(c.launch.tma_loads && c.launch.splits == 1 && !c.accumulate);
+                    let s = &c.shape;
+                    assert_eq!(p.bufs[c.y.0].len, (s.n * s.mh * s.mw * s.ncols).div_ceil(2));
+                    assert_eq!(c.gn_partial.is_some(), b.gn_partial.is_some(), "step {i}");
+                    let r = readers(c.y);
+                    assert!(r.len() == 1 && gn_of_16_bits(r[0], c.gn_partial.is_some()));
                 }
-                continue;
-            };
-            taken += 1;
-            assert_eq!((q, y16), (precision, None));
-            // With producer sums, the three-launch GroupNorms' (the concatenation sums the
-            // values it rounds).
-            let own = match a {
-                Step::Concat { sums, .. } => sums,
-                _ => panic!("step {i}: the same steps"),
-            };
-            assert_eq!(sums.is_some(), own.is_some(), "step {i}");
-            assert_eq!(p.bufs[y.0].len, (pixels * (ca + cb)).div_ceil(2));
-            let readers: Vec<&Step> = p.steps.iter().filter(|r| r.io().0.contains(&y)).collect();
-            assert_eq!(readers.len(), 2, "step {i}");
-            for r in readers {
-                match r {
+                // Their GroupNorms' forms say "16-bit input" (checked above).
+                (
+                    _,
                     Step::GroupNorm {
-                        x_half,
-                        half_out,
-                        split,
-                        ..
-                    } => {
-                        assert_eq!((*x_half, *half_out), (Some(precision), Some(precision)));
-                        assert_eq!(split.from_producer, sums.is_some());
-                    }
-                    Step::Conv(c) => assert!(c.launch.half_input && c.shape.taps.len() == 1),
-                    other => panic!("step {i} read by {other:?}"),
-                }
+                        x_half: Some(_), ..
+                    },
+                ) => {}
+                _ => assert_eq!(
+                    a.info(n, 256, 256).label(),
+                    s.info(n, 256, 256).label(),
+                    "step {i}"
+                ),
             }
         }
         // The up path's 18 concatenations, each read by a residual block's first GroupNorm
-        // and 1x1 shortcut; none in fp32 or tf32, nor without the deep pipelines or the
-        // 16-bit copies.
-        let want = if precision.is_half() && deep && half_concat {
-            18
-        } else {
-            0
-        };
+        // and 1x1 shortcut, and the residual blocks' first convolutions where their launch is
+        // unsplit with TMA loads (the 256x256 and 128x128 levels at batch 1, down to 32x32 at
+        // batch 8); none in fp32 or tf32, nor without the deep pipelines; no concatenation
+        // without the 16-bit copies.
+        let half = precision.is_half() && deep;
+        let want_concats = if half && half_concat { 18 } else { 0 };
         assert_eq!(
-            taken, want,
+            concats, want_concats,
             "{precision} b{n}, deep {deep}, copies {half_concat}"
         );
+        let want_convs = match (half && convs_too, n) {
+            (false, _) => 0,
+            (true, 1 | 2) => 10,
+            (true, _) => 20,
+        };
+        assert_eq!(convs, want_convs, "{precision} b{n}, deep {deep}");
     }
 }
 
@@ -1110,6 +1148,7 @@ fn switches_compute_what_the_default_program_computes() {
                 gn_producer_sums: true,
                 splitk_self_reduce: true,
                 half_gn_inputs: true,
+                half_conv_outputs: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)
             };
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");

@@ -1,7 +1,7 @@
 //! The other forms a tensor-core convolution launch can take (pipelines, epilogues, tiles, the
 //! cycle probe), each against the plain launch's result.
 
-use super::{SelftestRow, Tester};
+use super::{round_half, unpack_half, SelftestRow, Tester};
 use crate::cuda::kernels::{
     gn_partial_fits, on_tile, plan_wgmma, self_reduce_fits, tma_tried, ConvKernel, ConvLaunch,
     ConvPtrs, ConvShape, DPtr, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES,
@@ -190,6 +190,89 @@ impl Tester<'_> {
         let norm: f64 = expect.iter().map(|b| b * b).sum();
         self.rows.push(SelftestRow {
             op: format!("{op} vs the host's over the output"),
+            shape: format!("{desc}, {chunks} chunks of {rows} rows an image"),
+            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+            gpu_ms: ms,
+            tolerance: 1e-12,
+        });
+        Ok(())
+    }
+
+    /// Unsplit TMA wgmma launch `wp` of `shape` writing its output in 16 bits of its product
+    /// precision ([`ConvLaunch::half_output`], not accumulating): that output `want` (the same
+    /// launch's fp32 output) rounded to nearest even, to the bit; and where it can write the
+    /// GroupNorm partial sums too ([`gn_partial_fits`]), those over the rounded values.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn half_output_row(
+        &mut self,
+        shape: &ConvShape,
+        wp: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        want: &[f32],
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let ConvKernel::Tensor(precision) = wp.kernel else {
+            return Ok(());
+        };
+        if !(wp.tma_loads && wp.splits == 1) {
+            return Ok(());
+        }
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let half = ConvLaunch {
+            half_output: true,
+            ..wp
+        };
+        let chunks = gn_partial_fits(shape, &half);
+        let (n, c) = (shape.n, shape.ncols);
+        let y = self.zeros(want.len().div_ceil(2))?;
+        let partial = self.zeros(chunks.map_or(0, |k| 4 * n * k * c))?;
+        let p = ConvPtrs {
+            y: y.ptr,
+            gn_partial: if chunks.is_some() { partial.ptr } else { 0 },
+            ..ptrs
+        };
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv(st, shape, &half, p, out_div, false),
+        )?;
+        let got = unpack_half(&y.download(st)?, want.len(), precision);
+        let rounded: Vec<f32> = want.iter().map(|&v| round_half(v, precision)).collect();
+        let op = format!("{label} [{}] {precision} output", wgmma_path(&wp));
+        self.row_within(
+            format!("{op} vs the fp32 output rounded"),
+            desc.into(),
+            &got,
+            &rounded,
+            ms,
+            0.0,
+        );
+        let Some(chunks) = chunks else {
+            return Ok(());
+        };
+        let got: Vec<f64> = partial
+            .download(st)?
+            .chunks_exact(2)
+            .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
+            .collect();
+        let rows = shape.mh * shape.mw / chunks;
+        let mut expect = vec![0.0f64; got.len()];
+        for (m, row) in rounded.chunks_exact(c).enumerate() {
+            let first = m / rows * c;
+            for (col, &v) in row.iter().enumerate() {
+                expect[2 * (first + col)] += f64::from(v);
+                expect[2 * (first + col) + 1] += f64::from(v) * f64::from(v);
+            }
+        }
+        let diff: f64 = got
+            .iter()
+            .zip(&expect)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum();
+        let norm: f64 = expect.iter().map(|b| b * b).sum();
+        self.rows.push(SelftestRow {
+            op: format!("{op}: GroupNorm sums vs the host's over the rounded output"),
             shape: format!("{desc}, {chunks} chunks of {rows} rows an image"),
             rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
             gpu_ms: ms,

@@ -540,6 +540,7 @@ impl Tester<'_> {
                 }
                 self.gn_partial_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
                 self.self_reduce_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
+                self.half_output_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
             }
         }
         let dyd = self.up(dy)?;

@@ -243,12 +243,14 @@ impl CudaUnet {
         before
     }
 
-    /// Stores the concatenations that only 16-bit readers read in 16 bits, in forwards that
-    /// record nothing, where the program can (`on`, [`KernelConfig::half_gn_inputs`]) or never,
-    /// for comparisons; drops every plan. Returns the choice it replaced.
-    pub(crate) fn set_half_gn_inputs(&mut self, on: bool) -> bool {
-        let before = self.choice.half_gn_inputs;
-        self.choice.half_gn_inputs = on;
+    /// Stores the concatenations (`concats`) and convolution outputs (`convs`, with `concats`)
+    /// that only 16-bit readers read in 16 bits, in forwards that record nothing, where the
+    /// program can ([`KernelConfig::half_gn_inputs`], `half_conv_outputs`), for comparisons;
+    /// drops every plan. Returns the choices it replaced.
+    pub(crate) fn set_half_gn_inputs(&mut self, (concats, convs): (bool, bool)) -> (bool, bool) {
+        let before = (self.choice.half_gn_inputs, self.choice.half_conv_outputs);
+        self.choice.half_gn_inputs = concats;
+        self.choice.half_conv_outputs = convs;
         self.plans.clear();
         self.tape = None;
         before
