@@ -162,7 +162,7 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
             e[i].x += r.x;
             e[i].y += r.y;
         }
-        if (a.accumulate) old[i] = *reinterpret_cast<const float2*>(a.y + pix * a.ncols + col);
+        if (OUT16 == 0 && a.accumulate) old[i] = *reinterpret_cast<const float2*>(a.y + pix * a.ncols + col);
     }
 #pragma unroll
     for (int i = 0; i < NP; ++i) {
@@ -177,7 +177,7 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
             r.x = r.x / a.out_div;
             r.y = r.y / a.out_div;
         }
-        if (a.accumulate) {
+        if (OUT16 == 0 && a.accumulate) {
             r.x += old[i].x;
             r.y += old[i].y;
         }

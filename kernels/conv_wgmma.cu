@@ -54,9 +54,11 @@
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
 // 16-bit outputs (the `_rows_tma_out16` kernels, INVDIFF_GN_HALF_INPUT): the TMA forms
-// writing y in their product type, rounded as a conversion would round it, for an output only
-// a GroupNorm reads (which then reads half the bytes); their GroupNorm sums, where asked, are
-// over the rounded values. Separate kernels, so that the others' code is unchanged.
+// writing y in their product type, rounded as a conversion would round it, for an output whose
+// readers all take 16 bits (a GroupNorm that then reads half the bytes); their GroupNorm sums,
+// where asked, are over the rounded values. Unsplit and never accumulating (the host refuses
+// both; no accumulation is compiled in). Separate kernels, so that the others' code is
+// unchanged.
 //
 // Split K reduced in the launch (a.tile_counters, the plain tile's lean and TMA kernels, split;
 // INVDIFF_SPLITK_SELF_REDUCE): the blocks of a tile wait for each other's partial sums and
@@ -789,9 +791,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
 
-// The TMA forms writing y in 16 bits of their product type (OUT16 = T; INVDIFF_GN_HALF_INPUT:
-// an output whose only reader is a GroupNorm that then reads 16 bits). Unsplit launches only,
-// never accumulating (the host checks both).
+// The TMA forms writing y in 16 bits of their product type (OUT16 = T; INVDIFF_GN_HALF_INPUT).
 #define WG_TMA_OUT16_KERNEL(name, T, TILE)                                                           \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \

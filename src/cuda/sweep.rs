@@ -199,9 +199,10 @@ pub fn sweep_convolutions(
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only), the
 /// wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, each split lean
 /// or TMA form also reducing its own splits where it can ([`self_reduce_fits`]), and the planned
-/// launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the
-/// sweep's launches read no residual and do not accumulate, so it would time nothing (a planned
-/// launch keeps its own, which reads nothing here either).
+/// launch itself (the only one that may write a 16-bit output, [`ConvLaunch::half_output`]). No
+/// variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the sweep's launches read
+/// no residual and do not accumulate, so it would time nothing (a planned launch keeps its own,
+/// which reads nothing here either).
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
     let ConvKernel::Tensor(precision) = planned.kernel else {
         return vec![planned];
@@ -226,6 +227,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             tma_loads: false,
             prefetch: false,
             self_reduce: false,
+            half_output: false,
             tile: WgmmaTile::Plain,
             ..planned
         };
@@ -262,6 +264,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 prefetch: false,
                 self_reduce: false,
+                half_output: false,
                 ..planned
             };
             let tma = tma_tried(shape);
@@ -409,7 +412,9 @@ fn sweep_one(
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
         let ms = mean_ms(st, iters, launch)?;
-        let cycles = if c.wgmma {
+        // A 16-bit-output launch has no counting kernel (the planned one with
+        // INVDIFF_GN_HALF_INPUT): timed only.
+        let cycles = if c.wgmma && !c.half_output {
             probe(gpu, shape, c, ptrs)?
         } else {
             None
@@ -768,6 +773,7 @@ mod tests {
                                 !l.self_reduce || self_reduce_fits(shape, &l, 132, 1),
                                 "{l:?}"
                             );
+                            assert!(!l.half_output, "{l:?}");
                             assert!(
                                 l.wgmma
                                     || (l.tile == WgmmaTile::Plain

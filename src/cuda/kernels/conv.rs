@@ -711,6 +711,28 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), names.len());
+        // The 16-bit-output TMA forms, in their own table.
+        let out16 = wgmma_out16_kernel_names();
+        let mut seen = Vec::new();
+        for precision in [Precision::Bf16, Precision::Fp16] {
+            let wp = plan_wgmma(&shape, 132, precision).unwrap();
+            for (tile, suffix) in WgmmaTile::ALL {
+                let plan = ConvLaunch {
+                    row_epilogue: true,
+                    lean_loads: true,
+                    tma_loads: true,
+                    half_output: true,
+                    ..on_tile(wp, tile).unwrap()
+                };
+                let i = wgmma_out16_index(precision, &plan);
+                let name = format!("conv_wgmma_{}_rows_tma_out16{suffix}", precision.name());
+                assert_eq!(out16[i], (name, tile));
+                seen.push(i);
+            }
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), out16.len());
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its

@@ -135,11 +135,14 @@ impl Lowering<'_> {
                     s.temb = tb;
                     s.residual = rb;
                     s.out_div = out_div;
-                    // In 16 bits where only a 16-bit GroupNorm reads the output, from a launch
-                    // that can write it so (KernelConfig::half_gn_inputs).
+                    // In 16 bits where every reader takes 16 bits (a GroupNorm of 16-bit input),
+                    // from a launch that can write them (KernelConfig::half_gn_inputs).
                     if single && !record && self.half_output_fits(&s, y)? {
                         s.launch.half_output = true;
-                        self.bufs[yb.0].len = self.numel(y).div_ceil(2);
+                        let len = self.numel(y).div_ceil(2);
+                        let b = &mut self.bufs[yb.0];
+                        b.len = len;
+                        b.what += " (16-bit)";
                         self.half[y] = true;
                     }
                     self.steps.push(Step::Conv(s));

@@ -223,7 +223,8 @@ impl KernelConfig {
             gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
             half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs)
                 || switches::is("INVDIFF_GN_HALF_INPUT", "concat"),
-            half_conv_outputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_conv_outputs),
+            half_conv_outputs: !switches::is("INVDIFF_GN_HALF_INPUT", "concat")
+                && kept("INVDIFF_GN_HALF_INPUT", tuned.half_conv_outputs),
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),

@@ -967,6 +967,10 @@ fn values_read_only_in_16_bits_are_written_so() {
         };
         let build = |record, tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc);
         let recording = build(true, on).unwrap();
+        assert!(!recording
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Conv(c) if c.launch.half_output)));
         assert!(!recording.steps.iter().any(|s| matches!(
             s,
             Step::Concat {
@@ -1078,6 +1082,7 @@ fn values_read_only_in_16_bits_are_written_so() {
             concats, want_concats,
             "{precision} b{n}, deep {deep}, copies {half_concat}"
         );
+        // The b2 case plans per image, as at b1 (a plan for the whole b2 batch has 15).
         let want_convs = match (half && convs_too, n) {
             (false, _) => 0,
             (true, 1 | 2) => 10,
