@@ -96,8 +96,12 @@ extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n
 // vec4: four channels per item, which needs ca % 4 == 0, cb % 4 == 0, 16-byte aligned a, b and
 // y and 8-byte aligned y16 (checked by the host); it divides a 64-bit index once per four
 // values, the arithmetic that bounded the scalar loop rather than its bytes.
-extern "C" __global__ void concat_channels(const float* a, const float* b, float* y, uint16_t* y16, int kind,
-                                           long long pixels, int ca, int cb, int vec4) {
+// F32 (concat_channels): y written; else (concat_channels_half, INVDIFF_GN_HALF_INPUT: a
+// concatenation whose readers all read the 16-bit copy) only y16, with the same values and
+// rounding. A compile-time choice, so that concat_channels' code is what it was.
+template <bool F32>
+DEVI void concat_body(const float* a, const float* b, float* y, uint16_t* y16, int kind, long long pixels, int ca,
+                      int cb, int vec4) {
     const int c = ca + cb;
     if (vec4) {
         const int c4 = c / 4, ca4 = ca / 4, cb4 = cb / 4;
@@ -109,7 +113,7 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
             const long long p = i / c4;
             const int j = (int)(i - p * c4);
             const float4 v = j < ca4 ? a4[p * ca4 + j] : b4[p * cb4 + (j - ca4)];
-            y4[i] = v;
+            if (F32) y4[i] = v;
             if (y16)
                 reinterpret_cast<uint2*>(y16)[i] = make_uint2(pack_half2(v.x, v.y, kind), pack_half2(v.z, v.w, kind));
         }
@@ -120,36 +124,19 @@ extern "C" __global__ void concat_channels(const float* a, const float* b, float
         const long long p = i / c;
         const int j = (int)(i - p * c);
         const float v = j < ca ? a[p * ca + j] : b[p * cb + (j - ca)];
-        y[i] = v;
+        if (F32) y[i] = v;
         if (y16) y16[i] = pack_half1(v, kind);
     }
 }
 
-// concat_channels writing only the 16-bit copy y16 (INVDIFF_GN_HALF_INPUT: a concatenation
-// whose readers all read that copy); the same values, the same rounding. vec4 as there (y16
-// 8-byte aligned).
+extern "C" __global__ void concat_channels(const float* a, const float* b, float* y, uint16_t* y16, int kind,
+                                           long long pixels, int ca, int cb, int vec4) {
+    concat_body<true>(a, b, y, y16, kind, pixels, ca, cb, vec4);
+}
+// vec4 as concat_channels' (y16 8-byte aligned).
 extern "C" __global__ void concat_channels_half(const float* a, const float* b, uint16_t* y16, int kind,
                                                 long long pixels, int ca, int cb, int vec4) {
-    const int c = ca + cb;
-    if (vec4) {
-        const int c4 = c / 4, ca4 = ca / 4, cb4 = cb / 4;
-        const float4* a4 = reinterpret_cast<const float4*>(a);
-        const float4* b4 = reinterpret_cast<const float4*>(b);
-        const long long total4 = pixels * c4;
-        for (long long i = grid_start(); i < total4; i += grid_stride()) {
-            const long long p = i / c4;
-            const int j = (int)(i - p * c4);
-            const float4 v = j < ca4 ? a4[p * ca4 + j] : b4[p * cb4 + (j - ca4)];
-            reinterpret_cast<uint2*>(y16)[i] = make_uint2(pack_half2(v.x, v.y, kind), pack_half2(v.z, v.w, kind));
-        }
-        return;
-    }
-    const long long total = pixels * c;
-    for (long long i = grid_start(); i < total; i += grid_stride()) {
-        const long long p = i / c;
-        const int j = (int)(i - p * c);
-        y16[i] = pack_half1(j < ca ? a[p * ca + j] : b[p * cb + (j - ca)], kind);
-    }
+    concat_body<false>(a, b, nullptr, y16, kind, pixels, ca, cb, vec4);
 }
 
 // d[p, :] (+)= dy[p, offset .. offset + width], the adjoint of one side of a concatenation;

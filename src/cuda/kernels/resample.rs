@@ -190,47 +190,31 @@ impl Kernels {
             i32_of(ca, "channels")?,
             i32_of(cb, "channels")?,
         );
-        if y == 0 {
-            // Only the 16-bit copy (KernelConfig::half_gn_inputs).
-            let vec =
-                ca % 4 == 0 && cb % 4 == 0 && [a, b_].iter().all(|p| p % 16 == 0) && y16 % 8 == 0;
-            let vec4 = vec as i32;
-            let mut b = st.launch_builder(&self.concat_channels_half);
-            b.arg(&a)
-                .arg(&b_)
-                .arg(&y16)
-                .arg(&kind)
-                .arg(&p)
-                .arg(&cai)
-                .arg(&cbi)
-                .arg(&vec4);
-            let items = pixels * (ca + cb) / if vec { 4 } else { 1 };
-            // SAFETY: a is pixels x ca, b pixels x cb, y16 room for pixels x (ca + cb) 16-bit
-            // values.
-            return cu(
-                unsafe { b.launch(self.flat(items)) }.map(drop),
-                "launching concat_channels_half",
-            );
-        }
+        // A y of 0 (only the 16-bit copy, KernelConfig::half_gn_inputs) is aligned too.
         let vec =
             ca % 4 == 0 && cb % 4 == 0 && [a, b_, y].iter().all(|p| p % 16 == 0) && y16 % 8 == 0;
         let vec4 = vec as i32;
-        let mut b = st.launch_builder(&self.concat_channels);
-        b.arg(&a)
-            .arg(&b_)
-            .arg(&y)
-            .arg(&y16)
+        let (f, name) = match y {
+            0 => (&self.concat_channels_half, "concat_channels_half"),
+            _ => (&self.concat_channels, "concat_channels"),
+        };
+        let mut b = st.launch_builder(f);
+        b.arg(&a).arg(&b_);
+        if y != 0 {
+            b.arg(&y);
+        }
+        b.arg(&y16)
             .arg(&kind)
             .arg(&p)
             .arg(&cai)
             .arg(&cbi)
             .arg(&vec4);
         let items = pixels * (ca + cb) / if vec { 4 } else { 1 };
-        // SAFETY: a is pixels x ca, b pixels x cb, y pixels x (ca + cb), y16 (when set) room
-        // for as many 16-bit values.
+        // SAFETY: a is pixels x ca, b pixels x cb, y (when set) pixels x (ca + cb), y16 (when
+        // set) room for as many 16-bit values.
         cu(
             unsafe { b.launch(self.flat(items)) }.map(drop),
-            "launching concat_channels",
+            &format!("launching {name}"),
         )
     }
 

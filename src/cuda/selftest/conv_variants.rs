@@ -167,14 +167,34 @@ impl Tester<'_> {
             ms,
             0.0,
         );
-        let got: Vec<f64> = partial
-            .download(st)?
+        let sums = partial.download(st)?;
+        self.gn_sums_row(&op, desc, &sums, want, shape, chunks, ms);
+        Ok(())
+    }
+
+    /// A row for GroupNorm partial sums a convolution wrote (`words`: f64 pairs, two f32 slots
+    /// each, one chunk per tile in kernels/norm.cu's layout) against the host's over `values`
+    /// (its output as the GroupNorm reads it), in f64: relative 1e-12 (another order of the
+    /// same additions).
+    #[allow(clippy::too_many_arguments)]
+    fn gn_sums_row(
+        &mut self,
+        op: &str,
+        desc: &str,
+        words: &[f32],
+        values: &[f32],
+        shape: &ConvShape,
+        chunks: usize,
+        ms: f64,
+    ) {
+        let c = shape.ncols;
+        let got: Vec<f64> = words
             .chunks_exact(2)
             .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
             .collect();
         let rows = shape.mh * shape.mw / chunks;
         let mut expect = vec![0.0f64; got.len()];
-        for (m, row) in want.chunks_exact(c).enumerate() {
+        for (m, row) in values.chunks_exact(c).enumerate() {
             // Image m / (chunks * rows), chunk (m / rows) % chunks: pair m / rows * c + col.
             let first = m / rows * c;
             for (col, &v) in row.iter().enumerate() {
@@ -195,7 +215,6 @@ impl Tester<'_> {
             gpu_ms: ms,
             tolerance: 1e-12,
         });
-        Ok(())
     }
 
     /// Unsplit TMA wgmma launch `wp` of `shape` writing its output in 16 bits of its product
@@ -251,33 +270,9 @@ impl Tester<'_> {
         let Some(chunks) = chunks else {
             return Ok(());
         };
-        let got: Vec<f64> = partial
-            .download(st)?
-            .chunks_exact(2)
-            .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
-            .collect();
-        let rows = shape.mh * shape.mw / chunks;
-        let mut expect = vec![0.0f64; got.len()];
-        for (m, row) in rounded.chunks_exact(c).enumerate() {
-            let first = m / rows * c;
-            for (col, &v) in row.iter().enumerate() {
-                expect[2 * (first + col)] += f64::from(v);
-                expect[2 * (first + col) + 1] += f64::from(v) * f64::from(v);
-            }
-        }
-        let diff: f64 = got
-            .iter()
-            .zip(&expect)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum();
-        let norm: f64 = expect.iter().map(|b| b * b).sum();
-        self.rows.push(SelftestRow {
-            op: format!("{op}: GroupNorm sums vs the host's over the rounded output"),
-            shape: format!("{desc}, {chunks} chunks of {rows} rows an image"),
-            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
-            gpu_ms: ms,
-            tolerance: 1e-12,
-        });
+        let sums = partial.download(st)?;
+        let op = format!("{op}: GroupNorm sums");
+        self.gn_sums_row(&op, desc, &sums, &rounded, shape, chunks, ms);
         Ok(())
     }
 
