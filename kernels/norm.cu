@@ -27,9 +27,10 @@
 // pixels; the same results, bit for bit.
 //
 // The `_x16` kernels (INVDIFF_GN_HALF_INPUT) are the forward's partial sums, 16-bit apply and
-// one pass over an x stored in 16 bits (a concatenation written only as the 16-bit copy the
-// convolutions read, in a forward that records nothing): each value widened exactly, so the
-// fp32 kernels' results over the rounded values, for half the bytes of x.
+// one pass over an x stored in 16 bits (in a forward that records nothing, a concatenation
+// written only as the 16-bit copy the convolutions read, or a convolution's 16-bit output):
+// each value widened exactly, so the fp32 kernels' results over the rounded values, for half
+// the bytes of x.
 //
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block

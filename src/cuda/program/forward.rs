@@ -291,9 +291,10 @@ impl Lowering<'_> {
     }
 
     /// Whether convolution step `s` may write its output `y` in 16 bits
-    /// ([`KernelConfig::half_gn_inputs`] with `half_conv_outputs`): bf16/fp16 with the deep pipelines, a TMA launch,
-    /// unsplit and not accumulating (the `_rows_tma_out16` kernels), and every reader of `y` a
-    /// 16-bit GroupNorm or launch ([`read_in_16_bits`](Self::read_in_16_bits)).
+    /// ([`KernelConfig::half_gn_inputs`] with `half_conv_outputs`): bf16/fp16 with the deep
+    /// pipelines, a TMA launch, unsplit and not accumulating (the `_rows_tma_out16` kernels),
+    /// and every reader of `y` a 16-bit GroupNorm or launch
+    /// ([`read_in_16_bits`](Self::read_in_16_bits)).
     fn half_output_fits(&self, s: &ConvStep, y: Tid) -> Result<bool> {
         let c = self.choice;
         let launch = c.half_gn_inputs

@@ -136,8 +136,8 @@ pub(crate) enum Step {
     Conv(ConvStep),
     GroupNorm {
         x: Buf,
-        /// `x` holds 16-bit values in this precision: a concatenation written in 16 bits only
-        /// ([`KernelConfig::half_gn_inputs`]).
+        /// `x` holds 16-bit values in this precision: a concatenation or convolution output
+        /// written in 16 bits only ([`KernelConfig::half_gn_inputs`]).
         x_half: Option<Precision>,
         y: Buf,
         gamma: W,
