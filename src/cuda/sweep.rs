@@ -480,8 +480,8 @@ pub struct NormForm {
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
 /// form, and one pass in one block a group where the groups are small enough, each also with
-/// the `_ilp` kernels. The forms compute the same statistics up to the order
-/// of the f64 sums.
+/// the `_ilp` kernels; a forward of 16-bit input ([`KernelConfig::half_gn_inputs`]) from a
+/// 16-bit copy. The forms compute the same statistics up to the order of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
     ordinal: usize,
@@ -498,9 +498,20 @@ pub fn sweep_group_norms(
     let st = &gpu.stream;
     let mut seed = 0x6_7EE9;
     let mut rows = Vec::new();
-    for ((backward, hw, c, groups, silu, half_out, accumulate), kind, shape, count) in norms {
+    for ((backward, hw, c, groups, silu, half_out, accumulate, x_half), kind, shape, count) in norms
+    {
         let len = n * hw * c;
         let x = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 3.0))?;
+        // A forward of 16-bit input (KernelConfig::half_gn_inputs) reads a 16-bit copy of x.
+        let x16 = match x_half {
+            Some(p) => {
+                let copy = DevBuf::zeros(st, len.div_ceil(2))?;
+                gpu.kernels.convert_half(st, x.ptr, copy.ptr, len, p)?;
+                Some(copy)
+            }
+            None => None,
+        };
+        let x_in = x16.as_ref().map_or(x.ptr, |c| c.ptr);
         let dy = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 1.0))?;
         let gamma = DevBuf::upload(st, &uniform(&mut seed, c, 0.5, 1.5))?;
         let beta = DevBuf::upload(st, &uniform(&mut seed, c, -0.5, 0.5))?;
@@ -525,8 +536,8 @@ pub fn sweep_group_norms(
                 gpu.kernels.group_norm(
                     st,
                     d,
-                    x.ptr,
-                    None,
+                    x_in,
+                    x_half,
                     gamma.ptr,
                     beta.ptr,
                     out.ptr,
@@ -567,6 +578,11 @@ pub fn sweep_group_norms(
                 ms,
             });
         }
+        // The same shape may also come with an fp32 input.
+        let shape = match x_half {
+            Some(p) => format!("{shape}, {p} input"),
+            None => shape,
+        };
         rows.push(NormSweepRow {
             kind,
             shape,
@@ -619,8 +635,17 @@ fn mean_ms(st: &CudaStream, iters: usize, mut run: impl FnMut() -> Result<()>) -
 }
 
 /// What tells two GroupNorms apart for the sweep: (backward, hw, c, groups, silu, 16-bit
-/// output, accumulating).
-type NormKey = (bool, usize, usize, usize, bool, Option<Precision>, bool);
+/// output, accumulating, 16-bit input).
+type NormKey = (
+    bool,
+    usize,
+    usize,
+    usize,
+    bool,
+    Option<Precision>,
+    bool,
+    Option<Precision>,
+);
 
 /// The distinct GroupNorms of `steps` in program order: key, kind, shape label, count.
 fn distinct_norms(
@@ -638,8 +663,9 @@ fn distinct_norms(
                 groups,
                 silu,
                 half_out,
+                x_half,
                 ..
-            } => (false, hw, c, groups, silu, half_out, false),
+            } => (false, hw, c, groups, silu, half_out, false, x_half),
             Step::GroupNormBackward {
                 hw,
                 c,
@@ -648,7 +674,7 @@ fn distinct_norms(
                 half_out,
                 accumulate,
                 ..
-            } => (true, hw, c, groups, silu, half_out, accumulate),
+            } => (true, hw, c, groups, silu, half_out, accumulate, None),
             _ => continue,
         };
         match norms.iter_mut().find(|r| r.0 == key) {
@@ -665,7 +691,7 @@ fn distinct_norms(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::kernels::{im2col_box, plan_conv_at, plan_wgmma};
+    use crate::cuda::kernels::{im2col_box, plan_conv_at, plan_wgmma, Capabilities};
     use crate::model::graph::Pad;
 
     /// The GroupNorm sweep's rows cover every GroupNorm of the program once: celebahq's 71 in
@@ -688,6 +714,17 @@ mod tests {
             };
             assert!(mine.iter().all(|r| r.1 == kind));
         }
+        // With 16-bit GroupNorm inputs, those GroupNorms are rows of their own.
+        let tc = KernelConfig {
+            half_gn_inputs: true,
+            half_conv_outputs: true,
+            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+        };
+        let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, tc).unwrap();
+        let rows = distinct_norms(&p.steps, 1, 256, 256);
+        assert_eq!(rows.iter().map(|r| r.3).sum::<usize>(), 71);
+        let x16: usize = rows.iter().filter(|r| r.0 .7.is_some()).map(|r| r.3).sum();
+        assert_eq!(x16, 28);
     }
 
     /// The probe's counters become per-warpgroup means and shares that add up to one; a launch
