@@ -82,6 +82,10 @@ DEVI float unpack_half1(uint16_t h, int kind) {
     asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(h));
     return r;
 }
+// The two fp32 values of a word pack_half2 made (the first from the low half).
+DEVI float2 unpack_half2(uint32_t w, int kind) {
+    return make_float2(unpack_half1(w & 0xffffu, kind), unpack_half1(w >> 16, kind));
+}
 
 // An fp32 value rounded to tf32 (nearest, ties away: cvt.rna), the bits mma.sync's tf32
 // operands take.

@@ -184,7 +184,7 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
         if constexpr (OUT16 != 0) {
             const uint32_t h = pack_half2(r.x, r.y, OUT16);
             *reinterpret_cast<uint32_t*>(reinterpret_cast<uint16_t*>(a.y) + pix * a.ncols + col) = h;
-            r = make_float2(unpack_half1(h & 0xffffu, OUT16), unpack_half1(h >> 16, OUT16));
+            r = unpack_half2(h, OUT16);
         } else {
             *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = r;
         }

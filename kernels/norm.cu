@@ -270,8 +270,8 @@ template <bool X16> DEVI auto ld_x4(const void* x, long long e) {
 }
 DEVI float4 widen4(float4 v, int) { return v; }
 DEVI float4 widen4(uint2 u, int kind) {
-    return make_float4(unpack_half1(u.x & 0xffffu, kind), unpack_half1(u.x >> 16, kind),
-                       unpack_half1(u.y & 0xffffu, kind), unpack_half1(u.y >> 16, kind));
+    const float2 lo = unpack_half2(u.x, kind), hi = unpack_half2(u.y, kind);
+    return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 // x's element e, fp32 or (X16) 16-bit values of xkind, widened.
 template <bool X16> DEVI float ld_x1(const void* x, long long e, int xkind) {

@@ -480,7 +480,7 @@ pub struct NormForm {
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
 /// form, and one pass in one block a group where the groups are small enough, each also with
-/// the `_ilp` kernels; a forward of 16-bit input ([`KernelConfig::half_gn_inputs`]) from a
+/// the `_ilp` kernels; a forward of 16-bit input (`INVDIFF_GN_HALF_INPUT`) from a
 /// 16-bit copy. The forms compute the same statistics up to the order of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(

@@ -126,6 +126,24 @@ fn half_output(half: Option<(DPtr, Precision)>, what: &str) -> Result<(DPtr, i32
     }
 }
 
+/// A concatenation's inputs `a` and `b` checked, and its 16-bit output `half` as
+/// [`half_output`] gives it; the fp32 output `y` may be 0 only where that copy is all it
+/// writes ([`Kernels::concat`], [`Kernels::concat_with_norm_sums`]).
+fn concat_outputs(
+    a: DPtr,
+    b: DPtr,
+    y: DPtr,
+    half: Option<(DPtr, Precision)>,
+) -> Result<(DPtr, i32)> {
+    need(a, "first input")?;
+    need(b, "second input")?;
+    let (y16, kind) = half_output(half, "16-bit output")?;
+    if y16 == 0 {
+        need(y, "output")?;
+    }
+    Ok((y16, kind))
+}
+
 fn i64_of(v: usize) -> i64 {
     v as i64
 }

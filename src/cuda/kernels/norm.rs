@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::{cfg, half_kind, half_output, i32_of, need, DPtr, Kernels, BLOCK};
+use super::{cfg, concat_outputs, half_kind, half_output, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -417,23 +417,14 @@ impl Kernels {
         split: NormSplit,
         partial: DPtr,
     ) -> Result<()> {
-        for (p, what) in [
-            (a, "first input"),
-            (b_, "second input"),
-            (partial, "partial sums"),
-        ] {
-            need(p, what)?;
-        }
+        let (y16, kind) = concat_outputs(a, b_, y, half)?;
+        need(partial, "partial sums")?;
         if split.one_pass.is_some() || !split.from_producer {
             return Err(Error::Cuda(
                 "internal: GroupNorm sums from a concatenation for a GroupNorm that does not \
                  take them (one launch, or its own partial sums)"
                     .into(),
             ));
-        }
-        let (y16, kind) = half_output(half, "16-bit output")?;
-        if y16 == 0 {
-            need(y, "output")?;
         }
         let c = ca + cb;
         i32_of(n * hw * c, "concatenated elements")?;

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaStream, PushKernelArg};
 
-use super::{half_kind, half_output, i32_of, i64_of, need, DPtr, Kernels};
+use super::{concat_outputs, half_kind, half_output, i32_of, i64_of, need, DPtr, Kernels};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -179,12 +179,7 @@ impl Kernels {
         ca: usize,
         cb: usize,
     ) -> Result<()> {
-        need(a, "first input")?;
-        need(b_, "second input")?;
-        let (y16, kind) = half_output(half, "16-bit output")?;
-        if y16 == 0 {
-            need(y, "output")?;
-        }
+        let (y16, kind) = concat_outputs(a, b_, y, half)?;
         let (p, cai, cbi) = (
             i64_of(pixels),
             i32_of(ca, "channels")?,

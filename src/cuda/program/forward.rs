@@ -244,6 +244,9 @@ impl Lowering<'_> {
                 let (ab, bb) = (self.val(a)?, self.val(b)?);
                 // Stored in 16 bits only where every reader takes it so
                 // (KernelConfig::half_gn_inputs): then no copy beside.
+                if !record && self.half_concat_fits(y)? {
+                    self.half[y] = true;
+                }
                 let (yb, half_out) = self.output_value(y);
                 let y16 = if half_out.is_none() && self.wants_copy16(y)? {
                     let b = self.buf(
@@ -288,6 +291,18 @@ impl Lowering<'_> {
         );
         self.value[t] = Some(b);
         (b, Some(self.precision))
+    }
+
+    /// Whether concatenation output `y` may be stored in 16 bits only
+    /// ([`KernelConfig::half_gn_inputs`]): bf16/fp16 with the deep pipelines and the 16-bit
+    /// copies its tensor-core readers read ([`KernelConfig::half_concat`]), and every reader a
+    /// 16-bit GroupNorm or launch ([`read_in_16_bits`](Self::read_in_16_bits)). The
+    /// GroupNorm then works from the rounded values; a recording forward keeps the fp32 ones,
+    /// which its backward pass reads.
+    fn half_concat_fits(&self, y: Tid) -> Result<bool> {
+        let c = self.choice;
+        let ok = c.half_gn_inputs && c.half_concat && c.deep && self.precision.is_half();
+        Ok(ok && self.read_in_16_bits(y)?)
     }
 
     /// Whether convolution step `s` may write its output `y` in 16 bits

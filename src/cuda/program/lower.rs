@@ -385,28 +385,6 @@ impl Lowering<'_> {
         Ok(half)
     }
 
-    /// With [`KernelConfig::half_gn_inputs`], in a program that records nothing: the
-    /// concatenations whose every reader is a GroupNorm with a 16-bit output (`half`, from
-    /// [`half_tensors`](Self::half_tensors)) over channels in units of four, or the main input
-    /// of a tensor-core launch (which reads a 16-bit copy of it anyway,
-    /// [`KernelConfig::half_concat`]): those are written in 16 bits only, and their GroupNorms
-    /// read them so (the `_x16` kernels). The GroupNorm's statistics and output then come from
-    /// the rounded values: half the bytes of the concatenation and of the GroupNorm's reads,
-    /// no fp32 copy written. A recording forward keeps the fp32 values, which its GroupNorm's
-    /// backward pass reads.
-    pub(super) fn mark_half_concats(&mut self) -> Result<()> {
-        let c = self.choice;
-        if !(c.half_gn_inputs && c.half_concat && c.deep && self.precision.is_half()) {
-            return Ok(());
-        }
-        for op in &self.g.ops {
-            if let Op::Concat { y, .. } = *op {
-                self.half[y] = self.read_in_16_bits(y)?;
-            }
-        }
-        Ok(())
-    }
-
     /// Whether every reader of `y` (one at least; not the network's output; channels in units
     /// of four) reads it as 16-bit values at no loss of its own: a GroupNorm with a 16-bit
     /// output (its `_x16` kernels), or the main input of a tensor-core launch (which rounds it

@@ -545,9 +545,6 @@ impl Program {
             return Err(Error::input("batch of 0 images"));
         }
         let mut l = Lowering::new(g, n, h, w, sms, precision, choice)?;
-        if !record {
-            l.mark_half_concats()?;
-        }
         let cfg = &g.config;
         let sample = l.buf(n * cfg.in_channels * h * w, "input sample (NCHW)");
         let timesteps = l.buf(n, "timesteps");

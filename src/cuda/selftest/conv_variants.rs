@@ -144,30 +144,24 @@ impl Tester<'_> {
         let Some(chunks) = gn_partial_fits(shape, &wp) else {
             return Ok(());
         };
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (n, c) = (shape.n, shape.ncols);
-        let y = self.zeros(want.len())?;
         // Two f32 slots per f64.
         let partial = self.zeros(4 * n * chunks * c)?;
         let p = ConvPtrs {
-            y: y.ptr,
             gn_partial: partial.ptr,
             ..ptrs
         };
-        let ms = self.timed(
-            || Ok(()),
-            || gpu.kernels.conv(st, shape, &wp, p, out_div, false),
-        )?;
+        let (y, ms) = self.conv_output(shape, &wp, p, out_div, want.len())?;
         let op = format!("{label} [{}] GroupNorm sums", wgmma_path(&wp));
         self.row_within(
             format!("{op}: output vs without"),
             desc.into(),
-            &y.download(st)?,
+            &y,
             want,
             ms,
             0.0,
         );
-        let sums = partial.download(st)?;
+        let sums = partial.download(&self.gpu.stream)?;
         self.gn_sums_row(&op, desc, &sums, want, shape, chunks, ms);
         Ok(())
     }

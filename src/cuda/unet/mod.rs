@@ -200,21 +200,31 @@ impl CudaUnet {
         self.direct = on;
     }
 
+    /// Runs `change` on the kernel choices (then held to what this network's streams allow,
+    /// [`KernelConfig::on_streams`]), for comparisons, and drops every plan, which the new
+    /// choices may lay out otherwise; returns the choices it replaced.
+    fn change_choice(&mut self, change: impl FnOnce(&mut KernelConfig)) -> KernelConfig {
+        let before = self.choice;
+        change(&mut self.choice);
+        self.choice = self
+            .choice
+            .on_streams(self.side.as_ref().map_or(1, SideStreams::total));
+        self.plans.clear();
+        self.tape = None;
+        before
+    }
+
     /// Chooses the deep tensor-core pipelines (`on`) or the two-stage ones with fp32
     /// intermediates, for comparisons; drops every plan.
     pub(crate) fn set_deep_pipelines(&mut self, on: bool) {
-        self.choice.deep = on;
-        self.plans.clear();
-        self.tape = None;
+        self.change_choice(|c| c.deep = on);
     }
 
     /// Plans every launch from one image's shape (`on`), so that an image's results are bit
     /// for bit the same in any batch, or for the whole batch (the default: fewer K splits at
     /// large batches); drops every plan.
     pub fn set_batch_invariant(&mut self, on: bool) {
-        self.choice.batch_invariant = on;
-        self.plans.clear();
-        self.tape = None;
+        self.change_choice(|c| c.batch_invariant = on);
     }
 
     /// Whether launches are planned per image ([`set_batch_invariant`](Self::set_batch_invariant)).
@@ -226,21 +236,18 @@ impl CudaUnet {
     /// ([`KernelConfig::half_copy`], [`KernelConfig::alias_residual_grads`]), for comparisons;
     /// drops every plan.
     pub(crate) fn set_moved_values(&mut self, on: bool) {
-        self.choice.half_copy = on;
-        self.choice.alias_residual_grads = on;
-        self.plans.clear();
-        self.tape = None;
+        self.change_choice(|c| {
+            c.half_copy = on;
+            c.alias_residual_grads = on;
+        });
     }
 
     /// Has convolutions and concatenations write the partial sums of the GroupNorms that read
     /// their outputs where the program can (`on`, [`KernelConfig::gn_producer_sums`]) or never, for
     /// comparisons; drops every plan. Returns the choice it replaced.
     pub(crate) fn set_gn_producer_sums(&mut self, on: bool) -> bool {
-        let before = self.choice.gn_producer_sums;
-        self.choice.gn_producer_sums = on;
-        self.plans.clear();
-        self.tape = None;
-        before
+        self.change_choice(|c| c.gn_producer_sums = on)
+            .gn_producer_sums
     }
 
     /// Stores the concatenations (`concats`) and convolution outputs (`convs`, with `concats`)
@@ -248,44 +255,32 @@ impl CudaUnet {
     /// program can ([`KernelConfig::half_gn_inputs`], `half_conv_outputs`), for comparisons;
     /// drops every plan. Returns the choices it replaced.
     pub(crate) fn set_half_gn_inputs(&mut self, (concats, convs): (bool, bool)) -> (bool, bool) {
-        let before = (self.choice.half_gn_inputs, self.choice.half_conv_outputs);
-        self.choice.half_gn_inputs = concats;
-        self.choice.half_conv_outputs = convs;
-        self.plans.clear();
-        self.tape = None;
-        before
+        let before = self.change_choice(|c| {
+            c.half_gn_inputs = concats;
+            c.half_conv_outputs = convs;
+        });
+        (before.half_gn_inputs, before.half_conv_outputs)
     }
 
     /// Has split wgmma launches reduce their own splits where the program can (`on`,
     /// [`KernelConfig::splitk_self_reduce`], never on more than two streams) or never, for
     /// comparisons; drops every plan. Returns the choice it replaced.
     pub(crate) fn set_splitk_self_reduce(&mut self, on: bool) -> bool {
-        let before = self.choice.splitk_self_reduce;
-        let streams = self.side.as_ref().map_or(1, SideStreams::total);
-        self.choice = KernelConfig {
-            splitk_self_reduce: on,
-            ..self.choice
-        }
-        .on_streams(streams);
-        self.plans.clear();
-        self.tape = None;
-        before
+        self.change_choice(|c| c.splitk_self_reduce = on)
+            .splitk_self_reduce
     }
 
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {
-        self.choice.upsample_fold = on;
-        self.plans.clear();
-        self.tape = None;
+        self.change_choice(|c| c.upsample_fold = on);
     }
 
     /// Chooses the wgmma kernel for 16-bit-input launches (`on`, where the device has it) or
     /// mma.sync, for comparisons; drops every plan. Returns whether wgmma is now in use.
     pub(crate) fn set_wgmma(&mut self, on: bool) -> bool {
-        self.choice.wgmma = on && self.gpu.kernels.has_wgmma();
-        self.plans.clear();
-        self.tape = None;
+        let here = self.gpu.kernels.has_wgmma();
+        self.change_choice(|c| c.wgmma = on && here);
         self.choice.wgmma
     }
 
