@@ -17,14 +17,6 @@
 // SiLU as PyTorch writes it, x / (1 + e^-x).
 DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 
-// Nanoseconds of the device's global timer (one clock for every multiprocessor, unlike clock64,
-// so a block that moves to another multiprocessor still measures its own wait).
-DEVI unsigned long long global_ns() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // GroupNorm's element-wise step for four channels: x * scale + shift (one fma, as on the CPU),

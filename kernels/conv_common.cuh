@@ -26,9 +26,8 @@ struct ConvArgs {
     int tap_w[9];
     int prefetch;  // the lean wgmma kernels, unsplit: ask L2 for the epilogue's reads first
     double* gn_partial;  // the lean wgmma kernels, unsplit: the output's GroupNorm partial sums, or null
-    int* tile_counters;  // the lean wgmma kernels, split: two per tile, zero between launches, or null
 };
-static_assert(sizeof(ConvArgs) == 256, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 248, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;
@@ -95,25 +94,6 @@ DEVI KSplit k_split(const ConvArgs& a, int bk) {
 
 DEVI float finish(const ConvArgs& a, int img, long long pix, int col, float acc) {
     return finish_with_bias(a, a.bias != nullptr ? a.bias[col] : 0.0f, img, pix, col, acc);
-}
-
-// Output element e (of M * ncols) of a split launch: its partial sums in the workspace added in
-// split order, then finished. conv_splitk_reduce (conv.cu) and the wgmma kernels that reduce
-// their own splits (wg_self_reduce, conv_wgmma.cu) both form it here, so their bits are the
-// same. FROM_L2: load the partial sums past L1 (ld.global.cg), for a caller in the launch
-// whose other blocks wrote them: its acquire made them visible, and each is read once.
-template <bool FROM_L2>
-DEVI void reduce_element(const ConvArgs& a, int splits, long long total, long long e) {
-    const int m = (int)(e / a.ncols);
-    const int col = (int)(e - (long long)m * a.ncols);
-    float s = 0.f;
-    for (int z = 0; z < splits; ++z) {
-        const float* p = a.ws + (long long)z * total + e;
-        s += FROM_L2 ? __ldcg(p) : *p;
-    }
-    const RowCoord rc = decode_row(a, m);
-    const long long pix = out_pixel(a, rc);
-    a.y[pix * a.ncols + col] = finish(a, rc.img, pix, col, s);
 }
 
 // Two adjacent outputs (row m, columns col and col + 1) of a tensor-core tile: raw partial sums

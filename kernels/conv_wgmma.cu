@@ -60,11 +60,6 @@
 // both; no accumulation is compiled in). Separate kernels, so that the others' code is
 // unchanged.
 //
-// Split K reduced in the launch (a.tile_counters, the plain tile's lean and TMA kernels, split;
-// INVDIFF_SPLITK_SELF_REDUCE): the blocks of a tile wait for each other's partial sums and
-// each finishes a share of the tile (wg_self_reduce), instead of conv_splitk_reduce's launch
-// after them; at batch 1 about 160 of a DPS step's launches are such reductions.
-//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -373,52 +368,6 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     double* out = a.gn_partial + (((long long)img * chunks + chunk) * a.ncols + n0 + col) * 2;
     out[0] = s;
     out[1] = q;
-}
-
-// The splits of K reduced in the launch (a.tile_counters: the plain tile's lean and TMA
-// kernels, split; INVDIFF_SPLITK_SELF_REDUCE): once every split of its tile has stored its
-// partial sums, each block forms its 1/splits share of the tile's outputs from them
-// (reduce_element, as conv_splitk_reduce does: the same bits), so that no reduction launch
-// follows. counters[0] counts the tile's blocks that have stored, counters[1] those that have
-// seen all of them; the last of those sets both back to zero for the next launch. A block waits
-// on the other blocks of its tile, so every block of the launch must be able to be resident at
-// once: the host takes only launches of at most half the device's blocks, on at most two
-// streams, so that two such launches side by side still fit. (The acquire and the barrier
-// after it make the other blocks' partial sums visible; SELF_REDUCE_TIMEOUT_NS of waiting,
-// which no resident launch comes near, traps.)
-constexpr unsigned long long SELF_REDUCE_TIMEOUT_NS = 2'000'000'000ull;
-template <int TM>
-DEVI void wg_self_reduce(const ConvArgs& a, int M, int m0, int n0) {
-    const int splits = gridDim.z;
-    int* counters = a.tile_counters + 2 * (blockIdx.y * gridDim.x + blockIdx.x);
-    // Every thread's partial sums stored; the fence publishes them before the count does.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(counters, 1);
-        // A block that could never be resident would hang the launch: trap instead, as
-        // mbar_wait does. The sleep keeps the polls from crowding L2 while the others finish.
-        const unsigned long long since = global_ns();
-        for (;;) {
-            int stored;
-            asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(stored) : "l"(counters) : "memory");
-            if (stored >= splits) break;
-            if (global_ns() - since > SELF_REDUCE_TIMEOUT_NS) __trap();
-            __nanosleep(64);
-        }
-        if (atomicAdd(counters + 1, 1) == splits - 1) {
-            atomicExch(counters, 0);
-            atomicExch(counters + 1, 0);
-        }
-    }
-    __syncthreads();
-    const int rows = min(TM, M - m0), cols = min(WG_TN, a.ncols - n0);
-    const int n = rows * cols, z = blockIdx.z;
-    const long long total = (long long)M * a.ncols;
-    for (int i = n * z / splits + threadIdx.x; i < n * (z + 1) / splits; i += blockDim.x) {
-        const int r = i / cols;
-        reduce_element<true>(a, splits, total, (long long)(m0 + r) * a.ncols + n0 + (i - r * cols));
-    }
 }
 
 // Rows of A a lean loader gives no pixel (past the GEMM's M): far outside every image, so that
@@ -730,10 +679,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     }
     wg_epilogue<ROWS, LEAN, OUT16>(a, acc, M, m0, n0, gridDim.z > 1, keep);
     if (LEAN && keep != nullptr) wg_stats<TM>(a, keep, M, m0, n0);
-    // Tall launches are never split (their one block a multiprocessor only pays unsplit).
-    if constexpr (LEAN && TM == 128) {
-        if (a.tile_counters != nullptr && gridDim.z > 1) wg_self_reduce<TM>(a, M, m0, n0);
-    }
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }

@@ -8,6 +8,13 @@
 // run back to back, as in a graph replay.
 #include "common.cuh"
 
+// Nanoseconds of the device's global timer.
+DEVI unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 // One thread waits, mostly asleep, until `ns` nanoseconds have passed since it started; every
 // other thread returns at once. Reads and writes no memory. Launch: one block of 32 threads.
 extern "C" __global__ void timing_hold(unsigned long long ns) {

@@ -9,7 +9,6 @@
 # count either way and each older default turned off (does it still pay on this card and workload?);
 # device_check.sh's deadline cuts from the end.
 CANDIDATES=(
-    splitk_self_reduce:INVDIFF_SPLITK_SELF_REDUCE=1
     gn_half_input:INVDIFF_GN_HALF_INPUT=1
     gn_half_input_concat:INVDIFF_GN_HALF_INPUT=concat
     gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=1

@@ -135,11 +135,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` has wgmma launches not ask L2 for their epilogue's reads first",
     ),
     choice(
-        "INVDIFF_SPLITK_SELF_REDUCE",
-        ON_OFF,
-        "GPU candidate: `1` has split wgmma launches add their own splits' partial sums, with no reduction launch",
-    ),
-    choice(
         "INVDIFF_WGMMA_TALL",
         ON_OFF,
         "GPU default: `0` gives large wgmma launches no 256-row tiles",

@@ -95,11 +95,8 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
-        if c.launch.self_reduce {
-            variant += " reduced in the launch";
-        }
     }
-    let launches = 1 + usize::from(c.launch.splits > 1 && !c.launch.self_reduce);
+    let launches = 1 + usize::from(c.launch.splits > 1);
     let (kind, shape) = match c.w.kind {
         // Token-wise linear layers: one-tap products over n * tokens rows.
         WKind::LinearT | WKind::Linear => {
@@ -942,13 +939,6 @@ mod tests {
             ..tuned
         };
         assert_eq!(count(sums), [366, 849]);
-        // Every split launch of both programs reduces its own splits: 79 reductions of the
-        // forward and 83 of the backward go.
-        let self_reduce = KernelConfig {
-            splitk_self_reduce: true,
-            ..tuned
-        };
-        assert_eq!(count(self_reduce), [313, 713]);
     }
 
     #[test]

@@ -24,9 +24,9 @@ use serde::Serialize;
 
 use super::device::{cu, Gpu};
 use super::kernels::{
-    norm_forms, on_tile, plan_norm, self_reduce_fits, tma_tried, ConvKernel, ConvLaunch, ConvPtrs,
-    ConvShape, NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_COUNTERS,
-    WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
+    NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+    WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -197,8 +197,7 @@ pub fn sweep_convolutions(
 /// The variants of tensor-core launch `planned` of `shape` worth timing on a GPU of `sms`
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only), the
-/// wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, each split lean
-/// or TMA form also reducing its own splits where it can ([`self_reduce_fits`]), and the planned
+/// wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, and the planned
 /// launch itself (the only one that may write a 16-bit output, [`ConvLaunch::half_output`]). No
 /// variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the sweep's launches read
 /// no residual and do not accumulate, so it would time nothing (a planned launch keeps its own,
@@ -226,7 +225,6 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             lean_loads: false,
             tma_loads: false,
             prefetch: false,
-            self_reduce: false,
             half_output: false,
             tile: WgmmaTile::Plain,
             ..planned
@@ -263,7 +261,6 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 half_input: true,
                 wgmma: true,
                 prefetch: false,
-                self_reduce: false,
                 half_output: false,
                 ..planned
             };
@@ -282,17 +279,8 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // Each also without its reduction launch, where it can (alone on the
-                    // device, as the sweep runs it).
-                    let twin = ConvLaunch {
-                        self_reduce: true,
-                        ..c
-                    };
-                    let fits = self_reduce_fits(shape, &c, sms, 1);
-                    for l in [Some(c), fits.then_some(twin)].into_iter().flatten() {
-                        if !out.contains(&l) {
-                            out.push(l);
-                        }
+                    if !out.contains(&c) {
+                        out.push(c);
                     }
                 }
             }
@@ -323,9 +311,6 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     }
     if l.prefetch {
         name += ", prefetch";
-    }
-    if l.self_reduce {
-        name += ", reduced in the launch";
     }
     name
 }
@@ -387,12 +372,6 @@ fn sweep_one(
         .max()
         .unwrap_or(0);
     let ws = DevBuf::zeros(st, ws_len)?;
-    let counters_len = candidates
-        .iter()
-        .map(|c| c.tile_counters_len(shape))
-        .max()
-        .unwrap_or(0);
-    let counters = DevBuf::zeros(st, counters_len)?;
 
     let mut variants = Vec::with_capacity(candidates.len());
     let mut planned_v = None;
@@ -406,7 +385,6 @@ fn sweep_one(
             y: y.ptr,
             bias: wts.bias.ptr,
             ws: ws.ptr,
-            tile_counters: counters.ptr,
             ..ConvPtrs::default()
         };
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
@@ -794,22 +772,11 @@ mod tests {
                         WgmmaTile::Tall,
                     ) {
                         let c = candidates(shape, tall, 132, true);
-                        // Each split lean form that can also reduces its own splits; no
-                        // launch is timed twice.
+                        // No launch is timed twice.
                         for (i, l) in c.iter().enumerate() {
-                            let twin = ConvLaunch {
-                                self_reduce: true,
-                                ..*l
-                            };
-                            let fits = !l.self_reduce && self_reduce_fits(shape, l, 132, 1);
-                            assert!(!fits || c.contains(&twin), "{l:?}");
                             assert!(!c[..i].contains(l), "{l:?} twice");
                         }
                         for l in c {
-                            assert!(
-                                !l.self_reduce || self_reduce_fits(shape, &l, 132, 1),
-                                "{l:?}"
-                            );
                             assert!(!l.half_output, "{l:?}");
                             assert!(
                                 l.wgmma

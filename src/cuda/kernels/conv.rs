@@ -7,8 +7,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
-    direct_fits, gn_partial_fits, im2col_box, self_reduce_fits, tc_slice, ConvKernel, ConvLaunch,
-    ConvShape, WgmmaTile, DIRECT_MAX, TILE, WGMMA_SLICE,
+    direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
+    WgmmaTile, DIRECT_MAX, TILE, WGMMA_SLICE,
 };
 use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -48,10 +48,9 @@ struct ConvArgs {
     tap_w: [i32; 9],
     prefetch: i32,
     gn_partial: DPtr,
-    tile_counters: DPtr,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 256);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -69,9 +68,6 @@ pub(crate) struct ConvPtrs {
     /// Where the epilogue also writes the GroupNorm partial sums of the output, one chunk per
     /// tile in kernels/norm.cu's layout; only where [`gn_partial_fits`] holds.
     pub gn_partial: DPtr,
-    /// Two 32-bit counters per output tile, zero between launches, for a launch that reduces
-    /// its own splits ([`ConvLaunch::self_reduce`]); 0 otherwise.
-    pub tile_counters: DPtr,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -367,7 +363,6 @@ impl Kernels {
             out_div,
             prefetch: i32::from(plan.prefetch),
             gn_partial: p.gn_partial,
-            tile_counters: if plan.self_reduce { p.tile_counters } else { 0 },
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -380,22 +375,6 @@ impl Kernels {
                 "internal: GroupNorm sums asked of a {:?} convolution launch that cannot write \
                  them ({} splits, lean loads {}, tile {:?})",
                 plan.kernel, plan.splits, plan.lean_loads, plan.tile
-            )));
-        }
-        // A launch whose blocks wait for each other must fit the device alone (else its wait
-        // would trap); the program keeps room for two side by side.
-        if plan.self_reduce
-            && (p.tile_counters == 0 || !self_reduce_fits(s, plan, self.sms as usize, 1))
-        {
-            return Err(Error::Cuda(format!(
-                "internal: a {:?} convolution launch asked to reduce its own {} splits that \
-                 cannot ({} blocks on {} multiprocessors, lean loads {}, counters {})",
-                plan.kernel,
-                plan.splits,
-                plan.blocks(s),
-                self.sms,
-                plan.lean_loads,
-                p.tile_counters != 0
             )));
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
@@ -525,7 +504,7 @@ impl Kernels {
         }
         // SAFETY: as above; the grid covers exactly the tiles of the problem.
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
-        if plan.splits > 1 && !plan.self_reduce {
+        if plan.splits > 1 {
             let splits = plan.splits as i32;
             let mut b = st.launch_builder(&self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);

@@ -370,12 +370,6 @@ pub(crate) struct ConvLaunch {
     /// (`ConvArgs::prefetch`), so that those reads overlap its products; unsplit launches
     /// that read either only (the program sets it). The same bits.
     pub prefetch: bool,
-    /// With `lean_loads` and K split: the launch's blocks add the splits' partial sums
-    /// themselves once every split of their tile has stored its own, each a share of the tile,
-    /// and no `conv_splitk_reduce` launch follows (`wg_self_reduce` in kernels/conv_wgmma.cu,
-    /// counting through [`ConvPtrs::tile_counters`](super::ConvPtrs)): the same sums in the
-    /// same order. Only where [`self_reduce_fits`] holds.
-    pub self_reduce: bool,
     /// With `tma_loads`, unsplit, not accumulating: `y` holds 16-bit values of the product
     /// precision (the `_rows_tma_out16` kernels), for an output only a GroupNorm reads
     /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)).
@@ -431,15 +425,6 @@ impl WgmmaTile {
         match self {
             WgmmaTile::Tall => 512,
             _ => BLOCK,
-        }
-    }
-
-    /// Blocks a multiprocessor holds at once (`WgTile::BLOCKS_PER_SM`, which kernels/conv_wgmma.cu
-    /// asserts is 2 for the plain tile: two blocks' registers and shared memory fit).
-    pub fn blocks_per_sm(self) -> usize {
-        match self {
-            WgmmaTile::Plain => 2,
-            WgmmaTile::Tall => 1,
         }
     }
 
@@ -538,31 +523,6 @@ pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> Option<usize>
         && per > 0
         && per % rows == 0;
     fits.then_some(per / rows)
-}
-
-/// Streams whose split launches may reduce their own splits side by side
-/// ([`self_reduce_fits`]); the program takes none on more (`KernelConfig::on_streams`).
-pub(crate) const SELF_REDUCE_STREAMS: usize = 2;
-
-/// Whether wgmma launch `plan` of `s` can reduce its own splits ([`ConvLaunch::self_reduce`]) on
-/// a device of `sms` multiprocessors beside such a launch on each of `streams` - 1 other
-/// streams: the plain tile (the program never splits a tall one) with lean or TMA loads, K
-/// split, and at most 1 / `streams` of the blocks the device holds at once. A block of such a
-/// launch waits for the other splits of its tile, so all of them must be able to be resident
-/// together, even beside those other launches; any other kernel beside them ends without
-/// waiting (no other kernel waits on other blocks, and nothing launches programmatically
-/// early), and frees its room. The program asks for [`SELF_REDUCE_STREAMS`]; a launch alone
-/// (the launcher's own check, the selftest, the sweep) for 1.
-pub(crate) fn self_reduce_fits(
-    s: &ConvShape,
-    plan: &ConvLaunch,
-    sms: usize,
-    streams: usize,
-) -> bool {
-    plan.tile == WgmmaTile::Plain
-        && plan.lean_loads
-        && plan.splits > 1
-        && plan.blocks(s) * streams.max(1) <= plan.tile.blocks_per_sm() * sms
 }
 
 /// Whether the selftest and the sweep try the TMA kernels on `s`: where [`im2col_box`] takes
@@ -739,29 +699,8 @@ impl ConvLaunch {
             lean_loads: false,
             tma_loads: false,
             prefetch: false,
-            self_reduce: false,
             half_output: false,
             tile: WgmmaTile::Plain,
-        }
-    }
-
-    /// Blocks of a wgmma launch: its tiles times its splits.
-    pub fn blocks(&self, s: &ConvShape) -> usize {
-        self.tiles(s) * self.splits
-    }
-
-    /// Output tiles of a wgmma launch.
-    fn tiles(&self, s: &ConvShape) -> usize {
-        s.rows().div_ceil(self.tile.rows()) * s.ncols.div_ceil(TILE)
-    }
-
-    /// f32 slots of the per-tile counters a launch that reduces its own splits needs (two
-    /// 32-bit counters per tile), zero where it does not.
-    pub fn tile_counters_len(&self, s: &ConvShape) -> usize {
-        if self.self_reduce {
-            2 * self.tiles(s)
-        } else {
-            0
         }
     }
 
@@ -942,43 +881,6 @@ mod tests {
             p.splits * p.k_per_split >= small.k() && (p.splits - 1) * p.k_per_split < small.k()
         );
         assert_eq!(p.k_per_split % BK, 0);
-    }
-
-    /// A launch reduces its own splits only on the plain tile with the lean or TMA loaders, K
-    /// split, and at most 1 / streams of the blocks the device holds at once (two a
-    /// multiprocessor), counted over its tiles and splits.
-    #[test]
-    fn self_reduce_needs_a_lean_split_launch_of_half_the_device() {
-        let small = ConvShape::forward(1, 8, 8, 1024, 512, 3, 1, Pad::Symmetric);
-        let lean = ConvLaunch {
-            lean_loads: true,
-            ..plan_wgmma(&small, 132, Precision::Bf16).unwrap()
-        };
-        // One row tile, four column tiles.
-        assert!(lean.splits > 1 && lean.blocks(&small) == 4 * lean.splits);
-        assert!(self_reduce_fits(&small, &lean, 132, 2));
-        let at = |splits, tile| ConvLaunch {
-            splits,
-            tile,
-            ..lean
-        };
-        assert!(self_reduce_fits(&small, &at(33, WgmmaTile::Plain), 132, 2));
-        assert!(self_reduce_fits(&small, &at(66, WgmmaTile::Plain), 132, 1));
-        assert!(!self_reduce_fits(&small, &at(34, WgmmaTile::Plain), 132, 2));
-        assert!(!self_reduce_fits(&small, &at(67, WgmmaTile::Plain), 132, 1));
-        assert!(!self_reduce_fits(&small, &at(2, WgmmaTile::Tall), 132, 1));
-        assert!(!self_reduce_fits(&small, &at(1, WgmmaTile::Plain), 132, 1));
-        let plain_loads = ConvLaunch {
-            lean_loads: false,
-            ..lean
-        };
-        assert!(!self_reduce_fits(&small, &plain_loads, 132, 1));
-        let sr = ConvLaunch {
-            self_reduce: true,
-            ..at(8, WgmmaTile::Plain)
-        };
-        assert_eq!(sr.tile_counters_len(&small), 8);
-        assert_eq!(lean.tile_counters_len(&small), 0);
     }
 
     /// The 3-channel image convolutions, both directions, on the direct kernels; shapes they

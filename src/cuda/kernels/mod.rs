@@ -62,8 +62,8 @@ pub(crate) use attention::{flash_fits, Gemm};
 pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
-    plan_launch, plan_wgmma, self_reduce_fits, tma_tried, ConvKernel, ConvLaunch, ConvShape,
-    WgmmaTile, SELF_REDUCE_STREAMS, WGMMA_FORMS, WGMMA_SLICE,
+    plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
+    WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};

@@ -1,7 +1,7 @@
 //! Which kernels a program's steps run ([`KernelConfig`]): the defaults, and the choices the
 //! `INVDIFF_*` switches ask for.
 
-use crate::cuda::kernels::{Capabilities, SELF_REDUCE_STREAMS};
+use crate::cuda::kernels::Capabilities;
 use crate::cuda::Precision;
 use crate::switches;
 // What the documentation of the choices links to.
@@ -102,12 +102,6 @@ pub(crate) struct KernelConfig {
     /// onto ask L2 for those rows before their products ([`ConvLaunch::prefetch`]): the same
     /// bits.
     pub epilogue_prefetch: bool,
-    /// Split lean and TMA wgmma launches of at most half the blocks the device holds at once
-    /// add their splits' partial sums themselves, once every split of a tile has stored its
-    /// own ([`ConvLaunch::self_reduce`]): the same bits, one launch less each (at batch 1 about
-    /// 80 of a forward's and 160 of a DPS step's). Not with more than
-    /// [`SELF_REDUCE_STREAMS`] streams.
-    pub splitk_self_reduce: bool,
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
@@ -150,7 +144,6 @@ impl Default for KernelConfig {
             wgmma_lean: false,
             wgmma_tma: false,
             epilogue_prefetch: false,
-            splitk_self_reduce: false,
             tall_tiles: false,
             upsample_fold: false,
             batch_invariant: false,
@@ -196,7 +189,6 @@ impl KernelConfig {
             wgmma_lean: here.wgmma,
             wgmma_tma: here.wgmma,
             epilogue_prefetch: here.wgmma,
-            splitk_self_reduce: false,
             tall_tiles: true,
             upsample_fold: precision.is_half(),
             batch_invariant: false,
@@ -237,20 +229,9 @@ impl KernelConfig {
             wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean && wgmma),
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
-            splitk_self_reduce: kept("INVDIFF_SPLITK_SELF_REDUCE", tuned.splitk_self_reduce),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             batch_invariant: false,
-        }
-    }
-
-    /// These choices for a program whose passes run on `streams` streams: no launch reduces
-    /// its own splits on more than [`SELF_REDUCE_STREAMS`], where such launches side by side
-    /// might not all fit the device at once.
-    pub fn on_streams(self, streams: usize) -> Self {
-        KernelConfig {
-            splitk_self_reduce: self.splitk_self_reduce && streams <= SELF_REDUCE_STREAMS,
-            ..self
         }
     }
 
@@ -288,7 +269,6 @@ impl KernelConfig {
             (self.wgmma_lean, "lean wgmma loaders"),
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),
-            (self.splitk_self_reduce, "split-K reduced in the launch"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.batch_invariant, "per-image plans"),

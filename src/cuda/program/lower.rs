@@ -6,9 +6,8 @@ use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm,
-    self_reduce_fits, ConvKernel, ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX,
-    LINEAR_ITEM_WORDS, SELF_REDUCE_STREAMS,
+    flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
+    ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -658,15 +657,8 @@ impl Lowering<'_> {
         let lean_here = launch.wgmma && launch.row_epilogue;
         launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
-        // The blocks of the launch as it runs (at the whole batch, even where it was planned
-        // for one image).
-        launch.self_reduce = self.choice.splitk_self_reduce
-            && self_reduce_fits(&shape, &launch, self.sms, SELF_REDUCE_STREAMS);
         let ws_len = launch.workspace_len(&shape);
         let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
-        let counters_len = launch.tile_counters_len(&shape);
-        let tile_counters =
-            (counters_len > 0).then(|| self.buf(counters_len, "split-K tile counters"));
         ConvStep {
             shape,
             launch,
@@ -680,7 +672,6 @@ impl Lowering<'_> {
             out_div: 1.0,
             accumulate: false,
             gn_partial: None,
-            tile_counters,
         }
     }
 }

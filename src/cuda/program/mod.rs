@@ -295,10 +295,6 @@ pub(crate) struct ConvStep {
     /// Where the epilogue also writes the partial sums of the GroupNorm that reads `y`
     /// ([`KernelConfig::gn_producer_sums`]).
     pub gn_partial: Option<Buf>,
-    /// The launch's per-tile counters where it reduces its own splits
-    /// ([`ConvLaunch::self_reduce`](crate::cuda::kernels::ConvLaunch::self_reduce)): zero
-    /// between launches, so placed over the whole program in the zeroed arena.
-    pub tile_counters: Option<Buf>,
 }
 
 impl Step {
@@ -325,7 +321,6 @@ impl Step {
                 std::iter::once(c.y)
                     .chain(c.workspace)
                     .chain(c.gn_partial)
-                    .chain(c.tile_counters)
                     .collect(),
             ),
             // In one launch (`gn_one_pass`): no partial sums and no affine.
@@ -640,8 +635,7 @@ impl Program {
     /// Per buffer, the first and last step that name it. The host-visible slots are pinned to
     /// the end of the program so that a graph can be replayed without rewriting its input and
     /// the result stays readable after the pass that wrote it; the batched linear layers'
-    /// tables, written once when the plan is made, and the split-K tile counters, which must
-    /// stay as the zeroed arena left them between launches, over the whole program.
+    /// tables, written once when the plan is made, over the whole program.
     pub fn lifetimes(&self) -> Vec<(usize, usize)> {
         let mut life = vec![(usize::MAX, 0usize); self.bufs.len()];
         for (i, s) in self.steps.iter().enumerate() {
@@ -665,13 +659,8 @@ impl Program {
             life[b.0].1 = end;
         }
         for s in &self.steps {
-            match s {
-                Step::LinearBatch { table, .. } => life[table.0] = (0, end),
-                Step::Conv(ConvStep {
-                    tile_counters: Some(c),
-                    ..
-                }) => life[c.0] = (0, end),
-                _ => {}
+            if let Step::LinearBatch { table, .. } = s {
+                life[table.0] = (0, end);
             }
         }
         for l in &mut life {

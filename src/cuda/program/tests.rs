@@ -365,11 +365,9 @@ fn every_buffer_is_written_before_it_is_read() {
         assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
         programs.push((true, p));
     }
-    // With GroupNorm partial sums written by the steps before them, and split launches that
-    // reduce their own splits.
+    // With GroupNorm partial sums written by the steps before them.
     let sums = KernelConfig {
         gn_producer_sums: true,
-        splitk_self_reduce: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
     };
     let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, sums).unwrap();
@@ -848,90 +846,6 @@ fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
     }
 }
 
-/// With splitk_self_reduce, exactly the split plain-tile lean and TMA launches of at most half
-/// the blocks the device holds reduce their own splits, each with two counters per tile that stay
-/// placed over the whole program; nothing else changes, and each takes its reduction launch
-/// away. On 132 multiprocessors (an H100 SXM or H200) the split rule plans every split launch
-/// of celebahq within a wave of one block a multiprocessor, so every one fits; on 114 (an H100
-/// PCIe) it plans some of several waves, and per-image plans at batch 8 split launches of eight
-/// times one image's tiles: there only some fit. On more than two streams none reduces its own.
-#[test]
-fn split_launches_reduce_their_own_splits_where_all_their_blocks_fit() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    // (batch, recording, multiprocessors, per-image plans, every split launch fits)
-    let cases = [
-        (1, true, 132, false, true),
-        (8, false, 132, false, true),
-        (1, true, 114, false, false),
-        (8, true, 132, true, false),
-    ];
-    for (n, record, sms, batch_invariant, all_fit) in cases {
-        let tuned = KernelConfig {
-            batch_invariant,
-            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-        };
-        let on = KernelConfig {
-            splitk_self_reduce: true,
-            ..tuned
-        };
-        let build = |tc| Program::build_with(&g, n, 256, 256, record, sms, Precision::Bf16, tc);
-        let (base, p) = (build(tuned).unwrap(), build(on).unwrap());
-        assert_eq!(base.steps.len(), p.steps.len());
-        let life = p.lifetimes();
-        let (mut taken, mut split) = (0, 0);
-        for (a, b) in base.steps.iter().zip(&p.steps) {
-            let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
-                assert_eq!(a.info(n, 256, 256).label(), b.info(n, 256, 256).label());
-                continue;
-            };
-            assert_eq!(
-                ConvLaunch {
-                    self_reduce: false,
-                    ..b.launch
-                },
-                a.launch
-            );
-            assert!(!a.launch.self_reduce && a.tile_counters.is_none());
-            split += usize::from(a.launch.splits > 1);
-            // 128 x 128 tiles, two blocks a multiprocessor, room for two launches.
-            let tiles = a.shape.rows().div_ceil(128) * a.shape.ncols.div_ceil(128);
-            let fits = a.launch.tile == WgmmaTile::Plain
-                && a.launch.lean_loads
-                && a.launch.splits > 1
-                && tiles * a.launch.splits * 2 <= 2 * sms;
-            assert_eq!(b.launch.self_reduce, fits, "{b:?}");
-            match b.tile_counters {
-                Some(c) => {
-                    assert!(fits);
-                    assert_eq!(p.bufs[c.0].len, 2 * tiles);
-                    assert_eq!(life[c.0], (0, p.steps.len() - 1));
-                    taken += 1;
-                }
-                None => assert!(!fits),
-            }
-        }
-        assert_eq!(base.launches() - p.launches(), taken);
-        if all_fit {
-            assert_eq!(taken, split);
-        } else {
-            assert!(0 < taken && taken < split, "{taken} of {split}");
-        }
-    }
-    let on = KernelConfig {
-        splitk_self_reduce: true,
-        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-    };
-    assert!(on.on_streams(2).splitk_self_reduce);
-    assert!(!on.on_streams(3).splitk_self_reduce);
-    assert_eq!(
-        on.on_streams(3),
-        KernelConfig {
-            splitk_self_reduce: false,
-            ..on
-        }
-    );
-}
-
 /// With half_gn_inputs, in a forward that records nothing, a concatenation or convolution
 /// output is written in 16 bits only exactly where every reader takes it so: a GroupNorm (16-bit
 /// output, reading it through the `_x16` kernels, its partial sums from the producer where
@@ -1151,7 +1065,6 @@ fn switches_compute_what_the_default_program_computes() {
             let tuned = KernelConfig {
                 fused_half_copies: true,
                 gn_producer_sums: true,
-                splitk_self_reduce: true,
                 half_gn_inputs: true,
                 half_conv_outputs: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)

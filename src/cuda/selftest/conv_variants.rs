@@ -3,9 +3,8 @@
 
 use super::{round_half, unpack_half, SelftestRow, Tester};
 use crate::cuda::kernels::{
-    gn_partial_fits, on_tile, plan_wgmma, self_reduce_fits, tma_tried, ConvKernel, ConvLaunch,
-    ConvPtrs, ConvShape, DPtr, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    gn_partial_fits, on_tile, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
+    DPtr, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -267,87 +266,6 @@ impl Tester<'_> {
         let sums = partial.download(st)?;
         let op = format!("{op}: GroupNorm sums");
         self.gn_sums_row(&op, desc, &sums, &rounded, shape, chunks, ms);
-        Ok(())
-    }
-
-    /// Split lean or TMA wgmma launch `wp` of `shape` reducing its own splits
-    /// ([`ConvLaunch::self_reduce`]), where it can ([`self_reduce_fits`]): its output the same
-    /// to the bit as `want` (the same launch with a reduction launch after it), with the
-    /// workspace filled with NaN before each run, so that a share read before every split of
-    /// its tile stored its partial sums shows; the tile counters back at zero after the runs;
-    /// and, accumulating onto `want`, the same bits as the launch with a reduction launch.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn self_reduce_row(
-        &mut self,
-        shape: &ConvShape,
-        wp: ConvLaunch,
-        ptrs: ConvPtrs,
-        out_div: f32,
-        want: &[f32],
-        label: &str,
-        desc: &str,
-    ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
-        if !self_reduce_fits(shape, &wp, gpu.sms(), 1) {
-            return Ok(());
-        }
-        let sr = ConvLaunch {
-            self_reduce: true,
-            ..wp
-        };
-        let y = self.zeros(want.len())?;
-        let ws_len = wp.workspace_len(shape);
-        let mut ws = self.zeros(ws_len)?;
-        let counters = self.zeros(sr.tile_counters_len(shape))?;
-        let p = ConvPtrs {
-            y: y.ptr,
-            ws: ws.ptr,
-            tile_counters: counters.ptr,
-            ..ptrs
-        };
-        let nan = vec![f32::NAN; ws_len];
-        let ms = self.timed(
-            || ws.write(st, &nan),
-            || gpu.kernels.conv(st, shape, &sr, p, out_div, false),
-        )?;
-        let op = format!("{label} [{}] splits reduced in the launch", wgmma_path(&wp));
-        self.row_within(
-            format!("{op} vs a reduction launch"),
-            desc.into(),
-            &y.download(st)?,
-            want,
-            ms,
-            0.0,
-        );
-        let left = counters.download(st)?;
-        self.rows.push(SelftestRow {
-            op: format!("{op}: tile counters after two launches"),
-            shape: format!("{desc}, {} tiles", left.len() / 2),
-            rel_l2: if left.iter().all(|c| c.to_bits() == 0) {
-                0.0
-            } else {
-                f64::NAN
-            },
-            gpu_ms: ms,
-            tolerance: 0.0,
-        });
-        // Accumulating onto `want`, with and without the reduction launch.
-        let mut sums = Vec::new();
-        for plan in [wp, sr] {
-            let y = self.up(want)?;
-            ws.write(st, &nan)?;
-            let p = ConvPtrs { y: y.ptr, ..p };
-            gpu.kernels.conv(st, shape, &plan, p, out_div, true)?;
-            sums.push(y.download(st)?);
-        }
-        self.row_within(
-            format!("{op}, accumulating, vs a reduction launch"),
-            desc.into(),
-            &sums[1],
-            &sums[0],
-            ms,
-            0.0,
-        );
         Ok(())
     }
 

@@ -454,7 +454,6 @@ impl Tester<'_> {
             res: rd.as_ref().map_or(0, |d| d.ptr),
             ws: ws.ptr,
             gn_partial: 0,
-            tile_counters: 0,
         };
         let ms = self.timed(
             || Ok(()),
@@ -539,7 +538,6 @@ impl Tester<'_> {
                     self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
                 }
                 self.gn_partial_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
-                self.self_reduce_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
                 self.half_output_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
             }
         }

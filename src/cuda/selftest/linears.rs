@@ -142,7 +142,6 @@ impl Tester<'_> {
                 ws: ws.ptr,
                 temb: 0,
                 gn_partial: 0,
-                tile_counters: 0,
             };
             let ms = self.timed(
                 || Ok(()),

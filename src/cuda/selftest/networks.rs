@@ -202,8 +202,7 @@ impl Tester<'_> {
                 // a different summation order, so against the CPU like the first rows.
                 gpu.set_deep_pipelines(true);
                 if gpu.set_wgmma(true) {
-                    let self_reduce = gpu.set_splitk_self_reduce(false);
-                    let (wg, wg_grad) = self.network_rows(
+                    self.network_rows(
                         &mut gpu,
                         &io,
                         [
@@ -213,20 +212,6 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
-                    // Split launches that reduce their own splits: the same sums in the same
-                    // order, so the same bits.
-                    gpu.set_splitk_self_reduce(true);
-                    self.network_rows(
-                        &mut gpu,
-                        &io,
-                        [
-                            format!("{label} forward, wgmma, split-K reduced in the launch"),
-                            format!("{label} vjp, wgmma, split-K reduced in the launch"),
-                        ],
-                        (wg.data(), wg_grad.data()),
-                        (0.0, 0.0),
-                    )?;
-                    gpu.set_splitk_self_reduce(self_reduce);
                     // GroupNorm partial sums from the steps that write their inputs (the
                     // convolutions' only with the lean or TMA loaders, which the switches leave
                     // on): the f64 sums in another order, so against the CPU.

@@ -144,8 +144,7 @@ impl CudaUnet {
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = !switches::is("INVDIFF_NO_CUDA_GRAPH", "1");
         let streams = streams_wanted();
-        let choice =
-            KernelConfig::from_switches(gpu.kernels.capabilities(), precision).on_streams(streams);
+        let choice = KernelConfig::from_switches(gpu.kernels.capabilities(), precision);
         let side = match streams {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
@@ -200,15 +199,11 @@ impl CudaUnet {
         self.direct = on;
     }
 
-    /// Runs `change` on the kernel choices (then held to what this network's streams allow,
-    /// [`KernelConfig::on_streams`]), for comparisons, and drops every plan, which the new
-    /// choices may lay out otherwise; returns the choices it replaced.
+    /// Runs `change` on the kernel choices, for comparisons, and drops every plan, which the
+    /// new choices may lay out otherwise; returns the choices it replaced.
     fn change_choice(&mut self, change: impl FnOnce(&mut KernelConfig)) -> KernelConfig {
         let before = self.choice;
         change(&mut self.choice);
-        self.choice = self
-            .choice
-            .on_streams(self.side.as_ref().map_or(1, SideStreams::total));
         self.plans.clear();
         self.tape = None;
         before
@@ -260,14 +255,6 @@ impl CudaUnet {
             c.half_conv_outputs = convs;
         });
         (before.half_gn_inputs, before.half_conv_outputs)
-    }
-
-    /// Has split wgmma launches reduce their own splits where the program can (`on`,
-    /// [`KernelConfig::splitk_self_reduce`], never on more than two streams) or never, for
-    /// comparisons; drops every plan. Returns the choice it replaced.
-    pub(crate) fn set_splitk_self_reduce(&mut self, on: bool) -> bool {
-        self.change_choice(|c| c.splitk_self_reduce = on)
-            .splitk_self_reduce
     }
 
     /// Folds upsamplings into the convolutions after them where the program can (`on`,

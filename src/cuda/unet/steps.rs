@@ -105,7 +105,6 @@ pub(super) fn launch(
                 res: opt(c.residual),
                 ws: opt(c.workspace),
                 gn_partial: opt(c.gn_partial),
-                tile_counters: opt(c.tile_counters),
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
