@@ -118,10 +118,7 @@ DEVI void store_pair(const ConvArgs& a, bool split, int M, int m, RowCoord rc, l
 // the bit; the IEEE division is a reciprocal, two corrections and a slow-path test per value.
 // KEEP (the lean wgmma kernels): where `keep` is not null, each pair is also stored at
 // keep + 8i, for the GroupNorm partial sums (wg_stats in conv_wgmma.cu).
-// OUT16 (the `_out16` TMA kernels, INVDIFF_GN_HALF_INPUT): y holds 16-bit values of that kind
-// (1 bf16, 2 fp16; pack_half2's rounding), never accumulated onto; what KEEP stages is then
-// the rounded values widened, what a GroupNorm reading y sums.
-template <int NP, bool SKIP_DIV1 = false, bool KEEP = false, int OUT16 = 0>
+template <int NP, bool SKIP_DIV1 = false, bool KEEP = false>
 DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const float2 (&v)[NP],
                      float* keep = nullptr) {
     const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
@@ -142,7 +139,7 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
             e[i].x += r.x;
             e[i].y += r.y;
         }
-        if (OUT16 == 0 && a.accumulate) old[i] = *reinterpret_cast<const float2*>(a.y + pix * a.ncols + col);
+        if (a.accumulate) old[i] = *reinterpret_cast<const float2*>(a.y + pix * a.ncols + col);
     }
 #pragma unroll
     for (int i = 0; i < NP; ++i) {
@@ -157,17 +154,11 @@ DEVI void finish_row(const ConvArgs& a, int img, long long pix, int col0, const 
             r.x = r.x / a.out_div;
             r.y = r.y / a.out_div;
         }
-        if (OUT16 == 0 && a.accumulate) {
+        if (a.accumulate) {
             r.x += old[i].x;
             r.y += old[i].y;
         }
-        if constexpr (OUT16 != 0) {
-            const uint32_t h = pack_half2(r.x, r.y, OUT16);
-            *reinterpret_cast<uint32_t*>(reinterpret_cast<uint16_t*>(a.y) + pix * a.ncols + col) = h;
-            r = unpack_half2(h, OUT16);
-        } else {
-            *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = r;
-        }
+        *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = r;
         if (KEEP && keep != nullptr) *reinterpret_cast<float2*>(keep + 8 * i) = r;
     }
 }

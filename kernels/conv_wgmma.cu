@@ -53,13 +53,6 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
-// 16-bit outputs (the `_rows_tma_out16` kernels, INVDIFF_GN_HALF_INPUT): the TMA forms
-// writing y in their product type, rounded as a conversion would round it, for an output whose
-// readers all take 16 bits (a GroupNorm that then reads half the bytes); their GroupNorm sums,
-// where asked, are over the rounded values. Unsplit and never accumulating (the host refuses
-// both; no accumulation is compiled in). Separate kernels, so that the others' code is
-// unchanged.
-//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -293,7 +286,7 @@ constexpr int STATS_PITCH = WG_TN + 8;
 // (`split`), else finished into y, pair by pair (store_pair) or ROW_PAIRS pairs of a row at a
 // time (ROWS: finish_row; with LEAN, no division by an out_div of 1, and where `keep` is not
 // null the finished values also staged there, row r - m0 at keep + (r - m0) * STATS_PITCH).
-template <bool ROWS, bool LEAN, int OUT16 = 0>
+template <bool ROWS, bool LEAN>
 DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, bool split,
                       float* keep = nullptr) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -317,7 +310,7 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
                 }
                 const int col0 = 8 * ROW_PAIRS * part + 2 * q;
                 float* kept = LEAN && keep != nullptr ? keep + (m - m0) * STATS_PITCH + col0 : nullptr;
-                finish_row<ROW_PAIRS, LEAN, LEAN, OUT16>(a, rc.img, pix, n0 + col0, v, kept);
+                finish_row<ROW_PAIRS, LEAN, LEAN>(a, rc.img, pix, n0 + col0, v, kept);
             }
             continue;
         }
@@ -390,11 +383,10 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // memory accelerator through the maps in `tma` (TmaLoads), and every thread waits on the
 // stage's mbarrier instead of its own copies. Only for launches whose slices are whole taps
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
-template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, int OUT16 = 0>
+template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
-    static_assert(OUT16 == 0 || TMA, "16-bit outputs from the TMA kernels only");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
@@ -677,7 +669,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             keep = reinterpret_cast<float*>(smem + (base - smem_addr(smem)));
         }
     }
-    wg_epilogue<ROWS, LEAN, OUT16>(a, acc, M, m0, n0, gridDim.z > 1, keep);
+    wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, keep);
     if (LEAN && keep != nullptr) wg_stats<TM>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
@@ -735,15 +727,3 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
-
-// The TMA forms writing y in 16 bits of their product type (OUT16 = T; INVDIFF_GN_HALF_INPUT).
-#define WG_TMA_OUT16_KERNEL(name, T, TILE)                                                           \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, T>(a, wg_dsmem, nullptr, TmaLoads{&ta, &tb});       \
-    }
-WG_TMA_OUT16_KERNEL(conv_wgmma_bf16_rows_tma_out16, 1, PlainTile)
-WG_TMA_OUT16_KERNEL(conv_wgmma_fp16_rows_tma_out16, 2, PlainTile)
-WG_TMA_OUT16_KERNEL(conv_wgmma_bf16_rows_tma_out16_tall, 1, TallTile)
-WG_TMA_OUT16_KERNEL(conv_wgmma_fp16_rows_tma_out16_tall, 2, TallTile)

@@ -10,7 +10,6 @@
 # device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     gn_half_input:INVDIFF_GN_HALF_INPUT=1
-    gn_half_input_concat:INVDIFF_GN_HALF_INPUT=concat
     gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=1
     half_copy_fused:INVDIFF_HALF_COPY_FUSED=1
     attn_tf32:INVDIFF_ATTN_TF32=1

@@ -89,9 +89,6 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
         if c.launch.prefetch {
             variant += ", prefetch";
         }
-        if c.launch.half_output {
-            variant += ", 16-bit output";
-        }
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);

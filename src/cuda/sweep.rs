@@ -198,10 +198,9 @@ pub fn sweep_convolutions(
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only), the
 /// wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, and the planned
-/// launch itself (the only one that may write a 16-bit output, [`ConvLaunch::half_output`]). No
-/// variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the sweep's launches read
-/// no residual and do not accumulate, so it would time nothing (a planned launch keeps its own,
-/// which reads nothing here either).
+/// launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the
+/// sweep's launches read no residual and do not accumulate, so it would time nothing (a planned
+/// launch keeps its own, which reads nothing here either).
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
     let ConvKernel::Tensor(precision) = planned.kernel else {
         return vec![planned];
@@ -225,7 +224,6 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             lean_loads: false,
             tma_loads: false,
             prefetch: false,
-            half_output: false,
             tile: WgmmaTile::Plain,
             ..planned
         };
@@ -261,7 +259,6 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 half_input: true,
                 wgmma: true,
                 prefetch: false,
-                half_output: false,
                 ..planned
             };
             let tma = tma_tried(shape);
@@ -390,9 +387,7 @@ fn sweep_one(
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
         let ms = mean_ms(st, iters, launch)?;
-        // A 16-bit-output launch has no counting kernel (the planned one with
-        // INVDIFF_GN_HALF_INPUT): timed only.
-        let cycles = if c.wgmma && !c.half_output {
+        let cycles = if c.wgmma {
             probe(gpu, shape, c, ptrs)?
         } else {
             None
@@ -695,14 +690,13 @@ mod tests {
         // With 16-bit GroupNorm inputs, those GroupNorms are rows of their own.
         let tc = KernelConfig {
             half_gn_inputs: true,
-            half_conv_outputs: true,
             ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
         };
         let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, tc).unwrap();
         let rows = distinct_norms(&p.steps, 1, 256, 256);
         assert_eq!(rows.iter().map(|r| r.3).sum::<usize>(), 71);
         let x16: usize = rows.iter().filter(|r| r.0 .7.is_some()).map(|r| r.3).sum();
-        assert_eq!(x16, 28);
+        assert_eq!(x16, 18);
     }
 
     /// The probe's counters become per-warpgroup means and shares that add up to one; a launch
@@ -777,7 +771,6 @@ mod tests {
                             assert!(!c[..i].contains(l), "{l:?} twice");
                         }
                         for l in c {
-                            assert!(!l.half_output, "{l:?}");
                             assert!(
                                 l.wgmma
                                     || (l.tile == WgmmaTile::Plain

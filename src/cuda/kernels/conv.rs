@@ -107,27 +107,6 @@ pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
     out
 }
 
-/// The 16-bit-output TMA kernels (`_rows_tma_out16`, [`ConvLaunch::half_output`]) in
-/// [`Kernels`]' table order: the tile ([`WgmmaTile::ALL`]'s order), then bf16 or fp16.
-pub(super) fn wgmma_out16_kernel_names() -> Vec<(String, WgmmaTile)> {
-    let mut out = Vec::new();
-    for (tile, name) in WgmmaTile::ALL {
-        for t in ["bf16", "fp16"] {
-            out.push((format!("conv_wgmma_{t}_rows_tma_out16{name}"), tile));
-        }
-    }
-    out
-}
-
-/// Where a 16-bit-output launch's kernel sits in that table.
-fn wgmma_out16_index(precision: Precision, plan: &ConvLaunch) -> usize {
-    let tile = WgmmaTile::ALL
-        .iter()
-        .position(|&(t, _)| t == plan.tile)
-        .unwrap_or(0);
-    usize::from(precision == Precision::Fp16) + 2 * tile
-}
-
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
 /// cycles of each [`WGMMA_PROBE_PHASES`] phase summed over warpgroups, the number of
 /// warpgroups, the number of K slices they multiplied.
@@ -398,12 +377,10 @@ impl Kernels {
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
-            || (plan.half_output && !(plan.tma_loads && plan.splits == 1 && !accumulate))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, 16-bit output {} \
-                 (accumulating {accumulate}), {} splits and tile {:?}",
+                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?}",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -412,7 +389,6 @@ impl Kernels {
                 plan.lean_loads,
                 plan.tma_loads,
                 plan.prefetch,
-                plan.half_output,
                 plan.splits,
                 plan.tile
             )));
@@ -438,19 +414,7 @@ impl Kernels {
                         "internal: split-K not a multiple of the tensor-core K slice".into(),
                     ));
                 }
-                if plan.half_output {
-                    if probe.is_some() {
-                        return Err(Error::Cuda(
-                            "internal: a cycle probe of a 16-bit-output launch".into(),
-                        ));
-                    }
-                    let wg = self.conv_wgmma_out16.as_ref().ok_or_else(|| {
-                        Error::Cuda(
-                            "internal: wgmma convolution planned on a device without it".into(),
-                        )
-                    })?;
-                    (&wg[wgmma_out16_index(precision, plan)], plan.tile.smem())
-                } else if plan.wgmma {
+                if plan.wgmma {
                     let kernels = if probe.is_some() {
                         &self.conv_wgmma_probe
                     } else {
@@ -690,28 +654,6 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), names.len());
-        // The 16-bit-output TMA forms, in their own table.
-        let out16 = wgmma_out16_kernel_names();
-        let mut seen = Vec::new();
-        for precision in [Precision::Bf16, Precision::Fp16] {
-            let wp = plan_wgmma(&shape, 132, precision).unwrap();
-            for (tile, suffix) in WgmmaTile::ALL {
-                let plan = ConvLaunch {
-                    row_epilogue: true,
-                    lean_loads: true,
-                    tma_loads: true,
-                    half_output: true,
-                    ..on_tile(wp, tile).unwrap()
-                };
-                let i = wgmma_out16_index(precision, &plan);
-                let name = format!("conv_wgmma_{}_rows_tma_out16{suffix}", precision.name());
-                assert_eq!(out16[i], (name, tile));
-                seen.push(i);
-            }
-        }
-        seen.sort_unstable();
-        seen.dedup();
-        assert_eq!(seen.len(), out16.len());
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its

@@ -370,10 +370,6 @@ pub(crate) struct ConvLaunch {
     /// (`ConvArgs::prefetch`), so that those reads overlap its products; unsplit launches
     /// that read either only (the program sets it). The same bits.
     pub prefetch: bool,
-    /// With `tma_loads`, unsplit, not accumulating: `y` holds 16-bit values of the product
-    /// precision (the `_rows_tma_out16` kernels), for an output only a GroupNorm reads
-    /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)).
-    pub half_output: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
 }
@@ -699,7 +695,6 @@ impl ConvLaunch {
             lean_loads: false,
             tma_loads: false,
             prefetch: false,
-            half_output: false,
             tile: WgmmaTile::Plain,
         }
     }

@@ -11,8 +11,7 @@
 //! - `conv_gemm_vec` / `conv_gemm_any`: 256; (⌈M/128⌉, ⌈ncols/128⌉, splits), 16.6 KB shared;
 //!   `conv_tc_*` (tensor cores): the same grid, 37.9 KB shared, or 74 / 93.5 KB of dynamic
 //!   shared memory for the deep pipelines;
-//!   `conv_wgmma_*` (sm_90a, 16-bit inputs; `_out16`: 16-bit outputs too): the same grid, 97 KB
-//!   dynamic, 2 per multiprocessor;
+//!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic, 2 per multiprocessor;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
@@ -72,7 +71,7 @@ pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{narrow_smem, wgmma_kernel_names, wgmma_out16_kernel_names, TC_KERNELS};
+use conv::{narrow_smem, wgmma_kernel_names, TC_KERNELS};
 use conv_plan::DIRECT_MAX;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
@@ -215,15 +214,10 @@ pub(crate) struct Kernels {
     conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
-    /// The TMA forms writing 16-bit outputs (`_rows_tma_out16`, [`ConvLaunch::half_output`]),
-    /// in `conv::wgmma_out16_kernel_names` order.
-    conv_wgmma_out16: Option<[CudaFunction; WGMMA_OUT16_KERNELS]>,
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
-/// Both precisions of the 16-bit-output TMA form of every wgmma tile.
-const WGMMA_OUT16_KERNELS: usize = 2 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 
@@ -304,7 +298,7 @@ impl Kernels {
             .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
-        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_out16) = match wgmma_module {
+        let (conv_wgmma, conv_wgmma_probe) = match wgmma_module {
             Some((name, image)) if info.compute_capability == (9, 0) => {
                 let m = cu(
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
@@ -314,24 +308,17 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, bytes)
                 };
-                let table = |names: Vec<(String, WgmmaTile)>| -> Result<Vec<CudaFunction>> {
-                    names
+                let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
+                    let out = wgmma_kernel_names(suffix)
                         .iter()
                         .map(|(kernel, tile)| f(kernel, tile.smem()))
-                        .collect()
-                };
-                let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
-                    table(wgmma_kernel_names(suffix))?
-                        .try_into()
+                        .collect::<Result<Vec<_>>>()?;
+                    out.try_into()
                         .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
                 };
-                let out16: [CudaFunction; WGMMA_OUT16_KERNELS] =
-                    table(wgmma_out16_kernel_names())?.try_into().map_err(|_| {
-                        Error::Cuda("internal: wgmma 16-bit output kernel table".into())
-                    })?;
-                (Some(all("")?), Some(all("_probe")?), Some(out16))
+                (Some(all("")?), Some(all("_probe")?))
             }
-            _ => (None, None, None),
+            _ => (None, None),
         };
         // The fused attention where a block may have its shared memory.
         let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
@@ -417,7 +404,6 @@ impl Kernels {
             timing_hold: get("timing", "timing_hold")?,
             conv_wgmma,
             conv_wgmma_probe,
-            conv_wgmma_out16,
         })
     }
 
@@ -540,9 +526,6 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
-        let out16 = wgmma_out16_kernel_names();
-        assert_eq!(out16.len(), WGMMA_OUT16_KERNELS);
-        asked.extend(out16.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");
     }

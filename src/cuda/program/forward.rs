@@ -2,7 +2,7 @@
 
 #[cfg(doc)]
 use super::KernelConfig;
-use super::{Buf, ConvStep, Lowering, Step, WKind, W};
+use super::{Buf, Lowering, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::precision::Precision;
 use crate::model::graph::{Op, Space, Tid};
@@ -125,7 +125,6 @@ impl Lowering<'_> {
                 let tb = temb.map(|t| self.val(t)).transpose()?;
                 let rb = residual.map(|r| self.val(r)).transpose()?;
                 let yb = self.new_value(y);
-                let single = shapes.len() == 1;
                 for shape in shapes {
                     let mut s = self.conv_step(shape, xb, W { pid: p, kind }, yb, half_input);
                     s.bias = Some(W {
@@ -135,16 +134,6 @@ impl Lowering<'_> {
                     s.temb = tb;
                     s.residual = rb;
                     s.out_div = out_div;
-                    // In 16 bits where every reader takes 16 bits (a GroupNorm of 16-bit input),
-                    // from a launch that can write them (KernelConfig::half_gn_inputs).
-                    if single && !record && self.half_output_fits(&s, y)? {
-                        s.launch.half_output = true;
-                        let len = self.numel(y).div_ceil(2);
-                        let b = &mut self.bufs[yb.0];
-                        b.len = len;
-                        b.what += " (16-bit)";
-                        self.half[y] = true;
-                    }
                     self.steps.push(Step::Conv(s));
                 }
             }
@@ -303,23 +292,6 @@ impl Lowering<'_> {
         let c = self.choice;
         let ok = c.half_gn_inputs && c.half_concat && c.deep && self.precision.is_half();
         Ok(ok && self.read_in_16_bits(y)?)
-    }
-
-    /// Whether convolution step `s` may write its output `y` in 16 bits
-    /// ([`KernelConfig::half_gn_inputs`] with `half_conv_outputs`): bf16/fp16 with the deep
-    /// pipelines, a TMA launch, unsplit and not accumulating (the `_rows_tma_out16` kernels),
-    /// and every reader of `y` a 16-bit GroupNorm or launch
-    /// ([`read_in_16_bits`](Self::read_in_16_bits)).
-    fn half_output_fits(&self, s: &ConvStep, y: Tid) -> Result<bool> {
-        let c = self.choice;
-        let launch = c.half_gn_inputs
-            && c.half_conv_outputs
-            && c.deep
-            && self.precision.is_half()
-            && s.launch.tma_loads
-            && s.launch.splits == 1
-            && !s.accumulate;
-        Ok(launch && self.read_in_16_bits(y)?)
     }
 
     /// Whether concatenation output `y` gets a 16-bit copy ([`KernelConfig::half_concat`]): in

@@ -38,19 +38,14 @@ pub(crate) struct KernelConfig {
     /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
-    /// In a forward that records nothing (bf16/fp16 with `deep`), values whose readers all take
-    /// 16 bits at no loss of their own (a GroupNorm with a 16-bit output, through the `_x16`
-    /// kernels in kernels/norm.cu; the main input of a tensor-core launch) are stored in 16 bits
-    /// only: the up path's concatenations (with `half_concat`, `concat_channels_half` in
-    /// kernels/resample.cu) and the residual blocks' first convolutions where their launch is
-    /// unsplit with TMA loads (the `_rows_tma_out16` kernels). Their GroupNorms' statistics and
-    /// outputs then come from the rounded values; half the bytes of those values' writes (all
-    /// of the concatenation's fp32 ones) and of the GroupNorms' reads. With `gn_producer_sums`
-    /// the producers sum the values they round.
+    /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`), the up
+    /// path's concatenations, whose readers all take 16 bits at no loss of their own (a
+    /// GroupNorm with a 16-bit output, through the `_x16` kernels in kernels/norm.cu; the main
+    /// input of a tensor-core launch), are stored in 16 bits only (`concat_channels_half` in
+    /// kernels/resample.cu). Their GroupNorms' statistics and outputs then come from the
+    /// rounded values; no fp32 concatenation is written, and the GroupNorms read half the
+    /// bytes. With `gn_producer_sums` the concatenation sums the values it rounds.
     pub half_gn_inputs: bool,
-    /// With `half_gn_inputs`: the convolution outputs too, not only the concatenations
-    /// (`INVDIFF_GN_HALF_INPUT=concat` leaves them out, to time and check the halves apart).
-    pub half_conv_outputs: bool,
     /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
     /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.
     pub gn_ilp: bool,
@@ -131,7 +126,6 @@ impl Default for KernelConfig {
             gn_one_pass: false,
             gn_producer_sums: false,
             half_gn_inputs: false,
-            half_conv_outputs: false,
             gn_ilp: false,
             half_concat: false,
             half_copy: false,
@@ -176,7 +170,6 @@ impl KernelConfig {
             gn_one_pass: true,
             gn_producer_sums: false,
             half_gn_inputs: false,
-            half_conv_outputs: false,
             gn_ilp: true,
             half_concat: true,
             half_copy: true,
@@ -213,10 +206,7 @@ impl KernelConfig {
             wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
-            half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs)
-                || switches::is("INVDIFF_GN_HALF_INPUT", "concat"),
-            half_conv_outputs: !switches::is("INVDIFF_GN_HALF_INPUT", "concat")
-                && kept("INVDIFF_GN_HALF_INPUT", tuned.half_conv_outputs),
+            half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs),
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
@@ -243,14 +233,7 @@ impl KernelConfig {
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
             (self.gn_producer_sums, "GroupNorm sums from their producers"),
-            (
-                self.half_gn_inputs && self.half_conv_outputs,
-                "16-bit GroupNorm inputs",
-            ),
-            (
-                self.half_gn_inputs && !self.half_conv_outputs,
-                "16-bit GroupNorm inputs (concatenations)",
-            ),
+            (self.half_gn_inputs, "16-bit GroupNorm inputs"),
             (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),

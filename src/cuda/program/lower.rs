@@ -182,10 +182,9 @@ impl Lowering<'_> {
                     *sums = Some((partial, given));
                     Some(given)
                 }
-                // A 16-bit output's epilogue sums the values it rounds (x_half).
                 Step::Conv(conv)
                     if conv.y == x
-                        && conv.launch.half_output == x_half.is_some()
+                        && x_half.is_none()
                         && !conv.accumulate
                         && conv.gn_partial.is_none()
                         && conv.shape.ncols == c
@@ -387,8 +386,7 @@ impl Lowering<'_> {
     /// Whether every reader of `y` (one at least; not the network's output; channels in units
     /// of four) reads it as 16-bit values at no loss of its own: a GroupNorm with a 16-bit
     /// output (its `_x16` kernels), or the main input of a tensor-core launch (which rounds it
-    /// anyway). [`KernelConfig::half_gn_inputs`] stores such concatenations and convolution
-    /// outputs in 16 bits.
+    /// anyway). [`KernelConfig::half_gn_inputs`] stores such concatenations in 16 bits.
     pub(super) fn read_in_16_bits(&self, y: Tid) -> Result<bool> {
         let g = self.g;
         let mut readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).peekable();

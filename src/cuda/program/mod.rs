@@ -136,8 +136,8 @@ pub(crate) enum Step {
     Conv(ConvStep),
     GroupNorm {
         x: Buf,
-        /// `x` holds 16-bit values in this precision: a concatenation or convolution output
-        /// written in 16 bits only ([`KernelConfig::half_gn_inputs`]).
+        /// `x` holds 16-bit values in this precision: a concatenation written in 16 bits only
+        /// ([`KernelConfig::half_gn_inputs`]).
         x_half: Option<Precision>,
         y: Buf,
         gamma: W,
@@ -521,9 +521,8 @@ impl Program {
     /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,
     /// when that is its only contribution and the convolution's input gradient its only reader.
     /// With [`KernelConfig::half_gn_inputs`], in a forward that records nothing, concatenations
-    /// and convolution outputs whose readers are GroupNorms (16-bit output) and such launches
-    /// are stored in 16 bits too; the GroupNorm then works from the rounded values, which does
-    /// change its result.
+    /// whose readers are their GroupNorm and such launches are stored in 16 bits too; the
+    /// GroupNorm then works from the rounded values, which does change its result.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,

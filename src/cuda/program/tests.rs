@@ -5,8 +5,7 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    gn_partial_fits, im2col_box, Capabilities, ConvKernel, ConvLaunch, ConvShape, WgmmaTile,
-    LINEAR_ITEM_WORDS,
+    gn_partial_fits, im2col_box, Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -216,12 +215,6 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 let extra = epilogue_inputs(c, &val);
                 let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
                 val[c.y.0] = conv_value(step, main, &extra, old, c.out_div);
-                // A 16-bit output (half_gn_inputs), which only a GroupNorm of 16-bit input
-                // reads: as for a concatenation in 16 bits only.
-                if c.launch.half_output {
-                    converted.insert(c.y, val[c.y.0]);
-                    val[c.y.0] = half(val[c.y.0]);
-                }
             }
             _ => {
                 // The fused attention backward also reads the forward's output, a function
@@ -375,7 +368,6 @@ fn every_buffer_is_written_before_it_is_read() {
     // A forward with concatenations in 16 bits only.
     let half_inputs = KernelConfig {
         half_gn_inputs: true,
-        half_conv_outputs: true,
         ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
     };
     let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, half_inputs).unwrap();
@@ -846,33 +838,29 @@ fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
     }
 }
 
-/// With half_gn_inputs, in a forward that records nothing, a concatenation or convolution
-/// output is written in 16 bits only exactly where every reader takes it so: a GroupNorm (16-bit
-/// output, reading it through the `_x16` kernels, its partial sums from the producer where
-/// producer sums gave them before) and a 1x1 shortcut's launch (16-bit input); for a
-/// convolution, only where its launch can write 16 bits (TMA, unsplit). Every other step as in
-/// the tuned program, and the same launches. A recording forward keeps every
+/// With half_gn_inputs, in a forward that records nothing, a concatenation is written in 16
+/// bits only exactly where every reader takes it so: its GroupNorm (16-bit output, reading it
+/// through the `_x16` kernels, its partial sums from the concatenation where producer sums
+/// gave them before) and its 1x1 shortcut's launch (16-bit input); every other step as in the
+/// tuned program, and the same launches. A recording forward keeps every
 /// concatenation in fp32, and so does fp32.
 #[test]
-fn values_read_only_in_16_bits_are_written_so() {
+fn concatenations_read_only_in_16_bits_are_written_so() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    // (batch, precision, producer sums, per-image plans, deep pipelines, 16-bit concat copies,
-    // convolution outputs too)
+    // (batch, precision, producer sums, per-image plans, deep pipelines, 16-bit concat copies)
     let cases = [
-        (1, Precision::Bf16, true, false, true, true, true),
-        (8, Precision::Fp16, true, false, true, true, true),
-        (2, Precision::Bf16, false, true, true, true, true),
-        (1, Precision::Fp32, true, false, true, true, true),
-        (1, Precision::Tf32, false, false, true, true, true),
-        (1, Precision::Bf16, false, false, false, true, true),
-        (1, Precision::Bf16, false, false, true, false, true),
-        (8, Precision::Bf16, true, false, true, true, false),
+        (1, Precision::Bf16, true, false, true, true),
+        (8, Precision::Fp16, true, false, true, true),
+        (2, Precision::Bf16, false, true, true, true),
+        (1, Precision::Fp32, true, false, true, true),
+        (1, Precision::Tf32, false, false, true, true),
+        (1, Precision::Bf16, false, false, false, true),
+        (1, Precision::Bf16, false, false, true, false),
     ];
-    for (n, precision, sums, batch_invariant, deep, half_concat, convs_too) in cases {
+    for (n, precision, sums, batch_invariant, deep, half_concat) in cases {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
         let on = KernelConfig {
             half_gn_inputs: true,
-            half_conv_outputs: convs_too,
             gn_producer_sums: sums,
             batch_invariant,
             deep,
@@ -881,10 +869,6 @@ fn values_read_only_in_16_bits_are_written_so() {
         };
         let build = |record, tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc);
         let recording = build(true, on).unwrap();
-        assert!(!recording
-            .steps
-            .iter()
-            .any(|s| matches!(s, Step::Conv(c) if c.launch.half_output)));
         assert!(!recording.steps.iter().any(|s| matches!(
             s,
             Step::Concat {
@@ -906,103 +890,75 @@ fn values_read_only_in_16_bits_are_written_so() {
         let p = build(false, on).unwrap();
         assert_eq!(base.steps.len(), p.steps.len());
         assert_eq!(base.launches(), p.launches());
-        let (mut concats, mut convs) = (0, 0);
+        let mut taken = 0;
         for (i, (a, s)) in base.steps.iter().zip(&p.steps).enumerate() {
-            // The GroupNorm that reads a 16-bit value, and the convolution launches that read a
-            // concatenation's (its 1x1 shortcut's).
-            let gn_of_16_bits = |r: &Step, sums: bool| match r {
-                Step::GroupNorm {
-                    x_half,
-                    half_out,
-                    split,
-                    ..
-                } => {
-                    assert_eq!((*x_half, *half_out), (Some(precision), Some(precision)));
-                    assert_eq!(split.from_producer, sums, "step {i}");
-                    true
-                }
-                _ => false,
-            };
-            let readers = |y: Buf| -> Vec<&Step> {
-                p.steps.iter().filter(|r| r.io().0.contains(&y)).collect()
-            };
-            match (a, s) {
-                (
-                    Step::Concat { sums: own, .. },
-                    &Step::Concat {
-                        y,
-                        y16,
-                        half_out: Some(q),
-                        sums,
-                        pixels,
-                        ca,
-                        cb,
-                        ..
-                    },
-                ) => {
-                    concats += 1;
-                    assert_eq!((q, y16), (precision, None));
-                    // With producer sums, the concatenation sums the values it rounds.
-                    assert_eq!(sums.is_some(), own.is_some(), "step {i}");
-                    assert_eq!(p.bufs[y.0].len, (pixels * (ca + cb)).div_ceil(2));
-                    let r = readers(y);
-                    assert_eq!(r.len(), 2, "step {i}");
-                    for r in r {
-                        let shortcut = matches!(r, Step::Conv(c)
-                            if c.launch.half_input && c.shape.taps.len() == 1);
-                        assert!(shortcut || gn_of_16_bits(r, sums.is_some()), "step {i}");
-                    }
-                }
-                (Step::Conv(b), Step::Conv(c)) if c.launch.half_output => {
-                    convs += 1;
-                    // The same launch, unsplit with TMA loads, its output half the size and
-                    // read by one GroupNorm only, with its sums where the fp32 one took them.
-                    assert_eq!(
-                        ConvLaunch {
-                            half_output: false,
-                            ..c.launch
-                        },
-                        b.launch
-                    );
-                    assert!(c.launch.tma_loads && c.launch.splits == 1 && !c.accumulate);
-                    let s = &c.shape;
-                    assert_eq!(p.bufs[c.y.0].len, (s.n * s.mh * s.mw * s.ncols).div_ceil(2));
-                    assert_eq!(c.gn_partial.is_some(), b.gn_partial.is_some(), "step {i}");
-                    let r = readers(c.y);
-                    assert!(r.len() == 1 && gn_of_16_bits(r[0], c.gn_partial.is_some()));
-                }
-                // Their GroupNorms' forms say "16-bit input" (checked above).
-                (
-                    _,
+            let Step::Concat {
+                y,
+                y16,
+                half_out: Some(q),
+                sums,
+                pixels,
+                ca,
+                cb,
+                ..
+            } = *s
+            else {
+                // Their GroupNorms' forms say "16-bit input" (checked below).
+                if !matches!(
+                    s,
                     Step::GroupNorm {
-                        x_half: Some(_), ..
-                    },
-                ) => {}
-                _ => assert_eq!(
-                    a.info(n, 256, 256).label(),
-                    s.info(n, 256, 256).label(),
-                    "step {i}"
-                ),
+                        x_half: Some(_),
+                        ..
+                    }
+                ) {
+                    assert_eq!(
+                        a.info(n, 256, 256).label(),
+                        s.info(n, 256, 256).label(),
+                        "step {i}"
+                    );
+                }
+                continue;
+            };
+            taken += 1;
+            assert_eq!((q, y16), (precision, None));
+            // With producer sums, the three-launch GroupNorms' (the concatenation sums the
+            // values it rounds).
+            let own = match a {
+                Step::Concat { sums, .. } => sums,
+                _ => panic!("step {i}: the same steps"),
+            };
+            assert_eq!(sums.is_some(), own.is_some(), "step {i}");
+            assert_eq!(p.bufs[y.0].len, (pixels * (ca + cb)).div_ceil(2));
+            let readers: Vec<&Step> = p.steps.iter().filter(|r| r.io().0.contains(&y)).collect();
+            assert_eq!(readers.len(), 2, "step {i}");
+            for r in readers {
+                match r {
+                    Step::GroupNorm {
+                        x_half,
+                        half_out,
+                        split,
+                        ..
+                    } => {
+                        assert_eq!((*x_half, *half_out), (Some(precision), Some(precision)));
+                        assert_eq!(split.from_producer, sums.is_some());
+                    }
+                    Step::Conv(c) => assert!(c.launch.half_input && c.shape.taps.len() == 1),
+                    other => panic!("step {i} read by {other:?}"),
+                }
             }
         }
         // The up path's 18 concatenations, each read by a residual block's first GroupNorm
-        // and 1x1 shortcut, and the residual blocks' first convolutions where their launch is
-        // unsplit with TMA loads (the 256x256 and 128x128 levels at batch 1, down to 32x32 at
-        // batch 8); none in fp32 or tf32, nor without the deep pipelines; no concatenation
-        // without the 16-bit copies.
-        let half = precision.is_half() && deep;
-        let want_concats = if half && half_concat { 18 } else { 0 };
+        // and 1x1 shortcut; none in fp32 or tf32, nor without the deep pipelines or the
+        // 16-bit copies.
+        let want = if precision.is_half() && deep && half_concat {
+            18
+        } else {
+            0
+        };
         assert_eq!(
-            concats, want_concats,
+            taken, want,
             "{precision} b{n}, deep {deep}, copies {half_concat}"
         );
-        // The b2 case plans per image, as at b1 (a plan for the whole b2 batch has 15).
-        let want_convs = match (half && convs_too, n) {
-            (false, _) => 0,
-            (true, 1 | 2) => 10,
-            (true, _) => 20,
-        };
-        assert_eq!(convs, want_convs, "{precision} b{n}, deep {deep}");
     }
 }
 
@@ -1066,7 +1022,6 @@ fn switches_compute_what_the_default_program_computes() {
                 fused_half_copies: true,
                 gn_producer_sums: true,
                 half_gn_inputs: true,
-                half_conv_outputs: true,
                 ..KernelConfig::tuned(Capabilities::HOPPER, precision)
             };
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");

@@ -1,7 +1,7 @@
 //! The other forms a tensor-core convolution launch can take (pipelines, epilogues, tiles, the
 //! cycle probe), each against the plain launch's result.
 
-use super::{round_half, unpack_half, SelftestRow, Tester};
+use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
     gn_partial_fits, on_tile, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
     DPtr, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
@@ -208,65 +208,6 @@ impl Tester<'_> {
             gpu_ms: ms,
             tolerance: 1e-12,
         });
-    }
-
-    /// Unsplit TMA wgmma launch `wp` of `shape` writing its output in 16 bits of its product
-    /// precision ([`ConvLaunch::half_output`], not accumulating): that output `want` (the same
-    /// launch's fp32 output) rounded to nearest even, to the bit; and where it can write the
-    /// GroupNorm partial sums too ([`gn_partial_fits`]), those over the rounded values.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn half_output_row(
-        &mut self,
-        shape: &ConvShape,
-        wp: ConvLaunch,
-        ptrs: ConvPtrs,
-        out_div: f32,
-        want: &[f32],
-        label: &str,
-        desc: &str,
-    ) -> Result<()> {
-        let ConvKernel::Tensor(precision) = wp.kernel else {
-            return Ok(());
-        };
-        if !(wp.tma_loads && wp.splits == 1) {
-            return Ok(());
-        }
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
-        let half = ConvLaunch {
-            half_output: true,
-            ..wp
-        };
-        let chunks = gn_partial_fits(shape, &half);
-        let (n, c) = (shape.n, shape.ncols);
-        let y = self.zeros(want.len().div_ceil(2))?;
-        let partial = self.zeros(chunks.map_or(0, |k| 4 * n * k * c))?;
-        let p = ConvPtrs {
-            y: y.ptr,
-            gn_partial: if chunks.is_some() { partial.ptr } else { 0 },
-            ..ptrs
-        };
-        let ms = self.timed(
-            || Ok(()),
-            || gpu.kernels.conv(st, shape, &half, p, out_div, false),
-        )?;
-        let got = unpack_half(&y.download(st)?, want.len(), precision);
-        let rounded: Vec<f32> = want.iter().map(|&v| round_half(v, precision)).collect();
-        let op = format!("{label} [{}] {precision} output", wgmma_path(&wp));
-        self.row_within(
-            format!("{op} vs the fp32 output rounded"),
-            desc.into(),
-            &got,
-            &rounded,
-            ms,
-            0.0,
-        );
-        let Some(chunks) = chunks else {
-            return Ok(());
-        };
-        let sums = partial.download(st)?;
-        let op = format!("{op}: GroupNorm sums");
-        self.gn_sums_row(&op, desc, &sums, &rounded, shape, chunks, ms);
-        Ok(())
     }
 
     /// Where the device has Hopper's wgmma kernel and `shape` suits it at `precision`: its

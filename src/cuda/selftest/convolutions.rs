@@ -538,7 +538,6 @@ impl Tester<'_> {
                     self.probe_row(&shape, v, ptrs, &wg_out, &label, &desc)?;
                 }
                 self.gn_partial_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
-                self.half_output_row(&shape, v, ptrs, out_div, &wg_out, &label, &desc)?;
             }
         }
         let dyd = self.up(dy)?;

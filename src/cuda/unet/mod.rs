@@ -245,16 +245,11 @@ impl CudaUnet {
             .gn_producer_sums
     }
 
-    /// Stores the concatenations (`concats`) and convolution outputs (`convs`, with `concats`)
-    /// that only 16-bit readers read in 16 bits, in forwards that record nothing, where the
-    /// program can ([`KernelConfig::half_gn_inputs`], `half_conv_outputs`), for comparisons;
-    /// drops every plan. Returns the choices it replaced.
-    pub(crate) fn set_half_gn_inputs(&mut self, (concats, convs): (bool, bool)) -> (bool, bool) {
-        let before = self.change_choice(|c| {
-            c.half_gn_inputs = concats;
-            c.half_conv_outputs = convs;
-        });
-        (before.half_gn_inputs, before.half_conv_outputs)
+    /// Stores the concatenations that only 16-bit readers read in 16 bits, in forwards that
+    /// record nothing, where the program can (`on`, [`KernelConfig::half_gn_inputs`]) or never,
+    /// for comparisons; drops every plan. Returns the choice it replaced.
+    pub(crate) fn set_half_gn_inputs(&mut self, on: bool) -> bool {
+        self.change_choice(|c| c.half_gn_inputs = on).half_gn_inputs
     }
 
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
