@@ -1,19 +1,17 @@
-# The GPU switches worth timing on a card (PERF.md, v0.6), one place for the scripts that time them
+# The GPU switches worth timing on a card (PERF.md, v0.7), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (split launches reducing their own splits and 16-bit GroupNorm inputs, staged at stop
-# 21; GroupNorm partial sums from the convolutions and concatenations that write their inputs,
-# staged at stop 20; 16-bit copies written by the concatenations' and GroupNorms' adjoints, staged
-# after v0.6; none yet timed; tf32 attention products, a default at v0.5 and slower at batch 1 at
-# v0.6; the fused attention, slower at v0.5 and v0.6), then each v0.6 default turned off (with TMA
-# on, no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream
-# count either way and each older default turned off (does it still pay on this card and workload?);
-# device_check.sh's deadline cuts from the end.
+# candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
+# attention, slower at v0.5 and v0.6), then each v0.7 default turned off (16-bit concatenations
+# for the GroupNorms, GroupNorm sums from their producers, 16-bit copies by their writers), each
+# v0.6 default turned off (with TMA on, no_lean only reaches the wgmma launches TMA does not
+# take), then the tall tiles, the stream count either way and each older default turned off (does
+# it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
-    gn_half_input:INVDIFF_GN_HALF_INPUT=1
-    gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=1
-    half_copy_fused:INVDIFF_HALF_COPY_FUSED=1
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
+    no_gn_half_input:INVDIFF_GN_HALF_INPUT=0
+    no_gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=0
+    no_half_copy_fused:INVDIFF_HALF_COPY_FUSED=0
     no_tma:INVDIFF_WGMMA_TMA=0
     no_lean:INVDIFF_WGMMA_LEAN=0
     no_gn_ilp:INVDIFF_GN_ILP=0

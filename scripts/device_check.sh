@@ -12,7 +12,7 @@
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 and
-#       v0.5 programs, every candidate on, then each entry of scripts/candidates.sh alone: each
+#       v0.5 and v0.6 programs, every candidate on, then each entry of scripts/candidates.sh alone: each
 #       default off, the stream count, each candidate) of out/invdiff-next if it exists, else
 #       out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for `v04`
 #       also its whole-network selftest rows, for `fold_all` its fp32 b1 rows, and for `all`
@@ -287,15 +287,17 @@ MODEL_ARG=()
 VBIN=$BIN
 [ -x "$NEXT" ] && VBIN=$NEXT
 # The v0.4 program (every later default off: what the defaults gain, in this run), the v0.5
-# one (v0.6's changes undone), every candidate on (ALL), then each entry of
+# one (v0.6's and v0.7's changes undone), the v0.6 one (v0.7's undone), every candidate on
+# (ALL), then each entry of
 # scripts/candidates.sh alone (the list tune.sh reads too: the candidates, each default turned
 # off, the stream count).
-V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1,INVDIFF_GN_ILP=0,INVDIFF_WGMMA_LEAN=0,INVDIFF_WGMMA_TMA=0,INVDIFF_HALF_COPY_SMALL=0,INVDIFF_EPI_PREFETCH=0
-V05=INVDIFF_GN_ILP=0,INVDIFF_WGMMA_LEAN=0,INVDIFF_WGMMA_TMA=0,INVDIFF_HALF_COPY_SMALL=0,INVDIFF_EPI_PREFETCH=0,INVDIFF_ATTN_TF32=1
-ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_ATTN_TF32=1,INVDIFF_HALF_COPY_FUSED=1,INVDIFF_GN_PRODUCER_SUMS=1,INVDIFF_GN_HALF_INPUT=1
+V04=INVDIFF_GN_ONE_PASS=0,INVDIFF_HALF_CONCAT=0,INVDIFF_HALF_COPY=0,INVDIFF_ALIAS_GRADS=0,INVDIFF_ROW_EPILOGUE=0,INVDIFF_ATTN_TF32=0,INVDIFF_WGMMA_TALL=0,INVDIFF_GEMM_SMALL_TILES=0,INVDIFF_UPSAMPLE_FOLD=0,INVDIFF_STREAMS=1,INVDIFF_GN_ILP=0,INVDIFF_WGMMA_LEAN=0,INVDIFF_WGMMA_TMA=0,INVDIFF_HALF_COPY_SMALL=0,INVDIFF_EPI_PREFETCH=0,INVDIFF_GN_PRODUCER_SUMS=0,INVDIFF_GN_HALF_INPUT=0,INVDIFF_HALF_COPY_FUSED=0
+V05=INVDIFF_GN_ILP=0,INVDIFF_WGMMA_LEAN=0,INVDIFF_WGMMA_TMA=0,INVDIFF_HALF_COPY_SMALL=0,INVDIFF_EPI_PREFETCH=0,INVDIFF_ATTN_TF32=1,INVDIFF_GN_PRODUCER_SUMS=0,INVDIFF_GN_HALF_INPUT=0,INVDIFF_HALF_COPY_FUSED=0
+V06=INVDIFF_GN_PRODUCER_SUMS=0,INVDIFF_GN_HALF_INPUT=0,INVDIFF_HALF_COPY_FUSED=0
+ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_ATTN_TF32=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
-VARIANTS=${VARIANTS-v04:$V04;v05:$V05;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
+VARIANTS=${VARIANTS-v04:$V04;v05:$V05;v06:$V06;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}
 variants=()
 want v && IFS=';' read -r -a variants <<< "$VARIANTS"
 # The variant that also gets the whole selftest, the b1 DPS profile and the 1000-step

@@ -66,12 +66,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_PRODUCER_SUMS",
         ON_OFF,
-        "GPU candidate: `1` has convolutions and concatenations write the partial sums of the GroupNorms that read them",
+        "GPU default: `0` has every GroupNorm sum its own input, not the convolution or concatenation that wrote it",
     ),
     choice(
         "INVDIFF_GN_HALF_INPUT",
         ON_OFF,
-        "GPU candidate: `1` writes concatenations that only 16-bit readers read in 16 bits alone, their GroupNorms reading them so (forwards that record nothing)",
+        "GPU default: `0` keeps fp32 concatenations in bf16/fp16 forwards that record nothing (by default only 16-bit ones, which their GroupNorms read)",
     ),
     choice(
         "INVDIFF_GN_ILP",
@@ -96,7 +96,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_HALF_COPY_FUSED",
         ON_OFF,
-        "GPU candidate: `1` has concatenation and GroupNorm adjoints write 16-bit copies of their outputs",
+        "GPU default: `0` converts concatenation and GroupNorm adjoints' outputs to 16 bits in launches of their own",
     ),
     choice(
         "INVDIFF_ALIAS_GRADS",

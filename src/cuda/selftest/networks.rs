@@ -169,13 +169,16 @@ impl Tester<'_> {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("{name} {precision}");
                 // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY,
-                // INVDIFF_ALIAS_GRADS and INVDIFF_UPSAMPLE_FOLD say: the rows below compare
-                // each choice. (The fold takes the deep pipelines, so the two-stage rows could
-                // not match a folded program.)
+                // INVDIFF_ALIAS_GRADS, INVDIFF_UPSAMPLE_FOLD, INVDIFF_GN_PRODUCER_SUMS and
+                // INVDIFF_GN_HALF_INPUT say: the rows below compare each choice. (The fold and
+                // the 16-bit concatenations take the deep pipelines, so the two-stage rows
+                // could not match a program with either.)
                 gpu.set_deep_pipelines(true);
                 gpu.set_wgmma(false);
                 gpu.set_moved_values(false);
                 gpu.set_upsample_fold(false);
+                gpu.set_gn_producer_sums(false);
+                gpu.set_half_gn_inputs(false);
                 let (got, grad) = self.network_rows(
                     &mut gpu,
                     &io,
@@ -215,7 +218,7 @@ impl Tester<'_> {
                     // GroupNorm partial sums from the steps that write their inputs (the
                     // convolutions' only with the lean or TMA loaders, which the switches leave
                     // on): the f64 sums in another order, so against the CPU.
-                    let before = gpu.set_gn_producer_sums(true);
+                    gpu.set_gn_producer_sums(true);
                     self.network_rows(
                         &mut gpu,
                         &io,
@@ -226,11 +229,11 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
-                    gpu.set_gn_producer_sums(before);
+                    gpu.set_gn_producer_sums(false);
                     // Concatenations stored in 16 bits only, their GroupNorms reading them so:
                     // the forward's GroupNorms of rounded values, so against the CPU (the
                     // recording forward of the second row keeps fp32 values).
-                    let before = gpu.set_half_gn_inputs(true);
+                    gpu.set_half_gn_inputs(true);
                     self.network_rows(
                         &mut gpu,
                         &io,
@@ -241,7 +244,7 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
-                    gpu.set_half_gn_inputs(before);
+                    gpu.set_half_gn_inputs(false);
                 }
                 // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
                 // level's 2^20-value gradients are copied): on mma.sync the same sums in the
@@ -288,9 +291,12 @@ impl Tester<'_> {
                     (eps_tol, grad_tol),
                 )?;
                 // Per-image plans with every choice that could depend on the batch on (the
-                // 16-bit copies' threshold and the fold's count the batch's values).
+                // 16-bit copies' threshold and the fold's count the batch's values; which
+                // launches can write GroupNorm sums depends on their split).
                 if n > 1 {
                     gpu.set_moved_values(true);
+                    gpu.set_gn_producer_sums(true);
+                    gpu.set_half_gn_inputs(true);
                     self.batch_invariance_rows(&mut gpu, &io, &label)?;
                     gpu.set_moved_values(false);
                 }

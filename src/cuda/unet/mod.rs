@@ -200,13 +200,11 @@ impl CudaUnet {
     }
 
     /// Runs `change` on the kernel choices, for comparisons, and drops every plan, which the
-    /// new choices may lay out otherwise; returns the choices it replaced.
-    fn change_choice(&mut self, change: impl FnOnce(&mut KernelConfig)) -> KernelConfig {
-        let before = self.choice;
+    /// new choices may lay out otherwise.
+    fn change_choice(&mut self, change: impl FnOnce(&mut KernelConfig)) {
         change(&mut self.choice);
         self.plans.clear();
         self.tape = None;
-        before
     }
 
     /// Chooses the deep tensor-core pipelines (`on`) or the two-stage ones with fp32
@@ -239,17 +237,16 @@ impl CudaUnet {
 
     /// Has convolutions and concatenations write the partial sums of the GroupNorms that read
     /// their outputs where the program can (`on`, [`KernelConfig::gn_producer_sums`]) or never, for
-    /// comparisons; drops every plan. Returns the choice it replaced.
-    pub(crate) fn set_gn_producer_sums(&mut self, on: bool) -> bool {
-        self.change_choice(|c| c.gn_producer_sums = on)
-            .gn_producer_sums
+    /// comparisons; drops every plan.
+    pub(crate) fn set_gn_producer_sums(&mut self, on: bool) {
+        self.change_choice(|c| c.gn_producer_sums = on);
     }
 
     /// Stores the concatenations that only 16-bit readers read in 16 bits, in forwards that
     /// record nothing, where the program can (`on`, [`KernelConfig::half_gn_inputs`]) or never,
-    /// for comparisons; drops every plan. Returns the choice it replaced.
-    pub(crate) fn set_half_gn_inputs(&mut self, on: bool) -> bool {
-        self.change_choice(|c| c.half_gn_inputs = on).half_gn_inputs
+    /// for comparisons; drops every plan.
+    pub(crate) fn set_half_gn_inputs(&mut self, on: bool) {
+        self.change_choice(|c| c.half_gn_inputs = on);
     }
 
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
