@@ -28,7 +28,7 @@
 //
 // The `_x16` kernels (INVDIFF_GN_HALF_INPUT) are the forward's partial sums, 16-bit apply and
 // one pass over an x stored in 16 bits (in a forward that records nothing, a concatenation
-// written only as the 16-bit copy the convolutions read, or a convolution's 16-bit output):
+// written only as the 16-bit copy the convolutions read):
 // each value widened exactly, so the fp32 kernels' results over the rounded values, for half
 // the bytes of x.
 //

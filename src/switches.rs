@@ -236,8 +236,7 @@ mod tests {
         assert_eq!(found, listed);
     }
 
-    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4, the 16-bit
-    /// GroupNorm inputs `concat` too), as
+    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4), as
     /// `KernelConfig::from_switches` and the launch choices do.
     #[test]
     fn defaults_and_candidates_read_zero_and_one() {

@@ -882,7 +882,7 @@ mod tests {
 
     /// Launches per batch-1 program (bf16, wgmma, 132 multiprocessors), PERF.md's census. The
     /// H200 runs counted v0.4's defaults at 455 per forward and 996 per DPS step, and the
-    /// defaults of [`KernelConfig::tuned`] at 393 and 855, both before the wgmma split rule of
+    /// defaults of that time at 393 and 855, both before the wgmma split rule of
     /// one block per multiprocessor a wave (`plan_wgmma` in src/cuda/kernels/conv_plan.rs),
     /// whose fewer splits take 10-23 reductions off.
     #[test]

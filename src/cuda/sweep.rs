@@ -687,11 +687,9 @@ mod tests {
             };
             assert!(mine.iter().all(|r| r.1 == kind));
         }
-        // With 16-bit GroupNorm inputs, those GroupNorms are rows of their own.
-        let tc = KernelConfig {
-            half_gn_inputs: true,
-            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-        };
+        // With 16-bit GroupNorm inputs (a default), those GroupNorms are rows of their own.
+        let tc = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        assert!(tc.half_gn_inputs);
         let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, tc).unwrap();
         let rows = distinct_norms(&p.steps, 1, 256, 256);
         assert_eq!(rows.iter().map(|r| r.3).sum::<usize>(), 71);

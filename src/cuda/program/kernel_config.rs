@@ -15,9 +15,11 @@ use {
 };
 
 /// Which kernels a program's steps run. The tensor-core pipeline choices compute the same
-/// results bit for bit; wgmma sums the same products in another order, and the one-pass
-/// GroupNorm adds its f64 sums in another order. [`KernelConfig::tuned`] holds the defaults;
-/// the switches turn each on or off, for comparisons.
+/// results bit for bit; wgmma sums the same products in another order, the one-pass GroupNorm
+/// and the convolutions' GroupNorm sums add their f64 sums in another order, the folded
+/// upsamplings round their summed weights, and the 16-bit GroupNorm inputs round the values
+/// their GroupNorms read. [`KernelConfig::tuned`] holds the defaults; the switches turn each
+/// on or off, for comparisons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct KernelConfig {
     /// The deep pipelines, and in bf16/fp16 16-bit intermediates
@@ -230,7 +232,7 @@ impl KernelConfig {
     }
 
     /// The choices that differ from the plain mma.sync program, in words, for reports (the
-    /// switches change the speed, and some the order of sums).
+    /// switches change the speed, and some the order of sums or a rounding).
     pub fn describe(&self) -> Vec<&'static str> {
         [
             (!self.deep, "two-stage pipelines"),

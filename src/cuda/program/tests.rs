@@ -358,20 +358,14 @@ fn every_buffer_is_written_before_it_is_read() {
         assert!(p.steps.iter().any(|s| matches!(s, Step::ToHalf { .. })));
         programs.push((true, p));
     }
-    // With GroupNorm partial sums written by the steps before them.
-    let sums = KernelConfig {
-        gn_producer_sums: true,
-        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-    };
-    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, sums).unwrap();
-    programs.push((true, p));
-    // A forward with concatenations in 16 bits only.
-    let half_inputs = KernelConfig {
-        half_gn_inputs: true,
-        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-    };
-    let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, half_inputs).unwrap();
-    programs.push((false, p));
+    // The defaults: GroupNorm partial sums written by the steps before them, and in a forward
+    // that records nothing concatenations in 16 bits only.
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    assert!(tuned.gn_producer_sums && tuned.half_gn_inputs);
+    for record in [true, false] {
+        let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, tuned).unwrap();
+        programs.push((record, p));
+    }
     // With upsamplings folded, whose class launches each write a quarter of their output.
     let fold = KernelConfig {
         upsample_fold: true,
@@ -1019,12 +1013,7 @@ fn switches_compute_what_the_default_program_computes() {
                 };
                 assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
             }
-            let tuned = KernelConfig {
-                fused_half_copies: true,
-                gn_producer_sums: true,
-                half_gn_inputs: true,
-                ..KernelConfig::tuned(Capabilities::HOPPER, precision)
-            };
+            let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {
@@ -1302,11 +1291,15 @@ fn every_buffer_with_room_is_used() {
             attention_flash: true,
             ..tuned
         };
-        let fused = KernelConfig {
-            fused_half_copies: true,
+        // v0.6's defaults: conversion launches, a GroupNorm's own partial sums, fp32
+        // concatenations.
+        let v06 = KernelConfig {
+            fused_half_copies: false,
+            gn_producer_sums: false,
+            half_gn_inputs: false,
             ..tuned
         };
-        for choice in [KernelConfig::default(), tuned, flash, fused] {
+        for choice in [KernelConfig::default(), tuned, flash, v06] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
                     Program::build_with(&g, n, 256, 256, record, 132, precision, choice).unwrap();

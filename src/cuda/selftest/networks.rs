@@ -168,11 +168,11 @@ impl Tester<'_> {
             for precision in TENSOR_CORE {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("{name} {precision}");
-                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY,
+                // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY(_FUSED),
                 // INVDIFF_ALIAS_GRADS, INVDIFF_UPSAMPLE_FOLD, INVDIFF_GN_PRODUCER_SUMS and
-                // INVDIFF_GN_HALF_INPUT say: the rows below compare each choice. (The fold and
-                // the 16-bit concatenations take the deep pipelines, so the two-stage rows
-                // could not match a program with either.)
+                // INVDIFF_GN_HALF_INPUT say: the rows below compare each choice, and the last
+                // the network as configured. (The fold and the 16-bit concatenations take the
+                // deep pipelines, so the two-stage rows could not match a program with either.)
                 gpu.set_deep_pipelines(true);
                 gpu.set_wgmma(false);
                 gpu.set_moved_values(false);
@@ -286,6 +286,19 @@ impl Tester<'_> {
                     [
                         format!("{label} forward, folded upsamplings"),
                         format!("{label} forward + vjp, folded upsamplings"),
+                    ],
+                    (want.data(), want_grad.data()),
+                    (eps_tol, grad_tol),
+                )?;
+                // The network as configured (every default on, the switches applied), as users
+                // run it: against the CPU.
+                gpu.reset_choices();
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, defaults"),
+                        format!("{label} forward + vjp, defaults"),
                     ],
                     (want.data(), want_grad.data()),
                     (eps_tol, grad_tol),

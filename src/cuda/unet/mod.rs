@@ -226,13 +226,22 @@ impl CudaUnet {
     }
 
     /// Turns the choices that only move values (defaults) on or off together
-    /// ([`KernelConfig::half_copy`], [`KernelConfig::alias_residual_grads`]), for comparisons;
-    /// drops every plan.
+    /// ([`KernelConfig::half_copy`], [`KernelConfig::fused_half_copies`],
+    /// [`KernelConfig::alias_residual_grads`]), for comparisons; drops every plan.
     pub(crate) fn set_moved_values(&mut self, on: bool) {
         self.change_choice(|c| {
             c.half_copy = on;
+            c.fused_half_copies = on;
             c.alias_residual_grads = on;
         });
+    }
+
+    /// Takes the choices a new network would (the defaults, with the `INVDIFF_*` switches
+    /// applied) again, after comparisons; drops every plan.
+    pub(crate) fn reset_choices(&mut self) {
+        let configured =
+            KernelConfig::from_switches(self.gpu.kernels.capabilities(), self.precision);
+        self.change_choice(|c| *c = configured);
     }
 
     /// Has convolutions and concatenations write the partial sums of the GroupNorms that read
