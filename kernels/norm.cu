@@ -27,10 +27,10 @@
 // pixels; the same results, bit for bit.
 //
 // The `_x16` kernels (INVDIFF_GN_HALF_INPUT) are the forward's partial sums, 16-bit apply and
-// one pass over an x stored in 16 bits (in a forward that records nothing, a concatenation
-// written only as the 16-bit copy the convolutions read):
-// each value widened exactly, so the fp32 kernels' results over the rounded values, for half
-// the bytes of x.
+// one pass over an x stored in 16 bits (a concatenation written only as the 16-bit copy the
+// convolutions read), and (INVDIFF_GN_HALF_INPUT_RECORDING) the backward's partial sums, fp32
+// apply and one pass over such an x kept for the backward pass: each value widened exactly, so
+// the fp32 kernels' results over the rounded values, for half the bytes of x.
 //
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
@@ -281,6 +281,17 @@ template <bool X16> DEVI float ld_x1(const void* x, long long e, int xkind) {
         return static_cast<const float*>(x)[e];
 }
 
+// x's element e as loaded, fp32 or (X16) one 16-bit value, and widened apart (as ld_x4 and
+// widen4 for units), for the `_ilp` loops that issue their loads before any widening.
+template <bool X16> DEVI auto ld_raw1(const void* x, long long e) {
+    if constexpr (X16)
+        return static_cast<const uint16_t*>(x)[e];
+    else
+        return static_cast<const float*>(x)[e];
+}
+DEVI float widen1(float v, int) { return v; }
+DEVI float widen1(uint16_t h, int kind) { return unpack_half1(h, kind); }
+
 // A unit's four scales and four shifts.
 struct Affine4 {
     float4 scale, shift;
@@ -370,10 +381,10 @@ DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float
 
 // Backward partial sums of g and g * xhat, same layout and launch as gn_partial. U > 1 (the
 // `_ilp` kernel) loads U of a warp's pixels before their arithmetic (see for_units); the sums
-// are added in the same order, so the bits are the same.
-template <int U>
-DEVI void bwd_partial(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                      int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
+// are added in the same order, so the bits are the same. X16: x holds 16-bit values of xkind.
+template <int U, bool X16>
+DEVI void bwd_partial(const void* x, int xkind, const float* dy, const float* stats, const float* gamma,
+                      const float* beta, int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
     const int img = blockIdx.z;
@@ -387,12 +398,13 @@ DEVI void bwd_partial(const float* x, const float* dy, const float* stats, const
         const long long base = (long long)img * hw * c + ch;
 #pragma unroll(U == 1 ? 4 : 1)
         for (int p = p0 + wy; p < p1; p += 8 * U) {
-            float xv[U], dv[U];
+            decltype(ld_raw1<X16>(x, 0)) xv[U];
+            float dv[U];
 #pragma unroll
             for (int k = 0; k < U; ++k) {
                 const long long i = base + (long long)(p + 8 * k) * c;
                 if (p + 8 * k < p1) {
-                    xv[k] = x[i];
+                    xv[k] = ld_raw1<X16>(x, i);
                     dv[k] = dy[i];
                 }
             }
@@ -400,7 +412,7 @@ DEVI void bwd_partial(const float* x, const float* dy, const float* stats, const
             for (int k = 0; k < U; ++k) {
                 if (p + 8 * k >= p1) break;
                 float g, xhat;
-                grad_xhat(xv[k], dv[k], mean, rstd, gm, bt, silu, g, xhat);
+                grad_xhat(widen1(xv[k], xkind), dv[k], mean, rstd, gm, bt, silu, g, xhat);
                 a += (double)g;
                 b += (double)(g * xhat);
             }
@@ -417,12 +429,27 @@ constexpr int PARTIAL_ILP = 3;
 extern "C" __global__ void __launch_bounds__(256)
     gn_bwd_partial(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta, int n,
                    int hw, int c, int groups, int silu, int chunk_px, double* partial) {
-    bwd_partial<1>(x, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+    bwd_partial<1, false>(x, 0, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
 }
 extern "C" __global__ void __launch_bounds__(256, 8)
     gn_bwd_partial_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
                        int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
-    bwd_partial<PARTIAL_ILP>(x, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+    bwd_partial<PARTIAL_ILP, false>(x, 0, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+}
+// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING). x's addresses no longer
+// follow dy's (2 bytes an element against 4), and the `_ilp` form's three pixels then take 40
+// registers: at 32 (eight blocks a multiprocessor) they spill 40 bytes, two pixels 24. So six
+// blocks a multiprocessor, a part of plan_norm's grid in a second wave, to be timed.
+extern "C" __global__ void __launch_bounds__(256)
+    gn_bwd_partial_x16(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
+                       const float* beta, int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
+    bwd_partial<1, true>(x, xkind, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+}
+extern "C" __global__ void __launch_bounds__(256, 6)
+    gn_bwd_partial_x16_ilp(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
+                           const float* beta, int n, int hw, int c, int groups, int silu, int chunk_px,
+                           double* partial) {
+    bwd_partial<PARTIAL_ILP, true>(x, xkind, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
 }
 
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,
@@ -480,31 +507,35 @@ DEVI void bwd_values4(float4 xv, float4 dv, const BwdUnit& k, int silu, float (&
     v[3] = bwd_value(xv.w, dv.w, k.ch[3], silu);
 }
 
-// What the backward's element pass reads of a unit element: x, dy and, when it accumulates
-// with P > 1, the old dx (P = 1 reads it after the arithmetic, as the timed kernel did).
-template <typename T> struct BwdIn {
-    T x, dy, old;
+// What the backward's element pass reads of a unit element: x (as loaded: X as ld_x4 or
+// ld_raw1 give it), dy and, when it accumulates with P > 1, the old dx (P = 1 reads it after
+// the arithmetic, as the timed kernel did).
+template <typename X, typename T> struct BwdIn {
+    X x;
+    T dy, old;
 };
 
 // dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
 // for_units (P pixels a round); vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
 // Where dx16 is not null (8-byte aligned for vec4), also the new dx in bf16 (kind16 1) or fp16
 // (2), rounded as a conversion launch would round it: the last contribution to a gradient that
-// tensor-core convolutions read.
-template <int P>
-DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
-                    const float* beta, float* dx, uint2* dx16, int kind16, int hw, int c, int groups, int silu,
-                    int accumulate, int vec4) {
+// tensor-core convolutions read. X16: x holds 16-bit values of xkind, in units of four only
+// (the host passes vec4 = 1, 8-byte aligned x).
+template <int P, bool X16>
+DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stats, const float* means,
+                    const float* gamma, const float* beta, float* dx, uint2* dx16, int kind16, int hw, int c,
+                    int groups, int silu, int accumulate, int vec4) {
     const int cg = c / groups;
-    if (vec4) {
+    if (X16 || vec4) {
+        using In = BwdIn<decltype(ld_x4<X16>(x, 0)), float4>;
         for_units<P>(
             hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
             [&](long long e) {
-                return BwdIn<float4>{ld_unit4(x, e), ld_unit4(dy, e), P > 1 && accumulate ? ld_unit4(dx, e) : float4{}};
+                return In{ld_x4<X16>(x, e), ld_unit4(dy, e), P > 1 && accumulate ? ld_unit4(dx, e) : float4{}};
             },
-            [&](const BwdUnit& k, const BwdIn<float4>& in, long long e) {
+            [&](const BwdUnit& k, const In& in, long long e) {
                 float v[4];
-                bwd_values4(in.x, in.dy, k, silu, v);
+                bwd_values4(widen4(in.x, xkind), in.dy, k, silu, v);
                 if (accumulate) {
                     const float4 o = P > 1 ? in.old : ld_unit4(dx, e);
                     v[0] += o.x;
@@ -518,8 +549,10 @@ DEVI void bwd_apply(const float* x, const float* dy, const float* stats, const f
     } else {
         for_units<P>(
             hw, c, [&](int ch) { return bwd_channel(stats, means, gamma, beta, groups, cg, ch); },
-            [&](long long e) { return BwdIn<float>{x[e], dy[e], P > 1 && accumulate ? dx[e] : 0.0f}; },
-            [&](const BwdChannel& k, const BwdIn<float>& in, long long e) {
+            [&](long long e) {
+                return BwdIn<float, float>{ld_x1<X16>(x, e, xkind), dy[e], P > 1 && accumulate ? dx[e] : 0.0f};
+            },
+            [&](const BwdChannel& k, const BwdIn<float, float>& in, long long e) {
                 const float v = bwd_value(in.x, in.dy, k, silu);
                 const float out = accumulate ? (P > 1 ? in.old : dx[e]) + v : v;
                 dx[e] = out;
@@ -538,8 +571,8 @@ DEVI void bwd_apply_half(const float* x, const float* dy, const float* stats, co
     const int cg = c / groups;
     for_units<P>(
         hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
-        [&](long long e) { return BwdIn<float4>{ld_unit4(x, e), ld_unit4(dy, e), float4{}}; },
-        [&](const BwdUnit& k, const BwdIn<float4>& in, long long e) {
+        [&](long long e) { return BwdIn<float4, float4>{ld_unit4(x, e), ld_unit4(dy, e), float4{}}; },
+        [&](const BwdUnit& k, const BwdIn<float4, float4>& in, long long e) {
             float v[4];
             bwd_values4(in.x, in.dy, k, silu, v);
             dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
@@ -553,10 +586,24 @@ DEVI void bwd_apply_half(const float* x, const float* dy, const float* stats, co
     const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
         uint2 *dx, int hw, int c, int groups, int silu, int kind
 extern "C" __global__ void gn_bwd_apply(BWD_APPLY_ARGS) {
-    bwd_apply<1>(x, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate, vec4);
+    bwd_apply<1, false>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate, vec4);
 }
 extern "C" __global__ void gn_bwd_apply_ilp(BWD_APPLY_ARGS) {
-    bwd_apply<APPLY_ILP>(x, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate, vec4);
+    bwd_apply<APPLY_ILP, false>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
+                                accumulate, vec4);
+}
+// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING): x and xkind first.
+#define BWD_APPLY_X16_ARGS                                                                                     \
+    const uint16_t *x, int xkind, const float *dy, const float *stats, const float *means, const float *gamma, \
+        const float *beta, float *dx, uint2 *dx16, int kind16, int hw, int c, int groups, int silu, int accumulate, \
+        int vec4
+extern "C" __global__ void gn_bwd_apply_x16(BWD_APPLY_X16_ARGS) {
+    bwd_apply<1, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate,
+                       vec4);
+}
+extern "C" __global__ void gn_bwd_apply_x16_ilp(BWD_APPLY_X16_ARGS) {
+    bwd_apply<APPLY_ILP, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
+                               accumulate, vec4);
 }
 extern "C" __global__ void gn_bwd_apply_half(BWD_APPLY_HALF_ARGS) {
     bwd_apply_half<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);
@@ -690,21 +737,24 @@ extern "C" __global__ void __launch_bounds__(1024)
 // gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2); with
 // an fp32 dx and dx16 not null, also the new dx in 16 bits (kind16), as bwd_apply's dx16.
 // AHEAD (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto,
-// before the first of their arithmetic (see for_units): the same bits.
-template <bool AHEAD>
-DEVI void bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                       void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu,
-                       int accumulate, int kind) {
+// before the first of their arithmetic (see for_units): the same bits. X16: x holds 16-bit
+// values of xkind, widened as they are loaded (kept raw until their arithmetic, the `_ilp`
+// form spills 8 bytes at its 64 registers).
+template <bool AHEAD, bool X16>
+DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* stats, const float* gamma,
+                       const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,
+                       int silu, int accumulate, int kind) {
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];
-    float xv[ONE_PASS_PIXELS], dv[ONE_PASS_PIXELS], old[ONE_PASS_PIXELS];
+    float xv[ONE_PASS_PIXELS];
+    float dv[ONE_PASS_PIXELS], old[ONE_PASS_PIXELS];
     if (AHEAD) {
 #pragma unroll
         for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
             const long long e = t.at(k, hw, c);
             if (e < 0) continue;
-            xv[k] = x[e];
+            xv[k] = ld_x1<X16>(x, e, xkind);
             dv[k] = dy[e];
             old[k] = kind == 0 && accumulate ? static_cast<float*>(dx)[e] : 0.0f;
         }
@@ -716,7 +766,8 @@ DEVI void bwd_one_pass(const float* x, const float* dy, const float* stats, cons
         const long long e = t.at(k, hw, c);
         g[k] = xhat[k] = 0.0f;
         if (e < 0) continue;
-        grad_xhat(AHEAD ? xv[k] : x[e], AHEAD ? dv[k] : dy[e], mean, rstd, gm, bt, silu, g[k], xhat[k]);
+        const float xk = AHEAD ? xv[k] : ld_x1<X16>(x, e, xkind);
+        grad_xhat(xk, AHEAD ? dv[k] : dy[e], mean, rstd, gm, bt, silu, g[k], xhat[k]);
         a += (double)g[k];
         b += (double)(g[k] * xhat[k]);
     }
@@ -742,11 +793,28 @@ extern "C" __global__ void __launch_bounds__(1024)
     gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
                     void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu, int accumulate,
                     int kind) {
-    bwd_one_pass<false>(x, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate, kind);
+    bwd_one_pass<false, false>(x, 0, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate,
+                               kind);
 }
 extern "C" __global__ void __launch_bounds__(1024)
     gn_bwd_one_pass_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
                         void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu,
                         int accumulate, int kind) {
-    bwd_one_pass<true>(x, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate, kind);
+    bwd_one_pass<true, false>(x, 0, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate,
+                              kind);
+}
+// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING).
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_bwd_one_pass_x16(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
+                        const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,
+                        int silu, int accumulate, int kind) {
+    bwd_one_pass<false, true>(x, xkind, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu,
+                              accumulate, kind);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_bwd_one_pass_x16_ilp(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
+                            const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,
+                            int silu, int accumulate, int kind) {
+    bwd_one_pass<true, true>(x, xkind, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate,
+                             kind);
 }

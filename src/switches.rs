@@ -74,6 +74,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` keeps fp32 concatenations in bf16/fp16 forwards that record nothing (by default only 16-bit ones, which their GroupNorms read)",
     ),
     choice(
+        "INVDIFF_GN_HALF_INPUT_RECORDING",
+        ON_OFF,
+        "GPU candidate: `1` keeps those 16-bit concatenations in recording forwards too (DPS, ΠGDM), their GroupNorms' backward passes reading 16 bits",
+    ),
+    choice(
         "INVDIFF_GN_ILP",
         ON_OFF,
         "GPU default: `0` runs GroupNorms without loads issued ahead",

@@ -257,9 +257,12 @@ impl Step {
                     GroupNorm {
                         half_out, x_half, ..
                     } => ("groupnorm", half_out, &None, *x_half),
-                    GroupNormBackward { half_out, dx16, .. } => {
-                        ("groupnorm bwd", half_out, dx16, None)
-                    }
+                    GroupNormBackward {
+                        half_out,
+                        dx16,
+                        x_half,
+                        ..
+                    } => ("groupnorm bwd", half_out, dx16, *x_half),
                     _ => unreachable!("matched above"),
                 };
                 let launches = match split.one_pass {

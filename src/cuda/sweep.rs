@@ -475,7 +475,8 @@ pub fn sweep_group_norms(
     {
         let len = n * hw * c;
         let x = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 3.0))?;
-        // A forward of 16-bit input (KernelConfig::half_gn_inputs) reads a 16-bit copy of x.
+        // A GroupNorm of 16-bit input (KernelConfig::half_gn_inputs, and for a backward pass
+        // half_gn_inputs_recording) reads a 16-bit copy of x.
         let x16 = match x_half {
             Some(p) => {
                 let copy = DevBuf::zeros(st, len.div_ceil(2))?;
@@ -503,14 +504,19 @@ pub fn sweep_group_norms(
                 split,
             };
             // The forward once first: the backward reads its statistics (a backward row's
-            // 16-bit format is its gradient's; its forward writes fp32).
-            let forward_out = if backward { None } else { half_out };
+            // 16-bit formats are its gradient's and input's; its forward reads and writes fp32,
+            // which the `_x16` forward kernels do not).
+            let (forward_out, forward_x) = if backward {
+                (None, (x.ptr, None))
+            } else {
+                (half_out, (x_in, x_half))
+            };
             let forward = || {
                 gpu.kernels.group_norm(
                     st,
                     d,
-                    x_in,
-                    x_half,
+                    forward_x.0,
+                    forward_x.1,
                     gamma.ptr,
                     beta.ptr,
                     out.ptr,
@@ -527,7 +533,8 @@ pub fn sweep_group_norms(
                     gpu.kernels.group_norm_backward(
                         st,
                         d,
-                        x.ptr,
+                        x_in,
+                        x_half,
                         dy.ptr,
                         gamma.ptr,
                         beta.ptr,
@@ -646,8 +653,9 @@ fn distinct_norms(
                 silu,
                 half_out,
                 accumulate,
+                x_half,
                 ..
-            } => (true, hw, c, groups, silu, half_out, accumulate, None),
+            } => (true, hw, c, groups, silu, half_out, accumulate, x_half),
             _ => continue,
         };
         match norms.iter_mut().find(|r| r.0 == key) {

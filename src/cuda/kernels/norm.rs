@@ -452,13 +452,15 @@ impl Kernels {
     /// GroupNorm input gradient from the forward's `stats`: `dx (+)= ...`; with `half_out`
     /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it; with
     /// `copy` (fp32 `dx` only), also the new `dx` in 16 bits at the given address, what a
-    /// conversion launch would write.
+    /// conversion launch would write. With `x_half`, `x` holds 16-bit values of that precision
+    /// (the `_x16` kernels; an fp32 `dx` only).
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm_backward(
         &self,
         st: &CudaStream,
         d: NormDims,
         x: DPtr,
+        x_half: Option<Precision>,
         dy: DPtr,
         gamma: DPtr,
         beta: DPtr,
@@ -485,6 +487,7 @@ impl Kernels {
             ));
         }
         let (dx16, kind16) = half_output(copy, "16-bit copy of the input gradient")?;
+        let xkind = x_half.map_or(Ok(0), half_kind)?;
         for (p, what) in [
             (x, "input"),
             (dy, "output gradient"),
@@ -508,14 +511,40 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
-        if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(if split.ilp {
-                &self.gn_bwd_one_pass_ilp
+        // The element pass over a 16-bit x takes units of four only.
+        let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
+        if x_half.is_some() {
+            let why = if half_out.is_some() {
+                Some("a 16-bit input gradient (the `_x16` kernels write fp32)".to_string())
+            } else if c % 4 != 0 {
+                Some(format!("{c} channels, not a multiple of 4"))
+            } else if x % 8 != 0
+                || (split.one_pass.is_none()
+                    && (![dy, dx].iter().all(|p| p % 16 == 0) || dx16 % 8 != 0))
+            {
+                Some("unaligned buffers".to_string())
             } else {
-                &self.gn_bwd_one_pass
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::Cuda(format!(
+                    "internal: a GroupNorm backward pass of 16-bit input with {why}"
+                )));
+            }
+        }
+        let x16 = if x_half.is_some() { "_x16" } else { "" };
+        if let Some(threads) = split.one_pass {
+            let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
+                (false, false) => &self.gn_bwd_one_pass,
+                (false, true) => &self.gn_bwd_one_pass_ilp,
+                (true, false) => &self.gn_bwd_one_pass_x16,
+                (true, true) => &self.gn_bwd_one_pass_x16_ilp,
             });
-            b.arg(&x)
-                .arg(&dy)
+            b.arg(&x);
+            if x_half.is_some() {
+                b.arg(&xkind);
+            }
+            b.arg(&dy)
                 .arg(&stats)
                 .arg(&gamma)
                 .arg(&beta)
@@ -534,25 +563,38 @@ impl Kernels {
             // room for as many 16-bit values.
             return cu(
                 unsafe { b.launch(one) }.map(drop),
-                "launching gn_bwd_one_pass",
+                &format!("launching gn_bwd_one_pass{x16}"),
             );
         }
-        let (partial_fn, apply_fn, apply_half_fn) = if split.ilp {
-            (
-                &self.gn_bwd_partial_ilp,
-                &self.gn_bwd_apply_ilp,
-                &self.gn_bwd_apply_half_ilp,
-            )
-        } else {
-            (
+        let (partial_fn, apply_fn, apply_half_fn) = match (x_half.is_some(), split.ilp) {
+            (false, false) => (
                 &self.gn_bwd_partial,
                 &self.gn_bwd_apply,
                 &self.gn_bwd_apply_half,
-            )
+            ),
+            (false, true) => (
+                &self.gn_bwd_partial_ilp,
+                &self.gn_bwd_apply_ilp,
+                &self.gn_bwd_apply_half_ilp,
+            ),
+            // No 16-bit input gradient over a 16-bit x (refused above).
+            (true, false) => (
+                &self.gn_bwd_partial_x16,
+                &self.gn_bwd_apply_x16,
+                &self.gn_bwd_apply_half,
+            ),
+            (true, true) => (
+                &self.gn_bwd_partial_x16_ilp,
+                &self.gn_bwd_apply_x16_ilp,
+                &self.gn_bwd_apply_half_ilp,
+            ),
         };
         let mut b = st.launch_builder(partial_fn);
-        b.arg(&x)
-            .arg(&dy)
+        b.arg(&x);
+        if x_half.is_some() {
+            b.arg(&xkind);
+        }
+        b.arg(&dy)
             .arg(&stats)
             .arg(&gamma)
             .arg(&beta)
@@ -566,7 +608,7 @@ impl Kernels {
         // SAFETY: as in the forward.
         cu(
             unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-            "launching gn_bwd_partial",
+            &format!("launching gn_bwd_partial{x16}"),
         )?;
         let mut b = st.launch_builder(&self.gn_bwd_finalize);
         b.arg(&partial)
@@ -603,13 +645,17 @@ impl Kernels {
                 "launching gn_bwd_apply_half",
             );
         }
-        let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
+        // A 16-bit x is in units of four (checked above; its unit is 8 bytes).
+        let vec = vec || x_half.is_some();
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);
-        b.arg(&x)
-            .arg(&dy)
+        b.arg(&x);
+        if x_half.is_some() {
+            b.arg(&xkind);
+        }
+        b.arg(&dy)
             .arg(&stats)
             .arg(&means)
             .arg(&gamma)
@@ -623,10 +669,11 @@ impl Kernels {
             .arg(&silu)
             .arg(&acc)
             .arg(&vec4);
-        // SAFETY: x, dy and dx are n x hw x c, dx16 (when set) room for as many 16-bit values.
+        // SAFETY: x (fp32, or of `xkind`), dy and dx are n x hw x c, dx16 (when set) room for as
+        // many 16-bit values.
         cu(
             unsafe { b.launch(grid) }.map(drop),
-            "launching gn_bwd_apply",
+            &format!("launching gn_bwd_apply{x16}"),
         )
     }
 }

@@ -119,6 +119,7 @@ impl Lowering<'_> {
                 let (hw, c) = (h * w, self.ch(x));
                 let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
+                let x_half = self.half[x].then_some(self.precision);
                 let half_out = self.half_grad[x].then_some(self.precision);
                 let (gx, acc) = if half_out.is_some() {
                     if self.grad[x].is_some() {
@@ -147,6 +148,7 @@ impl Lowering<'_> {
                 );
                 self.steps.push(Step::GroupNormBackward {
                     x: xb,
+                    x_half,
                     dy,
                     dx: gx,
                     gamma: W {

@@ -233,7 +233,7 @@ impl Lowering<'_> {
                 let (ab, bb) = (self.val(a)?, self.val(b)?);
                 // Stored in 16 bits only where every reader takes it so
                 // (KernelConfig::half_gn_inputs): then no copy beside.
-                if !record && self.half_concat_fits(y)? {
+                if self.half_concat_fits(y, record)? {
                     self.half[y] = true;
                 }
                 let (yb, half_out) = self.output_value(y);
@@ -286,11 +286,17 @@ impl Lowering<'_> {
     /// ([`KernelConfig::half_gn_inputs`]): bf16/fp16 with the deep pipelines and the 16-bit
     /// copies its tensor-core readers read ([`KernelConfig::half_concat`]), and every reader a
     /// 16-bit GroupNorm or launch ([`read_in_16_bits`](Self::read_in_16_bits)). The
-    /// GroupNorm then works from the rounded values; a recording forward keeps the fp32 ones,
-    /// which its backward pass reads.
-    fn half_concat_fits(&self, y: Tid) -> Result<bool> {
+    /// GroupNorm then works from the rounded values. A recording forward (`record`) keeps the
+    /// fp32 ones, which its GroupNorm's backward pass reads, unless that pass reads 16 bits too
+    /// ([`KernelConfig::half_gn_inputs_recording`]); no other step of the backward pass reads
+    /// a concatenation's values.
+    fn half_concat_fits(&self, y: Tid, record: bool) -> Result<bool> {
         let c = self.choice;
-        let ok = c.half_gn_inputs && c.half_concat && c.deep && self.precision.is_half();
+        let ok = c.half_gn_inputs
+            && (!record || c.half_gn_inputs_recording)
+            && c.half_concat
+            && c.deep
+            && self.precision.is_half();
         Ok(ok && self.read_in_16_bits(y)?)
     }
 

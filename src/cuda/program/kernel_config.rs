@@ -40,7 +40,8 @@ pub(crate) struct KernelConfig {
     /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
-    /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`), the up
+    /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`; a recording
+    /// one with `half_gn_inputs_recording`), the up
     /// path's concatenations, whose readers all take 16 bits at no loss of their own (a
     /// GroupNorm with a 16-bit output, through the `_x16` kernels in kernels/norm.cu; the main
     /// input of a tensor-core launch), are stored in 16 bits only (`concat_channels_half` in
@@ -48,6 +49,11 @@ pub(crate) struct KernelConfig {
     /// rounded values; no fp32 concatenation is written, and the GroupNorms read half the
     /// bytes. With `gn_producer_sums` the concatenation sums the values it rounds.
     pub half_gn_inputs: bool,
+    /// With `half_gn_inputs`: in a recording forward (a DPS or ΠGDM step) too, its
+    /// GroupNorms' backward passes reading the 16-bit values through their `_x16` kernels
+    /// (kernels/norm.cu), so that their statistics, output and gradient all come from the
+    /// rounded values.
+    pub half_gn_inputs_recording: bool,
     /// GroupNorms take the `_ilp` kernels, which issue the loads of several pixels before their
     /// arithmetic ([`NormSplit`]'s `ilp`): the same bits.
     pub gn_ilp: bool,
@@ -128,6 +134,7 @@ impl Default for KernelConfig {
             gn_one_pass: false,
             gn_producer_sums: false,
             half_gn_inputs: false,
+            half_gn_inputs_recording: false,
             gn_ilp: false,
             half_concat: false,
             half_copy: false,
@@ -176,6 +183,7 @@ impl KernelConfig {
             gn_one_pass: true,
             gn_producer_sums: true,
             half_gn_inputs: true,
+            half_gn_inputs_recording: false,
             gn_ilp: true,
             half_concat: true,
             half_copy: true,
@@ -213,6 +221,10 @@ impl KernelConfig {
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
             half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs),
+            half_gn_inputs_recording: kept(
+                "INVDIFF_GN_HALF_INPUT_RECORDING",
+                tuned.half_gn_inputs_recording,
+            ),
             gn_ilp: kept("INVDIFF_GN_ILP", tuned.gn_ilp),
             half_concat: kept("INVDIFF_HALF_CONCAT", tuned.half_concat),
             half_copy: kept("INVDIFF_HALF_COPY", tuned.half_copy),
@@ -240,6 +252,10 @@ impl KernelConfig {
             (self.gn_one_pass, "one-pass GroupNorm"),
             (self.gn_producer_sums, "GroupNorm sums from their producers"),
             (self.half_gn_inputs, "16-bit GroupNorm inputs"),
+            (
+                self.half_gn_inputs && self.half_gn_inputs_recording,
+                "16-bit GroupNorm inputs in recording forwards",
+            ),
             (self.gn_ilp, "GroupNorm loads ahead"),
             (self.half_concat, "16-bit concatenation copies"),
             (self.half_copy, "16-bit input copies"),

@@ -156,6 +156,9 @@ pub(crate) enum Step {
     },
     GroupNormBackward {
         x: Buf,
+        /// `x` holds 16-bit values in this precision: a concatenation the recording forward
+        /// wrote in 16 bits only ([`KernelConfig::half_gn_inputs_recording`]).
+        x_half: Option<Precision>,
         dy: Buf,
         dx: Buf,
         gamma: W,
@@ -520,9 +523,11 @@ impl Program {
     /// (GroupNorm's backward reads its input, the convolutions' input gradients none). Likewise
     /// in the backward pass for the gradient a GroupNorm passes to the convolution before it,
     /// when that is its only contribution and the convolution's input gradient its only reader.
-    /// With [`KernelConfig::half_gn_inputs`], in a forward that records nothing, concatenations
-    /// whose readers are their GroupNorm and such launches are stored in 16 bits too; the
-    /// GroupNorm then works from the rounded values, which does change its result.
+    /// With [`KernelConfig::half_gn_inputs`], in a forward that records nothing (and with
+    /// [`KernelConfig::half_gn_inputs_recording`] in a recording one, whose GroupNorm backward
+    /// passes then read them so), concatenations whose readers are their GroupNorm and such
+    /// launches are stored in 16 bits too; the GroupNorm then works from the rounded values,
+    /// which does change its result.
     #[allow(clippy::too_many_arguments)]
     pub fn build_with(
         g: &Graph,

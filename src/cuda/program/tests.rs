@@ -223,10 +223,21 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     Step::AttentionBackward { y, .. } => y,
                     _ => None,
                 };
+                // A GroupNorm backward pass of a 16-bit input (half_gn_inputs_recording) stands
+                // for the same pass over the values before their rounding, as its forward does.
+                let widened = match *step {
+                    Step::GroupNormBackward {
+                        x, x_half: Some(_), ..
+                    } => Some(x),
+                    _ => None,
+                };
                 let r: Vec<u64> = reads
                     .iter()
                     .filter(|&&b| Some(b) != derived)
-                    .map(|b| val[b.0])
+                    .map(|&b| match widened {
+                        Some(x) if b == x => converted[&x],
+                        _ => val[b.0],
+                    })
                     .collect();
                 let halves: Vec<Buf> = match *step {
                     Step::Upsample {
@@ -359,11 +370,16 @@ fn every_buffer_is_written_before_it_is_read() {
         programs.push((true, p));
     }
     // The defaults: GroupNorm partial sums written by the steps before them, and in a forward
-    // that records nothing concatenations in 16 bits only.
+    // that records nothing concatenations in 16 bits only; and the candidate, with them in a
+    // recording forward too.
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     assert!(tuned.gn_producer_sums && tuned.half_gn_inputs);
-    for record in [true, false] {
-        let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, tuned).unwrap();
+    let recording_too = KernelConfig {
+        half_gn_inputs_recording: true,
+        ..tuned
+    };
+    for (record, choice) in [(true, tuned), (false, tuned), (true, recording_too)] {
+        let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
     }
     // With upsamplings folded, whose class launches each write a quarter of their output.
@@ -838,7 +854,7 @@ fn groupnorm_sums_come_from_the_steps_that_can_write_them() {
 /// through the `_x16` kernels, its partial sums from the concatenation where producer sums
 /// gave them before) and its 1x1 shortcut's launch (16-bit input); every other step as in the
 /// tuned program, and the same launches. A recording forward keeps every
-/// concatenation in fp32, and so does fp32.
+/// concatenation in fp32 unless half_gn_inputs_recording asks otherwise, and fp32 always does.
 #[test]
 fn concatenations_read_only_in_16_bits_are_written_so() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -954,6 +970,57 @@ fn concatenations_read_only_in_16_bits_are_written_so() {
             taken, want,
             "{precision} b{n}, deep {deep}, copies {half_concat}"
         );
+        // With half_gn_inputs_recording, the recording forward stores the same
+        // concatenations in 16 bits only, with the same launches, and the backward pass of
+        // each one's GroupNorm (the only step of the backward pass that reads it) reads the
+        // 16-bit values; nothing else changes.
+        let with = KernelConfig {
+            half_gn_inputs_recording: true,
+            ..on
+        };
+        let rec = build(true, with).unwrap();
+        assert_eq!(rec.launches(), recording.launches());
+        assert_eq!(rec.steps.len(), recording.steps.len());
+        let mut backward = 0;
+        for (i, (a, s)) in recording.steps.iter().zip(&rec.steps).enumerate() {
+            match *s {
+                Step::Concat {
+                    y,
+                    half_out: Some(q),
+                    ..
+                } => {
+                    assert_eq!(q, precision);
+                    let readers: Vec<&Step> =
+                        rec.steps.iter().filter(|r| r.io().0.contains(&y)).collect();
+                    for r in &readers {
+                        match r {
+                            Step::GroupNorm { x_half, .. }
+                            | Step::GroupNormBackward { x_half, .. } => {
+                                assert_eq!(*x_half, Some(precision), "step {i}")
+                            }
+                            Step::Conv(c) => assert!(c.launch.half_input, "step {i}"),
+                            other => panic!("step {i} read by {other:?}"),
+                        }
+                    }
+                    backward += readers
+                        .iter()
+                        .filter(|r| matches!(r, Step::GroupNormBackward { .. }))
+                        .count();
+                }
+                Step::GroupNorm {
+                    x_half: Some(_), ..
+                }
+                | Step::GroupNormBackward {
+                    x_half: Some(_), ..
+                } => {}
+                _ => assert_eq!(
+                    a.info(n, 256, 256).label(),
+                    s.info(n, 256, 256).label(),
+                    "step {i}"
+                ),
+            }
+        }
+        assert_eq!(backward, want, "{precision} b{n}");
     }
 }
 
@@ -1015,6 +1082,20 @@ fn switches_compute_what_the_default_program_computes() {
             }
             let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
             assert_eq!(symbolic(&build(tuned)), want, "{precision} {n}x{h}x{w}");
+            // The candidate: 16-bit concatenations in the recording forward too.
+            let recording = KernelConfig {
+                half_gn_inputs_recording: true,
+                ..tuned
+            };
+            let p = build(recording);
+            assert!(p.steps.iter().any(|s| matches!(
+                s,
+                Step::GroupNormBackward {
+                    x_half: Some(_),
+                    ..
+                }
+            )));
+            assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {
                 symbolic(&Program::build_with(&g, n, h, w, false, 132, precision, tc).unwrap())

@@ -70,6 +70,76 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// The input gradient of GroupNorm `d` (fp32, overwriting or accumulating onto `dx0`, and
+    /// with a 16-bit copy) from the statistics at `stats` with `x` stored in 16 bits of
+    /// `precision` ([`KernelConfig::half_gn_inputs_recording`](crate::cuda::program::KernelConfig)):
+    /// the same bits as the fp32-input kernels' over the same values widened.
+    #[allow(clippy::too_many_arguments)]
+    fn half_input_backward_rows(
+        &mut self,
+        d: NormDims,
+        x: &[f32],
+        (dy, stats): (&DevBuf, &DevBuf),
+        (gamma, beta): (&DevBuf, &DevBuf),
+        (silu, accumulate): (bool, bool),
+        dx0: &[f32],
+        precision: Precision,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let fp32 = self.up(x)?;
+        let x16 = self.half_copy(fp32.ptr, x.len(), precision)?;
+        let widened = self.up(&unpack_half(&x16.download(st)?, x.len(), precision))?;
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
+            let mut dx = self.up(dx0)?;
+            let copy = self.zeros(x.len().div_ceil(2))?;
+            let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+            let means = self.zeros(2 * d.n * d.groups)?;
+            let dx_ptr = dx.ptr;
+            ms = self.timed(
+                || dx.write(st, dx0),
+                || {
+                    gpu.kernels.group_norm_backward(
+                        st,
+                        d,
+                        input,
+                        x_half,
+                        dy.ptr,
+                        gamma.ptr,
+                        beta.ptr,
+                        stats.ptr,
+                        partial.ptr,
+                        means.ptr,
+                        dx_ptr,
+                        silu,
+                        accumulate,
+                        None,
+                        Some((copy.ptr, precision)),
+                    )
+                },
+            )?;
+            let copy = unpack_half(&copy.download(st)?, x.len(), precision);
+            outs.push((dx.download(st)?, copy));
+        }
+        let s = if silu { "+silu" } else { "" };
+        let op = format!(
+            "groupnorm{s} input-grad{}, {precision} input vs fp32 input",
+            acc_name(accumulate)
+        );
+        self.row_within(op.clone(), desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
+        self.row_within(
+            format!("{op}: 16-bit copy"),
+            desc.into(),
+            &outs[1].1,
+            &outs[0].1,
+            ms,
+            0.0,
+        );
+        Ok(())
+    }
+
     pub(super) fn group_norms(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         for (n, h, w, c, groups, silu, accumulate) in [
@@ -175,6 +245,7 @@ impl Tester<'_> {
                         st,
                         nd,
                         xd.ptr,
+                        None,
                         dyd.ptr,
                         gd.ptr,
                         bd.ptr,
@@ -234,8 +305,21 @@ impl Tester<'_> {
                     }
                     _ => *form = Some((got_y, got_dx)),
                 }
-                // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient.
+                // The 16-bit input gradient (overwriting) that feeds a tensor-core input gradient;
+                // the fp32 one from a 16-bit x.
                 if c % 4 == 0 {
+                    for precision in [Precision::Bf16, Precision::Fp16] {
+                        self.half_input_backward_rows(
+                            nd,
+                            &x,
+                            (&dyd, &sd),
+                            (&gd, &bd),
+                            (silu, accumulate),
+                            &dx0,
+                            precision,
+                            &desc,
+                        )?;
+                    }
                     let mut want = vec![0.0; x.len()];
                     norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
                     self.half_output_rows(

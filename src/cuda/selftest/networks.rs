@@ -179,6 +179,7 @@ impl Tester<'_> {
                 gpu.set_upsample_fold(false);
                 gpu.set_gn_producer_sums(false);
                 gpu.set_half_gn_inputs(false);
+                gpu.set_half_gn_inputs_recording(false);
                 let (got, grad) = self.network_rows(
                     &mut gpu,
                     &io,
@@ -244,6 +245,22 @@ impl Tester<'_> {
                         (want.data(), want_grad.data()),
                         (eps_tol, grad_tol),
                     )?;
+                    // In the recording forward too, the GroupNorms' backward passes reading the
+                    // 16-bit values: the VJP of the rounded values, so against the CPU.
+                    gpu.set_half_gn_inputs_recording(true);
+                    self.network_rows(
+                        &mut gpu,
+                        &io,
+                        [
+                            format!("{label} forward, wgmma, 16-bit GroupNorm inputs, recording too"),
+                            format!(
+                                "{label} forward + vjp, wgmma, 16-bit GroupNorm inputs, recording too"
+                            ),
+                        ],
+                        (want.data(), want_grad.data()),
+                        (eps_tol, grad_tol),
+                    )?;
+                    gpu.set_half_gn_inputs_recording(false);
                     gpu.set_half_gn_inputs(false);
                 }
                 // 16-bit input copies and aliased residual gradients (at 64x64 x 2 the top
@@ -310,6 +327,7 @@ impl Tester<'_> {
                     gpu.set_moved_values(true);
                     gpu.set_gn_producer_sums(true);
                     gpu.set_half_gn_inputs(true);
+                    gpu.set_half_gn_inputs_recording(true);
                     self.batch_invariance_rows(&mut gpu, &io, &label)?;
                     gpu.set_moved_values(false);
                 }

@@ -258,6 +258,13 @@ impl CudaUnet {
         self.change_choice(|c| c.half_gn_inputs = on);
     }
 
+    /// With [`set_half_gn_inputs`](Self::set_half_gn_inputs) on: in recording forwards too
+    /// (`on`, [`KernelConfig::half_gn_inputs_recording`]) or not, for comparisons; drops every
+    /// plan.
+    pub(crate) fn set_half_gn_inputs_recording(&mut self, on: bool) {
+        self.change_choice(|c| c.half_gn_inputs_recording = on);
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {

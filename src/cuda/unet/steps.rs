@@ -147,6 +147,7 @@ pub(super) fn launch(
         ),
         Step::GroupNormBackward {
             x,
+            x_half,
             dy,
             dx,
             gamma,
@@ -172,6 +173,7 @@ pub(super) fn launch(
                 split,
             },
             p(x),
+            x_half,
             p(dy),
             wts.ptr(gamma)?,
             wts.ptr(beta)?,
