@@ -8,6 +8,17 @@ use crate::cuda::weights::DevBuf;
 use crate::Result;
 
 impl Tester<'_> {
+    /// `x` on the device as 16-bit values of `precision` (a conversion launch's rounding), and
+    /// those values widened to fp32: the inputs of a `_x16` kernel and of the fp32 kernel it
+    /// must match.
+    fn rounded_input(&self, x: &[f32], precision: Precision) -> Result<(DevBuf, DevBuf)> {
+        let fp32 = self.up(x)?;
+        let x16 = self.half_copy(fp32.ptr, x.len(), precision)?;
+        let words = x16.download(&self.gpu.stream)?;
+        let widened = self.up(&unpack_half(&words, x.len(), precision))?;
+        Ok((x16, widened))
+    }
+
     /// GroupNorm `d` (16-bit output) of `x` stored in 16 bits of `precision`
     /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)): its output and
     /// statistics the same bits as the fp32-input kernels' over the same values widened.
@@ -23,9 +34,7 @@ impl Tester<'_> {
         desc: &str,
     ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
-        let fp32 = self.up(x)?;
-        let x16 = self.half_copy(fp32.ptr, x.len(), precision)?;
-        let widened = self.up(&unpack_half(&x16.download(st)?, x.len(), precision))?;
+        let (x16, widened) = self.rounded_input(x, precision)?;
         let mut outs = Vec::new();
         let mut ms = 0.0;
         for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
@@ -58,15 +67,7 @@ impl Tester<'_> {
         }
         let s = if silu { "+silu" } else { "" };
         let op = format!("groupnorm{s} forward, {precision} input and output vs fp32 input");
-        self.row_within(op.clone(), desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
-        self.row_within(
-            format!("{op}: statistics"),
-            desc.into(),
-            &outs[1].1,
-            &outs[0].1,
-            ms,
-            0.0,
-        );
+        self.same_bits_rows(&op, "statistics", desc, &outs, ms);
         Ok(())
     }
 
@@ -87,9 +88,7 @@ impl Tester<'_> {
         desc: &str,
     ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
-        let fp32 = self.up(x)?;
-        let x16 = self.half_copy(fp32.ptr, x.len(), precision)?;
-        let widened = self.up(&unpack_half(&x16.download(st)?, x.len(), precision))?;
+        let (x16, widened) = self.rounded_input(x, precision)?;
         let mut outs = Vec::new();
         let mut ms = 0.0;
         for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
@@ -128,16 +127,23 @@ impl Tester<'_> {
             "groupnorm{s} input-grad{}, {precision} input vs fp32 input",
             acc_name(accumulate)
         );
-        self.row_within(op.clone(), desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
-        self.row_within(
-            format!("{op}: 16-bit copy"),
-            desc.into(),
-            &outs[1].1,
-            &outs[0].1,
-            ms,
-            0.0,
-        );
+        self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
         Ok(())
+    }
+
+    /// Rows holding a `_x16` kernel's two outputs (`outs[1]`: the main one and `second`) to
+    /// the fp32 kernel's over the widened values (`outs[0]`), bit for bit.
+    fn same_bits_rows(
+        &mut self,
+        op: &str,
+        second: &str,
+        desc: &str,
+        outs: &[(Vec<f32>, Vec<f32>)],
+        ms: f64,
+    ) {
+        self.row_within(op.into(), desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
+        let op = format!("{op}: {second}");
+        self.row_within(op, desc.into(), &outs[1].1, &outs[0].1, ms, 0.0);
     }
 
     pub(super) fn group_norms(&mut self) -> Result<()> {
