@@ -738,8 +738,8 @@ extern "C" __global__ void __launch_bounds__(1024)
 // an fp32 dx and dx16 not null, also the new dx in 16 bits (kind16), as bwd_apply's dx16.
 // AHEAD (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto,
 // before the first of their arithmetic (see for_units): the same bits. X16: x holds 16-bit
-// values of xkind, widened as they are loaded (kept raw until their arithmetic, the `_ilp`
-// form spills 8 bytes at its 64 registers).
+// values of xkind, widened as they are loaded (kept raw until their arithmetic, they would
+// make the `_ilp` form spill 8 bytes at its 64 registers).
 template <bool AHEAD, bool X16>
 DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* stats, const float* gamma,
                        const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,

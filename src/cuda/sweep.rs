@@ -453,8 +453,9 @@ pub struct NormForm {
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
 /// form, and one pass in one block a group where the groups are small enough, each also with
-/// the `_ilp` kernels; a forward of 16-bit input (`INVDIFF_GN_HALF_INPUT`) from a
-/// 16-bit copy. The forms compute the same statistics up to the order of the f64 sums.
+/// the `_ilp` kernels; a GroupNorm of 16-bit input (`INVDIFF_GN_HALF_INPUT`, and for a
+/// backward pass `INVDIFF_GN_HALF_INPUT_RECORDING`) from a 16-bit copy. The forms compute the
+/// same statistics up to the order of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
     ordinal: usize,

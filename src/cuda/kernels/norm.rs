@@ -511,8 +511,8 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
-        // The element pass over a 16-bit x takes units of four only.
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
+        // The element pass over a 16-bit x takes units of four only (x 8-byte aligned).
         if x_half.is_some() {
             let why = if half_out.is_some() {
                 Some("a 16-bit input gradient (the `_x16` kernels write fp32)".to_string())
@@ -522,7 +522,10 @@ impl Kernels {
                 || (split.one_pass.is_none()
                     && (![dy, dx].iter().all(|p| p % 16 == 0) || dx16 % 8 != 0))
             {
-                Some("unaligned buffers".to_string())
+                Some(format!(
+                    "unaligned buffers (input {x:#x}, output gradient {dy:#x}, input gradient \
+                     {dx:#x}, its 16-bit copy {dx16:#x})"
+                ))
             } else {
                 None
             };

@@ -41,11 +41,10 @@ pub(crate) struct KernelConfig {
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
     /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`; a recording
-    /// one with `half_gn_inputs_recording`), the up
-    /// path's concatenations, whose readers all take 16 bits at no loss of their own (a
-    /// GroupNorm with a 16-bit output, through the `_x16` kernels in kernels/norm.cu; the main
-    /// input of a tensor-core launch), are stored in 16 bits only (`concat_channels_half` in
-    /// kernels/resample.cu). Their GroupNorms' statistics and outputs then come from the
+    /// one with `half_gn_inputs_recording`), the up path's concatenations, whose readers all
+    /// take 16 bits at no loss of their own (a GroupNorm with a 16-bit output, through the
+    /// `_x16` kernels in kernels/norm.cu; the main input of a tensor-core launch), are stored
+    /// in 16 bits only (`concat_channels_half` in kernels/resample.cu). Their GroupNorms' statistics and outputs then come from the
     /// rounded values; no fp32 concatenation is written, and the GroupNorms read half the
     /// bytes. With `gn_producer_sums` the concatenation sums the values it rounds.
     pub half_gn_inputs: bool,

@@ -89,45 +89,53 @@ impl Tester<'_> {
     ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (x16, widened) = self.rounded_input(x, precision)?;
-        let mut outs = Vec::new();
-        let mut ms = 0.0;
-        for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
-            let mut dx = self.up(dx0)?;
-            let copy = self.zeros(x.len().div_ceil(2))?;
-            let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
-            let means = self.zeros(2 * d.n * d.groups)?;
-            let dx_ptr = dx.ptr;
-            ms = self.timed(
-                || dx.write(st, dx0),
-                || {
-                    gpu.kernels.group_norm_backward(
-                        st,
-                        d,
-                        input,
-                        x_half,
-                        dy.ptr,
-                        gamma.ptr,
-                        beta.ptr,
-                        stats.ptr,
-                        partial.ptr,
-                        means.ptr,
-                        dx_ptr,
-                        silu,
-                        accumulate,
-                        None,
-                        Some((copy.ptr, precision)),
-                    )
-                },
-            )?;
-            let copy = unpack_half(&copy.download(st)?, x.len(), precision);
-            outs.push((dx.download(st)?, copy));
-        }
         let s = if silu { "+silu" } else { "" };
         let op = format!(
             "groupnorm{s} input-grad{}, {precision} input vs fp32 input",
             acc_name(accumulate)
         );
-        self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
+        // With the 16-bit copy of the new dx (INVDIFF_HALF_COPY_FUSED) and without.
+        for with_copy in [true, false] {
+            let mut outs = Vec::new();
+            let mut ms = 0.0;
+            for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
+                let mut dx = self.up(dx0)?;
+                let copy = self.zeros(x.len().div_ceil(2))?;
+                let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+                let means = self.zeros(2 * d.n * d.groups)?;
+                let dx_ptr = dx.ptr;
+                ms = self.timed(
+                    || dx.write(st, dx0),
+                    || {
+                        gpu.kernels.group_norm_backward(
+                            st,
+                            d,
+                            input,
+                            x_half,
+                            dy.ptr,
+                            gamma.ptr,
+                            beta.ptr,
+                            stats.ptr,
+                            partial.ptr,
+                            means.ptr,
+                            dx_ptr,
+                            silu,
+                            accumulate,
+                            None,
+                            with_copy.then_some((copy.ptr, precision)),
+                        )
+                    },
+                )?;
+                let copy = unpack_half(&copy.download(st)?, x.len(), precision);
+                outs.push((dx.download(st)?, copy));
+            }
+            if with_copy {
+                self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
+            } else {
+                let op = format!("{op}, no copy");
+                self.row_within(op, desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
+            }
+        }
         Ok(())
     }
 
