@@ -507,9 +507,9 @@ DEVI void bwd_values4(float4 xv, float4 dv, const BwdUnit& k, int silu, float (&
     v[3] = bwd_value(xv.w, dv.w, k.ch[3], silu);
 }
 
-// What the backward's element pass reads of a unit element: x (as loaded: X as ld_x4 or
-// ld_raw1 give it), dy and, when it accumulates with P > 1, the old dx (P = 1 reads it after
-// the arithmetic, as the timed kernel did).
+// What the backward's element pass reads of a unit element: x (a unit as ld_x4 loads it, a
+// single element widened), dy and, when it accumulates with P > 1, the old dx (P = 1 reads it
+// after the arithmetic, as the timed kernel did).
 template <typename X, typename T> struct BwdIn {
     X x;
     T dy, old;
@@ -747,8 +747,7 @@ DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* s
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];
-    float xv[ONE_PASS_PIXELS];
-    float dv[ONE_PASS_PIXELS], old[ONE_PASS_PIXELS];
+    float xv[ONE_PASS_PIXELS], dv[ONE_PASS_PIXELS], old[ONE_PASS_PIXELS];
     if (AHEAD) {
 #pragma unroll
         for (int k = 0; k < ONE_PASS_PIXELS; ++k) {

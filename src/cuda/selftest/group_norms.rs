@@ -71,8 +71,8 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// The input gradient of GroupNorm `d` (fp32, overwriting or accumulating onto `dx0`, and
-    /// with a 16-bit copy) from the statistics at `stats` with `x` stored in 16 bits of
+    /// The input gradient of GroupNorm `d` (fp32, overwriting or accumulating onto `dx0`, with
+    /// and without a 16-bit copy) from the statistics at `stats` with `x` stored in 16 bits of
     /// `precision` ([`KernelConfig::half_gn_inputs_recording`](crate::cuda::program::KernelConfig)):
     /// the same bits as the fp32-input kernels' over the same values widened.
     #[allow(clippy::too_many_arguments)]
