@@ -273,16 +273,9 @@ DEVI float4 widen4(uint2 u, int kind) {
     const float2 lo = unpack_half2(u.x, kind), hi = unpack_half2(u.y, kind);
     return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
-// x's element e, fp32 or (X16) 16-bit values of xkind, widened.
-template <bool X16> DEVI float ld_x1(const void* x, long long e, int xkind) {
-    if constexpr (X16)
-        return unpack_half1(static_cast<const uint16_t*>(x)[e], xkind);
-    else
-        return static_cast<const float*>(x)[e];
-}
-
-// x's element e as loaded, fp32 or (X16) one 16-bit value, and widened apart (as ld_x4 and
-// widen4 for units), for the `_ilp` loops that issue their loads before any widening.
+// x's element e as loaded, fp32 or (X16) one 16-bit value of xkind, and widened apart (as
+// ld_x4 and widen4 for units), for the `_ilp` loops that issue their loads before any
+// widening; ld_x1 does both at once.
 template <bool X16> DEVI auto ld_raw1(const void* x, long long e) {
     if constexpr (X16)
         return static_cast<const uint16_t*>(x)[e];
@@ -291,6 +284,9 @@ template <bool X16> DEVI auto ld_raw1(const void* x, long long e) {
 }
 DEVI float widen1(float v, int) { return v; }
 DEVI float widen1(uint16_t h, int kind) { return unpack_half1(h, kind); }
+template <bool X16> DEVI float ld_x1(const void* x, long long e, int xkind) {
+    return widen1(ld_raw1<X16>(x, e), xkind);
+}
 
 // A unit's four scales and four shifts.
 struct Affine4 {

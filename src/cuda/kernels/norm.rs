@@ -162,6 +162,28 @@ impl NormDims {
     }
 }
 
+/// The launch-name suffix of `pass`'s kernels for an `x` of 16-bit values (`x_half`: the
+/// `_x16` ones) or fp32 (none), or an internal error naming what the `_x16` kernels cannot
+/// take: `output` (an output they do not write), channels not in units of four, `unaligned`.
+fn x16_suffix(
+    pass: &str,
+    x_half: Option<Precision>,
+    c: usize,
+    output: Option<String>,
+    unaligned: Option<String>,
+) -> Result<&'static str> {
+    if x_half.is_none() {
+        return Ok("");
+    }
+    let channels = (c % 4 != 0).then(|| format!("{c} channels, not a multiple of 4"));
+    match output.or(channels).or(unaligned) {
+        Some(why) => Err(Error::Cuda(format!(
+            "internal: a {pass} of 16-bit input with {why}"
+        ))),
+        None => Ok("_x16"),
+    }
+}
+
 impl Kernels {
     /// The element-wise GroupNorm passes (kernels/norm.cu `for_units`) of kernel `f`: a grid
     /// row per image, the `lanes` units of channels of a pixel across threadIdx.x, pixels
@@ -265,23 +287,15 @@ impl Kernels {
                 "internal: a one-pass GroupNorm given its partial sums".into(),
             ));
         }
-        if x_half.is_some() {
-            let why = if half_out.is_none() {
-                Some("an fp32 output (the `_x16` kernels write 16 bits)".to_string())
-            } else if c % 4 != 0 {
-                Some(format!("{c} channels, not a multiple of 4"))
-            } else if x % 8 != 0 {
-                Some("an input not 8-byte aligned".to_string())
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                return Err(Error::Cuda(format!(
-                    "internal: a GroupNorm of 16-bit input with {why}"
-                )));
-            }
-        }
-        let x16 = if x_half.is_some() { "_x16" } else { "" };
+        let x16 = x16_suffix(
+            "GroupNorm",
+            x_half,
+            c,
+            half_out
+                .is_none()
+                .then(|| "an fp32 output (the `_x16` kernels write 16 bits)".into()),
+            (x % 8 != 0).then(|| "an input not 8-byte aligned".into()),
+        )?;
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
                 (false, false) => &self.gn_one_pass,
@@ -513,29 +527,23 @@ impl Kernels {
         let acc = accumulate as i32;
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
         // The element pass over a 16-bit x takes units of four only (x 8-byte aligned).
-        if x_half.is_some() {
-            let why = if half_out.is_some() {
-                Some("a 16-bit input gradient (the `_x16` kernels write fp32)".to_string())
-            } else if c % 4 != 0 {
-                Some(format!("{c} channels, not a multiple of 4"))
-            } else if x % 8 != 0
-                || (split.one_pass.is_none()
-                    && (![dy, dx].iter().all(|p| p % 16 == 0) || dx16 % 8 != 0))
-            {
-                Some(format!(
+        let unaligned = x % 8 != 0
+            || (split.one_pass.is_none()
+                && (![dy, dx].iter().all(|p| p % 16 == 0) || dx16 % 8 != 0));
+        let x16 = x16_suffix(
+            "GroupNorm backward pass",
+            x_half,
+            c,
+            half_out
+                .is_some()
+                .then(|| "a 16-bit input gradient (the `_x16` kernels write fp32)".into()),
+            unaligned.then(|| {
+                format!(
                     "unaligned buffers (input {x:#x}, output gradient {dy:#x}, input gradient \
                      {dx:#x}, its 16-bit copy {dx16:#x})"
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                return Err(Error::Cuda(format!(
-                    "internal: a GroupNorm backward pass of 16-bit input with {why}"
-                )));
-            }
-        }
-        let x16 = if x_half.is_some() { "_x16" } else { "" };
+                )
+            }),
+        )?;
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
                 (false, false) => &self.gn_bwd_one_pass,

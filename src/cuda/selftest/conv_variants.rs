@@ -143,51 +143,37 @@ impl Tester<'_> {
         let Some(chunks) = gn_partial_fits(shape, &wp) else {
             return Ok(());
         };
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (n, c) = (shape.n, shape.ncols);
+        let y = self.zeros(want.len())?;
         // Two f32 slots per f64.
         let partial = self.zeros(4 * n * chunks * c)?;
         let p = ConvPtrs {
+            y: y.ptr,
             gn_partial: partial.ptr,
             ..ptrs
         };
-        let (y, ms) = self.conv_output(shape, &wp, p, out_div, want.len())?;
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv(st, shape, &wp, p, out_div, false),
+        )?;
         let op = format!("{label} [{}] GroupNorm sums", wgmma_path(&wp));
         self.row_within(
             format!("{op}: output vs without"),
             desc.into(),
-            &y,
+            &y.download(st)?,
             want,
             ms,
             0.0,
         );
-        let sums = partial.download(&self.gpu.stream)?;
-        self.gn_sums_row(&op, desc, &sums, want, shape, chunks, ms);
-        Ok(())
-    }
-
-    /// A row for GroupNorm partial sums a convolution wrote (`words`: f64 pairs, two f32 slots
-    /// each, one chunk per tile in kernels/norm.cu's layout) against the host's over `values`
-    /// (its output as the GroupNorm reads it), in f64: relative 1e-12 (another order of the
-    /// same additions).
-    #[allow(clippy::too_many_arguments)]
-    fn gn_sums_row(
-        &mut self,
-        op: &str,
-        desc: &str,
-        words: &[f32],
-        values: &[f32],
-        shape: &ConvShape,
-        chunks: usize,
-        ms: f64,
-    ) {
-        let c = shape.ncols;
-        let got: Vec<f64> = words
+        let got: Vec<f64> = partial
+            .download(st)?
             .chunks_exact(2)
             .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
             .collect();
         let rows = shape.mh * shape.mw / chunks;
         let mut expect = vec![0.0f64; got.len()];
-        for (m, row) in values.chunks_exact(c).enumerate() {
+        for (m, row) in want.chunks_exact(c).enumerate() {
             // Image m / (chunks * rows), chunk (m / rows) % chunks: pair m / rows * c + col.
             let first = m / rows * c;
             for (col, &v) in row.iter().enumerate() {
@@ -208,6 +194,7 @@ impl Tester<'_> {
             gpu_ms: ms,
             tolerance: 1e-12,
         });
+        Ok(())
     }
 
     /// Where the device has Hopper's wgmma kernel and `shape` suits it at `precision`: its

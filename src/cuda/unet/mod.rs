@@ -143,9 +143,8 @@ impl CudaUnet {
         let gpu = Gpu::open(ordinal)?;
         let weights = DevWeights::upload(&gpu, &model.graph, &model.weights, precision)?;
         let use_graphs = !switches::is("INVDIFF_NO_CUDA_GRAPH", "1");
-        let streams = streams_wanted();
         let choice = KernelConfig::from_switches(gpu.kernels.capabilities(), precision);
-        let side = match streams {
+        let side = match streams_wanted() {
             1 => None,
             n => Some(SideStreams::new(&gpu.ctx, n - 1)?),
         };
