@@ -81,12 +81,13 @@ DEVI void stage_taps(const ConvArgs& a, Taps& s) {
     }
 }
 
-// The K range [kb, ke) of split blockIdx.z, in `slices` slices of bk.
+// The K range [kb, ke) of split blockIdx.z, in `slices` slices of bk; `extra_k` more K after
+// the taps' (the wgmma kernels' fused 1x1 shortcut, conv_wgmma.cu).
 struct KSplit {
     int kb, ke, slices;
 };
-DEVI KSplit k_split(const ConvArgs& a, int bk) {
-    const int K = a.taps * a.sc;
+DEVI KSplit k_split(const ConvArgs& a, int bk, int extra_k = 0) {
+    const int K = a.taps * a.sc + extra_k;
     const int kb = blockIdx.z * a.k_per_split;
     const int ke = min(K, kb + a.k_per_split);
     return {kb, ke, ke > kb ? (ke - kb + bk - 1) / bk : 0};

@@ -53,6 +53,16 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
+// Fused 1x1 shortcut (the `_sc` kernels, lean and TMA; INVDIFF_SHORTCUT_FUSED): a residual
+// block's second convolution also multiplies the block's input (a second 16-bit source at the
+// same pixels) by its 1x1 shortcut's weights, as K slices after its own taps, into the same
+// accumulators; the host sums the two biases, and the residual the shortcut's own launch wrote
+// and the epilogue read back is gone. Both sources' channels are multiples of 64, so no slice
+// straddles them and a slice's copies come from one source: in the lean loaders each thread
+// moves its row pointers to the second source once, when its cursor passes the last tap; in
+// the TMA kernels thread 0 switches maps (the second im2col map has the first's pixel box, so
+// the walk's bases are the same, and copies the tap at offset 0, 0).
+//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -114,7 +124,20 @@ static_assert(sizeof(TmaMap) == 128, "TmaMap must match TensorMap in src/cuda/ke
 struct TmaLoads {
     const TmaMap* a;  // im2col map of x [n, sh, sw, sc], 64 channels x TM pixels a copy
     const TmaMap* b;  // tiled map of w [blocks, ncols, sc], a box of 64 x 128 x 1
+    // The `_sc` kernels: the same two of the shortcut's source and weights (Shortcut).
+    const TmaMap* a2;
+    const TmaMap* b2;
 };
+
+// The fused shortcut's operands (the `_sc` kernels): its source x2 [n, sh, sw, sc] (16-bit, the
+// pixels of ConvArgs::x) and K-major weights [ncols, sc] (16-bit); sc a multiple of 64, as is
+// the main source's.
+struct Shortcut {
+    const void* x;
+    const void* w;
+    int sc;
+};
+static_assert(sizeof(Shortcut) == 24, "Shortcut must match ShortcutArgs in src/cuda/kernels/conv.rs");
 
 DEVI void mbar_init(uint32_t bar, int count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -383,9 +406,13 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // memory accelerator through the maps in `tma` (TmaLoads), and every thread waits on the
 // stage's mbarrier instead of its own copies. Only for launches whose slices are whole taps
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
-template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false>
-DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {}) {
+// SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
+// input stride 1 with the output grid the source's, which the host checks.
+template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false>
+DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
+                  Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
+    static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
@@ -403,7 +430,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     const int ncols = a.ncols;
     const int m0 = blockIdx.x * TM;
     const int n0 = blockIdx.y * WG_TN;
-    const KSplit ks = k_split(a, WG_BK);
+    const KSplit ks = k_split(a, WG_BK, SC ? sc2.sc : 0);
     const int kb = ks.kb, ke = ks.ke, ntiles = ks.slices;
 
     // Loaders: chunk c of A rows r0 + ROW_STEP j (j < 4) and of B rows r0 + ROW_STEP j
@@ -433,16 +460,37 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
     }
     // LEAN: this thread's first B row, the step to its next, and which are product columns.
-    const uint16_t* const b_row = wb + (long long)(n0 + r0) * sc;
-    const long long b_step = (long long)ROW_STEP * sc;
+    const uint16_t* b_row = wb + (long long)(n0 + r0) * sc;
+    long long b_step = (long long)ROW_STEP * sc;
     unsigned b_cols = 0;
 #pragma unroll
     for (int j = 0; j < B_CHUNKS; ++j) b_cols |= (unsigned)(n0 + r0 + ROW_STEP * j < ncols) << j;
-    int at, aci;
+    // The cursor: tap `at`, channel `aci` of a source of `src_sc` channels; with SC, tap
+    // a.taps is the shortcut's, over sc2.
+    int at, aci, src_sc = sc;
+    // SC, lean loaders: the row pointers and B rows moved to the shortcut's source and weights.
+    auto enter_shortcut = [&] {
+        src_sc = sc2.sc;
+        if constexpr (!TMA) {
+            const uint16_t* const x2 = static_cast<const uint16_t*>(sc2.x);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const RowCoord r = decode_row(a, min(m0 + r0 + ROW_STEP * j, M - 1));
+                a_base[j] = x2 + (((long long)r.img * a.sh + r.my) * a.sw + r.mx) * src_sc;
+            }
+            b_row = static_cast<const uint16_t*>(sc2.w) + (long long)(n0 + r0) * src_sc;
+            b_step = (long long)ROW_STEP * src_sc;
+        }
+    };
     {
         const int k = kb + c * 8;
         at = k / sc;
         aci = k - at * sc;
+        if (SC && at >= a.taps) {
+            aci = k - a.taps * sc;
+            at = a.taps;
+            enter_shortcut();
+        }
     }
     // TMA: one mbarrier per stage, which its copies' bytes complete; slice t waits for phase
     // (t / S) & 1 of stage t % S. The tile's first row's filter base in the A map's box.
@@ -487,9 +535,11 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         const uint32_t sa = base + stage * Tile::STAGE + chunk;
         const uint32_t sb = sa + TM * 128;
         const bool kok = k0 + c * 8 < ke;
+        // SC: the shortcut's slices read the row's own pixel, weights from its first block.
+        const bool second = SC && at >= a.taps;
         // Past the last tap (the end of K) any tap does: kok turns every copy off.
-        const int tap = kok ? at : 0;
-        const int dy = taps.dy[tap], dx = taps.dx[tap];
+        const int tap = kok && !second ? at : 0;
+        const int dy = second ? 0 : taps.dy[tap], dx = second ? 0 : taps.dx[tap];
         const long long a_off = ((long long)dy * a.sw + dx) * sc + aci;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -497,16 +547,17 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
                 kok && (unsigned)(a_y[j] + dy) < (unsigned)a.sh && (unsigned)(a_x[j] + dx) < (unsigned)a.sw;
             cp_async16(sa + ROW_STEP * 128 * j, ok ? a_base[j] + a_off : xa, ok);
         }
-        const uint16_t* b = b_row + (long long)taps.w[tap] * ncols * sc + aci;
+        const uint16_t* b = b_row + (second ? 0 : (long long)taps.w[tap] * ncols * sc) + aci;
 #pragma unroll
         for (int j = 0; j < B_CHUNKS; ++j, b += b_step) {
             const bool ok = kok && (b_cols >> j & 1);
             cp_async16(sb + ROW_STEP * 128 * j, ok ? b : wb, ok);
         }
         aci += WG_BK;
-        while (aci >= sc) {
-            aci -= sc;
+        while (aci >= src_sc) {
+            aci -= src_sc;
             ++at;
+            if (SC && at == a.taps) enter_shortcut();
         }
     };
     auto load_plain = [&](int k0, int stage) {
@@ -561,13 +612,21 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         const uint32_t bar = smem_addr(&full[stage]);
         // Out-of-bounds pixels and columns arrive as zeros, so every copy writes its whole box.
         mbar_expect_tx(bar, Tile::STAGE);
-        tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
-                   (uint16_t)(taps.dy[at] - win.dy0));
-        tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+        if (SC && at >= a.taps) {
+            // The shortcut: the row's own pixel, offset (0, 0) from the box's corner.
+            tma_im2col(sa, tma.a2, bar, aci, base_w, base_h, base_img, (uint16_t)(-win.dx0),
+                       (uint16_t)(-win.dy0));
+            tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
+        } else {
+            tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
+                       (uint16_t)(taps.dy[at] - win.dy0));
+            tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+        }
         aci += WG_BK;
-        if (aci >= sc) {
+        if (aci >= src_sc) {
             aci = 0;
             ++at;
+            if (SC && at == a.taps) src_sc = sc2.sc;
         }
     };
 
@@ -706,6 +765,22 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, true, TILE, true, true>(a, wg_dsmem, probe, TmaLoads{&ta, &tb});             \
     }
+// The fused-shortcut forms (SC): lean loaders, and TMA loads with the shortcut's two maps after
+// the main ones; the shortcut's operands last.
+#define WG_SC_KERNEL(name, T, TILE)                                                                  \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a, const Shortcut s) {                                                    \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, TILE, true, false, true>(a, wg_dsmem, nullptr, TmaLoads{}, s);        \
+    }
+#define WG_TMA_SC_KERNEL(name, T, TILE)                                                              \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
+             const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, TILE, true, true, true>(a, wg_dsmem, nullptr,                         \
+                                                        TmaLoads{&ta, &tb, &ta2, &tb2}, s);           \
+    }
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \
@@ -724,6 +799,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE)                                        \
     WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE)                                        \
     WG_TMA_PROBE_KERNEL(conv_wgmma_bf16_rows_tma##prefix##_probe, 1, TILE)                          \
-    WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)
+    WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)                          \
+    WG_SC_KERNEL(conv_wgmma_bf16_rows_lean_sc##prefix, 1, TILE)                                     \
+    WG_SC_KERNEL(conv_wgmma_fp16_rows_lean_sc##prefix, 2, TILE)                                     \
+    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE)                                  \
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -115,18 +115,21 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
         }
         WKind::ConvForward => {
             let k = if s.taps.len() == 9 { 3 } else { 1 };
-            let kind = match (k, s.in_stride) {
-                (3, 1) => "conv 3x3 fwd",
-                (3, _) => "conv 3x3 s2 fwd",
+            let kind = match (k, s.in_stride, s.shortcut_sc) {
+                // A 1x1 shortcut fused in: its products counted here, not as a 3x3's.
+                (_, _, 1..) => "conv 3x3 fwd + shortcut",
+                (3, 1, _) => "conv 3x3 fwd",
+                (3, ..) => "conv 3x3 s2 fwd",
                 _ => "conv 1x1 fwd",
             };
-            (
-                kind,
-                format!(
-                    "{k}x{k} s{} {}->{} out {}x{}",
-                    s.in_stride, s.sc, s.ncols, s.mh, s.mw
-                ),
-            )
+            let mut shape = format!(
+                "{k}x{k} s{} {}->{} out {}x{}",
+                s.in_stride, s.sc, s.ncols, s.mh, s.mw
+            );
+            if s.shortcut_sc > 0 {
+                shape += &format!(" + 1x1 {}->{}", s.shortcut_sc, s.ncols);
+            }
+            (kind, shape)
         }
         // An upsampling folded into the convolution after it: per parity class of the output
         // pixel forward, per row class backward (reading dy at the output's resolution).

@@ -283,6 +283,10 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             }
         }
     }
+    // A fused shortcut (INVDIFF_SHORTCUT_FUSED) runs on the lean and TMA kernels only.
+    if shape.shortcut_sc > 0 {
+        out.retain(|c| c.lean_loads);
+    }
     // The planned launch, whose split may be none of the above.
     if !out.contains(&planned) {
         out.push(planned);
@@ -362,6 +366,27 @@ fn sweep_one(
         // The K-major weights the wgmma kernel reads.
         wts.ensure_backward_half(gpu)?;
     }
+    // A fused shortcut's second source and weights, 16-bit and K-major as the kernels read
+    // them.
+    let shortcut = match shape.shortcut() {
+        Some(one) if wgmma && precision.is_half() => {
+            let len = one.n * one.sh * one.sw * one.sc;
+            let x2 =
+                DevBuf::upload(st, &uniform(seed, len, -1.0, 1.0))?.to_half(gpu, len, precision)?;
+            let mut w2 = DevConv::upload(
+                gpu,
+                &uniform(seed, one.ncols * one.sc, -bound, bound),
+                &uniform(seed, one.ncols, -0.1, 0.1),
+                one.ncols,
+                one.sc,
+                1,
+                precision,
+            )?;
+            w2.ensure_backward_half(gpu)?;
+            Some((x2, w2))
+        }
+        _ => None,
+    };
     let candidates = candidates(shape, planned, gpu.sms(), wgmma);
     let ws_len = candidates
         .iter()
@@ -382,12 +407,18 @@ fn sweep_one(
             y: y.ptr,
             bias: wts.bias.ptr,
             ws: ws.ptr,
+            x2: shortcut.as_ref().map_or(0, |s| s.0.ptr),
+            w2: match &shortcut {
+                Some((_, w2)) => w2.weights_for(c.kernel, true)?,
+                None => 0,
+            },
             ..ConvPtrs::default()
         };
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
         let ms = mean_ms(st, iters, launch)?;
-        let cycles = if c.wgmma {
+        // The fused-shortcut kernels have no cycle-counting forms.
+        let cycles = if c.wgmma && shortcut.is_none() {
             probe(gpu, shape, c, ptrs)?
         } else {
             None
@@ -793,6 +824,22 @@ mod tests {
                 let pipes = if precision.is_half() { 3 } else { 2 };
                 assert!(c.iter().filter(|l| l.splits == 1).count() >= pipes);
             }
+        }
+        // A fused shortcut: only the lean and TMA wgmma forms, each split covering the summed K.
+        let fused = ConvShape::forward(1, 32, 32, 256, 256, 3, 1, Pad::Symmetric)
+            .with_shortcut(512)
+            .unwrap();
+        let planned = ConvLaunch {
+            row_epilogue: true,
+            lean_loads: true,
+            tma_loads: true,
+            ..plan_wgmma(&fused, 132, Precision::Bf16).unwrap()
+        };
+        let c = candidates(&fused, planned, 132, true);
+        assert!(c.len() > 2 && c.contains(&planned));
+        for l in c {
+            assert!(l.wgmma && l.lean_loads, "{l:?}");
+            assert!(l.splits * l.k_per_split >= fused.k(), "{l:?}");
         }
     }
 }

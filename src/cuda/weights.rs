@@ -152,6 +152,10 @@ pub(crate) struct DevConv {
     /// The 16-tap convolution of the low-resolution input that computes this one on its
     /// nearest 2x upsampling ([`fold_upsampled_weights`]), with the same bias.
     pub folded: Option<Box<DevConv>>,
+    /// For a residual block's second convolution with its 1x1 shortcut fused into it
+    /// ([`WKind::BiasWithShortcut`]): that shortcut's parameter group, and the two biases
+    /// summed in f32.
+    pub bias_with_shortcut: Option<(usize, DevBuf)>,
 }
 
 impl DevConv {
@@ -192,6 +196,7 @@ impl DevConv {
             taps,
             precision,
             folded: None,
+            bias_with_shortcut: None,
         })
     }
 
@@ -287,6 +292,7 @@ impl DevConv {
             + len(&self.forward_half)
             + len(&self.backward_half)
             + self.bias.len()
+            + self.bias_with_shortcut.as_ref().map_or(0, |(_, b)| b.len())
             + self.folded.as_ref().map_or(0, |f| f.slots())
     }
 
@@ -386,6 +392,48 @@ impl DevWeights {
         c.ensure_folded(gpu)?.ensure_grad_layouts(gpu, which)
     }
 
+    /// Sums the bias of convolution `pid` and that of `shortcut`, its residual block's 1x1
+    /// shortcut, into [`DevConv::bias_with_shortcut`] if that is not there yet (a copy of both
+    /// to the host and back, once): the bias of the launch that fuses the two.
+    pub fn ensure_bias_with_shortcut(
+        &mut self,
+        gpu: &Gpu,
+        pid: usize,
+        shortcut: usize,
+    ) -> Result<()> {
+        let bias_of = |p: Option<&DevParam>, what: &str| match p {
+            Some(DevParam::Conv(c)) => Ok((c.cout, c.bias.download(&gpu.stream)?)),
+            _ => Err(Error::Cuda(format!(
+                "internal: parameter group {what} is not a convolution"
+            ))),
+        };
+        if let Some(DevParam::Conv(c)) = self.params.get(pid) {
+            match &c.bias_with_shortcut {
+                Some((s, _)) if *s == shortcut => return Ok(()),
+                Some((s, _)) => {
+                    return Err(Error::Cuda(format!(
+                        "internal: convolution {pid} fused with shortcut {shortcut}, and before \
+                         with {s}"
+                    )))
+                }
+                None => {}
+            }
+        }
+        let (cout, own) = bias_of(self.params.get(pid), &pid.to_string())?;
+        let (cout2, other) = bias_of(self.params.get(shortcut), &shortcut.to_string())?;
+        if cout != cout2 {
+            return Err(Error::Cuda(format!(
+                "internal: a {cout}-channel convolution fused with a {cout2}-channel shortcut"
+            )));
+        }
+        let sum: Vec<f32> = own.iter().zip(&other).map(|(a, b)| a + b).collect();
+        let buf = DevBuf::upload(&gpu.stream, &sum)?;
+        if let Some(DevParam::Conv(c)) = self.params.get_mut(pid) {
+            c.bias_with_shortcut = Some((shortcut, buf));
+        }
+        Ok(())
+    }
+
     /// The device address of array `w`.
     pub fn ptr(&self, w: W) -> Result<DPtr> {
         let missing = || {
@@ -407,6 +455,9 @@ impl DevWeights {
                 .and_then(|f| f.backward.as_ref())
                 .ok_or_else(missing)?,
             (DevParam::Conv(c), WKind::Bias) => &c.bias,
+            (DevParam::Conv(c), WKind::BiasWithShortcut) => {
+                &c.bias_with_shortcut.as_ref().ok_or_else(missing)?.1
+            }
             (DevParam::Linear { w, .. }, WKind::Linear) => w,
             (DevParam::Linear { wt, .. }, WKind::LinearT) => wt,
             (DevParam::Linear { bias, .. }, WKind::Bias) => bias,

@@ -55,6 +55,21 @@ const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
 
+/// Shortcut of kernels/conv_wgmma.cu, field for field: the fused shortcut's 16-bit source and
+/// K-major weights, and its channels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ShortcutArgs {
+    x: DPtr,
+    w: DPtr,
+    sc: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<ShortcutArgs>() == 24);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for ShortcutArgs {}
+
 /// Addresses of one implicit-GEMM launch; 0 where absent.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct ConvPtrs {
@@ -68,6 +83,9 @@ pub(crate) struct ConvPtrs {
     /// Where the epilogue also writes the GroupNorm partial sums of the output, one chunk per
     /// tile in kernels/norm.cu's layout; only where [`gn_partial_fits`] holds.
     pub gn_partial: DPtr,
+    /// A fused shortcut's ([`ConvShape::shortcut_sc`]) 16-bit source and K-major weights.
+    pub x2: DPtr,
+    pub w2: DPtr,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -105,6 +123,29 @@ pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
         }
     }
     out
+}
+
+/// The fused-shortcut wgmma kernels (the `_sc` kernels of kernels/conv_wgmma.cu) in
+/// [`wgmma_sc_index`] order: bf16 or fp16, then lean or TMA loaders, then the tile.
+pub(super) fn wgmma_sc_kernel_names() -> Vec<(String, WgmmaTile)> {
+    let mut out = Vec::new();
+    for (tile, name) in WgmmaTile::ALL {
+        for form in ["_rows_lean", "_rows_tma"] {
+            for t in ["bf16", "fp16"] {
+                out.push((format!("conv_wgmma_{t}{form}_sc{name}"), tile));
+            }
+        }
+    }
+    out
+}
+
+/// Where fused-shortcut launch `plan` finds its kernel in [`wgmma_sc_kernel_names`]' order.
+fn wgmma_sc_index(precision: Precision, plan: &ConvLaunch) -> usize {
+    let tile = WgmmaTile::ALL
+        .iter()
+        .position(|&(t, _)| t == plan.tile)
+        .unwrap_or(0);
+    usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.tma_loads) + 4 * tile
 }
 
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -349,6 +390,28 @@ impl Kernels {
             a.tap_dx[i] = t.dx;
             a.tap_w[i] = t.w;
         }
+        let fused = s.shortcut_sc > 0;
+        if fused {
+            need(p.x2, "fused shortcut input")?;
+            need(p.w2, "fused shortcut weights")?;
+            let plain = ConvShape {
+                shortcut_sc: 0,
+                ..s.clone()
+            };
+            if !plan.lean_loads || probe.is_some() || plain.with_shortcut(s.shortcut_sc).is_none() {
+                return Err(Error::Cuda(format!(
+                    "internal: a convolution {}->{} with a fused {}-channel shortcut planned \
+                     with lean loads {}, cycle probe {}: only the lean and TMA wgmma kernels \
+                     fuse it, at input stride 1 over the source's own grid, with channels in \
+                     whole K slices of {WGMMA_SLICE}",
+                    s.sc,
+                    s.ncols,
+                    s.shortcut_sc,
+                    plan.lean_loads,
+                    probe.is_some()
+                )));
+            }
+        }
         if p.gn_partial != 0 && gn_partial_fits(s, plan).is_none() {
             return Err(Error::Cuda(format!(
                 "internal: GroupNorm sums asked of a {:?} convolution launch that cannot write \
@@ -361,7 +424,7 @@ impl Kernels {
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
-        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb]
+        let aligned = [p.x, p.w, p.y, p.res, p.ws, p.bias, p.temb, p.x2, p.w2]
             .iter()
             .all(|&q| q % 16 == 0);
         let tensor = matches!(plan.kernel, ConvKernel::Tensor(_));
@@ -415,17 +478,23 @@ impl Kernels {
                     ));
                 }
                 if plan.wgmma {
-                    let kernels = if probe.is_some() {
-                        &self.conv_wgmma_probe
-                    } else {
-                        &self.conv_wgmma
-                    };
-                    let wg = kernels.as_ref().ok_or_else(|| {
+                    let missing = || {
                         Error::Cuda(
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
-                    })?;
-                    (&wg[wgmma_index(precision, plan)], plan.tile.smem())
+                    };
+                    let f = if fused {
+                        let wg = self.conv_wgmma_sc.as_ref().ok_or_else(missing)?;
+                        &wg[wgmma_sc_index(precision, plan)]
+                    } else {
+                        let kernels = if probe.is_some() {
+                            &self.conv_wgmma_probe
+                        } else {
+                            &self.conv_wgmma
+                        };
+                        &kernels.as_ref().ok_or_else(missing)?[wgmma_index(precision, plan)]
+                    };
+                    (f, plan.tile.smem())
                 } else {
                     let k = tc_kernel(plan)?;
                     (&self.conv_tc[k], TC_KERNELS[k].dynamic_smem())
@@ -450,18 +519,41 @@ impl Kernels {
         );
         let mut launch = cfg(grid, (threads, 1, 1));
         launch.shared_mem_bytes = smem;
-        // The TMA kernels take their tensor maps after the argument block.
-        let maps = match plan.kernel {
-            ConvKernel::Tensor(precision) if plan.tma_loads => Some((
-                tma::im2col_map(precision, p.x, s, tile_rows)?,
-                tma::weight_map(precision, p.w, s)?,
-            )),
-            _ => None,
+        // The TMA kernels take their tensor maps after the argument block, the fused
+        // shortcut's after the main ones: its source's through the main source's pixel box (the
+        // same walk), its weights as a one-block convolution's.
+        let mut maps = Vec::new();
+        if let ConvKernel::Tensor(precision) = plan.kernel {
+            if plan.tma_loads {
+                // The main problem alone, for its maps.
+                let main = ConvShape {
+                    shortcut_sc: 0,
+                    ..s.clone()
+                };
+                maps.push(tma::im2col_map(precision, p.x, &main, tile_rows)?);
+                maps.push(tma::weight_map(precision, p.w, &main)?);
+                if let Some(one) = s.shortcut() {
+                    let source = ConvShape {
+                        sc: s.shortcut_sc,
+                        ..main
+                    };
+                    maps.push(tma::im2col_map(precision, p.x2, &source, tile_rows)?);
+                    maps.push(tma::weight_map(precision, p.w2, &one)?);
+                }
+            }
+        }
+        let shortcut = ShortcutArgs {
+            x: p.x2,
+            w: p.w2,
+            sc: i32_of(s.shortcut_sc, "fused shortcut channels")?,
         };
         let mut b = st.launch_builder(f);
         b.arg(&a);
-        if let Some((ta, tb)) = &maps {
-            b.arg(ta).arg(tb);
+        for m in &maps {
+            b.arg(m);
+        }
+        if fused {
+            b.arg(&shortcut);
         }
         if let Some(probe) = &probe {
             b.arg(probe);

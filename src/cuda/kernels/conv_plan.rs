@@ -31,6 +31,10 @@ pub(crate) struct ConvShape {
     pub out_oy: usize,
     pub out_ox: usize,
     pub taps: Vec<Tap>,
+    /// Channels of a second source at the same pixels, read at each output's own pixel and
+    /// appended to K: a residual block's 1x1 shortcut fused into its second convolution
+    /// ([`ConvShape::with_shortcut`]); 0 for none.
+    pub shortcut_sc: usize,
 }
 
 /// Zero rows above / columns left of the input of a 3x3 convolution.
@@ -47,9 +51,47 @@ impl ConvShape {
         self.n * self.mh * self.mw
     }
 
-    /// Reduction length, taps x source channels.
+    /// Reduction length, taps x source channels (and the fused shortcut's channels).
     pub fn k(&self) -> usize {
-        self.taps.len() * self.sc
+        self.taps.len() * self.sc + self.shortcut_sc
+    }
+
+    /// This forward convolution with the 1x1 convolution of a second source of `sc` channels
+    /// at the same pixels added to it (a residual block's second convolution and its
+    /// shortcut, [`KernelConfig::shortcut_fused`](crate::cuda::program::KernelConfig)), or
+    /// `None` where the wgmma kernels cannot fuse them: input stride 1 with the output grid
+    /// the source's, every output pixel written by this launch, and both sources' channels
+    /// whole K slices, so that no slice reads both.
+    pub fn with_shortcut(&self, sc: usize) -> Option<ConvShape> {
+        let fits = self.in_stride == 1
+            && self.out_stride == 1
+            && (self.mh, self.mw) == (self.sh, self.sw)
+            && (self.yh, self.yw) == (self.mh, self.mw)
+            && self.shortcut_sc == 0
+            && sc > 0
+            && self.sc % WGMMA_SLICE == 0
+            && sc % WGMMA_SLICE == 0;
+        fits.then(|| ConvShape {
+            shortcut_sc: sc,
+            ..self.clone()
+        })
+    }
+
+    /// The fused shortcut's own problem: its 1x1 convolution of the second source alone (the
+    /// launch the fusion replaces), or `None` without one.
+    pub fn shortcut(&self) -> Option<ConvShape> {
+        (self.shortcut_sc > 0).then(|| {
+            ConvShape::forward(
+                self.n,
+                self.sh,
+                self.sw,
+                self.shortcut_sc,
+                self.ncols,
+                1,
+                1,
+                Pad::Symmetric,
+            )
+        })
     }
 
     /// Forward convolution of an `h x w` input of `cin` channels into `cout` (k = 1 or 3); the
@@ -93,6 +135,7 @@ impl ConvShape {
             out_oy: 0,
             out_ox: 0,
             taps,
+            shortcut_sc: 0,
         }
     }
 
@@ -126,6 +169,7 @@ impl ConvShape {
             out_oy: 0,
             out_ox: 0,
             taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
+            shortcut_sc: 0,
         };
         if k == 1 {
             return vec![base];
@@ -213,6 +257,7 @@ impl ConvShape {
                     out_oy: a as usize,
                     out_ox: b as usize,
                     taps,
+                    shortcut_sc: 0,
                 });
             }
         }
@@ -254,6 +299,7 @@ impl ConvShape {
                     out_oy: 0,
                     out_ox: 0,
                     taps,
+                    shortcut_sc: 0,
                 }
             })
             .collect()
@@ -277,6 +323,7 @@ impl ConvShape {
             out_oy: 0,
             out_ox: 0,
             taps: vec![Tap { dy: 0, dx: 0, w: 0 }],
+            shortcut_sc: 0,
         }
     }
 }
@@ -1056,5 +1103,54 @@ mod tests {
         assert_eq!(im2col_box(&stride2), None);
         let same = ConvShape::forward(1, 64, 64, 256, 256, 3, 1, Pad::Symmetric);
         assert_eq!(im2col_box(&same), Some(([-1, -1], [-1, -1])));
+    }
+
+    /// A 1x1 shortcut fuses into a stride-1 convolution over the same grid whose channels and
+    /// its own are whole wgmma slices: K the two summed, the shortcut's own problem the 1x1
+    /// forward, and the TMA kernels' copy of its source through the main source's pixel box at
+    /// offsets (-dx0, -dy0) the rows the 1x1's loaders gather. Nothing else fuses.
+    #[test]
+    fn shortcuts_fuse_where_the_kernels_take_them() {
+        use Pad::Symmetric;
+        let main = ConvShape::forward(2, 16, 24, 128, 256, 3, 1, Symmetric);
+        let fused = main.with_shortcut(384).unwrap();
+        assert_eq!(fused.k(), 9 * 128 + 384);
+        let one = fused.shortcut().unwrap();
+        assert_eq!(
+            one,
+            ConvShape::forward(2, 16, 24, 384, 256, 1, 1, Symmetric)
+        );
+        assert_eq!(main.shortcut(), None);
+        let bx = im2col_box(&main).unwrap();
+        let source = ConvShape {
+            sc: 384,
+            ..main.clone()
+        };
+        assert_eq!(im2col_box(&source), Some(bx));
+        let offsets = (-bx.0[0], -bx.0[1]);
+        for tile in [128, 256] {
+            for m0 in (0..one.rows()).step_by(tile) {
+                let (img, rem) = (m0 / (one.mh * one.mw), m0 % (one.mh * one.mw));
+                let start = (
+                    (rem % one.mw) as i32 + bx.0[0],
+                    (rem / one.mw) as i32 + bx.0[1],
+                    img,
+                );
+                let want: Vec<_> = (m0..m0 + tile)
+                    .map(|m| gathered(&one, m, &one.taps[0]))
+                    .collect();
+                assert_eq!(walked(&source, bx, start, offsets, tile), want, "row {m0}");
+            }
+        }
+        let stride2 = ConvShape::forward(1, 16, 16, 128, 256, 3, 2, Symmetric);
+        assert_eq!(stride2.with_shortcut(128), None);
+        for class in ConvShape::upsampled_forward(1, 8, 8, 128, 128) {
+            assert_eq!(class.with_shortcut(128), None);
+        }
+        assert_eq!(main.with_shortcut(96), None);
+        assert_eq!(main.with_shortcut(0), None);
+        let narrow = ConvShape::forward(1, 16, 16, 96, 256, 3, 1, Symmetric);
+        assert_eq!(narrow.with_shortcut(128), None);
+        assert_eq!(fused.with_shortcut(128), None);
     }
 }

@@ -71,7 +71,7 @@ pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{narrow_smem, wgmma_kernel_names, TC_KERNELS};
+use conv::{narrow_smem, wgmma_kernel_names, wgmma_sc_kernel_names, TC_KERNELS};
 use conv_plan::DIRECT_MAX;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
@@ -220,10 +220,16 @@ pub(crate) struct Kernels {
     conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
+    /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
+    /// `conv::wgmma_sc_index`).
+    conv_wgmma_sc: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
+
+/// Both precisions, lean and TMA loaders, and every tile, of the fused-shortcut wgmma kernels.
+const WGMMA_SC_KERNELS: usize = 2 * 2 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 
@@ -304,7 +310,7 @@ impl Kernels {
             .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
-        let (conv_wgmma, conv_wgmma_probe) = match wgmma_module {
+        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_sc) = match wgmma_module {
             Some((name, image)) if info.compute_capability == (9, 0) => {
                 let m = cu(
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
@@ -314,17 +320,23 @@ impl Kernels {
                     let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
                     allow_smem(ctx, f, bytes)
                 };
-                let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
-                    let out = wgmma_kernel_names(suffix)
+                let table = |names: Vec<(String, WgmmaTile)>| -> Result<Vec<CudaFunction>> {
+                    names
                         .iter()
                         .map(|(kernel, tile)| f(kernel, tile.smem()))
-                        .collect::<Result<Vec<_>>>()?;
-                    out.try_into()
+                        .collect()
+                };
+                let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
+                    table(wgmma_kernel_names(suffix))?
+                        .try_into()
                         .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
                 };
-                (Some(all("")?), Some(all("_probe")?))
+                let fused: [CudaFunction; WGMMA_SC_KERNELS] = table(wgmma_sc_kernel_names())?
+                    .try_into()
+                    .map_err(|_| Error::Cuda("internal: fused-shortcut kernel table".into()))?;
+                (Some(all("")?), Some(all("_probe")?), Some(fused))
             }
-            _ => (None, None),
+            _ => (None, None, None),
         };
         // The fused attention where a block may have its shared memory.
         let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
@@ -416,6 +428,7 @@ impl Kernels {
             timing_hold: get("timing", "timing_hold")?,
             conv_wgmma,
             conv_wgmma_probe,
+            conv_wgmma_sc,
         })
     }
 
@@ -538,6 +551,9 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
+        let fused = wgmma_sc_kernel_names();
+        assert_eq!(fused.len(), WGMMA_SC_KERNELS);
+        asked.extend(fused.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");
     }

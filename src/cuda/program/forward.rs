@@ -2,7 +2,7 @@
 
 #[cfg(doc)]
 use super::KernelConfig;
-use super::{Buf, Lowering, Step, WKind, W};
+use super::{Buf, FusedShortcut, Lowering, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::precision::Precision;
 use crate::model::graph::{Op, Space, Tid};
@@ -92,50 +92,21 @@ impl Lowering<'_> {
                     self.steps.push(Step::Conv(s));
                 }
             }
-            Op::Conv {
-                x,
-                y,
-                p,
-                temb,
-                residual,
-                out_div,
-                ..
-            } => {
-                // Folded after an upsampling: one launch per parity class of the output
-                // pixel, from the upsampling's input (in 16 bits below fp32 and tf32).
-                let (shapes, xb, half_input, kind) = match self.folded[x] {
-                    Some(src) => {
-                        let (h, w) = self.hw(src);
-                        let shapes =
-                            ConvShape::upsampled_forward(self.n, h, w, self.ch(src), self.ch(y));
-                        let half = self.precision.is_half();
-                        let xb = if half {
-                            self.sixteen_bit(src)?
-                        } else {
-                            self.val(src)?
-                        };
-                        (shapes, xb, half, WKind::FoldForward)
-                    }
-                    None => {
-                        let shape = self.gemm_shape(op)?.expect("a convolution");
-                        let (xb, half_input) = self.main_input(op, x)?;
-                        (vec![shape], xb, half_input, WKind::ConvForward)
-                    }
-                };
-                let tb = temb.map(|t| self.val(t)).transpose()?;
-                let rb = residual.map(|r| self.val(r)).transpose()?;
-                let yb = self.new_value(y);
-                for shape in shapes {
-                    let mut s = self.conv_step(shape, xb, W { pid: p, kind }, yb, half_input);
-                    s.bias = Some(W {
-                        pid: p,
-                        kind: WKind::Bias,
-                    });
-                    s.temb = tb;
-                    s.residual = rb;
-                    s.out_div = out_div;
-                    self.steps.push(Step::Conv(s));
+            Op::Conv { .. } => {
+                // A 1x1 shortcut waits for its block's second convolution, which may take it
+                // in ([`KernelConfig::shortcut_fused`]); else it is lowered just before it,
+                // where it would have been anyway (the op before it).
+                if self.shortcut_to_fuse(i) {
+                    self.pending_shortcut = Some(i);
+                    return Ok(());
                 }
+                if let Some(j) = self.pending_shortcut.take() {
+                    if self.fuse_shortcut(op, &g.ops[j])? {
+                        return Ok(());
+                    }
+                    self.conv_forward(&g.ops[j])?;
+                }
+                self.conv_forward(op)?;
             }
             Op::GroupNorm {
                 x,
@@ -267,6 +238,152 @@ impl Lowering<'_> {
 
 /// What only the forward pass asks of the lowering.
 impl Lowering<'_> {
+    /// Lowers convolution `op`: one launch, or one per parity class of the output pixel where
+    /// an upsampling is folded into it.
+    fn conv_forward(&mut self, op: &Op) -> Result<()> {
+        let Op::Conv {
+            x,
+            y,
+            p,
+            temb,
+            residual,
+            out_div,
+            ..
+        } = *op
+        else {
+            return Err(Error::Cuda(format!(
+                "internal: {op:?} lowered as a convolution"
+            )));
+        };
+        // Folded after an upsampling: one launch per parity class of the output pixel, from
+        // the upsampling's input (in 16 bits below fp32 and tf32).
+        let (shapes, xb, half_input, kind) = match self.folded[x] {
+            Some(src) => {
+                let (h, w) = self.hw(src);
+                let shapes = ConvShape::upsampled_forward(self.n, h, w, self.ch(src), self.ch(y));
+                let half = self.precision.is_half();
+                let xb = if half {
+                    self.sixteen_bit(src)?
+                } else {
+                    self.val(src)?
+                };
+                (shapes, xb, half, WKind::FoldForward)
+            }
+            None => {
+                let shape = self.gemm_shape(op)?.expect("a convolution");
+                let (xb, half_input) = self.main_input(op, x)?;
+                (vec![shape], xb, half_input, WKind::ConvForward)
+            }
+        };
+        let tb = temb.map(|t| self.val(t)).transpose()?;
+        let rb = residual.map(|r| self.val(r)).transpose()?;
+        let yb = self.new_value(y);
+        for shape in shapes {
+            let mut s = self.conv_step(shape, xb, W { pid: p, kind }, yb, half_input);
+            s.bias = Some(W {
+                pid: p,
+                kind: WKind::Bias,
+            });
+            s.temb = tb;
+            s.residual = rb;
+            s.out_div = out_div;
+            self.steps.push(Step::Conv(s));
+        }
+        Ok(())
+    }
+
+    /// Whether op `i` is a 1x1 shortcut that [`KernelConfig::shortcut_fused`] may fuse into the
+    /// op after it: a 1x1 convolution with nothing in its epilogue but its bias, read only by
+    /// the next op, a 3x3 convolution at stride 1 (not folded after an upsampling), as its
+    /// residual; in bf16/fp16 on the deep pipelines and wgmma. Whether it is fused is decided
+    /// there ([`fuse_shortcut`](Self::fuse_shortcut)).
+    fn shortcut_to_fuse(&self, i: usize) -> bool {
+        let c = self.choice;
+        if !(c.shortcut_fused && c.wgmma && c.deep && self.precision.is_half()) {
+            return false;
+        }
+        let g = self.g;
+        let (
+            Some(&Op::Conv {
+                y,
+                kernel: 1,
+                stride: 1,
+                temb: None,
+                residual: None,
+                out_div,
+                ..
+            }),
+            Some(&Op::Conv {
+                x,
+                kernel: 3,
+                stride: 1,
+                residual: Some(r),
+                ..
+            }),
+        ) = (g.ops.get(i), g.ops.get(i + 1))
+        else {
+            return false;
+        };
+        let readers = g.ops.iter().filter(|o| o.inputs().contains(&y)).count();
+        out_div == 1.0 && r == y && y != g.output && readers == 1 && self.folded[x].is_none()
+    }
+
+    /// Lowers convolution `op` with shortcut `sc` (op [`shortcut_to_fuse`] chose) fused into
+    /// it, as one launch of the summed problem ([`ConvShape::with_shortcut`]) with the two
+    /// biases summed, where the shortcut's input comes in 16 bits and the launch takes the lean
+    /// or TMA wgmma kernels; false, lowering nothing, where it cannot.
+    ///
+    /// [`shortcut_to_fuse`]: Self::shortcut_to_fuse
+    fn fuse_shortcut(&mut self, op: &Op, sc: &Op) -> Result<bool> {
+        let (
+            &Op::Conv {
+                x,
+                y,
+                p,
+                temb,
+                out_div,
+                ..
+            },
+            &Op::Conv { x: x2, p: p2, .. },
+        ) = (op, sc)
+        else {
+            return Ok(false);
+        };
+        let Some(shape) = self
+            .gemm_shape(op)?
+            .and_then(|s| s.with_shortcut(self.ch(x2)))
+        else {
+            return Ok(false);
+        };
+        let (x2b, half2) = self.main_input(sc, x2)?;
+        let (xb, half_input) = self.main_input(op, x)?;
+        if !(half2 && half_input && self.plan_step(&shape, half_input).lean_loads) {
+            return Ok(false);
+        }
+        let tb = temb.map(|t| self.val(t)).transpose()?;
+        let yb = self.new_value(y);
+        let w = W {
+            pid: p,
+            kind: WKind::ConvForward,
+        };
+        let mut s = self.conv_step(shape, xb, w, yb, half_input);
+        s.bias = Some(W {
+            pid: p,
+            kind: WKind::BiasWithShortcut,
+        });
+        s.temb = tb;
+        s.out_div = out_div;
+        s.shortcut = Some(FusedShortcut {
+            x: x2b,
+            w: W {
+                pid: p2,
+                kind: WKind::ConvForward,
+            },
+        });
+        self.steps.push(Step::Conv(s));
+        Ok(true)
+    }
+
     /// The buffer of a value that may be stored in 16 bits (GroupNorm, upsampling and, with
     /// [`KernelConfig::half_gn_inputs`], concatenation outputs), and that precision when it is.
     fn output_value(&mut self, t: Tid) -> (Buf, Option<Precision>) {

@@ -116,6 +116,12 @@ pub(crate) struct KernelConfig {
     /// the tensor cores with `deep`. The folded weights are summed in f32 (and rounded once
     /// below it), so the results differ from the unfolded ones by rounding.
     pub upsample_fold: bool,
+    /// A residual block's 1x1 shortcut whose input is stored in 16 bits (the up path's
+    /// concatenations) or has a 16-bit copy, fused into the block's second convolution where
+    /// that runs on the lean or TMA wgmma kernels ([`ConvShape::with_shortcut`]): its products
+    /// appended to that launch's K in the same accumulators, one bias of the two summed, and no
+    /// shortcut launch, output or residual read. The products are summed in another order.
+    pub shortcut_fused: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -148,6 +154,7 @@ impl Default for KernelConfig {
             epilogue_prefetch: false,
             tall_tiles: false,
             upsample_fold: false,
+            shortcut_fused: false,
             batch_invariant: false,
         }
     }
@@ -197,6 +204,7 @@ impl KernelConfig {
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
             upsample_fold: precision.is_half(),
+            shortcut_fused: false,
             batch_invariant: false,
         }
     }
@@ -238,6 +246,7 @@ impl KernelConfig {
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
+            shortcut_fused: wgmma && kept("INVDIFF_SHORTCUT_FUSED", tuned.shortcut_fused),
             batch_invariant: false,
         }
     }
@@ -275,6 +284,7 @@ impl KernelConfig {
             (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
+            (self.shortcut_fused, "1x1 shortcuts fused into convolutions"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

@@ -2,19 +2,19 @@
 //! 16-bit values and copies, the planning of each convolution launch; and the fusions applied
 //! to the finished list (the time-embedding projections batched after the forward pass).
 
+#[cfg(doc)]
+use super::Program;
 use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
-    ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    ConvLaunch, ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
 use crate::model::graph::{Graph, Op, Pad, ParamKind, Space, Tid};
 use crate::{Error, Result};
-#[cfg(doc)]
-use {super::Program, crate::cuda::kernels::ConvLaunch};
 
 /// Builds programs.
 pub(super) struct Lowering<'g> {
@@ -44,6 +44,9 @@ pub(super) struct Lowering<'g> {
     pub(super) folded: Vec<Option<Tid>>,
     /// Which kernels the steps run.
     pub(super) choice: KernelConfig,
+    /// A 1x1 shortcut op the forward pass has not lowered yet: the op after it may take it in
+    /// ([`KernelConfig::shortcut_fused`]).
+    pub(super) pending_shortcut: Option<usize>,
 }
 
 impl<'g> Lowering<'g> {
@@ -75,6 +78,7 @@ impl<'g> Lowering<'g> {
             half_copies: Vec::new(),
             folded: vec![None; g.tensors.len()],
             choice,
+            pending_shortcut: None,
         };
         if choice.deep && matches!(precision, Precision::Bf16 | Precision::Fp16) {
             l.half = l.half_tensors()?;
@@ -621,6 +625,28 @@ impl Lowering<'_> {
         y: Buf,
         half_input: bool,
     ) -> ConvStep {
+        let launch = self.plan_step(&shape, half_input);
+        let ws_len = launch.workspace_len(&shape);
+        let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
+        ConvStep {
+            shape,
+            launch,
+            x,
+            w,
+            y,
+            bias: None,
+            temb: None,
+            residual: None,
+            workspace,
+            out_div: 1.0,
+            accumulate: false,
+            gn_partial: None,
+            shortcut: None,
+        }
+    }
+
+    /// How [`conv_step`](Self::conv_step) launches `shape`: kernel, split, tile and loaders.
+    pub(super) fn plan_step(&self, shape: &ConvShape, half_input: bool) -> ConvLaunch {
         // With batch_invariant, one image's launch: the kernel choice never depends on the
         // batch, the split of K does.
         let planned = if self.choice.batch_invariant {
@@ -655,21 +681,6 @@ impl Lowering<'_> {
         let lean_here = launch.wgmma && launch.row_epilogue;
         launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
-        let ws_len = launch.workspace_len(&shape);
-        let workspace = (ws_len > 0).then(|| self.buf(ws_len, "split-K workspace"));
-        ConvStep {
-            shape,
-            launch,
-            x,
-            w,
-            y,
-            bias: None,
-            temb: None,
-            residual: None,
-            workspace,
-            out_div: 1.0,
-            accumulate: false,
-            gn_partial: None,
-        }
+        launch
     }
 }

@@ -56,6 +56,9 @@ pub(crate) enum WKind {
     Linear,
     /// Bias of a convolution or linear layer.
     Bias,
+    /// Bias of a residual block's second convolution plus that of its 1x1 shortcut, for the
+    /// launch that fuses the two ([`ConvStep::shortcut`]).
+    BiasWithShortcut,
     /// GroupNorm scale.
     Gamma,
     /// GroupNorm shift.
@@ -298,6 +301,17 @@ pub(crate) struct ConvStep {
     /// Where the epilogue also writes the partial sums of the GroupNorm that reads `y`
     /// ([`KernelConfig::gn_producer_sums`]).
     pub gn_partial: Option<Buf>,
+    /// The residual block's 1x1 shortcut, fused into this launch as more K
+    /// ([`KernelConfig::shortcut_fused`], [`ConvShape::shortcut_sc`]).
+    pub shortcut: Option<FusedShortcut>,
+}
+
+/// A 1x1 shortcut fused into its block's second convolution: its input, in 16 bits, and its
+/// forward weights (read K-major, as every wgmma launch reads them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FusedShortcut {
+    pub x: Buf,
+    pub w: W,
 }
 
 impl Step {
@@ -317,6 +331,7 @@ impl Step {
             Conv(c) => (
                 [c.x]
                     .into_iter()
+                    .chain(c.shortcut.map(|f| f.x))
                     .chain(c.temb)
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
@@ -457,7 +472,10 @@ impl Step {
         match self {
             LinearRows { w, b, .. } => vec![*w, *b],
             LinearBatch { layers, .. } => layers.iter().flat_map(|l| [l.w, l.b]).collect(),
-            Conv(c) => std::iter::once(c.w).chain(c.bias).collect(),
+            Conv(c) => std::iter::once(c.w)
+                .chain(c.bias)
+                .chain(c.shortcut.map(|f| f.w))
+                .collect(),
             GroupNorm { gamma, beta, .. } | GroupNormBackward { gamma, beta, .. } => {
                 vec![*gamma, *beta]
             }
@@ -562,6 +580,11 @@ impl Program {
         });
         for (i, op) in g.ops.iter().enumerate() {
             l.forward_op(i, op, timesteps, record)?;
+        }
+        if let Some(i) = l.pending_shortcut {
+            return Err(Error::Cuda(format!(
+                "internal: shortcut op {i} was never lowered"
+            )));
         }
         let output = l.buf(n * cfg.out_channels * h * w, "output (NCHW)");
         let out_val = l.val(g.output)?;

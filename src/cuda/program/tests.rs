@@ -22,7 +22,9 @@ use std::hash::{Hash, Hasher};
 /// the same sums as the upsampling and convolution it replaces, in another form: its launches
 /// are given the value of those two steps of the default program (forward, and the
 /// convolution's input gradient followed by the upsampling's adjoint), from the values they
-/// read, so that the rest of the program is checked as for any other switch.
+/// read, so that the rest of the program is checked as for any other switch. So is a 1x1
+/// shortcut fused into its block's second convolution ([`KernelConfig::shortcut_fused`]):
+/// the shortcut's launch, then the convolution with its output as the residual.
 fn symbolic(p: &Program) -> (u64, Option<u64>) {
     fn h(parts: &[&dyn Fn(&mut DefaultHasher)]) -> u64 {
         let mut s = DefaultHasher::new();
@@ -176,6 +178,47 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     .chain(c.accumulate.then(|| val[c.y.0]))
                     .collect();
                 val[c.y.0] = h(&[&op_of(&adjoint), &|s| r.hash(s), &|s| 0usize.hash(s)]);
+            }
+            Step::Conv(c) if c.shortcut.is_some() => {
+                let f = c.shortcut.expect("matched");
+                let shortcut = Step::Conv(ConvStep {
+                    shape: c.shape.shortcut().expect("a fused shortcut's shape"),
+                    x: f.x,
+                    w: f.w,
+                    bias: Some(W {
+                        kind: WKind::Bias,
+                        ..f.w
+                    }),
+                    temb: None,
+                    residual: None,
+                    accumulate: false,
+                    out_div: 1.0,
+                    shortcut: None,
+                    ..c.clone()
+                });
+                // Its input is 16-bit, as every fused launch's.
+                let shortcut = conv_value(&shortcut, val[f.x.0], &[], None, 1.0);
+                let conv = Step::Conv(ConvStep {
+                    shape: ConvShape {
+                        shortcut_sc: 0,
+                        ..c.shape.clone()
+                    },
+                    bias: Some(W {
+                        kind: WKind::Bias,
+                        ..c.w
+                    }),
+                    shortcut: None,
+                    ..c.clone()
+                });
+                let main = if staged(c) {
+                    half(val[c.x.0])
+                } else {
+                    val[c.x.0]
+                };
+                let mut extra = epilogue_inputs(c, &val);
+                extra.push(shortcut);
+                let old = c.accumulate.then(|| val[c.y.0]);
+                val[c.y.0] = conv_value(&conv, main, &extra, old, c.out_div);
             }
             Step::GroupNorm {
                 x,
@@ -371,14 +414,24 @@ fn every_buffer_is_written_before_it_is_read() {
     }
     // The defaults: GroupNorm partial sums written by the steps before them, and in a forward
     // that records nothing concatenations in 16 bits only; and the candidate, with them in a
-    // recording forward too.
+    // recording forward too; and the 1x1 shortcuts fused into convolutions.
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     assert!(tuned.gn_producer_sums && tuned.half_gn_inputs);
     let recording_too = KernelConfig {
         half_gn_inputs_recording: true,
         ..tuned
     };
-    for (record, choice) in [(true, tuned), (false, tuned), (true, recording_too)] {
+    let fused = KernelConfig {
+        shortcut_fused: true,
+        ..tuned
+    };
+    for (record, choice) in [
+        (true, tuned),
+        (false, tuned),
+        (true, recording_too),
+        (true, fused),
+        (false, fused),
+    ] {
         let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
     }
@@ -1096,12 +1149,28 @@ fn switches_compute_what_the_default_program_computes() {
                 }
             )));
             assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
+            // The candidate: 1x1 shortcuts fused into their blocks' second convolutions.
+            let fused = KernelConfig {
+                shortcut_fused: true,
+                ..tuned
+            };
+            let p = build(fused);
+            assert!(p
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::Conv(c) if c.shortcut.is_some())));
+            assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {
                 symbolic(&Program::build_with(&g, n, h, w, false, 132, precision, tc).unwrap())
             };
             assert_eq!(
                 forward(tuned),
+                forward(KernelConfig::default()),
+                "{precision} {n}x{h}x{w}"
+            );
+            assert_eq!(
+                forward(fused),
                 forward(KernelConfig::default()),
                 "{precision} {n}x{h}x{w}"
             );
@@ -1336,7 +1405,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 12] = [
+    let flags: [fn(&mut KernelConfig); 13] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1348,6 +1417,7 @@ fn every_choice_has_a_name() {
         |c| c.attention_flash = true,
         |c| c.tall_tiles = true,
         |c| c.upsample_fold = true,
+        |c| c.shortcut_fused = true,
         |c| c.batch_invariant = true,
     ];
     let mut all = KernelConfig::default();
@@ -1380,7 +1450,11 @@ fn every_buffer_with_room_is_used() {
             half_gn_inputs: false,
             ..tuned
         };
-        for choice in [KernelConfig::default(), tuned, flash, v06] {
+        let fused = KernelConfig {
+            shortcut_fused: true,
+            ..tuned
+        };
+        for choice in [KernelConfig::default(), tuned, flash, v06, fused] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
                     Program::build_with(&g, n, 256, 256, record, 132, precision, choice).unwrap();
@@ -1426,4 +1500,81 @@ fn tma_loads_take_every_launch_they_fit() {
         tma * 10 >= wgmma * 9,
         "{tma} of {wgmma} wgmma launches on TMA"
     );
+}
+
+/// With shortcut_fused in bf16 on Hopper, every residual block's 1x1 shortcut (the up path's 18
+/// and the down path's 2) runs inside its block's second convolution: one lean or TMA wgmma
+/// launch of both problems, its K the two summed, its bias the two summed, no residual; the
+/// shortcut's own launch and output are gone, in forwards and recording ones, at batch 1 and
+/// 8. Without wgmma, and in fp32, nothing is fused.
+#[test]
+fn shortcuts_fuse_into_their_blocks_second_convolutions() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let shortcuts: Vec<(usize, usize)> = g
+        .ops
+        .iter()
+        .filter_map(|op| match *op {
+            Op::Conv {
+                x, p, kernel: 1, ..
+            } => Some((p, g.tensors[x].channels)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shortcuts.len(), 20);
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    let fused = KernelConfig {
+        shortcut_fused: true,
+        ..tuned
+    };
+    let convs = |p: &Program| {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s, Step::Conv(_)))
+            .count()
+    };
+    for (n, record) in [(1, false), (1, true), (8, false)] {
+        let build = |tc, precision| {
+            Program::build_with(&g, n, 256, 256, record, 132, precision, tc).unwrap()
+        };
+        let p = build(fused, Precision::Bf16);
+        let mut seen = Vec::new();
+        for s in &p.steps[..p.forward_steps] {
+            let Step::Conv(c) = s else { continue };
+            assert!(
+                !shortcuts.iter().any(|&(pid, _)| pid == c.w.pid),
+                "a shortcut's own launch: {s:?}"
+            );
+            let Some(f) = c.shortcut else { continue };
+            let &(_, sc) = shortcuts
+                .iter()
+                .find(|&&(pid, _)| pid == f.w.pid)
+                .expect("a shortcut's weights");
+            assert_eq!(c.shape.shortcut_sc, sc, "{s:?}");
+            assert_eq!(c.shape.taps.len(), 9, "{s:?}");
+            assert!(c.launch.lean_loads && c.residual.is_none(), "{s:?}");
+            assert_eq!(c.bias.map(|b| b.kind), Some(WKind::BiasWithShortcut));
+            seen.push(f.w.pid);
+        }
+        seen.sort_unstable();
+        let mut want: Vec<usize> = shortcuts.iter().map(|&(pid, _)| pid).collect();
+        want.sort_unstable();
+        assert_eq!(seen, want, "batch {n}, recording {record}");
+        // 20 launches fewer in the forward pass; the backward pass keeps its own.
+        assert_eq!(convs(&build(tuned, Precision::Bf16)), convs(&p) + 20);
+        for other in [
+            build(
+                KernelConfig {
+                    wgmma: false,
+                    ..fused
+                },
+                Precision::Bf16,
+            ),
+            build(fused, Precision::Fp32),
+        ] {
+            assert!(other
+                .steps
+                .iter()
+                .all(|s| !matches!(s, Step::Conv(c) if c.shortcut.is_some())));
+        }
+    }
 }

@@ -453,7 +453,7 @@ impl Tester<'_> {
             temb: td.as_ref().map_or(0, |d| d.ptr),
             res: rd.as_ref().map_or(0, |d| d.ptr),
             ws: ws.ptr,
-            gn_partial: 0,
+            ..ConvPtrs::default()
         };
         let ms = self.timed(
             || Ok(()),

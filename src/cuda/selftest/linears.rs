@@ -140,8 +140,7 @@ impl Tester<'_> {
                 bias: bd.ptr,
                 res: rd.ptr,
                 ws: ws.ptr,
-                temb: 0,
-                gn_partial: 0,
+                ..ConvPtrs::default()
             };
             let ms = self.timed(
                 || Ok(()),

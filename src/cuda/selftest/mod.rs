@@ -10,7 +10,7 @@
 //!
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
-//! convolution), `linears`, `group_norms`, `attentions`, `data_movement` and
+//! convolution; `fused_shortcut`, a 1x1 shortcut fused into one), `linears`, `group_norms`, `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
@@ -31,6 +31,7 @@ mod conv_variants;
 mod convolutions;
 mod data_movement;
 mod folded_upsampling;
+mod fused_shortcut;
 mod group_norms;
 mod linears;
 mod networks;
@@ -114,7 +115,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 9] = [
+pub const SELFTEST_GROUPS: [&str; 10] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -124,6 +125,7 @@ pub const SELFTEST_GROUPS: [&str; 9] = [
     "device sampler",
     "tensor-core networks",
     "tensor-core convolutions",
+    "fused shortcuts",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -148,7 +150,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 9] = [
+    let groups: [(&str, Group); 10] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -167,6 +169,11 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("tensor-core convolutions", |t, _| {
             t.tensor_core_convolutions()?;
             t.folded_upsamplings()
+        }),
+        // The staged candidate's kernels last: a fault in them ends no other check.
+        ("fused shortcuts", |t, o| {
+            t.fused_shortcuts()?;
+            t.fused_shortcut_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

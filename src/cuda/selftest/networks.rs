@@ -9,14 +9,14 @@ use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
 /// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
-const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
+pub(super) const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
 
 /// One network check's input: its description, sample, timesteps and cotangent.
-struct NetworkIo<'a> {
-    desc: &'a str,
-    sample: &'a Tensor,
-    t: &'a [f32],
-    cot: &'a Tensor,
+pub(super) struct NetworkIo<'a> {
+    pub desc: &'a str,
+    pub sample: &'a Tensor,
+    pub t: &'a [f32],
+    pub cot: &'a Tensor,
 }
 
 impl Tester<'_> {
@@ -169,9 +169,10 @@ impl Tester<'_> {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("{name} {precision}");
                 // Whatever INVDIFF_TC_PIPELINE, INVDIFF_WGMMA, INVDIFF_HALF_COPY(_FUSED),
-                // INVDIFF_ALIAS_GRADS, INVDIFF_UPSAMPLE_FOLD, INVDIFF_GN_PRODUCER_SUMS and
-                // INVDIFF_GN_HALF_INPUT say: the rows below compare each choice, and the last
-                // the network as configured. (The fold and the 16-bit concatenations take the
+                // INVDIFF_ALIAS_GRADS, INVDIFF_UPSAMPLE_FOLD, INVDIFF_GN_PRODUCER_SUMS,
+                // INVDIFF_GN_HALF_INPUT(_RECORDING) and INVDIFF_SHORTCUT_FUSED say: the rows
+                // below compare each choice, and the last the network as configured (the fused
+                // shortcuts are checked in a group of their own, fused_shortcut.rs). (The fold and the 16-bit concatenations take the
                 // deep pipelines, so the two-stage rows could not match a program with either.)
                 gpu.set_deep_pipelines(true);
                 gpu.set_wgmma(false);
@@ -180,6 +181,7 @@ impl Tester<'_> {
                 gpu.set_gn_producer_sums(false);
                 gpu.set_half_gn_inputs(false);
                 gpu.set_half_gn_inputs_recording(false);
+                gpu.set_shortcut_fused(false);
                 let (got, grad) = self.network_rows(
                     &mut gpu,
                     &io,
@@ -338,7 +340,7 @@ impl Tester<'_> {
 
     /// Planned per image (`set_batch_invariant`), image 0's noise prediction and input
     /// gradient in `io`'s batch equal, bit for bit, its own alone.
-    fn batch_invariance_rows(
+    pub(super) fn batch_invariance_rows(
         &mut self,
         gpu: &mut CudaUnet,
         io: &NetworkIo,
@@ -368,7 +370,7 @@ impl Tester<'_> {
     /// `gpu`'s recording forward and its VJP on `io` as it is configured (`what`), both checked
     /// against `want` within `limits`: for a choice that changes the recording forward only,
     /// whose eps [`network_rows`](Self::network_rows) does not look at.
-    fn recording_rows(
+    pub(super) fn recording_rows(
         &mut self,
         gpu: &mut CudaUnet,
         io: &NetworkIo,
@@ -393,7 +395,7 @@ impl Tester<'_> {
     /// `gpu`'s forward and forward + VJP on `io` as it is configured, each timed and checked
     /// against `want` within `limits` (rows named by `names`); the results, for the next
     /// configuration's comparison.
-    fn network_rows(
+    pub(super) fn network_rows(
         &mut self,
         gpu: &mut CudaUnet,
         io: &NetworkIo,

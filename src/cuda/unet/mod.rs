@@ -264,6 +264,13 @@ impl CudaUnet {
         self.change_choice(|c| c.half_gn_inputs_recording = on);
     }
 
+    /// Fuses each residual block's 1x1 shortcut into its second convolution where the program
+    /// can (`on`, [`KernelConfig::shortcut_fused`]) or never, for comparisons; drops every
+    /// plan.
+    pub(crate) fn set_shortcut_fused(&mut self, on: bool) {
+        self.change_choice(|c| c.shortcut_fused = on);
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {
@@ -800,6 +807,13 @@ impl CudaUnet {
             self.keep_alive(),
         )?;
         for s in &program.steps {
+            if let Step::Conv(c) = s {
+                if let Some(f) = c.shortcut {
+                    self.weights
+                        .ensure_bias_with_shortcut(&self.gpu, c.w.pid, f.w.pid)?;
+                    self.weights.conv_ptr(f.w, &c.launch)?;
+                }
+            }
             for w in s.weights() {
                 if matches!(w.kind, WKind::FoldForward | WKind::FoldBackward) {
                     self.weights.ensure_folded(&self.gpu, w.pid, layouts)?;

@@ -105,6 +105,12 @@ pub(super) fn launch(
                 res: opt(c.residual),
                 ws: opt(c.workspace),
                 gn_partial: opt(c.gn_partial),
+                x2: opt(c.shortcut.map(|f| f.x)),
+                w2: c
+                    .shortcut
+                    .map(|f| wts.conv_ptr(f.w, &c.launch))
+                    .transpose()?
+                    .unwrap_or(0),
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
