@@ -510,6 +510,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
             asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
+            if constexpr (SC) {
+                asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a2) : "memory");
+                asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b2) : "memory");
+            }
         }
     }
     // The epilogue's reads of this block's rows (a.prefetch, lean kernels, unsplit): into L2

@@ -390,6 +390,8 @@ impl Kernels {
             a.tap_dx[i] = t.dx;
             a.tap_w[i] = t.w;
         }
+        // Every kernel but the fused-shortcut ones would ignore the second source: refuse
+        // any other plan for a fused shape, and a second source for an unfused one.
         let fused = s.shortcut_sc > 0;
         if fused {
             need(p.x2, "fused shortcut input")?;
@@ -398,19 +400,34 @@ impl Kernels {
                 shortcut_sc: 0,
                 ..s.clone()
             };
-            if !plan.lean_loads || probe.is_some() || plain.with_shortcut(s.shortcut_sc).is_none() {
+            let half = matches!(
+                plan.kernel,
+                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+            );
+            if !(half && plan.wgmma && plan.lean_loads)
+                || probe.is_some()
+                || plain.with_shortcut(s.shortcut_sc).is_none()
+            {
                 return Err(Error::Cuda(format!(
                     "internal: a convolution {}->{} with a fused {}-channel shortcut planned \
-                     with lean loads {}, cycle probe {}: only the lean and TMA wgmma kernels \
-                     fuse it, at input stride 1 over the source's own grid, with channels in \
-                     whole K slices of {WGMMA_SLICE}",
+                     as {:?} with wgmma {}, lean loads {}, cycle probe {}: only the lean and \
+                     TMA wgmma kernels fuse it, at input stride 1 over the source's own grid, \
+                     with channels in whole K slices of {WGMMA_SLICE}",
                     s.sc,
                     s.ncols,
                     s.shortcut_sc,
+                    plan.kernel,
+                    plan.wgmma,
                     plan.lean_loads,
                     probe.is_some()
                 )));
             }
+        } else if p.x2 != 0 || p.w2 != 0 {
+            return Err(Error::Cuda(format!(
+                "internal: a shortcut's input or weights given to a convolution {}->{} without \
+                 one",
+                s.sc, s.ncols
+            )));
         }
         if p.gn_partial != 0 && gn_partial_fits(s, plan).is_none() {
             return Err(Error::Cuda(format!(

@@ -60,13 +60,19 @@ impl ConvShape {
     /// at the same pixels added to it (a residual block's second convolution and its
     /// shortcut, [`KernelConfig::shortcut_fused`](crate::cuda::program::KernelConfig)), or
     /// `None` where the wgmma kernels cannot fuse them: input stride 1 with the output grid
-    /// the source's, every output pixel written by this launch, and both sources' channels
+    /// the source's, every output pixel written by this launch at its own index, taps that
+    /// reach the pixel itself or before it on both axes (the TMA kernels copy the shortcut's
+    /// source at offset (-dx0, -dy0) from the smallest tap offsets), and both sources' channels
     /// whole K slices, so that no slice reads both.
     pub fn with_shortcut(&self, sc: usize) -> Option<ConvShape> {
+        let lowest = |d: fn(&Tap) -> i32| self.taps.iter().map(d).min().is_some_and(|v| v <= 0);
         let fits = self.in_stride == 1
             && self.out_stride == 1
+            && (self.out_oy, self.out_ox) == (0, 0)
             && (self.mh, self.mw) == (self.sh, self.sw)
             && (self.yh, self.yw) == (self.mh, self.mw)
+            && lowest(|t| t.dy)
+            && lowest(|t| t.dx)
             && self.shortcut_sc == 0
             && sc > 0
             && self.sc % WGMMA_SLICE == 0
@@ -1152,5 +1158,11 @@ mod tests {
         let narrow = ConvShape::forward(1, 16, 16, 96, 256, 3, 1, Symmetric);
         assert_eq!(narrow.with_shortcut(128), None);
         assert_eq!(fused.with_shortcut(128), None);
+        // Taps that all lie past the pixel itself: the TMA copy's offset would be negative.
+        let mut past = main.clone();
+        past.taps.iter_mut().for_each(|t| t.dx += 2);
+        assert_eq!(past.with_shortcut(128), None);
+        past.taps.iter_mut().for_each(|t| t.dx -= 1);
+        assert!(past.with_shortcut(128).is_some());
     }
 }

@@ -331,7 +331,8 @@ impl Lowering<'_> {
     /// Lowers convolution `op` with shortcut `sc` (op [`shortcut_to_fuse`] chose) fused into
     /// it, as one launch of the summed problem ([`ConvShape::with_shortcut`]) with the two
     /// biases summed, where the shortcut's input comes in 16 bits and the launch takes the lean
-    /// or TMA wgmma kernels; false, lowering nothing, where it cannot.
+    /// or TMA wgmma kernels; false where it cannot, having lowered at most the 16-bit copies
+    /// of the two inputs, which the unfused launches then read.
     ///
     /// [`shortcut_to_fuse`]: Self::shortcut_to_fuse
     fn fuse_shortcut(&mut self, op: &Op, sc: &Op) -> Result<bool> {

@@ -585,7 +585,8 @@ fn batch_invariant_programs_plan_every_image_alike() {
 
 /// In bf16 and fp16, exactly the GroupNorm and upsampling outputs that only feed
 /// tensor-core launches, and the gradients GroupNorms pass back to such launches, are
-/// 16-bit, at half the length, and only those launches read 16-bit inputs.
+/// 16-bit, at half the length, and only those launches read 16-bit inputs (as their main
+/// input, or as the input of a shortcut fused into them).
 #[test]
 fn sixteen_bit_values_feed_only_tensor_core_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -595,10 +596,21 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
         Precision::Bf16,
         Precision::Fp16,
     ] {
-        for (deep, half_concat) in [(true, false), (false, false), (true, true), (false, true)] {
+        for (deep, half_concat, fused) in [
+            (true, false, false),
+            (false, false, false),
+            (true, true, false),
+            (false, true, false),
+            (true, true, true),
+        ] {
+            // The fused shortcuts take the lean wgmma kernels.
             let tc = KernelConfig {
                 deep,
                 half_concat,
+                wgmma: fused,
+                row_epilogue: fused,
+                wgmma_lean: fused,
+                shortcut_fused: fused,
                 ..KernelConfig::default()
             };
             let p = Program::build_with(&g, 2, 64, 32, true, 132, precision, tc).unwrap();
@@ -665,7 +677,10 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
                     let Step::Conv(c) = s else {
                         panic!("`{}` read by {s:?}", p.bufs[r.0].what)
                     };
-                    assert_eq!(c.x, *r, "a 16-bit buffer read as a residual or embedding");
+                    assert!(
+                        c.x == *r || c.shortcut.map(|f| f.x) == Some(*r),
+                        "a 16-bit buffer read as a residual or embedding"
+                    );
                     assert!(c.launch.half_input);
                     assert_eq!(c.launch.kernel, ConvKernel::Tensor(precision));
                     readers += 1;
@@ -694,6 +709,14 @@ fn sixteen_bit_values_feed_only_tensor_core_launches() {
                     "{precision}"
                 );
                 assert_eq!(readers, halves);
+                let shortcuts = p
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Conv(c) if c.shortcut.is_some()))
+                    .count();
+                // The up path's 18, whose concatenations have 16-bit copies; the down path's
+                // 2 read fp32 values, which only half_copy would convert.
+                assert_eq!(shortcuts, if fused { 18 } else { 0 }, "{precision}");
             } else {
                 assert_eq!(halves, 0);
             }

@@ -5,7 +5,7 @@
 
 use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
 use super::networks::{NetworkIo, NETWORK_TOLERANCE};
-use super::Tester;
+use super::{SelftestRow, Tester};
 use crate::cpu::CpuUnet;
 use crate::cuda::kernels::{
     im2col_box, on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile,
@@ -143,6 +143,13 @@ impl Tester<'_> {
         let fused = main.with_shortcut(c2).expect("a shape the kernels fuse");
         let one = fused.shortcut().expect("its shortcut");
         let (Some(lp), Some(lc), Some(lf)) = (lean(&one), lean(&main), lean(&fused)) else {
+            self.rows.push(SelftestRow {
+                op: "conv3x3 + fused 1x1 shortcut: no wgmma launch planned".into(),
+                shape: desc,
+                rel_l2: f64::NAN,
+                gpu_ms: 0.0,
+                tolerance: 0.0,
+            });
             return Ok(());
         };
         let ws = self.zeros(
@@ -283,9 +290,24 @@ impl Tester<'_> {
             let want = (want.data(), want_grad.data());
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                gpu.set_shortcut_fused(true);
                 let label = format!("celebahq {precision}");
                 let what = "fused shortcuts";
+                // The rows below check fused programs only if the switches leave the kernels
+                // that fuse on: fewer launches, or a failed row.
+                let launches = |gpu: &CudaUnet| -> Result<usize> {
+                    Ok(gpu.plan_stats(n, h, w, false)?.launches)
+                };
+                gpu.set_shortcut_fused(false);
+                let plain = launches(&gpu)?;
+                gpu.set_shortcut_fused(true);
+                let fused = launches(&gpu)?;
+                self.rows.push(SelftestRow {
+                    op: format!("{label} forward, {what}: launches {fused}, {plain} unfused"),
+                    shape: desc.clone(),
+                    rel_l2: if fused < plain { 0.0 } else { f64::NAN },
+                    gpu_ms: 0.0,
+                    tolerance: 0.0,
+                });
                 self.network_rows(
                     &mut gpu,
                     &io,
