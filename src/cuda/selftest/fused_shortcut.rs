@@ -4,9 +4,8 @@
 //! faults ends no other check.
 
 use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
-use super::networks::{NetworkIo, NETWORK_TOLERANCE};
+use super::networks::{cpu_reference, NetworkIo, NETWORK_TOLERANCE};
 use super::{SelftestRow, Tester};
-use crate::cpu::CpuUnet;
 use crate::cuda::kernels::{
     im2col_box, on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile,
     WGMMA_SLICE,
@@ -16,7 +15,7 @@ use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevConv;
 use crate::model::graph::Pad;
 use crate::model::Model;
-use crate::{Result, Tensor};
+use crate::Result;
 
 /// One check: `n` images of `h x w`, the convolution `c -> cout` (3x3), the shortcut
 /// `c2 -> cout` (1x1).
@@ -267,20 +266,10 @@ impl Tester<'_> {
             return Ok(());
         }
         let model = Model::builtin_celebahq(11);
-        let cfg = model.config().clone();
         for (n, h, w, t) in [(2, 64, 64, vec![10.0, 900.0]), (1, 256, 256, vec![500.0])] {
             let desc = format!("celebahq n{n} {h}x{w}");
-            let sample = Tensor::new(
-                vec![n, cfg.in_channels, h, w],
-                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
-            )?;
-            let cot = Tensor::new(
-                vec![n, cfg.out_channels, h, w],
-                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
-            )?;
-            let cpu = CpuUnet::new(&model);
-            let (want, tape) = cpu.forward_recording(&sample, &t)?;
-            let want_grad = cpu.vjp(tape, &cot)?;
+            let (sample, cot) = self.random_io(&model, n, h, w)?;
+            let (want, want_grad) = cpu_reference(&model, &sample, &t, &cot)?;
             let io = NetworkIo {
                 desc: &desc,
                 sample: &sample,

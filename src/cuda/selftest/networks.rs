@@ -8,6 +8,20 @@ use crate::cuda::unet::CudaUnet;
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
+/// The CPU's fp32 noise prediction for `sample` at timesteps `t`, and its VJP with `cot`: what
+/// the network checks hold the GPU to.
+pub(super) fn cpu_reference(
+    model: &Model,
+    sample: &Tensor,
+    t: &[f32],
+    cot: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let cpu = CpuUnet::new(model);
+    let (want, tape) = cpu.forward_recording(sample, t)?;
+    let want_grad = cpu.vjp(tape, cot)?;
+    Ok((want, want_grad))
+}
+
 /// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
 pub(super) const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
 
@@ -32,14 +46,7 @@ impl Tester<'_> {
                 "unet A"
             };
             let desc = format!("n{n} {h}x{w} {:?}", cfg.block_out_channels);
-            let sample = Tensor::new(
-                vec![n, cfg.in_channels, h, w],
-                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
-            )?;
-            let cot = Tensor::new(
-                vec![n, cfg.out_channels, h, w],
-                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
-            )?;
+            let (sample, cot) = self.random_io(&model, n, h, w)?;
             let cpu = CpuUnet::new(&model);
             let want = cpu.forward(&sample, &t)?;
             let (_, tape) = cpu.forward_recording(&sample, &t)?;
@@ -145,19 +152,9 @@ impl Tester<'_> {
                 vec![500.0],
             ),
         ] {
-            let cfg = model.config().clone();
-            let desc = format!("n{n} {h}x{w} {:?}", cfg.block_out_channels);
-            let sample = Tensor::new(
-                vec![n, cfg.in_channels, h, w],
-                self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
-            )?;
-            let cot = Tensor::new(
-                vec![n, cfg.out_channels, h, w],
-                self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
-            )?;
-            let cpu = CpuUnet::new(&model);
-            let (want, tape) = cpu.forward_recording(&sample, &t)?;
-            let want_grad = cpu.vjp(tape, &cot)?;
+            let desc = format!("n{n} {h}x{w} {:?}", model.config().block_out_channels);
+            let (sample, cot) = self.random_io(&model, n, h, w)?;
+            let (want, want_grad) = cpu_reference(&model, &sample, &t, &cot)?;
             let (eps_tol, grad_tol) = NETWORK_TOLERANCE;
             let io = NetworkIo {
                 desc: &desc,
@@ -336,6 +333,26 @@ impl Tester<'_> {
             }
         }
         Ok(())
+    }
+
+    /// A random sample and cotangent in [-1, 1) for `n` images of `h x w` of `model`.
+    pub(super) fn random_io(
+        &mut self,
+        model: &Model,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let cfg = model.config();
+        let sample = Tensor::new(
+            vec![n, cfg.in_channels, h, w],
+            self.rand(n * cfg.in_channels * h * w, -1.0, 1.0),
+        )?;
+        let cot = Tensor::new(
+            vec![n, cfg.out_channels, h, w],
+            self.rand(n * cfg.out_channels * h * w, -1.0, 1.0),
+        )?;
+        Ok((sample, cot))
     }
 
     /// Planned per image (`set_batch_invariant`), image 0's noise prediction and input
