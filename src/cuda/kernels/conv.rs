@@ -539,24 +539,29 @@ impl Kernels {
         // The TMA kernels take their tensor maps after the argument block, the fused
         // shortcut's after the main ones: its source's through the main source's pixel box (the
         // same walk), its weights as a one-block convolution's.
-        let mut maps = Vec::new();
+        // (The main maps read only the taps and the main source's channels.)
+        let mut maps = None;
         if let ConvKernel::Tensor(precision) = plan.kernel {
             if plan.tma_loads {
-                // The main problem alone, for its maps.
-                let main = ConvShape {
-                    shortcut_sc: 0,
-                    ..s.clone()
+                let second = match s.shortcut() {
+                    Some(one) => {
+                        let source = ConvShape {
+                            sc: s.shortcut_sc,
+                            shortcut_sc: 0,
+                            ..s.clone()
+                        };
+                        Some((
+                            tma::im2col_map(precision, p.x2, &source, tile_rows)?,
+                            tma::weight_map(precision, p.w2, &one)?,
+                        ))
+                    }
+                    None => None,
                 };
-                maps.push(tma::im2col_map(precision, p.x, &main, tile_rows)?);
-                maps.push(tma::weight_map(precision, p.w, &main)?);
-                if let Some(one) = s.shortcut() {
-                    let source = ConvShape {
-                        sc: s.shortcut_sc,
-                        ..main
-                    };
-                    maps.push(tma::im2col_map(precision, p.x2, &source, tile_rows)?);
-                    maps.push(tma::weight_map(precision, p.w2, &one)?);
-                }
+                maps = Some((
+                    tma::im2col_map(precision, p.x, s, tile_rows)?,
+                    tma::weight_map(precision, p.w, s)?,
+                    second,
+                ));
             }
         }
         let shortcut = ShortcutArgs {
@@ -566,8 +571,11 @@ impl Kernels {
         };
         let mut b = st.launch_builder(f);
         b.arg(&a);
-        for m in &maps {
-            b.arg(m);
+        if let Some((ta, tb, second)) = &maps {
+            b.arg(ta).arg(tb);
+            if let Some((ta2, tb2)) = second {
+                b.arg(ta2).arg(tb2);
+            }
         }
         if fused {
             b.arg(&shortcut);
