@@ -371,8 +371,10 @@ fn sweep_one(
     let shortcut = match shape.shortcut() {
         Some(one) if wgmma && precision.is_half() => {
             let len = one.n * one.sh * one.sw * one.sc;
-            let x2 =
-                DevBuf::upload(st, &uniform(seed, len, -1.0, 1.0))?.to_half(gpu, len, precision)?;
+            // Kept until the conversion has read it (the stream's work is done before return).
+            let x2_f32 = DevBuf::upload(st, &uniform(seed, len, -1.0, 1.0))?;
+            let x2 = x2_f32.to_half(gpu, len, precision)?;
+            cu(st.synchronize(), "waiting for the GPU")?;
             let mut w2 = DevConv::upload(
                 gpu,
                 &uniform(seed, one.ncols * one.sc, -bound, bound),

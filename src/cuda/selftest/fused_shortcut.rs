@@ -7,8 +7,7 @@ use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
 use super::networks::{cpu_reference, NetworkIo, NETWORK_TOLERANCE};
 use super::{SelftestRow, Tester};
 use crate::cuda::kernels::{
-    im2col_box, on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile,
-    WGMMA_SLICE,
+    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
@@ -127,12 +126,13 @@ impl Tester<'_> {
         let summed: Vec<f32> = b.iter().zip(&b2).map(|(a, b)| a + b).collect();
         let (summed, tembd) = (self.up(&summed)?, self.up(&temb)?);
         let len = n * h * w * cout;
-        // The launches the program would plan: lean, with TMA where the shape takes it.
+        // The launches the program would plan: lean, with TMA where the shape takes it (unless
+        // INVDIFF_WGMMA_TMA=0 keeps the TMA kernels out of the checks).
         let lean = |s: &ConvShape| -> Option<ConvLaunch> {
             plan_wgmma(s, gpu.sms(), precision).map(|l| ConvLaunch {
                 row_epilogue: true,
                 lean_loads: true,
-                tma_loads: im2col_box(s).is_some(),
+                tma_loads: tma_tried(s),
                 ..l
             })
         };
