@@ -63,6 +63,20 @@
 // the TMA kernels thread 0 switches maps (the second im2col map has the first's pixel box, so
 // the walk's bases are the same, and copies the tap at offset 0, 0).
 //
+// Multicast B (the `_tma_mc` kernels, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves
+// the weight traffic per product but runs one block a multiprocessor, so nothing overlaps a
+// tile's epilogue with products. Here two plain blocks of consecutive row tiles (one column
+// tile) form a thread-block cluster on two multiprocessors, and each copies its own A and
+// half of the weight slice's 128 columns, multicast into both blocks' stages: the weight traffic
+// of the tall tile, two blocks a multiprocessor. A stage is refilled only when both blocks
+// have multiplied the slice it held: each block's thread 0 arrives on the stage's `empty`
+// barrier in both blocks after its block's barrier, and waits for both arrivals on its own
+// before issuing the refill. A block's `full` barrier expects the whole stage's bytes, some of
+// which the other block's copy completes, possibly before this block's arrival (the barrier's
+// transaction count may go below zero while an arrival is pending). The products and the
+// epilogue are the TMA kernels', so the bits are theirs. The grid's row tiles are padded to
+// an even count; a padding block loads zeros and stores nothing.
+//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -187,6 +201,35 @@ DEVI void tma_tile3(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int r
         " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
         "l"(map), "r"(bar), "r"(c0), "r"(row), "r"(block)
         : "memory");
+}
+
+// The tiled copy of tma_tile3 into the same offset of the stage of every block of the cluster
+// in `mask`, completing the bytes on each one's barrier at `bar`'s offset.
+DEVI void tma_tile3_multicast(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int row, int block,
+                              uint16_t mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%4, %5, %6}], [%2], %3;\n" ::"r"(dst),
+        "l"(map), "r"(bar), "h"(mask), "r"(c0), "r"(row), "r"(block)
+        : "memory");
+}
+// This block's rank in its cluster.
+DEVI uint32_t cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+// One arrival on the barrier at `bar`'s offset in the shared memory of cluster block `rank`
+// (this one's included), releasing this block's earlier work to the cluster.
+DEVI void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+    uint32_t remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+// Every thread of every block of the cluster, past this point only after all have reached it.
+DEVI void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
 // Pins the accumulators in program order around the asynchronous products: the compiler sees
@@ -408,11 +451,15 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
-template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false>
+// MC (the `_tma_mc` kernels, TMA on the plain tile): clusters of two blocks sharing the weight
+// slices (see the header); `tma.b` then boxes 64 columns.
+template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
+          bool MC = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
                   Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
+    static_assert(!MC || (TMA && !SC && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
@@ -495,6 +542,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     // TMA: one mbarrier per stage, which its copies' bytes complete; slice t waits for phase
     // (t / S) & 1 of stage t % S. The tile's first row's filter base in the A map's box.
     __shared__ __align__(8) unsigned long long full[TMA ? Tile::STAGES : 1];
+    // MC: per stage, both blocks' arrivals once they have multiplied its slice.
+    __shared__ __align__(8) unsigned long long empty[MC ? Tile::STAGES : 1];
+    const uint32_t rank = MC ? cluster_rank() : 0;
     const Window win = TMA ? tap_window(a) : Window{0, 0};
     int base_w = 0, base_h = 0, base_img = 0;
     if constexpr (TMA) {
@@ -505,6 +555,10 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         if (tid == 0) {
 #pragma unroll
             for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&full[s]), 1);
+            if constexpr (MC) {
+#pragma unroll
+                for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&empty[s]), 2);
+            }
             // The initialised barriers visible to the copies (the async proxy) that complete them.
             asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -531,6 +585,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
     }
     __syncthreads();
+    // MC: the other block's barriers initialised before this block's copies complete on them.
+    if constexpr (MC) cluster_sync();
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     // Rows r0 + ROW_STEP j share r0 % 8, so chunk c of each sits at one swizzled column.
@@ -609,11 +665,13 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         else
             load_plain(k0, stage);
     };
-    // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels.
-    auto load_tma = [&](int stage) {
+    // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels,
+    // slice `t` of the split (MC: once both blocks have multiplied slice t - S of its stage).
+    auto load_tma = [&](int stage, int t) {
         if (tid != 0) return;
         const uint32_t sa = base + stage * Tile::STAGE;
         const uint32_t bar = smem_addr(&full[stage]);
+        if (MC && t >= Tile::STAGES) mbar_wait(smem_addr(&empty[stage]), (t / Tile::STAGES - 1) & 1);
         // Out-of-bounds pixels and columns arrive as zeros, so every copy writes its whole box.
         mbar_expect_tx(bar, Tile::STAGE);
         if (SC && at >= a.taps) {
@@ -621,6 +679,12 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             tma_im2col(sa, tma.a2, bar, aci, base_w, base_h, base_img, (uint16_t)(-win.dx0),
                        (uint16_t)(-win.dy0));
             tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
+        } else if constexpr (MC) {
+            // This block's half of the columns, into both blocks.
+            tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
+                       (uint16_t)(taps.dy[at] - win.dy0));
+            tma_tile3_multicast(sa + TM * 128 + rank * 64 * 128, tma.b, bar, aci, n0 + 64 * (int)rank, taps.w[at],
+                                (uint16_t)0x3);
         } else {
             tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
                        (uint16_t)(taps.dy[at] - win.dy0));
@@ -678,7 +742,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         constexpr int TMA_AHEAD = WAIT_OWN ? S - 1 : S - 2;
 #pragma unroll
         for (int s = 0; s < TMA_AHEAD; ++s)
-            if (s < ntiles) load_tma(s);
+            if (s < ntiles) load_tma(s, s);
         cycles.mark(PROBE_SETUP);
         int stage = 0, phase = 0, next = TMA_AHEAD;
         for (int t = 0; t < ntiles; ++t) {
@@ -688,7 +752,14 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             }
             __syncthreads();
             cycles.mark(PROBE_BARRIER);
-            if (t + TMA_AHEAD < ntiles) load_tma(next);
+            // MC: every warpgroup here has multiplied slice t - 1 (WAIT_OWN); both blocks hear
+            // of it where a later slice refills its stage.
+            if (MC && tid == 0 && t >= 1 && t - 1 + S < ntiles) {
+                const uint32_t bar = smem_addr(&empty[(t - 1) % S]);
+                mbar_arrive_cluster(bar, 0);
+                mbar_arrive_cluster(bar, 1);
+            }
+            if (t + TMA_AHEAD < ntiles) load_tma(next, t + TMA_AHEAD);
             next = next + 1 == S ? 0 : next + 1;
             cycles.mark(PROBE_ISSUE);
             mbar_wait(smem_addr(&full[stage]), phase);
@@ -733,7 +804,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
     }
     wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, keep);
-    if (LEAN && keep != nullptr) wg_stats<TM>(a, keep, M, m0, n0);
+    // (MC: a padding block past the rows has no sums to write.)
+    if (LEAN && keep != nullptr && (!MC || m0 < M)) wg_stats<TM>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }
@@ -785,6 +857,16 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         wg_body<T, false, true, TILE, true, true, true>(a, wg_dsmem, nullptr,                         \
                                                         TmaLoads{&ta, &tb, &ta2, &tb2}, s);           \
     }
+// The multicast form (MC, plain tile, launched in clusters of two along x).
+#define WG_TMA_MC_KERNEL(name, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PlainTile::THREADS, PlainTile::BLOCKS_PER_SM)       \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, PlainTile, true, true, false, true>(a, wg_dsmem, nullptr,             \
+                                                                   TmaLoads{&ta, &tb});               \
+    }
+WG_TMA_MC_KERNEL(conv_wgmma_bf16_rows_tma_mc, 1)
+WG_TMA_MC_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2)
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \

@@ -2,16 +2,20 @@
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
 # attention, slower at v0.5 and v0.6; 16-bit concatenations in recording forwards, staged at stop
-# 22, and the 1x1 shortcuts fused into convolutions, staged at stop 23, neither yet timed), then
+# 22; the 1x1 shortcuts fused into convolutions and the weight slices multicast in clusters of
+# two, alone and instead of the tall tiles, staged at stop 23; none yet timed), then
 # each v0.7 default turned off (16-bit concatenations for the GroupNorms, GroupNorm sums from
 # their producers, 16-bit copies by their writers), each v0.6 default turned off (with TMA on,
-# no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream count either way and each older default turned off (does
-# it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
+# no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream
+# count either way and each older default turned off (does it still pay on this card and
+# workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
     gn_half_input_recording:INVDIFF_GN_HALF_INPUT_RECORDING=1
     shortcut_fused:INVDIFF_SHORTCUT_FUSED=1
+    multicast:INVDIFF_WGMMA_MULTICAST=1
+    multicast_no_tall:INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
     no_gn_half_input:INVDIFF_GN_HALF_INPUT=0
     no_gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=0
     no_half_copy_fused:INVDIFF_HALF_COPY_FUSED=0

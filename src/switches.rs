@@ -79,6 +79,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` keeps those 16-bit concatenations in recording forwards too (DPS, ΠGDM), their GroupNorms' backward passes reading 16 bits",
     ),
     choice(
+        "INVDIFF_WGMMA_MULTICAST",
+        ON_OFF,
+        "GPU candidate: `1` runs plain-tile TMA convolutions in clusters of two that share each weight slice (wgmma)",
+    ),
+    choice(
         "INVDIFF_SHORTCUT_FUSED",
         ON_OFF,
         "GPU candidate: `1` fuses each residual block's 1x1 shortcut into its second convolution (wgmma, bf16/fp16)",

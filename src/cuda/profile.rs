@@ -81,7 +81,9 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.wgmma {
         variant += ", ";
         variant += c.launch.tile.describe();
-        if c.launch.tma_loads {
+        if c.launch.multicast {
+            variant += ", TMA loads, multicast";
+        } else if c.launch.tma_loads {
             variant += ", TMA loads";
         } else if c.launch.lean_loads {
             variant += ", lean loads";

@@ -225,6 +225,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             tma_loads: false,
             prefetch: false,
             tile: WgmmaTile::Plain,
+            multicast: false,
             ..planned
         };
         let mut pipes = vec![(false, false), (true, false)];
@@ -259,6 +260,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 half_input: true,
                 wgmma: true,
                 prefetch: false,
+                multicast: false,
                 ..planned
             };
             let tma = tma_tried(shape);
@@ -276,8 +278,17 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    if !out.contains(&c) {
-                        out.push(c);
+                    // The plain tile's TMA loads also in clusters sharing the weight slices
+                    // (not with a fused shortcut).
+                    let multicast = ConvLaunch {
+                        multicast: true,
+                        ..c
+                    };
+                    let shared = tma_loads && tile == WgmmaTile::Plain && shape.shortcut_sc == 0;
+                    for c in std::iter::once(c).chain(shared.then_some(multicast)) {
+                        if !out.contains(&c) {
+                            out.push(c);
+                        }
                     }
                 }
             }
@@ -305,7 +316,9 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     if l.row_epilogue {
         name += ", row epilogue";
     }
-    if l.tma_loads {
+    if l.multicast {
+        name += ", TMA loads, multicast";
+    } else if l.tma_loads {
         name += ", TMA loads";
     } else if l.lean_loads {
         name += ", lean loads";
@@ -419,8 +432,8 @@ fn sweep_one(
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
         let ms = mean_ms(st, iters, launch)?;
-        // The fused-shortcut kernels have no cycle-counting forms.
-        let cycles = if c.wgmma && shortcut.is_none() {
+        // The fused-shortcut and multicast kernels have no cycle-counting forms.
+        let cycles = if c.wgmma && shortcut.is_none() && !c.multicast {
             probe(gpu, shape, c, ptrs)?
         } else {
             None
@@ -820,6 +833,10 @@ mod tests {
                             );
                             assert!(!l.tma_loads || im2col_box(shape).is_some(), "{l:?}");
                             assert!(!l.prefetch || l == tall, "{l:?}");
+                            assert!(
+                                !l.multicast || (l.tma_loads && l.tile == WgmmaTile::Plain),
+                                "{l:?}"
+                            );
                         }
                     }
                 }
@@ -840,7 +857,7 @@ mod tests {
         let c = candidates(&fused, planned, 132, true);
         assert!(c.len() > 2 && c.contains(&planned));
         for l in c {
-            assert!(l.wgmma && l.lean_loads, "{l:?}");
+            assert!(l.wgmma && l.lean_loads && !l.multicast, "{l:?}");
             assert!(l.splits * l.k_per_split >= fused.k(), "{l:?}");
         }
     }

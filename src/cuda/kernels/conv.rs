@@ -4,7 +4,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::result::DriverError;
+use cudarc::driver::{
+    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 
 use super::conv_plan::{
     direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
@@ -146,6 +151,57 @@ fn wgmma_sc_index(precision: Precision, plan: &ConvLaunch) -> usize {
         .position(|&(t, _)| t == plan.tile)
         .unwrap_or(0);
     usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.tma_loads) + 4 * tile
+}
+
+/// The multicast wgmma kernels (the `_tma_mc` kernels of kernels/conv_wgmma.cu, plain tile):
+/// bf16, then fp16.
+pub(super) const WGMMA_MC_KERNELS: [&str; 2] =
+    ["conv_wgmma_bf16_rows_tma_mc", "conv_wgmma_fp16_rows_tma_mc"];
+
+/// Launches `f` on `cfg`'s grid (its x a multiple of 2) in thread-block clusters of two blocks
+/// along x (`cuLaunchKernelEx`; cudarc's launcher takes no launch attributes).
+///
+/// # Safety
+/// `args` must point at the kernel's parameters in number, order and type, valid through the
+/// call, and every device address among them valid for what the kernel reads and writes.
+unsafe fn launch_clusters_of_two(
+    st: &CudaStream,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: [*const c_void; 3],
+) -> std::result::Result<(), DriverError> {
+    st.context().bind_to_thread()?;
+    let mut attrs = [sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 2, y: 1, z: 1 },
+        },
+    }];
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: st.cu_stream(),
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: attrs.len() as u32,
+    };
+    let mut params = args.map(|p| p.cast_mut());
+    // SAFETY: the caller vouches for the arguments; `config`, `attrs` and `params` live through
+    // the call, which copies them.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
 }
 
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -457,10 +513,13 @@ impl Kernels {
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
+            || (plan.multicast
+                && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && !fused && probe.is_none()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?}",
+                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?} \
+                 (multicast {}, fused shortcut {fused}, cycle probe {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -470,7 +529,9 @@ impl Kernels {
                 plan.tma_loads,
                 plan.prefetch,
                 plan.splits,
-                plan.tile
+                plan.tile,
+                plan.multicast,
+                probe.is_some()
             )));
         }
         // The kernel and its dynamic shared memory.
@@ -503,6 +564,9 @@ impl Kernels {
                     let f = if fused {
                         let wg = self.conv_wgmma_sc.as_ref().ok_or_else(missing)?;
                         &wg[wgmma_sc_index(precision, plan)]
+                    } else if plan.multicast {
+                        let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
+                        &wg[usize::from(precision == Precision::Fp16)]
                     } else {
                         let kernels = if probe.is_some() {
                             &self.conv_wgmma_probe
@@ -527,8 +591,16 @@ impl Kernels {
         } else {
             (TILE, BLOCK)
         };
+        // Multicast: clusters of two row tiles, so an even count (a padding block stores
+        // nothing).
+        let row_tiles = rows.div_ceil(tile_rows);
+        let row_tiles = if plan.multicast {
+            row_tiles.next_multiple_of(2)
+        } else {
+            row_tiles
+        };
         let grid = (
-            i32_of(rows.div_ceil(tile_rows), "row tiles")? as u32,
+            i32_of(row_tiles, "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),
@@ -552,14 +624,14 @@ impl Kernels {
                         };
                         Some((
                             tma::im2col_map(precision, p.x2, &source, tile_rows)?,
-                            tma::weight_map(precision, p.w2, &one)?,
+                            tma::weight_map(precision, p.w2, &one, false)?,
                         ))
                     }
                     None => None,
                 };
                 maps = Some((
                     tma::im2col_map(precision, p.x, s, tile_rows)?,
-                    tma::weight_map(precision, p.w, s)?,
+                    tma::weight_map(precision, p.w, s, plan.multicast)?,
                     second,
                 ));
             }
@@ -569,22 +641,42 @@ impl Kernels {
             w: p.w2,
             sc: i32_of(s.shortcut_sc, "fused shortcut channels")?,
         };
-        let mut b = st.launch_builder(f);
-        b.arg(&a);
-        if let Some((ta, tb, second)) = &maps {
-            b.arg(ta).arg(tb);
-            if let Some((ta2, tb2)) = second {
-                b.arg(ta2).arg(tb2);
+        if plan.multicast {
+            let Some((ta, tb, None)) = &maps else {
+                return Err(Error::Cuda(
+                    "internal: a multicast launch without its two tensor maps".into(),
+                ));
+            };
+            // SAFETY: the argument block and the maps are the kernel's three parameters, in
+            // order; the grid covers the problem's tiles (and at most one padding block a
+            // column tile, which stores nothing), in clusters of two along x.
+            let args: [*const c_void; 3] = [
+                std::ptr::from_ref(&a).cast(),
+                std::ptr::from_ref(ta).cast(),
+                std::ptr::from_ref(tb).cast(),
+            ];
+            cu(
+                unsafe { launch_clusters_of_two(st, f, launch, args) },
+                "launching a multicast convolution",
+            )?;
+        } else {
+            let mut b = st.launch_builder(f);
+            b.arg(&a);
+            if let Some((ta, tb, second)) = &maps {
+                b.arg(ta).arg(tb);
+                if let Some((ta2, tb2)) = second {
+                    b.arg(ta2).arg(tb2);
+                }
             }
+            if fused {
+                b.arg(&shortcut);
+            }
+            if let Some(probe) = &probe {
+                b.arg(probe);
+            }
+            // SAFETY: as above; the grid covers exactly the tiles of the problem.
+            cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         }
-        if fused {
-            b.arg(&shortcut);
-        }
-        if let Some(probe) = &probe {
-            b.arg(probe);
-        }
-        // SAFETY: as above; the grid covers exactly the tiles of the problem.
-        cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
             let mut b = st.launch_builder(&self.conv_splitk_reduce);

@@ -425,6 +425,11 @@ pub(crate) struct ConvLaunch {
     pub prefetch: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
+    /// With `tma_loads` on the plain tile, no fused shortcut: blocks in clusters of two
+    /// consecutive row tiles, each copying half of every weight slice into both (`MC` in
+    /// kernels/conv_wgmma.cu, the `_tma_mc` kernels): the weight traffic of the tall tile at
+    /// two blocks a multiprocessor, the same bits.
+    pub multicast: bool,
 }
 
 /// The forms of a wgmma kernel of one tile and precision as `(row_epilogue, lean_loads,
@@ -488,8 +493,13 @@ impl WgmmaTile {
 }
 
 /// Wgmma launch `l` moved to `tile`, with the same split; `None` for a launch without wgmma.
+/// Only the plain tile multicasts ([`ConvLaunch::multicast`]).
 pub(crate) fn on_tile(l: ConvLaunch, tile: WgmmaTile) -> Option<ConvLaunch> {
-    l.wgmma.then_some(ConvLaunch { tile, ..l })
+    l.wgmma.then_some(ConvLaunch {
+        tile,
+        multicast: l.multicast && tile == WgmmaTile::Plain,
+        ..l
+    })
 }
 
 /// Block tile of the GEMM kernels, and the K slice.
@@ -749,6 +759,7 @@ impl ConvLaunch {
             tma_loads: false,
             prefetch: false,
             tile: WgmmaTile::Plain,
+            multicast: false,
         }
     }
 

@@ -71,7 +71,7 @@ pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{narrow_smem, wgmma_kernel_names, wgmma_sc_kernel_names, TC_KERNELS};
+use conv::{narrow_smem, wgmma_kernel_names, wgmma_sc_kernel_names, TC_KERNELS, WGMMA_MC_KERNELS};
 use conv_plan::DIRECT_MAX;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
@@ -223,6 +223,8 @@ pub(crate) struct Kernels {
     /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
     /// `conv::wgmma_sc_index`).
     conv_wgmma_sc: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
+    /// The multicast kernels (`_rows_tma_mc`, plain tile; `conv::WGMMA_MC_KERNELS`).
+    conv_wgmma_mc: Option<[CudaFunction; 2]>,
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
@@ -310,7 +312,7 @@ impl Kernels {
             .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
-        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_sc) = match wgmma_module {
+        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_sc, conv_wgmma_mc) = match wgmma_module {
             Some((name, image)) if info.compute_capability == (9, 0) => {
                 let m = cu(
                     ctx.load_module(Ptx::from_binary(image.to_vec())),
@@ -334,9 +336,19 @@ impl Kernels {
                 let fused: [CudaFunction; WGMMA_SC_KERNELS] = table(wgmma_sc_kernel_names())?
                     .try_into()
                     .map_err(|_| Error::Cuda("internal: fused-shortcut kernel table".into()))?;
-                (Some(all("")?), Some(all("_probe")?), Some(fused))
+                let plain = WgmmaTile::Plain.smem();
+                let multicast = [
+                    f(WGMMA_MC_KERNELS[0], plain)?,
+                    f(WGMMA_MC_KERNELS[1], plain)?,
+                ];
+                (
+                    Some(all("")?),
+                    Some(all("_probe")?),
+                    Some(fused),
+                    Some(multicast),
+                )
             }
-            _ => (None, None, None),
+            _ => (None, None, None, None),
         };
         // The fused attention where a block may have its shared memory.
         let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
@@ -429,6 +441,7 @@ impl Kernels {
             conv_wgmma,
             conv_wgmma_probe,
             conv_wgmma_sc,
+            conv_wgmma_mc,
         })
     }
 
@@ -554,6 +567,7 @@ mod tests {
         let fused = wgmma_sc_kernel_names();
         assert_eq!(fused.len(), WGMMA_SC_KERNELS);
         asked.extend(fused.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        asked.extend(WGMMA_MC_KERNELS.map(|n| ("conv_wgmma".into(), n.into())));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");
     }

@@ -107,6 +107,11 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
+    /// TMA launches on the plain tile (without a fused shortcut) run in clusters of two
+    /// blocks that share each weight slice, half copied by each into both
+    /// ([`ConvLaunch::multicast`]): the same sums in the same order. With `tall_tiles` off it
+    /// also stands in where the tall tile would have run.
+    pub wgmma_multicast: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
     /// pixel, of a 2x2 convolution of the low-resolution input (a 16-bit copy of it in
@@ -153,6 +158,7 @@ impl Default for KernelConfig {
             wgmma_tma: false,
             epilogue_prefetch: false,
             tall_tiles: false,
+            wgmma_multicast: false,
             upsample_fold: false,
             shortcut_fused: false,
             batch_invariant: false,
@@ -203,6 +209,7 @@ impl KernelConfig {
             wgmma_tma: here.wgmma,
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
+            wgmma_multicast: false,
             upsample_fold: precision.is_half(),
             shortcut_fused: false,
             batch_invariant: false,
@@ -245,6 +252,7 @@ impl KernelConfig {
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
+            wgmma_multicast: wgmma && kept("INVDIFF_WGMMA_MULTICAST", tuned.wgmma_multicast),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             shortcut_fused: wgmma && kept("INVDIFF_SHORTCUT_FUSED", tuned.shortcut_fused),
             batch_invariant: false,
@@ -283,6 +291,7 @@ impl KernelConfig {
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
+            (self.wgmma_multicast, "wgmma weight slices multicast"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.shortcut_fused, "1x1 shortcuts fused into convolutions"),
             (self.batch_invariant, "per-image plans"),

@@ -1183,6 +1183,16 @@ fn switches_compute_what_the_default_program_computes() {
                 .iter()
                 .any(|s| matches!(s, Step::Conv(c) if c.shortcut.is_some())));
             assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
+            // The candidate: weight slices multicast, with the shortcuts fused, with and
+            // without the tall tiles.
+            for tall_tiles in [true, false] {
+                let multicast = KernelConfig {
+                    wgmma_multicast: true,
+                    tall_tiles,
+                    ..fused
+                };
+                assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
+            }
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {
                 symbolic(&Program::build_with(&g, n, h, w, false, 132, precision, tc).unwrap())
@@ -1428,7 +1438,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 13] = [
+    let flags: [fn(&mut KernelConfig); 14] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1441,6 +1451,7 @@ fn every_choice_has_a_name() {
         |c| c.tall_tiles = true,
         |c| c.upsample_fold = true,
         |c| c.shortcut_fused = true,
+        |c| c.wgmma_multicast = true,
         |c| c.batch_invariant = true,
     ];
     let mut all = KernelConfig::default();
@@ -1599,5 +1610,53 @@ fn shortcuts_fuse_into_their_blocks_second_convolutions() {
                 .iter()
                 .all(|s| !matches!(s, Step::Conv(c) if c.shortcut.is_some())));
         }
+    }
+}
+
+/// With wgmma_multicast, exactly the TMA launches on the plain tile without a fused shortcut
+/// multicast, forward and backward; with the tall tiles off too, the TMA launches that would
+/// have taken them multicast instead.
+#[test]
+fn multicast_takes_the_plain_tma_launches() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    for (n, record) in [(1, true), (8, false)] {
+        let count = |tc: KernelConfig| {
+            let p = Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap();
+            let (mut tall, mut multicast) = (0, 0);
+            for s in &p.steps {
+                let Step::Conv(c) = s else { continue };
+                let l = c.launch;
+                let fits = tc.wgmma_multicast
+                    && l.tma_loads
+                    && l.tile == WgmmaTile::Plain
+                    && c.shape.shortcut_sc == 0;
+                assert_eq!(l.multicast, fits, "{s:?}");
+                tall += usize::from(l.tile == WgmmaTile::Tall && l.tma_loads);
+                multicast += usize::from(l.multicast);
+            }
+            (tall, multicast)
+        };
+        let on = KernelConfig {
+            wgmma_multicast: true,
+            ..tuned
+        };
+        let (tall, multicast) = count(on);
+        assert!(
+            multicast > 0 && (n == 1 || tall > 0),
+            "batch {n}: {tall} tall"
+        );
+        let (no_tall, more) = count(KernelConfig {
+            tall_tiles: false,
+            ..on
+        });
+        assert_eq!(no_tall, 0);
+        assert_eq!(more, multicast + tall, "batch {n}");
+        assert_eq!(count(tuned).1, 0);
+        // With the shortcuts fused, their launches keep the TMA kernels without multicast.
+        count(KernelConfig {
+            shortcut_fused: true,
+            ..on
+        });
     }
 }

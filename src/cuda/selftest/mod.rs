@@ -10,7 +10,8 @@
 //!
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
-//! convolution; `fused_shortcut`, a 1x1 shortcut fused into one), `linears`, `group_norms`, `attentions`, `data_movement` and
+//! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `multicast`, weight slices
+//! shared by clusters of two), `linears`, `group_norms`, `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
@@ -34,6 +35,7 @@ mod folded_upsampling;
 mod fused_shortcut;
 mod group_norms;
 mod linears;
+mod multicast;
 mod networks;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
@@ -115,7 +117,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 10] = [
+pub const SELFTEST_GROUPS: [&str; 11] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -126,6 +128,7 @@ pub const SELFTEST_GROUPS: [&str; 10] = [
     "tensor-core networks",
     "tensor-core convolutions",
     "fused shortcuts",
+    "multicast",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -150,7 +153,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 10] = [
+    let groups: [(&str, Group); 11] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -170,10 +173,14 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.tensor_core_convolutions()?;
             t.folded_upsamplings()
         }),
-        // The staged candidate's kernels last: a fault in them ends no other check.
+        // The staged candidates' kernels last: a fault in them ends no other check.
         ("fused shortcuts", |t, o| {
             t.fused_shortcuts()?;
             t.fused_shortcut_unets(o)
+        }),
+        ("multicast", |t, o| {
+            t.multicasts()?;
+            t.multicast_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

@@ -271,6 +271,16 @@ impl CudaUnet {
         self.change_choice(|c| c.shortcut_fused = on);
     }
 
+    /// Runs plain-tile TMA convolutions in clusters of two sharing the weight slices (`on`,
+    /// [`KernelConfig::wgmma_multicast`]) or not, and takes the tall tiles where they fill the
+    /// machine (`tall`, [`KernelConfig::tall_tiles`]) or not, for comparisons; drops every plan.
+    pub(crate) fn set_multicast_and_tall(&mut self, on: bool, tall: bool) {
+        self.change_choice(|c| {
+            c.wgmma_multicast = on && c.wgmma;
+            c.tall_tiles = tall;
+        });
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {

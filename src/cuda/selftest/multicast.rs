@@ -1,0 +1,207 @@
+//! Weight slices multicast in clusters of two (the `_tma_mc` wgmma kernels,
+//! `INVDIFF_WGMMA_MULTICAST`): launches against the same launch without, bit for bit, and whole
+//! networks against the same network without. A group of its own, run last: a candidate's
+//! kernel that faults ends no other check.
+
+use super::conv_variants::wgmma_path;
+use super::{SelftestRow, Tester};
+use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape};
+use crate::cuda::precision::Precision;
+use crate::cuda::unet::CudaUnet;
+use crate::model::graph::Pad;
+use crate::model::Model;
+use crate::Result;
+
+impl Tester<'_> {
+    /// On a device with wgmma, in bf16 and fp16: TMA launches on the plain tile at celebahq's
+    /// shapes and awkward ones (an odd number of row tiles, so a padding block; a single row
+    /// tile; a partial column tile, whose second block's half of the weights lies wholly past
+    /// the columns; rows in partial tiles; stride-2 input gradients, one launch per parity
+    /// class), each unsplit and at its planned split of K, with a time embedding, a residual
+    /// and a divisor in the epilogue: multicast in clusters of two, the same output as without
+    /// to the bit, and the same GroupNorm sums where the launch writes them.
+    pub(super) fn multicasts(&mut self) -> Result<()> {
+        if !self.gpu.kernels.has_wgmma() {
+            return Ok(());
+        }
+        let mut shapes = vec![
+            ConvShape::forward(1, 256, 256, 128, 128, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 24, 16, 128, 128, 3, 1, Pad::Symmetric),
+            ConvShape::forward(2, 64, 64, 128, 160, 3, 1, Pad::Symmetric),
+            ConvShape::forward(3, 12, 20, 64, 128, 3, 1, Pad::Symmetric),
+            ConvShape::forward(2, 16, 16, 1024, 512, 1, 1, Pad::Symmetric),
+        ];
+        shapes.extend(ConvShape::backward(
+            2,
+            32,
+            32,
+            128,
+            128,
+            3,
+            2,
+            Pad::RightBottom,
+        ));
+        for shape in &shapes {
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                self.multicast_case(shape, precision)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn multicast_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
+        let desc = format!(
+            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}), {precision}",
+            s.n,
+            s.sh,
+            s.sw,
+            s.mh,
+            s.mw,
+            s.sc,
+            s.ncols,
+            s.taps.len(),
+            s.out_stride
+        );
+        let Some(planned) = plan_wgmma(s, self.gpu.sms(), precision).filter(|_| tma_tried(s))
+        else {
+            if tma_tried(s) {
+                self.rows.push(SelftestRow {
+                    op: "multicast: no wgmma launch planned".into(),
+                    shape: desc,
+                    rel_l2: f64::NAN,
+                    gpu_ms: 0.0,
+                    tolerance: 0.0,
+                });
+            }
+            return Ok(());
+        };
+        // The K-major weights of every tap block the launch names, and its operands, all
+        // random: the two launches only need the same ones.
+        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
+        let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
+        let len = s.n * s.yh * s.yw * s.ncols;
+        let (x, w) = (self.rand(x_len, -1.0, 1.0), self.rand(w_len, -0.05, 0.05));
+        let (bias, temb, res) = (
+            self.rand(s.ncols, -0.5, 0.5),
+            self.rand(s.n * s.ncols, -0.5, 0.5),
+            self.rand(len, -1.0, 1.0),
+        );
+        let (xd, wd) = (self.up(&x)?, self.up(&w)?);
+        let (xh, wh) = (
+            self.half_copy(xd.ptr, x_len, precision)?,
+            self.half_copy(wd.ptr, w_len, precision)?,
+        );
+        let (bias, temb, res) = (self.up(&bias)?, self.up(&temb)?, self.up(&res)?);
+        let tma = ConvLaunch {
+            row_epilogue: true,
+            lean_loads: true,
+            tma_loads: true,
+            ..planned
+        };
+        let unsplit = ConvLaunch {
+            splits: 1,
+            k_per_split: s.k().next_multiple_of(64),
+            ..tma
+        };
+        let mut plans = vec![unsplit];
+        if tma.splits > 1 {
+            plans.push(tma);
+        }
+        for plain in plans {
+            let ws = self.zeros(plain.workspace_len(s))?;
+            let ptrs = ConvPtrs {
+                x: xh.ptr,
+                w: wh.ptr,
+                bias: bias.ptr,
+                temb: temb.ptr,
+                res: res.ptr,
+                ws: ws.ptr,
+                ..ConvPtrs::default()
+            };
+            let (want, plain_ms) = self.conv_output(s, &plain, ptrs, 2.0, len)?;
+            let multicast = ConvLaunch {
+                multicast: true,
+                ..plain
+            };
+            let (got, ms) = self.conv_output(s, &multicast, ptrs, 2.0, len)?;
+            let label = "conv (temb, residual, /2)";
+            self.row_within(
+                format!(
+                    "{label} [{}] vs [{}]",
+                    wgmma_path(&multicast),
+                    wgmma_path(&plain)
+                ),
+                format!("{desc}, without {plain_ms:.3} ms"),
+                &got,
+                &want,
+                ms,
+                0.0,
+            );
+            self.gn_partial_row(s, multicast, ptrs, 2.0, &got, label, &desc)?;
+        }
+        Ok(())
+    }
+
+    /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
+    /// fp16, as configured (the switches applied): with the weight slices multicast, and again
+    /// with the tall tiles off as well (multicast where they were), the forward and the
+    /// forward + VJP the same to the bit as without (every launch sums the same products in
+    /// the same order), once the program shows it multicasts.
+    pub(super) fn multicast_unets(&mut self, ordinal: usize) -> Result<()> {
+        if !self.gpu.kernels.has_wgmma() {
+            return Ok(());
+        }
+        let model = Model::builtin_celebahq(11);
+        for (n, h, w, t) in [(2, 64, 64, vec![10.0, 900.0]), (1, 256, 256, vec![500.0])] {
+            let desc = format!("celebahq n{n} {h}x{w}");
+            let (sample, cot) = self.random_io(&model, n, h, w)?;
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                let label = format!("celebahq {precision}");
+                gpu.set_multicast_and_tall(false, true);
+                let want = gpu.forward(&sample, &t)?;
+                gpu.forward_recording(&sample, &t)?;
+                let want_grad = gpu.vjp(&cot)?;
+                for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
+                    gpu.set_multicast_and_tall(true, tall);
+                    let launches = gpu.plan_stats(n, h, w, false)?;
+                    let profile = gpu.profile(n, h, w, false, 1)?;
+                    let multicast = profile
+                        .steps
+                        .iter()
+                        .any(|s| s.variant.contains("multicast"));
+                    self.rows.push(SelftestRow {
+                        op: format!("{label} forward, {what}: the program multicasts"),
+                        shape: format!("{desc}, {} launches", launches.launches),
+                        rel_l2: if multicast { 0.0 } else { f64::NAN },
+                        gpu_ms: 0.0,
+                        tolerance: 0.0,
+                    });
+                    let got = gpu.forward(&sample, &t)?;
+                    let ms = gpu.time_forward(n, h, w, 5)?;
+                    self.row_within(
+                        format!("{label} forward, {what} vs without"),
+                        desc.clone(),
+                        got.data(),
+                        want.data(),
+                        ms,
+                        0.0,
+                    );
+                    gpu.forward_recording(&sample, &t)?;
+                    let grad = gpu.vjp(&cot)?;
+                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                    self.row_within(
+                        format!("{label} forward + vjp, {what} vs without"),
+                        desc.clone(),
+                        grad.data(),
+                        want_grad.data(),
+                        ms,
+                        0.0,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
