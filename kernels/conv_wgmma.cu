@@ -66,16 +66,18 @@
 // Multicast B (the `_tma_mc` kernels, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves
 // the weight traffic per product but runs one block a multiprocessor, so nothing overlaps a
 // tile's epilogue with products. Here two plain blocks of consecutive row tiles (one column
-// tile) form a thread-block cluster on two multiprocessors, and each copies its own A and
-// half of the weight slice's 128 columns, multicast into both blocks' stages: the weight traffic
-// of the tall tile, two blocks a multiprocessor. A stage is refilled only when both blocks
-// have multiplied the slice it held: each block's thread 0 arrives on the stage's `empty`
-// barrier in both blocks after its block's barrier, and waits for both arrivals on its own
-// before issuing the refill. A block's `full` barrier expects the whole stage's bytes, some of
+// tile) form a thread-block cluster (in one GPC, possibly on one multiprocessor), and each
+// copies its own A and half of the weight slice's 128 columns, multicast into both blocks'
+// stages: the weight traffic of the tall tile, two blocks a multiprocessor. A stage is
+// refilled only when both blocks have multiplied the slice it held: each block's thread 0
+// arrives on the stage's `empty` barrier in both blocks after its block's barrier, and waits
+// for both arrivals on its own before issuing the refill. A block's `full` barrier expects the whole stage's bytes, some of
 // which the other block's copy completes, possibly before this block's arrival (the barrier's
 // transaction count may go below zero while an arrival is pending). The products and the
 // epilogue are the TMA kernels', so the bits are theirs. The grid's row tiles are padded to
-// an even count; a padding block loads zeros and stores nothing.
+// an even count; a padding block loads zeros and stores nothing. (Untimed: the refill's wait
+// for the other block sits before this block's own next products, so the two run in lockstep;
+// deferring a refill whose stage is not yet free is the next step if the handshake costs.)
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -220,11 +222,13 @@ DEVI uint32_t cluster_rank() {
     return r;
 }
 // One arrival on the barrier at `bar`'s offset in the shared memory of cluster block `rank`
-// (this one's included), releasing this block's earlier work to the cluster.
+// (this one's included). Default semantics, as CUTLASS's cluster barrier arrives: what it
+// signals (products complete) is ordered by wgmma.wait_group already, and `.release.cluster`
+// costs two memory fences, one of them GPU-wide, per arrival.
 DEVI void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 // Every thread of every block of the cluster, past this point only after all have reached it.
 DEVI void cluster_sync() {
@@ -740,6 +744,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         // certifying the products of slice t - 2), whose products overlap the barrier.
         constexpr bool WAIT_OWN = Tile::BLOCKS_PER_SM > 1;
         constexpr int TMA_AHEAD = WAIT_OWN ? S - 1 : S - 2;
+        // MC: the slice whose products a block's barrier certifies (t - 1) is the one the
+        // refill after it replaces (t + TMA_AHEAD - S).
+        static_assert(!MC || TMA_AHEAD == S - 1, "multicast arrivals match the refills");
 #pragma unroll
         for (int s = 0; s < TMA_AHEAD; ++s)
             if (s < ntiles) load_tma(s, s);

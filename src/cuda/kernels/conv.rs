@@ -170,6 +170,9 @@ unsafe fn launch_clusters_of_two(
     cfg: LaunchConfig,
     args: [*const c_void; 3],
 ) -> std::result::Result<(), DriverError> {
+    if cfg.grid_dim.0 % 2 != 0 {
+        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE));
+    }
     st.context().bind_to_thread()?;
     let mut attrs = [sys::CUlaunchAttribute {
         id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
@@ -648,8 +651,8 @@ impl Kernels {
                 ));
             };
             // SAFETY: the argument block and the maps are the kernel's three parameters, in
-            // order; the grid covers the problem's tiles (and at most one padding block a
-            // column tile, which stores nothing), in clusters of two along x.
+            // order; the grid covers the problem's tiles (and at most one padding block per
+            // column tile and split, which stores nothing), in clusters of two along x.
             let args: [*const c_void; 3] = [
                 std::ptr::from_ref(&a).cast(),
                 std::ptr::from_ref(ta).cast(),

@@ -17,9 +17,11 @@ impl Tester<'_> {
     /// shapes and awkward ones (an odd number of row tiles, so a padding block; a single row
     /// tile; a partial column tile, whose second block's half of the weights lies wholly past
     /// the columns; rows in partial tiles; stride-2 input gradients, one launch per parity
-    /// class), each unsplit and at its planned split of K, with a time embedding, a residual
-    /// and a divisor in the epilogue: multicast in clusters of two, the same output as without
-    /// to the bit, and the same GroupNorm sums where the launch writes them.
+    /// class), each unsplit, at its planned split of K and in splits of five slices (so that
+    /// split launches refill their stages too, the last split shorter), with a time
+    /// embedding, a residual and a divisor in the epilogue: multicast in clusters of two, the
+    /// same output as without to the bit; where the launch writes GroupNorm sums, those
+    /// checked against the host's as every launch's are.
     pub(super) fn multicasts(&mut self) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
@@ -104,9 +106,18 @@ impl Tester<'_> {
             k_per_split: s.k().next_multiple_of(64),
             ..tma
         };
+        let slices = s.k().div_ceil(64);
+        let fives = ConvLaunch {
+            splits: slices.div_ceil(5),
+            k_per_split: 5 * 64,
+            ..tma
+        };
         let mut plans = vec![unsplit];
         if tma.splits > 1 {
             plans.push(tma);
+        }
+        if slices > 5 && fives != tma {
+            plans.push(fives);
         }
         for plain in plans {
             let ws = self.zeros(plain.workspace_len(s))?;
@@ -144,10 +155,11 @@ impl Tester<'_> {
     }
 
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
-    /// fp16, as configured (the switches applied): with the weight slices multicast, and again
-    /// with the tall tiles off as well (multicast where they were), the forward and the
-    /// forward + VJP the same to the bit as without (every launch sums the same products in
-    /// the same order), once the program shows it multicasts.
+    /// fp16, as configured (the switches applied) but for two choices: multicast with the tall
+    /// tiles on, and multicast with them off (multicast where they were), each with its
+    /// forward and forward + VJP the same to the bit as without multicast and with the tall
+    /// tiles on (every launch sums the same products in the same order), once the program
+    /// shows it multicasts.
     pub(super) fn multicast_unets(&mut self, ordinal: usize) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
