@@ -71,13 +71,14 @@
 // stages: the weight traffic of the tall tile, two blocks a multiprocessor. A stage is
 // refilled only when both blocks have multiplied the slice it held: each block's thread 0
 // arrives on the stage's `empty` barrier in both blocks after its block's barrier, and waits
-// for both arrivals on its own before issuing the refill. A block's `full` barrier expects the whole stage's bytes, some of
-// which the other block's copy completes, possibly before this block's arrival (the barrier's
-// transaction count may go below zero while an arrival is pending). The products and the
-// epilogue are the TMA kernels', so the bits are theirs. The grid's row tiles are padded to
-// an even count; a padding block loads zeros and stores nothing. (Untimed: the refill's wait
-// for the other block sits before this block's own next products, so the two run in lockstep;
-// deferring a refill whose stage is not yet free is the next step if the handshake costs.)
+// for both arrivals on its own before issuing the refill. A block's `full` barrier expects the
+// whole stage's bytes, some of which the other block's copy completes, possibly before this
+// block's arrival (the barrier's transaction count may go below zero while an arrival is
+// pending). The products and the epilogue are the TMA kernels', so the bits are theirs. The
+// grid's row tiles are padded to an even count; a padding block loads zeros and stores
+// nothing. (Untimed: the refill's wait for the other block sits before this block's own next
+// products, so the two run in lockstep; deferring a refill whose stage is not yet free is the
+// next step if the handshake costs.)
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2

@@ -521,8 +521,8 @@ impl Kernels {
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
-                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile {:?} \
-                 (multicast {}, fused shortcut {fused}, cycle probe {})",
+                 row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile \
+                 {:?} (multicast {}, fused shortcut {fused}, cycle probe {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
