@@ -76,9 +76,9 @@
 // block's arrival (the barrier's transaction count may go below zero while an arrival is
 // pending). The products and the epilogue are the TMA kernels', so the bits are theirs. The
 // grid's row tiles are padded to an even count; a padding block loads zeros and stores
-// nothing. (Untimed: the refill's wait for the other block sits before this block's own next
-// products, so the two run in lockstep; deferring a refill whose stage is not yet free is the
-// next step if the handshake costs.)
+// nothing. A refill whose stage the other block has not yet released is put off to a later
+// iteration (the test is a single `test_wait`), unless its slice is needed now, so that a block
+// ahead of the other does not stall its own products on the handshake.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -165,6 +165,17 @@ DEVI void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 }
 // Cycles a copy may keep a stage's barrier waiting (about 2 s) before mbar_wait traps.
 constexpr long long MBAR_TIMEOUT_CYCLES = 4LL << 30;
+// Whether phase `parity` of the barrier has completed, without waiting.
+DEVI bool mbar_done(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+    return done != 0;
+}
 // Waits until phase `parity` of the barrier has completed. Copies whose bytes never arrive (a
 // tensor map that does not describe what the kernel expects) would otherwise hang the device
 // until the host gives up; a trap fails the launch with an error instead, in seconds.
@@ -753,6 +764,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             if (s < ntiles) load_tma(s, s);
         cycles.mark(PROBE_SETUP);
         int stage = 0, phase = 0, next = TMA_AHEAD;
+        // MC: slices copied so far; a refill whose stage the other block still multiplies
+        // waits for a later iteration, unless its slice is the one about to be multiplied.
+        int issued = min(TMA_AHEAD, ntiles);
         for (int t = 0; t < ntiles; ++t) {
             if constexpr (WAIT_OWN) {
                 wg_wait_all(acc);
@@ -767,8 +781,18 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
                 mbar_arrive_cluster(bar, 0);
                 mbar_arrive_cluster(bar, 1);
             }
-            if (t + TMA_AHEAD < ntiles) load_tma(next, t + TMA_AHEAD);
-            next = next + 1 == S ? 0 : next + 1;
+            if constexpr (MC) {
+                if (tid == 0) {
+                    for (; issued < ntiles && issued <= t + TMA_AHEAD; ++issued) {
+                        const uint32_t free = smem_addr(&empty[issued % S]);
+                        if (issued > t && issued >= S && !mbar_done(free, (issued / S - 1) & 1)) break;
+                        load_tma(issued % S, issued);
+                    }
+                }
+            } else {
+                if (t + TMA_AHEAD < ntiles) load_tma(next, t + TMA_AHEAD);
+                next = next + 1 == S ? 0 : next + 1;
+            }
             cycles.mark(PROBE_ISSUE);
             mbar_wait(smem_addr(&full[stage]), phase);
             // The products are warp-aligned instructions; the wait's lanes may leave its loop
