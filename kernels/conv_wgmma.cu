@@ -78,7 +78,8 @@
 // grid's row tiles are padded to an even count; a padding block loads zeros and stores
 // nothing. A refill whose stage the other block has not yet released is put off to a later
 // iteration (the test is a single `test_wait`), unless its slice is needed now, so that a block
-// ahead of the other does not stall its own products on the handshake.
+// ahead of the other need not stall its own products on the handshake (untimed: a refill put
+// off to the last moment exposes its copy's latency instead).
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
