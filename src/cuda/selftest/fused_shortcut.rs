@@ -4,8 +4,8 @@
 //! faults ends no other check.
 
 use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
-use super::networks::{cpu_reference, NetworkIo, NETWORK_TOLERANCE};
-use super::{SelftestRow, Tester};
+use super::networks::{celebahq_candidate_cases, cpu_reference, NetworkIo, NETWORK_TOLERANCE};
+use super::Tester;
 use crate::cuda::kernels::{
     on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile, WGMMA_SLICE,
 };
@@ -142,13 +142,8 @@ impl Tester<'_> {
         let fused = main.with_shortcut(c2).expect("a shape the kernels fuse");
         let one = fused.shortcut().expect("its shortcut");
         let (Some(lp), Some(lc), Some(lf)) = (lean(&one), lean(&main), lean(&fused)) else {
-            self.rows.push(SelftestRow {
-                op: "conv3x3 + fused 1x1 shortcut: no wgmma launch planned".into(),
-                shape: desc,
-                rel_l2: f64::NAN,
-                gpu_ms: 0.0,
-                tolerance: 0.0,
-            });
+            let op = "conv3x3 + fused 1x1 shortcut: a wgmma launch planned".into();
+            self.check_row(op, desc, false);
             return Ok(());
         };
         let ws = self.zeros(
@@ -266,7 +261,7 @@ impl Tester<'_> {
             return Ok(());
         }
         let model = Model::builtin_celebahq(11);
-        for (n, h, w, t) in [(2, 64, 64, vec![10.0, 900.0]), (1, 256, 256, vec![500.0])] {
+        for (n, h, w, t) in celebahq_candidate_cases() {
             let desc = format!("celebahq n{n} {h}x{w}");
             let (sample, cot) = self.random_io(&model, n, h, w)?;
             let (want, want_grad) = cpu_reference(&model, &sample, &t, &cot)?;
@@ -290,13 +285,11 @@ impl Tester<'_> {
                 let plain = launches(&gpu)?;
                 gpu.set_shortcut_fused(true);
                 let fused = launches(&gpu)?;
-                self.rows.push(SelftestRow {
-                    op: format!("{label} forward, {what}: launches {fused}, {plain} unfused"),
-                    shape: desc.clone(),
-                    rel_l2: if fused < plain { 0.0 } else { f64::NAN },
-                    gpu_ms: 0.0,
-                    tolerance: 0.0,
-                });
+                self.check_row(
+                    format!("{label} forward, {what}: launches {fused}, {plain} unfused"),
+                    desc.clone(),
+                    fused < plain,
+                );
                 self.network_rows(
                     &mut gpu,
                     &io,

@@ -4,7 +4,8 @@
 //! kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::{SelftestRow, Tester};
+use super::networks::celebahq_candidate_cases;
+use super::Tester;
 use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
@@ -68,13 +69,7 @@ impl Tester<'_> {
         let Some(planned) = plan_wgmma(s, self.gpu.sms(), precision).filter(|_| tma_tried(s))
         else {
             if tma_tried(s) {
-                self.rows.push(SelftestRow {
-                    op: "multicast: no wgmma launch planned".into(),
-                    shape: desc,
-                    rel_l2: f64::NAN,
-                    gpu_ms: 0.0,
-                    tolerance: 0.0,
-                });
+                self.check_row("multicast: a wgmma launch planned".into(), desc, false);
             }
             return Ok(());
         };
@@ -165,7 +160,7 @@ impl Tester<'_> {
             return Ok(());
         }
         let model = Model::builtin_celebahq(11);
-        for (n, h, w, t) in [(2, 64, 64, vec![10.0, 900.0]), (1, 256, 256, vec![500.0])] {
+        for (n, h, w, t) in celebahq_candidate_cases() {
             let desc = format!("celebahq n{n} {h}x{w}");
             let (sample, cot) = self.random_io(&model, n, h, w)?;
             for precision in [Precision::Bf16, Precision::Fp16] {
@@ -183,13 +178,11 @@ impl Tester<'_> {
                         .steps
                         .iter()
                         .any(|s| s.variant.contains("multicast"));
-                    self.rows.push(SelftestRow {
-                        op: format!("{label} forward, {what}: the program multicasts"),
-                        shape: format!("{desc}, {} launches", launches.launches),
-                        rel_l2: if multicast { 0.0 } else { f64::NAN },
-                        gpu_ms: 0.0,
-                        tolerance: 0.0,
-                    });
+                    self.check_row(
+                        format!("{label} forward, {what}: the program multicasts"),
+                        format!("{desc}, {} launches", launches.launches),
+                        multicast,
+                    );
                     let got = gpu.forward(&sample, &t)?;
                     let ms = gpu.time_forward(n, h, w, 5)?;
                     self.row_within(

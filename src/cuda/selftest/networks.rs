@@ -8,6 +8,12 @@ use crate::cuda::unet::CudaUnet;
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
+/// The celebahq checks of a staged candidate: (batch, height, width, timesteps) at 64x64 x 2,
+/// where every level runs, and at the full 256x256 x 1, where the accuracy targets apply.
+pub(super) fn celebahq_candidate_cases() -> [(usize, usize, usize, Vec<f32>); 2] {
+    [(2, 64, 64, vec![10.0, 900.0]), (1, 256, 256, vec![500.0])]
+}
+
 /// The CPU's fp32 noise prediction for `sample` at timesteps `t`, and its VJP with `cot`: what
 /// the network checks hold the GPU to.
 pub(super) fn cpu_reference(
