@@ -696,16 +696,16 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             tma_im2col(sa, tma.a2, bar, aci, base_w, base_h, base_img, (uint16_t)(-win.dx0),
                        (uint16_t)(-win.dy0));
             tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
-        } else if constexpr (MC) {
-            // This block's half of the columns, into both blocks.
-            tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
-                       (uint16_t)(taps.dy[at] - win.dy0));
-            tma_tile3_multicast(sa + TM * 128 + rank * 64 * 128, tma.b, bar, aci, n0 + 64 * (int)rank, taps.w[at],
-                                (uint16_t)0x3);
         } else {
             tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
                        (uint16_t)(taps.dy[at] - win.dy0));
-            tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+            if constexpr (MC) {
+                // This block's half of the columns, into both blocks.
+                tma_tile3_multicast(sa + TM * 128 + rank * 64 * 128, tma.b, bar, aci, n0 + 64 * (int)rank,
+                                    taps.w[at], (uint16_t)0x3);
+            } else {
+                tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+            }
         }
         aci += WG_BK;
         if (aci >= src_sc) {

@@ -81,16 +81,7 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.wgmma {
         variant += ", ";
         variant += c.launch.tile.describe();
-        if c.launch.multicast {
-            variant += ", TMA loads, multicast";
-        } else if c.launch.tma_loads {
-            variant += ", TMA loads";
-        } else if c.launch.lean_loads {
-            variant += ", lean loads";
-        }
-        if c.launch.prefetch {
-            variant += ", prefetch";
-        }
+        variant += &c.launch.loads_described();
     }
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);

@@ -316,16 +316,7 @@ fn pipeline_name(l: &ConvLaunch) -> String {
     if l.row_epilogue {
         name += ", row epilogue";
     }
-    if l.multicast {
-        name += ", TMA loads, multicast";
-    } else if l.tma_loads {
-        name += ", TMA loads";
-    } else if l.lean_loads {
-        name += ", lean loads";
-    }
-    if l.prefetch {
-        name += ", prefetch";
-    }
+    name += &l.loads_described();
     name
 }
 
@@ -384,10 +375,10 @@ fn sweep_one(
     let shortcut = match shape.shortcut() {
         Some(one) if wgmma && precision.is_half() => {
             let len = one.n * one.sh * one.sw * one.sc;
-            // Kept until the conversion has read it (the stream's work is done before return).
+            // The fp32 values kept beside their copy, as `x` is, so that the conversion
+            // queued on the stream reads live memory.
             let x2_f32 = DevBuf::upload(st, &uniform(seed, len, -1.0, 1.0))?;
             let x2 = x2_f32.to_half(gpu, len, precision)?;
-            cu(st.synchronize(), "waiting for the GPU")?;
             let mut w2 = DevConv::upload(
                 gpu,
                 &uniform(seed, one.ncols * one.sc, -bound, bound),
@@ -398,7 +389,7 @@ fn sweep_one(
                 precision,
             )?;
             w2.ensure_backward_half(gpu)?;
-            Some((x2, w2))
+            Some((x2, w2, x2_f32))
         }
         _ => None,
     };
@@ -424,7 +415,7 @@ fn sweep_one(
             ws: ws.ptr,
             x2: shortcut.as_ref().map_or(0, |s| s.0.ptr),
             w2: match &shortcut {
-                Some((_, w2)) => w2.weights_for(c.kernel, true)?,
+                Some((_, w2, _)) => w2.weights_for(c.kernel, true)?,
                 None => 0,
             },
             ..ConvPtrs::default()

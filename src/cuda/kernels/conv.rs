@@ -106,51 +106,51 @@ const WGMMA_FORM_NAMES: [&str; 4] = ["", "_rows", "_rows_lean", "_rows_tma"];
 /// Where wgmma launch `plan`'s kernel sits in [`Kernels`]' tables: bf16 or fp16, then the form
 /// ([`WGMMA_FORM_NAMES`]), then the tile ([`WgmmaTile::ALL`]'s order).
 fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
-    let tile = WgmmaTile::ALL
-        .iter()
-        .position(|&(t, _)| t == plan.tile)
-        .unwrap_or(0);
     let form =
         usize::from(plan.row_epilogue) + usize::from(plan.lean_loads) + usize::from(plan.tma_loads);
-    usize::from(precision == Precision::Fp16) + 2 * form + 2 * WGMMA_FORM_NAMES.len() * tile
+    table_index(precision, form, WGMMA_FORM_NAMES.len(), plan.tile)
+}
+
+/// The place of the kernel of `precision`, form `form` of `forms` and tile `tile` in a wgmma
+/// table laid out by [`table_names`].
+fn table_index(precision: Precision, form: usize, forms: usize, tile: WgmmaTile) -> usize {
+    let tile = WgmmaTile::ALL
+        .iter()
+        .position(|&(t, _)| t == tile)
+        .unwrap_or(0);
+    usize::from(precision == Precision::Fp16) + 2 * form + 2 * forms * tile
+}
+
+/// A wgmma kernel table's names and tiles: for each tile, each form (a name infix), bf16 then
+/// fp16; `more` and `suffix` follow the form and the tile in each name.
+fn table_names(forms: &[&str], more: &str, suffix: &str) -> Vec<(String, WgmmaTile)> {
+    let mut out = Vec::new();
+    for (tile, name) in WgmmaTile::ALL {
+        for form in forms {
+            for t in ["bf16", "fp16"] {
+                out.push((format!("conv_wgmma_{t}{form}{more}{name}{suffix}"), tile));
+            }
+        }
+    }
+    out
 }
 
 /// The wgmma kernels of one of [`Kernels`]' tables in [`wgmma_index`] order (precision, then
 /// form, then tile), each with its tile: the plain ones (`suffix` "") or the cycle-counting
 /// ones ("_probe").
 pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
-    let mut out = Vec::new();
-    for (tile, name) in WgmmaTile::ALL {
-        for form in WGMMA_FORM_NAMES {
-            for t in ["bf16", "fp16"] {
-                out.push((format!("conv_wgmma_{t}{form}{name}{suffix}"), tile));
-            }
-        }
-    }
-    out
+    table_names(&WGMMA_FORM_NAMES, "", suffix)
 }
 
 /// The fused-shortcut wgmma kernels (the `_sc` kernels of kernels/conv_wgmma.cu) in
 /// [`wgmma_sc_index`] order: bf16 or fp16, then lean or TMA loaders, then the tile.
 pub(super) fn wgmma_sc_kernel_names() -> Vec<(String, WgmmaTile)> {
-    let mut out = Vec::new();
-    for (tile, name) in WgmmaTile::ALL {
-        for form in ["_rows_lean", "_rows_tma"] {
-            for t in ["bf16", "fp16"] {
-                out.push((format!("conv_wgmma_{t}{form}_sc{name}"), tile));
-            }
-        }
-    }
-    out
+    table_names(&["_rows_lean", "_rows_tma"], "_sc", "")
 }
 
 /// Where fused-shortcut launch `plan` finds its kernel in [`wgmma_sc_kernel_names`]' order.
 fn wgmma_sc_index(precision: Precision, plan: &ConvLaunch) -> usize {
-    let tile = WgmmaTile::ALL
-        .iter()
-        .position(|&(t, _)| t == plan.tile)
-        .unwrap_or(0);
-    usize::from(precision == Precision::Fp16) + 2 * usize::from(plan.tma_loads) + 4 * tile
+    table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
 }
 
 /// The multicast wgmma kernels (the `_tma_mc` kernels of kernels/conv_wgmma.cu, plain tile):

@@ -745,6 +745,22 @@ fn tc_splits(tiles: usize, ktiles: usize, slots: usize, sms: usize) -> usize {
 }
 
 impl ConvLaunch {
+    /// How a wgmma launch copies its slices and readies its epilogue, for reports: `, TMA
+    /// loads` (`, multicast`), `, lean loads`, then `, prefetch`; empty for the plain loaders.
+    pub fn loads_described(&self) -> String {
+        let loads = if self.multicast {
+            ", TMA loads, multicast"
+        } else if self.tma_loads {
+            ", TMA loads"
+        } else if self.lean_loads {
+            ", lean loads"
+        } else {
+            ""
+        };
+        let prefetch = if self.prefetch { ", prefetch" } else { "" };
+        format!("{loads}{prefetch}")
+    }
+
     /// `kernel` over `splits` splits of `k_per_split`, with every pipeline choice off.
     fn new(kernel: ConvKernel, splits: usize, k_per_split: usize) -> Self {
         ConvLaunch {

@@ -100,13 +100,14 @@ impl Lowering<'_> {
                     self.pending_shortcut = Some(i);
                     return Ok(());
                 }
+                let mut fused = None;
                 if let Some(j) = self.pending_shortcut.take() {
-                    if self.fuse_shortcut(op, &g.ops[j])? {
-                        return Ok(());
+                    fused = self.fusion(op, &g.ops[j])?;
+                    if fused.is_none() {
+                        self.conv_forward(&g.ops[j], None)?;
                     }
-                    self.conv_forward(&g.ops[j])?;
                 }
-                self.conv_forward(op)?;
+                self.conv_forward(op, fused)?;
             }
             Op::GroupNorm {
                 x,
@@ -239,8 +240,10 @@ impl Lowering<'_> {
 /// What only the forward pass asks of the lowering.
 impl Lowering<'_> {
     /// Lowers convolution `op`: one launch, or one per parity class of the output pixel where
-    /// an upsampling is folded into it.
-    fn conv_forward(&mut self, op: &Op) -> Result<()> {
+    /// an upsampling is folded into it; with `fused` ([`fusion`](Self::fusion)), the one launch
+    /// of that summed problem with its shortcut, whose output it no longer reads as its
+    /// residual, and the two biases summed.
+    fn conv_forward(&mut self, op: &Op, fused: Option<(ConvShape, FusedShortcut)>) -> Result<()> {
         let Op::Conv {
             x,
             y,
@@ -270,23 +273,31 @@ impl Lowering<'_> {
                 (shapes, xb, half, WKind::FoldForward)
             }
             None => {
-                let shape = self.gemm_shape(op)?.expect("a convolution");
+                let shape = match &fused {
+                    Some((shape, _)) => shape.clone(),
+                    None => self.gemm_shape(op)?.expect("a convolution"),
+                };
                 let (xb, half_input) = self.main_input(op, x)?;
                 (vec![shape], xb, half_input, WKind::ConvForward)
             }
         };
         let tb = temb.map(|t| self.val(t)).transpose()?;
-        let rb = residual.map(|r| self.val(r)).transpose()?;
+        let rb = match fused {
+            Some(_) => None,
+            None => residual.map(|r| self.val(r)).transpose()?,
+        };
+        let bias = match fused {
+            Some(_) => WKind::BiasWithShortcut,
+            None => WKind::Bias,
+        };
         let yb = self.new_value(y);
         for shape in shapes {
             let mut s = self.conv_step(shape, xb, W { pid: p, kind }, yb, half_input);
-            s.bias = Some(W {
-                pid: p,
-                kind: WKind::Bias,
-            });
+            s.bias = Some(W { pid: p, kind: bias });
             s.temb = tb;
             s.residual = rb;
             s.out_div = out_div;
+            s.shortcut = fused.as_ref().map(|f| f.1);
             self.steps.push(Step::Conv(s));
         }
         Ok(())
@@ -296,7 +307,7 @@ impl Lowering<'_> {
     /// op after it: a 1x1 convolution with nothing in its epilogue but its bias, read only by
     /// the next op, a 3x3 convolution at stride 1 (not folded after an upsampling), as its
     /// residual; in bf16/fp16 on the deep pipelines and wgmma. Whether it is fused is decided
-    /// there ([`fuse_shortcut`](Self::fuse_shortcut)).
+    /// there ([`fusion`](Self::fusion)).
     fn shortcut_to_fuse(&self, i: usize) -> bool {
         let c = self.choice;
         if !(c.shortcut_fused && c.wgmma && c.deep && self.precision.is_half()) {
@@ -328,61 +339,33 @@ impl Lowering<'_> {
         out_div == 1.0 && r == y && y != g.output && readers == 1 && self.folded[x].is_none()
     }
 
-    /// Lowers convolution `op` with shortcut `sc` (op [`shortcut_to_fuse`] chose) fused into
-    /// it, as one launch of the summed problem ([`ConvShape::with_shortcut`]) with the two
-    /// biases summed, where the shortcut's input comes in 16 bits and the launch takes the lean
-    /// or TMA wgmma kernels; false where it cannot, having lowered at most the 16-bit copies
-    /// of the two inputs, which the unfused launches then read.
+    /// Whether convolution `op` can take in shortcut `sc` (the op [`shortcut_to_fuse`] held
+    /// back): the summed problem ([`ConvShape::with_shortcut`]) and the shortcut's input and
+    /// weights, where that input comes in 16 bits and the launch takes the lean or TMA wgmma
+    /// kernels. Deciding may lower the 16-bit copies of the two inputs, which the unfused
+    /// launches then read.
     ///
     /// [`shortcut_to_fuse`]: Self::shortcut_to_fuse
-    fn fuse_shortcut(&mut self, op: &Op, sc: &Op) -> Result<bool> {
-        let (
-            &Op::Conv {
-                x,
-                y,
-                p,
-                temb,
-                out_div,
-                ..
-            },
-            &Op::Conv { x: x2, p: p2, .. },
-        ) = (op, sc)
-        else {
-            return Ok(false);
+    fn fusion(&mut self, op: &Op, sc: &Op) -> Result<Option<(ConvShape, FusedShortcut)>> {
+        let (&Op::Conv { x, .. }, &Op::Conv { x: x2, p: p2, .. }) = (op, sc) else {
+            return Ok(None);
         };
         let Some(shape) = self
             .gemm_shape(op)?
             .and_then(|s| s.with_shortcut(self.ch(x2)))
         else {
-            return Ok(false);
+            return Ok(None);
         };
         let (x2b, half2) = self.main_input(sc, x2)?;
-        let (xb, half_input) = self.main_input(op, x)?;
+        let (_, half_input) = self.main_input(op, x)?;
         if !(half2 && half_input && self.plan_step(&shape, half_input).lean_loads) {
-            return Ok(false);
+            return Ok(None);
         }
-        let tb = temb.map(|t| self.val(t)).transpose()?;
-        let yb = self.new_value(y);
         let w = W {
-            pid: p,
+            pid: p2,
             kind: WKind::ConvForward,
         };
-        let mut s = self.conv_step(shape, xb, w, yb, half_input);
-        s.bias = Some(W {
-            pid: p,
-            kind: WKind::BiasWithShortcut,
-        });
-        s.temb = tb;
-        s.out_div = out_div;
-        s.shortcut = Some(FusedShortcut {
-            x: x2b,
-            w: W {
-                pid: p2,
-                kind: WKind::ConvForward,
-            },
-        });
-        self.steps.push(Step::Conv(s));
-        Ok(true)
+        Ok(Some((shape, FusedShortcut { x: x2b, w })))
     }
 
     /// The buffer of a value that may be stored in 16 bits (GroupNorm, upsampling and, with

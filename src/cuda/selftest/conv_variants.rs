@@ -57,16 +57,7 @@ pub(super) fn wgmma_path(p: &ConvLaunch) -> String {
     if p.row_epilogue {
         s += ", row epilogue";
     }
-    if p.multicast {
-        s += ", TMA loads, multicast";
-    } else if p.tma_loads {
-        s += ", TMA loads";
-    } else if p.lean_loads {
-        s += ", lean loads";
-    }
-    if p.prefetch {
-        s += ", prefetch";
-    }
+    s += &p.loads_described();
     s
 }
 
