@@ -63,23 +63,24 @@
 // the TMA kernels thread 0 switches maps (the second im2col map has the first's pixel box, so
 // the walk's bases are the same, and copies the tap at offset 0, 0).
 //
-// Multicast B (the `_tma_mc` kernels, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves
-// the weight traffic per product but runs one block a multiprocessor, so nothing overlaps a
-// tile's epilogue with products. Here two plain blocks of consecutive row tiles (one column
-// tile) form a thread-block cluster (in one GPC, possibly on one multiprocessor), and each
-// copies its own A and half of the weight slice's 128 columns, multicast into both blocks'
-// stages: the weight traffic of the tall tile, two blocks a multiprocessor. A stage is
-// refilled only when both blocks have multiplied the slice it held: each block's thread 0
-// arrives on the stage's `empty` barrier in both blocks after its block's barrier, and waits
-// for both arrivals on its own before issuing the refill. A block's `full` barrier expects the
-// whole stage's bytes, some of which the other block's copy completes, possibly before this
-// block's arrival (the barrier's transaction count may go below zero while an arrival is
-// pending). The products and the epilogue are the TMA kernels', so the bits are theirs. The
-// grid's row tiles are padded to an even count; a padding block loads zeros and stores
-// nothing. A refill whose stage the other block has not yet released is put off to a later
-// iteration (the test is a single `test_wait`), unless its slice is needed now, so that a block
-// ahead of the other need not stall its own products on the handshake (untimed: a refill put
-// off to the last moment exposes its copy's latency instead).
+// Multicast B (the `_tma_mc` kernels, and `_tma_sc_mc` with a fused shortcut, plain tile;
+// INVDIFF_WGMMA_MULTICAST): the tall tile halves the weight traffic per product but runs one
+// block a multiprocessor, so nothing overlaps a tile's epilogue with products. Here two plain
+// blocks of consecutive row tiles (one column tile) form a thread-block cluster (in one GPC,
+// possibly on one multiprocessor), and each copies its own A and half of the weight slice's 128
+// columns, multicast into both blocks' stages: the weight traffic of the tall tile, two blocks a
+// multiprocessor. A stage is refilled only when both blocks have multiplied the slice it held:
+// each block's thread 0 arrives on the stage's `empty` barrier in both blocks after its block's
+// barrier, and waits for both arrivals on its own before issuing the refill. A block's `full`
+// barrier expects the whole stage's bytes, some of which the other block's copy completes,
+// possibly before this block's arrival (the barrier's transaction count may go below zero while
+// an arrival is pending). A fused shortcut's weight slices are shared the same way. The products
+// and the epilogue are the TMA kernels', so the bits are theirs. The grid's row tiles are padded
+// to an even count; a padding block loads zeros and stores nothing. A refill whose stage the
+// other block has not yet released is put off to a later iteration (the test is a single
+// `test_wait`), unless its slice is needed now, so that a block ahead of the other need not stall
+// its own products on the handshake (untimed: a refill put off to the last moment exposes its
+// copy's latency instead).
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -468,15 +469,15 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
-// MC (the `_tma_mc` kernels, TMA on the plain tile): clusters of two blocks sharing the weight
-// slices (see the header); `tma.b` then boxes 64 columns.
+// MC (the `_tma_mc` and `_tma_sc_mc` kernels, TMA on the plain tile): clusters of two blocks
+// sharing the weight slices (see the header); `tma.b` (and `tma.b2`) then box 64 columns.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
           bool MC = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
                   Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
-    static_assert(!MC || (TMA && !SC && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
+    static_assert(!MC || (TMA && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
@@ -682,6 +683,15 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         else
             load_plain(k0, stage);
     };
+    // The B slice of weight block `block` from `map` into the stage at `sa`, completing on
+    // `bar` (MC: this block's half of the columns, into both blocks).
+    auto load_b = [&](uint32_t sa, uint32_t bar, const TmaMap* map, int block) {
+        if constexpr (MC)
+            tma_tile3_multicast(sa + TM * 128 + rank * 64 * 128, map, bar, aci, n0 + 64 * (int)rank, block,
+                                (uint16_t)0x3);
+        else
+            tma_tile3(sa + TM * 128, map, bar, aci, n0, block);
+    };
     // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels,
     // slice `t` of the split (MC: once both blocks have multiplied slice t - S of its stage).
     auto load_tma = [&](int stage, int t) {
@@ -695,17 +705,11 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             // The shortcut: the row's own pixel, offset (0, 0) from the box's corner.
             tma_im2col(sa, tma.a2, bar, aci, base_w, base_h, base_img, (uint16_t)(-win.dx0),
                        (uint16_t)(-win.dy0));
-            tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
+            load_b(sa, bar, tma.b2, 0);
         } else {
             tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
                        (uint16_t)(taps.dy[at] - win.dy0));
-            if constexpr (MC) {
-                // This block's half of the columns, into both blocks.
-                tma_tile3_multicast(sa + TM * 128 + rank * 64 * 128, tma.b, bar, aci, n0 + 64 * (int)rank,
-                                    taps.w[at], (uint16_t)0x3);
-            } else {
-                tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
-            }
+            load_b(sa, bar, tma.b, taps.w[at]);
         }
         aci += WG_BK;
         if (aci >= src_sc) {
@@ -900,6 +904,18 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     }
 WG_TMA_MC_KERNEL(conv_wgmma_bf16_rows_tma_mc, 1)
 WG_TMA_MC_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2)
+// The multicast form with the fused shortcut (SC and MC): the shortcut's weight map boxes 64
+// columns too.
+#define WG_TMA_SC_MC_KERNEL(name, T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(PlainTile::THREADS, PlainTile::BLOCKS_PER_SM)       \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
+             const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, PlainTile, true, true, true, true>(a, wg_dsmem, nullptr,              \
+                                                                  TmaLoads{&ta, &tb, &ta2, &tb2}, s); \
+    }
+WG_TMA_SC_MC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1)
+WG_TMA_SC_MC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2)
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \

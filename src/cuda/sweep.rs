@@ -278,13 +278,12 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // The plain tile's TMA loads also in clusters sharing the weight slices
-                    // (not with a fused shortcut).
+                    // The plain tile's TMA loads also in clusters sharing the weight slices.
                     let multicast = ConvLaunch {
                         multicast: true,
                         ..c
                     };
-                    let shared = tma_loads && tile == WgmmaTile::Plain && shape.shortcut_sc == 0;
+                    let shared = tma_loads && tile == WgmmaTile::Plain;
                     for c in std::iter::once(c).chain(shared.then_some(multicast)) {
                         if !out.contains(&c) {
                             out.push(c);
@@ -847,8 +846,9 @@ mod tests {
         };
         let c = candidates(&fused, planned, 132, true);
         assert!(c.len() > 2 && c.contains(&planned));
+        assert!(c.iter().any(|l| l.multicast));
         for l in c {
-            assert!(l.wgmma && l.lean_loads && !l.multicast, "{l:?}");
+            assert!(l.wgmma && l.lean_loads, "{l:?}");
             assert!(l.splits * l.k_per_split >= fused.k(), "{l:?}");
         }
     }

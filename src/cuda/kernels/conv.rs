@@ -154,9 +154,19 @@ fn wgmma_sc_index(precision: Precision, plan: &ConvLaunch) -> usize {
 }
 
 /// The multicast wgmma kernels (the `_tma_mc` kernels of kernels/conv_wgmma.cu, plain tile):
-/// bf16, then fp16.
-pub(super) const WGMMA_MC_KERNELS: [&str; 2] =
-    ["conv_wgmma_bf16_rows_tma_mc", "conv_wgmma_fp16_rows_tma_mc"];
+/// bf16, then fp16, without and then with a fused shortcut (`_tma_sc_mc`).
+pub(super) const WGMMA_MC_KERNELS: [&str; 4] = [
+    "conv_wgmma_bf16_rows_tma_mc",
+    "conv_wgmma_fp16_rows_tma_mc",
+    "conv_wgmma_bf16_rows_tma_sc_mc",
+    "conv_wgmma_fp16_rows_tma_sc_mc",
+];
+
+/// Where a multicast launch in `precision`, with a fused shortcut or not, finds its kernel in
+/// [`WGMMA_MC_KERNELS`].
+fn wgmma_mc_index(precision: Precision, fused: bool) -> usize {
+    usize::from(precision == Precision::Fp16) + 2 * usize::from(fused)
+}
 
 /// Launches `f` on `cfg`'s grid (its x a multiple of 2) in thread-block clusters of two blocks
 /// along x (`cuLaunchKernelEx`; cudarc's launcher takes no launch attributes).
@@ -168,7 +178,7 @@ unsafe fn launch_clusters_of_two(
     st: &CudaStream,
     f: &CudaFunction,
     cfg: LaunchConfig,
-    args: [*const c_void; 3],
+    args: &[*const c_void],
 ) -> std::result::Result<(), DriverError> {
     if cfg.grid_dim.0 % 2 != 0 {
         return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE));
@@ -193,7 +203,7 @@ unsafe fn launch_clusters_of_two(
         attrs: attrs.as_mut_ptr(),
         numAttrs: attrs.len() as u32,
     };
-    let mut params = args.map(|p| p.cast_mut());
+    let mut params: Vec<*mut c_void> = args.iter().map(|p| p.cast_mut()).collect();
     // SAFETY: the caller vouches for the arguments; `config`, `attrs` and `params` live through
     // the call, which copies them.
     unsafe {
@@ -517,7 +527,7 @@ impl Kernels {
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
             || (plan.multicast
-                && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && !fused && probe.is_none()))
+                && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && probe.is_none()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
@@ -564,12 +574,12 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     };
-                    let f = if fused {
+                    let f = if plan.multicast {
+                        let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
+                        &wg[wgmma_mc_index(precision, fused)]
+                    } else if fused {
                         let wg = self.conv_wgmma_sc.as_ref().ok_or_else(missing)?;
                         &wg[wgmma_sc_index(precision, plan)]
-                    } else if plan.multicast {
-                        let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
-                        &wg[usize::from(precision == Precision::Fp16)]
                     } else {
                         let kernels = if probe.is_some() {
                             &self.conv_wgmma_probe
@@ -627,7 +637,7 @@ impl Kernels {
                         };
                         Some((
                             tma::im2col_map(precision, p.x2, &source, tile_rows)?,
-                            tma::weight_map(precision, p.w2, &one, false)?,
+                            tma::weight_map(precision, p.w2, &one, plan.multicast)?,
                         ))
                     }
                     None => None,
@@ -645,21 +655,29 @@ impl Kernels {
             sc: i32_of(s.shortcut_sc, "fused shortcut channels")?,
         };
         if plan.multicast {
-            let Some((ta, tb, None)) = &maps else {
+            let Some((ta, tb, second)) = &maps else {
                 return Err(Error::Cuda(
-                    "internal: a multicast launch without its two tensor maps".into(),
+                    "internal: a multicast launch without its tensor maps".into(),
                 ));
             };
-            // SAFETY: the argument block and the maps are the kernel's three parameters, in
-            // order; the grid covers the problem's tiles (and at most one padding block per
-            // column tile and split, which stores nothing), in clusters of two along x.
-            let args: [*const c_void; 3] = [
+            let mut args: Vec<*const c_void> = vec![
                 std::ptr::from_ref(&a).cast(),
                 std::ptr::from_ref(ta).cast(),
                 std::ptr::from_ref(tb).cast(),
             ];
+            if let Some((ta2, tb2)) = second {
+                args.extend([
+                    std::ptr::from_ref(ta2).cast(),
+                    std::ptr::from_ref(tb2).cast(),
+                    std::ptr::from_ref(&shortcut).cast(),
+                ]);
+            }
+            // SAFETY: the argument block, the maps (the shortcut's two after the main ones) and
+            // the shortcut's operands where it is fused are the kernel's parameters, in order;
+            // the grid covers the problem's tiles (and at most one padding block per column
+            // tile and split, which stores nothing), in clusters of two along x.
             cu(
-                unsafe { launch_clusters_of_two(st, f, launch, args) },
+                unsafe { launch_clusters_of_two(st, f, launch, &args) },
                 "launching a multicast convolution",
             )?;
         } else {

@@ -223,8 +223,9 @@ pub(crate) struct Kernels {
     /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
     /// `conv::wgmma_sc_index`).
     conv_wgmma_sc: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
-    /// The multicast kernels (`_rows_tma_mc`, plain tile; `conv::WGMMA_MC_KERNELS`).
-    conv_wgmma_mc: Option<[CudaFunction; 2]>,
+    /// The multicast kernels (`_rows_tma_mc` and `_rows_tma_sc_mc`, plain tile;
+    /// `conv::WGMMA_MC_KERNELS`).
+    conv_wgmma_mc: Option<[CudaFunction; WGMMA_MC_KERNELS.len()]>,
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
@@ -336,11 +337,14 @@ impl Kernels {
                 let fused: [CudaFunction; WGMMA_SC_KERNELS] = table(wgmma_sc_kernel_names())?
                     .try_into()
                     .map_err(|_| Error::Cuda("internal: fused-shortcut kernel table".into()))?;
-                let plain = WgmmaTile::Plain.smem();
-                let multicast = [
-                    f(WGMMA_MC_KERNELS[0], plain)?,
-                    f(WGMMA_MC_KERNELS[1], plain)?,
-                ];
+                let multicast = table(
+                    WGMMA_MC_KERNELS
+                        .iter()
+                        .map(|&n| (n.to_string(), WgmmaTile::Plain))
+                        .collect(),
+                )?
+                .try_into()
+                .map_err(|_| Error::Cuda("internal: multicast kernel table".into()))?;
                 (
                     Some(all("")?),
                     Some(all("_probe")?),

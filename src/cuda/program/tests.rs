@@ -1613,50 +1613,58 @@ fn shortcuts_fuse_into_their_blocks_second_convolutions() {
     }
 }
 
-/// With wgmma_multicast, exactly the TMA launches on the plain tile without a fused shortcut
-/// multicast, forward and backward; with the tall tiles off too, the TMA launches that would
-/// have taken them multicast instead.
+/// With wgmma_multicast, exactly the TMA launches on the plain tile multicast, forward and
+/// backward, with the shortcuts fused or not; with the tall tiles off too, the TMA launches that
+/// would have taken them multicast instead.
 #[test]
 fn multicast_takes_the_plain_tma_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
-    for (n, record) in [(1, true), (8, false)] {
+    // (The selftest's network rows run 64x64 x 2 too.)
+    for (n, h, record) in [(1, 256, true), (8, 256, false), (2, 64, true)] {
         let count = |tc: KernelConfig| {
-            let p = Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap();
-            let (mut tall, mut multicast) = (0, 0);
+            let p = Program::build_with(&g, n, h, h, record, 132, Precision::Bf16, tc).unwrap();
+            let (mut tall, mut multicast, mut fused_multicast) = (0, 0, 0);
             for s in &p.steps {
                 let Step::Conv(c) = s else { continue };
                 let l = c.launch;
-                let fits = tc.wgmma_multicast
-                    && l.tma_loads
-                    && l.tile == WgmmaTile::Plain
-                    && c.shape.shortcut_sc == 0;
+                let fits = tc.wgmma_multicast && l.tma_loads && l.tile == WgmmaTile::Plain;
                 assert_eq!(l.multicast, fits, "{s:?}");
                 tall += usize::from(l.tile == WgmmaTile::Tall && l.tma_loads);
                 multicast += usize::from(l.multicast);
+                fused_multicast += usize::from(l.multicast && c.shortcut.is_some());
             }
-            (tall, multicast)
+            (tall, multicast, fused_multicast)
         };
         let on = KernelConfig {
             wgmma_multicast: true,
             ..tuned
         };
-        let (tall, multicast) = count(on);
+        let (tall, multicast, _) = count(on);
         assert!(
-            multicast > 0 && (n == 1 || tall > 0),
+            multicast > 0 && (n != 8 || tall > 0),
             "batch {n}: {tall} tall"
         );
-        let (no_tall, more) = count(KernelConfig {
+        let (no_tall, more, _) = count(KernelConfig {
             tall_tiles: false,
             ..on
         });
         assert_eq!(no_tall, 0);
         assert_eq!(more, multicast + tall, "batch {n}");
         assert_eq!(count(tuned).1, 0);
-        // With the shortcuts fused, their launches keep the TMA kernels without multicast.
-        count(KernelConfig {
+        // With the shortcuts fused, fused launches multicast too (each launch checked above):
+        // some where the low levels run on the plain tile, at least as many with the tall
+        // tiles off.
+        let fused = KernelConfig {
             shortcut_fused: true,
             ..on
+        };
+        let (_, _, some) = count(fused);
+        assert!(n == 8 || some > 0, "batch {n}");
+        let (_, _, all) = count(KernelConfig {
+            tall_tiles: false,
+            ..fused
         });
+        assert!(all >= some && all > 0, "batch {n}: {all}");
     }
 }

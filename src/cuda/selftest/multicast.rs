@@ -8,6 +8,7 @@ use super::networks::celebahq_candidate_cases;
 use super::Tester;
 use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape};
 use crate::cuda::precision::Precision;
+use crate::cuda::profile::StepTime;
 use crate::cuda::unet::CudaUnet;
 use crate::model::graph::Pad;
 use crate::model::Model;
@@ -18,11 +19,12 @@ impl Tester<'_> {
     /// shapes and awkward ones (an odd number of row tiles, so a padding block; a single row
     /// tile; a partial column tile, whose second block's half of the weights lies wholly past
     /// the columns; rows in partial tiles; stride-2 input gradients, one launch per parity
-    /// class), each unsplit, at its planned split of K and in splits of five slices (so that
-    /// split launches refill their stages too, the last split shorter), with a time
-    /// embedding, a residual and a divisor in the epilogue: multicast in clusters of two, the
-    /// same output as without to the bit; where the launch writes GroupNorm sums, those
-    /// checked against the host's as every launch's are.
+    /// class; with a fused 1x1 shortcut, the celebahq blocks' and awkward ones), each unsplit,
+    /// at its planned split of K and in splits of five slices (so that split launches refill
+    /// their stages too, the last split shorter, and some start inside a fused shortcut's K),
+    /// with a time embedding, a residual and a divisor in the epilogue: multicast in clusters
+    /// of two, the same output as without to the bit; where the launch writes GroupNorm sums,
+    /// those checked against the host's as every launch's are.
     pub(super) fn multicasts(&mut self) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
@@ -45,6 +47,18 @@ impl Tester<'_> {
             2,
             Pad::RightBottom,
         ));
+        // Fused shortcuts (`_tma_sc_mc`): celebahq's 8x8 and 64x64 up blocks; 160 columns, so
+        // the second column tile's second half of both weight slices lies past the columns; an
+        // odd number of row tiles.
+        for (n, h, w, c, cout, c2) in [
+            (1, 8, 8, 512, 512, 1024),
+            (2, 64, 64, 256, 256, 384),
+            (1, 16, 16, 128, 160, 192),
+            (1, 24, 16, 128, 128, 256),
+        ] {
+            let main = ConvShape::forward(n, h, w, c, cout, 3, 1, Pad::Symmetric);
+            shapes.extend(main.with_shortcut(c2));
+        }
         for shape in &shapes {
             for precision in [Precision::Bf16, Precision::Fp16] {
                 self.multicast_case(shape, precision)?;
@@ -55,7 +69,7 @@ impl Tester<'_> {
 
     fn multicast_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
         let desc = format!(
-            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}), {precision}",
+            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}){}, {precision}",
             s.n,
             s.sh,
             s.sw,
@@ -64,7 +78,11 @@ impl Tester<'_> {
             s.sc,
             s.ncols,
             s.taps.len(),
-            s.out_stride
+            s.out_stride,
+            match s.shortcut_sc {
+                0 => String::new(),
+                c2 => format!(" + fused 1x1 {c2}->{}", s.ncols),
+            }
         );
         let Some(planned) = plan_wgmma(s, self.gpu.sms(), precision).filter(|_| tma_tried(s))
         else {
@@ -89,6 +107,19 @@ impl Tester<'_> {
             self.half_copy(xd.ptr, x_len, precision)?,
             self.half_copy(wd.ptr, w_len, precision)?,
         );
+        // A fused shortcut's source and K-major weights (`[ncols][c2]`), random too.
+        let second = match s.shortcut_sc {
+            0 => None,
+            c2 => {
+                let (x2_len, w2_len) = (s.n * s.sh * s.sw * c2, s.ncols * c2);
+                let (x2, w2) = (self.rand(x2_len, -1.0, 1.0), self.rand(w2_len, -0.05, 0.05));
+                let (x2d, w2d) = (self.up(&x2)?, self.up(&w2)?);
+                Some((
+                    self.half_copy(x2d.ptr, x2_len, precision)?,
+                    self.half_copy(w2d.ptr, w2_len, precision)?,
+                ))
+            }
+        };
         let (bias, temb, res) = (self.up(&bias)?, self.up(&temb)?, self.up(&res)?);
         let tma = ConvLaunch {
             row_epilogue: true,
@@ -123,6 +154,8 @@ impl Tester<'_> {
                 temb: temb.ptr,
                 res: res.ptr,
                 ws: ws.ptr,
+                x2: second.as_ref().map_or(0, |(x2, _)| x2.ptr),
+                w2: second.as_ref().map_or(0, |(_, w2)| w2.ptr),
                 ..ConvPtrs::default()
             };
             let (want, plain_ms) = self.conv_output(s, &plain, ptrs, 2.0, len)?;
@@ -150,11 +183,12 @@ impl Tester<'_> {
     }
 
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
-    /// fp16, as configured (the switches applied) but for two choices: multicast with the tall
-    /// tiles on, and multicast with them off (multicast where they were), each with its
-    /// forward and forward + VJP the same to the bit as without multicast and with the tall
-    /// tiles on (every launch sums the same products in the same order), once the program
-    /// shows it multicasts.
+    /// fp16, as configured (the switches applied) but for three choices: the 1x1 shortcuts
+    /// unfused, then fused; and for each, multicast with the tall tiles on and multicast with
+    /// them off (multicast where they were), each with its forward and forward + VJP the same
+    /// to the bit as without multicast and with the tall tiles on (every launch sums the same
+    /// products in the same order), once the program shows it multicasts (with the shortcuts
+    /// fused, a fused launch among them where the tall tiles are off).
     pub(super) fn multicast_unets(&mut self, ordinal: usize) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
@@ -165,45 +199,56 @@ impl Tester<'_> {
             let (sample, cot) = self.random_io(&model, n, h, w)?;
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                let label = format!("celebahq {precision}");
-                gpu.set_multicast_and_tall(false, true);
-                let want = gpu.forward(&sample, &t)?;
-                gpu.forward_recording(&sample, &t)?;
-                let want_grad = gpu.vjp(&cot)?;
-                for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
-                    gpu.set_multicast_and_tall(true, tall);
-                    let launches = gpu.plan_stats(n, h, w, false)?;
-                    let profile = gpu.profile(n, h, w, false, 1)?;
-                    let multicast = profile
-                        .steps
-                        .iter()
-                        .any(|s| s.variant.contains("multicast"));
-                    self.check_row(
-                        format!("{label} forward, {what}: the program multicasts"),
-                        format!("{desc}, {} launches", launches.launches),
-                        multicast,
-                    );
-                    let got = gpu.forward(&sample, &t)?;
-                    let ms = gpu.time_forward(n, h, w, 5)?;
-                    self.row_within(
-                        format!("{label} forward, {what} vs without"),
-                        desc.clone(),
-                        got.data(),
-                        want.data(),
-                        ms,
-                        0.0,
-                    );
+                for fused in [false, true] {
+                    gpu.set_shortcut_fused(fused);
+                    let label = match fused {
+                        false => format!("celebahq {precision}"),
+                        true => format!("celebahq {precision}, fused shortcuts"),
+                    };
+                    gpu.set_multicast_and_tall(false, true);
+                    let want = gpu.forward(&sample, &t)?;
                     gpu.forward_recording(&sample, &t)?;
-                    let grad = gpu.vjp(&cot)?;
-                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                    self.row_within(
-                        format!("{label} forward + vjp, {what} vs without"),
-                        desc.clone(),
-                        grad.data(),
-                        want_grad.data(),
-                        ms,
-                        0.0,
-                    );
+                    let want_grad = gpu.vjp(&cot)?;
+                    for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
+                        gpu.set_multicast_and_tall(true, tall);
+                        let launches = gpu.plan_stats(n, h, w, false)?;
+                        let profile = gpu.profile(n, h, w, false, 1)?;
+                        let multicast = |s: &&StepTime| s.variant.contains("multicast");
+                        let mut shows = profile.steps.iter().any(|s| multicast(&s));
+                        if fused && !tall {
+                            shows &= profile
+                                .steps
+                                .iter()
+                                .filter(multicast)
+                                .any(|s| s.kind.contains("shortcut"));
+                        }
+                        self.check_row(
+                            format!("{label} forward, {what}: the program multicasts"),
+                            format!("{desc}, {} launches", launches.launches),
+                            shows,
+                        );
+                        let got = gpu.forward(&sample, &t)?;
+                        let ms = gpu.time_forward(n, h, w, 5)?;
+                        self.row_within(
+                            format!("{label} forward, {what} vs without"),
+                            desc.clone(),
+                            got.data(),
+                            want.data(),
+                            ms,
+                            0.0,
+                        );
+                        gpu.forward_recording(&sample, &t)?;
+                        let grad = gpu.vjp(&cot)?;
+                        let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                        self.row_within(
+                            format!("{label} forward + vjp, {what} vs without"),
+                            desc.clone(),
+                            grad.data(),
+                            want_grad.data(),
+                            ms,
+                            0.0,
+                        );
+                    }
                 }
             }
         }
