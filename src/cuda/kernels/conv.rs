@@ -655,7 +655,7 @@ impl Kernels {
             sc: i32_of(s.shortcut_sc, "fused shortcut channels")?,
         };
         if plan.multicast {
-            let Some((ta, tb, second)) = &maps else {
+            let Some((ta, tb, second)) = maps.as_ref().filter(|m| m.2.is_some() == fused) else {
                 return Err(Error::Cuda(
                     "internal: a multicast launch without its tensor maps".into(),
                 ));

@@ -1660,7 +1660,7 @@ fn multicast_takes_the_plain_tma_launches() {
             ..on
         };
         let (_, _, some) = count(fused);
-        assert!(n == 8 || some > 0, "batch {n}");
+        assert!(some > 0, "batch {n}");
         let (_, _, all) = count(KernelConfig {
             tall_tiles: false,
             ..fused

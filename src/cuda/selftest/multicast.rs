@@ -1,4 +1,4 @@
-//! Weight slices multicast in clusters of two (the `_tma_mc` wgmma kernels,
+//! Weight slices multicast in clusters of two (the `_tma_mc` and `_tma_sc_mc` wgmma kernels,
 //! `INVDIFF_WGMMA_MULTICAST`): launches against the same launch without, bit for bit, and whole
 //! networks against the same network without. A group of its own, run last: a candidate's
 //! kernel that faults ends no other check.
@@ -188,7 +188,7 @@ impl Tester<'_> {
     /// them off (multicast where they were), each with its forward and forward + VJP the same
     /// to the bit as without multicast and with the tall tiles on (every launch sums the same
     /// products in the same order), once the program shows it multicasts (with the shortcuts
-    /// fused, a fused launch among them where the tall tiles are off).
+    /// fused, a fused launch among them).
     pub(super) fn multicast_unets(&mut self, ordinal: usize) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
@@ -215,7 +215,7 @@ impl Tester<'_> {
                         let profile = gpu.profile(n, h, w, false, 1)?;
                         let multicast = |s: &&StepTime| s.variant.contains("multicast");
                         let mut shows = profile.steps.iter().any(|s| multicast(&s));
-                        if fused && !tall {
+                        if fused {
                             shows &= profile
                                 .steps
                                 .iter()
