@@ -53,6 +53,14 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
+// GroupNorm backward sums (the `_gnb` kernels, lean and TMA, unsplit;
+// INVDIFF_GN_BWD_PRODUCER_SUMS): where the output is the output gradient of a GroupNorm backward
+// pass (a convolution's input gradient in a DPS step), the staged values are summed as that
+// pass's partial sums instead, of g and g * xhat (wg_bwd_sums reads the GroupNorm's input at each
+// value), so that the pass skips its own partial-sum launch and its read of the output gradient.
+// Kernels of their own: as a run-time branch of wg_stats the sums raised every lean and TMA
+// kernel's registers by two.
+//
 // Fused 1x1 shortcut (the `_sc` kernels, lean and TMA; INVDIFF_SHORTCUT_FUSED): a residual
 // block's second convolution also multiplies the block's input (a second 16-bit source at the
 // same pixels) by its 1x1 shortcut's weights, as K slices after its own taps, into the same
@@ -407,14 +415,53 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
+// The GroupNorm backward's sums over rows [r0, r1) of a tile's column ch (the `_gnb` kernels; see
+// wg_stats): the finished values staged in `keep` are that GroupNorm's output gradient dy, x its
+// input at the same element (row m0 + r is pixel m0 + r of the launch's images; `keep` points
+// at the column's first value), and the sums
+// are norm.cu's bwd_partial's, of g and g * xhat (grad_xhat). The loads of x go U rows at a
+// time ahead of their arithmetic.
+template <int RUN>
+DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
+                      double& q) {
+    constexpr int U = 4;
+    static_assert(RUN % U == 0, "whole units of rows");
+    const int per = a.mh * a.mw, groups = a.gnb_groups;
+    const int gi = (m0 / per) * groups + ch / (a.ncols / groups);
+    const float mean = a.gnb_stats[gi], rstd = a.gnb_stats[a.n * groups + gi];
+    const float gm = a.gnb_gamma[ch], bt = a.gnb_beta[ch];
+    const long long e0 = (long long)m0 * a.ncols + ch;
+    for (int r = r0; r < r1; r += U) {
+        float xv[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            const long long e = e0 + (long long)(r + k) * a.ncols;
+            xv[k] = 0.f;
+            if (r + k < r1)
+                xv[k] = a.gnb_xkind == 0 ? static_cast<const float*>(a.gnb_x)[e]
+                                         : unpack_half1(static_cast<const uint16_t*>(a.gnb_x)[e], a.gnb_xkind);
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (r + k >= r1) break;
+            float g, xhat;
+            grad_xhat(xv[k], keep[(r + k) * STATS_PITCH], mean, rstd, gm, bt, a.gnb_silu, g, xhat);
+            s += (double)g;
+            q += (double)(g * xhat);
+        }
+    }
+}
+
 // The GroupNorm partial sums of a block's finished output (a.gn_partial; the lean kernels,
 // unsplit, for a launch whose output a GroupNorm reads next): per column, the f64 sum and sum
 // of squares over the tile's TM rows, in kernels/norm.cu's layout with one chunk per tile
 // (chunk = the tile's place in its image; the host sends only launches whose images are whole
 // tiles, output rows in pixel order), so that the GroupNorm skips its own pass over the
-// output (gn_partial). The values come staged in `keep` (wg_epilogue); PARTS threads per
-// column each add a run of rows in order, then the first adds the runs in order.
-template <int TM>
+// output (gn_partial); or, GNB (the `_gnb` kernels), the sums of the GroupNorm backward pass
+// that reads the output as its output gradient (wg_bwd_sums). The values come staged in `keep`
+// (wg_epilogue); PARTS threads per column each add a run of rows in order, then the first adds
+// the runs in order.
+template <int TM, bool GNB>
 DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
     constexpr int RUN = TM / PARTS;
@@ -423,13 +470,18 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     double2* runs = reinterpret_cast<double2*>(keep + TM * STATS_PITCH);
     const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
     const int rows = min(TM, M - m0);
+    const int r0 = part * RUN, r1 = min(rows, (part + 1) * RUN);
     // Every thread's values staged.
     __syncthreads();
     double s = 0.0, q = 0.0;
-    for (int r = part * RUN; r < min(rows, (part + 1) * RUN); ++r) {
-        const double v = (double)keep[r * STATS_PITCH + col];
-        s += v;
-        q += v * v;
+    if constexpr (GNB) {
+        if (n0 + col < a.ncols) wg_bwd_sums<RUN>(a, keep + col, m0, n0 + col, r0, r1, s, q);
+    } else {
+        for (int r = r0; r < r1; ++r) {
+            const double v = (double)keep[r * STATS_PITCH + col];
+            s += v;
+            q += v * v;
+        }
     }
     runs[part * WG_TN + col] = make_double2(s, q);
     __syncthreads();
@@ -471,14 +523,17 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // input stride 1 with the output grid the source's, which the host checks.
 // MC (the `_tma_mc` and `_tma_sc_mc` kernels, TMA on the plain tile): clusters of two blocks
 // sharing the weight slices (see the header); `tma.b` (and `tma.b2`) then box 64 columns.
+// GNB (the `_gnb` kernels, LEAN or TMA): the GroupNorm sums of a.gn_partial are the backward
+// pass's (wg_bwd_sums); compiled out of the other kernels, whose registers they would raise.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
-          bool MC = false>
+          bool MC = false, bool GNB = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
                   Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
     static_assert(!MC || (TMA && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
+    static_assert(!GNB || (LEAN && !SC && !MC && !PROBE), "backward sums: plain lean and TMA kernels");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
@@ -842,7 +897,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     }
     wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, keep);
     // (MC: a padding block past the rows has no sums to write.)
-    if (LEAN && keep != nullptr && (!MC || m0 < M)) wg_stats<TM>(a, keep, M, m0, n0);
+    if (LEAN && keep != nullptr && (!MC || m0 < M)) wg_stats<TM, GNB>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }
@@ -916,6 +971,20 @@ WG_TMA_MC_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2)
     }
 WG_TMA_SC_MC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1)
 WG_TMA_SC_MC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2)
+// The backward-sums forms (GNB): lean loaders, and TMA loads.
+#define WG_GNB_KERNEL(name, T, TILE)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a) {                                                                      \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, TILE, true, false, false, false, true>(a, wg_dsmem, nullptr);         \
+    }
+#define WG_TMA_GNB_KERNEL(name, T, TILE)                                                             \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, TILE, true, true, false, false, true>(a, wg_dsmem, nullptr,           \
+                                                                     TmaLoads{&ta, &tb});             \
+    }
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \
@@ -938,6 +1007,10 @@ WG_TMA_SC_MC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2)
     WG_SC_KERNEL(conv_wgmma_bf16_rows_lean_sc##prefix, 1, TILE)                                     \
     WG_SC_KERNEL(conv_wgmma_fp16_rows_lean_sc##prefix, 2, TILE)                                     \
     WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE)                                  \
-    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE)
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE)                                  \
+    WG_GNB_KERNEL(conv_wgmma_bf16_rows_lean_gnb##prefix, 1, TILE)                                   \
+    WG_GNB_KERNEL(conv_wgmma_fp16_rows_lean_gnb##prefix, 2, TILE)                                   \
+    WG_TMA_GNB_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE)                                \
+    WG_TMA_GNB_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -366,15 +366,6 @@ extern "C" __global__ void gn_apply_half_x16_ilp(const uint16_t* x, int xkind, c
     apply_half<APPLY_ILP, true>(x, xkind, scale_shift, y, hw, c, silu, kind);
 }
 
-// g = d loss / d xhat for one element, and xhat; the CPU's formula.
-DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float bt, int silu, float& g,
-                    float& xhat) {
-    xhat = (xv - mean) * rstd;
-    g = dyv;
-    if (silu) g *= silu_grad_f(fmaf(xhat, gm, bt));
-    g *= gm;
-}
-
 // Backward partial sums of g and g * xhat, same layout and launch as gn_partial. U > 1 (the
 // `_ilp` kernel) loads U of a warp's pixels before their arithmetic (see for_units); the sums
 // are added in the same order, so the bits are the same. X16: x holds 16-bit values of xkind.

@@ -84,6 +84,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs plain-tile TMA convolutions in clusters of two that share each weight slice (wgmma)",
     ),
     choice(
+        "INVDIFF_GN_BWD_PRODUCER_SUMS",
+        ON_OFF,
+        "GPU candidate: `1` has each convolution input gradient sum the GroupNorm backward pass that reads it (wgmma, bf16/fp16)",
+    ),
+    choice(
         "INVDIFF_SHORTCUT_FUSED",
         ON_OFF,
         "GPU candidate: `1` fuses each residual block's 1x1 shortcut into its second convolution (wgmma, bf16/fp16)",

@@ -53,9 +53,17 @@ struct ConvArgs {
     tap_w: [i32; 9],
     prefetch: i32,
     gn_partial: DPtr,
+    gnb_x: DPtr,
+    gnb_stats: DPtr,
+    gnb_gamma: DPtr,
+    gnb_beta: DPtr,
+    gnb_xkind: i32,
+    gnb_groups: i32,
+    gnb_silu: i32,
+    gnb_pad: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 296);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -91,6 +99,25 @@ pub(crate) struct ConvPtrs {
     /// A fused shortcut's ([`ConvShape::shortcut_sc`]) 16-bit source and K-major weights.
     pub x2: DPtr,
     pub w2: DPtr,
+    /// With `gn_partial`: the output is the output gradient of this GroupNorm backward pass,
+    /// whose partial sums `gn_partial` then receives instead of the output's own.
+    pub gn_backward: Option<NormBackwardSums>,
+}
+
+/// A GroupNorm backward pass whose partial sums (of g and g * xhat, kernels/norm.cu's
+/// `bwd_partial`) the convolution writing its output gradient also writes (the `_gnb` wgmma
+/// kernels): the GroupNorm's input (over the output's pixels and channels), recorded
+/// statistics, scale and shift.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NormBackwardSums {
+    pub x: DPtr,
+    /// `x` holds 16-bit values of this precision.
+    pub x_half: Option<Precision>,
+    pub stats: DPtr,
+    pub gamma: DPtr,
+    pub beta: DPtr,
+    pub groups: usize,
+    pub silu: bool,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -150,6 +177,17 @@ pub(super) fn wgmma_sc_kernel_names() -> Vec<(String, WgmmaTile)> {
 
 /// Where fused-shortcut launch `plan` finds its kernel in [`wgmma_sc_kernel_names`]' order.
 fn wgmma_sc_index(precision: Precision, plan: &ConvLaunch) -> usize {
+    table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
+}
+
+/// The backward-sums wgmma kernels (the `_gnb` kernels of kernels/conv_wgmma.cu) in
+/// [`wgmma_gnb_index`] order: bf16 or fp16, then lean or TMA loaders, then the tile.
+pub(super) fn wgmma_gnb_kernel_names() -> Vec<(String, WgmmaTile)> {
+    table_names(&["_rows_lean", "_rows_tma"], "_gnb", "")
+}
+
+/// Where backward-sums launch `plan` finds its kernel in [`wgmma_gnb_kernel_names`]' order.
+fn wgmma_gnb_index(precision: Precision, plan: &ConvLaunch) -> usize {
     table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
 }
 
@@ -454,6 +492,29 @@ impl Kernels {
             gn_partial: p.gn_partial,
             ..ConvArgs::default()
         };
+        if let Some(b) = p.gn_backward {
+            for (q, what) in [
+                (b.x, "GroupNorm input"),
+                (b.stats, "GroupNorm statistics"),
+                (b.gamma, "GroupNorm scale"),
+                (b.beta, "GroupNorm shift"),
+            ] {
+                need(q, what)?;
+            }
+            if b.groups == 0 || s.ncols % b.groups != 0 {
+                return Err(Error::Cuda(format!(
+                    "internal: GroupNorm backward sums of {} channels in {} groups",
+                    s.ncols, b.groups
+                )));
+            }
+            a.gnb_x = b.x;
+            a.gnb_stats = b.stats;
+            a.gnb_gamma = b.gamma;
+            a.gnb_beta = b.beta;
+            a.gnb_xkind = b.x_half.map_or(Ok(0), half_kind)?;
+            a.gnb_groups = i32_of(b.groups, "GroupNorm groups")?;
+            a.gnb_silu = i32::from(b.silu);
+        }
         for (i, t) in s.taps.iter().enumerate() {
             a.tap_dy[i] = t.dy;
             a.tap_dx[i] = t.dx;
@@ -503,6 +564,20 @@ impl Kernels {
                 "internal: GroupNorm sums asked of a {:?} convolution launch that cannot write \
                  them ({} splits, lean loads {}, tile {:?})",
                 plan.kernel, plan.splits, plan.lean_loads, plan.tile
+            )));
+        }
+        // Only the `_gnb` kernels write backward sums: without the partial sums they go to,
+        // or on any other kernel, refuse them.
+        let backward_sums = p.gn_backward.is_some();
+        if backward_sums && (p.gn_partial == 0 || fused || plan.multicast || probe.is_some()) {
+            return Err(Error::Cuda(format!(
+                "internal: GroupNorm backward sums asked of a convolution {}->{} with partial \
+                 sums {}, a fused shortcut {fused}, multicast {} or a cycle probe {}",
+                s.sc,
+                s.ncols,
+                p.gn_partial != 0,
+                plan.multicast,
+                probe.is_some()
             )));
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
@@ -574,7 +649,10 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     };
-                    let f = if plan.multicast {
+                    let f = if backward_sums {
+                        let wg = self.conv_wgmma_gnb.as_ref().ok_or_else(missing)?;
+                        &wg[wgmma_gnb_index(precision, plan)]
+                    } else if plan.multicast {
                         let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
                         &wg[wgmma_mc_index(precision, fused)]
                     } else if fused {

@@ -58,7 +58,9 @@ mod resample;
 mod tma;
 
 pub(crate) use attention::{flash_fits, Gemm};
-pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
+pub(crate) use conv::{
+    ConvPtrs, NormBackwardSums, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
     plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
@@ -71,7 +73,10 @@ pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{narrow_smem, wgmma_kernel_names, wgmma_sc_kernel_names, TC_KERNELS, WGMMA_MC_KERNELS};
+use conv::{
+    narrow_smem, wgmma_gnb_kernel_names, wgmma_kernel_names, wgmma_sc_kernel_names, TC_KERNELS,
+    WGMMA_MC_KERNELS,
+};
 use conv_plan::DIRECT_MAX;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
@@ -226,12 +231,16 @@ pub(crate) struct Kernels {
     /// The multicast kernels (`_rows_tma_mc` and `_rows_tma_sc_mc`, plain tile;
     /// `conv::WGMMA_MC_KERNELS`).
     conv_wgmma_mc: Option<[CudaFunction; WGMMA_MC_KERNELS.len()]>,
+    /// The backward-sums kernels (`_rows_lean_gnb`, `_rows_tma_gnb`, each tile;
+    /// `conv::wgmma_gnb_index`).
+    conv_wgmma_gnb: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
 
-/// Both precisions, lean and TMA loaders, and every tile, of the fused-shortcut wgmma kernels.
+/// Both precisions, lean and TMA loaders, and every tile, of the fused-shortcut wgmma kernels
+/// (and of the backward-sums ones).
 const WGMMA_SC_KERNELS: usize = 2 * 2 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
@@ -313,47 +322,52 @@ impl Kernels {
             .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
-        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_sc, conv_wgmma_mc) = match wgmma_module {
-            Some((name, image)) if info.compute_capability == (9, 0) => {
-                let m = cu(
-                    ctx.load_module(Ptx::from_binary(image.to_vec())),
-                    &format!("loading kernel module `{name}` on {}", info.name),
-                )?;
-                let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
-                    let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
-                    allow_smem(ctx, f, bytes)
-                };
-                let table = |names: Vec<(String, WgmmaTile)>| -> Result<Vec<CudaFunction>> {
-                    names
-                        .iter()
-                        .map(|(kernel, tile)| f(kernel, tile.smem()))
-                        .collect()
-                };
-                let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
-                    table(wgmma_kernel_names(suffix))?
+        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_sc, conv_wgmma_mc, conv_wgmma_gnb) =
+            match wgmma_module {
+                Some((name, image)) if info.compute_capability == (9, 0) => {
+                    let m = cu(
+                        ctx.load_module(Ptx::from_binary(image.to_vec())),
+                        &format!("loading kernel module `{name}` on {}", info.name),
+                    )?;
+                    let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
+                        let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
+                        allow_smem(ctx, f, bytes)
+                    };
+                    let table = |names: Vec<(String, WgmmaTile)>| -> Result<Vec<CudaFunction>> {
+                        names
+                            .iter()
+                            .map(|(kernel, tile)| f(kernel, tile.smem()))
+                            .collect()
+                    };
+                    let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
+                        table(wgmma_kernel_names(suffix))?
+                            .try_into()
+                            .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
+                    };
+                    let fused: [CudaFunction; WGMMA_SC_KERNELS] = table(wgmma_sc_kernel_names())?
                         .try_into()
-                        .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
-                };
-                let fused: [CudaFunction; WGMMA_SC_KERNELS] = table(wgmma_sc_kernel_names())?
+                        .map_err(|_| Error::Cuda("internal: fused-shortcut kernel table".into()))?;
+                    let multicast = table(
+                        WGMMA_MC_KERNELS
+                            .iter()
+                            .map(|&n| (n.to_string(), WgmmaTile::Plain))
+                            .collect(),
+                    )?
                     .try_into()
-                    .map_err(|_| Error::Cuda("internal: fused-shortcut kernel table".into()))?;
-                let multicast = table(
-                    WGMMA_MC_KERNELS
-                        .iter()
-                        .map(|&n| (n.to_string(), WgmmaTile::Plain))
-                        .collect(),
-                )?
-                .try_into()
-                .map_err(|_| Error::Cuda("internal: multicast kernel table".into()))?;
-                (
-                    Some(all("")?),
-                    Some(all("_probe")?),
-                    Some(fused),
-                    Some(multicast),
-                )
-            }
-            _ => (None, None, None, None),
-        };
+                    .map_err(|_| Error::Cuda("internal: multicast kernel table".into()))?;
+                    let gnb = table(wgmma_gnb_kernel_names())?
+                        .try_into()
+                        .map_err(|_| Error::Cuda("internal: backward-sums kernel table".into()))?;
+                    (
+                        Some(all("")?),
+                        Some(all("_probe")?),
+                        Some(fused),
+                        Some(multicast),
+                        Some(gnb),
+                    )
+                }
+                _ => (None, None, None, None, None),
+            };
         // The fused attention where a block may have its shared memory.
         let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
             let names = [
@@ -446,6 +460,7 @@ impl Kernels {
             conv_wgmma_probe,
             conv_wgmma_sc,
             conv_wgmma_mc,
+            conv_wgmma_gnb,
         })
     }
 
@@ -571,6 +586,9 @@ mod tests {
         let fused = wgmma_sc_kernel_names();
         assert_eq!(fused.len(), WGMMA_SC_KERNELS);
         asked.extend(fused.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        let gnb = wgmma_gnb_kernel_names();
+        assert_eq!(gnb.len(), WGMMA_SC_KERNELS);
+        asked.extend(gnb.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         asked.extend(WGMMA_MC_KERNELS.map(|n| ("conv_wgmma".into(), n.into())));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");

@@ -40,6 +40,14 @@ pub(crate) struct KernelConfig {
     /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
+    /// With `gn_producer_sums`: a three-launch GroupNorm backward pass (of a recording
+    /// forward's GroupNorm) takes its partial sums (of g and g * xhat) from the convolution
+    /// input gradient that wrote its output gradient, where that is a lean or TMA wgmma launch
+    /// (unsplit, images of whole tiles): the `_gnb` kernels' epilogue reads the GroupNorm's
+    /// input at each staged value and sums as `gn_bwd_partial` does (`wg_bwd_sums` in
+    /// kernels/conv_wgmma.cu; the f64 sums in another order). One launch and one read of the
+    /// output gradient less.
+    pub gn_backward_producer_sums: bool,
     /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`; a recording
     /// one with `half_gn_inputs_recording`), the up path's concatenations, whose readers all
     /// take 16 bits at no loss of their own (a GroupNorm with a 16-bit output, through the
@@ -143,6 +151,7 @@ impl Default for KernelConfig {
             wgmma: false,
             gn_one_pass: false,
             gn_producer_sums: false,
+            gn_backward_producer_sums: false,
             half_gn_inputs: false,
             half_gn_inputs_recording: false,
             gn_ilp: false,
@@ -194,6 +203,7 @@ impl KernelConfig {
             wgmma: here.wgmma,
             gn_one_pass: true,
             gn_producer_sums: true,
+            gn_backward_producer_sums: false,
             half_gn_inputs: true,
             half_gn_inputs_recording: false,
             gn_ilp: true,
@@ -234,6 +244,11 @@ impl KernelConfig {
             wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
+            gn_backward_producer_sums: wgmma
+                && kept(
+                    "INVDIFF_GN_BWD_PRODUCER_SUMS",
+                    tuned.gn_backward_producer_sums,
+                ),
             half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs),
             half_gn_inputs_recording: kept(
                 "INVDIFF_GN_HALF_INPUT_RECORDING",
@@ -267,6 +282,10 @@ impl KernelConfig {
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
             (self.gn_producer_sums, "GroupNorm sums from their producers"),
+            (
+                self.gn_producer_sums && self.gn_backward_producer_sums,
+                "GroupNorm backward sums from their producers",
+            ),
             (self.half_gn_inputs, "16-bit GroupNorm inputs"),
             (
                 self.half_gn_inputs && self.half_gn_inputs_recording,

@@ -304,6 +304,34 @@ pub(crate) struct ConvStep {
     /// The residual block's 1x1 shortcut, fused into this launch as more K
     /// ([`KernelConfig::shortcut_fused`], [`ConvShape::shortcut_sc`]).
     pub shortcut: Option<FusedShortcut>,
+    /// With `gn_partial`: `y` is the output gradient of this GroupNorm backward pass, whose
+    /// partial sums the epilogue writes instead of `y`'s own
+    /// ([`KernelConfig::gn_backward_producer_sums`]).
+    pub gn_backward: Option<NormBackwardInput>,
+}
+
+/// What a convolution's epilogue reads to sum a GroupNorm backward pass's partial sums: the
+/// GroupNorm's recorded input (16-bit in `x_half`), statistics, and the scale and shift of its
+/// parameter group `norm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NormBackwardInput {
+    pub x: Buf,
+    pub x_half: Option<Precision>,
+    pub stats: Buf,
+    pub norm: usize,
+    pub groups: usize,
+    pub silu: bool,
+}
+
+impl NormBackwardInput {
+    /// The GroupNorm's scale and shift.
+    pub fn gamma_beta(&self) -> (W, W) {
+        let w = |kind| W {
+            pid: self.norm,
+            kind,
+        };
+        (w(WKind::Gamma), w(WKind::Beta))
+    }
 }
 
 /// A 1x1 shortcut fused into its block's second convolution: its input, in 16 bits, and its
@@ -332,6 +360,7 @@ impl Step {
                 [c.x]
                     .into_iter()
                     .chain(c.shortcut.map(|f| f.x))
+                    .chain(c.gn_backward.into_iter().flat_map(|b| [b.x, b.stats]))
                     .chain(c.temb)
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
@@ -378,6 +407,28 @@ impl Step {
                     .chain(acc(*dx, *accumulate))
                     .collect(),
                 std::iter::once(*dx).chain(dx16.map(|(b, _)| b)).collect(),
+            ),
+            // With its partial sums from the step that wrote `dy`: those read.
+            GroupNormBackward {
+                x,
+                dy,
+                dx,
+                stats,
+                partial,
+                means,
+                accumulate,
+                dx16,
+                split,
+                ..
+            } if split.from_producer => (
+                [*x, *dy, *stats, *partial]
+                    .into_iter()
+                    .chain(acc(*dx, *accumulate))
+                    .collect(),
+                [*dx, *means]
+                    .into_iter()
+                    .chain(dx16.map(|(b, _)| b))
+                    .collect(),
             ),
             GroupNormBackward {
                 x,
@@ -631,6 +682,9 @@ impl Program {
             });
             cotangent = Some(cot);
             grad_input = Some(out);
+            if choice.gn_producer_sums && choice.gn_backward_producer_sums {
+                l.norm_backward_sums_from_producers(forward_steps);
+            }
         }
         // The epilogue prefetch ([`KernelConfig::epilogue_prefetch`]) where the epilogue reads
         // something besides the bias and time embedding, which the lowering attaches after

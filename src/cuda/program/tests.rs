@@ -89,7 +89,18 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
             }
         }
         let op = op_of(step);
-        let (reads, writes) = step.io();
+        // A GroupNorm backward pass given its partial sums by the launch that wrote its output
+        // gradient (gn_backward_producer_sums) stands for the same pass summing them itself.
+        let (reads, writes) = match step {
+            Step::GroupNormBackward { split, .. } if split.from_producer => {
+                let mut own = step.clone();
+                if let Step::GroupNormBackward { split, .. } = &mut own {
+                    split.from_producer = false;
+                }
+                own.io()
+            }
+            _ => step.io(),
+        };
         match step {
             Step::AddInto {
                 dst,
@@ -832,6 +843,115 @@ fn half_copies_feed_only_tensor_core_launches() {
     }
 }
 
+/// With gn_backward_producer_sums, a three-launch GroupNorm backward pass takes its partial
+/// sums from the convolution that wrote its output gradient last exactly where that launch can
+/// write them (lean or TMA wgmma, unsplit, images of whole tiles, no multicast, no fused
+/// shortcut), with the GroupNorm's own input, statistics and parameters, one chunk per tile in
+/// a buffer sized for them; every other step is the tuned program's. Never in fp32, and with
+/// multicast everywhere (no tall tiles) nowhere.
+#[test]
+fn groupnorm_backward_sums_come_from_the_input_gradients() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for (n, h) in [(1, 256), (2, 64)] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        let sums = KernelConfig {
+            gn_backward_producer_sums: true,
+            ..tuned
+        };
+        let build =
+            |tc, precision| Program::build_with(&g, n, h, h, true, 132, precision, tc).unwrap();
+        let (base, p) = (build(tuned, Precision::Bf16), build(sums, Precision::Bf16));
+        assert_eq!(base.steps.len(), p.steps.len());
+        let mut taken = 0;
+        for (i, s) in p.steps.iter().enumerate() {
+            let Step::GroupNormBackward {
+                x,
+                x_half,
+                dy,
+                hw,
+                c,
+                groups,
+                split,
+                silu,
+                stats,
+                partial,
+                gamma,
+                beta,
+                ..
+            } = *s
+            else {
+                continue;
+            };
+            let own = match base.steps[i] {
+                Step::GroupNormBackward { split, .. } => split,
+                _ => unreachable!("the same steps"),
+            };
+            let writer = (p.forward_steps..i)
+                .rev()
+                .find(|&j| p.steps[j].io().1.contains(&dy));
+            let conv = match writer.map(|j| &p.steps[j]) {
+                Some(Step::Conv(conv)) => Some(conv),
+                _ => None,
+            };
+            let fits = conv
+                .filter(|c| c.y == dy && !c.accumulate && !c.launch.multicast)
+                .filter(|c| c.shortcut.is_none() && c.launch.wgmma)
+                .and_then(|c| gn_partial_fits(&c.shape, &c.launch));
+            let can = own.one_pass.is_none() && fits.is_some();
+            assert_eq!(split.from_producer, can, "step {i}: {s:?}");
+            if !can {
+                assert_eq!(split, own);
+                continue;
+            }
+            taken += 1;
+            let conv = conv.unwrap();
+            assert_eq!(conv.gn_partial, Some(partial));
+            assert_eq!(
+                conv.gn_backward,
+                Some(NormBackwardInput {
+                    x,
+                    x_half,
+                    stats,
+                    norm: gamma.pid,
+                    groups,
+                    silu,
+                })
+            );
+            assert_eq!(conv.gn_backward.unwrap().gamma_beta(), (gamma, beta));
+            assert_eq!(
+                (split.chunks, split.chunk_px, split.chunks * split.chunk_px),
+                (fits.unwrap(), conv.launch.tile.rows(), hw)
+            );
+            assert_eq!(p.bufs[partial.0].len, 4 * n * split.chunks * c);
+        }
+        assert!(taken > 0, "batch {n} {h}x{h}");
+        // One launch fewer for each; every convolution otherwise as in the tuned program.
+        assert_eq!(base.launches() - p.launches(), taken);
+        for (a, b) in base.steps.iter().zip(&p.steps) {
+            if let (Step::Conv(a), Step::Conv(b)) = (a, b) {
+                assert_eq!(a.launch, b.launch);
+                assert_eq!(
+                    a.gn_partial,
+                    b.gn_partial.filter(|_| b.gn_backward.is_none())
+                );
+            }
+        }
+        // Nowhere in fp32 (no wgmma), nor where every such launch multicasts.
+        let none = |p: &Program| {
+            p.steps
+                .iter()
+                .all(|s| !matches!(s, Step::Conv(c) if c.gn_backward.is_some()))
+        };
+        assert!(none(&build(sums, Precision::Fp32)));
+        let multicast = KernelConfig {
+            wgmma_multicast: true,
+            tall_tiles: false,
+            ..sums
+        };
+        assert!(none(&build(multicast, Precision::Bf16)));
+    }
+}
+
 /// With gn_producer_sums, a three-launch forward GroupNorm takes its partial sums from the
 /// step that wrote all of its input last exactly where that step can write them: a
 /// concatenation (the GroupNorm's own chunks), or a convolution launch that can (lean or TMA
@@ -1192,6 +1312,15 @@ fn switches_compute_what_the_default_program_computes() {
                     ..fused
                 };
                 assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
+            }
+            // The candidate: GroupNorm backward sums from the input gradients, alone and with
+            // the 16-bit concatenations of the recording forward.
+            for base in [tuned, recording] {
+                let sums = KernelConfig {
+                    gn_backward_producer_sums: true,
+                    ..base
+                };
+                assert_eq!(symbolic(&build(sums)), want, "{precision} {n}x{h}x{w}");
             }
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {

@@ -11,7 +11,8 @@
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
 //! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `multicast`, weight slices
-//! shared by clusters of two), `linears`, `group_norms`, `attentions`, `data_movement` and
+//! shared by clusters of two; `backward_sums`, GroupNorm backward sums from the input
+//! gradients), `linears`, `group_norms`, `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
@@ -28,6 +29,7 @@ use crate::tensor::rel_l2;
 use crate::{Error, Result};
 
 mod attentions;
+mod backward_sums;
 mod conv_variants;
 mod convolutions;
 mod data_movement;
@@ -117,7 +119,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 11] = [
+pub const SELFTEST_GROUPS: [&str; 12] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -129,6 +131,7 @@ pub const SELFTEST_GROUPS: [&str; 11] = [
     "tensor-core convolutions",
     "fused shortcuts",
     "multicast",
+    "backward sums",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -153,7 +156,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 11] = [
+    let groups: [(&str, Group); 12] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -181,6 +184,10 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("multicast", |t, o| {
             t.multicasts()?;
             t.multicast_unets(o)
+        }),
+        ("backward sums", |t, o| {
+            t.backward_sums()?;
+            t.backward_sums_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

@@ -264,6 +264,13 @@ impl CudaUnet {
         self.change_choice(|c| c.half_gn_inputs_recording = on);
     }
 
+    /// Has each convolution input gradient that can write the partial sums of the GroupNorm
+    /// backward pass reading it write them (`on`, [`KernelConfig::gn_backward_producer_sums`])
+    /// or none, for comparisons; drops every plan.
+    pub(crate) fn set_gn_backward_sums(&mut self, on: bool) {
+        self.change_choice(|c| c.gn_backward_producer_sums = on && c.wgmma);
+    }
+
     /// Fuses each residual block's 1x1 shortcut into its second convolution where the program
     /// can (`on`, [`KernelConfig::shortcut_fused`]) or never, for comparisons; drops every
     /// plan.
