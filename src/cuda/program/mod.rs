@@ -408,7 +408,7 @@ impl Step {
                     .collect(),
                 std::iter::once(*dx).chain(dx16.map(|(b, _)| b)).collect(),
             ),
-            // With its partial sums from the step that wrote `dy`: those read.
+            // With its partial sums from the step that wrote `dy`, those read, not written.
             GroupNormBackward {
                 x,
                 dy,
@@ -420,33 +420,16 @@ impl Step {
                 dx16,
                 split,
                 ..
-            } if split.from_producer => (
-                [*x, *dy, *stats, *partial]
-                    .into_iter()
-                    .chain(acc(*dx, *accumulate))
-                    .collect(),
-                [*dx, *means]
-                    .into_iter()
-                    .chain(dx16.map(|(b, _)| b))
-                    .collect(),
-            ),
-            GroupNormBackward {
-                x,
-                dy,
-                dx,
-                stats,
-                partial,
-                means,
-                accumulate,
-                dx16,
-                ..
             } => (
                 [*x, *dy, *stats]
                     .into_iter()
+                    .chain(split.from_producer.then_some(*partial))
                     .chain(acc(*dx, *accumulate))
                     .collect(),
-                [*dx, *partial, *means]
+                [*dx]
                     .into_iter()
+                    .chain((!split.from_producer).then_some(*partial))
+                    .chain([*means])
                     .chain(dx16.map(|(b, _)| b))
                     .collect(),
             ),

@@ -4,8 +4,8 @@
 //! its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::networks::{celebahq_candidate_cases, cpu_reference, NetworkIo, NETWORK_TOLERANCE};
-use super::{SelftestRow, Tester};
+use super::networks::NETWORK_TOLERANCE;
+use super::Tester;
 use crate::cuda::kernels::{
     gn_partial_fits, on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape,
     NormBackwardSums, WgmmaTile,
@@ -13,7 +13,6 @@ use crate::cuda::kernels::{
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::model::graph::Pad;
-use crate::model::Model;
 use crate::Result;
 
 /// Groups of the GroupNorm the checked launches feed.
@@ -137,31 +136,17 @@ impl Tester<'_> {
                         ms,
                         0.0,
                     );
-                    let got: Vec<f64> = partial
-                        .download(st)?
-                        .chunks_exact(2)
-                        .map(|w| {
-                            f64::from_bits(
-                                u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32,
-                            )
-                        })
-                        .collect();
                     let xs = if x16 { &gx16 } else { &gx };
                     let expect =
                         bwd_partial_sums(&want, xs, &stats, &gamma, &beta, n, c, chunks, silu);
-                    let diff: f64 = got
-                        .iter()
-                        .zip(&expect)
-                        .map(|(a, b)| (a - b) * (a - b))
-                        .sum();
-                    let norm: f64 = expect.iter().map(|b| b * b).sum();
-                    self.rows.push(SelftestRow {
-                        op: format!("{op} vs the host's over the output"),
-                        shape: format!("{desc}, {chunks} chunks an image"),
-                        rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
-                        gpu_ms: ms,
-                        tolerance: 1e-6,
-                    });
+                    self.partial_sums_row(
+                        format!("{op} vs the host's over the output"),
+                        format!("{desc}, {chunks} chunks an image"),
+                        &partial,
+                        &expect,
+                        ms,
+                        1e-6,
+                    )?;
                 }
             }
         }
@@ -178,18 +163,10 @@ impl Tester<'_> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
-        let model = Model::builtin_celebahq(11);
-        for (n, h, w, t) in celebahq_candidate_cases() {
-            let desc = format!("celebahq n{n} {h}x{w}");
-            let (sample, cot) = self.random_io(&model, n, h, w)?;
-            let (want, want_grad) = cpu_reference(&model, &sample, &t, &cot)?;
-            let io = NetworkIo {
-                desc: &desc,
-                sample: &sample,
-                t: &t,
-                cot: &cot,
-            };
-            let want = (want.data(), want_grad.data());
+        let (model, networks) = self.candidate_networks(true)?;
+        for net in &networks {
+            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
+            let (io, want) = (net.io(), net.want());
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("celebahq {precision}");

@@ -159,13 +159,8 @@ impl Tester<'_> {
             ms,
             0.0,
         );
-        let got: Vec<f64> = partial
-            .download(st)?
-            .chunks_exact(2)
-            .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
-            .collect();
         let rows = shape.mh * shape.mw / chunks;
-        let mut expect = vec![0.0f64; got.len()];
+        let mut expect = vec![0.0f64; 2 * n * chunks * c];
         for (m, row) in want.chunks_exact(c).enumerate() {
             // Image m / (chunks * rows), chunk (m / rows) % chunks: pair m / rows * c + col.
             let first = m / rows * c;
@@ -174,18 +169,45 @@ impl Tester<'_> {
                 expect[2 * (first + col) + 1] += f64::from(v) * f64::from(v);
             }
         }
-        let diff: f64 = got
-            .iter()
-            .zip(&expect)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum();
+        self.partial_sums_row(
+            format!("{op} vs the host's over the output"),
+            format!("{desc}, {chunks} chunks of {rows} rows an image"),
+            &partial,
+            &expect,
+            ms,
+            1e-12,
+        )
+    }
+
+    /// A row holding the f64 partial sums in `partial` (two f32 slots each) to `expect` within
+    /// `tolerance` (relative L2 in f64); a count that differs fails it (NaN).
+    pub(super) fn partial_sums_row(
+        &mut self,
+        op: String,
+        shape: String,
+        partial: &DevBuf,
+        expect: &[f64],
+        ms: f64,
+        tolerance: f64,
+    ) -> Result<()> {
+        let got: Vec<f64> = partial
+            .download(&self.gpu.stream)?
+            .chunks_exact(2)
+            .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
+            .collect();
+        let diff: f64 = got.iter().zip(expect).map(|(a, b)| (a - b) * (a - b)).sum();
         let norm: f64 = expect.iter().map(|b| b * b).sum();
+        let length = if got.len() == expect.len() {
+            0.0
+        } else {
+            f64::NAN
+        };
         self.rows.push(SelftestRow {
-            op: format!("{op} vs the host's over the output"),
-            shape: format!("{desc}, {chunks} chunks of {rows} rows an image"),
-            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+            op,
+            shape,
+            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() + length,
             gpu_ms: ms,
-            tolerance: 1e-12,
+            tolerance,
         });
         Ok(())
     }

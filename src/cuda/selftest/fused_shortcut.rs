@@ -4,7 +4,7 @@
 //! faults ends no other check.
 
 use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
-use super::networks::{celebahq_candidate_cases, cpu_reference, NetworkIo, NETWORK_TOLERANCE};
+use super::networks::NETWORK_TOLERANCE;
 use super::Tester;
 use crate::cuda::kernels::{
     on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile, WGMMA_SLICE,
@@ -13,7 +13,6 @@ use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevConv;
 use crate::model::graph::Pad;
-use crate::model::Model;
 use crate::Result;
 
 /// One check: `n` images of `h x w`, the convolution `c -> cout` (3x3), the shortcut
@@ -260,18 +259,10 @@ impl Tester<'_> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
-        let model = Model::builtin_celebahq(11);
-        for (n, h, w, t) in celebahq_candidate_cases() {
-            let desc = format!("celebahq n{n} {h}x{w}");
-            let (sample, cot) = self.random_io(&model, n, h, w)?;
-            let (want, want_grad) = cpu_reference(&model, &sample, &t, &cot)?;
-            let io = NetworkIo {
-                desc: &desc,
-                sample: &sample,
-                t: &t,
-                cot: &cot,
-            };
-            let want = (want.data(), want_grad.data());
+        let (model, networks) = self.candidate_networks(true)?;
+        for net in &networks {
+            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
+            let (io, want) = (net.io(), net.want());
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("celebahq {precision}");

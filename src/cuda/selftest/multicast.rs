@@ -4,14 +4,12 @@
 //! kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::networks::celebahq_candidate_cases;
 use super::Tester;
 use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape};
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
 use crate::cuda::unet::CudaUnet;
 use crate::model::graph::Pad;
-use crate::model::Model;
 use crate::Result;
 
 impl Tester<'_> {
@@ -193,10 +191,10 @@ impl Tester<'_> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
-        let model = Model::builtin_celebahq(11);
-        for (n, h, w, t) in celebahq_candidate_cases() {
-            let desc = format!("celebahq n{n} {h}x{w}");
-            let (sample, cot) = self.random_io(&model, n, h, w)?;
+        let (model, networks) = self.candidate_networks(false)?;
+        for net in &networks {
+            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
+            let (sample, cot, t) = (&net.sample, &net.cot, &net.t);
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 for fused in [false, true] {
@@ -206,9 +204,9 @@ impl Tester<'_> {
                         true => format!("celebahq {precision}, fused shortcuts"),
                     };
                     gpu.set_multicast_and_tall(false, true);
-                    let want = gpu.forward(&sample, &t)?;
-                    gpu.forward_recording(&sample, &t)?;
-                    let want_grad = gpu.vjp(&cot)?;
+                    let want = gpu.forward(sample, t)?;
+                    gpu.forward_recording(sample, t)?;
+                    let want_grad = gpu.vjp(cot)?;
                     for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
                         gpu.set_multicast_and_tall(true, tall);
                         let launches = gpu.plan_stats(n, h, w, false)?;
@@ -227,7 +225,7 @@ impl Tester<'_> {
                             format!("{desc}, {} launches", launches.launches),
                             shows,
                         );
-                        let got = gpu.forward(&sample, &t)?;
+                        let got = gpu.forward(sample, t)?;
                         let ms = gpu.time_forward(n, h, w, 5)?;
                         self.row_within(
                             format!("{label} forward, {what} vs without"),
@@ -237,8 +235,8 @@ impl Tester<'_> {
                             ms,
                             0.0,
                         );
-                        gpu.forward_recording(&sample, &t)?;
-                        let grad = gpu.vjp(&cot)?;
+                        gpu.forward_recording(sample, t)?;
+                        let grad = gpu.vjp(cot)?;
                         let ms = gpu.time_forward_vjp(n, h, w, 5)?;
                         self.row_within(
                             format!("{label} forward + vjp, {what} vs without"),

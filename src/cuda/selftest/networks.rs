@@ -28,6 +28,37 @@ pub(super) fn cpu_reference(
     Ok((want, want_grad))
 }
 
+/// One network of the staged candidates' checks: a [`celebahq_candidate_cases`] case's random
+/// sample and cotangent, and (where asked) the CPU's eps and VJP for them ([`cpu_reference`]).
+pub(super) struct CandidateNetwork {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub desc: String,
+    pub sample: Tensor,
+    pub t: Vec<f32>,
+    pub cot: Tensor,
+    pub want: Option<(Tensor, Tensor)>,
+}
+
+impl CandidateNetwork {
+    pub fn io(&self) -> NetworkIo<'_> {
+        NetworkIo {
+            desc: &self.desc,
+            sample: &self.sample,
+            t: &self.t,
+            cot: &self.cot,
+        }
+    }
+
+    /// The CPU's eps and VJP as slices; empty where they were not asked for.
+    pub fn want(&self) -> (&[f32], &[f32]) {
+        self.want
+            .as_ref()
+            .map_or((&[], &[]), |(eps, grad)| (eps.data(), grad.data()))
+    }
+}
+
 /// Whole networks below fp32: eps and the input gradient (which goes through the network twice).
 pub(super) const NETWORK_TOLERANCE: (f64, f64) = (1e-2, 2e-2);
 
@@ -40,6 +71,34 @@ pub(super) struct NetworkIo<'a> {
 }
 
 impl Tester<'_> {
+    /// The celebahq architecture (random weights) and the networks of its
+    /// [`celebahq_candidate_cases`], each with (`cpu`) the CPU's results.
+    pub(super) fn candidate_networks(
+        &mut self,
+        cpu: bool,
+    ) -> Result<(Model, Vec<CandidateNetwork>)> {
+        let model = Model::builtin_celebahq(11);
+        let mut out = Vec::new();
+        for (n, h, w, t) in celebahq_candidate_cases() {
+            let (sample, cot) = self.random_io(&model, n, h, w)?;
+            let want = match cpu {
+                true => Some(cpu_reference(&model, &sample, &t, &cot)?),
+                false => None,
+            };
+            out.push(CandidateNetwork {
+                n,
+                h,
+                w,
+                desc: format!("celebahq n{n} {h}x{w}"),
+                sample,
+                t,
+                cot,
+                want,
+            });
+        }
+        Ok((model, out))
+    }
+
     pub(super) fn unets(&mut self, ordinal: usize) -> Result<()> {
         for (model, n, h, w, t) in [
             (tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
