@@ -417,13 +417,13 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
 
 // The GroupNorm backward's sums over rows [r0, r1) of a tile's column ch (the `_gnb` kernels; see
 // wg_stats): the finished values staged in `keep` are that GroupNorm's output gradient dy, x its
-// input at the same element (row m0 + r is pixel m0 + r of the launch's images; `keep` points
-// at the column's first value), and the sums
-// are norm.cu's bwd_partial's, of g and g * xhat (grad_xhat). The loads of x go U rows at a
-// time ahead of their arithmetic.
-template <int RUN>
-DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
-                      double& q) {
+// input at the same element (row m0 + r is pixel m0 + r of the launch's images; `keep` points at
+// the column's first value), and the sums are norm.cu's bwd_partial's, of g and g * xhat
+// (grad_xhat). The loads of x go U rows at a time ahead of their arithmetic; wg_bwd_sums picks
+// x's width (X16: 16-bit values of a.gnb_xkind) once, outside the loop.
+template <int RUN, bool X16>
+DEVI void wg_bwd_run(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
+                     double& q) {
     constexpr int U = 4;
     static_assert(RUN % U == 0, "whole units of rows");
     const int per = a.mh * a.mw, groups = a.gnb_groups;
@@ -437,9 +437,12 @@ DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int 
         for (int k = 0; k < U; ++k) {
             const long long e = e0 + (long long)(r + k) * a.ncols;
             xv[k] = 0.f;
-            if (r + k < r1)
-                xv[k] = a.gnb_xkind == 0 ? static_cast<const float*>(a.gnb_x)[e]
-                                         : unpack_half1(static_cast<const uint16_t*>(a.gnb_x)[e], a.gnb_xkind);
+            if (r + k < r1) {
+                if constexpr (X16)
+                    xv[k] = unpack_half1(static_cast<const uint16_t*>(a.gnb_x)[e], a.gnb_xkind);
+                else
+                    xv[k] = static_cast<const float*>(a.gnb_x)[e];
+            }
         }
 #pragma unroll
         for (int k = 0; k < U; ++k) {
@@ -450,6 +453,14 @@ DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int 
             q += (double)(g * xhat);
         }
     }
+}
+template <int RUN>
+DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
+                      double& q) {
+    if (a.gnb_xkind == 0)
+        wg_bwd_run<RUN, false>(a, keep, m0, ch, r0, r1, s, q);
+    else
+        wg_bwd_run<RUN, true>(a, keep, m0, ch, r0, r1, s, q);
 }
 
 // The GroupNorm partial sums of a block's finished output (a.gn_partial; the lean kernels,

@@ -4,7 +4,8 @@
 // Each direction is three launches:
 // 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU (or, forward, by the
 //    step that wrote x, INVDIFF_GN_PRODUCER_SUMS: a convolution's epilogue, a chunk per tile,
-//    wg_stats in conv_wgmma.cu; a concatenation, as gn_concat_partial below): grid
+//    wg_stats in conv_wgmma.cu; a concatenation, as gn_concat_partial below; backward, by the
+//    convolution input gradient that wrote dy, INVDIFF_GN_BWD_PRODUCER_SUMS, wg_bwd_sums): grid
 //    (chunks, ceil(c / 32), n) of 32x8 blocks; a warp reads 32 consecutive channels of a pixel
 //    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
 //    chunk count so that even 32 groups of one 256x256 image fill every multiprocessor, which a

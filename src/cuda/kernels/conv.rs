@@ -569,13 +569,25 @@ impl Kernels {
         // Only the `_gnb` kernels write backward sums: without the partial sums they go to,
         // or on any other kernel, refuse them.
         let backward_sums = p.gn_backward.is_some();
-        if backward_sums && (p.gn_partial == 0 || fused || plan.multicast || probe.is_some()) {
+        let gnb_kernel = plan.wgmma
+            && plan.lean_loads
+            && matches!(
+                plan.kernel,
+                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+            );
+        if backward_sums
+            && (p.gn_partial == 0 || !gnb_kernel || fused || plan.multicast || probe.is_some())
+        {
             return Err(Error::Cuda(format!(
-                "internal: GroupNorm backward sums asked of a convolution {}->{} with partial \
-                 sums {}, a fused shortcut {fused}, multicast {} or a cycle probe {}",
+                "internal: GroupNorm backward sums asked of a {:?} convolution {}->{} with \
+                 partial sums {}, wgmma {}, lean loads {}, a fused shortcut {fused}, multicast \
+                 {} or a cycle probe {}: only the `_gnb` wgmma kernels write them",
+                plan.kernel,
                 s.sc,
                 s.ncols,
                 p.gn_partial != 0,
+                plan.wgmma,
+                plan.lean_loads,
                 plan.multicast,
                 probe.is_some()
             )));

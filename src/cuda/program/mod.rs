@@ -509,6 +509,10 @@ impl Step {
             Conv(c) => std::iter::once(c.w)
                 .chain(c.bias)
                 .chain(c.shortcut.map(|f| f.w))
+                .chain(c.gn_backward.into_iter().flat_map(|b| {
+                    let (gamma, beta) = b.gamma_beta();
+                    [gamma, beta]
+                }))
                 .collect(),
             GroupNorm { gamma, beta, .. } | GroupNormBackward { gamma, beta, .. } => {
                 vec![*gamma, *beta]

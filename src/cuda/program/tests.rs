@@ -33,12 +33,18 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
         s.finish()
     }
-    // A step's operation: its kind and shape (not its kernel) and the weights it reads.
+    // A step's operation: its kind and shape (not its kernel) and the weights it reads (but
+    // the scale and shift of a GroupNorm backward pass whose sums a convolution writes, which
+    // its output does not depend on).
     let op_of = |step: &Step| {
         let info = step.info(p.n, p.h, p.w);
         let weights: Vec<(usize, String)> = step
             .weights()
             .iter()
+            .filter(|w| {
+                !matches!(step, Step::Conv(c) if c.gn_backward.is_some())
+                    || !matches!(w.kind, WKind::Gamma | WKind::Beta)
+            })
             .map(|w| (w.pid, format!("{:?}", w.kind)))
             .collect();
         move |s: &mut DefaultHasher| {
@@ -48,6 +54,17 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
     };
     let half = |v: u64| h(&[&|s| "half".hash(s), &|s| v.hash(s)]);
+    // The sums of a GroupNorm backward pass over output gradient `dy` and input `x` (their
+    // values), with statistics `stats`, the scale and shift of parameter group `norm`, `groups`
+    // groups and SiLU or not: what a convolution that writes them must write and the pass that
+    // takes them must have summed itself.
+    let norm_sums = |dy: u64, x: u64, stats: u64, norm: usize, groups: usize, silu: bool| {
+        h(&[
+            &|s| "GroupNorm backward sums".hash(s),
+            &|s| [dy, x, stats].hash(s),
+            &|s| (norm, groups, silu).hash(s),
+        ])
+    };
     // A convolution launch's value: its operation, the value of its main input (as the
     // kernel reads it), those its epilogue adds, the output it adds onto or fills in part of,
     // and its divisor.
@@ -90,7 +107,32 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
         let op = op_of(step);
         // A GroupNorm backward pass given its partial sums by the launch that wrote its output
-        // gradient (gn_backward_producer_sums) stands for the same pass summing them itself.
+        // gradient (gn_backward_producer_sums) must find the sums of its own operands there,
+        // and then stands for the same pass summing them itself.
+        if let Step::GroupNormBackward {
+            x,
+            x_half,
+            dy,
+            gamma,
+            beta,
+            groups,
+            split,
+            silu,
+            stats,
+            partial,
+            ..
+        } = *step
+        {
+            if split.from_producer {
+                let x = match x_half {
+                    Some(_) => converted[&x],
+                    None => val[x.0],
+                };
+                assert_eq!(gamma.pid, beta.pid, "step {i}");
+                let own = norm_sums(val[dy.0], x, val[stats.0], gamma.pid, groups, silu);
+                assert_eq!(val[partial.0], own, "step {i}: sums of other operands");
+            }
+        }
         let (reads, writes) = match step {
             Step::GroupNormBackward { split, .. } if split.from_producer => {
                 let mut own = step.clone();
@@ -269,6 +311,14 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 let extra = epilogue_inputs(c, &val);
                 let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
                 val[c.y.0] = conv_value(step, main, &extra, old, c.out_div);
+                if let (Some(b), Some(partial)) = (c.gn_backward, c.gn_partial) {
+                    let x = match b.x_half {
+                        Some(_) => converted[&b.x],
+                        None => val[b.x.0],
+                    };
+                    val[partial.0] =
+                        norm_sums(val[c.y.0], x, val[b.stats.0], b.norm, b.groups, b.silu);
+                }
             }
             _ => {
                 // The fused attention backward also reads the forward's output, a function
@@ -852,12 +902,17 @@ fn half_copies_feed_only_tensor_core_launches() {
 #[test]
 fn groupnorm_backward_sums_come_from_the_input_gradients() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for (n, h) in [(1, 256), (2, 64)] {
-        let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    // (With the 16-bit concatenations recorded, some passes read a 16-bit x.)
+    for (n, h, recording) in [(1, 256, false), (2, 64, false), (1, 256, true)] {
+        let tuned = KernelConfig {
+            half_gn_inputs_recording: recording,
+            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+        };
         let sums = KernelConfig {
             gn_backward_producer_sums: true,
             ..tuned
         };
+        let mut x16 = 0;
         let build =
             |tc, precision| Program::build_with(&g, n, h, h, true, 132, precision, tc).unwrap();
         let (base, p) = (build(tuned, Precision::Bf16), build(sums, Precision::Bf16));
@@ -904,6 +959,7 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
                 continue;
             }
             taken += 1;
+            x16 += usize::from(x_half.is_some());
             let conv = conv.unwrap();
             assert_eq!(conv.gn_partial, Some(partial));
             assert_eq!(
@@ -925,6 +981,7 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
             assert_eq!(p.bufs[partial.0].len, 4 * n * split.chunks * c);
         }
         assert!(taken > 0, "batch {n} {h}x{h}");
+        assert_eq!(x16 > 0, recording, "batch {n} {h}x{h}");
         // One launch fewer for each; every convolution otherwise as in the tuned program.
         assert_eq!(base.launches() - p.launches(), taken);
         for (a, b) in base.steps.iter().zip(&p.steps) {
