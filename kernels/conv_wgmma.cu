@@ -532,9 +532,10 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
-// MC (the `_tma_mc` and `_tma_sc_mc` kernels, TMA on the plain tile): clusters of two blocks
-// sharing the weight slices (see the header); `tma.b` (and `tma.b2`) then box 64 columns.
-// GNB (the `_gnb` kernels, LEAN or TMA): the GroupNorm sums of a.gn_partial are the backward
+// MC (the `_tma_mc`, `_tma_sc_mc` and `_tma_mc_gnb` kernels, TMA on the plain tile): clusters of
+// two blocks sharing the weight slices (see the header); `tma.b` (and `tma.b2`) then box 64
+// columns.
+// GNB (the `_gnb` kernels, LEAN, TMA or MC): the GroupNorm sums of a.gn_partial are the backward
 // pass's (wg_bwd_sums); compiled out of the other kernels, whose registers they would raise.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
           bool MC = false, bool GNB = false>
@@ -544,7 +545,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
     static_assert(!MC || (TMA && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
-    static_assert(!GNB || (LEAN && !SC && !MC && !PROBE), "backward sums: plain lean and TMA kernels");
+    static_assert(!GNB || (LEAN && !SC && !PROBE), "backward sums: lean and TMA kernels, no shortcut");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
@@ -982,6 +983,16 @@ WG_TMA_MC_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2)
     }
 WG_TMA_SC_MC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1)
 WG_TMA_SC_MC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2)
+// The multicast form with GroupNorm backward sums (MC and GNB).
+#define WG_TMA_MC_GNB_KERNEL(name, T)                                                                \
+    extern "C" __global__ void __launch_bounds__(PlainTile::THREADS, PlainTile::BLOCKS_PER_SM)       \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, PlainTile, true, true, false, true, true>(a, wg_dsmem, nullptr,       \
+                                                                         TmaLoads{&ta, &tb});         \
+    }
+WG_TMA_MC_GNB_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb, 1)
+WG_TMA_MC_GNB_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2)
 // The backward-sums forms (GNB): lean loaders, and TMA loads.
 #define WG_GNB_KERNEL(name, T, TILE)                                                                 \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \

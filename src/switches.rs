@@ -86,7 +86,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_BWD_PRODUCER_SUMS",
         ON_OFF,
-        "GPU candidate: `1` has each convolution input gradient sum the GroupNorm backward pass that reads it (wgmma, bf16/fp16; with INVDIFF_GN_PRODUCER_SUMS, a default, and not where the launch multicasts)",
+        "GPU candidate: `1` has each convolution input gradient sum the GroupNorm backward pass that reads it (wgmma, bf16/fp16; with INVDIFF_GN_PRODUCER_SUMS, a default)",
     ),
     choice(
         "INVDIFF_SHORTCUT_FUSED",

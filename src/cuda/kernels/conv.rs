@@ -192,18 +192,26 @@ fn wgmma_gnb_index(precision: Precision, plan: &ConvLaunch) -> usize {
 }
 
 /// The multicast wgmma kernels (the `_tma_mc` kernels of kernels/conv_wgmma.cu, plain tile):
-/// bf16, then fp16, without and then with a fused shortcut (`_tma_sc_mc`).
-pub(super) const WGMMA_MC_KERNELS: [&str; 4] = [
+/// bf16, then fp16, of the plain form, with a fused shortcut (`_tma_sc_mc`), and with
+/// GroupNorm backward sums (`_tma_mc_gnb`).
+pub(super) const WGMMA_MC_KERNELS: [&str; 6] = [
     "conv_wgmma_bf16_rows_tma_mc",
     "conv_wgmma_fp16_rows_tma_mc",
     "conv_wgmma_bf16_rows_tma_sc_mc",
     "conv_wgmma_fp16_rows_tma_sc_mc",
+    "conv_wgmma_bf16_rows_tma_mc_gnb",
+    "conv_wgmma_fp16_rows_tma_mc_gnb",
 ];
 
-/// Where a multicast launch in `precision`, with a fused shortcut or not, finds its kernel in
-/// [`WGMMA_MC_KERNELS`].
-fn wgmma_mc_index(precision: Precision, fused: bool) -> usize {
-    usize::from(precision == Precision::Fp16) + 2 * usize::from(fused)
+/// Where a multicast launch in `precision`, with a fused shortcut or backward sums (never
+/// both) or neither, finds its kernel in [`WGMMA_MC_KERNELS`].
+fn wgmma_mc_index(precision: Precision, fused: bool, backward_sums: bool) -> usize {
+    let form = if fused {
+        1
+    } else {
+        2 * usize::from(backward_sums)
+    };
+    usize::from(precision == Precision::Fp16) + 2 * form
 }
 
 /// Launches `f` on `cfg`'s grid (its x a multiple of 2) in thread-block clusters of two blocks
@@ -575,20 +583,17 @@ impl Kernels {
                 plan.kernel,
                 ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
             );
-        if backward_sums
-            && (p.gn_partial == 0 || !gnb_kernel || fused || plan.multicast || probe.is_some())
-        {
+        if backward_sums && (p.gn_partial == 0 || !gnb_kernel || fused || probe.is_some()) {
             return Err(Error::Cuda(format!(
                 "internal: GroupNorm backward sums asked of a {:?} convolution {}->{} with \
-                 partial sums {}, wgmma {}, lean loads {}, a fused shortcut {fused}, multicast \
-                 {} or a cycle probe {}: only the `_gnb` wgmma kernels write them",
+                 partial sums {}, wgmma {}, lean loads {}, a fused shortcut {fused} or a cycle \
+                 probe {}: only the `_gnb` wgmma kernels write them",
                 plan.kernel,
                 s.sc,
                 s.ncols,
                 p.gn_partial != 0,
                 plan.wgmma,
                 plan.lean_loads,
-                plan.multicast,
                 probe.is_some()
             )));
         }
@@ -661,12 +666,12 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     };
-                    let f = if backward_sums {
+                    let f = if plan.multicast {
+                        let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
+                        &wg[wgmma_mc_index(precision, fused, backward_sums)]
+                    } else if backward_sums {
                         let wg = self.conv_wgmma_gnb.as_ref().ok_or_else(missing)?;
                         &wg[wgmma_gnb_index(precision, plan)]
-                    } else if plan.multicast {
-                        let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
-                        &wg[wgmma_mc_index(precision, fused)]
                     } else if fused {
                         let wg = self.conv_wgmma_sc.as_ref().ok_or_else(missing)?;
                         &wg[wgmma_sc_index(precision, plan)]

@@ -228,8 +228,8 @@ pub(crate) struct Kernels {
     /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
     /// `conv::wgmma_sc_index`).
     conv_wgmma_sc: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
-    /// The multicast kernels (`_rows_tma_mc` and `_rows_tma_sc_mc`, plain tile;
-    /// `conv::WGMMA_MC_KERNELS`).
+    /// The multicast kernels (`_rows_tma_mc`, `_rows_tma_sc_mc` and `_rows_tma_mc_gnb`, plain
+    /// tile; `conv::WGMMA_MC_KERNELS`).
     conv_wgmma_mc: Option<[CudaFunction; WGMMA_MC_KERNELS.len()]>,
     /// The backward-sums kernels (`_rows_lean_gnb`, `_rows_tma_gnb`, each tile;
     /// `conv::wgmma_gnb_index`).

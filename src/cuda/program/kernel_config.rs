@@ -46,8 +46,7 @@ pub(crate) struct KernelConfig {
     /// (unsplit, images of whole tiles): the `_gnb` kernels' epilogue reads the GroupNorm's
     /// input at each staged value and sums as `gn_bwd_partial` does (`wg_bwd_sums` in
     /// kernels/conv_wgmma.cu; the f64 sums in another order). One launch and one read of the
-    /// output gradient less. Not where that launch multicasts (`wgmma_multicast`): there are no
-    /// multicast `_gnb` kernels.
+    /// output gradient less.
     pub gn_backward_producer_sums: bool,
     /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`; a recording
     /// one with `half_gn_inputs_recording`), the up path's concatenations, whose readers all

@@ -218,8 +218,8 @@ impl Lowering<'_> {
 
     /// With [`KernelConfig::gn_backward_producer_sums`]: each three-launch GroupNorm backward
     /// pass whose output gradient was last written, whole, by a convolution input gradient
-    /// whose launch can write the partial sums ([`gn_partial_fits`], without multicast or a
-    /// fused shortcut, for which there are no `_gnb` kernels) takes its partial sums from that
+    /// whose launch can write the partial sums ([`gn_partial_fits`], without a fused shortcut,
+    /// for which there are no `_gnb` kernels) takes its partial sums from that
     /// launch's epilogue, a chunk per tile, and skips its own pass over the output gradient
     /// and the GroupNorm's input.
     pub(super) fn norm_backward_sums_from_producers(&mut self, from: usize) {
@@ -260,7 +260,6 @@ impl Lowering<'_> {
                 && !conv.accumulate
                 && conv.gn_partial.is_none()
                 && conv.shortcut.is_none()
-                && !conv.launch.multicast
                 && conv.launch.wgmma
                 && conv.shape.ncols == c
                 && conv.shape.mh * conv.shape.mw == hw

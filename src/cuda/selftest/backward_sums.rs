@@ -20,7 +20,8 @@ const GROUPS: usize = 32;
 
 impl Tester<'_> {
     /// On a device with wgmma, in bf16 and fp16: unsplit lean and TMA launches on each tile of
-    /// celebahq's shapes and a partial column tile (96 columns), each with random GroupNorm
+    /// celebahq's shapes, a partial column tile (96 columns) and a single row tile, the plain
+    /// tile's TMA launches also multicast in clusters of two, each with random GroupNorm
     /// statistics, scale and shift over an fp32 input and over a 16-bit one, with and without
     /// SiLU: the output the same to the bit as the same launch without the sums, and the
     /// partial sums those of `gn_bwd_partial` over that output per tile and column, computed
@@ -36,6 +37,8 @@ impl Tester<'_> {
             ConvShape::forward(2, 64, 64, 256, 256, 3, 1, Pad::Symmetric),
             ConvShape::forward(1, 32, 32, 512, 512, 3, 1, Pad::Symmetric),
             ConvShape::forward(3, 16, 16, 128, 96, 3, 1, Pad::Symmetric),
+            // One row tile: a multicast launch's padding block, which writes no sums.
+            ConvShape::forward(1, 8, 16, 128, 128, 3, 1, Pad::Symmetric),
         ];
         for shape in &shapes {
             for precision in [Precision::Bf16, Precision::Fp16] {
@@ -104,7 +107,16 @@ impl Tester<'_> {
                     continue;
                 };
                 let (want, _) = self.conv_output(s, &l, base, 1.0, len)?;
-                for (x16, silu) in [(false, true), (true, true), (false, false)] {
+                // The plain tile's TMA launch in clusters of two too (`_tma_mc_gnb`).
+                let multicast = ConvLaunch {
+                    multicast: true,
+                    ..l
+                };
+                let forms = std::iter::once(l)
+                    .chain((tma && tile == WgmmaTile::Plain).then_some(multicast));
+                for (l, (x16, silu)) in forms.flat_map(|l| {
+                    [(false, true), (true, true), (false, false)].map(|case| (l, case))
+                }) {
                     let partial = self.zeros(4 * n * chunks * c)?;
                     let y = self.zeros(len)?;
                     let ptrs = ConvPtrs {
