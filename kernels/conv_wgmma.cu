@@ -53,13 +53,13 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
-// GroupNorm backward sums (the `_gnb` kernels, lean and TMA, unsplit;
-// INVDIFF_GN_BWD_PRODUCER_SUMS): where the output is the output gradient of a GroupNorm backward
-// pass (a convolution's input gradient in a DPS step), the staged values are summed as that
-// pass's partial sums instead, of g and g * xhat (wg_bwd_sums reads the GroupNorm's input at each
-// value), so that the pass skips its own partial-sum launch and its read of the output gradient.
-// Kernels of their own: as a run-time branch of wg_stats the sums raised every lean and TMA
-// kernel's registers by two.
+// GroupNorm backward sums (the `_gnb` kernels, lean and TMA, and `_tma_mc_gnb` multicast,
+// unsplit; INVDIFF_GN_BWD_PRODUCER_SUMS): where the output is the output gradient of a GroupNorm
+// backward pass (a convolution's input gradient in a DPS step), the staged values are summed as
+// that pass's partial sums instead, of g and g * xhat (wg_bwd_sums reads the GroupNorm's input at
+// each value), so that the pass skips its own partial-sum launch and its read of the output
+// gradient. Kernels of their own: as a run-time branch of wg_stats the sums raised every lean and
+// TMA kernel's registers by two.
 //
 // Fused 1x1 shortcut (the `_sc` kernels, lean and TMA; INVDIFF_SHORTCUT_FUSED): a residual
 // block's second convolution also multiplies the block's input (a second 16-bit source at the
@@ -71,24 +71,24 @@
 // the TMA kernels thread 0 switches maps (the second im2col map has the first's pixel box, so
 // the walk's bases are the same, and copies the tap at offset 0, 0).
 //
-// Multicast B (the `_tma_mc` kernels, and `_tma_sc_mc` with a fused shortcut, plain tile;
-// INVDIFF_WGMMA_MULTICAST): the tall tile halves the weight traffic per product but runs one
-// block a multiprocessor, so nothing overlaps a tile's epilogue with products. Here two plain
-// blocks of consecutive row tiles (one column tile) form a thread-block cluster (in one GPC,
-// possibly on one multiprocessor), and each copies its own A and half of the weight slice's 128
-// columns, multicast into both blocks' stages: the weight traffic of the tall tile, two blocks a
-// multiprocessor. A stage is refilled only when both blocks have multiplied the slice it held:
-// each block's thread 0 arrives on the stage's `empty` barrier in both blocks after its block's
-// barrier, and waits for both arrivals on its own before issuing the refill. A block's `full`
-// barrier expects the whole stage's bytes, some of which the other block's copy completes,
-// possibly before this block's arrival (the barrier's transaction count may go below zero while
-// an arrival is pending). A fused shortcut's weight slices are shared the same way. The products
-// and the epilogue are the TMA kernels', so the bits are theirs. The grid's row tiles are padded
-// to an even count; a padding block loads zeros and stores nothing. A refill whose stage the
-// other block has not yet released is put off to a later iteration (the test is a single
-// `test_wait`), unless its slice is needed now, so that a block ahead of the other need not stall
-// its own products on the handshake (untimed: a refill put off to the last moment exposes its
-// copy's latency instead).
+// Multicast B (the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and `_tma_mc_gnb` with
+// GroupNorm backward sums, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves the weight
+// traffic per product but runs one block a multiprocessor, so nothing overlaps a tile's epilogue
+// with products. Here two plain blocks of consecutive row tiles (one column tile) form a
+// thread-block cluster (in one GPC, possibly on one multiprocessor), and each copies its own A
+// and half of the weight slice's 128 columns, multicast into both blocks' stages: the weight
+// traffic of the tall tile, two blocks a multiprocessor. A stage is refilled only when both
+// blocks have multiplied the slice it held: each block's thread 0 arrives on the stage's `empty`
+// barrier in both blocks after its block's barrier, and waits for both arrivals on its own before
+// issuing the refill. A block's `full` barrier expects the whole stage's bytes, some of which the
+// other block's copy completes, possibly before this block's arrival (the barrier's transaction
+// count may go below zero while an arrival is pending). A fused shortcut's weight slices are
+// shared the same way. The products and the epilogue are the TMA kernels', so the bits are
+// theirs. The grid's row tiles are padded to an even count; a padding block loads zeros and
+// stores nothing. A refill whose stage the other block has not yet released is put off to a later
+// iteration (the test is a single `test_wait`), unless its slice is needed now, so that a block
+// ahead of the other need not stall its own products on the handshake (untimed: a refill put off
+// to the last moment exposes its copy's latency instead).
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2

@@ -206,10 +206,10 @@ pub(super) const WGMMA_MC_KERNELS: [&str; 6] = [
 /// Where a multicast launch in `precision`, with a fused shortcut or backward sums (never
 /// both) or neither, finds its kernel in [`WGMMA_MC_KERNELS`].
 fn wgmma_mc_index(precision: Precision, fused: bool, backward_sums: bool) -> usize {
-    let form = if fused {
-        1
-    } else {
-        2 * usize::from(backward_sums)
+    let form = match (fused, backward_sums) {
+        (false, false) => 0,
+        (true, _) => 1,
+        (false, true) => 2,
     };
     usize::from(precision == Precision::Fp16) + 2 * form
 }

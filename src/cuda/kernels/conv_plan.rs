@@ -427,8 +427,9 @@ pub(crate) struct ConvLaunch {
     pub tile: WgmmaTile,
     /// With `tma_loads` on the plain tile: blocks in clusters of two consecutive row tiles,
     /// each copying half of every weight slice (and of a fused shortcut's) into both (`MC` in
-    /// kernels/conv_wgmma.cu, the `_tma_mc` and `_tma_sc_mc` kernels): the weight traffic of
-    /// the tall tile at two blocks a multiprocessor, the same bits.
+    /// kernels/conv_wgmma.cu, the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and
+    /// `_tma_mc_gnb` with GroupNorm backward sums): the weight traffic of the tall tile at two
+    /// blocks a multiprocessor, the same bits.
     pub multicast: bool,
 }
 

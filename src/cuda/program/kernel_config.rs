@@ -115,7 +115,8 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
-    /// TMA launches on the plain tile (with a fused shortcut or not) run in clusters of two
+    /// TMA launches on the plain tile (with a fused shortcut or GroupNorm backward sums or
+    /// neither) run in clusters of two
     /// blocks that share each weight slice, half copied by each into both
     /// ([`ConvLaunch::multicast`]): the same sums in the same order. With `tall_tiles` off it
     /// also stands in where the tall tile would have run.

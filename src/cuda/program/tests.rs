@@ -895,29 +895,19 @@ fn half_copies_feed_only_tensor_core_launches() {
 
 /// With gn_backward_producer_sums, a three-launch GroupNorm backward pass takes its partial
 /// sums from the convolution that wrote its output gradient last exactly where that launch can
-/// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut), with the
-/// GroupNorm's own input, statistics and parameters, one chunk per tile in a buffer sized for
-/// them; every other step is the tuned program's. Never in fp32; with multicast everywhere (no
-/// tall tiles) on multicast launches as many times.
+/// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut; multicast
+/// or not), with the GroupNorm's own input, statistics and parameters, one chunk per tile in a
+/// buffer sized for them; every other step is the program's without the switch. The same
+/// passes with multicast (tall tiles on, which mixes tall and multicast launches, and off);
+/// never in fp32.
 #[test]
 fn groupnorm_backward_sums_come_from_the_input_gradients() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    // (With the 16-bit concatenations recorded, some passes read a 16-bit x.)
-    for (n, h, recording) in [(1, 256, false), (2, 64, false), (1, 256, true)] {
-        let tuned = KernelConfig {
-            half_gn_inputs_recording: recording,
-            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-        };
-        let sums = KernelConfig {
-            gn_backward_producer_sums: true,
-            ..tuned
-        };
-        let mut x16 = 0;
-        let build =
-            |tc, precision| Program::build_with(&g, n, h, h, true, 132, precision, tc).unwrap();
-        let (base, p) = (build(tuned, Precision::Bf16), build(sums, Precision::Bf16));
+    // The passes that take the sums in `p`, checked against `base` (the same choices without
+    // them): how many, how many read a 16-bit x, how many from multicast launches.
+    let check = |base: &Program, p: &Program| -> (usize, usize, usize) {
         assert_eq!(base.steps.len(), p.steps.len());
-        let mut taken = 0;
+        let (n, mut taken, mut x16, mut shared) = (p.n, 0, 0, 0);
         for (i, s) in p.steps.iter().enumerate() {
             let Step::GroupNormBackward {
                 x,
@@ -961,6 +951,7 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
             taken += 1;
             x16 += usize::from(x_half.is_some());
             let conv = conv.unwrap();
+            shared += usize::from(conv.launch.multicast);
             assert_eq!(conv.gn_partial, Some(partial));
             assert_eq!(
                 conv.gn_backward,
@@ -980,9 +971,7 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
             );
             assert_eq!(p.bufs[partial.0].len, 4 * n * split.chunks * c);
         }
-        assert!(taken > 0, "batch {n} {h}x{h}");
-        assert_eq!(x16 > 0, recording, "batch {n} {h}x{h}");
-        // One launch fewer for each; every convolution otherwise as in the tuned program.
+        // One launch fewer for each; every convolution otherwise as without the switch.
         assert_eq!(base.launches() - p.launches(), taken);
         for (a, b) in base.steps.iter().zip(&p.steps) {
             if let (Step::Conv(a), Step::Conv(b)) = (a, b) {
@@ -993,26 +982,54 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
                 );
             }
         }
-        // Nowhere in fp32 (no wgmma); with every TMA launch multicast, on as many launches,
-        // each multicast.
-        let with_sums = |p: &Program| -> Vec<ConvLaunch> {
-            p.steps
-                .iter()
-                .filter_map(|s| match s {
-                    Step::Conv(c) if c.gn_backward.is_some() => Some(c.launch),
-                    _ => None,
-                })
-                .collect()
+        (taken, x16, shared)
+    };
+    // (With the 16-bit concatenations recorded, some passes read a 16-bit x.)
+    for (n, h, recording) in [
+        (1, 256, false),
+        (2, 64, false),
+        (1, 256, true),
+        (8, 256, false),
+    ] {
+        let tuned = KernelConfig {
+            half_gn_inputs_recording: recording,
+            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
         };
-        assert!(with_sums(&build(sums, Precision::Fp32)).is_empty());
-        let multicast = KernelConfig {
-            wgmma_multicast: true,
-            tall_tiles: false,
-            ..sums
+        let build =
+            |tc, precision| Program::build_with(&g, n, h, h, true, 132, precision, tc).unwrap();
+        let with = |tc| KernelConfig {
+            gn_backward_producer_sums: true,
+            ..tc
         };
-        let shared = with_sums(&build(multicast, Precision::Bf16));
-        assert_eq!(shared.len(), taken, "batch {n} {h}x{h}");
-        assert!(shared.iter().all(|l| l.multicast), "{shared:?}");
+        let pair = |tc| {
+            check(
+                &build(tc, Precision::Bf16),
+                &build(with(tc), Precision::Bf16),
+            )
+        };
+        let (taken, x16, shared) = pair(tuned);
+        assert!(taken > 0, "batch {n} {h}x{h}");
+        assert_eq!(x16 > 0, recording, "batch {n} {h}x{h}");
+        assert_eq!(shared, 0);
+        for tall_tiles in [true, false] {
+            let multicast = KernelConfig {
+                wgmma_multicast: true,
+                tall_tiles,
+                ..tuned
+            };
+            let (same, _, shared) = pair(multicast);
+            assert_eq!(same, taken, "batch {n} {h}x{h}, tall tiles {tall_tiles}");
+            assert!(shared > 0, "batch {n} {h}x{h}, tall tiles {tall_tiles}");
+            if !tall_tiles {
+                assert_eq!(shared, taken);
+            }
+        }
+        // Nowhere in fp32 (no wgmma).
+        let fp32 = build(with(tuned), Precision::Fp32);
+        assert!(fp32
+            .steps
+            .iter()
+            .all(|s| !matches!(s, Step::Conv(c) if c.gn_backward.is_some())));
     }
 }
 
@@ -1368,14 +1385,17 @@ fn switches_compute_what_the_default_program_computes() {
                 .any(|s| matches!(s, Step::Conv(c) if c.shortcut.is_some())));
             assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
             // The candidate: weight slices multicast, with the shortcuts fused, with and
-            // without the tall tiles.
+            // without the tall tiles, and with the GroupNorm backward sums too.
             for tall_tiles in [true, false] {
-                let multicast = KernelConfig {
-                    wgmma_multicast: true,
-                    tall_tiles,
-                    ..fused
-                };
-                assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
+                for sums in [false, true] {
+                    let multicast = KernelConfig {
+                        wgmma_multicast: true,
+                        tall_tiles,
+                        gn_backward_producer_sums: sums,
+                        ..fused
+                    };
+                    assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
+                }
             }
             // The candidate: GroupNorm backward sums from the input gradients, alone and with
             // the 16-bit concatenations of the recording forward.

@@ -117,7 +117,7 @@ impl Tester<'_> {
                 for (l, (x16, silu)) in forms.flat_map(|l| {
                     [(false, true), (true, true), (false, false)].map(|case| (l, case))
                 }) {
-                    let partial = self.zeros(4 * n * chunks * c)?;
+                    let partial = self.guarded_partial(n, chunks, c)?;
                     let y = self.zeros(len)?;
                     let ptrs = ConvPtrs {
                         y: y.ptr,
@@ -170,9 +170,9 @@ impl Tester<'_> {
     /// fp16, with the GroupNorm backward sums from the input gradients (where the device has
     /// wgmma, with what they need, [`CudaUnet::set_gn_backward_sums`]): a DPS step's launches
     /// fewer than without, its forward + VJP against the fp32 CPU results within the network
-    /// tolerances (the VJP 2e-2), alone and with the 16-bit concatenations of the recording
-    /// forward, and at batch 2, planned per image, image 0 the same to the bit in the batch
-    /// and alone.
+    /// tolerances (the VJP 2e-2), alone, with the 16-bit concatenations of the recording
+    /// forward, and with every TMA launch multicast (no tall tiles), and at batch 2, planned
+    /// per image, image 0 the same to the bit in the batch and alone.
     pub(super) fn backward_sums_unets(&mut self, ordinal: usize) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
@@ -216,6 +216,20 @@ impl Tester<'_> {
                     )?;
                 }
                 gpu.set_half_gn_inputs_recording(false);
+                // Every TMA launch multicast, the tall tiles off (`_tma_mc_gnb` wherever the
+                // sums are taken from a TMA launch).
+                gpu.set_multicast_and_tall(true, false);
+                self.network_rows(
+                    &mut gpu,
+                    &io,
+                    [
+                        format!("{label} forward, {what}, multicast"),
+                        format!("{label} forward + vjp, {what}, multicast"),
+                    ],
+                    want,
+                    NETWORK_TOLERANCE,
+                )?;
+                gpu.set_multicast_and_tall(false, true);
                 if n > 1 {
                     self.batch_invariance_rows(&mut gpu, &io, &format!("{label}, {what},"))?;
                 }

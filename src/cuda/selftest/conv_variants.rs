@@ -61,6 +61,10 @@ pub(super) fn wgmma_path(p: &ConvLaunch) -> String {
     s
 }
 
+/// What [`Tester::guarded_partial`] fills the words past the partial sums with: no launch
+/// writes there.
+const PARTIAL_GUARD: f32 = -7.25;
+
 impl Tester<'_> {
     /// wgmma launch `wp` of `shape` through its cycle-counting kernel (`ptrs` as for `want`,
     /// the plain kernel's output): the same outputs to the bit, and counters that add up (two
@@ -139,8 +143,7 @@ impl Tester<'_> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (n, c) = (shape.n, shape.ncols);
         let y = self.zeros(want.len())?;
-        // Two f32 slots per f64.
-        let partial = self.zeros(4 * n * chunks * c)?;
+        let partial = self.guarded_partial(n, chunks, c)?;
         let p = ConvPtrs {
             y: y.ptr,
             gn_partial: partial.ptr,
@@ -179,8 +182,18 @@ impl Tester<'_> {
         )
     }
 
-    /// A row holding the f64 partial sums in `partial` (two f32 slots each) to `expect` within
-    /// `tolerance` (relative L2 in f64); a count that differs fails it (NaN).
+    /// Room for the partial sums of `n` images of `chunks` chunks of `c` channels (two f64, so
+    /// four f32 slots, each), zeroed, then one image's more filled with [`PARTIAL_GUARD`]: where
+    /// a block past the last image (a multicast launch's padding block) would write.
+    pub(super) fn guarded_partial(&self, n: usize, chunks: usize, c: usize) -> Result<DevBuf> {
+        let mut words = vec![0.0f32; 4 * (n + 1) * chunks * c];
+        words[4 * n * chunks * c..].fill(PARTIAL_GUARD);
+        self.up(&words)
+    }
+
+    /// A row holding the f64 partial sums at the start of `partial`
+    /// ([`Self::guarded_partial`]) to `expect` within `tolerance` (relative L2 in f64); a launch
+    /// that wrote past them (a guard word changed) fails it (NaN).
     pub(super) fn partial_sums_row(
         &mut self,
         op: String,
@@ -190,22 +203,26 @@ impl Tester<'_> {
         ms: f64,
         tolerance: f64,
     ) -> Result<()> {
-        let got: Vec<f64> = partial
-            .download(&self.gpu.stream)?
+        let words = partial.download(&self.gpu.stream)?;
+        let (sums, guard) = words.split_at((2 * expect.len()).min(words.len()));
+        let got: Vec<f64> = sums
             .chunks_exact(2)
             .map(|w| f64::from_bits(u64::from(w[0].to_bits()) | u64::from(w[1].to_bits()) << 32))
             .collect();
         let diff: f64 = got.iter().zip(expect).map(|(a, b)| (a - b) * (a - b)).sum();
         let norm: f64 = expect.iter().map(|b| b * b).sum();
-        let length = if got.len() == expect.len() {
-            0.0
-        } else {
-            f64::NAN
-        };
+        let intact = got.len() == expect.len()
+            && !guard.is_empty()
+            && guard.iter().all(|w| w.to_bits() == PARTIAL_GUARD.to_bits());
         self.rows.push(SelftestRow {
             op,
-            shape,
-            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() + length,
+            shape: if intact {
+                shape
+            } else {
+                format!("{shape}; wrote past its sums")
+            },
+            rel_l2: (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+                + if intact { 0.0 } else { f64::NAN },
             gpu_ms: ms,
             tolerance,
         });
