@@ -179,24 +179,13 @@ impl Tester<'_> {
         }
         let (model, networks) = self.candidate_networks(true)?;
         for net in &networks {
-            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
-            let (io, want) = (net.io(), net.want());
+            let (n, io, want) = (net.n, net.io(), net.want());
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("celebahq {precision}");
                 let what = "GroupNorm backward sums from the input gradients";
-                let launches = |gpu: &CudaUnet| -> Result<usize> {
-                    Ok(gpu.plan_stats(n, h, w, true)?.launches)
-                };
-                gpu.set_gn_backward_sums(false);
-                let own = launches(&gpu)?;
-                gpu.set_gn_backward_sums(true);
-                let taken = launches(&gpu)?;
-                self.check_row(
-                    format!("{label} forward + vjp, {what}: launches {taken}, {own} without"),
-                    desc.clone(),
-                    taken < own,
-                );
+                let op = format!("{label} forward + vjp, {what}");
+                self.fewer_launches_row(&mut gpu, net, true, &op, CudaUnet::set_gn_backward_sums)?;
                 for recording in [false, true] {
                     gpu.set_half_gn_inputs_recording(recording);
                     let what = if recording {

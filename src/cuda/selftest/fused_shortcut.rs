@@ -261,26 +261,15 @@ impl Tester<'_> {
         }
         let (model, networks) = self.candidate_networks(true)?;
         for net in &networks {
-            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
-            let (io, want) = (net.io(), net.want());
+            let (n, io, want) = (net.n, net.io(), net.want());
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 let label = format!("celebahq {precision}");
                 let what = "fused shortcuts";
                 // The rows below check fused programs only if the switches leave the kernels
                 // that fuse on: fewer launches, or a failed row.
-                let launches = |gpu: &CudaUnet| -> Result<usize> {
-                    Ok(gpu.plan_stats(n, h, w, false)?.launches)
-                };
-                gpu.set_shortcut_fused(false);
-                let plain = launches(&gpu)?;
-                gpu.set_shortcut_fused(true);
-                let fused = launches(&gpu)?;
-                self.check_row(
-                    format!("{label} forward, {what}: launches {fused}, {plain} unfused"),
-                    desc.clone(),
-                    fused < plain,
-                );
+                let op = format!("{label} forward, {what}");
+                self.fewer_launches_row(&mut gpu, net, false, &op, CudaUnet::set_shortcut_fused)?;
                 self.network_rows(
                     &mut gpu,
                     &io,

@@ -99,6 +99,30 @@ impl Tester<'_> {
         Ok((model, out))
     }
 
+    /// A row showing that `set(gpu, true)` plans `net` in fewer launches (a forward + VJP
+    /// where `record`, else a forward) than `set(gpu, false)`: that the candidate the rows
+    /// after it check is in the program. Leaves the candidate on.
+    pub(super) fn fewer_launches_row(
+        &mut self,
+        gpu: &mut CudaUnet,
+        net: &CandidateNetwork,
+        record: bool,
+        op: &str,
+        set: fn(&mut CudaUnet, bool),
+    ) -> Result<()> {
+        let mut launches = |on: bool| -> Result<usize> {
+            set(gpu, on);
+            Ok(gpu.plan_stats(net.n, net.h, net.w, record)?.launches)
+        };
+        let (without, with) = (launches(false)?, launches(true)?);
+        self.check_row(
+            format!("{op}: launches {with}, {without} without"),
+            net.desc.clone(),
+            with < without,
+        );
+        Ok(())
+    }
+
     pub(super) fn unets(&mut self, ordinal: usize) -> Result<()> {
         for (model, n, h, w, t) in [
             (tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
