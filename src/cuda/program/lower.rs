@@ -219,9 +219,9 @@ impl Lowering<'_> {
     /// With [`KernelConfig::gn_backward_producer_sums`]: each three-launch GroupNorm backward
     /// pass whose output gradient was last written, whole, by a convolution input gradient
     /// whose launch can write the partial sums ([`gn_partial_fits`], without a fused shortcut,
-    /// for which there are no `_gnb` kernels) takes its partial sums from that
-    /// launch's epilogue, a chunk per tile, and skips its own pass over the output gradient
-    /// and the GroupNorm's input.
+    /// for which there are no `_gnb` kernels) takes them from that launch's epilogue, a chunk
+    /// per tile, and skips its own pass over the output gradient and the GroupNorm's input.
+    /// `from`: the first step of the backward pass.
     pub(super) fn norm_backward_sums_from_producers(&mut self, from: usize) {
         for i in from..self.steps.len() {
             let Step::GroupNormBackward {
