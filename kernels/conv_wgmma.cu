@@ -415,6 +415,70 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
+// The unsplit epilogue of the STAGED kernels (the `_st` kernels, TMA; see wg_body): ROWS and
+// LEAN's arithmetic per value (finish_row: (bias + time embedding + residual) + acc, then the
+// division unless by 1, then the old output), through shared memory. Every thread first stores
+// its accumulators in the drained stages at `stage` (row r - m0 at stage + (r - m0) *
+// STATS_PITCH, as wg_stats reads them; the caller synchronised after the products); then each
+// warp finishes whole rows, a lane four consecutive columns, so that every load and store is a
+// 16-byte access and a warp's covers 512 contiguous bytes of one pixel, where the fragment's
+// 8-byte accesses spread a warp's over 8 pixels (8 lines an instruction, 32 instructions a
+// thread). U rows' loads go ahead of their arithmetic. Where `sums`, the finished values go
+// back in place for wg_stats. Needs ncols % 4 == 0 and 16-byte aligned bias, temb, res and y,
+// which the host checks for every tensor-core launch.
+template <int TM>
+DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, float* stage,
+                             bool sums) {
+    constexpr int WARPS = WgTile<TM>::THREADS / 32;
+    constexpr int U = 4;
+    static_assert(TM % (WARPS * U) == 0, "whole units of rows a warp");
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int lr0 = (warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+            *reinterpret_cast<float2*>(stage + (lr0 + 8 * h) * STATS_PITCH + 8 * j + 2 * (lane & 3)) =
+                make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+    }
+    __syncthreads();
+    const int col = n0 + 4 * lane;
+    if (col >= a.ncols) return;
+    const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
+    const bool divide = a.out_div != 1.0f;
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 bias = a.bias != nullptr ? *reinterpret_cast<const float4*>(a.bias + col) : zero;
+    auto add = [](float4 p, float4 q) { return make_float4(p.x + q.x, p.y + q.y, p.z + q.z, p.w + q.w); };
+    for (int r0 = warp; r0 < TM; r0 += WARPS * U) {
+        float4 v[U], e[U], old[U];
+        long long at[U];
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            const int r = r0 + WARPS * k, m = m0 + r;
+            at[k] = -1;
+            if (m >= M) continue;
+            const RowCoord rc = decode_row(a, m);
+            at[k] = out_pixel(a, rc) * a.ncols + col;
+            v[k] = *reinterpret_cast<const float4*>(stage + r * STATS_PITCH + 4 * lane);
+            e[k] = bias;
+            if (a.temb != nullptr)
+                e[k] = add(e[k], *reinterpret_cast<const float4*>(a.temb + (long long)rc.img * a.ncols + col));
+            if (a.res != nullptr) e[k] = add(e[k], *reinterpret_cast<const float4*>(a.res + at[k]));
+            old[k] = a.accumulate ? *reinterpret_cast<const float4*>(a.y + at[k]) : zero;
+        }
+#pragma unroll
+        for (int k = 0; k < U; ++k) {
+            if (at[k] < 0) break;
+            float4 w = v[k];
+            if (epi) w = add(e[k], w);
+            if (divide) w = make_float4(w.x / a.out_div, w.y / a.out_div, w.z / a.out_div, w.w / a.out_div);
+            if (a.accumulate) w = add(w, old[k]);
+            *reinterpret_cast<float4*>(a.y + at[k]) = w;
+            if (sums) *reinterpret_cast<float4*>(stage + (r0 + WARPS * k) * STATS_PITCH + 4 * lane) = w;
+        }
+    }
+}
+
 // The GroupNorm backward's sums over rows [r0, r1) of a tile's column ch (the `_gnb` kernels; see
 // wg_stats): the finished values staged in `keep` are that GroupNorm's output gradient dy, x its
 // input at the same element (row m0 + r is pixel m0 + r of the launch's images; `keep` points at
@@ -537,8 +601,10 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // columns.
 // GNB (the `_gnb` kernels, LEAN, TMA or MC): the GroupNorm sums of a.gn_partial are the backward
 // pass's (wg_bwd_sums); compiled out of the other kernels, whose registers they would raise.
+// STAGED (the `_st` kernels, TMA): an unsplit launch finishes its rows through shared memory
+// (wg_epilogue_staged), a split one as the TMA kernels do.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
-          bool MC = false, bool GNB = false>
+          bool MC = false, bool GNB = false, bool STAGED = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
                   Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
@@ -546,6 +612,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     static_assert(!MC || (TMA && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
     static_assert(!GNB || (LEAN && !SC && !PROBE), "backward sums: lean and TMA kernels, no shortcut");
+    static_assert(!STAGED || (TMA && !SC && !MC && !GNB && !PROBE), "staged epilogue: the plain TMA kernels");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
@@ -900,16 +967,21 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 
     // GroupNorm partial sums (a.gn_partial): the finished values staged in the stages, once
     // every warpgroup's products are done reading them.
+    // (STAGED: the stages hold every unsplit launch's values on their way out.)
     float* keep = nullptr;
     if constexpr (LEAN) {
-        if (a.gn_partial != nullptr && gridDim.z == 1) {
+        if ((STAGED || a.gn_partial != nullptr) && gridDim.z == 1) {
             __syncthreads();
             keep = reinterpret_cast<float*>(smem + (base - smem_addr(smem)));
         }
     }
-    wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, keep);
+    if (STAGED && keep != nullptr)
+        wg_epilogue_staged<TM>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
+    else
+        wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, STAGED ? nullptr : keep);
     // (MC: a padding block past the rows has no sums to write.)
-    if (LEAN && keep != nullptr && (!MC || m0 < M)) wg_stats<TM, GNB>(a, keep, M, m0, n0);
+    if (LEAN && keep != nullptr && (!STAGED || a.gn_partial != nullptr) && (!MC || m0 < M))
+        wg_stats<TM, GNB>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }
@@ -993,6 +1065,14 @@ WG_TMA_SC_MC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2)
     }
 WG_TMA_MC_GNB_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb, 1)
 WG_TMA_MC_GNB_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2)
+// The staged-epilogue forms (STAGED): TMA loads.
+#define WG_TMA_ST_KERNEL(name, T, TILE)                                                              \
+    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_body<T, false, true, TILE, true, true, false, false, false, true>(a, wg_dsmem, nullptr,    \
+                                                                            TmaLoads{&ta, &tb});      \
+    }
 // The backward-sums forms (GNB): lean loaders, and TMA loads.
 #define WG_GNB_KERNEL(name, T, TILE)                                                                 \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
@@ -1033,6 +1113,8 @@ WG_TMA_MC_GNB_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2)
     WG_GNB_KERNEL(conv_wgmma_bf16_rows_lean_gnb##prefix, 1, TILE)                                   \
     WG_GNB_KERNEL(conv_wgmma_fp16_rows_lean_gnb##prefix, 2, TILE)                                   \
     WG_TMA_GNB_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE)                                \
-    WG_TMA_GNB_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE)
+    WG_TMA_GNB_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE)                                \
+    WG_TMA_ST_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE)                                  \
+    WG_TMA_ST_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -84,6 +84,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs plain-tile TMA convolutions in clusters of two that share each weight slice (wgmma)",
     ),
     choice(
+        "INVDIFF_EPI_STAGED",
+        ON_OFF,
+        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma)",
+    ),
+    choice(
         "INVDIFF_GN_BWD_PRODUCER_SUMS",
         ON_OFF,
         "GPU candidate: `1` has each convolution input gradient sum the GroupNorm backward pass that reads it (wgmma, bf16/fp16; with INVDIFF_GN_PRODUCER_SUMS, a default)",

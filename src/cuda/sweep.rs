@@ -226,6 +226,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             prefetch: false,
             tile: WgmmaTile::Plain,
             multicast: false,
+            staged_epilogue: false,
             ..planned
         };
         let mut pipes = vec![(false, false), (true, false)];
@@ -261,6 +262,7 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 wgmma: true,
                 prefetch: false,
                 multicast: false,
+                staged_epilogue: false,
                 ..planned
             };
             let tma = tma_tried(shape);

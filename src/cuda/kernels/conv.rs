@@ -191,6 +191,12 @@ fn wgmma_gnb_index(precision: Precision, plan: &ConvLaunch) -> usize {
     table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
 }
 
+/// The staged-epilogue wgmma kernels (the `_st` kernels of kernels/conv_wgmma.cu, TMA loads):
+/// bf16 or fp16, then the tile.
+pub(super) fn wgmma_st_kernel_names() -> Vec<(String, WgmmaTile)> {
+    table_names(&["_rows_tma"], "_st", "")
+}
+
 /// The multicast wgmma kernels (the `_tma_mc` kernels of kernels/conv_wgmma.cu, plain tile):
 /// bf16, then fp16, of the plain form, with a fused shortcut (`_tma_sc_mc`), and with
 /// GroupNorm backward sums (`_tma_mc_gnb`).
@@ -620,11 +626,19 @@ impl Kernels {
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
             || (plan.multicast
                 && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && probe.is_none()))
+            || (plan.staged_epilogue
+                && !(plan.tma_loads
+                    && plan.splits == 1
+                    && !plan.multicast
+                    && !fused
+                    && p.gn_backward.is_none()
+                    && probe.is_none()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
                  row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile \
-                 {:?} (multicast {}, fused shortcut {fused}, cycle probe {})",
+                 {:?} (multicast {}, staged epilogue {}, fused shortcut {fused}, backward sums \
+                 {}, cycle probe {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -636,6 +650,8 @@ impl Kernels {
                 plan.splits,
                 plan.tile,
                 plan.multicast,
+                plan.staged_epilogue,
+                p.gn_backward.is_some(),
                 probe.is_some()
             )));
         }
@@ -666,22 +682,19 @@ impl Kernels {
                             "internal: wgmma convolution planned on a device without it".into(),
                         )
                     };
+                    let wg = self.conv_wgmma.as_ref().ok_or_else(missing)?;
                     let f = if plan.multicast {
-                        let wg = self.conv_wgmma_mc.as_ref().ok_or_else(missing)?;
-                        &wg[wgmma_mc_index(precision, fused, backward_sums)]
+                        &wg.multicast[wgmma_mc_index(precision, fused, backward_sums)]
                     } else if backward_sums {
-                        let wg = self.conv_wgmma_gnb.as_ref().ok_or_else(missing)?;
-                        &wg[wgmma_gnb_index(precision, plan)]
+                        &wg.backward_sums[wgmma_gnb_index(precision, plan)]
                     } else if fused {
-                        let wg = self.conv_wgmma_sc.as_ref().ok_or_else(missing)?;
-                        &wg[wgmma_sc_index(precision, plan)]
+                        &wg.shortcut[wgmma_sc_index(precision, plan)]
+                    } else if plan.staged_epilogue {
+                        &wg.staged[table_index(precision, 0, 1, plan.tile)]
+                    } else if probe.is_some() {
+                        &wg.probe[wgmma_index(precision, plan)]
                     } else {
-                        let kernels = if probe.is_some() {
-                            &self.conv_wgmma_probe
-                        } else {
-                            &self.conv_wgmma
-                        };
-                        &kernels.as_ref().ok_or_else(missing)?[wgmma_index(precision, plan)]
+                        &wg.plain[wgmma_index(precision, plan)]
                     };
                     (f, plan.tile.smem())
                 } else {

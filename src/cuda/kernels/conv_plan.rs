@@ -431,6 +431,11 @@ pub(crate) struct ConvLaunch {
     /// `_tma_mc_gnb` with GroupNorm backward sums): the weight traffic of the tall tile at two
     /// blocks a multiprocessor, the same bits.
     pub multicast: bool,
+    /// With `tma_loads`, unsplit, without multicast or a fused shortcut: the epilogue through
+    /// shared memory (`STAGED` in kernels/conv_wgmma.cu, the `_st` kernels), each warp
+    /// finishing whole rows with 16-byte accesses instead of each thread its fragment's 8-byte
+    /// pairs; the same arithmetic per value, so the same bits.
+    pub staged_epilogue: bool,
 }
 
 /// The forms of a wgmma kernel of one tile and precision as `(row_epilogue, lean_loads,
@@ -747,7 +752,8 @@ fn tc_splits(tiles: usize, ktiles: usize, slots: usize, sms: usize) -> usize {
 
 impl ConvLaunch {
     /// How a wgmma launch copies its slices and readies its epilogue, for reports: `, TMA
-    /// loads` (`, multicast`), `, lean loads`, then `, prefetch`; empty for the plain loaders.
+    /// loads` (`, multicast`), `, lean loads`, then `, prefetch` and `, staged epilogue`; empty
+    /// for the plain loaders.
     pub fn loads_described(&self) -> String {
         let loads = if self.multicast {
             ", TMA loads, multicast"
@@ -759,7 +765,12 @@ impl ConvLaunch {
             ""
         };
         let prefetch = if self.prefetch { ", prefetch" } else { "" };
-        format!("{loads}{prefetch}")
+        let staged = if self.staged_epilogue {
+            ", staged epilogue"
+        } else {
+            ""
+        };
+        format!("{loads}{prefetch}{staged}")
     }
 
     /// `kernel` over `splits` splits of `k_per_split`, with every pipeline choice off.
@@ -777,6 +788,7 @@ impl ConvLaunch {
             prefetch: false,
             tile: WgmmaTile::Plain,
             multicast: false,
+            staged_epilogue: false,
         }
     }
 

@@ -74,8 +74,8 @@ pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
 use conv::{
-    narrow_smem, wgmma_gnb_kernel_names, wgmma_kernel_names, wgmma_sc_kernel_names, TC_KERNELS,
-    WGMMA_MC_KERNELS,
+    narrow_smem, wgmma_gnb_kernel_names, wgmma_kernel_names, wgmma_sc_kernel_names,
+    wgmma_st_kernel_names, TC_KERNELS, WGMMA_MC_KERNELS,
 };
 use conv_plan::DIRECT_MAX;
 
@@ -220,21 +220,32 @@ pub(crate) struct Kernels {
     div_inplace: CudaFunction,
     timestep_embedding: CudaFunction,
     timing_hold: CudaFunction,
+    /// Hopper's wgmma convolutions: on compute capability 9.0 only.
+    conv_wgmma: Option<WgmmaKernels>,
+}
+
+/// The wgmma convolution kernels (kernels/conv_wgmma.cu), one table per family.
+struct WgmmaKernels {
     /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows`, `_rows_lean` and `_rows_tma` forms,
-    /// then the `_tall` forms of all eight (`conv::wgmma_index`): on compute capability 9.0 only.
-    conv_wgmma: Option<[CudaFunction; WGMMA_KERNELS]>,
+    /// then the `_tall` forms of all eight (`conv::wgmma_index`).
+    plain: [CudaFunction; WGMMA_KERNELS],
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
-    conv_wgmma_probe: Option<[CudaFunction; WGMMA_KERNELS]>,
+    probe: [CudaFunction; WGMMA_KERNELS],
     /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
     /// `conv::wgmma_sc_index`).
-    conv_wgmma_sc: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
+    shortcut: [CudaFunction; WGMMA_SC_KERNELS],
     /// The multicast kernels (`_rows_tma_mc`, `_rows_tma_sc_mc` and `_rows_tma_mc_gnb`, plain
     /// tile; `conv::WGMMA_MC_KERNELS`).
-    conv_wgmma_mc: Option<[CudaFunction; WGMMA_MC_KERNELS.len()]>,
+    multicast: [CudaFunction; WGMMA_MC_KERNELS.len()],
     /// The backward-sums kernels (`_rows_lean_gnb`, `_rows_tma_gnb`, each tile;
     /// `conv::wgmma_gnb_index`).
-    conv_wgmma_gnb: Option<[CudaFunction; WGMMA_SC_KERNELS]>,
+    backward_sums: [CudaFunction; WGMMA_SC_KERNELS],
+    /// The staged-epilogue kernels (`_rows_tma_st`, each tile; `conv::wgmma_st_kernel_names`).
+    staged: [CudaFunction; WGMMA_ST_KERNELS],
 }
+
+/// Both precisions and every tile of the staged-epilogue wgmma kernels.
+const WGMMA_ST_KERNELS: usize = 2 * WgmmaTile::ALL.len();
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
@@ -322,52 +333,46 @@ impl Kernels {
             .collect::<Result<Vec<_>>>()?;
         // Hopper's wgmma kernels exist as sm_90a machine code only.
         let wgmma_module = sm90a_fatbins().iter().find(|(n, _)| *n == "conv_wgmma");
-        let (conv_wgmma, conv_wgmma_probe, conv_wgmma_sc, conv_wgmma_mc, conv_wgmma_gnb) =
-            match wgmma_module {
-                Some((name, image)) if info.compute_capability == (9, 0) => {
-                    let m = cu(
-                        ctx.load_module(Ptx::from_binary(image.to_vec())),
-                        &format!("loading kernel module `{name}` on {}", info.name),
-                    )?;
-                    let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
-                        let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
-                        allow_smem(ctx, f, bytes)
-                    };
-                    let table = |names: Vec<(String, WgmmaTile)>| -> Result<Vec<CudaFunction>> {
-                        names
-                            .iter()
-                            .map(|(kernel, tile)| f(kernel, tile.smem()))
-                            .collect()
-                    };
-                    let all = |suffix: &str| -> Result<[CudaFunction; WGMMA_KERNELS]> {
-                        table(wgmma_kernel_names(suffix))?
-                            .try_into()
-                            .map_err(|_| Error::Cuda("internal: wgmma kernel table".into()))
-                    };
-                    let fused: [CudaFunction; WGMMA_SC_KERNELS] = table(wgmma_sc_kernel_names())?
+        let conv_wgmma = match wgmma_module {
+            Some((name, image)) if info.compute_capability == (9, 0) => {
+                let m = cu(
+                    ctx.load_module(Ptx::from_binary(image.to_vec())),
+                    &format!("loading kernel module `{name}` on {}", info.name),
+                )?;
+                let f = |f: &str, bytes: u32| -> Result<CudaFunction> {
+                    let f = cu(m.load_function(f), &format!("looking up kernel `{f}`"))?;
+                    allow_smem(ctx, f, bytes)
+                };
+                // One family's kernels, each with its tile's shared memory, in a table of N.
+                fn table<const N: usize>(
+                    f: &dyn Fn(&str, u32) -> Result<CudaFunction>,
+                    names: Vec<(String, WgmmaTile)>,
+                    what: &str,
+                ) -> Result<[CudaFunction; N]> {
+                    names
+                        .iter()
+                        .map(|(kernel, tile)| f(kernel, tile.smem()))
+                        .collect::<Result<Vec<_>>>()?
                         .try_into()
-                        .map_err(|_| Error::Cuda("internal: fused-shortcut kernel table".into()))?;
-                    let multicast = table(
-                        WGMMA_MC_KERNELS
-                            .iter()
-                            .map(|&n| (n.to_string(), WgmmaTile::Plain))
-                            .collect(),
-                    )?
-                    .try_into()
-                    .map_err(|_| Error::Cuda("internal: multicast kernel table".into()))?;
-                    let gnb = table(wgmma_gnb_kernel_names())?
-                        .try_into()
-                        .map_err(|_| Error::Cuda("internal: backward-sums kernel table".into()))?;
-                    (
-                        Some(all("")?),
-                        Some(all("_probe")?),
-                        Some(fused),
-                        Some(multicast),
-                        Some(gnb),
-                    )
+                        .map_err(|_| Error::Cuda(format!("internal: {what} kernel table")))
                 }
-                _ => (None, None, None, None, None),
-            };
+                let plain_tile = |names: &[&str]| {
+                    names
+                        .iter()
+                        .map(|&n| (n.to_string(), WgmmaTile::Plain))
+                        .collect()
+                };
+                Some(WgmmaKernels {
+                    plain: table(&f, wgmma_kernel_names(""), "wgmma")?,
+                    probe: table(&f, wgmma_kernel_names("_probe"), "cycle-counting wgmma")?,
+                    shortcut: table(&f, wgmma_sc_kernel_names(), "fused-shortcut")?,
+                    multicast: table(&f, plain_tile(&WGMMA_MC_KERNELS), "multicast")?,
+                    backward_sums: table(&f, wgmma_gnb_kernel_names(), "backward-sums")?,
+                    staged: table(&f, wgmma_st_kernel_names(), "staged-epilogue")?,
+                })
+            }
+            _ => None,
+        };
         // The fused attention where a block may have its shared memory.
         let attention_flash = if FLASH_SMEM.iter().all(|&b| b <= info.max_block_smem) {
             let names = [
@@ -457,10 +462,6 @@ impl Kernels {
             timestep_embedding: get("resample", "timestep_embedding")?,
             timing_hold: get("timing", "timing_hold")?,
             conv_wgmma,
-            conv_wgmma_probe,
-            conv_wgmma_sc,
-            conv_wgmma_mc,
-            conv_wgmma_gnb,
         })
     }
 
@@ -589,6 +590,9 @@ mod tests {
         let gnb = wgmma_gnb_kernel_names();
         assert_eq!(gnb.len(), WGMMA_SC_KERNELS);
         asked.extend(gnb.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        let staged = wgmma_st_kernel_names();
+        assert_eq!(staged.len(), WGMMA_ST_KERNELS);
+        asked.extend(staged.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         asked.extend(WGMMA_MC_KERNELS.map(|n| ("conv_wgmma".into(), n.into())));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");

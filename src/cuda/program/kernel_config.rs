@@ -121,6 +121,11 @@ pub(crate) struct KernelConfig {
     /// ([`ConvLaunch::multicast`]): the same sums in the same order. With `tall_tiles` off it
     /// also stands in where the tall tile would have run.
     pub wgmma_multicast: bool,
+    /// Unsplit TMA launches without multicast or a fused shortcut finish their rows through
+    /// shared memory ([`ConvLaunch::staged_epilogue`]), each warp whole rows with 16-byte
+    /// accesses: the same arithmetic per value, the same bits. A launch that writes GroupNorm
+    /// backward sums keeps the plain form (the `_gnb` kernels have no staged one).
+    pub staged_epilogue: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
     /// pixel, of a 2x2 convolution of the low-resolution input (a 16-bit copy of it in
@@ -169,6 +174,7 @@ impl Default for KernelConfig {
             epilogue_prefetch: false,
             tall_tiles: false,
             wgmma_multicast: false,
+            staged_epilogue: false,
             upsample_fold: false,
             shortcut_fused: false,
             batch_invariant: false,
@@ -221,6 +227,7 @@ impl KernelConfig {
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
             wgmma_multicast: false,
+            staged_epilogue: false,
             upsample_fold: precision.is_half(),
             shortcut_fused: false,
             batch_invariant: false,
@@ -269,6 +276,7 @@ impl KernelConfig {
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             wgmma_multicast: wgmma && kept("INVDIFF_WGMMA_MULTICAST", tuned.wgmma_multicast),
+            staged_epilogue: wgmma && kept("INVDIFF_EPI_STAGED", tuned.staged_epilogue),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             shortcut_fused: wgmma && kept("INVDIFF_SHORTCUT_FUSED", tuned.shortcut_fused),
             batch_invariant: false,
@@ -312,6 +320,7 @@ impl KernelConfig {
             (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.wgmma_multicast, "wgmma weight slices multicast"),
+            (self.staged_epilogue, "staged wgmma epilogues"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.shortcut_fused, "1x1 shortcuts fused into convolutions"),
             (self.batch_invariant, "per-image plans"),

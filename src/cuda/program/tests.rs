@@ -893,6 +893,59 @@ fn half_copies_feed_only_tensor_core_launches() {
     }
 }
 
+/// With staged_epilogue, exactly the unsplit TMA launches without multicast, a fused shortcut
+/// or GroupNorm backward sums finish through shared memory, forward and backward, on both
+/// tiles; the program is otherwise the one without it.
+#[test]
+fn staged_epilogues_take_the_unsplit_tma_launches() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    for (n, record) in [(1, true), (8, false)] {
+        for others in [
+            tuned,
+            KernelConfig {
+                shortcut_fused: true,
+                wgmma_multicast: true,
+                gn_backward_producer_sums: true,
+                ..tuned
+            },
+        ] {
+            let build = |tc| {
+                Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap()
+            };
+            let base = build(others);
+            let p = build(KernelConfig {
+                staged_epilogue: true,
+                ..others
+            });
+            assert_eq!(base.steps.len(), p.steps.len());
+            let (mut staged, mut tall) = (0, 0);
+            for (a, b) in base.steps.iter().zip(&p.steps) {
+                let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
+                    continue;
+                };
+                let l = b.launch;
+                let fits = l.tma_loads
+                    && l.splits == 1
+                    && !l.multicast
+                    && b.shortcut.is_none()
+                    && b.gn_backward.is_none();
+                assert_eq!(l.staged_epilogue, fits, "{b:?}");
+                assert_eq!(
+                    ConvLaunch {
+                        staged_epilogue: false,
+                        ..l
+                    },
+                    a.launch
+                );
+                staged += usize::from(fits);
+                tall += usize::from(fits && l.tile == WgmmaTile::Tall);
+            }
+            assert!(staged > 0 && tall > 0, "batch {n}: {staged}, {tall} tall");
+        }
+    }
+}
+
 /// With gn_backward_producer_sums, a three-launch GroupNorm backward pass takes its partial
 /// sums from the convolution that wrote its output gradient last exactly where that launch can
 /// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut; multicast
@@ -1397,6 +1450,22 @@ fn switches_compute_what_the_default_program_computes() {
                     assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
                 }
             }
+            // The candidate: staged epilogues, alone and with every other candidate.
+            for staged in [
+                KernelConfig {
+                    staged_epilogue: true,
+                    ..tuned
+                },
+                KernelConfig {
+                    staged_epilogue: true,
+                    shortcut_fused: true,
+                    gn_backward_producer_sums: true,
+                    half_gn_inputs_recording: true,
+                    ..tuned
+                },
+            ] {
+                assert_eq!(symbolic(&build(staged)), want, "{precision} {n}x{h}x{w}");
+            }
             // The candidate: GroupNorm backward sums from the input gradients, alone and with
             // the 16-bit concatenations of the recording forward.
             for base in [tuned, recording] {
@@ -1651,7 +1720,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 14] = [
+    let flags: [fn(&mut KernelConfig); 15] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1665,6 +1734,7 @@ fn every_choice_has_a_name() {
         |c| c.upsample_fold = true,
         |c| c.shortcut_fused = true,
         |c| c.wgmma_multicast = true,
+        |c| c.staged_epilogue = true,
         |c| c.batch_invariant = true,
     ];
     let mut all = KernelConfig::default();

@@ -12,7 +12,8 @@
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
 //! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `multicast`, weight slices
 //! shared by clusters of two; `backward_sums`, GroupNorm backward sums from the input
-//! gradients), `linears`, `group_norms`, `attentions`, `data_movement` and
+//! gradients; `staged_epilogue`, epilogues through shared memory), `linears`, `group_norms`,
+//! `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
@@ -39,6 +40,7 @@ mod group_norms;
 mod linears;
 mod multicast;
 mod networks;
+mod staged_epilogue;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
 pub const TOLERANCE: f64 = 1e-5;
@@ -119,7 +121,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 12] = [
+pub const SELFTEST_GROUPS: [&str; 13] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -132,6 +134,7 @@ pub const SELFTEST_GROUPS: [&str; 12] = [
     "fused shortcuts",
     "multicast",
     "backward sums",
+    "staged epilogue",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -156,7 +159,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 12] = [
+    let groups: [(&str, Group); 13] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -188,6 +191,10 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("backward sums", |t, o| {
             t.backward_sums()?;
             t.backward_sums_unets(o)
+        }),
+        ("staged epilogue", |t, o| {
+            t.staged_epilogues()?;
+            t.staged_epilogue_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

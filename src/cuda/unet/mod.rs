@@ -264,6 +264,16 @@ impl CudaUnet {
         self.change_choice(|c| c.half_gn_inputs_recording = on);
     }
 
+    /// Finishes unsplit TMA convolutions through shared memory (`on`,
+    /// [`KernelConfig::staged_epilogue`]) or not, and takes the tall tiles where they fill the
+    /// machine (`tall`) or not, for comparisons; drops every plan.
+    pub(crate) fn set_staged_epilogue_and_tall(&mut self, on: bool, tall: bool) {
+        self.change_choice(|c| {
+            c.staged_epilogue = on && c.wgmma;
+            c.tall_tiles = tall;
+        });
+    }
+
     /// Has each convolution input gradient that can write the partial sums of the GroupNorm
     /// backward pass reading it write them (`on`, [`KernelConfig::gn_backward_producer_sums`])
     /// or none, for comparisons; drops every plan. Either way with the forward's sums from

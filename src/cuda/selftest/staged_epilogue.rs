@@ -1,0 +1,221 @@
+//! Epilogues through shared memory (the `_st` wgmma kernels, `INVDIFF_EPI_STAGED`): launches
+//! against the same launch without, bit for bit, and whole networks against the same network
+//! without. A group of its own, run last: a candidate's kernel that faults ends no other check.
+
+use super::conv_variants::wgmma_path;
+use super::Tester;
+use crate::cuda::kernels::{
+    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile,
+};
+use crate::cuda::precision::Precision;
+use crate::cuda::unet::CudaUnet;
+use crate::model::graph::Pad;
+use crate::Result;
+
+impl Tester<'_> {
+    /// On a device with wgmma, in bf16 and fp16: unsplit TMA launches on both tiles at
+    /// celebahq's shapes and awkward ones (a partial column tile, partial row tiles, stride-2
+    /// input gradients, one launch per parity class into a strided output), with a bias, a
+    /// time embedding, a residual and a divisor in the epilogue, also adding onto an output:
+    /// staged, the same output as without to the bit; where the launch can write GroupNorm
+    /// sums, those checked against the host's as every launch's are.
+    pub(super) fn staged_epilogues(&mut self) -> Result<()> {
+        if !self.gpu.kernels.has_wgmma() {
+            return Ok(());
+        }
+        let mut shapes = vec![
+            ConvShape::forward(1, 256, 256, 128, 128, 3, 1, Pad::Symmetric),
+            ConvShape::forward(2, 64, 64, 256, 256, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 32, 32, 512, 512, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 16, 16, 128, 160, 3, 1, Pad::Symmetric),
+            ConvShape::forward(3, 12, 20, 64, 128, 3, 1, Pad::Symmetric),
+        ];
+        shapes.extend(ConvShape::backward(
+            2,
+            32,
+            32,
+            128,
+            128,
+            3,
+            2,
+            Pad::RightBottom,
+        ));
+        for shape in &shapes {
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                self.staged_epilogue_case(shape, precision)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn staged_epilogue_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
+        let gpu = self.gpu;
+        let desc = format!(
+            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}), {precision}",
+            s.n,
+            s.sh,
+            s.sw,
+            s.mh,
+            s.mw,
+            s.sc,
+            s.ncols,
+            s.taps.len(),
+            s.out_stride
+        );
+        let Some(planned) = plan_wgmma(s, gpu.sms(), precision).filter(|_| tma_tried(s)) else {
+            if tma_tried(s) {
+                self.check_row(
+                    "staged epilogue: a wgmma launch planned".into(),
+                    desc,
+                    false,
+                );
+            }
+            return Ok(());
+        };
+        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
+        let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
+        let len = s.n * s.yh * s.yw * s.ncols;
+        let (x, w) = (self.rand(x_len, -1.0, 1.0), self.rand(w_len, -0.05, 0.05));
+        let (bias, temb, res, old) = (
+            self.rand(s.ncols, -0.5, 0.5),
+            self.rand(s.n * s.ncols, -0.5, 0.5),
+            self.rand(len, -1.0, 1.0),
+            self.rand(len, -1.0, 1.0),
+        );
+        let (xd, wd) = (self.up(&x)?, self.up(&w)?);
+        let (xh, wh) = (
+            self.half_copy(xd.ptr, x_len, precision)?,
+            self.half_copy(wd.ptr, w_len, precision)?,
+        );
+        let (bias, temb, res) = (self.up(&bias)?, self.up(&temb)?, self.up(&res)?);
+        let ptrs = ConvPtrs {
+            x: xh.ptr,
+            w: wh.ptr,
+            bias: bias.ptr,
+            temb: temb.ptr,
+            res: res.ptr,
+            ..ConvPtrs::default()
+        };
+        for (tile, _) in WgmmaTile::ALL {
+            let tma = ConvLaunch {
+                splits: 1,
+                k_per_split: s.k().next_multiple_of(64),
+                row_epilogue: true,
+                lean_loads: true,
+                tma_loads: true,
+                ..planned
+            };
+            let Some(plain) = on_tile(tma, tile) else {
+                continue;
+            };
+            let staged = ConvLaunch {
+                staged_epilogue: true,
+                ..plain
+            };
+            for accumulate in [false, true] {
+                let (want, plain_ms) = self.output_over(s, &plain, ptrs, &old, accumulate)?;
+                let (got, ms) = self.output_over(s, &staged, ptrs, &old, accumulate)?;
+                let label = if accumulate {
+                    "conv (temb, residual, /2, adding)"
+                } else {
+                    "conv (temb, residual, /2)"
+                };
+                self.row_within(
+                    format!(
+                        "{label} [{}] vs [{}]",
+                        wgmma_path(&staged),
+                        wgmma_path(&plain)
+                    ),
+                    format!("{desc}, without {plain_ms:.3} ms"),
+                    &got,
+                    &want,
+                    ms,
+                    0.0,
+                );
+                if !accumulate {
+                    self.gn_partial_row(s, staged, ptrs, 2.0, &got, label, &desc)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Launch `l`'s output over `old` (what it adds onto when `accumulate`), divided by 2, and
+    /// its time (of launches that add onto the output more than once: the output checked is
+    /// one more launch's, over `old` again).
+    fn output_over(
+        &self,
+        s: &ConvShape,
+        l: &ConvLaunch,
+        ptrs: ConvPtrs,
+        old: &[f32],
+        accumulate: bool,
+    ) -> Result<(Vec<f32>, f64)> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let y = self.up(old)?;
+        let p = ConvPtrs { y: y.ptr, ..ptrs };
+        let ms = self.timed(|| Ok(()), || gpu.kernels.conv(st, s, l, p, 2.0, accumulate))?;
+        let y = self.up(old)?;
+        gpu.kernels
+            .conv(st, s, l, ConvPtrs { y: y.ptr, ..ptrs }, 2.0, accumulate)?;
+        Ok((y.download(st)?, ms))
+    }
+
+    /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
+    /// fp16, as configured but for two choices: staged epilogues with the tall tiles on and
+    /// off, each with its forward and forward + VJP the same to the bit as without them (with
+    /// the tall tiles on), once the program shows it stages.
+    pub(super) fn staged_epilogue_unets(&mut self, ordinal: usize) -> Result<()> {
+        if !self.gpu.kernels.has_wgmma() {
+            return Ok(());
+        }
+        let (model, networks) = self.candidate_networks(false)?;
+        for net in &networks {
+            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
+            let (sample, cot, t) = (&net.sample, &net.cot, &net.t);
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                let label = format!("celebahq {precision}");
+                gpu.set_staged_epilogue_and_tall(false, true);
+                let want = gpu.forward(sample, t)?;
+                gpu.forward_recording(sample, t)?;
+                let want_grad = gpu.vjp(cot)?;
+                for (tall, what) in [
+                    (true, "staged epilogue"),
+                    (false, "staged epilogue, no tall tiles"),
+                ] {
+                    gpu.set_staged_epilogue_and_tall(true, tall);
+                    let profile = gpu.profile(n, h, w, false, 1)?;
+                    let shows = profile.steps.iter().any(|s| s.variant.contains("staged"));
+                    self.check_row(
+                        format!("{label} forward, {what}: the program stages"),
+                        desc.clone(),
+                        shows,
+                    );
+                    let got = gpu.forward(sample, t)?;
+                    let ms = gpu.time_forward(n, h, w, 5)?;
+                    self.row_within(
+                        format!("{label} forward, {what} vs without"),
+                        desc.clone(),
+                        got.data(),
+                        want.data(),
+                        ms,
+                        0.0,
+                    );
+                    gpu.forward_recording(sample, t)?;
+                    let grad = gpu.vjp(cot)?;
+                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
+                    self.row_within(
+                        format!("{label} forward + vjp, {what} vs without"),
+                        desc.clone(),
+                        grad.data(),
+                        want_grad.data(),
+                        ms,
+                        0.0,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
