@@ -71,6 +71,14 @@
 // the TMA kernels thread 0 switches maps (the second im2col map has the first's pixel box, so
 // the walk's bases are the same, and copies the tap at offset 0, 0).
 //
+// Staged epilogue (the `_st` kernels, TMA, unsplit; INVDIFF_EPI_STAGED): v0.7's cycle probe put
+// the epilogue at 46-52% of a warpgroup's cycles in the large 3x3 launches, and halving the
+// bytes of some of its stores (16-bit outputs) gained under 1%: it looks bound by its memory
+// instructions, each warp access of the fragment spread over 8 pixels. These kernels stage the
+// tile in the drained stages and finish whole rows with 16-byte accesses (wg_epilogue_staged),
+// the same arithmetic per value. Launches with multicast, a fused shortcut or backward sums
+// keep the fragment epilogue.
+//
 // Multicast B (the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and `_tma_mc_gnb` with
 // GroupNorm backward sums, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves the weight
 // traffic per product but runs one block a multiprocessor, so nothing overlaps a tile's epilogue
@@ -425,7 +433,8 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
 // 8-byte accesses spread a warp's over 8 pixels (8 lines an instruction, 32 instructions a
 // thread). U rows' loads go ahead of their arithmetic. Where `sums`, the finished values go
 // back in place for wg_stats. Needs ncols % 4 == 0 and 16-byte aligned bias, temb, res and y,
-// which the host checks for every tensor-core launch.
+// which the host checks for every tensor-core launch (the tensor-core kernels have no
+// unaligned fallback).
 template <int TM>
 DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, float* stage,
                              bool sums) {
@@ -446,6 +455,10 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
     if (col >= a.ncols) return;
     const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
     const bool divide = a.out_div != 1.0f;
+    // Each lane finds 16 rows' pixels, where the fragment finds 2: without decode_row's two
+    // divisions where the output grid is the rows' own (out_pixel(decode_row(m)) == m).
+    const bool own_grid = a.out_stride == 1 && a.out_oy == 0 && a.out_ox == 0 && a.yh == a.mh && a.yw == a.mw;
+    const int per = a.mh * a.mw;
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
     const float4 bias = a.bias != nullptr ? *reinterpret_cast<const float4*>(a.bias + col) : zero;
     auto add = [](float4 p, float4 q) { return make_float4(p.x + q.x, p.y + q.y, p.z + q.z, p.w + q.w); };
@@ -457,12 +470,20 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
             const int r = r0 + WARPS * k, m = m0 + r;
             at[k] = -1;
             if (m >= M) continue;
-            const RowCoord rc = decode_row(a, m);
-            at[k] = out_pixel(a, rc) * a.ncols + col;
+            long long pix = m;
+            int img = 0;
+            if (!own_grid) {
+                const RowCoord rc = decode_row(a, m);
+                pix = out_pixel(a, rc);
+                img = rc.img;
+            } else if (a.temb != nullptr) {
+                img = m / per;
+            }
+            at[k] = pix * a.ncols + col;
             v[k] = *reinterpret_cast<const float4*>(stage + r * STATS_PITCH + 4 * lane);
             e[k] = bias;
             if (a.temb != nullptr)
-                e[k] = add(e[k], *reinterpret_cast<const float4*>(a.temb + (long long)rc.img * a.ncols + col));
+                e[k] = add(e[k], *reinterpret_cast<const float4*>(a.temb + (long long)img * a.ncols + col));
             if (a.res != nullptr) e[k] = add(e[k], *reinterpret_cast<const float4*>(a.res + at[k]));
             old[k] = a.accumulate ? *reinterpret_cast<const float4*>(a.y + at[k]) : zero;
         }
@@ -988,7 +1009,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
 // dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
-// aligned x, w, y, res and ws (the host checks them); x and w hold 16-bit values of the
+// aligned x, w, y, res, ws, bias and temb (the host checks them); x and w hold 16-bit values of the
 // product's type.
 #define WG_KERNEL(name, T, ROWS, TILE, LEAN)                                                         \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \

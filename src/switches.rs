@@ -86,7 +86,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma)",
+        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; not those that multicast, fuse a shortcut or sum a GroupNorm backward pass)",
     ),
     choice(
         "INVDIFF_GN_BWD_PRODUCER_SUMS",

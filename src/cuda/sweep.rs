@@ -424,8 +424,9 @@ fn sweep_one(
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
         let ms = mean_ms(st, iters, launch)?;
-        // The fused-shortcut and multicast kernels have no cycle-counting forms.
-        let cycles = if c.wgmma && shortcut.is_none() && !c.multicast {
+        // The fused-shortcut, multicast and staged-epilogue kernels have no cycle-counting
+        // forms.
+        let cycles = if c.wgmma && shortcut.is_none() && !c.multicast && !c.staged_epilogue {
             probe(gpu, shape, c, ptrs)?
         } else {
             None

@@ -1463,6 +1463,13 @@ fn switches_compute_what_the_default_program_computes() {
                     half_gn_inputs_recording: true,
                     ..tuned
                 },
+                KernelConfig {
+                    staged_epilogue: true,
+                    shortcut_fused: true,
+                    gn_backward_producer_sums: true,
+                    wgmma_multicast: true,
+                    ..tuned
+                },
             ] {
                 assert_eq!(symbolic(&build(staged)), want, "{precision} {n}x{h}x{w}");
             }

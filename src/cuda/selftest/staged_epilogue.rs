@@ -16,7 +16,8 @@ impl Tester<'_> {
     /// On a device with wgmma, in bf16 and fp16: unsplit TMA launches on both tiles at
     /// celebahq's shapes and awkward ones (a partial column tile, partial row tiles, stride-2
     /// input gradients, one launch per parity class into a strided output), with a bias, a
-    /// time embedding, a residual and a divisor in the epilogue, also adding onto an output:
+    /// time embedding, a residual and a divisor in the epilogue, with a time embedding alone
+    /// and without a divisor, and with no epilogue terms, each also adding onto an output:
     /// staged, the same output as without to the bit; where the launch can write GroupNorm
     /// sums, those checked against the host's as every launch's are.
     pub(super) fn staged_epilogues(&mut self) -> Result<()> {
@@ -112,14 +113,29 @@ impl Tester<'_> {
                 staged_epilogue: true,
                 ..plain
             };
-            for accumulate in [false, true] {
-                let (want, plain_ms) = self.output_over(s, &plain, ptrs, &old, accumulate)?;
-                let (got, ms) = self.output_over(s, &staged, ptrs, &old, accumulate)?;
-                let label = if accumulate {
-                    "conv (temb, residual, /2, adding)"
-                } else {
-                    "conv (temb, residual, /2)"
-                };
+            // Every term of the epilogue and a divisor; then the branches without: a time
+            // embedding alone (no bias: its sum starts at zero), no divisor; nothing at all.
+            let temb_alone = ConvPtrs {
+                bias: 0,
+                res: 0,
+                ..ptrs
+            };
+            let bare = ConvPtrs {
+                temb: 0,
+                ..temb_alone
+            };
+            let setups = [
+                ("temb, residual, /2", ptrs, 2.0),
+                ("temb alone", temb_alone, 1.0),
+                ("no epilogue terms", bare, 1.0),
+            ];
+            for ((what, p, div), accumulate) in setups
+                .into_iter()
+                .flat_map(|setup| [(setup, false), (setup, true)])
+            {
+                let (want, plain_ms) = self.output_over(s, &plain, p, div, &old, accumulate)?;
+                let (got, ms) = self.output_over(s, &staged, p, div, &old, accumulate)?;
+                let label = format!("conv ({what}{})", if accumulate { ", adding" } else { "" });
                 self.row_within(
                     format!(
                         "{label} [{}] vs [{}]",
@@ -133,31 +149,35 @@ impl Tester<'_> {
                     0.0,
                 );
                 if !accumulate {
-                    self.gn_partial_row(s, staged, ptrs, 2.0, &got, label, &desc)?;
+                    self.gn_partial_row(s, staged, p, div, &got, &label, &desc)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Launch `l`'s output over `old` (what it adds onto when `accumulate`), divided by 2, and
-    /// its time (of launches that add onto the output more than once: the output checked is
-    /// one more launch's, over `old` again).
+    /// Launch `l`'s output over `old` (what it adds onto when `accumulate`), divided by
+    /// `out_div`, and its time (of launches that add onto the output more than once: the
+    /// output checked is one more launch's, over `old` again).
     fn output_over(
         &self,
         s: &ConvShape,
         l: &ConvLaunch,
         ptrs: ConvPtrs,
+        out_div: f32,
         old: &[f32],
         accumulate: bool,
     ) -> Result<(Vec<f32>, f64)> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let y = self.up(old)?;
         let p = ConvPtrs { y: y.ptr, ..ptrs };
-        let ms = self.timed(|| Ok(()), || gpu.kernels.conv(st, s, l, p, 2.0, accumulate))?;
+        let ms = self.timed(
+            || Ok(()),
+            || gpu.kernels.conv(st, s, l, p, out_div, accumulate),
+        )?;
         let y = self.up(old)?;
-        gpu.kernels
-            .conv(st, s, l, ConvPtrs { y: y.ptr, ..ptrs }, 2.0, accumulate)?;
+        let p = ConvPtrs { y: y.ptr, ..ptrs };
+        gpu.kernels.conv(st, s, l, p, out_div, accumulate)?;
         Ok((y.download(st)?, ms))
     }
 
