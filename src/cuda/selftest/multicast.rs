@@ -5,10 +5,11 @@
 
 use super::conv_variants::wgmma_path;
 use super::Tester;
-use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape};
+use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, DPtr};
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
 use crate::cuda::unet::CudaUnet;
+use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
 
@@ -66,59 +67,16 @@ impl Tester<'_> {
     }
 
     fn multicast_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
-        let desc = format!(
-            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}){}, {precision}",
-            s.n,
-            s.sh,
-            s.sw,
-            s.mh,
-            s.mw,
-            s.sc,
-            s.ncols,
-            s.taps.len(),
-            s.out_stride,
-            match s.shortcut_sc {
-                0 => String::new(),
-                c2 => format!(" + fused 1x1 {c2}->{}", s.ncols),
-            }
-        );
-        let Some(planned) = plan_wgmma(s, self.gpu.sms(), precision).filter(|_| tma_tried(s))
+        let Some(TmaCase {
+            desc,
+            planned,
+            ptrs,
+            len,
+            bufs: _bufs,
+        }) = self.tma_case(s, precision, "multicast")?
         else {
-            if tma_tried(s) {
-                self.check_row("multicast: a wgmma launch planned".into(), desc, false);
-            }
             return Ok(());
         };
-        // The K-major weights of every tap block the launch names, and its operands, all
-        // random: the two launches only need the same ones.
-        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
-        let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
-        let len = s.n * s.yh * s.yw * s.ncols;
-        let (x, w) = (self.rand(x_len, -1.0, 1.0), self.rand(w_len, -0.05, 0.05));
-        let (bias, temb, res) = (
-            self.rand(s.ncols, -0.5, 0.5),
-            self.rand(s.n * s.ncols, -0.5, 0.5),
-            self.rand(len, -1.0, 1.0),
-        );
-        let (xd, wd) = (self.up(&x)?, self.up(&w)?);
-        let (xh, wh) = (
-            self.half_copy(xd.ptr, x_len, precision)?,
-            self.half_copy(wd.ptr, w_len, precision)?,
-        );
-        // A fused shortcut's source and K-major weights (`[ncols][c2]`), random too.
-        let second = match s.shortcut_sc {
-            0 => None,
-            c2 => {
-                let (x2_len, w2_len) = (s.n * s.sh * s.sw * c2, s.ncols * c2);
-                let (x2, w2) = (self.rand(x2_len, -1.0, 1.0), self.rand(w2_len, -0.05, 0.05));
-                let (x2d, w2d) = (self.up(&x2)?, self.up(&w2)?);
-                Some((
-                    self.half_copy(x2d.ptr, x2_len, precision)?,
-                    self.half_copy(w2d.ptr, w2_len, precision)?,
-                ))
-            }
-        };
-        let (bias, temb, res) = (self.up(&bias)?, self.up(&temb)?, self.up(&res)?);
         let tma = ConvLaunch {
             row_epilogue: true,
             lean_loads: true,
@@ -145,17 +103,7 @@ impl Tester<'_> {
         }
         for plain in plans {
             let ws = self.zeros(plain.workspace_len(s))?;
-            let ptrs = ConvPtrs {
-                x: xh.ptr,
-                w: wh.ptr,
-                bias: bias.ptr,
-                temb: temb.ptr,
-                res: res.ptr,
-                ws: ws.ptr,
-                x2: second.as_ref().map_or(0, |(x2, _)| x2.ptr),
-                w2: second.as_ref().map_or(0, |(_, w2)| w2.ptr),
-                ..ConvPtrs::default()
-            };
+            let ptrs = ConvPtrs { ws: ws.ptr, ..ptrs };
             let (want, plain_ms) = self.conv_output(s, &plain, ptrs, 2.0, len)?;
             let multicast = ConvLaunch {
                 multicast: true,
@@ -180,6 +128,92 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// A launch check's shape in words, its wgmma launch as planned where the selftest tries
+    /// TMA on `s` (else `None`, and a failed row named after `what` where a launch should have
+    /// been planned), and random operands for two forms of it to share: the 16-bit input and
+    /// K-major weights of every tap block it names (and a fused shortcut's source and weights),
+    /// a bias, a time embedding and a residual.
+    pub(super) fn tma_case(
+        &mut self,
+        s: &ConvShape,
+        precision: Precision,
+        what: &str,
+    ) -> Result<Option<TmaCase>> {
+        let desc = format!(
+            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}){}, {precision}",
+            s.n,
+            s.sh,
+            s.sw,
+            s.mh,
+            s.mw,
+            s.sc,
+            s.ncols,
+            s.taps.len(),
+            s.out_stride,
+            match s.shortcut_sc {
+                0 => String::new(),
+                c2 => format!(" + fused 1x1 {c2}->{}", s.ncols),
+            }
+        );
+        let Some(planned) = plan_wgmma(s, self.gpu.sms(), precision).filter(|_| tma_tried(s))
+        else {
+            if tma_tried(s) {
+                self.check_row(format!("{what}: a wgmma launch planned"), desc, false);
+            }
+            return Ok(None);
+        };
+        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
+        let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
+        let len = s.n * s.yh * s.yw * s.ncols;
+        let mut bufs = Vec::new();
+        let mut half = |t: &mut Self, n: usize, lo: f32, hi: f32| -> Result<DPtr> {
+            let v = t.rand(n, lo, hi);
+            let d = t.up(&v)?;
+            let h = t.half_copy(d.ptr, n, precision)?;
+            let ptr = h.ptr;
+            bufs.push(h);
+            Ok(ptr)
+        };
+        let (x, w) = (
+            half(self, x_len, -1.0, 1.0)?,
+            half(self, w_len, -0.05, 0.05)?,
+        );
+        // A fused shortcut's source and K-major weights (`[ncols][c2]`).
+        let (x2, w2) = match s.shortcut_sc {
+            0 => (0, 0),
+            c2 => (
+                half(self, s.n * s.sh * s.sw * c2, -1.0, 1.0)?,
+                half(self, s.ncols * c2, -0.05, 0.05)?,
+            ),
+        };
+        let mut full = |t: &mut Self, n: usize, lo: f32, hi: f32| -> Result<DPtr> {
+            let v = t.rand(n, lo, hi);
+            let d = t.up(&v)?;
+            let ptr = d.ptr;
+            bufs.push(d);
+            Ok(ptr)
+        };
+        let bias = full(self, s.ncols, -0.5, 0.5)?;
+        let temb = full(self, s.n * s.ncols, -0.5, 0.5)?;
+        let res = full(self, len, -1.0, 1.0)?;
+        Ok(Some(TmaCase {
+            desc,
+            planned,
+            ptrs: ConvPtrs {
+                x,
+                w,
+                bias,
+                temb,
+                res,
+                x2,
+                w2,
+                ..ConvPtrs::default()
+            },
+            len,
+            bufs,
+        }))
+    }
+
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
     /// fp16, as configured (the switches applied) but for three choices: the 1x1 shortcuts
     /// unfused, then fused; and for each, multicast with the tall tiles on and multicast with
@@ -193,8 +227,6 @@ impl Tester<'_> {
         }
         let (model, networks) = self.candidate_networks(false)?;
         for net in &networks {
-            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
-            let (sample, cot, t) = (&net.sample, &net.cot, &net.t);
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
                 for fused in [false, true] {
@@ -204,52 +236,37 @@ impl Tester<'_> {
                         true => format!("celebahq {precision}, fused shortcuts"),
                     };
                     gpu.set_multicast_and_tall(false, true);
-                    let want = gpu.forward(sample, t)?;
-                    gpu.forward_recording(sample, t)?;
-                    let want_grad = gpu.vjp(cot)?;
+                    let want = Self::network_outputs(&mut gpu, net)?;
+                    // With the shortcuts fused, a fused launch among those that multicast.
+                    let multicast = |s: &StepTime| {
+                        s.variant.contains("multicast") && (!fused || s.kind.contains("shortcut"))
+                    };
+                    let has = (
+                        if fused {
+                            "fused launches that multicast"
+                        } else {
+                            "launches that multicast"
+                        },
+                        &multicast as &dyn Fn(&StepTime) -> bool,
+                    );
                     for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
                         gpu.set_multicast_and_tall(true, tall);
-                        let launches = gpu.plan_stats(n, h, w, false)?;
-                        let profile = gpu.profile(n, h, w, false, 1)?;
-                        let multicast = |s: &&StepTime| s.variant.contains("multicast");
-                        let mut shows = profile.steps.iter().any(|s| multicast(&s));
-                        if fused {
-                            shows &= profile
-                                .steps
-                                .iter()
-                                .filter(multicast)
-                                .any(|s| s.kind.contains("shortcut"));
-                        }
-                        self.check_row(
-                            format!("{label} forward, {what}: the program multicasts"),
-                            format!("{desc}, {} launches", launches.launches),
-                            shows,
-                        );
-                        let got = gpu.forward(sample, t)?;
-                        let ms = gpu.time_forward(n, h, w, 5)?;
-                        self.row_within(
-                            format!("{label} forward, {what} vs without"),
-                            desc.clone(),
-                            got.data(),
-                            want.data(),
-                            ms,
-                            0.0,
-                        );
-                        gpu.forward_recording(sample, t)?;
-                        let grad = gpu.vjp(cot)?;
-                        let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                        self.row_within(
-                            format!("{label} forward + vjp, {what} vs without"),
-                            desc.clone(),
-                            grad.data(),
-                            want_grad.data(),
-                            ms,
-                            0.0,
-                        );
+                        let op = format!("{label}, {what}");
+                        self.same_network_rows(&mut gpu, net, &op, has, &want)?;
                     }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// A launch check's setup ([`Tester::tma_case`]): its description, planned launch, operands
+/// (kept alive in `bufs`) and output length.
+pub(super) struct TmaCase {
+    pub desc: String,
+    pub planned: ConvLaunch,
+    pub ptrs: ConvPtrs,
+    pub len: usize,
+    pub bufs: Vec<DevBuf>,
 }

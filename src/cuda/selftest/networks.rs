@@ -4,6 +4,7 @@
 use super::{tiny_model, Tester, TENSOR_CORE, TOLERANCE};
 use crate::cpu::CpuUnet;
 use crate::cuda::device::cu;
+use crate::cuda::profile::StepTime;
 use crate::cuda::unet::CudaUnet;
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
@@ -120,6 +121,55 @@ impl Tester<'_> {
             net.desc.clone(),
             with < without,
         );
+        Ok(())
+    }
+
+    /// `gpu`'s eps and VJP of `net` as configured now, for rows that hold other
+    /// configurations to them bit for bit ([`Self::same_network_rows`]).
+    pub(super) fn network_outputs(
+        gpu: &mut CudaUnet,
+        net: &CandidateNetwork,
+    ) -> Result<(Tensor, Tensor)> {
+        let eps = gpu.forward(&net.sample, &net.t)?;
+        gpu.forward_recording(&net.sample, &net.t)?;
+        Ok((eps, gpu.vjp(&net.cot)?))
+    }
+
+    /// A row showing that `gpu`'s forward program for `net` has a step `has` names and
+    /// finds (the choice the rows after it check is in it), then rows holding its forward and
+    /// forward + VJP to `want` bit for bit, each with its time.
+    pub(super) fn same_network_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        net: &CandidateNetwork,
+        op: &str,
+        has: (&str, &dyn Fn(&StepTime) -> bool),
+        want: &(Tensor, Tensor),
+    ) -> Result<()> {
+        let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
+        let profile = gpu.profile(n, h, w, false, 1)?;
+        let launches = gpu.plan_stats(n, h, w, false)?.launches;
+        self.check_row(
+            format!("{op}: the program has {}", has.0),
+            format!("{desc}, {launches} launches"),
+            profile.steps.iter().any(has.1),
+        );
+        let (eps, grad) = Self::network_outputs(gpu, net)?;
+        let ms = gpu.time_forward(n, h, w, 5)?;
+        let ms_vjp = gpu.time_forward_vjp(n, h, w, 5)?;
+        for (what, got, want, ms) in [
+            ("forward", &eps, &want.0, ms),
+            ("forward + vjp", &grad, &want.1, ms_vjp),
+        ] {
+            self.row_within(
+                format!("{op}, {what} vs without"),
+                desc.clone(),
+                got.data(),
+                want.data(),
+                ms,
+                0.0,
+            );
+        }
         Ok(())
     }
 

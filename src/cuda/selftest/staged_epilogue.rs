@@ -3,11 +3,11 @@
 //! without. A group of its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
+use super::multicast::TmaCase;
 use super::Tester;
-use crate::cuda::kernels::{
-    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile,
-};
+use crate::cuda::kernels::{on_tile, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile};
 use crate::cuda::precision::Precision;
+use crate::cuda::profile::StepTime;
 use crate::cuda::unet::CudaUnet;
 use crate::model::graph::Pad;
 use crate::Result;
@@ -50,53 +50,18 @@ impl Tester<'_> {
     }
 
     fn staged_epilogue_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
-        let gpu = self.gpu;
-        let desc = format!(
-            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}), {precision}",
-            s.n,
-            s.sh,
-            s.sw,
-            s.mh,
-            s.mw,
-            s.sc,
-            s.ncols,
-            s.taps.len(),
-            s.out_stride
-        );
-        let Some(planned) = plan_wgmma(s, gpu.sms(), precision).filter(|_| tma_tried(s)) else {
-            if tma_tried(s) {
-                self.check_row(
-                    "staged epilogue: a wgmma launch planned".into(),
-                    desc,
-                    false,
-                );
-            }
+        let Some(TmaCase {
+            desc,
+            planned,
+            ptrs,
+            len,
+            bufs: _bufs,
+        }) = self.tma_case(s, precision, "staged epilogue")?
+        else {
             return Ok(());
         };
-        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
-        let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
-        let len = s.n * s.yh * s.yw * s.ncols;
-        let (x, w) = (self.rand(x_len, -1.0, 1.0), self.rand(w_len, -0.05, 0.05));
-        let (bias, temb, res, old) = (
-            self.rand(s.ncols, -0.5, 0.5),
-            self.rand(s.n * s.ncols, -0.5, 0.5),
-            self.rand(len, -1.0, 1.0),
-            self.rand(len, -1.0, 1.0),
-        );
-        let (xd, wd) = (self.up(&x)?, self.up(&w)?);
-        let (xh, wh) = (
-            self.half_copy(xd.ptr, x_len, precision)?,
-            self.half_copy(wd.ptr, w_len, precision)?,
-        );
-        let (bias, temb, res) = (self.up(&bias)?, self.up(&temb)?, self.up(&res)?);
-        let ptrs = ConvPtrs {
-            x: xh.ptr,
-            w: wh.ptr,
-            bias: bias.ptr,
-            temb: temb.ptr,
-            res: res.ptr,
-            ..ConvPtrs::default()
-        };
+        // What the launches add onto.
+        let old = self.rand(len, -1.0, 1.0);
         for (tile, _) in WgmmaTile::ALL {
             let tma = ConvLaunch {
                 splits: 1,
@@ -191,48 +156,19 @@ impl Tester<'_> {
         }
         let (model, networks) = self.candidate_networks(false)?;
         for net in &networks {
-            let (n, h, w, desc) = (net.n, net.h, net.w, &net.desc);
-            let (sample, cot, t) = (&net.sample, &net.cot, &net.t);
             for precision in [Precision::Bf16, Precision::Fp16] {
                 let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                let label = format!("celebahq {precision}");
                 gpu.set_staged_epilogue_and_tall(false, true);
-                let want = gpu.forward(sample, t)?;
-                gpu.forward_recording(sample, t)?;
-                let want_grad = gpu.vjp(cot)?;
+                let want = Self::network_outputs(&mut gpu, net)?;
                 for (tall, what) in [
                     (true, "staged epilogue"),
                     (false, "staged epilogue, no tall tiles"),
                 ] {
                     gpu.set_staged_epilogue_and_tall(true, tall);
-                    let profile = gpu.profile(n, h, w, false, 1)?;
-                    let shows = profile.steps.iter().any(|s| s.variant.contains("staged"));
-                    self.check_row(
-                        format!("{label} forward, {what}: the program stages"),
-                        desc.clone(),
-                        shows,
-                    );
-                    let got = gpu.forward(sample, t)?;
-                    let ms = gpu.time_forward(n, h, w, 5)?;
-                    self.row_within(
-                        format!("{label} forward, {what} vs without"),
-                        desc.clone(),
-                        got.data(),
-                        want.data(),
-                        ms,
-                        0.0,
-                    );
-                    gpu.forward_recording(sample, t)?;
-                    let grad = gpu.vjp(cot)?;
-                    let ms = gpu.time_forward_vjp(n, h, w, 5)?;
-                    self.row_within(
-                        format!("{label} forward + vjp, {what} vs without"),
-                        desc.clone(),
-                        grad.data(),
-                        want_grad.data(),
-                        ms,
-                        0.0,
-                    );
+                    let op = format!("celebahq {precision}, {what}");
+                    let staged = |s: &StepTime| s.variant.contains("staged epilogue");
+                    let has = ("staged epilogues", &staged as &dyn Fn(&StepTime) -> bool);
+                    self.same_network_rows(&mut gpu, net, &op, has, &want)?;
                 }
             }
         }
