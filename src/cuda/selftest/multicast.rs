@@ -166,12 +166,14 @@ impl Tester<'_> {
         let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
         let len = s.n * s.yh * s.yw * s.ncols;
         let mut bufs = Vec::new();
+        // (The fp32 source lives beside its copy, so that the conversion queued on the stream
+        // reads live memory whatever the allocator's freeing does.)
         let mut half = |t: &mut Self, n: usize, lo: f32, hi: f32| -> Result<DPtr> {
             let v = t.rand(n, lo, hi);
             let d = t.up(&v)?;
             let h = t.half_copy(d.ptr, n, precision)?;
             let ptr = h.ptr;
-            bufs.push(h);
+            bufs.extend([d, h]);
             Ok(ptr)
         };
         let (x, w) = (

@@ -147,9 +147,10 @@ impl Tester<'_> {
     }
 
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
-    /// fp16, as configured but for two choices: staged epilogues with the tall tiles on and
-    /// off, each with its forward and forward + VJP the same to the bit as without them (with
-    /// the tall tiles on), once the program shows it stages.
+    /// fp16, as configured but for multicast, off (its launches keep the fragment epilogue),
+    /// and two choices: staged epilogues with the tall tiles on and off, each with its forward
+    /// and forward + VJP the same to the bit as without them (with the tall tiles on), once the
+    /// program shows it stages.
     pub(super) fn staged_epilogue_unets(&mut self, ordinal: usize) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
