@@ -1024,12 +1024,14 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, ROWS, TILE, LEAN>(a, wg_dsmem, probe);                                       \
     }
-// The TMA forms: the maps follow the argument block.
-#define WG_TMA_KERNEL(name, T, TILE)                                                                 \
+// The TMA forms: the maps follow the argument block. MC (plain tile, launched in clusters of two
+// along x), GNB and STAGED as wg_body takes them.
+#define WG_TMA_KERNEL(name, T, TILE, MC, GNB, STAGED)                                                \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true>(a, wg_dsmem, nullptr, TmaLoads{&ta, &tb});          \
+        wg_body<T, false, true, TILE, true, true, false, MC, GNB, STAGED>(a, wg_dsmem, nullptr,       \
+                                                                         TmaLoads{&ta, &tb});         \
     }
 #define WG_TMA_PROBE_KERNEL(name, T, TILE)                                                           \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
@@ -1038,76 +1040,37 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, true, TILE, true, true>(a, wg_dsmem, probe, TmaLoads{&ta, &tb});             \
     }
-// The fused-shortcut forms (SC): lean loaders, and TMA loads with the shortcut's two maps after
-// the main ones; the shortcut's operands last.
+// The fused-shortcut forms (SC): lean loaders, and TMA loads (MC: multicast, plain tile) with
+// the shortcut's two maps after the main ones; the shortcut's operands last (the shortcut's
+// weight map boxes 64 columns too with MC).
 #define WG_SC_KERNEL(name, T, TILE)                                                                  \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const Shortcut s) {                                                    \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, false, true, TILE, true, false, true>(a, wg_dsmem, nullptr, TmaLoads{}, s);        \
     }
-#define WG_TMA_SC_KERNEL(name, T, TILE)                                                              \
+#define WG_TMA_SC_KERNEL(name, T, TILE, MC)                                                          \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
              const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, true>(a, wg_dsmem, nullptr,                         \
-                                                        TmaLoads{&ta, &tb, &ta2, &tb2}, s);           \
+        wg_body<T, false, true, TILE, true, true, true, MC>(a, wg_dsmem, nullptr,                     \
+                                                            TmaLoads{&ta, &tb, &ta2, &tb2}, s);       \
     }
-// The multicast form (MC, plain tile, launched in clusters of two along x).
-#define WG_TMA_MC_KERNEL(name, T)                                                                    \
-    extern "C" __global__ void __launch_bounds__(PlainTile::THREADS, PlainTile::BLOCKS_PER_SM)       \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, PlainTile, true, true, false, true>(a, wg_dsmem, nullptr,             \
-                                                                   TmaLoads{&ta, &tb});               \
-    }
-WG_TMA_MC_KERNEL(conv_wgmma_bf16_rows_tma_mc, 1)
-WG_TMA_MC_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2)
-// The multicast form with the fused shortcut (SC and MC): the shortcut's weight map boxes 64
-// columns too.
-#define WG_TMA_SC_MC_KERNEL(name, T)                                                                 \
-    extern "C" __global__ void __launch_bounds__(PlainTile::THREADS, PlainTile::BLOCKS_PER_SM)       \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
-             const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, PlainTile, true, true, true, true>(a, wg_dsmem, nullptr,              \
-                                                                  TmaLoads{&ta, &tb, &ta2, &tb2}, s); \
-    }
-WG_TMA_SC_MC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1)
-WG_TMA_SC_MC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2)
-// The multicast form with GroupNorm backward sums (MC and GNB).
-#define WG_TMA_MC_GNB_KERNEL(name, T)                                                                \
-    extern "C" __global__ void __launch_bounds__(PlainTile::THREADS, PlainTile::BLOCKS_PER_SM)       \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, PlainTile, true, true, false, true, true>(a, wg_dsmem, nullptr,       \
-                                                                         TmaLoads{&ta, &tb});         \
-    }
-WG_TMA_MC_GNB_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb, 1)
-WG_TMA_MC_GNB_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2)
-// The staged-epilogue forms (STAGED): TMA loads.
-#define WG_TMA_ST_KERNEL(name, T, TILE)                                                              \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, false, false, false, true>(a, wg_dsmem, nullptr,    \
-                                                                            TmaLoads{&ta, &tb});      \
-    }
-// The backward-sums forms (GNB): lean loaders, and TMA loads.
+// The backward-sums form with lean loaders (GNB; the TMA ones are WG_TMA_KERNEL's).
 #define WG_GNB_KERNEL(name, T, TILE)                                                                 \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a) {                                                                      \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, false, true, TILE, true, false, false, false, true>(a, wg_dsmem, nullptr);         \
     }
-#define WG_TMA_GNB_KERNEL(name, T, TILE)                                                             \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, false, false, true>(a, wg_dsmem, nullptr,           \
-                                                                     TmaLoads{&ta, &tb});             \
-    }
+// The multicast forms (plain tile): plain, with a fused shortcut, with backward sums.
+WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc, 1, PlainTile, true, false, false)
+WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2, PlainTile, true, false, false)
+WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1, PlainTile, true)
+WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2, PlainTile, true)
+WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb, 1, PlainTile, true, true, false)
+WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2, PlainTile, true, true, false)
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \
@@ -1123,19 +1086,19 @@ WG_TMA_MC_GNB_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2)
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE, false)                     \
     WG_PROBE_KERNEL(conv_wgmma_bf16_rows_lean##prefix##_probe, 1, true, TILE, true)                 \
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows_lean##prefix##_probe, 2, true, TILE, true)                 \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE)                                        \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE)                                        \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE, false, false, false)                   \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE, false, false, false)                   \
     WG_TMA_PROBE_KERNEL(conv_wgmma_bf16_rows_tma##prefix##_probe, 1, TILE)                          \
     WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)                          \
     WG_SC_KERNEL(conv_wgmma_bf16_rows_lean_sc##prefix, 1, TILE)                                     \
     WG_SC_KERNEL(conv_wgmma_fp16_rows_lean_sc##prefix, 2, TILE)                                     \
-    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE)                                  \
-    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE)                                  \
+    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE, false)                           \
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE, false)                           \
     WG_GNB_KERNEL(conv_wgmma_bf16_rows_lean_gnb##prefix, 1, TILE)                                   \
     WG_GNB_KERNEL(conv_wgmma_fp16_rows_lean_gnb##prefix, 2, TILE)                                   \
-    WG_TMA_GNB_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE)                                \
-    WG_TMA_GNB_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE)                                \
-    WG_TMA_ST_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE)                                  \
-    WG_TMA_ST_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE)
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE, false, true, false)                \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE, false, true, false)                \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE, false, false, true)                 \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, false, false, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

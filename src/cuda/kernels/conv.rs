@@ -169,25 +169,15 @@ pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
     table_names(&WGMMA_FORM_NAMES, "", suffix)
 }
 
-/// The fused-shortcut wgmma kernels (the `_sc` kernels of kernels/conv_wgmma.cu) in
-/// [`wgmma_sc_index`] order: bf16 or fp16, then lean or TMA loaders, then the tile.
-pub(super) fn wgmma_sc_kernel_names() -> Vec<(String, WgmmaTile)> {
-    table_names(&["_rows_lean", "_rows_tma"], "_sc", "")
+/// A family of wgmma kernels with lean and TMA loaders only, named by `infix` (`_sc`, the
+/// fused-shortcut kernels; `_gnb`, the backward-sums ones) in [`lean_tma_index`] order: bf16
+/// or fp16, then lean or TMA loaders, then the tile.
+pub(super) fn lean_tma_kernel_names(infix: &str) -> Vec<(String, WgmmaTile)> {
+    table_names(&["_rows_lean", "_rows_tma"], infix, "")
 }
 
-/// Where fused-shortcut launch `plan` finds its kernel in [`wgmma_sc_kernel_names`]' order.
-fn wgmma_sc_index(precision: Precision, plan: &ConvLaunch) -> usize {
-    table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
-}
-
-/// The backward-sums wgmma kernels (the `_gnb` kernels of kernels/conv_wgmma.cu) in
-/// [`wgmma_gnb_index`] order: bf16 or fp16, then lean or TMA loaders, then the tile.
-pub(super) fn wgmma_gnb_kernel_names() -> Vec<(String, WgmmaTile)> {
-    table_names(&["_rows_lean", "_rows_tma"], "_gnb", "")
-}
-
-/// Where backward-sums launch `plan` finds its kernel in [`wgmma_gnb_kernel_names`]' order.
-fn wgmma_gnb_index(precision: Precision, plan: &ConvLaunch) -> usize {
+/// Where launch `plan` finds its kernel in a [`lean_tma_kernel_names`] table.
+fn lean_tma_index(precision: Precision, plan: &ConvLaunch) -> usize {
     table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
 }
 
@@ -534,6 +524,14 @@ impl Kernels {
             a.tap_dx[i] = t.dx;
             a.tap_w[i] = t.w;
         }
+        // The families that fuse a shortcut or write backward sums: 16-bit wgmma launches with
+        // lean or TMA loaders.
+        let lean_wgmma = plan.wgmma
+            && plan.lean_loads
+            && matches!(
+                plan.kernel,
+                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+            );
         // Every kernel but the fused-shortcut ones would ignore the second source: refuse
         // any other plan for a fused shape, and a second source for an unfused one.
         let fused = s.shortcut_sc > 0;
@@ -544,14 +542,7 @@ impl Kernels {
                 shortcut_sc: 0,
                 ..s.clone()
             };
-            let half = matches!(
-                plan.kernel,
-                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
-            );
-            if !(half && plan.wgmma && plan.lean_loads)
-                || probe.is_some()
-                || plain.with_shortcut(s.shortcut_sc).is_none()
-            {
+            if !lean_wgmma || probe.is_some() || plain.with_shortcut(s.shortcut_sc).is_none() {
                 return Err(Error::Cuda(format!(
                     "internal: a convolution {}->{} with a fused {}-channel shortcut planned \
                      as {:?} with wgmma {}, lean loads {}, cycle probe {}: only the lean and \
@@ -583,13 +574,7 @@ impl Kernels {
         // Only the `_gnb` kernels write backward sums: without the partial sums they go to,
         // or on any other kernel, refuse them.
         let backward_sums = p.gn_backward.is_some();
-        let gnb_kernel = plan.wgmma
-            && plan.lean_loads
-            && matches!(
-                plan.kernel,
-                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
-            );
-        if backward_sums && (p.gn_partial == 0 || !gnb_kernel || fused || probe.is_some()) {
+        if backward_sums && (p.gn_partial == 0 || !lean_wgmma || fused || probe.is_some()) {
             return Err(Error::Cuda(format!(
                 "internal: GroupNorm backward sums asked of a {:?} convolution {}->{} with \
                  partial sums {}, wgmma {}, lean loads {}, a fused shortcut {fused} or a cycle \
@@ -686,9 +671,9 @@ impl Kernels {
                     let f = if plan.multicast {
                         &wg.multicast[wgmma_mc_index(precision, fused, backward_sums)]
                     } else if backward_sums {
-                        &wg.backward_sums[wgmma_gnb_index(precision, plan)]
+                        &wg.backward_sums[lean_tma_index(precision, plan)]
                     } else if fused {
-                        &wg.shortcut[wgmma_sc_index(precision, plan)]
+                        &wg.shortcut[lean_tma_index(precision, plan)]
                     } else if plan.staged_epilogue {
                         &wg.staged[table_index(precision, 0, 1, plan.tile)]
                     } else if probe.is_some() {

@@ -74,8 +74,8 @@ pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
 use conv::{
-    narrow_smem, wgmma_gnb_kernel_names, wgmma_kernel_names, wgmma_sc_kernel_names,
-    wgmma_st_kernel_names, TC_KERNELS, WGMMA_MC_KERNELS,
+    lean_tma_kernel_names, narrow_smem, wgmma_kernel_names, wgmma_st_kernel_names, TC_KERNELS,
+    WGMMA_MC_KERNELS,
 };
 use conv_plan::DIRECT_MAX;
 
@@ -232,14 +232,14 @@ struct WgmmaKernels {
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     probe: [CudaFunction; WGMMA_KERNELS],
     /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
-    /// `conv::wgmma_sc_index`).
-    shortcut: [CudaFunction; WGMMA_SC_KERNELS],
+    /// `conv::lean_tma_index`).
+    shortcut: [CudaFunction; WGMMA_LEAN_TMA_KERNELS],
     /// The multicast kernels (`_rows_tma_mc`, `_rows_tma_sc_mc` and `_rows_tma_mc_gnb`, plain
     /// tile; `conv::WGMMA_MC_KERNELS`).
     multicast: [CudaFunction; WGMMA_MC_KERNELS.len()],
     /// The backward-sums kernels (`_rows_lean_gnb`, `_rows_tma_gnb`, each tile;
-    /// `conv::wgmma_gnb_index`).
-    backward_sums: [CudaFunction; WGMMA_SC_KERNELS],
+    /// `conv::lean_tma_index`).
+    backward_sums: [CudaFunction; WGMMA_LEAN_TMA_KERNELS],
     /// The staged-epilogue kernels (`_rows_tma_st`, each tile; `conv::wgmma_st_kernel_names`).
     staged: [CudaFunction; WGMMA_ST_KERNELS],
 }
@@ -250,9 +250,9 @@ const WGMMA_ST_KERNELS: usize = 2 * WgmmaTile::ALL.len();
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
 
-/// Both precisions, lean and TMA loaders, and every tile, of the fused-shortcut wgmma kernels
-/// (and of the backward-sums ones).
-const WGMMA_SC_KERNELS: usize = 2 * 2 * WgmmaTile::ALL.len();
+/// Both precisions, lean and TMA loaders, and every tile: a family of the fused-shortcut or the
+/// backward-sums wgmma kernels (`conv::lean_tma_kernel_names`).
+const WGMMA_LEAN_TMA_KERNELS: usize = 2 * 2 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 
@@ -365,9 +365,9 @@ impl Kernels {
                 Some(WgmmaKernels {
                     plain: table(&f, wgmma_kernel_names(""), "wgmma")?,
                     probe: table(&f, wgmma_kernel_names("_probe"), "cycle-counting wgmma")?,
-                    shortcut: table(&f, wgmma_sc_kernel_names(), "fused-shortcut")?,
+                    shortcut: table(&f, lean_tma_kernel_names("_sc"), "fused-shortcut")?,
                     multicast: table(&f, plain_tile(&WGMMA_MC_KERNELS), "multicast")?,
-                    backward_sums: table(&f, wgmma_gnb_kernel_names(), "backward-sums")?,
+                    backward_sums: table(&f, lean_tma_kernel_names("_gnb"), "backward-sums")?,
                     staged: table(&f, wgmma_st_kernel_names(), "staged-epilogue")?,
                 })
             }
@@ -584,15 +584,14 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
-        let fused = wgmma_sc_kernel_names();
-        assert_eq!(fused.len(), WGMMA_SC_KERNELS);
-        asked.extend(fused.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
-        let gnb = wgmma_gnb_kernel_names();
-        assert_eq!(gnb.len(), WGMMA_SC_KERNELS);
-        asked.extend(gnb.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
-        let staged = wgmma_st_kernel_names();
-        assert_eq!(staged.len(), WGMMA_ST_KERNELS);
-        asked.extend(staged.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        for (names, len) in [
+            (lean_tma_kernel_names("_sc"), WGMMA_LEAN_TMA_KERNELS),
+            (lean_tma_kernel_names("_gnb"), WGMMA_LEAN_TMA_KERNELS),
+            (wgmma_st_kernel_names(), WGMMA_ST_KERNELS),
+        ] {
+            assert_eq!(names.len(), len);
+            asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
+        }
         asked.extend(WGMMA_MC_KERNELS.map(|n| ("conv_wgmma".into(), n.into())));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");

@@ -4,7 +4,6 @@
 //! its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::networks::NETWORK_TOLERANCE;
 use super::Tester;
 use crate::cuda::kernels::{
     gn_partial_fits, on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape,
@@ -174,57 +173,31 @@ impl Tester<'_> {
     /// forward, and with every TMA launch multicast (no tall tiles), and at batch 2, planned
     /// per image, image 0 the same to the bit in the batch and alone.
     pub(super) fn backward_sums_unets(&mut self, ordinal: usize) -> Result<()> {
-        if !self.gpu.kernels.has_wgmma() {
-            return Ok(());
-        }
-        let (model, networks) = self.candidate_networks(true)?;
-        for net in &networks {
-            let (n, io, want) = (net.n, net.io(), net.want());
-            for precision in [Precision::Bf16, Precision::Fp16] {
-                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                let label = format!("celebahq {precision}");
-                let what = "GroupNorm backward sums from the input gradients";
-                let op = format!("{label} forward + vjp, {what}");
-                self.fewer_launches_row(&mut gpu, net, true, &op, CudaUnet::set_gn_backward_sums)?;
-                for recording in [false, true] {
-                    gpu.set_half_gn_inputs_recording(recording);
-                    let what = if recording {
-                        format!("{what}, 16-bit concatenations recorded")
-                    } else {
-                        what.to_string()
-                    };
-                    self.network_rows(
-                        &mut gpu,
-                        &io,
-                        [
-                            format!("{label} forward, {what}"),
-                            format!("{label} forward + vjp, {what}"),
-                        ],
-                        want,
-                        NETWORK_TOLERANCE,
-                    )?;
-                }
-                gpu.set_half_gn_inputs_recording(false);
-                // Every TMA launch multicast, the tall tiles off (`_tma_mc_gnb` wherever the
-                // sums are taken from a TMA launch).
-                gpu.set_multicast_and_tall(true, false);
-                self.network_rows(
-                    &mut gpu,
-                    &io,
-                    [
-                        format!("{label} forward, {what}, multicast"),
-                        format!("{label} forward + vjp, {what}, multicast"),
-                    ],
-                    want,
-                    NETWORK_TOLERANCE,
-                )?;
-                gpu.set_multicast_and_tall(false, true);
-                if n > 1 {
-                    self.batch_invariance_rows(&mut gpu, &io, &format!("{label}, {what},"))?;
-                }
+        self.for_candidate_networks(ordinal, true, |t, net, precision, gpu| {
+            let label = format!("celebahq {precision}");
+            let what = "GroupNorm backward sums from the input gradients";
+            let op = format!("{label} forward + vjp, {what}");
+            t.fewer_launches_row(gpu, net, true, &op, CudaUnet::set_gn_backward_sums)?;
+            gpu.set_half_gn_inputs_recording(false);
+            t.cpu_network_rows(gpu, net, &label, what)?;
+            gpu.set_half_gn_inputs_recording(true);
+            t.cpu_network_rows(
+                gpu,
+                net,
+                &label,
+                &format!("{what}, 16-bit concatenations recorded"),
+            )?;
+            gpu.set_half_gn_inputs_recording(false);
+            // Every TMA launch multicast, the tall tiles off (`_tma_mc_gnb` wherever the sums
+            // are taken from a TMA launch).
+            gpu.set_multicast_and_tall(true, false);
+            t.cpu_network_rows(gpu, net, &label, &format!("{what}, multicast"))?;
+            gpu.set_multicast_and_tall(false, true);
+            if net.n > 1 {
+                t.batch_invariance_rows(gpu, &net.io(), &format!("{label}, {what},"))?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

@@ -256,36 +256,20 @@ impl Tester<'_> {
     /// results within the network tolerances (1e-2 and 2e-2), and at batch 2, planned per
     /// image, image 0 the same to the bit in the batch and alone.
     pub(super) fn fused_shortcut_unets(&mut self, ordinal: usize) -> Result<()> {
-        if !self.gpu.kernels.has_wgmma() {
-            return Ok(());
-        }
-        let (model, networks) = self.candidate_networks(true)?;
-        for net in &networks {
-            let (n, io, want) = (net.n, net.io(), net.want());
-            for precision in [Precision::Bf16, Precision::Fp16] {
-                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                let label = format!("celebahq {precision}");
-                let what = "fused shortcuts";
-                // The rows below check fused programs only if the switches leave the kernels
-                // that fuse on: fewer launches, or a failed row.
-                let op = format!("{label} forward, {what}");
-                self.fewer_launches_row(&mut gpu, net, false, &op, CudaUnet::set_shortcut_fused)?;
-                self.network_rows(
-                    &mut gpu,
-                    &io,
-                    [
-                        format!("{label} forward, {what}"),
-                        format!("{label} forward + vjp, {what}"),
-                    ],
-                    want,
-                    NETWORK_TOLERANCE,
-                )?;
-                self.recording_rows(&mut gpu, &io, what, &label, want, NETWORK_TOLERANCE)?;
-                if n > 1 {
-                    self.batch_invariance_rows(&mut gpu, &io, &format!("{label}, {what},"))?;
-                }
+        self.for_candidate_networks(ordinal, true, |t, net, precision, gpu| {
+            let label = format!("celebahq {precision}");
+            let what = "fused shortcuts";
+            // The rows below check fused programs only if the switches leave the kernels that
+            // fuse on: fewer launches, or a failed row.
+            let op = format!("{label} forward, {what}");
+            t.fewer_launches_row(gpu, net, false, &op, CudaUnet::set_shortcut_fused)?;
+            t.cpu_network_rows(gpu, net, &label, what)?;
+            let (io, want) = (net.io(), net.want());
+            t.recording_rows(gpu, &io, what, &label, want, NETWORK_TOLERANCE)?;
+            if net.n > 1 {
+                t.batch_invariance_rows(gpu, &io, &format!("{label}, {what},"))?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }

@@ -8,7 +8,6 @@ use super::Tester;
 use crate::cuda::kernels::{plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, DPtr};
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
-use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
@@ -224,42 +223,34 @@ impl Tester<'_> {
     /// products in the same order), once the program shows it multicasts (with the shortcuts
     /// fused, a fused launch among them).
     pub(super) fn multicast_unets(&mut self, ordinal: usize) -> Result<()> {
-        if !self.gpu.kernels.has_wgmma() {
-            return Ok(());
-        }
-        let (model, networks) = self.candidate_networks(false)?;
-        for net in &networks {
-            for precision in [Precision::Bf16, Precision::Fp16] {
-                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                for fused in [false, true] {
-                    gpu.set_shortcut_fused(fused);
-                    let label = match fused {
-                        false => format!("celebahq {precision}"),
-                        true => format!("celebahq {precision}, fused shortcuts"),
-                    };
-                    gpu.set_multicast_and_tall(false, true);
-                    let want = Self::network_outputs(&mut gpu, net)?;
-                    // With the shortcuts fused, a fused launch among those that multicast.
-                    let multicast = |s: &StepTime| {
-                        s.variant.contains("multicast") && (!fused || s.kind.contains("shortcut"))
-                    };
-                    let has = (
-                        if fused {
-                            "fused launches that multicast"
-                        } else {
-                            "launches that multicast"
-                        },
-                        &multicast as &dyn Fn(&StepTime) -> bool,
-                    );
-                    for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
-                        gpu.set_multicast_and_tall(true, tall);
-                        let op = format!("{label}, {what}");
-                        self.same_network_rows(&mut gpu, net, &op, has, &want)?;
-                    }
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            for fused in [false, true] {
+                gpu.set_shortcut_fused(fused);
+                let label = match fused {
+                    false => format!("celebahq {precision}"),
+                    true => format!("celebahq {precision}, fused shortcuts"),
+                };
+                gpu.set_multicast_and_tall(false, true);
+                let want = Self::network_outputs(gpu, net)?;
+                // With the shortcuts fused, a fused launch among those that multicast.
+                let multicast = |s: &StepTime| {
+                    s.variant.contains("multicast") && (!fused || s.kind.contains("shortcut"))
+                };
+                let has = (
+                    if fused {
+                        "fused launches that multicast"
+                    } else {
+                        "launches that multicast"
+                    },
+                    &multicast as &dyn Fn(&StepTime) -> bool,
+                );
+                for (tall, what) in [(true, "multicast"), (false, "multicast, no tall tiles")] {
+                    gpu.set_multicast_and_tall(true, tall);
+                    t.same_network_rows(gpu, net, &format!("{label}, {what}"), has, &want)?;
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

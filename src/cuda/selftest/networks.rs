@@ -4,6 +4,7 @@
 use super::{tiny_model, Tester, TENSOR_CORE, TOLERANCE};
 use crate::cpu::CpuUnet;
 use crate::cuda::device::cu;
+use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
 use crate::cuda::unet::CudaUnet;
 use crate::model::Model;
@@ -98,6 +99,52 @@ impl Tester<'_> {
             });
         }
         Ok((model, out))
+    }
+
+    /// Runs `check` on each of the candidates' celebahq networks
+    /// ([`Self::candidate_networks`], with the CPU's results where `cpu`) in bf16 and fp16,
+    /// each time on a new [`CudaUnet`] as configured, where the device has wgmma (which every
+    /// staged candidate's kernels are).
+    pub(super) fn for_candidate_networks(
+        &mut self,
+        ordinal: usize,
+        cpu: bool,
+        mut check: impl FnMut(&mut Self, &CandidateNetwork, Precision, &mut CudaUnet) -> Result<()>,
+    ) -> Result<()> {
+        if !self.gpu.kernels.has_wgmma() {
+            return Ok(());
+        }
+        let (model, networks) = self.candidate_networks(cpu)?;
+        for net in &networks {
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
+                check(self, net, precision, &mut gpu)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `gpu`'s forward and forward + VJP of `net` as configured against the CPU's results
+    /// within [`NETWORK_TOLERANCE`], in rows named "`label` forward, `what`" and "`label`
+    /// forward + vjp, `what`".
+    pub(super) fn cpu_network_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        net: &CandidateNetwork,
+        label: &str,
+        what: &str,
+    ) -> Result<()> {
+        self.network_rows(
+            gpu,
+            &net.io(),
+            [
+                format!("{label} forward, {what}"),
+                format!("{label} forward + vjp, {what}"),
+            ],
+            net.want(),
+            NETWORK_TOLERANCE,
+        )?;
+        Ok(())
     }
 
     /// A row showing that `set(gpu, true)` plans `net` in fewer launches (a forward + VJP

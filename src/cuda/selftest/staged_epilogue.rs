@@ -8,7 +8,6 @@ use super::Tester;
 use crate::cuda::kernels::{on_tile, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile};
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
-use crate::cuda::unet::CudaUnet;
 use crate::model::graph::Pad;
 use crate::Result;
 
@@ -152,27 +151,20 @@ impl Tester<'_> {
     /// and forward + VJP the same to the bit as without them (with the tall tiles on), once the
     /// program shows it stages.
     pub(super) fn staged_epilogue_unets(&mut self, ordinal: usize) -> Result<()> {
-        if !self.gpu.kernels.has_wgmma() {
-            return Ok(());
-        }
-        let (model, networks) = self.candidate_networks(false)?;
-        for net in &networks {
-            for precision in [Precision::Bf16, Precision::Fp16] {
-                let mut gpu = CudaUnet::with_precision(&model, ordinal, precision)?;
-                gpu.set_staged_epilogue_and_tall(false, true);
-                let want = Self::network_outputs(&mut gpu, net)?;
-                for (tall, what) in [
-                    (true, "staged epilogue"),
-                    (false, "staged epilogue, no tall tiles"),
-                ] {
-                    gpu.set_staged_epilogue_and_tall(true, tall);
-                    let op = format!("celebahq {precision}, {what}");
-                    let staged = |s: &StepTime| s.variant.contains("staged epilogue");
-                    let has = ("staged epilogues", &staged as &dyn Fn(&StepTime) -> bool);
-                    self.same_network_rows(&mut gpu, net, &op, has, &want)?;
-                }
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            gpu.set_staged_epilogue_and_tall(false, true);
+            let want = Self::network_outputs(gpu, net)?;
+            let staged = |s: &StepTime| s.variant.contains("staged epilogue");
+            let has = ("staged epilogues", &staged as &dyn Fn(&StepTime) -> bool);
+            for (tall, what) in [
+                (true, "staged epilogue"),
+                (false, "staged epilogue, no tall tiles"),
+            ] {
+                gpu.set_staged_epilogue_and_tall(true, tall);
+                let op = format!("celebahq {precision}, {what}");
+                t.same_network_rows(gpu, net, &op, has, &want)?;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
