@@ -76,8 +76,11 @@
 // bytes of some of its stores (16-bit outputs) gained under 1%: it looks bound by its memory
 // instructions, each warp access of the fragment spread over 8 pixels. These kernels stage the
 // tile in the drained stages and finish whole rows with 16-byte accesses (wg_epilogue_staged),
-// the same arithmetic per value. Launches with multicast, a fused shortcut or backward sums
-// keep the fragment epilogue.
+// the same arithmetic per value. They compose with the other features (`_tma_mc_st`,
+// `_tma_sc_st`, `_tma_sc_mc_st`, `_tma_gnb_st`, `_tma_mc_gnb_st`): the epilogue only starts
+// once every copy into the stages has landed (a multicast block has waited for the bytes of
+// each of its slices, the other block's half included), and the sums read the finished values
+// where the fragment epilogue would have staged them.
 //
 // Multicast B (the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and `_tma_mc_gnb` with
 // GroupNorm backward sums, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves the weight
@@ -633,7 +636,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     static_assert(!MC || (TMA && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
     static_assert(!GNB || (LEAN && !SC && !PROBE), "backward sums: lean and TMA kernels, no shortcut");
-    static_assert(!STAGED || (TMA && !SC && !MC && !GNB && !PROBE), "staged epilogue: the plain TMA kernels");
+    static_assert(!STAGED || (TMA && !PROBE), "staged epilogue: TMA kernels");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
     // 2 at 512.
@@ -1049,13 +1052,13 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, false, true, TILE, true, false, true>(a, wg_dsmem, nullptr, TmaLoads{}, s);        \
     }
-#define WG_TMA_SC_KERNEL(name, T, TILE, MC)                                                          \
+#define WG_TMA_SC_KERNEL(name, T, TILE, MC, STAGED)                                                  \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
              const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, true, MC>(a, wg_dsmem, nullptr,                     \
-                                                            TmaLoads{&ta, &tb, &ta2, &tb2}, s);       \
+        wg_body<T, false, true, TILE, true, true, true, MC, false, STAGED>(                           \
+            a, wg_dsmem, nullptr, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                                 \
     }
 // The backward-sums form with lean loaders (GNB; the TMA ones are WG_TMA_KERNEL's).
 #define WG_GNB_KERNEL(name, T, TILE)                                                                 \
@@ -1067,10 +1070,17 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 // The multicast forms (plain tile): plain, with a fused shortcut, with backward sums.
 WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc, 1, PlainTile, true, false, false)
 WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2, PlainTile, true, false, false)
-WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1, PlainTile, true)
-WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2, PlainTile, true)
+WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1, PlainTile, true, false)
+WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2, PlainTile, true, false)
 WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb, 1, PlainTile, true, true, false)
 WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2, PlainTile, true, true, false)
+// The same three with the staged epilogue.
+WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_st, 1, PlainTile, true, false, true)
+WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_st, 2, PlainTile, true, false, true)
+WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc_st, 1, PlainTile, true, true)
+WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc_st, 2, PlainTile, true, true)
+WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb_st, 1, PlainTile, true, true, true)
+WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb_st, 2, PlainTile, true, true, true)
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile.
 #define WG_KERNELS(prefix, TILE)                                                                     \
@@ -1092,13 +1102,17 @@ WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2, PlainTile, true, true, false)
     WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)                          \
     WG_SC_KERNEL(conv_wgmma_bf16_rows_lean_sc##prefix, 1, TILE)                                     \
     WG_SC_KERNEL(conv_wgmma_fp16_rows_lean_sc##prefix, 2, TILE)                                     \
-    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE, false)                           \
-    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE, false)                           \
+    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE, false, false)                    \
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE, false, false)                    \
     WG_GNB_KERNEL(conv_wgmma_bf16_rows_lean_gnb##prefix, 1, TILE)                                   \
     WG_GNB_KERNEL(conv_wgmma_fp16_rows_lean_gnb##prefix, 2, TILE)                                   \
     WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE, false, true, false)                \
     WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE, false, true, false)                \
     WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE, false, false, true)                 \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, false, false, true)
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, false, false, true)                 \
+    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st##prefix, 1, TILE, false, true)                  \
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, false, true)                  \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb_st##prefix, 1, TILE, false, true, true)              \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb_st##prefix, 2, TILE, false, true, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -6,7 +6,7 @@
 # two, alone and instead of the tall tiles, staged at stop 23, and both together, and GroupNorm
 # backward sums from the input gradients that write their output gradients, alone and with
 # multicast, and epilogues through shared memory, with and without the tall tiles, staged at
-# stop 24; none yet timed), then
+# stop 24, and with multicast, staged at stop 25; none yet timed), then
 # each v0.7 default turned off (16-bit concatenations for the GroupNorms, GroupNorm sums from
 # their producers, 16-bit copies by their writers), each v0.6 default turned off (with TMA on,
 # no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream
@@ -23,6 +23,8 @@ CANDIDATES=(
     shortcut_fused_multicast_no_tall:INVDIFF_SHORTCUT_FUSED=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
     epi_staged:INVDIFF_EPI_STAGED=1
     epi_staged_no_tall:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_TALL=0
+    epi_staged_multicast:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_MULTICAST=1
+    epi_staged_multicast_no_tall:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
     gn_bwd_producer_sums:INVDIFF_GN_BWD_PRODUCER_SUMS=1
     gn_bwd_producer_sums_multicast:INVDIFF_GN_BWD_PRODUCER_SUMS=1,INVDIFF_WGMMA_MULTICAST=1
     gn_bwd_producer_sums_multicast_no_tall:INVDIFF_GN_BWD_PRODUCER_SUMS=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0

@@ -28,7 +28,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
-# variants of three bench calls each, a bench call 2-5 s; the default list now has 36); each
+# variants of three bench calls each, a bench call 2-5 s; the default list now has 38); each
 # phase's estimate is beside it;
 # a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a
 # timeout, so one hang cannot eat the session. Run it with the device tool's timeout_s at 600,
@@ -169,7 +169,7 @@ note "binary: $(ls -l "$BIN" | awk '{print $5}') bytes; next: $([ -x "$NEXT" ] &
 # (a) Every kernel and the whole network against the CPU path (~60 s).
 selftest() { # selftest NAME BINARY [ARGS...]; sets selftest_rc
     local t0=$SECONDS
-    run 240 "$1.txt" "$2" selftest --device cuda "${@:3}"
+    run 300 "$1.txt" "$2" selftest --device cuda "${@:3}"
     selftest_rc=$?
     note "$1 (exit $selftest_rc, $((SECONDS - t0)) s): $(tail -n 1 "$W/$1.txt")"
     while read -r l; do note "  $l"; done < <(grep FAILED "$W/$1.txt" | head -n 8 | cut -c 1-120)

@@ -169,45 +169,100 @@ pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
     table_names(&WGMMA_FORM_NAMES, "", suffix)
 }
 
-/// A family of wgmma kernels with lean and TMA loaders only, named by `infix` (`_sc`, the
-/// fused-shortcut kernels; `_gnb`, the backward-sums ones) in [`lean_tma_index`] order: bf16
-/// or fp16, then lean or TMA loaders, then the tile.
-pub(super) fn lean_tma_kernel_names(infix: &str) -> Vec<(String, WgmmaTile)> {
-    table_names(&["_rows_lean", "_rows_tma"], infix, "")
+/// What a wgmma launch adds to the plain lean or TMA kernels, each feature a kernel of its own
+/// (kernels/conv_wgmma.cu compiles them as template flags: a run-time branch would cost every
+/// kernel registers). The kernels are named by their features in this order:
+/// `conv_wgmma_{bf16|fp16}_rows_{lean|tma}[_sc][_mc][_gnb][_st][_tall]`.
+#[derive(Clone, Copy, Debug)]
+struct WgmmaExtras {
+    /// TMA loads (else lean loaders).
+    tma: bool,
+    /// A fused 1x1 shortcut (`_sc`).
+    shortcut: bool,
+    /// Weight slices multicast in clusters of two (`_mc`; TMA, plain tile).
+    multicast: bool,
+    /// GroupNorm backward sums (`_gnb`; never with a shortcut).
+    backward_sums: bool,
+    /// The epilogue through shared memory (`_st`; TMA).
+    staged: bool,
 }
 
-/// Where launch `plan` finds its kernel in a [`lean_tma_kernel_names`] table.
-fn lean_tma_index(precision: Precision, plan: &ConvLaunch) -> usize {
-    table_index(precision, usize::from(plan.tma_loads), 2, plan.tile)
+impl WgmmaExtras {
+    /// Every combination, in [`WgmmaExtras::index`]'s bit order.
+    fn all() -> impl Iterator<Item = WgmmaExtras> {
+        (0..32u32).map(|b| WgmmaExtras {
+            tma: b & 1 != 0,
+            shortcut: b & 2 != 0,
+            multicast: b & 4 != 0,
+            backward_sums: b & 8 != 0,
+            staged: b & 16 != 0,
+        })
+    }
+
+    /// Whether any feature is on (else the launch takes a plain lean or TMA kernel).
+    fn any(self) -> bool {
+        self.shortcut || self.multicast || self.backward_sums || self.staged
+    }
+
+    /// Whether kernels/conv_wgmma.cu has this combination on `tile`: some feature, the
+    /// shortcut never with backward sums, multicast only with TMA on the plain tile, the staged
+    /// epilogue only with TMA.
+    fn exists(self, tile: WgmmaTile) -> bool {
+        self.any()
+            && !(self.shortcut && self.backward_sums)
+            && (!self.multicast || (self.tma && tile == WgmmaTile::Plain))
+            && (!self.staged || self.tma)
+    }
+
+    /// The kernel's name in `precision` on `tile`.
+    fn name(self, precision: Precision, tile: WgmmaTile) -> String {
+        let flag = |on: bool, infix: &'static str| if on { infix } else { "" };
+        let loads = if self.tma { "_tma" } else { "_lean" };
+        let tile = WgmmaTile::ALL
+            .iter()
+            .find(|&&(t, _)| t == tile)
+            .map_or("", |&(_, suffix)| suffix);
+        format!(
+            "conv_wgmma_{}_rows{loads}{}{}{}{}{tile}",
+            precision.name(),
+            flag(self.shortcut, "_sc"),
+            flag(self.multicast, "_mc"),
+            flag(self.backward_sums, "_gnb"),
+            flag(self.staged, "_st")
+        )
+    }
+
+    /// Where this combination's kernel in `precision` on `tile` sits in a table of
+    /// [`WGMMA_EXTRA_SLOTS`] (bf16 or fp16, then the tile, then the features as bits).
+    fn index(self, precision: Precision, tile: WgmmaTile) -> usize {
+        let bits = usize::from(self.tma)
+            | usize::from(self.shortcut) << 1
+            | usize::from(self.multicast) << 2
+            | usize::from(self.backward_sums) << 3
+            | usize::from(self.staged) << 4;
+        table_index(precision, bits, 32, tile)
+    }
 }
 
-/// The staged-epilogue wgmma kernels (the `_st` kernels of kernels/conv_wgmma.cu, TMA loads):
-/// bf16 or fp16, then the tile.
-pub(super) fn wgmma_st_kernel_names() -> Vec<(String, WgmmaTile)> {
-    table_names(&["_rows_tma"], "_st", "")
-}
+/// Slots of the table of [`WgmmaExtras`] kernels: both precisions, every tile, every
+/// combination (those [`WgmmaExtras::exists`] rejects stay empty).
+pub(super) const WGMMA_EXTRA_SLOTS: usize = 2 * 32 * WgmmaTile::ALL.len();
 
-/// The multicast wgmma kernels (the `_tma_mc` kernels of kernels/conv_wgmma.cu, plain tile):
-/// bf16, then fp16, of the plain form, with a fused shortcut (`_tma_sc_mc`), and with
-/// GroupNorm backward sums (`_tma_mc_gnb`).
-pub(super) const WGMMA_MC_KERNELS: [&str; 6] = [
-    "conv_wgmma_bf16_rows_tma_mc",
-    "conv_wgmma_fp16_rows_tma_mc",
-    "conv_wgmma_bf16_rows_tma_sc_mc",
-    "conv_wgmma_fp16_rows_tma_sc_mc",
-    "conv_wgmma_bf16_rows_tma_mc_gnb",
-    "conv_wgmma_fp16_rows_tma_mc_gnb",
-];
-
-/// Where a multicast launch in `precision`, with a fused shortcut or backward sums (never
-/// both) or neither, finds its kernel in [`WGMMA_MC_KERNELS`].
-fn wgmma_mc_index(precision: Precision, fused: bool, backward_sums: bool) -> usize {
-    let form = match (fused, backward_sums) {
-        (false, false) => 0,
-        (true, _) => 1,
-        (false, true) => 2,
-    };
-    usize::from(precision == Precision::Fp16) + 2 * form
+/// The [`WgmmaExtras`] kernels that exist, each with its slot and tile.
+pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
+    let mut out = Vec::new();
+    for (tile, _) in WgmmaTile::ALL {
+        for extras in WgmmaExtras::all().filter(|e| e.exists(tile)) {
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                out.push((
+                    extras.index(precision, tile),
+                    extras.name(precision, tile),
+                    tile,
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Launches `f` on `cfg`'s grid (its x a multiple of 2) in thread-block clusters of two blocks
@@ -611,13 +666,7 @@ impl Kernels {
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
             || (plan.multicast
                 && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && probe.is_none()))
-            || (plan.staged_epilogue
-                && !(plan.tma_loads
-                    && plan.splits == 1
-                    && !plan.multicast
-                    && !fused
-                    && p.gn_backward.is_none()
-                    && probe.is_none()))
+            || (plan.staged_epilogue && !(plan.tma_loads && plan.splits == 1 && probe.is_none()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
@@ -668,14 +717,22 @@ impl Kernels {
                         )
                     };
                     let wg = self.conv_wgmma.as_ref().ok_or_else(missing)?;
-                    let f = if plan.multicast {
-                        &wg.multicast[wgmma_mc_index(precision, fused, backward_sums)]
-                    } else if backward_sums {
-                        &wg.backward_sums[lean_tma_index(precision, plan)]
-                    } else if fused {
-                        &wg.shortcut[lean_tma_index(precision, plan)]
-                    } else if plan.staged_epilogue {
-                        &wg.staged[table_index(precision, 0, 1, plan.tile)]
+                    let extras = WgmmaExtras {
+                        tma: plan.tma_loads,
+                        shortcut: fused,
+                        multicast: plan.multicast,
+                        backward_sums,
+                        staged: plan.staged_epilogue,
+                    };
+                    let f = if extras.any() {
+                        wg.extras[extras.index(precision, plan.tile)]
+                            .as_ref()
+                            .ok_or_else(|| {
+                                Error::Cuda(format!(
+                                    "internal: no wgmma kernel {}",
+                                    extras.name(precision, plan.tile)
+                                ))
+                            })?
                     } else if probe.is_some() {
                         &wg.probe[wgmma_index(precision, plan)]
                     } else {
@@ -977,6 +1034,34 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), names.len());
+    }
+
+    /// The kernels with extra features: each in a slot of its own, named by its features, 40
+    /// in all (every one of them in the built module: `every_kernel_the_loaders_ask_for_exists`
+    /// in mod.rs), the combinations of the candidates each among them.
+    #[test]
+    fn wgmma_extras_have_one_slot_each() {
+        let kernels = wgmma_extra_kernels();
+        let mut slots: Vec<_> = kernels.iter().map(|k| k.0).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), kernels.len());
+        assert!(slots.iter().all(|&s| s < WGMMA_EXTRA_SLOTS));
+        let names: Vec<&str> = kernels.iter().map(|k| k.1.as_str()).collect();
+        for name in [
+            "conv_wgmma_bf16_rows_lean_sc_tall",
+            "conv_wgmma_fp16_rows_tma_mc_gnb",
+            "conv_wgmma_bf16_rows_tma_st_tall",
+            "conv_wgmma_bf16_rows_tma_sc_mc_st",
+            "conv_wgmma_fp16_rows_tma_mc_gnb_st",
+            "conv_wgmma_bf16_rows_tma_gnb_st_tall",
+        ] {
+            assert!(names.contains(&name), "{name}");
+        }
+        for absent in ["_sc_mc_gnb", "_lean_st", "_lean_mc", "_mc_tall", "_sc_gnb"] {
+            assert!(!names.iter().any(|n| n.contains(absent)), "{absent}");
+        }
+        assert_eq!(kernels.len(), 40);
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its

@@ -431,10 +431,10 @@ pub(crate) struct ConvLaunch {
     /// `_tma_mc_gnb` with GroupNorm backward sums): the weight traffic of the tall tile at two
     /// blocks a multiprocessor, the same bits.
     pub multicast: bool,
-    /// With `tma_loads`, unsplit, without multicast or a fused shortcut: the epilogue through
-    /// shared memory (`STAGED` in kernels/conv_wgmma.cu, the `_st` kernels), each warp
-    /// finishing whole rows with 16-byte accesses instead of each thread its fragment's 8-byte
-    /// pairs; the same arithmetic per value, so the same bits.
+    /// With `tma_loads`, unsplit: the epilogue through shared memory (`STAGED` in
+    /// kernels/conv_wgmma.cu, the `_st` kernels, also with multicast, a fused shortcut or
+    /// backward sums), each warp finishing whole rows with 16-byte accesses instead of each
+    /// thread its fragment's 8-byte pairs; the same arithmetic per value, so the same bits.
     pub staged_epilogue: bool,
 }
 

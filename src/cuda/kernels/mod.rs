@@ -73,10 +73,7 @@ pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{
-    lean_tma_kernel_names, narrow_smem, wgmma_kernel_names, wgmma_st_kernel_names, TC_KERNELS,
-    WGMMA_MC_KERNELS,
-};
+use conv::{narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS, WGMMA_EXTRA_SLOTS};
 use conv_plan::DIRECT_MAX;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
@@ -224,35 +221,20 @@ pub(crate) struct Kernels {
     conv_wgmma: Option<WgmmaKernels>,
 }
 
-/// The wgmma convolution kernels (kernels/conv_wgmma.cu), one table per family.
+/// The wgmma convolution kernels (kernels/conv_wgmma.cu).
 struct WgmmaKernels {
     /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows`, `_rows_lean` and `_rows_tma` forms,
     /// then the `_tall` forms of all eight (`conv::wgmma_index`).
     plain: [CudaFunction; WGMMA_KERNELS],
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     probe: [CudaFunction; WGMMA_KERNELS],
-    /// The fused-shortcut kernels (`_rows_lean_sc`, `_rows_tma_sc`, each tile;
-    /// `conv::lean_tma_index`).
-    shortcut: [CudaFunction; WGMMA_LEAN_TMA_KERNELS],
-    /// The multicast kernels (`_rows_tma_mc`, `_rows_tma_sc_mc` and `_rows_tma_mc_gnb`, plain
-    /// tile; `conv::WGMMA_MC_KERNELS`).
-    multicast: [CudaFunction; WGMMA_MC_KERNELS.len()],
-    /// The backward-sums kernels (`_rows_lean_gnb`, `_rows_tma_gnb`, each tile;
-    /// `conv::lean_tma_index`).
-    backward_sums: [CudaFunction; WGMMA_LEAN_TMA_KERNELS],
-    /// The staged-epilogue kernels (`_rows_tma_st`, each tile; `conv::wgmma_st_kernel_names`).
-    staged: [CudaFunction; WGMMA_ST_KERNELS],
+    /// The kernels with a fused shortcut, multicast, backward sums or a staged epilogue, in
+    /// the slots of `conv::WgmmaExtras::index` (`conv::wgmma_extra_kernels`).
+    extras: Vec<Option<CudaFunction>>,
 }
-
-/// Both precisions and every tile of the staged-epilogue wgmma kernels.
-const WGMMA_ST_KERNELS: usize = 2 * WgmmaTile::ALL.len();
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
 const WGMMA_KERNELS: usize = 2 * WGMMA_FORMS.len() * WgmmaTile::ALL.len();
-
-/// Both precisions, lean and TMA loaders, and every tile: a family of the fused-shortcut or the
-/// backward-sums wgmma kernels (`conv::lean_tma_kernel_names`).
-const WGMMA_LEAN_TMA_KERNELS: usize = 2 * 2 * WgmmaTile::ALL.len();
 
 const BLOCK: u32 = 256;
 
@@ -356,19 +338,14 @@ impl Kernels {
                         .try_into()
                         .map_err(|_| Error::Cuda(format!("internal: {what} kernel table")))
                 }
-                let plain_tile = |names: &[&str]| {
-                    names
-                        .iter()
-                        .map(|&n| (n.to_string(), WgmmaTile::Plain))
-                        .collect()
-                };
+                let mut extras = vec![None; WGMMA_EXTRA_SLOTS];
+                for (slot, kernel, tile) in wgmma_extra_kernels() {
+                    extras[slot] = Some(f(&kernel, tile.smem())?);
+                }
                 Some(WgmmaKernels {
                     plain: table(&f, wgmma_kernel_names(""), "wgmma")?,
                     probe: table(&f, wgmma_kernel_names("_probe"), "cycle-counting wgmma")?,
-                    shortcut: table(&f, lean_tma_kernel_names("_sc"), "fused-shortcut")?,
-                    multicast: table(&f, plain_tile(&WGMMA_MC_KERNELS), "multicast")?,
-                    backward_sums: table(&f, lean_tma_kernel_names("_gnb"), "backward-sums")?,
-                    staged: table(&f, wgmma_st_kernel_names(), "staged-epilogue")?,
+                    extras,
                 })
             }
             _ => None,
@@ -584,15 +561,9 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
-        for (names, len) in [
-            (lean_tma_kernel_names("_sc"), WGMMA_LEAN_TMA_KERNELS),
-            (lean_tma_kernel_names("_gnb"), WGMMA_LEAN_TMA_KERNELS),
-            (wgmma_st_kernel_names(), WGMMA_ST_KERNELS),
-        ] {
-            assert_eq!(names.len(), len);
-            asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
-        }
-        asked.extend(WGMMA_MC_KERNELS.map(|n| ("conv_wgmma".into(), n.into())));
+        let extras = wgmma_extra_kernels();
+        assert_eq!(extras.len(), 40, "{extras:?}");
+        asked.extend(extras.into_iter().map(|(_, n, _)| ("conv_wgmma".into(), n)));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");
     }

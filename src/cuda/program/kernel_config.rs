@@ -121,10 +121,9 @@ pub(crate) struct KernelConfig {
     /// ([`ConvLaunch::multicast`]): the same sums in the same order. With `tall_tiles` off it
     /// also stands in where the tall tile would have run.
     pub wgmma_multicast: bool,
-    /// Unsplit TMA launches without multicast or a fused shortcut finish their rows through
-    /// shared memory ([`ConvLaunch::staged_epilogue`]), each warp whole rows with 16-byte
-    /// accesses: the same arithmetic per value, the same bits. A launch that writes GroupNorm
-    /// backward sums keeps the plain form (the `_gnb` kernels have no staged one).
+    /// Unsplit TMA launches (with multicast, a fused shortcut or GroupNorm backward sums too)
+    /// finish their rows through shared memory ([`ConvLaunch::staged_epilogue`]), each warp
+    /// whole rows with 16-byte accesses: the same arithmetic per value, the same bits.
     pub staged_epilogue: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output

@@ -268,8 +268,6 @@ impl Lowering<'_> {
                 continue;
             };
             conv.gn_partial = Some(partial);
-            // (The `_gnb` kernels have no staged epilogue.)
-            conv.launch.staged_epilogue = false;
             conv.gn_backward = Some(NormBackwardInput {
                 x,
                 x_half,
@@ -760,11 +758,8 @@ impl Lowering<'_> {
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
         launch.multicast =
             self.choice.wgmma_multicast && launch.tma_loads && launch.tile == WgmmaTile::Plain;
-        launch.staged_epilogue = self.choice.staged_epilogue
-            && launch.tma_loads
-            && launch.splits == 1
-            && !launch.multicast
-            && shape.shortcut_sc == 0;
+        launch.staged_epilogue =
+            self.choice.staged_epilogue && launch.tma_loads && launch.splits == 1;
         launch
     }
 }

@@ -893,21 +893,26 @@ fn half_copies_feed_only_tensor_core_launches() {
     }
 }
 
-/// With staged_epilogue, exactly the unsplit TMA launches without multicast, a fused shortcut
-/// or GroupNorm backward sums finish through shared memory, forward and backward, on both
-/// tiles; the program is otherwise the one without it.
+/// With staged_epilogue, exactly the unsplit TMA launches finish through shared memory,
+/// forward and backward, on both tiles, also where they multicast, fuse a shortcut or write
+/// GroupNorm backward sums; the program is otherwise the one without it.
 #[test]
 fn staged_epilogues_take_the_unsplit_tma_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    let candidates = KernelConfig {
+        shortcut_fused: true,
+        wgmma_multicast: true,
+        gn_backward_producer_sums: true,
+        ..tuned
+    };
     for (n, record) in [(1, true), (8, false)] {
         for others in [
             tuned,
+            candidates,
             KernelConfig {
-                shortcut_fused: true,
-                wgmma_multicast: true,
-                gn_backward_producer_sums: true,
-                ..tuned
+                tall_tiles: false,
+                ..candidates
             },
         ] {
             let build = |tc| {
@@ -919,29 +924,43 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
                 ..others
             });
             assert_eq!(base.steps.len(), p.steps.len());
-            let (mut staged, mut tall) = (0, 0);
+            // Staged launches: all, on the tall tile, multicast, fusing a shortcut, writing
+            // backward sums.
+            let mut staged = [0; 5];
             for (a, b) in base.steps.iter().zip(&p.steps) {
                 let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
+                    assert_eq!(format!("{a:?}"), format!("{b:?}"));
                     continue;
                 };
                 let l = b.launch;
-                let fits = l.tma_loads
-                    && l.splits == 1
-                    && !l.multicast
-                    && b.shortcut.is_none()
-                    && b.gn_backward.is_none();
+                let fits = l.tma_loads && l.splits == 1;
                 assert_eq!(l.staged_epilogue, fits, "{b:?}");
-                assert_eq!(
-                    ConvLaunch {
+                let unstaged = ConvStep {
+                    launch: ConvLaunch {
                         staged_epilogue: false,
                         ..l
                     },
-                    a.launch
-                );
-                staged += usize::from(fits);
-                tall += usize::from(fits && l.tile == WgmmaTile::Tall);
+                    ..b.clone()
+                };
+                assert_eq!(format!("{unstaged:?}"), format!("{a:?}"));
+                let kinds = [
+                    true,
+                    l.tile == WgmmaTile::Tall,
+                    l.multicast,
+                    b.shortcut.is_some(),
+                    b.gn_backward.is_some(),
+                ];
+                for (count, kind) in staged.iter_mut().zip(kinds) {
+                    *count += usize::from(fits && kind);
+                }
             }
-            assert!(staged > 0 && tall > 0, "batch {n}: {staged}, {tall} tall");
+            let [all, tall, multicast, fused, sums] = staged;
+            assert!(all > 0, "batch {n}");
+            assert_eq!(tall > 0, others.tall_tiles, "batch {n}");
+            if others.wgmma_multicast {
+                assert!(multicast > 0 && fused > 0, "batch {n}: {staged:?}");
+                assert_eq!(sums > 0, record, "batch {n}: {staged:?}");
+            }
         }
     }
 }

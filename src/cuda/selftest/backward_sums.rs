@@ -26,8 +26,9 @@ impl Tester<'_> {
     /// partial sums those of `gn_bwd_partial` over that output per tile and column, computed
     /// on the host in f64 from g and g * xhat formed in f32 as the kernels form them (1e-6 with
     /// SiLU, for the device's `expf` against the host's; 1e-12 without, where only the order
-    /// of the f64 additions differs).
-    pub(super) fn backward_sums(&mut self) -> Result<()> {
+    /// of the f64 additions differs). With `staged` (the staged-epilogue group), only the TMA
+    /// launches, staged ([`ConvLaunch::staged_epilogue`]), against the same references.
+    pub(super) fn backward_sums(&mut self, staged: bool) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
@@ -41,13 +42,18 @@ impl Tester<'_> {
         ];
         for shape in &shapes {
             for precision in [Precision::Bf16, Precision::Fp16] {
-                self.backward_sums_case(shape, precision)?;
+                self.backward_sums_case(shape, precision, staged)?;
             }
         }
         Ok(())
     }
 
-    fn backward_sums_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
+    fn backward_sums_case(
+        &mut self,
+        s: &ConvShape,
+        precision: Precision,
+        staged: bool,
+    ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (n, c) = (s.n, s.ncols);
         let desc = format!(
@@ -88,7 +94,7 @@ impl Tester<'_> {
         };
         for (tile, _) in WgmmaTile::ALL {
             for tma in [false, true] {
-                if tma && !tma_tried(s) {
+                if (tma && !tma_tried(s)) || (staged && !tma) {
                     continue;
                 }
                 let lean = ConvLaunch {
@@ -106,6 +112,10 @@ impl Tester<'_> {
                     continue;
                 };
                 let (want, _) = self.conv_output(s, &l, base, 1.0, len)?;
+                let l = ConvLaunch {
+                    staged_epilogue: staged,
+                    ..l
+                };
                 // The plain tile's TMA launch in clusters of two too (`_tma_mc_gnb`).
                 let multicast = ConvLaunch {
                     multicast: true,

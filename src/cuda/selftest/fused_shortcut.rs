@@ -35,8 +35,10 @@ impl Tester<'_> {
     /// start inside the shortcut's K, with a time embedding and a divisor in the epilogue, must
     /// be within [`WGMMA_VS_MMA`] of it (the same products, the fp32 sums in another order),
     /// and the forms of one split the same to the bit; the unsplit lean forms also write their
-    /// output's GroupNorm sums.
-    pub(super) fn fused_shortcuts(&mut self) -> Result<()> {
+    /// output's GroupNorm sums. With `staged` (the staged-epilogue group), only each unsplit
+    /// TMA form, staged ([`ConvLaunch::staged_epilogue`]) against itself without, to the bit,
+    /// with its GroupNorm sums.
+    pub(super) fn fused_shortcuts(&mut self, staged: bool) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
@@ -87,13 +89,18 @@ impl Tester<'_> {
         ];
         for case in cases {
             for precision in [Precision::Bf16, Precision::Fp16] {
-                self.fused_shortcut_case(&case, precision)?;
+                self.fused_shortcut_case(&case, precision, staged)?;
             }
         }
         Ok(())
     }
 
-    fn fused_shortcut_case(&mut self, case: &Case, precision: Precision) -> Result<()> {
+    fn fused_shortcut_case(
+        &mut self,
+        case: &Case,
+        precision: Precision,
+        staged: bool,
+    ) -> Result<()> {
         let Case {
             n,
             h,
@@ -186,6 +193,10 @@ impl Tester<'_> {
             .to_vec();
         pers.sort_unstable();
         pers.dedup();
+        if staged {
+            pers.truncate(0);
+            pers.push(slices * WGMMA_SLICE);
+        }
         let label = "conv3x3 + fused 1x1 shortcut forward (temb, /2)";
         for per in pers {
             let split = ConvLaunch {
@@ -208,7 +219,7 @@ impl Tester<'_> {
             let mut first: Option<(Vec<f32>, String)> = None;
             for (tile, _) in WgmmaTile::ALL {
                 for tma in [false, true] {
-                    if tma && !tma_tried(&main) {
+                    if (tma && !tma_tried(&main)) || (staged && !tma) {
                         continue;
                     }
                     let Some(v) = on_tile(
@@ -222,6 +233,10 @@ impl Tester<'_> {
                     };
                     let (got, ms) = self.conv_output(&fused, &v, ptrs, out_div, len)?;
                     let path = wgmma_path(&v);
+                    if staged {
+                        self.staged_row(&fused, v, ptrs, out_div, &got, label, &desc)?;
+                        continue;
+                    }
                     self.row_within(
                         format!("{label} [{path}] vs the shortcut's launch and then this one's"),
                         format!("{desc}, the pair {pair_ms:.3} ms"),

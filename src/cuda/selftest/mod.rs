@@ -181,19 +181,22 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         }),
         // The staged candidates' kernels last: a fault in them ends no other check.
         ("fused shortcuts", |t, o| {
-            t.fused_shortcuts()?;
+            t.fused_shortcuts(false)?;
             t.fused_shortcut_unets(o)
         }),
         ("multicast", |t, o| {
-            t.multicasts()?;
+            t.multicasts(false)?;
             t.multicast_unets(o)
         }),
         ("backward sums", |t, o| {
-            t.backward_sums()?;
+            t.backward_sums(false)?;
             t.backward_sums_unets(o)
         }),
         ("staged epilogue", |t, o| {
             t.staged_epilogues()?;
+            t.fused_shortcuts(true)?;
+            t.multicasts(true)?;
+            t.backward_sums(true)?;
             t.staged_epilogue_unets(o)
         }),
     ];

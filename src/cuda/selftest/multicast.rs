@@ -22,8 +22,10 @@ impl Tester<'_> {
     /// their stages too, the last split shorter, and some start inside a fused shortcut's K),
     /// with a time embedding, a residual and a divisor in the epilogue: multicast in clusters
     /// of two, the same output as without to the bit; where the launch writes GroupNorm sums,
-    /// those checked against the host's as every launch's are.
-    pub(super) fn multicasts(&mut self) -> Result<()> {
+    /// those checked against the host's as every launch's are. With `staged` (the
+    /// staged-epilogue group), only the unsplit launches, multicast and staged
+    /// ([`ConvLaunch::staged_epilogue`]) against multicast without, to the bit.
+    pub(super) fn multicasts(&mut self, staged: bool) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
@@ -59,13 +61,13 @@ impl Tester<'_> {
         }
         for shape in &shapes {
             for precision in [Precision::Bf16, Precision::Fp16] {
-                self.multicast_case(shape, precision)?;
+                self.multicast_case(shape, precision, staged)?;
             }
         }
         Ok(())
     }
 
-    fn multicast_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
+    fn multicast_case(&mut self, s: &ConvShape, precision: Precision, staged: bool) -> Result<()> {
         let Some(TmaCase {
             desc,
             planned,
@@ -94,10 +96,10 @@ impl Tester<'_> {
             ..tma
         };
         let mut plans = vec![unsplit];
-        if tma.splits > 1 {
+        if tma.splits > 1 && !staged {
             plans.push(tma);
         }
-        if slices > 5 && fives != tma {
+        if slices > 5 && fives != tma && !staged {
             plans.push(fives);
         }
         for plain in plans {
@@ -110,6 +112,10 @@ impl Tester<'_> {
             };
             let (got, ms) = self.conv_output(s, &multicast, ptrs, 2.0, len)?;
             let label = "conv (temb, residual, /2)";
+            if staged {
+                self.staged_row(s, multicast, ptrs, 2.0, &got, label, &desc)?;
+                continue;
+            }
             self.row_within(
                 format!(
                     "{label} [{}] vs [{}]",

@@ -1,6 +1,8 @@
 //! Epilogues through shared memory (the `_st` wgmma kernels, `INVDIFF_EPI_STAGED`): launches
-//! against the same launch without, bit for bit, and whole networks against the same network
-//! without. A group of its own, run last: a candidate's kernel that faults ends no other check.
+//! against the same launch without, bit for bit, also where they multicast, fuse a shortcut or
+//! write GroupNorm backward sums (those groups' checks, staged), and whole networks against the
+//! same network without. A group of its own, run last: a candidate's kernel that faults ends no
+//! other check.
 
 use super::conv_variants::wgmma_path;
 use super::multicast::TmaCase;
@@ -46,6 +48,35 @@ impl Tester<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Launch `l` (TMA, unsplit) staged against its own output without (`want`, with `ptrs`
+    /// and `out_div`), to the bit, and its GroupNorm sums where it can write them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn staged_row(
+        &mut self,
+        s: &ConvShape,
+        l: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        want: &[f32],
+        label: &str,
+        desc: &str,
+    ) -> Result<()> {
+        let staged = ConvLaunch {
+            staged_epilogue: true,
+            ..l
+        };
+        let (got, ms) = self.conv_output(s, &staged, ptrs, out_div, want.len())?;
+        self.row_within(
+            format!("{label} [{}] vs [{}]", wgmma_path(&staged), wgmma_path(&l)),
+            desc.into(),
+            &got,
+            want,
+            ms,
+            0.0,
+        );
+        self.gn_partial_row(s, staged, ptrs, out_div, &got, label, desc)
     }
 
     fn staged_epilogue_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
@@ -146,22 +177,44 @@ impl Tester<'_> {
     }
 
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
-    /// fp16, as configured but for multicast, off (its launches keep the fragment epilogue),
-    /// and two choices: staged epilogues with the tall tiles on and off, each with its forward
-    /// and forward + VJP the same to the bit as without them (with the tall tiles on), once the
-    /// program shows it stages.
+    /// fp16, as configured but for three choices: staged epilogues with the tall tiles on, with
+    /// them off, and with them off and every TMA launch multicast, each with its forward and
+    /// forward + VJP the same to the bit as without staging or multicast, with the tall tiles on,
+    /// once the program shows it stages (the last: a multicast launch among them).
     pub(super) fn staged_epilogue_unets(&mut self, ordinal: usize) -> Result<()> {
         self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
             gpu.set_staged_epilogue_and_tall(false, true);
             let want = Self::network_outputs(gpu, net)?;
             let staged = |s: &StepTime| s.variant.contains("staged epilogue");
-            let has = ("staged epilogues", &staged as &dyn Fn(&StepTime) -> bool);
-            for (tall, what) in [
-                (true, "staged epilogue"),
-                (false, "staged epilogue, no tall tiles"),
+            let staged_multicast = |s: &StepTime| staged(s) && s.variant.contains("multicast");
+            for (tall, multicast, what, has) in [
+                (
+                    true,
+                    false,
+                    "staged epilogue",
+                    &staged as &dyn Fn(&StepTime) -> bool,
+                ),
+                (false, false, "staged epilogue, no tall tiles", &staged),
+                (
+                    false,
+                    true,
+                    "staged epilogue, multicast, no tall tiles",
+                    &staged_multicast,
+                ),
             ] {
                 gpu.set_staged_epilogue_and_tall(true, tall);
+                if multicast {
+                    gpu.set_multicast_and_tall(true, tall);
+                }
                 let op = format!("celebahq {precision}, {what}");
+                let has = (
+                    if multicast {
+                        "staged epilogues that multicast"
+                    } else {
+                        "staged epilogues"
+                    },
+                    has,
+                );
                 t.same_network_rows(gpu, net, &op, has, &want)?;
             }
             Ok(())

@@ -266,8 +266,8 @@ impl CudaUnet {
 
     /// Finishes unsplit TMA convolutions through shared memory (`on`,
     /// [`KernelConfig::staged_epilogue`]) or not, and takes the tall tiles where they fill the
-    /// machine (`tall`) or not, for comparisons; drops every plan. Either way without multicast,
-    /// whose launches keep the fragment epilogue.
+    /// machine (`tall`) or not, for comparisons; drops every plan. Either way without multicast
+    /// ([`set_multicast_and_tall`](Self::set_multicast_and_tall) after it adds it back).
     pub(crate) fn set_staged_epilogue_and_tall(&mut self, on: bool, tall: bool) {
         self.change_choice(|c| {
             c.staged_epilogue = on && c.wgmma;
