@@ -198,7 +198,10 @@ pub fn sweep_convolutions(
 /// multiprocessors: each split of [`SPLITS`] that leaves a K slice per split and keeps the grid
 /// within [`MAX_WAVES`] waves (1 always), under each pipeline (16-bit input in bf16/fp16 only), the
 /// wgmma kernel (bf16/fp16, where `wgmma`: the device has it) over 64-deep slices, and the planned
-/// launch itself. No variant prefetches the epilogue's reads ([`ConvLaunch::prefetch`]): the
+/// launch itself; unsplit TMA launches also with the staged epilogue
+/// ([`ConvLaunch::staged_epilogue`], which the sweep's light epilogue, with no residual, may
+/// favour less than the program's launches do). No variant prefetches the epilogue's reads
+/// ([`ConvLaunch::prefetch`]): the
 /// sweep's launches read no residual and do not accumulate, so it would time nothing (a planned
 /// launch keeps its own, which reads nothing here either).
 fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -> Vec<ConvLaunch> {
@@ -280,13 +283,23 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // The plain tile's TMA loads also in clusters sharing the weight slices.
+                    // The plain tile's TMA loads also in clusters sharing the weight slices;
+                    // unsplit TMA launches also with the staged epilogue.
                     let multicast = ConvLaunch {
                         multicast: true,
                         ..c
                     };
                     let shared = tma_loads && tile == WgmmaTile::Plain;
-                    for c in std::iter::once(c).chain(shared.then_some(multicast)) {
+                    let staged = |c: ConvLaunch| {
+                        (c.tma_loads && c.splits == 1).then_some(ConvLaunch {
+                            staged_epilogue: true,
+                            ..c
+                        })
+                    };
+                    for c in std::iter::once(c)
+                        .chain(shared.then_some(multicast))
+                        .flat_map(|c| std::iter::once(c).chain(staged(c)))
+                    {
                         if !out.contains(&c) {
                             out.push(c);
                         }
@@ -830,6 +843,10 @@ mod tests {
                                 !l.multicast || (l.tma_loads && l.tile == WgmmaTile::Plain),
                                 "{l:?}"
                             );
+                            assert!(
+                                !l.staged_epilogue || (l.tma_loads && l.splits == 1),
+                                "{l:?}"
+                            );
                         }
                     }
                 }
@@ -850,6 +867,7 @@ mod tests {
         let c = candidates(&fused, planned, 132, true);
         assert!(c.len() > 2 && c.contains(&planned));
         assert!(c.iter().any(|l| l.multicast));
+        assert!(c.iter().any(|l| l.multicast && l.staged_epilogue));
         for l in c {
             assert!(l.wgmma && l.lean_loads, "{l:?}");
             assert!(l.splits * l.k_per_split >= fused.k(), "{l:?}");
