@@ -557,9 +557,9 @@ DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int 
 // (chunk = the tile's place in its image; the host sends only launches whose images are whole
 // tiles, output rows in pixel order), so that the GroupNorm skips its own pass over the
 // output (gn_partial); or, GNB (the `_gnb` kernels), the sums of the GroupNorm backward pass
-// that reads the output as its output gradient (wg_bwd_sums). The values come staged in `keep`
-// (wg_epilogue); PARTS threads per column each add a run of rows in order, then the first adds
-// the runs in order.
+// that reads the output as its output gradient (wg_bwd_sums). The finished values come staged in
+// `keep` (by wg_epilogue, or written back by wg_epilogue_staged); PARTS threads per column each
+// add a run of rows in order, then the first adds the runs in order.
 template <int TM, bool GNB>
 DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
@@ -620,13 +620,13 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
-// MC (the `_tma_mc`, `_tma_sc_mc` and `_tma_mc_gnb` kernels, TMA on the plain tile): clusters of
-// two blocks sharing the weight slices (see the header); `tma.b` (and `tma.b2`) then box 64
-// columns.
+// MC (the `_tma_mc`, `_tma_sc_mc` and `_tma_mc_gnb` kernels and their `_st` forms, TMA on the
+// plain tile): clusters of two blocks sharing the weight slices (see the header); `tma.b` (and
+// `tma.b2`) then box 64 columns.
 // GNB (the `_gnb` kernels, LEAN, TMA or MC): the GroupNorm sums of a.gn_partial are the backward
 // pass's (wg_bwd_sums); compiled out of the other kernels, whose registers they would raise.
-// STAGED (the `_st` kernels, TMA): an unsplit launch finishes its rows through shared memory
-// (wg_epilogue_staged), a split one as the TMA kernels do.
+// STAGED (the `_st` kernels, TMA, also with SC, MC or GNB): an unsplit launch finishes its rows
+// through shared memory (wg_epilogue_staged), a split one as the TMA kernels do.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
           bool MC = false, bool GNB = false, bool STAGED = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
@@ -1043,9 +1043,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, true, TILE, true, true>(a, wg_dsmem, probe, TmaLoads{&ta, &tb});             \
     }
-// The fused-shortcut forms (SC): lean loaders, and TMA loads (MC: multicast, plain tile) with
-// the shortcut's two maps after the main ones; the shortcut's operands last (the shortcut's
-// weight map boxes 64 columns too with MC).
+// The fused-shortcut forms (SC): lean loaders, and TMA loads (MC: multicast, plain tile;
+// STAGED: the staged epilogue) with the shortcut's two maps after the main ones; the shortcut's
+// operands last (the shortcut's weight map boxes 64 columns too with MC).
 #define WG_SC_KERNEL(name, T, TILE)                                                                  \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const Shortcut s) {                                                    \
@@ -1082,7 +1082,9 @@ WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc_st, 2, PlainTile, true, true)
 WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb_st, 1, PlainTile, true, true, true)
 WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb_st, 2, PlainTile, true, true, true)
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
-// loaders, row epilogue with TMA loads), plain and counting, of one tile.
+// loaders, row epilogue with TMA loads), plain and counting, of one tile; then that tile's
+// fused-shortcut, backward-sums and staged forms and their combinations (the host's
+// WgmmaExtras names them).
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE, false)                                       \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE, false)                                       \

@@ -188,6 +188,18 @@ struct WgmmaExtras {
 }
 
 impl WgmmaExtras {
+    /// What wgmma launch `plan` adds, with a fused shortcut (`fused`) and GroupNorm backward
+    /// sums (`backward_sums`) or not.
+    fn of(plan: &ConvLaunch, fused: bool, backward_sums: bool) -> WgmmaExtras {
+        WgmmaExtras {
+            tma: plan.tma_loads,
+            shortcut: fused,
+            multicast: plan.multicast,
+            backward_sums,
+            staged: plan.staged_epilogue,
+        }
+    }
+
     /// Every combination, in [`WgmmaExtras::index`]'s bit order.
     fn all() -> impl Iterator<Item = WgmmaExtras> {
         (0..32u32).map(|b| WgmmaExtras {
@@ -242,6 +254,16 @@ impl WgmmaExtras {
             | usize::from(self.staged) << 4;
         table_index(precision, bits, 32, tile)
     }
+}
+
+/// Whether kernels/conv_wgmma.cu has a kernel for wgmma launch `plan` with a fused shortcut
+/// (`fused`) and GroupNorm backward sums (`backward_sums`) or without: every plain form does;
+/// one that adds a feature needs lean or TMA loaders and a combination that exists. (For the
+/// program tests; [`Kernels::conv`] looks the kernel up itself.)
+#[cfg(test)]
+pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool, backward_sums: bool) -> bool {
+    let extras = WgmmaExtras::of(plan, fused, backward_sums);
+    !extras.any() || (plan.lean_loads && extras.exists(plan.tile))
 }
 
 /// Slots of the table of [`WgmmaExtras`] kernels: both precisions, every tile, every
@@ -717,13 +739,7 @@ impl Kernels {
                         )
                     };
                     let wg = self.conv_wgmma.as_ref().ok_or_else(missing)?;
-                    let extras = WgmmaExtras {
-                        tma: plan.tma_loads,
-                        shortcut: fused,
-                        multicast: plan.multicast,
-                        backward_sums,
-                        staged: plan.staged_epilogue,
-                    };
+                    let extras = WgmmaExtras::of(plan, fused, backward_sums);
                     let f = if extras.any() {
                         wg.extras[extras.index(precision, plan.tile)]
                             .as_ref()

@@ -428,8 +428,8 @@ pub(crate) struct ConvLaunch {
     /// With `tma_loads` on the plain tile: blocks in clusters of two consecutive row tiles,
     /// each copying half of every weight slice (and of a fused shortcut's) into both (`MC` in
     /// kernels/conv_wgmma.cu, the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and
-    /// `_tma_mc_gnb` with GroupNorm backward sums): the weight traffic of the tall tile at two
-    /// blocks a multiprocessor, the same bits.
+    /// `_tma_mc_gnb` with GroupNorm backward sums, each also in a `_st` form): the weight
+    /// traffic of the tall tile at two blocks a multiprocessor, the same bits.
     pub multicast: bool,
     /// With `tma_loads`, unsplit: the epilogue through shared memory (`STAGED` in
     /// kernels/conv_wgmma.cu, the `_st` kernels, also with multicast, a fused shortcut or

@@ -5,7 +5,8 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    gn_partial_fits, im2col_box, Capabilities, ConvKernel, ConvShape, WgmmaTile, LINEAR_ITEM_WORDS,
+    gn_partial_fits, im2col_box, wgmma_kernel_exists, Capabilities, ConvKernel, ConvShape,
+    WgmmaTile, LINEAR_ITEM_WORDS,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -960,6 +961,59 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
             if others.wgmma_multicast {
                 assert!(multicast > 0 && fused > 0, "batch {n}: {staged:?}");
                 assert_eq!(sums > 0, record, "batch {n}: {staged:?}");
+            }
+        }
+    }
+}
+
+/// Every wgmma launch of the celebahq programs finds a kernel, with the candidates off, each
+/// on, and all on with the tall tiles on and off: the planner's rules (which launches stage,
+/// multicast, fuse a shortcut or write backward sums) and the kernels compiled agree.
+#[test]
+fn every_planned_wgmma_launch_has_a_kernel() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    let all = KernelConfig {
+        shortcut_fused: true,
+        wgmma_multicast: true,
+        gn_backward_producer_sums: true,
+        staged_epilogue: true,
+        half_gn_inputs_recording: true,
+        ..tuned
+    };
+    let configs = [
+        tuned,
+        KernelConfig {
+            shortcut_fused: true,
+            ..tuned
+        },
+        KernelConfig {
+            wgmma_multicast: true,
+            ..tuned
+        },
+        KernelConfig {
+            gn_backward_producer_sums: true,
+            ..tuned
+        },
+        KernelConfig {
+            staged_epilogue: true,
+            ..tuned
+        },
+        all,
+        KernelConfig {
+            tall_tiles: false,
+            ..all
+        },
+    ];
+    for (n, h, record) in [(1, 256, true), (8, 256, false), (2, 64, true)] {
+        for tc in configs {
+            let p = Program::build_with(&g, n, h, h, record, 132, Precision::Bf16, tc).unwrap();
+            for s in &p.steps {
+                let Step::Conv(c) = s else { continue };
+                if c.launch.wgmma {
+                    let (fused, sums) = (c.shape.shortcut_sc > 0, c.gn_backward.is_some());
+                    assert!(wgmma_kernel_exists(&c.launch, fused, sums), "{c:?}");
+                }
             }
         }
     }
