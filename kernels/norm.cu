@@ -33,6 +33,11 @@
 // apply and one pass over such an x kept for the backward pass: each value widened exactly, so
 // the fp32 kernels' results over the rounded values, for half the bytes of x.
 //
+// The `_split` kernels (INVDIFF_CONCAT_GRAD_SPLIT) are the backward's element-wise pass over a
+// concatenation writing the concatenation's two gradients (GradSplit) instead of dx, which the
+// concatenation's two adjoint steps (concat_backward in resample.cu) would only have copied
+// out of dx: the same values, two launches and a read and write of dx less.
+//
 // Small groups (the 8x8 to 32x32 levels of celebahq-256, at most ONE_PASS_PIXELS pixels a
 // thread) can instead take one launch per direction, `gn_one_pass` / `gn_bwd_one_pass`: a block
 // per (image, group) loads its group into registers, sums, forms the same statistics and writes
@@ -224,8 +229,8 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
 // per-channel constants in registers, threadIdx.y and blockIdx.x stride over the pixels. The
 // element loop is then loads, the arithmetic and a store: a flat loop's per-element index
 // division (64-bit) cost more than the bytes. setup(u) makes unit u's constants; load(e) reads
-// unit element e (of the image-major [n][hw][lanes] array) and finish(k, in, e) computes and
-// stores it with constants k.
+// unit element e (of the image-major [n][hw][lanes] array) and finish(k, in, e, q) computes and
+// stores it with constants k (q: e's pixel over the batch, e = q * lanes + unit).
 //
 // P > 1 (the `_ilp` kernels) issues the loads of P of a thread's pixels before the first of
 // their arithmetic. SiLU and its gradient divide, and the IEEE division has a slow path, a
@@ -241,7 +246,7 @@ DEVI void for_units(int hw, int lanes, Setup setup, Load load, Finish finish) {
             // The plain kernels' loop as it was timed (the same SASS).
             for (int p = blockIdx.x * blockDim.y + threadIdx.y; p < hw; p += gridDim.x * blockDim.y) {
                 const long long e = (first + p) * lanes + u;
-                finish(k, load(e), e);
+                finish(k, load(e), e, first + p);
             }
         } else {
             const int stride = gridDim.x * blockDim.y;
@@ -252,7 +257,8 @@ DEVI void for_units(int hw, int lanes, Setup setup, Load load, Finish finish) {
                     if (p + j * stride < hw) in[j] = load((first + p + j * stride) * lanes + u);
 #pragma unroll
                 for (int j = 0; j < P; ++j)
-                    if (p + j * stride < hw) finish(k, in[j], (first + p + j * stride) * lanes + u);
+                    if (p + j * stride < hw)
+                        finish(k, in[j], (first + p + j * stride) * lanes + u, first + p + j * stride);
             }
         }
     }
@@ -304,7 +310,7 @@ DEVI void apply(const float* x, const float* scale_shift, float* y, int hw, int 
         for_units<P>(
             hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
             [&](long long e) { return ld_unit4(x, e); },
-            [&](const Affine4& k, float4 v, long long e) {
+            [&](const Affine4& k, float4 v, long long e, long long) {
                 float o[4];
                 affine4(v, k.scale, k.shift, silu, o);
                 reinterpret_cast<float4*>(y)[e] = make_float4(o[0], o[1], o[2], o[3]);
@@ -312,7 +318,7 @@ DEVI void apply(const float* x, const float* scale_shift, float* y, int hw, int 
     } else {
         for_units<P>(
             hw, c, [&](int ch) { return make_float2(ss[ch], ss[c + ch]); }, [&](long long e) { return x[e]; },
-            [&](float2 k, float v, long long e) {
+            [&](float2 k, float v, long long e, long long) {
                 const float z = fmaf(v, k.x, k.y);
                 y[e] = silu ? silu_f(z) : z;
             });
@@ -331,7 +337,7 @@ DEVI void apply_half(const void* x, int xkind, const float* scale_shift, uint2* 
     for_units<P>(
         hw, c / 4, [&](int u) { return Affine4{ld_f4(ss + 4 * u), ld_f4(ss + c + 4 * u)}; },
         [&](long long e) { return ld_x4<X16>(x, e); },
-        [&](const Affine4& k, auto in, long long e) {
+        [&](const Affine4& k, auto in, long long e, long long) {
             float o[4];
             affine4(widen4(in, xkind), k.scale, k.shift, silu, o);
             y[e] = make_uint2(pack_half2(o[0], o[1], kind), pack_half2(o[2], o[3], kind));
@@ -503,27 +509,57 @@ template <typename X, typename T> struct BwdIn {
     T dy, old;
 };
 
+// The two sides of a concatenation's gradient, written by the GroupNorm backward pass over the
+// concatenation instead of its full dx (the `_split` kernels, INVDIFF_CONCAT_GRAD_SPLIT): pixel
+// q's first ca channels of the new dx go to a[q][ca], the other cb to b[q][cb], each also in 16
+// bits of kind16 where a16 / b16 is not null, as concat_backward (resample.cu) would have copied
+// and rounded them from dx, which nothing else reads. Units of four: ca and cb multiples of 4,
+// 16-byte aligned a and b, 8-byte aligned a16 and b16 (checked by the host).
+struct GradSplit {
+    float* a;
+    uint2* a16;
+    float* b;
+    uint2* b16;
+    int ca, cb;
+};
+DEVI void split_store(const GradSplit& sp, long long q, int u, const float (&v)[4], int kind16) {
+    const int ua = sp.ca / 4;
+    const bool first = u < ua;
+    const long long i = first ? q * ua + u : q * (sp.cb / 4) + (u - ua);
+    float* d = first ? sp.a : sp.b;
+    uint2* d16 = first ? sp.a16 : sp.b16;
+    reinterpret_cast<float4*>(d)[i] = make_float4(v[0], v[1], v[2], v[3]);
+    if (d16) d16[i] = make_uint2(pack_half2(v[0], v[1], kind16), pack_half2(v[2], v[3], kind16));
+}
+
+// A unit's constants and its place among the pixel's units.
+struct BwdUnitAt {
+    BwdUnit k;
+    int u;
+};
+
 // dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
 // for_units (P pixels a round); vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
 // Where dx16 is not null (8-byte aligned for vec4), also the new dx in bf16 (kind16 1) or fp16
 // (2), rounded as a conversion launch would round it: the last contribution to a gradient that
 // tensor-core convolutions read. X16: x holds 16-bit values of xkind, in units of four only
-// (the host passes vec4 = 1, 8-byte aligned x).
-template <int P, bool X16>
+// (the host passes vec4 = 1, 8-byte aligned x). SPLIT (units of four): the new dx goes to the
+// two sides of `sp` instead (dx is only read, where accumulating; dx16 unused).
+template <int P, bool X16, bool SPLIT = false>
 DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stats, const float* means,
                     const float* gamma, const float* beta, float* dx, uint2* dx16, int kind16, int hw, int c,
-                    int groups, int silu, int accumulate, int vec4) {
+                    int groups, int silu, int accumulate, int vec4, GradSplit sp = {}) {
     const int cg = c / groups;
-    if (X16 || vec4) {
+    if (X16 || SPLIT || vec4) {
         using In = BwdIn<decltype(ld_x4<X16>(x, 0)), float4>;
         for_units<P>(
-            hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
+            hw, c / 4, [&](int u) { return BwdUnitAt{bwd_unit(stats, means, gamma, beta, groups, cg, u), u}; },
             [&](long long e) {
                 return In{ld_x4<X16>(x, e), ld_unit4(dy, e), P > 1 && accumulate ? ld_unit4(dx, e) : float4{}};
             },
-            [&](const BwdUnit& k, const In& in, long long e) {
+            [&](const BwdUnitAt& k, const In& in, long long e, long long q) {
                 float v[4];
-                bwd_values4(widen4(in.x, xkind), in.dy, k, silu, v);
+                bwd_values4(widen4(in.x, xkind), in.dy, k.k, silu, v);
                 if (accumulate) {
                     const float4 o = P > 1 ? in.old : ld_unit4(dx, e);
                     v[0] += o.x;
@@ -531,8 +567,13 @@ DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stat
                     v[2] += o.z;
                     v[3] += o.w;
                 }
-                reinterpret_cast<float4*>(dx)[e] = make_float4(v[0], v[1], v[2], v[3]);
-                if (dx16) dx16[e] = make_uint2(pack_half2(v[0], v[1], kind16), pack_half2(v[2], v[3], kind16));
+                if constexpr (SPLIT) {
+                    split_store(sp, q, k.u, v, kind16);
+                } else {
+                    reinterpret_cast<float4*>(dx)[e] = make_float4(v[0], v[1], v[2], v[3]);
+                    if (dx16)
+                        dx16[e] = make_uint2(pack_half2(v[0], v[1], kind16), pack_half2(v[2], v[3], kind16));
+                }
             });
     } else {
         for_units<P>(
@@ -540,7 +581,7 @@ DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stat
             [&](long long e) {
                 return BwdIn<float, float>{ld_x1<X16>(x, e, xkind), dy[e], P > 1 && accumulate ? dx[e] : 0.0f};
             },
-            [&](const BwdChannel& k, const BwdIn<float, float>& in, long long e) {
+            [&](const BwdChannel& k, const BwdIn<float, float>& in, long long e, long long) {
                 const float v = bwd_value(in.x, in.dy, k, silu);
                 const float out = accumulate ? (P > 1 ? in.old : dx[e]) + v : v;
                 dx[e] = out;
@@ -560,7 +601,7 @@ DEVI void bwd_apply_half(const float* x, const float* dy, const float* stats, co
     for_units<P>(
         hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
         [&](long long e) { return BwdIn<float4, float4>{ld_unit4(x, e), ld_unit4(dy, e), float4{}}; },
-        [&](const BwdUnit& k, const BwdIn<float4, float4>& in, long long e) {
+        [&](const BwdUnit& k, const BwdIn<float4, float4>& in, long long e, long long) {
             float v[4];
             bwd_values4(in.x, in.dy, k, silu, v);
             dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
@@ -592,6 +633,24 @@ extern "C" __global__ void gn_bwd_apply_x16(BWD_APPLY_X16_ARGS) {
 extern "C" __global__ void gn_bwd_apply_x16_ilp(BWD_APPLY_X16_ARGS) {
     bwd_apply<APPLY_ILP, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
                                accumulate, vec4);
+}
+// The split forms (SPLIT): the arguments of gn_bwd_apply / gn_bwd_apply_x16 (dx read only,
+// dx16 unused), then the two sides.
+extern "C" __global__ void gn_bwd_apply_split(BWD_APPLY_ARGS, const GradSplit sp) {
+    bwd_apply<1, false, true>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
+                              accumulate, vec4, sp);
+}
+extern "C" __global__ void gn_bwd_apply_split_ilp(BWD_APPLY_ARGS, const GradSplit sp) {
+    bwd_apply<APPLY_ILP, false, true>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
+                                      accumulate, vec4, sp);
+}
+extern "C" __global__ void gn_bwd_apply_x16_split(BWD_APPLY_X16_ARGS, const GradSplit sp) {
+    bwd_apply<1, true, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
+                             accumulate, vec4, sp);
+}
+extern "C" __global__ void gn_bwd_apply_x16_split_ilp(BWD_APPLY_X16_ARGS, const GradSplit sp) {
+    bwd_apply<APPLY_ILP, true, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups,
+                                     silu, accumulate, vec4, sp);
 }
 extern "C" __global__ void gn_bwd_apply_half(BWD_APPLY_HALF_ARGS) {
     bwd_apply_half<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);

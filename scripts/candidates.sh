@@ -6,7 +6,8 @@
 # two, alone and instead of the tall tiles, staged at stop 23, and both together, and GroupNorm
 # backward sums from the input gradients that write their output gradients, alone and with
 # multicast, and epilogues through shared memory, with and without the tall tiles, staged at
-# stop 24, and with multicast, staged at stop 25; none yet timed), then
+# stop 24, and with multicast, staged at stop 25, and concatenation gradients written by their
+# GroupNorms' backward passes, staged at stop 25; none yet timed), then
 # each v0.7 default turned off (16-bit concatenations for the GroupNorms, GroupNorm sums from
 # their producers, 16-bit copies by their writers), each v0.6 default turned off (with TMA on,
 # no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream
@@ -28,6 +29,7 @@ CANDIDATES=(
     gn_bwd_producer_sums:INVDIFF_GN_BWD_PRODUCER_SUMS=1
     gn_bwd_producer_sums_multicast:INVDIFF_GN_BWD_PRODUCER_SUMS=1,INVDIFF_WGMMA_MULTICAST=1
     gn_bwd_producer_sums_multicast_no_tall:INVDIFF_GN_BWD_PRODUCER_SUMS=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
+    concat_grad_split:INVDIFF_CONCAT_GRAD_SPLIT=1
     no_gn_half_input:INVDIFF_GN_HALF_INPUT=0
     no_gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=0
     no_half_copy_fused:INVDIFF_HALF_COPY_FUSED=0

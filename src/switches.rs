@@ -86,7 +86,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; not those that multicast, fuse a shortcut or sum a GroupNorm backward pass)",
+        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that multicast, fuse a shortcut or sum a GroupNorm backward pass)",
+    ),
+    choice(
+        "INVDIFF_CONCAT_GRAD_SPLIT",
+        ON_OFF,
+        "GPU candidate: `1` has the GroupNorm backward pass over a concatenation write the concatenation's two gradients itself, instead of two copies out of its input gradient",
     ),
     choice(
         "INVDIFF_GN_BWD_PRODUCER_SUMS",

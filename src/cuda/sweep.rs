@@ -599,6 +599,7 @@ pub fn sweep_group_norms(
                         accumulate,
                         half_out,
                         None,
+                        None,
                     )
                 } else {
                     forward()

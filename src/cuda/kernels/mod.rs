@@ -69,7 +69,7 @@ pub(crate) use conv_plan::{
     WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
-pub(crate) use norm::{norm_forms, plan_norm, NormDims, NormSplit};
+pub(crate) use norm::{norm_forms, plan_norm, GradSides, NormDims, NormSplit};
 // Used only by documentation links.
 #[cfg(doc)]
 pub(crate) use norm::one_pass_threads;
@@ -205,6 +205,9 @@ pub(crate) struct Kernels {
     gn_bwd_partial_x16_ilp: CudaFunction,
     gn_bwd_apply_x16: CudaFunction,
     gn_bwd_apply_x16_ilp: CudaFunction,
+    /// `gn_bwd_apply_split`, `_split_ilp`, `_x16_split`, `_x16_split_ilp` (16-bit x, then
+    /// loads ahead).
+    gn_bwd_apply_split: [CudaFunction; 4],
     gn_bwd_one_pass_x16: CudaFunction,
     gn_bwd_one_pass_x16_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -426,6 +429,12 @@ impl Kernels {
             gn_bwd_partial_x16_ilp: get("norm", "gn_bwd_partial_x16_ilp")?,
             gn_bwd_apply_x16: get("norm", "gn_bwd_apply_x16")?,
             gn_bwd_apply_x16_ilp: get("norm", "gn_bwd_apply_x16_ilp")?,
+            gn_bwd_apply_split: [
+                get("norm", "gn_bwd_apply_split")?,
+                get("norm", "gn_bwd_apply_split_ilp")?,
+                get("norm", "gn_bwd_apply_x16_split")?,
+                get("norm", "gn_bwd_apply_x16_split_ilp")?,
+            ],
             gn_bwd_one_pass_x16: get("norm", "gn_bwd_one_pass_x16")?,
             gn_bwd_one_pass_x16_ilp: get("norm", "gn_bwd_one_pass_x16_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,

@@ -1,7 +1,7 @@
 //! GroupNorm (kernels/norm.cu): how each GroupNorm is cut into launches ([`NormSplit`]: three
 //! passes over chunks of pixels, or one pass per group), and their launchers.
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{cfg, concat_outputs, half_kind, half_output, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -29,6 +29,79 @@ pub(crate) struct NormSplit {
     pub one_pass: Option<u32>,
     pub ilp: bool,
     pub from_producer: bool,
+}
+
+/// The two sides of a concatenation's gradient, which the GroupNorm backward pass over the
+/// concatenation writes instead of its input gradient (the `_split` kernels of
+/// kernels/norm.cu): the first `ca` channels of each pixel to `a`, the rest to `b`, each also
+/// in 16 bits of `half` where its copy's address is not 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct GradSides {
+    pub a: DPtr,
+    pub a16: DPtr,
+    pub b: DPtr,
+    pub b16: DPtr,
+    pub ca: usize,
+    pub half: Option<Precision>,
+}
+
+/// GradSplit of kernels/norm.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct GradSplitArgs {
+    a: DPtr,
+    a16: DPtr,
+    b: DPtr,
+    b16: DPtr,
+    ca: i32,
+    cb: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<GradSplitArgs>() == 40);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for GradSplitArgs {}
+
+impl GradSides {
+    /// The kernel's argument for a pass of dimensions `d` whose input gradient would be `dx`
+    /// (`whole`: it asks for a 16-bit input gradient or copy, which a split cannot give), and
+    /// the 16-bit kind of the sides' copies; an error where the split does not fit the
+    /// `_split` kernels.
+    fn args(self, d: NormDims, dx: DPtr, whole: bool) -> Result<(GradSplitArgs, i32)> {
+        let cb = d.c.saturating_sub(self.ca);
+        let aligned = [self.a, self.b].iter().all(|p| p % 16 == 0)
+            && [self.a16, self.b16].iter().all(|p| p % 8 == 0);
+        let halves = (self.a16 != 0 || self.b16 != 0) == self.half.is_some();
+        if whole
+            || d.split.one_pass.is_some()
+            || self.ca == 0
+            || cb == 0
+            || self.ca % 4 != 0
+            || cb % 4 != 0
+            || !aligned
+            || !halves
+            || dx % 16 != 0
+        {
+            return Err(Error::Cuda(format!(
+                "internal: a GroupNorm backward pass of {} channels split at {} (one pass {}, a                  16-bit input gradient or copy {whole}, aligned {aligned}, 16-bit copies {:?}):                  the split kernels take three launches, sides of whole units of four channels                  and aligned buffers",
+                d.c,
+                self.ca,
+                d.split.one_pass.is_some(),
+                self.half
+            )));
+        }
+        need(self.a, "first side of the input gradient")?;
+        need(self.b, "second side of the input gradient")?;
+        let args = GradSplitArgs {
+            a: self.a,
+            a16: self.a16,
+            b: self.b,
+            b16: self.b16,
+            ca: i32_of(self.ca, "first side's channels")?,
+            cb: i32_of(cb, "second side's channels")?,
+        };
+        Ok((args, self.half.map_or(Ok(0), half_kind)?))
+    }
 }
 
 /// Pixels of its group one thread of the one-pass GroupNorm holds (`ONE_PASS_PIXELS`).
@@ -468,7 +541,9 @@ impl Kernels {
     /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it; with
     /// `copy` (fp32 `dx` only), also the new `dx` in 16 bits at the given address, what a
     /// conversion launch would write. With `x_half`, `x` holds 16-bit values of that precision
-    /// (the `_x16` kernels; an fp32 `dx` only).
+    /// (the `_x16` kernels; an fp32 `dx` only). With `sides` (three launches, units of four,
+    /// neither `half_out` nor `copy`), the new `dx` goes to the two sides of the concatenation
+    /// whose gradient it is instead, `dx` only read where accumulating.
     #[allow(clippy::too_many_arguments)]
     pub fn group_norm_backward(
         &self,
@@ -487,6 +562,7 @@ impl Kernels {
         accumulate: bool,
         half_out: Option<Precision>,
         copy: Option<(DPtr, Precision)>,
+        sides: Option<GradSides>,
     ) -> Result<()> {
         if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0) {
             return Err(Error::Cuda(format!(
@@ -583,6 +659,10 @@ impl Kernels {
                 &format!("launching gn_bwd_one_pass{x16}"),
             );
         }
+        let sides = match sides {
+            Some(g) => Some(g.args(d, dx, half_out.is_some() || copy.is_some())?),
+            None => None,
+        };
         let (partial_fn, apply_fn, apply_half_fn) = match (x_half.is_some(), split.ilp) {
             (false, false) => (
                 &self.gn_bwd_partial,
@@ -665,10 +745,19 @@ impl Kernels {
                 "launching gn_bwd_apply_half",
             );
         }
-        // A 16-bit x is in units of four (checked above; its unit is 8 bytes).
-        let vec = vec || x_half.is_some();
+        // A 16-bit x is in units of four (checked above; its unit is 8 bytes), and so are the
+        // sides of a split (GradSides::args checked them).
+        let vec = vec || x_half.is_some() || sides.is_some();
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
+        let (apply_fn, kind16) = match sides {
+            Some((_, kind)) => (
+                &self.gn_bwd_apply_split
+                    [usize::from(x_half.is_some()) * 2 + usize::from(split.ilp)],
+                kind,
+            ),
+            None => (apply_fn, kind16),
+        };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);
         b.arg(&x);
@@ -689,11 +778,16 @@ impl Kernels {
             .arg(&silu)
             .arg(&acc)
             .arg(&vec4);
+        if let Some((g, _)) = &sides {
+            b.arg(g);
+        }
+        let form = if sides.is_some() { "_split" } else { "" };
         // SAFETY: x (fp32, or of `xkind`), dy and dx are n x hw x c, dx16 (when set) room for as
-        // many 16-bit values.
+        // many 16-bit values; the sides (when set) n x hw x ca and n x hw x cb, with their 16-bit
+        // copies.
         cu(
             unsafe { b.launch(grid) }.map(drop),
-            &format!("launching gn_bwd_apply{x16}"),
+            &format!("launching gn_bwd_apply{x16}{form}"),
         )
     }
 }
@@ -701,6 +795,77 @@ impl Kernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A concatenation's gradient split takes three launches, sides of whole units of four
+    /// channels, aligned buffers and 16-bit copies only with their precision; anything else is
+    /// a named error, never a launch.
+    #[test]
+    fn grad_sides_refuse_what_the_split_kernels_cannot_take() {
+        let split = plan_norm(1, 1024, 768, 32, 132, false, false);
+        let d = NormDims {
+            n: 1,
+            hw: 1024,
+            c: 768,
+            groups: 32,
+            split,
+        };
+        let good = GradSides {
+            a: 0x1000,
+            a16: 0x2000,
+            b: 0x3000,
+            b16: 0x4000,
+            ca: 512,
+            half: Some(Precision::Bf16),
+        };
+        let (args, kind) = good.args(d, 0x5000, false).unwrap();
+        assert_eq!((args.ca, args.cb, kind), (512, 256, 1));
+        let one_pass = NormDims {
+            split: NormSplit {
+                one_pass: Some(256),
+                ..split
+            },
+            ..d
+        };
+        for (sides, d, whole) in [
+            (good, d, true),
+            (good, one_pass, false),
+            (GradSides { ca: 510, ..good }, d, false),
+            (GradSides { ca: 768, ..good }, d, false),
+            (GradSides { ca: 0, ..good }, d, false),
+            (GradSides { b: 0x3004, ..good }, d, false),
+            (
+                GradSides {
+                    a16: 0x2004,
+                    ..good
+                },
+                d,
+                false,
+            ),
+            (GradSides { half: None, ..good }, d, false),
+            (
+                GradSides {
+                    a16: 0,
+                    b16: 0,
+                    ..good
+                },
+                d,
+                false,
+            ),
+        ] {
+            match sides.args(d, 0x5000, whole) {
+                Err(Error::Cuda(msg)) => assert!(msg.contains("split"), "{msg}"),
+                other => panic!("{sides:?} {whole}: {other:?}"),
+            }
+        }
+        assert!(GradSides {
+            a16: 0,
+            b16: 0,
+            half: None,
+            ..good
+        }
+        .args(d, 0x5000, false)
+        .is_ok());
+    }
 
     #[test]
     fn norm_split_covers_every_pixel() {

@@ -170,6 +170,7 @@ impl Lowering<'_> {
                     accumulate: acc,
                     half_out,
                     dx16: None,
+                    sides: None,
                 });
             }
             Op::Attention {

@@ -48,6 +48,12 @@ pub(crate) struct KernelConfig {
     /// kernels/conv_wgmma.cu; the f64 sums in another order). One launch and one read of the
     /// output gradient less.
     pub gn_backward_producer_sums: bool,
+    /// A three-launch GroupNorm backward pass over a concatenation writes the concatenation's
+    /// two gradients itself, each with its 16-bit copy, where the concatenation's two adjoint
+    /// steps would only copy them out of its input gradient (the `_split` kernels of
+    /// kernels/norm.cu): two launches and a read and write of the whole gradient less, the same
+    /// bits.
+    pub concat_grad_split: bool,
     /// In a forward that records nothing (bf16/fp16 with `deep`, and `half_concat`; a recording
     /// one with `half_gn_inputs_recording`), the up path's concatenations, whose readers all
     /// take 16 bits at no loss of their own (a GroupNorm with a 16-bit output, through the
@@ -157,6 +163,7 @@ impl Default for KernelConfig {
             gn_one_pass: false,
             gn_producer_sums: false,
             gn_backward_producer_sums: false,
+            concat_grad_split: false,
             half_gn_inputs: false,
             half_gn_inputs_recording: false,
             gn_ilp: false,
@@ -210,6 +217,7 @@ impl KernelConfig {
             gn_one_pass: true,
             gn_producer_sums: true,
             gn_backward_producer_sums: false,
+            concat_grad_split: false,
             half_gn_inputs: true,
             half_gn_inputs_recording: false,
             gn_ilp: true,
@@ -256,6 +264,7 @@ impl KernelConfig {
                     "INVDIFF_GN_BWD_PRODUCER_SUMS",
                     tuned.gn_backward_producer_sums,
                 ),
+            concat_grad_split: kept("INVDIFF_CONCAT_GRAD_SPLIT", tuned.concat_grad_split),
             half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs),
             half_gn_inputs_recording: kept(
                 "INVDIFF_GN_HALF_INPUT_RECORDING",
@@ -293,6 +302,10 @@ impl KernelConfig {
             (
                 self.gn_producer_sums && self.gn_backward_producer_sums,
                 "GroupNorm backward sums from their producers",
+            ),
+            (
+                self.concat_grad_split,
+                "concatenation gradients from their GroupNorms",
             ),
             (self.half_gn_inputs, "16-bit GroupNorm inputs"),
             (

@@ -5,8 +5,8 @@
 #[cfg(doc)]
 use super::Program;
 use super::{
-    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, NormBackwardInput, Step, FOLD_MIN_ROWS,
-    HALF_COPY_MIN, W,
+    BatchedLinear, Buf, BufDesc, ConcatSides, ConvStep, KernelConfig, NormBackwardInput, Step,
+    FOLD_MIN_ROWS, HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
@@ -286,6 +286,85 @@ impl Lowering<'_> {
             if let Step::GroupNormBackward { split, .. } = &mut self.steps[i] {
                 *split = taken;
             }
+        }
+    }
+
+    /// Has each GroupNorm backward pass over a concatenation (three launches, an fp32 input
+    /// gradient) write the concatenation's two gradients itself, where the concatenation's two
+    /// adjoint steps (from `from` on, overwriting their sides) right after it only copy them
+    /// out of its `dx` and nothing else reads that `dx`: the pass takes their outputs and 16-bit
+    /// copies ([`Step::GroupNormBackward`]'s `sides`) and the two steps go. The same values:
+    /// the adjoint steps copied the fp32 values and rounded them as the pass does.
+    pub(super) fn concat_grads_from_norms(&mut self, from: usize) {
+        let mut i = from;
+        while i + 2 < self.steps.len() {
+            let (
+                Step::GroupNormBackward {
+                    dx,
+                    hw,
+                    c,
+                    split,
+                    half_out: None,
+                    dx16: None,
+                    sides: None,
+                    ..
+                },
+                Step::ConcatBackward {
+                    dy: dy_a,
+                    d: a,
+                    d16: a16,
+                    pixels: pa,
+                    c: ca_total,
+                    offset: 0,
+                    width: ca,
+                    accumulate: false,
+                },
+                Step::ConcatBackward {
+                    dy: dy_b,
+                    d: b,
+                    d16: b16,
+                    pixels: pb,
+                    c: cb_total,
+                    offset: ob,
+                    width: cb,
+                    accumulate: false,
+                },
+            ) = (&self.steps[i], &self.steps[i + 1], &self.steps[i + 2])
+            else {
+                i += 1;
+                continue;
+            };
+            let (dx, c) = (*dx, *c);
+            let fits = split.one_pass.is_none()
+                && *dy_a == dx
+                && *dy_b == dx
+                && *pa == self.n * hw
+                && *pb == *pa
+                && *ca_total == c
+                && *cb_total == c
+                && *ob == *ca
+                && ca + cb == c
+                && ca % 4 == 0
+                && cb % 4 == 0
+                && self.steps[i + 3..]
+                    .iter()
+                    .all(|s| !s.buffers().contains(&dx));
+            if !fits {
+                i += 1;
+                continue;
+            }
+            let taken = ConcatSides {
+                a: *a,
+                a16: *a16,
+                b: *b,
+                b16: *b16,
+                ca: *ca,
+            };
+            if let Step::GroupNormBackward { sides, .. } = &mut self.steps[i] {
+                *sides = Some(taken);
+            }
+            self.steps.drain(i + 1..i + 3);
+            i += 1;
         }
     }
 

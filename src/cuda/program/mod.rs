@@ -182,6 +182,9 @@ pub(crate) enum Step {
         /// tensor-core convolutions that read `dx` once this step has written it
         /// ([`KernelConfig::fused_half_copies`]).
         dx16: Option<(Buf, Precision)>,
+        /// The new `dx` goes to the two sides of the concatenation whose gradient it is, and
+        /// `dx` is only read, where accumulating ([`KernelConfig::concat_grad_split`]).
+        sides: Option<ConcatSides>,
     },
     Attention {
         qkv: Buf,
@@ -342,6 +345,29 @@ pub(crate) struct FusedShortcut {
     pub w: W,
 }
 
+/// The two sides of a concatenation's gradient, written by the GroupNorm backward pass over the
+/// concatenation ([`KernelConfig::concat_grad_split`]) where the concatenation's two adjoint
+/// steps would have copied them out of the pass's `dx`: the first `ca` channels of each pixel
+/// to `a`, the others to `b`, each with the 16-bit copy its adjoint step would have written.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ConcatSides {
+    pub a: Buf,
+    pub a16: Option<(Buf, Precision)>,
+    pub b: Buf,
+    pub b16: Option<(Buf, Precision)>,
+    pub ca: usize,
+}
+
+impl ConcatSides {
+    /// The buffers written: both sides and their 16-bit copies.
+    fn written(&self) -> impl Iterator<Item = Buf> {
+        [self.a, self.b]
+            .into_iter()
+            .chain(self.a16.map(|(b, _)| b))
+            .chain(self.b16.map(|(b, _)| b))
+    }
+}
+
 impl Step {
     /// The buffers the step reads and those it writes (a buffer it accumulates into is both).
     pub fn io(&self) -> (Vec<Buf>, Vec<Buf>) {
@@ -408,7 +434,8 @@ impl Step {
                     .collect(),
                 std::iter::once(*dx).chain(dx16.map(|(b, _)| b)).collect(),
             ),
-            // With its partial sums from the step that wrote `dy`, those read, not written.
+            // With its partial sums from the step that wrote `dy`, those read, not written; with
+            // the concatenation's sides, those written instead of `dx`.
             GroupNormBackward {
                 x,
                 dy,
@@ -419,6 +446,7 @@ impl Step {
                 accumulate,
                 dx16,
                 split,
+                sides,
                 ..
             } => (
                 [*x, *dy, *stats]
@@ -426,11 +454,14 @@ impl Step {
                     .chain(split.from_producer.then_some(*partial))
                     .chain(acc(*dx, *accumulate))
                     .collect(),
-                [*dx]
+                sides
+                    .is_none()
+                    .then_some(*dx)
                     .into_iter()
                     .chain((!split.from_producer).then_some(*partial))
                     .chain([*means])
                     .chain(dx16.map(|(b, _)| b))
+                    .chain(sides.iter().flat_map(ConcatSides::written))
                     .collect(),
             ),
             Attention { qkv, y, saved, .. } => (vec![*qkv], vec![*y, *saved]),
@@ -671,6 +702,9 @@ impl Program {
             grad_input = Some(out);
             if choice.gn_producer_sums && choice.gn_backward_producer_sums {
                 l.norm_backward_sums_from_producers(forward_steps);
+            }
+            if choice.concat_grad_split {
+                l.concat_grads_from_norms(forward_steps);
             }
         }
         // The epilogue prefetch ([`KernelConfig::epilogue_prefetch`]) where the epilogue reads

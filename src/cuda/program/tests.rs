@@ -26,6 +26,41 @@ use std::hash::{Hash, Hasher};
 /// read, so that the rest of the program is checked as for any other switch. So is a 1x1
 /// shortcut fused into its block's second convolution ([`KernelConfig::shortcut_fused`]):
 /// the shortcut's launch, then the convolution with its output as the residual.
+/// `step`, or where it is a GroupNorm backward pass that writes a concatenation's two gradients
+/// (its `sides`), the steps it stands for: the pass writing its whole input gradient, and the
+/// concatenation's two adjoint steps copying the sides out of it.
+fn unsplit(step: &Step, n: usize) -> Vec<Step> {
+    let Step::GroupNormBackward {
+        dx,
+        hw,
+        c,
+        sides: Some(g),
+        ..
+    } = *step
+    else {
+        return vec![step.clone()];
+    };
+    let mut whole = step.clone();
+    if let Step::GroupNormBackward { sides, .. } = &mut whole {
+        *sides = None;
+    }
+    let side = |d, d16, offset, width| Step::ConcatBackward {
+        dy: dx,
+        d,
+        d16,
+        pixels: n * hw,
+        c,
+        offset,
+        width,
+        accumulate: false,
+    };
+    vec![
+        whole,
+        side(g.a, g.a16, 0, g.ca),
+        side(g.b, g.b16, g.ca, c - g.ca),
+    ]
+}
+
 fn symbolic(p: &Program) -> (u64, Option<u64>) {
     fn h(parts: &[&dyn Fn(&mut DefaultHasher)]) -> u64 {
         let mut s = DefaultHasher::new();
@@ -100,7 +135,16 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
     let mut halves: std::collections::HashMap<Buf, (u64, bool)> = Default::default();
     val[p.sample.0] = h(&[&|s| "sample".hash(s)]);
     val[p.timesteps.0] = h(&[&|s| "timesteps".hash(s)]);
-    for (i, step) in p.steps.iter().enumerate() {
+    // A GroupNorm backward pass that writes a concatenation's two gradients
+    // (concat_grad_split) stands for the pass writing its input gradient and the
+    // concatenation's two adjoint steps copying them out of it.
+    let steps: Vec<(usize, Step)> = p
+        .steps
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| unsplit(s, p.n).into_iter().map(move |s| (i, s)))
+        .collect();
+    for &(i, ref step) in &steps {
         if i == p.forward_steps {
             if let Some(c) = p.cotangent {
                 val[c.0] = h(&[&|s| "cotangent".hash(s)]);
@@ -1019,6 +1063,64 @@ fn every_planned_wgmma_launch_has_a_kernel() {
     }
 }
 
+/// With concat_grad_split, every concatenation's pair of adjoint steps that only copies the
+/// input gradient of the GroupNorm backward pass right before it goes, that pass writing the
+/// two sides (with the same 16-bit copies) and no longer its whole input gradient, which
+/// nothing reads after it; the rest of the program is unchanged. In celebahq's DPS step 12 of
+/// the up path's 18 concatenations (those whose GroupNorms run in three launches: 32x32 and
+/// above), in every precision; none in a forward.
+#[test]
+fn concat_gradients_come_from_their_groupnorms() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in Precision::ALL {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        for (n, record) in [(1, true), (2, true), (1, false)] {
+            let build =
+                |tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc).unwrap();
+            let base = build(tuned);
+            let p = build(KernelConfig {
+                concat_grad_split: true,
+                ..tuned
+            });
+            let mut taken = 0;
+            let mut j = 0;
+            for (i, s) in p.steps.iter().enumerate() {
+                let Step::GroupNormBackward {
+                    dx,
+                    sides: Some(sides),
+                    ..
+                } = *s
+                else {
+                    assert_eq!(format!("{s:?}"), format!("{:?}", base.steps[j]), "step {i}");
+                    j += 1;
+                    continue;
+                };
+                taken += 1;
+                // The pass, then the two adjoint steps it stands for, in the program without.
+                let whole = unsplit(s, n);
+                for (k, w) in whole.iter().enumerate() {
+                    assert_eq!(
+                        format!("{w:?}"),
+                        format!("{:?}", base.steps[j + k]),
+                        "step {i}"
+                    );
+                }
+                j += whole.len();
+                assert!(!s.io().1.contains(&dx), "step {i} writes its dx");
+                assert!(
+                    p.steps[i + 1..].iter().all(|t| !t.buffers().contains(&dx)),
+                    "step {i}: dx read later"
+                );
+                assert_eq!(sides.a16.is_some(), precision.is_half(), "step {i}");
+            }
+            assert_eq!(j, base.steps.len());
+            // (The 16x16 and 8x8 levels' GroupNorms run in one pass.)
+            assert_eq!(taken, if record { 12 } else { 0 }, "{precision} n{n}");
+            assert_eq!(p.steps.len() + 2 * taken, base.steps.len());
+        }
+    }
+}
+
 /// With gn_backward_producer_sums, a three-launch GroupNorm backward pass takes its partial
 /// sums from the convolution that wrote its output gradient last exactly where that launch can
 /// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut; multicast
@@ -1554,6 +1656,29 @@ fn switches_compute_what_the_default_program_computes() {
                     ..base
                 };
                 assert_eq!(symbolic(&build(sums)), want, "{precision} {n}x{h}x{w}");
+            }
+            // The candidate: concatenation gradients from their GroupNorms, alone, with the
+            // 16-bit concatenations of the recording forward, and with every other candidate.
+            for base in [
+                tuned,
+                recording,
+                KernelConfig {
+                    staged_epilogue: true,
+                    shortcut_fused: true,
+                    gn_backward_producer_sums: true,
+                    wgmma_multicast: true,
+                    ..recording
+                },
+            ] {
+                let p = build(KernelConfig {
+                    concat_grad_split: true,
+                    ..base
+                });
+                assert!(p
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, Step::GroupNormBackward { sides: Some(_), .. })));
+                assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
             }
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {

@@ -123,6 +123,7 @@ impl Tester<'_> {
                             accumulate,
                             None,
                             with_copy.then_some((copy.ptr, precision)),
+                            None,
                         )
                     },
                 )?;
@@ -271,6 +272,7 @@ impl Tester<'_> {
                         accumulate,
                         half_out,
                         copy,
+                        None,
                     )
                 };
                 let ms = self.timed(

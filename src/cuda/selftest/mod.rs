@@ -12,7 +12,8 @@
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
 //! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `multicast`, weight slices
 //! shared by clusters of two; `backward_sums`, GroupNorm backward sums from the input
-//! gradients; `staged_epilogue`, epilogues through shared memory), `linears`, `group_norms`,
+//! gradients; `staged_epilogue`, epilogues through shared memory), `linears`, `group_norms`
+//! (and `concat_grads`, a concatenation's gradients written by its GroupNorm's backward pass),
 //! `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
@@ -31,6 +32,7 @@ use crate::{Error, Result};
 
 mod attentions;
 mod backward_sums;
+mod concat_grads;
 mod conv_variants;
 mod convolutions;
 mod data_movement;
@@ -121,7 +123,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 13] = [
+pub const SELFTEST_GROUPS: [&str; 14] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -135,6 +137,7 @@ pub const SELFTEST_GROUPS: [&str; 13] = [
     "multicast",
     "backward sums",
     "staged epilogue",
+    "concatenation gradients",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -159,7 +162,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 13] = [
+    let groups: [(&str, Group); 14] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -198,6 +201,10 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.multicasts(true)?;
             t.backward_sums(true)?;
             t.staged_epilogue_unets(o)
+        }),
+        ("concatenation gradients", |t, o| {
+            t.concat_gradient_splits()?;
+            t.concat_gradient_split_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

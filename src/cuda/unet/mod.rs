@@ -287,6 +287,13 @@ impl CudaUnet {
         });
     }
 
+    /// Has the GroupNorm backward passes over concatenations write the concatenations' two
+    /// gradients where the program can (`on`, [`KernelConfig::concat_grad_split`]) or never,
+    /// for comparisons; drops every plan.
+    pub(crate) fn set_concat_grad_split(&mut self, on: bool) {
+        self.change_choice(|c| c.concat_grad_split = on);
+    }
+
     /// Fuses each residual block's 1x1 shortcut into its second convolution where the program
     /// can (`on`, [`KernelConfig::shortcut_fused`]) or never, for comparisons; drops every
     /// plan.

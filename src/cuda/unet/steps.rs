@@ -4,7 +4,7 @@
 use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
-use crate::cuda::kernels::{ConvPtrs, Kernels, NormBackwardSums, NormDims};
+use crate::cuda::kernels::{ConvPtrs, GradSides, Kernels, NormBackwardSums, NormDims};
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
 use crate::cuda::weights::DevWeights;
@@ -184,6 +184,7 @@ pub(super) fn launch(
             accumulate,
             half_out,
             dx16,
+            sides,
         } => k.group_norm_backward(
             st,
             NormDims {
@@ -206,6 +207,14 @@ pub(super) fn launch(
             accumulate,
             half_out,
             dx16.map(|(b, precision)| (p(b), precision)),
+            sides.map(|g| GradSides {
+                a: p(g.a),
+                a16: g.a16.map_or(0, |(b, _)| p(b)),
+                b: p(g.b),
+                b16: g.b16.map_or(0, |(b, _)| p(b)),
+                ca: g.ca,
+                half: g.a16.or(g.b16).map(|(_, precision)| precision),
+            }),
         ),
         Step::Attention {
             qkv,
