@@ -290,11 +290,13 @@ impl Lowering<'_> {
     }
 
     /// Has each GroupNorm backward pass over a concatenation (three launches, an fp32 input
-    /// gradient) write the concatenation's two gradients itself, where the concatenation's two
-    /// adjoint steps (from `from` on, overwriting their sides) right after it only copy them
-    /// out of its `dx` and nothing else reads that `dx`: the pass takes their outputs and 16-bit
-    /// copies ([`Step::GroupNormBackward`]'s `sides`) and the two steps go. The same values:
-    /// the adjoint steps copied the fp32 values and rounded them as the pass does.
+    /// gradient it adds onto) write the concatenation's two gradients itself, where the
+    /// concatenation's two adjoint steps (from `from` on, overwriting their sides) right after
+    /// it only copy them out of its `dx` and nothing else reads that `dx`: the pass takes their
+    /// outputs and 16-bit copies ([`Step::GroupNormBackward`]'s `sides`) and the two steps go.
+    /// The same values: the adjoint steps copied the fp32 values and rounded them as the pass
+    /// does. (A concatenation's block always has a 1x1 shortcut, whose input gradient writes
+    /// `dx` first; a pass that did not add onto `dx` would leave it unused.)
     pub(super) fn concat_grads_from_norms(&mut self, from: usize) {
         let mut i = from;
         while i + 2 < self.steps.len() {
@@ -304,6 +306,7 @@ impl Lowering<'_> {
                     hw,
                     c,
                     split,
+                    accumulate: true,
                     half_out: None,
                     dx16: None,
                     sides: None,

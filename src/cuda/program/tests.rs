@@ -531,12 +531,18 @@ fn every_buffer_is_written_before_it_is_read() {
         shortcut_fused: true,
         ..tuned
     };
+    // And the concatenations' gradients written by their GroupNorms.
+    let split = KernelConfig {
+        concat_grad_split: true,
+        ..recording_too
+    };
     for (record, choice) in [
         (true, tuned),
         (false, tuned),
         (true, recording_too),
         (true, fused),
         (false, fused),
+        (true, split),
     ] {
         let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
@@ -1976,7 +1982,11 @@ fn every_buffer_with_room_is_used() {
             shortcut_fused: true,
             ..tuned
         };
-        for choice in [KernelConfig::default(), tuned, flash, v06, fused] {
+        let split = KernelConfig {
+            concat_grad_split: true,
+            ..tuned
+        };
+        for choice in [KernelConfig::default(), tuned, flash, v06, fused, split] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
                     Program::build_with(&g, n, 256, 256, record, 132, precision, choice).unwrap();
