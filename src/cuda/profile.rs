@@ -261,6 +261,7 @@ impl Step {
                     } => ("groupnorm bwd", half_out, dx16, *x_half),
                     _ => unreachable!("matched above"),
                 };
+                let split_sides = matches!(self, GroupNormBackward { sides: Some(_), .. });
                 let launches = match split.one_pass {
                     Some(_) => 1,
                     None => 3 - usize::from(split.from_producer),
@@ -268,6 +269,9 @@ impl Step {
                 let mut layout = split.form();
                 if let Some(p) = x_half {
                     layout += &format!(", {p} input");
+                }
+                if split_sides {
+                    layout += ", concatenation sides";
                 }
                 StepInfo {
                     variant: match (half_out, copy) {

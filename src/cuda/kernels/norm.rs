@@ -63,13 +63,14 @@ const _: () = assert!(std::mem::size_of::<GradSplitArgs>() == 40);
 unsafe impl DeviceRepr for GradSplitArgs {}
 
 impl GradSides {
-    /// The kernel's argument for a pass of dimensions `d` whose input gradient would be `dx`
-    /// (`whole`: it asks for a 16-bit input gradient or copy, which a split cannot give), and
-    /// the 16-bit kind of the sides' copies; an error where the split does not fit the
-    /// `_split` kernels.
-    fn args(self, d: NormDims, dx: DPtr, whole: bool) -> Result<(GradSplitArgs, i32)> {
+    /// The kernel's argument for a pass of dimensions `d` (`io_aligned`: its x, dy and dx
+    /// aligned for units of four; `whole`: it asks for a 16-bit input gradient or copy, which
+    /// a split cannot give), and the 16-bit kind of the sides' copies; an error where the
+    /// split does not fit the `_split` kernels.
+    fn args(self, d: NormDims, io_aligned: bool, whole: bool) -> Result<(GradSplitArgs, i32)> {
         let cb = d.c.saturating_sub(self.ca);
-        let aligned = [self.a, self.b].iter().all(|p| p % 16 == 0)
+        let aligned = io_aligned
+            && [self.a, self.b].iter().all(|p| p % 16 == 0)
             && [self.a16, self.b16].iter().all(|p| p % 8 == 0);
         let halves = (self.a16 != 0 || self.b16 != 0) == self.half.is_some();
         if whole
@@ -80,10 +81,12 @@ impl GradSides {
             || cb % 4 != 0
             || !aligned
             || !halves
-            || dx % 16 != 0
         {
             return Err(Error::Cuda(format!(
-                "internal: a GroupNorm backward pass of {} channels split at {} (one pass {}, a                  16-bit input gradient or copy {whole}, aligned {aligned}, 16-bit copies {:?}):                  the split kernels take three launches, sides of whole units of four channels                  and aligned buffers",
+                "internal: a GroupNorm backward pass of {} channels split at {} (one pass {}, a \
+                 16-bit input gradient or copy {whole}, aligned {aligned}, 16-bit copies {:?}): \
+                 the split kernels take three launches, sides of whole units of four channels \
+                 and aligned buffers",
                 d.c,
                 self.ca,
                 d.split.one_pass.is_some(),
@@ -626,6 +629,13 @@ impl Kernels {
                 )
             }),
         )?;
+        // (Before the one-pass launch, which cannot split: GradSides::args refuses it.)
+        let io_aligned =
+            [dy, dx].iter().all(|p| p % 16 == 0) && x % if x_half.is_some() { 8 } else { 16 } == 0;
+        let sides = match sides {
+            Some(g) => Some(g.args(d, io_aligned, half_out.is_some() || copy.is_some())?),
+            None => None,
+        };
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
                 (false, false) => &self.gn_bwd_one_pass,
@@ -659,10 +669,6 @@ impl Kernels {
                 &format!("launching gn_bwd_one_pass{x16}"),
             );
         }
-        let sides = match sides {
-            Some(g) => Some(g.args(d, dx, half_out.is_some() || copy.is_some())?),
-            None => None,
-        };
         let (partial_fn, apply_fn, apply_half_fn) = match (x_half.is_some(), split.ilp) {
             (false, false) => (
                 &self.gn_bwd_partial,
@@ -798,7 +804,7 @@ mod tests {
 
     /// A concatenation's gradient split takes three launches, sides of whole units of four
     /// channels, aligned buffers and 16-bit copies only with their precision; anything else is
-    /// a named error, never a launch.
+    /// a named error (which the launcher returns before any launch).
     #[test]
     fn grad_sides_refuse_what_the_split_kernels_cannot_take() {
         let split = plan_norm(1, 1024, 768, 32, 132, false, false);
@@ -817,7 +823,7 @@ mod tests {
             ca: 512,
             half: Some(Precision::Bf16),
         };
-        let (args, kind) = good.args(d, 0x5000, false).unwrap();
+        let (args, kind) = good.args(d, true, false).unwrap();
         assert_eq!((args.ca, args.cb, kind), (512, 256, 1));
         let one_pass = NormDims {
             split: NormSplit {
@@ -826,45 +832,35 @@ mod tests {
             },
             ..d
         };
-        for (sides, d, whole) in [
-            (good, d, true),
-            (good, one_pass, false),
-            (GradSides { ca: 510, ..good }, d, false),
-            (GradSides { ca: 768, ..good }, d, false),
-            (GradSides { ca: 0, ..good }, d, false),
-            (GradSides { b: 0x3004, ..good }, d, false),
-            (
-                GradSides {
-                    a16: 0x2004,
-                    ..good
-                },
-                d,
-                false,
-            ),
-            (GradSides { half: None, ..good }, d, false),
-            (
-                GradSides {
-                    a16: 0,
-                    b16: 0,
-                    ..good
-                },
-                d,
-                false,
-            ),
+        let unaligned = |b| (GradSides { b, ..good }, d, true, false);
+        let copy = |a16| (GradSides { a16, ..good }, d, true, false);
+        let no_copies = GradSides {
+            a16: 0,
+            b16: 0,
+            ..good
+        };
+        for (sides, d, io_aligned, whole) in [
+            (good, d, true, true),
+            (good, one_pass, true, false),
+            (good, d, false, false),
+            (GradSides { ca: 510, ..good }, d, true, false),
+            (GradSides { ca: 768, ..good }, d, true, false),
+            (GradSides { ca: 0, ..good }, d, true, false),
+            unaligned(0x3004),
+            copy(0x2004),
+            (GradSides { half: None, ..good }, d, true, false),
+            (no_copies, d, true, false),
         ] {
-            match sides.args(d, 0x5000, whole) {
+            match sides.args(d, io_aligned, whole) {
                 Err(Error::Cuda(msg)) => assert!(msg.contains("split"), "{msg}"),
                 other => panic!("{sides:?} {whole}: {other:?}"),
             }
         }
-        assert!(GradSides {
-            a16: 0,
-            b16: 0,
+        let fp32 = GradSides {
             half: None,
-            ..good
-        }
-        .args(d, 0x5000, false)
-        .is_ok());
+            ..no_copies
+        };
+        assert!(fp32.args(d, true, false).is_ok());
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub(crate) struct KernelConfig {
     /// output gradient less.
     pub gn_backward_producer_sums: bool,
     /// A three-launch GroupNorm backward pass over a concatenation writes the concatenation's
-    /// two gradients itself, each with its 16-bit copy, where the concatenation's two adjoint
+    /// two gradients itself, with the 16-bit copies its two adjoint steps wrote, where those
     /// steps would only copy them out of its input gradient (the `_split` kernels of
     /// kernels/norm.cu): two launches and a read and write of the whole gradient less, the same
     /// bits.

@@ -113,8 +113,14 @@ impl Tester<'_> {
             Some(p) => Some(unpack_half(&copy.download(st)?, len, p)),
             None => None,
         };
-        // The two sides.
-        let dx = self.up(&dx0)?;
+        // The two sides; the input gradient random where the pass overwrites it, so that a
+        // kernel that read or wrote it there would show.
+        let dx1 = if accumulate {
+            dx0.clone()
+        } else {
+            self.rand(len, -1.0, 1.0)
+        };
+        let dx = self.up(&dx1)?;
         let (a, b) = (self.zeros(n * hw * ca)?, self.zeros(n * hw * cb)?);
         let (a16, b16) = (
             self.zeros((n * hw * ca).div_ceil(2))?,
@@ -168,7 +174,7 @@ impl Tester<'_> {
             format!("{op}: the input gradient left as it was"),
             bits,
             &dx.download(st)?,
-            &dx0,
+            &dx1,
             ms,
             0.0,
         );
