@@ -25,8 +25,8 @@ use serde::Serialize;
 use super::device::{cu, Gpu};
 use super::kernels::{
     norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-    WGMMA_SLICE,
+    NormBackwardIn, NormBackwardOut, NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS,
+    WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -586,20 +586,23 @@ pub fn sweep_group_norms(
                     gpu.kernels.group_norm_backward(
                         st,
                         d,
-                        x_in,
-                        x_half,
-                        dy.ptr,
-                        gamma.ptr,
-                        beta.ptr,
-                        stats.ptr,
-                        partial.ptr,
-                        affine.ptr,
-                        out.ptr,
-                        silu,
-                        accumulate,
-                        half_out,
-                        None,
-                        None,
+                        NormBackwardIn {
+                            x: x_in,
+                            x_half,
+                            dy: dy.ptr,
+                            gamma: gamma.ptr,
+                            beta: beta.ptr,
+                            stats: stats.ptr,
+                            silu,
+                        },
+                        NormBackwardOut {
+                            partial: partial.ptr,
+                            means: affine.ptr,
+                            dx: out.ptr,
+                            accumulate,
+                            half_out,
+                            ..NormBackwardOut::default()
+                        },
                     )
                 } else {
                     forward()

@@ -69,7 +69,9 @@ pub(crate) use conv_plan::{
     WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
-pub(crate) use norm::{norm_forms, plan_norm, GradSides, NormDims, NormSplit};
+pub(crate) use norm::{
+    norm_forms, plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+};
 // Used only by documentation links.
 #[cfg(doc)]
 pub(crate) use norm::one_pass_threads;

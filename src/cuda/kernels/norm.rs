@@ -31,6 +31,34 @@ pub(crate) struct NormSplit {
     pub from_producer: bool,
 }
 
+/// What a GroupNorm backward pass ([`Kernels::group_norm_backward`]) reads: the forward's
+/// input `x` (16-bit values of `x_half` where set), the output gradient `dy`, the scale and
+/// shift, the recorded statistics, and whether SiLU followed the GroupNorm.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NormBackwardIn {
+    pub x: DPtr,
+    pub x_half: Option<Precision>,
+    pub dy: DPtr,
+    pub gamma: DPtr,
+    pub beta: DPtr,
+    pub stats: DPtr,
+    pub silu: bool,
+}
+
+/// What a GroupNorm backward pass writes: its scratch (partial sums, group means), the input
+/// gradient `dx` (added onto where `accumulate`; 16-bit values of `half_out` where set), a
+/// 16-bit `copy` of it, or instead the two `sides` of the concatenation it is the gradient of.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NormBackwardOut {
+    pub partial: DPtr,
+    pub means: DPtr,
+    pub dx: DPtr,
+    pub accumulate: bool,
+    pub half_out: Option<Precision>,
+    pub copy: Option<(DPtr, Precision)>,
+    pub sides: Option<GradSides>,
+}
+
 /// The two sides of a concatenation's gradient, which the GroupNorm backward pass over the
 /// concatenation writes instead of its input gradient (the `_split` kernels of
 /// kernels/norm.cu): the first `ca` channels of each pixel to `a`, the rest to `b`, each also
@@ -547,26 +575,31 @@ impl Kernels {
     /// (the `_x16` kernels; an fp32 `dx` only). With `sides` (three launches, units of four,
     /// neither `half_out` nor `copy`), the new `dx` goes to the two sides of the concatenation
     /// whose gradient it is instead, `dx` only read where accumulating.
-    #[allow(clippy::too_many_arguments)]
     pub fn group_norm_backward(
         &self,
         st: &CudaStream,
         d: NormDims,
-        x: DPtr,
-        x_half: Option<Precision>,
-        dy: DPtr,
-        gamma: DPtr,
-        beta: DPtr,
-        stats: DPtr,
-        partial: DPtr,
-        means: DPtr,
-        dx: DPtr,
-        silu: bool,
-        accumulate: bool,
-        half_out: Option<Precision>,
-        copy: Option<(DPtr, Precision)>,
-        sides: Option<GradSides>,
+        inputs: NormBackwardIn,
+        outputs: NormBackwardOut,
     ) -> Result<()> {
+        let NormBackwardIn {
+            x,
+            x_half,
+            dy,
+            gamma,
+            beta,
+            stats,
+            silu,
+        } = inputs;
+        let NormBackwardOut {
+            partial,
+            means,
+            dx,
+            accumulate,
+            half_out,
+            copy,
+            sides,
+        } = outputs;
         if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0) {
             return Err(Error::Cuda(format!(
                 "internal: 16-bit GroupNorm input gradient accumulating, with {} channels or \

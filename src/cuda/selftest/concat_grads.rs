@@ -5,7 +5,7 @@
 //! kernel that faults ends no other check.
 
 use super::{acc_name, unpack_half, Tester};
-use crate::cuda::kernels::{plan_norm, GradSides, NormDims};
+use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::Result;
@@ -84,25 +84,26 @@ impl Tester<'_> {
         );
         let partial = self.zeros(split.partial_len(n, c))?;
         let means = self.zeros(2 * n * groups)?;
+        let inputs = NormBackwardIn {
+            x: xp,
+            x_half,
+            dy: dyd.ptr,
+            gamma: gd.ptr,
+            beta: bd.ptr,
+            stats: sd.ptr,
+            silu: true,
+        };
         let run = |dx, copy, sides| {
-            gpu.kernels.group_norm_backward(
-                st,
-                d,
-                xp,
-                x_half,
-                dyd.ptr,
-                gd.ptr,
-                bd.ptr,
-                sd.ptr,
-                partial.ptr,
-                means.ptr,
+            let outputs = NormBackwardOut {
+                partial: partial.ptr,
+                means: means.ptr,
                 dx,
-                true,
                 accumulate,
-                None,
+                half_out: None,
                 copy,
                 sides,
-            )
+            };
+            gpu.kernels.group_norm_backward(st, d, inputs, outputs)
         };
         // The whole input gradient (and its copy), as the program without the split has it.
         let whole = self.up(&dx0)?;

@@ -2,7 +2,9 @@
 
 use super::{acc_name, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
-use crate::cuda::kernels::{norm_forms, plan_norm, NormDims, NormSplit};
+use crate::cuda::kernels::{
+    norm_forms, plan_norm, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+};
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
 use crate::Result;
@@ -110,20 +112,23 @@ impl Tester<'_> {
                         gpu.kernels.group_norm_backward(
                             st,
                             d,
-                            input,
-                            x_half,
-                            dy.ptr,
-                            gamma.ptr,
-                            beta.ptr,
-                            stats.ptr,
-                            partial.ptr,
-                            means.ptr,
-                            dx_ptr,
-                            silu,
-                            accumulate,
-                            None,
-                            with_copy.then_some((copy.ptr, precision)),
-                            None,
+                            NormBackwardIn {
+                                x: input,
+                                x_half,
+                                dy: dy.ptr,
+                                gamma: gamma.ptr,
+                                beta: beta.ptr,
+                                stats: stats.ptr,
+                                silu,
+                            },
+                            NormBackwardOut {
+                                partial: partial.ptr,
+                                means: means.ptr,
+                                dx: dx_ptr,
+                                accumulate,
+                                copy: with_copy.then_some((copy.ptr, precision)),
+                                ..NormBackwardOut::default()
+                            },
                         )
                     },
                 )?;
@@ -259,20 +264,24 @@ impl Tester<'_> {
                     gpu.kernels.group_norm_backward(
                         st,
                         nd,
-                        xd.ptr,
-                        None,
-                        dyd.ptr,
-                        gd.ptr,
-                        bd.ptr,
-                        sd.ptr,
-                        partial.ptr,
-                        means.ptr,
-                        dx,
-                        silu,
-                        accumulate,
-                        half_out,
-                        copy,
-                        None,
+                        NormBackwardIn {
+                            x: xd.ptr,
+                            x_half: None,
+                            dy: dyd.ptr,
+                            gamma: gd.ptr,
+                            beta: bd.ptr,
+                            stats: sd.ptr,
+                            silu,
+                        },
+                        NormBackwardOut {
+                            partial: partial.ptr,
+                            means: means.ptr,
+                            dx,
+                            accumulate,
+                            half_out,
+                            copy,
+                            sides: None,
+                        },
                     )
                 };
                 let ms = self.timed(

@@ -4,7 +4,9 @@
 use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
-use crate::cuda::kernels::{ConvPtrs, GradSides, Kernels, NormBackwardSums, NormDims};
+use crate::cuda::kernels::{
+    ConvPtrs, GradSides, Kernels, NormBackwardIn, NormBackwardOut, NormBackwardSums, NormDims,
+};
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
 use crate::cuda::weights::DevWeights;
@@ -194,27 +196,31 @@ pub(super) fn launch(
                 groups,
                 split,
             },
-            p(x),
-            x_half,
-            p(dy),
-            wts.ptr(gamma)?,
-            wts.ptr(beta)?,
-            p(stats),
-            p(partial),
-            p(means),
-            p(dx),
-            silu,
-            accumulate,
-            half_out,
-            dx16.map(|(b, precision)| (p(b), precision)),
-            sides.map(|g| GradSides {
-                a: p(g.a),
-                a16: g.a16.map_or(0, |(b, _)| p(b)),
-                b: p(g.b),
-                b16: g.b16.map_or(0, |(b, _)| p(b)),
-                ca: g.ca,
-                half: g.a16.or(g.b16).map(|(_, precision)| precision),
-            }),
+            NormBackwardIn {
+                x: p(x),
+                x_half,
+                dy: p(dy),
+                gamma: wts.ptr(gamma)?,
+                beta: wts.ptr(beta)?,
+                stats: p(stats),
+                silu,
+            },
+            NormBackwardOut {
+                partial: p(partial),
+                means: p(means),
+                dx: p(dx),
+                accumulate,
+                half_out,
+                copy: dx16.map(|(b, precision)| (p(b), precision)),
+                sides: sides.map(|g| GradSides {
+                    a: p(g.a),
+                    a16: g.a16.map_or(0, |(b, _)| p(b)),
+                    b: p(g.b),
+                    b16: g.b16.map_or(0, |(b, _)| p(b)),
+                    ca: g.ca,
+                    half: g.a16.or(g.b16).map(|(_, precision)| precision),
+                }),
+            },
         ),
         Step::Attention {
             qkv,
