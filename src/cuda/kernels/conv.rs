@@ -139,7 +139,7 @@ fn wgmma_index(precision: Precision, plan: &ConvLaunch) -> usize {
 }
 
 /// The place of the kernel of `precision`, form `form` of `forms` and tile `tile` in a wgmma
-/// table laid out by [`table_names`].
+/// table: bf16 or fp16, then the form, then the tile ([`WgmmaTile::ALL`]'s order).
 fn table_index(precision: Precision, form: usize, forms: usize, tile: WgmmaTile) -> usize {
     let tile = WgmmaTile::ALL
         .iter()
@@ -148,25 +148,19 @@ fn table_index(precision: Precision, form: usize, forms: usize, tile: WgmmaTile)
     usize::from(precision == Precision::Fp16) + 2 * form + 2 * forms * tile
 }
 
-/// A wgmma kernel table's names and tiles: for each tile, each form (a name infix), bf16 then
-/// fp16; `more` and `suffix` follow the form and the tile in each name.
-fn table_names(forms: &[&str], more: &str, suffix: &str) -> Vec<(String, WgmmaTile)> {
-    let mut out = Vec::new();
-    for (tile, name) in WgmmaTile::ALL {
-        for form in forms {
-            for t in ["bf16", "fp16"] {
-                out.push((format!("conv_wgmma_{t}{form}{more}{name}{suffix}"), tile));
-            }
-        }
-    }
-    out
-}
-
 /// The wgmma kernels of one of [`Kernels`]' tables in [`wgmma_index`] order (precision, then
 /// form, then tile), each with its tile: the plain ones (`suffix` "") or the cycle-counting
 /// ones ("_probe").
 pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
-    table_names(&WGMMA_FORM_NAMES, "", suffix)
+    let mut out = Vec::new();
+    for (tile, name) in WgmmaTile::ALL {
+        for form in WGMMA_FORM_NAMES {
+            for t in ["bf16", "fp16"] {
+                out.push((format!("conv_wgmma_{t}{form}{name}{suffix}"), tile));
+            }
+        }
+    }
+    out
 }
 
 /// What a wgmma launch adds to the plain lean or TMA kernels, each feature a kernel of its own

@@ -199,8 +199,7 @@ impl Tester<'_> {
         pers.sort_unstable();
         pers.dedup();
         if staged {
-            pers.truncate(0);
-            pers.push(slices * WGMMA_SLICE);
+            pers = vec![slices * WGMMA_SLICE];
         }
         let label = "conv3x3 + fused 1x1 shortcut forward (temb, /2)";
         for per in pers {
