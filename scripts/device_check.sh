@@ -16,7 +16,8 @@
 #       each default off, the stream count, each candidate) of out/invdiff-next if it exists, else
 #       out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for `v04`
 #       also its whole-network selftest rows, for `fold_all` its fp32 b1 rows, and for `all`
-#       (else the last one) also its whole selftest (each one's with VARIANT_SELFTEST=each),
+#       (else the last one) also its whole selftest (each one's with VARIANT_SELFTEST=each;
+#       only its network groups with VARIANT_SELFTEST=networks, when phase (a) ran the rest),
 #       the b1 DPS profile and the 1000-step restoration;
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline, split and
@@ -317,10 +318,11 @@ for v in ${variants[@]+"${variants[@]}"}; do
     note "variant $name: ${vars//,/ } on $VBIN"
     # The kernel rows are the same in every run; what a variant changes is the whole-network
     # rows: all of them for $full (all together) unless VARIANT_SELFTEST=each, the network
-    # groups alone for the v0.4 program.
-    if [ "${VARIANT_SELFTEST:-full}" = each ] || [ "$name" = "$full" ]; then
+    # groups alone for the v0.4 program (and for $full with VARIANT_SELFTEST=networks).
+    if [ "${VARIANT_SELFTEST:-full}" = each ] \
+        || { [ "$name" = "$full" ] && [ "${VARIANT_SELFTEST:-full}" != networks ]; }; then
         selftest "selftest_$name" "$wrapper"
-    elif [ "$name" = v04 ]; then
+    elif [ "$name" = v04 ] || [ "$name" = "$full" ]; then
         selftest "selftest_$name" "$wrapper" --only networks
     fi
     bench "${name}_bf16_b1" "$wrapper" --precision bf16 --batch 1 --what both
