@@ -167,7 +167,8 @@ nvidia-smi >> "$W/setup.txt" 2>&1
 note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"
 note "binary: $(ls -l "$BIN" | awk '{print $5}') bytes; next: $([ -x "$NEXT" ] && echo yes || echo no); kernels_cuda: $([ -x "$KBENCH" ] && echo yes || echo no)"
 
-# (a) Every kernel and the whole network against the CPU path (~60 s).
+# (a) Every kernel and the whole network against the CPU path (~60 s at v0.7; the candidate
+# groups added since are untimed).
 selftest() { # selftest NAME BINARY [ARGS...]; sets selftest_rc
     local t0=$SECONDS
     run 300 "$1.txt" "$2" selftest --device cuda "${@:3}"

@@ -306,13 +306,24 @@ fn cli_bench_profile_is_gpu_only() {
 }
 
 /// `selftest --only` with a name no group has fails before looking for a GPU, and lists the
-/// groups; the CPU is refused by name.
+/// groups; the CPU is refused by name; `selftest --help` names every group.
 #[test]
 fn cli_selftest_names_its_groups() {
     let err = cli_fails(&["selftest", "--only", "bogus"]);
     assert_mentions(&err, &["`bogus`", "tensor-core networks", "group norms"]);
     let err = cli_fails(&["selftest", "--device", "cpu"]);
     assert_mentions(&err, &["--device cuda", "cpu"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .args(["selftest", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // (The help wraps its lines wherever the terminal's width puts the breaks.)
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert_mentions(&help, &invdiff::cuda::SELFTEST_GROUPS);
 }
 
 /// A misspelt `INVDIFF_*` variable, or a value a switch does not read, would be ignored in

@@ -196,7 +196,7 @@ impl WgmmaExtras {
 
     /// Every combination, in [`WgmmaExtras::index`]'s bit order.
     fn all() -> impl Iterator<Item = WgmmaExtras> {
-        (0..32u32).map(|b| WgmmaExtras {
+        (0..WGMMA_EXTRA_COMBINATIONS).map(|b| WgmmaExtras {
             tma: b & 1 != 0,
             shortcut: b & 2 != 0,
             multicast: b & 4 != 0,
@@ -239,14 +239,14 @@ impl WgmmaExtras {
     }
 
     /// Where this combination's kernel in `precision` on `tile` sits in a table of
-    /// [`WGMMA_EXTRA_SLOTS`] (bf16 or fp16, then the tile, then the features as bits).
+    /// [`WGMMA_EXTRA_SLOTS`] (bf16 or fp16, then the features as bits, then the tile).
     fn index(self, precision: Precision, tile: WgmmaTile) -> usize {
         let bits = usize::from(self.tma)
             | usize::from(self.shortcut) << 1
             | usize::from(self.multicast) << 2
             | usize::from(self.backward_sums) << 3
             | usize::from(self.staged) << 4;
-        table_index(precision, bits, 32, tile)
+        table_index(precision, bits, WGMMA_EXTRA_COMBINATIONS, tile)
     }
 }
 
@@ -260,9 +260,12 @@ pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool, backward_sums:
     !extras.any() || (plan.lean_loads && extras.exists(plan.tile))
 }
 
+/// Combinations of [`WgmmaExtras`]' five flags.
+const WGMMA_EXTRA_COMBINATIONS: usize = 1 << 5;
+
 /// Slots of the table of [`WgmmaExtras`] kernels: both precisions, every tile, every
 /// combination (those [`WgmmaExtras::exists`] rejects stay empty).
-pub(super) const WGMMA_EXTRA_SLOTS: usize = 2 * 32 * WgmmaTile::ALL.len();
+pub(super) const WGMMA_EXTRA_SLOTS: usize = 2 * WGMMA_EXTRA_COMBINATIONS * WgmmaTile::ALL.len();
 
 /// The [`WgmmaExtras`] kernels that exist, each with its slot and tile.
 pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {

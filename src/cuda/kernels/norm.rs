@@ -113,8 +113,8 @@ impl GradSides {
             return Err(Error::Cuda(format!(
                 "internal: a GroupNorm backward pass of {} channels split at {} (one pass {}, a \
                  16-bit input gradient or copy {whole}, aligned {aligned}, 16-bit copies {:?}): \
-                 the split kernels take three launches, sides of whole units of four channels \
-                 and aligned buffers",
+                 the split kernels are an element-wise launch (not one pass) over sides of whole \
+                 units of four channels and aligned buffers",
                 d.c,
                 self.ca,
                 d.split.one_pass.is_some(),
@@ -572,9 +572,10 @@ impl Kernels {
     /// (overwriting only) in bf16/fp16 for the tensor-core input gradient that reads it; with
     /// `copy` (fp32 `dx` only), also the new `dx` in 16 bits at the given address, what a
     /// conversion launch would write. With `x_half`, `x` holds 16-bit values of that precision
-    /// (the `_x16` kernels; an fp32 `dx` only). With `sides` (three launches, units of four,
+    /// (the `_x16` kernels; an fp32 `dx` only). With `sides` (not in one pass, units of four,
     /// neither `half_out` nor `copy`), the new `dx` goes to the two sides of the concatenation
-    /// whose gradient it is instead, `dx` only read where accumulating.
+    /// whose gradient it is instead, `dx` only read where accumulating. (The names are fields
+    /// of [`NormBackwardIn`] and [`NormBackwardOut`].)
     pub fn group_norm_backward(
         &self,
         st: &CudaStream,

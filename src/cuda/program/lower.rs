@@ -341,10 +341,18 @@ impl Lowering<'_> {
                 continue;
             };
             let (dx, c) = (*dx, *c);
-            // The sides are written in the pass's one launch: none may be what it reads.
+            let taken = ConcatSides {
+                a: *a,
+                a16: *a16,
+                b: *b,
+                b16: *b16,
+                ca: *ca,
+            };
+            // The sides are written in the pass's element-wise launch: none may be what it
+            // reads.
             let read = [*x, *dy, *stats, dx];
             let fits = split.one_pass.is_none()
-                && [*a, *b].iter().all(|s| !read.contains(s))
+                && taken.written().all(|s| !read.contains(&s))
                 // (One kind of rounding for both copies.)
                 && a16.zip(*b16).is_none_or(|((_, p), (_, q))| p == q)
                 && *dy_a == dx
@@ -364,13 +372,6 @@ impl Lowering<'_> {
                 i += 1;
                 continue;
             }
-            let taken = ConcatSides {
-                a: *a,
-                a16: *a16,
-                b: *b,
-                b16: *b16,
-                ca: *ca,
-            };
             if let Step::GroupNormBackward { sides, .. } = &mut self.steps[i] {
                 *sides = Some(taken);
             }

@@ -360,7 +360,7 @@ pub(crate) struct ConcatSides {
 
 impl ConcatSides {
     /// The buffers written: both sides and their 16-bit copies.
-    fn written(&self) -> impl Iterator<Item = Buf> {
+    pub(super) fn written(&self) -> impl Iterator<Item = Buf> {
         [self.a, self.b]
             .into_iter()
             .chain(self.a16.map(|(b, _)| b))

@@ -12,23 +12,9 @@ use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-/// What the program computes, symbolically: each buffer holds a hash of the expression
-/// that wrote it (operation, weights and the hashes it read), a copy holds its source's
-/// hash, and a 16-bit value `half(v)` whoever rounded it (a 16-bit copy, a GroupNorm's
-/// 16-bit output, or the tensor-core kernel staging an fp32 input). Two programs that
-/// compute the same sums from the same values give the output and input gradient the same
-/// hashes, whatever buffers, copies and kernels they use.
-///
-/// An upsampling folded into its convolution ([`KernelConfig::upsample_fold`]) computes
-/// the same sums as the upsampling and convolution it replaces, in another form: its launches
-/// are given the value of those two steps of the default program (forward, and the
-/// convolution's input gradient followed by the upsampling's adjoint), from the values they
-/// read, so that the rest of the program is checked as for any other switch. So is a 1x1
-/// shortcut fused into its block's second convolution ([`KernelConfig::shortcut_fused`]):
-/// the shortcut's launch, then the convolution with its output as the residual.
-/// `step`, or where it is a GroupNorm backward pass that writes a concatenation's two gradients
-/// (its `sides`), the steps it stands for: the pass writing its whole input gradient, and the
-/// concatenation's two adjoint steps copying the sides out of it.
+/// The steps `step` stands for: itself, or where it is a GroupNorm backward pass that writes a
+/// concatenation's two gradients (its `sides`), the pass writing its whole input gradient and
+/// the concatenation's two adjoint steps copying the sides out of it.
 fn unsplit(step: &Step, n: usize) -> Vec<Step> {
     let Step::GroupNormBackward {
         dx,
@@ -61,6 +47,20 @@ fn unsplit(step: &Step, n: usize) -> Vec<Step> {
     ]
 }
 
+/// What the program computes, symbolically: each buffer holds a hash of the expression
+/// that wrote it (operation, weights and the hashes it read), a copy holds its source's
+/// hash, and a 16-bit value `half(v)` whoever rounded it (a 16-bit copy, a GroupNorm's
+/// 16-bit output, or the tensor-core kernel staging an fp32 input). Two programs that
+/// compute the same sums from the same values give the output and input gradient the same
+/// hashes, whatever buffers, copies and kernels they use.
+///
+/// An upsampling folded into its convolution ([`KernelConfig::upsample_fold`]) computes
+/// the same sums as the upsampling and convolution it replaces, in another form: its launches
+/// are given the value of those two steps of the default program (forward, and the
+/// convolution's input gradient followed by the upsampling's adjoint), from the values they
+/// read, so that the rest of the program is checked as for any other switch. So is a 1x1
+/// shortcut fused into its block's second convolution ([`KernelConfig::shortcut_fused`]):
+/// the shortcut's launch, then the convolution with its output as the residual.
 fn symbolic(p: &Program) -> (u64, Option<u64>) {
     fn h(parts: &[&dyn Fn(&mut DefaultHasher)]) -> u64 {
         let mut s = DefaultHasher::new();

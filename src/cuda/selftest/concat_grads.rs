@@ -191,16 +191,18 @@ impl Tester<'_> {
             let want = Self::network_outputs(gpu, net)?;
             let op = format!("celebahq {precision} forward + vjp, concatenation gradients split");
             t.fewer_launches_row(gpu, net, true, &op, CudaUnet::set_concat_grad_split)?;
-            let (_, grad) = Self::network_outputs(gpu, net)?;
+            let (eps, grad) = Self::network_outputs(gpu, net)?;
             let ms = gpu.time_forward_vjp(net.n, net.h, net.w, 5)?;
-            t.row_within(
-                format!("{op} vs without"),
-                net.desc.clone(),
-                grad.data(),
-                want.1.data(),
-                ms,
-                0.0,
-            );
+            for (what, got, want) in [("eps", &eps, &want.0), ("vjp", &grad, &want.1)] {
+                t.row_within(
+                    format!("{op}, {what} vs without"),
+                    net.desc.clone(),
+                    got.data(),
+                    want.data(),
+                    ms,
+                    0.0,
+                );
+            }
             Ok(())
         })
     }
