@@ -61,16 +61,38 @@ pub(crate) struct NormBackwardOut {
 
 /// The two sides of a concatenation's gradient, which the GroupNorm backward pass over the
 /// concatenation writes instead of its input gradient (the `_split` kernels of
-/// kernels/norm.cu): the first `ca` channels of each pixel to `a`, the rest to `b`, each also
-/// in 16 bits of `half` where its copy's address is not 0.
+/// kernels/norm.cu; [`KernelConfig::concat_grad_split`](crate::cuda::program::KernelConfig)):
+/// the first `ca` channels of each pixel to `a`, the rest to `b`, each also in 16 bits where
+/// it has a copy. `B` names a buffer: the program's [`Buf`](crate::cuda::program::Buf), or its
+/// address for the launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct GradSides {
-    pub a: DPtr,
-    pub a16: DPtr,
-    pub b: DPtr,
-    pub b16: DPtr,
+pub(crate) struct GradSides<B = DPtr> {
+    pub a: B,
+    pub a16: Option<(B, Precision)>,
+    pub b: B,
+    pub b16: Option<(B, Precision)>,
     pub ca: usize,
-    pub half: Option<Precision>,
+}
+
+impl<B: Copy> GradSides<B> {
+    /// The same sides with each buffer `f` of its own (a program's buffers to addresses).
+    pub fn map<C>(self, f: impl Fn(B) -> C) -> GradSides<C> {
+        GradSides {
+            a: f(self.a),
+            a16: self.a16.map(|(b, p)| (f(b), p)),
+            b: f(self.b),
+            b16: self.b16.map(|(b, p)| (f(b), p)),
+            ca: self.ca,
+        }
+    }
+
+    /// The buffers written: both sides and their 16-bit copies.
+    pub fn written(&self) -> impl Iterator<Item = B> {
+        [self.a, self.b]
+            .into_iter()
+            .chain(self.a16.map(|(b, _)| b))
+            .chain(self.b16.map(|(b, _)| b))
+    }
 }
 
 /// GradSplit of kernels/norm.cu, field for field.
@@ -97,10 +119,16 @@ impl GradSides {
     /// split does not fit the `_split` kernels.
     fn args(self, d: NormDims, io_aligned: bool, whole: bool) -> Result<(GradSplitArgs, i32)> {
         let cb = d.c.saturating_sub(self.ca);
+        let (a16, b16) = (self.a16.map_or(0, |c| c.0), self.b16.map_or(0, |c| c.0));
         let aligned = io_aligned
             && [self.a, self.b].iter().all(|p| p % 16 == 0)
-            && [self.a16, self.b16].iter().all(|p| p % 8 == 0);
-        let halves = (self.a16 != 0 || self.b16 != 0) == self.half.is_some();
+            && [a16, b16].iter().all(|p| p % 8 == 0);
+        // One kind of rounding for both copies.
+        let half = self.a16.or(self.b16).map(|c| c.1);
+        let halves = [self.a16, self.b16]
+            .iter()
+            .flatten()
+            .all(|c| Some(c.1) == half);
         if whole
             || d.split.one_pass.is_some()
             || self.ca == 0
@@ -118,20 +146,20 @@ impl GradSides {
                 d.c,
                 self.ca,
                 d.split.one_pass.is_some(),
-                self.half
+                (self.a16.map(|c| c.1), self.b16.map(|c| c.1))
             )));
         }
         need(self.a, "first side of the input gradient")?;
         need(self.b, "second side of the input gradient")?;
         let args = GradSplitArgs {
             a: self.a,
-            a16: self.a16,
+            a16,
             b: self.b,
-            b16: self.b16,
+            b16,
             ca: i32_of(self.ca, "first side's channels")?,
             cb: i32_of(cb, "second side's channels")?,
         };
-        Ok((args, self.half.map_or(Ok(0), half_kind)?))
+        Ok((args, half.map_or(Ok(0), half_kind)?))
     }
 }
 
@@ -836,9 +864,9 @@ impl Kernels {
 mod tests {
     use super::*;
 
-    /// A concatenation's gradient split takes three launches, sides of whole units of four
-    /// channels, aligned buffers and 16-bit copies only with their precision; anything else is
-    /// a named error (which the launcher returns before any launch).
+    /// A concatenation's gradient split takes the element-wise launch (not one pass), sides of
+    /// whole units of four channels, aligned buffers and 16-bit copies of one 16-bit kind;
+    /// anything else is a named error (which the launcher returns before any launch).
     #[test]
     fn grad_sides_refuse_what_the_split_kernels_cannot_take() {
         let split = plan_norm(1, 1024, 768, 32, 132, false, false);
@@ -849,13 +877,13 @@ mod tests {
             groups: 32,
             split,
         };
+        let bf16 = Precision::Bf16;
         let good = GradSides {
             a: 0x1000,
-            a16: 0x2000,
+            a16: Some((0x2000, bf16)),
             b: 0x3000,
-            b16: 0x4000,
+            b16: Some((0x4000, bf16)),
             ca: 512,
-            half: Some(Precision::Bf16),
         };
         let (args, kind) = good.args(d, true, false).unwrap();
         assert_eq!((args.ca, args.cb, kind), (512, 256, 1));
@@ -868,11 +896,6 @@ mod tests {
         };
         let unaligned = |b| (GradSides { b, ..good }, d, true, false);
         let copy = |a16| (GradSides { a16, ..good }, d, true, false);
-        let no_copies = GradSides {
-            a16: 0,
-            b16: 0,
-            ..good
-        };
         for (sides, d, io_aligned, whole) in [
             (good, d, true, true),
             (good, one_pass, true, false),
@@ -881,9 +904,9 @@ mod tests {
             (GradSides { ca: 768, ..good }, d, true, false),
             (GradSides { ca: 0, ..good }, d, true, false),
             unaligned(0x3004),
-            copy(0x2004),
-            (GradSides { half: None, ..good }, d, true, false),
-            (no_copies, d, true, false),
+            copy(Some((0x2004, bf16))),
+            copy(Some((0x2000, Precision::Fp16))),
+            copy(Some((0x2000, Precision::Fp32))),
         ] {
             match sides.args(d, io_aligned, whole) {
                 Err(Error::Cuda(msg)) => assert!(msg.contains("split"), "{msg}"),
@@ -891,10 +914,13 @@ mod tests {
             }
         }
         let fp32 = GradSides {
-            half: None,
-            ..no_copies
+            a16: None,
+            b16: None,
+            ..good
         };
         assert!(fp32.args(d, true, false).is_ok());
+        let one_copy = GradSides { b16: None, ..good };
+        assert_eq!(one_copy.args(d, true, false).unwrap().0.b16, 0);
     }
 
     #[test]

@@ -5,12 +5,12 @@
 #[cfg(doc)]
 use super::Program;
 use super::{
-    BatchedLinear, Buf, BufDesc, ConcatSides, ConvStep, KernelConfig, NormBackwardInput, Step,
-    FOLD_MIN_ROWS, HALF_COPY_MIN, W,
+    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, NormBackwardInput, Step, FOLD_MIN_ROWS,
+    HALF_COPY_MIN, W,
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
-    ConvLaunch, ConvShape, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    ConvLaunch, ConvShape, GradSides, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -341,7 +341,7 @@ impl Lowering<'_> {
                 continue;
             };
             let (dx, c) = (*dx, *c);
-            let taken = ConcatSides {
+            let taken = GradSides {
                 a: *a,
                 a16: *a16,
                 b: *b,

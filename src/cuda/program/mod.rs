@@ -18,7 +18,7 @@
 //! its steps run, `lower` the lowering's state and the planning both passes share, `forward`
 //! and `backward` one graph op at a time each way.
 
-use super::kernels::{ConvLaunch, ConvShape, NormSplit};
+use super::kernels::{ConvLaunch, ConvShape, GradSides, NormSplit};
 use super::precision::Precision;
 use super::unet::AttnKernel;
 use crate::model::graph::Graph;
@@ -182,9 +182,10 @@ pub(crate) enum Step {
         /// tensor-core convolutions that read `dx` once this step has written it
         /// ([`KernelConfig::fused_half_copies`]).
         dx16: Option<(Buf, Precision)>,
-        /// The new `dx` goes to the two sides of the concatenation whose gradient it is, and
-        /// `dx` is only read, where accumulating ([`KernelConfig::concat_grad_split`]).
-        sides: Option<ConcatSides>,
+        /// The new `dx` goes to the two sides of the concatenation whose gradient it is, each
+        /// with the 16-bit copy its adjoint step would have written, and `dx` is only read,
+        /// where accumulating ([`KernelConfig::concat_grad_split`]).
+        sides: Option<GradSides<Buf>>,
     },
     Attention {
         qkv: Buf,
@@ -345,29 +346,6 @@ pub(crate) struct FusedShortcut {
     pub w: W,
 }
 
-/// The two sides of a concatenation's gradient, written by the GroupNorm backward pass over the
-/// concatenation ([`KernelConfig::concat_grad_split`]) where the concatenation's two adjoint
-/// steps would have copied them out of the pass's `dx`: the first `ca` channels of each pixel
-/// to `a`, the others to `b`, each with the 16-bit copy its adjoint step would have written.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ConcatSides {
-    pub a: Buf,
-    pub a16: Option<(Buf, Precision)>,
-    pub b: Buf,
-    pub b16: Option<(Buf, Precision)>,
-    pub ca: usize,
-}
-
-impl ConcatSides {
-    /// The buffers written: both sides and their 16-bit copies.
-    pub(super) fn written(&self) -> impl Iterator<Item = Buf> {
-        [self.a, self.b]
-            .into_iter()
-            .chain(self.a16.map(|(b, _)| b))
-            .chain(self.b16.map(|(b, _)| b))
-    }
-}
-
 impl Step {
     /// The buffers the step reads and those it writes (a buffer it accumulates into is both).
     pub fn io(&self) -> (Vec<Buf>, Vec<Buf>) {
@@ -461,7 +439,7 @@ impl Step {
                     .chain((!split.from_producer).then_some(*partial))
                     .chain([*means])
                     .chain(dx16.map(|(b, _)| b))
-                    .chain(sides.iter().flat_map(ConcatSides::written))
+                    .chain(sides.iter().flat_map(GradSides::written))
                     .collect(),
             ),
             Attention { qkv, y, saved, .. } => (vec![*qkv], vec![*y, *saved]),

@@ -129,11 +129,10 @@ impl Tester<'_> {
         );
         let sides = GradSides {
             a: a.ptr,
-            a16: if half.is_some() { a16.ptr } else { 0 },
+            a16: half.map(|p| (a16.ptr, p)),
             b: b.ptr,
-            b16: if half.is_some() { b16.ptr } else { 0 },
+            b16: half.map(|p| (b16.ptr, p)),
             ca,
-            half,
         };
         let ms = self.timed(|| Ok(()), || run(dx.ptr, None, Some(sides)))?;
         let columns = |v: &[f32], from: usize, to: usize| -> Vec<f32> {

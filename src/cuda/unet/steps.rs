@@ -5,7 +5,7 @@ use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
 use crate::cuda::kernels::{
-    ConvPtrs, GradSides, Kernels, NormBackwardIn, NormBackwardOut, NormBackwardSums, NormDims,
+    ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormBackwardSums, NormDims,
 };
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
@@ -212,14 +212,7 @@ pub(super) fn launch(
                 accumulate,
                 half_out,
                 copy: dx16.map(|(b, precision)| (p(b), precision)),
-                sides: sides.map(|g| GradSides {
-                    a: p(g.a),
-                    a16: g.a16.map_or(0, |(b, _)| p(b)),
-                    b: p(g.b),
-                    b16: g.b16.map_or(0, |(b, _)| p(b)),
-                    ca: g.ca,
-                    half: g.a16.or(g.b16).map(|(_, precision)| precision),
-                }),
+                sides: sides.map(|g| g.map(p)),
             },
         ),
         Step::Attention {
