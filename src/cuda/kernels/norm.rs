@@ -731,29 +731,35 @@ impl Kernels {
                 &format!("launching gn_bwd_one_pass{x16}"),
             );
         }
-        let (partial_fn, apply_fn, apply_half_fn) = match (x_half.is_some(), split.ilp) {
-            (false, false) => (
-                &self.gn_bwd_partial,
-                &self.gn_bwd_apply,
-                &self.gn_bwd_apply_half,
-            ),
-            (false, true) => (
-                &self.gn_bwd_partial_ilp,
-                &self.gn_bwd_apply_ilp,
-                &self.gn_bwd_apply_half_ilp,
-            ),
-            // No 16-bit input gradient over a 16-bit x (refused above).
-            (true, false) => (
-                &self.gn_bwd_partial_x16,
-                &self.gn_bwd_apply_x16,
-                &self.gn_bwd_apply_half,
-            ),
-            (true, true) => (
-                &self.gn_bwd_partial_x16_ilp,
-                &self.gn_bwd_apply_x16_ilp,
-                &self.gn_bwd_apply_half_ilp,
-            ),
-        };
+        // The element-wise pass: fp32 (`apply`), 16-bit (`apply_half`) or the split (`apply_split`).
+        let (partial_fn, apply_fn, apply_half_fn, apply_split_fn) =
+            match (x_half.is_some(), split.ilp) {
+                (false, false) => (
+                    &self.gn_bwd_partial,
+                    &self.gn_bwd_apply,
+                    &self.gn_bwd_apply_half,
+                    &self.gn_bwd_apply_split,
+                ),
+                (false, true) => (
+                    &self.gn_bwd_partial_ilp,
+                    &self.gn_bwd_apply_ilp,
+                    &self.gn_bwd_apply_half_ilp,
+                    &self.gn_bwd_apply_split_ilp,
+                ),
+                // No 16-bit input gradient over a 16-bit x (refused above).
+                (true, false) => (
+                    &self.gn_bwd_partial_x16,
+                    &self.gn_bwd_apply_x16,
+                    &self.gn_bwd_apply_half,
+                    &self.gn_bwd_apply_x16_split,
+                ),
+                (true, true) => (
+                    &self.gn_bwd_partial_x16_ilp,
+                    &self.gn_bwd_apply_x16_ilp,
+                    &self.gn_bwd_apply_half_ilp,
+                    &self.gn_bwd_apply_x16_split_ilp,
+                ),
+            };
         // With `from_producer`, the convolution that wrote dy wrote the partial sums.
         if !split.from_producer {
             let mut b = st.launch_builder(partial_fn);
@@ -819,11 +825,7 @@ impl Kernels {
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
         let (apply_fn, kind16) = match sides {
-            Some((_, kind)) => (
-                &self.gn_bwd_apply_split
-                    [usize::from(x_half.is_some()) * 2 + usize::from(split.ilp)],
-                kind,
-            ),
+            Some((_, kind)) => (apply_split_fn, kind),
             None => (apply_fn, kind16),
         };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
