@@ -924,11 +924,18 @@ mod tests {
         // forward and 43 to forward + VJP (the counts the H200 run of 2026-11-27 reported with
         // INVDIFF_HALF_COPY_SMALL=1).
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        let v07 = KernelConfig {
+            staged_epilogue: false,
+            shortcut_fused: false,
+            concat_grad_split: false,
+            half_gn_inputs_recording: false,
+            ..tuned
+        };
         let v06 = KernelConfig {
             fused_half_copies: false,
             gn_producer_sums: false,
             half_gn_inputs: false,
-            ..tuned
+            ..v07
         };
         assert_eq!(count(v06), [392, 875]);
         // The concatenations' adjoints write 18 of those copies themselves, the GroupNorms'
@@ -945,8 +952,12 @@ mod tests {
             ..v06
         };
         assert_eq!(count(sums), [366, 849]);
-        // The defaults: both, and 16-bit concatenations, which change no launch.
-        assert_eq!(count(tuned), [366, 811]);
+        // Stop 22's defaults: both, and 16-bit concatenations, which change no launch.
+        assert_eq!(count(v07), [366, 811]);
+        // The defaults: fused shortcuts take 32 launches off the forward and 32 off forward +
+        // VJP, and the concatenations' gradients split by their GroupNorms 24 more (the
+        // counts the H200 run of stop 26 reported).
+        assert_eq!(count(tuned), [334, 755]);
     }
 
     #[test]

@@ -210,6 +210,12 @@ impl KernelConfig {
     /// batch 8 / batch 32: 16-bit concatenations for the GroupNorms -3.1% / 0 / -6.1% / -6.8%,
     /// GroupNorm sums from their producers -2.2% / -1.0% / -4.1% / -5.3%, 16-bit copies by
     /// their writers 0 / -1.2% / 0 / 0.
+    /// Stop 26 (2026-11-27, H200), against those defaults in the same run, batch 1 forward /
+    /// DPS step / batch 8 / batch 32, each alone: staged epilogues -7.4% / -4.3% / -10.1% /
+    /// -8.1%, fused 1x1 shortcuts -5.0% / -2.2% / -8.2% / -8.1%, concatenation gradients from
+    /// their GroupNorms 0 / -1.7% / 0 / 0, 16-bit GroupNorm inputs in recording forwards 0 /
+    /// -0.5% / 0 / -0.4%; the four together (a second run) -12.1% / -8.8% / -16.8% / -14.5%.
+    /// Tall tiles stayed: off with the four, +0.3% / -0.3% / +1.7% / +2.6%.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -217,9 +223,9 @@ impl KernelConfig {
             gn_one_pass: true,
             gn_producer_sums: true,
             gn_backward_producer_sums: false,
-            concat_grad_split: false,
+            concat_grad_split: true,
             half_gn_inputs: true,
-            half_gn_inputs_recording: false,
+            half_gn_inputs_recording: true,
             gn_ilp: true,
             half_concat: true,
             half_copy: true,
@@ -234,9 +240,9 @@ impl KernelConfig {
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
             wgmma_multicast: false,
-            staged_epilogue: false,
+            staged_epilogue: here.wgmma,
             upsample_fold: precision.is_half(),
-            shortcut_fused: false,
+            shortcut_fused: here.wgmma,
             batch_invariant: false,
         }
     }

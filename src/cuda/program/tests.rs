@@ -969,7 +969,10 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
             let build = |tc| {
                 Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc).unwrap()
             };
-            let base = build(others);
+            let base = build(KernelConfig {
+                staged_epilogue: false,
+                ..others
+            });
             let p = build(KernelConfig {
                 staged_epilogue: true,
                 ..others
@@ -1083,7 +1086,10 @@ fn concat_gradients_come_from_their_groupnorms() {
         for (n, record) in [(1, true), (2, true), (1, false)] {
             let build =
                 |tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc).unwrap();
-            let base = build(tuned);
+            let base = build(KernelConfig {
+                concat_grad_split: false,
+                ..tuned
+            });
             let p = build(KernelConfig {
                 concat_grad_split: true,
                 ..tuned
@@ -1383,6 +1389,7 @@ fn concatenations_read_only_in_16_bits_are_written_so() {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
         let on = KernelConfig {
             half_gn_inputs: true,
+            half_gn_inputs_recording: false,
             gn_producer_sums: sums,
             batch_invariant,
             deep,
@@ -1464,7 +1471,11 @@ fn concatenations_read_only_in_16_bits_are_written_so() {
                         assert_eq!((*x_half, *half_out), (Some(precision), Some(precision)));
                         assert_eq!(split.from_producer, sums.is_some());
                     }
-                    Step::Conv(c) => assert!(c.launch.half_input && c.shape.taps.len() == 1),
+                    // Its 1x1 shortcut, in a launch of its own or fused into the block's
+                    // second convolution.
+                    Step::Conv(c) => assert!(
+                        c.launch.half_input && (c.shape.taps.len() == 1 || c.shortcut.is_some())
+                    ),
                     other => panic!("step {i} read by {other:?}"),
                 }
             }
@@ -2092,7 +2103,11 @@ fn shortcuts_fuse_into_their_blocks_second_convolutions() {
         want.sort_unstable();
         assert_eq!(seen, want, "batch {n}, recording {record}");
         // 20 launches fewer in the forward pass; the backward pass keeps its own.
-        assert_eq!(convs(&build(tuned, Precision::Bf16)), convs(&p) + 20);
+        let unfused = KernelConfig {
+            shortcut_fused: false,
+            ..tuned
+        };
+        assert_eq!(convs(&build(unfused, Precision::Bf16)), convs(&p) + 20);
         for other in [
             build(
                 KernelConfig {
