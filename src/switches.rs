@@ -89,6 +89,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that multicast, fuse a shortcut or sum a GroupNorm backward pass)",
     ),
     choice(
+        "INVDIFF_STAGED_UNSPLIT",
+        ON_OFF,
+        "GPU candidate: `1` runs TMA convolutions that K would split in two (K up to 2304) unsplit with a staged epilogue (wgmma)",
+    ),
+    choice(
         "INVDIFF_CONCAT_GRAD_SPLIT",
         ON_OFF,
         "GPU candidate: `1` has the GroupNorm backward pass over a concatenation write the concatenation's two gradients itself, instead of two copies out of its input gradient",

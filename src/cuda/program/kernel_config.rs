@@ -131,6 +131,11 @@ pub(crate) struct KernelConfig {
     /// finish their rows through shared memory ([`ConvLaunch::staged_epilogue`]), each warp
     /// whole rows with 16-byte accesses: the same arithmetic per value, the same bits.
     pub staged_epilogue: bool,
+    /// With `staged_epilogue`: a TMA launch that the split rule gives two splits of K, K at
+    /// most [`STAGED_UNSPLIT_MAX_K`], runs unsplit, so that it stages its epilogue (split
+    /// launches do not) and needs no reduction: the sum of its products in one order instead
+    /// of two partial sums added.
+    pub staged_unsplit: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
     /// pixel, of a 2x2 convolution of the low-resolution input (a 16-bit copy of it in
@@ -181,6 +186,7 @@ impl Default for KernelConfig {
             tall_tiles: false,
             wgmma_multicast: false,
             staged_epilogue: false,
+            staged_unsplit: false,
             upsample_fold: false,
             shortcut_fused: false,
             batch_invariant: false,
@@ -241,6 +247,7 @@ impl KernelConfig {
             tall_tiles: true,
             wgmma_multicast: false,
             staged_epilogue: here.wgmma,
+            staged_unsplit: false,
             upsample_fold: precision.is_half(),
             shortcut_fused: here.wgmma,
             batch_invariant: false,
@@ -291,6 +298,7 @@ impl KernelConfig {
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             wgmma_multicast: wgmma && kept("INVDIFF_WGMMA_MULTICAST", tuned.wgmma_multicast),
             staged_epilogue: wgmma && kept("INVDIFF_EPI_STAGED", tuned.staged_epilogue),
+            staged_unsplit: wgmma && kept("INVDIFF_STAGED_UNSPLIT", tuned.staged_unsplit),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             shortcut_fused: wgmma && kept("INVDIFF_SHORTCUT_FUSED", tuned.shortcut_fused),
             batch_invariant: false,
@@ -339,6 +347,10 @@ impl KernelConfig {
             (self.tall_tiles, "tall wgmma tiles"),
             (self.wgmma_multicast, "wgmma weight slices multicast"),
             (self.staged_epilogue, "staged wgmma epilogues"),
+            (
+                self.staged_epilogue && self.staged_unsplit,
+                "two-way splits unsplit to stage",
+            ),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.shortcut_fused, "1x1 shortcuts fused into convolutions"),
             (self.batch_invariant, "per-image plans"),
@@ -348,6 +360,14 @@ impl KernelConfig {
         .collect()
     }
 }
+
+/// Most K (products per output value) of a launch that [`KernelConfig::staged_unsplit`] runs
+/// unsplit: 3x3 over 256 channels. In the H200 sweep of stop 26 (each TMA launch of the
+/// celebahq network timed in every form, batch 1 with the VJP and batch 8), every two-way split
+/// up to this K ran 3-49% slower than the same launch unsplit with its epilogue staged (the 3x3
+/// 256->256 launches at 64x64, batch 1: 26.3 against 23.1 us; the attention's 512->512 linear at
+/// batch 8: 19.5 against 10.0 us), and every one from 4608 up 4-41% faster; 3456 was a tie.
+pub(crate) const STAGED_UNSPLIT_MAX_K: usize = 2304;
 
 /// Fewest values of an fp32 input that [`KernelConfig::half_copy`] converts without
 /// [`KernelConfig::half_copy_small`] (devices without wgmma): at batch 1, the 64x64 x 256

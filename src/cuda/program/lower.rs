@@ -6,11 +6,12 @@
 use super::Program;
 use super::{
     BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, NormBackwardInput, Step, FOLD_MIN_ROWS,
-    HALF_COPY_MIN, W,
+    HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
     ConvLaunch, ConvShape, GradSides, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
+    WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -849,6 +850,15 @@ impl Lowering<'_> {
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
         launch.multicast =
             self.choice.wgmma_multicast && launch.tma_loads && launch.tile == WgmmaTile::Plain;
+        if self.choice.staged_epilogue
+            && self.choice.staged_unsplit
+            && launch.tma_loads
+            && launch.splits == 2
+            && planned.k() <= STAGED_UNSPLIT_MAX_K
+        {
+            launch.splits = 1;
+            launch.k_per_split = planned.k().div_ceil(WGMMA_SLICE) * WGMMA_SLICE;
+        }
         launch.staged_epilogue =
             self.choice.staged_epilogue && launch.tma_loads && launch.splits == 1;
         launch

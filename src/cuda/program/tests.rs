@@ -6,7 +6,7 @@ use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
     gn_partial_fits, im2col_box, wgmma_kernel_exists, Capabilities, ConvKernel, ConvShape,
-    WgmmaTile, LINEAR_ITEM_WORDS,
+    WgmmaTile, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -2179,5 +2179,77 @@ fn multicast_takes_the_plain_tma_launches() {
             ..fused
         });
         assert!(all >= some && all > 0, "batch {n}: {all}");
+    }
+}
+
+/// With staged_unsplit, exactly the TMA launches that the split rule gives two splits and K at
+/// most STAGED_UNSPLIT_MAX_K run unsplit and staged, on the plain tile, without a workspace;
+/// every other step is the same as without it, but for the GroupNorms that can now take their
+/// sums from such a launch. In celebahq's batch-1 DPS step that is the
+/// 64x64 level's 3x3 launches over 128 and 256 channels, forward and input gradient, and the
+/// folded upsampling's classes.
+#[test]
+fn two_way_splits_unsplit_to_stage() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    for (n, record) in [(1, true), (8, false)] {
+        let build = |tc| Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc);
+        let base = build(tuned).unwrap();
+        let p = build(KernelConfig {
+            staged_unsplit: true,
+            ..tuned
+        })
+        .unwrap();
+        assert_eq!(base.steps.len(), p.steps.len());
+        let mut taken = 0;
+        for (a, b) in base.steps.iter().zip(&p.steps) {
+            // (Buffer numbers move: the unsplit launches need no workspace.) A GroupNorm after
+            // an unsplit launch may take its sums from it now.
+            let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
+                let (la, lb) = (a.info(n, 256, 256).label(), b.info(n, 256, 256).label());
+                assert!(
+                    la == lb || lb.contains("summed by the producer"),
+                    "{la} / {lb}"
+                );
+                continue;
+            };
+            let (la, lb) = (a.launch, b.launch);
+            let fits = la.tma_loads && la.splits == 2 && a.shape.k() <= STAGED_UNSPLIT_MAX_K;
+            if !fits {
+                assert_eq!(format!("{la:?}"), format!("{lb:?}"));
+                continue;
+            }
+            taken += 1;
+            assert_eq!(
+                (lb.splits, lb.staged_epilogue, lb.tile, b.workspace),
+                (1, true, WgmmaTile::Plain, None),
+                "{b:?}"
+            );
+            assert!(lb.k_per_split >= b.shape.k() && lb.k_per_split % WGMMA_SLICE == 0);
+            // Unsplit, it also prefetches the rows its epilogue reads.
+            let back = ConvLaunch {
+                splits: 2,
+                k_per_split: la.k_per_split,
+                staged_epilogue: false,
+                prefetch: la.prefetch,
+                ..lb
+            };
+            assert_eq!(format!("{back:?}"), format!("{la:?}"));
+        }
+        assert!(taken > 0, "batch {n}");
+        // Off without the staged epilogue.
+        let plain = KernelConfig {
+            staged_epilogue: false,
+            ..tuned
+        };
+        let off = build(KernelConfig {
+            staged_unsplit: true,
+            ..plain
+        })
+        .unwrap();
+        assert_eq!(
+            format!("{:?}", off.steps),
+            format!("{:?}", build(plain).unwrap().steps)
+        );
     }
 }
