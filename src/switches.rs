@@ -79,14 +79,9 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` keeps those 16-bit concatenations in recording forwards too (DPS, ΠGDM), their GroupNorms' backward passes reading 16 bits",
     ),
     choice(
-        "INVDIFF_WGMMA_MULTICAST",
-        ON_OFF,
-        "GPU candidate: `1` runs plain-tile TMA convolutions in clusters of two that share each weight slice (wgmma)",
-    ),
-    choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that multicast, fuse a shortcut or sum a GroupNorm backward pass)",
+        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that fuse a shortcut or sum a GroupNorm backward pass)",
     ),
     choice(
         "INVDIFF_CONCAT_GRAD_SPLIT",

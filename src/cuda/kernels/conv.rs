@@ -4,12 +4,7 @@
 
 use std::sync::Arc;
 
-use std::ffi::c_void;
-
-use cudarc::driver::result::DriverError;
-use cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
     direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
@@ -166,15 +161,13 @@ pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
 /// What a wgmma launch adds to the plain lean or TMA kernels, each feature a kernel of its own
 /// (kernels/conv_wgmma.cu compiles them as template flags: a run-time branch would cost every
 /// kernel registers). The kernels are named by their features in this order:
-/// `conv_wgmma_{bf16|fp16}_rows_{lean|tma}[_sc][_mc][_gnb][_st][_tall]`.
+/// `conv_wgmma_{bf16|fp16}_rows_{lean|tma}[_sc][_gnb][_st][_tall]`.
 #[derive(Clone, Copy, Debug)]
 struct WgmmaExtras {
     /// TMA loads (else lean loaders).
     tma: bool,
     /// A fused 1x1 shortcut (`_sc`).
     shortcut: bool,
-    /// Weight slices multicast in clusters of two (`_mc`; TMA, plain tile).
-    multicast: bool,
     /// GroupNorm backward sums (`_gnb`; never with a shortcut).
     backward_sums: bool,
     /// The epilogue through shared memory (`_st`; TMA).
@@ -188,7 +181,6 @@ impl WgmmaExtras {
         WgmmaExtras {
             tma: plan.tma_loads,
             shortcut: fused,
-            multicast: plan.multicast,
             backward_sums,
             staged: plan.staged_epilogue,
         }
@@ -199,25 +191,20 @@ impl WgmmaExtras {
         (0..WGMMA_EXTRA_COMBINATIONS).map(|b| WgmmaExtras {
             tma: b & 1 != 0,
             shortcut: b & 2 != 0,
-            multicast: b & 4 != 0,
-            backward_sums: b & 8 != 0,
-            staged: b & 16 != 0,
+            backward_sums: b & 4 != 0,
+            staged: b & 8 != 0,
         })
     }
 
     /// Whether any feature is on (else the launch takes a plain lean or TMA kernel).
     fn any(self) -> bool {
-        self.shortcut || self.multicast || self.backward_sums || self.staged
+        self.shortcut || self.backward_sums || self.staged
     }
 
-    /// Whether kernels/conv_wgmma.cu has this combination on `tile`: some feature, the
-    /// shortcut never with backward sums, multicast only with TMA on the plain tile, the staged
-    /// epilogue only with TMA.
-    fn exists(self, tile: WgmmaTile) -> bool {
-        self.any()
-            && !(self.shortcut && self.backward_sums)
-            && (!self.multicast || (self.tma && tile == WgmmaTile::Plain))
-            && (!self.staged || self.tma)
+    /// Whether kernels/conv_wgmma.cu has this combination: some feature, the shortcut never
+    /// with backward sums, the staged epilogue only with TMA (on every tile).
+    fn exists(self) -> bool {
+        self.any() && !(self.shortcut && self.backward_sums) && (!self.staged || self.tma)
     }
 
     /// The kernel's name in `precision` on `tile`.
@@ -229,10 +216,9 @@ impl WgmmaExtras {
             .find(|&&(t, _)| t == tile)
             .map_or("", |&(_, suffix)| suffix);
         format!(
-            "conv_wgmma_{}_rows{loads}{}{}{}{}{tile}",
+            "conv_wgmma_{}_rows{loads}{}{}{}{tile}",
             precision.name(),
             flag(self.shortcut, "_sc"),
-            flag(self.multicast, "_mc"),
             flag(self.backward_sums, "_gnb"),
             flag(self.staged, "_st")
         )
@@ -243,9 +229,8 @@ impl WgmmaExtras {
     fn index(self, precision: Precision, tile: WgmmaTile) -> usize {
         let bits = usize::from(self.tma)
             | usize::from(self.shortcut) << 1
-            | usize::from(self.multicast) << 2
-            | usize::from(self.backward_sums) << 3
-            | usize::from(self.staged) << 4;
+            | usize::from(self.backward_sums) << 2
+            | usize::from(self.staged) << 3;
         table_index(precision, bits, WGMMA_EXTRA_COMBINATIONS, tile)
     }
 }
@@ -257,11 +242,11 @@ impl WgmmaExtras {
 #[cfg(test)]
 pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool, backward_sums: bool) -> bool {
     let extras = WgmmaExtras::of(plan, fused, backward_sums);
-    !extras.any() || (plan.lean_loads && extras.exists(plan.tile))
+    !extras.any() || (plan.lean_loads && extras.exists())
 }
 
-/// Combinations of [`WgmmaExtras`]' five flags.
-const WGMMA_EXTRA_COMBINATIONS: usize = 1 << 5;
+/// Combinations of [`WgmmaExtras`]' four flags.
+const WGMMA_EXTRA_COMBINATIONS: usize = 1 << 4;
 
 /// Slots of the table of [`WgmmaExtras`] kernels: both precisions, every tile, every
 /// combination (those [`WgmmaExtras::exists`] rejects stay empty).
@@ -271,7 +256,7 @@ pub(super) const WGMMA_EXTRA_SLOTS: usize = 2 * WGMMA_EXTRA_COMBINATIONS * Wgmma
 pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
-        for extras in WgmmaExtras::all().filter(|e| e.exists(tile)) {
+        for extras in WgmmaExtras::all().filter(|e| e.exists()) {
             for precision in [Precision::Bf16, Precision::Fp16] {
                 out.push((
                     extras.index(precision, tile),
@@ -282,55 +267,6 @@ pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
         }
     }
     out
-}
-
-/// Launches `f` on `cfg`'s grid (its x a multiple of 2) in thread-block clusters of two blocks
-/// along x (`cuLaunchKernelEx`; cudarc's launcher takes no launch attributes).
-///
-/// # Safety
-/// `args` must point at the kernel's parameters in number, order and type, valid through the
-/// call, and every device address among them valid for what the kernel reads and writes.
-unsafe fn launch_clusters_of_two(
-    st: &CudaStream,
-    f: &CudaFunction,
-    cfg: LaunchConfig,
-    args: &[*const c_void],
-) -> std::result::Result<(), DriverError> {
-    if cfg.grid_dim.0 % 2 != 0 {
-        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE));
-    }
-    st.context().bind_to_thread()?;
-    let mut attrs = [sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue {
-            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 2, y: 1, z: 1 },
-        },
-    }];
-    let config = sys::CUlaunchConfig {
-        gridDimX: cfg.grid_dim.0,
-        gridDimY: cfg.grid_dim.1,
-        gridDimZ: cfg.grid_dim.2,
-        blockDimX: cfg.block_dim.0,
-        blockDimY: cfg.block_dim.1,
-        blockDimZ: cfg.block_dim.2,
-        sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: st.cu_stream(),
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: attrs.len() as u32,
-    };
-    let mut params: Vec<*mut c_void> = args.iter().map(|p| p.cast_mut()).collect();
-    // SAFETY: the caller vouches for the arguments; `config`, `attrs` and `params` live through
-    // the call, which copies them.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &config,
-            f.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
 }
 
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -683,15 +619,13 @@ impl Kernels {
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
-            || (plan.multicast
-                && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && probe.is_none()))
             || (plan.staged_epilogue && !(plan.tma_loads && plan.splits == 1 && probe.is_none()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
                  row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile \
-                 {:?} (multicast {}, staged epilogue {}, fused shortcut {fused}, backward sums \
-                 {}, cycle probe {})",
+                 {:?} (staged epilogue {}, fused shortcut {fused}, backward sums {}, cycle \
+                 probe {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -702,7 +636,6 @@ impl Kernels {
                 plan.prefetch,
                 plan.splits,
                 plan.tile,
-                plan.multicast,
                 plan.staged_epilogue,
                 p.gn_backward.is_some(),
                 probe.is_some()
@@ -767,16 +700,8 @@ impl Kernels {
         } else {
             (TILE, BLOCK)
         };
-        // Multicast: clusters of two row tiles, so an even count (a padding block stores
-        // nothing).
-        let row_tiles = rows.div_ceil(tile_rows);
-        let row_tiles = if plan.multicast {
-            row_tiles.next_multiple_of(2)
-        } else {
-            row_tiles
-        };
         let grid = (
-            i32_of(row_tiles, "row tiles")? as u32,
+            i32_of(rows.div_ceil(tile_rows), "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),
@@ -800,14 +725,14 @@ impl Kernels {
                         };
                         Some((
                             tma::im2col_map(precision, p.x2, &source, tile_rows)?,
-                            tma::weight_map(precision, p.w2, &one, plan.multicast)?,
+                            tma::weight_map(precision, p.w2, &one)?,
                         ))
                     }
                     None => None,
                 };
                 maps = Some((
                     tma::im2col_map(precision, p.x, s, tile_rows)?,
-                    tma::weight_map(precision, p.w, s, plan.multicast)?,
+                    tma::weight_map(precision, p.w, s)?,
                     second,
                 ));
             }
@@ -817,50 +742,22 @@ impl Kernels {
             w: p.w2,
             sc: i32_of(s.shortcut_sc, "fused shortcut channels")?,
         };
-        if plan.multicast {
-            let Some((ta, tb, second)) = maps.as_ref().filter(|m| m.2.is_some() == fused) else {
-                return Err(Error::Cuda(
-                    "internal: a multicast launch without its tensor maps".into(),
-                ));
-            };
-            let mut args: Vec<*const c_void> = vec![
-                std::ptr::from_ref(&a).cast(),
-                std::ptr::from_ref(ta).cast(),
-                std::ptr::from_ref(tb).cast(),
-            ];
+        let mut b = st.launch_builder(f);
+        b.arg(&a);
+        if let Some((ta, tb, second)) = &maps {
+            b.arg(ta).arg(tb);
             if let Some((ta2, tb2)) = second {
-                args.extend([
-                    std::ptr::from_ref(ta2).cast(),
-                    std::ptr::from_ref(tb2).cast(),
-                    std::ptr::from_ref(&shortcut).cast(),
-                ]);
+                b.arg(ta2).arg(tb2);
             }
-            // SAFETY: the argument block, the maps (the shortcut's two after the main ones) and
-            // the shortcut's operands where it is fused are the kernel's parameters, in order;
-            // the grid covers the problem's tiles (and at most one padding block per column
-            // tile and split, which stores nothing), in clusters of two along x.
-            cu(
-                unsafe { launch_clusters_of_two(st, f, launch, &args) },
-                "launching a multicast convolution",
-            )?;
-        } else {
-            let mut b = st.launch_builder(f);
-            b.arg(&a);
-            if let Some((ta, tb, second)) = &maps {
-                b.arg(ta).arg(tb);
-                if let Some((ta2, tb2)) = second {
-                    b.arg(ta2).arg(tb2);
-                }
-            }
-            if fused {
-                b.arg(&shortcut);
-            }
-            if let Some(probe) = &probe {
-                b.arg(probe);
-            }
-            // SAFETY: as above; the grid covers exactly the tiles of the problem.
-            cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         }
+        if fused {
+            b.arg(&shortcut);
+        }
+        if let Some(probe) = &probe {
+            b.arg(probe);
+        }
+        // SAFETY: as above; the grid covers exactly the tiles of the problem.
+        cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
             let mut b = st.launch_builder(&self.conv_splitk_reduce);
@@ -1049,7 +946,7 @@ mod tests {
         assert_eq!(seen.len(), names.len());
     }
 
-    /// The kernels with extra features: each in a slot of its own, named by its features, 40
+    /// The kernels with extra features: each in a slot of its own, named by its features, 28
     /// in all (every one of them in the built module: `every_kernel_the_loaders_ask_for_exists`
     /// in mod.rs), the combinations of the candidates each among them.
     #[test]
@@ -1063,18 +960,18 @@ mod tests {
         let names: Vec<&str> = kernels.iter().map(|k| k.1.as_str()).collect();
         for name in [
             "conv_wgmma_bf16_rows_lean_sc_tall",
-            "conv_wgmma_fp16_rows_tma_mc_gnb",
+            "conv_wgmma_fp16_rows_tma_gnb",
             "conv_wgmma_bf16_rows_tma_st_tall",
-            "conv_wgmma_bf16_rows_tma_sc_mc_st",
-            "conv_wgmma_fp16_rows_tma_mc_gnb_st",
+            "conv_wgmma_bf16_rows_tma_sc_st",
+            "conv_wgmma_fp16_rows_tma_gnb_st",
             "conv_wgmma_bf16_rows_tma_gnb_st_tall",
         ] {
             assert!(names.contains(&name), "{name}");
         }
-        for absent in ["_sc_mc_gnb", "_lean_st", "_lean_mc", "_mc_tall", "_sc_gnb"] {
+        for absent in ["_lean_st", "_sc_gnb"] {
             assert!(!names.iter().any(|n| n.contains(absent)), "{absent}");
         }
-        assert_eq!(kernels.len(), 40);
+        assert_eq!(kernels.len(), 28);
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its

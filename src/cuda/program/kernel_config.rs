@@ -121,13 +121,7 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
-    /// TMA launches on the plain tile (with a fused shortcut or GroupNorm backward sums or
-    /// neither) run in clusters of two
-    /// blocks that share each weight slice, half copied by each into both
-    /// ([`ConvLaunch::multicast`]): the same sums in the same order. With `tall_tiles` off it
-    /// also stands in where the tall tile would have run.
-    pub wgmma_multicast: bool,
-    /// Unsplit TMA launches (with multicast, a fused shortcut or GroupNorm backward sums too)
+    /// Unsplit TMA launches (with a fused shortcut or GroupNorm backward sums too)
     /// finish their rows through shared memory ([`ConvLaunch::staged_epilogue`]), each warp
     /// whole rows with 16-byte accesses: the same arithmetic per value, the same bits.
     pub staged_epilogue: bool,
@@ -179,7 +173,6 @@ impl Default for KernelConfig {
             wgmma_tma: false,
             epilogue_prefetch: false,
             tall_tiles: false,
-            wgmma_multicast: false,
             staged_epilogue: false,
             upsample_fold: false,
             shortcut_fused: false,
@@ -239,7 +232,6 @@ impl KernelConfig {
             wgmma_tma: here.wgmma,
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
-            wgmma_multicast: false,
             staged_epilogue: here.wgmma,
             upsample_fold: precision.is_half(),
             shortcut_fused: here.wgmma,
@@ -289,7 +281,6 @@ impl KernelConfig {
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
-            wgmma_multicast: wgmma && kept("INVDIFF_WGMMA_MULTICAST", tuned.wgmma_multicast),
             staged_epilogue: wgmma && kept("INVDIFF_EPI_STAGED", tuned.staged_epilogue),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             shortcut_fused: wgmma && kept("INVDIFF_SHORTCUT_FUSED", tuned.shortcut_fused),
@@ -337,7 +328,6 @@ impl KernelConfig {
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
-            (self.wgmma_multicast, "wgmma weight slices multicast"),
             (self.staged_epilogue, "staged wgmma epilogues"),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.shortcut_fused, "1x1 shortcuts fused into convolutions"),

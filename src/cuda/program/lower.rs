@@ -847,8 +847,6 @@ impl Lowering<'_> {
         let lean_here = launch.wgmma && launch.row_epilogue;
         launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
-        launch.multicast =
-            self.choice.wgmma_multicast && launch.tma_loads && launch.tile == WgmmaTile::Plain;
         launch.staged_epilogue =
             self.choice.staged_epilogue && launch.tma_loads && launch.splits == 1;
         launch

@@ -945,15 +945,14 @@ fn half_copies_feed_only_tensor_core_launches() {
 }
 
 /// With staged_epilogue, exactly the unsplit TMA launches finish through shared memory,
-/// forward and backward, on both tiles, also where they multicast, fuse a shortcut or write
-/// GroupNorm backward sums; the program is otherwise the one without it.
+/// forward and backward, on both tiles, also where they fuse a shortcut or write GroupNorm
+/// backward sums; the program is otherwise the one without it.
 #[test]
 fn staged_epilogues_take_the_unsplit_tma_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     let candidates = KernelConfig {
         shortcut_fused: true,
-        wgmma_multicast: true,
         gn_backward_producer_sums: true,
         ..tuned
     };
@@ -978,9 +977,8 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
                 ..others
             });
             assert_eq!(base.steps.len(), p.steps.len());
-            // Staged launches: all, on the tall tile, multicast, fusing a shortcut, writing
-            // backward sums.
-            let mut staged = [0; 5];
+            // Staged launches: all, on the tall tile, fusing a shortcut, writing backward sums.
+            let mut staged = [0; 4];
             for (a, b) in base.steps.iter().zip(&p.steps) {
                 let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
                     assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -1000,7 +998,6 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
                 let kinds = [
                     true,
                     l.tile == WgmmaTile::Tall,
-                    l.multicast,
                     b.shortcut.is_some(),
                     b.gn_backward.is_some(),
                 ];
@@ -1008,11 +1005,13 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
                     *count += usize::from(fits && kind);
                 }
             }
-            let [all, tall, multicast, fused, sums] = staged;
+            let [all, tall, fused, sums] = staged;
             assert!(all > 0, "batch {n}");
             assert_eq!(tall > 0, others.tall_tiles, "batch {n}");
-            if others.wgmma_multicast {
-                assert!(multicast > 0 && fused > 0, "batch {n}: {staged:?}");
+            if others.shortcut_fused {
+                assert!(fused > 0, "batch {n}: {staged:?}");
+            }
+            if others.gn_backward_producer_sums {
                 assert_eq!(sums > 0, record, "batch {n}: {staged:?}");
             }
         }
@@ -1021,14 +1020,13 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
 
 /// Every wgmma launch of the celebahq programs finds a kernel, with the candidates off, each
 /// on, and all on with the tall tiles on and off: the planner's rules (which launches stage,
-/// multicast, fuse a shortcut or write backward sums) and the kernels compiled agree.
+/// fuse a shortcut or write backward sums) and the kernels compiled agree.
 #[test]
 fn every_planned_wgmma_launch_has_a_kernel() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     let all = KernelConfig {
         shortcut_fused: true,
-        wgmma_multicast: true,
         gn_backward_producer_sums: true,
         staged_epilogue: true,
         half_gn_inputs_recording: true,
@@ -1038,10 +1036,6 @@ fn every_planned_wgmma_launch_has_a_kernel() {
         tuned,
         KernelConfig {
             shortcut_fused: true,
-            ..tuned
-        },
-        KernelConfig {
-            wgmma_multicast: true,
             ..tuned
         },
         KernelConfig {
@@ -1135,19 +1129,17 @@ fn concat_gradients_come_from_their_groupnorms() {
 
 /// With gn_backward_producer_sums, a three-launch GroupNorm backward pass takes its partial
 /// sums from the convolution that wrote its output gradient last exactly where that launch can
-/// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut; multicast
-/// or not), with the GroupNorm's own input, statistics and parameters, one chunk per tile in a
-/// buffer sized for them; every other step is the program's without the switch. The same
-/// passes with multicast (tall tiles on, which mixes tall and multicast launches, and off);
-/// never in fp32.
+/// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut), with the
+/// GroupNorm's own input, statistics and parameters, one chunk per tile in a buffer sized for
+/// them; every other step is the program's without the switch; never in fp32.
 #[test]
 fn groupnorm_backward_sums_come_from_the_input_gradients() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     // The passes that take the sums in `p`, checked against `base` (the same choices without
-    // them): how many, how many read a 16-bit x, how many from multicast launches.
-    let check = |base: &Program, p: &Program| -> (usize, usize, usize) {
+    // them): how many, how many read a 16-bit x.
+    let check = |base: &Program, p: &Program| -> (usize, usize) {
         assert_eq!(base.steps.len(), p.steps.len());
-        let (n, mut taken, mut x16, mut shared) = (p.n, 0, 0, 0);
+        let (n, mut taken, mut x16) = (p.n, 0, 0);
         for (i, s) in p.steps.iter().enumerate() {
             let Step::GroupNormBackward {
                 x,
@@ -1191,7 +1183,6 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
             taken += 1;
             x16 += usize::from(x_half.is_some());
             let conv = conv.unwrap();
-            shared += usize::from(conv.launch.multicast);
             assert_eq!(conv.gn_partial, Some(partial));
             assert_eq!(
                 conv.gn_backward,
@@ -1222,7 +1213,7 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
                 );
             }
         }
-        (taken, x16, shared)
+        (taken, x16)
     };
     // (With the 16-bit concatenations recorded, some passes read a 16-bit x.)
     for (n, h, recording) in [
@@ -1247,23 +1238,9 @@ fn groupnorm_backward_sums_come_from_the_input_gradients() {
                 &build(with(tc), Precision::Bf16),
             )
         };
-        let (taken, x16, shared) = pair(tuned);
+        let (taken, x16) = pair(tuned);
         assert!(taken > 0, "batch {n} {h}x{h}");
         assert_eq!(x16 > 0, recording, "batch {n} {h}x{h}");
-        assert_eq!(shared, 0);
-        for tall_tiles in [true, false] {
-            let multicast = KernelConfig {
-                wgmma_multicast: true,
-                tall_tiles,
-                ..tuned
-            };
-            let (same, _, shared) = pair(multicast);
-            assert_eq!(same, taken, "batch {n} {h}x{h}, tall tiles {tall_tiles}");
-            assert!(shared > 0, "batch {n} {h}x{h}, tall tiles {tall_tiles}");
-            if !tall_tiles {
-                assert_eq!(shared, taken);
-            }
-        }
         // Nowhere in fp32 (no wgmma).
         let fp32 = build(with(tuned), Precision::Fp32);
         assert!(fp32
@@ -1629,19 +1606,6 @@ fn switches_compute_what_the_default_program_computes() {
                 .iter()
                 .any(|s| matches!(s, Step::Conv(c) if c.shortcut.is_some())));
             assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
-            // The candidate: weight slices multicast, with the shortcuts fused, with and
-            // without the tall tiles, and with the GroupNorm backward sums too.
-            for tall_tiles in [true, false] {
-                for sums in [false, true] {
-                    let multicast = KernelConfig {
-                        wgmma_multicast: true,
-                        tall_tiles,
-                        gn_backward_producer_sums: sums,
-                        ..fused
-                    };
-                    assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
-                }
-            }
             // The candidate: staged epilogues, alone and with every other candidate.
             for staged in [
                 KernelConfig {
@@ -1653,13 +1617,6 @@ fn switches_compute_what_the_default_program_computes() {
                     shortcut_fused: true,
                     gn_backward_producer_sums: true,
                     half_gn_inputs_recording: true,
-                    ..tuned
-                },
-                KernelConfig {
-                    staged_epilogue: true,
-                    shortcut_fused: true,
-                    gn_backward_producer_sums: true,
-                    wgmma_multicast: true,
                     ..tuned
                 },
             ] {
@@ -1683,7 +1640,6 @@ fn switches_compute_what_the_default_program_computes() {
                     staged_epilogue: true,
                     shortcut_fused: true,
                     gn_backward_producer_sums: true,
-                    wgmma_multicast: true,
                     ..recording
                 },
             ] {
@@ -1942,7 +1898,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 15] = [
+    let flags: [fn(&mut KernelConfig); 14] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1955,7 +1911,6 @@ fn every_choice_has_a_name() {
         |c| c.tall_tiles = true,
         |c| c.upsample_fold = true,
         |c| c.shortcut_fused = true,
-        |c| c.wgmma_multicast = true,
         |c| c.staged_epilogue = true,
         |c| c.batch_invariant = true,
     ];
@@ -2123,61 +2078,5 @@ fn shortcuts_fuse_into_their_blocks_second_convolutions() {
                 .iter()
                 .all(|s| !matches!(s, Step::Conv(c) if c.shortcut.is_some())));
         }
-    }
-}
-
-/// With wgmma_multicast, exactly the TMA launches on the plain tile multicast, forward and
-/// backward, with the shortcuts fused or not; with the tall tiles off too, the TMA launches that
-/// would have taken them multicast instead.
-#[test]
-fn multicast_takes_the_plain_tma_launches() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
-    // (The selftest's network rows run 64x64 x 2 too.)
-    for (n, h, record) in [(1, 256, true), (8, 256, false), (2, 64, true)] {
-        let count = |tc: KernelConfig| {
-            let p = Program::build_with(&g, n, h, h, record, 132, Precision::Bf16, tc).unwrap();
-            let (mut tall, mut multicast, mut fused_multicast) = (0, 0, 0);
-            for s in &p.steps {
-                let Step::Conv(c) = s else { continue };
-                let l = c.launch;
-                let fits = tc.wgmma_multicast && l.tma_loads && l.tile == WgmmaTile::Plain;
-                assert_eq!(l.multicast, fits, "{s:?}");
-                tall += usize::from(l.tile == WgmmaTile::Tall && l.tma_loads);
-                multicast += usize::from(l.multicast);
-                fused_multicast += usize::from(l.multicast && c.shortcut.is_some());
-            }
-            (tall, multicast, fused_multicast)
-        };
-        let on = KernelConfig {
-            wgmma_multicast: true,
-            ..tuned
-        };
-        let (tall, multicast, _) = count(on);
-        assert!(
-            multicast > 0 && (n != 8 || tall > 0),
-            "batch {n}: {tall} tall"
-        );
-        let (no_tall, more, _) = count(KernelConfig {
-            tall_tiles: false,
-            ..on
-        });
-        assert_eq!(no_tall, 0);
-        assert_eq!(more, multicast + tall, "batch {n}");
-        assert_eq!(count(tuned).1, 0);
-        // With the shortcuts fused, fused launches multicast too (each launch checked above):
-        // some where the low levels run on the plain tile, at least as many with the tall
-        // tiles off.
-        let fused = KernelConfig {
-            shortcut_fused: true,
-            ..on
-        };
-        let (_, _, some) = count(fused);
-        assert!(some > 0, "batch {n}");
-        let (_, _, all) = count(KernelConfig {
-            tall_tiles: false,
-            ..fused
-        });
-        assert!(all >= some && all > 0, "batch {n}: {all}");
     }
 }

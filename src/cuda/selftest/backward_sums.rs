@@ -19,10 +19,9 @@ const GROUPS: usize = 32;
 
 impl Tester<'_> {
     /// On a device with wgmma, in bf16 and fp16: unsplit lean and TMA launches on each tile of
-    /// celebahq's shapes, a partial column tile (96 columns) and a single row tile, the plain
-    /// tile's TMA launches also multicast in clusters of two, each with random GroupNorm
-    /// statistics, scale and shift over an fp32 input and over a 16-bit one, with and without
-    /// SiLU: the output the same to the bit as the same launch without the sums, and the
+    /// celebahq's shapes, a partial column tile (96 columns) and a single row tile, each with
+    /// random GroupNorm statistics, scale and shift over an fp32 input and over a 16-bit one,
+    /// with and without SiLU: the output the same to the bit as the same launch without the sums, and the
     /// partial sums those of `gn_bwd_partial` over that output per tile and column, computed
     /// on the host in f64 from g and g * xhat formed in f32 as the kernels form them (1e-6 with
     /// SiLU, for the device's `expf` against the host's; 1e-12 without, where only the order
@@ -37,7 +36,7 @@ impl Tester<'_> {
             ConvShape::forward(2, 64, 64, 256, 256, 3, 1, Pad::Symmetric),
             ConvShape::forward(1, 32, 32, 512, 512, 3, 1, Pad::Symmetric),
             ConvShape::forward(3, 16, 16, 128, 96, 3, 1, Pad::Symmetric),
-            // One row tile: a multicast launch's padding block, which writes no sums.
+            // One row tile.
             ConvShape::forward(1, 8, 16, 128, 128, 3, 1, Pad::Symmetric),
         ];
         for shape in &shapes {
@@ -116,16 +115,7 @@ impl Tester<'_> {
                     staged_epilogue: staged,
                     ..l
                 };
-                // The plain tile's TMA launch in clusters of two too (`_tma_mc_gnb`).
-                let multicast = ConvLaunch {
-                    multicast: true,
-                    ..l
-                };
-                let forms = std::iter::once(l)
-                    .chain((tma && tile == WgmmaTile::Plain).then_some(multicast));
-                for (l, (x16, silu)) in forms.flat_map(|l| {
-                    [(false, true), (true, true), (false, false)].map(|case| (l, case))
-                }) {
+                for (x16, silu) in [(false, true), (true, true), (false, false)] {
                     let partial = self.guarded_partial(n, chunks, c)?;
                     let y = self.zeros(len)?;
                     let ptrs = ConvPtrs {
@@ -179,9 +169,9 @@ impl Tester<'_> {
     /// fp16, with the GroupNorm backward sums from the input gradients (where the device has
     /// wgmma, with what they need, [`CudaUnet::set_gn_backward_sums`]): a DPS step's launches
     /// fewer than without, its forward + VJP against the fp32 CPU results within the network
-    /// tolerances (the VJP 2e-2), alone, with the 16-bit concatenations of the recording
-    /// forward, and with every TMA launch multicast (no tall tiles), and at batch 2, planned
-    /// per image, image 0 the same to the bit in the batch and alone.
+    /// tolerances (the VJP 2e-2), alone and with the 16-bit concatenations of the recording
+    /// forward, and at batch 2, planned per image, image 0 the same to the bit in the batch
+    /// and alone.
     pub(super) fn backward_sums_unets(&mut self, ordinal: usize) -> Result<()> {
         self.for_candidate_networks(ordinal, true, |t, net, precision, gpu| {
             let label = format!("celebahq {precision}");
@@ -198,11 +188,6 @@ impl Tester<'_> {
                 &format!("{what}, 16-bit concatenations recorded"),
             )?;
             gpu.set_half_gn_inputs_recording(false);
-            // Every TMA launch multicast, the tall tiles off (`_tma_mc_gnb` wherever the sums
-            // are taken from a TMA launch).
-            gpu.set_multicast_and_tall(true, false);
-            t.cpu_network_rows(gpu, net, &label, &format!("{what}, multicast"))?;
-            gpu.set_multicast_and_tall(false, true);
             if net.n > 1 {
                 t.batch_invariance_rows(gpu, &net.io(), &format!("{label}, {what},"))?;
             }

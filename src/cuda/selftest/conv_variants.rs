@@ -184,7 +184,7 @@ impl Tester<'_> {
 
     /// Room for the partial sums of `n` images of `chunks` chunks of `c` channels (two f64, so
     /// four f32 slots, each), zeroed, then one image's more filled with [`PARTIAL_GUARD`]: where
-    /// a block past the last image (a multicast launch's padding block) would write.
+    /// a block past the last image would write.
     pub(super) fn guarded_partial(&self, n: usize, chunks: usize, c: usize) -> Result<DevBuf> {
         let mut words = vec![0.0f32; 4 * (n + 1) * chunks * c];
         words[4 * n * chunks * c..].fill(PARTIAL_GUARD);
