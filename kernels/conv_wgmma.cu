@@ -53,14 +53,6 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
-// GroupNorm backward sums (the `_gnb` kernels, lean and TMA, unsplit;
-// INVDIFF_GN_BWD_PRODUCER_SUMS): where the output is the output gradient of a GroupNorm
-// backward pass (a convolution's input gradient in a DPS step), the staged values are summed as
-// that pass's partial sums instead, of g and g * xhat (wg_bwd_sums reads the GroupNorm's input at
-// each value), so that the pass skips its own partial-sum launch and its read of the output
-// gradient. Kernels of their own: as a run-time branch of wg_stats the sums raised every lean and
-// TMA kernel's registers by two.
-//
 // Fused 1x1 shortcut (the `_sc` kernels, lean and TMA; INVDIFF_SHORTCUT_FUSED): a residual
 // block's second convolution also multiplies the block's input (a second 16-bit source at the
 // same pixels) by its 1x1 shortcut's weights, as K slices after its own taps, into the same
@@ -76,9 +68,9 @@
 // bytes of some of its stores (16-bit outputs) gained under 1%: it looks bound by its memory
 // instructions, each warp access of the fragment spread over 8 pixels. These kernels stage the
 // tile in the drained stages and finish whole rows with 16-byte accesses (wg_epilogue_staged),
-// the same arithmetic per value. They compose with the other features (`_tma_sc_st`,
-// `_tma_gnb_st`): the epilogue only starts once every copy into the stages has landed, and the
-// sums read the finished values where the fragment epilogue would have staged them.
+// the same arithmetic per value. They compose with the fused shortcut (`_tma_sc_st`): the
+// epilogue only starts once every copy into the stages has landed. The GroupNorm sums read the
+// finished values where the fragment epilogue would have staged them.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -440,64 +432,15 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
     }
 }
 
-// The GroupNorm backward's sums over rows [r0, r1) of a tile's column ch (the `_gnb` kernels; see
-// wg_stats): the finished values staged in `keep` are that GroupNorm's output gradient dy, x its
-// input at the same element (row m0 + r is pixel m0 + r of the launch's images; `keep` points at
-// the column's first value), and the sums are norm.cu's bwd_partial's, of g and g * xhat
-// (grad_xhat). The loads of x go U rows at a time ahead of their arithmetic; wg_bwd_sums picks
-// x's width (X16: 16-bit values of a.gnb_xkind) once, outside the loop.
-template <int RUN, bool X16>
-DEVI void wg_bwd_run(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
-                     double& q) {
-    constexpr int U = 4;
-    static_assert(RUN % U == 0, "whole units of rows");
-    const int per = a.mh * a.mw, groups = a.gnb_groups;
-    const int gi = (m0 / per) * groups + ch / (a.ncols / groups);
-    const float mean = a.gnb_stats[gi], rstd = a.gnb_stats[a.n * groups + gi];
-    const float gm = a.gnb_gamma[ch], bt = a.gnb_beta[ch];
-    const long long e0 = (long long)m0 * a.ncols + ch;
-    for (int r = r0; r < r1; r += U) {
-        float xv[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            const long long e = e0 + (long long)(r + k) * a.ncols;
-            xv[k] = 0.f;
-            if (r + k < r1) {
-                if constexpr (X16)
-                    xv[k] = unpack_half1(static_cast<const uint16_t*>(a.gnb_x)[e], a.gnb_xkind);
-                else
-                    xv[k] = static_cast<const float*>(a.gnb_x)[e];
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (r + k >= r1) break;
-            float g, xhat;
-            grad_xhat(xv[k], keep[(r + k) * STATS_PITCH], mean, rstd, gm, bt, a.gnb_silu, g, xhat);
-            s += (double)g;
-            q += (double)(g * xhat);
-        }
-    }
-}
-template <int RUN>
-DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
-                      double& q) {
-    if (a.gnb_xkind == 0)
-        wg_bwd_run<RUN, false>(a, keep, m0, ch, r0, r1, s, q);
-    else
-        wg_bwd_run<RUN, true>(a, keep, m0, ch, r0, r1, s, q);
-}
-
 // The GroupNorm partial sums of a block's finished output (a.gn_partial; the lean kernels,
 // unsplit, for a launch whose output a GroupNorm reads next): per column, the f64 sum and sum
 // of squares over the tile's TM rows, in kernels/norm.cu's layout with one chunk per tile
 // (chunk = the tile's place in its image; the host sends only launches whose images are whole
 // tiles, output rows in pixel order), so that the GroupNorm skips its own pass over the
-// output (gn_partial); or, GNB (the `_gnb` kernels), the sums of the GroupNorm backward pass
-// that reads the output as its output gradient (wg_bwd_sums). The finished values come staged in
-// `keep` (by wg_epilogue, or written back by wg_epilogue_staged); PARTS threads per column each
-// add a run of rows in order, then the first adds the runs in order.
-template <int TM, bool GNB>
+// output (gn_partial). The values come staged in `keep` (by wg_epilogue, or written back by
+// wg_epilogue_staged); PARTS threads per column each add a run of rows in order, then the first
+// adds the runs in order.
+template <int TM>
 DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
     constexpr int RUN = TM / PARTS;
@@ -506,18 +449,13 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     double2* runs = reinterpret_cast<double2*>(keep + TM * STATS_PITCH);
     const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
     const int rows = min(TM, M - m0);
-    const int r0 = part * RUN, r1 = min(rows, (part + 1) * RUN);
     // Every thread's values staged.
     __syncthreads();
     double s = 0.0, q = 0.0;
-    if constexpr (GNB) {
-        if (n0 + col < a.ncols) wg_bwd_sums<RUN>(a, keep + col, m0, n0 + col, r0, r1, s, q);
-    } else {
-        for (int r = r0; r < r1; ++r) {
-            const double v = (double)keep[r * STATS_PITCH + col];
-            s += v;
-            q += v * v;
-        }
+    for (int r = part * RUN; r < min(rows, (part + 1) * RUN); ++r) {
+        const double v = (double)keep[r * STATS_PITCH + col];
+        s += v;
+        q += v * v;
     }
     runs[part * WG_TN + col] = make_double2(s, q);
     __syncthreads();
@@ -557,18 +495,15 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
-// GNB (the `_gnb` kernels, LEAN or TMA): the GroupNorm sums of a.gn_partial are the backward
-// pass's (wg_bwd_sums); compiled out of the other kernels, whose registers they would raise.
-// STAGED (the `_st` kernels, TMA, also with SC or GNB): an unsplit launch finishes its rows
+// STAGED (the `_st` kernels, TMA, also with SC): an unsplit launch finishes its rows
 // through shared memory (wg_epilogue_staged), a split one as the TMA kernels do.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
-          bool GNB = false, bool STAGED = false>
+          bool STAGED = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
                   Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
-    static_assert(!GNB || (LEAN && !SC && !PROBE), "backward sums: lean and TMA kernels, no shortcut");
     static_assert(!STAGED || (TMA && !PROBE), "staged epilogue: TMA kernels");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
@@ -894,7 +829,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     else
         wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, STAGED ? nullptr : keep);
     const bool stats = LEAN && keep != nullptr && (!STAGED || a.gn_partial != nullptr);
-    if (stats) wg_stats<TM, GNB>(a, keep, M, m0, n0);
+    if (stats) wg_stats<TM>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }
@@ -916,13 +851,13 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, ROWS, TILE, LEAN>(a, wg_dsmem, probe);                                       \
     }
-// The TMA forms: the maps follow the argument block. GNB and STAGED as wg_body takes them.
-#define WG_TMA_KERNEL(name, T, TILE, GNB, STAGED)                                                    \
+// The TMA forms: the maps follow the argument block. STAGED as wg_body takes it.
+#define WG_TMA_KERNEL(name, T, TILE, STAGED)                                                         \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, false, GNB, STAGED>(a, wg_dsmem, nullptr,           \
-                                                                     TmaLoads{&ta, &tb});             \
+        wg_body<T, false, true, TILE, true, true, false, STAGED>(a, wg_dsmem, nullptr,                \
+                                                                TmaLoads{&ta, &tb});                  \
     }
 #define WG_TMA_PROBE_KERNEL(name, T, TILE)                                                           \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
@@ -944,20 +879,12 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
              const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, true, false, STAGED>(                               \
+        wg_body<T, false, true, TILE, true, true, true, STAGED>(                                      \
             a, wg_dsmem, nullptr, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                                 \
-    }
-// The backward-sums form with lean loaders (GNB; the TMA ones are WG_TMA_KERNEL's).
-#define WG_GNB_KERNEL(name, T, TILE)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
-        name(const ConvArgs a) {                                                                      \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, false, false, true>(a, wg_dsmem, nullptr);                \
     }
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile; then that tile's
-// fused-shortcut, backward-sums and staged forms and their combinations (the host's
-// WgmmaExtras names them).
+// fused-shortcut and staged forms and their combination (the host's WgmmaExtras names them).
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE, false)                                       \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE, false)                                       \
@@ -971,23 +898,17 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE, false)                     \
     WG_PROBE_KERNEL(conv_wgmma_bf16_rows_lean##prefix##_probe, 1, true, TILE, true)                 \
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows_lean##prefix##_probe, 2, true, TILE, true)                 \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE, false, false)                          \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE, false, false)                          \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE, false)                                 \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE, false)                                 \
     WG_TMA_PROBE_KERNEL(conv_wgmma_bf16_rows_tma##prefix##_probe, 1, TILE)                          \
     WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)                          \
     WG_SC_KERNEL(conv_wgmma_bf16_rows_lean_sc##prefix, 1, TILE)                                     \
     WG_SC_KERNEL(conv_wgmma_fp16_rows_lean_sc##prefix, 2, TILE)                                     \
     WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE, false)                           \
     WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE, false)                           \
-    WG_GNB_KERNEL(conv_wgmma_bf16_rows_lean_gnb##prefix, 1, TILE)                                   \
-    WG_GNB_KERNEL(conv_wgmma_fp16_rows_lean_gnb##prefix, 2, TILE)                                   \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE, true, false)                       \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE, true, false)                       \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE, false, true)                        \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, false, true)                        \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE, true)                               \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, true)                               \
     WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st##prefix, 1, TILE, true)                         \
-    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, true)                         \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb_st##prefix, 1, TILE, true, true)                     \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb_st##prefix, 2, TILE, true, true)
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

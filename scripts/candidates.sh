@@ -2,8 +2,7 @@
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
 # attention, slower at v0.5 and v0.6; 16-bit concatenations in recording forwards, staged at stop
-# 22; the 1x1 shortcuts fused into convolutions, staged at stop 23, and GroupNorm backward sums
-# from the input gradients that write their output gradients, and epilogues through shared
+# 22; the 1x1 shortcuts fused into convolutions, staged at stop 23, and epilogues through shared
 # memory, with and without the tall tiles, staged at stop 24, and concatenation gradients written
 # by their GroupNorms' backward passes, staged at stop 25; none yet timed), then
 # each v0.7 default turned off (16-bit concatenations for the GroupNorms, GroupNorm sums from
@@ -18,7 +17,6 @@ CANDIDATES=(
     shortcut_fused:INVDIFF_SHORTCUT_FUSED=1
     epi_staged:INVDIFF_EPI_STAGED=1
     epi_staged_no_tall:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_TALL=0
-    gn_bwd_producer_sums:INVDIFF_GN_BWD_PRODUCER_SUMS=1
     concat_grad_split:INVDIFF_CONCAT_GRAD_SPLIT=1
     no_gn_half_input:INVDIFF_GN_HALF_INPUT=0
     no_gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=0

@@ -81,17 +81,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that fuse a shortcut or sum a GroupNorm backward pass)",
+        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that fuse a shortcut)",
     ),
     choice(
         "INVDIFF_CONCAT_GRAD_SPLIT",
         ON_OFF,
         "GPU candidate: `1` has the GroupNorm backward pass over a concatenation write the concatenation's two gradients itself, instead of two copies out of its input gradient",
-    ),
-    choice(
-        "INVDIFF_GN_BWD_PRODUCER_SUMS",
-        ON_OFF,
-        "GPU candidate: `1` has each convolution input gradient sum the GroupNorm backward pass that reads it (wgmma, bf16/fp16; with INVDIFF_GN_PRODUCER_SUMS, a default)",
     ),
     choice(
         "INVDIFF_SHORTCUT_FUSED",

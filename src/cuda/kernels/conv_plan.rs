@@ -426,9 +426,9 @@ pub(crate) struct ConvLaunch {
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
     /// With `tma_loads`, unsplit: the epilogue through shared memory (`STAGED` in
-    /// kernels/conv_wgmma.cu, the `_st` kernels, also with a fused shortcut or backward
-    /// sums), each warp finishing whole rows with 16-byte accesses instead of each
-    /// thread its fragment's 8-byte pairs; the same arithmetic per value, so the same bits.
+    /// kernels/conv_wgmma.cu, the `_st` kernels, also with a fused shortcut), each warp
+    /// finishing whole rows with 16-byte accesses instead of each thread its fragment's 8-byte
+    /// pairs; the same arithmetic per value, so the same bits.
     pub staged_epilogue: bool,
 }
 

@@ -40,14 +40,6 @@ pub(crate) struct KernelConfig {
     /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
-    /// With `gn_producer_sums`: a three-launch GroupNorm backward pass (of a recording
-    /// forward's GroupNorm) takes its partial sums (of g and g * xhat) from the convolution
-    /// input gradient that wrote its output gradient, where that is a lean or TMA wgmma launch
-    /// (unsplit, images of whole tiles): the `_gnb` kernels' epilogue reads the GroupNorm's
-    /// input at each staged value and sums as `gn_bwd_partial` does (`wg_bwd_sums` in
-    /// kernels/conv_wgmma.cu; the f64 sums in another order). One launch and one read of the
-    /// output gradient less.
-    pub gn_backward_producer_sums: bool,
     /// A three-launch GroupNorm backward pass over a concatenation writes the concatenation's
     /// two gradients itself, with the 16-bit copies its two adjoint steps wrote, where those
     /// steps would only copy them out of its input gradient (the `_split` kernels of
@@ -121,9 +113,9 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
-    /// Unsplit TMA launches (with a fused shortcut or GroupNorm backward sums too)
-    /// finish their rows through shared memory ([`ConvLaunch::staged_epilogue`]), each warp
-    /// whole rows with 16-byte accesses: the same arithmetic per value, the same bits.
+    /// Unsplit TMA launches (with a fused shortcut too) finish their rows through shared
+    /// memory ([`ConvLaunch::staged_epilogue`]), each warp whole rows with 16-byte accesses:
+    /// the same arithmetic per value, the same bits.
     pub staged_epilogue: bool,
     /// A nearest 2x upsampling whose only reader is a 3x3 convolution is folded into it
     /// ([`ConvShape::upsampled_forward`]): four launches, one per parity class of the output
@@ -156,7 +148,6 @@ impl Default for KernelConfig {
             wgmma: false,
             gn_one_pass: false,
             gn_producer_sums: false,
-            gn_backward_producer_sums: false,
             concat_grad_split: false,
             half_gn_inputs: false,
             half_gn_inputs_recording: false,
@@ -215,7 +206,6 @@ impl KernelConfig {
             wgmma: here.wgmma,
             gn_one_pass: true,
             gn_producer_sums: true,
-            gn_backward_producer_sums: false,
             concat_grad_split: true,
             half_gn_inputs: true,
             half_gn_inputs_recording: true,
@@ -257,11 +247,6 @@ impl KernelConfig {
             wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
-            gn_backward_producer_sums: wgmma
-                && kept(
-                    "INVDIFF_GN_BWD_PRODUCER_SUMS",
-                    tuned.gn_backward_producer_sums,
-                ),
             concat_grad_split: kept("INVDIFF_CONCAT_GRAD_SPLIT", tuned.concat_grad_split),
             half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs),
             half_gn_inputs_recording: kept(
@@ -296,10 +281,6 @@ impl KernelConfig {
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
             (self.gn_producer_sums, "GroupNorm sums from their producers"),
-            (
-                self.gn_producer_sums && self.gn_backward_producer_sums,
-                "GroupNorm backward sums from their producers",
-            ),
             (
                 self.concat_grad_split,
                 "concatenation gradients from their GroupNorms",

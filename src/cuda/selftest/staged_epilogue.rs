@@ -1,8 +1,7 @@
 //! Epilogues through shared memory (the `_st` wgmma kernels, `INVDIFF_EPI_STAGED`): launches
-//! against the same launch without, bit for bit, also where they fuse a shortcut or write
-//! GroupNorm backward sums (those groups' checks, staged), and whole networks against the same
-//! network without. A group of its own, run last: a candidate's kernel that faults ends no
-//! other check.
+//! against the same launch without, bit for bit, also where they fuse a shortcut (that group's
+//! checks, staged), and whole networks against the same network without. A group of its own,
+//! run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
 use super::Tester;

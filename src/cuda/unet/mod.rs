@@ -274,17 +274,6 @@ impl CudaUnet {
         });
     }
 
-    /// Has each convolution input gradient that can write the partial sums of the GroupNorm
-    /// backward pass reading it write them (`on`, [`KernelConfig::gn_backward_producer_sums`])
-    /// or none, for comparisons; drops every plan. Either way with the forward's sums from
-    /// their producers, which the backward's need ([`KernelConfig::gn_producer_sums`]).
-    pub(crate) fn set_gn_backward_sums(&mut self, on: bool) {
-        self.change_choice(|c| {
-            c.gn_backward_producer_sums = on && c.wgmma;
-            c.gn_producer_sums = true;
-        });
-    }
-
     /// Has the GroupNorm backward passes over concatenations write the concatenations' two
     /// gradients where the program can (`on`, [`KernelConfig::concat_grad_split`]) or never,
     /// for comparisons; drops every plan.
