@@ -38,17 +38,6 @@ DEVI float silu_grad_f(float x) {
     return s * (1.0f + x * (1.0f - s));
 }
 
-// g = d loss / d xhat for one element of a GroupNorm (with SiLU after it if `silu`), and xhat;
-// the CPU's formula (norm.cu's backward pass, and the convolutions' epilogues that sum it,
-// conv_wgmma.cu's wg_stats).
-DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float bt, int silu, float& g,
-                    float& xhat) {
-    xhat = (xv - mean) * rstd;
-    g = dyv;
-    if (silu) g *= silu_grad_f(fmaf(xhat, gm, bt));
-    g *= gm;
-}
-
 DEVI float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

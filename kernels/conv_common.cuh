@@ -26,18 +26,8 @@ struct ConvArgs {
     int tap_w[9];
     int prefetch;  // the lean wgmma kernels, unsplit: ask L2 for the epilogue's reads first
     double* gn_partial;  // the lean wgmma kernels, unsplit: the output's GroupNorm partial sums, or null
-    // With gn_partial, where gnb_x is not null: the output is the output gradient of a GroupNorm
-    // (+ SiLU if gnb_silu) of input gnb_x (fp32, or 16-bit of gnb_xkind 1 bf16 / 2 fp16;
-    // [n, mh * mw, ncols]), and the partial sums are that GroupNorm backward's (of g and
-    // g * xhat; norm.cu's bwd_partial) instead, from its recorded statistics (norm.cu's
-    // layout, gnb_groups groups) and scale and shift.
-    const void* gnb_x;
-    const float* gnb_stats;
-    const float* gnb_gamma;
-    const float* gnb_beta;
-    int gnb_xkind, gnb_groups, gnb_silu, gnb_pad;
 };
-static_assert(sizeof(ConvArgs) == 296, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 248, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;

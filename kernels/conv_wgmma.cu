@@ -53,14 +53,6 @@
 // the staging pointer once per pair in the epilogue (finish_row) and take 126-128 registers
 // instead of 118 (no spills, the same blocks a multiprocessor).
 //
-// GroupNorm backward sums (the `_gnb` kernels, lean and TMA, and `_tma_mc_gnb` multicast,
-// unsplit; INVDIFF_GN_BWD_PRODUCER_SUMS): where the output is the output gradient of a GroupNorm
-// backward pass (a convolution's input gradient in a DPS step), the staged values are summed as
-// that pass's partial sums instead, of g and g * xhat (wg_bwd_sums reads the GroupNorm's input at
-// each value), so that the pass skips its own partial-sum launch and its read of the output
-// gradient. Kernels of their own: as a run-time branch of wg_stats the sums raised every lean and
-// TMA kernel's registers by two.
-//
 // Fused 1x1 shortcut (the `_sc` kernels, lean and TMA; INVDIFF_SHORTCUT_FUSED): a residual
 // block's second convolution also multiplies the block's input (a second 16-bit source at the
 // same pixels) by its 1x1 shortcut's weights, as K slices after its own taps, into the same
@@ -76,30 +68,9 @@
 // bytes of some of its stores (16-bit outputs) gained under 1%: it looks bound by its memory
 // instructions, each warp access of the fragment spread over 8 pixels. These kernels stage the
 // tile in the drained stages and finish whole rows with 16-byte accesses (wg_epilogue_staged),
-// the same arithmetic per value. They compose with the other features (`_tma_mc_st`,
-// `_tma_sc_st`, `_tma_sc_mc_st`, `_tma_gnb_st`, `_tma_mc_gnb_st`): the epilogue only starts
-// once every copy into the stages has landed (a multicast block has waited for the bytes of
-// each of its slices, the other block's half included), and the sums read the finished values
-// where the fragment epilogue would have staged them.
-//
-// Multicast B (the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and `_tma_mc_gnb` with
-// GroupNorm backward sums, plain tile; INVDIFF_WGMMA_MULTICAST): the tall tile halves the weight
-// traffic per product but runs one block a multiprocessor, so nothing overlaps a tile's epilogue
-// with products. Here two plain blocks of consecutive row tiles (one column tile) form a
-// thread-block cluster (in one GPC, possibly on one multiprocessor), and each copies its own A
-// and half of the weight slice's 128 columns, multicast into both blocks' stages: the weight
-// traffic of the tall tile, two blocks a multiprocessor. A stage is refilled only when both
-// blocks have multiplied the slice it held: each block's thread 0 arrives on the stage's `empty`
-// barrier in both blocks after its block's barrier, and waits for both arrivals on its own before
-// issuing the refill. A block's `full` barrier expects the whole stage's bytes, some of which the
-// other block's copy completes, possibly before this block's arrival (the barrier's transaction
-// count may go below zero while an arrival is pending). A fused shortcut's weight slices are
-// shared the same way. The products and the epilogue are the TMA kernels', so the bits are
-// theirs. The grid's row tiles are padded to an even count; a padding block loads zeros and
-// stores nothing. A refill whose stage the other block has not yet released is put off to a later
-// iteration (the test is a single `test_wait`), unless its slice is needed now, so that a block
-// ahead of the other need not stall its own products on the handshake (untimed: a refill put off
-// to the last moment exposes its copy's latency instead).
+// the same arithmetic per value. They compose with the fused shortcut (`_tma_sc_st`): the
+// epilogue only starts once every copy into the stages has landed. The GroupNorm sums read the
+// finished values where the fragment epilogue would have staged them.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -186,17 +157,6 @@ DEVI void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
 }
 // Cycles a copy may keep a stage's barrier waiting (about 2 s) before mbar_wait traps.
 constexpr long long MBAR_TIMEOUT_CYCLES = 4LL << 30;
-// Whether phase `parity` of the barrier has completed, without waiting.
-DEVI bool mbar_done(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-    return done != 0;
-}
 // Waits until phase `parity` of the barrier has completed. Copies whose bytes never arrive (a
 // tensor map that does not describe what the kernel expects) would otherwise hang the device
 // until the host gives up; a trap fails the launch with an error instead, in seconds.
@@ -236,37 +196,6 @@ DEVI void tma_tile3(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int r
         " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
         "l"(map), "r"(bar), "r"(c0), "r"(row), "r"(block)
         : "memory");
-}
-
-// The tiled copy of tma_tile3 into the same offset of the stage of every block of the cluster
-// in `mask`, completing the bytes on each one's barrier at `bar`'s offset.
-DEVI void tma_tile3_multicast(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int row, int block,
-                              uint16_t mask) {
-    asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-        " [%0], [%1, {%4, %5, %6}], [%2], %3;\n" ::"r"(dst),
-        "l"(map), "r"(bar), "h"(mask), "r"(c0), "r"(row), "r"(block)
-        : "memory");
-}
-// This block's rank in its cluster.
-DEVI uint32_t cluster_rank() {
-    uint32_t r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-    return r;
-}
-// One arrival on the barrier at `bar`'s offset in the shared memory of cluster block `rank`
-// (this one's included). Default semantics, as CUTLASS's cluster barrier arrives: what it
-// signals (products complete) is ordered by wgmma.wait_group already, and `.release.cluster`
-// costs two memory fences, one of them GPU-wide, per arrival.
-DEVI void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-    uint32_t remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-    asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
-}
-// Every thread of every block of the cluster, past this point only after all have reached it.
-DEVI void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 
 // Pins the accumulators in program order around the asynchronous products: the compiler sees
@@ -503,64 +432,15 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
     }
 }
 
-// The GroupNorm backward's sums over rows [r0, r1) of a tile's column ch (the `_gnb` kernels; see
-// wg_stats): the finished values staged in `keep` are that GroupNorm's output gradient dy, x its
-// input at the same element (row m0 + r is pixel m0 + r of the launch's images; `keep` points at
-// the column's first value), and the sums are norm.cu's bwd_partial's, of g and g * xhat
-// (grad_xhat). The loads of x go U rows at a time ahead of their arithmetic; wg_bwd_sums picks
-// x's width (X16: 16-bit values of a.gnb_xkind) once, outside the loop.
-template <int RUN, bool X16>
-DEVI void wg_bwd_run(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
-                     double& q) {
-    constexpr int U = 4;
-    static_assert(RUN % U == 0, "whole units of rows");
-    const int per = a.mh * a.mw, groups = a.gnb_groups;
-    const int gi = (m0 / per) * groups + ch / (a.ncols / groups);
-    const float mean = a.gnb_stats[gi], rstd = a.gnb_stats[a.n * groups + gi];
-    const float gm = a.gnb_gamma[ch], bt = a.gnb_beta[ch];
-    const long long e0 = (long long)m0 * a.ncols + ch;
-    for (int r = r0; r < r1; r += U) {
-        float xv[U];
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            const long long e = e0 + (long long)(r + k) * a.ncols;
-            xv[k] = 0.f;
-            if (r + k < r1) {
-                if constexpr (X16)
-                    xv[k] = unpack_half1(static_cast<const uint16_t*>(a.gnb_x)[e], a.gnb_xkind);
-                else
-                    xv[k] = static_cast<const float*>(a.gnb_x)[e];
-            }
-        }
-#pragma unroll
-        for (int k = 0; k < U; ++k) {
-            if (r + k >= r1) break;
-            float g, xhat;
-            grad_xhat(xv[k], keep[(r + k) * STATS_PITCH], mean, rstd, gm, bt, a.gnb_silu, g, xhat);
-            s += (double)g;
-            q += (double)(g * xhat);
-        }
-    }
-}
-template <int RUN>
-DEVI void wg_bwd_sums(const ConvArgs& a, const float* keep, int m0, int ch, int r0, int r1, double& s,
-                      double& q) {
-    if (a.gnb_xkind == 0)
-        wg_bwd_run<RUN, false>(a, keep, m0, ch, r0, r1, s, q);
-    else
-        wg_bwd_run<RUN, true>(a, keep, m0, ch, r0, r1, s, q);
-}
-
 // The GroupNorm partial sums of a block's finished output (a.gn_partial; the lean kernels,
 // unsplit, for a launch whose output a GroupNorm reads next): per column, the f64 sum and sum
 // of squares over the tile's TM rows, in kernels/norm.cu's layout with one chunk per tile
 // (chunk = the tile's place in its image; the host sends only launches whose images are whole
 // tiles, output rows in pixel order), so that the GroupNorm skips its own pass over the
-// output (gn_partial); or, GNB (the `_gnb` kernels), the sums of the GroupNorm backward pass
-// that reads the output as its output gradient (wg_bwd_sums). The finished values come staged in
-// `keep` (by wg_epilogue, or written back by wg_epilogue_staged); PARTS threads per column each
-// add a run of rows in order, then the first adds the runs in order.
-template <int TM, bool GNB>
+// output (gn_partial). The values come staged in `keep` (by wg_epilogue, or written back by
+// wg_epilogue_staged); PARTS threads per column each add a run of rows in order, then the first
+// adds the runs in order.
+template <int TM>
 DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
     constexpr int RUN = TM / PARTS;
@@ -569,18 +449,13 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     double2* runs = reinterpret_cast<double2*>(keep + TM * STATS_PITCH);
     const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
     const int rows = min(TM, M - m0);
-    const int r0 = part * RUN, r1 = min(rows, (part + 1) * RUN);
     // Every thread's values staged.
     __syncthreads();
     double s = 0.0, q = 0.0;
-    if constexpr (GNB) {
-        if (n0 + col < a.ncols) wg_bwd_sums<RUN>(a, keep + col, m0, n0 + col, r0, r1, s, q);
-    } else {
-        for (int r = r0; r < r1; ++r) {
-            const double v = (double)keep[r * STATS_PITCH + col];
-            s += v;
-            q += v * v;
-        }
+    for (int r = part * RUN; r < min(rows, (part + 1) * RUN); ++r) {
+        const double v = (double)keep[r * STATS_PITCH + col];
+        s += v;
+        q += v * v;
     }
     runs[part * WG_TN + col] = make_double2(s, q);
     __syncthreads();
@@ -620,22 +495,15 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
-// MC (the `_tma_mc`, `_tma_sc_mc` and `_tma_mc_gnb` kernels and their `_st` forms, TMA on the
-// plain tile): clusters of two blocks sharing the weight slices (see the header); `tma.b` (and
-// `tma.b2`) then box 64 columns.
-// GNB (the `_gnb` kernels, LEAN, TMA or MC): the GroupNorm sums of a.gn_partial are the backward
-// pass's (wg_bwd_sums); compiled out of the other kernels, whose registers they would raise.
-// STAGED (the `_st` kernels, TMA, also with SC, MC or GNB): an unsplit launch finishes its rows
+// STAGED (the `_st` kernels, TMA, also with SC): an unsplit launch finishes its rows
 // through shared memory (wg_epilogue_staged), a split one as the TMA kernels do.
 template <int T, bool PROBE, bool ROWS, class Tile, bool LEAN = false, bool TMA = false, bool SC = false,
-          bool MC = false, bool GNB = false, bool STAGED = false>
+          bool STAGED = false>
 DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* probe, TmaLoads tma = {},
                   Shortcut sc2 = {}) {
     static_assert(!TMA || (LEAN && ROWS), "the TMA kernels finish rows as the lean ones do");
     static_assert(!SC || LEAN, "the fused shortcut has lean and TMA loaders only");
-    static_assert(!MC || (TMA && Tile::BLOCKS_PER_SM > 1), "multicast: TMA on the plain tile");
     static_assert(!LEAN || ROWS, "the lean kernels finish rows (wg_stats reads what finish_row staged)");
-    static_assert(!GNB || (LEAN && !SC && !PROBE), "backward sums: lean and TMA kernels, no shortcut");
     static_assert(!STAGED || (TMA && !PROBE), "staged epilogue: TMA kernels");
     constexpr int TM = Tile::THREADS / 2;
     // Rows apart of one thread's chunks; B's 128 rows take 4 chunks a thread at 256 threads,
@@ -718,9 +586,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     // TMA: one mbarrier per stage, which its copies' bytes complete; slice t waits for phase
     // (t / S) & 1 of stage t % S. The tile's first row's filter base in the A map's box.
     __shared__ __align__(8) unsigned long long full[TMA ? Tile::STAGES : 1];
-    // MC: per stage, both blocks' arrivals once they have multiplied its slice.
-    __shared__ __align__(8) unsigned long long empty[MC ? Tile::STAGES : 1];
-    const uint32_t rank = MC ? cluster_rank() : 0;
     const Window win = TMA ? tap_window(a) : Window{0, 0};
     int base_w = 0, base_h = 0, base_img = 0;
     if constexpr (TMA) {
@@ -731,10 +596,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         if (tid == 0) {
 #pragma unroll
             for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&full[s]), 1);
-            if constexpr (MC) {
-#pragma unroll
-                for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&empty[s]), 2);
-            }
             // The initialised barriers visible to the copies (the async proxy) that complete them.
             asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -761,8 +622,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
     }
     __syncthreads();
-    // MC: the other block's barriers initialised before this block's copies complete on them.
-    if constexpr (MC) cluster_sync();
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
     // Rows r0 + ROW_STEP j share r0 % 8, so chunk c of each sits at one swizzled column.
@@ -841,33 +700,22 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         else
             load_plain(k0, stage);
     };
-    // The B slice of weight block `block` from `map` into the stage at `sa`, completing on
-    // `bar` (MC: this block's half of the columns, into both blocks).
-    auto load_b = [&](uint32_t sa, uint32_t bar, const TmaMap* map, int block) {
-        if constexpr (MC)
-            tma_tile3_multicast(sa + TM * 128 + rank * 64 * 128, map, bar, aci, n0 + 64 * (int)rank, block,
-                                (uint16_t)0x3);
-        else
-            tma_tile3(sa + TM * 128, map, bar, aci, n0, block);
-    };
-    // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels,
-    // slice `t` of the split (MC: once both blocks have multiplied slice t - S of its stage).
-    auto load_tma = [&](int stage, int t) {
+    // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels.
+    auto load_tma = [&](int stage) {
         if (tid != 0) return;
         const uint32_t sa = base + stage * Tile::STAGE;
         const uint32_t bar = smem_addr(&full[stage]);
-        if (MC && t >= Tile::STAGES) mbar_wait(smem_addr(&empty[stage]), (t / Tile::STAGES - 1) & 1);
         // Out-of-bounds pixels and columns arrive as zeros, so every copy writes its whole box.
         mbar_expect_tx(bar, Tile::STAGE);
         if (SC && at >= a.taps) {
             // The shortcut: the row's own pixel, offset (0, 0) from the box's corner.
             tma_im2col(sa, tma.a2, bar, aci, base_w, base_h, base_img, (uint16_t)(-win.dx0),
                        (uint16_t)(-win.dy0));
-            load_b(sa, bar, tma.b2, 0);
+            tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
         } else {
             tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
                        (uint16_t)(taps.dy[at] - win.dy0));
-            load_b(sa, bar, tma.b, taps.w[at]);
+            tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
         }
         aci += WG_BK;
         if (aci >= src_sc) {
@@ -919,17 +767,11 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         // certifying the products of slice t - 2), whose products overlap the barrier.
         constexpr bool WAIT_OWN = Tile::BLOCKS_PER_SM > 1;
         constexpr int TMA_AHEAD = WAIT_OWN ? S - 1 : S - 2;
-        // MC: the slice whose products a block's barrier certifies (t - 1) is the one the
-        // refill after it replaces (t + TMA_AHEAD - S).
-        static_assert(!MC || TMA_AHEAD == S - 1, "multicast arrivals match the refills");
 #pragma unroll
         for (int s = 0; s < TMA_AHEAD; ++s)
-            if (s < ntiles) load_tma(s, s);
+            if (s < ntiles) load_tma(s);
         cycles.mark(PROBE_SETUP);
         int stage = 0, phase = 0, next = TMA_AHEAD;
-        // MC: slices copied so far; a refill whose stage the other block still multiplies
-        // waits for a later iteration, unless its slice is the one about to be multiplied.
-        int issued = min(TMA_AHEAD, ntiles);
         for (int t = 0; t < ntiles; ++t) {
             if constexpr (WAIT_OWN) {
                 wg_wait_all(acc);
@@ -937,25 +779,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             }
             __syncthreads();
             cycles.mark(PROBE_BARRIER);
-            // MC: every warpgroup here has multiplied slice t - 1 (WAIT_OWN); both blocks hear
-            // of it where a later slice refills its stage.
-            if (MC && tid == 0 && t >= 1 && t - 1 + S < ntiles) {
-                const uint32_t bar = smem_addr(&empty[(t - 1) % S]);
-                mbar_arrive_cluster(bar, 0);
-                mbar_arrive_cluster(bar, 1);
-            }
-            if constexpr (MC) {
-                if (tid == 0) {
-                    for (; issued < ntiles && issued <= t + TMA_AHEAD; ++issued) {
-                        const uint32_t free = smem_addr(&empty[issued % S]);
-                        if (issued > t && issued >= S && !mbar_done(free, (issued / S - 1) & 1)) break;
-                        load_tma(issued % S, issued);
-                    }
-                }
-            } else {
-                if (t + TMA_AHEAD < ntiles) load_tma(next, t + TMA_AHEAD);
-                next = next + 1 == S ? 0 : next + 1;
-            }
+            if (t + TMA_AHEAD < ntiles) load_tma(next);
+            next = next + 1 == S ? 0 : next + 1;
             cycles.mark(PROBE_ISSUE);
             mbar_wait(smem_addr(&full[stage]), phase);
             // The products are warp-aligned instructions; the wait's lanes may leave its loop
@@ -1003,9 +828,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         wg_epilogue_staged<TM>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
     else
         wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, STAGED ? nullptr : keep);
-    // (MC: a padding block past the rows has no sums to write.)
-    if (LEAN && keep != nullptr && (!STAGED || a.gn_partial != nullptr) && (!MC || m0 < M))
-        wg_stats<TM, GNB>(a, keep, M, m0, n0);
+    const bool stats = LEAN && keep != nullptr && (!STAGED || a.gn_partial != nullptr);
+    if (stats) wg_stats<TM>(a, keep, M, m0, n0);
     cycles.mark(PROBE_EPILOGUE);
     cycles.flush(probe, ntiles);
 }
@@ -1027,14 +851,13 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, ROWS, TILE, LEAN>(a, wg_dsmem, probe);                                       \
     }
-// The TMA forms: the maps follow the argument block. MC (plain tile, launched in clusters of two
-// along x), GNB and STAGED as wg_body takes them.
-#define WG_TMA_KERNEL(name, T, TILE, MC, GNB, STAGED)                                                \
+// The TMA forms: the maps follow the argument block. STAGED as wg_body takes it.
+#define WG_TMA_KERNEL(name, T, TILE, STAGED)                                                         \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, false, MC, GNB, STAGED>(a, wg_dsmem, nullptr,       \
-                                                                         TmaLoads{&ta, &tb});         \
+        wg_body<T, false, true, TILE, true, true, false, STAGED>(a, wg_dsmem, nullptr,                \
+                                                                TmaLoads{&ta, &tb});                  \
     }
 #define WG_TMA_PROBE_KERNEL(name, T, TILE)                                                           \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
@@ -1043,48 +866,25 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, true, true, TILE, true, true>(a, wg_dsmem, probe, TmaLoads{&ta, &tb});             \
     }
-// The fused-shortcut forms (SC): lean loaders, and TMA loads (MC: multicast, plain tile;
-// STAGED: the staged epilogue) with the shortcut's two maps after the main ones; the shortcut's
-// operands last (the shortcut's weight map boxes 64 columns too with MC).
+// The fused-shortcut forms (SC): lean loaders, and TMA loads (STAGED: the staged epilogue) with
+// the shortcut's two maps after the main ones; the shortcut's operands last.
 #define WG_SC_KERNEL(name, T, TILE)                                                                  \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const Shortcut s) {                                                    \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
         wg_body<T, false, true, TILE, true, false, true>(a, wg_dsmem, nullptr, TmaLoads{}, s);        \
     }
-#define WG_TMA_SC_KERNEL(name, T, TILE, MC, STAGED)                                                  \
+#define WG_TMA_SC_KERNEL(name, T, TILE, STAGED)                                                      \
     extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
              const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, true, true, MC, false, STAGED>(                           \
+        wg_body<T, false, true, TILE, true, true, true, STAGED>(                                      \
             a, wg_dsmem, nullptr, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                                 \
     }
-// The backward-sums form with lean loaders (GNB; the TMA ones are WG_TMA_KERNEL's).
-#define WG_GNB_KERNEL(name, T, TILE)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TILE::THREADS, TILE::BLOCKS_PER_SM)                 \
-        name(const ConvArgs a) {                                                                      \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_body<T, false, true, TILE, true, false, false, false, true>(a, wg_dsmem, nullptr);         \
-    }
-// The multicast forms (plain tile): plain, with a fused shortcut, with backward sums.
-WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc, 1, PlainTile, true, false, false)
-WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc, 2, PlainTile, true, false, false)
-WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc, 1, PlainTile, true, false)
-WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc, 2, PlainTile, true, false)
-WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb, 1, PlainTile, true, true, false)
-WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb, 2, PlainTile, true, true, false)
-// The same three with the staged epilogue.
-WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_st, 1, PlainTile, true, false, true)
-WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_st, 2, PlainTile, true, false, true)
-WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_mc_st, 1, PlainTile, true, true)
-WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_mc_st, 2, PlainTile, true, true)
-WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_mc_gnb_st, 1, PlainTile, true, true, true)
-WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb_st, 2, PlainTile, true, true, true)
 // Both precisions, the four forms (pairwise epilogue, row epilogue, row epilogue with lean
 // loaders, row epilogue with TMA loads), plain and counting, of one tile; then that tile's
-// fused-shortcut, backward-sums and staged forms and their combinations (the host's
-// WgmmaExtras names them).
+// fused-shortcut and staged forms and their combination (the host's WgmmaExtras names them).
 #define WG_KERNELS(prefix, TILE)                                                                     \
     WG_KERNEL(conv_wgmma_bf16##prefix, 1, false, TILE, false)                                       \
     WG_KERNEL(conv_wgmma_fp16##prefix, 2, false, TILE, false)                                       \
@@ -1098,23 +898,17 @@ WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_mc_gnb_st, 2, PlainTile, true, true, true
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows##prefix##_probe, 2, true, TILE, false)                     \
     WG_PROBE_KERNEL(conv_wgmma_bf16_rows_lean##prefix##_probe, 1, true, TILE, true)                 \
     WG_PROBE_KERNEL(conv_wgmma_fp16_rows_lean##prefix##_probe, 2, true, TILE, true)                 \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE, false, false, false)                   \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE, false, false, false)                   \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma##prefix, 1, TILE, false)                                 \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma##prefix, 2, TILE, false)                                 \
     WG_TMA_PROBE_KERNEL(conv_wgmma_bf16_rows_tma##prefix##_probe, 1, TILE)                          \
     WG_TMA_PROBE_KERNEL(conv_wgmma_fp16_rows_tma##prefix##_probe, 2, TILE)                          \
     WG_SC_KERNEL(conv_wgmma_bf16_rows_lean_sc##prefix, 1, TILE)                                     \
     WG_SC_KERNEL(conv_wgmma_fp16_rows_lean_sc##prefix, 2, TILE)                                     \
-    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE, false, false)                    \
-    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE, false, false)                    \
-    WG_GNB_KERNEL(conv_wgmma_bf16_rows_lean_gnb##prefix, 1, TILE)                                   \
-    WG_GNB_KERNEL(conv_wgmma_fp16_rows_lean_gnb##prefix, 2, TILE)                                   \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb##prefix, 1, TILE, false, true, false)                \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb##prefix, 2, TILE, false, true, false)                \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE, false, false, true)                 \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, false, false, true)                 \
-    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st##prefix, 1, TILE, false, true)                  \
-    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, false, true)                  \
-    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_gnb_st##prefix, 1, TILE, false, true, true)              \
-    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_gnb_st##prefix, 2, TILE, false, true, true)
+    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc##prefix, 1, TILE, false)                           \
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc##prefix, 2, TILE, false)                           \
+    WG_TMA_KERNEL(conv_wgmma_bf16_rows_tma_st##prefix, 1, TILE, true)                               \
+    WG_TMA_KERNEL(conv_wgmma_fp16_rows_tma_st##prefix, 2, TILE, true)                               \
+    WG_TMA_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st##prefix, 1, TILE, true)                         \
+    WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)

@@ -4,8 +4,7 @@
 // Each direction is three launches:
 // 1. partial sums per (image, pixel chunk, channel), in f64 as on the CPU (or, forward, by the
 //    step that wrote x, INVDIFF_GN_PRODUCER_SUMS: a convolution's epilogue, a chunk per tile,
-//    wg_stats in conv_wgmma.cu; a concatenation, as gn_concat_partial below; backward, by the
-//    convolution input gradient that wrote dy, INVDIFF_GN_BWD_PRODUCER_SUMS, wg_bwd_sums): grid
+//    wg_stats in conv_wgmma.cu; a concatenation, as gn_concat_partial below): grid
 //    (chunks, ceil(c / 32), n) of 32x8 blocks; a warp reads 32 consecutive channels of a pixel
 //    (128 coalesced bytes) and the 8 warps take every 8th pixel of the chunk. The host picks the
 //    chunk count so that even 32 groups of one 256x256 image fill every multiprocessor, which a
@@ -371,6 +370,15 @@ extern "C" __global__ void gn_apply_half_x16(const uint16_t* x, int xkind, const
 extern "C" __global__ void gn_apply_half_x16_ilp(const uint16_t* x, int xkind, const float* scale_shift, uint2* y,
                                                  int hw, int c, int silu, int kind) {
     apply_half<APPLY_ILP, true>(x, xkind, scale_shift, y, hw, c, silu, kind);
+}
+
+// g = d loss / d xhat for one element, and xhat; the CPU's formula.
+DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float bt, int silu, float& g,
+                    float& xhat) {
+    xhat = (xv - mean) * rstd;
+    g = dyv;
+    if (silu) g *= silu_grad_f(fmaf(xhat, gm, bt));
+    g *= gm;
 }
 
 // Backward partial sums of g and g * xhat, same layout and launch as gn_partial. U > 1 (the

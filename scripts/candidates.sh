@@ -1,35 +1,24 @@
-# The GPU switches worth timing on a card (PERF.md, v0.7), one place for the scripts that time them
+# The GPU switches worth timing on a card (PERF.md, v0.8), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
-# attention, slower at v0.5 and v0.6; 16-bit concatenations in recording forwards, staged at stop
-# 22; the 1x1 shortcuts fused into convolutions and the weight slices multicast in clusters of
-# two, alone and instead of the tall tiles, staged at stop 23, and both together, and GroupNorm
-# backward sums from the input gradients that write their output gradients, alone and with
-# multicast, and epilogues through shared memory, with and without the tall tiles, staged at
-# stop 24, and with multicast, staged at stop 25, and concatenation gradients written by their
-# GroupNorms' backward passes, staged at stop 25; none yet timed), then
-# each v0.7 default turned off (16-bit concatenations for the GroupNorms, GroupNorm sums from
-# their producers, 16-bit copies by their writers), each v0.6 default turned off (with TMA on,
-# no_lean only reaches the wgmma launches TMA does not take), then the tall tiles, the stream
-# count either way and each older default turned off (does it still pay on this card and
-# workload?); device_check.sh's deadline cuts from the end.
+# attention, slower at v0.5 and v0.6; two-way splits unsplit to stage their epilogue, staged at
+# stop 26, not yet timed as a whole), then each v0.8 default turned off (staged epilogues, with
+# the tall tiles off too, fused shortcuts, concatenation gradients written by their GroupNorms,
+# 16-bit concatenations in recording forwards), each v0.7 default turned off (16-bit
+# concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit copies by their
+# writers), each v0.6 default turned off (with TMA on, no_lean only reaches the wgmma launches
+# TMA does not take), then the tall tiles, the stream count either way and each older default
+# turned off (does it still pay on this card and workload?); device_check.sh's deadline cuts from
+# the end.
 CANDIDATES=(
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
-    gn_half_input_recording:INVDIFF_GN_HALF_INPUT_RECORDING=1
-    shortcut_fused:INVDIFF_SHORTCUT_FUSED=1
-    multicast:INVDIFF_WGMMA_MULTICAST=1
-    multicast_no_tall:INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
-    shortcut_fused_multicast:INVDIFF_SHORTCUT_FUSED=1,INVDIFF_WGMMA_MULTICAST=1
-    shortcut_fused_multicast_no_tall:INVDIFF_SHORTCUT_FUSED=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
-    epi_staged:INVDIFF_EPI_STAGED=1
-    epi_staged_no_tall:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_TALL=0
-    epi_staged_multicast:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_MULTICAST=1
-    epi_staged_multicast_no_tall:INVDIFF_EPI_STAGED=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
-    gn_bwd_producer_sums:INVDIFF_GN_BWD_PRODUCER_SUMS=1
-    gn_bwd_producer_sums_multicast:INVDIFF_GN_BWD_PRODUCER_SUMS=1,INVDIFF_WGMMA_MULTICAST=1
-    gn_bwd_producer_sums_multicast_no_tall:INVDIFF_GN_BWD_PRODUCER_SUMS=1,INVDIFF_WGMMA_MULTICAST=1,INVDIFF_WGMMA_TALL=0
-    concat_grad_split:INVDIFF_CONCAT_GRAD_SPLIT=1
+    staged_unsplit:INVDIFF_STAGED_UNSPLIT=1
+    no_epi_staged:INVDIFF_EPI_STAGED=0
+    no_epi_staged_no_tall:INVDIFF_EPI_STAGED=0,INVDIFF_WGMMA_TALL=0
+    no_shortcut_fused:INVDIFF_SHORTCUT_FUSED=0
+    no_concat_grad_split:INVDIFF_CONCAT_GRAD_SPLIT=0
+    no_gn_half_input_recording:INVDIFF_GN_HALF_INPUT_RECORDING=0
     no_gn_half_input:INVDIFF_GN_HALF_INPUT=0
     no_gn_producer_sums:INVDIFF_GN_PRODUCER_SUMS=0
     no_half_copy_fused:INVDIFF_HALF_COPY_FUSED=0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Picks, on this GPU, the switches of scripts/candidates.sh (defaults turned off, the stream
-# count, the candidates off by default; PERF.md, v0.7) that make invdiff faster for one
+# count, the candidates off by default; PERF.md, v0.8) that make invdiff faster for one
 # workload, and writes them as `export` lines:
 #
 #   scripts/tune.sh [--batch N] [--precision bf16] [--what dps|forward] [--out tuning.env]
@@ -14,7 +14,7 @@
 # (default 2%) are added one at a time, largest gain first, each kept only if the set with it
 # passes the selftest and is faster again by MARGIN. With no winner the file sets nothing.
 # INVDIFF_BIN names the binary (default target/release/invdiff of this checkout). About 20 s a
-# candidate on a Hopper card (a selftest and three bench calls): ~12 minutes for the 35 of
+# candidate on a Hopper card (a selftest and three bench calls): ~9 minutes for the 27 of
 # scripts/candidates.sh.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -76,17 +76,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_HALF_INPUT_RECORDING",
         ON_OFF,
-        "GPU candidate: `1` keeps those 16-bit concatenations in recording forwards too (DPS, ΠGDM), their GroupNorms' backward passes reading 16 bits",
-    ),
-    choice(
-        "INVDIFF_WGMMA_MULTICAST",
-        ON_OFF,
-        "GPU candidate: `1` runs plain-tile TMA convolutions in clusters of two that share each weight slice (wgmma)",
+        "GPU default: `0` keeps fp32 concatenations in recording forwards (DPS, ΠGDM; by default 16-bit ones there too, their GroupNorms' backward passes reading 16 bits)",
     ),
     choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions finish their rows through shared memory with 16-byte accesses (wgmma; also those that multicast, fuse a shortcut or sum a GroupNorm backward pass)",
+        "GPU default: `0` has unsplit TMA convolutions finish their rows from their accumulator fragments instead of through shared memory with 16-byte accesses (wgmma)",
     ),
     choice(
         "INVDIFF_STAGED_UNSPLIT",
@@ -96,17 +91,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_CONCAT_GRAD_SPLIT",
         ON_OFF,
-        "GPU candidate: `1` has the GroupNorm backward pass over a concatenation write the concatenation's two gradients itself, instead of two copies out of its input gradient",
-    ),
-    choice(
-        "INVDIFF_GN_BWD_PRODUCER_SUMS",
-        ON_OFF,
-        "GPU candidate: `1` has each convolution input gradient sum the GroupNorm backward pass that reads it (wgmma, bf16/fp16; with INVDIFF_GN_PRODUCER_SUMS, a default)",
+        "GPU default: `0` has the concatenations' two adjoint launches copy their gradients out of their GroupNorm backward pass's input gradient, instead of that pass writing them",
     ),
     choice(
         "INVDIFF_SHORTCUT_FUSED",
         ON_OFF,
-        "GPU candidate: `1` fuses each residual block's 1x1 shortcut into its second convolution (wgmma, bf16/fp16)",
+        "GPU default: `0` runs each residual block's 1x1 shortcut in a launch of its own instead of inside its second convolution (wgmma, bf16/fp16)",
     ),
     choice(
         "INVDIFF_GN_ILP",

@@ -228,7 +228,6 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             tma_loads: false,
             prefetch: false,
             tile: WgmmaTile::Plain,
-            multicast: false,
             staged_epilogue: false,
             ..planned
         };
@@ -264,7 +263,6 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                 half_input: true,
                 wgmma: true,
                 prefetch: false,
-                multicast: false,
                 staged_epilogue: false,
                 ..planned
             };
@@ -283,23 +281,12 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // The plain tile's TMA loads also in clusters sharing the weight slices;
-                    // unsplit TMA launches also with the staged epilogue.
-                    let multicast = ConvLaunch {
-                        multicast: true,
+                    // Unsplit TMA launches also with the staged epilogue.
+                    let staged = (c.tma_loads && c.splits == 1).then_some(ConvLaunch {
+                        staged_epilogue: true,
                         ..c
-                    };
-                    let shared = tma_loads && tile == WgmmaTile::Plain;
-                    let staged = |c: ConvLaunch| {
-                        (c.tma_loads && c.splits == 1).then_some(ConvLaunch {
-                            staged_epilogue: true,
-                            ..c
-                        })
-                    };
-                    for c in std::iter::once(c)
-                        .chain(shared.then_some(multicast))
-                        .flat_map(|c| std::iter::once(c).chain(staged(c)))
-                    {
+                    });
+                    for c in std::iter::once(c).chain(staged) {
                         if !out.contains(&c) {
                             out.push(c);
                         }
@@ -437,9 +424,8 @@ fn sweep_one(
         let launch = || gpu.kernels.conv(st, shape, c, ptrs, 1.0, false);
         launch()?;
         let ms = mean_ms(st, iters, launch)?;
-        // The fused-shortcut, multicast and staged-epilogue kernels have no cycle-counting
-        // forms.
-        let cycles = if c.wgmma && shortcut.is_none() && !c.multicast && !c.staged_epilogue {
+        // The fused-shortcut and staged-epilogue kernels have no cycle-counting forms.
+        let cycles = if c.wgmma && shortcut.is_none() && !c.staged_epilogue {
             probe(gpu, shape, c, ptrs)?
         } else {
             None
@@ -844,10 +830,6 @@ mod tests {
                             assert!(!l.tma_loads || im2col_box(shape).is_some(), "{l:?}");
                             assert!(!l.prefetch || l == tall, "{l:?}");
                             assert!(
-                                !l.multicast || (l.tma_loads && l.tile == WgmmaTile::Plain),
-                                "{l:?}"
-                            );
-                            assert!(
                                 !l.staged_epilogue || (l.tma_loads && l.splits == 1),
                                 "{l:?}"
                             );
@@ -870,8 +852,7 @@ mod tests {
         };
         let c = candidates(&fused, planned, 132, true);
         assert!(c.len() > 2 && c.contains(&planned));
-        assert!(c.iter().any(|l| l.multicast));
-        assert!(c.iter().any(|l| l.multicast && l.staged_epilogue));
+        assert!(c.iter().any(|l| l.staged_epilogue));
         for l in c {
             assert!(l.wgmma && l.lean_loads, "{l:?}");
             assert!(l.splits * l.k_per_split >= fused.k(), "{l:?}");

@@ -4,12 +4,7 @@
 
 use std::sync::Arc;
 
-use std::ffi::c_void;
-
-use cudarc::driver::result::DriverError;
-use cudarc::driver::{
-    sys, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
     direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
@@ -53,17 +48,9 @@ struct ConvArgs {
     tap_w: [i32; 9],
     prefetch: i32,
     gn_partial: DPtr,
-    gnb_x: DPtr,
-    gnb_stats: DPtr,
-    gnb_gamma: DPtr,
-    gnb_beta: DPtr,
-    gnb_xkind: i32,
-    gnb_groups: i32,
-    gnb_silu: i32,
-    gnb_pad: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 296);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -99,25 +86,6 @@ pub(crate) struct ConvPtrs {
     /// A fused shortcut's ([`ConvShape::shortcut_sc`]) 16-bit source and K-major weights.
     pub x2: DPtr,
     pub w2: DPtr,
-    /// With `gn_partial`: the output is the output gradient of this GroupNorm backward pass,
-    /// whose partial sums `gn_partial` then receives instead of the output's own.
-    pub gn_backward: Option<NormBackwardSums>,
-}
-
-/// A GroupNorm backward pass whose partial sums (of g and g * xhat, kernels/norm.cu's
-/// `bwd_partial`) the convolution writing its output gradient also writes (the `_gnb` wgmma
-/// kernels): the GroupNorm's input (over the output's pixels and channels), recorded
-/// statistics, scale and shift.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct NormBackwardSums {
-    pub x: DPtr,
-    /// `x` holds 16-bit values of this precision.
-    pub x_half: Option<Precision>,
-    pub stats: DPtr,
-    pub gamma: DPtr,
-    pub beta: DPtr,
-    pub groups: usize,
-    pub silu: bool,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -166,30 +134,23 @@ pub(super) fn wgmma_kernel_names(suffix: &str) -> Vec<(String, WgmmaTile)> {
 /// What a wgmma launch adds to the plain lean or TMA kernels, each feature a kernel of its own
 /// (kernels/conv_wgmma.cu compiles them as template flags: a run-time branch would cost every
 /// kernel registers). The kernels are named by their features in this order:
-/// `conv_wgmma_{bf16|fp16}_rows_{lean|tma}[_sc][_mc][_gnb][_st][_tall]`.
+/// `conv_wgmma_{bf16|fp16}_rows_{lean|tma}[_sc][_st][_tall]`.
 #[derive(Clone, Copy, Debug)]
 struct WgmmaExtras {
     /// TMA loads (else lean loaders).
     tma: bool,
     /// A fused 1x1 shortcut (`_sc`).
     shortcut: bool,
-    /// Weight slices multicast in clusters of two (`_mc`; TMA, plain tile).
-    multicast: bool,
-    /// GroupNorm backward sums (`_gnb`; never with a shortcut).
-    backward_sums: bool,
     /// The epilogue through shared memory (`_st`; TMA).
     staged: bool,
 }
 
 impl WgmmaExtras {
-    /// What wgmma launch `plan` adds, with a fused shortcut (`fused`) and GroupNorm backward
-    /// sums (`backward_sums`) or not.
-    fn of(plan: &ConvLaunch, fused: bool, backward_sums: bool) -> WgmmaExtras {
+    /// What wgmma launch `plan` adds, with a fused shortcut (`fused`) or not.
+    fn of(plan: &ConvLaunch, fused: bool) -> WgmmaExtras {
         WgmmaExtras {
             tma: plan.tma_loads,
             shortcut: fused,
-            multicast: plan.multicast,
-            backward_sums,
             staged: plan.staged_epilogue,
         }
     }
@@ -199,25 +160,19 @@ impl WgmmaExtras {
         (0..WGMMA_EXTRA_COMBINATIONS).map(|b| WgmmaExtras {
             tma: b & 1 != 0,
             shortcut: b & 2 != 0,
-            multicast: b & 4 != 0,
-            backward_sums: b & 8 != 0,
-            staged: b & 16 != 0,
+            staged: b & 4 != 0,
         })
     }
 
     /// Whether any feature is on (else the launch takes a plain lean or TMA kernel).
     fn any(self) -> bool {
-        self.shortcut || self.multicast || self.backward_sums || self.staged
+        self.shortcut || self.staged
     }
 
-    /// Whether kernels/conv_wgmma.cu has this combination on `tile`: some feature, the
-    /// shortcut never with backward sums, multicast only with TMA on the plain tile, the staged
-    /// epilogue only with TMA.
-    fn exists(self, tile: WgmmaTile) -> bool {
-        self.any()
-            && !(self.shortcut && self.backward_sums)
-            && (!self.multicast || (self.tma && tile == WgmmaTile::Plain))
-            && (!self.staged || self.tma)
+    /// Whether kernels/conv_wgmma.cu has this combination: some feature, the staged epilogue
+    /// only with TMA (on every tile).
+    fn exists(self) -> bool {
+        self.any() && (!self.staged || self.tma)
     }
 
     /// The kernel's name in `precision` on `tile`.
@@ -229,11 +184,9 @@ impl WgmmaExtras {
             .find(|&&(t, _)| t == tile)
             .map_or("", |&(_, suffix)| suffix);
         format!(
-            "conv_wgmma_{}_rows{loads}{}{}{}{}{tile}",
+            "conv_wgmma_{}_rows{loads}{}{}{tile}",
             precision.name(),
             flag(self.shortcut, "_sc"),
-            flag(self.multicast, "_mc"),
-            flag(self.backward_sums, "_gnb"),
             flag(self.staged, "_st")
         )
     }
@@ -241,27 +194,24 @@ impl WgmmaExtras {
     /// Where this combination's kernel in `precision` on `tile` sits in a table of
     /// [`WGMMA_EXTRA_SLOTS`] (bf16 or fp16, then the features as bits, then the tile).
     fn index(self, precision: Precision, tile: WgmmaTile) -> usize {
-        let bits = usize::from(self.tma)
-            | usize::from(self.shortcut) << 1
-            | usize::from(self.multicast) << 2
-            | usize::from(self.backward_sums) << 3
-            | usize::from(self.staged) << 4;
+        let bits =
+            usize::from(self.tma) | usize::from(self.shortcut) << 1 | usize::from(self.staged) << 2;
         table_index(precision, bits, WGMMA_EXTRA_COMBINATIONS, tile)
     }
 }
 
 /// Whether kernels/conv_wgmma.cu has a kernel for wgmma launch `plan` with a fused shortcut
-/// (`fused`) and GroupNorm backward sums (`backward_sums`) or without: every plain form does;
-/// one that adds a feature needs lean or TMA loaders and a combination that exists. (For the
-/// program tests; [`Kernels::conv`] looks the kernel up itself.)
+/// (`fused`) or without: every plain form does; one that adds a feature needs lean or TMA
+/// loaders and a combination that exists. (For the program tests; [`Kernels::conv`] looks the
+/// kernel up itself.)
 #[cfg(test)]
-pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool, backward_sums: bool) -> bool {
-    let extras = WgmmaExtras::of(plan, fused, backward_sums);
-    !extras.any() || (plan.lean_loads && extras.exists(plan.tile))
+pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
+    let extras = WgmmaExtras::of(plan, fused);
+    !extras.any() || (plan.lean_loads && extras.exists())
 }
 
-/// Combinations of [`WgmmaExtras`]' five flags.
-const WGMMA_EXTRA_COMBINATIONS: usize = 1 << 5;
+/// Combinations of [`WgmmaExtras`]' three flags.
+const WGMMA_EXTRA_COMBINATIONS: usize = 1 << 3;
 
 /// Slots of the table of [`WgmmaExtras`] kernels: both precisions, every tile, every
 /// combination (those [`WgmmaExtras::exists`] rejects stay empty).
@@ -271,7 +221,7 @@ pub(super) const WGMMA_EXTRA_SLOTS: usize = 2 * WGMMA_EXTRA_COMBINATIONS * Wgmma
 pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
     let mut out = Vec::new();
     for (tile, _) in WgmmaTile::ALL {
-        for extras in WgmmaExtras::all().filter(|e| e.exists(tile)) {
+        for extras in WgmmaExtras::all().filter(|e| e.exists()) {
             for precision in [Precision::Bf16, Precision::Fp16] {
                 out.push((
                     extras.index(precision, tile),
@@ -282,55 +232,6 @@ pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
         }
     }
     out
-}
-
-/// Launches `f` on `cfg`'s grid (its x a multiple of 2) in thread-block clusters of two blocks
-/// along x (`cuLaunchKernelEx`; cudarc's launcher takes no launch attributes).
-///
-/// # Safety
-/// `args` must point at the kernel's parameters in number, order and type, valid through the
-/// call, and every device address among them valid for what the kernel reads and writes.
-unsafe fn launch_clusters_of_two(
-    st: &CudaStream,
-    f: &CudaFunction,
-    cfg: LaunchConfig,
-    args: &[*const c_void],
-) -> std::result::Result<(), DriverError> {
-    if cfg.grid_dim.0 % 2 != 0 {
-        return Err(DriverError(sys::CUresult::CUDA_ERROR_INVALID_CLUSTER_SIZE));
-    }
-    st.context().bind_to_thread()?;
-    let mut attrs = [sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue {
-            clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: 2, y: 1, z: 1 },
-        },
-    }];
-    let config = sys::CUlaunchConfig {
-        gridDimX: cfg.grid_dim.0,
-        gridDimY: cfg.grid_dim.1,
-        gridDimZ: cfg.grid_dim.2,
-        blockDimX: cfg.block_dim.0,
-        blockDimY: cfg.block_dim.1,
-        blockDimZ: cfg.block_dim.2,
-        sharedMemBytes: cfg.shared_mem_bytes,
-        hStream: st.cu_stream(),
-        attrs: attrs.as_mut_ptr(),
-        numAttrs: attrs.len() as u32,
-    };
-    let mut params: Vec<*mut c_void> = args.iter().map(|p| p.cast_mut()).collect();
-    // SAFETY: the caller vouches for the arguments; `config`, `attrs` and `params` live through
-    // the call, which copies them.
-    unsafe {
-        sys::cuLaunchKernelEx(
-            &config,
-            f.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    }
-    .result()
 }
 
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -570,36 +471,12 @@ impl Kernels {
             gn_partial: p.gn_partial,
             ..ConvArgs::default()
         };
-        if let Some(b) = p.gn_backward {
-            for (q, what) in [
-                (b.x, "GroupNorm input"),
-                (b.stats, "GroupNorm statistics"),
-                (b.gamma, "GroupNorm scale"),
-                (b.beta, "GroupNorm shift"),
-            ] {
-                need(q, what)?;
-            }
-            if b.groups == 0 || s.ncols % b.groups != 0 {
-                return Err(Error::Cuda(format!(
-                    "internal: GroupNorm backward sums of {} channels in {} groups",
-                    s.ncols, b.groups
-                )));
-            }
-            a.gnb_x = b.x;
-            a.gnb_stats = b.stats;
-            a.gnb_gamma = b.gamma;
-            a.gnb_beta = b.beta;
-            a.gnb_xkind = b.x_half.map_or(Ok(0), half_kind)?;
-            a.gnb_groups = i32_of(b.groups, "GroupNorm groups")?;
-            a.gnb_silu = i32::from(b.silu);
-        }
         for (i, t) in s.taps.iter().enumerate() {
             a.tap_dy[i] = t.dy;
             a.tap_dx[i] = t.dx;
             a.tap_w[i] = t.w;
         }
-        // The families that fuse a shortcut or write backward sums: 16-bit wgmma launches with
-        // lean or TMA loaders.
+        // The family that fuses a shortcut: 16-bit wgmma launches with lean or TMA loaders.
         let lean_wgmma = plan.wgmma
             && plan.lean_loads
             && matches!(
@@ -645,23 +522,6 @@ impl Kernels {
                 plan.kernel, plan.splits, plan.lean_loads, plan.tile
             )));
         }
-        // Only the `_gnb` kernels write backward sums: without the partial sums they go to,
-        // or on any other kernel, refuse them.
-        let backward_sums = p.gn_backward.is_some();
-        if backward_sums && (p.gn_partial == 0 || !lean_wgmma || fused || probe.is_some()) {
-            return Err(Error::Cuda(format!(
-                "internal: GroupNorm backward sums asked of a {:?} convolution {}->{} with \
-                 partial sums {}, wgmma {}, lean loads {}, a fused shortcut {fused} or a cycle \
-                 probe {}: only the `_gnb` wgmma kernels write them",
-                plan.kernel,
-                s.sc,
-                s.ncols,
-                p.gn_partial != 0,
-                plan.wgmma,
-                plan.lean_loads,
-                probe.is_some()
-            )));
-        }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
             return self.conv_direct(st, s, plan, &a);
         }
@@ -683,15 +543,12 @@ impl Kernels {
             || (plan.lean_loads && !(plan.wgmma && plan.row_epilogue))
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
-            || (plan.multicast
-                && !(plan.tma_loads && plan.tile == WgmmaTile::Plain && probe.is_none()))
             || (plan.staged_epilogue && !(plan.tma_loads && plan.splits == 1 && probe.is_none()))
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
                  row epilogue {}, lean loads {}, TMA loads {}, prefetch {}, {} splits and tile \
-                 {:?} (multicast {}, staged epilogue {}, fused shortcut {fused}, backward sums \
-                 {}, cycle probe {})",
+                 {:?} (staged epilogue {}, fused shortcut {fused}, cycle probe {})",
                 plan.kernel,
                 plan.deep,
                 plan.half_input,
@@ -702,9 +559,7 @@ impl Kernels {
                 plan.prefetch,
                 plan.splits,
                 plan.tile,
-                plan.multicast,
                 plan.staged_epilogue,
-                p.gn_backward.is_some(),
                 probe.is_some()
             )));
         }
@@ -736,7 +591,7 @@ impl Kernels {
                         )
                     };
                     let wg = self.conv_wgmma.as_ref().ok_or_else(missing)?;
-                    let extras = WgmmaExtras::of(plan, fused, backward_sums);
+                    let extras = WgmmaExtras::of(plan, fused);
                     let f = if extras.any() {
                         wg.extras[extras.index(precision, plan.tile)]
                             .as_ref()
@@ -767,16 +622,8 @@ impl Kernels {
         } else {
             (TILE, BLOCK)
         };
-        // Multicast: clusters of two row tiles, so an even count (a padding block stores
-        // nothing).
-        let row_tiles = rows.div_ceil(tile_rows);
-        let row_tiles = if plan.multicast {
-            row_tiles.next_multiple_of(2)
-        } else {
-            row_tiles
-        };
         let grid = (
-            i32_of(row_tiles, "row tiles")? as u32,
+            i32_of(rows.div_ceil(tile_rows), "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),
@@ -800,14 +647,14 @@ impl Kernels {
                         };
                         Some((
                             tma::im2col_map(precision, p.x2, &source, tile_rows)?,
-                            tma::weight_map(precision, p.w2, &one, plan.multicast)?,
+                            tma::weight_map(precision, p.w2, &one)?,
                         ))
                     }
                     None => None,
                 };
                 maps = Some((
                     tma::im2col_map(precision, p.x, s, tile_rows)?,
-                    tma::weight_map(precision, p.w, s, plan.multicast)?,
+                    tma::weight_map(precision, p.w, s)?,
                     second,
                 ));
             }
@@ -817,50 +664,22 @@ impl Kernels {
             w: p.w2,
             sc: i32_of(s.shortcut_sc, "fused shortcut channels")?,
         };
-        if plan.multicast {
-            let Some((ta, tb, second)) = maps.as_ref().filter(|m| m.2.is_some() == fused) else {
-                return Err(Error::Cuda(
-                    "internal: a multicast launch without its tensor maps".into(),
-                ));
-            };
-            let mut args: Vec<*const c_void> = vec![
-                std::ptr::from_ref(&a).cast(),
-                std::ptr::from_ref(ta).cast(),
-                std::ptr::from_ref(tb).cast(),
-            ];
+        let mut b = st.launch_builder(f);
+        b.arg(&a);
+        if let Some((ta, tb, second)) = &maps {
+            b.arg(ta).arg(tb);
             if let Some((ta2, tb2)) = second {
-                args.extend([
-                    std::ptr::from_ref(ta2).cast(),
-                    std::ptr::from_ref(tb2).cast(),
-                    std::ptr::from_ref(&shortcut).cast(),
-                ]);
+                b.arg(ta2).arg(tb2);
             }
-            // SAFETY: the argument block, the maps (the shortcut's two after the main ones) and
-            // the shortcut's operands where it is fused are the kernel's parameters, in order;
-            // the grid covers the problem's tiles (and at most one padding block per column
-            // tile and split, which stores nothing), in clusters of two along x.
-            cu(
-                unsafe { launch_clusters_of_two(st, f, launch, &args) },
-                "launching a multicast convolution",
-            )?;
-        } else {
-            let mut b = st.launch_builder(f);
-            b.arg(&a);
-            if let Some((ta, tb, second)) = &maps {
-                b.arg(ta).arg(tb);
-                if let Some((ta2, tb2)) = second {
-                    b.arg(ta2).arg(tb2);
-                }
-            }
-            if fused {
-                b.arg(&shortcut);
-            }
-            if let Some(probe) = &probe {
-                b.arg(probe);
-            }
-            // SAFETY: as above; the grid covers exactly the tiles of the problem.
-            cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         }
+        if fused {
+            b.arg(&shortcut);
+        }
+        if let Some(probe) = &probe {
+            b.arg(probe);
+        }
+        // SAFETY: as above; the grid covers exactly the tiles of the problem.
+        cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
             let mut b = st.launch_builder(&self.conv_splitk_reduce);
@@ -1049,7 +868,7 @@ mod tests {
         assert_eq!(seen.len(), names.len());
     }
 
-    /// The kernels with extra features: each in a slot of its own, named by its features, 40
+    /// The kernels with extra features: each in a slot of its own, named by its features, 16
     /// in all (every one of them in the built module: `every_kernel_the_loaders_ask_for_exists`
     /// in mod.rs), the combinations of the candidates each among them.
     #[test]
@@ -1063,18 +882,15 @@ mod tests {
         let names: Vec<&str> = kernels.iter().map(|k| k.1.as_str()).collect();
         for name in [
             "conv_wgmma_bf16_rows_lean_sc_tall",
-            "conv_wgmma_fp16_rows_tma_mc_gnb",
+            "conv_wgmma_fp16_rows_tma_sc",
             "conv_wgmma_bf16_rows_tma_st_tall",
-            "conv_wgmma_bf16_rows_tma_sc_mc_st",
-            "conv_wgmma_fp16_rows_tma_mc_gnb_st",
-            "conv_wgmma_bf16_rows_tma_gnb_st_tall",
+            "conv_wgmma_bf16_rows_tma_sc_st",
+            "conv_wgmma_fp16_rows_tma_sc_st_tall",
         ] {
             assert!(names.contains(&name), "{name}");
         }
-        for absent in ["_sc_mc_gnb", "_lean_st", "_lean_mc", "_mc_tall", "_sc_gnb"] {
-            assert!(!names.iter().any(|n| n.contains(absent)), "{absent}");
-        }
-        assert_eq!(kernels.len(), 40);
+        assert!(!names.iter().any(|n| n.contains("_lean_st")));
+        assert_eq!(kernels.len(), 16);
     }
 
     /// Every tensor-core plan the kernels implement resolves to exactly one kernel, with its

@@ -425,16 +425,10 @@ pub(crate) struct ConvLaunch {
     pub prefetch: bool,
     /// With `wgmma`: its tile.
     pub tile: WgmmaTile,
-    /// With `tma_loads` on the plain tile: blocks in clusters of two consecutive row tiles,
-    /// each copying half of every weight slice (and of a fused shortcut's) into both (`MC` in
-    /// kernels/conv_wgmma.cu, the `_tma_mc` kernels, `_tma_sc_mc` with a fused shortcut and
-    /// `_tma_mc_gnb` with GroupNorm backward sums, each also in a `_st` form): the weight
-    /// traffic of the tall tile at two blocks a multiprocessor, the same bits.
-    pub multicast: bool,
     /// With `tma_loads`, unsplit: the epilogue through shared memory (`STAGED` in
-    /// kernels/conv_wgmma.cu, the `_st` kernels, also with multicast, a fused shortcut or
-    /// backward sums), each warp finishing whole rows with 16-byte accesses instead of each
-    /// thread its fragment's 8-byte pairs; the same arithmetic per value, so the same bits.
+    /// kernels/conv_wgmma.cu, the `_st` kernels, also with a fused shortcut), each warp
+    /// finishing whole rows with 16-byte accesses instead of each thread its fragment's 8-byte
+    /// pairs; the same arithmetic per value, so the same bits.
     pub staged_epilogue: bool,
 }
 
@@ -499,13 +493,8 @@ impl WgmmaTile {
 }
 
 /// Wgmma launch `l` moved to `tile`, with the same split; `None` for a launch without wgmma.
-/// Only the plain tile multicasts ([`ConvLaunch::multicast`]).
 pub(crate) fn on_tile(l: ConvLaunch, tile: WgmmaTile) -> Option<ConvLaunch> {
-    l.wgmma.then_some(ConvLaunch {
-        tile,
-        multicast: l.multicast && tile == WgmmaTile::Plain,
-        ..l
-    })
+    l.wgmma.then_some(ConvLaunch { tile, ..l })
 }
 
 /// Block tile of the GEMM kernels, and the K slice.
@@ -752,12 +741,10 @@ fn tc_splits(tiles: usize, ktiles: usize, slots: usize, sms: usize) -> usize {
 
 impl ConvLaunch {
     /// How a wgmma launch copies its slices and readies its epilogue, for reports: `, TMA
-    /// loads` (`, multicast`), `, lean loads`, then `, prefetch` and `, staged epilogue`; empty
-    /// for the plain loaders.
+    /// loads` or `, lean loads`, then `, prefetch` and `, staged epilogue`; empty for the plain
+    /// loaders.
     pub fn loads_described(&self) -> String {
-        let loads = if self.multicast {
-            ", TMA loads, multicast"
-        } else if self.tma_loads {
+        let loads = if self.tma_loads {
             ", TMA loads"
         } else if self.lean_loads {
             ", lean loads"
@@ -787,7 +774,6 @@ impl ConvLaunch {
             tma_loads: false,
             prefetch: false,
             tile: WgmmaTile::Plain,
-            multicast: false,
             staged_epilogue: false,
         }
     }

@@ -60,9 +60,7 @@ mod tma;
 pub(crate) use attention::{flash_fits, Gemm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
-pub(crate) use conv::{
-    ConvPtrs, NormBackwardSums, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-};
+pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
     plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
@@ -236,8 +234,8 @@ struct WgmmaKernels {
     plain: [CudaFunction; WGMMA_KERNELS],
     /// The same kernels with cycle counters (`_probe`), for [`Kernels::conv_probe`].
     probe: [CudaFunction; WGMMA_KERNELS],
-    /// The kernels with a fused shortcut, multicast, backward sums or a staged epilogue, in
-    /// the slots of `conv::WgmmaExtras::index` (`conv::wgmma_extra_kernels`).
+    /// The kernels with a fused shortcut or a staged epilogue, in the slots of
+    /// `conv::WgmmaExtras::index` (`conv::wgmma_extra_kernels`).
     extras: Vec<Option<CudaFunction>>,
 }
 
@@ -574,7 +572,7 @@ mod tests {
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
         let extras = wgmma_extra_kernels();
-        assert_eq!(extras.len(), 40, "{extras:?}");
+        assert_eq!(extras.len(), 16, "{extras:?}");
         asked.extend(extras.into_iter().map(|(_, n, _)| ("conv_wgmma".into(), n)));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");

@@ -16,12 +16,11 @@ const GN_FIN_THREADS: u32 = 256;
 /// launch of a block per (image, group) (kernels/norm.cu `gn_one_pass`). With `ilp`, the
 /// launches take the `_ilp` kernels where there are some (the element-wise passes, the
 /// backward's partial sums, both one-pass kernels), which issue their loads ahead of the
-/// arithmetic that would hold them back: the same bits. With `from_producer` (three launches),
-/// the step that wrote the input (forward) or the output gradient (backward) already wrote the
-/// partial sums, and `gn_partial` (`gn_bwd_partial`) does not run: a convolution's epilogue, a
-/// chunk of `chunk_px` pixels per tile ([`ConvPtrs::gn_partial`](super::ConvPtrs), and
-/// [`ConvPtrs::gn_backward`](super::ConvPtrs) backward), or a concatenation (forward,
-/// [`Kernels::concat_with_norm_sums`], this split's chunks).
+/// arithmetic that would hold them back: the same bits. With `from_producer` (forward, three
+/// launches), the step that wrote the input already wrote the partial sums, and `gn_partial`
+/// does not run: a convolution's epilogue, a chunk of `chunk_px` pixels per tile
+/// ([`ConvPtrs::gn_partial`](super::ConvPtrs)), or a concatenation
+/// ([`Kernels::concat_with_norm_sums`], this split's chunks).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct NormSplit {
     pub chunks: usize,
@@ -667,11 +666,6 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
-        if split.from_producer && split.one_pass.is_some() {
-            return Err(Error::Cuda(
-                "internal: a one-pass GroupNorm backward pass given its partial sums".into(),
-            ));
-        }
         let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
         // The element pass over a 16-bit x takes units of four only (x 8-byte aligned).
         let unaligned = x % 8 != 0
@@ -760,30 +754,27 @@ impl Kernels {
                     &self.gn_bwd_apply_x16_split_ilp,
                 ),
             };
-        // With `from_producer`, the convolution that wrote dy wrote the partial sums.
-        if !split.from_producer {
-            let mut b = st.launch_builder(partial_fn);
-            b.arg(&x);
-            if x_half.is_some() {
-                b.arg(&xkind);
-            }
-            b.arg(&dy)
-                .arg(&stats)
-                .arg(&gamma)
-                .arg(&beta)
-                .arg(&ni)
-                .arg(&hwi)
-                .arg(&ci)
-                .arg(&gi)
-                .arg(&silu)
-                .arg(&cpx)
-                .arg(&partial);
-            // SAFETY: as in the forward.
-            cu(
-                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-                &format!("launching gn_bwd_partial{x16}"),
-            )?;
+        let mut b = st.launch_builder(partial_fn);
+        b.arg(&x);
+        if x_half.is_some() {
+            b.arg(&xkind);
         }
+        b.arg(&dy)
+            .arg(&stats)
+            .arg(&gamma)
+            .arg(&beta)
+            .arg(&ni)
+            .arg(&hwi)
+            .arg(&ci)
+            .arg(&gi)
+            .arg(&silu)
+            .arg(&cpx)
+            .arg(&partial);
+        // SAFETY: as in the forward.
+        cu(
+            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+            &format!("launching gn_bwd_partial{x16}"),
+        )?;
         let mut b = st.launch_builder(&self.gn_bwd_finalize);
         b.arg(&partial)
             .arg(&ni)

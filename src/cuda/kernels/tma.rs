@@ -24,15 +24,8 @@ const _: () = assert!(std::mem::size_of::<TensorMap>() == 128);
 // SAFETY: plain-old-data with the layout of the kernels' `const __grid_constant__ TmaMap`.
 unsafe impl DeviceRepr for TensorMap {}
 
-/// Output channels of one weight box: a wgmma block's 128 columns, or half of them where two
-/// blocks of a cluster each copy half (`multicast`).
-fn box_cols(multicast: bool) -> u32 {
-    if multicast {
-        64
-    } else {
-        128
-    }
-}
+/// Output channels of one weight box: a wgmma block's 128 columns.
+const BOX_COLS: u32 = 128;
 
 fn data_type(precision: Precision) -> Result<sys::CUtensorMapDataType> {
     use sys::CUtensorMapDataType::*;
@@ -118,14 +111,8 @@ pub(super) fn im2col_map(
 }
 
 /// The tiled map of `s`'s K-major weights at `w` (`[blocks, ncols, sc]`, a block per distinct
-/// tap weight): boxes of 64 channels x 128 columns of one block (64 with `multicast`), zeros
-/// past `ncols`.
-pub(super) fn weight_map(
-    precision: Precision,
-    w: DPtr,
-    s: &ConvShape,
-    multicast: bool,
-) -> Result<TensorMap> {
+/// tap weight): boxes of 64 channels x 128 columns of one block, zeros past `ncols`.
+pub(super) fn weight_map(precision: Precision, w: DPtr, s: &ConvShape) -> Result<TensorMap> {
     let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
     let shape = || {
         format!(
@@ -136,7 +123,7 @@ pub(super) fn weight_map(
     let dtype = data_type(precision)?;
     let dims = [s.sc, s.ncols, blocks].map(|d| d as u64);
     let strides = [s.sc * 2, s.sc * 2 * s.ncols].map(|d| d as u64);
-    let boxes = [WGMMA_SLICE as u32, box_cols(multicast), 1];
+    let boxes = [WGMMA_SLICE as u32, BOX_COLS, 1];
     let element_strides = [1u32; 3];
     encoded(shape, |map| {
         // SAFETY: as in im2col_map, for rank 3.
@@ -178,7 +165,7 @@ mod tests {
             "{e}"
         );
         let same = ConvShape::forward(1, 64, 64, 256, 256, 3, 1, Pad::Symmetric);
-        let e = weight_map(Precision::Fp32, 0x1000, &same, false)
+        let e = weight_map(Precision::Fp32, 0x1000, &same)
             .err()
             .expect("fp32 has no 16-bit operands")
             .to_string();

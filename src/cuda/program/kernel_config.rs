@@ -40,14 +40,6 @@ pub(crate) struct KernelConfig {
     /// (`gn_concat_partial` in kernels/norm.cu; the same bits). The convolutions' half needs
     /// wgmma's lean or TMA launches; the concatenations' runs on any device.
     pub gn_producer_sums: bool,
-    /// With `gn_producer_sums`: a three-launch GroupNorm backward pass (of a recording
-    /// forward's GroupNorm) takes its partial sums (of g and g * xhat) from the convolution
-    /// input gradient that wrote its output gradient, where that is a lean or TMA wgmma launch
-    /// (unsplit, images of whole tiles): the `_gnb` kernels' epilogue reads the GroupNorm's
-    /// input at each staged value and sums as `gn_bwd_partial` does (`wg_bwd_sums` in
-    /// kernels/conv_wgmma.cu; the f64 sums in another order). One launch and one read of the
-    /// output gradient less.
-    pub gn_backward_producer_sums: bool,
     /// A three-launch GroupNorm backward pass over a concatenation writes the concatenation's
     /// two gradients itself, with the 16-bit copies its two adjoint steps wrote, where those
     /// steps would only copy them out of its input gradient (the `_split` kernels of
@@ -121,15 +113,9 @@ pub(crate) struct KernelConfig {
     /// Unsplit wgmma launches with at least a wave of them take 256-row tiles
     /// ([`WgmmaTile::Tall`]): the same sums in the same order.
     pub tall_tiles: bool,
-    /// TMA launches on the plain tile (with a fused shortcut or GroupNorm backward sums or
-    /// neither) run in clusters of two
-    /// blocks that share each weight slice, half copied by each into both
-    /// ([`ConvLaunch::multicast`]): the same sums in the same order. With `tall_tiles` off it
-    /// also stands in where the tall tile would have run.
-    pub wgmma_multicast: bool,
-    /// Unsplit TMA launches (with multicast, a fused shortcut or GroupNorm backward sums too)
-    /// finish their rows through shared memory ([`ConvLaunch::staged_epilogue`]), each warp
-    /// whole rows with 16-byte accesses: the same arithmetic per value, the same bits.
+    /// Unsplit TMA launches (with a fused shortcut too) finish their rows through shared
+    /// memory ([`ConvLaunch::staged_epilogue`]), each warp whole rows with 16-byte accesses:
+    /// the same arithmetic per value, the same bits.
     pub staged_epilogue: bool,
     /// With `staged_epilogue`: a TMA launch that the split rule gives two splits of K, K at
     /// most [`STAGED_UNSPLIT_MAX_K`], runs unsplit, so that it stages its epilogue (split
@@ -167,7 +153,6 @@ impl Default for KernelConfig {
             wgmma: false,
             gn_one_pass: false,
             gn_producer_sums: false,
-            gn_backward_producer_sums: false,
             concat_grad_split: false,
             half_gn_inputs: false,
             half_gn_inputs_recording: false,
@@ -184,7 +169,6 @@ impl Default for KernelConfig {
             wgmma_tma: false,
             epilogue_prefetch: false,
             tall_tiles: false,
-            wgmma_multicast: false,
             staged_epilogue: false,
             staged_unsplit: false,
             upsample_fold: false,
@@ -228,7 +212,6 @@ impl KernelConfig {
             wgmma: here.wgmma,
             gn_one_pass: true,
             gn_producer_sums: true,
-            gn_backward_producer_sums: false,
             concat_grad_split: true,
             half_gn_inputs: true,
             half_gn_inputs_recording: true,
@@ -245,7 +228,6 @@ impl KernelConfig {
             wgmma_tma: here.wgmma,
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
-            wgmma_multicast: false,
             staged_epilogue: here.wgmma,
             staged_unsplit: false,
             upsample_fold: precision.is_half(),
@@ -272,11 +254,6 @@ impl KernelConfig {
             wgmma,
             gn_one_pass: kept("INVDIFF_GN_ONE_PASS", tuned.gn_one_pass),
             gn_producer_sums: kept("INVDIFF_GN_PRODUCER_SUMS", tuned.gn_producer_sums),
-            gn_backward_producer_sums: wgmma
-                && kept(
-                    "INVDIFF_GN_BWD_PRODUCER_SUMS",
-                    tuned.gn_backward_producer_sums,
-                ),
             concat_grad_split: kept("INVDIFF_CONCAT_GRAD_SPLIT", tuned.concat_grad_split),
             half_gn_inputs: kept("INVDIFF_GN_HALF_INPUT", tuned.half_gn_inputs),
             half_gn_inputs_recording: kept(
@@ -296,7 +273,6 @@ impl KernelConfig {
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
-            wgmma_multicast: wgmma && kept("INVDIFF_WGMMA_MULTICAST", tuned.wgmma_multicast),
             staged_epilogue: wgmma && kept("INVDIFF_EPI_STAGED", tuned.staged_epilogue),
             staged_unsplit: wgmma && kept("INVDIFF_STAGED_UNSPLIT", tuned.staged_unsplit),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
@@ -313,10 +289,6 @@ impl KernelConfig {
             (self.wgmma, "wgmma"),
             (self.gn_one_pass, "one-pass GroupNorm"),
             (self.gn_producer_sums, "GroupNorm sums from their producers"),
-            (
-                self.gn_producer_sums && self.gn_backward_producer_sums,
-                "GroupNorm backward sums from their producers",
-            ),
             (
                 self.concat_grad_split,
                 "concatenation gradients from their GroupNorms",
@@ -345,7 +317,6 @@ impl KernelConfig {
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
-            (self.wgmma_multicast, "wgmma weight slices multicast"),
             (self.staged_epilogue, "staged wgmma epilogues"),
             (
                 self.staged_epilogue && self.staged_unsplit,

@@ -5,8 +5,8 @@
 #[cfg(doc)]
 use super::Program;
 use super::{
-    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, NormBackwardInput, Step, FOLD_MIN_ROWS,
-    HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K, W,
+    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN,
+    STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
@@ -213,79 +213,6 @@ impl Lowering<'_> {
                 if let Step::GroupNorm { split, .. } = &mut self.steps[i] {
                     *split = taken;
                 }
-            }
-        }
-    }
-
-    /// With [`KernelConfig::gn_backward_producer_sums`]: each three-launch GroupNorm backward
-    /// pass whose output gradient was last written, whole, by a convolution input gradient
-    /// whose launch can write the partial sums ([`gn_partial_fits`], without a fused shortcut,
-    /// for which there are no `_gnb` kernels) takes them from that launch's epilogue, a chunk
-    /// per tile, and skips its own pass over the output gradient and the GroupNorm's input.
-    /// `from`: the first step of the backward pass.
-    pub(super) fn norm_backward_sums_from_producers(&mut self, from: usize) {
-        for i in from..self.steps.len() {
-            let Step::GroupNormBackward {
-                x,
-                x_half,
-                dy,
-                gamma,
-                beta,
-                hw,
-                c,
-                groups,
-                split,
-                silu,
-                stats,
-                partial,
-                ..
-            } = self.steps[i]
-            else {
-                continue;
-            };
-            // (The epilogue reads one parameter group's scale and shift.)
-            if split.one_pass.is_some() || split.from_producer || gamma.pid != beta.pid {
-                continue;
-            }
-            let Some(j) = (from..i)
-                .rev()
-                .find(|&j| self.steps[j].io().1.contains(&dy))
-            else {
-                continue;
-            };
-            let n = self.n;
-            let Step::Conv(conv) = &mut self.steps[j] else {
-                continue;
-            };
-            let fits = conv.y == dy
-                && !conv.accumulate
-                && conv.gn_partial.is_none()
-                && conv.shortcut.is_none()
-                && conv.launch.wgmma
-                && conv.shape.ncols == c
-                && conv.shape.mh * conv.shape.mw == hw
-                && conv.shape.n == n;
-            let Some(chunks) = gn_partial_fits(&conv.shape, &conv.launch).filter(|_| fits) else {
-                continue;
-            };
-            conv.gn_partial = Some(partial);
-            conv.gn_backward = Some(NormBackwardInput {
-                x,
-                x_half,
-                stats,
-                norm: gamma.pid,
-                groups,
-                silu,
-            });
-            let taken = NormSplit {
-                chunks,
-                chunk_px: hw / chunks,
-                from_producer: true,
-                ..split
-            };
-            self.bufs[partial.0].len = taken.partial_len(n, c);
-            if let Step::GroupNormBackward { split, .. } = &mut self.steps[i] {
-                *split = taken;
             }
         }
     }
@@ -808,7 +735,6 @@ impl Lowering<'_> {
             accumulate: false,
             gn_partial: None,
             shortcut: None,
-            gn_backward: None,
         }
     }
 
@@ -848,8 +774,6 @@ impl Lowering<'_> {
         let lean_here = launch.wgmma && launch.row_epilogue;
         launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
-        launch.multicast =
-            self.choice.wgmma_multicast && launch.tma_loads && launch.tile == WgmmaTile::Plain;
         if self.choice.staged_epilogue
             && self.choice.staged_unsplit
             && launch.tma_loads

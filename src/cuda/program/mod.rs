@@ -308,34 +308,6 @@ pub(crate) struct ConvStep {
     /// The residual block's 1x1 shortcut, fused into this launch as more K
     /// ([`KernelConfig::shortcut_fused`], [`ConvShape::shortcut_sc`]).
     pub shortcut: Option<FusedShortcut>,
-    /// With `gn_partial`: `y` is the output gradient of this GroupNorm backward pass, whose
-    /// partial sums the epilogue writes instead of `y`'s own
-    /// ([`KernelConfig::gn_backward_producer_sums`]).
-    pub gn_backward: Option<NormBackwardInput>,
-}
-
-/// What a convolution's epilogue reads to sum a GroupNorm backward pass's partial sums: the
-/// GroupNorm's recorded input (16-bit in `x_half`), statistics, and the scale and shift of its
-/// parameter group `norm`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct NormBackwardInput {
-    pub x: Buf,
-    pub x_half: Option<Precision>,
-    pub stats: Buf,
-    pub norm: usize,
-    pub groups: usize,
-    pub silu: bool,
-}
-
-impl NormBackwardInput {
-    /// The GroupNorm's scale and shift.
-    pub fn gamma_beta(&self) -> (W, W) {
-        let w = |kind| W {
-            pid: self.norm,
-            kind,
-        };
-        (w(WKind::Gamma), w(WKind::Beta))
-    }
 }
 
 /// A 1x1 shortcut fused into its block's second convolution: its input, in 16 bits, and its
@@ -364,7 +336,6 @@ impl Step {
                 [c.x]
                     .into_iter()
                     .chain(c.shortcut.map(|f| f.x))
-                    .chain(c.gn_backward.into_iter().flat_map(|b| [b.x, b.stats]))
                     .chain(c.temb)
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
@@ -412,8 +383,7 @@ impl Step {
                     .collect(),
                 std::iter::once(*dx).chain(dx16.map(|(b, _)| b)).collect(),
             ),
-            // With its partial sums from the step that wrote `dy`, those read, not written; with
-            // the concatenation's sides, those written instead of `dx`.
+            // With the concatenation's sides, those written instead of `dx`.
             GroupNormBackward {
                 x,
                 dy,
@@ -423,21 +393,18 @@ impl Step {
                 means,
                 accumulate,
                 dx16,
-                split,
                 sides,
                 ..
             } => (
                 [*x, *dy, *stats]
                     .into_iter()
-                    .chain(split.from_producer.then_some(*partial))
                     .chain(acc(*dx, *accumulate))
                     .collect(),
                 sides
                     .is_none()
                     .then_some(*dx)
                     .into_iter()
-                    .chain((!split.from_producer).then_some(*partial))
-                    .chain([*means])
+                    .chain([*partial, *means])
                     .chain(dx16.map(|(b, _)| b))
                     .chain(sides.iter().flat_map(GradSides::written))
                     .collect(),
@@ -518,10 +485,6 @@ impl Step {
             Conv(c) => std::iter::once(c.w)
                 .chain(c.bias)
                 .chain(c.shortcut.map(|f| f.w))
-                .chain(c.gn_backward.into_iter().flat_map(|b| {
-                    let (gamma, beta) = b.gamma_beta();
-                    [gamma, beta]
-                }))
                 .collect(),
             GroupNorm { gamma, beta, .. } | GroupNormBackward { gamma, beta, .. } => {
                 vec![*gamma, *beta]
@@ -678,9 +641,6 @@ impl Program {
             });
             cotangent = Some(cot);
             grad_input = Some(out);
-            if choice.gn_producer_sums && choice.gn_backward_producer_sums {
-                l.norm_backward_sums_from_producers(forward_steps);
-            }
             if choice.concat_grad_split {
                 l.concat_grads_from_norms(forward_steps);
             }

@@ -69,18 +69,12 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
         s.finish()
     }
-    // A step's operation: its kind and shape (not its kernel) and the weights it reads (but
-    // the scale and shift of a GroupNorm backward pass whose sums a convolution writes, which
-    // its output does not depend on).
+    // A step's operation: its kind and shape (not its kernel) and the weights it reads.
     let op_of = |step: &Step| {
         let info = step.info(p.n, p.h, p.w);
         let weights: Vec<(usize, String)> = step
             .weights()
             .iter()
-            .filter(|w| {
-                !matches!(step, Step::Conv(c) if c.gn_backward.is_some())
-                    || !matches!(w.kind, WKind::Gamma | WKind::Beta)
-            })
             .map(|w| (w.pid, format!("{:?}", w.kind)))
             .collect();
         move |s: &mut DefaultHasher| {
@@ -90,17 +84,6 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
         }
     };
     let half = |v: u64| h(&[&|s| "half".hash(s), &|s| v.hash(s)]);
-    // The sums of a GroupNorm backward pass over output gradient `dy` and input `x` (their
-    // values), with statistics `stats`, the scale and shift of parameter group `norm`, `groups`
-    // groups and SiLU or not: what a convolution that writes them must write and the pass that
-    // takes them must have summed itself.
-    let norm_sums = |dy: u64, x: u64, stats: u64, norm: usize, groups: usize, silu: bool| {
-        h(&[
-            &|s| "GroupNorm backward sums".hash(s),
-            &|s| [dy, x, stats].hash(s),
-            &|s| (norm, groups, silu).hash(s),
-        ])
-    };
     // A convolution launch's value: its operation, the value of its main input (as the
     // kernel reads it), those its epilogue adds, the output it adds onto or fills in part of,
     // and its divisor.
@@ -151,43 +134,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
             }
         }
         let op = op_of(step);
-        // A GroupNorm backward pass given its partial sums by the launch that wrote its output
-        // gradient (gn_backward_producer_sums) must find the sums of its own operands there,
-        // and then stands for the same pass summing them itself.
-        if let Step::GroupNormBackward {
-            x,
-            x_half,
-            dy,
-            gamma,
-            beta,
-            groups,
-            split,
-            silu,
-            stats,
-            partial,
-            ..
-        } = *step
-        {
-            if split.from_producer {
-                let x = match x_half {
-                    Some(_) => converted[&x],
-                    None => val[x.0],
-                };
-                assert_eq!(gamma.pid, beta.pid, "step {i}");
-                let own = norm_sums(val[dy.0], x, val[stats.0], gamma.pid, groups, silu);
-                assert_eq!(val[partial.0], own, "step {i}: sums of other operands");
-            }
-        }
-        let (reads, writes) = match step {
-            Step::GroupNormBackward { split, .. } if split.from_producer => {
-                let mut own = step.clone();
-                if let Step::GroupNormBackward { split, .. } = &mut own {
-                    split.from_producer = false;
-                }
-                own.io()
-            }
-            _ => step.io(),
-        };
+        let (reads, writes) = step.io();
         match step {
             Step::AddInto {
                 dst,
@@ -356,14 +303,6 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 let extra = epilogue_inputs(c, &val);
                 let old = (c.accumulate || c.shape.out_stride > 1).then(|| val[c.y.0]);
                 val[c.y.0] = conv_value(step, main, &extra, old, c.out_div);
-                if let (Some(b), Some(partial)) = (c.gn_backward, c.gn_partial) {
-                    let x = match b.x_half {
-                        Some(_) => converted[&b.x],
-                        None => val[b.x.0],
-                    };
-                    val[partial.0] =
-                        norm_sums(val[c.y.0], x, val[b.stats.0], b.norm, b.groups, b.silu);
-                }
             }
             _ => {
                 // The fused attention backward also reads the forward's output, a function
@@ -945,16 +884,14 @@ fn half_copies_feed_only_tensor_core_launches() {
 }
 
 /// With staged_epilogue, exactly the unsplit TMA launches finish through shared memory,
-/// forward and backward, on both tiles, also where they multicast, fuse a shortcut or write
-/// GroupNorm backward sums; the program is otherwise the one without it.
+/// forward and backward, on both tiles, also where they fuse a shortcut; the program is
+/// otherwise the one without it.
 #[test]
 fn staged_epilogues_take_the_unsplit_tma_launches() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     let candidates = KernelConfig {
         shortcut_fused: true,
-        wgmma_multicast: true,
-        gn_backward_producer_sums: true,
         ..tuned
     };
     for (n, record) in [(1, true), (8, false)] {
@@ -978,9 +915,8 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
                 ..others
             });
             assert_eq!(base.steps.len(), p.steps.len());
-            // Staged launches: all, on the tall tile, multicast, fusing a shortcut, writing
-            // backward sums.
-            let mut staged = [0; 5];
+            // Staged launches: all, on the tall tile, fusing a shortcut.
+            let mut staged = [0; 3];
             for (a, b) in base.steps.iter().zip(&p.steps) {
                 let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
                     assert_eq!(format!("{a:?}"), format!("{b:?}"));
@@ -997,39 +933,30 @@ fn staged_epilogues_take_the_unsplit_tma_launches() {
                     ..b.clone()
                 };
                 assert_eq!(format!("{unstaged:?}"), format!("{a:?}"));
-                let kinds = [
-                    true,
-                    l.tile == WgmmaTile::Tall,
-                    l.multicast,
-                    b.shortcut.is_some(),
-                    b.gn_backward.is_some(),
-                ];
+                let kinds = [true, l.tile == WgmmaTile::Tall, b.shortcut.is_some()];
                 for (count, kind) in staged.iter_mut().zip(kinds) {
                     *count += usize::from(fits && kind);
                 }
             }
-            let [all, tall, multicast, fused, sums] = staged;
+            let [all, tall, fused] = staged;
             assert!(all > 0, "batch {n}");
             assert_eq!(tall > 0, others.tall_tiles, "batch {n}");
-            if others.wgmma_multicast {
-                assert!(multicast > 0 && fused > 0, "batch {n}: {staged:?}");
-                assert_eq!(sums > 0, record, "batch {n}: {staged:?}");
+            if others.shortcut_fused {
+                assert!(fused > 0, "batch {n}: {staged:?}");
             }
         }
     }
 }
 
 /// Every wgmma launch of the celebahq programs finds a kernel, with the candidates off, each
-/// on, and all on with the tall tiles on and off: the planner's rules (which launches stage,
-/// multicast, fuse a shortcut or write backward sums) and the kernels compiled agree.
+/// on, and all on with the tall tiles on and off: the planner's rules (which launches stage or
+/// fuse a shortcut) and the kernels compiled agree.
 #[test]
 fn every_planned_wgmma_launch_has_a_kernel() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     let all = KernelConfig {
         shortcut_fused: true,
-        wgmma_multicast: true,
-        gn_backward_producer_sums: true,
         staged_epilogue: true,
         half_gn_inputs_recording: true,
         ..tuned
@@ -1038,14 +965,6 @@ fn every_planned_wgmma_launch_has_a_kernel() {
         tuned,
         KernelConfig {
             shortcut_fused: true,
-            ..tuned
-        },
-        KernelConfig {
-            wgmma_multicast: true,
-            ..tuned
-        },
-        KernelConfig {
-            gn_backward_producer_sums: true,
             ..tuned
         },
         KernelConfig {
@@ -1064,8 +983,8 @@ fn every_planned_wgmma_launch_has_a_kernel() {
             for s in &p.steps {
                 let Step::Conv(c) = s else { continue };
                 if c.launch.wgmma {
-                    let (fused, sums) = (c.shape.shortcut_sc > 0, c.gn_backward.is_some());
-                    assert!(wgmma_kernel_exists(&c.launch, fused, sums), "{c:?}");
+                    let fused = c.shape.shortcut_sc > 0;
+                    assert!(wgmma_kernel_exists(&c.launch, fused), "{c:?}");
                 }
             }
         }
@@ -1130,146 +1049,6 @@ fn concat_gradients_come_from_their_groupnorms() {
             assert_eq!(taken, if record { 12 } else { 0 }, "{precision} n{n}");
             assert_eq!(p.steps.len() + 2 * taken, base.steps.len());
         }
-    }
-}
-
-/// With gn_backward_producer_sums, a three-launch GroupNorm backward pass takes its partial
-/// sums from the convolution that wrote its output gradient last exactly where that launch can
-/// write them (lean or TMA wgmma, unsplit, images of whole tiles, no fused shortcut; multicast
-/// or not), with the GroupNorm's own input, statistics and parameters, one chunk per tile in a
-/// buffer sized for them; every other step is the program's without the switch. The same
-/// passes with multicast (tall tiles on, which mixes tall and multicast launches, and off);
-/// never in fp32.
-#[test]
-fn groupnorm_backward_sums_come_from_the_input_gradients() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    // The passes that take the sums in `p`, checked against `base` (the same choices without
-    // them): how many, how many read a 16-bit x, how many from multicast launches.
-    let check = |base: &Program, p: &Program| -> (usize, usize, usize) {
-        assert_eq!(base.steps.len(), p.steps.len());
-        let (n, mut taken, mut x16, mut shared) = (p.n, 0, 0, 0);
-        for (i, s) in p.steps.iter().enumerate() {
-            let Step::GroupNormBackward {
-                x,
-                x_half,
-                dy,
-                hw,
-                c,
-                groups,
-                split,
-                silu,
-                stats,
-                partial,
-                gamma,
-                beta,
-                ..
-            } = *s
-            else {
-                continue;
-            };
-            let own = match base.steps[i] {
-                Step::GroupNormBackward { split, .. } => split,
-                _ => unreachable!("the same steps"),
-            };
-            let writer = (p.forward_steps..i)
-                .rev()
-                .find(|&j| p.steps[j].io().1.contains(&dy));
-            let conv = match writer.map(|j| &p.steps[j]) {
-                Some(Step::Conv(conv)) => Some(conv),
-                _ => None,
-            };
-            let fits = conv
-                .filter(|c| c.y == dy && !c.accumulate)
-                .filter(|c| c.shortcut.is_none() && c.launch.wgmma)
-                .and_then(|c| gn_partial_fits(&c.shape, &c.launch));
-            let can = own.one_pass.is_none() && fits.is_some();
-            assert_eq!(split.from_producer, can, "step {i}: {s:?}");
-            if !can {
-                assert_eq!(split, own);
-                continue;
-            }
-            taken += 1;
-            x16 += usize::from(x_half.is_some());
-            let conv = conv.unwrap();
-            shared += usize::from(conv.launch.multicast);
-            assert_eq!(conv.gn_partial, Some(partial));
-            assert_eq!(
-                conv.gn_backward,
-                Some(NormBackwardInput {
-                    x,
-                    x_half,
-                    stats,
-                    norm: gamma.pid,
-                    groups,
-                    silu,
-                })
-            );
-            assert_eq!(conv.gn_backward.unwrap().gamma_beta(), (gamma, beta));
-            assert_eq!(
-                (split.chunks, split.chunk_px, split.chunks * split.chunk_px),
-                (fits.unwrap(), conv.launch.tile.rows(), hw)
-            );
-            assert_eq!(p.bufs[partial.0].len, 4 * n * split.chunks * c);
-        }
-        // One launch fewer for each; every convolution otherwise as without the switch.
-        assert_eq!(base.launches() - p.launches(), taken);
-        for (a, b) in base.steps.iter().zip(&p.steps) {
-            if let (Step::Conv(a), Step::Conv(b)) = (a, b) {
-                assert_eq!(a.launch, b.launch);
-                assert_eq!(
-                    a.gn_partial,
-                    b.gn_partial.filter(|_| b.gn_backward.is_none())
-                );
-            }
-        }
-        (taken, x16, shared)
-    };
-    // (With the 16-bit concatenations recorded, some passes read a 16-bit x.)
-    for (n, h, recording) in [
-        (1, 256, false),
-        (2, 64, false),
-        (1, 256, true),
-        (8, 256, false),
-    ] {
-        let tuned = KernelConfig {
-            half_gn_inputs_recording: recording,
-            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-        };
-        let build =
-            |tc, precision| Program::build_with(&g, n, h, h, true, 132, precision, tc).unwrap();
-        let with = |tc| KernelConfig {
-            gn_backward_producer_sums: true,
-            ..tc
-        };
-        let pair = |tc| {
-            check(
-                &build(tc, Precision::Bf16),
-                &build(with(tc), Precision::Bf16),
-            )
-        };
-        let (taken, x16, shared) = pair(tuned);
-        assert!(taken > 0, "batch {n} {h}x{h}");
-        assert_eq!(x16 > 0, recording, "batch {n} {h}x{h}");
-        assert_eq!(shared, 0);
-        for tall_tiles in [true, false] {
-            let multicast = KernelConfig {
-                wgmma_multicast: true,
-                tall_tiles,
-                ..tuned
-            };
-            let (same, _, shared) = pair(multicast);
-            assert_eq!(same, taken, "batch {n} {h}x{h}, tall tiles {tall_tiles}");
-            assert!(shared > 0, "batch {n} {h}x{h}, tall tiles {tall_tiles}");
-            if !tall_tiles {
-                assert_eq!(shared, taken);
-            }
-        }
-        // Nowhere in fp32 (no wgmma).
-        let fp32 = build(with(tuned), Precision::Fp32);
-        assert!(fp32
-            .steps
-            .iter()
-            .all(|s| !matches!(s, Step::Conv(c) if c.gn_backward.is_some())));
     }
 }
 
@@ -1629,19 +1408,6 @@ fn switches_compute_what_the_default_program_computes() {
                 .iter()
                 .any(|s| matches!(s, Step::Conv(c) if c.shortcut.is_some())));
             assert_eq!(symbolic(&p), want, "{precision} {n}x{h}x{w}");
-            // The candidate: weight slices multicast, with the shortcuts fused, with and
-            // without the tall tiles, and with the GroupNorm backward sums too.
-            for tall_tiles in [true, false] {
-                for sums in [false, true] {
-                    let multicast = KernelConfig {
-                        wgmma_multicast: true,
-                        tall_tiles,
-                        gn_backward_producer_sums: sums,
-                        ..fused
-                    };
-                    assert_eq!(symbolic(&build(multicast)), want, "{precision} {n}x{h}x{w}");
-                }
-            }
             // The candidate: staged epilogues, alone and with every other candidate.
             for staged in [
                 KernelConfig {
@@ -1651,28 +1417,11 @@ fn switches_compute_what_the_default_program_computes() {
                 KernelConfig {
                     staged_epilogue: true,
                     shortcut_fused: true,
-                    gn_backward_producer_sums: true,
                     half_gn_inputs_recording: true,
-                    ..tuned
-                },
-                KernelConfig {
-                    staged_epilogue: true,
-                    shortcut_fused: true,
-                    gn_backward_producer_sums: true,
-                    wgmma_multicast: true,
                     ..tuned
                 },
             ] {
                 assert_eq!(symbolic(&build(staged)), want, "{precision} {n}x{h}x{w}");
-            }
-            // The candidate: GroupNorm backward sums from the input gradients, alone and with
-            // the 16-bit concatenations of the recording forward.
-            for base in [tuned, recording] {
-                let sums = KernelConfig {
-                    gn_backward_producer_sums: true,
-                    ..base
-                };
-                assert_eq!(symbolic(&build(sums)), want, "{precision} {n}x{h}x{w}");
             }
             // The candidate: concatenation gradients from their GroupNorms, alone, with the
             // 16-bit concatenations of the recording forward, and with every other candidate.
@@ -1682,8 +1431,6 @@ fn switches_compute_what_the_default_program_computes() {
                 KernelConfig {
                     staged_epilogue: true,
                     shortcut_fused: true,
-                    gn_backward_producer_sums: true,
-                    wgmma_multicast: true,
                     ..recording
                 },
             ] {
@@ -1942,7 +1689,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 15] = [
+    let flags: [fn(&mut KernelConfig); 14] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1955,7 +1702,6 @@ fn every_choice_has_a_name() {
         |c| c.tall_tiles = true,
         |c| c.upsample_fold = true,
         |c| c.shortcut_fused = true,
-        |c| c.wgmma_multicast = true,
         |c| c.staged_epilogue = true,
         |c| c.batch_invariant = true,
     ];
@@ -2123,62 +1869,6 @@ fn shortcuts_fuse_into_their_blocks_second_convolutions() {
                 .iter()
                 .all(|s| !matches!(s, Step::Conv(c) if c.shortcut.is_some())));
         }
-    }
-}
-
-/// With wgmma_multicast, exactly the TMA launches on the plain tile multicast, forward and
-/// backward, with the shortcuts fused or not; with the tall tiles off too, the TMA launches that
-/// would have taken them multicast instead.
-#[test]
-fn multicast_takes_the_plain_tma_launches() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
-    // (The selftest's network rows run 64x64 x 2 too.)
-    for (n, h, record) in [(1, 256, true), (8, 256, false), (2, 64, true)] {
-        let count = |tc: KernelConfig| {
-            let p = Program::build_with(&g, n, h, h, record, 132, Precision::Bf16, tc).unwrap();
-            let (mut tall, mut multicast, mut fused_multicast) = (0, 0, 0);
-            for s in &p.steps {
-                let Step::Conv(c) = s else { continue };
-                let l = c.launch;
-                let fits = tc.wgmma_multicast && l.tma_loads && l.tile == WgmmaTile::Plain;
-                assert_eq!(l.multicast, fits, "{s:?}");
-                tall += usize::from(l.tile == WgmmaTile::Tall && l.tma_loads);
-                multicast += usize::from(l.multicast);
-                fused_multicast += usize::from(l.multicast && c.shortcut.is_some());
-            }
-            (tall, multicast, fused_multicast)
-        };
-        let on = KernelConfig {
-            wgmma_multicast: true,
-            ..tuned
-        };
-        let (tall, multicast, _) = count(on);
-        assert!(
-            multicast > 0 && (n != 8 || tall > 0),
-            "batch {n}: {tall} tall"
-        );
-        let (no_tall, more, _) = count(KernelConfig {
-            tall_tiles: false,
-            ..on
-        });
-        assert_eq!(no_tall, 0);
-        assert_eq!(more, multicast + tall, "batch {n}");
-        assert_eq!(count(tuned).1, 0);
-        // With the shortcuts fused, fused launches multicast too (each launch checked above):
-        // some where the low levels run on the plain tile, at least as many with the tall
-        // tiles off.
-        let fused = KernelConfig {
-            shortcut_fused: true,
-            ..on
-        };
-        let (_, _, some) = count(fused);
-        assert!(some > 0, "batch {n}");
-        let (_, _, all) = count(KernelConfig {
-            tall_tiles: false,
-            ..fused
-        });
-        assert!(all >= some && all > 0, "batch {n}: {all}");
     }
 }
 

@@ -184,8 +184,8 @@ impl Tester<'_> {
 
     /// Room for the partial sums of `n` images of `chunks` chunks of `c` channels (two f64, so
     /// four f32 slots, each), zeroed, then one image's more filled with [`PARTIAL_GUARD`]: where
-    /// a block past the last image (a multicast launch's padding block) would write.
-    pub(super) fn guarded_partial(&self, n: usize, chunks: usize, c: usize) -> Result<DevBuf> {
+    /// a block past the last image would write.
+    fn guarded_partial(&self, n: usize, chunks: usize, c: usize) -> Result<DevBuf> {
         let mut words = vec![0.0f32; 4 * (n + 1) * chunks * c];
         words[4 * n * chunks * c..].fill(PARTIAL_GUARD);
         self.up(&words)
@@ -194,7 +194,7 @@ impl Tester<'_> {
     /// A row holding the f64 partial sums at the start of `partial`
     /// ([`Self::guarded_partial`]) to `expect` within `tolerance` (relative L2 in f64); a launch
     /// that wrote past them (a guard word changed) fails it (NaN).
-    pub(super) fn partial_sums_row(
+    fn partial_sums_row(
         &mut self,
         op: String,
         shape: String,

@@ -10,11 +10,9 @@
 //!
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
-//! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `multicast`, weight slices
-//! shared by clusters of two; `backward_sums`, GroupNorm backward sums from the input
-//! gradients; `staged_epilogue`, epilogues through shared memory), `linears`, `group_norms`
-//! (and `concat_grads`, a concatenation's gradients written by its GroupNorm's backward pass),
-//! `attentions`, `data_movement` and
+//! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `staged_epilogue`, epilogues
+//! through shared memory), `linears`, `group_norms` (and `concat_grads`, a concatenation's
+//! gradients written by its GroupNorm's backward pass), `attentions`, `data_movement` and
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
@@ -31,7 +29,6 @@ use crate::tensor::rel_l2;
 use crate::{Error, Result};
 
 mod attentions;
-mod backward_sums;
 mod concat_grads;
 mod conv_variants;
 mod convolutions;
@@ -40,7 +37,6 @@ mod folded_upsampling;
 mod fused_shortcut;
 mod group_norms;
 mod linears;
-mod multicast;
 mod networks;
 mod staged_epilogue;
 
@@ -123,7 +119,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 14] = [
+pub const SELFTEST_GROUPS: [&str; 12] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -134,8 +130,6 @@ pub const SELFTEST_GROUPS: [&str; 14] = [
     "tensor-core networks",
     "tensor-core convolutions",
     "fused shortcuts",
-    "multicast",
-    "backward sums",
     "staged epilogue",
     "concatenation gradients",
 ];
@@ -162,7 +156,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 14] = [
+    let groups: [(&str, Group); 12] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -187,19 +181,9 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.fused_shortcuts(false)?;
             t.fused_shortcut_unets(o)
         }),
-        ("multicast", |t, o| {
-            t.multicasts(false)?;
-            t.multicast_unets(o)
-        }),
-        ("backward sums", |t, o| {
-            t.backward_sums(false)?;
-            t.backward_sums_unets(o)
-        }),
         ("staged epilogue", |t, o| {
             t.staged_epilogues()?;
             t.fused_shortcuts(true)?;
-            t.multicasts(true)?;
-            t.backward_sums(true)?;
             t.staged_epilogue_unets(o)
         }),
         ("concatenation gradients", |t, o| {

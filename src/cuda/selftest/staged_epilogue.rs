@@ -1,15 +1,16 @@
 //! Epilogues through shared memory (the `_st` wgmma kernels, `INVDIFF_EPI_STAGED`): launches
-//! against the same launch without, bit for bit, also where they multicast, fuse a shortcut or
-//! write GroupNorm backward sums (those groups' checks, staged), and whole networks against the
-//! same network without. A group of its own, run last: a candidate's kernel that faults ends no
-//! other check.
+//! against the same launch without, bit for bit, also where they fuse a shortcut (that group's
+//! checks, staged), and whole networks against the same network without. A group of its own,
+//! run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::multicast::TmaCase;
 use super::Tester;
-use crate::cuda::kernels::{on_tile, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile};
+use crate::cuda::kernels::{
+    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, DPtr, WgmmaTile,
+};
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
+use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
 
@@ -86,7 +87,7 @@ impl Tester<'_> {
             ptrs,
             len,
             bufs: _bufs,
-        }) = self.tma_case(s, precision, "staged epilogue")?
+        }) = self.tma_case(s, precision)?
         else {
             return Ok(());
         };
@@ -151,6 +152,78 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// A launch check's shape in words, its wgmma launch as planned where the selftest tries
+    /// TMA on `s` (else `None`, and a failed row where a launch should have been planned), and
+    /// random operands for two forms of it to share: the 16-bit input and K-major weights of
+    /// every tap block it names, a bias, a time embedding and a residual.
+    fn tma_case(&mut self, s: &ConvShape, precision: Precision) -> Result<Option<TmaCase>> {
+        let desc = format!(
+            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {}), {precision}",
+            s.n,
+            s.sh,
+            s.sw,
+            s.mh,
+            s.mw,
+            s.sc,
+            s.ncols,
+            s.taps.len(),
+            s.out_stride
+        );
+        let Some(planned) = plan_wgmma(s, self.gpu.sms(), precision).filter(|_| tma_tried(s))
+        else {
+            if tma_tried(s) {
+                self.check_row(
+                    "staged epilogue: a wgmma launch planned".into(),
+                    desc,
+                    false,
+                );
+            }
+            return Ok(None);
+        };
+        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
+        let (x_len, w_len) = (s.n * s.sh * s.sw * s.sc, blocks * s.ncols * s.sc);
+        let len = s.n * s.yh * s.yw * s.ncols;
+        let mut bufs = Vec::new();
+        // (The fp32 source lives beside its copy, so that the conversion queued on the stream
+        // reads live memory whatever the allocator's freeing does.)
+        let mut half = |t: &mut Self, n: usize, lo: f32, hi: f32| -> Result<DPtr> {
+            let v = t.rand(n, lo, hi);
+            let d = t.up(&v)?;
+            let h = t.half_copy(d.ptr, n, precision)?;
+            let ptr = h.ptr;
+            bufs.extend([d, h]);
+            Ok(ptr)
+        };
+        let (x, w) = (
+            half(self, x_len, -1.0, 1.0)?,
+            half(self, w_len, -0.05, 0.05)?,
+        );
+        let mut full = |t: &mut Self, n: usize, lo: f32, hi: f32| -> Result<DPtr> {
+            let v = t.rand(n, lo, hi);
+            let d = t.up(&v)?;
+            let ptr = d.ptr;
+            bufs.push(d);
+            Ok(ptr)
+        };
+        let bias = full(self, s.ncols, -0.5, 0.5)?;
+        let temb = full(self, s.n * s.ncols, -0.5, 0.5)?;
+        let res = full(self, len, -1.0, 1.0)?;
+        Ok(Some(TmaCase {
+            desc,
+            planned,
+            ptrs: ConvPtrs {
+                x,
+                w,
+                bias,
+                temb,
+                res,
+                ..ConvPtrs::default()
+            },
+            len,
+            bufs,
+        }))
+    }
+
     /// Launch `l`'s output over `old` (what it adds onto when `accumulate`), divided by
     /// `out_div`, and its time (of launches that add onto the output more than once: the
     /// output checked is one more launch's, over `old` again).
@@ -177,47 +250,34 @@ impl Tester<'_> {
     }
 
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
-    /// fp16, as configured but for three choices: staged epilogues with the tall tiles on, with
-    /// them off, and with them off and every TMA launch multicast, each with its forward and
-    /// forward + VJP the same to the bit as without staging or multicast, with the tall tiles on,
-    /// once the program shows it stages (the last: a multicast launch among them).
+    /// fp16, as configured but for two choices: staged epilogues with the tall tiles on and
+    /// with them off, each with its forward and forward + VJP the same to the bit as without
+    /// staging, with the tall tiles on, once the program shows it stages.
     pub(super) fn staged_epilogue_unets(&mut self, ordinal: usize) -> Result<()> {
         self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
             gpu.set_staged_epilogue_and_tall(false, true);
             let want = Self::network_outputs(gpu, net)?;
             let staged = |s: &StepTime| s.variant.contains("staged epilogue");
-            let staged_multicast = |s: &StepTime| staged(s) && s.variant.contains("multicast");
-            for (tall, multicast, what, has) in [
-                (
-                    true,
-                    false,
-                    "staged epilogue",
-                    &staged as &dyn Fn(&StepTime) -> bool,
-                ),
-                (false, false, "staged epilogue, no tall tiles", &staged),
-                (
-                    false,
-                    true,
-                    "staged epilogue, multicast, no tall tiles",
-                    &staged_multicast,
-                ),
+            let has = ("staged epilogues", &staged as &dyn Fn(&StepTime) -> bool);
+            for (tall, what) in [
+                (true, "staged epilogue"),
+                (false, "staged epilogue, no tall tiles"),
             ] {
                 gpu.set_staged_epilogue_and_tall(true, tall);
-                if multicast {
-                    gpu.set_multicast_and_tall(true, tall);
-                }
                 let op = format!("celebahq {precision}, {what}");
-                let has = (
-                    if multicast {
-                        "staged epilogues that multicast"
-                    } else {
-                        "staged epilogues"
-                    },
-                    has,
-                );
                 t.same_network_rows(gpu, net, &op, has, &want)?;
             }
             Ok(())
         })
     }
+}
+
+/// A launch check's setup ([`Tester::tma_case`]): its description, planned launch, operands
+/// (kept alive in `bufs`) and output length.
+struct TmaCase {
+    desc: String,
+    planned: ConvLaunch,
+    ptrs: ConvPtrs,
+    len: usize,
+    bufs: Vec<DevBuf>,
 }

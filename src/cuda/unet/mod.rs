@@ -266,24 +266,11 @@ impl CudaUnet {
 
     /// Finishes unsplit TMA convolutions through shared memory (`on`,
     /// [`KernelConfig::staged_epilogue`]) or not, and takes the tall tiles where they fill the
-    /// machine (`tall`) or not, for comparisons; drops every plan. Either way without multicast
-    /// ([`set_multicast_and_tall`](Self::set_multicast_and_tall) after it adds it back).
+    /// machine (`tall`) or not, for comparisons; drops every plan.
     pub(crate) fn set_staged_epilogue_and_tall(&mut self, on: bool, tall: bool) {
         self.change_choice(|c| {
             c.staged_epilogue = on && c.wgmma;
             c.tall_tiles = tall;
-            c.wgmma_multicast = false;
-        });
-    }
-
-    /// Has each convolution input gradient that can write the partial sums of the GroupNorm
-    /// backward pass reading it write them (`on`, [`KernelConfig::gn_backward_producer_sums`])
-    /// or none, for comparisons; drops every plan. Either way with the forward's sums from
-    /// their producers, which the backward's need ([`KernelConfig::gn_producer_sums`]).
-    pub(crate) fn set_gn_backward_sums(&mut self, on: bool) {
-        self.change_choice(|c| {
-            c.gn_backward_producer_sums = on && c.wgmma;
-            c.gn_producer_sums = true;
         });
     }
 
@@ -299,16 +286,6 @@ impl CudaUnet {
     /// plan.
     pub(crate) fn set_shortcut_fused(&mut self, on: bool) {
         self.change_choice(|c| c.shortcut_fused = on);
-    }
-
-    /// Runs plain-tile TMA convolutions in clusters of two sharing the weight slices (`on`,
-    /// [`KernelConfig::wgmma_multicast`]) or not, and takes the tall tiles where they fill the
-    /// machine (`tall`, [`KernelConfig::tall_tiles`]) or not, for comparisons; drops every plan.
-    pub(crate) fn set_multicast_and_tall(&mut self, on: bool, tall: bool) {
-        self.change_choice(|c| {
-            c.wgmma_multicast = on && c.wgmma;
-            c.tall_tiles = tall;
-        });
     }
 
     /// Folds upsamplings into the convolutions after them where the program can (`on`,

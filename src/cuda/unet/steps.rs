@@ -4,9 +4,7 @@
 use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
-use crate::cuda::kernels::{
-    ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormBackwardSums, NormDims,
-};
+use crate::cuda::kernels::{ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims};
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
 use crate::cuda::weights::DevWeights;
@@ -113,21 +111,6 @@ pub(super) fn launch(
                     .map(|f| wts.conv_ptr(f.w, &c.launch))
                     .transpose()?
                     .unwrap_or(0),
-                gn_backward: match c.gn_backward {
-                    Some(b) => {
-                        let (gamma, beta) = b.gamma_beta();
-                        Some(NormBackwardSums {
-                            x: p(b.x),
-                            x_half: b.x_half,
-                            stats: p(b.stats),
-                            gamma: wts.ptr(gamma)?,
-                            beta: wts.ptr(beta)?,
-                            groups: b.groups,
-                            silu: b.silu,
-                        })
-                    }
-                    None => None,
-                },
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
