@@ -1943,3 +1943,31 @@ fn two_way_splits_unsplit_to_stage() {
         );
     }
 }
+
+/// The staged-epilogue selftest's networks (`celebahq_candidate_cases`) have staged launches in
+/// their forward + VJP programs at the defaults, with the tall tiles on and off, in bf16 and
+/// fp16; else its rows "the same to the bit as without" would hold nothing. (Since the
+/// shortcuts are fused, every forward launch at 64x64 x 2 splits K, so there only the VJP
+/// stages: the stop-26 selftest's check of the forward program failed on that.)
+#[test]
+fn the_staged_epilogue_selftest_networks_stage() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        for tall_tiles in [true, false] {
+            for (n, h, w, _) in crate::cuda::selftest::celebahq_candidate_cases() {
+                let tc = KernelConfig {
+                    tall_tiles,
+                    ..tuned
+                };
+                let p = Program::build_with(&g, n, h, w, true, 132, precision, tc).unwrap();
+                let staged = p
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Conv(c) if c.launch.staged_epilogue))
+                    .count();
+                assert!(staged > 0, "{precision} n{n} {h}x{w}, tall {tall_tiles}");
+            }
+        }
+    }
+}

@@ -38,6 +38,8 @@ mod fused_shortcut;
 mod group_norms;
 mod linears;
 mod networks;
+#[cfg(test)]
+pub(crate) use networks::celebahq_candidate_cases;
 mod staged_epilogue;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
