@@ -1,10 +1,9 @@
 # The GPU switches worth timing on a card (PERF.md, v0.8), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
-# attention, slower at v0.5 and v0.6; two-way splits unsplit to stage their epilogue, staged at
-# stop 26, not yet timed as a whole), then each v0.8 default turned off (staged epilogues, with
-# the tall tiles off too, fused shortcuts, concatenation gradients written by their GroupNorms,
-# 16-bit concatenations in recording forwards), each v0.7 default turned off (16-bit
+# attention, slower at v0.5 and v0.6), then each v0.8 default turned off (two-way splits unsplit
+# to stage, staged epilogues, with the tall tiles off too, fused shortcuts, concatenation
+# gradients written by their GroupNorms, 16-bit concatenations in recording forwards), each v0.7 default turned off (16-bit
 # concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit copies by their
 # writers), each v0.6 default turned off (with TMA on, no_lean only reaches the wgmma launches
 # TMA does not take), then the tall tiles, the stream count either way and each older default
@@ -13,7 +12,7 @@
 CANDIDATES=(
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
-    staged_unsplit:INVDIFF_STAGED_UNSPLIT=1
+    no_staged_unsplit:INVDIFF_STAGED_UNSPLIT=0
     no_epi_staged:INVDIFF_EPI_STAGED=0
     no_epi_staged_no_tall:INVDIFF_EPI_STAGED=0,INVDIFF_WGMMA_TALL=0
     no_shortcut_fused:INVDIFF_SHORTCUT_FUSED=0

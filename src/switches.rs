@@ -86,7 +86,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_STAGED_UNSPLIT",
         ON_OFF,
-        "GPU candidate: `1` runs TMA convolutions that K would split in two (K up to 2304) unsplit with a staged epilogue (wgmma)",
+        "GPU default: `0` keeps the two-way split of K of TMA convolutions (K up to 2304) instead of running them unsplit with a staged epilogue (wgmma)",
     ),
     choice(
         "INVDIFF_CONCAT_GRAD_SPLIT",

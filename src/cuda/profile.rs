@@ -925,6 +925,7 @@ mod tests {
         // INVDIFF_HALF_COPY_SMALL=1).
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
         let v07 = KernelConfig {
+            staged_unsplit: false,
             staged_epilogue: false,
             shortcut_fused: false,
             concat_grad_split: false,
@@ -954,10 +955,17 @@ mod tests {
         assert_eq!(count(sums), [366, 849]);
         // Stop 22's defaults: both, and 16-bit concatenations, which change no launch.
         assert_eq!(count(v07), [366, 811]);
-        // The defaults: fused shortcuts take 32 launches off the forward and 32 off forward +
-        // VJP, and the concatenations' gradients split by their GroupNorms 24 more (the
-        // counts the H200 run of stop 26 reported).
-        assert_eq!(count(tuned), [334, 755]);
+        // Fused shortcuts take 32 launches off the forward and 32 off forward + VJP, and the
+        // concatenations' gradients split by their GroupNorms 24 more (the counts the H200 run
+        // of stop 26 reported).
+        let four = KernelConfig {
+            staged_unsplit: false,
+            ..tuned
+        };
+        assert_eq!(count(four), [334, 755]);
+        // The defaults: the launches unsplit to stage need no reductions (10 and 23 fewer,
+        // as the stop-26 run reported).
+        assert_eq!(count(tuned), [324, 732]);
     }
 
     #[test]

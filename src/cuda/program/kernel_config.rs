@@ -205,7 +205,8 @@ impl KernelConfig {
     /// -8.1%, fused 1x1 shortcuts -5.0% / -2.2% / -8.2% / -8.1%, concatenation gradients from
     /// their GroupNorms 0 / -1.7% / 0 / 0, 16-bit GroupNorm inputs in recording forwards 0 /
     /// -0.5% / 0 / -0.4%; the four together (a second run) -12.1% / -8.8% / -16.8% / -14.5%.
-    /// Tall tiles stayed: off with the four, +0.3% / -0.3% / +1.7% / +2.6%.
+    /// Tall tiles stayed: off with the four, +0.3% / -0.3% / +1.7% / +2.6%. A third run, against
+    /// those: two-way splits unsplit to stage -1.3% / -0.9% / -0.5% / -0.2%.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -229,7 +230,7 @@ impl KernelConfig {
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
             staged_epilogue: here.wgmma,
-            staged_unsplit: false,
+            staged_unsplit: here.wgmma,
             upsample_fold: precision.is_half(),
             shortcut_fused: here.wgmma,
             batch_invariant: false,
