@@ -2,7 +2,8 @@
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
 # attention, slower at v0.5 and v0.6), then each v0.8 default turned off (two-way splits unsplit
-# to stage, staged epilogues, with the tall tiles off too, fused shortcuts, concatenation
+# to stage, staged epilogues (which also keeps those splits), with the tall tiles off too,
+# fused shortcuts, concatenation
 # gradients written by their GroupNorms, 16-bit concatenations in recording forwards), each v0.7 default turned off (16-bit
 # concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit copies by their
 # writers), each v0.6 default turned off (with TMA on, no_lean only reaches the wgmma launches

@@ -11,8 +11,8 @@
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4, v0.5
-#       and v0.6 programs, every candidate on, then each entry of scripts/candidates.sh alone:
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4, v0.5,
+#       v0.6 and v0.7 programs, every candidate on, then each entry of scripts/candidates.sh alone:
 #       each default off, the stream count, each candidate) of out/invdiff-next if it exists, else
 #       out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for `v04`
 #       also its whole-network selftest rows, for `fold_all` its fp32 b1 rows, and for `all`

@@ -71,7 +71,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_HALF_INPUT",
         ON_OFF,
-        "GPU default: `0` keeps fp32 concatenations in bf16/fp16 forwards that record nothing (by default only 16-bit ones, which their GroupNorms read)",
+        "GPU default: `0` keeps fp32 concatenations in bf16/fp16 forwards, recording or not (by default only 16-bit ones, which their GroupNorms read)",
     ),
     choice(
         "INVDIFF_GN_HALF_INPUT_RECORDING",
@@ -81,7 +81,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
-        "GPU default: `0` has unsplit TMA convolutions finish their rows from their accumulator fragments instead of through shared memory with 16-byte accesses (wgmma)",
+        "GPU default: `0` has unsplit TMA convolutions finish their rows from their accumulator fragments instead of through shared memory with 16-byte accesses (wgmma); also keeps INVDIFF_STAGED_UNSPLIT's two-way splits",
     ),
     choice(
         "INVDIFF_STAGED_UNSPLIT",

@@ -678,7 +678,10 @@ impl Kernels {
         if let Some(probe) = &probe {
             b.arg(probe);
         }
-        // SAFETY: as above; the grid covers exactly the tiles of the problem.
+        // SAFETY: the argument block, the maps (the shortcut's two after the main ones), the
+        // shortcut's operands where it is fused and the probe's counters are the kernel's
+        // parameters, in order, and `a` holds the shapes its pointers cover (the caller's
+        // contract); the grid covers exactly the tiles of the problem.
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
@@ -870,7 +873,7 @@ mod tests {
 
     /// The kernels with extra features: each in a slot of its own, named by its features, 16
     /// in all (every one of them in the built module: `every_kernel_the_loaders_ask_for_exists`
-    /// in mod.rs), the combinations of the candidates each among them.
+    /// in mod.rs), every combination of the features among them.
     #[test]
     fn wgmma_extras_have_one_slot_each() {
         let kernels = wgmma_extra_kernels();

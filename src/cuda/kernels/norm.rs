@@ -641,6 +641,12 @@ impl Kernels {
                     .into(),
             ));
         }
+        // The backward pass always sums its own input (no producer writes its sums).
+        if d.split.from_producer {
+            return Err(Error::Cuda(
+                "internal: GroupNorm backward sums from a producer".into(),
+            ));
+        }
         let (dx16, kind16) = half_output(copy, "16-bit copy of the input gradient")?;
         let xkind = x_half.map_or(Ok(0), half_kind)?;
         for (p, what) in [

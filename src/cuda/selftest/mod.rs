@@ -178,7 +178,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.tensor_core_convolutions()?;
             t.folded_upsamplings()
         }),
-        // The staged candidates' kernels last: a fault in them ends no other check.
+        // The newest kernels last (defaults since stop 26): a fault in them ends no other check.
         ("fused shortcuts", |t, o| {
             t.fused_shortcuts(false)?;
             t.fused_shortcut_unets(o)

@@ -183,9 +183,9 @@ impl Tester<'_> {
     }
 
     /// A row showing that `gpu`'s forward + VJP program for `net` has a step `has` names and
-    /// finds (the choice the rows after it check is in it: at 64x64 x 2 the staged epilogues
-    /// are in the VJP only, every forward launch splitting K), then rows holding its forward
-    /// and forward + VJP to `want` bit for bit, each with its time.
+    /// finds (the choice the rows after it check is in it: with the shortcuts fused and every
+    /// split of K kept, the staged epilogues at 64x64 x 2 are in the VJP only), then rows
+    /// holding its forward and forward + VJP to `want` bit for bit, each with its time.
     pub(super) fn same_network_rows(
         &mut self,
         gpu: &mut CudaUnet,
@@ -510,8 +510,9 @@ impl Tester<'_> {
                     gpu.set_moved_values(true);
                     gpu.set_gn_producer_sums(true);
                     gpu.set_half_gn_inputs(true);
+                    gpu.set_half_gn_inputs_recording(false);
                     self.batch_invariance_rows(&mut gpu, &io, &label)?;
-                    // And with the candidate that changes the recording forward.
+                    // And with the default that changes the recording forward.
                     gpu.set_half_gn_inputs_recording(true);
                     let recording = format!("{label}, 16-bit GroupNorm inputs recording too,");
                     self.batch_invariance_rows(&mut gpu, &io, &recording)?;

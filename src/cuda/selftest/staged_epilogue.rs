@@ -252,7 +252,9 @@ impl Tester<'_> {
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
     /// fp16, as configured but for two choices: staged epilogues with the tall tiles on and
     /// with them off, each with its forward and forward + VJP the same to the bit as without
-    /// staging, with the tall tiles on, once the program shows it stages.
+    /// staging, with the tall tiles on, once the program shows it stages. Every split of K
+    /// stays (`set_staged_epilogue_and_tall`): the two-way splits unsplit to stage sum in
+    /// another order, which the network rows against the CPU check.
     pub(super) fn staged_epilogue_unets(&mut self, ordinal: usize) -> Result<()> {
         self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
             gpu.set_staged_epilogue_and_tall(false, true);

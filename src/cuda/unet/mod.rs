@@ -266,10 +266,13 @@ impl CudaUnet {
 
     /// Finishes unsplit TMA convolutions through shared memory (`on`,
     /// [`KernelConfig::staged_epilogue`]) or not, and takes the tall tiles where they fill the
-    /// machine (`tall`) or not, for comparisons; drops every plan.
+    /// machine (`tall`) or not, for comparisons; drops every plan. Keeps every split of K
+    /// ([`KernelConfig::staged_unsplit`] off), so that staging changes only the epilogue, not
+    /// the order of any sum.
     pub(crate) fn set_staged_epilogue_and_tall(&mut self, on: bool, tall: bool) {
         self.change_choice(|c| {
             c.staged_epilogue = on && c.wgmma;
+            c.staged_unsplit = false;
             c.tall_tiles = tall;
         });
     }
