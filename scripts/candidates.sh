@@ -2,14 +2,13 @@
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
 # attention, slower at v0.5 and v0.6), then each v0.8 default turned off (two-way splits unsplit
-# to stage, staged epilogues (which also keeps those splits), with the tall tiles off too,
-# fused shortcuts, concatenation
-# gradients written by their GroupNorms, 16-bit concatenations in recording forwards), each v0.7 default turned off (16-bit
-# concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit copies by their
-# writers), each v0.6 default turned off (with TMA on, no_lean only reaches the wgmma launches
-# TMA does not take), then the tall tiles, the stream count either way and each older default
-# turned off (does it still pay on this card and workload?); device_check.sh's deadline cuts from
-# the end.
+# to stage; staged epilogues, which also keeps those splits, with the tall tiles off too; fused
+# shortcuts; concatenation gradients written by their GroupNorms; 16-bit concatenations in
+# recording forwards), each v0.7 default turned off (16-bit concatenations for the GroupNorms,
+# GroupNorm sums from their producers, 16-bit copies by their writers), each v0.6 default turned
+# off (with TMA on, no_lean only reaches the wgmma launches TMA does not take), then the tall
+# tiles, the stream count either way and each older default turned off (does it still pay on
+# this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1

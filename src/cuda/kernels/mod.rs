@@ -571,9 +571,11 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
-        let extras = wgmma_extra_kernels();
-        assert_eq!(extras.len(), 16, "{extras:?}");
-        asked.extend(extras.into_iter().map(|(_, n, _)| ("conv_wgmma".into(), n)));
+        asked.extend(
+            wgmma_extra_kernels()
+                .into_iter()
+                .map(|(_, n, _)| ("conv_wgmma".into(), n)),
+        );
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");
     }
