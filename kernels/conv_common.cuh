@@ -26,8 +26,15 @@ struct ConvArgs {
     int tap_w[9];
     int prefetch;  // the lean wgmma kernels, unsplit: ask L2 for the epilogue's reads first
     double* gn_partial;  // the lean wgmma kernels, unsplit: the output's GroupNorm partial sums, or null
+    // The staged epilogue (conv_wgmma.cu's `_st` kernels, unsplit), each output value also in
+    // 16 bits: at y16[pixel * y16_stride + y16_offset + col] (a side of a concatenation) and at
+    // copy16[pixel * ncols + col] (a copy for tensor-core readers), each where not null; y is
+    // null where nothing reads the fp32 values.
+    uint16_t* y16;
+    int y16_stride, y16_offset;
+    uint16_t* copy16;
 };
-static_assert(sizeof(ConvArgs) == 248, "ConvArgs must match src/cuda/kernels/conv.rs");
+static_assert(sizeof(ConvArgs) == 272, "ConvArgs must match src/cuda/kernels/conv.rs");
 
 struct RowCoord {
     int img, my, mx;

@@ -366,8 +366,12 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
 // thread). U rows' loads go ahead of their arithmetic. Where `sums`, the finished values go
 // back in place for wg_stats. Needs ncols % 4 == 0 and 16-byte aligned bias, temb, res and y,
 // which the host checks for every tensor-core launch (the tensor-core kernels have no
-// unaligned fallback).
-template <int TM>
+// unaligned fallback). Where a.y16 or a.copy16 is not null, each finished value also goes there
+// rounded to T's 16 bits as pack_half2 rounds them, as a conversion launch would (a producer
+// writing its side of a concatenation, INVDIFF_CONCAT_FROM_PRODUCERS, y16_stride and y16_offset
+// multiples of 4; a copy, INVDIFF_EPI_HALF_COPIES; both 8-byte aligned), and a null a.y stores
+// no fp32 value (never with accumulate, which the host checks).
+template <int T, int TM>
 DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, float* stage,
                              bool sums) {
     constexpr int WARPS = WgTile<TM>::THREADS / 32;
@@ -396,11 +400,11 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
     auto add = [](float4 p, float4 q) { return make_float4(p.x + q.x, p.y + q.y, p.z + q.z, p.w + q.w); };
     for (int r0 = warp; r0 < TM; r0 += WARPS * U) {
         float4 v[U], e[U], old[U];
-        long long at[U];
+        long long px[U];  // each row's output pixel, -1 past M
 #pragma unroll
         for (int k = 0; k < U; ++k) {
             const int r = r0 + WARPS * k, m = m0 + r;
-            at[k] = -1;
+            px[k] = -1;
             if (m >= M) continue;
             long long pix = m;
             int img = 0;
@@ -411,22 +415,29 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
             } else if (a.temb != nullptr) {
                 img = m / per;
             }
-            at[k] = pix * a.ncols + col;
+            px[k] = pix;
             v[k] = *reinterpret_cast<const float4*>(stage + r * STATS_PITCH + 4 * lane);
             e[k] = bias;
             if (a.temb != nullptr)
                 e[k] = add(e[k], *reinterpret_cast<const float4*>(a.temb + (long long)img * a.ncols + col));
-            if (a.res != nullptr) e[k] = add(e[k], *reinterpret_cast<const float4*>(a.res + at[k]));
-            old[k] = a.accumulate ? *reinterpret_cast<const float4*>(a.y + at[k]) : zero;
+            const long long el = pix * a.ncols + col;
+            if (a.res != nullptr) e[k] = add(e[k], *reinterpret_cast<const float4*>(a.res + el));
+            old[k] = a.accumulate ? *reinterpret_cast<const float4*>(a.y + el) : zero;
         }
 #pragma unroll
         for (int k = 0; k < U; ++k) {
-            if (at[k] < 0) break;
+            if (px[k] < 0) break;
             float4 w = v[k];
             if (epi) w = add(e[k], w);
             if (divide) w = make_float4(w.x / a.out_div, w.y / a.out_div, w.z / a.out_div, w.w / a.out_div);
             if (a.accumulate) w = add(w, old[k]);
-            *reinterpret_cast<float4*>(a.y + at[k]) = w;
+            if (a.y != nullptr) *reinterpret_cast<float4*>(a.y + px[k] * a.ncols + col) = w;
+            if (a.y16 != nullptr || a.copy16 != nullptr) {
+                const uint2 h = make_uint2(pack_half2(w.x, w.y, T), pack_half2(w.z, w.w, T));
+                if (a.y16 != nullptr)
+                    *reinterpret_cast<uint2*>(a.y16 + px[k] * a.y16_stride + a.y16_offset + col) = h;
+                if (a.copy16 != nullptr) *reinterpret_cast<uint2*>(a.copy16 + px[k] * a.ncols + col) = h;
+            }
             if (sums) *reinterpret_cast<float4*>(stage + (r0 + WARPS * k) * STATS_PITCH + 4 * lane) = w;
         }
     }
@@ -825,7 +836,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         }
     }
     if (STAGED && keep != nullptr)
-        wg_epilogue_staged<TM>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
+        wg_epilogue_staged<T, TM>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
     else
         wg_epilogue<ROWS, LEAN>(a, acc, M, m0, n0, gridDim.z > 1, STAGED ? nullptr : keep);
     const bool stats = LEAN && keep != nullptr && (!STAGED || a.gn_partial != nullptr);

@@ -140,7 +140,8 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial_x16(const uint16_t*
 // concatenation (concat_channels in resample.cu) and its GroupNorm's partial sums in one pass
 // over the values, the same sums as gn_partial's over y (chunk_sums), so the same bits
 // (INVDIFF_GN_PRODUCER_SUMS). With y null, only the 16-bit values, and the sums over them
-// widened: gn_partial_x16's over y16 (INVDIFF_GN_HALF_INPUT).
+// widened: gn_partial_x16's over y16 (INVDIFF_GN_HALF_INPUT); a null a or b is then a side its
+// producers already wrote to y16 (INVDIFF_CONCAT_FROM_PRODUCERS), only read back for the sums.
 // The pointers are __restrict__ (the arrays never overlap): without it each pixel's load waits
 // for the stores before it, one 4-byte load in flight a thread. For the same reason the two
 // outputs are two loops, not a test per pixel, which nvcc would leave between the loads.
@@ -157,10 +158,12 @@ extern "C" __global__ void __launch_bounds__(256)
     auto at = [&](int img, int ch) { return (long long)img * hw * c + ch; };
     if (y == nullptr) {
         chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
-            const float* src = source(img, ch);
+            const bool placed = (ch < ca ? a : b) == nullptr;
+            const float* src = placed ? nullptr : source(img, ch);
             const int w = width(ch);
             uint16_t* out16 = y16 + at(img, ch);
             return [=](int p) {
+                if (placed) return unpack_half1(out16[(long long)p * c], kind);
                 const uint16_t h = pack_half1(src[(long long)p * w], kind);
                 out16[(long long)p * c] = h;
                 return unpack_half1(h, kind);

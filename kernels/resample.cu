@@ -98,7 +98,9 @@ extern "C" __global__ void upsample2x_backward(const float* dy, float* dx, int n
 // values, the arithmetic that bounded the scalar loop rather than its bytes.
 // F32 (concat_channels): y written; else (concat_channels_half, INVDIFF_GN_HALF_INPUT: a
 // concatenation whose readers all read the 16-bit copy) only y16, with the same values and
-// rounding. A compile-time choice, so that concat_channels' code is what it was.
+// rounding, a null side skipped (its producers wrote it there,
+// INVDIFF_CONCAT_FROM_PRODUCERS). A compile-time choice, so that concat_channels' code is what
+// it was.
 template <bool F32>
 DEVI void concat_body(const float* a, const float* b, float* y, uint16_t* y16, int kind, long long pixels, int ca,
                       int cb, int vec4) {
@@ -112,6 +114,7 @@ DEVI void concat_body(const float* a, const float* b, float* y, uint16_t* y16, i
         for (long long i = grid_start(); i < total4; i += grid_stride()) {
             const long long p = i / c4;
             const int j = (int)(i - p * c4);
+            if (!F32 && (j < ca4 ? a : b) == nullptr) continue;
             const float4 v = j < ca4 ? a4[p * ca4 + j] : b4[p * cb4 + (j - ca4)];
             if (F32) y4[i] = v;
             if (y16)
@@ -123,6 +126,7 @@ DEVI void concat_body(const float* a, const float* b, float* y, uint16_t* y16, i
     for (long long i = grid_start(); i < total; i += grid_stride()) {
         const long long p = i / c;
         const int j = (int)(i - p * c);
+        if (!F32 && (j < ca ? a : b) == nullptr) continue;
         const float v = j < ca ? a[p * ca + j] : b[p * cb + (j - ca)];
         if (F32) y[i] = v;
         if (y16) y16[i] = pack_half1(v, kind);

@@ -12,6 +12,9 @@
 CANDIDATES=(
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
+    concat_from_producers:INVDIFF_CONCAT_FROM_PRODUCERS=1
+    epi_half_copies:INVDIFF_EPI_HALF_COPIES=1
+    both_from_epilogues:INVDIFF_CONCAT_FROM_PRODUCERS=1,INVDIFF_EPI_HALF_COPIES=1
     no_staged_unsplit:INVDIFF_STAGED_UNSPLIT=0
     no_epi_staged:INVDIFF_EPI_STAGED=0
     no_epi_staged_no_tall:INVDIFF_EPI_STAGED=0,INVDIFF_WGMMA_TALL=0

@@ -144,6 +144,16 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs attention fused (no probabilities in memory) below fp32",
     ),
     choice(
+        "INVDIFF_CONCAT_FROM_PRODUCERS",
+        ON_OFF,
+        "GPU candidate: `1` has unsplit TMA convolutions write their side of a 16-bit concatenation themselves (wgmma, bf16/fp16)",
+    ),
+    choice(
+        "INVDIFF_EPI_HALF_COPIES",
+        ON_OFF,
+        "GPU candidate: `1` has unsplit TMA convolutions write the 16-bit copies of their outputs that other convolutions read themselves, instead of a conversion launch (wgmma, bf16/fp16)",
+    ),
+    choice(
         "INVDIFF_WGMMA_LEAN",
         ON_OFF,
         "GPU default: `0` gives the wgmma launches TMA does not take loaders of twice the instructions",

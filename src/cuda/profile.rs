@@ -86,6 +86,15 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if c.launch.splits > 1 {
         variant += &format!(", split-K {}", c.launch.splits);
     }
+    if c.side16.is_some() {
+        variant += ", concatenation side";
+    }
+    if c.copy16.is_some() {
+        variant += ", 16-bit copy";
+    }
+    if !c.fp32_out {
+        variant += ", no fp32 output";
+    }
     let launches = 1 + usize::from(c.launch.splits > 1);
     let (kind, shape) = match c.w.kind {
         // Token-wise linear layers: one-tap products over n * tokens rows.
@@ -358,12 +367,19 @@ impl Step {
                 y16,
                 sums,
                 half_out,
+                placed,
                 ..
             } => StepInfo {
                 variant: [
                     y16.map(|(_, p)| format!("{p} copy")),
                     half_out.map(|p| format!("{p} only")),
                     sums.map(|_| "GroupNorm sums".to_string()),
+                    match placed {
+                        [true, true] => Some("both sides placed".to_string()),
+                        [true, false] => Some("first side placed".to_string()),
+                        [false, true] => Some("second side placed".to_string()),
+                        [false, false] => None,
+                    },
                 ]
                 .into_iter()
                 .flatten()

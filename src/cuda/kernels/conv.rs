@@ -48,9 +48,13 @@ struct ConvArgs {
     tap_w: [i32; 9],
     prefetch: i32,
     gn_partial: DPtr,
+    y16: DPtr,
+    y16_stride: i32,
+    y16_offset: i32,
+    copy16: DPtr,
 }
 
-const _: () = assert!(std::mem::size_of::<ConvArgs>() == 248);
+const _: () = assert!(std::mem::size_of::<ConvArgs>() == 272);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for ConvArgs {}
@@ -86,6 +90,21 @@ pub(crate) struct ConvPtrs {
     /// A fused shortcut's ([`ConvShape::shortcut_sc`]) 16-bit source and K-major weights.
     pub x2: DPtr,
     pub w2: DPtr,
+    /// Where a staged epilogue also writes the output rounded to 16 bits, as one side of a
+    /// concatenation, and as a copy of `y` (`ncols` wide); with either, `y` may be 0 (no fp32
+    /// output).
+    pub y16: Side16,
+    pub copy16: DPtr,
+}
+
+/// A launch's output rounded to the precision of its kernel, as a side of a 16-bit
+/// concatenation: pixel p's values at `ptr`'s 16-bit elements `p * width + offset ..`; a `ptr`
+/// of 0 for none.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Side16 {
+    pub ptr: DPtr,
+    pub width: usize,
+    pub offset: usize,
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -430,7 +449,9 @@ impl Kernels {
         }
         need(p.x, "convolution input")?;
         need(p.w, "convolution weights")?;
-        need(p.y, "convolution output")?;
+        if (p.y16.ptr == 0 && p.copy16 == 0) || accumulate {
+            need(p.y, "convolution output")?;
+        }
         let rows = s.rows();
         if rows == 0 || s.ncols == 0 || s.sc == 0 {
             return Ok(());
@@ -469,6 +490,10 @@ impl Kernels {
             out_div,
             prefetch: i32::from(plan.prefetch),
             gn_partial: p.gn_partial,
+            y16: p.y16.ptr,
+            y16_stride: i32_of(p.y16.width, "concatenation channels")?,
+            y16_offset: i32_of(p.y16.offset, "concatenation channel offset")?,
+            copy16: p.copy16,
             ..ConvArgs::default()
         };
         for (i, t) in s.taps.iter().enumerate() {
@@ -520,6 +545,30 @@ impl Kernels {
                 "internal: GroupNorm sums asked of a {:?} convolution launch that cannot write \
                  them ({} splits, lean loads {}, tile {:?})",
                 plan.kernel, plan.splits, plan.lean_loads, plan.tile
+            )));
+        }
+        // Only the staged epilogue writes 16-bit outputs, each row's four columns at once.
+        let side = p.y16;
+        let staged_half = plan.staged_epilogue
+            && matches!(
+                plan.kernel,
+                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+            );
+        let side_fits = side.ptr % 8 == 0
+            && side.offset % 4 == 0
+            && side.width % 4 == 0
+            && side.offset + s.ncols <= side.width;
+        if (side.ptr != 0 || p.copy16 != 0) && !(staged_half && side_fits && p.copy16 % 8 == 0) {
+            return Err(Error::Cuda(format!(
+                "internal: 16-bit outputs (a concatenation side at channels {}..{} of {}, a \
+                 copy {}) asked of a {:?} convolution launch without a staged epilogue ({}) \
+                 or misaligned",
+                side.offset,
+                side.offset + s.ncols,
+                side.width,
+                p.copy16 != 0,
+                plan.kernel,
+                plan.staged_epilogue
             )));
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {

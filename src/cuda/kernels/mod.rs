@@ -60,7 +60,7 @@ mod tma;
 pub(crate) use attention::{flash_fits, Gemm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
-pub(crate) use conv::{ConvPtrs, ProbeCounters, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
+pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
     plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
@@ -131,16 +131,19 @@ fn half_output(half: Option<(DPtr, Precision)>, what: &str) -> Result<(DPtr, i32
 
 /// A concatenation's inputs `a` and `b` checked, and its 16-bit output `half` as
 /// [`half_output`] gives it; the fp32 output `y` may be 0 only where that copy is all it
-/// writes ([`Kernels::concat`], [`Kernels::concat_with_norm_sums`]).
+/// writes ([`Kernels::concat`], [`Kernels::concat_with_norm_sums`]), and then an input of 0
+/// is a side already in the copy (written by its producers).
 fn concat_outputs(
     a: DPtr,
     b: DPtr,
     y: DPtr,
     half: Option<(DPtr, Precision)>,
 ) -> Result<(DPtr, i32)> {
-    need(a, "first input")?;
-    need(b, "second input")?;
     let (y16, kind) = half_output(half, "16-bit output")?;
+    if y16 == 0 || y != 0 {
+        need(a, "first input")?;
+        need(b, "second input")?;
+    }
     if y16 == 0 {
         need(y, "output")?;
     }

@@ -166,7 +166,7 @@ impl Kernels {
 
     /// `y = [a | b]` along channels over `pixels` pixels; with `half`, also a 16-bit copy of
     /// `y` in that precision at the given address, for tensor-core convolutions to read, or,
-    /// with a `y` of 0, only that copy.
+    /// with a `y` of 0, only that copy, where an `a` or `b` of 0 is a side already there.
     #[allow(clippy::too_many_arguments)]
     pub fn concat(
         &self,
@@ -180,6 +180,11 @@ impl Kernels {
         cb: usize,
     ) -> Result<()> {
         let (y16, kind) = concat_outputs(a, b_, y, half)?;
+        if a == 0 && b_ == 0 {
+            return Err(Error::Cuda(
+                "internal: a concatenation launched with both sides already written".into(),
+            ));
+        }
         let (p, cai, cbi) = (
             i64_of(pixels),
             i32_of(ca, "channels")?,

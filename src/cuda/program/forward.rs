@@ -2,7 +2,7 @@
 
 #[cfg(doc)]
 use super::KernelConfig;
-use super::{Buf, FusedShortcut, Lowering, Step, WKind, W};
+use super::{Buf, ConcatSide, FusedShortcut, Lowering, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::precision::Precision;
 use crate::model::graph::{Op, Space, Tid};
@@ -220,16 +220,25 @@ impl Lowering<'_> {
                 } else {
                     None
                 };
+                let (ca, cb) = (self.ch(a), self.ch(b));
+                let placed = match half_out {
+                    Some(_) if self.choice.concat_from_producers => [
+                        self.place_side(a, yb, 0, ca + cb),
+                        self.place_side(b, yb, ca, ca + cb),
+                    ],
+                    _ => [false; 2],
+                };
                 self.steps.push(Step::Concat {
                     a: ab,
                     b: bb,
                     y: yb,
                     y16,
                     pixels: self.n * h * w,
-                    ca: self.ch(a),
-                    cb: self.ch(b),
+                    ca,
+                    cb,
                     sums: None,
                     half_out,
+                    placed,
                 });
             }
         }
@@ -381,6 +390,50 @@ impl Lowering<'_> {
         );
         self.value[t] = Some(b);
         (b, Some(self.precision))
+    }
+
+    /// Has the launches that wrote value `t` also write it into the 16-bit concatenation
+    /// buffer `yb` (`width` channels) at channel `offset`, where they can
+    /// ([`KernelConfig::concat_from_producers`]): every step that wrote `t` a launch with a
+    /// staged epilogue that overwrote its share (one launch, or an upsampling's folded
+    /// classes, whose pixels add up to the whole). Whether they do.
+    fn place_side(&mut self, t: Tid, yb: Buf, offset: usize, width: usize) -> bool {
+        let Some(tb) = self.value[t] else {
+            return false;
+        };
+        let c = self.ch(t);
+        let writers: Vec<usize> = (0..self.steps.len())
+            .filter(|&i| self.steps[i].io().1.contains(&tb))
+            .collect();
+        let mut rows = 0;
+        for &i in &writers {
+            let Step::Conv(s) = &self.steps[i] else {
+                return false;
+            };
+            if !(s.y == tb
+                && s.launch.staged_epilogue
+                && !s.accumulate
+                && s.side16.is_none()
+                && s.shape.ncols == c)
+            {
+                return false;
+            }
+            rows += s.shape.rows();
+        }
+        let (h, w) = self.hw(t);
+        if writers.is_empty() || rows != self.n * h * w || offset % 4 != 0 || c % 4 != 0 {
+            return false;
+        }
+        for &i in &writers {
+            if let Step::Conv(s) = &mut self.steps[i] {
+                s.side16 = Some(ConcatSide {
+                    buf: yb,
+                    offset,
+                    width,
+                });
+            }
+        }
+        true
     }
 
     /// Whether concatenation output `y` may be stored in 16 bits only

@@ -137,6 +137,21 @@ pub(crate) struct KernelConfig {
     /// appended to that launch's K in the same accumulators, one bias of the two summed, and no
     /// shortcut launch, output or residual read. The products are summed in another order.
     pub shortcut_fused: bool,
+    /// With `half_gn_inputs`: each side of a 16-bit concatenation whose value the staged
+    /// epilogue of unsplit TMA launches wrote, whole (a residual block's second convolution, an
+    /// upsampling's folded classes), is written into the concatenation by those launches,
+    /// rounded as the concatenation rounds it (`wg_epilogue_staged`'s second output in
+    /// kernels/conv_wgmma.cu), and the concatenation only sums it for its GroupNorm or, with
+    /// both sides so written and no sums to make, goes; where nothing else reads that side's
+    /// fp32 value (the up path's), those launches write none. The same bits.
+    pub concat_from_producers: bool,
+    /// A 16-bit copy of a buffer that an unsplit TMA launch with a staged epilogue wrote last,
+    /// whole, is written by that epilogue beside its fp32 values (`wg_epilogue_staged`'s
+    /// copy in kernels/conv_wgmma.cu) instead of by a conversion launch after it; where only
+    /// 16-bit outputs of such a launch are read (a down path's block output that the
+    /// downsampling reads through its copy and the concatenation takes from the launch), it
+    /// writes no fp32 values. The same bits.
+    pub epilogue_half_copies: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -173,6 +188,8 @@ impl Default for KernelConfig {
             staged_unsplit: false,
             upsample_fold: false,
             shortcut_fused: false,
+            concat_from_producers: false,
+            epilogue_half_copies: false,
             batch_invariant: false,
         }
     }
@@ -233,6 +250,8 @@ impl KernelConfig {
             staged_unsplit: here.wgmma,
             upsample_fold: precision.is_half(),
             shortcut_fused: here.wgmma,
+            concat_from_producers: false,
+            epilogue_half_copies: false,
             batch_invariant: false,
         }
     }
@@ -278,6 +297,10 @@ impl KernelConfig {
             staged_unsplit: wgmma && kept("INVDIFF_STAGED_UNSPLIT", tuned.staged_unsplit),
             upsample_fold: kept("INVDIFF_UPSAMPLE_FOLD", tuned.upsample_fold),
             shortcut_fused: wgmma && kept("INVDIFF_SHORTCUT_FUSED", tuned.shortcut_fused),
+            concat_from_producers: wgmma
+                && kept("INVDIFF_CONCAT_FROM_PRODUCERS", tuned.concat_from_producers),
+            epilogue_half_copies: wgmma
+                && kept("INVDIFF_EPI_HALF_COPIES", tuned.epilogue_half_copies),
             batch_invariant: false,
         }
     }
@@ -325,6 +348,14 @@ impl KernelConfig {
             ),
             (self.upsample_fold, "upsamplings folded into convolutions"),
             (self.shortcut_fused, "1x1 shortcuts fused into convolutions"),
+            (
+                self.half_gn_inputs && self.concat_from_producers,
+                "concatenations written by their producers",
+            ),
+            (
+                self.half_copy && self.epilogue_half_copies,
+                "16-bit copies by staged epilogues",
+            ),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

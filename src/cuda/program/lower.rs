@@ -217,6 +217,39 @@ impl Lowering<'_> {
         }
     }
 
+    /// Drops the concatenations whose two sides their producers wrote
+    /// ([`KernelConfig::concat_from_producers`]) and that sum nothing for their GroupNorm (a
+    /// one-pass one): they would do nothing.
+    pub(super) fn drop_placed_concats(&mut self) {
+        self.steps.retain(|s| {
+            !matches!(
+                s,
+                Step::Concat {
+                    placed: [true, true],
+                    sums: None,
+                    ..
+                }
+            )
+        });
+    }
+
+    /// Has the launches whose 16-bit outputs ([`ConvStep::side16`], [`ConvStep::copy16`]) are
+    /// all that any step reads of them write no fp32 output: the up path's convolutions whose
+    /// values only a 16-bit concatenation takes, the down path's that only a concatenation and
+    /// a tensor-core launch take.
+    pub(super) fn drop_unread_outputs(&mut self) {
+        let read: std::collections::HashSet<Buf> =
+            self.steps.iter().flat_map(|s| s.io().0).collect();
+        for s in &mut self.steps {
+            if let Step::Conv(c) = s {
+                if (c.side16.is_some() || c.copy16.is_some()) && !read.contains(&c.y) {
+                    c.fp32_out = false;
+                    self.bufs[c.y.0].len = 1;
+                }
+            }
+        }
+    }
+
     /// Has each GroupNorm backward pass over a concatenation (three launches, an fp32 input
     /// gradient it adds onto) write the concatenation's two gradients itself, where the
     /// concatenation's two adjoint steps (from `from` on, overwriting their sides) right after
@@ -560,38 +593,15 @@ impl Lowering<'_> {
             && (len >= HALF_COPY_MIN || self.choice.half_copy_small)
     }
 
-    /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer. With
-    /// [`KernelConfig::fused_half_copies`], where the step that last wrote `src` wrote all of
-    /// it and can write a 16-bit copy beside (a concatenation's adjoint, or a GroupNorm's
-    /// backward with an fp32 gradient), that step writes the copy instead.
+    /// A step converting the `len` fp32 values of `src` to 16 bits; the copy's buffer; or,
+    /// where the step that last wrote `src` wrote all of it and can write a 16-bit copy beside
+    /// ([`copy_by_writer`](Self::copy_by_writer)), that step writing the copy.
     pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
         let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
-        if let Some(at) = last.filter(|_| self.choice.fused_half_copies) {
-            let whole = |l: usize| l == len;
-            let slot = match &mut self.steps[at] {
-                Step::ConcatBackward {
-                    d,
-                    d16,
-                    pixels,
-                    width,
-                    ..
-                } if *d == src && whole(*pixels * *width) => Some(d16),
-                Step::GroupNormBackward {
-                    dx,
-                    dx16,
-                    half_out: None,
-                    hw,
-                    c,
-                    ..
-                } if *dx == src && whole(self.n * *hw * *c) => Some(dx16),
-                _ => None,
-            };
-            if let Some(slot @ None) = slot {
-                *slot = Some((y, self.precision));
-                self.half_copies.push((src, y, at));
-                return y;
-            }
+        if let Some(at) = last.filter(|&at| self.copy_by_writer(at, src, len, y)) {
+            self.half_copies.push((src, y, at));
+            return y;
         }
         self.steps.push(Step::ToHalf {
             x: src,
@@ -601,6 +611,50 @@ impl Lowering<'_> {
         });
         self.half_copies.push((src, y, self.steps.len() - 1));
         y
+    }
+
+    /// Has step `at`, which wrote `src` last, also write `src`'s `len` values in 16 bits to
+    /// `y`, where it wrote all of them and can: a concatenation's adjoint, or a GroupNorm's
+    /// backward with an fp32 gradient ([`KernelConfig::fused_half_copies`]); a launch with a
+    /// staged epilogue ([`KernelConfig::epilogue_half_copies`]). The same bits as a conversion
+    /// launch. Whether it does.
+    fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Buf) -> bool {
+        let (n, precision, choice) = (self.n, self.precision, self.choice);
+        match &mut self.steps[at] {
+            Step::ConcatBackward {
+                d,
+                d16: slot @ None,
+                pixels,
+                width,
+                ..
+            } if choice.fused_half_copies && *d == src && *pixels * *width == len => {
+                *slot = Some((y, precision));
+                true
+            }
+            Step::GroupNormBackward {
+                dx,
+                dx16: slot @ None,
+                half_out: None,
+                hw,
+                c,
+                ..
+            } if choice.fused_half_copies && *dx == src && n * *hw * *c == len => {
+                *slot = Some((y, precision));
+                true
+            }
+            Step::Conv(conv)
+                if choice.epilogue_half_copies
+                    && conv.copy16.is_none()
+                    && conv.y == src
+                    && conv.launch.staged_epilogue
+                    && conv.shape.out_stride == 1
+                    && conv.shape.rows() * conv.shape.ncols == len =>
+            {
+                conv.copy16 = Some(y);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).
@@ -735,6 +789,9 @@ impl Lowering<'_> {
             accumulate: false,
             gn_partial: None,
             shortcut: None,
+            side16: None,
+            copy16: None,
+            fp32_out: true,
         }
     }
 

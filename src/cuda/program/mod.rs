@@ -245,6 +245,10 @@ pub(crate) enum Step {
         /// them ([`KernelConfig::half_gn_inputs`]; then no `y16`, and `sums` are over the
         /// rounded values).
         half_out: Option<Precision>,
+        /// Per side (`a`, `b`): already in `y`, written by the launches that produced it
+        /// ([`ConvStep::side16`], [`KernelConfig::concat_from_producers`]); the step neither
+        /// reads that side's fp32 values nor writes its 16-bit ones, only sums them.
+        placed: [bool; 2],
     },
     ConcatBackward {
         dy: Buf,
@@ -308,6 +312,24 @@ pub(crate) struct ConvStep {
     /// The residual block's 1x1 shortcut, fused into this launch as more K
     /// ([`KernelConfig::shortcut_fused`], [`ConvShape::shortcut_sc`]).
     pub shortcut: Option<FusedShortcut>,
+    /// A side of a 16-bit concatenation that the staged epilogue writes too
+    /// ([`KernelConfig::concat_from_producers`]).
+    pub side16: Option<ConcatSide>,
+    /// A 16-bit copy of `y` that the staged epilogue writes too, for the tensor-core launches
+    /// that read `y` ([`KernelConfig::epilogue_half_copies`]).
+    pub copy16: Option<Buf>,
+    /// Whether the launch writes `y` at all: not where only its 16-bit outputs are read
+    /// (`y`'s buffer then keeps one element).
+    pub fp32_out: bool,
+}
+
+/// Where a launch writes its output, rounded to the program's 16 bits, as one side of a
+/// concatenation: pixel p's channels `offset .. offset + ncols` of `buf`'s `width`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConcatSide {
+    pub buf: Buf,
+    pub offset: usize,
+    pub width: usize,
 }
 
 /// A 1x1 shortcut fused into its block's second convolution: its input, in 16 bits, and its
@@ -340,7 +362,11 @@ impl Step {
                     .chain(c.residual)
                     .chain(acc(c.y, c.accumulate))
                     .collect(),
-                std::iter::once(c.y)
+                c.fp32_out
+                    .then_some(c.y)
+                    .into_iter()
+                    .chain(c.side16.map(|o| o.buf))
+                    .chain(c.copy16)
                     .chain(c.workspace)
                     .chain(c.gn_partial)
                     .collect(),
@@ -434,10 +460,20 @@ impl Step {
                 std::iter::once(*dy).chain(acc(*dx, *accumulate)).collect(),
                 vec![*dx],
             ),
+            // A side placed by its producers is read back from `y`, for the sums.
             Concat {
-                a, b, y, y16, sums, ..
+                a,
+                b,
+                y,
+                y16,
+                sums,
+                placed,
+                ..
             } => (
-                vec![*a, *b],
+                [(*a, placed[0]), (*b, placed[1])]
+                    .into_iter()
+                    .map(|(side, placed)| if placed { *y } else { side })
+                    .collect(),
                 std::iter::once(*y)
                     .chain(y16.map(|(b, _)| b))
                     .chain(sums.map(|(b, _)| b))
@@ -608,6 +644,7 @@ impl Program {
         if choice.gn_producer_sums {
             l.norm_sums_from_producers();
         }
+        l.drop_placed_concats();
         let forward_steps = l.steps.len();
 
         let (mut cotangent, mut grad_input) = (None, None);
@@ -645,6 +682,7 @@ impl Program {
                 l.concat_grads_from_norms(forward_steps);
             }
         }
+        l.drop_unread_outputs();
         // The epilogue prefetch ([`KernelConfig::epilogue_prefetch`]) where the epilogue reads
         // something besides the bias and time embedding, which the lowering attaches after
         // planning the launch.

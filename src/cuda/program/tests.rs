@@ -116,6 +116,9 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
     // gradient its first launch reads, and whether the second, adding, launch read it too.
     let mut classes: std::collections::HashMap<Buf, (u64, usize)> = Default::default();
     let mut halves: std::collections::HashMap<Buf, (u64, bool)> = Default::default();
+    // Per concatenation side its producers wrote (concat_from_producers), at (buffer, channel
+    // offset): the value they computed, and its channels.
+    let mut sides: std::collections::HashMap<(Buf, usize), (u64, usize)> = Default::default();
     val[p.sample.0] = h(&[&|s| "sample".hash(s)]);
     val[p.timesteps.0] = h(&[&|s| "timesteps".hash(s)]);
     // A GroupNorm backward pass that writes a concatenation's two gradients
@@ -319,14 +322,31 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     } => Some(x),
                     _ => None,
                 };
-                let r: Vec<u64> = reads
-                    .iter()
-                    .filter(|&&b| Some(b) != derived)
-                    .map(|&b| match widened {
-                        Some(x) if b == x => converted[&x],
-                        _ => val[b.0],
-                    })
-                    .collect();
+                let r: Vec<u64> = match *step {
+                    // A side its producers wrote stands for that side read.
+                    Step::Concat {
+                        a,
+                        b,
+                        y,
+                        ca,
+                        placed,
+                        ..
+                    } => [(a, 0, placed[0]), (b, ca, placed[1])]
+                        .into_iter()
+                        .map(|(t, offset, placed)| match placed {
+                            true => sides[&(y, offset)].0,
+                            false => val[t.0],
+                        })
+                        .collect(),
+                    _ => reads
+                        .iter()
+                        .filter(|&&b| Some(b) != derived)
+                        .map(|&b| match widened {
+                            Some(x) if b == x => converted[&x],
+                            _ => val[b.0],
+                        })
+                        .collect(),
+                };
                 let halves: Vec<Buf> = match *step {
                     Step::Upsample {
                         y,
@@ -370,6 +390,49 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                 for b in halves {
                     converted.insert(b, val[b.0]);
                     val[b.0] = half(val[b.0]);
+                }
+            }
+        }
+        // A 16-bit copy written by a launch's epilogue, as a conversion would write it.
+        if let Step::Conv(ConvStep {
+            copy16: Some(copy),
+            y,
+            ..
+        }) = step
+        {
+            converted.insert(*copy, val[y.0]);
+            val[copy.0] = half(val[y.0]);
+        }
+        // A concatenation side written by its producers: once both are, the concatenation's
+        // value, rounded, as the concatenation step computes it (which the lowering drops
+        // where it would have nothing else to do).
+        if let Step::Conv(ConvStep {
+            side16: Some(o),
+            shape,
+            y,
+            ..
+        }) = step
+        {
+            sides.insert((o.buf, o.offset), (val[y.0], shape.ncols));
+            let first = sides.get(&(o.buf, 0)).copied();
+            let second = first.and_then(|(_, ca)| sides.get(&(o.buf, ca)).copied());
+            if let (Some((a, ca)), Some((b, cb))) = (first, second) {
+                if ca + cb == o.width {
+                    let concat = Step::Concat {
+                        a: o.buf,
+                        b: o.buf,
+                        y: o.buf,
+                        y16: None,
+                        pixels: shape.n * shape.yh * shape.yw,
+                        ca,
+                        cb,
+                        sums: None,
+                        half_out: Some(Precision::Bf16),
+                        placed: [true; 2],
+                    };
+                    let v = h(&[&op_of(&concat), &|s| [a, b].hash(s), &|s| 0usize.hash(s)]);
+                    converted.insert(o.buf, v);
+                    val[o.buf.0] = half(v);
                 }
             }
         }
@@ -475,6 +538,13 @@ fn every_buffer_is_written_before_it_is_read() {
         concat_grad_split: false,
         ..tuned
     };
+    // And the 16-bit outputs of staged epilogues: concatenations' sides, which a concatenation
+    // then reads back for its sums, and copies.
+    let placed = KernelConfig {
+        concat_from_producers: true,
+        epilogue_half_copies: true,
+        ..tuned
+    };
     for (record, choice) in [
         (true, tuned),
         (false, tuned),
@@ -482,6 +552,8 @@ fn every_buffer_is_written_before_it_is_read() {
         (true, unfused),
         (false, unfused),
         (true, whole_grads),
+        (true, placed),
+        (false, placed),
     ] {
         let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
@@ -1437,6 +1509,18 @@ fn switches_compute_what_the_default_program_computes() {
                 forward(KernelConfig::default()),
                 "{precision} {n}x{h}x{w}"
             );
+            // The 16-bit outputs of staged epilogues, recording or not.
+            let placed = KernelConfig {
+                concat_from_producers: true,
+                epilogue_half_copies: true,
+                ..tuned
+            };
+            assert_eq!(symbolic(&build(placed)), want, "{precision} {n}x{h}x{w}");
+            assert_eq!(
+                forward(placed),
+                forward(KernelConfig::default()),
+                "{precision} {n}x{h}x{w}"
+            );
             let two_stage = KernelConfig {
                 deep: false,
                 ..KernelConfig::default()
@@ -1692,7 +1776,28 @@ fn every_choice_has_a_name() {
         set(&mut all);
     }
     assert_eq!(all.describe().len(), flags.len());
-    // A choice named only beside the one it refines.
+    // Choices named only beside the ones they refine.
+    let placed = KernelConfig {
+        half_gn_inputs: true,
+        concat_from_producers: true,
+        ..KernelConfig::default()
+    };
+    assert_eq!(
+        placed.describe(),
+        [
+            "16-bit GroupNorm inputs",
+            "concatenations written by their producers"
+        ]
+    );
+    let copies = KernelConfig {
+        half_copy: true,
+        epilogue_half_copies: true,
+        ..KernelConfig::default()
+    };
+    assert_eq!(
+        copies.describe(),
+        ["16-bit input copies", "16-bit copies by staged epilogues"]
+    );
     let unsplit = KernelConfig {
         staged_epilogue: true,
         staged_unsplit: true,
@@ -1732,7 +1837,20 @@ fn every_buffer_with_room_is_used() {
             concat_grad_split: true,
             ..tuned
         };
-        for choice in [KernelConfig::default(), tuned, flash, v06, fused, split] {
+        let placed = KernelConfig {
+            concat_from_producers: true,
+            epilogue_half_copies: true,
+            ..tuned
+        };
+        for choice in [
+            KernelConfig::default(),
+            tuned,
+            flash,
+            v06,
+            fused,
+            split,
+            placed,
+        ] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
                     Program::build_with(&g, n, 256, 256, record, 132, precision, choice).unwrap();
@@ -1972,6 +2090,145 @@ fn the_staged_epilogue_selftest_networks_stage() {
                 }
                 assert!(staged > 0, "{what}");
             }
+        }
+    }
+}
+
+/// With concat_from_producers, a 16-bit concatenation's side is written by its producers
+/// exactly where they can write all of it: every launch that wrote the side's value (one, or
+/// an upsampling's four folded classes) has a staged epilogue, overwrites, and writes that
+/// side's channels, their pixels adding up to the whole; the concatenation then only sums the
+/// side (and goes where it sums nothing). With epilogue_half_copies, a conversion goes where
+/// the launch that wrote its source last, whole, has a staged epilogue, which writes the copy.
+/// Either way a launch writes no fp32 output exactly where no step reads it, and that buffer
+/// keeps one element; without the switches no launch writes 16-bit outputs.
+#[test]
+fn staged_epilogues_write_the_16_bit_outputs_they_can() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        // (batch, size, recording): for the concatenations (sides placed, launches writing
+        // them, concatenations dropped), for the copies (launches writing them), and launches
+        // without fp32 output, with both switches on.
+        for (n, size, record, counts) in [
+            (1, 256, true, (12, 18, 0, 4, 17)),
+            (8, 256, false, (24, 33, 1, 8, 31)),
+            (32, 256, false, (25, 37, 2, 9, 36)),
+            (2, 64, true, (5, 5, 0, 1, 4)),
+        ] {
+            let build = |concat_from_producers, epilogue_half_copies| {
+                let tc = KernelConfig {
+                    concat_from_producers,
+                    epilogue_half_copies,
+                    ..tuned
+                };
+                Program::build_with(&g, n, size, size, record, 132, precision, tc).unwrap()
+            };
+            let off = build(false, false);
+            let (placed_p, copies_p, both) =
+                (build(true, false), build(false, true), build(true, true));
+            let halves = |p: &Program| {
+                p.steps
+                    .iter()
+                    .filter(
+                        |s| matches!(s, Step::Conv(c) if c.side16.is_some() || c.copy16.is_some()),
+                    )
+                    .count()
+            };
+            assert_eq!(halves(&off), 0);
+            let count =
+                |p: &Program, f: &dyn Fn(&Step) -> bool| p.steps.iter().filter(|s| f(s)).count();
+            let concats = |p: &Program| count(p, &|s| matches!(s, Step::Concat { .. }));
+            let conversions = |p: &Program| count(p, &|s| matches!(s, Step::ToHalf { .. }));
+            let copies = count(
+                &copies_p,
+                &|s| matches!(s, Step::Conv(c) if c.copy16.is_some()),
+            );
+            assert_eq!(conversions(&off) - conversions(&copies_p), copies);
+            assert_eq!(conversions(&both), conversions(&copies_p));
+            let mut sides = 0;
+            for p in [&placed_p, &copies_p, &both] {
+                let mut used = vec![false; p.bufs.len()];
+                for b in p.steps.iter().flat_map(|s| s.buffers()) {
+                    used[b.0] = true;
+                }
+                let reads: std::collections::HashSet<Buf> =
+                    p.steps.iter().flat_map(|s| s.io().0).collect();
+                for (i, s) in p.steps.iter().enumerate() {
+                    let Step::Conv(c) = s else { continue };
+                    let halves = c.side16.is_some() || c.copy16.is_some();
+                    assert_eq!(c.fp32_out, !halves || reads.contains(&c.y), "step {i}");
+                    assert_eq!(c.fp32_out, used[c.y.0], "step {i}");
+                    assert_eq!(p.bufs[c.y.0].len == 1, !c.fp32_out, "step {i}");
+                    if halves {
+                        assert!(c.launch.staged_epilogue && !c.accumulate, "step {i}");
+                    }
+                    // A copy of the whole output (the only launch that writes it).
+                    if let Some(copy) = c.copy16 {
+                        let len = c.shape.n * c.shape.yh * c.shape.yw * c.shape.ncols;
+                        assert!(c.shape.out_stride == 1 && c.shape.rows() * c.shape.ncols == len);
+                        assert_eq!(p.bufs[copy.0].len, len.div_ceil(2));
+                    }
+                }
+                let writers = |y: Buf, offset: usize| -> Vec<(usize, &ConvStep)> {
+                    p.steps
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| match s {
+                            Step::Conv(c)
+                                if c.side16.is_some_and(|o| o.buf == y && o.offset == offset) =>
+                            {
+                                Some((i, c))
+                            }
+                            _ => None,
+                        })
+                        .collect()
+                };
+                sides = 0;
+                for (i, s) in p.steps.iter().enumerate() {
+                    let Step::Concat {
+                        a,
+                        b,
+                        y,
+                        pixels,
+                        ca,
+                        cb,
+                        half_out,
+                        placed,
+                        ..
+                    } = *s
+                    else {
+                        continue;
+                    };
+                    for (t, offset, width, placed) in
+                        [(a, 0, ca, placed[0]), (b, ca, cb, placed[1])]
+                    {
+                        let w = writers(y, offset);
+                        assert_eq!(placed, !w.is_empty(), "step {i}");
+                        if !placed {
+                            continue;
+                        }
+                        sides += 1;
+                        assert_eq!(half_out, Some(precision));
+                        assert_eq!(w.iter().map(|(_, c)| c.shape.rows()).sum::<usize>(), pixels);
+                        for (j, c) in w {
+                            assert!(j < i && c.y == t, "step {j}");
+                            assert_eq!(c.shape.ncols, width);
+                            assert_eq!(c.side16.expect("a writer").width, ca + cb);
+                        }
+                    }
+                }
+            }
+            let dropped = concats(&off) - concats(&both);
+            assert_eq!(concats(&placed_p), concats(&both));
+            let no_fp32 = count(&both, &|s| matches!(s, Step::Conv(c) if !c.fp32_out));
+            let placing = count(&both, &|s| matches!(s, Step::Conv(c) if c.side16.is_some()));
+            assert_eq!(
+                (sides + 2 * dropped, placing, dropped, copies, no_fp32),
+                counts,
+                "{precision} {n}x{size} record {record}"
+            );
+            assert_eq!(both.steps.len() + dropped + copies, off.steps.len());
         }
     }
 }

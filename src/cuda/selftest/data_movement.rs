@@ -1,7 +1,8 @@
 //! Data movement: layout changes, upsampling, concatenation and the element-wise steps.
 
-use super::{acc_name, round_half, unpack_half, Tester};
+use super::{acc_name, placed_sides, round_half, unpack_half, Tester};
 use crate::cpu::resample;
+use crate::cuda::kernels::DPtr;
 use crate::cuda::precision::Precision;
 use crate::Result;
 
@@ -134,14 +135,43 @@ impl Tester<'_> {
                     b.download(st)
                         .map(|w| unpack_half(&w, want.len(), precision))
                 });
+                let beside = beside?;
                 self.row_within(
                     format!("concat forward, {precision} only vs its copy"),
                     desc.clone(),
                     &alone?,
-                    &beside?,
+                    &beside,
                     ms,
                     0.0,
                 );
+                // With one side already written by its producers (INVDIFF_CONCAT_FROM_PRODUCERS):
+                // the other side's values written, the placed one's kept.
+                for placed in [[true, false], [false, true]] {
+                    let start = placed_sides(&beside, (ca, cb), placed, precision);
+                    let out = self.up(&start)?;
+                    let side = |p: bool, d: DPtr| if p { 0 } else { d };
+                    k.concat(
+                        st,
+                        side(placed[0], ad.ptr),
+                        side(placed[1], bd.ptr),
+                        0,
+                        Some((out.ptr, precision)),
+                        pixels,
+                        ca,
+                        cb,
+                    )?;
+                    let got = unpack_half(&out.download(st)?, want.len(), precision);
+                    self.row_within(
+                        format!(
+                            "concat forward, {precision} only, side {placed:?} placed vs unplaced"
+                        ),
+                        format!("{desc}, bits"),
+                        &got,
+                        &beside,
+                        0.0,
+                        0.0,
+                    );
+                }
             }
             let dy = self.rand(want.len(), -1.0, 1.0);
             for (offset, width, accumulate) in [(0, ca, true), (ca, cb, false)] {

@@ -1,9 +1,9 @@
 //! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
 
-use super::{acc_name, unpack_half, SelftestRow, Tester};
+use super::{acc_name, placed_sides, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{
-    norm_forms, plan_norm, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+    norm_forms, plan_norm, DPtr, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -494,6 +494,51 @@ impl Tester<'_> {
                     *ms,
                     0.0,
                 );
+            }
+            // In 16 bits only, with sides already written by their producers
+            // (INVDIFF_CONCAT_FROM_PRODUCERS): read back for the sums, the same bits.
+            if only16 {
+                for placed in [[true, false], [false, true], [true, true]] {
+                    let out = self.up(&placed_sides(fy16, (ca, cb), placed, precision))?;
+                    let partial = self.zeros(given.partial_len(n, c))?;
+                    let side = |p: bool, d: DPtr| if p { 0 } else { d };
+                    k.concat_with_norm_sums(
+                        st,
+                        side(placed[0], a.ptr),
+                        side(placed[1], b.ptr),
+                        0,
+                        Some((out.ptr, precision)),
+                        n,
+                        hw,
+                        (ca, cb),
+                        given,
+                        partial.ptr,
+                    )?;
+                    let got = unpack_half(&out.download(st)?, n * hw * c, precision);
+                    let sums_got = partial.download(st)?;
+                    let differ = sums_got
+                        .iter()
+                        .zip(fsums)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    self.rows.push(SelftestRow {
+                        op: format!(
+                            "concat with GroupNorm sums, side {placed:?} placed: partial sums vs unplaced, bits"
+                        ),
+                        shape: format!("{desc}: {differ} of {} words differ", sums_got.len()),
+                        rel_l2: differ as f64,
+                        gpu_ms: 0.0,
+                        tolerance: 0.0,
+                    });
+                    self.row_within(
+                        format!("concat with GroupNorm sums, side {placed:?} placed: 16-bit values vs unplaced, bits"),
+                        desc.clone(),
+                        &got,
+                        fy16,
+                        0.0,
+                        0.0,
+                    );
+                }
             }
         }
         Ok(())

@@ -186,7 +186,8 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("staged epilogue", |t, o| {
             t.staged_epilogues()?;
             t.fused_shortcuts(true)?;
-            t.staged_epilogue_unets(o)
+            t.staged_epilogue_unets(o)?;
+            t.half_output_unets(o)
         }),
         ("concatenation gradients", |t, o| {
             t.concat_gradient_splits()?;
@@ -227,6 +228,34 @@ fn round_half(v: f32, precision: Precision) -> f32 {
         Precision::Fp16 => half::f16::from_f32(v).to_f32(),
         _ => half::bf16::from_f32(v).to_f32(),
     }
+}
+
+/// A 16-bit concatenation of `ca + cb` channels, as `values` (16-bit values widened), with only
+/// the sides `placed` there (what their producers wrote, INVDIFF_CONCAT_FROM_PRODUCERS) and
+/// zeros elsewhere: the words the concatenation step starts from.
+fn placed_sides(
+    values: &[f32],
+    (ca, cb): (usize, usize),
+    placed: [bool; 2],
+    precision: Precision,
+) -> Vec<f32> {
+    let bits: Vec<u16> = values
+        .chunks(ca + cb)
+        .flat_map(|px| {
+            px.iter().enumerate().map(move |(j, &v)| {
+                if !placed[usize::from(j >= ca)] {
+                    0
+                } else if precision == Precision::Fp16 {
+                    half::f16::from_f32(v).to_bits()
+                } else {
+                    half::bf16::from_f32(v).to_bits()
+                }
+            })
+        })
+        .collect();
+    bits.chunks(2)
+        .map(|w| f32::from_bits(u32::from(w[0]) | u32::from(*w.get(1).unwrap_or(&0)) << 16))
+        .collect()
 }
 
 /// The first `len` 16-bit values (two per f32 word, the first in the low half) as f32.

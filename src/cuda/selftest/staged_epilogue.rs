@@ -1,12 +1,14 @@
 //! Epilogues through shared memory (the `_st` wgmma kernels, `INVDIFF_EPI_STAGED`): launches
 //! against the same launch without, bit for bit, also where they fuse a shortcut (that group's
-//! checks, staged), and whole networks against the same network without. A group of its own,
+//! checks, staged) or write 16-bit outputs (a concatenation's side,
+//! `INVDIFF_CONCAT_FROM_PRODUCERS`; a copy, `INVDIFF_EPI_HALF_COPIES`), and whole networks
+//! against the same network without. A group of its own,
 //! run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::Tester;
+use super::{round_half, unpack_half, Tester};
 use crate::cuda::kernels::{
-    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, DPtr, WgmmaTile,
+    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, DPtr, Side16, WgmmaTile,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
@@ -146,8 +148,106 @@ impl Tester<'_> {
                 );
                 if !accumulate {
                     self.gn_partial_row(s, staged, p, div, &got, &label, &desc)?;
+                    self.half_output_rows_staged(
+                        s, staged, p, div, &old, &want, &label, &desc, precision,
+                    )?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Staged launch `l` writing its output also in 16 bits: as a side of a concatenation
+    /// (`Side16`, INVDIFF_CONCAT_FROM_PRODUCERS), channels 4.. of `ncols + 8`, and as a copy
+    /// (INVDIFF_EPI_HALF_COPIES), with and without its fp32 output: that output `want` to the
+    /// bit, the side and the copy `want` rounded as a conversion rounds it, to the bit, and the
+    /// side's other channels untouched. Both start as `old` rounded, what the pixels a strided
+    /// launch leaves keep.
+    #[allow(clippy::too_many_arguments)]
+    fn half_output_rows_staged(
+        &mut self,
+        s: &ConvShape,
+        l: ConvLaunch,
+        ptrs: ConvPtrs,
+        out_div: f32,
+        old: &[f32],
+        want: &[f32],
+        label: &str,
+        desc: &str,
+        precision: Precision,
+    ) -> Result<()> {
+        let (c, offset) = (s.ncols, 4);
+        let width = c + 8;
+        let widen = |v: &[f32]| -> Vec<f32> {
+            v.chunks(c)
+                .flat_map(|px| {
+                    let mut row = vec![0.0; width];
+                    row[offset..offset + c].copy_from_slice(px);
+                    row
+                })
+                .collect()
+        };
+        let round =
+            |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&x| round_half(x, precision)).collect() };
+        let (side_start, copy_start) = (self.up(&widen(old))?, self.up(old)?);
+        let (side_want, copy_want) = (round(widen(want)), round(want.to_vec()));
+        let st = &self.gpu.stream;
+        let path = wgmma_path(&l);
+        for fp32 in [true, false] {
+            let side = self.half_copy(side_start.ptr, side_want.len(), precision)?;
+            let copy = self.half_copy(copy_start.ptr, copy_want.len(), precision)?;
+            let y = self.up(old)?;
+            let p = ConvPtrs {
+                y: if fp32 { y.ptr } else { 0 },
+                y16: Side16 {
+                    ptr: side.ptr,
+                    width,
+                    offset,
+                },
+                copy16: copy.ptr,
+                ..ptrs
+            };
+            self.gpu.kernels.conv(st, s, &l, p, out_div, false)?;
+            let what = if fp32 {
+                "beside its fp32 output"
+            } else {
+                "alone"
+            };
+            for (out, want, name, at) in [
+                (
+                    &side,
+                    &side_want,
+                    "concatenation side",
+                    format!("channels {offset}.. of {width}"),
+                ),
+                (&copy, &copy_want, "copy", "its own layout".to_string()),
+            ] {
+                let got = unpack_half(&out.download(st)?, want.len(), precision);
+                self.row_within(
+                    format!("{label} [{path}], {precision} {name} {what}"),
+                    format!("{desc}, {at}, bits"),
+                    &got,
+                    want,
+                    0.0,
+                    0.0,
+                );
+            }
+            let fp32_out = y.download(st)?;
+            self.row_within(
+                format!(
+                    "{label} [{path}], fp32 output {}",
+                    if fp32 {
+                        "beside its 16-bit ones"
+                    } else {
+                        "untouched without one"
+                    }
+                ),
+                format!("{desc}, bits"),
+                &fp32_out,
+                if fp32 { want } else { old },
+                0.0,
+                0.0,
+            );
         }
         Ok(())
     }
@@ -268,6 +368,32 @@ impl Tester<'_> {
                 gpu.set_staged_epilogue_and_tall(true, tall);
                 let op = format!("celebahq {precision}, {what}");
                 t.same_network_rows(gpu, net, &op, has, &want)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The celebahq networks of [`staged_epilogue_unets`](Self::staged_epilogue_unets) as
+    /// configured, with the staged epilogues' 16-bit outputs (the concatenations' sides,
+    /// `INVDIFF_CONCAT_FROM_PRODUCERS`; the copies, `INVDIFF_EPI_HALF_COPIES`) each and
+    /// without: forward and forward + VJP the same to the bit, once the program shows a launch
+    /// writing one.
+    pub(super) fn half_output_unets(&mut self, ordinal: usize) -> Result<()> {
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            gpu.set_epilogue_half_outputs(false, false);
+            let want = Self::network_outputs(gpu, net)?;
+            for (sides, copies, what, marker) in [
+                (true, false, "concatenation sides", ", concatenation side"),
+                (false, true, "16-bit copies", ", 16-bit copy"),
+            ] {
+                let writes = |s: &StepTime| s.variant.contains(marker);
+                let has = (
+                    format!("launches writing {what}"),
+                    &writes as &dyn Fn(&StepTime) -> bool,
+                );
+                gpu.set_epilogue_half_outputs(sides, copies);
+                let op = format!("celebahq {precision}, {what} from staged epilogues");
+                t.same_network_rows(gpu, net, &op, (&has.0, has.1), &want)?;
             }
             Ok(())
         })

@@ -277,6 +277,17 @@ impl CudaUnet {
         });
     }
 
+    /// Has launches with staged epilogues write the 16-bit concatenation sides
+    /// ([`KernelConfig::concat_from_producers`]) and copies
+    /// ([`KernelConfig::epilogue_half_copies`]) of their outputs where they can, or never, for
+    /// comparisons; drops every plan.
+    pub(crate) fn set_epilogue_half_outputs(&mut self, sides: bool, copies: bool) {
+        self.change_choice(|c| {
+            c.concat_from_producers = sides;
+            c.epilogue_half_copies = copies;
+        });
+    }
+
     /// Has the GroupNorm backward passes over concatenations write the concatenations' two
     /// gradients where the program can (`on`, [`KernelConfig::concat_grad_split`]) or never,
     /// for comparisons; drops every plan.

@@ -4,7 +4,7 @@
 use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
-use crate::cuda::kernels::{ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims};
+use crate::cuda::kernels::{ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims, Side16};
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
 use crate::cuda::weights::DevWeights;
@@ -99,12 +99,18 @@ pub(super) fn launch(
             let ptrs = ConvPtrs {
                 x: p(c.x),
                 w: wts.conv_ptr(c.w, &c.launch)?,
-                y: p(c.y),
+                y: if c.fp32_out { p(c.y) } else { 0 },
                 bias: c.bias.map(|b| wts.ptr(b)).transpose()?.unwrap_or(0),
                 temb: opt(c.temb),
                 res: opt(c.residual),
                 ws: opt(c.workspace),
                 gn_partial: opt(c.gn_partial),
+                y16: c.side16.map_or(Side16::default(), |o| Side16 {
+                    ptr: p(o.buf),
+                    width: o.width,
+                    offset: o.offset,
+                }),
+                copy16: opt(c.copy16),
                 x2: opt(c.shortcut.map(|f| f.x)),
                 w2: c
                     .shortcut
@@ -276,19 +282,23 @@ pub(super) fn launch(
             cb,
             sums,
             half_out,
+            placed,
         } => {
             // The launchers take a concatenation in 16 bits only as a 16-bit copy with no fp32
-            // output (the lowering gives such a step no copy of its own).
+            // output (the lowering gives such a step no copy of its own), and a side its
+            // producers placed as an input of 0.
             debug_assert!(half_out.is_none() || y16.is_none());
             let (y, half) = match half_out {
                 Some(precision) => (0, Some((p(y), precision))),
                 None => (p(y), y16.map(|(b, precision)| (p(b), precision))),
             };
+            let side = |b: Buf, placed: bool| if placed { 0 } else { p(b) };
+            let (a, b) = (side(a, placed[0]), side(b, placed[1]));
             match sums {
                 Some((partial, split)) => k.concat_with_norm_sums(
                     st,
-                    p(a),
-                    p(b),
+                    a,
+                    b,
                     y,
                     half,
                     n,
@@ -297,7 +307,7 @@ pub(super) fn launch(
                     split,
                     p(partial),
                 ),
-                None => k.concat(st, p(a), p(b), y, half, pixels, ca, cb),
+                None => k.concat(st, a, b, y, half, pixels, ca, cb),
             }
         }
         Step::ConcatBackward {
