@@ -229,6 +229,28 @@ pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
     !extras.any() || (plan.lean_loads && extras.exists())
 }
 
+/// Whether launch `plan` of `s` can write the 16-bit outputs `p` asks for (none, or with a
+/// staged epilogue in bf16/fp16, which writes each row's four columns at once: a side's
+/// channels within its width, both 8-byte aligned).
+fn half_outputs_fit(s: &ConvShape, plan: &ConvLaunch, p: &ConvPtrs) -> bool {
+    let side = p.y16;
+    if side.ptr == 0 && p.copy16 == 0 {
+        return true;
+    }
+    let side_fits = side.ptr == 0
+        || (side.ptr % 8 == 0
+            && side.offset % 4 == 0
+            && side.width % 4 == 0
+            && side.offset + s.ncols <= side.width);
+    plan.staged_epilogue
+        && matches!(
+            plan.kernel,
+            ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
+        )
+        && side_fits
+        && p.copy16 % 8 == 0
+}
+
 /// Combinations of [`WgmmaExtras`]' three flags.
 const WGMMA_EXTRA_COMBINATIONS: usize = 1 << 3;
 
@@ -547,25 +569,16 @@ impl Kernels {
                 plan.kernel, plan.splits, plan.lean_loads, plan.tile
             )));
         }
-        // Only the staged epilogue writes 16-bit outputs, each row's four columns at once.
-        let side = p.y16;
-        let staged_half = plan.staged_epilogue
-            && matches!(
-                plan.kernel,
-                ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
-            );
-        let side_fits = side.ptr % 8 == 0
-            && side.offset % 4 == 0
-            && side.width % 4 == 0
-            && side.offset + s.ncols <= side.width;
-        if (side.ptr != 0 || p.copy16 != 0) && !(staged_half && side_fits && p.copy16 % 8 == 0) {
+        if !half_outputs_fit(s, plan, &p) {
+            let side = p.y16;
             return Err(Error::Cuda(format!(
-                "internal: 16-bit outputs (a concatenation side at channels {}..{} of {}, a \
-                 copy {}) asked of a {:?} convolution launch without a staged epilogue ({}) \
+                "internal: 16-bit outputs (a concatenation side at channels {}..{} of {}: {}, a \
+                 copy: {}) asked of a {:?} convolution launch without a staged epilogue ({}) \
                  or misaligned",
                 side.offset,
                 side.offset + s.ncols,
                 side.width,
+                side.ptr != 0,
                 p.copy16 != 0,
                 plan.kernel,
                 plan.staged_epilogue
@@ -877,6 +890,56 @@ mod tests {
     use super::*;
     use crate::cuda::kernels::{on_tile, plan_conv, plan_conv_at, plan_wgmma, WGMMA_FORMS};
     use crate::model::graph::Pad;
+
+    /// 16-bit outputs only from staged epilogues, each alone or both, a side within its width
+    /// and aligned.
+    #[test]
+    fn half_outputs_only_from_staged_epilogues() {
+        let shape = ConvShape::forward(1, 16, 16, 64, 128, 3, 1, Pad::Symmetric);
+        let plain = ConvLaunch {
+            tma_loads: true,
+            lean_loads: true,
+            row_epilogue: true,
+            ..plan_wgmma(&shape, 132, Precision::Bf16).unwrap()
+        };
+        let staged = ConvLaunch {
+            staged_epilogue: true,
+            ..plain
+        };
+        let side = |ptr, offset, width| Side16 { ptr, offset, width };
+        let none = ConvPtrs::default();
+        let copy = ConvPtrs {
+            copy16: 256,
+            ..none
+        };
+        let sided = ConvPtrs {
+            y16: side(512, 128, 256),
+            ..none
+        };
+        let both = ConvPtrs {
+            copy16: 256,
+            ..sided
+        };
+        for p in [none, copy, sided, both] {
+            assert!(half_outputs_fit(&shape, &staged, &p), "{p:?}");
+            let wanted = p.copy16 != 0 || p.y16.ptr != 0;
+            assert_eq!(half_outputs_fit(&shape, &plain, &p), !wanted, "{p:?}");
+        }
+        for bad in [
+            side(512, 132, 256),
+            side(512, 130, 260),
+            side(516, 128, 256),
+            side(512, 4, 128),
+        ] {
+            let p = ConvPtrs { y16: bad, ..none };
+            assert!(!half_outputs_fit(&shape, &staged, &p), "{p:?}");
+        }
+        let misaligned = ConvPtrs {
+            copy16: 260,
+            ..none
+        };
+        assert!(!half_outputs_fit(&shape, &staged, &misaligned));
+    }
 
     /// Every wgmma form a launch can ask for finds the kernel of its precision, epilogue,
     /// loaders and tile.
