@@ -1,7 +1,8 @@
-# The GPU switches worth timing on a card (PERF.md, v0.8), one place for the scripts that time them
+# The GPU switches worth timing on a card (PERF.md, v0.9), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
-# attention, slower at v0.5 and v0.6), then each v0.8 default turned off (two-way splits unsplit
+# attention, slower at v0.5 and v0.6), then each v0.9 default turned off (concatenation sides
+# written by their producers; 16-bit copies by staged epilogues), each v0.8 default turned off (two-way splits unsplit
 # to stage; staged epilogues, which also keeps those splits, with the tall tiles off too; fused
 # shortcuts; concatenation gradients written by their GroupNorms; 16-bit concatenations in
 # recording forwards), each v0.7 default turned off (16-bit concatenations for the GroupNorms,
@@ -12,9 +13,8 @@
 CANDIDATES=(
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
-    concat_from_producers:INVDIFF_CONCAT_FROM_PRODUCERS=1
-    epi_half_copies:INVDIFF_EPI_HALF_COPIES=1
-    both_from_epilogues:INVDIFF_CONCAT_FROM_PRODUCERS=1,INVDIFF_EPI_HALF_COPIES=1
+    no_concat_from_producers:INVDIFF_CONCAT_FROM_PRODUCERS=0
+    no_epi_half_copies:INVDIFF_EPI_HALF_COPIES=0
     no_staged_unsplit:INVDIFF_STAGED_UNSPLIT=0
     no_epi_staged:INVDIFF_EPI_STAGED=0
     no_epi_staged_no_tall:INVDIFF_EPI_STAGED=0,INVDIFF_WGMMA_TALL=0

@@ -146,12 +146,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_CONCAT_FROM_PRODUCERS",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions write their side of a 16-bit concatenation themselves (wgmma, bf16/fp16)",
+        "GPU default: `0` has the 16-bit concatenations read their sides' fp32 values instead of the unsplit TMA convolutions that produce them writing their sides themselves (wgmma, bf16/fp16)",
     ),
     choice(
         "INVDIFF_EPI_HALF_COPIES",
         ON_OFF,
-        "GPU candidate: `1` has unsplit TMA convolutions write the 16-bit copies of their outputs that other convolutions read themselves, instead of a conversion launch (wgmma, bf16/fp16)",
+        "GPU default: `0` converts the outputs of unsplit TMA convolutions that other convolutions read in 16 bits in launches of their own, instead of the convolutions writing the copies (wgmma, bf16/fp16)",
     ),
     choice(
         "INVDIFF_WGMMA_LEAN",

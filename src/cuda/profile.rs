@@ -940,13 +940,18 @@ mod tests {
         // forward and 43 to forward + VJP (the counts the H200 run of 2026-11-27 reported with
         // INVDIFF_HALF_COPY_SMALL=1).
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        let v08 = KernelConfig {
+            concat_from_producers: false,
+            epilogue_half_copies: false,
+            ..tuned
+        };
         let v07 = KernelConfig {
             staged_unsplit: false,
             staged_epilogue: false,
             shortcut_fused: false,
             concat_grad_split: false,
             half_gn_inputs_recording: false,
-            ..tuned
+            ..v08
         };
         let v06 = KernelConfig {
             fused_half_copies: false,
@@ -976,12 +981,16 @@ mod tests {
         // of stop 26 reported).
         let four = KernelConfig {
             staged_unsplit: false,
-            ..tuned
+            ..v08
         };
         assert_eq!(count(four), [334, 755]);
-        // The defaults: the launches unsplit to stage need no reductions (10 and 23 fewer,
-        // as the stop-26 run reported).
-        assert_eq!(count(tuned), [324, 732]);
+        // Stop 26's defaults: the launches unsplit to stage need no reductions (10 and 23
+        // fewer, as the stop-26 run reported).
+        assert_eq!(count(v08), [324, 732]);
+        // The defaults: the staged epilogues write 4 of the forward's 16-bit copies (the
+        // concatenations their producers write keep their launches at batch 1; the counts
+        // the stop-27 run reported).
+        assert_eq!(count(tuned), [320, 728]);
     }
 
     #[test]

@@ -576,11 +576,21 @@ impl Kernels {
         i32_of(n * hw * c, "concatenated elements")?;
         let (hwi, cai, cbi) = (hw as i32, ca as i32, cb as i32);
         let cpx = i32_of(split.chunk_px, "chunk")?;
-        let mut b = st.launch_builder(&self.gn_concat_partial);
-        b.arg(&a)
-            .arg(&b_)
-            .arg(&y)
-            .arg(&y16)
+        // In 16 bits only, two channels a thread where the channels pair up (the same bits).
+        let pairs = y == 0 && c % 64 == 0 && ca % 2 == 0;
+        let mut grid = self.norm_grid(n, c, split)?;
+        let (f, name) = if pairs {
+            grid.grid_dim.1 = (c / 64) as u32;
+            (&self.gn_concat_partial_pairs, "gn_concat_partial_pairs")
+        } else {
+            (&self.gn_concat_partial, "gn_concat_partial")
+        };
+        let mut b = st.launch_builder(f);
+        b.arg(&a).arg(&b_);
+        if !pairs {
+            b.arg(&y);
+        }
+        b.arg(&y16)
             .arg(&kind)
             .arg(&hwi)
             .arg(&cai)
@@ -590,8 +600,8 @@ impl Kernels {
         // SAFETY: a is n x hw x ca, b n x hw x cb, y n x hw x (ca + cb), y16 (when set) room for
         // as many 16-bit values; partial holds n x chunks x c pairs of doubles.
         cu(
-            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-            "launching gn_concat_partial",
+            unsafe { b.launch(grid) }.map(drop),
+            &format!("launching {name}"),
         )
     }
 

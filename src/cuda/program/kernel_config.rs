@@ -224,6 +224,10 @@ impl KernelConfig {
     /// -0.5% / 0 / -0.4%; the four together (a second run) -12.1% / -8.8% / -16.8% / -14.5%.
     /// Tall tiles stayed: off with the four, +0.3% / -0.3% / +1.7% / +2.6%. A third run, against
     /// those: two-way splits unsplit to stage -1.3% / -0.9% / -0.5% / -0.2%.
+    /// Stop 27 (2026-11-27, H200), against those defaults in the same run, batch 1 forward /
+    /// DPS step / batch 8 / batch 32: concatenation sides from their producers -0.7% / -0.3% /
+    /// -2.7% / -2.8%, 16-bit copies by staged epilogues -0.6% / -0.3% / -1.5% / -0.9%, the two
+    /// together -1.7% / -0.8% / -4.6% / -4.3%.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -250,8 +254,8 @@ impl KernelConfig {
             staged_unsplit: here.wgmma,
             upsample_fold: precision.is_half(),
             shortcut_fused: here.wgmma,
-            concat_from_producers: false,
-            epilogue_half_copies: false,
+            concat_from_producers: here.wgmma,
+            epilogue_half_copies: here.wgmma,
             batch_invariant: false,
         }
     }

@@ -268,12 +268,16 @@ impl CudaUnet {
     /// [`KernelConfig::staged_epilogue`]) or not, and takes the tall tiles where they fill the
     /// machine (`tall`) or not, for comparisons; drops every plan. Keeps every split of K
     /// ([`KernelConfig::staged_unsplit`] off), so that staging changes only the epilogue, not
-    /// the order of any sum.
+    /// the order of any sum, and writes no 16-bit outputs from the epilogues
+    /// ([`set_epilogue_half_outputs`](Self::set_epilogue_half_outputs), which only staged
+    /// epilogues write), so that it changes no other step.
     pub(crate) fn set_staged_epilogue_and_tall(&mut self, on: bool, tall: bool) {
         self.change_choice(|c| {
             c.staged_epilogue = on && c.wgmma;
             c.staged_unsplit = false;
             c.tall_tiles = tall;
+            c.concat_from_producers = false;
+            c.epilogue_half_copies = false;
         });
     }
 
