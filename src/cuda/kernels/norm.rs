@@ -576,8 +576,10 @@ impl Kernels {
         i32_of(n * hw * c, "concatenated elements")?;
         let (hwi, cai, cbi) = (hw as i32, ca as i32, cb as i32);
         let cpx = i32_of(split.chunk_px, "chunk")?;
-        // In 16 bits only, two channels a thread where the channels pair up (the same bits).
-        let pairs = y == 0 && c % 64 == 0 && ca % 2 == 0;
+        // In 16 bits only, two channels a thread where the channels pair up and the pairs are
+        // aligned (the same bits).
+        let pairs =
+            y == 0 && c % 64 == 0 && ca % 2 == 0 && a % 8 == 0 && b_ % 8 == 0 && y16 % 4 == 0;
         let mut grid = self.norm_grid(n, c, split)?;
         let (f, name) = if pairs {
             grid.grid_dim.1 = (c / 64) as u32;
@@ -597,8 +599,9 @@ impl Kernels {
             .arg(&cbi)
             .arg(&cpx)
             .arg(&partial);
-        // SAFETY: a is n x hw x ca, b n x hw x cb, y n x hw x (ca + cb), y16 (when set) room for
-        // as many 16-bit values; partial holds n x chunks x c pairs of doubles.
+        // SAFETY: a is n x hw x ca and b n x hw x cb (or 0: a side already in y16), y (when set)
+        // n x hw x (ca + cb), y16 (when set) room for as many 16-bit values; partial holds n x
+        // chunks x c pairs of doubles.
         cu(
             unsafe { b.launch(grid) }.map(drop),
             &format!("launching {name}"),

@@ -227,7 +227,8 @@ impl KernelConfig {
     /// Stop 27 (2026-11-27, H200), against those defaults in the same run, batch 1 forward /
     /// DPS step / batch 8 / batch 32: concatenation sides from their producers -0.7% / -0.3% /
     /// -2.7% / -2.8%, 16-bit copies by staged epilogues -0.6% / -0.3% / -1.5% / -0.9%, the two
-    /// together -1.7% / -0.8% / -4.6% / -4.3%.
+    /// together -1.7% / -0.8% / -4.6% / -4.3%; as defaults, against v0.8's program in a third
+    /// run, -2.3% / -0.9% / -4.6% / -5.0%.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,

@@ -221,28 +221,51 @@ impl Lowering<'_> {
     /// ([`KernelConfig::concat_from_producers`]) and that sum nothing for their GroupNorm (a
     /// one-pass one): they would do nothing.
     pub(super) fn drop_placed_concats(&mut self) {
-        self.steps.retain(|s| {
-            !matches!(
-                s,
-                Step::Concat {
-                    placed: [true, true],
-                    sums: None,
-                    ..
-                }
-            )
-        });
+        let kept: Vec<bool> = self
+            .steps
+            .iter()
+            .map(|s| {
+                !matches!(
+                    s,
+                    Step::Concat {
+                        placed: [true, true],
+                        sums: None,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        let mut keep = kept.iter();
+        self.steps
+            .retain(|_| *keep.next().expect("one flag a step"));
+        self.renumber_half_copies(&kept);
     }
 
     /// Has the launches whose 16-bit outputs ([`ConvStep::side16`], [`ConvStep::copy16`]) are
     /// all that any step reads of them write no fp32 output: the up path's convolutions whose
     /// values only a 16-bit concatenation takes, the down path's that only a concatenation and
-    /// a tensor-core launch take.
+    /// a tensor-core launch take. Only where every step that names the output is such a
+    /// launch writing it (an upsampling's four folded classes, say), since its buffer then
+    /// keeps one element.
     pub(super) fn drop_unread_outputs(&mut self) {
-        let read: std::collections::HashSet<Buf> =
-            self.steps.iter().flat_map(|s| s.io().0).collect();
+        let halves = |s: &Step| match s {
+            Step::Conv(c) if c.side16.is_some() || c.copy16.is_some() => Some(c.y),
+            _ => None,
+        };
+        let droppable: std::collections::HashSet<Buf> = self
+            .steps
+            .iter()
+            .filter_map(halves)
+            .filter(|&y| {
+                self.steps
+                    .iter()
+                    .filter(|s| s.buffers().contains(&y))
+                    .all(|s| halves(s) == Some(y) && !s.io().0.contains(&y))
+            })
+            .collect();
         for s in &mut self.steps {
             if let Step::Conv(c) = s {
-                if (c.side16.is_some() || c.copy16.is_some()) && !read.contains(&c.y) {
+                if droppable.contains(&c.y) {
                     c.fp32_out = false;
                     self.bufs[c.y.0].len = 1;
                 }
@@ -417,11 +440,29 @@ impl Lowering<'_> {
                 replace[i] = Some(None);
             }
         }
+        let kept: Vec<bool> = replace.iter().map(|r| !matches!(r, Some(None))).collect();
         let steps = std::mem::take(&mut self.steps);
         self.steps = steps
             .into_iter()
             .zip(replace)
             .filter_map(|(s, r)| r.unwrap_or(Some(s)))
+            .collect();
+        self.renumber_half_copies(&kept);
+    }
+
+    /// After steps were removed (`kept[i]`: whether step i still is, in order), points each
+    /// 16-bit copy at its writer's new place ([`fresh_half_copy`](Self::fresh_half_copy) looks
+    /// for writes of the source after it); a copy whose writer went goes too.
+    fn renumber_half_copies(&mut self, kept: &[bool]) {
+        let mut place = Vec::with_capacity(kept.len());
+        let mut next = 0;
+        for &k in kept {
+            place.push(k.then_some(next));
+            next += usize::from(k);
+        }
+        self.half_copies = std::mem::take(&mut self.half_copies)
+            .into_iter()
+            .filter_map(|(src, copy, at)| place[at].map(|at| (src, copy, at)))
             .collect();
     }
 

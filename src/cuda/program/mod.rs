@@ -247,7 +247,8 @@ pub(crate) enum Step {
         half_out: Option<Precision>,
         /// Per side (`a`, `b`): already in `y`, written by the launches that produced it
         /// ([`ConvStep::side16`], [`KernelConfig::concat_from_producers`]); the step neither
-        /// reads that side's fp32 values nor writes its 16-bit ones, only sums them.
+        /// reads that side's fp32 values nor writes its 16-bit ones, only reads those back for
+        /// `sums` (with both sides placed and no sums, the lowering drops the step).
         placed: [bool; 2],
     },
     ConcatBackward {

@@ -537,6 +537,7 @@ fn every_buffer_is_written_before_it_is_read() {
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
     assert!(tuned.gn_producer_sums && tuned.half_gn_inputs && tuned.half_gn_inputs_recording);
     assert!(tuned.shortcut_fused && tuned.concat_grad_split);
+    assert!(tuned.concat_from_producers && tuned.epilogue_half_copies);
     let fp32_recording = KernelConfig {
         half_gn_inputs_recording: false,
         ..tuned
@@ -549,11 +550,14 @@ fn every_buffer_is_written_before_it_is_read() {
         concat_grad_split: false,
         ..tuned
     };
-    // And the 16-bit outputs of staged epilogues: concatenations' sides, which a concatenation
-    // then reads back for its sums, and copies.
-    let placed = KernelConfig {
-        concat_from_producers: true,
-        epilogue_half_copies: true,
+    // And the 16-bit outputs of staged epilogues each alone (both are defaults):
+    // concatenations' sides, which a concatenation then reads back for its sums, and copies.
+    let sides = KernelConfig {
+        epilogue_half_copies: false,
+        ..tuned
+    };
+    let copies = KernelConfig {
+        concat_from_producers: false,
         ..tuned
     };
     for (record, choice) in [
@@ -563,8 +567,9 @@ fn every_buffer_is_written_before_it_is_read() {
         (true, unfused),
         (false, unfused),
         (true, whole_grads),
-        (true, placed),
-        (false, placed),
+        (true, sides),
+        (false, sides),
+        (true, copies),
     ] {
         let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
@@ -1846,11 +1851,16 @@ fn every_buffer_with_room_is_used() {
             concat_grad_split: true,
             ..tuned
         };
-        let placed = KernelConfig {
-            concat_from_producers: true,
-            epilogue_half_copies: true,
-            ..tuned
-        };
+        let (sides, copies) = (
+            KernelConfig {
+                epilogue_half_copies: false,
+                ..tuned
+            },
+            KernelConfig {
+                concat_from_producers: false,
+                ..tuned
+            },
+        );
         for choice in [
             KernelConfig::default(),
             tuned,
@@ -1858,7 +1868,8 @@ fn every_buffer_with_room_is_used() {
             v06,
             fused,
             split,
-            placed,
+            sides,
+            copies,
         ] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
