@@ -140,8 +140,8 @@ extern "C" __global__ void __launch_bounds__(256) gn_partial_x16(const uint16_t*
 // concatenation (concat_channels in resample.cu) and its GroupNorm's partial sums in one pass
 // over the values, the same sums as gn_partial's over y (chunk_sums), so the same bits
 // (INVDIFF_GN_PRODUCER_SUMS). With y null, only the 16-bit values, and the sums over them
-// widened: gn_partial_x16's over y16 (INVDIFF_GN_HALF_INPUT); a null a or b is then a side its
-// producers already wrote to y16 (INVDIFF_CONCAT_FROM_PRODUCERS), only read back for the sums.
+// widened: gn_partial_x16's over y16 (INVDIFF_GN_HALF_INPUT), which gn_concat_partial_pairs
+// below takes wherever the channels pair up.
 // The pointers are __restrict__ (the arrays never overlap): without it each pixel's load waits
 // for the stores before it, one 4-byte load in flight a thread. For the same reason the two
 // outputs are two loops, not a test per pixel, which nvcc would leave between the loads.
@@ -158,12 +158,10 @@ extern "C" __global__ void __launch_bounds__(256)
     auto at = [&](int img, int ch) { return (long long)img * hw * c + ch; };
     if (y == nullptr) {
         chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
-            const bool placed = (ch < ca ? a : b) == nullptr;
-            const float* src = placed ? nullptr : source(img, ch);
+            const float* src = source(img, ch);
             const int w = width(ch);
             uint16_t* out16 = y16 + at(img, ch);
             return [=](int p) {
-                if (placed) return unpack_half1(out16[(long long)p * c], kind);
                 const uint16_t h = pack_half1(src[(long long)p * w], kind);
                 out16[(long long)p * c] = h;
                 return unpack_half1(h, kind);
@@ -185,12 +183,13 @@ extern "C" __global__ void __launch_bounds__(256)
     });
 }
 
-// gn_concat_partial with y null (16 bits only) two channels a thread, for c % 64 == 0 and ca
-// even: a warp reads 128 contiguous bytes of a pixel's 16-bit values (a placed side) or 256 of
-// its fp32 ones, where one channel a thread read 64 or 128 (the 256x256 level's sums over
-// placed sides moved 1.6 TB/s at batch 8 on an H200, stop 27). Grid (chunks, c / 64, n) of
-// 32x8 blocks. Each channel adds its pixels in chunk_sums' order and its warps' sums as
-// store_partials does: gn_concat_partial's bits.
+// gn_concat_partial with y null (16 bits only) two channels a thread, for ca and cb even: a
+// warp reads 128 contiguous bytes of a pixel's 16-bit values or 256 of its fp32 ones, where one
+// channel a thread read 64 or 128 (the 256x256 level's sums over sides already written moved
+// 1.6 TB/s at batch 8 on an H200, stop 27). A null a or b is a side its producers already
+// wrote to y16 (INVDIFF_CONCAT_FROM_PRODUCERS), only read back for the sums. Grid (chunks,
+// ceil(c / 64), n) of 32x8 blocks. Each channel adds its pixels in chunk_sums' order and its
+// warps' sums as store_partials does: gn_concat_partial's bits.
 extern "C" __global__ void __launch_bounds__(256)
     gn_concat_partial_pairs(const float* __restrict__ a, const float* __restrict__ b,
                             uint16_t* __restrict__ y16, int kind, int hw, int ca, int cb, int chunk_px,
@@ -210,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const int words = c / 2;
     double s0 = 0.0, q0 = 0.0, s1 = 0.0, q1 = 0.0;
 #pragma unroll 4
-    for (int p = p0 + wy; p < p1; p += 8) {
+    for (int p = ch < c ? p0 + wy : p1; p < p1; p += 8) {
         uint32_t h;
         if (src == nullptr) {
             h = out[(long long)p * words];

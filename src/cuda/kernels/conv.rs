@@ -98,13 +98,26 @@ pub(crate) struct ConvPtrs {
 }
 
 /// A launch's output rounded to the precision of its kernel, as a side of a 16-bit
-/// concatenation: pixel p's values at `ptr`'s 16-bit elements `p * width + offset ..`; a `ptr`
-/// of 0 for none.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Side16 {
-    pub ptr: DPtr,
-    pub width: usize,
+/// concatenation ([`KernelConfig::concat_from_producers`](crate::cuda::program::KernelConfig)):
+/// pixel p's values at `buf`'s 16-bit elements `p * width + offset ..`. `B` names the buffer:
+/// the program's [`Buf`](crate::cuda::program::Buf), or its address for the launch (0 for
+/// none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Side16<B = DPtr> {
+    pub buf: B,
     pub offset: usize,
+    pub width: usize,
+}
+
+impl<B> Side16<B> {
+    /// The same side in buffer `f(buf)` (a program's buffer to its address).
+    pub fn map<C>(self, f: impl Fn(B) -> C) -> Side16<C> {
+        Side16 {
+            buf: f(self.buf),
+            offset: self.offset,
+            width: self.width,
+        }
+    }
 }
 
 /// Dynamic shared memory of the deep tensor-core pipelines (kernels/conv_tc.cu): ASYNC, four
@@ -234,11 +247,11 @@ pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
 /// channels within its width, both 8-byte aligned).
 fn half_outputs_fit(s: &ConvShape, plan: &ConvLaunch, p: &ConvPtrs) -> bool {
     let side = p.y16;
-    if side.ptr == 0 && p.copy16 == 0 {
+    if side.buf == 0 && p.copy16 == 0 {
         return true;
     }
-    let side_fits = side.ptr == 0
-        || (side.ptr % 8 == 0
+    let side_fits = side.buf == 0
+        || (side.buf % 8 == 0
             && side.offset % 4 == 0
             && side.width % 4 == 0
             && side.offset + s.ncols <= side.width);
@@ -471,7 +484,7 @@ impl Kernels {
         }
         need(p.x, "convolution input")?;
         need(p.w, "convolution weights")?;
-        if (p.y16.ptr == 0 && p.copy16 == 0) || accumulate {
+        if (p.y16.buf == 0 && p.copy16 == 0) || accumulate {
             need(p.y, "convolution output")?;
         }
         let rows = s.rows();
@@ -512,7 +525,7 @@ impl Kernels {
             out_div,
             prefetch: i32::from(plan.prefetch),
             gn_partial: p.gn_partial,
-            y16: p.y16.ptr,
+            y16: p.y16.buf,
             y16_stride: i32_of(p.y16.width, "concatenation channels")?,
             y16_offset: i32_of(p.y16.offset, "concatenation channel offset")?,
             copy16: p.copy16,
@@ -578,7 +591,7 @@ impl Kernels {
                 side.offset,
                 side.offset + s.ncols,
                 side.width,
-                side.ptr != 0,
+                side.buf != 0,
                 p.copy16 != 0,
                 plan.kernel,
                 plan.staged_epilogue
@@ -906,7 +919,7 @@ mod tests {
             staged_epilogue: true,
             ..plain
         };
-        let side = |ptr, offset, width| Side16 { ptr, offset, width };
+        let side = |buf, offset, width| Side16 { buf, offset, width };
         let none = ConvPtrs::default();
         let copy = ConvPtrs {
             copy16: 256,
@@ -922,7 +935,7 @@ mod tests {
         };
         for p in [none, copy, sided, both] {
             assert!(half_outputs_fit(&shape, &staged, &p), "{p:?}");
-            let wanted = p.copy16 != 0 || p.y16.ptr != 0;
+            let wanted = p.copy16 != 0 || p.y16.buf != 0;
             assert_eq!(half_outputs_fit(&shape, &plain, &p), !wanted, "{p:?}");
         }
         for bad in [

@@ -577,12 +577,18 @@ impl Kernels {
         let (hwi, cai, cbi) = (hw as i32, ca as i32, cb as i32);
         let cpx = i32_of(split.chunk_px, "chunk")?;
         // In 16 bits only, two channels a thread where the channels pair up and the pairs are
-        // aligned (the same bits).
+        // aligned (the same bits); only that kernel reads back a side already written.
         let pairs =
-            y == 0 && c % 64 == 0 && ca % 2 == 0 && a % 8 == 0 && b_ % 8 == 0 && y16 % 4 == 0;
+            y == 0 && ca % 2 == 0 && cb % 2 == 0 && a % 8 == 0 && b_ % 8 == 0 && y16 % 4 == 0;
+        if !pairs && (a == 0 || b_ == 0) {
+            return Err(Error::Cuda(format!(
+                "internal: a concatenation of {ca}+{cb} channels with a side already written, \
+                 but not in 16 bits only with even, aligned sides"
+            )));
+        }
         let mut grid = self.norm_grid(n, c, split)?;
         let (f, name) = if pairs {
-            grid.grid_dim.1 = (c / 64) as u32;
+            grid.grid_dim.1 = c.div_ceil(64) as u32;
             (&self.gn_concat_partial_pairs, "gn_concat_partial_pairs")
         } else {
             (&self.gn_concat_partial, "gn_concat_partial")

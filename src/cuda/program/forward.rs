@@ -2,7 +2,7 @@
 
 #[cfg(doc)]
 use super::KernelConfig;
-use super::{Buf, ConcatSide, FusedShortcut, Lowering, Step, WKind, W};
+use super::{Buf, FusedShortcut, Lowering, Side16, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::precision::Precision;
 use crate::model::graph::{Op, Space, Tid};
@@ -428,7 +428,7 @@ impl Lowering<'_> {
         }
         for &i in &writers {
             if let Step::Conv(s) = &mut self.steps[i] {
-                s.side16 = Some(ConcatSide {
+                s.side16 = Some(Side16 {
                     buf: yb,
                     offset,
                     width,

@@ -18,7 +18,7 @@
 //! its steps run, `lower` the lowering's state and the planning both passes share, `forward`
 //! and `backward` one graph op at a time each way.
 
-use super::kernels::{ConvLaunch, ConvShape, GradSides, NormSplit};
+use super::kernels::{ConvLaunch, ConvShape, GradSides, NormSplit, Side16};
 use super::precision::Precision;
 use super::unet::AttnKernel;
 use crate::model::graph::Graph;
@@ -315,22 +315,13 @@ pub(crate) struct ConvStep {
     pub shortcut: Option<FusedShortcut>,
     /// A side of a 16-bit concatenation that the staged epilogue writes too
     /// ([`KernelConfig::concat_from_producers`]).
-    pub side16: Option<ConcatSide>,
+    pub side16: Option<Side16<Buf>>,
     /// A 16-bit copy of `y` that the staged epilogue writes too, for the tensor-core launches
     /// that read `y` ([`KernelConfig::epilogue_half_copies`]).
     pub copy16: Option<Buf>,
     /// Whether the launch writes `y` at all: not where only its 16-bit outputs are read
     /// (`y`'s buffer then keeps one element).
     pub fp32_out: bool,
-}
-
-/// Where a launch writes its output, rounded to the program's 16 bits, as one side of a
-/// concatenation: pixel p's channels `offset .. offset + ncols` of `buf`'s `width`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ConcatSide {
-    pub buf: Buf,
-    pub offset: usize,
-    pub width: usize,
 }
 
 /// A 1x1 shortcut fused into its block's second convolution: its input, in 16 bits, and its

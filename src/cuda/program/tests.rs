@@ -58,6 +58,22 @@ fn without_half_outputs(tc: KernelConfig) -> KernelConfig {
     }
 }
 
+/// `tc` with each of the staged epilogues' 16-bit outputs alone: the concatenations' sides,
+/// then the copies.
+fn each_half_output(tc: KernelConfig) -> [KernelConfig; 2] {
+    let none = without_half_outputs(tc);
+    [
+        KernelConfig {
+            concat_from_producers: true,
+            ..none
+        },
+        KernelConfig {
+            epilogue_half_copies: true,
+            ..none
+        },
+    ]
+}
+
 /// What the program computes, symbolically: each buffer holds a hash of the expression
 /// that wrote it (operation, weights and the hashes it read), a copy holds its source's
 /// hash, and a 16-bit value `half(v)` whoever rounded it (a 16-bit copy, a GroupNorm's
@@ -552,14 +568,7 @@ fn every_buffer_is_written_before_it_is_read() {
     };
     // And the 16-bit outputs of staged epilogues each alone (both are defaults):
     // concatenations' sides, which a concatenation then reads back for its sums, and copies.
-    let sides = KernelConfig {
-        epilogue_half_copies: false,
-        ..tuned
-    };
-    let copies = KernelConfig {
-        concat_from_producers: false,
-        ..tuned
-    };
+    let [sides, copies] = each_half_output(tuned);
     for (record, choice) in [
         (true, tuned),
         (false, tuned),
@@ -1851,16 +1860,7 @@ fn every_buffer_with_room_is_used() {
             concat_grad_split: true,
             ..tuned
         };
-        let (sides, copies) = (
-            KernelConfig {
-                epilogue_half_copies: false,
-                ..tuned
-            },
-            KernelConfig {
-                concat_from_producers: false,
-                ..tuned
-            },
-        );
+        let [sides, copies] = each_half_output(tuned);
         for choice in [
             KernelConfig::default(),
             tuned,

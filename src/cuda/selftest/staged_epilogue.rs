@@ -200,7 +200,7 @@ impl Tester<'_> {
             let p = ConvPtrs {
                 y: if fp32 { y.ptr } else { 0 },
                 y16: Side16 {
-                    ptr: side.ptr,
+                    buf: side.ptr,
                     width,
                     offset,
                 },

@@ -105,11 +105,7 @@ pub(super) fn launch(
                 res: opt(c.residual),
                 ws: opt(c.workspace),
                 gn_partial: opt(c.gn_partial),
-                y16: c.side16.map_or(Side16::default(), |o| Side16 {
-                    ptr: p(o.buf),
-                    width: o.width,
-                    offset: o.offset,
-                }),
+                y16: c.side16.map_or(Side16::default(), |o| o.map(p)),
                 copy16: opt(c.copy16),
                 x2: opt(c.shortcut.map(|f| f.x)),
                 w2: c
