@@ -32,6 +32,16 @@
 // apply and one pass over such an x kept for the backward pass: each value widened exactly, so
 // the fp32 kernels' results over the rounded values, for half the bytes of x.
 //
+// The `_dy16` kernels (INVDIFF_GN_HALF_DY) are the `_ilp` backward kernels over a dy (the
+// output gradient) stored in 16 bits, the copy that the convolution's input gradient writing it
+// wrote instead of fp32 values: each value widened exactly, so the fp32 kernels' results over
+// the rounded gradient, for half its bytes.
+//
+// The backward's accumulating element passes (and one pass) can add a second gradient `add`
+// onto the old dx before their own value (INVDIFF_GN_ADD_RESIDUAL): a residual's gradient,
+// which a launch of its own (add_into, resample.cu) would have added just before; (old + add)
+// + v, the same bits, a launch and a read and write of dx less. A null `add` adds nothing.
+//
 // The `_split` kernels (INVDIFF_CONCAT_GRAD_SPLIT) are the backward's element-wise pass over a
 // concatenation writing the concatenation's two gradients (GradSplit) instead of dx, which the
 // concatenation's two adjoint steps (concat_backward in resample.cu) would only have copied
@@ -432,9 +442,10 @@ DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float
 
 // Backward partial sums of g and g * xhat, same layout and launch as gn_partial. U > 1 (the
 // `_ilp` kernel) loads U of a warp's pixels before their arithmetic (see for_units); the sums
-// are added in the same order, so the bits are the same. X16: x holds 16-bit values of xkind.
-template <int U, bool X16>
-DEVI void bwd_partial(const void* x, int xkind, const float* dy, const float* stats, const float* gamma,
+// are added in the same order, so the bits are the same. X16: x holds 16-bit values of xkind;
+// DY16: dy, of dykind.
+template <int U, bool X16, bool DY16>
+DEVI void bwd_partial(const void* x, int xkind, const void* dy, int dykind, const float* stats, const float* gamma,
                       const float* beta, int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
     const int lane = threadIdx.x, wy = threadIdx.y;
     const int ch = blockIdx.y * 32 + lane;
@@ -450,20 +461,20 @@ DEVI void bwd_partial(const void* x, int xkind, const float* dy, const float* st
 #pragma unroll(U == 1 ? 4 : 1)
         for (int p = p0 + wy; p < p1; p += 8 * U) {
             decltype(ld_raw1<X16>(x, 0)) xv[U];
-            float dv[U];
+            decltype(ld_raw1<DY16>(dy, 0)) dv[U];
 #pragma unroll
             for (int k = 0; k < U; ++k) {
                 const long long i = base + (long long)(p + 8 * k) * c;
                 if (p + 8 * k < p1) {
                     xv[k] = ld_raw1<X16>(x, i);
-                    dv[k] = dy[i];
+                    dv[k] = ld_raw1<DY16>(dy, i);
                 }
             }
 #pragma unroll
             for (int k = 0; k < U; ++k) {
                 if (p + 8 * k >= p1) break;
                 float g, xhat;
-                grad_xhat(widen1(xv[k], xkind), dv[k], mean, rstd, gm, bt, silu, g, xhat);
+                grad_xhat(widen1(xv[k], xkind), widen1(dv[k], dykind), mean, rstd, gm, bt, silu, g, xhat);
                 a += (double)g;
                 b += (double)(g * xhat);
             }
@@ -477,30 +488,41 @@ DEVI void bwd_partial(const void* x, int xkind, const float* dy, const float* st
 // gn_bwd_partial's 40 registers fit six, a quarter of the grid in a second wave).
 constexpr int PARTIAL_ILP = 3;
 
-extern "C" __global__ void __launch_bounds__(256)
-    gn_bwd_partial(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta, int n,
-                   int hw, int c, int groups, int silu, int chunk_px, double* partial) {
-    bwd_partial<1, false>(x, 0, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+// The arguments after x (and xkind), with a dy of fp32 (DY) or, for the `_dy16` kernels, of
+// 16-bit values of dykind.
+#define BWD_PARTIAL_ARGS(DY)                                                                               \
+    DY, const float *stats, const float *gamma, const float *beta, int n, int hw, int c, int groups, int silu, \
+        int chunk_px, double *partial
+#define BWD_PARTIAL_PASS stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial
+#define DY_FP32 const float *dy
+#define DY_HALF const uint16_t *dy, int dykind
+extern "C" __global__ void __launch_bounds__(256) gn_bwd_partial(const float* x, BWD_PARTIAL_ARGS(DY_FP32)) {
+    bwd_partial<1, false, false>(x, 0, dy, 0, BWD_PARTIAL_PASS);
 }
-extern "C" __global__ void __launch_bounds__(256, 8)
-    gn_bwd_partial_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                       int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
-    bwd_partial<PARTIAL_ILP, false>(x, 0, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+extern "C" __global__ void __launch_bounds__(256, 8) gn_bwd_partial_ilp(const float* x, BWD_PARTIAL_ARGS(DY_FP32)) {
+    bwd_partial<PARTIAL_ILP, false, false>(x, 0, dy, 0, BWD_PARTIAL_PASS);
 }
 // The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING). x's addresses no longer
 // follow dy's (2 bytes an element against 4), and the `_ilp` form's three pixels then take 40
 // registers: at 32 (eight blocks a multiprocessor) they spill 40 bytes, two pixels 24. So six
-// blocks a multiprocessor, a part of plan_norm's grid in a second wave, to be timed.
+// blocks a multiprocessor, a part of plan_norm's grid in a second wave, to be timed. The
+// `_dy16` forms likewise: over an fp32 x, three pixels spill 40 bytes at 32 registers and 8
+// at 40 (nvcc 13.0, sm_90).
 extern "C" __global__ void __launch_bounds__(256)
-    gn_bwd_partial_x16(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
-                       const float* beta, int n, int hw, int c, int groups, int silu, int chunk_px, double* partial) {
-    bwd_partial<1, true>(x, xkind, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+    gn_bwd_partial_x16(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_FP32)) {
+    bwd_partial<1, true, false>(x, xkind, dy, 0, BWD_PARTIAL_PASS);
 }
 extern "C" __global__ void __launch_bounds__(256, 6)
-    gn_bwd_partial_x16_ilp(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
-                           const float* beta, int n, int hw, int c, int groups, int silu, int chunk_px,
-                           double* partial) {
-    bwd_partial<PARTIAL_ILP, true>(x, xkind, dy, stats, gamma, beta, n, hw, c, groups, silu, chunk_px, partial);
+    gn_bwd_partial_x16_ilp(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_FP32)) {
+    bwd_partial<PARTIAL_ILP, true, false>(x, xkind, dy, 0, BWD_PARTIAL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 6)
+    gn_bwd_partial_dy16_ilp(const float* x, BWD_PARTIAL_ARGS(DY_HALF)) {
+    bwd_partial<PARTIAL_ILP, false, true>(x, 0, dy, dykind, BWD_PARTIAL_PASS);
+}
+extern "C" __global__ void __launch_bounds__(256, 6)
+    gn_bwd_partial_x16_dy16_ilp(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_HALF)) {
+    bwd_partial<PARTIAL_ILP, true, true>(x, xkind, dy, dykind, BWD_PARTIAL_PASS);
 }
 
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,
@@ -558,12 +580,13 @@ DEVI void bwd_values4(float4 xv, float4 dv, const BwdUnit& k, int silu, float (&
     v[3] = bwd_value(xv.w, dv.w, k.ch[3], silu);
 }
 
-// What the backward's element pass reads of a unit element: x (a unit as ld_x4 loads it, a
-// single element widened), dy and, when it accumulates with P > 1, the old dx (P = 1 reads it
+// What the backward's element pass reads of a unit element: x and dy (units as ld_x4 loads
+// them, single elements widened) and, with `add`, its element, and when it accumulates with P > 1, the old dx (P = 1 reads it
 // after the arithmetic, as the timed kernel did).
-template <typename X, typename T> struct BwdIn {
+template <typename X, typename DY, typename T> struct BwdIn {
     X x;
-    T dy, old;
+    DY dy;
+    T old, add;
 };
 
 // The two sides of a concatenation's gradient, written by the GroupNorm backward pass over the
@@ -595,30 +618,39 @@ struct BwdUnitAt {
     int u;
 };
 
-// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise; grid (pixel blocks, n), see
+// dx (+)= rstd (g - mean(g) - xhat mean(g xhat)), element-wise, accumulating onto dx + add
+// where add is not null (16-byte aligned for vec4); grid (pixel blocks, n), see
 // for_units (P pixels a round); vec4 as gn_apply (c % 4 == 0, 16-byte aligned x, dy and dx).
 // Where dx16 is not null (8-byte aligned for vec4), also the new dx in bf16 (kind16 1) or fp16
 // (2), rounded as a conversion launch would round it: the last contribution to a gradient that
 // tensor-core convolutions read. X16: x holds 16-bit values of xkind, in units of four only
-// (the host passes vec4 = 1, 8-byte aligned x). SPLIT (units of four): the new dx goes to the
-// two sides of `sp` instead (dx is only read, where accumulating; dx16 unused).
-template <int P, bool X16, bool SPLIT = false>
-DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stats, const float* means,
-                    const float* gamma, const float* beta, float* dx, uint2* dx16, int kind16, int hw, int c,
-                    int groups, int silu, int accumulate, int vec4, GradSplit sp = {}) {
+// (the host passes vec4 = 1, 8-byte aligned x). DY16: dy holds 16-bit values of dykind (8-byte
+// aligned for vec4). SPLIT (units of four): the new dx goes to the two sides of `sp` instead
+// (dx is only read, where accumulating; dx16 unused).
+template <int P, bool X16, bool DY16, bool SPLIT>
+DEVI void bwd_apply(const void* x, int xkind, const void* dy, int dykind, const float* stats, const float* means,
+                    const float* gamma, const float* beta, float* dx, const float* add, uint2* dx16, int kind16,
+                    int hw, int c, int groups, int silu, int accumulate, int vec4, GradSplit sp) {
     const int cg = c / groups;
+    // P > 1 loads what it adds onto with the rest (P = 1 after the arithmetic, as timed).
+    const bool ahead = P > 1 && accumulate;
     if (X16 || SPLIT || vec4) {
-        using In = BwdIn<decltype(ld_x4<X16>(x, 0)), float4>;
+        using In = BwdIn<decltype(ld_x4<X16>(x, 0)), decltype(ld_x4<DY16>(dy, 0)), float4>;
         for_units<P>(
             hw, c / 4, [&](int u) { return BwdUnitAt{bwd_unit(stats, means, gamma, beta, groups, cg, u), u}; },
             [&](long long e) {
-                return In{ld_x4<X16>(x, e), ld_unit4(dy, e), P > 1 && accumulate ? ld_unit4(dx, e) : float4{}};
+                return In{ld_x4<X16>(x, e), ld_x4<DY16>(dy, e), ahead ? ld_unit4(dx, e) : float4{},
+                          ahead && add ? ld_unit4(add, e) : float4{}};
             },
             [&](const BwdUnitAt& k, const In& in, long long e, long long q) {
                 float v[4];
-                bwd_values4(widen4(in.x, xkind), in.dy, k.k, silu, v);
+                bwd_values4(widen4(in.x, xkind), widen4(in.dy, dykind), k.k, silu, v);
                 if (accumulate) {
-                    const float4 o = P > 1 ? in.old : ld_unit4(dx, e);
+                    float4 o = P > 1 ? in.old : ld_unit4(dx, e);
+                    if (add) {
+                        const float4 a = P > 1 ? in.add : ld_unit4(add, e);
+                        o = make_float4(o.x + a.x, o.y + a.y, o.z + a.z, o.w + a.w);
+                    }
                     v[0] += o.x;
                     v[1] += o.y;
                     v[2] += o.z;
@@ -636,11 +668,17 @@ DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stat
         for_units<P>(
             hw, c, [&](int ch) { return bwd_channel(stats, means, gamma, beta, groups, cg, ch); },
             [&](long long e) {
-                return BwdIn<float, float>{ld_x1<X16>(x, e, xkind), dy[e], P > 1 && accumulate ? dx[e] : 0.0f};
+                return BwdIn<float, float, float>{ld_x1<X16>(x, e, xkind), ld_x1<DY16>(dy, e, dykind),
+                                                  ahead ? dx[e] : 0.0f, ahead && add ? add[e] : 0.0f};
             },
-            [&](const BwdChannel& k, const BwdIn<float, float>& in, long long e, long long) {
+            [&](const BwdChannel& k, const BwdIn<float, float, float>& in, long long e, long long) {
                 const float v = bwd_value(in.x, in.dy, k, silu);
-                const float out = accumulate ? (P > 1 ? in.old : dx[e]) + v : v;
+                float old = 0.0f;
+                if (accumulate) {
+                    old = P > 1 ? in.old : dx[e];
+                    if (add) old += P > 1 ? in.add : add[e];
+                }
+                const float out = accumulate ? old + v : v;
                 dx[e] = out;
                 if (dx16) reinterpret_cast<uint16_t*>(dx16)[e] = pack_half1(out, kind16);
             });
@@ -650,70 +688,83 @@ DEVI void bwd_apply(const void* x, int xkind, const float* dy, const float* stat
 // bwd_apply (overwriting) into bf16 (kind 1) or fp16 (kind 2), for an input gradient whose
 // only reader is a tensor-core convolution's input gradient (which would round it the same
 // way while staging it). Units of four channels: c % 4 == 0, 16-byte aligned x and dy, 8-byte
-// aligned dx.
-template <int P>
-DEVI void bwd_apply_half(const float* x, const float* dy, const float* stats, const float* means, const float* gamma,
-                         const float* beta, uint2* dx, int hw, int c, int groups, int silu, int kind) {
+// aligned dx (and dy, DY16: 16-bit values of dykind).
+template <int P, bool DY16>
+DEVI void bwd_apply_half(const float* x, const void* dy, int dykind, const float* stats, const float* means,
+                         const float* gamma, const float* beta, uint2* dx, int hw, int c, int groups, int silu,
+                         int kind) {
     const int cg = c / groups;
+    using In = BwdIn<float4, decltype(ld_x4<DY16>(dy, 0)), float4>;
     for_units<P>(
         hw, c / 4, [&](int u) { return bwd_unit(stats, means, gamma, beta, groups, cg, u); },
-        [&](long long e) { return BwdIn<float4, float4>{ld_unit4(x, e), ld_unit4(dy, e), float4{}}; },
-        [&](const BwdUnit& k, const BwdIn<float4, float4>& in, long long e, long long) {
+        [&](long long e) { return In{ld_unit4(x, e), ld_x4<DY16>(dy, e), float4{}, float4{}}; },
+        [&](const BwdUnit& k, const In& in, long long e, long long) {
             float v[4];
-            bwd_values4(in.x, in.dy, k, silu, v);
+            bwd_values4(in.x, widen4(in.dy, dykind), k, silu, v);
             dx[e] = make_uint2(pack_half2(v[0], v[1], kind), pack_half2(v[2], v[3], kind));
         });
 }
 
-#define BWD_APPLY_ARGS                                                                                              \
-    const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
-        float *dx, uint2 *dx16, int kind16, int hw, int c, int groups, int silu, int accumulate, int vec4
-#define BWD_APPLY_HALF_ARGS                                                                                         \
-    const float *x, const float *dy, const float *stats, const float *means, const float *gamma, const float *beta, \
-        uint2 *dx, int hw, int c, int groups, int silu, int kind
-extern "C" __global__ void gn_bwd_apply(BWD_APPLY_ARGS) {
-    bwd_apply<1, false>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate, vec4);
+// The element pass's arguments after x (and xkind), with dy as DY_FP32 or DY_HALF give it.
+#define BWD_APPLY_ARGS(DY)                                                                                           \
+    DY, const float *stats, const float *means, const float *gamma, const float *beta, float *dx,              \
+        const float *add, uint2 *dx16, int kind16, int hw, int c, int groups, int silu, int accumulate, int vec4
+#define BWD_APPLY_PASS stats, means, gamma, beta, dx, add, dx16, kind16, hw, c, groups, silu, accumulate, vec4
+extern "C" __global__ void gn_bwd_apply(const float* x, BWD_APPLY_ARGS(DY_FP32)) {
+    bwd_apply<1, false, false, false>(x, 0, dy, 0, BWD_APPLY_PASS, {});
 }
-extern "C" __global__ void gn_bwd_apply_ilp(BWD_APPLY_ARGS) {
-    bwd_apply<APPLY_ILP, false>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
-                                accumulate, vec4);
+extern "C" __global__ void gn_bwd_apply_ilp(const float* x, BWD_APPLY_ARGS(DY_FP32)) {
+    bwd_apply<APPLY_ILP, false, false, false>(x, 0, dy, 0, BWD_APPLY_PASS, {});
 }
 // The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING): x and xkind first.
-#define BWD_APPLY_X16_ARGS                                                                                     \
-    const uint16_t *x, int xkind, const float *dy, const float *stats, const float *means, const float *gamma, \
-        const float *beta, float *dx, uint2 *dx16, int kind16, int hw, int c, int groups, int silu, int accumulate, \
-        int vec4
-extern "C" __global__ void gn_bwd_apply_x16(BWD_APPLY_X16_ARGS) {
-    bwd_apply<1, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu, accumulate,
-                       vec4);
+extern "C" __global__ void gn_bwd_apply_x16(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_FP32)) {
+    bwd_apply<1, true, false, false>(x, xkind, dy, 0, BWD_APPLY_PASS, {});
 }
-extern "C" __global__ void gn_bwd_apply_x16_ilp(BWD_APPLY_X16_ARGS) {
-    bwd_apply<APPLY_ILP, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
-                               accumulate, vec4);
+extern "C" __global__ void gn_bwd_apply_x16_ilp(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_FP32)) {
+    bwd_apply<APPLY_ILP, true, false, false>(x, xkind, dy, 0, BWD_APPLY_PASS, {});
 }
 // The split forms (SPLIT): the arguments of gn_bwd_apply / gn_bwd_apply_x16 (dx read only,
 // dx16 unused), then the two sides.
-extern "C" __global__ void gn_bwd_apply_split(BWD_APPLY_ARGS, const GradSplit sp) {
-    bwd_apply<1, false, true>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
-                              accumulate, vec4, sp);
+extern "C" __global__ void gn_bwd_apply_split(const float* x, BWD_APPLY_ARGS(DY_FP32), const GradSplit sp) {
+    bwd_apply<1, false, false, true>(x, 0, dy, 0, BWD_APPLY_PASS, sp);
 }
-extern "C" __global__ void gn_bwd_apply_split_ilp(BWD_APPLY_ARGS, const GradSplit sp) {
-    bwd_apply<APPLY_ILP, false, true>(x, 0, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
-                                      accumulate, vec4, sp);
+extern "C" __global__ void gn_bwd_apply_split_ilp(const float* x, BWD_APPLY_ARGS(DY_FP32), const GradSplit sp) {
+    bwd_apply<APPLY_ILP, false, false, true>(x, 0, dy, 0, BWD_APPLY_PASS, sp);
 }
-extern "C" __global__ void gn_bwd_apply_x16_split(BWD_APPLY_X16_ARGS, const GradSplit sp) {
-    bwd_apply<1, true, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups, silu,
-                             accumulate, vec4, sp);
+extern "C" __global__ void gn_bwd_apply_x16_split(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_FP32),
+                                                  const GradSplit sp) {
+    bwd_apply<1, true, false, true>(x, xkind, dy, 0, BWD_APPLY_PASS, sp);
 }
-extern "C" __global__ void gn_bwd_apply_x16_split_ilp(BWD_APPLY_X16_ARGS, const GradSplit sp) {
-    bwd_apply<APPLY_ILP, true, true>(x, xkind, dy, stats, means, gamma, beta, dx, dx16, kind16, hw, c, groups,
-                                     silu, accumulate, vec4, sp);
+extern "C" __global__ void gn_bwd_apply_x16_split_ilp(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_FP32),
+                                                      const GradSplit sp) {
+    bwd_apply<APPLY_ILP, true, false, true>(x, xkind, dy, 0, BWD_APPLY_PASS, sp);
 }
-extern "C" __global__ void gn_bwd_apply_half(BWD_APPLY_HALF_ARGS) {
-    bwd_apply_half<1>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);
+// The `_dy16` forms of the four `_ilp` ones.
+extern "C" __global__ void gn_bwd_apply_dy16_ilp(const float* x, BWD_APPLY_ARGS(DY_HALF)) {
+    bwd_apply<APPLY_ILP, false, true, false>(x, 0, dy, dykind, BWD_APPLY_PASS, {});
 }
-extern "C" __global__ void gn_bwd_apply_half_ilp(BWD_APPLY_HALF_ARGS) {
-    bwd_apply_half<APPLY_ILP>(x, dy, stats, means, gamma, beta, dx, hw, c, groups, silu, kind);
+extern "C" __global__ void gn_bwd_apply_x16_dy16_ilp(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_HALF)) {
+    bwd_apply<APPLY_ILP, true, true, false>(x, xkind, dy, dykind, BWD_APPLY_PASS, {});
+}
+extern "C" __global__ void gn_bwd_apply_split_dy16_ilp(const float* x, BWD_APPLY_ARGS(DY_HALF), const GradSplit sp) {
+    bwd_apply<APPLY_ILP, false, true, true>(x, 0, dy, dykind, BWD_APPLY_PASS, sp);
+}
+extern "C" __global__ void gn_bwd_apply_x16_split_dy16_ilp(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_HALF),
+                                                           const GradSplit sp) {
+    bwd_apply<APPLY_ILP, true, true, true>(x, xkind, dy, dykind, BWD_APPLY_PASS, sp);
+}
+#define BWD_APPLY_HALF_ARGS(DY)                                                                                \
+    const float *x, DY, const float *stats, const float *means, const float *gamma, const float *beta, uint2 *dx, \
+        int hw, int c, int groups, int silu, int kind
+#define BWD_APPLY_HALF_PASS stats, means, gamma, beta, dx, hw, c, groups, silu, kind
+extern "C" __global__ void gn_bwd_apply_half(BWD_APPLY_HALF_ARGS(DY_FP32)) {
+    bwd_apply_half<1, false>(x, dy, 0, BWD_APPLY_HALF_PASS);
+}
+extern "C" __global__ void gn_bwd_apply_half_ilp(BWD_APPLY_HALF_ARGS(DY_FP32)) {
+    bwd_apply_half<APPLY_ILP, false>(x, dy, 0, BWD_APPLY_HALF_PASS);
+}
+extern "C" __global__ void gn_bwd_apply_half_dy16_ilp(BWD_APPLY_HALF_ARGS(DY_HALF)) {
+    bwd_apply_half<APPLY_ILP, true>(x, dy, dykind, BWD_APPLY_HALF_PASS);
 }
 
 // ---- One pass for small groups ----
@@ -838,16 +889,17 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +
-// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32, or = in 16 bits (kind 1/2); with
+// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32 (onto dx + add where add is not null), or = in 16 bits (kind 1/2); with
 // an fp32 dx and dx16 not null, also the new dx in 16 bits (kind16), as bwd_apply's dx16.
 // AHEAD (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto,
 // before the first of their arithmetic (see for_units): the same bits. X16: x holds 16-bit
 // values of xkind, widened as they are loaded (kept raw until their arithmetic, they would
-// make the `_ilp` form spill 8 bytes at its 64 registers).
-template <bool AHEAD, bool X16>
-DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* stats, const float* gamma,
-                       const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,
-                       int silu, int accumulate, int kind) {
+// make the `_ilp` form spill 8 bytes at its 64 registers); DY16: dy, of dykind, likewise (over
+// an fp32 x the `_ilp` form still spills 8 bytes).
+template <bool AHEAD, bool X16, bool DY16>
+DEVI void bwd_one_pass(const void* x, int xkind, const void* dy, int dykind, const float* stats, const float* gamma,
+                       const float* beta, void* dx, const float* add, uint16_t* dx16, int kind16, int n, int hw,
+                       int c, int groups, int silu, int accumulate, int kind) {
     const OnePass t(hw, c, groups);
     const float mean = stats[t.id], rstd = stats[n * groups + t.id];
     const float gm = gamma[t.ch], bt = beta[t.ch];
@@ -858,7 +910,7 @@ DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* s
             const long long e = t.at(k, hw, c);
             if (e < 0) continue;
             xv[k] = ld_x1<X16>(x, e, xkind);
-            dv[k] = dy[e];
+            dv[k] = ld_x1<DY16>(dy, e, dykind);
             old[k] = kind == 0 && accumulate ? static_cast<float*>(dx)[e] : 0.0f;
         }
     }
@@ -870,7 +922,7 @@ DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* s
         g[k] = xhat[k] = 0.0f;
         if (e < 0) continue;
         const float xk = AHEAD ? xv[k] : ld_x1<X16>(x, e, xkind);
-        grad_xhat(xk, AHEAD ? dv[k] : dy[e], mean, rstd, gm, bt, silu, g[k], xhat[k]);
+        grad_xhat(xk, AHEAD ? dv[k] : ld_x1<DY16>(dy, e, dykind), mean, rstd, gm, bt, silu, g[k], xhat[k]);
         a += (double)g[k];
         b += (double)(g[k] * xhat[k]);
     }
@@ -883,7 +935,12 @@ DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* s
         if (e < 0) continue;
         const float v = bwd_from(g[k], xhat[k], rstd, mg, mgx);
         if (kind == 0) {
-            const float out = accumulate ? (AHEAD ? old[k] : static_cast<float*>(dx)[e]) + v : v;
+            float o = 0.0f;
+            if (accumulate) {
+                o = AHEAD ? old[k] : static_cast<float*>(dx)[e];
+                if (add) o += add[e];
+            }
+            const float out = accumulate ? o + v : v;
             static_cast<float*>(dx)[e] = out;
             if (dx16) dx16[e] = pack_half1(out, kind16);
         } else {
@@ -892,32 +949,30 @@ DEVI void bwd_one_pass(const void* x, int xkind, const float* dy, const float* s
     }
 }
 
+#define BWD_ONE_PASS_ARGS(DY)                                                                                 \
+    DY, const float *stats, const float *gamma, const float *beta, void *dx, const float *add, uint16_t *dx16,   \
+        int kind16, int n, int hw, int c, int groups, int silu, int accumulate, int kind
+#define BWD_ONE_PASS_PASS stats, gamma, beta, dx, add, dx16, kind16, n, hw, c, groups, silu, accumulate, kind
+extern "C" __global__ void __launch_bounds__(1024) gn_bwd_one_pass(const float* x, BWD_ONE_PASS_ARGS(DY_FP32)) {
+    bwd_one_pass<false, false, false>(x, 0, dy, 0, BWD_ONE_PASS_PASS);
+}
+extern "C" __global__ void __launch_bounds__(1024) gn_bwd_one_pass_ilp(const float* x, BWD_ONE_PASS_ARGS(DY_FP32)) {
+    bwd_one_pass<true, false, false>(x, 0, dy, 0, BWD_ONE_PASS_PASS);
+}
+// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING), and the `_dy16` forms.
 extern "C" __global__ void __launch_bounds__(1024)
-    gn_bwd_one_pass(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                    void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu, int accumulate,
-                    int kind) {
-    bwd_one_pass<false, false>(x, 0, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate,
-                               kind);
+    gn_bwd_one_pass_x16(const uint16_t* x, int xkind, BWD_ONE_PASS_ARGS(DY_FP32)) {
+    bwd_one_pass<false, true, false>(x, xkind, dy, 0, BWD_ONE_PASS_PASS);
 }
 extern "C" __global__ void __launch_bounds__(1024)
-    gn_bwd_one_pass_ilp(const float* x, const float* dy, const float* stats, const float* gamma, const float* beta,
-                        void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups, int silu,
-                        int accumulate, int kind) {
-    bwd_one_pass<true, false>(x, 0, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate,
-                              kind);
-}
-// The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING).
-extern "C" __global__ void __launch_bounds__(1024)
-    gn_bwd_one_pass_x16(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
-                        const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,
-                        int silu, int accumulate, int kind) {
-    bwd_one_pass<false, true>(x, xkind, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu,
-                              accumulate, kind);
+    gn_bwd_one_pass_x16_ilp(const uint16_t* x, int xkind, BWD_ONE_PASS_ARGS(DY_FP32)) {
+    bwd_one_pass<true, true, false>(x, xkind, dy, 0, BWD_ONE_PASS_PASS);
 }
 extern "C" __global__ void __launch_bounds__(1024)
-    gn_bwd_one_pass_x16_ilp(const uint16_t* x, int xkind, const float* dy, const float* stats, const float* gamma,
-                            const float* beta, void* dx, uint16_t* dx16, int kind16, int n, int hw, int c, int groups,
-                            int silu, int accumulate, int kind) {
-    bwd_one_pass<true, true>(x, xkind, dy, stats, gamma, beta, dx, dx16, kind16, n, hw, c, groups, silu, accumulate,
-                             kind);
+    gn_bwd_one_pass_dy16_ilp(const float* x, BWD_ONE_PASS_ARGS(DY_HALF)) {
+    bwd_one_pass<true, false, true>(x, 0, dy, dykind, BWD_ONE_PASS_PASS);
+}
+extern "C" __global__ void __launch_bounds__(1024)
+    gn_bwd_one_pass_x16_dy16_ilp(const uint16_t* x, int xkind, BWD_ONE_PASS_ARGS(DY_HALF)) {
+    bwd_one_pass<true, true, true>(x, xkind, dy, dykind, BWD_ONE_PASS_PASS);
 }

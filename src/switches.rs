@@ -79,6 +79,16 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` keeps fp32 concatenations in recording forwards (DPS, ΠGDM; by default 16-bit ones there too, their GroupNorms' backward passes reading 16 bits)",
     ),
     choice(
+        "INVDIFF_GN_ADD_RESIDUAL",
+        ON_OFF,
+        "GPU candidate: `1` has the GroupNorm backward pass that next adds onto a residual block's input gradient add the identity shortcut's share too, instead of a launch of its own (the same bits)",
+    ),
+    choice(
+        "INVDIFF_GN_HALF_DY",
+        ON_OFF,
+        "GPU candidate: `1` has GroupNorm backward passes read their output gradient as a 16-bit copy that the unsplit TMA convolution writing it writes instead of fp32 values (wgmma, bf16/fp16; the gradient then carries that rounding)",
+    ),
+    choice(
         "INVDIFF_EPI_STAGED",
         ON_OFF,
         "GPU default: `0` has unsplit TMA convolutions finish their rows from their accumulator fragments instead of through shared memory with 16-byte accesses (wgmma); also keeps INVDIFF_STAGED_UNSPLIT's two-way splits",

@@ -271,6 +271,10 @@ impl Step {
                     _ => unreachable!("matched above"),
                 };
                 let split_sides = matches!(self, GroupNormBackward { sides: Some(_), .. });
+                let (dy_half, adds) = match self {
+                    GroupNormBackward { dy_half, add, .. } => (*dy_half, add.is_some()),
+                    _ => (None, false),
+                };
                 let launches = match split.one_pass {
                     Some(_) => 1,
                     None => 3 - usize::from(split.from_producer),
@@ -279,8 +283,14 @@ impl Step {
                 if let Some(p) = x_half {
                     layout += &format!(", {p} input");
                 }
+                if let Some(p) = dy_half {
+                    layout += &format!(", {p} output gradient");
+                }
                 if split_sides {
                     layout += ", concatenation sides";
+                }
+                if adds {
+                    layout += ", adding a residual's gradient";
                 }
                 StepInfo {
                     variant: match (half_out, copy) {

@@ -573,6 +573,7 @@ pub fn sweep_group_norms(
                         st,
                         d,
                         NormBackwardIn {
+                            dy_half: None,
                             x: x_in,
                             x_half,
                             dy: dy.ptr,

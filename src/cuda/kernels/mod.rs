@@ -77,6 +77,7 @@ pub(crate) use norm::one_pass_threads;
 use attention::FLASH_SMEM;
 use conv::{narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS, WGMMA_EXTRA_SLOTS};
 use conv_plan::DIRECT_MAX;
+use norm::NormBackwardFns;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
 pub(crate) type DPtr = u64;
@@ -194,27 +195,10 @@ pub(crate) struct Kernels {
     gn_apply_half_x16_ilp: CudaFunction,
     gn_one_pass_x16: CudaFunction,
     gn_one_pass_x16_ilp: CudaFunction,
-    gn_bwd_partial: CudaFunction,
-    gn_bwd_partial_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
-    gn_bwd_apply: CudaFunction,
-    gn_bwd_apply_ilp: CudaFunction,
-    gn_bwd_apply_half: CudaFunction,
-    gn_bwd_apply_half_ilp: CudaFunction,
+    gn_bwd: [NormBackwardFns; 6],
     gn_one_pass: CudaFunction,
     gn_one_pass_ilp: CudaFunction,
-    gn_bwd_one_pass: CudaFunction,
-    gn_bwd_one_pass_ilp: CudaFunction,
-    gn_bwd_partial_x16: CudaFunction,
-    gn_bwd_partial_x16_ilp: CudaFunction,
-    gn_bwd_apply_x16: CudaFunction,
-    gn_bwd_apply_x16_ilp: CudaFunction,
-    gn_bwd_apply_split: CudaFunction,
-    gn_bwd_apply_split_ilp: CudaFunction,
-    gn_bwd_apply_x16_split: CudaFunction,
-    gn_bwd_apply_x16_split_ilp: CudaFunction,
-    gn_bwd_one_pass_x16: CudaFunction,
-    gn_bwd_one_pass_x16_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
     nhwc_to_nchw: CudaFunction,
     upsample2x: CudaFunction,
@@ -420,27 +404,10 @@ impl Kernels {
             gn_apply_half_x16_ilp: get("norm", "gn_apply_half_x16_ilp")?,
             gn_one_pass_x16: get("norm", "gn_one_pass_x16")?,
             gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
-            gn_bwd_partial: get("norm", "gn_bwd_partial")?,
-            gn_bwd_partial_ilp: get("norm", "gn_bwd_partial_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
-            gn_bwd_apply: get("norm", "gn_bwd_apply")?,
-            gn_bwd_apply_ilp: get("norm", "gn_bwd_apply_ilp")?,
-            gn_bwd_apply_half: get("norm", "gn_bwd_apply_half")?,
-            gn_bwd_apply_half_ilp: get("norm", "gn_bwd_apply_half_ilp")?,
+            gn_bwd: NormBackwardFns::all(&get)?,
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
-            gn_bwd_one_pass: get("norm", "gn_bwd_one_pass")?,
-            gn_bwd_one_pass_ilp: get("norm", "gn_bwd_one_pass_ilp")?,
-            gn_bwd_partial_x16: get("norm", "gn_bwd_partial_x16")?,
-            gn_bwd_partial_x16_ilp: get("norm", "gn_bwd_partial_x16_ilp")?,
-            gn_bwd_apply_x16: get("norm", "gn_bwd_apply_x16")?,
-            gn_bwd_apply_x16_ilp: get("norm", "gn_bwd_apply_x16_ilp")?,
-            gn_bwd_apply_split: get("norm", "gn_bwd_apply_split")?,
-            gn_bwd_apply_split_ilp: get("norm", "gn_bwd_apply_split_ilp")?,
-            gn_bwd_apply_x16_split: get("norm", "gn_bwd_apply_x16_split")?,
-            gn_bwd_apply_x16_split_ilp: get("norm", "gn_bwd_apply_x16_split_ilp")?,
-            gn_bwd_one_pass_x16: get("norm", "gn_bwd_one_pass_x16")?,
-            gn_bwd_one_pass_x16_ilp: get("norm", "gn_bwd_one_pass_x16_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,
@@ -576,6 +543,11 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
+        asked.extend(
+            NormBackwardFns::names()
+                .flatten()
+                .map(|n| ("norm".into(), n)),
+        );
         asked.extend(
             wgmma_extra_kernels()
                 .into_iter()

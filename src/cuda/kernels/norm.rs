@@ -31,13 +31,15 @@ pub(crate) struct NormSplit {
 }
 
 /// What a GroupNorm backward pass ([`Kernels::group_norm_backward`]) reads: the forward's
-/// input `x` (16-bit values of `x_half` where set), the output gradient `dy`, the scale and
-/// shift, the recorded statistics, and whether SiLU followed the GroupNorm.
+/// input `x` (16-bit values of `x_half` where set), the output gradient `dy` (16-bit values of
+/// `dy_half` where set), the scale and shift, the recorded statistics, and whether SiLU
+/// followed the GroupNorm.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct NormBackwardIn {
     pub x: DPtr,
     pub x_half: Option<Precision>,
     pub dy: DPtr,
+    pub dy_half: Option<Precision>,
     pub gamma: DPtr,
     pub beta: DPtr,
     pub stats: DPtr,
@@ -45,14 +47,16 @@ pub(crate) struct NormBackwardIn {
 }
 
 /// What a GroupNorm backward pass writes: its scratch (partial sums, group means), the input
-/// gradient `dx` (added onto where `accumulate`; 16-bit values of `half_out` where set), a
-/// 16-bit `copy` of it, or instead the two `sides` of the concatenation it is the gradient of.
+/// gradient `dx` (added onto where `accumulate`, after `add` is added onto it where set; 16-bit
+/// values of `half_out` where set), a 16-bit `copy` of it, or instead the two `sides` of the
+/// concatenation it is the gradient of.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct NormBackwardOut {
     pub partial: DPtr,
     pub means: DPtr,
     pub dx: DPtr,
     pub accumulate: bool,
+    pub add: Option<DPtr>,
     pub half_out: Option<Precision>,
     pub copy: Option<(DPtr, Precision)>,
     pub sides: Option<GradSides>,
@@ -253,6 +257,65 @@ impl NormSplit {
         } else {
             len
         }
+    }
+}
+
+/// The kernels of one form of the GroupNorm backward pass (kernels/norm.cu): over an fp32 or a
+/// 16-bit `x` (`_x16`), plain or `_ilp`, from an fp32 or a 16-bit `dy` (`_dy16`, which only
+/// the `_ilp` kernels have). A 16-bit x has no 16-bit-output kernel (`apply_half` is the fp32
+/// x's, which the launcher refuses to run over one).
+pub(super) struct NormBackwardFns {
+    partial: CudaFunction,
+    apply: CudaFunction,
+    apply_half: CudaFunction,
+    apply_split: CudaFunction,
+    one_pass: CudaFunction,
+    /// The kernels' name suffix (`_x16_dy16_ilp`, say), for errors.
+    suffix: &'static str,
+}
+
+impl NormBackwardFns {
+    /// The forms' name suffixes, in the order [`Kernels::group_norm_backward`] indexes them:
+    /// three over an fp32 x, then three over a 16-bit one.
+    const SUFFIXES: [&'static str; 6] =
+        ["", "_ilp", "_dy16_ilp", "_x16", "_x16_ilp", "_x16_dy16_ilp"];
+
+    /// Each form's kernels: partial sums, element pass (fp32, 16-bit output, split), one pass.
+    pub(super) fn names() -> impl Iterator<Item = [String; 5]> {
+        (0..6).map(|i| {
+            let x = if i >= 3 { "_x16" } else { "" };
+            let f = ["", "_ilp", "_dy16_ilp"][i % 3];
+            [
+                format!("gn_bwd_partial{x}{f}"),
+                format!("gn_bwd_apply{x}{f}"),
+                format!("gn_bwd_apply_half{f}"),
+                format!("gn_bwd_apply{x}_split{f}"),
+                format!("gn_bwd_one_pass{x}{f}"),
+            ]
+        })
+    }
+
+    /// The six forms, each kernel looked up as `get("norm", name)`.
+    pub(super) fn all(get: &dyn Fn(&str, &str) -> Result<CudaFunction>) -> Result<[Self; 6]> {
+        let forms = Self::names()
+            .zip(Self::SUFFIXES)
+            .map(
+                |([partial, apply, apply_half, apply_split, one_pass], suffix)| {
+                    let f = |name: &str| get("norm", name);
+                    Ok(NormBackwardFns {
+                        partial: f(&partial)?,
+                        apply: f(&apply)?,
+                        apply_half: f(&apply_half)?,
+                        apply_split: f(&apply_split)?,
+                        one_pass: f(&one_pass)?,
+                        suffix,
+                    })
+                },
+            )
+            .collect::<Result<Vec<_>>>()?;
+        forms
+            .try_into()
+            .map_err(|_| Error::Cuda("internal: GroupNorm backward kernel table".into()))
     }
 }
 
@@ -633,6 +696,7 @@ impl Kernels {
             x,
             x_half,
             dy,
+            dy_half,
             gamma,
             beta,
             stats,
@@ -643,6 +707,7 @@ impl Kernels {
             means,
             dx,
             accumulate,
+            add,
             half_out,
             copy,
             sides,
@@ -654,6 +719,14 @@ impl Kernels {
                 d.c
             )));
         }
+        if add.is_some() && !(accumulate && half_out.is_none() && sides.is_none()) {
+            return Err(Error::Cuda(
+                "internal: a gradient added onto a GroupNorm input gradient that is not an fp32 \
+                 one accumulated whole"
+                    .into(),
+            ));
+        }
+        let add = add.unwrap_or(0);
         if copy.is_some() && half_out.is_some() {
             return Err(Error::Cuda(
                 "internal: a 16-bit copy of a GroupNorm input gradient that is 16-bit itself"
@@ -668,6 +741,14 @@ impl Kernels {
         }
         let (dx16, kind16) = half_output(copy, "16-bit copy of the input gradient")?;
         let xkind = x_half.map_or(Ok(0), half_kind)?;
+        let dykind = dy_half.map_or(Ok(0), half_kind)?;
+        if dy_half.is_some() && !d.split.ilp {
+            return Err(Error::Cuda(
+                "internal: a GroupNorm backward pass of a 16-bit output gradient without the \
+                 `_ilp` kernels (only they have `_dy16` forms)"
+                    .into(),
+            ));
+        }
         for (p, what) in [
             (x, "input"),
             (dy, "output gradient"),
@@ -691,12 +772,16 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
-        let vec = c % 4 == 0 && [x, dy, dx].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
+        // A unit of four 16-bit values is 8 bytes, of fp32 16.
+        let dy_aligned = dy % if dy_half.is_some() { 8 } else { 16 } == 0;
+        let vec =
+            c % 4 == 0 && dy_aligned && [x, dx, add].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
         // The element pass over a 16-bit x takes units of four only (x 8-byte aligned).
         let unaligned = x % 8 != 0
             || (split.one_pass.is_none()
-                && (![dy, dx].iter().all(|p| p % 16 == 0) || dx16 % 8 != 0));
-        let x16 = x16_suffix(
+                && (!dy_aligned || dx % 16 != 0 || add % 16 != 0 || dx16 % 8 != 0));
+        // What the `_x16` kernels cannot take.
+        x16_suffix(
             "GroupNorm backward pass",
             x_half,
             c,
@@ -706,33 +791,39 @@ impl Kernels {
             unaligned.then(|| {
                 format!(
                     "unaligned buffers (input {x:#x}, output gradient {dy:#x}, input gradient \
-                     {dx:#x}, its 16-bit copy {dx16:#x})"
+                     {dx:#x}, its 16-bit copy {dx16:#x}, what it adds {add:#x})"
                 )
             }),
         )?;
         // (Before the one-pass launch, which cannot split: GradSides::args refuses it.)
         let io_aligned =
-            [dy, dx].iter().all(|p| p % 16 == 0) && x % if x_half.is_some() { 8 } else { 16 } == 0;
+            dy_aligned && dx % 16 == 0 && x % if x_half.is_some() { 8 } else { 16 } == 0;
         let sides = match sides {
             Some(g) => Some(g.args(d, io_aligned, half_out.is_some() || copy.is_some())?),
             None => None,
         };
+        let fns = &self.gn_bwd[3 * x_half.is_some() as usize
+            + match (split.ilp, dy_half.is_some()) {
+                (false, _) => 0,
+                (true, false) => 1,
+                (true, true) => 2,
+            }];
+        let form = fns.suffix;
         if let Some(threads) = split.one_pass {
-            let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
-                (false, false) => &self.gn_bwd_one_pass,
-                (false, true) => &self.gn_bwd_one_pass_ilp,
-                (true, false) => &self.gn_bwd_one_pass_x16,
-                (true, true) => &self.gn_bwd_one_pass_x16_ilp,
-            });
+            let mut b = st.launch_builder(&fns.one_pass);
             b.arg(&x);
             if x_half.is_some() {
                 b.arg(&xkind);
             }
-            b.arg(&dy)
-                .arg(&stats)
+            b.arg(&dy);
+            if dy_half.is_some() {
+                b.arg(&dykind);
+            }
+            b.arg(&stats)
                 .arg(&gamma)
                 .arg(&beta)
                 .arg(&dx)
+                .arg(&add)
                 .arg(&dx16)
                 .arg(&kind16)
                 .arg(&ni)
@@ -747,45 +838,19 @@ impl Kernels {
             // room for as many 16-bit values.
             return cu(
                 unsafe { b.launch(one) }.map(drop),
-                &format!("launching gn_bwd_one_pass{x16}"),
+                &format!("launching gn_bwd_one_pass{form}"),
             );
         }
-        // The element-wise pass: fp32 (`apply`), 16-bit (`apply_half`) or the split (`apply_split`).
-        let (partial_fn, apply_fn, apply_half_fn, apply_split_fn) =
-            match (x_half.is_some(), split.ilp) {
-                (false, false) => (
-                    &self.gn_bwd_partial,
-                    &self.gn_bwd_apply,
-                    &self.gn_bwd_apply_half,
-                    &self.gn_bwd_apply_split,
-                ),
-                (false, true) => (
-                    &self.gn_bwd_partial_ilp,
-                    &self.gn_bwd_apply_ilp,
-                    &self.gn_bwd_apply_half_ilp,
-                    &self.gn_bwd_apply_split_ilp,
-                ),
-                // No 16-bit input gradient over a 16-bit x (refused above).
-                (true, false) => (
-                    &self.gn_bwd_partial_x16,
-                    &self.gn_bwd_apply_x16,
-                    &self.gn_bwd_apply_half,
-                    &self.gn_bwd_apply_x16_split,
-                ),
-                (true, true) => (
-                    &self.gn_bwd_partial_x16_ilp,
-                    &self.gn_bwd_apply_x16_ilp,
-                    &self.gn_bwd_apply_half_ilp,
-                    &self.gn_bwd_apply_x16_split_ilp,
-                ),
-            };
-        let mut b = st.launch_builder(partial_fn);
+        let mut b = st.launch_builder(&fns.partial);
         b.arg(&x);
         if x_half.is_some() {
             b.arg(&xkind);
         }
-        b.arg(&dy)
-            .arg(&stats)
+        b.arg(&dy);
+        if dy_half.is_some() {
+            b.arg(&dykind);
+        }
+        b.arg(&stats)
             .arg(&gamma)
             .arg(&beta)
             .arg(&ni)
@@ -798,7 +863,7 @@ impl Kernels {
         // SAFETY: as in the forward.
         cu(
             unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-            &format!("launching gn_bwd_partial{x16}"),
+            &format!("launching gn_bwd_partial{form}"),
         )?;
         let mut b = st.launch_builder(&self.gn_bwd_finalize);
         b.arg(&partial)
@@ -814,12 +879,16 @@ impl Kernels {
             unsafe { b.launch(fin) }.map(drop),
             "launching gn_bwd_finalize",
         )?;
+        // The element-wise pass: 16-bit (`apply_half`), fp32 (`apply`) or the split
+        // (`apply_split`). No 16-bit input gradient over a 16-bit x (refused above).
         if half_out.is_some() {
-            let grid = self.norm_units(st, apply_half_fn, n, hw, c / 4, split.ilp)?;
-            let mut b = st.launch_builder(apply_half_fn);
-            b.arg(&x)
-                .arg(&dy)
-                .arg(&stats)
+            let grid = self.norm_units(st, &fns.apply_half, n, hw, c / 4, split.ilp)?;
+            let mut b = st.launch_builder(&fns.apply_half);
+            b.arg(&x).arg(&dy);
+            if dy_half.is_some() {
+                b.arg(&dykind);
+            }
+            b.arg(&stats)
                 .arg(&means)
                 .arg(&gamma)
                 .arg(&beta)
@@ -829,10 +898,11 @@ impl Kernels {
                 .arg(&gi)
                 .arg(&silu)
                 .arg(&kind);
-            // SAFETY: x and dy are n x hw x c floats, dx room for as many 16-bit values.
+            // SAFETY: x (and dy, unless 16-bit) are n x hw x c floats, dx room for as many
+            // 16-bit values.
             return cu(
                 unsafe { b.launch(grid) }.map(drop),
-                "launching gn_bwd_apply_half",
+                &format!("launching gn_bwd_apply_half{form}"),
             );
         }
         // A 16-bit x is in units of four (checked above; its unit is 8 bytes), and so are the
@@ -841,8 +911,8 @@ impl Kernels {
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
         let (apply_fn, kind16) = match sides {
-            Some((_, kind)) => (apply_split_fn, kind),
-            None => (apply_fn, kind16),
+            Some((_, kind)) => (&fns.apply_split, kind),
+            None => (&fns.apply, kind16),
         };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);
@@ -850,12 +920,16 @@ impl Kernels {
         if x_half.is_some() {
             b.arg(&xkind);
         }
-        b.arg(&dy)
-            .arg(&stats)
+        b.arg(&dy);
+        if dy_half.is_some() {
+            b.arg(&dykind);
+        }
+        b.arg(&stats)
             .arg(&means)
             .arg(&gamma)
             .arg(&beta)
             .arg(&dx)
+            .arg(&add)
             .arg(&dx16)
             .arg(&kind16)
             .arg(&hwi)
@@ -867,13 +941,13 @@ impl Kernels {
         if let Some((g, _)) = &sides {
             b.arg(g);
         }
-        let form = if sides.is_some() { "_split" } else { "" };
-        // SAFETY: x (fp32, or of `xkind`), dy and dx are n x hw x c, dx16 (when set) room for as
-        // many 16-bit values; the sides (when set) n x hw x ca and n x hw x cb, with their 16-bit
-        // copies.
+        let split_form = if sides.is_some() { " (split)" } else { "" };
+        // SAFETY: x (fp32, or of `xkind`), dy (fp32, or of `dykind`) and dx are n x hw x c, dx16
+        // (when set) room for as many 16-bit values; the sides (when set) n x hw x ca and
+        // n x hw x cb, with their 16-bit copies.
         cu(
             unsafe { b.launch(grid) }.map(drop),
-            &format!("launching gn_bwd_apply{x16}{form}"),
+            &format!("launching gn_bwd_apply{form}{split_form}"),
         )
     }
 }

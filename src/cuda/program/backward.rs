@@ -112,7 +112,12 @@ impl Lowering<'_> {
                 }
             }
             Op::GroupNorm {
-                x, p, groups, silu, ..
+                x,
+                y,
+                p,
+                groups,
+                silu,
+                ..
             } => {
                 let stats = self.aux[i].ok_or_else(|| aux("GroupNorm statistics"))?;
                 let (h, w) = self.hw(x);
@@ -120,6 +125,16 @@ impl Lowering<'_> {
                 let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
                 let x_half = self.half[x].then_some(self.precision);
+                let dy16 = if self.choice.half_norm_grads && self.precision.is_half() && split.ilp {
+                    let name = format!("d {} (16-bit copy)", g.tensors[y].name);
+                    self.half_copy_by_writer(dy, self.numel(x), &name)
+                } else {
+                    None
+                };
+                let (dy, dy_half) = match dy16 {
+                    Some(copy) => (copy, Some(self.precision)),
+                    None => (dy, None),
+                };
                 let half_out = self.half_grad[x].then_some(self.precision);
                 let (gx, acc) = if half_out.is_some() {
                     if self.grad[x].is_some() {
@@ -150,6 +165,7 @@ impl Lowering<'_> {
                     x: xb,
                     x_half,
                     dy,
+                    dy_half,
                     dx: gx,
                     gamma: W {
                         pid: p,
@@ -168,6 +184,7 @@ impl Lowering<'_> {
                     partial,
                     means,
                     accumulate: acc,
+                    add: None,
                     half_out,
                     dx16: None,
                     sides: None,

@@ -152,6 +152,21 @@ pub(crate) struct KernelConfig {
     /// downsampling reads through its copy and the concatenation takes from the launch), it
     /// writes no fp32 values. The same bits.
     pub epilogue_half_copies: bool,
+    /// Where [`gn_ilp`](Self::gn_ilp) and the step that writes a GroupNorm backward pass's
+    /// output gradient can write a 16-bit copy of it beside its values (an unsplit TMA
+    /// input gradient's staged epilogue, with `epilogue_half_copies`), the pass reads that
+    /// copy (the `_dy16` kernels of kernels/norm.cu), and the launch then writes no fp32
+    /// values: two reads of the gradient at half the bytes, and a write of it less. Not the
+    /// same bits: the gradient carries a rounding to 16 bits before the GroupNorm (the
+    /// tensor-core kernels already round it so where they read it).
+    pub half_norm_grads: bool,
+    /// A residual's gradient added onto a gradient just before an accumulating GroupNorm
+    /// backward pass adds onto it (a residual block's input: the identity shortcut's share,
+    /// then the block's first GroupNorm's) is added by that pass, before its own values
+    /// (`add` of the backward kernels in kernels/norm.cu), instead of by a launch of its own
+    /// (`add_into`): (old + r) + v, the same bits, a launch and a read and write of the
+    /// gradient less.
+    pub fold_residual_grads: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -190,6 +205,8 @@ impl Default for KernelConfig {
             shortcut_fused: false,
             concat_from_producers: false,
             epilogue_half_copies: false,
+            half_norm_grads: false,
+            fold_residual_grads: false,
             batch_invariant: false,
         }
     }
@@ -257,6 +274,8 @@ impl KernelConfig {
             shortcut_fused: here.wgmma,
             concat_from_producers: here.wgmma,
             epilogue_half_copies: here.wgmma,
+            half_norm_grads: false,
+            fold_residual_grads: false,
             batch_invariant: false,
         }
     }
@@ -306,6 +325,8 @@ impl KernelConfig {
                 && kept("INVDIFF_CONCAT_FROM_PRODUCERS", tuned.concat_from_producers),
             epilogue_half_copies: wgmma
                 && kept("INVDIFF_EPI_HALF_COPIES", tuned.epilogue_half_copies),
+            half_norm_grads: wgmma && kept("INVDIFF_GN_HALF_DY", tuned.half_norm_grads),
+            fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             batch_invariant: false,
         }
     }
@@ -360,6 +381,11 @@ impl KernelConfig {
             (
                 self.half_copy && self.epilogue_half_copies,
                 "16-bit copies by staged epilogues",
+            ),
+            (self.half_norm_grads, "16-bit GroupNorm output gradients"),
+            (
+                self.fold_residual_grads,
+                "residual gradients added by GroupNorms",
             ),
             (self.batch_invariant, "per-image plans"),
         ]

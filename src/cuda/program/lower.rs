@@ -282,6 +282,8 @@ impl Lowering<'_> {
     /// does. (A concatenation's block always has a 1x1 shortcut, whose input gradient writes
     /// `dx` first; a pass that did not add onto `dx` would leave it unused.)
     pub(super) fn concat_grads_from_norms(&mut self, from: usize) {
+        // Whether each step (in the order before any went) stays, for the 16-bit copies.
+        let mut kept = vec![true; self.steps.len()];
         let mut i = from;
         while i + 2 < self.steps.len() {
             let (
@@ -359,9 +361,19 @@ impl Lowering<'_> {
             if let Step::GroupNormBackward { sides, .. } = &mut self.steps[i] {
                 *sides = Some(taken);
             }
+            // The (i + 1)-th and (i + 2)-th steps still kept go.
+            let gone: Vec<usize> = (0..kept.len())
+                .filter(|&j| kept[j])
+                .skip(i + 1)
+                .take(2)
+                .collect();
+            for j in gone {
+                kept[j] = false;
+            }
             self.steps.drain(i + 1..i + 3);
             i += 1;
         }
+        self.renumber_half_copies(&kept);
     }
 
     /// Merges the forward steps' few-row linear layers without residual that read the same `x`
@@ -372,6 +384,60 @@ impl Lowering<'_> {
     /// in the forward pass, whose values are written once; the check keeps the merge sound
     /// regardless). Their outputs are then written earlier than before, which only lengthens
     /// their lifetimes.
+    /// Has each accumulating GroupNorm backward pass (fp32, whole input gradient) that is the
+    /// next step to touch a gradient which a residual's gradient was just added onto (an
+    /// [`Step::AddInto`] from `from` on, accumulating) add it itself, before its own values
+    /// ([`Step::GroupNormBackward`]'s `add`), where nothing between writes what was added: the
+    /// AddInto goes. (old + r) + v, the same bits: a launch and a read and write of the
+    /// gradient less, for one read of `r`.
+    pub(super) fn fold_residual_adds(&mut self, from: usize) {
+        let mut gone = Vec::new();
+        for i in from..self.steps.len() {
+            let Step::AddInto {
+                dst,
+                src,
+                len,
+                accumulate: true,
+            } = self.steps[i]
+            else {
+                continue;
+            };
+            let Some(j) =
+                (i + 1..self.steps.len()).find(|&j| self.steps[j].buffers().contains(&dst))
+            else {
+                continue;
+            };
+            if self.steps[i + 1..=j]
+                .iter()
+                .any(|s| s.io().1.contains(&src))
+            {
+                continue;
+            }
+            let n = self.n;
+            if let Step::GroupNormBackward {
+                dx,
+                hw,
+                c,
+                accumulate: true,
+                add: add @ None,
+                half_out: None,
+                sides: None,
+                ..
+            } = &mut self.steps[j]
+            {
+                if *dx == dst && n * *hw * *c == len {
+                    *add = Some(src);
+                    gone.push(i);
+                }
+            }
+        }
+        let kept: Vec<bool> = (0..self.steps.len()).map(|i| !gone.contains(&i)).collect();
+        let mut keep = kept.iter();
+        self.steps
+            .retain(|_| *keep.next().expect("one flag a step"));
+        self.renumber_half_copies(&kept);
+    }
+
     pub(super) fn batch_linears(&mut self) {
         type Key = (Buf, usize, bool, u32);
         let mut open: Vec<(Key, Vec<usize>)> = Vec::new();
@@ -640,7 +706,7 @@ impl Lowering<'_> {
     pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
         let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
-        if let Some(at) = last.filter(|&at| self.copy_by_writer(at, src, len, y)) {
+        if let Some(at) = last.filter(|&at| self.copy_by_writer(at, src, len, Some(y))) {
             self.half_copies.push((src, y, at));
             return y;
         }
@@ -654,12 +720,29 @@ impl Lowering<'_> {
         y
     }
 
+    /// A 16-bit copy of the `len` fp32 values of `src` that the step which wrote them last
+    /// writes beside them ([`copy_by_writer`](Self::copy_by_writer)), or one made earlier
+    /// that is still fresh; `None` where neither can be had without a conversion launch.
+    pub(super) fn half_copy_by_writer(&mut self, src: Buf, len: usize, name: &str) -> Option<Buf> {
+        if let Some(copy) = self.fresh_half_copy(src) {
+            return Some(copy);
+        }
+        let at = self.steps.iter().rposition(|s| s.io().1.contains(&src))?;
+        if !self.copy_by_writer(at, src, len, None) {
+            return None;
+        }
+        let y = self.buf(len.div_ceil(2), name);
+        self.copy_by_writer(at, src, len, Some(y));
+        self.half_copies.push((src, y, at));
+        Some(y)
+    }
+
     /// Has step `at`, which wrote `src` last, also write `src`'s `len` values in 16 bits to
     /// `y`, where it wrote all of them and can: a concatenation's adjoint, or a GroupNorm's
     /// backward with an fp32 gradient ([`KernelConfig::fused_half_copies`]); a launch with a
     /// staged epilogue ([`KernelConfig::epilogue_half_copies`]). The same bits as a conversion
-    /// launch. Whether it does.
-    fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Buf) -> bool {
+    /// launch. Whether it does (with `y` None, whether it could, changing nothing).
+    fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Option<Buf>) -> bool {
         let (n, precision, choice) = (self.n, self.precision, self.choice);
         match &mut self.steps[at] {
             Step::ConcatBackward {
@@ -669,7 +752,7 @@ impl Lowering<'_> {
                 width,
                 ..
             } if choice.fused_half_copies && *d == src && *pixels * *width == len => {
-                *slot = Some((y, precision));
+                *slot = y.map(|y| (y, precision));
                 true
             }
             Step::GroupNormBackward {
@@ -680,7 +763,7 @@ impl Lowering<'_> {
                 c,
                 ..
             } if choice.fused_half_copies && *dx == src && n * *hw * *c == len => {
-                *slot = Some((y, precision));
+                *slot = y.map(|y| (y, precision));
                 true
             }
             Step::Conv(conv)
@@ -691,7 +774,7 @@ impl Lowering<'_> {
                     && conv.shape.out_stride == 1
                     && conv.shape.rows() * conv.shape.ncols == len =>
             {
-                conv.copy16 = Some(y);
+                conv.copy16 = y;
                 true
             }
             _ => false,

@@ -163,6 +163,9 @@ pub(crate) enum Step {
         /// wrote in 16 bits only ([`KernelConfig::half_gn_inputs_recording`]).
         x_half: Option<Precision>,
         dy: Buf,
+        /// `dy` holds 16-bit values in this precision: the copy that the launch writing the
+        /// gradient wrote instead of its fp32 values ([`KernelConfig::half_norm_grads`]).
+        dy_half: Option<Precision>,
         dx: Buf,
         gamma: W,
         beta: W,
@@ -175,6 +178,9 @@ pub(crate) enum Step {
         partial: Buf,
         means: Buf,
         accumulate: bool,
+        /// Accumulating: a second gradient added onto `dx` before this pass's values, a
+        /// residual's ([`KernelConfig::fold_residual_grads`]).
+        add: Option<Buf>,
         /// `dx` holds 16-bit values in this precision (only a tensor-core input gradient reads
         /// it; never accumulating).
         half_out: Option<Precision>,
@@ -392,12 +398,14 @@ impl Step {
                 stats,
                 split,
                 accumulate,
+                add,
                 dx16,
                 ..
             } if split.one_pass.is_some() => (
                 [*x, *dy, *stats]
                     .into_iter()
                     .chain(acc(*dx, *accumulate))
+                    .chain(*add)
                     .collect(),
                 std::iter::once(*dx).chain(dx16.map(|(b, _)| b)).collect(),
             ),
@@ -410,6 +418,7 @@ impl Step {
                 partial,
                 means,
                 accumulate,
+                add,
                 dx16,
                 sides,
                 ..
@@ -417,6 +426,7 @@ impl Step {
                 [*x, *dy, *stats]
                     .into_iter()
                     .chain(acc(*dx, *accumulate))
+                    .chain(*add)
                     .collect(),
                 sides
                     .is_none()
@@ -672,6 +682,9 @@ impl Program {
             grad_input = Some(out);
             if choice.concat_grad_split {
                 l.concat_grads_from_norms(forward_steps);
+            }
+            if choice.fold_residual_grads {
+                l.fold_residual_adds(forward_steps);
             }
         }
         l.drop_unread_outputs();

@@ -12,23 +12,26 @@ use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 
-/// The steps `step` stands for: itself, or where it is a GroupNorm backward pass that writes a
-/// concatenation's two gradients (its `sides`), the pass writing its whole input gradient and
-/// the concatenation's two adjoint steps copying the sides out of it.
+/// The steps `step` stands for: itself, or where it is a GroupNorm backward pass that adds a
+/// residual's gradient (its `add`) or writes a concatenation's two gradients (its `sides`),
+/// the AddInto adding that gradient first, the pass writing its whole input gradient, and the
+/// concatenation's two adjoint steps copying the sides out of it.
 fn unsplit(step: &Step, n: usize) -> Vec<Step> {
     let Step::GroupNormBackward {
         dx,
         hw,
         c,
-        sides: Some(g),
+        add,
+        sides,
         ..
     } = *step
     else {
         return vec![step.clone()];
     };
     let mut whole = step.clone();
-    if let Step::GroupNormBackward { sides, .. } = &mut whole {
+    if let Step::GroupNormBackward { sides, add, .. } = &mut whole {
         *sides = None;
+        *add = None;
     }
     let side = |d, d16, offset, width| Step::ConcatBackward {
         dy: dx,
@@ -40,11 +43,20 @@ fn unsplit(step: &Step, n: usize) -> Vec<Step> {
         width,
         accumulate: false,
     };
-    vec![
-        whole,
-        side(g.a, g.a16, 0, g.ca),
-        side(g.b, g.b16, g.ca, c - g.ca),
-    ]
+    let added = add.map(|src| Step::AddInto {
+        dst: dx,
+        src,
+        len: n * hw * c,
+        accumulate: true,
+    });
+    let sides = sides
+        .into_iter()
+        .flat_map(|g| [side(g.a, g.a16, 0, g.ca), side(g.b, g.b16, g.ca, c - g.ca)]);
+    added
+        .into_iter()
+        .chain(std::iter::once(whole))
+        .chain(sides)
+        .collect()
 }
 
 /// `tc` without the staged epilogues' 16-bit outputs ([`KernelConfig::concat_from_producers`],
@@ -341,13 +353,21 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     Step::AttentionBackward { y, .. } => y,
                     _ => None,
                 };
-                // A GroupNorm backward pass of a 16-bit input (half_gn_inputs_recording) stands
-                // for the same pass over the values before their rounding, as its forward does.
-                let widened = match *step {
+                // A GroupNorm backward pass of a 16-bit input (half_gn_inputs_recording) or
+                // output gradient (half_norm_grads) stands for the same pass over the values
+                // before their rounding, as its forward does.
+                let widened: Vec<Buf> = match *step {
                     Step::GroupNormBackward {
-                        x, x_half: Some(_), ..
-                    } => Some(x),
-                    _ => None,
+                        x,
+                        x_half,
+                        dy,
+                        dy_half,
+                        ..
+                    } => [(x, x_half), (dy, dy_half)]
+                        .into_iter()
+                        .filter_map(|(b, half)| half.map(|_| b))
+                        .collect(),
+                    _ => vec![],
                 };
                 let r: Vec<u64> = match *step {
                     // A side its producers wrote stands for that side read.
@@ -368,9 +388,9 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
                     _ => reads
                         .iter()
                         .filter(|&&b| Some(b) != derived)
-                        .map(|&b| match widened {
-                            Some(x) if b == x => converted[&x],
-                            _ => val[b.0],
+                        .map(|&b| match widened.contains(&b) {
+                            true => converted[&b],
+                            false => val[b.0],
                         })
                         .collect(),
                 };
@@ -569,6 +589,14 @@ fn every_buffer_is_written_before_it_is_read() {
     // And the 16-bit outputs of staged epilogues each alone (both are defaults):
     // concatenations' sides, which a concatenation then reads back for its sums, and copies.
     let [sides, copies] = each_half_output(tuned);
+    let half_dy = KernelConfig {
+        half_norm_grads: true,
+        ..tuned
+    };
+    let fold = KernelConfig {
+        fold_residual_grads: true,
+        ..tuned
+    };
     for (record, choice) in [
         (true, tuned),
         (false, tuned),
@@ -579,6 +607,8 @@ fn every_buffer_is_written_before_it_is_read() {
         (true, sides),
         (false, sides),
         (true, copies),
+        (true, half_dy),
+        (true, fold),
     ] {
         let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
@@ -1530,6 +1560,18 @@ fn switches_compute_what_the_default_program_computes() {
                 );
             }
             assert_eq!(symbolic(&build(v07)), want, "{precision} {n}x{h}x{w}");
+            // The candidates: GroupNorm backward passes reading 16-bit output gradients, and
+            // adding residuals' gradients; each, and both.
+            for (half_norm_grads, fold_residual_grads) in
+                [(true, false), (false, true), (true, true)]
+            {
+                let tc = KernelConfig {
+                    half_norm_grads,
+                    fold_residual_grads,
+                    ..tuned
+                };
+                assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
+            }
             // A forward that records nothing, where 16-bit GroupNorm inputs apply.
             let forward = |tc| {
                 symbolic(&Program::build_with(&g, n, h, w, false, 132, precision, tc).unwrap())
@@ -1775,7 +1817,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 14] = [
+    let flags: [fn(&mut KernelConfig); 16] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1790,6 +1832,8 @@ fn every_choice_has_a_name() {
         |c| c.shortcut_fused = true,
         |c| c.staged_epilogue = true,
         |c| c.batch_invariant = true,
+        |c| c.half_norm_grads = true,
+        |c| c.fold_residual_grads = true,
     ];
     let mut all = KernelConfig::default();
     for set in flags {
@@ -1861,6 +1905,14 @@ fn every_buffer_with_room_is_used() {
             ..tuned
         };
         let [sides, copies] = each_half_output(tuned);
+        let half_dy = KernelConfig {
+            half_norm_grads: true,
+            ..tuned
+        };
+        let fold = KernelConfig {
+            fold_residual_grads: true,
+            ..tuned
+        };
         for choice in [
             KernelConfig::default(),
             tuned,
@@ -1870,6 +1922,8 @@ fn every_buffer_with_room_is_used() {
             split,
             sides,
             copies,
+            half_dy,
+            fold,
         ] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
@@ -2250,6 +2304,104 @@ fn staged_epilogues_write_the_16_bit_outputs_they_can() {
                 "{precision} {n}x{size} record {record}"
             );
             assert_eq!(both.steps.len() + dropped + copies, off.steps.len());
+        }
+    }
+}
+
+/// With half_norm_grads, a GroupNorm backward pass reads its output gradient in 16 bits
+/// exactly where the launch that wrote the gradient last is staged and wrote all of it: that
+/// launch writes the copy, and no fp32 values where nothing else reads them; never in fp32,
+/// nor without the `_ilp` kernels (only they have `_dy16` forms). At batch 1, 30 of the 71
+/// passes: the others' gradients come from split launches (the levels from 32x32 down) and
+/// from the output convolution's input gradient, which is not on the tensor cores.
+#[test]
+fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp32] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        for (n, size, gn_ilp, count) in [
+            (1, 256, true, 30),
+            (8, 256, true, 48),
+            (2, 64, true, 11),
+            (1, 256, false, 0),
+        ] {
+            let tc = KernelConfig {
+                half_norm_grads: true,
+                gn_ilp,
+                ..tuned
+            };
+            let off = Program::build_with(&g, n, size, size, true, 132, precision, tuned).unwrap();
+            let p = Program::build_with(&g, n, size, size, true, 132, precision, tc).unwrap();
+            let mut halves = 0;
+            for (i, s) in p.steps.iter().enumerate() {
+                let Step::GroupNormBackward {
+                    dy, dy_half, split, ..
+                } = *s
+                else {
+                    continue;
+                };
+                let writer = p.steps[..i]
+                    .iter()
+                    .rposition(|w| w.io().1.contains(&dy))
+                    .expect("a writer");
+                match (dy_half, &p.steps[writer]) {
+                    (Some(h), Step::Conv(c)) => {
+                        assert_eq!(h, precision);
+                        assert!(split.ilp && c.launch.staged_epilogue, "step {i}");
+                        assert_eq!(c.copy16, Some(dy), "step {i}");
+                        let readers = p.steps.iter().filter(|r| r.io().0.contains(&c.y));
+                        assert_eq!(c.fp32_out, readers.count() > 0, "step {i}");
+                        halves += 1;
+                    }
+                    (None, Step::Conv(c)) => assert!(
+                        !(c.launch.staged_epilogue && split.ilp && precision.is_half()),
+                        "step {i}: {c:?}"
+                    ),
+                    (None, _) => {}
+                    (Some(_), w) => panic!("step {i}: a 16-bit gradient from {w:?}"),
+                }
+            }
+            let want = if precision.is_half() { count } else { 0 };
+            assert_eq!(halves, want, "{precision} {n}x{size}");
+            // The same steps, some reading a copy instead.
+            assert_eq!(p.steps.len(), off.steps.len());
+        }
+    }
+}
+
+/// With fold_residual_grads, every residual gradient added onto a block input's gradient (11
+/// at celebahq's size: the identity shortcuts) is added by the accumulating GroupNorm
+/// backward pass that next touches that gradient, and its AddInto goes; no other step changes.
+#[test]
+fn residual_gradients_are_added_by_the_groupnorms_after_them() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp32] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        let fold = KernelConfig {
+            fold_residual_grads: true,
+            ..tuned
+        };
+        for (n, size) in [(1, 256), (2, 64)] {
+            let build = |tc| Program::build_with(&g, n, size, size, true, 132, precision, tc);
+            let (off, p) = (build(tuned).unwrap(), build(fold).unwrap());
+            let adds = |p: &Program| {
+                let is_add = |s: &&Step| {
+                    matches!(
+                        s,
+                        Step::AddInto {
+                            accumulate: true,
+                            ..
+                        }
+                    )
+                };
+                p.steps.iter().filter(is_add).count()
+            };
+            assert_eq!((adds(&off), adds(&p)), (11, 0), "{precision} {n}x{size}");
+            assert_eq!(p.steps.len(), off.steps.len() - 11);
+            let folded = p.steps.iter().filter(|s| {
+                matches!(s, Step::GroupNormBackward { add: Some(_), accumulate, .. } if *accumulate)
+            });
+            assert_eq!(folded.count(), 11);
         }
     }
 }

@@ -13,7 +13,8 @@ use crate::Result;
 impl Tester<'_> {
     /// The three-launch backward pass with and without loads ahead, over an fp32 and a 16-bit
     /// input, overwriting and adding onto the input gradient, without and with 16-bit copies
-    /// (bf16, fp16), at celebahq's concatenations (32x32 x 768 = 512 + 256, 64x64 x 512,
+    /// (bf16, fp16), from an fp32 and (loads ahead, with copies) a 16-bit output gradient,
+    /// at celebahq's concatenations (32x32 x 768 = 512 + 256, 64x64 x 512,
     /// 16x24 x 384 at batch 2) and an awkward one (7x9 x 96 = 32 + 64 in 8 groups, a group
     /// across the two sides): each side the same to the bit as its channels of the whole input
     /// gradient (and of its 16-bit copy), and the input gradient itself left as it was.
@@ -31,8 +32,15 @@ impl Tester<'_> {
                     }
                     for ilp in [false, true] {
                         for accumulate in [false, true] {
-                            let case = (n, h, w, ca, cb, groups);
-                            self.concat_gradient_split_case(case, half, x16, ilp, accumulate)?;
+                            // A 16-bit output gradient: `half`'s, with the `_ilp` kernels.
+                            for dy16 in [false, true] {
+                                if dy16 && !(ilp && half.is_some()) {
+                                    continue;
+                                }
+                                let case = (n, h, w, ca, cb, groups);
+                                let form = (half, x16, dy16, ilp);
+                                self.concat_gradient_split_case(case, form, accumulate)?;
+                            }
                         }
                     }
                 }
@@ -44,9 +52,7 @@ impl Tester<'_> {
     fn concat_gradient_split_case(
         &mut self,
         (n, h, w, ca, cb, groups): (usize, usize, usize, usize, usize, usize),
-        half: Option<Precision>,
-        x16: bool,
-        ilp: bool,
+        (half, x16, dy16, ilp): (Option<Precision>, bool, bool, bool),
         accumulate: bool,
     ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
@@ -82,12 +88,22 @@ impl Tester<'_> {
             self.up(&gamma)?,
             self.up(&beta)?,
         );
+        // A 16-bit dy: its copy in `half`'s precision (what the launch writing it wrote).
+        let dy16d = match half.filter(|_| dy16) {
+            Some(p) => Some((self.half_copy(dyd.ptr, len, p)?, p)),
+            None => None,
+        };
+        let (dyp, dy_half) = match &dy16d {
+            Some((b, p)) => (b.ptr, Some(*p)),
+            None => (dyd.ptr, None),
+        };
         let partial = self.zeros(split.partial_len(n, c))?;
         let means = self.zeros(2 * n * groups)?;
         let inputs = NormBackwardIn {
             x: xp,
             x_half,
-            dy: dyd.ptr,
+            dy: dyp,
+            dy_half,
             gamma: gd.ptr,
             beta: bd.ptr,
             stats: sd.ptr,
@@ -99,6 +115,7 @@ impl Tester<'_> {
                 means: means.ptr,
                 dx,
                 accumulate,
+                add: None,
                 half_out: None,
                 copy,
                 sides,
@@ -141,9 +158,10 @@ impl Tester<'_> {
                 .collect()
         };
         let desc = format!(
-            "n{n} {h}x{w} c{ca}+{cb} g{groups} ({}{})",
+            "n{n} {h}x{w} c{ca}+{cb} g{groups} ({}{}{})",
             split.form(),
-            if x16 { ", 16-bit x" } else { "" }
+            if x16 { ", 16-bit x" } else { "" },
+            if dy16 { ", 16-bit dy" } else { "" }
         );
         let op = format!("groupnorm+silu input-grad{} split", acc_name(accumulate));
         let bits = format!("{desc}, bits");

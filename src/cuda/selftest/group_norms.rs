@@ -116,6 +116,7 @@ impl Tester<'_> {
                                 x: input,
                                 x_half,
                                 dy: dy.ptr,
+                                dy_half: None,
                                 gamma: gamma.ptr,
                                 beta: beta.ptr,
                                 stats: stats.ptr,
@@ -145,8 +146,101 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// Rows holding a `_x16` kernel's two outputs (`outs[1]`: the main one and `second`) to
-    /// the fp32 kernel's over the widened values (`outs[0]`), bit for bit.
+    /// The input gradient of GroupNorm `d` (an `_ilp` form) from its output gradient `dy`
+    /// stored in 16 bits of `precision` (the `_dy16` kernels,
+    /// [`KernelConfig::half_norm_grads`](crate::cuda::program::KernelConfig)), over an fp32 x
+    /// and (units of four) a 16-bit one, into an fp32 `dx` (overwriting or accumulating onto
+    /// `dx0`, with its 16-bit copy) and (fp32 x, units of four) a 16-bit one: the same bits as
+    /// the fp32-gradient kernels' over the same gradient widened.
+    #[allow(clippy::too_many_arguments)]
+    fn half_grad_backward_rows(
+        &mut self,
+        d: NormDims,
+        (x, dy): (&[f32], &[f32]),
+        stats: &DevBuf,
+        (gamma, beta): (&DevBuf, &DevBuf),
+        (silu, accumulate): (bool, bool),
+        dx0: &[f32],
+        precision: Precision,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (dy16, dy_widened) = self.rounded_input(dy, precision)?;
+        let fp32_x = self.up(x)?;
+        let x16 = match d.c % 4 {
+            0 => Some(self.rounded_input(x, precision)?.0),
+            _ => None,
+        };
+        let xs = std::iter::once((fp32_x.ptr, None))
+            .chain(x16.as_ref().map(|b| (b.ptr, Some(precision))));
+        let s = if silu { "+silu" } else { "" };
+        for (xp, x_half) in xs {
+            let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
+            // fp32 dx with its copy; a 16-bit dx (overwriting, fp32 x, units of four).
+            let half_out = x_half.is_none() && d.c % 4 == 0;
+            for out16 in std::iter::once(None).chain(half_out.then_some(Some(precision))) {
+                let accumulate = accumulate && out16.is_none();
+                let mut outs = Vec::new();
+                let mut ms = 0.0;
+                for (dyp, dy_half) in [(dy_widened.ptr, None), (dy16.ptr, Some(precision))] {
+                    let mut dx = self.up(dx0)?;
+                    let copy = self.zeros(x.len().div_ceil(2))?;
+                    let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+                    let means = self.zeros(2 * d.n * d.groups)?;
+                    let dx_ptr = dx.ptr;
+                    ms = self.timed(
+                        || dx.write(st, dx0),
+                        || {
+                            gpu.kernels.group_norm_backward(
+                                st,
+                                d,
+                                NormBackwardIn {
+                                    x: xp,
+                                    x_half,
+                                    dy: dyp,
+                                    dy_half,
+                                    gamma: gamma.ptr,
+                                    beta: beta.ptr,
+                                    stats: stats.ptr,
+                                    silu,
+                                },
+                                NormBackwardOut {
+                                    partial: partial.ptr,
+                                    means: means.ptr,
+                                    dx: dx_ptr,
+                                    accumulate,
+                                    add: None,
+                                    half_out: out16,
+                                    copy: out16.is_none().then_some((copy.ptr, precision)),
+                                    sides: None,
+                                },
+                            )
+                        },
+                    )?;
+                    let got = match out16 {
+                        Some(p) => unpack_half(&dx.download(st)?, x.len(), p),
+                        None => dx.download(st)?,
+                    };
+                    outs.push((got, unpack_half(&copy.download(st)?, x.len(), precision)));
+                }
+                let op = format!(
+                    "groupnorm{s} input-grad{}{}, {precision} output gradient vs fp32{xs}",
+                    acc_name(accumulate),
+                    if out16.is_some() { " (16-bit)" } else { "" },
+                );
+                if out16.is_some() {
+                    self.row_within(op, desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
+                } else {
+                    self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows holding a form's two outputs (`outs[1]`: the main one and `second`) to those of the
+    /// form it must reproduce (`outs[0]`: the fp32 kernels' over widened values, say), bit for
+    /// bit.
     fn same_bits_rows(
         &mut self,
         op: &str,
@@ -260,13 +354,14 @@ impl Tester<'_> {
                 let mut dxd = self.up(&dx0)?;
                 let dx_ptr = dxd.ptr;
                 let means = self.zeros(2 * n * groups)?;
-                let backward = |dx, accumulate, half_out, copy| {
+                let backward = |dx, accumulate, add, half_out, copy| {
                     gpu.kernels.group_norm_backward(
                         st,
                         nd,
                         NormBackwardIn {
                             x: xd.ptr,
                             x_half: None,
+                            dy_half: None,
                             dy: dyd.ptr,
                             gamma: gd.ptr,
                             beta: bd.ptr,
@@ -278,6 +373,7 @@ impl Tester<'_> {
                             means: means.ptr,
                             dx,
                             accumulate,
+                            add,
                             half_out,
                             copy,
                             sides: None,
@@ -286,7 +382,7 @@ impl Tester<'_> {
                 };
                 let ms = self.timed(
                     || dxd.write(st, &dx0),
-                    || backward(dx_ptr, accumulate, None, None),
+                    || backward(dx_ptr, accumulate, None, None, None),
                 )?;
                 let got_dx = dxd.download(st)?;
                 self.row(
@@ -303,10 +399,31 @@ impl Tester<'_> {
                     &got_dx,
                     |out, precision| {
                         dxd.write(st, &dx0)?;
-                        backward(dx_ptr, accumulate, None, Some((out, precision)))?;
+                        backward(dx_ptr, accumulate, None, None, Some((out, precision)))?;
                         dxd.download(st)
                     },
                 )?;
+                // A second gradient added onto dx first (INVDIFF_GN_ADD_RESIDUAL): the same bits
+                // as the pass onto dx + it (what add_into would have left), with the 16-bit copy.
+                if accumulate {
+                    let r = self.rand(x.len(), -1.0, 1.0);
+                    let summed: Vec<f32> = dx0.iter().zip(&r).map(|(a, b)| a + b).collect();
+                    let rd = self.up(&r)?;
+                    let copy = self.zeros(x.len().div_ceil(2))?;
+                    let half = Precision::Bf16;
+                    let mut outs = Vec::new();
+                    let mut ms = 0.0;
+                    for (start, add) in [(&summed, None), (&dx0, Some(rd.ptr))] {
+                        ms = self.timed(
+                            || dxd.write(st, start),
+                            || backward(dx_ptr, true, add, None, Some((copy.ptr, half))),
+                        )?;
+                        let copy = unpack_half(&copy.download(st)?, x.len(), half);
+                        outs.push((dxd.download(st)?, copy));
+                    }
+                    let op = format!("groupnorm{s} input-grad+, adding a second gradient first");
+                    self.same_bits_rows(&op, "16-bit copy", &desc, &outs, ms);
+                }
                 let form = &mut plain[split.one_pass.is_some() as usize];
                 match form {
                     Some((y, dx)) if split.ilp => {
@@ -351,8 +468,23 @@ impl Tester<'_> {
                         &format!("groupnorm{s} input-grad"),
                         &desc,
                         &want,
-                        |out, precision| backward(out, false, Some(precision), None),
+                        |out, precision| backward(out, false, None, Some(precision), None),
                     )?;
+                }
+                // From a 16-bit output gradient (the `_dy16` forms of the `_ilp` kernels).
+                if split.ilp {
+                    for precision in [Precision::Bf16, Precision::Fp16] {
+                        self.half_grad_backward_rows(
+                            nd,
+                            (&x, &dy),
+                            &sd,
+                            (&gd, &bd),
+                            (silu, accumulate),
+                            &dx0,
+                            precision,
+                            &desc,
+                        )?;
+                    }
                 }
             }
         }
