@@ -53,6 +53,8 @@
 // the output (the three dependent launches took 11-15 us per GroupNorm of these levels at
 // batch 1 on an H200, for 1-8K elements a group). Only the order in which the f64 sums are
 // added differs from the three-launch form.
+#include <type_traits>
+
 #include "common.cuh"
 
 // The block's two partial sums per channel (thread (lane, wy) holds warp wy's share of channel
@@ -457,14 +459,18 @@ DEVI void bwd_partial(const void* x, int xkind, const void* dy, int dykind, cons
         const int gi = img * groups + ch / (c / groups);
         const float mean = stats[gi], rstd = stats[n * groups + gi];
         const float gm = gamma[ch], bt = beta[ch];
-        const long long base = (long long)img * hw * c + ch;
+        // The `_dy16` forms index in 32 bits (the host checks that a GroupNorm's elements fit
+        // an i32): with x and dy of different widths, 64-bit indices made the fp32-x form's
+        // three pixels spill 8 bytes at 40 registers, 32-bit ones none.
+        using Index = typename std::conditional<DY16, int, long long>::type;
+        const Index base = (Index)img * hw * c + ch;
 #pragma unroll(U == 1 ? 4 : 1)
         for (int p = p0 + wy; p < p1; p += 8 * U) {
             decltype(ld_raw1<X16>(x, 0)) xv[U];
             decltype(ld_raw1<DY16>(dy, 0)) dv[U];
 #pragma unroll
             for (int k = 0; k < U; ++k) {
-                const long long i = base + (long long)(p + 8 * k) * c;
+                const Index i = base + (Index)(p + 8 * k) * c;
                 if (p + 8 * k < p1) {
                     xv[k] = ld_raw1<X16>(x, i);
                     dv[k] = ld_raw1<DY16>(dy, i);
@@ -506,8 +512,7 @@ extern "C" __global__ void __launch_bounds__(256, 8) gn_bwd_partial_ilp(const fl
 // follow dy's (2 bytes an element against 4), and the `_ilp` form's three pixels then take 40
 // registers: at 32 (eight blocks a multiprocessor) they spill 40 bytes, two pixels 24. So six
 // blocks a multiprocessor, a part of plan_norm's grid in a second wave, to be timed. The
-// `_dy16` forms likewise: over an fp32 x, three pixels spill 40 bytes at 32 registers and 8
-// at 40 (nvcc 13.0, sm_90).
+// `_dy16` forms likewise (over an fp32 x, three pixels spill 40 bytes at 32 registers).
 extern "C" __global__ void __launch_bounds__(256)
     gn_bwd_partial_x16(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_FP32)) {
     bwd_partial<1, true, false>(x, xkind, dy, 0, BWD_PARTIAL_PASS);

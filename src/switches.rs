@@ -81,12 +81,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_ADD_RESIDUAL",
         ON_OFF,
-        "GPU candidate: `1` has the GroupNorm backward pass that next adds onto a residual block's input gradient add the identity shortcut's share too, instead of a launch of its own (the same bits)",
+        "GPU default: `0` adds the identity shortcut's share of a residual block's input gradient in a launch of its own, instead of the GroupNorm backward pass that next adds onto that gradient (the same bits)",
     ),
     choice(
         "INVDIFF_GN_HALF_DY",
-        ON_OFF,
-        "GPU candidate: `1` has GroupNorm backward passes read their output gradient as a 16-bit copy that the unsplit TMA convolution writing it writes instead of fp32 values (wgmma, bf16/fp16; the gradient then carries that rounding)",
+        &["0", "1", "x16"],
+        "GPU candidate: `1` has GroupNorm backward passes read their output gradient as a 16-bit copy that the unsplit TMA convolution writing it writes instead of fp32 values (wgmma, bf16/fp16; the gradient then carries that rounding); `x16` only those over a 16-bit input",
     ),
     choice(
         "INVDIFF_EPI_STAGED",
@@ -281,8 +281,9 @@ mod tests {
         assert_eq!(found, listed);
     }
 
-    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4), as
-    /// `KernelConfig::from_switches` and the launch choices do.
+    /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4, the 16-bit
+    /// GroupNorm gradients `x16` too), as `KernelConfig::from_switches` and the launch choices
+    /// do.
     #[test]
     fn defaults_and_candidates_read_zero_and_one() {
         for s in SWITCHES
@@ -291,6 +292,8 @@ mod tests {
         {
             if s.name == "INVDIFF_STREAMS" {
                 assert!(s.reads("1") && s.reads("4") && !s.reads("0") && !s.reads("5"));
+            } else if s.name == "INVDIFF_GN_HALF_DY" {
+                assert_eq!(s.values, ["0", "1", "x16"]);
             } else {
                 assert_eq!(s.values, ON_OFF, "{}", s.name);
             }

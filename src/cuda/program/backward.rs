@@ -3,7 +3,7 @@
 
 #[cfg(doc)]
 use super::KernelConfig;
-use super::{Buf, Lowering, Step, WKind, W};
+use super::{Buf, HalfGrads, Lowering, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::unet::AttnKernel;
 use crate::model::graph::{Op, Space, Tid};
@@ -125,7 +125,12 @@ impl Lowering<'_> {
                 let split = self.norm_split(hw, c, groups);
                 let xb = self.val(x)?;
                 let x_half = self.half[x].then_some(self.precision);
-                let dy16 = if self.choice.half_norm_grads && self.precision.is_half() && split.ilp {
+                let half_dy = match self.choice.half_norm_grads {
+                    HalfGrads::Off => false,
+                    HalfGrads::OverHalfInputs => x_half.is_some(),
+                    HalfGrads::Everywhere => true,
+                };
+                let dy16 = if half_dy && self.precision.is_half() && split.ilp {
                     let name = format!("d {} (16-bit copy)", g.tensors[y].name);
                     self.half_copy_by_writer(dy, self.numel(x), &name)
                 } else {

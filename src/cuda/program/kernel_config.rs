@@ -154,12 +154,12 @@ pub(crate) struct KernelConfig {
     pub epilogue_half_copies: bool,
     /// Where [`gn_ilp`](Self::gn_ilp) and the step that writes a GroupNorm backward pass's
     /// output gradient can write a 16-bit copy of it beside its values (an unsplit TMA
-    /// input gradient's staged epilogue, with `epilogue_half_copies`), the pass reads that
-    /// copy (the `_dy16` kernels of kernels/norm.cu), and the launch then writes no fp32
-    /// values: two reads of the gradient at half the bytes, and a write of it less. Not the
-    /// same bits: the gradient carries a rounding to 16 bits before the GroupNorm (the
+    /// input gradient's staged epilogue, with `epilogue_half_copies`), the passes this names
+    /// read that copy (the `_dy16` kernels of kernels/norm.cu), and the launch then writes no
+    /// fp32 values: two reads of the gradient at half the bytes, and a write of it less. Not
+    /// the same bits: the gradient carries a rounding to 16 bits before the GroupNorm (the
     /// tensor-core kernels already round it so where they read it).
-    pub half_norm_grads: bool,
+    pub half_norm_grads: HalfGrads,
     /// A residual's gradient added onto a gradient just before an accumulating GroupNorm
     /// backward pass adds onto it (a residual block's input: the identity shortcut's share,
     /// then the block's first GroupNorm's) is added by that pass, before its own values
@@ -171,6 +171,21 @@ pub(crate) struct KernelConfig {
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
     pub batch_invariant: bool,
+}
+
+/// Which GroupNorm backward passes read a 16-bit output gradient
+/// ([`KernelConfig::half_norm_grads`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum HalfGrads {
+    /// None.
+    #[default]
+    Off,
+    /// Those over a 16-bit input (the concatenations of the up path,
+    /// [`KernelConfig::half_gn_inputs_recording`]), where every operand but the scale and
+    /// shift is then 16 bits.
+    OverHalfInputs,
+    /// Every one whose gradient's writer can write the copy.
+    Everywhere,
 }
 
 impl Default for KernelConfig {
@@ -205,7 +220,7 @@ impl Default for KernelConfig {
             shortcut_fused: false,
             concat_from_producers: false,
             epilogue_half_copies: false,
-            half_norm_grads: false,
+            half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
             batch_invariant: false,
         }
@@ -246,6 +261,9 @@ impl KernelConfig {
     /// -2.7% / -2.8%, 16-bit copies by staged epilogues -0.6% / -0.3% / -1.5% / -0.9%, the two
     /// together -1.7% / -0.8% / -4.6% / -4.3%; as defaults, against v0.8's program in a third
     /// run, -2.3% / -0.9% / -4.6% / -5.0%.
+    /// Stop 28 (2026-11-27, H200), against those defaults in the same run: residual gradients
+    /// added by the GroupNorm backward passes -0.6% off the DPS step (the forwards do not
+    /// change).
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -274,8 +292,8 @@ impl KernelConfig {
             shortcut_fused: here.wgmma,
             concat_from_producers: here.wgmma,
             epilogue_half_copies: here.wgmma,
-            half_norm_grads: false,
-            fold_residual_grads: false,
+            half_norm_grads: HalfGrads::Off,
+            fold_residual_grads: true,
             batch_invariant: false,
         }
     }
@@ -325,7 +343,13 @@ impl KernelConfig {
                 && kept("INVDIFF_CONCAT_FROM_PRODUCERS", tuned.concat_from_producers),
             epilogue_half_copies: wgmma
                 && kept("INVDIFF_EPI_HALF_COPIES", tuned.epilogue_half_copies),
-            half_norm_grads: wgmma && kept("INVDIFF_GN_HALF_DY", tuned.half_norm_grads),
+            half_norm_grads: match switches::value("INVDIFF_GN_HALF_DY").as_deref() {
+                _ if !wgmma => HalfGrads::Off,
+                Some("0") => HalfGrads::Off,
+                Some("1") => HalfGrads::Everywhere,
+                Some("x16") => HalfGrads::OverHalfInputs,
+                _ => tuned.half_norm_grads,
+            },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             batch_invariant: false,
         }
@@ -382,7 +406,14 @@ impl KernelConfig {
                 self.half_copy && self.epilogue_half_copies,
                 "16-bit copies by staged epilogues",
             ),
-            (self.half_norm_grads, "16-bit GroupNorm output gradients"),
+            (
+                self.half_norm_grads == HalfGrads::Everywhere,
+                "16-bit GroupNorm output gradients",
+            ),
+            (
+                self.half_norm_grads == HalfGrads::OverHalfInputs,
+                "16-bit GroupNorm output gradients over 16-bit inputs",
+            ),
             (
                 self.fold_residual_grads,
                 "residual gradients added by GroupNorms",

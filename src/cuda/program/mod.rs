@@ -31,7 +31,9 @@ mod lower;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use kernel_config::{KernelConfig, FOLD_MIN_ROWS, HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K};
+pub(crate) use kernel_config::{
+    HalfGrads, KernelConfig, FOLD_MIN_ROWS, HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K,
+};
 use lower::Lowering;
 
 /// A virtual buffer of the program; the plan gives it an arena offset.

@@ -590,11 +590,11 @@ fn every_buffer_is_written_before_it_is_read() {
     // concatenations' sides, which a concatenation then reads back for its sums, and copies.
     let [sides, copies] = each_half_output(tuned);
     let half_dy = KernelConfig {
-        half_norm_grads: true,
+        half_norm_grads: HalfGrads::Everywhere,
         ..tuned
     };
-    let fold = KernelConfig {
-        fold_residual_grads: true,
+    let adds = KernelConfig {
+        fold_residual_grads: false,
         ..tuned
     };
     for (record, choice) in [
@@ -608,7 +608,7 @@ fn every_buffer_is_written_before_it_is_read() {
         (false, sides),
         (true, copies),
         (true, half_dy),
-        (true, fold),
+        (true, adds),
     ] {
         let p = Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, choice).unwrap();
         programs.push((record, p));
@@ -1538,8 +1538,9 @@ fn switches_compute_what_the_default_program_computes() {
                 )),
                 h == 256
             );
-            // v0.8's and v0.9's defaults each turned off, and all of them.
-            let v08: [fn(&mut KernelConfig); 7] = [
+            // v0.8's to v0.10's defaults each turned off, and all of them.
+            let v08: [fn(&mut KernelConfig); 8] = [
+                |c| c.fold_residual_grads = false,
                 |c| c.concat_from_producers = false,
                 |c| c.epilogue_half_copies = false,
                 |c| c.half_gn_inputs_recording = false,
@@ -1562,9 +1563,12 @@ fn switches_compute_what_the_default_program_computes() {
             assert_eq!(symbolic(&build(v07)), want, "{precision} {n}x{h}x{w}");
             // The candidates: GroupNorm backward passes reading 16-bit output gradients, and
             // adding residuals' gradients; each, and both.
-            for (half_norm_grads, fold_residual_grads) in
-                [(true, false), (false, true), (true, true)]
-            {
+            for (half_norm_grads, fold_residual_grads) in [
+                (HalfGrads::Everywhere, false),
+                (HalfGrads::OverHalfInputs, false),
+                (HalfGrads::Off, true),
+                (HalfGrads::Everywhere, true),
+            ] {
                 let tc = KernelConfig {
                     half_norm_grads,
                     fold_residual_grads,
@@ -1832,7 +1836,7 @@ fn every_choice_has_a_name() {
         |c| c.shortcut_fused = true,
         |c| c.staged_epilogue = true,
         |c| c.batch_invariant = true,
-        |c| c.half_norm_grads = true,
+        |c| c.half_norm_grads = HalfGrads::Everywhere,
         |c| c.fold_residual_grads = true,
     ];
     let mut all = KernelConfig::default();
@@ -1843,6 +1847,11 @@ fn every_choice_has_a_name() {
         set(&mut all);
     }
     assert_eq!(all.describe().len(), flags.len());
+    let over_half = KernelConfig {
+        half_norm_grads: HalfGrads::OverHalfInputs,
+        ..KernelConfig::default()
+    };
+    assert_eq!(over_half.describe().len(), 1);
     // Choices named only beside the ones they refine.
     let placed = KernelConfig {
         half_gn_inputs: true,
@@ -1906,11 +1915,11 @@ fn every_buffer_with_room_is_used() {
         };
         let [sides, copies] = each_half_output(tuned);
         let half_dy = KernelConfig {
-            half_norm_grads: true,
+            half_norm_grads: HalfGrads::Everywhere,
             ..tuned
         };
-        let fold = KernelConfig {
-            fold_residual_grads: true,
+        let adds = KernelConfig {
+            fold_residual_grads: false,
             ..tuned
         };
         for choice in [
@@ -1923,7 +1932,7 @@ fn every_buffer_with_room_is_used() {
             sides,
             copies,
             half_dy,
-            fold,
+            adds,
         ] {
             for (n, record) in [(1, false), (1, true), (2, true)] {
                 let p =
@@ -2308,25 +2317,27 @@ fn staged_epilogues_write_the_16_bit_outputs_they_can() {
     }
 }
 
-/// With half_norm_grads, a GroupNorm backward pass reads its output gradient in 16 bits
-/// exactly where the launch that wrote the gradient last is staged and wrote all of it: that
+/// With half_norm_grads, a GroupNorm backward pass it names reads its output gradient in 16
+/// bits exactly where the launch that wrote the gradient last is staged and wrote all of it: that
 /// launch writes the copy, and no fp32 values where nothing else reads them; never in fp32,
 /// nor without the `_ilp` kernels (only they have `_dy16` forms). At batch 1, 30 of the 71
 /// passes: the others' gradients come from split launches (the levels from 32x32 down) and
-/// from the output convolution's input gradient, which is not on the tensor cores.
+/// from the output convolution's input gradient, which is not on the tensor cores; 10 of them
+/// are over a 16-bit input (the up path's concatenations).
 #[test]
 fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for precision in [Precision::Bf16, Precision::Fp32] {
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
-        for (n, size, gn_ilp, count) in [
-            (1, 256, true, 30),
-            (8, 256, true, 48),
-            (2, 64, true, 11),
-            (1, 256, false, 0),
+        for (n, size, gn_ilp, policy, count) in [
+            (1, 256, true, HalfGrads::Everywhere, 30),
+            (8, 256, true, HalfGrads::Everywhere, 48),
+            (2, 64, true, HalfGrads::Everywhere, 11),
+            (1, 256, false, HalfGrads::Everywhere, 0),
+            (1, 256, true, HalfGrads::OverHalfInputs, 10),
         ] {
             let tc = KernelConfig {
-                half_norm_grads: true,
+                half_norm_grads: policy,
                 gn_ilp,
                 ..tuned
             };
@@ -2335,17 +2346,23 @@ fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
             let mut halves = 0;
             for (i, s) in p.steps.iter().enumerate() {
                 let Step::GroupNormBackward {
-                    dy, dy_half, split, ..
+                    x_half,
+                    dy,
+                    dy_half,
+                    split,
+                    ..
                 } = *s
                 else {
                     continue;
                 };
+                let asked = policy == HalfGrads::Everywhere || x_half.is_some();
                 let writer = p.steps[..i]
                     .iter()
                     .rposition(|w| w.io().1.contains(&dy))
                     .expect("a writer");
                 match (dy_half, &p.steps[writer]) {
                     (Some(h), Step::Conv(c)) => {
+                        assert!(asked, "step {i}");
                         assert_eq!(h, precision);
                         assert!(split.ilp && c.launch.staged_epilogue, "step {i}");
                         assert_eq!(c.copy16, Some(dy), "step {i}");
@@ -2354,7 +2371,7 @@ fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
                         halves += 1;
                     }
                     (None, Step::Conv(c)) => assert!(
-                        !(c.launch.staged_epilogue && split.ilp && precision.is_half()),
+                        !(asked && c.launch.staged_epilogue && split.ilp && precision.is_half()),
                         "step {i}: {c:?}"
                     ),
                     (None, _) => {}
@@ -2369,17 +2386,19 @@ fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
     }
 }
 
-/// With fold_residual_grads, every residual gradient added onto a block input's gradient (11
-/// at celebahq's size: the identity shortcuts) is added by the accumulating GroupNorm
-/// backward pass that next touches that gradient, and its AddInto goes; no other step changes.
+/// With fold_residual_grads (a default), every residual gradient added onto a block input's
+/// gradient (11 at celebahq's size: the identity shortcuts) is added by the accumulating
+/// GroupNorm backward pass that next touches that gradient, and its AddInto goes; no other
+/// step changes.
 #[test]
 fn residual_gradients_are_added_by_the_groupnorms_after_them() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for precision in [Precision::Bf16, Precision::Fp32] {
-        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
-        let fold = KernelConfig {
-            fold_residual_grads: true,
-            ..tuned
+        let fold = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        assert!(fold.fold_residual_grads);
+        let tuned = KernelConfig {
+            fold_residual_grads: false,
+            ..fold
         };
         for (n, size) in [(1, 256), (2, 64)] {
             let build = |tc| Program::build_with(&g, n, size, size, true, 132, precision, tc);

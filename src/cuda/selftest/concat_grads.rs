@@ -1,8 +1,10 @@
 //! A concatenation's two gradients written by the GroupNorm backward pass over it (the `_split`
 //! GroupNorm backward kernels, `INVDIFF_CONCAT_GRAD_SPLIT`): launches against the whole input
 //! gradient that the concatenation's adjoint steps would have split, bit for bit, and whole
-//! networks against the same network without. A group of its own, run last: a candidate's
-//! kernel that faults ends no other check.
+//! networks against the same network without; and whole networks with the residual gradients
+//! added by the GroupNorm backward passes (`INVDIFF_GN_ADD_RESIDUAL`, whose launches the group
+//! norms group checks) against the same network without. Groups of their own, run last: a
+//! new kernel that faults ends no other check.
 
 use super::{acc_name, unpack_half, Tester};
 use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
@@ -203,24 +205,14 @@ impl Tester<'_> {
     /// fp16, as configured but for the split: a DPS step's launches fewer with it, and its
     /// forward + VJP the same to the bit as without.
     pub(super) fn concat_gradient_split_unets(&mut self, ordinal: usize) -> Result<()> {
-        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
-            gpu.set_concat_grad_split(false);
-            let want = Self::network_outputs(gpu, net)?;
-            let op = format!("celebahq {precision} forward + vjp, concatenation gradients split");
-            t.fewer_launches_row(gpu, net, true, &op, CudaUnet::set_concat_grad_split)?;
-            let (eps, grad) = Self::network_outputs(gpu, net)?;
-            let ms = gpu.time_forward_vjp(net.n, net.h, net.w, 5)?;
-            for (what, got, want) in [("eps", &eps, &want.0), ("vjp", &grad, &want.1)] {
-                t.row_within(
-                    format!("{op}, {what} vs without"),
-                    net.desc.clone(),
-                    got.data(),
-                    want.data(),
-                    ms,
-                    0.0,
-                );
-            }
-            Ok(())
-        })
+        let set = CudaUnet::set_concat_grad_split;
+        self.same_bits_choice_unets(ordinal, "concatenation gradients split", set)
+    }
+
+    /// The same with the residual gradients added by the GroupNorm backward passes
+    /// (`INVDIFF_GN_ADD_RESIDUAL`) against their AddInto launches.
+    pub(super) fn residual_gradient_unets(&mut self, ordinal: usize) -> Result<()> {
+        let set = CudaUnet::set_fold_residual_grads;
+        self.same_bits_choice_unets(ordinal, "residual gradients added by GroupNorms", set)
     }
 }

@@ -121,7 +121,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 12] = [
+pub const SELFTEST_GROUPS: [&str; 13] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -134,6 +134,7 @@ pub const SELFTEST_GROUPS: [&str; 12] = [
     "fused shortcuts",
     "staged epilogue",
     "concatenation gradients",
+    "residual gradients",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -158,7 +159,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 12] = [
+    let groups: [(&str, Group); 13] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -193,6 +194,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.concat_gradient_splits()?;
             t.concat_gradient_split_unets(o)
         }),
+        ("residual gradients", |t, o| t.residual_gradient_unets(o)),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

@@ -171,6 +171,36 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// For each candidate network ([`Self::for_candidate_networks`]), as configured but for
+    /// the choice `set` turns on or off: a DPS step's launches fewer with it (`op` names it),
+    /// and its forward + VJP the same to the bit as without.
+    pub(super) fn same_bits_choice_unets(
+        &mut self,
+        ordinal: usize,
+        op: &str,
+        set: fn(&mut CudaUnet, bool),
+    ) -> Result<()> {
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            set(gpu, false);
+            let want = Self::network_outputs(gpu, net)?;
+            let op = format!("celebahq {precision} forward + vjp, {op}");
+            t.fewer_launches_row(gpu, net, true, &op, set)?;
+            let (eps, grad) = Self::network_outputs(gpu, net)?;
+            let ms = gpu.time_forward_vjp(net.n, net.h, net.w, 5)?;
+            for (what, got, want) in [("eps", &eps, &want.0), ("vjp", &grad, &want.1)] {
+                t.row_within(
+                    format!("{op}, {what} vs without"),
+                    net.desc.clone(),
+                    got.data(),
+                    want.data(),
+                    ms,
+                    0.0,
+                );
+            }
+            Ok(())
+        })
+    }
+
     /// `gpu`'s eps and VJP of `net` as configured now, for rows that hold other
     /// configurations to them bit for bit ([`Self::same_network_rows`]).
     pub(super) fn network_outputs(

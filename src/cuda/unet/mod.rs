@@ -299,6 +299,13 @@ impl CudaUnet {
         self.change_choice(|c| c.concat_grad_split = on);
     }
 
+    /// Has the GroupNorm backward passes add the residual gradients just added onto what they
+    /// add onto where the program can (`on`, [`KernelConfig::fold_residual_grads`]) or never,
+    /// for comparisons; drops every plan.
+    pub(crate) fn set_fold_residual_grads(&mut self, on: bool) {
+        self.change_choice(|c| c.fold_residual_grads = on);
+    }
+
     /// Fuses each residual block's 1x1 shortcut into its second convolution where the program
     /// can (`on`, [`KernelConfig::shortcut_fused`]) or never, for comparisons; drops every
     /// plan.
