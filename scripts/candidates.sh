@@ -1,9 +1,10 @@
 # The GPU switches worth timing on a card (PERF.md, v0.10), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (16-bit output gradients for the GroupNorm backward passes, new at stop 28, in every
-# pass and only over 16-bit inputs; tf32 attention products, a default at v0.5 and slower at
-# batch 1 at v0.6; the fused attention, slower at v0.5 and v0.6), then the v0.10 default turned
-# off (residual gradients added by the GroupNorm backward passes), each v0.9 default turned off (concatenation sides
+# candidates (16-bit output gradients for every GroupNorm backward pass that can, not only those
+# over 16-bit inputs; tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6;
+# the fused attention, slower at v0.5 and v0.6), then each v0.10 default turned off (residual
+# gradients added by the GroupNorm backward passes; 16-bit output gradients for the passes
+# over 16-bit inputs), each v0.9 default turned off (concatenation sides
 # written by their producers; 16-bit copies by staged epilogues), each v0.8 default turned off (two-way splits unsplit
 # to stage; staged epilogues, which also keeps those splits, with the tall tiles off too; fused
 # shortcuts; concatenation gradients written by their GroupNorms; 16-bit concatenations in
@@ -13,11 +14,11 @@
 # tiles, the stream count either way and each older default turned off (does it still pay on
 # this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
-    gn_half_dy:INVDIFF_GN_HALF_DY=1
-    gn_half_dy_x16:INVDIFF_GN_HALF_DY=x16
+    gn_half_dy_all:INVDIFF_GN_HALF_DY=1
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
     no_gn_add_residual:INVDIFF_GN_ADD_RESIDUAL=0
+    no_gn_half_dy:INVDIFF_GN_HALF_DY=0
     no_concat_from_producers:INVDIFF_CONCAT_FROM_PRODUCERS=0
     no_epi_half_copies:INVDIFF_EPI_HALF_COPIES=0
     no_staged_unsplit:INVDIFF_STAGED_UNSPLIT=0

@@ -86,7 +86,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GN_HALF_DY",
         &["0", "1", "x16"],
-        "GPU candidate: `1` has GroupNorm backward passes read their output gradient as a 16-bit copy that the unsplit TMA convolution writing it writes instead of fp32 values (wgmma, bf16/fp16; the gradient then carries that rounding); `x16` only those over a 16-bit input",
+        "GPU default: `0` has the GroupNorm backward passes over 16-bit inputs read their output gradient in fp32 instead of as a 16-bit copy that the unsplit TMA convolution writing it writes instead of fp32 values (wgmma, bf16/fp16; the gradient carries that rounding); `1` every pass that can, `x16` the default",
     ),
     choice(
         "INVDIFF_EPI_STAGED",

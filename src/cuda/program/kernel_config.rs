@@ -263,7 +263,9 @@ impl KernelConfig {
     /// run, -2.3% / -0.9% / -4.6% / -5.0%.
     /// Stop 28 (2026-11-27, H200), against those defaults in the same run: residual gradients
     /// added by the GroupNorm backward passes -0.6% off the DPS step (the forwards do not
-    /// change).
+    /// change); a second run, against those with them: 16-bit output gradients for the
+    /// GroupNorm backward passes over 16-bit inputs -1.0% off the DPS step, for every pass
+    /// that can -0.8% (those over fp32 inputs got slower, 753 against 777 us in all).
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -292,7 +294,10 @@ impl KernelConfig {
             shortcut_fused: here.wgmma,
             concat_from_producers: here.wgmma,
             epilogue_half_copies: here.wgmma,
-            half_norm_grads: HalfGrads::Off,
+            half_norm_grads: match here.wgmma && precision.is_half() {
+                true => HalfGrads::OverHalfInputs,
+                false => HalfGrads::Off,
+            },
             fold_residual_grads: true,
             batch_invariant: false,
         }

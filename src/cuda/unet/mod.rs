@@ -25,7 +25,7 @@ use super::kernels::{at, linear_batch_table, DPtr};
 use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
-use super::program::{Buf, KernelConfig, Program, Step, WKind};
+use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, WKind};
 use super::streams::{streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::weights::{DevBuf, DevWeights, GradLayouts};
 use crate::model::{Graph, Model};
@@ -278,17 +278,21 @@ impl CudaUnet {
             c.tall_tiles = tall;
             c.concat_from_producers = false;
             c.epilogue_half_copies = false;
+            c.half_norm_grads = HalfGrads::Off;
         });
     }
 
     /// Has launches with staged epilogues write the 16-bit concatenation sides
     /// ([`KernelConfig::concat_from_producers`]) and copies
     /// ([`KernelConfig::epilogue_half_copies`]) of their outputs where they can, or never, for
-    /// comparisons; drops every plan.
+    /// comparisons; drops every plan. The GroupNorm backward passes then read no 16-bit
+    /// gradients ([`KernelConfig::half_norm_grads`], whose copies those epilogues write), so
+    /// that the copies change nothing but which launch converts.
     pub(crate) fn set_epilogue_half_outputs(&mut self, sides: bool, copies: bool) {
         self.change_choice(|c| {
             c.concat_from_producers = sides;
             c.epilogue_half_copies = copies;
+            c.half_norm_grads = HalfGrads::Off;
         });
     }
 
