@@ -10,7 +10,10 @@
 // scalar bounds-checked loads whose thread mapping follows whichever stride of the operand is 1
 // (so that a warp reads consecutive addresses either way). K slices are 64 deep: at batch 1
 // only 16-32 blocks run and each slice waits on its global loads, so the slice count is the
-// kernel's time (slices of 16 made one attention product at 256 tokens ~25 us).
+// kernel's time (slices of 16 made one attention product at 256 tokens ~25 us). The `_prefetch`
+// kernels (INVDIFF_GEMM_PREFETCH) load the next slice into registers while the block works on
+// the one in shared memory, so that a slice's loads wait out the previous slice's products
+// instead of following them: the same sums in the same order, the same bits.
 #include "common.cuh"
 
 struct GemmArgs {
@@ -66,6 +69,52 @@ DEVI void load_slice(const GemmArgs& g, const Views& v, int m0, int n0, int k0, 
     }
 }
 
+// Where thread tid's element e = tid + 256 r of a slice lies: (am, ak) in A's tile and (bk, bn)
+// in B's, following whichever stride of each operand is 1 (a_kfast: A's k stride; b_nfast:
+// B's n stride), so that a warp reads consecutive addresses.
+struct SliceAt {
+    int am, ak, bk, bn;
+};
+template <int TM> DEVI SliceAt slice_at(bool a_kfast, bool b_nfast, int r) {
+    constexpr int LOG_TK = 6, LOG_TM = TM == 64 ? 6 : 5;
+    static_assert(TM == 64 || TM == 32, "tile sizes are powers of two the shifts know");
+    const int e = threadIdx.x + 256 * r;
+    SliceAt at;
+    if (a_kfast) { at.ak = e & (TK - 1); at.am = e >> LOG_TK; } else { at.am = e & (TM - 1); at.ak = e >> LOG_TM; }
+    if (b_nfast) { at.bn = e & (TM - 1); at.bk = e >> LOG_TM; } else { at.bk = e & (TK - 1); at.bn = e >> LOG_TK; }
+    return at;
+}
+
+// load_slice in two halves, for the `_prefetch` kernels: a thread's elements of slice k0 into
+// registers (fetch_slice), and later into shared memory (stash_slice). The same elements as
+// load_slice's (slice_at follows its mapping); load_slice keeps the loop the plain kernels
+// were timed with.
+template <int TM> struct Slice {
+    float a[TK * TM / 256], b[TK * TM / 256];
+};
+template <int TM> DEVI Slice<TM> fetch_slice(const GemmArgs& g, const Views& v, int m0, int n0, int k0) {
+    const bool a_kfast = g.a_cs == 1;
+    const bool b_nfast = g.b_cs == 1;
+    Slice<TM> s;
+#pragma unroll
+    for (int r = 0; r < TK * TM / 256; ++r) {
+        const SliceAt at = slice_at<TM>(a_kfast, b_nfast, r);
+        const int i = m0 + at.am, ka = k0 + at.ak, j = n0 + at.bn, kb = k0 + at.bk;
+        s.a[r] = (i < g.m && ka < g.k) ? v.A[i * g.a_rs + ka * g.a_cs] : 0.f;
+        s.b[r] = (j < g.n && kb < g.k) ? v.B[kb * g.b_rs + j * g.b_cs] : 0.f;
+    }
+    return s;
+}
+template <int TM, int PAD>
+DEVI void stash_slice(const GemmArgs& g, const Slice<TM>& s, float (&As)[TK][TM + PAD], float (&Bs)[TK][TM + PAD]) {
+#pragma unroll
+    for (int r = 0; r < TK * TM / 256; ++r) {
+        const SliceAt at = slice_at<TM>(g.a_cs == 1, g.b_cs == 1, r);
+        As[at.ak][at.am] = s.a[r];
+        Bs[at.bk][at.bn] = s.b[r];
+    }
+}
+
 // C(row, col) = alpha acc (+ C(row, col)), inside the matrix.
 DEVI void store_c(const GemmArgs& g, float* C, int row, int col, float acc) {
     if (row >= g.m || col >= g.n) return;
@@ -77,8 +126,10 @@ DEVI void store_c(const GemmArgs& g, float* C, int row, int col, float acc) {
 
 // One block's tile of TM x TM outputs, 256 threads in a 16 x 16 grid with an R x R register
 // tile each (R = TM / 16). Every output sums its k products in order whatever TM is, so both
-// tile sizes give the same bits.
-template <int TM> DEVI void gemm_tile(const GemmArgs& g) {
+// tile sizes give the same bits. PREFETCH: the next slice's loads are issued before the
+// products of this one (held in registers, then stored to shared memory after the barrier that
+// ends those products).
+template <int TM, bool PREFETCH = false> DEVI void gemm_tile(const GemmArgs& g) {
     constexpr int R = TM / 16;
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TM + 4];
@@ -95,9 +146,18 @@ template <int TM> DEVI void gemm_tile(const GemmArgs& g) {
 #pragma unroll
         for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
 
+    Slice<TM> next;
+    if constexpr (PREFETCH) next = fetch_slice<TM>(g, v, m0, n0, 0);
     for (int k0 = 0; k0 < g.k; k0 += TK) {
-        load_slice<TM, 4>(g, v, m0, n0, k0, As, Bs);
+        if constexpr (PREFETCH) {
+            stash_slice<TM, 4>(g, next, As, Bs);
+        } else {
+            load_slice<TM, 4>(g, v, m0, n0, k0, As, Bs);
+        }
         __syncthreads();
+        if constexpr (PREFETCH) {
+            if (k0 + TK < g.k) next = fetch_slice<TM>(g, v, m0, n0, k0 + TK);
+        }
 #pragma unroll
         for (int kk = 0; kk < TK; ++kk) {
             float a4[R], b4[R];
@@ -183,6 +243,14 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g)
 // (the attention products at batch 1: 16-32 blocks).
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_32(const GemmArgs g) {
     gemm_tile<32>(g);
+}
+
+// The two with the next slice's loads issued before this one's products (INVDIFF_GEMM_PREFETCH).
+extern "C" __global__ void __launch_bounds__(256) gemm_batched_prefetch(const GemmArgs g) {
+    gemm_tile<64, true>(g);
+}
+extern "C" __global__ void __launch_bounds__(256) gemm_batched_32_prefetch(const GemmArgs g) {
+    gemm_tile<32, true>(g);
 }
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 36.9 KB static shared memory; tf32

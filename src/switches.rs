@@ -79,6 +79,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` keeps fp32 concatenations in recording forwards (DPS, ΠGDM; by default 16-bit ones there too, their GroupNorms' backward passes reading 16 bits)",
     ),
     choice(
+        "INVDIFF_GEMM_PREFETCH",
+        ON_OFF,
+        "GPU candidate: `1` has the fp32 attention products load each K slice while the block multiplies the one before (the same bits)",
+    ),
+    choice(
         "INVDIFF_GN_ADD_RESIDUAL",
         ON_OFF,
         "GPU default: `0` adds the identity shortcut's share of a residual block's input gradient in a launch of its own, instead of the GroupNorm backward pass that next adds onto that gradient (the same bits)",

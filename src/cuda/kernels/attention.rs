@@ -112,14 +112,23 @@ impl Kernels {
         // kernel has 64-wide tiles only.
         let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
         let small = self.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
-        self.gemm_tiled(st, g, if small { 32 } else { 64 })
+        let prefetch = self.gemm_prefetch && !g.tf32;
+        self.gemm_tiled(st, g, if small { 32 } else { 64 }, prefetch)
     }
 
-    /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs.
-    pub(crate) fn gemm_tiled(&self, st: &CudaStream, g: &Gemm, tile: usize) -> Result<()> {
-        if !(tile == 64 || (tile == 32 && !g.tf32)) {
+    /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs, with the next K
+    /// slice's loads issued before this one's products where `prefetch` (the `_prefetch`
+    /// kernels, fp32 only; the same bits).
+    pub(crate) fn gemm_tiled(
+        &self,
+        st: &CudaStream,
+        g: &Gemm,
+        tile: usize,
+        prefetch: bool,
+    ) -> Result<()> {
+        if !(tile == 64 || (tile == 32 && !g.tf32)) || (prefetch && g.tf32) {
             return Err(Error::Cuda(format!(
-                "internal: no {tile}-wide tiles for batched products (tf32 {})",
+                "internal: no {tile}-wide tiles for batched products (tf32 {}, prefetch {prefetch})",
                 g.tf32
             )));
         }
@@ -163,12 +172,12 @@ impl Kernels {
             g.m.div_ceil(tile) as u32,
             batch as u32,
         );
-        let f = if g.tf32 {
-            &self.gemm_batched_tf32
-        } else if tile == 32 {
-            &self.gemm_batched_32
-        } else {
-            &self.gemm_batched
+        let f = match (g.tf32, tile, prefetch) {
+            (true, _, _) => &self.gemm_batched_tf32,
+            (false, 32, false) => &self.gemm_batched_32,
+            (false, 32, true) => &self.gemm_batched_32_prefetch,
+            (false, _, false) => &self.gemm_batched,
+            (false, _, true) => &self.gemm_batched_prefetch,
         };
         let mut b = st.launch_builder(f);
         b.arg(&args);

@@ -161,6 +161,7 @@ pub(crate) struct Kernels {
     /// Batched products that would leave multiprocessors idle take 32-wide tiles (unless
     /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
     small_tiles: bool,
+    gemm_prefetch: bool,
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
@@ -175,6 +176,8 @@ pub(crate) struct Kernels {
     gemm_batched: CudaFunction,
     gemm_batched_32: CudaFunction,
     gemm_batched_tf32: CudaFunction,
+    gemm_batched_prefetch: CudaFunction,
+    gemm_batched_32_prefetch: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
@@ -365,6 +368,7 @@ impl Kernels {
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
+            gemm_prefetch: switches::is("INVDIFF_GEMM_PREFETCH", "1"),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
@@ -386,6 +390,8 @@ impl Kernels {
             gemm_batched: get("gemm", "gemm_batched")?,
             gemm_batched_32: get("gemm", "gemm_batched_32")?,
             gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
+            gemm_batched_prefetch: get("gemm", "gemm_batched_prefetch")?,
+            gemm_batched_32_prefetch: get("gemm", "gemm_batched_32_prefetch")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             attention_flash,
@@ -428,6 +434,12 @@ impl Kernels {
     /// `INVDIFF_GEMM_SMALL_TILES=0`).
     pub fn small_tiles(&self) -> bool {
         self.small_tiles
+    }
+
+    /// Whether the fp32 batched products issue the next K slice's loads before this one's
+    /// products (`INVDIFF_GEMM_PREFETCH=1`).
+    pub fn gemm_prefetch(&self) -> bool {
+        self.gemm_prefetch
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).

@@ -12,10 +12,11 @@ use crate::Result;
 const ATTENTION_TF32_GRAD: f64 = 5e-3;
 
 impl Tester<'_> {
-    /// The attention products' kernel in both tile sizes: a strided batch (A read with its
-    /// rows strided, B with its columns), scaled and accumulated, against the CPU, and the
-    /// 32-wide tiles against the 64-wide ones, held to 0 (each output sums its products in
-    /// the same order).
+    /// The attention products' kernel in both tile sizes, with and without the next K slice
+    /// prefetched (`INVDIFF_GEMM_PREFETCH`): a strided batch (A read with its rows strided, B
+    /// with its columns; three K slices, the last partial), scaled and accumulated, against
+    /// the CPU, and every form against the plain 64-wide one, held to 0 (each output sums its
+    /// products in the same order).
     fn batched_products(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (m, n, k, outer, inner, alpha) = (100, 70, 130, 2, 3, 0.5f32);
@@ -65,29 +66,36 @@ impl Tester<'_> {
             tf32: false,
         };
         let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating");
-        let mut got = Vec::new();
-        for tile in [64, 32] {
+        let mut plain = None;
+        for (tile, prefetch) in [(64, false), (32, false), (64, true), (32, true)] {
             let ms = self.timed(
                 || cd.write(st, &c0),
-                || gpu.kernels.gemm_tiled(st, &g, tile),
+                || gpu.kernels.gemm_tiled(st, &g, tile, prefetch),
             )?;
-            got.push(cd.download(st)?);
+            let got = cd.download(st)?;
+            let form = format!(
+                "{tile}-wide tiles{}",
+                if prefetch { ", slices prefetched" } else { "" }
+            );
             self.row(
-                format!("batched product, {tile}-wide tiles"),
+                format!("batched product, {form}"),
                 desc.clone(),
-                &got[got.len() - 1],
+                &got,
                 &want,
                 ms,
             );
+            match &plain {
+                None => plain = Some(got),
+                Some(first) => self.row_within(
+                    format!("batched product, {form} vs 64-wide tiles"),
+                    desc.clone(),
+                    &got,
+                    first,
+                    0.0,
+                    0.0,
+                ),
+            }
         }
-        self.row_within(
-            "batched product, 32- vs 64-wide tiles".into(),
-            desc.clone(),
-            &got[1],
-            &got[0],
-            0.0,
-            0.0,
-        );
         // On the tf32 tensor cores: operands rounded to tf32.
         let tf32 = Gemm { tf32: true, ..g };
         let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm(st, &tf32))?;

@@ -171,6 +171,10 @@ impl CudaUnet {
                 self.gpu.kernels.small_tiles(),
                 "small product tiles".to_string(),
             ),
+            (
+                self.gpu.kernels.gemm_prefetch(),
+                "product slices prefetched".to_string(),
+            ),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
         ];
