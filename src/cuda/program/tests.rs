@@ -86,6 +86,22 @@ fn each_half_output(tc: KernelConfig) -> [KernelConfig; 2] {
     ]
 }
 
+/// `tc` with stop 28's GroupNorm backward choices the other way from their defaults: every
+/// pass that can reading a 16-bit output gradient, and the residual gradients added in
+/// launches of their own.
+fn backward_choices(tc: KernelConfig) -> [KernelConfig; 2] {
+    [
+        KernelConfig {
+            half_norm_grads: HalfGrads::Everywhere,
+            ..tc
+        },
+        KernelConfig {
+            fold_residual_grads: false,
+            ..tc
+        },
+    ]
+}
+
 /// What the program computes, symbolically: each buffer holds a hash of the expression
 /// that wrote it (operation, weights and the hashes it read), a copy holds its source's
 /// hash, and a 16-bit value `half(v)` whoever rounded it (a 16-bit copy, a GroupNorm's
@@ -589,14 +605,7 @@ fn every_buffer_is_written_before_it_is_read() {
     // And the 16-bit outputs of staged epilogues each alone (both are defaults):
     // concatenations' sides, which a concatenation then reads back for its sums, and copies.
     let [sides, copies] = each_half_output(tuned);
-    let half_dy = KernelConfig {
-        half_norm_grads: HalfGrads::Everywhere,
-        ..tuned
-    };
-    let adds = KernelConfig {
-        fold_residual_grads: false,
-        ..tuned
-    };
+    let [half_dy, adds] = backward_choices(tuned);
     for (record, choice) in [
         (true, tuned),
         (false, tuned),
@@ -1914,14 +1923,7 @@ fn every_buffer_with_room_is_used() {
             ..tuned
         };
         let [sides, copies] = each_half_output(tuned);
-        let half_dy = KernelConfig {
-            half_norm_grads: HalfGrads::Everywhere,
-            ..tuned
-        };
-        let adds = KernelConfig {
-            fold_residual_grads: false,
-            ..tuned
-        };
+        let [half_dy, adds] = backward_choices(tuned);
         for choice in [
             KernelConfig::default(),
             tuned,

@@ -9,6 +9,9 @@ use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
 use crate::Result;
 
+/// A backward pass's input gradient and its 16-bit copy, widened.
+type BackwardOutputs = (Vec<f32>, Vec<f32>);
+
 impl Tester<'_> {
     /// `x` on the device as 16-bit values of `precision` (a conversion launch's rounding), and
     /// those values widened to fp32: the inputs of a `_x16` kernel and of the fp32 kernel it
@@ -73,6 +76,46 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// One backward pass `d` from `inputs` onto a fresh `dx0`: into an fp32 input gradient,
+    /// with its 16-bit copy in `precision` where `copy`, or with `out16` a 16-bit one. The
+    /// input gradient and the copy (zeros where none), widened, and the pass's time.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_run(
+        &mut self,
+        d: NormDims,
+        inputs: NormBackwardIn,
+        dx0: &[f32],
+        accumulate: bool,
+        out16: Option<Precision>,
+        copy: bool,
+        precision: Precision,
+    ) -> Result<(BackwardOutputs, f64)> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let mut dx = self.up(dx0)?;
+        let copy_buf = self.zeros(dx0.len().div_ceil(2))?;
+        let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+        let means = self.zeros(2 * d.n * d.groups)?;
+        let outputs = NormBackwardOut {
+            partial: partial.ptr,
+            means: means.ptr,
+            dx: dx.ptr,
+            accumulate,
+            half_out: out16,
+            copy: copy.then_some((copy_buf.ptr, precision)),
+            ..NormBackwardOut::default()
+        };
+        let ms = self.timed(
+            || dx.write(st, dx0),
+            || gpu.kernels.group_norm_backward(st, d, inputs, outputs),
+        )?;
+        let got = match out16 {
+            Some(p) => unpack_half(&dx.download(st)?, dx0.len(), p),
+            None => dx.download(st)?,
+        };
+        let copy = unpack_half(&copy_buf.download(st)?, dx0.len(), precision);
+        Ok(((got, copy), ms))
+    }
+
     /// The input gradient of GroupNorm `d` (fp32, overwriting or accumulating onto `dx0`, with
     /// and without a 16-bit copy) from the statistics at `stats` with `x` stored in 16 bits of
     /// `precision` ([`KernelConfig::half_gn_inputs_recording`](crate::cuda::program::KernelConfig)):
@@ -89,7 +132,6 @@ impl Tester<'_> {
         precision: Precision,
         desc: &str,
     ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (x16, widened) = self.rounded_input(x, precision)?;
         let s = if silu { "+silu" } else { "" };
         let op = format!(
@@ -101,40 +143,20 @@ impl Tester<'_> {
             let mut outs = Vec::new();
             let mut ms = 0.0;
             for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
-                let mut dx = self.up(dx0)?;
-                let copy = self.zeros(x.len().div_ceil(2))?;
-                let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
-                let means = self.zeros(2 * d.n * d.groups)?;
-                let dx_ptr = dx.ptr;
-                ms = self.timed(
-                    || dx.write(st, dx0),
-                    || {
-                        gpu.kernels.group_norm_backward(
-                            st,
-                            d,
-                            NormBackwardIn {
-                                x: input,
-                                x_half,
-                                dy: dy.ptr,
-                                dy_half: None,
-                                gamma: gamma.ptr,
-                                beta: beta.ptr,
-                                stats: stats.ptr,
-                                silu,
-                            },
-                            NormBackwardOut {
-                                partial: partial.ptr,
-                                means: means.ptr,
-                                dx: dx_ptr,
-                                accumulate,
-                                copy: with_copy.then_some((copy.ptr, precision)),
-                                ..NormBackwardOut::default()
-                            },
-                        )
-                    },
-                )?;
-                let copy = unpack_half(&copy.download(st)?, x.len(), precision);
-                outs.push((dx.download(st)?, copy));
+                let inputs = NormBackwardIn {
+                    x: input,
+                    x_half,
+                    dy: dy.ptr,
+                    dy_half: None,
+                    gamma: gamma.ptr,
+                    beta: beta.ptr,
+                    stats: stats.ptr,
+                    silu,
+                };
+                let out;
+                (out, ms) =
+                    self.backward_run(d, inputs, dx0, accumulate, None, with_copy, precision)?;
+                outs.push(out);
             }
             if with_copy {
                 self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
@@ -164,7 +186,6 @@ impl Tester<'_> {
         precision: Precision,
         desc: &str,
     ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (dy16, dy_widened) = self.rounded_input(dy, precision)?;
         let fp32_x = self.up(x)?;
         let x16 = match d.c % 4 {
@@ -183,45 +204,21 @@ impl Tester<'_> {
                 let mut outs = Vec::new();
                 let mut ms = 0.0;
                 for (dyp, dy_half) in [(dy_widened.ptr, None), (dy16.ptr, Some(precision))] {
-                    let mut dx = self.up(dx0)?;
-                    let copy = self.zeros(x.len().div_ceil(2))?;
-                    let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
-                    let means = self.zeros(2 * d.n * d.groups)?;
-                    let dx_ptr = dx.ptr;
-                    ms = self.timed(
-                        || dx.write(st, dx0),
-                        || {
-                            gpu.kernels.group_norm_backward(
-                                st,
-                                d,
-                                NormBackwardIn {
-                                    x: xp,
-                                    x_half,
-                                    dy: dyp,
-                                    dy_half,
-                                    gamma: gamma.ptr,
-                                    beta: beta.ptr,
-                                    stats: stats.ptr,
-                                    silu,
-                                },
-                                NormBackwardOut {
-                                    partial: partial.ptr,
-                                    means: means.ptr,
-                                    dx: dx_ptr,
-                                    accumulate,
-                                    add: None,
-                                    half_out: out16,
-                                    copy: out16.is_none().then_some((copy.ptr, precision)),
-                                    sides: None,
-                                },
-                            )
-                        },
-                    )?;
-                    let got = match out16 {
-                        Some(p) => unpack_half(&dx.download(st)?, x.len(), p),
-                        None => dx.download(st)?,
+                    let inputs = NormBackwardIn {
+                        x: xp,
+                        x_half,
+                        dy: dyp,
+                        dy_half,
+                        gamma: gamma.ptr,
+                        beta: beta.ptr,
+                        stats: stats.ptr,
+                        silu,
                     };
-                    outs.push((got, unpack_half(&copy.download(st)?, x.len(), precision)));
+                    let copy = out16.is_none();
+                    let out;
+                    (out, ms) =
+                        self.backward_run(d, inputs, dx0, accumulate, out16, copy, precision)?;
+                    outs.push(out);
                 }
                 let op = format!(
                     "groupnorm{s} input-grad{}{}, {precision} output gradient vs fp32{xs}",
