@@ -470,8 +470,9 @@ DEVI void bwd_partial(const void* x, int xkind, const void* dy, int dykind, cons
             decltype(ld_raw1<DY16>(dy, 0)) dv[U];
 #pragma unroll
             for (int k = 0; k < U; ++k) {
-                const Index i = base + (Index)(p + 8 * k) * c;
                 if (p + 8 * k < p1) {
+                    // (Past the last pixel, the index could pass what an i32 holds.)
+                    const Index i = base + (Index)(p + 8 * k) * c;
                     xv[k] = ld_raw1<X16>(x, i);
                     dv[k] = ld_raw1<DY16>(dy, i);
                 }
@@ -586,8 +587,8 @@ DEVI void bwd_values4(float4 xv, float4 dv, const BwdUnit& k, int silu, float (&
 }
 
 // What the backward's element pass reads of a unit element: x and dy (units as ld_x4 loads
-// them, single elements widened) and, with `add`, its element, and when it accumulates with P > 1, the old dx (P = 1 reads it
-// after the arithmetic, as the timed kernel did).
+// them, single elements widened) and, when it accumulates with P > 1, the old dx and the
+// element of `add` (P = 1 reads those after the arithmetic, as the timed kernel did).
 template <typename X, typename DY, typename T> struct BwdIn {
     X x;
     DY dy;
@@ -894,10 +895,11 @@ extern "C" __global__ void __launch_bounds__(1024)
 }
 
 // The whole input gradient of one small group: gn_bwd_partial + gn_bwd_finalize +
-// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32 (onto dx + add where add is not null), or = in 16 bits (kind 1/2); with
-// an fp32 dx and dx16 not null, also the new dx in 16 bits (kind16), as bwd_apply's dx16.
-// AHEAD (gn_bwd_one_pass_ilp) loads all of a thread's pixels, and the old dx it adds onto,
-// before the first of their arithmetic (see for_units): the same bits. X16: x holds 16-bit
+// gn_bwd_apply(_half), the same formulas; dx (+)= in fp32 (onto dx + add where add is not
+// null), or = in 16 bits (kind 1/2); with an fp32 dx and dx16 not null, also the new dx in 16
+// bits (kind16), as bwd_apply's dx16. AHEAD (gn_bwd_one_pass_ilp) loads all of a thread's
+// pixels, and the old dx it adds onto, before the first of their arithmetic (see for_units;
+// `add` after, with the stores): the same bits. X16: x holds 16-bit
 // values of xkind, widened as they are loaded (kept raw until their arithmetic, they would
 // make the `_ilp` form spill 8 bytes at its 64 registers); DY16: dy, of dykind, likewise (over
 // an fp32 x the `_ilp` form still spills 8 bytes).

@@ -492,8 +492,10 @@ pub struct NormForm {
 /// [`sweep_convolutions`] plans it), forward and, when `record`, backward: the three-launch
 /// form, and one pass in one block a group where the groups are small enough, each also with
 /// the `_ilp` kernels; a GroupNorm of 16-bit input (`INVDIFF_GN_HALF_INPUT`, and for a
-/// backward pass `INVDIFF_GN_HALF_INPUT_RECORDING`) from a 16-bit copy. The forms compute the
-/// same statistics up to the order of the f64 sums.
+/// backward pass `INVDIFF_GN_HALF_INPUT_RECORDING`) from a 16-bit copy, and a backward pass of
+/// 16-bit output gradient (`INVDIFF_GN_HALF_DY`, the `_ilp` forms only) from a 16-bit copy
+/// of it, one that adds a residual's gradient (`INVDIFF_GN_ADD_RESIDUAL`) adding one. The
+/// forms compute the same statistics up to the order of the f64 sums.
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
     ordinal: usize,
@@ -510,8 +512,19 @@ pub fn sweep_group_norms(
     let st = &gpu.stream;
     let mut seed = 0x6_7EE9;
     let mut rows = Vec::new();
-    for ((backward, hw, c, groups, silu, half_out, accumulate, x_half), kind, shape, count) in norms
-    {
+    for (key, kind, shape, count) in norms {
+        let NormKey {
+            backward,
+            hw,
+            c,
+            groups,
+            silu,
+            half_out,
+            accumulate,
+            x_half,
+            dy_half,
+            adds,
+        } = key;
         let len = n * hw * c;
         let x = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 3.0))?;
         // A GroupNorm of 16-bit input (KernelConfig::half_gn_inputs, and for a backward pass
@@ -526,6 +539,21 @@ pub fn sweep_group_norms(
         };
         let x_in = x16.as_ref().map_or(x.ptr, |c| c.ptr);
         let dy = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 1.0))?;
+        // A 16-bit output gradient (KernelConfig::half_norm_grads) is a 16-bit copy of dy; a
+        // second gradient (fold_residual_grads), another buffer.
+        let dy16 = match dy_half {
+            Some(p) => {
+                let copy = DevBuf::zeros(st, len.div_ceil(2))?;
+                gpu.kernels.convert_half(st, dy.ptr, copy.ptr, len, p)?;
+                Some(copy)
+            }
+            None => None,
+        };
+        let dy_in = dy16.as_ref().map_or(dy.ptr, |c| c.ptr);
+        let second = match adds {
+            true => Some(DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 1.0))?),
+            false => None,
+        };
         let gamma = DevBuf::upload(st, &uniform(&mut seed, c, 0.5, 1.5))?;
         let beta = DevBuf::upload(st, &uniform(&mut seed, c, -0.5, 0.5))?;
         let out = DevBuf::zeros(st, len)?;
@@ -535,6 +563,10 @@ pub fn sweep_group_norms(
         let partial = DevBuf::zeros(st, three.partial_len(n, c))?;
         let mut forms = Vec::new();
         for split in norm_forms(n, hw, c, groups, gpu.sms()) {
+            // Only the `_ilp` kernels read a 16-bit gradient.
+            if dy_half.is_some() && !split.ilp {
+                continue;
+            }
             let d = NormDims {
                 n,
                 hw,
@@ -573,10 +605,10 @@ pub fn sweep_group_norms(
                         st,
                         d,
                         NormBackwardIn {
-                            dy_half: None,
                             x: x_in,
                             x_half,
-                            dy: dy.ptr,
+                            dy: dy_in,
+                            dy_half,
                             gamma: gamma.ptr,
                             beta: beta.ptr,
                             stats: stats.ptr,
@@ -587,6 +619,7 @@ pub fn sweep_group_norms(
                             means: affine.ptr,
                             dx: out.ptr,
                             accumulate,
+                            add: second.as_ref().map(|b| b.ptr),
                             half_out,
                             ..NormBackwardOut::default()
                         },
@@ -602,10 +635,18 @@ pub fn sweep_group_norms(
                 ms,
             });
         }
-        // The same shape may also come with an fp32 input.
+        // The same shape may also come with an fp32 input or output gradient, or add nothing.
         let shape = match x_half {
             Some(p) => format!("{shape}, {p} input"),
             None => shape,
+        };
+        let shape = match dy_half {
+            Some(p) => format!("{shape}, {p} output gradient"),
+            None => shape,
+        };
+        let shape = match adds {
+            true => format!("{shape}, adding a residual's gradient"),
+            false => shape,
         };
         rows.push(NormSweepRow {
             kind,
@@ -658,18 +699,22 @@ fn mean_ms(st: &CudaStream, iters: usize, mut run: impl FnMut() -> Result<()>) -
     Ok(f64::from(cu(start.elapsed_ms(&end), "reading a CUDA event timer")?) / iters as f64)
 }
 
-/// What tells two GroupNorms apart for the sweep: (backward, hw, c, groups, silu, 16-bit
-/// output, accumulating, 16-bit input).
-type NormKey = (
-    bool,
-    usize,
-    usize,
-    usize,
-    bool,
-    Option<Precision>,
-    bool,
-    Option<Precision>,
-);
+/// What tells two GroupNorms apart for the sweep.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct NormKey {
+    backward: bool,
+    hw: usize,
+    c: usize,
+    groups: usize,
+    silu: bool,
+    half_out: Option<Precision>,
+    accumulate: bool,
+    /// 16-bit input, and (backward) output gradient.
+    x_half: Option<Precision>,
+    dy_half: Option<Precision>,
+    /// (Backward) a second gradient added onto the input gradient first.
+    adds: bool,
+}
 
 /// The distinct GroupNorms of `steps` in program order: key, kind, shape label, count.
 fn distinct_norms(
@@ -689,7 +734,18 @@ fn distinct_norms(
                 half_out,
                 x_half,
                 ..
-            } => (false, hw, c, groups, silu, half_out, false, x_half),
+            } => NormKey {
+                backward: false,
+                hw,
+                c,
+                groups,
+                silu,
+                half_out,
+                accumulate: false,
+                x_half,
+                dy_half: None,
+                adds: false,
+            },
             Step::GroupNormBackward {
                 hw,
                 c,
@@ -698,8 +754,21 @@ fn distinct_norms(
                 half_out,
                 accumulate,
                 x_half,
+                dy_half,
+                add,
                 ..
-            } => (true, hw, c, groups, silu, half_out, accumulate, x_half),
+            } => NormKey {
+                backward: true,
+                hw,
+                c,
+                groups,
+                silu,
+                half_out,
+                accumulate,
+                x_half,
+                dy_half,
+                adds: add.is_some(),
+            },
             _ => continue,
         };
         match norms.iter_mut().find(|r| r.0 == key) {
@@ -729,7 +798,7 @@ mod tests {
         let p = Program::build(&g, 1, 256, 256, true, 132, Precision::Bf16).unwrap();
         let rows = distinct_norms(&p.steps, 1, 256, 256);
         for backward in [false, true] {
-            let mine: Vec<_> = rows.iter().filter(|r| r.0 .0 == backward).collect();
+            let mine: Vec<_> = rows.iter().filter(|r| r.0.backward == backward).collect();
             assert_eq!(mine.iter().map(|r| r.3).sum::<usize>(), 71);
             assert!(mine.len() < 40, "{}", mine.len());
             let kind = if backward {
@@ -745,8 +814,21 @@ mod tests {
         let p = Program::build_with(&g, 1, 256, 256, false, 132, Precision::Bf16, tc).unwrap();
         let rows = distinct_norms(&p.steps, 1, 256, 256);
         assert_eq!(rows.iter().map(|r| r.3).sum::<usize>(), 71);
-        let x16: usize = rows.iter().filter(|r| r.0 .7.is_some()).map(|r| r.3).sum();
+        let x16: usize = rows
+            .iter()
+            .filter(|r| r.0.x_half.is_some())
+            .map(|r| r.3)
+            .sum();
         assert_eq!(x16, 18);
+        // In a DPS step, the backward passes that read 16-bit gradients (10) and those that
+        // add residuals' gradients (11, defaults both) are rows of their own too.
+        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+        let rows = distinct_norms(&p.steps, 1, 256, 256);
+        let count = |f: &dyn Fn(&NormKey) -> bool| -> usize {
+            rows.iter().filter(|r| f(&r.0)).map(|r| r.3).sum()
+        };
+        assert_eq!(count(&|k| k.dy_half.is_some()), 10);
+        assert_eq!(count(&|k| k.adds), 11);
     }
 
     /// The probe's counters become per-warpgroup means and shares that add up to one; a launch

@@ -557,7 +557,7 @@ mod tests {
         }
         asked.extend(
             NormBackwardFns::names()
-                .flatten()
+                .flat_map(|(_, kernels)| kernels)
                 .map(|n| ("norm".into(), n)),
         );
         asked.extend(

@@ -271,36 +271,34 @@ pub(super) struct NormBackwardFns {
     apply_split: CudaFunction,
     one_pass: CudaFunction,
     /// The kernels' name suffix (`_x16_dy16_ilp`, say), for errors.
-    suffix: &'static str,
+    suffix: String,
 }
 
 impl NormBackwardFns {
-    /// The forms' name suffixes, in the order [`Kernels::group_norm_backward`] indexes them:
-    /// three over an fp32 x, then three over a 16-bit one.
-    const SUFFIXES: [&'static str; 6] =
-        ["", "_ilp", "_dy16_ilp", "_x16", "_x16_ilp", "_x16_dy16_ilp"];
-
-    /// Each form's kernels: partial sums, element pass (fp32, 16-bit output, split), one pass.
-    pub(super) fn names() -> impl Iterator<Item = [String; 5]> {
+    /// Each form's kernel-name suffix (`_x16_dy16_ilp`, say) and kernels (partial sums,
+    /// element pass: fp32, 16-bit output, split; one pass), in the order
+    /// [`Kernels::group_norm_backward`] indexes them: three over an fp32 x, then three over a
+    /// 16-bit one.
+    pub(super) fn names() -> impl Iterator<Item = (String, [String; 5])> {
         (0..6).map(|i| {
             let x = if i >= 3 { "_x16" } else { "" };
             let f = ["", "_ilp", "_dy16_ilp"][i % 3];
-            [
+            let kernels = [
                 format!("gn_bwd_partial{x}{f}"),
                 format!("gn_bwd_apply{x}{f}"),
                 format!("gn_bwd_apply_half{f}"),
                 format!("gn_bwd_apply{x}_split{f}"),
                 format!("gn_bwd_one_pass{x}{f}"),
-            ]
+            ];
+            (format!("{x}{f}"), kernels)
         })
     }
 
     /// The six forms, each kernel looked up as `get("norm", name)`.
     pub(super) fn all(get: &dyn Fn(&str, &str) -> Result<CudaFunction>) -> Result<[Self; 6]> {
         let forms = Self::names()
-            .zip(Self::SUFFIXES)
             .map(
-                |([partial, apply, apply_half, apply_split, one_pass], suffix)| {
+                |(suffix, [partial, apply, apply_half, apply_split, one_pass])| {
                     let f = |name: &str| get("norm", name);
                     Ok(NormBackwardFns {
                         partial: f(&partial)?,
@@ -712,10 +710,14 @@ impl Kernels {
             copy,
             sides,
         } = outputs;
-        if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0) {
+        // A unit of four 16-bit values is 8 bytes, of fp32 16.
+        let dy_unit = if dy_half.is_some() { 8 } else { 16 };
+        // The three-launch pass writes a 16-bit gradient in units of four (gn_bwd_apply_half).
+        let units_unaligned = d.split.one_pass.is_none() && (x % 16 != 0 || dy % dy_unit != 0);
+        if half_out.is_some() && (accumulate || d.c % 4 != 0 || dx % 8 != 0 || units_unaligned) {
             return Err(Error::Cuda(format!(
                 "internal: 16-bit GroupNorm input gradient accumulating, with {} channels or \
-                 unaligned",
+                 unaligned (input {x:#x}, output gradient {dy:#x}, input gradient {dx:#x})",
                 d.c
             )));
         }
@@ -772,8 +774,7 @@ impl Kernels {
         let silu = silu as i32;
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
-        // A unit of four 16-bit values is 8 bytes, of fp32 16.
-        let dy_aligned = dy % if dy_half.is_some() { 8 } else { 16 } == 0;
+        let dy_aligned = dy % dy_unit == 0;
         let vec =
             c % 4 == 0 && dy_aligned && [x, dx, add].iter().all(|p| p % 16 == 0) && dx16 % 8 == 0;
         // The element pass over a 16-bit x takes units of four only (x 8-byte aligned).
@@ -808,7 +809,7 @@ impl Kernels {
                 (true, false) => 1,
                 (true, true) => 2,
             }];
-        let form = fns.suffix;
+        let form = &fns.suffix;
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(&fns.one_pass);
             b.arg(&x);

@@ -265,7 +265,7 @@ impl KernelConfig {
     /// added by the GroupNorm backward passes -0.6% off the DPS step (the forwards do not
     /// change); a second run, against those with them: 16-bit output gradients for the
     /// GroupNorm backward passes over 16-bit inputs -1.0% off the DPS step, for every pass
-    /// that can -0.8% (those over fp32 inputs got slower, 753 against 777 us in all).
+    /// that can -0.8% (those over fp32 inputs got slower, 753 -> 777 us in all).
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,

@@ -38,7 +38,9 @@ pub(super) struct Lowering<'g> {
     pub(super) half_grad: Vec<bool>,
     /// 16-bit copies of buffers (a concatenation's own, [`KernelConfig::half_concat`], or a
     /// conversion, [`KernelConfig::half_copy`]): source, copy, and the step that wrote the
-    /// copy. A copy serves while no later step has written its source.
+    /// copy. A copy serves while no later step has written its source. Read while the passes
+    /// are lowered; the rewrites after the backward pass (which remove steps) leave it as it
+    /// was.
     pub(super) half_copies: Vec<(Buf, Buf, usize)>,
     /// Per tensor: for an upsampling's output folded into the convolution that reads it
     /// ([`KernelConfig::upsample_fold`]), the upsampling's input, which that convolution
@@ -282,8 +284,6 @@ impl Lowering<'_> {
     /// does. (A concatenation's block always has a 1x1 shortcut, whose input gradient writes
     /// `dx` first; a pass that did not add onto `dx` would leave it unused.)
     pub(super) fn concat_grads_from_norms(&mut self, from: usize) {
-        // Whether each step (in the order before any went) stays, for the 16-bit copies.
-        let mut kept = vec![true; self.steps.len()];
         let mut i = from;
         while i + 2 < self.steps.len() {
             let (
@@ -361,29 +361,11 @@ impl Lowering<'_> {
             if let Step::GroupNormBackward { sides, .. } = &mut self.steps[i] {
                 *sides = Some(taken);
             }
-            // The (i + 1)-th and (i + 2)-th steps still kept go.
-            let gone: Vec<usize> = (0..kept.len())
-                .filter(|&j| kept[j])
-                .skip(i + 1)
-                .take(2)
-                .collect();
-            for j in gone {
-                kept[j] = false;
-            }
             self.steps.drain(i + 1..i + 3);
             i += 1;
         }
-        self.renumber_half_copies(&kept);
     }
 
-    /// Merges the forward steps' few-row linear layers without residual that read the same `x`
-    /// (with the same width, SiLU and divisor) into [`Step::LinearBatch`] launches of at most
-    /// [`LINEAR_BATCH_MAX`] layers, each where the first of its layers was: in celebahq, the 32
-    /// resnets' projections of the time embedding, ~12.5 us each as separate launches on an
-    /// H200 (0.4 ms of a 5.5 ms batch-1 bf16 forward). A group closes at any step that writes its `x` (none does
-    /// in the forward pass, whose values are written once; the check keeps the merge sound
-    /// regardless). Their outputs are then written earlier than before, which only lengthens
-    /// their lifetimes.
     /// Has each accumulating GroupNorm backward pass (fp32, whole input gradient) that is the
     /// next step to touch a gradient which a residual's gradient was just added onto (an
     /// [`Step::AddInto`] from `from` on, accumulating) add it itself, before its own values
@@ -431,13 +413,19 @@ impl Lowering<'_> {
                 }
             }
         }
-        let kept: Vec<bool> = (0..self.steps.len()).map(|i| !gone.contains(&i)).collect();
-        let mut keep = kept.iter();
+        let mut at = 0..;
         self.steps
-            .retain(|_| *keep.next().expect("one flag a step"));
-        self.renumber_half_copies(&kept);
+            .retain(|_| at.next().is_some_and(|i| !gone.contains(&i)));
     }
 
+    /// Merges the forward steps' few-row linear layers without residual that read the same `x`
+    /// (with the same width, SiLU and divisor) into [`Step::LinearBatch`] launches of at most
+    /// [`LINEAR_BATCH_MAX`] layers, each where the first of its layers was: in celebahq, the 32
+    /// resnets' projections of the time embedding, ~12.5 us each as separate launches on an
+    /// H200 (0.4 ms of a 5.5 ms batch-1 bf16 forward). A group closes at any step that writes its `x` (none does
+    /// in the forward pass, whose values are written once; the check keeps the merge sound
+    /// regardless). Their outputs are then written earlier than before, which only lengthens
+    /// their lifetimes.
     pub(super) fn batch_linears(&mut self) {
         type Key = (Buf, usize, bool, u32);
         let mut open: Vec<(Key, Vec<usize>)> = Vec::new();

@@ -2348,7 +2348,8 @@ fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
                 gn_ilp,
                 ..tuned
             };
-            let off = Program::build_with(&g, n, size, size, true, 132, precision, tuned).unwrap();
+            let defaults =
+                Program::build_with(&g, n, size, size, true, 132, precision, tuned).unwrap();
             let p = Program::build_with(&g, n, size, size, true, 132, precision, tc).unwrap();
             let mut halves = 0;
             for (i, s) in p.steps.iter().enumerate() {
@@ -2388,7 +2389,7 @@ fn groupnorm_backward_passes_read_16_bit_gradients_their_writers_copy() {
             let want = if precision.is_half() { count } else { 0 };
             assert_eq!(halves, want, "{precision} {n}x{size}");
             // The same steps, some reading a copy instead.
-            assert_eq!(p.steps.len(), off.steps.len());
+            assert_eq!(p.steps.len(), defaults.steps.len());
         }
     }
 }

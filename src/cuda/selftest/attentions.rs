@@ -13,26 +13,48 @@ const ATTENTION_TF32_GRAD: f64 = 5e-3;
 
 impl Tester<'_> {
     /// The attention products' kernel in both tile sizes, with and without the next K slice
-    /// prefetched (`INVDIFF_GEMM_PREFETCH`): a strided batch (A read with its rows strided, B
-    /// with its columns; three K slices, the last partial), scaled and accumulated, against
-    /// the CPU, and every form against the plain 64-wide one, held to 0 (each output sums its
-    /// products in the same order).
+    /// prefetched (`INVDIFF_GEMM_PREFETCH`): a strided batch (three K slices, the last
+    /// partial), scaled and accumulated, against the CPU, and every form against the plain
+    /// 64-wide one, held to 0 (each output sums its products in the same order). Two layouts,
+    /// for the two ways each operand's loads follow its unit stride: A by rows and B by columns
+    /// (`P v`'s), then both along K (`q kᵀ`'s).
     fn batched_products(&mut self) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (m, n, k, outer, inner, alpha) = (100, 70, 130, 2, 3, 0.5f32);
+        // (A's row and column strides, B's), as `Gemm` takes them.
+        for (a_rs, a_cs, b_rs, b_cs, layout) in [
+            (1, m, n, 1, "A by columns, B by rows"),
+            (k, 1, 1, k, "both along K"),
+        ] {
+            self.batched_product_rows(
+                (m, n, k, outer, inner, alpha),
+                (a_rs, a_cs, b_rs, b_cs),
+                layout,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::batched_products`]' rows for one layout.
+    fn batched_product_rows(
+        &mut self,
+        (m, n, k, outer, inner, alpha): (usize, usize, usize, usize, usize, f32),
+        (a_rs, a_cs, b_rs, b_cs): (usize, usize, usize, usize),
+        layout: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let batch = outer * inner;
         let a = self.rand(batch * m * k, -1.0, 1.0);
         let b = self.rand(batch * k * n, -1.0, 1.0);
         let c0 = self.rand(batch * m * n, -1.0, 1.0);
-        // A(i, kk) of batch z at a[z m k + kk m + i] (column-major), B(kk, j) at b[z k n + kk n + j].
+        // A(i, kk) of batch z at a[z m k + i a_rs + kk a_cs], B(kk, j) at b[z k n + kk b_rs + j b_cs].
         let mut want = c0.clone();
         for z in 0..batch {
             for i in 0..m {
                 for j in 0..n {
                     let dot: f64 = (0..k)
                         .map(|kk| {
-                            f64::from(a[z * m * k + kk * m + i])
-                                * f64::from(b[z * k * n + kk * n + j])
+                            f64::from(a[z * m * k + i * a_rs + kk * a_cs])
+                                * f64::from(b[z * k * n + kk * b_rs + j * b_cs])
                         })
                         .sum();
                     want[z * m * n + i * n + j] += (f64::from(alpha) * dot) as f32;
@@ -48,10 +70,10 @@ impl Tester<'_> {
             m,
             n,
             k,
-            a_rs: 1,
-            a_cs: m,
-            b_rs: n,
-            b_cs: 1,
+            a_rs,
+            a_cs,
+            b_rs,
+            b_cs,
             c_rs: n,
             outer,
             inner,
@@ -65,7 +87,7 @@ impl Tester<'_> {
             accumulate: true,
             tf32: false,
         };
-        let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating");
+        let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating, {layout}");
         let mut plain = None;
         for (tile, prefetch) in [(64, false), (32, false), (64, true), (32, true)] {
             let ms = self.timed(

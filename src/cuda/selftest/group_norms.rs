@@ -76,16 +76,15 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// One backward pass `d` from `inputs` onto a fresh `dx0`: into an fp32 input gradient,
-    /// with its 16-bit copy in `precision` where `copy`, or with `out16` a 16-bit one. The
-    /// input gradient and the copy (zeros where none), widened, and the pass's time.
-    #[allow(clippy::too_many_arguments)]
+    /// One backward pass `d` from `inputs` onto a fresh `dx0` (accumulating, after `add` where
+    /// set): into an fp32 input gradient, with its 16-bit copy in `precision` where `copy`, or
+    /// with `out16` a 16-bit one. The input gradient and the copy (zeros where none), widened,
+    /// and the pass's time.
     fn backward_run(
         &mut self,
         d: NormDims,
         inputs: NormBackwardIn,
-        dx0: &[f32],
-        accumulate: bool,
+        (dx0, accumulate, add): (&[f32], bool, Option<DPtr>),
         out16: Option<Precision>,
         copy: bool,
         precision: Precision,
@@ -100,6 +99,7 @@ impl Tester<'_> {
             means: means.ptr,
             dx: dx.ptr,
             accumulate,
+            add,
             half_out: out16,
             copy: copy.then_some((copy_buf.ptr, precision)),
             ..NormBackwardOut::default()
@@ -154,8 +154,14 @@ impl Tester<'_> {
                     silu,
                 };
                 let out;
-                (out, ms) =
-                    self.backward_run(d, inputs, dx0, accumulate, None, with_copy, precision)?;
+                (out, ms) = self.backward_run(
+                    d,
+                    inputs,
+                    (dx0, accumulate, None),
+                    None,
+                    with_copy,
+                    precision,
+                )?;
                 outs.push(out);
             }
             if with_copy {
@@ -216,8 +222,8 @@ impl Tester<'_> {
                     };
                     let copy = out16.is_none();
                     let out;
-                    (out, ms) =
-                        self.backward_run(d, inputs, dx0, accumulate, out16, copy, precision)?;
+                    let onto = (dx0, accumulate, None);
+                    (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision)?;
                     outs.push(out);
                 }
                 let op = format!(
@@ -230,6 +236,63 @@ impl Tester<'_> {
                 } else {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The backward pass `d` (accumulating onto `dx0`) adding a second gradient first, against
+    /// the pass onto the sum, in each form of x and dy it takes (see the caller).
+    fn added_gradient_rows(
+        &mut self,
+        d: NormDims,
+        (x, dy): (&[f32], &[f32]),
+        (stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf),
+        silu: bool,
+        dx0: &[f32],
+        desc: &str,
+    ) -> Result<()> {
+        let half = Precision::Bf16;
+        let r = self.rand(x.len(), -1.0, 1.0);
+        let summed: Vec<f32> = dx0.iter().zip(&r).map(|(a, b)| a + b).collect();
+        let rd = self.up(&r)?;
+        let fp32_x = self.up(x)?;
+        let fp32_dy = self.up(dy)?;
+        let x16 = match d.c % 4 {
+            0 => Some(self.rounded_input(x, half)?.0),
+            _ => None,
+        };
+        let dy16 = match d.split.ilp {
+            true => Some(self.rounded_input(dy, half)?.0),
+            false => None,
+        };
+        let xs =
+            std::iter::once((fp32_x.ptr, None)).chain(x16.as_ref().map(|b| (b.ptr, Some(half))));
+        let s = if silu { "+silu" } else { "" };
+        for (xp, x_half) in xs {
+            let dys = std::iter::once((fp32_dy.ptr, None))
+                .chain(dy16.as_ref().map(|b| (b.ptr, Some(half))));
+            for (dyp, dy_half) in dys {
+                let inputs = NormBackwardIn {
+                    x: xp,
+                    x_half,
+                    dy: dyp,
+                    dy_half,
+                    gamma: gamma.ptr,
+                    beta: beta.ptr,
+                    stats: stats.ptr,
+                    silu,
+                };
+                let (want, _) =
+                    self.backward_run(d, inputs, (&summed, true, None), None, true, half)?;
+                let (got, ms) =
+                    self.backward_run(d, inputs, (dx0, true, Some(rd.ptr)), None, true, half)?;
+                let op = format!(
+                    "groupnorm{s} input-grad+, adding a second gradient first{}{}",
+                    if x_half.is_some() { ", 16-bit x" } else { "" },
+                    if dy_half.is_some() { ", 16-bit dy" } else { "" },
+                );
+                self.same_bits_rows(&op, "16-bit copy", desc, &[want, got], ms);
             }
         }
         Ok(())
@@ -401,25 +464,11 @@ impl Tester<'_> {
                     },
                 )?;
                 // A second gradient added onto dx first (INVDIFF_GN_ADD_RESIDUAL): the same bits
-                // as the pass onto dx + it (what add_into would have left), with the 16-bit copy.
+                // as the pass onto dx + it (what add_into would have left), with the 16-bit copy;
+                // over an fp32 x and (units of four) a 16-bit one, from an fp32 dy and (`_ilp`)
+                // a 16-bit one.
                 if accumulate {
-                    let r = self.rand(x.len(), -1.0, 1.0);
-                    let summed: Vec<f32> = dx0.iter().zip(&r).map(|(a, b)| a + b).collect();
-                    let rd = self.up(&r)?;
-                    let copy = self.zeros(x.len().div_ceil(2))?;
-                    let half = Precision::Bf16;
-                    let mut outs = Vec::new();
-                    let mut ms = 0.0;
-                    for (start, add) in [(&summed, None), (&dx0, Some(rd.ptr))] {
-                        ms = self.timed(
-                            || dxd.write(st, start),
-                            || backward(dx_ptr, true, add, None, Some((copy.ptr, half))),
-                        )?;
-                        let copy = unpack_half(&copy.download(st)?, x.len(), half);
-                        outs.push((dxd.download(st)?, copy));
-                    }
-                    let op = format!("groupnorm{s} input-grad+, adding a second gradient first");
-                    self.same_bits_rows(&op, "16-bit copy", &desc, &outs, ms);
+                    self.added_gradient_rows(nd, (&x, &dy), (&sd, &gd, &bd), silu, &dx0, &desc)?;
                 }
                 let form = &mut plain[split.one_pass.is_some() as usize];
                 match form {
