@@ -526,29 +526,22 @@ pub fn sweep_group_norms(
             adds,
         } = key;
         let len = n * hw * c;
+        // `src`'s 16-bit copy in `half`'s precision, where set.
+        let copy_of = |src: &DevBuf, half: Option<Precision>| -> Result<Option<DevBuf>> {
+            let Some(p) = half else { return Ok(None) };
+            let copy = DevBuf::zeros(st, len.div_ceil(2))?;
+            gpu.kernels.convert_half(st, src.ptr, copy.ptr, len, p)?;
+            Ok(Some(copy))
+        };
         let x = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 3.0))?;
         // A GroupNorm of 16-bit input (KernelConfig::half_gn_inputs, and for a backward pass
         // half_gn_inputs_recording) reads a 16-bit copy of x.
-        let x16 = match x_half {
-            Some(p) => {
-                let copy = DevBuf::zeros(st, len.div_ceil(2))?;
-                gpu.kernels.convert_half(st, x.ptr, copy.ptr, len, p)?;
-                Some(copy)
-            }
-            None => None,
-        };
+        let x16 = copy_of(&x, x_half)?;
         let x_in = x16.as_ref().map_or(x.ptr, |c| c.ptr);
         let dy = DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 1.0))?;
         // A 16-bit output gradient (KernelConfig::half_norm_grads) is a 16-bit copy of dy; a
         // second gradient (fold_residual_grads), another buffer.
-        let dy16 = match dy_half {
-            Some(p) => {
-                let copy = DevBuf::zeros(st, len.div_ceil(2))?;
-                gpu.kernels.convert_half(st, dy.ptr, copy.ptr, len, p)?;
-                Some(copy)
-            }
-            None => None,
-        };
+        let dy16 = copy_of(&dy, dy_half)?;
         let dy_in = dy16.as_ref().map_or(dy.ptr, |c| c.ptr);
         let second = match adds {
             true => Some(DevBuf::upload(st, &uniform(&mut seed, len, -1.0, 1.0))?),

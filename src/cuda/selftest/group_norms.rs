@@ -200,6 +200,14 @@ impl Tester<'_> {
         };
         let xs = std::iter::once((fp32_x.ptr, None))
             .chain(x16.as_ref().map(|b| (b.ptr, Some(precision))));
+        // What every run shares.
+        let base = NormBackwardIn {
+            gamma: gamma.ptr,
+            beta: beta.ptr,
+            stats: stats.ptr,
+            silu,
+            ..NormBackwardIn::default()
+        };
         let s = if silu { "+silu" } else { "" };
         for (xp, x_half) in xs {
             let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
@@ -215,10 +223,7 @@ impl Tester<'_> {
                         x_half,
                         dy: dyp,
                         dy_half,
-                        gamma: gamma.ptr,
-                        beta: beta.ptr,
-                        stats: stats.ptr,
-                        silu,
+                        ..base
                     };
                     let copy = out16.is_none();
                     let out;
@@ -268,6 +273,14 @@ impl Tester<'_> {
         };
         let xs =
             std::iter::once((fp32_x.ptr, None)).chain(x16.as_ref().map(|b| (b.ptr, Some(half))));
+        // What every run shares.
+        let base = NormBackwardIn {
+            gamma: gamma.ptr,
+            beta: beta.ptr,
+            stats: stats.ptr,
+            silu,
+            ..NormBackwardIn::default()
+        };
         let s = if silu { "+silu" } else { "" };
         for (xp, x_half) in xs {
             let dys = std::iter::once((fp32_dy.ptr, None))
@@ -278,10 +291,7 @@ impl Tester<'_> {
                     x_half,
                     dy: dyp,
                     dy_half,
-                    gamma: gamma.ptr,
-                    beta: beta.ptr,
-                    stats: stats.ptr,
-                    silu,
+                    ..base
                 };
                 let (want, _) =
                     self.backward_run(d, inputs, (&summed, true, None), None, true, half)?;
