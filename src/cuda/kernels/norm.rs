@@ -1,7 +1,9 @@
 //! GroupNorm (kernels/norm.cu): how each GroupNorm is cut into launches ([`NormSplit`]: three
 //! passes over chunks of pixels, or one pass per group), and their launchers.
 
-use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaStream, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use super::{cfg, concat_outputs, half_kind, half_output, i32_of, need, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
@@ -352,6 +354,25 @@ impl NormDims {
             split.chunks as i32,
             i32_of(split.chunk_px, "chunk")?,
         ))
+    }
+}
+
+/// A GroupNorm backward kernel's leading arguments: `x` (with its kind, for the `_x16` forms),
+/// then `dy` (with its kind, for the `_dy16` forms).
+fn backward_inputs<'a>(
+    b: &mut LaunchArgs<'a>,
+    x: &'a DPtr,
+    xkind: &'a Option<i32>,
+    dy: &'a DPtr,
+    dykind: &'a Option<i32>,
+) {
+    b.arg(x);
+    if let Some(k) = xkind {
+        b.arg(k);
+    }
+    b.arg(dy);
+    if let Some(k) = dykind {
+        b.arg(k);
     }
 }
 
@@ -810,16 +831,12 @@ impl Kernels {
                 (true, true) => 2,
             }];
         let form = &fns.suffix;
+        // The kinds the `_x16` and `_dy16` forms take (no 16-bit x reaches `apply_half`:
+        // refused above).
+        let (xkind, dykind) = (x_half.map(|_| xkind), dy_half.map(|_| dykind));
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(&fns.one_pass);
-            b.arg(&x);
-            if x_half.is_some() {
-                b.arg(&xkind);
-            }
-            b.arg(&dy);
-            if dy_half.is_some() {
-                b.arg(&dykind);
-            }
+            backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
             b.arg(&stats)
                 .arg(&gamma)
                 .arg(&beta)
@@ -843,14 +860,7 @@ impl Kernels {
             );
         }
         let mut b = st.launch_builder(&fns.partial);
-        b.arg(&x);
-        if x_half.is_some() {
-            b.arg(&xkind);
-        }
-        b.arg(&dy);
-        if dy_half.is_some() {
-            b.arg(&dykind);
-        }
+        backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
         b.arg(&stats)
             .arg(&gamma)
             .arg(&beta)
@@ -885,10 +895,7 @@ impl Kernels {
         if half_out.is_some() {
             let grid = self.norm_units(st, &fns.apply_half, n, hw, c / 4, split.ilp)?;
             let mut b = st.launch_builder(&fns.apply_half);
-            b.arg(&x).arg(&dy);
-            if dy_half.is_some() {
-                b.arg(&dykind);
-            }
+            backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
             b.arg(&stats)
                 .arg(&means)
                 .arg(&gamma)
@@ -917,14 +924,7 @@ impl Kernels {
         };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);
-        b.arg(&x);
-        if x_half.is_some() {
-            b.arg(&xkind);
-        }
-        b.arg(&dy);
-        if dy_half.is_some() {
-            b.arg(&dykind);
-        }
+        backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
         b.arg(&stats)
             .arg(&means)
             .arg(&gamma)

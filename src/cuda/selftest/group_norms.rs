@@ -12,6 +12,17 @@ use crate::Result;
 /// A backward pass's input gradient and its 16-bit copy, widened.
 type BackwardOutputs = (Vec<f32>, Vec<f32>);
 
+/// What every backward run of one GroupNorm shares: its statistics, scale and shift, SiLU.
+fn shared_inputs((stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf), silu: bool) -> NormBackwardIn {
+    NormBackwardIn {
+        gamma: gamma.ptr,
+        beta: beta.ptr,
+        stats: stats.ptr,
+        silu,
+        ..NormBackwardIn::default()
+    }
+}
+
 impl Tester<'_> {
     /// `x` on the device as 16-bit values of `precision` (a conversion launch's rounding), and
     /// those values widened to fp32: the inputs of a `_x16` kernel and of the fp32 kernel it
@@ -22,6 +33,20 @@ impl Tester<'_> {
         let words = x16.download(&self.gpu.stream)?;
         let widened = self.up(&unpack_half(&words, x.len(), precision))?;
         Ok((x16, widened))
+    }
+
+    /// `values` on the device in fp32 and, where `half` is set, as 16-bit values of it (a
+    /// conversion launch's rounding): the forms an input can take, each with its precision.
+    fn stored_forms(
+        &mut self,
+        values: &[f32],
+        half: Option<Precision>,
+    ) -> Result<Vec<(DevBuf, Option<Precision>)>> {
+        let mut forms = vec![(self.up(values)?, None)];
+        if let Some(p) = half {
+            forms.push((self.rounded_input(values, p)?.0, Some(p)));
+        }
+        Ok(forms)
     }
 
     /// GroupNorm `d` (16-bit output) of `x` stored in 16 bits of `precision`
@@ -185,31 +210,18 @@ impl Tester<'_> {
         &mut self,
         d: NormDims,
         (x, dy): (&[f32], &[f32]),
-        stats: &DevBuf,
-        (gamma, beta): (&DevBuf, &DevBuf),
+        params: (&DevBuf, &DevBuf, &DevBuf),
         (silu, accumulate): (bool, bool),
         dx0: &[f32],
         precision: Precision,
         desc: &str,
     ) -> Result<()> {
         let (dy16, dy_widened) = self.rounded_input(dy, precision)?;
-        let fp32_x = self.up(x)?;
-        let x16 = match d.c % 4 {
-            0 => Some(self.rounded_input(x, precision)?.0),
-            _ => None,
-        };
-        let xs = std::iter::once((fp32_x.ptr, None))
-            .chain(x16.as_ref().map(|b| (b.ptr, Some(precision))));
-        // What every run shares.
-        let base = NormBackwardIn {
-            gamma: gamma.ptr,
-            beta: beta.ptr,
-            stats: stats.ptr,
-            silu,
-            ..NormBackwardIn::default()
-        };
+        let xs = self.stored_forms(x, (d.c % 4 == 0).then_some(precision))?;
+        let base = shared_inputs(params, silu);
         let s = if silu { "+silu" } else { "" };
-        for (xp, x_half) in xs {
+        for (xb, x_half) in &xs {
+            let (xp, x_half) = (xb.ptr, *x_half);
             let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
             // fp32 dx with its copy; a 16-bit dx (overwriting, fp32 x, units of four).
             let half_out = x_half.is_none() && d.c % 4 == 0;
@@ -261,35 +273,17 @@ impl Tester<'_> {
         let r = self.rand(x.len(), -1.0, 1.0);
         let summed: Vec<f32> = dx0.iter().zip(&r).map(|(a, b)| a + b).collect();
         let rd = self.up(&r)?;
-        let fp32_x = self.up(x)?;
-        let fp32_dy = self.up(dy)?;
-        let x16 = match d.c % 4 {
-            0 => Some(self.rounded_input(x, half)?.0),
-            _ => None,
-        };
-        let dy16 = match d.split.ilp {
-            true => Some(self.rounded_input(dy, half)?.0),
-            false => None,
-        };
-        let xs =
-            std::iter::once((fp32_x.ptr, None)).chain(x16.as_ref().map(|b| (b.ptr, Some(half))));
-        // What every run shares.
-        let base = NormBackwardIn {
-            gamma: gamma.ptr,
-            beta: beta.ptr,
-            stats: stats.ptr,
-            silu,
-            ..NormBackwardIn::default()
-        };
+        let xs = self.stored_forms(x, (d.c % 4 == 0).then_some(half))?;
+        let dys = self.stored_forms(dy, d.split.ilp.then_some(half))?;
+        let base = shared_inputs((stats, gamma, beta), silu);
         let s = if silu { "+silu" } else { "" };
-        for (xp, x_half) in xs {
-            let dys = std::iter::once((fp32_dy.ptr, None))
-                .chain(dy16.as_ref().map(|b| (b.ptr, Some(half))));
-            for (dyp, dy_half) in dys {
+        for (xb, x_half) in &xs {
+            for (dyb, dy_half) in &dys {
+                let (x_half, dy_half) = (*x_half, *dy_half);
                 let inputs = NormBackwardIn {
-                    x: xp,
+                    x: xb.ptr,
                     x_half,
-                    dy: dyp,
+                    dy: dyb.ptr,
                     dy_half,
                     ..base
                 };
@@ -533,8 +527,7 @@ impl Tester<'_> {
                         self.half_grad_backward_rows(
                             nd,
                             (&x, &dy),
-                            &sd,
-                            (&gd, &bd),
+                            (&sd, &gd, &bd),
                             (silu, accumulate),
                             &dx0,
                             precision,
