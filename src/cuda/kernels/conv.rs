@@ -444,7 +444,24 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
     ) -> Result<()> {
-        self.conv_with(st, s, plan, p, out_div, accumulate, None)
+        self.conv_with(st, s, plan, p, out_div, accumulate, None, self.splitk_ahead)
+    }
+
+    /// [`Kernels::conv`] with the splits of a split launch reduced by
+    /// `conv_splitk_reduce_ahead` where it fits (`ahead`) or by `conv_splitk_reduce`, whatever
+    /// `INVDIFF_SPLITK_AHEAD` says: the same bits either way.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn conv_reduced(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        p: ConvPtrs,
+        out_div: f32,
+        accumulate: bool,
+        ahead: bool,
+    ) -> Result<()> {
+        self.conv_with(st, s, plan, p, out_div, accumulate, None, ahead)
     }
 
     /// [`Kernels::conv`] of a wgmma launch through its `_probe` kernel, which adds where its
@@ -462,7 +479,16 @@ impl Kernels {
                 "internal: a cycle probe of a launch without wgmma".into(),
             ));
         }
-        self.conv_with(st, s, plan, p, 1.0, false, Some(probe.ptr))
+        self.conv_with(
+            st,
+            s,
+            plan,
+            p,
+            1.0,
+            false,
+            Some(probe.ptr),
+            self.splitk_ahead,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -475,6 +501,7 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
         probe: Option<u64>,
+        reduce_ahead: bool,
     ) -> Result<()> {
         if s.taps.is_empty() || s.taps.len() > 9 {
             return Err(Error::Cuda(format!(
@@ -760,12 +787,33 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            let mut b = st.launch_builder(&self.conv_splitk_reduce);
+            // Two adjacent outputs a thread: 8-byte accesses to every array it reads or writes.
+            let pairs_fit = s.ncols % 2 == 0
+                && [a.y, a.bias, a.temb, a.res, a.ws]
+                    .iter()
+                    .all(|&ptr| ptr % 8 == 0);
+            let (f, launch, name) = if reduce_ahead && pairs_fit {
+                let pairs = rows * s.ncols / 2;
+                let grid = (self.blocks(pairs, 128, 16), 1, 1);
+                (
+                    &self.conv_splitk_reduce_ahead,
+                    cfg(grid, (128, 1, 1)),
+                    "conv_splitk_reduce_ahead",
+                )
+            } else {
+                (
+                    &self.conv_splitk_reduce,
+                    self.flat(rows * s.ncols),
+                    "conv_splitk_reduce",
+                )
+            };
+            let mut b = st.launch_builder(f);
             b.arg(&a).arg(&splits);
-            // SAFETY: the workspace holds splits x rows x ncols partial sums written above.
+            // SAFETY: the workspace holds splits x rows x ncols partial sums written above;
+            // the reduction's grid-stride loop stays inside rows x ncols outputs.
             cu(
-                unsafe { b.launch(self.flat(rows * s.ncols)) }.map(drop),
-                "launching conv_splitk_reduce",
+                unsafe { b.launch(launch) }.map(drop),
+                &format!("launching {name}"),
             )?;
         }
         Ok(())

@@ -13,7 +13,8 @@
 //!   shared memory for the deep pipelines;
 //!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic, 2 per multiprocessor;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
-//!   8 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
+//!   8 blocks per multiprocessor; `conv_splitk_reduce_ahead`: 128, a thread per two outputs,
+//!   ⌈pairs/128⌉ capped at 16 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
@@ -162,9 +163,13 @@ pub(crate) struct Kernels {
     /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
     small_tiles: bool,
     gemm_prefetch: bool,
+    /// Split launches reduce with `conv_splitk_reduce_ahead` where it fits
+    /// (`INVDIFF_SPLITK_AHEAD=1`).
+    splitk_ahead: bool,
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
+    conv_splitk_reduce_ahead: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
     conv_narrow: Vec<CudaFunction>,
     /// `conv_few_in_<sc>` at index sc - 1.
@@ -369,9 +374,11 @@ impl Kernels {
             sms: info.multiprocessors.max(1),
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_prefetch: switches::is("INVDIFF_GEMM_PREFETCH", "1"),
+            splitk_ahead: switches::is("INVDIFF_SPLITK_AHEAD", "1"),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
+            conv_splitk_reduce_ahead: get("conv", "conv_splitk_reduce_ahead")?,
             conv_narrow: (1..=DIRECT_MAX)
                 .map(|c| {
                     allow_smem(
@@ -440,6 +447,12 @@ impl Kernels {
     /// products (`INVDIFF_GEMM_PREFETCH=1`).
     pub fn gemm_prefetch(&self) -> bool {
         self.gemm_prefetch
+    }
+
+    /// Whether split convolution launches reduce their splits with every load of an output
+    /// issued first (`INVDIFF_SPLITK_AHEAD=1`).
+    pub fn splitk_ahead(&self) -> bool {
+        self.splitk_ahead
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).

@@ -40,6 +40,7 @@ mod linears;
 mod networks;
 #[cfg(test)]
 pub(crate) use networks::celebahq_candidate_cases;
+mod split_reductions;
 mod staged_epilogue;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
@@ -121,7 +122,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 13] = [
+pub const SELFTEST_GROUPS: [&str; 14] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -135,6 +136,7 @@ pub const SELFTEST_GROUPS: [&str; 13] = [
     "staged epilogue",
     "concatenation gradients",
     "residual gradients",
+    "split-K reductions",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -159,7 +161,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 13] = [
+    let groups: [(&str, Group); 14] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -195,6 +197,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.concat_gradient_split_unets(o)
         }),
         ("residual gradients", |t, o| t.residual_gradient_unets(o)),
+        ("split-K reductions", |t, _| t.split_reductions()),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

@@ -175,6 +175,10 @@ impl CudaUnet {
                 self.gpu.kernels.gemm_prefetch(),
                 "product slices prefetched".to_string(),
             ),
+            (
+                self.gpu.kernels.splitk_ahead(),
+                "split-K reductions with loads ahead".to_string(),
+            ),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
         ];

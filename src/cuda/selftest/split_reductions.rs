@@ -1,0 +1,202 @@
+//! Split-K reductions with every load of an output issued first (`conv_splitk_reduce_ahead`,
+//! `INVDIFF_SPLITK_AHEAD`): split launches reduced both ways, bit for bit. A group of its own,
+//! run last: a candidate's kernel that faults ends no other check.
+
+use super::conv_variants::wgmma_path;
+use super::{path, Tester};
+use crate::cuda::kernels::{plan_conv, plan_wgmma, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE};
+use crate::cuda::precision::Precision;
+use crate::cuda::weights::DevBuf;
+use crate::model::graph::Pad;
+use crate::Result;
+
+/// K slice of the fp32 GEMM kernels (`BK` in kernels/conv.cu): a split's share of K is a
+/// multiple of it.
+const SIMT_SLICE: usize = 8;
+
+/// Splits given to a launch that its plan leaves whole.
+const FORCED_SPLITS: usize = 4;
+
+/// `l` with K cut into about `splits` shares of whole `slice`-deep slices.
+fn split(l: ConvLaunch, s: &ConvShape, slice: usize, splits: usize) -> ConvLaunch {
+    let per = s.k().div_ceil(slice).div_ceil(splits) * slice;
+    ConvLaunch {
+        splits: s.k().div_ceil(per),
+        k_per_split: per,
+        ..l
+    }
+}
+
+/// A shape's operands: fp32 activations and weights (and, for the wgmma launches, their
+/// 16-bit copies), a bias, a time embedding, a residual, and what the launches add onto.
+struct Operands {
+    x: DevBuf,
+    w: DevBuf,
+    bias: DevBuf,
+    temb: DevBuf,
+    res: DevBuf,
+    old: Vec<f32>,
+}
+
+impl Tester<'_> {
+    /// Split launches at celebahq's batch-1 shapes (the 8x8 level's 24-way 3x3 forward, a
+    /// 1x1 projection, the stride-2 input gradient's parity classes into a strided output) and
+    /// awkward ones (columns even but not a multiple of four; odd, which keeps
+    /// `conv_splitk_reduce`), on the fp32 kernels and, on a device with wgmma, in bf16: each
+    /// with every epilogue term and a divisor, with a time embedding alone, and with none,
+    /// each also adding onto an output, reduced with every load ahead against the plain
+    /// reduction, to the bit.
+    pub(super) fn split_reductions(&mut self) -> Result<()> {
+        let mut shapes = vec![
+            ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 16, 16, 512, 1536, 1, 1, Pad::Symmetric),
+            ConvShape::forward(2, 9, 7, 64, 30, 3, 1, Pad::Symmetric),
+            ConvShape::forward(1, 6, 5, 32, 27, 3, 1, Pad::Symmetric),
+        ];
+        shapes.extend(ConvShape::backward(
+            1,
+            16,
+            16,
+            128,
+            128,
+            3,
+            2,
+            Pad::RightBottom,
+        ));
+        for s in &shapes {
+            let ops = self.split_operands(s)?;
+            let fp32 = plan_conv(s, self.gpu.sms());
+            let fp32 = if fp32.splits > 1 {
+                fp32
+            } else {
+                split(fp32, s, SIMT_SLICE, FORCED_SPLITS)
+            };
+            let ptrs = ConvPtrs {
+                x: ops.x.ptr,
+                w: ops.w.ptr,
+                ..ConvPtrs::default()
+            };
+            self.split_reduction_rows(s, fp32, ptrs, &ops, &path(fp32.kernel, fp32.splits))?;
+            let wgmma = plan_wgmma(s, self.gpu.sms(), Precision::Bf16)
+                .filter(|_| self.gpu.kernels.has_wgmma());
+            if let Some(l) = wgmma {
+                let l = if l.splits > 1 {
+                    l
+                } else {
+                    split(l, s, WGMMA_SLICE, FORCED_SPLITS)
+                };
+                let (x16, w16) = (
+                    self.half_copy(ops.x.ptr, ops.x.slice.len(), Precision::Bf16)?,
+                    self.half_copy(ops.w.ptr, ops.w.slice.len(), Precision::Bf16)?,
+                );
+                let ptrs = ConvPtrs {
+                    x: x16.ptr,
+                    w: w16.ptr,
+                    ..ConvPtrs::default()
+                };
+                let label = format!("bf16 {}", wgmma_path(&l));
+                self.split_reduction_rows(s, l, ptrs, &ops, &label)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn split_operands(&mut self, s: &ConvShape) -> Result<Operands> {
+        let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
+        let len = s.n * s.yh * s.yw * s.ncols;
+        let x = self.rand(s.n * s.sh * s.sw * s.sc, -1.0, 1.0);
+        let w = self.rand(blocks * s.sc * s.ncols, -0.05, 0.05);
+        let bias = self.rand(s.ncols, -0.5, 0.5);
+        let temb = self.rand(s.n * s.ncols, -0.5, 0.5);
+        let res = self.rand(len, -1.0, 1.0);
+        Ok(Operands {
+            x: self.up(&x)?,
+            w: self.up(&w)?,
+            bias: self.up(&bias)?,
+            temb: self.up(&temb)?,
+            res: self.up(&res)?,
+            old: self.rand(len, -1.0, 1.0),
+        })
+    }
+
+    /// Split launch `l` of `s` (operands `ptrs`, epilogue terms from `ops`) reduced ahead
+    /// against the plain reduction, under each epilogue, overwriting and adding.
+    fn split_reduction_rows(
+        &mut self,
+        s: &ConvShape,
+        l: ConvLaunch,
+        ptrs: ConvPtrs,
+        ops: &Operands,
+        label: &str,
+    ) -> Result<()> {
+        let desc = format!(
+            "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {})",
+            s.n,
+            s.sh,
+            s.sw,
+            s.mh,
+            s.mw,
+            s.sc,
+            s.ncols,
+            s.taps.len(),
+            s.out_stride
+        );
+        self.check_row(
+            format!("split-K reduction [{label}]: the launch splits"),
+            desc.clone(),
+            l.splits > 1,
+        );
+        let ws = self.zeros(l.workspace_len(s))?;
+        let all = ConvPtrs {
+            bias: ops.bias.ptr,
+            temb: ops.temb.ptr,
+            res: ops.res.ptr,
+            ws: ws.ptr,
+            ..ptrs
+        };
+        let temb_alone = ConvPtrs {
+            bias: 0,
+            res: 0,
+            ..all
+        };
+        let bare = ConvPtrs {
+            temb: 0,
+            ..temb_alone
+        };
+        let setups = [
+            ("bias, temb, residual, /2", all, 2.0),
+            ("temb alone", temb_alone, 1.0),
+            ("no epilogue terms", bare, 1.0),
+        ];
+        for ((what, p, div), accumulate) in setups
+            .into_iter()
+            .flat_map(|setup| [(setup, false), (setup, true)])
+        {
+            let mut out = Vec::new();
+            let mut ms = 0.0;
+            for ahead in [false, true] {
+                let (gpu, st) = (self.gpu, &self.gpu.stream);
+                let mut y = self.up(&ops.old)?;
+                let p = ConvPtrs { y: y.ptr, ..p };
+                let run = || {
+                    gpu.kernels
+                        .conv_reduced(st, s, &l, p, div, accumulate, ahead)
+                };
+                ms = self.timed(|| y.write(st, &ops.old), run)?;
+                out.push(y.download(st)?);
+            }
+            self.row_within(
+                format!(
+                    "split-K reduction ({what}{}) [{label}], loads ahead vs plain",
+                    if accumulate { ", adding" } else { "" }
+                ),
+                format!("{desc}, bits"),
+                &out[1],
+                &out[0],
+                ms,
+                0.0,
+            );
+        }
+        Ok(())
+    }
+}
