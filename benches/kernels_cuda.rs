@@ -7,7 +7,7 @@
 //! ```text
 //! cargo bench --bench kernels_cuda -- [--batch N] [--precision fp32|tf32|bf16|fp16] [--record]
 //!     [--iters N] [--save FILE.json] [--baseline FILE.json] [--peak-tflops X]
-//!     [--dry-run [--sms N]] [--sweep]
+//!     [--dry-run [--sms N]] [--sweep [--norms-only]]
 //! ```
 //!
 //! Defaults: batch 8, bf16, forward only, 20 iterations. `--record` profiles forward + the
@@ -28,7 +28,9 @@
 //! Under each row, where the cycles of the planned and of the fastest wgmma launch go (set-up,
 //! waiting for copies, the barrier, issuing copies, the products, drain, epilogue), from the
 //! kernel's own cycle counters. Then each distinct GroupNorm under each form it can take
-//! ([`cuda::sweep_group_norms`]: three launches, one pass).
+//! ([`cuda::sweep_group_norms`]: three launches, one pass; a backward pass's three launches
+//! also one at a time). `--norms-only` sweeps the GroupNorms alone (seconds, where the
+//! convolutions' sweep takes minutes).
 //!
 //! Without a GPU, or in a build without CUDA kernels, it prints one line and exits 0 so that
 //! `cargo bench` passes on machines without one.
@@ -52,6 +54,7 @@ struct Args {
     dry_run: bool,
     sms: usize,
     sweep: bool,
+    norms_only: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -66,6 +69,7 @@ fn parse() -> Result<Args, String> {
         dry_run: false,
         sms: 132,
         sweep: false,
+        norms_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -98,6 +102,7 @@ fn parse() -> Result<Args, String> {
             }
             "--dry-run" => a.dry_run = true,
             "--sweep" => a.sweep = true,
+            "--norms-only" => a.norms_only = true,
             "--sms" => {
                 a.sms = value("--sms")?
                     .parse()
@@ -107,6 +112,9 @@ fn parse() -> Result<Args, String> {
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`")),
         }
+    }
+    if a.norms_only && !a.sweep {
+        return Err("--norms-only is an option of --sweep".into());
     }
     if a.batch == 0 || a.iters == 0 || a.sms == 0 {
         return Err("--batch, --iters and --sms must be at least 1".into());
@@ -458,24 +466,67 @@ fn sweep(a: &Args) -> ExitCode {
         ExitCode::FAILURE
     };
     let (n, rec, p, it) = (a.batch, a.record, a.precision, a.iters);
-    let rows = match cuda::sweep_convolutions(0, &model.graph, n, h, w, rec, p, it) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
+    let rows = match a.norms_only {
+        true => Vec::new(),
+        false => match cuda::sweep_convolutions(0, &model.graph, n, h, w, rec, p, it) {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        },
     };
     println!(
-        "kernels_cuda --sweep: celebahq-256 {h}x{w}, batch {}, {}, {}, {} iterations per variant",
+        "kernels_cuda --sweep: celebahq-256 {h}x{w}, batch {}, {}, {}, {} iterations per \
+         variant{}",
         a.batch,
         a.precision,
         if a.record { "forward + vjp" } else { "forward" },
-        a.iters
+        a.iters,
+        if a.norms_only {
+            ", GroupNorms only"
+        } else {
+            ""
+        }
     );
+    if !a.norms_only {
+        conv_table(&rows);
+    }
+    // The GroupNorms: each form (three launches, one pass) per distinct shape.
+    let norms = match cuda::sweep_group_norms(0, &model.graph, n, h, w, rec, p, it) {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    norm_table(&norms);
+    if let Some(path) = &a.save {
+        let planned: f64 = rows.iter().map(|r| r.count as f64 * r.planned.ms).sum();
+        let best: f64 = rows.iter().map(|r| r.count as f64 * r.best().ms).sum();
+        let v = json!({
+            "precision": a.precision.name(),
+            "batch": a.batch,
+            "record": a.record,
+            "iters": a.iters,
+            "planned_ms": planned,
+            "best_ms": best,
+            "sweep": rows,
+            "norms": norms,
+        });
+        let text = serde_json::to_string_pretty(&v).expect("serialisable");
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("kernels_cuda: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("saved {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// The convolution sweep's rows: planned against fastest, with where their cycles go.
+fn conv_table(rows: &[cuda::SweepRow]) {
     println!(
         "{:<24} {:<40} {:>5} {:>36} {:>36} {:>6}",
         "kind", "shape", "count", "planned (ms)", "fastest (ms)", "gain"
     );
     let (mut planned, mut best) = (0.0, 0.0);
     let variant = |v: &cuda::SweepVariant| format!("{}/{} {:.4}", v.pipeline, v.splits, v.ms);
-    for r in &rows {
+    for r in rows {
         let b = r.best();
         planned += r.count as f64 * r.planned.ms;
         best += r.count as f64 * b.ms;
@@ -510,18 +561,28 @@ fn sweep(a: &Args) -> ExitCode {
         "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \
          variant of each"
     );
-    // The GroupNorms: each form (three launches, one pass) per distinct shape.
-    let norms = match cuda::sweep_group_norms(0, &model.graph, n, h, w, rec, p, it) {
-        Ok(r) => r,
-        Err(e) => return fail(e),
-    };
+}
+
+/// The GroupNorm sweep's rows: each form's time, a backward pass's launches alone beside it.
+fn norm_table(norms: &[cuda::NormSweepRow]) {
     println!("{:<24} {:<40} {:>5}  forms (ms)", "kind", "shape", "count");
     let (mut three, mut fastest) = (0.0, 0.0);
-    for r in &norms {
+    for r in norms {
         let forms: Vec<String> = r
             .forms
             .iter()
-            .map(|f| format!("{} {:.4}", f.form, f.ms))
+            .map(|f| {
+                let parts: Vec<String> = f
+                    .parts
+                    .iter()
+                    .map(|p| format!("{} {:.4}", p.launch, p.ms))
+                    .collect();
+                if parts.is_empty() {
+                    format!("{} {:.4}", f.form, f.ms)
+                } else {
+                    format!("{} {:.4} ({})", f.form, f.ms, parts.join(", "))
+                }
+            })
             .collect();
         three += r.count as f64 * r.forms[0].ms;
         fastest += r.count as f64 * r.forms.iter().map(|f| f.ms).fold(f64::INFINITY, f64::min);
@@ -537,25 +598,6 @@ fn sweep(a: &Args) -> ExitCode {
         "GroupNorms per call: {three:.3} ms in three launches, {fastest:.3} ms with the fastest \
          form of each"
     );
-    if let Some(path) = &a.save {
-        let v = json!({
-            "precision": a.precision.name(),
-            "batch": a.batch,
-            "record": a.record,
-            "iters": a.iters,
-            "planned_ms": planned,
-            "best_ms": best,
-            "sweep": rows,
-            "norms": norms,
-        });
-        let text = serde_json::to_string_pretty(&v).expect("serialisable");
-        if let Err(e) = std::fs::write(path, text + "\n") {
-            eprintln!("kernels_cuda: {}: {e}", path.display());
-            return ExitCode::FAILURE;
-        }
-        println!("saved {}", path.display());
-    }
-    ExitCode::SUCCESS
 }
 
 /// Prints the report and writes `--save`.

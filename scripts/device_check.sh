@@ -22,7 +22,9 @@
 #   (k) when out/kernels_cuda exists: the per-shape kernel benchmark, bf16 b8 forward, and, if
 #       that build has it, its --sweep (every tensor-core launch under each pipeline, split and
 #       wgmma form, and every GroupNorm in each form: three launches, one pass, each also with
-#       loads ahead; bf16 b8 forward, bf16 b1 forward + VJP; JSON in devcheck.tar.gz);
+#       loads ahead, a backward pass's three launches also one at a time; bf16 b8 forward,
+#       bf16 b1 forward + VJP, the GroupNorms of the latter first on their own; JSON in
+#       devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32; again with the fold on in fp32), a
 #       1000-step bf16 DPS restoration of the real sample, and 10-step DPS / 2-step PiGDM
 #       trajectories, GPU against CPU.
@@ -413,6 +415,13 @@ if want k && [ -x "$KBENCH" ]; then
         --save "$W/kernels_bf16_b8.json"
     note "kernels_cuda bf16 b8 (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(graph replay|direct launches)' "$W/kernels.txt" | cut -c 1-160)"
     cp "$W/kernels_bf16_b8.json" "$RES/" 2>/dev/null
+    sync_out
+    # The GroupNorms alone first (seconds; a backward pass's three launches also one at a
+    # time), so that a cut-short convolution sweep loses none of them.
+    t0=$SECONDS
+    run 60 sweep_norms_bf16_b1record.txt "$KBENCH" --sweep --norms-only --batch 1 --record --precision bf16 \
+        --iters 10 --save "$W/sweep_norms_bf16_b1record.json"
+    note "kernels_cuda --sweep --norms-only --batch 1 --record (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(GroupNorms per call|kernels_cuda: )' "$W/sweep_norms_bf16_b1record.txt" | cut -c 1-160)"
     sync_out
     for args in "--batch 8" "--batch 1 --record"; do
         t0=$SECONDS

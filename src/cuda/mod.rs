@@ -48,7 +48,7 @@ pub use profile::{
 };
 pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
 pub use sweep::{
-    sweep_convolutions, sweep_group_norms, NormForm, NormSweepRow, SweepRow, SweepVariant,
+    sweep_convolutions, sweep_group_norms, NormForm, NormPart, NormSweepRow, SweepRow, SweepVariant,
 };
 pub use unet::CudaUnet;
 

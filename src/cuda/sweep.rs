@@ -25,7 +25,7 @@ use serde::Serialize;
 use super::device::{cu, Gpu};
 use super::kernels::{
     norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    NormBackwardIn, NormBackwardOut, NormDims, ProbeCounters, WgmmaTile, WGMMA_FORMS,
+    NormBackwardIn, NormBackwardOut, NormDims, NormLaunches, ProbeCounters, WgmmaTile, WGMMA_FORMS,
     WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
@@ -486,6 +486,16 @@ pub struct NormSweepRow {
 pub struct NormForm {
     pub form: String,
     pub ms: f64,
+    /// A three-launch backward pass's launches timed alone (`sums`, `means`, `apply`): where
+    /// its time goes.
+    pub parts: Vec<NormPart>,
+}
+
+/// One launch of a [`NormForm`] timed alone.
+#[derive(Clone, Debug, Serialize)]
+pub struct NormPart {
+    pub launch: String,
+    pub ms: f64,
 }
 
 /// Times each form of every distinct GroupNorm of `graph`'s program (as
@@ -495,7 +505,8 @@ pub struct NormForm {
 /// backward pass `INVDIFF_GN_HALF_INPUT_RECORDING`) from a 16-bit copy, and a backward pass of
 /// 16-bit output gradient (`INVDIFF_GN_HALF_DY`, the `_ilp` forms only) from a 16-bit copy
 /// of it, one that adds a residual's gradient (`INVDIFF_GN_ADD_RESIDUAL`) adding one. The
-/// forms compute the same statistics up to the order of the f64 sums.
+/// forms compute the same statistics up to the order of the f64 sums. A backward pass's
+/// three-launch forms also time each launch alone ([`NormForm::parts`]).
 #[allow(clippy::too_many_arguments)]
 pub fn sweep_group_norms(
     ordinal: usize,
@@ -592,7 +603,7 @@ pub fn sweep_group_norms(
                     forward_out,
                 )
             };
-            let run = || {
+            let run = |launches: NormLaunches| {
                 if backward {
                     gpu.kernels.group_norm_backward(
                         st,
@@ -614,6 +625,7 @@ pub fn sweep_group_norms(
                             accumulate,
                             add: second.as_ref().map(|b| b.ptr),
                             half_out,
+                            launches,
                             ..NormBackwardOut::default()
                         },
                     )
@@ -622,10 +634,26 @@ pub fn sweep_group_norms(
                 }
             };
             forward()?;
-            let ms = mean_ms(st, iters, run)?;
+            let ms = mean_ms(st, iters, || run(NormLaunches::All))?;
+            // A backward pass's three launches also one at a time, each after the whole pass
+            // (which wrote what it reads).
+            let mut parts = Vec::new();
+            if backward && split.one_pass.is_none() {
+                for (launches, name) in [
+                    (NormLaunches::Sums, "sums"),
+                    (NormLaunches::Means, "means"),
+                    (NormLaunches::Apply, "apply"),
+                ] {
+                    parts.push(NormPart {
+                        launch: name.into(),
+                        ms: mean_ms(st, iters, || run(launches))?,
+                    });
+                }
+            }
             forms.push(NormForm {
                 form: split.form(),
                 ms,
+                parts,
             });
         }
         // The same shape may also come with an fp32 input or output gradient, or add nothing.

@@ -69,7 +69,8 @@ pub(crate) use conv_plan::{
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{
-    norm_forms, plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+    norm_forms, plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims, NormLaunches,
+    NormSplit,
 };
 // Used only by documentation links.
 #[cfg(doc)]

@@ -62,6 +62,24 @@ pub(crate) struct NormBackwardOut {
     pub half_out: Option<Precision>,
     pub copy: Option<(DPtr, Precision)>,
     pub sides: Option<GradSides>,
+    /// Which of the three launches run (all but for the sweep's timing of each).
+    pub launches: NormLaunches,
+}
+
+/// The launches of a three-launch GroupNorm backward pass that
+/// [`Kernels::group_norm_backward`] issues: all of them, or one alone, so that the kernel sweep
+/// (`kernels_cuda --sweep`) can time each (the others having run before, so that it reads what
+/// they wrote). One pass is a single launch and takes `All` only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum NormLaunches {
+    #[default]
+    All,
+    /// `gn_bwd_partial*`, the per-chunk sums.
+    Sums,
+    /// `gn_bwd_finalize`, the group means from the sums.
+    Means,
+    /// The element-wise pass (`gn_bwd_apply*`).
+    Apply,
 }
 
 /// The two sides of a concatenation's gradient, which the GroupNorm backward pass over the
@@ -730,6 +748,7 @@ impl Kernels {
             half_out,
             copy,
             sides,
+            launches,
         } = outputs;
         // A unit of four 16-bit values is 8 bytes, of fp32 16.
         let dy_unit = if dy_half.is_some() { 8 } else { 16 };
@@ -834,7 +853,13 @@ impl Kernels {
         // The kinds the `_x16` and `_dy16` forms take (no 16-bit x reaches `apply_half`:
         // refused above).
         let (xkind, dykind) = (x_half.map(|_| xkind), dy_half.map(|_| dykind));
+        let runs = |l: NormLaunches| launches == NormLaunches::All || launches == l;
         if let Some(threads) = split.one_pass {
+            if launches != NormLaunches::All {
+                return Err(Error::Cuda(format!(
+                    "internal: {launches:?} alone of a one-pass GroupNorm backward pass"
+                )));
+            }
             let mut b = st.launch_builder(&fns.one_pass);
             backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
             b.arg(&stats)
@@ -859,37 +884,44 @@ impl Kernels {
                 &format!("launching gn_bwd_one_pass{form}"),
             );
         }
-        let mut b = st.launch_builder(&fns.partial);
-        backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
-        b.arg(&stats)
-            .arg(&gamma)
-            .arg(&beta)
-            .arg(&ni)
-            .arg(&hwi)
-            .arg(&ci)
-            .arg(&gi)
-            .arg(&silu)
-            .arg(&cpx)
-            .arg(&partial);
-        // SAFETY: as in the forward.
-        cu(
-            unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-            &format!("launching gn_bwd_partial{form}"),
-        )?;
-        let mut b = st.launch_builder(&self.gn_bwd_finalize);
-        b.arg(&partial)
-            .arg(&ni)
-            .arg(&hwi)
-            .arg(&ci)
-            .arg(&gi)
-            .arg(&chunks)
-            .arg(&means);
-        let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
-        // SAFETY: means holds 2 n groups floats.
-        cu(
-            unsafe { b.launch(fin) }.map(drop),
-            "launching gn_bwd_finalize",
-        )?;
+        if runs(NormLaunches::Sums) {
+            let mut b = st.launch_builder(&fns.partial);
+            backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
+            b.arg(&stats)
+                .arg(&gamma)
+                .arg(&beta)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&silu)
+                .arg(&cpx)
+                .arg(&partial);
+            // SAFETY: as in the forward.
+            cu(
+                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
+                &format!("launching gn_bwd_partial{form}"),
+            )?;
+        }
+        if runs(NormLaunches::Means) {
+            let mut b = st.launch_builder(&self.gn_bwd_finalize);
+            b.arg(&partial)
+                .arg(&ni)
+                .arg(&hwi)
+                .arg(&ci)
+                .arg(&gi)
+                .arg(&chunks)
+                .arg(&means);
+            let fin = cfg(((n * groups) as u32, 1, 1), (GN_FIN_THREADS, 1, 1));
+            // SAFETY: means holds 2 n groups floats.
+            cu(
+                unsafe { b.launch(fin) }.map(drop),
+                "launching gn_bwd_finalize",
+            )?;
+        }
+        if !runs(NormLaunches::Apply) {
+            return Ok(());
+        }
         // The element-wise pass: 16-bit (`apply_half`), fp32 (`apply`) or the split
         // (`apply_split`). No 16-bit input gradient over a 16-bit x (refused above).
         if half_out.is_some() {

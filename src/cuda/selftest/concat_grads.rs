@@ -121,6 +121,7 @@ impl Tester<'_> {
                 half_out: None,
                 copy,
                 sides,
+                ..NormBackwardOut::default()
             };
             gpu.kernels.group_norm_backward(st, d, inputs, outputs)
         };

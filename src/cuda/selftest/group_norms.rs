@@ -440,7 +440,7 @@ impl Tester<'_> {
                             add,
                             half_out,
                             copy,
-                            sides: None,
+                            ..NormBackwardOut::default()
                         },
                     )
                 };

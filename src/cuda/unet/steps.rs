@@ -202,6 +202,7 @@ pub(super) fn launch(
                 half_out,
                 copy: dx16.map(|(b, precision)| (p(b), precision)),
                 sides: sides.map(|g| g.map(p)),
+                ..NormBackwardOut::default()
             },
         ),
         Step::Attention {
