@@ -84,6 +84,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the fp32 attention products load each K slice while the block multiplies the one before (the same bits)",
     ),
     choice(
+        "INVDIFF_GN_SUMS_ONE_WAVE",
+        ON_OFF,
+        "GPU candidate: `1` has the GroupNorm backward passes of 16-bit output gradients sum two pixels a warp ahead at eight blocks a multiprocessor, one wave of their grid, instead of three at six (the same bits)",
+    ),
+    choice(
         "INVDIFF_SPLITK_AHEAD",
         ON_OFF,
         "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",

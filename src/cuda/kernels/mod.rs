@@ -206,6 +206,10 @@ pub(crate) struct Kernels {
     gn_one_pass_x16_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd: [NormBackwardFns; 6],
+    /// `gn_bwd_partial_dy16_wave` and `gn_bwd_partial_x16_dy16_wave`, which the `_dy16` forms
+    /// take for their sums with `INVDIFF_GN_SUMS_ONE_WAVE=1`.
+    gn_bwd_partial_wave: [CudaFunction; 2],
+    gn_sums_one_wave: bool,
     gn_one_pass: CudaFunction,
     gn_one_pass_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -420,6 +424,11 @@ impl Kernels {
             gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd: NormBackwardFns::all(&get)?,
+            gn_bwd_partial_wave: [
+                get("norm", "gn_bwd_partial_dy16_wave")?,
+                get("norm", "gn_bwd_partial_x16_dy16_wave")?,
+            ],
+            gn_sums_one_wave: switches::is("INVDIFF_GN_SUMS_ONE_WAVE", "1"),
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
@@ -454,6 +463,12 @@ impl Kernels {
     /// issued first (`INVDIFF_SPLITK_AHEAD=1`).
     pub fn splitk_ahead(&self) -> bool {
         self.splitk_ahead
+    }
+
+    /// Whether the GroupNorm backward passes of 16-bit output gradients sum in one wave
+    /// (`INVDIFF_GN_SUMS_ONE_WAVE=1`).
+    pub fn gn_sums_one_wave(&self) -> bool {
+        self.gn_sums_one_wave
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).

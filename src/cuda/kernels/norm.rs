@@ -64,6 +64,9 @@ pub(crate) struct NormBackwardOut {
     pub sides: Option<GradSides>,
     /// Which of the three launches run (all but for the sweep's timing of each).
     pub launches: NormLaunches,
+    /// With a 16-bit `dy`: the sums at eight blocks a multiprocessor (the `_wave` kernels) or
+    /// not, whatever `INVDIFF_GN_SUMS_ONE_WAVE` says (`None`: as it says); the same bits.
+    pub one_wave: Option<bool>,
 }
 
 /// The launches of a three-launch GroupNorm backward pass that
@@ -749,6 +752,7 @@ impl Kernels {
             copy,
             sides,
             launches,
+            one_wave,
         } = outputs;
         // A unit of four 16-bit values is 8 bytes, of fp32 16.
         let dy_unit = if dy_half.is_some() { 8 } else { 16 };
@@ -885,7 +889,11 @@ impl Kernels {
             );
         }
         if runs(NormLaunches::Sums) {
-            let mut b = st.launch_builder(&fns.partial);
+            let partial_fn = match (dy_half, one_wave.unwrap_or(self.gn_sums_one_wave)) {
+                (Some(_), true) => &self.gn_bwd_partial_wave[x_half.is_some() as usize],
+                _ => &fns.partial,
+            };
+            let mut b = st.launch_builder(partial_fn);
             backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
             b.arg(&stats)
                 .arg(&gamma)

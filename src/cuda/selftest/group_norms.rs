@@ -103,8 +103,10 @@ impl Tester<'_> {
 
     /// One backward pass `d` from `inputs` onto a fresh `dx0` (accumulating, after `add` where
     /// set): into an fp32 input gradient, with its 16-bit copy in `precision` where `copy`, or
-    /// with `out16` a 16-bit one. The input gradient and the copy (zeros where none), widened,
-    /// and the pass's time.
+    /// with `out16` a 16-bit one; its sums in one wave or not as `one_wave` says
+    /// ([`NormBackwardOut::one_wave`]). The input gradient and the copy (zeros where none),
+    /// widened, and the pass's time.
+    #[allow(clippy::too_many_arguments)]
     fn backward_run(
         &mut self,
         d: NormDims,
@@ -113,6 +115,7 @@ impl Tester<'_> {
         out16: Option<Precision>,
         copy: bool,
         precision: Precision,
+        one_wave: Option<bool>,
     ) -> Result<(BackwardOutputs, f64)> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let mut dx = self.up(dx0)?;
@@ -127,6 +130,7 @@ impl Tester<'_> {
             add,
             half_out: out16,
             copy: copy.then_some((copy_buf.ptr, precision)),
+            one_wave,
             ..NormBackwardOut::default()
         };
         let ms = self.timed(
@@ -186,6 +190,7 @@ impl Tester<'_> {
                     None,
                     with_copy,
                     precision,
+                    None,
                 )?;
                 outs.push(out);
             }
@@ -240,7 +245,7 @@ impl Tester<'_> {
                     let copy = out16.is_none();
                     let out;
                     let onto = (dx0, accumulate, None);
-                    (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision)?;
+                    (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, None)?;
                     outs.push(out);
                 }
                 let op = format!(
@@ -253,8 +258,65 @@ impl Tester<'_> {
                 } else {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
                 }
+                // The sums of the 16-bit gradient in one wave (the `_wave` kernels) and not
+                // (one pass has no sums launch).
+                if d.split.one_pass.is_none() {
+                    self.one_wave_rows(
+                        d,
+                        (xp, x_half),
+                        dy16.ptr,
+                        base,
+                        (dx0, accumulate),
+                        out16,
+                        precision,
+                        desc,
+                    )?;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// The backward pass `d` of a 16-bit output gradient at `dy16` (three launches), its sums
+    /// in one wave (the `_wave` kernels, `INVDIFF_GN_SUMS_ONE_WAVE`) against not, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn one_wave_rows(
+        &mut self,
+        d: NormDims,
+        (xp, x_half): (DPtr, Option<Precision>),
+        dy16: DPtr,
+        base: NormBackwardIn,
+        (dx0, accumulate): (&[f32], bool),
+        out16: Option<Precision>,
+        precision: Precision,
+        desc: &str,
+    ) -> Result<()> {
+        let s = if base.silu { "+silu" } else { "" };
+        let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
+        let mut ms = 0.0;
+        let mut waves = Vec::new();
+        for one_wave in [false, true] {
+            let inputs = NormBackwardIn {
+                x: xp,
+                x_half,
+                dy: dy16,
+                dy_half: Some(precision),
+                ..base
+            };
+            let onto = (dx0, accumulate, None);
+            let copy = out16.is_none();
+            let out;
+            (out, ms) =
+                self.backward_run(d, inputs, onto, out16, copy, precision, Some(one_wave))?;
+            waves.push(out);
+        }
+        let op = format!(
+            "groupnorm{s} input-grad{}{}, {precision} output gradient{xs}, sums in one wave \
+             vs not",
+            acc_name(accumulate),
+            if out16.is_some() { " (16-bit)" } else { "" },
+        );
+        self.same_bits_rows(&op, "16-bit copy", desc, &waves, ms);
         Ok(())
     }
 
@@ -288,9 +350,9 @@ impl Tester<'_> {
                     ..base
                 };
                 let (want, _) =
-                    self.backward_run(d, inputs, (&summed, true, None), None, true, half)?;
-                let (got, ms) =
-                    self.backward_run(d, inputs, (dx0, true, Some(rd.ptr)), None, true, half)?;
+                    self.backward_run(d, inputs, (&summed, true, None), None, true, half, None)?;
+                let onto = (dx0, true, Some(rd.ptr));
+                let (got, ms) = self.backward_run(d, inputs, onto, None, true, half, None)?;
                 let op = format!(
                     "groupnorm{s} input-grad+, adding a second gradient first{}{}",
                     if x_half.is_some() { ", 16-bit x" } else { "" },

@@ -179,6 +179,10 @@ impl CudaUnet {
                 self.gpu.kernels.splitk_ahead(),
                 "split-K reductions with loads ahead".to_string(),
             ),
+            (
+                self.gpu.kernels.gn_sums_one_wave(),
+                "GroupNorm backward sums in one wave".to_string(),
+            ),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
         ];
