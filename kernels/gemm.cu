@@ -14,6 +14,14 @@
 // kernels (INVDIFF_GEMM_PREFETCH) load the next slice into registers while the block works on
 // the one in shared memory, so that a slice's loads wait out the previous slice's products
 // instead of following them: the same sums in the same order, the same bits.
+// The `_wk` kernel (INVDIFF_GEMM_WARP_K) takes the other way out of that chain of slices: a
+// 16 x 32 tile whose eight warps each multiply their own eighth of K, in 16-deep slices through
+// a buffer of their own (the next slice's loads issued before this one's products, no barrier
+// but the warp's), and then add their eight partial tiles in warp order. At batch 1 the
+// attention's products (K = 512 or 256) then have 128-256 blocks, each with at most four slices
+// a warp in a row, where the 32-wide tiles have 64-128 blocks of four to eight. Each output is
+// eight runs of its products added in order, not one run: another rounding than the tiles'
+// (the selftest holds both to the CPU).
 #include "common.cuh"
 
 struct GemmArgs {
@@ -233,6 +241,123 @@ DEVI void gemm_tile_tf32(const GemmArgs& g) {
     }
 }
 
+namespace wk {
+constexpr int TM = 16, TN = 32;  // a block's outputs: rows, columns
+constexpr int WARPS = 8;         // K split eight ways
+constexpr int KS = 16;           // a warp's K slice
+constexpr int APITCH = TM + 4;   // floats a k row of a warp's A slice takes (16-byte rows)
+constexpr int BPITCH = TN + 4;
+constexpr int WARP_FLOATS = KS * (APITCH + BPITCH);  // a warp's buffer: its A, then its B
+static_assert(TM * TN <= WARP_FLOATS, "a warp's partial tile fits its buffer");
+}  // namespace wk
+
+// A warp's slice of A (TM x KS) and of B (KS x TN), lane `lane`'s elements as loaded, each
+// operand's lanes along whichever of its strides is 1; zeros outside the matrices and at or
+// past k1 (the end of the warp's share of K).
+struct WkSlice {
+    float a[wk::TM * wk::KS / 32];
+    float b[wk::KS * wk::TN / 32];
+};
+DEVI void wk_fetch(const GemmArgs& g, const Views& v, int m0, int n0, int k0, int k1, WkSlice& s) {
+    using namespace wk;
+    const int lane = threadIdx.x & 31;
+    const bool a_kfast = g.a_cs == 1;
+    const bool b_nfast = g.b_cs == 1;
+#pragma unroll
+    for (int r = 0; r < TM * KS / 32; ++r) {
+        const int e = lane + 32 * r;
+        const int mm = a_kfast ? e / KS : e % TM, kk = a_kfast ? e % KS : e / TM;
+        const int i = m0 + mm, k = k0 + kk;
+        s.a[r] = (i < g.m && k < k1) ? v.A[i * g.a_rs + k * g.a_cs] : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < KS * TN / 32; ++r) {
+        const int e = lane + 32 * r;
+        const int nn = b_nfast ? e % TN : e / KS, kk = b_nfast ? e / TN : e % KS;
+        const int j = n0 + nn, k = k0 + kk;
+        s.b[r] = (j < g.n && k < k1) ? v.B[k * g.b_rs + j * g.b_cs] : 0.f;
+    }
+}
+// The slice into the warp's buffer: A k-major at buf[kk * APITCH + mm], B at
+// buf[KS * APITCH + kk * BPITCH + nn].
+DEVI void wk_stash(const GemmArgs& g, const WkSlice& s, float* buf) {
+    using namespace wk;
+    const int lane = threadIdx.x & 31;
+    const bool a_kfast = g.a_cs == 1;
+    const bool b_nfast = g.b_cs == 1;
+#pragma unroll
+    for (int r = 0; r < TM * KS / 32; ++r) {
+        const int e = lane + 32 * r;
+        const int mm = a_kfast ? e / KS : e % TM, kk = a_kfast ? e % KS : e / TM;
+        buf[kk * APITCH + mm] = s.a[r];
+    }
+#pragma unroll
+    for (int r = 0; r < KS * TN / 32; ++r) {
+        const int e = lane + 32 * r;
+        const int nn = b_nfast ? e % TN : e / KS, kk = b_nfast ? e / TN : e % KS;
+        buf[KS * APITCH + kk * BPITCH + nn] = s.b[r];
+    }
+}
+
+// The `_wk` product (see the header): lane (rg, cg) = (lane / 8, lane % 8) of each warp holds
+// rows 4 rg .. + 3 x columns 4 cg .. + 3 of its partial tile.
+DEVI void gemm_tile_wk(const GemmArgs& g) {
+    using namespace wk;
+    __shared__ __align__(16) float bufs[WARPS][WARP_FLOATS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rg = lane >> 3, cg = lane & 7;
+    const Views v = views(g);
+    const int m0 = blockIdx.y * TM;
+    const int n0 = blockIdx.x * TN;
+    float* buf = bufs[warp];
+    // This warp's share of K: whole slices, the last warps' possibly short or empty.
+    const int span = (g.k + WARPS * KS - 1) / (WARPS * KS) * KS;
+    const int kb = warp * span, ke = min(g.k, kb + span);
+
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+
+    WkSlice next;
+    if (kb < ke) wk_fetch(g, v, m0, n0, kb, ke, next);
+    for (int k0 = kb; k0 < ke; k0 += KS) {
+        wk_stash(g, next, buf);
+        __syncwarp();
+        if (k0 + KS < ke) wk_fetch(g, v, m0, n0, k0 + KS, ke, next);
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            const float4 av = *reinterpret_cast<const float4*>(buf + kk * APITCH + 4 * rg);
+            const float4 bv = *reinterpret_cast<const float4*>(buf + KS * APITCH + kk * BPITCH + 4 * cg);
+            const float a4[4] = {av.x, av.y, av.z, av.w};
+            const float b4[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a4[i], b4[j], acc[i][j]);
+        }
+        // Every lane done with the slice before the next one overwrites it.
+        __syncwarp();
+    }
+
+    // The partial tiles meet in the warps' buffers; thread t then adds outputs t and t + 256
+    // over the eight warps, in warp order.
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        *reinterpret_cast<float4*>(buf + (4 * rg + i) * TN + 4 * cg) =
+            make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < TM * TN / 256; ++h) {
+        const int o = threadIdx.x + 256 * h;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) sum += bufs[w][o];
+        store_c(g, v.C, m0 + o / TN, n0 + o % TN, sum);
+    }
+}
+
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
     gemm_tile<64>(g);
@@ -252,6 +377,9 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched_prefetch(const Ge
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_32_prefetch(const GemmArgs g) {
     gemm_tile<32, true>(g);
 }
+
+// Grid (ceil(n / 32), ceil(m / 16), batch), 256 threads, 26 KB static shared memory.
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_batched_wk(const GemmArgs g) { gemm_tile_wk(g); }
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 36.9 KB static shared memory; tf32
 // tensor cores (sm_80 and later).

@@ -2,8 +2,9 @@
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (16-bit output gradients for every GroupNorm backward pass that can, not only those
 # over 16-bit inputs; the attention products' K slices prefetched, new at stop 28; split-K
-# reductions with every load of an output issued first, and the GroupNorm backward sums of
-# 16-bit gradients in one wave, new at stop 29; tf32 attention
+# reductions with every load of an output issued first, the GroupNorm backward sums of 16-bit
+# gradients in one wave, and attention products whose warps split K, new at stop 29; tf32
+# attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
 # v0.5 and v0.6), then each v0.10 default turned off (residual
 # gradients added by the GroupNorm backward passes; 16-bit output gradients for the passes
@@ -18,6 +19,7 @@
 # this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     gn_half_dy_all:INVDIFF_GN_HALF_DY=1
+    gemm_warp_k:INVDIFF_GEMM_WARP_K=1
     gemm_prefetch:INVDIFF_GEMM_PREFETCH=1
     splitk_ahead:INVDIFF_SPLITK_AHEAD=1
     gn_sums_one_wave:INVDIFF_GN_SUMS_ONE_WAVE=1

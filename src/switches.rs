@@ -84,6 +84,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the fp32 attention products load each K slice while the block multiplies the one before (the same bits)",
     ),
     choice(
+        "INVDIFF_GEMM_WARP_K",
+        ON_OFF,
+        "GPU candidate: `1` has the small fp32 attention products (those the 32-wide tiles take) run 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
+    ),
+    choice(
         "INVDIFF_GN_SUMS_ONE_WAVE",
         ON_OFF,
         "GPU candidate: `1` has the GroupNorm backward passes of 16-bit output gradients sum two pixels a warp ahead at eight blocks a multiprocessor, one wave of their grid, instead of three at six (the same bits)",

@@ -104,31 +104,48 @@ pub(crate) struct Gemm {
     pub tf32: bool,
 }
 
+/// The kernel of kernels/gemm.cu that runs a batched product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmForm {
+    /// Square tiles of `tile` (32 or 64) outputs, with the next K slice's loads issued before
+    /// this one's products where `prefetch` (the `_prefetch` kernels, fp32 only): the same
+    /// bits whatever the tile and prefetch.
+    Tiles { tile: usize, prefetch: bool },
+    /// 16 x 32 tiles whose eight warps each multiply an eighth of K (`gemm_batched_wk`, fp32
+    /// only): each output's eight runs added in order, another rounding.
+    WarpK,
+}
+
 impl Kernels {
     /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
     pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
         // With small_tiles, 32-wide tiles where 64-wide ones would not give every
-        // multiprocessor a block (the same sums in the same order either way); the tf32
-        // kernel has 64-wide tiles only.
+        // multiprocessor a block (the same sums in the same order either way), or with
+        // gemm_warp_k, tiles whose warps split K; the tf32 kernel has 64-wide tiles only.
         let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
         let small = self.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
-        let prefetch = self.gemm_prefetch && !g.tf32;
-        self.gemm_tiled(st, g, if small { 32 } else { 64 }, prefetch)
+        let form = if small && self.gemm_warp_k {
+            GemmForm::WarpK
+        } else {
+            GemmForm::Tiles {
+                tile: if small { 32 } else { 64 },
+                prefetch: self.gemm_prefetch && !g.tf32,
+            }
+        };
+        self.gemm_as(st, g, form)
     }
 
-    /// [`gemm`](Self::gemm) with square tiles of `tile` (32 or 64) outputs, with the next K
-    /// slice's loads issued before this one's products where `prefetch` (the `_prefetch`
-    /// kernels, fp32 only; the same bits).
-    pub(crate) fn gemm_tiled(
-        &self,
-        st: &CudaStream,
-        g: &Gemm,
-        tile: usize,
-        prefetch: bool,
-    ) -> Result<()> {
-        if !(tile == 64 || (tile == 32 && !g.tf32)) || (prefetch && g.tf32) {
+    /// [`gemm`](Self::gemm) in `form`.
+    pub(crate) fn gemm_as(&self, st: &CudaStream, g: &Gemm, form: GemmForm) -> Result<()> {
+        let fits = match form {
+            GemmForm::Tiles { tile, prefetch } => {
+                tile == 64 && !(prefetch && g.tf32) || tile == 32 && !g.tf32
+            }
+            GemmForm::WarpK => !g.tf32,
+        };
+        if !fits {
             return Err(Error::Cuda(format!(
-                "internal: no {tile}-wide tiles for batched products (tf32 {}, prefetch {prefetch})",
+                "internal: no batched-product kernel {form:?} (tf32 {})",
                 g.tf32
             )));
         }
@@ -161,23 +178,33 @@ impl Kernels {
             accumulate: g.accumulate as i32,
         };
         let batch = g.outer * g.inner;
-        if batch > 65535 || g.m.div_ceil(tile) > 65535 {
+        // A block's outputs: (rows, columns).
+        let (tm, tn) = match form {
+            GemmForm::Tiles { tile, .. } => (tile, tile),
+            GemmForm::WarpK => (16, 32),
+        };
+        if batch > 65535 || g.m.div_ceil(tm) > 65535 {
             return Err(Error::Cuda(format!(
                 "batched product too large for one launch: batch {batch}, {} rows",
                 g.m
             )));
         }
         let grid = (
-            i32_of(g.n.div_ceil(tile), "column tiles")? as u32,
-            g.m.div_ceil(tile) as u32,
+            i32_of(g.n.div_ceil(tn), "column tiles")? as u32,
+            g.m.div_ceil(tm) as u32,
             batch as u32,
         );
-        let f = match (g.tf32, tile, prefetch) {
-            (true, _, _) => &self.gemm_batched_tf32,
-            (false, 32, false) => &self.gemm_batched_32,
-            (false, 32, true) => &self.gemm_batched_32_prefetch,
-            (false, _, false) => &self.gemm_batched,
-            (false, _, true) => &self.gemm_batched_prefetch,
+        let f = match form {
+            _ if g.tf32 => &self.gemm_batched_tf32,
+            GemmForm::WarpK => &self.gemm_batched_wk,
+            GemmForm::Tiles { tile: 32, prefetch } => match prefetch {
+                false => &self.gemm_batched_32,
+                true => &self.gemm_batched_32_prefetch,
+            },
+            GemmForm::Tiles { prefetch, .. } => match prefetch {
+                false => &self.gemm_batched,
+                true => &self.gemm_batched_prefetch,
+            },
         };
         let mut b = st.launch_builder(f);
         b.arg(&args);

@@ -26,7 +26,8 @@
 //!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (unless
 //!   `INVDIFF_GEMM_SMALL_TILES=0`, where that grid has fewer blocks than multiprocessors):
-//!   (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
+//!   (⌈n/32⌉, ⌈m/32⌉, batch), or with `INVDIFF_GEMM_WARP_K=1` `gemm_batched_wk`:
+//!   (⌈n/32⌉, ⌈m/16⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
 //!   `gemm_batched`;
 //! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
@@ -58,7 +59,7 @@ mod norm;
 mod resample;
 mod tma;
 
-pub(crate) use attention::{flash_fits, Gemm};
+pub(crate) use attention::{flash_fits, Gemm, GemmForm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
 pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
@@ -164,6 +165,8 @@ pub(crate) struct Kernels {
     /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
     small_tiles: bool,
     gemm_prefetch: bool,
+    /// Small batched products take `gemm_batched_wk` (`INVDIFF_GEMM_WARP_K=1`).
+    gemm_warp_k: bool,
     /// Split launches reduce with `conv_splitk_reduce_ahead` where it fits
     /// (`INVDIFF_SPLITK_AHEAD=1`).
     splitk_ahead: bool,
@@ -184,6 +187,7 @@ pub(crate) struct Kernels {
     gemm_batched_tf32: CudaFunction,
     gemm_batched_prefetch: CudaFunction,
     gemm_batched_32_prefetch: CudaFunction,
+    gemm_batched_wk: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
@@ -379,6 +383,7 @@ impl Kernels {
             sms: info.multiprocessors.max(1),
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_prefetch: switches::is("INVDIFF_GEMM_PREFETCH", "1"),
+            gemm_warp_k: switches::is("INVDIFF_GEMM_WARP_K", "1"),
             splitk_ahead: switches::is("INVDIFF_SPLITK_AHEAD", "1"),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
@@ -404,6 +409,7 @@ impl Kernels {
             gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
             gemm_batched_prefetch: get("gemm", "gemm_batched_prefetch")?,
             gemm_batched_32_prefetch: get("gemm", "gemm_batched_32_prefetch")?,
+            gemm_batched_wk: get("gemm", "gemm_batched_wk")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             attention_flash,
@@ -457,6 +463,12 @@ impl Kernels {
     /// products (`INVDIFF_GEMM_PREFETCH=1`).
     pub fn gemm_prefetch(&self) -> bool {
         self.gemm_prefetch
+    }
+
+    /// Whether small fp32 batched products split K among a block's warps
+    /// (`INVDIFF_GEMM_WARP_K=1`).
+    pub fn gemm_warp_k(&self) -> bool {
+        self.gemm_warp_k
     }
 
     /// Whether split convolution launches reduce their splits with every load of an output

@@ -2,7 +2,7 @@
 
 use super::{acc_name, tensor_core_tolerance, Tester, TOLERANCE};
 use crate::cpu::attention;
-use crate::cuda::kernels::{flash_fits, Gemm};
+use crate::cuda::kernels::{flash_fits, Gemm, GemmForm};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::{attention_backward, attention_forward, Attn, AttnKernel};
 use crate::Result;
@@ -15,7 +15,9 @@ impl Tester<'_> {
     /// The attention products' kernel in both tile sizes, with and without the next K slice
     /// prefetched (`INVDIFF_GEMM_PREFETCH`): a strided batch (three K slices, the last
     /// partial), scaled and accumulated, against the CPU, and every form against the plain
-    /// 64-wide one, held to 0 (each output sums its products in the same order). Two layouts,
+    /// 64-wide one, held to 0 (each output sums its products in the same order); the tiles
+    /// whose warps split K (`INVDIFF_GEMM_WARP_K`; five of the eight warps with a share, the
+    /// last short) against the CPU. Two layouts,
     /// for the two ways each operand's loads follow its unit stride: A by rows and B by columns
     /// (`P v`'s), then both along K (`q kᵀ`'s).
     fn batched_products(&mut self) -> Result<()> {
@@ -90,10 +92,8 @@ impl Tester<'_> {
         let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating, {layout}");
         let mut plain = None;
         for (tile, prefetch) in [(64, false), (32, false), (64, true), (32, true)] {
-            let ms = self.timed(
-                || cd.write(st, &c0),
-                || gpu.kernels.gemm_tiled(st, &g, tile, prefetch),
-            )?;
+            let form = GemmForm::Tiles { tile, prefetch };
+            let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm_as(st, &g, form))?;
             let got = cd.download(st)?;
             let form = format!(
                 "{tile}-wide tiles{}",
@@ -118,6 +118,17 @@ impl Tester<'_> {
                 ),
             }
         }
+        let ms = self.timed(
+            || cd.write(st, &c0),
+            || gpu.kernels.gemm_as(st, &g, GemmForm::WarpK),
+        )?;
+        self.row(
+            "batched product, warps splitting K".into(),
+            desc.clone(),
+            &cd.download(st)?,
+            &want,
+            ms,
+        );
         // On the tf32 tensor cores: operands rounded to tf32.
         let tf32 = Gemm { tf32: true, ..g };
         let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm(st, &tf32))?;

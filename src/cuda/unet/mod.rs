@@ -176,6 +176,10 @@ impl CudaUnet {
                 "product slices prefetched".to_string(),
             ),
             (
+                self.gpu.kernels.gemm_warp_k(),
+                "product warps splitting K".to_string(),
+            ),
+            (
                 self.gpu.kernels.splitk_ahead(),
                 "split-K reductions with loads ahead".to_string(),
             ),
