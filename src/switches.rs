@@ -94,6 +94,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the GroupNorm backward passes of 16-bit output gradients sum two pixels a warp ahead at eight blocks a multiprocessor, one wave of their grid, instead of three at six (the same bits)",
     ),
     choice(
+        "INVDIFF_NARROW_SHORT",
+        ON_OFF,
+        "GPU candidate: `1` has the few-output convolutions (celebahq's conv_out forward and conv_in input gradient) take 8-row tiles where 16-row ones would leave multiprocessors under two blocks (the same bits)",
+    ),
+    choice(
         "INVDIFF_SPLITK_AHEAD",
         ON_OFF,
         "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",

@@ -422,16 +422,33 @@ fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
         })
 }
 
-/// Dynamic shared memory of `conv_narrow_<ncols>` (kernels/conv.cu): three stages, each an 18x34
-/// halo tile of 8 channels (19,584 bytes) and their weights (9 x 8 x ncols floats).
-pub(super) fn narrow_smem(ncols: usize) -> u32 {
-    (3 * (18 * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
+/// Dynamic shared memory of `conv_narrow_<ncols>` (kernels/conv.cu) on tiles of `rows` rows:
+/// three stages, each a (rows + 2) x 34 halo tile of 8 channels (19,584 bytes at 16 rows) and
+/// their weights (9 x 8 x ncols floats).
+pub(super) fn narrow_smem(ncols: usize, rows: usize) -> u32 {
+    (3 * ((rows + 2) * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
 }
 
-/// Output tile of `conv_narrow_*` (columns, rows) and run length of `conv_few_in_*`.
-const NARROW_TILE: (usize, usize) = (32, 16);
+/// Output columns of a `conv_narrow_*` tile, and its rows: `conv_narrow_<ncols>`'s, and
+/// `conv_narrow_short_<ncols>`'s (`INVDIFF_NARROW_SHORT`).
+pub(super) const NARROW_COLS: usize = 32;
+pub(super) const NARROW_ROWS: usize = 16;
+pub(super) const NARROW_SHORT_ROWS: usize = 8;
+/// Run length of `conv_few_in_*`.
 const FEW_IN_RUN: usize = 16;
 const FEW_IN_COLS: usize = 128;
+
+/// Choices a convolution launch makes below its plan, each giving the same bits either way:
+/// `None` takes what the switches say (`INVDIFF_SPLITK_AHEAD`, `INVDIFF_NARROW_SHORT`), `Some`
+/// forces it, for the selftest to compare both.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConvOpts {
+    /// A split launch's splits added by `conv_splitk_reduce_ahead` (where it fits) rather
+    /// than by `conv_splitk_reduce`.
+    pub reduce_ahead: Option<bool>,
+    /// A [`ConvKernel::Narrow`] launch on 8-row tiles (`conv_narrow_short_*`) rather than 16.
+    pub narrow_short: Option<bool>,
+}
 
 impl Kernels {
     /// `y = (conv(x) + bias + temb + res) / out_div (+ y)`, the implicit GEMM of `s`.
@@ -444,14 +461,13 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
     ) -> Result<()> {
-        self.conv_with(st, s, plan, p, out_div, accumulate, None, self.splitk_ahead)
+        let opts = ConvOpts::default();
+        self.conv_with(st, s, plan, p, out_div, accumulate, None, opts)
     }
 
-    /// [`Kernels::conv`] with the splits of a split launch reduced by
-    /// `conv_splitk_reduce_ahead` where it fits (`ahead`) or by `conv_splitk_reduce`, whatever
-    /// `INVDIFF_SPLITK_AHEAD` says: the same bits either way.
+    /// [`Kernels::conv`] with the choices below the plan that `opts` forces.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn conv_reduced(
+    pub(crate) fn conv_as(
         &self,
         st: &CudaStream,
         s: &ConvShape,
@@ -459,9 +475,9 @@ impl Kernels {
         p: ConvPtrs,
         out_div: f32,
         accumulate: bool,
-        ahead: bool,
+        opts: ConvOpts,
     ) -> Result<()> {
-        self.conv_with(st, s, plan, p, out_div, accumulate, None, ahead)
+        self.conv_with(st, s, plan, p, out_div, accumulate, None, opts)
     }
 
     /// [`Kernels::conv`] of a wgmma launch through its `_probe` kernel, which adds where its
@@ -487,7 +503,7 @@ impl Kernels {
             1.0,
             false,
             Some(probe.ptr),
-            self.splitk_ahead,
+            ConvOpts::default(),
         )
     }
 
@@ -501,7 +517,7 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
         probe: Option<u64>,
-        reduce_ahead: bool,
+        opts: ConvOpts,
     ) -> Result<()> {
         if s.taps.is_empty() || s.taps.len() > 9 {
             return Err(Error::Cuda(format!(
@@ -625,7 +641,7 @@ impl Kernels {
             )));
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
-            return self.conv_direct(st, s, plan, &a);
+            return self.conv_direct(st, s, plan, &a, opts.narrow_short);
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
@@ -792,7 +808,8 @@ impl Kernels {
                 && [a.y, a.bias, a.temb, a.res, a.ws]
                     .iter()
                     .all(|&ptr| ptr % 8 == 0);
-            let (f, launch, name) = if reduce_ahead && pairs_fit {
+            let ahead = opts.reduce_ahead.unwrap_or(self.splitk_ahead);
+            let (f, launch, name) = if ahead && pairs_fit {
                 let pairs = rows * s.ncols / 2;
                 let grid = (self.blocks(pairs, 128, 16), 1, 1);
                 (
@@ -826,6 +843,7 @@ impl Kernels {
         s: &ConvShape,
         plan: &ConvLaunch,
         a: &ConvArgs,
+        short: Option<bool>,
     ) -> Result<()> {
         let narrow = plan.kernel == ConvKernel::Narrow;
         let channels = if narrow { s.ncols } else { s.sc };
@@ -857,19 +875,26 @@ impl Kernels {
                 .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
         };
         let (f, launch, name) = if narrow {
-            let (tw, th) = NARROW_TILE;
+            // INVDIFF_NARROW_SHORT: 8-row tiles where 16-row ones would leave multiprocessors
+            // with fewer than the two blocks each holds.
+            let tall_blocks = s.n * s.mw.div_ceil(NARROW_COLS) * s.mh.div_ceil(NARROW_ROWS);
+            let short = short.unwrap_or(self.narrow_short && tall_blocks < 2 * self.sms as usize);
+            let (rows, table, kernel) = match short {
+                true => (
+                    NARROW_SHORT_ROWS,
+                    &self.conv_narrow_short,
+                    "conv_narrow_short",
+                ),
+                false => (NARROW_ROWS, &self.conv_narrow, "conv_narrow"),
+            };
             let grid = (
-                s.mw.div_ceil(tw) as u32,
-                grid_dim(s.mh.div_ceil(th), "row tiles")?,
+                s.mw.div_ceil(NARROW_COLS) as u32,
+                grid_dim(s.mh.div_ceil(rows), "row tiles")?,
                 grid_dim(s.n, "batch")?,
             );
             let mut launch = cfg(grid, (BLOCK, 1, 1));
-            launch.shared_mem_bytes = narrow_smem(s.ncols);
-            (
-                &self.conv_narrow[s.ncols - 1],
-                launch,
-                format!("conv_narrow_{}", s.ncols),
-            )
+            launch.shared_mem_bytes = narrow_smem(s.ncols, rows);
+            (&table[s.ncols - 1], launch, format!("{kernel}_{}", s.ncols))
         } else {
             let runs = s.n * s.mh * s.mw.div_ceil(FEW_IN_RUN);
             // Runs a block computes at a time: 256 / (quads of 4 columns in a column tile).

@@ -18,6 +18,7 @@
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
+//!   `conv_narrow_short_<ncols>` (`INVDIFF_NARROW_SHORT=1`): (⌈mw/32⌉, ⌈mh/8⌉, n), 33.5-39.6 KB;
 //!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
@@ -62,7 +63,9 @@ mod tma;
 pub(crate) use attention::{flash_fits, Gemm, GemmForm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
-pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
+pub(crate) use conv::{
+    ConvOpts, ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
+};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
     plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
@@ -78,7 +81,10 @@ pub(crate) use norm::{
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS, WGMMA_EXTRA_SLOTS};
+use conv::{
+    narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, NARROW_ROWS, NARROW_SHORT_ROWS,
+    TC_KERNELS, WGMMA_EXTRA_SLOTS,
+};
 use conv_plan::DIRECT_MAX;
 use norm::NormBackwardFns;
 
@@ -176,6 +182,11 @@ pub(crate) struct Kernels {
     conv_splitk_reduce_ahead: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
     conv_narrow: Vec<CudaFunction>,
+    /// `conv_narrow_short_<ncols>` likewise (8-row tiles).
+    conv_narrow_short: Vec<CudaFunction>,
+    /// Narrow launches that would leave multiprocessors under two blocks take the 8-row tiles
+    /// (`INVDIFF_NARROW_SHORT=1`).
+    narrow_short: bool,
     /// `conv_few_in_<sc>` at index sc - 1.
     conv_few_in: Vec<CudaFunction>,
     conv_weight_transpose: CudaFunction,
@@ -394,10 +405,20 @@ impl Kernels {
                     allow_smem(
                         ctx,
                         get("conv", &format!("conv_narrow_{c}"))?,
-                        narrow_smem(c),
+                        narrow_smem(c, NARROW_ROWS),
                     )
                 })
                 .collect::<Result<_>>()?,
+            conv_narrow_short: (1..=DIRECT_MAX)
+                .map(|c| {
+                    allow_smem(
+                        ctx,
+                        get("conv", &format!("conv_narrow_short_{c}"))?,
+                        narrow_smem(c, NARROW_SHORT_ROWS),
+                    )
+                })
+                .collect::<Result<_>>()?,
+            narrow_short: switches::is("INVDIFF_NARROW_SHORT", "1"),
             conv_few_in: (1..=DIRECT_MAX)
                 .map(|c| get("conv", &format!("conv_few_in_{c}")))
                 .collect::<Result<_>>()?,
@@ -463,6 +484,12 @@ impl Kernels {
     /// products (`INVDIFF_GEMM_PREFETCH=1`).
     pub fn gemm_prefetch(&self) -> bool {
         self.gemm_prefetch
+    }
+
+    /// Whether narrow convolutions that would leave multiprocessors under two blocks take
+    /// 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
+    pub fn narrow_short(&self) -> bool {
+        self.narrow_short
     }
 
     /// Whether small fp32 batched products split K among a block's warps

@@ -40,7 +40,7 @@ mod linears;
 mod networks;
 #[cfg(test)]
 pub(crate) use networks::celebahq_candidate_cases;
-mod split_reductions;
+mod launch_options;
 mod staged_epilogue;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
@@ -136,7 +136,7 @@ pub const SELFTEST_GROUPS: [&str; 14] = [
     "staged epilogue",
     "concatenation gradients",
     "residual gradients",
-    "split-K reductions",
+    "launch options",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -197,7 +197,10 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.concat_gradient_split_unets(o)
         }),
         ("residual gradients", |t, o| t.residual_gradient_unets(o)),
-        ("split-K reductions", |t, _| t.split_reductions()),
+        ("launch options", |t, _| {
+            t.split_reductions()?;
+            t.narrow_tiles()
+        }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

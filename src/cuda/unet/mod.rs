@@ -184,6 +184,10 @@ impl CudaUnet {
                 "split-K reductions with loads ahead".to_string(),
             ),
             (
+                self.gpu.kernels.narrow_short(),
+                "short narrow tiles".to_string(),
+            ),
+            (
                 self.gpu.kernels.gn_sums_one_wave(),
                 "GroupNorm backward sums in one wave".to_string(),
             ),

@@ -1,10 +1,14 @@
-//! Split-K reductions with every load of an output issued first (`conv_splitk_reduce_ahead`,
-//! `INVDIFF_SPLITK_AHEAD`): split launches reduced both ways, bit for bit. A group of its own,
-//! run last: a candidate's kernel that faults ends no other check.
+//! The choices a convolution launch makes below its plan ([`ConvOpts`]), each against the
+//! other way, bit for bit: split-K reductions with every load of an output issued first
+//! (`conv_splitk_reduce_ahead`, `INVDIFF_SPLITK_AHEAD`), and the 3-channel image convolutions'
+//! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`). A group of
+//! its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
 use super::{path, Tester};
-use crate::cuda::kernels::{plan_conv, plan_wgmma, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE};
+use crate::cuda::kernels::{
+    plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvOpts, ConvPtrs, ConvShape, WGMMA_SLICE,
+};
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
@@ -27,8 +31,8 @@ fn split(l: ConvLaunch, s: &ConvShape, slice: usize, splits: usize) -> ConvLaunc
     }
 }
 
-/// A shape's operands: fp32 activations and weights (and, for the wgmma launches, their
-/// 16-bit copies), a bias, a time embedding, a residual, and what the launches add onto.
+/// A shape's operands: fp32 activations and weights, a bias, a time embedding, a residual,
+/// and what the launches add onto.
 struct Operands {
     x: DevBuf,
     w: DevBuf,
@@ -64,7 +68,7 @@ impl Tester<'_> {
             Pad::RightBottom,
         ));
         for s in &shapes {
-            let ops = self.split_operands(s)?;
+            let ops = self.operands(s)?;
             let fp32 = plan_conv(s, self.gpu.sms());
             let fp32 = if fp32.splits > 1 {
                 fp32
@@ -76,7 +80,8 @@ impl Tester<'_> {
                 w: ops.w.ptr,
                 ..ConvPtrs::default()
             };
-            self.split_reduction_rows(s, fp32, ptrs, &ops, &path(fp32.kernel, fp32.splits))?;
+            let label = path(fp32.kernel, fp32.splits);
+            self.split_rows(s, (fp32, &label), ptrs, &ops)?;
             let wgmma = plan_wgmma(s, self.gpu.sms(), Precision::Bf16)
                 .filter(|_| self.gpu.kernels.has_wgmma());
             if let Some(l) = wgmma {
@@ -95,13 +100,35 @@ impl Tester<'_> {
                     ..ConvPtrs::default()
                 };
                 let label = format!("bf16 {}", wgmma_path(&l));
-                self.split_reduction_rows(s, l, ptrs, &ops, &label)?;
+                self.split_rows(s, (l, &label), ptrs, &ops)?;
             }
         }
         Ok(())
     }
 
-    fn split_operands(&mut self, s: &ConvShape) -> Result<Operands> {
+    /// Split launch `l`: that it splits, and its reduction with every load ahead against the
+    /// plain one ([`Self::option_rows`]).
+    fn split_rows(
+        &mut self,
+        s: &ConvShape,
+        (l, label): (ConvLaunch, &str),
+        ptrs: ConvPtrs,
+        ops: &Operands,
+    ) -> Result<()> {
+        self.check_row(
+            format!("split-K reduction [{label}]: the launch splits"),
+            format!("n{} {}x{}, {}->{}", s.n, s.mh, s.mw, s.sc, s.ncols),
+            l.splits > 1,
+        );
+        let opts = |ahead| ConvOpts {
+            reduce_ahead: Some(ahead),
+            ..ConvOpts::default()
+        };
+        let what = "split-K reduction, loads ahead vs plain";
+        self.option_rows(s, (l, label), ptrs, ops, ([opts(false), opts(true)], what))
+    }
+
+    fn operands(&mut self, s: &ConvShape) -> Result<Operands> {
         let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
         let len = s.n * s.yh * s.yw * s.ncols;
         let x = self.rand(s.n * s.sh * s.sw * s.sc, -1.0, 1.0);
@@ -119,15 +146,16 @@ impl Tester<'_> {
         })
     }
 
-    /// Split launch `l` of `s` (operands `ptrs`, epilogue terms from `ops`) reduced ahead
-    /// against the plain reduction, under each epilogue, overwriting and adding.
-    fn split_reduction_rows(
+    /// Launch `l` of `s` (operands `ptrs`, epilogue terms from `ops`) with each of `opts`, the
+    /// second against the first, under each epilogue (every term and a divisor, a time
+    /// embedding alone, none), overwriting and adding, to the bit.
+    fn option_rows(
         &mut self,
         s: &ConvShape,
-        l: ConvLaunch,
+        (l, label): (ConvLaunch, &str),
         ptrs: ConvPtrs,
         ops: &Operands,
-        label: &str,
+        (opts, what): ([ConvOpts; 2], &str),
     ) -> Result<()> {
         let desc = format!(
             "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {})",
@@ -140,11 +168,6 @@ impl Tester<'_> {
             s.ncols,
             s.taps.len(),
             s.out_stride
-        );
-        self.check_row(
-            format!("split-K reduction [{label}]: the launch splits"),
-            desc.clone(),
-            l.splits > 1,
         );
         let ws = self.zeros(l.workspace_len(s))?;
         let all = ConvPtrs {
@@ -168,26 +191,23 @@ impl Tester<'_> {
             ("temb alone", temb_alone, 1.0),
             ("no epilogue terms", bare, 1.0),
         ];
-        for ((what, p, div), accumulate) in setups
+        for ((terms, p, div), accumulate) in setups
             .into_iter()
             .flat_map(|setup| [(setup, false), (setup, true)])
         {
             let mut out = Vec::new();
             let mut ms = 0.0;
-            for ahead in [false, true] {
+            for o in opts {
                 let (gpu, st) = (self.gpu, &self.gpu.stream);
                 let mut y = self.up(&ops.old)?;
                 let p = ConvPtrs { y: y.ptr, ..p };
-                let run = || {
-                    gpu.kernels
-                        .conv_reduced(st, s, &l, p, div, accumulate, ahead)
-                };
+                let run = || gpu.kernels.conv_as(st, s, &l, p, div, accumulate, o);
                 ms = self.timed(|| y.write(st, &ops.old), run)?;
                 out.push(y.download(st)?);
             }
             self.row_within(
                 format!(
-                    "split-K reduction ({what}{}) [{label}], loads ahead vs plain",
+                    "{what} ({terms}{}) [{label}]",
                     if accumulate { ", adding" } else { "" }
                 ),
                 format!("{desc}, bits"),
@@ -196,6 +216,58 @@ impl Tester<'_> {
                 ms,
                 0.0,
             );
+        }
+        Ok(())
+    }
+
+    /// The 3-channel image convolutions' narrow launches (celebahq's conv_out forward and
+    /// conv_in input gradient at 256x256, batch 1 and 2; odd sizes: a partial row tile, 13
+    /// source channels in 4-byte copies, 5 outputs) on 8-row tiles against 16-row ones, under
+    /// each epilogue, overwriting and adding, to the bit.
+    pub(super) fn narrow_tiles(&mut self) -> Result<()> {
+        let mut shapes = vec![
+            ConvShape::forward(1, 256, 256, 128, 3, 3, 1, Pad::Symmetric),
+            ConvShape::forward(2, 256, 256, 128, 3, 3, 1, Pad::Symmetric),
+            ConvShape::forward(2, 20, 24, 13, 5, 3, 1, Pad::Symmetric),
+        ];
+        shapes.extend(ConvShape::backward(
+            1,
+            256,
+            256,
+            3,
+            128,
+            3,
+            1,
+            Pad::Symmetric,
+        ));
+        let opts = |short| ConvOpts {
+            narrow_short: Some(short),
+            ..ConvOpts::default()
+        };
+        for s in &shapes {
+            let l = plan_conv(s, self.gpu.sms());
+            self.check_row(
+                format!(
+                    "narrow tiles: {}->{} plans the narrow kernel",
+                    s.sc, s.ncols
+                ),
+                format!("n{} {}x{}", s.n, s.mh, s.mw),
+                l.kernel == ConvKernel::Narrow,
+            );
+            let ops = self.operands(s)?;
+            let ptrs = ConvPtrs {
+                x: ops.x.ptr,
+                w: ops.w.ptr,
+                ..ConvPtrs::default()
+            };
+            let what = "narrow convolution, 8-row vs 16-row tiles";
+            self.option_rows(
+                s,
+                (l, "narrow"),
+                ptrs,
+                &ops,
+                ([opts(false), opts(true)], what),
+            )?;
         }
         Ok(())
     }
