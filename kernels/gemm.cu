@@ -251,9 +251,21 @@ constexpr int WARP_FLOATS = KS * (APITCH + BPITCH);  // a warp's buffer: its A, 
 static_assert(TM * TN <= WARP_FLOATS, "a warp's partial tile fits its buffer");
 }  // namespace wk
 
-// A warp's slice of A (TM x KS) and of B (KS x TN), lane `lane`'s elements as loaded, each
-// operand's lanes along whichever of its strides is 1; zeros outside the matrices and at or
-// past k1 (the end of the warp's share of K).
+// Where lane element e of a warp's slice lies: (am, ak) in its TM x KS slice of A and (bk, bn)
+// in its KS x TN slice of B, each operand's lanes along whichever of its strides is 1 (a_kfast:
+// A's k stride; b_nfast: B's n stride), so that a warp reads consecutive addresses.
+struct WkAt {
+    int am, ak, bk, bn;
+};
+DEVI WkAt wk_at(bool a_kfast, bool b_nfast, int e) {
+    using namespace wk;
+    return {a_kfast ? e / KS : e % TM, a_kfast ? e % KS : e / TM, b_nfast ? e / TN : e % KS,
+            b_nfast ? e % TN : e / KS};
+}
+
+// A warp's slice of A (TM x KS) and of B (KS x TN), lane `lane`'s elements as loaded (A's
+// TM x KS / 32 of them at e = lane + 32 r, then B's); zeros outside the matrices and at or past
+// k1 (the end of the warp's share of K).
 struct WkSlice {
     float a[wk::TM * wk::KS / 32];
     float b[wk::KS * wk::TN / 32];
@@ -261,41 +273,35 @@ struct WkSlice {
 DEVI void wk_fetch(const GemmArgs& g, const Views& v, int m0, int n0, int k0, int k1, WkSlice& s) {
     using namespace wk;
     const int lane = threadIdx.x & 31;
-    const bool a_kfast = g.a_cs == 1;
-    const bool b_nfast = g.b_cs == 1;
+    const bool a_kfast = g.a_cs == 1, b_nfast = g.b_cs == 1;
 #pragma unroll
     for (int r = 0; r < TM * KS / 32; ++r) {
-        const int e = lane + 32 * r;
-        const int mm = a_kfast ? e / KS : e % TM, kk = a_kfast ? e % KS : e / TM;
-        const int i = m0 + mm, k = k0 + kk;
+        const WkAt at = wk_at(a_kfast, b_nfast, lane + 32 * r);
+        const int i = m0 + at.am, k = k0 + at.ak;
         s.a[r] = (i < g.m && k < k1) ? v.A[i * g.a_rs + k * g.a_cs] : 0.f;
     }
 #pragma unroll
     for (int r = 0; r < KS * TN / 32; ++r) {
-        const int e = lane + 32 * r;
-        const int nn = b_nfast ? e % TN : e / KS, kk = b_nfast ? e / TN : e % KS;
-        const int j = n0 + nn, k = k0 + kk;
+        const WkAt at = wk_at(a_kfast, b_nfast, lane + 32 * r);
+        const int j = n0 + at.bn, k = k0 + at.bk;
         s.b[r] = (j < g.n && k < k1) ? v.B[k * g.b_rs + j * g.b_cs] : 0.f;
     }
 }
-// The slice into the warp's buffer: A k-major at buf[kk * APITCH + mm], B at
-// buf[KS * APITCH + kk * BPITCH + nn].
+// The slice into the warp's buffer: A k-major at buf[ak * APITCH + am], B at
+// buf[KS * APITCH + bk * BPITCH + bn].
 DEVI void wk_stash(const GemmArgs& g, const WkSlice& s, float* buf) {
     using namespace wk;
     const int lane = threadIdx.x & 31;
-    const bool a_kfast = g.a_cs == 1;
-    const bool b_nfast = g.b_cs == 1;
+    const bool a_kfast = g.a_cs == 1, b_nfast = g.b_cs == 1;
 #pragma unroll
     for (int r = 0; r < TM * KS / 32; ++r) {
-        const int e = lane + 32 * r;
-        const int mm = a_kfast ? e / KS : e % TM, kk = a_kfast ? e % KS : e / TM;
-        buf[kk * APITCH + mm] = s.a[r];
+        const WkAt at = wk_at(a_kfast, b_nfast, lane + 32 * r);
+        buf[at.ak * APITCH + at.am] = s.a[r];
     }
 #pragma unroll
     for (int r = 0; r < KS * TN / 32; ++r) {
-        const int e = lane + 32 * r;
-        const int nn = b_nfast ? e % TN : e / KS, kk = b_nfast ? e / TN : e % KS;
-        buf[KS * APITCH + kk * BPITCH + nn] = s.b[r];
+        const WkAt at = wk_at(a_kfast, b_nfast, lane + 32 * r);
+        buf[KS * APITCH + at.bk * BPITCH + at.bn] = s.b[r];
     }
 }
 

@@ -461,8 +461,7 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
     ) -> Result<()> {
-        let opts = ConvOpts::default();
-        self.conv_with(st, s, plan, p, out_div, accumulate, None, opts)
+        self.conv_as(st, s, plan, p, out_div, accumulate, ConvOpts::default())
     }
 
     /// [`Kernels::conv`] with the choices below the plan that `opts` forces.

@@ -5,7 +5,7 @@
 //! its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::{path, Tester};
+use super::{epilogue_setups, path, Tester};
 use crate::cuda::kernels::{
     plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvOpts, ConvPtrs, ConvShape, WGMMA_SLICE,
 };
@@ -147,8 +147,7 @@ impl Tester<'_> {
     }
 
     /// Launch `l` of `s` (operands `ptrs`, epilogue terms from `ops`) with each of `opts`, the
-    /// second against the first, under each epilogue (every term and a divisor, a time
-    /// embedding alone, none), overwriting and adding, to the bit.
+    /// second against the first, under each epilogue ([`epilogue_setups`]), to the bit.
     fn option_rows(
         &mut self,
         s: &ConvShape,
@@ -177,24 +176,7 @@ impl Tester<'_> {
             ws: ws.ptr,
             ..ptrs
         };
-        let temb_alone = ConvPtrs {
-            bias: 0,
-            res: 0,
-            ..all
-        };
-        let bare = ConvPtrs {
-            temb: 0,
-            ..temb_alone
-        };
-        let setups = [
-            ("bias, temb, residual, /2", all, 2.0),
-            ("temb alone", temb_alone, 1.0),
-            ("no epilogue terms", bare, 1.0),
-        ];
-        for ((terms, p, div), accumulate) in setups
-            .into_iter()
-            .flat_map(|setup| [(setup, false), (setup, true)])
-        {
+        for (terms, p, div, accumulate) in epilogue_setups(all) {
             let mut out = Vec::new();
             let mut ms = 0.0;
             for o in opts {

@@ -20,7 +20,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, DPtr};
+use super::kernels::{ConvKernel, ConvPtrs, DPtr};
 use super::precision::Precision;
 use super::weights::DevBuf;
 use crate::config::{BlockKind, UNetConfig};
@@ -457,6 +457,29 @@ impl Tester<'_> {
             op, shape, got, want, gpu_ms, tolerance,
         ));
     }
+}
+
+/// The epilogues a launch check runs under, each overwriting and then adding onto an output:
+/// every term of `all` and a divisor of 2; then the branches without: a time embedding alone
+/// (no bias: its sum starts at zero), no divisor; nothing at all. Each as (what, pointers,
+/// divisor, accumulate).
+fn epilogue_setups(all: ConvPtrs) -> impl Iterator<Item = (&'static str, ConvPtrs, f32, bool)> {
+    let temb_alone = ConvPtrs {
+        bias: 0,
+        res: 0,
+        ..all
+    };
+    let bare = ConvPtrs {
+        temb: 0,
+        ..temb_alone
+    };
+    [
+        ("temb, residual, /2", all, 2.0),
+        ("temb alone", temb_alone, 1.0),
+        ("no epilogue terms", bare, 1.0),
+    ]
+    .into_iter()
+    .flat_map(|(what, p, div)| [(what, p, div, false), (what, p, div, true)])
 }
 
 fn acc_name(accumulate: bool) -> &'static str {

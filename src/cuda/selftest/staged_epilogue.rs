@@ -6,7 +6,7 @@
 //! run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::{round_half, unpack_half, Tester};
+use super::{epilogue_setups, round_half, unpack_half, Tester};
 use crate::cuda::kernels::{
     on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, DPtr, Side16, WgmmaTile,
 };
@@ -111,26 +111,7 @@ impl Tester<'_> {
                 staged_epilogue: true,
                 ..plain
             };
-            // Every term of the epilogue and a divisor; then the branches without: a time
-            // embedding alone (no bias: its sum starts at zero), no divisor; nothing at all.
-            let temb_alone = ConvPtrs {
-                bias: 0,
-                res: 0,
-                ..ptrs
-            };
-            let bare = ConvPtrs {
-                temb: 0,
-                ..temb_alone
-            };
-            let setups = [
-                ("temb, residual, /2", ptrs, 2.0),
-                ("temb alone", temb_alone, 1.0),
-                ("no epilogue terms", bare, 1.0),
-            ];
-            for ((what, p, div), accumulate) in setups
-                .into_iter()
-                .flat_map(|setup| [(setup, false), (setup, true)])
-            {
+            for (what, p, div, accumulate) in epilogue_setups(ptrs) {
                 let (want, plain_ms) = self.output_over(s, &plain, p, div, &old, accumulate)?;
                 let (got, ms) = self.output_over(s, &staged, p, div, &old, accumulate)?;
                 let label = format!("conv ({what}{})", if accumulate { ", adding" } else { "" });
