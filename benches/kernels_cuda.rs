@@ -496,18 +496,21 @@ fn sweep(a: &Args) -> ExitCode {
     };
     norm_table(&norms);
     if let Some(path) = &a.save {
-        let planned: f64 = rows.iter().map(|r| r.count as f64 * r.planned.ms).sum();
-        let best: f64 = rows.iter().map(|r| r.count as f64 * r.best().ms).sum();
-        let v = json!({
+        let mut v = json!({
             "precision": a.precision.name(),
             "batch": a.batch,
             "record": a.record,
             "iters": a.iters,
-            "planned_ms": planned,
-            "best_ms": best,
-            "sweep": rows,
             "norms": norms,
         });
+        // (No convolution fields when only the GroupNorms were swept.)
+        if !a.norms_only {
+            let planned: f64 = rows.iter().map(|r| r.count as f64 * r.planned.ms).sum();
+            let best: f64 = rows.iter().map(|r| r.count as f64 * r.best().ms).sum();
+            v["planned_ms"] = json!(planned);
+            v["best_ms"] = json!(best);
+            v["sweep"] = json!(rows);
+        }
         let text = serde_json::to_string_pretty(&v).expect("serialisable");
         if let Err(e) = std::fs::write(path, text + "\n") {
             eprintln!("kernels_cuda: {}: {e}", path.display());

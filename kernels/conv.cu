@@ -261,12 +261,14 @@ extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
 // conv_splitk_reduce for two adjacent columns a thread, with every split's partial sums of
 // the pair loaded before the first is added (INVDIFF_SPLITK_AHEAD). At batch 1 the split
 // launches (the 8x8 to 32x32 levels, the attention projections: 8 to 30 splits over a few
-// thousand outputs, about 130 reductions in a DPS step) leave each reduction a few blocks,
-// and conv_splitk_reduce's loop, unrolled by four, waits on L2 once per four splits; here
-// up to REDUCE_AHEAD loads are in flight at once. The sums start at 0 and add the splits in
-// order, and finish() forms each value, as conv_splitk_reduce does: the same bits. Needs ncols
-// even and 8-byte aligned ws, y, bias, temb and res (the host checks); 32-bit indices (the
-// host checks that splits x M x ncols fits an i32). Grid-stride over the pairs.
+// thousand outputs in bf16 wgmma launches, up to 64 in fp32 ones; about 130 reductions in a DPS
+// step) leave each reduction a few blocks, and conv_splitk_reduce's loop, unrolled by four,
+// waits on L2 once per four splits; here up to REDUCE_AHEAD loads are in flight at once. The
+// sums start at 0 and add the splits in order, and finish() forms each value, as
+// conv_splitk_reduce does: the same bits. Needs ncols even and 8-byte aligned ws and y (the
+// host checks; finish() reads the epilogue's terms one float at a time); 32-bit indices (the
+// host checks that splits x M x ncols fits an i32). Grid-stride over the pairs, at most four
+// 128-thread blocks a multiprocessor (96 registers: five fit).
 constexpr int REDUCE_AHEAD = 32;
 extern "C" __global__ void conv_splitk_reduce_ahead(const ConvArgs a, int splits) {
     const int M = a.n * a.mh * a.mw;
@@ -411,7 +413,7 @@ DEVI void narrow_body(const ConvArgs& a) {
         if (k + STAGES - 1 < nchunks) load(k + STAGES - 1, (k + STAGES - 1) % STAGES);
         cp_async_commit();
         const int st = k % STAGES;
-        // This thread's column of halo pixels (lane + dx, rows 4 rg ..) in its quad's plane:
+        // This thread's column of halo pixels (lane + dx, rows PY rg ..) in its quad's plane:
         // consecutive lanes read consecutive 16-byte words, conflict-free.
         const float4* xq = xs + (st * 2 + half) * HP + rg * PY * HW + lane;
         // Weights of (cell, quad): 4 x NC floats, the same address across the warp (a broadcast).

@@ -384,7 +384,7 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched_32_prefetch(const
     gemm_tile<32, true>(g);
 }
 
-// Grid (ceil(n / 32), ceil(m / 16), batch), 256 threads, 26 KB static shared memory.
+// Grid (ceil(n / 32), ceil(m / 16), batch), 256 threads, 28 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_batched_wk(const GemmArgs g) { gemm_tile_wk(g); }
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 36.9 KB static shared memory; tf32

@@ -533,8 +533,8 @@ extern "C" __global__ void __launch_bounds__(256, 6)
 }
 // The two `_dy16` forms at two pixels a warp ahead and eight blocks a multiprocessor
 // (INVDIFF_GN_SUMS_ONE_WAVE): 32 registers without spills, so that plan_norm's grid of eight
-// blocks a multiprocessor runs in one wave, where the six-block forms above leave a third of
-// it to a second. The same pixels in the same order, so the same bits.
+// blocks a multiprocessor runs in one wave, where the six-block forms above leave a quarter
+// of it to a second. The same pixels in the same order, so the same bits.
 constexpr int PARTIAL_WAVE_ILP = 2;
 extern "C" __global__ void __launch_bounds__(256, 8)
     gn_bwd_partial_dy16_wave(const float* x, BWD_PARTIAL_ARGS(DY_HALF)) {

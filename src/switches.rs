@@ -86,7 +86,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GEMM_WARP_K",
         ON_OFF,
-        "GPU candidate: `1` has the small fp32 attention products (those the 32-wide tiles take) run 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
+        "GPU candidate: `1` has the small fp32 attention products (those the 32-wide tiles take; nothing with INVDIFF_GEMM_SMALL_TILES=0) run 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
     ),
     choice(
         "INVDIFF_GN_SUMS_ONE_WAVE",
@@ -96,7 +96,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_NARROW_SHORT",
         ON_OFF,
-        "GPU candidate: `1` has the few-output convolutions (celebahq's conv_out forward and conv_in input gradient) take 8-row tiles where 16-row ones would leave multiprocessors under two blocks (the same bits)",
+        "GPU candidate: `1` has the few-output convolutions (celebahq's conv_out forward and conv_in input gradient) take 8-row tiles where 16-row ones would give multiprocessors one block at most (the same bits)",
     ),
     choice(
         "INVDIFF_SPLITK_AHEAD",

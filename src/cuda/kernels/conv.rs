@@ -802,15 +802,13 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            // Two adjacent outputs a thread: 8-byte accesses to every array it reads or writes.
-            let pairs_fit = s.ncols % 2 == 0
-                && [a.y, a.bias, a.temb, a.res, a.ws]
-                    .iter()
-                    .all(|&ptr| ptr % 8 == 0);
+            // Two adjacent outputs a thread: 8-byte accesses to the workspace and the output
+            // (the epilogue's terms are read one float at a time).
+            let pairs_fit = s.ncols % 2 == 0 && a.y % 8 == 0 && a.ws % 8 == 0;
             let ahead = opts.reduce_ahead.unwrap_or(self.splitk_ahead);
             let (f, launch, name) = if ahead && pairs_fit {
                 let pairs = rows * s.ncols / 2;
-                let grid = (self.blocks(pairs, 128, 16), 1, 1);
+                let grid = (self.blocks(pairs, 128, 4), 1, 1);
                 (
                     &self.conv_splitk_reduce_ahead,
                     cfg(grid, (128, 1, 1)),
@@ -874,10 +872,11 @@ impl Kernels {
                 .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
         };
         let (f, launch, name) = if narrow {
-            // INVDIFF_NARROW_SHORT: 8-row tiles where 16-row ones would leave multiprocessors
-            // with fewer than the two blocks each holds.
+            // INVDIFF_NARROW_SHORT: 8-row tiles where 16-row ones would give multiprocessors
+            // one block at most of the two each holds (batch 1 at 256x256); where they fill
+            // most of the two, the short tiles' second wave and extra halo rows would cost more.
             let tall_blocks = s.n * s.mw.div_ceil(NARROW_COLS) * s.mh.div_ceil(NARROW_ROWS);
-            let short = short.unwrap_or(self.narrow_short && tall_blocks < 2 * self.sms as usize);
+            let short = short.unwrap_or(self.narrow_short && tall_blocks <= self.sms as usize);
             let (rows, table, kernel) = match short {
                 true => (
                     NARROW_SHORT_ROWS,

@@ -14,7 +14,7 @@
 //!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic, 2 per multiprocessor;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
 //!   8 blocks per multiprocessor; `conv_splitk_reduce_ahead`: 128, a thread per two outputs,
-//!   ⌈pairs/128⌉ capped at 16 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
+//!   ⌈pairs/128⌉ capped at 4 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
@@ -184,8 +184,8 @@ pub(crate) struct Kernels {
     conv_narrow: Vec<CudaFunction>,
     /// `conv_narrow_short_<ncols>` likewise (8-row tiles).
     conv_narrow_short: Vec<CudaFunction>,
-    /// Narrow launches that would leave multiprocessors under two blocks take the 8-row tiles
-    /// (`INVDIFF_NARROW_SHORT=1`).
+    /// Narrow launches whose 16-row tiles would give multiprocessors one block at most take
+    /// the 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
     narrow_short: bool,
     /// `conv_few_in_<sc>` at index sc - 1.
     conv_few_in: Vec<CudaFunction>,
@@ -486,8 +486,8 @@ impl Kernels {
         self.gemm_prefetch
     }
 
-    /// Whether narrow convolutions that would leave multiprocessors under two blocks take
-    /// 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
+    /// Whether narrow convolutions whose 16-row tiles would give multiprocessors one block at
+    /// most take 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
     pub fn narrow_short(&self) -> bool {
         self.narrow_short
     }

@@ -17,9 +17,10 @@ impl Tester<'_> {
     /// partial), scaled and accumulated, against the CPU, and every form against the plain
     /// 64-wide one, held to 0 (each output sums its products in the same order); the tiles
     /// whose warps split K (`INVDIFF_GEMM_WARP_K`; five of the eight warps with a share, the
-    /// last short) against the CPU. Two layouts,
-    /// for the two ways each operand's loads follow its unit stride: A by rows and B by columns
-    /// (`P v`'s), then both along K (`q kᵀ`'s).
+    /// last short) against the CPU. Two layouts, for the two ways each operand's loads follow
+    /// its unit stride: A by rows and B by columns (`P v`'s), then both along K (`q kᵀ`'s).
+    /// Then small products overwriting C with K shorter than a warp's slice, and with no K at
+    /// all, adding nothing to C.
     fn batched_products(&mut self) -> Result<()> {
         let (m, n, k, outer, inner, alpha) = (100, 70, 130, 2, 3, 0.5f32);
         // (A's row and column strides, B's), as `Gemm` takes them.
@@ -30,7 +31,15 @@ impl Tester<'_> {
             self.batched_product_rows(
                 (m, n, k, outer, inner, alpha),
                 (a_rs, a_cs, b_rs, b_cs),
-                layout,
+                (layout, true),
+            )?;
+        }
+        // Overwriting, with a K shorter than one warp's slice, and with no K at all (C kept).
+        for (k, accumulate) in [(9, false), (0, true)] {
+            self.batched_product_rows(
+                (20, 40, k, 1, 2, alpha),
+                (k, 1, 1, k),
+                ("both along K", accumulate),
             )?;
         }
         Ok(())
@@ -41,7 +50,7 @@ impl Tester<'_> {
         &mut self,
         (m, n, k, outer, inner, alpha): (usize, usize, usize, usize, usize, f32),
         (a_rs, a_cs, b_rs, b_cs): (usize, usize, usize, usize),
-        layout: &str,
+        (layout, accumulate): (&str, bool),
     ) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let batch = outer * inner;
@@ -49,7 +58,11 @@ impl Tester<'_> {
         let b = self.rand(batch * k * n, -1.0, 1.0);
         let c0 = self.rand(batch * m * n, -1.0, 1.0);
         // A(i, kk) of batch z at a[z m k + i a_rs + kk a_cs], B(kk, j) at b[z k n + kk b_rs + j b_cs].
-        let mut want = c0.clone();
+        let mut want = if accumulate {
+            c0.clone()
+        } else {
+            vec![0.0; c0.len()]
+        };
         for z in 0..batch {
             for i in 0..m {
                 for j in 0..n {
@@ -86,10 +99,17 @@ impl Tester<'_> {
             c_bo: inner * m * n,
             c_bi: m * n,
             alpha,
-            accumulate: true,
+            accumulate,
             tf32: false,
         };
-        let desc = format!("{batch} x {m}x{k} . {k}x{n}, accumulating, {layout}");
+        let desc = format!(
+            "{batch} x {m}x{k} . {k}x{n}, {}, {layout}",
+            if accumulate {
+                "accumulating"
+            } else {
+                "overwriting"
+            }
+        );
         let mut plain = None;
         for (tile, prefetch) in [(64, false), (32, false), (64, true), (32, true)] {
             let form = GemmForm::Tiles { tile, prefetch };
