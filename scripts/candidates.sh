@@ -3,8 +3,9 @@
 # candidates (16-bit output gradients for every GroupNorm backward pass that can, not only those
 # over 16-bit inputs; the attention products' K slices prefetched, new at stop 28; split-K
 # reductions with every load of an output issued first, the GroupNorm backward sums of 16-bit
-# gradients in one wave, attention products whose warps split K, and short tiles for the
-# few-output convolutions, new at stop 29; tf32 attention
+# gradients in one wave, the GroupNorm passes over 16-bit values four pixels ahead, attention
+# products whose warps split K, and short tiles for the few-output convolutions, new at stop
+# 29; tf32 attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
 # v0.5 and v0.6), then each v0.10 default turned off (residual
 # gradients added by the GroupNorm backward passes; 16-bit output gradients for the passes
@@ -23,6 +24,7 @@ CANDIDATES=(
     gemm_prefetch:INVDIFF_GEMM_PREFETCH=1
     splitk_ahead:INVDIFF_SPLITK_AHEAD=1
     gn_sums_one_wave:INVDIFF_GN_SUMS_ONE_WAVE=1
+    gn_half_ahead:INVDIFF_GN_HALF_AHEAD=1
     narrow_short:INVDIFF_NARROW_SHORT=1
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1

@@ -89,6 +89,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the small fp32 attention products (those the 32-wide tiles take; nothing with INVDIFF_GEMM_SMALL_TILES=0) run 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
     ),
     choice(
+        "INVDIFF_GN_HALF_AHEAD",
+        ON_OFF,
+        "GPU candidate: `1` has the GroupNorm element passes over 16-bit values (the forward's over a 16-bit input, the backward's over a 16-bit input and gradient) keep four pixels' loads ahead instead of two (the same bits)",
+    ),
+    choice(
         "INVDIFF_GN_SUMS_ONE_WAVE",
         ON_OFF,
         "GPU candidate: `1` has the GroupNorm backward passes of 16-bit output gradients sum two pixels a warp ahead at eight blocks a multiprocessor, one wave of their grid, instead of three at six (the same bits)",

@@ -225,6 +225,11 @@ pub(crate) struct Kernels {
     /// take for their sums with `INVDIFF_GN_SUMS_ONE_WAVE=1`.
     gn_bwd_partial_wave: [CudaFunction; 2],
     gn_sums_one_wave: bool,
+    /// `gn_apply_half_x16_ilp4`, and `gn_bwd_apply_x16_dy16_ilp4` and its `_split` form, which
+    /// the `_ilp` passes over 16-bit values take with `INVDIFF_GN_HALF_AHEAD=1`.
+    gn_apply_half_x16_ilp4: CudaFunction,
+    gn_bwd_apply_x16_dy16_ilp4: [CudaFunction; 2],
+    gn_half_ahead: bool,
     gn_one_pass: CudaFunction,
     gn_one_pass_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -456,6 +461,12 @@ impl Kernels {
                 get("norm", "gn_bwd_partial_x16_dy16_wave")?,
             ],
             gn_sums_one_wave: switches::is("INVDIFF_GN_SUMS_ONE_WAVE", "1"),
+            gn_apply_half_x16_ilp4: get("norm", "gn_apply_half_x16_ilp4")?,
+            gn_bwd_apply_x16_dy16_ilp4: [
+                get("norm", "gn_bwd_apply_x16_dy16_ilp4")?,
+                get("norm", "gn_bwd_apply_x16_split_dy16_ilp4")?,
+            ],
+            gn_half_ahead: switches::is("INVDIFF_GN_HALF_AHEAD", "1"),
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
@@ -508,6 +519,12 @@ impl Kernels {
     /// (`INVDIFF_GN_SUMS_ONE_WAVE=1`).
     pub fn gn_sums_one_wave(&self) -> bool {
         self.gn_sums_one_wave
+    }
+
+    /// Whether the GroupNorm element passes over 16-bit values keep four pixels' loads ahead
+    /// (`INVDIFF_GN_HALF_AHEAD=1`).
+    pub fn gn_half_ahead(&self) -> bool {
+        self.gn_half_ahead
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).

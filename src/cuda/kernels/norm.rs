@@ -30,6 +30,11 @@ pub(crate) struct NormSplit {
     pub one_pass: Option<u32>,
     pub ilp: bool,
     pub from_producer: bool,
+    /// With `ilp`, three launches: whether the element passes over 16-bit values (the
+    /// forward's over a 16-bit x, the backward's over a 16-bit x and dy) keep four pixels'
+    /// loads ahead instead of two (the `_ilp4` kernels), the same bits; `None` as
+    /// `INVDIFF_GN_HALF_AHEAD` says, `Some` forcing either way (the selftest).
+    pub half_ahead: Option<bool>,
 }
 
 /// What a GroupNorm backward pass ([`Kernels::group_norm_backward`]) reads: the forward's
@@ -229,6 +234,7 @@ pub(crate) fn plan_norm(
         one_pass,
         ilp,
         from_producer: false,
+        half_ahead: None,
     }
 }
 
@@ -260,10 +266,14 @@ impl NormSplit {
             None if self.from_producer => format!("{} chunks summed by the producer", self.chunks),
             None => format!("{} chunks", self.chunks),
         };
-        if self.ilp {
+        let form = if self.ilp {
             form + ", loads ahead"
         } else {
             form
+        };
+        match self.half_ahead {
+            Some(true) => form + " (16-bit passes four pixels)",
+            _ => form,
         }
     }
 
@@ -601,10 +611,12 @@ impl Kernels {
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
+            let ahead = split.half_ahead.unwrap_or(self.gn_half_ahead);
             let f = match (x_half.is_some(), split.ilp) {
                 (false, false) => &self.gn_apply_half,
                 (false, true) => &self.gn_apply_half_ilp,
                 (true, false) => &self.gn_apply_half_x16,
+                (true, true) if ahead => &self.gn_apply_half_x16_ilp4,
                 (true, true) => &self.gn_apply_half_x16_ilp,
             };
             let grid = self.norm_units(st, f, n, hw, c / 4, split.ilp)?;
@@ -964,9 +976,16 @@ impl Kernels {
         let vec = vec || x_half.is_some() || sides.is_some();
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
-        let (apply_fn, kind16) = match sides {
-            Some((_, kind)) => (&fns.apply_split, kind),
-            None => (&fns.apply, kind16),
+        // INVDIFF_GN_HALF_AHEAD: over a 16-bit x and dy, four pixels ahead.
+        let ahead = split.ilp
+            && x_half.is_some()
+            && dy_half.is_some()
+            && split.half_ahead.unwrap_or(self.gn_half_ahead);
+        let (apply_fn, kind16) = match (sides, ahead) {
+            (Some((_, kind)), false) => (&fns.apply_split, kind),
+            (Some((_, kind)), true) => (&self.gn_bwd_apply_x16_dy16_ilp4[1], kind),
+            (None, false) => (&fns.apply, kind16),
+            (None, true) => (&self.gn_bwd_apply_x16_dy16_ilp4[0], kind16),
         };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);

@@ -98,6 +98,46 @@ impl Tester<'_> {
         let s = if silu { "+silu" } else { "" };
         let op = format!("groupnorm{s} forward, {precision} input and output vs fp32 input");
         self.same_bits_rows(&op, "statistics", desc, &outs, ms);
+        // The `_ilp` element pass over the 16-bit x four pixels ahead (INVDIFF_GN_HALF_AHEAD)
+        // against two (three launches: one pass has no element pass).
+        if d.split.ilp && d.split.one_pass.is_none() {
+            let mut outs = Vec::new();
+            for ahead in [false, true] {
+                let split = NormSplit {
+                    half_ahead: Some(ahead),
+                    ..d.split
+                };
+                let d = NormDims { split, ..d };
+                let y = self.zeros(x.len().div_ceil(2))?;
+                let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+                let stats = self.zeros(2 * d.n * d.groups)?;
+                let affine = self.zeros(2 * d.n * d.c)?;
+                ms = self.timed(
+                    || Ok(()),
+                    || {
+                        gpu.kernels.group_norm(
+                            st,
+                            d,
+                            x16.ptr,
+                            Some(precision),
+                            gamma.ptr,
+                            beta.ptr,
+                            y.ptr,
+                            partial.ptr,
+                            stats.ptr,
+                            affine.ptr,
+                            eps,
+                            silu,
+                            Some(precision),
+                        )
+                    },
+                )?;
+                let y = unpack_half(&y.download(st)?, x.len(), precision);
+                outs.push((y, stats.download(st)?));
+            }
+            let op = format!("groupnorm{s} forward, {precision} input, four pixels ahead vs two");
+            self.same_bits_rows(&op, "statistics", desc, &outs, ms);
+        }
         Ok(())
     }
 
@@ -258,10 +298,9 @@ impl Tester<'_> {
                 } else {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
                 }
-                // The sums of the 16-bit gradient in one wave (the `_wave` kernels) and not
-                // (one pass has no sums launch).
+                // The three-launch pass's choices below its form (one pass has none).
                 if d.split.one_pass.is_none() {
-                    self.one_wave_rows(
+                    self.dy16_choice_rows(
                         d,
                         (xp, x_half),
                         dy16.ptr,
@@ -277,10 +316,12 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// The backward pass `d` of a 16-bit output gradient at `dy16` (three launches), its sums
-    /// in one wave (the `_wave` kernels, `INVDIFF_GN_SUMS_ONE_WAVE`) against not, bit for bit.
+    /// The backward pass `d` of a 16-bit output gradient at `dy16` (three launches) two ways,
+    /// bit for bit: its sums in one wave (the `_wave` kernels, `INVDIFF_GN_SUMS_ONE_WAVE`) and
+    /// not; over a 16-bit x, its element pass four pixels ahead (the `_ilp4` kernels,
+    /// `INVDIFF_GN_HALF_AHEAD`) and two.
     #[allow(clippy::too_many_arguments)]
-    fn one_wave_rows(
+    fn dy16_choice_rows(
         &mut self,
         d: NormDims,
         (xp, x_half): (DPtr, Option<Precision>),
@@ -293,30 +334,48 @@ impl Tester<'_> {
     ) -> Result<()> {
         let s = if base.silu { "+silu" } else { "" };
         let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
-        let mut ms = 0.0;
-        let mut waves = Vec::new();
-        for one_wave in [false, true] {
-            let inputs = NormBackwardIn {
-                x: xp,
-                x_half,
-                dy: dy16,
-                dy_half: Some(precision),
-                ..base
-            };
-            let onto = (dx0, accumulate, None);
-            let copy = out16.is_none();
-            let out;
-            (out, ms) =
-                self.backward_run(d, inputs, onto, out16, copy, precision, Some(one_wave))?;
-            waves.push(out);
+        let inputs = NormBackwardIn {
+            x: xp,
+            x_half,
+            dy: dy16,
+            dy_half: Some(precision),
+            ..base
+        };
+        let onto = (dx0, accumulate, None);
+        let copy = out16.is_none();
+        let ahead = |on| NormDims {
+            split: NormSplit {
+                half_ahead: Some(on),
+                ..d.split
+            },
+            ..d
+        };
+        // (What differs: the dims and the one-wave choice of each run.)
+        let mut pairs = vec![(
+            "sums in one wave vs not",
+            [(d, Some(false)), (d, Some(true))],
+        )];
+        if x_half.is_some() {
+            pairs.push((
+                "element pass four pixels ahead vs two",
+                [(ahead(false), None), (ahead(true), None)],
+            ));
         }
-        let op = format!(
-            "groupnorm{s} input-grad{}{}, {precision} output gradient{xs}, sums in one wave \
-             vs not",
-            acc_name(accumulate),
-            if out16.is_some() { " (16-bit)" } else { "" },
-        );
-        self.same_bits_rows(&op, "16-bit copy", desc, &waves, ms);
+        for (what, runs) in pairs {
+            let mut outs = Vec::new();
+            let mut ms = 0.0;
+            for (d, one_wave) in runs {
+                let out;
+                (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, one_wave)?;
+                outs.push(out);
+            }
+            let op = format!(
+                "groupnorm{s} input-grad{}{}, {precision} output gradient{xs}, {what}",
+                acc_name(accumulate),
+                if out16.is_some() { " (16-bit)" } else { "" },
+            );
+            self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
+        }
         Ok(())
     }
 

@@ -191,6 +191,10 @@ impl CudaUnet {
                 self.gpu.kernels.gn_sums_one_wave(),
                 "GroupNorm backward sums in one wave".to_string(),
             ),
+            (
+                self.gpu.kernels.gn_half_ahead(),
+                "16-bit GroupNorm passes four pixels ahead".to_string(),
+            ),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
         ];
