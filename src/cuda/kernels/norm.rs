@@ -266,14 +266,10 @@ impl NormSplit {
             None if self.from_producer => format!("{} chunks summed by the producer", self.chunks),
             None => format!("{} chunks", self.chunks),
         };
-        let form = if self.ilp {
+        if self.ilp {
             form + ", loads ahead"
         } else {
             form
-        };
-        match self.half_ahead {
-            Some(true) => form + " (16-bit passes four pixels)",
-            _ => form,
         }
     }
 
@@ -612,12 +608,12 @@ impl Kernels {
                 )));
             }
             let ahead = split.half_ahead.unwrap_or(self.gn_half_ahead);
-            let f = match (x_half.is_some(), split.ilp) {
-                (false, false) => &self.gn_apply_half,
-                (false, true) => &self.gn_apply_half_ilp,
-                (true, false) => &self.gn_apply_half_x16,
-                (true, true) if ahead => &self.gn_apply_half_x16_ilp4,
-                (true, true) => &self.gn_apply_half_x16_ilp,
+            let (f, name) = match (x_half.is_some(), split.ilp) {
+                (false, false) => (&self.gn_apply_half, "gn_apply_half"),
+                (false, true) => (&self.gn_apply_half_ilp, "gn_apply_half_ilp"),
+                (true, false) => (&self.gn_apply_half_x16, "gn_apply_half_x16"),
+                (true, true) if ahead => (&self.gn_apply_half_x16_ilp4, "gn_apply_half_x16_ilp4"),
+                (true, true) => (&self.gn_apply_half_x16_ilp, "gn_apply_half_x16_ilp"),
             };
             let grid = self.norm_units(st, f, n, hw, c / 4, split.ilp)?;
             let mut b = st.launch_builder(f);
@@ -635,7 +631,7 @@ impl Kernels {
             // values.
             return cu(
                 unsafe { b.launch(grid) }.map(drop),
-                &format!("launching gn_apply_half{x16}"),
+                &format!("launching {name}"),
             );
         }
         let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
@@ -1013,7 +1009,10 @@ impl Kernels {
         // n x hw x cb, with their 16-bit copies.
         cu(
             unsafe { b.launch(grid) }.map(drop),
-            &format!("launching gn_bwd_apply{form}{split_form}"),
+            &format!(
+                "launching gn_bwd_apply{form}{}{split_form}",
+                if ahead { "4" } else { "" }
+            ),
         )
     }
 }

@@ -452,6 +452,9 @@ impl Tester<'_> {
             // units of four channels and (c % 4 != 0) of one.
             (1, 96, 96, 256, 32, true, true),
             (1, 256, 256, 6, 3, true, true),
+            // Full rounds of four pixels ahead in the forward's pass over a 16-bit x (at five
+            // blocks a multiprocessor its stride is 5280 pixels; more than four of them here).
+            (1, 160, 160, 256, 32, true, false),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };
