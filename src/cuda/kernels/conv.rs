@@ -434,7 +434,7 @@ pub(super) fn narrow_smem(ncols: usize, rows: usize) -> u32 {
 pub(super) const NARROW_COLS: usize = 32;
 pub(super) const NARROW_ROWS: usize = 16;
 pub(super) const NARROW_SHORT_ROWS: usize = 8;
-/// Run length of `conv_few_in_*`.
+/// Run length of `conv_few_in_*`, and the output columns one of its blocks computes.
 const FEW_IN_RUN: usize = 16;
 const FEW_IN_COLS: usize = 128;
 
