@@ -23,8 +23,8 @@
 #       that build has it, its --sweep (every tensor-core launch under each pipeline, split and
 #       wgmma form, and every GroupNorm in each form: three launches, one pass, each also with
 #       loads ahead, a backward pass's three launches also one at a time; bf16 b8 forward,
-#       bf16 b1 forward + VJP, the GroupNorms of the latter first on their own; JSON in
-#       devcheck.tar.gz);
+#       bf16 b1 forward + VJP, the GroupNorms of the latter first on their own (SWEEPS=norms:
+#       only those); JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32; again with the fold on in fp32), a
 #       1000-step bf16 DPS restoration of the real sample, and 10-step DPS / 2-step PiGDM
 #       trajectories, GPU against CPU.
@@ -424,7 +424,10 @@ if want k && [ -x "$KBENCH" ]; then
         --iters 10 --save "$W/sweep_norms_bf16_b1record.json"
     note "kernels_cuda --sweep --norms-only --batch 1 --record (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(GroupNorms per call|kernels_cuda: )' "$W/sweep_norms_bf16_b1record.txt" | cut -c 1-160)"
     sync_out
+    # The convolution sweeps take minutes (171 s at batch 1 at stop 27): SWEEPS=norms leaves
+    # them out, so that phase (e) after this one still fits the deadline.
     for args in "--batch 8" "--batch 1 --record"; do
+        [ "${SWEEPS:-all}" = norms ] && break
         t0=$SECONDS
         name="sweep_bf16_$(echo "$args" | tr -d ' -' | sed 's/batch/b/')"
         # shellcheck disable=SC2086
