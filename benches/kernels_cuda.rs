@@ -486,9 +486,7 @@ fn sweep(a: &Args) -> ExitCode {
             ""
         }
     );
-    if !a.norms_only {
-        conv_table(&rows);
-    }
+    let totals = (!a.norms_only).then(|| conv_table(&rows));
     // The GroupNorms: each form (three launches, one pass) per distinct shape.
     let norms = match cuda::sweep_group_norms(0, &model.graph, n, h, w, rec, p, it) {
         Ok(r) => r,
@@ -504,9 +502,7 @@ fn sweep(a: &Args) -> ExitCode {
             "norms": norms,
         });
         // (No convolution fields when only the GroupNorms were swept.)
-        if !a.norms_only {
-            let planned: f64 = rows.iter().map(|r| r.count as f64 * r.planned.ms).sum();
-            let best: f64 = rows.iter().map(|r| r.count as f64 * r.best().ms).sum();
+        if let Some((planned, best)) = totals {
             v["planned_ms"] = json!(planned);
             v["best_ms"] = json!(best);
             v["sweep"] = json!(rows);
@@ -521,8 +517,9 @@ fn sweep(a: &Args) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// The convolution sweep's rows: planned against fastest, with where their cycles go.
-fn conv_table(rows: &[cuda::SweepRow]) {
+/// The convolution sweep's rows: planned against fastest, with where their cycles go. Returns
+/// the call's milliseconds in those launches as planned and with the fastest of each.
+fn conv_table(rows: &[cuda::SweepRow]) -> (f64, f64) {
     println!(
         "{:<24} {:<40} {:>5} {:>36} {:>36} {:>6}",
         "kind", "shape", "count", "planned (ms)", "fastest (ms)", "gain"
@@ -564,6 +561,7 @@ fn conv_table(rows: &[cuda::SweepRow]) {
         "tensor-core launches per call: {planned:.3} ms as planned, {best:.3} ms with the fastest \
          variant of each"
     );
+    (planned, best)
 }
 
 /// The GroupNorm sweep's rows: each form's time, a backward pass's launches alone beside it.

@@ -217,19 +217,16 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
         .iter()
         .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
     {
-        let per = ktiles.div_ceil(s) * slice;
         // Not wgmma: the plain tile and loaders whatever the planned launch's (Kernels::conv
         // rejects a tall tile or lean loaders without wgmma).
         let base = ConvLaunch {
-            splits: k.div_ceil(per),
-            k_per_split: per,
             wgmma: false,
             lean_loads: false,
             tma_loads: false,
             prefetch: false,
             tile: WgmmaTile::Plain,
             staged_epilogue: false,
-            ..planned
+            ..planned.with_splits(shape, slice, s)
         };
         let mut pipes = vec![(false, false), (true, false)];
         if precision.is_half() {
@@ -255,16 +252,13 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
             .iter()
             .filter(|&&s| s == 1 || (s <= ktiles && tiles * s <= MAX_WAVES * 2 * sms))
         {
-            let per = ktiles.div_ceil(s) * WGMMA_SLICE;
             let c = ConvLaunch {
-                splits: k.div_ceil(per),
-                k_per_split: per,
                 deep: true,
                 half_input: true,
                 wgmma: true,
                 prefetch: false,
                 staged_epilogue: false,
-                ..planned
+                ..planned.with_splits(shape, WGMMA_SLICE, s)
             };
             let tma = tma_tried(shape);
             for (row_epilogue, lean_loads, tma_loads) in WGMMA_FORMS {

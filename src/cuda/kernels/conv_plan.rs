@@ -681,15 +681,13 @@ fn split_k_on(
     per_sm: usize,
 ) -> ConvLaunch {
     let sms = sms.max(1);
-    let k = s.k();
     let tiles = s.rows().div_ceil(TILE) * s.ncols.div_ceil(TILE);
-    let ktiles = k.div_ceil(bk).max(1);
+    let ktiles = s.k().div_ceil(bk).max(1);
     let splits = match kernel {
         ConvKernel::Tensor(_) => tc_splits(tiles, ktiles, per_sm * sms, sms),
         _ => simt_splits(tiles, ktiles, per_sm * sms),
     };
-    let per = ktiles.div_ceil(splits) * bk;
-    ConvLaunch::new(kernel, k.div_ceil(per).max(1), per)
+    ConvLaunch::new(kernel, 1, s.k()).with_splits(s, bk, splits)
 }
 
 /// The fp32 kernels: the fewest waves of blocks per split, each split at least 8 K slices, a
@@ -775,6 +773,18 @@ impl ConvLaunch {
             prefetch: false,
             tile: WgmmaTile::Plain,
             staged_epilogue: false,
+        }
+    }
+
+    /// This launch with `s`'s K cut into `splits` shares of whole `slice`-deep K slices (fewer
+    /// where the last shares would be empty; at least one).
+    pub(crate) fn with_splits(self, s: &ConvShape, slice: usize, splits: usize) -> ConvLaunch {
+        let k = s.k();
+        let per = k.div_ceil(slice).max(1).div_ceil(splits.max(1)) * slice;
+        ConvLaunch {
+            splits: k.div_ceil(per).max(1),
+            k_per_split: per,
+            ..self
         }
     }
 

@@ -6,10 +6,9 @@
 //! norms group checks) against the same network without. Groups of their own, run last: a
 //! new kernel that faults ends no other check.
 
+use super::group_norms::half_ahead;
 use super::{acc_name, unpack_half, Tester};
-use crate::cuda::kernels::{
-    plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
-};
+use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::Result;
@@ -140,11 +139,7 @@ impl Tester<'_> {
         // pixels ahead (INVDIFF_GN_HALF_AHEAD), each against the whole gradient as planned.
         let mut forms = vec![(d, "")];
         if x16 && dy16 && ilp {
-            let split = NormSplit {
-                half_ahead: Some(true),
-                ..split
-            };
-            forms.push((NormDims { split, ..d }, ", four pixels ahead"));
+            forms.push((half_ahead(d, true), ", four pixels ahead"));
         }
         for (d, ahead) in forms {
             // The two sides; the input gradient random where the pass overwrites it, so that a

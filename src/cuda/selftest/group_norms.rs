@@ -11,6 +11,20 @@ use crate::Result;
 
 /// A backward pass's input gradient and its 16-bit copy, widened.
 type BackwardOutputs = (Vec<f32>, Vec<f32>);
+/// A forward pass's output, widened, and its statistics.
+type ForwardOutputs = (Vec<f32>, Vec<f32>);
+
+/// `d` with its element passes over 16-bit values `on` four pixels ahead or not
+/// ([`NormSplit::half_ahead`]).
+pub(super) fn half_ahead(d: NormDims, on: bool) -> NormDims {
+    NormDims {
+        split: NormSplit {
+            half_ahead: Some(on),
+            ..d.split
+        },
+        ..d
+    }
+}
 
 /// What every backward run of one GroupNorm shares: its statistics, scale and shift, SiLU.
 fn shared_inputs((stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf), silu: bool) -> NormBackwardIn {
@@ -51,7 +65,9 @@ impl Tester<'_> {
 
     /// GroupNorm `d` (16-bit output) of `x` stored in 16 bits of `precision`
     /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)): its output and
-    /// statistics the same bits as the fp32-input kernels' over the same values widened.
+    /// statistics the same bits as the fp32-input kernels' over the same values widened; and,
+    /// three launches with the `_ilp` kernels, its element pass four pixels ahead
+    /// (`INVDIFF_GN_HALF_AHEAD`) the same bits as two (one pass has no element pass).
     #[allow(clippy::too_many_arguments)]
     fn half_input_rows(
         &mut self,
@@ -63,82 +79,72 @@ impl Tester<'_> {
         precision: Precision,
         desc: &str,
     ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (x16, widened) = self.rounded_input(x, precision)?;
-        let mut outs = Vec::new();
-        let mut ms = 0.0;
-        for (input, x_half) in [(widened.ptr, None), (x16.ptr, Some(precision))] {
-            let y = self.zeros(x.len().div_ceil(2))?;
-            let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
-            let stats = self.zeros(2 * d.n * d.groups)?;
-            let affine = self.zeros(2 * d.n * d.c)?;
-            ms = self.timed(
-                || Ok(()),
-                || {
-                    gpu.kernels.group_norm(
-                        st,
-                        d,
-                        input,
-                        x_half,
-                        gamma.ptr,
-                        beta.ptr,
-                        y.ptr,
-                        partial.ptr,
-                        stats.ptr,
-                        affine.ptr,
-                        eps,
-                        silu,
-                        Some(precision),
-                    )
-                },
-            )?;
-            let y = unpack_half(&y.download(st)?, x.len(), precision);
-            outs.push((y, stats.download(st)?));
-        }
         let s = if silu { "+silu" } else { "" };
-        let op = format!("groupnorm{s} forward, {precision} input and output vs fp32 input");
-        self.same_bits_rows(&op, "statistics", desc, &outs, ms);
-        // The `_ilp` element pass over the 16-bit x four pixels ahead (INVDIFF_GN_HALF_AHEAD)
-        // against two (three launches: one pass has no element pass).
+        let mut pairs = vec![(
+            format!("groupnorm{s} forward, {precision} input and output vs fp32 input"),
+            [(d, widened.ptr, None), (d, x16.ptr, Some(precision))],
+        )];
         if d.split.ilp && d.split.one_pass.is_none() {
+            let x16 = |on| (half_ahead(d, on), x16.ptr, Some(precision));
+            pairs.push((
+                format!("groupnorm{s} forward, {precision} input, four pixels ahead vs two"),
+                [x16(false), x16(true)],
+            ));
+        }
+        for (op, runs) in pairs {
             let mut outs = Vec::new();
-            for ahead in [false, true] {
-                let split = NormSplit {
-                    half_ahead: Some(ahead),
-                    ..d.split
-                };
-                let d = NormDims { split, ..d };
-                let y = self.zeros(x.len().div_ceil(2))?;
-                let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
-                let stats = self.zeros(2 * d.n * d.groups)?;
-                let affine = self.zeros(2 * d.n * d.c)?;
-                ms = self.timed(
-                    || Ok(()),
-                    || {
-                        gpu.kernels.group_norm(
-                            st,
-                            d,
-                            x16.ptr,
-                            Some(precision),
-                            gamma.ptr,
-                            beta.ptr,
-                            y.ptr,
-                            partial.ptr,
-                            stats.ptr,
-                            affine.ptr,
-                            eps,
-                            silu,
-                            Some(precision),
-                        )
-                    },
-                )?;
-                let y = unpack_half(&y.download(st)?, x.len(), precision);
-                outs.push((y, stats.download(st)?));
+            let mut ms = 0.0;
+            for (d, input, x_half) in runs {
+                let out;
+                (out, ms) =
+                    self.half_output_run(d, (input, x_half), (gamma, beta), eps, silu, precision)?;
+                outs.push(out);
             }
-            let op = format!("groupnorm{s} forward, {precision} input, four pixels ahead vs two");
             self.same_bits_rows(&op, "statistics", desc, &outs, ms);
         }
         Ok(())
+    }
+
+    /// GroupNorm `d` of the input at `x` (16-bit values of `x_half` where set) into a 16-bit
+    /// output of `precision`: that output widened, the statistics, and the launch's time.
+    fn half_output_run(
+        &mut self,
+        d: NormDims,
+        (x, x_half): (DPtr, Option<Precision>),
+        (gamma, beta): (&DevBuf, &DevBuf),
+        eps: f32,
+        silu: bool,
+        precision: Precision,
+    ) -> Result<(ForwardOutputs, f64)> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let len = d.n * d.hw * d.c;
+        let y = self.zeros(len.div_ceil(2))?;
+        let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
+        let stats = self.zeros(2 * d.n * d.groups)?;
+        let affine = self.zeros(2 * d.n * d.c)?;
+        let ms = self.timed(
+            || Ok(()),
+            || {
+                gpu.kernels.group_norm(
+                    st,
+                    d,
+                    x,
+                    x_half,
+                    gamma.ptr,
+                    beta.ptr,
+                    y.ptr,
+                    partial.ptr,
+                    stats.ptr,
+                    affine.ptr,
+                    eps,
+                    silu,
+                    Some(precision),
+                )
+            },
+        )?;
+        let y = unpack_half(&y.download(st)?, len, precision);
+        Ok(((y, stats.download(st)?), ms))
     }
 
     /// One backward pass `d` from `inputs` onto a fresh `dx0` (accumulating, after `add` where
@@ -343,13 +349,6 @@ impl Tester<'_> {
         };
         let onto = (dx0, accumulate, None);
         let copy = out16.is_none();
-        let ahead = |on| NormDims {
-            split: NormSplit {
-                half_ahead: Some(on),
-                ..d.split
-            },
-            ..d
-        };
         // (What differs: the dims and the one-wave choice of each run.)
         let mut pairs = vec![(
             "sums in one wave vs not",
@@ -358,7 +357,7 @@ impl Tester<'_> {
         if x_half.is_some() {
             pairs.push((
                 "element pass four pixels ahead vs two",
-                [(ahead(false), None), (ahead(true), None)],
+                [(half_ahead(d, false), None), (half_ahead(d, true), None)],
             ));
         }
         for (what, runs) in pairs {

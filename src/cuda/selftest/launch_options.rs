@@ -21,16 +21,6 @@ const SIMT_SLICE: usize = 8;
 /// Splits given to a launch that its plan leaves whole.
 const FORCED_SPLITS: usize = 4;
 
-/// `l` with K cut into about `splits` shares of whole `slice`-deep slices.
-fn split(l: ConvLaunch, s: &ConvShape, slice: usize, splits: usize) -> ConvLaunch {
-    let per = s.k().div_ceil(slice).div_ceil(splits) * slice;
-    ConvLaunch {
-        splits: s.k().div_ceil(per),
-        k_per_split: per,
-        ..l
-    }
-}
-
 /// A shape's operands: fp32 activations and weights, a bias, a time embedding, a residual,
 /// and what the launches add onto.
 struct Operands {
@@ -74,7 +64,7 @@ impl Tester<'_> {
             let fp32 = if fp32.splits > 1 {
                 fp32
             } else {
-                split(fp32, s, SIMT_SLICE, FORCED_SPLITS)
+                fp32.with_splits(s, SIMT_SLICE, FORCED_SPLITS)
             };
             let ptrs = ConvPtrs {
                 x: ops.x.ptr,
@@ -89,7 +79,7 @@ impl Tester<'_> {
                 let l = if l.splits > 1 {
                     l
                 } else {
-                    split(l, s, WGMMA_SLICE, FORCED_SPLITS)
+                    l.with_splits(s, WGMMA_SLICE, FORCED_SPLITS)
                 };
                 let (x16, w16) = (
                     self.half_copy(ops.x.ptr, ops.x.slice.len(), Precision::Bf16)?,
