@@ -17,9 +17,14 @@
 //! with the ratio (below 1: faster now), so that every kernel change is measured. `--peak-tflops`
 //! is the card's measured dense bf16 rate (`scripts/torch_baseline.py --matmul-peak`); without
 //! it, the measured figure this build knows for the card, if any. `--dry-run` needs no GPU:
-//! it lists the same rows with their kernel choices and FLOPs, times 0, as planned for a GPU of
-//! `--sms` multiprocessors (default 132, an H100 SXM or H200), beside `--baseline`'s times if
-//! given (a way to read a saved profile by shape without a GPU).
+//! it lists the same rows with their kernel choices and FLOPs, times 0, as planned for a Hopper
+//! GPU of `--sms` multiprocessors (default 132, an H100 SXM or H200) with the `INVDIFF_*`
+//! switches set, beside `--baseline`'s times if given (a way to read a saved profile by shape
+//! without a GPU). With a profile as the baseline it then models the stream schedule
+//! ([`cuda::model_streams`]): each pass's steps at the profile's times per kind and shape, less
+//! a per-step overhead fitted so that the defaults' schedule takes the profile's graph time,
+//! laid out on the schedule of the program as configured: what a change to the schedule (a
+//! switch, or the stream count) could gain at most.
 //!
 //! `--sweep` times each distinct tensor-core launch alone under every pipeline and split of K
 //! it could take ([`cuda::sweep_convolutions`]) and prints, per launch, the planner's choice
@@ -130,12 +135,15 @@ fn on_conv_kernels(kind: &str) -> bool {
     kind.starts_with("conv") || kind.starts_with("linear")
 }
 
-/// A saved run: its rows by (kind, shape) and its header.
+/// A saved run: its rows by (kind, shape) and its header; from a profile also how many steps
+/// each row adds up, and each pass's graph time (forward, then backward), for the stream model.
 struct Baseline {
     header: Value,
     rows: HashMap<(String, String), f64>,
     kinds: HashMap<String, f64>,
     total_ms: Option<f64>,
+    counts: HashMap<(String, String), usize>,
+    pass_ms: Vec<f64>,
 }
 
 /// Reads a file written by `--save`, or the JSON of `invdiff bench --profile --json` (its
@@ -172,6 +180,8 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
             header: v,
             rows,
             kinds,
+            counts: HashMap::new(),
+            pass_ms: Vec::new(),
         });
     }
     let p = if v["steps"].is_array() {
@@ -183,20 +193,23 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
             "profile_forward"
         }]
     };
+    let mut counts = HashMap::new();
     for s in p["steps"].as_array().ok_or_else(bad)? {
         let (Some(kind), Some(shape), Some(ms)) =
             (s["kind"].as_str(), s["shape"].as_str(), s["ms"].as_f64())
         else {
             return Err(bad());
         };
-        *rows
-            .entry((kind.to_string(), shape.to_string()))
-            .or_insert(0.0) += ms;
+        let key = (kind.to_string(), shape.to_string());
+        *rows.entry(key.clone()).or_insert(0.0) += ms;
+        *counts.entry(key).or_insert(0) += 1;
         *kinds.entry(kind.to_string()).or_insert(0.0) += ms;
     }
-    let total_ms = p["graph_forward_ms"]
-        .as_f64()
-        .map(|f| f + p["graph_backward_ms"].as_f64().unwrap_or(0.0));
+    let pass_ms: Vec<f64> = ["graph_forward_ms", "graph_backward_ms"]
+        .iter()
+        .map_while(|k| p[*k].as_f64())
+        .collect();
+    let total_ms = (!pass_ms.is_empty()).then(|| pass_ms.iter().sum());
     Ok(Baseline {
         header: json!({
             "device": p["device"],
@@ -207,6 +220,8 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
         rows,
         kinds,
         total_ms,
+        counts,
+        pass_ms,
     })
 }
 
@@ -404,7 +419,11 @@ fn main() -> ExitCode {
         return match planned {
             Ok(p) => {
                 let peak = a.peak_tflops.and_then(|t| peak_rate(Some(t), "").ok());
-                finish(&a, &p, peak.as_ref(), base.as_ref())
+                let done = finish(&a, &p, peak.as_ref(), base.as_ref());
+                match base.as_ref().filter(|b| !b.pass_ms.is_empty()) {
+                    Some(b) if !stream_model(&a, &model, b) => ExitCode::FAILURE,
+                    _ => done,
+                }
             }
             Err(e) => {
                 eprintln!("kernels_cuda: {e}");
@@ -455,6 +474,43 @@ fn main() -> ExitCode {
         }
     };
     finish(&a, &p, peak.as_ref(), base.as_ref())
+}
+
+/// `--dry-run` with a profile as `--baseline`: the stream schedule's model
+/// ([`cuda::model_streams`]) of the program the `INVDIFF_*` switches configure, beside the
+/// defaults' (fitted to the baseline's graph time). Whether it could.
+fn stream_model(a: &Args, model: &Model, b: &Baseline) -> bool {
+    let (h, w) = model.config().sample_size;
+    let step_ms = |kind: &str, shape: &str| {
+        let key = (kind.to_string(), shape.to_string());
+        Some(b.rows.get(&key)? / *b.counts.get(&key)? as f64)
+    };
+    let (n, rec, sms, p) = (a.batch, a.record, a.sms, a.precision);
+    let modelled = cuda::model_streams(&model.graph, n, h, w, rec, sms, p, &step_ms, &b.pass_ms);
+    let (passes, unmatched) = match modelled {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("kernels_cuda: {e}");
+            return false;
+        }
+    };
+    println!(
+        "stream model (each step the baseline's time for its kind and shape, less an overhead \
+         fitted to the baseline's graph; steps side by side not slowing each other, so gains \
+         are upper bounds; {unmatched} steps not in the baseline, counted as 0):"
+    );
+    for (name, m) in ["forward", "backward"].iter().zip(&passes) {
+        println!(
+            "  {name}: defaults {:.3} ms (fitted: {:.2} us a step), as configured {:.3} ms \
+             ({:+.1}%), one stream {:.3} ms",
+            m.defaults_ms,
+            m.overhead_us,
+            m.configured_ms,
+            100.0 * (m.configured_ms / m.defaults_ms - 1.0),
+            m.one_stream_ms
+        );
+    }
+    true
 }
 
 /// `--sweep`: every tensor-core launch under each pipeline and split, planned against best.

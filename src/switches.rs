@@ -104,6 +104,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the few-output convolutions (celebahq's conv_out forward and conv_in input gradient) take 8-row tiles where 16-row ones would give multiprocessors one block at most (the same bits)",
     ),
     choice(
+        "INVDIFF_CLASS_CONCURRENCY",
+        ON_OFF,
+        "GPU candidate: `1` lets the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) run side by side on the pass's streams (the same bits)",
+    ),
+    choice(
         "INVDIFF_SPLITK_AHEAD",
         ON_OFF,
         "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",

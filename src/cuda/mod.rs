@@ -47,6 +47,7 @@ pub use profile::{
     measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
 };
 pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
+pub use streams::{model_streams, PassModel};
 pub use sweep::{
     sweep_convolutions, sweep_group_norms, NormForm, NormPart, NormSweepRow, SweepRow, SweepVariant,
 };

@@ -647,8 +647,9 @@ impl Profile {
 
 /// The steps of one network call of `graph` on `n` images of `h x w` (forward, and with
 /// `record` the vector-Jacobian product after it) as the CUDA backend lowers them for a GPU of
-/// `multiprocessors` SMs at `precision` with the defaults of a Hopper card (wgmma): kinds,
-/// labels, kernel choices and FLOPs, with every time 0.
+/// `multiprocessors` SMs at `precision` with the choices of a Hopper card (wgmma; its defaults,
+/// with what the `INVDIFF_*` switches set): kinds, labels, kernel choices and FLOPs, with every
+/// time 0.
 /// Needs no GPU: what [`CudaUnet::profile`](super::CudaUnet::profile) will time there.
 pub fn planned_steps(
     graph: &Graph,
@@ -659,7 +660,7 @@ pub fn planned_steps(
     multiprocessors: usize,
     precision: Precision,
 ) -> Result<Profile> {
-    let choice = KernelConfig::tuned(Capabilities::HOPPER, precision);
+    let choice = KernelConfig::from_switches(Capabilities::HOPPER, precision);
     let p = Program::build_with(graph, n, h, w, record, multiprocessors, precision, choice)?;
     Ok(Profile {
         device: format!("(planned for {multiprocessors} multiprocessors, not run)"),

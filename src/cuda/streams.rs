@@ -19,7 +19,11 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::device::cu;
-use super::program::{Buf, Step};
+use super::kernels::Capabilities;
+use super::plan::plan;
+use super::precision::Precision;
+use super::program::{Buf, ConvStep, KernelConfig, Step};
+use crate::model::Graph;
 use crate::Result;
 
 /// How many streams a pass uses: `INVDIFF_STREAMS` (1 to 4), else [`DEFAULT_STREAMS`] (also
@@ -56,23 +60,36 @@ pub(crate) struct Slot {
 }
 
 /// The steps each of `steps` must follow: those before it whose memory conflicts with its
-/// own (`range` maps a buffer to its arena range).
-pub(crate) fn dependencies(steps: &[Step], range: impl Fn(Buf) -> Range<usize>) -> Vec<Vec<usize>> {
-    // Per step: the arena ranges it reads, and those it writes.
-    type Ranges = Vec<Range<usize>>;
+/// own (`range` maps a buffer to its arena range). With `classes`
+/// ([`KernelConfig::class_concurrency`](super::program::KernelConfig::class_concurrency)),
+/// two launches of one convolution's parity classes do not conflict over the arrays both
+/// touch only at their own output pixels ([`other_class`]).
+pub(crate) fn dependencies(
+    steps: &[Step],
+    range: impl Fn(Buf) -> Range<usize>,
+    classes: bool,
+) -> Vec<Vec<usize>> {
+    // Per step: the buffers it reads, and those it writes, each with its arena range.
+    type Ranges = Vec<(Buf, Range<usize>)>;
     let io: Vec<(Ranges, Ranges)> = steps
         .iter()
         .map(|s| {
             let (r, w) = s.io();
+            let with = |b: Buf| (b, range(b));
             (
-                r.into_iter().map(&range).collect(),
-                w.into_iter().map(&range).collect(),
+                r.into_iter().map(with).collect(),
+                w.into_iter().map(with).collect(),
             )
         })
         .collect();
-    let overlap = |a: &[Range<usize>], b: &[Range<usize>]| {
-        a.iter()
-            .any(|x| b.iter().any(|y| x.start < y.end && y.start < x.end))
+    // Whether accesses a (of step i) and b (of step j) may touch the same bytes: their ranges
+    // overlap, and they are not the same array touched by two classes at their own pixels.
+    let overlap = |a: &Ranges, b: &Ranges, apart: &[Buf]| {
+        a.iter().any(|(ba, x)| {
+            b.iter().any(|(bb, y)| {
+                x.start < y.end && y.start < x.end && !(ba == bb && apart.contains(ba))
+            })
+        })
     };
     (0..steps.len())
         .map(|i| {
@@ -80,10 +97,58 @@ pub(crate) fn dependencies(steps: &[Step], range: impl Fn(Buf) -> Range<usize>) 
             (0..i)
                 .filter(|&j| {
                     let (rj, wj) = &io[j];
-                    overlap(wi, rj) || overlap(wi, wj) || overlap(ri, wj)
+                    let apart = match classes {
+                        true => other_class(&steps[i], &steps[j]),
+                        false => Vec::new(),
+                    };
+                    overlap(wi, rj, &apart) || overlap(wi, wj, &apart) || overlap(ri, wj, &apart)
                 })
                 .collect()
         })
+        .collect()
+}
+
+/// The arrays that two launches of one convolution's parity classes share but touch only at
+/// their own output pixels, or none where `a` and `b` are not such launches. A class launch
+/// (an upsampling's folded convolution, a stride-2 convolution's input gradient) writes the
+/// output pixels (my * s + oy, mx * s + ox) of a yh x yw grid, s = 2: two launches of one
+/// grid and stride with different offsets have no output pixel in common. The arrays indexed
+/// by output pixel are its output (which it may also read, accumulating), that output's
+/// 16-bit copy and concatenation side, and the residual it adds; its input, read at the
+/// taps' offsets, and its workspace and GroupNorm sums are not. Each pixel's values must fill
+/// whole 16-byte units in every such array (the widest store an epilogue makes, of eight
+/// 16-bit values), so that no store of one launch covers bytes of the other's pixels.
+fn other_class(a: &Step, b: &Step) -> Vec<Buf> {
+    let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
+        return Vec::new();
+    };
+    let (sa, sb) = (&a.shape, &b.shape);
+    let whole_units = |c: &ConvStep| {
+        c.shape.ncols % 8 == 0
+            && c.side16
+                .is_none_or(|s| s.offset % 8 == 0 && s.width % 8 == 0)
+    };
+    let classes = sa.out_stride >= 2
+        && (sa.n, sa.yh, sa.yw, sa.out_stride) == (sb.n, sb.yh, sb.yw, sb.out_stride)
+        && (sa.out_oy, sa.out_ox) != (sb.out_oy, sb.out_ox)
+        && a.y == b.y
+        && whole_units(a)
+        && whole_units(b);
+    if !classes {
+        return Vec::new();
+    }
+    let at_pixels = |c: &ConvStep| -> Vec<Buf> {
+        [c.y]
+            .into_iter()
+            .chain(c.copy16)
+            .chain(c.side16.map(|o| o.buf))
+            .chain(c.residual)
+            .collect()
+    };
+    let pb = at_pixels(b);
+    at_pixels(a)
+        .into_iter()
+        .filter(|x| pb.contains(x))
         .collect()
 }
 
@@ -116,6 +181,130 @@ pub(crate) fn schedule(deps: &[Vec<usize>], streams: usize) -> Vec<Slot> {
         tail[s] = Some(i);
     }
     slots
+}
+
+/// When the last step of `slots` finishes if step i takes `ms[i]`, each starting once its
+/// stream's previous step and its waits have finished (the makespan of the schedule).
+pub(crate) fn makespan(slots: &[Slot], ms: &[f64]) -> f64 {
+    let streams = slots.iter().map(|s| s.stream + 1).max().unwrap_or(1);
+    let (mut free, mut fin) = (vec![0.0f64; streams], vec![0.0f64; slots.len()]);
+    for (i, s) in slots.iter().enumerate() {
+        let start = s
+            .waits
+            .iter()
+            .map(|&j| fin[j])
+            .fold(free[s.stream], f64::max);
+        fin[i] = start + ms[i];
+        free[s.stream] = fin[i];
+    }
+    free.into_iter().fold(0.0, f64::max)
+}
+
+/// One pass's time by [`model_streams`], in ms.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PassModel {
+    /// The steps of the defaults' program on their schedule: the baseline's graph time, to
+    /// which the overhead is fitted (to 0.1%), or, where no overhead in 0 to 20 us reaches it,
+    /// the nearest the model comes.
+    pub defaults_ms: f64,
+    /// The steps of the program the `INVDIFF_*` switches configure, on their schedule.
+    pub configured_ms: f64,
+    /// The configured program's steps one after another.
+    pub one_stream_ms: f64,
+    /// What the fit took off each step's time (a launch measured alone carries costs that
+    /// a captured graph's launches overlap), in us.
+    pub overhead_us: f64,
+}
+
+/// A model of the stream schedule, for judging a change to it without a GPU: each step of a
+/// celebahq-style program (`graph` on `n` images of `h x w`, with the VJP where `record`, on
+/// a Hopper card of `sms` multiprocessors at `precision`) takes its time in a baseline profile
+/// (`step_ms` by kind and shape label: a profile's mean for steps of that kind and shape) less
+/// a per-step overhead fitted so that the defaults' schedule takes the baseline's graph time
+/// (`graph_ms`, per pass); steps on different streams do not slow each other, which makes
+/// the gain of running more side by side an upper bound. Returns the forward pass's model,
+/// then the backward's where recording, and how many steps the baseline had no time for
+/// (counted as 0).
+#[allow(clippy::too_many_arguments)]
+pub fn model_streams(
+    graph: &Graph,
+    n: usize,
+    h: usize,
+    w: usize,
+    record: bool,
+    sms: usize,
+    precision: Precision,
+    step_ms: &dyn Fn(&str, &str) -> Option<f64>,
+    graph_ms: &[f64],
+) -> Result<(Vec<PassModel>, usize)> {
+    let choices = [
+        KernelConfig::tuned(Capabilities::HOPPER, precision),
+        KernelConfig::from_switches(Capabilities::HOPPER, precision),
+    ];
+    let shape = (n, h, w, record, sms, precision);
+    model_choices(graph, shape, choices, streams_wanted(), step_ms, graph_ms)
+}
+
+/// [`model_streams`] of the defaults' program and another (`choices`), on `streams` streams.
+fn model_choices(
+    graph: &Graph,
+    (n, h, w, record, sms, precision): (usize, usize, usize, bool, usize, Precision),
+    choices: [KernelConfig; 2],
+    streams: usize,
+    step_ms: &dyn Fn(&str, &str) -> Option<f64>,
+    graph_ms: &[f64],
+) -> Result<(Vec<PassModel>, usize)> {
+    // Per pass of a program as `choice` configures it: its schedule and baseline step times;
+    // and how many steps had no time.
+    type Passes = (Vec<(Vec<Slot>, Vec<f64>)>, usize);
+    let passes = |choice: KernelConfig| -> Result<Passes> {
+        let (p, pl) = plan(graph, n, h, w, record, sms, precision, choice, KEEP_ALIVE)?;
+        let range = |b: Buf| pl.offsets[b.0]..pl.offsets[b.0] + p.len(b);
+        let (fwd, bwd) = p.steps.split_at(p.forward_steps);
+        let (mut out, mut unmatched) = (Vec::new(), 0);
+        for pass in [fwd, bwd].into_iter().filter(|s| !s.is_empty()) {
+            let deps = dependencies(pass, range, choice.class_concurrency);
+            let ms = pass
+                .iter()
+                .map(|s| {
+                    let info = s.info(n, h, w);
+                    step_ms(info.kind, &info.shape).unwrap_or_else(|| {
+                        unmatched += 1;
+                        0.0
+                    })
+                })
+                .collect();
+            out.push((schedule(&deps, streams), ms));
+        }
+        Ok((out, unmatched))
+    };
+    let (defaults, _) = passes(choices[0])?;
+    let (configured, unmatched) = passes(choices[1])?;
+    let mut models = Vec::new();
+    for ((d, c), &target) in defaults.iter().zip(&configured).zip(graph_ms) {
+        // Each step's time less `o` ms, at least 0.5 us.
+        let less = |ms: &[f64], o: f64| ms.iter().map(|t| (t - o).max(5e-4)).collect::<Vec<_>>();
+        let at = |o: f64| makespan(&d.0, &less(&d.1, o));
+        // The makespan falls as the overhead grows: bisect for the baseline's time.
+        let (mut lo, mut hi) = (0.0, 0.02);
+        for _ in 0..40 {
+            let mid = 0.5 * (lo + hi);
+            if at(mid) > target {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let o = 0.5 * (lo + hi);
+        let steps = less(&c.1, o);
+        models.push(PassModel {
+            defaults_ms: at(o),
+            configured_ms: makespan(&c.0, &steps),
+            one_stream_ms: steps.iter().sum(),
+            overhead_us: 1e3 * o,
+        });
+    }
+    Ok((models, unmatched))
 }
 
 /// The streams beside the one a pass is launched on, and the events that fork them from it
@@ -152,15 +341,16 @@ pub(crate) struct PassSchedule {
 }
 
 impl PassSchedule {
-    /// The schedule of `steps` over `streams` streams, with an event for each step another
-    /// stream waits for.
+    /// The schedule of `steps` over `streams` streams (with `classes`, class launches apart:
+    /// [`dependencies`]), with an event for each step another stream waits for.
     pub fn new(
         ctx: &Arc<CudaContext>,
         steps: &[Step],
         range: impl Fn(Buf) -> Range<usize>,
         streams: usize,
+        classes: bool,
     ) -> Result<PassSchedule> {
-        let slots = schedule(&dependencies(steps, range), streams);
+        let slots = schedule(&dependencies(steps, range, classes), streams);
         let events = slots
             .iter()
             .map(|s| {
@@ -222,11 +412,6 @@ impl PassSchedule {
 mod tests {
     use super::*;
     use crate::config::UNetConfig;
-    use crate::cuda::kernels::Capabilities;
-    use crate::cuda::plan::plan;
-    use crate::cuda::precision::Precision;
-    use crate::cuda::program::KernelConfig;
-    use crate::model::graph::Graph;
 
     /// For every step, the latest step of each stream known complete when it launches (a
     /// vector clock), following stream order and the waits.
@@ -281,20 +466,169 @@ mod tests {
         assert!(one.iter().all(|s| s.stream == 0 && s.waits.is_empty()));
     }
 
-    /// Finish time of the last step when every step takes one unit (stream order and waits
-    /// respected).
-    fn makespan(slots: &[Slot], streams: usize) -> usize {
-        let (mut free, mut fin) = (vec![0; streams], vec![0; slots.len()]);
-        for (i, s) in slots.iter().enumerate() {
-            let start = s
-                .waits
-                .iter()
-                .map(|&j| fin[j])
-                .fold(free[s.stream], usize::max);
-            fin[i] = start + 1;
-            free[s.stream] = fin[i];
+    /// The class launches that [`dependencies`] lets run side by side touch no element in
+    /// common: in the celebahq-256 programs (forward and backward, batch 1 and 2, bf16 with
+    /// the Hopper defaults and the plain program), each pair's output pixels (conv_common.cuh's
+    /// index) are disjoint, neither's input, workspace, GroupNorm sums or time embedding is an
+    /// array the pair shares at its pixels, and with two streams some pairs do run apart.
+    #[test]
+    fn class_launches_side_by_side_touch_disjoint_pixels() {
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        let mut kinds = std::collections::HashSet::new();
+        for (n, kc, size) in [
+            (1, tuned, 256),
+            (2, tuned, 128),
+            (1, KernelConfig::default(), 64),
+        ] {
+            let (p, pl) = plan(
+                &g,
+                n,
+                size,
+                size,
+                true,
+                132,
+                Precision::Bf16,
+                kc,
+                KEEP_ALIVE,
+            )
+            .unwrap();
+            let pixels = |c: &ConvStep| -> std::collections::HashSet<usize> {
+                let s = &c.shape;
+                let mut set = std::collections::HashSet::new();
+                for img in 0..s.n {
+                    for my in 0..s.mh {
+                        for mx in 0..s.mw {
+                            let (y, x) =
+                                (my * s.out_stride + s.out_oy, mx * s.out_stride + s.out_ox);
+                            assert!(y < s.yh && x < s.yw, "a class pixel outside its grid");
+                            set.insert((img * s.yh + y) * s.yw + x);
+                        }
+                    }
+                }
+                set
+            };
+            for pass in [&p.steps[..p.forward_steps], &p.steps[p.forward_steps..]] {
+                let mut apart = 0;
+                for (i, a) in pass.iter().enumerate() {
+                    for b in &pass[..i] {
+                        let shared = other_class(a, b);
+                        let (Step::Conv(ca), Step::Conv(cb)) = (a, b) else {
+                            assert!(shared.is_empty());
+                            continue;
+                        };
+                        if shared.is_empty() {
+                            continue;
+                        }
+                        assert!(
+                            pixels(ca).is_disjoint(&pixels(cb)),
+                            "{ca:?} and {cb:?} share pixels"
+                        );
+                        for c in [ca, cb] {
+                            let elsewhere = [c.x]
+                                .into_iter()
+                                .chain(c.workspace)
+                                .chain(c.gn_partial)
+                                .chain(c.temb)
+                                .chain(c.shortcut.map(|f| f.x));
+                            for buf in elsewhere {
+                                assert!(
+                                    !shared.contains(&buf),
+                                    "{buf:?} is read away from the pixels"
+                                );
+                            }
+                        }
+                        kinds.insert(a.info(p.n, p.h, p.w).kind);
+                        apart += 1;
+                    }
+                }
+                let range = |b: Buf| {
+                    let o = pl.offsets[b.0];
+                    o..o + p.len(b)
+                };
+                let (with, without) = (
+                    dependencies(pass, range, true),
+                    dependencies(pass, range, false),
+                );
+                let slots = check(&with, 2);
+                let side_by_side = (0..pass.len())
+                    .filter(|&i| with[i].len() < without[i].len())
+                    .filter(|&i| {
+                        without[i]
+                            .iter()
+                            .any(|j| !with[i].contains(j) && slots[*j].stream != slots[i].stream)
+                    })
+                    .count();
+                assert_eq!(
+                    apart > 0,
+                    side_by_side > 0,
+                    "{apart} pairs, {side_by_side} apart"
+                );
+            }
         }
-        free.into_iter().max().unwrap_or(0)
+        // Both kinds of class launch: an upsampling's folded classes, a stride-2 input gradient's.
+        assert!(kinds.len() >= 2, "{kinds:?}");
+    }
+
+    /// The stream model on the committed batch-1 DPS profile (benches/baselines/): the fit
+    /// reproduces each pass's graph time with an overhead of a few microseconds a step, and
+    /// the class launches side by side come out shorter than in order, both shorter than one
+    /// stream.
+    #[test]
+    fn stream_model_fits_the_baseline() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/benches/baselines/h200_f31698e_bf16_b1_dps.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let p = &v["profile_dps"];
+        let mut per_shape = std::collections::HashMap::<(String, String), (f64, f64)>::new();
+        for s in p["steps"].as_array().unwrap() {
+            let key = (
+                s["kind"].as_str().unwrap().into(),
+                s["shape"].as_str().unwrap().into(),
+            );
+            let e = per_shape.entry(key).or_default();
+            *e = (e.0 + s["ms"].as_f64().unwrap(), e.1 + 1.0);
+        }
+        let step_ms = |kind: &str, shape: &str| {
+            per_shape
+                .get(&(kind.to_string(), shape.to_string()))
+                .map(|(ms, n)| ms / n)
+        };
+        let graph_ms: Vec<f64> = ["graph_forward_ms", "graph_backward_ms"]
+            .iter()
+            .map(|k| p[*k].as_f64().unwrap())
+            .collect();
+        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+        let apart = KernelConfig {
+            class_concurrency: true,
+            ..tuned
+        };
+        let shape = (1, 256, 256, true, 132, Precision::Bf16);
+        let (passes, _) = model_choices(
+            &g,
+            shape,
+            [tuned, apart],
+            DEFAULT_STREAMS,
+            &step_ms,
+            &graph_ms,
+        )
+        .unwrap();
+        assert_eq!(passes.len(), 2);
+        for (m, want) in passes.iter().zip(&graph_ms) {
+            assert!(
+                (m.defaults_ms / want - 1.0).abs() < 1e-3,
+                "{m:?} against {want}"
+            );
+            assert!(m.overhead_us > 0.0 && m.overhead_us < 20.0, "{m:?}");
+            assert!(
+                m.configured_ms < m.defaults_ms && m.defaults_ms < m.one_stream_ms,
+                "{m:?}"
+            );
+        }
     }
 
     /// The real network: every conflict of the celebahq-256 program (forward and backward,
@@ -328,14 +662,21 @@ mod tests {
             )
             .unwrap();
             for pass in [&p.steps[..p.forward_steps], &p.steps[p.forward_steps..]] {
-                let deps = dependencies(pass, |b| {
-                    let o = pl.offsets[b.0];
-                    o..o + p.len(b)
-                });
-                for streams in 2..=MAX_STREAMS {
-                    let slots = check(&deps, streams);
-                    let span = makespan(&slots, streams);
-                    assert!(span < pass.len(), "{span} of {} steps", pass.len());
+                for classes in [false, true] {
+                    let deps = dependencies(
+                        pass,
+                        |b| {
+                            let o = pl.offsets[b.0];
+                            o..o + p.len(b)
+                        },
+                        classes,
+                    );
+                    for streams in 2..=MAX_STREAMS {
+                        let slots = check(&deps, streams);
+                        // Every step one unit long: the schedule beats one stream.
+                        let span = makespan(&slots, &vec![1.0; pass.len()]);
+                        assert!(span < pass.len() as f64, "{span} of {} steps", pass.len());
+                    }
                 }
             }
         }

@@ -167,6 +167,12 @@ pub(crate) struct KernelConfig {
     /// (`add_into`): (old + r) + v, the same bits, a launch and a read and write of the
     /// gradient less.
     pub fold_residual_grads: bool,
+    /// The parity-class launches of one convolution (an upsampling's folded convolution, a
+    /// stride-2 convolution's input gradient: each writes its own quarter of the output's
+    /// pixels) may run side by side on the pass's streams, where the stream schedule would
+    /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
+    /// so the same bits.
+    pub class_concurrency: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -222,6 +228,7 @@ impl Default for KernelConfig {
             epilogue_half_copies: false,
             half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
+            class_concurrency: false,
             batch_invariant: false,
         }
     }
@@ -299,6 +306,7 @@ impl KernelConfig {
                 false => HalfGrads::Off,
             },
             fold_residual_grads: true,
+            class_concurrency: false,
             batch_invariant: false,
         }
     }
@@ -356,6 +364,7 @@ impl KernelConfig {
                 _ => tuned.half_norm_grads,
             },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
+            class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
             batch_invariant: false,
         }
     }
@@ -423,6 +432,7 @@ impl KernelConfig {
                 self.fold_residual_grads,
                 "residual gradients added by GroupNorms",
             ),
+            (self.class_concurrency, "parity classes side by side"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

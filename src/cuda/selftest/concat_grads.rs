@@ -7,6 +7,7 @@
 //! new kernel that faults ends no other check.
 
 use super::group_norms::half_ahead;
+use super::networks::LAUNCHES;
 use super::{acc_name, unpack_half, Tester};
 use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
 use crate::cuda::precision::Precision;
@@ -219,13 +220,14 @@ impl Tester<'_> {
     /// forward + VJP the same to the bit as without.
     pub(super) fn concat_gradient_split_unets(&mut self, ordinal: usize) -> Result<()> {
         let set = CudaUnet::set_concat_grad_split;
-        self.same_bits_choice_unets(ordinal, "concatenation gradients split", set)
+        self.same_bits_choice_unets(ordinal, "concatenation gradients split", set, LAUNCHES)
     }
 
     /// The same with the residual gradients added by the GroupNorm backward passes
     /// (`INVDIFF_GN_ADD_RESIDUAL`) against their AddInto launches.
     pub(super) fn residual_gradient_unets(&mut self, ordinal: usize) -> Result<()> {
         let set = CudaUnet::set_fold_residual_grads;
-        self.same_bits_choice_unets(ordinal, "residual gradients added by GroupNorms", set)
+        let op = "residual gradients added by GroupNorms";
+        self.same_bits_choice_unets(ordinal, op, set, LAUNCHES)
     }
 }

@@ -4,7 +4,7 @@
 //! faults ends no other check.
 
 use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
-use super::networks::NETWORK_TOLERANCE;
+use super::networks::{LAUNCHES, NETWORK_TOLERANCE};
 use super::Tester;
 use crate::cuda::kernels::{
     on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile, WGMMA_SLICE,
@@ -281,7 +281,7 @@ impl Tester<'_> {
             // The rows below check fused programs only if the switches leave the kernels that
             // fuse on: fewer launches, or a failed row.
             let op = format!("{label} forward, {what}");
-            t.fewer_launches_row(gpu, net, false, &op, CudaUnet::set_shortcut_fused)?;
+            t.fewer_row(gpu, net, false, &op, CudaUnet::set_shortcut_fused, LAUNCHES)?;
             t.cpu_network_rows(gpu, net, &label, what)?;
             let (io, want) = (net.io(), net.want());
             t.recording_rows(gpu, &io, what, &label, want, NETWORK_TOLERANCE)?;

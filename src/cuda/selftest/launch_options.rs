@@ -1,15 +1,19 @@
 //! The choices a convolution launch makes below its plan ([`ConvOpts`]), each against the
 //! other way, bit for bit: split-K reductions with every load of an output issued first
 //! (`conv_splitk_reduce_ahead`, `INVDIFF_SPLITK_AHEAD`), and the 3-channel image convolutions'
-//! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`). A group of
-//! its own, run last: a candidate's kernel that faults ends no other check.
+//! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`); and how the
+//! launches are scheduled: a convolution's parity-class launches side by side on the streams
+//! (`INVDIFF_CLASS_CONCURRENCY`), whole networks against the schedule that orders them. A
+//! group of its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
+use super::networks::ORDERED_PAIRS;
 use super::{epilogue_setups, path, Tester};
 use crate::cuda::kernels::{
     plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvOpts, ConvPtrs, ConvShape, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
+use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
@@ -246,5 +250,16 @@ impl Tester<'_> {
             )?;
         }
         Ok(())
+    }
+
+    /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
+    /// fp16, as configured but with each convolution's parity-class launches side by side on
+    /// the streams: a DPS step's schedule orders fewer pairs of steps, and its forward + VJP
+    /// is the same to the bit as with the classes in order (the same launches; a race
+    /// between two classes would show here).
+    pub(super) fn class_concurrency_unets(&mut self, ordinal: usize) -> Result<()> {
+        let set = CudaUnet::set_class_concurrency;
+        let op = "parity classes side by side";
+        self.same_bits_choice_unets(ordinal, op, set, ORDERED_PAIRS)
     }
 }

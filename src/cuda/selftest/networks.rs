@@ -72,6 +72,23 @@ pub(super) struct NetworkIo<'a> {
     pub cot: &'a Tensor,
 }
 
+/// What [`Tester::fewer_row`] counts in a network's program: its name in the row, and how
+/// `gpu` counts it for the network (a forward + VJP where the flag says so, else a forward).
+pub(super) type Count = (
+    &'static str,
+    fn(&CudaUnet, &CandidateNetwork, bool) -> Result<usize>,
+);
+
+/// Kernel launches.
+pub(super) const LAUNCHES: Count = ("launches", |gpu, net, record| {
+    Ok(gpu.plan_stats(net.n, net.h, net.w, record)?.launches)
+});
+
+/// Pairs of steps the stream schedule orders ([`CudaUnet::ordered_pairs`]).
+pub(super) const ORDERED_PAIRS: Count = ("ordered step pairs", |gpu, net, record| {
+    gpu.ordered_pairs(net.n, net.h, net.w, record)
+});
+
 impl Tester<'_> {
     /// The celebahq architecture (random weights) and the networks of its
     /// [`celebahq_candidate_cases`], each with (`cpu`) the CPU's results.
@@ -147,24 +164,25 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// A row showing that `set(gpu, true)` plans `net` in fewer launches (a forward + VJP
-    /// where `record`, else a forward) than `set(gpu, false)`: that the candidate the rows
-    /// after it check is in the program. Leaves the candidate on.
-    pub(super) fn fewer_launches_row(
+    /// A row showing that `set(gpu, true)` plans `net` with fewer of what `count` counts (in
+    /// a forward + VJP where `record`, else a forward) than `set(gpu, false)`: that the
+    /// candidate the rows after it check is in the program. Leaves the candidate on.
+    pub(super) fn fewer_row(
         &mut self,
         gpu: &mut CudaUnet,
         net: &CandidateNetwork,
         record: bool,
         op: &str,
         set: fn(&mut CudaUnet, bool),
+        count: Count,
     ) -> Result<()> {
-        let mut launches = |on: bool| -> Result<usize> {
+        let mut counted = |on: bool| -> Result<usize> {
             set(gpu, on);
-            Ok(gpu.plan_stats(net.n, net.h, net.w, record)?.launches)
+            (count.1)(gpu, net, record)
         };
-        let (without, with) = (launches(false)?, launches(true)?);
+        let (without, with) = (counted(false)?, counted(true)?);
         self.check_row(
-            format!("{op}: launches {with}, {without} without"),
+            format!("{op}: {} {with}, {without} without", count.0),
             net.desc.clone(),
             with < without,
         );
@@ -172,19 +190,20 @@ impl Tester<'_> {
     }
 
     /// For each candidate network ([`Self::for_candidate_networks`]), as configured but for
-    /// the choice `set` turns on or off: a DPS step's launches fewer with it (`op` names it),
-    /// and its forward + VJP the same to the bit as without.
+    /// the choice `set` turns on or off: a DPS step with fewer of what `count` counts with it
+    /// (`op` names it), and its forward + VJP the same to the bit as without.
     pub(super) fn same_bits_choice_unets(
         &mut self,
         ordinal: usize,
         op: &str,
         set: fn(&mut CudaUnet, bool),
+        count: Count,
     ) -> Result<()> {
         self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
             set(gpu, false);
             let want = Self::network_outputs(gpu, net)?;
             let op = format!("celebahq {precision} forward + vjp, {op}");
-            t.fewer_launches_row(gpu, net, true, &op, set)?;
+            t.fewer_row(gpu, net, true, &op, set, count)?;
             let (eps, grad) = Self::network_outputs(gpu, net)?;
             let ms = gpu.time_forward_vjp(net.n, net.h, net.w, 5)?;
             for (what, got, want) in [("eps", &eps, &want.0), ("vjp", &grad, &want.1)] {

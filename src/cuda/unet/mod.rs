@@ -26,7 +26,7 @@ use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
 use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, WKind};
-use super::streams::{streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
+use super::streams::{dependencies, streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::weights::{DevBuf, DevWeights, GradLayouts};
 use crate::model::{Graph, Model};
 use crate::{ensure, switches, Error, Result, Tensor};
@@ -341,6 +341,13 @@ impl CudaUnet {
         self.change_choice(|c| c.shortcut_fused = on);
     }
 
+    /// Lets the parity-class launches of one convolution run side by side on the pass's
+    /// streams (`on`, [`KernelConfig::class_concurrency`]) or not, for comparisons; drops every
+    /// plan.
+    pub(crate) fn set_class_concurrency(&mut self, on: bool) {
+        self.change_choice(|c| c.class_concurrency = on);
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {
@@ -420,6 +427,41 @@ impl CudaUnet {
             self.keep_alive(),
         )?;
         Ok(plan::stats(&p, &pl))
+    }
+
+    /// Pairs of steps that the stream schedule of the `n x h x w` program (forward + VJP where
+    /// `recording`) must order, their memory conflicting, both passes together: fewer where
+    /// more steps may run side by side ([`set_class_concurrency`](Self::set_class_concurrency)).
+    pub(crate) fn ordered_pairs(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        recording: bool,
+    ) -> Result<usize> {
+        let (p, pl) = plan::plan(
+            &self.graph,
+            n,
+            h,
+            w,
+            recording,
+            self.gpu.sms(),
+            self.precision,
+            self.choice,
+            self.keep_alive(),
+        )?;
+        let range = |b: Buf| pl.offsets[b.0]..pl.offsets[b.0] + p.len(b);
+        let (fwd, bwd) = p.steps.split_at(p.forward_steps);
+        let classes = self.choice.class_concurrency;
+        Ok([fwd, bwd]
+            .into_iter()
+            .map(|pass| {
+                dependencies(pass, range, classes)
+                    .iter()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            })
+            .sum())
     }
 
     /// Frees every planned arena and captured graph (the next call at each shape plans again).
@@ -902,7 +944,9 @@ impl CudaUnet {
                     o..o + program.len(b)
                 };
                 let (fwd, bwd) = program.steps.split_at(program.forward_steps);
-                let pass = |steps| PassSchedule::new(&self.gpu.ctx, steps, range, side.total());
+                let classes = self.choice.class_concurrency;
+                let pass =
+                    |steps| PassSchedule::new(&self.gpu.ctx, steps, range, side.total(), classes);
                 Some((pass(fwd)?, pass(bwd)?))
             }
             None => None,
