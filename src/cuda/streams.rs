@@ -242,22 +242,24 @@ pub fn model_streams(
         KernelConfig::from_switches(Capabilities::HOPPER, precision),
     ];
     let shape = (n, h, w, record, sms, precision);
-    model_choices(graph, shape, choices, streams_wanted(), step_ms, graph_ms)
+    let streams = [DEFAULT_STREAMS, streams_wanted()];
+    model_choices(graph, shape, choices, streams, step_ms, graph_ms)
 }
 
-/// [`model_streams`] of the defaults' program and another (`choices`), on `streams` streams.
+/// [`model_streams`] of the defaults' program and another (`choices`), each on its number of
+/// `streams`.
 fn model_choices(
     graph: &Graph,
     (n, h, w, record, sms, precision): (usize, usize, usize, bool, usize, Precision),
     choices: [KernelConfig; 2],
-    streams: usize,
+    streams: [usize; 2],
     step_ms: &dyn Fn(&str, &str) -> Option<f64>,
     graph_ms: &[f64],
 ) -> Result<(Vec<PassModel>, usize)> {
     // Per pass of a program as `choice` configures it: its schedule and baseline step times;
     // and how many steps had no time.
     type Passes = (Vec<(Vec<Slot>, Vec<f64>)>, usize);
-    let passes = |choice: KernelConfig| -> Result<Passes> {
+    let passes = |choice: KernelConfig, streams: usize| -> Result<Passes> {
         let (p, pl) = plan(graph, n, h, w, record, sms, precision, choice, KEEP_ALIVE)?;
         let range = |b: Buf| pl.offsets[b.0]..pl.offsets[b.0] + p.len(b);
         let (fwd, bwd) = p.steps.split_at(p.forward_steps);
@@ -278,8 +280,8 @@ fn model_choices(
         }
         Ok((out, unmatched))
     };
-    let (defaults, _) = passes(choices[0])?;
-    let (configured, unmatched) = passes(choices[1])?;
+    let (defaults, _) = passes(choices[0], streams[0])?;
+    let (configured, unmatched) = passes(choices[1], streams[1])?;
     let mut models = Vec::new();
     for ((d, c), &target) in defaults.iter().zip(&configured).zip(graph_ms) {
         // Each step's time less `o` ms, at least 0.5 us.
@@ -612,7 +614,7 @@ mod tests {
             &g,
             shape,
             [tuned, apart],
-            DEFAULT_STREAMS,
+            [DEFAULT_STREAMS; 2],
             &step_ms,
             &graph_ms,
         )
