@@ -414,6 +414,8 @@ impl PassSchedule {
 mod tests {
     use super::*;
     use crate::config::UNetConfig;
+    use crate::cuda::plan::Placement;
+    use crate::cuda::program::Program;
 
     /// For every step, the latest step of each stream known complete when it launches (a
     /// vector clock), following stream order and the waits.
@@ -468,6 +470,12 @@ mod tests {
         assert!(one.iter().all(|s| s.stream == 0 && s.waits.is_empty()));
     }
 
+    /// The celebahq-style recording program of `g` on `n` images of `size x size` in bf16 on
+    /// 132 multiprocessors, placed for side streams.
+    fn bf16_plan(g: &Graph, n: usize, size: usize, kc: KernelConfig) -> (Program, Placement) {
+        plan(g, n, size, size, true, 132, Precision::Bf16, kc, KEEP_ALIVE).unwrap()
+    }
+
     /// The class launches that [`dependencies`] lets run side by side touch no element in
     /// common: in the celebahq-256 programs (forward and backward, batch 1 and 2, bf16 with
     /// the Hopper defaults and the plain program), each pair's output pixels (conv_common.cuh's
@@ -483,18 +491,7 @@ mod tests {
             (2, tuned, 128),
             (1, KernelConfig::default(), 64),
         ] {
-            let (p, pl) = plan(
-                &g,
-                n,
-                size,
-                size,
-                true,
-                132,
-                Precision::Bf16,
-                kc,
-                KEEP_ALIVE,
-            )
-            .unwrap();
+            let (p, pl) = bf16_plan(&g, n, size, kc);
             let pixels = |c: &ConvStep| -> std::collections::HashSet<usize> {
                 let s = &c.shape;
                 let mut set = std::collections::HashSet::new();
@@ -651,18 +648,7 @@ mod tests {
             (1, every, 128),
             (2, every, 128),
         ] {
-            let (p, pl) = plan(
-                &g,
-                n,
-                size,
-                size,
-                true,
-                132,
-                Precision::Bf16,
-                kc,
-                KEEP_ALIVE,
-            )
-            .unwrap();
+            let (p, pl) = bf16_plan(&g, n, size, kc);
             for pass in [&p.steps[..p.forward_steps], &p.steps[p.forward_steps..]] {
                 for classes in [false, true] {
                     let deps = dependencies(

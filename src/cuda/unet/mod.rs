@@ -415,7 +415,20 @@ impl CudaUnet {
     /// The memory plan at a batch of `n` images of `h x w`, forward only or with the
     /// vector-Jacobian product (`recording`); allocates nothing.
     pub fn plan_stats(&self, n: usize, h: usize, w: usize, recording: bool) -> Result<PlanStats> {
-        let (p, pl) = plan::plan(
+        let (p, pl) = self.own_plan(n, h, w, recording)?;
+        Ok(plan::stats(&p, &pl))
+    }
+
+    /// The program and placement this network would plan at that shape (without keeping
+    /// them).
+    fn own_plan(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        recording: bool,
+    ) -> Result<(Program, Placement)> {
+        plan::plan(
             &self.graph,
             n,
             h,
@@ -425,8 +438,7 @@ impl CudaUnet {
             self.precision,
             self.choice,
             self.keep_alive(),
-        )?;
-        Ok(plan::stats(&p, &pl))
+        )
     }
 
     /// Pairs of steps that the stream schedule of the `n x h x w` program (forward + VJP where
@@ -439,17 +451,7 @@ impl CudaUnet {
         w: usize,
         recording: bool,
     ) -> Result<usize> {
-        let (p, pl) = plan::plan(
-            &self.graph,
-            n,
-            h,
-            w,
-            recording,
-            self.gpu.sms(),
-            self.precision,
-            self.choice,
-            self.keep_alive(),
-        )?;
+        let (p, pl) = self.own_plan(n, h, w, recording)?;
         let range = |b: Buf| pl.offsets[b.0]..pl.offsets[b.0] + p.len(b);
         let (fwd, bwd) = p.steps.split_at(p.forward_steps);
         let classes = self.choice.class_concurrency;
