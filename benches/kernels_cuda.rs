@@ -135,14 +135,16 @@ fn on_conv_kernels(kind: &str) -> bool {
     kind.starts_with("conv") || kind.starts_with("linear")
 }
 
-/// A saved run: its rows by (kind, shape) and its header; from a profile also how many steps
-/// each row adds up, and each pass's graph time (forward, then backward), for the stream model.
+/// A saved run: its rows by (kind, shape) and its header; from a profile also, for the stream
+/// model, how many steps each row adds up, the steps' time and count by (kind, label), and each
+/// pass's graph time (forward, then backward).
 struct Baseline {
     header: Value,
     rows: HashMap<(String, String), f64>,
     kinds: HashMap<String, f64>,
     total_ms: Option<f64>,
     counts: HashMap<(String, String), usize>,
+    labels: HashMap<(String, String), (f64, usize)>,
     pass_ms: Vec<f64>,
 }
 
@@ -181,6 +183,7 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
             rows,
             kinds,
             counts: HashMap::new(),
+            labels: HashMap::new(),
             pass_ms: Vec::new(),
         });
     }
@@ -193,7 +196,7 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
             "profile_forward"
         }]
     };
-    let mut counts = HashMap::new();
+    let (mut counts, mut labels) = (HashMap::new(), HashMap::new());
     for s in p["steps"].as_array().ok_or_else(bad)? {
         let (Some(kind), Some(shape), Some(ms)) =
             (s["kind"].as_str(), s["shape"].as_str(), s["ms"].as_f64())
@@ -203,6 +206,12 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
         let key = (kind.to_string(), shape.to_string());
         *rows.entry(key.clone()).or_insert(0.0) += ms;
         *counts.entry(key).or_insert(0) += 1;
+        if let Some(label) = s["label"].as_str() {
+            let e = labels
+                .entry((kind.to_string(), label.to_string()))
+                .or_insert((0.0, 0));
+            *e = (e.0 + ms, e.1 + 1);
+        }
         *kinds.entry(kind.to_string()).or_insert(0.0) += ms;
     }
     let pass_ms: Vec<f64> = ["graph_forward_ms", "graph_backward_ms"]
@@ -216,11 +225,14 @@ fn load_baseline(path: &PathBuf, record: bool) -> Result<Baseline, String> {
             "precision": p["precision"],
             "batch": p["n"],
             "record": p["record"],
+            "h": p["h"],
+            "w": p["w"],
         }),
         rows,
         kinds,
         total_ms,
         counts,
+        labels,
         pass_ms,
     })
 }
@@ -481,7 +493,35 @@ fn main() -> ExitCode {
 /// defaults' (fitted to the baseline's graph time). Whether it could.
 fn stream_model(a: &Args, model: &Model, b: &Baseline) -> bool {
     let (h, w) = model.config().sample_size;
-    let step_ms = |kind: &str, shape: &str| {
+    let hd = &b.header;
+    let same = hd["precision"].as_str() == Some(a.precision.name())
+        && hd["batch"].as_u64() == Some(a.batch as u64)
+        && hd["record"].as_bool() == Some(a.record)
+        && (hd["h"].as_u64(), hd["w"].as_u64()) == (Some(h as u64), Some(w as u64));
+    if !same {
+        println!(
+            "stream model: not run (the baseline is {} batch {} {}x{}{}, the dry run {} batch {} \
+             {h}x{w}{})",
+            hd["precision"].as_str().unwrap_or("?"),
+            hd["batch"],
+            hd["h"],
+            hd["w"],
+            if hd["record"].as_bool() == Some(true) {
+                " + vjp"
+            } else {
+                ""
+            },
+            a.precision.name(),
+            a.batch,
+            if a.record { " + vjp" } else { "" },
+        );
+        return true;
+    }
+    // A step of the same kernel choices where the baseline has one, else its kind and shape.
+    let step_ms = |kind: &str, label: &str, shape: &str| {
+        if let Some((ms, n)) = b.labels.get(&(kind.to_string(), label.to_string())) {
+            return Some(ms / *n as f64);
+        }
         let key = (kind.to_string(), shape.to_string());
         Some(b.rows.get(&key)? / *b.counts.get(&key)? as f64)
     };
@@ -495,9 +535,10 @@ fn stream_model(a: &Args, model: &Model, b: &Baseline) -> bool {
         }
     };
     println!(
-        "stream model (each step the baseline's time for its kind and shape, less an overhead \
-         fitted to the baseline's graph; steps side by side not slowing each other, so gains \
-         are upper bounds; {unmatched} steps not in the baseline, counted as 0):"
+        "stream model (each step the baseline's time for its kind and kernels, else its kind and \
+         shape, less an overhead fitted to the baseline's graph; steps side by side not slowing \
+         each other, so gains are upper bounds; {unmatched} steps not in the baseline, counted \
+         as 0):"
     );
     for (name, m) in ["forward", "backward"].iter().zip(&passes) {
         println!(

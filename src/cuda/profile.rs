@@ -849,7 +849,8 @@ mod tests {
     fn planned_steps_match_the_program() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         let p = planned_steps(&g, 2, 64, 64, true, 132, Precision::Fp16).unwrap();
-        let choice = KernelConfig::tuned(Capabilities::HOPPER, Precision::Fp16);
+        // What planned_steps plans: the Hopper defaults with the switches set for this run.
+        let choice = KernelConfig::from_switches(Capabilities::HOPPER, Precision::Fp16);
         let prog = Program::build_with(&g, 2, 64, 64, true, 132, Precision::Fp16, choice).unwrap();
         assert_eq!(p.steps.len(), prog.steps.len());
         assert_eq!(p.flops(), g.forward_vjp_flops(2, 64, 64));

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
 use super::device::cu;
-use super::kernels::Capabilities;
+use super::kernels::{Capabilities, ConvShape};
 use super::plan::plan;
 use super::precision::Precision;
 use super::program::{Buf, ConvStep, KernelConfig, Step};
@@ -111,13 +111,16 @@ pub(crate) fn dependencies(
 /// The arrays that two launches of one convolution's parity classes share but touch only at
 /// their own output pixels, or none where `a` and `b` are not such launches. A class launch
 /// (an upsampling's folded convolution, a stride-2 convolution's input gradient) writes the
-/// output pixels (my * s + oy, mx * s + ox) of a yh x yw grid, s = 2: two launches of one
-/// grid and stride with different offsets have no output pixel in common. The arrays indexed
-/// by output pixel are its output (which it may also read, accumulating), that output's
-/// 16-bit copy and concatenation side, and the residual it adds; its input, read at the
-/// taps' offsets, and its workspace and GroupNorm sums are not. Each pixel's values must fill
-/// whole 16-byte units in every such array (the widest store an epilogue makes, of eight
-/// 16-bit values), so that no store of one launch covers bytes of the other's pixels.
+/// output pixels (my * s + oy, mx * s + ox), oy and ox below s, of a yh x yw grid: two
+/// launches of one convolution (input, weights, grid, stride) with different offsets have no
+/// output pixel in common. The arrays indexed by output pixel are its output (which it may
+/// also read, accumulating), that output's 16-bit copy and concatenation side, and the
+/// residual it adds; its input, read at the taps' offsets, and its workspace and GroupNorm
+/// sums are not. An array is exempt only where it has the same role in both launches, with
+/// the same per-pixel layout (columns, side offset and width), and no other role in either.
+/// Every store of the epilogues stays inside one pixel's values (at most 16 bytes: four
+/// fp32 or four 16-bit values); the rule also asks each pixel's values to fill whole 16-byte
+/// units, so that even a 16-byte store at a 16-byte boundary could not reach another pixel.
 fn other_class(a: &Step, b: &Step) -> Vec<Buf> {
     let (Step::Conv(a), Step::Conv(b)) = (a, b) else {
         return Vec::new();
@@ -128,27 +131,38 @@ fn other_class(a: &Step, b: &Step) -> Vec<Buf> {
             && c.side16
                 .is_none_or(|s| s.offset % 8 == 0 && s.width % 8 == 0)
     };
+    let grid = |s: &ConvShape| (s.n, s.yh, s.yw, s.out_stride, s.ncols);
     let classes = sa.out_stride >= 2
-        && (sa.n, sa.yh, sa.yw, sa.out_stride) == (sb.n, sb.yh, sb.yw, sb.out_stride)
+        && grid(sa) == grid(sb)
+        && sa.out_oy.max(sa.out_ox).max(sb.out_oy).max(sb.out_ox) < sa.out_stride
         && (sa.out_oy, sa.out_ox) != (sb.out_oy, sb.out_ox)
-        && a.y == b.y
+        && (a.x, a.w.pid, a.accumulate, a.side16) == (b.x, b.w.pid, b.accumulate, b.side16)
         && whole_units(a)
         && whole_units(b);
     if !classes {
         return Vec::new();
     }
-    let at_pixels = |c: &ConvStep| -> Vec<Buf> {
-        [c.y]
-            .into_iter()
-            .chain(c.copy16)
-            .chain(c.side16.map(|o| o.buf))
-            .chain(c.residual)
-            .collect()
+    // Each array a launch touches at its pixels, by role: output, copy, side, residual; and
+    // those it touches elsewhere.
+    let roles = |c: &ConvStep| [Some(c.y), c.copy16, c.side16.map(|o| o.buf), c.residual];
+    let elsewhere = |c: &ConvStep| {
+        [
+            Some(c.x),
+            c.workspace,
+            c.gn_partial,
+            c.temb,
+            c.shortcut.map(|f| f.x),
+        ]
     };
-    let pb = at_pixels(b);
-    at_pixels(a)
-        .into_iter()
-        .filter(|x| pb.contains(x))
+    let (ra, rb) = (roles(a), roles(b));
+    let (ea, eb) = (elsewhere(a), elsewhere(b));
+    let once = |x: Buf, r: &[Option<Buf>; 4], e: &[Option<Buf>; 5]| {
+        r.iter().filter(|b| **b == Some(x)).count() == 1 && !e.contains(&Some(x))
+    };
+    ra.iter()
+        .zip(&rb)
+        .filter_map(|(x, y)| x.filter(|x| Some(*x) == *y))
+        .filter(|&x| once(x, &ra, &ea) && once(x, &rb, &eb))
         .collect()
 }
 
@@ -219,12 +233,14 @@ pub struct PassModel {
 /// A model of the stream schedule, for judging a change to it without a GPU: each step of a
 /// celebahq-style program (`graph` on `n` images of `h x w`, with the VJP where `record`, on
 /// a Hopper card of `sms` multiprocessors at `precision`) takes its time in a baseline profile
-/// (`step_ms` by kind and shape label: a profile's mean for steps of that kind and shape) less
+/// (`step_ms` by kind, label and shape: a profile's step of that kind and label, kernel choices
+/// included, else the mean of its steps of that kind and shape) less
 /// a per-step overhead fitted so that the defaults' schedule takes the baseline's graph time
 /// (`graph_ms`, per pass); steps on different streams do not slow each other, which makes
-/// the gain of running more side by side an upper bound. Returns the forward pass's model,
-/// then the backward's where recording, and how many steps the baseline had no time for
-/// (counted as 0).
+/// the gain of running more side by side an upper bound. The defaults' schedule is laid out on
+/// [`DEFAULT_STREAMS`] streams (the baseline's), the configured one on `INVDIFF_STREAMS`.
+/// Returns the forward pass's model, then the backward's where recording, and how many steps
+/// the baseline had no time for (counted as 0; the more of the two programs').
 #[allow(clippy::too_many_arguments)]
 pub fn model_streams(
     graph: &Graph,
@@ -234,7 +250,7 @@ pub fn model_streams(
     record: bool,
     sms: usize,
     precision: Precision,
-    step_ms: &dyn Fn(&str, &str) -> Option<f64>,
+    step_ms: &dyn Fn(&str, &str, &str) -> Option<f64>,
     graph_ms: &[f64],
 ) -> Result<(Vec<PassModel>, usize)> {
     let choices = [
@@ -253,7 +269,7 @@ fn model_choices(
     (n, h, w, record, sms, precision): (usize, usize, usize, bool, usize, Precision),
     choices: [KernelConfig; 2],
     streams: [usize; 2],
-    step_ms: &dyn Fn(&str, &str) -> Option<f64>,
+    step_ms: &dyn Fn(&str, &str, &str) -> Option<f64>,
     graph_ms: &[f64],
 ) -> Result<(Vec<PassModel>, usize)> {
     // Per pass of a program as `choice` configures it: its schedule and baseline step times;
@@ -270,7 +286,7 @@ fn model_choices(
                 .iter()
                 .map(|s| {
                     let info = s.info(n, h, w);
-                    step_ms(info.kind, &info.shape).unwrap_or_else(|| {
+                    step_ms(info.kind, &info.label(), &info.shape).unwrap_or_else(|| {
                         unmatched += 1;
                         0.0
                     })
@@ -280,7 +296,7 @@ fn model_choices(
         }
         Ok((out, unmatched))
     };
-    let (defaults, _) = passes(choices[0], streams[0])?;
+    let (defaults, unmatched_defaults) = passes(choices[0], streams[0])?;
     let (configured, unmatched) = passes(choices[1], streams[1])?;
     let mut models = Vec::new();
     for ((d, c), &target) in defaults.iter().zip(&configured).zip(graph_ms) {
@@ -306,7 +322,7 @@ fn model_choices(
             overhead_us: 1e3 * o,
         });
     }
-    Ok((models, unmatched))
+    Ok((models, unmatched.max(unmatched_defaults)))
 }
 
 /// The streams beside the one a pass is launched on, and the events that fork them from it
@@ -508,9 +524,9 @@ mod tests {
                 set
             };
             for pass in [&p.steps[..p.forward_steps], &p.steps[p.forward_steps..]] {
-                let mut apart = 0;
+                let mut apart = Vec::new();
                 for (i, a) in pass.iter().enumerate() {
-                    for b in &pass[..i] {
+                    for (j, b) in pass[..i].iter().enumerate() {
                         let shared = other_class(a, b);
                         let (Step::Conv(ca), Step::Conv(cb)) = (a, b) else {
                             assert!(shared.is_empty());
@@ -538,30 +554,26 @@ mod tests {
                             }
                         }
                         kinds.insert(a.info(p.n, p.h, p.w).kind);
-                        apart += 1;
+                        apart.push((i, j));
                     }
                 }
                 let range = |b: Buf| {
                     let o = pl.offsets[b.0];
                     o..o + p.len(b)
                 };
-                let (with, without) = (
-                    dependencies(pass, range, true),
-                    dependencies(pass, range, false),
-                );
-                let slots = check(&with, 2);
-                let side_by_side = (0..pass.len())
-                    .filter(|&i| with[i].len() < without[i].len())
-                    .filter(|&i| {
-                        without[i]
-                            .iter()
-                            .any(|j| !with[i].contains(j) && slots[*j].stream != slots[i].stream)
-                    })
+                // The pairs the two-stream schedule leaves unordered: step j is not known
+                // complete when step i starts, nor (on another stream) ordered before it.
+                let slots = check(&dependencies(pass, range, true), 2);
+                let before = clocks(&slots, 2);
+                let unordered = apart
+                    .iter()
+                    .filter(|&&(i, j)| before[i][slots[j].stream].is_none_or(|k| k < j))
                     .count();
                 assert_eq!(
-                    apart > 0,
-                    side_by_side > 0,
-                    "{apart} pairs, {side_by_side} apart"
+                    apart.is_empty(),
+                    unordered == 0,
+                    "{} pairs, {unordered} unordered",
+                    apart.len()
                 );
             }
         }
@@ -591,7 +603,7 @@ mod tests {
             let e = per_shape.entry(key).or_default();
             *e = (e.0 + s["ms"].as_f64().unwrap(), e.1 + 1.0);
         }
-        let step_ms = |kind: &str, shape: &str| {
+        let step_ms = |kind: &str, _label: &str, shape: &str| {
             per_shape
                 .get(&(kind.to_string(), shape.to_string()))
                 .map(|(ms, n)| ms / n)
