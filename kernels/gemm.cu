@@ -22,6 +22,12 @@
 // a warp in a row, where the 32-wide tiles have 64-128 blocks of four to eight. Each output is
 // eight runs of its products added in order, not one run: another rounding than the tiles'
 // (the selftest holds both to the CPU).
+// The `gemm_pair*` kernels (INVDIFF_GEMM_PAIRS) run two independent products in one launch,
+// each block one product's block (its batch index z below z0 for the first, z - z0 for the
+// second): the attention backward's dV = Pᵀ dO beside dP = dO vᵀ, and dQ beside dK, three
+// launches in place of five, where at batch 1 each product fills a fraction of the card and
+// waits on its slices. A block computes exactly what it would in a launch of its product
+// alone, so the same bits.
 #include "common.cuh"
 
 struct GemmArgs {
@@ -39,14 +45,13 @@ static_assert(sizeof(GemmArgs) == 136, "GemmArgs must match src/cuda/kernels/att
 // K slice of every tile: 64 deep.
 constexpr int TK = 64;
 
-// The (image, head) views of block z's operands.
+// The (image, head) views of batch z's operands.
 struct Views {
     const float* A;
     const float* B;
     float* C;
 };
-DEVI Views views(const GemmArgs& g) {
-    const int z = blockIdx.z;
+DEVI Views views(const GemmArgs& g, int z) {
     const int bo = z / g.batch_inner;
     const int bi = z - bo * g.batch_inner;
     return {g.a + bo * g.a_bo + bi * g.a_bi, g.b + bo * g.b_bo + bi * g.b_bi, g.c + bo * g.c_bo + bi * g.c_bi};
@@ -137,12 +142,12 @@ DEVI void store_c(const GemmArgs& g, float* C, int row, int col, float acc) {
 // tile sizes give the same bits. PREFETCH: the next slice's loads are issued before the
 // products of this one (held in registers, then stored to shared memory after the barrier that
 // ends those products).
-template <int TM, bool PREFETCH = false> DEVI void gemm_tile(const GemmArgs& g) {
+template <int TM, bool PREFETCH = false> DEVI void gemm_tile(const GemmArgs& g, int z) {
     constexpr int R = TM / 16;
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TM + 4];
     const int tid = threadIdx.x;
-    const Views v = views(g);
+    const Views v = views(g, z);
     const int m0 = blockIdx.y * TM;
     const int n0 = blockIdx.x * TM;
     const int tx = tid & 15;
@@ -199,12 +204,12 @@ template <int TM, bool PREFETCH = false> DEVI void gemm_tile(const GemmArgs& g) 
 // tile, the same loads, then 8 warps as 4 (rows) x 2 (columns) of 16 x 32 outputs, four
 // m16n8 tiles each, every operand rounded to tf32 as it leaves shared memory. Rows of 72
 // floats: a fragment read (k = q, m or n = g) then hits bank 8q + g, 32 distinct banks.
-DEVI void gemm_tile_tf32(const GemmArgs& g) {
+DEVI void gemm_tile_tf32(const GemmArgs& g, int z) {
     constexpr int TM = 64;
     __shared__ __align__(16) float As[TK][TM + 8];
     __shared__ __align__(16) float Bs[TK][TM + 8];
     const int tid = threadIdx.x;
-    const Views v = views(g);
+    const Views v = views(g, z);
     const int m0 = blockIdx.y * TM;
     const int n0 = blockIdx.x * TM;
     const int warp = tid >> 5, lane = tid & 31;
@@ -307,12 +312,12 @@ DEVI void wk_stash(const GemmArgs& g, const WkSlice& s, float* buf) {
 
 // The `_wk` product (see the header): lane (rg, cg) = (lane / 8, lane % 8) of each warp holds
 // rows 4 rg .. + 3 x columns 4 cg .. + 3 of its partial tile.
-DEVI void gemm_tile_wk(const GemmArgs& g) {
+DEVI void gemm_tile_wk(const GemmArgs& g, int z) {
     using namespace wk;
     __shared__ __align__(16) float bufs[WARPS][WARP_FLOATS];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int rg = lane >> 3, cg = lane & 7;
-    const Views v = views(g);
+    const Views v = views(g, z);
     const int m0 = blockIdx.y * TM;
     const int n0 = blockIdx.x * TN;
     float* buf = bufs[warp];
@@ -366,29 +371,60 @@ DEVI void gemm_tile_wk(const GemmArgs& g) {
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 34.8 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256) gemm_batched(const GemmArgs g) {
-    gemm_tile<64>(g);
+    gemm_tile<64>(g, blockIdx.z);
 }
 
 // Grid (ceil(n / 32), ceil(m / 32), batch), 256 threads, 18.4 KB static shared memory: four
 // times the blocks, for products whose 64-wide tiles would leave most multiprocessors idle
 // (the attention products at batch 1: 16-32 blocks).
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_32(const GemmArgs g) {
-    gemm_tile<32>(g);
+    gemm_tile<32>(g, blockIdx.z);
 }
 
 // The two with the next slice's loads issued before this one's products (INVDIFF_GEMM_PREFETCH).
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_prefetch(const GemmArgs g) {
-    gemm_tile<64, true>(g);
+    gemm_tile<64, true>(g, blockIdx.z);
 }
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_32_prefetch(const GemmArgs g) {
-    gemm_tile<32, true>(g);
+    gemm_tile<32, true>(g, blockIdx.z);
 }
 
 // Grid (ceil(n / 32), ceil(m / 16), batch), 256 threads, 28 KB static shared memory.
-extern "C" __global__ void __launch_bounds__(256, 2) gemm_batched_wk(const GemmArgs g) { gemm_tile_wk(g); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemm_batched_wk(const GemmArgs g) {
+    gemm_tile_wk(g, blockIdx.z);
+}
 
 // Grid (ceil(n / 64), ceil(m / 64), batch), 256 threads, 36.9 KB static shared memory; tf32
 // tensor cores (sm_80 and later).
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_tf32(const GemmArgs g) {
-    gemm_tile_tf32(g);
+    gemm_tile_tf32(g, blockIdx.z);
 }
+
+// Two products in one launch (INVDIFF_GEMM_PAIRS; see the header): grid (the larger of the two
+// products' column tiles, the larger of their row tiles, z0 + the second's batch), each block
+// run as `tile` runs it for its product, or returning where its tile lies past that product's
+// rows or columns. Two calls, not one on a chosen reference: each then reads its arguments
+// straight from parameter memory, as the single-product kernel does (through a reference
+// picked at run time, nvcc kept fewer of them in registers and the code changed). No pair of
+// the `_wk` tile: its two copies spill 76 bytes at two blocks a multiprocessor (182
+// registers without that bound), so warp-split products stay one a launch.
+template <int TM, int TN, typename Tile>
+DEVI void pair(const GemmArgs& g0, const GemmArgs& g1, int z0, Tile tile) {
+    const int z = blockIdx.z, m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
+    if (z < z0) {
+        if (m0 < g0.m && n0 < g0.n) tile(g0, z);
+    } else if (m0 < g1.m && n0 < g1.n) {
+        tile(g1, z - z0);
+    }
+}
+#define GEMM_PAIR(NAME, BOUNDS, TM, TN, CALL)                                                       \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(const GemmArgs g0, const GemmArgs g1, \
+                                                             int z0) {                             \
+        pair<TM, TN>(g0, g1, z0, [](const GemmArgs& g, int z) { CALL; });                       \
+    }
+GEMM_PAIR(gemm_pair, (256), 64, 64, gemm_tile<64>(g, z))
+GEMM_PAIR(gemm_pair_32, (256), 32, 32, gemm_tile<32>(g, z))
+GEMM_PAIR(gemm_pair_prefetch, (256), 64, 64, (gemm_tile<64, true>(g, z)))
+GEMM_PAIR(gemm_pair_32_prefetch, (256), 32, 32, (gemm_tile<32, true>(g, z)))
+GEMM_PAIR(gemm_pair_tf32, (256), 64, 64, gemm_tile_tf32(g, z))
+#undef GEMM_PAIR

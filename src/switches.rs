@@ -109,6 +109,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` lets the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) run side by side on the pass's streams (the same bits)",
     ),
     choice(
+        "INVDIFF_GEMM_PAIRS",
+        ON_OFF,
+        "GPU candidate: `1` has the unfused attention's backward pass launch its four products as two pairs (dV beside dP, dQ beside dK): three launches instead of five (the same bits, on the tiles even where INVDIFF_GEMM_WARP_K would split K)",
+    ),
+    choice(
         "INVDIFF_SPLITK_AHEAD",
         ON_OFF,
         "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",

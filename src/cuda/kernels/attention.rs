@@ -116,6 +116,57 @@ pub(crate) enum GemmForm {
     WarpK,
 }
 
+/// `g`'s kernel arguments, or `None` for a product with no outputs.
+fn gemm_args(g: &Gemm) -> Result<Option<GemmArgs>> {
+    need(g.a, "matrix A")?;
+    need(g.b, "matrix B")?;
+    need(g.c, "matrix C")?;
+    if g.m == 0 || g.n == 0 || g.outer * g.inner == 0 {
+        return Ok(None);
+    }
+    Ok(Some(GemmArgs {
+        a: g.a,
+        b: g.b,
+        c: g.c,
+        a_rs: i64_of(g.a_rs),
+        a_cs: i64_of(g.a_cs),
+        b_rs: i64_of(g.b_rs),
+        b_cs: i64_of(g.b_cs),
+        c_rs: i64_of(g.c_rs),
+        a_bo: i64_of(g.a_bo),
+        a_bi: i64_of(g.a_bi),
+        b_bo: i64_of(g.b_bo),
+        b_bi: i64_of(g.b_bi),
+        c_bo: i64_of(g.c_bo),
+        c_bi: i64_of(g.c_bi),
+        m: i32_of(g.m, "rows")?,
+        n: i32_of(g.n, "columns")?,
+        k: i32_of(g.k, "reduction")?,
+        batch_inner: i32_of(g.inner, "inner batch")?,
+        alpha: g.alpha,
+        accumulate: g.accumulate as i32,
+    }))
+}
+
+/// The grid of a launch running `products` (one, or a pair one after the other along z) on
+/// blocks of `tm x tn` outputs: the most column and row tiles of any, and every batch.
+fn gemm_grid(products: &[&Gemm], tm: usize, tn: usize) -> Result<(u32, u32, u32)> {
+    let most = |f: &dyn Fn(&Gemm) -> usize| products.iter().map(|g| f(g)).max().unwrap_or(0);
+    let batch: usize = products.iter().map(|g| g.outer * g.inner).sum();
+    let rows = most(&|g| g.m.div_ceil(tm));
+    if batch > 65535 || rows > 65535 {
+        return Err(Error::Cuda(format!(
+            "batched product too large for one launch: batch {batch}, {} row tiles",
+            rows
+        )));
+    }
+    Ok((
+        i32_of(most(&|g| g.n.div_ceil(tn)), "column tiles")? as u32,
+        rows as u32,
+        batch as u32,
+    ))
+}
+
 impl Kernels {
     /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
     pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
@@ -149,51 +200,14 @@ impl Kernels {
                 g.tf32
             )));
         }
-        need(g.a, "matrix A")?;
-        need(g.b, "matrix B")?;
-        need(g.c, "matrix C")?;
-        if g.m == 0 || g.n == 0 || g.outer * g.inner == 0 {
+        let Some(args) = gemm_args(g)? else {
             return Ok(());
-        }
-        let args = GemmArgs {
-            a: g.a,
-            b: g.b,
-            c: g.c,
-            a_rs: i64_of(g.a_rs),
-            a_cs: i64_of(g.a_cs),
-            b_rs: i64_of(g.b_rs),
-            b_cs: i64_of(g.b_cs),
-            c_rs: i64_of(g.c_rs),
-            a_bo: i64_of(g.a_bo),
-            a_bi: i64_of(g.a_bi),
-            b_bo: i64_of(g.b_bo),
-            b_bi: i64_of(g.b_bi),
-            c_bo: i64_of(g.c_bo),
-            c_bi: i64_of(g.c_bi),
-            m: i32_of(g.m, "rows")?,
-            n: i32_of(g.n, "columns")?,
-            k: i32_of(g.k, "reduction")?,
-            batch_inner: i32_of(g.inner, "inner batch")?,
-            alpha: g.alpha,
-            accumulate: g.accumulate as i32,
         };
-        let batch = g.outer * g.inner;
         // A block's outputs: (rows, columns).
         let (tm, tn) = match form {
             GemmForm::Tiles { tile, .. } => (tile, tile),
             GemmForm::WarpK => (16, 32),
         };
-        if batch > 65535 || g.m.div_ceil(tm) > 65535 {
-            return Err(Error::Cuda(format!(
-                "batched product too large for one launch: batch {batch}, {} rows",
-                g.m
-            )));
-        }
-        let grid = (
-            i32_of(g.n.div_ceil(tn), "column tiles")? as u32,
-            g.m.div_ceil(tm) as u32,
-            batch as u32,
-        );
         let f = match form {
             _ if g.tf32 => &self.gemm_batched_tf32,
             GemmForm::WarpK => &self.gemm_batched_wk,
@@ -208,10 +222,70 @@ impl Kernels {
         };
         let mut b = st.launch_builder(f);
         b.arg(&args);
+        let grid = gemm_grid(&[g], tm, tn)?;
         // SAFETY: every view lies inside its buffer (the caller's contract).
         cu(
             unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
             "launching gemm_batched",
+        )
+    }
+
+    /// Two independent products in one launch (`gemm_pair*`, kernels/gemm.cu): the same
+    /// results, bit for bit, as [`gemm`](Self::gemm) of each where that takes the tiles. The
+    /// pair takes 32-wide tiles where 64-wide ones would not give every multiprocessor a
+    /// block of either, and the tiles even where `INVDIFF_GEMM_WARP_K` would split K (there is
+    /// no pair of that kernel); both in fp32, or both on tf32.
+    pub fn gemm_pair(&self, st: &CudaStream, g0: &Gemm, g1: &Gemm) -> Result<()> {
+        let blocks64: usize = [g0, g1]
+            .iter()
+            .map(|g| g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner)
+            .sum();
+        let small = self.small_tiles && !g0.tf32 && blocks64 < self.sms as usize;
+        let tile = if small { 32 } else { 64 };
+        let prefetch = self.gemm_prefetch && !g0.tf32;
+        self.gemm_pair_as(st, g0, g1, tile, prefetch)
+    }
+
+    /// [`gemm_pair`](Self::gemm_pair) on tiles of `tile` (32 or 64), the next slice's loads
+    /// ahead where `prefetch`.
+    pub(crate) fn gemm_pair_as(
+        &self,
+        st: &CudaStream,
+        g0: &Gemm,
+        g1: &Gemm,
+        tile: usize,
+        prefetch: bool,
+    ) -> Result<()> {
+        let tf32 = g0.tf32;
+        if g1.tf32 != tf32 || !(tile == 64 || tile == 32 && !tf32) || prefetch && tf32 {
+            return Err(Error::Cuda(format!(
+                "internal: no paired-product kernel for {tile}-wide tiles (prefetch {prefetch}, \
+                 tf32 {tf32} and {})",
+                g1.tf32
+            )));
+        }
+        let (a0, a1) = match (gemm_args(g0)?, gemm_args(g1)?) {
+            (Some(a0), Some(a1)) => (a0, a1),
+            // One of them empty: the other alone.
+            (Some(_), None) => return self.gemm_as(st, g0, GemmForm::Tiles { tile, prefetch }),
+            (None, Some(_)) => return self.gemm_as(st, g1, GemmForm::Tiles { tile, prefetch }),
+            (None, None) => return Ok(()),
+        };
+        let f = match (tf32, tile, prefetch) {
+            (true, ..) => &self.gemm_pair_tf32,
+            (false, 32, false) => &self.gemm_pair_32,
+            (false, 32, true) => &self.gemm_pair_32_prefetch,
+            (false, _, false) => &self.gemm_pair,
+            (false, _, true) => &self.gemm_pair_prefetch,
+        };
+        let grid = gemm_grid(&[g0, g1], tile, tile)?;
+        let z0 = i32_of(g0.outer * g0.inner, "first batch")?;
+        let mut b = st.launch_builder(f);
+        b.arg(&a0).arg(&a1).arg(&z0);
+        // SAFETY: every view of both products lies inside its buffer (the caller's contract).
+        cu(
+            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
+            "launching gemm_pair",
         )
     }
 

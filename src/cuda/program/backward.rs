@@ -227,6 +227,7 @@ impl Lowering<'_> {
                     head_dim,
                     accumulate: acc,
                     kernel,
+                    paired: self.choice.attention_pairs && kernel != AttnKernel::Flash,
                 });
             }
             Op::Upsample { x, .. } => {

@@ -173,6 +173,11 @@ pub(crate) struct KernelConfig {
     /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
     /// so the same bits.
     pub class_concurrency: bool,
+    /// The unfused attention's backward pass launches its four products as two pairs
+    /// ([`Kernels::gemm_pair`](crate::cuda::kernels::Kernels::gemm_pair): dV beside dP, then
+    /// dQ beside dK), three launches instead of five; the same bits where the products take the
+    /// tiles (they take them even where `INVDIFF_GEMM_WARP_K` would split K).
+    pub attention_pairs: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -229,6 +234,7 @@ impl Default for KernelConfig {
             half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
             class_concurrency: false,
+            attention_pairs: false,
             batch_invariant: false,
         }
     }
@@ -307,6 +313,7 @@ impl KernelConfig {
             },
             fold_residual_grads: true,
             class_concurrency: false,
+            attention_pairs: false,
             batch_invariant: false,
         }
     }
@@ -365,6 +372,7 @@ impl KernelConfig {
             },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
+            attention_pairs: kept("INVDIFF_GEMM_PAIRS", tuned.attention_pairs),
             batch_invariant: false,
         }
     }
@@ -433,6 +441,7 @@ impl KernelConfig {
                 "residual gradients added by GroupNorms",
             ),
             (self.class_concurrency, "parity classes side by side"),
+            (self.attention_pairs, "attention backward products paired"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

@@ -218,6 +218,9 @@ pub(crate) enum Step {
         head_dim: usize,
         accumulate: bool,
         kernel: AttnKernel,
+        /// Its products launched in two pairs ([`KernelConfig::attention_pairs`]; not with
+        /// the fused kernels).
+        paired: bool,
     },
     Upsample {
         x: Buf,

@@ -5,6 +5,7 @@ use crate::cpu::attention;
 use crate::cuda::kernels::{flash_fits, Gemm, GemmForm};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::{attention_backward, attention_forward, Attn, AttnKernel};
+use crate::cuda::weights::DevBuf;
 use crate::Result;
 
 /// The attention input gradient with its four products on tf32 tensor cores, against the
@@ -138,6 +139,7 @@ impl Tester<'_> {
                 ),
             }
         }
+        self.paired_product_rows(&g, &c0, &mut cd, &desc)?;
         let ms = self.timed(
             || cd.write(st, &c0),
             || gpu.kernels.gemm_as(st, &g, GemmForm::WarpK),
@@ -160,6 +162,69 @@ impl Tester<'_> {
             ms,
             tensor_core_tolerance(Precision::Tf32),
         );
+        Ok(())
+    }
+
+    /// Two products in one launch (`gemm_pair*`, INVDIFF_GEMM_PAIRS) in every tile form and
+    /// on tf32, each output against its product's own launch to the bit: `g` (whose C is
+    /// `cd`, starting from `c0`) beside a second of its operands with fewer rows, another
+    /// scale and the other accumulation, into a C of its own.
+    fn paired_product_rows(
+        &mut self,
+        g: &Gemm,
+        c0: &[f32],
+        cd: &mut DevBuf,
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let c1 = self.rand(c0.len(), -1.0, 1.0);
+        let mut c1d = self.up(&c1)?;
+        for (tile, prefetch, tf32) in [
+            (64, false, false),
+            (32, false, false),
+            (64, true, false),
+            (32, true, false),
+            (64, false, true),
+        ] {
+            let g0 = Gemm { tf32, ..*g };
+            let g1 = Gemm {
+                c: c1d.ptr,
+                m: g.m - g.m / 3,
+                alpha: 2.0,
+                accumulate: !g.accumulate,
+                ..g0
+            };
+            let form = GemmForm::Tiles { tile, prefetch };
+            cd.write(st, c0)?;
+            c1d.write(st, &c1)?;
+            gpu.kernels.gemm_as(st, &g0, form)?;
+            gpu.kernels.gemm_as(st, &g1, form)?;
+            let want = [cd.download(st)?, c1d.download(st)?];
+            let ms = self.timed(
+                || {
+                    cd.write(st, c0)?;
+                    c1d.write(st, &c1)
+                },
+                || gpu.kernels.gemm_pair_as(st, &g0, &g1, tile, prefetch),
+            )?;
+            let got = [cd.download(st)?, c1d.download(st)?];
+            let form = format!(
+                "{tile}-wide tiles{}{}",
+                if prefetch { ", slices prefetched" } else { "" },
+                if tf32 { ", tf32" } else { "" }
+            );
+            for (which, got, want) in [("first", &got[0], &want[0]), ("second", &got[1], &want[1])]
+            {
+                self.row_within(
+                    format!("paired products, {form}: the {which} vs its own launch"),
+                    desc.to_string(),
+                    got,
+                    want,
+                    ms,
+                    0.0,
+                );
+            }
+        }
         Ok(())
     }
 
@@ -231,31 +296,51 @@ impl Tester<'_> {
                 let mut gd = self.up(&g0)?;
                 let g_ptr = gd.ptr;
                 let scratch = self.zeros(n * heads * kernel.saved_len(tokens))?;
-                let ms = self.timed(
-                    || gd.write(st, &g0),
-                    || {
-                        attention_backward(
-                            &gpu.kernels,
-                            st,
-                            a,
-                            qd.ptr,
-                            pd.ptr,
-                            od.ptr,
-                            dd.ptr,
-                            g_ptr,
-                            scratch.ptr,
-                            accumulate,
-                        )
-                    },
-                )?;
-                self.row_within(
-                    format!("attention input-grad{}{mode}", acc_name(accumulate)),
-                    desc.clone(),
-                    &gd.download(st)?,
-                    &want_g,
-                    ms,
-                    limits.1,
-                );
+                // Unpaired, then (unfused) with its products paired (INVDIFF_GEMM_PAIRS): the
+                // same bits, unless INVDIFF_GEMM_WARP_K splits the unpaired fp32 products' K
+                // (the pairs take the tiles), when both are held to the CPU.
+                let pairs: &[bool] = match kernel {
+                    AttnKernel::Flash => &[false],
+                    _ => &[false, true],
+                };
+                let split_k = kernel == AttnKernel::Products && gpu.kernels.gemm_warp_k();
+                let mut unpaired = None;
+                for &paired in pairs {
+                    let ms = self.timed(
+                        || gd.write(st, &g0),
+                        || {
+                            attention_backward(
+                                &gpu.kernels,
+                                st,
+                                a,
+                                qd.ptr,
+                                pd.ptr,
+                                od.ptr,
+                                dd.ptr,
+                                g_ptr,
+                                scratch.ptr,
+                                accumulate,
+                                paired,
+                            )
+                        },
+                    )?;
+                    let got = gd.download(st)?;
+                    let op = format!("attention input-grad{}{mode}", acc_name(accumulate));
+                    match &unpaired {
+                        None => {
+                            self.row_within(op, desc.clone(), &got, &want_g, ms, limits.1);
+                            unpaired = Some(got);
+                        }
+                        Some(_) if split_k => {
+                            let op = format!("{op}, products paired");
+                            self.row_within(op, desc.clone(), &got, &want_g, ms, limits.1);
+                        }
+                        Some(first) => {
+                            let op = format!("{op}, products paired vs one a launch");
+                            self.row_within(op, desc.clone(), &got, first, ms, 0.0);
+                        }
+                    }
+                }
             }
         }
         Ok(())

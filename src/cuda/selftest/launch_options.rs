@@ -3,11 +3,13 @@
 //! (`conv_splitk_reduce_ahead`, `INVDIFF_SPLITK_AHEAD`), and the 3-channel image convolutions'
 //! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`); and how the
 //! launches are scheduled: a convolution's parity-class launches side by side on the streams
-//! (`INVDIFF_CLASS_CONCURRENCY`), whole networks against the schedule that orders them. A
-//! group of its own, run last: a candidate's kernel that faults ends no other check.
+//! (`INVDIFF_CLASS_CONCURRENCY`), whole networks against the schedule that orders them; and
+//! the attention backward's products launched in pairs (`INVDIFF_GEMM_PAIRS`), whole networks
+//! against one product a launch. A group of its own, run last: a candidate's kernel that
+//! faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::networks::ORDERED_PAIRS;
+use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::{epilogue_setups, path, Tester};
 use crate::cuda::kernels::{
     plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvOpts, ConvPtrs, ConvShape, WGMMA_SLICE,
@@ -268,5 +270,20 @@ impl Tester<'_> {
         }
         let set = CudaUnet::set_class_concurrency;
         self.same_bits_choice_unets(ordinal, op, set, ORDERED_PAIRS)
+    }
+
+    /// The same networks with the attention backward's products launched in pairs
+    /// (`INVDIFF_GEMM_PAIRS`): a DPS step in fewer launches, and the same bits as one product
+    /// a launch. Not where `INVDIFF_GEMM_WARP_K` splits the unpaired products' K (the pairs
+    /// take the tiles, another rounding), when a row says so instead.
+    pub(super) fn attention_pair_unets(&mut self, ordinal: usize) -> Result<()> {
+        let op = "attention products paired";
+        if self.gpu.kernels.gemm_warp_k() {
+            let why = "not checked: INVDIFF_GEMM_WARP_K=1 rounds the unpaired products otherwise";
+            self.check_row(format!("celebahq forward + vjp, {op}"), why.into(), true);
+            return Ok(());
+        }
+        let set = CudaUnet::set_attention_pairs;
+        self.same_bits_choice_unets(ordinal, op, set, LAUNCHES)
     }
 }

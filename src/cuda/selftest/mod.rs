@@ -200,7 +200,8 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("launch options", |t, o| {
             t.split_reductions()?;
             t.narrow_tiles()?;
-            t.class_concurrency_unets(o)
+            t.class_concurrency_unets(o)?;
+            t.attention_pair_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));

@@ -125,7 +125,9 @@ pub(crate) fn attention_forward(
 
 /// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given what the
 /// forward saved, its output `o` (read by [`AttnKernel::Flash`] only) and `dy` = dO; `scratch`
-/// holds [`AttnKernel::saved_len`] floats per (image, head).
+/// holds [`AttnKernel::saved_len`] floats per (image, head). With `paired` (not for the fused
+/// kernels), the four products in two launches of two ([`Kernels::gemm_pair`]): dV beside dP,
+/// then dQ beside dK.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     k: &Kernels,
@@ -138,6 +140,7 @@ pub(crate) fn attention_backward(
     dqkv: DPtr,
     scratch: DPtr,
     accumulate: bool,
+    paired: bool,
 ) -> Result<()> {
     if a.kernel == AttnKernel::Flash {
         let backward = Some((o, dy, scratch, accumulate));
@@ -167,82 +170,83 @@ pub(crate) fn attention_backward(
     let part = |ptr: DPtr, which: usize| at(ptr, which * inner);
     // dV = Pᵀ dO.
     let (pp, (prs, pcs), pbo, pbi) = p_view(probs, true);
-    k.gemm(
-        st,
-        &Gemm {
-            a: pp,
-            b: dy,
-            c: part(dqkv, 2),
+    let dv = Gemm {
+        a: pp,
+        b: dy,
+        c: part(dqkv, 2),
+        m: l,
+        n: d,
+        k: l,
+        a_rs: prs,
+        a_cs: pcs,
+        b_rs: inner,
+        b_cs: 1,
+        c_rs: 3 * inner,
+        a_bo: pbo,
+        a_bi: pbi,
+        b_bo: l * inner,
+        b_bi: d,
+        c_bo: img,
+        c_bi: d,
+        accumulate,
+        ..base
+    };
+    // dP = dO Vᵀ, then dS = P ∘ (dP - rowsum(dP ∘ P)) / √d.
+    let dp = Gemm {
+        a: dy,
+        b: part(qkv, 2),
+        c: ds,
+        m: l,
+        n: l,
+        k: d,
+        a_rs: inner,
+        a_cs: 1,
+        b_rs: 1,
+        b_cs: 3 * inner,
+        c_rs: l,
+        a_bo: l * inner,
+        a_bi: d,
+        b_bo: img,
+        b_bi: d,
+        c_bo: a.heads * ll,
+        c_bi: ll,
+        ..base
+    };
+    // dQ = dS K, dK = dSᵀ Q.
+    let [dq, dk] = [(false, 1, 0), (true, 0, 1)].map(|(transposed, src, dst)| {
+        let (sp, (srs, scs), sbo, sbi) = p_view(ds, transposed);
+        Gemm {
+            a: sp,
+            b: part(qkv, src),
+            c: part(dqkv, dst),
             m: l,
             n: d,
             k: l,
-            a_rs: prs,
-            a_cs: pcs,
-            b_rs: inner,
+            a_rs: srs,
+            a_cs: scs,
+            b_rs: 3 * inner,
             b_cs: 1,
             c_rs: 3 * inner,
-            a_bo: pbo,
-            a_bi: pbi,
-            b_bo: l * inner,
+            a_bo: sbo,
+            a_bi: sbi,
+            b_bo: img,
             b_bi: d,
             c_bo: img,
             c_bi: d,
             accumulate,
             ..base
-        },
-    )?;
-    // dP = dO Vᵀ, then dS = P ∘ (dP - rowsum(dP ∘ P)) / √d.
-    k.gemm(
-        st,
-        &Gemm {
-            a: dy,
-            b: part(qkv, 2),
-            c: ds,
-            m: l,
-            n: l,
-            k: d,
-            a_rs: inner,
-            a_cs: 1,
-            b_rs: 1,
-            b_cs: 3 * inner,
-            c_rs: l,
-            a_bo: l * inner,
-            a_bi: d,
-            b_bo: img,
-            b_bi: d,
-            c_bo: a.heads * ll,
-            c_bi: ll,
-            ..base
-        },
-    )?;
-    k.softmax_backward(st, probs, ds, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt())?;
-    // dQ = dS K, dK = dSᵀ Q.
-    for (transposed, src, dst) in [(false, 1, 0), (true, 0, 1)] {
-        let (sp, (srs, scs), sbo, sbi) = p_view(ds, transposed);
-        k.gemm(
-            st,
-            &Gemm {
-                a: sp,
-                b: part(qkv, src),
-                c: part(dqkv, dst),
-                m: l,
-                n: d,
-                k: l,
-                a_rs: srs,
-                a_cs: scs,
-                b_rs: 3 * inner,
-                b_cs: 1,
-                c_rs: 3 * inner,
-                a_bo: sbo,
-                a_bi: sbi,
-                b_bo: img,
-                b_bi: d,
-                c_bo: img,
-                c_bi: d,
-                accumulate,
-                ..base
-            },
-        )?;
+        }
+    });
+    let softmax =
+        || k.softmax_backward(st, probs, ds, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt());
+    if paired {
+        k.gemm_pair(st, &dv, &dp)?;
+        softmax()?;
+        return k.gemm_pair(st, &dq, &dk);
     }
-    Ok(())
+    k.gemm(st, &dv)?;
+    k.gemm(st, &dp)?;
+    softmax()?;
+    k.gemm(st, &dq)?;
+    k.gemm(st, &dk)
 }

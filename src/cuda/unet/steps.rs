@@ -239,6 +239,7 @@ pub(super) fn launch(
             head_dim,
             accumulate,
             kernel,
+            paired,
         } => attention_backward(
             k,
             st,
@@ -256,6 +257,7 @@ pub(super) fn launch(
             p(dqkv),
             p(scratch),
             accumulate,
+            paired,
         ),
         Step::Upsample {
             x,
