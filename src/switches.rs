@@ -111,7 +111,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GEMM_PAIRS",
         ON_OFF,
-        "GPU candidate: `1` has the unfused attention's backward pass launch its four products as two pairs (dV beside dP, dQ beside dK): three launches instead of five (the same bits, on the tiles even where INVDIFF_GEMM_WARP_K would split K)",
+        "GPU candidate: `1` has the unfused attention's backward pass launch its four products as two pairs (dV beside dP, dQ beside dK): three launches instead of five (the same bits, except with INVDIFF_GEMM_WARP_K=1, whose split products the pairs take on the tiles instead)",
     ),
     choice(
         "INVDIFF_SPLITK_AHEAD",

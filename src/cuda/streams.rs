@@ -238,7 +238,7 @@ pub struct PassModel {
 /// a per-step overhead fitted so that the defaults' schedule takes the baseline's graph time
 /// (`graph_ms`, per pass); steps on different streams do not slow each other, which makes
 /// the gain of running more side by side an upper bound. The defaults' schedule is laid out on
-/// [`DEFAULT_STREAMS`] streams (the baseline's), the configured one on `INVDIFF_STREAMS`.
+/// the default two streams (the baseline's), the configured one on `INVDIFF_STREAMS`.
 /// Returns the forward pass's model, then the backward's where recording, and how many steps
 /// the baseline had no time for (counted as 0; the more of the two programs').
 #[allow(clippy::too_many_arguments)]

@@ -231,10 +231,11 @@ impl Kernels {
     }
 
     /// Two independent products in one launch (`gemm_pair*`, kernels/gemm.cu): the same
-    /// results, bit for bit, as [`gemm`](Self::gemm) of each where that takes the tiles. The
-    /// pair takes 32-wide tiles where 64-wide ones would not give every multiprocessor a
-    /// block of either, and the tiles even where `INVDIFF_GEMM_WARP_K` would split K (there is
-    /// no pair of that kernel); both in fp32, or both on tf32.
+    /// results, bit for bit, as [`gemm`](Self::gemm) of each where that takes the tiles (the
+    /// tile size changes no bits). The pair takes 32-wide tiles where 64-wide ones of the two
+    /// together would not give every multiprocessor a block, and the tiles even where
+    /// `INVDIFF_GEMM_WARP_K` would split K (there is no pair of that kernel); both in fp32, or
+    /// both on tf32.
     pub fn gemm_pair(&self, st: &CudaStream, g0: &Gemm, g1: &Gemm) -> Result<()> {
         let blocks64: usize = [g0, g1]
             .iter()
@@ -264,11 +265,17 @@ impl Kernels {
                 g1.tf32
             )));
         }
+        let form = GemmForm::Tiles { tile, prefetch };
         let (a0, a1) = match (gemm_args(g0)?, gemm_args(g1)?) {
+            // More images than one launch's grid holds together: one a launch.
+            (Some(_), Some(_)) if g0.outer * g0.inner + g1.outer * g1.inner > 65535 => {
+                self.gemm_as(st, g0, form)?;
+                return self.gemm_as(st, g1, form);
+            }
             (Some(a0), Some(a1)) => (a0, a1),
             // One of them empty: the other alone.
-            (Some(_), None) => return self.gemm_as(st, g0, GemmForm::Tiles { tile, prefetch }),
-            (None, Some(_)) => return self.gemm_as(st, g1, GemmForm::Tiles { tile, prefetch }),
+            (Some(_), None) => return self.gemm_as(st, g0, form),
+            (None, Some(_)) => return self.gemm_as(st, g1, form),
             (None, None) => return Ok(()),
         };
         let f = match (tf32, tile, prefetch) {

@@ -167,8 +167,10 @@ impl Tester<'_> {
 
     /// Two products in one launch (`gemm_pair*`, INVDIFF_GEMM_PAIRS) in every tile form and
     /// on tf32, each output against its product's own launch to the bit: `g` (whose C is
-    /// `cd`, starting from `c0`) beside a second of its operands with fewer rows, another
-    /// scale and the other accumulation, into a C of its own.
+    /// `cd`, starting from `c0`) beside a second of its operands with fewer rows, columns and
+    /// (where `g` has more than one) images, another scale and the other accumulation, into a
+    /// C of its own; in both orders, so that the first product and the second each have
+    /// blocks past their tiles.
     fn paired_product_rows(
         &mut self,
         g: &Gemm,
@@ -186,43 +188,52 @@ impl Tester<'_> {
             (32, true, false),
             (64, false, true),
         ] {
-            let g0 = Gemm { tf32, ..*g };
-            let g1 = Gemm {
+            let big = Gemm { tf32, ..*g };
+            let small = Gemm {
                 c: c1d.ptr,
                 m: g.m - g.m / 3,
+                n: g.n - g.n / 4,
+                outer: g.outer.max(2) - 1,
                 alpha: 2.0,
                 accumulate: !g.accumulate,
-                ..g0
+                ..big
             };
             let form = GemmForm::Tiles { tile, prefetch };
             cd.write(st, c0)?;
             c1d.write(st, &c1)?;
-            gpu.kernels.gemm_as(st, &g0, form)?;
-            gpu.kernels.gemm_as(st, &g1, form)?;
+            gpu.kernels.gemm_as(st, &big, form)?;
+            gpu.kernels.gemm_as(st, &small, form)?;
             let want = [cd.download(st)?, c1d.download(st)?];
-            let ms = self.timed(
-                || {
-                    cd.write(st, c0)?;
-                    c1d.write(st, &c1)
-                },
-                || gpu.kernels.gemm_pair_as(st, &g0, &g1, tile, prefetch),
-            )?;
-            let got = [cd.download(st)?, c1d.download(st)?];
             let form = format!(
                 "{tile}-wide tiles{}{}",
                 if prefetch { ", slices prefetched" } else { "" },
                 if tf32 { ", tf32" } else { "" }
             );
-            for (which, got, want) in [("first", &got[0], &want[0]), ("second", &got[1], &want[1])]
-            {
-                self.row_within(
-                    format!("paired products, {form}: the {which} vs its own launch"),
-                    desc.to_string(),
-                    got,
-                    want,
-                    ms,
-                    0.0,
-                );
+            for (order, g0, g1) in [
+                ("larger first", &big, &small),
+                ("smaller first", &small, &big),
+            ] {
+                let ms = self.timed(
+                    || {
+                        cd.write(st, c0)?;
+                        c1d.write(st, &c1)
+                    },
+                    || gpu.kernels.gemm_pair_as(st, g0, g1, tile, prefetch),
+                )?;
+                let got = [cd.download(st)?, c1d.download(st)?];
+                for (which, got, want) in [
+                    ("larger", &got[0], &want[0]),
+                    ("smaller", &got[1], &want[1]),
+                ] {
+                    self.row_within(
+                        format!("paired products, {form}, {order}: the {which} vs its own launch"),
+                        desc.to_string(),
+                        got,
+                        want,
+                        ms,
+                        0.0,
+                    );
+                }
             }
         }
         Ok(())

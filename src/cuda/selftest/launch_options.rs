@@ -15,6 +15,7 @@ use crate::cuda::kernels::{
     plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvOpts, ConvPtrs, ConvShape, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
+use crate::cuda::program::KernelConfig;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevBuf;
@@ -275,12 +276,22 @@ impl Tester<'_> {
     /// The same networks with the attention backward's products launched in pairs
     /// (`INVDIFF_GEMM_PAIRS`): a DPS step in fewer launches, and the same bits as one product
     /// a launch. Not where `INVDIFF_GEMM_WARP_K` splits the unpaired products' K (the pairs
-    /// take the tiles, another rounding), when a row says so instead.
+    /// take the tiles, another rounding), nor where `INVDIFF_ATTN_FLASH` fuses every attention
+    /// of these networks (one head of 512 channels), leaving no products to pair: a row says
+    /// so instead.
     pub(super) fn attention_pair_unets(&mut self, ordinal: usize) -> Result<()> {
         let op = "attention products paired";
-        if self.gpu.kernels.gemm_warp_k() {
-            let why = "not checked: INVDIFF_GEMM_WARP_K=1 rounds the unpaired products otherwise";
-            self.check_row(format!("celebahq forward + vjp, {op}"), why.into(), true);
+        let caps = self.gpu.kernels.capabilities();
+        let skip = if self.gpu.kernels.gemm_warp_k() {
+            Some("INVDIFF_GEMM_WARP_K=1 rounds the unpaired products otherwise")
+        } else if KernelConfig::from_switches(caps, Precision::Bf16).attention_flash {
+            Some("INVDIFF_ATTN_FLASH=1 fuses these attentions")
+        } else {
+            None
+        };
+        if let Some(why) = skip {
+            let why = format!("not checked: {why}");
+            self.check_row(format!("celebahq forward + vjp, {op}"), why, true);
             return Ok(());
         }
         let set = CudaUnet::set_attention_pairs;
