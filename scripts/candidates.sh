@@ -6,7 +6,8 @@
 # gradients in one wave, the GroupNorm passes over 16-bit values four pixels ahead, attention
 # products whose warps split K, and short tiles for the few-output convolutions, new at stop
 # 29; a convolution's parity-class launches side by side on the streams, new at stop 30, with
-# four streams too, and the attention backward's products launched in pairs, new at stop 30;
+# four streams too, the attention backward's products launched in pairs, and a concatenation's
+# sums over sides already written eight pixels ahead, new at stop 30;
 # tf32 attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
 # v0.5 and v0.6), then each v0.10 default turned off (residual
@@ -31,6 +32,7 @@ CANDIDATES=(
     class_concurrency:INVDIFF_CLASS_CONCURRENCY=1
     class_concurrency_streams4:INVDIFF_CLASS_CONCURRENCY=1,INVDIFF_STREAMS=4
     gemm_pairs:INVDIFF_GEMM_PAIRS=1
+    concat_sums_ahead:INVDIFF_CONCAT_SUMS_AHEAD=1
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
     no_gn_add_residual:INVDIFF_GN_ADD_RESIDUAL=0

@@ -109,6 +109,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` lets the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) run side by side on the pass's streams (the same bits)",
     ),
     choice(
+        "INVDIFF_CONCAT_SUMS_AHEAD",
+        ON_OFF,
+        "GPU candidate: `1` has a 16-bit concatenation's GroupNorm sums over a side already written keep eight pixels' loads ahead instead of four (the same bits)",
+    ),
+    choice(
         "INVDIFF_GEMM_PAIRS",
         ON_OFF,
         "GPU candidate: `1` has the unfused attention's backward pass launch its four products as two pairs (dV beside dP, dQ beside dK): three launches instead of five (the same bits, except with INVDIFF_GEMM_WARP_K=1, whose split products the pairs take on the tiles instead)",

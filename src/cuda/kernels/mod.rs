@@ -215,6 +215,10 @@ pub(crate) struct Kernels {
     gn_partial: CudaFunction,
     gn_concat_partial: CudaFunction,
     gn_concat_partial_pairs: CudaFunction,
+    gn_concat_partial_pairs_ahead: CudaFunction,
+    /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
+    /// (`INVDIFF_CONCAT_SUMS_AHEAD=1`).
+    concat_sums_ahead: bool,
     gn_finalize: CudaFunction,
     gn_apply: CudaFunction,
     gn_apply_ilp: CudaFunction,
@@ -455,6 +459,8 @@ impl Kernels {
             gn_partial: get("norm", "gn_partial")?,
             gn_concat_partial: get("norm", "gn_concat_partial")?,
             gn_concat_partial_pairs: get("norm", "gn_concat_partial_pairs")?,
+            gn_concat_partial_pairs_ahead: get("norm", "gn_concat_partial_pairs_ahead")?,
+            concat_sums_ahead: switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "1"),
             gn_finalize: get("norm", "gn_finalize")?,
             gn_apply: get("norm", "gn_apply")?,
             gn_apply_ilp: get("norm", "gn_apply_ilp")?,
@@ -518,6 +524,12 @@ impl Kernels {
     /// (`INVDIFF_GEMM_WARP_K=1`).
     pub fn gemm_warp_k(&self) -> bool {
         self.gemm_warp_k
+    }
+
+    /// Whether concatenations' sums over sides already written keep eight pixels' loads
+    /// ahead (`INVDIFF_CONCAT_SUMS_AHEAD=1`).
+    pub fn concat_sums_ahead(&self) -> bool {
+        self.concat_sums_ahead
     }
 
     /// Whether split convolution launches reduce their splits with every load of an output

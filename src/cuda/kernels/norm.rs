@@ -35,6 +35,11 @@ pub(crate) struct NormSplit {
     /// loads ahead instead of two (the `_ilp4` kernels), the same bits; `None` as
     /// `INVDIFF_GN_HALF_AHEAD` says, `Some` forcing either way (the selftest).
     pub half_ahead: Option<bool>,
+    /// With `from_producer`, from a concatenation in 16 bits only: whether its sums over a
+    /// side already written keep eight pixels' loads ahead (`gn_concat_partial_pairs_ahead`),
+    /// the same bits; `None` as `INVDIFF_CONCAT_SUMS_AHEAD` says, `Some` forcing either way
+    /// (the selftest).
+    pub sums_ahead: Option<bool>,
 }
 
 /// What a GroupNorm backward pass ([`Kernels::group_norm_backward`]) reads: the forward's
@@ -235,6 +240,7 @@ pub(crate) fn plan_norm(
         ilp,
         from_producer: false,
         half_ahead: None,
+        sums_ahead: None,
     }
 }
 
@@ -700,7 +706,13 @@ impl Kernels {
         let mut grid = self.norm_grid(n, c, split)?;
         let (f, name) = if pairs {
             grid.grid_dim.1 = c.div_ceil(64) as u32;
-            (&self.gn_concat_partial_pairs, "gn_concat_partial_pairs")
+            match split.sums_ahead.unwrap_or(self.concat_sums_ahead) {
+                true => (
+                    &self.gn_concat_partial_pairs_ahead,
+                    "gn_concat_partial_pairs_ahead",
+                ),
+                false => (&self.gn_concat_partial_pairs, "gn_concat_partial_pairs"),
+            }
         } else {
             (&self.gn_concat_partial, "gn_concat_partial")
         };

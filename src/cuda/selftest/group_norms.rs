@@ -804,51 +804,59 @@ impl Tester<'_> {
             }
             // In 16 bits only, with sides already written by their producers
             // (INVDIFF_CONCAT_FROM_PRODUCERS; the lowering places only even sides): read back
-            // for the sums, the same bits.
-            if only16 && ca % 2 == 0 && cb % 2 == 0 {
-                for placed in [[true, false], [false, true], [true, true]] {
-                    let out = self.up(&placed_sides(fy16, (ca, cb), placed, precision))?;
-                    let partial = self.zeros(given.partial_len(n, c))?;
-                    let side = |p: bool, d: DPtr| if p { 0 } else { d };
-                    k.concat_with_norm_sums(
-                        st,
-                        side(placed[0], a.ptr),
-                        side(placed[1], b.ptr),
-                        0,
-                        Some((out.ptr, precision)),
-                        n,
-                        hw,
-                        (ca, cb),
-                        given,
-                        partial.ptr,
-                    )?;
-                    let sums_got = partial.download(st)?;
-                    let differ = sums_got
-                        .iter()
-                        .zip(fsums)
-                        .filter(|(a, b)| a.to_bits() != b.to_bits())
-                        .count();
-                    self.rows.push(SelftestRow {
+            // for the sums, the same bits; with the read-back sums four and eight pixels ahead
+            // (INVDIFF_CONCAT_SUMS_AHEAD).
+            let placements = [[true, false], [false, true], [true, true]];
+            let cases = [false, true]
+                .into_iter()
+                .flat_map(|a| placements.map(|p| (a, p)));
+            for (ahead, placed) in cases.filter(|_| only16 && ca % 2 == 0 && cb % 2 == 0) {
+                let given = NormSplit {
+                    sums_ahead: Some(ahead),
+                    ..given
+                };
+                let ahead = if ahead { ", eight ahead" } else { "" };
+                let out = self.up(&placed_sides(fy16, (ca, cb), placed, precision))?;
+                let partial = self.zeros(given.partial_len(n, c))?;
+                let side = |p: bool, d: DPtr| if p { 0 } else { d };
+                k.concat_with_norm_sums(
+                    st,
+                    side(placed[0], a.ptr),
+                    side(placed[1], b.ptr),
+                    0,
+                    Some((out.ptr, precision)),
+                    n,
+                    hw,
+                    (ca, cb),
+                    given,
+                    partial.ptr,
+                )?;
+                let sums_got = partial.download(st)?;
+                let differ = sums_got
+                    .iter()
+                    .zip(fsums)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+                self.rows.push(SelftestRow {
                         op: format!(
-                            "concat with GroupNorm sums, side {placed:?} placed: partial sums vs unplaced, bits"
+                            "concat with GroupNorm sums, side {placed:?} placed{ahead}: partial sums vs unplaced, bits"
                         ),
                         shape: format!("{desc}: {differ} of {} words differ", sums_got.len()),
                         rel_l2: differ as f64,
                         gpu_ms: 0.0,
                         tolerance: 0.0,
                     });
-                    // (With both placed it writes no value: nothing to compare.)
-                    if placed != [true; 2] {
-                        let got = unpack_half(&out.download(st)?, n * hw * c, precision);
-                        self.row_within(
-                            format!("concat with GroupNorm sums, side {placed:?} placed: 16-bit values vs unplaced, bits"),
+                // (With both placed it writes no value: nothing to compare.)
+                if placed != [true; 2] {
+                    let got = unpack_half(&out.download(st)?, n * hw * c, precision);
+                    self.row_within(
+                            format!("concat with GroupNorm sums, side {placed:?} placed{ahead}: 16-bit values vs unplaced, bits"),
                             desc.clone(),
                             &got,
                             fy16,
                             0.0,
                             0.0,
                         );
-                    }
                 }
             }
         }

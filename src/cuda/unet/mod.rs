@@ -184,6 +184,10 @@ impl CudaUnet {
                 "split-K reductions with loads ahead".to_string(),
             ),
             (
+                self.gpu.kernels.concat_sums_ahead(),
+                "concatenation sums eight pixels ahead".to_string(),
+            ),
+            (
                 self.gpu.kernels.narrow_short(),
                 "short narrow tiles".to_string(),
             ),
