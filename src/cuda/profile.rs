@@ -328,12 +328,9 @@ impl Step {
                 // Q Kᵀ and P V forward; dV, dP, dQ and dK backward: 2 L² d each per head (the
                 // fused kernels' recomputed scores are not counted).
                 let products = if forward { 2.0 } else { 4.0 };
-                // The backward's five launches, or three with its products paired.
-                let unfused = match (forward, paired) {
-                    (true, _) => 3,
-                    (false, false) => 5,
-                    (false, true) => 3,
-                };
+                // Unfused: three launches forward; five backward, or three with its products
+                // paired.
+                let unfused = if forward || paired { 3 } else { 5 };
                 let (variant, launches) = match kernel {
                     AttnKernel::Products => ("", unfused),
                     AttnKernel::Tf32Products => ("tf32 products", unfused),

@@ -156,8 +156,7 @@ fn gemm_grid(products: &[&Gemm], tm: usize, tn: usize) -> Result<(u32, u32, u32)
     let rows = most(&|g| g.m.div_ceil(tm));
     if batch > 65535 || rows > 65535 {
         return Err(Error::Cuda(format!(
-            "batched product too large for one launch: batch {batch}, {} row tiles",
-            rows
+            "batched product too large for one launch: batch {batch}, {rows} row tiles"
         )));
     }
     Ok((
@@ -220,9 +219,9 @@ impl Kernels {
                 true => &self.gemm_batched_prefetch,
             },
         };
+        let grid = gemm_grid(&[g], tm, tn)?;
         let mut b = st.launch_builder(f);
         b.arg(&args);
-        let grid = gemm_grid(&[g], tm, tn)?;
         // SAFETY: every view lies inside its buffer (the caller's contract).
         cu(
             unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
