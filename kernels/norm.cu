@@ -252,6 +252,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // in one loop with the copying side nvcc issues four, 128 bytes a warp each, and those sums
 // over the 256x256 level's concatenations moved 2.4 TB/s at batch 8 on an H200 (stop 28,
 // call 3). The same pixels in the same order, so the same bits; the copying side as before.
+// The lane set-up repeats gn_concat_partial_pairs' own: moved into a helper both call, it
+// changes that (default) kernel's SASS.
 constexpr int CONCAT_SUMS_AHEAD = 8;
 extern "C" __global__ void __launch_bounds__(256)
     gn_concat_partial_pairs_ahead(const float* __restrict__ a, const float* __restrict__ b,
