@@ -5,10 +5,9 @@
 # reductions with every load of an output issued first, the GroupNorm backward sums of 16-bit
 # gradients in one wave, the GroupNorm passes over 16-bit values four pixels ahead, attention
 # products whose warps split K, and short tiles for the few-output convolutions, new at stop
-# 29; a convolution's parity-class launches side by side on the streams, new at stop 30, with
-# four streams too, the attention backward's products launched in pairs, and a concatenation's
-# sums over sides already written eight pixels ahead, new at stop 30;
-# tf32 attention
+# 29; a convolution's parity-class launches side by side on the streams (alone and with four
+# streams), the attention backward's products launched in pairs, and a concatenation's sums
+# over sides already written eight pixels ahead, new at stop 30; tf32 attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
 # v0.5 and v0.6), then each v0.10 default turned off (residual
 # gradients added by the GroupNorm backward passes; 16-bit output gradients for the passes
