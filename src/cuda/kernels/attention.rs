@@ -173,13 +173,13 @@ impl Kernels {
         // multiprocessor a block (the same sums in the same order either way), or with
         // gemm_warp_k, tiles whose warps split K; the tf32 kernel has 64-wide tiles only.
         let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
-        let small = self.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
-        let form = if small && self.gemm_warp_k {
+        let small = self.launch.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
+        let form = if small && self.launch.gemm_warp_k {
             GemmForm::WarpK
         } else {
             GemmForm::Tiles {
                 tile: if small { 32 } else { 64 },
-                prefetch: self.gemm_prefetch && !g.tf32,
+                prefetch: self.launch.gemm_prefetch && !g.tf32,
             }
         };
         self.gemm_as(st, g, form)
@@ -240,9 +240,9 @@ impl Kernels {
             .iter()
             .map(|g| g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner)
             .sum();
-        let small = self.small_tiles && !g0.tf32 && blocks64 < self.sms as usize;
+        let small = self.launch.small_tiles && !g0.tf32 && blocks64 < self.sms as usize;
         let tile = if small { 32 } else { 64 };
-        let prefetch = self.gemm_prefetch && !g0.tf32;
+        let prefetch = self.launch.gemm_prefetch && !g0.tf32;
         self.gemm_pair_as(st, g0, g1, tile, prefetch)
     }
 

@@ -438,18 +438,6 @@ pub(super) const NARROW_SHORT_ROWS: usize = 8;
 const FEW_IN_RUN: usize = 16;
 const FEW_IN_COLS: usize = 128;
 
-/// Choices a convolution launch makes below its plan, each giving the same bits either way:
-/// `None` takes what the switches say (`INVDIFF_SPLITK_AHEAD`, `INVDIFF_NARROW_SHORT`), `Some`
-/// forces it, for the selftest to compare both.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct ConvOpts {
-    /// A split launch's splits added by `conv_splitk_reduce_ahead` (where it fits) rather
-    /// than by `conv_splitk_reduce`.
-    pub reduce_ahead: Option<bool>,
-    /// A [`ConvKernel::Narrow`] launch on 8-row tiles (`conv_narrow_short_*`) rather than 16.
-    pub narrow_short: Option<bool>,
-}
-
 impl Kernels {
     /// `y = (conv(x) + bias + temb + res) / out_div (+ y)`, the implicit GEMM of `s`.
     pub fn conv(
@@ -461,22 +449,7 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
     ) -> Result<()> {
-        self.conv_as(st, s, plan, p, out_div, accumulate, ConvOpts::default())
-    }
-
-    /// [`Kernels::conv`] with the choices below the plan that `opts` forces.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn conv_as(
-        &self,
-        st: &CudaStream,
-        s: &ConvShape,
-        plan: &ConvLaunch,
-        p: ConvPtrs,
-        out_div: f32,
-        accumulate: bool,
-        opts: ConvOpts,
-    ) -> Result<()> {
-        self.conv_with(st, s, plan, p, out_div, accumulate, None, opts)
+        self.conv_with(st, s, plan, p, out_div, accumulate, None)
     }
 
     /// [`Kernels::conv`] of a wgmma launch through its `_probe` kernel, which adds where its
@@ -494,16 +467,7 @@ impl Kernels {
                 "internal: a cycle probe of a launch without wgmma".into(),
             ));
         }
-        self.conv_with(
-            st,
-            s,
-            plan,
-            p,
-            1.0,
-            false,
-            Some(probe.ptr),
-            ConvOpts::default(),
-        )
+        self.conv_with(st, s, plan, p, 1.0, false, Some(probe.ptr))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -516,7 +480,6 @@ impl Kernels {
         out_div: f32,
         accumulate: bool,
         probe: Option<u64>,
-        opts: ConvOpts,
     ) -> Result<()> {
         if s.taps.is_empty() || s.taps.len() > 9 {
             return Err(Error::Cuda(format!(
@@ -640,7 +603,7 @@ impl Kernels {
             )));
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
-            return self.conv_direct(st, s, plan, &a, opts.narrow_short);
+            return self.conv_direct(st, s, plan, &a);
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
@@ -805,7 +768,7 @@ impl Kernels {
             // Two adjacent outputs a thread: 8-byte accesses to the workspace and the output
             // (the epilogue's terms are read one float at a time).
             let pairs_fit = s.ncols % 2 == 0 && a.y % 8 == 0 && a.ws % 8 == 0;
-            let ahead = opts.reduce_ahead.unwrap_or(self.splitk_ahead);
+            let ahead = self.launch.splitk_ahead;
             let (f, launch, name) = if ahead && pairs_fit {
                 let pairs = rows * s.ncols / 2;
                 let grid = (self.blocks(pairs, 128, 4), 1, 1);
@@ -840,7 +803,6 @@ impl Kernels {
         s: &ConvShape,
         plan: &ConvLaunch,
         a: &ConvArgs,
-        short: Option<bool>,
     ) -> Result<()> {
         let narrow = plan.kernel == ConvKernel::Narrow;
         let channels = if narrow { s.ncols } else { s.sc };
@@ -876,7 +838,7 @@ impl Kernels {
             // one block at most of the two each holds (batch 1 at 256x256); where they fill
             // most of the two, the short tiles' second wave and extra halo rows would cost more.
             let tall_blocks = s.n * s.mw.div_ceil(NARROW_COLS) * s.mh.div_ceil(NARROW_ROWS);
-            let short = short.unwrap_or(self.narrow_short && tall_blocks <= self.sms as usize);
+            let short = self.launch.narrow_short && tall_blocks <= self.sms as usize;
             let (rows, table, kernel) = match short {
                 true => (
                     NARROW_SHORT_ROWS,

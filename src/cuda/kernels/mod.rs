@@ -63,9 +63,7 @@ mod tma;
 pub(crate) use attention::{flash_fits, Gemm, GemmForm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
-pub(crate) use conv::{
-    ConvOpts, ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES,
-};
+pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
     fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
     plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
@@ -164,18 +162,84 @@ fn i64_of(v: usize) -> i64 {
     v as i64
 }
 
-/// Handles to every kernel of the embedded fatbins.
-pub(crate) struct Kernels {
-    sms: u32,
+/// Launch choices below a program's plan that the `INVDIFF_*` switches make, read once when
+/// the kernels load ([`Kernels::with_launch`] makes others, for the selftest); each gives the
+/// same bits either way unless its doc says otherwise.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct LaunchSwitches {
     /// Batched products that would leave multiprocessors idle take 32-wide tiles (unless
     /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
-    small_tiles: bool,
-    gemm_prefetch: bool,
-    /// Small batched products take `gemm_batched_wk` (`INVDIFF_GEMM_WARP_K=1`).
-    gemm_warp_k: bool,
+    pub small_tiles: bool,
+    /// The fp32 batched products issue the next K slice's loads before this one's products
+    /// (`INVDIFF_GEMM_PREFETCH=1`).
+    pub gemm_prefetch: bool,
+    /// Small batched products take `gemm_batched_wk`, whose warps split K
+    /// (`INVDIFF_GEMM_WARP_K=1`; another rounding).
+    pub gemm_warp_k: bool,
     /// Split launches reduce with `conv_splitk_reduce_ahead` where it fits
     /// (`INVDIFF_SPLITK_AHEAD=1`).
-    splitk_ahead: bool,
+    pub splitk_ahead: bool,
+    /// Narrow launches whose 16-row tiles would give multiprocessors one block at most take
+    /// the 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
+    pub narrow_short: bool,
+    /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
+    /// (`INVDIFF_CONCAT_SUMS_AHEAD=1`).
+    pub concat_sums_ahead: bool,
+    /// The GroupNorm backward passes of 16-bit output gradients sum in one wave
+    /// (`INVDIFF_GN_SUMS_ONE_WAVE=1`).
+    pub gn_sums_one_wave: bool,
+    /// The GroupNorm element passes over 16-bit values keep four pixels' loads ahead
+    /// (`INVDIFF_GN_HALF_AHEAD=1`).
+    pub gn_half_ahead: bool,
+}
+
+impl LaunchSwitches {
+    /// What the switches set now.
+    pub fn from_switches() -> Self {
+        let on = |name| switches::is(name, "1");
+        LaunchSwitches {
+            small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
+            gemm_prefetch: on("INVDIFF_GEMM_PREFETCH"),
+            gemm_warp_k: on("INVDIFF_GEMM_WARP_K"),
+            splitk_ahead: on("INVDIFF_SPLITK_AHEAD"),
+            narrow_short: on("INVDIFF_NARROW_SHORT"),
+            concat_sums_ahead: on("INVDIFF_CONCAT_SUMS_AHEAD"),
+            gn_sums_one_wave: on("INVDIFF_GN_SUMS_ONE_WAVE"),
+            gn_half_ahead: on("INVDIFF_GN_HALF_AHEAD"),
+        }
+    }
+
+    /// The choices that are on, in words, for reports.
+    pub fn describe(&self) -> Vec<&'static str> {
+        [
+            (self.small_tiles, "small product tiles"),
+            (self.gemm_prefetch, "product slices prefetched"),
+            (self.gemm_warp_k, "product warps splitting K"),
+            (self.splitk_ahead, "split-K reductions with loads ahead"),
+            (
+                self.concat_sums_ahead,
+                "concatenation sums eight pixels ahead",
+            ),
+            (self.narrow_short, "short narrow tiles"),
+            (self.gn_sums_one_wave, "GroupNorm backward sums in one wave"),
+            (
+                self.gn_half_ahead,
+                "16-bit GroupNorm passes four pixels ahead",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(on, what)| on.then_some(what))
+        .collect()
+    }
+}
+
+/// Handles to every kernel of the embedded fatbins. Cloning copies handles (the modules are
+/// shared), as [`Kernels::with_launch`] does.
+#[derive(Clone)]
+pub(crate) struct Kernels {
+    sms: u32,
+    /// The launch choices the switches make (`INVDIFF_GEMM_PREFETCH`, ...).
+    launch: LaunchSwitches,
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
@@ -184,9 +248,6 @@ pub(crate) struct Kernels {
     conv_narrow: Vec<CudaFunction>,
     /// `conv_narrow_short_<ncols>` likewise (8-row tiles).
     conv_narrow_short: Vec<CudaFunction>,
-    /// Narrow launches whose 16-row tiles would give multiprocessors one block at most take
-    /// the 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
-    narrow_short: bool,
     /// `conv_few_in_<sc>` at index sc - 1.
     conv_few_in: Vec<CudaFunction>,
     conv_weight_transpose: CudaFunction,
@@ -216,9 +277,6 @@ pub(crate) struct Kernels {
     gn_concat_partial: CudaFunction,
     gn_concat_partial_pairs: CudaFunction,
     gn_concat_partial_pairs_ahead: CudaFunction,
-    /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
-    /// (`INVDIFF_CONCAT_SUMS_AHEAD=1`).
-    concat_sums_ahead: bool,
     gn_finalize: CudaFunction,
     gn_apply: CudaFunction,
     gn_apply_ilp: CudaFunction,
@@ -234,12 +292,10 @@ pub(crate) struct Kernels {
     /// `gn_bwd_partial_dy16_wave` and `gn_bwd_partial_x16_dy16_wave`, which the `_dy16` forms
     /// take for their sums with `INVDIFF_GN_SUMS_ONE_WAVE=1`.
     gn_bwd_partial_wave: [CudaFunction; 2],
-    gn_sums_one_wave: bool,
     /// `gn_apply_half_x16_ilp4`, and `gn_bwd_apply_x16_dy16_ilp4` and its `_split` form, which
     /// the `_ilp` passes over 16-bit values take with `INVDIFF_GN_HALF_AHEAD=1`.
     gn_apply_half_x16_ilp4: CudaFunction,
     gn_bwd_apply_x16_dy16_ilp4: [CudaFunction; 2],
-    gn_half_ahead: bool,
     gn_one_pass: CudaFunction,
     gn_one_pass_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -259,6 +315,7 @@ pub(crate) struct Kernels {
 }
 
 /// The wgmma convolution kernels (kernels/conv_wgmma.cu).
+#[derive(Clone)]
 struct WgmmaKernels {
     /// `conv_wgmma_bf16`, `conv_wgmma_fp16`, their `_rows`, `_rows_lean` and `_rows_tma` forms,
     /// then the `_tall` forms of all eight (`conv::wgmma_index`).
@@ -407,10 +464,7 @@ impl Kernels {
         };
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
-            small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
-            gemm_prefetch: switches::is("INVDIFF_GEMM_PREFETCH", "1"),
-            gemm_warp_k: switches::is("INVDIFF_GEMM_WARP_K", "1"),
-            splitk_ahead: switches::is("INVDIFF_SPLITK_AHEAD", "1"),
+            launch: LaunchSwitches::from_switches(),
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
@@ -433,7 +487,6 @@ impl Kernels {
                     )
                 })
                 .collect::<Result<_>>()?,
-            narrow_short: switches::is("INVDIFF_NARROW_SHORT", "1"),
             conv_few_in: (1..=DIRECT_MAX)
                 .map(|c| get("conv", &format!("conv_few_in_{c}")))
                 .collect::<Result<_>>()?,
@@ -460,7 +513,6 @@ impl Kernels {
             gn_concat_partial: get("norm", "gn_concat_partial")?,
             gn_concat_partial_pairs: get("norm", "gn_concat_partial_pairs")?,
             gn_concat_partial_pairs_ahead: get("norm", "gn_concat_partial_pairs_ahead")?,
-            concat_sums_ahead: switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "1"),
             gn_finalize: get("norm", "gn_finalize")?,
             gn_apply: get("norm", "gn_apply")?,
             gn_apply_ilp: get("norm", "gn_apply_ilp")?,
@@ -477,13 +529,11 @@ impl Kernels {
                 get("norm", "gn_bwd_partial_dy16_wave")?,
                 get("norm", "gn_bwd_partial_x16_dy16_wave")?,
             ],
-            gn_sums_one_wave: switches::is("INVDIFF_GN_SUMS_ONE_WAVE", "1"),
             gn_apply_half_x16_ilp4: get("norm", "gn_apply_half_x16_ilp4")?,
             gn_bwd_apply_x16_dy16_ilp4: [
                 get("norm", "gn_bwd_apply_x16_dy16_ilp4")?,
                 get("norm", "gn_bwd_apply_x16_split_dy16_ilp4")?,
             ],
-            gn_half_ahead: switches::is("INVDIFF_GN_HALF_AHEAD", "1"),
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
@@ -502,52 +552,18 @@ impl Kernels {
         })
     }
 
-    /// Whether small batched products take 32-wide tiles (not with
-    /// `INVDIFF_GEMM_SMALL_TILES=0`).
-    pub fn small_tiles(&self) -> bool {
-        self.small_tiles
+    /// The launch choices the `INVDIFF_*` switches make.
+    pub fn launch_switches(&self) -> LaunchSwitches {
+        self.launch
     }
 
-    /// Whether the fp32 batched products issue the next K slice's loads before this one's
-    /// products (`INVDIFF_GEMM_PREFETCH=1`).
-    pub fn gemm_prefetch(&self) -> bool {
-        self.gemm_prefetch
-    }
-
-    /// Whether narrow convolutions whose 16-row tiles would give multiprocessors one block at
-    /// most take 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
-    pub fn narrow_short(&self) -> bool {
-        self.narrow_short
-    }
-
-    /// Whether small fp32 batched products split K among a block's warps
-    /// (`INVDIFF_GEMM_WARP_K=1`).
-    pub fn gemm_warp_k(&self) -> bool {
-        self.gemm_warp_k
-    }
-
-    /// Whether concatenations' sums over sides already written keep eight pixels' loads
-    /// ahead (`INVDIFF_CONCAT_SUMS_AHEAD=1`).
-    pub fn concat_sums_ahead(&self) -> bool {
-        self.concat_sums_ahead
-    }
-
-    /// Whether split convolution launches reduce their splits with every load of an output
-    /// issued first (`INVDIFF_SPLITK_AHEAD=1`).
-    pub fn splitk_ahead(&self) -> bool {
-        self.splitk_ahead
-    }
-
-    /// Whether the GroupNorm backward passes of 16-bit output gradients sum in one wave
-    /// (`INVDIFF_GN_SUMS_ONE_WAVE=1`).
-    pub fn gn_sums_one_wave(&self) -> bool {
-        self.gn_sums_one_wave
-    }
-
-    /// Whether the GroupNorm element passes over 16-bit values keep four pixels' loads ahead
-    /// (`INVDIFF_GN_HALF_AHEAD=1`).
-    pub fn gn_half_ahead(&self) -> bool {
-        self.gn_half_ahead
+    /// The same kernels making the launch choices `launch` instead, for the selftest to run
+    /// a launch both ways.
+    pub(crate) fn with_launch(&self, launch: LaunchSwitches) -> Kernels {
+        Kernels {
+            launch,
+            ..self.clone()
+        }
     }
 
     /// Whether this device runs the wgmma convolutions (compute capability 9.0).

@@ -30,16 +30,6 @@ pub(crate) struct NormSplit {
     pub one_pass: Option<u32>,
     pub ilp: bool,
     pub from_producer: bool,
-    /// With `ilp`, three launches: whether the element passes over 16-bit values (the
-    /// forward's over a 16-bit x, the backward's over a 16-bit x and dy) keep four pixels'
-    /// loads ahead instead of two (the `_ilp4` kernels), the same bits; `None` as
-    /// `INVDIFF_GN_HALF_AHEAD` says, `Some` forcing either way (the selftest).
-    pub half_ahead: Option<bool>,
-    /// With `from_producer`, from a concatenation in 16 bits only: whether its sums over a
-    /// side already written keep eight pixels' loads ahead (`gn_concat_partial_pairs_ahead`),
-    /// the same bits; `None` as `INVDIFF_CONCAT_SUMS_AHEAD` says, `Some` forcing either way
-    /// (the selftest).
-    pub sums_ahead: Option<bool>,
 }
 
 /// What a GroupNorm backward pass ([`Kernels::group_norm_backward`]) reads: the forward's
@@ -74,9 +64,6 @@ pub(crate) struct NormBackwardOut {
     pub sides: Option<GradSides>,
     /// Which of the three launches run (all but for the sweep's timing of each).
     pub launches: NormLaunches,
-    /// With a 16-bit `dy`: the sums at eight blocks a multiprocessor (the `_wave` kernels) or
-    /// not, whatever `INVDIFF_GN_SUMS_ONE_WAVE` says (`None`: as it says); the same bits.
-    pub one_wave: Option<bool>,
 }
 
 /// The launches of a three-launch GroupNorm backward pass that
@@ -239,8 +226,6 @@ pub(crate) fn plan_norm(
         one_pass,
         ilp,
         from_producer: false,
-        half_ahead: None,
-        sums_ahead: None,
     }
 }
 
@@ -299,6 +284,7 @@ impl NormSplit {
 /// 16-bit `x` (`_x16`), plain or `_ilp`, from an fp32 or a 16-bit `dy` (`_dy16`, which only
 /// the `_ilp` kernels have). A 16-bit x has no 16-bit-output kernel (`apply_half` is the fp32
 /// x's, which the launcher refuses to run over one).
+#[derive(Clone)]
 pub(super) struct NormBackwardFns {
     partial: CudaFunction,
     apply: CudaFunction,
@@ -613,7 +599,7 @@ impl Kernels {
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let ahead = split.half_ahead.unwrap_or(self.gn_half_ahead);
+            let ahead = self.launch.gn_half_ahead;
             let (f, name) = match (x_half.is_some(), split.ilp) {
                 (false, false) => (&self.gn_apply_half, "gn_apply_half"),
                 (false, true) => (&self.gn_apply_half_ilp, "gn_apply_half_ilp"),
@@ -706,7 +692,7 @@ impl Kernels {
         let mut grid = self.norm_grid(n, c, split)?;
         let (f, name) = if pairs {
             grid.grid_dim.1 = c.div_ceil(64) as u32;
-            match split.sums_ahead.unwrap_or(self.concat_sums_ahead) {
+            match self.launch.concat_sums_ahead {
                 true => (
                     &self.gn_concat_partial_pairs_ahead,
                     "gn_concat_partial_pairs_ahead",
@@ -772,7 +758,6 @@ impl Kernels {
             copy,
             sides,
             launches,
-            one_wave,
         } = outputs;
         // A unit of four 16-bit values is 8 bytes, of fp32 16.
         let dy_unit = if dy_half.is_some() { 8 } else { 16 };
@@ -909,7 +894,7 @@ impl Kernels {
             );
         }
         if runs(NormLaunches::Sums) {
-            let (partial_fn, name) = match (dy_half, one_wave.unwrap_or(self.gn_sums_one_wave)) {
+            let (partial_fn, name) = match (dy_half, self.launch.gn_sums_one_wave) {
                 (Some(_), true) => (
                     &self.gn_bwd_partial_wave[x_half.is_some() as usize],
                     format!(
@@ -985,10 +970,7 @@ impl Kernels {
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
         // INVDIFF_GN_HALF_AHEAD: over a 16-bit x and dy, four pixels ahead.
-        let ahead = split.ilp
-            && x_half.is_some()
-            && dy_half.is_some()
-            && split.half_ahead.unwrap_or(self.gn_half_ahead);
+        let ahead = split.ilp && x_half.is_some() && dy_half.is_some() && self.launch.gn_half_ahead;
         let (apply_fn, kind16) = match (sides, ahead) {
             (Some((_, kind)), false) => (&fns.apply_split, kind),
             (Some((_, kind)), true) => (&self.gn_bwd_apply_x16_dy16_ilp4[1], kind),

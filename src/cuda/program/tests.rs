@@ -1830,7 +1830,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 16] = [
+    let flags: [fn(&mut KernelConfig); 18] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1847,6 +1847,8 @@ fn every_choice_has_a_name() {
         |c| c.batch_invariant = true,
         |c| c.half_norm_grads = HalfGrads::Everywhere,
         |c| c.fold_residual_grads = true,
+        |c| c.class_concurrency = true,
+        |c| c.attention_pairs = true,
     ];
     let mut all = KernelConfig::default();
     for set in flags {

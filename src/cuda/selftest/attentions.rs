@@ -314,7 +314,8 @@ impl Tester<'_> {
                     AttnKernel::Flash => &[false],
                     _ => &[false, true],
                 };
-                let split_k = kernel == AttnKernel::Products && gpu.kernels.gemm_warp_k();
+                let split_k =
+                    kernel == AttnKernel::Products && gpu.kernels.launch_switches().gemm_warp_k;
                 let mut unpaired = None;
                 for &paired in pairs {
                     let ms = self.timed(

@@ -6,10 +6,11 @@
 //! norms group checks) against the same network without. Groups of their own, run last: a
 //! new kernel that faults ends no other check.
 
-use super::group_norms::half_ahead;
 use super::networks::LAUNCHES;
-use super::{acc_name, unpack_half, Tester};
-use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
+use super::{acc_name, kernels_for, unpack_half, Tester};
+use crate::cuda::kernels::{
+    plan_norm, GradSides, Kernels, NormBackwardIn, NormBackwardOut, NormDims,
+};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::Result;
@@ -113,7 +114,7 @@ impl Tester<'_> {
             stats: sd.ptr,
             silu: true,
         };
-        let run = |d, dx, copy, sides| {
+        let run = |kernels: &Kernels, dx, copy, sides| {
             let outputs = NormBackwardOut {
                 partial: partial.ptr,
                 means: means.ptr,
@@ -125,12 +126,12 @@ impl Tester<'_> {
                 sides,
                 ..NormBackwardOut::default()
             };
-            gpu.kernels.group_norm_backward(st, d, inputs, outputs)
+            kernels.group_norm_backward(st, d, inputs, outputs)
         };
         // The whole input gradient (and its copy), as the program without the split has it.
         let whole = self.up(&dx0)?;
         let copy = self.zeros(len.div_ceil(2))?;
-        run(d, whole.ptr, half.map(|p| (copy.ptr, p)), None)?;
+        run(&gpu.kernels, whole.ptr, half.map(|p| (copy.ptr, p)), None)?;
         let want = whole.download(st)?;
         let want16 = match half {
             Some(p) => Some(unpack_half(&copy.download(st)?, len, p)),
@@ -138,11 +139,12 @@ impl Tester<'_> {
         };
         // The split as planned and, over a 16-bit x and dy with the `_ilp` kernels, four
         // pixels ahead (INVDIFF_GN_HALF_AHEAD), each against the whole gradient as planned.
-        let mut forms = vec![(d, "")];
+        let mut forms = vec![(kernels_for(gpu, None), "")];
         if x16 && dy16 && ilp {
-            forms.push((half_ahead(d, true), ", four pixels ahead"));
+            let ahead = self.launch_with(|l| l.gn_half_ahead = true);
+            forms.push((kernels_for(gpu, Some(ahead)), ", four pixels ahead"));
         }
-        for (d, ahead) in forms {
+        for (kernels, ahead) in forms {
             // The two sides; the input gradient random where the pass overwrites it, so that a
             // kernel that read or wrote it there would show.
             let dx1 = if accumulate {
@@ -163,7 +165,7 @@ impl Tester<'_> {
                 b16: half.map(|p| (b16.ptr, p)),
                 ca,
             };
-            let ms = self.timed(|| Ok(()), || run(d, dx.ptr, None, Some(sides)))?;
+            let ms = self.timed(|| Ok(()), || run(&kernels, dx.ptr, None, Some(sides)))?;
             let columns = |v: &[f32], from: usize, to: usize| -> Vec<f32> {
                 v.chunks_exact(c)
                     .flat_map(|p| p[from..to].to_vec())

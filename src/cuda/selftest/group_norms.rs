@@ -1,9 +1,10 @@
 //! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
 
-use super::{acc_name, placed_sides, unpack_half, SelftestRow, Tester};
+use super::{acc_name, kernels_for, placed_sides, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{
-    norm_forms, plan_norm, DPtr, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+    norm_forms, plan_norm, DPtr, LaunchSwitches, NormBackwardIn, NormBackwardOut, NormDims,
+    NormSplit,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -13,18 +14,6 @@ use crate::Result;
 type BackwardOutputs = (Vec<f32>, Vec<f32>);
 /// A forward pass's output, widened, and its statistics.
 type ForwardOutputs = (Vec<f32>, Vec<f32>);
-
-/// `d` with its element passes over 16-bit values `on` four pixels ahead or not
-/// ([`NormSplit::half_ahead`]).
-pub(super) fn half_ahead(d: NormDims, on: bool) -> NormDims {
-    NormDims {
-        split: NormSplit {
-            half_ahead: Some(on),
-            ..d.split
-        },
-        ..d
-    }
-}
 
 /// What every backward run of one GroupNorm shares: its statistics, scale and shift, SiLU.
 fn shared_inputs((stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf), silu: bool) -> NormBackwardIn {
@@ -83,10 +72,11 @@ impl Tester<'_> {
         let s = if silu { "+silu" } else { "" };
         let mut pairs = vec![(
             format!("groupnorm{s} forward, {precision} input and output vs fp32 input"),
-            [(d, widened.ptr, None), (d, x16.ptr, Some(precision))],
+            [(widened.ptr, None, None), (x16.ptr, Some(precision), None)],
         )];
         if d.split.ilp && d.split.one_pass.is_none() {
-            let x16 = |on| (half_ahead(d, on), x16.ptr, Some(precision));
+            let ahead = |on| self.launch_with(|l| l.gn_half_ahead = on);
+            let x16 = |on| (x16.ptr, Some(precision), Some(ahead(on)));
             pairs.push((
                 format!("groupnorm{s} forward, {precision} input, four pixels ahead vs two"),
                 [x16(false), x16(true)],
@@ -95,10 +85,10 @@ impl Tester<'_> {
         for (op, runs) in pairs {
             let mut outs = Vec::new();
             let mut ms = 0.0;
-            for (d, input, x_half) in runs {
+            for (input, x_half, launch) in runs {
                 let out;
-                (out, ms) =
-                    self.half_output_run(d, (input, x_half), (gamma, beta), eps, silu, precision)?;
+                let io = ((input, x_half), (gamma, beta));
+                (out, ms) = self.half_output_run(d, io, eps, silu, precision, launch)?;
                 outs.push(out);
             }
             self.same_bits_rows(&op, "statistics", desc, &outs, ms);
@@ -107,17 +97,20 @@ impl Tester<'_> {
     }
 
     /// GroupNorm `d` of the input at `x` (16-bit values of `x_half` where set) into a 16-bit
-    /// output of `precision`: that output widened, the statistics, and the launch's time.
+    /// output of `precision`, making the launch choices `launch` (`None`: those in force):
+    /// that output widened, the statistics, and the launch's time.
+    #[allow(clippy::type_complexity)]
     fn half_output_run(
         &mut self,
         d: NormDims,
-        (x, x_half): (DPtr, Option<Precision>),
-        (gamma, beta): (&DevBuf, &DevBuf),
+        ((x, x_half), (gamma, beta)): ((DPtr, Option<Precision>), (&DevBuf, &DevBuf)),
         eps: f32,
         silu: bool,
         precision: Precision,
+        launch: Option<LaunchSwitches>,
     ) -> Result<(ForwardOutputs, f64)> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let st = &self.gpu.stream;
+        let kernels = kernels_for(self.gpu, launch);
         let len = d.n * d.hw * d.c;
         let y = self.zeros(len.div_ceil(2))?;
         let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
@@ -126,7 +119,7 @@ impl Tester<'_> {
         let ms = self.timed(
             || Ok(()),
             || {
-                gpu.kernels.group_norm(
+                kernels.group_norm(
                     st,
                     d,
                     x,
@@ -149,9 +142,8 @@ impl Tester<'_> {
 
     /// One backward pass `d` from `inputs` onto a fresh `dx0` (accumulating, after `add` where
     /// set): into an fp32 input gradient, with its 16-bit copy in `precision` where `copy`, or
-    /// with `out16` a 16-bit one; its sums in one wave or not as `one_wave` says
-    /// ([`NormBackwardOut::one_wave`]). The input gradient and the copy (zeros where none),
-    /// widened, and the pass's time.
+    /// with `out16` a 16-bit one; making the launch choices `launch` (`None`: those in force).
+    /// The input gradient and the copy (zeros where none), widened, and the pass's time.
     #[allow(clippy::too_many_arguments)]
     fn backward_run(
         &mut self,
@@ -161,9 +153,10 @@ impl Tester<'_> {
         out16: Option<Precision>,
         copy: bool,
         precision: Precision,
-        one_wave: Option<bool>,
+        launch: Option<LaunchSwitches>,
     ) -> Result<(BackwardOutputs, f64)> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let st = &self.gpu.stream;
+        let kernels = kernels_for(self.gpu, launch);
         let mut dx = self.up(dx0)?;
         let copy_buf = self.zeros(dx0.len().div_ceil(2))?;
         let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
@@ -176,12 +169,11 @@ impl Tester<'_> {
             add,
             half_out: out16,
             copy: copy.then_some((copy_buf.ptr, precision)),
-            one_wave,
             ..NormBackwardOut::default()
         };
         let ms = self.timed(
             || dx.write(st, dx0),
-            || gpu.kernels.group_norm_backward(st, d, inputs, outputs),
+            || kernels.group_norm_backward(st, d, inputs, outputs),
         )?;
         let got = match out16 {
             Some(p) => unpack_half(&dx.download(st)?, dx0.len(), p),
@@ -349,23 +341,22 @@ impl Tester<'_> {
         };
         let onto = (dx0, accumulate, None);
         let copy = out16.is_none();
-        // (What differs: the dims and the one-wave choice of each run.)
-        let mut pairs = vec![(
-            "sums in one wave vs not",
-            [(d, Some(false)), (d, Some(true))],
-        )];
+        // (What differs: the launch choices of each run.)
+        let wave = |on| Some(self.launch_with(|l| l.gn_sums_one_wave = on));
+        let mut pairs = vec![("sums in one wave vs not", [wave(false), wave(true)])];
         if x_half.is_some() {
+            let ahead = |on| Some(self.launch_with(|l| l.gn_half_ahead = on));
             pairs.push((
                 "element pass four pixels ahead vs two",
-                [(half_ahead(d, false), None), (half_ahead(d, true), None)],
+                [ahead(false), ahead(true)],
             ));
         }
         for (what, runs) in pairs {
             let mut outs = Vec::new();
             let mut ms = 0.0;
-            for (d, one_wave) in runs {
+            for launch in runs {
                 let out;
-                (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, one_wave)?;
+                (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, launch)?;
                 outs.push(out);
             }
             let op = format!(
@@ -811,15 +802,12 @@ impl Tester<'_> {
                 .into_iter()
                 .flat_map(|a| placements.map(|p| (a, p)));
             for (ahead, placed) in cases.filter(|_| only16 && ca % 2 == 0 && cb % 2 == 0) {
-                let given = NormSplit {
-                    sums_ahead: Some(ahead),
-                    ..given
-                };
+                let kernels = k.with_launch(self.launch_with(|l| l.concat_sums_ahead = ahead));
                 let ahead = if ahead { ", eight ahead" } else { "" };
                 let out = self.up(&placed_sides(fy16, (ca, cb), placed, precision))?;
                 let partial = self.zeros(given.partial_len(n, c))?;
                 let side = |p: bool, d: DPtr| if p { 0 } else { d };
-                k.concat_with_norm_sums(
+                kernels.concat_with_norm_sums(
                     st,
                     side(placed[0], a.ptr),
                     side(placed[1], b.ptr),

@@ -1,5 +1,5 @@
-//! The choices a convolution launch makes below its plan ([`ConvOpts`]), each against the
-//! other way, bit for bit: split-K reductions with every load of an output issued first
+//! The choices a convolution launch makes below its plan ([`LaunchSwitches`]), each against
+//! the other way, bit for bit: split-K reductions with every load of an output issued first
 //! (`conv_splitk_reduce_ahead`, `INVDIFF_SPLITK_AHEAD`), and the 3-channel image convolutions'
 //! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`); and how the
 //! launches are scheduled: a convolution's parity-class launches side by side on the streams
@@ -12,7 +12,7 @@ use super::conv_variants::wgmma_path;
 use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::{epilogue_setups, path, Tester};
 use crate::cuda::kernels::{
-    plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvOpts, ConvPtrs, ConvShape, WGMMA_SLICE,
+    plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, LaunchSwitches, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::program::KernelConfig;
@@ -119,9 +119,10 @@ impl Tester<'_> {
             format!("n{} {}x{}, {}->{}", s.n, s.mh, s.mw, s.sc, s.ncols),
             l.splits > 1,
         );
-        let opts = |ahead| ConvOpts {
-            reduce_ahead: Some(ahead),
-            ..ConvOpts::default()
+        let base = self.gpu.kernels.launch_switches();
+        let opts = |splitk_ahead| LaunchSwitches {
+            splitk_ahead,
+            ..base
         };
         let what = match s.ncols % 2 {
             0 => "split-K reduction, loads ahead vs plain",
@@ -148,15 +149,16 @@ impl Tester<'_> {
         })
     }
 
-    /// Launch `l` of `s` (operands `ptrs`, epilogue terms from `ops`) with each of `opts`, the
-    /// second against the first, under each epilogue ([`epilogue_setups`]), to the bit.
+    /// Launch `l` of `s` (operands `ptrs`, epilogue terms from `ops`) making each of `opts`'
+    /// launch choices, the second against the first, under each epilogue
+    /// ([`epilogue_setups`]), to the bit.
     fn option_rows(
         &mut self,
         s: &ConvShape,
         (l, label): (ConvLaunch, &str),
         ptrs: ConvPtrs,
         ops: &Operands,
-        (opts, what): ([ConvOpts; 2], &str),
+        (opts, what): ([LaunchSwitches; 2], &str),
     ) -> Result<()> {
         let desc = format!(
             "n{} {}x{} -> {}x{}, {}->{} ({} taps, output stride {})",
@@ -182,10 +184,10 @@ impl Tester<'_> {
             let mut out = Vec::new();
             let mut ms = 0.0;
             for o in opts {
-                let (gpu, st) = (self.gpu, &self.gpu.stream);
+                let (kernels, st) = (self.gpu.kernels.with_launch(o), &self.gpu.stream);
                 let mut y = self.up(&ops.old)?;
                 let p = ConvPtrs { y: y.ptr, ..p };
-                let run = || gpu.kernels.conv_as(st, s, &l, p, div, accumulate, o);
+                let run = || kernels.conv(st, s, &l, p, div, accumulate);
                 ms = self.timed(|| y.write(st, &ops.old), run)?;
                 out.push(y.download(st)?);
             }
@@ -205,13 +207,13 @@ impl Tester<'_> {
     }
 
     /// The 3-channel image convolutions' narrow launches (celebahq's conv_out forward and
-    /// conv_in input gradient at 256x256, batch 1 and 2; odd sizes: a partial row tile, 13
-    /// source channels in 4-byte copies, 5 outputs) on 8-row tiles against 16-row ones, under
-    /// each epilogue, overwriting and adding, to the bit.
+    /// conv_in input gradient at 256x256, batch 1; odd sizes at batch 2: a partial row tile,
+    /// 13 source channels in 4-byte copies, 5 outputs) on 8-row tiles against 16-row ones,
+    /// under each epilogue, overwriting and adding, to the bit. (At batch 2 and 256x256 the
+    /// 16-row tiles fill the card and `INVDIFF_NARROW_SHORT` keeps them.)
     pub(super) fn narrow_tiles(&mut self) -> Result<()> {
         let mut shapes = vec![
             ConvShape::forward(1, 256, 256, 128, 3, 3, 1, Pad::Symmetric),
-            ConvShape::forward(2, 256, 256, 128, 3, 3, 1, Pad::Symmetric),
             ConvShape::forward(2, 20, 24, 13, 5, 3, 1, Pad::Symmetric),
         ];
         shapes.extend(ConvShape::backward(
@@ -224,9 +226,10 @@ impl Tester<'_> {
             1,
             Pad::Symmetric,
         ));
-        let opts = |short| ConvOpts {
-            narrow_short: Some(short),
-            ..ConvOpts::default()
+        let base = self.gpu.kernels.launch_switches();
+        let opts = |narrow_short| LaunchSwitches {
+            narrow_short,
+            ..base
         };
         for s in &shapes {
             let l = plan_conv(s, self.gpu.sms());
@@ -282,7 +285,7 @@ impl Tester<'_> {
     pub(super) fn attention_pair_unets(&mut self, ordinal: usize) -> Result<()> {
         let op = "attention products paired";
         let caps = self.gpu.kernels.capabilities();
-        let skip = if self.gpu.kernels.gemm_warp_k() {
+        let skip = if self.gpu.kernels.launch_switches().gemm_warp_k {
             Some("INVDIFF_GEMM_WARP_K=1 rounds the unpaired products otherwise")
         } else if KernelConfig::from_switches(caps, Precision::Bf16).attention_flash {
             Some("INVDIFF_ATTN_FLASH=1 fuses these attentions")

@@ -16,11 +16,13 @@
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
+use std::borrow::Cow;
+
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, ConvPtrs, DPtr};
+use super::kernels::{ConvKernel, ConvPtrs, DPtr, Kernels, LaunchSwitches};
 use super::precision::Precision;
 use super::weights::DevBuf;
 use crate::config::{BlockKind, UNetConfig};
@@ -321,7 +323,23 @@ pub(super) fn tiny_model(variant_b: bool) -> Model {
     }
 }
 
+/// `gpu`'s kernels making the launch choices `launch`, or those in force for `None`.
+fn kernels_for(gpu: &Gpu, launch: Option<LaunchSwitches>) -> Cow<'_, Kernels> {
+    match launch {
+        Some(l) => Cow::Owned(gpu.kernels.with_launch(l)),
+        None => Cow::Borrowed(&gpu.kernels),
+    }
+}
+
 impl Tester<'_> {
+    /// The launch choices in force with `set` applied, for rows that run a kernel both ways
+    /// ([`Kernels::with_launch`](crate::cuda::kernels::Kernels::with_launch)).
+    fn launch_with(&self, set: impl FnOnce(&mut LaunchSwitches)) -> LaunchSwitches {
+        let mut l = self.gpu.kernels.launch_switches();
+        set(&mut l);
+        l
+    }
+
     /// Uniform values in [lo, hi), from a fresh stream of the generator.
     fn rand(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
         uniform(&mut self.seed, len, lo, hi)

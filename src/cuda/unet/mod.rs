@@ -167,44 +167,13 @@ impl CudaUnet {
     pub fn choices(&self) -> String {
         let side = self.side.as_ref().map(|s| format!("{} streams", s.total()));
         let launches = [
-            (
-                self.gpu.kernels.small_tiles(),
-                "small product tiles".to_string(),
-            ),
-            (
-                self.gpu.kernels.gemm_prefetch(),
-                "product slices prefetched".to_string(),
-            ),
-            (
-                self.gpu.kernels.gemm_warp_k(),
-                "product warps splitting K".to_string(),
-            ),
-            (
-                self.gpu.kernels.splitk_ahead(),
-                "split-K reductions with loads ahead".to_string(),
-            ),
-            (
-                self.gpu.kernels.concat_sums_ahead(),
-                "concatenation sums eight pixels ahead".to_string(),
-            ),
-            (
-                self.gpu.kernels.narrow_short(),
-                "short narrow tiles".to_string(),
-            ),
-            (
-                self.gpu.kernels.gn_sums_one_wave(),
-                "GroupNorm backward sums in one wave".to_string(),
-            ),
-            (
-                self.gpu.kernels.gn_half_ahead(),
-                "16-bit GroupNorm passes four pixels ahead".to_string(),
-            ),
             (!self.use_graphs, "no CUDA graphs".to_string()),
             (side.is_some(), side.unwrap_or_default()),
         ];
         self.choice
             .describe()
             .into_iter()
+            .chain(self.gpu.kernels.launch_switches().describe())
             .map(String::from)
             .chain(
                 launches
