@@ -72,6 +72,16 @@
 // epilogue only starts once every copy into the stages has landed. The GroupNorm sums read the
 // finished values where the fragment epilogue would have staged them.
 //
+// Persistent teams (the `_teams` kernels, INVDIFF_WGMMA_TEAMS; TMA loads, staged epilogue,
+// unsplit, with and without the fused shortcut): the tall tile's launches at 256x256 spend as
+// long on what is not products as on the products at K = 1152 (the H200 profiles of stop 28:
+// 23.5 us a wave of tiles at b8, 35.9 at K = 2304, so about 11 us a tile besides 0.69 us a
+// slice), and with one block a multiprocessor nothing overlaps a tile's epilogue, or its first
+// copies, with the products of another. These blocks hold two plain tiles' teams (wg_teams),
+// one block a multiprocessor looping over the tiles, the teams taking turns on the tensor
+// cores. The register budget is the plain tile's (128 a thread); ptxas spills 20-36 bytes,
+// in thread 0's copy issue and outside the products' loop.
+//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -355,6 +365,20 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
+// The threads that share a tile and its stages: the whole block, or one team of a `_teams`
+// block (see wg_teams), which synchronises on a named barrier of its own (1 + team) so that
+// the other team's products and epilogue go on meanwhile.
+struct WholeBlock {
+    DEVI static unsigned tid() { return threadIdx.x; }
+    DEVI static void sync() { __syncthreads(); }
+};
+template <int THREADS> struct TeamOf {
+    DEVI static unsigned tid() { return threadIdx.x % THREADS; }
+    DEVI static void sync() {
+        asm volatile("bar.sync %0, %1;\n" ::"r"(1 + (int)threadIdx.x / THREADS), "n"(THREADS) : "memory");
+    }
+};
+
 // The unsplit epilogue of the STAGED kernels (the `_st` kernels, TMA; see wg_body): ROWS and
 // LEAN's arithmetic per value (finish_row: (bias + time embedding + residual) + acc, then the
 // division unless by 1, then the old output), through shared memory. Every thread first stores
@@ -371,13 +395,13 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
 // writing its side of a concatenation, INVDIFF_CONCAT_FROM_PRODUCERS, y16_stride and y16_offset
 // multiples of 4; a copy, INVDIFF_EPI_HALF_COPIES; both 8-byte aligned), and a null a.y stores
 // no fp32 value (never with accumulate, which the host checks).
-template <int T, int TM>
+template <int T, int TM, class G = WholeBlock>
 DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, float* stage,
                              bool sums) {
     constexpr int WARPS = WgTile<TM>::THREADS / 32;
     constexpr int U = 4;
     static_assert(TM % (WARPS * U) == 0, "whole units of rows a warp");
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int tid = G::tid(), warp = tid >> 5, lane = tid & 31;
     const int lr0 = (warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -386,7 +410,7 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
             *reinterpret_cast<float2*>(stage + (lr0 + 8 * h) * STATS_PITCH + 8 * j + 2 * (lane & 3)) =
                 make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
     }
-    __syncthreads();
+    G::sync();
     const int col = n0 + 4 * lane;
     if (col >= a.ncols) return;
     const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
@@ -451,17 +475,17 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
 // output (gn_partial). The values come staged in `keep` (by wg_epilogue, or written back by
 // wg_epilogue_staged); PARTS threads per column each add a run of rows in order, then the first
 // adds the runs in order.
-template <int TM>
+template <int TM, class G = WholeBlock>
 DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
     constexpr int RUN = TM / PARTS;
     static_assert(TM * STATS_PITCH * 4 + PARTS * WG_TN * 16 <= WgTile<TM>::STAGES * WgTile<TM>::STAGE,
                   "the staged values and the runs' sums fit in the stages");
     double2* runs = reinterpret_cast<double2*>(keep + TM * STATS_PITCH);
-    const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
+    const int col = G::tid() % WG_TN, part = G::tid() / WG_TN;
     const int rows = min(TM, M - m0);
     // Every thread's values staged.
-    __syncthreads();
+    G::sync();
     double s = 0.0, q = 0.0;
     for (int r = part * RUN; r < min(rows, (part + 1) * RUN); ++r) {
         const double v = (double)keep[r * STATS_PITCH + col];
@@ -469,7 +493,7 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
         q += v * v;
     }
     runs[part * WG_TN + col] = make_double2(s, q);
-    __syncthreads();
+    G::sync();
     if (part != 0 || n0 + col >= a.ncols) return;
 #pragma unroll
     for (int p = 1; p < PARTS; ++p) {
@@ -845,6 +869,143 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
+// Persistent teams (the `_teams` kernels; see the header): two teams of a plain tile's two
+// warpgroups each, team `team` taking the block's tiles team, team + 2, ... of the tiles
+// blockIdx.x, blockIdx.x + gridDim.x, ... (row tiles first, then column tiles), each team with
+// the plain tile's three stages, barriers and TMA order (wg_body with WAIT_OWN) in its own half
+// of the shared memory. The products of the block's tile s start only once those of tile
+// s - 1 are issued (the team's turn barrier, which the other team's threads arrive at), so the
+// teams take turns on the tensor cores and each one's epilogue runs beside the other's
+// products; each team's copies of its next tile's first slices go out before its turn comes.
+// The same copies, products and epilogue per tile as the plain tile, so the same bits, and
+// GroupNorm sums in its 128-row chunks. Unsplit launches only.
+struct TeamsTile {
+    static constexpr int THREADS = 2 * PlainTile::THREADS;
+    static constexpr int SMEM = 2 * PlainTile::STAGES * PlainTile::STAGE + 1024;
+};
+static_assert(TeamsTile::SMEM == 197632, "TeamsTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
+
+// Team `team`'s tiles, its stages' barriers at `bars`.
+template <int T, bool SC>
+DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut sc2, const Taps& taps,
+                  unsigned long long* bars, unsigned long long* turns, int team) {
+    using G = TeamOf<PlainTile::THREADS>;
+    constexpr int TM = 128;
+    constexpr int S = PlainTile::STAGES;
+    constexpr int AHEAD = S - 1;
+    const int tid = G::tid();
+    const uint32_t base = ((smem_addr(smem) + 1023) & ~1023u) + team * S * PlainTile::STAGE;
+    float* const keep = reinterpret_cast<float*>(smem + (base - smem_addr(smem)));
+    const int M = a.n * a.mh * a.mw;
+    const int mtiles = (M + TM - 1) / TM;
+    const int tiles = mtiles * ((a.ncols + WG_TN - 1) / WG_TN);
+    const int mine = (tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
+    const int slices = k_split(a, WG_BK, SC ? sc2.sc : 0).slices;
+    const int wg = tid >> 7;
+    // Slices this team has multiplied over its tiles: its slice g lives in stage g % S and
+    // completes phase (g / S) & 1 of that stage's barrier.
+    int used = 0;
+    for (int s = team; s < mine; s += 2) {
+        const int tile = blockIdx.x + s * gridDim.x;
+        const int m0 = tile % mtiles * TM, n0 = tile / mtiles * WG_TN;
+        // Thread 0's copies of the tile's slice j, the team's slice g: wg_body's load_tma, with
+        // its cursor and filter base worked out afresh each time, so that the other threads
+        // keep no registers for them (the slices are whole taps: sc % 64 == 0).
+        auto load = [&](int j, int g) {
+            if (tid != 0) return;
+            const int stage = g % S;
+            const uint32_t sa = base + stage * PlainTile::STAGE;
+            const uint32_t bar = smem_addr(&bars[stage]);
+            const Window win = tap_window(a);
+            const RowCoord r = decode_row(a, m0);
+            const int bw = r.mx + win.dx0, bh = r.my + win.dy0, k = j * WG_BK, main_k = a.taps * a.sc;
+            mbar_expect_tx(bar, PlainTile::STAGE);
+            if (SC && k >= main_k) {
+                tma_im2col(sa, tma.a2, bar, k - main_k, bw, bh, r.img, (uint16_t)(-win.dx0), (uint16_t)(-win.dy0));
+                tma_tile3(sa + TM * 128, tma.b2, bar, k - main_k, n0, 0);
+            } else {
+                const int at = k / a.sc, aci = k - at * a.sc;
+                tma_im2col(sa, tma.a, bar, aci, bw, bh, r.img, (uint16_t)(taps.dx[at] - win.dx0),
+                           (uint16_t)(taps.dy[at] - win.dy0));
+                tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+            }
+        };
+        // The team's stages are free once each of its threads is past the last tile's
+        // epilogue, with its writes to them ordered before the copies' (the async proxy).
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        G::sync();
+        if (a.prefetch) {
+            for (int i = tid; i < TM * 4; i += PlainTile::THREADS) {
+                const int m = m0 + i / 4, col = n0 + 32 * (i & 3);
+                if (m >= M || col >= a.ncols) continue;
+                const long long off = out_pixel(a, decode_row(a, m)) * a.ncols + col;
+                if (a.res != nullptr) prefetch_l2(a.res + off);
+                if (a.accumulate) prefetch_l2(a.y + off);
+            }
+        }
+        for (int i = 0; i < AHEAD && i < slices; ++i) load(i, used + i);
+        // The other team's products of the block's tile s - 1 issued: the ((s - 1) / 2)-th
+        // phase of this team's turn barrier (mbar_wait traps, rather than hangs, if a bug ever
+        // left it waiting).
+        if (s > 0) mbar_wait(smem_addr(&turns[team]), ((s - 1) / 2) & 1);
+        float acc[64];
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+        for (int t = 0; t < slices; ++t) {
+            // wg_body's TMA loop with WAIT_OWN: this warpgroup's products of slice t - 1
+            // complete, then every warpgroup's, which frees their stage for slice t - 1 + S.
+            wg_wait_all(acc);
+            G::sync();
+            if (t + AHEAD < slices) load(t + AHEAD, used + t + AHEAD);
+            const int g = used + t, stage = g % S;
+            mbar_wait(smem_addr(&bars[stage]), (g / S) & 1);
+            __syncwarp();
+            const uint32_t sa = base + stage * PlainTile::STAGE + wg * 64 * 128;
+            const uint32_t sb = base + stage * PlainTile::STAGE + TM * 128;
+            wg_batch(acc, [&] {
+                const uint64_t da = wg_desc(sa), db = wg_desc(sb);
+#pragma unroll
+                for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, da + 2 * ks, db + 2 * ks);
+            });
+        }
+        used += slices;
+        // The other team's turn, where the block has a tile s + 1: every thread of this team
+        // arrives at its barrier.
+        if (s + 1 < mine) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(&turns[1 - team])) : "memory");
+        wg_drain(acc);
+        G::sync();
+        wg_epilogue_staged<T, TM, G>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
+        if (a.gn_partial != nullptr) wg_stats<TM, G>(a, keep, M, m0, n0);
+    }
+}
+
+// The block: the taps and both teams' barriers set up, then each team's tiles.
+template <int T, bool SC>
+DEVI void wg_teams(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut sc2) {
+    constexpr int S = PlainTile::STAGES;
+    __shared__ Taps taps;
+    __shared__ __align__(8) unsigned long long full[2 * S];
+    // Team t's turn to multiply: a phase per handoff, completed by the other team's threads.
+    __shared__ __align__(8) unsigned long long turns[2];
+    stage_taps(a, taps);
+    if (threadIdx.x == 0) {
+#pragma unroll
+        for (int s = 0; s < 2 * S; ++s) mbar_init(smem_addr(&full[s]), 1);
+        for (int t = 0; t < 2; ++t) mbar_init(smem_addr(&turns[t]), PlainTile::THREADS);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
+        if constexpr (SC) {
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a2) : "memory");
+            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b2) : "memory");
+        }
+    }
+    __syncthreads();
+    const int team = threadIdx.x / PlainTile::THREADS;
+    wg_team<T, SC>(a, smem, tma, sc2, taps, full + team * S, turns, team);
+}
+
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
 // dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
 // aligned x, w, y, res, ws, bias and temb (the host checks them); x and w hold 16-bit values of the
@@ -923,3 +1084,23 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
+// The teams: min(multiprocessors, ceil(tiles / 2)) blocks of TeamsTile::THREADS threads,
+// TeamsTile::SMEM bytes; unsplit TMA launches with the staged epilogue, with and without the
+// fused shortcut.
+#define WG_TEAMS_KERNEL(name, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(TeamsTile::THREADS, 1)                               \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_teams<T, false>(a, wg_dsmem, TmaLoads{&ta, &tb}, Shortcut{});                              \
+    }
+#define WG_TEAMS_SC_KERNEL(name, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(TeamsTile::THREADS, 1)                               \
+        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
+             const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
+        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
+        wg_teams<T, true>(a, wg_dsmem, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                            \
+    }
+WG_TEAMS_KERNEL(conv_wgmma_bf16_rows_tma_st_teams, 1)
+WG_TEAMS_KERNEL(conv_wgmma_fp16_rows_tma_st_teams, 2)
+WG_TEAMS_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st_teams, 1)
+WG_TEAMS_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st_teams, 2)

@@ -119,6 +119,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the unfused attention's backward pass launch its four products as two pairs (dV beside dP, dQ beside dK): three launches instead of five (the same bits, except with INVDIFF_GEMM_WARP_K=1, whose split products the pairs take on the tiles instead)",
     ),
     choice(
+        "INVDIFF_WGMMA_TEAMS",
+        ON_OFF,
+        "GPU candidate: `1` runs the staged convolution launches the tall tiles would take as persistent teams: two teams of two warpgroups a multiprocessor taking turns on the tensor cores, one team's epilogue beside the other's products (the same bits as with INVDIFF_WGMMA_TALL=0)",
+    ),
+    choice(
         "INVDIFF_SPLITK_AHEAD",
         ON_OFF,
         "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",

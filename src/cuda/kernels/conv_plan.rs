@@ -452,6 +452,13 @@ pub(crate) enum WgmmaTile {
     /// 256 rows of four warpgroups, one block per multiprocessor (`TallTile`, the `_tall`
     /// kernels): half the weight traffic per product.
     Tall,
+    /// Two teams of the plain tile's two warpgroups in one persistent block per multiprocessor
+    /// (`TeamsTile`, the `_teams` kernels; unsplit TMA launches with the staged epilogue
+    /// only), each team with its own stages, taking turns on the tensor cores so that one
+    /// team's epilogue runs beside the other's products. The plain tile's sums, so the same
+    /// bits, and its 128-row GroupNorm chunks. Not in [`WgmmaTile::ALL`]: it has only the four
+    /// kernels of [`teams_kernel_names`](super::conv::teams_kernel_names).
+    Teams,
 }
 
 impl WgmmaTile {
@@ -464,10 +471,20 @@ impl WgmmaTile {
         match self {
             WgmmaTile::Plain => "wgmma",
             WgmmaTile::Tall => "wgmma, tall",
+            WgmmaTile::Teams => "wgmma, teams",
         }
     }
 
-    /// Output rows of one block.
+    /// The suffix of the tile's kernel names.
+    pub(crate) fn suffix(self) -> &'static str {
+        match self {
+            WgmmaTile::Plain => "",
+            WgmmaTile::Tall => "_tall",
+            WgmmaTile::Teams => "_teams",
+        }
+    }
+
+    /// Output rows of one tile (for the teams, of one team's tile).
     pub fn rows(self) -> usize {
         match self {
             WgmmaTile::Tall => 256,
@@ -477,17 +494,17 @@ impl WgmmaTile {
 
     pub(super) fn threads(self) -> u32 {
         match self {
-            WgmmaTile::Tall => 512,
-            _ => BLOCK,
+            WgmmaTile::Plain => BLOCK,
+            WgmmaTile::Tall | WgmmaTile::Teams => 512,
         }
     }
 
-    /// Dynamic shared memory: three stages of two 16 KB operand tiles, or four of a 32 KB and
-    /// a 16 KB tile, plus 1 KB to align them.
+    /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
+    /// 16 KB tile, or each team's three of two 16 KB tiles; plus 1 KB to align them.
     pub(super) fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
-            WgmmaTile::Tall => 197_632,
+            WgmmaTile::Tall | WgmmaTile::Teams => 197_632,
         }
     }
 }

@@ -178,6 +178,12 @@ pub(crate) struct KernelConfig {
     /// dQ beside dK), three launches instead of five; the same bits where the products take the
     /// tiles (they take them even where `INVDIFF_GEMM_WARP_K` would split K).
     pub attention_pairs: bool,
+    /// The unsplit staged TMA launches that the tall tiles would take (at least a wave of
+    /// them: [`WgmmaTile::Teams`]) run as persistent teams instead: two teams of the plain
+    /// tile's warpgroups a multiprocessor, taking turns on the tensor cores so that one team's
+    /// epilogue runs beside the other's products. The plain tile's sums, so the same bits as
+    /// with the tall tiles off.
+    pub wgmma_teams: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
@@ -235,6 +241,7 @@ impl Default for KernelConfig {
             fold_residual_grads: false,
             class_concurrency: false,
             attention_pairs: false,
+            wgmma_teams: false,
             batch_invariant: false,
         }
     }
@@ -314,6 +321,7 @@ impl KernelConfig {
             fold_residual_grads: true,
             class_concurrency: false,
             attention_pairs: false,
+            wgmma_teams: false,
             batch_invariant: false,
         }
     }
@@ -373,6 +381,7 @@ impl KernelConfig {
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
             attention_pairs: kept("INVDIFF_GEMM_PAIRS", tuned.attention_pairs),
+            wgmma_teams: wgmma && kept("INVDIFF_WGMMA_TEAMS", tuned.wgmma_teams),
             batch_invariant: false,
         }
     }
@@ -442,6 +451,7 @@ impl KernelConfig {
             ),
             (self.class_concurrency, "parity classes side by side"),
             (self.attention_pairs, "attention backward products paired"),
+            (self.wgmma_teams, "persistent wgmma teams"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

@@ -935,9 +935,8 @@ impl Lowering<'_> {
         // once.
         let tall = WgmmaTile::Tall;
         let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
-        let tall_here =
-            self.choice.tall_tiles && plain && launch.splits == 1 && tall_blocks >= self.sms;
-        if tall_here {
+        let tall_fits = plain && launch.splits == 1 && tall_blocks >= self.sms;
+        if self.choice.tall_tiles && tall_fits {
             launch.tile = tall;
         }
         let lean_here = launch.wgmma && launch.row_epilogue;
@@ -956,6 +955,9 @@ impl Lowering<'_> {
         }
         launch.staged_epilogue =
             self.choice.staged_epilogue && launch.tma_loads && launch.splits == 1;
+        if self.choice.wgmma_teams && tall_fits && launch.staged_epilogue {
+            launch.tile = WgmmaTile::Teams;
+        }
         launch
     }
 }

@@ -321,6 +321,16 @@ impl CudaUnet {
         self.change_choice(|c| c.class_concurrency = on);
     }
 
+    /// Runs the staged launches the tall tiles would take as persistent teams (`teams`,
+    /// [`KernelConfig::wgmma_teams`]) or not, and takes the tall tiles where they fill the
+    /// machine (`tall`) or not, for comparisons; drops every plan.
+    pub(crate) fn set_teams_and_tall(&mut self, teams: bool, tall: bool) {
+        self.change_choice(|c| {
+            c.wgmma_teams = teams && c.wgmma;
+            c.tall_tiles = tall;
+        });
+    }
+
     /// Launches the unfused attention backward's products in pairs (`on`,
     /// [`KernelConfig::attention_pairs`]) or one a launch, for comparisons; drops every plan.
     pub(crate) fn set_attention_pairs(&mut self, on: bool) {
