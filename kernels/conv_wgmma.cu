@@ -948,6 +948,8 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
         // phase of this team's turn barrier (mbar_wait traps, rather than hangs, if a bug ever
         // left it waiting).
         if (s > 0) mbar_wait(smem_addr(&turns[team]), ((s - 1) / 2) & 1);
+        // The products are warp-aligned instructions; the wait's lanes may leave its loop apart.
+        __syncwarp();
         float acc[64];
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[i] = 0.f;

@@ -43,7 +43,7 @@ impl Tester<'_> {
     /// and without a divisor, and with no epilogue terms, each also adding onto an output:
     /// staged, the same output as without to the bit; where the launch can write GroupNorm
     /// sums, those checked against the host's as every launch's are. `on` says which tiles
-    /// (for the teams, with a shape of 1024 team tiles more, about eight a block).
+    /// (for the teams, with two shapes of 1024 team tiles more, about eight a block).
     pub(super) fn staged_epilogues(&mut self, on: StagedOn) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
@@ -56,16 +56,20 @@ impl Tester<'_> {
             ConvShape::forward(3, 12, 20, 64, 128, 3, 1, Pad::Symmetric),
         ];
         if on == StagedOn::Teams {
-            shapes.push(ConvShape::forward(
-                2,
-                256,
-                256,
-                128,
-                128,
-                3,
-                1,
-                Pad::Symmetric,
-            ));
+            // About eight tiles a block, 18 and 9 slices a tile: with 9 (not a multiple of two
+            // rounds of the three stages) a team's later tiles start in another stage and phase.
+            for sc in [128, 64] {
+                shapes.push(ConvShape::forward(
+                    2,
+                    256,
+                    256,
+                    sc,
+                    128,
+                    3,
+                    1,
+                    Pad::Symmetric,
+                ));
+            }
         }
         shapes.extend(ConvShape::backward(
             2,
