@@ -79,8 +79,9 @@
 // slice), and with one block a multiprocessor nothing overlaps a tile's epilogue, or its first
 // copies, with the products of another. These blocks hold two plain tiles' teams (wg_teams),
 // one block a multiprocessor looping over the tiles, the teams taking turns on the tensor
-// cores. The register budget is the plain tile's (128 a thread); ptxas spills 20-36 bytes,
-// in thread 0's copy issue and outside the products' loop.
+// cores (`_teams`) or running free after a staggered start (`_teams_staggered`). The register
+// budget is the plain tile's (128 a thread); ptxas spills 20-36 bytes, in thread 0's copy
+// issue and outside the products' loop.
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
@@ -165,6 +166,8 @@ DEVI void mbar_init(uint32_t bar, int count) {
 DEVI void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+// One arrival without copies.
+DEVI void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
 // Cycles a copy may keep a stage's barrier waiting (about 2 s) before mbar_wait traps.
 constexpr long long MBAR_TIMEOUT_CYCLES = 4LL << 30;
 // Waits until phase `parity` of the barrier has completed. Copies whose bytes never arrive (a
@@ -873,10 +876,16 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
 // warpgroups each, team `team` taking the block's tiles team, team + 2, ... of the tiles
 // blockIdx.x, blockIdx.x + gridDim.x, ... (row tiles first, then column tiles), each team with
 // the plain tile's three stages, barriers and TMA order (wg_body with WAIT_OWN) in its own half
-// of the shared memory. The products of the block's tile s start only once those of tile
-// s - 1 are issued (the team's turn barrier, which the other team's threads arrive at), so the
-// teams take turns on the tensor cores and each one's epilogue runs beside the other's
-// products; each team's copies of its next tile's first slices go out before its turn comes.
+// of the shared memory. TURNS (the `_teams` kernels): the products of the block's tile s start
+// only once those of tile s - 1 are issued (the team's turn barrier, which the other team's
+// threads arrive at), so the teams take turns on the tensor cores and each one's epilogue runs
+// beside the other's products; each team's copies of its next tile's first slices go out
+// before its turn comes. But a team alone drains the tensor cores at every slice (WAIT_OWN:
+// each warpgroup waits for its products of one slice before the barrier that frees their
+// stage), which two plain blocks a multiprocessor fill for each other. Staggered (the
+// `_teams_staggered` kernels): the second team's first products wait only until the first
+// team has issued half of its first tile's slices; after that both run free, the offset
+// keeping their epilogues apart while their products fill each other's gaps.
 // The same copies, products and epilogue per tile as the plain tile, so the same bits, and
 // GroupNorm sums in its 128-row chunks. Unsplit launches only.
 struct TeamsTile {
@@ -886,7 +895,7 @@ struct TeamsTile {
 static_assert(TeamsTile::SMEM == 197632, "TeamsTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
 
 // Team `team`'s tiles, its stages' barriers at `bars`.
-template <int T, bool SC>
+template <int T, bool SC, bool TURNS>
 DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut sc2, const Taps& taps,
                   unsigned long long* bars, unsigned long long* turns, int team) {
     using G = TeamOf<PlainTile::THREADS>;
@@ -944,10 +953,10 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
             }
         }
         for (int i = 0; i < AHEAD && i < slices; ++i) load(i, used + i);
-        // The other team's products of the block's tile s - 1 issued: the ((s - 1) / 2)-th
-        // phase of this team's turn barrier (mbar_wait traps, rather than hangs, if a bug ever
-        // left it waiting).
-        if (s > 0) mbar_wait(smem_addr(&turns[team]), ((s - 1) / 2) & 1);
+        // TURNS: the other team's products of the block's tile s - 1 issued, the ((s - 1) / 2)-th
+        // phase of this team's turn barrier; staggered: half of the first team's first tile's
+        // (mbar_wait traps, rather than hangs, if a bug ever left it waiting).
+        if (TURNS ? s > 0 : s == 1) mbar_wait(smem_addr(&turns[team]), ((s - 1) / 2) & 1);
         // The products are warp-aligned instructions; the wait's lanes may leave its loop apart.
         __syncwarp();
         float acc[64];
@@ -959,6 +968,8 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
             wg_wait_all(acc);
             G::sync();
             if (t + AHEAD < slices) load(t + AHEAD, used + t + AHEAD);
+            // Staggered: the second team may start once half of the first tile's slices are in.
+            if (!TURNS && s == 0 && t == slices / 2 && mine > 1) mbar_arrive(smem_addr(&turns[1]));
             const int g = used + t, stage = g % S;
             mbar_wait(smem_addr(&bars[stage]), (g / S) & 1);
             __syncwarp();
@@ -971,9 +982,8 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
             });
         }
         used += slices;
-        // The other team's turn, where the block has a tile s + 1: every thread of this team
-        // arrives at its barrier.
-        if (s + 1 < mine) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(&turns[1 - team])) : "memory");
+        // TURNS: the other team's turn, where the block has a tile s + 1.
+        if (TURNS && s + 1 < mine) mbar_arrive(smem_addr(&turns[1 - team]));
         wg_drain(acc);
         G::sync();
         wg_epilogue_staged<T, TM, G>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
@@ -982,12 +992,13 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
 }
 
 // The block: the taps and both teams' barriers set up, then each team's tiles.
-template <int T, bool SC>
+template <int T, bool SC, bool TURNS>
 DEVI void wg_teams(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut sc2) {
     constexpr int S = PlainTile::STAGES;
     __shared__ Taps taps;
     __shared__ __align__(8) unsigned long long full[2 * S];
-    // Team t's turn to multiply: a phase per handoff, completed by the other team's threads.
+    // Team t's turn to multiply: a phase per handoff, completed by every thread of the other
+    // team.
     __shared__ __align__(8) unsigned long long turns[2];
     stage_taps(a, taps);
     if (threadIdx.x == 0) {
@@ -1005,7 +1016,7 @@ DEVI void wg_teams(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcu
     }
     __syncthreads();
     const int team = threadIdx.x / PlainTile::THREADS;
-    wg_team<T, SC>(a, smem, tma, sc2, taps, full + team * S, turns, team);
+    wg_team<T, SC, TURNS>(a, smem, tma, sc2, taps, full + team * S, turns, team);
 }
 
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
@@ -1089,20 +1100,24 @@ WG_KERNELS(_tall, TallTile)
 // The teams: min(multiprocessors, ceil(tiles / 2)) blocks of TeamsTile::THREADS threads,
 // TeamsTile::SMEM bytes; unsplit TMA launches with the staged epilogue, with and without the
 // fused shortcut.
-#define WG_TEAMS_KERNEL(name, T)                                                                     \
+#define WG_TEAMS_KERNEL(name, T, TURNS)                                                              \
     extern "C" __global__ void __launch_bounds__(TeamsTile::THREADS, 1)                               \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_teams<T, false>(a, wg_dsmem, TmaLoads{&ta, &tb}, Shortcut{});                              \
+        wg_teams<T, false, TURNS>(a, wg_dsmem, TmaLoads{&ta, &tb}, Shortcut{});                       \
     }
-#define WG_TEAMS_SC_KERNEL(name, T)                                                                  \
+#define WG_TEAMS_SC_KERNEL(name, T, TURNS)                                                           \
     extern "C" __global__ void __launch_bounds__(TeamsTile::THREADS, 1)                               \
         name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
              const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
         extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_teams<T, true>(a, wg_dsmem, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                            \
+        wg_teams<T, true, TURNS>(a, wg_dsmem, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                     \
     }
-WG_TEAMS_KERNEL(conv_wgmma_bf16_rows_tma_st_teams, 1)
-WG_TEAMS_KERNEL(conv_wgmma_fp16_rows_tma_st_teams, 2)
-WG_TEAMS_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st_teams, 1)
-WG_TEAMS_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st_teams, 2)
+WG_TEAMS_KERNEL(conv_wgmma_bf16_rows_tma_st_teams, 1, true)
+WG_TEAMS_KERNEL(conv_wgmma_fp16_rows_tma_st_teams, 2, true)
+WG_TEAMS_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st_teams, 1, true)
+WG_TEAMS_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st_teams, 2, true)
+WG_TEAMS_KERNEL(conv_wgmma_bf16_rows_tma_st_teams_staggered, 1, false)
+WG_TEAMS_KERNEL(conv_wgmma_fp16_rows_tma_st_teams_staggered, 2, false)
+WG_TEAMS_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st_teams_staggered, 1, false)
+WG_TEAMS_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st_teams_staggered, 2, false)

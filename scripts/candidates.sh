@@ -33,6 +33,7 @@ CANDIDATES=(
     gemm_pairs:INVDIFF_GEMM_PAIRS=1
     concat_sums_ahead:INVDIFF_CONCAT_SUMS_AHEAD=1
     wgmma_teams:INVDIFF_WGMMA_TEAMS=1
+    wgmma_teams_staggered:INVDIFF_WGMMA_TEAMS=staggered
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
     no_gn_add_residual:INVDIFF_GN_ADD_RESIDUAL=0

@@ -238,7 +238,9 @@ impl WgmmaExtras {
 pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
     let extras = WgmmaExtras::of(plan, fused);
     match plan.tile {
-        WgmmaTile::Teams => plan.lean_loads && extras.tma && extras.staged,
+        WgmmaTile::Teams | WgmmaTile::StaggeredTeams => {
+            plan.lean_loads && extras.tma && extras.staged
+        }
         _ => !extras.any() || (plan.lean_loads && extras.exists()),
     }
 }
@@ -289,30 +291,35 @@ pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
     out
 }
 
-/// The teams' kernels ([`WgmmaTile::Teams`]: TMA loads and the staged epilogue, with and
-/// without a fused shortcut), each with its slot in [`Kernels`]' table of them: bf16 or fp16,
-/// then the shortcut.
+/// The teams' kernels ([`WgmmaTile::Teams`] and [`WgmmaTile::StaggeredTeams`]: TMA loads
+/// and the staged epilogue, with and without a fused shortcut), each with its slot in
+/// [`Kernels`]' table of them ([`teams_slot`]).
 pub(super) fn teams_kernel_names() -> Vec<(usize, String)> {
     let mut out = Vec::new();
-    for shortcut in [false, true] {
-        for precision in [Precision::Bf16, Precision::Fp16] {
-            let extras = WgmmaExtras {
-                tma: true,
-                shortcut,
-                staged: true,
-            };
-            out.push((
-                teams_slot(precision, shortcut),
-                extras.name(precision, WgmmaTile::Teams),
-            ));
+    for tile in [WgmmaTile::Teams, WgmmaTile::StaggeredTeams] {
+        for shortcut in [false, true] {
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                let extras = WgmmaExtras {
+                    tma: true,
+                    shortcut,
+                    staged: true,
+                };
+                out.push((
+                    teams_slot(precision, shortcut, tile),
+                    extras.name(precision, tile),
+                ));
+            }
         }
     }
     out
 }
 
-/// Where the teams' kernel of `precision`, with a fused shortcut or not, sits in their table.
-fn teams_slot(precision: Precision, shortcut: bool) -> usize {
-    usize::from(precision == Precision::Fp16) + 2 * usize::from(shortcut)
+/// Where the teams' kernel of `precision` on `tile`, with a fused shortcut or not, sits in
+/// their table: bf16 or fp16, then the shortcut, then the tile.
+fn teams_slot(precision: Precision, shortcut: bool, tile: WgmmaTile) -> usize {
+    usize::from(precision == Precision::Fp16)
+        + 2 * usize::from(shortcut)
+        + 4 * usize::from(tile == WgmmaTile::StaggeredTeams)
 }
 
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -651,7 +658,7 @@ impl Kernels {
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
             || (plan.staged_epilogue && !(plan.tma_loads && plan.splits == 1 && probe.is_none()))
-            || (plan.tile == WgmmaTile::Teams && !plan.staged_epilogue)
+            || (plan.tile.is_teams() && !plan.staged_epilogue)
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
@@ -700,8 +707,8 @@ impl Kernels {
                     };
                     let wg = self.conv_wgmma.as_ref().ok_or_else(missing)?;
                     let extras = WgmmaExtras::of(plan, fused);
-                    let f = if plan.tile == WgmmaTile::Teams {
-                        &wg.teams[teams_slot(precision, fused)]
+                    let f = if plan.tile.is_teams() {
+                        &wg.teams[teams_slot(precision, fused, plan.tile)]
                     } else if extras.any() {
                         wg.extras[extras.index(precision, plan.tile)]
                             .as_ref()
@@ -739,7 +746,7 @@ impl Kernels {
                 .min(65535),
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
-        if plan.tile == WgmmaTile::Teams {
+        if plan.tile.is_teams() {
             // Persistent: a block a multiprocessor, or fewer so that each has a tile a team.
             let tiles = i32_of(rows.div_ceil(tile_rows) * s.ncols.div_ceil(TILE), "tiles")?;
             grid = (self.blocks(tiles as usize, 2, 1), 1, 1);

@@ -456,9 +456,12 @@ pub(crate) enum WgmmaTile {
     /// (`TeamsTile`, the `_teams` kernels; unsplit TMA launches with the staged epilogue
     /// only), each team with its own stages, taking turns on the tensor cores so that one
     /// team's epilogue runs beside the other's products. The plain tile's sums, so the same
-    /// bits, and its 128-row GroupNorm chunks. Not in [`WgmmaTile::ALL`]: it has only the four
-    /// kernels of [`teams_kernel_names`](super::conv::teams_kernel_names).
+    /// bits, and its 128-row GroupNorm chunks. Not in [`WgmmaTile::ALL`]: the teams have only
+    /// the kernels of [`teams_kernel_names`](super::conv::teams_kernel_names).
     Teams,
+    /// The same teams, the second starting its products halfway through the first one's first
+    /// tile and both then running free (the `_teams_staggered` kernels).
+    StaggeredTeams,
 }
 
 impl WgmmaTile {
@@ -472,6 +475,7 @@ impl WgmmaTile {
             WgmmaTile::Plain => "wgmma",
             WgmmaTile::Tall => "wgmma, tall",
             WgmmaTile::Teams => "wgmma, teams",
+            WgmmaTile::StaggeredTeams => "wgmma, staggered teams",
         }
     }
 
@@ -481,7 +485,13 @@ impl WgmmaTile {
             WgmmaTile::Plain => "",
             WgmmaTile::Tall => "_tall",
             WgmmaTile::Teams => "_teams",
+            WgmmaTile::StaggeredTeams => "_teams_staggered",
         }
+    }
+
+    /// Whether the tile is one of the persistent teams'.
+    pub(crate) fn is_teams(self) -> bool {
+        matches!(self, WgmmaTile::Teams | WgmmaTile::StaggeredTeams)
     }
 
     /// Output rows of one tile (for the teams, of one team's tile).
@@ -495,7 +505,7 @@ impl WgmmaTile {
     pub(super) fn threads(self) -> u32 {
         match self {
             WgmmaTile::Plain => BLOCK,
-            WgmmaTile::Tall | WgmmaTile::Teams => 512,
+            WgmmaTile::Tall | WgmmaTile::Teams | WgmmaTile::StaggeredTeams => 512,
         }
     }
 
@@ -504,7 +514,7 @@ impl WgmmaTile {
     pub(super) fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
-            WgmmaTile::Tall | WgmmaTile::Teams => 197_632,
+            WgmmaTile::Tall | WgmmaTile::Teams | WgmmaTile::StaggeredTeams => 197_632,
         }
     }
 }

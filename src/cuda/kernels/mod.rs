@@ -325,7 +325,7 @@ struct WgmmaKernels {
     /// The kernels with a fused shortcut or a staged epilogue, in the slots of
     /// `conv::WgmmaExtras::index` (`conv::wgmma_extra_kernels`).
     extras: Vec<Option<CudaFunction>>,
-    /// The persistent teams' kernels ([`WgmmaTile::Teams`]), in the slots of
+    /// The persistent teams' kernels ([`WgmmaTile::is_teams`]), in the slots of
     /// `conv::teams_kernel_names`.
     teams: Vec<CudaFunction>,
 }

@@ -5,7 +5,7 @@
 #[cfg(doc)]
 use super::Program;
 use super::{
-    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN,
+    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, Teams, FOLD_MIN_ROWS, HALF_COPY_MIN,
     STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
@@ -955,8 +955,12 @@ impl Lowering<'_> {
         }
         launch.staged_epilogue =
             self.choice.staged_epilogue && launch.tma_loads && launch.splits == 1;
-        if self.choice.wgmma_teams && tall_fits && launch.staged_epilogue {
-            launch.tile = WgmmaTile::Teams;
+        if tall_fits && launch.staged_epilogue {
+            match self.choice.wgmma_teams {
+                Teams::Off => {}
+                Teams::Turns => launch.tile = WgmmaTile::Teams,
+                Teams::Staggered => launch.tile = WgmmaTile::StaggeredTeams,
+            }
         }
         launch
     }

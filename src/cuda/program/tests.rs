@@ -1739,22 +1739,29 @@ fn tall_tiles_where_they_fill_the_machine() {
 }
 
 /// wgmma_teams runs exactly the launches that the tall tiles take and stage on the teams'
-/// tile, in bf16 at batch 1 (with the VJP) and 8, and each finds a kernel. At batch 1, where
-/// the tall tiles take no unstaged launch, the program is the one with the tall tiles off but
-/// for those launches' tile (the same sums and GroupNorm chunks).
+/// tile of its kind, in bf16 at batch 1 (with the VJP) and 8, and each finds a kernel. At batch
+/// 1, where the tall tiles take no unstaged launch, the program is the one with the tall tiles
+/// off but for those launches' tile (the same sums and GroupNorm chunks).
 #[test]
 fn teams_take_the_staged_launches_of_the_tall_tiles() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
-    let teams = KernelConfig {
-        wgmma_teams: true,
-        ..tuned
-    };
     let no_tall = KernelConfig {
         tall_tiles: false,
         ..tuned
     };
-    for (n, record) in [(1, true), (8, false)] {
+    let kinds = [
+        (Teams::Turns, WgmmaTile::Teams),
+        (Teams::Staggered, WgmmaTile::StaggeredTeams),
+    ];
+    for ((n, record), (kind, tile)) in [(1, true), (8, false)]
+        .into_iter()
+        .flat_map(|b| kinds.map(|k| (b, k)))
+    {
+        let teams = KernelConfig {
+            wgmma_teams: kind,
+            ..tuned
+        };
         let build =
             |c| Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, c).unwrap();
         let (tall, on, off) = (build(tuned), build(teams), build(no_tall));
@@ -1763,7 +1770,7 @@ fn teams_take_the_staged_launches_of_the_tall_tiles() {
         for (t, a) in tall.steps.iter().zip(&on.steps) {
             if let (Step::Conv(t), Step::Conv(a)) = (t, a) {
                 let staged_tall = t.launch.tile == WgmmaTile::Tall && t.launch.staged_epilogue;
-                assert_eq!(a.launch.tile == WgmmaTile::Teams, staged_tall, "{a:?}");
+                assert_eq!(a.launch.tile == tile, staged_tall, "{a:?}");
                 if staged_tall {
                     moved += 1;
                     assert!(
@@ -1780,7 +1787,7 @@ fn teams_take_the_staged_launches_of_the_tall_tiles() {
         assert_eq!(on.arena_lens(), off.arena_lens());
         for (a, b) in on.steps.iter().zip(&off.steps) {
             let plain = match a {
-                Step::Conv(c) if c.launch.tile == WgmmaTile::Teams => Step::Conv(ConvStep {
+                Step::Conv(c) if c.launch.tile == tile => Step::Conv(ConvStep {
                     launch: ConvLaunch {
                         tile: WgmmaTile::Plain,
                         ..c.launch
@@ -1905,7 +1912,7 @@ fn every_choice_has_a_name() {
         |c| c.fold_residual_grads = true,
         |c| c.class_concurrency = true,
         |c| c.attention_pairs = true,
-        |c| c.wgmma_teams = true,
+        |c| c.wgmma_teams = Teams::Turns,
     ];
     let mut all = KernelConfig::default();
     for set in flags {
@@ -1915,6 +1922,12 @@ fn every_choice_has_a_name() {
         set(&mut all);
     }
     assert_eq!(all.describe().len(), flags.len());
+    // The other kinds of a choice with several.
+    let staggered = KernelConfig {
+        wgmma_teams: Teams::Staggered,
+        ..KernelConfig::default()
+    };
+    assert_eq!(staggered.describe().len(), 1);
     let over_half = KernelConfig {
         half_norm_grads: HalfGrads::OverHalfInputs,
         ..KernelConfig::default()

@@ -12,6 +12,7 @@ use crate::cuda::kernels::{
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
+use crate::cuda::program::Teams;
 use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
@@ -30,7 +31,10 @@ impl StagedOn {
     pub(super) fn tiles(self) -> Vec<(WgmmaTile, WgmmaTile)> {
         match self {
             StagedOn::SameTile => WgmmaTile::ALL.iter().map(|&(t, _)| (t, t)).collect(),
-            StagedOn::Teams => vec![(WgmmaTile::Plain, WgmmaTile::Teams)],
+            StagedOn::Teams => vec![
+                (WgmmaTile::Plain, WgmmaTile::Teams),
+                (WgmmaTile::Plain, WgmmaTile::StaggeredTeams),
+            ],
         }
     }
 }
@@ -396,9 +400,9 @@ impl Tester<'_> {
     /// faults ends no other check): the staged rows and the fused shortcuts' staged rows with
     /// the staged launch on the teams against the plain tile, then the celebahq network whose
     /// top level fills the machine with tall tiles (256x256 x 1; at 64x64 x 2 no launch takes
-    /// them, nor the teams), as configured with the tall tiles off, against the same with the
-    /// teams: forward and forward + VJP the same to the bit, once the program shows a launch
-    /// on the teams.
+    /// them, nor the teams), as configured with the tall tiles off, against the same with
+    /// either kind of teams: forward and forward + VJP the same to the bit, once the program
+    /// shows a launch on them.
     pub(super) fn teams(&mut self, ordinal: usize) -> Result<()> {
         self.staged_epilogues(StagedOn::Teams)?;
         self.fused_shortcuts(Some(StagedOn::Teams))?;
@@ -406,16 +410,19 @@ impl Tester<'_> {
             if net.n * net.h * net.w < 256 * 132 {
                 return Ok(());
             }
-            gpu.set_teams_and_tall(false, false);
+            gpu.set_teams_and_tall(Teams::Off, false);
             let want = Self::network_outputs(gpu, net)?;
-            gpu.set_teams_and_tall(true, true);
-            let teams = |s: &StepTime| s.variant.contains(WgmmaTile::Teams.describe());
-            let has = (
-                "launches on the teams",
-                &teams as &dyn Fn(&StepTime) -> bool,
-            );
-            let op = format!("celebahq {precision}, persistent teams");
-            t.same_network_rows(gpu, net, &op, has, &want)
+            for (kind, tile) in [
+                (Teams::Turns, WgmmaTile::Teams),
+                (Teams::Staggered, WgmmaTile::StaggeredTeams),
+            ] {
+                gpu.set_teams_and_tall(kind, true);
+                let on = |s: &StepTime| s.variant.contains(&format!("{},", tile.describe()));
+                let has = ("launches on them", &on as &dyn Fn(&StepTime) -> bool);
+                let op = format!("celebahq {precision}, persistent {}", tile.describe());
+                t.same_network_rows(gpu, net, &op, has, &want)?;
+            }
+            Ok(())
         })
     }
 
