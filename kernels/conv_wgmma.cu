@@ -211,6 +211,20 @@ DEVI void tma_tile3(uint32_t dst, const TmaMap* map, uint32_t bar, int c0, int r
         : "memory");
 }
 
+// By the thread that initialised a launch's mbarriers: the barriers visible to the copies (the
+// async proxy) that complete them, and the tensor maps (SC: the shortcut's too) fetched ahead of
+// the first copies.
+template <bool SC> DEVI void tma_ready(const TmaLoads& tma) {
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
+    if constexpr (SC) {
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a2) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b2) : "memory");
+    }
+}
+
 // Pins the accumulators in program order around the asynchronous products: the compiler sees
 // wgmma's register operands written when it is issued, not when wgmma.wait_group returns.
 DEVI void wg_fence_acc(float (&d)[64]) {
@@ -634,15 +648,7 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
         if (tid == 0) {
 #pragma unroll
             for (int s = 0; s < Tile::STAGES; ++s) mbar_init(smem_addr(&full[s]), 1);
-            // The initialised barriers visible to the copies (the async proxy) that complete them.
-            asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
-            if constexpr (SC) {
-                asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a2) : "memory");
-                asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b2) : "memory");
-            }
+            tma_ready<SC>(tma);
         }
     }
     // The epilogue's reads of this block's rows (a.prefetch, lean kernels, unsplit): into L2
@@ -1005,14 +1011,7 @@ DEVI void wg_teams(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcu
 #pragma unroll
         for (int s = 0; s < 2 * S; ++s) mbar_init(smem_addr(&full[s]), 1);
         for (int t = 0; t < 2; ++t) mbar_init(smem_addr(&turns[t]), PlainTile::THREADS);
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a) : "memory");
-        asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b) : "memory");
-        if constexpr (SC) {
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.a2) : "memory");
-            asm volatile("prefetch.tensormap [%0];\n" ::"l"(tma.b2) : "memory");
-        }
+        tma_ready<SC>(tma);
     }
     __syncthreads();
     const int team = threadIdx.x / PlainTile::THREADS;
