@@ -237,11 +237,10 @@ impl WgmmaExtras {
 #[cfg(test)]
 pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
     let extras = WgmmaExtras::of(plan, fused);
-    match plan.tile {
-        WgmmaTile::Teams | WgmmaTile::StaggeredTeams => {
-            plan.lean_loads && extras.tma && extras.staged
-        }
-        _ => !extras.any() || (plan.lean_loads && extras.exists()),
+    if plan.tile.is_teams() {
+        plan.lean_loads && extras.tma && extras.staged
+    } else {
+        !extras.any() || (plan.lean_loads && extras.exists())
     }
 }
 

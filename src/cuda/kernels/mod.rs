@@ -439,6 +439,7 @@ impl Kernels {
                 for (slot, kernel, tile) in wgmma_extra_kernels() {
                     extras[slot] = Some(f(&kernel, tile.smem())?);
                 }
+                // In slot order (the tests check that the slots are 0..len).
                 let mut teams = teams_kernel_names();
                 teams.sort();
                 Some(WgmmaKernels {
