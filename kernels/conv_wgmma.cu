@@ -961,7 +961,7 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
         for (int i = 0; i < AHEAD && i < slices; ++i) load(i, used + i);
         // TURNS: the other team's products of the block's tile s - 1 issued, the ((s - 1) / 2)-th
         // phase of this team's turn barrier; staggered: half of the first team's first tile's
-        // (mbar_wait traps, rather than hangs, if a bug ever left it waiting).
+        // slices issued (mbar_wait traps, rather than hangs, if a bug ever left it waiting).
         if (TURNS ? s > 0 : s == 1) mbar_wait(smem_addr(&turns[team]), ((s - 1) / 2) & 1);
         // The products are warp-aligned instructions; the wait's lanes may leave its loop apart.
         __syncwarp();
@@ -988,8 +988,9 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
             });
         }
         used += slices;
-        // TURNS: the other team's turn, where the block has a tile s + 1.
-        if (TURNS && s + 1 < mine) mbar_arrive(smem_addr(&turns[1 - team]));
+        // TURNS: the other team's turn, where the block has a tile s + 1. (Staggered, a tile
+        // without slices, which the host never launches, still lets the second team start.)
+        if ((TURNS || (s == 0 && slices == 0)) && s + 1 < mine) mbar_arrive(smem_addr(&turns[1 - team]));
         wg_drain(acc);
         G::sync();
         wg_epilogue_staged<T, TM, G>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
