@@ -424,14 +424,15 @@ if want k && [ -x "$KBENCH" ]; then
         --iters 10 --save "$W/sweep_norms_bf16_b1record.json"
     note "kernels_cuda --sweep --norms-only --batch 1 --record (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(GroupNorms per call|kernels_cuda: )' "$W/sweep_norms_bf16_b1record.txt" | cut -c 1-160)"
     sync_out
-    # The convolution sweeps take minutes (171 s at batch 1 at stop 27): SWEEPS=norms leaves
-    # them out, so that phase (e) after this one still fits the deadline.
+    # The convolution sweeps take minutes (171 s at batch 1 at stop 27, before the teams' two
+    # forms of each unsplit TMA launch were added at stop 31): SWEEPS=norms leaves them out, so
+    # that phase (e) after this one still fits the deadline.
     for args in "--batch 8" "--batch 1 --record"; do
         [ "${SWEEPS:-all}" = norms ] && break
         t0=$SECONDS
         name="sweep_bf16_$(echo "$args" | tr -d ' -' | sed 's/batch/b/')"
         # shellcheck disable=SC2086
-        run 180 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
+        run 240 "$name.txt" "$KBENCH" --sweep $args --precision bf16 --iters 10 --save "$W/$name.json"
         note "kernels_cuda --sweep $args (exit $?, $((SECONDS - t0)) s): $(grep -m 1 -E '^(tensor-core launches|kernels_cuda: )' "$W/$name.txt" | cut -c 1-160)"
         sync_out
     done

@@ -275,12 +275,20 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // Unsplit TMA launches also with the staged epilogue.
+                    // Unsplit TMA launches also with the staged epilogue, and (the plain
+                    // tile's) on both kinds of persistent teams (INVDIFF_WGMMA_TEAMS).
                     let staged = (c.tma_loads && c.splits == 1).then_some(ConvLaunch {
                         staged_epilogue: true,
                         ..c
                     });
-                    for c in std::iter::once(c).chain(staged) {
+                    let teams = staged
+                        .filter(|s| s.tile == WgmmaTile::Plain)
+                        .into_iter()
+                        .flat_map(|s| {
+                            [WgmmaTile::Teams, WgmmaTile::StaggeredTeams]
+                                .map(|tile| ConvLaunch { tile, ..s })
+                        });
+                    for c in std::iter::once(c).chain(staged).chain(teams) {
                         if !out.contains(&c) {
                             out.push(c);
                         }
@@ -917,7 +925,7 @@ mod tests {
                         for (i, l) in c.iter().enumerate() {
                             assert!(!c[..i].contains(l), "{l:?} twice");
                         }
-                        for l in c {
+                        for &l in &c {
                             assert!(
                                 l.wgmma
                                     || (l.tile == WgmmaTile::Plain
@@ -931,6 +939,11 @@ mod tests {
                                 !l.staged_epilogue || (l.tma_loads && l.splits == 1),
                                 "{l:?}"
                             );
+                            assert!(!l.tile.is_teams() || l.staged_epilogue, "{l:?}");
+                        }
+                        if tall.tma_loads && tall.splits == 1 {
+                            assert!(c.iter().any(|l| l.tile == WgmmaTile::Teams));
+                            assert!(c.iter().any(|l| l.tile == WgmmaTile::StaggeredTeams));
                         }
                     }
                 }
