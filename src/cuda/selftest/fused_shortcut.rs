@@ -8,7 +8,7 @@ use super::networks::{LAUNCHES, NETWORK_TOLERANCE};
 use super::staged_epilogue::StagedOn;
 use super::Tester;
 use crate::cuda::kernels::{
-    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile, WGMMA_SLICE,
+    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
@@ -223,10 +223,8 @@ impl Tester<'_> {
                 ..ConvPtrs::default()
             };
             let mut first: Option<(Vec<f32>, String)> = None;
-            let tiles = match staged_on {
-                Some(on) => on.tiles(),
-                None => WgmmaTile::ALL.iter().map(|&(t, _)| (t, t)).collect(),
-            };
+            // Unstaged, each tile against itself as the staged-epilogue group pairs them.
+            let tiles = staged_on.unwrap_or(StagedOn::SameTile).tiles();
             for (tile, staged_tile) in tiles {
                 for tma in [false, true] {
                     if (tma && !tma_tried(&main)) || (staged && !tma) {
@@ -244,8 +242,7 @@ impl Tester<'_> {
                     let (got, ms) = self.conv_output(&fused, &v, ptrs, out_div, len)?;
                     let path = wgmma_path(&v);
                     if staged {
-                        let on = staged_tile;
-                        self.staged_row(&fused, v, on, ptrs, out_div, &got, label, &desc)?;
+                        self.staged_row(&fused, v, staged_tile, ptrs, out_div, &got, label, &desc)?;
                         continue;
                     }
                     self.row_within(
