@@ -9,6 +9,9 @@
 #       b8 and b32 forward, bf16 b8 with --batch-invariant, with the measured peak passed as
 #       --peak-tflops;
 #   (d) per-step profiles: bf16 b8 forward, bf16 b1 forward + VJP (bench --profile);
+#   (t) kernel timelines of the graph replays under CUPTI (bench --trace, with out/lib's
+#       libcupti): bf16 b1 forward and DPS step, bf16 b8 forward; how long the GPU ran kernels
+#       and how long none, per pass, in the summary; the Chrome traces in devcheck.tar.gz;
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 to v0.8
@@ -98,8 +101,8 @@ run() {
     timeout -k 5 "$t" "$@" >> "$W/$log" 2>&1
 }
 py() { python3 - "$@"; }
-# want PHASE: whether PHASES (default every phase, "a,b,c,d,n,v,k,e") names it.
-want() { [[ ",${PHASES:-a,b,c,d,n,v,k,e}," == *",$1,"* ]]; }
+# want PHASE: whether PHASES (default every phase, "a,b,c,d,t,n,v,k,e") names it.
+want() { [[ ",${PHASES:-a,b,c,d,t,n,v,k,e}," == *",$1,"* ]]; }
 
 # One-line readings of the JSON files (python3 is there for PyTorch anyway).
 torch_line() {
@@ -263,6 +266,24 @@ if want d; then
     for f in profile_bf16_b8_fwd.json profile_bf16_b1_dps.json; do
         cp "$W/$f" "$RES/$f" 2>/dev/null
     done
+    sync_out
+fi
+
+# (t) Kernel timelines of the graph replays (~20 s). CUPTI comes from out/lib
+# (scripts/prepare_device.sh), else from PyTorch's packages.
+trace() { # trace NAME ARGS...
+    local name=$1 t0=$SECONDS lib=$PWD/out/lib
+    shift
+    [ -e "$lib/libcupti.so.13" ] ||
+        lib=$(dirname "$(find / -name 'libcupti.so.13' 2>/dev/null | head -n 1)" 2>/dev/null)
+    LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run 90 "trace_$name.txt" "$BIN" \
+        bench --device cuda --precision bf16 --steps "$STEPS" --trace "$W/trace_$name.json" "$@"
+    local rc=$?
+    note "trace $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^trace \(|^  [a-z].*: [0-9]+ kernels|rror' "$W/trace_$name.txt" | tr -s ' ' | paste -sd '|' -)"
+}
+if want t; then
+    trace bf16_b1 --batch 1 --what both
+    trace bf16_b8_fwd --batch 8 --what forward
     sync_out
 fi
 

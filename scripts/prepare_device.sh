@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stages what scripts/device_check.sh needs into out/ (git-ignored), on the development machine:
 # the release binary of this tree, the per-kernel benchmark, the diffusers wheels for PyTorch's
-# side, and optionally the binary of a second tree (a branch checked out as a git worktree),
+# side, CUPTI for `bench --trace` (out/lib/libcupti.so.13, from NVIDIA's pinned wheel), and
+# optionally the binary of a second tree (a branch checked out as a git worktree),
 # which device_check.sh then checks and times beside this one as out/invdiff-next. With a second
 # tree, the per-kernel benchmark is that tree's (it profiles the newer kernels; what travels
 # must stay under 64 MiB).
@@ -38,6 +39,15 @@ rm -rf out && mkdir -p out
 build .
 strip -o out/invdiff target/release/invdiff
 cp "$WHEELS"/*.whl out/
+# CUPTI of the CUDA 13.0 line (the GPU machine has no network), cached in .whl/.
+cupti=.whl/nvidia_cuda_cupti-13.0.85-py3-none-manylinux_2_25_x86_64.whl
+[ -f "$cupti" ] || python3 -m pip download --quiet --no-deps nvidia-cuda-cupti==13.0.85 -d .whl >&2
+mkdir -p out/lib
+python3 - "$cupti" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    open("out/lib/libcupti.so.13", "wb").write(z.read("nvidia/cu13/lib/libcupti.so.13"))
+PY
 if [ $# -ge 1 ]; then
     build "$1"
     strip -o out/invdiff-next "$(target_of "$1")/release/invdiff"

@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu::{CpuUnet, Tape};
-use crate::cuda::{self, CudaUnet, Precision, Profile};
+use crate::cuda::{self, CudaUnet, Precision, Profile, Trace};
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
@@ -250,6 +250,23 @@ impl Engine {
         match &mut self.backend {
             Backend::Cpu { .. } => None,
             Backend::Cuda(u) => Some(u.profile(n, h, w, vjp, iters)),
+        }
+    }
+
+    /// Kernel timelines of `replays` graph replays of the forward pass (with `vjp`, a DPS
+    /// step's forward and backward passes) as CUPTI records them ([`CudaUnet::trace`]): only
+    /// for GPU engines (`None` on the CPU).
+    pub fn trace_on_device(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        replays: usize,
+        vjp: bool,
+    ) -> Option<Result<Trace>> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => None,
+            Backend::Cuda(u) => Some(u.trace(n, h, w, vjp, replays)),
         }
     }
 }

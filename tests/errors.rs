@@ -281,7 +281,8 @@ fn cli_restore_rejects_bad_measurements() {
 }
 
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own
-/// per-op timing instead of a silent no-op; a peak rate must be positive.
+/// per-op timing instead of a silent no-op; so is `--trace`, which records CUDA graph replays;
+/// a peak rate must be positive.
 #[test]
 fn cli_bench_profile_is_gpu_only() {
     let model = fixture("models/google_tiny");
@@ -301,6 +302,8 @@ fn cli_bench_profile_is_gpu_only() {
         &err,
         &["--profile", "CUDA device", "CPU", "INVDIFF_PROFILE=1"],
     );
+    let err = bench(&["--trace", "trace.json"]);
+    assert_mentions(&err, &["--trace", "CUDA graph", "CUDA device", "CPU"]);
     let err = bench(&["--peak-tflops=0"]);
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use invdiff::cuda::{peak_rate, PeakRate, Profile};
+use invdiff::cuda::{peak_rate, PassSummary, PeakRate, Profile, Trace};
 use invdiff::{Error, Result, Tensor};
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +46,13 @@ pub struct Args {
     /// expensive steps. GPU only: on the CPU, INVDIFF_PROFILE=1 prints time per op kind.
     #[arg(long)]
     profile: bool,
+    /// After the timings, replay the same passes' CUDA graphs `--steps` times under CUPTI and
+    /// write every kernel's start and end on the device, named by its step, as a Chrome trace
+    /// to this file (open it in ui.perfetto.dev or chrome://tracing); prints how long the GPU
+    /// ran kernels and how long it ran none. GPU only; needs CUPTI (libcupti.so.13) on
+    /// LD_LIBRARY_PATH.
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// The card's dense bf16 rate in TFLOP/s (e.g. from `scripts/torch_baseline.py
     /// --matmul-peak`), for the fraction of peak; default: the measured figure this build knows
     /// for the card, if any.
@@ -122,6 +129,12 @@ pub fn run(a: Args) -> Result<()> {
         return Err(Error::input(
             "--profile times each GPU launch and needs a CUDA device, but this bench runs on \
              the CPU; there, INVDIFF_PROFILE=1 prints time per op kind after each pass",
+        ));
+    }
+    if a.trace.is_some() && engine.is_cpu() {
+        return Err(Error::input(
+            "--trace records the kernels of CUDA graph replays and needs a CUDA device, but \
+             this bench runs on the CPU",
         ));
     }
     // The rate to report fractions of: the flag, or on a GPU a measured figure for the card.
@@ -250,6 +263,28 @@ pub fn run(a: Args) -> Result<()> {
             json[format!("profile_{name}")] = v;
         }
     }
+    if let Some(path) = &a.trace {
+        let mut events = Vec::new();
+        for (vjp, name) in [(false, "forward"), (true, "dps")] {
+            if (vjp && a.what == What::Forward) || (!vjp && a.what == What::Dps) {
+                continue;
+            }
+            let t = engine
+                .trace_on_device(n, h, w, a.steps, vjp)
+                .expect("a GPU engine (checked above)")?;
+            let summaries = t.summaries();
+            print_trace(&t, name, &summaries);
+            json[format!("trace_{name}")] = serde_json::to_value(&summaries).expect("serialisable");
+            events.extend(t.chrome_events(name));
+        }
+        let text = serde_json::to_string(&serde_json::json!({ "traceEvents": events }))
+            .expect("serialisable");
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
+        println!(
+            "trace: wrote {} (open it in ui.perfetto.dev or chrome://tracing)",
+            path.display()
+        );
+    }
     if let (true, Some(p)) = (engine.is_cpu(), peak_rss()) {
         println!("peak resident memory: {:.2} GB", p as f64 / 1e9);
         json["peak_rss_bytes"] = p.into();
@@ -259,6 +294,56 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
     }
     Ok(())
+}
+
+/// Kinds (or kernels) named in a trace's summary line.
+const TRACE_TOP: usize = 8;
+
+/// A trace's figures per pass: span, busy and idle time, gaps, and where kernel time went.
+fn print_trace(t: &Trace, name: &str, summaries: &[PassSummary]) {
+    println!(
+        "trace ({name}, CUPTI): batch {}, {}x{}, {}, {} replays; {}",
+        t.n,
+        t.h,
+        t.w,
+        t.precision,
+        summaries.first().map_or(0, |s| s.replays),
+        match &t.unmatched {
+            None => "kernels matched to their steps".to_string(),
+            Some(why) => format!("kernels not matched to steps: {why}"),
+        }
+    );
+    for s in summaries {
+        let pct = |ms: f64| 100.0 * ms / s.span_ms.max(1e-12);
+        println!(
+            "  {}: {} kernels, {:.3} ms from the first start to the last end; kernels running \
+             {:.3} ms ({:.1}%), none {:.3} ms ({:.1}%) in {:.0} gaps (median {:.2} us, {:.0} \
+             over 2 us); kernel time {:.3} ms ({:.2} at a time)",
+            s.pass,
+            s.kernels,
+            s.span_ms,
+            s.busy_ms,
+            pct(s.busy_ms),
+            s.idle_ms,
+            pct(s.idle_ms),
+            s.gaps,
+            s.median_gap_us,
+            s.gaps_over_2us,
+            s.kernel_ms,
+            s.kernel_ms / s.busy_ms.max(1e-12),
+        );
+        let top: Vec<String> =
+            s.by.iter()
+                .take(TRACE_TOP)
+                .map(|(k, ms)| {
+                    format!(
+                        "{k} {ms:.3} ms ({:.1}%)",
+                        100.0 * ms / s.kernel_ms.max(1e-12)
+                    )
+                })
+                .collect();
+        println!("    in-graph kernel time: {}", top.join(", "));
+    }
 }
 
 /// Steps shown individually after the table by kind.

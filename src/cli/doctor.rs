@@ -41,6 +41,14 @@ pub fn run() -> Result<()> {
     if let Some(e) = &p.error {
         println!("CUDA: {e}");
     }
+    println!(
+        "CUPTI (for bench --trace): {}",
+        if cuda::cupti_present() {
+            "found"
+        } else {
+            "not found (libcupti.so.13 on LD_LIBRARY_PATH: pip's nvidia-cuda-cupti has it)"
+        }
+    );
     let (set, unknown) = switches::from_env();
     if set.is_empty() {
         println!("INVDIFF_* switches: none set (defaults)");

@@ -11,7 +11,8 @@
 //! - `plan`: liveness and packing of every buffer into one arena per shape; `streams`: which
 //!   steps may run side by side, on several streams inside the captured graph (two by default);
 //! - `profile`: what each step is (kind, shape label, FLOPs) and the per-step timings of
-//!   [`CudaUnet::profile`];
+//!   [`CudaUnet::profile`]; `trace`: the kernels of the graph replays as CUPTI records them
+//!   ([`CudaUnet::trace`]);
 //! - `weights`: the parameters in the kernels' layouts;
 //! - [`CudaUnet`]: the executor (CUDA graphs, host and device-resident entry points, timing);
 //! - `sampler`: the whole sampling loop on the device (network, VJP, scheduler step, guidance),
@@ -37,6 +38,7 @@ mod sampler_selftest;
 mod selftest;
 mod streams;
 mod sweep;
+mod trace;
 mod unet;
 mod weights;
 
@@ -51,6 +53,7 @@ pub use streams::{model_streams, PassModel};
 pub use sweep::{
     sweep_convolutions, sweep_group_norms, NormForm, NormPart, NormSweepRow, SweepRow, SweepVariant,
 };
+pub use trace::{cupti_present, PassSummary, PassTrace, Span, Trace};
 pub use unet::CudaUnet;
 
 pub(crate) use sampler::{

@@ -27,6 +27,7 @@ use super::precision::Precision;
 use super::profile::Profile;
 use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, Teams, WKind};
 use super::streams::{dependencies, streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
+use super::trace::{Collector, Trace};
 use super::weights::{DevBuf, DevWeights, GradLayouts};
 use crate::model::{Graph, Model};
 use crate::{ensure, switches, Error, Result, Tensor};
@@ -862,6 +863,90 @@ impl CudaUnet {
             hold_ms: per(hold_asked),
             hold_measured_ms: per(hold_took),
             late_chunks: late,
+        })
+    }
+
+    /// Kernel timelines of `replays` graph replays of one network call on a batch of `n` images
+    /// of `h x w` (the forward pass, and with `record` the vector-Jacobian product after it), as
+    /// CUPTI records them (see [`Trace`]). Drops any pending tape.
+    ///
+    /// Under CUPTI: one iteration launched directly (to learn which kernel each launch runs),
+    /// then the passes' graphs captured again (so that CUPTI numbers their nodes in capture
+    /// order), two warm-up replays, and the `replays` traced ones, back to back.
+    pub fn trace(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        record: bool,
+        replays: usize,
+    ) -> Result<Trace> {
+        self.graph.config.check_input_size(h, w)?;
+        ensure!(
+            n > 0 && replays > 0,
+            "tracing needs a batch and at least one replay"
+        );
+        ensure!(
+            self.use_graphs && !self.direct,
+            "--trace times graph replays, and CUDA graphs are off (INVDIFF_NO_CUDA_GRAPH=1)"
+        );
+        let key = Key { n, h, w, record };
+        self.prepare_timing(key)?;
+        let collector = Collector::start()?;
+        let call = |unet: &mut Self| -> Result<()> {
+            unet.run(key, false)?;
+            if record {
+                unet.run(key, true)?;
+            }
+            Ok(())
+        };
+        let sync = |unet: &Self| cu(unet.gpu.stream.synchronize(), "waiting for the GPU");
+
+        self.direct = true;
+        let direct = call(self);
+        self.direct = false;
+        direct?;
+        sync(self)?;
+        let direct = collector.take()?;
+
+        let plan = self.plans.get_mut(&key).expect("planned above");
+        (plan.forward, plan.backward) = (None, None);
+        for _ in 0..2 {
+            call(self)?;
+        }
+        sync(self)?;
+        collector.take()?;
+        for _ in 0..replays {
+            call(self)?;
+        }
+        sync(self)?;
+        let replayed = collector.take()?;
+        drop(collector);
+
+        let program = &self.plans[&key].program;
+        let names: &[&'static str] = if record {
+            &["forward (recording)", "backward"]
+        } else {
+            &["forward"]
+        };
+        let steps = program.step_infos();
+        let (passes, unmatched) = Trace::from_records(
+            &steps,
+            program.forward_steps,
+            names,
+            direct,
+            replayed,
+            replays,
+        )?;
+        Ok(Trace {
+            device: self.gpu.info.name.clone(),
+            precision: self.precision.name().to_string(),
+            n,
+            h,
+            w,
+            passes,
+            unmatched,
+            steps,
         })
     }
 
