@@ -343,6 +343,12 @@ fn print_trace(t: &Trace, name: &str, summaries: &[PassSummary]) {
                 })
                 .collect();
         println!("    in-graph kernel time: {}", top.join(", "));
+        for g in &s.largest_gaps {
+            println!(
+                "    gap of {:.2} us after {} before {}",
+                g.us, g.after, g.before
+            );
+        }
     }
 }
 

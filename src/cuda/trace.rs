@@ -293,6 +293,23 @@ pub struct PassSummary {
     /// In-graph kernel time by step kind where kernels matched steps, else by kernel name,
     /// largest first.
     pub by: Vec<(String, f64)>,
+    /// The longest gaps (mean over the replays) with the kernels around them.
+    pub largest_gaps: Vec<LargeGap>,
+}
+
+/// Gaps listed in a summary.
+const LARGEST_GAPS: usize = 5;
+
+/// A gap of a replay and the kernels around it: each named by its step where kernels matched
+/// steps, else by its kernel.
+#[derive(Clone, Debug, Serialize)]
+pub struct LargeGap {
+    /// Its length, the mean over the replays.
+    pub us: f64,
+    /// The kernel that ran up to it (the last to end before it).
+    pub after: String,
+    /// The kernel it waited for (the first to start after it).
+    pub before: String,
 }
 
 impl Trace {
@@ -376,12 +393,18 @@ impl Trace {
         let (mut span, mut busy, mut kernel, mut over) = (0u64, 0u64, 0u64, 0usize);
         let mut gaps = Vec::new();
         let mut by: BTreeMap<String, u64> = BTreeMap::new();
+        // Gaps by the kernels around them (the same in every replay, whose spans are in node
+        // order): their summed length.
+        let mut between: BTreeMap<(usize, usize), u64> = BTreeMap::new();
         for spans in &p.replays {
             let idle = idle_intervals(spans);
             span += spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
             busy += busy_ns(spans);
-            over += idle.iter().filter(|&&g| g > 2_000).count();
-            gaps.extend(idle);
+            over += idle.iter().filter(|g| g.ns > 2_000).count();
+            for g in &idle {
+                *between.entry((g.after, g.before)).or_default() += g.ns;
+            }
+            gaps.extend(idle.iter().map(|g| g.ns));
             for s in spans {
                 let d = s.end_ns.saturating_sub(s.start_ns);
                 kernel += d;
@@ -396,6 +419,22 @@ impl Trace {
         let ms = |ns: u64| ns as f64 * 1e-6 / r;
         let mut by: Vec<(String, f64)> = by.into_iter().map(|(k, ns)| (k, ms(ns))).collect();
         by.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut between: Vec<((usize, usize), u64)> = between.into_iter().collect();
+        between.sort_by_key(|&(at, ns)| (std::cmp::Reverse(ns), at));
+        let name = |i: usize| {
+            let s = &p.replays[0][i];
+            s.step
+                .map_or_else(|| s.kernel.clone(), |k| self.steps[k].label())
+        };
+        let largest_gaps = between
+            .into_iter()
+            .take(LARGEST_GAPS)
+            .map(|((a, b), ns)| LargeGap {
+                us: 1e3 * ms(ns),
+                after: name(a),
+                before: name(b),
+            })
+            .collect();
         PassSummary {
             pass: p.name,
             replays: p.replays.len(),
@@ -408,6 +447,7 @@ impl Trace {
             gaps_over_2us: over as f64 / r,
             kernel_ms: ms(kernel),
             by,
+            largest_gaps,
         }
     }
 
@@ -484,20 +524,39 @@ fn mismatch(
 fn busy_ns(spans: &[Span]) -> u64 {
     let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
     let start = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    (end - start) - idle_intervals(spans).iter().sum::<u64>()
+    (end - start) - idle_intervals(spans).iter().map(|g| g.ns).sum::<u64>()
 }
 
-/// The intervals between the first start and the last end during which no span runs.
-fn idle_intervals(spans: &[Span]) -> Vec<u64> {
-    let mut by_start: Vec<(u64, u64)> = spans.iter().map(|s| (s.start_ns, s.end_ns)).collect();
-    by_start.sort_unstable();
+/// An interval during which no span runs: its length, the span that ended it began (the last
+/// to end before it) and the one that ended it (the first to start after).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Gap {
+    ns: u64,
+    after: usize,
+    before: usize,
+}
+
+/// The gaps between the first start and the last end.
+fn idle_intervals(spans: &[Span]) -> Vec<Gap> {
+    let mut order: Vec<usize> = (0..spans.len()).collect();
+    order.sort_by_key(|&i| (spans[i].start_ns, spans[i].end_ns));
     let mut idle = Vec::new();
-    let mut reach = by_start.first().map_or(0, |s| s.0);
-    for (start, end) in by_start {
-        if start > reach {
-            idle.push(start - reach);
+    let Some(&first) = order.first() else {
+        return idle;
+    };
+    let (mut reach, mut last) = (spans[first].start_ns, first);
+    for i in order {
+        let s = &spans[i];
+        if s.start_ns > reach {
+            idle.push(Gap {
+                ns: s.start_ns - reach,
+                after: last,
+                before: i,
+            });
         }
-        reach = reach.max(end);
+        if s.end_ns >= reach {
+            (reach, last) = (s.end_ns, i);
+        }
     }
     idle
 }
@@ -699,6 +758,15 @@ mod tests {
         assert_eq!(f.by[0].0, "conv");
         assert!((f.by[0].1 - 0.017).abs() < 1e-12);
         assert!((f.by[1].1 - 0.015).abs() < 1e-12);
+        // 3 us after kb1 (ended last, at 20) before kc; 1 us after ka before kb2.
+        let g: Vec<(f64, &str, &str)> = f
+            .largest_gaps
+            .iter()
+            .map(|g| (g.us, g.after.as_str(), g.before.as_str()))
+            .collect();
+        assert_eq!(g.len(), 2);
+        assert!((g[0].0 - 3.0).abs() < 1e-9 && (g[1].0 - 1.0).abs() < 1e-9);
+        assert_eq!((g[0].1, g[0].2, g[1].1, g[1].2), ("b", "c", "a", "b"));
         // Unmatched kernels are summed by name.
         let mut p = trace(Vec::new(), Some("x".into()));
         p.passes = Trace::from_records(&steps(), 3, &NAMES, Vec::new(), replayed(1), 1)
@@ -746,9 +814,15 @@ mod tests {
             span(30, 40),
         ];
         assert_eq!(rows(&spans), [0, 1, 1, 0, 0]);
-        assert_eq!(idle_intervals(&spans), [10]);
+        // The gap after span(10, 20), the last to end, before span(30, 40).
+        let gap = Gap {
+            ns: 10,
+            after: 3,
+            before: 4,
+        };
+        assert_eq!(idle_intervals(&spans), [gap]);
         assert_eq!(busy_ns(&spans), 30);
-        assert_eq!(idle_intervals(&[]), Vec::<u64>::new());
+        assert_eq!(idle_intervals(&[]), []);
     }
 
     #[test]
