@@ -11,6 +11,7 @@ mod restore;
 mod sample;
 mod selftest;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -171,7 +172,18 @@ fn scheduler(
 }
 
 /// A progress bar over sampling steps, with steps/s.
-struct Progress(ProgressBar);
+/// The bar of a sampling loop, which also keeps each step's time (the GPU's own, on the
+/// device loop) so that a run's time can be split into steps and what came before them.
+struct Progress {
+    bar: ProgressBar,
+    seconds: RefCell<Vec<f64>>,
+}
+
+/// A loop's step times: their sum and median.
+struct StepTimes {
+    total_s: f64,
+    median_ms: f64,
+}
 
 impl Progress {
     fn new(steps: usize) -> Self {
@@ -182,16 +194,26 @@ impl Progress {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        Progress(bar)
+        Progress {
+            bar,
+            seconds: RefCell::new(Vec::with_capacity(steps)),
+        }
     }
 
     fn step(&self, r: &StepReport) {
-        self.0.set_message(r.timestep.to_string());
-        self.0.inc(1);
+        self.seconds.borrow_mut().push(r.seconds);
+        self.bar.set_message(r.timestep.to_string());
+        self.bar.inc(1);
     }
 
-    fn finish(&self) {
-        self.0.finish_and_clear();
+    fn finish(&self) -> StepTimes {
+        self.bar.finish_and_clear();
+        let mut s = self.seconds.take();
+        s.sort_by(f64::total_cmp);
+        StepTimes {
+            total_s: s.iter().sum(),
+            median_ms: s.get(s.len() / 2).map_or(0.0, |m| 1e3 * m),
+        }
     }
 }
 

@@ -248,6 +248,8 @@ pub fn run(a: Args) -> Result<()> {
     );
 
     let mut reports = Vec::new();
+    // Each batch's summed step times (the GPU's, on the device loop) and median step.
+    let (mut steps_s, mut step_ms) = (0.0, Vec::new());
     let start_all = Instant::now();
     for batch in items.chunks(a.batch) {
         let first = &batch[0];
@@ -318,8 +320,10 @@ pub fn run(a: Args) -> Result<()> {
             shape,
             |r| bar.step(r),
         )?;
-        bar.finish();
+        let times = bar.finish();
         let seconds = t0.elapsed().as_secs_f64();
+        steps_s += times.total_s;
+        step_ms.push(times.median_ms);
         let restored = sampler::to_image(&x);
         for (b, it) in batch.iter().enumerate() {
             let out = if single {
@@ -330,7 +334,13 @@ pub fn run(a: Args) -> Result<()> {
             let xb = x.batch_item(b);
             let img = restored.batch_item(b);
             save_result(&out, &xb)?;
-            let mut rep = json!({"name": it.name, "output": out.display().to_string(), "seconds": seconds / batch.len() as f64});
+            let mut rep = json!({
+                "name": it.name,
+                "output": out.display().to_string(),
+                "seconds": seconds / batch.len() as f64,
+                "step_ms_median": times.median_ms,
+                "setup_seconds": (seconds - times.total_s) / batch.len() as f64,
+            });
             if let Some(t) = &it.truth {
                 let (p, s) = (psnr_u8(&img, t)?, ssim(&img, t)?);
                 let p0 = psnr_u8(&it.y, t)?;
@@ -352,10 +362,14 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let total_s = start_all.elapsed().as_secs_f64();
+    step_ms.sort_by(f64::total_cmp);
+    let median_ms = step_ms.get(step_ms.len() / 2).copied().unwrap_or(0.0);
     eprintln!(
-        "invdiff restore: {} image(s) in {total_s:.1} s ({:.3} s per step per batch), wrote {}",
+        "invdiff restore: {} image(s) in {total_s:.1} s ({:.3} s per step per batch: steps \
+         {steps_s:.2} s, {median_ms:.2} ms median, the rest {:.2} s), wrote {}",
         reports.len(),
         total_s / (a.steps * items.len().div_ceil(a.batch)) as f64,
+        total_s - steps_s,
         a.output.display()
     );
     if let Some(path) = &a.report {
@@ -380,6 +394,7 @@ pub fn run(a: Args) -> Result<()> {
             },
             "images": reports,
             "seconds": total_s,
+            "steps_seconds": steps_s,
             "version": env!("CARGO_PKG_VERSION"),
         });
         let text = serde_json::to_string_pretty(&report).expect("serialisable");

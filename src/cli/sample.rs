@@ -72,8 +72,12 @@ pub fn run(a: Args) -> Result<()> {
         shape,
         |r| bar.step(r),
     )?;
-    bar.finish();
+    let times = bar.finish();
     save_result(&a.output, &x)?;
-    eprintln!("invdiff sample: wrote {}", a.output.display());
+    eprintln!(
+        "invdiff sample: wrote {} ({:.1} ms a step, median)",
+        a.output.display(),
+        times.median_ms
+    );
     Ok(())
 }
