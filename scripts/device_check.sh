@@ -274,8 +274,11 @@ fi
 trace() { # trace NAME ARGS...
     local name=$1 t0=$SECONDS lib=$PWD/out/lib
     shift
-    [ -e "$lib/libcupti.so.13" ] ||
-        lib=$(dirname "$(find / -name 'libcupti.so.13' 2>/dev/null | head -n 1)" 2>/dev/null)
+    if [ ! -e "$lib/libcupti.so.13" ]; then
+        lib=$(find / -xdev \( -path /proc -prune \) -o -name libcupti.so.13 -print -quit 2>/dev/null)
+        lib=${lib%/*}
+        note "trace: no out/lib/libcupti.so.13; using ${lib:-none found}"
+    fi
     LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run 90 "trace_$name.txt" "$BIN" \
         bench --device cuda --precision bf16 --steps "$STEPS" --trace "$W/trace_$name.json" "$@"
     local rc=$?

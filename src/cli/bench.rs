@@ -46,11 +46,11 @@ pub struct Args {
     /// expensive steps. GPU only: on the CPU, INVDIFF_PROFILE=1 prints time per op kind.
     #[arg(long)]
     profile: bool,
-    /// After the timings, replay the same passes' CUDA graphs `--steps` times under CUPTI and
-    /// write every kernel's start and end on the device, named by its step, as a Chrome trace
-    /// to this file (open it in ui.perfetto.dev or chrome://tracing); prints how long the GPU
-    /// ran kernels and how long it ran none. GPU only; needs CUPTI (libcupti.so.13) on
-    /// LD_LIBRARY_PATH.
+    /// After the timings, replay the same passes' CUDA graphs `--steps` times under CUPTI, print
+    /// how long the GPU ran kernels and how long it ran none, and write the last replay of each
+    /// pass, every kernel's start and end on the device named by its step, as a Chrome trace to
+    /// this file (open it in ui.perfetto.dev or chrome://tracing). GPU only; needs CUPTI
+    /// (libcupti.so.13) on LD_LIBRARY_PATH.
     #[arg(long)]
     trace: Option<PathBuf>,
     /// The card's dense bf16 rate in TFLOP/s (e.g. from `scripts/torch_baseline.py
@@ -264,7 +264,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     if let Some(path) = &a.trace {
-        let mut events = Vec::new();
+        let mut events: Vec<serde_json::Value> = Vec::new();
         for (vjp, name) in [(false, "forward"), (true, "dps")] {
             if (vjp && a.what == What::Forward) || (!vjp && a.what == What::Dps) {
                 continue;
@@ -275,7 +275,9 @@ pub fn run(a: Args) -> Result<()> {
             let summaries = t.summaries();
             print_trace(&t, name, &summaries);
             json[format!("trace_{name}")] = serde_json::to_value(&summaries).expect("serialisable");
-            events.extend(t.chrome_events(name));
+            // Process ids from 1, a pass each.
+            let pid = 1 + events.iter().filter(|e| e["ph"] == "M").count();
+            events.extend(t.chrome_events(name, pid));
         }
         let text = serde_json::to_string(&serde_json::json!({ "traceEvents": events }))
             .expect("serialisable");

@@ -44,7 +44,7 @@ pub fn run() -> Result<()> {
     println!(
         "CUPTI (for bench --trace): {}",
         if cuda::cupti_present() {
-            "found"
+            "found (it expects CUPTI 13)"
         } else {
             "not found (libcupti.so.13 on LD_LIBRARY_PATH: pip's nvidia-cuda-cupti has it)"
         }

@@ -11,10 +11,12 @@
 //! chrome://tracing draw.
 //!
 //! Kernels are matched to steps by order. One directly launched iteration (each launch its own
-//! API call, so CUPTI's correlation ids follow the program's launch order) gives the kernel of
-//! every launch; a replay's records ordered by graph node id (nodes are numbered as the capture
-//! creates them, in the same program order) must name the same kernels launch for launch, or
-//! no step is named and the summary says why.
+//! API call, so CUPTI's correlation ids follow the program's launch order) gives the kernel,
+//! grid and block of every launch. The graphs are captured and instantiated again under CUPTI,
+//! which numbers their nodes as they are made, in capture order (so it does in practice; NVIDIA
+//! does not document the order), which is the program's. A replay's records in node order must
+//! show the same kernel, grid and block launch for launch, or no step is named and the summary
+//! says where the two differed.
 //!
 //! CUPTI (`libcupti.so`) is loaded only when a trace starts; without it the trace is an error
 //! that says where to get it.
@@ -24,7 +26,7 @@ use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::mem::offset_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 
 use cudarc::cupti::result::{activity, CuptiError};
 use cudarc::cupti::sys;
@@ -113,7 +115,7 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// CUPTI asks for a buffer to fill (freed by [`buffer_completed`]).
 extern "C" fn buffer_requested(buffer: *mut *mut u8, size: *mut usize, max_records: *mut usize) {
     // SAFETY: CUPTI passes valid out-pointers; a null buffer of size 0 makes it drop records,
-    // which `take` then reports as missing.
+    // which `take` then reports.
     unsafe {
         let p = alloc(buffer_layout());
         *buffer = p;
@@ -184,9 +186,16 @@ fn cupti_error(what: &str, e: CuptiError) -> Error {
 impl Collector {
     /// Loads CUPTI and starts collecting the records of every kernel that runs from now on.
     pub fn start() -> Result<Collector> {
-        let one = ACTIVE
-            .try_lock()
-            .map_err(|_| Error::Cuda("a kernel trace is already running in this process".into()))?;
+        // A trace that panicked left nothing behind but its records, which start clears.
+        let one = match ACTIVE.try_lock() {
+            Ok(one) => one,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                return Err(Error::Cuda(
+                    "a kernel trace is already running in this process".into(),
+                ))
+            }
+        };
         if !cupti_present() {
             return Err(Error::Cuda(
                 "--trace needs CUPTI, which was not found: put the folder holding \
@@ -218,10 +227,31 @@ impl Collector {
         }
     }
 
-    /// Every record CUPTI has for kernels that finished (call after synchronising).
-    pub fn take(&self) -> Result<Vec<KernelRecord>> {
+    /// Every record CUPTI has for kernels that finished on `ctx` (call after synchronising);
+    /// an error if CUPTI dropped any, or gave one without its times (an incomplete record).
+    pub fn take(&self, ctx: cudarc::driver::sys::CUcontext) -> Result<Vec<KernelRecord>> {
         flush()?;
-        Ok(std::mem::take(&mut *locked(&DELIVERED)))
+        let mut dropped = 0;
+        for queue in [ctx, std::ptr::null_mut()] {
+            let mut n = 0;
+            // SAFETY: `ctx` is a live context (or null, CUPTI's global queue); `n` is written.
+            unsafe { activity::get_num_dropped_records(queue, 0, &mut n) }
+                .map_err(|e| cupti_error("counting dropped records", e))?;
+            dropped += n;
+        }
+        let records = std::mem::take(&mut *locked(&DELIVERED));
+        let untimed = records
+            .iter()
+            .filter(|k| k.start_ns == 0 || k.end_ns < k.start_ns)
+            .count();
+        if dropped > 0 || untimed > 0 {
+            return Err(Error::Cuda(format!(
+                "CUPTI dropped {dropped} kernel records and gave {untimed} of {} without their \
+                 times",
+                records.len()
+            )));
+        }
+        Ok(records)
     }
 }
 
@@ -335,13 +365,13 @@ impl Trace {
             })
             .collect();
 
-        // Graph launches in the order they ran: replay r of pass p is group r * passes + p.
+        // Graph launches in the order they were made (correlation ids count API calls): replay
+        // r of pass p is group r * passes + p.
         let mut groups: BTreeMap<u32, Vec<KernelRecord>> = BTreeMap::new();
         for k in replayed {
             groups.entry(k.correlation).or_default().push(k);
         }
         let mut groups: Vec<Vec<KernelRecord>> = groups.into_values().collect();
-        groups.sort_by_key(|g| g.iter().map(|k| k.start_ns).min());
         if groups.len() != replays * names.len() {
             return Err(Error::Cuda(format!(
                 "CUPTI recorded {} graph launches, {} expected ({replays} replays of {} passes)",
@@ -443,7 +473,7 @@ impl Trace {
             busy_ms: ms(busy),
             idle_ms: ms(span - busy),
             gaps: gaps.len() as f64 / r,
-            median_gap_us: gaps.get(gaps.len() / 2).map_or(0.0, |&g| g as f64 * 1e-3),
+            median_gap_us: 1e-3 * median(&gaps),
             gaps_over_2us: over as f64 / r,
             kernel_ms: ms(kernel),
             by,
@@ -451,18 +481,25 @@ impl Trace {
         }
     }
 
-    /// The last replay of every pass as Chrome trace events: a process per pass, kernels that
-    /// overlap on rows of their own, each named by its step where kernels matched steps.
-    pub fn chrome_events(&self, label: &str) -> Vec<Value> {
-        let mut events = Vec::new();
-        for p in &self.passes {
+    /// The last replay of every pass as Chrome trace events: a process per pass (numbered from
+    /// `pid`, named `label: pass`), each pass starting where the one before it ended, kernels
+    /// that overlap on rows of their own, each named by its step where kernels matched steps.
+    pub fn chrome_events(&self, label: &str, pid: usize) -> Vec<Value> {
+        let (mut events, mut at_us) = (Vec::new(), 0.0);
+        for (p, pid) in self.passes.iter().zip(pid..) {
             let Some(spans) = p.replays.last() else {
                 continue;
             };
-            let pid = format!("{label} {}", p.name);
+            let name = if label == p.name {
+                label.to_string()
+            } else {
+                format!("{label}: {}", p.name)
+            };
             events.push(json!({"name": "process_name", "ph": "M", "pid": pid,
-                "args": {"name": format!("{pid} (batch {}, {}x{}, {}, {})",
+                "args": {"name": format!("{name} (batch {}, {}x{}, {}, {})",
                     self.n, self.h, self.w, self.precision, self.device)}}));
+            let offset = at_us;
+            at_us += spans.iter().map(|s| s.end_ns).max().unwrap_or(0) as f64 * 1e-3;
             for (s, row) in spans.iter().zip(rows(spans)) {
                 let (name, cat) = match s.step {
                     Some(i) => (self.steps[i].label(), self.steps[i].kind),
@@ -470,7 +507,7 @@ impl Trace {
                 };
                 events.push(json!({
                     "name": name, "cat": cat, "ph": "X", "pid": pid, "tid": row,
-                    "ts": s.start_ns as f64 * 1e-3,
+                    "ts": offset + s.start_ns as f64 * 1e-3,
                     "dur": s.end_ns.saturating_sub(s.start_ns) as f64 * 1e-3,
                     "args": {"kernel": s.kernel, "grid": s.grid, "block": s.block, "step": s.step},
                 }));
@@ -482,7 +519,7 @@ impl Trace {
 
 /// Why the replays' kernels (`groups`, each in node order) cannot be matched to the steps of
 /// `launch_steps` through the direct iteration's kernels (`direct`, in launch order), if they
-/// cannot: the counts differ, or a launch runs another kernel.
+/// cannot: the counts differ, or a launch runs another kernel or shape.
 fn mismatch(
     groups: &[Vec<KernelRecord>],
     direct: &[KernelRecord],
@@ -508,16 +545,31 @@ fn mismatch(
                     ls.len()
                 ));
             }
-            if let Some(i) = g.iter().zip(want).position(|(a, b)| a.name != b.name) {
+            let same = |a: &KernelRecord, b: &KernelRecord| {
+                (&a.name, a.grid, a.block) == (&b.name, b.grid, b.block)
+            };
+            if let Some(i) = g.iter().zip(want).position(|(a, b)| !same(a, b)) {
+                let shown = |k: &KernelRecord| format!("{} {:?}x{:?}", k.name, k.grid, k.block);
                 return Some(format!(
                     "launch {i} of the {} pass is {} in the graph and {} launched directly",
-                    names[p], g[i].name, want[i].name
+                    names[p],
+                    shown(&g[i]),
+                    shown(&want[i])
                 ));
             }
         }
         at += ls.len();
     }
     None
+}
+
+/// The middle value of sorted `v` (the mean of the middle two for an even count; 0 if empty).
+fn median(v: &[u64]) -> f64 {
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2] as f64,
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]) as f64,
+    }
 }
 
 /// Time covered by at least one span.
@@ -715,6 +767,12 @@ mod tests {
             .iter()
             .flat_map(|p| &p.replays[0])
             .all(|s| s.step.is_none()));
+        // So does a launch of the same kernel on another grid.
+        let mut d = direct();
+        d[0].grid = [9, 2, 3]; // correlation 15: the backward's second launch
+        let (_, unmatched) = Trace::from_records(&steps(), 3, &NAMES, d, replayed(1), 1).unwrap();
+        let why = unmatched.unwrap();
+        assert!(why.contains("launch 1 of the backward pass is ke [1, 2, 3]x[256, 1, 1] in the graph and ke [9, 2, 3]"), "{why}");
         // A direct iteration short of launches is said too.
         let (_, unmatched) =
             Trace::from_records(&steps(), 3, &NAMES, direct()[1..].to_vec(), replayed(1), 1)
@@ -753,7 +811,8 @@ mod tests {
         assert!((f.busy_ms - 0.026).abs() < 1e-12);
         assert!((f.idle_ms - 0.004).abs() < 1e-12);
         assert_eq!((f.gaps, f.gaps_over_2us), (2.0, 1.0));
-        assert!((f.median_gap_us - 3.0).abs() < 1e-12);
+        // Gaps of 1, 1, 3 and 3 us over the two replays.
+        assert!((f.median_gap_us - 2.0).abs() < 1e-12);
         assert!((f.kernel_ms - 0.032).abs() < 1e-12);
         assert_eq!(f.by[0].0, "conv");
         assert!((f.by[0].1 - 0.017).abs() < 1e-12);
@@ -791,7 +850,7 @@ mod tests {
             Err(e) => assert!(e.to_string().starts_with("CUDA: CUPTI"), "{e}"),
             Ok(c) => {
                 assert!(present);
-                assert!(c.take().is_ok_and(|r| r.is_empty()));
+                assert!(c.take(std::ptr::null_mut()).is_ok());
             }
         }
     }
@@ -822,6 +881,10 @@ mod tests {
         };
         assert_eq!(idle_intervals(&spans), [gap]);
         assert_eq!(busy_ns(&spans), 30);
+        assert_eq!(
+            (median(&[1, 5, 9]), median(&[1, 4]), median(&[])),
+            (5.0, 2.5, 0.0)
+        );
         assert_eq!(idle_intervals(&[]), []);
     }
 
@@ -829,15 +892,16 @@ mod tests {
     fn chrome_events_name_steps_and_passes() {
         let (passes, unmatched) =
             Trace::from_records(&steps(), 3, &NAMES, direct(), replayed(2), 2).unwrap();
-        let ev = trace(passes, unmatched).chrome_events("dps");
+        let ev = trace(passes, unmatched).chrome_events("dps", 3);
         // A name per pass, then its last replay's kernels.
         assert_eq!(ev.len(), 2 + 6);
         assert_eq!(ev[0]["ph"], "M");
-        assert_eq!(ev[0]["pid"], "dps forward (recording)");
-        assert!(ev[0]["args"]["name"]
-            .as_str()
-            .unwrap()
-            .contains("batch 1, 8x8, bf16"));
+        assert_eq!(ev[0]["pid"], 3);
+        let name = ev[0]["args"]["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("dps: forward (recording) (batch 1, 8x8, bf16"),
+            "{name}"
+        );
         let kb2 = &ev[3];
         assert_eq!(
             (kb2["name"].as_str(), kb2["cat"].as_str()),
@@ -853,6 +917,10 @@ mod tests {
             (Some(0), Some(1))
         );
         assert_eq!(kb2["args"]["kernel"], "kb2");
-        assert_eq!(ev[6]["pid"], "dps backward");
+        // The backward pass from the forward's end (30 us).
+        assert_eq!(
+            (ev[6]["pid"].as_u64(), ev[6]["ts"].as_f64()),
+            (Some(4), Some(30.0))
+        );
     }
 }

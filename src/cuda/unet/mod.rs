@@ -871,8 +871,9 @@ impl CudaUnet {
     /// CUPTI records them (see [`Trace`]). Drops any pending tape.
     ///
     /// Under CUPTI: one iteration launched directly (to learn which kernel each launch runs),
-    /// then the passes' graphs captured again (so that CUPTI numbers their nodes in capture
-    /// order), two warm-up replays, and the `replays` traced ones, back to back.
+    /// then the passes' graphs captured and instantiated again (so that CUPTI numbers their
+    /// nodes as they are made), two warm-up replays, and the `replays` traced ones, back to
+    /// back. The graphs made under CUPTI are dropped after, so later calls capture their own.
     pub fn trace(
         &mut self,
         n: usize,
@@ -887,8 +888,13 @@ impl CudaUnet {
             "tracing needs a batch and at least one replay"
         );
         ensure!(
-            self.use_graphs && !self.direct,
-            "--trace times graph replays, and CUDA graphs are off (INVDIFF_NO_CUDA_GRAPH=1)"
+            self.use_graphs,
+            "--trace records graph replays, and CUDA graphs are off (INVDIFF_NO_CUDA_GRAPH=1)"
+        );
+        ensure!(
+            !self.direct,
+            "tracing needs the network's own graphs, and its launches are being captured into \
+             another graph"
         );
         let key = Key { n, h, w, record };
         self.prepare_timing(key)?;
@@ -901,13 +907,14 @@ impl CudaUnet {
             Ok(())
         };
         let sync = |unet: &Self| cu(unet.gpu.stream.synchronize(), "waiting for the GPU");
+        let ctx = self.gpu.ctx.cu_ctx();
 
         self.direct = true;
         let direct = call(self);
         self.direct = false;
         direct?;
         sync(self)?;
-        let direct = collector.take()?;
+        let direct = collector.take(ctx)?;
 
         let plan = self.plans.get_mut(&key).expect("planned above");
         (plan.forward, plan.backward) = (None, None);
@@ -915,15 +922,17 @@ impl CudaUnet {
             call(self)?;
         }
         sync(self)?;
-        collector.take()?;
+        collector.take(ctx)?;
         for _ in 0..replays {
             call(self)?;
         }
         sync(self)?;
-        let replayed = collector.take()?;
+        let replayed = collector.take(ctx)?;
         drop(collector);
+        let plan = self.plans.get_mut(&key).expect("planned above");
+        (plan.forward, plan.backward) = (None, None);
 
-        let program = &self.plans[&key].program;
+        let program = &plan.program;
         let names: &[&'static str] = if record {
             &["forward (recording)", "backward"]
         } else {
