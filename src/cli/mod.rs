@@ -171,9 +171,8 @@ fn scheduler(
     Ok(s)
 }
 
-/// A progress bar over sampling steps, with steps/s.
-/// The bar of a sampling loop, which also keeps each step's time (the GPU's own, on the
-/// device loop) so that a run's time can be split into steps and what came before them.
+/// A progress bar over sampling steps, with steps/s, which also keeps each step's time (the
+/// GPU's own, on the device loop) so that a run's time can be split into its steps and the rest.
 struct Progress {
     bar: ProgressBar,
     seconds: RefCell<Vec<f64>>,
