@@ -53,7 +53,7 @@ pub use streams::{model_streams, PassModel};
 pub use sweep::{
     sweep_convolutions, sweep_group_norms, NormForm, NormPart, NormSweepRow, SweepRow, SweepVariant,
 };
-pub use trace::{cupti_present, LargeGap, PassSummary, PassTrace, Span, Trace};
+pub use trace::{cupti_present, LargeGap, PassSummary, PassTrace, Span, StepKernelTime, Trace};
 pub use unet::CudaUnet;
 
 pub(crate) use sampler::{

@@ -325,6 +325,19 @@ pub struct PassSummary {
     pub by: Vec<(String, f64)>,
     /// The longest gaps (mean over the replays) with the kernels around them.
     pub largest_gaps: Vec<LargeGap>,
+    /// Where kernels matched steps: each step's in-graph kernel time (its launches' summed
+    /// durations, mean over the replays), in program order.
+    pub steps: Vec<StepKernelTime>,
+}
+
+/// A step's kernels' time inside the replayed graph.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepKernelTime {
+    /// Index in the program (forward steps first).
+    pub step: usize,
+    pub kind: &'static str,
+    pub label: String,
+    pub ms: f64,
 }
 
 /// Gaps listed in a summary.
@@ -426,6 +439,7 @@ impl Trace {
         // Gaps by the kernels around them (the same in every replay, whose spans are in node
         // order): their summed length.
         let mut between: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+        let mut per_step: BTreeMap<usize, u64> = BTreeMap::new();
         for spans in &p.replays {
             let idle = idle_intervals(spans);
             span += spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
@@ -439,7 +453,10 @@ impl Trace {
                 let d = s.end_ns.saturating_sub(s.start_ns);
                 kernel += d;
                 let key = match s.step {
-                    Some(i) => self.steps[i].kind.to_string(),
+                    Some(i) => {
+                        *per_step.entry(i).or_default() += d;
+                        self.steps[i].kind.to_string()
+                    }
                     None => s.kernel.clone(),
                 };
                 *by.entry(key).or_default() += d;
@@ -478,6 +495,15 @@ impl Trace {
             kernel_ms: ms(kernel),
             by,
             largest_gaps,
+            steps: per_step
+                .into_iter()
+                .map(|(i, ns)| StepKernelTime {
+                    step: i,
+                    kind: self.steps[i].kind,
+                    label: self.steps[i].label(),
+                    ms: ms(ns),
+                })
+                .collect(),
         }
     }
 
@@ -826,12 +852,22 @@ mod tests {
         assert_eq!(g.len(), 2);
         assert!((g[0].0 - 3.0).abs() < 1e-9 && (g[1].0 - 1.0).abs() < 1e-9);
         assert_eq!((g[0].1, g[0].2, g[1].1, g[1].2), ("b", "c", "a", "b"));
+        // Each step's kernels: b's two side by side count both.
+        let per_step: Vec<(usize, &str, f64)> = f
+            .steps
+            .iter()
+            .map(|t| (t.step, t.label.as_str(), t.ms))
+            .collect();
+        assert_eq!(per_step.len(), 3);
+        assert_eq!((per_step[1].0, per_step[1].1), (1, "b"));
+        assert!((per_step[1].2 - 0.015).abs() < 1e-12 && (per_step[2].2 - 0.007).abs() < 1e-12);
         // Unmatched kernels are summed by name.
         let mut p = trace(Vec::new(), Some("x".into()));
         p.passes = Trace::from_records(&steps(), 3, &NAMES, Vec::new(), replayed(1), 1)
             .unwrap()
             .0;
         assert_eq!(p.summaries()[1].by[0].0, "kd");
+        assert!(p.summaries()[1].steps.is_empty());
     }
 
     /// Without CUPTI on the library path a trace is an error that says where to get it; with
