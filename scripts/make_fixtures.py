@@ -43,7 +43,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import get_timestep_embedding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUMPY_REFERENCE = "/work/shared/reference/reference_unet_numpy.py"
+# The float64 numpy UNet of the project's specification (REFERENCE.md, shipped beside the
+# repository, not in it): an independent cross-check of diffusers' outputs, run when present.
+NUMPY_REFERENCE = os.environ.get("NUMPY_REFERENCE", "/work/shared/reference/reference_unet_numpy.py")
 
 # Multi-threaded CPU kernels may split reductions differently on machines with other core counts;
 # one thread makes regeneration reproducible everywhere (and the models are tiny).
@@ -686,7 +688,12 @@ def write_schedulers(out):
 
 
 def load_numpy_reference():
+    """The numpy reference module, or None (with a note) where it is not on this machine."""
     import importlib.util
+    if not os.path.exists(NUMPY_REFERENCE):
+        print(f"note: {NUMPY_REFERENCE} not found (set NUMPY_REFERENCE to its path): "
+              "the numpy cross-check of the models is skipped")
+        return None
     spec = importlib.util.spec_from_file_location("reference_unet_numpy", NUMPY_REFERENCE)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -726,6 +733,9 @@ def validate(out, models):
         with torch.no_grad():
             eps = loaded(io["sample"], io["timestep"]).sample
         assert torch.equal(eps, io["eps"]), f"{name}: reloaded eps differs ({rel_l2(eps, io['eps']):.2e})"
+        if ref is None:
+            report.append(f"{name}: reload ok (loaded dtype {loaded_dtype}), no numpy cross-check")
+            continue
         np_gap = rel_l2(io["eps"], numpy_eps(ref, loaded, io))
         if name == "google_tiny":
             assert np_gap < 1e-5, f"numpy reference disagrees with diffusers: {np_gap:.2e}"

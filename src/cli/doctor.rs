@@ -70,10 +70,20 @@ pub fn run() -> Result<()> {
             known.join(", ")
         );
     }
-    let usable = cuda::kernels_compiled() && !p.devices.is_empty();
-    println!(
-        "--device auto will use: {}",
-        if usable { "cuda:0" } else { "the CPU" }
-    );
+    // As `--device auto` decides: GPU 0, if this build has code for it.
+    let auto = match p.devices.first() {
+        Some(d) if cuda::kernels_run_on(d.compute_capability) => "cuda:0".to_string(),
+        Some(d) if cuda::kernels_compiled() => format!(
+            "the CPU (GPU 0 has compute capability {}.{}, which this build's kernels, for {}, \
+             do not run on; rebuild with INVDIFF_CUDA_ARCHS={}{})",
+            d.compute_capability.0,
+            d.compute_capability.1,
+            cuda::compiled_targets().join(", "),
+            d.compute_capability.0,
+            d.compute_capability.1
+        ),
+        _ => "the CPU".to_string(),
+    };
+    println!("--device auto will use: {auto}");
     Ok(())
 }

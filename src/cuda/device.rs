@@ -162,6 +162,12 @@ fn device_info(ordinal: usize) -> std::result::Result<DeviceInfo, result::Driver
     })
 }
 
+/// Whether this build's kernels run on a device of compute capability `cc` (what
+/// [`CudaUnet`](super::CudaUnet) checks before using one).
+pub fn kernels_run_on(cc: (u32, u32)) -> bool {
+    kernels_compiled() && targets_run_on(&compiled_targets(), cc)
+}
+
 /// Whether code built for `targets` runs on a device of compute capability `cc`: machine code
 /// for the same major version and a minor version not above the device's (`sm_90a` only on
 /// exactly 9.0), or PTX for a capability not above the device's (the driver compiles it).

@@ -42,7 +42,7 @@ mod trace;
 mod unet;
 mod weights;
 
-pub use device::{compiled_targets, kernels_compiled, probe, DeviceInfo, Probe};
+pub use device::{compiled_targets, kernels_compiled, kernels_run_on, probe, DeviceInfo, Probe};
 pub use plan::{plan_stats, PlanStats};
 pub use precision::Precision;
 pub use profile::{
