@@ -250,10 +250,7 @@ pub fn run(a: Args) -> Result<()> {
         json["dps_fraction_of_peak"] = fraction(flops, ms).into();
     }
     if a.profile {
-        for (vjp, name) in [(false, "forward"), (true, "dps")] {
-            if (vjp && a.what == What::Forward) || (!vjp && a.what == What::Dps) {
-                continue;
-            }
+        for (vjp, name) in passes(a.what) {
             let p = engine
                 .profile_on_device(n, h, w, a.steps, vjp)
                 .expect("a GPU engine (checked above)")?;
@@ -265,10 +262,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     if let Some(path) = &a.trace {
         let mut events: Vec<serde_json::Value> = Vec::new();
-        for (vjp, name) in [(false, "forward"), (true, "dps")] {
-            if (vjp && a.what == What::Forward) || (!vjp && a.what == What::Dps) {
-                continue;
-            }
+        for (vjp, name) in passes(a.what) {
             let t = engine
                 .trace_on_device(n, h, w, a.steps, vjp)
                 .expect("a GPU engine (checked above)")?;
@@ -296,6 +290,13 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
     }
     Ok(())
+}
+
+/// The calls `--what` asks for, as (with the VJP, name): the forward pass, a DPS step, or both.
+fn passes(what: What) -> impl Iterator<Item = (bool, &'static str)> {
+    [(false, "forward"), (true, "dps")]
+        .into_iter()
+        .filter(move |&(vjp, _)| what == What::Both || vjp == (what == What::Dps))
 }
 
 /// Kinds (or kernels) named in a trace's summary line.
@@ -447,6 +448,15 @@ mod tests {
     use super::*;
     use invdiff::cuda::{planned_steps, Precision};
     use invdiff::model::Model;
+
+    #[test]
+    fn what_picks_the_passes() {
+        let names = |w| passes(w).map(|(_, n)| n).collect::<Vec<_>>();
+        assert_eq!(names(What::Forward), ["forward"]);
+        assert_eq!(names(What::Dps), ["dps"]);
+        assert_eq!(names(What::Both), ["forward", "dps"]);
+        assert!(passes(What::Dps).all(|(vjp, _)| vjp));
+    }
 
     /// The profile report on a planned program with made-up times: every line formats (no GPU).
     #[test]
