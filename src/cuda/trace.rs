@@ -436,16 +436,18 @@ impl Trace {
         let (mut span, mut busy, mut kernel, mut over) = (0u64, 0u64, 0u64, 0usize);
         let mut gaps = Vec::new();
         let mut by: BTreeMap<String, u64> = BTreeMap::new();
-        // Gaps by the kernels around them (the same in every replay, whose spans are in node
-        // order): their summed length.
+        // Gaps by the kernels around them: their summed length over the replays, whose spans
+        // are in node order, the same kernels at the same places (else the first replay's).
+        let same_kernels = p.replays.iter().all(|r| r.len() == p.replays[0].len());
+        let gap_replays = if same_kernels { p.replays.len() } else { 1 };
         let mut between: BTreeMap<(usize, usize), u64> = BTreeMap::new();
         let mut per_step: BTreeMap<usize, u64> = BTreeMap::new();
-        for spans in &p.replays {
+        for (i, spans) in p.replays.iter().enumerate() {
             let idle = idle_intervals(spans);
             span += spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
             busy += busy_ns(spans);
             over += idle.iter().filter(|g| g.ns > 2_000).count();
-            for g in &idle {
+            for g in idle.iter().filter(|_| i < gap_replays) {
                 *between.entry((g.after, g.before)).or_default() += g.ns;
             }
             gaps.extend(idle.iter().map(|g| g.ns));
@@ -477,7 +479,7 @@ impl Trace {
             .into_iter()
             .take(LARGEST_GAPS)
             .map(|((a, b), ns)| LargeGap {
-                us: 1e3 * ms(ns),
+                us: ns as f64 * 1e-3 / gap_replays as f64,
                 after: name(a),
                 before: name(b),
             })
@@ -817,6 +819,11 @@ mod tests {
             "{why}"
         );
         assert_eq!(passes[1].replays[1].len(), 1);
+        // Replays of different lengths: the gaps come from the first one alone.
+        let s = trace(passes, Some(why)).summaries();
+        let g = &s[1].largest_gaps;
+        assert_eq!(g.len(), 1);
+        assert!((g[0].us - 1.0).abs() < 1e-9 && g[0].after == "kd" && g[0].before == "ke");
         // Whole graph launches missing: the collection itself failed.
         let err = Trace::from_records(&steps(), 3, &NAMES, direct(), replayed(2), 3).unwrap_err();
         assert!(
