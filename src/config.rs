@@ -11,6 +11,14 @@ use serde_json::{Map, Value};
 
 use crate::{Error, Result};
 
+/// Most resolution levels (entries of `block_out_channels`) a configuration may have.
+pub const MAX_LEVELS: usize = 16;
+/// Largest channel count, time-embedding width, head size or sample side a configuration may
+/// name: 2^20, far above any real model's, so that products of sizes stay inside 64 bits.
+pub const MAX_WIDTH: usize = 1 << 20;
+/// Most resnets per block (`layers_per_block`).
+pub const MAX_LAYERS: usize = 1024;
+
 /// The kind of a down or up block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockKind {
@@ -376,7 +384,8 @@ impl Parser {
         let mid_attention = self.bool_or("add_attention", true)?;
         let time_embedding_dim = self.usize_or(
             "time_embedding_dim",
-            4 * block_out_channels.first().copied().unwrap_or(0),
+            // Saturating: a too-wide first block is an error of its own below.
+            4usize.saturating_mul(block_out_channels.first().copied().unwrap_or(0)),
         )?;
         // Only read by the "learned" time embedding, which is rejected above.
         self.take("num_train_timesteps");
@@ -417,11 +426,47 @@ impl Parser {
         Ok(cfg)
     }
 
-    /// Structural checks that diffusers would fail on at construction or at the first forward.
+    /// Structural checks that diffusers would fail on at construction or at the first forward,
+    /// and bounds far above any real model's that keep every size product inside 64 bits (a
+    /// layer count of 2^40 would otherwise build for ever, a width of 2^62 wrap to 0).
     fn check(&self, c: &UNetConfig) -> Result<()> {
         let levels = c.block_out_channels.len();
         if levels == 0 {
             return Err(self.err("block_out_channels", "must not be empty"));
+        }
+        if levels > MAX_LEVELS {
+            return Err(self.err(
+                "block_out_channels",
+                format!("has {levels} levels; at most {MAX_LEVELS} are supported"),
+            ));
+        }
+        let widths = [
+            (
+                "block_out_channels",
+                c.block_out_channels.iter().max().copied(),
+            ),
+            ("in_channels", Some(c.in_channels)),
+            ("out_channels", Some(c.out_channels)),
+            ("time_embedding_dim", Some(c.time_embedding_dim)),
+            ("attention_head_dim", c.attention_head_dim),
+            ("sample_size", Some(c.sample_size.0.max(c.sample_size.1))),
+        ];
+        for (key, v) in widths {
+            if let Some(v) = v.filter(|&v| v > MAX_WIDTH) {
+                return Err(self.err(
+                    key,
+                    format!("{v} is larger than the {MAX_WIDTH} this engine supports"),
+                ));
+            }
+        }
+        if c.layers_per_block > MAX_LAYERS {
+            return Err(self.err(
+                "layers_per_block",
+                format!(
+                    "{} is larger than the {MAX_LAYERS} this engine supports",
+                    c.layers_per_block
+                ),
+            ));
         }
         if c.down_blocks.len() != levels {
             return Err(self.err(

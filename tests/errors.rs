@@ -145,6 +145,74 @@ fn unsupported_config_keys_and_values_are_named() {
     assert_mentions(&msg, &["down_block_types", "CrossAttnDownBlock2D"]);
 }
 
+/// `info` on a model whose sample size the network cannot take says so instead of counting the
+/// work at that size.
+#[test]
+fn info_says_when_the_sample_size_does_not_fit() {
+    let d = scratch("info-sample-size");
+    let src = fixture("models/google_tiny");
+    std::fs::copy(
+        src.join("diffusion_pytorch_model.safetensors"),
+        d.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    v["sample_size"] = serde_json::json!([36, 32]);
+    std::fs::write(d.join("config.json"), v.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .args(["info", "--model"])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_mentions(
+        &text,
+        &[
+            "work per image at the sample size: none",
+            "36x32",
+            "multiples of 8",
+        ],
+    );
+}
+
+/// Sizes no model has are refused by name before anything is built from them: a layer count
+/// of 2^40 would build for ever, a width of 2^62 would wrap the time embedding's default width
+/// (four times the first block's) to 0.
+#[test]
+fn implausible_config_sizes_are_named() {
+    let base = std::fs::read_to_string(fixture("models/google_tiny/config.json")).unwrap();
+    let huge = 1u64 << 62;
+    for (key, value, expect) in [
+        ("layers_per_block", (1u64 << 40).to_string(), "1024"),
+        (
+            "block_out_channels",
+            format!("[{huge}, 32, 32, 32]"),
+            "1048576",
+        ),
+        ("sample_size", format!("[{huge}, 32]"), "1048576"),
+        ("in_channels", huge.to_string(), "1048576"),
+        ("out_channels", huge.to_string(), "1048576"),
+        ("time_embedding_dim", huge.to_string(), "1048576"),
+        ("attention_head_dim", huge.to_string(), "1048576"),
+        (
+            "block_out_channels",
+            format!("[{}]", ["32"; 17].join(", ")),
+            "at most 16",
+        ),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&base).unwrap();
+        v[key] = serde_json::from_str(&value).unwrap();
+        if key == "block_out_channels" && !value.contains(&huge.to_string()) {
+            v["down_block_types"] = serde_json::json!(vec!["DownBlock2D"; 17]);
+            v["up_block_types"] = serde_json::json!(vec!["UpBlock2D"; 17]);
+        }
+        let msg = err_text(UNetConfig::from_json(&v.to_string(), Path::new("cfg.json")));
+        assert_mentions(&msg, &["cfg.json", key, expect]);
+    }
+}
+
 #[test]
 fn bad_input_sizes_shapes_and_values() {
     let model = Model::load(&fixture("models/google_tiny")).unwrap();

@@ -24,11 +24,14 @@ pub fn run(a: Args) -> Result<()> {
         g.parameter_count() as f64 * 4.0 / 1e6,
         g.params.iter().map(|p| p.tensors().len()).sum::<usize>()
     );
-    println!(
-        "work per image at {h}x{w}: forward {:.1} GFLOP, forward + input gradient (one DPS step) {:.1} GFLOP",
-        g.forward_flops(1, h, w) / 1e9,
-        g.forward_vjp_flops(1, h, w) / 1e9
-    );
+    match cfg.check_input_size(h, w) {
+        Ok(()) => println!(
+            "work per image at {h}x{w}: forward {:.1} GFLOP, forward + input gradient (one DPS step) {:.1} GFLOP",
+            g.forward_flops(1, h, w) / 1e9,
+            g.forward_vjp_flops(1, h, w) / 1e9
+        ),
+        Err(e) => println!("work per image at the sample size: none ({e})"),
+    }
     let m = 1usize << cfg.downsample_count();
     println!("input sizes: height and width multiples of {m}");
     if let Some(s) = &model.scheduler_config {
