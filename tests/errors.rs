@@ -376,6 +376,26 @@ fn cli_bench_profile_is_gpu_only() {
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }
 
+/// An image too large for this machine's memory is refused before the pass, with what it needs
+/// (google_tiny at 4096x4096 has 4M attention tokens at its second level), where before the
+/// allocation failed and the process aborted. (Linux: available memory is read from /proc.)
+#[test]
+fn cli_refuses_a_pass_larger_than_memory() {
+    let model = fixture("models/google_tiny");
+    let err = cli_fails(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--size",
+        "4096",
+        "--steps",
+        "1",
+    ]);
+    assert_mentions(&err, &["4096x4096", "needs at least", "GB are available"]);
+}
+
 /// `selftest --only` with a name no group has fails before looking for a GPU, and lists the
 /// groups; the CPU is refused by name; `selftest --help` names every group.
 #[test]

@@ -110,14 +110,14 @@ impl CpuUnet {
     /// Predicted noise for `sample` (`[N, C, H, W]`) at per-image `timesteps` (length N, or 1
     /// for the whole batch).
     pub fn forward(&self, sample: &Tensor, timesteps: &[f32]) -> Result<Tensor> {
-        let (x, dims, t) = self.stage_input(sample, timesteps)?;
+        let (x, dims, t) = self.stage_input(sample, timesteps, false)?;
         let (out, _) = self.run(x, dims, &t, false);
         Ok(self.unstage_output(&out, dims))
     }
 
     /// Like [`forward`](Self::forward), and also returns the tape for [`vjp`](Self::vjp).
     pub fn forward_recording(&self, sample: &Tensor, timesteps: &[f32]) -> Result<(Tensor, Tape)> {
-        let (x, dims, t) = self.stage_input(sample, timesteps)?;
+        let (x, dims, t) = self.stage_input(sample, timesteps, true)?;
         let (out, (values, aux)) = self.run(x, dims, &t, true);
         let eps = self.unstage_output(&out, dims);
         Ok((
@@ -143,18 +143,84 @@ impl CpuUnet {
     }
 
     /// Validates the input and converts it to channels-last.
+    /// With `record`, for a recording pass (memory is checked for it and its backward pass).
     fn stage_input(
         &self,
         sample: &Tensor,
         timesteps: &[f32],
+        record: bool,
     ) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
         let cfg = &self.graph.config;
         let ([n, c, h, w], t) = self.graph.check_input(sample, timesteps)?;
+        self.check_memory(Dims { n, h, w }, record, available_memory())?;
         let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
         if cfg.center_input_sample {
             x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
         }
         Ok((x, Dims { n, h, w }, t))
+    }
+
+    /// An error, rather than an allocation failure or the kernel's out-of-memory killer part of
+    /// the way through, when a pass at `d` (with `record`, and its backward pass) needs more
+    /// than the `available` bytes (unknown: no check).
+    fn check_memory(&self, d: Dims, record: bool, available: Option<u64>) -> Result<()> {
+        let need = self.peak_bytes(d, record);
+        match available {
+            Some(have) if need > have => Err(crate::Error::input(format!(
+                "a pass over {} image(s) of {}x{} needs at least {:.1} GB of memory for its \
+                 activations (and, recording, the values the input gradient reads and the \
+                 attention scores), and {:.1} GB are available: use smaller images or batches",
+                d.n,
+                d.h,
+                d.w,
+                need as f64 / 1e9,
+                have as f64 / 1e9
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes of the most buffers a pass at `d` holds at once, as [`run`](Self::run) allocates
+    /// and frees them: each activation from its op to its last reader, attention scores during
+    /// their op. With `record`, the values a backward op reads and the scores are kept to the
+    /// end, and the backward pass adds on top of that tape the gradients of an op's output and
+    /// inputs beside it and an attention's score gradients.
+    fn peak_bytes(&self, d: Dims, record: bool) -> u64 {
+        let g = &self.graph;
+        let bytes = |t: Tid| 4 * g.shape(t, d.n, d.h, d.w).iter().product::<usize>() as u64;
+        let scores = |op: &Op| match *op {
+            Op::Attention { y, heads, .. } => {
+                let (h, w) = d.hw(g, y);
+                4 * (d.n * heads) as u64 * ((h * w) as u64).pow(2)
+            }
+            _ => 0,
+        };
+        let (mut live, mut peak) = (bytes(g.input), 0);
+        for (i, op) in g.ops.iter().enumerate() {
+            live += bytes(op.output()) + scores(op);
+            peak = peak.max(live);
+            if !record {
+                live -= scores(op);
+            }
+            for input in op.inputs() {
+                if self.last_read[input] == Some(i) && !(record && self.saved[input]) {
+                    live -= bytes(input);
+                }
+            }
+        }
+        if !record {
+            return peak;
+        }
+        let backward = g
+            .ops
+            .iter()
+            .map(|op| {
+                let inputs: u64 = op.inputs().iter().map(|&t| bytes(t)).sum();
+                bytes(op.output()) + inputs + scores(op)
+            })
+            .max()
+            .unwrap_or(0);
+        peak.max(live + backward)
     }
 
     fn unstage_output(&self, out: &[f32], d: Dims) -> Tensor {
@@ -582,6 +648,37 @@ impl Profile {
     }
 }
 
+/// Bytes of memory this process may still take: the kernel's estimate of available memory,
+/// capped by a cgroup (v2) limit where one is set; `None` where neither can be read.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let system = meminfo.as_deref().and_then(|m| {
+        let kb = m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+        Some(
+            kb.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()?
+                * 1024,
+        )
+    });
+    let cgroup = |f: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    // "max" (no limit) does not parse: no cap.
+    let limit =
+        cgroup("memory.max").map(|max| max.saturating_sub(cgroup("memory.current").unwrap_or(0)));
+    match (system, limit) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Freed activation and gradient buffers, kept for the next request of the same length.
 ///
 /// Activations at full resolution are tens of megabytes; allocated fresh for every op, each is
@@ -614,5 +711,40 @@ impl Pool {
                 list.push(v);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The celebahq-256 network at 256x256, batch 1: about what the GPU plans for the same
+    /// passes (PERF.md: arenas of 225 MiB forward and 740 MiB forward + VJP), and an image too
+    /// large for any machine refused by name.
+    #[test]
+    fn memory_is_estimated_and_checked_before_a_pass() {
+        let model = Model::builtin_celebahq(0);
+        let unet = CpuUnet::new(&model);
+        let d = |n, s| Dims { n, h: s, w: s };
+        let (fwd, rec) = (
+            unet.peak_bytes(d(1, 256), false),
+            unet.peak_bytes(d(1, 256), true),
+        );
+        assert!(fwd < rec, "{fwd} {rec}");
+        assert!((0.2e9..0.3e9).contains(&(fwd as f64)), "forward {fwd}");
+        assert!((0.7e9..1.0e9).contains(&(rec as f64)), "recording {rec}");
+        // Linear in the batch, at least.
+        assert!(unet.peak_bytes(d(4, 256), true) >= 4 * rec - 4 * 4 * 3 * 256 * 256);
+        // At 4096x4096 the 16x16-level attention has 65536 tokens: 17 GB of scores alone.
+        let msg = unet
+            .check_memory(d(1, 4096), false, Some(16 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("4096x4096") && msg.contains("GB are available"),
+            "{msg}"
+        );
+        assert!(unet.check_memory(d(1, 256), true, Some(64 << 30)).is_ok());
+        assert!(unet.check_memory(d(1, 4096), true, None).is_ok());
     }
 }
