@@ -152,7 +152,9 @@ impl CpuUnet {
     ) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
         let cfg = &self.graph.config;
         let ([n, c, h, w], t) = self.graph.check_input(sample, timesteps)?;
-        self.check_memory(Dims { n, h, w }, record, available_memory())?;
+        // What the pool holds from earlier passes is memory this one can use too.
+        let available = available_memory().map(|a| a + self.pool.held_bytes());
+        self.check_memory(Dims { n, h, w }, record, available)?;
         let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
         if cfg.center_input_sample {
             x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
@@ -703,6 +705,15 @@ impl Pool {
         }
     }
 
+    /// Bytes the pool holds, which the next pass takes before asking the system for more.
+    fn held_bytes(&self) -> u64 {
+        self.0.lock().map_or(0, |m| {
+            m.iter()
+                .map(|(len, list)| 4 * (len * list.len()) as u64)
+                .sum()
+        })
+    }
+
     fn give(&self, buf: Option<Vec<f32>>) {
         let Some(v) = buf else { return };
         if let Ok(mut m) = self.0.lock() {
@@ -746,5 +757,9 @@ mod tests {
         );
         assert!(unet.check_memory(d(1, 256), true, Some(64 << 30)).is_ok());
         assert!(unet.check_memory(d(1, 4096), true, None).is_ok());
+        // Buffers the pool keeps from a pass count as available to the next.
+        unet.pool.give(Some(vec![0.0; 1000]));
+        unet.pool.give(Some(vec![0.0; 10]));
+        assert_eq!(unet.pool.held_bytes(), 4040);
     }
 }
