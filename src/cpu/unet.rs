@@ -6,6 +6,8 @@
 //! attention probabilities); the backward pass frees each of them as soon as its op is done, and
 //! frees each gradient once it has been propagated.
 
+use std::path::Path;
+
 use super::attention;
 use super::conv::{self, ConvParams, Geometry};
 use super::linear::{self, LinearParams};
@@ -152,9 +154,7 @@ impl CpuUnet {
     ) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
         let cfg = &self.graph.config;
         let ([n, c, h, w], t) = self.graph.check_input(sample, timesteps)?;
-        // What the pool holds from earlier passes is memory this one can use too.
-        let available = available_memory().map(|a| a + self.pool.held_bytes());
-        self.check_memory(Dims { n, h, w }, record, available)?;
+        self.check_memory(Dims { n, h, w }, record, memory_limit())?;
         let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
         if cfg.center_input_sample {
             x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
@@ -164,14 +164,17 @@ impl CpuUnet {
 
     /// An error, rather than an allocation failure or the kernel's out-of-memory killer part of
     /// the way through, when a pass at `d` (with `record`, and its backward pass) needs more
-    /// than the `available` bytes (unknown: no check).
-    fn check_memory(&self, d: Dims, record: bool, available: Option<u64>) -> Result<()> {
+    /// than the `limit` bytes this process can ever hold (unknown: no check). Only what can
+    /// never fit is refused: the estimate is a lower bound (the pool and the weights' lazily
+    /// built layouts come on top), and what other processes use comes and goes.
+    fn check_memory(&self, d: Dims, record: bool, limit: Option<u64>) -> Result<()> {
         let need = self.peak_bytes(d, record);
-        match available {
+        match limit {
             Some(have) if need > have => Err(crate::Error::input(format!(
                 "a pass over {} image(s) of {}x{} needs at least {:.1} GB of memory for its \
                  activations (and, recording, the values the input gradient reads and the \
-                 attention scores), and {:.1} GB are available: use smaller images or batches",
+                 attention scores), more than the {:.1} GB this machine (or the cgroup this \
+                 process runs in) has: use smaller images or batches",
                 d.n,
                 d.h,
                 d.w,
@@ -189,24 +192,37 @@ impl CpuUnet {
     /// inputs beside it and an attention's score gradients.
     fn peak_bytes(&self, d: Dims, record: bool) -> u64 {
         let g = &self.graph;
-        let bytes = |t: Tid| 4 * g.shape(t, d.n, d.h, d.w).iter().product::<usize>() as u64;
+        // Saturating throughout: an image of any size a file can hold gives u64::MAX, refused,
+        // rather than a product that wraps.
+        let product = |v: &[u64]| v.iter().fold(4u64, |a, &x| a.saturating_mul(x));
+        let bytes = |t: Tid| {
+            let shape: Vec<u64> = g
+                .shape(t, d.n, d.h, d.w)
+                .iter()
+                .map(|&x| x as u64)
+                .collect();
+            product(&shape)
+        };
         let scores = |op: &Op| match *op {
             Op::Attention { y, heads, .. } => {
                 let (h, w) = d.hw(g, y);
-                4 * (d.n * heads) as u64 * ((h * w) as u64).pow(2)
+                let tokens = (h as u64).saturating_mul(w as u64);
+                product(&[d.n as u64, heads as u64, tokens, tokens])
             }
             _ => 0,
         };
-        let (mut live, mut peak) = (bytes(g.input), 0);
+        let (mut live, mut peak) = (bytes(g.input), 0u64);
         for (i, op) in g.ops.iter().enumerate() {
-            live += bytes(op.output()) + scores(op);
+            live = live
+                .saturating_add(bytes(op.output()))
+                .saturating_add(scores(op));
             peak = peak.max(live);
             if !record {
-                live -= scores(op);
+                live = live.saturating_sub(scores(op));
             }
             for input in op.inputs() {
                 if self.last_read[input] == Some(i) && !(record && self.saved[input]) {
-                    live -= bytes(input);
+                    live = live.saturating_sub(bytes(input));
                 }
             }
         }
@@ -217,12 +233,15 @@ impl CpuUnet {
             .ops
             .iter()
             .map(|op| {
-                let inputs: u64 = op.inputs().iter().map(|&t| bytes(t)).sum();
-                bytes(op.output()) + inputs + scores(op)
+                op.inputs()
+                    .iter()
+                    .fold(bytes(op.output()).saturating_add(scores(op)), |a, &t| {
+                        a.saturating_add(bytes(t))
+                    })
             })
             .max()
             .unwrap_or(0);
-        peak.max(live + backward)
+        peak.max(live.saturating_add(backward))
     }
 
     fn unstage_output(&self, out: &[f32], d: Dims) -> Tensor {
@@ -650,35 +669,45 @@ impl Profile {
     }
 }
 
-/// Bytes of memory this process may still take: the kernel's estimate of available memory,
-/// capped by a cgroup (v2) limit where one is set; `None` where neither can be read.
-fn available_memory() -> Option<u64> {
+/// Bytes of memory this process can ever hold: the machine's (`MemTotal`), capped by the
+/// limit of every cgroup it is in, up to the root (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`); `None` where nothing can be read.
+fn memory_limit() -> Option<u64> {
+    let read_u64 =
+        |path: &Path| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
-    let system = meminfo.as_deref().and_then(|m| {
-        let kb = m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-        Some(
-            kb.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()?
-                * 1024,
-        )
-    });
-    let cgroup = |f: &str| -> Option<u64> {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
-            .ok()?
+    let total = meminfo.as_deref().and_then(|m| {
+        let kb = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+        kb.trim()
+            .trim_end_matches("kB")
             .trim()
-            .parse()
-            .ok()
-    };
-    // "max" (no limit) does not parse: no cap.
-    let limit =
-        cgroup("memory.max").map(|max| max.saturating_sub(cgroup("memory.current").unwrap_or(0)));
-    match (system, limit) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(1024)
+    });
+    let mut cgroups = Vec::new();
+    let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in membership.lines() {
+        // "0::/path" (v2), or "N:memory:/path" (v1); v2's "max" does not parse and v1's
+        // "unlimited" (2^63 less a page) is above any machine's total: neither caps.
+        let mut parts = line.splitn(3, ':').skip(1);
+        let (Some(controllers), Some(path)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let (root, file) = match controllers {
+            "" => ("/sys/fs/cgroup", "memory.max"),
+            c if c.split(',').any(|c| c == "memory") => {
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+            }
+            _ => continue,
+        };
+        let mut dir = Some(Path::new(path.trim_start_matches('/')));
+        while let Some(d) = dir {
+            cgroups.extend(read_u64(&Path::new(root).join(d).join(file)));
+            dir = d.parent();
+        }
     }
+    total.into_iter().chain(cgroups).min()
 }
 
 /// Freed activation and gradient buffers, kept for the next request of the same length.
@@ -703,15 +732,6 @@ impl Pool {
             }
             None => vec![0.0; len],
         }
-    }
-
-    /// Bytes the pool holds, which the next pass takes before asking the system for more.
-    fn held_bytes(&self) -> u64 {
-        self.0.lock().map_or(0, |m| {
-            m.iter()
-                .map(|(len, list)| 4 * (len * list.len()) as u64)
-                .sum()
-        })
     }
 
     fn give(&self, buf: Option<Vec<f32>>) {
@@ -752,14 +772,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            msg.contains("4096x4096") && msg.contains("GB are available"),
+            msg.contains("4096x4096") && msg.contains("GB this machine"),
             "{msg}"
         );
         assert!(unet.check_memory(d(1, 256), true, Some(64 << 30)).is_ok());
         assert!(unet.check_memory(d(1, 4096), true, None).is_ok());
-        // Buffers the pool keeps from a pass count as available to the next.
-        unet.pool.give(Some(vec![0.0; 1000]));
-        unet.pool.give(Some(vec![0.0; 10]));
-        assert_eq!(unet.pool.held_bytes(), 4040);
+        // Sizes no memory holds saturate instead of wrapping.
+        let huge = d(1 << 20, 1 << 24);
+        assert_eq!(unet.peak_bytes(huge, true), u64::MAX);
+        assert!(unet.check_memory(huge, false, Some(u64::MAX - 1)).is_err());
+        // This machine has a limit, and it is not below a gigabyte.
+        assert!(memory_limit().is_some_and(|l| l > 1 << 30));
     }
 }
