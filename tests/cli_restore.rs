@@ -31,7 +31,7 @@ fn the_report_splits_steps_from_set_up() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("ms median, the rest"), "{stderr}");
+    assert!(stderr.contains("ms median step, the rest"), "{stderr}");
 
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();

@@ -209,9 +209,14 @@ impl Progress {
         self.bar.finish_and_clear();
         let mut s = self.seconds.take();
         s.sort_by(f64::total_cmp);
+        let median = match s.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => s[n / 2],
+            n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+        };
         StepTimes {
             total_s: s.iter().sum(),
-            median_ms: s.get(s.len() / 2).map_or(0.0, |m| 1e3 * m),
+            median_ms: 1e3 * median,
         }
     }
 }

@@ -248,7 +248,8 @@ pub fn run(a: Args) -> Result<()> {
     );
 
     let mut reports = Vec::new();
-    // Each batch's summed step times (the GPU's, on the device loop) and median step.
+    // The batches' summed step times (the GPU's, on the device loop), and each batch's median
+    // step (printed: their median).
     let (mut steps_s, mut step_ms) = (0.0, Vec::new());
     let start_all = Instant::now();
     for batch in items.chunks(a.batch) {
@@ -366,7 +367,7 @@ pub fn run(a: Args) -> Result<()> {
     let median_ms = step_ms.get(step_ms.len() / 2).copied().unwrap_or(0.0);
     eprintln!(
         "invdiff restore: {} image(s) in {total_s:.1} s ({:.3} s per step per batch: steps \
-         {steps_s:.2} s, {median_ms:.2} ms median, the rest {:.2} s), wrote {}",
+         {steps_s:.2} s, {median_ms:.2} ms median step, the rest {:.2} s), wrote {}",
         reports.len(),
         total_s / (a.steps * items.len().div_ceil(a.batch)) as f64,
         total_s - steps_s,
