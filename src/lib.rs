@@ -19,6 +19,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod error;
+pub mod host;
 pub mod inverse;
 pub mod io;
 pub mod model;

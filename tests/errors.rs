@@ -376,9 +376,9 @@ fn cli_bench_profile_is_gpu_only() {
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }
 
-/// An image too large for this machine's memory is refused before the pass, with what it needs
-/// (google_tiny at 4096x4096 has 4M attention tokens at its second level), where before the
-/// allocation failed and the process aborted. (Linux: the machine's memory is read from /proc.)
+/// An image or batch too large for this machine's memory is refused before the pass, with what
+/// it needs (google_tiny at 4096x4096 has 4M attention tokens at its second level), where
+/// before the allocation failed and the process aborted. (Linux: the machine's memory is read from /proc.)
 #[cfg(target_os = "linux")]
 #[test]
 fn cli_refuses_a_pass_larger_than_memory() {
@@ -395,6 +395,36 @@ fn cli_refuses_a_pass_larger_than_memory() {
         "1",
     ]);
     assert_mentions(&err, &["4096x4096", "needs at least", "GB this machine"]);
+    // Batches no memory holds are refused before their inputs are made (they aborted on the
+    // allocation), and so are kernel sizes no image has.
+    let batch = "99999999999";
+    let m = model.to_str().unwrap();
+    let err = cli_fails(&["bench", "--model", m, "--device", "cpu", "--batch", batch]);
+    assert_mentions(&err, &["batch of 99999999999", "GB this machine"]);
+    let err = cli_fails(&[
+        "sample",
+        "--model",
+        m,
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--batch",
+        batch,
+        "--output",
+        "never.png",
+    ]);
+    assert_mentions(&err, &["batch of 99999999999", "GB this machine"]);
+    let err = cli_fails(&[
+        "kernel",
+        "--kind",
+        "gaussian",
+        "--size",
+        "100001",
+        "--output",
+        "never.npy",
+    ]);
+    assert_mentions(&err, &["1..=2048", "100001"]);
 }
 
 /// `selftest --only` with a name no group has fails before looking for a GPU, and lists the

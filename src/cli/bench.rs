@@ -149,6 +149,11 @@ pub fn run(a: Args) -> Result<()> {
     };
     let n = a.batch;
     let shape = [n, cfg.in_channels, h, w];
+    // The input, the cotangent and the outputs, before any of them is made.
+    invdiff::host::check_fits(
+        invdiff::host::f32_bytes(&shape, 4),
+        &format!("bench's inputs and outputs for a batch of {n} at {h}x{w}"),
+    )?;
     let count: usize = shape.iter().product();
     // A fixed, cheap pseudo-random input: speed does not depend on the values.
     let noise: Vec<f32> = (0..count)

@@ -6,8 +6,6 @@
 //! attention probabilities); the backward pass frees each of them as soon as its op is done, and
 //! frees each gradient once it has been propagated.
 
-use std::path::Path;
-
 use super::attention;
 use super::conv::{self, ConvParams, Geometry};
 use super::linear::{self, LinearParams};
@@ -154,7 +152,7 @@ impl CpuUnet {
     ) -> Result<(Vec<f32>, Dims, Vec<f32>)> {
         let cfg = &self.graph.config;
         let ([n, c, h, w], t) = self.graph.check_input(sample, timesteps)?;
-        self.check_memory(Dims { n, h, w }, record, memory_limit())?;
+        self.check_memory(Dims { n, h, w }, record, crate::host::memory_limit())?;
         let mut x = resample::nchw_to_nhwc(sample.data(), c, h, w);
         if cfg.center_input_sample {
             x.iter_mut().for_each(|v| *v = 2.0 * *v - 1.0);
@@ -669,47 +667,6 @@ impl Profile {
     }
 }
 
-/// Bytes of memory this process can ever hold: the machine's (`MemTotal`), capped by the
-/// limit of every cgroup it is in, up to the root (v2 `memory.max`, v1
-/// `memory.limit_in_bytes`); `None` where nothing can be read.
-fn memory_limit() -> Option<u64> {
-    let read_u64 =
-        |path: &Path| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
-    let total = meminfo.as_deref().and_then(|m| {
-        let kb = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
-        kb.trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse::<u64>()
-            .ok()?
-            .checked_mul(1024)
-    });
-    let mut cgroups = Vec::new();
-    let membership = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    for line in membership.lines() {
-        // "0::/path" (v2), or "N:memory:/path" (v1); v2's "max" does not parse and v1's
-        // "unlimited" (2^63 less a page) is above any machine's total: neither caps.
-        let mut parts = line.splitn(3, ':').skip(1);
-        let (Some(controllers), Some(path)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let (root, file) = match controllers {
-            "" => ("/sys/fs/cgroup", "memory.max"),
-            c if c.split(',').any(|c| c == "memory") => {
-                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
-            }
-            _ => continue,
-        };
-        let mut dir = Some(Path::new(path.trim_start_matches('/')));
-        while let Some(d) = dir {
-            cgroups.extend(read_u64(&Path::new(root).join(d).join(file)));
-            dir = d.parent();
-        }
-    }
-    total.into_iter().chain(cgroups).min()
-}
-
 /// Freed activation and gradient buffers, kept for the next request of the same length.
 ///
 /// Activations at full resolution are tens of megabytes; allocated fresh for every op, each is
@@ -781,7 +738,5 @@ mod tests {
         let huge = d(1 << 20, 1 << 24);
         assert_eq!(unet.peak_bytes(huge, true), u64::MAX);
         assert!(unet.check_memory(huge, false, Some(u64::MAX - 1)).is_err());
-        // This machine has a limit, and it is not below a gigabyte.
-        assert!(memory_limit().is_some_and(|l| l > 1 << 30));
     }
 }

@@ -10,11 +10,17 @@ use std::f64::consts::PI;
 use crate::rng::SplitMix64;
 use crate::{Error, Result, Tensor};
 
+/// Largest kernel side the generators make: a blur kernel is smaller than the image it blurs,
+/// and the motion kernel's supersampled trajectory grid is four times its area.
+pub const MAX_KERNEL_SIZE: usize = 2048;
+
 /// A `size×size` Gaussian of standard deviation `std` pixels, centred at `floor(size/2)`,
 /// normalised to sum 1 (computed in f64).
 pub fn gaussian_kernel(size: usize, std: f64) -> Result<Tensor> {
-    if size == 0 {
-        return Err(Error::input("Gaussian kernel size must be at least 1"));
+    if !(1..=MAX_KERNEL_SIZE).contains(&size) {
+        return Err(Error::input(format!(
+            "Gaussian kernel size must be in 1..={MAX_KERNEL_SIZE}, got {size}"
+        )));
     }
     if !(std.is_finite() && std > 0.0) {
         return Err(Error::input(format!(
@@ -55,8 +61,10 @@ const MAX_STEP_DRAWS: usize = 1_000_000;
 /// drawn by bilinear splatting, the blur is an exact Gaussian rather than Pillow's box
 /// approximation, and the result is not quantised to 8 bits before normalising.
 pub fn motion_kernel(size: usize, intensity: f64, seed: u64) -> Result<Tensor> {
-    if size == 0 {
-        return Err(Error::input("motion kernel size must be at least 1"));
+    if !(1..=MAX_KERNEL_SIZE).contains(&size) {
+        return Err(Error::input(format!(
+            "motion kernel size must be in 1..={MAX_KERNEL_SIZE}, got {size}"
+        )));
     }
     if !(0.0..=1.0).contains(&intensity) {
         return Err(Error::input(format!(
