@@ -5,7 +5,8 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
-/// Bytes of memory this process can ever hold: the machine's (`MemTotal`), capped by the
+/// Bytes of memory this process can ever hold: the machine's RAM (`MemTotal`; swap, which
+/// would only make a pass crawl, is not counted), capped by the
 /// limit of every cgroup it is in, up to the root (v2 `memory.max`, v1
 /// `memory.limit_in_bytes`); `None` where nothing can be read.
 pub fn memory_limit() -> Option<u64> {
@@ -49,15 +50,15 @@ pub fn memory_limit() -> Option<u64> {
 /// Bytes of `copies` f32 arrays of `shape`, saturating at `u64::MAX` where the product would
 /// not fit (a shape no memory holds).
 pub fn f32_bytes(shape: &[usize], copies: u64) -> u64 {
-    shape
-        .iter()
-        .fold(4 * copies, |a, &x| a.saturating_mul(x as u64))
+    shape.iter().fold(4u64.saturating_mul(copies), |a, &x| {
+        a.saturating_mul(x as u64)
+    })
 }
 
 /// An error naming `what` when its `bytes` exceed what this machine (or the cgroup this process
-/// runs in) has; nothing where that is unknown.
+/// runs in) has, or, where that is unknown, what any allocation can take (`isize::MAX`).
 pub fn check_fits(bytes: u64, what: &str) -> Result<()> {
-    match memory_limit() {
+    match memory_limit().or(Some(isize::MAX as u64)) {
         Some(have) if bytes > have => Err(Error::input(format!(
             "{what} need at least {:.1} GB of memory, more than the {:.1} GB this machine (or \
              the cgroup this process runs in) has: use smaller images or batches",
@@ -72,6 +73,7 @@ pub fn check_fits(bytes: u64, what: &str) -> Result<()> {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
     #[test]
     fn limits_and_sizes() {
         // This machine has a limit, and it is not below a gigabyte.

@@ -16,7 +16,13 @@ impl Tensor {
     /// Wraps `data`; fails if its length is not the product of `shape`.
     pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Result<Self> {
         let shape = shape.into();
-        let n: usize = shape.iter().product();
+        // Checked: a wrapped product could match a short `data` for a shape it cannot hold.
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let Some(n) = n else {
+            return Err(Error::input(format!(
+                "tensor of shape {shape:?} has more values than memory can address"
+            )));
+        };
         if n != data.len() {
             return Err(Error::input(format!(
                 "tensor of shape {shape:?} needs {n} values, got {}",

@@ -473,3 +473,14 @@ fn doctor_points_out_unknown_invdiff_variables() {
     );
     assert!(!text.contains("INVDIFF_STREAMS=2 means nothing"), "{text}");
 }
+
+/// A shape whose element count does not fit in memory's address space is an error, not a
+/// wrapped product that an empty data vector would match.
+#[test]
+fn tensor_shapes_past_the_address_space_are_errors() {
+    let msg = err_text(Tensor::new(vec![1usize << 32, 1 << 32], vec![]));
+    assert_mentions(
+        &msg,
+        &["[4294967296, 4294967296]", "more values than memory"],
+    );
+}

@@ -17,7 +17,8 @@ pub struct Args {
     /// Gaussian blur or a random camera-shake trajectory.
     #[arg(long, value_enum)]
     kind: Kind,
-    /// Kernel width and height in pixels.
+    /// Kernel width and height in pixels, 1 to 2048 (a larger kernel can still be loaded from
+    /// a file).
     #[arg(long, default_value_t = 33)]
     size: usize,
     /// Gaussian: standard deviation in pixels (default 3). Motion: shake intensity in [0, 1]

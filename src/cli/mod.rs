@@ -178,6 +178,16 @@ struct Progress {
     seconds: RefCell<Vec<f64>>,
 }
 
+/// The middle value of `v` (the mean of the middle two for an even count; 0 if empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
 /// A loop's step times: their sum and median.
 struct StepTimes {
     total_s: f64,
@@ -208,15 +218,9 @@ impl Progress {
     fn finish(&self) -> StepTimes {
         self.bar.finish_and_clear();
         let mut s = self.seconds.take();
-        s.sort_by(f64::total_cmp);
-        let median = match s.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => s[n / 2],
-            n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-        };
         StepTimes {
             total_s: s.iter().sum(),
-            median_ms: 1e3 * median,
+            median_ms: 1e3 * median(&mut s),
         }
     }
 }

@@ -363,8 +363,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let total_s = start_all.elapsed().as_secs_f64();
-    step_ms.sort_by(f64::total_cmp);
-    let median_ms = step_ms.get(step_ms.len() / 2).copied().unwrap_or(0.0);
+    let median_ms = super::median(&mut step_ms);
     eprintln!(
         "invdiff restore: {} image(s) in {total_s:.1} s ({:.3} s per step per batch: steps \
          {steps_s:.2} s, {median_ms:.2} ms median step, the rest {:.2} s), wrote {}",

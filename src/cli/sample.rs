@@ -43,14 +43,17 @@ pub fn run(a: Args) -> Result<()> {
     let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
     let cfg = model.config();
     let (h, w) = cfg.sample_size;
-    // Before the seeded noise lists the batch's image ids: a batch no memory holds is an error.
-    invdiff::host::check_fits(
-        invdiff::host::f32_bytes(&[a.batch, cfg.in_channels, h, w], 4),
-        &format!("the sampler's arrays for a batch of {}", a.batch),
-    )?;
     let noise = match &a.noise {
         Some(p) => Noise::from_file(p)?,
-        None => Noise::seeded(a.seed, 0, a.batch),
+        None => {
+            // Before the seeded noise lists the batch's image ids: a batch no memory holds is
+            // an error. (With a noise file the batch is the file's.)
+            invdiff::host::check_fits(
+                invdiff::host::f32_bytes(&[a.batch, cfg.in_channels, h, w], 4),
+                &format!("the sampler's arrays for a batch of {}", a.batch),
+            )?;
+            Noise::seeded(a.seed, 0, a.batch)
+        }
     };
     let shape = match &noise {
         Noise::Injected { x_t, .. } => x_t.dims4("x_T")?,

@@ -15,7 +15,7 @@ use crate::{Error, Result, Tensor};
 pub const MAX_KERNEL_SIZE: usize = 2048;
 
 /// A `size×size` Gaussian of standard deviation `std` pixels, centred at `floor(size/2)`,
-/// normalised to sum 1 (computed in f64).
+/// normalised to sum 1 (computed in f64); `size` in `1..=MAX_KERNEL_SIZE`.
 pub fn gaussian_kernel(size: usize, std: f64) -> Result<Tensor> {
     if !(1..=MAX_KERNEL_SIZE).contains(&size) {
         return Err(Error::input(format!(
@@ -51,7 +51,7 @@ const MAX_STEP_DRAWS: usize = 1_000_000;
 /// angle flipped with probability `Beta(2, 20)`; the path is centred and rotated by `U·π`. It is then drawn as an anti-aliased line of width `max(1, floor(D/150))`
 /// with saturating intensity (like Pillow's white line), blurred by a Gaussian of σ =
 /// `max(1, floor(0.01·D))`, reduced to `size×size` with a Lanczos-3 filter, clipped at 0 and
-/// normalised to sum 1.
+/// normalised to sum 1; `size` in `1..=MAX_KERNEL_SIZE`.
 ///
 /// Differences from the Python original, which bit parity would require re-implementing
 /// NumPy's legacy MT19937 samplers and Pillow's rasteriser, blur and resampler: the random

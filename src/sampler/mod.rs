@@ -147,11 +147,6 @@ fn run(
             ))
         })?,
     };
-    // The state, a step's noise, the network's output and the next state, at the least.
-    crate::host::check_fits(
-        crate::host::f32_bytes(&shape, 4),
-        &format!("the sampler's arrays for a batch of {shape:?}"),
-    )?;
     let needs_z = coeffs[steps.clone()].iter().any(|c| c.uses_noise);
     noise.check(shape, timesteps.len(), needs_z)?;
     if guidance != Guidance::None {
@@ -185,6 +180,12 @@ fn run(
         }
     }
 
+    // The host loop holds the state, a step's noise, the network's output and the next state,
+    // at the least (the device loop, above, holds them on the GPU).
+    crate::host::check_fits(
+        crate::host::f32_bytes(&shape, 4),
+        &format!("the sampler's arrays for a batch of {shape:?}"),
+    )?;
     let mut x = match start {
         Start::Noise(shape) => noise.initial(shape),
         Start::State(x) => x,

@@ -22,7 +22,8 @@ impl Noise {
     pub fn seeded(seed: u64, first: u64, count: usize) -> Self {
         Noise::Seeded {
             seed,
-            image_ids: (first..first + count as u64).collect(),
+            // Saturating: ids past u64::MAX do not exist, and `check` then counts too few.
+            image_ids: (first..first.saturating_add(count as u64)).collect(),
         }
     }
 
