@@ -6,9 +6,9 @@ use std::path::Path;
 use crate::{Error, Result};
 
 /// Bytes of memory this process can ever hold: the machine's RAM (`MemTotal`; swap, which
-/// would only make a pass crawl, is not counted), capped by the
-/// limit of every cgroup it is in, up to the root (v2 `memory.max`, v1
-/// `memory.limit_in_bytes`); `None` where nothing can be read.
+/// would only make a pass crawl, is not counted), capped by the limit of every cgroup it is in,
+/// up to the root (v2 `memory.max`, v1 `memory.limit_in_bytes`); `None` where nothing can be
+/// read.
 pub fn memory_limit() -> Option<u64> {
     let read_u64 =
         |path: &Path| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
