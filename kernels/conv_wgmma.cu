@@ -225,6 +225,40 @@ template <bool SC> DEVI void tma_ready(const TmaLoads& tma) {
     }
 }
 
+// Thread 0's copies of one slice into the stage at `sa`, completing `bar`: tap `at`'s 64
+// channels from `aci` of the input window at (bw, bh) of image `img` and the matching weight
+// rows for columns n0..; with SC, tap a.taps is the shortcut's own pixel (offset (0, 0) from
+// the window's corner) and its weights. Out-of-bounds pixels and columns arrive as zeros, so
+// every copy writes its whole box.
+template <bool SC, int TM, int STAGE>
+DEVI void tma_slice(const ConvArgs& a, const TmaLoads& tma, const Taps& taps, const Window& win, uint32_t sa,
+                    uint32_t bar, int at, int aci, int bw, int bh, int img, int n0) {
+    mbar_expect_tx(bar, STAGE);
+    if (SC && at >= a.taps) {
+        tma_im2col(sa, tma.a2, bar, aci, bw, bh, img, (uint16_t)(-win.dx0), (uint16_t)(-win.dy0));
+        tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
+    } else {
+        tma_im2col(sa, tma.a, bar, aci, bw, bh, img, (uint16_t)(taps.dx[at] - win.dx0),
+                   (uint16_t)(taps.dy[at] - win.dy0));
+        tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
+    }
+}
+
+// The epilogue's reads of rows m0.. (the residual, and the old output where it accumulates)
+// into L2 by `threads` threads, `tid` among them: a line at each 32 of the row's 128 columns
+// (four lines where ncols is a multiple of 32; a hint, so a line left out costs only its miss),
+// so that they overlap the products instead of following them.
+template <int TM>
+DEVI void prefetch_epilogue_rows(const ConvArgs& a, int M, int m0, int n0, int tid, int threads) {
+    for (int i = tid; i < TM * 4; i += threads) {
+        const int m = m0 + i / 4, col = n0 + 32 * (i & 3);
+        if (m >= M || col >= a.ncols) continue;
+        const long long off = out_pixel(a, decode_row(a, m)) * a.ncols + col;
+        if (a.res != nullptr) prefetch_l2(a.res + off);
+        if (a.accumulate) prefetch_l2(a.y + off);
+    }
+}
+
 // Pins the accumulators in program order around the asynchronous products: the compiler sees
 // wgmma's register operands written when it is issued, not when wgmma.wait_group returns.
 DEVI void wg_fence_acc(float (&d)[64]) {
@@ -651,20 +685,9 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
             tma_ready<SC>(tma);
         }
     }
-    // The epilogue's reads of this block's rows (a.prefetch, lean kernels, unsplit): into L2
-    // now, a line at each 32 of the row's 128 columns (four lines where ncols is a multiple of
-    // 32; a hint, so a line left out costs only its miss), so that they overlap the products
-    // instead of following them; blocks finish their products together, and their epilogues
-    // then share the memory's bandwidth.
-    if (LEAN && a.prefetch) {
-        for (int i = tid; i < TM * 4; i += Tile::THREADS) {
-            const int m = m0 + i / 4, col = n0 + 32 * (i & 3);
-            if (m >= M || col >= ncols) continue;
-            const long long off = out_pixel(a, decode_row(a, m)) * ncols + col;
-            if (a.res != nullptr) prefetch_l2(a.res + off);
-            if (a.accumulate) prefetch_l2(a.y + off);
-        }
-    }
+    // The epilogue's reads of this block's rows (a.prefetch, lean kernels, unsplit): blocks
+    // finish their products together, and their epilogues then share the memory's bandwidth.
+    if (LEAN && a.prefetch) prefetch_epilogue_rows<TM>(a, M, m0, n0, tid, Tile::THREADS);
     __syncthreads();
 
     const uint32_t base = (smem_addr(smem) + 1023) & ~1023u;
@@ -747,20 +770,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     // TMA: thread 0 (whose cursor starts at kb) copies the next slice, one tap's 64 channels.
     auto load_tma = [&](int stage) {
         if (tid != 0) return;
-        const uint32_t sa = base + stage * Tile::STAGE;
-        const uint32_t bar = smem_addr(&full[stage]);
-        // Out-of-bounds pixels and columns arrive as zeros, so every copy writes its whole box.
-        mbar_expect_tx(bar, Tile::STAGE);
-        if (SC && at >= a.taps) {
-            // The shortcut: the row's own pixel, offset (0, 0) from the box's corner.
-            tma_im2col(sa, tma.a2, bar, aci, base_w, base_h, base_img, (uint16_t)(-win.dx0),
-                       (uint16_t)(-win.dy0));
-            tma_tile3(sa + TM * 128, tma.b2, bar, aci, n0, 0);
-        } else {
-            tma_im2col(sa, tma.a, bar, aci, base_w, base_h, base_img, (uint16_t)(taps.dx[at] - win.dx0),
-                       (uint16_t)(taps.dy[at] - win.dy0));
-            tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
-        }
+        tma_slice<SC, TM, Tile::STAGE>(a, tma, taps, win, base + stage * Tile::STAGE, smem_addr(&full[stage]), at,
+                                       aci, base_w, base_h, base_img, n0);
         aci += WG_BK;
         if (aci >= src_sc) {
             aci = 0;
@@ -923,41 +934,26 @@ DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut
     for (int s = team; s < mine; s += 2) {
         const int tile = blockIdx.x + s * gridDim.x;
         const int m0 = tile % mtiles * TM, n0 = tile / mtiles * WG_TN;
-        // Thread 0's copies of the tile's slice j, the team's slice g: wg_body's load_tma, with
-        // its cursor and filter base worked out afresh each time, so that the other threads
-        // keep no registers for them (the slices are whole taps: sc % 64 == 0).
+        // Thread 0's copies of the tile's slice j, the team's slice g: wg_body's, with the
+        // cursor and the window worked out afresh each time, so that the other threads keep no
+        // registers for them (the slices are whole taps: sc % 64 == 0).
         auto load = [&](int j, int g) {
             if (tid != 0) return;
             const int stage = g % S;
-            const uint32_t sa = base + stage * PlainTile::STAGE;
-            const uint32_t bar = smem_addr(&bars[stage]);
             const Window win = tap_window(a);
             const RowCoord r = decode_row(a, m0);
-            const int bw = r.mx + win.dx0, bh = r.my + win.dy0, k = j * WG_BK, main_k = a.taps * a.sc;
-            mbar_expect_tx(bar, PlainTile::STAGE);
-            if (SC && k >= main_k) {
-                tma_im2col(sa, tma.a2, bar, k - main_k, bw, bh, r.img, (uint16_t)(-win.dx0), (uint16_t)(-win.dy0));
-                tma_tile3(sa + TM * 128, tma.b2, bar, k - main_k, n0, 0);
-            } else {
-                const int at = k / a.sc, aci = k - at * a.sc;
-                tma_im2col(sa, tma.a, bar, aci, bw, bh, r.img, (uint16_t)(taps.dx[at] - win.dx0),
-                           (uint16_t)(taps.dy[at] - win.dy0));
-                tma_tile3(sa + TM * 128, tma.b, bar, aci, n0, taps.w[at]);
-            }
+            const int k = j * WG_BK, main_k = a.taps * a.sc;
+            const bool shortcut = SC && k >= main_k;
+            const int at = shortcut ? a.taps : k / a.sc, aci = shortcut ? k - main_k : k - at * a.sc;
+            tma_slice<SC, TM, PlainTile::STAGE>(a, tma, taps, win, base + stage * PlainTile::STAGE,
+                                                smem_addr(&bars[stage]), at, aci, r.mx + win.dx0, r.my + win.dy0,
+                                                r.img, n0);
         };
         // The team's stages are free once each of its threads is past the last tile's
         // epilogue, with its writes to them ordered before the copies' (the async proxy).
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         G::sync();
-        if (a.prefetch) {
-            for (int i = tid; i < TM * 4; i += PlainTile::THREADS) {
-                const int m = m0 + i / 4, col = n0 + 32 * (i & 3);
-                if (m >= M || col >= a.ncols) continue;
-                const long long off = out_pixel(a, decode_row(a, m)) * a.ncols + col;
-                if (a.res != nullptr) prefetch_l2(a.res + off);
-                if (a.accumulate) prefetch_l2(a.y + off);
-            }
-        }
+        if (a.prefetch) prefetch_epilogue_rows<TM>(a, M, m0, n0, tid, PlainTile::THREADS);
         for (int i = 0; i < AHEAD && i < slices; ++i) load(i, used + i);
         // TURNS: the other team's products of the block's tile s - 1 issued, the ((s - 1) / 2)-th
         // phase of this team's turn barrier; staggered: half of the first team's first tile's
