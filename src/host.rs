@@ -2,14 +2,20 @@
 //! passes that cannot fit are refused by name instead of aborting on an allocation.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crate::{Error, Result};
 
 /// Bytes of memory this process can ever hold: the machine's RAM (`MemTotal`; swap, which
 /// would only make a pass crawl, is not counted), capped by the limit of every cgroup it is in,
 /// up to the root (v2 `memory.max`, v1 `memory.limit_in_bytes`); `None` where nothing can be
-/// read.
+/// read. Read once: the CPU checks it before every pass, a sampling loop's steps included.
 pub fn memory_limit() -> Option<u64> {
+    static LIMIT: OnceLock<Option<u64>> = OnceLock::new();
+    *LIMIT.get_or_init(read_memory_limit)
+}
+
+fn read_memory_limit() -> Option<u64> {
     let read_u64 =
         |path: &Path| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok();

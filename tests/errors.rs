@@ -57,6 +57,17 @@ fn cli_fails(args: &[&str]) -> String {
     err
 }
 
+/// Runs the CLI with `args` and environment `env`, which must succeed; returns stdout.
+fn cli_ok(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "invdiff {args:?} failed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn missing_model_folder_and_missing_weights() {
     let msg = err_text(Model::load(Path::new("/nonexistent/model")));
@@ -160,13 +171,7 @@ fn info_says_when_the_sample_size_does_not_fit() {
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     v["sample_size"] = serde_json::json!([36, 32]);
     std::fs::write(d.join("config.json"), v.to_string()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
-        .args(["info", "--model"])
-        .arg(&d)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = cli_ok(&["info", "--model", d.to_str().unwrap()], &[]);
     assert_mentions(
         &text,
         &[
@@ -435,13 +440,8 @@ fn cli_selftest_names_its_groups() {
     assert_mentions(&err, &["`bogus`", "tensor-core networks", "group norms"]);
     let err = cli_fails(&["selftest", "--device", "cpu"]);
     assert_mentions(&err, &["--device cuda", "cpu"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
-        .args(["selftest", "--help"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
     // (The help wraps its lines wherever the terminal's width puts the breaks.)
-    let help = String::from_utf8_lossy(&out.stdout)
+    let help = cli_ok(&["selftest", "--help"], &[])
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
@@ -452,15 +452,12 @@ fn cli_selftest_names_its_groups() {
 /// silence; `doctor` names them, and lists the variables and values invdiff does read.
 #[test]
 fn doctor_points_out_unknown_invdiff_variables() {
-    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
-        .arg("doctor")
-        .env("INVDIFF_HALF_COPy", "1")
-        .env("INVDIFF_STREAMS", "2")
-        .env("INVDIFF_ROW_EPILOGUE", "off")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let env = [
+        ("INVDIFF_HALF_COPy", "1"),
+        ("INVDIFF_STREAMS", "2"),
+        ("INVDIFF_ROW_EPILOGUE", "off"),
+    ];
+    let text = cli_ok(&["doctor"], &env);
     assert_mentions(
         &text,
         &[
