@@ -16,8 +16,13 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
     let e = (p * r).mul_add(r, r) + 1.0;
-    // 2^n by building the exponent bits; n is in [-126, 128] after the clamp.
-    let scale = f32::from_bits(((n as i32 + 127).clamp(1, 254) as u32) << 23);
+    // 2^n by building the exponent bits; n is in [-126, 128] after the clamp. The biased
+    // exponent, a whole number in [1, 254], is read from the low mantissa bits of its sum with
+    // 1.5 * 2^23, where `as i32` would not vectorise (its saturating conversion is lane by
+    // lane: 2-3x slower GroupNorm+SiLU passes). The same bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let biased = (n + 127.0).clamp(1.0, 254.0) + MAGIC;
+    let scale = f32::from_bits((biased.to_bits() - MAGIC.to_bits()) << 23);
     let twice = if n > 127.0 { 2.0 } else { 1.0 };
     e * scale * twice
 }
@@ -58,6 +63,12 @@ mod tests {
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp(-200.0), exp(-87.33));
         assert!(exp(200.0).is_finite());
+        // Every power of two the exponent bits can be built for, at the ends of the clamp too.
+        for n in -125..=127 {
+            let x = n as f32 * std::f32::consts::LN_2;
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            assert!(((got - want) / want).abs() < 3e-7, "e^{x}: {got} vs {want}");
+        }
     }
 
     #[test]
