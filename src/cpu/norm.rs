@@ -25,21 +25,26 @@ pub struct Dims {
     pub groups: usize,
 }
 
-/// Pixels per parallel chunk when reducing over an image.
-const CHUNK: usize = 1024;
+/// Pixels per parallel chunk of an image of `hw` pixels: 1024, or fewer (down to 64) so that
+/// a small image still gives 16 chunks; with 1024 the 32x32 level was one chunk, on one core.
+/// A function of the image alone, since the sums are added chunk by chunk: the results do not
+/// depend on the number of threads.
+fn chunk_px(hw: usize) -> usize {
+    (hw / 16).clamp(64, 1024)
+}
 
-/// Per-channel sums of `f(pixel row)` over an image, in f64, reduced over parallel chunks.
-fn channel_sums<F>(rows: &[f32], c: usize, f: F) -> (Vec<f64>, Vec<f64>)
+/// Per-channel sums of `f(pixel row)` over an image of `hw` pixels, in f64, reduced over
+/// parallel chunks.
+fn channel_sums<F>(rows: &[f32], hw: usize, c: usize, f: F) -> (Vec<f64>, Vec<f64>)
 where
-    F: Fn(usize, &[f32], &mut [f64], &mut [f64]) + Sync,
+    F: Fn(&[f32], &mut [f64], &mut [f64]) + Sync,
 {
-    rows.par_chunks(CHUNK * c)
-        .enumerate()
-        .map(|(ci, chunk)| {
+    rows.par_chunks(chunk_px(hw) * c)
+        .map(|chunk| {
             let mut a = vec![0.0f64; c];
             let mut b = vec![0.0f64; c];
-            for (i, row) in chunk.chunks_exact(c).enumerate() {
-                f(ci * CHUNK + i, row, &mut a, &mut b);
+            for row in chunk.chunks_exact(c) {
+                f(row, &mut a, &mut b);
             }
             (a, b)
         })
@@ -79,7 +84,7 @@ pub fn forward(
     };
     for img in 0..n {
         let xi = &x[img * hw * c..(img + 1) * hw * c];
-        let (s1, s2) = channel_sums(xi, c, |_, row, a, b| {
+        let (s1, s2) = channel_sums(xi, hw, c, |row, a, b| {
             for ((a, b), &v) in a.iter_mut().zip(b.iter_mut()).zip(row) {
                 let v = v as f64;
                 *a += v;
@@ -104,8 +109,9 @@ pub fn forward(
             }
         }
         let yi = &mut y[img * hw * c..(img + 1) * hw * c];
-        yi.par_chunks_mut(CHUNK * c)
-            .zip(xi.par_chunks(CHUNK * c))
+        let chunk = chunk_px(hw) * c;
+        yi.par_chunks_mut(chunk)
+            .zip(xi.par_chunks(chunk))
             .for_each(|(yc, xc)| {
                 if silu {
                     apply_rows::<true>(yc, xc, &scale, &shift);
@@ -135,8 +141,8 @@ fn apply_rows<const SILU: bool>(y: &mut [f32], x: &[f32], scale: &[f32], shift: 
 /// With `xhat` the normalised input and `g = dL/dxhat` (through SiLU and the affine scale), the
 /// input gradient is `rstd * (g - mean(g) - xhat * mean(g * xhat))` over each group. The first
 /// pass sums `g` and `g * xhat`; the second computes `g` again to form `dx`. Keeping `g` from the
-/// first pass instead cost a buffer the size of the image, written and read back, and the page
-/// faults of allocating it on every call: about twice the time at 256x256.
+/// first pass instead cost an image-sized buffer, written and read back, and allocated afresh
+/// (page faults, and TLB shootdowns when freed) on every call: a fifth of the pass's time.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
@@ -152,6 +158,7 @@ pub fn backward(
     let Dims { n, hw, c, groups } = d;
     let cg = c / groups;
     let count = (cg * hw) as f64;
+    let chunk = chunk_px(hw) * c;
     for img in 0..n {
         let per_channel = |v: &[f32]| (0..c).map(|ch| v[img * groups + ch / cg]).collect();
         let k = Channels {
@@ -163,8 +170,8 @@ pub fn backward(
         let xi = &x[img * hw * c..(img + 1) * hw * c];
         let dyi = &dy[img * hw * c..(img + 1) * hw * c];
         let (s1, s2) = xi
-            .par_chunks(CHUNK * c)
-            .zip(dyi.par_chunks(CHUNK * c))
+            .par_chunks(chunk)
+            .zip(dyi.par_chunks(chunk))
             .map(|(xc, dc)| {
                 // f32 sums over one chunk's pixels, then f64 across chunks.
                 let mut a = vec![0.0f32; c];
@@ -191,8 +198,8 @@ pub fn backward(
         }
         let means = (&mg[..], &mgx[..]);
         let dxi = &mut dx[img * hw * c..(img + 1) * hw * c];
-        dxi.par_chunks_mut(CHUNK * c)
-            .zip(xi.par_chunks(CHUNK * c).zip(dyi.par_chunks(CHUNK * c)))
+        dxi.par_chunks_mut(chunk)
+            .zip(xi.par_chunks(chunk).zip(dyi.par_chunks(chunk)))
             .for_each(|(dxc, (xc, dc))| match (silu, accumulate) {
                 (true, true) => grad_rows::<true, true>(dxc, xc, dc, &k, means),
                 (true, false) => grad_rows::<true, false>(dxc, xc, dc, &k, means),
