@@ -1,4 +1,4 @@
-//! GroupNorm (+SiLU) of google/ddpm-ema-celebahq-256 (batch 1, 32 groups) on the CPU: forward
+//! GroupNorm (+SiLU) of google/ddpm-ema-celebahq-256 (32 groups) on the CPU: forward
 //! and input gradient, fresh and accumulating, at each shape of the network, with the rate of
 //! the bytes each pass has to move and, beside it, this machine's copy rate over a tensor of the
 //! same size (these passes are bound by memory, and the copy is what they could reach).
@@ -6,8 +6,8 @@
 //! Each line ends with a hash of the outputs' bits, so that a change meant to give the same
 //! results can be checked by running this before and after it.
 //!
-//! `cargo bench --bench norm_cpu -- [--reps N] [SUBSTRING]` (only the shapes whose label contains
-//! SUBSTRING).
+//! `cargo bench --bench norm_cpu -- [--reps N] [--batch N] [SUBSTRING]` (batch 1 by default;
+//! only the shapes whose label contains SUBSTRING).
 
 use std::time::Instant;
 
@@ -64,12 +64,14 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut reps = 9;
+    let mut batch = 1;
     let mut filter = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--bench" => {}
             "--reps" => reps = it.next().and_then(|v| v.parse().ok()).expect("--reps N"),
+            "--batch" => batch = it.next().and_then(|v| v.parse().ok()).expect("--batch N"),
             s => filter = Some(s.to_string()),
         }
     }
@@ -83,12 +85,12 @@ fn main() {
             continue;
         }
         let d = Dims {
-            n: 1,
+            n: batch,
             hw: size * size,
             c,
             groups: 32,
         };
-        let len = d.hw * c;
+        let len = batch * d.hw * c;
         let x = rand(len, 1);
         let dy = rand(len, 2);
         let gamma: Vec<f32> = rand(c, 3).iter().map(|v| 1.0 + 0.25 * v).collect();

@@ -78,49 +78,63 @@ pub fn forward(
     let Dims { n, hw, c, groups } = d;
     let cg = c / groups;
     let count = (cg * hw) as f64;
-    let mut stats = Stats {
-        mean: vec![0.0; n * groups],
-        rstd: vec![0.0; n * groups],
-    };
-    for img in 0..n {
-        let xi = &x[img * hw * c..(img + 1) * hw * c];
-        let (s1, s2) = channel_sums(xi, hw, c, |row, a, b| {
-            for ((a, b), &v) in a.iter_mut().zip(b.iter_mut()).zip(row) {
-                let v = v as f64;
-                *a += v;
-                *b += v * v;
-            }
-        });
-        let mut scale = vec![0.0f32; c];
-        let mut shift = vec![0.0f32; c];
-        for g in 0..groups {
-            let sum: f64 = s1[g * cg..(g + 1) * cg].iter().sum();
-            let sq: f64 = s2[g * cg..(g + 1) * cg].iter().sum();
-            let mean = sum / count;
-            let var = (sq / count - mean * mean).max(0.0);
-            // PyTorch adds eps in f32 before the square root.
-            let rstd = 1.0 / ((var as f32 + eps) as f64).sqrt();
-            stats.mean[img * groups + g] = mean as f32;
-            stats.rstd[img * groups + g] = rstd as f32;
-            for ch in g * cg..(g + 1) * cg {
-                let a = rstd * gamma[ch] as f64;
-                scale[ch] = a as f32;
-                shift[ch] = (beta[ch] as f64 - mean * a) as f32;
-            }
-        }
-        let yi = &mut y[img * hw * c..(img + 1) * hw * c];
-        let chunk = chunk_px(hw) * c;
-        yi.par_chunks_mut(chunk)
-            .zip(xi.par_chunks(chunk))
-            .for_each(|(yc, xc)| {
-                if silu {
-                    apply_rows::<true>(yc, xc, &scale, &shift);
-                } else {
-                    apply_rows::<false>(yc, xc, &scale, &shift);
+    let image = (hw * c).max(1);
+    // Images side by side as well as each image's chunks: a small level's image is few chunks.
+    let per_image: Vec<Stats> = y[..n * hw * c]
+        .par_chunks_mut(image)
+        .zip(x[..n * hw * c].par_chunks(image))
+        .map(|(yi, xi)| {
+            let mut stats = Stats {
+                mean: vec![0.0; groups],
+                rstd: vec![0.0; groups],
+            };
+            let (s1, s2) = channel_sums(xi, hw, c, |row, a, b| {
+                for ((a, b), &v) in a.iter_mut().zip(b.iter_mut()).zip(row) {
+                    let v = v as f64;
+                    *a += v;
+                    *b += v * v;
                 }
             });
+            let mut scale = vec![0.0f32; c];
+            let mut shift = vec![0.0f32; c];
+            for g in 0..groups {
+                let sum: f64 = s1[g * cg..(g + 1) * cg].iter().sum();
+                let sq: f64 = s2[g * cg..(g + 1) * cg].iter().sum();
+                let mean = sum / count;
+                let var = (sq / count - mean * mean).max(0.0);
+                // PyTorch adds eps in f32 before the square root.
+                let rstd = 1.0 / ((var as f32 + eps) as f64).sqrt();
+                stats.mean[g] = mean as f32;
+                stats.rstd[g] = rstd as f32;
+                for ch in g * cg..(g + 1) * cg {
+                    let a = rstd * gamma[ch] as f64;
+                    scale[ch] = a as f32;
+                    shift[ch] = (beta[ch] as f64 - mean * a) as f32;
+                }
+            }
+            let chunk = chunk_px(hw) * c;
+            yi.par_chunks_mut(chunk)
+                .zip(xi.par_chunks(chunk))
+                .for_each(|(yc, xc)| {
+                    if silu {
+                        apply_rows::<true>(yc, xc, &scale, &shift);
+                    } else {
+                        apply_rows::<false>(yc, xc, &scale, &shift);
+                    }
+                });
+            stats
+        })
+        .collect();
+    Stats {
+        mean: per_image
+            .iter()
+            .flat_map(|s| s.mean.iter().copied())
+            .collect(),
+        rstd: per_image
+            .iter()
+            .flat_map(|s| s.rstd.iter().copied())
+            .collect(),
     }
-    stats
 }
 
 /// `y = x * scale + shift` (then SiLU) over whole pixel rows. SILU is a constant so that each
@@ -159,54 +173,61 @@ pub fn backward(
     let cg = c / groups;
     let count = (cg * hw) as f64;
     let chunk = chunk_px(hw) * c;
-    for img in 0..n {
-        let per_channel = |v: &[f32]| (0..c).map(|ch| v[img * groups + ch / cg]).collect();
-        let k = Channels {
-            mean: per_channel(&stats.mean),
-            rstd: per_channel(&stats.rstd),
-            gamma,
-            beta,
-        };
-        let xi = &x[img * hw * c..(img + 1) * hw * c];
-        let dyi = &dy[img * hw * c..(img + 1) * hw * c];
-        let (s1, s2) = xi
-            .par_chunks(chunk)
-            .zip(dyi.par_chunks(chunk))
-            .map(|(xc, dc)| {
-                // f32 sums over one chunk's pixels, then f64 across chunks.
-                let mut a = vec![0.0f32; c];
-                let mut b = vec![0.0f32; c];
-                if silu {
-                    grad_sums::<true>(xc, dc, &k, &mut a, &mut b);
-                } else {
-                    grad_sums::<false>(xc, dc, &k, &mut a, &mut b);
-                }
-                let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
-                (widen(a), widen(b))
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            .reduce(add_pairs)
-            .unwrap_or_else(|| (vec![0.0; c], vec![0.0; c]));
-        let mut mg = vec![0.0f32; c];
-        let mut mgx = vec![0.0f32; c];
-        for grp in 0..groups {
-            let a: f64 = s1[grp * cg..(grp + 1) * cg].iter().sum::<f64>() / count;
-            let b: f64 = s2[grp * cg..(grp + 1) * cg].iter().sum::<f64>() / count;
-            mg[grp * cg..(grp + 1) * cg].fill(a as f32);
-            mgx[grp * cg..(grp + 1) * cg].fill(b as f32);
-        }
-        let means = (&mg[..], &mgx[..]);
-        let dxi = &mut dx[img * hw * c..(img + 1) * hw * c];
-        dxi.par_chunks_mut(chunk)
-            .zip(xi.par_chunks(chunk).zip(dyi.par_chunks(chunk)))
-            .for_each(|(dxc, (xc, dc))| match (silu, accumulate) {
-                (true, true) => grad_rows::<true, true>(dxc, xc, dc, &k, means),
-                (true, false) => grad_rows::<true, false>(dxc, xc, dc, &k, means),
-                (false, true) => grad_rows::<false, true>(dxc, xc, dc, &k, means),
-                (false, false) => grad_rows::<false, false>(dxc, xc, dc, &k, means),
-            });
-    }
+    let image = (hw * c).max(1);
+    // Images side by side as well as each image's chunks, as in the forward pass.
+    dx[..n * hw * c]
+        .par_chunks_mut(image)
+        .zip(
+            x[..n * hw * c]
+                .par_chunks(image)
+                .zip(dy[..n * hw * c].par_chunks(image)),
+        )
+        .enumerate()
+        .for_each(|(img, (dxi, (xi, dyi)))| {
+            let per_channel = |v: &[f32]| (0..c).map(|ch| v[img * groups + ch / cg]).collect();
+            let k = Channels {
+                mean: per_channel(&stats.mean),
+                rstd: per_channel(&stats.rstd),
+                gamma,
+                beta,
+            };
+            let (s1, s2) = xi
+                .par_chunks(chunk)
+                .zip(dyi.par_chunks(chunk))
+                .map(|(xc, dc)| {
+                    // f32 sums over one chunk's pixels, then f64 across chunks.
+                    let mut a = vec![0.0f32; c];
+                    let mut b = vec![0.0f32; c];
+                    if silu {
+                        grad_sums::<true>(xc, dc, &k, &mut a, &mut b);
+                    } else {
+                        grad_sums::<false>(xc, dc, &k, &mut a, &mut b);
+                    }
+                    let widen = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+                    (widen(a), widen(b))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .reduce(add_pairs)
+                .unwrap_or_else(|| (vec![0.0; c], vec![0.0; c]));
+            let mut mg = vec![0.0f32; c];
+            let mut mgx = vec![0.0f32; c];
+            for grp in 0..groups {
+                let a: f64 = s1[grp * cg..(grp + 1) * cg].iter().sum::<f64>() / count;
+                let b: f64 = s2[grp * cg..(grp + 1) * cg].iter().sum::<f64>() / count;
+                mg[grp * cg..(grp + 1) * cg].fill(a as f32);
+                mgx[grp * cg..(grp + 1) * cg].fill(b as f32);
+            }
+            let means = (&mg[..], &mgx[..]);
+            dxi.par_chunks_mut(chunk)
+                .zip(xi.par_chunks(chunk).zip(dyi.par_chunks(chunk)))
+                .for_each(|(dxc, (xc, dc))| match (silu, accumulate) {
+                    (true, true) => grad_rows::<true, true>(dxc, xc, dc, &k, means),
+                    (true, false) => grad_rows::<true, false>(dxc, xc, dc, &k, means),
+                    (false, true) => grad_rows::<false, true>(dxc, xc, dc, &k, means),
+                    (false, false) => grad_rows::<false, false>(dxc, xc, dc, &k, means),
+                });
+        });
 }
 
 /// One image's per-channel constants for the backward pass: its group's mean and rstd, and the
