@@ -11,9 +11,10 @@ use super::blur::DeviceBlur;
 use super::device::{cu, Gpu};
 use super::sampler::{sample as device_sample, DeviceJob};
 use super::sampler_kernels::{Cursor, Dev, Filter, Images, SamplerKernels, StepRow, Update};
-use super::selftest::{tiny_model, SelftestRow, TOLERANCE};
+use super::selftest::{SelftestRow, TOLERANCE};
 use crate::engine::{DeviceChoice, Engine};
 use crate::inverse::{clean_output, gaussian_kernel, motion_kernel, CircularBlur, LinearOperator};
+use crate::model::Model;
 use crate::sampler::{self, chain_rule, normalize_residual, update, Guidance, Measurements, Noise};
 use crate::schedule::{Ddim, Ddpm, Scheduler, SchedulerConfig, StepCoeffs};
 use crate::{rng, Result, Tensor};
@@ -434,7 +435,7 @@ impl Check {
     /// Whole loops: GPU against the host loop on the CPU engine, 3 steps on a random-weight
     /// model, then a graph replay against direct launches.
     fn loops(&mut self, ordinal: usize) -> Result<()> {
-        let model = tiny_model(false);
+        let model = Model::tiny(false);
         let mut cpu = Engine::new(&model, DeviceChoice::Cpu)?;
         let mut gpu = Engine::new(&model, DeviceChoice::Cuda(ordinal))?;
         let shape = [2, 3, 32, 32];

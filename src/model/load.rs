@@ -133,6 +133,44 @@ impl Model {
         }
     }
 
+    /// Small networks that still take every path: attention (one head, then several), both
+    /// paddings, a centred input, a mid-block scale factor, 4 input channels (`variant_b`).
+    /// Random weights; for the tests and the GPU selftest.
+    pub(crate) fn tiny(variant_b: bool) -> Model {
+        use crate::config::BlockKind::*;
+        let mut c = UNetConfig::celebahq_256();
+        if variant_b {
+            c.in_channels = 4;
+            c.block_out_channels = vec![16, 32, 48];
+            c.down_blocks = vec![Plain, Attention, Attention];
+            c.up_blocks = vec![Attention, Attention, Plain];
+            c.layers_per_block = 2;
+            c.norm_num_groups = 8;
+            c.attention_head_dim = Some(8);
+            c.downsample_padding = 1;
+            c.time_embedding_dim = 64;
+            c.flip_sin_to_cos = true;
+            c.freq_shift = 0.0;
+            c.center_input_sample = true;
+            c.mid_block_scale_factor = 1.5;
+        } else {
+            c.block_out_channels = vec![32, 64, 64];
+            c.down_blocks = vec![Plain, Attention, Plain];
+            c.up_blocks = vec![Plain, Attention, Plain];
+            c.layers_per_block = 1;
+            c.norm_num_groups = 8;
+            c.time_embedding_dim = 128;
+        }
+        let graph = Graph::build(&c).expect("the tiny configurations are valid");
+        let weights = Weights::random(&graph, if variant_b { 7 } else { 3 });
+        Model {
+            graph,
+            weights,
+            source: "tiny".into(),
+            scheduler_config: None,
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &UNetConfig {
         &self.graph.config

@@ -25,8 +25,6 @@ use super::device::{cu, Gpu};
 use super::kernels::{ConvKernel, ConvPtrs, DPtr, Kernels, LaunchSwitches};
 use super::precision::Precision;
 use super::weights::DevBuf;
-use crate::config::{BlockKind, UNetConfig};
-use crate::model::{Graph, Model, Weights};
 use crate::tensor::rel_l2;
 use crate::{Error, Result};
 
@@ -288,43 +286,6 @@ fn unpack_half(words: &[f32], len: usize, precision: Precision) -> Vec<f32> {
             _ => half::bf16::from_bits(h).to_f32(),
         })
         .collect()
-}
-
-/// Small networks that still take every path: attention (one head, then several), both
-/// paddings, a centred input, a mid-block scale factor, 4 input channels.
-pub(super) fn tiny_model(variant_b: bool) -> Model {
-    use BlockKind::*;
-    let mut c = UNetConfig::celebahq_256();
-    if variant_b {
-        c.in_channels = 4;
-        c.block_out_channels = vec![16, 32, 48];
-        c.down_blocks = vec![Plain, Attention, Attention];
-        c.up_blocks = vec![Attention, Attention, Plain];
-        c.layers_per_block = 2;
-        c.norm_num_groups = 8;
-        c.attention_head_dim = Some(8);
-        c.downsample_padding = 1;
-        c.time_embedding_dim = 64;
-        c.flip_sin_to_cos = true;
-        c.freq_shift = 0.0;
-        c.center_input_sample = true;
-        c.mid_block_scale_factor = 1.5;
-    } else {
-        c.block_out_channels = vec![32, 64, 64];
-        c.down_blocks = vec![Plain, Attention, Plain];
-        c.up_blocks = vec![Plain, Attention, Plain];
-        c.layers_per_block = 1;
-        c.norm_num_groups = 8;
-        c.time_embedding_dim = 128;
-    }
-    let graph = Graph::build(&c).expect("the selftest configurations are valid");
-    let weights = Weights::random(&graph, if variant_b { 7 } else { 3 });
-    Model {
-        graph,
-        weights,
-        source: "selftest".into(),
-        scheduler_config: None,
-    }
 }
 
 /// `gpu`'s kernels making the launch choices `launch`, or those in force for `None`.

@@ -1,7 +1,7 @@
 //! Whole networks against the CPU executor: small random-weight models and the celebahq
 //! architecture, in fp32 and each tensor-core precision, and batch invariance.
 
-use super::{tiny_model, Tester, TENSOR_CORE, TOLERANCE};
+use super::{Tester, TENSOR_CORE, TOLERANCE};
 use crate::cpu::CpuUnet;
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
@@ -272,8 +272,8 @@ impl Tester<'_> {
 
     pub(super) fn unets(&mut self, ordinal: usize) -> Result<()> {
         for (model, n, h, w, t) in [
-            (tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
-            (tiny_model(true), 3, 20, 12, vec![0.0, 500.0, 999.0]),
+            (Model::tiny(false), 2, 24, 40, vec![10.0, 900.0]),
+            (Model::tiny(true), 3, 20, 12, vec![0.0, 500.0, 999.0]),
         ] {
             let cfg = model.config().clone();
             let name = if cfg.center_input_sample {
@@ -360,10 +360,10 @@ impl Tester<'_> {
     /// results.
     pub(super) fn tensor_core_unets(&mut self, ordinal: usize) -> Result<()> {
         for (name, model, n, h, w, t) in [
-            ("unet A", tiny_model(false), 2, 24, 40, vec![10.0, 900.0]),
+            ("unet A", Model::tiny(false), 2, 24, 40, vec![10.0, 900.0]),
             (
                 "unet B",
-                tiny_model(true),
+                Model::tiny(true),
                 3,
                 20,
                 12,
