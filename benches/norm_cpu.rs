@@ -1,5 +1,6 @@
 //! GroupNorm (+SiLU) of google/ddpm-ema-celebahq-256 (32 groups) on the CPU: forward
-//! and input gradient, fresh and accumulating, at each shape of the network, with the rate of
+//! and input gradient, fresh and accumulating, at each shape of the network (read from its
+//! graph, so every one, in the order the forward pass meets them), with the rate of
 //! the bytes each pass has to move and, beside it, this machine's copy rate over a tensor of the
 //! same size (these passes are bound by memory, and the copy is what they could reach).
 //!
@@ -11,23 +12,26 @@
 
 use std::time::Instant;
 
+use invdiff::config::UNetConfig;
 use invdiff::cpu::norm::{backward, forward, Dims};
+use invdiff::model::graph::{Graph, Op};
 
-/// (size, channels) of each GroupNorm shape in the network; all take SiLU but the attention's.
-const SHAPES: [(usize, usize, bool); 12] = [
-    (256, 128, true),
-    (256, 256, true),
-    (128, 128, true),
-    (128, 256, true),
-    (128, 384, true),
-    (64, 256, true),
-    (64, 512, true),
-    (32, 512, true),
-    (32, 768, true),
-    (16, 512, false),
-    (16, 1024, true),
-    (8, 512, true),
-];
+/// `(size, channels, SiLU)` of every distinct GroupNorm of the celebahq-256 network at 256x256,
+/// in the order the forward pass meets them.
+fn shapes() -> Vec<(usize, usize, bool)> {
+    let g = Graph::build(&UNetConfig::celebahq_256()).expect("the built-in config is valid");
+    let mut out = Vec::new();
+    for op in &g.ops {
+        if let Op::GroupNorm { x, silu, .. } = *op {
+            let s = g.shape(x, 1, 256, 256);
+            let shape = (s[1], s[3], silu);
+            if !out.contains(&shape) {
+                out.push(shape);
+            }
+        }
+    }
+    out
+}
 
 fn rand(n: usize, seed: u64) -> Vec<f32> {
     invdiff::rng::uniform_lcg(seed, n, -2.0, 2.0)
@@ -79,7 +83,7 @@ fn main() {
         "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9}  {:<16}",
         "shape", "fwd ms", "bwd ms", "bwd+= ms", "GB/s", "copy GB/s", "hash"
     );
-    for (size, c, silu) in SHAPES {
+    for (size, c, silu) in shapes() {
         let label = format!("{size}x{size} x {c}{}", if silu { " +SiLU" } else { "" });
         if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
             continue;

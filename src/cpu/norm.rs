@@ -25,8 +25,9 @@ pub struct Dims {
     pub groups: usize,
 }
 
-/// Pixels per parallel chunk of an image of `hw` pixels: 1024, or fewer (down to 64) so that
-/// a small image still gives 16 chunks; with 1024 the 32x32 level was one chunk, on one core.
+/// Pixels per parallel chunk of an image of `hw` pixels: `hw / 16` within 64..=1024, so that
+/// images from 1024 pixels up give at least 16 chunks (with 1024-pixel chunks the 32x32 level
+/// was one chunk, on one core) and smaller ones chunks of 64.
 /// A function of the image alone, since the sums are added chunk by chunk: the results do not
 /// depend on the number of threads.
 fn chunk_px(hw: usize) -> usize {
