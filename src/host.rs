@@ -64,15 +64,22 @@ pub fn f32_bytes(shape: &[usize], copies: u64) -> u64 {
 /// An error naming `what` when its `bytes` exceed what this machine (or the cgroup this process
 /// runs in) has, or, where that is unknown, what any allocation can take (`isize::MAX`).
 pub fn check_fits(bytes: u64, what: &str) -> Result<()> {
-    match memory_limit().or(Some(isize::MAX as u64)) {
-        Some(have) if bytes > have => Err(Error::input(format!(
-            "{what} need at least {:.1} GB of memory, more than the {:.1} GB this machine (or \
-             the cgroup this process runs in) has: use smaller images or batches",
-            bytes as f64 / 1e9,
-            have as f64 / 1e9
-        ))),
-        _ => Ok(()),
+    match over_limit(bytes, memory_limit().or(Some(isize::MAX as u64))) {
+        Some(why) => Err(Error::input(format!("{what} need {why}"))),
+        None => Ok(()),
     }
+}
+
+/// Where `bytes` exceed `limit` (`None`: unknown, no check), the end of the error that says so
+/// ("at least ... GB of memory, more than ..."), for the caller to put after what needs them.
+pub fn over_limit(bytes: u64, limit: Option<u64>) -> Option<String> {
+    let have = limit.filter(|&have| bytes > have)?;
+    Some(format!(
+        "at least {:.1} GB of memory, more than the {:.1} GB this machine (or the cgroup this \
+         process runs in) has: use smaller images or batches",
+        bytes as f64 / 1e9,
+        have as f64 / 1e9
+    ))
 }
 
 #[cfg(test)]

@@ -166,20 +166,13 @@ impl CpuUnet {
     /// never fit is refused: the estimate is a lower bound (the pool and the weights' lazily
     /// built layouts come on top), and what other processes use comes and goes.
     fn check_memory(&self, d: Dims, record: bool, limit: Option<u64>) -> Result<()> {
-        let need = self.peak_bytes(d, record);
-        match limit {
-            Some(have) if need > have => Err(crate::Error::input(format!(
-                "a pass over {} image(s) of {}x{} needs at least {:.1} GB of memory for its \
-                 activations (and, recording, the values the input gradient reads and the \
-                 attention scores), more than the {:.1} GB this machine (or the cgroup this \
-                 process runs in) has: use smaller images or batches",
-                d.n,
-                d.h,
-                d.w,
-                need as f64 / 1e9,
-                have as f64 / 1e9
+        match crate::host::over_limit(self.peak_bytes(d, record), limit) {
+            Some(why) => Err(crate::Error::input(format!(
+                "a pass over {} image(s) of {}x{} (its activations and, recording, the values \
+                 the input gradient reads and the attention scores) needs {why}",
+                d.n, d.h, d.w
             ))),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -192,20 +185,12 @@ impl CpuUnet {
         let g = &self.graph;
         // Saturating throughout: an image of any size a file can hold gives u64::MAX, refused,
         // rather than a product that wraps.
-        let product = |v: &[u64]| v.iter().fold(4u64, |a, &x| a.saturating_mul(x));
-        let bytes = |t: Tid| {
-            let shape: Vec<u64> = g
-                .shape(t, d.n, d.h, d.w)
-                .iter()
-                .map(|&x| x as u64)
-                .collect();
-            product(&shape)
-        };
+        let bytes = |t: Tid| crate::host::f32_bytes(&g.shape(t, d.n, d.h, d.w), 1);
         let scores = |op: &Op| match *op {
             Op::Attention { y, heads, .. } => {
                 let (h, w) = d.hw(g, y);
-                let tokens = (h as u64).saturating_mul(w as u64);
-                product(&[d.n as u64, heads as u64, tokens, tokens])
+                let tokens = h.saturating_mul(w);
+                crate::host::f32_bytes(&[d.n, heads, tokens, tokens], 1)
             }
             _ => 0,
         };

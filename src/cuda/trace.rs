@@ -445,7 +445,7 @@ impl Trace {
         for (i, spans) in p.replays.iter().enumerate() {
             let idle = idle_intervals(spans);
             span += spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
-            busy += busy_ns(spans);
+            busy += busy_ns(spans, &idle);
             over += idle.iter().filter(|g| g.ns > 2_000).count();
             for g in idle.iter().filter(|_| i < gap_replays) {
                 *between.entry((g.after, g.before)).or_default() += g.ns;
@@ -600,11 +600,11 @@ fn median(v: &[u64]) -> f64 {
     }
 }
 
-/// Time covered by at least one span.
-fn busy_ns(spans: &[Span]) -> u64 {
+/// Time covered by at least one span, given their `idle` intervals.
+fn busy_ns(spans: &[Span], idle: &[Gap]) -> u64 {
     let end = spans.iter().map(|s| s.end_ns).max().unwrap_or(0);
     let start = spans.iter().map(|s| s.start_ns).min().unwrap_or(0);
-    (end - start) - idle_intervals(spans).iter().map(|g| g.ns).sum::<u64>()
+    (end - start) - idle.iter().map(|g| g.ns).sum::<u64>()
 }
 
 /// An interval during which no span runs: its length, the span that ended it began (the last
@@ -923,7 +923,7 @@ mod tests {
             before: 4,
         };
         assert_eq!(idle_intervals(&spans), [gap]);
-        assert_eq!(busy_ns(&spans), 30);
+        assert_eq!(busy_ns(&spans, &idle_intervals(&spans)), 30);
         assert_eq!(
             (median(&[1, 5, 9]), median(&[1, 4]), median(&[])),
             (5.0, 2.5, 0.0)
