@@ -40,8 +40,13 @@ impl DevBuf {
         DevBuf { slice, ptr }
     }
 
-    /// A copy of `data` on the device.
+    /// A copy of `data` on the device. Like [`zeros`](Self::zeros), an empty `data` still gets
+    /// one element: a zero-length allocation has a null address, which launches refuse even
+    /// where they read nothing (a product with no K).
     pub fn upload(stream: &std::sync::Arc<CudaStream>, data: &[f32]) -> Result<DevBuf> {
+        if data.is_empty() {
+            return Self::zeros(stream, 0);
+        }
         let slice = cu(stream.clone_htod(data), "uploading to the GPU")?;
         Ok(Self::wrap(slice, stream))
     }
