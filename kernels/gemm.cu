@@ -10,24 +10,19 @@
 // scalar bounds-checked loads whose thread mapping follows whichever stride of the operand is 1
 // (so that a warp reads consecutive addresses either way). K slices are 64 deep: at batch 1
 // only 16-32 blocks run and each slice waits on its global loads, so the slice count is the
-// kernel's time (slices of 16 made one attention product at 256 tokens ~25 us). The `_prefetch`
-// kernels (INVDIFF_GEMM_PREFETCH) load the next slice into registers while the block works on
-// the one in shared memory, so that a slice's loads wait out the previous slice's products
-// instead of following them: the same sums in the same order, the same bits.
-// The `_wk` kernel (INVDIFF_GEMM_WARP_K) takes the other way out of that chain of slices: a
+// kernel's time (slices of 16 made one attention product at 256 tokens ~25 us). Loading the
+// next slice into registers during this one's products changed nothing on an H200 (stop 34).
+// The `_wk` kernel (the default where 32-wide tiles would run; INVDIFF_GEMM_WARP_K=0 keeps the
+// tiles) takes the other way out of that chain of slices: a
 // 16 x 32 tile whose eight warps each multiply their own eighth of K, in 16-deep slices through
 // a buffer of their own (the next slice's loads issued before this one's products, no barrier
 // but the warp's), and then add their eight partial tiles in warp order. At batch 1 the
 // attention's products (K = 512 or 256) then have 128-256 blocks, each with at most four slices
 // a warp in a row, where the 32-wide tiles have 64-128 blocks of four to eight. Each output is
 // eight runs of its products added in order, not one run: another rounding than the tiles'
-// (the selftest holds both to the CPU).
-// The `gemm_pair*` kernels (INVDIFF_GEMM_PAIRS) run two independent products in one launch,
-// each block one product's block (its batch index z below z0 for the first, z - z0 for the
-// second): the attention backward's dV = Pᵀ dO beside dP = dO vᵀ, and dQ beside dK, three
-// launches in place of five, where at batch 1 each product fills a fraction of the card and
-// waits on its slices. A block computes exactly what it would in a launch of its product
-// alone, so the same bits.
+// (the selftest holds both to the CPU). Because that rounding differs, whether a product runs
+// them is planned for one image under --batch-invariant (src/cuda/kernels/attention.rs).
+// Pairing two independent products in one launch (the backward's dV beside dP) was slower.
 #include "common.cuh"
 
 struct GemmArgs {
@@ -82,52 +77,6 @@ DEVI void load_slice(const GemmArgs& g, const Views& v, int m0, int n0, int k0, 
     }
 }
 
-// Where thread tid's element e = tid + 256 r of a slice lies: (am, ak) in A's tile and (bk, bn)
-// in B's, following whichever stride of each operand is 1 (a_kfast: A's k stride; b_nfast:
-// B's n stride), so that a warp reads consecutive addresses.
-struct SliceAt {
-    int am, ak, bk, bn;
-};
-template <int TM> DEVI SliceAt slice_at(bool a_kfast, bool b_nfast, int r) {
-    constexpr int LOG_TK = 6, LOG_TM = TM == 64 ? 6 : 5;
-    static_assert(TM == 64 || TM == 32, "tile sizes are powers of two the shifts know");
-    const int e = threadIdx.x + 256 * r;
-    SliceAt at;
-    if (a_kfast) { at.ak = e & (TK - 1); at.am = e >> LOG_TK; } else { at.am = e & (TM - 1); at.ak = e >> LOG_TM; }
-    if (b_nfast) { at.bn = e & (TM - 1); at.bk = e >> LOG_TM; } else { at.bk = e & (TK - 1); at.bn = e >> LOG_TK; }
-    return at;
-}
-
-// load_slice in two halves, for the `_prefetch` kernels: a thread's elements of slice k0 into
-// registers (fetch_slice), and later into shared memory (stash_slice). The same elements as
-// load_slice's (slice_at follows its mapping); load_slice keeps the loop the plain kernels
-// were timed with.
-template <int TM> struct Slice {
-    float a[TK * TM / 256], b[TK * TM / 256];
-};
-template <int TM> DEVI Slice<TM> fetch_slice(const GemmArgs& g, const Views& v, int m0, int n0, int k0) {
-    const bool a_kfast = g.a_cs == 1;
-    const bool b_nfast = g.b_cs == 1;
-    Slice<TM> s;
-#pragma unroll
-    for (int r = 0; r < TK * TM / 256; ++r) {
-        const SliceAt at = slice_at<TM>(a_kfast, b_nfast, r);
-        const int i = m0 + at.am, ka = k0 + at.ak, j = n0 + at.bn, kb = k0 + at.bk;
-        s.a[r] = (i < g.m && ka < g.k) ? v.A[i * g.a_rs + ka * g.a_cs] : 0.f;
-        s.b[r] = (j < g.n && kb < g.k) ? v.B[kb * g.b_rs + j * g.b_cs] : 0.f;
-    }
-    return s;
-}
-template <int TM, int PAD>
-DEVI void stash_slice(const GemmArgs& g, const Slice<TM>& s, float (&As)[TK][TM + PAD], float (&Bs)[TK][TM + PAD]) {
-#pragma unroll
-    for (int r = 0; r < TK * TM / 256; ++r) {
-        const SliceAt at = slice_at<TM>(g.a_cs == 1, g.b_cs == 1, r);
-        As[at.ak][at.am] = s.a[r];
-        Bs[at.bk][at.bn] = s.b[r];
-    }
-}
-
 // C(row, col) = alpha acc (+ C(row, col)), inside the matrix.
 DEVI void store_c(const GemmArgs& g, float* C, int row, int col, float acc) {
     if (row >= g.m || col >= g.n) return;
@@ -139,10 +88,8 @@ DEVI void store_c(const GemmArgs& g, float* C, int row, int col, float acc) {
 
 // One block's tile of TM x TM outputs, 256 threads in a 16 x 16 grid with an R x R register
 // tile each (R = TM / 16). Every output sums its k products in order whatever TM is, so both
-// tile sizes give the same bits. PREFETCH: the next slice's loads are issued before the
-// products of this one (held in registers, then stored to shared memory after the barrier that
-// ends those products).
-template <int TM, bool PREFETCH = false> DEVI void gemm_tile(const GemmArgs& g, int z) {
+// tile sizes give the same bits.
+template <int TM> DEVI void gemm_tile(const GemmArgs& g, int z) {
     constexpr int R = TM / 16;
     __shared__ __align__(16) float As[TK][TM + 4];
     __shared__ __align__(16) float Bs[TK][TM + 4];
@@ -159,18 +106,9 @@ template <int TM, bool PREFETCH = false> DEVI void gemm_tile(const GemmArgs& g, 
 #pragma unroll
         for (int j = 0; j < R; ++j) acc[i][j] = 0.f;
 
-    Slice<TM> next;
-    if constexpr (PREFETCH) next = fetch_slice<TM>(g, v, m0, n0, 0);
     for (int k0 = 0; k0 < g.k; k0 += TK) {
-        if constexpr (PREFETCH) {
-            stash_slice<TM, 4>(g, next, As, Bs);
-        } else {
-            load_slice<TM, 4>(g, v, m0, n0, k0, As, Bs);
-        }
+        load_slice<TM, 4>(g, v, m0, n0, k0, As, Bs);
         __syncthreads();
-        if constexpr (PREFETCH) {
-            if (k0 + TK < g.k) next = fetch_slice<TM>(g, v, m0, n0, k0 + TK);
-        }
 #pragma unroll
         for (int kk = 0; kk < TK; ++kk) {
             float a4[R], b4[R];
@@ -381,14 +319,6 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched_32(const GemmArgs
     gemm_tile<32>(g, blockIdx.z);
 }
 
-// The two with the next slice's loads issued before this one's products (INVDIFF_GEMM_PREFETCH).
-extern "C" __global__ void __launch_bounds__(256) gemm_batched_prefetch(const GemmArgs g) {
-    gemm_tile<64, true>(g, blockIdx.z);
-}
-extern "C" __global__ void __launch_bounds__(256) gemm_batched_32_prefetch(const GemmArgs g) {
-    gemm_tile<32, true>(g, blockIdx.z);
-}
-
 // Grid (ceil(n / 32), ceil(m / 16), batch), 256 threads, 28 KB static shared memory.
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_batched_wk(const GemmArgs g) {
     gemm_tile_wk(g, blockIdx.z);
@@ -399,32 +329,3 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemm_batched_wk(const GemmA
 extern "C" __global__ void __launch_bounds__(256) gemm_batched_tf32(const GemmArgs g) {
     gemm_tile_tf32(g, blockIdx.z);
 }
-
-// Two products in one launch (INVDIFF_GEMM_PAIRS; see the header): grid (the larger of the two
-// products' column tiles, the larger of their row tiles, z0 + the second's batch), each block
-// run as `tile` runs it for its product, or returning where its tile lies past that product's
-// rows or columns. Two calls, not one on a chosen reference: each then reads its arguments
-// straight from parameter memory, as the single-product kernel does (through a reference
-// picked at run time, nvcc kept fewer of them in registers and the code changed). No pair of
-// the `_wk` tile: its two copies spill 76 bytes at two blocks a multiprocessor (182
-// registers without that bound), so warp-split products stay one a launch.
-template <int TM, int TN, typename Tile>
-DEVI void pair(const GemmArgs& g0, const GemmArgs& g1, int z0, Tile tile) {
-    const int z = blockIdx.z, m0 = blockIdx.y * TM, n0 = blockIdx.x * TN;
-    if (z < z0) {
-        if (m0 < g0.m && n0 < g0.n) tile(g0, z);
-    } else if (m0 < g1.m && n0 < g1.n) {
-        tile(g1, z - z0);
-    }
-}
-#define GEMM_PAIR(NAME, BOUNDS, TM, TN, CALL)                                                       \
-    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(const GemmArgs g0, const GemmArgs g1, \
-                                                             int z0) {                             \
-        pair<TM, TN>(g0, g1, z0, [](const GemmArgs& g, int z) { CALL; });                       \
-    }
-GEMM_PAIR(gemm_pair, (256), 64, 64, gemm_tile<64>(g, z))
-GEMM_PAIR(gemm_pair_32, (256), 32, 32, gemm_tile<32>(g, z))
-GEMM_PAIR(gemm_pair_prefetch, (256), 64, 64, (gemm_tile<64, true>(g, z)))
-GEMM_PAIR(gemm_pair_32_prefetch, (256), 32, 32, (gemm_tile<32, true>(g, z)))
-GEMM_PAIR(gemm_pair_tf32, (256), 64, 64, gemm_tile_tf32(g, z))
-#undef GEMM_PAIR

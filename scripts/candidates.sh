@@ -22,20 +22,18 @@
 # this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     gn_half_dy_all:INVDIFF_GN_HALF_DY=1
-    gemm_warp_k:INVDIFF_GEMM_WARP_K=1
-    gemm_prefetch:INVDIFF_GEMM_PREFETCH=1
     splitk_ahead:INVDIFF_SPLITK_AHEAD=1
     gn_sums_one_wave:INVDIFF_GN_SUMS_ONE_WAVE=1
     gn_half_ahead:INVDIFF_GN_HALF_AHEAD=1
     narrow_short:INVDIFF_NARROW_SHORT=1
-    class_concurrency:INVDIFF_CLASS_CONCURRENCY=1
-    class_concurrency_streams4:INVDIFF_CLASS_CONCURRENCY=1,INVDIFF_STREAMS=4
-    gemm_pairs:INVDIFF_GEMM_PAIRS=1
-    concat_sums_ahead:INVDIFF_CONCAT_SUMS_AHEAD=1
+    streams4:INVDIFF_STREAMS=4
     wgmma_teams:INVDIFF_WGMMA_TEAMS=1
     wgmma_teams_staggered:INVDIFF_WGMMA_TEAMS=staggered
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1
+    no_class_concurrency:INVDIFF_CLASS_CONCURRENCY=0
+    no_gemm_warp_k:INVDIFF_GEMM_WARP_K=0
+    no_concat_sums_ahead:INVDIFF_CONCAT_SUMS_AHEAD=0
     no_gn_add_residual:INVDIFF_GN_ADD_RESIDUAL=0
     no_gn_half_dy:INVDIFF_GN_HALF_DY=0
     no_concat_from_producers:INVDIFF_CONCAT_FROM_PRODUCERS=0

@@ -79,14 +79,9 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` keeps fp32 concatenations in recording forwards (DPS, ΠGDM; by default 16-bit ones there too, their GroupNorms' backward passes reading 16 bits)",
     ),
     choice(
-        "INVDIFF_GEMM_PREFETCH",
-        ON_OFF,
-        "GPU candidate: `1` has the fp32 attention products load each K slice while the block multiplies the one before (the same bits)",
-    ),
-    choice(
         "INVDIFF_GEMM_WARP_K",
         ON_OFF,
-        "GPU candidate: `1` has the small fp32 attention products (those the 32-wide tiles take; nothing with INVDIFF_GEMM_SMALL_TILES=0) run 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
+        "GPU default: `0` has the small fp32 attention products (those the 32-wide tiles would take; nothing with INVDIFF_GEMM_SMALL_TILES=0) run the 32-wide tiles instead of 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
     ),
     choice(
         "INVDIFF_GN_HALF_AHEAD",
@@ -106,17 +101,12 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_CLASS_CONCURRENCY",
         ON_OFF,
-        "GPU candidate: `1` lets the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) run side by side on the pass's streams (the same bits)",
+        "GPU default: `0` keeps the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) in order instead of side by side on the pass's streams (the same bits)",
     ),
     choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",
         ON_OFF,
-        "GPU candidate: `1` has a 16-bit concatenation's GroupNorm sums over a side already written keep eight pixels' loads ahead instead of four (the same bits)",
-    ),
-    choice(
-        "INVDIFF_GEMM_PAIRS",
-        ON_OFF,
-        "GPU candidate: `1` has the unfused attention's backward pass launch its four products as two pairs (dV beside dP, dQ beside dK): three launches instead of five (the same bits, except with INVDIFF_GEMM_WARP_K=1, whose split products the pairs take on the tiles instead)",
+        "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",
     ),
     choice(
         "INVDIFF_WGMMA_TEAMS",

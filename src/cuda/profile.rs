@@ -324,26 +324,19 @@ impl Step {
                 ..
             } => {
                 let forward = matches!(self, Attention { .. });
-                let paired = matches!(self, AttentionBackward { paired: true, .. });
                 // Q Kᵀ and P V forward; dV, dP, dQ and dK backward: 2 L² d each per head (the
                 // fused kernels' recomputed scores are not counted).
                 let products = if forward { 2.0 } else { 4.0 };
-                // Unfused: three launches forward; five backward, or three with its products
-                // paired.
-                let unfused = if forward || paired { 3 } else { 5 };
+                // Unfused: three launches forward, five backward.
+                let unfused = if forward { 3 } else { 5 };
                 let (variant, launches) = match kernel {
                     AttnKernel::Products => ("", unfused),
                     AttnKernel::Tf32Products => ("tf32 products", unfused),
                     AttnKernel::Flash => ("fused", if forward { 1 } else { 2 }),
                 };
-                let variant = match (variant, paired) {
-                    (v, false) => v.to_string(),
-                    ("", true) => "paired products".to_string(),
-                    (v, true) => format!("{v}, paired"),
-                };
                 StepInfo {
                     flops: products * 2.0 * (n * heads * tokens * tokens * head_dim) as f64,
-                    variant,
+                    variant: variant.to_string(),
                     ..plain(
                         if forward {
                             "attention"
@@ -868,36 +861,6 @@ mod tests {
         assert!(p.steps.iter().all(|s| s.ms == 0.0 && !s.label.is_empty()));
         assert!(p.steps.iter().any(|s| s.variant.starts_with("tc-fp16")));
         assert!(planned_steps(&g, 0, 64, 64, false, 132, Precision::Fp32).is_err());
-    }
-
-    /// With the attention backward's products paired, each unfused attention backward step
-    /// counts three launches instead of five and says so; nothing else changes.
-    #[test]
-    fn paired_attention_products_count_three_launches() {
-        let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
-        let paired = KernelConfig {
-            attention_pairs: true,
-            ..tuned
-        };
-        let build =
-            |c| Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, c).unwrap();
-        let (a, b) = (build(tuned), build(paired));
-        let backward = |p: &Program| {
-            p.step_infos()
-                .into_iter()
-                .filter(|i| i.kind == "attention bwd")
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(backward(&b).len(), 6);
-        assert!(backward(&b)
-            .iter()
-            .all(|i| i.launches == 3 && i.variant.contains("paired")));
-        assert!(backward(&a)
-            .iter()
-            .all(|i| i.launches == 5 && !i.variant.contains("paired")));
-        assert_eq!(a.launches(), b.launches() + 2 * 6);
-        assert_eq!(a.steps.len(), b.steps.len());
     }
 
     #[test]

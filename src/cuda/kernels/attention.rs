@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaStream, DeviceRepr, PushKernelArg};
 
-use super::{cfg, i32_of, i64_of, need, DPtr, Kernels, BLOCK};
+use super::{cfg, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
 use crate::cuda::device::cu;
 use crate::{Error, Result};
 
@@ -107,10 +107,8 @@ pub(crate) struct Gemm {
 /// The kernel of kernels/gemm.cu that runs a batched product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GemmForm {
-    /// Square tiles of `tile` (32 or 64) outputs, with the next K slice's loads issued before
-    /// this one's products where `prefetch` (the `_prefetch` kernels, fp32 only): the same
-    /// bits whatever the tile and prefetch.
-    Tiles { tile: usize, prefetch: bool },
+    /// Square tiles of `tile` (32 or 64) outputs: the same bits whatever the tile.
+    Tiles { tile: usize },
     /// 16 x 32 tiles whose eight warps each multiply an eighth of K (`gemm_batched_wk`, fp32
     /// only): each output's eight runs added in order, another rounding.
     WarpK,
@@ -148,49 +146,36 @@ fn gemm_args(g: &Gemm) -> Result<Option<GemmArgs>> {
     }))
 }
 
-/// The grid of a launch running `products` (one, or a pair one after the other along z) on
-/// blocks of `tm x tn` outputs: the most column and row tiles of any, and every batch.
-fn gemm_grid(products: &[&Gemm], tm: usize, tn: usize) -> Result<(u32, u32, u32)> {
-    let most = |f: &dyn Fn(&Gemm) -> usize| products.iter().map(|g| f(g)).max().unwrap_or(0);
-    let batch: usize = products.iter().map(|g| g.outer * g.inner).sum();
-    let rows = most(&|g| g.m.div_ceil(tm));
-    if batch > 65535 || rows > 65535 {
-        return Err(Error::Cuda(format!(
-            "batched product too large for one launch: batch {batch}, {rows} row tiles"
-        )));
+/// How [`Kernels::gemm`] runs `g` on a device of `sms` multiprocessors. With
+/// `launch.small_tiles`, 32-wide tiles where 64-wide ones would not give every multiprocessor a
+/// block (the same sums in the same order either way), or with `launch.gemm_warp_k` tiles whose
+/// warps split K, which round otherwise: with `per_image` (`--batch-invariant`) that choice is
+/// made for one image's share of the batch, so that an image's results do not depend on the
+/// batch. The tf32 kernel has 64-wide tiles only.
+pub(crate) fn gemm_form(g: &Gemm, sms: u32, launch: &LaunchSwitches, per_image: bool) -> GemmForm {
+    let small = |outer: usize| {
+        let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * outer * g.inner;
+        launch.small_tiles && !g.tf32 && blocks64 < sms as usize
+    };
+    if launch.gemm_warp_k && small(if per_image { 1 } else { g.outer }) {
+        return GemmForm::WarpK;
     }
-    Ok((
-        i32_of(most(&|g| g.n.div_ceil(tn)), "column tiles")? as u32,
-        rows as u32,
-        batch as u32,
-    ))
+    GemmForm::Tiles {
+        tile: if small(g.outer) { 32 } else { 64 },
+    }
 }
 
 impl Kernels {
-    /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views.
-    pub fn gemm(&self, st: &CudaStream, g: &Gemm) -> Result<()> {
-        // With small_tiles, 32-wide tiles where 64-wide ones would not give every
-        // multiprocessor a block (the same sums in the same order either way), or with
-        // gemm_warp_k, tiles whose warps split K; the tf32 kernel has 64-wide tiles only.
-        let blocks64 = g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner;
-        let small = self.launch.small_tiles && !g.tf32 && blocks64 < self.sms as usize;
-        let form = if small && self.launch.gemm_warp_k {
-            GemmForm::WarpK
-        } else {
-            GemmForm::Tiles {
-                tile: if small { 32 } else { 64 },
-                prefetch: self.launch.gemm_prefetch && !g.tf32,
-            }
-        };
-        self.gemm_as(st, g, form)
+    /// `C[z] = alpha A[z] B[z] (+ C[z])` over a batch of `outer x inner` strided views, in
+    /// [`gemm_form`]'s form (`per_image`: planned for one image).
+    pub fn gemm(&self, st: &CudaStream, g: &Gemm, per_image: bool) -> Result<()> {
+        self.gemm_as(st, g, gemm_form(g, self.sms, &self.launch, per_image))
     }
 
     /// [`gemm`](Self::gemm) in `form`.
     pub(crate) fn gemm_as(&self, st: &CudaStream, g: &Gemm, form: GemmForm) -> Result<()> {
         let fits = match form {
-            GemmForm::Tiles { tile, prefetch } => {
-                tile == 64 && !(prefetch && g.tf32) || tile == 32 && !g.tf32
-            }
+            GemmForm::Tiles { tile } => tile == 64 || tile == 32 && !g.tf32,
             GemmForm::WarpK => !g.tf32,
         };
         if !fits {
@@ -204,94 +189,33 @@ impl Kernels {
         };
         // A block's outputs: (rows, columns).
         let (tm, tn) = match form {
-            GemmForm::Tiles { tile, .. } => (tile, tile),
+            GemmForm::Tiles { tile } => (tile, tile),
             GemmForm::WarpK => (16, 32),
         };
         let f = match form {
             _ if g.tf32 => &self.gemm_batched_tf32,
             GemmForm::WarpK => &self.gemm_batched_wk,
-            GemmForm::Tiles { tile: 32, prefetch } => match prefetch {
-                false => &self.gemm_batched_32,
-                true => &self.gemm_batched_32_prefetch,
-            },
-            GemmForm::Tiles { prefetch, .. } => match prefetch {
-                false => &self.gemm_batched,
-                true => &self.gemm_batched_prefetch,
-            },
+            GemmForm::Tiles { tile: 32 } => &self.gemm_batched_32,
+            GemmForm::Tiles { .. } => &self.gemm_batched,
         };
-        let grid = gemm_grid(&[g], tm, tn)?;
+        let (rows, cols) = (g.m.div_ceil(tm), g.n.div_ceil(tn));
+        let batch = g.outer * g.inner;
+        if batch > 65535 || rows > 65535 {
+            return Err(Error::Cuda(format!(
+                "batched product too large for one launch: batch {batch}, {rows} row tiles"
+            )));
+        }
+        let grid = (
+            i32_of(cols, "column tiles")? as u32,
+            rows as u32,
+            batch as u32,
+        );
         let mut b = st.launch_builder(f);
         b.arg(&args);
         // SAFETY: every view lies inside its buffer (the caller's contract).
         cu(
             unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
             "launching gemm_batched",
-        )
-    }
-
-    /// Two independent products in one launch (`gemm_pair*`, kernels/gemm.cu): the same
-    /// results, bit for bit, as [`gemm`](Self::gemm) of each where that takes the tiles (the
-    /// tile size changes no bits). The pair takes 32-wide tiles where 64-wide ones of the two
-    /// together would not give every multiprocessor a block, and the tiles even where
-    /// `INVDIFF_GEMM_WARP_K` would split K (there is no pair of that kernel); both in fp32, or
-    /// both on tf32.
-    pub fn gemm_pair(&self, st: &CudaStream, g0: &Gemm, g1: &Gemm) -> Result<()> {
-        let blocks64: usize = [g0, g1]
-            .iter()
-            .map(|g| g.m.div_ceil(64) * g.n.div_ceil(64) * g.outer * g.inner)
-            .sum();
-        let small = self.launch.small_tiles && !g0.tf32 && blocks64 < self.sms as usize;
-        let tile = if small { 32 } else { 64 };
-        let prefetch = self.launch.gemm_prefetch && !g0.tf32;
-        self.gemm_pair_as(st, g0, g1, tile, prefetch)
-    }
-
-    /// [`gemm_pair`](Self::gemm_pair) on tiles of `tile` (32 or 64), the next slice's loads
-    /// ahead where `prefetch`.
-    pub(crate) fn gemm_pair_as(
-        &self,
-        st: &CudaStream,
-        g0: &Gemm,
-        g1: &Gemm,
-        tile: usize,
-        prefetch: bool,
-    ) -> Result<()> {
-        let tf32 = g0.tf32;
-        if g1.tf32 != tf32 || !(tile == 64 || tile == 32 && !tf32) || prefetch && tf32 {
-            return Err(Error::Cuda(format!(
-                "internal: no paired-product kernel for {tile}-wide tiles (prefetch {prefetch}, \
-                 tf32 {tf32} and {})",
-                g1.tf32
-            )));
-        }
-        let form = GemmForm::Tiles { tile, prefetch };
-        let (a0, a1) = match (gemm_args(g0)?, gemm_args(g1)?) {
-            // More images than one launch's grid holds together: one a launch.
-            (Some(_), Some(_)) if g0.outer * g0.inner + g1.outer * g1.inner > 65535 => {
-                self.gemm_as(st, g0, form)?;
-                return self.gemm_as(st, g1, form);
-            }
-            (Some(a0), Some(a1)) => (a0, a1),
-            // One of them empty: the other alone.
-            (Some(_), None) => return self.gemm_as(st, g0, form),
-            (None, Some(_)) => return self.gemm_as(st, g1, form),
-            (None, None) => return Ok(()),
-        };
-        let f = match (tf32, tile, prefetch) {
-            (true, ..) => &self.gemm_pair_tf32,
-            (false, 32, false) => &self.gemm_pair_32,
-            (false, 32, true) => &self.gemm_pair_32_prefetch,
-            (false, _, false) => &self.gemm_pair,
-            (false, _, true) => &self.gemm_pair_prefetch,
-        };
-        let grid = gemm_grid(&[g0, g1], tile, tile)?;
-        let z0 = i32_of(g0.outer * g0.inner, "first batch")?;
-        let mut b = st.launch_builder(f);
-        b.arg(&a0).arg(&a1).arg(&z0);
-        // SAFETY: every view of both products lies inside its buffer (the caller's contract).
-        cu(
-            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
-            "launching gemm_pair",
         )
     }
 
@@ -434,5 +358,63 @@ impl Kernels {
             unsafe { b.launch(self.warps(rows)) }.map(drop),
             "launching softmax_backward",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// celebahq's attention products (256 tokens, one head of 512) on 132 multiprocessors:
+    /// planned for the batch, the warp-split kernel (which rounds otherwise) gives way to the
+    /// 64-wide tiles once the batch fills the device; planned per image, it never does, so an
+    /// image's sums do not depend on the batch.
+    #[test]
+    fn per_image_plans_keep_one_images_product_kernel_at_any_batch() {
+        let launch = LaunchSwitches {
+            small_tiles: true,
+            gemm_warp_k: true,
+            ..LaunchSwitches::default()
+        };
+        // S = q kᵀ (16 tiles of 64 x 64 an image) and P v (32).
+        for (m, n) in [(256, 256), (256, 512)] {
+            let form = |outer, per_image| {
+                let g = Gemm {
+                    m,
+                    n,
+                    k: 512,
+                    outer,
+                    inner: 1,
+                    ..Gemm::default()
+                };
+                gemm_form(&g, 132, &launch, per_image)
+            };
+            assert_eq!(form(1, false), GemmForm::WarpK);
+            assert_eq!(form(32, false), GemmForm::Tiles { tile: 64 });
+            for outer in [1, 4, 9, 32] {
+                assert_eq!(form(outer, true), GemmForm::WarpK, "{m}x{n}, batch {outer}");
+            }
+        }
+        // Without the warp-split kernel: 32- or 64-wide tiles, the same sums either way.
+        let tiles = LaunchSwitches {
+            gemm_warp_k: false,
+            ..launch
+        };
+        let g = |outer| Gemm {
+            m: 256,
+            n: 256,
+            k: 512,
+            outer,
+            inner: 1,
+            ..Gemm::default()
+        };
+        assert_eq!(
+            gemm_form(&g(1), 132, &tiles, true),
+            GemmForm::Tiles { tile: 32 }
+        );
+        assert_eq!(
+            gemm_form(&g(32), 132, &tiles, true),
+            GemmForm::Tiles { tile: 64 }
+        );
     }
 }

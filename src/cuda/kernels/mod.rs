@@ -27,7 +27,7 @@
 //!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (unless
 //!   `INVDIFF_GEMM_SMALL_TILES=0`, where that grid has fewer blocks than multiprocessors):
-//!   (⌈n/32⌉, ⌈m/32⌉, batch), or with `INVDIFF_GEMM_WARP_K=1` `gemm_batched_wk`:
+//!   (⌈n/32⌉, ⌈m/32⌉, batch), or by default `gemm_batched_wk` ([`Kernels::gemm`]):
 //!   (⌈n/32⌉, ⌈m/16⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
 //!   `gemm_batched`;
 //! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
@@ -170,11 +170,9 @@ pub(crate) struct LaunchSwitches {
     /// Batched products that would leave multiprocessors idle take 32-wide tiles (unless
     /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
     pub small_tiles: bool,
-    /// The fp32 batched products issue the next K slice's loads before this one's products
-    /// (`INVDIFF_GEMM_PREFETCH=1`).
-    pub gemm_prefetch: bool,
-    /// Small batched products take `gemm_batched_wk`, whose warps split K
-    /// (`INVDIFF_GEMM_WARP_K=1`; another rounding).
+    /// Small batched products take `gemm_batched_wk`, whose warps split K (unless
+    /// `INVDIFF_GEMM_WARP_K=0`; another rounding; 1.6% off a bf16 DPS step at batch 1 on an
+    /// H200).
     pub gemm_warp_k: bool,
     /// Split launches reduce with `conv_splitk_reduce_ahead` where it fits
     /// (`INVDIFF_SPLITK_AHEAD=1`).
@@ -183,7 +181,7 @@ pub(crate) struct LaunchSwitches {
     /// the 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
     pub narrow_short: bool,
     /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
-    /// (`INVDIFF_CONCAT_SUMS_AHEAD=1`).
+    /// (unless `INVDIFF_CONCAT_SUMS_AHEAD=0`; 1% off a bf16 forward at batch 8 on an H200).
     pub concat_sums_ahead: bool,
     /// The GroupNorm backward passes of 16-bit output gradients sum in one wave
     /// (`INVDIFF_GN_SUMS_ONE_WAVE=1`).
@@ -199,11 +197,10 @@ impl LaunchSwitches {
         let on = |name| switches::is(name, "1");
         LaunchSwitches {
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
-            gemm_prefetch: on("INVDIFF_GEMM_PREFETCH"),
-            gemm_warp_k: on("INVDIFF_GEMM_WARP_K"),
+            gemm_warp_k: !switches::is("INVDIFF_GEMM_WARP_K", "0"),
             splitk_ahead: on("INVDIFF_SPLITK_AHEAD"),
             narrow_short: on("INVDIFF_NARROW_SHORT"),
-            concat_sums_ahead: on("INVDIFF_CONCAT_SUMS_AHEAD"),
+            concat_sums_ahead: !switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "0"),
             gn_sums_one_wave: on("INVDIFF_GN_SUMS_ONE_WAVE"),
             gn_half_ahead: on("INVDIFF_GN_HALF_AHEAD"),
         }
@@ -213,7 +210,6 @@ impl LaunchSwitches {
     pub fn describe(&self) -> Vec<&'static str> {
         [
             (self.small_tiles, "small product tiles"),
-            (self.gemm_prefetch, "product slices prefetched"),
             (self.gemm_warp_k, "product warps splitting K"),
             (self.splitk_ahead, "split-K reductions with loads ahead"),
             (
@@ -238,7 +234,7 @@ impl LaunchSwitches {
 #[derive(Clone)]
 pub(crate) struct Kernels {
     sms: u32,
-    /// The launch choices the switches make (`INVDIFF_GEMM_PREFETCH`, ...).
+    /// The launch choices the switches make (`INVDIFF_GEMM_WARP_K`, ...).
     launch: LaunchSwitches,
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
@@ -257,15 +253,7 @@ pub(crate) struct Kernels {
     gemm_batched: CudaFunction,
     gemm_batched_32: CudaFunction,
     gemm_batched_tf32: CudaFunction,
-    gemm_batched_prefetch: CudaFunction,
-    gemm_batched_32_prefetch: CudaFunction,
     gemm_batched_wk: CudaFunction,
-    /// Two products a launch (`gemm_pair*`, [`Kernels::gemm_pair`]).
-    gemm_pair: CudaFunction,
-    gemm_pair_32: CudaFunction,
-    gemm_pair_prefetch: CudaFunction,
-    gemm_pair_32_prefetch: CudaFunction,
-    gemm_pair_tf32: CudaFunction,
     softmax_forward: CudaFunction,
     softmax_backward: CudaFunction,
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
@@ -506,14 +494,7 @@ impl Kernels {
             gemm_batched: get("gemm", "gemm_batched")?,
             gemm_batched_32: get("gemm", "gemm_batched_32")?,
             gemm_batched_tf32: get("gemm", "gemm_batched_tf32")?,
-            gemm_batched_prefetch: get("gemm", "gemm_batched_prefetch")?,
-            gemm_batched_32_prefetch: get("gemm", "gemm_batched_32_prefetch")?,
             gemm_batched_wk: get("gemm", "gemm_batched_wk")?,
-            gemm_pair: get("gemm", "gemm_pair")?,
-            gemm_pair_32: get("gemm", "gemm_pair_32")?,
-            gemm_pair_prefetch: get("gemm", "gemm_pair_prefetch")?,
-            gemm_pair_32_prefetch: get("gemm", "gemm_pair_32_prefetch")?,
-            gemm_pair_tf32: get("gemm", "gemm_pair_tf32")?,
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             attention_flash,

@@ -227,7 +227,7 @@ impl Lowering<'_> {
                     head_dim,
                     accumulate: acc,
                     kernel,
-                    paired: self.choice.attention_pairs && kernel != AttnKernel::Flash,
+                    per_image: self.choice.batch_invariant,
                 });
             }
             Op::Upsample { x, .. } => {

@@ -182,6 +182,7 @@ impl Lowering<'_> {
                     heads,
                     head_dim,
                     kernel,
+                    per_image: self.choice.batch_invariant,
                 });
             }
             // Folded into the convolution that reads it: no step.

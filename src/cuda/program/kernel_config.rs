@@ -173,11 +173,6 @@ pub(crate) struct KernelConfig {
     /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
     /// so the same bits.
     pub class_concurrency: bool,
-    /// The unfused attention's backward pass launches its four products as two pairs
-    /// ([`Kernels::gemm_pair`](crate::cuda::kernels::Kernels::gemm_pair): dV beside dP, then
-    /// dQ beside dK), three launches instead of five; the same bits where the products take the
-    /// tiles (they take them even where `INVDIFF_GEMM_WARP_K` would split K).
-    pub attention_pairs: bool,
     /// Whether the unsplit staged TMA launches that the tall tiles would take (at least a
     /// wave of them) run as persistent teams instead ([`WgmmaTile::Teams`],
     /// [`WgmmaTile::StaggeredTeams`]): two teams of the plain tile's warpgroups a
@@ -252,7 +247,6 @@ impl Default for KernelConfig {
             half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
             class_concurrency: false,
-            attention_pairs: false,
             wgmma_teams: Teams::Off,
             batch_invariant: false,
         }
@@ -298,6 +292,11 @@ impl KernelConfig {
     /// change); a second run, against those with them: 16-bit output gradients for the
     /// GroupNorm backward passes over 16-bit inputs -1.0% off the DPS step, for every pass
     /// that can -0.8% (those over fp32 inputs got slower, 753 -> 777 us in all).
+    /// Stop 34 (2026-11-28, H200), against those defaults in the same run, batch 1 forward /
+    /// DPS step / batch 8 / batch 32: parity classes side by side -1.6% / -1.8% / -0.4% /
+    /// -0.4%; with the launch choices of [`LaunchSwitches`](crate::cuda::kernels::LaunchSwitches)
+    /// that became defaults then (warp-split attention products, concatenation sums eight
+    /// pixels ahead) -3.2% / -3.5% / -0.5% / -0.4%.
     pub fn tuned(here: Capabilities, precision: Precision) -> Self {
         KernelConfig {
             deep: true,
@@ -331,8 +330,7 @@ impl KernelConfig {
                 false => HalfGrads::Off,
             },
             fold_residual_grads: true,
-            class_concurrency: false,
-            attention_pairs: false,
+            class_concurrency: true,
             wgmma_teams: Teams::Off,
             batch_invariant: false,
         }
@@ -392,7 +390,6 @@ impl KernelConfig {
             },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
-            attention_pairs: kept("INVDIFF_GEMM_PAIRS", tuned.attention_pairs),
             wgmma_teams: match switches::value("INVDIFF_WGMMA_TEAMS").as_deref() {
                 _ if !wgmma => Teams::Off,
                 Some("1") => Teams::Turns,
@@ -468,7 +465,6 @@ impl KernelConfig {
                 "residual gradients added by GroupNorms",
             ),
             (self.class_concurrency, "parity classes side by side"),
-            (self.attention_pairs, "attention backward products paired"),
             (
                 self.wgmma_teams == Teams::Turns,
                 "persistent wgmma teams taking turns",

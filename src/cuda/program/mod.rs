@@ -204,6 +204,8 @@ pub(crate) enum Step {
         heads: usize,
         head_dim: usize,
         kernel: AttnKernel,
+        /// Its products' kernels chosen for one image ([`KernelConfig::batch_invariant`]).
+        per_image: bool,
     },
     AttentionBackward {
         qkv: Buf,
@@ -218,9 +220,8 @@ pub(crate) enum Step {
         head_dim: usize,
         accumulate: bool,
         kernel: AttnKernel,
-        /// Its products launched in two pairs ([`KernelConfig::attention_pairs`]; not with
-        /// the fused kernels).
-        paired: bool,
+        /// As for [`Step::Attention`].
+        per_image: bool,
     },
     Upsample {
         x: Buf,

@@ -1893,7 +1893,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 19] = [
+    let flags: [fn(&mut KernelConfig); 18] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1911,7 +1911,6 @@ fn every_choice_has_a_name() {
         |c| c.half_norm_grads = HalfGrads::Everywhere,
         |c| c.fold_residual_grads = true,
         |c| c.class_concurrency = true,
-        |c| c.attention_pairs = true,
         |c| c.wgmma_teams = Teams::Turns,
     ];
     let mut all = KernelConfig::default();

@@ -13,12 +13,11 @@ use crate::Result;
 const ATTENTION_TF32_GRAD: f64 = 5e-3;
 
 impl Tester<'_> {
-    /// The attention products' kernel in both tile sizes, with and without the next K slice
-    /// prefetched (`INVDIFF_GEMM_PREFETCH`): a strided batch (three K slices, the last
-    /// partial), scaled and accumulated, against the CPU, and every form against the plain
-    /// 64-wide one, held to 0 (each output sums its products in the same order); the tiles
-    /// whose warps split K (`INVDIFF_GEMM_WARP_K`; five of the eight warps with a share, the
-    /// last short) against the CPU. Two layouts, for the two ways each operand's loads follow
+    /// The attention products' kernel in both tile sizes: a strided batch (three K slices, the
+    /// last partial), scaled and accumulated, against the CPU, and the 32-wide tiles against
+    /// the 64-wide ones, held to 0 (each output sums its products in the same order); the
+    /// tiles whose warps split K (`INVDIFF_GEMM_WARP_K`; five of the eight warps with a share,
+    /// the last short) against the CPU. Two layouts, for the two ways each operand's loads follow
     /// its unit stride: A by rows and B by columns (`P v`'s), then both along K (`q kᵀ`'s).
     /// Then small products overwriting C with K shorter than a warp's slice, and with no K at
     /// all, adding nothing to C.
@@ -112,14 +111,11 @@ impl Tester<'_> {
             }
         );
         let mut plain = None;
-        for (tile, prefetch) in [(64, false), (32, false), (64, true), (32, true)] {
-            let form = GemmForm::Tiles { tile, prefetch };
+        for tile in [64, 32] {
+            let form = GemmForm::Tiles { tile };
             let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm_as(st, &g, form))?;
             let got = cd.download(st)?;
-            let form = format!(
-                "{tile}-wide tiles{}",
-                if prefetch { ", slices prefetched" } else { "" }
-            );
+            let form = format!("{tile}-wide tiles");
             self.row(
                 format!("batched product, {form}"),
                 desc.clone(),
@@ -139,7 +135,6 @@ impl Tester<'_> {
                 ),
             }
         }
-        self.paired_product_rows(&g, &c0, &mut cd, &desc)?;
         let ms = self.timed(
             || cd.write(st, &c0),
             || gpu.kernels.gemm_as(st, &g, GemmForm::WarpK),
@@ -153,7 +148,7 @@ impl Tester<'_> {
         );
         // On the tf32 tensor cores: operands rounded to tf32.
         let tf32 = Gemm { tf32: true, ..g };
-        let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm(st, &tf32))?;
+        let ms = self.timed(|| cd.write(st, &c0), || gpu.kernels.gemm(st, &tf32, false))?;
         self.row_within(
             "batched product, tf32 tensor cores".into(),
             desc,
@@ -162,80 +157,6 @@ impl Tester<'_> {
             ms,
             tensor_core_tolerance(Precision::Tf32),
         );
-        Ok(())
-    }
-
-    /// Two products in one launch (`gemm_pair*`, INVDIFF_GEMM_PAIRS) in every tile form and
-    /// on tf32, each output against its product's own launch to the bit: `g` (whose C is
-    /// `cd`, starting from `c0`) beside a second of its operands with fewer rows, columns and
-    /// (where `g` has more than one) images, another scale and the other accumulation, into a
-    /// C of its own; in both orders, so that the first product and the second each have
-    /// blocks past their tiles.
-    fn paired_product_rows(
-        &mut self,
-        g: &Gemm,
-        c0: &[f32],
-        cd: &mut DevBuf,
-        desc: &str,
-    ) -> Result<()> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
-        let c1 = self.rand(c0.len(), -1.0, 1.0);
-        let mut c1d = self.up(&c1)?;
-        for (tile, prefetch, tf32) in [
-            (64, false, false),
-            (32, false, false),
-            (64, true, false),
-            (32, true, false),
-            (64, false, true),
-        ] {
-            let big = Gemm { tf32, ..*g };
-            let small = Gemm {
-                c: c1d.ptr,
-                m: g.m - g.m / 3,
-                n: g.n - g.n / 4,
-                outer: g.outer.max(2) - 1,
-                alpha: 2.0,
-                accumulate: !g.accumulate,
-                ..big
-            };
-            let form = GemmForm::Tiles { tile, prefetch };
-            cd.write(st, c0)?;
-            c1d.write(st, &c1)?;
-            gpu.kernels.gemm_as(st, &big, form)?;
-            gpu.kernels.gemm_as(st, &small, form)?;
-            let want = [cd.download(st)?, c1d.download(st)?];
-            let form = format!(
-                "{tile}-wide tiles{}{}",
-                if prefetch { ", slices prefetched" } else { "" },
-                if tf32 { ", tf32" } else { "" }
-            );
-            for (order, g0, g1) in [
-                ("larger first", &big, &small),
-                ("smaller first", &small, &big),
-            ] {
-                let ms = self.timed(
-                    || {
-                        cd.write(st, c0)?;
-                        c1d.write(st, &c1)
-                    },
-                    || gpu.kernels.gemm_pair_as(st, g0, g1, tile, prefetch),
-                )?;
-                let got = [cd.download(st)?, c1d.download(st)?];
-                for (which, got, want) in [
-                    ("larger", &got[0], &want[0]),
-                    ("smaller", &got[1], &want[1]),
-                ] {
-                    self.row_within(
-                        format!("paired products, {form}, {order}: the {which} vs its own launch"),
-                        desc.to_string(),
-                        got,
-                        want,
-                        ms,
-                        0.0,
-                    );
-                }
-            }
-        }
         Ok(())
     }
 
@@ -289,6 +210,7 @@ impl Tester<'_> {
                     heads,
                     head_dim,
                     kernel,
+                    per_image: false,
                 };
                 let pd = self.zeros(n * heads * kernel.saved_len(tokens))?;
                 let od = self.zeros(want.len())?;
@@ -307,53 +229,94 @@ impl Tester<'_> {
                 let mut gd = self.up(&g0)?;
                 let g_ptr = gd.ptr;
                 let scratch = self.zeros(n * heads * kernel.saved_len(tokens))?;
-                // Unpaired, then (unfused) with its products paired (INVDIFF_GEMM_PAIRS): the
-                // same bits, unless INVDIFF_GEMM_WARP_K splits the unpaired fp32 products' K
-                // (the pairs take the tiles), when both are held to the CPU.
-                let pairs: &[bool] = match kernel {
-                    AttnKernel::Flash => &[false],
-                    _ => &[false, true],
-                };
-                let split_k =
-                    kernel == AttnKernel::Products && gpu.kernels.launch_switches().gemm_warp_k;
-                let mut unpaired = None;
-                for &paired in pairs {
-                    let ms = self.timed(
-                        || gd.write(st, &g0),
-                        || {
-                            attention_backward(
-                                &gpu.kernels,
-                                st,
-                                a,
-                                qd.ptr,
-                                pd.ptr,
-                                od.ptr,
-                                dd.ptr,
-                                g_ptr,
-                                scratch.ptr,
-                                accumulate,
-                                paired,
-                            )
-                        },
-                    )?;
-                    let got = gd.download(st)?;
-                    let op = format!("attention input-grad{}{mode}", acc_name(accumulate));
-                    match &unpaired {
-                        None => {
-                            self.row_within(op, desc.clone(), &got, &want_g, ms, limits.1);
-                            unpaired = Some(got);
-                        }
-                        Some(_) if split_k => {
-                            let op = format!("{op}, products paired");
-                            self.row_within(op, desc.clone(), &got, &want_g, ms, limits.1);
-                        }
-                        Some(first) => {
-                            let op = format!("{op}, products paired vs one a launch");
-                            self.row_within(op, desc.clone(), &got, first, ms, 0.0);
-                        }
-                    }
-                }
+                let ms = self.timed(
+                    || gd.write(st, &g0),
+                    || {
+                        attention_backward(
+                            &gpu.kernels,
+                            st,
+                            a,
+                            qd.ptr,
+                            pd.ptr,
+                            od.ptr,
+                            dd.ptr,
+                            g_ptr,
+                            scratch.ptr,
+                            accumulate,
+                        )
+                    },
+                )?;
+                self.row_within(
+                    format!("attention input-grad{}{mode}", acc_name(accumulate)),
+                    desc.clone(),
+                    &gd.download(st)?,
+                    &want_g,
+                    ms,
+                    limits.1,
+                );
             }
+        }
+        self.per_image_attention_rows()
+    }
+
+    /// The celebahq attention (256 tokens, one head of 512) planned per image
+    /// (`--batch-invariant`) in a batch large enough that the products' kernels chosen for the
+    /// whole batch would be the 64-wide tiles where one image's are the warp-split ones (which
+    /// round otherwise): image 0's output and input gradient against its own alone, bit for
+    /// bit.
+    fn per_image_attention_rows(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (tokens, inner) = (256, 512);
+        // S = q kᵀ has 16 blocks of 64 x 64 outputs an image.
+        let n = self.gpu.sms() / 16 + 1;
+        let run = |images: usize, qkv: &DevBuf, dout: &DevBuf| -> Result<[Vec<f32>; 2]> {
+            let a = Attn {
+                n: images,
+                tokens,
+                heads: 1,
+                head_dim: inner,
+                kernel: AttnKernel::Products,
+                per_image: true,
+            };
+            let saved = DevBuf::zeros(st, images * tokens * tokens)?;
+            let scratch = DevBuf::zeros(st, images * tokens * tokens)?;
+            let out = DevBuf::zeros(st, images * tokens * inner)?;
+            let grad = DevBuf::zeros(st, images * tokens * 3 * inner)?;
+            attention_forward(&gpu.kernels, st, a, qkv.ptr, saved.ptr, out.ptr)?;
+            attention_backward(
+                &gpu.kernels,
+                st,
+                a,
+                qkv.ptr,
+                saved.ptr,
+                out.ptr,
+                dout.ptr,
+                grad.ptr,
+                scratch.ptr,
+                false,
+            )?;
+            Ok([out.download(st)?, grad.download(st)?])
+        };
+        let qkv = self.rand(n * tokens * 3 * inner, -1.5, 1.5);
+        let dout = self.rand(n * tokens * inner, -1.0, 1.0);
+        let batch = run(n, &self.up(&qkv)?, &self.up(&dout)?)?;
+        let one = run(
+            1,
+            &self.up(&qkv[..tokens * 3 * inner])?,
+            &self.up(&dout[..tokens * inner])?,
+        )?;
+        for (what, batch, one) in [
+            ("forward", &batch[0], &one[0]),
+            ("input-grad", &batch[1], &one[1]),
+        ] {
+            self.row_within(
+                format!("attention {what}, planned per image: image 0 of the batch vs alone"),
+                format!("n{n} L{tokens} 1x{inner}"),
+                &batch[..one.len()],
+                one,
+                0.0,
+                0.0,
+            );
         }
         Ok(())
     }

@@ -3,19 +3,16 @@
 //! (`conv_splitk_reduce_ahead`, `INVDIFF_SPLITK_AHEAD`), and the 3-channel image convolutions'
 //! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`); and how the
 //! launches are scheduled: a convolution's parity-class launches side by side on the streams
-//! (`INVDIFF_CLASS_CONCURRENCY`), whole networks against the schedule that orders them; and
-//! the attention backward's products launched in pairs (`INVDIFF_GEMM_PAIRS`), whole networks
-//! against one product a launch. A group of its own, run last: a candidate's kernel that
-//! faults ends no other check.
+//! (`INVDIFF_CLASS_CONCURRENCY`), whole networks against the schedule that orders them. A group
+//! of its own, run last: a candidate's kernel that faults ends no other check.
 
 use super::conv_variants::wgmma_path;
-use super::networks::{LAUNCHES, ORDERED_PAIRS};
+use super::networks::ORDERED_PAIRS;
 use super::{epilogue_setups, path, Tester};
 use crate::cuda::kernels::{
     plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, LaunchSwitches, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
-use crate::cuda::program::KernelConfig;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevBuf;
@@ -274,30 +271,5 @@ impl Tester<'_> {
         }
         let set = CudaUnet::set_class_concurrency;
         self.same_bits_choice_unets(ordinal, op, set, ORDERED_PAIRS)
-    }
-
-    /// The same networks with the attention backward's products launched in pairs
-    /// (`INVDIFF_GEMM_PAIRS`): a DPS step in fewer launches, and the same bits as one product
-    /// a launch. Not where `INVDIFF_GEMM_WARP_K` splits the unpaired products' K (the pairs
-    /// take the tiles, another rounding), nor where `INVDIFF_ATTN_FLASH` fuses every attention
-    /// of these networks (one head of 512 channels), leaving no products to pair: a row says
-    /// so instead.
-    pub(super) fn attention_pair_unets(&mut self, ordinal: usize) -> Result<()> {
-        let op = "attention products paired";
-        let caps = self.gpu.kernels.capabilities();
-        let skip = if self.gpu.kernels.launch_switches().gemm_warp_k {
-            Some("INVDIFF_GEMM_WARP_K=1 rounds the unpaired products otherwise")
-        } else if KernelConfig::from_switches(caps, Precision::Bf16).attention_flash {
-            Some("INVDIFF_ATTN_FLASH=1 fuses these attentions")
-        } else {
-            None
-        };
-        if let Some(why) = skip {
-            let why = format!("not checked: {why}");
-            self.check_row(format!("celebahq forward + vjp, {op}"), why, true);
-            return Ok(());
-        }
-        let set = CudaUnet::set_attention_pairs;
-        self.same_bits_choice_unets(ordinal, op, set, LAUNCHES)
     }
 }

@@ -203,8 +203,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("launch options", |t, o| {
             t.split_reductions()?;
             t.narrow_tiles()?;
-            t.class_concurrency_unets(o)?;
-            t.attention_pair_unets(o)
+            t.class_concurrency_unets(o)
         }),
         ("persistent teams", |t, o| t.teams(o)),
     ];

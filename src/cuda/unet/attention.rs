@@ -14,6 +14,9 @@ pub(crate) struct Attn {
     pub heads: usize,
     pub head_dim: usize,
     pub kernel: AttnKernel,
+    /// The products' kernels chosen for one image's share of the batch (`--batch-invariant`;
+    /// [`Kernels::gemm`]'s `per_image`).
+    pub per_image: bool,
 }
 
 /// How an attention runs.
@@ -95,6 +98,7 @@ pub(crate) fn attention_forward(
             c_bi: ll,
             ..base
         },
+        a.per_image,
     )?;
     k.softmax(st, probs, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt())?;
     // O = P V.
@@ -120,14 +124,13 @@ pub(crate) fn attention_forward(
             c_bi: d,
             ..base
         },
+        a.per_image,
     )
 }
 
 /// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given what the
 /// forward saved, its output `o` (read by [`AttnKernel::Flash`] only) and `dy` = dO; `scratch`
-/// holds [`AttnKernel::saved_len`] floats per (image, head). With `paired` (not for the fused
-/// kernels), the four products in two launches of two ([`Kernels::gemm_pair`]): dV beside dP,
-/// then dQ beside dK.
+/// holds [`AttnKernel::saved_len`] floats per (image, head).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     k: &Kernels,
@@ -140,7 +143,6 @@ pub(crate) fn attention_backward(
     dqkv: DPtr,
     scratch: DPtr,
     accumulate: bool,
-    paired: bool,
 ) -> Result<()> {
     if a.kernel == AttnKernel::Flash {
         let backward = Some((o, dy, scratch, accumulate));
@@ -237,16 +239,9 @@ pub(crate) fn attention_backward(
             ..base
         }
     });
-    let softmax =
-        || k.softmax_backward(st, probs, ds, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt());
-    if paired {
-        k.gemm_pair(st, &dv, &dp)?;
-        softmax()?;
-        return k.gemm_pair(st, &dq, &dk);
-    }
-    k.gemm(st, &dv)?;
-    k.gemm(st, &dp)?;
-    softmax()?;
-    k.gemm(st, &dq)?;
-    k.gemm(st, &dk)
+    k.gemm(st, &dv, a.per_image)?;
+    k.gemm(st, &dp, a.per_image)?;
+    k.softmax_backward(st, probs, ds, a.n * a.heads * l, l, 1.0 / (d as f32).sqrt())?;
+    k.gemm(st, &dq, a.per_image)?;
+    k.gemm(st, &dk, a.per_image)
 }

@@ -332,12 +332,6 @@ impl CudaUnet {
         });
     }
 
-    /// Launches the unfused attention backward's products in pairs (`on`,
-    /// [`KernelConfig::attention_pairs`]) or one a launch, for comparisons; drops every plan.
-    pub(crate) fn set_attention_pairs(&mut self, on: bool) {
-        self.change_choice(|c| c.attention_pairs = on);
-    }
-
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {

@@ -213,6 +213,7 @@ pub(super) fn launch(
             heads,
             head_dim,
             kernel,
+            per_image,
         } => attention_forward(
             k,
             st,
@@ -222,6 +223,7 @@ pub(super) fn launch(
                 heads,
                 head_dim,
                 kernel,
+                per_image,
             },
             p(qkv),
             p(saved),
@@ -239,7 +241,7 @@ pub(super) fn launch(
             head_dim,
             accumulate,
             kernel,
-            paired,
+            per_image,
         } => attention_backward(
             k,
             st,
@@ -249,6 +251,7 @@ pub(super) fn launch(
                 heads,
                 head_dim,
                 kernel,
+                per_image,
             },
             p(qkv),
             p(saved),
@@ -257,7 +260,6 @@ pub(super) fn launch(
             p(dqkv),
             p(scratch),
             accumulate,
-            paired,
         ),
         Step::Upsample {
             x,
