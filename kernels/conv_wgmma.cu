@@ -72,17 +72,6 @@
 // epilogue only starts once every copy into the stages has landed. The GroupNorm sums read the
 // finished values where the fragment epilogue would have staged them.
 //
-// Persistent teams (the `_teams` kernels, INVDIFF_WGMMA_TEAMS; TMA loads, staged epilogue,
-// unsplit, with and without the fused shortcut): the tall tile's launches at 256x256 spend as
-// long on what is not products as on the products at K = 1152 (the H200 profiles of stop 28:
-// 23.5 us a wave of tiles at b8, 35.9 at K = 2304, so about 11 us a tile besides 0.69 us a
-// slice), and with one block a multiprocessor nothing overlaps a tile's epilogue, or its first
-// copies, with the products of another. These blocks hold two plain tiles' teams (wg_teams),
-// one block a multiprocessor looping over the tiles, the teams taking turns on the tensor
-// cores (`_teams`) or running free after a staggered start (`_teams_staggered`). The register
-// budget is the plain tile's (128 a thread); ptxas spills 20-36 bytes, in thread 0's copy
-// issue and outside the products' loop.
-//
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment for D"): warp v of a
 // warpgroup holds rows 16v .. 16v + 15; d[4j + e] is row g (+8 for e >= 2), column 8j + 2q + e % 2
 // (g = lane / 4, q = lane % 4): mma.sync's C fragment, once per 8 columns.
@@ -166,8 +155,6 @@ DEVI void mbar_init(uint32_t bar, int count) {
 DEVI void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// One arrival without copies.
-DEVI void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory"); }
 // Cycles a copy may keep a stage's barrier waiting (about 2 s) before mbar_wait traps.
 constexpr long long MBAR_TIMEOUT_CYCLES = 4LL << 30;
 // Waits until phase `parity` of the barrier has completed. Copies whose bytes never arrive (a
@@ -416,20 +403,6 @@ DEVI void wg_epilogue(const ConvArgs& a, const float (&acc)[64], int M, int m0, 
     }
 }
 
-// The threads that share a tile and its stages: the whole block, or one team of a `_teams`
-// block (see wg_teams), which synchronises on a named barrier of its own (1 + team) so that
-// the other team's products and epilogue go on meanwhile.
-struct WholeBlock {
-    DEVI static unsigned tid() { return threadIdx.x; }
-    DEVI static void sync() { __syncthreads(); }
-};
-template <int THREADS> struct TeamOf {
-    DEVI static unsigned tid() { return threadIdx.x % THREADS; }
-    DEVI static void sync() {
-        asm volatile("bar.sync %0, %1;\n" ::"r"(1 + (int)threadIdx.x / THREADS), "n"(THREADS) : "memory");
-    }
-};
-
 // The unsplit epilogue of the STAGED kernels (the `_st` kernels, TMA; see wg_body): ROWS and
 // LEAN's arithmetic per value (finish_row: (bias + time embedding + residual) + acc, then the
 // division unless by 1, then the old output), through shared memory. Every thread first stores
@@ -446,13 +419,13 @@ template <int THREADS> struct TeamOf {
 // writing its side of a concatenation, INVDIFF_CONCAT_FROM_PRODUCERS, y16_stride and y16_offset
 // multiples of 4; a copy, INVDIFF_EPI_HALF_COPIES; both 8-byte aligned), and a null a.y stores
 // no fp32 value (never with accumulate, which the host checks).
-template <int T, int TM, class G = WholeBlock>
+template <int T, int TM>
 DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, int m0, int n0, float* stage,
                              bool sums) {
     constexpr int WARPS = WgTile<TM>::THREADS / 32;
     constexpr int U = 4;
     static_assert(TM % (WARPS * U) == 0, "whole units of rows a warp");
-    const int tid = G::tid(), warp = tid >> 5, lane = tid & 31;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int lr0 = (warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -461,7 +434,7 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
             *reinterpret_cast<float2*>(stage + (lr0 + 8 * h) * STATS_PITCH + 8 * j + 2 * (lane & 3)) =
                 make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
     }
-    G::sync();
+    __syncthreads();
     const int col = n0 + 4 * lane;
     if (col >= a.ncols) return;
     const bool epi = a.bias != nullptr || a.temb != nullptr || a.res != nullptr;
@@ -526,17 +499,17 @@ DEVI void wg_epilogue_staged(const ConvArgs& a, const float (&acc)[64], int M, i
 // output (gn_partial). The values come staged in `keep` (by wg_epilogue, or written back by
 // wg_epilogue_staged); PARTS threads per column each add a run of rows in order, then the first
 // adds the runs in order.
-template <int TM, class G = WholeBlock>
+template <int TM>
 DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
     constexpr int PARTS = 2 * TM / WG_TN;
     constexpr int RUN = TM / PARTS;
     static_assert(TM * STATS_PITCH * 4 + PARTS * WG_TN * 16 <= WgTile<TM>::STAGES * WgTile<TM>::STAGE,
                   "the staged values and the runs' sums fit in the stages");
     double2* runs = reinterpret_cast<double2*>(keep + TM * STATS_PITCH);
-    const int col = G::tid() % WG_TN, part = G::tid() / WG_TN;
+    const int col = threadIdx.x % WG_TN, part = threadIdx.x / WG_TN;
     const int rows = min(TM, M - m0);
     // Every thread's values staged.
-    G::sync();
+    __syncthreads();
     double s = 0.0, q = 0.0;
     for (int r = part * RUN; r < min(rows, (part + 1) * RUN); ++r) {
         const double v = (double)keep[r * STATS_PITCH + col];
@@ -544,7 +517,7 @@ DEVI void wg_stats(const ConvArgs& a, float* keep, int M, int m0, int n0) {
         q += v * v;
     }
     runs[part * WG_TN + col] = make_double2(s, q);
-    G::sync();
+    __syncthreads();
     if (part != 0 || n0 + col >= a.ncols) return;
 #pragma unroll
     for (int p = 1; p < PARTS; ++p) {
@@ -889,132 +862,6 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     cycles.flush(probe, ntiles);
 }
 
-// Persistent teams (the `_teams` kernels; see the header): two teams of a plain tile's two
-// warpgroups each, team `team` taking the block's tiles team, team + 2, ... of the tiles
-// blockIdx.x, blockIdx.x + gridDim.x, ... (row tiles first, then column tiles), each team with
-// the plain tile's three stages, barriers and TMA order (wg_body with WAIT_OWN) in its own half
-// of the shared memory. TURNS (the `_teams` kernels): the products of the block's tile s start
-// only once those of tile s - 1 are issued (the team's turn barrier, which the other team's
-// threads arrive at), so the teams take turns on the tensor cores and each one's epilogue runs
-// beside the other's products; each team's copies of its next tile's first slices go out
-// before its turn comes. But a team alone drains the tensor cores at every slice (WAIT_OWN:
-// each warpgroup waits for its products of one slice before the barrier that frees their
-// stage), which two plain blocks a multiprocessor fill for each other. Staggered (the
-// `_teams_staggered` kernels): the second team's first products wait only until the first
-// team has issued half of its first tile's slices; after that both run free, the offset
-// keeping their epilogues apart while their products fill each other's gaps.
-// The same copies, products and epilogue per tile as the plain tile, so the same bits, and
-// GroupNorm sums in its 128-row chunks. Unsplit launches only.
-struct TeamsTile {
-    static constexpr int THREADS = 2 * PlainTile::THREADS;
-    static constexpr int SMEM = 2 * PlainTile::STAGES * PlainTile::STAGE + 1024;
-};
-static_assert(TeamsTile::SMEM == 197632, "TeamsTile::SMEM must match WgmmaTile::smem in src/cuda/kernels/conv_plan.rs");
-
-// Team `team`'s tiles, its stages' barriers at `bars`.
-template <int T, bool SC, bool TURNS>
-DEVI void wg_team(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut sc2, const Taps& taps,
-                  unsigned long long* bars, unsigned long long* turns, int team) {
-    using G = TeamOf<PlainTile::THREADS>;
-    constexpr int TM = 128;
-    constexpr int S = PlainTile::STAGES;
-    constexpr int AHEAD = S - 1;
-    const int tid = G::tid();
-    const uint32_t base = ((smem_addr(smem) + 1023) & ~1023u) + team * S * PlainTile::STAGE;
-    float* const keep = reinterpret_cast<float*>(smem + (base - smem_addr(smem)));
-    const int M = a.n * a.mh * a.mw;
-    const int mtiles = (M + TM - 1) / TM;
-    const int tiles = mtiles * ((a.ncols + WG_TN - 1) / WG_TN);
-    const int mine = (tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
-    const int slices = k_split(a, WG_BK, SC ? sc2.sc : 0).slices;
-    const int wg = tid >> 7;
-    // Slices this team has multiplied over its tiles: its slice g lives in stage g % S and
-    // completes phase (g / S) & 1 of that stage's barrier.
-    int used = 0;
-    for (int s = team; s < mine; s += 2) {
-        const int tile = blockIdx.x + s * gridDim.x;
-        const int m0 = tile % mtiles * TM, n0 = tile / mtiles * WG_TN;
-        // Thread 0's copies of the tile's slice j, the team's slice g: wg_body's, with the
-        // cursor and the window worked out afresh each time, so that the other threads keep no
-        // registers for them (the slices are whole taps: sc % 64 == 0).
-        auto load = [&](int j, int g) {
-            if (tid != 0) return;
-            const int stage = g % S;
-            const Window win = tap_window(a);
-            const RowCoord r = decode_row(a, m0);
-            const int k = j * WG_BK, main_k = a.taps * a.sc;
-            const bool shortcut = SC && k >= main_k;
-            const int at = shortcut ? a.taps : k / a.sc, aci = shortcut ? k - main_k : k - at * a.sc;
-            tma_slice<SC, TM, PlainTile::STAGE>(a, tma, taps, win, base + stage * PlainTile::STAGE,
-                                                smem_addr(&bars[stage]), at, aci, r.mx + win.dx0, r.my + win.dy0,
-                                                r.img, n0);
-        };
-        // The team's stages are free once each of its threads is past the last tile's
-        // epilogue, with its writes to them ordered before the copies' (the async proxy).
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-        G::sync();
-        if (a.prefetch) prefetch_epilogue_rows<TM>(a, M, m0, n0, tid, PlainTile::THREADS);
-        for (int i = 0; i < AHEAD && i < slices; ++i) load(i, used + i);
-        // TURNS: the other team's products of the block's tile s - 1 issued, the ((s - 1) / 2)-th
-        // phase of this team's turn barrier; staggered: half of the first team's first tile's
-        // slices issued (mbar_wait traps, rather than hangs, if a bug ever left it waiting).
-        if (TURNS ? s > 0 : s == 1) mbar_wait(smem_addr(&turns[team]), ((s - 1) / 2) & 1);
-        // The products are warp-aligned instructions; the wait's lanes may leave its loop apart.
-        __syncwarp();
-        float acc[64];
-#pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-        for (int t = 0; t < slices; ++t) {
-            // wg_body's TMA loop with WAIT_OWN: this warpgroup's products of slice t - 1
-            // complete, then every warpgroup's, which frees their stage for slice t - 1 + S.
-            wg_wait_all(acc);
-            G::sync();
-            if (t + AHEAD < slices) load(t + AHEAD, used + t + AHEAD);
-            // Staggered: the second team may start once half of the first tile's slices are in.
-            if (!TURNS && s == 0 && t == slices / 2 && mine > 1) mbar_arrive(smem_addr(&turns[1]));
-            const int g = used + t, stage = g % S;
-            mbar_wait(smem_addr(&bars[stage]), (g / S) & 1);
-            __syncwarp();
-            const uint32_t sa = base + stage * PlainTile::STAGE + wg * 64 * 128;
-            const uint32_t sb = base + stage * PlainTile::STAGE + TM * 128;
-            wg_batch(acc, [&] {
-                const uint64_t da = wg_desc(sa), db = wg_desc(sb);
-#pragma unroll
-                for (int ks = 0; ks < WG_BK / 16; ++ks) wg_mma<T>(acc, da + 2 * ks, db + 2 * ks);
-            });
-        }
-        used += slices;
-        // TURNS: the other team's turn, where the block has a tile s + 1. (Staggered, a tile
-        // without slices, which the host never launches, still lets the second team start.)
-        if ((TURNS || (s == 0 && slices == 0)) && s + 1 < mine) mbar_arrive(smem_addr(&turns[1 - team]));
-        wg_drain(acc);
-        G::sync();
-        wg_epilogue_staged<T, TM, G>(a, acc, M, m0, n0, keep, a.gn_partial != nullptr);
-        if (a.gn_partial != nullptr) wg_stats<TM, G>(a, keep, M, m0, n0);
-    }
-}
-
-// The block: the taps and both teams' barriers set up, then each team's tiles.
-template <int T, bool SC, bool TURNS>
-DEVI void wg_teams(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcut sc2) {
-    constexpr int S = PlainTile::STAGES;
-    __shared__ Taps taps;
-    __shared__ __align__(8) unsigned long long full[2 * S];
-    // Team t's turn to multiply: a phase per handoff, completed by every thread of the other
-    // team.
-    __shared__ __align__(8) unsigned long long turns[2];
-    stage_taps(a, taps);
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int s = 0; s < 2 * S; ++s) mbar_init(smem_addr(&full[s]), 1);
-        for (int t = 0; t < 2; ++t) mbar_init(smem_addr(&turns[t]), PlainTile::THREADS);
-        tma_ready<SC>(tma);
-    }
-    __syncthreads();
-    const int team = threadIdx.x / PlainTile::THREADS;
-    wg_team<T, SC, TURNS>(a, smem, tma, sc2, taps, full + team * S, turns, team);
-}
-
 // Grid (ceil(M / rows), ceil(ncols / 128), splits), Tile::THREADS threads, Tile::SMEM bytes of
 // dynamic shared memory. Needs sc % 8 == 0, ncols % 8 == 0, k_per_split % 64 == 0 and 16-byte
 // aligned x, w, y, res, ws, bias and temb (the host checks them); x and w hold 16-bit values of the
@@ -1093,27 +940,3 @@ DEVI void wg_teams(const ConvArgs& a, unsigned char* smem, TmaLoads tma, Shortcu
     WG_TMA_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st##prefix, 2, TILE, true)
 WG_KERNELS(, PlainTile)
 WG_KERNELS(_tall, TallTile)
-// The teams: min(multiprocessors, ceil(tiles / 2)) blocks of TeamsTile::THREADS threads,
-// TeamsTile::SMEM bytes; unsplit TMA launches with the staged epilogue, with and without the
-// fused shortcut.
-#define WG_TEAMS_KERNEL(name, T, TURNS)                                                              \
-    extern "C" __global__ void __launch_bounds__(TeamsTile::THREADS, 1)                               \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_teams<T, false, TURNS>(a, wg_dsmem, TmaLoads{&ta, &tb}, Shortcut{});                       \
-    }
-#define WG_TEAMS_SC_KERNEL(name, T, TURNS)                                                           \
-    extern "C" __global__ void __launch_bounds__(TeamsTile::THREADS, 1)                               \
-        name(const ConvArgs a, const __grid_constant__ TmaMap ta, const __grid_constant__ TmaMap tb,  \
-             const __grid_constant__ TmaMap ta2, const __grid_constant__ TmaMap tb2, const Shortcut s) { \
-        extern __shared__ __align__(1024) unsigned char wg_dsmem[];                                  \
-        wg_teams<T, true, TURNS>(a, wg_dsmem, TmaLoads{&ta, &tb, &ta2, &tb2}, s);                     \
-    }
-WG_TEAMS_KERNEL(conv_wgmma_bf16_rows_tma_st_teams, 1, true)
-WG_TEAMS_KERNEL(conv_wgmma_fp16_rows_tma_st_teams, 2, true)
-WG_TEAMS_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st_teams, 1, true)
-WG_TEAMS_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st_teams, 2, true)
-WG_TEAMS_KERNEL(conv_wgmma_bf16_rows_tma_st_teams_staggered, 1, false)
-WG_TEAMS_KERNEL(conv_wgmma_fp16_rows_tma_st_teams_staggered, 2, false)
-WG_TEAMS_SC_KERNEL(conv_wgmma_bf16_rows_tma_sc_st_teams_staggered, 1, false)
-WG_TEAMS_SC_KERNEL(conv_wgmma_fp16_rows_tma_sc_st_teams_staggered, 2, false)

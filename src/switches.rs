@@ -109,11 +109,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",
     ),
     choice(
-        "INVDIFF_WGMMA_TEAMS",
-        &["0", "1", "staggered"],
-        "GPU candidate: `1` runs the staged convolution launches the tall tiles would take as persistent teams: two teams of two warpgroups a multiprocessor taking turns on the tensor cores, one team's epilogue beside the other's products; `staggered` the same teams, the second starting halfway through the first one's first tile, then both free (either: the same bits as with INVDIFF_WGMMA_TALL=0)",
-    ),
-    choice(
         "INVDIFF_SPLITK_AHEAD",
         ON_OFF,
         "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",
@@ -322,8 +317,8 @@ mod tests {
     }
 
     /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4, the 16-bit
-    /// GroupNorm gradients `x16` too, the teams `staggered`), as `KernelConfig::from_switches`
-    /// and the launch choices do.
+    /// GroupNorm gradients `x16` too), as `KernelConfig::from_switches` and the launch choices
+    /// do.
     #[test]
     fn defaults_and_candidates_read_zero_and_one() {
         for s in SWITCHES
@@ -334,8 +329,6 @@ mod tests {
                 assert!(s.reads("1") && s.reads("4") && !s.reads("0") && !s.reads("5"));
             } else if s.name == "INVDIFF_GN_HALF_DY" {
                 assert_eq!(s.values, ["0", "1", "x16"]);
-            } else if s.name == "INVDIFF_WGMMA_TEAMS" {
-                assert_eq!(s.values, ["0", "1", "staggered"]);
             } else {
                 assert_eq!(s.values, ON_OFF, "{}", s.name);
             }

@@ -275,20 +275,12 @@ fn candidates(shape: &ConvShape, planned: ConvLaunch, sms: usize, wgmma: bool) -
                     let Some(c) = on_tile(form, tile) else {
                         continue;
                     };
-                    // Unsplit TMA launches also with the staged epilogue, and (the plain
-                    // tile's) on both kinds of persistent teams (INVDIFF_WGMMA_TEAMS).
+                    // Unsplit TMA launches also with the staged epilogue.
                     let staged = (c.tma_loads && c.splits == 1).then_some(ConvLaunch {
                         staged_epilogue: true,
                         ..c
                     });
-                    let teams = staged
-                        .filter(|s| s.tile == WgmmaTile::Plain)
-                        .into_iter()
-                        .flat_map(|s| {
-                            [WgmmaTile::Teams, WgmmaTile::StaggeredTeams]
-                                .map(|tile| ConvLaunch { tile, ..s })
-                        });
-                    for c in std::iter::once(c).chain(staged).chain(teams) {
+                    for c in std::iter::once(c).chain(staged) {
                         if !out.contains(&c) {
                             out.push(c);
                         }
@@ -925,7 +917,7 @@ mod tests {
                         for (i, l) in c.iter().enumerate() {
                             assert!(!c[..i].contains(l), "{l:?} twice");
                         }
-                        for &l in &c {
+                        for l in c {
                             assert!(
                                 l.wgmma
                                     || (l.tile == WgmmaTile::Plain
@@ -939,11 +931,6 @@ mod tests {
                                 !l.staged_epilogue || (l.tma_loads && l.splits == 1),
                                 "{l:?}"
                             );
-                            assert!(!l.tile.is_teams() || l.staged_epilogue, "{l:?}");
-                        }
-                        if tall.tma_loads && tall.splits == 1 {
-                            assert!(c.iter().any(|l| l.tile == WgmmaTile::Teams));
-                            assert!(c.iter().any(|l| l.tile == WgmmaTile::StaggeredTeams));
                         }
                     }
                 }

@@ -211,12 +211,15 @@ impl WgmmaExtras {
     fn name(self, precision: Precision, tile: WgmmaTile) -> String {
         let flag = |on: bool, infix: &'static str| if on { infix } else { "" };
         let loads = if self.tma { "_tma" } else { "_lean" };
+        let tile = WgmmaTile::ALL
+            .iter()
+            .find(|&&(t, _)| t == tile)
+            .map_or("", |&(_, suffix)| suffix);
         format!(
-            "conv_wgmma_{}_rows{loads}{}{}{}",
+            "conv_wgmma_{}_rows{loads}{}{}{tile}",
             precision.name(),
             flag(self.shortcut, "_sc"),
-            flag(self.staged, "_st"),
-            tile.suffix()
+            flag(self.staged, "_st")
         )
     }
 
@@ -231,17 +234,12 @@ impl WgmmaExtras {
 
 /// Whether kernels/conv_wgmma.cu has a kernel for wgmma launch `plan` with a fused shortcut
 /// (`fused`) or without: every plain form does; one that adds a feature needs lean or TMA
-/// loaders and a combination that exists; the teams only have TMA loads with the staged
-/// epilogue. (For the program tests; [`Kernels::conv`] looks the
+/// loaders and a combination that exists. (For the program tests; [`Kernels::conv`] looks the
 /// kernel up itself.)
 #[cfg(test)]
 pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
     let extras = WgmmaExtras::of(plan, fused);
-    if plan.tile.is_teams() {
-        plan.lean_loads && extras.tma && extras.staged
-    } else {
-        !extras.any() || (plan.lean_loads && extras.exists())
-    }
+    !extras.any() || (plan.lean_loads && extras.exists())
 }
 
 /// Whether launch `plan` of `s` can write the 16-bit outputs `p` asks for (none, or with a
@@ -288,37 +286,6 @@ pub(super) fn wgmma_extra_kernels() -> Vec<(usize, String, WgmmaTile)> {
         }
     }
     out
-}
-
-/// The teams' kernels ([`WgmmaTile::Teams`] and [`WgmmaTile::StaggeredTeams`]: TMA loads
-/// and the staged epilogue, with and without a fused shortcut), each with its slot in
-/// [`Kernels`]' table of them ([`teams_slot`]).
-pub(super) fn teams_kernel_names() -> Vec<(usize, String)> {
-    let mut out = Vec::new();
-    for tile in [WgmmaTile::Teams, WgmmaTile::StaggeredTeams] {
-        for shortcut in [false, true] {
-            for precision in [Precision::Bf16, Precision::Fp16] {
-                let extras = WgmmaExtras {
-                    tma: true,
-                    shortcut,
-                    staged: true,
-                };
-                out.push((
-                    teams_slot(precision, shortcut, tile),
-                    extras.name(precision, tile),
-                ));
-            }
-        }
-    }
-    out
-}
-
-/// Where the teams' kernel of `precision` on `tile`, with a fused shortcut or not, sits in
-/// their table: bf16 or fp16, then the shortcut, then the tile.
-fn teams_slot(precision: Precision, shortcut: bool, tile: WgmmaTile) -> usize {
-    usize::from(precision == Precision::Fp16)
-        + 2 * usize::from(shortcut)
-        + 4 * usize::from(tile == WgmmaTile::StaggeredTeams)
 }
 
 /// Counters a `conv_wgmma_*_probe` launch adds to (kernels/conv_wgmma.cu `PROBE_COUNTERS`): the
@@ -657,7 +624,6 @@ impl Kernels {
             || (plan.tma_loads && !(plan.lean_loads && im2col_box(s).is_some()))
             || (plan.prefetch && !(plan.lean_loads && plan.splits == 1))
             || (plan.staged_epilogue && !(plan.tma_loads && plan.splits == 1 && probe.is_none()))
-            || (plan.tile.is_teams() && !plan.staged_epilogue)
         {
             return Err(Error::Cuda(format!(
                 "internal: {:?} convolution planned with deep {}, 16-bit input {}, wgmma {}, \
@@ -706,9 +672,7 @@ impl Kernels {
                     };
                     let wg = self.conv_wgmma.as_ref().ok_or_else(missing)?;
                     let extras = WgmmaExtras::of(plan, fused);
-                    let f = if plan.tile.is_teams() {
-                        &wg.teams[teams_slot(precision, fused, plan.tile)]
-                    } else if extras.any() {
+                    let f = if extras.any() {
                         wg.extras[extras.index(precision, plan.tile)]
                             .as_ref()
                             .ok_or_else(|| {
@@ -738,18 +702,13 @@ impl Kernels {
         } else {
             (TILE, BLOCK)
         };
-        let mut grid = (
+        let grid = (
             i32_of(rows.div_ceil(tile_rows), "row tiles")? as u32,
             u32::try_from(s.ncols.div_ceil(TILE))
                 .unwrap_or(u32::MAX)
                 .min(65535),
             u32::try_from(plan.splits).unwrap_or(65535).min(65535),
         );
-        if plan.tile.is_teams() {
-            // Persistent: a block a multiprocessor, or fewer so that each has a tile a team.
-            let tiles = i32_of(rows.div_ceil(tile_rows) * s.ncols.div_ceil(TILE), "tiles")?;
-            grid = (self.blocks(tiles as usize, 2, 1), 1, 1);
-        }
         let mut launch = cfg(grid, (threads, 1, 1));
         launch.shared_mem_bytes = smem;
         // The TMA kernels take their tensor maps after the argument block, the fused
@@ -802,8 +761,7 @@ impl Kernels {
         // SAFETY: the argument block, the maps (the shortcut's two after the main ones), the
         // shortcut's operands where it is fused and the probe's counters are the kernel's
         // parameters, in order, and `a` holds the shapes its pointers cover (the caller's
-        // contract); the grid covers exactly the tiles of the problem (the teams' blocks
-        // loop over them).
+        // contract); the grid covers exactly the tiles of the problem.
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;

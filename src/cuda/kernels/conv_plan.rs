@@ -452,16 +452,6 @@ pub(crate) enum WgmmaTile {
     /// 256 rows of four warpgroups, one block per multiprocessor (`TallTile`, the `_tall`
     /// kernels): half the weight traffic per product.
     Tall,
-    /// Two teams of the plain tile's two warpgroups in one persistent block per multiprocessor
-    /// (`TeamsTile`, the `_teams` kernels; unsplit TMA launches with the staged epilogue
-    /// only), each team with its own stages, taking turns on the tensor cores so that one
-    /// team's epilogue runs beside the other's products. The plain tile's sums, so the same
-    /// bits, and its 128-row GroupNorm chunks. Not in [`WgmmaTile::ALL`]: the teams have only
-    /// the kernels of [`teams_kernel_names`](super::conv::teams_kernel_names).
-    Teams,
-    /// The same teams, the second starting its products halfway through the first one's first
-    /// tile and both then running free (the `_teams_staggered` kernels).
-    StaggeredTeams,
 }
 
 impl WgmmaTile {
@@ -474,27 +464,10 @@ impl WgmmaTile {
         match self {
             WgmmaTile::Plain => "wgmma",
             WgmmaTile::Tall => "wgmma, tall",
-            WgmmaTile::Teams => "wgmma, teams",
-            WgmmaTile::StaggeredTeams => "wgmma, staggered teams",
         }
     }
 
-    /// The suffix of the tile's kernel names.
-    pub(crate) fn suffix(self) -> &'static str {
-        match self {
-            WgmmaTile::Plain => "",
-            WgmmaTile::Tall => "_tall",
-            WgmmaTile::Teams => "_teams",
-            WgmmaTile::StaggeredTeams => "_teams_staggered",
-        }
-    }
-
-    /// Whether the tile is one of the persistent teams'.
-    pub(crate) fn is_teams(self) -> bool {
-        matches!(self, WgmmaTile::Teams | WgmmaTile::StaggeredTeams)
-    }
-
-    /// Output rows of one tile (for the teams, of one team's tile).
+    /// Output rows of one block.
     pub fn rows(self) -> usize {
         match self {
             WgmmaTile::Tall => 256,
@@ -504,17 +477,17 @@ impl WgmmaTile {
 
     pub(super) fn threads(self) -> u32 {
         match self {
-            WgmmaTile::Plain => BLOCK,
-            WgmmaTile::Tall | WgmmaTile::Teams | WgmmaTile::StaggeredTeams => 512,
+            WgmmaTile::Tall => 512,
+            _ => BLOCK,
         }
     }
 
-    /// Dynamic shared memory: three stages of two 16 KB operand tiles, four of a 32 KB and a
-    /// 16 KB tile, or each team's three of two 16 KB tiles; plus 1 KB to align them.
+    /// Dynamic shared memory: three stages of two 16 KB operand tiles, or four of a 32 KB and
+    /// a 16 KB tile, plus 1 KB to align them.
     pub(super) fn smem(self) -> u32 {
         match self {
             WgmmaTile::Plain => 99_328,
-            WgmmaTile::Tall | WgmmaTile::Teams | WgmmaTile::StaggeredTeams => 197_632,
+            WgmmaTile::Tall => 197_632,
         }
     }
 }

@@ -80,8 +80,8 @@ pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
 use conv::{
-    narrow_smem, teams_kernel_names, wgmma_extra_kernels, wgmma_kernel_names, NARROW_ROWS,
-    NARROW_SHORT_ROWS, TC_KERNELS, WGMMA_EXTRA_SLOTS,
+    narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, NARROW_ROWS, NARROW_SHORT_ROWS,
+    TC_KERNELS, WGMMA_EXTRA_SLOTS,
 };
 use conv_plan::DIRECT_MAX;
 use norm::NormBackwardFns;
@@ -313,9 +313,6 @@ struct WgmmaKernels {
     /// The kernels with a fused shortcut or a staged epilogue, in the slots of
     /// `conv::WgmmaExtras::index` (`conv::wgmma_extra_kernels`).
     extras: Vec<Option<CudaFunction>>,
-    /// The persistent teams' kernels ([`WgmmaTile::is_teams`]), in the slots of
-    /// `conv::teams_kernel_names`.
-    teams: Vec<CudaFunction>,
 }
 
 /// Both precisions and the four forms ([`WGMMA_FORMS`]) of every wgmma tile.
@@ -427,17 +424,10 @@ impl Kernels {
                 for (slot, kernel, tile) in wgmma_extra_kernels() {
                     extras[slot] = Some(f(&kernel, tile.smem())?);
                 }
-                // In slot order (the tests check that the slots are 0..len).
-                let mut teams = teams_kernel_names();
-                teams.sort();
                 Some(WgmmaKernels {
                     plain: table(&f, wgmma_kernel_names(""), "wgmma")?,
                     probe: table(&f, wgmma_kernel_names("_probe"), "cycle-counting wgmma")?,
                     extras,
-                    teams: teams
-                        .iter()
-                        .map(|(_, kernel)| f(kernel, WgmmaTile::Teams.smem()))
-                        .collect::<Result<_>>()?,
                 })
             }
             _ => None,
@@ -680,11 +670,6 @@ mod tests {
                 .into_iter()
                 .map(|(_, n, _)| ("conv_wgmma".into(), n)),
         );
-        let teams = teams_kernel_names();
-        let mut slots: Vec<usize> = teams.iter().map(|&(slot, _)| slot).collect();
-        slots.sort();
-        assert_eq!(slots, (0..teams.len()).collect::<Vec<_>>());
-        asked.extend(teams.into_iter().map(|(_, n)| ("conv_wgmma".into(), n)));
         let missing: Vec<_> = asked.iter().filter(|(m, n)| !exists(m, n)).collect();
         assert!(missing.is_empty(), "not in the built modules: {missing:?}");
     }

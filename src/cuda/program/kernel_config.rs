@@ -173,28 +173,10 @@ pub(crate) struct KernelConfig {
     /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
     /// so the same bits.
     pub class_concurrency: bool,
-    /// Whether the unsplit staged TMA launches that the tall tiles would take (at least a
-    /// wave of them) run as persistent teams instead ([`WgmmaTile::Teams`],
-    /// [`WgmmaTile::StaggeredTeams`]): two teams of the plain tile's warpgroups a
-    /// multiprocessor, so that one team's epilogue runs beside the other's products. The plain
-    /// tile's sums, so the same bits as with the tall tiles off.
-    pub wgmma_teams: Teams,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
     /// from one image's shape, so that an image's results are bit for bit the same in any
     /// batch; otherwise they are made for the whole batch, which fills the device better.
     pub batch_invariant: bool,
-}
-
-/// How the launches of [`KernelConfig::wgmma_teams`] run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) enum Teams {
-    /// As the tall tiles or the plain tile would.
-    #[default]
-    Off,
-    /// Teams taking turns on the tensor cores ([`WgmmaTile::Teams`]).
-    Turns,
-    /// Teams running free after a staggered start ([`WgmmaTile::StaggeredTeams`]).
-    Staggered,
 }
 
 /// Which GroupNorm backward passes read a 16-bit output gradient
@@ -247,7 +229,6 @@ impl Default for KernelConfig {
             half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
             class_concurrency: false,
-            wgmma_teams: Teams::Off,
             batch_invariant: false,
         }
     }
@@ -331,7 +312,6 @@ impl KernelConfig {
             },
             fold_residual_grads: true,
             class_concurrency: true,
-            wgmma_teams: Teams::Off,
             batch_invariant: false,
         }
     }
@@ -390,13 +370,6 @@ impl KernelConfig {
             },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
-            wgmma_teams: match switches::value("INVDIFF_WGMMA_TEAMS").as_deref() {
-                _ if !wgmma => Teams::Off,
-                Some("1") => Teams::Turns,
-                Some("staggered") => Teams::Staggered,
-                Some("0") => Teams::Off,
-                _ => tuned.wgmma_teams,
-            },
             batch_invariant: false,
         }
     }
@@ -465,14 +438,6 @@ impl KernelConfig {
                 "residual gradients added by GroupNorms",
             ),
             (self.class_concurrency, "parity classes side by side"),
-            (
-                self.wgmma_teams == Teams::Turns,
-                "persistent wgmma teams taking turns",
-            ),
-            (
-                self.wgmma_teams == Teams::Staggered,
-                "persistent wgmma teams, staggered",
-            ),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

@@ -5,7 +5,7 @@
 #[cfg(doc)]
 use super::Program;
 use super::{
-    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, Teams, FOLD_MIN_ROWS, HALF_COPY_MIN,
+    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN,
     STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
@@ -935,8 +935,9 @@ impl Lowering<'_> {
         // once.
         let tall = WgmmaTile::Tall;
         let tall_blocks = planned.rows().div_ceil(tall.rows()) * planned.ncols.div_ceil(128);
-        let tall_fits = plain && launch.splits == 1 && tall_blocks >= self.sms;
-        if self.choice.tall_tiles && tall_fits {
+        let tall_here =
+            self.choice.tall_tiles && plain && launch.splits == 1 && tall_blocks >= self.sms;
+        if tall_here {
             launch.tile = tall;
         }
         let lean_here = launch.wgmma && launch.row_epilogue;
@@ -955,13 +956,6 @@ impl Lowering<'_> {
         }
         launch.staged_epilogue =
             self.choice.staged_epilogue && launch.tma_loads && launch.splits == 1;
-        if tall_fits && launch.staged_epilogue {
-            match self.choice.wgmma_teams {
-                Teams::Off => {}
-                Teams::Turns => launch.tile = WgmmaTile::Teams,
-                Teams::Staggered => launch.tile = WgmmaTile::StaggeredTeams,
-            }
-        }
         launch
     }
 }

@@ -5,8 +5,8 @@
 use super::*;
 use crate::config::UNetConfig;
 use crate::cuda::kernels::{
-    gn_partial_fits, im2col_box, wgmma_kernel_exists, Capabilities, ConvKernel, ConvLaunch,
-    ConvShape, WgmmaTile, LINEAR_ITEM_WORDS, WGMMA_SLICE,
+    gn_partial_fits, im2col_box, wgmma_kernel_exists, Capabilities, ConvKernel, ConvShape,
+    WgmmaTile, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
 use crate::model::graph::{Op, Pad};
 use std::collections::hash_map::DefaultHasher;
@@ -1738,69 +1738,6 @@ fn tall_tiles_where_they_fill_the_machine() {
     assert_eq!(tall(8, false).0, 0);
 }
 
-/// wgmma_teams runs exactly the launches that the tall tiles take and stage on the teams'
-/// tile of its kind, in bf16 at batch 1 (with the VJP) and 8, and each finds a kernel. At batch
-/// 1, where the tall tiles take no unstaged launch, the program is the one with the tall tiles
-/// off but for those launches' tile (the same sums and GroupNorm chunks).
-#[test]
-fn teams_take_the_staged_launches_of_the_tall_tiles() {
-    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
-    let no_tall = KernelConfig {
-        tall_tiles: false,
-        ..tuned
-    };
-    let kinds = [
-        (Teams::Turns, WgmmaTile::Teams),
-        (Teams::Staggered, WgmmaTile::StaggeredTeams),
-    ];
-    for ((n, record), (kind, tile)) in [(1, true), (8, false)]
-        .into_iter()
-        .flat_map(|b| kinds.map(|k| (b, k)))
-    {
-        let teams = KernelConfig {
-            wgmma_teams: kind,
-            ..tuned
-        };
-        let build =
-            |c| Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, c).unwrap();
-        let (tall, on, off) = (build(tuned), build(teams), build(no_tall));
-        assert_eq!(on.steps.len(), tall.steps.len());
-        let mut moved = 0;
-        for (t, a) in tall.steps.iter().zip(&on.steps) {
-            if let (Step::Conv(t), Step::Conv(a)) = (t, a) {
-                let staged_tall = t.launch.tile == WgmmaTile::Tall && t.launch.staged_epilogue;
-                assert_eq!(a.launch.tile == tile, staged_tall, "{a:?}");
-                if staged_tall {
-                    moved += 1;
-                    assert!(
-                        wgmma_kernel_exists(&a.launch, a.shape.shortcut_sc > 0),
-                        "{a:?}"
-                    );
-                }
-            }
-        }
-        assert!(moved > 0, "batch {n}");
-        if n > 1 {
-            continue;
-        }
-        assert_eq!(on.arena_lens(), off.arena_lens());
-        for (a, b) in on.steps.iter().zip(&off.steps) {
-            let plain = match a {
-                Step::Conv(c) if c.launch.tile == tile => Step::Conv(ConvStep {
-                    launch: ConvLaunch {
-                        tile: WgmmaTile::Plain,
-                        ..c.launch
-                    },
-                    ..c.clone()
-                }),
-                other => other.clone(),
-            };
-            assert_eq!(format!("{plain:?}"), format!("{b:?}"));
-        }
-    }
-}
-
 /// upsample_fold replaces the upsamplings of at least FOLD_MIN_ROWS input pixels (at batch 1
 /// the 64x64 and 128x128 levels, at batch 8 the 32x32 one too, and with batch_invariant
 /// batch 1's at any batch), and their convolutions' launches: four class launches from a
@@ -1893,7 +1830,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 18] = [
+    let flags: [fn(&mut KernelConfig); 17] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1911,7 +1848,6 @@ fn every_choice_has_a_name() {
         |c| c.half_norm_grads = HalfGrads::Everywhere,
         |c| c.fold_residual_grads = true,
         |c| c.class_concurrency = true,
-        |c| c.wgmma_teams = Teams::Turns,
     ];
     let mut all = KernelConfig::default();
     for set in flags {
@@ -1921,12 +1857,6 @@ fn every_choice_has_a_name() {
         set(&mut all);
     }
     assert_eq!(all.describe().len(), flags.len());
-    // The other kinds of a choice with several.
-    let staggered = KernelConfig {
-        wgmma_teams: Teams::Staggered,
-        ..KernelConfig::default()
-    };
-    assert_eq!(staggered.describe().len(), 1);
     let over_half = KernelConfig {
         half_norm_grads: HalfGrads::OverHalfInputs,
         ..KernelConfig::default()

@@ -5,10 +5,9 @@
 
 use super::conv_variants::{wgmma_path, WGMMA_VS_MMA};
 use super::networks::{LAUNCHES, NETWORK_TOLERANCE};
-use super::staged_epilogue::StagedOn;
 use super::Tester;
 use crate::cuda::kernels::{
-    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WGMMA_SLICE,
+    on_tile, plan_wgmma, tma_tried, ConvLaunch, ConvPtrs, ConvShape, WgmmaTile, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
@@ -36,10 +35,10 @@ impl Tester<'_> {
     /// start inside the shortcut's K, with a time embedding and a divisor in the epilogue, must
     /// be within [`WGMMA_VS_MMA`] of it (the same products, the fp32 sums in another order),
     /// and the forms of one split the same to the bit; the unsplit lean forms also write their
-    /// output's GroupNorm sums. With `staged` (the staged-epilogue and teams' groups), only
-    /// each unsplit TMA form, staged ([`ConvLaunch::staged_epilogue`]) on the tiles
-    /// [`StagedOn`] says against the form without, to the bit, with its GroupNorm sums.
-    pub(super) fn fused_shortcuts(&mut self, staged: Option<StagedOn>) -> Result<()> {
+    /// output's GroupNorm sums. With `staged` (the staged-epilogue group), only each unsplit
+    /// TMA form, staged ([`ConvLaunch::staged_epilogue`]) against itself without, to the bit,
+    /// with its GroupNorm sums.
+    pub(super) fn fused_shortcuts(&mut self, staged: bool) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
@@ -100,9 +99,8 @@ impl Tester<'_> {
         &mut self,
         case: &Case,
         precision: Precision,
-        staged_on: Option<StagedOn>,
+        staged: bool,
     ) -> Result<()> {
-        let staged = staged_on.is_some();
         let Case {
             n,
             h,
@@ -223,9 +221,7 @@ impl Tester<'_> {
                 ..ConvPtrs::default()
             };
             let mut first: Option<(Vec<f32>, String)> = None;
-            // Unstaged, each tile against itself as the staged-epilogue group pairs them.
-            let tiles = staged_on.unwrap_or(StagedOn::SameTile).tiles();
-            for (tile, staged_tile) in tiles {
+            for (tile, _) in WgmmaTile::ALL {
                 for tma in [false, true] {
                     if (tma && !tma_tried(&main)) || (staged && !tma) {
                         continue;
@@ -242,7 +238,7 @@ impl Tester<'_> {
                     let (got, ms) = self.conv_output(&fused, &v, ptrs, out_div, len)?;
                     let path = wgmma_path(&v);
                     if staged {
-                        self.staged_row(&fused, v, staged_tile, ptrs, out_div, &got, label, &desc)?;
+                        self.staged_row(&fused, v, ptrs, out_div, &got, label, &desc)?;
                         continue;
                     }
                     self.row_within(

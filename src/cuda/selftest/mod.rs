@@ -43,8 +43,6 @@ pub(crate) use networks::celebahq_candidate_cases;
 mod launch_options;
 mod staged_epilogue;
 
-use staged_epilogue::StagedOn;
-
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
 pub const TOLERANCE: f64 = 1e-5;
 
@@ -124,7 +122,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 15] = [
+pub const SELFTEST_GROUPS: [&str; 14] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -139,7 +137,6 @@ pub const SELFTEST_GROUPS: [&str; 15] = [
     "concatenation gradients",
     "residual gradients",
     "launch options",
-    "persistent teams",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -164,7 +161,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 15] = [
+    let groups: [(&str, Group); 14] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -186,12 +183,12 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         }),
         // The newest kernels last (defaults since stop 26): a fault in them ends no other check.
         ("fused shortcuts", |t, o| {
-            t.fused_shortcuts(None)?;
+            t.fused_shortcuts(false)?;
             t.fused_shortcut_unets(o)
         }),
         ("staged epilogue", |t, o| {
-            t.staged_epilogues(StagedOn::SameTile)?;
-            t.fused_shortcuts(Some(StagedOn::SameTile))?;
+            t.staged_epilogues()?;
+            t.fused_shortcuts(true)?;
             t.staged_epilogue_unets(o)?;
             t.half_output_unets(o)
         }),
@@ -205,7 +202,6 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.narrow_tiles()?;
             t.class_concurrency_unets(o)
         }),
-        ("persistent teams", |t, o| t.teams(o)),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

@@ -12,32 +12,9 @@ use crate::cuda::kernels::{
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
-use crate::cuda::program::Teams;
 use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
-
-/// Where the staged rows run the staged launch: on each tile against the same tile unstaged
-/// (the staged-epilogue group), or on the persistent teams against the plain tile, whose sums
-/// they share (the teams' group, `INVDIFF_WGMMA_TEAMS`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum StagedOn {
-    SameTile,
-    Teams,
-}
-
-impl StagedOn {
-    /// The (unstaged, staged) tile pairs.
-    pub(super) fn tiles(self) -> Vec<(WgmmaTile, WgmmaTile)> {
-        match self {
-            StagedOn::SameTile => WgmmaTile::ALL.iter().map(|&(t, _)| (t, t)).collect(),
-            StagedOn::Teams => vec![
-                (WgmmaTile::Plain, WgmmaTile::Teams),
-                (WgmmaTile::Plain, WgmmaTile::StaggeredTeams),
-            ],
-        }
-    }
-}
 
 impl Tester<'_> {
     /// On a device with wgmma, in bf16 and fp16: unsplit TMA launches on both tiles at
@@ -46,9 +23,8 @@ impl Tester<'_> {
     /// time embedding, a residual and a divisor in the epilogue, with a time embedding alone
     /// and without a divisor, and with no epilogue terms, each also adding onto an output:
     /// staged, the same output as without to the bit; where the launch can write GroupNorm
-    /// sums, those checked against the host's as every launch's are. `on` says which tiles
-    /// (for the teams, with two shapes of 1024 team tiles more, about eight a block).
-    pub(super) fn staged_epilogues(&mut self, on: StagedOn) -> Result<()> {
+    /// sums, those checked against the host's as every launch's are.
+    pub(super) fn staged_epilogues(&mut self) -> Result<()> {
         if !self.gpu.kernels.has_wgmma() {
             return Ok(());
         }
@@ -59,22 +35,6 @@ impl Tester<'_> {
             ConvShape::forward(1, 16, 16, 128, 160, 3, 1, Pad::Symmetric),
             ConvShape::forward(3, 12, 20, 64, 128, 3, 1, Pad::Symmetric),
         ];
-        if on == StagedOn::Teams {
-            // About eight tiles a block, 18 and 9 slices a tile: with 9 (not a multiple of two
-            // rounds of the three stages) a team's later tiles start in another stage and phase.
-            for sc in [128, 64] {
-                shapes.push(ConvShape::forward(
-                    2,
-                    256,
-                    256,
-                    sc,
-                    128,
-                    3,
-                    1,
-                    Pad::Symmetric,
-                ));
-            }
-        }
         shapes.extend(ConvShape::backward(
             2,
             32,
@@ -87,20 +47,19 @@ impl Tester<'_> {
         ));
         for shape in &shapes {
             for precision in [Precision::Bf16, Precision::Fp16] {
-                self.staged_epilogue_case(shape, precision, on)?;
+                self.staged_epilogue_case(shape, precision)?;
             }
         }
         Ok(())
     }
 
-    /// Launch `l` (TMA, unsplit) staged on `tile` against `l`'s output (`want`, with `ptrs`
+    /// Launch `l` (TMA, unsplit) staged against its own output without (`want`, with `ptrs`
     /// and `out_div`), to the bit, and its GroupNorm sums where it can write them.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn staged_row(
         &mut self,
         s: &ConvShape,
         l: ConvLaunch,
-        tile: WgmmaTile,
         ptrs: ConvPtrs,
         out_div: f32,
         want: &[f32],
@@ -109,7 +68,6 @@ impl Tester<'_> {
     ) -> Result<()> {
         let staged = ConvLaunch {
             staged_epilogue: true,
-            tile,
             ..l
         };
         let (got, ms) = self.conv_output(s, &staged, ptrs, out_div, want.len())?;
@@ -124,12 +82,7 @@ impl Tester<'_> {
         self.gn_partial_row(s, staged, ptrs, out_div, &got, label, desc)
     }
 
-    fn staged_epilogue_case(
-        &mut self,
-        s: &ConvShape,
-        precision: Precision,
-        on: StagedOn,
-    ) -> Result<()> {
+    fn staged_epilogue_case(&mut self, s: &ConvShape, precision: Precision) -> Result<()> {
         let Some(TmaCase {
             desc,
             planned,
@@ -142,7 +95,7 @@ impl Tester<'_> {
         };
         // What the launches add onto.
         let old = self.rand(len, -1.0, 1.0);
-        for (tile, staged_tile) in on.tiles() {
+        for (tile, _) in WgmmaTile::ALL {
             let tma = ConvLaunch {
                 splits: 1,
                 k_per_split: s.k().next_multiple_of(64),
@@ -156,7 +109,6 @@ impl Tester<'_> {
             };
             let staged = ConvLaunch {
                 staged_epilogue: true,
-                tile: staged_tile,
                 ..plain
             };
             for (what, p, div, accumulate) in epilogue_setups(ptrs) {
@@ -390,36 +342,6 @@ impl Tester<'_> {
             ] {
                 gpu.set_staged_epilogue_and_tall(true, tall);
                 let op = format!("celebahq {precision}, {what}");
-                t.same_network_rows(gpu, net, &op, has, &want)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// The persistent teams' group (`INVDIFF_WGMMA_TEAMS`, run last: a candidate's kernel that
-    /// faults ends no other check): the staged rows and the fused shortcuts' staged rows with
-    /// the staged launch on the teams against the plain tile, then the celebahq network whose
-    /// top level fills the machine with tall tiles (256x256 x 1; at 64x64 x 2 no launch takes
-    /// them, nor the teams), as configured with the tall tiles off, against the same with
-    /// either kind of teams: forward and forward + VJP the same to the bit, once the program
-    /// shows a launch on them.
-    pub(super) fn teams(&mut self, ordinal: usize) -> Result<()> {
-        self.staged_epilogues(StagedOn::Teams)?;
-        self.fused_shortcuts(Some(StagedOn::Teams))?;
-        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
-            if net.n * net.h * net.w < 256 * 132 {
-                return Ok(());
-            }
-            gpu.set_teams_and_tall(Teams::Off, false);
-            let want = Self::network_outputs(gpu, net)?;
-            for (kind, tile) in [
-                (Teams::Turns, WgmmaTile::Teams),
-                (Teams::Staggered, WgmmaTile::StaggeredTeams),
-            ] {
-                gpu.set_teams_and_tall(kind, true);
-                let on = |s: &StepTime| s.variant.contains(&format!("{},", tile.describe()));
-                let has = ("launches on them", &on as &dyn Fn(&StepTime) -> bool);
-                let op = format!("celebahq {precision}, persistent {}", tile.describe());
                 t.same_network_rows(gpu, net, &op, has, &want)?;
             }
             Ok(())

@@ -25,7 +25,7 @@ use super::kernels::{at, linear_batch_table, DPtr};
 use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
-use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, Teams, WKind};
+use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, WKind};
 use super::streams::{dependencies, streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::trace::{Collector, Trace};
 use super::weights::{DevBuf, DevWeights, GradLayouts};
@@ -320,16 +320,6 @@ impl CudaUnet {
     /// plan.
     pub(crate) fn set_class_concurrency(&mut self, on: bool) {
         self.change_choice(|c| c.class_concurrency = on);
-    }
-
-    /// Runs the staged launches the tall tiles would take as persistent teams as `teams` says
-    /// ([`KernelConfig::wgmma_teams`]), and takes the tall tiles where they fill the machine
-    /// (`tall`) or not, for comparisons; drops every plan.
-    pub(crate) fn set_teams_and_tall(&mut self, teams: Teams, tall: bool) {
-        self.change_choice(|c| {
-            c.wgmma_teams = if c.wgmma { teams } else { Teams::Off };
-            c.tall_tiles = tall;
-        });
     }
 
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
