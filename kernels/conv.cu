@@ -26,8 +26,7 @@
 // conv_gemm_any: the same kernel with scalar, fully bounds-checked loads, for any sizes.
 // Both split K over gridDim.z when the tile grid alone cannot fill the machine; the splits then
 // write raw partial sums to a workspace and conv_splitk_reduce adds them in a fixed order (the
-// result does not depend on scheduling) and applies the epilogue. conv_splitk_reduce_ahead
-// (INVDIFF_SPLITK_AHEAD) adds them in the same order with all of an output's loads issued first.
+// result does not depend on scheduling) and applies the epilogue.
 // The 3-channel image convolutions (celebahq: conv_out 128->3 and conv_in 3->128, forward and
 // input gradient) would waste 97% of a 128-wide tile, so they have direct kernels of their own,
 // for launches at in_stride 1 whose taps fit a 3x3 window (every stride-1 3x3 and 1x1
@@ -255,47 +254,6 @@ extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
         const RowCoord rc = decode_row(a, m);
         const long long pix = out_pixel(a, rc);
         a.y[pix * a.ncols + col] = finish(a, rc.img, pix, col, s);
-    }
-}
-
-// conv_splitk_reduce for two adjacent columns a thread, with every split's partial sums of
-// the pair loaded before the first is added (INVDIFF_SPLITK_AHEAD). At batch 1 the split
-// launches (the 8x8 to 32x32 levels, the attention projections: 8 to 30 splits over a few
-// thousand outputs in bf16 wgmma launches, up to 64 in fp32 ones; about 130 reductions in a DPS
-// step) leave each reduction a few blocks, and conv_splitk_reduce's loop, unrolled by four,
-// waits on L2 once per four splits; here up to REDUCE_AHEAD loads are in flight at once. The
-// sums start at 0 and add the splits in order, and finish() forms each value, as
-// conv_splitk_reduce does: the same bits. Needs ncols even and 8-byte aligned ws and y (the
-// host checks; finish() reads the epilogue's terms one float at a time); 32-bit indices (the
-// host checks that splits x M x ncols fits an i32). Grid-stride over the pairs, at most four
-// 128-thread blocks a multiprocessor (96 registers: five fit).
-constexpr int REDUCE_AHEAD = 32;
-extern "C" __global__ void conv_splitk_reduce_ahead(const ConvArgs a, int splits) {
-    const int M = a.n * a.mh * a.mw;
-    const int half = a.ncols >> 1;
-    const int pairs = M * half;
-    const float2* ws = reinterpret_cast<const float2*>(a.ws);
-    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < pairs; e += gridDim.x * blockDim.x) {
-        float2 s = make_float2(0.f, 0.f);
-        for (int z0 = 0; z0 < splits; z0 += REDUCE_AHEAD) {
-            float2 p[REDUCE_AHEAD];
-#pragma unroll
-            for (int i = 0; i < REDUCE_AHEAD; ++i)
-                if (z0 + i < splits) p[i] = ws[(z0 + i) * pairs + e];
-#pragma unroll
-            for (int i = 0; i < REDUCE_AHEAD; ++i) {
-                if (z0 + i < splits) {
-                    s.x += p[i].x;
-                    s.y += p[i].y;
-                }
-            }
-        }
-        const int m = e / half;
-        const int col = 2 * (e - m * half);
-        const RowCoord rc = decode_row(a, m);
-        const long long pix = out_pixel(a, rc);
-        const float2 v = make_float2(finish(a, rc.img, pix, col, s.x), finish(a, rc.img, pix, col + 1, s.y));
-        *reinterpret_cast<float2*>(a.y + pix * a.ncols + col) = v;
     }
 }
 

@@ -109,11 +109,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",
     ),
     choice(
-        "INVDIFF_SPLITK_AHEAD",
-        ON_OFF,
-        "GPU candidate: `1` has split convolution launches add their splits' partial sums with every load of an output issued before the first addition (the same bits)",
-    ),
-    choice(
         "INVDIFF_GN_ADD_RESIDUAL",
         ON_OFF,
         "GPU default: `0` adds the identity shortcut's share of a residual block's input gradient in a launch of its own, instead of the GroupNorm backward pass that next adds onto that gradient (the same bits)",

@@ -765,32 +765,13 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            // Two adjacent outputs a thread: 8-byte accesses to the workspace and the output
-            // (the epilogue's terms are read one float at a time).
-            let pairs_fit = s.ncols % 2 == 0 && a.y % 8 == 0 && a.ws % 8 == 0;
-            let ahead = self.launch.splitk_ahead;
-            let (f, launch, name) = if ahead && pairs_fit {
-                let pairs = rows * s.ncols / 2;
-                let grid = (self.blocks(pairs, 128, 4), 1, 1);
-                (
-                    &self.conv_splitk_reduce_ahead,
-                    cfg(grid, (128, 1, 1)),
-                    "conv_splitk_reduce_ahead",
-                )
-            } else {
-                (
-                    &self.conv_splitk_reduce,
-                    self.flat(rows * s.ncols),
-                    "conv_splitk_reduce",
-                )
-            };
-            let mut b = st.launch_builder(f);
+            let mut b = st.launch_builder(&self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);
             // SAFETY: the workspace holds splits x rows x ncols partial sums written above;
             // the reduction's grid-stride loop stays inside rows x ncols outputs.
             cu(
-                unsafe { b.launch(launch) }.map(drop),
-                &format!("launching {name}"),
+                unsafe { b.launch(self.flat(rows * s.ncols)) }.map(drop),
+                "launching conv_splitk_reduce",
             )?;
         }
         Ok(())

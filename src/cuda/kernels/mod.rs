@@ -13,8 +13,7 @@
 //!   shared memory for the deep pipelines;
 //!   `conv_wgmma_*` (sm_90a, 16-bit inputs): the same grid, 97 KB dynamic, 2 per multiprocessor;
 //!   `conv_splitk_reduce` and the element-wise kernels: 256; grid-stride, ⌈len/256⌉ capped at
-//!   8 blocks per multiprocessor; `conv_splitk_reduce_ahead`: 128, a thread per two outputs,
-//!   ⌈pairs/128⌉ capped at 4 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
+//!   8 blocks per multiprocessor; the GroupNorm element-wise passes (`gn_apply*`,
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
@@ -174,9 +173,6 @@ pub(crate) struct LaunchSwitches {
     /// `INVDIFF_GEMM_WARP_K=0`; another rounding; 1.6% off a bf16 DPS step at batch 1 on an
     /// H200).
     pub gemm_warp_k: bool,
-    /// Split launches reduce with `conv_splitk_reduce_ahead` where it fits
-    /// (`INVDIFF_SPLITK_AHEAD=1`).
-    pub splitk_ahead: bool,
     /// Narrow launches whose 16-row tiles would give multiprocessors one block at most take
     /// the 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
     pub narrow_short: bool,
@@ -198,7 +194,6 @@ impl LaunchSwitches {
         LaunchSwitches {
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_warp_k: !switches::is("INVDIFF_GEMM_WARP_K", "0"),
-            splitk_ahead: on("INVDIFF_SPLITK_AHEAD"),
             narrow_short: on("INVDIFF_NARROW_SHORT"),
             concat_sums_ahead: !switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "0"),
             gn_sums_one_wave: on("INVDIFF_GN_SUMS_ONE_WAVE"),
@@ -211,7 +206,6 @@ impl LaunchSwitches {
         [
             (self.small_tiles, "small product tiles"),
             (self.gemm_warp_k, "product warps splitting K"),
-            (self.splitk_ahead, "split-K reductions with loads ahead"),
             (
                 self.concat_sums_ahead,
                 "concatenation sums eight pixels ahead",
@@ -239,7 +233,6 @@ pub(crate) struct Kernels {
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
-    conv_splitk_reduce_ahead: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
     conv_narrow: Vec<CudaFunction>,
     /// `conv_narrow_short_<ncols>` likewise (8-row tiles).
@@ -456,7 +449,6 @@ impl Kernels {
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
-            conv_splitk_reduce_ahead: get("conv", "conv_splitk_reduce_ahead")?,
             conv_narrow: (1..=DIRECT_MAX)
                 .map(|c| {
                     allow_smem(

@@ -1,30 +1,20 @@
 //! The choices a convolution launch makes below its plan ([`LaunchSwitches`]), each against
-//! the other way, bit for bit: split-K reductions with every load of an output issued first
-//! (`conv_splitk_reduce_ahead`, `INVDIFF_SPLITK_AHEAD`), and the 3-channel image convolutions'
-//! narrow kernels on 8-row tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`); and how the
+//! the other way, bit for bit: the 3-channel image convolutions' narrow kernels on 8-row
+//! tiles (`conv_narrow_short_*`, `INVDIFF_NARROW_SHORT`); and how the
 //! launches are scheduled: a convolution's parity-class launches side by side on the streams
 //! (`INVDIFF_CLASS_CONCURRENCY`), whole networks against the schedule that orders them. A group
 //! of its own, run last: a candidate's kernel that faults ends no other check.
 
-use super::conv_variants::wgmma_path;
 use super::networks::ORDERED_PAIRS;
-use super::{epilogue_setups, path, Tester};
+use super::{epilogue_setups, Tester};
 use crate::cuda::kernels::{
-    plan_conv, plan_wgmma, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, LaunchSwitches, WGMMA_SLICE,
+    plan_conv, ConvKernel, ConvLaunch, ConvPtrs, ConvShape, LaunchSwitches,
 };
-use crate::cuda::precision::Precision;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevBuf;
 use crate::model::graph::Pad;
 use crate::Result;
-
-/// K slice of the fp32 GEMM kernels (`BK` in kernels/conv.cu): a split's share of K is a
-/// multiple of it.
-const SIMT_SLICE: usize = 8;
-
-/// Splits given to a launch that its plan leaves whole.
-const FORCED_SPLITS: usize = 4;
 
 /// A shape's operands: fp32 activations and weights, a bias, a time embedding, a residual,
 /// and what the launches add onto.
@@ -38,96 +28,6 @@ struct Operands {
 }
 
 impl Tester<'_> {
-    /// Split launches at celebahq's batch-1 shapes (the 8x8 level's 3x3 forward: 24 splits in
-    /// bf16 wgmma, 58 in fp32 on 132 multiprocessors, more than one round of loads ahead; a 1x1
-    /// projection; the stride-2 input gradient's parity classes into a strided output) and
-    /// awkward ones (columns even but not a multiple of four; odd, which keeps
-    /// `conv_splitk_reduce` both ways), on the fp32 kernels and, on a device with wgmma, in bf16: each
-    /// with every epilogue term and a divisor, with a time embedding alone, and with none,
-    /// each also adding onto an output, reduced with every load ahead against the plain
-    /// reduction, to the bit.
-    pub(super) fn split_reductions(&mut self) -> Result<()> {
-        let mut shapes = vec![
-            ConvShape::forward(1, 8, 8, 512, 512, 3, 1, Pad::Symmetric),
-            ConvShape::forward(1, 16, 16, 512, 1536, 1, 1, Pad::Symmetric),
-            ConvShape::forward(2, 9, 7, 64, 30, 3, 1, Pad::Symmetric),
-            ConvShape::forward(1, 6, 5, 32, 27, 3, 1, Pad::Symmetric),
-        ];
-        shapes.extend(ConvShape::backward(
-            1,
-            16,
-            16,
-            128,
-            128,
-            3,
-            2,
-            Pad::RightBottom,
-        ));
-        for s in &shapes {
-            let ops = self.operands(s)?;
-            let fp32 = plan_conv(s, self.gpu.sms());
-            let fp32 = if fp32.splits > 1 {
-                fp32
-            } else {
-                fp32.with_splits(s, SIMT_SLICE, FORCED_SPLITS)
-            };
-            let ptrs = ConvPtrs {
-                x: ops.x.ptr,
-                w: ops.w.ptr,
-                ..ConvPtrs::default()
-            };
-            let label = path(fp32.kernel, fp32.splits);
-            self.split_rows(s, (fp32, &label), ptrs, &ops)?;
-            let wgmma = plan_wgmma(s, self.gpu.sms(), Precision::Bf16)
-                .filter(|_| self.gpu.kernels.has_wgmma());
-            if let Some(l) = wgmma {
-                let l = if l.splits > 1 {
-                    l
-                } else {
-                    l.with_splits(s, WGMMA_SLICE, FORCED_SPLITS)
-                };
-                let (x16, w16) = (
-                    self.half_copy(ops.x.ptr, ops.x.slice.len(), Precision::Bf16)?,
-                    self.half_copy(ops.w.ptr, ops.w.slice.len(), Precision::Bf16)?,
-                );
-                let ptrs = ConvPtrs {
-                    x: x16.ptr,
-                    w: w16.ptr,
-                    ..ConvPtrs::default()
-                };
-                let label = format!("bf16 {}", wgmma_path(&l));
-                self.split_rows(s, (l, &label), ptrs, &ops)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Split launch `l`: that it splits, and its reduction with every load ahead against the
-    /// plain one ([`Self::option_rows`]).
-    fn split_rows(
-        &mut self,
-        s: &ConvShape,
-        (l, label): (ConvLaunch, &str),
-        ptrs: ConvPtrs,
-        ops: &Operands,
-    ) -> Result<()> {
-        self.check_row(
-            format!("split-K reduction [{label}]: the launch splits"),
-            format!("n{} {}x{}, {}->{}", s.n, s.mh, s.mw, s.sc, s.ncols),
-            l.splits > 1,
-        );
-        let base = self.gpu.kernels.launch_switches();
-        let opts = |splitk_ahead| LaunchSwitches {
-            splitk_ahead,
-            ..base
-        };
-        let what = match s.ncols % 2 {
-            0 => "split-K reduction, loads ahead vs plain",
-            _ => "split-K reduction, odd columns: the plain one both ways",
-        };
-        self.option_rows(s, (l, label), ptrs, ops, ([opts(false), opts(true)], what))
-    }
-
     fn operands(&mut self, s: &ConvShape) -> Result<Operands> {
         let blocks = s.taps.iter().map(|t| t.w).max().unwrap_or(0) as usize + 1;
         let len = s.n * s.yh * s.yw * s.ncols;

@@ -198,7 +198,6 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         }),
         ("residual gradients", |t, o| t.residual_gradient_unets(o)),
         ("launch options", |t, o| {
-            t.split_reductions()?;
             t.narrow_tiles()?;
             t.class_concurrency_unets(o)
         }),
