@@ -263,26 +263,22 @@ extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
 // does not depend on the rest of the batch.
 
 namespace nrw {
-constexpr int TW = 32;     // output columns per block, one per lane
-constexpr int CK = 8;      // source channels per stage: quad h for warps 4h .. 4h + 3
+constexpr int TW = 32;                 // output columns per block, one per lane
+constexpr int TH = 16;                 // output rows per block
+constexpr int PY = 4;                  // rows per thread: warp w has rows 4 (w % 4) .. + 3
+constexpr int CK = 8;                  // source channels per stage: quad h for warps 4h .. 4h + 3
 constexpr int STAGES = 3;
-constexpr int HW = TW + 2;  // halo columns
+constexpr int HH = TH + 2, HW = TW + 2, HP = HH * HW;  // the halo tile, 18 x 34 pixels
 }  // namespace nrw
 
 // The dynamic shared memory of conv_narrow_*.
 extern __shared__ float4 direct_smem[];
 
-// conv_narrow_<NC>: ncols == NC <= 8. Grid (ceil(mw / 32), ceil(mh / TH), n), 256 threads,
-// dynamic shared memory STAGES x (2 x HP float4 of activations + 9 x CK x NC weights). PY
-// rows a thread, TH = 4 PY rows a block: 4 (conv_narrow_*, a halo of 18 x 34 pixels) or 2
-// (conv_narrow_short_*, INVDIFF_NARROW_SHORT: twice the blocks where one block a
-// multiprocessor would leave it half idle). Each output sums the same products in the same
-// order whatever PY, so both give the same bits.
-template <int NC, int PY>
+// conv_narrow_<NC>: ncols == NC <= 8. Grid (ceil(mw / 32), ceil(mh / 16), n), 256 threads,
+// dynamic shared memory STAGES x (2 x HP float4 of activations + 9 x CK x NC weights).
+template <int NC>
 DEVI void narrow_body(const ConvArgs& a) {
     using namespace nrw;
-    constexpr int TH = 4 * PY;  // warp w has rows PY (w % 4) .. + PY - 1
-    constexpr int HH = TH + 2, HP = HH * HW;
     float4* const smem = direct_smem;
     float4* xs = smem;  // [STAGES][quad 2][HP]: 4 channels per halo pixel
     float* wsm = reinterpret_cast<float*>(smem + STAGES * 2 * HP);  // [STAGES][cell 9][CK][NC]
@@ -371,7 +367,7 @@ DEVI void narrow_body(const ConvArgs& a) {
         if (k + STAGES - 1 < nchunks) load(k + STAGES - 1, (k + STAGES - 1) % STAGES);
         cp_async_commit();
         const int st = k % STAGES;
-        // This thread's column of halo pixels (lane + dx, rows PY rg ..) in its quad's plane:
+        // This thread's column of halo pixels (lane + dx, rows 4 rg ..) in its quad's plane:
         // consecutive lanes read consecutive 16-byte words, conflict-free.
         const float4* xq = xs + (st * 2 + half) * HP + rg * PY * HW + lane;
         // Weights of (cell, quad): 4 x NC floats, the same address across the warp (a broadcast).
@@ -440,11 +436,7 @@ DEVI void narrow_body(const ConvArgs& a) {
     extern "C" __global__ void __launch_bounds__(256, 2) prefix##N(const ConvArgs a) {     \
         body<N>(a);                                                                       \
     }
-template <int NC> DEVI void narrow_tall(const ConvArgs& a) { narrow_body<NC, 4>(a); }
-template <int NC> DEVI void narrow_short(const ConvArgs& a) { narrow_body<NC, 2>(a); }
-#define NARROW(NC)                                  \
-    DIRECT_KERNEL(conv_narrow_, narrow_tall, NC)    \
-    DIRECT_KERNEL(conv_narrow_short_, narrow_short, NC)
+#define NARROW(NC) DIRECT_KERNEL(conv_narrow_, narrow_body, NC)
 NARROW(1)
 NARROW(2)
 NARROW(3)

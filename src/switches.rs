@@ -94,11 +94,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the GroupNorm backward passes of 16-bit output gradients sum two pixels a warp ahead at eight blocks a multiprocessor, one wave of their grid, instead of three at six (the same bits)",
     ),
     choice(
-        "INVDIFF_NARROW_SHORT",
-        ON_OFF,
-        "GPU candidate: `1` has the few-output convolutions (celebahq's conv_out forward and conv_in input gradient) take 8-row tiles where 16-row ones would give multiprocessors one block at most (the same bits)",
-    ),
-    choice(
         "INVDIFF_CLASS_CONCURRENCY",
         ON_OFF,
         "GPU default: `0` keeps the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) in order instead of side by side on the pass's streams (the same bits)",

@@ -422,18 +422,14 @@ fn tc_kernel(plan: &ConvLaunch) -> Result<usize> {
         })
 }
 
-/// Dynamic shared memory of `conv_narrow_<ncols>` (kernels/conv.cu) on tiles of `rows` rows:
-/// three stages, each a (rows + 2) x 34 halo tile of 8 channels (19,584 bytes at 16 rows) and
-/// their weights (9 x 8 x ncols floats).
-pub(super) fn narrow_smem(ncols: usize, rows: usize) -> u32 {
-    (3 * ((rows + 2) * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
+/// Dynamic shared memory of `conv_narrow_<ncols>` (kernels/conv.cu): three stages, each an 18x34
+/// halo tile of 8 channels (19,584 bytes) and their weights (9 x 8 x ncols floats).
+pub(super) fn narrow_smem(ncols: usize) -> u32 {
+    (3 * (18 * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
 }
 
-/// Output columns of a `conv_narrow_*` tile, and its rows: `conv_narrow_<ncols>`'s, and
-/// `conv_narrow_short_<ncols>`'s (`INVDIFF_NARROW_SHORT`).
-pub(super) const NARROW_COLS: usize = 32;
-pub(super) const NARROW_ROWS: usize = 16;
-pub(super) const NARROW_SHORT_ROWS: usize = 8;
+/// Output tile of `conv_narrow_*` (columns, rows).
+const NARROW_TILE: (usize, usize) = (32, 16);
 /// Run length of `conv_few_in_*`, and the output columns one of its blocks computes.
 const FEW_IN_RUN: usize = 16;
 const FEW_IN_COLS: usize = 128;
@@ -815,27 +811,19 @@ impl Kernels {
                 .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
         };
         let (f, launch, name) = if narrow {
-            // INVDIFF_NARROW_SHORT: 8-row tiles where 16-row ones would give multiprocessors
-            // one block at most of the two each holds (batch 1 at 256x256); where they fill
-            // most of the two, the short tiles' second wave and extra halo rows would cost more.
-            let tall_blocks = s.n * s.mw.div_ceil(NARROW_COLS) * s.mh.div_ceil(NARROW_ROWS);
-            let short = self.launch.narrow_short && tall_blocks <= self.sms as usize;
-            let (rows, table, kernel) = match short {
-                true => (
-                    NARROW_SHORT_ROWS,
-                    &self.conv_narrow_short,
-                    "conv_narrow_short",
-                ),
-                false => (NARROW_ROWS, &self.conv_narrow, "conv_narrow"),
-            };
+            let (tw, th) = NARROW_TILE;
             let grid = (
-                s.mw.div_ceil(NARROW_COLS) as u32,
-                grid_dim(s.mh.div_ceil(rows), "row tiles")?,
+                s.mw.div_ceil(tw) as u32,
+                grid_dim(s.mh.div_ceil(th), "row tiles")?,
                 grid_dim(s.n, "batch")?,
             );
             let mut launch = cfg(grid, (BLOCK, 1, 1));
-            launch.shared_mem_bytes = narrow_smem(s.ncols, rows);
-            (&table[s.ncols - 1], launch, format!("{kernel}_{}", s.ncols))
+            launch.shared_mem_bytes = narrow_smem(s.ncols);
+            (
+                &self.conv_narrow[s.ncols - 1],
+                launch,
+                format!("conv_narrow_{}", s.ncols),
+            )
         } else {
             let runs = s.n * s.mh * s.mw.div_ceil(FEW_IN_RUN);
             // Runs a block computes at a time: 256 / (quads of 4 columns in a column tile).

@@ -17,7 +17,6 @@
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
-//!   `conv_narrow_short_<ncols>` (`INVDIFF_NARROW_SHORT=1`): (⌈mw/32⌉, ⌈mh/8⌉, n), 33.5-39.6 KB;
 //!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
@@ -78,10 +77,7 @@ pub(crate) use norm::{
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{
-    narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, NARROW_ROWS, NARROW_SHORT_ROWS,
-    TC_KERNELS, WGMMA_EXTRA_SLOTS,
-};
+use conv::{narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS, WGMMA_EXTRA_SLOTS};
 use conv_plan::DIRECT_MAX;
 use norm::NormBackwardFns;
 
@@ -173,9 +169,6 @@ pub(crate) struct LaunchSwitches {
     /// `INVDIFF_GEMM_WARP_K=0`; another rounding; 1.6% off a bf16 DPS step at batch 1 on an
     /// H200).
     pub gemm_warp_k: bool,
-    /// Narrow launches whose 16-row tiles would give multiprocessors one block at most take
-    /// the 8-row tiles (`INVDIFF_NARROW_SHORT=1`).
-    pub narrow_short: bool,
     /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
     /// (unless `INVDIFF_CONCAT_SUMS_AHEAD=0`; 1% off a bf16 forward at batch 8 on an H200).
     pub concat_sums_ahead: bool,
@@ -194,7 +187,6 @@ impl LaunchSwitches {
         LaunchSwitches {
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_warp_k: !switches::is("INVDIFF_GEMM_WARP_K", "0"),
-            narrow_short: on("INVDIFF_NARROW_SHORT"),
             concat_sums_ahead: !switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "0"),
             gn_sums_one_wave: on("INVDIFF_GN_SUMS_ONE_WAVE"),
             gn_half_ahead: on("INVDIFF_GN_HALF_AHEAD"),
@@ -210,7 +202,6 @@ impl LaunchSwitches {
                 self.concat_sums_ahead,
                 "concatenation sums eight pixels ahead",
             ),
-            (self.narrow_short, "short narrow tiles"),
             (self.gn_sums_one_wave, "GroupNorm backward sums in one wave"),
             (
                 self.gn_half_ahead,
@@ -235,8 +226,6 @@ pub(crate) struct Kernels {
     conv_splitk_reduce: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
     conv_narrow: Vec<CudaFunction>,
-    /// `conv_narrow_short_<ncols>` likewise (8-row tiles).
-    conv_narrow_short: Vec<CudaFunction>,
     /// `conv_few_in_<sc>` at index sc - 1.
     conv_few_in: Vec<CudaFunction>,
     conv_weight_transpose: CudaFunction,
@@ -454,16 +443,7 @@ impl Kernels {
                     allow_smem(
                         ctx,
                         get("conv", &format!("conv_narrow_{c}"))?,
-                        narrow_smem(c, NARROW_ROWS),
-                    )
-                })
-                .collect::<Result<_>>()?,
-            conv_narrow_short: (1..=DIRECT_MAX)
-                .map(|c| {
-                    allow_smem(
-                        ctx,
-                        get("conv", &format!("conv_narrow_short_{c}"))?,
-                        narrow_smem(c, NARROW_SHORT_ROWS),
+                        narrow_smem(c),
                     )
                 })
                 .collect::<Result<_>>()?,
