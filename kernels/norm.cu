@@ -35,8 +35,7 @@
 // The `_dy16` kernels (INVDIFF_GN_HALF_DY) are the `_ilp` backward kernels over a dy (the
 // output gradient) stored in 16 bits, the copy that the convolution's input gradient writing it
 // wrote instead of fp32 values: each value widened exactly, so the fp32 kernels' results over
-// the rounded gradient, for half its bytes. Their partial sums also come as `_wave` kernels,
-// fewer loads ahead for more blocks a multiprocessor (INVDIFF_GN_SUMS_ONE_WAVE), the same bits.
+// the rounded gradient, for half its bytes.
 //
 // The backward's accumulating element passes (and one pass) can add a second gradient `add`
 // onto the old dx before their own value (INVDIFF_GN_ADD_RESIDUAL): a residual's gradient,
@@ -604,19 +603,6 @@ extern "C" __global__ void __launch_bounds__(256, 6)
 extern "C" __global__ void __launch_bounds__(256, 6)
     gn_bwd_partial_x16_dy16_ilp(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_HALF)) {
     bwd_partial<PARTIAL_ILP, true, true>(x, xkind, dy, dykind, BWD_PARTIAL_PASS);
-}
-// The two `_dy16` forms at two pixels a warp ahead and eight blocks a multiprocessor
-// (INVDIFF_GN_SUMS_ONE_WAVE): 32 registers without spills, so that plan_norm's grid of eight
-// blocks a multiprocessor runs in one wave, where the six-block forms above leave a quarter
-// of it to a second. The same pixels in the same order, so the same bits.
-constexpr int PARTIAL_WAVE_ILP = 2;
-extern "C" __global__ void __launch_bounds__(256, 8)
-    gn_bwd_partial_dy16_wave(const float* x, BWD_PARTIAL_ARGS(DY_HALF)) {
-    bwd_partial<PARTIAL_WAVE_ILP, false, true>(x, 0, dy, dykind, BWD_PARTIAL_PASS);
-}
-extern "C" __global__ void __launch_bounds__(256, 8)
-    gn_bwd_partial_x16_dy16_wave(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_HALF)) {
-    bwd_partial<PARTIAL_WAVE_ILP, true, true>(x, xkind, dy, dykind, BWD_PARTIAL_PASS);
 }
 
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,

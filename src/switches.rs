@@ -89,11 +89,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the GroupNorm element passes over 16-bit values (the forward's over a 16-bit input, the backward's over a 16-bit input and gradient) keep four pixels' loads ahead instead of two (the same bits)",
     ),
     choice(
-        "INVDIFF_GN_SUMS_ONE_WAVE",
-        ON_OFF,
-        "GPU candidate: `1` has the GroupNorm backward passes of 16-bit output gradients sum two pixels a warp ahead at eight blocks a multiprocessor, one wave of their grid, instead of three at six (the same bits)",
-    ),
-    choice(
         "INVDIFF_CLASS_CONCURRENCY",
         ON_OFF,
         "GPU default: `0` keeps the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) in order instead of side by side on the pass's streams (the same bits)",

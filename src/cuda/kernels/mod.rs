@@ -172,9 +172,6 @@ pub(crate) struct LaunchSwitches {
     /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
     /// (unless `INVDIFF_CONCAT_SUMS_AHEAD=0`; 1% off a bf16 forward at batch 8 on an H200).
     pub concat_sums_ahead: bool,
-    /// The GroupNorm backward passes of 16-bit output gradients sum in one wave
-    /// (`INVDIFF_GN_SUMS_ONE_WAVE=1`).
-    pub gn_sums_one_wave: bool,
     /// The GroupNorm element passes over 16-bit values keep four pixels' loads ahead
     /// (`INVDIFF_GN_HALF_AHEAD=1`).
     pub gn_half_ahead: bool,
@@ -188,7 +185,6 @@ impl LaunchSwitches {
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_warp_k: !switches::is("INVDIFF_GEMM_WARP_K", "0"),
             concat_sums_ahead: !switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "0"),
-            gn_sums_one_wave: on("INVDIFF_GN_SUMS_ONE_WAVE"),
             gn_half_ahead: on("INVDIFF_GN_HALF_AHEAD"),
         }
     }
@@ -202,7 +198,6 @@ impl LaunchSwitches {
                 self.concat_sums_ahead,
                 "concatenation sums eight pixels ahead",
             ),
-            (self.gn_sums_one_wave, "GroupNorm backward sums in one wave"),
             (
                 self.gn_half_ahead,
                 "16-bit GroupNorm passes four pixels ahead",
@@ -259,9 +254,6 @@ pub(crate) struct Kernels {
     gn_one_pass_x16_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd: [NormBackwardFns; 6],
-    /// `gn_bwd_partial_dy16_wave` and `gn_bwd_partial_x16_dy16_wave`, which the `_dy16` forms
-    /// take for their sums with `INVDIFF_GN_SUMS_ONE_WAVE=1`.
-    gn_bwd_partial_wave: [CudaFunction; 2],
     /// `gn_apply_half_x16_ilp4`, and `gn_bwd_apply_x16_dy16_ilp4` and its `_split` form, which
     /// the `_ilp` passes over 16-bit values take with `INVDIFF_GN_HALF_AHEAD=1`.
     gn_apply_half_x16_ilp4: CudaFunction,
@@ -478,10 +470,6 @@ impl Kernels {
             gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd: NormBackwardFns::all(&get)?,
-            gn_bwd_partial_wave: [
-                get("norm", "gn_bwd_partial_dy16_wave")?,
-                get("norm", "gn_bwd_partial_x16_dy16_wave")?,
-            ],
             gn_apply_half_x16_ilp4: get("norm", "gn_apply_half_x16_ilp4")?,
             gn_bwd_apply_x16_dy16_ilp4: [
                 get("norm", "gn_bwd_apply_x16_dy16_ilp4")?,

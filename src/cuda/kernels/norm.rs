@@ -894,17 +894,7 @@ impl Kernels {
             );
         }
         if runs(NormLaunches::Sums) {
-            let (partial_fn, name) = match (dy_half, self.launch.gn_sums_one_wave) {
-                (Some(_), true) => (
-                    &self.gn_bwd_partial_wave[x_half.is_some() as usize],
-                    format!(
-                        "gn_bwd_partial{}_dy16_wave",
-                        if x_half.is_some() { "_x16" } else { "" }
-                    ),
-                ),
-                _ => (&fns.partial, format!("gn_bwd_partial{form}")),
-            };
-            let mut b = st.launch_builder(partial_fn);
+            let mut b = st.launch_builder(&fns.partial);
             backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
             b.arg(&stats)
                 .arg(&gamma)
@@ -919,7 +909,7 @@ impl Kernels {
             // SAFETY: as in the forward.
             cu(
                 unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-                &format!("launching {name}"),
+                &format!("launching gn_bwd_partial{form}"),
             )?;
         }
         if runs(NormLaunches::Means) {

@@ -296,8 +296,9 @@ impl Tester<'_> {
                 } else {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
                 }
-                // The three-launch pass's choices below its form (one pass has none).
-                if d.split.one_pass.is_none() {
+                // Over a 16-bit x, the three-launch pass's choice below its form (one pass
+                // has none).
+                if d.split.one_pass.is_none() && x_half.is_some() {
                     self.dy16_choice_rows(
                         d,
                         (xp, x_half),
@@ -314,10 +315,9 @@ impl Tester<'_> {
         Ok(())
     }
 
-    /// The backward pass `d` of a 16-bit output gradient at `dy16` (three launches) two ways,
-    /// bit for bit: its sums in one wave (the `_wave` kernels, `INVDIFF_GN_SUMS_ONE_WAVE`) and
-    /// not; over a 16-bit x, its element pass four pixels ahead (the `_ilp4` kernels,
-    /// `INVDIFF_GN_HALF_AHEAD`) and two.
+    /// The backward pass `d` of a 16-bit output gradient at `dy16` over a 16-bit x (three
+    /// launches), its element pass four pixels ahead (the `_ilp4` kernels,
+    /// `INVDIFF_GN_HALF_AHEAD`) against two, bit for bit.
     #[allow(clippy::too_many_arguments)]
     fn dy16_choice_rows(
         &mut self,
@@ -341,31 +341,21 @@ impl Tester<'_> {
         };
         let onto = (dx0, accumulate, None);
         let copy = out16.is_none();
-        // (What differs: the launch choices of each run.)
-        let wave = |on| Some(self.launch_with(|l| l.gn_sums_one_wave = on));
-        let mut pairs = vec![("sums in one wave vs not", [wave(false), wave(true)])];
-        if x_half.is_some() {
-            let ahead = |on| Some(self.launch_with(|l| l.gn_half_ahead = on));
-            pairs.push((
-                "element pass four pixels ahead vs two",
-                [ahead(false), ahead(true)],
-            ));
+        let ahead = |on| Some(self.launch_with(|l| l.gn_half_ahead = on));
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        for launch in [ahead(false), ahead(true)] {
+            let out;
+            (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, launch)?;
+            outs.push(out);
         }
-        for (what, runs) in pairs {
-            let mut outs = Vec::new();
-            let mut ms = 0.0;
-            for launch in runs {
-                let out;
-                (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, launch)?;
-                outs.push(out);
-            }
-            let op = format!(
-                "groupnorm{s} input-grad{}{}, {precision} output gradient{xs}, {what}",
-                acc_name(accumulate),
-                if out16.is_some() { " (16-bit)" } else { "" },
-            );
-            self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
-        }
+        let op = format!(
+            "groupnorm{s} input-grad{}{}, {precision} output gradient{xs}, element pass four \
+             pixels ahead vs two",
+            acc_name(accumulate),
+            if out16.is_some() { " (16-bit)" } else { "" },
+        );
+        self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
         Ok(())
     }
 
