@@ -495,17 +495,6 @@ extern "C" __global__ void gn_apply_half_x16_ilp(const uint16_t* x, int xkind, c
                                                  int hw, int c, int silu, int kind) {
     apply_half<APPLY_ILP, true>(x, xkind, scale_shift, y, hw, c, silu, kind);
 }
-// Four pixels ahead for the passes over 16-bit values (INVDIFF_GN_HALF_AHEAD): a unit of four
-// 16-bit values is 8 bytes, half an fp32 unit, so at two pixels ahead these passes keep half
-// the fp32 passes' bytes in flight, which stop 28's profiles suggest starves them (at 256x256:
-// the batch-8 forward over a 16-bit x 3.0 TB/s against 3.65 over fp32, the batch-1 backward
-// passes over 16-bit x and dy 1.7 against about 3). Element-wise, so the same bits. This one,
-// the forward over a 16-bit x: 46 registers (37 at two ahead).
-constexpr int APPLY_HALF_AHEAD = 4;
-extern "C" __global__ void gn_apply_half_x16_ilp4(const uint16_t* x, int xkind, const float* scale_shift, uint2* y,
-                                                  int hw, int c, int silu, int kind) {
-    apply_half<APPLY_HALF_AHEAD, true>(x, xkind, scale_shift, y, hw, c, silu, kind);
-}
 
 // g = d loss / d xhat for one element, and xhat; the CPU's formula.
 DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float bt, int silu, float& g,
@@ -832,16 +821,6 @@ extern "C" __global__ void gn_bwd_apply_split_dy16_ilp(const float* x, BWD_APPLY
 extern "C" __global__ void gn_bwd_apply_x16_split_dy16_ilp(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_HALF),
                                                            const GradSplit sp) {
     bwd_apply<APPLY_ILP, true, true, true>(x, xkind, dy, dykind, BWD_APPLY_PASS, sp);
-}
-// The backward's passes over a 16-bit x and a 16-bit dy at four pixels ahead
-// (INVDIFF_GN_HALF_AHEAD, see gn_apply_half_x16_ilp4): 108 registers against 75-80, so two
-// blocks a multiprocessor instead of three, a third more bytes in flight.
-extern "C" __global__ void gn_bwd_apply_x16_dy16_ilp4(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_HALF)) {
-    bwd_apply<APPLY_HALF_AHEAD, true, true, false>(x, xkind, dy, dykind, BWD_APPLY_PASS, {});
-}
-extern "C" __global__ void gn_bwd_apply_x16_split_dy16_ilp4(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_HALF),
-                                                            const GradSplit sp) {
-    bwd_apply<APPLY_HALF_AHEAD, true, true, true>(x, xkind, dy, dykind, BWD_APPLY_PASS, sp);
 }
 #define BWD_APPLY_HALF_ARGS(DY)                                                                                \
     const float *x, DY, const float *stats, const float *means, const float *gamma, const float *beta, uint2 *dx, \

@@ -1,11 +1,11 @@
 # The GPU switches worth timing on a card (PERF.md, v0.10), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (16-bit output gradients for every GroupNorm backward pass that can, not only those
-# over 16-bit inputs; the attention products' K slices prefetched, new at stop 28; the
-# GroupNorm passes over 16-bit values four pixels ahead and attention products whose warps
-# split K, new at stop 29; a convolution's parity-class launches side by side on the streams
-# (alone and with four streams), the attention backward's products launched in pairs, and a
-# concatenation's sums over sides already written eight pixels ahead, new at stop 30; tf32 attention
+# over 16-bit inputs; the attention products' K slices prefetched, new at stop 28; attention
+# products whose warps split K, new at stop 29; a convolution's parity-class launches side by
+# side on the streams (alone and with four streams), the attention backward's products launched
+# in pairs, and a concatenation's sums over sides already written eight pixels ahead, new at
+# stop 30; tf32 attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
 # v0.5 and v0.6), then each v0.10 default turned off (residual
 # gradients added by the GroupNorm backward passes; 16-bit output gradients for the passes
@@ -20,7 +20,6 @@
 # this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     gn_half_dy_all:INVDIFF_GN_HALF_DY=1
-    gn_half_ahead:INVDIFF_GN_HALF_AHEAD=1
     streams4:INVDIFF_STREAMS=4
     attn_tf32:INVDIFF_ATTN_TF32=1
     attn_flash:INVDIFF_ATTN_FLASH=1

@@ -84,11 +84,6 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` has the small fp32 attention products (those the 32-wide tiles would take; nothing with INVDIFF_GEMM_SMALL_TILES=0) run the 32-wide tiles instead of 16 x 32 tiles whose eight warps each multiply an eighth of K, their partial sums added in warp order (another rounding)",
     ),
     choice(
-        "INVDIFF_GN_HALF_AHEAD",
-        ON_OFF,
-        "GPU candidate: `1` has the GroupNorm element passes over 16-bit values (the forward's over a 16-bit input, the backward's over a 16-bit input and gradient) keep four pixels' loads ahead instead of two (the same bits)",
-    ),
-    choice(
         "INVDIFF_CLASS_CONCURRENCY",
         ON_OFF,
         "GPU default: `0` keeps the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) in order instead of side by side on the pass's streams (the same bits)",

@@ -172,20 +172,15 @@ pub(crate) struct LaunchSwitches {
     /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
     /// (unless `INVDIFF_CONCAT_SUMS_AHEAD=0`; 1% off a bf16 forward at batch 8 on an H200).
     pub concat_sums_ahead: bool,
-    /// The GroupNorm element passes over 16-bit values keep four pixels' loads ahead
-    /// (`INVDIFF_GN_HALF_AHEAD=1`).
-    pub gn_half_ahead: bool,
 }
 
 impl LaunchSwitches {
     /// What the switches set now.
     pub fn from_switches() -> Self {
-        let on = |name| switches::is(name, "1");
         LaunchSwitches {
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_warp_k: !switches::is("INVDIFF_GEMM_WARP_K", "0"),
             concat_sums_ahead: !switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "0"),
-            gn_half_ahead: on("INVDIFF_GN_HALF_AHEAD"),
         }
     }
 
@@ -197,10 +192,6 @@ impl LaunchSwitches {
             (
                 self.concat_sums_ahead,
                 "concatenation sums eight pixels ahead",
-            ),
-            (
-                self.gn_half_ahead,
-                "16-bit GroupNorm passes four pixels ahead",
             ),
         ]
         .into_iter()
@@ -254,10 +245,6 @@ pub(crate) struct Kernels {
     gn_one_pass_x16_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd: [NormBackwardFns; 6],
-    /// `gn_apply_half_x16_ilp4`, and `gn_bwd_apply_x16_dy16_ilp4` and its `_split` form, which
-    /// the `_ilp` passes over 16-bit values take with `INVDIFF_GN_HALF_AHEAD=1`.
-    gn_apply_half_x16_ilp4: CudaFunction,
-    gn_bwd_apply_x16_dy16_ilp4: [CudaFunction; 2],
     gn_one_pass: CudaFunction,
     gn_one_pass_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -470,11 +457,6 @@ impl Kernels {
             gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd: NormBackwardFns::all(&get)?,
-            gn_apply_half_x16_ilp4: get("norm", "gn_apply_half_x16_ilp4")?,
-            gn_bwd_apply_x16_dy16_ilp4: [
-                get("norm", "gn_bwd_apply_x16_dy16_ilp4")?,
-                get("norm", "gn_bwd_apply_x16_split_dy16_ilp4")?,
-            ],
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,

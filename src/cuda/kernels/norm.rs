@@ -599,12 +599,10 @@ impl Kernels {
                     "internal: 16-bit GroupNorm output with {c} channels or unaligned buffers"
                 )));
             }
-            let ahead = self.launch.gn_half_ahead;
             let (f, name) = match (x_half.is_some(), split.ilp) {
                 (false, false) => (&self.gn_apply_half, "gn_apply_half"),
                 (false, true) => (&self.gn_apply_half_ilp, "gn_apply_half_ilp"),
                 (true, false) => (&self.gn_apply_half_x16, "gn_apply_half_x16"),
-                (true, true) if ahead => (&self.gn_apply_half_x16_ilp4, "gn_apply_half_x16_ilp4"),
                 (true, true) => (&self.gn_apply_half_x16_ilp, "gn_apply_half_x16_ilp"),
             };
             let grid = self.norm_units(st, f, n, hw, c / 4, split.ilp)?;
@@ -959,13 +957,9 @@ impl Kernels {
         let vec = vec || x_half.is_some() || sides.is_some();
         let vec4 = vec as i32;
         let lanes = if vec { c / 4 } else { c };
-        // INVDIFF_GN_HALF_AHEAD: over a 16-bit x and dy, four pixels ahead.
-        let ahead = split.ilp && x_half.is_some() && dy_half.is_some() && self.launch.gn_half_ahead;
-        let (apply_fn, kind16) = match (sides, ahead) {
-            (Some((_, kind)), false) => (&fns.apply_split, kind),
-            (Some((_, kind)), true) => (&self.gn_bwd_apply_x16_dy16_ilp4[1], kind),
-            (None, false) => (&fns.apply, kind16),
-            (None, true) => (&self.gn_bwd_apply_x16_dy16_ilp4[0], kind16),
+        let (apply_fn, kind16) = match sides {
+            Some((_, kind)) => (&fns.apply_split, kind),
+            None => (&fns.apply, kind16),
         };
         let grid = self.norm_units(st, apply_fn, n, hw, lanes, split.ilp)?;
         let mut b = st.launch_builder(apply_fn);
@@ -993,10 +987,7 @@ impl Kernels {
         // n x hw x cb, with their 16-bit copies.
         cu(
             unsafe { b.launch(grid) }.map(drop),
-            &format!(
-                "launching gn_bwd_apply{form}{}{split_form}",
-                if ahead { "4" } else { "" }
-            ),
+            &format!("launching gn_bwd_apply{form}{split_form}"),
         )
     }
 }

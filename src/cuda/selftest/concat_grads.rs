@@ -7,10 +7,8 @@
 //! new kernel that faults ends no other check.
 
 use super::networks::LAUNCHES;
-use super::{acc_name, kernels_for, unpack_half, Tester};
-use crate::cuda::kernels::{
-    plan_norm, GradSides, Kernels, NormBackwardIn, NormBackwardOut, NormDims,
-};
+use super::{acc_name, unpack_half, Tester};
+use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::Result;
@@ -114,7 +112,7 @@ impl Tester<'_> {
             stats: sd.ptr,
             silu: true,
         };
-        let run = |kernels: &Kernels, dx, copy, sides| {
+        let run = |dx, copy, sides| {
             let outputs = NormBackwardOut {
                 partial: partial.ptr,
                 means: means.ptr,
@@ -126,94 +124,82 @@ impl Tester<'_> {
                 sides,
                 ..NormBackwardOut::default()
             };
-            kernels.group_norm_backward(st, d, inputs, outputs)
+            gpu.kernels.group_norm_backward(st, d, inputs, outputs)
         };
         // The whole input gradient (and its copy), as the program without the split has it.
         let whole = self.up(&dx0)?;
         let copy = self.zeros(len.div_ceil(2))?;
-        run(&gpu.kernels, whole.ptr, half.map(|p| (copy.ptr, p)), None)?;
+        run(whole.ptr, half.map(|p| (copy.ptr, p)), None)?;
         let want = whole.download(st)?;
         let want16 = match half {
             Some(p) => Some(unpack_half(&copy.download(st)?, len, p)),
             None => None,
         };
-        // The split as planned and, over a 16-bit x and dy with the `_ilp` kernels, four
-        // pixels ahead (INVDIFF_GN_HALF_AHEAD), each against the whole gradient as planned.
-        let mut forms = vec![(kernels_for(gpu, None), "")];
-        if x16 && dy16 && ilp {
-            let ahead = self.launch_with(|l| l.gn_half_ahead = true);
-            forms.push((kernels_for(gpu, Some(ahead)), ", four pixels ahead"));
-        }
-        for (kernels, ahead) in forms {
-            // The two sides; the input gradient random where the pass overwrites it, so that a
-            // kernel that read or wrote it there would show.
-            let dx1 = if accumulate {
-                dx0.clone()
-            } else {
-                self.rand(len, -1.0, 1.0)
-            };
-            let dx = self.up(&dx1)?;
-            let (a, b) = (self.zeros(n * hw * ca)?, self.zeros(n * hw * cb)?);
-            let (a16, b16) = (
-                self.zeros((n * hw * ca).div_ceil(2))?,
-                self.zeros((n * hw * cb).div_ceil(2))?,
-            );
-            let sides = GradSides {
-                a: a.ptr,
-                a16: half.map(|p| (a16.ptr, p)),
-                b: b.ptr,
-                b16: half.map(|p| (b16.ptr, p)),
-                ca,
-            };
-            let ms = self.timed(|| Ok(()), || run(&kernels, dx.ptr, None, Some(sides)))?;
-            let columns = |v: &[f32], from: usize, to: usize| -> Vec<f32> {
-                v.chunks_exact(c)
-                    .flat_map(|p| p[from..to].to_vec())
-                    .collect()
-            };
-            let desc = format!(
-                "n{n} {h}x{w} c{ca}+{cb} g{groups} ({}{}{})",
-                split.form(),
-                if x16 { ", 16-bit x" } else { "" },
-                if dy16 { ", 16-bit dy" } else { "" }
-            );
-            let op = format!(
-                "groupnorm+silu input-grad{} split{ahead}",
-                acc_name(accumulate)
-            );
-            let bits = format!("{desc}, bits");
-            for (side, got, from, to) in [("first", &a, 0, ca), ("second", &b, ca, c)] {
-                self.row_within(
-                    format!("{op}: {side} side vs the whole gradient's"),
-                    bits.clone(),
-                    &got.download(st)?,
-                    &columns(&want, from, to),
-                    ms,
-                    0.0,
-                );
-            }
-            if let (Some(p), Some(want16)) = (half, &want16) {
-                for (side, got, from, to) in [("first", &a16, 0, ca), ("second", &b16, ca, c)] {
-                    let got = unpack_half(&got.download(st)?, n * hw * (to - from), p);
-                    self.row_within(
-                        format!("{op}: {side} side's {p} copy vs the whole gradient's"),
-                        bits.clone(),
-                        &got,
-                        &columns(want16, from, to),
-                        ms,
-                        0.0,
-                    );
-                }
-            }
+        // The two sides; the input gradient random where the pass overwrites it, so that a
+        // kernel that read or wrote it there would show.
+        let dx1 = if accumulate {
+            dx0.clone()
+        } else {
+            self.rand(len, -1.0, 1.0)
+        };
+        let dx = self.up(&dx1)?;
+        let (a, b) = (self.zeros(n * hw * ca)?, self.zeros(n * hw * cb)?);
+        let (a16, b16) = (
+            self.zeros((n * hw * ca).div_ceil(2))?,
+            self.zeros((n * hw * cb).div_ceil(2))?,
+        );
+        let sides = GradSides {
+            a: a.ptr,
+            a16: half.map(|p| (a16.ptr, p)),
+            b: b.ptr,
+            b16: half.map(|p| (b16.ptr, p)),
+            ca,
+        };
+        let ms = self.timed(|| Ok(()), || run(dx.ptr, None, Some(sides)))?;
+        let columns = |v: &[f32], from: usize, to: usize| -> Vec<f32> {
+            v.chunks_exact(c)
+                .flat_map(|p| p[from..to].to_vec())
+                .collect()
+        };
+        let desc = format!(
+            "n{n} {h}x{w} c{ca}+{cb} g{groups} ({}{}{})",
+            split.form(),
+            if x16 { ", 16-bit x" } else { "" },
+            if dy16 { ", 16-bit dy" } else { "" }
+        );
+        let op = format!("groupnorm+silu input-grad{} split", acc_name(accumulate));
+        let bits = format!("{desc}, bits");
+        for (side, got, from, to) in [("first", &a, 0, ca), ("second", &b, ca, c)] {
             self.row_within(
-                format!("{op}: the input gradient left as it was"),
-                bits,
-                &dx.download(st)?,
-                &dx1,
+                format!("{op}: {side} side vs the whole gradient's"),
+                bits.clone(),
+                &got.download(st)?,
+                &columns(&want, from, to),
                 ms,
                 0.0,
             );
         }
+        if let (Some(p), Some(want16)) = (half, &want16) {
+            for (side, got, from, to) in [("first", &a16, 0, ca), ("second", &b16, ca, c)] {
+                let got = unpack_half(&got.download(st)?, n * hw * (to - from), p);
+                self.row_within(
+                    format!("{op}: {side} side's {p} copy vs the whole gradient's"),
+                    bits.clone(),
+                    &got,
+                    &columns(want16, from, to),
+                    ms,
+                    0.0,
+                );
+            }
+        }
+        self.row_within(
+            format!("{op}: the input gradient left as it was"),
+            bits,
+            &dx.download(st)?,
+            &dx1,
+            ms,
+            0.0,
+        );
         Ok(())
     }
 

@@ -1,10 +1,9 @@
 //! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
 
-use super::{acc_name, kernels_for, placed_sides, unpack_half, SelftestRow, Tester};
+use super::{acc_name, placed_sides, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{
-    norm_forms, plan_norm, DPtr, LaunchSwitches, NormBackwardIn, NormBackwardOut, NormDims,
-    NormSplit,
+    norm_forms, plan_norm, DPtr, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -54,9 +53,7 @@ impl Tester<'_> {
 
     /// GroupNorm `d` (16-bit output) of `x` stored in 16 bits of `precision`
     /// ([`KernelConfig::half_gn_inputs`](crate::cuda::program::KernelConfig)): its output and
-    /// statistics the same bits as the fp32-input kernels' over the same values widened; and,
-    /// three launches with the `_ilp` kernels, its element pass four pixels ahead
-    /// (`INVDIFF_GN_HALF_AHEAD`) the same bits as two (one pass has no element pass).
+    /// statistics the same bits as the fp32-input kernels' over the same values widened.
     #[allow(clippy::too_many_arguments)]
     fn half_input_rows(
         &mut self,
@@ -69,48 +66,31 @@ impl Tester<'_> {
         desc: &str,
     ) -> Result<()> {
         let (x16, widened) = self.rounded_input(x, precision)?;
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        for input in [(widened.ptr, None), (x16.ptr, Some(precision))] {
+            let out;
+            (out, ms) = self.half_output_run(d, input, (gamma, beta), eps, silu, precision)?;
+            outs.push(out);
+        }
         let s = if silu { "+silu" } else { "" };
-        let mut pairs = vec![(
-            format!("groupnorm{s} forward, {precision} input and output vs fp32 input"),
-            [(widened.ptr, None, None), (x16.ptr, Some(precision), None)],
-        )];
-        if d.split.ilp && d.split.one_pass.is_none() {
-            let ahead = |on| self.launch_with(|l| l.gn_half_ahead = on);
-            let x16 = |on| (x16.ptr, Some(precision), Some(ahead(on)));
-            pairs.push((
-                format!("groupnorm{s} forward, {precision} input, four pixels ahead vs two"),
-                [x16(false), x16(true)],
-            ));
-        }
-        for (op, runs) in pairs {
-            let mut outs = Vec::new();
-            let mut ms = 0.0;
-            for (input, x_half, launch) in runs {
-                let out;
-                let io = ((input, x_half), (gamma, beta));
-                (out, ms) = self.half_output_run(d, io, eps, silu, precision, launch)?;
-                outs.push(out);
-            }
-            self.same_bits_rows(&op, "statistics", desc, &outs, ms);
-        }
+        let op = format!("groupnorm{s} forward, {precision} input and output vs fp32 input");
+        self.same_bits_rows(&op, "statistics", desc, &outs, ms);
         Ok(())
     }
 
     /// GroupNorm `d` of the input at `x` (16-bit values of `x_half` where set) into a 16-bit
-    /// output of `precision`, making the launch choices `launch` (`None`: those in force):
-    /// that output widened, the statistics, and the launch's time.
-    #[allow(clippy::type_complexity)]
+    /// output of `precision`: that output widened, the statistics, and the launch's time.
     fn half_output_run(
         &mut self,
         d: NormDims,
-        ((x, x_half), (gamma, beta)): ((DPtr, Option<Precision>), (&DevBuf, &DevBuf)),
+        (x, x_half): (DPtr, Option<Precision>),
+        (gamma, beta): (&DevBuf, &DevBuf),
         eps: f32,
         silu: bool,
         precision: Precision,
-        launch: Option<LaunchSwitches>,
     ) -> Result<(ForwardOutputs, f64)> {
-        let st = &self.gpu.stream;
-        let kernels = kernels_for(self.gpu, launch);
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let len = d.n * d.hw * d.c;
         let y = self.zeros(len.div_ceil(2))?;
         let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
@@ -119,7 +99,7 @@ impl Tester<'_> {
         let ms = self.timed(
             || Ok(()),
             || {
-                kernels.group_norm(
+                gpu.kernels.group_norm(
                     st,
                     d,
                     x,
@@ -142,8 +122,8 @@ impl Tester<'_> {
 
     /// One backward pass `d` from `inputs` onto a fresh `dx0` (accumulating, after `add` where
     /// set): into an fp32 input gradient, with its 16-bit copy in `precision` where `copy`, or
-    /// with `out16` a 16-bit one; making the launch choices `launch` (`None`: those in force).
-    /// The input gradient and the copy (zeros where none), widened, and the pass's time.
+    /// with `out16` a 16-bit one. The input gradient and the copy (zeros where none), widened,
+    /// and the pass's time.
     #[allow(clippy::too_many_arguments)]
     fn backward_run(
         &mut self,
@@ -153,10 +133,8 @@ impl Tester<'_> {
         out16: Option<Precision>,
         copy: bool,
         precision: Precision,
-        launch: Option<LaunchSwitches>,
     ) -> Result<(BackwardOutputs, f64)> {
-        let st = &self.gpu.stream;
-        let kernels = kernels_for(self.gpu, launch);
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
         let mut dx = self.up(dx0)?;
         let copy_buf = self.zeros(dx0.len().div_ceil(2))?;
         let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
@@ -173,7 +151,7 @@ impl Tester<'_> {
         };
         let ms = self.timed(
             || dx.write(st, dx0),
-            || kernels.group_norm_backward(st, d, inputs, outputs),
+            || gpu.kernels.group_norm_backward(st, d, inputs, outputs),
         )?;
         let got = match out16 {
             Some(p) => unpack_half(&dx.download(st)?, dx0.len(), p),
@@ -228,7 +206,6 @@ impl Tester<'_> {
                     None,
                     with_copy,
                     precision,
-                    None,
                 )?;
                 outs.push(out);
             }
@@ -283,7 +260,7 @@ impl Tester<'_> {
                     let copy = out16.is_none();
                     let out;
                     let onto = (dx0, accumulate, None);
-                    (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, None)?;
+                    (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision)?;
                     outs.push(out);
                 }
                 let op = format!(
@@ -296,66 +273,8 @@ impl Tester<'_> {
                 } else {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
                 }
-                // Over a 16-bit x, the three-launch pass's choice below its form (one pass
-                // has none).
-                if d.split.one_pass.is_none() && x_half.is_some() {
-                    self.dy16_choice_rows(
-                        d,
-                        (xp, x_half),
-                        dy16.ptr,
-                        base,
-                        (dx0, accumulate),
-                        out16,
-                        precision,
-                        desc,
-                    )?;
-                }
             }
         }
-        Ok(())
-    }
-
-    /// The backward pass `d` of a 16-bit output gradient at `dy16` over a 16-bit x (three
-    /// launches), its element pass four pixels ahead (the `_ilp4` kernels,
-    /// `INVDIFF_GN_HALF_AHEAD`) against two, bit for bit.
-    #[allow(clippy::too_many_arguments)]
-    fn dy16_choice_rows(
-        &mut self,
-        d: NormDims,
-        (xp, x_half): (DPtr, Option<Precision>),
-        dy16: DPtr,
-        base: NormBackwardIn,
-        (dx0, accumulate): (&[f32], bool),
-        out16: Option<Precision>,
-        precision: Precision,
-        desc: &str,
-    ) -> Result<()> {
-        let s = if base.silu { "+silu" } else { "" };
-        let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
-        let inputs = NormBackwardIn {
-            x: xp,
-            x_half,
-            dy: dy16,
-            dy_half: Some(precision),
-            ..base
-        };
-        let onto = (dx0, accumulate, None);
-        let copy = out16.is_none();
-        let ahead = |on| Some(self.launch_with(|l| l.gn_half_ahead = on));
-        let mut outs = Vec::new();
-        let mut ms = 0.0;
-        for launch in [ahead(false), ahead(true)] {
-            let out;
-            (out, ms) = self.backward_run(d, inputs, onto, out16, copy, precision, launch)?;
-            outs.push(out);
-        }
-        let op = format!(
-            "groupnorm{s} input-grad{}{}, {precision} output gradient{xs}, element pass four \
-             pixels ahead vs two",
-            acc_name(accumulate),
-            if out16.is_some() { " (16-bit)" } else { "" },
-        );
-        self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
         Ok(())
     }
 
@@ -389,9 +308,9 @@ impl Tester<'_> {
                     ..base
                 };
                 let (want, _) =
-                    self.backward_run(d, inputs, (&summed, true, None), None, true, half, None)?;
+                    self.backward_run(d, inputs, (&summed, true, None), None, true, half)?;
                 let onto = (dx0, true, Some(rd.ptr));
-                let (got, ms) = self.backward_run(d, inputs, onto, None, true, half, None)?;
+                let (got, ms) = self.backward_run(d, inputs, onto, None, true, half)?;
                 let op = format!(
                     "groupnorm{s} input-grad+, adding a second gradient first{}{}",
                     if x_half.is_some() { ", 16-bit x" } else { "" },
@@ -432,9 +351,6 @@ impl Tester<'_> {
             // units of four channels and (c % 4 != 0) of one.
             (1, 96, 96, 256, 32, true, true),
             (1, 256, 256, 6, 3, true, true),
-            // Full rounds of four pixels ahead in the forward's pass over a 16-bit x (at five
-            // blocks a multiprocessor its stride is 5280 pixels; more than four of them here).
-            (1, 160, 160, 256, 32, true, false),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };

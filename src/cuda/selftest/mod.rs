@@ -16,13 +16,11 @@
 //! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
 //! helpers more than one family uses (the others sit with their checks).
 
-use std::borrow::Cow;
-
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
 
 use super::device::{cu, Gpu};
-use super::kernels::{ConvKernel, ConvPtrs, DPtr, Kernels, LaunchSwitches};
+use super::kernels::{ConvKernel, ConvPtrs, DPtr, LaunchSwitches};
 use super::precision::Precision;
 use super::weights::DevBuf;
 use crate::tensor::rel_l2;
@@ -277,14 +275,6 @@ fn unpack_half(words: &[f32], len: usize, precision: Precision) -> Vec<f32> {
             _ => half::bf16::from_bits(h).to_f32(),
         })
         .collect()
-}
-
-/// `gpu`'s kernels making the launch choices `launch`, or those in force for `None`.
-fn kernels_for(gpu: &Gpu, launch: Option<LaunchSwitches>) -> Cow<'_, Kernels> {
-    match launch {
-        Some(l) => Cow::Owned(gpu.kernels.with_launch(l)),
-        None => Cow::Borrowed(&gpu.kernels),
-    }
 }
 
 impl Tester<'_> {
