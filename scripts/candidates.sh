@@ -1,23 +1,21 @@
-# The GPU switches worth timing on a card (PERF.md, v0.10), one place for the scripts that time them
+# The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
 # candidates (16-bit output gradients for every GroupNorm backward pass that can, not only those
-# over 16-bit inputs; the attention products' K slices prefetched, new at stop 28; attention
-# products whose warps split K, new at stop 29; a convolution's parity-class launches side by
-# side on the streams (alone and with four streams), the attention backward's products launched
-# in pairs, and a concatenation's sums over sides already written eight pixels ahead, new at
-# stop 30; tf32 attention
+# over 16-bit inputs; four streams, for the parity classes side by side; tf32 attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
-# v0.5 and v0.6), then each v0.10 default turned off (residual
-# gradients added by the GroupNorm backward passes; 16-bit output gradients for the passes
-# over 16-bit inputs), each v0.9 default turned off (concatenation sides
-# written by their producers; 16-bit copies by staged epilogues), each v0.8 default turned off (two-way splits unsplit
-# to stage; staged epilogues, which also keeps those splits, with the tall tiles off too; fused
-# shortcuts; concatenation gradients written by their GroupNorms; 16-bit concatenations in
-# recording forwards), each v0.7 default turned off (16-bit concatenations for the GroupNorms,
-# GroupNorm sums from their producers, 16-bit copies by their writers), each v0.6 default turned
-# off (with TMA on, no_lean only reaches the wgmma launches TMA does not take), then the tall
-# tiles, the stream count either way and each older default turned off (does it still pay on
-# this card and workload?); device_check.sh's deadline cuts from the end.
+# v0.5 and v0.6), then each v0.11 default turned off (parity classes side by side; attention
+# products whose warps split K; concatenation sums eight pixels ahead), each v0.10 default
+# turned off (residual gradients added by the GroupNorm backward passes; 16-bit output
+# gradients for the passes over 16-bit inputs), each v0.9 default turned off (concatenation
+# sides written by their producers; 16-bit copies by staged epilogues), each v0.8 default
+# turned off (two-way splits unsplit to stage; staged epilogues, which also keeps those splits,
+# with the tall tiles off too; fused shortcuts; concatenation gradients written by their
+# GroupNorms; 16-bit concatenations in recording forwards), each v0.7 default turned off
+# (16-bit concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit copies
+# by their writers), each v0.6 default turned off (with TMA on, no_lean only reaches the wgmma
+# launches TMA does not take), then the tall tiles, the stream count either way and each older
+# default turned off (does it still pay on this card and workload?); device_check.sh's
+# deadline cuts from the end.
 CANDIDATES=(
     gn_half_dy_all:INVDIFF_GN_HALF_DY=1
     streams4:INVDIFF_STREAMS=4
