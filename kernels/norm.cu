@@ -42,8 +42,9 @@
 // which a launch of its own (add_into, resample.cu) would have added just before; (old + add)
 // + v, the same bits, a launch and a read and write of dx less. A null `add` adds nothing.
 //
-// gn_concat_partial_pairs_ahead (INVDIFF_CONCAT_SUMS_AHEAD) is gn_concat_partial_pairs with its
-// sums over a side already written eight pixels' loads ahead instead of four; the same bits.
+// gn_concat_partial_pairs_ahead (the default; INVDIFF_CONCAT_SUMS_AHEAD=0 turns it off) is
+// gn_concat_partial_pairs with its sums over a side already written eight pixels' loads ahead
+// instead of four; the same bits.
 //
 // The `_split` kernels (INVDIFF_CONCAT_GRAD_SPLIT) are the backward's element-wise pass over a
 // concatenation writing the concatenation's two gradients (GradSplit) instead of dx, which the
@@ -252,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // over the 256x256 level's concatenations moved 2.4 TB/s at batch 8 on an H200 (stop 28,
 // call 3). The same pixels in the same order, so the same bits; the copying side as before.
 // The lane set-up repeats gn_concat_partial_pairs' own: moved into a helper both call, it
-// changes that (default) kernel's SASS.
+// changes the SASS of that kernel, which INVDIFF_CONCAT_SUMS_AHEAD=0 runs for comparisons.
 constexpr int CONCAT_SUMS_AHEAD = 8;
 extern "C" __global__ void __launch_bounds__(256)
     gn_concat_partial_pairs_ahead(const float* __restrict__ a, const float* __restrict__ b,
