@@ -14,7 +14,7 @@
 #       and how long none, per pass, in the summary; the Chrome traces in devcheck.tar.gz;
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
-#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 to v0.8
+#   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 to v0.10
 #       programs, every candidate on, then each entry of scripts/candidates.sh alone:
 #       each default off, the stream count, each candidate) of out/invdiff-next if it exists, else
 #       out/invdiff: for each its bf16 b1 (forward + DPS step), b8 and b32 rows; for `v04`
@@ -34,7 +34,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
-# variants of three bench calls each, a bench call 2-5 s; the default list now has 45, more than a
+# variants of three bench calls each, a bench call 2-5 s; the default list now has 44, more than a
 # deadline of 510 s leaves room for, so name the variants wanted in VARIANTS); each
 # phase's estimate is beside it;
 # a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a

@@ -14,7 +14,7 @@
 # (default 2%) are added one at a time, largest gain first, each kept only if the set with it
 # passes the selftest and is faster again by MARGIN. With no winner the file sets nothing.
 # INVDIFF_BIN names the binary (default target/release/invdiff of this checkout). About 20 s a
-# candidate on a Hopper card (a selftest and three bench calls): ~15 minutes for the 44 entries
+# candidate on a Hopper card (a selftest and three bench calls): ~12 minutes for the 36 entries
 # of scripts/candidates.sh, then the greedy search.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

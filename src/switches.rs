@@ -202,7 +202,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_GEMM_SMALL_TILES",
         ON_OFF,
-        "GPU default: `0` uses no 32-wide attention-product tiles",
+        "GPU default: `0` gives the attention products no tiles smaller than 64 x 64 (neither 32-wide nor the warp-split ones)",
     ),
     choice(
         "INVDIFF_UPSAMPLE_FOLD",

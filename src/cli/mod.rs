@@ -106,7 +106,8 @@ struct Backend {
     precision: Precision,
     /// On a GPU, plan every launch from one image's shape, so that each image's result is bit
     /// for bit the same in any batch or shard (the CPU always is). Costs throughput at large
-    /// batches, where fewer splits of the convolutions' sums would fill the device.
+    /// batches, where fewer splits of the convolutions' sums, and larger tiles for the
+    /// attention products, would fill the device.
     #[arg(long)]
     batch_invariant: bool,
 }

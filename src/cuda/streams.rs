@@ -613,7 +613,7 @@ mod tests {
             .map(|k| p[*k].as_f64().unwrap())
             .collect();
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-        // The baseline's program ordered the classes (a default since stop 34).
+        // The baseline's program ordered the classes (side by side is the default since stop 34).
         let apart = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
         let ordered = KernelConfig {
             class_concurrency: false,

@@ -23,10 +23,10 @@
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
 //! - `attention_flash_*` (fused attention, [`Kernels::attention_flash`]): 128; (⌈L/64⌉,
 //!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
-//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); `gemm_batched_32` (unless
-//!   `INVDIFF_GEMM_SMALL_TILES=0`, where that grid has fewer blocks than multiprocessors):
-//!   (⌈n/32⌉, ⌈m/32⌉, batch), or by default `gemm_batched_wk` ([`Kernels::gemm`]):
-//!   (⌈n/32⌉, ⌈m/16⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
+//! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); where that grid has fewer blocks than
+//!   multiprocessors (unless `INVDIFF_GEMM_SMALL_TILES=0`), `gemm_batched_wk`
+//!   ([`Kernels::gemm`]): (⌈n/32⌉, ⌈m/16⌉, batch), or with `INVDIFF_GEMM_WARP_K=0`
+//!   `gemm_batched_32`: (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
 //!   `gemm_batched`;
 //! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
@@ -58,7 +58,7 @@ mod norm;
 mod resample;
 mod tma;
 
-pub(crate) use attention::{flash_fits, Gemm, GemmForm};
+pub(crate) use attention::{flash_fits, gemm_form, Gemm, GemmForm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
 pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
@@ -159,11 +159,13 @@ fn i64_of(v: usize) -> i64 {
 
 /// Launch choices below a program's plan that the `INVDIFF_*` switches make, read once when
 /// the kernels load ([`Kernels::with_launch`] makes others, for the selftest); each gives the
-/// same bits either way unless its doc says otherwise.
+/// same bits either way unless its doc says otherwise. `Default` is every choice off, not the
+/// defaults, which [`from_switches`](Self::from_switches) gives with no switch set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct LaunchSwitches {
-    /// Batched products that would leave multiprocessors idle take 32-wide tiles (unless
-    /// `INVDIFF_GEMM_SMALL_TILES=0`; 2.6% off a bf16 forward at batch 1 on an H200).
+    /// Batched products that would leave multiprocessors idle take smaller tiles, 32-wide or
+    /// (`gemm_warp_k`) warp-split (unless `INVDIFF_GEMM_SMALL_TILES=0`; the 32-wide ones took
+    /// 2.6% off a bf16 forward at batch 1 on an H200).
     pub small_tiles: bool,
     /// Small batched products take `gemm_batched_wk`, whose warps split K (unless
     /// `INVDIFF_GEMM_WARP_K=0`; another rounding; 1.6% off a bf16 DPS step at batch 1 on an

@@ -173,9 +173,10 @@ pub(crate) struct KernelConfig {
     /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
     /// so the same bits.
     pub class_concurrency: bool,
-    /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks) made
-    /// from one image's shape, so that an image's results are bit for bit the same in any
-    /// batch; otherwise they are made for the whole batch, which fills the device better.
+    /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
+    /// kernel an attention product takes: the attention steps' `per_image`) made from one
+    /// image's shape, so that an image's results are bit for bit the same in any batch;
+    /// otherwise they are made for the whole batch, which fills the device better.
     pub batch_invariant: bool,
 }
 

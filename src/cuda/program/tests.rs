@@ -718,10 +718,13 @@ fn time_embedding_projections_are_one_launch() {
 }
 
 /// With per-image plans, every launch and GroupNorm that sums sums in the same order in any
-/// batch as for one image alone, in the plain program and with the defaults.
+/// batch as for one image alone, in the plain program and with the defaults, and the
+/// attention steps choose their products' kernels for one image (`Kernels::gemm`'s
+/// `per_image`; the choice itself is tested in src/cuda/kernels/attention.rs).
 #[test]
 fn batch_invariant_programs_plan_every_image_alike() {
-    // What a step sums in which order: its launch's split of K, or its GroupNorm's split.
+    // What a step sums in which order: its launch's split of K, its GroupNorm's split, or
+    // whether its attention products' kernels are chosen for one image.
     fn orders(p: &Program) -> Vec<String> {
         p.steps
             .iter()
@@ -729,6 +732,21 @@ fn batch_invariant_programs_plan_every_image_alike() {
                 Step::Conv(c) => Some(format!("{:?}", c.launch)),
                 Step::GroupNorm { split, .. } | Step::GroupNormBackward { split, .. } => {
                     Some(format!("{split:?}"))
+                }
+                Step::Attention { per_image, .. } | Step::AttentionBackward { per_image, .. } => {
+                    Some(format!("attention per image: {per_image}"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+    // Every attention step of a program, forward and backward, planned for one image or not.
+    fn attentions_per_image(p: &Program) -> Vec<bool> {
+        p.steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Attention { per_image, .. } | Step::AttentionBackward { per_image, .. } => {
+                    Some(*per_image)
                 }
                 _ => None,
             })
@@ -766,6 +784,10 @@ fn batch_invariant_programs_plan_every_image_alike() {
             }
             // Planned for the batch, the splits do change with it.
             assert_ne!(orders(&build(8, false)), orders(&build(1, false)));
+            // celebahq's six attentions, forward and backward.
+            for inv in [true, false] {
+                assert_eq!(attentions_per_image(&build(2, inv)), [inv; 12]);
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::{acc_name, tensor_core_tolerance, Tester, TOLERANCE};
 use crate::cpu::attention;
-use crate::cuda::kernels::{flash_fits, Gemm, GemmForm};
+use crate::cuda::kernels::{flash_fits, gemm_form, Gemm, GemmForm};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::{attention_backward, attention_forward, Attn, AttnKernel};
 use crate::cuda::weights::DevBuf;
@@ -263,12 +263,34 @@ impl Tester<'_> {
     /// (`--batch-invariant`) in a batch large enough that the products' kernels chosen for the
     /// whole batch would be the 64-wide tiles where one image's are the warp-split ones (which
     /// round otherwise): image 0's output and input gradient against its own alone, bit for
-    /// bit.
+    /// bit. Where the switches leave one kernel for both plans, a row says so instead.
     fn per_image_attention_rows(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (tokens, inner) = (256, 512);
         // S = q kᵀ has 16 blocks of 64 x 64 outputs an image.
         let n = self.gpu.sms() / 16 + 1;
+        let scores = Gemm {
+            m: tokens,
+            n: tokens,
+            k: inner,
+            outer: n,
+            inner: 1,
+            ..Gemm::default()
+        };
+        let form = |per_image| {
+            let launch = gpu.kernels.launch_switches();
+            gemm_form(&scores, self.gpu.sms() as u32, &launch, per_image)
+        };
+        if form(true) == form(false) {
+            self.check_row(
+                "attention, planned per image".into(),
+                "not checked: one kernel either way (INVDIFF_GEMM_WARP_K=0 or \
+                 INVDIFF_GEMM_SMALL_TILES=0)"
+                    .into(),
+                true,
+            );
+            return Ok(());
+        }
         let run = |images: usize, qkv: &DevBuf, dout: &DevBuf| -> Result<[Vec<f32>; 2]> {
             let a = Attn {
                 n: images,

@@ -1,7 +1,6 @@
 //! How the launches are scheduled, each way against the other, bit for bit: a convolution's
 //! parity-class launches side by side on the streams (`INVDIFF_CLASS_CONCURRENCY`), whole
-//! networks against the schedule that orders them. A group of its own, run last: a
-//! candidate's kernel that faults ends no other check.
+//! networks against the schedule that orders them.
 
 use super::networks::ORDERED_PAIRS;
 use super::Tester;
