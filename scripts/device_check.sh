@@ -30,7 +30,8 @@
 #       only those); JSON in devcheck.tar.gz);
 #   (e) full-size parity against diffusers (strict fp32; again with the fold on in fp32), a
 #       1000-step bf16 DPS restoration of the real sample, and 10-step DPS / 2-step PiGDM
-#       trajectories, GPU against CPU.
+#       trajectories, GPU against CPU: all on the weights and references phase (b) writes,
+#       so (e) needs (b) in the same call (without it, each says it was skipped).
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
@@ -481,14 +482,17 @@ if want e; then
         note "full-size parity vs diffusers: skipped (the PyTorch phase wrote no reference)"
     fi
     restore1000 "" "$BIN"
+    if [ ${#MODEL_ARG[@]} -eq 0 ]; then
+        note "trajectories GPU vs CPU: skipped (phase b saves the weights they run on)"
+    fi
     # ΠGDM over 2 steps: on random weights its update amplifies rounding chaotically, so 10
     # steps drift apart (6.6e-2 on the v0.4 H200, as PyTorch's own f32 and f64 runs do) while
     # each step agrees to ~1e-6 (PERF.md).
-    for m in dps pigdm; do
+    for m in ${MODEL_ARG[@]+dps pigdm}; do
         steps=10
         [ $m = pigdm ] && steps=2
         for d in cuda cpu; do
-            run 150 "traj_${m}_$d.txt" "$BIN" restore ${MODEL_ARG[@]+"${MODEL_ARG[@]}"} --method $m \
+            run 150 "traj_${m}_$d.txt" "$BIN" restore "${MODEL_ARG[@]}" --method $m \
                 --measurement tests/data/ffhq-deblur/0.safetensors --steps $steps --seed 3 \
                 --output "/tmp/traj_${m}_$d.safetensors" --device $d
         done
