@@ -13,8 +13,8 @@
 // kernel's time (slices of 16 made one attention product at 256 tokens ~25 us). Loading the
 // next slice into registers during this one's products changed nothing on an H200 (stop 34).
 // The `_wk` kernel (the default where 32-wide tiles would run; INVDIFF_GEMM_WARP_K=0 keeps the
-// tiles) takes the other way out of that chain of slices: a
-// 16 x 32 tile whose eight warps each multiply their own eighth of K, in 16-deep slices through
+// tiles) takes the other way out of that chain of slices: a 16 x 32 tile whose eight warps
+// each multiply their own eighth of K, in 16-deep slices through
 // a buffer of their own (the next slice's loads issued before this one's products, no barrier
 // but the warp's), and then add their eight partial tiles in warp order. At batch 1 the
 // attention's products (K = 512 or 256) then have 128-256 blocks, each with at most four slices

@@ -484,21 +484,22 @@ if want e; then
     restore1000 "" "$BIN"
     if [ ${#MODEL_ARG[@]} -eq 0 ]; then
         note "trajectories GPU vs CPU: skipped (phase b saves the weights they run on)"
-    fi
-    # ΠGDM over 2 steps: on random weights its update amplifies rounding chaotically, so 10
-    # steps drift apart (6.6e-2 on the v0.4 H200, as PyTorch's own f32 and f64 runs do) while
-    # each step agrees to ~1e-6 (PERF.md).
-    for m in ${MODEL_ARG[@]+dps pigdm}; do
-        steps=10
-        [ $m = pigdm ] && steps=2
-        for d in cuda cpu; do
-            run 150 "traj_${m}_$d.txt" "$BIN" restore "${MODEL_ARG[@]}" --method $m \
-                --measurement tests/data/ffhq-deblur/0.safetensors --steps $steps --seed 3 \
-                --output "/tmp/traj_${m}_$d.safetensors" --device $d
+    else
+        # ΠGDM over 2 steps: on random weights its update amplifies rounding chaotically, so 10
+        # steps drift apart (6.6e-2 on the v0.4 H200, as PyTorch's own f32 and f64 runs do) while
+        # each step agrees to ~1e-6 (PERF.md).
+        for m in dps pigdm; do
+            steps=10
+            [ $m = pigdm ] && steps=2
+            for d in cuda cpu; do
+                run 150 "traj_${m}_$d.txt" "$BIN" restore "${MODEL_ARG[@]}" --method $m \
+                    --measurement tests/data/ffhq-deblur/0.safetensors --steps $steps --seed 3 \
+                    --output "/tmp/traj_${m}_$d.safetensors" --device $d
+            done
+            run 60 "traj_$m.txt" "$BIN" compare "/tmp/traj_${m}_cuda.safetensors" "/tmp/traj_${m}_cpu.safetensors" --tolerance 1e-4
+            note "trajectory $m GPU vs CPU (exit $?): $(grep -v '^\$' "$W/traj_$m.txt" | head -n 2 | tr '\n' ';')"
         done
-        run 60 "traj_$m.txt" "$BIN" compare "/tmp/traj_${m}_cuda.safetensors" "/tmp/traj_${m}_cpu.safetensors" --tolerance 1e-4
-        note "trajectory $m GPU vs CPU (exit $?): $(grep -v '^\$' "$W/traj_$m.txt" | head -n 2 | tr '\n' ';')"
-    done
+    fi
 fi
 
 note "done in ${SECONDS} s"

@@ -376,23 +376,25 @@ mod tests {
             gemm_warp_k: true,
             ..LaunchSwitches::default()
         };
-        // S = q kᵀ (16 tiles of 64 x 64 an image) and P v (32).
-        for (m, n) in [(256, 256), (256, 512)] {
-            let form = |outer, per_image| {
-                let g = Gemm {
-                    m,
-                    n,
-                    k: 512,
-                    outer,
-                    inner: 1,
-                    ..Gemm::default()
-                };
-                gemm_form(&g, 132, &launch, per_image)
+        // The form of an m x n product (K 512) over `outer` images.
+        let form = |(m, n), outer, launch: &LaunchSwitches, per_image| {
+            let g = Gemm {
+                m,
+                n,
+                k: 512,
+                outer,
+                inner: 1,
+                ..Gemm::default()
             };
-            assert_eq!(form(1, false), GemmForm::WarpK);
-            assert_eq!(form(32, false), GemmForm::Tiles { tile: 64 });
+            gemm_form(&g, 132, launch, per_image)
+        };
+        // S = q kᵀ (16 tiles of 64 x 64 an image) and P v (32).
+        for mn in [(256, 256), (256, 512)] {
+            assert_eq!(form(mn, 1, &launch, false), GemmForm::WarpK);
+            assert_eq!(form(mn, 32, &launch, false), GemmForm::Tiles { tile: 64 });
             for outer in [1, 4, 9, 32] {
-                assert_eq!(form(outer, true), GemmForm::WarpK, "{m}x{n}, batch {outer}");
+                let got = form(mn, outer, &launch, true);
+                assert_eq!(got, GemmForm::WarpK, "{mn:?}, batch {outer}");
             }
         }
         // Without the warp-split kernel: 32- or 64-wide tiles, the same sums either way.
@@ -400,21 +402,8 @@ mod tests {
             gemm_warp_k: false,
             ..launch
         };
-        let g = |outer| Gemm {
-            m: 256,
-            n: 256,
-            k: 512,
-            outer,
-            inner: 1,
-            ..Gemm::default()
-        };
-        assert_eq!(
-            gemm_form(&g(1), 132, &tiles, true),
-            GemmForm::Tiles { tile: 32 }
-        );
-        assert_eq!(
-            gemm_form(&g(32), 132, &tiles, true),
-            GemmForm::Tiles { tile: 64 }
-        );
+        let scores = (256, 256);
+        assert_eq!(form(scores, 1, &tiles, true), GemmForm::Tiles { tile: 32 });
+        assert_eq!(form(scores, 32, &tiles, true), GemmForm::Tiles { tile: 64 });
     }
 }

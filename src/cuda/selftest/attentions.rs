@@ -277,10 +277,8 @@ impl Tester<'_> {
             inner: 1,
             ..Gemm::default()
         };
-        let form = |per_image| {
-            let launch = gpu.kernels.launch_switches();
-            gemm_form(&scores, self.gpu.sms() as u32, &launch, per_image)
-        };
+        let (sms, launch) = (self.gpu.sms() as u32, gpu.kernels.launch_switches());
+        let form = |per_image| gemm_form(&scores, sms, &launch, per_image);
         if form(true) == form(false) {
             self.check_row(
                 "attention, planned per image".into(),
