@@ -206,13 +206,19 @@ extern "C" __global__ void sampler_update(const StepRow* rows, const int* counte
 }
 
 // DPS: r_b ← r_b / ||r_b|| per image (zero where the norm is zero, which makes the gradient zero
-// as torch.norm's backward does at 0). A block per image: f64 partial sums in a fixed order and a
-// fixed tree, so the norm is deterministic; its final rounding to f32 matches the CPU's
-// sequential f64 sum except within an f64 rounding of an f32 tie.
+// as torch.norm's backward does at 0), in two launches. sampler_residual_norms, a block per
+// image: f64 partial sums in a fixed order and a fixed tree, so the norm is deterministic; its
+// final rounding to f32 matches the CPU's sequential f64 sum except within an f64 rounding of an
+// f32 tie. sampler_residual_scale then divides every value by its image's norm, grid-stride over
+// the batch. The division was the norm block's second loop once, and that block waited out an
+// L2 round trip per value: the IEEE division calls a slow path, ptxas issues no load past the
+// call (SASS: a load, the division, a store, 384 times a thread at 3 x 256 x 256), where a
+// thread per value keeps every load in flight. The same norm and the same divisions.
 #define NORM_THREADS 512
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) sampler_residual_normalize(float* r, long long per) {
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    sampler_residual_norms(const float* r, long long per, float* norms) {
     __shared__ double part[NORM_THREADS];
-    float* img = r + (long long)blockIdx.x * per;
+    const float* img = r + (long long)blockIdx.x * per;
     double acc = 0.0;
     for (long long i = threadIdx.x; i < per; i += NORM_THREADS) {
         const double v = (double)img[i];
@@ -224,8 +230,15 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) sampler_residual_norm
         if (threadIdx.x < h) part[threadIdx.x] += part[threadIdx.x + h];
         __syncthreads();
     }
-    const float norm = (float)sqrt(part[0]);
-    for (long long i = threadIdx.x; i < per; i += NORM_THREADS) img[i] = norm > 0.0f ? __fdiv_rn(img[i], norm) : 0.0f;
+    if (threadIdx.x == 0) norms[blockIdx.x] = (float)sqrt(part[0]);
+}
+
+// r[i] / norms[i / per] over the `len` values of the batch (zero where the norm is zero).
+extern "C" __global__ void sampler_residual_scale(float* r, long long per, long long len, const float* norms) {
+    for (long long i = grid_start(); i < len; i += grid_stride()) {
+        const float norm = norms[i / per];
+        r[i] = norm > 0.0f ? __fdiv_rn(r[i], norm) : 0.0f;
+    }
 }
 
 // The UNet's timestep input for the current step, one per image.

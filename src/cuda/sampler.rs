@@ -199,6 +199,8 @@ struct Guide {
     direct: Dev<f32>,
     cot: Dev<f32>,
     g_eps: Dev<f32>,
+    /// DPS: each image's residual norm.
+    norms: Dev<f32>,
 }
 
 /// Every buffer of a run, allocated before the loop.
@@ -365,7 +367,7 @@ impl Loop {
                 let r = g.d_xhat.ptr;
                 g.blur
                     .apply(k, st, Filter::Blur, g.xhat.ptr, r, g.y.ptr, None, 0.0)?;
-                k.residual_normalize(st, r, per, b)?;
+                k.residual_normalize(st, r, g.norms.ptr, per, b)?;
                 g.blur.apply(k, st, Filter::Adjoint, r, r, 0, None, 0.0)?;
             }
             Update::Pigdm => g.blur.apply(
@@ -445,6 +447,7 @@ impl Guide {
             direct: buf()?,
             cot: buf()?,
             g_eps: buf()?,
+            norms: Dev::<f32>::zeros(st, ops.len())?,
         })
     }
 }

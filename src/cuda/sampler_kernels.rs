@@ -5,7 +5,7 @@
 //! Launch shapes (threads per block, blocks):
 //! - `sampler_step` / `_chain` / `_update` / `_normals`: 256; grid-stride, ⌈items/256⌉ capped at
 //!   8 blocks per multiprocessor;
-//! - `sampler_residual_normalize`: 512; one block per image;
+//! - `sampler_residual_norms`: 512; one block per image; `sampler_residual_scale` as `_step`;
 //! - `sampler_set_timestep`, `sampler_advance`: one block of 32;
 //! - `fft_rows_forward` / `fft_rows_inverse`: min(256, ⌈W/32⌉·32); (H, ⌈C/2⌉, B), 32·W bytes of
 //!   dynamic shared memory; `fft_cols`: likewise with H and W swapped.
@@ -263,7 +263,8 @@ pub(crate) struct SamplerKernels {
     step: CudaFunction,
     chain: CudaFunction,
     update: CudaFunction,
-    residual_normalize: CudaFunction,
+    residual_norms: CudaFunction,
+    residual_scale: CudaFunction,
     set_timestep: CudaFunction,
     advance: CudaFunction,
     rows_forward: CudaFunction,
@@ -321,7 +322,8 @@ impl SamplerKernels {
             step: get(&sampler, "sampler_step")?,
             chain: get(&sampler, "sampler_chain")?,
             update: get(&sampler, "sampler_update")?,
-            residual_normalize: get(&sampler, "sampler_residual_normalize")?,
+            residual_norms: get(&sampler, "sampler_residual_norms")?,
+            residual_scale: get(&sampler, "sampler_residual_scale")?,
             set_timestep: get(&sampler, "sampler_set_timestep")?,
             advance: get(&sampler, "sampler_advance")?,
             rows_forward: get(&fft, "fft_rows_forward")?,
@@ -518,18 +520,24 @@ impl SamplerKernels {
         )
     }
 
-    /// `r_b /= ||r_b||` for each of `batch` images of `per` values (zero where the norm is 0).
+    /// `r_b /= ||r_b||` for each of `batch` images of `per` values (zero where the norm is 0),
+    /// with each image's norm in `norms` (`batch` floats) on the way.
     pub fn residual_normalize(
         &self,
         st: &CudaStream,
         r: DPtr,
+        norms: DPtr,
         per: usize,
         batch: usize,
     ) -> Result<()> {
         need(r, "residual")?;
-        let p = per as i64;
-        let mut b = st.launch_builder(&self.residual_normalize);
-        b.arg(&r).arg(&p);
+        need(norms, "residual norms")?;
+        let len = per
+            .checked_mul(batch)
+            .ok_or_else(|| Error::Cuda("residual too large".into()))?;
+        let (p, l) = (per as i64, len as i64);
+        let mut b = st.launch_builder(&self.residual_norms);
+        b.arg(&r).arg(&p).arg(&norms);
         let cfg = LaunchConfig {
             grid_dim: (
                 u32::try_from(batch).map_err(|_| Error::Cuda("batch too large".into()))?,
@@ -539,10 +547,17 @@ impl SamplerKernels {
             block_dim: (NORM_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: r holds batch x per floats.
+        // SAFETY: r holds batch x per floats, norms batch.
         cu(
             unsafe { b.launch(cfg) }.map(drop),
-            "launching sampler_residual_normalize",
+            "launching sampler_residual_norms",
+        )?;
+        let mut b = st.launch_builder(&self.residual_scale);
+        b.arg(&r).arg(&p).arg(&l).arg(&norms);
+        // SAFETY: as above.
+        cu(
+            unsafe { b.launch(self.flat(len)) }.map(drop),
+            "launching sampler_residual_scale",
         )
     }
 

@@ -305,7 +305,9 @@ impl Check {
         }
         let mut rd = self.up(&r)?;
         let ptr = rd.ptr;
-        self.k.residual_normalize(&self.st, ptr, per, b)?;
+        let norms = self.up(&vec![0.0f32; b])?;
+        self.k
+            .residual_normalize(&self.st, ptr, norms.ptr, per, b)?;
         let got = self.down(&rd)?;
         rd = self.up(&r)?;
         let ptr = rd.ptr;
@@ -314,7 +316,7 @@ impl Check {
                 self.st.memcpy_htod(&r, &mut rd.slice),
                 "resetting the residual",
             )?;
-            self.k.residual_normalize(&self.st, ptr, per, b)
+            self.k.residual_normalize(&self.st, ptr, norms.ptr, per, b)
         })?;
         self.row(
             "dps residual / per-image norm".into(),
