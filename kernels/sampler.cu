@@ -209,11 +209,12 @@ extern "C" __global__ void sampler_update(const StepRow* rows, const int* counte
 // as torch.norm's backward does at 0), in two launches. sampler_residual_norms, a block per
 // image: f64 partial sums in a fixed order and a fixed tree, so the norm is deterministic; its
 // final rounding to f32 matches the CPU's sequential f64 sum except within an f64 rounding of an
-// f32 tie. sampler_residual_scale then divides every value by its image's norm, grid-stride over
-// the batch. The division was the norm block's second loop once, and that block waited out an
-// L2 round trip per value: the IEEE division calls a slow path, ptxas issues no load past the
-// call (SASS: a load, the division, a store, 384 times a thread at 3 x 256 x 256), where a
-// thread per value keeps every load in flight. The same norm and the same divisions.
+// f32 tie. sampler_residual_scale then divides every value by its image's norm, a thread per
+// value. The division was the norm block's second loop once, and that block waited out an L2
+// round trip per value: the IEEE division calls a slow path, and ptxas issues no load past the
+// call (SASS: a load, the division, a store, 384 times a thread at 3 x 256 x 256; in a
+// grid-stride loop a thread's values would still go one at a time). The same norm and the same
+// divisions.
 #define NORM_THREADS 512
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     sampler_residual_norms(const float* r, long long per, float* norms) {
@@ -233,12 +234,13 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     if (threadIdx.x == 0) norms[blockIdx.x] = (float)sqrt(part[0]);
 }
 
-// r[i] / norms[i / per] over the `len` values of the batch (zero where the norm is zero).
+// r[i] / norms[i / per] for value i = grid_start() of the `len` of the batch (zero where the
+// norm is zero): a thread per value.
 extern "C" __global__ void sampler_residual_scale(float* r, long long per, long long len, const float* norms) {
-    for (long long i = grid_start(); i < len; i += grid_stride()) {
-        const float norm = norms[i / per];
-        r[i] = norm > 0.0f ? __fdiv_rn(r[i], norm) : 0.0f;
-    }
+    const long long i = grid_start();
+    if (i >= len) return;
+    const float norm = norms[i / per];
+    r[i] = norm > 0.0f ? __fdiv_rn(r[i], norm) : 0.0f;
 }
 
 // The UNet's timestep input for the current step, one per image.

@@ -5,7 +5,8 @@
 //! Launch shapes (threads per block, blocks):
 //! - `sampler_step` / `_chain` / `_update` / `_normals`: 256; grid-stride, ⌈items/256⌉ capped at
 //!   8 blocks per multiprocessor;
-//! - `sampler_residual_norms`: 512; one block per image; `sampler_residual_scale` as `_step`;
+//! - `sampler_residual_norms`: 512; one block per image; `sampler_residual_scale`: 256, a
+//!   thread per value;
 //! - `sampler_set_timestep`, `sampler_advance`: one block of 32;
 //! - `fft_rows_forward` / `fft_rows_inverse`: min(256, ⌈W/32⌉·32); (H, ⌈C/2⌉, B), 32·W bytes of
 //!   dynamic shared memory; `fft_cols`: likewise with H and W swapped.
@@ -532,9 +533,7 @@ impl SamplerKernels {
     ) -> Result<()> {
         need(r, "residual")?;
         need(norms, "residual norms")?;
-        let len = per
-            .checked_mul(batch)
-            .ok_or_else(|| Error::Cuda("residual too large".into()))?;
+        let len = per * batch;
         let (p, l) = (per as i64, len as i64);
         let mut b = st.launch_builder(&self.residual_norms);
         b.arg(&r).arg(&p).arg(&norms);
@@ -554,9 +553,19 @@ impl SamplerKernels {
         )?;
         let mut b = st.launch_builder(&self.residual_scale);
         b.arg(&r).arg(&p).arg(&l).arg(&norms);
+        // A thread per value, not flat()'s capped grid-stride: the division's slow-path call
+        // keeps a thread from loading its next value before the last one's division
+        // (kernels/sampler.cu).
+        let blocks = u32::try_from(len.div_ceil(BLOCK as usize).max(1))
+            .map_err(|_| Error::Cuda("residual too large".into()))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: as above.
         cu(
-            unsafe { b.launch(self.flat(len)) }.map(drop),
+            unsafe { b.launch(cfg) }.map(drop),
             "launching sampler_residual_scale",
         )
     }

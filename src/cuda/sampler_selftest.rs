@@ -292,39 +292,40 @@ impl Check {
         Ok(())
     }
 
-    /// DPS's per-image r / ||r||, one image all zeros.
+    /// DPS's per-image r / ||r||, one image all zeros; small images, and celebahq's.
     fn norms(&mut self) -> Result<()> {
-        let (b, per) = (3, 3 * 37 * 41);
-        let mut r = self.rand(b * per, -1.0, 1.0);
-        r[per..2 * per].iter_mut().for_each(|v| *v = 0.0);
-        let mut want = r.clone();
-        for chunk in want.chunks_exact_mut(per) {
-            if !normalize_residual(chunk) {
-                chunk.iter_mut().for_each(|v| *v = 0.0);
+        for (b, per) in [(3, 3 * 37 * 41), (3, 3 * 256 * 256)] {
+            let mut r = self.rand(b * per, -1.0, 1.0);
+            r[per..2 * per].iter_mut().for_each(|v| *v = 0.0);
+            let mut want = r.clone();
+            for chunk in want.chunks_exact_mut(per) {
+                if !normalize_residual(chunk) {
+                    chunk.iter_mut().for_each(|v| *v = 0.0);
+                }
             }
+            let mut rd = self.up(&r)?;
+            let ptr = rd.ptr;
+            let norms = self.up(&vec![0.0f32; b])?;
+            self.k
+                .residual_normalize(&self.st, ptr, norms.ptr, per, b)?;
+            let got = self.down(&rd)?;
+            rd = self.up(&r)?;
+            let ptr = rd.ptr;
+            let ms = self.timed(|| {
+                cu(
+                    self.st.memcpy_htod(&r, &mut rd.slice),
+                    "resetting the residual",
+                )?;
+                self.k.residual_normalize(&self.st, ptr, norms.ptr, per, b)
+            })?;
+            self.row(
+                "dps residual / per-image norm".into(),
+                format!("{b} x {per}, image 1 zero"),
+                &got,
+                &want,
+                ms,
+            );
         }
-        let mut rd = self.up(&r)?;
-        let ptr = rd.ptr;
-        let norms = self.up(&vec![0.0f32; b])?;
-        self.k
-            .residual_normalize(&self.st, ptr, norms.ptr, per, b)?;
-        let got = self.down(&rd)?;
-        rd = self.up(&r)?;
-        let ptr = rd.ptr;
-        let ms = self.timed(|| {
-            cu(
-                self.st.memcpy_htod(&r, &mut rd.slice),
-                "resetting the residual",
-            )?;
-            self.k.residual_normalize(&self.st, ptr, norms.ptr, per, b)
-        })?;
-        self.row(
-            "dps residual / per-image norm".into(),
-            format!("{b} x {per}, image 1 zero"),
-            &got,
-            &want,
-            ms,
-        );
         Ok(())
     }
 
