@@ -6,9 +6,17 @@
 // the CPU does (inside the softmax, before the maximum), then P = exp(s - max) / sum. The
 // probabilities stay materialised, [n, heads, L, L], as on the CPU: at the UNet's attention
 // resolutions (L = 256 for celebahq) P is small, and the backward pass reuses it.
-// Rows are independent and L is a few hundred, so a warp per row with three passes over the row
-// (it stays in L1) is simple and keeps the reductions inside one warp.
+// Rows are independent and L is a few hundred, so a warp per row keeps the reductions inside
+// one warp. A row of up to 32 x SOFTMAX_HELD values stays in the lanes' registers between the
+// passes (every attention of celebahq-256): one read and one write of it. Longer rows take
+// passes over memory, which read the row again after each of the warp's reductions (three
+// reads in the forward, two in the backward); at batch 1 (256 rows, so 256 warps on the whole
+// card) each read is a wait on memory that little else covers. Both forms do the same
+// operations in the same order, so the same bits.
 #include "common.cuh"
+
+// Values of a row a lane holds: rows up to 256 long stay in registers.
+constexpr int SOFTMAX_HELD = 8;
 
 // P = softmax(scale * S) per row of `len`, in place. Blocks of 256 threads, grid-stride over rows.
 extern "C" __global__ void softmax_forward(float* p, long long rows, int len, float scale) {
@@ -16,6 +24,34 @@ extern "C" __global__ void softmax_forward(float* p, long long rows, int len, fl
     for (long long r = grid_start() >> 5; r < rows; r += grid_stride() >> 5) {
         float* row = p + r * len;
         float mx = -INFINITY;
+        if (len <= 32 * SOFTMAX_HELD) {
+            float v[SOFTMAX_HELD];
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i) {
+                const int j = lane + 32 * i;
+                v[i] = j < len ? row[j] * scale : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i)
+                if (lane + 32 * i < len) mx = fmaxf(mx, v[i]);
+            mx = warp_max(mx);
+            float sum = 0.f;
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i) {
+                if (lane + 32 * i < len) {
+                    v[i] = expf(v[i] - mx);
+                    sum += v[i];
+                }
+            }
+            sum = warp_sum(sum);
+            const float inv = 1.0f / sum;
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i) {
+                const int j = lane + 32 * i;
+                if (j < len) row[j] = v[i] * inv;
+            }
+            continue;
+        }
         for (int j = lane; j < len; j += 32) {
             const float v = row[j] * scale;
             row[j] = v;
@@ -41,6 +77,25 @@ extern "C" __global__ void softmax_backward(const float* p, float* ds, long long
         const float* prow = p + r * len;
         float* drow = ds + r * len;
         float dot = 0.f;
+        if (len <= 32 * SOFTMAX_HELD) {
+            float pv[SOFTMAX_HELD], dv[SOFTMAX_HELD];
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i) {
+                const int j = lane + 32 * i;
+                pv[i] = j < len ? prow[j] : 0.f;
+                dv[i] = j < len ? drow[j] : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i)
+                if (lane + 32 * i < len) dot += dv[i] * pv[i];
+            dot = warp_sum(dot);
+#pragma unroll
+            for (int i = 0; i < SOFTMAX_HELD; ++i) {
+                const int j = lane + 32 * i;
+                if (j < len) drow[j] = pv[i] * (dv[i] - dot) * scale;
+            }
+            continue;
+        }
         for (int j = lane; j < len; j += 32) dot += drow[j] * prow[j];
         dot = warp_sum(dot);
         for (int j = lane; j < len; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;
