@@ -9,10 +9,9 @@ use crate::Result;
 impl Tester<'_> {
     pub(super) fn linears(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
-        // Few rows (the time-embedding MLP): the warp-per-output kernel. Widths short of a
-        // warp's round of loads (kernels/linear.cu: 32 x DOT_AHEAD = 256 elements), past one
-        // or two (rounds and a tail), and 250, where lanes 0-25 run a round and the rest the
-        // tail alone.
+        // Few rows (the time-embedding MLP): the warp-per-output kernel. Widths that end within
+        // a warp's first, second or third round of loads (kernels/linear.cu: 32 x DOT_AHEAD =
+        // 256 elements), so that the lanes' last rounds hold different numbers of elements.
         for (rows, inp, out, silu_in, with_res, out_div) in [
             (3, 40, 24, true, true, 1.5f32),
             (1, 128, 512, false, false, 1.0),
