@@ -70,32 +70,43 @@ extern "C" __global__ void softmax_forward(float* p, long long rows, int len, fl
     }
 }
 
+// One row of softmax_backward held in registers (len <= 32 * SOFTMAX_HELD); FULL: len is that,
+// so that no load or product needs a predicate (with them, ptxas began the products before the
+// last two loads of a 256-long row).
+template <bool FULL>
+DEVI void softmax_backward_held(const float* prow, float* drow, int len, float scale, int lane) {
+    auto in = [&](int i) { return FULL || lane + 32 * i < len; };
+    float pv[SOFTMAX_HELD], dv[SOFTMAX_HELD];
+#pragma unroll
+    for (int i = 0; i < SOFTMAX_HELD; ++i) {
+        pv[i] = in(i) ? prow[lane + 32 * i] : 0.f;
+        dv[i] = in(i) ? drow[lane + 32 * i] : 0.f;
+    }
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < SOFTMAX_HELD; ++i)
+        if (in(i)) dot += dv[i] * pv[i];
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int i = 0; i < SOFTMAX_HELD; ++i)
+        if (in(i)) drow[lane + 32 * i] = pv[i] * (dv[i] - dot) * scale;
+}
+
 // dS = P ∘ (dP - rowsum(dP ∘ P)) · scale, with dP in `ds` on entry. Same launch as the forward.
 extern "C" __global__ void softmax_backward(const float* p, float* ds, long long rows, int len, float scale) {
     const int lane = threadIdx.x & 31;
     for (long long r = grid_start() >> 5; r < rows; r += grid_stride() >> 5) {
         const float* prow = p + r * len;
         float* drow = ds + r * len;
-        float dot = 0.f;
-        if (len <= 32 * SOFTMAX_HELD) {
-            float pv[SOFTMAX_HELD], dv[SOFTMAX_HELD];
-#pragma unroll
-            for (int i = 0; i < SOFTMAX_HELD; ++i) {
-                const int j = lane + 32 * i;
-                pv[i] = j < len ? prow[j] : 0.f;
-                dv[i] = j < len ? drow[j] : 0.f;
-            }
-#pragma unroll
-            for (int i = 0; i < SOFTMAX_HELD; ++i)
-                if (lane + 32 * i < len) dot += dv[i] * pv[i];
-            dot = warp_sum(dot);
-#pragma unroll
-            for (int i = 0; i < SOFTMAX_HELD; ++i) {
-                const int j = lane + 32 * i;
-                if (j < len) drow[j] = pv[i] * (dv[i] - dot) * scale;
-            }
+        if (len == 32 * SOFTMAX_HELD) {
+            softmax_backward_held<true>(prow, drow, len, scale, lane);
             continue;
         }
+        if (len < 32 * SOFTMAX_HELD) {
+            softmax_backward_held<false>(prow, drow, len, scale, lane);
+            continue;
+        }
+        float dot = 0.f;
         for (int j = lane; j < len; j += 32) dot += drow[j] * prow[j];
         dot = warp_sum(dot);
         for (int j = lane; j < len; j += 32) drow[j] = prow[j] * (drow[j] - dot) * scale;

@@ -17,30 +17,38 @@
 // W elements a lane loads at once (row_dot).
 constexpr int DOT_AHEAD = 8;
 
+// One round of row_dot for a lane: elements i, i + 32, .. (DOT_AHEAD of them; with PARTIAL,
+// those below inp). f of the round's x values (L1 hits: every warp of the row reads them), then
+// all the round's W loads, then the products in order. Whole rounds load unconditionally: with
+// every load predicated, ptxas started the products after five or six of the eight.
+template <bool PARTIAL>
+DEVI void dot_round(const float* xr, const float* wr, int i, int inp, int silu_in, float& acc) {
+    auto in = [&](int u) { return !PARTIAL || i + 32 * u < inp; };
+    float v[DOT_AHEAD], w[DOT_AHEAD];
+#pragma unroll
+    for (int u = 0; u < DOT_AHEAD; ++u) {
+        const float x = in(u) ? xr[i + 32 * u] : 0.f;
+        v[u] = silu_in ? silu_f(x) : x;
+    }
+#pragma unroll
+    for (int u = 0; u < DOT_AHEAD; ++u) w[u] = in(u) ? wr[i + 32 * u] : 0.f;
+#pragma unroll
+    for (int u = 0; u < DOT_AHEAD; ++u)
+        if (in(u)) acc = fmaf(v[u], w[u], acc);
+}
+
 // One output's dot product f(x row) . (W row), f = SiLU or identity, summed across the warp
-// (every lane gets the sum). A lane's elements go in rounds of DOT_AHEAD (the last one partial):
-// f of the round's x values (L1 hits: every warp of the row reads them), then all the round's
-// W loads, then the products in order. Under SiLU a plain unrolled loop loaded W one element
-// at a time: the IEEE division calls a slow path, and ptxas sinks each load past the call to
-// its use (SASS), so each warp waited out a DRAM latency per element; the 32 resnets'
-// projections took 27 us for 20 MB on an H200 (stop 34's kernel timeline), on the path to the
-// first convolution that adds them. The same products in the same order as that loop, so the
-// same bits.
+// (every lane gets the sum), in rounds of DOT_AHEAD of a lane's elements (dot_round), a last
+// partial one where the width ends inside a round. Under SiLU a plain unrolled loop loaded W one element at a time: the IEEE
+// division calls a slow path, and ptxas sinks each load past the call to its use (SASS), so
+// each warp waited out a DRAM latency per element; the 32 resnets' projections took 27 us for
+// 20 MB on an H200 (stop 34's kernel timeline), on the path to the first convolution that adds
+// them. The same products in the same order as that loop, so the same bits.
 DEVI float row_dot(const float* xr, const float* wr, int inp, int silu_in, int lane) {
     float acc = 0.f;
-    for (int i = lane; i < inp; i += 32 * DOT_AHEAD) {
-        float v[DOT_AHEAD], w[DOT_AHEAD];
-#pragma unroll
-        for (int u = 0; u < DOT_AHEAD; ++u) {
-            const float x = i + 32 * u < inp ? xr[i + 32 * u] : 0.f;
-            v[u] = silu_in ? silu_f(x) : x;
-        }
-#pragma unroll
-        for (int u = 0; u < DOT_AHEAD; ++u) w[u] = i + 32 * u < inp ? wr[i + 32 * u] : 0.f;
-#pragma unroll
-        for (int u = 0; u < DOT_AHEAD; ++u)
-            if (i + 32 * u < inp) acc = fmaf(v[u], w[u], acc);
-    }
+    int i = lane;
+    for (; i + 32 * (DOT_AHEAD - 1) < inp; i += 32 * DOT_AHEAD) dot_round<false>(xr, wr, i, inp, silu_in, acc);
+    if (i < inp) dot_round<true>(xr, wr, i, inp, silu_in, acc);
     return warp_sum(acc);
 }
 

@@ -165,10 +165,13 @@ impl Tester<'_> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         // The last two: the fused kernels' shapes (heads of 64-column chunks), with a partial
         // row tile and two chunks of head width; the celebahq attention itself (1 x 512 at 256
-        // tokens). 300 tokens: rows longer than the softmax holds in registers
-        // (kernels/attention.cu SOFTMAX_HELD), which take its passes over memory.
+        // tokens). The softmax (kernels/attention.cu) holds rows of up to 256 in registers:
+        // 20 tokens leave lanes without an element, 256 fill every lane's eight, 257 and 300
+        // take its passes over memory.
         for (n, tokens, heads, head_dim, accumulate) in [
             (1, 37, 1, 16, false),
+            (2, 20, 2, 8, false),
+            (1, 257, 1, 16, false),
             (1, 300, 1, 16, true),
             (3, 64, 4, 8, true),
             (2, 256, 1, 64, false),
