@@ -39,15 +39,17 @@ DEVI void dot_round(const float* xr, const float* wr, int i, int inp, int silu_i
 
 // One output's dot product f(x row) . (W row), f = SiLU or identity, summed across the warp
 // (every lane gets the sum), in rounds of DOT_AHEAD of a lane's elements (dot_round), a last
-// partial one where the width ends inside a round. Under SiLU a plain unrolled loop loaded W one element at a time: the IEEE
-// division calls a slow path, and ptxas sinks each load past the call to its use (SASS), so
-// each warp waited out a DRAM latency per element; the 32 resnets' projections took 27 us for
-// 20 MB on an H200 (stop 34's kernel timeline), on the path to the first convolution that adds
-// them. The same products in the same order as that loop, so the same bits.
+// partial one where the width ends inside a round. Under SiLU a plain unrolled loop loaded W
+// one element at a time: the IEEE division calls a slow path, and ptxas sinks each load past
+// the call to its use (SASS), so each warp waited out a DRAM latency per element; the 32
+// resnets' projections took 27 us for 20 MB on an H200 (stop 34's kernel timeline), on the path
+// to the first convolution that adds them. The same products in the same order as that loop,
+// so the same bits.
 DEVI float row_dot(const float* xr, const float* wr, int inp, int silu_in, int lane) {
     float acc = 0.f;
     int i = lane;
-    for (; i + 32 * (DOT_AHEAD - 1) < inp; i += 32 * DOT_AHEAD) dot_round<false>(xr, wr, i, inp, silu_in, acc);
+    for (; i + 32 * (DOT_AHEAD - 1) < inp; i += 32 * DOT_AHEAD)
+        dot_round<false>(xr, wr, i, inp, silu_in, acc);
     if (i < inp) dot_round<true>(xr, wr, i, inp, silu_in, acc);
     return warp_sum(acc);
 }
