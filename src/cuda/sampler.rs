@@ -301,14 +301,7 @@ impl Loop {
 
         let guide = match &job.blur {
             None => None,
-            Some((ops, y)) => {
-                ensure!(
-                    ops.len() == b,
-                    "blur: {} operators for a batch of {b} images",
-                    ops.len()
-                );
-                Some(Guide::new(&k, &st, ops, y, job.guidance, [c, h, w])?)
-            }
+            Some((ops, y)) => Some(Guide::new(&k, &st, ops, y, job.guidance, [c, h, w])?),
         };
         unet.prepare(b, h, w, guided)?;
         Ok(Loop {
