@@ -500,12 +500,22 @@ DEVI void few_in_body(const ConvArgs& a) {
     const int ncols = a.ncols;
     const int col0 = blockIdx.y * FCOLS;
     float* wsf = reinterpret_cast<float*>(ws);
-    for (int e = tid; e < 9 * SC * FCOLS; e += 256) {
+    // Every weight this thread stages is loaded before the first is stored: a loop storing
+    // each as it came issued one load, waited for it, stored it and went on, fourteen memory
+    // round trips (SC = 3) before the block's first product.
+    constexpr int WPER = (9 * SC * FCOLS + 255) / 256;
+    float wv[WPER];
+#pragma unroll
+    for (int i = 0; i < WPER; ++i) {
+        const int e = tid + 256 * i;
         const int row = e / FCOLS;  // cell * SC + channel
         const int c = col0 + (e - row * FCOLS);
-        const int wrow = s_cellw[row / SC];
-        wsf[e] = wrow >= 0 && c < ncols ? weights(a)[((long long)wrow * SC + row % SC) * ncols + c] : 0.f;
+        const int wrow = e < 9 * SC * FCOLS ? s_cellw[row / SC] : -1;
+        wv[i] = wrow >= 0 && c < ncols ? weights(a)[((long long)wrow * SC + row % SC) * ncols + c] : 0.f;
     }
+#pragma unroll
+    for (int i = 0; i < WPER; ++i)
+        if (tid + 256 * i < 9 * SC * FCOLS) wsf[tid + 256 * i] = wv[i];
     __syncthreads();
 
     const int nq = min(FQ, (ncols - col0 + 3) / 4);
