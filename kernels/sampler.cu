@@ -151,12 +151,14 @@ extern "C" __global__ void sampler_step(const StepRow* rows, const int* counter,
     const StepRow& r = rows[*counter];
     const float* zs = z + (long long)r.z_slot * z_stride;
     for (long long i = grid_start(); i < len; i += grid_stride()) {
-        const float xv = x[i], e = eps[i];
+        // The noise with x and eps: read where it is used, its load waited for the x0
+        // division's slow-path call, which ptxas issues no load past.
+        const float xv = x[i], e = eps[i], zv = (r.flags & ROW_NOISE) ? zs[i] : 0.0f;
         const float x0 = clamp_x0(r, x0_raw(r, xv, e));
         float p = __fmul_rn(r.c_x0, x0);
         if (r.c_xt != 0.0f) p = __fadd_rn(p, __fmul_rn(r.c_xt, xv));
         if (r.c_eps != 0.0f) p = __fadd_rn(p, __fmul_rn(r.c_eps, e));
-        if (r.flags & ROW_NOISE) p = __fadd_rn(p, __fmul_rn(r.noise_std, zs[i]));
+        if (r.flags & ROW_NOISE) p = __fadd_rn(p, __fmul_rn(r.noise_std, zv));
         prev[i] = p;
         if (xhat != nullptr) xhat[i] = clean_output(x0);
         note_divergence(diverged, p, r.step);
@@ -174,10 +176,12 @@ extern "C" __global__ void sampler_chain(const StepRow* rows, const int* counter
                                          long long len) {
     const StepRow& r = rows[*counter];
     for (long long i = grid_start(); i < len; i += grid_stride()) {
+        // d_xhat with x and eps (as sampler_step's noise).
+        const float d = d_xhat[i];
         const float raw = x0_raw(r, x[i], eps[i]);
         const float x0 = clamp_x0(r, raw);
         const bool inside_clip = !(r.flags & ROW_CLIP) || (-r.clip < raw && raw < r.clip);
-        const float g = inside_clip && -1.0f < x0 && x0 < 1.0f ? __fdiv_rn(d_xhat[i], 2.0f) : 0.0f;
+        const float g = inside_clip && -1.0f < x0 && x0 < 1.0f ? __fdiv_rn(d, 2.0f) : 0.0f;
         const float g_raw = __fdiv_rn(g, r.s0);
         direct[i] = g_raw;
         cot[i] = __fmul_rn(-g_raw, r.s1);
