@@ -510,7 +510,11 @@ DEVI void few_in_body(const ConvArgs& a) {
         const int e = tid + 256 * i;
         const int row = e / FCOLS;  // cell * SC + channel
         const int c = col0 + (e - row * FCOLS);
-        const int wrow = e < 9 * SC * FCOLS ? s_cellw[row / SC] : -1;
+        // Only the last round can pass the end: testing every round (ptxas cannot know that
+        // tid < 256) made it branch around each cell read, and the last load went out after
+        // the first stores.
+        const bool staged = i < WPER - 1 || e < 9 * SC * FCOLS;
+        const int wrow = staged ? s_cellw[row / SC] : -1;
         wv[i] = wrow >= 0 && c < ncols ? weights(a)[((long long)wrow * SC + row % SC) * ncols + c] : 0.f;
     }
 #pragma unroll

@@ -176,7 +176,8 @@ extern "C" __global__ void sampler_chain(const StepRow* rows, const int* counter
                                          long long len) {
     const StepRow& r = rows[*counter];
     for (long long i = grid_start(); i < len; i += grid_stride()) {
-        // d_xhat with x and eps (as sampler_step's noise).
+        // d_xhat with x and eps (as sampler_step's noise), whether or not the clamps pass it:
+        // like x and eps it holds len values (the launcher's contract).
         const float d = d_xhat[i];
         const float raw = x0_raw(r, x[i], eps[i]);
         const float x0 = clamp_x0(r, raw);
