@@ -57,9 +57,18 @@
 // the output (the three dependent launches took 11-15 us per GroupNorm of these levels at
 // batch 1 on an H200, for 1-8K elements a group). Only the order in which the f64 sums are
 // added differs from the three-launch form.
+//
+// conv_splitk_reduce_norm (INVDIFF_GN_FROM_REDUCTION) is a split convolution's reduction
+// (conv_splitk_reduce) and the one-pass GroupNorm of its output in one launch, a block per
+// (image, group): at the 8x8 and 16x16 levels of celebahq-256 at batch 1 a split launch's
+// reduction and the GroupNorm after it are two dependent launches of a few microseconds each.
+// The block first forms each of its group's outputs as the reduction would (a thread an output
+// where the group has at most 1024), then sums them as gn_one_pass's threads would, in the same
+// order, so both outputs are those of the two launches, bit for bit.
 #include <type_traits>
 
 #include "common.cuh"
+#include "conv_common.cuh"
 
 // The block's two partial sums per channel (thread (lane, wy) holds warp wy's share of channel
 // ch in a and b), added over the 8 warps in a fixed order and stored at
@@ -933,6 +942,108 @@ DEVI void one_pass(const void* x, int xkind, const float* gamma, const float* be
         if (e < 0) continue;
         const float z = fmaf(v[k], scale, shift);
         store_kind(y, e, silu ? silu_f(z) : z, kind);
+    }
+}
+
+// What conv_splitk_reduce_norm's GroupNorm needs besides the convolution: its affine, its
+// output (kind as store_kind), its statistics, and the one-pass block it stands for.
+struct ReduceNormArgs {
+    const float* gamma;
+    const float* beta;
+    void* y;
+    float* stats;
+    int groups, silu, kind, one_pass_threads;
+    float eps;
+};
+static_assert(sizeof(ReduceNormArgs) == 56, "ReduceNormArgs must match src/cuda/kernels/norm.rs");
+
+// Most outputs of a group a reduction-and-norm block holds: gn_one_pass's most.
+constexpr int REDUCE_NORM_MAX = 1024 * ONE_PASS_PIXELS;
+// Partials of one output loaded before the first of their adds.
+constexpr int REDUCE_NORM_AHEAD = 32;
+
+// Output e (row m, column col) of split launch `a` as conv_splitk_reduce forms it: the partials
+// added from 0 in split order, then finish(). Every load goes out before the first add (the
+// epilogue's reads with them; a round's loads past the last split read it again and are not
+// added): the same adds in the same order.
+DEVI float reduced_output(const ConvArgs& a, int splits, int total, int m, int col) {
+    const int e = m * a.ncols + col;
+    const RowCoord rc = decode_row(a, m);
+    const long long pix = out_pixel(a, rc);
+    const float bias = a.bias != nullptr ? a.bias[col] : 0.0f;
+    const float temb = a.temb != nullptr ? a.temb[(long long)rc.img * a.ncols + col] : 0.0f;
+    const float res = a.res != nullptr ? a.res[pix * a.ncols + col] : 0.0f;
+    float s = 0.f;
+    for (int z = 0; z < splits; z += REDUCE_NORM_AHEAD) {
+        float part[REDUCE_NORM_AHEAD];
+#pragma unroll
+        for (int i = 0; i < REDUCE_NORM_AHEAD; ++i) part[i] = a.ws[min(z + i, splits - 1) * total + e];
+#pragma unroll
+        for (int i = 0; i < REDUCE_NORM_AHEAD; ++i)
+            if (z + i < splits) s += part[i];
+    }
+    // finish_with_bias() on the values read above, in its order.
+    float v = s;
+    if (a.bias != nullptr || a.temb != nullptr || a.res != nullptr) {
+        float e2 = bias;
+        if (a.temb != nullptr) e2 += temb;
+        if (a.res != nullptr) e2 += res;
+        v = e2 + s;
+    }
+    return v / a.out_div;
+}
+
+// The reduction of split launch `a` (the whole workspace, not accumulating, output pixel = row)
+// and the one-pass GroupNorm of its output, grid n * groups, blockDim.x threads (a multiple of
+// 32, at least g.one_pass_threads, at most 1024). Output i of the group (pixel i / cg, channel
+// i % cg of the group) belongs to thread i % blockDim.x. a.y may be null (the program reads only
+// the GroupNorm's output); then only the GroupNorm's outputs are written.
+extern "C" __global__ void __launch_bounds__(1024)
+    conv_splitk_reduce_norm(const ConvArgs a, int splits, const ReduceNormArgs g) {
+    __shared__ float vals[REDUCE_NORM_MAX];
+    const int hw = a.mh * a.mw, c = a.ncols, cg = c / g.groups;
+    const int id = blockIdx.x, img = id / g.groups, ch0 = (id - img * g.groups) * cg;
+    const int total = a.n * hw * c, outputs = cg * hw;
+    constexpr int PER = ONE_PASS_PIXELS;
+    float v[PER];
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i >= outputs) break;
+        const int p = i / cg, col = ch0 + i - p * cg;
+        const int m = img * hw + p;
+        v[r] = reduced_output(a, splits, total, m, col);
+        if (a.y != nullptr) a.y[(long long)m * c + col] = v[r];
+        vals[i] = v[r];
+    }
+    __syncthreads();
+    // gn_one_pass's sums: its thread t (t < one_pass_threads) adds channel t % cg of pixel rows
+    // t / cg, + rows, ... in that order, and block_sum2 adds the threads' sums; the threads past
+    // them add nothing, as gn_one_pass's warps past its block would not exist (their zeros are
+    // the zeros block_sum2 gives absent warps).
+    double sa = 0.0, sb = 0.0;
+    if ((int)threadIdx.x < g.one_pass_threads) {
+        const int j = threadIdx.x % cg, row = threadIdx.x / cg, rows = g.one_pass_threads / cg;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int p = row + k * rows;
+            const float x = row < rows && p < hw ? vals[p * cg + j] : 0.0f;
+            sa += (double)x;
+            sb += (double)x * (double)x;
+        }
+    }
+    block_sum2(sa, sb);
+    const int n = a.n;
+    const GroupStats st = group_stats(sa, sb, (double)cg * (double)hw, g.eps, g.stats, n, g.groups, id);
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+        const int i = threadIdx.x + r * blockDim.x;
+        if (i >= outputs) break;
+        const int p = i / cg, col = ch0 + i - p * cg;
+        float scale, shift;
+        channel_affine(st, g.gamma, g.beta, col, scale, shift);
+        const float z = fmaf(v[r], scale, shift);
+        store_kind(g.y, (long long)(img * hw + p) * c + col, g.silu ? silu_f(z) : z, g.kind);
     }
 }
 

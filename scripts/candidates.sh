@@ -1,6 +1,7 @@
 # The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (16-bit output gradients for every GroupNorm backward pass that can, not only those
+# candidates (split launches' reductions computing the one-pass GroupNorms after them, stop 36,
+# untimed; 16-bit output gradients for every GroupNorm backward pass that can, not only those
 # over 16-bit inputs; four streams, for the parity classes side by side; tf32 attention
 # products, a default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at
 # v0.5 and v0.6), then each v0.11 default turned off (parity classes side by side; attention
@@ -17,6 +18,7 @@
 # default turned off (does it still pay on this card and workload?); device_check.sh's
 # deadline cuts from the end.
 CANDIDATES=(
+    gn_from_reduction:INVDIFF_GN_FROM_REDUCTION=1
     gn_half_dy_all:INVDIFF_GN_HALF_DY=1
     streams4:INVDIFF_STREAMS=4
     attn_tf32:INVDIFF_ATTN_TF32=1

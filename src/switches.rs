@@ -89,6 +89,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU default: `0` keeps the parity-class launches of one convolution (an upsampling's folded convolution, a stride-2 convolution's input gradient) in order instead of side by side on the pass's streams (the same bits)",
     ),
     choice(
+        "INVDIFF_GN_FROM_REDUCTION",
+        ON_OFF,
+        "GPU candidate: `1` has the reduction of a split convolution compute the one-pass GroupNorm of its output too, instead of a launch of its own (the 8x8 and 16x16 levels at batch 1; the same bits)",
+    ),
+    choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",
         ON_OFF,
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",

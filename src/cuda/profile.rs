@@ -95,6 +95,9 @@ fn conv_info(c: &ConvStep, n: usize) -> StepInfo {
     if !c.fp32_out {
         variant += ", no fp32 output";
     }
+    if c.norm.is_some() {
+        variant += ", GroupNorm in the reduction";
+    }
     let launches = 1 + usize::from(c.launch.splits > 1);
     let (kind, shape) = match c.w.kind {
         // Token-wise linear layers: one-tap products over n * tokens rows.

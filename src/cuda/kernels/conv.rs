@@ -10,6 +10,7 @@ use super::conv_plan::{
     direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
     WgmmaTile, DIRECT_MAX, TILE, WGMMA_SLICE,
 };
+use super::norm::ReductionNorm;
 use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
@@ -95,6 +96,9 @@ pub(crate) struct ConvPtrs {
     /// output).
     pub y16: Side16,
     pub copy16: DPtr,
+    /// The one-pass GroupNorm of `y` that a split launch's reduction computes too
+    /// (kernels/norm.cu `conv_splitk_reduce_norm`); with it, `y` may be 0 (no fp32 output).
+    pub norm: Option<ReductionNorm>,
 }
 
 /// A launch's output rounded to the precision of its kernel, as a side of a 16-bit
@@ -485,8 +489,19 @@ impl Kernels {
         }
         need(p.x, "convolution input")?;
         need(p.w, "convolution weights")?;
-        if (p.y16.buf == 0 && p.copy16 == 0) || accumulate {
+        if (p.y16.buf == 0 && p.copy16 == 0 && p.norm.is_none()) || accumulate {
             need(p.y, "convolution output")?;
+        }
+        // The reduction that also normalises writes the whole output, pixel for row.
+        let dense =
+            s.out_stride == 1 && s.out_oy == 0 && s.out_ox == 0 && s.yh == s.mh && s.yw == s.mw;
+        if p.norm.is_some() && (plan.splits < 2 || accumulate || !dense || probe.is_some()) {
+            return Err(Error::Cuda(format!(
+                "internal: a GroupNorm asked of the reduction of a launch with {} splits \
+                 (accumulating {accumulate}, writing every pixel {dense}, probed {})",
+                plan.splits,
+                probe.is_some()
+            )));
         }
         let rows = s.rows();
         if rows == 0 || s.ncols == 0 || s.sc == 0 {
@@ -761,6 +776,21 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
+            if let Some(norm) = &p.norm {
+                let (g, threads) = norm.args(s.mh * s.mw, s.ncols)?;
+                let blocks = i32_of(s.n * norm.groups, "GroupNorm blocks")? as u32;
+                let mut b = st.launch_builder(&self.conv_splitk_reduce_norm);
+                b.arg(&a).arg(&splits).arg(&g);
+                // SAFETY: the workspace holds splits x rows x ncols partial sums written above;
+                // a block per (image, group) reads its group's and writes them (where y is set),
+                // the GroupNorm's output of the same shape and its two statistics; args()
+                // checked that a group fits the block.
+                cu(
+                    unsafe { b.launch(cfg((blocks, 1, 1), (threads, 1, 1))) }.map(drop),
+                    "launching conv_splitk_reduce_norm",
+                )?;
+                return Ok(());
+            }
             let mut b = st.launch_builder(&self.conv_splitk_reduce);
             b.arg(&a).arg(&splits);
             // SAFETY: the workspace holds splits x rows x ncols partial sums written above;

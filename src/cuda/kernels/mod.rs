@@ -31,7 +31,9 @@
 //! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
 //!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
 //!   1024 threads ([`one_pass_threads`]), a block per (image, group); the forward's `_x16`
-//!   kernels (16-bit input) as their fp32 forms;
+//!   kernels (16-bit input) as their fp32 forms; `conv_splitk_reduce_norm` (a split launch's
+//!   reduction and its output's one-pass GroupNorm): up to 1024 threads
+//!   ([`reduction_norm_threads`]), a block per (image, group);
 //! - `timing_hold` (profiling only): one block of 32 threads.
 //!
 //! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares (the
@@ -69,8 +71,8 @@ pub(crate) use conv_plan::{
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{
-    norm_forms, plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims, NormLaunches,
-    NormSplit,
+    norm_forms, plan_norm, reduction_norm_threads, GradSides, NormBackwardIn, NormBackwardOut,
+    NormDims, NormLaunches, NormSplit, ReductionNorm,
 };
 // Used only by documentation links.
 #[cfg(doc)]
@@ -212,6 +214,8 @@ pub(crate) struct Kernels {
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
+    /// A split launch's reduction and the one-pass GroupNorm of its output (kernels/norm.cu).
+    conv_splitk_reduce_norm: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
     conv_narrow: Vec<CudaFunction>,
     /// `conv_few_in_<sc>` at index sc - 1.
@@ -419,6 +423,7 @@ impl Kernels {
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
+            conv_splitk_reduce_norm: get("norm", "conv_splitk_reduce_norm")?,
             conv_narrow: (1..=DIRECT_MAX)
                 .map(|c| {
                     allow_smem(

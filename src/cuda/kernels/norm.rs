@@ -229,6 +229,101 @@ pub(crate) fn plan_norm(
     }
 }
 
+/// Most outputs a group may have for the reduction of a split launch to compute its one-pass
+/// GroupNorm too (`conv_splitk_reduce_norm`): four a thread at 1024 threads. The kernel forms a
+/// thread's outputs one after the other, a memory round trip each, so more would cost more
+/// than the launch it saves.
+const REDUCTION_NORM_OUTPUTS: usize = 4096;
+
+/// Threads of a `conv_splitk_reduce_norm` block for groups of `cg` channels over `hw` pixels:
+/// an output a thread up to 1024, never fewer than the one-pass block it reproduces; `None`
+/// where the group is too large for it or for one pass.
+pub(crate) fn reduction_norm_threads(hw: usize, cg: usize) -> Option<u32> {
+    let one_pass = one_pass_threads(hw, cg)?;
+    let outputs = cg * hw;
+    (outputs <= REDUCTION_NORM_OUTPUTS)
+        .then(|| (outputs.next_multiple_of(32).min(1024) as u32).max(one_pass))
+}
+
+/// The one-pass GroupNorm of a split launch's output that its reduction computes too
+/// ([`KernelConfig::gn_from_reduction`](crate::cuda::program::KernelConfig)): the
+/// GroupNorm's affine, its output (16-bit values of `half_out` where set) and statistics.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReductionNorm {
+    pub gamma: DPtr,
+    pub beta: DPtr,
+    pub y: DPtr,
+    pub half_out: Option<Precision>,
+    pub stats: DPtr,
+    pub groups: usize,
+    pub eps: f32,
+    pub silu: bool,
+}
+
+/// ReduceNormArgs of kernels/norm.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ReduceNormArgs {
+    gamma: DPtr,
+    beta: DPtr,
+    y: DPtr,
+    stats: DPtr,
+    groups: i32,
+    silu: i32,
+    kind: i32,
+    one_pass_threads: i32,
+    eps: f32,
+}
+
+const _: () = assert!(std::mem::size_of::<ReduceNormArgs>() == 56);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for ReduceNormArgs {}
+
+impl ReductionNorm {
+    /// The kernel's argument block and its block size, for the output of a launch with `hw`
+    /// pixels an image and `c` channels; an error where the GroupNorm cannot be taken so.
+    pub(super) fn args(&self, hw: usize, c: usize) -> Result<(ReduceNormArgs, u32)> {
+        for (p, what) in [
+            (self.gamma, "GroupNorm scale"),
+            (self.beta, "GroupNorm shift"),
+            (self.y, "GroupNorm output"),
+            (self.stats, "GroupNorm statistics"),
+        ] {
+            need(p, what)?;
+        }
+        let groups = self.groups;
+        let cg = if groups > 0 && c % groups == 0 {
+            c / groups
+        } else {
+            0
+        };
+        let threads = (cg > 0)
+            .then(|| reduction_norm_threads(hw, cg))
+            .flatten()
+            .ok_or_else(|| {
+                Error::Cuda(format!(
+                    "internal: a reduction asked for the GroupNorm of {c} channels in {groups}                      groups over {hw} pixels, which it cannot hold"
+                ))
+            })?;
+        let one_pass = one_pass_threads(hw, cg).unwrap_or(threads);
+        Ok((
+            ReduceNormArgs {
+                gamma: self.gamma,
+                beta: self.beta,
+                y: self.y,
+                stats: self.stats,
+                groups: i32_of(groups, "GroupNorm groups")?,
+                silu: self.silu as i32,
+                kind: self.half_out.map(half_kind).transpose()?.unwrap_or(0),
+                one_pass_threads: one_pass as i32,
+                eps: self.eps,
+            },
+            threads,
+        ))
+    }
+}
+
 /// The distinct ways a GroupNorm of these sizes can run, for the selftest and the sweep: three
 /// launches, then one pass where the groups allow it, each without and with the `_ilp`
 /// kernels.

@@ -173,6 +173,10 @@ pub(crate) struct KernelConfig {
     /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
     /// so the same bits.
     pub class_concurrency: bool,
+    /// A one-pass forward GroupNorm of a split launch's output (the 8x8 and 16x16 levels at
+    /// batch 1) computed by the launch's reduction (kernels/norm.cu `conv_splitk_reduce_norm`)
+    /// instead of a launch of its own: the same outputs bit for bit, a dependent launch less.
+    pub gn_from_reduction: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
     /// kernel an attention product takes: the attention steps' `per_image`) made from one
     /// image's shape, so that an image's results are bit for bit the same in any batch;
@@ -230,6 +234,7 @@ impl Default for KernelConfig {
             half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
             class_concurrency: false,
+            gn_from_reduction: false,
             batch_invariant: false,
         }
     }
@@ -313,6 +318,7 @@ impl KernelConfig {
             },
             fold_residual_grads: true,
             class_concurrency: true,
+            gn_from_reduction: false,
             batch_invariant: false,
         }
     }
@@ -371,6 +377,7 @@ impl KernelConfig {
             },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
+            gn_from_reduction: on("INVDIFF_GN_FROM_REDUCTION"),
             batch_invariant: false,
         }
     }
@@ -439,6 +446,10 @@ impl KernelConfig {
                 "residual gradients added by GroupNorms",
             ),
             (self.class_concurrency, "parity classes side by side"),
+            (
+                self.gn_from_reduction,
+                "GroupNorms computed by split reductions",
+            ),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

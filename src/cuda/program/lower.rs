@@ -9,9 +9,9 @@ use super::{
     STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm, ConvKernel,
-    ConvLaunch, ConvShape, GradSides, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS,
-    WGMMA_SLICE,
+    flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm,
+    reduction_norm_threads, ConvKernel, ConvLaunch, ConvShape, GradSides, NormSplit, WgmmaTile,
+    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -219,6 +219,70 @@ impl Lowering<'_> {
         }
     }
 
+    /// With [`KernelConfig::gn_from_reduction`]: each one-pass forward GroupNorm whose input
+    /// was last written, whole, by a split launch (the 8x8 and 16x16 levels at batch 1) is
+    /// computed by that launch's reduction (kernels/norm.cu `conv_splitk_reduce_norm`, where
+    /// [`reduction_norm_threads`] allows its group), and its step goes: one dependent launch
+    /// and one read of the activation less, the same outputs bit for bit.
+    pub(super) fn norms_from_reductions(&mut self) {
+        let mut taken = std::collections::HashSet::new();
+        for i in 0..self.steps.len() {
+            let Step::GroupNorm {
+                x,
+                x_half: None,
+                hw,
+                c,
+                groups,
+                split,
+                ..
+            } = self.steps[i]
+            else {
+                continue;
+            };
+            if split.one_pass.is_none()
+                || groups == 0
+                || c % groups != 0
+                || reduction_norm_threads(hw, c / groups).is_none()
+            {
+                continue;
+            }
+            let Some(j) = (0..i).rev().find(|&j| self.steps[j].io().1.contains(&x)) else {
+                continue;
+            };
+            let n = self.n;
+            let norm = Box::new(self.steps[i].clone());
+            if let Step::Conv(conv) = &mut self.steps[j] {
+                let s = &conv.shape;
+                let whole = s.out_stride == 1
+                    && s.out_oy == 0
+                    && s.out_ox == 0
+                    && s.yh == s.mh
+                    && s.yw == s.mw
+                    && s.mh * s.mw == hw
+                    && s.ncols == c
+                    && s.n == n;
+                if conv.y == x
+                    && whole
+                    && conv.launch.splits > 1
+                    && !conv.accumulate
+                    && conv.fp32_out
+                    && conv.norm.is_none()
+                    && conv.side16.is_none()
+                    && conv.copy16.is_none()
+                    && conv.gn_partial.is_none()
+                {
+                    conv.norm = Some(norm);
+                    taken.insert(i);
+                }
+            }
+        }
+        let mut at = 0;
+        self.steps.retain(|_| {
+            at += 1;
+            !taken.contains(&(at - 1))
+        });
+    }
+
     /// Drops the concatenations whose two sides their producers wrote
     /// ([`KernelConfig::concat_from_producers`]) and that sum nothing for their GroupNorm (a
     /// one-pass one): they would do nothing.
@@ -251,7 +315,9 @@ impl Lowering<'_> {
     /// keeps one element.
     pub(super) fn drop_unread_outputs(&mut self) {
         let halves = |s: &Step| match s {
-            Step::Conv(c) if c.side16.is_some() || c.copy16.is_some() => Some(c.y),
+            Step::Conv(c) if c.side16.is_some() || c.copy16.is_some() || c.norm.is_some() => {
+                Some(c.y)
+            }
             _ => None,
         };
         let droppable: std::collections::HashSet<Buf> = self
@@ -904,6 +970,7 @@ impl Lowering<'_> {
             side16: None,
             copy16: None,
             fp32_out: true,
+            norm: None,
         }
     }
 

@@ -331,9 +331,12 @@ pub(crate) struct ConvStep {
     /// A 16-bit copy of `y` that the staged epilogue writes too, for the tensor-core launches
     /// that read `y` ([`KernelConfig::epilogue_half_copies`]).
     pub copy16: Option<Buf>,
-    /// Whether the launch writes `y` at all: not where only its 16-bit outputs are read
-    /// (`y`'s buffer then keeps one element).
+    /// Whether the launch writes `y` at all: not where only its 16-bit outputs (or its
+    /// GroupNorm's) are read (`y`'s buffer then keeps one element).
     pub fp32_out: bool,
+    /// The one-pass [`Step::GroupNorm`] of `y` that this split launch's reduction computes too,
+    /// in place of the step ([`KernelConfig::gn_from_reduction`]).
+    pub norm: Option<Box<Step>>,
 }
 
 /// A 1x1 shortcut fused into its block's second convolution: its input, in 16 bits, and its
@@ -373,6 +376,7 @@ impl Step {
                     .chain(c.copy16)
                     .chain(c.workspace)
                     .chain(c.gn_partial)
+                    .chain(c.norm.iter().flat_map(|s| s.io().1))
                     .collect(),
             ),
             // In one launch (`gn_one_pass`): no partial sums and no affine.
@@ -529,6 +533,7 @@ impl Step {
             Conv(c) => std::iter::once(c.w)
                 .chain(c.bias)
                 .chain(c.shortcut.map(|f| f.w))
+                .chain(c.norm.iter().flat_map(|s| s.weights()))
                 .collect(),
             GroupNorm { gamma, beta, .. } | GroupNormBackward { gamma, beta, .. } => {
                 vec![*gamma, *beta]
@@ -653,6 +658,9 @@ impl Program {
             l.norm_sums_from_producers();
         }
         l.drop_placed_concats();
+        if choice.gn_from_reduction {
+            l.norms_from_reductions();
+        }
         let forward_steps = l.steps.len();
 
         let (mut cotangent, mut grad_input) = (None, None);

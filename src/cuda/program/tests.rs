@@ -17,6 +17,17 @@ use std::hash::{Hash, Hasher};
 /// the AddInto adding that gradient first, the pass writing its whole input gradient, and the
 /// concatenation's two adjoint steps copying the sides out of it.
 fn unsplit(step: &Step, n: usize) -> Vec<Step> {
+    // A split launch whose reduction computes a GroupNorm stands for the launch, then the
+    // GroupNorm.
+    if let Step::Conv(c) = step {
+        if let Some(norm) = &c.norm {
+            let conv = Step::Conv(ConvStep {
+                norm: None,
+                ..c.clone()
+            });
+            return vec![conv, (**norm).clone()];
+        }
+    }
     let Step::GroupNormBackward {
         dx,
         hw,
@@ -1584,6 +1595,23 @@ fn switches_compute_what_the_default_program_computes() {
                 );
             }
             assert_eq!(symbolic(&build(v07)), want, "{precision} {n}x{h}x{w}");
+            // The GroupNorms that split launches' reductions compute (a candidate), where the
+            // levels at batch 1 split their launches.
+            let fused = build(KernelConfig {
+                gn_from_reduction: true,
+                ..tuned
+            });
+            assert_eq!(
+                symbolic(&fused),
+                want,
+                "{precision} {n}x{h}x{w} fused norms"
+            );
+            if n == 1 && h == 256 {
+                assert!(fused
+                    .steps
+                    .iter()
+                    .any(|s| matches!(s, Step::Conv(c) if c.norm.is_some())));
+            }
             // The candidates: GroupNorm backward passes reading 16-bit output gradients, and
             // adding residuals' gradients; each, and both.
             for (half_norm_grads, fold_residual_grads) in [
@@ -2444,6 +2472,72 @@ fn residual_gradients_are_added_by_the_groupnorms_after_them() {
                 matches!(s, Step::GroupNormBackward { add: Some(_), accumulate, .. } if *accumulate)
             });
             assert_eq!(folded.count(), 11);
+        }
+    }
+}
+
+/// With gn_from_reduction, exactly the one-pass forward GroupNorms whose input a split launch
+/// wrote whole, and whose group the fused kernel holds, go into that launch's reduction: on
+/// 132 multiprocessors the 8x8 and 16x16 levels' (the 32x32 level's groups, 8192 outputs, are
+/// too large), 24 of them at batch 1 recording or not, and some at batch 8, where those levels
+/// still split. The step count drops by as many, and a fused launch keeps its fp32 output
+/// exactly where something besides the GroupNorm reads it.
+#[test]
+fn reductions_compute_the_groupnorms_after_split_launches() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp16, Precision::Fp32] {
+        // (The selftest's candidate networks are the first two: its rows need a fusion in
+        // each.)
+        for (n, size, record) in [
+            (2, 64, true),
+            (1, 256, true),
+            (1, 256, false),
+            (8, 256, false),
+        ] {
+            let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+            let build = |tc| Program::build_with(&g, n, size, size, record, 132, precision, tc);
+            let base = build(tuned).unwrap();
+            let p = build(KernelConfig {
+                gn_from_reduction: true,
+                ..tuned
+            })
+            .unwrap();
+            let fused: Vec<&ConvStep> = p
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Conv(c) if c.norm.is_some() => Some(c),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(p.steps.len() + fused.len(), base.steps.len());
+            for c in &fused {
+                let Some(Step::GroupNorm {
+                    x,
+                    x_half: None,
+                    hw,
+                    c: ch,
+                    groups,
+                    split,
+                    ..
+                }) = c.norm.as_deref()
+                else {
+                    panic!("{c:?}")
+                };
+                assert_eq!(*x, c.y);
+                assert!(split.one_pass.is_some() && c.launch.splits > 1 && !c.accumulate);
+                assert!(crate::cuda::kernels::reduction_norm_threads(*hw, ch / groups).is_some());
+                // Its fp32 output goes where only the GroupNorm read it (never when recording:
+                // the GroupNorm's backward pass reads it).
+                let read = p.steps.iter().any(|s| s.io().0.contains(&c.y));
+                assert_eq!(c.fp32_out, read, "{c:?}");
+                assert!(c.fp32_out || !record);
+            }
+            if n == 1 {
+                assert_eq!(fused.len(), 24, "{precision} record {record}");
+            } else {
+                assert!(!fused.is_empty(), "{precision} n{n} {size}x{size}");
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
-//! How the launches are scheduled, each way against the other, bit for bit: a convolution's
-//! parity-class launches side by side on the streams (`INVDIFF_CLASS_CONCURRENCY`), whole
-//! networks against the schedule that orders them.
+//! How the launches are scheduled or merged, each way against the other, bit for bit: a
+//! convolution's parity-class launches side by side on the streams
+//! (`INVDIFF_CLASS_CONCURRENCY`), and GroupNorms computed by the reductions of the split
+//! launches before them (`INVDIFF_GN_FROM_REDUCTION`), whole networks against the programs
+//! without.
 
-use super::networks::ORDERED_PAIRS;
+use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::Tester;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
@@ -24,5 +26,15 @@ impl Tester<'_> {
         }
         let set = CudaUnet::set_class_concurrency;
         self.same_bits_choice_unets(ordinal, op, set, ORDERED_PAIRS)
+    }
+
+    /// The same networks as configured but with the one-pass GroupNorms after split launches
+    /// computed by those launches' reductions (kernels/norm.cu `conv_splitk_reduce_norm`; at
+    /// 256x256 x 1 the 8x8 and 16x16 levels' 24, fewer at 64x64 x 2): fewer launches, and the
+    /// forward + VJP the same to the bit as with the reduction and the GroupNorm apart (the
+    /// same reduction, then gn_one_pass's sums in its order).
+    pub(super) fn reduction_norm_unets(&mut self, ordinal: usize) -> Result<()> {
+        let op = "GroupNorms computed by split reductions";
+        self.same_bits_choice_unets(ordinal, op, CudaUnet::set_gn_from_reduction, LAUNCHES)
     }
 }

@@ -195,7 +195,10 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.concat_gradient_split_unets(o)
         }),
         ("residual gradients", |t, o| t.residual_gradient_unets(o)),
-        ("launch options", |t, o| t.class_concurrency_unets(o)),
+        ("launch options", |t, o| {
+            t.class_concurrency_unets(o)?;
+            t.reduction_norm_unets(o)
+        }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

@@ -322,6 +322,12 @@ impl CudaUnet {
         self.change_choice(|c| c.class_concurrency = on);
     }
 
+    /// Has split launches' reductions compute the one-pass GroupNorms of their outputs (`on`,
+    /// [`KernelConfig::gn_from_reduction`]) or not, for comparisons; drops every plan.
+    pub(crate) fn set_gn_from_reduction(&mut self, on: bool) {
+        self.change_choice(|c| c.gn_from_reduction = on);
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {

@@ -4,11 +4,13 @@
 use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
-use crate::cuda::kernels::{ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims, Side16};
+use crate::cuda::kernels::{
+    ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims, ReductionNorm, Side16,
+};
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
 use crate::cuda::weights::DevWeights;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Launches `steps` of `plan` in order on `st`, or, with `lanes`, spread over the side
 /// streams as their schedule says.
@@ -26,6 +28,37 @@ pub(super) fn launch_all(
         }
         None => steps.iter().try_for_each(|s| launch(k, st, wts, plan, s)),
     }
+}
+
+/// The addresses of the one-pass GroupNorm a split launch's reduction computes too
+/// ([`ConvStep::norm`](crate::cuda::program::ConvStep)).
+fn reduction_norm(step: &Step, p: &impl Fn(Buf) -> u64, wts: &DevWeights) -> Result<ReductionNorm> {
+    let Step::GroupNorm {
+        y,
+        gamma,
+        beta,
+        groups,
+        eps,
+        silu,
+        stats,
+        half_out,
+        ..
+    } = *step
+    else {
+        return Err(Error::Cuda(format!(
+            "internal: a reduction given {step:?} as its GroupNorm"
+        )));
+    };
+    Ok(ReductionNorm {
+        gamma: wts.ptr(gamma)?,
+        beta: wts.ptr(beta)?,
+        y: p(y),
+        half_out,
+        stats: p(stats),
+        groups,
+        eps,
+        silu,
+    })
 }
 
 pub(super) fn launch(
@@ -113,6 +146,11 @@ pub(super) fn launch(
                     .map(|f| wts.conv_ptr(f.w, &c.launch))
                     .transpose()?
                     .unwrap_or(0),
+                norm: c
+                    .norm
+                    .as_deref()
+                    .map(|s| reduction_norm(s, &p, wts))
+                    .transpose()?,
             };
             k.conv(st, &c.shape, &c.launch, ptrs, c.out_div, c.accumulate)
         }
