@@ -954,18 +954,23 @@ struct ReduceNormArgs {
     float* stats;
     int groups, silu, kind, one_pass_threads;
     float eps;
+    int pad;
 };
 static_assert(sizeof(ReduceNormArgs) == 56, "ReduceNormArgs must match src/cuda/kernels/norm.rs");
 
-// Most outputs of a group a reduction-and-norm block holds: gn_one_pass's most.
-constexpr int REDUCE_NORM_MAX = 1024 * ONE_PASS_PIXELS;
-// Partials of one output loaded before the first of their adds.
-constexpr int REDUCE_NORM_AHEAD = 32;
+// Most outputs of a group a reduction-and-norm block holds (REDUCTION_NORM_OUTPUTS in
+// src/cuda/kernels/norm.rs): four a thread at 1024, each formed after the last, a memory round
+// trip apiece, so larger groups are left to the two launches.
+constexpr int REDUCE_NORM_MAX = 4096;
 
 // Output e (row m, column col) of split launch `a` as conv_splitk_reduce forms it: the partials
 // added from 0 in split order, then finish(). Every load goes out before the first add (the
 // epilogue's reads with them; a round's loads past the last split read it again and are not
-// added): the same adds in the same order.
+// added: predicated, ptxas began the adds after six of them): the same adds in the same order.
+// An output's loads are all a thread can overlap (the stores between outputs keep the next
+// output's loads behind them), which is what stop 29's INVDIFF_SPLITK_AHEAD, the reduction
+// alone, gained little from; here the gain is the GroupNorm launch.
+template <int AHEAD>
 DEVI float reduced_output(const ConvArgs& a, int splits, int total, int m, int col) {
     const int e = m * a.ncols + col;
     const RowCoord rc = decode_row(a, m);
@@ -974,12 +979,16 @@ DEVI float reduced_output(const ConvArgs& a, int splits, int total, int m, int c
     const float temb = a.temb != nullptr ? a.temb[(long long)rc.img * a.ncols + col] : 0.0f;
     const float res = a.res != nullptr ? a.res[pix * a.ncols + col] : 0.0f;
     float s = 0.f;
-    for (int z = 0; z < splits; z += REDUCE_NORM_AHEAD) {
-        float part[REDUCE_NORM_AHEAD];
+    for (int z = 0; z < splits; z += AHEAD) {
+        float part[AHEAD];
 #pragma unroll
-        for (int i = 0; i < REDUCE_NORM_AHEAD; ++i) part[i] = a.ws[min(z + i, splits - 1) * total + e];
+        for (int i = 0; i < AHEAD; ++i) part[i] = a.ws[min(z + i, splits - 1) * total + e];
+        // Every load issued before the first add: left to itself, ptxas put adds between the
+        // loads to spare registers (two round trips an output), and no memory access crosses a
+        // warp barrier.
+        __syncwarp();
 #pragma unroll
-        for (int i = 0; i < REDUCE_NORM_AHEAD; ++i)
+        for (int i = 0; i < AHEAD; ++i)
             if (z + i < splits) s += part[i];
     }
     // finish_with_bias() on the values read above, in its order.
@@ -1004,17 +1013,27 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int hw = a.mh * a.mw, c = a.ncols, cg = c / g.groups;
     const int id = blockIdx.x, img = id / g.groups, ch0 = (id - img * g.groups) * cg;
     const int total = a.n * hw * c, outputs = cg * hw;
-    constexpr int PER = ONE_PASS_PIXELS;
-    float v[PER];
+    constexpr int PER = REDUCE_NORM_MAX / 1024;
+    // (The host sizes the block for the group; a launch that does not fit writes nothing.)
+    if (outputs > REDUCE_NORM_MAX || outputs > PER * (int)blockDim.x) return;
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
+        // The whole warp forms an output (reduced_output's __syncwarp): a thread past the last
+        // forms the first again and keeps nothing.
+        if (r * (int)blockDim.x >= outputs) break;
         const int i = threadIdx.x + r * blockDim.x;
-        if (i >= outputs) break;
-        const int p = i / cg, col = ch0 + i - p * cg;
+        const bool mine = i < outputs;
+        const int at = mine ? i : 0;
+        const int p = at / cg, col = ch0 + at - p * cg;
         const int m = img * hw + p;
-        v[r] = reduced_output(a, splits, total, m, col);
-        if (a.y != nullptr) a.y[(long long)m * c + col] = v[r];
-        vals[i] = v[r];
+        // Rounds of 24: one at the 8x8 level's 24 splits and the 16x16 level's 12-18, two at
+        // 29-30. 32 a round spilled 200 bytes at the 64 registers of 1024 threads. The loads
+        // past the last split repeat it and hit L1.
+        const float v = reduced_output<24>(a, splits, total, m, col);
+        if (mine) {
+            if (a.y != nullptr) a.y[(long long)m * c + col] = v;
+            vals[i] = v;
+        }
     }
     __syncthreads();
     // gn_one_pass's sums: its thread t (t < one_pass_threads) adds channel t % cg of pixel rows
@@ -1025,7 +1044,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     if ((int)threadIdx.x < g.one_pass_threads) {
         const int j = threadIdx.x % cg, row = threadIdx.x / cg, rows = g.one_pass_threads / cg;
 #pragma unroll
-        for (int k = 0; k < PER; ++k) {
+        for (int k = 0; k < ONE_PASS_PIXELS; ++k) {
             const int p = row + k * rows;
             const float x = row < rows && p < hw ? vals[p * cg + j] : 0.0f;
             sa += (double)x;
@@ -1042,7 +1061,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         const int p = i / cg, col = ch0 + i - p * cg;
         float scale, shift;
         channel_affine(st, g.gamma, g.beta, col, scale, shift);
-        const float z = fmaf(v[r], scale, shift);
+        const float z = fmaf(vals[i], scale, shift);
         store_kind(g.y, (long long)(img * hw + p) * c + col, g.silu ? silu_f(z) : z, g.kind);
     }
 }

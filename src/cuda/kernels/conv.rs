@@ -503,6 +503,14 @@ impl Kernels {
                 probe.is_some()
             )));
         }
+        // Checked before the product launch, so that a refusal leaves nothing half written.
+        let reduce_norm = match &p.norm {
+            Some(norm) => Some((
+                norm.args(s.mh * s.mw, s.ncols)?,
+                i32_of(s.n * norm.groups, "GroupNorm blocks")? as u32,
+            )),
+            None => None,
+        };
         let rows = s.rows();
         if rows == 0 || s.ncols == 0 || s.sc == 0 {
             return Ok(());
@@ -776,9 +784,7 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            if let Some(norm) = &p.norm {
-                let (g, threads) = norm.args(s.mh * s.mw, s.ncols)?;
-                let blocks = i32_of(s.n * norm.groups, "GroupNorm blocks")? as u32;
+            if let Some(((g, threads), blocks)) = reduce_norm {
                 let mut b = st.launch_builder(&self.conv_splitk_reduce_norm);
                 b.arg(&a).arg(&splits).arg(&g);
                 // SAFETY: the workspace holds splits x rows x ncols partial sums written above;

@@ -258,6 +258,9 @@ pub(crate) struct ReductionNorm {
     pub groups: usize,
     pub eps: f32,
     pub silu: bool,
+    /// The block of the `gn_one_pass` launch the GroupNorm stands for
+    /// ([`NormSplit::one_pass`]), whose sums the kernel reproduces in its order.
+    pub one_pass_threads: u32,
 }
 
 /// ReduceNormArgs of kernels/norm.cu, field for field.
@@ -273,6 +276,7 @@ pub(super) struct ReduceNormArgs {
     kind: i32,
     one_pass_threads: i32,
     eps: f32,
+    pad: i32,
 }
 
 const _: () = assert!(std::mem::size_of::<ReduceNormArgs>() == 56);
@@ -301,12 +305,15 @@ impl ReductionNorm {
         let threads = (cg > 0)
             .then(|| reduction_norm_threads(hw, cg))
             .flatten()
+            .filter(|_| Some(self.one_pass_threads) == one_pass_threads(hw, cg))
             .ok_or_else(|| {
                 Error::Cuda(format!(
-                    "internal: a reduction asked for the GroupNorm of {c} channels in {groups}                      groups over {hw} pixels, which it cannot hold"
+                    "internal: a reduction asked for the GroupNorm of {c} channels in {groups} \
+                     groups over {hw} pixels in place of a one-pass launch of {} threads, which \
+                     it cannot hold or is not",
+                    self.one_pass_threads
                 ))
             })?;
-        let one_pass = one_pass_threads(hw, cg).unwrap_or(threads);
         Ok((
             ReduceNormArgs {
                 gamma: self.gamma,
@@ -316,8 +323,9 @@ impl ReductionNorm {
                 groups: i32_of(groups, "GroupNorm groups")?,
                 silu: self.silu as i32,
                 kind: self.half_out.map(half_kind).transpose()?.unwrap_or(0),
-                one_pass_threads: one_pass as i32,
+                one_pass_threads: i32_of(self.one_pass_threads as usize, "GroupNorm threads")?,
                 eps: self.eps,
+                pad: 0,
             },
             threads,
         ))

@@ -225,7 +225,7 @@ impl Lowering<'_> {
     /// [`reduction_norm_threads`] allows its group), and its step goes: one dependent launch
     /// and one read of the activation less, the same outputs bit for bit.
     pub(super) fn norms_from_reductions(&mut self) {
-        let mut taken = std::collections::HashSet::new();
+        let mut taken = Vec::new();
         for i in 0..self.steps.len() {
             let Step::GroupNorm {
                 x,
@@ -272,15 +272,15 @@ impl Lowering<'_> {
                     && conv.gn_partial.is_none()
                 {
                     conv.norm = Some(norm);
-                    taken.insert(i);
+                    taken.push(i);
                 }
             }
         }
-        let mut at = 0;
-        self.steps.retain(|_| {
-            at += 1;
-            !taken.contains(&(at - 1))
-        });
+        let kept: Vec<bool> = (0..self.steps.len()).map(|i| !taken.contains(&i)).collect();
+        let mut keep = kept.iter();
+        self.steps
+            .retain(|_| *keep.next().expect("one flag a step"));
+        self.renumber_half_copies(&kept);
     }
 
     /// Drops the concatenations whose two sides their producers wrote

@@ -6,9 +6,10 @@
 
 use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::Tester;
+use crate::cuda::precision::Precision;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
-use crate::Result;
+use crate::{switches, Result};
 
 impl Tester<'_> {
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
@@ -33,8 +34,22 @@ impl Tester<'_> {
     /// 256x256 x 1 the 8x8 and 16x16 levels' 24, fewer at 64x64 x 2): fewer launches, and the
     /// forward + VJP the same to the bit as with the reduction and the GroupNorm apart (the
     /// same reduction, then gn_one_pass's sums in its order).
+    /// In fp32 too (the fp32 kernels' split launches, an fp32 GroupNorm output). Without
+    /// one-pass GroupNorms (`INVDIFF_GN_ONE_PASS=0`) there is nothing to fuse, and a row says so.
     pub(super) fn reduction_norm_unets(&mut self, ordinal: usize) -> Result<()> {
         let op = "GroupNorms computed by split reductions";
-        self.same_bits_choice_unets(ordinal, op, CudaUnet::set_gn_from_reduction, LAUNCHES)
+        if switches::is("INVDIFF_GN_ONE_PASS", "0") {
+            let why = "not checked: no one-pass GroupNorms (INVDIFF_GN_ONE_PASS=0)";
+            self.check_row(format!("celebahq forward + vjp, {op}"), why.into(), true);
+            return Ok(());
+        }
+        let set = CudaUnet::set_gn_from_reduction;
+        self.same_bits_choice_unets(ordinal, op, set, LAUNCHES)?;
+        let (model, networks) = self.candidate_networks(false)?;
+        for net in &networks {
+            let mut gpu = CudaUnet::with_precision(&model, ordinal, Precision::Fp32)?;
+            self.same_bits_choice_rows(&mut gpu, net, Precision::Fp32, op, set, LAUNCHES)?;
+        }
+        Ok(())
     }
 }

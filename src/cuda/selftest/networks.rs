@@ -200,24 +200,37 @@ impl Tester<'_> {
         count: Count,
     ) -> Result<()> {
         self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
-            set(gpu, false);
-            let want = Self::network_outputs(gpu, net)?;
-            let op = format!("celebahq {precision} forward + vjp, {op}");
-            t.fewer_row(gpu, net, true, &op, set, count)?;
-            let (eps, grad) = Self::network_outputs(gpu, net)?;
-            let ms = gpu.time_forward_vjp(net.n, net.h, net.w, 5)?;
-            for (what, got, want) in [("eps", &eps, &want.0), ("vjp", &grad, &want.1)] {
-                t.row_within(
-                    format!("{op}, {what} vs without"),
-                    net.desc.clone(),
-                    got.data(),
-                    want.data(),
-                    ms,
-                    0.0,
-                );
-            }
-            Ok(())
+            t.same_bits_choice_rows(gpu, net, precision, op, set, count)
         })
+    }
+
+    /// [`Self::same_bits_choice_unets`]'s rows for one network on `gpu`, in `precision`.
+    pub(super) fn same_bits_choice_rows(
+        &mut self,
+        gpu: &mut CudaUnet,
+        net: &CandidateNetwork,
+        precision: Precision,
+        op: &str,
+        set: fn(&mut CudaUnet, bool),
+        count: Count,
+    ) -> Result<()> {
+        set(gpu, false);
+        let want = Self::network_outputs(gpu, net)?;
+        let op = format!("celebahq {precision} forward + vjp, {op}");
+        self.fewer_row(gpu, net, true, &op, set, count)?;
+        let (eps, grad) = Self::network_outputs(gpu, net)?;
+        let ms = gpu.time_forward_vjp(net.n, net.h, net.w, 5)?;
+        for (what, got, want) in [("eps", &eps, &want.0), ("vjp", &grad, &want.1)] {
+            self.row_within(
+                format!("{op}, {what} vs without"),
+                net.desc.clone(),
+                got.data(),
+                want.data(),
+                ms,
+                0.0,
+            );
+        }
+        Ok(())
     }
 
     /// `gpu`'s eps and VJP of `net` as configured now, for rows that hold other

@@ -5,7 +5,7 @@ use cudarc::driver::CudaStream;
 
 use super::{attention_backward, attention_forward, Attn, ShapePlan};
 use crate::cuda::kernels::{
-    ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims, ReductionNorm, Side16,
+    ConvPtrs, Kernels, NormBackwardIn, NormBackwardOut, NormDims, NormSplit, ReductionNorm, Side16,
 };
 use crate::cuda::program::{Buf, Step};
 use crate::cuda::streams::{PassSchedule, SideStreams};
@@ -42,11 +42,17 @@ fn reduction_norm(step: &Step, p: &impl Fn(Buf) -> u64, wts: &DevWeights) -> Res
         silu,
         stats,
         half_out,
+        x_half: None,
+        split: NormSplit {
+            one_pass: Some(one_pass_threads),
+            ..
+        },
         ..
     } = *step
     else {
         return Err(Error::Cuda(format!(
-            "internal: a reduction given {step:?} as its GroupNorm"
+            "internal: a reduction given {step:?} as its GroupNorm (one pass over fp32 values \
+             expected)"
         )));
     };
     Ok(ReductionNorm {
@@ -58,6 +64,7 @@ fn reduction_norm(step: &Step, p: &impl Fn(Buf) -> u64, wts: &DevWeights) -> Res
         groups,
         eps,
         silu,
+        one_pass_threads,
     })
 }
 
