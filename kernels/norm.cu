@@ -964,12 +964,17 @@ static_assert(sizeof(ReduceNormArgs) == 56, "ReduceNormArgs must match src/cuda/
 constexpr int REDUCE_NORM_MAX = 4096;
 
 // Output e (row m, column col) of split launch `a` as conv_splitk_reduce forms it: the partials
-// added from 0 in split order, then finish(). Every load goes out before the first add (the
-// epilogue's reads with them; a round's loads past the last split read it again and are not
-// added: predicated, ptxas began the adds after six of them): the same adds in the same order.
-// An output's loads are all a thread can overlap (the stores between outputs keep the next
-// output's loads behind them), which is what stop 29's INVDIFF_SPLITK_AHEAD, the reduction
-// alone, gained little from; here the gain is the GroupNorm launch.
+// added from 0 in split order, then finish_with_bias()'s arithmetic on the epilogue's reads. A
+// round's loads go out together, those past the last split reading it again and not added
+// (predicated loads let ptxas start the adds early). In SASS a thread's second to fourth
+// outputs issue all their loads before the first add; its first puts the epilogue's bias +
+// temb add before the partials' loads, which then wait for the epilogue's reads, a second
+// round trip (reading the epilogue's values after the partials, or peeling the first round,
+// made ptxas interleave more). The same adds
+// in the same order. An output's loads are all a thread can overlap (the stores between
+// outputs keep the next output's loads behind them), which is what stop 29's
+// INVDIFF_SPLITK_AHEAD, the reduction alone, gained little from; here the gain is the
+// GroupNorm's launch.
 template <int AHEAD>
 DEVI float reduced_output(const ConvArgs& a, int splits, int total, int m, int col) {
     const int e = m * a.ncols + col;
@@ -983,9 +988,8 @@ DEVI float reduced_output(const ConvArgs& a, int splits, int total, int m, int c
         float part[AHEAD];
 #pragma unroll
         for (int i = 0; i < AHEAD; ++i) part[i] = a.ws[min(z + i, splits - 1) * total + e];
-        // Every load issued before the first add: left to itself, ptxas put adds between the
-        // loads to spare registers (two round trips an output), and no memory access crosses a
-        // warp barrier.
+        // Without the barrier (a NOP in SASS) ptxas kept 32 registers by putting adds between
+        // the loads.
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < AHEAD; ++i)
@@ -1015,7 +1019,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     const int total = a.n * hw * c, outputs = cg * hw;
     constexpr int PER = REDUCE_NORM_MAX / 1024;
     // (The host sizes the block for the group; a launch that does not fit writes nothing.)
-    if (outputs > REDUCE_NORM_MAX || outputs > PER * (int)blockDim.x) return;
+    if (outputs > REDUCE_NORM_MAX || outputs > PER * (int)blockDim.x || (int)blockDim.x < g.one_pass_threads ||
+        blockDim.x % 32 != 0)
+        return;
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
         // The whole warp forms an output (reduced_output's __syncwarp): a thread past the last

@@ -309,8 +309,8 @@ impl ReductionNorm {
             .ok_or_else(|| {
                 Error::Cuda(format!(
                     "internal: a reduction asked for the GroupNorm of {c} channels in {groups} \
-                     groups over {hw} pixels in place of a one-pass launch of {} threads, which \
-                     it cannot hold or is not",
+                     groups over {hw} pixels in place of a one-pass launch of {} threads: more \
+                     values than it holds, or not the one-pass block of that GroupNorm",
                     self.one_pass_threads
                 ))
             })?;

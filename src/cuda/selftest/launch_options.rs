@@ -6,9 +6,14 @@
 
 use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::Tester;
+use crate::cuda::kernels::{
+    plan_conv, plan_norm, reduction_norm_threads, ConvPtrs, ConvShape, NormDims, ReductionNorm,
+};
 use crate::cuda::precision::Precision;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
+use crate::cuda::weights::DevConv;
+use crate::model::graph::Pad;
 use crate::{switches, Result};
 
 impl Tester<'_> {
@@ -34,6 +39,144 @@ impl Tester<'_> {
     /// 256x256 x 1 the 8x8 and 16x16 levels' 24, fewer at 64x64 x 2): fewer launches, and the
     /// forward + VJP the same to the bit as with the reduction and the GroupNorm apart (the
     /// same reduction, then gn_one_pass's sums in its order).
+    /// The fused reduction and GroupNorm alone, at shapes celebahq does not have (groups of 3
+    /// and 7 channels, a last warp that is partly past the group, a block larger than the
+    /// one-pass block it stands for, with and without the time embedding, a residual and a
+    /// divisor, SiLU, fp32 and bf16 outputs): the split fp32 launch, then its reduction with
+    /// and without the GroupNorm; the launch's output, the GroupNorm's and its statistics the
+    /// same bits as the plain reduction's followed by `gn_one_pass`.
+    pub(super) fn reduction_norm_kernels(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        // (n, h, w, cin, cout, groups, epilogue extras, SiLU, 16-bit output)
+        let cases = [
+            (1, 5, 7, 24, 48, 8, true, true, None),
+            (2, 10, 10, 16, 21, 3, false, false, Some(Precision::Bf16)),
+            (1, 8, 8, 64, 64, 4, true, false, None),
+        ];
+        for (n, h, w, cin, cout, groups, extras, silu, half_out) in cases {
+            let shape = ConvShape::forward(n, h, w, cin, cout, 3, 1, Pad::Symmetric);
+            let plan = plan_conv(&shape, gpu.sms()).with_splits(&shape, 8, 4);
+            let (hw, cg) = (h * w, cout / groups);
+            let (Some(threads), Some(one)) = (
+                reduction_norm_threads(hw, cg),
+                plan_norm(n, hw, cout, groups, gpu.sms(), true, true).one_pass,
+            ) else {
+                self.check_row(
+                    "conv split reduction + groupnorm".into(),
+                    format!("n{n} {h}x{w} {cout} ch g{groups}: no fused form"),
+                    false,
+                );
+                continue;
+            };
+            let bound = 1.0 / ((cin * 9) as f32).sqrt();
+            let (wt, b) = (
+                self.rand(cout * cin * 9, -bound, bound),
+                self.rand(cout, -1.0, 1.0),
+            );
+            let dev = DevConv::upload(gpu, &wt, &b, cout, cin, 3, Precision::Fp32)?;
+            let len = n * hw * cout;
+            let host = [
+                self.rand(n * hw * cin, -1.0, 1.0),
+                self.rand(n * cout, -1.0, 1.0),
+                self.rand(len, -1.0, 1.0),
+                self.rand(cout, 0.5, 1.5),
+                self.rand(cout, -0.5, 0.5),
+            ];
+            let [x, temb, res, gamma, beta] = [0, 1, 2, 3, 4].map(|i| self.up(&host[i]));
+            let (x, temb, res, gamma, beta) = (x?, temb?, res?, gamma?, beta?);
+            let ws = self.zeros(plan.workspace_len(&shape))?;
+            // One pass takes no partial sums and no affine, but the launcher wants addresses.
+            let unused = self.zeros(1)?;
+            let out_div = if extras { 2.0 } else { 1.0 };
+            let ptrs = |y, norm| ConvPtrs {
+                x: x.ptr,
+                w: dev.weights_for(plan.kernel, false).unwrap_or(0),
+                y,
+                bias: dev.bias.ptr,
+                temb: if extras { temb.ptr } else { 0 },
+                res: if extras { res.ptr } else { 0 },
+                ws: ws.ptr,
+                norm,
+                ..ConvPtrs::default()
+            };
+            let gn_len = if half_out.is_some() {
+                len.div_ceil(2)
+            } else {
+                len
+            };
+            let mut outs = Vec::new();
+            for fused in [false, true] {
+                let (y, gy, stats) = (
+                    self.zeros(len)?,
+                    self.zeros(gn_len)?,
+                    self.zeros(2 * n * groups)?,
+                );
+                let norm = ReductionNorm {
+                    gamma: gamma.ptr,
+                    beta: beta.ptr,
+                    y: gy.ptr,
+                    half_out,
+                    stats: stats.ptr,
+                    groups,
+                    eps: 1e-6,
+                    silu,
+                    one_pass_threads: one,
+                };
+                gpu.kernels.conv(
+                    st,
+                    &shape,
+                    &plan,
+                    ptrs(y.ptr, fused.then_some(norm)),
+                    out_div,
+                    false,
+                )?;
+                if !fused {
+                    let split = plan_norm(n, hw, cout, groups, gpu.sms(), true, true);
+                    let d = NormDims {
+                        n,
+                        hw,
+                        c: cout,
+                        groups,
+                        split,
+                    };
+                    gpu.kernels.group_norm(
+                        st, d, y.ptr, None, gamma.ptr, beta.ptr, gy.ptr, unused.ptr, stats.ptr,
+                        unused.ptr, 1e-6, silu, half_out,
+                    )?;
+                }
+                outs.push([y.download(st)?, gy.download(st)?, stats.download(st)?]);
+            }
+            let desc = format!(
+                "n{n} {h}x{w} {cin}->{cout} g{groups}, {} splits, {threads} threads for one pass's {one}{}{}",
+                plan.splits,
+                if extras { ", temb + residual, /2" } else { "" },
+                match half_out {
+                    Some(p) => format!(", {p} output"),
+                    None => String::new(),
+                }
+            );
+            for (k, what) in ["convolution output", "groupnorm output", "statistics"]
+                .iter()
+                .enumerate()
+            {
+                let same = outs[0][k].len() == outs[1][k].len()
+                    && outs[0][k]
+                        .iter()
+                        .zip(&outs[1][k])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                self.check_row(
+                    format!(
+                        "conv split reduction + groupnorm{}, {what} vs two launches, bits",
+                        if silu { "+silu" } else { "" }
+                    ),
+                    desc.clone(),
+                    same,
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// In fp32 too (the fp32 kernels' split launches, an fp32 GroupNorm output). Without
     /// one-pass GroupNorms (`INVDIFF_GN_ONE_PASS=0`) there is nothing to fuse, and a row says so.
     pub(super) fn reduction_norm_unets(&mut self, ordinal: usize) -> Result<()> {
@@ -45,6 +188,11 @@ impl Tester<'_> {
         }
         let set = CudaUnet::set_gn_from_reduction;
         self.same_bits_choice_unets(ordinal, op, set, LAUNCHES)?;
+        // On the cards the bf16 and fp16 rows run on (their split launches are planned for
+        // 132 multiprocessors in the program test).
+        if !self.gpu.kernels.has_wgmma() {
+            return Ok(());
+        }
         let (model, networks) = self.candidate_networks(false)?;
         for net in &networks {
             let mut gpu = CudaUnet::with_precision(&model, ordinal, Precision::Fp32)?;
