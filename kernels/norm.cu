@@ -995,7 +995,9 @@ DEVI float reduced_output(const ConvArgs& a, int splits, int total, int m, int c
         for (int i = 0; i < AHEAD; ++i)
             if (z + i < splits) s += part[i];
     }
-    // finish_with_bias() on the values read above, in its order.
+    // finish_with_bias() on the values read above, in its order. (Its arithmetic is not shared
+    // through a helper both call: written so, with the reads ahead of it, every convolution
+    // kernel's SASS changed.)
     float v = s;
     if (a.bias != nullptr || a.temb != nullptr || a.res != nullptr) {
         float e2 = bias;

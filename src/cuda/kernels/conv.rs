@@ -493,8 +493,7 @@ impl Kernels {
             need(p.y, "convolution output")?;
         }
         // The reduction that also normalises writes the whole output, pixel for row.
-        let dense =
-            s.out_stride == 1 && s.out_oy == 0 && s.out_ox == 0 && s.yh == s.mh && s.yw == s.mw;
+        let dense = s.rows_are_pixels();
         if p.norm.is_some() && (plan.splits < 2 || accumulate || !dense || probe.is_some()) {
             return Err(Error::Cuda(format!(
                 "internal: a GroupNorm asked of the reduction of a launch with {} splits \

@@ -51,6 +51,14 @@ impl ConvShape {
         self.n * self.mh * self.mw
     }
 
+    /// Whether every output pixel is written by this launch, GEMM row r to output pixel r:
+    /// stride 1, no offset, the output grid the launch's (not one parity class of several).
+    pub fn rows_are_pixels(&self) -> bool {
+        self.out_stride == 1
+            && (self.out_oy, self.out_ox) == (0, 0)
+            && (self.yh, self.yw) == (self.mh, self.mw)
+    }
+
     /// Reduction length, taps x source channels (and the fused shortcut's channels).
     pub fn k(&self) -> usize {
         self.taps.len() * self.sc + self.shortcut_sc
@@ -67,10 +75,8 @@ impl ConvShape {
     pub fn with_shortcut(&self, sc: usize) -> Option<ConvShape> {
         let lowest = |d: fn(&Tap) -> i32| self.taps.iter().map(d).min().is_some_and(|v| v <= 0);
         let fits = self.in_stride == 1
-            && self.out_stride == 1
-            && (self.out_oy, self.out_ox) == (0, 0)
+            && self.rows_are_pixels()
             && (self.mh, self.mw) == (self.sh, self.sw)
-            && (self.yh, self.yw) == (self.mh, self.mw)
             && lowest(|t| t.dy)
             && lowest(|t| t.dx)
             && self.shortcut_sc == 0
@@ -569,13 +575,8 @@ pub(crate) fn im2col_box(s: &ConvShape) -> Option<([i32; 2], [i32; 2])> {
 pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> Option<usize> {
     let per = s.mh * s.mw;
     let rows = plan.tile.rows();
-    let fits = plan.lean_loads
-        && plan.splits == 1
-        && s.out_stride == 1
-        && (s.out_oy, s.out_ox) == (0, 0)
-        && (s.yh, s.yw) == (s.mh, s.mw)
-        && per > 0
-        && per % rows == 0;
+    let fits =
+        plan.lean_loads && plan.splits == 1 && s.rows_are_pixels() && per > 0 && per % rows == 0;
     fits.then_some(per / rows)
 }
 

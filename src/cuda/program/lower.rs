@@ -253,14 +253,7 @@ impl Lowering<'_> {
             let norm = Box::new(self.steps[i].clone());
             if let Step::Conv(conv) = &mut self.steps[j] {
                 let s = &conv.shape;
-                let whole = s.out_stride == 1
-                    && s.out_oy == 0
-                    && s.out_ox == 0
-                    && s.yh == s.mh
-                    && s.yw == s.mw
-                    && s.mh * s.mw == hw
-                    && s.ncols == c
-                    && s.n == n;
+                let whole = s.rows_are_pixels() && s.mh * s.mw == hw && s.ncols == c && s.n == n;
                 if conv.y == x
                     && whole
                     && conv.launch.splits > 1
