@@ -469,6 +469,169 @@ TC_DEEP_KERNEL(conv_tc_fp16_hin_rows, FP16, ASYNC, true, true)
 TC_DEEP_KERNEL(conv_tc_bf16_staged_rows, BF16, STAGED, false, true)
 TC_DEEP_KERNEL(conv_tc_fp16_staged_rows, FP16, STAGED, false, true)
 
+// conv_narrow_mma_{bf16,fp16} (INVDIFF_NARROW_MMA): conv.cu's conv_narrow_<NC> (at most 8
+// output channels: celebahq's conv_out forward, 128 -> 3, and conv_in's input gradient) on the
+// tensor cores, over 16-bit activations. The fp32 kernel does 144 x NC FMAs for every 18 float4
+// of activations it reads from shared memory, and ran at 13-23 TFLOP/s on an H200 (30-34 us a
+// launch at batch 1, 189 us at batch 8), a third of the FMA rate; here a 16x16 fragment of
+// activations (one ldmatrix.x4) feeds one m16n8k16 product whose 8 columns are the outputs, so
+// the launch is bound by its bytes (16-bit activations, half the fp32 kernel's) and by the
+// ldmatrix traffic, about as long.
+//
+// A block computes conv_narrow's 16x32 tile of output pixels (grid (ceil(mw / 32),
+// ceil(mh / 16), n), 256 threads): warp w rows 2w and 2w + 1, each as two m16 tiles of 16
+// pixels. Per stage, cp.async brings 16 channels of the 18x34 halo tile (32 bytes a pixel,
+// 19,584 bytes; three stages in flight); each of the 9 window cells is then one k16 step: the B
+// fragment of (cell, channel chunk) and, per m16 tile, an ldmatrix.x4 of the 16 pixels that
+// cell reads (the tile's pixels shifted by the cell's offset: an implicit GEMM needs no
+// re-layout per tap, only other row addresses). The halo pixel p keeps its two 16-byte halves
+// swapped when bit 2 of p is set, so that any 8 consecutive pixels' rows (an ldmatrix phase)
+// fall in 8 distinct bank quads.
+//
+// The weights (the 16-bit copy in the [(tap, channel), column] layout the other tensor-core
+// kernels read) are staged once per block, already in fragment order: for cell c and chunk s,
+// lane (g, q)'s b0, b1 (k = 2q, 2q + 1, 2q + 8, 2q + 9 of the chunk, column g, zero past ncols
+// and where no tap is) as one 8-byte word at ((c * chunks + s) * 32 + lane) * 8, 144 bytes a
+// source channel. The host sends sc % 16 == 0, 32 <= sc <= nmma::MAX_SC, one split, taps in a 3x3
+// window at in_stride 1 (direct_fits), a 16-byte aligned x. The epilogue is finish()'s, per
+// value; the sums run in another order than conv_narrow's and over rounded operands, as every
+// tensor-core kernel's do.
+namespace nmma {
+constexpr int TW = 32, TH = 16;
+constexpr int HW = TW + 2, HH = TH + 2;
+constexpr int HALO = HW * HH;
+constexpr int CK = 16;
+constexpr int STAGE_BYTES = HALO * CK * 2;
+constexpr int STAGES = 3;
+constexpr int MAX_SC = 256;
+// Fragment words a thread stages in one round (all of them at sc <= 128, two rounds above).
+constexpr int WORDS_PER_ROUND = 9 * (128 / CK) * 32 / THREADS;
+}  // namespace nmma
+static_assert(nmma::STAGES * nmma::STAGE_BYTES == 58752,
+              "NMMA_STAGES_SMEM must match src/cuda/kernels/conv.rs");
+
+template <int T>
+DEVI void narrow_mma_body(const ConvArgs& a, unsigned char* smem) {
+    using namespace nmma;
+    __shared__ int s_cellw[9];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int sc = a.sc, ncols = a.ncols;
+    const int chunks = sc / CK;
+    const Window win = tap_window(a);
+    if (tid < 9) s_cellw[tid] = cell_weights(a, win, tid);
+    const int x0 = blockIdx.x * TW, y0 = blockIdx.y * TH, img = blockIdx.z;
+    const uint16_t* const xh = reinterpret_cast<const uint16_t*>(a.x);
+    const uint16_t* const wh = static_cast<const uint16_t*>(a.w);
+    const uint32_t halo0 = smem_addr(smem);
+    uint2* const frag = reinterpret_cast<uint2*>(smem + STAGES * STAGE_BYTES);
+
+    // Channels [16 chunk, 16 chunk + 16) of the halo into stage buf, zero outside the image.
+    auto load_stage = [&](int chunk, int buf) {
+        const int c0 = chunk * CK;
+        for (int i = tid; i < 2 * HALO; i += THREADS) {
+            const int p = i >> 1, h = i & 1;
+            const int hy = p / HW, hx = p - hy * HW;
+            const int iy = y0 + win.dy0 + hy, ix = x0 + win.dx0 + hx;
+            const bool ok = (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
+            const uint16_t* src = ok ? xh + (((long long)img * a.sh + iy) * a.sw + ix) * sc + c0 + 8 * h : xh;
+            cp_async16(halo0 + buf * STAGE_BYTES + p * 32 + (((h ^ (p >> 2)) & 1) << 4), src, ok);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < chunks) load_stage(s, s);
+        cp_async_commit();
+    }
+
+    // The weights, while the first stages load: fragment word w (lane w % 32 of (cell, chunk)
+    // w / 32) is thread w % 256's, so a thread keeps its lane (g, q) and the words of a round
+    // (all of them up to sc = 128) are loaded before the first is stored.
+    __syncthreads();  // s_cellw
+    {
+        const int g = lane >> 2, q = lane & 3;
+        const int words = 9 * chunks * 32;
+        for (int w0 = tid; w0 < words; w0 += WORDS_PER_ROUND * THREADS) {
+            uint32_t lo[WORDS_PER_ROUND], hi[WORDS_PER_ROUND];
+#pragma unroll
+            for (int i = 0; i < WORDS_PER_ROUND; ++i) {
+                const int w = w0 + THREADS * i;
+                const int cell = (w >> 5) / chunks, chunk = (w >> 5) - cell * chunks;
+                const int wrow = w < words && g < ncols ? s_cellw[cell] : -1;
+                uint32_t e[4] = {0, 0, 0, 0};
+                if (wrow >= 0) {
+                    const uint16_t* src = wh + ((long long)wrow * sc + chunk * CK + 2 * q) * ncols + g;
+                    e[0] = src[0];
+                    e[1] = src[ncols];
+                    e[2] = src[8 * ncols];
+                    e[3] = src[9 * ncols];
+                }
+                lo[i] = e[0] | e[1] << 16;
+                hi[i] = e[2] | e[3] << 16;
+            }
+#pragma unroll
+            for (int i = 0; i < WORDS_PER_ROUND; ++i) {
+                const int w = w0 + THREADS * i;
+                if (w < words) frag[w] = make_uint2(lo[i], hi[i]);
+            }
+        }
+    }
+
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    // This lane's ldmatrix row: pixel (lane % 16) of an m16 tile, byte half lane / 16.
+    const int lrow = lane & 15, lhalf = lane >> 4;
+    for (int c = 0; c < chunks; ++c) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        if (c + STAGES - 1 < chunks) load_stage(c + STAGES - 1, (c + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const uint32_t base = halo0 + (c % STAGES) * STAGE_BYTES;
+#pragma unroll
+        for (int cell = 0; cell < 9; ++cell) {
+            const int dy = cell / 3, dx = cell % 3;
+            const uint2 b = frag[(cell * chunks + c) * 32 + lane];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int p = (2 * warp + (j >> 1) + dy) * HW + 16 * (j & 1) + lrow + dx;
+                uint32_t fa[4];
+                ldmatrix_x4(base + p * 32 + (((lhalf ^ (p >> 2)) & 1) << 4), fa);
+                mma<T>(acc[j], fa, b.x, b.y);
+            }
+        }
+    }
+    cp_async_wait_all();
+
+    // c0, c1: pixel g of the tile, columns 2q, 2q + 1; c2, c3: pixel g + 8.
+    const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int my = y0 + 2 * warp + (j >> 1);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int mx = x0 + 16 * (j & 1) + g + 8 * h;
+            if (my >= a.mh || mx >= a.mw) continue;
+            const long long pix = out_pixel(a, RowCoord{img, my, mx});
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int col = 2 * q + e;
+                if (col < ncols) a.y[pix * ncols + col] = finish(a, img, pix, col, acc[j][2 * h + e]);
+            }
+        }
+    }
+}
+
+// 58,752 bytes of stages and 144 x sc of weights, dynamic (the host allows NMMA_MAX_SC's).
+#define NARROW_MMA_KERNEL(name, T)                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) name(const ConvArgs a) { \
+        extern __shared__ __align__(128) unsigned char dsmem[];                      \
+        narrow_mma_body<T>(a, dsmem);                                                \
+    }
+NARROW_MMA_KERNEL(conv_narrow_mma_bf16, BF16)
+NARROW_MMA_KERNEL(conv_narrow_mma_fp16, FP16)
+
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).
 extern "C" __global__ void tc_convert(const float* src, uint32_t* dst, long long len, int kind) {

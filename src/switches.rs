@@ -94,6 +94,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the reduction of a split convolution compute the one-pass GroupNorm of its output too, instead of a launch of its own (the 8x8 and 16x16 levels at batch 1; the same bits)",
     ),
     choice(
+        "INVDIFF_NARROW_MMA",
+        ON_OFF,
+        "GPU candidate: `1` runs the convolutions with at most 8 outputs (conv_out's forward, conv_in's input gradient) on tensor cores over 16-bit inputs in bf16/fp16 instead of fp32 FMAs (another rounding)",
+    ),
+    choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",
         ON_OFF,
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",

@@ -63,6 +63,7 @@ fn kernel_name(k: ConvKernel) -> String {
         ConvKernel::Narrow => "narrow".into(),
         ConvKernel::FewIn => "few-in".into(),
         ConvKernel::Tensor(p) => format!("tc-{}", p.name()),
+        ConvKernel::NarrowTensor(p) => format!("narrow tc-{}", p.name()),
     }
 }
 

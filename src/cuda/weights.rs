@@ -240,7 +240,9 @@ impl DevConv {
             (Some(&self.forward), self.forward_half.as_ref())
         };
         let buf = match kernel {
-            ConvKernel::Tensor(p) if p.is_half() => halves.filter(|_| p == self.precision),
+            ConvKernel::Tensor(p) | ConvKernel::NarrowTensor(p) if p.is_half() => {
+                halves.filter(|_| p == self.precision)
+            }
             _ => f32s,
         };
         buf.map(|b| b.ptr).ok_or_else(|| {
@@ -474,12 +476,12 @@ impl DevWeights {
     }
 
     /// The address of array `w` as `launch` reads it: the 16-bit copy for a bf16 or fp16
-    /// tensor-core launch, the fp32 array otherwise; K-major ([`W::k_major`]) for wgmma.
+    /// tensor-core launch (narrow ones too), the fp32 array otherwise; K-major ([`W::k_major`]) for wgmma.
     pub fn conv_ptr(&self, w: W, launch: &ConvLaunch) -> Result<DPtr> {
         let kernel = launch.kernel;
         let w = if launch.wgmma { w.k_major() } else { w };
         let precision = match kernel {
-            ConvKernel::Tensor(p) if p.is_half() => p,
+            ConvKernel::Tensor(p) | ConvKernel::NarrowTensor(p) if p.is_half() => p,
             _ => return self.ptr(w),
         };
         let missing = || {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
-    direct_fits, gn_partial_fits, im2col_box, tc_slice, ConvKernel, ConvLaunch, ConvShape,
-    WgmmaTile, DIRECT_MAX, TILE, WGMMA_SLICE,
+    direct_fits, gn_partial_fits, im2col_box, narrow_mma_fits, tc_slice, ConvKernel, ConvLaunch,
+    ConvShape, WgmmaTile, DIRECT_MAX, NARROW_MMA_MAX_SC, TILE, WGMMA_SLICE,
 };
 use super::norm::ReductionNorm;
 use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
@@ -432,7 +432,14 @@ pub(super) fn narrow_smem(ncols: usize) -> u32 {
     (3 * (18 * 34 * 8 * 4 + 9 * 8 * 4 * ncols)) as u32
 }
 
-/// Output tile of `conv_narrow_*` (columns, rows).
+/// Dynamic shared memory of `conv_narrow_mma_*` (kernels/conv_tc.cu) over `sc` source
+/// channels: three stages of an 18x34 halo tile of 16 channels in 16 bits (58,752 bytes) and
+/// the launch's weights in fragment order (144 bytes a source channel).
+pub(super) fn narrow_mma_smem(sc: usize) -> u32 {
+    (58_752 + 144 * sc) as u32
+}
+
+/// Output tile of `conv_narrow_*` and `conv_narrow_mma_*` (columns, rows).
 const NARROW_TILE: (usize, usize) = (32, 16);
 /// Run length of `conv_few_in_*`, and the output columns one of its blocks computes.
 const FEW_IN_RUN: usize = 16;
@@ -622,6 +629,9 @@ impl Kernels {
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {
             return self.conv_direct(st, s, plan, &a);
+        }
+        if let ConvKernel::NarrowTensor(precision) = plan.kernel {
+            return self.conv_narrow_mma(st, s, plan, &a, precision);
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
@@ -881,6 +891,61 @@ impl Kernels {
         cu(
             unsafe { b.launch(launch) }.map(drop),
             &format!("launching {name}"),
+        )
+    }
+
+    /// A [`ConvKernel::NarrowTensor`] launch (`conv_narrow_mma_*`, kernels/conv_tc.cu): after
+    /// [`Kernels::conv`]'s checks, those of its own kernel.
+    fn conv_narrow_mma(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        a: &ConvArgs,
+        precision: Precision,
+    ) -> Result<()> {
+        if !narrow_mma_fits(s, precision)
+            || plan.splits != 1
+            || !plan.half_input
+            || plan.deep
+            || plan.wgmma
+            || a.x % 16 != 0
+        {
+            return Err(Error::Cuda(format!(
+                "internal: {precision} narrow tensor-core convolution {}->{} at stride {} with {}                  taps, {} splits, 16-bit input {}, deep {}, wgmma {}, input aligned {}: it takes                  at most {DIRECT_MAX} outputs from 32 to {NARROW_MMA_MAX_SC} 16-bit source                  channels in steps of 16 (16-byte aligned), stride 1, taps in a 3x3 window, one                  split",
+                s.sc,
+                s.ncols,
+                s.in_stride,
+                s.taps.len(),
+                plan.splits,
+                plan.half_input,
+                plan.deep,
+                plan.wgmma,
+                a.x % 16 == 0
+            )));
+        }
+        let grid_dim = |v: usize, what: &str| -> Result<u32> {
+            u32::try_from(v)
+                .ok()
+                .filter(|&g| g <= 65535)
+                .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
+        };
+        let (tw, th) = NARROW_TILE;
+        let grid = (
+            s.mw.div_ceil(tw) as u32,
+            grid_dim(s.mh.div_ceil(th), "row tiles")?,
+            grid_dim(s.n, "batch")?,
+        );
+        let mut launch = cfg(grid, (BLOCK, 1, 1));
+        launch.shared_mem_bytes = narrow_mma_smem(s.sc);
+        let f = &self.conv_narrow_mma[usize::from(precision == Precision::Fp16)];
+        let mut b = st.launch_builder(f);
+        b.arg(a);
+        // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes and the
+        // kernel's conditions were checked; the grid covers every output pixel.
+        cu(
+            unsafe { b.launch(launch) }.map(drop),
+            &format!("launching conv_narrow_mma_{}", precision.name()),
         )
     }
 

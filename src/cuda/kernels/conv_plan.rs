@@ -384,6 +384,13 @@ pub(crate) enum ConvKernel {
     /// Direct, few inputs: sc <= 8, in_stride 1, taps in a 3x3 window (`conv_few_in_<sc>`:
     /// the weights in shared memory, a run of pixels x 4 columns per thread).
     FewIn,
+    /// Direct, few outputs, on tensor cores over 16-bit activations in bf16 or fp16
+    /// (`conv_narrow_mma_*` in kernels/conv_tc.cu, [`KernelConfig::narrow_mma`]): where
+    /// [`narrow_mma_fits`], one split, always with [`ConvLaunch::half_input`]. Reads the
+    /// weights in that precision's layout, as [`ConvKernel::Tensor`] does.
+    ///
+    /// [`KernelConfig::narrow_mma`]: crate::cuda::program::KernelConfig::narrow_mma
+    NarrowTensor(Precision),
     /// Tensor cores (kernels/conv_tc.cu) in tf32, bf16 or fp16 (never fp32); needs sc % 8 == 0,
     /// ncols % 8 == 0 and aligned pointers. Reads the weights in that precision's layout (see
     /// `DevWeights::conv_ptr`).
@@ -612,6 +619,22 @@ pub(super) fn direct_fits(s: &ConvShape) -> bool {
         })
 }
 
+/// Most source channels of [`ConvKernel::NarrowTensor`] (kernels/conv_tc.cu `nmma::MAX_SC`):
+/// its blocks stage every weight of the launch, 144 bytes a source channel.
+pub(crate) const NARROW_MMA_MAX_SC: usize = 256;
+
+/// Whether [`ConvKernel::NarrowTensor`] can compute `s` at `precision`: bf16 or fp16, at most
+/// [`DIRECT_MAX`] outputs, a direct kernel's taps ([`direct_fits`]), and whole 16-channel steps
+/// of 32 to [`NARROW_MMA_MAX_SC`] source channels.
+pub(crate) fn narrow_mma_fits(s: &ConvShape, precision: Precision) -> bool {
+    precision.is_half()
+        && s.ncols <= DIRECT_MAX
+        && s.shortcut_sc == 0
+        && s.sc % 16 == 0
+        && (32..=NARROW_MMA_MAX_SC).contains(&s.sc)
+        && direct_fits(s)
+}
+
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
 ///
 /// Few output or few source channels (the 3-channel image convolutions) take the direct
@@ -757,6 +780,15 @@ impl ConvLaunch {
             ""
         };
         format!("{loads}{prefetch}{staged}")
+    }
+
+    /// The launch of `s` on [`ConvKernel::NarrowTensor`] in `precision`, over its 16-bit
+    /// input; None where [`narrow_mma_fits`] does not hold.
+    pub(crate) fn narrow_mma(s: &ConvShape, precision: Precision) -> Option<Self> {
+        narrow_mma_fits(s, precision).then(|| ConvLaunch {
+            half_input: true,
+            ..Self::new(ConvKernel::NarrowTensor(precision), 1, s.k())
+        })
     }
 
     /// `kernel` over `splits` splits of `k_per_split`, with every pipeline choice off.

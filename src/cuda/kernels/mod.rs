@@ -17,6 +17,8 @@
 //!   `gn_bwd_apply*`): (channel units, pixels) threads, (pixel blocks, n) blocks, about 8 blocks
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
+//!   `conv_narrow_mma_*` (tensor cores, 16-bit input): the same grid, 57.4 KB + 144 bytes a
+//!   source channel (75.4 KB at 128);
 //!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
@@ -65,9 +67,9 @@ pub(crate) use attention::{flash_fits, gemm_form, Gemm, GemmForm};
 pub(crate) use conv::wgmma_kernel_exists;
 pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
 pub(crate) use conv_plan::{
-    fold_upsampled_weights, gn_partial_fits, im2col_box, on_tile, plan_conv, plan_conv_at,
-    plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile, WGMMA_FORMS,
-    WGMMA_SLICE,
+    fold_upsampled_weights, gn_partial_fits, im2col_box, narrow_mma_fits, on_tile, plan_conv,
+    plan_conv_at, plan_launch, plan_wgmma, tma_tried, ConvKernel, ConvLaunch, ConvShape, WgmmaTile,
+    WGMMA_FORMS, WGMMA_SLICE,
 };
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{
@@ -79,8 +81,11 @@ pub(crate) use norm::{
 pub(crate) use norm::one_pass_threads;
 
 use attention::FLASH_SMEM;
-use conv::{narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS, WGMMA_EXTRA_SLOTS};
-use conv_plan::DIRECT_MAX;
+use conv::{
+    narrow_mma_smem, narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS,
+    WGMMA_EXTRA_SLOTS,
+};
+use conv_plan::{DIRECT_MAX, NARROW_MMA_MAX_SC};
 use norm::NormBackwardFns;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
@@ -220,6 +225,9 @@ pub(crate) struct Kernels {
     conv_narrow: Vec<CudaFunction>,
     /// `conv_few_in_<sc>` at index sc - 1.
     conv_few_in: Vec<CudaFunction>,
+    /// `conv_narrow_mma_bf16`, `conv_narrow_mma_fp16`, with their dynamic shared memory
+    /// allowed.
+    conv_narrow_mma: [CudaFunction; 2],
     conv_weight_transpose: CudaFunction,
     /// The tensor-core convolutions, in the order of [`TC_KERNELS`].
     conv_tc: Vec<CudaFunction>,
@@ -436,6 +444,18 @@ impl Kernels {
             conv_few_in: (1..=DIRECT_MAX)
                 .map(|c| get("conv", &format!("conv_few_in_{c}")))
                 .collect::<Result<_>>()?,
+            conv_narrow_mma: [
+                allow_smem(
+                    ctx,
+                    get("conv_tc", "conv_narrow_mma_bf16")?,
+                    narrow_mma_smem(NARROW_MMA_MAX_SC),
+                )?,
+                allow_smem(
+                    ctx,
+                    get("conv_tc", "conv_narrow_mma_fp16")?,
+                    narrow_mma_smem(NARROW_MMA_MAX_SC),
+                )?,
+            ],
             conv_weight_transpose: get("conv", "conv_weight_transpose")?,
             conv_tc,
             tc_convert: get("conv_tc", "tc_convert")?,

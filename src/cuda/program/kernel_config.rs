@@ -177,6 +177,13 @@ pub(crate) struct KernelConfig {
     /// batch 1) computed by the launch's reduction (kernels/norm.cu `conv_splitk_reduce_norm`)
     /// instead of a launch of its own: the same outputs bit for bit, a dependent launch less.
     pub gn_from_reduction: bool,
+    /// The convolutions with at most 8 outputs (celebahq's conv_out forward and conv_in's
+    /// input gradient) on the tensor cores in bf16/fp16 (`conv_narrow_mma_*`,
+    /// [`ConvKernel::NarrowTensor`](crate::cuda::kernels::ConvKernel)) instead of fp32 FMAs: over
+    /// a 16-bit input (the GroupNorm before conv_out writes its output in 16 bits, conv_in's
+    /// output gradient gets a 16-bit copy) and 16-bit weights, as the other convolutions, so
+    /// another rounding.
+    pub narrow_mma: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
     /// kernel an attention product takes: the attention steps' `per_image`) made from one
     /// image's shape, so that an image's results are bit for bit the same in any batch;
@@ -235,6 +242,7 @@ impl Default for KernelConfig {
             fold_residual_grads: false,
             class_concurrency: false,
             gn_from_reduction: false,
+            narrow_mma: false,
             batch_invariant: false,
         }
     }
@@ -319,6 +327,7 @@ impl KernelConfig {
             fold_residual_grads: true,
             class_concurrency: true,
             gn_from_reduction: false,
+            narrow_mma: false,
             batch_invariant: false,
         }
     }
@@ -378,6 +387,7 @@ impl KernelConfig {
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
             gn_from_reduction: on("INVDIFF_GN_FROM_REDUCTION"),
+            narrow_mma: on("INVDIFF_NARROW_MMA"),
             batch_invariant: false,
         }
     }
@@ -450,6 +460,7 @@ impl KernelConfig {
                 self.gn_from_reduction,
                 "GroupNorms computed by split reductions",
             ),
+            (self.narrow_mma, "3-channel convolutions on tensor cores"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

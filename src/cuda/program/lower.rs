@@ -9,7 +9,7 @@ use super::{
     STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
-    flash_fits, gn_partial_fits, im2col_box, plan_conv_at, plan_launch, plan_norm,
+    flash_fits, gn_partial_fits, im2col_box, narrow_mma_fits, plan_conv_at, plan_launch, plan_norm,
     reduction_norm_threads, ConvKernel, ConvLaunch, ConvShape, GradSides, NormSplit, WgmmaTile,
     LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
@@ -703,6 +703,13 @@ impl Lowering<'_> {
     /// Whether launch shape `s` runs on the tensor-core kernel of the program's precision.
     pub(super) fn on_tensor_cores(&self, s: &ConvShape) -> bool {
         plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
+            || self.narrow_mma_here(s)
+    }
+
+    /// Whether `s` runs on [`ConvKernel::NarrowTensor`] when its input is in 16 bits
+    /// ([`KernelConfig::narrow_mma`]).
+    fn narrow_mma_here(&self, s: &ConvShape) -> bool {
+        self.choice.narrow_mma && narrow_mma_fits(s, self.precision)
     }
 
     /// The 16-bit copy of buffer `src` made earlier, if nothing has written `src` since.
@@ -979,6 +986,11 @@ impl Lowering<'_> {
         } else {
             shape.clone()
         };
+        if half_input && self.narrow_mma_here(&planned) {
+            if let Some(l) = ConvLaunch::narrow_mma(&planned, self.precision) {
+                return l;
+            }
+        }
         let mut launch = plan_launch(
             &planned,
             self.sms,

@@ -128,6 +128,14 @@ fn backward_choices(tc: KernelConfig) -> [KernelConfig; 2] {
 /// shortcut fused into its block's second convolution ([`KernelConfig::shortcut_fused`]):
 /// the shortcut's launch, then the convolution with its output as the residual.
 fn symbolic(p: &Program) -> (u64, Option<u64>) {
+    symbolic_with(p, false)
+}
+
+/// [`symbolic`], with the fp32 direct kernels for few outputs ([`ConvKernel::Narrow`]) taken
+/// to round their input to 16 bits (`narrow_rounds`) as the tensor-core kernel that replaces
+/// them does ([`KernelConfig::narrow_mma`]): the one change of a program's values the
+/// switches make on purpose.
+fn symbolic_with(p: &Program, narrow_rounds: bool) -> (u64, Option<u64>) {
     fn h(parts: &[&dyn Fn(&mut DefaultHasher)]) -> u64 {
         let mut s = DefaultHasher::new();
         for f in parts {
@@ -173,6 +181,7 @@ fn symbolic(p: &Program) -> (u64, Option<u64>) {
     // stage to 16 bits.
     let staged = |c: &ConvStep| {
         !c.launch.half_input && matches!(c.launch.kernel, ConvKernel::Tensor(q) if q.is_half())
+            || narrow_rounds && c.launch.kernel == ConvKernel::Narrow
     };
     let mut val = vec![0u64; p.bufs.len()];
     // The value each 16-bit conversion was made from.
@@ -1612,6 +1621,23 @@ fn switches_compute_what_the_default_program_computes() {
                     .iter()
                     .any(|s| matches!(s, Step::Conv(c) if c.norm.is_some())));
             }
+            // The few-output convolutions on the tensor cores (a candidate) compute what the
+            // default does over inputs rounded to 16 bits: conv_out's forward over the
+            // GroupNorm's 16-bit output, conv_in's input gradient over a 16-bit copy.
+            let narrow = build(KernelConfig {
+                narrow_mma: true,
+                ..tuned
+            });
+            assert_eq!(
+                symbolic(&narrow),
+                symbolic_with(&base, true),
+                "{precision} {n}x{h}x{w} narrow tensor cores"
+            );
+            assert_ne!(symbolic_with(&base, true), want);
+            let on_tc = narrow.steps.iter().filter(|s| {
+                matches!(s, Step::Conv(c) if c.launch.kernel == ConvKernel::NarrowTensor(precision))
+            });
+            assert_eq!(on_tc.count(), 2, "{precision} {n}x{h}x{w}");
             // The candidates: GroupNorm backward passes reading 16-bit output gradients, and
             // adding residuals' gradients; each, and both.
             for (half_norm_grads, fold_residual_grads) in [
@@ -1872,7 +1898,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 17] = [
+    let flags: [fn(&mut KernelConfig); 19] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1890,6 +1916,8 @@ fn every_choice_has_a_name() {
         |c| c.half_norm_grads = HalfGrads::Everywhere,
         |c| c.fold_residual_grads = true,
         |c| c.class_concurrency = true,
+        |c| c.gn_from_reduction = true,
+        |c| c.narrow_mma = true,
     ];
     let mut all = KernelConfig::default();
     for set in flags {
@@ -2537,6 +2565,73 @@ fn reductions_compute_the_groupnorms_after_split_launches() {
                 assert_eq!(fused.len(), 24, "{precision} record {record}");
             } else {
                 assert!(!fused.is_empty(), "{precision} n{n} {size}x{size}");
+            }
+        }
+    }
+}
+
+/// With narrow_mma, the convolutions with at most 8 outputs run on the tensor cores exactly in
+/// bf16 and fp16: celebahq's conv_out forward over the 16-bit output its GroupNorm now writes,
+/// and (recording) conv_in's input gradient over a 16-bit copy of its output gradient; the
+/// fp32 direct kernels everywhere else, and without the switch.
+#[test]
+fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    for precision in [
+        Precision::Bf16,
+        Precision::Fp16,
+        Precision::Tf32,
+        Precision::Fp32,
+    ] {
+        for (n, record) in [(1, true), (1, false), (8, false)] {
+            let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+            let build = |tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc);
+            let kernels = |p: &Program| -> Vec<ConvKernel> {
+                p.steps
+                    .iter()
+                    .filter_map(|s| match s {
+                        Step::Conv(c) if c.shape.ncols <= 8 => Some(c.launch.kernel),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            let launches = if record { 2 } else { 1 };
+            assert_eq!(
+                kernels(&build(tuned).unwrap()),
+                vec![ConvKernel::Narrow; launches]
+            );
+            for batch_invariant in [false, true] {
+                let p = build(KernelConfig {
+                    narrow_mma: true,
+                    batch_invariant,
+                    ..tuned
+                })
+                .unwrap();
+                let want = match precision.is_half() {
+                    true => ConvKernel::NarrowTensor(precision),
+                    false => ConvKernel::Narrow,
+                };
+                assert_eq!(kernels(&p), vec![want; launches], "{precision} n{n}");
+                for s in &p.steps {
+                    let Step::Conv(c) = s else { continue };
+                    if c.launch.kernel != want || !precision.is_half() {
+                        continue;
+                    }
+                    assert!(c.launch.half_input && c.launch.splits == 1, "{c:?}");
+                    // Whoever wrote the input wrote it in 16 bits: the GroupNorm before
+                    // conv_out, or a copy of conv_in's output gradient.
+                    let writer = p.steps.iter().rev().find(|w| w.io().1.contains(&c.x));
+                    match writer {
+                        Some(Step::GroupNorm { half_out, .. }) => {
+                            assert_eq!(*half_out, Some(precision))
+                        }
+                        Some(Step::ToHalf { .. }) => {}
+                        Some(Step::GroupNormBackward { dx16, .. }) => {
+                            assert_eq!(dx16.map(|(b, q)| (b == c.x, q)), Some((true, precision)))
+                        }
+                        w => panic!("{precision} n{n}: {c:?} reads what {w:?} wrote"),
+                    }
+                }
             }
         }
     }

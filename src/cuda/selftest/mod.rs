@@ -11,10 +11,12 @@
 //! One file per family of checks: `convolutions` (and `conv_variants`, the other forms a
 //! tensor-core launch can take; `folded_upsampling`, an upsampling folded into its
 //! convolution; `fused_shortcut`, a 1x1 shortcut fused into one; `staged_epilogue`, epilogues
-//! through shared memory), `linears`, `group_norms` (and `concat_grads`, a concatenation's
-//! gradients written by its GroupNorm's backward pass), `attentions`, `data_movement` and
-//! `networks`; this module holds the rows, the [`Tester`], and the tolerances and row-naming
-//! helpers more than one family uses (the others sit with their checks).
+//! through shared memory; `narrow_mma`, the few-output ones on tensor cores), `linears`,
+//! `group_norms` (and `concat_grads`, a concatenation's gradients written by its GroupNorm's
+//! backward pass), `attentions`, `data_movement` and `networks` (and `launch_options`,
+//! launches scheduled or merged); this module holds the rows, the [`Tester`], and the
+//! tolerances and row-naming helpers more than one family uses (the others sit with their
+//! checks).
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
@@ -39,6 +41,7 @@ mod networks;
 #[cfg(test)]
 pub(crate) use networks::celebahq_candidate_cases;
 mod launch_options;
+mod narrow_mma;
 mod staged_epilogue;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
@@ -120,7 +123,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 14] = [
+pub const SELFTEST_GROUPS: [&str; 15] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -135,6 +138,7 @@ pub const SELFTEST_GROUPS: [&str; 14] = [
     "concatenation gradients",
     "residual gradients",
     "launch options",
+    "narrow tensor cores",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -159,7 +163,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 14] = [
+    let groups: [(&str, Group); 15] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -199,6 +203,11 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.class_concurrency_unets(o)?;
             t.reduction_norm_kernels()?;
             t.reduction_norm_unets(o)
+        }),
+        // The newest kernel (a candidate, stop 37).
+        ("narrow tensor cores", |t, o| {
+            t.narrow_tensor_convolutions()?;
+            t.narrow_tensor_unets(o)
         }),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
@@ -467,6 +476,7 @@ fn path(k: ConvKernel, splits: usize) -> String {
         ConvKernel::Narrow => "narrow",
         ConvKernel::FewIn => "few-in",
         ConvKernel::Tensor(_) => "tc",
+        ConvKernel::NarrowTensor(_) => "narrow tc",
     };
     if splits > 1 {
         format!("{name}, {splits} splits")

@@ -328,6 +328,13 @@ impl CudaUnet {
         self.change_choice(|c| c.gn_from_reduction = on);
     }
 
+    /// Runs the convolutions with at most 8 outputs on the tensor cores over 16-bit inputs
+    /// (`on`, [`KernelConfig::narrow_mma`]) or on the fp32 direct kernels, for comparisons;
+    /// drops every plan.
+    pub(crate) fn set_narrow_mma(&mut self, on: bool) {
+        self.change_choice(|c| c.narrow_mma = on);
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {
