@@ -481,18 +481,22 @@ TC_DEEP_KERNEL(conv_tc_fp16_staged_rows, FP16, STAGED, false, true)
 // A block computes conv_narrow's 16x32 tile of output pixels (grid (ceil(mw / 32),
 // ceil(mh / 16), n), 256 threads): warp w rows 2w and 2w + 1, each as two m16 tiles of 16
 // pixels. Per stage, cp.async brings 16 channels of the 18x34 halo tile (32 bytes a pixel,
-// 19,584 bytes; three stages in flight); each of the 9 window cells is then one k16 step: the B
-// fragment of (cell, channel chunk) and, per m16 tile, an ldmatrix.x4 of the 16 pixels that
-// cell reads (the tile's pixels shifted by the cell's offset: an implicit GEMM needs no
-// re-layout per tap, only other row addresses). The halo pixel p keeps its two 16-byte halves
-// swapped when bit 2 of p is set, so that any 8 consecutive pixels' rows (an ldmatrix phase)
-// fall in 8 distinct bank quads.
+// 19,584 bytes; three stages in flight; each thread's halo slots and their sources worked out
+// once). Each of the 9 window cells is then one k16 step: the B fragment of (cell, channel
+// chunk) and, per m16 tile, the A fragment of the 16 pixels that cell reads, an ldmatrix.x4 of
+// the tile's pixels shifted by the cell's offset (an implicit GEMM needs no re-layout per tap,
+// only other row addresses). A warp's two output rows read halo rows 2w .. 2w + 3, so it loads
+// the 24 distinct fragments (halo row, tile half, cell column) once each, each serving the
+// cells of both output rows it lies under: 24 ldmatrix and 36 products a stage. The halves of
+// a pixel in halo column hx are swapped where bit 2 of hx is set, so that 8 consecutive
+// pixels of a halo row (an ldmatrix phase) fall in 8 distinct bank quads, and a lane's address
+// is one offset per (tile half, cell column) plus the row's.
 //
 // The weights (the 16-bit copy in the [(tap, channel), column] layout the other tensor-core
 // kernels read) are staged once per block, already in fragment order: for cell c and chunk s,
 // lane (g, q)'s b0, b1 (k = 2q, 2q + 1, 2q + 8, 2q + 9 of the chunk, column g, zero past ncols
 // and where no tap is) as one 8-byte word at ((c * chunks + s) * 32 + lane) * 8, 144 bytes a
-// source channel. The host sends sc % 16 == 0, 32 <= sc <= nmma::MAX_SC, one split, taps in a 3x3
+// source channel. The host sends sc % 16 == 0, sc <= nmma::MAX_SC, one split, taps in a 3x3
 // window at in_stride 1 (direct_fits), a 16-byte aligned x. The epilogue is finish()'s, per
 // value; the sums run in another order than conv_narrow's and over rounded operands, as every
 // tensor-core kernel's do.
@@ -506,6 +510,10 @@ constexpr int STAGES = 3;
 constexpr int MAX_SC = 256;
 // Fragment words a thread stages in one round (all of them at sc <= 128, two rounds above).
 constexpr int WORDS_PER_ROUND = 9 * (128 / CK) * 32 / THREADS;
+// Where 16-byte half h of a pixel in halo column hx sits within its 32 bytes: swapped in
+// every other group of four columns, so that an ldmatrix phase (8 consecutive pixels of a
+// halo row, one half each) reads 8 distinct bank quads.
+DEVI int swizzle(int h, int hx) { return (h ^ (hx >> 2)) & 1; }
 }  // namespace nmma
 static_assert(nmma::STAGES * nmma::STAGE_BYTES == 58752,
               "NMMA_STAGES_SMEM must match src/cuda/kernels/conv.rs");
@@ -525,16 +533,29 @@ DEVI void narrow_mma_body(const ConvArgs& a, unsigned char* smem) {
     const uint32_t halo0 = smem_addr(smem);
     uint2* const frag = reinterpret_cast<uint2*>(smem + STAGES * STAGE_BYTES);
 
-    // Channels [16 chunk, 16 chunk + 16) of the halo into stage buf, zero outside the image.
+    // A thread's halo slots (16-byte halves of halo pixels), the same in every stage: slot r is
+    // half i & 1 of pixel i >> 1, i = tid + 256 r, its source (0 outside the image: a zero
+    // fill) and its place in a stage, worked out once.
+    constexpr int SLOTS = (2 * HALO + THREADS - 1) / THREADS;
+    const uint16_t* slot_src[SLOTS];
+    uint32_t slot_dst[SLOTS];
+#pragma unroll
+    for (int r = 0; r < SLOTS; ++r) {
+        const int i = tid + THREADS * r;
+        const int p = i >> 1, h = i & 1;
+        const int hy = p / HW, hx = p - hy * HW;
+        const int iy = y0 + win.dy0 + hy, ix = x0 + win.dx0 + hx;
+        const bool ok = i < 2 * HALO && (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
+        slot_src[r] = ok ? xh + (((long long)img * a.sh + iy) * a.sw + ix) * sc + 8 * h : nullptr;
+        slot_dst[r] = i < 2 * HALO ? p * 32 + (swizzle(h, hx) << 4) : ~0u;
+    }
+    // Channels [16 chunk, 16 chunk + 16) of the halo into stage buf.
     auto load_stage = [&](int chunk, int buf) {
-        const int c0 = chunk * CK;
-        for (int i = tid; i < 2 * HALO; i += THREADS) {
-            const int p = i >> 1, h = i & 1;
-            const int hy = p / HW, hx = p - hy * HW;
-            const int iy = y0 + win.dy0 + hy, ix = x0 + win.dx0 + hx;
-            const bool ok = (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
-            const uint16_t* src = ok ? xh + (((long long)img * a.sh + iy) * a.sw + ix) * sc + c0 + 8 * h : xh;
-            cp_async16(halo0 + buf * STAGE_BYTES + p * 32 + (((h ^ (p >> 2)) & 1) << 4), src, ok);
+#pragma unroll
+        for (int r = 0; r < SLOTS; ++r) {
+            if (slot_dst[r] == ~0u) continue;
+            const bool ok = slot_src[r] != nullptr;
+            cp_async16(halo0 + buf * STAGE_BYTES + slot_dst[r], ok ? slot_src[r] + chunk * CK : xh, ok);
         }
     };
 #pragma unroll
@@ -581,24 +602,44 @@ DEVI void narrow_mma_body(const ConvArgs& a, unsigned char* smem) {
     for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
-    // This lane's ldmatrix row: pixel (lane % 16) of an m16 tile, byte half lane / 16.
+    // This lane's ldmatrix rows, per halo column offset u = 16 half + dx (half: which 16 pixels
+    // of a tile row, dx: the cell's column): pixel lane % 16 + u of a halo row, 16-byte half
+    // lane / 16, as a byte offset within the row (the swizzle depends on the column only).
     const int lrow = lane & 15, lhalf = lane >> 4;
+    uint32_t col_off[2][3];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int dx = 0; dx < 3; ++dx) {
+            const int hx = 16 * half + lrow + dx;
+            col_off[half][dx] = hx * 32 + (swizzle(lhalf, hx) << 4);
+        }
     for (int c = 0; c < chunks; ++c) {
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         if (c + STAGES - 1 < chunks) load_stage(c + STAGES - 1, (c + STAGES - 1) % STAGES);
         cp_async_commit();
-        const uint32_t base = halo0 + (c % STAGES) * STAGE_BYTES;
+        // The warp's output rows 2w and 2w + 1 read halo rows 2w .. 2w + 3: each of the 24
+        // fragments (halo row, tile half, dx) is loaded once and serves the cells (dy, dx) of
+        // the output rows it is halo row dy of.
+        const uint32_t base = halo0 + (c % STAGES) * STAGE_BYTES + 2 * warp * HW * 32;
 #pragma unroll
-        for (int cell = 0; cell < 9; ++cell) {
-            const int dy = cell / 3, dx = cell % 3;
-            const uint2 b = frag[(cell * chunks + c) * 32 + lane];
+        for (int dx = 0; dx < 3; ++dx) {
+            uint2 b[3];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int p = (2 * warp + (j >> 1) + dy) * HW + 16 * (j & 1) + lrow + dx;
-                uint32_t fa[4];
-                ldmatrix_x4(base + p * 32 + (((lhalf ^ (p >> 2)) & 1) << 4), fa);
-                mma<T>(acc[j], fa, b.x, b.y);
+            for (int dy = 0; dy < 3; ++dy) b[dy] = frag[((3 * dy + dx) * chunks + c) * 32 + lane];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    uint32_t fa[4];
+                    ldmatrix_x4(base + r * HW * 32 + col_off[half][dx], fa);
+#pragma unroll
+                    for (int dy = 0; dy < 3; ++dy) {
+                        const int row = r - dy;  // the output row (0 or 1) halo row r is dy of
+                        if (row == 0 || row == 1) mma<T>(acc[2 * row + half], fa, b[dy].x, b[dy].y);
+                    }
+                }
             }
         }
     }
@@ -631,6 +672,178 @@ DEVI void narrow_mma_body(const ConvArgs& a, unsigned char* smem) {
     }
 NARROW_MMA_KERNEL(conv_narrow_mma_bf16, BF16)
 NARROW_MMA_KERNEL(conv_narrow_mma_fp16, FP16)
+
+// conv_few_in_mma (INVDIFF_NARROW_MMA, bf16 and fp16 programs): conv.cu's conv_few_in_<SC> (at
+// most 8 source channels: celebahq's conv_in forward, 3 -> 128, and conv_out's input gradient)
+// on the tensor cores. K is 9 x sc <= 72, so the launch is bound by its fp32 output (a 128-channel
+// image: 32 MB at 256x256), not by products; conv_few_in ran at 15-23 TFLOP/s on an H200 (30 us
+// a launch at batch 1, 160 us at batch 8), where writing the output alone takes about a third
+// of that. Its input is fp32 (the sampler's state, or the gradient a sampler hands back), so
+// rather than round it to 16 bits this kernel keeps about 17 significant bits of every
+// operand: each value v is split into bf16 hi = rn(v) and lo = rn(v - hi), and each product
+// is summed as lo*hi + hi*lo + hi*hi (three m16n8k16 products; lo*lo, below 2^-16 of the
+// product, is left out). bf16 rather than fp16 for both precisions: the weights' small lo
+// parts would be fp16 subnormals.
+//
+// A block computes 128 GEMM rows (output pixels, in row order) x 128 columns; grid
+// (ceil(rows / 128), ceil(ncols / 128)), 256 threads. First every thread gathers its pixel's
+// (window cell, channel) values, k = cell * sc + channel, zero outside the image, past 9 x sc
+// and where no tap is, into two shared-memory A tiles (hi, lo) of 16 * ks halves a row, ks =
+// ceil(9 sc / 16) k16 steps (rows 32 ks + 16 bytes apart: any 8 rows' 16-byte chunks fall in
+// distinct bank quads); warp w holds the B fragments of columns 16w..16w + 15 for every step
+// in registers (2 n8 tiles x ks x (hi, lo)). Then each warp walks the 8 m16 tiles of the block:
+// per step an ldmatrix.x4 of each A tile and six products, then finish() per value.
+namespace fmma {
+constexpr int BM = 128;
+constexpr int BN = 128;
+constexpr int MAX_KS = 5;  // 9 x 8 channels = 72 <= 80
+constexpr int MAX_PITCH = 32 * MAX_KS + 16;
+// Pairs of A values a thread gathers (two threads a pixel): 8 x MAX_KS pairs a row.
+constexpr int MAX_PAIRS = 8 * MAX_KS / 2;
+}  // namespace fmma
+
+// v split into bf16 (hi, lo) pairs for two values: hi = rn(v), lo = rn(v - hi), each as the
+// register of two halves an mma operand takes (first value in the low half).
+DEVI void split_bf16x2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
+    hi = pack_bf16x2(v0, v1);
+    lo = pack_bf16x2(v0 - __uint_as_float(hi << 16), v1 - __uint_as_float(hi & 0xffff0000u));
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) conv_few_in_mma(const ConvArgs a) {
+    using namespace fmma;
+    __shared__ __align__(16) unsigned char a_hi[BM * MAX_PITCH];
+    __shared__ __align__(16) unsigned char a_lo[BM * MAX_PITCH];
+    __shared__ int s_cellw[9];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int sc = a.sc, ncols = a.ncols;
+    const int kreal = 9 * sc;
+    const int ks = (kreal + 15) / 16;
+    const int pitch = 32 * ks + 16;
+    const int M = a.n * a.mh * a.mw;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const Window win = tap_window(a);
+    if (tid < 9) s_cellw[tid] = cell_weights(a, win, tid);
+    __syncthreads();
+
+    // B: this lane's fragments, (k = 16 s + 2q, +1 | +8, +9; column n0 + 16 warp + 8 j + g).
+    const float* const wf = static_cast<const float*>(a.w);
+    const int g = lane >> 2, q = lane & 3;
+    float bv[2][MAX_KS][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int col = n0 + 16 * warp + 8 * j + g;
+#pragma unroll
+        for (int s = 0; s < MAX_KS; ++s) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int k = 16 * s + 2 * q + (e & 1) + 8 * (e >> 1);
+                const int cell = k / sc;
+                const int wrow = k < kreal && col < ncols ? s_cellw[cell] : -1;
+                bv[j][s][e] = wrow >= 0 ? wf[((long long)wrow * sc + k - cell * sc) * ncols + col] : 0.f;
+            }
+        }
+    }
+
+    // This lane's biases (0 past ncols or without a bias): columns n0 + 16 warp + 8 j + 2q + e.
+    float bias[2][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int col = n0 + 16 * warp + 8 * j + 2 * q + e;
+            bias[j][e] = a.bias != nullptr && col < ncols ? a.bias[col] : 0.f;
+        }
+
+    // A: thread t gathers pixel t % 128's pairs (k, k + 1), every other pair.
+    {
+        const int p = tid & (BM - 1);
+        const int m = m0 + p;
+        const RowCoord rc = decode_row(a, m < M ? m : 0);
+        const float* const xi = a.x + (long long)rc.img * a.sh * a.sw * sc;
+        const auto value = [&](int k) {
+            const int cell = k / sc, ch = k - cell * sc;
+            const int iy = rc.my + win.dy0 + cell / 3, ix = rc.mx + win.dx0 + cell % 3;
+            const bool ok = m < M && k < kreal && s_cellw[k < kreal ? cell : 0] >= 0 &&
+                            (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
+            return ok ? xi[((long long)iy * a.sw + ix) * sc + ch] : 0.f;
+        };
+        // Every load before the first store: a loop storing each pair as it came waited out
+        // a memory round trip a pair.
+        float xv[MAX_PAIRS][2];
+#pragma unroll
+        for (int i = 0; i < MAX_PAIRS; ++i) {
+            const int pair = (tid >> 7) + 2 * i;
+            xv[i][0] = pair < 8 * ks ? value(2 * pair) : 0.f;
+            xv[i][1] = pair < 8 * ks ? value(2 * pair + 1) : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < MAX_PAIRS; ++i) {
+            const int pair = (tid >> 7) + 2 * i;
+            if (pair >= 8 * ks) break;
+            uint32_t hi, lo;
+            split_bf16x2(xv[i][0], xv[i][1], hi, lo);
+            *reinterpret_cast<uint32_t*>(a_hi + p * pitch + 4 * pair) = hi;
+            *reinterpret_cast<uint32_t*>(a_lo + p * pitch + 4 * pair) = lo;
+        }
+    }
+    uint32_t bh[2][MAX_KS][2], bl[2][MAX_KS][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int s = 0; s < MAX_KS; ++s) {
+            split_bf16x2(bv[j][s][0], bv[j][s][1], bh[j][s][0], bl[j][s][0]);
+            split_bf16x2(bv[j][s][2], bv[j][s][3], bh[j][s][1], bl[j][s][1]);
+        }
+    __syncthreads();
+
+    const uint32_t hi0 = smem_addr(a_hi), lo0 = smem_addr(a_lo);
+#pragma unroll 1
+    for (int mt = 0; mt < BM / 16; ++mt) {
+        float acc[2][4] = {};
+        const int row_off = (mt * 16 + (lane & 15)) * pitch + (lane >> 4) * 16;
+#pragma unroll
+        for (int s = 0; s < MAX_KS; ++s) {
+            if (s >= ks) break;
+            uint32_t ah[4], al[4];
+            ldmatrix_x4(hi0 + row_off + 32 * s, ah);
+            ldmatrix_x4(lo0 + row_off + 32 * s, al);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                mma<BF16>(acc[j], al, bh[j][s][0], bh[j][s][1]);
+                mma<BF16>(acc[j], ah, bl[j][s][0], bl[j][s][1]);
+                mma<BF16>(acc[j], ah, bh[j][s][0], bh[j][s][1]);
+            }
+        }
+        // c0, c1: row g, columns 2q, 2q + 1 of an n8 tile; c2, c3: row g + 8.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int m = m0 + mt * 16 + g + 8 * h;
+            if (m >= M) continue;
+            const RowCoord rc = decode_row(a, m);
+            const long long pix = out_pixel(a, rc);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int col = n0 + 16 * warp + 8 * j + 2 * q;
+                float* const yp = a.y + pix * ncols + col;
+                const auto out = [&](int e) {
+                    return finish_with_bias(a, bias[j][e], rc.img, pix, col + e, acc[j][2 * h + e]);
+                };
+                if (col + 1 < ncols) {
+                    const float2 v = make_float2(out(0), out(1));
+                    // Even widths keep the pair 8-byte aligned (the arena aligns y).
+                    if ((ncols & 1) == 0) {
+                        *reinterpret_cast<float2*>(yp) = v;
+                    } else {
+                        yp[0] = v.x;
+                        yp[1] = v.y;
+                    }
+                } else if (col < ncols) {
+                    yp[0] = out(0);
+                }
+            }
+        }
+    }
+}
 
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).

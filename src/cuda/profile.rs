@@ -64,6 +64,7 @@ fn kernel_name(k: ConvKernel) -> String {
         ConvKernel::FewIn => "few-in".into(),
         ConvKernel::Tensor(p) => format!("tc-{}", p.name()),
         ConvKernel::NarrowTensor(p) => format!("narrow tc-{}", p.name()),
+        ConvKernel::FewInTensor => "few-in tc-bf16x3".into(),
     }
 }
 

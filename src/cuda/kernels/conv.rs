@@ -439,6 +439,9 @@ pub(super) fn narrow_mma_smem(sc: usize) -> u32 {
     (58_752 + 144 * sc) as u32
 }
 
+/// Rows (output pixels) and columns of a `conv_few_in_mma` block.
+const FEW_IN_MMA_TILE: usize = 128;
+
 /// Output tile of `conv_narrow_*` and `conv_narrow_mma_*` (columns, rows).
 const NARROW_TILE: (usize, usize) = (32, 16);
 /// Run length of `conv_few_in_*`, and the output columns one of its blocks computes.
@@ -632,6 +635,9 @@ impl Kernels {
         }
         if let ConvKernel::NarrowTensor(precision) = plan.kernel {
             return self.conv_narrow_mma(st, s, plan, &a, precision);
+        }
+        if plan.kernel == ConvKernel::FewInTensor {
+            return self.conv_few_in_mma(st, s, plan, &a);
         }
         // The 16-byte path also needs 16-byte aligned bases; the arena guarantees it, and
         // anything else falls back to scalar loads.
@@ -912,7 +918,10 @@ impl Kernels {
             || a.x % 16 != 0
         {
             return Err(Error::Cuda(format!(
-                "internal: {precision} narrow tensor-core convolution {}->{} at stride {} with {}                  taps, {} splits, 16-bit input {}, deep {}, wgmma {}, input aligned {}: it takes                  at most {DIRECT_MAX} outputs from 32 to {NARROW_MMA_MAX_SC} 16-bit source                  channels in steps of 16 (16-byte aligned), stride 1, taps in a 3x3 window, one                  split",
+                "internal: {precision} narrow tensor-core convolution {}->{} at stride {} with {} \
+                taps, {} splits, 16-bit input {}, deep {}, wgmma {}, input aligned {}: it takes at \
+                most {DIRECT_MAX} outputs from 16 to {NARROW_MMA_MAX_SC} 16-bit source channels in \
+                steps of 16 (16-byte aligned), stride 1, taps in a 3x3 window, one split",
                 s.sc,
                 s.ncols,
                 s.in_stride,
@@ -946,6 +955,53 @@ impl Kernels {
         cu(
             unsafe { b.launch(launch) }.map(drop),
             &format!("launching conv_narrow_mma_{}", precision.name()),
+        )
+    }
+
+    /// A [`ConvKernel::FewInTensor`] launch (`conv_few_in_mma`, kernels/conv_tc.cu): after
+    /// [`Kernels::conv`]'s checks, those of its own kernel.
+    fn conv_few_in_mma(
+        &self,
+        st: &CudaStream,
+        s: &ConvShape,
+        plan: &ConvLaunch,
+        a: &ConvArgs,
+    ) -> Result<()> {
+        if ConvLaunch::few_in_mma(s).is_none()
+            || plan.splits != 1
+            || plan.half_input
+            || plan.deep
+            || plan.wgmma
+        {
+            return Err(Error::Cuda(format!(
+                "internal: tensor-core convolution for few inputs {}->{} at stride {} with {} taps, \
+                {} splits, 16-bit input {}, deep {}, wgmma {}: it takes at most {DIRECT_MAX} fp32 \
+                source channels, stride 1, taps in a 3x3 window, one split",
+                s.sc,
+                s.ncols,
+                s.in_stride,
+                s.taps.len(),
+                plan.splits,
+                plan.half_input,
+                plan.deep,
+                plan.wgmma
+            )));
+        }
+        let grid = (
+            i32_of(s.rows().div_ceil(FEW_IN_MMA_TILE), "row tiles")? as u32,
+            u32::try_from(s.ncols.div_ceil(FEW_IN_MMA_TILE))
+                .ok()
+                .filter(|&g| g <= 65535)
+                .ok_or_else(|| Error::Cuda(format!("{} column tiles: too many", s.ncols)))?,
+            1,
+        );
+        let mut b = st.launch_builder(&self.conv_few_in_mma);
+        b.arg(a);
+        // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes and the
+        // kernel's conditions were checked; the grid covers every row and column.
+        cu(
+            unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
+            "launching conv_few_in_mma",
         )
     }
 

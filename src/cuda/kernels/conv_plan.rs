@@ -391,6 +391,12 @@ pub(crate) enum ConvKernel {
     ///
     /// [`KernelConfig::narrow_mma`]: crate::cuda::program::KernelConfig::narrow_mma
     NarrowTensor(Precision),
+    /// Direct, few inputs, on tensor cores over the fp32 input and weights, each operand split
+    /// into a bf16 pair (`conv_few_in_mma` in kernels/conv_tc.cu, [`KernelConfig::narrow_mma`]
+    /// in bf16/fp16 programs): where [`ConvKernel::FewIn`] runs, one split.
+    ///
+    /// [`KernelConfig::narrow_mma`]: crate::cuda::program::KernelConfig::narrow_mma
+    FewInTensor,
     /// Tensor cores (kernels/conv_tc.cu) in tf32, bf16 or fp16 (never fp32); needs sc % 8 == 0,
     /// ncols % 8 == 0 and aligned pointers. Reads the weights in that precision's layout (see
     /// `DevWeights::conv_ptr`).
@@ -625,13 +631,13 @@ pub(crate) const NARROW_MMA_MAX_SC: usize = 256;
 
 /// Whether [`ConvKernel::NarrowTensor`] can compute `s` at `precision`: bf16 or fp16, at most
 /// [`DIRECT_MAX`] outputs, a direct kernel's taps ([`direct_fits`]), and whole 16-channel steps
-/// of 32 to [`NARROW_MMA_MAX_SC`] source channels.
+/// of up to [`NARROW_MMA_MAX_SC`] source channels.
 pub(crate) fn narrow_mma_fits(s: &ConvShape, precision: Precision) -> bool {
     precision.is_half()
         && s.ncols <= DIRECT_MAX
         && s.shortcut_sc == 0
         && s.sc % 16 == 0
-        && (32..=NARROW_MMA_MAX_SC).contains(&s.sc)
+        && (16..=NARROW_MMA_MAX_SC).contains(&s.sc)
         && direct_fits(s)
 }
 
@@ -780,6 +786,13 @@ impl ConvLaunch {
             ""
         };
         format!("{loads}{prefetch}{staged}")
+    }
+
+    /// The launch of `s` on [`ConvKernel::FewInTensor`]: where the fp32 direct kernel for few
+    /// inputs would run ([`plan_conv`]), else None.
+    pub(crate) fn few_in_mma(s: &ConvShape) -> Option<Self> {
+        (s.shortcut_sc == 0 && plan_conv(s, 1).kernel == ConvKernel::FewIn)
+            .then(|| Self::new(ConvKernel::FewInTensor, 1, s.k()))
     }
 
     /// The launch of `s` on [`ConvKernel::NarrowTensor`] in `precision`, over its 16-bit

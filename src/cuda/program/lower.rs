@@ -991,6 +991,12 @@ impl Lowering<'_> {
                 return l;
             }
         }
+        // (Over the fp32 input: nothing else in the program changes.)
+        if self.choice.narrow_mma && self.precision.is_half() {
+            if let Some(l) = ConvLaunch::few_in_mma(&planned) {
+                return l;
+            }
+        }
         let mut launch = plan_launch(
             &planned,
             self.sms,

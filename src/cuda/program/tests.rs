@@ -1621,9 +1621,10 @@ fn switches_compute_what_the_default_program_computes() {
                     .iter()
                     .any(|s| matches!(s, Step::Conv(c) if c.norm.is_some())));
             }
-            // The few-output convolutions on the tensor cores (a candidate) compute what the
-            // default does over inputs rounded to 16 bits: conv_out's forward over the
-            // GroupNorm's 16-bit output, conv_in's input gradient over a 16-bit copy.
+            // The 3-channel convolutions on the tensor cores (a candidate) compute what the
+            // default does over inputs rounded to 16 bits where they have few outputs (conv_out's
+            // forward over the GroupNorm's 16-bit output, conv_in's input gradient over a 16-bit
+            // copy), and over the same fp32 inputs where they have few inputs.
             let narrow = build(KernelConfig {
                 narrow_mma: true,
                 ..tuned
@@ -2570,10 +2571,11 @@ fn reductions_compute_the_groupnorms_after_split_launches() {
     }
 }
 
-/// With narrow_mma, the convolutions with at most 8 outputs run on the tensor cores exactly in
-/// bf16 and fp16: celebahq's conv_out forward over the 16-bit output its GroupNorm now writes,
-/// and (recording) conv_in's input gradient over a 16-bit copy of its output gradient; the
-/// fp32 direct kernels everywhere else, and without the switch.
+/// With narrow_mma, the convolutions with at most 8 outputs or inputs run on the tensor cores
+/// exactly in bf16 and fp16: celebahq's conv_out forward over the 16-bit output its GroupNorm
+/// now writes, and (recording) conv_in's input gradient over a 16-bit copy of its output
+/// gradient; conv_in's forward and (recording) conv_out's input gradient over their fp32
+/// inputs; the fp32 direct kernels everywhere else, and without the switch.
 #[test]
 fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -2586,19 +2588,26 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
         for (n, record) in [(1, true), (1, false), (8, false)] {
             let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
             let build = |tc| Program::build_with(&g, n, 256, 256, record, 132, precision, tc);
-            let kernels = |p: &Program| -> Vec<ConvKernel> {
-                p.steps
-                    .iter()
-                    .filter_map(|s| match s {
-                        Step::Conv(c) if c.shape.ncols <= 8 => Some(c.launch.kernel),
-                        _ => None,
-                    })
-                    .collect()
+            // The launches with few outputs, and those with few inputs.
+            let kernels = |p: &Program| -> [Vec<ConvKernel>; 2] {
+                let few = |f: fn(&ConvShape) -> bool| {
+                    p.steps
+                        .iter()
+                        .filter_map(|s| match s {
+                            Step::Conv(c) if f(&c.shape) => Some(c.launch.kernel),
+                            _ => None,
+                        })
+                        .collect()
+                };
+                [few(|s| s.ncols <= 8), few(|s| s.sc <= 8)]
             };
             let launches = if record { 2 } else { 1 };
             assert_eq!(
                 kernels(&build(tuned).unwrap()),
-                vec![ConvKernel::Narrow; launches]
+                [
+                    vec![ConvKernel::Narrow; launches],
+                    vec![ConvKernel::FewIn; launches]
+                ]
             );
             for batch_invariant in [false, true] {
                 let p = build(KernelConfig {
@@ -2608,10 +2617,15 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
                 })
                 .unwrap();
                 let want = match precision.is_half() {
-                    true => ConvKernel::NarrowTensor(precision),
-                    false => ConvKernel::Narrow,
+                    true => [ConvKernel::NarrowTensor(precision), ConvKernel::FewInTensor],
+                    false => [ConvKernel::Narrow, ConvKernel::FewIn],
                 };
-                assert_eq!(kernels(&p), vec![want; launches], "{precision} n{n}");
+                assert_eq!(
+                    kernels(&p),
+                    want.map(|k| vec![k; launches]),
+                    "{precision} n{n}"
+                );
+                let want = want[0];
                 for s in &p.steps {
                     let Step::Conv(c) = s else { continue };
                     if c.launch.kernel != want || !precision.is_half() {

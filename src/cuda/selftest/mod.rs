@@ -477,6 +477,7 @@ fn path(k: ConvKernel, splits: usize) -> String {
         ConvKernel::FewIn => "few-in",
         ConvKernel::Tensor(_) => "tc",
         ConvKernel::NarrowTensor(_) => "narrow tc",
+        ConvKernel::FewInTensor => "few-in tc",
     };
     if splits > 1 {
         format!("{name}, {splits} splits")

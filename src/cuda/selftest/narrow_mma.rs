@@ -1,19 +1,19 @@
-//! The convolutions with few outputs on the tensor cores (`conv_narrow_mma_*`,
-//! `INVDIFF_NARROW_MMA`): the kernel against the CPU's convolution over the same 16-bit
-//! operands (so only the order of the sums differs) and against the fp32 one, forward and input
-//! gradient, at celebahq's shapes and odd ones; then whole networks with it against the CPU.
+//! The 3-channel convolutions on the tensor cores (`INVDIFF_NARROW_MMA`): the few-output kernel
+//! (`conv_narrow_mma_*`) against the CPU's convolution over the same 16-bit operands (so only
+//! the order of the sums differs) and against the fp32 one, the few-input kernel
+//! (`conv_few_in_mma`, operands split into bf16 pairs) against the fp32 one, forward and input
+//! gradient, at celebahq's shapes and odd ones; then whole networks with them against the CPU.
 
 use super::{acc_name, round_half, tensor_core_tolerance, Tester, TOLERANCE};
 use crate::cpu::conv::{self, ConvParams, Geometry};
-use crate::cuda::kernels::{ConvLaunch, ConvPtrs, ConvShape};
+use crate::cuda::kernels::{plan_conv, ConvKernel, ConvLaunch, ConvPtrs, ConvShape};
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevConv;
 use crate::model::graph::Pad;
-use crate::Result;
+use crate::{switches, Result};
 
-/// One check: `n` images of `h x w`, a `k x k` convolution `cin -> cout` at `stride`, with its
-/// epilogue terms; the kernel computes its forward where `cout` is narrow, its input gradient
-/// where `cin` is.
+/// One check: `n` images of `h x w`, a 3x3 convolution `cin -> cout` at `stride`, with its
+/// epilogue terms (forward) and accumulation.
 struct NarrowCase {
     n: usize,
     h: usize,
@@ -41,12 +41,19 @@ const fn case(n: usize, h: usize, w: usize, cin: usize, cout: usize, stride: usi
     }
 }
 
+/// Largest relative L2 error of `conv_few_in_mma` against the CPU's fp32 convolution: its
+/// operands keep about 17 bits (a numpy model of the split at K = 27 and 72 gives 3.8e-6 to
+/// 4.5e-6, against 2.1e-3 to 2.4e-3 for operands rounded once to bf16).
+const FEW_IN_MMA_TOLERANCE: f64 = 2e-5;
+
 impl Tester<'_> {
-    /// Celebahq's conv_out (128 -> 3, forward) and conv_in (3 -> 128, input gradient) at
-    /// 256x256, then odd shapes: partial tiles both ways, 8 and 1 outputs, 32 and 256 source
-    /// channels (the smallest and largest the kernel takes), every epilogue term and
-    /// accumulation, and a stride-2 gradient's parity classes (taps filling part of the window,
-    /// output stride 2).
+    /// Celebahq's conv_out (128 -> 3) and conv_in (3 -> 128) at 256x256, each forward and input
+    /// gradient (the four launches the kernels take), then odd shapes: partial tiles both ways,
+    /// 8 to 1 outputs (and, back, inputs), 16 and 256 source channels for the few-output
+    /// kernel (its smallest and largest) and 144 (a partial second round of its weights), 1 to
+    /// 8 for the few-input one (one to five k16 steps), 144 and 256 outputs (two column tiles),
+    /// every epilogue term and accumulation, and a stride-2 gradient's parity classes (taps
+    /// filling part of the window, output stride 2), accumulating and not.
     pub(super) fn narrow_tensor_convolutions(&mut self) -> Result<()> {
         let cases = [
             case(1, 256, 256, 128, 3, 1),
@@ -57,28 +64,40 @@ impl Tester<'_> {
                 ..case(2, 23, 37, 48, 8, 1)
             },
             NarrowCase {
+                extras: true,
                 accumulate: true,
                 ..case(3, 17, 9, 5, 32, 1)
             },
             case(1, 40, 33, 256, 1, 1),
+            case(1, 20, 35, 144, 1, 1),
+            NarrowCase {
+                extras: true,
+                ..case(2, 9, 20, 16, 2, 1)
+            },
             NarrowCase {
                 pad: Pad::RightBottom,
                 accumulate: true,
                 ..case(2, 18, 26, 6, 64, 2)
             },
+            case(1, 12, 10, 5, 48, 2),
         ];
         for c in cases {
-            for precision in [Precision::Bf16, Precision::Fp16] {
-                self.narrow_case(&c, precision)?;
+            for backward in [false, true] {
+                for precision in [Precision::Bf16, Precision::Fp16] {
+                    self.narrow_case(&c, backward, precision)?;
+                }
             }
         }
         Ok(())
     }
 
-    /// One case in one precision: the narrow side's launches (the forward, or the input
-    /// gradient's), against the CPU over the operands rounded as the kernel reads them, within
-    /// [`TOLERANCE`], and over the fp32 ones, within [`tensor_core_tolerance`].
-    fn narrow_case(&mut self, c: &NarrowCase, precision: Precision) -> Result<()> {
+    /// One case's forward or input gradient (`backward`) where the fp32 program runs it on a
+    /// direct kernel: on the few-output kernel in `precision` over 16-bit operands, against
+    /// the CPU over the operands rounded as it reads them (within [`TOLERANCE`]: only the
+    /// order of the sums differs) and over the fp32 ones (within [`tensor_core_tolerance`]);
+    /// or (once, in bf16) on the few-input kernel over the fp32 operands, against the CPU's
+    /// fp32 result within [`FEW_IN_MMA_TOLERANCE`].
+    fn narrow_case(&mut self, c: &NarrowCase, backward: bool, precision: Precision) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let NarrowCase {
             n,
@@ -91,7 +110,15 @@ impl Tester<'_> {
             extras,
             accumulate,
         } = *c;
-        let backward = cout > 8;
+        let shapes = match backward {
+            false => vec![ConvShape::forward(n, h, w, cin, cout, 3, stride, pad)],
+            true => ConvShape::backward(n, h, w, cin, cout, 3, stride, pad),
+        };
+        let few_outputs = match plan_conv(&shapes[0], gpu.sms()).kernel {
+            ConvKernel::Narrow => true,
+            ConvKernel::FewIn if precision == Precision::Bf16 => false,
+            _ => return Ok(()),
+        };
         let geo = Geometry {
             n,
             h,
@@ -109,6 +136,7 @@ impl Tester<'_> {
         };
         let src = self.rand(src_len, -1.0, 1.0);
         let old = self.grad_start(out_len, accumulate);
+        let extras = extras && !backward;
         let extra = |t: &mut Self, len| extras.then(|| t.rand(len, -1.0, 1.0));
         let temb = extra(self, n * cout);
         let res = extra(self, out_len);
@@ -129,37 +157,46 @@ impl Tester<'_> {
             }
             out
         };
-        let rounded =
-            |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_half(x, precision)).collect() };
-        let want_rounded = cpu(&rounded(&src), &rounded(&wt));
         let want = cpu(&src, &wt);
 
         let mut dev = DevConv::upload(gpu, &wt, &b, cout, cin, 3, precision)?;
         dev.ensure_backward(gpu)?;
-        let shapes = match backward {
-            false => vec![ConvShape::forward(n, h, w, cin, cout, 3, stride, pad)],
-            true => ConvShape::backward(n, h, w, cin, cout, 3, stride, pad),
-        };
         let desc = format!(
             "n{n} {h}x{w} {cin}->{cout}{}{}",
             if stride == 2 { " s2" } else { "" },
             if extras { ", +temb +res /2" } else { "" }
         );
         let op = format!(
-            "{precision} conv3x3 {}{} [narrow tc]",
+            "{} conv3x3 {}{} [{}]",
+            if few_outputs {
+                precision.name()
+            } else {
+                "bf16x3"
+            },
             if backward { "input-grad" } else { "forward" },
-            acc_name(accumulate)
+            acc_name(accumulate),
+            if few_outputs {
+                "narrow tc"
+            } else {
+                "few-in tc"
+            },
         );
         let plans: Option<Vec<ConvLaunch>> = shapes
             .iter()
-            .map(|s| ConvLaunch::narrow_mma(s, precision))
+            .map(|s| match few_outputs {
+                true => ConvLaunch::narrow_mma(s, precision),
+                false => ConvLaunch::few_in_mma(s),
+            })
             .collect();
         let Some(plans) = plans else {
             self.check_row(format!("{op}: the kernel takes it"), desc, false);
             return Ok(());
         };
         let xd = self.up(&src)?;
-        let x16 = self.half_copy(xd.ptr, src.len(), precision)?;
+        let x = match few_outputs {
+            true => Some(self.half_copy(xd.ptr, src.len(), precision)?),
+            false => None,
+        };
         let td = temb.as_deref().map(|t| self.up(t)).transpose()?;
         let rd = res.as_deref().map(|r| self.up(r)).transpose()?;
         let mut yd = self.up(&old)?;
@@ -167,7 +204,7 @@ impl Tester<'_> {
         let run = || -> Result<()> {
             for (s, p) in shapes.iter().zip(&plans) {
                 let ptrs = ConvPtrs {
-                    x: x16.ptr,
+                    x: x.as_ref().map_or(xd.ptr, |x| x.ptr),
                     w: dev.weights_for(p.kernel, backward)?,
                     y: y_ptr,
                     bias: if backward { 0 } else { dev.bias.ptr },
@@ -175,13 +212,19 @@ impl Tester<'_> {
                     res: rd.as_ref().map_or(0, |d| d.ptr),
                     ..ConvPtrs::default()
                 };
-                let div = if backward { 1.0 } else { out_div };
-                gpu.kernels.conv(st, s, p, ptrs, div, accumulate)?;
+                gpu.kernels.conv(st, s, p, ptrs, out_div, accumulate)?;
             }
             Ok(())
         };
         let ms = self.timed(|| yd.write(st, &old), run)?;
         let got = yd.download(st)?;
+        if !few_outputs {
+            self.row_within(op, desc, &got, &want, ms, FEW_IN_MMA_TOLERANCE);
+            return Ok(());
+        }
+        let rounded =
+            |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| round_half(x, precision)).collect() };
+        let want_rounded = cpu(&rounded(&src), &rounded(&wt));
         self.row_within(
             format!("{op} vs cpu over the {precision} operands"),
             desc.clone(),
@@ -195,24 +238,40 @@ impl Tester<'_> {
     }
 
     /// The celebahq networks of the candidates in bf16 and fp16 as configured but with the
-    /// narrow convolutions on the tensor cores (`INVDIFF_NARROW_MMA`): the program has them
-    /// (a row), and its forward and forward + VJP are within the networks' tolerance of the
-    /// CPU's fp32 results.
+    /// 3-channel convolutions on the tensor cores (`INVDIFF_NARROW_MMA`): the program has them
+    /// (a row: all four unless the few-output kernel's 16-bit inputs are switched off), and its
+    /// forward and forward + VJP are within the networks' tolerance of the CPU's fp32 results.
     pub(super) fn narrow_tensor_unets(&mut self, ordinal: usize) -> Result<()> {
         let what = "3-channel convolutions on tensor cores";
         self.for_candidate_networks(ordinal, true, |t, net, precision, gpu| {
             let label = format!("celebahq {precision}");
             gpu.set_narrow_mma(true);
             let profile = gpu.profile(net.n, net.h, net.w, true, 1)?;
-            let on_tc = profile
-                .steps
-                .iter()
-                .filter(|s| s.variant.starts_with("narrow tc-"))
-                .count();
+            let on_tc = |prefix: &str| {
+                profile
+                    .steps
+                    .iter()
+                    .filter(|s| s.variant.starts_with(prefix))
+                    .count()
+            };
+            let (narrow, few_in) = (on_tc("narrow tc-"), on_tc("few-in tc-"));
+            // The few-output kernel reads 16 bits: conv_out's input is one where the deep
+            // pipelines are on, conv_in's output gradient one where 16-bit copies are too.
+            let want = match (
+                switches::is("INVDIFF_TC_PIPELINE", "two"),
+                switches::is("INVDIFF_HALF_COPY", "0"),
+            ) {
+                (true, _) => 0,
+                (false, true) => 1,
+                (false, false) => 2,
+            };
             t.check_row(
-                format!("{label} forward + vjp, {what}: two launches on them"),
-                net.desc.clone(),
-                on_tc == 2,
+                format!("{label} forward + vjp, {what}: the launches on them"),
+                format!(
+                    "{}: {narrow} few-output ({want} expected), {few_in} few-input (2)",
+                    net.desc
+                ),
+                (narrow, few_in) == (want, 2),
             );
             t.cpu_network_rows(gpu, net, &label, what)
         })
