@@ -54,6 +54,8 @@
 // - B, tf32: ldmatrix cannot transpose 32-bit elements, so two scalar reads, (k = q, n = g) and
 //   (k = q + 4, n = g).
 // - C: c0, c1 at (row g, cols 2q, 2q+1), c2, c3 at row g + 8; the epilogue stores them as float2.
+#include <type_traits>
+
 #include "conv_common.cuh"
 
 enum TcType { TF32 = 0, BF16 = 1, FP16 = 2 };
@@ -673,7 +675,7 @@ DEVI void narrow_mma_body(const ConvArgs& a, unsigned char* smem) {
 NARROW_MMA_KERNEL(conv_narrow_mma_bf16, BF16)
 NARROW_MMA_KERNEL(conv_narrow_mma_fp16, FP16)
 
-// conv_few_in_mma (INVDIFF_NARROW_MMA, bf16 and fp16 programs): conv.cu's conv_few_in_<SC> (at
+// conv_few_in_mma_<SC> (INVDIFF_FEW_IN_MMA, bf16 and fp16 programs): conv.cu's conv_few_in_<SC> (at
 // most 8 source channels: celebahq's conv_in forward, 3 -> 128, and conv_out's input gradient)
 // on the tensor cores. K is 9 x sc <= 72, so the launch is bound by its fp32 output (a 128-channel
 // image: 32 MB at 256x256), not by products; conv_few_in ran at 15-23 TFLOP/s on an H200 (30 us
@@ -686,39 +688,42 @@ NARROW_MMA_KERNEL(conv_narrow_mma_fp16, FP16)
 // parts would be fp16 subnormals.
 //
 // A block computes 128 GEMM rows (output pixels, in row order) x 128 columns; grid
-// (ceil(rows / 128), ceil(ncols / 128)), 256 threads. First every thread gathers its pixel's
-// (window cell, channel) values, k = cell * sc + channel, zero outside the image, past 9 x sc
-// and where no tap is, into two shared-memory A tiles (hi, lo) of 16 * ks halves a row, ks =
-// ceil(9 sc / 16) k16 steps (rows 32 ks + 16 bytes apart: any 8 rows' 16-byte chunks fall in
-// distinct bank quads); warp w holds the B fragments of columns 16w..16w + 15 for every step
-// in registers (2 n8 tiles x ks x (hi, lo)). Then each warp walks the 8 m16 tiles of the block:
-// per step an ldmatrix.x4 of each A tile and six products, then finish() per value.
+// (ceil(rows / 128), ceil(ncols / 128)), 256 threads; one kernel per sc, so that the (window
+// cell, channel) of every k = cell * sc + channel is a constant. First two threads a pixel
+// gather its values (zero outside the image, past 9 x sc and where no tap is) into two
+// shared-memory A tiles (hi, lo) of 16 * ks halves a row, ks = ceil(9 sc / 16) k16 steps (rows
+// 32 ks + 16 bytes apart: any 8 rows' 16-byte chunks fall in distinct bank quads); warp w holds
+// the B fragments of columns 16w..16w + 15 for every step in registers (2 n8 tiles x ks x (hi,
+// lo)). Then each warp walks the 8 m16 tiles of the block: per step an ldmatrix.x4 of each A
+// tile and six products, then finish()'s epilogue, or where there is only a bias (the
+// network's launches) the bias alone, and rows that are their own output pixels without a
+// division to find them.
 namespace fmma {
 constexpr int BM = 128;
 constexpr int BN = 128;
-constexpr int MAX_KS = 5;  // 9 x 8 channels = 72 <= 80
-constexpr int MAX_PITCH = 32 * MAX_KS + 16;
-// Pairs of A values a thread gathers (two threads a pixel): 8 x MAX_KS pairs a row.
-constexpr int MAX_PAIRS = 8 * MAX_KS / 2;
 }  // namespace fmma
 
 // v split into bf16 (hi, lo) pairs for two values: hi = rn(v), lo = rn(v - hi), each as the
-// register of two halves an mma operand takes (first value in the low half).
+// register of two halves an mma operand takes (first value in the low half). (An infinite v
+// gives a NaN lo, where the fp32 kernels give infinities: the network's inputs are finite.)
 DEVI void split_bf16x2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
     hi = pack_bf16x2(v0, v1);
     lo = pack_bf16x2(v0 - __uint_as_float(hi << 16), v1 - __uint_as_float(hi & 0xffff0000u));
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) conv_few_in_mma(const ConvArgs a) {
+// One kernel per source channel count SC, so that every (cell, channel) of k is a constant.
+template <int SC>
+DEVI void few_in_mma_body(const ConvArgs& a) {
     using namespace fmma;
-    __shared__ __align__(16) unsigned char a_hi[BM * MAX_PITCH];
-    __shared__ __align__(16) unsigned char a_lo[BM * MAX_PITCH];
+    constexpr int K = 9 * SC;
+    constexpr int KS = (K + 15) / 16;  // k16 steps
+    constexpr int PITCH = 32 * KS + 16;
+    constexpr int PAIRS = 8 * KS;  // k pairs a row
+    __shared__ __align__(16) unsigned char a_hi[BM * PITCH];
+    __shared__ __align__(16) unsigned char a_lo[BM * PITCH];
     __shared__ int s_cellw[9];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int sc = a.sc, ncols = a.ncols;
-    const int kreal = 9 * sc;
-    const int ks = (kreal + 15) / 16;
-    const int pitch = 32 * ks + 16;
+    const int ncols = a.ncols;
     const int M = a.n * a.mh * a.mw;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const Window win = tap_window(a);
@@ -728,22 +733,65 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_few_in_mma(const Conv
     // B: this lane's fragments, (k = 16 s + 2q, +1 | +8, +9; column n0 + 16 warp + 8 j + g).
     const float* const wf = static_cast<const float*>(a.w);
     const int g = lane >> 2, q = lane & 3;
-    float bv[2][MAX_KS][4];
+    float bv[2][KS][4];
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
         const int col = n0 + 16 * warp + 8 * j + g;
 #pragma unroll
-        for (int s = 0; s < MAX_KS; ++s) {
+        for (int s = 0; s < KS; ++s) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int k = 16 * s + 2 * q + (e & 1) + 8 * (e >> 1);
-                const int cell = k / sc;
-                const int wrow = k < kreal && col < ncols ? s_cellw[cell] : -1;
-                bv[j][s][e] = wrow >= 0 ? wf[((long long)wrow * sc + k - cell * sc) * ncols + col] : 0.f;
+                const int cell = k / SC;
+                const int wrow = k < K && col < ncols ? s_cellw[cell] : -1;
+                bv[j][s][e] = wrow >= 0 ? wf[((long long)wrow * SC + k - cell * SC) * ncols + col] : 0.f;
             }
         }
     }
 
+    // A: thread t gathers the first or (t >= 128) second half of pixel t % 128's k pairs, each
+    // half its own copy of the code, so that every k is a constant. Every load goes out before
+    // the first store.
+    const auto gather = [&](auto half) {
+        constexpr int P0 = decltype(half)::value * (PAIRS / 2);
+        constexpr int PN = decltype(half)::value ? PAIRS - PAIRS / 2 : PAIRS / 2;
+        const int p = tid & (BM - 1);
+        const int m = m0 + p;
+        const RowCoord rc = decode_row(a, m < M ? m : 0);
+        const float* const xi = a.x + (long long)rc.img * a.sh * a.sw * SC;
+        float xv[PN][2];
+#pragma unroll
+        for (int i = 0; i < PN; ++i) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int k = 2 * (P0 + i) + e;
+                const int cell = k / SC, ch = k % SC;
+                const int iy = rc.my + win.dy0 + cell / 3, ix = rc.mx + win.dx0 + cell % 3;
+                const bool ok = k < K && m < M && s_cellw[k < K ? cell : 0] >= 0 && (unsigned)iy < (unsigned)a.sh &&
+                                (unsigned)ix < (unsigned)a.sw;
+                xv[i][e] = ok ? xi[((long long)iy * a.sw + ix) * SC + ch] : 0.f;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < PN; ++i) {
+            uint32_t hi, lo;
+            split_bf16x2(xv[i][0], xv[i][1], hi, lo);
+            *reinterpret_cast<uint32_t*>(a_hi + p * PITCH + 4 * (P0 + i)) = hi;
+            *reinterpret_cast<uint32_t*>(a_lo + p * PITCH + 4 * (P0 + i)) = lo;
+        }
+    };
+    if (tid < BM)
+        gather(std::integral_constant<int, 0>{});
+    else
+        gather(std::integral_constant<int, 1>{});
+    uint32_t bh[2][KS][2], bl[2][KS][2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int s = 0; s < KS; ++s) {
+            split_bf16x2(bv[j][s][0], bv[j][s][1], bh[j][s][0], bl[j][s][0]);
+            split_bf16x2(bv[j][s][2], bv[j][s][3], bh[j][s][1], bl[j][s][1]);
+        }
     // This lane's biases (0 past ncols or without a bias): columns n0 + 16 warp + 8 j + 2q + e.
     float bias[2][2];
 #pragma unroll
@@ -753,57 +801,21 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_few_in_mma(const Conv
             const int col = n0 + 16 * warp + 8 * j + 2 * q + e;
             bias[j][e] = a.bias != nullptr && col < ncols ? a.bias[col] : 0.f;
         }
-
-    // A: thread t gathers pixel t % 128's pairs (k, k + 1), every other pair.
-    {
-        const int p = tid & (BM - 1);
-        const int m = m0 + p;
-        const RowCoord rc = decode_row(a, m < M ? m : 0);
-        const float* const xi = a.x + (long long)rc.img * a.sh * a.sw * sc;
-        const auto value = [&](int k) {
-            const int cell = k / sc, ch = k - cell * sc;
-            const int iy = rc.my + win.dy0 + cell / 3, ix = rc.mx + win.dx0 + cell % 3;
-            const bool ok = m < M && k < kreal && s_cellw[k < kreal ? cell : 0] >= 0 &&
-                            (unsigned)iy < (unsigned)a.sh && (unsigned)ix < (unsigned)a.sw;
-            return ok ? xi[((long long)iy * a.sw + ix) * sc + ch] : 0.f;
-        };
-        // Every load before the first store: a loop storing each pair as it came waited out
-        // a memory round trip a pair.
-        float xv[MAX_PAIRS][2];
-#pragma unroll
-        for (int i = 0; i < MAX_PAIRS; ++i) {
-            const int pair = (tid >> 7) + 2 * i;
-            xv[i][0] = pair < 8 * ks ? value(2 * pair) : 0.f;
-            xv[i][1] = pair < 8 * ks ? value(2 * pair + 1) : 0.f;
-        }
-#pragma unroll
-        for (int i = 0; i < MAX_PAIRS; ++i) {
-            const int pair = (tid >> 7) + 2 * i;
-            if (pair >= 8 * ks) break;
-            uint32_t hi, lo;
-            split_bf16x2(xv[i][0], xv[i][1], hi, lo);
-            *reinterpret_cast<uint32_t*>(a_hi + p * pitch + 4 * pair) = hi;
-            *reinterpret_cast<uint32_t*>(a_lo + p * pitch + 4 * pair) = lo;
-        }
-    }
-    uint32_t bh[2][MAX_KS][2], bl[2][MAX_KS][2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int s = 0; s < MAX_KS; ++s) {
-            split_bf16x2(bv[j][s][0], bv[j][s][1], bh[j][s][0], bl[j][s][0]);
-            split_bf16x2(bv[j][s][2], bv[j][s][3], bh[j][s][1], bl[j][s][1]);
-        }
+    // An epilogue of the bias alone (the network's case): what finish_with_bias() computes
+    // then, without its per-value tests and division by 1. Rows that are their output pixels
+    // (out_pixel the identity): no division to find them.
+    const bool plain = a.temb == nullptr && a.res == nullptr && a.out_div == 1.0f && !a.accumulate;
+    const bool dense = a.out_stride == 1 && a.out_oy == 0 && a.out_ox == 0 && a.yh == a.mh && a.yw == a.mw;
+    const bool vec_out = (ncols & 1) == 0;
     __syncthreads();
 
     const uint32_t hi0 = smem_addr(a_hi), lo0 = smem_addr(a_lo);
 #pragma unroll 1
     for (int mt = 0; mt < BM / 16; ++mt) {
         float acc[2][4] = {};
-        const int row_off = (mt * 16 + (lane & 15)) * pitch + (lane >> 4) * 16;
+        const uint32_t row_off = (mt * 16 + (lane & 15)) * PITCH + (lane >> 4) * 16;
 #pragma unroll
-        for (int s = 0; s < MAX_KS; ++s) {
-            if (s >= ks) break;
+        for (int s = 0; s < KS; ++s) {
             uint32_t ah[4], al[4];
             ldmatrix_x4(hi0 + row_off + 32 * s, ah);
             ldmatrix_x4(lo0 + row_off + 32 * s, al);
@@ -819,31 +831,51 @@ extern "C" __global__ void __launch_bounds__(THREADS) conv_few_in_mma(const Conv
         for (int h = 0; h < 2; ++h) {
             const int m = m0 + mt * 16 + g + 8 * h;
             if (m >= M) continue;
-            const RowCoord rc = decode_row(a, m);
-            const long long pix = out_pixel(a, rc);
+            RowCoord rc{0, 0, 0};
+            long long pix = m;
+            if (!dense || !plain) {
+                rc = decode_row(a, m);
+                pix = out_pixel(a, rc);
+            }
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int col = n0 + 16 * warp + 8 * j + 2 * q;
                 float* const yp = a.y + pix * ncols + col;
-                const auto out = [&](int e) {
-                    return finish_with_bias(a, bias[j][e], rc.img, pix, col + e, acc[j][2 * h + e]);
-                };
-                if (col + 1 < ncols) {
-                    const float2 v = make_float2(out(0), out(1));
-                    // Even widths keep the pair 8-byte aligned (the arena aligns y).
-                    if ((ncols & 1) == 0) {
-                        *reinterpret_cast<float2*>(yp) = v;
-                    } else {
-                        yp[0] = v.x;
-                        yp[1] = v.y;
-                    }
-                } else if (col < ncols) {
-                    yp[0] = out(0);
+                float v[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float x = acc[j][2 * h + e];
+                    v[e] = plain ? (a.bias != nullptr ? bias[j][e] + x : x)
+                                 : finish_with_bias(a, bias[j][e], rc.img, pix, col + e, x);
+                }
+                // Even widths keep the pair 8-byte aligned (the host checks y).
+                if (col + 1 < ncols && vec_out) {
+                    *reinterpret_cast<float2*>(yp) = make_float2(v[0], v[1]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (col + e < ncols) yp[e] = v[e];
                 }
             }
         }
     }
 }
+
+// 128 x 128 outputs a block, 256 threads; 2 x 128 x (32 KS + 16) bytes of static shared memory
+// (44 KB at SC = 8).
+#define FEW_IN_MMA(SC)                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS) conv_few_in_mma_##SC(const ConvArgs a) { \
+        few_in_mma_body<SC>(a);                                                          \
+    }
+FEW_IN_MMA(1)
+FEW_IN_MMA(2)
+FEW_IN_MMA(3)
+FEW_IN_MMA(4)
+FEW_IN_MMA(5)
+FEW_IN_MMA(6)
+FEW_IN_MMA(7)
+FEW_IN_MMA(8)
+#undef FEW_IN_MMA
 
 // The weights' half-precision copies, made once: element i of src rounded to nearest even as
 // bf16 (kind 1) or fp16 (kind 2), two per 32-bit word of dst (an odd tail pairs with zero).

@@ -99,6 +99,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs the convolutions with at most 8 outputs (conv_out's forward, conv_in's input gradient) on tensor cores over 16-bit inputs in bf16/fp16 instead of fp32 FMAs (another rounding)",
     ),
     choice(
+        "INVDIFF_FEW_IN_MMA",
+        ON_OFF,
+        "GPU candidate: `1` runs the convolutions with at most 8 inputs (conv_in's forward, conv_out's input gradient) in bf16/fp16 programs on tensor cores, their fp32 operands split into bf16 pairs (about 4e-6 from fp32), instead of fp32 FMAs",
+    ),
+    choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",
         ON_OFF,
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, PushKernelArg};
 
 use super::conv_plan::{
-    direct_fits, gn_partial_fits, im2col_box, narrow_mma_fits, tc_slice, ConvKernel, ConvLaunch,
-    ConvShape, WgmmaTile, DIRECT_MAX, NARROW_MMA_MAX_SC, TILE, WGMMA_SLICE,
+    direct_fits, few_in_mma_fits, gn_partial_fits, im2col_box, narrow_mma_fits, tc_slice,
+    ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX, NARROW_MMA_MAX_SC, TILE, WGMMA_SLICE,
 };
 use super::norm::ReductionNorm;
 use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
@@ -439,7 +439,7 @@ pub(super) fn narrow_mma_smem(sc: usize) -> u32 {
     (58_752 + 144 * sc) as u32
 }
 
-/// Rows (output pixels) and columns of a `conv_few_in_mma` block.
+/// Rows (output pixels) and columns of a `conv_few_in_mma_<sc>` block.
 const FEW_IN_MMA_TILE: usize = 128;
 
 /// Output tile of `conv_narrow_*` and `conv_narrow_mma_*` (columns, rows).
@@ -958,7 +958,7 @@ impl Kernels {
         )
     }
 
-    /// A [`ConvKernel::FewInTensor`] launch (`conv_few_in_mma`, kernels/conv_tc.cu): after
+    /// A [`ConvKernel::FewInTensor`] launch (`conv_few_in_mma_<sc>`, kernels/conv_tc.cu): after
     /// [`Kernels::conv`]'s checks, those of its own kernel.
     fn conv_few_in_mma(
         &self,
@@ -967,16 +967,20 @@ impl Kernels {
         plan: &ConvLaunch,
         a: &ConvArgs,
     ) -> Result<()> {
-        if ConvLaunch::few_in_mma(s).is_none()
+        // The kernel stores pairs of outputs where ncols is even.
+        let y_aligned = s.ncols % 2 == 1 || a.y % 8 == 0;
+        if !few_in_mma_fits(s)
             || plan.splits != 1
             || plan.half_input
             || plan.deep
             || plan.wgmma
+            || !y_aligned
         {
             return Err(Error::Cuda(format!(
                 "internal: tensor-core convolution for few inputs {}->{} at stride {} with {} taps, \
-                {} splits, 16-bit input {}, deep {}, wgmma {}: it takes at most {DIRECT_MAX} fp32 \
-                source channels, stride 1, taps in a 3x3 window, one split",
+                {} splits, 16-bit input {}, deep {}, wgmma {}, output aligned {y_aligned}: it \
+                takes at most {DIRECT_MAX} fp32 source channels, stride 1, taps in a 3x3 window, \
+                one split",
                 s.sc,
                 s.ncols,
                 s.in_stride,
@@ -995,13 +999,13 @@ impl Kernels {
                 .ok_or_else(|| Error::Cuda(format!("{} column tiles: too many", s.ncols)))?,
             1,
         );
-        let mut b = st.launch_builder(&self.conv_few_in_mma);
+        let mut b = st.launch_builder(&self.conv_few_in_mma[s.sc - 1]);
         b.arg(a);
         // SAFETY: the pointers cover the shapes in `a` (the caller's contract), sizes and the
         // kernel's conditions were checked; the grid covers every row and column.
         cu(
             unsafe { b.launch(cfg(grid, (BLOCK, 1, 1))) }.map(drop),
-            "launching conv_few_in_mma",
+            &format!("launching conv_few_in_mma_{}", s.sc),
         )
     }
 

@@ -392,10 +392,11 @@ pub(crate) enum ConvKernel {
     /// [`KernelConfig::narrow_mma`]: crate::cuda::program::KernelConfig::narrow_mma
     NarrowTensor(Precision),
     /// Direct, few inputs, on tensor cores over the fp32 input and weights, each operand split
-    /// into a bf16 pair (`conv_few_in_mma` in kernels/conv_tc.cu, [`KernelConfig::narrow_mma`]
-    /// in bf16/fp16 programs): where [`ConvKernel::FewIn`] runs, one split.
+    /// into a bf16 pair (`conv_few_in_mma_<sc>` in kernels/conv_tc.cu,
+    /// [`KernelConfig::few_in_mma`] in bf16/fp16 programs): where [`ConvKernel::FewIn`] could
+    /// run ([`few_in_mma_fits`]), one split, an fp32 input.
     ///
-    /// [`KernelConfig::narrow_mma`]: crate::cuda::program::KernelConfig::narrow_mma
+    /// [`KernelConfig::few_in_mma`]: crate::cuda::program::KernelConfig::few_in_mma
     FewInTensor,
     /// Tensor cores (kernels/conv_tc.cu) in tf32, bf16 or fp16 (never fp32); needs sc % 8 == 0,
     /// ncols % 8 == 0 and aligned pointers. Reads the weights in that precision's layout (see
@@ -641,6 +642,12 @@ pub(crate) fn narrow_mma_fits(s: &ConvShape, precision: Precision) -> bool {
         && direct_fits(s)
 }
 
+/// Whether [`ConvKernel::FewInTensor`] can compute `s`: at most [`DIRECT_MAX`] source
+/// channels and a direct kernel's taps ([`direct_fits`]); any number of outputs.
+pub(crate) fn few_in_mma_fits(s: &ConvShape) -> bool {
+    s.sc <= DIRECT_MAX && s.shortcut_sc == 0 && direct_fits(s)
+}
+
 /// Chooses the kernel and the split of K for `s` on a device with `sms` multiprocessors.
 ///
 /// Few output or few source channels (the 3-channel image convolutions) take the direct
@@ -788,11 +795,10 @@ impl ConvLaunch {
         format!("{loads}{prefetch}{staged}")
     }
 
-    /// The launch of `s` on [`ConvKernel::FewInTensor`]: where the fp32 direct kernel for few
-    /// inputs would run ([`plan_conv`]), else None.
+    /// The launch of `s` on [`ConvKernel::FewInTensor`], over its fp32 input; None where
+    /// [`few_in_mma_fits`] does not hold.
     pub(crate) fn few_in_mma(s: &ConvShape) -> Option<Self> {
-        (s.shortcut_sc == 0 && plan_conv(s, 1).kernel == ConvKernel::FewIn)
-            .then(|| Self::new(ConvKernel::FewInTensor, 1, s.k()))
+        few_in_mma_fits(s).then(|| Self::new(ConvKernel::FewInTensor, 1, s.k()))
     }
 
     /// The launch of `s` on [`ConvKernel::NarrowTensor`] in `precision`, over its 16-bit

@@ -18,8 +18,8 @@
 //!   per multiprocessor (the `_ilp` ones: two waves of the blocks one keeps resident, 6-12);
 //! - `conv_narrow_<ncols>`: 256; (⌈mw/32⌉, ⌈mh/16⌉, n), 59.6-65.7 KB dynamic shared memory;
 //!   `conv_narrow_mma_*` (tensor cores, 16-bit input): the same grid, 57.4 KB + 144 bytes a
-//!   source channel (75.4 KB at 128); `conv_few_in_mma` (tensor cores): 256;
-//!   (⌈rows/128⌉, ⌈ncols/128⌉), 44.1 KB static shared memory;
+//!   source channel (75.4 KB at 128); `conv_few_in_mma_<sc>` (tensor cores): 256;
+//!   (⌈rows/128⌉, ⌈ncols/128⌉), 12.1-44.1 KB static shared memory;
 //!   `conv_few_in_<sc>`: 256; (⌈runs/(256/quads)⌉ capped at 2 blocks per multiprocessor,
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
@@ -229,8 +229,8 @@ pub(crate) struct Kernels {
     /// `conv_narrow_mma_bf16`, `conv_narrow_mma_fp16`, with their dynamic shared memory
     /// allowed.
     conv_narrow_mma: [CudaFunction; 2],
-    /// `conv_few_in_mma`.
-    conv_few_in_mma: CudaFunction,
+    /// `conv_few_in_mma_<sc>` at index sc - 1.
+    conv_few_in_mma: Vec<CudaFunction>,
     conv_weight_transpose: CudaFunction,
     /// The tensor-core convolutions, in the order of [`TC_KERNELS`].
     conv_tc: Vec<CudaFunction>,
@@ -459,7 +459,9 @@ impl Kernels {
                     narrow_mma_smem(NARROW_MMA_MAX_SC),
                 )?,
             ],
-            conv_few_in_mma: get("conv_tc", "conv_few_in_mma")?,
+            conv_few_in_mma: (1..=DIRECT_MAX)
+                .map(|c| get("conv_tc", &format!("conv_few_in_mma_{c}")))
+                .collect::<Result<_>>()?,
             conv_weight_transpose: get("conv", "conv_weight_transpose")?,
             conv_tc,
             tc_convert: get("conv_tc", "tc_convert")?,

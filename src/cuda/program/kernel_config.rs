@@ -184,6 +184,11 @@ pub(crate) struct KernelConfig {
     /// output gradient gets a 16-bit copy) and 16-bit weights, as the other convolutions, so
     /// another rounding.
     pub narrow_mma: bool,
+    /// The convolutions with at most 8 inputs (celebahq's conv_in forward and conv_out's input
+    /// gradient) on the tensor cores in bf16/fp16 programs (`conv_few_in_mma_<sc>`,
+    /// [`ConvKernel::FewInTensor`](crate::cuda::kernels::ConvKernel)) instead of fp32 FMAs, over
+    /// the same fp32 input and weights, each split into a bf16 pair (about 4e-6 from fp32).
+    pub few_in_mma: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
     /// kernel an attention product takes: the attention steps' `per_image`) made from one
     /// image's shape, so that an image's results are bit for bit the same in any batch;
@@ -243,6 +248,7 @@ impl Default for KernelConfig {
             class_concurrency: false,
             gn_from_reduction: false,
             narrow_mma: false,
+            few_in_mma: false,
             batch_invariant: false,
         }
     }
@@ -328,6 +334,7 @@ impl KernelConfig {
             class_concurrency: true,
             gn_from_reduction: false,
             narrow_mma: false,
+            few_in_mma: false,
             batch_invariant: false,
         }
     }
@@ -388,6 +395,7 @@ impl KernelConfig {
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
             gn_from_reduction: on("INVDIFF_GN_FROM_REDUCTION"),
             narrow_mma: on("INVDIFF_NARROW_MMA"),
+            few_in_mma: on("INVDIFF_FEW_IN_MMA"),
             batch_invariant: false,
         }
     }
@@ -460,7 +468,8 @@ impl KernelConfig {
                 self.gn_from_reduction,
                 "GroupNorms computed by split reductions",
             ),
-            (self.narrow_mma, "3-channel convolutions on tensor cores"),
+            (self.narrow_mma, "few-output convolutions on tensor cores"),
+            (self.few_in_mma, "few-input convolutions on tensor cores"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

@@ -991,8 +991,14 @@ impl Lowering<'_> {
                 return l;
             }
         }
-        // (Over the fp32 input: nothing else in the program changes.)
-        if self.choice.narrow_mma && self.precision.is_half() {
+        // Over the fp32 input, where the fp32 kernel would run (nothing else in the program
+        // changes: a shape a bf16/fp16 program runs on the tensor-core GEMM, 8 -> 128 say, may
+        // be handed a 16-bit input, which this kernel cannot read).
+        if self.choice.few_in_mma
+            && self.precision.is_half()
+            && !half_input
+            && plan_conv_at(&planned, self.sms, self.precision).kernel == ConvKernel::FewIn
+        {
             if let Some(l) = ConvLaunch::few_in_mma(&planned) {
                 return l;
             }

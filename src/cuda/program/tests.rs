@@ -1627,6 +1627,7 @@ fn switches_compute_what_the_default_program_computes() {
             // copy), and over the same fp32 inputs where they have few inputs.
             let narrow = build(KernelConfig {
                 narrow_mma: true,
+                few_in_mma: true,
                 ..tuned
             });
             assert_eq!(
@@ -1635,10 +1636,13 @@ fn switches_compute_what_the_default_program_computes() {
                 "{precision} {n}x{h}x{w} narrow tensor cores"
             );
             assert_ne!(symbolic_with(&base, true), want);
-            let on_tc = narrow.steps.iter().filter(|s| {
-                matches!(s, Step::Conv(c) if c.launch.kernel == ConvKernel::NarrowTensor(precision))
-            });
-            assert_eq!(on_tc.count(), 2, "{precision} {n}x{h}x{w}");
+            for kernel in [ConvKernel::NarrowTensor(precision), ConvKernel::FewInTensor] {
+                let on_tc = narrow
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Conv(c) if c.launch.kernel == kernel));
+                assert_eq!(on_tc.count(), 2, "{precision} {n}x{h}x{w} {kernel:?}");
+            }
             // The candidates: GroupNorm backward passes reading 16-bit output gradients, and
             // adding residuals' gradients; each, and both.
             for (half_norm_grads, fold_residual_grads) in [
@@ -1899,7 +1903,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 19] = [
+    let flags: [fn(&mut KernelConfig); 20] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1919,6 +1923,7 @@ fn every_choice_has_a_name() {
         |c| c.class_concurrency = true,
         |c| c.gn_from_reduction = true,
         |c| c.narrow_mma = true,
+        |c| c.few_in_mma = true,
     ];
     let mut all = KernelConfig::default();
     for set in flags {
@@ -2612,6 +2617,7 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
             for batch_invariant in [false, true] {
                 let p = build(KernelConfig {
                     narrow_mma: true,
+                    few_in_mma: true,
                     batch_invariant,
                     ..tuned
                 })
@@ -2625,16 +2631,18 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
                     want.map(|k| vec![k; launches]),
                     "{precision} n{n}"
                 );
-                let want = want[0];
-                for s in &p.steps {
+                for (i, s) in p.steps.iter().enumerate() {
                     let Step::Conv(c) = s else { continue };
-                    if c.launch.kernel != want || !precision.is_half() {
+                    if c.launch.kernel == ConvKernel::FewInTensor {
+                        assert!(!c.launch.half_input && c.launch.splits == 1, "{c:?}");
+                    }
+                    if c.launch.kernel != want[0] || !precision.is_half() {
                         continue;
                     }
                     assert!(c.launch.half_input && c.launch.splits == 1, "{c:?}");
                     // Whoever wrote the input wrote it in 16 bits: the GroupNorm before
                     // conv_out, or a copy of conv_in's output gradient.
-                    let writer = p.steps.iter().rev().find(|w| w.io().1.contains(&c.x));
+                    let writer = p.steps[..i].iter().rev().find(|w| w.io().1.contains(&c.x));
                     match writer {
                         Some(Step::GroupNorm { half_out, .. }) => {
                             assert_eq!(*half_out, Some(precision))
@@ -2648,5 +2656,51 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
                 }
             }
         }
+    }
+}
+
+/// The few-input tensor-core kernel reads fp32 only: an 8-channel image (8 -> 128 and back),
+/// whose convolutions a bf16/fp16 program runs on the tensor-core GEMM, over 16-bit inputs
+/// where it has them, keeps them there with few_in_mma; no launch of it reads 16 bits.
+#[test]
+fn few_input_tensor_cores_never_read_16_bit_inputs() {
+    let mut cfg = UNetConfig::celebahq_256();
+    cfg.in_channels = 8;
+    cfg.out_channels = 8;
+    let g = Graph::build(&cfg).unwrap();
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        let p = Program::build_with(
+            &g,
+            1,
+            64,
+            64,
+            true,
+            132,
+            precision,
+            KernelConfig {
+                few_in_mma: true,
+                narrow_mma: true,
+                ..tuned
+            },
+        )
+        .unwrap();
+        let few_in: Vec<&ConvStep> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Conv(c) if c.shape.sc == 8 => Some(c),
+                _ => None,
+            })
+            .collect();
+        // conv_in's forward and conv_out's input gradient.
+        assert_eq!(few_in.len(), 2, "{precision}");
+        for c in few_in {
+            assert_eq!(c.launch.kernel, ConvKernel::Tensor(precision), "{c:?}");
+        }
+        assert!(!p
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Conv(c) if c.launch.kernel == ConvKernel::FewInTensor)));
     }
 }

@@ -335,6 +335,13 @@ impl CudaUnet {
         self.change_choice(|c| c.narrow_mma = on);
     }
 
+    /// Runs the convolutions with at most 8 inputs on the tensor cores (`on`,
+    /// [`KernelConfig::few_in_mma`]) or on the fp32 direct kernels, for comparisons; drops
+    /// every plan.
+    pub(crate) fn set_few_in_mma(&mut self, on: bool) {
+        self.change_choice(|c| c.few_in_mma = on);
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {
