@@ -476,7 +476,8 @@ impl DevWeights {
     }
 
     /// The address of array `w` as `launch` reads it: the 16-bit copy for a bf16 or fp16
-    /// tensor-core launch (narrow ones too), the fp32 array otherwise; K-major ([`W::k_major`]) for wgmma.
+    /// tensor-core launch (the few-output kernel's too), the fp32 array otherwise; K-major
+    /// ([`W::k_major`]) for wgmma.
     pub fn conv_ptr(&self, w: W, launch: &ConvLaunch) -> Result<DPtr> {
         let kernel = launch.kernel;
         let w = if launch.wgmma { w.k_major() } else { w };

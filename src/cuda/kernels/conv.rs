@@ -444,6 +444,27 @@ const FEW_IN_MMA_TILE: usize = 128;
 
 /// Output tile of `conv_narrow_*` and `conv_narrow_mma_*` (columns, rows).
 const NARROW_TILE: (usize, usize) = (32, 16);
+
+/// A grid's y or z extent, `v`: at most 65535 (x goes to 2^31 - 1, which the launchers' 32-bit
+/// checks cover).
+fn grid_dim(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v)
+        .ok()
+        .filter(|&g| g <= 65535)
+        .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
+}
+
+/// The grid of `conv_narrow_*` and `conv_narrow_mma_*` over `s`: a block per output tile
+/// ([`NARROW_TILE`]) and image.
+fn narrow_grid(s: &ConvShape) -> Result<(u32, u32, u32)> {
+    let (tw, th) = NARROW_TILE;
+    Ok((
+        s.mw.div_ceil(tw) as u32,
+        grid_dim(s.mh.div_ceil(th), "row tiles")?,
+        grid_dim(s.n, "batch")?,
+    ))
+}
+
 /// Run length of `conv_few_in_*`, and the output columns one of its blocks computes.
 const FEW_IN_RUN: usize = 16;
 const FEW_IN_COLS: usize = 128;
@@ -854,21 +875,8 @@ impl Kernels {
                 plan.half_input
             )));
         }
-        // Grid y and z stop at 65535 (x at 2^31 - 1, which the 32-bit checks above cover).
-        let grid_dim = |v: usize, what: &str| -> Result<u32> {
-            u32::try_from(v)
-                .ok()
-                .filter(|&g| g <= 65535)
-                .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
-        };
         let (f, launch, name) = if narrow {
-            let (tw, th) = NARROW_TILE;
-            let grid = (
-                s.mw.div_ceil(tw) as u32,
-                grid_dim(s.mh.div_ceil(th), "row tiles")?,
-                grid_dim(s.n, "batch")?,
-            );
-            let mut launch = cfg(grid, (BLOCK, 1, 1));
+            let mut launch = cfg(narrow_grid(s)?, (BLOCK, 1, 1));
             launch.shared_mem_bytes = narrow_smem(s.ncols);
             (
                 &self.conv_narrow[s.ncols - 1],
@@ -933,19 +941,7 @@ impl Kernels {
                 a.x % 16 == 0
             )));
         }
-        let grid_dim = |v: usize, what: &str| -> Result<u32> {
-            u32::try_from(v)
-                .ok()
-                .filter(|&g| g <= 65535)
-                .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
-        };
-        let (tw, th) = NARROW_TILE;
-        let grid = (
-            s.mw.div_ceil(tw) as u32,
-            grid_dim(s.mh.div_ceil(th), "row tiles")?,
-            grid_dim(s.n, "batch")?,
-        );
-        let mut launch = cfg(grid, (BLOCK, 1, 1));
+        let mut launch = cfg(narrow_grid(s)?, (BLOCK, 1, 1));
         launch.shared_mem_bytes = narrow_mma_smem(s.sc);
         let f = &self.conv_narrow_mma[usize::from(precision == Precision::Fp16)];
         let mut b = st.launch_builder(f);
@@ -993,10 +989,7 @@ impl Kernels {
         }
         let grid = (
             i32_of(s.rows().div_ceil(FEW_IN_MMA_TILE), "row tiles")? as u32,
-            u32::try_from(s.ncols.div_ceil(FEW_IN_MMA_TILE))
-                .ok()
-                .filter(|&g| g <= 65535)
-                .ok_or_else(|| Error::Cuda(format!("{} column tiles: too many", s.ncols)))?,
+            grid_dim(s.ncols.div_ceil(FEW_IN_MMA_TILE), "column tiles")?,
             1,
         );
         let mut b = st.launch_builder(&self.conv_few_in_mma[s.sc - 1]);

@@ -700,7 +700,9 @@ impl Lowering<'_> {
                 .is_some_and(|s| self.on_tensor_cores(&s)))
     }
 
-    /// Whether launch shape `s` runs on the tensor-core kernel of the program's precision.
+    /// Whether launch shape `s` runs on a tensor-core kernel of the program's precision that
+    /// rounds its main input to 16 bits: the GEMM, or (narrow_mma) the few-output kernel,
+    /// which takes that input only in 16 bits.
     pub(super) fn on_tensor_cores(&self, s: &ConvShape) -> bool {
         plan_conv_at(s, self.sms, self.precision).kernel == ConvKernel::Tensor(self.precision)
             || self.narrow_mma_here(s)

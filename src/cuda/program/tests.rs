@@ -2576,11 +2576,11 @@ fn reductions_compute_the_groupnorms_after_split_launches() {
     }
 }
 
-/// With narrow_mma, the convolutions with at most 8 outputs or inputs run on the tensor cores
-/// exactly in bf16 and fp16: celebahq's conv_out forward over the 16-bit output its GroupNorm
-/// now writes, and (recording) conv_in's input gradient over a 16-bit copy of its output
-/// gradient; conv_in's forward and (recording) conv_out's input gradient over their fp32
-/// inputs; the fp32 direct kernels everywhere else, and without the switch.
+/// With narrow_mma and few_in_mma, the convolutions with at most 8 outputs or inputs run on the
+/// tensor cores exactly in bf16 and fp16: celebahq's conv_out forward over the 16-bit output
+/// its GroupNorm now writes, and (recording) conv_in's input gradient over a 16-bit copy of its
+/// output gradient; conv_in's forward and (recording) conv_out's input gradient over their
+/// fp32 inputs; the fp32 direct kernels everywhere else, and without the switches.
 #[test]
 fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
