@@ -101,7 +101,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_FEW_IN_MMA",
         ON_OFF,
-        "GPU candidate: `1` runs the convolutions with at most 8 inputs (conv_in's forward, conv_out's input gradient) in bf16/fp16 programs on tensor cores, their fp32 operands split into bf16 pairs (about 4e-6 from fp32), instead of fp32 FMAs",
+        "GPU candidate: `1` runs the convolutions with at most 8 inputs (conv_in's forward, conv_out's input gradient) in bf16/fp16 programs on tensor cores, their fp32 operands split into bf16 pairs (about 4e-6 from fp32 in a numpy model), instead of fp32 FMAs",
     ),
     choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",

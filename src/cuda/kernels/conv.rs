@@ -976,7 +976,7 @@ impl Kernels {
                 "internal: tensor-core convolution for few inputs {}->{} at stride {} with {} taps, \
                 {} splits, 16-bit input {}, deep {}, wgmma {}, output aligned {y_aligned}: it \
                 takes at most {DIRECT_MAX} fp32 source channels, stride 1, taps in a 3x3 window, \
-                one split",
+                one split, and an 8-byte aligned output where the outputs are even in number",
                 s.sc,
                 s.ncols,
                 s.in_stride,

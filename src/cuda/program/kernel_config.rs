@@ -187,7 +187,7 @@ pub(crate) struct KernelConfig {
     /// The convolutions with at most 8 inputs (celebahq's conv_in forward and conv_out's input
     /// gradient) on the tensor cores in bf16/fp16 programs (`conv_few_in_mma_<sc>`,
     /// [`ConvKernel::FewInTensor`](crate::cuda::kernels::ConvKernel)) instead of fp32 FMAs, over
-    /// the same fp32 input and weights, each split into a bf16 pair (about 4e-6 from fp32).
+    /// the same fp32 input and weights, each split into a bf16 pair (about 4e-6 from fp32 in a numpy model).
     pub few_in_mma: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
     /// kernel an attention product takes: the attention steps' `per_image`) made from one

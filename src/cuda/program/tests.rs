@@ -2633,8 +2633,25 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
                 );
                 for (i, s) in p.steps.iter().enumerate() {
                     let Step::Conv(c) = s else { continue };
+                    let writer = p.steps[..i].iter().rev().find(|w| w.io().1.contains(&c.x));
                     if c.launch.kernel == ConvKernel::FewInTensor {
                         assert!(!c.launch.half_input && c.launch.splits == 1, "{c:?}");
+                        // Its input is fp32 as stored: no 16-bit writer wrote it.
+                        let half = matches!(
+                            writer,
+                            Some(
+                                Step::ToHalf { .. }
+                                    | Step::GroupNorm {
+                                        half_out: Some(_),
+                                        ..
+                                    }
+                                    | Step::GroupNormBackward {
+                                        half_out: Some(_),
+                                        ..
+                                    }
+                            )
+                        );
+                        assert!(!half, "{precision} n{n}: {c:?} reads what {writer:?} wrote");
                     }
                     if c.launch.kernel != want[0] || !precision.is_half() {
                         continue;
@@ -2642,7 +2659,6 @@ fn narrow_convolutions_run_on_tensor_cores_over_16_bit_inputs() {
                     assert!(c.launch.half_input && c.launch.splits == 1, "{c:?}");
                     // Whoever wrote the input wrote it in 16 bits: the GroupNorm before
                     // conv_out, or a copy of conv_in's output gradient.
-                    let writer = p.steps[..i].iter().rev().find(|w| w.io().1.contains(&c.x));
                     match writer {
                         Some(Step::GroupNorm { half_out, .. }) => {
                             assert_eq!(*half_out, Some(precision))
