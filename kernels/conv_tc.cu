@@ -498,10 +498,10 @@ TC_DEEP_KERNEL(conv_tc_fp16_staged_rows, FP16, STAGED, false, true)
 // kernels read) are staged once per block, already in fragment order: for cell c and chunk s,
 // lane (g, q)'s b0, b1 (k = 2q, 2q + 1, 2q + 8, 2q + 9 of the chunk, column g, zero past ncols
 // and where no tap is) as one 8-byte word at ((c * chunks + s) * 32 + lane) * 8, 144 bytes a
-// source channel. The host sends sc % 16 == 0, sc <= nmma::MAX_SC, one split, taps in a 3x3
-// window at in_stride 1 (direct_fits), a 16-byte aligned x. The epilogue is finish()'s, per
-// value; the sums run in another order than conv_narrow's and over rounded operands, as every
-// tensor-core kernel's do.
+// source channel. The host sends sc % 16 == 0, sc <= 256 (NARROW_MMA_MAX_SC, the shared memory
+// it allows), one split, taps in a 3x3 window at in_stride 1 (direct_fits), a 16-byte aligned
+// x. The epilogue is finish()'s, per value; the sums run in another order than conv_narrow's
+// and over rounded operands, as every tensor-core kernel's do.
 namespace nmma {
 constexpr int TW = 32, TH = 16;
 constexpr int HW = TW + 2, HH = TH + 2;
@@ -509,7 +509,6 @@ constexpr int HALO = HW * HH;
 constexpr int CK = 16;
 constexpr int STAGE_BYTES = HALO * CK * 2;
 constexpr int STAGES = 3;
-constexpr int MAX_SC = 256;
 // Fragment words a thread stages in one round (all of them at sc <= 128, two rounds above).
 constexpr int WORDS_PER_ROUND = 9 * (128 / CK) * 32 / THREADS;
 // Where 16-byte half h of a pixel in halo column hx sits within its 32 bytes: swapped in

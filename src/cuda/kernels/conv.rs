@@ -465,6 +465,24 @@ fn narrow_grid(s: &ConvShape) -> Result<(u32, u32, u32)> {
     ))
 }
 
+/// Direct launch `plan` of `s` in words, for the launchers' refusals: kernel, shape, stride,
+/// taps, splits and the pipeline choices none of the direct kernels takes.
+fn direct_launch(s: &ConvShape, plan: &ConvLaunch) -> String {
+    format!(
+        "{:?} convolution {}->{} at stride {} with {} taps, {} splits, deep {}, 16-bit input {}, \
+         wgmma {}",
+        plan.kernel,
+        s.sc,
+        s.ncols,
+        s.in_stride,
+        s.taps.len(),
+        plan.splits,
+        plan.deep,
+        plan.half_input,
+        plan.wgmma
+    )
+}
+
 /// Run length of `conv_few_in_*`, and the output columns one of its blocks computes.
 const FEW_IN_RUN: usize = 16;
 const FEW_IN_COLS: usize = 128;
@@ -862,17 +880,9 @@ impl Kernels {
             || plan.half_input
         {
             return Err(Error::Cuda(format!(
-                "internal: {:?} convolution {}->{} at stride {} with {} taps, {} splits, deep {}, \
-                 16-bit input {}: the direct kernels take at most {DIRECT_MAX} channels on their \
+                "internal: {}: the direct kernels take at most {DIRECT_MAX} channels on their \
                  narrow side, stride 1, taps in a 3x3 window, one split, fp32",
-                plan.kernel,
-                s.sc,
-                s.ncols,
-                s.in_stride,
-                s.taps.len(),
-                plan.splits,
-                plan.deep,
-                plan.half_input
+                direct_launch(s, plan)
             )));
         }
         let (f, launch, name) = if narrow {
@@ -926,18 +936,10 @@ impl Kernels {
             || a.x % 16 != 0
         {
             return Err(Error::Cuda(format!(
-                "internal: {precision} narrow tensor-core convolution {}->{} at stride {} with {} \
-                taps, {} splits, 16-bit input {}, deep {}, wgmma {}, input aligned {}: it takes at \
-                most {DIRECT_MAX} outputs from 16 to {NARROW_MMA_MAX_SC} 16-bit source channels in \
-                steps of 16 (16-byte aligned), stride 1, taps in a 3x3 window, one split",
-                s.sc,
-                s.ncols,
-                s.in_stride,
-                s.taps.len(),
-                plan.splits,
-                plan.half_input,
-                plan.deep,
-                plan.wgmma,
+                "internal: {}, input aligned {}: the kernel takes at most {DIRECT_MAX} outputs \
+                 from 16 to {NARROW_MMA_MAX_SC} 16-bit source channels in steps of 16 (16-byte \
+                 aligned), stride 1, taps in a 3x3 window, one split",
+                direct_launch(s, plan),
                 a.x % 16 == 0
             )));
         }
@@ -973,18 +975,10 @@ impl Kernels {
             || !y_aligned
         {
             return Err(Error::Cuda(format!(
-                "internal: tensor-core convolution for few inputs {}->{} at stride {} with {} taps, \
-                {} splits, 16-bit input {}, deep {}, wgmma {}, output aligned {y_aligned}: it \
-                takes at most {DIRECT_MAX} fp32 source channels, stride 1, taps in a 3x3 window, \
-                one split, and an 8-byte aligned output where the outputs are even in number",
-                s.sc,
-                s.ncols,
-                s.in_stride,
-                s.taps.len(),
-                plan.splits,
-                plan.half_input,
-                plan.deep,
-                plan.wgmma
+                "internal: {}, output aligned {y_aligned}: the kernel takes at most {DIRECT_MAX} \
+                 fp32 source channels, stride 1, taps in a 3x3 window, one split, and an 8-byte \
+                 aligned output where the outputs are even in number",
+                direct_launch(s, plan)
             )));
         }
         let grid = (

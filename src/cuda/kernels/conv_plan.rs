@@ -626,8 +626,9 @@ pub(super) fn direct_fits(s: &ConvShape) -> bool {
         })
 }
 
-/// Most source channels of [`ConvKernel::NarrowTensor`] (kernels/conv_tc.cu `nmma::MAX_SC`):
-/// its blocks stage every weight of the launch, 144 bytes a source channel.
+/// Most source channels of [`ConvKernel::NarrowTensor`] (kernels/conv_tc.cu
+/// `conv_narrow_mma_*`): its blocks stage every weight of the launch, 144 bytes a source
+/// channel, in the shared memory the launcher allows for this many.
 pub(crate) const NARROW_MMA_MAX_SC: usize = 256;
 
 /// Whether [`ConvKernel::NarrowTensor`] can compute `s` at `precision`: bf16 or fp16, at most

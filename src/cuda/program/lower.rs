@@ -225,8 +225,8 @@ impl Lowering<'_> {
     /// [`reduction_norm_threads`] allows its group), and its step goes: one dependent launch
     /// and one read of the activation less, the same outputs bit for bit.
     pub(super) fn norms_from_reductions(&mut self) {
-        let mut taken = Vec::new();
-        for i in 0..self.steps.len() {
+        let mut kept = vec![true; self.steps.len()];
+        for (i, keep) in kept.iter_mut().enumerate() {
             let Step::GroupNorm {
                 x,
                 x_half: None,
@@ -265,11 +265,10 @@ impl Lowering<'_> {
                     && conv.gn_partial.is_none()
                 {
                     conv.norm = Some(norm);
-                    taken.push(i);
+                    *keep = false;
                 }
             }
         }
-        let kept: Vec<bool> = (0..self.steps.len()).map(|i| !taken.contains(&i)).collect();
         let mut keep = kept.iter();
         self.steps
             .retain(|_| *keep.next().expect("one flag a step"));
