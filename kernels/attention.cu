@@ -537,3 +537,240 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
     fa_store(dk, base + w.inner, w.ld, w.r0 + wr, w.L, w.c0, one, a.accumulate != 0, g, q);
     fa_store(dv, base + 2 * w.inner, w.ld, w.r0 + wr, w.L, w.c0, one, a.accumulate != 0, g, q);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attention in rows (INVDIFF_ATTN_ROWS=1, below fp32): the forward in two launches instead of
+// three, P written for the unfused backward pass.
+//
+// At batch 1 the unfused forward's three launches (S = q kᵀ, its softmax, P v) take about 8 us
+// each for 134 MFLOP at 256 tokens: each waits out its own ramp, and the products' blocks wait
+// on their K slices one after another. Here a block owns 16 queries and one split of 32 keys,
+// and issues every operand it reads by cp.async at its start (Q and K as one group, then V,
+// which lands while the scores are formed). It forms the split's scores over the whole head,
+// their exponentials against the split's maximum, and the split's share of the output
+// (flash-decoding's partial softmax): O_s = Σ_k e^(s_k - m_s) v_k, l_s = Σ_k e^(s_k - m_s).
+// The second launch combines a query's splits, O = Σ_s e^(m_s - m) O_s / l with l = Σ_s
+// e^(m_s - m) l_s, and rescales the saved exponentials into P by the same factors. Grid
+// (⌈L/16⌉, ⌈L/32⌉, images x heads): 128 blocks at batch 1 and 256 tokens, 8 at 64.
+//
+// Products on bf16 mma.sync (m16n8k16) over operands split into bf16 pairs (split_bf16x2:
+// three products a step, fp32 sums), about 17 significant bits, so that the attention stays
+// near the fp32 products it replaces rather than rounded to 16 bits as the convolutions'
+// inputs are. 8 warps: for the scores each takes every eighth k16 step of the head (4 n8 tiles
+// of keys) and the warps' partial sums meet in shared memory, added in warp order; for E v each
+// takes every eighth n8 tile of the head's columns over the split's 32 keys (2 k16 steps).
+//
+// Shared memory (floats): Q [16][d + 8], K [32][d + 8], V [32][d + 4], the warps' partial
+// scores [8][16][40], the exponentials [16][40]. A half-warp's float2 fragment reads (rows g,
+// columns 2q, 2q + 1) hit 32 distinct banks at row pitches of 8 (mod 16) floats (Q, K, the
+// scores, the exponentials), and V's B reads (rows 2q, 2q + 1, column g) at 4 (mod 16).
+// Needs head_dim % 16 == 0 and head_dim <= 512 (8 n8 tiles a warp; the host's rows_fit).
+namespace ar {
+constexpr int ROWS = 16;  // queries per block: one m16 tile
+constexpr int KEYS = 32;  // keys per block: one split
+constexpr int WARPS = 8;
+constexpr int THREADS = 32 * WARPS;
+constexpr int MAX_D = 8 * 8 * WARPS;  // head width: 8 n8 tiles of E v a warp
+constexpr int RP = 40;                // pitch of the partial scores and the exponentials
+}  // namespace ar
+
+struct RowsArgs {
+    const float* qkv;  // [n, L, 3 inner]: q, k, v side by side; head h at columns h d
+    float* part;       // [n heads, splits, L, d]: each split's share of O, unnormalised
+    float* ml;         // [n heads, splits, L, 2]: each split's maximum and sum of exponentials
+    float* p;          // [n heads, L, L]: the exponentials, then P; null where nothing reads P
+    float* y;          // [n, L, inner]: O
+    int tokens, heads, head_dim, splits;
+    float scale;
+    int pad_;
+};
+static_assert(sizeof(RowsArgs) == 64, "RowsArgs must match src/cuda/kernels/attention.rs");
+
+// Dynamic shared memory of attention_rows_split at head width d, bytes (rows_smem in
+// src/cuda/kernels/attention.rs has the same formula).
+DEVI unsigned rows_smem(int d) {
+    return 4u * (48 * (d + 8) + 32 * (d + 4) + (ar::WARPS + 1) * ar::ROWS * ar::RP);
+}
+
+DEVI float2 ld_f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+DEVI void st_f2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+
+// The split pair of the two consecutive floats at p (a float2 read).
+DEVI void split_at(const float* p, uint32_t& hi, uint32_t& lo) {
+    const float2 v = ld_f2(p);
+    split_bf16x2(v.x, v.y, hi, lo);
+}
+
+// acc += A B over split operands: lo·hi + hi·lo + hi·hi.
+DEVI void mma_split(float (&acc)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], const uint32_t (&bh)[2],
+                    const uint32_t (&bl)[2]) {
+    mma_bf16(acc, al, bh[0], bh[1]);
+    mma_bf16(acc, ah, bl[0], bl[1]);
+    mma_bf16(acc, ah, bh[0], bh[1]);
+}
+
+// The A fragment of the 16 x 16 block at column k of a row-major fp32 matrix of pitch `pitch`
+// in shared memory, split.
+DEVI void a_split(const float* s, int pitch, int k, int g, int q, uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+    const float* a0 = s + g * pitch + k + 2 * q;
+    split_at(a0, hi[0], lo[0]);
+    split_at(a0 + 8 * pitch, hi[1], lo[1]);
+    split_at(a0 + 8, hi[2], lo[2]);
+    split_at(a0 + 8 * pitch + 8, hi[3], lo[3]);
+}
+
+// Grid (⌈L/16⌉, splits = ⌈L/32⌉, n heads), ar::THREADS threads, rows_smem(d) dynamic shared
+// memory. Traps on a launch it cannot serve (a loud failure rather than a write past its
+// buffers): less shared memory than it lays out, a head width it does not take, a split count
+// that is not ⌈L/32⌉, or a block shape or grid that does not match it.
+extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_split(const RowsArgs a) {
+    using namespace ar;
+    const int d = a.head_dim, L = a.tokens;
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
+    if (have < rows_smem(d) || d % 16 != 0 || d > MAX_D || a.splits != (L + KEYS - 1) / KEYS ||
+        blockDim.x != THREADS || blockIdx.y >= a.splits)
+        __trap();
+    extern __shared__ __align__(16) float sm[];
+    const int qp = d + 8, vp = d + 4;
+    float* qs = sm;                       // [ROWS][qp]
+    float* ks = qs + ROWS * qp;           // [KEYS][qp]
+    float* vs = ks + KEYS * qp;           // [KEYS][vp]
+    float* red = vs + KEYS * vp;          // [WARPS][ROWS][RP]
+    float* es = red + WARPS * ROWS * RP;  // [ROWS][RP]
+    const int bh = blockIdx.z, img = bh / a.heads, head = bh - img * a.heads;
+    const int inner = a.heads * d, split = blockIdx.y;
+    const long long ld = 3LL * inner;
+    const int r0 = blockIdx.x * ROWS, k0 = split * KEYS;
+    const float* base = a.qkv + (long long)img * L * ld + head * d;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+
+    // Rows [row0, row0 + rows) of part 0, 1 or 2 (q, k, v) into s (pitch sp), zeros past L.
+    auto load = [&](float* s, int sp, int part, int row0, int rows) {
+        const int c4 = d / 4;
+        for (int e = tid; e < rows * c4; e += THREADS) {
+            const int r = e / c4, c = (e - r * c4) * 4;
+            const bool ok = row0 + r < L;
+            cp_async16(smem_addr(s + r * sp + c), base + (ok ? row0 + r : 0) * ld + part * inner + c, ok);
+        }
+    };
+    load(qs, qp, 0, r0, ROWS);
+    load(ks, qp, 1, k0, KEYS);
+    cp_async_commit();
+    load(vs, vp, 2, k0, KEYS);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // This warp's share of the scores: sacc[t] holds keys 8t + 2q, 8t + 2q + 1 of rows g, g + 8.
+    float sacc[4][4] = {};
+    for (int k = 16 * warp; k < d; k += 16 * WARPS) {
+        uint32_t ah[4], al[4];
+        a_split(qs, qp, k, g, q, ah, al);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const float* b0 = ks + (8 * t + g) * qp + k + 2 * q;
+            uint32_t bh[2], bl[2];
+            split_at(b0, bh[0], bl[0]);
+            split_at(b0 + 8, bh[1], bl[1]);
+            mma_split(sacc[t], ah, al, bh, bl);
+        }
+    }
+    float* mine = red + warp * ROWS * RP;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        st_f2(mine + g * RP + 8 * t + 2 * q, sacc[t][0], sacc[t][1]);
+        st_f2(mine + (g + 8) * RP + 8 * t + 2 * q, sacc[t][2], sacc[t][3]);
+    }
+    __syncthreads();
+
+    // The split's softmax, 16 threads a query (two keys each, the lanes of a half-warp): the
+    // warps' sums in warp order, scaled before the maximum as the CPU scales, keys past L
+    // masked (the split's first key is inside L, so the maximum is finite).
+    {
+        const int row = tid >> 4, c = 2 * (tid & 15), qrow = r0 + row;
+        float sx = 0.f, sy = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float2 v = ld_f2(red + (w * ROWS + row) * RP + c);
+            sx += v.x;
+            sy += v.y;
+        }
+        sx = k0 + c < L ? sx * a.scale : -INFINITY;
+        sy = k0 + c + 1 < L ? sy * a.scale : -INFINITY;
+        float m = fmaxf(sx, sy);
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        const float ex = expf(sx - m), ey = expf(sy - m);
+        float l = ex + ey;
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+        st_f2(es + row * RP + c, ex, ey);
+        if (qrow < L) {
+            if (a.p) {
+                float* prow = a.p + ((long long)bh * L + qrow) * L + k0 + c;
+                if (k0 + c < L) prow[0] = ex;
+                if (k0 + c + 1 < L) prow[1] = ey;
+            }
+            if (c == 0) st_f2(a.ml + (((long long)bh * a.splits + split) * L + qrow) * 2, m, l);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // O_s = E V: this warp's n8 tiles of columns 8 (warp + 8i), over the split's two k16 steps.
+    uint32_t eh[2][4], el[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) a_split(es, RP, 16 * kk, g, q, eh[kk], el[kk]);
+    float* out = a.part + (((long long)bh * a.splits + split) * L + r0) * d;
+#pragma unroll
+    for (int i = 0; i < MAX_D / (8 * WARPS); ++i) {
+        const int col = 8 * (warp + WARPS * i);
+        if (col >= d) continue;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < 2; ++kk) {
+            const float* b0 = vs + (16 * kk + 2 * q) * vp + col + g;
+            uint32_t bh[2], bl[2];
+            split_bf16x2(b0[0], b0[vp], bh[0], bl[0]);
+            split_bf16x2(b0[8 * vp], b0[9 * vp], bh[1], bl[1]);
+            mma_split(acc, eh[kk], el[kk], bh, bl);
+        }
+        if (r0 + g < L) st_f2(out + g * d + col + 2 * q, acc[0], acc[1]);
+        if (r0 + g + 8 < L) st_f2(out + (g + 8) * d + col + 2 * q, acc[2], acc[3]);
+    }
+}
+
+// Grid (L, n heads), 128 threads: query blockIdx.x of (image, head) blockIdx.y, from the
+// splits attention_rows_split wrote. Each thread forms the query's maximum and sum over the
+// splits (the same operations in every thread), then its columns of O, the splits added in
+// order, and its keys of P.
+extern "C" __global__ void __launch_bounds__(128) attention_rows_combine(const RowsArgs a) {
+    const int L = a.tokens, d = a.head_dim, splits = a.splits, row = blockIdx.x, bh = blockIdx.y;
+    const int img = bh / a.heads, head = bh - img * a.heads;
+    const long long stride = 2LL * L;  // from one split's (m, l) of this query to the next's
+    const float* ml = a.ml + ((long long)bh * splits * L + row) * 2;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, ml[s * stride]);
+    float l = 0.f;
+    for (int s = 0; s < splits; ++s) l += expf(ml[s * stride] - m) * ml[s * stride + 1];
+    const float inv = 1.0f / l;
+    const float* part = a.part + ((long long)bh * splits * L + row) * d;
+    float* y = a.y + ((long long)img * L + row) * a.heads * d + head * d;
+    for (int c = 4 * threadIdx.x; c < d; c += 4 * blockDim.x) {
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < splits; ++s) {
+            const float w = expf(ml[s * stride] - m);
+            const float4 v = ld_f4(part + (long long)s * L * d + c);
+            o.x += w * v.x;
+            o.y += w * v.y;
+            o.z += w * v.z;
+            o.w += w * v.w;
+        }
+        *reinterpret_cast<float4*>(y + c) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+    }
+    if (a.p) {
+        float* prow = a.p + ((long long)bh * L + row) * L;
+        for (int k = threadIdx.x; k < L; k += blockDim.x) prow[k] *= expf(ml[(k / ar::KEYS) * stride] - m) * inv;
+    }
+}

@@ -99,6 +99,25 @@ DEVI void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// D += A B for one m16n8k16 bf16 tile, fp32 accumulators: a0..a3 = A(g, 2q..2q+1), A(g + 8,
+// 2q..), A(g, 2q + 8..), A(g + 8, 2q + 8..), two bf16 a register, the lower column in the low
+// half; b0, b1 = B(2q..2q+1, g), B(2q + 8.., g); d as for mma_tf32. Not volatile, likewise.
+DEVI void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// v split into bf16 (hi, lo) pairs for two values: hi = rn(v), lo = rn(v - hi), each as the
+// register of two halves an mma operand takes (first value in the low half). Summing lo*hi +
+// hi*lo + hi*hi keeps about 17 significant bits of every product (lo*lo, below 2^-16 of it, is
+// left out). (An infinite v gives a NaN lo: the kernels that split take finite activations.)
+DEVI void split_bf16x2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
+    hi = pack_bf16x2(v0, v1);
+    lo = pack_bf16x2(v0 - __uint_as_float(hi << 16), v1 - __uint_as_float(hi & 0xffff0000u));
+}
+
 // Asynchronous copies global -> shared (cp.async), for the pipelined kernels
 // (the convolutions, fused attention).
 DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }

@@ -120,11 +120,7 @@ template <int T> DEVI void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b
     if constexpr (T == TF32) {
         mma_tf32(d, a, b0, b1);
     } else if constexpr (T == BF16) {
-        asm(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-            "{%8, %9}, {%0, %1, %2, %3};\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+        mma_bf16(d, a, b0, b1);
     } else {
         asm(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
@@ -701,14 +697,6 @@ namespace fmma {
 constexpr int BM = 128;
 constexpr int BN = 128;
 }  // namespace fmma
-
-// v split into bf16 (hi, lo) pairs for two values: hi = rn(v), lo = rn(v - hi), each as the
-// register of two halves an mma operand takes (first value in the low half). (An infinite v
-// gives a NaN lo, where the fp32 kernels give infinities: the network's inputs are finite.)
-DEVI void split_bf16x2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
-    hi = pack_bf16x2(v0, v1);
-    lo = pack_bf16x2(v0 - __uint_as_float(hi << 16), v1 - __uint_as_float(hi & 0xffff0000u));
-}
 
 // One kernel per source channel count SC, so that every (cell, channel) of k is a constant.
 template <int SC>

@@ -1,6 +1,6 @@
 # The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (the few-output and the few-input convolutions on tensor cores, stop 37, untimed; split
+# candidates (the attention's forward in rows of queries, stop 38, untimed; the few-output and the few-input convolutions on tensor cores, stop 37, untimed; split
 # launches' reductions computing the one-pass GroupNorms after them, stop 36, untimed; 16-bit output
 # gradients for every GroupNorm backward pass that can, not only those over 16-bit inputs; four
 # streams, for the parity classes side by side; tf32 attention products, a default at v0.5 and
@@ -17,6 +17,7 @@
 # TMA does not take), then the tall tiles, the stream count either way and each older default turned
 # off (does it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
+    attn_rows:INVDIFF_ATTN_ROWS=1
     narrow_mma:INVDIFF_NARROW_MMA=1
     few_in_mma:INVDIFF_FEW_IN_MMA=1
     gn_from_reduction:INVDIFF_GN_FROM_REDUCTION=1

@@ -184,6 +184,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs attention fused (no probabilities in memory) below fp32",
     ),
     choice(
+        "INVDIFF_ATTN_ROWS",
+        ON_OFF,
+        "GPU candidate: `1` runs the attention's forward below fp32 in two launches over rows of 16 queries, on tensor cores over operands split into bf16 pairs (about 17 significant bits; the backward unchanged)",
+    ),
+    choice(
         "INVDIFF_CONCAT_FROM_PRODUCERS",
         ON_OFF,
         "GPU default: `0` has the 16-bit concatenations read their sides' fp32 values instead of the unsplit TMA convolutions that produce them writing their sides themselves (wgmma, bf16/fp16)",

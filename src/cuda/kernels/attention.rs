@@ -1,9 +1,9 @@
 //! Attention (kernels/attention.cu, gemm.cu): the batched products and softmax of the unfused
-//! attention, and the fused FlashAttention-style kernels.
+//! attention, the forward in rows of queries, and the fused FlashAttention-style kernels.
 
 use cudarc::driver::{CudaStream, DeviceRepr, PushKernelArg};
 
-use super::{cfg, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
+use super::{at, cfg, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
 use crate::cuda::device::cu;
 use crate::{Error, Result};
 
@@ -60,6 +60,53 @@ const _: () = assert!(std::mem::size_of::<FlashArgs>() == 72);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for FlashArgs {}
+
+/// RowsArgs of kernels/attention.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RowsArgs {
+    qkv: DPtr,
+    part: DPtr,
+    ml: DPtr,
+    p: DPtr,
+    y: DPtr,
+    tokens: i32,
+    heads: i32,
+    head_dim: i32,
+    splits: i32,
+    scale: f32,
+    pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<RowsArgs>() == 64);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for RowsArgs {}
+
+/// Queries of an `attention_rows_split` block, and keys of its split.
+const ROWS_QUERIES: usize = 16;
+const ROWS_KEYS: usize = 32;
+
+/// The widest head the rows kernels take (kernels/attention.cu `ar::MAX_D`).
+pub(super) const ROWS_MAX_D: usize = 512;
+
+/// Whether the rows kernels take heads of `head_dim` (whole k16 steps, at most
+/// [`ROWS_MAX_D`]).
+pub(crate) fn rows_fits(head_dim: usize) -> bool {
+    head_dim > 0 && head_dim % 16 == 0 && head_dim <= ROWS_MAX_D
+}
+
+/// Dynamic shared memory of `attention_rows_split` at heads of `head_dim`, bytes (the
+/// kernel's `rows_smem`, which traps when given less): 188,928 at 512.
+pub(super) fn rows_smem(head_dim: usize) -> u32 {
+    (4 * (48 * (head_dim + 8) + 32 * (head_dim + 4) + 9 * 16 * 40)) as u32
+}
+
+/// Floats of the rows kernels' scratch per (image, head) at `tokens` and `head_dim`: each
+/// 32-key split's share of the output and each query's (maximum, sum) in it.
+pub(crate) fn rows_scratch_len(tokens: usize, head_dim: usize) -> usize {
+    tokens.div_ceil(ROWS_KEYS) * tokens * (head_dim + 2)
+}
 
 /// Dynamic shared memory of the fused attention kernels (kernels/attention.cu
 /// `FLASH_*_SMEM`, which trap when given less): forward, dQ, dK and dV.
@@ -313,6 +360,108 @@ impl Kernels {
             cu(
                 unsafe { b.launch(launch) }.map(drop),
                 "launching fused attention",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Attention in rows (kernels/attention.cu, `attention_rows_split` then
+    /// `attention_rows_combine`): `y = softmax(q kᵀ / √d) v` over `qkv` and `y` in
+    /// [`attention_forward`](crate::cuda::unet::attention_forward)'s layouts, with `scratch`
+    /// holding [`rows_scratch_len`] floats per (image, head); with `p`, P as the unfused
+    /// forward leaves it (`[n, heads, L, L]`) for the unfused backward pass. `head_dim` must
+    /// satisfy [`rows_fits`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_rows(
+        &self,
+        st: &CudaStream,
+        n: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv: DPtr,
+        scratch: DPtr,
+        p: Option<DPtr>,
+        y: DPtr,
+    ) -> Result<()> {
+        if !rows_fits(head_dim) {
+            return Err(Error::Cuda(format!(
+                "internal: attention in rows needs heads of a multiple of 16 channels up to \
+                 {ROWS_MAX_D}, not {head_dim}"
+            )));
+        }
+        let Some([split, combine]) = &self.attention_rows else {
+            return Err(Error::Cuda(format!(
+                "internal: attention in rows planned on a device that gives a block less than \
+                 {} bytes of shared memory",
+                rows_smem(ROWS_MAX_D)
+            )));
+        };
+        need(qkv, "q/k/v")?;
+        need(scratch, "attention split scratch")?;
+        need(y, "attention output")?;
+        if let Some(p) = p {
+            need(p, "attention probabilities")?;
+        }
+        // 16-byte copies of q/k/v rows, float4 reads of the splits' outputs and stores of y.
+        if [qkv, scratch, y].into_iter().any(|p| p % 16 != 0) {
+            return Err(Error::Cuda(
+                "internal: attention in rows on buffers not 16-byte aligned".into(),
+            ));
+        }
+        if n * heads * tokens == 0 {
+            return Ok(());
+        }
+        let batch = n * heads;
+        if batch > 65535 {
+            return Err(Error::Cuda(format!(
+                "attention in rows over {batch} (image, head) pairs: at most 65535 per launch"
+            )));
+        }
+        let splits = tokens.div_ceil(ROWS_KEYS);
+        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        i32_of(splits * tokens, "attention splits x tokens")?;
+        let part_len = batch * splits * tokens * head_dim;
+        let args = RowsArgs {
+            qkv,
+            part: scratch,
+            ml: at(scratch, part_len),
+            p: p.unwrap_or(0),
+            y,
+            tokens: i32_of(tokens, "tokens")?,
+            heads: i32_of(heads, "heads")?,
+            head_dim: i32_of(head_dim, "head width")?,
+            splits: i32_of(splits, "attention splits")?,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            pad: 0,
+        };
+        let grids = [
+            (
+                (tokens.div_ceil(ROWS_QUERIES), splits, batch),
+                256,
+                rows_smem(head_dim),
+            ),
+            ((tokens, batch, 1), 128, 0),
+        ];
+        for (f, ((x, y, z), threads, smem)) in [split, combine].into_iter().zip(grids) {
+            let mut b = st.launch_builder(f);
+            b.arg(&args);
+            let mut launch = cfg(
+                (
+                    i32_of(x, "attention row tiles")? as u32,
+                    i32_of(y, "attention grid")? as u32,
+                    z as u32,
+                ),
+                (threads, 1, 1),
+            );
+            launch.shared_mem_bytes = smem;
+            // SAFETY: qkv and y hold n * tokens rows of their widths, scratch
+            // rows_scratch_len floats per (image, head) and p n * heads * tokens² (the
+            // caller's contract); the grids cover exactly the query tiles, splits and queries
+            // the kernels index.
+            cu(
+                unsafe { b.launch(launch) }.map(drop),
+                "launching attention in rows",
             )?;
         }
         Ok(())

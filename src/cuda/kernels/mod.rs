@@ -24,6 +24,9 @@
 //!   ⌈ncols/128⌉), grid-stride over runs of 16 pixels, 4.6-36.9 KB static shared memory;
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
+//! - `attention_rows_split` ([`Kernels::attention_rows`]): 256; (⌈L/16⌉, ⌈L/32⌉, images x
+//!   heads), 30-189 KB dynamic shared memory by head width; `attention_rows_combine`: 128;
+//!   (L, images x heads);
 //! - `attention_flash_*` (fused attention, [`Kernels::attention_flash`]): 128; (⌈L/64⌉,
 //!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); where that grid has fewer blocks than
@@ -63,7 +66,7 @@ mod norm;
 mod resample;
 mod tma;
 
-pub(crate) use attention::{flash_fits, gemm_form, Gemm, GemmForm};
+pub(crate) use attention::{flash_fits, gemm_form, rows_fits, rows_scratch_len, Gemm, GemmForm};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
 pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};
@@ -81,7 +84,7 @@ pub(crate) use norm::{
 #[cfg(doc)]
 pub(crate) use norm::one_pass_threads;
 
-use attention::FLASH_SMEM;
+use attention::{rows_smem, FLASH_SMEM, ROWS_MAX_D};
 use conv::{
     narrow_mma_smem, narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS,
     WGMMA_EXTRA_SLOTS,
@@ -99,6 +102,8 @@ pub(crate) struct Capabilities {
     pub wgmma: bool,
     /// The fused attention kernels (141 KB of shared memory a block).
     pub flash: bool,
+    /// The attention rows kernels at their widest heads (189 KB of shared memory a block).
+    pub rows: bool,
 }
 
 impl Capabilities {
@@ -106,6 +111,7 @@ impl Capabilities {
     pub(crate) const HOPPER: Capabilities = Capabilities {
         wgmma: true,
         flash: true,
+        rows: true,
     };
 }
 
@@ -244,6 +250,9 @@ pub(crate) struct Kernels {
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
     /// on devices that give a block that much ([`FLASH_SMEM`]) only.
     attention_flash: Option<[CudaFunction; 3]>,
+    /// `attention_rows_split` (its shared memory at the widest head allowed) and
+    /// `attention_rows_combine`, on devices that give a block that much only.
+    attention_rows: Option<[CudaFunction; 2]>,
     linear_rows: CudaFunction,
     linear_batch: CudaFunction,
     gn_partial: CudaFunction,
@@ -428,6 +437,15 @@ impl Kernels {
         } else {
             None
         };
+        let widest = rows_smem(ROWS_MAX_D);
+        let attention_rows = if widest <= info.max_block_smem {
+            Some([
+                allow_smem(ctx, get("attention", "attention_rows_split")?, widest)?,
+                get("attention", "attention_rows_combine")?,
+            ])
+        } else {
+            None
+        };
         Ok(Kernels {
             sms: info.multiprocessors.max(1),
             launch: LaunchSwitches::from_switches(),
@@ -472,6 +490,7 @@ impl Kernels {
             softmax_forward: get("attention", "softmax_forward")?,
             softmax_backward: get("attention", "softmax_backward")?,
             attention_flash,
+            attention_rows,
             linear_rows: get("linear", "linear_rows")?,
             linear_batch: get("linear", "linear_batch")?,
             gn_partial: get("norm", "gn_partial")?,
@@ -533,6 +552,7 @@ impl Kernels {
         Capabilities {
             wgmma: self.has_wgmma(),
             flash: self.attention_flash.is_some(),
+            rows: self.attention_rows.is_some(),
         }
     }
 

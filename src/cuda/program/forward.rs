@@ -174,10 +174,15 @@ impl Lowering<'_> {
                 if keep {
                     self.aux[i] = Some(saved);
                 }
+                let scratch_len = kernel.forward_scratch_len(tokens, head_dim);
+                let scratch = (scratch_len > 0)
+                    .then(|| self.buf(self.n * heads * scratch_len, "attention splits"));
                 self.steps.push(Step::Attention {
                     qkv: qb,
                     y: yb,
                     saved,
+                    saves: keep,
+                    scratch,
                     tokens,
                     heads,
                     head_dim,

@@ -9,7 +9,8 @@ use crate::switches;
 use {
     super::Program,
     crate::cuda::kernels::{
-        flash_fits, im2col_box, one_pass_threads, ConvLaunch, ConvShape, Gemm, NormSplit, WgmmaTile,
+        flash_fits, im2col_box, one_pass_threads, rows_fits, ConvLaunch, ConvShape, Gemm,
+        NormSplit, WgmmaTile,
     },
     crate::cuda::unet::AttnKernel,
 };
@@ -99,6 +100,11 @@ pub(crate) struct KernelConfig {
     /// ([`AttnKernel::Flash`], tf32 tensor cores, no P in memory; three launches per forward
     /// and backward pair instead of eight). Ahead of `attention_tf32` where both apply.
     pub attention_flash: bool,
+    /// Below fp32: the attention's forward in rows of 16 queries ([`AttnKernel::Rows`]:
+    /// split-bf16 tensor-core products, about 17 significant bits; two launches instead of
+    /// three), for heads [`rows_fits`] takes; the backward stays the unfused fp32 one, over the
+    /// P the forward writes. After `attention_flash`, ahead of `attention_tf32`.
+    pub attention_rows: bool,
     /// wgmma launches with the row epilogue take the lean loaders
     /// ([`ConvLaunch::lean_loads`]): the same copies, half the instructions a K slice.
     pub wgmma_lean: bool,
@@ -233,6 +239,7 @@ impl Default for KernelConfig {
             row_epilogue: false,
             attention_tf32: false,
             attention_flash: false,
+            attention_rows: false,
             wgmma_lean: false,
             wgmma_tma: false,
             epilogue_prefetch: false,
@@ -316,6 +323,7 @@ impl KernelConfig {
             row_epilogue: true,
             attention_tf32: false,
             attention_flash: false,
+            attention_rows: false,
             wgmma_lean: here.wgmma,
             wgmma_tma: here.wgmma,
             epilogue_prefetch: here.wgmma,
@@ -372,6 +380,7 @@ impl KernelConfig {
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
+            attention_rows: here.rows && on("INVDIFF_ATTN_ROWS"),
             wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean && wgmma),
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
@@ -432,6 +441,7 @@ impl KernelConfig {
             (self.row_epilogue, "row epilogue"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
+            (self.attention_rows, "attention forward in rows"),
             (self.wgmma_lean, "lean wgmma loaders"),
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),

@@ -10,8 +10,8 @@ use super::{
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, narrow_mma_fits, plan_conv_at, plan_launch, plan_norm,
-    reduction_norm_threads, ConvKernel, ConvLaunch, ConvShape, GradSides, NormSplit, WgmmaTile,
-    LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
+    reduction_norm_threads, rows_fits, ConvKernel, ConvLaunch, ConvShape, GradSides, NormSplit,
+    WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -728,11 +728,14 @@ impl Lowering<'_> {
     }
 
     /// How an attention with heads of `head_dim` runs ([`KernelConfig::attention_flash`],
-    /// [`KernelConfig::attention_tf32`]): on the tensor cores never in fp32.
+    /// [`KernelConfig::attention_rows`], [`KernelConfig::attention_tf32`]): on the tensor
+    /// cores never in fp32.
     pub(super) fn attention_kernel(&self, head_dim: usize) -> AttnKernel {
         let below_fp32 = self.precision != Precision::Fp32;
         if below_fp32 && self.choice.attention_flash && flash_fits(head_dim) {
             AttnKernel::Flash
+        } else if below_fp32 && self.choice.attention_rows && rows_fits(head_dim) {
+            AttnKernel::Rows
         } else if below_fp32 && self.choice.attention_tf32 {
             AttnKernel::Tf32Products
         } else {

@@ -200,6 +200,11 @@ pub(crate) enum Step {
         y: Buf,
         /// What the backward pass reads ([`AttnKernel::saved_len`]).
         saved: Buf,
+        /// Whether a backward pass reads `saved` (a recording forward); the rows kernels
+        /// write it only then.
+        saves: bool,
+        /// The forward's own scratch ([`AttnKernel::forward_scratch_len`]), where it has any.
+        scratch: Option<Buf>,
         tokens: usize,
         heads: usize,
         head_dim: usize,
@@ -447,7 +452,16 @@ impl Step {
                     .chain(sides.iter().flat_map(GradSides::written))
                     .collect(),
             ),
-            Attention { qkv, y, saved, .. } => (vec![*qkv], vec![*y, *saved]),
+            Attention {
+                qkv,
+                y,
+                saved,
+                scratch,
+                ..
+            } => (
+                vec![*qkv],
+                [*y, *saved].into_iter().chain(*scratch).collect(),
+            ),
             AttentionBackward {
                 qkv,
                 saved,

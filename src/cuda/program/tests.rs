@@ -1725,7 +1725,10 @@ fn aliased_residual_gradients_leave_no_copies() {
 /// attention_tf32 and attention_flash put the attention on tf32 tensor cores below fp32,
 /// forward and backward alike, and never in fp32; fused attention, where both are asked,
 /// saves each query's log-sum-exp instead of P, and its backward reads the forward's
-/// output; heads the fused kernels cannot take keep the products.
+/// output; heads the fused kernels cannot take keep the products. attention_rows runs the
+/// forward in rows below fp32 where flash does not take it (heads of 16 channels and more,
+/// up to 512), with scratch of its own, saving P in a recording forward only, before the
+/// unfused fp32 backward.
 #[test]
 fn tensor_core_attention_only_below_fp32() {
     use AttnKernel::*;
@@ -1733,46 +1736,74 @@ fn tensor_core_attention_only_below_fp32() {
     let mut narrow = UNetConfig::celebahq_256();
     narrow.attention_head_dim = Some(32);
     let g_narrow = Graph::build(&narrow).unwrap();
+    let mut thin = UNetConfig::celebahq_256();
+    thin.attention_head_dim = Some(8);
+    let g_thin = Graph::build(&thin).unwrap();
     for precision in Precision::ALL {
-        for (tf32, flash) in [(false, false), (true, false), (false, true), (true, true)] {
+        for bits in 0..8 {
+            let (tf32, flash, rows) = (bits & 1 != 0, bits & 2 != 0, bits & 4 != 0);
             let tc = KernelConfig {
                 attention_tf32: tf32,
                 attention_flash: flash,
+                attention_rows: rows,
                 ..KernelConfig::default()
             };
-            for (graph, fits) in [(&g, true), (&g_narrow, false)] {
-                let p = Program::build_with(graph, 1, 64, 64, true, 132, precision, tc).unwrap();
-                let mut kernels = Vec::new();
-                for s in &p.steps {
-                    match *s {
-                        Step::Attention {
-                            kernel,
-                            saved,
-                            tokens,
-                            heads,
-                            ..
-                        } => {
-                            assert_eq!(p.bufs[saved.0].len, heads * kernel.saved_len(tokens));
-                            kernels.push(kernel);
+            // (graph, heads the fused kernels take, heads the rows kernels take)
+            for (graph, fits, rows_fit) in [
+                (&g, true, true),
+                (&g_narrow, false, true),
+                (&g_thin, false, false),
+            ] {
+                for record in [false, true] {
+                    let p =
+                        Program::build_with(graph, 1, 64, 64, record, 132, precision, tc).unwrap();
+                    let mut forward = Vec::new();
+                    let mut backward = Vec::new();
+                    for s in &p.steps {
+                        match *s {
+                            Step::Attention {
+                                kernel,
+                                saved,
+                                saves,
+                                scratch,
+                                tokens,
+                                heads,
+                                head_dim,
+                                ..
+                            } => {
+                                assert_eq!(p.bufs[saved.0].len, heads * kernel.saved_len(tokens));
+                                assert_eq!(saves, record);
+                                let len = heads * kernel.forward_scratch_len(tokens, head_dim);
+                                assert_eq!(
+                                    scratch.map(|b| p.bufs[b.0].len),
+                                    (len > 0).then_some(len)
+                                );
+                                assert_eq!(len > 0, kernel == Rows);
+                                forward.push(kernel);
+                            }
+                            Step::AttentionBackward { kernel, y, .. } => {
+                                assert_eq!(y.is_some(), kernel == Flash);
+                                backward.push(kernel);
+                            }
+                            _ => {}
                         }
-                        Step::AttentionBackward { kernel, y, .. } => {
-                            assert_eq!(y.is_some(), kernel == Flash);
-                            kernels.push(kernel);
-                        }
-                        _ => {}
                     }
+                    assert_eq!(forward.len(), 6, "six attentions");
+                    assert_eq!(backward.len(), if record { 6 } else { 0 });
+                    let want = match (precision, flash && fits, rows && rows_fit, tf32) {
+                        (Precision::Fp32, ..) => Products,
+                        (_, true, ..) => Flash,
+                        (_, false, true, _) => Rows,
+                        (_, false, false, true) => Tf32Products,
+                        (_, false, false, false) => Products,
+                    };
+                    // (A Rows backward runs the unfused fp32 products.)
+                    assert!(
+                        forward.iter().chain(&backward).all(|&k| k == want),
+                        "{precision} tf32 {tf32} flash {flash} rows {rows} fits {fits} {rows_fit}: \
+                         {forward:?} {backward:?}"
+                    );
                 }
-                assert_eq!(kernels.len(), 12, "six attentions, both directions");
-                let want = match (precision, flash && fits, tf32) {
-                    (Precision::Fp32, ..) => Products,
-                    (_, true, _) => Flash,
-                    (_, false, true) => Tf32Products,
-                    (_, false, false) => Products,
-                };
-                assert!(
-                    kernels.iter().all(|&k| k == want),
-                    "{precision} tf32 {tf32} flash {flash} fits {fits}: {kernels:?}"
-                );
             }
         }
     }
@@ -1903,7 +1934,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 20] = [
+    let flags: [fn(&mut KernelConfig); 21] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -1913,6 +1944,7 @@ fn every_choice_has_a_name() {
         |c| c.row_epilogue = true,
         |c| c.attention_tf32 = true,
         |c| c.attention_flash = true,
+        |c| c.attention_rows = true,
         |c| c.tall_tiles = true,
         |c| c.upsample_fold = true,
         |c| c.shortcut_fused = true,

@@ -2,7 +2,7 @@
 
 use super::{acc_name, tensor_core_tolerance, Tester, TOLERANCE};
 use crate::cpu::attention;
-use crate::cuda::kernels::{flash_fits, gemm_form, Gemm, GemmForm};
+use crate::cuda::kernels::{flash_fits, gemm_form, rows_fits, Gemm, GemmForm};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::{attention_backward, attention_forward, Attn, AttnKernel};
 use crate::cuda::weights::DevBuf;
@@ -11,6 +11,10 @@ use crate::Result;
 /// The attention input gradient with its four products on tf32 tensor cores, against the
 /// fp32 CPU result.
 const ATTENTION_TF32_GRAD: f64 = 5e-3;
+
+/// The attention forward in rows (split-bf16 products, about 17 significant bits), and the
+/// unfused fp32 backward over the P it writes, against the fp32 CPU results.
+const ATTENTION_ROWS: f64 = 1e-4;
 
 impl Tester<'_> {
     /// The attention products' kernel in both tile sizes: a strided batch (three K slices, the
@@ -164,11 +168,13 @@ impl Tester<'_> {
         self.batched_products()?;
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         // The last two: the fused kernels' shapes (heads of 64-column chunks), with a partial
-        // row tile and two chunks of head width; the celebahq attention itself (1 x 512 at 256
-        // tokens). The softmax (kernels/attention.cu) holds rows of up to 256 in registers:
-        // 20 tokens leave lanes without an element, 256 fill every lane's eight, 257 and 300
-        // take its passes over memory.
+        // row tile and two chunks of head width; the celebahq attentions themselves (1 x 512 at
+        // 256 and 64 tokens). The softmax (kernels/attention.cu) holds rows of up to 256 in
+        // registers: 20 tokens leave lanes without an element, 256 fill every lane's eight,
+        // 257 and 300 take its passes over memory. The forward in rows takes the heads of 16
+        // channels and more: 33 tokens end in a split of one key and a query tile of one.
         for (n, tokens, heads, head_dim, accumulate) in [
+            (2, 33, 3, 48, false),
             (1, 37, 1, 16, false),
             (2, 20, 2, 8, false),
             (1, 257, 1, 16, false),
@@ -177,6 +183,7 @@ impl Tester<'_> {
             (2, 256, 1, 64, false),
             (2, 100, 2, 128, true),
             (1, 256, 1, 512, false),
+            (1, 64, 1, 512, true),
         ] {
             let inner = heads * head_dim;
             let d = attention::Dims {
@@ -208,6 +215,10 @@ impl Tester<'_> {
             if flash_fits(head_dim) && gpu.kernels.capabilities().flash {
                 kernels.push((AttnKernel::Flash, ", fused", tf32_limits));
             }
+            let rows_limits = (ATTENTION_ROWS, ATTENTION_ROWS);
+            if rows_fits(head_dim) && gpu.kernels.capabilities().rows {
+                kernels.push((AttnKernel::Rows, ", in rows", rows_limits));
+            }
             for (kernel, mode, limits) in kernels {
                 let a = Attn {
                     n,
@@ -218,11 +229,27 @@ impl Tester<'_> {
                     per_image: false,
                 };
                 let pd = self.zeros(n * heads * kernel.saved_len(tokens))?;
+                let fd = self.zeros(n * heads * kernel.forward_scratch_len(tokens, head_dim))?;
                 let od = self.zeros(want.len())?;
-                let ms = self.timed(
-                    || Ok(()),
-                    || attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, od.ptr),
-                )?;
+                let forward = |saves, o| {
+                    attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, saves, fd.ptr, o)
+                };
+                if kernel == AttnKernel::Rows {
+                    // A forward that saves nothing (no backward pass reads P) writes the
+                    // same output.
+                    let bare = self.zeros(want.len())?;
+                    forward(false, bare.ptr)?;
+                    forward(true, od.ptr)?;
+                    self.row_within(
+                        format!("attention forward{mode}, saving nothing vs saving P"),
+                        desc.clone(),
+                        &bare.download(st)?,
+                        &od.download(st)?,
+                        0.0,
+                        0.0,
+                    );
+                }
+                let ms = self.timed(|| Ok(()), || forward(true, od.ptr))?;
                 self.row_within(
                     format!("attention forward{mode}"),
                     desc.clone(),
@@ -231,6 +258,16 @@ impl Tester<'_> {
                     ms,
                     limits.0,
                 );
+                if kernel == AttnKernel::Rows {
+                    self.row_within(
+                        format!("attention probabilities{mode}"),
+                        desc.clone(),
+                        &pd.download(st)?,
+                        &probs,
+                        0.0,
+                        limits.0,
+                    );
+                }
                 let mut gd = self.up(&g0)?;
                 let g_ptr = gd.ptr;
                 let scratch = self.zeros(n * heads * kernel.saved_len(tokens))?;
@@ -307,7 +344,7 @@ impl Tester<'_> {
             let scratch = DevBuf::zeros(st, images * tokens * tokens)?;
             let out = DevBuf::zeros(st, images * tokens * inner)?;
             let grad = DevBuf::zeros(st, images * tokens * 3 * inner)?;
-            attention_forward(&gpu.kernels, st, a, qkv.ptr, saved.ptr, out.ptr)?;
+            attention_forward(&gpu.kernels, st, a, qkv.ptr, saved.ptr, true, 0, out.ptr)?;
             attention_backward(
                 &gpu.kernels,
                 st,

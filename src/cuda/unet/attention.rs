@@ -3,7 +3,7 @@
 
 use cudarc::driver::CudaStream;
 
-use crate::cuda::kernels::{at, DPtr, Gemm, Kernels};
+use crate::cuda::kernels::{at, rows_scratch_len, DPtr, Gemm, Kernels};
 use crate::Result;
 
 /// Shape of an attention call: `n` images of `tokens` tokens, `heads` heads of `head_dim`.
@@ -24,6 +24,9 @@ pub(crate) struct Attn {
 pub(crate) enum AttnKernel {
     /// Batched products in fp32 FMAs and a softmax, P materialised (`[n, heads, L, L]`).
     Products,
+    /// The forward in rows of queries ([`Kernels::attention_rows`]: split-bf16 tensor-core
+    /// products, two launches), P materialised as for `Products`, whose backward it takes.
+    Rows,
     /// The same with the products on the tf32 tensor cores ([`Gemm::tf32`]).
     Tf32Products,
     /// Fused (`attention_flash_*`, tf32 tensor cores): P never leaves the multiprocessor; the
@@ -41,6 +44,15 @@ impl AttnKernel {
             _ => tokens * tokens,
         }
     }
+
+    /// Floats of scratch the forward needs per (image, head) beyond what it saves (the rows
+    /// kernels' splits, [`rows_scratch_len`]).
+    pub fn forward_scratch_len(self, tokens: usize, head_dim: usize) -> usize {
+        match self {
+            AttnKernel::Rows => rows_scratch_len(tokens, head_dim),
+            _ => 0,
+        }
+    }
 }
 
 impl Attn {
@@ -53,17 +65,29 @@ impl Attn {
 
 /// `o = softmax(q kᵀ / √d) v` per (image, head); `qkv` is `[n, L, 3 inner]`, `o` is
 /// `[n, L, inner]`, and `saved` receives what the backward pass reads
-/// ([`AttnKernel::saved_len`] floats per (image, head)).
+/// ([`AttnKernel::saved_len`] floats per (image, head)), or with [`AttnKernel::Rows`] and
+/// `saves` false nothing (no backward pass reads it). `scratch` holds
+/// [`AttnKernel::forward_scratch_len`] floats per (image, head).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_forward(
     k: &Kernels,
     st: &CudaStream,
     a: Attn,
     qkv: DPtr,
     saved: DPtr,
+    saves: bool,
+    scratch: DPtr,
     o: DPtr,
 ) -> Result<()> {
-    if a.kernel == AttnKernel::Flash {
-        return k.attention_flash(st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, o, None);
+    match a.kernel {
+        AttnKernel::Flash => {
+            return k.attention_flash(st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, o, None)
+        }
+        AttnKernel::Rows => {
+            let p = saves.then_some(saved);
+            return k.attention_rows(st, a.n, a.tokens, a.heads, a.head_dim, qkv, scratch, p, o);
+        }
+        AttnKernel::Products | AttnKernel::Tf32Products => {}
     }
     let probs = saved;
     let (inner, img, ll) = a.view();

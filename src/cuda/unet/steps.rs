@@ -254,6 +254,8 @@ pub(super) fn launch(
             qkv,
             y,
             saved,
+            saves,
+            scratch,
             tokens,
             heads,
             head_dim,
@@ -272,6 +274,8 @@ pub(super) fn launch(
             },
             p(qkv),
             p(saved),
+            saves,
+            opt(scratch),
             p(y),
         ),
         Step::AttentionBackward {
