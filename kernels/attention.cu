@@ -774,3 +774,235 @@ extern "C" __global__ void __launch_bounds__(128) attention_rows_combine(const R
         for (int k = threadIdx.x; k < L; k += blockDim.x) prow[k] *= expf(ml[(k / ar::KEYS) * stride] - m) * inv;
     }
 }
+
+// The backward pass of attention in rows: two launches instead of the unfused five, over the P
+// the forward saved.
+//   attention_rows_ds, grid (⌈L/16⌉, ⌈L/32⌉, images x heads) as the forward's split launch:
+//     dP = dO vᵀ for the block's 16 queries and 32 keys over the whole head (the forward's
+//     scores with dO for q and v for k), D = dO · O per query (FlashAttention's form of
+//     rowsum(dP ∘ P), which needs no other split's keys), and dS = P ∘ (dP - D) / √d into the
+//     scratch the unfused backward keeps dS in.
+//   attention_rows_grads, grid (⌈L/16⌉, ⌈d/64⌉, 3 x images x heads): the three products that
+//     remain, each a block's 16 x 64 outputs over the whole of L, in chunks of 64 through a
+//     ring of three cp.async stages: dQ = dS k, dK = dSᵀ q, dV = Pᵀ dO. A warp owns one n8
+//     tile of the 64 columns. The transposed A operands are staged as they lie (rows of L,
+//     pitch 20: the scalar fragment reads at rows 2q, 2q + 1 and column g hit bank 8q + g);
+//     row-major A at pitch 72 as the forward's; B at pitch 68 as the forward's V.
+// Products split into bf16 pairs as in the forward. Needs head_dim % 16 == 0 and head_dim <=
+// 512 (rows_fit); any L.
+namespace ag {
+constexpr int ROWS = 16, COLS = 64, CHUNK = 64, STAGES = 3;
+constexpr int ARP = CHUNK + 8;  // row-major A: [ROWS][ARP]
+constexpr int ATP = ROWS + 4;   // transposed A: [CHUNK][ATP]
+constexpr int BP = COLS + 4;    // B: [CHUNK][BP]
+constexpr int A_STAGE = CHUNK * ATP > ROWS * ARP ? CHUNK * ATP : ROWS * ARP;
+constexpr int STAGE = A_STAGE + CHUNK * BP;
+}  // namespace ag
+
+struct RowsBwdArgs {
+    const float* qkv;   // [n, L, 3 inner]
+    const float* o;     // [n, L, inner]: the forward's output
+    const float* dout;  // [n, L, inner]: its gradient
+    const float* p;     // [n heads, L, L]: P, as the forward saved it
+    float* ds;          // [n heads, L, L]: dS
+    float* dqkv;        // [n, L, 3 inner]
+    int tokens, heads, head_dim, accumulate;
+    float scale;
+    int pad_;
+};
+static_assert(sizeof(RowsBwdArgs) == 72, "RowsBwdArgs must match src/cuda/kernels/attention.rs");
+
+// Dynamic shared memory of the two backward kernels, bytes (src/cuda/kernels/attention.rs
+// rows_ds_smem and ROWS_GRADS_SMEM).
+DEVI unsigned rows_ds_smem(int d) { return 4u * (64 * (d + 8) + ar::WARPS * ar::ROWS * ar::RP + ar::ROWS); }
+constexpr unsigned ROWS_GRADS_SMEM = 4u * ag::STAGES * ag::STAGE;  // 67,584
+
+// Grid (⌈L/16⌉, ⌈L/32⌉, n heads), ar::THREADS threads, rows_ds_smem(d) dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_ds(const RowsBwdArgs a) {
+    using namespace ar;
+    const int d = a.head_dim, L = a.tokens;
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
+    if (have < rows_ds_smem(d) || d % 16 != 0 || d > MAX_D || blockDim.x != THREADS ||
+        gridDim.y != (unsigned)((L + KEYS - 1) / KEYS))
+        __trap();
+    extern __shared__ __align__(16) float sm[];
+    const int pitch = d + 8;
+    float* dos = sm;                       // [ROWS][pitch]: the queries' output gradients
+    float* os = dos + ROWS * pitch;        // [ROWS][pitch]: their outputs
+    float* vs = os + ROWS * pitch;         // [KEYS][pitch]: the split's values
+    float* red = vs + KEYS * pitch;        // [WARPS][ROWS][RP]
+    float* dsum = red + WARPS * ROWS * RP; // [ROWS]: D
+    const int bh = blockIdx.z, img = bh / a.heads, head = bh - img * a.heads;
+    const int inner = a.heads * d;
+    const long long ld = 3LL * inner;
+    const int r0 = blockIdx.x * ROWS, k0 = blockIdx.y * KEYS;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+
+    // Rows [row0, row0 + rows) of a matrix of pitch ld_src whose head starts at src, into s.
+    auto load = [&](float* s, const float* src, long long ld_src, int row0, int rows) {
+        const int c4 = d / 4;
+        for (int e = tid; e < rows * c4; e += THREADS) {
+            const int r = e / c4, c = (e - r * c4) * 4;
+            const bool ok = row0 + r < L;
+            cp_async16(smem_addr(s + r * pitch + c), src + (ok ? row0 + r : 0) * ld_src + c, ok);
+        }
+    };
+    const long long rows0 = (long long)img * L * inner + head * d;
+    load(dos, a.dout + rows0, inner, r0, ROWS);
+    load(vs, a.qkv + (long long)img * L * ld + 2 * inner + head * d, ld, k0, KEYS);
+    cp_async_commit();
+    load(os, a.o + rows0, inner, r0, ROWS);
+    cp_async_commit();
+    // This thread's two keys of P for the dS step, loaded now.
+    const int row = tid >> 4, c = 2 * (tid & 15), qrow = r0 + row;
+    float p0 = 0.f, p1 = 0.f;
+    if (qrow < L) {
+        const float* prow = a.p + ((long long)bh * L + qrow) * L + k0 + c;
+        if (k0 + c < L) p0 = prow[0];
+        if (k0 + c + 1 < L) p1 = prow[1];
+    }
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // dP over this warp's k16 steps, as the forward's scores.
+    float acc[4][4] = {};
+    for (int k = 16 * warp; k < d; k += 16 * WARPS) {
+        uint32_t ah[4], al[4];
+        a_split(dos, pitch, k, g, q, ah, al);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const float* b0 = vs + (8 * t + g) * pitch + k + 2 * q;
+            uint32_t bh[2], bl[2];
+            split_at(b0, bh[0], bl[0]);
+            split_at(b0 + 8, bh[1], bl[1]);
+            mma_split(acc[t], ah, al, bh, bl);
+        }
+    }
+    float* mine = red + warp * ROWS * RP;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        st_f2(mine + g * RP + 8 * t + 2 * q, acc[t][0], acc[t][1]);
+        st_f2(mine + (g + 8) * RP + 8 * t + 2 * q, acc[t][2], acc[t][3]);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    // D per query, a warp per two rows.
+    for (int r = warp; r < ROWS; r += WARPS) {
+        float s = 0.f;
+        for (int c4 = 4 * lane; c4 < d; c4 += 128) {
+            const float4 x = ld_f4(dos + r * pitch + c4), y = ld_f4(os + r * pitch + c4);
+            s += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+        }
+        s = warp_sum(s);
+        if (lane == 0) dsum[r] = s;
+    }
+    __syncthreads();
+    float dx = 0.f, dy = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        const float2 v = ld_f2(red + (w * ROWS + row) * RP + c);
+        dx += v.x;
+        dy += v.y;
+    }
+    if (qrow < L) {
+        const float D = dsum[row];
+        float* dsrow = a.ds + ((long long)bh * L + qrow) * L + k0 + c;
+        if (k0 + c < L) dsrow[0] = p0 * (dx - D) * a.scale;
+        if (k0 + c + 1 < L) dsrow[1] = p1 * (dy - D) * a.scale;
+    }
+}
+
+// Grid (⌈L/16⌉, ⌈d/64⌉, 3 n heads: dQ, dK, dV), ar::THREADS threads, ROWS_GRADS_SMEM dynamic
+// shared memory; after attention_rows_ds.
+extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_grads(const RowsBwdArgs a) {
+    using namespace ag;
+    const int d = a.head_dim, L = a.tokens;
+    unsigned have;
+    asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
+    if (have < ROWS_GRADS_SMEM || d % 16 != 0 || blockDim.x != ar::THREADS || gridDim.z % 3 != 0) __trap();
+    extern __shared__ __align__(16) float sm[];
+    const int nh = gridDim.z / 3, prod = blockIdx.z / nh, bh = blockIdx.z - prod * nh;
+    const int img = bh / a.heads, head = bh - img * a.heads;
+    const int inner = a.heads * d;
+    const long long ld = 3LL * inner;
+    const int r0 = blockIdx.x * ROWS, c0 = blockIdx.y * COLS;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+    // A: dS by rows (dQ), dS by columns (dK), P by columns (dV); B: k (dQ), q (dK), dO (dV).
+    const bool trans = prod != 0;
+    const float* amat = (prod == 2 ? a.p : a.ds) + (long long)bh * L * L;
+    const float* bmat = prod == 2 ? a.dout + (long long)img * L * inner + head * d + c0
+                                  : a.qkv + (long long)img * L * ld + (prod == 0 ? inner : 0) + head * d + c0;
+    const long long bld = prod == 2 ? inner : ld;
+    const int chunks = (L + CHUNK - 1) / CHUNK;
+
+    // Chunk ch of L (A's columns, B's rows) into stage ch % STAGES, zeros past L and d; one
+    // commit group per call, empty past the last chunk, so that a wait counts chunks.
+    auto issue = [&](int ch) {
+        if (ch < chunks) {
+            float* as = sm + (ch % STAGES) * STAGE;
+            float* bs = as + A_STAGE;
+            const int k0 = ch * CHUNK;
+            for (int e = tid; e < ROWS * CHUNK; e += ar::THREADS) {
+                // Consecutive threads along A's rows in memory: k (by rows), j (by columns).
+                const int i = trans ? e % ROWS : e / CHUNK, k = trans ? e / ROWS : e % CHUNK;
+                const bool ok = r0 + i < L && k0 + k < L;
+                const long long src = trans ? (long long)(k0 + k) * L + r0 + i : (long long)(r0 + i) * L + k0 + k;
+                cp_async4(smem_addr(as + (trans ? k * ATP + i : i * ARP + k)), amat + (ok ? src : 0), ok);
+            }
+            for (int e = tid; e < CHUNK * (COLS / 4); e += ar::THREADS) {
+                const int k = e / (COLS / 4), cc = (e % (COLS / 4)) * 4;
+                const bool ok = k0 + k < L && c0 + cc < d;
+                cp_async16(smem_addr(bs + k * BP + cc), bmat + (ok ? (k0 + k) * bld + cc : 0), ok);
+            }
+        }
+        cp_async_commit();
+    };
+    for (int ch = 0; ch < STAGES - 1; ++ch) issue(ch);
+
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    const int nt = 8 * warp;  // this warp's columns in the block's 64
+    for (int ch = 0; ch < chunks; ++ch) {
+        // The stage this refills was last read in the previous step, before its closing barrier.
+        issue(ch + STAGES - 1);
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        const float* as = sm + (ch % STAGES) * STAGE;
+        const float* bs = as + A_STAGE;
+#pragma unroll
+        for (int kk = 0; kk < CHUNK; kk += 16) {
+            uint32_t ah[4], al[4];
+            if (trans) {
+                // A(i, k) = as[k][i]: rows g, g + 8; k = kk + 2q, + 1, + 8, + 9.
+                const float* a0 = as + (kk + 2 * q) * ATP + g;
+                split_bf16x2(a0[0], a0[ATP], ah[0], al[0]);
+                split_bf16x2(a0[8], a0[ATP + 8], ah[1], al[1]);
+                split_bf16x2(a0[8 * ATP], a0[9 * ATP], ah[2], al[2]);
+                split_bf16x2(a0[8 * ATP + 8], a0[9 * ATP + 8], ah[3], al[3]);
+            } else {
+                a_split(as, ARP, kk, g, q, ah, al);
+            }
+            const float* b0 = bs + (kk + 2 * q) * BP + nt + g;
+            uint32_t bh[2], bl[2];
+            split_bf16x2(b0[0], b0[BP], bh[0], bl[0]);
+            split_bf16x2(b0[8 * BP], b0[9 * BP], bh[1], bl[1]);
+            mma_split(acc, ah, al, bh, bl);
+        }
+        __syncthreads();
+    }
+    if (c0 + nt >= d) return;
+    float* out = a.dqkv + (long long)img * L * ld + prod * inner + head * d + c0 + nt + 2 * q;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = r0 + g + 8 * r;
+        if (row >= L) continue;
+        float2* o = reinterpret_cast<float2*>(out + row * ld);
+        float2 v = make_float2(acc[2 * r], acc[2 * r + 1]);
+        if (a.accumulate) {
+            const float2 old = *o;
+            v.x += old.x;
+            v.y += old.y;
+        }
+        *o = v;
+    }
+}

@@ -186,7 +186,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_ATTN_ROWS",
         ON_OFF,
-        "GPU candidate: `1` runs the attention's forward below fp32 in two launches over rows of 16 queries, on tensor cores over operands split into bf16 pairs (about 17 significant bits; the backward unchanged)",
+        "GPU candidate: `1` runs the attention below fp32 in two launches each way over rows of 16 queries instead of three forward and five backward, on tensor cores over operands split into bf16 pairs (about 17 significant bits)",
     ),
     choice(
         "INVDIFF_CONCAT_FROM_PRODUCERS",

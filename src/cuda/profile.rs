@@ -336,9 +336,7 @@ impl Step {
                 let unfused = if forward { 3 } else { 5 };
                 let (variant, launches) = match kernel {
                     AttnKernel::Products => ("", unfused),
-                    // Its forward's two launches; its backward is the unfused one.
-                    AttnKernel::Rows if forward => ("in rows", 2),
-                    AttnKernel::Rows => ("", unfused),
+                    AttnKernel::Rows => ("in rows", 2),
                     AttnKernel::Tf32Products => ("tf32 products", unfused),
                     AttnKernel::Flash => ("fused", if forward { 1 } else { 2 }),
                 };

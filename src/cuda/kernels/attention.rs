@@ -83,6 +83,29 @@ const _: () = assert!(std::mem::size_of::<RowsArgs>() == 64);
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for RowsArgs {}
 
+/// RowsBwdArgs of kernels/attention.cu, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct RowsBwdArgs {
+    qkv: DPtr,
+    o: DPtr,
+    dout: DPtr,
+    p: DPtr,
+    ds: DPtr,
+    dqkv: DPtr,
+    tokens: i32,
+    heads: i32,
+    head_dim: i32,
+    accumulate: i32,
+    scale: f32,
+    pad: i32,
+}
+
+const _: () = assert!(std::mem::size_of::<RowsBwdArgs>() == 72);
+
+// SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
+unsafe impl DeviceRepr for RowsBwdArgs {}
+
 /// Queries of an `attention_rows_split` block, and keys of its split.
 const ROWS_QUERIES: usize = 16;
 const ROWS_KEYS: usize = 32;
@@ -101,6 +124,19 @@ pub(crate) fn rows_fits(head_dim: usize) -> bool {
 pub(super) fn rows_smem(head_dim: usize) -> u32 {
     (4 * (48 * (head_dim + 8) + 32 * (head_dim + 4) + 9 * 16 * 40)) as u32
 }
+
+/// Dynamic shared memory of `attention_rows_ds` at heads of `head_dim`, bytes (the kernel's
+/// `rows_ds_smem`): 153,664 at 512.
+pub(super) fn rows_ds_smem(head_dim: usize) -> u32 {
+    (4 * (64 * (head_dim + 8) + 8 * 16 * 40 + 16)) as u32
+}
+
+/// Dynamic shared memory of `attention_rows_grads` (kernels/attention.cu `ROWS_GRADS_SMEM`):
+/// three stages of a 64-deep chunk of its A and B operands.
+pub(super) const ROWS_GRADS_SMEM: u32 = 67_584;
+
+/// Output columns of an `attention_rows_grads` block.
+const ROWS_GRADS_COLS: usize = 64;
 
 /// Floats of the rows kernels' scratch per (image, head) at `tokens` and `head_dim`: each
 /// 32-key split's share of the output and each query's (maximum, sum) in it.
@@ -390,7 +426,7 @@ impl Kernels {
                  {ROWS_MAX_D}, not {head_dim}"
             )));
         }
-        let Some([split, combine]) = &self.attention_rows else {
+        let Some([split, combine, ..]) = &self.attention_rows else {
             return Err(Error::Cuda(format!(
                 "internal: attention in rows planned on a device that gives a block less than \
                  {} bytes of shared memory",
@@ -462,6 +498,111 @@ impl Kernels {
             cu(
                 unsafe { b.launch(launch) }.map(drop),
                 "launching attention in rows",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The backward pass of [`attention_rows`](Self::attention_rows) (`attention_rows_ds`
+    /// then `attention_rows_grads`): `dqkv (+)=` the gradient of `y` with respect to `qkv`,
+    /// given the forward's P (`p`), its output `o` and the output's gradient `dout`, with `ds`
+    /// as `[n, heads, L, L]` scratch. Layouts and `head_dim` as for the forward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_rows_backward(
+        &self,
+        st: &CudaStream,
+        n: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        qkv: DPtr,
+        [p, o, dout]: [DPtr; 3],
+        ds: DPtr,
+        dqkv: DPtr,
+        accumulate: bool,
+    ) -> Result<()> {
+        if !rows_fits(head_dim) {
+            return Err(Error::Cuda(format!(
+                "internal: attention in rows needs heads of a multiple of 16 channels up to \
+                 {ROWS_MAX_D}, not {head_dim}"
+            )));
+        }
+        let Some([_, _, score_grads, grads]) = &self.attention_rows else {
+            return Err(Error::Cuda(format!(
+                "internal: attention in rows planned on a device that gives a block less than \
+                 {} bytes of shared memory",
+                rows_smem(ROWS_MAX_D)
+            )));
+        };
+        for (ptr, what) in [
+            (qkv, "q/k/v"),
+            (p, "attention probabilities"),
+            (o, "attention output"),
+            (dout, "attention output gradient"),
+            (ds, "attention score gradient"),
+            (dqkv, "q/k/v gradient"),
+        ] {
+            need(ptr, what)?;
+        }
+        // 16-byte copies of q/k/v, O and dO rows; float2 stores of dqkv.
+        if [qkv, o, dout, dqkv].into_iter().any(|p| p % 16 != 0) {
+            return Err(Error::Cuda(
+                "internal: attention in rows on buffers not 16-byte aligned".into(),
+            ));
+        }
+        if n * heads * tokens == 0 {
+            return Ok(());
+        }
+        let batch = n * heads;
+        if 3 * batch > 65535 {
+            return Err(Error::Cuda(format!(
+                "attention in rows over {batch} (image, head) pairs: at most 21845 per launch"
+            )));
+        }
+        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        i32_of(tokens * tokens, "attention scores")?;
+        let args = RowsBwdArgs {
+            qkv,
+            o,
+            dout,
+            p,
+            ds,
+            dqkv,
+            tokens: i32_of(tokens, "tokens")?,
+            heads: i32_of(heads, "heads")?,
+            head_dim: i32_of(head_dim, "head width")?,
+            accumulate: accumulate as i32,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            pad: 0,
+        };
+        let rows = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention row tiles")? as u32;
+        let launches = [
+            (
+                score_grads,
+                (rows, tokens.div_ceil(ROWS_KEYS) as u32, batch as u32),
+                rows_ds_smem(head_dim),
+            ),
+            (
+                grads,
+                (
+                    rows,
+                    head_dim.div_ceil(ROWS_GRADS_COLS) as u32,
+                    3 * batch as u32,
+                ),
+                ROWS_GRADS_SMEM,
+            ),
+        ];
+        for (f, grid, smem) in launches {
+            let mut b = st.launch_builder(f);
+            b.arg(&args);
+            let mut launch = cfg(grid, (256, 1, 1));
+            launch.shared_mem_bytes = smem;
+            // SAFETY: qkv and dqkv hold n * tokens rows of 3 * heads * head_dim floats, o and
+            // dout of heads * head_dim, p and ds n * heads * tokens² (the caller's contract);
+            // the grids cover exactly the tiles the kernels index.
+            cu(
+                unsafe { b.launch(launch) }.map(drop),
+                "launching attention in rows (backward)",
             )?;
         }
         Ok(())

@@ -26,7 +26,8 @@
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
 //! - `attention_rows_split` ([`Kernels::attention_rows`]): 256; (⌈L/16⌉, ⌈L/32⌉, images x
 //!   heads), 30-189 KB dynamic shared memory by head width; `attention_rows_combine`: 128;
-//!   (L, images x heads);
+//!   (L, images x heads); `attention_rows_ds`: as `_split`, 26-154 KB; `attention_rows_grads`:
+//!   256; (⌈L/16⌉, ⌈head width/64⌉, 3 x images x heads), 66 KB;
 //! - `attention_flash_*` (fused attention, [`Kernels::attention_flash`]): 128; (⌈L/64⌉,
 //!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
 //! - `gemm_batched`: 256; (⌈n/64⌉, ⌈m/64⌉, batch); where that grid has fewer blocks than
@@ -84,7 +85,7 @@ pub(crate) use norm::{
 #[cfg(doc)]
 pub(crate) use norm::one_pass_threads;
 
-use attention::{rows_smem, FLASH_SMEM, ROWS_MAX_D};
+use attention::{rows_ds_smem, rows_smem, FLASH_SMEM, ROWS_GRADS_SMEM, ROWS_MAX_D};
 use conv::{
     narrow_mma_smem, narrow_smem, wgmma_extra_kernels, wgmma_kernel_names, TC_KERNELS,
     WGMMA_EXTRA_SLOTS,
@@ -250,9 +251,9 @@ pub(crate) struct Kernels {
     /// `attention_flash_forward`, `_backward_dq`, `_backward_dkv`, their shared memory allowed;
     /// on devices that give a block that much ([`FLASH_SMEM`]) only.
     attention_flash: Option<[CudaFunction; 3]>,
-    /// `attention_rows_split` (its shared memory at the widest head allowed) and
-    /// `attention_rows_combine`, on devices that give a block that much only.
-    attention_rows: Option<[CudaFunction; 2]>,
+    /// `attention_rows_split`, `_combine`, `_ds` and `_grads`, their shared memory at the
+    /// widest head allowed, on devices that give a block that much only.
+    attention_rows: Option<[CudaFunction; 4]>,
     linear_rows: CudaFunction,
     linear_batch: CudaFunction,
     gn_partial: CudaFunction,
@@ -442,6 +443,16 @@ impl Kernels {
             Some([
                 allow_smem(ctx, get("attention", "attention_rows_split")?, widest)?,
                 get("attention", "attention_rows_combine")?,
+                allow_smem(
+                    ctx,
+                    get("attention", "attention_rows_ds")?,
+                    rows_ds_smem(ROWS_MAX_D),
+                )?,
+                allow_smem(
+                    ctx,
+                    get("attention", "attention_rows_grads")?,
+                    ROWS_GRADS_SMEM,
+                )?,
             ])
         } else {
             None

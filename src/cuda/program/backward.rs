@@ -207,8 +207,8 @@ impl Lowering<'_> {
                 let qb = self.val(qkv)?;
                 let kernel = self.attention_kernel(head_dim);
                 let yb = match kernel {
-                    AttnKernel::Flash => Some(self.val(y)?),
-                    _ => None,
+                    AttnKernel::Flash | AttnKernel::Rows => Some(self.val(y)?),
+                    AttnKernel::Products | AttnKernel::Tf32Products => None,
                 };
                 let (gq, acc) = self.grad_slot(qkv);
                 let scratch = self.buf(

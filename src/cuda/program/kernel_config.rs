@@ -100,10 +100,10 @@ pub(crate) struct KernelConfig {
     /// ([`AttnKernel::Flash`], tf32 tensor cores, no P in memory; three launches per forward
     /// and backward pair instead of eight). Ahead of `attention_tf32` where both apply.
     pub attention_flash: bool,
-    /// Below fp32: the attention's forward in rows of 16 queries ([`AttnKernel::Rows`]:
-    /// split-bf16 tensor-core products, about 17 significant bits; two launches instead of
-    /// three), for heads [`rows_fits`] takes; the backward stays the unfused fp32 one, over the
-    /// P the forward writes. After `attention_flash`, ahead of `attention_tf32`.
+    /// Below fp32: attention in rows of 16 queries ([`AttnKernel::Rows`]: split-bf16
+    /// tensor-core products, about 17 significant bits; two launches forward instead of three,
+    /// two backward instead of five, P in memory as unfused), for heads [`rows_fits`] takes.
+    /// After `attention_flash`, ahead of `attention_tf32`.
     pub attention_rows: bool,
     /// wgmma launches with the row epilogue take the lean loaders
     /// ([`ConvLaunch::lean_loads`]): the same copies, half the instructions a K slice.

@@ -215,7 +215,7 @@ pub(crate) enum Step {
     AttentionBackward {
         qkv: Buf,
         saved: Buf,
-        /// The forward's output, which the fused kernels read.
+        /// The forward's output, which the fused and the rows kernels read.
         y: Option<Buf>,
         dy: Buf,
         dqkv: Buf,

@@ -12,8 +12,8 @@ use crate::Result;
 /// fp32 CPU result.
 const ATTENTION_TF32_GRAD: f64 = 5e-3;
 
-/// The attention forward in rows (split-bf16 products, about 17 significant bits), and the
-/// unfused fp32 backward over the P it writes, against the fp32 CPU results.
+/// The attention in rows (split-bf16 products, about 17 significant bits), forward and
+/// backward, against the fp32 CPU results.
 const ATTENTION_ROWS: f64 = 1e-4;
 
 impl Tester<'_> {
@@ -305,46 +305,38 @@ impl Tester<'_> {
     /// (`--batch-invariant`) in a batch large enough that the products' kernels chosen for the
     /// whole batch would be the 64-wide tiles where one image's are the warp-split ones (which
     /// round otherwise): image 0's output and input gradient against its own alone, bit for
-    /// bit. Where the switches leave one kernel for both plans, a row says so instead.
+    /// bit. Where the switches leave one kernel for both plans, a row says so instead. The
+    /// attention in rows, whose blocks each work on one image whatever the batch, likewise.
     fn per_image_attention_rows(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         let (tokens, inner) = (256, 512);
         // S = q kᵀ has 16 blocks of 64 x 64 outputs an image.
         let n = self.gpu.sms() / 16 + 1;
-        let scores = Gemm {
-            m: tokens,
-            n: tokens,
-            k: inner,
-            outer: n,
-            inner: 1,
-            ..Gemm::default()
-        };
-        let (sms, launch) = (self.gpu.sms() as u32, gpu.kernels.launch_switches());
-        let form = |per_image| gemm_form(&scores, sms, &launch, per_image);
-        if form(true) == form(false) {
-            self.check_row(
-                "attention, planned per image".into(),
-                "not checked: one kernel either way (INVDIFF_GEMM_WARP_K=0 or \
-                 INVDIFF_GEMM_SMALL_TILES=0)"
-                    .into(),
-                true,
-            );
-            return Ok(());
-        }
-        let run = |images: usize, qkv: &DevBuf, dout: &DevBuf| -> Result<[Vec<f32>; 2]> {
+        let run = |kernel, images: usize, qkv: &DevBuf, dout: &DevBuf| -> Result<[Vec<f32>; 2]> {
             let a = Attn {
                 n: images,
                 tokens,
                 heads: 1,
                 head_dim: inner,
-                kernel: AttnKernel::Products,
+                kernel,
                 per_image: true,
             };
             let saved = DevBuf::zeros(st, images * tokens * tokens)?;
             let scratch = DevBuf::zeros(st, images * tokens * tokens)?;
+            let forward_scratch =
+                DevBuf::zeros(st, images * kernel.forward_scratch_len(tokens, inner))?;
             let out = DevBuf::zeros(st, images * tokens * inner)?;
             let grad = DevBuf::zeros(st, images * tokens * 3 * inner)?;
-            attention_forward(&gpu.kernels, st, a, qkv.ptr, saved.ptr, true, 0, out.ptr)?;
+            attention_forward(
+                &gpu.kernels,
+                st,
+                a,
+                qkv.ptr,
+                saved.ptr,
+                true,
+                forward_scratch.ptr,
+                out.ptr,
+            )?;
             attention_backward(
                 &gpu.kernels,
                 st,
@@ -361,24 +353,54 @@ impl Tester<'_> {
         };
         let qkv = self.rand(n * tokens * 3 * inner, -1.5, 1.5);
         let dout = self.rand(n * tokens * inner, -1.0, 1.0);
-        let batch = run(n, &self.up(&qkv)?, &self.up(&dout)?)?;
-        let one = run(
-            1,
-            &self.up(&qkv[..tokens * 3 * inner])?,
-            &self.up(&dout[..tokens * inner])?,
-        )?;
-        for (what, batch, one) in [
-            ("forward", &batch[0], &one[0]),
-            ("input-grad", &batch[1], &one[1]),
-        ] {
-            self.row_within(
-                format!("attention {what}, planned per image: image 0 of the batch vs alone"),
-                format!("n{n} L{tokens} 1x{inner}"),
-                &batch[..one.len()],
-                one,
-                0.0,
-                0.0,
+        let scores = Gemm {
+            m: tokens,
+            n: tokens,
+            k: inner,
+            outer: n,
+            inner: 1,
+            ..Gemm::default()
+        };
+        let (sms, launch) = (self.gpu.sms() as u32, gpu.kernels.launch_switches());
+        let form = |per_image| gemm_form(&scores, sms, &launch, per_image);
+        let mut kernels = vec![];
+        if form(true) == form(false) {
+            self.check_row(
+                "attention, planned per image".into(),
+                "not checked: one kernel either way (INVDIFF_GEMM_WARP_K=0 or \
+                 INVDIFF_GEMM_SMALL_TILES=0)"
+                    .into(),
+                true,
             );
+        } else {
+            kernels.push((AttnKernel::Products, ""));
+        }
+        if gpu.kernels.capabilities().rows {
+            kernels.push((AttnKernel::Rows, ", in rows"));
+        }
+        for (kernel, mode) in kernels {
+            let batch = run(kernel, n, &self.up(&qkv)?, &self.up(&dout)?)?;
+            let one = run(
+                kernel,
+                1,
+                &self.up(&qkv[..tokens * 3 * inner])?,
+                &self.up(&dout[..tokens * inner])?,
+            )?;
+            for (what, batch, one) in [
+                ("forward", &batch[0], &one[0]),
+                ("input-grad", &batch[1], &one[1]),
+            ] {
+                self.row_within(
+                    format!(
+                        "attention {what}{mode}, planned per image: image 0 of the batch vs alone"
+                    ),
+                    format!("n{n} L{tokens} 1x{inner}"),
+                    &batch[..one.len()],
+                    one,
+                    0.0,
+                    0.0,
+                );
+            }
         }
         Ok(())
     }

@@ -24,8 +24,9 @@ pub(crate) struct Attn {
 pub(crate) enum AttnKernel {
     /// Batched products in fp32 FMAs and a softmax, P materialised (`[n, heads, L, L]`).
     Products,
-    /// The forward in rows of queries ([`Kernels::attention_rows`]: split-bf16 tensor-core
-    /// products, two launches), P materialised as for `Products`, whose backward it takes.
+    /// In rows of queries ([`Kernels::attention_rows`], [`Kernels::attention_rows_backward`]:
+    /// split-bf16 tensor-core products, two launches each way), P materialised as for
+    /// `Products`; the backward reads the forward's output.
     Rows,
     /// The same with the products on the tf32 tensor cores ([`Gemm::tf32`]).
     Tf32Products,
@@ -153,8 +154,8 @@ pub(crate) fn attention_forward(
 }
 
 /// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given what the
-/// forward saved, its output `o` (read by [`AttnKernel::Flash`] only) and `dy` = dO; `scratch`
-/// holds [`AttnKernel::saved_len`] floats per (image, head).
+/// forward saved, its output `o` (read by [`AttnKernel::Flash`] and [`AttnKernel::Rows`]
+/// only) and `dy` = dO; `scratch` holds [`AttnKernel::saved_len`] floats per (image, head).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     k: &Kernels,
@@ -168,11 +169,28 @@ pub(crate) fn attention_backward(
     scratch: DPtr,
     accumulate: bool,
 ) -> Result<()> {
-    if a.kernel == AttnKernel::Flash {
-        let backward = Some((o, dy, scratch, accumulate));
-        return k.attention_flash(
-            st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, dqkv, backward,
-        );
+    match a.kernel {
+        AttnKernel::Flash => {
+            let backward = Some((o, dy, scratch, accumulate));
+            return k.attention_flash(
+                st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, dqkv, backward,
+            );
+        }
+        AttnKernel::Rows => {
+            return k.attention_rows_backward(
+                st,
+                a.n,
+                a.tokens,
+                a.heads,
+                a.head_dim,
+                qkv,
+                [saved, o, dy],
+                scratch,
+                dqkv,
+                accumulate,
+            )
+        }
+        AttnKernel::Products | AttnKernel::Tf32Products => {}
     }
     let (probs, ds) = (saved, scratch);
     let (inner, img, ll) = a.view();
