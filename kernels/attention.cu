@@ -550,7 +550,8 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
 // their exponentials against the split's maximum, and the split's share of the output
 // (flash-decoding's partial softmax): O_s = Σ_k e^(s_k - m_s) v_k, l_s = Σ_k e^(s_k - m_s).
 // The second launch combines a query's splits, O = Σ_s e^(m_s - m) O_s / l with l = Σ_s
-// e^(m_s - m) l_s, and rescales the saved exponentials into P by the same factors. Grid
+// e^(m_s - m) l_s, and rescales the saved exponentials into P by the same factors; where the
+// next launch reads O in 16 bits, it writes that copy too (the conversion launch's bits). Grid
 // (⌈L/16⌉, ⌈L/32⌉, images x heads): 128 blocks at batch 1 and 256 tokens, 8 at 64.
 //
 // Products on bf16 mma.sync (m16n8k16) over operands split into bf16 pairs (split_bf16x2:
@@ -580,11 +581,12 @@ struct RowsArgs {
     float* ml;         // [n heads, splits, L, 2]: each split's maximum and sum of exponentials
     float* p;          // [n heads, L, L]: the exponentials, then P; null where nothing reads P
     float* y;          // [n, L, inner]: O
+    uint16_t* y16;     // [n, L, inner]: O in 16 bits (half_kind), as tc_convert would write it; or null
     int tokens, heads, head_dim, splits;
     float scale;
-    int pad_;
+    int half_kind;     // 1 bf16, 2 fp16 (common.cuh's pack_half2)
 };
-static_assert(sizeof(RowsArgs) == 64, "RowsArgs must match src/cuda/kernels/attention.rs");
+static_assert(sizeof(RowsArgs) == 72, "RowsArgs must match src/cuda/kernels/attention.rs");
 
 // Dynamic shared memory of attention_rows_split at head width d, bytes (rows_smem in
 // src/cuda/kernels/attention.rs has the same formula).
@@ -756,7 +758,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_rows_combine(const R
     for (int s = 0; s < splits; ++s) l += expf(ml[s * stride] - m) * ml[s * stride + 1];
     const float inv = 1.0f / l;
     const float* part = a.part + ((long long)bh * splits * L + row) * d;
-    float* y = a.y + ((long long)img * L + row) * a.heads * d + head * d;
+    const long long y0 = ((long long)img * L + row) * a.heads * d + head * d;
     for (int c = 4 * threadIdx.x; c < d; c += 4 * blockDim.x) {
         float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int s = 0; s < splits; ++s) {
@@ -767,7 +769,11 @@ extern "C" __global__ void __launch_bounds__(128) attention_rows_combine(const R
             o.z += w * v.z;
             o.w += w * v.w;
         }
-        *reinterpret_cast<float4*>(y + c) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+        const float4 v = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+        *reinterpret_cast<float4*>(a.y + y0 + c) = v;
+        if (a.y16)
+            *reinterpret_cast<uint2*>(a.y16 + y0 + c) =
+                make_uint2(pack_half2(v.x, v.y, a.half_kind), pack_half2(v.z, v.w, a.half_kind));
     }
     if (a.p) {
         float* prow = a.p + ((long long)bh * L + row) * L;
@@ -787,7 +793,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_rows_combine(const R
 //     ring of three cp.async stages: dQ = dS k, dK = dSᵀ q, dV = Pᵀ dO. A warp owns one n8
 //     tile of the 64 columns. The transposed A operands are staged as they lie (rows of L,
 //     pitch 20: the scalar fragment reads at rows 2q, 2q + 1 and column g hit bank 8q + g);
-//     row-major A at pitch 72 as the forward's; B at pitch 68 as the forward's V.
+//     row-major A at pitch 72 as the forward's; B at pitch 68 as the forward's V. Where the
+//     next launch reads dqkv in 16 bits, it writes that copy too.
 // Products split into bf16 pairs as in the forward. Needs head_dim % 16 == 0 and head_dim <=
 // 512 (rows_fit); any L.
 namespace ag {
@@ -806,11 +813,12 @@ struct RowsBwdArgs {
     const float* p;     // [n heads, L, L]: P, as the forward saved it
     float* ds;          // [n heads, L, L]: dS
     float* dqkv;        // [n, L, 3 inner]
+    uint16_t* dqkv16;   // [n, L, 3 inner]: dqkv in 16 bits (half_kind) as tc_convert would write it; or null
     int tokens, heads, head_dim, accumulate;
     float scale;
-    int pad_;
+    int half_kind;      // 1 bf16, 2 fp16
 };
-static_assert(sizeof(RowsBwdArgs) == 72, "RowsBwdArgs must match src/cuda/kernels/attention.rs");
+static_assert(sizeof(RowsBwdArgs) == 80, "RowsBwdArgs must match src/cuda/kernels/attention.rs");
 
 // Dynamic shared memory of the two backward kernels, bytes (src/cuda/kernels/attention.rs
 // rows_ds_smem and ROWS_GRADS_SMEM).
@@ -991,12 +999,13 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_grads(c
         __syncthreads();
     }
     if (c0 + nt >= d) return;
-    float* out = a.dqkv + (long long)img * L * ld + prod * inner + head * d + c0 + nt + 2 * q;
+    const long long out0 = (long long)img * L * ld + prod * inner + head * d + c0 + nt + 2 * q;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int row = r0 + g + 8 * r;
         if (row >= L) continue;
-        float2* o = reinterpret_cast<float2*>(out + row * ld);
+        const long long at = out0 + row * ld;
+        float2* o = reinterpret_cast<float2*>(a.dqkv + at);
         float2 v = make_float2(acc[2 * r], acc[2 * r + 1]);
         if (a.accumulate) {
             const float2 old = *o;
@@ -1004,5 +1013,6 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_grads(c
             v.y += old.y;
         }
         *o = v;
+        if (a.dqkv16) *reinterpret_cast<uint32_t*>(a.dqkv16 + at) = pack_half2(v.x, v.y, a.half_kind);
     }
 }

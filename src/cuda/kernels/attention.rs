@@ -3,8 +3,9 @@
 
 use cudarc::driver::{CudaStream, DeviceRepr, PushKernelArg};
 
-use super::{at, cfg, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
+use super::{at, cfg, half_output, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
 use crate::cuda::device::cu;
+use crate::cuda::precision::Precision;
 use crate::{Error, Result};
 
 /// GemmArgs of kernels/gemm.cu, field for field.
@@ -70,15 +71,16 @@ struct RowsArgs {
     ml: DPtr,
     p: DPtr,
     y: DPtr,
+    y16: DPtr,
     tokens: i32,
     heads: i32,
     head_dim: i32,
     splits: i32,
     scale: f32,
-    pad: i32,
+    half_kind: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<RowsArgs>() == 64);
+const _: () = assert!(std::mem::size_of::<RowsArgs>() == 72);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for RowsArgs {}
@@ -93,15 +95,16 @@ struct RowsBwdArgs {
     p: DPtr,
     ds: DPtr,
     dqkv: DPtr,
+    dqkv16: DPtr,
     tokens: i32,
     heads: i32,
     head_dim: i32,
     accumulate: i32,
     scale: f32,
-    pad: i32,
+    half_kind: i32,
 }
 
-const _: () = assert!(std::mem::size_of::<RowsBwdArgs>() == 72);
+const _: () = assert!(std::mem::size_of::<RowsBwdArgs>() == 80);
 
 // SAFETY: plain-old-data with the C layout of the kernel's parameter struct.
 unsafe impl DeviceRepr for RowsBwdArgs {}
@@ -405,8 +408,9 @@ impl Kernels {
     /// `attention_rows_combine`): `y = softmax(q kᵀ / √d) v` over `qkv` and `y` in
     /// [`attention_forward`](crate::cuda::unet::attention_forward)'s layouts, with `scratch`
     /// holding [`rows_scratch_len`] floats per (image, head); with `p`, P as the unfused
-    /// forward leaves it (`[n, heads, L, L]`) for the unfused backward pass. `head_dim` must
-    /// satisfy [`rows_fits`].
+    /// forward leaves it (`[n, heads, L, L]`) for the backward pass; with `y16`, `y` in 16 bits
+    /// there too, as [`Kernels::convert_half`] would write it. `head_dim` must satisfy
+    /// [`rows_fits`].
     #[allow(clippy::too_many_arguments)]
     pub fn attention_rows(
         &self,
@@ -419,6 +423,7 @@ impl Kernels {
         scratch: DPtr,
         p: Option<DPtr>,
         y: DPtr,
+        y16: Option<(DPtr, Precision)>,
     ) -> Result<()> {
         if !rows_fits(head_dim) {
             return Err(Error::Cuda(format!(
@@ -438,6 +443,13 @@ impl Kernels {
         need(y, "attention output")?;
         if let Some(p) = p {
             need(p, "attention probabilities")?;
+        }
+        let (y16, half_kind) = half_output(y16, "attention output in 16 bits")?;
+        // 8-byte stores of four 16-bit outputs.
+        if y16 % 8 != 0 {
+            return Err(Error::Cuda(
+                "internal: attention in rows with a 16-bit output not 8-byte aligned".into(),
+            ));
         }
         // 16-byte copies of q/k/v rows, float4 reads of the splits' outputs and stores of y.
         if [qkv, scratch, y].into_iter().any(|p| p % 16 != 0) {
@@ -464,12 +476,13 @@ impl Kernels {
             ml: at(scratch, part_len),
             p: p.unwrap_or(0),
             y,
+            y16,
             tokens: i32_of(tokens, "tokens")?,
             heads: i32_of(heads, "heads")?,
             head_dim: i32_of(head_dim, "head width")?,
             splits: i32_of(splits, "attention splits")?,
             scale: 1.0 / (head_dim as f32).sqrt(),
-            pad: 0,
+            half_kind,
         };
         let grids = [
             (
@@ -506,7 +519,8 @@ impl Kernels {
     /// The backward pass of [`attention_rows`](Self::attention_rows) (`attention_rows_ds`
     /// then `attention_rows_grads`): `dqkv (+)=` the gradient of `y` with respect to `qkv`,
     /// given the forward's P (`p`), its output `o` and the output's gradient `dout`, with `ds`
-    /// as `[n, heads, L, L]` scratch. Layouts and `head_dim` as for the forward.
+    /// as `[n, heads, L, L]` scratch; with `dqkv16`, `dqkv` in 16 bits there too, as
+    /// [`Kernels::convert_half`] would write it. Layouts and `head_dim` as for the forward.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_rows_backward(
         &self,
@@ -519,6 +533,7 @@ impl Kernels {
         [p, o, dout]: [DPtr; 3],
         ds: DPtr,
         dqkv: DPtr,
+        dqkv16: Option<(DPtr, Precision)>,
         accumulate: bool,
     ) -> Result<()> {
         if !rows_fits(head_dim) {
@@ -544,8 +559,10 @@ impl Kernels {
         ] {
             need(ptr, what)?;
         }
-        // 16-byte copies of q/k/v, O and dO rows; float2 stores of dqkv.
-        if [qkv, o, dout, dqkv].into_iter().any(|p| p % 16 != 0) {
+        let (dqkv16, half_kind) = half_output(dqkv16, "q/k/v gradient in 16 bits")?;
+        // 16-byte copies of q/k/v, O and dO rows; float2 stores of dqkv, 4-byte ones of its
+        // 16-bit copy.
+        if [qkv, o, dout, dqkv].into_iter().any(|p| p % 16 != 0) || dqkv16 % 4 != 0 {
             return Err(Error::Cuda(
                 "internal: attention in rows on buffers not 16-byte aligned".into(),
             ));
@@ -568,12 +585,13 @@ impl Kernels {
             p,
             ds,
             dqkv,
+            dqkv16,
             tokens: i32_of(tokens, "tokens")?,
             heads: i32_of(heads, "heads")?,
             head_dim: i32_of(head_dim, "head width")?,
             accumulate: accumulate as i32,
             scale: 1.0 / (head_dim as f32).sqrt(),
-            pad: 0,
+            half_kind,
         };
         let rows = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention row tiles")? as u32;
         let launches = [

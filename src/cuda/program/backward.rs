@@ -221,6 +221,7 @@ impl Lowering<'_> {
                     y: yb,
                     dy,
                     dqkv: gq,
+                    dqkv16: None,
                     scratch,
                     tokens,
                     heads,

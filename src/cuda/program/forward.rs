@@ -183,6 +183,7 @@ impl Lowering<'_> {
                     saved,
                     saves: keep,
                     scratch,
+                    y16: None,
                     tokens,
                     heads,
                     head_dim,

@@ -796,8 +796,9 @@ impl Lowering<'_> {
     }
 
     /// Has step `at`, which wrote `src` last, also write `src`'s `len` values in 16 bits to
-    /// `y`, where it wrote all of them and can: a concatenation's adjoint, or a GroupNorm's
-    /// backward with an fp32 gradient ([`KernelConfig::fused_half_copies`]); a launch with a
+    /// `y`, where it wrote all of them and can: a concatenation's adjoint, a GroupNorm's
+    /// backward with an fp32 gradient, or an attention in rows, forward or backward
+    /// ([`KernelConfig::fused_half_copies`]); a launch with a
     /// staged epilogue ([`KernelConfig::epilogue_half_copies`]). The same bits as a conversion
     /// launch. Whether it does (with `y` None, whether it could, changing nothing).
     fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Option<Buf>) -> bool {
@@ -821,6 +822,21 @@ impl Lowering<'_> {
                 c,
                 ..
             } if choice.fused_half_copies && *dx == src && n * *hw * *c == len => {
+                *slot = y.map(|y| (y, precision));
+                true
+            }
+            Step::Attention {
+                y: out,
+                y16: slot @ None,
+                kernel: AttnKernel::Rows,
+                ..
+            }
+            | Step::AttentionBackward {
+                dqkv: out,
+                dqkv16: slot @ None,
+                kernel: AttnKernel::Rows,
+                ..
+            } if choice.fused_half_copies && *out == src => {
                 *slot = y.map(|y| (y, precision));
                 true
             }

@@ -205,6 +205,9 @@ pub(crate) enum Step {
         saves: bool,
         /// The forward's own scratch ([`AttnKernel::forward_scratch_len`]), where it has any.
         scratch: Option<Buf>,
+        /// `y` in 16 bits for the tensor-core launch that reads it, written by the rows
+        /// kernels ([`KernelConfig::fused_half_copies`]).
+        y16: Option<(Buf, Precision)>,
         tokens: usize,
         heads: usize,
         head_dim: usize,
@@ -219,6 +222,8 @@ pub(crate) enum Step {
         y: Option<Buf>,
         dy: Buf,
         dqkv: Buf,
+        /// `dqkv` in 16 bits, as for [`Step::Attention`]'s `y16`.
+        dqkv16: Option<(Buf, Precision)>,
         scratch: Buf,
         tokens: usize,
         heads: usize,
@@ -457,10 +462,15 @@ impl Step {
                 y,
                 saved,
                 scratch,
+                y16,
                 ..
             } => (
                 vec![*qkv],
-                [*y, *saved].into_iter().chain(*scratch).collect(),
+                [*y, *saved]
+                    .into_iter()
+                    .chain(*scratch)
+                    .chain(y16.map(|(b, _)| b))
+                    .collect(),
             ),
             AttentionBackward {
                 qkv,
@@ -468,6 +478,7 @@ impl Step {
                 y,
                 dy,
                 dqkv,
+                dqkv16,
                 scratch,
                 accumulate,
                 ..
@@ -477,7 +488,10 @@ impl Step {
                     .chain(*y)
                     .chain(acc(*dqkv, *accumulate))
                     .collect(),
-                vec![*dqkv, *scratch],
+                [*dqkv, *scratch]
+                    .into_iter()
+                    .chain(dqkv16.map(|(b, _)| b))
+                    .collect(),
             ),
             Upsample { x, y, .. } => (vec![*x], vec![*y]),
             UpsampleBackward {

@@ -465,6 +465,16 @@ fn symbolic_with(p: &Program, narrow_rounds: bool) -> (u64, Option<u64>) {
                     dx: y,
                     dx16: Some((c, _)),
                     ..
+                }
+                | Step::Attention {
+                    y,
+                    y16: Some((c, _)),
+                    ..
+                }
+                | Step::AttentionBackward {
+                    dqkv: y,
+                    dqkv16: Some((c, _)),
+                    ..
                 } = *step
                 {
                     val[c.0] = half(val[y.0]);
@@ -1620,6 +1630,38 @@ fn switches_compute_what_the_default_program_computes() {
                     .steps
                     .iter()
                     .any(|s| matches!(s, Step::Conv(c) if c.norm.is_some())));
+            }
+            // The attention in rows (a candidate) computes what the default does, and writes the
+            // 16-bit copies of the attentions' outputs and input gradients the projections
+            // read, instead of their conversion launches.
+            let rows = build(KernelConfig {
+                attention_rows: true,
+                ..tuned
+            });
+            assert_eq!(symbolic(&rows), want, "{precision} {n}x{h}x{w} rows");
+            let copies = |p: &Program| {
+                p.steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::ToHalf { .. }))
+                    .count()
+            };
+            let by_rows = rows
+                .steps
+                .iter()
+                .filter(|s| {
+                    matches!(
+                        s,
+                        Step::Attention { y16: Some(_), .. }
+                            | Step::AttentionBackward {
+                                dqkv16: Some(_),
+                                ..
+                            }
+                    )
+                })
+                .count();
+            assert_eq!(copies(&rows) + by_rows, copies(&build(tuned)));
+            if n == 1 && h == 256 {
+                assert_eq!(by_rows, 12, "{precision}: six attentions, both ways");
             }
             // The 3-channel convolutions on the tensor cores (a candidate) compute what the
             // default does over inputs rounded to 16 bits where they have few outputs (conv_out's

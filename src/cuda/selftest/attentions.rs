@@ -1,6 +1,6 @@
 //! The batched products, softmax and attention, unfused and fused.
 
-use super::{acc_name, tensor_core_tolerance, Tester, TOLERANCE};
+use super::{acc_name, tensor_core_tolerance, unpack_half, Tester, TOLERANCE};
 use crate::cpu::attention;
 use crate::cuda::kernels::{flash_fits, gemm_form, rows_fits, Gemm, GemmForm};
 use crate::cuda::precision::Precision;
@@ -15,6 +15,15 @@ const ATTENTION_TF32_GRAD: f64 = 5e-3;
 /// The attention in rows (split-bf16 products, about 17 significant bits), forward and
 /// backward, against the fp32 CPU results.
 const ATTENTION_ROWS: f64 = 1e-4;
+
+/// The 16-bit type a shape's copy rows use: both, over the shapes.
+fn half_precision(tokens: usize) -> Precision {
+    if tokens % 2 == 0 {
+        Precision::Bf16
+    } else {
+        Precision::Fp16
+    }
+}
 
 impl Tester<'_> {
     /// The attention products' kernel in both tile sizes: a strided batch (three K slices, the
@@ -231,15 +240,15 @@ impl Tester<'_> {
                 let pd = self.zeros(n * heads * kernel.saved_len(tokens))?;
                 let fd = self.zeros(n * heads * kernel.forward_scratch_len(tokens, head_dim))?;
                 let od = self.zeros(want.len())?;
-                let forward = |saves, o| {
-                    attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, saves, fd.ptr, o)
+                let forward = |saves, o, o16| {
+                    attention_forward(&gpu.kernels, st, a, qd.ptr, pd.ptr, saves, fd.ptr, o, o16)
                 };
                 if kernel == AttnKernel::Rows {
                     // A forward that saves nothing (no backward pass reads P) writes the
                     // same output.
                     let bare = self.zeros(want.len())?;
-                    forward(false, bare.ptr)?;
-                    forward(true, od.ptr)?;
+                    forward(false, bare.ptr, None)?;
+                    forward(true, od.ptr, None)?;
                     self.row_within(
                         format!("attention forward{mode}, saving nothing vs saving P"),
                         desc.clone(),
@@ -249,7 +258,7 @@ impl Tester<'_> {
                         0.0,
                     );
                 }
-                let ms = self.timed(|| Ok(()), || forward(true, od.ptr))?;
+                let ms = self.timed(|| Ok(()), || forward(true, od.ptr, None))?;
                 self.row_within(
                     format!("attention forward{mode}"),
                     desc.clone(),
@@ -267,38 +276,90 @@ impl Tester<'_> {
                         0.0,
                         limits.0,
                     );
+                    // The output's 16-bit copy (INVDIFF_HALF_COPY_FUSED) is the conversion
+                    // launch's, and the fp32 output is unchanged by writing it.
+                    let precision = half_precision(tokens);
+                    let (with, copy) = (self.zeros(want.len())?, self.zeros(want.len())?);
+                    forward(true, with.ptr, Some((copy.ptr, precision)))?;
+                    self.copy_rows(
+                        &format!("attention forward{mode}"),
+                        &desc,
+                        [&od, &with, &copy],
+                        want.len(),
+                        precision,
+                    )?;
                 }
                 let mut gd = self.up(&g0)?;
-                let g_ptr = gd.ptr;
                 let scratch = self.zeros(n * heads * kernel.saved_len(tokens))?;
-                let ms = self.timed(
-                    || gd.write(st, &g0),
-                    || {
-                        attention_backward(
-                            &gpu.kernels,
-                            st,
-                            a,
-                            qd.ptr,
-                            pd.ptr,
-                            od.ptr,
-                            dd.ptr,
-                            g_ptr,
-                            scratch.ptr,
-                            accumulate,
-                        )
-                    },
-                )?;
+                let backward = |g, g16| {
+                    attention_backward(
+                        &gpu.kernels,
+                        st,
+                        a,
+                        qd.ptr,
+                        pd.ptr,
+                        od.ptr,
+                        dd.ptr,
+                        g,
+                        g16,
+                        scratch.ptr,
+                        accumulate,
+                    )
+                };
+                let g_ptr = gd.ptr;
+                let ms = self.timed(|| gd.write(st, &g0), || backward(g_ptr, None))?;
+                let op = format!("attention input-grad{}{mode}", acc_name(accumulate));
                 self.row_within(
-                    format!("attention input-grad{}{mode}", acc_name(accumulate)),
+                    op.clone(),
                     desc.clone(),
                     &gd.download(st)?,
                     &want_g,
                     ms,
                     limits.1,
                 );
+                if kernel == AttnKernel::Rows {
+                    let precision = half_precision(tokens);
+                    let (with, copy) = (self.up(&g0)?, self.zeros(g0.len())?);
+                    backward(with.ptr, Some((copy.ptr, precision)))?;
+                    self.copy_rows(&op, &desc, [&gd, &with, &copy], g0.len(), precision)?;
+                }
             }
         }
         self.per_image_attention_rows()
+    }
+
+    /// Rows holding an output written with its 16-bit copy (`bufs[1]`, `bufs[2]`) to the same
+    /// output written without (`bufs[0]`), and the copy to the conversion launch's copy of it,
+    /// bit for bit.
+    fn copy_rows(
+        &mut self,
+        op: &str,
+        desc: &str,
+        bufs: [&DevBuf; 3],
+        len: usize,
+        precision: Precision,
+    ) -> Result<()> {
+        let st = &self.gpu.stream;
+        let [without, with, copy] = bufs;
+        let with_host = with.download(st)?;
+        self.row_within(
+            format!("{op}, with its 16-bit copy vs without"),
+            desc.into(),
+            &with_host,
+            &without.download(st)?,
+            0.0,
+            0.0,
+        );
+        let converted = self.half_copy(with.ptr, len, precision)?;
+        self.row_within(
+            format!("{op}: 16-bit copy ({precision}) vs the conversion launch's"),
+            desc.into(),
+            &unpack_half(&copy.download(st)?, len, precision),
+            &unpack_half(&converted.download(st)?, len, precision),
+            0.0,
+            0.0,
+        );
+        Ok(())
     }
 
     /// The celebahq attention (256 tokens, one head of 512) planned per image
@@ -336,6 +397,7 @@ impl Tester<'_> {
                 true,
                 forward_scratch.ptr,
                 out.ptr,
+                None,
             )?;
             attention_backward(
                 &gpu.kernels,
@@ -346,6 +408,7 @@ impl Tester<'_> {
                 out.ptr,
                 dout.ptr,
                 grad.ptr,
+                None,
                 scratch.ptr,
                 false,
             )?;

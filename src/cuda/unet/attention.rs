@@ -4,7 +4,14 @@
 use cudarc::driver::CudaStream;
 
 use crate::cuda::kernels::{at, rows_scratch_len, DPtr, Gemm, Kernels};
-use crate::Result;
+use crate::cuda::precision::Precision;
+use crate::{Error, Result};
+
+/// The lowering gives a 16-bit copy of an attention's output or input gradient only to the
+/// rows kernels, which write it.
+fn only_rows_copy() -> Error {
+    Error::Cuda("internal: a 16-bit copy asked of an attention that is not in rows".into())
+}
 
 /// Shape of an attention call: `n` images of `tokens` tokens, `heads` heads of `head_dim`.
 #[derive(Clone, Copy, Debug)]
@@ -68,7 +75,8 @@ impl Attn {
 /// `[n, L, inner]`, and `saved` receives what the backward pass reads
 /// ([`AttnKernel::saved_len`] floats per (image, head)), or with [`AttnKernel::Rows`] and
 /// `saves` false nothing (no backward pass reads it). `scratch` holds
-/// [`AttnKernel::forward_scratch_len`] floats per (image, head).
+/// [`AttnKernel::forward_scratch_len`] floats per (image, head). With `o16` (rows only), `o`
+/// in 16 bits there too.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_forward(
     k: &Kernels,
@@ -79,14 +87,18 @@ pub(crate) fn attention_forward(
     saves: bool,
     scratch: DPtr,
     o: DPtr,
+    o16: Option<(DPtr, Precision)>,
 ) -> Result<()> {
     match a.kernel {
-        AttnKernel::Flash => {
-            return k.attention_flash(st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, o, None)
-        }
         AttnKernel::Rows => {
             let p = saves.then_some(saved);
-            return k.attention_rows(st, a.n, a.tokens, a.heads, a.head_dim, qkv, scratch, p, o);
+            return k.attention_rows(
+                st, a.n, a.tokens, a.heads, a.head_dim, qkv, scratch, p, o, o16,
+            );
+        }
+        _ if o16.is_some() => return Err(only_rows_copy()),
+        AttnKernel::Flash => {
+            return k.attention_flash(st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, o, None)
         }
         AttnKernel::Products | AttnKernel::Tf32Products => {}
     }
@@ -156,6 +168,7 @@ pub(crate) fn attention_forward(
 /// Gradient of [`attention_forward`] with respect to `qkv`: `dqkv (+)= ...`, given what the
 /// forward saved, its output `o` (read by [`AttnKernel::Flash`] and [`AttnKernel::Rows`]
 /// only) and `dy` = dO; `scratch` holds [`AttnKernel::saved_len`] floats per (image, head).
+/// With `dqkv16` (rows only), `dqkv` in 16 bits there too.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     k: &Kernels,
@@ -166,16 +179,11 @@ pub(crate) fn attention_backward(
     o: DPtr,
     dy: DPtr,
     dqkv: DPtr,
+    dqkv16: Option<(DPtr, Precision)>,
     scratch: DPtr,
     accumulate: bool,
 ) -> Result<()> {
     match a.kernel {
-        AttnKernel::Flash => {
-            let backward = Some((o, dy, scratch, accumulate));
-            return k.attention_flash(
-                st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, dqkv, backward,
-            );
-        }
         AttnKernel::Rows => {
             return k.attention_rows_backward(
                 st,
@@ -187,8 +195,16 @@ pub(crate) fn attention_backward(
                 [saved, o, dy],
                 scratch,
                 dqkv,
+                dqkv16,
                 accumulate,
             )
+        }
+        _ if dqkv16.is_some() => return Err(only_rows_copy()),
+        AttnKernel::Flash => {
+            let backward = Some((o, dy, scratch, accumulate));
+            return k.attention_flash(
+                st, a.n, a.tokens, a.heads, a.head_dim, qkv, saved, dqkv, backward,
+            );
         }
         AttnKernel::Products | AttnKernel::Tf32Products => {}
     }
