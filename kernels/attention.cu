@@ -540,7 +540,7 @@ extern "C" __global__ void __launch_bounds__(fa::THREADS) attention_flash_backwa
 
 // ---------------------------------------------------------------------------------------------
 // Attention in rows (INVDIFF_ATTN_ROWS=1, below fp32): the forward in two launches instead of
-// three, P written for the unfused backward pass.
+// three, P written for the backward pass (below: two launches instead of the unfused five).
 //
 // At batch 1 the unfused forward's three launches (S = q kᵀ, its softmax, P v) take about 8 us
 // each for 134 MFLOP at 256 tokens: each waits out its own ramp, and the products' blocks wait
@@ -788,7 +788,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_rows_combine(const R
 //     scores with dO for q and v for k), D = dO · O per query (FlashAttention's form of
 //     rowsum(dP ∘ P), which needs no other split's keys), and dS = P ∘ (dP - D) / √d into the
 //     scratch the unfused backward keeps dS in.
-//   attention_rows_grads, grid (⌈L/16⌉, ⌈d/64⌉, 3 x images x heads): the three products that
+//   attention_rows_grads, grid (⌈L/16⌉, 3 x ⌈d/64⌉, images x heads): the three products that
 //     remain, each a block's 16 x 64 outputs over the whole of L, in chunks of 64 through a
 //     ring of three cp.async stages: dQ = dS k, dK = dSᵀ q, dV = Pᵀ dO. A warp owns one n8
 //     tile of the 64 columns. The transposed A operands are staged as they lie (rows of L,
@@ -921,20 +921,21 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_ds(cons
     }
 }
 
-// Grid (⌈L/16⌉, ⌈d/64⌉, 3 n heads: dQ, dK, dV), ar::THREADS threads, ROWS_GRADS_SMEM dynamic
-// shared memory; after attention_rows_ds.
+// Grid (⌈L/16⌉, 3 x ⌈d/64⌉: dQ's column chunks, dK's, dV's, n heads), ar::THREADS threads,
+// ROWS_GRADS_SMEM dynamic shared memory; after attention_rows_ds.
 extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_grads(const RowsBwdArgs a) {
     using namespace ag;
     const int d = a.head_dim, L = a.tokens;
     unsigned have;
     asm("mov.u32 %0, %%dynamic_smem_size;\n" : "=r"(have));
-    if (have < ROWS_GRADS_SMEM || d % 16 != 0 || blockDim.x != ar::THREADS || gridDim.z % 3 != 0) __trap();
+    const int col_chunks = (d + COLS - 1) / COLS;
+    if (have < ROWS_GRADS_SMEM || d % 16 != 0 || blockDim.x != ar::THREADS || gridDim.y != 3u * col_chunks) __trap();
     extern __shared__ __align__(16) float sm[];
-    const int nh = gridDim.z / 3, prod = blockIdx.z / nh, bh = blockIdx.z - prod * nh;
+    const int prod = blockIdx.y / col_chunks, bh = blockIdx.z;
     const int img = bh / a.heads, head = bh - img * a.heads;
     const int inner = a.heads * d;
     const long long ld = 3LL * inner;
-    const int r0 = blockIdx.x * ROWS, c0 = blockIdx.y * COLS;
+    const int r0 = blockIdx.x * ROWS, c0 = (blockIdx.y - prod * col_chunks) * COLS;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
     // A: dS by rows (dQ), dS by columns (dK), P by columns (dV); B: k (dQ), q (dK), dO (dV).
     const bool trans = prod != 0;

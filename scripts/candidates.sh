@@ -1,10 +1,11 @@
 # The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (the attention's forward in rows of queries, stop 38, untimed; the few-output and the few-input convolutions on tensor cores, stop 37, untimed; split
-# launches' reductions computing the one-pass GroupNorms after them, stop 36, untimed; 16-bit output
-# gradients for every GroupNorm backward pass that can, not only those over 16-bit inputs; four
-# streams, for the parity classes side by side; tf32 attention products, a default at v0.5 and
-# slower at batch 1 at v0.6; the fused attention, slower at v0.5 and v0.6), then each v0.11 default
+# candidates (attention in rows of queries, stop 38, untimed; the few-output and the few-input
+# convolutions on tensor cores, stop 37, untimed; split launches' reductions computing the one-pass
+# GroupNorms after them, stop 36, untimed; 16-bit output gradients for every GroupNorm backward
+# pass that can, not only those over 16-bit inputs; four streams, for the parity classes side by
+# side; tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
+# attention, slower at v0.5 and v0.6), then each v0.11 default
 # turned off (parity classes side by side; attention products whose warps split K; concatenation
 # sums eight pixels ahead), each v0.10 default turned off (residual gradients added by the GroupNorm
 # backward passes; 16-bit output gradients for the passes over 16-bit inputs), each v0.9 default

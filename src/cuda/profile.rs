@@ -340,9 +340,17 @@ impl Step {
                     AttnKernel::Tf32Products => ("tf32 products", unfused),
                     AttnKernel::Flash => ("fused", if forward { 1 } else { 2 }),
                 };
+                let copy = match self {
+                    Attention { y16, .. } => y16,
+                    AttentionBackward { dqkv16, .. } => dqkv16,
+                    _ => &None,
+                };
                 StepInfo {
                     flops: products * 2.0 * (n * heads * tokens * tokens * head_dim) as f64,
-                    variant: variant.to_string(),
+                    variant: match copy {
+                        Some((_, p)) => format!("{variant}, {p} copy"),
+                        None => variant.to_string(),
+                    },
                     ..plain(
                         if forward {
                             "attention"

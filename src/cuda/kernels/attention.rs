@@ -1,7 +1,7 @@
 //! Attention (kernels/attention.cu, gemm.cu): the batched products and softmax of the unfused
 //! attention, the forward in rows of queries, and the fused FlashAttention-style kernels.
 
-use cudarc::driver::{CudaStream, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, PushKernelArg};
 
 use super::{at, cfg, half_output, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
 use crate::cuda::device::cu;
@@ -122,16 +122,30 @@ pub(crate) fn rows_fits(head_dim: usize) -> bool {
     head_dim > 0 && head_dim % 16 == 0 && head_dim <= ROWS_MAX_D
 }
 
+/// Row pitch, floats, of the rows kernels' partial scores and exponentials (`ar::RP`), and
+/// the warps of a block.
+const ROWS_SCORE_PITCH: usize = 40;
+const ROWS_WARPS: usize = 8;
+
 /// Dynamic shared memory of `attention_rows_split` at heads of `head_dim`, bytes (the
-/// kernel's `rows_smem`, which traps when given less): 188,928 at 512.
+/// kernel's `rows_smem`, which traps when given less): q and k rows at a pitch of
+/// head_dim + 8, v rows at head_dim + 4, the warps' partial scores and the exponentials;
+/// 188,928 at 512.
 pub(super) fn rows_smem(head_dim: usize) -> u32 {
-    (4 * (48 * (head_dim + 8) + 32 * (head_dim + 4) + 9 * 16 * 40)) as u32
+    let floats = (ROWS_QUERIES + ROWS_KEYS) * (head_dim + 8)
+        + ROWS_KEYS * (head_dim + 4)
+        + (ROWS_WARPS + 1) * ROWS_QUERIES * ROWS_SCORE_PITCH;
+    (4 * floats) as u32
 }
 
 /// Dynamic shared memory of `attention_rows_ds` at heads of `head_dim`, bytes (the kernel's
-/// `rows_ds_smem`): 153,664 at 512.
+/// `rows_ds_smem`): the queries' output gradients and outputs and the split's values at a
+/// pitch of head_dim + 8, the warps' partial scores, a sum per query; 153,664 at 512.
 pub(super) fn rows_ds_smem(head_dim: usize) -> u32 {
-    (4 * (64 * (head_dim + 8) + 8 * 16 * 40 + 16)) as u32
+    let floats = (2 * ROWS_QUERIES + ROWS_KEYS) * (head_dim + 8)
+        + ROWS_WARPS * ROWS_QUERIES * ROWS_SCORE_PITCH
+        + ROWS_QUERIES;
+    (4 * floats) as u32
 }
 
 /// Dynamic shared memory of `attention_rows_grads` (kernels/attention.cu `ROWS_GRADS_SMEM`):
@@ -425,19 +439,7 @@ impl Kernels {
         y: DPtr,
         y16: Option<(DPtr, Precision)>,
     ) -> Result<()> {
-        if !rows_fits(head_dim) {
-            return Err(Error::Cuda(format!(
-                "internal: attention in rows needs heads of a multiple of 16 channels up to \
-                 {ROWS_MAX_D}, not {head_dim}"
-            )));
-        }
-        let Some([split, combine, ..]) = &self.attention_rows else {
-            return Err(Error::Cuda(format!(
-                "internal: attention in rows planned on a device that gives a block less than \
-                 {} bytes of shared memory",
-                rows_smem(ROWS_MAX_D)
-            )));
-        };
+        let [split, combine, ..] = self.rows_kernels(head_dim)?;
         need(qkv, "q/k/v")?;
         need(scratch, "attention split scratch")?;
         need(y, "attention output")?;
@@ -469,6 +471,12 @@ impl Kernels {
         let splits = tokens.div_ceil(ROWS_KEYS);
         i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
         i32_of(splits * tokens, "attention splits x tokens")?;
+        if splits > 65535 {
+            return Err(Error::Cuda(format!(
+                "attention in rows over {tokens} tokens: at most {} per launch",
+                65535 * ROWS_KEYS
+            )));
+        }
         let part_len = batch * splits * tokens * head_dim;
         let args = RowsArgs {
             qkv,
@@ -484,25 +492,22 @@ impl Kernels {
             scale: 1.0 / (head_dim as f32).sqrt(),
             half_kind,
         };
-        let grids = [
+        // (query tiles, splits, image-heads) and (queries, image-heads): at most 65535 of
+        // each but the first, checked above.
+        let tiles = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention query tiles")? as u32;
+        let launches = [
             (
-                (tokens.div_ceil(ROWS_QUERIES), splits, batch),
+                split,
+                (tiles, splits as u32, batch as u32),
                 256,
                 rows_smem(head_dim),
             ),
-            ((tokens, batch, 1), 128, 0),
+            (combine, (tokens as u32, batch as u32, 1), 128, 0),
         ];
-        for (f, ((x, y, z), threads, smem)) in [split, combine].into_iter().zip(grids) {
+        for (f, grid, threads, smem) in launches {
             let mut b = st.launch_builder(f);
             b.arg(&args);
-            let mut launch = cfg(
-                (
-                    i32_of(x, "attention row tiles")? as u32,
-                    i32_of(y, "attention grid")? as u32,
-                    z as u32,
-                ),
-                (threads, 1, 1),
-            );
+            let mut launch = cfg(grid, (threads, 1, 1));
             launch.shared_mem_bytes = smem;
             // SAFETY: qkv and y hold n * tokens rows of their widths, scratch
             // rows_scratch_len floats per (image, head) and p n * heads * tokens² (the
@@ -536,19 +541,7 @@ impl Kernels {
         dqkv16: Option<(DPtr, Precision)>,
         accumulate: bool,
     ) -> Result<()> {
-        if !rows_fits(head_dim) {
-            return Err(Error::Cuda(format!(
-                "internal: attention in rows needs heads of a multiple of 16 channels up to \
-                 {ROWS_MAX_D}, not {head_dim}"
-            )));
-        }
-        let Some([_, _, score_grads, grads]) = &self.attention_rows else {
-            return Err(Error::Cuda(format!(
-                "internal: attention in rows planned on a device that gives a block less than \
-                 {} bytes of shared memory",
-                rows_smem(ROWS_MAX_D)
-            )));
-        };
+        let [_, _, score_grads, grads] = self.rows_kernels(head_dim)?;
         for (ptr, what) in [
             (qkv, "q/k/v"),
             (p, "attention probabilities"),
@@ -571,9 +564,9 @@ impl Kernels {
             return Ok(());
         }
         let batch = n * heads;
-        if 3 * batch > 65535 {
+        if batch > 65535 {
             return Err(Error::Cuda(format!(
-                "attention in rows over {batch} (image, head) pairs: at most 21845 per launch"
+                "attention in rows over {batch} (image, head) pairs: at most 65535 per launch"
             )));
         }
         i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
@@ -593,7 +586,13 @@ impl Kernels {
             scale: 1.0 / (head_dim as f32).sqrt(),
             half_kind,
         };
-        let rows = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention row tiles")? as u32;
+        if tokens.div_ceil(ROWS_KEYS) > 65535 {
+            return Err(Error::Cuda(format!(
+                "attention in rows over {tokens} tokens: at most {} per launch",
+                65535 * ROWS_KEYS
+            )));
+        }
+        let rows = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention query tiles")? as u32;
         let launches = [
             (
                 score_grads,
@@ -604,8 +603,8 @@ impl Kernels {
                 grads,
                 (
                     rows,
-                    head_dim.div_ceil(ROWS_GRADS_COLS) as u32,
-                    3 * batch as u32,
+                    3 * head_dim.div_ceil(ROWS_GRADS_COLS) as u32,
+                    batch as u32,
                 ),
                 ROWS_GRADS_SMEM,
             ),
@@ -624,6 +623,24 @@ impl Kernels {
             )?;
         }
         Ok(())
+    }
+
+    /// The four rows kernels, for heads of `head_dim`: an internal error where they do not
+    /// take them ([`rows_fits`]) or this device does not run them.
+    fn rows_kernels(&self, head_dim: usize) -> Result<&[CudaFunction; 4]> {
+        if !rows_fits(head_dim) {
+            return Err(Error::Cuda(format!(
+                "internal: attention in rows needs heads of a multiple of 16 channels up to \
+                 {ROWS_MAX_D}, not {head_dim}"
+            )));
+        }
+        self.attention_rows.as_ref().ok_or_else(|| {
+            Error::Cuda(format!(
+                "internal: attention in rows planned on a device that gives a block less than \
+                 {} bytes of shared memory",
+                rows_smem(ROWS_MAX_D)
+            ))
+        })
     }
 
     /// Row softmax of `rows x len` scores in place, after scaling by `scale`.

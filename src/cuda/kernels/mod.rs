@@ -25,8 +25,8 @@
 //! - `linear_rows`, `linear_batch`, `softmax_*`: 256 (8 warps, a warp per output row or
 //!   element), grid-stride, capped at 16 blocks per multiprocessor;
 //! - `attention_rows_split` ([`Kernels::attention_rows`]): 256; (⌈L/16⌉, ⌈L/32⌉, images x
-//!   heads), 30-189 KB dynamic shared memory by head width; `attention_rows_combine`: 128;
-//!   (L, images x heads); `attention_rows_ds`: as `_split`, 26-154 KB; `attention_rows_grads`:
+//!   heads), 29.5-184.5 KB dynamic shared memory by head width; `attention_rows_combine`: 128;
+//!   (L, images x heads); `attention_rows_ds`: as `_split`, 26-150 KB; `attention_rows_grads`:
 //!   256; (⌈L/16⌉, ⌈head width/64⌉, 3 x images x heads), 66 KB;
 //! - `attention_flash_*` (fused attention, [`Kernels::attention_flash`]): 128; (⌈L/64⌉,
 //!   head width / 64, images x heads), 70-141 KB dynamic shared memory;
@@ -103,7 +103,7 @@ pub(crate) struct Capabilities {
     pub wgmma: bool,
     /// The fused attention kernels (141 KB of shared memory a block).
     pub flash: bool,
-    /// The attention rows kernels at their widest heads (189 KB of shared memory a block).
+    /// The attention rows kernels at their widest heads (184.5 KB of shared memory a block).
     pub rows: bool,
 }
 

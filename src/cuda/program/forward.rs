@@ -5,6 +5,7 @@ use super::KernelConfig;
 use super::{Buf, FusedShortcut, Lowering, Side16, Step, WKind, W};
 use crate::cuda::kernels::ConvShape;
 use crate::cuda::precision::Precision;
+use crate::cuda::unet::AttnKernel;
 use crate::model::graph::{Op, Space, Tid};
 use crate::{Error, Result};
 
@@ -167,10 +168,12 @@ impl Lowering<'_> {
                 let qb = self.val(qkv)?;
                 let yb = self.new_value(y);
                 let kernel = self.attention_kernel(head_dim);
-                let saved = self.buf(
-                    self.n * heads * kernel.saved_len(tokens),
-                    "attention probabilities or log-sum-exps",
-                );
+                // The rows kernels write P only for a backward pass to read.
+                let saved_len = match kernel {
+                    AttnKernel::Rows if !keep => 0,
+                    _ => self.n * heads * kernel.saved_len(tokens),
+                };
+                let saved = self.buf(saved_len, "attention probabilities or log-sum-exps");
                 if keep {
                     self.aux[i] = Some(saved);
                 }

@@ -441,7 +441,7 @@ impl KernelConfig {
             (self.row_epilogue, "row epilogue"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
-            (self.attention_rows, "attention forward in rows"),
+            (self.attention_rows, "attention in rows"),
             (self.wgmma_lean, "lean wgmma loaders"),
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),

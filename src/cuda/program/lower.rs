@@ -829,14 +829,29 @@ impl Lowering<'_> {
                 y: out,
                 y16: slot @ None,
                 kernel: AttnKernel::Rows,
+                tokens,
+                heads,
+                head_dim,
                 ..
+            } if choice.fused_half_copies
+                && *out == src
+                && n * *tokens * *heads * *head_dim == len =>
+            {
+                *slot = y.map(|y| (y, precision));
+                true
             }
-            | Step::AttentionBackward {
+            Step::AttentionBackward {
                 dqkv: out,
                 dqkv16: slot @ None,
                 kernel: AttnKernel::Rows,
+                tokens,
+                heads,
+                head_dim,
                 ..
-            } if choice.fused_half_copies && *out == src => {
+            } if choice.fused_half_copies
+                && *out == src
+                && n * *tokens * 3 * *heads * *head_dim == len =>
+            {
                 *slot = y.map(|y| (y, precision));
                 true
             }

@@ -543,17 +543,18 @@ fn symbolic_with(p: &Program, narrow_rounds: bool) -> (u64, Option<u64>) {
 
 /// Over every combination of the passes that move work between steps (one-pass GroupNorms,
 /// 16-bit copies, aliased gradients, tall tiles, copies written by their writers), with wgmma,
-/// 16-bit concatenations and fused attention on: a step reads and writes one buffer only
-/// where it adds onto it element by element.
+/// 16-bit concatenations and fused attention or attention in rows on: a step reads and writes
+/// one buffer only where it adds onto it element by element.
 #[test]
 fn fused_steps_keep_their_contracts() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
     for (n, size) in [(1, 256), (2, 64)] {
-        for bits in 0..32u32 {
+        for bits in 0..64u32 {
             let tc = KernelConfig {
                 wgmma: true,
                 half_concat: true,
-                attention_flash: true,
+                attention_flash: bits & 32 == 0,
+                attention_rows: bits & 32 != 0,
                 gn_one_pass: bits & 1 != 0,
                 half_copy: bits & 2 != 0,
                 alias_residual_grads: bits & 4 != 0,
@@ -636,9 +637,16 @@ fn every_buffer_is_written_before_it_is_read() {
     // concatenations' sides, which a concatenation then reads back for its sums, and copies.
     let [sides, copies] = each_half_output(tuned);
     let [half_dy, adds] = backward_choices(tuned);
+    // Attention in rows, which writes its 16-bit copies itself (a candidate).
+    let rows = KernelConfig {
+        attention_rows: true,
+        ..tuned
+    };
     for (record, choice) in [
         (true, tuned),
         (false, tuned),
+        (true, rows),
+        (false, rows),
         (true, fp32_recording),
         (true, unfused),
         (false, unfused),
@@ -1813,7 +1821,12 @@ fn tensor_core_attention_only_below_fp32() {
                                 head_dim,
                                 ..
                             } => {
-                                assert_eq!(p.bufs[saved.0].len, heads * kernel.saved_len(tokens));
+                                // (A rows forward that saves nothing has no P.)
+                                let saved_len = match kernel {
+                                    Rows if !record => 1,
+                                    _ => heads * kernel.saved_len(tokens),
+                                };
+                                assert_eq!(p.bufs[saved.0].len, saved_len);
                                 assert_eq!(saves, record);
                                 let len = heads * kernel.forward_scratch_len(tokens, head_dim);
                                 assert_eq!(
@@ -2074,10 +2087,15 @@ fn every_buffer_with_room_is_used() {
         };
         let [sides, copies] = each_half_output(tuned);
         let [half_dy, adds] = backward_choices(tuned);
+        let rows = KernelConfig {
+            attention_rows: true,
+            ..tuned
+        };
         for choice in [
             KernelConfig::default(),
             tuned,
             flash,
+            rows,
             v06,
             fused,
             split,

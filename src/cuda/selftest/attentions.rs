@@ -180,7 +180,7 @@ impl Tester<'_> {
         // row tile and two chunks of head width; the celebahq attentions themselves (1 x 512 at
         // 256 and 64 tokens). The softmax (kernels/attention.cu) holds rows of up to 256 in
         // registers: 20 tokens leave lanes without an element, 256 fill every lane's eight,
-        // 257 and 300 take its passes over memory. The forward in rows takes the heads of 16
+        // 257 and 300 take its passes over memory. Attention in rows takes the heads of 16
         // channels and more: 33 tokens end in a split of one key and a query tile of one.
         for (n, tokens, heads, head_dim, accumulate) in [
             (2, 33, 3, 48, false),
