@@ -621,6 +621,46 @@ DEVI void a_split(const float* s, int pitch, int k, int g, int q, uint32_t (&hi)
     split_at(a0 + 8 * pitch + 8, hi[3], lo[3]);
 }
 
+// This warp's partial sums of A Bᵀ for 16 rows of A and 32 of B (row-major at `pitch` in shared
+// memory) over every eighth k16 step of the head, into red[warp] ([16][RP]): the forward's
+// scores (q, k) and the backward's dP (dO, v). rows_score_sum adds them after a barrier.
+DEVI void rows_partial_scores(const float* as, const float* bs, int pitch, int d, float* red, int warp, int g,
+                              int q) {
+    using namespace ar;
+    float acc[4][4] = {};
+    for (int k = 16 * warp; k < d; k += 16 * WARPS) {
+        uint32_t ah[4], al[4];
+        a_split(as, pitch, k, g, q, ah, al);
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const float* b0 = bs + (8 * t + g) * pitch + k + 2 * q;
+            uint32_t bh[2], bl[2];
+            split_at(b0, bh[0], bl[0]);
+            split_at(b0 + 8, bh[1], bl[1]);
+            mma_split(acc[t], ah, al, bh, bl);
+        }
+    }
+    float* mine = red + warp * ROWS * RP;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        st_f2(mine + g * RP + 8 * t + 2 * q, acc[t][0], acc[t][1]);
+        st_f2(mine + (g + 8) * RP + 8 * t + 2 * q, acc[t][2], acc[t][3]);
+    }
+}
+
+// The warps' partial sums at (row, columns c, c + 1), added in warp order.
+DEVI float2 rows_score_sum(const float* red, int row, int c) {
+    using namespace ar;
+    float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        const float2 v = ld_f2(red + (w * ROWS + row) * RP + c);
+        s.x += v.x;
+        s.y += v.y;
+    }
+    return s;
+}
+
 // Grid (⌈L/16⌉, splits = ⌈L/32⌉, n heads), ar::THREADS threads, rows_smem(d) dynamic shared
 // memory. Traps on a launch it cannot serve (a loud failure rather than a write past its
 // buffers): less shared memory than it lays out, a head width it does not take, a split count
@@ -664,26 +704,7 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_split(c
     cp_async_wait<1>();
     __syncthreads();
 
-    // This warp's share of the scores: sacc[t] holds keys 8t + 2q, 8t + 2q + 1 of rows g, g + 8.
-    float sacc[4][4] = {};
-    for (int k = 16 * warp; k < d; k += 16 * WARPS) {
-        uint32_t ah[4], al[4];
-        a_split(qs, qp, k, g, q, ah, al);
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const float* b0 = ks + (8 * t + g) * qp + k + 2 * q;
-            uint32_t bh[2], bl[2];
-            split_at(b0, bh[0], bl[0]);
-            split_at(b0 + 8, bh[1], bl[1]);
-            mma_split(sacc[t], ah, al, bh, bl);
-        }
-    }
-    float* mine = red + warp * ROWS * RP;
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        st_f2(mine + g * RP + 8 * t + 2 * q, sacc[t][0], sacc[t][1]);
-        st_f2(mine + (g + 8) * RP + 8 * t + 2 * q, sacc[t][2], sacc[t][3]);
-    }
+    rows_partial_scores(qs, ks, qp, d, red, warp, g, q);
     __syncthreads();
 
     // The split's softmax, 16 threads a query (two keys each, the lanes of a half-warp): the
@@ -691,15 +712,9 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_split(c
     // masked (the split's first key is inside L, so the maximum is finite).
     {
         const int row = tid >> 4, c = 2 * (tid & 15), qrow = r0 + row;
-        float sx = 0.f, sy = 0.f;
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            const float2 v = ld_f2(red + (w * ROWS + row) * RP + c);
-            sx += v.x;
-            sy += v.y;
-        }
-        sx = k0 + c < L ? sx * a.scale : -INFINITY;
-        sy = k0 + c + 1 < L ? sy * a.scale : -INFINITY;
+        const float2 s = rows_score_sum(red, row, c);
+        const float sx = k0 + c < L ? s.x * a.scale : -INFINITY;
+        const float sy = k0 + c + 1 < L ? s.y * a.scale : -INFINITY;
         float m = fmaxf(sx, sy);
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -873,26 +888,8 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_ds(cons
     cp_async_wait<1>();
     __syncthreads();
 
-    // dP over this warp's k16 steps, as the forward's scores.
-    float acc[4][4] = {};
-    for (int k = 16 * warp; k < d; k += 16 * WARPS) {
-        uint32_t ah[4], al[4];
-        a_split(dos, pitch, k, g, q, ah, al);
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-            const float* b0 = vs + (8 * t + g) * pitch + k + 2 * q;
-            uint32_t bh[2], bl[2];
-            split_at(b0, bh[0], bl[0]);
-            split_at(b0 + 8, bh[1], bl[1]);
-            mma_split(acc[t], ah, al, bh, bl);
-        }
-    }
-    float* mine = red + warp * ROWS * RP;
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        st_f2(mine + g * RP + 8 * t + 2 * q, acc[t][0], acc[t][1]);
-        st_f2(mine + (g + 8) * RP + 8 * t + 2 * q, acc[t][2], acc[t][3]);
-    }
+    // dP, as the forward's scores.
+    rows_partial_scores(dos, vs, pitch, d, red, warp, g, q);
     cp_async_wait<0>();
     __syncthreads();
     // D per query, a warp per two rows.
@@ -906,18 +903,12 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_ds(cons
         if (lane == 0) dsum[r] = s;
     }
     __syncthreads();
-    float dx = 0.f, dy = 0.f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        const float2 v = ld_f2(red + (w * ROWS + row) * RP + c);
-        dx += v.x;
-        dy += v.y;
-    }
+    const float2 dp = rows_score_sum(red, row, c);
     if (qrow < L) {
         const float D = dsum[row];
         float* dsrow = a.ds + ((long long)bh * L + qrow) * L + k0 + c;
-        if (k0 + c < L) dsrow[0] = p0 * (dx - D) * a.scale;
-        if (k0 + c + 1 < L) dsrow[1] = p1 * (dy - D) * a.scale;
+        if (k0 + c < L) dsrow[0] = p0 * (dp.x - D) * a.scale;
+        if (k0 + c + 1 < L) dsrow[1] = p1 * (dp.y - D) * a.scale;
     }
 }
 

@@ -176,9 +176,9 @@ impl Tester<'_> {
     pub(super) fn attentions(&mut self) -> Result<()> {
         self.batched_products()?;
         let (gpu, st) = (self.gpu, &self.gpu.stream);
-        // The last two: the fused kernels' shapes (heads of 64-column chunks), with a partial
-        // row tile and two chunks of head width; the celebahq attentions themselves (1 x 512 at
-        // 256 and 64 tokens). The softmax (kernels/attention.cu) holds rows of up to 256 in
+        // Heads of 64 and 128 channels: the fused kernels' shapes (64-column chunks), with a
+        // partial row tile and two chunks of head width; the celebahq attentions themselves
+        // (1 x 512 at 256 and 64 tokens). The softmax (kernels/attention.cu) holds rows of up to 256 in
         // registers: 20 tokens leave lanes without an element, 256 fill every lane's eight,
         // 257 and 300 take its passes over memory. Attention in rows takes the heads of 16
         // channels and more: 33 tokens end in a split of one key and a query tile of one.

@@ -31,12 +31,12 @@ pub(crate) struct Attn {
 pub(crate) enum AttnKernel {
     /// Batched products in fp32 FMAs and a softmax, P materialised (`[n, heads, L, L]`).
     Products,
+    /// The same with the products on the tf32 tensor cores ([`Gemm::tf32`]).
+    Tf32Products,
     /// In rows of queries ([`Kernels::attention_rows`], [`Kernels::attention_rows_backward`]:
     /// split-bf16 tensor-core products, two launches each way), P materialised as for
     /// `Products`; the backward reads the forward's output.
     Rows,
-    /// The same with the products on the tf32 tensor cores ([`Gemm::tf32`]).
-    Tf32Products,
     /// Fused (`attention_flash_*`, tf32 tensor cores): P never leaves the multiprocessor; the
     /// forward saves each query's log-sum-exp (`[n, heads, L]`) instead, and the backward
     /// reads the forward's output.
