@@ -19,6 +19,7 @@
 # off (does it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
     attn_rows:INVDIFF_ATTN_ROWS=1
+    attn_rows_wave:INVDIFF_ATTN_ROWS=wave
     narrow_mma:INVDIFF_NARROW_MMA=1
     few_in_mma:INVDIFF_FEW_IN_MMA=1
     gn_from_reduction:INVDIFF_GN_FROM_REDUCTION=1

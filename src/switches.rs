@@ -185,8 +185,8 @@ pub const SWITCHES: &[Switch] = &[
     ),
     choice(
         "INVDIFF_ATTN_ROWS",
-        ON_OFF,
-        "GPU candidate: `1` runs the attention below fp32 in two launches each way over rows of 16 queries instead of three forward and five backward, on tensor cores over operands split into bf16 pairs (about 17 significant bits)",
+        &["0", "1", "wave"],
+        "GPU candidate: `1` runs the attention below fp32 in two launches each way over rows of 16 queries instead of three forward and five backward, on tensor cores over operands split into bf16 pairs (about 17 significant bits); `wave` only where its first launch is one wave (batch 1 at celebahq's sizes)",
     ),
     choice(
         "INVDIFF_CONCAT_FROM_PRODUCERS",
@@ -317,8 +317,8 @@ mod tests {
     }
 
     /// The GPU defaults and candidates read `0` and `1` (the stream count 1 to 4, the 16-bit
-    /// GroupNorm gradients `x16` too), as `KernelConfig::from_switches` and the launch choices
-    /// do.
+    /// GroupNorm gradients `x16` too, attention in rows `wave`), as
+    /// `KernelConfig::from_switches` and the launch choices do.
     #[test]
     fn defaults_and_candidates_read_zero_and_one() {
         for s in SWITCHES
@@ -329,6 +329,8 @@ mod tests {
                 assert!(s.reads("1") && s.reads("4") && !s.reads("0") && !s.reads("5"));
             } else if s.name == "INVDIFF_GN_HALF_DY" {
                 assert_eq!(s.values, ["0", "1", "x16"]);
+            } else if s.name == "INVDIFF_ATTN_ROWS" {
+                assert_eq!(s.values, ["0", "1", "wave"]);
             } else {
                 assert_eq!(s.values, ON_OFF, "{}", s.name);
             }

@@ -155,6 +155,11 @@ pub(super) const ROWS_GRADS_SMEM: u32 = 67_584;
 /// Output columns of an `attention_rows_grads` block.
 const ROWS_GRADS_COLS: usize = 64;
 
+/// Blocks of `attention_rows_split` over `pairs` (image, head) pairs of `tokens` tokens.
+pub(crate) fn rows_split_blocks(pairs: usize, tokens: usize) -> usize {
+    pairs * tokens.div_ceil(ROWS_QUERIES) * tokens.div_ceil(ROWS_KEYS)
+}
+
 /// Floats of the rows kernels' scratch per (image, head) at `tokens` and `head_dim`: each
 /// 32-key split's share of the output and each query's (maximum, sum) in it.
 pub(crate) fn rows_scratch_len(tokens: usize, head_dim: usize) -> usize {

@@ -67,7 +67,9 @@ mod norm;
 mod resample;
 mod tma;
 
-pub(crate) use attention::{flash_fits, gemm_form, rows_fits, rows_scratch_len, Gemm, GemmForm};
+pub(crate) use attention::{
+    flash_fits, gemm_form, rows_fits, rows_scratch_len, rows_split_blocks, Gemm, GemmForm,
+};
 #[cfg(test)]
 pub(crate) use conv::wgmma_kernel_exists;
 pub(crate) use conv::{ConvPtrs, ProbeCounters, Side16, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES};

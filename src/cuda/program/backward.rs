@@ -205,7 +205,7 @@ impl Lowering<'_> {
                 let (h, w) = self.hw(qkv);
                 let tokens = h * w;
                 let qb = self.val(qkv)?;
-                let kernel = self.attention_kernel(head_dim);
+                let kernel = self.attention_kernel(tokens, heads, head_dim);
                 let yb = match kernel {
                     AttnKernel::Flash | AttnKernel::Rows => Some(self.val(y)?),
                     AttnKernel::Products | AttnKernel::Tf32Products => None,

@@ -167,7 +167,7 @@ impl Lowering<'_> {
                 let tokens = h * w;
                 let qb = self.val(qkv)?;
                 let yb = self.new_value(y);
-                let kernel = self.attention_kernel(head_dim);
+                let kernel = self.attention_kernel(tokens, heads, head_dim);
                 // The rows kernels write P only for a backward pass to read.
                 let saved_len = match kernel {
                     AttnKernel::Rows if !keep => 0,

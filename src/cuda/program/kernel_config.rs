@@ -102,9 +102,10 @@ pub(crate) struct KernelConfig {
     pub attention_flash: bool,
     /// Below fp32: attention in rows of 16 queries ([`AttnKernel::Rows`]: split-bf16
     /// tensor-core products, about 17 significant bits; two launches forward instead of three,
-    /// two backward instead of five, P in memory as unfused), for heads [`rows_fits`] takes.
-    /// After `attention_flash`, ahead of `attention_tf32`.
-    pub attention_rows: bool,
+    /// two backward instead of five, P in memory as unfused), for heads [`rows_fits`] takes,
+    /// everywhere or where its split launch is one wave. After `attention_flash`, ahead of
+    /// `attention_tf32`.
+    pub attention_rows: AttentionRows,
     /// wgmma launches with the row epilogue take the lean loaders
     /// ([`ConvLaunch::lean_loads`]): the same copies, half the instructions a K slice.
     pub wgmma_lean: bool,
@@ -202,6 +203,21 @@ pub(crate) struct KernelConfig {
     pub batch_invariant: bool,
 }
 
+/// Where attention runs in rows ([`KernelConfig::attention_rows`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum AttentionRows {
+    /// Nowhere.
+    #[default]
+    Off,
+    /// Where its split launch (a block per 16 queries and 32 keys of an image and head) has at
+    /// most a block per multiprocessor, counted over one image with `batch_invariant`: batch
+    /// 1 at celebahq's sizes, where its blocks hold 184.5 KB of shared memory each and a second
+    /// wave would wait out the first.
+    OneWave,
+    /// Every attention whose heads it takes.
+    Everywhere,
+}
+
 /// Which GroupNorm backward passes read a 16-bit output gradient
 /// ([`KernelConfig::half_norm_grads`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -239,7 +255,7 @@ impl Default for KernelConfig {
             row_epilogue: false,
             attention_tf32: false,
             attention_flash: false,
-            attention_rows: false,
+            attention_rows: AttentionRows::Off,
             wgmma_lean: false,
             wgmma_tma: false,
             epilogue_prefetch: false,
@@ -323,7 +339,7 @@ impl KernelConfig {
             row_epilogue: true,
             attention_tf32: false,
             attention_flash: false,
-            attention_rows: false,
+            attention_rows: AttentionRows::Off,
             wgmma_lean: here.wgmma,
             wgmma_tma: here.wgmma,
             epilogue_prefetch: here.wgmma,
@@ -380,7 +396,12 @@ impl KernelConfig {
             row_epilogue: kept("INVDIFF_ROW_EPILOGUE", tuned.row_epilogue),
             attention_tf32: kept("INVDIFF_ATTN_TF32", tuned.attention_tf32),
             attention_flash: here.flash && on("INVDIFF_ATTN_FLASH"),
-            attention_rows: here.rows && on("INVDIFF_ATTN_ROWS"),
+            attention_rows: match switches::value("INVDIFF_ATTN_ROWS").as_deref() {
+                _ if !here.rows => AttentionRows::Off,
+                Some("1") => AttentionRows::Everywhere,
+                Some("wave") => AttentionRows::OneWave,
+                _ => AttentionRows::Off,
+            },
             wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean && wgmma),
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
@@ -441,7 +462,14 @@ impl KernelConfig {
             (self.row_epilogue, "row epilogue"),
             (self.attention_tf32, "tf32 attention"),
             (self.attention_flash, "fused attention"),
-            (self.attention_rows, "attention in rows"),
+            (
+                self.attention_rows == AttentionRows::Everywhere,
+                "attention in rows",
+            ),
+            (
+                self.attention_rows == AttentionRows::OneWave,
+                "attention in rows where one wave",
+            ),
             (self.wgmma_lean, "lean wgmma loaders"),
             (self.wgmma_tma, "TMA wgmma loads"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),

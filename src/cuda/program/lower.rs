@@ -5,13 +5,13 @@
 #[cfg(doc)]
 use super::Program;
 use super::{
-    BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS, HALF_COPY_MIN,
-    STAGED_UNSPLIT_MAX_K, W,
+    AttentionRows, BatchedLinear, Buf, BufDesc, ConvStep, KernelConfig, Step, FOLD_MIN_ROWS,
+    HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K, W,
 };
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, narrow_mma_fits, plan_conv_at, plan_launch, plan_norm,
-    reduction_norm_threads, rows_fits, ConvKernel, ConvLaunch, ConvShape, GradSides, NormSplit,
-    WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
+    reduction_norm_threads, rows_fits, rows_split_blocks, ConvKernel, ConvLaunch, ConvShape,
+    GradSides, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -727,14 +727,29 @@ impl Lowering<'_> {
             .map(|&(_, copy, _)| copy)
     }
 
-    /// How an attention with heads of `head_dim` runs ([`KernelConfig::attention_flash`],
-    /// [`KernelConfig::attention_rows`], [`KernelConfig::attention_tf32`]): on the tensor
-    /// cores never in fp32.
-    pub(super) fn attention_kernel(&self, head_dim: usize) -> AttnKernel {
+    /// How an attention of `tokens` tokens and `heads` heads of `head_dim` runs
+    /// ([`KernelConfig::attention_flash`], [`KernelConfig::attention_rows`],
+    /// [`KernelConfig::attention_tf32`]): on the tensor cores never in fp32.
+    pub(super) fn attention_kernel(
+        &self,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> AttnKernel {
         let below_fp32 = self.precision != Precision::Fp32;
+        let images = if self.choice.batch_invariant {
+            1
+        } else {
+            self.n
+        };
+        let rows_here = match self.choice.attention_rows {
+            AttentionRows::Off => false,
+            AttentionRows::OneWave => rows_split_blocks(images * heads, tokens) <= self.sms,
+            AttentionRows::Everywhere => true,
+        };
         if below_fp32 && self.choice.attention_flash && flash_fits(head_dim) {
             AttnKernel::Flash
-        } else if below_fp32 && self.choice.attention_rows && rows_fits(head_dim) {
+        } else if below_fp32 && rows_here && rows_fits(head_dim) {
             AttnKernel::Rows
         } else if below_fp32 && self.choice.attention_tf32 {
             AttnKernel::Tf32Products

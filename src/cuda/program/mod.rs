@@ -32,7 +32,7 @@ mod lower;
 mod tests;
 
 pub(crate) use kernel_config::{
-    HalfGrads, KernelConfig, FOLD_MIN_ROWS, HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K,
+    AttentionRows, HalfGrads, KernelConfig, FOLD_MIN_ROWS, HALF_COPY_MIN, STAGED_UNSPLIT_MAX_K,
 };
 use lower::Lowering;
 

@@ -554,7 +554,10 @@ fn fused_steps_keep_their_contracts() {
                 wgmma: true,
                 half_concat: true,
                 attention_flash: bits & 32 == 0,
-                attention_rows: bits & 32 != 0,
+                attention_rows: match bits & 32 != 0 {
+                    true => AttentionRows::Everywhere,
+                    false => AttentionRows::Off,
+                },
                 gn_one_pass: bits & 1 != 0,
                 half_copy: bits & 2 != 0,
                 alias_residual_grads: bits & 4 != 0,
@@ -639,7 +642,7 @@ fn every_buffer_is_written_before_it_is_read() {
     let [half_dy, adds] = backward_choices(tuned);
     // Attention in rows, which writes its 16-bit copies itself (a candidate).
     let rows = KernelConfig {
-        attention_rows: true,
+        attention_rows: AttentionRows::Everywhere,
         ..tuned
     };
     for (record, choice) in [
@@ -1643,7 +1646,7 @@ fn switches_compute_what_the_default_program_computes() {
             // 16-bit copies of the attentions' outputs and input gradients the projections
             // read, instead of their conversion launches.
             let rows = build(KernelConfig {
-                attention_rows: true,
+                attention_rows: AttentionRows::Everywhere,
                 ..tuned
             });
             assert_eq!(symbolic(&rows), want, "{precision} {n}x{h}x{w} rows");
@@ -1795,7 +1798,10 @@ fn tensor_core_attention_only_below_fp32() {
             let tc = KernelConfig {
                 attention_tf32: tf32,
                 attention_flash: flash,
-                attention_rows: rows,
+                attention_rows: match rows {
+                    true => AttentionRows::Everywhere,
+                    false => AttentionRows::Off,
+                },
                 ..KernelConfig::default()
             };
             // (graph, heads the fused kernels take, heads the rows kernels take)
@@ -1862,6 +1868,46 @@ fn tensor_core_attention_only_below_fp32() {
         }
     }
 }
+/// AttentionRows::OneWave runs attention in rows where its split launch is one wave on the
+/// device: celebahq's at batch 1 (128 blocks of 132 at 256 tokens, 8 at 64), at batch 8 only the
+/// 64-token one (64 blocks; 1024 at 256 tokens), and with batch_invariant, which counts one
+/// image's blocks, every one at any batch, so that an image's attention is the same kernel
+/// whatever its batch.
+#[test]
+fn attention_in_rows_where_one_wave() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    // (batch, batch_invariant, tokens that run in rows)
+    for (n, batch_invariant, rows) in [
+        (1, false, &[64, 256][..]),
+        (8, false, &[64][..]),
+        (8, true, &[64, 256][..]),
+    ] {
+        let tc = KernelConfig {
+            attention_rows: AttentionRows::OneWave,
+            batch_invariant,
+            ..KernelConfig::default()
+        };
+        let p = Program::build_with(&g, n, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+        let mut seen = 0;
+        for s in &p.steps {
+            if let Step::Attention { kernel, tokens, .. }
+            | Step::AttentionBackward { kernel, tokens, .. } = *s
+            {
+                let want = match rows.contains(&tokens) {
+                    true => AttnKernel::Rows,
+                    false => AttnKernel::Products,
+                };
+                assert_eq!(
+                    kernel, want,
+                    "batch {n}, invariant {batch_invariant}, {tokens} tokens"
+                );
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 12);
+    }
+}
+
 /// tall_tiles gives 256-row tiles to the unsplit wgmma launches that fill the machine with
 /// them: the 256x256 level at batch 1, most launches at batch 8; never without wgmma.
 #[test]
@@ -1998,7 +2044,7 @@ fn every_choice_has_a_name() {
         |c| c.row_epilogue = true,
         |c| c.attention_tf32 = true,
         |c| c.attention_flash = true,
-        |c| c.attention_rows = true,
+        |c| c.attention_rows = AttentionRows::Everywhere,
         |c| c.tall_tiles = true,
         |c| c.upsample_fold = true,
         |c| c.shortcut_fused = true,
@@ -2024,6 +2070,11 @@ fn every_choice_has_a_name() {
         ..KernelConfig::default()
     };
     assert_eq!(over_half.describe().len(), 1);
+    let one_wave = KernelConfig {
+        attention_rows: AttentionRows::OneWave,
+        ..KernelConfig::default()
+    };
+    assert_eq!(one_wave.describe().len(), 1);
     // Choices named only beside the ones they refine.
     let placed = KernelConfig {
         half_gn_inputs: true,
@@ -2088,7 +2139,7 @@ fn every_buffer_with_room_is_used() {
         let [sides, copies] = each_half_output(tuned);
         let [half_dy, adds] = backward_choices(tuned);
         let rows = KernelConfig {
-            attention_rows: true,
+            attention_rows: AttentionRows::Everywhere,
             ..tuned
         };
         for choice in [
