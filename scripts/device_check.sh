@@ -35,7 +35,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
-# variants of three bench calls each, a bench call 2-5 s; the default list now has 44, more than a
+# variants of three bench calls each, a bench call 2-5 s; the default list now has 49, more than a
 # deadline of 510 s leaves room for, so name the variants wanted in VARIANTS); each
 # phase's estimate is beside it;
 # a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a
