@@ -594,8 +594,19 @@ DEVI unsigned rows_smem(int d) {
     return 4u * (48 * (d + 8) + 32 * (d + 4) + (ar::WARPS + 1) * ar::ROWS * ar::RP);
 }
 
-DEVI float2 ld_f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 DEVI void st_f2(float* p, float x, float y) { *reinterpret_cast<float2*>(p) = make_float2(x, y); }
+
+// Rows [row0, row0 + rows) of a head's d columns (row-major at src, pitch ld floats) into
+// shared memory at s (pitch `pitch`) by 16-byte cp.async, zeros for rows at or past L: the rows
+// kernels' operand copies, from all of a block's threads.
+DEVI void rows_load(float* s, int pitch, const float* src, long long ld, int row0, int rows, int L, int d) {
+    const int c4 = d / 4;
+    for (int e = threadIdx.x; e < rows * c4; e += ar::THREADS) {
+        const int r = e / c4, c = (e - r * c4) * 4;
+        const bool ok = row0 + r < L;
+        cp_async16(smem_addr(s + r * pitch + c), src + (ok ? row0 + r : 0) * ld + c, ok);
+    }
+}
 
 // The split pair of the two consecutive floats at p (a float2 read).
 DEVI void split_at(const float* p, uint32_t& hi, uint32_t& lo) {
@@ -687,19 +698,10 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_split(c
     const float* base = a.qkv + (long long)img * L * ld + head * d;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
 
-    // Rows [row0, row0 + rows) of part 0, 1 or 2 (q, k, v) into s (pitch sp), zeros past L.
-    auto load = [&](float* s, int sp, int part, int row0, int rows) {
-        const int c4 = d / 4;
-        for (int e = tid; e < rows * c4; e += THREADS) {
-            const int r = e / c4, c = (e - r * c4) * 4;
-            const bool ok = row0 + r < L;
-            cp_async16(smem_addr(s + r * sp + c), base + (ok ? row0 + r : 0) * ld + part * inner + c, ok);
-        }
-    };
-    load(qs, qp, 0, r0, ROWS);
-    load(ks, qp, 1, k0, KEYS);
+    rows_load(qs, qp, base, ld, r0, ROWS, L, d);
+    rows_load(ks, qp, base + inner, ld, k0, KEYS, L, d);
     cp_async_commit();
-    load(vs, vp, 2, k0, KEYS);
+    rows_load(vs, vp, base + 2 * inner, ld, k0, KEYS, L, d);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -862,20 +864,11 @@ extern "C" __global__ void __launch_bounds__(ar::THREADS) attention_rows_ds(cons
     const int r0 = blockIdx.x * ROWS, k0 = blockIdx.y * KEYS;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
 
-    // Rows [row0, row0 + rows) of a matrix of pitch ld_src whose head starts at src, into s.
-    auto load = [&](float* s, const float* src, long long ld_src, int row0, int rows) {
-        const int c4 = d / 4;
-        for (int e = tid; e < rows * c4; e += THREADS) {
-            const int r = e / c4, c = (e - r * c4) * 4;
-            const bool ok = row0 + r < L;
-            cp_async16(smem_addr(s + r * pitch + c), src + (ok ? row0 + r : 0) * ld_src + c, ok);
-        }
-    };
     const long long rows0 = (long long)img * L * inner + head * d;
-    load(dos, a.dout + rows0, inner, r0, ROWS);
-    load(vs, a.qkv + (long long)img * L * ld + 2 * inner + head * d, ld, k0, KEYS);
+    rows_load(dos, pitch, a.dout + rows0, inner, r0, ROWS, L, d);
+    rows_load(vs, pitch, a.qkv + (long long)img * L * ld + 2 * inner + head * d, ld, k0, KEYS, L, d);
     cp_async_commit();
-    load(os, a.o + rows0, inner, r0, ROWS);
+    rows_load(os, pitch, a.o + rows0, inner, r0, ROWS, L, d);
     cp_async_commit();
     // This thread's two keys of P for the dS step, loaded now.
     const int row = tid >> 4, c = 2 * (tid & 15), qrow = r0 + row;

@@ -18,6 +18,7 @@
 DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 
 DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+DEVI float2 ld_f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 
 // GroupNorm's element-wise step for four channels: x * scale + shift (one fma, as on the CPU),
 // then SiLU.

@@ -3,7 +3,9 @@
 
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, PushKernelArg};
 
-use super::{at, cfg, half_output, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK};
+use super::{
+    at, cfg, grid_dim, half_output, i32_of, i64_of, need, DPtr, Kernels, LaunchSwitches, BLOCK,
+};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -154,6 +156,25 @@ pub(super) const ROWS_GRADS_SMEM: u32 = 67_584;
 
 /// Output columns of an `attention_rows_grads` block.
 const ROWS_GRADS_COLS: usize = 64;
+
+/// The grid of `attention_rows_split` and `attention_rows_ds`: query tiles, key splits and
+/// (image, head) pairs, each checked to fit a launch.
+struct RowsGrid {
+    tiles: u32,
+    splits: u32,
+    pairs: u32,
+}
+
+impl RowsGrid {
+    fn new(n: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<Self> {
+        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        Ok(RowsGrid {
+            tiles: i32_of(tokens.div_ceil(ROWS_QUERIES), "attention query tiles")? as u32,
+            splits: grid_dim(tokens.div_ceil(ROWS_KEYS), "attention key splits")?,
+            pairs: grid_dim(n * heads, "attention (image, head) pairs")?,
+        })
+    }
+}
 
 /// Blocks of `attention_rows_split` over `pairs` (image, head) pairs of `tokens` tokens.
 pub(crate) fn rows_split_blocks(pairs: usize, tokens: usize) -> usize {
@@ -372,12 +393,7 @@ impl Kernels {
             return Ok(());
         }
         i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
-        let batch = n * heads;
-        if batch > 65535 {
-            return Err(Error::Cuda(format!(
-                "fused attention over {batch} (image, head) pairs: at most 65535 per launch"
-            )));
-        }
+        let batch = grid_dim(n * heads, "fused attention (image, head) pairs")?;
         let mut args = FlashArgs {
             qkv,
             y,
@@ -391,7 +407,7 @@ impl Kernels {
         let grid = (
             i32_of(tokens.div_ceil(FLASH_TILE), "row tiles")? as u32,
             (head_dim / FLASH_TILE) as u32,
-            batch as u32,
+            batch,
         );
         let kernels: &[usize] = match backward {
             None => &[0],
@@ -467,21 +483,9 @@ impl Kernels {
         if n * heads * tokens == 0 {
             return Ok(());
         }
-        let batch = n * heads;
-        if batch > 65535 {
-            return Err(Error::Cuda(format!(
-                "attention in rows over {batch} (image, head) pairs: at most 65535 per launch"
-            )));
-        }
-        let splits = tokens.div_ceil(ROWS_KEYS);
-        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        let g = RowsGrid::new(n, tokens, heads, head_dim)?;
+        let (batch, splits) = (n * heads, tokens.div_ceil(ROWS_KEYS));
         i32_of(splits * tokens, "attention splits x tokens")?;
-        if splits > 65535 {
-            return Err(Error::Cuda(format!(
-                "attention in rows over {tokens} tokens: at most {} per launch",
-                65535 * ROWS_KEYS
-            )));
-        }
         let part_len = batch * splits * tokens * head_dim;
         let args = RowsArgs {
             qkv,
@@ -497,17 +501,14 @@ impl Kernels {
             scale: 1.0 / (head_dim as f32).sqrt(),
             half_kind,
         };
-        // (query tiles, splits, image-heads) and (queries, image-heads): at most 65535 of
-        // each but the first, checked above.
-        let tiles = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention query tiles")? as u32;
         let launches = [
             (
                 split,
-                (tiles, splits as u32, batch as u32),
+                (g.tiles, g.splits, g.pairs),
                 256,
                 rows_smem(head_dim),
             ),
-            (combine, (tokens as u32, batch as u32, 1), 128, 0),
+            (combine, (tokens as u32, g.pairs, 1), 128, 0),
         ];
         for (f, grid, threads, smem) in launches {
             let mut b = st.launch_builder(f);
@@ -568,13 +569,7 @@ impl Kernels {
         if n * heads * tokens == 0 {
             return Ok(());
         }
-        let batch = n * heads;
-        if batch > 65535 {
-            return Err(Error::Cuda(format!(
-                "attention in rows over {batch} (image, head) pairs: at most 65535 per launch"
-            )));
-        }
-        i32_of(tokens * 3 * heads * head_dim, "tokens x q/k/v width")?;
+        let g = RowsGrid::new(n, tokens, heads, head_dim)?;
         i32_of(tokens * tokens, "attention scores")?;
         let args = RowsBwdArgs {
             qkv,
@@ -591,25 +586,18 @@ impl Kernels {
             scale: 1.0 / (head_dim as f32).sqrt(),
             half_kind,
         };
-        if tokens.div_ceil(ROWS_KEYS) > 65535 {
-            return Err(Error::Cuda(format!(
-                "attention in rows over {tokens} tokens: at most {} per launch",
-                65535 * ROWS_KEYS
-            )));
-        }
-        let rows = i32_of(tokens.div_ceil(ROWS_QUERIES), "attention query tiles")? as u32;
         let launches = [
             (
                 score_grads,
-                (rows, tokens.div_ceil(ROWS_KEYS) as u32, batch as u32),
+                (g.tiles, g.splits, g.pairs),
                 rows_ds_smem(head_dim),
             ),
             (
                 grads,
                 (
-                    rows,
+                    g.tiles,
                     3 * head_dim.div_ceil(ROWS_GRADS_COLS) as u32,
-                    batch as u32,
+                    g.pairs,
                 ),
                 ROWS_GRADS_SMEM,
             ),

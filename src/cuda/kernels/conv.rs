@@ -11,7 +11,7 @@ use super::conv_plan::{
     ConvKernel, ConvLaunch, ConvShape, WgmmaTile, DIRECT_MAX, NARROW_MMA_MAX_SC, TILE, WGMMA_SLICE,
 };
 use super::norm::ReductionNorm;
-use super::{cfg, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
+use super::{cfg, grid_dim, half_kind, i32_of, i64_of, need, tma, DPtr, Kernels, BLOCK};
 use crate::cuda::device::cu;
 use crate::cuda::precision::Precision;
 use crate::{Error, Result};
@@ -444,15 +444,6 @@ const FEW_IN_MMA_TILE: usize = 128;
 
 /// Output tile of `conv_narrow_*` and `conv_narrow_mma_*` (columns, rows).
 const NARROW_TILE: (usize, usize) = (32, 16);
-
-/// A grid's y or z extent, `v`: at most 65535 (x goes to 2^31 - 1, which the launchers' 32-bit
-/// checks cover).
-fn grid_dim(v: usize, what: &str) -> Result<u32> {
-    u32::try_from(v)
-        .ok()
-        .filter(|&g| g <= 65535)
-        .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
-}
 
 /// The grid of `conv_narrow_*` and `conv_narrow_mma_*` over `s`: a block per output tile
 /// ([`NARROW_TILE`]) and image.

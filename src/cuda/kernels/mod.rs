@@ -170,6 +170,15 @@ fn concat_outputs(
     Ok((y16, kind))
 }
 
+/// A grid's y or z extent, `v`: at most 65535 (x goes to 2^31 - 1, which the launchers' 32-bit
+/// checks cover).
+fn grid_dim(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v)
+        .ok()
+        .filter(|&g| g <= 65535)
+        .ok_or_else(|| Error::Cuda(format!("{what} = {v}: too many for one launch")))
+}
+
 fn i64_of(v: usize) -> i64 {
     v as i64
 }

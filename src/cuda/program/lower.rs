@@ -818,6 +818,11 @@ impl Lowering<'_> {
     /// launch. Whether it does (with `y` None, whether it could, changing nothing).
     fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Option<Buf>) -> bool {
         let (n, precision, choice) = (self.n, self.precision, self.choice);
+        // An attention's output has a head's width a token, its input gradient three (q, k, v).
+        let parts = match self.steps[at] {
+            Step::AttentionBackward { .. } => 3,
+            _ => 1,
+        };
         match &mut self.steps[at] {
             Step::ConcatBackward {
                 d,
@@ -848,14 +853,8 @@ impl Lowering<'_> {
                 heads,
                 head_dim,
                 ..
-            } if choice.fused_half_copies
-                && *out == src
-                && n * *tokens * *heads * *head_dim == len =>
-            {
-                *slot = y.map(|y| (y, precision));
-                true
             }
-            Step::AttentionBackward {
+            | Step::AttentionBackward {
                 dqkv: out,
                 dqkv16: slot @ None,
                 kernel: AttnKernel::Rows,
@@ -865,7 +864,7 @@ impl Lowering<'_> {
                 ..
             } if choice.fused_half_copies
                 && *out == src
-                && n * *tokens * 3 * *heads * *head_dim == len =>
+                && n * *tokens * parts * *heads * *head_dim == len =>
             {
                 *slot = y.map(|y| (y, precision));
                 true
