@@ -126,10 +126,11 @@ static_assert(sizeof(TmaMap) == 128, "TmaMap must match TensorMap in src/cuda/ke
 
 // What the `_tma` kernels' copies need besides the stage: the two maps, and the im2col
 // coordinates of the tile's first row. The A map's pixel box has its lower corner at the
-// smallest tap offsets (dy0, dx0), so row m's filter base is its output pixel shifted by them
-// and a tap's im2col offsets (dx - dx0, dy - dy0) are never negative; the box is as wide and
-// as high as the launch's output grid (mw x mh), so the copy's walk over the box's bases, row by
-// row and image by image, visits the GEMM's rows in their order (PTX ISA, "Tensor im2col mode").
+// smallest tap offsets (dy0, dx0), so row m's filter base is its output pixel (times the input
+// stride, the map's traversal stride) shifted by them and a tap's im2col offsets (dx - dx0,
+// dy - dy0) are never negative; the box holds as many bases a row and rows as the launch's
+// output grid (mw x mh), so the copy's walk over the box's bases, row by row and image by
+// image, visits the GEMM's rows in their order (PTX ISA, "Tensor im2col mode").
 struct TmaLoads {
     const TmaMap* a;  // im2col map of x [n, sh, sw, sc], 64 channels x TM pixels a copy
     const TmaMap* b;  // tiled map of w [blocks, ncols, sc], a box of 64 x 128 x 1
@@ -551,7 +552,9 @@ constexpr int WG_NO_ROW = -(1 << 28);
 // TMA (the `_tma` kernels, with LEAN's epilogue): thread 0 copies each slice with the tensor
 // memory accelerator through the maps in `tma` (TmaLoads), and every thread waits on the
 // stage's mbarrier instead of its own copies. Only for launches whose slices are whole taps
-// (sc % 64 == 0) at input stride 1, which the host checks (`im2col_box` in conv_plan.rs).
+// (sc % 64 == 0), which the host checks (`im2col_box` in conv_plan.rs); at an input stride
+// above 1 the map's walk steps that many pixels (its traversal stride), so a row's filter base
+// is its output pixel times the stride, shifted by the window's corner.
 // SC (the `_sc` kernels, LEAN or TMA): the fused 1x1 shortcut over `sc2` (see the header), at
 // input stride 1 with the output grid the source's, which the host checks.
 // STAGED (the `_st` kernels, TMA, also with SC): an unsplit launch finishes its rows
@@ -649,8 +652,8 @@ DEVI void wg_body(const ConvArgs& a, unsigned char* smem, unsigned long long* pr
     int base_w = 0, base_h = 0, base_img = 0;
     if constexpr (TMA) {
         const RowCoord r = decode_row(a, m0);
-        base_w = r.mx + win.dx0;
-        base_h = r.my + win.dy0;
+        base_w = r.mx * a.in_stride + win.dx0;
+        base_h = r.my * a.in_stride + win.dy0;
         base_img = r.img;
         if (tid == 0) {
 #pragma unroll

@@ -1,11 +1,11 @@
 # The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (attention in rows of queries, stop 38, untimed; the few-output and the few-input
-# convolutions on tensor cores, stop 37, untimed; split launches' reductions computing the one-pass
-# GroupNorms after them, stop 36, untimed; 16-bit output gradients for every GroupNorm backward
-# pass that can, not only those over 16-bit inputs; four streams, for the parity classes side by
-# side; tf32 attention products, a default at v0.5 and slower at batch 1 at v0.6; the fused
-# attention, slower at v0.5 and v0.6), then each v0.11 default
+# candidates (TMA copies at input stride 2, stop 39, untimed; attention in rows of queries, stop 38,
+# untimed; the few-output and the few-input convolutions on tensor cores, stop 37, untimed; split
+# launches' reductions computing the one-pass GroupNorms after them, stop 36, untimed; 16-bit output
+# gradients for every GroupNorm backward pass that can, not only those over 16-bit inputs; four
+# streams, for the parity classes side by side; tf32 attention products, a default at v0.5 and
+# slower at batch 1 at v0.6; the fused attention, slower at v0.5 and v0.6), then each v0.11 default
 # turned off (parity classes side by side; attention products whose warps split K; concatenation
 # sums eight pixels ahead), each v0.10 default turned off (residual gradients added by the GroupNorm
 # backward passes; 16-bit output gradients for the passes over 16-bit inputs), each v0.9 default
@@ -18,6 +18,7 @@
 # TMA does not take), then the tall tiles, the stream count either way and each older default turned
 # off (does it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
 CANDIDATES=(
+    tma_strided:INVDIFF_TMA_STRIDED=1
     attn_rows:INVDIFF_ATTN_ROWS=1
     attn_rows_wave:INVDIFF_ATTN_ROWS=wave
     narrow_mma:INVDIFF_NARROW_MMA=1

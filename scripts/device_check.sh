@@ -2,7 +2,8 @@
 # The one prepared script for a GPU session (H100/H200): correctness of the CUDA path, PyTorch's
 # timings and ours on the same card, and where our time goes per kernel, most important first:
 #   (a) invdiff selftest (every kernel and whole networks against the CPU path), the TMA
-#       kernels' checks in a run of their own first (TMA_BROKEN below);
+#       kernels' checks in a run of their own first (TMA_BROKEN below), the candidate stride-2
+#       TMA forms' in another after it;
 #   (b) PyTorch + diffusers: dense bf16 matmul peak, fp32 b1 forward + DPS step, bf16 b1 forward +
 #       DPS step, bf16 b8 and b32 forward (also writes the weights and I/O that (e) checks against);
 #   (c) invdiff bench: fp32 b1 (forward + DPS step), fp32 b8, bf16 b1 (forward + DPS step), bf16
@@ -35,7 +36,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
-# variants of three bench calls each, a bench call 2-5 s; the default list now has 49, more than a
+# variants of three bench calls each, a bench call 2-5 s; the default list now has 50, more than a
 # deadline of 510 s leaves room for, so name the variants wanted in VARIANTS); each
 # phase's estimate is beside it;
 # a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a
@@ -199,6 +200,10 @@ if want a; then
         INVDIFF_WGMMA_TMA=0 selftest selftest "$BIN"
     else
         selftest selftest "$BIN"
+        # The candidate TMA copies at input stride 2 (INVDIFF_TMA_STRIDED, stop 39): the same
+        # group with those forms tried, in a run of its own (~6 s), so that a fault in them
+        # leaves the stride-1 TMA kernels' verdict above alone.
+        INVDIFF_TMA_STRIDED=1 selftest selftest_tma_strided "$BIN" --only "tensor-core convolutions"
     fi
     cp "$W/selftest.txt" "$RES/selftest.txt"
     sync_out
@@ -347,7 +352,7 @@ V07=$V08_OFF
 V08=$V09_OFF
 V09=$V10_OFF
 V10=$V11_OFF
-ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_ATTN_ROWS=1,INVDIFF_ATTN_TF32=1,INVDIFF_GN_HALF_DY=1,INVDIFF_GN_FROM_REDUCTION=1,INVDIFF_NARROW_MMA=1,INVDIFF_FEW_IN_MMA=1
+ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_ATTN_ROWS=1,INVDIFF_ATTN_TF32=1,INVDIFF_GN_HALF_DY=1,INVDIFF_GN_FROM_REDUCTION=1,INVDIFF_NARROW_MMA=1,INVDIFF_FEW_IN_MMA=1,INVDIFF_TMA_STRIDED=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
 VARIANTS=${VARIANTS-v04:$V04;v05:$V05;v06:$V06;v07:$V07;v08:$V08;v09:$V09;v10:$V10;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}

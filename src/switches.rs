@@ -104,6 +104,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` runs the convolutions with at most 8 inputs (conv_in's forward, conv_out's input gradient) in bf16/fp16 programs on tensor cores, their fp32 operands split into bf16 pairs (about 4e-6 from fp32 in a numpy model), instead of fp32 FMAs",
     ),
     choice(
+        "INVDIFF_TMA_STRIDED",
+        ON_OFF,
+        "GPU candidate: `1` has the wgmma convolutions at input stride 2 (the downsamplings, the folded upsamplings' input gradients) copy their slices with the tensor memory accelerator, through maps that step two pixels, instead of the lean loaders (the same bits)",
+    ),
+    choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",
         ON_OFF,
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",

@@ -557,22 +557,34 @@ pub(crate) fn plan_wgmma(s: &ConvShape, sms: usize, precision: Precision) -> Opt
 /// The pixel box of the im2col tensor map that [`ConvLaunch::tma_loads`] copies `s`'s A rows
 /// through: its lower and upper corners, width first, or `None` where the TMA kernels cannot
 /// take `s`. The box's lower corner is the smallest tap offsets, so a tap's im2col offsets (its
-/// offsets less the corner) are never negative; its upper corner makes it as wide and high as
-/// the output grid (`mw` x `mh`), so the copy's walk over its filter bases, row by row and image
-/// by image, visits the GEMM rows in order (PTX ISA, "Tensor im2col mode"). Needs input stride
-/// 1 (the walk does not stride here), K slices that are whole taps (`sc` a multiple of
-/// [`WGMMA_SLICE`]), a full 128-row box of weights, and the four-dimensional map's limits:
-/// corners in [-128, 127], offsets in [0, 255].
+/// offsets less the corner) are never negative; its upper corner makes the walk over its
+/// filter bases, which steps `in_stride` pixels (the map's traversal stride), take `mw` bases
+/// a row and `mh` rows, so that the walk, row by row and image by image, visits the GEMM rows
+/// in order (PTX ISA, "Tensor im2col mode"). Needs an input stride of at most
+/// [`TMA_MAX_STRIDE`], K slices that are whole taps (`sc` a multiple of [`WGMMA_SLICE`]), a
+/// full 128-row box of weights, and the four-dimensional map's limits: corners in
+/// [-128, 127], offsets in [0, 255]. Whether a launch at a stride above 1 takes it is the
+/// caller's choice ([`tma_tried`], [`KernelConfig::strided_tma`]).
+///
+/// [`KernelConfig::strided_tma`]: crate::cuda::program::KernelConfig::strided_tma
 pub(crate) fn im2col_box(s: &ConvShape) -> Option<([i32; 2], [i32; 2])> {
-    if s.in_stride != 1 || s.sc % WGMMA_SLICE != 0 || s.ncols < 128 || s.mh == 0 || s.mw == 0 {
+    if !(1..=TMA_MAX_STRIDE).contains(&s.in_stride)
+        || s.sc % WGMMA_SLICE != 0
+        || s.ncols < 128
+        || s.mh == 0
+        || s.mw == 0
+    {
         return None;
     }
     let dy = s.taps.iter().map(|t| t.dy);
     let dx = s.taps.iter().map(|t| t.dx);
     let (dy0, dy1) = (dy.clone().min()?, dy.max()?);
     let (dx0, dx1) = (dx.clone().min()?, dx.max()?);
+    // The walk's last base in a row is d0 + stride (m - 1), the upper corner's last base
+    // src - 1 + upper: the two equal (at stride 1, the box as wide as the output grid).
     let extent = |m: usize, src: usize, d0: i32| -> Option<i32> {
-        let upper = i64::try_from(m).ok()? - i64::try_from(src).ok()? + i64::from(d0);
+        let last = i64::try_from((m - 1) * s.in_stride).ok()?;
+        let upper = last + 1 - i64::try_from(src).ok()? + i64::from(d0);
         i32::try_from(upper).ok()
     };
     let lower = [dx0, dy0];
@@ -594,11 +606,18 @@ pub(crate) fn gn_partial_fits(s: &ConvShape, plan: &ConvLaunch) -> Option<usize>
     fits.then_some(per / rows)
 }
 
+/// The largest input stride the TMA kernels take: the driver's limit on a tensor map's
+/// traversal stride.
+pub(crate) const TMA_MAX_STRIDE: usize = 8;
+
 /// Whether the selftest and the sweep try the TMA kernels on `s`: where [`im2col_box`] takes
 /// it, unless `INVDIFF_WGMMA_TMA=0` keeps them out (a faulting kernel ends the checks after it,
-/// so scripts/device_check.sh runs the TMA kernels' checks on their own first).
+/// so scripts/device_check.sh runs the TMA kernels' checks on their own first), and at an input
+/// stride above 1 only with `INVDIFF_TMA_STRIDED=1` (a candidate, checked in a run of its own).
 pub(crate) fn tma_tried(s: &ConvShape) -> bool {
-    im2col_box(s).is_some() && !switches::is("INVDIFF_WGMMA_TMA", "0")
+    im2col_box(s).is_some()
+        && !switches::is("INVDIFF_WGMMA_TMA", "0")
+        && (s.in_stride == 1 || switches::is("INVDIFF_TMA_STRIDED", "1"))
 }
 
 /// Most output channels of [`ConvKernel::Narrow`] and source channels of [`ConvKernel::FewIn`]:
@@ -1114,7 +1133,8 @@ mod tests {
 
     /// The rows an im2col copy of `rows` pixels loads, by the PTX ISA's description of the
     /// walk ("Tensor im2col mode"): filter bases from (w, h) of image n across the box
-    /// [lower, dim - 1 + upper], row by row and image by image, each shifted by the offsets;
+    /// [lower, dim - 1 + upper], `in_stride` apart (the map's traversal stride, as
+    /// tma::im2col_map sets it), row by row and image by image, each shifted by the offsets;
     /// zeros outside the image and past the batch.
     fn walked(
         s: &ConvShape,
@@ -1129,10 +1149,10 @@ mod tests {
             let (y, x) = (h + oh, w + ow);
             let inside = n < s.n && (0..s.sh as i32).contains(&y) && (0..s.sw as i32).contains(&x);
             out.push(inside.then_some((n, y, x)));
-            w += 1;
+            w += s.in_stride as i32;
             if w > w_hi {
                 w = lower[0];
-                h += 1;
+                h += s.in_stride as i32;
                 if h > h_hi {
                     h = lower[1];
                     n += 1;
@@ -1142,17 +1162,19 @@ mod tests {
         out
     }
 
-    /// Every launch the TMA kernels take at celebahq's levels (forward, input gradients with
-    /// their stride-2 parity classes, folded upsamplings, linear layers), at both tiles: the
-    /// rows each tile's im2col copy loads for each tap, with the kernel's start and offsets
-    /// (`load_tma`), are the rows the cp.async loaders gather. Stride-2 forwards and slices that
-    /// are not whole taps stay off TMA.
+    /// Every wgmma launch at celebahq's levels (forward, stride-2 forwards, input gradients
+    /// with their stride-2 parity classes, folded upsamplings and their stride-2 input
+    /// gradients, linear layers) and the stride-2 forwards of odd sizes takes an im2col box,
+    /// and at both tiles the rows each tile's im2col copy loads for each tap, with the
+    /// kernel's start and offsets (`load_tma`), are the rows the cp.async loaders gather.
     #[test]
     fn tma_im2col_walk_gathers_the_loaders_rows() {
         let mut shapes = Vec::new();
         for n in [1, 2] {
             for (h, c) in [(256, 128), (64, 256), (16, 512), (8, 512)] {
                 shapes.push(ConvShape::forward(n, h, h, c, c, 3, 1, Pad::Symmetric));
+                shapes.push(ConvShape::forward(n, h, h, c, c, 3, 2, Pad::Symmetric));
+                shapes.push(ConvShape::forward(n, h, h, c, c, 3, 2, Pad::RightBottom));
                 shapes.push(ConvShape::forward(n, h, h, 2 * c, c, 1, 1, Pad::Symmetric));
                 shapes.extend(ConvShape::backward(n, h, h, c, c, 3, 1, Pad::Symmetric));
                 shapes.extend(ConvShape::backward(n, h, h, c, c, 3, 2, Pad::RightBottom));
@@ -1160,17 +1182,15 @@ mod tests {
                 shapes.extend(ConvShape::upsampled_backward(n, h / 2, h / 2, c, c));
             }
             shapes.push(ConvShape::linear(n, 256, 512, 1536));
+            for pad in [Pad::Symmetric, Pad::RightBottom] {
+                shapes.push(ConvShape::forward(n, 13, 9, 64, 128, 3, 2, pad));
+                shapes.push(ConvShape::forward(n, 7, 12, 128, 192, 3, 2, pad));
+            }
         }
-        let mut taken = 0;
+        let mut strided = 0;
         for s in &shapes {
-            let Some(bx) = im2col_box(s) else {
-                assert!(
-                    s.in_stride != 1 || s.sc % WGMMA_SLICE != 0 || s.ncols < 128,
-                    "{s:?}"
-                );
-                continue;
-            };
-            taken += 1;
+            let bx = im2col_box(s).unwrap_or_else(|| panic!("no box for {s:?}"));
+            strided += usize::from(s.in_stride > 1);
             let (dy0, dx0) = (bx.0[1], bx.0[0]);
             for tile in [128, 256] {
                 let tiles = s.rows().div_ceil(tile);
@@ -1179,7 +1199,11 @@ mod tests {
                     .map(|i| i * tile)
                 {
                     let (img, rem) = (m0 / (s.mh * s.mw), m0 % (s.mh * s.mw));
-                    let start = ((rem % s.mw) as i32 + dx0, (rem / s.mw) as i32 + dy0, img);
+                    let start = (
+                        (rem % s.mw * s.in_stride) as i32 + dx0,
+                        (rem / s.mw * s.in_stride) as i32 + dy0,
+                        img,
+                    );
                     for t in &s.taps {
                         let offsets = (t.dx - dx0, t.dy - dy0);
                         assert!((0..=255).contains(&offsets.0) && (0..=255).contains(&offsets.1));
@@ -1193,11 +1217,17 @@ mod tests {
                 }
             }
         }
-        assert!(taken >= 30, "only {taken} shapes on TMA");
-        let stride2 = ConvShape::forward(1, 64, 64, 256, 256, 3, 2, Pad::Symmetric);
-        assert_eq!(im2col_box(&stride2), None);
+        assert_eq!((shapes.len(), strided), (130, 40));
         let same = ConvShape::forward(1, 64, 64, 256, 256, 3, 1, Pad::Symmetric);
         assert_eq!(im2col_box(&same), Some(([-1, -1], [-1, -1])));
+        // Stride 2: the walk's last base in a row, -1 + 2 x 31 = 61, is 64 - 1 + upper.
+        let stride2 = ConvShape::forward(1, 64, 64, 256, 256, 3, 2, Pad::Symmetric);
+        assert_eq!(im2col_box(&stride2), Some(([-1, -1], [-2, -2])));
+        let too_far = ConvShape {
+            in_stride: TMA_MAX_STRIDE + 1,
+            ..stride2
+        };
+        assert_eq!(im2col_box(&too_far), None);
     }
 
     /// A 1x1 shortcut fuses into a stride-1 convolution over the same grid whose channels and

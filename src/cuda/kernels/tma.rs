@@ -65,7 +65,8 @@ const ZEROS: sys::CUtensorMapFloatOOBfill =
     sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE;
 
 /// The im2col map of `s`'s 16-bit input at `x` (`[n, sh, sw, sc]`): 64 channels of `rows` pixels
-/// a copy, zeros outside the image and past the batch; its pixel box from [`im2col_box`].
+/// a copy, zeros outside the image and past the batch; its pixel box from [`im2col_box`], its
+/// walk stepping `in_stride` pixels across and down (the traversal stride).
 pub(super) fn im2col_map(
     precision: Precision,
     x: DPtr,
@@ -84,7 +85,8 @@ pub(super) fn im2col_map(
     let dims = [s.sc, s.sw, s.sh, s.n].map(|d| d as u64);
     // Bytes between consecutive pixels, rows and images; the channel stride is the element's.
     let strides = [s.sc * 2, s.sc * 2 * s.sw, s.sc * 2 * s.sw * s.sh].map(|d| d as u64);
-    let element_strides = [1u32; 4];
+    let stride = s.in_stride as u32;
+    let element_strides = [1, stride, stride, 1];
     encoded(shape, |map| {
         // SAFETY: every array has the length the rank (4) asks for and outlives the call,
         // which only writes `map`.
@@ -155,15 +157,12 @@ mod tests {
     /// that names the map and the shape, found before the driver is asked.
     #[test]
     fn unsuitable_launches_are_named_errors() {
-        let stride2 = ConvShape::forward(1, 64, 64, 256, 256, 3, 2, Pad::Symmetric);
-        let e = im2col_map(Precision::Bf16, 0x1000, &stride2, 128)
+        let partial = ConvShape::forward(1, 64, 64, 96, 256, 3, 1, Pad::Symmetric);
+        let e = im2col_map(Precision::Bf16, 0x1000, &partial, 128)
             .err()
-            .expect("a stride-2 input has no im2col box here")
+            .expect("96 channels are no whole number of K slices")
             .to_string();
-        assert!(
-            e.contains("no TMA copies") && e.contains("64x64x256"),
-            "{e}"
-        );
+        assert!(e.contains("no TMA copies") && e.contains("64x64x96"), "{e}");
         let same = ConvShape::forward(1, 64, 64, 256, 256, 3, 1, Pad::Symmetric);
         let e = weight_map(Precision::Fp32, 0x1000, &same)
             .err()

@@ -112,7 +112,13 @@ pub(crate) struct KernelConfig {
     /// wgmma launches with the row epilogue whose shape the TMA kernels take ([`im2col_box`])
     /// copy their slices with the tensor memory accelerator ([`ConvLaunch::tma_loads`], with
     /// the lean loaders' epilogue): no copy instructions in any thread but one, the same bits.
+    /// At input stride 1 only, unless `strided_tma`.
     pub wgmma_tma: bool,
+    /// With `wgmma_tma`: launches at an input stride above 1 (celebahq's five stride-2
+    /// downsampling convolutions, the folded upsamplings' input gradients) copy through maps
+    /// whose walk steps that stride too, instead of on the lean loaders; then, unsplit, they
+    /// also stage their epilogue. The same bits.
+    pub strided_tma: bool,
     /// Unsplit lean and TMA launches whose epilogue reads a residual or the output it adds
     /// onto ask L2 for those rows before their products ([`ConvLaunch::prefetch`]): the same
     /// bits.
@@ -258,6 +264,7 @@ impl Default for KernelConfig {
             attention_rows: AttentionRows::Off,
             wgmma_lean: false,
             wgmma_tma: false,
+            strided_tma: false,
             epilogue_prefetch: false,
             tall_tiles: false,
             staged_epilogue: false,
@@ -342,6 +349,7 @@ impl KernelConfig {
             attention_rows: AttentionRows::Off,
             wgmma_lean: here.wgmma,
             wgmma_tma: here.wgmma,
+            strided_tma: false,
             epilogue_prefetch: here.wgmma,
             tall_tiles: true,
             staged_epilogue: here.wgmma,
@@ -404,6 +412,7 @@ impl KernelConfig {
             },
             wgmma_lean: kept("INVDIFF_WGMMA_LEAN", tuned.wgmma_lean && wgmma),
             wgmma_tma: kept("INVDIFF_WGMMA_TMA", tuned.wgmma_tma && wgmma),
+            strided_tma: on("INVDIFF_TMA_STRIDED"),
             epilogue_prefetch: kept("INVDIFF_EPI_PREFETCH", tuned.epilogue_prefetch && wgmma),
             tall_tiles: kept("INVDIFF_WGMMA_TALL", tuned.tall_tiles),
             staged_epilogue: wgmma && kept("INVDIFF_EPI_STAGED", tuned.staged_epilogue),
@@ -508,6 +517,7 @@ impl KernelConfig {
             ),
             (self.narrow_mma, "few-output convolutions on tensor cores"),
             (self.few_in_mma, "few-input convolutions on tensor cores"),
+            (self.strided_tma, "TMA copies at stride 2"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

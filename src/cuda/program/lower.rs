@@ -1074,7 +1074,10 @@ impl Lowering<'_> {
             launch.tile = tall;
         }
         let lean_here = launch.wgmma && launch.row_epilogue;
-        launch.tma_loads = self.choice.wgmma_tma && lean_here && im2col_box(&planned).is_some();
+        launch.tma_loads = self.choice.wgmma_tma
+            && lean_here
+            && im2col_box(&planned).is_some()
+            && (planned.in_stride == 1 || self.choice.strided_tma);
         launch.lean_loads = (self.choice.wgmma_lean || launch.tma_loads) && lean_here;
         // After the tile's choice, so that these keep the plain tile, as the sweep timed them
         // (the split rule gives two splits only where tall blocks would not fill the machine).

@@ -261,19 +261,24 @@ fn symbolic_with(p: &Program, narrow_rounds: bool) -> (u64, Option<u64>) {
             }
             // The first of the two launches stands for both: the convolution's input gradient
             // into a fresh gradient of the upsampled tensor, then the upsampling's adjoint. The
-            // second must read the same gradient and add onto the first.
+            // second must read the same gradient and add onto the first; a 16-bit copy its
+            // epilogue writes (below) is of that value.
+            Step::Conv(c) if c.w.kind == WKind::FoldBackward && c.shape.taps[0].dy != 2 => {
+                let main = if staged(c) {
+                    half(val[c.x.0])
+                } else {
+                    val[c.x.0]
+                };
+                let first = halves.get_mut(&c.y).expect("the first gradient launch ran");
+                assert!(c.accumulate && first.0 == main && !first.1, "step {i}");
+                first.1 = true;
+            }
             Step::Conv(c) if c.w.kind == WKind::FoldBackward => {
                 let main = if staged(c) {
                     half(val[c.x.0])
                 } else {
                     val[c.x.0]
                 };
-                if c.shape.taps[0].dy != 2 {
-                    let first = halves.get_mut(&c.y).expect("the first gradient launch ran");
-                    assert!(c.accumulate && first.0 == main && !first.1, "step {i}");
-                    first.1 = true;
-                    continue;
-                }
                 halves.insert(c.y, (main, false));
                 let (n, lh, lw, cin, cout) =
                     (c.shape.n, c.shape.mh, c.shape.mw, c.shape.ncols, c.shape.sc);
@@ -1642,6 +1647,17 @@ fn switches_compute_what_the_default_program_computes() {
                     .iter()
                     .any(|s| matches!(s, Step::Conv(c) if c.norm.is_some())));
             }
+            // The TMA copies at input stride 2 (a candidate): the same launches but for a split
+            // left out where the TMA launch runs unsplit to stage its epilogue.
+            let strided = KernelConfig {
+                strided_tma: true,
+                ..tuned
+            };
+            assert_eq!(
+                symbolic(&build(strided)),
+                want,
+                "{precision} {n}x{h}x{w} strided TMA"
+            );
             // The attention in rows (a candidate) computes what the default does, and writes the
             // 16-bit copies of the attentions' outputs and input gradients the projections
             // read, instead of their conversion launches.
@@ -2172,36 +2188,43 @@ fn every_buffer_with_room_is_used() {
 
 /// With wgmma_tma, every wgmma launch with the row epilogue whose shape the TMA kernels take
 /// copies through the tensor memory accelerator, with the lean epilogue, and no other launch
-/// does; at batch 1 that is 206 of the DPS step's 215 (not the stride-2 forwards). With
+/// does; at batch 1 that is 206 of the DPS step's 215, and with strided_tma all 215 (the five
+/// stride-2 forwards and the four input-gradient launches of the folded upsamplings too). With
 /// epilogue_prefetch, exactly the unsplit lean launches whose epilogue reads a residual or
-/// the output it adds onto prefetch (14 at batch 1: the fused shortcuts read no residual).
+/// the output it adds onto prefetch (14 at batch 1: the fused shortcuts read no residual; 15
+/// with strided_tma, whose TMA copies let the 64x64 upsampling's second input-gradient launch,
+/// which adds onto the first, run unsplit).
 #[test]
 fn tma_loads_take_every_launch_they_fit() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    let tc = KernelConfig {
-        wgmma_tma: true,
-        epilogue_prefetch: true,
-        ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
-    };
-    let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
-    let (mut wgmma, mut tma) = (0, 0);
-    for s in &p.steps {
-        let Step::Conv(c) = s else { continue };
-        let l = c.launch;
-        let fits = l.wgmma && l.row_epilogue && im2col_box(&c.shape).is_some();
-        assert_eq!(l.tma_loads, fits, "{s:?}");
-        assert!(!l.tma_loads || l.lean_loads, "{s:?}");
-        let reads = c.residual.is_some() || c.accumulate;
-        assert_eq!(l.prefetch, l.lean_loads && l.splits == 1 && reads, "{s:?}");
-        wgmma += usize::from(l.wgmma);
-        tma += usize::from(l.tma_loads);
+    for (strided_tma, want) in [(false, (206, 215, 14)), (true, (215, 215, 15))] {
+        let tc = KernelConfig {
+            wgmma_tma: true,
+            strided_tma,
+            epilogue_prefetch: true,
+            ..KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16)
+        };
+        let p = Program::build_with(&g, 1, 256, 256, true, 132, Precision::Bf16, tc).unwrap();
+        let (mut wgmma, mut tma) = (0, 0);
+        for s in &p.steps {
+            let Step::Conv(c) = s else { continue };
+            let l = c.launch;
+            let stride_ok = c.shape.in_stride == 1 || strided_tma;
+            let fits = l.wgmma && l.row_epilogue && im2col_box(&c.shape).is_some() && stride_ok;
+            assert_eq!(l.tma_loads, fits, "{s:?}");
+            assert!(!l.tma_loads || l.lean_loads, "{s:?}");
+            let reads = c.residual.is_some() || c.accumulate;
+            assert_eq!(l.prefetch, l.lean_loads && l.splits == 1 && reads, "{s:?}");
+            wgmma += usize::from(l.wgmma);
+            tma += usize::from(l.tma_loads);
+        }
+        let prefetch = p
+            .steps
+            .iter()
+            .filter(|s| matches!(s, Step::Conv(c) if c.launch.prefetch))
+            .count();
+        assert_eq!((tma, wgmma, prefetch), want, "strided_tma {strided_tma}");
     }
-    let prefetch = p
-        .steps
-        .iter()
-        .filter(|s| matches!(s, Step::Conv(c) if c.launch.prefetch))
-        .count();
-    assert_eq!((tma, wgmma, prefetch), (206, 215, 14));
 }
 
 /// With shortcut_fused in bf16 on Hopper, every residual block's 1x1 shortcut (the up path's 18

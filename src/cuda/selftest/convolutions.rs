@@ -322,6 +322,9 @@ impl Tester<'_> {
                 accumulate: true,
                 ..cc(2, 12, 20, 128, 192, 3, 2, RightBottom)
             },
+            // A downsampling's forward (stride 2, padding 1 all round) whose tiles straddle
+            // images: on TMA with INVDIFF_TMA_STRIDED=1, through a map that walks two pixels.
+            cc(2, 16, 22, 128, 128, 3, 2, Symmetric),
         ];
         for c in cases {
             self.conv_case(c, &TENSOR_CORE)?;

@@ -43,6 +43,7 @@ pub(crate) use networks::celebahq_candidate_cases;
 mod launch_options;
 mod narrow_mma;
 mod staged_epilogue;
+mod strided_tma;
 
 /// Largest relative L2 error a row may have to pass (fp32 against the fp32 CPU reference).
 pub const TOLERANCE: f64 = 1e-5;
@@ -123,7 +124,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 15] = [
+pub const SELFTEST_GROUPS: [&str; 16] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -139,6 +140,7 @@ pub const SELFTEST_GROUPS: [&str; 15] = [
     "residual gradients",
     "launch options",
     "narrow tensor cores",
+    "strided TMA",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -163,7 +165,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 15] = [
+    let groups: [(&str, Group); 16] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -209,6 +211,9 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
             t.narrow_tensor_convolutions()?;
             t.narrow_tensor_unets(o)
         }),
+        // A candidate (stop 39): its kernels are the tensor-core convolutions' with
+        // INVDIFF_TMA_STRIDED=1.
+        ("strided TMA", |t, o| t.strided_tma_unets(o)),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

@@ -342,6 +342,17 @@ impl CudaUnet {
         self.change_choice(|c| c.few_in_mma = on);
     }
 
+    /// Copies the slices of the wgmma launches at an input stride above 1 with the tensor memory
+    /// accelerator where the TMA copies are on (`on`, [`KernelConfig::strided_tma`]) or on the
+    /// lean loaders, for comparisons; drops every plan. Keeps every split of K
+    /// ([`KernelConfig::staged_unsplit`] off), so that the copies change no sum's order.
+    pub(crate) fn set_strided_tma(&mut self, on: bool) {
+        self.change_choice(|c| {
+            c.strided_tma = on && c.wgmma_tma;
+            c.staged_unsplit = false;
+        });
+    }
+
     /// Folds upsamplings into the convolutions after them where the program can (`on`,
     /// [`KernelConfig::upsample_fold`]) or never, for comparisons; drops every plan.
     pub(crate) fn set_upsample_fold(&mut self, on: bool) {

@@ -1,0 +1,35 @@
+//! The TMA copies at input stride 2 (`INVDIFF_TMA_STRIDED`, a candidate): whole networks with
+//! the stride-2 launches on TMA against the same networks with them on the lean loaders, bit
+//! for bit. The kernels themselves, against the cp.async forms, are the tensor-core
+//! convolution group's rows, which try these forms only with the switch on
+//! ([`tma_tried`](crate::cuda::kernels::tma_tried)): scripts/device_check.sh runs that group
+//! so in a run of its own, as a faulting kernel ends every check after it.
+
+use super::Tester;
+use crate::cuda::profile::StepTime;
+use crate::Result;
+
+impl Tester<'_> {
+    /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
+    /// fp16, as configured but for the stride-2 launches (the downsamplings' forwards, the
+    /// folded upsamplings' input gradients): on TMA, their forward and forward + VJP the same
+    /// to the bit as on the lean loaders, once the program shows such a launch on TMA. Every
+    /// split of K stays (`set_strided_tma`), so that only the copies change.
+    pub(super) fn strided_tma_unets(&mut self, ordinal: usize) -> Result<()> {
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            gpu.set_strided_tma(false);
+            let want = Self::network_outputs(gpu, net)?;
+            gpu.set_strided_tma(true);
+            let strided = |s: &StepTime| {
+                let stride2 = s.kind == "conv 3x3 s2 fwd" || s.shape.contains(" row class ");
+                stride2 && s.variant.contains("TMA loads")
+            };
+            let has = (
+                "stride-2 launches on TMA",
+                &strided as &dyn Fn(&StepTime) -> bool,
+            );
+            let op = format!("celebahq {precision}, TMA copies at stride 2");
+            t.same_network_rows(gpu, net, &op, has, &want)
+        })
+    }
+}
