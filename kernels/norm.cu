@@ -42,6 +42,10 @@
 // which a launch of its own (add_into, resample.cu) would have added just before; (old + add)
 // + v, the same bits, a launch and a read and write of dx less. A null `add` adds nothing.
 //
+// gn_bwd_partial_x16_dy16_pairs (INVDIFF_GN_BWD_SUMS_PAIRS, a candidate) is the backward's
+// partial sums over a 16-bit x and dy two channels a thread, 4-byte loads where the `_x16_dy16`
+// kernel makes 2-byte ones; the same bits.
+//
 // gn_concat_partial_pairs_ahead (the default; INVDIFF_CONCAT_SUMS_AHEAD=0 turns it off) is
 // gn_concat_partial_pairs with its sums over a side already written eight pixels' loads ahead
 // instead of four; the same bits.
@@ -602,6 +606,62 @@ extern "C" __global__ void __launch_bounds__(256, 6)
 extern "C" __global__ void __launch_bounds__(256, 6)
     gn_bwd_partial_x16_dy16_ilp(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_HALF)) {
     bwd_partial<PARTIAL_ILP, true, true>(x, xkind, dy, dykind, BWD_PARTIAL_PASS);
+}
+
+// gn_bwd_partial_x16_dy16_ilp two channels a thread (INVDIFF_GN_BWD_SUMS_PAIRS), for an even
+// c: a warp reads 128 contiguous bytes of a pixel's 16-bit x and as many of its dy, where one
+// channel a thread read 64 of each in 2-byte loads (the sums of the 256x256 x 256 passes over
+// the up path's concatenations, whose three launches moved 1.6-1.7 TB/s in the v0.10 b1
+// profile; the forward's concatenation sums went from 1.6 to 2.4 TB/s so, stop 27). Grid
+// (chunks, ceil(c / 64), n) of 32x8 blocks. Each channel (its own group's statistics: with an
+// odd group width the two may differ) adds its pixels in bwd_partial's order and its warps' sums
+// as store_partials does: the bits of the one-channel kernel.
+extern "C" __global__ void __launch_bounds__(256, 5)
+    gn_bwd_partial_x16_dy16_pairs(const uint16_t* x, int xkind, BWD_PARTIAL_ARGS(DY_HALF)) {
+    const int lane = threadIdx.x, wy = threadIdx.y;
+    const int ch = blockIdx.y * 64 + 2 * lane;
+    const int img = blockIdx.z;
+    const int p0 = blockIdx.x * chunk_px;
+    const int p1 = min(hw, p0 + chunk_px);
+    double a0 = 0.0, b0 = 0.0, a1 = 0.0, b1 = 0.0;
+    if (ch < c) {
+        const int cg = c / groups;
+        const int g0 = img * groups + ch / cg, g1 = img * groups + (ch + 1) / cg;
+        const float mean0 = stats[g0], rstd0 = stats[n * groups + g0];
+        const float mean1 = stats[g1], rstd1 = stats[n * groups + g1];
+        const float gm0 = gamma[ch], bt0 = beta[ch], gm1 = gamma[ch + 1], bt1 = beta[ch + 1];
+        // Pixel p's pair of channels at word p * c / 2 (32-bit indices: the host checks that
+        // a GroupNorm's elements fit an i32, as for the `_dy16` forms).
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(x) + (img * hw * c + ch) / 2;
+        const uint32_t* dw = reinterpret_cast<const uint32_t*>(dy) + (img * hw * c + ch) / 2;
+        const int words = c / 2;
+        for (int p = p0 + wy; p < p1; p += 8 * PARTIAL_ILP) {
+            uint32_t xv[PARTIAL_ILP], dv[PARTIAL_ILP];
+#pragma unroll
+            for (int k = 0; k < PARTIAL_ILP; ++k) {
+                if (p + 8 * k < p1) {
+                    xv[k] = xw[(p + 8 * k) * words];
+                    dv[k] = dw[(p + 8 * k) * words];
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < PARTIAL_ILP; ++k) {
+                if (p + 8 * k >= p1) break;
+                const float2 xf = unpack_half2(xv[k], xkind), df = unpack_half2(dv[k], dykind);
+                float g, xhat;
+                grad_xhat(xf.x, df.x, mean0, rstd0, gm0, bt0, silu, g, xhat);
+                a0 += (double)g;
+                b0 += (double)(g * xhat);
+                grad_xhat(xf.y, df.y, mean1, rstd1, gm1, bt1, silu, g, xhat);
+                a1 += (double)g;
+                b1 += (double)(g * xhat);
+            }
+        }
+    }
+    // store_partials per channel: lane l holds channels ch and ch + 1.
+    store_partials(a0, b0, ch, c, partial);
+    __syncthreads();
+    store_partials(a1, b1, ch + 1, c, partial);
 }
 
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,

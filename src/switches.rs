@@ -109,6 +109,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the wgmma convolutions at input stride 2 (the downsamplings, the folded upsamplings' input gradients) copy their slices with the tensor memory accelerator, through maps that step two pixels, instead of the lean loaders (the same bits)",
     ),
     choice(
+        "INVDIFF_GN_BWD_SUMS_PAIRS",
+        ON_OFF,
+        "GPU candidate: `1` has the sums of the GroupNorm backward passes over a 16-bit input and output gradient (the up path's concatenations) take two channels a thread, 4-byte loads instead of 2-byte ones (the same bits)",
+    ),
+    choice(
         "INVDIFF_CONCAT_SUMS_AHEAD",
         ON_OFF,
         "GPU default: `0` has a 16-bit concatenation's GroupNorm sums over a side already written keep four pixels' loads ahead instead of eight (the same bits)",

@@ -35,12 +35,13 @@
 //!   ([`Kernels::gemm`]): (⌈n/32⌉, ⌈m/16⌉, batch), or with `INVDIFF_GEMM_WARP_K=0`
 //!   `gemm_batched_32`: (⌈n/32⌉, ⌈m/32⌉, batch); `gemm_batched_tf32` (tf32 tensor cores, [`Gemm::tf32`]): as
 //!   `gemm_batched`;
-//! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n); `gn_*finalize`: 256 threads
-//!   (`GN_FIN_THREADS`), a block per (image, group); `gn_one_pass` / `gn_bwd_one_pass`: up to
-//!   1024 threads ([`one_pass_threads`]), a block per (image, group); the forward's `_x16`
-//!   kernels (16-bit input) as their fp32 forms; `conv_splitk_reduce_norm` (a split launch's
-//!   reduction and its output's one-pass GroupNorm): up to 1024 threads
-//!   ([`reduction_norm_threads`]), a block per (image, group);
+//! - `gn_partial` / `gn_bwd_partial(_ilp)`: 32x8; (chunks, ⌈c/32⌉, n), or with two channels a
+//!   thread (`gn_bwd_partial_x16_dy16_pairs`, [`LaunchSwitches::gn_bwd_sums_pairs`]) (chunks,
+//!   ⌈c/64⌉, n); `gn_*finalize`: 256 threads (`GN_FIN_THREADS`), a block per (image, group);
+//!   `gn_one_pass` / `gn_bwd_one_pass`: up to 1024 threads ([`one_pass_threads`]), a block per
+//!   (image, group); the forward's `_x16` kernels (16-bit input) as their fp32 forms;
+//!   `conv_splitk_reduce_norm` (a split launch's reduction and its output's one-pass
+//!   GroupNorm): up to 1024 threads ([`reduction_norm_threads`]), a block per (image, group);
 //! - `timing_hold` (profiling only): one block of 32 threads.
 //!
 //! This module loads the kernels ([`Kernels::load`]) and holds what every launcher shares (the
@@ -200,6 +201,10 @@ pub(crate) struct LaunchSwitches {
     /// Concatenations' sums over sides already written take `gn_concat_partial_pairs_ahead`
     /// (unless `INVDIFF_CONCAT_SUMS_AHEAD=0`; 1% off a bf16 forward at batch 8 on an H200).
     pub concat_sums_ahead: bool,
+    /// The sums of GroupNorm backward passes over a 16-bit x and output gradient take
+    /// `gn_bwd_partial_x16_dy16_pairs`, two channels a thread (`INVDIFF_GN_BWD_SUMS_PAIRS=1`,
+    /// a candidate; the same bits).
+    pub gn_bwd_sums_pairs: bool,
 }
 
 impl LaunchSwitches {
@@ -209,6 +214,7 @@ impl LaunchSwitches {
             small_tiles: !switches::is("INVDIFF_GEMM_SMALL_TILES", "0"),
             gemm_warp_k: !switches::is("INVDIFF_GEMM_WARP_K", "0"),
             concat_sums_ahead: !switches::is("INVDIFF_CONCAT_SUMS_AHEAD", "0"),
+            gn_bwd_sums_pairs: switches::is("INVDIFF_GN_BWD_SUMS_PAIRS", "1"),
         }
     }
 
@@ -220,6 +226,10 @@ impl LaunchSwitches {
             (
                 self.concat_sums_ahead,
                 "concatenation sums eight pixels ahead",
+            ),
+            (
+                self.gn_bwd_sums_pairs,
+                "GroupNorm backward sums two channels a thread",
             ),
         ]
         .into_iter()
@@ -283,6 +293,8 @@ pub(crate) struct Kernels {
     gn_one_pass_x16_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
     gn_bwd: [NormBackwardFns; 6],
+    /// `gn_bwd_partial_x16_dy16_pairs` ([`LaunchSwitches::gn_bwd_sums_pairs`]).
+    gn_bwd_partial_pairs: CudaFunction,
     gn_one_pass: CudaFunction,
     gn_one_pass_ilp: CudaFunction,
     nchw_to_nhwc: CudaFunction,
@@ -531,6 +543,7 @@ impl Kernels {
             gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
             gn_bwd: NormBackwardFns::all(&get)?,
+            gn_bwd_partial_pairs: get("norm", "gn_bwd_partial_x16_dy16_pairs")?,
             gn_one_pass: get("norm", "gn_one_pass")?,
             gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,

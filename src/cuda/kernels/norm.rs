@@ -559,7 +559,19 @@ impl Kernels {
     }
 
     fn norm_grid(&self, n: usize, c: usize, split: NormSplit) -> Result<LaunchConfig> {
-        if n > 65535 || c.div_ceil(32) > 65535 {
+        self.norm_grid_of(n, c, split, 32)
+    }
+
+    /// [`norm_grid`](Self::norm_grid) for blocks of `per_block` channels (64: the kernels that
+    /// take two channels a thread).
+    fn norm_grid_of(
+        &self,
+        n: usize,
+        c: usize,
+        split: NormSplit,
+        per_block: usize,
+    ) -> Result<LaunchConfig> {
+        if n > 65535 || c.div_ceil(per_block) > 65535 {
             return Err(Error::Cuda(format!(
                 "GroupNorm too large for one launch: {n} images, {c} channels"
             )));
@@ -567,7 +579,7 @@ impl Kernels {
         Ok(cfg(
             (
                 i32_of(split.chunks, "chunks")? as u32,
-                c.div_ceil(32) as u32,
+                c.div_ceil(per_block) as u32,
                 n as u32,
             ),
             (32, 8, 1),
@@ -995,7 +1007,22 @@ impl Kernels {
             );
         }
         if runs(NormLaunches::Sums) {
-            let mut b = st.launch_builder(&fns.partial);
+            // Over a 16-bit x and dy (c a multiple of four, both aligned: checked above), two
+            // channels a thread where asked, the same sums.
+            let pairs = self.launch.gn_bwd_sums_pairs && x_half.is_some() && dy_half.is_some();
+            let (partial_fn, grid, name) = match pairs {
+                true => (
+                    &self.gn_bwd_partial_pairs,
+                    self.norm_grid_of(n, c, split, 64)?,
+                    "gn_bwd_partial_x16_dy16_pairs".to_string(),
+                ),
+                false => (
+                    &fns.partial,
+                    self.norm_grid(n, c, split)?,
+                    format!("gn_bwd_partial{form}"),
+                ),
+            };
+            let mut b = st.launch_builder(partial_fn);
             backward_inputs(&mut b, &x, &xkind, &dy, &dykind);
             b.arg(&stats)
                 .arg(&gamma)
@@ -1009,8 +1036,8 @@ impl Kernels {
                 .arg(&partial);
             // SAFETY: as in the forward.
             cu(
-                unsafe { b.launch(self.norm_grid(n, c, split)?) }.map(drop),
-                &format!("launching gn_bwd_partial{form}"),
+                unsafe { b.launch(grid) }.map(drop),
+                &format!("launching {name}"),
             )?;
         }
         if runs(NormLaunches::Means) {

@@ -3,7 +3,7 @@
 use super::{acc_name, placed_sides, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{
-    norm_forms, plan_norm, DPtr, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+    norm_forms, plan_norm, DPtr, Kernels, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -129,12 +129,28 @@ impl Tester<'_> {
         &mut self,
         d: NormDims,
         inputs: NormBackwardIn,
+        onto: (&[f32], bool, Option<DPtr>),
+        out16: Option<Precision>,
+        copy: bool,
+        precision: Precision,
+    ) -> Result<(BackwardOutputs, f64)> {
+        let kernels = &self.gpu.kernels;
+        self.backward_run_on(kernels, d, inputs, onto, out16, copy, precision)
+    }
+
+    /// [`backward_run`](Self::backward_run) on `kernels` (other launch choices).
+    #[allow(clippy::too_many_arguments)]
+    fn backward_run_on(
+        &mut self,
+        kernels: &Kernels,
+        d: NormDims,
+        inputs: NormBackwardIn,
         (dx0, accumulate, add): (&[f32], bool, Option<DPtr>),
         out16: Option<Precision>,
         copy: bool,
         precision: Precision,
     ) -> Result<(BackwardOutputs, f64)> {
-        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let st = &self.gpu.stream;
         let mut dx = self.up(dx0)?;
         let copy_buf = self.zeros(dx0.len().div_ceil(2))?;
         let partial = self.zeros(d.split.partial_len(d.n, d.c))?;
@@ -151,7 +167,7 @@ impl Tester<'_> {
         };
         let ms = self.timed(
             || dx.write(st, dx0),
-            || gpu.kernels.group_norm_backward(st, d, inputs, outputs),
+            || kernels.group_norm_backward(st, d, inputs, outputs),
         )?;
         let got = match out16 {
             Some(p) => unpack_half(&dx.download(st)?, dx0.len(), p),
@@ -272,6 +288,27 @@ impl Tester<'_> {
                     self.row_within(op, desc.into(), &outs[1].0, &outs[0].0, ms, 0.0);
                 } else {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
+                }
+                // Over a 16-bit x and dy, the sums launch (three-launch forms) two channels a
+                // thread (INVDIFF_GN_BWD_SUMS_PAIRS): the bits of one channel a thread.
+                if x_half.is_some() && d.split.one_pass.is_none() {
+                    let pairs = self.launch_with(|l| l.gn_bwd_sums_pairs = true);
+                    let kernels = self.gpu.kernels.with_launch(pairs);
+                    let inputs = NormBackwardIn {
+                        x: xp,
+                        x_half,
+                        dy: dy16.ptr,
+                        dy_half: Some(precision),
+                        ..base
+                    };
+                    let onto = (dx0, accumulate, None);
+                    let (got, ms) =
+                        self.backward_run_on(&kernels, d, inputs, onto, None, true, precision)?;
+                    let op = format!(
+                        "groupnorm{s} input-grad{}, 16-bit x and {precision} output gradient,                          sums two channels a thread vs one",
+                        acc_name(accumulate),
+                    );
+                    self.same_bits_rows(&op, "16-bit copy", desc, &[outs[1].clone(), got], ms);
                 }
             }
         }
