@@ -2192,12 +2192,14 @@ fn every_buffer_with_room_is_used() {
 /// stride-2 forwards and the four input-gradient launches of the folded upsamplings too). With
 /// epilogue_prefetch, exactly the unsplit lean launches whose epilogue reads a residual or
 /// the output it adds onto prefetch (14 at batch 1: the fused shortcuts read no residual; 15
-/// with strided_tma, whose TMA copies let the 64x64 upsampling's second input-gradient launch,
-/// which adds onto the first, run unsplit).
+/// with strided_tma, whose TMA copies let the second input-gradient launch of the upsampling
+/// to 128x128, which adds onto the first, run unsplit). With strided_tma the second launches
+/// of both folded upsamplings' input gradients stage their epilogues and write the 16-bit
+/// copies that two conversion launches made (27 -> 25).
 #[test]
 fn tma_loads_take_every_launch_they_fit() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
-    for (strided_tma, want) in [(false, (206, 215, 14)), (true, (215, 215, 15))] {
+    for (strided_tma, want) in [(false, (206, 215, 14, 27)), (true, (215, 215, 15, 25))] {
         let tc = KernelConfig {
             wgmma_tma: true,
             strided_tma,
@@ -2218,12 +2220,14 @@ fn tma_loads_take_every_launch_they_fit() {
             wgmma += usize::from(l.wgmma);
             tma += usize::from(l.tma_loads);
         }
-        let prefetch = p
-            .steps
-            .iter()
-            .filter(|s| matches!(s, Step::Conv(c) if c.launch.prefetch))
-            .count();
-        assert_eq!((tma, wgmma, prefetch), want, "strided_tma {strided_tma}");
+        let count = |f: &dyn Fn(&Step) -> bool| p.steps.iter().filter(|s| f(s)).count();
+        let prefetch = count(&|s| matches!(s, Step::Conv(c) if c.launch.prefetch));
+        let conversions = count(&|s| matches!(s, Step::ToHalf { .. }));
+        assert_eq!(
+            (tma, wgmma, prefetch, conversions),
+            want,
+            "strided_tma {strided_tma}"
+        );
     }
 }
 
