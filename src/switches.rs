@@ -106,7 +106,7 @@ pub const SWITCHES: &[Switch] = &[
     choice(
         "INVDIFF_TMA_STRIDED",
         ON_OFF,
-        "GPU candidate: `1` has the wgmma convolutions at input stride 2 (the downsamplings, the folded upsamplings' input gradients) copy their slices with the tensor memory accelerator, through maps that step two pixels, instead of the lean loaders (the same bits)",
+        "GPU candidate: `1` has the wgmma convolutions at input stride 2 (the downsamplings, the folded upsamplings' input gradients) copy their slices with the tensor memory accelerator, through maps that step two pixels, instead of the lean loaders (the same bits, but where a launch split in two on the lean loaders then runs unsplit to stage its epilogue: another order of one sum)",
     ),
     choice(
         "INVDIFF_GN_BWD_SUMS_PAIRS",

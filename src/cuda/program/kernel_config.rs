@@ -117,7 +117,8 @@ pub(crate) struct KernelConfig {
     /// With `wgmma_tma`: launches at an input stride above 1 (celebahq's five stride-2
     /// downsampling convolutions, the folded upsamplings' input gradients) copy through maps
     /// whose walk steps that stride too, instead of on the lean loaders; then, unsplit, they
-    /// also stage their epilogue. The same bits.
+    /// also stage their epilogue. The same bits, but where `staged_unsplit` then runs a launch
+    /// unsplit that the lean loaders ran in two splits (another order of that sum).
     pub strided_tma: bool,
     /// Unsplit lean and TMA launches whose epilogue reads a residual or the output it adds
     /// onto ask L2 for those rows before their products ([`ConvLaunch::prefetch`]): the same

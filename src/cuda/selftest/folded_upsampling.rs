@@ -213,12 +213,17 @@ impl Tester<'_> {
                 ms,
                 tolerance,
             );
-            if plans[0].wgmma {
-                let p = ConvPtrs {
-                    w: folded.weights_for(plans[0].kernel, false)?,
-                    ..base
-                };
-                self.other_forms(&shapes[0], plans[0], p, 1.0, x.len(), &what, &desc)?;
+            // Each launch alone, fresh (its taps sit differently about the pixel: row class 1's
+            // window starts a row above it), in every other form.
+            for (class, (s, &p)) in shapes.iter().zip(&plans).enumerate() {
+                if p.wgmma {
+                    let ptrs = ConvPtrs {
+                        w: folded.weights_for(p.kernel, false)?,
+                        ..base
+                    };
+                    let what = format!("{what}, row class {class} alone");
+                    self.other_forms(s, p, ptrs, 1.0, x.len(), &what, &desc)?;
+                }
             }
         }
         Ok(())

@@ -135,10 +135,13 @@ impl Tester<'_> {
         precision: Precision,
     ) -> Result<(BackwardOutputs, f64)> {
         let kernels = &self.gpu.kernels;
-        self.backward_run_on(kernels, d, inputs, onto, out16, copy, precision)
+        let (out, _, ms) =
+            self.backward_run_on(kernels, d, inputs, onto, out16, copy, precision)?;
+        Ok((out, ms))
     }
 
-    /// [`backward_run`](Self::backward_run) on `kernels` (other launch choices).
+    /// [`backward_run`](Self::backward_run) on `kernels` (other launch choices), also
+    /// returning the three-launch form's partial sums (f64 words as pairs of f32 ones).
     #[allow(clippy::too_many_arguments)]
     fn backward_run_on(
         &mut self,
@@ -149,7 +152,7 @@ impl Tester<'_> {
         out16: Option<Precision>,
         copy: bool,
         precision: Precision,
-    ) -> Result<(BackwardOutputs, f64)> {
+    ) -> Result<(BackwardOutputs, Vec<f32>, f64)> {
         let st = &self.gpu.stream;
         let mut dx = self.up(dx0)?;
         let copy_buf = self.zeros(dx0.len().div_ceil(2))?;
@@ -174,7 +177,7 @@ impl Tester<'_> {
             None => dx.download(st)?,
         };
         let copy = unpack_half(&copy_buf.download(st)?, dx0.len(), precision);
-        Ok(((got, copy), ms))
+        Ok(((got, copy), partial.download(st)?, ms))
     }
 
     /// The input gradient of GroupNorm `d` (fp32, overwriting or accumulating onto `dx0`, with
@@ -290,10 +293,9 @@ impl Tester<'_> {
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, ms);
                 }
                 // Over a 16-bit x and dy, the sums launch (three-launch forms) two channels a
-                // thread (INVDIFF_GN_BWD_SUMS_PAIRS): the bits of one channel a thread.
+                // thread (INVDIFF_GN_BWD_SUMS_PAIRS) against one channel a thread: the partial
+                // sums, the input gradient and its copy, bit for bit.
                 if x_half.is_some() && d.split.one_pass.is_none() {
-                    let pairs = self.launch_with(|l| l.gn_bwd_sums_pairs = true);
-                    let kernels = self.gpu.kernels.with_launch(pairs);
                     let inputs = NormBackwardIn {
                         x: xp,
                         x_half,
@@ -302,13 +304,30 @@ impl Tester<'_> {
                         ..base
                     };
                     let onto = (dx0, accumulate, None);
-                    let (got, ms) =
-                        self.backward_run_on(&kernels, d, inputs, onto, None, true, precision)?;
+                    let mut runs = Vec::new();
+                    for pairs in [false, true] {
+                        let launch = self.launch_with(|l| l.gn_bwd_sums_pairs = pairs);
+                        let k = self.gpu.kernels.with_launch(launch);
+                        runs.push(
+                            self.backward_run_on(&k, d, inputs, onto, None, true, precision)?,
+                        );
+                    }
                     let op = format!(
-                        "groupnorm{s} input-grad{}, 16-bit x and {precision} output gradient,                          sums two channels a thread vs one",
+                        "groupnorm{s} input-grad{}, 16-bit x and {precision} output gradient, {}",
                         acc_name(accumulate),
+                        "sums two channels a thread vs one",
                     );
-                    self.same_bits_rows(&op, "16-bit copy", desc, &[outs[1].clone(), got], ms);
+                    let words = runs[0].1.iter().zip(&runs[1].1);
+                    let differ = words.filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    self.rows.push(SelftestRow {
+                        op: format!("{op}: partial sums, bits"),
+                        shape: format!("{desc}: {differ} of {} words differ", runs[0].1.len()),
+                        rel_l2: differ as f64,
+                        gpu_ms: runs[1].2,
+                        tolerance: 0.0,
+                    });
+                    let outs = [runs[0].0.clone(), runs[1].0.clone()];
+                    self.same_bits_rows(&op, "16-bit copy", desc, &outs, runs[1].2);
                 }
             }
         }
