@@ -109,6 +109,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the wgmma convolutions at input stride 2 (the downsamplings, the folded upsamplings' input gradients) copy their slices with the tensor memory accelerator, through maps that step two pixels, instead of the lean loaders (the same bits, but where a launch split in two on the lean loaders then runs unsplit to stage its epilogue: another order of one sum)",
     ),
     choice(
+        "INVDIFF_CLASS_HALF_COPIES",
+        ON_OFF,
+        "GPU candidate: `1` has the parity-class launches of a stride-2 input gradient, where each stages its epilogue, write the 16-bit copy of the gradient each at its own pixels instead of a conversion launch after them (the same bits)",
+    ),
+    choice(
         "INVDIFF_GN_BWD_SUMS_PAIRS",
         ON_OFF,
         "GPU candidate: `1` has the sums of the GroupNorm backward passes over a 16-bit input and output gradient (the up path's concatenations) take two channels a thread, 4-byte loads instead of 2-byte ones (the same bits)",

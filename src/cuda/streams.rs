@@ -494,16 +494,22 @@ mod tests {
 
     /// The class launches that [`dependencies`] lets run side by side touch no element in
     /// common: in the celebahq-256 programs (forward and backward, batch 1 and 2, bf16 with
-    /// the Hopper defaults and the plain program), each pair's output pixels (conv_common.cuh's
-    /// index) are disjoint, neither's input, workspace, GroupNorm sums or time embedding is an
-    /// array the pair shares at its pixels, and with two streams some pairs do run apart.
+    /// the Hopper defaults, with the parity classes writing 16-bit copies too, and the plain
+    /// program), each pair's output pixels (conv_common.cuh's index) are disjoint, neither's
+    /// input, workspace, GroupNorm sums or time embedding is an array the pair shares at its
+    /// pixels, and with two streams some pairs do run apart.
     #[test]
     fn class_launches_side_by_side_touch_disjoint_pixels() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
         let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
         let mut kinds = std::collections::HashSet::new();
+        let class_copies = KernelConfig {
+            class_half_copies: true,
+            ..tuned
+        };
         for (n, kc, size) in [
             (1, tuned, 256),
+            (1, class_copies, 256),
             (2, tuned, 128),
             (1, KernelConfig::default(), 64),
         ] {

@@ -187,6 +187,11 @@ pub(crate) struct KernelConfig {
     /// otherwise order them for writing one array (src/cuda/streams.rs). The same launches,
     /// so the same bits.
     pub class_concurrency: bool,
+    /// With `epilogue_half_copies`: where every parity-class launch of a stride-2 input
+    /// gradient stages its epilogue (the first downsampling's at batch 1), each writes its own
+    /// pixels' share of the 16-bit copy the next input gradient reads, instead of a conversion
+    /// launch after them. The same bits.
+    pub class_half_copies: bool,
     /// A one-pass forward GroupNorm of a split launch's output (the 8x8 and 16x16 levels at
     /// batch 1) computed by the launch's reduction (kernels/norm.cu `conv_splitk_reduce_norm`)
     /// instead of a launch of its own: the same outputs bit for bit, a dependent launch less.
@@ -277,6 +282,7 @@ impl Default for KernelConfig {
             half_norm_grads: HalfGrads::Off,
             fold_residual_grads: false,
             class_concurrency: false,
+            class_half_copies: false,
             gn_from_reduction: false,
             narrow_mma: false,
             few_in_mma: false,
@@ -365,6 +371,7 @@ impl KernelConfig {
             },
             fold_residual_grads: true,
             class_concurrency: true,
+            class_half_copies: false,
             gn_from_reduction: false,
             narrow_mma: false,
             few_in_mma: false,
@@ -433,6 +440,7 @@ impl KernelConfig {
             },
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
+            class_half_copies: on("INVDIFF_CLASS_HALF_COPIES"),
             gn_from_reduction: on("INVDIFF_GN_FROM_REDUCTION"),
             narrow_mma: on("INVDIFF_NARROW_MMA"),
             few_in_mma: on("INVDIFF_FEW_IN_MMA"),
@@ -512,6 +520,10 @@ impl KernelConfig {
                 "residual gradients added by GroupNorms",
             ),
             (self.class_concurrency, "parity classes side by side"),
+            (
+                self.class_half_copies,
+                "16-bit copies by parity-class launches",
+            ),
             (
                 self.gn_from_reduction,
                 "GroupNorms computed by split reductions",

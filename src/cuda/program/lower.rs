@@ -814,9 +814,19 @@ impl Lowering<'_> {
     /// `y`, where it wrote all of them and can: a concatenation's adjoint, a GroupNorm's
     /// backward with an fp32 gradient, or an attention in rows, forward or backward
     /// ([`KernelConfig::fused_half_copies`]); a launch with a
-    /// staged epilogue ([`KernelConfig::epilogue_half_copies`]). The same bits as a conversion
-    /// launch. Whether it does (with `y` None, whether it could, changing nothing).
+    /// staged epilogue ([`KernelConfig::epilogue_half_copies`]), or with
+    /// [`KernelConfig::class_half_copies`] the parity-class launches that wrote it last, each
+    /// its own pixels. The same bits as a conversion launch. Whether it does (with `y` None,
+    /// whether it could, changing nothing).
     fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Option<Buf>) -> bool {
+        if let Some(classes) = self.class_writers(at, src, len) {
+            for j in classes {
+                if let Step::Conv(conv) = &mut self.steps[j] {
+                    conv.copy16 = y;
+                }
+            }
+            return true;
+        }
         let (n, precision, choice) = (self.n, self.precision, self.choice);
         // An attention's output has a head's width a token, its input gradient three (q, k, v).
         let parts = match self.steps[at] {
@@ -882,6 +892,54 @@ impl Lowering<'_> {
             }
             _ => false,
         }
+    }
+
+    /// With [`KernelConfig::class_half_copies`] (and staged epilogues' copies): the steps of
+    /// the parity-class launches that wrote `src` last, from step `at` back, where they wrote
+    /// all its `len` values (every class of one output grid), each has a staged epilogue and
+    /// none a copy yet; `None` otherwise. Each writes a class of output pixels, so their copies
+    /// together are the whole copy (and the streams let them run side by side, the copy being
+    /// indexed by output pixel: `other_class` in src/cuda/streams.rs).
+    fn class_writers(&self, at: usize, src: Buf, len: usize) -> Option<Vec<usize>> {
+        if !(self.choice.class_half_copies && self.choice.epilogue_half_copies) {
+            return None;
+        }
+        let Step::Conv(last) = &self.steps[at] else {
+            return None;
+        };
+        let grid = |s: &ConvShape| (s.n, s.yh, s.yw, s.out_stride, s.ncols);
+        let stride = last.shape.out_stride;
+        if stride < 2 || last.y != src {
+            return None;
+        }
+        let mut classes: Vec<usize> = Vec::new();
+        let mut offsets = Vec::new();
+        for j in (0..=at).rev() {
+            if !self.steps[j].io().1.contains(&src) {
+                continue;
+            }
+            match &self.steps[j] {
+                Step::Conv(c)
+                    if c.y == src
+                        && grid(&c.shape) == grid(&last.shape)
+                        && c.launch.staged_epilogue
+                        && c.copy16.is_none()
+                        && !offsets.contains(&(c.shape.out_oy, c.shape.out_ox)) =>
+                {
+                    offsets.push((c.shape.out_oy, c.shape.out_ox));
+                    classes.push(j);
+                }
+                _ => break,
+            }
+        }
+        let written: usize = classes
+            .iter()
+            .map(|&j| match &self.steps[j] {
+                Step::Conv(c) => c.shape.rows() * c.shape.ncols,
+                _ => 0,
+            })
+            .sum();
+        (offsets.len() == stride * stride && written == len).then_some(classes)
     }
 
     /// The input-gradient launches of convolution `x -> y` (see [`ConvShape::backward`]).

@@ -1648,16 +1648,16 @@ fn switches_compute_what_the_default_program_computes() {
                     .any(|s| matches!(s, Step::Conv(c) if c.norm.is_some())));
             }
             // The TMA copies at input stride 2 (a candidate): the same launches but for a split
-            // left out where the TMA launch runs unsplit to stage its epilogue.
-            let strided = KernelConfig {
-                strided_tma: true,
-                ..tuned
-            };
-            assert_eq!(
-                symbolic(&build(strided)),
-                want,
-                "{precision} {n}x{h}x{w} strided TMA"
-            );
+            // left out where the TMA launch runs unsplit to stage its epilogue; and the 16-bit
+            // copies by parity-class launches (a candidate), alone and with them.
+            for (strided_tma, class_half_copies) in [(true, false), (false, true), (true, true)] {
+                let tc = KernelConfig {
+                    strided_tma,
+                    class_half_copies,
+                    ..tuned
+                };
+                assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
+            }
             // The attention in rows (a candidate) computes what the default does, and writes the
             // 16-bit copies of the attentions' outputs and input gradients the projections
             // read, instead of their conversion launches.
@@ -2229,6 +2229,68 @@ fn tma_loads_take_every_launch_they_fit() {
             "strided_tma {strided_tma}"
         );
     }
+}
+
+/// With class_half_copies, the four parity-class launches of a stride-2 input gradient whose
+/// epilogues all stage write the 16-bit copy of the gradient, each at its own pixels, instead
+/// of a conversion launch: at batch 1 the first downsampling's (a 256x256 x 128 gradient, 8.4 M
+/// values), one conversion of a DPS step's 27; none in a forward, and none without staged
+/// epilogues' copies.
+#[test]
+fn parity_classes_write_the_copy_where_every_class_stages() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    let build = |tc: KernelConfig, record| {
+        Program::build_with(&g, 1, 256, 256, record, 132, Precision::Bf16, tc).unwrap()
+    };
+    let conversions = |p: &Program| {
+        p.steps
+            .iter()
+            .filter(|s| matches!(s, Step::ToHalf { .. }))
+            .count()
+    };
+    let on = KernelConfig {
+        class_half_copies: true,
+        ..tuned
+    };
+    let p = build(on, true);
+    assert_eq!(
+        (conversions(&build(tuned, true)), conversions(&p)),
+        (27, 26)
+    );
+    let writers: Vec<&ConvStep> = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Conv(c) if c.shape.out_stride > 1 && c.copy16.is_some() => Some(c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(writers.len(), 4);
+    for c in &writers {
+        assert_eq!(c.copy16, writers[0].copy16);
+        assert_eq!(c.y, writers[0].y);
+        assert!(c.launch.staged_epilogue, "{c:?}");
+        assert_eq!((c.shape.yh, c.shape.yw, c.shape.ncols), (256, 256, 128));
+    }
+    assert_eq!(
+        conversions(&build(on, false)),
+        conversions(&build(tuned, false))
+    );
+    let no_epilogue_copies = KernelConfig {
+        epilogue_half_copies: false,
+        ..on
+    };
+    assert_eq!(
+        conversions(&build(no_epilogue_copies, true)),
+        conversions(&build(
+            KernelConfig {
+                epilogue_half_copies: false,
+                ..tuned
+            },
+            true
+        ))
+    );
 }
 
 /// With shortcut_fused in bf16 on Hopper, every residual block's 1x1 shortcut (the up path's 18

@@ -1,8 +1,9 @@
 //! How the launches are scheduled or merged, each way against the other, bit for bit: a
 //! convolution's parity-class launches side by side on the streams
-//! (`INVDIFF_CLASS_CONCURRENCY`), and GroupNorms computed by the reductions of the split
-//! launches before them (`INVDIFF_GN_FROM_REDUCTION`), whole networks against the programs
-//! without.
+//! (`INVDIFF_CLASS_CONCURRENCY`), the 16-bit copy of a stride-2 input gradient written by its
+//! parity-class launches (`INVDIFF_CLASS_HALF_COPIES`), and GroupNorms computed by the
+//! reductions of the split launches before them (`INVDIFF_GN_FROM_REDUCTION`), whole networks
+//! against the programs without.
 
 use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::Tester;
@@ -10,6 +11,7 @@ use crate::cuda::kernels::{
     plan_conv, plan_norm, reduction_norm_threads, ConvPtrs, ConvShape, NormDims, ReductionNorm,
 };
 use crate::cuda::precision::Precision;
+use crate::cuda::profile::StepTime;
 use crate::cuda::streams::streams_wanted;
 use crate::cuda::unet::CudaUnet;
 use crate::cuda::weights::DevConv;
@@ -32,6 +34,44 @@ impl Tester<'_> {
         }
         let set = CudaUnet::set_class_concurrency;
         self.same_bits_choice_unets(ordinal, op, set, ORDERED_PAIRS)
+    }
+
+    /// The same networks as configured but with the 16-bit copy of a stride-2 input gradient
+    /// written by its four parity-class launches, each at its own pixels, where all four stage
+    /// their epilogues (at 256x256 x 1 the first downsampling's; none at 64x64 x 2): forward
+    /// and forward + VJP the same to the bit as with a conversion launch, once the program
+    /// shows such a launch; and a row that some network had one.
+    pub(super) fn class_half_copy_unets(&mut self, ordinal: usize) -> Result<()> {
+        let op = "16-bit copies by parity-class launches";
+        let writes = |s: &StepTime| {
+            s.kind == "conv 3x3 s2 input-grad" && s.variant.contains(", 16-bit copy")
+        };
+        let mut found = Vec::new();
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            gpu.set_class_half_copies(true);
+            let profile = gpu.profile(net.n, net.h, net.w, true, 1)?;
+            if !profile.steps.iter().any(writes) {
+                return Ok(());
+            }
+            found.push(format!("{precision} {}", net.desc));
+            gpu.set_class_half_copies(false);
+            let want = Self::network_outputs(gpu, net)?;
+            gpu.set_class_half_copies(true);
+            let has = (
+                "parity classes writing a copy",
+                &writes as &dyn Fn(&StepTime) -> bool,
+            );
+            t.same_network_rows(gpu, net, &format!("celebahq {precision}, {op}"), has, &want)
+        })?;
+        if self.gpu.kernels.has_wgmma() {
+            let what = format!("networks whose program has them: {}", found.join("; "));
+            self.check_row(
+                format!("celebahq forward + vjp, {op}"),
+                what,
+                !found.is_empty(),
+            );
+        }
+        Ok(())
     }
 
     /// The same networks as configured but with the one-pass GroupNorms after split launches

@@ -203,6 +203,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("residual gradients", |t, o| t.residual_gradient_unets(o)),
         ("launch options", |t, o| {
             t.class_concurrency_unets(o)?;
+            t.class_half_copy_unets(o)?;
             t.reduction_norm_kernels()?;
             t.reduction_norm_unets(o)
         }),

@@ -322,6 +322,13 @@ impl CudaUnet {
         self.change_choice(|c| c.class_concurrency = on);
     }
 
+    /// Has the parity-class launches of a stride-2 input gradient write the gradient's 16-bit
+    /// copy where every class stages its epilogue (`on`, [`KernelConfig::class_half_copies`])
+    /// or a conversion launch make it, for comparisons; drops every plan.
+    pub(crate) fn set_class_half_copies(&mut self, on: bool) {
+        self.change_choice(|c| c.class_half_copies = on);
+    }
+
     /// Has split launches' reductions compute the one-pass GroupNorms of their outputs (`on`,
     /// [`KernelConfig::gn_from_reduction`]) or not, for comparisons; drops every plan.
     pub(crate) fn set_gn_from_reduction(&mut self, on: bool) {
