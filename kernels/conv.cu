@@ -243,7 +243,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) conv_gemm_any(const ConvArg
 }
 
 // Sums the split-K partials in split order and applies the epilogue. Grid-stride over M * ncols.
-extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
+// COPY (conv_splitk_reduce_copy, INVDIFF_REDUCE_HALF_COPIES): each output also rounded to 16
+// bits of `kind` (pack_half1) at a.copy16[pixel * ncols + col], the copy a conversion launch
+// would have made for the tensor-core launches that read it, and y only where not null; a
+// kernel of its own, so that conv_splitk_reduce stays as it was.
+template <bool COPY> DEVI void splitk_reduce(const ConvArgs& a, int splits, int kind) {
     const int M = a.n * a.mh * a.mw;
     const long long total = (long long)M * a.ncols;
     for (long long e = grid_start(); e < total; e += grid_stride()) {
@@ -253,8 +257,14 @@ extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
         for (int z = 0; z < splits; ++z) s += a.ws[(long long)z * total + e];
         const RowCoord rc = decode_row(a, m);
         const long long pix = out_pixel(a, rc);
-        a.y[pix * a.ncols + col] = finish(a, rc.img, pix, col, s);
+        const float v = finish(a, rc.img, pix, col, s);
+        if (!COPY || a.y != nullptr) a.y[pix * a.ncols + col] = v;
+        if (COPY) a.copy16[pix * a.ncols + col] = pack_half1(v, kind);
     }
+}
+extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) { splitk_reduce<false>(a, splits, 0); }
+extern "C" __global__ void conv_splitk_reduce_copy(const ConvArgs a, int splits, int kind) {
+    splitk_reduce<true>(a, splits, kind);
 }
 
 // ---- Direct kernels for the 3-channel image convolutions ----

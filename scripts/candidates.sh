@@ -1,27 +1,29 @@
 # The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (TMA copies at input stride 2, GroupNorm backward sums two channels a thread and 16-bit
-# copies by parity-class launches, stop 39, untimed; attention in rows of queries, stop 38, untimed;
-# the few-output and the few-input convolutions on tensor cores, stop 37, untimed; split launches'
-# reductions computing the one-pass GroupNorms after them, stop 36, untimed; 16-bit output gradients
-# for every GroupNorm backward pass that can, not only those over 16-bit inputs; four streams, for
-# the parity classes side by side; tf32 attention products, a default at v0.5 and slower at batch 1
-# at v0.6; the fused attention, slower at v0.5 and v0.6), then each v0.11 default turned off (parity
-# classes side by side; attention products whose warps split K; concatenation sums eight pixels
-# ahead), each v0.10 default turned off (residual gradients added by the GroupNorm backward passes;
-# 16-bit output gradients for the passes over 16-bit inputs), each v0.9 default turned off
-# (concatenation sides written by their producers; 16-bit copies by staged epilogues), each v0.8
-# default turned off (two-way splits unsplit to stage; staged epilogues, which also keeps those
-# splits, with the tall tiles off too; fused shortcuts; concatenation gradients written by their
-# GroupNorms; 16-bit concatenations in recording forwards), each v0.7 default turned off (16-bit
-# concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit copies by their
-# writers), each v0.6 default turned off (with TMA on, no_lean only reaches the wgmma launches TMA
-# does not take), then the tall tiles, the stream count either way and each older default turned off
-# (does it still pay on this card and workload?); device_check.sh's deadline cuts from the end.
+# candidates (TMA copies at input stride 2, GroupNorm backward sums two channels a thread, 16-bit
+# copies by parity-class launches and by split reductions, stop 39, untimed; attention in rows of
+# queries, stop 38, untimed; the few-output and the few-input convolutions on tensor cores, stop 37,
+# untimed; split launches' reductions computing the one-pass GroupNorms after them, stop 36,
+# untimed; 16-bit output gradients for every GroupNorm backward pass that can, not only those over
+# 16-bit inputs; four streams, for the parity classes side by side; tf32 attention products, a
+# default at v0.5 and slower at batch 1 at v0.6; the fused attention, slower at v0.5 and v0.6), then
+# each v0.11 default turned off (parity classes side by side; attention products whose warps split
+# K; concatenation sums eight pixels ahead), each v0.10 default turned off (residual gradients added
+# by the GroupNorm backward passes; 16-bit output gradients for the passes over 16-bit inputs), each
+# v0.9 default turned off (concatenation sides written by their producers; 16-bit copies by staged
+# epilogues), each v0.8 default turned off (two-way splits unsplit to stage; staged epilogues, which
+# also keeps those splits, with the tall tiles off too; fused shortcuts; concatenation gradients
+# written by their GroupNorms; 16-bit concatenations in recording forwards), each v0.7 default
+# turned off (16-bit concatenations for the GroupNorms, GroupNorm sums from their producers, 16-bit
+# copies by their writers), each v0.6 default turned off (with TMA on, no_lean only reaches the
+# wgmma launches TMA does not take), then the tall tiles, the stream count either way and each older
+# default turned off (does it still pay on this card and workload?); device_check.sh's deadline cuts
+# from the end.
 CANDIDATES=(
     tma_strided:INVDIFF_TMA_STRIDED=1
     gn_bwd_sums_pairs:INVDIFF_GN_BWD_SUMS_PAIRS=1
     class_half_copies:INVDIFF_CLASS_HALF_COPIES=1
+    reduce_half_copies:INVDIFF_REDUCE_HALF_COPIES=1
     attn_rows:INVDIFF_ATTN_ROWS=1
     attn_rows_wave:INVDIFF_ATTN_ROWS=wave
     narrow_mma:INVDIFF_NARROW_MMA=1

@@ -36,7 +36,7 @@
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
-# variants of three bench calls each, a bench call 2-5 s; the default list now has 52, more than a
+# variants of three bench calls each, a bench call 2-5 s; the default list now has 53, more than a
 # deadline of 510 s leaves room for, so name the variants wanted in VARIANTS); each
 # phase's estimate is beside it;
 # a deadline (DEADLINE, default 510 s) skips what no longer fits and every command has a
@@ -359,7 +359,7 @@ V07=$V08_OFF
 V08=$V09_OFF
 V09=$V10_OFF
 V10=$V11_OFF
-ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_ATTN_ROWS=1,INVDIFF_ATTN_TF32=1,INVDIFF_GN_HALF_DY=1,INVDIFF_GN_FROM_REDUCTION=1,INVDIFF_NARROW_MMA=1,INVDIFF_FEW_IN_MMA=1,INVDIFF_TMA_STRIDED=1,INVDIFF_GN_BWD_SUMS_PAIRS=1,INVDIFF_CLASS_HALF_COPIES=1
+ALL=INVDIFF_ATTN_FLASH=1,INVDIFF_ATTN_ROWS=1,INVDIFF_ATTN_TF32=1,INVDIFF_GN_HALF_DY=1,INVDIFF_GN_FROM_REDUCTION=1,INVDIFF_NARROW_MMA=1,INVDIFF_FEW_IN_MMA=1,INVDIFF_TMA_STRIDED=1,INVDIFF_GN_BWD_SUMS_PAIRS=1,INVDIFF_CLASS_HALF_COPIES=1,INVDIFF_REDUCE_HALF_COPIES=1
 # shellcheck source=scripts/candidates.sh
 . scripts/candidates.sh
 VARIANTS=${VARIANTS-v04:$V04;v05:$V05;v06:$V06;v07:$V07;v08:$V08;v09:$V09;v10:$V10;all:$ALL;$(IFS=';'; echo "${CANDIDATES[*]}")}

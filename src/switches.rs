@@ -114,6 +114,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the parity-class launches of a stride-2 input gradient, where each stages its epilogue, write the 16-bit copy of the gradient each at its own pixels instead of a conversion launch after them (the same bits)",
     ),
     choice(
+        "INVDIFF_REDUCE_HALF_COPIES",
+        ON_OFF,
+        "GPU candidate: `1` has the reduction of a split bf16/fp16 convolution or linear write the 16-bit copy of its output that tensor-core launches read, instead of a conversion launch after it (the same bits)",
+    ),
+    choice(
         "INVDIFF_GN_BWD_SUMS_PAIRS",
         ON_OFF,
         "GPU candidate: `1` has the sums of the GroupNorm backward passes over a 16-bit input and output gradient (the up path's concatenations) take two channels a thread, 4-byte loads instead of 2-byte ones (the same bits)",

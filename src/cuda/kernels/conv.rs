@@ -92,8 +92,8 @@ pub(crate) struct ConvPtrs {
     pub x2: DPtr,
     pub w2: DPtr,
     /// Where a staged epilogue also writes the output rounded to 16 bits, as one side of a
-    /// concatenation, and as a copy of `y` (`ncols` wide); with either, `y` may be 0 (no fp32
-    /// output).
+    /// concatenation, and as a copy of `y` (`ncols` wide; the copy also a split launch's
+    /// reduction); with either, `y` may be 0 (no fp32 output).
     pub y16: Side16,
     pub copy16: DPtr,
     /// The one-pass GroupNorm of `y` that a split launch's reduction computes too
@@ -246,9 +246,10 @@ pub(crate) fn wgmma_kernel_exists(plan: &ConvLaunch, fused: bool) -> bool {
     !extras.any() || (plan.lean_loads && extras.exists())
 }
 
-/// Whether launch `plan` of `s` can write the 16-bit outputs `p` asks for (none, or with a
-/// staged epilogue in bf16/fp16, which writes each row's four columns at once: a side's
-/// channels within its width, both 8-byte aligned).
+/// Whether launch `plan` of `s` can write the 16-bit outputs `p` asks for (none; or in
+/// bf16/fp16 with a staged epilogue, which writes each row's four columns at once: a side's
+/// channels within its width, both 8-byte aligned; or a copy alone by a split launch's
+/// reduction, `conv_splitk_reduce_copy`, which computes no GroupNorm).
 fn half_outputs_fit(s: &ConvShape, plan: &ConvLaunch, p: &ConvPtrs) -> bool {
     let side = p.y16;
     if side.buf == 0 && p.copy16 == 0 {
@@ -259,7 +260,8 @@ fn half_outputs_fit(s: &ConvShape, plan: &ConvLaunch, p: &ConvPtrs) -> bool {
             && side.offset % 4 == 0
             && side.width % 4 == 0
             && side.offset + s.ncols <= side.width);
-    plan.staged_epilogue
+    let reduced = plan.splits > 1 && side.buf == 0 && p.norm.is_none();
+    (plan.staged_epilogue || reduced)
         && matches!(
             plan.kernel,
             ConvKernel::Tensor(Precision::Bf16 | Precision::Fp16)
@@ -842,13 +844,31 @@ impl Kernels {
                 )?;
                 return Ok(());
             }
-            let mut b = st.launch_builder(&self.conv_splitk_reduce);
+            // The copy (half_outputs_fit checked it: a bf16 or fp16 kernel) by the reduction.
+            let (f, name, kind) = match (p.copy16, plan.kernel) {
+                (0, _) => (&self.conv_splitk_reduce, "conv_splitk_reduce", 0),
+                (_, ConvKernel::Tensor(precision)) => (
+                    &self.conv_splitk_reduce_copy,
+                    "conv_splitk_reduce_copy",
+                    super::half_kind(precision)?,
+                ),
+                (_, k) => {
+                    return Err(Error::Cuda(format!(
+                        "internal: a 16-bit copy asked of the reduction of a {k:?} launch"
+                    )))
+                }
+            };
+            let mut b = st.launch_builder(f);
             b.arg(&a).arg(&splits);
+            if p.copy16 != 0 {
+                b.arg(&kind);
+            }
             // SAFETY: the workspace holds splits x rows x ncols partial sums written above;
-            // the reduction's grid-stride loop stays inside rows x ncols outputs.
+            // the reduction's grid-stride loop stays inside rows x ncols outputs (and as many
+            // 16-bit values of the copy, where set).
             cu(
                 unsafe { b.launch(self.flat(rows * s.ncols)) }.map(drop),
-                "launching conv_splitk_reduce",
+                &format!("launching {name}"),
             )?;
         }
         Ok(())
@@ -1045,15 +1065,18 @@ mod tests {
     use crate::model::graph::Pad;
 
     /// 16-bit outputs only from staged epilogues, each alone or both, a side within its width
-    /// and aligned.
+    /// and aligned; and a copy alone from a split bf16/fp16 launch's reduction, without a
+    /// GroupNorm in it.
     #[test]
-    fn half_outputs_only_from_staged_epilogues() {
+    fn half_outputs_only_from_staged_epilogues_and_split_reductions() {
         let shape = ConvShape::forward(1, 16, 16, 64, 128, 3, 1, Pad::Symmetric);
         let plain = ConvLaunch {
             tma_loads: true,
             lean_loads: true,
             row_epilogue: true,
-            ..plan_wgmma(&shape, 132, Precision::Bf16).unwrap()
+            ..plan_wgmma(&shape, 132, Precision::Bf16)
+                .unwrap()
+                .with_splits(&shape, WGMMA_SLICE, 1)
         };
         let staged = ConvLaunch {
             staged_epilogue: true,
@@ -1092,6 +1115,18 @@ mod tests {
             ..none
         };
         assert!(!half_outputs_fit(&shape, &staged, &misaligned));
+        let split = plain.with_splits(&shape, WGMMA_SLICE, 4);
+        assert!(split.splits > 1);
+        assert!(half_outputs_fit(&shape, &split, &copy));
+        assert!(!half_outputs_fit(&shape, &split, &misaligned));
+        for p in [sided, both] {
+            assert!(!half_outputs_fit(&shape, &split, &p), "{p:?}");
+        }
+        let fp32_split = ConvLaunch {
+            kernel: ConvKernel::Vec,
+            ..split
+        };
+        assert!(!half_outputs_fit(&shape, &fp32_split, &copy));
     }
 
     /// Every wgmma form a launch can ask for finds the kernel of its precision, epilogue,

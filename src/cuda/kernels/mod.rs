@@ -248,6 +248,8 @@ pub(crate) struct Kernels {
     conv_gemm_vec: CudaFunction,
     conv_gemm_any: CudaFunction,
     conv_splitk_reduce: CudaFunction,
+    /// A split launch's reduction that also writes the 16-bit copy of its output.
+    conv_splitk_reduce_copy: CudaFunction,
     /// A split launch's reduction and the one-pass GroupNorm of its output (kernels/norm.cu).
     conv_splitk_reduce_norm: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
@@ -486,6 +488,7 @@ impl Kernels {
             conv_gemm_vec: get("conv", "conv_gemm_vec")?,
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
+            conv_splitk_reduce_copy: get("conv", "conv_splitk_reduce_copy")?,
             conv_splitk_reduce_norm: get("norm", "conv_splitk_reduce_norm")?,
             conv_narrow: (1..=DIRECT_MAX)
                 .map(|c| {

@@ -192,6 +192,11 @@ pub(crate) struct KernelConfig {
     /// pixels' share of the 16-bit copy the next input gradient reads, instead of a conversion
     /// launch after them. The same bits.
     pub class_half_copies: bool,
+    /// With `epilogue_half_copies`: a split bf16/fp16 tensor-core launch whose output a
+    /// tensor-core launch reads in 16 bits has its reduction write that copy too
+    /// (`conv_splitk_reduce_copy`), instead of a conversion launch after it: the 8x8 to 64x64
+    /// levels' split launches (five conversions of a batch-1 forward). The same bits.
+    pub reduce_half_copies: bool,
     /// A one-pass forward GroupNorm of a split launch's output (the 8x8 and 16x16 levels at
     /// batch 1) computed by the launch's reduction (kernels/norm.cu `conv_splitk_reduce_norm`)
     /// instead of a launch of its own: the same outputs bit for bit, a dependent launch less.
@@ -283,6 +288,7 @@ impl Default for KernelConfig {
             fold_residual_grads: false,
             class_concurrency: false,
             class_half_copies: false,
+            reduce_half_copies: false,
             gn_from_reduction: false,
             narrow_mma: false,
             few_in_mma: false,
@@ -372,6 +378,7 @@ impl KernelConfig {
             fold_residual_grads: true,
             class_concurrency: true,
             class_half_copies: false,
+            reduce_half_copies: false,
             gn_from_reduction: false,
             narrow_mma: false,
             few_in_mma: false,
@@ -441,6 +448,7 @@ impl KernelConfig {
             fold_residual_grads: kept("INVDIFF_GN_ADD_RESIDUAL", tuned.fold_residual_grads),
             class_concurrency: kept("INVDIFF_CLASS_CONCURRENCY", tuned.class_concurrency),
             class_half_copies: on("INVDIFF_CLASS_HALF_COPIES"),
+            reduce_half_copies: on("INVDIFF_REDUCE_HALF_COPIES"),
             gn_from_reduction: on("INVDIFF_GN_FROM_REDUCTION"),
             narrow_mma: on("INVDIFF_NARROW_MMA"),
             few_in_mma: on("INVDIFF_FEW_IN_MMA"),
@@ -524,6 +532,7 @@ impl KernelConfig {
                 self.class_half_copies,
                 "16-bit copies by parity-class launches",
             ),
+            (self.reduce_half_copies, "16-bit copies by split reductions"),
             (
                 self.gn_from_reduction,
                 "GroupNorms computed by split reductions",

@@ -779,7 +779,7 @@ impl Lowering<'_> {
     pub(super) fn half_copy(&mut self, src: Buf, len: usize, name: &str) -> Buf {
         let y = self.buf(len.div_ceil(2), name);
         let last = self.steps.iter().rposition(|s| s.io().1.contains(&src));
-        if let Some(at) = last.filter(|&at| self.copy_by_writer(at, src, len, Some(y))) {
+        if let Some(at) = last.filter(|&at| self.copy_by_writer(at, src, len, Some(y), true)) {
             self.half_copies.push((src, y, at));
             return y;
         }
@@ -801,11 +801,11 @@ impl Lowering<'_> {
             return Some(copy);
         }
         let at = self.steps.iter().rposition(|s| s.io().1.contains(&src))?;
-        if !self.copy_by_writer(at, src, len, None) {
+        if !self.copy_by_writer(at, src, len, None, false) {
             return None;
         }
         let y = self.buf(len.div_ceil(2), name);
-        self.copy_by_writer(at, src, len, Some(y));
+        self.copy_by_writer(at, src, len, Some(y), false);
         self.half_copies.push((src, y, at));
         Some(y)
     }
@@ -814,12 +814,26 @@ impl Lowering<'_> {
     /// `y`, where it wrote all of them and can: a concatenation's adjoint, a GroupNorm's
     /// backward with an fp32 gradient, or an attention in rows, forward or backward
     /// ([`KernelConfig::fused_half_copies`]); a launch with a
-    /// staged epilogue ([`KernelConfig::epilogue_half_copies`]), or with
+    /// staged epilogue ([`KernelConfig::epilogue_half_copies`]) or, with
+    /// [`KernelConfig::reduce_half_copies`], a split one's reduction; or with
     /// [`KernelConfig::class_half_copies`] the parity-class launches that wrote it last, each
-    /// its own pixels. The same bits as a conversion launch. Whether it does (with `y` None,
-    /// whether it could, changing nothing).
-    fn copy_by_writer(&mut self, at: usize, src: Buf, len: usize, y: Option<Buf>) -> bool {
-        if let Some(classes) = self.class_writers(at, src, len) {
+    /// its own pixels. The same bits as a conversion launch. The last two only where the copy
+    /// replaces a conversion launch (`instead_of_conversion`), not where a step would read it
+    /// instead of the fp32 values (a GroupNorm backward pass's output gradient), so that those
+    /// candidates change no value. Whether it does (with `y` None, whether it could, changing
+    /// nothing).
+    fn copy_by_writer(
+        &mut self,
+        at: usize,
+        src: Buf,
+        len: usize,
+        y: Option<Buf>,
+        instead_of_conversion: bool,
+    ) -> bool {
+        let classes = instead_of_conversion
+            .then(|| self.class_writers(at, src, len))
+            .flatten();
+        if let Some(classes) = classes {
             for j in classes {
                 if let Step::Conv(conv) = &mut self.steps[j] {
                     conv.copy16 = y;
@@ -883,7 +897,13 @@ impl Lowering<'_> {
                 if choice.epilogue_half_copies
                     && conv.copy16.is_none()
                     && conv.y == src
-                    && conv.launch.staged_epilogue
+                    && (conv.launch.staged_epilogue
+                        || (choice.reduce_half_copies
+                            && instead_of_conversion
+                            && conv.launch.splits > 1
+                            && conv.norm.is_none()
+                            && conv.side16.is_none()
+                            && matches!(conv.launch.kernel, ConvKernel::Tensor(p) if p.is_half())))
                     && conv.shape.out_stride == 1
                     && conv.shape.rows() * conv.shape.ncols == len =>
             {

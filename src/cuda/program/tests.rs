@@ -1650,10 +1650,18 @@ fn switches_compute_what_the_default_program_computes() {
             // The TMA copies at input stride 2 (a candidate): the same launches but for a split
             // left out where the TMA launch runs unsplit to stage its epilogue; and the 16-bit
             // copies by parity-class launches (a candidate), alone and with them.
-            for (strided_tma, class_half_copies) in [(true, false), (false, true), (true, true)] {
+            for (strided_tma, class_half_copies, reduce_half_copies, gn_from_reduction) in [
+                (true, false, false, false),
+                (false, true, false, false),
+                (false, false, true, false),
+                (false, false, true, true),
+                (true, true, true, false),
+            ] {
                 let tc = KernelConfig {
                     strided_tma,
                     class_half_copies,
+                    reduce_half_copies,
+                    gn_from_reduction,
                     ..tuned
                 };
                 assert_eq!(symbolic(&build(tc)), want, "{precision} {n}x{h}x{w} {tc:?}");
@@ -2291,6 +2299,56 @@ fn parity_classes_write_the_copy_where_every_class_stages() {
             true
         ))
     );
+}
+
+/// With reduce_half_copies, a split bf16 launch whose output a conversion launch would round for
+/// a tensor-core reader writes that copy in its reduction instead: 6 of a batch-1 DPS step's 27
+/// conversions, 5 of a forward's 11, 1 of a batch-8 forward's 8. Never for a GroupNorm backward
+/// pass, which would read the copy instead of the fp32 gradient (another rounding): as many of
+/// those read 16 bits as without. Every such launch is a bf16 tensor-core launch whose
+/// reduction computes no GroupNorm.
+#[test]
+fn split_reductions_write_the_copies_conversions_made() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let tuned = KernelConfig::tuned(Capabilities::HOPPER, Precision::Bf16);
+    let on = KernelConfig {
+        reduce_half_copies: true,
+        ..tuned
+    };
+    for (n, record, conversions) in [(1, true, (27, 21)), (1, false, (11, 6)), (8, false, (8, 7))] {
+        let build = |tc| Program::build_with(&g, n, 256, 256, record, 132, Precision::Bf16, tc);
+        let (before, after) = (build(tuned).unwrap(), build(on).unwrap());
+        let count =
+            |p: &Program, f: &dyn Fn(&Step) -> bool| p.steps.iter().filter(|s| f(s)).count();
+        let halves = |s: &Step| matches!(s, Step::ToHalf { .. });
+        assert_eq!(
+            (count(&before, &halves), count(&after, &halves)),
+            conversions,
+            "n{n}"
+        );
+        let dy16 = |s: &Step| {
+            matches!(
+                s,
+                Step::GroupNormBackward {
+                    dy_half: Some(_),
+                    ..
+                }
+            )
+        };
+        assert_eq!(count(&before, &dy16), count(&after, &dy16), "n{n}");
+        for s in &after.steps {
+            if let Step::Conv(c) = s {
+                if c.launch.splits > 1 && c.copy16.is_some() {
+                    assert_eq!(
+                        c.launch.kernel,
+                        ConvKernel::Tensor(Precision::Bf16),
+                        "{c:?}"
+                    );
+                    assert!(c.norm.is_none() && c.side16.is_none(), "{c:?}");
+                }
+            }
+        }
+    }
 }
 
 /// With shortcut_fused in bf16 on Hopper, every residual block's 1x1 shortcut (the up path's 18

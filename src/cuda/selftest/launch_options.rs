@@ -1,14 +1,17 @@
 //! How the launches are scheduled or merged, each way against the other, bit for bit: a
 //! convolution's parity-class launches side by side on the streams
 //! (`INVDIFF_CLASS_CONCURRENCY`), the 16-bit copy of a stride-2 input gradient written by its
-//! parity-class launches (`INVDIFF_CLASS_HALF_COPIES`), and GroupNorms computed by the
-//! reductions of the split launches before them (`INVDIFF_GN_FROM_REDUCTION`), whole networks
-//! against the programs without.
+//! parity-class launches (`INVDIFF_CLASS_HALF_COPIES`) or by a split launch's reduction
+//! (`INVDIFF_REDUCE_HALF_COPIES`), and GroupNorms computed by the reductions of the split
+//! launches before them (`INVDIFF_GN_FROM_REDUCTION`), whole networks against the programs
+//! without.
 
 use super::networks::{LAUNCHES, ORDERED_PAIRS};
 use super::Tester;
+use super::{round_half, unpack_half};
 use crate::cuda::kernels::{
-    plan_conv, plan_norm, reduction_norm_threads, ConvPtrs, ConvShape, NormDims, ReductionNorm,
+    plan_conv, plan_conv_at, plan_norm, reduction_norm_threads, ConvPtrs, ConvShape, NormDims,
+    ReductionNorm, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
@@ -39,39 +42,104 @@ impl Tester<'_> {
     /// The same networks as configured but with the 16-bit copy of a stride-2 input gradient
     /// written by its four parity-class launches, each at its own pixels, where all four stage
     /// their epilogues (at 256x256 x 1 the first downsampling's; none at 64x64 x 2): forward
-    /// and forward + VJP the same to the bit as with a conversion launch, once the program
-    /// shows such a launch; and a row that some network had one.
+    /// and forward + VJP the same to the bit as with a conversion launch.
     pub(super) fn class_half_copy_unets(&mut self, ordinal: usize) -> Result<()> {
-        let op = "16-bit copies by parity-class launches";
         let writes = |s: &StepTime| {
             s.kind == "conv 3x3 s2 input-grad" && s.variant.contains(", 16-bit copy")
         };
-        let mut found = Vec::new();
-        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
-            gpu.set_class_half_copies(true);
-            let profile = gpu.profile(net.n, net.h, net.w, true, 1)?;
-            if !profile.steps.iter().any(writes) {
-                return Ok(());
+        let has = (
+            "parity classes writing a copy",
+            &writes as &dyn Fn(&StepTime) -> bool,
+        );
+        let op = "16-bit copies by parity-class launches";
+        self.same_bits_where_present(ordinal, op, CudaUnet::set_class_half_copies, has)
+    }
+
+    /// A split tensor-core launch whose reduction also writes the 16-bit copy of its output
+    /// (`conv_splitk_reduce_copy`), in bf16 and fp16, at shapes celebahq does not have (odd
+    /// widths, a partial column tile, every epilogue term, accumulating): its fp32 output the
+    /// same bits as the plain reduction's, the copy that output rounded to nearest even as a
+    /// conversion launch rounds it, bit for bit.
+    pub(super) fn reduction_copy_kernels(&mut self) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        // (n, h, w, cin, cout, epilogue extras and accumulation)
+        for (n, h, w, cin, cout, extras) in [(1, 5, 7, 64, 72, true), (2, 8, 8, 128, 128, false)] {
+            let shape = ConvShape::forward(n, h, w, cin, cout, 3, 1, Pad::Symmetric);
+            let len = n * h * w * cout;
+            let bound = 1.0 / ((cin * 9) as f32).sqrt();
+            let (wt, b) = (
+                self.rand(cout * cin * 9, -bound, bound),
+                self.rand(cout, -1.0, 1.0),
+            );
+            let host = [
+                self.rand(n * h * w * cin, -1.0, 1.0),
+                self.rand(n * cout, -1.0, 1.0),
+                self.rand(len, -1.0, 1.0),
+                self.rand(len, -1.0, 1.0),
+            ];
+            let [x, temb, res] = [0, 1, 2].map(|i| self.up(&host[i]));
+            let (x, temb, res) = (x?, temb?, res?);
+            for precision in [Precision::Bf16, Precision::Fp16] {
+                // (Splits of whole 64-wide slices suit every tensor-core kernel's slice.)
+                let plan = plan_conv_at(&shape, gpu.sms(), precision);
+                let plan = plan.with_splits(&shape, WGMMA_SLICE, 4);
+                let dev = DevConv::upload(gpu, &wt, &b, cout, cin, 3, precision)?;
+                let ws = self.zeros(plan.workspace_len(&shape))?;
+                let copy = self.zeros(len.div_ceil(2))?;
+                let mut outs = Vec::new();
+                for copy16 in [0, copy.ptr] {
+                    let y = self.up(&host[3])?;
+                    let p = ConvPtrs {
+                        x: x.ptr,
+                        w: dev.weights_for(plan.kernel, false)?,
+                        y: y.ptr,
+                        bias: dev.bias.ptr,
+                        temb: if extras { temb.ptr } else { 0 },
+                        res: if extras { res.ptr } else { 0 },
+                        ws: ws.ptr,
+                        copy16,
+                        ..ConvPtrs::default()
+                    };
+                    let out_div = if extras { 2.0 } else { 1.0 };
+                    gpu.kernels.conv(st, &shape, &plan, p, out_div, extras)?;
+                    outs.push(y.download(st)?);
+                }
+                let got = unpack_half(&copy.download(st)?, len, precision);
+                let rounded: Vec<f32> = outs[0].iter().map(|&v| round_half(v, precision)).collect();
+                let extra = if extras {
+                    ", temb, residual, /2, accumulating"
+                } else {
+                    ""
+                };
+                let desc = format!(
+                    "n{n} {h}x{w} {cin}->{cout}, {} splits{extra}, bits",
+                    plan.splits
+                );
+                let op = "conv split reduction with a 16-bit copy";
+                let copy_op = format!("{op}, its {precision} copy");
+                self.row_within(copy_op, desc.clone(), &got, &rounded, 0.0, 0.0);
+                let out_op = format!("{op}: {precision} output vs without");
+                self.row_within(out_op, desc, &outs[1], &outs[0], 0.0, 0.0);
             }
-            found.push(format!("{precision} {}", net.desc));
-            gpu.set_class_half_copies(false);
-            let want = Self::network_outputs(gpu, net)?;
-            gpu.set_class_half_copies(true);
-            let has = (
-                "parity classes writing a copy",
-                &writes as &dyn Fn(&StepTime) -> bool,
-            );
-            t.same_network_rows(gpu, net, &format!("celebahq {precision}, {op}"), has, &want)
-        })?;
-        if self.gpu.kernels.has_wgmma() {
-            let what = format!("networks whose program has them: {}", found.join("; "));
-            self.check_row(
-                format!("celebahq forward + vjp, {op}"),
-                what,
-                !found.is_empty(),
-            );
         }
         Ok(())
+    }
+
+    /// The same networks as configured but with the 16-bit copies that split launches'
+    /// reductions write (`conv_splitk_reduce_copy`) instead of conversion launches: forward
+    /// and forward + VJP the same to the bit as with the conversions.
+    pub(super) fn reduction_copy_unets(&mut self, ordinal: usize) -> Result<()> {
+        let writes = |s: &StepTime| {
+            (s.kind.starts_with("conv") || s.kind.starts_with("linear"))
+                && s.variant.contains("split-K")
+                && s.variant.contains(", 16-bit copy")
+        };
+        let has = (
+            "split launches writing a copy",
+            &writes as &dyn Fn(&StepTime) -> bool,
+        );
+        let op = "16-bit copies by split reductions";
+        self.same_bits_where_present(ordinal, op, CudaUnet::set_reduce_half_copies, has)
     }
 
     /// The same networks as configured but with the one-pass GroupNorms after split launches

@@ -204,6 +204,8 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         ("launch options", |t, o| {
             t.class_concurrency_unets(o)?;
             t.class_half_copy_unets(o)?;
+            t.reduction_copy_kernels()?;
+            t.reduction_copy_unets(o)?;
             t.reduction_norm_kernels()?;
             t.reduction_norm_unets(o)
         }),

@@ -283,6 +283,41 @@ impl Tester<'_> {
         Ok(())
     }
 
+    /// For each candidate network ([`Self::for_candidate_networks`]), as configured but for
+    /// the choice `set` turns on or off, named `op`: where the program with it has a step
+    /// `has` finds, [`Self::same_network_rows`] against the network without it; then a row
+    /// that some network had such a step (a choice that applies to none would check nothing).
+    pub(super) fn same_bits_where_present(
+        &mut self,
+        ordinal: usize,
+        op: &str,
+        set: fn(&mut CudaUnet, bool),
+        has: (&str, &dyn Fn(&StepTime) -> bool),
+    ) -> Result<()> {
+        let mut found = Vec::new();
+        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
+            set(gpu, true);
+            let profile = gpu.profile(net.n, net.h, net.w, true, 1)?;
+            if !profile.steps.iter().any(has.1) {
+                return Ok(());
+            }
+            found.push(format!("{precision} {}", net.desc));
+            set(gpu, false);
+            let want = Self::network_outputs(gpu, net)?;
+            set(gpu, true);
+            t.same_network_rows(gpu, net, &format!("celebahq {precision}, {op}"), has, &want)
+        })?;
+        if self.gpu.kernels.has_wgmma() {
+            let what = format!("networks whose program has {}: {}", has.0, found.join("; "));
+            self.check_row(
+                format!("celebahq forward + vjp, {op}"),
+                what,
+                !found.is_empty(),
+            );
+        }
+        Ok(())
+    }
+
     pub(super) fn unets(&mut self, ordinal: usize) -> Result<()> {
         for (model, n, h, w, t) in [
             (Model::tiny(false), 2, 24, 40, vec![10.0, 900.0]),

@@ -7,13 +7,14 @@
 
 use super::Tester;
 use crate::cuda::profile::StepTime;
+use crate::cuda::unet::CudaUnet;
 use crate::{switches, Result};
 
 impl Tester<'_> {
     /// The celebahq architecture (random weights) at 64x64 x 2 and 256x256 x 1, in bf16 and
     /// fp16, as configured but for the stride-2 launches (the downsamplings' forwards, the
     /// folded upsamplings' input gradients): on TMA, their forward and forward + VJP the same
-    /// to the bit as on the lean loaders, once the program shows such a launch on TMA. Every
+    /// to the bit as on the lean loaders, where the program has such a launch on TMA. Every
     /// split of K stays (`set_strided_tma`), so that only the copies change. The candidate as
     /// it would run (a two-way split unsplit to stage) meets the CPU in the variant's network
     /// rows instead.
@@ -24,20 +25,15 @@ impl Tester<'_> {
             self.check_row(op.into(), why.into(), true);
             return Ok(());
         }
-        self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
-            gpu.set_strided_tma(false);
-            let want = Self::network_outputs(gpu, net)?;
-            gpu.set_strided_tma(true);
-            let strided = |s: &StepTime| {
-                let stride2 = s.kind == "conv 3x3 s2 fwd" || s.shape.contains(" row class ");
-                stride2 && s.variant.contains("TMA loads")
-            };
-            let has = (
-                "stride-2 launches on TMA",
-                &strided as &dyn Fn(&StepTime) -> bool,
-            );
-            let op = format!("celebahq {precision}, TMA copies at stride 2");
-            t.same_network_rows(gpu, net, &op, has, &want)
-        })
+        let strided = |s: &StepTime| {
+            let stride2 = s.kind == "conv 3x3 s2 fwd" || s.shape.contains(" row class ");
+            stride2 && s.variant.contains("TMA loads")
+        };
+        let has = (
+            "stride-2 launches on TMA",
+            &strided as &dyn Fn(&StepTime) -> bool,
+        );
+        let op = "TMA copies at stride 2";
+        self.same_bits_where_present(ordinal, op, CudaUnet::set_strided_tma, has)
     }
 }

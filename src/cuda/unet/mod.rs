@@ -329,6 +329,13 @@ impl CudaUnet {
         self.change_choice(|c| c.class_half_copies = on);
     }
 
+    /// Has split launches' reductions write the 16-bit copies of their outputs that replace
+    /// conversion launches (`on`, [`KernelConfig::reduce_half_copies`]) or not, for
+    /// comparisons; drops every plan.
+    pub(crate) fn set_reduce_half_copies(&mut self, on: bool) {
+        self.change_choice(|c| c.reduce_half_copies = on);
+    }
+
     /// Has split launches' reductions compute the one-pass GroupNorms of their outputs (`on`,
     /// [`KernelConfig::gn_from_reduction`]) or not, for comparisons; drops every plan.
     pub(crate) fn set_gn_from_reduction(&mut self, on: bool) {
