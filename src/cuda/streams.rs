@@ -497,7 +497,8 @@ mod tests {
     /// the Hopper defaults, with the parity classes writing 16-bit copies too, and the plain
     /// program), each pair's output pixels (conv_common.cuh's index) are disjoint, neither's
     /// input, workspace, GroupNorm sums or time embedding is an array the pair shares at its
-    /// pixels, and with two streams some pairs do run apart.
+    /// pixels, and with two streams some pairs do run apart; with the classes' copies, some
+    /// pairs share a copy at their pixels.
     #[test]
     fn class_launches_side_by_side_touch_disjoint_pixels() {
         let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -514,6 +515,7 @@ mod tests {
             (1, KernelConfig::default(), 64),
         ] {
             let (p, pl) = bf16_plan(&g, n, size, kc);
+            let mut copies_shared = 0;
             let pixels = |c: &ConvStep| -> std::collections::HashSet<usize> {
                 let s = &c.shape;
                 let mut set = std::collections::HashSet::new();
@@ -560,6 +562,8 @@ mod tests {
                             }
                         }
                         kinds.insert(a.info(p.n, p.h, p.w).kind);
+                        copies_shared +=
+                            usize::from(ca.copy16.is_some_and(|c| shared.contains(&c)));
                         apart.push((i, j));
                     }
                 }
@@ -582,6 +586,7 @@ mod tests {
                     apart.len()
                 );
             }
+            assert_eq!(copies_shared > 0, kc.class_half_copies, "{kc:?}");
         }
         // Both kinds of class launch: an upsampling's folded classes, a stride-2 input gradient's.
         assert!(kinds.len() >= 2, "{kinds:?}");

@@ -652,14 +652,17 @@ impl Kernels {
             return Err(Error::Cuda(format!(
                 "internal: 16-bit outputs (a concatenation side at channels {}..{} of {}: {}, a \
                  copy: {}) asked of a {:?} convolution launch without a staged epilogue ({}) \
-                 or misaligned",
+                 or a split one's reduction with a copy alone ({} splits, a GroupNorm in the \
+                 reduction: {}), or misaligned",
                 side.offset,
                 side.offset + s.ncols,
                 side.width,
                 side.buf != 0,
                 p.copy16 != 0,
                 plan.kernel,
-                plan.staged_epilogue
+                plan.staged_epilogue,
+                plan.splits,
+                p.norm.is_some()
             )));
         }
         if matches!(plan.kernel, ConvKernel::Narrow | ConvKernel::FewIn) {

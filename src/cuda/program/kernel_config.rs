@@ -529,10 +529,13 @@ impl KernelConfig {
             ),
             (self.class_concurrency, "parity classes side by side"),
             (
-                self.class_half_copies,
+                self.half_copy && self.epilogue_half_copies && self.class_half_copies,
                 "16-bit copies by parity-class launches",
             ),
-            (self.reduce_half_copies, "16-bit copies by split reductions"),
+            (
+                self.half_copy && self.epilogue_half_copies && self.reduce_half_copies,
+                "16-bit copies by split reductions",
+            ),
             (
                 self.gn_from_reduction,
                 "GroupNorms computed by split reductions",

@@ -56,10 +56,10 @@ impl Tester<'_> {
     }
 
     /// A split tensor-core launch whose reduction also writes the 16-bit copy of its output
-    /// (`conv_splitk_reduce_copy`), in bf16 and fp16, at shapes celebahq does not have (odd
-    /// widths, a partial column tile, every epilogue term, accumulating): its fp32 output the
-    /// same bits as the plain reduction's, the copy that output rounded to nearest even as a
-    /// conversion launch rounds it, bit for bit.
+    /// (`conv_splitk_reduce_copy`), in bf16 and fp16, at two shapes (5 x 7 to 72 columns, a
+    /// partial column tile, with every epilogue term, accumulating; a plain 8 x 8 one, also with
+    /// no fp32 output): its fp32 output the same bits as the plain reduction's, the copy that
+    /// output rounded to nearest even as a conversion launch rounds it, bit for bit.
     pub(super) fn reduction_copy_kernels(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         // (n, h, w, cin, cout, epilogue extras and accumulation)
@@ -119,7 +119,24 @@ impl Tester<'_> {
                 let copy_op = format!("{op}, its {precision} copy");
                 self.row_within(copy_op, desc.clone(), &got, &rounded, 0.0, 0.0);
                 let out_op = format!("{op}: {precision} output vs without");
-                self.row_within(out_op, desc, &outs[1], &outs[0], 0.0, 0.0);
+                self.row_within(out_op, desc.clone(), &outs[1], &outs[0], 0.0, 0.0);
+                // The copy alone (y null: nothing reads the fp32 values), where nothing is
+                // added onto y.
+                if !extras {
+                    let alone = self.zeros(len.div_ceil(2))?;
+                    let p = ConvPtrs {
+                        x: x.ptr,
+                        w: dev.weights_for(plan.kernel, false)?,
+                        bias: dev.bias.ptr,
+                        ws: ws.ptr,
+                        copy16: alone.ptr,
+                        ..ConvPtrs::default()
+                    };
+                    gpu.kernels.conv(st, &shape, &plan, p, 1.0, false)?;
+                    let got = unpack_half(&alone.download(st)?, len, precision);
+                    let alone_op = format!("{op}, its {precision} copy with no fp32 output");
+                    self.row_within(alone_op, desc, &got, &rounded, 0.0, 0.0);
+                }
             }
         }
         Ok(())
