@@ -614,14 +614,6 @@ DEVI void split_at(const float* p, uint32_t& hi, uint32_t& lo) {
     split_bf16x2(v.x, v.y, hi, lo);
 }
 
-// acc += A B over split operands: lo·hi + hi·lo + hi·hi.
-DEVI void mma_split(float (&acc)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], const uint32_t (&bh)[2],
-                    const uint32_t (&bl)[2]) {
-    mma_bf16(acc, al, bh[0], bh[1]);
-    mma_bf16(acc, ah, bl[0], bl[1]);
-    mma_bf16(acc, ah, bh[0], bh[1]);
-}
-
 // The A fragment of the 16 x 16 block at column k of a row-major fp32 matrix of pitch `pitch`
 // in shared memory, split.
 DEVI void a_split(const float* s, int pitch, int k, int g, int q, uint32_t (&hi)[4], uint32_t (&lo)[4]) {

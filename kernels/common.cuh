@@ -119,6 +119,14 @@ DEVI void split_bf16x2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
     lo = pack_bf16x2(v0 - __uint_as_float(hi << 16), v1 - __uint_as_float(hi & 0xffff0000u));
 }
 
+// acc += A B over operands split by split_bf16x2: lo·hi + hi·lo + hi·hi, in that order.
+DEVI void mma_split(float (&acc)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], const uint32_t (&bh)[2],
+                    const uint32_t (&bl)[2]) {
+    mma_bf16(acc, al, bh[0], bh[1]);
+    mma_bf16(acc, ah, bl[0], bl[1]);
+    mma_bf16(acc, ah, bh[0], bh[1]);
+}
+
 // Asynchronous copies global -> shared (cp.async), for the pipelined kernels
 // (the convolutions, fused attention).
 DEVI uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }

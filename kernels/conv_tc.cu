@@ -807,11 +807,7 @@ DEVI void few_in_mma_body(const ConvArgs& a) {
             ldmatrix_x4(hi0 + row_off + 32 * s, ah);
             ldmatrix_x4(lo0 + row_off + 32 * s, al);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                mma<BF16>(acc[j], al, bh[j][s][0], bh[j][s][1]);
-                mma<BF16>(acc[j], ah, bl[j][s][0], bl[j][s][1]);
-                mma<BF16>(acc[j], ah, bh[j][s][0], bh[j][s][1]);
-            }
+            for (int j = 0; j < 2; ++j) mma_split(acc[j], ah, al, bh[j][s], bl[j][s]);
         }
         // c0, c1: row g, columns 2q, 2q + 1 of an n8 tile; c2, c3: row g + 8.
 #pragma unroll

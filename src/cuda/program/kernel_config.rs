@@ -498,6 +498,7 @@ impl KernelConfig {
             ),
             (self.wgmma_lean, "lean wgmma loaders"),
             (self.wgmma_tma, "TMA wgmma loads"),
+            (self.wgmma_tma && self.strided_tma, "TMA copies at stride 2"),
             (self.epilogue_prefetch, "epilogue reads prefetched"),
             (self.tall_tiles, "tall wgmma tiles"),
             (self.staged_epilogue, "staged wgmma epilogues"),
@@ -542,7 +543,6 @@ impl KernelConfig {
             ),
             (self.narrow_mma, "few-output convolutions on tensor cores"),
             (self.few_in_mma, "few-input convolutions on tensor cores"),
-            (self.strided_tma, "TMA copies at stride 2"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()
