@@ -457,7 +457,7 @@ DEVI void apply(const float* x, const float* scale_shift, float* y, int hw, int 
             hw, c, [&](int ch) { return make_float2(ss[ch], ss[c + ch]); }, [&](long long e) { return x[e]; },
             [&](float2 k, float v, long long e, long long) {
                 const float z = fmaf(v, k.x, k.y);
-                y[e] = silu ? silu_f(z) : z;
+                y[e] = silu_of(z, silu);
             });
     }
 }
@@ -515,7 +515,7 @@ DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float
                     float& xhat) {
     xhat = (xv - mean) * rstd;
     g = dyv;
-    if (silu) g *= silu_grad_f(fmaf(xhat, gm, bt));
+    if (silu) g *= silu_grad_of(fmaf(xhat, gm, bt), silu);
     g *= gm;
 }
 
@@ -1001,7 +1001,7 @@ DEVI void one_pass(const void* x, int xkind, const float* gamma, const float* be
         const long long e = t.at(k, hw, c);
         if (e < 0) continue;
         const float z = fmaf(v[k], scale, shift);
-        store_kind(y, e, silu ? silu_f(z) : z, kind);
+        store_kind(y, e, silu_of(z, silu), kind);
     }
 }
 
@@ -1130,7 +1130,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         float scale, shift;
         channel_affine(st, g.gamma, g.beta, col, scale, shift);
         const float z = fmaf(vals[i], scale, shift);
-        store_kind(g.y, (long long)(img * hw + p) * c + col, g.silu ? silu_f(z) : z, g.kind);
+        store_kind(g.y, (long long)(img * hw + p) * c + col, silu_of(z, g.silu), g.kind);
     }
 }
 

@@ -1,7 +1,8 @@
 # The GPU switches worth timing on a card (PERF.md, v0.11), one place for the scripts that time them
 # (device_check.sh, tune.sh). Sourced, not run. Each entry is "name:VAR=value,VAR=value". First the
-# candidates (TMA copies at input stride 2, GroupNorm backward sums two channels a thread, 16-bit
-# copies by parity-class launches and by split reductions, stop 39, untimed; attention in rows of
+# candidates (the approximate SiLU of the bf16/fp16 GroupNorms, stop 40, untimed; TMA copies at
+# input stride 2, GroupNorm backward sums two channels a thread, 16-bit copies by parity-class
+# launches and by split reductions, stop 39, untimed; attention in rows of
 # queries, stop 38, untimed; the few-output and the few-input convolutions on tensor cores, stop 37,
 # untimed; split launches' reductions computing the one-pass GroupNorms after them, stop 36,
 # untimed; 16-bit output gradients for every GroupNorm backward pass that can, not only those over
@@ -20,6 +21,7 @@
 # default turned off (does it still pay on this card and workload?); device_check.sh's deadline cuts
 # from the end.
 CANDIDATES=(
+    approx_silu:INVDIFF_APPROX_SILU=1
     tma_strided:INVDIFF_TMA_STRIDED=1
     gn_bwd_sums_pairs:INVDIFF_GN_BWD_SUMS_PAIRS=1
     class_half_copies:INVDIFF_CLASS_HALF_COPIES=1

@@ -119,6 +119,11 @@ pub const SWITCHES: &[Switch] = &[
         "GPU candidate: `1` has the reduction of a split bf16/fp16 convolution or linear write the 16-bit copy of its output that tensor-core launches read, instead of a conversion launch after it (the same bits)",
     ),
     choice(
+        "INVDIFF_APPROX_SILU",
+        ON_OFF,
+        "GPU candidate: `1` has the GroupNorms of bf16/fp16 programs compute SiLU and its derivative with the approximate exponential and reciprocal of the multifunction unit (a sigmoid within about 2^-20 of the accurate one for |x| up to 16) instead of an accurate exponential and an IEEE division (another rounding)",
+    ),
+    choice(
         "INVDIFF_GN_BWD_SUMS_PAIRS",
         ON_OFF,
         "GPU candidate: `1` has the sums of the GroupNorm backward passes over a 16-bit input and output gradient (the up path's concatenations) take two channels a thread, 4-byte loads instead of 2-byte ones (the same bits)",

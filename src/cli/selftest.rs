@@ -11,8 +11,8 @@ pub struct Args {
     /// Only the groups of checks whose name contains TEXT: convolutions, linear layers, group
     /// norms, attention, data movement, whole networks, device sampler, tensor-core networks,
     /// tensor-core convolutions, fused shortcuts, staged epilogue, concatenation gradients,
-    /// residual gradients, launch options, narrow tensor cores, strided TMA (e.g. `--only networks` for
-    /// the two network groups).
+    /// residual gradients, launch options, narrow tensor cores, strided TMA, approximate SiLU
+    /// (e.g. `--only networks` for the two network groups).
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
 }

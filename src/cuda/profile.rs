@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use super::kernels::{Capabilities, ConvKernel};
+use super::kernels::{Capabilities, ConvKernel, Silu};
 use super::precision::Precision;
 use super::program::{ConvStep, KernelConfig, Program, Step, WKind};
 use super::unet::AttnKernel;
@@ -297,6 +297,9 @@ impl Step {
                 if adds {
                     layout += ", adding a residual's gradient";
                 }
+                if *silu == Silu::Approx {
+                    layout += ", approximate SiLU";
+                }
                 StepInfo {
                     variant: match (half_out, copy) {
                         (Some(p), _) => format!("{layout}, {p} output"),
@@ -308,7 +311,7 @@ impl Step {
                         format!(
                             "{} x {c} ch, {groups} groups{}",
                             size(*hw, h, w),
-                            if *silu { " + SiLU" } else { "" }
+                            if silu.is_on() { " + SiLU" } else { "" }
                         ),
                         launches,
                     )

@@ -25,8 +25,8 @@ use serde::Serialize;
 use super::device::{cu, Gpu};
 use super::kernels::{
     norm_forms, on_tile, plan_norm, tma_tried, ConvKernel, ConvLaunch, ConvPtrs, ConvShape,
-    NormBackwardIn, NormBackwardOut, NormDims, NormLaunches, ProbeCounters, WgmmaTile, WGMMA_FORMS,
-    WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
+    NormBackwardIn, NormBackwardOut, NormDims, NormLaunches, ProbeCounters, Silu, WgmmaTile,
+    WGMMA_FORMS, WGMMA_PROBE_COUNTERS, WGMMA_PROBE_PHASES, WGMMA_SLICE,
 };
 use super::plan;
 use super::precision::Precision;
@@ -721,7 +721,7 @@ struct NormKey {
     hw: usize,
     c: usize,
     groups: usize,
-    silu: bool,
+    silu: Silu,
     half_out: Option<Precision>,
     accumulate: bool,
     /// 16-bit input, and (backward) output gradient.

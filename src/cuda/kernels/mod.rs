@@ -82,7 +82,7 @@ pub(crate) use conv_plan::{
 pub(crate) use linear::{linear_batch_table, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS};
 pub(crate) use norm::{
     norm_forms, plan_norm, reduction_norm_threads, GradSides, NormBackwardIn, NormBackwardOut,
-    NormDims, NormLaunches, NormSplit, ReductionNorm,
+    NormDims, NormLaunches, NormSplit, ReductionNorm, Silu,
 };
 // Used only by documentation links.
 #[cfg(doc)]

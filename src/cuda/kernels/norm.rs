@@ -32,9 +32,46 @@ pub(crate) struct NormSplit {
     pub from_producer: bool,
 }
 
+/// The SiLU after a GroupNorm, as its kernels take it (the `silu` argument of kernels/norm.cu,
+/// `SILU_*` in kernels/common.cuh).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Silu {
+    /// No SiLU.
+    #[default]
+    Off = 0,
+    /// SiLU and its derivative with the accurate exponential and division: the CPU's
+    /// operations.
+    Accurate = 1,
+    /// With the multifunction unit's approximate exponential and reciprocal instead: a
+    /// sigmoid within about 2^-21 + |x| 2^-24 relative of the accurate one (bf16/fp16 programs
+    /// with [`KernelConfig::approx_silu`](crate::cuda::program::KernelConfig)).
+    Approx = 2,
+}
+
+impl Silu {
+    /// SiLU where `on`, approximate where `approx` too.
+    pub fn new(on: bool, approx: bool) -> Self {
+        match (on, approx) {
+            (false, _) => Silu::Off,
+            (true, false) => Silu::Accurate,
+            (true, true) => Silu::Approx,
+        }
+    }
+
+    /// Whether a SiLU follows the GroupNorm.
+    pub fn is_on(self) -> bool {
+        self != Silu::Off
+    }
+
+    /// The kernels' code for it.
+    fn code(self) -> i32 {
+        self as i32
+    }
+}
+
 /// What a GroupNorm backward pass ([`Kernels::group_norm_backward`]) reads: the forward's
 /// input `x` (16-bit values of `x_half` where set), the output gradient `dy` (16-bit values of
-/// `dy_half` where set), the scale and shift, the recorded statistics, and whether SiLU
+/// `dy_half` where set), the scale and shift, the recorded statistics, and the SiLU that
 /// followed the GroupNorm.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct NormBackwardIn {
@@ -45,7 +82,7 @@ pub(crate) struct NormBackwardIn {
     pub gamma: DPtr,
     pub beta: DPtr,
     pub stats: DPtr,
-    pub silu: bool,
+    pub silu: Silu,
 }
 
 /// What a GroupNorm backward pass writes: its scratch (partial sums, group means), the input
@@ -257,7 +294,7 @@ pub(crate) struct ReductionNorm {
     pub stats: DPtr,
     pub groups: usize,
     pub eps: f32,
-    pub silu: bool,
+    pub silu: Silu,
     /// The block of the `gn_one_pass` launch the GroupNorm stands for
     /// ([`NormSplit::one_pass`]), whose sums the kernel reproduces in its order.
     pub one_pass_threads: u32,
@@ -321,7 +358,7 @@ impl ReductionNorm {
                 y: self.y,
                 stats: self.stats,
                 groups: i32_of(groups, "GroupNorm groups")?,
-                silu: self.silu as i32,
+                silu: self.silu.code(),
                 kind: self.half_out.map(half_kind).transpose()?.unwrap_or(0),
                 one_pass_threads: i32_of(self.one_pass_threads as usize, "GroupNorm threads")?,
                 eps: self.eps,
@@ -605,7 +642,7 @@ impl Kernels {
         stats: DPtr,
         affine: DPtr,
         eps: f32,
-        silu: bool,
+        silu: Silu,
         half_out: Option<Precision>,
     ) -> Result<()> {
         for (p, what) in [
@@ -627,7 +664,7 @@ impl Kernels {
             split,
         } = d;
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
-        let silu = silu as i32;
+        let silu = silu.code();
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let xkind = x_half.map_or(Ok(0), half_kind)?;
         if split.from_producer && split.one_pass.is_some() {
@@ -933,7 +970,7 @@ impl Kernels {
             split,
         } = d;
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
-        let silu = silu as i32;
+        let silu = silu.code();
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
         let dy_aligned = dy % dy_unit == 0;

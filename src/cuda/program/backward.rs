@@ -184,7 +184,7 @@ impl Lowering<'_> {
                     c,
                     groups,
                     split,
-                    silu,
+                    silu: self.silu(silu),
                     stats,
                     partial,
                     means,

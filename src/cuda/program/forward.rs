@@ -150,7 +150,7 @@ impl Lowering<'_> {
                     groups,
                     split,
                     eps,
-                    silu,
+                    silu: self.silu(silu),
                     partial,
                     stats,
                     affine,

@@ -10,7 +10,7 @@ use {
     super::Program,
     crate::cuda::kernels::{
         flash_fits, im2col_box, one_pass_threads, rows_fits, ConvLaunch, ConvShape, Gemm,
-        NormSplit, WgmmaTile,
+        NormSplit, Silu, WgmmaTile,
     },
     crate::cuda::unet::AttnKernel,
 };
@@ -213,6 +213,14 @@ pub(crate) struct KernelConfig {
     /// [`ConvKernel::FewInTensor`](crate::cuda::kernels::ConvKernel)) instead of fp32 FMAs, over
     /// the same fp32 input and weights, each split into a bf16 pair (about 4e-6 from fp32 in a numpy model).
     pub few_in_mma: bool,
+    /// In bf16/fp16 programs: the GroupNorms' SiLU (forward) and its derivative (backward)
+    /// with the multifunction unit's approximate exponential and reciprocal
+    /// ([`Silu::Approx`]: a sigmoid within about 2^-20 relative of the accurate one for |x| up
+    /// to 16) instead of an accurate exponential and an IEEE division: about 4 instructions a
+    /// sigmoid instead of 20, where a GroupNorm backward pass evaluates one per element in
+    /// each of its two passes. Another rounding, far below that of the 16-bit values these
+    /// GroupNorms read or write.
+    pub approx_silu: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
     /// kernel an attention product takes: the attention steps' `per_image`) made from one
     /// image's shape, so that an image's results are bit for bit the same in any batch;
@@ -292,6 +300,7 @@ impl Default for KernelConfig {
             gn_from_reduction: false,
             narrow_mma: false,
             few_in_mma: false,
+            approx_silu: false,
             batch_invariant: false,
         }
     }
@@ -382,6 +391,7 @@ impl KernelConfig {
             gn_from_reduction: false,
             narrow_mma: false,
             few_in_mma: false,
+            approx_silu: false,
             batch_invariant: false,
         }
     }
@@ -452,6 +462,7 @@ impl KernelConfig {
             gn_from_reduction: on("INVDIFF_GN_FROM_REDUCTION"),
             narrow_mma: on("INVDIFF_NARROW_MMA"),
             few_in_mma: on("INVDIFF_FEW_IN_MMA"),
+            approx_silu: on("INVDIFF_APPROX_SILU"),
             batch_invariant: false,
         }
     }
@@ -543,6 +554,7 @@ impl KernelConfig {
             ),
             (self.narrow_mma, "few-output convolutions on tensor cores"),
             (self.few_in_mma, "few-input convolutions on tensor cores"),
+            (self.approx_silu, "approximate SiLU in bf16/fp16"),
             (self.batch_invariant, "per-image plans"),
         ]
         .into_iter()

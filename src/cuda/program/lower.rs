@@ -11,7 +11,7 @@ use super::{
 use crate::cuda::kernels::{
     flash_fits, gn_partial_fits, im2col_box, narrow_mma_fits, plan_conv_at, plan_launch, plan_norm,
     reduction_norm_threads, rows_fits, rows_split_blocks, ConvKernel, ConvLaunch, ConvShape,
-    GradSides, NormSplit, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
+    GradSides, NormSplit, Silu, WgmmaTile, LINEAR_BATCH_MAX, LINEAR_ITEM_WORDS, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::AttnKernel;
@@ -136,6 +136,13 @@ impl Lowering<'_> {
 
     pub(super) fn ch(&self, t: Tid) -> usize {
         self.g.tensors[t].channels
+    }
+
+    /// The SiLU a GroupNorm's steps take where `on`: approximate in bf16/fp16 with
+    /// [`KernelConfig::approx_silu`], whose outputs and gradients are rounded to 16 bits or feed
+    /// launches that round them.
+    pub(super) fn silu(&self, on: bool) -> Silu {
+        Silu::new(on, self.choice.approx_silu && self.precision.is_half())
     }
 
     pub(super) fn new_value(&mut self, t: Tid) -> Buf {

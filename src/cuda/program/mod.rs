@@ -18,7 +18,7 @@
 //! its steps run, `lower` the lowering's state and the planning both passes share, `forward`
 //! and `backward` one graph op at a time each way.
 
-use super::kernels::{ConvLaunch, ConvShape, GradSides, NormSplit, Side16};
+use super::kernels::{ConvLaunch, ConvShape, GradSides, NormSplit, Side16, Silu};
 use super::precision::Precision;
 use super::unet::AttnKernel;
 use crate::model::graph::Graph;
@@ -152,7 +152,8 @@ pub(crate) enum Step {
         groups: usize,
         split: NormSplit,
         eps: f32,
-        silu: bool,
+        /// The SiLU after it ([`KernelConfig::approx_silu`] picks the approximate one).
+        silu: Silu,
         partial: Buf,
         stats: Buf,
         affine: Buf,
@@ -175,7 +176,7 @@ pub(crate) enum Step {
         c: usize,
         groups: usize,
         split: NormSplit,
-        silu: bool,
+        silu: Silu,
         stats: Buf,
         partial: Buf,
         means: Buf,

@@ -2058,7 +2058,7 @@ fn upsamplings_fold_where_large() {
 #[test]
 fn every_choice_has_a_name() {
     assert!(KernelConfig::default().describe().is_empty());
-    let flags: [fn(&mut KernelConfig); 21] = [
+    let flags: [fn(&mut KernelConfig); 22] = [
         |c| c.deep = false,
         |c| c.wgmma = true,
         |c| c.gn_one_pass = true,
@@ -2080,6 +2080,7 @@ fn every_choice_has_a_name() {
         |c| c.gn_from_reduction = true,
         |c| c.narrow_mma = true,
         |c| c.few_in_mma = true,
+        |c| c.approx_silu = true,
     ];
     let mut all = KernelConfig::default();
     for set in flags {
@@ -3007,5 +3008,63 @@ fn few_input_tensor_cores_never_read_16_bit_inputs() {
             .steps
             .iter()
             .any(|s| matches!(s, Step::Conv(c) if c.launch.kernel == ConvKernel::FewInTensor)));
+    }
+}
+
+/// The approximate SiLU ([`KernelConfig::approx_silu`]) is taken by every GroupNorm step with a
+/// SiLU of a bf16 or fp16 program, forward and backward, and by nothing else: the program is
+/// otherwise the one without it, and fp32 and tf32 programs keep the accurate SiLU.
+#[test]
+fn approximate_silu_only_in_16_bit_programs() {
+    let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
+    let silu_of = |s: &Step| match *s {
+        Step::GroupNorm { silu, .. } | Step::GroupNormBackward { silu, .. } => Some(silu),
+        _ => None,
+    };
+    for precision in [
+        Precision::Fp32,
+        Precision::Tf32,
+        Precision::Bf16,
+        Precision::Fp16,
+    ] {
+        let tuned = KernelConfig::tuned(Capabilities::HOPPER, precision);
+        let build = |approx_silu| {
+            let tc = KernelConfig {
+                approx_silu,
+                ..tuned
+            };
+            Program::build_with(&g, 1, 64, 64, true, 132, precision, tc).unwrap()
+        };
+        let (accurate, approx) = (build(false), build(true));
+        assert_eq!(accurate.steps.len(), approx.steps.len(), "{precision}");
+        let mut taken = 0;
+        for (a, b) in accurate.steps.iter().zip(&approx.steps) {
+            match (silu_of(a), silu_of(b)) {
+                (Some(Silu::Accurate), Some(got)) => {
+                    let want = match precision.is_half() {
+                        true => Silu::Approx,
+                        false => Silu::Accurate,
+                    };
+                    assert_eq!(got, want, "{precision} {b:?}");
+                    taken += usize::from(got == Silu::Approx);
+                    let mut same = b.clone();
+                    if let Step::GroupNorm { silu, .. } | Step::GroupNormBackward { silu, .. } =
+                        &mut same
+                    {
+                        *silu = Silu::Accurate;
+                    }
+                    assert_eq!(format!("{same:?}"), format!("{a:?}"), "{precision}");
+                }
+                _ => assert_eq!(format!("{a:?}"), format!("{b:?}"), "{precision}"),
+            }
+        }
+        // celebahq's 65 GroupNorms with SiLU (all but the six attentions'), forward and backward.
+        let with_silu = accurate
+            .steps
+            .iter()
+            .filter_map(silu_of)
+            .filter(|s| s.is_on());
+        assert_eq!(with_silu.count(), 2 * 65, "{precision}");
+        assert_eq!(taken, if precision.is_half() { 2 * 65 } else { 0 });
     }
 }

@@ -8,7 +8,7 @@
 
 use super::networks::LAUNCHES;
 use super::{acc_name, unpack_half, Tester};
-use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims};
+use crate::cuda::kernels::{plan_norm, GradSides, NormBackwardIn, NormBackwardOut, NormDims, Silu};
 use crate::cuda::precision::Precision;
 use crate::cuda::unet::CudaUnet;
 use crate::Result;
@@ -110,7 +110,7 @@ impl Tester<'_> {
             gamma: gd.ptr,
             beta: bd.ptr,
             stats: sd.ptr,
-            silu: true,
+            silu: Silu::Accurate,
         };
         let run = |dx, copy, sides| {
             let outputs = NormBackwardOut {

@@ -4,6 +4,7 @@ use super::{acc_name, placed_sides, unpack_half, SelftestRow, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{
     norm_forms, plan_norm, DPtr, Kernels, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
+    Silu,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::weights::DevBuf;
@@ -14,8 +15,17 @@ type BackwardOutputs = (Vec<f32>, Vec<f32>);
 /// A forward pass's output, widened, and its statistics.
 type ForwardOutputs = (Vec<f32>, Vec<f32>);
 
+/// How a row's op names the SiLU after its GroupNorm.
+fn silu_label(silu: Silu) -> &'static str {
+    match silu {
+        Silu::Off => "",
+        Silu::Accurate => "+silu",
+        Silu::Approx => "+approximate silu",
+    }
+}
+
 /// What every backward run of one GroupNorm shares: its statistics, scale and shift, SiLU.
-fn shared_inputs((stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf), silu: bool) -> NormBackwardIn {
+fn shared_inputs((stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf), silu: Silu) -> NormBackwardIn {
     NormBackwardIn {
         gamma: gamma.ptr,
         beta: beta.ptr,
@@ -61,7 +71,7 @@ impl Tester<'_> {
         x: &[f32],
         (gamma, beta): (&DevBuf, &DevBuf),
         eps: f32,
-        silu: bool,
+        silu: Silu,
         precision: Precision,
         desc: &str,
     ) -> Result<()> {
@@ -73,7 +83,7 @@ impl Tester<'_> {
             (out, ms) = self.half_output_run(d, input, (gamma, beta), eps, silu, precision)?;
             outs.push(out);
         }
-        let s = if silu { "+silu" } else { "" };
+        let s = silu_label(silu);
         let op = format!("groupnorm{s} forward, {precision} input and output vs fp32 input");
         self.same_bits_rows(&op, "statistics", desc, &outs, ms);
         Ok(())
@@ -87,7 +97,7 @@ impl Tester<'_> {
         (x, x_half): (DPtr, Option<Precision>),
         (gamma, beta): (&DevBuf, &DevBuf),
         eps: f32,
-        silu: bool,
+        silu: Silu,
         precision: Precision,
     ) -> Result<(ForwardOutputs, f64)> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
@@ -191,13 +201,13 @@ impl Tester<'_> {
         x: &[f32],
         (dy, stats): (&DevBuf, &DevBuf),
         (gamma, beta): (&DevBuf, &DevBuf),
-        (silu, accumulate): (bool, bool),
+        (silu, accumulate): (Silu, bool),
         dx0: &[f32],
         precision: Precision,
         desc: &str,
     ) -> Result<()> {
         let (x16, widened) = self.rounded_input(x, precision)?;
-        let s = if silu { "+silu" } else { "" };
+        let s = silu_label(silu);
         let op = format!(
             "groupnorm{s} input-grad{}, {precision} input vs fp32 input",
             acc_name(accumulate)
@@ -250,7 +260,7 @@ impl Tester<'_> {
         d: NormDims,
         (x, dy): (&[f32], &[f32]),
         params: (&DevBuf, &DevBuf, &DevBuf),
-        (silu, accumulate): (bool, bool),
+        (silu, accumulate): (Silu, bool),
         dx0: &[f32],
         precision: Precision,
         desc: &str,
@@ -258,7 +268,7 @@ impl Tester<'_> {
         let (dy16, dy_widened) = self.rounded_input(dy, precision)?;
         let xs = self.stored_forms(x, (d.c % 4 == 0).then_some(precision))?;
         let base = shared_inputs(params, silu);
-        let s = if silu { "+silu" } else { "" };
+        let s = silu_label(silu);
         for (xb, x_half) in &xs {
             let (xp, x_half) = (xb.ptr, *x_half);
             let xs = if x_half.is_some() { ", 16-bit x" } else { "" };
@@ -341,7 +351,7 @@ impl Tester<'_> {
         d: NormDims,
         (x, dy): (&[f32], &[f32]),
         (stats, gamma, beta): (&DevBuf, &DevBuf, &DevBuf),
-        silu: bool,
+        silu: Silu,
         dx0: &[f32],
         desc: &str,
     ) -> Result<()> {
@@ -352,7 +362,7 @@ impl Tester<'_> {
         let xs = self.stored_forms(x, (d.c % 4 == 0).then_some(half))?;
         let dys = self.stored_forms(dy, d.split.ilp.then_some(half))?;
         let base = shared_inputs((stats, gamma, beta), silu);
-        let s = if silu { "+silu" } else { "" };
+        let s = silu_label(silu);
         for (xb, x_half) in &xs {
             for (dyb, dy_half) in &dys {
                 let (x_half, dy_half) = (*x_half, *dy_half);
@@ -396,27 +406,37 @@ impl Tester<'_> {
 
     pub(super) fn group_norms(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (off, on, approx) = (Silu::Off, Silu::Accurate, Silu::Approx);
         for (n, h, w, c, groups, silu, accumulate) in [
-            (1, 7, 5, 64, 32, true, false),
-            (3, 6, 6, 96, 32, false, true),
-            (2, 64, 64, 128, 32, true, true),
-            (1, 5, 3, 3, 1, false, false),
-            (1, 32, 32, 256, 32, true, true),
+            (1, 7, 5, 64, 32, on, false),
+            (3, 6, 6, 96, 32, off, true),
+            (2, 64, 64, 128, 32, on, true),
+            (1, 5, 3, 3, 1, off, false),
+            (1, 32, 32, 256, 32, on, true),
             // Several pixels a thread in the element passes (more than a grid's stride) and
             // per warp in the partial sums, with a remainder: the `_ilp` kernels' rounds, in
             // units of four channels and (c % 4 != 0) of one.
-            (1, 96, 96, 256, 32, true, true),
-            (1, 256, 256, 6, 3, true, true),
+            (1, 96, 96, 256, 32, on, true),
+            (1, 256, 256, 6, 3, on, true),
+            // The approximate SiLU (INVDIFF_APPROX_SILU) in every form, to the CPU's accurate
+            // one: three launches with and without the `_ilp` kernels, one pass, units of one.
+            (2, 64, 64, 128, 32, approx, true),
+            (1, 32, 32, 256, 32, approx, false),
+            (1, 96, 96, 256, 32, approx, true),
+            (1, 40, 40, 6, 3, approx, true),
         ] {
             let hw = h * w;
             let d = norm::Dims { n, hw, c, groups };
             // An offset mean, so that E[x²] - E[x]² is tested away from zero mean.
             let x = self.rand(n * hw * c, -1.0, 3.0);
-            let gamma = self.rand(c, 0.5, 1.5);
+            // The approximate SiLU also over |x| up to about 30 (its exponential's range
+            // reduction rounds x log2(e), an error that grows with |x|; sigmoid saturates).
+            let gain = if silu == approx { 12.0 } else { 1.0 };
+            let gamma = self.rand(c, 0.5 * gain, 1.5 * gain);
             let beta = self.rand(c, -0.5, 0.5);
             let eps = 1e-6;
             let mut want = vec![0.0; x.len()];
-            let stats = norm::forward(&x, d, &gamma, &beta, eps, silu, &mut want);
+            let stats = norm::forward(&x, d, &gamma, &beta, eps, silu.is_on(), &mut want);
             let dy = self.rand(x.len(), -1.0, 1.0);
             let dx0 = self.grad_start(x.len(), accumulate);
             let mut want_dx = dx0.clone();
@@ -425,7 +445,7 @@ impl Tester<'_> {
                 d,
                 &gamma,
                 &beta,
-                silu,
+                silu.is_on(),
                 &stats,
                 &dy,
                 &mut want_dx,
@@ -469,7 +489,7 @@ impl Tester<'_> {
                 let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
                 let got_y = yd.download(st)?;
                 let desc = format!("n{n} {h}x{w} c{c} g{groups} ({})", split.form());
-                let s = if silu { "+silu" } else { "" };
+                let s = silu_label(silu);
                 self.row(
                     format!("groupnorm{s} forward"),
                     desc.clone(),
@@ -589,7 +609,8 @@ impl Tester<'_> {
                         )?;
                     }
                     let mut want = vec![0.0; x.len()];
-                    norm::backward(&x, d, &gamma, &beta, silu, &stats, &dy, &mut want, false);
+                    let on = silu.is_on();
+                    norm::backward(&x, d, &gamma, &beta, on, &stats, &dy, &mut want, false);
                     self.half_output_rows(
                         &format!("groupnorm{s} input-grad"),
                         &desc,
@@ -614,6 +635,54 @@ impl Tester<'_> {
             }
         }
         self.concat_norm_sums()
+    }
+
+    /// The candidates' celebahq networks in bf16 and fp16 as configured but with the
+    /// approximate SiLU (`INVDIFF_APPROX_SILU`): every GroupNorm step with a SiLU takes it
+    /// (a row, from the forward + VJP program's profile), the eps and input gradient differ
+    /// from the accurate SiLU's (a row, with their distance: equal outputs would mean that
+    /// no kernel was given it), and the forward and forward + VJP are within the networks'
+    /// tolerance of the CPU's fp32 results.
+    pub(super) fn approx_silu_unets(&mut self, ordinal: usize) -> Result<()> {
+        let what = "approximate SiLU";
+        self.for_candidate_networks(ordinal, true, |t, net, precision, gpu| {
+            let label = format!("celebahq {precision} forward + vjp, {what}");
+            gpu.set_approx_silu(false);
+            let accurate = Self::network_outputs(gpu, net)?;
+            gpu.set_approx_silu(true);
+            let profile = gpu.profile(net.n, net.h, net.w, true, 1)?;
+            let with_silu = |s: &&crate::cuda::StepTime| {
+                s.kind.starts_with("groupnorm") && s.shape.ends_with("+ SiLU")
+            };
+            let norms = profile.steps.iter().filter(with_silu).count();
+            let approx = profile
+                .steps
+                .iter()
+                .filter(with_silu)
+                .filter(|s| s.variant.contains(what))
+                .count();
+            t.check_row(
+                format!("{label}: the GroupNorms with SiLU take it"),
+                format!("{}: {approx} of {norms}", net.desc),
+                norms > 0 && approx == norms,
+            );
+            let (eps, grad) = Self::network_outputs(gpu, net)?;
+            for (name, got, want) in [("eps", &eps, &accurate.0), ("vjp", &grad, &accurate.1)] {
+                let (got, want) = (got.data(), want.data());
+                let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
+                t.check_row(
+                    format!("{label}: {name} differs from the accurate SiLU's"),
+                    format!(
+                        "{}: {differ} of {} values, relative L2 {:.2e}",
+                        net.desc,
+                        got.len(),
+                        crate::tensor::rel_l2(got, want)
+                    ),
+                    differ > 0,
+                );
+            }
+            t.cpu_network_rows(gpu, net, &format!("celebahq {precision}"), what)
+        })
     }
 
     /// A concatenation that also writes its GroupNorm's partial sums (`gn_concat_partial`,
@@ -708,7 +777,7 @@ impl Tester<'_> {
                         stats.ptr,
                         affine.ptr,
                         1e-6,
-                        true,
+                        Silu::Accurate,
                         half_gn,
                     )
                 };

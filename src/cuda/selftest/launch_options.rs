@@ -11,7 +11,7 @@ use super::Tester;
 use super::{round_half, unpack_half};
 use crate::cuda::kernels::{
     plan_conv, plan_conv_at, plan_norm, reduction_norm_threads, ConvPtrs, ConvShape, NormDims,
-    ReductionNorm, WGMMA_SLICE,
+    ReductionNorm, Silu, WGMMA_SLICE,
 };
 use crate::cuda::precision::Precision;
 use crate::cuda::profile::StepTime;
@@ -167,16 +167,37 @@ impl Tester<'_> {
     /// The fused reduction and GroupNorm alone, at shapes celebahq does not have (groups of 3
     /// and 7 channels, a last warp that is partly past the group, a block larger than the
     /// one-pass block it stands for, with and without the time embedding, a residual and a
-    /// divisor, SiLU, fp32 and bf16 outputs): the split fp32 launch, then its reduction with
+    /// divisor, SiLU accurate and approximate, fp32 and bf16 outputs): the split fp32 launch, then its reduction with
     /// and without the GroupNorm; the launch's output, the GroupNorm's and its statistics the
     /// same bits as the plain reduction's followed by `gn_one_pass`.
     pub(super) fn reduction_norm_kernels(&mut self) -> Result<()> {
         let (gpu, st) = (self.gpu, &self.gpu.stream);
         // (n, h, w, cin, cout, groups, epilogue extras, SiLU, 16-bit output)
         let cases = [
-            (1, 5, 7, 24, 48, 8, true, true, None),
-            (2, 10, 10, 16, 21, 3, false, false, Some(Precision::Bf16)),
-            (1, 8, 8, 64, 64, 4, true, false, None),
+            (1, 5, 7, 24, 48, 8, true, Silu::Accurate, None),
+            (
+                2,
+                10,
+                10,
+                16,
+                21,
+                3,
+                false,
+                Silu::Off,
+                Some(Precision::Bf16),
+            ),
+            (1, 8, 8, 64, 64, 4, true, Silu::Off, None),
+            (
+                1,
+                8,
+                8,
+                32,
+                64,
+                4,
+                false,
+                Silu::Approx,
+                Some(Precision::Bf16),
+            ),
         ];
         for (n, h, w, cin, cout, groups, extras, silu, half_out) in cases {
             let shape = ConvShape::forward(n, h, w, cin, cout, 3, 1, Pad::Symmetric);
@@ -292,7 +313,11 @@ impl Tester<'_> {
                 self.check_row(
                     format!(
                         "conv split reduction + groupnorm{}, {what} vs two launches, bits",
-                        if silu { "+silu" } else { "" }
+                        match silu {
+                            Silu::Off => "",
+                            Silu::Accurate => "+silu",
+                            Silu::Approx => "+approximate silu",
+                        }
                     ),
                     desc.clone(),
                     same,

@@ -124,7 +124,7 @@ pub(super) fn time_one_run(st: &CudaStream, mut run: impl FnMut() -> Result<()>)
 }
 
 /// The groups of checks [`selftest`] runs, in its order.
-pub const SELFTEST_GROUPS: [&str; 16] = [
+pub const SELFTEST_GROUPS: [&str; 17] = [
     "convolutions",
     "linear layers",
     "group norms",
@@ -141,6 +141,7 @@ pub const SELFTEST_GROUPS: [&str; 16] = [
     "launch options",
     "narrow tensor cores",
     "strided TMA",
+    "approximate SiLU",
 ];
 
 /// Runs every check on GPU `ordinal`, or with `only`, the groups whose name
@@ -165,7 +166,7 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         seed: 0x5EED,
     };
     type Group = fn(&mut Tester, usize) -> Result<()>;
-    let groups: [(&str, Group); 16] = [
+    let groups: [(&str, Group); 17] = [
         ("convolutions", |t, _| t.convolutions()),
         ("linear layers", |t, _| t.linears()),
         ("group norms", |t, _| t.group_norms()),
@@ -217,6 +218,9 @@ pub fn selftest(ordinal: usize, only: Option<&str>) -> Result<Vec<SelftestRow>> 
         // A candidate (stop 39): its kernels are the tensor-core convolutions' with
         // INVDIFF_TMA_STRIDED=1.
         ("strided TMA", |t, o| t.strided_tma_unets(o)),
+        // A candidate (stop 40): its kernels are the GroupNorms', whose group holds them to
+        // the CPU with the approximate SiLU too.
+        ("approximate SiLU", |t, o| t.approx_silu_unets(o)),
     ];
     debug_assert!(groups.iter().map(|g| g.0).eq(SELFTEST_GROUPS));
     for (name, group) in groups.into_iter().filter(|g| wanted(g.0)) {

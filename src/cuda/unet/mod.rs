@@ -356,6 +356,12 @@ impl CudaUnet {
         self.change_choice(|c| c.few_in_mma = on);
     }
 
+    /// Has the GroupNorms of bf16/fp16 programs take the approximate SiLU (`on`,
+    /// [`KernelConfig::approx_silu`]) or the accurate one, for comparisons; drops every plan.
+    pub(crate) fn set_approx_silu(&mut self, on: bool) {
+        self.change_choice(|c| c.approx_silu = on);
+    }
+
     /// Copies the slices of the wgmma launches at an input stride above 1 with the tensor memory
     /// accelerator where the TMA copies are on (`on`, [`KernelConfig::strided_tma`]) or on the
     /// lean loaders, for comparisons; drops every plan. Keeps every split of K
