@@ -17,17 +17,12 @@
 // SiLU as PyTorch writes it, x / (1 + e^-x).
 DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 
-// The `silu` argument of the GroupNorm kernels (Silu in src/cuda/kernels/norm.rs): no SiLU; SiLU
-// with the accurate e^-x and division above (the CPU's operations); or with e^-x and the
-// reciprocal on the multifunction unit (ex2.approx, rcp.approx, 2 ulp and 1 ulp), for bf16/fp16
-// programs, whose GroupNorm outputs and gradients are rounded to 16 bits or feed launches that
-// round them. The sigmoid is then within about 2^-21 + |x| 2^-24 relative of the accurate one
-// (x log2 e is rounded before the exponential: 2^-20 at |x| = 16). The accurate sigmoid is
-// about 20 instructions (a range reduction, a division with its slow-path branch), the
-// approximate one 4, and a GroupNorm backward pass evaluates one per element in each of its
-// two passes.
-constexpr int SILU_NONE = 0, SILU_ACCURATE = 1, SILU_APPROX = 2;
-
+// 1 / (1 + e^-x) with e^-x and the reciprocal on the multifunction unit (ex2.approx, 2 ulp;
+// rcp.approx, 1 ulp): 4 instructions where the accurate form is about 20 (expf's range
+// reduction, an IEEE division with its slow-path branch). Within about 2^-21 + 1.2 |x| 2^-24
+// relative of the accurate sigmoid (x log2 e is rounded before the exponential: 2^-20 at
+// |x| = 16), but for a sigmoid below 2^-126 (x in -88.7..-87.3), which the reciprocal flushes
+// to 0. For norm_approx.cu.
 DEVI float sigmoid_approx(float x) {
     float e, r;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(x * -1.44269504f));
@@ -35,31 +30,8 @@ DEVI float sigmoid_approx(float x) {
     return r;
 }
 
-// x after the SiLU `silu` asks for (x itself for SILU_NONE).
-DEVI float silu_of(float x, int silu) {
-    if (silu == SILU_NONE) return x;
-    return silu == SILU_APPROX ? x * sigmoid_approx(x) : silu_f(x);
-}
-
 DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 DEVI float2 ld_f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
-
-// GroupNorm's element-wise step for four channels: x * scale + shift (one fma, as on the CPU),
-// then SiLU as `silu` asks (silu_of).
-DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
-    o[0] = fmaf(v.x, sc.x, sh.x);
-    o[1] = fmaf(v.y, sc.y, sh.y);
-    o[2] = fmaf(v.z, sc.z, sh.z);
-    o[3] = fmaf(v.w, sc.w, sh.w);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) o[j] = silu_of(o[j], silu);
-}
-
-// d SiLU / dx = s (1 + x (1 - s)), s = sigmoid(x), accurate or (SILU_APPROX) approximate.
-DEVI float silu_grad_of(float x, int silu) {
-    const float s = silu == SILU_APPROX ? sigmoid_approx(x) : 1.0f / (1.0f + expf(-x));
-    return s * (1.0f + x * (1.0f - s));
-}
 
 DEVI float warp_sum(float v) {
 #pragma unroll

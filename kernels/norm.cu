@@ -62,6 +62,14 @@
 // batch 1 on an H200, for 1-8K elements a group). Only the order in which the f64 sums are
 // added differs from the three-launch form.
 //
+// norm_approx.cu compiles this file again with INVDIFF_SILU_APPROX defined: the same kernels,
+// names and arguments in a module of their own (`norm_approx`), whose SiLU and SiLU derivative
+// take sigmoid_approx (common.cuh) instead of the accurate exponential and division; the host
+// launches them for bf16/fp16 programs with KernelConfig::approx_silu (INVDIFF_APPROX_SILU, a
+// candidate). A module rather than a run-time argument, so that this one's code is unchanged:
+// a mode tested per element cost the accurate path three instructions an element, and both
+// forms in one kernel spilled.
+//
 // conv_splitk_reduce_norm (INVDIFF_GN_FROM_REDUCTION) is a split convolution's reduction
 // (conv_splitk_reduce) and the one-pass GroupNorm of its output in one launch, a block per
 // (image, group): at the 8x8 and 16x16 levels of celebahq-256 at batch 1 a split launch's
@@ -73,6 +81,43 @@
 
 #include "common.cuh"
 #include "conv_common.cuh"
+
+// SiLU and the sigmoid its derivative takes: accurate, or (norm_approx.cu) approximate.
+#ifdef INVDIFF_SILU_APPROX
+DEVI float norm_silu(float x) { return x * sigmoid_approx(x); }
+DEVI float norm_sigmoid(float x) { return sigmoid_approx(x); }
+#else
+DEVI float norm_silu(float x) { return silu_f(x); }
+DEVI float norm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+#endif
+
+// In the approximate module, the fp32 element passes at the three blocks of 256 threads a
+// multiprocessor that the accurate ones have (80 registers): with the shorter SiLU, ptxas took
+// 90 for gn_bwd_apply_ilp and gn_bwd_apply_split_ilp, two blocks.
+#ifdef INVDIFF_SILU_APPROX
+#define ACCURATE_OCCUPANCY __launch_bounds__(256, 3)
+#else
+#define ACCURATE_OCCUPANCY
+#endif
+
+// d SiLU / dx = s (1 + x (1 - s)), s = sigmoid(x).
+DEVI float silu_grad_f(float x) {
+    float s = norm_sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+// GroupNorm's element-wise step for four channels: x * scale + shift (one fma, as on the CPU),
+// then SiLU.
+DEVI void affine4(float4 v, float4 sc, float4 sh, int silu, float (&o)[4]) {
+    o[0] = fmaf(v.x, sc.x, sh.x);
+    o[1] = fmaf(v.y, sc.y, sh.y);
+    o[2] = fmaf(v.z, sc.z, sh.z);
+    o[3] = fmaf(v.w, sc.w, sh.w);
+    if (silu) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = norm_silu(o[j]);
+    }
+}
 
 // The block's two partial sums per channel (thread (lane, wy) holds warp wy's share of channel
 // ch in a and b), added over the 8 warps in a fixed order and stored at
@@ -457,7 +502,7 @@ DEVI void apply(const float* x, const float* scale_shift, float* y, int hw, int 
             hw, c, [&](int ch) { return make_float2(ss[ch], ss[c + ch]); }, [&](long long e) { return x[e]; },
             [&](float2 k, float v, long long e, long long) {
                 const float z = fmaf(v, k.x, k.y);
-                y[e] = silu_of(z, silu);
+                y[e] = silu ? norm_silu(z) : z;
             });
     }
 }
@@ -515,7 +560,7 @@ DEVI void grad_xhat(float xv, float dyv, float mean, float rstd, float gm, float
                     float& xhat) {
     xhat = (xv - mean) * rstd;
     g = dyv;
-    if (silu) g *= silu_grad_of(fmaf(xhat, gm, bt), silu);
+    if (silu) g *= silu_grad_f(fmaf(xhat, gm, bt));
     g *= gm;
 }
 
@@ -852,7 +897,7 @@ DEVI void bwd_apply_half(const float* x, const void* dy, int dykind, const float
 extern "C" __global__ void gn_bwd_apply(const float* x, BWD_APPLY_ARGS(DY_FP32)) {
     bwd_apply<1, false, false, false>(x, 0, dy, 0, BWD_APPLY_PASS, {});
 }
-extern "C" __global__ void gn_bwd_apply_ilp(const float* x, BWD_APPLY_ARGS(DY_FP32)) {
+extern "C" __global__ void ACCURATE_OCCUPANCY gn_bwd_apply_ilp(const float* x, BWD_APPLY_ARGS(DY_FP32)) {
     bwd_apply<APPLY_ILP, false, false, false>(x, 0, dy, 0, BWD_APPLY_PASS, {});
 }
 // The same over an x of 16-bit values (INVDIFF_GN_HALF_INPUT_RECORDING): x and xkind first.
@@ -867,7 +912,8 @@ extern "C" __global__ void gn_bwd_apply_x16_ilp(const uint16_t* x, int xkind, BW
 extern "C" __global__ void gn_bwd_apply_split(const float* x, BWD_APPLY_ARGS(DY_FP32), const GradSplit sp) {
     bwd_apply<1, false, false, true>(x, 0, dy, 0, BWD_APPLY_PASS, sp);
 }
-extern "C" __global__ void gn_bwd_apply_split_ilp(const float* x, BWD_APPLY_ARGS(DY_FP32), const GradSplit sp) {
+extern "C" __global__ void ACCURATE_OCCUPANCY gn_bwd_apply_split_ilp(const float* x, BWD_APPLY_ARGS(DY_FP32),
+                                                                     const GradSplit sp) {
     bwd_apply<APPLY_ILP, false, false, true>(x, 0, dy, 0, BWD_APPLY_PASS, sp);
 }
 extern "C" __global__ void gn_bwd_apply_x16_split(const uint16_t* x, int xkind, BWD_APPLY_ARGS(DY_FP32),
@@ -1001,7 +1047,7 @@ DEVI void one_pass(const void* x, int xkind, const float* gamma, const float* be
         const long long e = t.at(k, hw, c);
         if (e < 0) continue;
         const float z = fmaf(v[k], scale, shift);
-        store_kind(y, e, silu_of(z, silu), kind);
+        store_kind(y, e, silu ? norm_silu(z) : z, kind);
     }
 }
 
@@ -1130,7 +1176,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         float scale, shift;
         channel_affine(st, g.gamma, g.beta, col, scale, shift);
         const float z = fmaf(vals[i], scale, shift);
-        store_kind(g.y, (long long)(img * hw + p) * c + col, silu_of(z, g.silu), g.kind);
+        store_kind(g.y, (long long)(img * hw + p) * c + col, g.silu ? norm_silu(z) : z, g.kind);
     }
 }
 

@@ -549,6 +549,7 @@ impl Kernels {
             Some(norm) => Some((
                 norm.args(s.mh * s.mw, s.ncols)?,
                 i32_of(s.n * norm.groups, "GroupNorm blocks")? as u32,
+                norm.silu,
             )),
             None => None,
         };
@@ -834,8 +835,8 @@ impl Kernels {
         cu(unsafe { b.launch(launch) }.map(drop), "launching conv_gemm")?;
         if plan.splits > 1 {
             let splits = plan.splits as i32;
-            if let Some(((g, threads), blocks)) = reduce_norm {
-                let mut b = st.launch_builder(&self.conv_splitk_reduce_norm);
+            if let Some(((g, threads), blocks, silu)) = reduce_norm {
+                let mut b = st.launch_builder(&self.silu_norm(silu).reduce_norm);
                 b.arg(&a).arg(&splits).arg(&g);
                 // SAFETY: the workspace holds splits x rows x ncols partial sums written above;
                 // a block per (image, group) reads its group's and writes them (where y is set),

@@ -94,7 +94,7 @@ use conv::{
     WGMMA_EXTRA_SLOTS,
 };
 use conv_plan::{DIRECT_MAX, NARROW_MMA_MAX_SC};
-use norm::NormBackwardFns;
+use norm::SiluNormFns;
 
 /// A raw device address (`CUdeviceptr`); 0 is the null pointer the kernels test for.
 pub(crate) type DPtr = u64;
@@ -250,8 +250,6 @@ pub(crate) struct Kernels {
     conv_splitk_reduce: CudaFunction,
     /// A split launch's reduction that also writes the 16-bit copy of its output.
     conv_splitk_reduce_copy: CudaFunction,
-    /// A split launch's reduction and the one-pass GroupNorm of its output (kernels/norm.cu).
-    conv_splitk_reduce_norm: CudaFunction,
     /// `conv_narrow_<ncols>` at index ncols - 1, with its dynamic shared memory allowed.
     conv_narrow: Vec<CudaFunction>,
     /// `conv_few_in_<sc>` at index sc - 1.
@@ -284,21 +282,11 @@ pub(crate) struct Kernels {
     gn_concat_partial_pairs: CudaFunction,
     gn_concat_partial_pairs_ahead: CudaFunction,
     gn_finalize: CudaFunction,
-    gn_apply: CudaFunction,
-    gn_apply_ilp: CudaFunction,
-    gn_apply_half: CudaFunction,
-    gn_apply_half_ilp: CudaFunction,
     gn_partial_x16: CudaFunction,
-    gn_apply_half_x16: CudaFunction,
-    gn_apply_half_x16_ilp: CudaFunction,
-    gn_one_pass_x16: CudaFunction,
-    gn_one_pass_x16_ilp: CudaFunction,
     gn_bwd_finalize: CudaFunction,
-    gn_bwd: [NormBackwardFns; 6],
-    /// `gn_bwd_partial_x16_dy16_pairs` ([`LaunchSwitches::gn_bwd_sums_pairs`]).
-    gn_bwd_partial_pairs: CudaFunction,
-    gn_one_pass: CudaFunction,
-    gn_one_pass_ilp: CudaFunction,
+    /// The GroupNorm kernels that apply a SiLU, from kernels/norm.cu (accurate) and
+    /// kernels/norm_approx.cu (approximate): [`Kernels::silu_norm`].
+    silu_norms: [SiluNormFns; 2],
     nchw_to_nhwc: CudaFunction,
     nhwc_to_nchw: CudaFunction,
     upsample2x: CudaFunction,
@@ -489,7 +477,6 @@ impl Kernels {
             conv_gemm_any: get("conv", "conv_gemm_any")?,
             conv_splitk_reduce: get("conv", "conv_splitk_reduce")?,
             conv_splitk_reduce_copy: get("conv", "conv_splitk_reduce_copy")?,
-            conv_splitk_reduce_norm: get("norm", "conv_splitk_reduce_norm")?,
             conv_narrow: (1..=DIRECT_MAX)
                 .map(|c| {
                     allow_smem(
@@ -535,20 +522,12 @@ impl Kernels {
             gn_concat_partial_pairs: get("norm", "gn_concat_partial_pairs")?,
             gn_concat_partial_pairs_ahead: get("norm", "gn_concat_partial_pairs_ahead")?,
             gn_finalize: get("norm", "gn_finalize")?,
-            gn_apply: get("norm", "gn_apply")?,
-            gn_apply_ilp: get("norm", "gn_apply_ilp")?,
-            gn_apply_half: get("norm", "gn_apply_half")?,
-            gn_apply_half_ilp: get("norm", "gn_apply_half_ilp")?,
             gn_partial_x16: get("norm", "gn_partial_x16")?,
-            gn_apply_half_x16: get("norm", "gn_apply_half_x16")?,
-            gn_apply_half_x16_ilp: get("norm", "gn_apply_half_x16_ilp")?,
-            gn_one_pass_x16: get("norm", "gn_one_pass_x16")?,
-            gn_one_pass_x16_ilp: get("norm", "gn_one_pass_x16_ilp")?,
             gn_bwd_finalize: get("norm", "gn_bwd_finalize")?,
-            gn_bwd: NormBackwardFns::all(&get)?,
-            gn_bwd_partial_pairs: get("norm", "gn_bwd_partial_x16_dy16_pairs")?,
-            gn_one_pass: get("norm", "gn_one_pass")?,
-            gn_one_pass_ilp: get("norm", "gn_one_pass_ilp")?,
+            silu_norms: [
+                SiluNormFns::load(&get, SiluNormFns::MODULES[0])?,
+                SiluNormFns::load(&get, SiluNormFns::MODULES[1])?,
+            ],
             nchw_to_nhwc: get("resample", "nchw_to_nhwc")?,
             nhwc_to_nchw: get("resample", "nhwc_to_nchw")?,
             upsample2x: get("resample", "upsample2x")?,
@@ -626,13 +605,15 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
+    use super::norm::NormBackwardFns;
     use super::*;
 
     /// Every kernel the loaders look up ([`Kernels::load`], `SamplerKernels::load`) is an
     /// entry point of the module they look in, as build.rs read them from the PTX: a misspelt
     /// or missing kernel fails here, not when the first GPU loads the modules. The names come
     /// from the loaders' source (each `get("module", "name")`, the numbered direct kernels),
-    /// the tensor-core table and the wgmma tables.
+    /// the tensor-core table, the wgmma tables and the GroupNorm kernels each of the two
+    /// GroupNorm modules has.
     #[test]
     fn every_kernel_the_loaders_ask_for_exists() {
         let entries = crate::cuda::device::kernel_entries();
@@ -693,11 +674,14 @@ mod tests {
             assert_eq!(names.len(), WGMMA_KERNELS);
             asked.extend(names.into_iter().map(|(n, _)| ("conv_wgmma".into(), n)));
         }
-        asked.extend(
-            NormBackwardFns::names()
-                .flat_map(|(_, kernels)| kernels)
-                .map(|n| ("norm".into(), n)),
-        );
+        for module in SiluNormFns::MODULES {
+            asked.extend(
+                NormBackwardFns::names()
+                    .flat_map(|(_, kernels)| kernels)
+                    .chain(SiluNormFns::NAMES.iter().map(|n| n.to_string()))
+                    .map(|n| (module.into(), n)),
+            );
+        }
         asked.extend(
             wgmma_extra_kernels()
                 .into_iter()

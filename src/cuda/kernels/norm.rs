@@ -32,20 +32,21 @@ pub(crate) struct NormSplit {
     pub from_producer: bool,
 }
 
-/// The SiLU after a GroupNorm, as its kernels take it (the `silu` argument of kernels/norm.cu,
-/// `SILU_*` in kernels/common.cuh).
+/// The SiLU after a GroupNorm: which module's kernels run it ([`SiluNormFns`]) and whether
+/// they apply it (their `silu` argument).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Silu {
     /// No SiLU.
     #[default]
-    Off = 0,
+    Off,
     /// SiLU and its derivative with the accurate exponential and division: the CPU's
-    /// operations.
-    Accurate = 1,
-    /// With the multifunction unit's approximate exponential and reciprocal instead: a
-    /// sigmoid within about 2^-21 + |x| 2^-24 relative of the accurate one (bf16/fp16 programs
-    /// with [`KernelConfig::approx_silu`](crate::cuda::program::KernelConfig)).
-    Approx = 2,
+    /// operations (kernels/norm.cu).
+    Accurate,
+    /// With the multifunction unit's approximate exponential and reciprocal instead
+    /// (kernels/norm_approx.cu, `sigmoid_approx` in kernels/common.cuh: a sigmoid within about
+    /// 2^-21 + 1.2 |x| 2^-24 relative of the accurate one); for bf16/fp16 programs with
+    /// [`KernelConfig::approx_silu`](crate::cuda::program::KernelConfig).
+    Approx,
 }
 
 impl Silu {
@@ -63,9 +64,84 @@ impl Silu {
         self != Silu::Off
     }
 
-    /// The kernels' code for it.
-    fn code(self) -> i32 {
-        self as i32
+    /// The kernels' `silu` argument: 1 where a SiLU follows.
+    fn arg(self) -> i32 {
+        self.is_on() as i32
+    }
+}
+
+/// The kernels of kernels/norm.cu that apply a SiLU, as one module holds them: `norm`, with the
+/// accurate SiLU, or `norm_approx` (kernels/norm_approx.cu: the same source, names and
+/// arguments), with the approximate one ([`Silu::Approx`]).
+#[derive(Clone)]
+pub(super) struct SiluNormFns {
+    apply: CudaFunction,
+    apply_ilp: CudaFunction,
+    apply_half: CudaFunction,
+    apply_half_ilp: CudaFunction,
+    apply_half_x16: CudaFunction,
+    apply_half_x16_ilp: CudaFunction,
+    one_pass: CudaFunction,
+    one_pass_ilp: CudaFunction,
+    one_pass_x16: CudaFunction,
+    one_pass_x16_ilp: CudaFunction,
+    /// The backward pass's forms, as [`Kernels::group_norm_backward`] indexes them.
+    bwd: [NormBackwardFns; 6],
+    /// `gn_bwd_partial_x16_dy16_pairs` ([`LaunchSwitches::gn_bwd_sums_pairs`](super::LaunchSwitches)).
+    bwd_partial_pairs: CudaFunction,
+    /// `conv_splitk_reduce_norm`, a split launch's reduction and the one-pass GroupNorm of its
+    /// output.
+    pub(super) reduce_norm: CudaFunction,
+}
+
+impl SiluNormFns {
+    /// The two modules, in the order [`Kernels`] holds their kernels: accurate, approximate.
+    pub(super) const MODULES: [&'static str; 2] = ["norm", "norm_approx"];
+
+    /// The kernels each module has besides the backward pass's forms
+    /// ([`NormBackwardFns::names`]), in the order of the fields.
+    pub(super) const NAMES: [&'static str; 12] = [
+        "gn_apply",
+        "gn_apply_ilp",
+        "gn_apply_half",
+        "gn_apply_half_ilp",
+        "gn_apply_half_x16",
+        "gn_apply_half_x16_ilp",
+        "gn_one_pass",
+        "gn_one_pass_ilp",
+        "gn_one_pass_x16",
+        "gn_one_pass_x16_ilp",
+        "gn_bwd_partial_x16_dy16_pairs",
+        "conv_splitk_reduce_norm",
+    ];
+
+    /// `module`'s kernels, each looked up as `get(module, name)`.
+    pub(super) fn load(
+        get: &dyn Fn(&str, &str) -> Result<CudaFunction>,
+        module: &str,
+    ) -> Result<Self> {
+        let fns = Self::NAMES
+            .iter()
+            .map(|name| get(module, name))
+            .collect::<Result<Vec<_>>>()?;
+        let [apply, apply_ilp, apply_half, apply_half_ilp, apply_half_x16, apply_half_x16_ilp, one_pass, one_pass_ilp, one_pass_x16, one_pass_x16_ilp, bwd_partial_pairs, reduce_norm] =
+            <[CudaFunction; 12]>::try_from(fns)
+                .map_err(|_| Error::Cuda("internal: GroupNorm kernel table".into()))?;
+        Ok(SiluNormFns {
+            apply,
+            apply_ilp,
+            apply_half,
+            apply_half_ilp,
+            apply_half_x16,
+            apply_half_x16_ilp,
+            one_pass,
+            one_pass_ilp,
+            one_pass_x16,
+            one_pass_x16_ilp,
+            bwd: NormBackwardFns::all(get, module)?,
+            bwd_partial_pairs,
+            reduce_norm,
+        })
     }
 }
 
@@ -358,7 +434,7 @@ impl ReductionNorm {
                 y: self.y,
                 stats: self.stats,
                 groups: i32_of(groups, "GroupNorm groups")?,
-                silu: self.silu.code(),
+                silu: self.silu.arg(),
                 kind: self.half_out.map(half_kind).transpose()?.unwrap_or(0),
                 one_pass_threads: i32_of(self.one_pass_threads as usize, "GroupNorm threads")?,
                 eps: self.eps,
@@ -455,12 +531,15 @@ impl NormBackwardFns {
         })
     }
 
-    /// The six forms, each kernel looked up as `get("norm", name)`.
-    pub(super) fn all(get: &dyn Fn(&str, &str) -> Result<CudaFunction>) -> Result<[Self; 6]> {
+    /// The six forms, each kernel looked up as `get(module, name)`.
+    pub(super) fn all(
+        get: &dyn Fn(&str, &str) -> Result<CudaFunction>,
+        module: &str,
+    ) -> Result<[Self; 6]> {
         let forms = Self::names()
             .map(
                 |(suffix, [partial, apply, apply_half, apply_split, one_pass])| {
-                    let f = |name: &str| get("norm", name);
+                    let f = |name: &str| get(module, name);
                     Ok(NormBackwardFns {
                         partial: f(&partial)?,
                         apply: f(&apply)?,
@@ -595,6 +674,11 @@ impl Kernels {
         Ok(cfg((gx as u32, n as u32, 1), (bx as u32, by as u32, 1)))
     }
 
+    /// The GroupNorm kernels that run `silu`: the approximate module's for [`Silu::Approx`].
+    pub(super) fn silu_norm(&self, silu: Silu) -> &SiluNormFns {
+        &self.silu_norms[usize::from(silu == Silu::Approx)]
+    }
+
     fn norm_grid(&self, n: usize, c: usize, split: NormSplit) -> Result<LaunchConfig> {
         self.norm_grid_of(n, c, split, 32)
     }
@@ -664,7 +748,8 @@ impl Kernels {
             split,
         } = d;
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
-        let silu = silu.code();
+        let silu_fns = self.silu_norm(silu);
+        let silu = silu.arg();
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let xkind = x_half.map_or(Ok(0), half_kind)?;
         if split.from_producer && split.one_pass.is_some() {
@@ -683,10 +768,10 @@ impl Kernels {
         )?;
         if let Some(threads) = split.one_pass {
             let mut b = st.launch_builder(match (x_half.is_some(), split.ilp) {
-                (false, false) => &self.gn_one_pass,
-                (false, true) => &self.gn_one_pass_ilp,
-                (true, false) => &self.gn_one_pass_x16,
-                (true, true) => &self.gn_one_pass_x16_ilp,
+                (false, false) => &silu_fns.one_pass,
+                (false, true) => &silu_fns.one_pass_ilp,
+                (true, false) => &silu_fns.one_pass_x16,
+                (true, true) => &silu_fns.one_pass_x16_ilp,
             });
             b.arg(&x);
             if x_half.is_some() {
@@ -752,10 +837,10 @@ impl Kernels {
                 )));
             }
             let (f, name) = match (x_half.is_some(), split.ilp) {
-                (false, false) => (&self.gn_apply_half, "gn_apply_half"),
-                (false, true) => (&self.gn_apply_half_ilp, "gn_apply_half_ilp"),
-                (true, false) => (&self.gn_apply_half_x16, "gn_apply_half_x16"),
-                (true, true) => (&self.gn_apply_half_x16_ilp, "gn_apply_half_x16_ilp"),
+                (false, false) => (&silu_fns.apply_half, "gn_apply_half"),
+                (false, true) => (&silu_fns.apply_half_ilp, "gn_apply_half_ilp"),
+                (true, false) => (&silu_fns.apply_half_x16, "gn_apply_half_x16"),
+                (true, true) => (&silu_fns.apply_half_x16_ilp, "gn_apply_half_x16_ilp"),
             };
             let grid = self.norm_units(st, f, n, hw, c / 4, split.ilp)?;
             let mut b = st.launch_builder(f);
@@ -779,9 +864,9 @@ impl Kernels {
         let vec = c % 4 == 0 && [x, y, affine].iter().all(|p| p % 16 == 0);
         let vec4 = vec as i32;
         let f = if split.ilp {
-            &self.gn_apply_ilp
+            &silu_fns.apply_ilp
         } else {
-            &self.gn_apply
+            &silu_fns.apply
         };
         let lanes = if vec { c / 4 } else { c };
         let grid = self.norm_units(st, f, n, hw, lanes, split.ilp)?;
@@ -970,7 +1055,8 @@ impl Kernels {
             split,
         } = d;
         let (ni, hwi, ci, gi, chunks, cpx) = d.kernel_args()?;
-        let silu = silu.code();
+        let silu_fns = self.silu_norm(silu);
+        let silu = silu.arg();
         let kind = half_out.map_or(Ok(0), half_kind)?;
         let acc = accumulate as i32;
         let dy_aligned = dy % dy_unit == 0;
@@ -1002,7 +1088,7 @@ impl Kernels {
             Some(g) => Some(g.args(d, io_aligned, half_out.is_some() || copy.is_some())?),
             None => None,
         };
-        let fns = &self.gn_bwd[3 * x_half.is_some() as usize
+        let fns = &silu_fns.bwd[3 * x_half.is_some() as usize
             + match (split.ilp, dy_half.is_some()) {
                 (false, _) => 0,
                 (true, false) => 1,
@@ -1049,7 +1135,7 @@ impl Kernels {
             let pairs = self.launch.gn_bwd_sums_pairs && x_half.is_some() && dy_half.is_some();
             let (partial_fn, grid, name) = match pairs {
                 true => (
-                    &self.gn_bwd_partial_pairs,
+                    &silu_fns.bwd_partial_pairs,
                     self.norm_grid_of(n, c, split, 64)?,
                     "gn_bwd_partial_x16_dy16_pairs".to_string(),
                 ),

@@ -215,11 +215,11 @@ pub(crate) struct KernelConfig {
     pub few_in_mma: bool,
     /// In bf16/fp16 programs: the GroupNorms' SiLU (forward) and its derivative (backward)
     /// with the multifunction unit's approximate exponential and reciprocal
-    /// ([`Silu::Approx`]: a sigmoid within about 2^-20 relative of the accurate one for |x| up
-    /// to 16) instead of an accurate exponential and an IEEE division: about 4 instructions a
-    /// sigmoid instead of 20, where a GroupNorm backward pass evaluates one per element in
-    /// each of its two passes. Another rounding, far below that of the 16-bit values these
-    /// GroupNorms read or write.
+    /// ([`Silu::Approx`], the kernels of kernels/norm_approx.cu: a sigmoid within about 2^-20
+    /// relative of the accurate one for |x| up to 16) instead of an accurate exponential and
+    /// an IEEE division: 4 instructions a sigmoid instead of about 20, where a GroupNorm
+    /// backward pass evaluates one per element in each of its two passes. Another rounding,
+    /// far below that of the bf16/fp16 convolutions around these GroupNorms.
     pub approx_silu: bool,
     /// Every choice that changes the order of a sum (the split of K, GroupNorm's chunks, which
     /// kernel an attention product takes: the attention steps' `per_image`) made from one

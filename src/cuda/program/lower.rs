@@ -139,8 +139,7 @@ impl Lowering<'_> {
     }
 
     /// The SiLU a GroupNorm's steps take where `on`: approximate in bf16/fp16 with
-    /// [`KernelConfig::approx_silu`], whose outputs and gradients are rounded to 16 bits or feed
-    /// launches that round them.
+    /// [`KernelConfig::approx_silu`], whose convolutions round far more than it does.
     pub(super) fn silu(&self, on: bool) -> Silu {
         Silu::new(on, self.choice.approx_silu && self.precision.is_half())
     }

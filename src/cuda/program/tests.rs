@@ -3012,8 +3012,10 @@ fn few_input_tensor_cores_never_read_16_bit_inputs() {
 }
 
 /// The approximate SiLU ([`KernelConfig::approx_silu`]) is taken by every GroupNorm step with a
-/// SiLU of a bf16 or fp16 program, forward and backward, and by nothing else: the program is
-/// otherwise the one without it, and fp32 and tf32 programs keep the accurate SiLU.
+/// SiLU of a bf16 or fp16 program, forward and backward, those that split launches' reductions
+/// compute included, and by nothing else: the program is otherwise the one without it, and fp32
+/// and tf32 programs keep the accurate SiLU. (The symbolic check hashes operations, not their
+/// rounding, so it cannot tell the two apart: these are the checks.)
 #[test]
 fn approximate_silu_only_in_16_bit_programs() {
     let g = Graph::build(&UNetConfig::celebahq_256()).unwrap();
@@ -3066,5 +3068,33 @@ fn approximate_silu_only_in_16_bit_programs() {
             .filter(|s| s.is_on());
         assert_eq!(with_silu.count(), 2 * 65, "{precision}");
         assert_eq!(taken, if precision.is_half() { 2 * 65 } else { 0 });
+        // The GroupNorms that split launches' reductions compute.
+        let fused = Program::build_with(
+            &g,
+            1,
+            256,
+            256,
+            true,
+            132,
+            precision,
+            KernelConfig {
+                approx_silu: true,
+                gn_from_reduction: true,
+                ..tuned
+            },
+        )
+        .unwrap();
+        let in_reductions: Vec<Silu> = fused
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Conv(c) => c.norm.as_deref().and_then(silu_of),
+                _ => None,
+            })
+            .filter(|s| s.is_on())
+            .collect();
+        assert!(!in_reductions.is_empty(), "{precision}");
+        let want = Silu::new(true, precision.is_half());
+        assert!(in_reductions.iter().all(|&s| s == want), "{precision}");
     }
 }

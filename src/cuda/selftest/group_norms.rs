@@ -16,7 +16,7 @@ type BackwardOutputs = (Vec<f32>, Vec<f32>);
 type ForwardOutputs = (Vec<f32>, Vec<f32>);
 
 /// How a row's op names the SiLU after its GroupNorm.
-fn silu_label(silu: Silu) -> &'static str {
+pub(super) fn silu_label(silu: Silu) -> &'static str {
     match silu {
         Silu::Off => "",
         Silu::Accurate => "+silu",
@@ -469,7 +469,7 @@ impl Tester<'_> {
                 let partial = self.zeros(split.partial_len(n, c))?;
                 let sd = self.zeros(2 * n * groups)?;
                 let affine = self.zeros(2 * n * c)?;
-                let forward = |y, half_out| {
+                let forward_as = |y, half_out, silu| {
                     gpu.kernels.group_norm(
                         st,
                         nd,
@@ -486,6 +486,7 @@ impl Tester<'_> {
                         half_out,
                     )
                 };
+                let forward = |y, half_out| forward_as(y, half_out, silu);
                 let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
                 let got_y = yd.download(st)?;
                 let desc = format!("n{n} {h}x{w} c{c} g{groups} ({})", split.form());
@@ -514,7 +515,7 @@ impl Tester<'_> {
                 let mut dxd = self.up(&dx0)?;
                 let dx_ptr = dxd.ptr;
                 let means = self.zeros(2 * n * groups)?;
-                let backward = |dx, accumulate, add, half_out, copy| {
+                let backward_as = |dx, accumulate, add, half_out, copy, silu| {
                     gpu.kernels.group_norm_backward(
                         st,
                         nd,
@@ -540,11 +541,38 @@ impl Tester<'_> {
                         },
                     )
                 };
+                let backward = |dx, accumulate, add, half_out, copy| {
+                    backward_as(dx, accumulate, add, half_out, copy, silu)
+                };
                 let ms = self.timed(
                     || dxd.write(st, &dx0),
                     || backward(dx_ptr, accumulate, None, None, None),
                 )?;
                 let got_dx = dxd.download(st)?;
+                // The approximate SiLU's kernels ran (kernels/norm_approx.cu): the output and the
+                // input gradient differ from the accurate kernels' of this form.
+                if silu == approx {
+                    forward_as(yd.ptr, None, on)?;
+                    let accurate_y = yd.download(st)?;
+                    dxd.write(st, &dx0)?;
+                    backward_as(dx_ptr, accumulate, None, None, None, on)?;
+                    let accurate_dx = dxd.download(st)?;
+                    for (what, got, other) in [
+                        ("forward", &got_y, &accurate_y),
+                        ("input-grad", &got_dx, &accurate_dx),
+                    ] {
+                        let differ = got
+                            .iter()
+                            .zip(other)
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        self.check_row(
+                            format!("groupnorm{s} {what} vs the accurate SiLU's kernels"),
+                            format!("{desc}: {differ} of {} values differ", got.len()),
+                            differ > 0,
+                        );
+                    }
+                }
                 self.row(
                     format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
                     desc.clone(),
