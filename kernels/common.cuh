@@ -17,19 +17,6 @@
 // SiLU as PyTorch writes it, x / (1 + e^-x).
 DEVI float silu_f(float x) { return x / (1.0f + expf(-x)); }
 
-// 1 / (1 + e^-x) with e^-x and the reciprocal on the multifunction unit (ex2.approx, 2 ulp;
-// rcp.approx, 1 ulp): 4 instructions where the accurate form is about 20 (expf's range
-// reduction, an IEEE division with its slow-path branch). Within about 2^-21 + 1.2 |x| 2^-24
-// relative of the accurate sigmoid (x log2 e is rounded before the exponential: 2^-20 at
-// |x| = 16), but for a sigmoid below 2^-126 (x in -88.7..-87.3), which the reciprocal flushes
-// to 0. For norm_approx.cu.
-DEVI float sigmoid_approx(float x) {
-    float e, r;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(x * -1.44269504f));
-    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
-    return r;
-}
-
 DEVI float4 ld_f4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 DEVI float2 ld_f2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 

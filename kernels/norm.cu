@@ -62,13 +62,13 @@
 // batch 1 on an H200, for 1-8K elements a group). Only the order in which the f64 sums are
 // added differs from the three-launch form.
 //
-// norm_approx.cu compiles this file again with INVDIFF_SILU_APPROX defined: the same kernels,
-// names and arguments in a module of their own (`norm_approx`), whose SiLU and SiLU derivative
-// take sigmoid_approx (common.cuh) instead of the accurate exponential and division; the host
-// launches them for bf16/fp16 programs with KernelConfig::approx_silu (INVDIFF_APPROX_SILU, a
-// candidate). A module rather than a run-time argument, so that this one's code is unchanged:
-// a mode tested per element cost the accurate path three instructions an element, and both
-// forms in one kernel spilled.
+// norm_approx.cu compiles this file again with INVDIFF_SILU_APPROX defined: the kernels that
+// take a `silu` argument, with the same names and arguments, in a module of their own
+// (`norm_approx`), whose SiLU and SiLU derivative take sigmoid_approx (below) instead of the
+// accurate exponential and division; the host launches them for bf16/fp16 programs with
+// KernelConfig::approx_silu (INVDIFF_APPROX_SILU, a candidate). A module rather than a run-time
+// argument, so that this one's code is unchanged: a mode tested per element cost the accurate
+// path three instructions an element, and both forms in one kernel spilled.
 //
 // conv_splitk_reduce_norm (INVDIFF_GN_FROM_REDUCTION) is a split convolution's reduction
 // (conv_splitk_reduce) and the one-pass GroupNorm of its output in one launch, a block per
@@ -84,6 +84,18 @@
 
 // SiLU and the sigmoid its derivative takes: accurate, or (norm_approx.cu) approximate.
 #ifdef INVDIFF_SILU_APPROX
+// 1 / (1 + e^-x) with e^-x and the reciprocal on the multifunction unit (ex2.approx, 2 ulp;
+// rcp.approx, 1 ulp): 4 instructions where the accurate form is about 20 (expf's range
+// reduction, an IEEE division with its slow-path branch). Within about 2^-21 + 1.2 |x| 2^-24
+// relative of the accurate sigmoid (x log2 e is rounded before the exponential: 2^-20 at
+// |x| = 16), but for a sigmoid below 2^-126 (x in -88.7..-87.3), which the reciprocal flushes
+// to 0.
+DEVI float sigmoid_approx(float x) {
+    float e, r;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(e) : "f"(x * -1.44269504f));
+    asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
+    return r;
+}
 DEVI float norm_silu(float x) { return x * sigmoid_approx(x); }
 DEVI float norm_sigmoid(float x) { return sigmoid_approx(x); }
 #else
@@ -192,6 +204,7 @@ template <typename Column> DEVI void chunk_sums(int hw, int c, int chunk_px, dou
     store_partials(a, b, ch, c, partial);
 }
 
+#ifndef INVDIFF_SILU_APPROX // (kernels without a SiLU: the accurate module's only)
 extern "C" __global__ void __launch_bounds__(256) gn_partial(const float* x, int hw, int c, int chunk_px,
                                                            double* partial) {
     chunk_sums(hw, c, chunk_px, partial, [&](int img, int ch) {
@@ -364,6 +377,7 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();
     store_partials(s1, q1, ch + 1, c, partial);
 }
+#endif
 
 // A group's mean and 1 / std from its sums over `count` elements, as the CPU forms them
 // (var = E[x²] - mean², eps added in f32), written to stats[id] and stats[n * groups + id] by
@@ -389,6 +403,7 @@ DEVI void channel_affine(GroupStats st, const float* gamma, const float* beta, i
     shift = (float)((double)beta[ch] - st.mean * a);
 }
 
+#ifndef INVDIFF_SILU_APPROX // (kernels without a SiLU: the accurate module's only)
 // Statistics and per-channel affine of the forward pass; one block per (image, group) (blockIdx.x
 // = image * groups + group). scale_shift is [n][2][c]: scale then shift per image.
 extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const double* partial, int n, int hw, int c,
@@ -405,6 +420,7 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_finalize(const doub
     for (int ch = g * cg + threadIdx.x; ch < (g + 1) * cg; ch += FIN_THREADS)
         channel_affine(st, gamma, beta, ch, sc[ch], sc[c + ch]);
 }
+#endif
 
 // The element-wise passes (apply, and the backward's apply) walk one image per blockIdx.y:
 // threadIdx.x takes a unit of channels (four, or one where c % 4 != 0) and keeps the unit's
@@ -709,6 +725,7 @@ extern "C" __global__ void __launch_bounds__(256, 5)
     store_partials(a1, b1, ch + 1, c, partial);
 }
 
+#ifndef INVDIFF_SILU_APPROX // (kernels without a SiLU: the accurate module's only)
 // Group means of g and g * xhat: means[id] and means[n * groups + id]; one block per (image,
 // group), as gn_finalize.
 extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_bwd_finalize(const double* partial, int n, int hw,
@@ -725,6 +742,7 @@ extern "C" __global__ void __launch_bounds__(FIN_THREADS) gn_bwd_finalize(const 
         means[n * groups + id] = (float)(q / count);
     }
 }
+#endif
 
 // One channel's constants for the input gradient of image blockIdx.y (n = gridDim.y images):
 // its group's mean and rstd, its scale and shift, and the group means of g and g * xhat.

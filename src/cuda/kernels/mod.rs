@@ -284,8 +284,8 @@ pub(crate) struct Kernels {
     gn_finalize: CudaFunction,
     gn_partial_x16: CudaFunction,
     gn_bwd_finalize: CudaFunction,
-    /// The GroupNorm kernels that apply a SiLU, from kernels/norm.cu (accurate) and
-    /// kernels/norm_approx.cu (approximate): [`Kernels::silu_norm`].
+    /// The GroupNorm kernels that take a `silu` argument, from kernels/norm.cu (accurate SiLU)
+    /// and kernels/norm_approx.cu (approximate): [`Kernels::silu_norm`].
     silu_norms: [SiluNormFns; 2],
     nchw_to_nhwc: CudaFunction,
     nhwc_to_nchw: CudaFunction,

@@ -43,7 +43,7 @@ pub(crate) enum Silu {
     /// operations (kernels/norm.cu).
     Accurate,
     /// With the multifunction unit's approximate exponential and reciprocal instead
-    /// (kernels/norm_approx.cu, `sigmoid_approx` in kernels/common.cuh: a sigmoid within about
+    /// (kernels/norm_approx.cu, `sigmoid_approx` in kernels/norm.cu: a sigmoid within about
     /// 2^-21 + 1.2 |x| 2^-24 relative of the accurate one); for bf16/fp16 programs with
     /// [`KernelConfig::approx_silu`](crate::cuda::program::KernelConfig).
     Approx,
@@ -70,9 +70,9 @@ impl Silu {
     }
 }
 
-/// The kernels of kernels/norm.cu that apply a SiLU, as one module holds them: `norm`, with the
-/// accurate SiLU, or `norm_approx` (kernels/norm_approx.cu: the same source, names and
-/// arguments), with the approximate one ([`Silu::Approx`]).
+/// The kernels of kernels/norm.cu that take a `silu` argument (with or without a SiLU), as one
+/// module holds them: `norm`, with the accurate SiLU, or `norm_approx` (kernels/norm_approx.cu:
+/// the same source, names and arguments), with the approximate one ([`Silu::Approx`]).
 #[derive(Clone)]
 pub(super) struct SiluNormFns {
     apply: CudaFunction,

@@ -469,7 +469,7 @@ impl Tester<'_> {
                 let partial = self.zeros(split.partial_len(n, c))?;
                 let sd = self.zeros(2 * n * groups)?;
                 let affine = self.zeros(2 * n * c)?;
-                let forward_as = |y, half_out, silu| {
+                let forward = |y, half_out| {
                     gpu.kernels.group_norm(
                         st,
                         nd,
@@ -486,7 +486,6 @@ impl Tester<'_> {
                         half_out,
                     )
                 };
-                let forward = |y, half_out| forward_as(y, half_out, silu);
                 let ms = self.timed(|| Ok(()), || forward(yd.ptr, None))?;
                 let got_y = yd.download(st)?;
                 let desc = format!("n{n} {h}x{w} c{c} g{groups} ({})", split.form());
@@ -515,7 +514,7 @@ impl Tester<'_> {
                 let mut dxd = self.up(&dx0)?;
                 let dx_ptr = dxd.ptr;
                 let means = self.zeros(2 * n * groups)?;
-                let backward_as = |dx, accumulate, add, half_out, copy, silu| {
+                let backward = |dx, accumulate, add, half_out, copy| {
                     gpu.kernels.group_norm_backward(
                         st,
                         nd,
@@ -541,37 +540,15 @@ impl Tester<'_> {
                         },
                     )
                 };
-                let backward = |dx, accumulate, add, half_out, copy| {
-                    backward_as(dx, accumulate, add, half_out, copy, silu)
-                };
                 let ms = self.timed(
                     || dxd.write(st, &dx0),
                     || backward(dx_ptr, accumulate, None, None, None),
                 )?;
                 let got_dx = dxd.download(st)?;
-                // The approximate SiLU's kernels ran (kernels/norm_approx.cu): the output and the
-                // input gradient differ from the accurate kernels' of this form.
                 if silu == approx {
-                    forward_as(yd.ptr, None, on)?;
-                    let accurate_y = yd.download(st)?;
-                    dxd.write(st, &dx0)?;
-                    backward_as(dx_ptr, accumulate, None, None, None, on)?;
-                    let accurate_dx = dxd.download(st)?;
-                    for (what, got, other) in [
-                        ("forward", &got_y, &accurate_y),
-                        ("input-grad", &got_dx, &accurate_dx),
-                    ] {
-                        let differ = got
-                            .iter()
-                            .zip(other)
-                            .filter(|(a, b)| a.to_bits() != b.to_bits())
-                            .count();
-                        self.check_row(
-                            format!("groupnorm{s} {what} vs the accurate SiLU's kernels"),
-                            format!("{desc}: {differ} of {} values differ", got.len()),
-                            differ > 0,
-                        );
-                    }
+                    let inputs = (xd.ptr, dyd.ptr, gd.ptr, bd.ptr);
+                    let onto = (dx0.as_slice(), accumulate);
+                    self.approx_kernels_ran(nd, inputs, eps, onto, (&got_y, &got_dx), &desc)?;
                 }
                 self.row(
                     format!("groupnorm{s} input-grad{}", acc_name(accumulate)),
@@ -663,6 +640,80 @@ impl Tester<'_> {
             }
         }
         self.concat_norm_sums()
+    }
+
+    /// Rows showing that the approximate SiLU's kernels ran (kernels/norm_approx.cu): GroupNorm
+    /// `d`'s fp32 output `got.0` and input gradient `got.1` (onto `dx0` where accumulating)
+    /// differ from those of the accurate kernels of the same form, run here on buffers of their
+    /// own (so that no later row reads what they wrote).
+    fn approx_kernels_ran(
+        &mut self,
+        d: NormDims,
+        (x, dy, gamma, beta): (DPtr, DPtr, DPtr, DPtr),
+        eps: f32,
+        (dx0, accumulate): (&[f32], bool),
+        got: (&[f32], &[f32]),
+        desc: &str,
+    ) -> Result<()> {
+        let (gpu, st) = (self.gpu, &self.gpu.stream);
+        let (n, len) = (d.n, dx0.len());
+        let y = self.zeros(len)?;
+        let partial = self.zeros(d.split.partial_len(n, d.c))?;
+        let stats = self.zeros(2 * n * d.groups)?;
+        let (affine, means) = (self.zeros(2 * n * d.c)?, self.zeros(2 * n * d.groups)?);
+        let dx = self.up(dx0)?;
+        let on = Silu::Accurate;
+        let k = &gpu.kernels;
+        k.group_norm(
+            st,
+            d,
+            x,
+            None,
+            gamma,
+            beta,
+            y.ptr,
+            partial.ptr,
+            stats.ptr,
+            affine.ptr,
+            eps,
+            on,
+            None,
+        )?;
+        let inputs = NormBackwardIn {
+            x,
+            dy,
+            gamma,
+            beta,
+            stats: stats.ptr,
+            silu: on,
+            ..NormBackwardIn::default()
+        };
+        let outputs = NormBackwardOut {
+            partial: partial.ptr,
+            means: means.ptr,
+            dx: dx.ptr,
+            accumulate,
+            ..NormBackwardOut::default()
+        };
+        k.group_norm_backward(st, d, inputs, outputs)?;
+        let accurate = [y.download(st)?, dx.download(st)?];
+        let s = silu_label(Silu::Approx);
+        for ((what, got), other) in [("forward", got.0), ("input-grad", got.1)]
+            .into_iter()
+            .zip(&accurate)
+        {
+            let differ = got
+                .iter()
+                .zip(other)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            self.check_row(
+                format!("groupnorm{s} {what} vs the accurate SiLU's kernels"),
+                format!("{desc}: {differ} of {} values differ", got.len()),
+                differ > 0,
+            );
+        }
+        Ok(())
     }
 
     /// The candidates' celebahq networks in bf16 and fp16 as configured but with the
