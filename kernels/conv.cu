@@ -262,7 +262,9 @@ template <bool COPY> DEVI void splitk_reduce(const ConvArgs& a, int splits, int 
         if (COPY) a.copy16[pix * a.ncols + col] = pack_half1(v, kind);
     }
 }
-extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) { splitk_reduce<false>(a, splits, 0); }
+extern "C" __global__ void conv_splitk_reduce(const ConvArgs a, int splits) {
+    splitk_reduce<false>(a, splits, 0);
+}
 extern "C" __global__ void conv_splitk_reduce_copy(const ConvArgs a, int splits, int kind) {
     splitk_reduce<true>(a, splits, kind);
 }

@@ -82,7 +82,10 @@
 #include "common.cuh"
 #include "conv_common.cuh"
 
-// SiLU and the sigmoid its derivative takes: accurate, or (norm_approx.cu) approximate.
+// SiLU and the sigmoid its derivative takes: accurate, or (norm_approx.cu) approximate. In the
+// approximate module, ACCURATE_OCCUPANCY keeps the fp32 element passes at the three blocks of
+// 256 threads a multiprocessor that the accurate ones have (80 registers): with the shorter
+// SiLU, ptxas took 90 for gn_bwd_apply_ilp and gn_bwd_apply_split_ilp, two blocks.
 #ifdef INVDIFF_SILU_APPROX
 // 1 / (1 + e^-x) with e^-x and the reciprocal on the multifunction unit (ex2.approx, 2 ulp;
 // rcp.approx, 1 ulp): 4 instructions where the accurate form is about 20 (expf's range
@@ -98,17 +101,10 @@ DEVI float sigmoid_approx(float x) {
 }
 DEVI float norm_silu(float x) { return x * sigmoid_approx(x); }
 DEVI float norm_sigmoid(float x) { return sigmoid_approx(x); }
+#define ACCURATE_OCCUPANCY __launch_bounds__(256, 3)
 #else
 DEVI float norm_silu(float x) { return silu_f(x); }
 DEVI float norm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-#endif
-
-// In the approximate module, the fp32 element passes at the three blocks of 256 threads a
-// multiprocessor that the accurate ones have (80 registers): with the shorter SiLU, ptxas took
-// 90 for gn_bwd_apply_ilp and gn_bwd_apply_split_ilp, two blocks.
-#ifdef INVDIFF_SILU_APPROX
-#define ACCURATE_OCCUPANCY __launch_bounds__(256, 3)
-#else
 #define ACCURATE_OCCUPANCY
 #endif
 

@@ -854,7 +854,7 @@ impl Kernels {
                 (_, ConvKernel::Tensor(precision)) => (
                     &self.conv_splitk_reduce_copy,
                     "conv_splitk_reduce_copy",
-                    super::half_kind(precision)?,
+                    half_kind(precision)?,
                 ),
                 (_, k) => {
                     return Err(Error::Cuda(format!(

@@ -940,6 +940,7 @@ impl Lowering<'_> {
         }
         let mut classes: Vec<usize> = Vec::new();
         let mut offsets = Vec::new();
+        let mut written = 0;
         for j in (0..=at).rev() {
             if !self.steps[j].io().1.contains(&src) {
                 continue;
@@ -954,17 +955,11 @@ impl Lowering<'_> {
                 {
                     offsets.push((c.shape.out_oy, c.shape.out_ox));
                     classes.push(j);
+                    written += c.shape.rows() * c.shape.ncols;
                 }
                 _ => break,
             }
         }
-        let written: usize = classes
-            .iter()
-            .map(|&j| match &self.steps[j] {
-                Step::Conv(c) => c.shape.rows() * c.shape.ncols,
-                _ => 0,
-            })
-            .sum();
         (offsets.len() == stride * stride && written == len).then_some(classes)
     }
 

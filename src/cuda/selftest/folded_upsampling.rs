@@ -169,16 +169,8 @@ impl Tester<'_> {
         );
         // Every class: their taps sit differently about the pixel, so each has its own
         // im2col box for the TMA loads (the classes (0, 1) and (1, 0) tell width from height).
-        for (class, (s, &p)) in shapes.iter().zip(&plans).enumerate() {
-            if p.wgmma {
-                let ptrs = ConvPtrs {
-                    w: folded.weights_for(p.kernel, true)?,
-                    ..base
-                };
-                let what = format!("forward, class {class}");
-                self.other_forms(s, p, ptrs, out_div, want.len(), &what, &desc)?;
-            }
-        }
+        let what = |class| format!("forward, class {class}");
+        self.classes_in_other_forms(&run, &plans, base, out_div, want.len(), what, &desc)?;
 
         // Input gradient: two launches into the low-resolution gradient, the second adding
         // onto the first; from the fp32 gradient, then (bf16/fp16) from a 16-bit copy.
@@ -215,16 +207,8 @@ impl Tester<'_> {
             );
             // Each launch alone, fresh (its taps sit differently about the pixel: row class 1's
             // window starts a row above it), in every other form.
-            for (class, (s, &p)) in shapes.iter().zip(&plans).enumerate() {
-                if p.wgmma {
-                    let ptrs = ConvPtrs {
-                        w: folded.weights_for(p.kernel, false)?,
-                        ..base
-                    };
-                    let what = format!("{what}, row class {class} alone");
-                    self.other_forms(s, p, ptrs, 1.0, x.len(), &what, &desc)?;
-                }
-            }
+            let what = |class| format!("{what}, row class {class} alone");
+            self.classes_in_other_forms(&run, &plans, base, 1.0, x.len(), what, &desc)?;
         }
         Ok(())
     }
@@ -265,6 +249,31 @@ impl Tester<'_> {
             },
         )?;
         Ok((y.download(st)?, ms))
+    }
+
+    /// Each launch of `run` (a parity class, `what(class)` in the rows) whose plan is wgmma,
+    /// alone in every other form ([`Self::other_forms`]), with the weights its direction reads.
+    #[allow(clippy::too_many_arguments)]
+    fn classes_in_other_forms(
+        &mut self,
+        run: &Launches,
+        plans: &[ConvLaunch],
+        base: ConvPtrs,
+        out_div: f32,
+        len: usize,
+        what: impl Fn(usize) -> String,
+        desc: &str,
+    ) -> Result<()> {
+        for (class, (s, &p)) in run.shapes.iter().zip(plans).enumerate() {
+            if p.wgmma {
+                let ptrs = ConvPtrs {
+                    w: run.folded.weights_for(p.kernel, !run.backward)?,
+                    ..base
+                };
+                self.other_forms(s, p, ptrs, out_div, len, &what(class), desc)?;
+            }
+        }
+        Ok(())
     }
 
     /// The other wgmma forms of launch `p` of `shape` (tiles, epilogues, loaders) against `p`

@@ -1,6 +1,6 @@
 //! GroupNorm (+SiLU), forward and backward, in every form the planner can choose.
 
-use super::{acc_name, placed_sides, unpack_half, SelftestRow, Tester};
+use super::{acc_name, placed_sides, unpack_half, Tester};
 use crate::cpu::norm;
 use crate::cuda::kernels::{
     norm_forms, plan_norm, DPtr, Kernels, NormBackwardIn, NormBackwardOut, NormDims, NormSplit,
@@ -327,15 +327,9 @@ impl Tester<'_> {
                         acc_name(accumulate),
                         "sums two channels a thread vs one",
                     );
-                    let words = runs[0].1.iter().zip(&runs[1].1);
-                    let differ = words.filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                    self.rows.push(SelftestRow {
-                        op: format!("{op}: partial sums, bits"),
-                        shape: format!("{desc}: {differ} of {} words differ", runs[0].1.len()),
-                        rel_l2: differ as f64,
-                        gpu_ms: runs[1].2,
-                        tolerance: 0.0,
-                    });
+                    let (sums, ms) = (&runs[1].1, runs[1].2);
+                    let op_sums = format!("{op}: partial sums, bits");
+                    self.same_words_row(op_sums, desc, sums, &runs[0].1, ms);
                     let outs = [runs[0].0.clone(), runs[1].0.clone()];
                     self.same_bits_rows(&op, "16-bit copy", desc, &outs, runs[1].2);
                 }
@@ -702,16 +696,8 @@ impl Tester<'_> {
             .into_iter()
             .zip(&accurate)
         {
-            let differ = got
-                .iter()
-                .zip(other)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
-            self.check_row(
-                format!("groupnorm{s} {what} vs the accurate SiLU's kernels"),
-                format!("{desc}: {differ} of {} values differ", got.len()),
-                differ > 0,
-            );
+            let op = format!("groupnorm{s} {what} vs the accurate SiLU's kernels");
+            self.differs_row(op, desc, got, other);
         }
         Ok(())
     }
@@ -747,18 +733,8 @@ impl Tester<'_> {
             );
             let (eps, grad) = Self::network_outputs(gpu, net)?;
             for (name, got, want) in [("eps", &eps, &accurate.0), ("vjp", &grad, &accurate.1)] {
-                let (got, want) = (got.data(), want.data());
-                let differ = got.iter().zip(want).filter(|(a, b)| a != b).count();
-                t.check_row(
-                    format!("{label}: {name} differs from the accurate SiLU's"),
-                    format!(
-                        "{}: {differ} of {} values, relative L2 {:.2e}",
-                        net.desc,
-                        got.len(),
-                        crate::tensor::rel_l2(got, want)
-                    ),
-                    differ > 0,
-                );
+                let op = format!("{label}: {name} differs from the accurate SiLU's");
+                t.differs_row(op, &net.desc, got.data(), want.data());
             }
             t.cpu_network_rows(gpu, net, &format!("celebahq {precision}"), what)
         })
@@ -870,25 +846,14 @@ impl Tester<'_> {
             }
             let ([y, y16, gn], sums, _) = &outs[0];
             let ([fy, fy16, fgn], fsums, ms) = &outs[1];
-            // The f64 partial sums (two f32 slots each), compared as bits: any difference
-            // fails the row.
-            let differ = sums
-                .iter()
-                .zip(fsums)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+            // The f64 partial sums (two f32 slots each), compared as bits.
             let plain = if only16 {
                 "gn_partial_x16's"
             } else {
                 "gn_partial's"
             };
-            self.rows.push(SelftestRow {
-                op: format!("concat with GroupNorm sums: partial sums vs {plain}, bits"),
-                shape: format!("{desc}: {differ} of {} words differ", sums.len()),
-                rel_l2: differ as f64,
-                gpu_ms: *ms,
-                tolerance: 0.0,
-            });
+            let op = format!("concat with GroupNorm sums: partial sums vs {plain}, bits");
+            self.same_words_row(op, &desc, fsums, sums, *ms);
             for (what, got, want) in [
                 ("concatenation", fy, y),
                 ("its 16-bit copy", fy16, y16),
@@ -930,20 +895,11 @@ impl Tester<'_> {
                     partial.ptr,
                 )?;
                 let sums_got = partial.download(st)?;
-                let differ = sums_got
-                    .iter()
-                    .zip(fsums)
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count();
-                self.rows.push(SelftestRow {
-                        op: format!(
-                            "concat with GroupNorm sums, side {placed:?} placed{ahead}: partial sums vs unplaced, bits"
-                        ),
-                        shape: format!("{desc}: {differ} of {} words differ", sums_got.len()),
-                        rel_l2: differ as f64,
-                        gpu_ms: 0.0,
-                        tolerance: 0.0,
-                    });
+                let op = format!(
+                    "concat with GroupNorm sums, side {placed:?} placed{ahead}: partial sums vs \
+                     unplaced, bits"
+                );
+                self.same_words_row(op, &desc, &sums_got, fsums, 0.0);
                 // (With both placed it writes no value: nothing to compare.)
                 if placed != [true; 2] {
                     let got = unpack_half(&out.download(st)?, n * hw * c, precision);

@@ -48,12 +48,11 @@ impl Tester<'_> {
         let writes = |s: &StepTime| {
             s.kind == "conv 3x3 s2 input-grad" && s.variant.contains(", 16-bit copy")
         };
-        let has = (
+        let (op, what) = (
+            "16-bit copies by parity-class launches",
             "parity classes writing a copy",
-            &writes as &dyn Fn(&StepTime) -> bool,
         );
-        let op = "16-bit copies by parity-class launches";
-        self.same_bits_where_present(ordinal, op, CudaUnet::set_class_half_copies, has)
+        self.same_bits_where_present(ordinal, op, CudaUnet::set_class_half_copies, what, writes)
     }
 
     /// A split tensor-core launch whose reduction also writes the 16-bit copy of its output
@@ -152,12 +151,11 @@ impl Tester<'_> {
                 && s.variant.contains("split-K")
                 && s.variant.contains(", 16-bit copy")
         };
-        let has = (
+        let (op, what) = (
+            "16-bit copies by split reductions",
             "split launches writing a copy",
-            &writes as &dyn Fn(&StepTime) -> bool,
         );
-        let op = "16-bit copies by split reductions";
-        self.same_bits_where_present(ordinal, op, CudaUnet::set_reduce_half_copies, has)
+        self.same_bits_where_present(ordinal, op, CudaUnet::set_reduce_half_copies, what, writes)
     }
 
     /// The fused reduction and GroupNorm alone, at shapes celebahq does not have (groups of 3
@@ -299,33 +297,16 @@ impl Tester<'_> {
                 .iter()
                 .enumerate()
             {
-                let same = outs[0][k].len() == outs[1][k].len()
-                    && outs[0][k]
-                        .iter()
-                        .zip(&outs[1][k])
-                        .all(|(a, b)| a.to_bits() == b.to_bits());
-                self.check_row(
-                    format!(
-                        "conv split reduction + groupnorm{}, {what} vs two launches, bits",
-                        silu_label(silu)
-                    ),
-                    desc.clone(),
-                    same,
+                let op = format!(
+                    "conv split reduction + groupnorm{}, {what} vs two launches, bits",
+                    silu_label(silu)
                 );
+                self.same_words_row(op, &desc, &outs[1][k], &outs[0][k], 0.0);
             }
             if let Some(accurate) = outs.get(2) {
-                let differ = outs[1][1]
-                    .iter()
-                    .zip(&accurate[1])
-                    .filter(|(a, b)| a.to_bits() != b.to_bits())
-                    .count();
-                self.check_row(
-                    "conv split reduction + groupnorm+approximate silu, groupnorm output vs the \
-                     accurate SiLU's"
-                        .into(),
-                    format!("{desc}: {differ} of {} values differ", accurate[1].len()),
-                    differ > 0,
-                );
+                let op = "conv split reduction + groupnorm+approximate silu, groupnorm output vs \
+                          the accurate SiLU's";
+                self.differs_row(op.into(), &desc, &outs[1][1], &accurate[1]);
             }
         }
         Ok(())

@@ -431,6 +431,31 @@ impl Tester<'_> {
         });
     }
 
+    /// A row holding `got` to `want` word for word (f64 sums as pairs of f32 words, say): its
+    /// `rel_l2` the number of words whose bits differ, so that any difference fails it.
+    fn same_words_row(&mut self, op: String, desc: &str, got: &[f32], want: &[f32], gpu_ms: f64) {
+        let differ = differing_bits(got, want);
+        self.rows.push(SelftestRow {
+            op,
+            shape: format!("{desc}: {differ} of {} words differ", want.len()),
+            rel_l2: differ as f64,
+            gpu_ms,
+            tolerance: 0.0,
+        });
+    }
+
+    /// A row showing that `got` is not `other` bit for bit (another kernel's arithmetic ran),
+    /// with how many values differ and by how much.
+    fn differs_row(&mut self, op: String, desc: &str, got: &[f32], other: &[f32]) {
+        let differ = differing_bits(got, other);
+        let shape = format!(
+            "{desc}: {differ} of {} values differ, relative L2 {:.2e}",
+            got.len(),
+            crate::tensor::rel_l2(got, other)
+        );
+        self.check_row(op, shape, differ > 0);
+    }
+
     fn row(&mut self, op: String, shape: String, got: &[f32], want: &[f32], gpu_ms: f64) {
         self.row_within(op, shape, got, want, gpu_ms, TOLERANCE);
     }
@@ -448,6 +473,12 @@ impl Tester<'_> {
             op, shape, got, want, gpu_ms, tolerance,
         ));
     }
+}
+
+/// How many values of `a` differ from `b`'s in their bits (and in length, one each).
+fn differing_bits(a: &[f32], b: &[f32]) -> usize {
+    let pairs = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits());
+    pairs.count() + a.len().abs_diff(b.len())
 }
 
 /// The epilogues a launch check runs under, each overwriting and then adding onto an output:

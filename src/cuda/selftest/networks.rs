@@ -285,8 +285,8 @@ impl Tester<'_> {
 
     /// For each candidate network ([`Self::for_candidate_networks`]), as configured but for
     /// the choice `set` turns on or off, named `op`: where the program with it has a step
-    /// `has` finds, [`Self::same_network_rows`] against the network without it. Where none
-    /// has one (the choice needs others that the switches turned off, or the device's
+    /// `has` finds (`what`, in words), [`Self::same_network_rows`] against the network without
+    /// it. Where none has one (the choice needs others that the switches turned off, or the device's
     /// multiprocessors split its launches otherwise), a "not checked" row says so: the program
     /// tests hold where it applies on 132 multiprocessors with the defaults.
     pub(super) fn same_bits_where_present(
@@ -294,8 +294,10 @@ impl Tester<'_> {
         ordinal: usize,
         op: &str,
         set: fn(&mut CudaUnet, bool),
-        has: (&str, &dyn Fn(&StepTime) -> bool),
+        what: &str,
+        has: impl Fn(&StepTime) -> bool,
     ) -> Result<()> {
+        let has = (what, &has as &dyn Fn(&StepTime) -> bool);
         let mut found = Vec::new();
         self.for_candidate_networks(ordinal, false, |t, net, precision, gpu| {
             set(gpu, true);

@@ -29,11 +29,7 @@ impl Tester<'_> {
             let stride2 = s.kind == "conv 3x3 s2 fwd" || s.shape.contains(" row class ");
             stride2 && s.variant.contains("TMA loads")
         };
-        let has = (
-            "stride-2 launches on TMA",
-            &strided as &dyn Fn(&StepTime) -> bool,
-        );
-        let op = "TMA copies at stride 2";
-        self.same_bits_where_present(ordinal, op, CudaUnet::set_strided_tma, has)
+        let (op, what) = ("TMA copies at stride 2", "stride-2 launches on TMA");
+        self.same_bits_where_present(ordinal, op, CudaUnet::set_strided_tma, what, strided)
     }
 }
