@@ -13,6 +13,9 @@
 #   (t) kernel timelines of the graph replays under CUPTI (bench --trace, with out/lib's
 #       libcupti): bf16 b1 forward and DPS step, bf16 b8 forward; how long the GPU ran kernels
 #       and how long none, per pass, in the summary; the Chrome traces in devcheck.tar.gz;
+#   (s) what each step's warps wait on, from CUPTI's PC sampling (bench --stalls): bf16 b1 DPS
+#       step, bf16 b8 forward; by kind in the summary, per step and per SASS offset in the
+#       JSON in devcheck.tar.gz;
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 to v0.10
@@ -104,7 +107,7 @@ run() {
 }
 py() { python3 - "$@"; }
 # want PHASE: whether PHASES (default every phase, "a,b,c,d,t,n,v,k,e") names it.
-want() { [[ ",${PHASES:-a,b,c,d,t,n,v,k,e}," == *",$1,"* ]]; }
+want() { [[ ",${PHASES:-a,b,c,d,t,s,n,v,k,e}," == *",$1,"* ]]; }
 
 # One-line readings of the JSON files (python3 is there for PyTorch anyway).
 torch_line() {
@@ -282,17 +285,25 @@ if want d; then
     sync_out
 fi
 
-# (t) Kernel timelines of the graph replays (~20 s). CUPTI comes from out/lib
-# (scripts/prepare_device.sh), else from PyTorch's packages.
-trace() { # trace NAME ARGS...
-    local name=$1 t0=$SECONDS lib=$PWD/out/lib
-    shift
-    if [ ! -e "$lib/libcupti.so.13" ]; then
-        lib=$(find / -xdev \( -path /proc -prune \) -o -name libcupti.so.13 -print -quit 2>/dev/null)
-        lib=${lib%/*}
-        note "trace: no out/lib/libcupti.so.13; using ${lib:-none found}"
+# CUPTI_LIB: the folder holding CUPTI, out/lib (scripts/prepare_device.sh), else PyTorch's
+# packages; looked for once.
+CUPTI_LIB=
+cupti_lib() {
+    [ -n "$CUPTI_LIB" ] && return
+    CUPTI_LIB=$PWD/out/lib
+    if [ ! -e "$CUPTI_LIB/libcupti.so.13" ]; then
+        CUPTI_LIB=$(find / -xdev \( -path /proc -prune \) -o -name libcupti.so.13 -print -quit 2>/dev/null)
+        CUPTI_LIB=${CUPTI_LIB%/*}
+        note "CUPTI: no out/lib/libcupti.so.13; using ${CUPTI_LIB:-none found}"
     fi
-    LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run 90 "trace_$name.txt" "$BIN" \
+}
+
+# (t) Kernel timelines of the graph replays (~20 s).
+trace() { # trace NAME ARGS...
+    local name=$1 t0=$SECONDS
+    shift
+    cupti_lib
+    LD_LIBRARY_PATH="$CUPTI_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run 90 "trace_$name.txt" "$BIN" \
         bench --device cuda --precision bf16 --steps "$STEPS" --trace "$W/trace_$name.json" "$@"
     local rc=$?
     note "trace $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^trace \(|^  [a-z].*: [0-9]+ kernels|rror' "$W/trace_$name.txt" | tr -s ' ' | paste -sd '|' -)"
@@ -300,6 +311,27 @@ trace() { # trace NAME ARGS...
 if want t; then
     trace bf16_b1 --batch 1 --what both
     trace bf16_b8_fwd --batch 8 --what forward
+    sync_out
+fi
+
+# (s) What each step's warps wait on, from CUPTI's PC sampling (bench --stalls; each step
+# launched and sampled on its own: 717 ranges for the b1 DPS step, 207 for b8; ~30-120 s, not
+# yet run on a GPU). The summary takes the kinds' lines; the JSON (every step's states and
+# hottest instructions, every kernel's sampled SASS offsets) is in devcheck.tar.gz.
+stalls() { # stalls NAME PERIOD ARGS...
+    local name=$1 period=$2 t0=$SECONDS
+    shift 2
+    cupti_lib
+    LD_LIBRARY_PATH="$CUPTI_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run 150 "stalls_$name.txt" "$BIN" \
+        bench --device cuda --precision bf16 --steps 1 --stall-period "$period" \
+        --stalls "$W/stalls_$name.json" "$@"
+    local rc=$?
+    note "stalls $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^stalls \(|^  [a-z0-9].*%  |rror' "$W/stalls_$name.txt" | head -14 | tr -s ' ' | paste -sd '|' -)"
+}
+if want s; then
+    stalls bf16_b1_dps 10 --batch 1 --what dps
+    sync_out
+    stalls bf16_b8_fwd 12 --batch 8 --what forward
     sync_out
 fi
 

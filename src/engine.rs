@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu::{CpuUnet, Tape};
-use crate::cuda::{self, CudaUnet, Precision, Profile, Trace};
+use crate::cuda::{self, CudaUnet, Precision, Profile, Stalls, Trace};
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
@@ -267,6 +267,25 @@ impl Engine {
         match &mut self.backend {
             Backend::Cpu { .. } => None,
             Backend::Cuda(u) => Some(u.trace(n, h, w, vjp, replays)),
+        }
+    }
+
+    /// What the warps of each step of a forward pass (with `vjp`, a DPS step's forward and
+    /// backward passes) wait on, from CUPTI's PC sampling, each step sampled on its own `iters`
+    /// times every 2^`period_log2` cycles ([`CudaUnet::stalls`]): only for GPU engines (`None`
+    /// on the CPU).
+    pub fn stalls_on_device(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        iters: usize,
+        vjp: bool,
+        period_log2: u32,
+    ) -> Option<Result<Stalls>> {
+        match &mut self.backend {
+            Backend::Cpu { .. } => None,
+            Backend::Cuda(u) => Some(u.stalls(n, h, w, vjp, iters, period_log2)),
         }
     }
 }

@@ -354,8 +354,9 @@ fn cli_restore_rejects_bad_measurements() {
 }
 
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own
-/// per-op timing instead of a silent no-op; so is `--trace`, which records CUDA graph replays;
-/// a peak rate must be positive.
+/// per-op timing instead of a silent no-op; so are `--trace`, which records CUDA graph replays,
+/// and `--stalls`, which samples GPU warps; a peak rate must be positive, and a sampling period
+/// one CUPTI takes.
 #[test]
 fn cli_bench_profile_is_gpu_only() {
     let model = fixture("models/google_tiny");
@@ -377,6 +378,10 @@ fn cli_bench_profile_is_gpu_only() {
     );
     let err = bench(&["--trace", "trace.json"]);
     assert_mentions(&err, &["--trace", "CUDA graph", "CUDA device", "CPU"]);
+    let err = bench(&["--stalls", "stalls.json"]);
+    assert_mentions(&err, &["--stalls", "GPU kernels", "CUDA device", "CPU"]);
+    let err = bench(&["--stall-period", "4"]);
+    assert_mentions(&err, &["--stall-period", "5..=31"]);
     let err = bench(&["--peak-tflops=0"]);
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }

@@ -9,13 +9,15 @@
 //! `--precision tf32|bf16|fp16` runs the convolutions on tensor cores (GPU only).
 //! `--profile` (GPU only) then times every step of the same passes
 //! ([`CudaUnet::profile`](invdiff::cuda::CudaUnet::profile)) and prints them by kind and the
-//! most expensive single steps.
+//! most expensive single steps. `--stalls FILE` (GPU only) samples each step's warps with
+//! CUPTI ([`CudaUnet::stalls`](invdiff::cuda::CudaUnet::stalls)) and prints what they waited
+//! on by kind and for the most sampled steps.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use invdiff::cuda::{peak_rate, PassSummary, PeakRate, Profile, Trace};
+use invdiff::cuda::{peak_rate, PassSummary, PeakRate, Profile, Stalls, Trace, NOT_ISSUED};
 use invdiff::{Error, Result, Tensor};
 
 #[derive(clap::Args, Debug)]
@@ -53,6 +55,18 @@ pub struct Args {
     /// (libcupti.so.13) on LD_LIBRARY_PATH.
     #[arg(long)]
     trace: Option<PathBuf>,
+    /// After the timings, launch every step of the same passes on its own under CUPTI's PC
+    /// sampling (`--steps` times), print what the warps waited on (long_scoreboard: a memory
+    /// load; math_pipe_throttle: a busy pipe; barrier; ...) by kind and for the most sampled
+    /// steps, and write every step's states and hottest instructions and every kernel's sampled
+    /// SASS offsets as JSON to this file. GPU only; needs CUPTI (libcupti.so.13) on
+    /// LD_LIBRARY_PATH and a driver that lets this user sample.
+    #[arg(long)]
+    stalls: Option<PathBuf>,
+    /// With --stalls: a sample every 2^N cycles of each multiprocessor (5 to 31).
+    #[arg(long, default_value_t = 10, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(5..=31))]
+    stall_period: u32,
     /// The card's dense bf16 rate in TFLOP/s (e.g. from `scripts/torch_baseline.py
     /// --matmul-peak`), for the fraction of peak; default: the measured figure this build knows
     /// for the card, if any.
@@ -135,6 +149,12 @@ pub fn run(a: Args) -> Result<()> {
         return Err(Error::input(
             "--trace records the kernels of CUDA graph replays and needs a CUDA device, but \
              this bench runs on the CPU",
+        ));
+    }
+    if a.stalls.is_some() && engine.is_cpu() {
+        return Err(Error::input(
+            "--stalls samples the warps of GPU kernels and needs a CUDA device, but this bench \
+             runs on the CPU",
         ));
     }
     // The rate to report fractions of: the flag, or on a GPU a measured figure for the card.
@@ -286,6 +306,20 @@ pub fn run(a: Args) -> Result<()> {
             path.display()
         );
     }
+    if let Some(path) = &a.stalls {
+        let mut all = serde_json::Map::new();
+        for (vjp, name) in passes(a.what) {
+            let t0 = Instant::now();
+            let s = engine
+                .stalls_on_device(n, h, w, a.steps, vjp, a.stall_period)
+                .expect("a GPU engine (checked above)")?;
+            print_stalls(&s, name, t0.elapsed().as_secs_f64());
+            all.insert(name.into(), serde_json::to_value(&s).expect("serialisable"));
+        }
+        let text = serde_json::to_string(&all).expect("serialisable");
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
+        println!("stalls: wrote {}", path.display());
+    }
     if let (true, Some(p)) = (engine.is_cpu(), peak_rss()) {
         println!("peak resident memory: {:.2} GB", p as f64 / 1e9);
         json["peak_rss_bytes"] = p.into();
@@ -362,6 +396,72 @@ fn print_trace(t: &Trace, name: &str, summaries: &[PassSummary]) {
 
 /// Steps shown individually after the table by kind.
 const TOP_STEPS: usize = 15;
+
+/// States named per line of the stall summary.
+const TOP_STATES: usize = 5;
+
+/// `state pct%, ...` for the most sampled states that count every sample once.
+fn state_mix(states: &[invdiff::cuda::StateCount], total: u64) -> String {
+    states
+        .iter()
+        .filter(|c| !c.state.ends_with(NOT_ISSUED))
+        .take(TOP_STATES)
+        .map(|c| {
+            format!(
+                "{} {:.0}%",
+                c.state,
+                100.0 * c.samples as f64 / total.max(1) as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The sampled states by kind, then the most sampled steps with their hottest instruction.
+fn print_stalls(s: &Stalls, name: &str, secs: f64) {
+    let total = s.samples();
+    println!();
+    println!(
+        "stalls ({name}, CUPTI PC sampling): batch {}, {}x{}, {}, {} iterations, a sample every \
+         2^{} cycles; {total} samples, {} dropped, {:.1} s",
+        s.n, s.h, s.w, s.precision, s.iters, s.period_log2, s.dropped, secs
+    );
+    println!(
+        "  {:<26} {:>6} {:>9} {:>7}  states",
+        "kind", "steps", "samples", "share"
+    );
+    for g in s.by_kind() {
+        println!(
+            "  {:<26} {:>6} {:>9} {:>6.1}%  {}",
+            g.kind,
+            g.steps,
+            g.samples,
+            100.0 * g.samples as f64 / total.max(1) as f64,
+            state_mix(&g.states, g.samples)
+        );
+    }
+    let mut top: Vec<_> = s.steps.iter().collect();
+    top.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.index.cmp(&b.index)));
+    for st in top.into_iter().take(TOP_STEPS) {
+        println!(
+            "  #{} {} {} ({} samples): {}",
+            st.index,
+            st.kind,
+            st.label,
+            st.samples,
+            state_mix(&st.states, st.samples)
+        );
+        if let Some(pc) = st.hottest.first() {
+            println!(
+                "      hottest: {} +0x{:x}, {} samples: {}",
+                pc.kernel,
+                pc.offset,
+                pc.samples,
+                state_mix(&pc.states, pc.samples)
+            );
+        }
+    }
+}
 
 /// The profile by kind (ms per network call, % of the steps' total, TFLOP/s), then the most
 /// expensive single steps with their labels.

@@ -12,7 +12,8 @@
 //!   steps may run side by side, on several streams inside the captured graph (two by default);
 //! - `profile`: what each step is (kind, shape label, FLOPs) and the per-step timings of
 //!   [`CudaUnet::profile`]; `trace`: the kernels of the graph replays as CUPTI records them
-//!   ([`CudaUnet::trace`]);
+//!   ([`CudaUnet::trace`]); `stalls`: what each step's warps wait on, from CUPTI's PC sampling
+//!   ([`CudaUnet::stalls`]);
 //! - `weights`: the parameters in the kernels' layouts;
 //! - [`CudaUnet`]: the executor (CUDA graphs, host and device-resident entry points, timing);
 //! - `sampler`: the whole sampling loop on the device (network, VJP, scheduler step, guidance),
@@ -36,6 +37,7 @@ mod sampler;
 mod sampler_kernels;
 mod sampler_selftest;
 mod selftest;
+mod stalls;
 mod streams;
 mod sweep;
 mod trace;
@@ -49,6 +51,7 @@ pub use profile::{
     measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
 };
 pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
+pub use stalls::{KernelStalls, PcCount, StallGroup, Stalls, StateCount, StepStalls, NOT_ISSUED};
 pub use streams::{model_streams, PassModel};
 pub use sweep::{
     sweep_convolutions, sweep_group_norms, NormForm, NormPart, NormSweepRow, SweepRow, SweepVariant,

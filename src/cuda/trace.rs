@@ -179,7 +179,7 @@ pub(crate) struct Collector {
 }
 
 /// The error's code only: the bindings' `Debug` asks CUPTI for its text and panics if it fails.
-fn cupti_error(what: &str, e: CuptiError) -> Error {
+pub(super) fn cupti_error(what: &str, e: CuptiError) -> Error {
     Error::Cuda(format!("CUPTI: {what}: {:?}", e.0))
 }
 

@@ -26,6 +26,7 @@ use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
 use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, WKind};
+use super::stalls::{Sampler, Stalls, StallsBuilder};
 use super::streams::{dependencies, streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::trace::{Collector, Trace};
 use super::weights::{DevBuf, DevWeights, GradLayouts};
@@ -994,6 +995,74 @@ impl CudaUnet {
         })
     }
 
+    /// Where the warps of each step of one network call wait, from CUPTI's PC sampling (see
+    /// [`Stalls`]): a batch of `n` images of `h x w`, the forward pass and with `record` the
+    /// vector-Jacobian product after it, every step launched directly and sampled on its own,
+    /// `iters` times (its samples summed), a sample every 2^`period_log2` cycles of each
+    /// multiprocessor. Drops any pending tape.
+    pub fn stalls(
+        &mut self,
+        n: usize,
+        h: usize,
+        w: usize,
+        record: bool,
+        iters: usize,
+        period_log2: u32,
+    ) -> Result<Stalls> {
+        self.graph.config.check_input_size(h, w)?;
+        ensure!(
+            n > 0 && iters > 0,
+            "sampling needs a batch and at least one iteration"
+        );
+        let key = Key { n, h, w, record };
+        self.prepare_timing(key)?;
+        for _ in 0..2 {
+            self.run(key, false)?;
+            if record {
+                self.run(key, true)?;
+            }
+        }
+        let st = self.gpu.stream.clone();
+        cu(st.synchronize(), "waiting for the GPU")?;
+        let mut sampler = Sampler::start(self.gpu.ctx.cu_ctx(), period_log2)?;
+        let Self {
+            gpu,
+            weights,
+            plans,
+            ..
+        } = self;
+        let plan = &plans[&key];
+        let steps = &plan.program.steps;
+        let mut report = StallsBuilder::new(sampler.states.clone(), steps.len());
+        for _ in 0..iters {
+            for (i, step) in steps.iter().enumerate() {
+                let got = sampler.range(|| {
+                    launch(&gpu.kernels, &st, weights, plan, step)?;
+                    cu(st.synchronize(), "waiting for the GPU")
+                })?;
+                report.add(i, got);
+                // Every step runs kernels for thousands of cycles: none sampled means sampling
+                // does not work here, and the rest would take its time for nothing.
+                ensure!(
+                    i + 1 < STALLS_CHECK_AFTER || report.samples() > 0,
+                    "CUPTI's PC sampling returned no samples for the first {} steps",
+                    i + 1
+                );
+            }
+        }
+        drop(sampler);
+        Ok(report.finish(
+            &plan.program.step_infos(),
+            plan.program.forward_steps,
+            gpu.info.name.clone(),
+            self.precision.name().to_string(),
+            (n, h, w),
+            record,
+            iters,
+            period_log2,
+        ))
+    }
+
     fn take_tape(&mut self) -> Result<Key> {
         let (n, h, w) = self.tape.take().ok_or_else(|| {
             Error::input(
@@ -1246,6 +1315,9 @@ const HOLD_NS_PER_STEP: u64 = 20_000;
 const HOLD_MIN_NS: u64 = 2_000_000;
 
 const HOLD_MAX_NS: u64 = 200_000_000;
+
+/// Steps [`CudaUnet::stalls`] samples before it gives up on a sampler that returns nothing.
+const STALLS_CHECK_AFTER: usize = 16;
 
 /// Deterministic values in [-1, 1) for timing runs.
 fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
