@@ -13,9 +13,6 @@
 #   (t) kernel timelines of the graph replays under CUPTI (bench --trace, with out/lib's
 #       libcupti): bf16 b1 forward and DPS step, bf16 b8 forward; how long the GPU ran kernels
 #       and how long none, per pass, in the summary; the Chrome traces in devcheck.tar.gz;
-#   (s) what each step's warps wait on, from CUPTI's PC sampling (bench --stalls): bf16 b1 DPS
-#       step, bf16 b8 forward; by kind in the summary, per step and per SASS offset in the
-#       JSON in devcheck.tar.gz;
 #   (n) when out/invdiff-next exists (a second build, e.g. a branch): its selftest, its bf16 bench
 #       rows and the same two profiles, compared by kind with (d);
 #   (v) run-time variants (VARIANTS, "name:VAR=value,VAR=value;..."; default: the v0.4 to v0.10
@@ -35,7 +32,10 @@
 #   (e) full-size parity against diffusers (strict fp32; again with the fold on in fp32), a
 #       1000-step bf16 DPS restoration of the real sample, and 10-step DPS / 2-step PiGDM
 #       trajectories, GPU against CPU: all on the weights and references phase (b) writes,
-#       so (e) needs (b) in the same call (without it, each says it was skipped).
+#       so (e) needs (b) in the same call (without it, each says it was skipped);
+#   (s) last, in the time left: what each step's warps wait on, from CUPTI's PC sampling
+#       (bench --stalls): bf16 b1 DPS step, bf16 b8 forward; by kind in the summary, per step
+#       and per SASS offset in the JSON in devcheck.tar.gz (scripts/stall_sass.py reads it).
 # PHASES (a comma list of the letters above, default all) runs only those phases, e.g.
 # `PHASES=a,c,v VARIANTS="mine:INVDIFF_X=1"` for a short check of one combination.
 # Expected wall time on an H100/H200 about 6-7 minutes (355 s on an H200 on 2026-11-27 with 19
@@ -107,7 +107,7 @@ run() {
 }
 py() { python3 - "$@"; }
 # want PHASE: whether PHASES (default every phase, "a,b,c,d,t,n,v,k,e") names it.
-want() { [[ ",${PHASES:-a,b,c,d,t,s,n,v,k,e}," == *",$1,"* ]]; }
+want() { [[ ",${PHASES:-a,b,c,d,t,n,v,k,e,s}," == *",$1,"* ]]; }
 
 # One-line readings of the JSON files (python3 is there for PyTorch anyway).
 torch_line() {
@@ -311,27 +311,6 @@ trace() { # trace NAME ARGS...
 if want t; then
     trace bf16_b1 --batch 1 --what both
     trace bf16_b8_fwd --batch 8 --what forward
-    sync_out
-fi
-
-# (s) What each step's warps wait on, from CUPTI's PC sampling (bench --stalls; each step
-# launched and sampled on its own: 717 ranges for the b1 DPS step, 207 for b8; ~30-120 s, not
-# yet run on a GPU). The summary takes the kinds' lines; the JSON (every step's states and
-# hottest instructions, every kernel's sampled SASS offsets) is in devcheck.tar.gz.
-stalls() { # stalls NAME PERIOD ARGS...
-    local name=$1 period=$2 t0=$SECONDS
-    shift 2
-    cupti_lib
-    LD_LIBRARY_PATH="$CUPTI_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run 150 "stalls_$name.txt" "$BIN" \
-        bench --device cuda --precision bf16 --steps 1 --stall-period "$period" \
-        --stalls "$W/stalls_$name.json" "$@"
-    local rc=$?
-    note "stalls $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^stalls \(|^  [a-z0-9].*%  |rror' "$W/stalls_$name.txt" | head -14 | tr -s ' ' | paste -sd '|' -)"
-}
-if want s; then
-    stalls bf16_b1_dps 10 --batch 1 --what dps
-    sync_out
-    stalls bf16_b8_fwd 12 --batch 8 --what forward
     sync_out
 fi
 
@@ -551,6 +530,28 @@ if want e; then
             note "trajectory $m GPU vs CPU (exit $?): $(grep -v '^\$' "$W/traj_$m.txt" | head -n 2 | tr '\n' ';')"
         done
     fi
+fi
+
+# (s) What each step's warps wait on, from CUPTI's PC sampling (bench --stalls; each step
+# launched and sampled on its own: 717 ranges for the b1 DPS step, 207 for b8; not yet run on
+# a GPU, so its time is a guess, 20-100 s). Last, in the time the deadline leaves. The summary
+# takes the kinds' lines; the JSON (every step's states and hottest instructions, every
+# kernel's sampled SASS offsets) is in devcheck.tar.gz.
+stalls() { # stalls NAME LIMIT PERIOD ARGS...
+    local name=$1 limit=$2 period=$3 t0=$SECONDS
+    shift 3
+    cupti_lib
+    LD_LIBRARY_PATH="$CUPTI_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run "$limit" "stalls_$name.txt" "$BIN" \
+        bench --device cuda --precision bf16 --steps 1 --stall-period "$period" \
+        --stalls "$W/stalls_$name.json" "$@"
+    local rc=$?
+    note "stalls $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^stalls \(|^  [a-z0-9].*%  |rror' "$W/stalls_$name.txt" | head -14 | tr -s ' ' | paste -sd '|' -)"
+}
+if want s; then
+    stalls bf16_b1_dps 90 10 --batch 1 --what dps
+    sync_out
+    stalls bf16_b8_fwd 45 12 --batch 8 --what forward
+    sync_out
 fi
 
 note "done in ${SECONDS} s"

@@ -24,14 +24,14 @@ use std::ffi::{c_char, c_void, CStr};
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::null_mut;
-use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::sync::MutexGuard;
 
 use cudarc::cupti::sys;
 use cudarc::driver::sys::CUcontext;
 use serde::Serialize;
 
 use super::profile::{Pass, StepInfo};
-use super::trace::{cupti_error, cupti_present};
+use super::trace::{claim_cupti, cupti_error};
 use crate::{Error, Result};
 
 /// CUPTI's room for a state's name, terminator included (`CUPTI_STALL_REASON_STRING_SIZE`).
@@ -51,10 +51,6 @@ const STATE_PREFIX: &str = "smsp__pcsamp_warps_issue_stalled_";
 pub const NOT_ISSUED: &str = "_not_issued";
 /// Instructions listed per step, the most sampled first.
 const HOTTEST: usize = 12;
-
-/// One collection at a time: PC sampling is configured per context and CUPTI's switches are the
-/// process's.
-static ACTIVE: Mutex<()> = Mutex::new(());
 
 /// One sampled instruction of a range: its kernel, its offset in the kernel's code, and its
 /// samples per state (positions in [`Sampler::states`]).
@@ -132,23 +128,7 @@ impl Sampler {
                 "--stall-period: CUPTI samples every 2^5 to 2^31 cycles; got 2^{period_log2}"
             )));
         }
-        let one = match ACTIVE.try_lock() {
-            Ok(one) => one,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::Cuda(
-                    "PC sampling is already running in this process".into(),
-                ))
-            }
-        };
-        if !cupti_present() {
-            return Err(Error::Cuda(
-                "--stalls needs CUPTI, which was not found: put the folder holding \
-                 libcupti.so.13 on LD_LIBRARY_PATH (pip's nvidia-cuda-cupti package has it, \
-                 under nvidia/cu13/lib; scripts/prepare_device.sh carries one as out/lib)"
-                    .into(),
-            ));
-        }
+        let one = claim_cupti("--stalls")?;
         // A library without the symbols cudarc expects makes it panic: an error here.
         catch_unwind(AssertUnwindSafe(|| Self::enable(ctx, period_log2, one))).unwrap_or_else(
             |_| {

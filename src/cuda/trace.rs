@@ -96,7 +96,7 @@ const _: () = {
 /// Records the buffer callback has read, not yet taken.
 static DELIVERED: Mutex<Vec<KernelRecord>> = Mutex::new(Vec::new());
 
-/// One collection at a time: CUPTI's buffers and switches are the process's.
+/// One collection at a time ([`claim_cupti`]).
 static ACTIVE: Mutex<()> = Mutex::new(());
 
 /// Whether the buffer callbacks are registered (once per process).
@@ -183,27 +183,33 @@ pub(super) fn cupti_error(what: &str, e: CuptiError) -> Error {
     Error::Cuda(format!("CUPTI: {what}: {:?}", e.0))
 }
 
+/// The process's one CUPTI collection (a trace or PC sampling: CUPTI's switches are the
+/// process's), for `flag`, once CUPTI is found; held until the guard drops.
+pub(super) fn claim_cupti(flag: &str) -> Result<MutexGuard<'static, ()>> {
+    // A collection that panicked left nothing behind that the next one does not reset.
+    let one = match ACTIVE.try_lock() {
+        Ok(one) => one,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => {
+            return Err(Error::Cuda(format!(
+                "{flag}: a CUPTI collection is already running in this process"
+            )))
+        }
+    };
+    if !cupti_present() {
+        return Err(Error::Cuda(format!(
+            "{flag} needs CUPTI, which was not found: put the folder holding libcupti.so.13 on \
+             LD_LIBRARY_PATH (pip's nvidia-cuda-cupti package has it, under nvidia/cu13/lib; \
+             scripts/prepare_device.sh carries one as out/lib)"
+        )));
+    }
+    Ok(one)
+}
+
 impl Collector {
     /// Loads CUPTI and starts collecting the records of every kernel that runs from now on.
     pub fn start() -> Result<Collector> {
-        // A trace that panicked left nothing behind but its records, which start clears.
-        let one = match ACTIVE.try_lock() {
-            Ok(one) => one,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                return Err(Error::Cuda(
-                    "a kernel trace is already running in this process".into(),
-                ))
-            }
-        };
-        if !cupti_present() {
-            return Err(Error::Cuda(
-                "--trace needs CUPTI, which was not found: put the folder holding \
-                 libcupti.so.13 on LD_LIBRARY_PATH (pip's nvidia-cuda-cupti package has it, \
-                 under nvidia/cu13/lib; scripts/prepare_device.sh carries one as out/lib)"
-                    .into(),
-            ));
-        }
+        let one = claim_cupti("--trace")?;
         // A library without the symbols cudarc expects makes it panic: an error here.
         let started = catch_unwind(AssertUnwindSafe(|| -> Result<()> {
             REGISTERED

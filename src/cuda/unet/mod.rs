@@ -717,6 +717,26 @@ impl CudaUnet {
         Ok(ms as f64 / iters as f64)
     }
 
+    /// The key of a measurement of `times` calls of a batch of `n` `h x w` images (with `record`,
+    /// forward + VJP), checked (`what` names the measurement, `unit` one of its calls) and
+    /// prepared ([`prepare_timing`](Self::prepare_timing)).
+    fn prepare_measuring(
+        &mut self,
+        (n, h, w, record): (usize, usize, usize, bool),
+        times: usize,
+        what: &str,
+        unit: &str,
+    ) -> Result<Key> {
+        self.graph.config.check_input_size(h, w)?;
+        ensure!(
+            n > 0 && times > 0,
+            "{what} needs a batch and at least one {unit}"
+        );
+        let key = Key { n, h, w, record };
+        self.prepare_timing(key)?;
+        Ok(key)
+    }
+
     /// Plans `key` (dropping any pending tape) and writes the timing runs' pseudo-random
     /// sample, timesteps and, when recording, cotangent.
     fn prepare_timing(&mut self, key: Key) -> Result<()> {
@@ -774,13 +794,7 @@ impl CudaUnet {
         record: bool,
         iters: usize,
     ) -> Result<Profile> {
-        self.graph.config.check_input_size(h, w)?;
-        ensure!(
-            n > 0 && iters > 0,
-            "profiling needs a batch and at least one iteration"
-        );
-        let key = Key { n, h, w, record };
-        self.prepare_timing(key)?;
+        let key = self.prepare_measuring((n, h, w, record), iters, "profiling", "iteration")?;
         let ctx = self.gpu.ctx.clone();
         let st = self.gpu.stream.clone();
         let event = || {
@@ -918,11 +932,6 @@ impl CudaUnet {
         record: bool,
         replays: usize,
     ) -> Result<Trace> {
-        self.graph.config.check_input_size(h, w)?;
-        ensure!(
-            n > 0 && replays > 0,
-            "tracing needs a batch and at least one replay"
-        );
         ensure!(
             self.use_graphs,
             "--trace records graph replays, and CUDA graphs are off (INVDIFF_NO_CUDA_GRAPH=1)"
@@ -932,8 +941,7 @@ impl CudaUnet {
             "tracing needs the network's own graphs, and its launches are being captured into \
              another graph"
         );
-        let key = Key { n, h, w, record };
-        self.prepare_timing(key)?;
+        let key = self.prepare_measuring((n, h, w, record), replays, "tracing", "replay")?;
         let collector = Collector::start()?;
         let call = |unet: &mut Self| -> Result<()> {
             unet.run(key, false)?;
@@ -1009,13 +1017,7 @@ impl CudaUnet {
         iters: usize,
         period_log2: u32,
     ) -> Result<Stalls> {
-        self.graph.config.check_input_size(h, w)?;
-        ensure!(
-            n > 0 && iters > 0,
-            "sampling needs a batch and at least one iteration"
-        );
-        let key = Key { n, h, w, record };
-        self.prepare_timing(key)?;
+        let key = self.prepare_measuring((n, h, w, record), iters, "sampling", "iteration")?;
         for _ in 0..2 {
             self.run(key, false)?;
             if record {
