@@ -285,12 +285,20 @@ if want d; then
     sync_out
 fi
 
-# CUPTI_LIB: the folder holding CUPTI, out/lib (scripts/prepare_device.sh), else PyTorch's
+# CUPTI_LIB: the folder holding CUPTI (and the perf libraries its PC sampling loads), out/lib
+# (scripts/prepare_device.sh; the perf libraries unpacked from nvperf.tar.xz), else PyTorch's
 # packages; looked for once.
 CUPTI_LIB=
 cupti_lib() {
     [ -n "$CUPTI_LIB" ] && return
     CUPTI_LIB=$PWD/out/lib
+    if [ -f "$CUPTI_LIB/nvperf.tar.xz" ] && [ ! -e "$CUPTI_LIB/libnvperf_host.so" ]; then
+        py "$CUPTI_LIB" <<'PY' || note "CUPTI: could not unpack out/lib/nvperf.tar.xz"
+import sys, tarfile
+with tarfile.open(sys.argv[1] + "/nvperf.tar.xz") as t:
+    t.extractall(sys.argv[1])
+PY
+    fi
     if [ ! -e "$CUPTI_LIB/libcupti.so.13" ]; then
         CUPTI_LIB=$(find / -xdev \( -path /proc -prune \) -o -name libcupti.so.13 -print -quit 2>/dev/null)
         CUPTI_LIB=${CUPTI_LIB%/*}

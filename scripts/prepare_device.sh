@@ -43,10 +43,18 @@ cp "$WHEELS"/*.whl out/
 cupti=.whl/nvidia_cuda_cupti-13.0.85-py3-none-manylinux_2_25_x86_64.whl
 [ -f "$cupti" ] || python3 -m pip download --quiet --no-deps nvidia-cuda-cupti==13.0.85 -d .whl >&2
 mkdir -p out/lib
+# libcupti for --trace; with NVIDIA's perf libraries, which CUPTI's PC sampling (--stalls) loads,
+# xz-packed (38 MB as they are, 5 MB packed; device_check.sh unpacks them with Python).
 python3 - "$cupti" <<'PY'
-import sys, zipfile
+import io, sys, tarfile, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:
     open("out/lib/libcupti.so.13", "wb").write(z.read("nvidia/cu13/lib/libcupti.so.13"))
+    with tarfile.open("out/lib/nvperf.tar.xz", "w:xz") as t:
+        for name in ["libnvperf_host.so", "libnvperf_target.so"]:
+            data = z.read("nvidia/cu13/lib/" + name)
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o755
+            t.addfile(info, io.BytesIO(data))
 PY
 if [ $# -ge 1 ]; then
     build "$1"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One kernel's SASS with the PC samples `invdiff bench --stalls FILE` took at each instruction.
 
-    stall_sass.py STALLS_JSON PASS KERNEL SASS_TXT [--min PCT]
+    stall_sass.py STALLS_JSON PASS KERNEL SASS_TXT [--min PCT] [--crc CRC]
 
 STALLS_JSON is bench's file, PASS `forward` or `dps`, KERNEL the kernel's name as the JSON
 gives it (or a part that names one kernel), SASS_TXT the kernel's disassembly from the same
@@ -11,7 +11,8 @@ build, e.g.
 
 (cuobjdump is in PyPI's nvidia-cuda-cuobjdump). Each instruction line of the SASS gets its
 samples, its share of the kernel's and its states; `--min PCT` prints only the instructions
-with at least that share (default 0: all of them).
+with at least that share (default 0: all of them). Two modules may hold kernels of one name
+(norm and norm_approx): the JSON tells them apart by `cubin_crc`, which `--crc` picks.
 """
 import argparse
 import json
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("kernel")
     ap.add_argument("sass")
     ap.add_argument("--min", type=float, default=0.0, metavar="PCT")
+    ap.add_argument("--crc", type=int, help="the kernel's module, as the JSON's cubin_crc")
     a = ap.parse_args()
 
     report = json.load(open(a.stalls))
@@ -34,9 +36,12 @@ def main():
     r = report[a.pass_]
     found = [k for k in r["kernels"] if k["kernel"] == a.kernel]
     found = found or [k for k in r["kernels"] if a.kernel in k["kernel"]]
+    if a.crc is not None:
+        found = [k for k in found if k["cubin_crc"] == a.crc]
     if len(found) != 1:
-        names = [k["kernel"] for k in found] or [k["kernel"] for k in r["kernels"][:20]]
-        sys.exit(f"{len(found)} kernels match {a.kernel!r}: {names}")
+        names = [(k["kernel"], k["cubin_crc"]) for k in found or r["kernels"][:20]]
+        sys.exit(f"{len(found)} kernels match {a.kernel!r}"
+                 f"{'' if a.crc is None else f' in module {a.crc}'}: {names}")
     k = found[0]
     states = r["states"]
     at = {}

@@ -272,8 +272,9 @@ impl Engine {
 
     /// What the warps of each step of a forward pass (with `vjp`, a DPS step's forward and
     /// backward passes) wait on, from CUPTI's PC sampling, each step sampled on its own `iters`
-    /// times every 2^`period_log2` cycles ([`CudaUnet::stalls`]): only for GPU engines (`None`
-    /// on the CPU).
+    /// times every 2^`period_log2` cycles, `progress(done, of)` after each step
+    /// ([`CudaUnet::stalls`]): only for GPU engines (`None` on the CPU).
+    #[allow(clippy::too_many_arguments)]
     pub fn stalls_on_device(
         &mut self,
         n: usize,
@@ -282,10 +283,11 @@ impl Engine {
         iters: usize,
         vjp: bool,
         period_log2: u32,
+        progress: &mut dyn FnMut(usize, usize),
     ) -> Option<Result<Stalls>> {
         match &mut self.backend {
             Backend::Cpu { .. } => None,
-            Backend::Cuda(u) => Some(u.stalls(n, h, w, vjp, iters, period_log2)),
+            Backend::Cuda(u) => Some(u.stalls(n, h, w, vjp, iters, period_log2, progress)),
         }
     }
 }

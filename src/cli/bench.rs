@@ -134,6 +134,12 @@ pub fn run(a: Args) -> Result<()> {
         None => cfg.sample_size,
     };
     cfg.check_input_size(h, w)?;
+    if a.stalls.is_some() && a.backend.device != invdiff::engine::DeviceChoice::Cpu {
+        // Before the engine loads its kernels, so that CUPTI sees them load.
+        if let Err(e) = invdiff::cuda::attach_cupti() {
+            eprintln!("invdiff: {e}; --stalls goes on without it");
+        }
+    }
     let mut engine = a.backend.open(&model)?;
     model.weights = Default::default();
     if let Some(n) = engine.notice() {
@@ -310,8 +316,19 @@ pub fn run(a: Args) -> Result<()> {
         let mut all = serde_json::Map::new();
         for (vjp, name) in passes(a.what) {
             let t0 = Instant::now();
+            // Plain lines, a tenth of the way each, for logs that a progress bar would not reach.
+            let mut tenth = 0;
+            let mut progress = |done: usize, of: usize| {
+                if done * 10 >= (tenth + 1) * of {
+                    tenth = done * 10 / of;
+                    eprintln!(
+                        "stalls ({name}): {done}/{of} steps sampled, {:.1} s",
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+            };
             let s = engine
-                .stalls_on_device(n, h, w, a.steps, vjp, a.stall_period)
+                .stalls_on_device(n, h, w, a.steps, vjp, a.stall_period, &mut progress)
                 .expect("a GPU engine (checked above)")?;
             print_stalls(&s, name, t0.elapsed().as_secs_f64());
             all.insert(name.into(), serde_json::to_value(&s).expect("serialisable"));
@@ -423,8 +440,19 @@ fn print_stalls(s: &Stalls, name: &str, secs: f64) {
     println!();
     println!(
         "stalls ({name}, CUPTI PC sampling): batch {}, {}x{}, {}, {} iterations, a sample every \
-         2^{} cycles; {total} samples, {} dropped, {:.1} s",
-        s.n, s.h, s.w, s.precision, s.iters, s.period_log2, s.dropped, secs
+         2^{} cycles; {total} samples in the steps ({} delivered late); CUPTI counted {}, {} of \
+         them dropped, {} in kernels it does not report; {:.1} s",
+        s.n,
+        s.h,
+        s.w,
+        s.precision,
+        s.iters,
+        s.period_log2,
+        s.late,
+        s.cupti.total,
+        s.cupti.dropped,
+        s.cupti.non_user,
+        secs
     );
     println!(
         "  {:<26} {:>6} {:>9} {:>7}  states",

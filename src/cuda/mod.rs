@@ -51,7 +51,10 @@ pub use profile::{
     measured_bf16_peak, peak_rate, planned_steps, Pass, PeakRate, Profile, StepGroup, StepTime,
 };
 pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
-pub use stalls::{KernelStalls, PcCount, StallGroup, Stalls, StateCount, StepStalls, NOT_ISSUED};
+pub use stalls::{
+    attach_cupti, CuptiCounts, KernelStalls, PcCount, StallGroup, Stalls, StateCount, StepStalls,
+    NOT_ISSUED,
+};
 pub use streams::{model_streams, PassModel};
 pub use sweep::{
     sweep_convolutions, sweep_group_norms, NormForm, NormPart, NormSweepRow, SweepRow, SweepVariant,

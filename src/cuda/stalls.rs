@@ -9,29 +9,32 @@
 //! of states, and the sampled offsets the instructions, which the build's SASS names
 //! (`cuobjdump -sass` of the fatbins; offsets are the `/*0a30*/` column of a function).
 //!
-//! Each step is launched directly, alone between `cuptiPCSamplingStart` and `Stop` with a
-//! synchronisation before the stop, and its samples are read out before the next: samples belong
-//! to a step by when they were taken, not by kernel name (one kernel serves many steps). So a
-//! step runs without the overlap a graph replay gives it, which changes its time but not what its
-//! kernels wait on.
+//! Each step is launched directly, alone between `cuptiPCSamplingStart` and `Stop` with the GPU
+//! idle before the start and after the step, and its samples are read out before the next: a
+//! sample belongs to the step it was taken in (CUPTI numbers each range, and a read of an
+//! earlier range's samples is credited to that range's step), not to a kernel name (one kernel
+//! serves many steps). A step alone has the memory system to itself, which a graph replay's
+//! overlapping steps do not: its time, and its share of waits on memory, can differ from a
+//! replay's; the instructions it waits at are its own.
 //!
-//! CUPTI (`libcupti.so`) is loaded only when sampling starts; without it, or where the driver
-//! refuses sampling (GPU performance counters restricted to administrators), sampling is an
-//! error that says so.
+//! CUPTI (`libcupti.so`) is loaded only for sampling; it needs NVIDIA's `libnvperf_host.so`
+//! beside it, and a driver that lets the user sample. Where CUPTI is missing sampling is an
+//! error that says so; where it cannot start (no `libnvperf_host.so`, no permission), the error
+//! carries CUPTI's code.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_char, c_void, CStr};
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::null_mut;
-use std::sync::MutexGuard;
+use std::sync::{MutexGuard, OnceLock};
 
 use cudarc::cupti::sys;
 use cudarc::driver::sys::CUcontext;
 use serde::Serialize;
 
 use super::profile::{Pass, StepInfo};
-use super::trace::{claim_cupti, cupti_error};
+use super::trace::{claim_cupti, cupti_error, cupti_present};
 use crate::{Error, Result};
 
 /// CUPTI's room for a state's name, terminator included (`CUPTI_STALL_REASON_STRING_SIZE`).
@@ -45,41 +48,132 @@ const SCRATCH_BYTES: usize = 64 << 20;
 const WORKER_SLEEP_MS: u32 = 1;
 /// Reads of one range before giving up on CUPTI's count of what remains.
 const MAX_READS: usize = 100_000;
+/// The first CUPTI whose `CUpti_PCSamplingPCData` has the `correlationId` field the bindings
+/// (and so the buffers here) have: CUPTI 12.4's API version. An older one would write its
+/// records at another stride.
+const MIN_CUPTI_VERSION: u32 = 22;
 /// Prefix of every state name CUPTI reports.
 const STATE_PREFIX: &str = "smsp__pcsamp_warps_issue_stalled_";
-/// Suffix of the states that count only the samples whose warp issued nothing that cycle.
+/// Suffix of the states that count only the samples of a cycle in which the warp's scheduler
+/// issued no instruction (a subset of the state of the same name without it).
 pub const NOT_ISSUED: &str = "_not_issued";
 /// Instructions listed per step, the most sampled first.
 const HOTTEST: usize = 12;
 
-/// One sampled instruction of a range: its kernel, its offset in the kernel's code, and its
-/// samples per state (positions in [`Sampler::states`]).
+/// One sampled instruction: its kernel (name and CUPTI's CRC of the module's code, which tells
+/// apart kernels of one name in two modules), its offset in the kernel's code, and its samples
+/// per state (positions in [`Sampler::states`]).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct PcSamples {
     pub kernel: String,
+    pub cubin_crc: u64,
     pub offset: u64,
     pub counts: Vec<(usize, u64)>,
 }
 
-/// What one range's read-out gave.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct RangeSamples {
-    pub pcs: Vec<PcSamples>,
-    /// Samples the hardware dropped, as CUPTI counts them (summed over the range's reads).
+/// CUPTI's own counts of a range's samples (the largest its reads gave).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CuptiCounts {
+    /// Every sample taken: ours, those of kernels CUPTI does not report (its own), and the
+    /// dropped ones.
+    pub total: u64,
+    /// Samples the hardware dropped (back-pressure or overflow).
     pub dropped: u64,
+    /// Samples in kernels CUPTI gives no instructions for.
+    pub non_user: u64,
 }
 
-/// PC sampling enabled on a context, with the buffers CUPTI writes into; disabled when dropped.
+impl CuptiCounts {
+    fn max(self, o: CuptiCounts) -> CuptiCounts {
+        CuptiCounts {
+            total: self.total.max(o.total),
+            dropped: self.dropped.max(o.dropped),
+            non_user: self.non_user.max(o.non_user),
+        }
+    }
+
+    fn add(&mut self, o: CuptiCounts) {
+        self.total += o.total;
+        self.dropped += o.dropped;
+        self.non_user += o.non_user;
+    }
+}
+
+/// What one range's read-out gave: its instructions, each with the range it was sampled in
+/// (the tag given to [`Sampler::range`] for it), and CUPTI's counts.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct RangeSamples {
+    pub pcs: Vec<(usize, PcSamples)>,
+    pub counts: CuptiCounts,
+}
+
+/// A `CUpti_PCSamplingData` with room for [`PCS_PER_READ`] instructions of every state. CUPTI
+/// holds pointers into it: boxed, and vectors never resized, so that none moves.
+struct PcBuffer {
+    data: Box<sys::CUpti_PCSamplingData>,
+    _pcs: Vec<sys::CUpti_PCSamplingPCData>,
+    _counts: Vec<Vec<sys::CUpti_PCSamplingStallReason>>,
+}
+
+impl PcBuffer {
+    fn new(states: usize) -> PcBuffer {
+        let zero = sys::CUpti_PCSamplingStallReason {
+            pcSamplingStallReasonIndex: 0,
+            samples: 0,
+        };
+        let mut counts: Vec<Vec<_>> = (0..PCS_PER_READ).map(|_| vec![zero; states]).collect();
+        let mut pcs: Vec<_> = counts
+            .iter_mut()
+            .map(|c| sys::CUpti_PCSamplingPCData {
+                size: size_of::<sys::CUpti_PCSamplingPCData>(),
+                cubinCrc: 0,
+                pcOffset: 0,
+                functionIndex: 0,
+                pad: 0,
+                functionName: null_mut(),
+                stallReasonCount: 0,
+                stallReason: c.as_mut_ptr(),
+                correlationId: 0,
+            })
+            .collect();
+        let data = Box::new(sys::CUpti_PCSamplingData {
+            size: size_of::<sys::CUpti_PCSamplingData>(),
+            collectNumPcs: PCS_PER_READ,
+            totalSamples: 0,
+            droppedSamples: 0,
+            totalNumPcs: 0,
+            remainingNumPcs: 0,
+            rangeId: 0,
+            pPcData: pcs.as_mut_ptr(),
+            nonUsrKernelsTotalSamples: 0,
+            hardwareBufferFull: 0,
+        });
+        PcBuffer {
+            data,
+            _pcs: pcs,
+            _counts: counts,
+        }
+    }
+
+    fn as_ptr(&mut self) -> *mut c_void {
+        (&mut *self.data as *mut sys::CUpti_PCSamplingData).cast()
+    }
+}
+
+/// PC sampling enabled on a context; disabled when dropped.
 pub(crate) struct Sampler {
     ctx: CUcontext,
     /// Short state names ([`short_state`]) by position; `index_of` maps CUPTI's indices to it.
     pub states: Vec<String>,
     index_of: BTreeMap<u32, usize>,
-    // CUPTI holds pointers into everything below until sampling is disabled: boxed or in vectors
-    // that are never resized, so that none moves.
-    data: Box<sys::CUpti_PCSamplingData>,
-    _pcs: Vec<sys::CUpti_PCSamplingPCData>,
-    _counts: Vec<Vec<sys::CUpti_PCSamplingStallReason>>,
+    /// The tag of the range each range id CUPTI has reported was read in first.
+    tag_of: HashMap<u64, usize>,
+    /// The buffer given to CUPTI at configuration, which it fills itself (when sampling is
+    /// disabled); never read here.
+    _configured: PcBuffer,
+    /// The buffer reads fill.
+    reads: PcBuffer,
+    // CUPTI keeps pointers into these until sampling is disabled.
     _indices: Vec<u32>,
     _config: Vec<sys::CUpti_PCSamplingConfigurationInfo>,
     _one: MutexGuard<'static, ()>,
@@ -93,10 +187,11 @@ fn check(what: &str, r: sys::CUptiResult) -> Result<()> {
              performance counters restricted: run as root, or load the nvidia module with \
              NVreg_RestrictProfilingToAdminUsers=0)"
         )),
-        sys::CUptiResult::CUPTI_ERROR_NOT_SUPPORTED => Error::Cuda(format!(
-            "CUPTI: {what}: PC sampling is not supported on this device or driver"
+        _ => Error::Cuda(format!(
+            "{}; PC sampling also needs NVIDIA's libnvperf_host.so where the loader finds it \
+             (beside libcupti.so.13 in pip's nvidia-cuda-cupti package)",
+            cupti_error(what, e)
         )),
-        _ => cupti_error(what, e),
     })
 }
 
@@ -116,6 +211,58 @@ fn attribute(
     info.attributeType = kind;
     set(&mut info.attributeData);
     info
+}
+
+/// Does nothing: the subscriber [`attach_cupti`] makes only has to exist.
+unsafe extern "C" fn ignore_callback(
+    _: *mut c_void,
+    _: sys::CUpti_CallbackDomain,
+    _: sys::CUpti_CallbackId,
+    _: *const c_void,
+) {
+}
+
+/// CUPTI attached to the driver, for the process's life.
+static ATTACHED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// Attaches CUPTI to the CUDA driver (a subscriber to its resource callbacks) before the engine
+/// creates its context and loads its kernels, so that CUPTI sees every module load, as it does in
+/// the public tools that sample kernels of modules loaded before sampling starts (NVIDIA does not
+/// say whether it needs to). Call before opening a GPU engine that will be sampled; without
+/// CUPTI, does nothing (sampling then says what is missing).
+pub fn attach_cupti() -> Result<()> {
+    if !cupti_present() {
+        return Ok(());
+    }
+    let attached = catch_unwind(|| {
+        ATTACHED
+            .get_or_init(|| {
+                let mut subscriber: sys::CUpti_SubscriberHandle = null_mut();
+                // SAFETY: a callback that touches nothing; the handle is written.
+                let r = unsafe {
+                    sys::cuptiSubscribe(&mut subscriber, Some(ignore_callback), null_mut())
+                };
+                r.result().map_err(|e| format!("subscribing: {:?}", e.0))?;
+                // SAFETY: the subscriber just made, never unsubscribed.
+                let r = unsafe {
+                    sys::cuptiEnableDomain(
+                        1,
+                        subscriber,
+                        sys::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_RESOURCE,
+                    )
+                };
+                r.result()
+                    .map_err(|e| format!("enabling resource callbacks: {:?}", e.0))
+            })
+            .clone()
+    });
+    match attached {
+        Ok(r) => r.map_err(|e| Error::Cuda(format!("CUPTI: {e}"))),
+        Err(_) => Err(Error::Cuda(
+            "CUPTI: the library found lacks a function this build needs (it expects CUPTI 13)"
+                .into(),
+        )),
+    }
 }
 
 impl Sampler {
@@ -142,6 +289,18 @@ impl Sampler {
     }
 
     fn enable(ctx: CUcontext, period_log2: u32, one: MutexGuard<'static, ()>) -> Result<Sampler> {
+        let mut version = 0u32;
+        // SAFETY: writes the version.
+        check("reading its version", unsafe {
+            sys::cuptiGetVersion(&mut version)
+        })?;
+        if version < MIN_CUPTI_VERSION {
+            return Err(Error::Cuda(format!(
+                "CUPTI: the library loaded has API version {version}; PC sampling here needs \
+                 CUPTI 12.4 or later (version {MIN_CUPTI_VERSION}; CUPTI 13.0 is 130001), whose \
+                 records it reads: put libcupti.so.13 first on LD_LIBRARY_PATH"
+            )));
+        }
         let mut p = sys::CUpti_PCSamplingEnableParams {
             size: sys::PCSamplingEnableParamsSize as usize,
             pPriv: null_mut(),
@@ -156,20 +315,9 @@ impl Sampler {
             ctx,
             states: Vec::new(),
             index_of: BTreeMap::new(),
-            data: Box::new(sys::CUpti_PCSamplingData {
-                size: size_of::<sys::CUpti_PCSamplingData>(),
-                collectNumPcs: 0,
-                totalSamples: 0,
-                droppedSamples: 0,
-                totalNumPcs: 0,
-                remainingNumPcs: 0,
-                rangeId: 0,
-                pPcData: null_mut(),
-                nonUsrKernelsTotalSamples: 0,
-                hardwareBufferFull: 0,
-            }),
-            _pcs: Vec::new(),
-            _counts: Vec::new(),
+            tag_of: HashMap::new(),
+            _configured: PcBuffer::new(0),
+            reads: PcBuffer::new(0),
             _indices: Vec::new(),
             _config: Vec::new(),
             _one: one,
@@ -213,40 +361,12 @@ impl Sampler {
             s.states.push(short_state(&full).to_string());
             s.index_of.insert(index, position);
         }
-
-        // Every instruction slot with room for every state.
-        s._counts = (0..PCS_PER_READ)
-            .map(|_| {
-                vec![
-                    sys::CUpti_PCSamplingStallReason {
-                        pcSamplingStallReasonIndex: 0,
-                        samples: 0,
-                    };
-                    count
-                ]
-            })
-            .collect();
-        s._pcs = s
-            ._counts
-            .iter_mut()
-            .map(|c| sys::CUpti_PCSamplingPCData {
-                size: size_of::<sys::CUpti_PCSamplingPCData>(),
-                cubinCrc: 0,
-                pcOffset: 0,
-                functionIndex: 0,
-                pad: 0,
-                functionName: null_mut(),
-                stallReasonCount: 0,
-                stallReason: c.as_mut_ptr(),
-                correlationId: 0,
-            })
-            .collect();
-        s.data.collectNumPcs = PCS_PER_READ;
-        s.data.pPcData = s._pcs.as_mut_ptr();
+        s._configured = PcBuffer::new(count);
+        s.reads = PcBuffer::new(count);
         s._indices = indices;
 
         use sys::CUpti_PCSamplingConfigurationAttributeType as A;
-        let data_ptr: *mut c_void = (&mut *s.data as *mut sys::CUpti_PCSamplingData).cast();
+        let data_ptr = s._configured.as_ptr();
         let (state_count, state_ptr) = (s._indices.len(), s._indices.as_mut_ptr());
         s._config = vec![
             attribute(
@@ -310,11 +430,10 @@ impl Sampler {
         Ok(s)
     }
 
-    /// Samples while `run` runs (it must leave the GPU idle when it returns), then reads out
-    /// every sampled instruction.
-    pub fn range(&mut self, run: impl FnOnce() -> Result<()>) -> Result<RangeSamples> {
-        self.data.totalNumPcs = 0;
-        self.data.remainingNumPcs = 0;
+    /// Samples while `run` runs (the GPU must be idle when it is called, and `run` must leave it
+    /// idle), then reads out every sampled instruction, each tagged with `tag` or, when CUPTI
+    /// delivers it late, with the tag of the range it was sampled in.
+    pub fn range(&mut self, tag: usize, run: impl FnOnce() -> Result<()>) -> Result<RangeSamples> {
         let mut p = sys::CUpti_PCSamplingStartParams {
             size: sys::PCSamplingStartParamsSize as usize,
             pPriv: null_mut(),
@@ -337,23 +456,20 @@ impl Sampler {
         ran?;
         stopped?;
 
-        // The stop may already have filled the buffer; then read until CUPTI has nothing left.
+        // Read into our own buffer (the configured one is CUPTI's) until nothing remains.
         let mut got = RangeSamples::default();
-        let mut read = false;
         for _ in 0..MAX_READS {
-            self.take_buffer(&mut got.pcs)?;
-            if read && self.data.remainingNumPcs == 0 {
-                return Ok(got);
-            }
+            self.reads.data.totalNumPcs = 0;
             let mut p = sys::CUpti_PCSamplingGetDataParams {
                 size: size_of::<sys::CUpti_PCSamplingGetDataParams>(),
                 pPriv: null_mut(),
                 ctx: self.ctx,
-                pcSamplingData: (&mut *self.data as *mut sys::CUpti_PCSamplingData).cast(),
+                pcSamplingData: self.reads.as_ptr(),
             };
-            // SAFETY: the data buffer is the configured one, with room for PCS_PER_READ slots.
+            // SAFETY: a complete buffer with room for PCS_PER_READ instructions of every state.
             let r = unsafe { sys::cuptiPCSamplingGetData(&mut p) };
-            if r == sys::CUptiResult::CUPTI_ERROR_OUT_OF_MEMORY || self.data.hardwareBufferFull != 0
+            if r == sys::CUptiResult::CUPTI_ERROR_OUT_OF_MEMORY
+                || self.reads.data.hardwareBufferFull != 0
             {
                 return Err(Error::Cuda(
                     "CUPTI: the PC sampling hardware buffer filled up: sample less often \
@@ -362,39 +478,54 @@ impl Sampler {
                 ));
             }
             check("reading PC samples", r)?;
-            got.dropped += self.data.droppedSamples;
-            read = true;
+            let d = &self.reads.data;
+            got.counts = got.counts.max(CuptiCounts {
+                total: d.totalSamples,
+                dropped: d.droppedSamples,
+                non_user: d.nonUsrKernelsTotalSamples,
+            });
+            if d.totalNumPcs > 0 {
+                let range_tag = *self.tag_of.entry(d.rangeId).or_insert(tag);
+                for pc in self.take_reads()? {
+                    got.pcs.push((range_tag, pc));
+                }
+            }
+            if self.reads.data.remainingNumPcs == 0 {
+                return Ok(got);
+            }
         }
         Err(Error::Cuda(format!(
             "CUPTI: still reporting PC samples to read after {MAX_READS} reads"
         )))
     }
 
-    /// Copies out the instructions the buffer holds and marks it empty.
-    fn take_buffer(&mut self, into: &mut Vec<PcSamples>) -> Result<()> {
-        let filled = self.data.totalNumPcs;
+    /// The instructions the last read put in the read buffer.
+    fn take_reads(&self) -> Result<Vec<PcSamples>> {
+        let filled = self.reads.data.totalNumPcs;
         if filled > PCS_PER_READ {
             return Err(Error::Cuda(format!(
                 "CUPTI: {filled} sampled instructions in a buffer of {PCS_PER_READ}"
             )));
         }
+        let mut out = Vec::with_capacity(filled);
         for i in 0..filled {
             // SAFETY: CUPTI wrote `filled` slots of the buffer it was given (read through the
             // pointer it holds, by value: the struct is packed); each slot's state counts point
             // into its own vector of `states.len()` entries.
-            let (kernel, offset, counts) = unsafe {
-                let pc = std::ptr::read(self.data.pPcData.add(i));
+            let (kernel, cubin_crc, offset, counts) = unsafe {
+                let pc = std::ptr::read(self.reads.data.pPcData.add(i));
                 let kernel = if pc.functionName.is_null() {
                     "?".to_string()
                 } else {
-                    // CUPTI's string, which its other records may share: copied, never freed.
+                    // CUPTI's string, which its other records may share; copied, and left to
+                    // CUPTI (a few hundred bytes a kernel, not freed).
                     CStr::from_ptr(pc.functionName)
                         .to_string_lossy()
                         .into_owned()
                 };
                 let n = pc.stallReasonCount.min(self.states.len());
                 let counts = std::slice::from_raw_parts(pc.stallReason, n).to_vec();
-                (kernel, pc.pcOffset, counts)
+                (kernel, pc.cubinCrc, pc.pcOffset, counts)
             };
             let mut by_state = Vec::with_capacity(counts.len());
             for c in counts {
@@ -408,14 +539,14 @@ impl Sampler {
                     by_state.push((position, u64::from(c.samples)));
                 }
             }
-            into.push(PcSamples {
+            out.push(PcSamples {
                 kernel,
+                cubin_crc,
                 offset,
                 counts: by_state,
             });
         }
-        self.data.totalNumPcs = 0;
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -426,7 +557,8 @@ impl Drop for Sampler {
             pPriv: null_mut(),
             ctx: self.ctx,
         };
-        // SAFETY: sampling was enabled on this live context; nothing to do if disabling fails.
+        // SAFETY: sampling was enabled on this live context; the configured buffer, which CUPTI
+        // may fill now, is dropped only after this. Nothing to do if disabling fails.
         let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
             sys::cuptiPCSamplingDisable(&mut p)
         }));
@@ -438,7 +570,7 @@ impl Drop for Sampler {
 pub struct StateCount {
     /// CUPTI's state name without its `smsp__pcsamp_warps_issue_stalled_` prefix: `selected` (the
     /// warp issued), `long_scoreboard`, `barrier`, ...; names ending `_not_issued` count the
-    /// samples of that state in which the warp's scheduler issued nothing.
+    /// samples of that state in a cycle in which the warp's scheduler issued no instruction.
     pub state: String,
     pub samples: u64,
 }
@@ -447,6 +579,8 @@ pub struct StateCount {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PcCount {
     pub kernel: String,
+    /// CUPTI's CRC of the kernel's module (two modules may hold kernels of one name).
+    pub cubin_crc: u64,
     /// Byte offset in the kernel's code, as cuobjdump's `/*offset*/` column numbers it.
     pub offset: u64,
     pub samples: u64,
@@ -475,6 +609,9 @@ pub struct StepStalls {
 #[derive(Clone, Debug, Serialize)]
 pub struct KernelStalls {
     pub kernel: String,
+    /// CUPTI's CRC of the kernel's module: kernels of one name in two modules (`norm` and
+    /// `norm_approx`) are two entries.
+    pub cubin_crc: u64,
     pub samples: u64,
     pub states: Vec<StateCount>,
     /// Every sampled instruction in offset order, as `[offset, state, samples]` rows (`state`
@@ -495,8 +632,13 @@ pub struct Stalls {
     pub iters: usize,
     /// Cycles between a multiprocessor's samples: 2^period_log2.
     pub period_log2: u32,
-    /// Samples the hardware dropped, as CUPTI counted them: 0 when every sample is here.
-    pub dropped: u64,
+    /// CUPTI's own counts, summed over the ranges: every sample taken (`total`), the dropped
+    /// ones (0 when the hardware kept up) and those in kernels it reports no instructions for
+    /// (`non_user`). `total` less those two is about what the steps here add up to.
+    pub cupti: CuptiCounts,
+    /// Samples CUPTI delivered after their range had ended, credited to their own step
+    /// (through CUPTI's range ids).
+    pub late: u64,
     /// Every state CUPTI sampled, short names.
     pub states: Vec<String>,
     pub steps: Vec<StepStalls>,
@@ -523,12 +665,17 @@ fn ranked(states: &[String], counts: &BTreeMap<usize, u64>) -> (u64, Vec<StateCo
     (total, v)
 }
 
+/// An instruction's key: kernel name, module CRC, offset.
+type PcKey = (String, u64, u64);
+
 /// Accumulates ranges into a [`Stalls`] report.
 pub(crate) struct StallsBuilder {
     states: Vec<String>,
-    /// Per step: (kernel, offset) -> state -> samples.
-    steps: Vec<BTreeMap<(String, u64), BTreeMap<usize, u64>>>,
-    dropped: u64,
+    /// Per step: instruction -> state -> samples.
+    steps: Vec<BTreeMap<PcKey, BTreeMap<usize, u64>>>,
+    cupti: CuptiCounts,
+    samples: u64,
+    late: u64,
 }
 
 impl StallsBuilder {
@@ -536,27 +683,40 @@ impl StallsBuilder {
         StallsBuilder {
             states,
             steps: vec![BTreeMap::new(); steps],
-            dropped: 0,
+            cupti: CuptiCounts::default(),
+            samples: 0,
+            late: 0,
         }
     }
 
-    /// Samples added so far.
+    /// Samples added so far (each once, as the steps' totals count them).
     pub fn samples(&self) -> u64 {
-        self.steps
-            .iter()
-            .flat_map(|step| step.values())
-            .flat_map(|counts| counts.iter())
-            .filter(|(&s, _)| !self.states[s].ends_with(NOT_ISSUED))
-            .map(|(_, &c)| c)
-            .sum()
+        self.samples
     }
 
-    /// Adds a range's samples to step `index`.
+    /// CUPTI's counts of the ranges added so far.
+    pub fn cupti(&self) -> CuptiCounts {
+        self.cupti
+    }
+
+    /// Adds the samples of the range run for step `index`: each instruction to the step its
+    /// tag names (`index`, or an earlier step whose samples CUPTI delivered late).
     pub fn add(&mut self, index: usize, range: RangeSamples) {
-        self.dropped += range.dropped;
-        let step = &mut self.steps[index];
-        for pc in range.pcs {
-            let at = step.entry((pc.kernel, pc.offset)).or_default();
+        self.cupti.add(range.counts);
+        for (tag, pc) in range.pcs {
+            let once: u64 = pc
+                .counts
+                .iter()
+                .filter(|&&(s, _)| !self.states[s].ends_with(NOT_ISSUED))
+                .map(|&(_, c)| c)
+                .sum();
+            self.samples += once;
+            if tag != index {
+                self.late += once;
+            }
+            let at = self.steps[tag]
+                .entry((pc.kernel, pc.cubin_crc, pc.offset))
+                .or_default();
             for (state, samples) in pc.counts {
                 *at.entry(state).or_default() += samples;
             }
@@ -578,14 +738,15 @@ impl StallsBuilder {
         period_log2: u32,
     ) -> Stalls {
         let states = self.states;
-        let mut kernels: BTreeMap<String, BTreeMap<u64, BTreeMap<usize, u64>>> = BTreeMap::new();
+        let mut kernels: BTreeMap<(String, u64), BTreeMap<u64, BTreeMap<usize, u64>>> =
+            BTreeMap::new();
         let mut steps = Vec::with_capacity(self.steps.len());
         for (index, (pcs, info)) in self.steps.into_iter().zip(infos).enumerate() {
             let mut by_state: BTreeMap<usize, u64> = BTreeMap::new();
             let mut hottest = Vec::with_capacity(pcs.len());
-            for ((kernel, offset), counts) in pcs {
+            for ((kernel, cubin_crc, offset), counts) in pcs {
                 let into = kernels
-                    .entry(kernel.clone())
+                    .entry((kernel.clone(), cubin_crc))
                     .or_default()
                     .entry(offset)
                     .or_default();
@@ -596,6 +757,7 @@ impl StallsBuilder {
                 let (samples, states) = ranked(&states, &counts);
                 hottest.push(PcCount {
                     kernel,
+                    cubin_crc,
                     offset,
                     samples,
                     states,
@@ -620,7 +782,7 @@ impl StallsBuilder {
         }
         let mut kernels: Vec<KernelStalls> = kernels
             .into_iter()
-            .map(|(kernel, pcs)| {
+            .map(|((kernel, cubin_crc), pcs)| {
                 let mut by_state: BTreeMap<usize, u64> = BTreeMap::new();
                 let mut rows = Vec::new();
                 for (offset, counts) in pcs {
@@ -635,6 +797,7 @@ impl StallsBuilder {
                 let (samples, states) = ranked(&states, &by_state);
                 KernelStalls {
                     kernel,
+                    cubin_crc,
                     samples,
                     states,
                     pcs: rows,
@@ -651,7 +814,8 @@ impl StallsBuilder {
             record,
             iters,
             period_log2,
-            dropped: self.dropped,
+            cupti: self.cupti,
+            late: self.late,
             states,
             steps,
             kernels,
@@ -717,11 +881,27 @@ mod tests {
         }
     }
 
-    fn pc(kernel: &str, offset: u64, counts: &[(usize, u64)]) -> PcSamples {
-        PcSamples {
+    /// An instruction of `kernel` in module `crc`, sampled in the range tagged `tag`.
+    fn pc(
+        tag: usize,
+        (kernel, crc): (&str, u64),
+        offset: u64,
+        counts: &[(usize, u64)],
+    ) -> (usize, PcSamples) {
+        let pc = PcSamples {
             kernel: kernel.into(),
+            cubin_crc: crc,
             offset,
             counts: counts.to_vec(),
+        };
+        (tag, pc)
+    }
+
+    fn counts(total: u64, dropped: u64) -> CuptiCounts {
+        CuptiCounts {
+            total,
+            dropped,
+            non_user: 1,
         }
     }
 
@@ -738,40 +918,48 @@ mod tests {
         assert_eq!(short_state("something_else"), "something_else");
     }
 
-    /// Ranges add up per step and per kernel, the not-issued states stay out of the totals, and
-    /// the orders are by samples.
+    /// Ranges add up per step and per kernel (one name in two modules is two kernels), samples
+    /// CUPTI delivers late go to their own step, the not-issued states stay out of the totals,
+    /// and the orders are by samples.
     #[test]
     fn ranges_add_up_by_step_kernel_and_state() {
         let states: Vec<String> = ["selected", "long_scoreboard", "long_scoreboard_not_issued"]
             .map(String::from)
             .to_vec();
+        let (gn, gn_approx, conv) = (("gn", 7), ("gn", 9), ("conv", 7));
         let mut b = StallsBuilder::new(states, 3);
         b.add(
             0,
             RangeSamples {
                 pcs: vec![
-                    pc("gn", 0x10, &[(0, 2), (1, 5), (2, 4)]),
-                    pc("gn", 0x20, &[(0, 1)]),
+                    pc(0, gn, 0x10, &[(0, 2), (1, 5), (2, 4)]),
+                    pc(0, gn, 0x20, &[(0, 1)]),
                 ],
-                dropped: 0,
+                counts: counts(10, 0),
             },
         );
-        // The same step again (a second iteration) and another step with the same kernel.
+        // The same step again (a second iteration).
         b.add(
             0,
             RangeSamples {
-                pcs: vec![pc("gn", 0x10, &[(1, 3)])],
-                dropped: 2,
+                pcs: vec![pc(0, gn, 0x10, &[(1, 3)])],
+                counts: counts(3, 2),
             },
         );
+        // Step 1's range gave nothing; step 2's gives its own samples and step 1's, late.
+        b.add(1, RangeSamples::default());
         b.add(
             2,
             RangeSamples {
-                pcs: vec![pc("conv", 0x40, &[(0, 20)]), pc("gn", 0x20, &[(1, 1)])],
-                dropped: 1,
+                pcs: vec![
+                    pc(2, conv, 0x40, &[(0, 20)]),
+                    pc(2, gn, 0x20, &[(1, 1)]),
+                    pc(1, gn_approx, 0x20, &[(1, 6)]),
+                ],
+                counts: counts(30, 1),
             },
         );
-        assert_eq!(b.samples(), 11 + 21);
+        assert_eq!(b.samples(), 11 + 6 + 21);
         let infos = [
             info("groupnorm", "a"),
             info("groupnorm", "b"),
@@ -787,23 +975,33 @@ mod tests {
             2,
             10,
         );
-        assert_eq!(s.dropped, 3);
-        assert_eq!(s.samples(), 11 + 21);
+        assert_eq!(
+            s.cupti,
+            CuptiCounts {
+                total: 43,
+                dropped: 3,
+                non_user: 3
+            }
+        );
+        assert_eq!(s.late, 6);
+        assert_eq!(s.samples(), 11 + 6 + 21);
         let step0 = &s.steps[0];
         assert_eq!((step0.samples, step0.pass), (11, Pass::Forward));
         assert_eq!(step0.states[0].state, "long_scoreboard");
         assert_eq!(step0.states[0].samples, 8);
         assert_eq!(step0.hottest[0].offset, 0x10);
         assert_eq!(step0.hottest[0].samples, 10);
-        assert_eq!(s.steps[1].samples, 0);
-        assert!(s.steps[1].hottest.is_empty());
+        assert_eq!(s.steps[1].samples, 6);
+        assert_eq!(s.steps[1].hottest[0].cubin_crc, 9);
         assert_eq!(s.steps[2].pass, Pass::Backward);
-        assert_eq!(s.steps[2].label, "c");
-        // Kernels over every step: conv 20, gn 11 + 1.
-        assert_eq!(s.kernels[0].kernel, "conv");
+        assert_eq!((s.steps[2].label.as_str(), s.steps[2].samples), ("c", 21));
+        // Kernels over every step: conv 20, gn (module 7) 11 + 1, gn (module 9) 6.
         assert_eq!(
-            (s.kernels[1].kernel.as_str(), s.kernels[1].samples),
-            ("gn", 12)
+            s.kernels
+                .iter()
+                .map(|k| (k.kernel.as_str(), k.cubin_crc, k.samples))
+                .collect::<Vec<_>>(),
+            vec![("conv", 7, 20), ("gn", 7, 12), ("gn", 9, 6)]
         );
         assert_eq!(
             s.kernels[1].pcs,
@@ -813,7 +1011,7 @@ mod tests {
         assert_eq!(kinds[0].kind, "conv 3x3 fwd");
         assert_eq!(
             (kinds[1].kind, kinds[1].steps, kinds[1].samples),
-            ("groupnorm", 2, 11)
+            ("groupnorm", 2, 17)
         );
         assert_eq!(kinds[1].states[0].state, "long_scoreboard");
     }

@@ -1007,7 +1007,9 @@ impl CudaUnet {
     /// [`Stalls`]): a batch of `n` images of `h x w`, the forward pass and with `record` the
     /// vector-Jacobian product after it, every step launched directly and sampled on its own,
     /// `iters` times (its samples summed), a sample every 2^`period_log2` cycles of each
-    /// multiprocessor. Drops any pending tape.
+    /// multiprocessor; `progress(done, of)` after each step. Drops any pending tape. CUPTI sees
+    /// the kernels' modules load only if it was attached first ([`attach_cupti`](super::attach_cupti)).
+    #[allow(clippy::too_many_arguments)]
     pub fn stalls(
         &mut self,
         n: usize,
@@ -1016,6 +1018,7 @@ impl CudaUnet {
         record: bool,
         iters: usize,
         period_log2: u32,
+        progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Stalls> {
         let key = self.prepare_measuring((n, h, w, record), iters, "sampling", "iteration")?;
         for _ in 0..2 {
@@ -1024,9 +1027,10 @@ impl CudaUnet {
                 self.run(key, true)?;
             }
         }
-        let st = self.gpu.stream.clone();
-        cu(st.synchronize(), "waiting for the GPU")?;
+        // CUPTI starts sampling on an idle GPU; each step's range then ends with it idle.
+        cu(self.gpu.ctx.synchronize(), "waiting for the GPU")?;
         let mut sampler = Sampler::start(self.gpu.ctx.cu_ctx(), period_log2)?;
+        let st = self.gpu.stream.clone();
         let Self {
             gpu,
             weights,
@@ -1036,20 +1040,30 @@ impl CudaUnet {
         let plan = &plans[&key];
         let steps = &plan.program.steps;
         let mut report = StallsBuilder::new(sampler.states.clone(), steps.len());
-        for _ in 0..iters {
+        let of = iters * steps.len();
+        for it in 0..iters {
             for (i, step) in steps.iter().enumerate() {
-                let got = sampler.range(|| {
+                let got = sampler.range(i, || {
                     launch(&gpu.kernels, &st, weights, plan, step)?;
                     cu(st.synchronize(), "waiting for the GPU")
                 })?;
                 report.add(i, got);
-                // Every step runs kernels for thousands of cycles: none sampled means sampling
-                // does not work here, and the rest would take its time for nothing.
-                ensure!(
-                    i + 1 < STALLS_CHECK_AFTER || report.samples() > 0,
-                    "CUPTI's PC sampling returned no samples for the first {} steps",
-                    i + 1
-                );
+                progress(it * steps.len() + i + 1, of);
+                // Every step runs its kernels for thousands of cycles: none sampled means that
+                // sampling does not work here, and the rest would take its time for nothing.
+                if it == 0 && i + 1 == STALLS_CHECK_AFTER.min(steps.len()) {
+                    let c = report.cupti();
+                    ensure!(
+                        report.samples() > 0,
+                        "CUPTI's PC sampling gave no instruction samples for the first {} steps \
+                         (its own counts: {} samples, {} of them in kernels it does not report, \
+                         {} dropped)",
+                        i + 1,
+                        c.total,
+                        c.non_user,
+                        c.dropped
+                    );
+                }
             }
         }
         drop(sampler);
