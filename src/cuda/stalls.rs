@@ -11,9 +11,10 @@
 //!
 //! Each step is launched directly, alone between `cuptiPCSamplingStart` and `Stop` with the GPU
 //! idle before the start and after the step, and its samples are read out before the next: a
-//! sample belongs to the step it was taken in (CUPTI numbers each range, and a read of an
-//! earlier range's samples is credited to that range's step), not to a kernel name (one kernel
-//! serves many steps). A step alone has the memory system to itself, which a graph replay's
+//! sample belongs to the step it was taken in, not to a kernel name (one kernel serves many
+//! steps). CUPTI numbers its ranges; samples read under the number of an earlier range are
+//! counted (they would mean that it delivers late, or that its numbers do not follow the
+//! ranges), and stay with the range they were read in. A step alone has the memory system to itself, which a graph replay's
 //! overlapping steps do not: its time, and its share of waits on memory, can differ from a
 //! replay's; the instructions it waits at are its own.
 //!
@@ -99,12 +100,13 @@ impl CuptiCounts {
     }
 }
 
-/// What one range's read-out gave: its instructions, each with the range it was sampled in
-/// (the tag given to [`Sampler::range`] for it), and CUPTI's counts.
+/// What one range's read-out gave: its instructions, CUPTI's counts, and how many of the
+/// samples came under the number CUPTI gave an earlier range.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct RangeSamples {
-    pub pcs: Vec<(usize, PcSamples)>,
+    pub pcs: Vec<PcSamples>,
     pub counts: CuptiCounts,
+    pub late: u64,
 }
 
 /// A `CUpti_PCSamplingData` with room for [`PCS_PER_READ`] instructions of every state. CUPTI
@@ -166,8 +168,10 @@ pub(crate) struct Sampler {
     /// Short state names ([`short_state`]) by position; `index_of` maps CUPTI's indices to it.
     pub states: Vec<String>,
     index_of: BTreeMap<u32, usize>,
-    /// The tag of the range each range id CUPTI has reported was read in first.
-    tag_of: HashMap<u64, usize>,
+    /// The range (by count) each range id CUPTI has reported was first read in.
+    range_of: HashMap<u64, usize>,
+    /// Ranges run.
+    ranges: usize,
     /// The buffer given to CUPTI at configuration, which it fills itself (when sampling is
     /// disabled); never read here.
     _configured: PcBuffer,
@@ -315,7 +319,8 @@ impl Sampler {
             ctx,
             states: Vec::new(),
             index_of: BTreeMap::new(),
-            tag_of: HashMap::new(),
+            range_of: HashMap::new(),
+            ranges: 0,
             _configured: PcBuffer::new(0),
             reads: PcBuffer::new(0),
             _indices: Vec::new(),
@@ -431,9 +436,10 @@ impl Sampler {
     }
 
     /// Samples while `run` runs (the GPU must be idle when it is called, and `run` must leave it
-    /// idle), then reads out every sampled instruction, each tagged with `tag` or, when CUPTI
-    /// delivers it late, with the tag of the range it was sampled in.
-    pub fn range(&mut self, tag: usize, run: impl FnOnce() -> Result<()>) -> Result<RangeSamples> {
+    /// idle), then reads out every sampled instruction.
+    pub fn range(&mut self, run: impl FnOnce() -> Result<()>) -> Result<RangeSamples> {
+        let this = self.ranges;
+        self.ranges += 1;
         let mut p = sys::CUpti_PCSamplingStartParams {
             size: sys::PCSamplingStartParamsSize as usize,
             pPriv: null_mut(),
@@ -485,10 +491,12 @@ impl Sampler {
                 non_user: d.nonUsrKernelsTotalSamples,
             });
             if d.totalNumPcs > 0 {
-                let range_tag = *self.tag_of.entry(d.rangeId).or_insert(tag);
-                for pc in self.take_reads()? {
-                    got.pcs.push((range_tag, pc));
+                let first_read_in = *self.range_of.entry(d.rangeId).or_insert(this);
+                let pcs = self.take_reads()?;
+                if first_read_in != this {
+                    got.late += pcs.iter().map(|pc| self.once(pc)).sum::<u64>();
                 }
+                got.pcs.extend(pcs);
             }
             if self.reads.data.remainingNumPcs == 0 {
                 return Ok(got);
@@ -497,6 +505,11 @@ impl Sampler {
         Err(Error::Cuda(format!(
             "CUPTI: still reporting PC samples to read after {MAX_READS} reads"
         )))
+    }
+
+    /// An instruction's samples, each counted once (the `_not_issued` states left out).
+    fn once(&self, pc: &PcSamples) -> u64 {
+        samples_once(&self.states, &pc.counts)
     }
 
     /// The instructions the last read put in the read buffer.
@@ -636,14 +649,24 @@ pub struct Stalls {
     /// ones (0 when the hardware kept up) and those in kernels it reports no instructions for
     /// (`non_user`). `total` less those two is about what the steps here add up to.
     pub cupti: CuptiCounts,
-    /// Samples CUPTI delivered after their range had ended, credited to their own step
-    /// (through CUPTI's range ids).
+    /// Samples read under the number CUPTI gave an earlier range (0 expected: otherwise CUPTI
+    /// delivered them late, or its numbers do not follow the ranges), counted with the step
+    /// they were read for.
     pub late: u64,
     /// Every state CUPTI sampled, short names.
     pub states: Vec<String>,
     pub steps: Vec<StepStalls>,
     /// The kernels, the most sampled first.
     pub kernels: Vec<KernelStalls>,
+}
+
+/// Samples counted once: the `_not_issued` states, subsets of others, left out.
+fn samples_once(states: &[String], counts: &[(usize, u64)]) -> u64 {
+    counts
+        .iter()
+        .filter(|&&(s, _)| !states[s].ends_with(NOT_ISSUED))
+        .map(|&(_, c)| c)
+        .sum()
 }
 
 /// Samples summed by state, the most first (ties by name); `_not_issued` states are kept apart
@@ -699,22 +722,13 @@ impl StallsBuilder {
         self.cupti
     }
 
-    /// Adds the samples of the range run for step `index`: each instruction to the step its
-    /// tag names (`index`, or an earlier step whose samples CUPTI delivered late).
+    /// Adds the samples of a range run for step `index`.
     pub fn add(&mut self, index: usize, range: RangeSamples) {
         self.cupti.add(range.counts);
-        for (tag, pc) in range.pcs {
-            let once: u64 = pc
-                .counts
-                .iter()
-                .filter(|&&(s, _)| !self.states[s].ends_with(NOT_ISSUED))
-                .map(|&(_, c)| c)
-                .sum();
-            self.samples += once;
-            if tag != index {
-                self.late += once;
-            }
-            let at = self.steps[tag]
+        self.late += range.late;
+        for pc in range.pcs {
+            self.samples += samples_once(&self.states, &pc.counts);
+            let at = self.steps[index]
                 .entry((pc.kernel, pc.cubin_crc, pc.offset))
                 .or_default();
             for (state, samples) in pc.counts {
@@ -881,20 +895,14 @@ mod tests {
         }
     }
 
-    /// An instruction of `kernel` in module `crc`, sampled in the range tagged `tag`.
-    fn pc(
-        tag: usize,
-        (kernel, crc): (&str, u64),
-        offset: u64,
-        counts: &[(usize, u64)],
-    ) -> (usize, PcSamples) {
-        let pc = PcSamples {
+    /// An instruction of `kernel` in module `crc`.
+    fn pc((kernel, crc): (&str, u64), offset: u64, counts: &[(usize, u64)]) -> PcSamples {
+        PcSamples {
             kernel: kernel.into(),
             cubin_crc: crc,
             offset,
             counts: counts.to_vec(),
-        };
-        (tag, pc)
+        }
     }
 
     fn counts(total: u64, dropped: u64) -> CuptiCounts {
@@ -918,9 +926,9 @@ mod tests {
         assert_eq!(short_state("something_else"), "something_else");
     }
 
-    /// Ranges add up per step and per kernel (one name in two modules is two kernels), samples
-    /// CUPTI delivers late go to their own step, the not-issued states stay out of the totals,
-    /// and the orders are by samples.
+    /// Ranges add up per step and per kernel (one name in two modules is two kernels), late
+    /// samples are counted, the not-issued states stay out of the totals, and the orders are by
+    /// samples.
     #[test]
     fn ranges_add_up_by_step_kernel_and_state() {
         let states: Vec<String> = ["selected", "long_scoreboard", "long_scoreboard_not_issued"]
@@ -932,31 +940,36 @@ mod tests {
             0,
             RangeSamples {
                 pcs: vec![
-                    pc(0, gn, 0x10, &[(0, 2), (1, 5), (2, 4)]),
-                    pc(0, gn, 0x20, &[(0, 1)]),
+                    pc(gn, 0x10, &[(0, 2), (1, 5), (2, 4)]),
+                    pc(gn, 0x20, &[(0, 1)]),
                 ],
                 counts: counts(10, 0),
+                late: 0,
             },
         );
         // The same step again (a second iteration).
         b.add(
             0,
             RangeSamples {
-                pcs: vec![pc(0, gn, 0x10, &[(1, 3)])],
+                pcs: vec![pc(gn, 0x10, &[(1, 3)])],
                 counts: counts(3, 2),
+                late: 0,
             },
         );
-        // Step 1's range gave nothing; step 2's gives its own samples and step 1's, late.
-        b.add(1, RangeSamples::default());
+        b.add(
+            1,
+            RangeSamples {
+                pcs: vec![pc(gn_approx, 0x20, &[(1, 6)])],
+                counts: counts(7, 0),
+                late: 6,
+            },
+        );
         b.add(
             2,
             RangeSamples {
-                pcs: vec![
-                    pc(2, conv, 0x40, &[(0, 20)]),
-                    pc(2, gn, 0x20, &[(1, 1)]),
-                    pc(1, gn_approx, 0x20, &[(1, 6)]),
-                ],
-                counts: counts(30, 1),
+                pcs: vec![pc(conv, 0x40, &[(0, 20)]), pc(gn, 0x20, &[(1, 1)])],
+                counts: counts(23, 1),
+                late: 0,
             },
         );
         assert_eq!(b.samples(), 11 + 6 + 21);
@@ -980,7 +993,7 @@ mod tests {
             CuptiCounts {
                 total: 43,
                 dropped: 3,
-                non_user: 3
+                non_user: 4
             }
         );
         assert_eq!(s.late, 6);

@@ -1043,7 +1043,7 @@ impl CudaUnet {
         let of = iters * steps.len();
         for it in 0..iters {
             for (i, step) in steps.iter().enumerate() {
-                let got = sampler.range(i, || {
+                let got = sampler.range(|| {
                     launch(&gpu.kernels, &st, weights, plan, step)?;
                     cu(st.synchronize(), "waiting for the GPU")
                 })?;
