@@ -106,7 +106,7 @@ run() {
     timeout -k 5 "$t" "$@" >> "$W/$log" 2>&1
 }
 py() { python3 - "$@"; }
-# want PHASE: whether PHASES (default every phase, "a,b,c,d,t,n,v,k,e") names it.
+# want PHASE: whether PHASES (default every phase, "a,b,c,d,t,n,v,k,e,s") names it.
 want() { [[ ",${PHASES:-a,b,c,d,t,n,v,k,e,s}," == *",$1,"* ]]; }
 
 # One-line readings of the JSON files (python3 is there for PyTorch anyway).
@@ -174,6 +174,9 @@ PY
 python3 -m pip install -q --no-index --no-deps --target /tmp/site out/*.whl > "$W/setup.txt" 2>&1 \
     && export PYTHONPATH=/tmp/site
 nvidia-smi >> "$W/setup.txt" 2>&1
+# For --stalls: whether the driver keeps the performance counters to administrators, and the
+# kernel (a sandboxed one may not expose them).
+{ uname -r; grep -i profil /proc/driver/nvidia/params; id; } >> "$W/setup.txt" 2>&1
 "$BIN" doctor >> "$W/setup.txt" 2>&1
 note "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"
 note "binary: $(ls -l "$BIN" | awk '{print $5}') bytes; next: $([ -x "$NEXT" ] && echo yes || echo no); kernels_cuda: $([ -x "$KBENCH" ] && echo yes || echo no)"
@@ -299,10 +302,10 @@ with tarfile.open(sys.argv[1] + "/nvperf.tar.xz") as t:
     t.extractall(sys.argv[1])
 PY
     fi
-    if [ ! -e "$CUPTI_LIB/libcupti.so.13" ]; then
+    if [ ! -e "$CUPTI_LIB/libcupti.so.13" ] || [ ! -e "$CUPTI_LIB/libnvperf_host.so" ]; then
         CUPTI_LIB=$(find / -xdev \( -path /proc -prune \) -o -name libcupti.so.13 -print -quit 2>/dev/null)
         CUPTI_LIB=${CUPTI_LIB%/*}
-        note "CUPTI: no out/lib/libcupti.so.13; using ${CUPTI_LIB:-none found}"
+        note "CUPTI: no out/lib/libcupti.so.13 with libnvperf_host.so; using ${CUPTI_LIB:-none found}"
     fi
 }
 
@@ -545,20 +548,28 @@ fi
 # a GPU, so its time is a guess, 20-100 s). Last, in the time the deadline leaves. The summary
 # takes the kinds' lines; the JSON (every step's states and hottest instructions, every
 # kernel's sampled SASS offsets) is in devcheck.tar.gz.
+# Sampling stops starting steps 25 s before the command's limit, so that what it sampled is
+# written; the second call is skipped when CUPTI refused the first.
 stalls() { # stalls NAME LIMIT PERIOD ARGS...
-    local name=$1 limit=$2 period=$3 t0=$SECONDS
+    local name=$1 limit=$2 period=$3 t0=$SECONDS left
     shift 3
+    left=$((DEADLINE - SECONDS - 15))
+    ((left < limit)) && limit=$left
     cupti_lib
     LD_LIBRARY_PATH="$CUPTI_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" run "$limit" "stalls_$name.txt" "$BIN" \
         bench --device cuda --precision bf16 --steps 1 --stall-period "$period" \
-        --stalls "$W/stalls_$name.json" "$@"
+        --stall-seconds $((limit > 35 ? limit - 25 : 10)) --stalls "$W/stalls_$name.json" "$@"
     local rc=$?
-    note "stalls $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^stalls \(|^  [a-z0-9].*%  |rror' "$W/stalls_$name.txt" | head -14 | tr -s ' ' | paste -sd '|' -)"
+    note "stalls $name (exit $rc, $((SECONDS - t0)) s): $(grep -E '^stalls \([a-z]+, CUPTI|^  CUPTI counted|^  [a-z0-9].*%  |rror' "$W/stalls_$name.txt" | head -16 | tr -s ' ' | paste -sd '|' -) | last progress: $(grep -E '^stalls \([a-z]+\): [0-9]+/' "$W/stalls_$name.txt" | tail -n 1)"
 }
 if want s; then
     stalls bf16_b1_dps 90 10 --batch 1 --what dps
     sync_out
-    stalls bf16_b8_fwd 45 12 --batch 8 --what forward
+    if grep -q 'CUPTI' "$W/stalls_bf16_b1_dps.txt" && ! grep -q '^stalls: wrote' "$W/stalls_bf16_b1_dps.txt"; then
+        note "stalls bf16_b8_fwd: skipped (the first call did not finish; see above)"
+    else
+        stalls bf16_b8_fwd 45 12 --batch 8 --what forward
+    fi
     sync_out
 fi
 

@@ -44,7 +44,7 @@ cupti=.whl/nvidia_cuda_cupti-13.0.85-py3-none-manylinux_2_25_x86_64.whl
 [ -f "$cupti" ] || python3 -m pip download --quiet --no-deps nvidia-cuda-cupti==13.0.85 -d .whl >&2
 mkdir -p out/lib
 # libcupti for --trace; with NVIDIA's perf libraries, which CUPTI's PC sampling (--stalls) loads,
-# xz-packed (38 MB as they are, 5 MB packed; device_check.sh unpacks them with Python).
+# xz-packed (38 MB as they are, 3.8 MB packed; device_check.sh unpacks them with Python).
 python3 - "$cupti" <<'PY'
 import io, sys, tarfile, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z:

@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::cpu::{CpuUnet, Tape};
-use crate::cuda::{self, CudaUnet, Precision, Profile, Stalls, Trace};
+use crate::cuda::{self, CudaUnet, Precision, Profile, StallOptions, Stalls, Trace};
 use crate::model::Model;
 use crate::{Error, Result, Tensor};
 
@@ -271,23 +271,19 @@ impl Engine {
     }
 
     /// What the warps of each step of a forward pass (with `vjp`, a DPS step's forward and
-    /// backward passes) wait on, from CUPTI's PC sampling, each step sampled on its own `iters`
-    /// times every 2^`period_log2` cycles, `progress(done, of)` after each step
-    /// ([`CudaUnet::stalls`]): only for GPU engines (`None` on the CPU).
-    #[allow(clippy::too_many_arguments)]
+    /// backward passes) wait on, from CUPTI's PC sampling, each step sampled on its own as
+    /// `options` say, `progress(done, of)` after each step ([`CudaUnet::stalls`]): only for GPU
+    /// engines (`None` on the CPU).
     pub fn stalls_on_device(
         &mut self,
-        n: usize,
-        h: usize,
-        w: usize,
-        iters: usize,
+        (n, h, w): (usize, usize, usize),
         vjp: bool,
-        period_log2: u32,
+        options: StallOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Option<Result<Stalls>> {
         match &mut self.backend {
             Backend::Cpu { .. } => None,
-            Backend::Cuda(u) => Some(u.stalls(n, h, w, vjp, iters, period_log2, progress)),
+            Backend::Cuda(u) => Some(u.stalls((n, h, w), vjp, options, progress)),
         }
     }
 }

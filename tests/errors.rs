@@ -382,6 +382,8 @@ fn cli_bench_profile_is_gpu_only() {
     assert_mentions(&err, &["--stalls", "GPU kernels", "CUDA device", "CPU"]);
     let err = bench(&["--stall-period", "4"]);
     assert_mentions(&err, &["--stall-period", "5..=31"]);
+    let err = bench(&["--stall-seconds", "0"]);
+    assert_mentions(&err, &["--stall-seconds", "positive"]);
     let err = bench(&["--peak-tflops=0"]);
     assert_mentions(&err, &["--peak-tflops 0", "positive"]);
 }

@@ -17,7 +17,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use invdiff::cuda::{peak_rate, PassSummary, PeakRate, Profile, Stalls, Trace, NOT_ISSUED};
+use invdiff::cuda::{
+    peak_rate, PassSummary, PeakRate, Profile, StallOptions, Stalls, Trace, NOT_ISSUED,
+};
 use invdiff::{Error, Result, Tensor};
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +69,10 @@ pub struct Args {
     #[arg(long, default_value_t = 10, value_name = "N",
           value_parser = clap::value_parser!(u32).range(5..=31))]
     stall_period: u32,
+    /// With --stalls: start no step's sampling after this many seconds of a pass's sampling
+    /// (the report then covers the steps reached; default: no limit).
+    #[arg(long, value_name = "S")]
+    stall_seconds: Option<f64>,
     /// The card's dense bf16 rate in TFLOP/s (e.g. from `scripts/torch_baseline.py
     /// --matmul-peak`), for the fraction of peak; default: the measured figure this build knows
     /// for the card, if any.
@@ -156,6 +162,9 @@ pub fn run(a: Args) -> Result<()> {
             "--trace records the kernels of CUDA graph replays and needs a CUDA device, but \
              this bench runs on the CPU",
         ));
+    }
+    if a.stall_seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
+        return Err(Error::input("--stall-seconds must be positive"));
     }
     if a.stalls.is_some() && engine.is_cpu() {
         return Err(Error::input(
@@ -327,8 +336,13 @@ pub fn run(a: Args) -> Result<()> {
                     );
                 }
             };
+            let options = StallOptions {
+                iters: a.steps,
+                period_log2: a.stall_period,
+                seconds: a.stall_seconds,
+            };
             let s = engine
-                .stalls_on_device(n, h, w, a.steps, vjp, a.stall_period, &mut progress)
+                .stalls_on_device((n, h, w), vjp, options, &mut progress)
                 .expect("a GPU engine (checked above)")?;
             print_stalls(&s, name, t0.elapsed().as_secs_f64());
             all.insert(name.into(), serde_json::to_value(&s).expect("serialisable"));
@@ -438,21 +452,23 @@ fn state_mix(states: &[invdiff::cuda::StateCount], total: u64) -> String {
 fn print_stalls(s: &Stalls, name: &str, secs: f64) {
     let total = s.samples();
     println!();
+    let r = &s.run;
     println!(
-        "stalls ({name}, CUPTI PC sampling): batch {}, {}x{}, {}, {} iterations, a sample every \
-         2^{} cycles; {total} samples in the steps ({} delivered late); CUPTI counted {}, {} of \
-         them dropped, {} in kernels it does not report; {:.1} s",
-        s.n,
-        s.h,
-        s.w,
-        s.precision,
-        s.iters,
-        s.period_log2,
-        s.late,
+        "stalls ({name}, CUPTI PC sampling): batch {}, {}x{}, {}, a sample every 2^{} cycles; \
+         {}/{} steps sampled in {secs:.1} s; {total} samples in them",
+        r.n, r.h, r.w, r.precision, r.options.period_log2, s.ranges, s.of
+    );
+    println!(
+        "  CUPTI counted {} samples, {} dropped, {} in kernels it does not report; {} read under \
+         an earlier step's range; {} ranges lost to a full buffer, {} empty; {} samples in \
+         unlisted states",
         s.cupti.total,
         s.cupti.dropped,
         s.cupti.non_user,
-        secs
+        s.late,
+        s.lost_ranges,
+        s.empty_ranges,
+        s.unlisted
     );
     println!(
         "  {:<26} {:>6} {:>9} {:>7}  states",

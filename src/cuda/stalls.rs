@@ -18,17 +18,18 @@
 //! overlapping steps do not: its time, and its share of waits on memory, can differ from a
 //! replay's; the instructions it waits at are its own.
 //!
-//! CUPTI (`libcupti.so`) is loaded only for sampling; it needs NVIDIA's `libnvperf_host.so`
-//! beside it, and a driver that lets the user sample. Where CUPTI is missing sampling is an
-//! error that says so; where it cannot start (no `libnvperf_host.so`, no permission), the error
-//! carries CUPTI's code.
+//! CUPTI (`libcupti.so`) is loaded only for sampling; it loads NVIDIA's `libnvperf_host.so` by
+//! name (so from the library path), and needs a driver that lets the user read the GPU's
+//! performance counters. Where CUPTI is missing sampling is an error that says so; where it
+//! cannot start (no `libnvperf_host.so`, no permission), the error carries CUPTI's code.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_char, c_void, CStr};
 use std::mem::size_of;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::ptr::null_mut;
+use std::ptr::{null_mut, NonNull};
 use std::sync::{MutexGuard, OnceLock};
+use std::time::Duration;
 
 use cudarc::cupti::sys;
 use cudarc::driver::sys::CUcontext;
@@ -100,19 +101,47 @@ impl CuptiCounts {
     }
 }
 
-/// What one range's read-out gave: its instructions, CUPTI's counts, and how many of the
-/// samples came under the number CUPTI gave an earlier range.
+/// What one range's read-out gave: its instructions, CUPTI's counts, how many of the samples
+/// came under the number CUPTI gave an earlier range, and what was lost.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct RangeSamples {
     pub pcs: Vec<PcSamples>,
     pub counts: CuptiCounts,
     pub late: u64,
+    /// CUPTI's hardware buffer filled up: the range's samples are lost.
+    pub lost: bool,
+    /// Samples in states CUPTI had not listed (left out).
+    pub unlisted: u64,
 }
 
+/// One `cuptiPCSamplingGetData` call as CUPTI answered it, logged for the first ranges: what
+/// its range numbers and counts mean (per read, per range, or since sampling began) is not
+/// pinned down by NVIDIA's documentation, and a run shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReadLog {
+    /// The range (in the order run) and the read within it.
+    pub range: usize,
+    pub read: usize,
+    pub range_id: u64,
+    pub pcs: usize,
+    pub remaining: usize,
+    pub total: u64,
+    pub dropped: u64,
+    pub non_user: u64,
+}
+
+/// Ranges whose reads are logged.
+const LOGGED_RANGES: usize = 48;
+/// Reads that give nothing in a row before a range is taken to have nothing more (CUPTI's
+/// workers decode the hardware buffer every [`WORKER_SLEEP_MS`]; a read does not wait for
+/// them).
+const EMPTY_READS: usize = 4;
+
 /// A `CUpti_PCSamplingData` with room for [`PCS_PER_READ`] instructions of every state. CUPTI
-/// holds pointers into it: boxed, and vectors never resized, so that none moves.
+/// holds pointers into it: the header is a leaked box, freed on drop, and reached only through
+/// its pointer; the vectors are never resized, so that nothing moves.
 struct PcBuffer {
-    data: Box<sys::CUpti_PCSamplingData>,
+    data: NonNull<sys::CUpti_PCSamplingData>,
     _pcs: Vec<sys::CUpti_PCSamplingPCData>,
     _counts: Vec<Vec<sys::CUpti_PCSamplingStallReason>>,
 }
@@ -151,14 +180,43 @@ impl PcBuffer {
             hardwareBufferFull: 0,
         });
         PcBuffer {
-            data,
+            data: NonNull::from(Box::leak(data)),
             _pcs: pcs,
             _counts: counts,
         }
     }
 
-    fn as_ptr(&mut self) -> *mut c_void {
-        (&mut *self.data as *mut sys::CUpti_PCSamplingData).cast()
+    fn as_ptr(&self) -> *mut c_void {
+        self.data.as_ptr().cast()
+    }
+
+    /// The header as CUPTI last wrote it.
+    fn header(&self) -> sys::CUpti_PCSamplingData {
+        // SAFETY: a live, initialised header (packed: read whole, by value).
+        unsafe { std::ptr::read(self.data.as_ptr()) }
+    }
+
+    /// Zeroes every field CUPTI writes, so that a read that writes nothing leaves nothing
+    /// behind from the one before.
+    fn clear(&mut self) {
+        let mut h = self.header();
+        h.totalSamples = 0;
+        h.droppedSamples = 0;
+        h.totalNumPcs = 0;
+        h.remainingNumPcs = 0;
+        h.rangeId = 0;
+        h.nonUsrKernelsTotalSamples = 0;
+        h.hardwareBufferFull = 0;
+        // SAFETY: as in `header`.
+        unsafe { std::ptr::write(self.data.as_ptr(), h) }
+    }
+}
+
+impl Drop for PcBuffer {
+    fn drop(&mut self) {
+        // SAFETY: leaked in `new`, freed once; CUPTI no longer holds it (sampling is disabled
+        // before a sampler's buffers drop).
+        unsafe { drop(Box::from_raw(self.data.as_ptr())) }
     }
 }
 
@@ -172,6 +230,7 @@ pub(crate) struct Sampler {
     range_of: HashMap<u64, usize>,
     /// Ranges run.
     ranges: usize,
+    log: Vec<ReadLog>,
     /// The buffer given to CUPTI at configuration, which it fills itself (when sampling is
     /// disabled); never read here.
     _configured: PcBuffer,
@@ -187,15 +246,25 @@ pub(crate) struct Sampler {
 fn check(what: &str, r: sys::CUptiResult) -> Result<()> {
     r.result().map_err(|e| match e.0 {
         sys::CUptiResult::CUPTI_ERROR_INSUFFICIENT_PRIVILEGES => Error::Cuda(format!(
-            "CUPTI: {what}: the driver allows PC sampling to administrators only (GPU \
-             performance counters restricted: run as root, or load the nvidia module with \
-             NVreg_RestrictProfilingToAdminUsers=0)"
+            "CUPTI: {what}: the driver lets only administrators read the GPU's performance \
+             counters (NVreg_RestrictProfilingToAdminUsers=1 on the host): run with \
+             CAP_SYS_ADMIN (in a container: --cap-add=SYS_ADMIN) or, from driver R565, \
+             CAP_PERFMON, or have the host load the nvidia module with \
+             NVreg_RestrictProfilingToAdminUsers=0"
         )),
-        _ => Error::Cuda(format!(
-            "{}; PC sampling also needs NVIDIA's libnvperf_host.so where the loader finds it \
-             (beside libcupti.so.13 in pip's nvidia-cuda-cupti package)",
-            cupti_error(what, e)
+        _ => cupti_error(what, e),
+    })
+}
+
+/// [`check`] for the calls that set sampling up, which fail when CUPTI cannot load the perf
+/// library it needs.
+fn check_setup(what: &str, r: sys::CUptiResult) -> Result<()> {
+    check(what, r).map_err(|e| match e {
+        Error::Cuda(m) if !m.contains("administrators") => Error::Cuda(format!(
+            "{m}; PC sampling also needs NVIDIA's libnvperf_host.so on the library path \
+             (LD_LIBRARY_PATH; pip's nvidia-cuda-cupti package has it beside libcupti.so.13)"
         )),
+        e => e,
     })
 }
 
@@ -311,7 +380,7 @@ impl Sampler {
             ctx,
         };
         // SAFETY: `ctx` is a live context; the parameters are complete.
-        check("enabling PC sampling", unsafe {
+        check_setup("enabling PC sampling", unsafe {
             sys::cuptiPCSamplingEnable(&mut p)
         })?;
         // From here on, dropping the sampler disables sampling again, on every error path too.
@@ -321,6 +390,7 @@ impl Sampler {
             index_of: BTreeMap::new(),
             range_of: HashMap::new(),
             ranges: 0,
+            log: Vec::new(),
             _configured: PcBuffer::new(0),
             reads: PcBuffer::new(0),
             _indices: Vec::new(),
@@ -336,7 +406,7 @@ impl Sampler {
             numStallReasons: &mut count,
         };
         // SAFETY: sampling is enabled on `ctx`; `count` is written.
-        check("counting the sampled states", unsafe {
+        check_setup("counting the sampled states", unsafe {
             sys::cuptiPCSamplingGetNumStallReasons(&mut p)
         })?;
         if count == 0 {
@@ -436,7 +506,9 @@ impl Sampler {
     }
 
     /// Samples while `run` runs (the GPU must be idle when it is called, and `run` must leave it
-    /// idle), then reads out every sampled instruction.
+    /// idle), then reads out every sampled instruction. A read that gives nothing, while none
+    /// has or CUPTI says more remain, is tried again a few times after a pause, as CUPTI's
+    /// workers may not have decoded the range yet.
     pub fn range(&mut self, run: impl FnOnce() -> Result<()>) -> Result<RangeSamples> {
         let this = self.ranges;
         self.ranges += 1;
@@ -446,7 +518,7 @@ impl Sampler {
             ctx: self.ctx,
         };
         // SAFETY: sampling is enabled and configured on the context.
-        check("starting PC sampling", unsafe {
+        check_setup("starting PC sampling", unsafe {
             sys::cuptiPCSamplingStart(&mut p)
         })?;
         let ran = run();
@@ -464,8 +536,9 @@ impl Sampler {
 
         // Read into our own buffer (the configured one is CUPTI's) until nothing remains.
         let mut got = RangeSamples::default();
-        for _ in 0..MAX_READS {
-            self.reads.data.totalNumPcs = 0;
+        let mut empty = 0;
+        for read in 0..MAX_READS {
+            self.reads.clear();
             let mut p = sys::CUpti_PCSamplingGetDataParams {
                 size: size_of::<sys::CUpti_PCSamplingGetDataParams>(),
                 pPriv: null_mut(),
@@ -474,32 +547,46 @@ impl Sampler {
             };
             // SAFETY: a complete buffer with room for PCS_PER_READ instructions of every state.
             let r = unsafe { sys::cuptiPCSamplingGetData(&mut p) };
-            if r == sys::CUptiResult::CUPTI_ERROR_OUT_OF_MEMORY
-                || self.reads.data.hardwareBufferFull != 0
-            {
-                return Err(Error::Cuda(
-                    "CUPTI: the PC sampling hardware buffer filled up: sample less often \
-                     (a larger --stall-period)"
-                        .into(),
-                ));
+            let d = self.reads.header();
+            if r == sys::CUptiResult::CUPTI_ERROR_OUT_OF_MEMORY || d.hardwareBufferFull != 0 {
+                got.lost = true;
+                return Ok(got);
             }
             check("reading PC samples", r)?;
-            let d = &self.reads.data;
+            if this < LOGGED_RANGES {
+                self.log.push(ReadLog {
+                    range: this,
+                    read,
+                    range_id: d.rangeId,
+                    pcs: d.totalNumPcs,
+                    remaining: d.remainingNumPcs,
+                    total: d.totalSamples,
+                    dropped: d.droppedSamples,
+                    non_user: d.nonUsrKernelsTotalSamples,
+                });
+            }
             got.counts = got.counts.max(CuptiCounts {
                 total: d.totalSamples,
                 dropped: d.droppedSamples,
                 non_user: d.nonUsrKernelsTotalSamples,
             });
             if d.totalNumPcs > 0 {
+                empty = 0;
                 let first_read_in = *self.range_of.entry(d.rangeId).or_insert(this);
-                let pcs = self.take_reads()?;
+                let pcs = self.take_reads(d.totalNumPcs, &mut got.unlisted)?;
                 if first_read_in != this {
                     got.late += pcs.iter().map(|pc| self.once(pc)).sum::<u64>();
                 }
                 got.pcs.extend(pcs);
-            }
-            if self.reads.data.remainingNumPcs == 0 {
-                return Ok(got);
+                if d.remainingNumPcs == 0 {
+                    return Ok(got);
+                }
+            } else {
+                empty += 1;
+                if !(got.pcs.is_empty() || d.remainingNumPcs > 0) || empty == EMPTY_READS {
+                    return Ok(got);
+                }
+                std::thread::sleep(Duration::from_millis(2 * u64::from(WORKER_SLEEP_MS)));
             }
         }
         Err(Error::Cuda(format!(
@@ -507,31 +594,37 @@ impl Sampler {
         )))
     }
 
+    /// The reads logged so far ([`ReadLog`]).
+    pub fn take_log(&mut self) -> Vec<ReadLog> {
+        std::mem::take(&mut self.log)
+    }
+
     /// An instruction's samples, each counted once (the `_not_issued` states left out).
     fn once(&self, pc: &PcSamples) -> u64 {
         samples_once(&self.states, &pc.counts)
     }
 
-    /// The instructions the last read put in the read buffer.
-    fn take_reads(&self) -> Result<Vec<PcSamples>> {
-        let filled = self.reads.data.totalNumPcs;
+    /// The `filled` instructions the last read put in the read buffer; samples in states CUPTI
+    /// did not list are added to `unlisted` and left out.
+    fn take_reads(&self, filled: usize, unlisted: &mut u64) -> Result<Vec<PcSamples>> {
         if filled > PCS_PER_READ {
             return Err(Error::Cuda(format!(
                 "CUPTI: {filled} sampled instructions in a buffer of {PCS_PER_READ}"
             )));
         }
+        let slots = self.reads.header().pPcData;
         let mut out = Vec::with_capacity(filled);
         for i in 0..filled {
-            // SAFETY: CUPTI wrote `filled` slots of the buffer it was given (read through the
-            // pointer it holds, by value: the struct is packed); each slot's state counts point
-            // into its own vector of `states.len()` entries.
+            // SAFETY: CUPTI wrote `filled` slots of the buffer it was given (read by value: the
+            // struct is packed); each slot's state counts point into its own vector of
+            // `states.len()` entries.
             let (kernel, cubin_crc, offset, counts) = unsafe {
-                let pc = std::ptr::read(self.reads.data.pPcData.add(i));
+                let pc = std::ptr::read(slots.add(i));
                 let kernel = if pc.functionName.is_null() {
                     "?".to_string()
                 } else {
-                    // CUPTI's string, which its other records may share; copied, and left to
-                    // CUPTI (a few hundred bytes a kernel, not freed).
+                    // CUPTI's string, shared between its records: copied, and not freed (NVIDIA's
+                    // sample frees them only at the end; a few hundred bytes a kernel).
                     CStr::from_ptr(pc.functionName)
                         .to_string_lossy()
                         .into_owned()
@@ -542,14 +635,12 @@ impl Sampler {
             };
             let mut by_state = Vec::with_capacity(counts.len());
             for c in counts {
-                let index = c.pcSamplingStallReasonIndex;
-                let Some(&position) = self.index_of.get(&index) else {
-                    return Err(Error::Cuda(format!(
-                        "CUPTI: a sample in state {index}, which it did not list"
-                    )));
-                };
-                if c.samples > 0 {
-                    by_state.push((position, u64::from(c.samples)));
+                match self.index_of.get(&c.pcSamplingStallReasonIndex) {
+                    Some(&position) if c.samples > 0 => {
+                        by_state.push((position, u64::from(c.samples)))
+                    }
+                    Some(_) => {}
+                    None => *unlisted += u64::from(c.samples),
                 }
             }
             out.push(PcSamples {
@@ -609,6 +700,8 @@ pub struct StepStalls {
     /// The step's kind and label, as in the per-step profile.
     pub kind: &'static str,
     pub label: String,
+    /// Times the step was sampled (fewer than the iterations when the time ran out).
+    pub ranges: usize,
     /// Every sample of the step's kernels (each counted once, in its state without
     /// `_not_issued`).
     pub samples: u64,
@@ -632,19 +725,48 @@ pub struct KernelStalls {
     pub pcs: Vec<[u64; 3]>,
 }
 
-/// Where the warps of each step waited ([`CudaUnet::stalls`](super::CudaUnet::stalls)).
-#[derive(Clone, Debug, Serialize)]
-pub struct Stalls {
+/// How [`CudaUnet::stalls`](super::CudaUnet::stalls) samples.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct StallOptions {
+    /// Times each step is sampled (its samples summed over them).
+    pub iters: usize,
+    /// Cycles between a multiprocessor's samples: 2^period_log2 (5 to 31).
+    pub period_log2: u32,
+    /// Starts no range after this many seconds of sampling (the steps not reached keep no
+    /// samples, and [`Stalls::ranges`] says how many ran).
+    pub seconds: Option<f64>,
+}
+
+/// The call that was sampled.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StallsRun {
     pub device: String,
     pub precision: String,
     pub n: usize,
     pub h: usize,
     pub w: usize,
+    /// Forward + vector-Jacobian product (true) or forward only.
     pub record: bool,
-    /// Times each step was sampled (its samples summed over them).
-    pub iters: usize,
-    /// Cycles between a multiprocessor's samples: 2^period_log2.
-    pub period_log2: u32,
+    #[serde(flatten)]
+    pub options: StallOptions,
+}
+
+/// Where the warps of each step waited ([`CudaUnet::stalls`](super::CudaUnet::stalls)).
+#[derive(Clone, Debug, Serialize)]
+pub struct Stalls {
+    #[serde(flatten)]
+    pub run: StallsRun,
+    /// Ranges run (a step each), of the iterations' steps: fewer when the time ran out.
+    pub ranges: usize,
+    pub of: usize,
+    /// Ranges whose samples CUPTI's hardware buffer had no room for (lost), and ranges that
+    /// gave no sample at all (every step runs for thousands of cycles, so 0 is expected).
+    pub lost_ranges: usize,
+    pub empty_ranges: usize,
+    /// Samples in states CUPTI had not listed (left out; 0 expected).
+    pub unlisted: u64,
+    /// CUPTI's answers to the first ranges' reads ([`ReadLog`]).
+    pub reads: Vec<ReadLog>,
     /// CUPTI's own counts, summed over the ranges: every sample taken (`total`), the dropped
     /// ones (0 when the hardware kept up) and those in kernels it reports no instructions for
     /// (`non_user`). `total` less those two is about what the steps here add up to.
@@ -696,9 +818,14 @@ pub(crate) struct StallsBuilder {
     states: Vec<String>,
     /// Per step: instruction -> state -> samples.
     steps: Vec<BTreeMap<PcKey, BTreeMap<usize, u64>>>,
+    /// Per step: ranges run.
+    ranges: Vec<usize>,
     cupti: CuptiCounts,
     samples: u64,
     late: u64,
+    lost: usize,
+    empty: usize,
+    unlisted: u64,
 }
 
 impl StallsBuilder {
@@ -706,9 +833,13 @@ impl StallsBuilder {
         StallsBuilder {
             states,
             steps: vec![BTreeMap::new(); steps],
+            ranges: vec![0; steps],
             cupti: CuptiCounts::default(),
             samples: 0,
             late: 0,
+            lost: 0,
+            empty: 0,
+            unlisted: 0,
         }
     }
 
@@ -726,6 +857,10 @@ impl StallsBuilder {
     pub fn add(&mut self, index: usize, range: RangeSamples) {
         self.cupti.add(range.counts);
         self.late += range.late;
+        self.ranges[index] += 1;
+        self.lost += usize::from(range.lost);
+        self.empty += usize::from(!range.lost && range.pcs.is_empty());
+        self.unlisted += range.unlisted;
         for pc in range.pcs {
             self.samples += samples_once(&self.states, &pc.counts);
             let at = self.steps[index]
@@ -737,20 +872,17 @@ impl StallsBuilder {
         }
     }
 
-    /// The report: `infos` and `forward_steps` describe the program's steps; the rest is the
-    /// run's description.
-    #[allow(clippy::too_many_arguments)]
+    /// The report: `infos` and `forward_steps` describe the program's steps, `reads` are the
+    /// sampler's log, `of` the ranges the run meant to run.
     pub fn finish(
         self,
         infos: &[StepInfo],
         forward_steps: usize,
-        device: String,
-        precision: String,
-        (n, h, w): (usize, usize, usize),
-        record: bool,
-        iters: usize,
-        period_log2: u32,
+        run: StallsRun,
+        reads: Vec<ReadLog>,
+        of: usize,
     ) -> Stalls {
+        let ranges = self.ranges;
         let states = self.states;
         let mut kernels: BTreeMap<(String, u64), BTreeMap<u64, BTreeMap<usize, u64>>> =
             BTreeMap::new();
@@ -789,6 +921,7 @@ impl StallsBuilder {
                 },
                 kind: info.kind,
                 label: info.label(),
+                ranges: ranges[index],
                 samples,
                 states: by_state,
                 hottest,
@@ -820,14 +953,13 @@ impl StallsBuilder {
             .collect();
         kernels.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.kernel.cmp(&b.kernel)));
         Stalls {
-            device,
-            precision,
-            n,
-            h,
-            w,
-            record,
-            iters,
-            period_log2,
+            run,
+            ranges: ranges.iter().sum(),
+            of,
+            lost_ranges: self.lost,
+            empty_ranges: self.empty,
+            unlisted: self.unlisted,
+            reads,
             cupti: self.cupti,
             late: self.late,
             states,
@@ -945,6 +1077,7 @@ mod tests {
                 ],
                 counts: counts(10, 0),
                 late: 0,
+                ..Default::default()
             },
         );
         // The same step again (a second iteration).
@@ -954,6 +1087,7 @@ mod tests {
                 pcs: vec![pc(gn, 0x10, &[(1, 3)])],
                 counts: counts(3, 2),
                 late: 0,
+                ..Default::default()
             },
         );
         b.add(
@@ -962,6 +1096,7 @@ mod tests {
                 pcs: vec![pc(gn_approx, 0x20, &[(1, 6)])],
                 counts: counts(7, 0),
                 late: 6,
+                ..Default::default()
             },
         );
         b.add(
@@ -969,7 +1104,22 @@ mod tests {
             RangeSamples {
                 pcs: vec![pc(conv, 0x40, &[(0, 20)]), pc(gn, 0x20, &[(1, 1)])],
                 counts: counts(23, 1),
-                late: 0,
+                ..Default::default()
+            },
+        );
+        // A range lost to a full buffer, and one that gave only states CUPTI had not listed.
+        b.add(
+            1,
+            RangeSamples {
+                lost: true,
+                ..Default::default()
+            },
+        );
+        b.add(
+            2,
+            RangeSamples {
+                unlisted: 5,
+                ..Default::default()
             },
         );
         assert_eq!(b.samples(), 11 + 6 + 21);
@@ -978,15 +1128,25 @@ mod tests {
             info("groupnorm", "b"),
             info("conv 3x3 fwd", "c"),
         ];
-        let s = b.finish(
-            &infos,
-            2,
-            "card".into(),
-            "bf16".into(),
-            (1, 8, 8),
-            true,
-            2,
-            10,
+        let run = StallsRun {
+            device: "card".into(),
+            precision: "bf16".into(),
+            n: 1,
+            h: 8,
+            w: 8,
+            record: true,
+            options: StallOptions {
+                iters: 2,
+                period_log2: 10,
+                seconds: None,
+            },
+        };
+        let s = b.finish(&infos, 2, run, Vec::new(), 6);
+        assert_eq!((s.ranges, s.of), (6, 6));
+        assert_eq!((s.lost_ranges, s.empty_ranges, s.unlisted), (1, 1, 5));
+        assert_eq!(
+            s.steps.iter().map(|st| st.ranges).collect::<Vec<_>>(),
+            vec![2, 2, 2]
         );
         assert_eq!(
             s.cupti,

@@ -26,7 +26,7 @@ use super::plan::{self, Placement, PlanStats};
 use super::precision::Precision;
 use super::profile::Profile;
 use super::program::{Buf, HalfGrads, KernelConfig, Program, Step, WKind};
-use super::stalls::{Sampler, Stalls, StallsBuilder};
+use super::stalls::{Sampler, StallOptions, Stalls, StallsBuilder, StallsRun};
 use super::streams::{dependencies, streams_wanted, PassSchedule, SideStreams, KEEP_ALIVE};
 use super::trace::{Collector, Trace};
 use super::weights::{DevBuf, DevWeights, GradLayouts};
@@ -1005,22 +1005,18 @@ impl CudaUnet {
 
     /// Where the warps of each step of one network call wait, from CUPTI's PC sampling (see
     /// [`Stalls`]): a batch of `n` images of `h x w`, the forward pass and with `record` the
-    /// vector-Jacobian product after it, every step launched directly and sampled on its own,
-    /// `iters` times (its samples summed), a sample every 2^`period_log2` cycles of each
-    /// multiprocessor; `progress(done, of)` after each step. Drops any pending tape. CUPTI sees
+    /// vector-Jacobian product after it, every step launched directly and sampled on its own as
+    /// `options` say; `progress(done, of)` after each step. Drops any pending tape. CUPTI sees
     /// the kernels' modules load only if it was attached first ([`attach_cupti`](super::attach_cupti)).
-    #[allow(clippy::too_many_arguments)]
     pub fn stalls(
         &mut self,
-        n: usize,
-        h: usize,
-        w: usize,
+        (n, h, w): (usize, usize, usize),
         record: bool,
-        iters: usize,
-        period_log2: u32,
+        options: StallOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Stalls> {
-        let key = self.prepare_measuring((n, h, w, record), iters, "sampling", "iteration")?;
+        let key =
+            self.prepare_measuring((n, h, w, record), options.iters, "sampling", "iteration")?;
         for _ in 0..2 {
             self.run(key, false)?;
             if record {
@@ -1029,7 +1025,7 @@ impl CudaUnet {
         }
         // CUPTI starts sampling on an idle GPU; each step's range then ends with it idle.
         cu(self.gpu.ctx.synchronize(), "waiting for the GPU")?;
-        let mut sampler = Sampler::start(self.gpu.ctx.cu_ctx(), period_log2)?;
+        let mut sampler = Sampler::start(self.gpu.ctx.cu_ctx(), options.period_log2)?;
         let st = self.gpu.stream.clone();
         let Self {
             gpu,
@@ -1040,9 +1036,16 @@ impl CudaUnet {
         let plan = &plans[&key];
         let steps = &plan.program.steps;
         let mut report = StallsBuilder::new(sampler.states.clone(), steps.len());
-        let of = iters * steps.len();
-        for it in 0..iters {
+        let of = options.iters * steps.len();
+        let t0 = std::time::Instant::now();
+        'sampling: for it in 0..options.iters {
             for (i, step) in steps.iter().enumerate() {
+                if options
+                    .seconds
+                    .is_some_and(|s| t0.elapsed().as_secs_f64() > s)
+                {
+                    break 'sampling;
+                }
                 let got = sampler.range(|| {
                     launch(&gpu.kernels, &st, weights, plan, step)?;
                     cu(st.synchronize(), "waiting for the GPU")
@@ -1066,16 +1069,23 @@ impl CudaUnet {
                 }
             }
         }
+        let reads = sampler.take_log();
         drop(sampler);
+        let run = StallsRun {
+            device: gpu.info.name.clone(),
+            precision: self.precision.name().to_string(),
+            n,
+            h,
+            w,
+            record,
+            options,
+        };
         Ok(report.finish(
             &plan.program.step_infos(),
             plan.program.forward_steps,
-            gpu.info.name.clone(),
-            self.precision.name().to_string(),
-            (n, h, w),
-            record,
-            iters,
-            period_log2,
+            run,
+            reads,
+            of,
         ))
     }
 
