@@ -14,9 +14,9 @@
 //! sample belongs to the step it was taken in, not to a kernel name (one kernel serves many
 //! steps). CUPTI numbers its ranges; samples read under the number of an earlier range are
 //! counted (they would mean that it delivers late, or that its numbers do not follow the
-//! ranges), and stay with the range they were read in. A step alone has the memory system to itself, which a graph replay's
-//! overlapping steps do not: its time, and its share of waits on memory, can differ from a
-//! replay's; the instructions it waits at are its own.
+//! ranges), and stay with the range they were read in. A step alone has the memory system to
+//! itself, which a graph replay's overlapping steps do not: its time, and its share of waits on
+//! memory, can differ from a replay's; the instructions it waits at are its own.
 //!
 //! CUPTI (`libcupti.so`) is loaded only for sampling; it loads NVIDIA's `libnvperf_host.so` by
 //! name (so from the library path), and needs a driver that lets the user read the GPU's
@@ -440,6 +440,7 @@ impl Sampler {
         s.reads = PcBuffer::new(count);
         s._indices = indices;
 
+        use sys::CUpti_PCSamplingCollectionMode as Mode;
         use sys::CUpti_PCSamplingConfigurationAttributeType as A;
         let data_ptr = s._configured.as_ptr();
         let (state_count, state_ptr) = (s._indices.len(), s._indices.as_mut_ptr());
@@ -463,7 +464,7 @@ impl Sampler {
                 A::CUPTI_PC_SAMPLING_CONFIGURATION_ATTR_TYPE_COLLECTION_MODE,
                 |d| {
                     d.collectionModeData.collectionMode =
-                        sys::CUpti_PCSamplingCollectionMode::CUPTI_PC_SAMPLING_COLLECTION_MODE_CONTINUOUS
+                        Mode::CUPTI_PC_SAMPLING_COLLECTION_MODE_CONTINUOUS
                 },
             ),
             attribute(

@@ -1006,8 +1006,9 @@ impl CudaUnet {
     /// Where the warps of each step of one network call wait, from CUPTI's PC sampling (see
     /// [`Stalls`]): a batch of `n` images of `h x w`, the forward pass and with `record` the
     /// vector-Jacobian product after it, every step launched directly and sampled on its own as
-    /// `options` say; `progress(done, of)` after each step. Drops any pending tape. CUPTI sees
-    /// the kernels' modules load only if it was attached first ([`attach_cupti`](super::attach_cupti)).
+    /// `options` say; `progress(done, of)` after each step. Drops any pending tape. Attach CUPTI
+    /// before the engine loads its kernels ([`attach_cupti`](super::attach_cupti)), so that it
+    /// sees their modules load.
     pub fn stalls(
         &mut self,
         (n, h, w): (usize, usize, usize),
