@@ -1046,6 +1046,22 @@ mod tests {
         }
     }
 
+    /// A period CUPTI does not take is refused before CUPTI is touched (there is no context
+    /// here), naming the flag and the range.
+    #[test]
+    fn sampling_periods_outside_5_to_31_are_refused() {
+        for bad in [0, 4, 32] {
+            let err = Sampler::start(null_mut(), bad)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                err.contains("--stall-period") && err.contains("2^5 to 2^31"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn state_names_lose_cuptis_prefix() {
         assert_eq!(
