@@ -61,8 +61,9 @@ pub struct Args {
     /// sampling (`--steps` times), print what the warps waited on (long_scoreboard: a memory
     /// load; math_pipe_throttle: a busy pipe; barrier; ...) by kind and for the most sampled
     /// steps, and write every step's states and hottest instructions and every kernel's sampled
-    /// SASS offsets as JSON to this file. GPU only; needs CUPTI (libcupti.so.13) on
-    /// LD_LIBRARY_PATH and a driver that lets this user sample.
+    /// SASS offsets as JSON to this file. GPU only; needs CUPTI (libcupti.so.13, and
+    /// libnvperf_host.so from the same package) on LD_LIBRARY_PATH and a driver that lets this
+    /// user read the GPU's performance counters.
     #[arg(long)]
     stalls: Option<PathBuf>,
     /// With --stalls: a sample every 2^N cycles of each multiprocessor (5 to 31).
@@ -133,6 +134,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         return Err(Error::input("--batch and --steps must be at least 1"));
     }
+    if a.stall_seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
+        return Err(Error::input("--stall-seconds must be positive"));
+    }
     let mut model = super::load_model(a.model.as_deref())?;
     let cfg = model.config().clone();
     let (h, w) = match &a.size {
@@ -162,9 +166,6 @@ pub fn run(a: Args) -> Result<()> {
             "--trace records the kernels of CUDA graph replays and needs a CUDA device, but \
              this bench runs on the CPU",
         ));
-    }
-    if a.stall_seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
-        return Err(Error::input("--stall-seconds must be positive"));
     }
     if a.stalls.is_some() && engine.is_cpu() {
         return Err(Error::input(
