@@ -220,9 +220,28 @@ impl Drop for PcBuffer {
     }
 }
 
-/// PC sampling enabled on a context; disabled when dropped.
+/// PC sampling enabled on a context: disabled when dropped.
+struct Enabled(CUcontext);
+
+impl Drop for Enabled {
+    fn drop(&mut self) {
+        let mut p = sys::CUpti_PCSamplingDisableParams {
+            size: sys::PCSamplingDisableParamsSize as usize,
+            pPriv: null_mut(),
+            ctx: self.0,
+        };
+        // SAFETY: sampling was enabled on this live context. Nothing to do if disabling fails.
+        let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+            sys::cuptiPCSamplingDisable(&mut p)
+        }));
+    }
+}
+
+/// PC sampling enabled and configured on a context, with the buffers CUPTI writes into.
 pub(crate) struct Sampler {
-    ctx: CUcontext,
+    /// First, so that it drops first: sampling is disabled (and CUPTI has done with the
+    /// buffers below, which it may fill as it disables) before they are freed.
+    enabled: Enabled,
     /// Short state names ([`short_state`]) by position; `index_of` maps CUPTI's indices to it.
     pub states: Vec<String>,
     index_of: BTreeMap<u32, usize>,
@@ -244,6 +263,16 @@ pub(crate) struct Sampler {
 
 /// A CUPTI call's result as ours.
 fn check(what: &str, r: sys::CUptiResult) -> Result<()> {
+    checked(what, r, false)
+}
+
+/// [`check`] for the calls that set sampling up, which fail when CUPTI cannot load the perf
+/// library it needs: their errors name it.
+fn check_setup(what: &str, r: sys::CUptiResult) -> Result<()> {
+    checked(what, r, true)
+}
+
+fn checked(what: &str, r: sys::CUptiResult, setup: bool) -> Result<()> {
     r.result().map_err(|e| match e.0 {
         sys::CUptiResult::CUPTI_ERROR_INSUFFICIENT_PRIVILEGES => Error::Cuda(format!(
             "CUPTI: {what}: the driver lets only administrators read the GPU's performance \
@@ -252,19 +281,12 @@ fn check(what: &str, r: sys::CUptiResult) -> Result<()> {
              CAP_PERFMON, or have the host load the nvidia module with \
              NVreg_RestrictProfilingToAdminUsers=0"
         )),
-        _ => cupti_error(what, e),
-    })
-}
-
-/// [`check`] for the calls that set sampling up, which fail when CUPTI cannot load the perf
-/// library it needs.
-fn check_setup(what: &str, r: sys::CUptiResult) -> Result<()> {
-    check(what, r).map_err(|e| match e {
-        Error::Cuda(m) if !m.contains("administrators") => Error::Cuda(format!(
-            "{m}; PC sampling also needs NVIDIA's libnvperf_host.so on the library path \
-             (LD_LIBRARY_PATH; pip's nvidia-cuda-cupti package has it beside libcupti.so.13)"
+        _ if setup => Error::Cuda(format!(
+            "{}; PC sampling also needs NVIDIA's libnvperf_host.so on the library path \
+             (LD_LIBRARY_PATH; pip's nvidia-cuda-cupti package has it beside libcupti.so.13)",
+            cupti_error(what, e)
         )),
-        e => e,
+        _ => cupti_error(what, e),
     })
 }
 
@@ -383,20 +405,8 @@ impl Sampler {
         check_setup("enabling PC sampling", unsafe {
             sys::cuptiPCSamplingEnable(&mut p)
         })?;
-        // From here on, dropping the sampler disables sampling again, on every error path too.
-        let mut s = Sampler {
-            ctx,
-            states: Vec::new(),
-            index_of: BTreeMap::new(),
-            range_of: HashMap::new(),
-            ranges: 0,
-            log: Vec::new(),
-            _configured: PcBuffer::new(0),
-            reads: PcBuffer::new(0),
-            _indices: Vec::new(),
-            _config: Vec::new(),
-            _one: one,
-        };
+        // From here on, dropping `enabled` disables sampling again, on every error path too.
+        let enabled = Enabled(ctx);
 
         let mut count = 0usize;
         let mut p = sys::CUpti_PCSamplingGetNumStallReasonsParams {
@@ -429,16 +439,29 @@ impl Sampler {
         check("naming the sampled states", unsafe {
             sys::cuptiPCSamplingGetStallReasons(&mut p)
         })?;
-        for (position, (name, &index)) in names.iter_mut().zip(&indices).enumerate() {
-            name[NAME_BYTES - 1] = 0;
-            // SAFETY: terminated just above.
-            let full = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy();
-            s.states.push(short_state(&full).to_string());
-            s.index_of.insert(index, position);
-        }
-        s._configured = PcBuffer::new(count);
-        s.reads = PcBuffer::new(count);
-        s._indices = indices;
+        let states: Vec<String> = names
+            .iter_mut()
+            .map(|name| {
+                name[NAME_BYTES - 1] = 0;
+                // SAFETY: terminated just above.
+                let full = unsafe { CStr::from_ptr(name.as_ptr()) }.to_string_lossy();
+                short_state(&full).to_string()
+            })
+            .collect();
+        let index_of = indices.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+        let mut s = Sampler {
+            enabled,
+            states,
+            index_of,
+            range_of: HashMap::new(),
+            ranges: 0,
+            log: Vec::new(),
+            _configured: PcBuffer::new(count),
+            reads: PcBuffer::new(count),
+            _indices: indices,
+            _config: Vec::new(),
+            _one: one,
+        };
 
         use sys::CUpti_PCSamplingCollectionMode as Mode;
         use sys::CUpti_PCSamplingConfigurationAttributeType as A;
@@ -516,7 +539,7 @@ impl Sampler {
         let mut p = sys::CUpti_PCSamplingStartParams {
             size: sys::PCSamplingStartParamsSize as usize,
             pPriv: null_mut(),
-            ctx: self.ctx,
+            ctx: self.enabled.0,
         };
         // SAFETY: sampling is enabled and configured on the context.
         check_setup("starting PC sampling", unsafe {
@@ -526,7 +549,7 @@ impl Sampler {
         let mut p = sys::CUpti_PCSamplingStopParams {
             size: sys::PCSamplingStopParamsSize as usize,
             pPriv: null_mut(),
-            ctx: self.ctx,
+            ctx: self.enabled.0,
         };
         // SAFETY: as above; stopped whether `run` failed or not.
         let stopped = check("stopping PC sampling", unsafe {
@@ -543,7 +566,7 @@ impl Sampler {
             let mut p = sys::CUpti_PCSamplingGetDataParams {
                 size: size_of::<sys::CUpti_PCSamplingGetDataParams>(),
                 pPriv: null_mut(),
-                ctx: self.ctx,
+                ctx: self.enabled.0,
                 pcSamplingData: self.reads.as_ptr(),
             };
             // SAFETY: a complete buffer with room for PCS_PER_READ instructions of every state.
@@ -652,21 +675,6 @@ impl Sampler {
             });
         }
         Ok(out)
-    }
-}
-
-impl Drop for Sampler {
-    fn drop(&mut self) {
-        let mut p = sys::CUpti_PCSamplingDisableParams {
-            size: sys::PCSamplingDisableParamsSize as usize,
-            pPriv: null_mut(),
-            ctx: self.ctx,
-        };
-        // SAFETY: sampling was enabled on this live context; the configured buffer, which CUPTI
-        // may fill now, is dropped only after this. Nothing to do if disabling fails.
-        let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
-            sys::cuptiPCSamplingDisable(&mut p)
-        }));
     }
 }
 
