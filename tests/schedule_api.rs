@@ -266,3 +266,35 @@ fn bad_beta_names_its_key() {
         other => panic!("{other:?}"),
     }
 }
+
+/// DDIM's noise std η·√variance stays within √(1 − ᾱ_prev) for η ≤ 1 at every step count and
+/// timestep spacing, so the predicted noise's weight is a number; past it, where diffusers'
+/// step would return NaN, the step is an error that says why.
+#[test]
+fn ddim_eta_above_one_is_refused_where_its_weights_are_not_numbers() {
+    use TimestepSpacing::*;
+    for (timestep_spacing, set_alpha_to_one) in [Leading, Linspace, Trailing]
+        .into_iter()
+        .flat_map(|s| [(s, true), (s, false)])
+    {
+        let mut cfg = SchedulerConfig::default();
+        (cfg.timestep_spacing, cfg.set_alpha_to_one) = (timestep_spacing, set_alpha_to_one);
+        for n in 1..=1000 {
+            let mut d = Ddim::new(cfg.clone(), 1.0).unwrap();
+            // (Trailing spacing refuses some counts, whose timesteps reach -1, as diffusers'.)
+            if d.set_timesteps(n).is_err() {
+                continue;
+            }
+            for t in d.timesteps().to_vec() {
+                let c = d.step_coeffs(t).unwrap_or_else(|e| {
+                    panic!("{timestep_spacing:?}, {set_alpha_to_one}, {n} steps: {e}")
+                });
+                assert!(c.c_eps.is_finite() && c.noise_std.is_finite());
+            }
+        }
+    }
+    let mut d = Ddim::new(SchedulerConfig::default(), 2.0).unwrap();
+    d.set_timesteps(2).unwrap();
+    let err = d.step_coeffs(500).unwrap_err().to_string();
+    assert!(err.contains("eta 2") && err.contains("t = 500"), "{err}");
+}

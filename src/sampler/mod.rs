@@ -153,6 +153,13 @@ fn run(
         let m = measurements.ok_or_else(|| Error::input("guided sampling needs measurements"))?;
         check_measurements(m, shape)?;
     }
+    if let Guidance::Dps { scale, .. } | Guidance::Pigdm { scale, .. } = guidance {
+        ensure!(
+            scale.is_finite() && scale >= 0.0,
+            "the guidance scale must be a finite number >= 0 (0 samples without guidance), got \
+             {scale}"
+        );
+    }
     if let Guidance::Pigdm { sigma, .. } = guidance {
         ensure!(
             sigma.is_finite() && sigma >= 0.0,

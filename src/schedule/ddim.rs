@@ -116,6 +116,17 @@ impl Scheduler for Ddim {
         let (a_t, a_p) = self.alpha_pair(t, prev_t)?;
         let variance = variance_of(a_t, a_p);
         let std = self.eta * variance.sqrt();
+        let direction = 1.0 - a_p - std * std;
+        if direction < 0.0 {
+            // diffusers' step returns NaN here, from the square root below.
+            return Err(Error::input(format!(
+                "DDIM eta {}: at t = {t} the noise std η·√variance = {std} exceeds √(1 − ᾱ_prev) \
+                 = {}, so the predicted noise's weight √(1 − ᾱ_prev − std²) is not a number; \
+                 eta <= 1 always works",
+                self.eta,
+                (1.0 - a_p).sqrt()
+            )));
+        }
         Ok(StepCoeffs {
             t,
             prev_t,
@@ -126,7 +137,7 @@ impl Scheduler for Ddim {
             clip: self.config.clip(),
             c_x0: a_p.sqrt(),
             c_xt: 0.0,
-            c_eps: (1.0 - a_p - std * std).sqrt(),
+            c_eps: direction.sqrt(),
             variance,
             noise_std: std,
             uses_noise: self.eta > 0.0,
