@@ -353,6 +353,194 @@ fn cli_restore_rejects_bad_measurements() {
     assert_mentions(&err, &["fp8", "bf16"]);
 }
 
+/// Every command checks where it will write before it loads anything, so that a run of minutes
+/// or hours does not end on a typo in an output's name: here the model folder does not even
+/// exist, and the output is what each error names.
+#[test]
+fn cli_checks_its_outputs_before_any_work() {
+    let d = scratch("cli-outputs");
+    let (no_model, missing) = ("/nonexistent-model", d.join("no-such-folder"));
+    let in_missing = |name: &str| missing.join(name).to_str().unwrap().to_string();
+    let (png, report, json) = (
+        in_missing("x.png"),
+        in_missing("r.json"),
+        in_missing("b.json"),
+    );
+    let sample = |out: &str| cli_fails(&["sample", "--model", no_model, "--output", out]);
+    assert_mentions(
+        &sample(&png),
+        &["x.png", "no-such-folder", "does not exist"],
+    );
+    assert_mentions(
+        &sample("x.bmp"),
+        &["x.bmp", "unknown output format", ".png"],
+    );
+    assert_mentions(&sample(d.to_str().unwrap()), &["unknown output format"]);
+    let folder_png = d.join("folder.png");
+    std::fs::create_dir_all(&folder_png).unwrap();
+    assert_mentions(
+        &sample(folder_png.to_str().unwrap()),
+        &["folder.png", "is a folder"],
+    );
+
+    let measurement = fixture("trajectories/inputs.safetensors");
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            "--model",
+            no_model,
+            "--method",
+            "dps",
+            "--measurement",
+            measurement.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        cli_fails(&args)
+    };
+    // inputs.safetensors holds two measurements: the output is a folder, the report a file.
+    let out = d.join("restored");
+    let out = out.to_str().unwrap();
+    assert_mentions(
+        &restore(&["--output", out, "--report", &report]),
+        &["r.json", "does not exist"],
+    );
+    let one = d.join("one.safetensors");
+    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let restore_one = |output: &str| {
+        cli_fails(&[
+            "restore",
+            "--model",
+            no_model,
+            "--method",
+            "dps",
+            "--measurement",
+            one.to_str().unwrap(),
+            "--output",
+            output,
+        ])
+    };
+    assert_mentions(&restore_one(&png), &["x.png", "does not exist"]);
+    assert_mentions(&restore_one("x.tiff"), &["x.tiff", "unknown output format"]);
+
+    let err = cli_fails(&[
+        "eps",
+        "--model",
+        no_model,
+        "--input",
+        "in.safetensors",
+        "--output",
+        "e.png",
+    ]);
+    assert_mentions(&err, &["e.png", "unknown output format", ".safetensors"]);
+    let err = cli_fails(&["bench", "--model", no_model, "--json", &json]);
+    assert_mentions(&err, &["b.json", "does not exist"]);
+    let err = cli_fails(&["kernel", "--kind", "gaussian", "--output", "k.txt"]);
+    assert_mentions(&err, &["k.txt", ".safetensors, .npy or .png"]);
+    let err = cli_fails(&[
+        "degrade",
+        "--image",
+        "/nonexistent.png",
+        "--kernel",
+        "/nonexistent.npy",
+        "--output",
+        &png,
+    ]);
+    assert_mentions(&err, &["x.png", "does not exist"]);
+    // Extensions are matched whatever their case, as the image writer matches them.
+    let upper = d.join("K.PNG");
+    cli_ok(
+        &[
+            "kernel",
+            "--kind",
+            "gaussian",
+            "--size",
+            "5",
+            "--output",
+            upper.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(upper.is_file());
+}
+
+/// Guidance and noise settings that would make a run diverge, or that a batch cannot hold, are
+/// refused before the first step with what was wrong, where before NaN ran through a step (or
+/// a NaN noise level was reported as two images' levels differing).
+#[test]
+fn cli_restore_refuses_settings_that_are_not_numbers() {
+    let d = scratch("cli-restore-settings");
+    let one = d.join("one.safetensors");
+    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let out = d.join("x.png");
+    let err = restore_fails("pigdm", &one, &out, &["--sigma=nan"]);
+    assert_mentions(&err, &["--sigma", "finite number >= 0", "NaN"]);
+    for scale in ["--scale=inf", "--scale=-1"] {
+        let err = restore_fails("dps", &one, &out, &[scale]);
+        assert_mentions(&err, &["guidance scale", "finite number >= 0"]);
+    }
+    let err = restore_fails("dps", &one, &out, &["--scheduler", "ddim", "--eta", "2"]);
+    assert_mentions(&err, &["DDIM eta 2", "eta <= 1"]);
+    let two_sigmas = d.join("two-sigmas.safetensors");
+    let sigma = Tensor::full(vec![2], 0.05);
+    safetensors::write(
+        &two_sigmas,
+        &[("measurement", &y), ("kernel", &k), ("sigma", &sigma)],
+        None,
+    )
+    .unwrap();
+    let err = restore_fails("pigdm", &two_sigmas, &out, &[]);
+    assert_mentions(
+        &err,
+        &["two-sigmas.safetensors", "`sigma`", "one value", "[2]"],
+    );
+}
+
+/// A folder whose second image the network cannot take, or whose ground truth does not match
+/// its measurement, fails before the first image is restored (it failed after it).
+#[test]
+fn cli_restore_checks_every_image_before_the_first() {
+    let d = scratch("cli-restore-folder");
+    let (inputs, truths) = (d.join("in"), d.join("truth"));
+    std::fs::create_dir_all(&inputs).unwrap();
+    std::fs::create_dir_all(&truths).unwrap();
+    let save = |path: PathBuf, h: usize, w: usize| {
+        invdiff::io::image::save_image(&path, &Tensor::full(vec![1, 3, h, w], 0.5)).unwrap()
+    };
+    save(inputs.join("a.png"), 32, 32);
+    save(inputs.join("b.png"), 30, 32);
+    let kernel = d.join("k.safetensors");
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(&kernel, &[("kernel", &k)], None).unwrap();
+    let out = d.join("out");
+    let kernel_arg = ["--kernel", kernel.to_str().unwrap()];
+    let err = restore_fails("dps", &inputs, &out, &kernel_arg);
+    assert_mentions(&err, &["b:", "30x32", "multiples of 8"]);
+    assert!(
+        !out.join("a.png").exists(),
+        "a was restored before b was checked"
+    );
+
+    save(inputs.join("b.png"), 32, 32);
+    save(truths.join("a.png"), 32, 32);
+    save(truths.join("b.png"), 16, 16);
+    let truth_arg = ["--truth", truths.to_str().unwrap()];
+    let err = restore_fails("dps", &inputs, &out, &[kernel_arg, truth_arg].concat());
+    assert_mentions(&err, &["b:", "ground truth", "16, 16", "32, 32"]);
+    assert!(
+        !out.join("a.png").exists(),
+        "a was restored before b was checked"
+    );
+
+    // Two inputs of one name would write one output.
+    save(inputs.join("a.jpg"), 32, 32);
+    let err = restore_fails("dps", &inputs, &out, &kernel_arg);
+    assert_mentions(&err, &["two inputs are named a", "a.png"]);
+}
+
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own
 /// per-op timing instead of a silent no-op; so are `--trace`, which records CUDA graph replays,
 /// and `--stalls`, which samples GPU warps; a peak rate must be positive, and a sampling period

@@ -137,6 +137,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.stall_seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
         return Err(Error::input("--stall-seconds must be positive"));
     }
+    for path in [&a.json, &a.trace, &a.stalls].into_iter().flatten() {
+        super::check_output(path, None)?;
+    }
     let mut model = super::load_model(a.model.as_deref())?;
     let cfg = model.config().clone();
     let (h, w) = match &a.size {

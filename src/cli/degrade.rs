@@ -28,6 +28,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let format = super::output_format(&a.output, &super::RESULT_FORMATS)?;
+    super::check_output(&a.output, None)?;
     if !(a.sigma.is_finite() && a.sigma >= 0.0) {
         return Err(Error::input(format!(
             "--sigma must be a non-negative number, got {}",
@@ -49,8 +51,8 @@ pub fn run(a: Args) -> Result<()> {
             .for_each(|(v, z)| *v += a.sigma * z);
     }
     let y = Tensor::new(vec![n, c, h, w], y)?;
-    match a.output.extension().and_then(|e| e.to_str()) {
-        Some("safetensors") => {
+    match format.as_str() {
+        "safetensors" => {
             let sigma = Tensor::new(vec![1], vec![a.sigma])?;
             let meta = HashMap::from([
                 ("kernel_file".to_string(), a.kernel.display().to_string()),

@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use invdiff::io::safetensors;
 use invdiff::{Error, Result, Tensor};
 
+/// What `eps` writes.
+const TENSOR_FORMATS: super::Formats = super::Formats {
+    extensions: &["safetensors"],
+    hint: ".safetensors",
+};
+
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Model folder (diffusers pipeline, UNet folder, or google's hub layout).
@@ -22,6 +28,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    super::check_output(&a.output, Some(&TENSOR_FORMATS))?;
     let mut model = super::load_model(Some(&a.model))?;
     let file = safetensors::read(&a.input)?;
     let sample = file.get("sample")?;

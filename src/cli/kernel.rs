@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use invdiff::inverse::{gaussian_kernel, motion_kernel};
 use invdiff::io::{image, npy, safetensors};
-use invdiff::{Error, Result, Tensor};
+use invdiff::{Result, Tensor};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum Kind {
@@ -34,7 +34,14 @@ pub struct Args {
     output: PathBuf,
 }
 
+/// What `kernel` writes.
+const KERNEL_FORMATS: super::Formats = super::Formats {
+    extensions: &["safetensors", "npy", "png"],
+    hint: ".safetensors, .npy or .png",
+};
+
 pub fn run(a: Args) -> Result<()> {
+    super::check_output(&a.output, Some(&KERNEL_FORMATS))?;
     let k = match a.kind {
         Kind::Gaussian => gaussian_kernel(a.size, a.intensity.unwrap_or(3.0))?,
         Kind::Motion => motion_kernel(a.size, a.intensity.unwrap_or(0.5), a.seed)?,
@@ -45,11 +52,11 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// Writes a `[1, 1, h, w]` kernel by extension.
-pub fn write_kernel(path: &Path, k: &Tensor) -> Result<()> {
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("safetensors") => safetensors::write(path, &[("kernel", k)], None),
-        Some("npy") => npy::write(path, k),
-        Some("png") => {
+fn write_kernel(path: &Path, k: &Tensor) -> Result<()> {
+    match super::output_format(path, &KERNEL_FORMATS)?.as_str() {
+        "safetensors" => safetensors::write(path, &[("kernel", k)], None),
+        "npy" => npy::write(path, k),
+        _ => {
             let max = k
                 .data()
                 .iter()
@@ -58,9 +65,5 @@ pub fn write_kernel(path: &Path, k: &Tensor) -> Result<()> {
             let data = k.data().iter().map(|v| v / max).collect();
             image::save_image(path, &Tensor::new(k.shape().to_vec(), data)?)
         }
-        _ => Err(Error::input(format!(
-            "{}: unknown kernel format (use .safetensors, .npy or .png)",
-            path.display()
-        ))),
     }
 }

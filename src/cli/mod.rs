@@ -226,24 +226,71 @@ impl Progress {
     }
 }
 
+/// The file formats a command writes, by extension (matched lower-cased).
+struct Formats {
+    extensions: &'static [&'static str],
+    /// How an error names them: "use .png, .jpg or .safetensors".
+    hint: &'static str,
+}
+
+/// What [`save_result`] writes (and `degrade`'s measurements).
+const RESULT_FORMATS: Formats = Formats {
+    extensions: &["png", "jpg", "jpeg", "safetensors"],
+    hint: ".png, .jpg or .safetensors",
+};
+
+/// The output's format: its extension, lower-cased, if `formats` has it.
+fn output_format(path: &Path, formats: &Formats) -> Result<String> {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if formats.extensions.contains(&ext.as_str()) {
+        Ok(ext)
+    } else {
+        Err(Error::input(format!(
+            "{}: unknown output format (use {})",
+            path.display(),
+            formats.hint
+        )))
+    }
+}
+
+/// Checks, before any work, that a file can be written at `path` (of one of `formats`, when
+/// given): a run of minutes or hours should not end on a typo in its output's name.
+fn check_output(path: &Path, formats: Option<&Formats>) -> Result<()> {
+    if let Some(f) = formats {
+        output_format(path, f)?;
+    }
+    if path.is_dir() {
+        return Err(Error::input(format!(
+            "{}: is a folder, and a file name was expected",
+            path.display()
+        )));
+    }
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => Err(Error::input(format!(
+            "{}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Writes a final sample: `.safetensors` holds `sample` (model space) and `image` (in [0, 1]);
 /// an image file shows the batch side by side.
 fn save_result(path: &Path, x: &Tensor) -> Result<()> {
     let img = to_image(x);
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("safetensors") => safetensors::write(path, &[("sample", x), ("image", &img)], None),
-        Some("png" | "jpg" | "jpeg") => {
-            let items: Vec<Tensor> = (0..img.shape()[0]).map(|b| img.batch_item(b)).collect();
-            if items.len() == 1 {
-                image::save_image(path, &items[0])
-            } else {
-                image::save_strip(path, &items.iter().collect::<Vec<_>>(), 4)
-            }
-        }
-        _ => Err(Error::input(format!(
-            "{}: unknown output format (use .png, .jpg or .safetensors)",
-            path.display()
-        ))),
+    if output_format(path, &RESULT_FORMATS)? == "safetensors" {
+        return safetensors::write(path, &[("sample", x), ("image", &img)], None);
+    }
+    let items: Vec<Tensor> = (0..img.shape()[0]).map(|b| img.batch_item(b)).collect();
+    if items.len() == 1 {
+        image::save_image(path, &items[0])
+    } else {
+        image::save_strip(path, &items.iter().collect::<Vec<_>>(), 4)
     }
 }
 

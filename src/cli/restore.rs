@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use invdiff::config::UNetConfig;
 use invdiff::inverse::{psnr_u8, ssim, CircularBlur, LinearOperator};
 use invdiff::io::{image, safetensors};
 use invdiff::sampler::{self, Guidance, Measurements, Noise};
@@ -145,11 +146,19 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
             ys.push((n, y.batch_item(b)));
         }
         file_kernel = f.contains("kernel").then(|| f.get("kernel")).transpose()?;
-        file_sigma = f
-            .contains("sigma")
-            .then(|| f.get("sigma"))
-            .transpose()?
-            .map(|s| s.data()[0]);
+        if f.contains("sigma") {
+            let s = f.get("sigma")?;
+            if s.numel() != 1 {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `sigma`: expected one value, got shape {:?}",
+                        s.shape()
+                    ),
+                ));
+            }
+            file_sigma = Some(s.data()[0]);
+        }
         for t in ["truth", "sharp"] {
             if file_truth.is_none() && f.contains(t) {
                 file_truth = Some(super::as_batch(f.get(t)?, path, t)?);
@@ -170,6 +179,15 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
         }
     };
     let sigma = a.sigma.or(file_sigma).unwrap_or(0.05);
+    if !(sigma.is_finite() && sigma >= 0.0) {
+        let source = match a.sigma {
+            Some(_) => "--sigma".to_string(),
+            None => format!("{}'s `sigma`", path.display()),
+        };
+        return Err(Error::input(format!(
+            "{source}: the noise level must be a finite number >= 0, got {sigma}"
+        )));
+    }
     let truths: Option<Vec<Tensor>> = match &a.truth {
         Some(t) if t.is_dir() => Some(
             ys.iter()
@@ -209,21 +227,36 @@ pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::input("--batch must be at least 1"));
     }
+    if let Some(path) = &a.report {
+        super::check_output(path, None)?;
+    }
     let mut items = read_items(&a)?;
     let total = items.len();
+    let single = total == 1;
+    if single {
+        super::check_output(&a.output, Some(&super::RESULT_FORMATS))?;
+    } else {
+        if a.output.extension().is_some() && !a.output.is_dir() {
+            return Err(Error::input(format!(
+                "{} inputs: --output must be a folder, got {}",
+                total,
+                a.output.display()
+            )));
+        }
+        // Over every shard's inputs, as the shards share the folder.
+        let mut names = std::collections::HashSet::new();
+        if let Some(it) = items.iter().find(|it| !names.insert(&it.name)) {
+            return Err(Error::input(format!(
+                "two inputs are named {0} (e.g. {0}.png and {0}.jpg): both would be written to \
+                 {1}",
+                it.name,
+                a.output.join(format!("{}.png", it.name)).display()
+            )));
+        }
+        std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
+    }
     if let Some((i, n)) = a.shard {
         items.retain(|it| it.index % n == i);
-    }
-    let single = total == 1;
-    if !single && a.output.extension().is_some() && !a.output.is_dir() {
-        return Err(Error::input(format!(
-            "{} inputs: --output must be a folder, got {}",
-            total,
-            a.output.display()
-        )));
-    }
-    if !single {
-        std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     }
     let mut model = super::load_model(Some(&a.model))?;
     let cfg = model.config().clone();
@@ -237,6 +270,10 @@ pub fn run(a: Args) -> Result<()> {
         return Err(Error::input(
             "--noise holds one batch: use --batch with all inputs in it",
         ));
+    }
+    // Every batch is checked before the first is restored.
+    for batch in items.chunks(a.batch) {
+        blur_operators(batch, &cfg)?;
     }
     let mut engine = super::engine(&mut model, a.backend)?;
     eprintln!(
@@ -254,35 +291,8 @@ pub fn run(a: Args) -> Result<()> {
     let start_all = Instant::now();
     for batch in items.chunks(a.batch) {
         let first = &batch[0];
-        let [_, c, h, w] = first.y.dims4("measurement")?;
-        if c != cfg.in_channels {
-            return Err(Error::input(format!(
-                "{}: the model restores {}-channel images, this measurement has {c}",
-                first.name, cfg.in_channels
-            )));
-        }
-        cfg.check_input_size(h, w)
-            .map_err(|e| Error::input(format!("{}: {e}", first.name)))?;
-        let mut operators: Vec<Arc<dyn LinearOperator>> = Vec::new();
-        for it in batch {
-            if it.y.shape() != first.y.shape() {
-                return Err(Error::input(format!(
-                    "{} and {} have different sizes: restore them in separate batches (--batch 1)",
-                    first.name, it.name
-                )));
-            }
-            let op = CircularBlur::new(&it.kernel, c, h, w)
-                .map_err(|e| Error::input(format!("{}: {e}", it.name)))?;
-            operators.push(Arc::new(op));
-            if !it.y.all_finite() {
-                return Err(Error::input(format!(
-                    "{}: the measurement holds NaN or infinite values",
-                    it.name
-                )));
-            }
-        }
+        let (shape, operators) = blur_operators(batch, &cfg)?;
         let y = Tensor::concat_batch(&batch.iter().map(|it| it.y.clone()).collect::<Vec<_>>())?;
-        let shape = [batch.len(), c, h, w];
         let guidance = match a.method {
             Method::Dps => Guidance::Dps {
                 scale,
@@ -293,11 +303,6 @@ pub fn run(a: Args) -> Result<()> {
                 sigma: first.sigma,
             },
         };
-        if batch.iter().any(|it| it.sigma != first.sigma) && a.method == Method::Pigdm {
-            return Err(Error::input(
-                "images of one batch must share sigma: use --batch 1",
-            ));
-        }
         let noise = match &noise_file {
             Some(n) => n.clone(),
             None => Noise::seeded(a.seed, first.index as u64, batch.len()),
@@ -401,6 +406,51 @@ pub fn run(a: Args) -> Result<()> {
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
     }
     Ok(())
+}
+
+/// One blur operator per image of a batch.
+type Operators = Vec<Arc<dyn LinearOperator>>;
+
+/// A batch's shape and blur operators, once its measurements are checked against the model and
+/// each other (and their ground truths against them).
+fn blur_operators(batch: &[Item], cfg: &UNetConfig) -> Result<([usize; 4], Operators)> {
+    let first = &batch[0];
+    let [_, c, h, w] = first.y.dims4("measurement")?;
+    if c != cfg.in_channels {
+        return Err(Error::input(format!(
+            "{}: the model restores {}-channel images, this measurement has {c}",
+            first.name, cfg.in_channels
+        )));
+    }
+    cfg.check_input_size(h, w)
+        .map_err(|e| Error::input(format!("{}: {e}", first.name)))?;
+    let mut operators: Operators = Vec::new();
+    for it in batch {
+        if it.y.shape() != first.y.shape() {
+            return Err(Error::input(format!(
+                "{} and {} have different sizes: restore them in separate batches (--batch 1)",
+                first.name, it.name
+            )));
+        }
+        if let Some(t) = it.truth.as_ref().filter(|t| t.shape() != it.y.shape()) {
+            return Err(Error::input(format!(
+                "{}: the ground truth is {:?} and the measurement {:?}",
+                it.name,
+                t.shape(),
+                it.y.shape()
+            )));
+        }
+        let op = CircularBlur::new(&it.kernel, c, h, w)
+            .map_err(|e| Error::input(format!("{}: {e}", it.name)))?;
+        operators.push(Arc::new(op));
+        if !it.y.all_finite() {
+            return Err(Error::input(format!(
+                "{}: the measurement holds NaN or infinite values",
+                it.name
+            )));
+        }
+    }
+    Ok(([batch.len(), c, h, w], operators))
 }
 
 /// `out.png` -> `out_strip.png`.
