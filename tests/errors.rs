@@ -492,11 +492,69 @@ fn cli_restore_refuses_settings_that_are_not_numbers() {
         None,
     )
     .unwrap();
+    // A data set's per-image `sigma` is not one noise level: ΠGDM needs --sigma with it, and
+    // DPS, which reads no noise level, runs.
     let err = restore_fails("pigdm", &two_sigmas, &out, &[]);
     assert_mentions(
         &err,
-        &["two-sigmas.safetensors", "`sigma`", "one value", "[2]"],
+        &[
+            "two-sigmas.safetensors",
+            "`sigma`",
+            "one noise level",
+            "[2]",
+            "--sigma",
+        ],
     );
+    restore_ok("pigdm", &two_sigmas, &out, &["--sigma", "0.1"]);
+    restore_ok("dps", &two_sigmas, &out, &[]);
+}
+
+/// `invdiff restore` on the google_tiny fixture model, 2 CPU steps, expected to succeed.
+fn restore_ok(method: &str, measurement: &Path, output: &Path, extra: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+        .args(["restore", "--model"])
+        .arg(fixture("models/google_tiny"))
+        .args(["--method", method, "--steps", "2", "--device", "cpu"])
+        .arg("--measurement")
+        .arg(measurement)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "restore {measurement:?} -> {output:?} {extra:?}: {err}"
+    );
+}
+
+/// Where restore writes: several inputs to a folder it makes, with a report that may go in it;
+/// one input to a folder when --output is one (existing, or ending in a separator); and a
+/// measurement file's extension in any case.
+#[test]
+fn cli_restore_writes_where_it_is_told() {
+    let d = scratch("cli-restore-outputs");
+    let out = d.join("new").join("out");
+    let report = out.join("report.json");
+    let two = fixture("trajectories/inputs.safetensors");
+    restore_ok("dps", &two, &out, &["--report", report.to_str().unwrap()]);
+    for f in ["inputs_0.png", "inputs_1.png", "report.json"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let one = d.join("one.SAFETENSORS");
+    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let slash = PathBuf::from(format!(
+        "{}{}",
+        d.join("slash").display(),
+        std::path::MAIN_SEPARATOR
+    ));
+    restore_ok("dps", &one, &slash, &[]);
+    assert!(d.join("slash").join("one.png").is_file());
+    restore_ok("dps", &one, &out, &[]);
+    assert!(out.join("one.png").is_file());
 }
 
 /// A folder whose second image the network cannot take, or whose ground truth does not match

@@ -267,32 +267,46 @@ fn bad_beta_names_its_key() {
     }
 }
 
-/// DDIM's noise std η·√variance stays within √(1 − ᾱ_prev) for η ≤ 1 at every step count and
-/// timestep spacing, so the predicted noise's weight is a number; past it, where diffusers'
-/// step would return NaN, the step is an error that says why.
+/// DDIM's noise std η·√variance stays within √(1 − ᾱ_prev) for η ≤ 1 (in f32 too, where it
+/// can round one ulp past it and the weight is then 0, not diffusers' NaN) at every step
+/// count, spacing and beta schedule, so the predicted noise's weight is a number; past it,
+/// where diffusers' step would return NaN, the step is an error that says why.
 #[test]
 fn ddim_eta_above_one_is_refused_where_its_weights_are_not_numbers() {
+    use BetaSchedule::*;
     use TimestepSpacing::*;
-    for (timestep_spacing, set_alpha_to_one) in [Leading, Linspace, Trailing]
-        .into_iter()
-        .flat_map(|s| [(s, true), (s, false)])
-    {
-        let mut cfg = SchedulerConfig::default();
-        (cfg.timestep_spacing, cfg.set_alpha_to_one) = (timestep_spacing, set_alpha_to_one);
-        for n in 1..=1000 {
-            let mut d = Ddim::new(cfg.clone(), 1.0).unwrap();
-            // (Trailing spacing refuses some counts, whose timesteps reach -1, as diffusers'.)
-            if d.set_timesteps(n).is_err() {
-                continue;
-            }
-            for t in d.timesteps().to_vec() {
-                let c = d.step_coeffs(t).unwrap_or_else(|e| {
-                    panic!("{timestep_spacing:?}, {set_alpha_to_one}, {n} steps: {e}")
-                });
-                assert!(c.c_eps.is_finite() && c.noise_std.is_finite());
+    for beta_schedule in [Linear, ScaledLinear, SquaredcosCapV2] {
+        for timestep_spacing in [Leading, Linspace, Trailing] {
+            for set_alpha_to_one in [true, false] {
+                let mut cfg = SchedulerConfig::default();
+                cfg.beta_schedule = beta_schedule;
+                cfg.timestep_spacing = timestep_spacing;
+                cfg.set_alpha_to_one = set_alpha_to_one;
+                for n in 1..=1000 {
+                    let mut d = Ddim::new(cfg.clone(), 1.0).unwrap();
+                    // (Trailing spacing refuses some counts, whose timesteps reach -1, as
+                    // diffusers'.)
+                    if d.set_timesteps(n).is_err() {
+                        continue;
+                    }
+                    for t in d.timesteps().to_vec() {
+                        let c = d.step_coeffs(t).unwrap_or_else(|e| {
+                            panic!("{cfg:?}, {n} steps: {e}");
+                        });
+                        assert!(c.c_eps.is_finite() && c.noise_std.is_finite());
+                    }
+                }
             }
         }
     }
+    // Where f32 puts std² one ulp above 1 − ᾱ_prev (ᾱ_t = 2.4e-9 here): the weight is 0.
+    let mut cfg = SchedulerConfig::default();
+    (cfg.beta_schedule, cfg.timestep_spacing) = (SquaredcosCapV2, Trailing);
+    cfg.set_alpha_to_one = false;
+    let mut d = Ddim::new(cfg, 1.0).unwrap();
+    d.set_timesteps(1).unwrap();
+    assert_eq!(d.step_coeffs(999).unwrap().c_eps, 0.0);
+
     let mut d = Ddim::new(SchedulerConfig::default(), 2.0).unwrap();
     d.set_timesteps(2).unwrap();
     let err = d.step_coeffs(500).unwrap_err().to_string();

@@ -169,6 +169,11 @@ fn scheduler(
         SchedulerKind::Ddim => Box::new(Ddim::new(cfg, eta)?),
     };
     s.set_timesteps(steps)?;
+    // Every step's coefficients now, so that a setting no step can take (DDIM's eta > 1) fails
+    // before the network is loaded onto a device.
+    for &t in s.timesteps() {
+        s.step_coeffs(t)?;
+    }
     Ok(s)
 }
 
@@ -236,8 +241,14 @@ struct Formats {
 /// What [`save_result`] writes (and `degrade`'s measurements).
 const RESULT_FORMATS: Formats = Formats {
     extensions: &["png", "jpg", "jpeg", "safetensors"],
-    hint: ".png, .jpg or .safetensors",
+    hint: ".png, .jpg, .jpeg or .safetensors",
 };
+
+/// Whether `path` names a safetensors file (its extension in any case).
+fn is_safetensors(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+}
 
 /// The output's format: its extension, lower-cased, if `formats` has it.
 fn output_format(path: &Path, formats: &Formats) -> Result<String> {
@@ -297,7 +308,7 @@ fn save_result(path: &Path, x: &Tensor) -> Result<()> {
 /// Images from a PNG/JPEG file, or a `[B,C,H,W]` / `[C,H,W]` tensor under one of `names` in a
 /// safetensors file, as `[B, C, H, W]`.
 fn read_images(path: &Path, names: &[&str]) -> Result<Tensor> {
-    if path.extension().is_some_and(|e| e == "safetensors") {
+    if is_safetensors(path) {
         let f = safetensors::read(path)?;
         let name = names.iter().find(|n| f.contains(n)).ok_or_else(|| {
             Error::format(path, format!("no tensor named {}", names.join(" or ")))

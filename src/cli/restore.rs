@@ -72,7 +72,8 @@ pub struct Args {
     /// Ground truth (image, folder, or safetensors `truth`/`sharp`): prints PSNR and SSIM.
     #[arg(long)]
     truth: Option<PathBuf>,
-    /// Output: `.png`/`.jpg`/`.safetensors` for one image, a folder for several.
+    /// Output: `.png`/`.jpg`/`.safetensors` for one image, a folder for several (`<name>.png`
+    /// each; also for one image when it is a folder or ends in `/`).
     #[arg(long)]
     output: PathBuf,
     /// Also write measurement | restored | truth side by side (`<output>_strip.png`).
@@ -110,11 +111,11 @@ struct Item {
     y: Tensor,
     truth: Option<Tensor>,
     kernel: Tensor,
-    sigma: f32,
 }
 
-/// Reads the inputs: measurements, with their kernels, noise levels and truths.
-fn read_items(a: &Args) -> Result<Vec<Item>> {
+/// Reads the inputs: measurements, with their kernels and truths, and for ΠGDM the noise level
+/// they share.
+fn read_items(a: &Args) -> Result<(Vec<Item>, Option<f32>)> {
     let path = &a.measurement;
     let mut ys: Vec<(String, Tensor)> = Vec::new();
     let (mut file_kernel, mut file_sigma, mut file_truth) = (None, None, None);
@@ -128,7 +129,7 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
                 path.display()
             )));
         }
-    } else if path.extension().is_some_and(|e| e == "safetensors") {
+    } else if super::is_safetensors(path) {
         let f = safetensors::read(path)?;
         let name = if f.contains("measurement") {
             "measurement"
@@ -146,19 +147,7 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
             ys.push((n, y.batch_item(b)));
         }
         file_kernel = f.contains("kernel").then(|| f.get("kernel")).transpose()?;
-        if f.contains("sigma") {
-            let s = f.get("sigma")?;
-            if s.numel() != 1 {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "tensor `sigma`: expected one value, got shape {:?}",
-                        s.shape()
-                    ),
-                ));
-            }
-            file_sigma = Some(s.data()[0]);
-        }
+        file_sigma = f.contains("sigma").then(|| f.get("sigma")).transpose()?;
         for t in ["truth", "sharp"] {
             if file_truth.is_none() && f.contains(t) {
                 file_truth = Some(super::as_batch(f.get(t)?, path, t)?);
@@ -178,14 +167,30 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
             )))
         }
     };
-    let sigma = a.sigma.or(file_sigma).unwrap_or(0.05);
-    if !(sigma.is_finite() && sigma >= 0.0) {
+    // Only ΠGDM reads the noise level: DPS runs whatever the file holds under `sigma`.
+    let sigma = match (a.method, a.sigma, file_sigma) {
+        (Method::Dps, ..) => None,
+        (Method::Pigdm, Some(s), _) => Some(s),
+        (Method::Pigdm, None, Some(s)) if s.numel() == 1 => Some(s.data()[0]),
+        (Method::Pigdm, None, Some(s)) => {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `sigma`: expected one noise level for ΠGDM, got shape {:?} (pass \
+                     --sigma)",
+                    s.shape()
+                ),
+            ))
+        }
+        (Method::Pigdm, None, None) => Some(0.05),
+    };
+    if let Some(s) = sigma.filter(|s| !(s.is_finite() && *s >= 0.0)) {
         let source = match a.sigma {
             Some(_) => "--sigma".to_string(),
             None => format!("{}'s `sigma`", path.display()),
         };
         return Err(Error::input(format!(
-            "{source}: the noise level must be a finite number >= 0, got {sigma}"
+            "{source}: the noise level must be a finite number >= 0, got {s}"
         )));
     }
     let truths: Option<Vec<Tensor>> = match &a.truth {
@@ -209,7 +214,7 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
             )));
         }
     }
-    Ok(ys
+    let items = ys
         .into_iter()
         .enumerate()
         .map(|(index, (name, y))| Item {
@@ -218,24 +223,35 @@ fn read_items(a: &Args) -> Result<Vec<Item>> {
             y,
             truth: truths.as_ref().map(|t| t[index].clone()),
             kernel: kernel.clone(),
-            sigma,
         })
-        .collect())
+        .collect();
+    Ok((items, sigma))
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::input("--batch must be at least 1"));
     }
-    if let Some(path) = &a.report {
-        super::check_output(path, None)?;
-    }
-    let mut items = read_items(&a)?;
+    let (mut items, sigma) = read_items(&a)?;
+    let scale = a.scale.unwrap_or(match (a.method, a.eta_schedule) {
+        (Method::Dps, EtaSchedule::Adaptive) => 100.0,
+        _ => 1.0,
+    });
+    let guidance = match (a.method, sigma) {
+        (Method::Dps, _) => Guidance::Dps {
+            scale,
+            adaptive: a.eta_schedule == EtaSchedule::Adaptive,
+        },
+        (Method::Pigdm, sigma) => Guidance::Pigdm {
+            scale,
+            sigma: sigma.expect("read_items reads ΠGDM's noise level"),
+        },
+    };
+    guidance.check()?;
     let total = items.len();
-    let single = total == 1;
-    if single {
-        super::check_output(&a.output, Some(&super::RESULT_FORMATS))?;
-    } else {
+    // Several inputs go to a folder, one to a file unless --output names a folder.
+    let to_folder = total > 1 || a.output.is_dir() || ends_with_separator(&a.output);
+    if to_folder {
         if a.output.extension().is_some() && !a.output.is_dir() {
             return Err(Error::input(format!(
                 "{} inputs: --output must be a folder, got {}",
@@ -247,13 +263,18 @@ pub fn run(a: Args) -> Result<()> {
         let mut names = std::collections::HashSet::new();
         if let Some(it) = items.iter().find(|it| !names.insert(&it.name)) {
             return Err(Error::input(format!(
-                "two inputs are named {0} (e.g. {0}.png and {0}.jpg): both would be written to \
-                 {1}",
+                "two inputs are named {}: both would be written to {}",
                 it.name,
                 a.output.join(format!("{}.png", it.name)).display()
             )));
         }
         std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
+    } else {
+        super::check_output(&a.output, Some(&super::RESULT_FORMATS))?;
+    }
+    // After the output folder is made: the report may go in it.
+    if let Some(path) = &a.report {
+        super::check_output(path, None)?;
     }
     if let Some((i, n)) = a.shard {
         items.retain(|it| it.index % n == i);
@@ -261,17 +282,14 @@ pub fn run(a: Args) -> Result<()> {
     let mut model = super::load_model(Some(&a.model))?;
     let cfg = model.config().clone();
     let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
-    let scale = a.scale.unwrap_or(match (a.method, a.eta_schedule) {
-        (Method::Dps, EtaSchedule::Adaptive) => 100.0,
-        _ => 1.0,
-    });
     let noise_file = a.noise.as_ref().map(|p| Noise::from_file(p)).transpose()?;
     if noise_file.is_some() && items.len() > a.batch {
         return Err(Error::input(
             "--noise holds one batch: use --batch with all inputs in it",
         ));
     }
-    // Every batch is checked before the first is restored.
+    // Every batch is checked before the first is restored. (Each batch's operators are made
+    // again when it runs: kept, every image's kernel spectrum would live through the run.)
     for batch in items.chunks(a.batch) {
         blur_operators(batch, &cfg)?;
     }
@@ -293,16 +311,6 @@ pub fn run(a: Args) -> Result<()> {
         let first = &batch[0];
         let (shape, operators) = blur_operators(batch, &cfg)?;
         let y = Tensor::concat_batch(&batch.iter().map(|it| it.y.clone()).collect::<Vec<_>>())?;
-        let guidance = match a.method {
-            Method::Dps => Guidance::Dps {
-                scale,
-                adaptive: a.eta_schedule == EtaSchedule::Adaptive,
-            },
-            Method::Pigdm => Guidance::Pigdm {
-                scale,
-                sigma: first.sigma,
-            },
-        };
         let noise = match &noise_file {
             Some(n) => n.clone(),
             None => Noise::seeded(a.seed, first.index as u64, batch.len()),
@@ -332,10 +340,10 @@ pub fn run(a: Args) -> Result<()> {
         step_ms.push(times.median_ms);
         let restored = sampler::to_image(&x);
         for (b, it) in batch.iter().enumerate() {
-            let out = if single {
-                a.output.clone()
-            } else {
+            let out = if to_folder {
                 a.output.join(format!("{}.png", it.name))
+            } else {
+                a.output.clone()
             };
             let xb = x.batch_item(b);
             let img = restored.batch_item(b);
@@ -385,7 +393,7 @@ pub fn run(a: Args) -> Result<()> {
                 "steps": a.steps,
                 "scale": scale,
                 "eta_schedule": format!("{:?}", a.eta_schedule).to_lowercase(),
-                "sigma": items.first().map(|i| i.sigma),
+                "sigma": sigma,
                 "scheduler": format!("{:?}", a.scheduler).to_lowercase(),
                 "eta": a.eta,
                 "seed": a.noise.is_none().then_some(a.seed),
@@ -451,6 +459,13 @@ fn blur_operators(batch: &[Item], cfg: &UNetConfig) -> Result<([usize; 4], Opera
         }
     }
     Ok(([batch.len(), c, h, w], operators))
+}
+
+/// Whether `path` ends in a separator (`out/`): a folder, made if missing.
+fn ends_with_separator(path: &Path) -> bool {
+    path.as_os_str()
+        .to_string_lossy()
+        .ends_with(std::path::MAIN_SEPARATOR)
 }
 
 /// `out.png` -> `out_strip.png`.

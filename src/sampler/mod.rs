@@ -38,6 +38,27 @@ pub enum Guidance {
     Pigdm { scale: f32, sigma: f32 },
 }
 
+impl Guidance {
+    /// An error unless the scale, and ΠGDM's noise level, are finite numbers >= 0: anything else
+    /// diverges, or samples away from the measurement.
+    pub fn check(&self) -> Result<()> {
+        if let Guidance::Dps { scale, .. } | Guidance::Pigdm { scale, .. } = *self {
+            ensure!(
+                scale.is_finite() && scale >= 0.0,
+                "the guidance scale must be a finite number >= 0 (0 samples without guidance), \
+                 got {scale}"
+            );
+        }
+        if let Guidance::Pigdm { sigma, .. } = *self {
+            ensure!(
+                sigma.is_finite() && sigma >= 0.0,
+                "sigma must be a non-negative number, got {sigma}"
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The measurements of a batch: one operator and one measurement per image, in image space
 /// `[0, 1]` as in the notebook.
 pub struct Measurements {
@@ -153,19 +174,7 @@ fn run(
         let m = measurements.ok_or_else(|| Error::input("guided sampling needs measurements"))?;
         check_measurements(m, shape)?;
     }
-    if let Guidance::Dps { scale, .. } | Guidance::Pigdm { scale, .. } = guidance {
-        ensure!(
-            scale.is_finite() && scale >= 0.0,
-            "the guidance scale must be a finite number >= 0 (0 samples without guidance), got \
-             {scale}"
-        );
-    }
-    if let Guidance::Pigdm { sigma, .. } = guidance {
-        ensure!(
-            sigma.is_finite() && sigma >= 0.0,
-            "sigma must be a non-negative number, got {sigma}"
-        );
-    }
+    guidance.check()?;
 
     if let (false, Some(unet)) = (steps.is_empty(), engine.cuda_mut()) {
         if let Some(blur) = device_blur(guidance, measurements, shape) {

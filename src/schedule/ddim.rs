@@ -116,7 +116,13 @@ impl Scheduler for Ddim {
         let (a_t, a_p) = self.alpha_pair(t, prev_t)?;
         let variance = variance_of(a_t, a_p);
         let std = self.eta * variance.sqrt();
-        let direction = 1.0 - a_p - std * std;
+        let mut direction = 1.0 - a_p - std * std;
+        if direction < 0.0 && self.eta <= 1.0 {
+            // For eta <= 1 the variance is at most 1 - ᾱ_prev, but where ᾱ_t is tiny the f32
+            // variance rounds to 1 - ᾱ_prev and std² one ulp above it: the weight is 0, where
+            // diffusers' square root returns NaN.
+            direction = 0.0;
+        }
         if direction < 0.0 {
             // diffusers' step returns NaN here, from the square root below.
             return Err(Error::input(format!(
