@@ -353,6 +353,14 @@ fn cli_restore_rejects_bad_measurements() {
     assert_mentions(&err, &["fp8", "bf16"]);
 }
 
+/// Writes a 32x32 measurement, flat grey, with a 3x3 box kernel, to `path`; returns it.
+fn write_measurement(path: &Path) -> PathBuf {
+    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(path, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    path.to_path_buf()
+}
+
 /// Every command checks where it will write before it loads anything, so that a run of minutes
 /// or hours does not end on a typo in an output's name: here the model folder does not even
 /// exist, and the output is what each error names.
@@ -383,8 +391,7 @@ fn cli_checks_its_outputs_before_any_work() {
         &["folder.png", "is a folder"],
     );
 
-    let measurement = fixture("trajectories/inputs.safetensors");
-    let restore = |extra: &[&str]| {
+    let restore = |measurement: &Path, extra: &[&str]| {
         let mut args = vec![
             "restore",
             "--model",
@@ -398,31 +405,22 @@ fn cli_checks_its_outputs_before_any_work() {
         cli_fails(&args)
     };
     // inputs.safetensors holds two measurements: the output is a folder, the report a file.
+    let two = fixture("trajectories/inputs.safetensors");
     let out = d.join("restored");
     let out = out.to_str().unwrap();
     assert_mentions(
-        &restore(&["--output", out, "--report", &report]),
+        &restore(&two, &["--output", out, "--report", &report]),
         &["r.json", "does not exist"],
     );
-    let one = d.join("one.safetensors");
-    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
-    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
-    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
-    let restore_one = |output: &str| {
-        cli_fails(&[
-            "restore",
-            "--model",
-            no_model,
-            "--method",
-            "dps",
-            "--measurement",
-            one.to_str().unwrap(),
-            "--output",
-            output,
-        ])
-    };
-    assert_mentions(&restore_one(&png), &["x.png", "does not exist"]);
-    assert_mentions(&restore_one("x.tiff"), &["x.tiff", "unknown output format"]);
+    let one = write_measurement(&d.join("one.safetensors"));
+    assert_mentions(
+        &restore(&one, &["--output", &png]),
+        &["x.png", "does not exist"],
+    );
+    assert_mentions(
+        &restore(&one, &["--output", "x.tiff"]),
+        &["x.tiff", "unknown output format"],
+    );
 
     let err = cli_fails(&[
         "eps",
@@ -471,10 +469,7 @@ fn cli_checks_its_outputs_before_any_work() {
 #[test]
 fn cli_restore_refuses_settings_that_are_not_numbers() {
     let d = scratch("cli-restore-settings");
-    let one = d.join("one.safetensors");
-    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
-    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
-    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let one = write_measurement(&d.join("one.safetensors"));
     let out = d.join("x.png");
     let err = restore_fails("pigdm", &one, &out, &["--sigma=nan"]);
     assert_mentions(&err, &["--sigma", "finite number >= 0", "NaN"]);
@@ -485,6 +480,8 @@ fn cli_restore_refuses_settings_that_are_not_numbers() {
     let err = restore_fails("dps", &one, &out, &["--scheduler", "ddim", "--eta", "2"]);
     assert_mentions(&err, &["DDIM eta 2", "eta <= 1"]);
     let two_sigmas = d.join("two-sigmas.safetensors");
+    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
     let sigma = Tensor::full(vec![2], 0.05);
     safetensors::write(
         &two_sigmas,
@@ -542,10 +539,7 @@ fn cli_restore_writes_where_it_is_told() {
     for f in ["inputs_0.png", "inputs_1.png", "report.json"] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let one = d.join("one.SAFETENSORS");
-    let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
-    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
-    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let one = write_measurement(&d.join("one.SAFETENSORS"));
     let slash = PathBuf::from(format!(
         "{}{}",
         d.join("slash").display(),
