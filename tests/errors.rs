@@ -11,14 +11,11 @@ use invdiff::model::Model;
 use invdiff::Tensor;
 
 mod common;
-use common::fixture;
+use common::{fixture, TempDir};
 
-/// A fresh scratch folder for one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("invdiff-errors-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+/// A fresh scratch folder for one test, removed when it ends.
+fn scratch(name: &str) -> TempDir {
+    TempDir::new("errors", name)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -482,26 +479,25 @@ fn cli_restore_refuses_settings_that_are_not_numbers() {
     let two_sigmas = d.join("two-sigmas.safetensors");
     let y = Tensor::full(vec![1, 3, 32, 32], 0.5);
     let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
-    let sigma = Tensor::full(vec![2], 0.05);
-    safetensors::write(
-        &two_sigmas,
-        &[("measurement", &y), ("kernel", &k), ("sigma", &sigma)],
-        None,
-    )
-    .unwrap();
-    // A data set's per-image `sigma` is not one noise level: ΠGDM needs --sigma with it, and
-    // DPS, which reads no noise level, runs.
+    let with_sigmas = |values: Vec<f32>| {
+        let sigma = Tensor::new(vec![values.len()], values).unwrap();
+        let tensors = [("measurement", &y), ("kernel", &k), ("sigma", &sigma)];
+        safetensors::write(&two_sigmas, &tensors, None).unwrap();
+    };
+    // A data set's per-image `sigma`: one level when its values are alike; when they differ,
+    // ΠGDM needs --sigma, and DPS, which reads no noise level, runs.
+    with_sigmas(vec![0.05, 0.05]);
+    restore_ok("pigdm", &two_sigmas, &out, &[]);
+    with_sigmas(vec![0.05, 0.1]);
     let err = restore_fails("pigdm", &two_sigmas, &out, &[]);
-    assert_mentions(
-        &err,
-        &[
-            "two-sigmas.safetensors",
-            "`sigma`",
-            "one noise level",
-            "[2]",
-            "--sigma",
-        ],
-    );
+    let expected = [
+        "two-sigmas.safetensors",
+        "`sigma`",
+        "[2]",
+        "differ",
+        "--sigma",
+    ];
+    assert_mentions(&err, &expected);
     restore_ok("pigdm", &two_sigmas, &out, &["--sigma", "0.1"]);
     restore_ok("dps", &two_sigmas, &out, &[]);
 }
@@ -540,13 +536,10 @@ fn cli_restore_writes_where_it_is_told() {
         assert!(out.join(f).is_file(), "{f}");
     }
     let one = write_measurement(&d.join("one.SAFETENSORS"));
-    let slash = PathBuf::from(format!(
-        "{}{}",
-        d.join("slash").display(),
-        std::path::MAIN_SEPARATOR
-    ));
+    // A folder named with a dot, not yet made.
+    let slash = PathBuf::from(format!("{}/", d.join("run.v2").display()));
     restore_ok("dps", &one, &slash, &[]);
-    assert!(d.join("slash").join("one.png").is_file());
+    assert!(d.join("run.v2").join("one.png").is_file());
     restore_ok("dps", &one, &out, &[]);
     assert!(out.join("one.png").is_file());
 }
@@ -587,10 +580,20 @@ fn cli_restore_checks_every_image_before_the_first() {
         "a was restored before b was checked"
     );
 
-    // Two inputs of one name would write one output.
+    // Two inputs of one name would write one output, and so would one input's strip and
+    // another named after it.
     save(inputs.join("a.jpg"), 32, 32);
     let err = restore_fails("dps", &inputs, &out, &kernel_arg);
-    assert_mentions(&err, &["two inputs are named a", "a.png"]);
+    assert_mentions(&err, &["inputs a and a", "a.png"]);
+    std::fs::remove_file(inputs.join("a.jpg")).unwrap();
+    save(inputs.join("a_strip.png"), 32, 32);
+    let err = restore_fails(
+        "dps",
+        &inputs,
+        &out,
+        &[&kernel_arg[..], &["--strip"]].concat(),
+    );
+    assert_mentions(&err, &["inputs a and a_strip", "a_strip.png"]);
 }
 
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own

@@ -311,4 +311,11 @@ fn ddim_eta_above_one_is_refused_where_its_weights_are_not_numbers() {
     d.set_timesteps(2).unwrap();
     let err = d.step_coeffs(500).unwrap_err().to_string();
     assert!(err.contains("eta 2") && err.contains("t = 500"), "{err}");
+    // Betas of 0 make ᾱ_t = ᾱ_prev = 1 and the variance 0/0: NaN at any eta, an error too.
+    let mut cfg = SchedulerConfig::default();
+    cfg.trained_betas = Some([vec![0.0; 2], vec![0.01; 998]].concat());
+    let mut d = Ddim::new(cfg, 0.5).unwrap();
+    d.set_timesteps(1000).unwrap();
+    let err = d.step_coeffs(1).unwrap_err().to_string();
+    assert!(err.contains("eta 0.5") && err.contains("t = 1"), "{err}");
 }

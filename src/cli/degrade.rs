@@ -28,7 +28,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let format = super::output_format(&a.output, &super::RESULT_FORMATS)?;
+    let format = super::output_format(&a.output, super::RESULT_FORMATS)?;
     super::check_output(&a.output, None)?;
     if !(a.sigma.is_finite() && a.sigma >= 0.0) {
         return Err(Error::input(format!(

@@ -6,10 +6,7 @@ use invdiff::io::safetensors;
 use invdiff::{Error, Result, Tensor};
 
 /// What `eps` writes.
-const TENSOR_FORMATS: super::Formats = super::Formats {
-    extensions: &["safetensors"],
-    hint: ".safetensors",
-};
+const TENSOR_FORMATS: &[&str] = &["safetensors"];
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,7 +25,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::check_output(&a.output, Some(&TENSOR_FORMATS))?;
+    super::check_output(&a.output, Some(TENSOR_FORMATS))?;
     let mut model = super::load_model(Some(&a.model))?;
     let file = safetensors::read(&a.input)?;
     let sample = file.get("sample")?;

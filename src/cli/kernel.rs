@@ -35,13 +35,10 @@ pub struct Args {
 }
 
 /// What `kernel` writes.
-const KERNEL_FORMATS: super::Formats = super::Formats {
-    extensions: &["safetensors", "npy", "png"],
-    hint: ".safetensors, .npy or .png",
-};
+const KERNEL_FORMATS: &[&str] = &["safetensors", "npy", "png"];
 
 pub fn run(a: Args) -> Result<()> {
-    super::check_output(&a.output, Some(&KERNEL_FORMATS))?;
+    super::check_output(&a.output, Some(KERNEL_FORMATS))?;
     let k = match a.kind {
         Kind::Gaussian => gaussian_kernel(a.size, a.intensity.unwrap_or(3.0))?,
         Kind::Motion => motion_kernel(a.size, a.intensity.unwrap_or(0.5), a.seed)?,
@@ -53,7 +50,7 @@ pub fn run(a: Args) -> Result<()> {
 
 /// Writes a `[1, 1, h, w]` kernel by extension.
 fn write_kernel(path: &Path, k: &Tensor) -> Result<()> {
-    match super::output_format(path, &KERNEL_FORMATS)?.as_str() {
+    match super::output_format(path, KERNEL_FORMATS)?.as_str() {
         "safetensors" => safetensors::write(path, &[("kernel", k)], None),
         "npy" => npy::write(path, k),
         _ => {

@@ -231,18 +231,8 @@ impl Progress {
     }
 }
 
-/// The file formats a command writes, by extension (matched lower-cased).
-struct Formats {
-    extensions: &'static [&'static str],
-    /// How an error names them: "use .png, .jpg or .safetensors".
-    hint: &'static str,
-}
-
-/// What [`save_result`] writes (and `degrade`'s measurements).
-const RESULT_FORMATS: Formats = Formats {
-    extensions: &["png", "jpg", "jpeg", "safetensors"],
-    hint: ".png, .jpg, .jpeg or .safetensors",
-};
+/// The extensions (lower case) of the file formats [`save_result`] writes, and `degrade`.
+const RESULT_FORMATS: &[&str] = &["png", "jpg", "jpeg", "safetensors"];
 
 /// Whether `path` names a safetensors file (its extension in any case).
 fn is_safetensors(path: &Path) -> bool {
@@ -250,27 +240,31 @@ fn is_safetensors(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
 }
 
-/// The output's format: its extension, lower-cased, if `formats` has it.
-fn output_format(path: &Path, formats: &Formats) -> Result<String> {
+/// The output's format: its extension, lower-cased, if it is one of `formats` (lower case).
+fn output_format(path: &Path, formats: &[&str]) -> Result<String> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
         .unwrap_or("")
         .to_ascii_lowercase();
-    if formats.extensions.contains(&ext.as_str()) {
-        Ok(ext)
-    } else {
-        Err(Error::input(format!(
-            "{}: unknown output format (use {})",
-            path.display(),
-            formats.hint
-        )))
+    if formats.contains(&ext.as_str()) {
+        return Ok(ext);
     }
+    let dotted: Vec<String> = formats.iter().map(|e| format!(".{e}")).collect();
+    let hint = match dotted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(Error::input(format!(
+        "{}: unknown output format (use {hint})",
+        path.display()
+    )))
 }
 
 /// Checks, before any work, that a file can be written at `path` (of one of `formats`, when
 /// given): a run of minutes or hours should not end on a typo in its output's name.
-fn check_output(path: &Path, formats: Option<&Formats>) -> Result<()> {
+fn check_output(path: &Path, formats: Option<&[&str]>) -> Result<()> {
     if let Some(f) = formats {
         output_format(path, f)?;
     }
@@ -294,7 +288,7 @@ fn check_output(path: &Path, formats: Option<&Formats>) -> Result<()> {
 /// an image file shows the batch side by side.
 fn save_result(path: &Path, x: &Tensor) -> Result<()> {
     let img = to_image(x);
-    if output_format(path, &RESULT_FORMATS)? == "safetensors" {
+    if output_format(path, RESULT_FORMATS)? == "safetensors" {
         return safetensors::write(path, &[("sample", x), ("image", &img)], None);
     }
     let items: Vec<Tensor> = (0..img.shape()[0]).map(|b| img.batch_item(b)).collect();

@@ -54,7 +54,8 @@ pub struct Args {
     /// DPS step weight η_t.
     #[arg(long, value_enum, default_value_t = EtaSchedule::Fixed)]
     eta_schedule: EtaSchedule,
-    /// Measurement noise level for ΠGDM (default: the measurement file's `sigma`, else 0.05).
+    /// Measurement noise level for ΠGDM (default: the measurement file's `sigma`, one value or
+    /// one per image all alike, else 0.05); DPS reads none.
     #[arg(long)]
     sigma: Option<f32>,
     /// Reverse process.
@@ -113,9 +114,9 @@ struct Item {
     kernel: Tensor,
 }
 
-/// Reads the inputs: measurements, with their kernels and truths, and for ΠGDM the noise level
-/// they share.
-fn read_items(a: &Args) -> Result<(Vec<Item>, Option<f32>)> {
+/// Reads the inputs: measurements, with their kernels and truths, and the measurement file's
+/// `sigma`, if it has one.
+fn read_items(a: &Args) -> Result<(Vec<Item>, Option<Tensor>)> {
     let path = &a.measurement;
     let mut ys: Vec<(String, Tensor)> = Vec::new();
     let (mut file_kernel, mut file_sigma, mut file_truth) = (None, None, None);
@@ -167,32 +168,6 @@ fn read_items(a: &Args) -> Result<(Vec<Item>, Option<f32>)> {
             )))
         }
     };
-    // Only ΠGDM reads the noise level: DPS runs whatever the file holds under `sigma`.
-    let sigma = match (a.method, a.sigma, file_sigma) {
-        (Method::Dps, ..) => None,
-        (Method::Pigdm, Some(s), _) => Some(s),
-        (Method::Pigdm, None, Some(s)) if s.numel() == 1 => Some(s.data()[0]),
-        (Method::Pigdm, None, Some(s)) => {
-            return Err(Error::format(
-                path,
-                format!(
-                    "tensor `sigma`: expected one noise level for ΠGDM, got shape {:?} (pass \
-                     --sigma)",
-                    s.shape()
-                ),
-            ))
-        }
-        (Method::Pigdm, None, None) => Some(0.05),
-    };
-    if let Some(s) = sigma.filter(|s| !(s.is_finite() && *s >= 0.0)) {
-        let source = match a.sigma {
-            Some(_) => "--sigma".to_string(),
-            None => format!("{}'s `sigma`", path.display()),
-        };
-        return Err(Error::input(format!(
-            "{source}: the noise level must be a finite number >= 0, got {s}"
-        )));
-    }
     let truths: Option<Vec<Tensor>> = match &a.truth {
         Some(t) if t.is_dir() => Some(
             ys.iter()
@@ -225,26 +200,60 @@ fn read_items(a: &Args) -> Result<(Vec<Item>, Option<f32>)> {
             kernel: kernel.clone(),
         })
         .collect();
-    Ok((items, sigma))
+    Ok((items, file_sigma))
+}
+
+/// ΠGDM's noise level, which every image of a run shares: --sigma, else the measurement file's
+/// `sigma` (one value, or one per image all alike), else 0.05.
+fn noise_level(a: &Args, file_sigma: Option<&Tensor>) -> Result<f32> {
+    let path = &a.measurement;
+    let sigma = match (a.sigma, file_sigma) {
+        (Some(s), _) => s,
+        (None, Some(s)) => match s.data() {
+            [first, rest @ ..] if rest.iter().all(|v| v.to_bits() == first.to_bits()) => *first,
+            _ => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `sigma` of shape {:?}: ΠGDM takes one noise level for every \
+                         image, and these differ (pass --sigma, or restore them apart)",
+                        s.shape()
+                    ),
+                ))
+            }
+        },
+        (None, None) => 0.05,
+    };
+    if !(sigma.is_finite() && sigma >= 0.0) {
+        let source = match a.sigma {
+            Some(_) => "--sigma".to_string(),
+            None => format!("{}'s `sigma`", path.display()),
+        };
+        return Err(Error::input(format!(
+            "{source}: the noise level must be a finite number >= 0, got {sigma}"
+        )));
+    }
+    Ok(sigma)
 }
 
 pub fn run(a: Args) -> Result<()> {
     if a.batch == 0 {
         return Err(Error::input("--batch must be at least 1"));
     }
-    let (mut items, sigma) = read_items(&a)?;
+    let (mut items, file_sigma) = read_items(&a)?;
     let scale = a.scale.unwrap_or(match (a.method, a.eta_schedule) {
         (Method::Dps, EtaSchedule::Adaptive) => 100.0,
         _ => 1.0,
     });
-    let guidance = match (a.method, sigma) {
-        (Method::Dps, _) => Guidance::Dps {
+    // DPS reads no noise level, so it ignores the file's `sigma`, whatever its shape.
+    let guidance = match a.method {
+        Method::Dps => Guidance::Dps {
             scale,
             adaptive: a.eta_schedule == EtaSchedule::Adaptive,
         },
-        (Method::Pigdm, sigma) => Guidance::Pigdm {
+        Method::Pigdm => Guidance::Pigdm {
             scale,
-            sigma: sigma.expect("read_items reads ΠGDM's noise level"),
+            sigma: noise_level(&a, file_sigma.as_ref())?,
         },
     };
     guidance.check()?;
@@ -252,25 +261,18 @@ pub fn run(a: Args) -> Result<()> {
     // Several inputs go to a folder, one to a file unless --output names a folder.
     let to_folder = total > 1 || a.output.is_dir() || ends_with_separator(&a.output);
     if to_folder {
-        if a.output.extension().is_some() && !a.output.is_dir() {
+        // `out.png` for several images is more likely a slip than a folder's name.
+        if a.output.extension().is_some() && !a.output.is_dir() && !ends_with_separator(&a.output) {
             return Err(Error::input(format!(
-                "{} inputs: --output must be a folder, got {}",
-                total,
+                "{total} inputs: --output must be a folder, got {} (end it with / to make a \
+                 folder of that name)",
                 a.output.display()
             )));
         }
-        // Over every shard's inputs, as the shards share the folder.
-        let mut names = std::collections::HashSet::new();
-        if let Some(it) = items.iter().find(|it| !names.insert(&it.name)) {
-            return Err(Error::input(format!(
-                "two inputs are named {}: both would be written to {}",
-                it.name,
-                a.output.join(format!("{}.png", it.name)).display()
-            )));
-        }
+        check_unique_outputs(&items, a.strip, &a.output)?;
         std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     } else {
-        super::check_output(&a.output, Some(&super::RESULT_FORMATS))?;
+        super::check_output(&a.output, Some(super::RESULT_FORMATS))?;
     }
     // After the output folder is made: the report may go in it.
     if let Some(path) = &a.report {
@@ -393,7 +395,10 @@ pub fn run(a: Args) -> Result<()> {
                 "steps": a.steps,
                 "scale": scale,
                 "eta_schedule": format!("{:?}", a.eta_schedule).to_lowercase(),
-                "sigma": sigma,
+                "sigma": match guidance {
+                    Guidance::Pigdm { sigma, .. } => Some(sigma),
+                    _ => None,
+                },
                 "scheduler": format!("{:?}", a.scheduler).to_lowercase(),
                 "eta": a.eta,
                 "seed": a.noise.is_none().then_some(a.seed),
@@ -465,7 +470,30 @@ fn blur_operators(batch: &[Item], cfg: &UNetConfig) -> Result<([usize; 4], Opera
 fn ends_with_separator(path: &Path) -> bool {
     path.as_os_str()
         .to_string_lossy()
-        .ends_with(std::path::MAIN_SEPARATOR)
+        .ends_with(std::path::is_separator)
+}
+
+/// An error if two of the files a folder run writes (`<name>.png`, and with `--strip`
+/// `<name>_strip.png`) would be one, over every shard's inputs, as shards share the folder.
+/// Names are compared without case, as macOS and Windows file systems compare them.
+fn check_unique_outputs(items: &[Item], strip: bool, folder: &Path) -> Result<()> {
+    let mut written = std::collections::HashMap::new();
+    for it in items {
+        let files = [
+            Some(format!("{}.png", it.name)),
+            strip.then(|| format!("{}_strip.png", it.name)),
+        ];
+        for file in files.into_iter().flatten() {
+            if let Some(other) = written.insert(file.to_lowercase(), it.name.clone()) {
+                return Err(Error::input(format!(
+                    "inputs {other} and {} would both be written to {}",
+                    it.name,
+                    folder.join(&file).display()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `out.png` -> `out_strip.png`.

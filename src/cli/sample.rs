@@ -39,7 +39,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    super::check_output(&a.output, Some(&super::RESULT_FORMATS))?;
+    super::check_output(&a.output, Some(super::RESULT_FORMATS))?;
     let mut model = super::load_model(Some(&a.model))?;
     let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
     let cfg = model.config();

@@ -52,7 +52,7 @@ impl Guidance {
         if let Guidance::Pigdm { sigma, .. } = *self {
             ensure!(
                 sigma.is_finite() && sigma >= 0.0,
-                "sigma must be a non-negative number, got {sigma}"
+                "sigma must be a finite number >= 0, got {sigma}"
             );
         }
         Ok(())

@@ -117,18 +117,22 @@ impl Scheduler for Ddim {
         let variance = variance_of(a_t, a_p);
         let std = self.eta * variance.sqrt();
         let mut direction = 1.0 - a_p - std * std;
-        if direction < 0.0 && self.eta <= 1.0 {
+        if self.eta <= 1.0 && (-4.0 * f32::EPSILON * (1.0 - a_p)..0.0).contains(&direction) {
             // For eta <= 1 the variance is at most 1 - ᾱ_prev, but where ᾱ_t is tiny the f32
-            // variance rounds to 1 - ᾱ_prev and std² one ulp above it: the weight is 0, where
-            // diffusers' square root returns NaN.
+            // variance rounds to 1 - ᾱ_prev and std² an ulp above it: the weight is 0, where
+            // diffusers' square root returns NaN. (Only that far: more is not rounding.)
             direction = 0.0;
         }
-        if direction < 0.0 {
+        if direction.is_nan() || direction < 0.0 {
             // diffusers' step returns NaN here, from the square root below.
+            let hint = if self.eta > 1.0 {
+                "; eta <= 1 keeps the std within √(1 − ᾱ_prev)"
+            } else {
+                ""
+            };
             return Err(Error::input(format!(
-                "DDIM eta {}: at t = {t} the noise std η·√variance = {std} exceeds √(1 − ᾱ_prev) \
-                 = {}, so the predicted noise's weight √(1 − ᾱ_prev − std²) is not a number; \
-                 eta <= 1 always works",
+                "DDIM eta {}: at t = {t} the predicted noise's weight √(1 − ᾱ_prev − std²) is not \
+                 a number (ᾱ_prev = {a_p}, std = η·√variance = {std}, √(1 − ᾱ_prev) = {}){hint}",
                 self.eta,
                 (1.0 - a_p).sqrt()
             )));

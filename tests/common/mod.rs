@@ -51,6 +51,15 @@ impl TempDir {
     }
 }
 
+/// The directory's path, so that a `TempDir` goes where a `&Path` does.
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
