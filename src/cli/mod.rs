@@ -262,8 +262,9 @@ fn output_format(path: &Path, formats: &[&str]) -> Result<String> {
     )))
 }
 
-/// Checks, before any work, that a file can be written at `path` (of one of `formats`, when
-/// given): a run of minutes or hours should not end on a typo in its output's name.
+/// Checks, before any work, that `path` names a file (of one of `formats`, when given) in a
+/// folder that exists: a run of minutes or hours should not end on a typo in its output's
+/// name. (Permissions and free space are left to the write.)
 fn check_output(path: &Path, formats: Option<&[&str]>) -> Result<()> {
     if let Some(f) = formats {
         output_format(path, f)?;
