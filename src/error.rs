@@ -34,6 +34,13 @@ pub enum Error {
     /// The CUDA backend is unavailable or failed.
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// Sampling left NaN or infinite values in the state at loop step `step` (timestep `t`):
+    /// the run's numbers, not the machine, so a data set's other images can go on.
+    #[error(
+        "sampling diverged at step {step} (t = {t}): the state holds NaN or infinite values; \
+         try a smaller guidance scale"
+    )]
+    Diverged { step: usize, t: i64 },
 }
 
 /// Shorthand used throughout the crate.

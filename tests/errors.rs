@@ -596,6 +596,43 @@ fn cli_restore_checks_every_image_before_the_first() {
     assert_mentions(&err, &["inputs a and a_strip", "a_strip.png"]);
 }
 
+/// An image whose run diverges (here ΠGDM on a measurement of 3e38) costs that image, not the
+/// others: the run restores the rest, writes the report with the failure in it, says which
+/// image failed and why, and exits with an error; on the CPU as on the GPU the error is the
+/// divergence (the host loop used to stop on the network refusing a non-finite cotangent).
+#[test]
+fn cli_restore_goes_on_past_a_diverged_image() {
+    let d = scratch("cli-restore-diverged");
+    let measurements = d.join("div.safetensors");
+    let mut y = Tensor::full(vec![2, 3, 32, 32], 0.5);
+    y.data_mut()[3 * 32 * 32..].fill(3e38);
+    let k = Tensor::full(vec![1, 1, 3, 3], 1.0 / 9.0);
+    safetensors::write(&measurements, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let (out, report) = (d.join("out"), d.join("report.json"));
+    let err = restore_fails(
+        "pigdm",
+        &measurements,
+        &out,
+        &["--report", report.to_str().unwrap()],
+    );
+    assert_mentions(
+        &err,
+        &[
+            "div_1: not restored: sampling diverged",
+            "1 of 2 image(s) not restored",
+        ],
+    );
+    assert!(out.join("div_0.png").is_file() && !out.join("div_1.png").exists());
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["failed"], 1);
+    assert!(r["images"][0]["error"].is_null());
+    assert!(r["images"][1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("diverged"));
+}
+
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own
 /// per-op timing instead of a silent no-op; so are `--trace`, which records CUDA graph replays,
 /// and `--stalls`, which samples GPU warps; a peak rate must be positive, and a sampling period

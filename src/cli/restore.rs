@@ -305,6 +305,8 @@ pub fn run(a: Args) -> Result<()> {
     );
 
     let mut reports = Vec::new();
+    // Images whose batch diverged, and the first such error.
+    let mut failed: Option<(usize, String)> = None;
     // The batches' summed step times (the GPU's, on the device loop), and each batch's median
     // step (printed: their median).
     let (mut steps_s, mut step_ms) = (0.0, Vec::new());
@@ -327,7 +329,7 @@ pub fn run(a: Args) -> Result<()> {
         let m = Measurements { operators, y };
         let bar = Progress::new(a.steps);
         let t0 = Instant::now();
-        let x = sampler::sample(
+        let run = sampler::sample(
             &mut engine,
             sched.as_ref(),
             guidance,
@@ -335,10 +337,23 @@ pub fn run(a: Args) -> Result<()> {
             &noise,
             shape,
             |r| bar.step(r),
-        )?;
+        );
         let times = bar.finish();
         let seconds = t0.elapsed().as_secs_f64();
         steps_s += times.total_s;
+        // A batch that diverges costs its own images, not the rest of a data set's: it is
+        // reported, and the run goes on (and fails at the end).
+        let x = match run {
+            Err(e @ Error::Diverged { .. }) => {
+                for it in batch {
+                    eprintln!("{}: not restored: {e}", it.name);
+                    reports.push(json!({ "name": it.name, "error": e.to_string() }));
+                }
+                failed.get_or_insert((0, e.to_string())).0 += batch.len();
+                continue;
+            }
+            other => other?,
+        };
         step_ms.push(times.median_ms);
         let restored = sampler::to_image(&x);
         for (b, it) in batch.iter().enumerate() {
@@ -379,10 +394,10 @@ pub fn run(a: Args) -> Result<()> {
     }
     let total_s = start_all.elapsed().as_secs_f64();
     let median_ms = super::median(&mut step_ms);
+    let restored = reports.len() - failed.as_ref().map_or(0, |f| f.0);
     eprintln!(
-        "invdiff restore: {} image(s) in {total_s:.1} s ({:.3} s per step per batch: steps \
-         {steps_s:.2} s, {median_ms:.2} ms median step, the rest {:.2} s), wrote {}",
-        reports.len(),
+        "invdiff restore: {restored} image(s) in {total_s:.1} s ({:.3} s per step per batch: \
+         steps {steps_s:.2} s, {median_ms:.2} ms median step, the rest {:.2} s), wrote {}",
         total_s / (a.steps * items.len().div_ceil(a.batch)) as f64,
         total_s - steps_s,
         a.output.display()
@@ -411,6 +426,7 @@ pub fn run(a: Args) -> Result<()> {
                 "choices": engine.choices(),
             },
             "images": reports,
+            "failed": failed.as_ref().map_or(0, |f| f.0),
             "seconds": total_s,
             "steps_seconds": steps_s,
             "version": env!("CARGO_PKG_VERSION"),
@@ -418,7 +434,13 @@ pub fn run(a: Args) -> Result<()> {
         let text = serde_json::to_string_pretty(&report).expect("serialisable");
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
     }
-    Ok(())
+    match failed {
+        Some((n, first)) => Err(Error::input(format!(
+            "{n} of {} image(s) not restored (the first: {first})",
+            items.len()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// One blur operator per image of a batch.

@@ -123,12 +123,11 @@ pub(crate) fn sample(
     let x = lp.x.download(&st)?;
     let diverged = lp.diverged.download(&st)?[0];
     if diverged != i32::MAX {
-        let i = diverged as usize;
-        return Err(Error::input(format!(
-            "sampling diverged at step {i} (t = {}): the state holds NaN or infinite values; \
-             try a smaller guidance scale",
-            job.scheduler.timesteps()[i]
-        )));
+        let step = diverged as usize;
+        return Err(Error::Diverged {
+            step,
+            t: job.scheduler.timesteps()[step],
+        });
     }
     Tensor::new(job.shape.to_vec(), x)
 }

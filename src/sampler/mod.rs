@@ -218,10 +218,7 @@ fn run(
             (g, Some(m)) => guided_step(engine, scheduler, c, g, m, &x, z.as_ref())?,
         };
         if !x.all_finite() {
-            return Err(Error::input(format!(
-                "sampling diverged at step {i} (t = {t}): the state holds NaN or infinite values; \
-                 try a smaller guidance scale"
-            )));
+            return Err(Error::Diverged { step: i, t });
         }
         progress(&StepReport {
             index: i,
@@ -363,6 +360,11 @@ fn guided_step(
             Ok(())
         })?;
     let (d_direct, cot) = chain_rule(c, &s, &d_xhat);
+    if !cot.iter().all(|v| v.is_finite()) {
+        // The next state would not be finite either: the loop reports divergence at this step,
+        // as the device loop does, where the network would refuse the cotangent.
+        return Tensor::new(x.shape().to_vec(), vec![f32::NAN; x.numel()]);
+    }
     let cot = Tensor::new(x.shape().to_vec(), cot)?;
     let g_eps = engine.vjp(&cot)?;
     let out = update(&gc, guidance, s.prev.data(), &d_direct, g_eps.data());
