@@ -5,8 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-/// Everything that can go wrong in invdiff, with enough context to act on.
+/// Everything that can go wrong in invdiff, with enough context to act on. (More kinds may
+/// come: match with a wildcard arm.)
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be opened, read or written.
     #[error("{}: {source}", path.display())]
@@ -34,13 +36,20 @@ pub enum Error {
     /// The CUDA backend is unavailable or failed.
     #[error("CUDA: {0}")]
     Cuda(String),
-    /// Sampling left NaN or infinite values in the state at loop step `step` (timestep `t`):
-    /// the run's numbers, not the machine, so a data set's other images can go on.
+    /// Sampling left NaN or infinite values in the state: a property of the run's numbers (a
+    /// guidance scale too large, a measurement out of range), not of the machine, so a data
+    /// set's other images can go on. The GPU's loop runs every step before it reports the first
+    /// such one; the CPU's stops there.
     #[error(
         "sampling diverged at step {step} (t = {t}): the state holds NaN or infinite values; \
          try a smaller guidance scale"
     )]
-    Diverged { step: usize, t: i64 },
+    Diverged {
+        /// The loop step (0 = the first, noisiest) whose result was not finite.
+        step: usize,
+        /// Its timestep.
+        t: i64,
+    },
 }
 
 /// Shorthand used throughout the crate.

@@ -598,8 +598,9 @@ fn cli_restore_checks_every_image_before_the_first() {
 
 /// An image whose run diverges (here ΠGDM on a measurement of 3e38) costs that image, not the
 /// others: the run restores the rest, writes the report with the failure in it, says which
-/// image failed and why, and exits with an error; on the CPU as on the GPU the error is the
-/// divergence (the host loop used to stop on the network refusing a non-finite cotangent).
+/// image failed and why, and exits with an error. The CPU reports the divergence, as the GPU's
+/// loop does (the host loop used to stop on the network refusing a non-finite cotangent); a
+/// run of one image fails with the divergence alone.
 #[test]
 fn cli_restore_goes_on_past_a_diverged_image() {
     let d = scratch("cli-restore-diverged");
@@ -631,6 +632,14 @@ fn cli_restore_goes_on_past_a_diverged_image() {
         .as_str()
         .unwrap()
         .contains("diverged"));
+
+    let one = d.join("one.safetensors");
+    let y = Tensor::full(vec![1, 3, 32, 32], 3e38);
+    safetensors::write(&one, &[("measurement", &y), ("kernel", &k)], None).unwrap();
+    let err = restore_fails("pigdm", &one, &d.join("one.png"), &[]);
+    assert_mentions(&err, &["error: sampling diverged at step"]);
+    assert_eq!(err.matches("diverged").count(), 1, "{err}");
+    assert!(!d.join("one.png").exists());
 }
 
 /// `bench --profile` times GPU launches: on the CPU it is an error that points at the CPU's own

@@ -305,8 +305,9 @@ pub fn run(a: Args) -> Result<()> {
     );
 
     let mut reports = Vec::new();
-    // Images whose batch diverged, and the first such error.
-    let mut failed: Option<(usize, String)> = None;
+    // Images whose batch diverged, and the first such error. (Their steps count in `steps_s`:
+    // the time was spent, up to the diverging step on the CPU, every step on the GPU.)
+    let (mut failed, mut first_failure) = (0, None);
     // The batches' summed step times (the GPU's, on the device loop), and each batch's median
     // step (printed: their median).
     let (mut steps_s, mut step_ms) = (0.0, Vec::new());
@@ -346,10 +347,13 @@ pub fn run(a: Args) -> Result<()> {
         let x = match run {
             Err(e @ Error::Diverged { .. }) => {
                 for it in batch {
-                    eprintln!("{}: not restored: {e}", it.name);
+                    if items.len() > 1 {
+                        eprintln!("{}: not restored: {e}", it.name);
+                    }
                     reports.push(json!({ "name": it.name, "error": e.to_string() }));
                 }
-                failed.get_or_insert((0, e.to_string())).0 += batch.len();
+                failed += batch.len();
+                first_failure.get_or_insert(e);
                 continue;
             }
             other => other?,
@@ -394,14 +398,16 @@ pub fn run(a: Args) -> Result<()> {
     }
     let total_s = start_all.elapsed().as_secs_f64();
     let median_ms = super::median(&mut step_ms);
-    let restored = reports.len() - failed.as_ref().map_or(0, |f| f.0);
-    eprintln!(
-        "invdiff restore: {restored} image(s) in {total_s:.1} s ({:.3} s per step per batch: \
-         steps {steps_s:.2} s, {median_ms:.2} ms median step, the rest {:.2} s), wrote {}",
-        total_s / (a.steps * items.len().div_ceil(a.batch)) as f64,
-        total_s - steps_s,
-        a.output.display()
-    );
+    let restored = reports.len() - failed;
+    if restored > 0 {
+        eprintln!(
+            "invdiff restore: {restored} image(s) in {total_s:.1} s ({:.3} s per step per batch: \
+             steps {steps_s:.2} s, {median_ms:.2} ms median step, the rest {:.2} s), wrote {}",
+            total_s / (a.steps * items.len().div_ceil(a.batch)) as f64,
+            total_s - steps_s,
+            a.output.display()
+        );
+    }
     if let Some(path) = &a.report {
         let report = json!({
             "settings": {
@@ -426,7 +432,7 @@ pub fn run(a: Args) -> Result<()> {
                 "choices": engine.choices(),
             },
             "images": reports,
-            "failed": failed.as_ref().map_or(0, |f| f.0),
+            "failed": failed,
             "seconds": total_s,
             "steps_seconds": steps_s,
             "version": env!("CARGO_PKG_VERSION"),
@@ -434,12 +440,13 @@ pub fn run(a: Args) -> Result<()> {
         let text = serde_json::to_string_pretty(&report).expect("serialisable");
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
     }
-    match failed {
-        Some((n, first)) => Err(Error::input(format!(
-            "{n} of {} image(s) not restored (the first: {first})",
+    match first_failure {
+        None => Ok(()),
+        Some(e) if items.len() == 1 => Err(e),
+        Some(e) => Err(Error::input(format!(
+            "{failed} of {} image(s) not restored (the first: {e})",
             items.len()
         ))),
-        None => Ok(()),
     }
 }
 

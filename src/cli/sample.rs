@@ -80,8 +80,9 @@ pub fn run(a: Args) -> Result<()> {
         &noise,
         shape,
         |r| bar.step(r),
-    )?;
+    );
     let times = bar.finish();
+    let x = x?;
     save_result(&a.output, &x)?;
     eprintln!(
         "invdiff sample: wrote {} ({:.1} ms a step, median)",
