@@ -55,3 +55,41 @@ fn the_report_splits_steps_from_set_up() {
     );
     assert!(setup >= 0.0 && setup <= image["seconds"].as_f64().unwrap());
 }
+
+/// `--skip-existing` restores only what an interrupted folder run did not write, and what it
+/// writes is what the whole run wrote (each image's noise is keyed by its place in the set).
+#[test]
+fn skip_existing_finishes_an_interrupted_run_as_one_run_would() {
+    let dir = TempDir::new("cli_restore", "skip");
+    let out = dir.join("out");
+    let run = |extra: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_invdiff"))
+            .args(["restore", "--model"])
+            .arg(fixture("models/google_tiny"))
+            .args(["--method", "dps", "--steps", "3", "--device", "cpu"])
+            .arg("--measurement")
+            .arg(fixture("trajectories/inputs.safetensors"))
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{stderr}");
+        stderr
+    };
+    run(&[]);
+    let (first, second) = (out.join("inputs_0.png"), out.join("inputs_1.png"));
+    let whole_run = std::fs::read(&second).unwrap();
+    let first_written = std::fs::metadata(&first).unwrap().modified().unwrap();
+    std::fs::remove_file(&second).unwrap();
+
+    let stderr = run(&["--skip-existing"]);
+    assert!(stderr.contains("1 of 2 image(s) already in"), "{stderr}");
+    assert_eq!(std::fs::read(&second).unwrap(), whole_run);
+    let first_now = std::fs::metadata(&first).unwrap().modified().unwrap();
+    assert_eq!(first_now, first_written, "inputs_0.png was written again");
+
+    let stderr = run(&["--skip-existing"]);
+    assert!(stderr.contains("2 of 2 image(s) already in"), "{stderr}");
+}

@@ -89,6 +89,12 @@ pub struct Args {
     /// Process only part `i` of `n` of the inputs (`i/n`, 0-based), e.g. one Slurm array task.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
+    /// Leave out the images whose output file is already there, so that rerunning an
+    /// interrupted run does the rest. Each image's noise is keyed by its place in the input
+    /// set, so the results are those of one whole run (on a GPU with --batch above 1, to the
+    /// bit only with --batch-invariant, as batches then hold other images).
+    #[arg(long, conflicts_with = "noise")]
+    skip_existing: bool,
     #[command(flatten)]
     backend: super::Backend,
 }
@@ -281,6 +287,20 @@ pub fn run(a: Args) -> Result<()> {
     if let Some((i, n)) = a.shard {
         items.retain(|it| it.index % n == i);
     }
+    if a.skip_existing {
+        let before = items.len();
+        items.retain(|it| !output_path(&a, to_folder, it).exists());
+        if items.len() < before {
+            eprintln!(
+                "invdiff restore: {} of {before} image(s) already in {}: skipped",
+                before - items.len(),
+                a.output.display()
+            );
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+    }
     let mut model = super::load_model(Some(&a.model))?;
     let cfg = model.config().clone();
     let sched = scheduler(&model, a.scheduler, a.eta, a.steps)?;
@@ -361,11 +381,7 @@ pub fn run(a: Args) -> Result<()> {
         step_ms.push(times.median_ms);
         let restored = sampler::to_image(&x);
         for (b, it) in batch.iter().enumerate() {
-            let out = if to_folder {
-                a.output.join(format!("{}.png", it.name))
-            } else {
-                a.output.clone()
-            };
+            let out = output_path(&a, to_folder, it);
             let xb = x.batch_item(b);
             let img = restored.batch_item(b);
             save_result(&out, &xb)?;
@@ -447,6 +463,15 @@ pub fn run(a: Args) -> Result<()> {
             "{failed} of {} image(s) not restored (the first: {e})",
             items.len()
         ))),
+    }
+}
+
+/// Where an image's result goes: `<output>/<name>.png` in a folder run, else `--output`.
+fn output_path(a: &Args, to_folder: bool, it: &Item) -> PathBuf {
+    if to_folder {
+        a.output.join(format!("{}.png", it.name))
+    } else {
+        a.output.clone()
     }
 }
 
