@@ -57,7 +57,9 @@ fn the_report_splits_steps_from_set_up() {
 }
 
 /// `--skip-existing` restores only what an interrupted folder run did not write, and what it
-/// writes is what the whole run wrote (each image's noise is keyed by its place in the set).
+/// writes is what the whole run wrote (each image's noise is keyed by its place in the set,
+/// whatever the batch it lands in): a batch of two, cut short after its first image, is
+/// finished by a batch of one.
 #[test]
 fn skip_existing_finishes_an_interrupted_run_as_one_run_would() {
     let dir = TempDir::new("cli_restore", "skip");
@@ -67,6 +69,7 @@ fn skip_existing_finishes_an_interrupted_run_as_one_run_would() {
             .args(["restore", "--model"])
             .arg(fixture("models/google_tiny"))
             .args(["--method", "dps", "--steps", "3", "--device", "cpu"])
+            .args(["--batch", "2"])
             .arg("--measurement")
             .arg(fixture("trajectories/inputs.safetensors"))
             .arg("--output")
@@ -81,15 +84,30 @@ fn skip_existing_finishes_an_interrupted_run_as_one_run_would() {
     run(&[]);
     let (first, second) = (out.join("inputs_0.png"), out.join("inputs_1.png"));
     let whole_run = std::fs::read(&second).unwrap();
-    let first_written = std::fs::metadata(&first).unwrap().modified().unwrap();
+    // What is there counts as done, whatever it holds: a marker shows it is left alone.
+    std::fs::write(&first, b"done").unwrap();
     std::fs::remove_file(&second).unwrap();
 
     let stderr = run(&["--skip-existing"]);
-    assert!(stderr.contains("1 of 2 image(s) already in"), "{stderr}");
+    assert!(
+        stderr.contains("1 of 2 image(s) already written"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read(&second).unwrap(), whole_run);
-    let first_now = std::fs::metadata(&first).unwrap().modified().unwrap();
-    assert_eq!(first_now, first_written, "inputs_0.png was written again");
+    assert_eq!(std::fs::read(&first).unwrap(), b"done");
 
-    let stderr = run(&["--skip-existing"]);
-    assert!(stderr.contains("2 of 2 image(s) already in"), "{stderr}");
+    let stderr = run(&["--skip-existing", "--strip"]);
+    assert!(!stderr.contains("already written"), "{stderr}");
+    assert!(out.join("inputs_0_strip.png").is_file());
+    let stderr = run(&["--skip-existing", "--strip"]);
+    assert!(
+        stderr.contains("2 of 2 image(s) already written"),
+        "{stderr}"
+    );
+    // Nothing is left half-written beside the outputs.
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".part")), "{names:?}");
 }

@@ -89,10 +89,11 @@ pub struct Args {
     /// Process only part `i` of `n` of the inputs (`i/n`, 0-based), e.g. one Slurm array task.
     #[arg(long, value_parser = parse_shard)]
     shard: Option<(usize, usize)>,
-    /// Leave out the images whose output file is already there, so that rerunning an
-    /// interrupted run does the rest. Each image's noise is keyed by its place in the input
-    /// set, so the results are those of one whole run (on a GPU with --batch above 1, to the
-    /// bit only with --batch-invariant, as batches then hold other images).
+    /// Leave out the images whose output (and with --strip, strip) is already written, so that
+    /// rerunning an interrupted run does the rest; its report lists only what it restored.
+    /// Each image's noise is keyed by its place in the input set, so with the same inputs the
+    /// results are those of one whole run (on a GPU with --batch above 1, to the bit only with
+    /// --batch-invariant, as batches then hold other images).
     #[arg(long, conflicts_with = "noise")]
     skip_existing: bool,
     #[command(flatten)]
@@ -287,13 +288,18 @@ pub fn run(a: Args) -> Result<()> {
     if let Some((i, n)) = a.shard {
         items.retain(|it| it.index % n == i);
     }
+    // Outputs are written whole or not at all (io::write_whole), so one that exists is done.
+    let mut skipped = 0;
     if a.skip_existing {
         let before = items.len();
-        items.retain(|it| !output_path(&a, to_folder, it).exists());
-        if items.len() < before {
+        items.retain(|it| {
+            let out = output_path(&a, to_folder, it);
+            !(out.exists() && (!a.strip || strip_path(&out).exists()))
+        });
+        skipped = before - items.len();
+        if skipped > 0 {
             eprintln!(
-                "invdiff restore: {} of {before} image(s) already in {}: skipped",
-                before - items.len(),
+                "invdiff restore: {skipped} of {before} image(s) already written to {}: skipped",
                 a.output.display()
             );
         }
@@ -449,6 +455,7 @@ pub fn run(a: Args) -> Result<()> {
             },
             "images": reports,
             "failed": failed,
+            "skipped": skipped,
             "seconds": total_s,
             "steps_seconds": steps_s,
             "version": env!("CARGO_PKG_VERSION"),

@@ -4,8 +4,6 @@
 //! values / 255 in f32); saving follows `tensor2uint` (clamp, ×255, round half to even), so a
 //! saved image is exactly what the notebook's PSNR sees.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use ::image::codecs::jpeg::JpegEncoder;
@@ -237,13 +235,12 @@ fn write_pixels(path: &Path, pixels: &[u8], w: usize, h: usize, c: usize) -> Res
             ))
         }
     };
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut out = BufWriter::new(file);
-    let encoded = if ext == "png" {
-        PngEncoder::new(&mut out).write_image(pixels, w32, h32, color)
-    } else {
-        JpegEncoder::new_with_quality(&mut out, JPEG_QUALITY).write_image(pixels, w32, h32, color)
-    };
-    encoded.map_err(|e| image_error(path, e))?;
-    out.flush().map_err(|e| Error::io(path, e))
+    super::write_whole(path, |out| {
+        let encoded = if ext == "png" {
+            PngEncoder::new(out).write_image(pixels, w32, h32, color)
+        } else {
+            JpegEncoder::new_with_quality(out, JPEG_QUALITY).write_image(pixels, w32, h32, color)
+        };
+        encoded.map_err(|e| image_error(path, e))
+    })
 }

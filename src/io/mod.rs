@@ -2,7 +2,7 @@
 //!
 //! Every reader takes the whole file as bytes and validates each length, offset and count
 //! against it before slicing or allocating, so a truncated or hostile file yields an
-//! [`Error::Format`](crate::Error::Format) naming the file and the problem, never a panic or
+//! [`Error::Format`] naming the file and the problem, never a panic or
 //! an unbounded allocation. Each reader has a `from_bytes`-style entry point taking a display
 //! path, which the file-based functions call and the fuzz targets drive directly.
 
@@ -15,7 +15,32 @@ pub mod safetensors;
 /// PyTorch `.bin` checkpoints (`torch.save` zip format), read without executing any pickle code.
 pub mod torch_bin;
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
 use half::{bf16, f16};
+
+use crate::{Error, Result};
+
+/// Writes a file whole or not at all: `fill` writes `<path>.part` in the same folder, which is
+/// renamed onto `path` once complete (and removed if `fill` fails). A process killed mid-write,
+/// at a job's time limit say, so leaves no truncated file where a finished one is expected;
+/// `restore --skip-existing` takes an existing output as done.
+fn write_whole(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".part");
+    let part: PathBuf = path.with_file_name(name);
+    let file = File::create(&part).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::new(file);
+    let filled = fill(&mut w).and_then(|()| w.flush().map_err(|e| Error::io(path, e)));
+    drop(w);
+    if let Err(e) = filled {
+        let _ = std::fs::remove_file(&part);
+        return Err(e);
+    }
+    std::fs::rename(&part, path).map_err(|e| Error::io(path, e))
+}
 
 /// Element types the readers understand, shared by the three formats so that each converts to
 /// f32 through the same code (and the same rounding) whatever file the tensor came from.
@@ -196,4 +221,33 @@ fn extend_strided_f32(
         }
     }
     Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails part-way leaves what was at the path (here a finished file) as it
+    /// was, and no `.part` file; one that succeeds replaces it.
+    #[test]
+    fn files_are_written_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("invdiff-io-whole-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, part) = (dir.join("x.png"), dir.join("x.png.part"));
+        std::fs::write(&path, b"finished").unwrap();
+        let failed = write_whole(&path, |w| {
+            w.write_all(b"half").unwrap();
+            Err(Error::input("cut short"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"finished");
+        assert!(!part.exists());
+        write_whole(&path, |w| {
+            w.write_all(b"new").map_err(|e| Error::io(&path, e))
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(!part.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

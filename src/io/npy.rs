@@ -284,8 +284,6 @@ pub fn write(path: &Path, tensor: &Tensor) -> Result<()> {
     header.push_str(&" ".repeat(pad));
     header.push('\n');
 
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::new(file);
     let write_all = |w: &mut BufWriter<File>| -> std::io::Result<()> {
         w.write_all(MAGIC)?;
         if preamble == 10 {
@@ -303,7 +301,7 @@ pub fn write(path: &Path, tensor: &Tensor) -> Result<()> {
                 w.write_all(&v.to_le_bytes())?;
             }
         }
-        w.flush()
+        Ok(())
     };
-    write_all(&mut w).map_err(|e| Error::io(path, e))
+    super::write_whole(path, |w| write_all(w).map_err(|e| Error::io(path, e)))
 }

@@ -442,15 +442,15 @@ pub fn write_tensors(
     // Pad with spaces (valid JSON whitespace) so the data section starts 8-byte aligned.
     header.push_str(&" ".repeat((8 - header.len() % 8) % 8));
 
-    let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::new(file);
-    let write_all = |w: &mut BufWriter<File>| -> std::io::Result<()> {
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(header.as_bytes())?;
-        for (_, t) in &order {
-            t.write_data(w)?;
-        }
-        w.flush()
-    };
-    write_all(&mut w).map_err(|e| Error::io(path, e))
+    super::write_whole(path, |w| {
+        let write_all = |w: &mut BufWriter<File>| -> std::io::Result<()> {
+            w.write_all(&(header.len() as u64).to_le_bytes())?;
+            w.write_all(header.as_bytes())?;
+            for (_, t) in &order {
+                t.write_data(w)?;
+            }
+            Ok(())
+        };
+        write_all(w).map_err(|e| Error::io(path, e))
+    })
 }
