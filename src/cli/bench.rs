@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use invdiff::cuda::{
-    peak_rate, PassSummary, PeakRate, Profile, StallOptions, Stalls, Trace, NOT_ISSUED,
+    counted_once, peak_rate, PassSummary, PeakRate, Profile, StallOptions, Stalls, Trace,
 };
 use invdiff::{Error, Result, Tensor};
 
@@ -439,7 +439,7 @@ const TOP_STATES: usize = 5;
 fn state_mix(states: &[invdiff::cuda::StateCount], total: u64) -> String {
     states
         .iter()
-        .filter(|c| !c.state.ends_with(NOT_ISSUED))
+        .filter(|c| counted_once(&c.state))
         .take(TOP_STATES)
         .map(|c| {
             format!(

@@ -276,7 +276,7 @@ pub fn run(a: Args) -> Result<()> {
                 a.output.display()
             )));
         }
-        check_unique_outputs(&items, a.strip, &a.output)?;
+        check_unique_outputs(&a, &items)?;
         std::fs::create_dir_all(&a.output).map_err(|e| Error::io(&a.output, e))?;
     } else {
         super::check_output(&a.output, Some(super::RESULT_FORMATS))?;
@@ -537,19 +537,18 @@ fn ends_with_separator(path: &Path) -> bool {
 /// An error if two of the files a folder run writes (`<name>.png`, and with `--strip`
 /// `<name>_strip.png`) would be one, over every shard's inputs, as shards share the folder.
 /// Names are compared without case, as macOS and Windows file systems compare them.
-fn check_unique_outputs(items: &[Item], strip: bool, folder: &Path) -> Result<()> {
+fn check_unique_outputs(a: &Args, items: &[Item]) -> Result<()> {
     let mut written = std::collections::HashMap::new();
     for it in items {
-        let files = [
-            Some(format!("{}.png", it.name)),
-            strip.then(|| format!("{}_strip.png", it.name)),
-        ];
-        for file in files.into_iter().flatten() {
-            if let Some(other) = written.insert(file.to_lowercase(), it.name.clone()) {
+        let out = output_path(a, true, it);
+        let strip = a.strip.then(|| strip_path(&out));
+        for file in [Some(out), strip].into_iter().flatten() {
+            let key = file.to_string_lossy().to_lowercase();
+            if let Some(other) = written.insert(key, it.name.clone()) {
                 return Err(Error::input(format!(
                     "inputs {other} and {} would both be written to {}",
                     it.name,
-                    folder.join(&file).display()
+                    file.display()
                 )));
             }
         }

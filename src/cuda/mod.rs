@@ -52,8 +52,8 @@ pub use profile::{
 };
 pub use selftest::{selftest, SelftestRow, SELFTEST_GROUPS, TOLERANCE};
 pub use stalls::{
-    attach_cupti, CuptiCounts, KernelStalls, PcCount, ReadLog, StallGroup, StallOptions, Stalls,
-    StallsRun, StateCount, StepStalls, NOT_ISSUED,
+    attach_cupti, counted_once, CuptiCounts, KernelStalls, PcCount, ReadLog, StallGroup,
+    StallOptions, Stalls, StallsRun, StateCount, StepStalls,
 };
 pub use streams::{model_streams, PassModel};
 pub use sweep::{

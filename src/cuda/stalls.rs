@@ -58,7 +58,13 @@ const MIN_CUPTI_VERSION: u32 = 22;
 const STATE_PREFIX: &str = "smsp__pcsamp_warps_issue_stalled_";
 /// Suffix of the states that count only the samples of a cycle in which the warp's scheduler
 /// issued no instruction (a subset of the state of the same name without it).
-pub const NOT_ISSUED: &str = "_not_issued";
+const NOT_ISSUED: &str = "_not_issued";
+
+/// Whether a state's samples count towards totals: the `_not_issued` states repeat samples of
+/// another state, so that each sample is counted once without them.
+pub fn counted_once(state: &str) -> bool {
+    !state.ends_with(NOT_ISSUED)
+}
 /// Instructions listed per step, the most sampled first.
 const HOTTEST: usize = 12;
 
@@ -795,7 +801,7 @@ pub struct Stalls {
 fn samples_once(states: &[String], counts: &[(usize, u64)]) -> u64 {
     counts
         .iter()
-        .filter(|&&(s, _)| !states[s].ends_with(NOT_ISSUED))
+        .filter(|&&(s, _)| counted_once(&states[s]))
         .map(|&(_, c)| c)
         .sum()
 }
@@ -813,7 +819,7 @@ fn ranked(states: &[String], counts: &BTreeMap<usize, u64>) -> (u64, Vec<StateCo
     v.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.state.cmp(&b.state)));
     let total = v
         .iter()
-        .filter(|c| !c.state.ends_with(NOT_ISSUED))
+        .filter(|c| counted_once(&c.state))
         .map(|c| c.samples)
         .sum();
     (total, v)
@@ -945,7 +951,7 @@ impl StallsBuilder {
                     for (s, c) in counts {
                         *by_state.entry(s).or_default() += c;
                         // Not-issued counts are a subset of another row's: left out here.
-                        if !states[s].ends_with(NOT_ISSUED) {
+                        if counted_once(&states[s]) {
                             rows.push([offset, s as u64, c]);
                         }
                     }

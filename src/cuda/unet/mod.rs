@@ -684,29 +684,20 @@ impl CudaUnet {
     }
 
     fn time(&mut self, key: Key, iters: usize) -> Result<f64> {
-        self.graph.config.check_input_size(key.h, key.w)?;
-        ensure!(
-            key.n > 0 && iters > 0,
-            "timing needs a batch and at least one iteration"
-        );
-        self.prepare_timing(key)?;
-        let pass = |u: &mut Self| -> Result<()> {
-            u.run(key, false)?;
-            if key.record {
-                u.run(key, true)?;
-            }
-            Ok(())
-        };
-        for _ in 0..3 {
-            pass(self)?;
-        }
+        let key = self.prepare_measuring(
+            (key.n, key.h, key.w, key.record),
+            iters,
+            "timing",
+            "iteration",
+        )?;
+        self.warm_up(key)?;
         let st = self.gpu.stream.clone();
         let start = cu(
             st.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
             "recording an event",
         )?;
         for _ in 0..iters {
-            pass(self)?;
+            self.call(key)?;
         }
         let end = cu(
             st.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)),
@@ -715,6 +706,25 @@ impl CudaUnet {
         cu(end.synchronize(), "waiting for the GPU")?;
         let ms = cu(start.elapsed_ms(&end), "reading the timer")?;
         Ok(ms as f64 / iters as f64)
+    }
+
+    /// One network call of a measurement: the forward pass and, when `key` records, the
+    /// vector-Jacobian product after it.
+    fn call(&mut self, key: Key) -> Result<()> {
+        self.run(key, false)?;
+        if key.record {
+            self.run(key, true)?;
+        }
+        Ok(())
+    }
+
+    /// The calls every measurement makes first, so that what it measures finds the plan's
+    /// graphs made and the GPU's clocks up.
+    fn warm_up(&mut self, key: Key) -> Result<()> {
+        for _ in 0..3 {
+            self.call(key)?;
+        }
+        Ok(())
     }
 
     /// The key of a measurement of `times` calls of a batch of `n` `h x w` images (with `record`,
@@ -808,12 +818,7 @@ impl CudaUnet {
         };
 
         // The passes as replayed graphs, after the same warm-up as `time`.
-        for _ in 0..3 {
-            self.run(key, false)?;
-            if record {
-                self.run(key, true)?;
-            }
-        }
+        self.warm_up(key)?;
         let marks = (0..=2 * iters)
             .map(|_| event())
             .collect::<Result<Vec<_>>>()?;
@@ -943,18 +948,11 @@ impl CudaUnet {
         );
         let key = self.prepare_measuring((n, h, w, record), replays, "tracing", "replay")?;
         let collector = Collector::start()?;
-        let call = |unet: &mut Self| -> Result<()> {
-            unet.run(key, false)?;
-            if record {
-                unet.run(key, true)?;
-            }
-            Ok(())
-        };
         let sync = |unet: &Self| cu(unet.gpu.stream.synchronize(), "waiting for the GPU");
         let ctx = self.gpu.ctx.cu_ctx();
 
         self.direct = true;
-        let direct = call(self);
+        let direct = self.call(key);
         self.direct = false;
         direct?;
         sync(self)?;
@@ -963,12 +961,12 @@ impl CudaUnet {
         let plan = self.plans.get_mut(&key).expect("planned above");
         (plan.forward, plan.backward) = (None, None);
         for _ in 0..2 {
-            call(self)?;
+            self.call(key)?;
         }
         sync(self)?;
         collector.take(ctx)?;
         for _ in 0..replays {
-            call(self)?;
+            self.call(key)?;
         }
         sync(self)?;
         let replayed = collector.take(ctx)?;
@@ -1018,12 +1016,7 @@ impl CudaUnet {
     ) -> Result<Stalls> {
         let key =
             self.prepare_measuring((n, h, w, record), options.iters, "sampling", "iteration")?;
-        for _ in 0..2 {
-            self.run(key, false)?;
-            if record {
-                self.run(key, true)?;
-            }
-        }
+        self.warm_up(key)?;
         // CUPTI starts sampling on an idle GPU; each step's range then ends with it idle.
         cu(self.gpu.ctx.synchronize(), "waiting for the GPU")?;
         let mut sampler = Sampler::start(self.gpu.ctx.cu_ctx(), options.period_log2)?;
