@@ -839,13 +839,7 @@ impl CudaUnet {
         }
 
         // Step by step, launched directly, in chunks each behind its own hold.
-        let Self {
-            gpu,
-            weights,
-            plans,
-            ..
-        } = self;
-        let plan = &plans[&key];
+        let (gpu, weights, plan) = (&self.gpu, &self.weights, &self.plans[&key]);
         let steps = &plan.program.steps;
         let chunks: Vec<std::ops::Range<usize>> = (0..steps.len())
             .step_by(PROFILE_CHUNK)
@@ -1021,13 +1015,7 @@ impl CudaUnet {
         cu(self.gpu.ctx.synchronize(), "waiting for the GPU")?;
         let mut sampler = Sampler::start(self.gpu.ctx.cu_ctx(), options.period_log2)?;
         let st = self.gpu.stream.clone();
-        let Self {
-            gpu,
-            weights,
-            plans,
-            ..
-        } = self;
-        let plan = &plans[&key];
+        let (gpu, weights, plan) = (&self.gpu, &self.weights, &self.plans[&key]);
         let steps = &plan.program.steps;
         let mut report = StallsBuilder::new(sampler.states.clone(), steps.len());
         let of = options.iters * steps.len();
